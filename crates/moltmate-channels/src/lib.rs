@@ -1,0 +1,1 @@
+//! moltmate-channels (being written).

@@ -1,0 +1,1 @@
+//! moltmate-config (being written).

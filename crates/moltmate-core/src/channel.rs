@@ -1,0 +1,102 @@
+//! The channel contract: how messages arrive from and leave for a messaging service.
+//!
+//! A channel never decides who may talk to the assistant and never calls a model. It turns the
+//! service's wire format into [`InboundMessage`]s, hands each to an [`InboundSink`] (the gateway),
+//! and only after the sink has answered `Ok` (the message is durable) does it acknowledge the
+//! message to the service (for Telegram: advance the `getUpdates` offset).
+
+use crate::{ChannelKind, Identity, Shutdown};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// A message received from a channel, before any access decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InboundMessage {
+    /// Who sent it.
+    pub sender: Identity,
+    /// Where to answer (a Telegram chat id; for direct messages usually equal to the peer id).
+    pub chat_id: String,
+    /// The channel's own id of this delivery (Telegram `update_id`). Together with the channel
+    /// it identifies the delivery, so a redelivery after a crash is recognised and dropped.
+    pub external_id: String,
+    /// Cursor to persist together with this message, if the channel acknowledges by cursor
+    /// (Telegram: `update_id + 1`). Read back with [`InboundSink::cursor`] at startup.
+    pub cursor: Option<i64>,
+    /// The text as the user wrote it.
+    pub text: String,
+    /// Display name, if the channel tells it.
+    pub sender_name: Option<String>,
+    /// IETF language tag reported by the channel (Telegram `language_code`), e.g. `de`.
+    pub language_code: Option<String>,
+}
+
+/// What the gateway did with an inbound message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored durably; it will be answered.
+    Queued,
+    /// The same delivery was stored before (a redelivery); nothing new happens.
+    Duplicate,
+    /// The sender is not allowed; nothing was stored beyond the channel cursor (and, under the
+    /// pairing policy, a pairing request). The message never reaches a model.
+    Refused,
+}
+
+/// Errors of the receiving side. Any error means "not stored": the channel must not acknowledge.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("could not store the message: {0}")]
+    Storage(String),
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+/// The gateway side of a channel.
+#[async_trait]
+pub trait InboundSink: Send + Sync {
+    /// Store the message durably (and its cursor, atomically with it) and schedule the answer.
+    async fn accept(&self, message: InboundMessage) -> Result<Accepted, AcceptError>;
+    /// The cursor stored with the last accepted message of this channel, if any.
+    async fn cursor(&self, channel: ChannelKind) -> Result<Option<i64>, AcceptError>;
+}
+
+/// Errors talking to a messaging service. Never contains a token.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("could not reach {service}: {detail}")]
+    Unreachable { service: &'static str, detail: String },
+    #[error("{service} asked us to slow down for {retry_after_seconds}s")]
+    RateLimited { service: &'static str, retry_after_seconds: u64 },
+    #[error("{service} server error (HTTP {status}): {detail}")]
+    Server { service: &'static str, status: u16, detail: String },
+    #[error("{service} rejected the request (HTTP {status}): {detail}")]
+    Rejected { service: &'static str, status: u16, detail: String },
+    #[error("{service} sent a reply we could not understand: {detail}")]
+    InvalidReply { service: &'static str, detail: String },
+}
+
+impl ChannelError {
+    /// Whether the same request may succeed if sent again later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ChannelError::Unreachable { .. }
+            | ChannelError::RateLimited { .. }
+            | ChannelError::Server { .. }
+            | ChannelError::InvalidReply { .. } => true,
+            ChannelError::Rejected { .. } => false,
+        }
+    }
+}
+
+/// A messaging service.
+#[async_trait]
+pub trait Channel: Send + Sync {
+    fn kind(&self) -> ChannelKind;
+    /// Receive until `shutdown` fires, handing every message to `sink`. Returns only on shutdown
+    /// or on an unrecoverable error (e.g. the bot token was revoked).
+    async fn run(&self, sink: std::sync::Arc<dyn InboundSink>, shutdown: Shutdown) -> Result<(), ChannelError>;
+    /// Send a text reply. The channel splits it if the service limits message length.
+    async fn send_text(&self, chat_id: &str, text: &str) -> Result<(), ChannelError>;
+    /// Show "typing..." where the service supports it. Best effort.
+    async fn send_typing(&self, chat_id: &str) -> Result<(), ChannelError>;
+}

@@ -1,0 +1,176 @@
+//! The sandbox contract: run a command for one user, isolated from the host and other users.
+//!
+//! Invariant: a sandbox is keyed by its user; nothing a backend creates is ever shared between
+//! two users, and nothing the gateway holds (keys, tokens, config) enters it.
+
+use crate::UserId;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How much of the user's home the sandbox sees at `/workspace`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkspaceAccess {
+    #[default]
+    Rw,
+    Ro,
+    /// A scratch directory instead of the home.
+    None,
+}
+
+/// Network of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxNetwork {
+    /// No network at all (loopback only inside the sandbox).
+    #[default]
+    None,
+    /// Egress only through the gateway's filtering HTTP(S) proxy.
+    Proxy,
+}
+
+/// Resource limits of one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SandboxLimits {
+    /// Memory, including swap.
+    pub memory_bytes: u64,
+    /// CPU quota in thousandths of a CPU (1000 = one full core).
+    pub cpu_millis: u32,
+    /// Maximum number of processes/threads.
+    pub pids: u32,
+    /// Maximum bytes the user can write to their workspace.
+    pub disk_bytes: u64,
+    /// Size of the tmpfs mounted at /tmp.
+    pub tmp_bytes: u64,
+    /// Bytes of stdout+stderr returned to the model; the rest is cut with a note.
+    pub output_bytes: u64,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        SandboxLimits {
+            memory_bytes: 512 * 1024 * 1024,
+            cpu_millis: 1000,
+            pids: 128,
+            disk_bytes: 1024 * 1024 * 1024,
+            tmp_bytes: 64 * 1024 * 1024,
+            output_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Everything about a user's sandbox that can differ between users (trust levels).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct SandboxProfile {
+    pub workspace_access: WorkspaceAccess,
+    pub network: SandboxNetwork,
+    pub limits: SandboxLimits,
+}
+
+/// `tools.exec.security`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecSecurity {
+    /// No shell; single commands or pipelines of `safe_bins` only.
+    #[default]
+    Allowlist,
+    /// Shell allowed; `blocked_bins` refused.
+    Blocklist,
+    /// Any shell command (still inside the sandbox).
+    Full,
+}
+
+/// How `exec` command lines are vetted.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ExecSettings {
+    pub security: ExecSecurity,
+    pub safe_bins: Vec<String>,
+    pub blocked_bins: Vec<String>,
+    /// Used when the model gives no `timeout_seconds`.
+    pub default_timeout: Duration,
+    /// Upper bound for `timeout_seconds`.
+    pub max_timeout: Duration,
+}
+
+/// What to run. The exec policy has already vetted it; backends run it as given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecCommand {
+    /// Run this program with these arguments, no shell.
+    Argv(Vec<String>),
+    /// Run through `/bin/sh -c` inside the sandbox.
+    Shell(String),
+}
+
+/// One command for one user.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub user: UserId,
+    /// Host path of the user's home, mounted at `/workspace` (per `profile.workspace_access`).
+    pub home: PathBuf,
+    /// Host path of the user's family folder, mounted at `/family`, if any.
+    pub family: Option<PathBuf>,
+    /// The session the call belongs to (sandbox scope `session`).
+    pub session_id: String,
+    pub command: ExecCommand,
+    pub timeout: Duration,
+    pub profile: SandboxProfile,
+}
+
+/// The result of a command that ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// `None` when killed by a signal or the timeout.
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// Output beyond `limits.output_bytes` was dropped.
+    pub truncated: bool,
+    pub timed_out: bool,
+    pub duration: Duration,
+}
+
+/// A sandbox as listed by `moltmate sandbox list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxInfo {
+    pub name: String,
+    pub user: String,
+    pub backend: &'static str,
+    /// `running`, `idle`, `exited`...
+    pub state: String,
+    pub idle_seconds: Option<u64>,
+    pub limits: Option<SandboxLimits>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// No backend can run commands here. The message says what to install.
+    #[error("no sandbox is available: {0}")]
+    Unavailable(String),
+    /// The backend failed (daemon error, spawn failure). Not the command's fault.
+    #[error("sandbox backend {backend} failed: {detail}")]
+    Backend { backend: &'static str, detail: String },
+}
+
+impl SandboxError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SandboxError::Unavailable(_) => false,
+            SandboxError::Backend { .. } => true,
+        }
+    }
+}
+
+/// A sandbox backend (Docker, bubblewrap; later Kubernetes or remote Docker).
+#[async_trait]
+pub trait Sandbox: Send + Sync {
+    fn backend(&self) -> &'static str;
+    async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError>;
+    /// Sandboxes this backend holds (for the CLI and the admin page).
+    async fn list(&self) -> Result<Vec<SandboxInfo>, SandboxError>;
+    /// Remove sandboxes idle for longer than `idle`; returns the names removed.
+    async fn prune(&self, idle: Duration) -> Result<Vec<String>, SandboxError>;
+    /// The session ended (`/reset`): drop sandboxes scoped to it.
+    async fn end_session(&self, user: &UserId, session_id: &str) -> Result<(), SandboxError>;
+}

@@ -1,0 +1,116 @@
+//! The tool contract.
+//!
+//! Invariant: a tool call carries its user's identity ([`ToolContext::user`]) and that user's
+//! home ([`UserHome`]), derived from the id and nothing else. No tool looks a user's files up by
+//! a path that came from outside the context.
+
+use crate::model::ToolSpec;
+use crate::sandbox::{ExecSettings, SandboxProfile};
+use crate::UserId;
+use async_trait::async_trait;
+use std::path::{Path, PathBuf};
+
+/// A user's home directory, `<MOLTMATE_HOME>/users/<user_id>/`.
+///
+/// Constructed only from a [`UserId`], whose alphabet cannot express a path separator or `..`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserHome {
+    user: UserId,
+    root: PathBuf,
+}
+
+impl UserHome {
+    /// `users_dir` is `<MOLTMATE_HOME>/users`.
+    pub fn new(users_dir: &Path, user: &UserId) -> Self {
+        UserHome { user: user.clone(), root: users_dir.join(user.as_str()) }
+    }
+
+    pub fn user(&self) -> &UserId {
+        &self.user
+    }
+
+    /// The directory itself. Open files beneath it only with beneath-resolution.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+/// A shared family folder a user can see (issue: families).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyFolder {
+    pub name: String,
+    pub root: PathBuf,
+}
+
+/// Everything a tool may know about the call it serves.
+#[derive(Debug, Clone)]
+pub struct ToolContext {
+    pub user: UserId,
+    pub home: UserHome,
+    /// The session the call belongs to (sandbox scope `session` keys on it).
+    pub session_id: String,
+    /// The family folder the user belongs to, if any; visible as `family/...`.
+    pub family: Option<FamilyFolder>,
+    /// When true, file tools refuse to write (trust level `restricted`, `workspaceAccess: ro`).
+    pub read_only: bool,
+    /// The sandbox this user's code runs with.
+    pub sandbox: SandboxProfile,
+    /// How `exec` command lines are vetted for this user.
+    pub exec: ExecSettings,
+}
+
+/// What a tool returns to the model on success.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolOutput {
+    pub content: String,
+}
+
+impl ToolOutput {
+    pub fn text(content: impl Into<String>) -> Self {
+        ToolOutput { content: content.into() }
+    }
+}
+
+/// Why a tool call did not succeed.
+///
+/// All variants but [`ToolError::Fatal`] are answers *to the model*: the agent loop sends the
+/// message back as an error tool result and the model may try something else. `Fatal` means
+/// the gateway itself is broken (database gone); the turn is aborted and the user told so.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ToolError {
+    #[error("invalid arguments: {0}")]
+    InvalidArguments(String),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("failed: {0}")]
+    Failed(String),
+    #[error("internal error: {0}")]
+    Fatal(String),
+}
+
+impl ToolError {
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ToolError::Fatal(_) => true,
+            ToolError::InvalidArguments(_) | ToolError::Refused(_) | ToolError::Failed(_) => false,
+        }
+    }
+
+    /// A short machine-readable outcome for audit logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ToolError::InvalidArguments(_) => "invalid_arguments",
+            ToolError::Refused(_) => "refused",
+            ToolError::Failed(_) => "failed",
+            ToolError::Fatal(_) => "fatal",
+        }
+    }
+}
+
+/// A tool the model can call.
+#[async_trait]
+pub trait Tool: Send + Sync {
+    /// Name and schema as offered to the model. The name is the config name (`read`, `exec`...).
+    fn spec(&self) -> ToolSpec;
+    async fn call(&self, context: &ToolContext, arguments: serde_json::Value) -> Result<ToolOutput, ToolError>;
+}

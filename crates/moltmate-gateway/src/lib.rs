@@ -1,0 +1,1 @@
+//! moltmate-gateway (being written).

@@ -1,0 +1,1 @@
+//! moltmate-providers (being written).

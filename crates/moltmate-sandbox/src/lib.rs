@@ -1,0 +1,1 @@
+//! moltmate-sandbox (being written).

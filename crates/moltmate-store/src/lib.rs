@@ -1,0 +1,1 @@
+//! moltmate-store (being written).

@@ -1,0 +1,3 @@
+//! moltmate-testkit (being written).
+pub mod llm;
+pub mod telegram;

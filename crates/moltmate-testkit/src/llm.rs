@@ -1,0 +1,1 @@
+//! Fake LLM APIs (being written).

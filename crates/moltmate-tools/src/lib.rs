@@ -1,0 +1,1 @@
+//! moltmate-tools (being written).
