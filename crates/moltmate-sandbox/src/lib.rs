@@ -1,1 +1,21 @@
-//! moltmate-sandbox (being written).
+//! Sandboxes for the `exec` tool: one per user (or session, or task), never shared.
+//!
+//! * [`docker`] — production backend on the Docker Engine API (bollard): hardened, warm
+//!   containers named `moltmate-sbx-<user>-<hash>`.
+//! * [`bwrap`] — bubblewrap backend for hosts without Docker.
+//! * [`select`] — `sandbox.backend = auto | docker | bwrap`; fails closed with a message saying
+//!   what to install. There is no host backend here at all: `sandbox.mode = none` is handled
+//!   (and refused unless explicitly allowed) by the gateway.
+//! * [`policy`] — `tools.exec.security`: vets a command line before any backend sees it.
+//! * [`proxy`] — the egress proxy behind `sandbox.network = proxy`.
+//! * [`image`] — builds `moltmate-sandbox:bookworm-slim` offline from Debian packages.
+
+pub mod bwrap;
+pub mod docker;
+pub mod image;
+pub mod policy;
+pub mod proxy;
+pub mod select;
+pub mod settings;
+
+pub use settings::{BackendChoice, SandboxScope, SandboxSettings};
