@@ -1,1 +1,24 @@
-//! moltmate-store (being written).
+//! Storage of the Moltmates gateway.
+//!
+//! * [`db::Store`] — one embedded SQLite database (`<home>/moltmate.db`, WAL, versioned
+//!   migrations) holding users, identities, sessions, transcripts, the inbox and outbox that make
+//!   message handling crash-safe, pairing requests, token usage and audit events.
+//! * [`homes::Homes`] — each user's files under `<home>/users/<user_id>/` (SOUL.md, USER.md,
+//!   IDENTITY.md, MEMORY.md, `memory/YYYY-MM-DD.md`, `workspace/`), read beneath the home with
+//!   the kernel's `RESOLVE_BENEATH` and written atomically (temp file + fsync + rename).
+//!
+//! Durability model: an inbound message is inserted into `inbox` (together with the channel
+//! cursor) before the channel acknowledges it; a turn's transcript items, token usage, reply
+//! (into `outbox`) and the inbox row's completion are committed in one transaction; a reply is
+//! marked `sending` before it is handed to the channel and `sent` after. After `kill -9`, pending
+//! inbox rows are processed again and `pending` outbox rows are sent; `sending` rows are *not*
+//! resent (at-most-once delivery of replies — see ARCHITECTURE.md).
+
+pub mod db;
+pub mod homes;
+
+pub use db::{
+    AuditEvent, AuditRecord, InboxItem, OutboxItem, PairingRequest, PairingState, SessionRecord, Store, StoreError,
+    TurnRecord, UsageRow, UserRecord,
+};
+pub use homes::{Homes, HomeError};

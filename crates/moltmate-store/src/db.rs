@@ -1,0 +1,1266 @@
+//! The SQLite database: schema, migrations and every query the gateway makes.
+//!
+//! One connection behind a mutex, used from `spawn_blocking`: SQLite has a single writer anyway,
+//! every statement here is sub-millisecond, and a pool would only add memory. WAL mode lets the
+//! operator's CLI (`moltmate pairing approve`, `moltmate users ...`) read and write while the
+//! gateway runs; `busy_timeout` makes the two wait for each other instead of failing.
+
+use chrono::Utc;
+use moltmate_core::channel::InboundMessage;
+use moltmate_core::model::{ConversationItem, TokenUsage};
+use moltmate_core::{ChannelKind, Identity, PeerId, UserId};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::Serialize;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Storage failures. None of them is the user's fault; the gateway reports them as internal.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the database is newer (schema {found}) than this moltmate (schema {supported}); upgrade moltmate")]
+    TooNew { found: i64, supported: i64 },
+    #[error("could not prepare the database directory: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("database worker failed: {0}")]
+    Worker(String),
+}
+
+impl StoreError {
+    /// Whether the operation may succeed if repeated (the database was busy or locked).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            StoreError::Sqlite(_)
+            | StoreError::Corrupt(_)
+            | StoreError::TooNew { .. }
+            | StoreError::Io(_)
+            | StoreError::NotFound(_)
+            | StoreError::Worker(_) => false,
+        }
+    }
+}
+
+/// Migrations, applied in order; the index + 1 is the schema version. Never edit a released one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE users (
+    id            TEXT PRIMARY KEY,
+    display_name  TEXT,
+    created_at    INTEGER NOT NULL,
+    onboarded     INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE identities (
+    channel     TEXT NOT NULL,
+    peer        TEXT NOT NULL,
+    user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    source      TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (channel, peer)
+);
+CREATE INDEX identities_user ON identities(user_id);
+CREATE TABLE sessions (
+    id          TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    started_at  INTEGER NOT NULL,
+    last_active INTEGER NOT NULL,
+    ended_at    INTEGER,
+    summary     TEXT
+);
+CREATE INDEX sessions_user ON sessions(user_id, ended_at);
+CREATE TABLE transcript (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id  TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    user_id     TEXT NOT NULL,
+    item        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE INDEX transcript_session ON transcript(session_id, id);
+CREATE TABLE inbox (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel       TEXT NOT NULL,
+    external_id   TEXT NOT NULL,
+    user_id       TEXT NOT NULL,
+    chat_id       TEXT NOT NULL,
+    text          TEXT NOT NULL,
+    sender_name   TEXT,
+    language_code TEXT,
+    received_at   INTEGER NOT NULL,
+    done_at       INTEGER,
+    UNIQUE (channel, external_id)
+);
+CREATE INDEX inbox_pending ON inbox(user_id, done_at, id);
+CREATE TABLE outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    inbox_id    INTEGER,
+    user_id     TEXT,
+    channel     TEXT NOT NULL,
+    chat_id     TEXT NOT NULL,
+    text        TEXT NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'pending',
+    detail      TEXT,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE INDEX outbox_state ON outbox(state, id);
+CREATE TABLE channel_cursors (
+    channel TEXT PRIMARY KEY,
+    cursor  INTEGER NOT NULL
+);
+CREATE TABLE pairing_requests (
+    code        TEXT PRIMARY KEY,
+    channel     TEXT NOT NULL,
+    peer        TEXT NOT NULL,
+    chat_id     TEXT NOT NULL,
+    sender_name TEXT,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'pending'
+);
+CREATE INDEX pairing_peer ON pairing_requests(channel, peer, state);
+CREATE TABLE token_usage (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id       TEXT NOT NULL,
+    provider      TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    input_tokens  INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    at            INTEGER NOT NULL
+);
+CREATE INDEX token_usage_user ON token_usage(user_id);
+CREATE TABLE audit_events (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id      TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    tool         TEXT,
+    args_digest  TEXT,
+    duration_ms  INTEGER,
+    outcome      TEXT NOT NULL,
+    detail       TEXT,
+    at           INTEGER NOT NULL
+);
+CREATE INDEX audit_user ON audit_events(user_id, id);
+"#];
+
+fn now_millis() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// A user as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserRecord {
+    pub id: UserId,
+    pub display_name: Option<String>,
+    pub created_at: i64,
+    pub onboarded: bool,
+    pub identities: Vec<Identity>,
+}
+
+/// An accepted message waiting for (or past) its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxItem {
+    pub id: i64,
+    pub channel: ChannelKind,
+    pub user: UserId,
+    pub chat_id: String,
+    pub text: String,
+    pub sender_name: Option<String>,
+    pub language_code: Option<String>,
+    pub received_at: i64,
+}
+
+/// A reply waiting to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    pub id: i64,
+    pub inbox_id: Option<i64>,
+    pub user: Option<UserId>,
+    pub channel: ChannelKind,
+    pub chat_id: String,
+    pub text: String,
+}
+
+/// A session of a user (the conversation the model sees).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub user: UserId,
+    pub started_at: i64,
+    pub last_active: i64,
+    /// Summary of compacted earlier turns, if any.
+    pub summary: Option<String>,
+}
+
+/// Everything a finished turn commits at once.
+#[derive(Debug, Clone)]
+pub struct TurnRecord {
+    pub inbox_id: i64,
+    pub user: UserId,
+    pub session_id: String,
+    /// New transcript items of this turn, in order (the user's message first).
+    pub items: Vec<ConversationItem>,
+    /// The answer to deliver, if any.
+    pub reply: Option<(ChannelKind, String, String)>,
+    /// Token usage per model call: (provider, model, usage).
+    pub usage: Vec<(String, String, TokenUsage)>,
+}
+
+/// A pairing request's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PairingState {
+    Pending,
+    Approved,
+    Denied,
+}
+
+impl PairingState {
+    fn as_str(self) -> &'static str {
+        match self {
+            PairingState::Pending => "pending",
+            PairingState::Approved => "approved",
+            PairingState::Denied => "denied",
+        }
+    }
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "pending" => Ok(PairingState::Pending),
+            "approved" => Ok(PairingState::Approved),
+            "denied" => Ok(PairingState::Denied),
+            other => Err(StoreError::Corrupt(format!("unknown pairing state {other:?}"))),
+        }
+    }
+}
+
+/// An unknown sender's request to be let in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PairingRequest {
+    pub code: String,
+    pub identity: Identity,
+    pub chat_id: String,
+    pub sender_name: Option<String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub state: PairingState,
+}
+
+/// A tool call or security-relevant event, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub user: UserId,
+    /// `tool_call`, `pairing_approved`, `access_refused`, ...
+    pub kind: String,
+    pub tool: Option<String>,
+    /// SHA-256 of the canonical arguments (never the arguments themselves: they may hold
+    /// personal data, and the audit log is read by the operator).
+    pub args_digest: Option<String>,
+    pub duration_ms: Option<i64>,
+    /// `ok`, `refused`, `failed`, ...
+    pub outcome: String,
+    pub detail: Option<String>,
+}
+
+/// An audit event as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub user: String,
+    pub kind: String,
+    pub tool: Option<String>,
+    pub args_digest: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub outcome: String,
+    pub detail: Option<String>,
+    pub at: i64,
+}
+
+/// Token usage summed per user and model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageRow {
+    pub user: String,
+    pub provider: String,
+    pub model: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub calls: i64,
+}
+
+/// Pairing codes: 8 characters from an alphabet without look-alikes (no 0/O, 1/I/L).
+const PAIRING_ALPHABET: &[u8] = b"ABCDEFGHJKMNPQRSTUVWXYZ23456789";
+
+fn new_pairing_code() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..8)
+        .map(|_| PAIRING_ALPHABET[rng.random_range(0..PAIRING_ALPHABET.len())] as char)
+        .collect()
+}
+
+fn new_session_id() -> String {
+    use rand::Rng;
+    let bytes: [u8; 12] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+fn parse_user(raw: String) -> Result<UserId, StoreError> {
+    UserId::new(raw).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn parse_channel(raw: &str) -> Result<ChannelKind, StoreError> {
+    raw.parse().map_err(|e: moltmate_core::InvalidId| StoreError::Corrupt(e.to_string()))
+}
+
+fn parse_identity(channel: &str, peer: String) -> Result<Identity, StoreError> {
+    let peer = PeerId::new(peer).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(Identity::new(parse_channel(channel)?, peer))
+}
+
+/// The gateway's database.
+#[derive(Clone)]
+pub struct Store {
+    connection: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and applies migrations.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let connection = Connection::open(path)?;
+        // The database holds transcripts: owner-only, like everything else in the home.
+        set_owner_only(path);
+        Self::prepare(connection)
+    }
+
+    /// An in-memory database, for tests and benchmarks.
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Self::prepare(Connection::open_in_memory()?)
+    }
+
+    fn prepare(mut connection: Connection) -> Result<Store, StoreError> {
+        connection.busy_timeout(Duration::from_secs(10))?;
+        // WAL: readers never block the writer (the CLI can inspect a running gateway).
+        // synchronous=FULL: a commit is on disk before we acknowledge a message to its channel,
+        // so not even a power loss after the acknowledgement loses it.
+        connection.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )?;
+        migrate(&mut connection)?;
+        Ok(Store { connection: Arc::new(Mutex::new(connection)) })
+    }
+
+    /// Runs `work` on the connection in the blocking pool.
+    async fn with<R, F>(&self, work: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let connection = Arc::clone(&self.connection);
+        tokio::task::spawn_blocking(move || {
+            // A poisoned lock means a panic happened mid-statement in another thread; SQLite
+            // itself rolled back the open transaction, so the connection is still consistent.
+            let mut guard = connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            work(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Worker(e.to_string()))?
+    }
+
+    // ---- users and identities -------------------------------------------------------------
+
+    /// Creates the user if missing. Returns true when it was created.
+    pub async fn ensure_user(&self, user: &UserId, display_name: Option<&str>) -> Result<bool, StoreError> {
+        let user = user.clone();
+        let display_name = display_name.map(str::to_string);
+        self.with(move |c| {
+            let inserted = c.execute(
+                "INSERT OR IGNORE INTO users (id, display_name, created_at) VALUES (?1, ?2, ?3)",
+                params![user.as_str(), display_name, now_millis()],
+            )?;
+            Ok(inserted == 1)
+        })
+        .await
+    }
+
+    /// Links an identity to a user (creating the user). An identity already linked to another
+    /// user is moved only when `replace` is set (config is the source of truth for links).
+    pub async fn link_identity(&self, identity: &Identity, user: &UserId, source: &str) -> Result<(), StoreError> {
+        let identity = identity.clone();
+        let user = user.clone();
+        let source = source.to_string();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)",
+                params![user.as_str(), now_millis()],
+            )?;
+            tx.execute(
+                "INSERT INTO identities (channel, peer, user_id, source, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (channel, peer) DO UPDATE SET user_id = excluded.user_id, source = excluded.source",
+                params![identity.channel.as_str(), identity.peer.as_str(), user.as_str(), source, now_millis()],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The user an identity belongs to, and how the link was made (`config`, `pairing`, ...).
+    pub async fn user_for_identity(&self, identity: &Identity) -> Result<Option<(UserId, String)>, StoreError> {
+        let identity = identity.clone();
+        self.with(move |c| {
+            let row: Option<(String, String)> = c
+                .query_row(
+                    "SELECT user_id, source FROM identities WHERE channel = ?1 AND peer = ?2",
+                    params![identity.channel.as_str(), identity.peer.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            row.map(|(u, s)| Ok((parse_user(u)?, s))).transpose()
+        })
+        .await
+    }
+
+    pub async fn user(&self, user: &UserId) -> Result<Option<UserRecord>, StoreError> {
+        let user = user.clone();
+        self.with(move |c| load_user(c, &user)).await
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        self.with(|c| {
+            let ids: Vec<String> = c
+                .prepare("SELECT id FROM users ORDER BY id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut users = Vec::with_capacity(ids.len());
+            for id in ids {
+                let id = parse_user(id)?;
+                if let Some(u) = load_user(c, &id)? {
+                    users.push(u);
+                }
+            }
+            Ok(users)
+        })
+        .await
+    }
+
+    pub async fn set_onboarded(&self, user: &UserId, onboarded: bool) -> Result<(), StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            c.execute("UPDATE users SET onboarded = ?2 WHERE id = ?1", params![user.as_str(), onboarded])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes the user and everything stored about them (identities, sessions, transcripts,
+    /// pending inbox and outbox rows, pairing requests of their identities). Audit events and
+    /// usage stay: they are the operator's record.
+    pub async fn delete_user(&self, user: &UserId) -> Result<bool, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "DELETE FROM pairing_requests WHERE (channel, peer) IN
+                   (SELECT channel, peer FROM identities WHERE user_id = ?1)",
+                params![user.as_str()],
+            )?;
+            tx.execute("DELETE FROM inbox WHERE user_id = ?1", params![user.as_str()])?;
+            tx.execute("DELETE FROM outbox WHERE user_id = ?1", params![user.as_str()])?;
+            tx.execute("DELETE FROM transcript WHERE user_id = ?1", params![user.as_str()])?;
+            let deleted = tx.execute("DELETE FROM users WHERE id = ?1", params![user.as_str()])?;
+            tx.commit()?;
+            Ok(deleted == 1)
+        })
+        .await
+    }
+
+    // ---- inbox, cursors, outbox -------------------------------------------------------------
+
+    /// Stores an accepted message for `user` together with the channel cursor, atomically.
+    /// Returns the inbox id, or `None` when this delivery was stored before.
+    pub async fn insert_inbound(&self, message: &InboundMessage, user: &UserId) -> Result<Option<i64>, StoreError> {
+        let message = message.clone();
+        let user = user.clone();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let inserted = tx.execute(
+                "INSERT OR IGNORE INTO inbox (channel, external_id, user_id, chat_id, text, sender_name, language_code, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    message.sender.channel.as_str(),
+                    message.external_id,
+                    user.as_str(),
+                    message.chat_id,
+                    message.text,
+                    message.sender_name,
+                    message.language_code,
+                    now_millis()
+                ],
+            )?;
+            let id = (inserted == 1).then(|| tx.last_insert_rowid());
+            if let Some(cursor) = message.cursor {
+                upsert_cursor(&tx, message.sender.channel, cursor)?;
+            }
+            tx.commit()?;
+            Ok(id)
+        })
+        .await
+    }
+
+    /// Moves a channel's cursor forward (never back) without storing a message — for updates
+    /// that are refused or skipped.
+    pub async fn advance_cursor(&self, channel: ChannelKind, cursor: i64) -> Result<(), StoreError> {
+        self.with(move |c| upsert_cursor(c, channel, cursor)).await
+    }
+
+    pub async fn cursor(&self, channel: ChannelKind) -> Result<Option<i64>, StoreError> {
+        self.with(move |c| {
+            Ok(c.query_row(
+                "SELECT cursor FROM channel_cursors WHERE channel = ?1",
+                params![channel.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    /// The user's unanswered messages, oldest first.
+    pub async fn pending_inbox(&self, user: &UserId, limit: usize) -> Result<Vec<InboxItem>, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT id, channel, user_id, chat_id, text, sender_name, language_code, received_at
+                 FROM inbox WHERE user_id = ?1 AND done_at IS NULL ORDER BY id LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![user.as_str(), limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, i64>(7)?,
+                ))
+            })?;
+            let mut items = Vec::new();
+            for row in rows {
+                let (id, channel, user_id, chat_id, text, sender_name, language_code, received_at) = row?;
+                items.push(InboxItem {
+                    id,
+                    channel: parse_channel(&channel)?,
+                    user: parse_user(user_id)?,
+                    chat_id,
+                    text,
+                    sender_name,
+                    language_code,
+                    received_at,
+                });
+            }
+            Ok(items)
+        })
+        .await
+    }
+
+    /// Users with unanswered messages (startup recovery after a crash).
+    pub async fn users_with_pending_inbox(&self) -> Result<Vec<UserId>, StoreError> {
+        self.with(|c| {
+            let ids: Vec<String> = c
+                .prepare("SELECT DISTINCT user_id FROM inbox WHERE done_at IS NULL ORDER BY user_id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            ids.into_iter().map(parse_user).collect()
+        })
+        .await
+    }
+
+    /// Marks an inbox row answered without a turn (e.g. a chat command that needs no model).
+    pub async fn finish_inbox_with_reply(
+        &self,
+        inbox_id: i64,
+        user: &UserId,
+        reply: Option<(ChannelKind, String, String)>,
+    ) -> Result<Option<i64>, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let outbox = match reply {
+                Some((channel, chat_id, text)) => Some(insert_outbox(&tx, Some(inbox_id), Some(&user), channel, &chat_id, &text)?),
+                None => None,
+            };
+            tx.execute("UPDATE inbox SET done_at = ?2 WHERE id = ?1", params![inbox_id, now_millis()])?;
+            tx.commit()?;
+            Ok(outbox)
+        })
+        .await
+    }
+
+    /// Commits a finished turn: transcript items, usage, the reply and the inbox row's
+    /// completion, in one transaction. Returns the outbox id of the reply.
+    pub async fn complete_turn(&self, turn: TurnRecord) -> Result<Option<i64>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = now_millis();
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO transcript (session_id, user_id, item, created_at) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for item in &turn.items {
+                    let json = serde_json::to_string(item).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    insert.execute(params![turn.session_id, turn.user.as_str(), json, now])?;
+                }
+                let mut usage = tx.prepare_cached(
+                    "INSERT INTO token_usage (user_id, provider, model, input_tokens, output_tokens, at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for (provider, model, u) in &turn.usage {
+                    usage.execute(params![
+                        turn.user.as_str(),
+                        provider,
+                        model,
+                        u.input_tokens as i64,
+                        u.output_tokens as i64,
+                        now
+                    ])?;
+                }
+            }
+            tx.execute("UPDATE sessions SET last_active = ?2 WHERE id = ?1", params![turn.session_id, now])?;
+            let outbox = match &turn.reply {
+                Some((channel, chat_id, text)) => {
+                    Some(insert_outbox(&tx, Some(turn.inbox_id), Some(&turn.user), *channel, chat_id, text)?)
+                }
+                None => None,
+            };
+            tx.execute("UPDATE inbox SET done_at = ?2 WHERE id = ?1", params![turn.inbox_id, now])?;
+            tx.commit()?;
+            Ok(outbox)
+        })
+        .await
+    }
+
+    /// Queues a message that answers no inbox row (pairing codes, notices).
+    pub async fn enqueue_outbound(
+        &self,
+        user: Option<&UserId>,
+        channel: ChannelKind,
+        chat_id: &str,
+        text: &str,
+    ) -> Result<i64, StoreError> {
+        let user = user.cloned();
+        let chat_id = chat_id.to_string();
+        let text = text.to_string();
+        self.with(move |c| insert_outbox(c, None, user.as_ref(), channel, &chat_id, &text)).await
+    }
+
+    /// Replies not yet handed to their channel, oldest first. Rows in state `sending` (a crash
+    /// happened while handing them over) are not returned: delivery is at most once.
+    pub async fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        self.with(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT id, inbox_id, user_id, channel, chat_id, text FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?1",
+            )?;
+            let rows = statement.query_map(params![limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })?;
+            let mut items = Vec::new();
+            for row in rows {
+                let (id, inbox_id, user, channel, chat_id, text) = row?;
+                items.push(OutboxItem {
+                    id,
+                    inbox_id,
+                    user: user.map(parse_user).transpose()?,
+                    channel: parse_channel(&channel)?,
+                    chat_id,
+                    text,
+                });
+            }
+            Ok(items)
+        })
+        .await
+    }
+
+    /// Sets an outbox row's state (`sending`, `sent`, `failed`) with an optional detail.
+    pub async fn set_outbox_state(&self, id: i64, state: &'static str, detail: Option<String>) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "UPDATE outbox SET state = ?2, detail = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id, state, detail, now_millis()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Count of outbox rows per state, for tests and health.
+    pub async fn outbox_states(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.with(|c| {
+            let rows = c
+                .prepare("SELECT state, COUNT(*) FROM outbox GROUP BY state ORDER BY state")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    // ---- sessions and transcripts -----------------------------------------------------------
+
+    /// The user's open session, created if there is none.
+    pub async fn current_session(&self, user: &UserId) -> Result<SessionRecord, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let existing = tx
+                .query_row(
+                    "SELECT id, started_at, last_active, summary FROM sessions
+                     WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1",
+                    params![user.as_str()],
+                    |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?;
+            let session = match existing {
+                Some((id, started_at, last_active, summary)) => {
+                    SessionRecord { id, user: user.clone(), started_at, last_active, summary }
+                }
+                None => {
+                    let now = now_millis();
+                    let id = new_session_id();
+                    tx.execute(
+                        "INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)",
+                        params![user.as_str(), now],
+                    )?;
+                    tx.execute(
+                        "INSERT INTO sessions (id, user_id, started_at, last_active) VALUES (?1, ?2, ?3, ?3)",
+                        params![id, user.as_str(), now],
+                    )?;
+                    SessionRecord { id, user: user.clone(), started_at: now, last_active: now, summary: None }
+                }
+            };
+            tx.commit()?;
+            Ok(session)
+        })
+        .await
+    }
+
+    /// Ends the user's open session (`/reset`, idle reset). Transcripts are kept.
+    pub async fn end_session(&self, user: &UserId) -> Result<Option<String>, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            let id: Option<String> = c
+                .query_row(
+                    "SELECT id FROM sessions WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1",
+                    params![user.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            c.execute(
+                "UPDATE sessions SET ended_at = ?2 WHERE user_id = ?1 AND ended_at IS NULL",
+                params![user.as_str(), now_millis()],
+            )?;
+            Ok(id)
+        })
+        .await
+    }
+
+    /// Replaces a session's transcript before `keep_from_id` with a summary (compaction).
+    pub async fn compact_session(&self, session_id: &str, summary: &str, keep_from_id: i64) -> Result<(), StoreError> {
+        let session_id = session_id.to_string();
+        let summary = summary.to_string();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("UPDATE sessions SET summary = ?2 WHERE id = ?1", params![session_id, summary])?;
+            tx.execute(
+                "DELETE FROM transcript WHERE session_id = ?1 AND id < ?2",
+                params![session_id, keep_from_id],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A session's transcript items with their row ids, oldest first.
+    pub async fn transcript(&self, session_id: &str) -> Result<Vec<(i64, ConversationItem)>, StoreError> {
+        let session_id = session_id.to_string();
+        self.with(move |c| {
+            let mut statement =
+                c.prepare_cached("SELECT id, item FROM transcript WHERE session_id = ?1 ORDER BY id")?;
+            let rows = statement.query_map(params![session_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+            let mut items = Vec::new();
+            for row in rows {
+                let (id, json) = row?;
+                let item = serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("transcript row {id}: {e}")))?;
+                items.push((id, item));
+            }
+            Ok(items)
+        })
+        .await
+    }
+
+    /// Every transcript item of a user across sessions (export), oldest first.
+    pub async fn user_transcripts(&self, user: &UserId) -> Result<Vec<(String, i64, ConversationItem)>, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            let mut statement = c.prepare(
+                "SELECT session_id, created_at, item FROM transcript WHERE user_id = ?1 ORDER BY id",
+            )?;
+            let rows = statement.query_map(params![user.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+            })?;
+            let mut items = Vec::new();
+            for row in rows {
+                let (session, at, json) = row?;
+                let item = serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                items.push((session, at, item));
+            }
+            Ok(items)
+        })
+        .await
+    }
+
+    // ---- pairing ----------------------------------------------------------------------------
+
+    /// The sender's pending, unexpired pairing request, or a new one with a fresh code.
+    /// Returns the request and whether it was created now.
+    pub async fn pairing_request_for(
+        &self,
+        identity: &Identity,
+        chat_id: &str,
+        sender_name: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(PairingRequest, bool), StoreError> {
+        let identity = identity.clone();
+        let chat_id = chat_id.to_string();
+        let sender_name = sender_name.map(str::to_string);
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = now_millis();
+            let existing = tx
+                .query_row(
+                    "SELECT code, chat_id, sender_name, created_at, expires_at FROM pairing_requests
+                     WHERE channel = ?1 AND peer = ?2 AND state = 'pending' AND expires_at > ?3
+                     ORDER BY created_at DESC LIMIT 1",
+                    params![identity.channel.as_str(), identity.peer.as_str(), now],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()?;
+            let result = match existing {
+                Some((code, chat_id, sender_name, created_at, expires_at)) => (
+                    PairingRequest {
+                        code,
+                        identity: identity.clone(),
+                        chat_id,
+                        sender_name,
+                        created_at,
+                        expires_at,
+                        state: PairingState::Pending,
+                    },
+                    false,
+                ),
+                None => {
+                    let expires_at = now + ttl.as_millis() as i64;
+                    // Codes are random over 31^8 (~8.5e11); retry on the rare collision.
+                    let mut code = new_pairing_code();
+                    for _ in 0..8 {
+                        let taken: bool = tx
+                            .query_row("SELECT 1 FROM pairing_requests WHERE code = ?1", params![code], |_| Ok(true))
+                            .optional()?
+                            .unwrap_or(false);
+                        if !taken {
+                            break;
+                        }
+                        code = new_pairing_code();
+                    }
+                    tx.execute(
+                        "INSERT INTO pairing_requests (code, channel, peer, chat_id, sender_name, created_at, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![code, identity.channel.as_str(), identity.peer.as_str(), chat_id, sender_name, now, expires_at],
+                    )?;
+                    (
+                        PairingRequest {
+                            code,
+                            identity: identity.clone(),
+                            chat_id,
+                            sender_name,
+                            created_at: now,
+                            expires_at,
+                            state: PairingState::Pending,
+                        },
+                        true,
+                    )
+                }
+            };
+            tx.commit()?;
+            Ok(result)
+        })
+        .await
+    }
+
+    /// Pending, unexpired requests, newest first.
+    pub async fn pending_pairing_requests(&self) -> Result<Vec<PairingRequest>, StoreError> {
+        self.with(|c| {
+            let mut statement = c.prepare(
+                "SELECT code, channel, peer, chat_id, sender_name, created_at, expires_at, state FROM pairing_requests
+                 WHERE state = 'pending' AND expires_at > ?1 ORDER BY created_at DESC",
+            )?;
+            let rows = statement.query_map(params![now_millis()], pairing_row)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(pairing_from_row(row?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Approves (or denies) a pending, unexpired request by channel and code. On approval the
+    /// sender's identity is linked to `user` (source `pairing`). Codes are single use.
+    pub async fn decide_pairing(
+        &self,
+        channel: ChannelKind,
+        code: &str,
+        approve: bool,
+        user_for: impl FnOnce(&Identity) -> UserId + Send + 'static,
+    ) -> Result<(PairingRequest, Option<UserId>), StoreError> {
+        let code = code.trim().to_ascii_uppercase();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let row = tx
+                .query_row(
+                    "SELECT code, channel, peer, chat_id, sender_name, created_at, expires_at, state FROM pairing_requests
+                     WHERE code = ?1 AND channel = ?2",
+                    params![code, channel.as_str()],
+                    pairing_row,
+                )
+                .optional()?;
+            let Some(row) = row else {
+                return Err(StoreError::NotFound(format!("no pairing request with code {code} on {channel}")));
+            };
+            let mut request = pairing_from_row(row)?;
+            if request.state != PairingState::Pending {
+                return Err(StoreError::NotFound(format!(
+                    "pairing code {code} was already {}",
+                    request.state.as_str()
+                )));
+            }
+            if request.expires_at <= now_millis() {
+                return Err(StoreError::NotFound(format!("pairing code {code} has expired; ask the sender to write again for a new one")));
+            }
+            let state = if approve { PairingState::Approved } else { PairingState::Denied };
+            tx.execute("UPDATE pairing_requests SET state = ?2 WHERE code = ?1", params![code, state.as_str()])?;
+            request.state = state;
+            let user = if approve {
+                let user = user_for(&request.identity);
+                let now = now_millis();
+                tx.execute(
+                    "INSERT OR IGNORE INTO users (id, display_name, created_at) VALUES (?1, ?2, ?3)",
+                    params![user.as_str(), request.sender_name, now],
+                )?;
+                tx.execute(
+                    "INSERT INTO identities (channel, peer, user_id, source, created_at) VALUES (?1, ?2, ?3, 'pairing', ?4)
+                     ON CONFLICT (channel, peer) DO UPDATE SET user_id = excluded.user_id, source = 'pairing'",
+                    params![request.identity.channel.as_str(), request.identity.peer.as_str(), user.as_str(), now],
+                )?;
+                Some(user)
+            } else {
+                None
+            };
+            tx.commit()?;
+            Ok((request, user))
+        })
+        .await
+    }
+
+    /// Revokes every pairing-made link of a user (the user must pair again).
+    pub async fn revoke_pairings(&self, user: &UserId) -> Result<usize, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            Ok(c.execute(
+                "DELETE FROM identities WHERE user_id = ?1 AND source = 'pairing'",
+                params![user.as_str()],
+            )?)
+        })
+        .await
+    }
+
+    // ---- usage and audit --------------------------------------------------------------------
+
+    pub async fn record_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.prepare_cached(
+                "INSERT INTO audit_events (user_id, kind, tool, args_digest, duration_ms, outcome, detail, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                event.user.as_str(),
+                event.kind,
+                event.tool,
+                event.args_digest,
+                event.duration_ms,
+                event.outcome,
+                event.detail,
+                now_millis()
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The newest audit events, optionally of one user.
+    pub async fn recent_audit(&self, user: Option<&UserId>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let user = user.map(|u| u.as_str().to_string());
+        self.with(move |c| {
+            let mut statement = c.prepare(
+                "SELECT id, user_id, kind, tool, args_digest, duration_ms, outcome, detail, at FROM audit_events
+                 WHERE ?1 IS NULL OR user_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![user, limit as i64], |r| {
+                Ok(AuditRecord {
+                    id: r.get(0)?,
+                    user: r.get(1)?,
+                    kind: r.get(2)?,
+                    tool: r.get(3)?,
+                    args_digest: r.get(4)?,
+                    duration_ms: r.get(5)?,
+                    outcome: r.get(6)?,
+                    detail: r.get(7)?,
+                    at: r.get(8)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// Token usage summed per user, provider and model.
+    pub async fn usage(&self, user: Option<&UserId>) -> Result<Vec<UsageRow>, StoreError> {
+        let user = user.map(|u| u.as_str().to_string());
+        self.with(move |c| {
+            let mut statement = c.prepare(
+                "SELECT user_id, provider, model, SUM(input_tokens), SUM(output_tokens), COUNT(*) FROM token_usage
+                 WHERE ?1 IS NULL OR user_id = ?1 GROUP BY user_id, provider, model ORDER BY user_id, provider, model",
+            )?;
+            let rows = statement.query_map(params![user], |r| {
+                Ok(UsageRow {
+                    user: r.get(0)?,
+                    provider: r.get(1)?,
+                    model: r.get(2)?,
+                    input_tokens: r.get(3)?,
+                    output_tokens: r.get(4)?,
+                    calls: r.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+}
+
+type PairingRow = (String, String, String, String, Option<String>, i64, i64, String);
+
+fn pairing_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PairingRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+}
+
+fn pairing_from_row(row: PairingRow) -> Result<PairingRequest, StoreError> {
+    let (code, channel, peer, chat_id, sender_name, created_at, expires_at, state) = row;
+    Ok(PairingRequest {
+        code,
+        identity: parse_identity(&channel, peer)?,
+        chat_id,
+        sender_name,
+        created_at,
+        expires_at,
+        state: PairingState::parse(&state)?,
+    })
+}
+
+fn load_user(c: &Connection, user: &UserId) -> Result<Option<UserRecord>, StoreError> {
+    let row: Option<(Option<String>, i64, bool)> = c
+        .query_row(
+            "SELECT display_name, created_at, onboarded FROM users WHERE id = ?1",
+            params![user.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((display_name, created_at, onboarded)) = row else {
+        return Ok(None);
+    };
+    let mut statement = c.prepare_cached("SELECT channel, peer FROM identities WHERE user_id = ?1 ORDER BY channel, peer")?;
+    let pairs: Vec<(String, String)> = statement
+        .query_map(params![user.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let identities = pairs.into_iter().map(|(ch, peer)| parse_identity(&ch, peer)).collect::<Result<_, _>>()?;
+    Ok(Some(UserRecord { id: user.clone(), display_name, created_at, onboarded, identities }))
+}
+
+fn upsert_cursor(c: &Connection, channel: ChannelKind, cursor: i64) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO channel_cursors (channel, cursor) VALUES (?1, ?2)
+         ON CONFLICT (channel) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)",
+        params![channel.as_str(), cursor],
+    )?;
+    Ok(())
+}
+
+fn insert_outbox(
+    c: &Connection,
+    inbox_id: Option<i64>,
+    user: Option<&UserId>,
+    channel: ChannelKind,
+    chat_id: &str,
+    text: &str,
+) -> Result<i64, StoreError> {
+    let now = now_millis();
+    c.execute(
+        "INSERT INTO outbox (inbox_id, user_id, channel, chat_id, text, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+        params![inbox_id, user.map(UserId::as_str), channel.as_str(), chat_id, text, now],
+    )?;
+    Ok(c.last_insert_rowid())
+}
+
+fn migrate(c: &mut Connection) -> Result<(), StoreError> {
+    c.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let current: i64 = c
+        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let supported = MIGRATIONS.len() as i64;
+    if current > supported {
+        return Err(StoreError::TooNew { found: current, supported });
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(migration)?;
+        tx.execute("DELETE FROM schema_version", [])?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", params![index as i64 + 1])?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn set_owner_only(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!(error = %e, "could not make the database file owner-only");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(peer: &str, external: &str, text: &str, cursor: Option<i64>) -> InboundMessage {
+        InboundMessage {
+            sender: Identity::new(ChannelKind::Telegram, PeerId::new(peer).unwrap()),
+            chat_id: peer.to_string(),
+            external_id: external.to_string(),
+            cursor,
+            text: text.to_string(),
+            sender_name: None,
+            language_code: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn redelivered_message_is_stored_once_and_cursor_never_goes_back() {
+        let store = Store::open_in_memory().unwrap();
+        let user = UserId::new("telegram_1").unwrap();
+        assert!(store.insert_inbound(&message("1", "10", "hi", Some(11)), &user).await.unwrap().is_some());
+        assert!(store.insert_inbound(&message("1", "10", "hi", Some(11)), &user).await.unwrap().is_none());
+        store.advance_cursor(ChannelKind::Telegram, 5).await.unwrap();
+        assert_eq!(store.cursor(ChannelKind::Telegram).await.unwrap(), Some(11));
+        assert_eq!(store.pending_inbox(&user, 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn completing_a_turn_is_atomic_and_outbox_is_at_most_once() {
+        let store = Store::open_in_memory().unwrap();
+        let user = UserId::new("telegram_1").unwrap();
+        let inbox_id = store.insert_inbound(&message("1", "10", "hi", None), &user).await.unwrap().unwrap();
+        let session = store.current_session(&user).await.unwrap();
+        let outbox = store
+            .complete_turn(TurnRecord {
+                inbox_id,
+                user: user.clone(),
+                session_id: session.id.clone(),
+                items: vec![
+                    ConversationItem::User { text: "hi".into() },
+                    ConversationItem::Assistant { text: "hello".into(), tool_calls: vec![] },
+                ],
+                reply: Some((ChannelKind::Telegram, "1".into(), "hello".into())),
+                usage: vec![("anthropic".into(), "m".into(), TokenUsage { input_tokens: 3, output_tokens: 1 })],
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.pending_inbox(&user, 10).await.unwrap().is_empty());
+        assert_eq!(store.transcript(&session.id).await.unwrap().len(), 2);
+        assert_eq!(store.pending_outbox(10).await.unwrap().len(), 1);
+        store.set_outbox_state(outbox, "sending", None).await.unwrap();
+        assert!(store.pending_outbox(10).await.unwrap().is_empty(), "a row being sent is never resent");
+        assert_eq!(store.usage(Some(&user)).await.unwrap()[0].input_tokens, 3);
+    }
+
+    #[tokio::test]
+    async fn pairing_codes_are_reused_while_pending_and_single_use() {
+        let store = Store::open_in_memory().unwrap();
+        let who = Identity::new(ChannelKind::Telegram, PeerId::new("42").unwrap());
+        let (first, created) = store.pairing_request_for(&who, "42", Some("Eve"), Duration::from_secs(3600)).await.unwrap();
+        assert!(created);
+        assert_eq!(first.code.len(), 8);
+        let (again, created) = store.pairing_request_for(&who, "42", None, Duration::from_secs(3600)).await.unwrap();
+        assert!(!created);
+        assert_eq!(first.code, again.code);
+        let (_, user) = store
+            .decide_pairing(ChannelKind::Telegram, &first.code.to_lowercase(), true, UserId::for_identity)
+            .await
+            .unwrap();
+        assert_eq!(user.unwrap().as_str(), "telegram_42");
+        assert_eq!(store.user_for_identity(&who).await.unwrap().unwrap().1, "pairing");
+        assert!(store.decide_pairing(ChannelKind::Telegram, &first.code, true, UserId::for_identity).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn expired_pairing_code_is_refused() {
+        let store = Store::open_in_memory().unwrap();
+        let who = Identity::new(ChannelKind::Telegram, PeerId::new("7").unwrap());
+        let (request, _) = store.pairing_request_for(&who, "7", None, Duration::from_millis(1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let error = store
+            .decide_pairing(ChannelKind::Telegram, &request.code, true, UserId::for_identity)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("expired"), "{error}");
+        assert!(store.pending_pairing_requests().await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn migrations_are_idempotent_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moltmate.db");
+        drop(Store::open(&path).unwrap());
+        drop(Store::open(&path).unwrap());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}

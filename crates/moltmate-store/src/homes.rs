@@ -1,0 +1,229 @@
+//! Per-user home directories and the gateway's own reads and writes inside them.
+//!
+//! A user's home is writable by that user's sandbox, so anything in it may be hostile: a
+//! `SOUL.md` may have been replaced by a symlink to `/etc/shadow` or to another user's
+//! `MEMORY.md`. The gateway therefore never opens a home file by joining paths: it opens the
+//! home directory and resolves the relative path beneath it with `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS)`, so the kernel refuses any escape. Writes go to a temporary file in the
+//! same directory, are fsynced, and are renamed over the target, so a crash never leaves a
+//! half-written memory file.
+
+use moltmate_core::tool::UserHome;
+use moltmate_core::UserId;
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+/// Errors touching a home directory.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0:?} is not a relative path inside the home")]
+    BadPath(String),
+}
+
+fn io_error(path: &str, source: impl Into<std::io::Error>) -> HomeError {
+    HomeError::Io { path: path.to_string(), source: source.into() }
+}
+
+/// The files every home has, created empty-but-present on first use.
+pub const STANDARD_DIRECTORIES: [&str; 2] = ["memory", "workspace"];
+
+/// `<MOLTMATE_HOME>/users` and `<MOLTMATE_HOME>/families`.
+#[derive(Debug, Clone)]
+pub struct Homes {
+    users_dir: PathBuf,
+    families_dir: PathBuf,
+}
+
+impl Homes {
+    pub fn new(moltmate_home: &Path) -> Self {
+        Homes { users_dir: moltmate_home.join("users"), families_dir: moltmate_home.join("families") }
+    }
+
+    pub fn users_dir(&self) -> &Path {
+        &self.users_dir
+    }
+
+    pub fn families_dir(&self) -> &Path {
+        &self.families_dir
+    }
+
+    pub fn home(&self, user: &UserId) -> UserHome {
+        UserHome::new(&self.users_dir, user)
+    }
+
+    /// Creates the user's home (0700) with its standard subdirectories, if missing.
+    pub fn ensure(&self, user: &UserId) -> Result<UserHome, HomeError> {
+        let home = self.home(user);
+        create_private_dir(&self.users_dir)?;
+        create_private_dir(home.root())?;
+        for dir in STANDARD_DIRECTORIES {
+            let root = open_root(home.root())?;
+            match rustix::fs::mkdirat(&root, dir, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(io_error(dir, e)),
+            }
+        }
+        Ok(home)
+    }
+
+    /// Creates a family folder (0700), if missing.
+    pub fn ensure_family(&self, family: &str) -> Result<PathBuf, HomeError> {
+        if family.is_empty() || !family.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-') {
+            return Err(HomeError::BadPath(family.to_string()));
+        }
+        create_private_dir(&self.families_dir)?;
+        let dir = self.families_dir.join(family);
+        create_private_dir(&dir)?;
+        Ok(dir)
+    }
+}
+
+fn create_private_dir(path: &Path) -> Result<(), HomeError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let shown = path.display().to_string();
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) => return Err(io_error(&shown, e)),
+    }
+    // `recursive` leaves existing directories alone; tighten in case an operator made it 0755.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(|e| io_error(&shown, e))
+}
+
+fn open_root(root: &Path) -> Result<OwnedFd, HomeError> {
+    rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
+        .map_err(|e| io_error(&root.display().to_string(), e))
+}
+
+fn check_relative(relative: &str) -> Result<(), HomeError> {
+    let path = Path::new(relative);
+    if relative.is_empty() || path.is_absolute() || relative.contains('\0') {
+        return Err(HomeError::BadPath(relative.to_string()));
+    }
+    Ok(())
+}
+
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
+
+/// Reads a regular file beneath `root`, at most `max_bytes` (the rest is dropped and the result
+/// says so). `Ok(None)` when it does not exist. Symlinks anywhere in the path are refused.
+pub fn read_beneath(root: &Path, relative: &str, max_bytes: u64) -> Result<Option<(String, bool)>, HomeError> {
+    check_relative(relative)?;
+    let dir = open_root(root)?;
+    let fd = match rustix::fs::openat2(&dir, relative, OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty(), BENEATH) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(io_error(relative, e)),
+    };
+    let stat = rustix::fs::fstat(&fd).map_err(|e| io_error(relative, e))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(io_error(relative, std::io::Error::other("not a regular file")));
+    }
+    let mut file = std::fs::File::from(fd);
+    let mut bytes = Vec::new();
+    (&mut file).take(max_bytes + 1).read_to_end(&mut bytes).map_err(|e| io_error(relative, e))?;
+    let truncated = bytes.len() as u64 > max_bytes;
+    bytes.truncate(max_bytes as usize);
+    Ok(Some((String::from_utf8_lossy(&bytes).into_owned(), truncated)))
+}
+
+/// Writes `content` to `relative` beneath `root` atomically: parent directories are created
+/// beneath the root, the data goes to a temporary file that is fsynced and renamed over the
+/// target, and the directory is fsynced so the rename itself survives a crash.
+pub fn write_beneath(root: &Path, relative: &str, content: &[u8]) -> Result<(), HomeError> {
+    check_relative(relative)?;
+    let path = Path::new(relative);
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| HomeError::BadPath(relative.to_string()))?;
+    let mut dir = open_root(root)?;
+    if let Some(parent) = path.parent() {
+        for component in parent.components() {
+            let name = match component {
+                std::path::Component::Normal(name) => name,
+                std::path::Component::CurDir => continue,
+                _ => return Err(HomeError::BadPath(relative.to_string())),
+            };
+            match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(io_error(relative, e)),
+            }
+            dir = rustix::fs::openat2(
+                &dir,
+                name,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+                BENEATH,
+            )
+            .map_err(|e| io_error(relative, e))?;
+        }
+    }
+    let temp_name = format!(".{file_name}.tmp-{}", std::process::id());
+    let fd = rustix::fs::openat(
+        &dir,
+        temp_name.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| io_error(relative, e))?;
+    let mut file = std::fs::File::from(fd);
+    let written = file.write_all(content).and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        let _ = rustix::fs::unlinkat(&dir, temp_name.as_str(), rustix::fs::AtFlags::empty());
+        return Err(io_error(relative, e));
+    }
+    rustix::fs::renameat(&dir, temp_name.as_str(), &dir, file_name).map_err(|e| io_error(relative, e))?;
+    rustix::fs::fsync(&dir).map_err(|e| io_error(relative, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_refuse_symlinks_out_of_the_home() {
+        let base = tempfile::tempdir().unwrap();
+        let homes = Homes::new(base.path());
+        let alice = homes.ensure(&UserId::new("alice").unwrap()).unwrap();
+        let bob = homes.ensure(&UserId::new("bob").unwrap()).unwrap();
+        write_beneath(bob.root(), "MEMORY.md", b"bob's secret").unwrap();
+        std::os::unix::fs::symlink(bob.root().join("MEMORY.md"), alice.root().join("MEMORY.md")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", alice.root().join("SOUL.md")).unwrap();
+        assert!(read_beneath(alice.root(), "MEMORY.md", 1024).is_err());
+        assert!(read_beneath(alice.root(), "SOUL.md", 1024).is_err());
+        assert!(read_beneath(alice.root(), "../bob/MEMORY.md", 1024).is_err());
+        assert!(read_beneath(alice.root(), "/etc/passwd", 1024).is_err());
+        assert_eq!(read_beneath(alice.root(), "USER.md", 1024).unwrap(), None);
+    }
+
+    #[test]
+    fn atomic_write_creates_parents_and_leaves_no_temp_files() {
+        let base = tempfile::tempdir().unwrap();
+        let homes = Homes::new(base.path());
+        let home = homes.ensure(&UserId::new("alice").unwrap()).unwrap();
+        write_beneath(home.root(), "memory/2026-11-22.md", b"first").unwrap();
+        write_beneath(home.root(), "memory/2026-11-22.md", b"second").unwrap();
+        let (text, truncated) = read_beneath(home.root(), "memory/2026-11-22.md", 3).unwrap().unwrap();
+        assert_eq!((text.as_str(), truncated), ("sec", true));
+        let names: Vec<_> = std::fs::read_dir(home.root().join("memory")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(home.root()).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn writes_refuse_symlinked_parent_directories() {
+        let base = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let homes = Homes::new(base.path());
+        let home = homes.ensure(&UserId::new("alice").unwrap()).unwrap();
+        std::os::unix::fs::symlink(outside.path(), home.root().join("memory2")).unwrap();
+        assert!(write_beneath(home.root(), "memory2/x.md", b"x").is_err());
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+}
