@@ -1,1 +1,30 @@
-//! moltmate-gateway (being written).
+//! The Moltmates gateway: everything between a channel and a model.
+//!
+//! ```text
+//! channel ──InboundMessage──▶ Gateway::accept ──(access policy)──▶ inbox (SQLite, durable)
+//!                                                     │
+//!                            per-user worker ◀────────┘   (one task per active user:
+//!                                 │                         strictly in order for that user,
+//!                                 ▼                         concurrent across users)
+//!                            agent turn: prompt from the user's own files + session history,
+//!                            model ⇄ tools (each call carries the user's identity)
+//!                                 │
+//!                                 ▼
+//!                 transcript + usage + outbox (one transaction) ──▶ channel.send_text
+//! ```
+//!
+//! * [`access`] — `dmPolicy` (pairing, allowlist, open, disabled): who reaches a model at all.
+//! * [`router`] — [`Gateway`]: accepts messages, runs per-user workers, delivers replies.
+//! * [`agent`] — one turn: model calls, tool calls, bounded iterations, audit.
+//! * [`prompt`] — the system prompt, built from that user's files only.
+//! * [`persona`] — default persona files for a new home.
+
+pub mod access;
+pub mod agent;
+pub mod persona;
+pub mod prompt;
+pub mod router;
+pub mod settings;
+
+pub use router::{Gateway, GatewayParts};
+pub use settings::{GatewaySettings, UserSettings};

@@ -1,0 +1,220 @@
+//! One agent turn: the model is called, tools run, and the model is called again, until it
+//! answers without tool calls or the iteration bound is reached.
+//!
+//! Tool errors other than [`ToolError::Fatal`] are answers to the model (it may try something
+//! else); a fatal error ends the turn with a short apology to the user. Every tool call is
+//! audited (user, tool, digest of the arguments, duration, outcome) — never the arguments
+//! themselves, which may hold personal data.
+
+use async_trait::async_trait;
+use moltmate_core::model::{ConversationItem, DeltaSink, ModelResponse, TokenUsage, ToolSpec};
+use moltmate_core::tool::{Tool, ToolContext, ToolError, ToolOutput};
+use moltmate_store::{AuditEvent, Store};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A model answer and who gave it.
+#[derive(Debug, Clone)]
+pub struct ModelAnswer {
+    pub response: ModelResponse,
+    pub provider: String,
+    pub model: String,
+    /// Usage of every attempt that consumed tokens (including failed fallbacks' partial ones).
+    pub usage: Vec<(String, String, TokenUsage)>,
+}
+
+/// Every model in the chain failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{detail}")]
+pub struct ModelFailure {
+    /// What the user is told: short, no stack trace, no key, no URL.
+    pub user_message: String,
+    /// For the operator's log (still never a key).
+    pub detail: String,
+}
+
+/// The model side of a turn: primary model, retries and fallbacks behind one call.
+#[async_trait]
+pub trait ModelCaller: Send + Sync {
+    async fn call(
+        &self,
+        system: &str,
+        items: &[ConversationItem],
+        tools: &[ToolSpec],
+        deltas: &dyn DeltaSink,
+    ) -> Result<ModelAnswer, ModelFailure>;
+}
+
+/// The tools the gateway knows, by name. Which of them a user gets is decided per call.
+#[derive(Default, Clone)]
+pub struct ToolBox {
+    tools: BTreeMap<String, Arc<dyn Tool>>,
+}
+
+impl ToolBox {
+    pub fn new(tools: Vec<Arc<dyn Tool>>) -> Self {
+        let mut toolbox = ToolBox::default();
+        for tool in tools {
+            toolbox.register(tool);
+        }
+        toolbox
+    }
+
+    pub fn register(&mut self, tool: Arc<dyn Tool>) {
+        self.tools.insert(tool.spec().name, tool);
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tools.keys().map(String::as_str)
+    }
+
+    /// The specs offered to a model for a user allowed `allowed` tools.
+    pub fn offered(&self, allowed: &[String]) -> Vec<ToolSpec> {
+        self.tools
+            .iter()
+            .filter(|(name, _)| allowed.iter().any(|a| a == *name))
+            .map(|(_, tool)| tool.spec())
+            .collect()
+    }
+
+    /// Calls a tool, enforcing `allowed` again: the model may ask for a tool it was never
+    /// offered (hallucinated, or injected text asking for it).
+    pub async fn call(
+        &self,
+        allowed: &[String],
+        name: &str,
+        context: &ToolContext,
+        arguments: serde_json::Value,
+    ) -> Result<ToolOutput, ToolError> {
+        let Some(tool) = self.tools.get(name).filter(|_| allowed.iter().any(|a| a == name)) else {
+            return Err(ToolError::Refused(format!(
+                "there is no tool named {name:?} available to you; available tools: {}",
+                allowed.iter().filter(|a| self.tools.contains_key(a.as_str())).cloned().collect::<Vec<_>>().join(", ")
+            )));
+        };
+        tool.call(context, arguments).await
+    }
+}
+
+/// Everything one turn needs.
+pub struct Turn<'a> {
+    pub model: &'a dyn ModelCaller,
+    pub tools: &'a ToolBox,
+    pub store: &'a Store,
+    pub context: ToolContext,
+    pub allowed_tools: &'a [String],
+    pub system: String,
+    /// The session so far (the new user message is not in it).
+    pub history: Vec<ConversationItem>,
+    pub user_text: String,
+    pub max_iterations: usize,
+    pub deltas: &'a dyn DeltaSink,
+    pub log_tool_calls: bool,
+}
+
+/// What a turn produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnResult {
+    /// New transcript items, the user's message first.
+    pub new_items: Vec<ConversationItem>,
+    /// The text to send to the user.
+    pub reply: String,
+    pub usage: Vec<(String, String, TokenUsage)>,
+    /// The turn ended on a model failure (the reply is the failure notice).
+    pub model_failed: bool,
+}
+
+/// SHA-256 of the canonical JSON of tool arguments (serde_json maps are sorted).
+pub fn arguments_digest(arguments: &serde_json::Value) -> String {
+    let canonical = serde_json::to_string(arguments).unwrap_or_default();
+    hex::encode(Sha256::digest(canonical.as_bytes()))
+}
+
+pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
+    let offered = turn.tools.offered(turn.allowed_tools);
+    let mut items = turn.history;
+    let first_new = items.len();
+    items.push(ConversationItem::User { text: turn.user_text });
+    let mut usage = Vec::new();
+    let mut replies: Vec<String> = Vec::new();
+
+    for iteration in 0..turn.max_iterations.max(1) {
+        let answer = match turn.model.call(&turn.system, &items, &offered, turn.deltas).await {
+            Ok(answer) => answer,
+            Err(failure) => {
+                tracing::warn!(user = %turn.context.user, error = %failure.detail, "model call failed");
+                items.push(ConversationItem::Assistant { text: failure.user_message.clone(), tool_calls: vec![] });
+                return TurnResult {
+                    new_items: items.split_off(first_new),
+                    reply: failure.user_message,
+                    usage,
+                    model_failed: true,
+                };
+            }
+        };
+        usage.extend(answer.usage.iter().cloned());
+        let ModelResponse { text, tool_calls, .. } = answer.response;
+        if !text.trim().is_empty() {
+            replies.push(text.clone());
+        }
+        items.push(ConversationItem::Assistant { text, tool_calls: tool_calls.clone() });
+        if tool_calls.is_empty() {
+            return TurnResult { new_items: items.split_off(first_new), reply: join_replies(&replies), usage, model_failed: false };
+        }
+        for call in tool_calls {
+            let started = Instant::now();
+            let digest = arguments_digest(&call.arguments);
+            let result = turn.tools.call(turn.allowed_tools, &call.name, &turn.context, call.arguments).await;
+            let duration_ms = started.elapsed().as_millis() as i64;
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) => e.outcome(),
+            };
+            if turn.log_tool_calls {
+                tracing::info!(user = %turn.context.user, tool = %call.name, outcome, duration_ms, "tool call");
+            }
+            let audit = AuditEvent {
+                user: turn.context.user.clone(),
+                kind: "tool_call".to_string(),
+                tool: Some(call.name.clone()),
+                args_digest: Some(digest),
+                duration_ms: Some(duration_ms),
+                outcome: outcome.to_string(),
+                detail: None,
+            };
+            if let Err(e) = turn.store.record_audit(audit).await {
+                tracing::error!(error = %e, "could not record an audit event");
+            }
+            match result {
+                Ok(output) => items.push(ConversationItem::ToolResult { call_id: call.id, content: output.content, is_error: false }),
+                Err(error) if error.is_fatal() => {
+                    tracing::error!(user = %turn.context.user, tool = %call.name, error = %error, "fatal tool error; turn aborted");
+                    let reply = "Sorry — something went wrong on my side and I could not finish. Please try again later.".to_string();
+                    items.push(ConversationItem::ToolResult { call_id: call.id, content: "internal error".to_string(), is_error: true });
+                    items.push(ConversationItem::Assistant { text: reply.clone(), tool_calls: vec![] });
+                    return TurnResult { new_items: items.split_off(first_new), reply, usage, model_failed: false };
+                }
+                Err(error) => items.push(ConversationItem::ToolResult { call_id: call.id, content: error.to_string(), is_error: true }),
+            }
+        }
+        tracing::debug!(user = %turn.context.user, iteration, "tool round finished");
+    }
+    let note = format!(
+        "(I stopped after {} tool steps for this message. Tell me to continue if you want me to go on.)",
+        turn.max_iterations.max(1)
+    );
+    items.push(ConversationItem::Assistant { text: note.clone(), tool_calls: vec![] });
+    replies.push(note);
+    TurnResult { new_items: items.split_off(first_new), reply: join_replies(&replies), usage, model_failed: false }
+}
+
+fn join_replies(replies: &[String]) -> String {
+    let joined = replies.iter().map(|r| r.trim()).filter(|r| !r.is_empty()).collect::<Vec<_>>().join("\n\n");
+    if joined.is_empty() {
+        "(no answer)".to_string()
+    } else {
+        joined
+    }
+}

@@ -1,0 +1,93 @@
+//! What the gateway needs from the operator's config, in the gateway's own terms.
+//!
+//! The binary translates `moltmate.json` into these structs; the gateway never sees the file
+//! format, and tests build settings directly.
+
+use crate::access::ChannelAccess;
+use moltmate_core::sandbox::{ExecSettings, SandboxProfile};
+use moltmate_core::{ChannelKind, UserId};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// What one user's assistant may do (tools offered, exec policy, sandbox). Trust levels map to
+/// one of these.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserSettings {
+    /// Tool names offered to the model (and the only ones the call layer accepts).
+    pub tools: Vec<String>,
+    pub exec: ExecSettings,
+    pub sandbox: SandboxProfile,
+    /// File tools refuse to write.
+    pub read_only: bool,
+}
+
+impl Default for UserSettings {
+    fn default() -> Self {
+        UserSettings {
+            tools: ["read", "write", "edit", "exec", "web_fetch"].iter().map(|s| s.to_string()).collect(),
+            exec: ExecSettings {
+                default_timeout: Duration::from_secs(30),
+                max_timeout: Duration::from_secs(300),
+                ..ExecSettings::default()
+            },
+            sandbox: SandboxProfile::default(),
+            read_only: false,
+        }
+    }
+}
+
+/// Everything the gateway reads from config.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// Access rules per channel. A channel without an entry refuses everyone, except
+    /// [`ChannelKind::Local`] (the operator's own terminal), which is always allowed.
+    pub access: HashMap<ChannelKind, ChannelAccess>,
+    /// How long a pairing code stays valid.
+    pub pairing_ttl: Duration,
+    /// Model calls per turn at most (each tool round trip is one).
+    pub max_tool_iterations: usize,
+    /// Each prompt file (SOUL.md, MEMORY.md, ...) is cut at this size.
+    pub prompt_file_max_bytes: u64,
+    /// Persona written into a new home (`cami`, `molty`).
+    pub default_persona: String,
+    /// Language of built-in texts when the channel does not tell (`en`, `de`).
+    pub default_language: String,
+    /// Settings for users without an override.
+    pub default_user: UserSettings,
+    /// Per-user overrides (trust levels, explicit config).
+    pub users: HashMap<UserId, UserSettings>,
+    /// Identities linked to users by the config (`users.<id>.identities`).
+    pub configured_identities: HashMap<moltmate_core::Identity, UserId>,
+    /// A user's worker task exits after this long without messages (it is restarted on the
+    /// next one), so memory tracks active users, not known ones.
+    pub worker_idle: Duration,
+    /// Turns running at once across all users; the rest wait. Bounds memory and provider load.
+    pub max_concurrent_turns: usize,
+    /// Log every tool call (name, user, outcome, duration; never arguments).
+    pub log_tool_calls: bool,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            access: HashMap::new(),
+            pairing_ttl: Duration::from_secs(3600),
+            max_tool_iterations: 8,
+            prompt_file_max_bytes: 32 * 1024,
+            default_persona: "cami".to_string(),
+            default_language: "en".to_string(),
+            default_user: UserSettings::default(),
+            users: HashMap::new(),
+            configured_identities: HashMap::new(),
+            worker_idle: Duration::from_secs(120),
+            max_concurrent_turns: 256,
+            log_tool_calls: false,
+        }
+    }
+}
+
+impl GatewaySettings {
+    pub fn user_settings(&self, user: &UserId) -> &UserSettings {
+        self.users.get(user).unwrap_or(&self.default_user)
+    }
+}
