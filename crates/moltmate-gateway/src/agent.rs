@@ -112,6 +112,7 @@ pub struct Turn<'a> {
     pub max_iterations: usize,
     pub deltas: &'a dyn DeltaSink,
     pub log_tool_calls: bool,
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
 /// What a turn produced.
@@ -141,9 +142,17 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
     let mut replies: Vec<String> = Vec::new();
 
     for iteration in 0..turn.max_iterations.max(1) {
+        let model_started = Instant::now();
         let answer = match turn.model.call(&turn.system, &items, &offered, turn.deltas).await {
-            Ok(answer) => answer,
+            Ok(answer) => {
+                turn.metrics.observe_model(&answer.provider, &answer.model, model_started.elapsed());
+                for (provider, _, u) in &answer.usage {
+                    turn.metrics.count_tokens(provider, u.input_tokens, u.output_tokens);
+                }
+                answer
+            }
             Err(failure) => {
+                turn.metrics.model_failures.inc();
                 tracing::warn!(user = %turn.context.user, error = %failure.detail, "model call failed");
                 items.push(ConversationItem::Assistant { text: failure.user_message.clone(), tool_calls: vec![] });
                 return TurnResult {
@@ -167,11 +176,13 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
             let started = Instant::now();
             let digest = arguments_digest(&call.arguments);
             let result = turn.tools.call(turn.allowed_tools, &call.name, &turn.context, call.arguments).await;
-            let duration_ms = started.elapsed().as_millis() as i64;
+            let elapsed = started.elapsed();
+            let duration_ms = elapsed.as_millis() as i64;
             let outcome = match &result {
                 Ok(_) => "ok",
                 Err(e) => e.outcome(),
             };
+            turn.metrics.observe_tool(&call.name, outcome, elapsed);
             if turn.log_tool_calls {
                 tracing::info!(user = %turn.context.user, tool = %call.name, outcome, duration_ms, "tool call");
             }

@@ -21,10 +21,11 @@
 
 pub mod access;
 pub mod agent;
+pub mod metrics;
 pub mod persona;
 pub mod prompt;
 pub mod router;
 pub mod settings;
 
-pub use router::{Gateway, GatewayParts};
+pub use router::{Gateway, GatewayParts, Submitted};
 pub use settings::{GatewaySettings, UserSettings};

@@ -71,6 +71,7 @@ struct Inner {
     turn_permits: Semaphore,
     shutdown: Shutdown,
     tasks: TaskTracker,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The running gateway. Cheap to clone.
@@ -109,6 +110,7 @@ impl Gateway {
                 waiters: Mutex::new(HashMap::new()),
                 shutdown: parts.shutdown,
                 tasks: TaskTracker::new(),
+                metrics: Arc::new(crate::metrics::Metrics::new()),
             }),
         }
     }
@@ -123,6 +125,16 @@ impl Gateway {
 
     pub fn settings(&self) -> &GatewaySettings {
         &self.inner.settings
+    }
+
+    /// The gateway's metrics (served by the web layer at `/metrics`).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The sandbox backend, if one is configured.
+    pub fn sandbox(&self) -> Option<&Arc<dyn Sandbox>> {
+        self.inner.sandbox.as_ref()
     }
 
     /// Number of users with a live worker task.
@@ -218,7 +230,21 @@ async fn known_sender(inner: &Inner, identity: &Identity) -> Result<KnownSender,
     })
 }
 
-async fn accept(inner: &Arc<Inner>, mut message: InboundMessage, waiter: Option<Waiter>) -> Result<Accepted, AcceptError> {
+async fn accept(inner: &Arc<Inner>, message: InboundMessage, waiter: Option<Waiter>) -> Result<Accepted, AcceptError> {
+    let channel = message.sender.channel;
+    let result = accept_counted(inner, message, waiter).await;
+    if let Ok(accepted) = &result {
+        let outcome = match accepted {
+            Accepted::Queued => "queued",
+            Accepted::Duplicate => "duplicate",
+            Accepted::Refused => "refused",
+        };
+        inner.metrics.count_message(channel.as_str(), outcome);
+    }
+    result
+}
+
+async fn accept_counted(inner: &Arc<Inner>, mut message: InboundMessage, waiter: Option<Waiter>) -> Result<Accepted, AcceptError> {
     if inner.shutdown.is_cancelled() {
         return Err(AcceptError::ShuttingDown);
     }
@@ -351,6 +377,7 @@ fn wake_worker(inner: &Arc<Inner>, user: &UserId) {
     }
     let slot = Arc::new(WorkerSlot { notify: Notify::new(), dirty: AtomicBool::new(true) });
     workers.insert(user.clone(), Arc::clone(&slot));
+    inner.metrics.active_users.set(workers.len() as i64);
     drop(workers);
     let inner_for_task = Arc::clone(inner);
     let user = user.clone();
@@ -398,6 +425,7 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
                 let mut workers = lock(&inner.workers);
                 if !slot.dirty.load(Ordering::SeqCst) {
                     workers.remove(&user);
+                    inner.metrics.active_users.set(workers.len() as i64);
                     return;
                 }
             }
@@ -494,6 +522,7 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         max_iterations: inner.settings.max_tool_iterations,
         deltas: deltas.as_ref(),
         log_tool_calls: inner.settings.log_tool_calls,
+        metrics: &inner.metrics,
     })
     .await;
     if let Some(typing) = typing {
@@ -562,8 +591,12 @@ async fn deliver(inner: &Inner, item: OutboxItem) {
         return;
     }
     let (state, detail) = match channel.send_text(&item.chat_id, &item.text).await {
-        Ok(()) => ("sent", None),
+        Ok(()) => {
+            inner.metrics.replies_sent.inc();
+            ("sent", None)
+        }
         Err(e) => {
+            inner.metrics.replies_failed.inc();
             tracing::warn!(channel = %item.channel, error = %e, "reply could not be delivered");
             ("failed", Some(e.to_string()))
         }

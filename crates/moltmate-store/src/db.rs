@@ -148,6 +148,32 @@ CREATE TABLE audit_events (
     at           INTEGER NOT NULL
 );
 CREATE INDEX audit_user ON audit_events(user_id, id);
+"#, r#"
+CREATE TABLE api_tokens (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id      TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    token_hash   TEXT NOT NULL UNIQUE,
+    label        TEXT,
+    created_at   INTEGER NOT NULL,
+    last_used_at INTEGER,
+    revoked_at   INTEGER
+);
+CREATE INDEX api_tokens_user ON api_tokens(user_id);
+CREATE TABLE login_links (
+    code_hash   TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    used_at     INTEGER
+);
+CREATE TABLE web_sessions (
+    session_hash TEXT PRIMARY KEY,
+    user_id      TEXT,
+    is_admin     INTEGER NOT NULL DEFAULT 0,
+    csrf_token   TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL
+);
 "#];
 
 fn now_millis() -> i64 {
@@ -359,7 +385,7 @@ impl Store {
     }
 
     /// Runs `work` on the connection in the blocking pool.
-    async fn with<R, F>(&self, work: F) -> Result<R, StoreError>
+    pub(crate) async fn with<R, F>(&self, work: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,

@@ -14,6 +14,7 @@
 //! inbox rows are processed again and `pending` outbox rows are sent; `sending` rows are *not*
 //! resent (at-most-once delivery of replies — see ARCHITECTURE.md).
 
+pub mod auth;
 pub mod db;
 pub mod homes;
 
