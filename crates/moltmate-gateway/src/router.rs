@@ -250,8 +250,10 @@ async fn accept_counted(inner: &Arc<Inner>, mut message: InboundMessage, waiter:
     }
     let identity = message.sender.clone();
     let known = known_sender(inner, &identity).await.map_err(storage)?;
-    let decision = if identity.channel == ChannelKind::Local {
-        // The operator's own terminal: `moltmate chat --user NAME` speaks as user NAME.
+    let decision = if matches!(identity.channel, ChannelKind::Local | ChannelKind::Web) {
+        // Channels that authenticate their users themselves: the operator's own terminal
+        // (`moltmate chat --user NAME` speaks as NAME) and the web layer (a user token or a
+        // login-link session names the user). The peer id is the user id.
         match &known {
             KnownSender::Configured(u) | KnownSender::Paired(u) | KnownSender::Seen(u) => AccessDecision::Allowed(u.clone()),
             KnownSender::Unknown => match UserId::new(identity.peer.as_str()) {
