@@ -863,6 +863,33 @@ impl Store {
         .await
     }
 
+    /// A user's transcript rows after `after_id` (row id, unix millis, item), oldest first, at
+    /// most `limit` (the memory index catches up with these).
+    pub async fn transcript_since(
+        &self,
+        user: &UserId,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, i64, ConversationItem)>, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT id, created_at, item FROM transcript WHERE user_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = statement.query_map(params![user.as_str(), after_id, limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+            })?;
+            let mut items = Vec::new();
+            for row in rows {
+                let (id, at, json) = row?;
+                let item = serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("transcript row {id}: {e}")))?;
+                items.push((id, at, item));
+            }
+            Ok(items)
+        })
+        .await
+    }
+
     // ---- pairing ----------------------------------------------------------------------------
 
     /// The sender's pending, unexpired pairing request, or a new one with a fresh code.

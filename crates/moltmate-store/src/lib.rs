@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod db;
 pub mod homes;
+pub mod memory_index;
 
 pub use db::{
     AuditEvent, AuditRecord, InboxItem, OutboxItem, PairingRequest, PairingState, SessionRecord, Store, StoreError,
