@@ -21,6 +21,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod memory_tool;
 pub mod metrics;
 pub mod persona;
 pub mod prompt;

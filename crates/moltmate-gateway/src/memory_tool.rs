@@ -1,0 +1,96 @@
+//! The `memory_search {query}` tool: searches the calling user's own memory files, their
+//! family's notes and their past conversations. The index is the user's own database file
+//! ([`moltmate_store::memory_index`]), chosen by the user id in the tool context — never by
+//! anything the model says.
+
+use async_trait::async_trait;
+use moltmate_core::model::ToolSpec;
+use moltmate_core::tool::{Tool, ToolContext, ToolError, ToolOutput};
+use moltmate_store::memory_index::{IndexedRoot, MemoryIndex};
+use moltmate_store::Store;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// Results returned to the model at most.
+const MAX_HITS: usize = 10;
+
+pub struct MemorySearchTool {
+    store: Store,
+    index_dir: PathBuf,
+}
+
+impl MemorySearchTool {
+    /// `index_dir` is `<MOLTMATE_HOME>/index`.
+    pub fn new(store: Store, index_dir: PathBuf) -> Self {
+        MemorySearchTool { store, index_dir }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Arguments {
+    query: String,
+}
+
+#[async_trait]
+impl Tool for MemorySearchTool {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "memory_search".to_string(),
+            description: "Search your user's long-term memory (MEMORY.md, USER.md, daily notes in memory/, \
+                          shared family notes) and past conversations. Returns the best matching lines with \
+                          their file and line number."
+                .to_string(),
+            parameters: serde_json::json!({
+                "type": "object",
+                "properties": { "query": { "type": "string", "description": "Words to look for." } },
+                "required": ["query"],
+                "additionalProperties": false
+            }),
+        }
+    }
+
+    async fn call(&self, context: &ToolContext, arguments: serde_json::Value) -> Result<ToolOutput, ToolError> {
+        let arguments: Arguments = serde_json::from_value(arguments)
+            .map_err(|e| ToolError::InvalidArguments(format!("memory_search takes {{\"query\": string}}: {e}")))?;
+        if arguments.query.trim().is_empty() {
+            return Err(ToolError::InvalidArguments("query is empty".to_string()));
+        }
+        let last = {
+            let index_dir = self.index_dir.clone();
+            let user = context.user.clone();
+            tokio::task::spawn_blocking(move || MemoryIndex::open(&index_dir, &user)?.last_transcript_id())
+                .await
+                .map_err(|e| ToolError::Fatal(e.to_string()))?
+                .map_err(|e| ToolError::Failed(format!("memory index unavailable: {e}")))?
+        };
+        let new_rows = self
+            .store
+            .transcript_since(&context.user, last, 5_000)
+            .await
+            .map_err(|e| ToolError::Fatal(e.to_string()))?;
+        let index_dir = self.index_dir.clone();
+        let user = context.user.clone();
+        let home = context.home.root().to_path_buf();
+        let family = context.family.as_ref().map(|f| f.root.clone());
+        let query = arguments.query;
+        let hits = tokio::task::spawn_blocking(move || {
+            let mut index = MemoryIndex::open(&index_dir, &user)?;
+            let mut roots = vec![IndexedRoot { root: &home, prefix: "", files: &["MEMORY.md", "USER.md"], directories: &["memory"] }];
+            if let Some(family) = &family {
+                roots.push(IndexedRoot { root: family, prefix: "family/", files: &["FAMILY.md"], directories: &["notes"] });
+            }
+            index.sync_files(&roots)?;
+            index.add_transcript(&new_rows)?;
+            index.search(&query, MAX_HITS)
+        })
+        .await
+        .map_err(|e| ToolError::Fatal(e.to_string()))?
+        .map_err(|e| ToolError::Failed(format!("memory search failed: {e}")))?;
+        if hits.is_empty() {
+            return Ok(ToolOutput::text("No matches in memory."));
+        }
+        let lines: Vec<String> = hits.iter().map(|h| format!("{}:{}: {}", h.source, h.location, h.snippet)).collect();
+        Ok(ToolOutput::text(lines.join("\n")))
+    }
+}
