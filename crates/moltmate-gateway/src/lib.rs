@@ -23,6 +23,7 @@ pub mod access;
 pub mod agent;
 pub mod memory_tool;
 pub mod metrics;
+pub mod onboarding;
 pub mod persona;
 pub mod prompt;
 pub mod router;

@@ -7,6 +7,7 @@
 
 use crate::access::{AccessDecision, ChannelAccess, DmPolicy, KnownSender};
 use crate::agent::{run_turn, ModelCaller, ToolBox, Turn};
+use crate::onboarding::{self, Answer};
 use crate::persona;
 use crate::prompt::build_system_prompt;
 use crate::settings::GatewaySettings;
@@ -441,10 +442,48 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
 
 fn help_text(language: &str) -> String {
     if language.starts_with("de") {
-        "Befehle:\n/reset – neues Gespräch beginnen (dein Gedächtnis bleibt)\n/help – diese Hilfe".to_string()
+        "Befehle:\n/reset – neues Gespräch beginnen (dein Gedächtnis bleibt)\n/persona – meine Persönlichkeit neu wählen\n/help – diese Hilfe".to_string()
     } else {
-        "Commands:\n/reset – start a new conversation (your memory stays)\n/help – this help".to_string()
+        "Commands:\n/reset – start a new conversation (your memory stays)\n/persona – choose my personality again\n/help – this help".to_string()
     }
+}
+
+/// Runs the onboarding conversation; `Some(reply)` when the message was part of it.
+async fn onboarding_step(inner: &Arc<Inner>, item: &InboxItem, language: &str) -> Result<Option<String>, StoreError> {
+    let Some(record) = inner.store.user(&item.user).await? else { return Ok(None) };
+    let step = inner.store.onboarding_step(&item.user).await?;
+    let choices = || onboarding::available_personas(inner.settings.personas_dir.as_deref());
+    let home = ensure_home(inner, &item.user).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+    let applied = |result: Result<(), String>| result.map_err(|e| StoreError::Io(std::io::Error::other(e)));
+    let reply = match step.as_deref() {
+        None if record.onboarded => return Ok(None),
+        None => {
+            inner.store.set_onboarding(&item.user, Some("choose"), false).await?;
+            onboarding::menu(language, &choices())
+        }
+        Some("describe") => {
+            applied(onboarding::apply_custom(&home, &item.text))?;
+            inner.store.set_onboarding(&item.user, None, true).await?;
+            onboarding::confirmation(language, None)
+        }
+        Some(_) => match onboarding::interpret_choice(&item.text, &choices()) {
+            Answer::WantsCustom => {
+                inner.store.set_onboarding(&item.user, Some("describe"), record.onboarded).await?;
+                onboarding::ask_for_description(language)
+            }
+            Answer::Persona(choice) => {
+                applied(onboarding::apply_persona(&home, &choice))?;
+                inner.store.set_onboarding(&item.user, None, true).await?;
+                onboarding::confirmation(language, Some(&choice.label))
+            }
+            Answer::Description(description) => {
+                applied(onboarding::apply_custom(&home, &description))?;
+                inner.store.set_onboarding(&item.user, None, true).await?;
+                onboarding::confirmation(language, None)
+            }
+        },
+    };
+    Ok(Some(reply))
 }
 
 async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreError> {
@@ -465,7 +504,15 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
                 "Started a new conversation. What is in your memory stays.".to_string()
             })
         }
-        "/help" | "/start" => Some(help_text(&language)),
+        "/help" => Some(help_text(&language)),
+        "/persona" if inner.settings.onboarding_enabled => {
+            let onboarded = inner.store.user(&item.user).await?.is_some_and(|u| u.onboarded);
+            inner.store.set_onboarding(&item.user, Some("choose"), onboarded).await?;
+            let choices = onboarding::available_personas(inner.settings.personas_dir.as_deref());
+            Some(onboarding::menu(&language, &choices))
+        }
+        _ if inner.settings.onboarding_enabled => onboarding_step(inner, &item, &language).await?,
+        "/start" => Some(help_text(&language)),
         _ => None,
     };
     if let Some(text) = command_reply {

@@ -48,8 +48,12 @@ pub struct GatewaySettings {
     pub max_tool_iterations: usize,
     /// Each prompt file (SOUL.md, MEMORY.md, ...) is cut at this size.
     pub prompt_file_max_bytes: u64,
-    /// Persona written into a new home (`cami`, `molty`).
+    /// Persona written into a new home (`cami`, `molty`) before (or instead of) onboarding.
     pub default_persona: String,
+    /// Ask a new user to choose a persona on their first message.
+    pub onboarding_enabled: bool,
+    /// `<MOLTMATE_HOME>/personas`: operator persona templates (`<key>/SOUL.md`, `IDENTITY.md`).
+    pub personas_dir: Option<std::path::PathBuf>,
     /// Language of built-in texts when the channel does not tell (`en`, `de`).
     pub default_language: String,
     /// Settings for users without an override.
@@ -75,6 +79,8 @@ impl Default for GatewaySettings {
             max_tool_iterations: 8,
             prompt_file_max_bytes: 32 * 1024,
             default_persona: "cami".to_string(),
+            onboarding_enabled: true,
+            personas_dir: None,
             default_language: "en".to_string(),
             default_user: UserSettings::default(),
             users: HashMap::new(),

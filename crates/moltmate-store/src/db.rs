@@ -174,6 +174,8 @@ CREATE TABLE web_sessions (
     created_at   INTEGER NOT NULL,
     expires_at   INTEGER NOT NULL
 );
+"#, r#"
+ALTER TABLE users ADD COLUMN onboarding_step TEXT;
 "#];
 
 fn now_millis() -> i64 {
@@ -483,6 +485,32 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             c.execute("UPDATE users SET onboarded = ?2 WHERE id = ?1", params![user.as_str(), onboarded])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Where the user is in the onboarding conversation (`None` = not started or finished;
+    /// see `onboarded`).
+    pub async fn onboarding_step(&self, user: &UserId) -> Result<Option<String>, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            Ok(c.query_row("SELECT onboarding_step FROM users WHERE id = ?1", params![user.as_str()], |r| r.get(0))
+                .optional()?
+                .flatten())
+        })
+        .await
+    }
+
+    /// Sets the onboarding step and the onboarded flag together.
+    pub async fn set_onboarding(&self, user: &UserId, step: Option<&str>, onboarded: bool) -> Result<(), StoreError> {
+        let user = user.clone();
+        let step = step.map(str::to_string);
+        self.with(move |c| {
+            c.execute(
+                "UPDATE users SET onboarding_step = ?2, onboarded = ?3 WHERE id = ?1",
+                params![user.as_str(), step, onboarded],
+            )?;
             Ok(())
         })
         .await

@@ -1,0 +1,267 @@
+//! Full-text search over one user's memory: MEMORY.md, USER.md, `memory/*.md`, their family's
+//! notes, and their past transcripts (SQLite FTS5, BM25 ranking).
+//!
+//! Each user has their own index database, `<MOLTMATE_HOME>/index/<user_id>.db`, outside the
+//! user's home (which their sandbox can write). There is no shared search space: a query runs
+//! against a file that only ever received that user's text, so no filter bug can leak another
+//! user's notes. The index is brought up to date lazily, at search time: files are re-read when
+//! their size or modification time changed, and transcript rows newer than the last indexed one
+//! are added.
+
+use crate::db::StoreError;
+use crate::homes::read_beneath;
+use moltmate_core::model::ConversationItem;
+use moltmate_core::UserId;
+use rusqlite::{params, Connection, OptionalExtension};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use std::path::{Path, PathBuf};
+
+/// Largest file indexed; bigger memory files are indexed up to this size.
+const MAX_FILE_BYTES: u64 = 2 * 1024 * 1024;
+
+/// One search result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryHit {
+    /// `MEMORY.md`, `memory/2026-11-22.md`, `family/FAMILY.md`, or `transcript` for a past
+    /// conversation.
+    pub source: String,
+    /// Line number in the file (1-based), or the day (`YYYY-MM-DD`) of a transcript entry.
+    pub location: String,
+    pub snippet: String,
+    /// BM25 score (lower is better, as SQLite reports it).
+    pub score: f64,
+}
+
+/// A folder whose notes are searched, and the prefix its paths get in results.
+#[derive(Debug, Clone)]
+pub struct IndexedRoot<'a> {
+    pub root: &'a Path,
+    /// `""` for the user's home, `"family/"` for the family folder.
+    pub prefix: &'a str,
+    /// Top-level files to index.
+    pub files: &'a [&'a str],
+    /// Directories whose `*.md` files are indexed (not recursive).
+    pub directories: &'a [&'a str],
+}
+
+/// The user's own search index.
+pub struct MemoryIndex {
+    connection: Connection,
+}
+
+impl MemoryIndex {
+    /// Opens (creating) `index_dir/<user>.db`.
+    pub fn open(index_dir: &Path, user: &UserId) -> Result<Self, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(index_dir)?;
+        let path = index_dir.join(format!("{}.db", user.as_str()));
+        let connection = Connection::open(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        connection.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE VIRTUAL TABLE IF NOT EXISTS entries USING fts5(source UNINDEXED, location UNINDEXED, content, tokenize = 'unicode61 remove_diacritics 2');",
+        )?;
+        Ok(MemoryIndex { connection })
+    }
+
+    /// Path of a user's index file (for deletion on user reset).
+    pub fn path_for(index_dir: &Path, user: &UserId) -> PathBuf {
+        index_dir.join(format!("{}.db", user.as_str()))
+    }
+
+    /// Re-indexes files that changed under the given roots; drops entries of files that are
+    /// gone. Files are read beneath their root without following symlinks.
+    pub fn sync_files(&mut self, roots: &[IndexedRoot<'_>]) -> Result<(), StoreError> {
+        let mut seen = Vec::new();
+        for root in roots {
+            let mut candidates: Vec<String> = root.files.iter().map(|f| f.to_string()).collect();
+            for dir in root.directories {
+                for name in list_markdown_beneath(root.root, dir) {
+                    candidates.push(format!("{dir}/{name}"));
+                }
+            }
+            for relative in candidates {
+                let Some((size, mtime)) = stat_beneath(root.root, &relative) else { continue };
+                let source = format!("{}{relative}", root.prefix);
+                seen.push(source.clone());
+                let known: Option<(i64, i64)> = self
+                    .connection
+                    .query_row("SELECT size, mtime FROM files WHERE path = ?1", params![source], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                if known == Some((size, mtime)) {
+                    continue;
+                }
+                let text = match read_beneath(root.root, &relative, MAX_FILE_BYTES) {
+                    Ok(Some((text, _))) => text,
+                    _ => continue,
+                };
+                let tx = self.connection.transaction()?;
+                tx.execute("DELETE FROM entries WHERE source = ?1", params![source])?;
+                for (number, line) in text.lines().enumerate() {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    tx.execute(
+                        "INSERT INTO entries (source, location, content) VALUES (?1, ?2, ?3)",
+                        params![source, (number + 1).to_string(), line],
+                    )?;
+                }
+                tx.execute(
+                    "INSERT INTO files (path, size, mtime) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime = excluded.mtime",
+                    params![source, size, mtime],
+                )?;
+                tx.commit()?;
+            }
+        }
+        let known: Vec<String> = self
+            .connection
+            .prepare("SELECT path FROM files")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for path in known.into_iter().filter(|p| !seen.contains(p)) {
+            self.connection.execute("DELETE FROM entries WHERE source = ?1", params![path])?;
+            self.connection.execute("DELETE FROM files WHERE path = ?1", params![path])?;
+        }
+        Ok(())
+    }
+
+    /// The id of the last transcript row indexed.
+    pub fn last_transcript_id(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .connection
+            .query_row("SELECT value FROM state WHERE key = 'transcript'", [], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    /// Adds transcript rows `(row id, unix millis, item)`; only user and assistant text is
+    /// indexed (tool output is noise and may hold file contents already indexed).
+    pub fn add_transcript(&mut self, rows: &[(i64, i64, ConversationItem)]) -> Result<(), StoreError> {
+        let Some(last) = rows.iter().map(|(id, _, _)| *id).max() else { return Ok(()) };
+        let tx = self.connection.transaction()?;
+        for (_, at, item) in rows {
+            let (who, text) = match item {
+                ConversationItem::User { text } => ("user", text),
+                ConversationItem::Assistant { text, .. } => ("assistant", text),
+                ConversationItem::ToolResult { .. } => continue,
+            };
+            if text.trim().is_empty() {
+                continue;
+            }
+            let day = chrono::DateTime::from_timestamp_millis(*at).map(|d| d.format("%Y-%m-%d").to_string()).unwrap_or_default();
+            tx.execute(
+                "INSERT INTO entries (source, location, content) VALUES ('transcript', ?1, ?2)",
+                params![format!("{day} ({who})"), text],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO state (key, value) VALUES ('transcript', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![last],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// BM25-ranked search. The query is split into words and each is matched as a literal
+    /// (FTS5 query syntax from the model is never interpreted).
+    pub fn search(&self, query: &str, limit: usize) -> Result<Vec<MemoryHit>, StoreError> {
+        let terms: Vec<String> = query
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|t| !t.is_empty())
+            .take(16)
+            .map(|t| format!("\"{t}\""))
+            .collect();
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let expression = terms.join(" OR ");
+        let mut statement = self.connection.prepare(
+            "SELECT source, location, snippet(entries, 2, '«', '»', '…', 16), bm25(entries) FROM entries
+             WHERE entries MATCH ?1 ORDER BY bm25(entries) LIMIT ?2",
+        )?;
+        let rows = statement.query_map(params![expression, limit as i64], |r| {
+            Ok(MemoryHit { source: r.get(0)?, location: r.get(1)?, snippet: r.get(2)?, score: r.get(3)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
+
+fn stat_beneath(root: &Path, relative: &str) -> Option<(i64, i64)> {
+    let dir = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let fd = rustix::fs::openat2(&dir, relative, OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty(), BENEATH).ok()?;
+    let stat = rustix::fs::fstat(&fd).ok()?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return None;
+    }
+    Some((stat.st_size, stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64))
+}
+
+fn list_markdown_beneath(root: &Path, directory: &str) -> Vec<String> {
+    let Ok(dir) = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) else {
+        return Vec::new();
+    };
+    let Ok(fd) = rustix::fs::openat2(&dir, directory, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty(), BENEATH) else {
+        return Vec::new();
+    };
+    let Ok(entries) = rustix::fs::Dir::read_from(&fd) else { return Vec::new() };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().ok().map(str::to_string))
+        .filter(|n| n.ends_with(".md") && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names.truncate(2000);
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::homes::{write_beneath, Homes};
+
+    #[test]
+    fn search_finds_own_notes_with_file_and_line_and_ignores_query_syntax() {
+        let base = tempfile::tempdir().unwrap();
+        let homes = Homes::new(base.path());
+        let user = UserId::new("alice").unwrap();
+        let home = homes.ensure(&user).unwrap();
+        write_beneath(home.root(), "MEMORY.md", b"# Memory\n\nEmma is allergic to peanuts.\n").unwrap();
+        write_beneath(home.root(), "memory/2026-11-22.md", b"Bought a blue bicycle for Emma.\n").unwrap();
+        let mut index = MemoryIndex::open(&base.path().join("index"), &user).unwrap();
+        let roots = [IndexedRoot { root: home.root(), prefix: "", files: &["MEMORY.md", "USER.md"], directories: &["memory"] }];
+        index.sync_files(&roots).unwrap();
+        let hits = index.search("peanuts", 5).unwrap();
+        assert_eq!(hits.len(), 1);
+        assert_eq!((hits[0].source.as_str(), hits[0].location.as_str()), ("MEMORY.md", "3"));
+        assert!(hits[0].snippet.contains("«peanuts»"));
+        assert_eq!(index.search("bicycle \" OR NEAR(", 5).unwrap()[0].source, "memory/2026-11-22.md");
+
+        // A changed file is re-indexed; a deleted one disappears.
+        write_beneath(home.root(), "MEMORY.md", b"Emma loves cashews.\n").unwrap();
+        std::fs::remove_file(home.root().join("memory/2026-11-22.md")).unwrap();
+        index.sync_files(&roots).unwrap();
+        assert!(index.search("peanuts bicycle", 5).unwrap().is_empty());
+        assert_eq!(index.search("cashews", 5).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn transcripts_are_indexed_once() {
+        let base = tempfile::tempdir().unwrap();
+        let user = UserId::new("alice").unwrap();
+        let mut index = MemoryIndex::open(base.path(), &user).unwrap();
+        let rows = vec![
+            (1, 0, ConversationItem::User { text: "my dentist is Dr. Gruber".into() }),
+            (2, 0, ConversationItem::ToolResult { call_id: "x".into(), content: "Gruber".into(), is_error: false }),
+        ];
+        index.add_transcript(&rows).unwrap();
+        assert_eq!(index.last_transcript_id().unwrap(), 2);
+        let hits = index.search("gruber", 5).unwrap();
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].source, "transcript");
+    }
+}
