@@ -27,6 +27,7 @@ pub mod onboarding;
 pub mod persona;
 pub mod prompt;
 pub mod router;
+pub mod session;
 pub mod settings;
 
 pub use router::{Gateway, GatewayParts, Submitted};

@@ -10,12 +10,13 @@ use crate::agent::{run_turn, ModelCaller, ToolBox, Turn};
 use crate::onboarding::{self, Answer};
 use crate::persona;
 use crate::prompt::build_system_prompt;
+use crate::session::{compact, estimate_context, estimate_tokens, Compaction};
 use crate::settings::GatewaySettings;
 use async_trait::async_trait;
 use moltmate_core::channel::{AcceptError, Accepted, Channel, InboundMessage, InboundSink};
 use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas};
 use moltmate_core::sandbox::{Sandbox, WorkspaceAccess};
-use moltmate_core::tool::{ToolContext, UserHome};
+use moltmate_core::tool::{FamilyFolder, ToolContext, UserHome};
 use moltmate_core::{ChannelKind, Identity, Shutdown, UserId};
 use moltmate_store::homes::{read_beneath, write_beneath};
 use moltmate_store::{AuditEvent, Homes, InboxItem, OutboxItem, Store, StoreError, TurnRecord};
@@ -448,6 +449,43 @@ fn help_text(language: &str) -> String {
     }
 }
 
+/// Ends the user's session and the sandbox scoped to it.
+async fn end_session(inner: &Inner, user: &UserId) -> Result<(), StoreError> {
+    if let Some(session) = inner.store.end_session(user).await? {
+        if let Some(sandbox) = &inner.sandbox {
+            if let Err(e) = sandbox.end_session(user, &session).await {
+                tracing::warn!(user = %user, error = %e, "could not end the session's sandbox");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds the system prompt off the async threads (it reads files).
+async fn system_prompt(
+    inner: &Inner,
+    home: &UserHome,
+    family: Option<&FamilyFolder>,
+    summary: Option<String>,
+) -> Result<crate::prompt::SystemPrompt, StoreError> {
+    let home = home.clone();
+    let family_root = family.map(|f| f.root.clone());
+    let max = inner.settings.prompt_file_max_bytes;
+    let today = chrono::Local::now().date_naive();
+    let prompt = tokio::task::spawn_blocking(move || {
+        let family_notes = family_root
+            .and_then(|root| read_beneath(&root, "FAMILY.md", max).ok().flatten())
+            .map(|(text, _)| text);
+        build_system_prompt(&home, today, max, summary.as_deref(), family_notes.as_deref())
+    })
+    .await
+    .map_err(|e| StoreError::Worker(e.to_string()))?;
+    for problem in &prompt.problems {
+        tracing::warn!(problem = %problem, "a context file was skipped");
+    }
+    Ok(prompt)
+}
+
 /// Runs the onboarding conversation; `Some(reply)` when the message was part of it.
 async fn onboarding_step(inner: &Arc<Inner>, item: &InboxItem, language: &str) -> Result<Option<String>, StoreError> {
     let Some(record) = inner.store.user(&item.user).await? else { return Ok(None) };
@@ -491,13 +529,7 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
     let command = item.text.trim().split_whitespace().next().unwrap_or("").to_ascii_lowercase();
     let command_reply = match command.as_str() {
         "/reset" | "/new" => {
-            if let Some(session) = inner.store.end_session(&item.user).await? {
-                if let Some(sandbox) = &inner.sandbox {
-                    if let Err(e) = sandbox.end_session(&item.user, &session).await {
-                        tracing::warn!(user = %item.user, error = %e, "could not end the session's sandbox");
-                    }
-                }
-            }
+            end_session(inner, &item.user).await?;
             Some(if language.starts_with("de") {
                 "Neues Gespräch begonnen. Was in deinem Gedächtnis steht, bleibt erhalten.".to_string()
             } else {
@@ -529,30 +561,60 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         return Ok(());
     };
     let user_settings = inner.settings.user_settings(&item.user).clone();
-    let session = inner.store.current_session(&item.user).await?;
-    let history: Vec<ConversationItem> = inner.store.transcript(&session.id).await?.into_iter().map(|(_, item)| item).collect();
-    let home = ensure_home(inner, &item.user).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
-    let prompt = {
-        let home = home.clone();
-        let max = inner.settings.prompt_file_max_bytes;
-        let summary = session.summary.clone();
-        let today = chrono::Local::now().date_naive();
-        tokio::task::spawn_blocking(move || build_system_prompt(&home, today, max, summary.as_deref(), None))
-            .await
-            .map_err(|e| StoreError::Worker(e.to_string()))?
-    };
-    for problem in &prompt.problems {
-        tracing::warn!(user = %item.user, problem = %problem, "a context file was skipped");
+    let mut session = inner.store.current_session(&item.user).await?;
+    if let Some(idle) = inner.settings.session_idle_reset {
+        let idle_for = chrono::Utc::now().timestamp_millis() - session.last_active;
+        if idle_for > idle.as_millis() as i64 {
+            end_session(inner, &item.user).await?;
+            session = inner.store.current_session(&item.user).await?;
+        }
     }
+    let home = ensure_home(inner, &item.user).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+    let family = match inner.settings.families.get(&item.user) {
+        Some(name) => Some(FamilyFolder {
+            name: name.clone(),
+            root: inner.homes.ensure_family(name).map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?,
+        }),
+        None => None,
+    };
     let context = ToolContext {
         user: item.user.clone(),
-        home,
+        home: home.clone(),
         session_id: session.id.clone(),
-        family: None,
+        family: family.clone(),
         read_only: user_settings.read_only || user_settings.sandbox.workspace_access == WorkspaceAccess::Ro,
         sandbox: user_settings.sandbox.clone(),
         exec: user_settings.exec.clone(),
     };
+    let mut rows = inner.store.transcript(&session.id).await?;
+    let mut prompt = system_prompt(inner, &home, family.as_ref(), session.summary.clone()).await?;
+    let mut compaction_usage = Vec::new();
+    let threshold = (inner.settings.context_window_tokens as f64 * inner.settings.compact_at_ratio) as usize;
+    let history_items: Vec<ConversationItem> = rows.iter().map(|(_, item)| item.clone()).collect();
+    if estimate_context(&prompt.text, &history_items) + estimate_tokens(&item.text) > threshold {
+        let compacted = compact(
+            Compaction {
+                model: inner.model.as_ref(),
+                tools: &inner.tools,
+                store: &inner.store,
+                metrics: &inner.metrics,
+                context: context.clone(),
+                allowed_tools: &user_settings.tools,
+                system: &prompt.text,
+                session_id: &session.id,
+                max_iterations: inner.settings.max_tool_iterations,
+            },
+            &rows,
+        )
+        .await?;
+        if let Some((summary, usage)) = compacted {
+            tracing::info!(user = %item.user, "session compacted");
+            compaction_usage = usage;
+            rows = inner.store.transcript(&session.id).await?;
+            prompt = system_prompt(inner, &home, family.as_ref(), Some(summary)).await?;
+        }
+    }
+    let history: Vec<ConversationItem> = rows.into_iter().map(|(_, item)| item).collect();
     let deltas: Arc<dyn DeltaSink> = lock(&inner.waiters)
         .get(&item.id)
         .map(|w| Arc::clone(&w.deltas))
@@ -578,6 +640,8 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         typing.abort();
     }
 
+    let mut usage = compaction_usage;
+    usage.extend(result.usage);
     let outbox = inner
         .store
         .complete_turn(TurnRecord {
@@ -586,7 +650,7 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
             session_id: session.id,
             items: result.new_items,
             reply: Some((item.channel, item.chat_id.clone(), result.reply.clone())),
-            usage: result.usage,
+            usage,
         })
         .await?;
     finish(inner, &item, outbox, result.reply).await;

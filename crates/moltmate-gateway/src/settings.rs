@@ -67,6 +67,14 @@ pub struct GatewaySettings {
     pub worker_idle: Duration,
     /// Turns running at once across all users; the rest wait. Bounds memory and provider load.
     pub max_concurrent_turns: usize,
+    /// A session idle this long is ended before the next message (`session.idleResetMinutes`).
+    pub session_idle_reset: Option<Duration>,
+    /// The model's context window, in tokens (`model.contextWindowTokens`).
+    pub context_window_tokens: usize,
+    /// Compact when the estimated context passes this share of the window.
+    pub compact_at_ratio: f64,
+    /// Family of each member (`families.<name>.members`); one family per user.
+    pub families: HashMap<UserId, String>,
     /// Log every tool call (name, user, outcome, duration; never arguments).
     pub log_tool_calls: bool,
 }
@@ -88,6 +96,10 @@ impl Default for GatewaySettings {
             worker_idle: Duration::from_secs(120),
             max_concurrent_turns: 256,
             log_tool_calls: false,
+            session_idle_reset: None,
+            context_window_tokens: 200_000,
+            compact_at_ratio: 0.8,
+            families: HashMap::new(),
         }
     }
 }

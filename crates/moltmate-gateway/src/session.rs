@@ -1,0 +1,117 @@
+//! Session lifecycle: compaction as the context nears the model's window, preceded by a silent
+//! memory-flush turn so the assistant can save what matters before older turns are summarised.
+//!
+//! Token counts are estimated (4 bytes per token, the usual rule of thumb for English and
+//! German) rather than asked from the provider: compaction only needs to happen *around* the
+//! threshold, and an estimate costs nothing on the hot path.
+
+use crate::agent::{run_turn, ModelCaller, ToolBox, Turn};
+use crate::metrics::Metrics;
+use moltmate_core::model::{ConversationItem, IgnoreDeltas, TokenUsage};
+use moltmate_core::tool::ToolContext;
+use moltmate_store::{Store, StoreError};
+
+/// Transcript rows kept verbatim after compaction (the rest becomes the summary).
+const KEEP_RECENT_ROWS: usize = 8;
+
+const FLUSH_NOTICE: &str = "[Moltmates system notice, not from your user] This conversation is about to be \
+compacted: older messages will be replaced by a summary. If anything in it is worth keeping long-term, save it \
+now with your file tools — curated facts to MEMORY.md, what happened today to memory/YYYY-MM-DD.md. Then reply \
+with just: done";
+
+const SUMMARY_REQUEST: &str = "[Moltmates system notice, not from your user] Summarise the conversation so far \
+for your future self in at most 200 words: who said what that still matters, open questions, promises made. \
+Reply with the summary only.";
+
+/// Rough token estimate of a text.
+pub fn estimate_tokens(text: &str) -> usize {
+    text.len().div_ceil(4)
+}
+
+fn item_text_len(item: &ConversationItem) -> usize {
+    match item {
+        ConversationItem::User { text } => text.len(),
+        ConversationItem::Assistant { text, tool_calls } => {
+            text.len() + tool_calls.iter().map(|c| c.name.len() + c.arguments.to_string().len()).sum::<usize>()
+        }
+        ConversationItem::ToolResult { content, .. } => content.len(),
+    }
+}
+
+/// Estimated tokens of a system prompt plus history.
+pub fn estimate_context(system: &str, history: &[ConversationItem]) -> usize {
+    estimate_tokens(system) + history.iter().map(item_text_len).sum::<usize>().div_ceil(4)
+}
+
+/// What compaction needs.
+pub struct Compaction<'a> {
+    pub model: &'a dyn ModelCaller,
+    pub tools: &'a ToolBox,
+    pub store: &'a Store,
+    pub metrics: &'a Metrics,
+    pub context: ToolContext,
+    pub allowed_tools: &'a [String],
+    pub system: &'a str,
+    pub session_id: &'a str,
+    pub max_iterations: usize,
+}
+
+/// Flushes memory and compacts the session. Returns the new summary and the usage spent.
+/// The history must be given with row ids (from the store).
+pub async fn compact(
+    job: Compaction<'_>,
+    rows: &[(i64, ConversationItem)],
+) -> Result<Option<(String, Vec<(String, String, TokenUsage)>)>, StoreError> {
+    // Keep the last rows verbatim, starting at a user message so no tool result is orphaned.
+    let Some(cut) = rows
+        .iter()
+        .enumerate()
+        .rev()
+        .skip(KEEP_RECENT_ROWS.saturating_sub(1))
+        .find(|(_, (_, item))| matches!(item, ConversationItem::User { .. }))
+        .map(|(index, _)| index)
+    else {
+        return Ok(None);
+    };
+    if cut == 0 {
+        return Ok(None);
+    }
+    let history: Vec<ConversationItem> = rows.iter().map(|(_, item)| item.clone()).collect();
+    let mut usage = Vec::new();
+
+    // 1. Silent memory flush: a full turn with tools, whose transcript is discarded.
+    let flush = run_turn(Turn {
+        model: job.model,
+        tools: job.tools,
+        store: job.store,
+        context: job.context.clone(),
+        allowed_tools: job.allowed_tools,
+        system: job.system.to_string(),
+        history: history.clone(),
+        user_text: FLUSH_NOTICE.to_string(),
+        max_iterations: job.max_iterations,
+        deltas: &IgnoreDeltas,
+        log_tool_calls: false,
+        metrics: job.metrics,
+    })
+    .await;
+    usage.extend(flush.usage);
+
+    // 2. Summary of everything before the cut, without tools.
+    let mut to_summarise: Vec<ConversationItem> = history[..cut].to_vec();
+    to_summarise.push(ConversationItem::User { text: SUMMARY_REQUEST.to_string() });
+    let answer = match job.model.call(job.system, &to_summarise, &[], &IgnoreDeltas).await {
+        Ok(answer) => answer,
+        Err(failure) => {
+            tracing::warn!(error = %failure.detail, "compaction summary failed; keeping the full session");
+            return Ok(None);
+        }
+    };
+    usage.extend(answer.usage.iter().cloned());
+    let summary = answer.response.text.trim().to_string();
+    if summary.is_empty() {
+        return Ok(None);
+    }
+    job.store.compact_session(job.session_id, &summary, rows[cut].0).await?;
+    Ok(Some((summary, usage)))
+}
