@@ -560,7 +560,7 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
     let Ok(_permit) = inner.turn_permits.acquire().await else {
         return Ok(());
     };
-    let user_settings = inner.settings.user_settings(&item.user).clone();
+    let user_settings = inner.settings.user_settings(&item.user, item.channel).clone();
     let mut session = inner.store.current_session(&item.user).await?;
     if let Some(idle) = inner.settings.session_idle_reset {
         let idle_for = chrono::Utc::now().timestamp_millis() - session.last_active;

@@ -58,8 +58,10 @@ pub struct GatewaySettings {
     pub default_language: String,
     /// Settings for users without an override.
     pub default_user: UserSettings,
-    /// Per-user overrides (trust levels, explicit config).
+    /// Per-user overrides (explicit `users.<id>.trust`).
     pub users: HashMap<UserId, UserSettings>,
+    /// Per-channel defaults (`channels.<ch>.defaultTrust`) for users without an override.
+    pub channel_defaults: HashMap<ChannelKind, UserSettings>,
     /// Identities linked to users by the config (`users.<id>.identities`).
     pub configured_identities: HashMap<moltmate_core::Identity, UserId>,
     /// A user's worker task exits after this long without messages (it is restarted on the
@@ -92,6 +94,7 @@ impl Default for GatewaySettings {
             default_language: "en".to_string(),
             default_user: UserSettings::default(),
             users: HashMap::new(),
+            channel_defaults: HashMap::new(),
             configured_identities: HashMap::new(),
             worker_idle: Duration::from_secs(120),
             max_concurrent_turns: 256,
@@ -105,7 +108,12 @@ impl Default for GatewaySettings {
 }
 
 impl GatewaySettings {
-    pub fn user_settings(&self, user: &UserId) -> &UserSettings {
-        self.users.get(user).unwrap_or(&self.default_user)
+    /// What `user` may do in a message that arrived on `channel`: the user's explicit
+    /// override, else the channel's default, else the global default.
+    pub fn user_settings(&self, user: &UserId, channel: ChannelKind) -> &UserSettings {
+        self.users
+            .get(user)
+            .or_else(|| self.channel_defaults.get(&channel))
+            .unwrap_or(&self.default_user)
     }
 }
