@@ -413,6 +413,32 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
                 if inner.shutdown.is_cancelled() {
                     break;
                 }
+                let lock = {
+                    let homes = inner.homes.clone();
+                    let user = user.clone();
+                    tokio::task::spawn_blocking(move || homes.lock_user(&user)).await
+                };
+                let _lock = match lock {
+                    Ok(Ok(lock)) => lock,
+                    Ok(Err(e)) => {
+                        tracing::error!(user = %user, error = %e, "could not lock the user; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(user = %user, error = %e, "lock task failed");
+                        break;
+                    }
+                };
+                match inner.store.inbox_is_pending(item.id).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::error!(user = %user, error = %e, "could not read the inbox; retrying");
+                        break;
+                    }
+                }
                 if let Err(e) = handle_item(&inner, item).await {
                     // The row stays pending and is retried: nothing accepted is dropped.
                     tracing::error!(user = %user, error = %e, "could not finish a turn; will retry");
@@ -699,9 +725,13 @@ async fn deliver(inner: &Inner, item: OutboxItem) {
         }
         return;
     };
-    if let Err(e) = inner.store.set_outbox_state(item.id, "sending", None).await {
-        tracing::error!(error = %e, "could not mark a reply as sending; it will be sent after restart");
-        return;
+    match inner.store.claim_outbox(item.id).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "could not claim a reply for sending; it will be sent after restart");
+            return;
+        }
     }
     let (state, detail) = match channel.send_text(&item.chat_id, &item.text).await {
         Ok(()) => {

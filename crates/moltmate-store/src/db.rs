@@ -752,6 +752,29 @@ impl Store {
         .await
     }
 
+    /// Claims a pending outbox row for sending (`pending` → `sending`). Returns false when
+    /// another worker or process claimed it first, so a reply is never handed over twice.
+    pub async fn claim_outbox(&self, id: i64) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            let claimed = c.execute(
+                "UPDATE outbox SET state = 'sending', updated_at = ?2 WHERE id = ?1 AND state = 'pending'",
+                params![id, now_millis()],
+            )?;
+            Ok(claimed == 1)
+        })
+        .await
+    }
+
+    /// Whether an inbox row still waits for its answer (another process may have answered it).
+    pub async fn inbox_is_pending(&self, id: i64) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            Ok(c.query_row("SELECT done_at IS NULL FROM inbox WHERE id = ?1", params![id], |r| r.get(0))
+                .optional()?
+                .unwrap_or(false))
+        })
+        .await
+    }
+
     /// Sets an outbox row's state (`sending`, `sent`, `failed`) with an optional detail.
     pub async fn set_outbox_state(&self, id: i64, state: &'static str, detail: Option<String>) -> Result<(), StoreError> {
         self.with(move |c| {

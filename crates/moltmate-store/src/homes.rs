@@ -82,6 +82,31 @@ impl Homes {
     }
 }
 
+/// An exclusive advisory lock on one user, held while a turn runs. In one process there is
+/// one worker per user anyway; the lock keeps a second process on the same home (the
+/// operator's `moltmate chat` next to `moltmate serve`) from answering the same message.
+pub struct UserLock {
+    _file: std::fs::File,
+}
+
+impl Homes {
+    /// Blocks until the user's lock is held. Call from a blocking context.
+    pub fn lock_user(&self, user: &UserId) -> Result<UserLock, HomeError> {
+        let dir = self.users_dir.parent().unwrap_or(Path::new(".")).join("locks");
+        create_private_dir(&dir)?;
+        let path = dir.join(format!("{}.lock", user.as_str()));
+        let shown = path.display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_error(&shown, e))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| io_error(&shown, e))?;
+        Ok(UserLock { _file: file })
+    }
+}
+
 fn create_private_dir(path: &Path) -> Result<(), HomeError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let shown = path.display().to_string();
