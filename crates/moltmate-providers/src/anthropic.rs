@@ -1,0 +1,528 @@
+//! Anthropic Messages API (`POST {base_url}/v1/messages`, streamed).
+//!
+//! Conversation mapping: consecutive user-side items (tool results and user text) are merged
+//! into one `user` message, tool results first, because the API wants every `tool_result` of an
+//! assistant turn in the single message that follows it. Assistant items become `text` +
+//! `tool_use` blocks. Empty text blocks are left out (the API rejects them).
+
+use crate::http::{Auth, Reply, SseReader, Transport};
+use crate::settings::ProviderSettings;
+use crate::toolargs::parse_arguments;
+use async_trait::async_trait;
+use moltmate_core::model::{
+    ConversationItem, DeltaSink, ModelRequest, ModelResponse, Provider, ProviderError, StopReason,
+    TokenUsage, ToolCall,
+};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+/// The Anthropic Messages API.
+pub struct AnthropicProvider {
+    transport: Transport,
+}
+
+impl AnthropicProvider {
+    pub fn new(settings: &ProviderSettings) -> Result<Self, ProviderError> {
+        let transport = Transport::new(
+            settings,
+            "/v1/messages",
+            Auth::XApiKey,
+            &[("anthropic-version", "2023-06-01")],
+        )?;
+        Ok(AnthropicProvider { transport })
+    }
+}
+
+#[async_trait]
+impl Provider for AnthropicProvider {
+    fn name(&self) -> &str {
+        &self.transport.name
+    }
+
+    async fn complete(
+        &self,
+        request: &ModelRequest,
+        deltas: &dyn DeltaSink,
+    ) -> Result<ModelResponse, ProviderError> {
+        let body = request_body(request);
+        match self.transport.post(&body).await? {
+            Reply::Json(value) => parse_message(&self.transport, &value, deltas),
+            Reply::Stream(reader) => read_stream(&self.transport, reader, deltas).await,
+        }
+    }
+}
+
+/// The request JSON.
+pub(crate) fn request_body(request: &ModelRequest) -> Value {
+    let mut body = Map::new();
+    body.insert("model".into(), json!(request.model));
+    if !request.system.is_empty() {
+        body.insert("system".into(), json!(request.system));
+    }
+    body.insert("messages".into(), Value::Array(messages(&request.items)));
+    if !request.tools.is_empty() {
+        let tools = request
+            .tools
+            .iter()
+            .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
+            .collect();
+        body.insert("tools".into(), Value::Array(tools));
+    }
+    body.insert("max_tokens".into(), json!(request.max_output_tokens));
+    body.insert("stream".into(), json!(true));
+    Value::Object(body)
+}
+
+fn messages(items: &[ConversationItem]) -> Vec<Value> {
+    let mut out: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    for item in items {
+        let (role, blocks) = match item {
+            ConversationItem::User { text } => {
+                // The API rejects empty text blocks; an empty user message still needs a turn.
+                let text = if text.trim().is_empty() {
+                    "(empty message)"
+                } else {
+                    text.as_str()
+                };
+                ("user", vec![json!({"type": "text", "text": text})])
+            }
+            ConversationItem::ToolResult {
+                call_id,
+                content,
+                is_error,
+            } => {
+                let mut block =
+                    json!({"type": "tool_result", "tool_use_id": call_id, "content": content});
+                if *is_error {
+                    block["is_error"] = json!(true);
+                }
+                ("user", vec![block])
+            }
+            ConversationItem::Assistant { text, tool_calls } => {
+                let mut blocks = Vec::new();
+                if !text.trim().is_empty() {
+                    blocks.push(json!({"type": "text", "text": text}));
+                }
+                for call in tool_calls {
+                    blocks.push(json!({"type": "tool_use", "id": call.id, "name": call.name, "input": tool_input(&call.arguments)}));
+                }
+                if blocks.is_empty() {
+                    continue;
+                }
+                ("assistant", blocks)
+            }
+        };
+        match out.last_mut() {
+            Some((last_role, last_blocks)) if *last_role == role => {
+                // tool_result blocks must precede any text in a user message.
+                if role == "user" && blocks.iter().any(|b| b["type"] == "tool_result") {
+                    let split = last_blocks
+                        .iter()
+                        .position(|b| b["type"] != "tool_result")
+                        .unwrap_or(last_blocks.len());
+                    last_blocks.splice(split..split, blocks);
+                } else {
+                    last_blocks.extend(blocks);
+                }
+            }
+            _ => out.push((role, blocks)),
+        }
+    }
+    out.into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect()
+}
+
+/// `tool_use.input` must be an object. Arguments that were not a JSON object (the model's
+/// invalid JSON, kept as a string) are wrapped so the model still sees what it sent.
+fn tool_input(arguments: &Value) -> Value {
+    match arguments {
+        Value::Object(_) => arguments.clone(),
+        other => json!({"raw_arguments": other}),
+    }
+}
+
+fn stop_reason(raw: Option<&str>) -> StopReason {
+    match raw {
+        Some("end_turn") | Some("stop_sequence") => StopReason::EndTurn,
+        Some("tool_use") => StopReason::ToolUse,
+        Some("max_tokens") => StopReason::MaxTokens,
+        _ => StopReason::Other,
+    }
+}
+
+/// Input tokens including prompt-cache reads and writes, which are billed input too.
+fn input_tokens(usage: &Value) -> Option<u64> {
+    let base = usage.get("input_tokens").and_then(Value::as_u64)?;
+    let cache = ["cache_creation_input_tokens", "cache_read_input_tokens"]
+        .iter()
+        .filter_map(|k| usage.get(*k).and_then(Value::as_u64))
+        .sum::<u64>();
+    Some(base + cache)
+}
+
+/// A non-streamed `message` object.
+fn parse_message(
+    transport: &Transport,
+    value: &Value,
+    deltas: &dyn DeltaSink,
+) -> Result<ModelResponse, ProviderError> {
+    if value.get("type").and_then(Value::as_str) == Some("error") {
+        return Err(stream_error(transport, value));
+    }
+    let content = value
+        .get("content")
+        .and_then(Value::as_array)
+        .ok_or_else(|| transport.invalid("reply has no content array"))?;
+    let mut text = String::new();
+    let mut tool_calls = Vec::new();
+    for block in content {
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => text.push_str(
+                block
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+            ),
+            Some("tool_use") => {
+                let id = block.get("id").and_then(Value::as_str);
+                let name = block.get("name").and_then(Value::as_str);
+                let (Some(id), Some(name)) = (id, name) else {
+                    return Err(transport.invalid("tool_use block without id or name"));
+                };
+                let arguments = block.get("input").cloned().unwrap_or_else(|| json!({}));
+                tool_calls.push(ToolCall {
+                    id: id.to_string(),
+                    name: name.to_string(),
+                    arguments,
+                });
+            }
+            _ => {}
+        }
+    }
+    if !text.is_empty() {
+        deltas.text_delta(&text);
+    }
+    let usage = value.get("usage").cloned().unwrap_or(Value::Null);
+    Ok(ModelResponse {
+        text,
+        tool_calls,
+        usage: TokenUsage {
+            input_tokens: input_tokens(&usage).unwrap_or(0),
+            output_tokens: usage
+                .get("output_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        },
+        stop_reason: stop_reason(value.get("stop_reason").and_then(Value::as_str)),
+    })
+}
+
+/// An `error` event or body: `{"type":"error","error":{"type":..,"message":..}}`.
+fn stream_error(transport: &Transport, value: &Value) -> ProviderError {
+    let provider = transport.name.clone();
+    let kind = value
+        .pointer("/error/type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let detail = transport.redact(
+        value
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or("no error message"),
+    );
+    match kind {
+        "overloaded_error" => ProviderError::Server {
+            provider,
+            status: 529,
+            detail,
+        },
+        "api_error" => ProviderError::Server {
+            provider,
+            status: 500,
+            detail,
+        },
+        "timeout_error" => ProviderError::Server {
+            provider,
+            status: 504,
+            detail,
+        },
+        "rate_limit_error" => ProviderError::RateLimited {
+            provider,
+            retry_after: None,
+        },
+        "authentication_error" => ProviderError::Rejected {
+            provider,
+            status: 401,
+            detail,
+        },
+        "permission_error" | "billing_error" => ProviderError::Rejected {
+            provider,
+            status: 403,
+            detail,
+        },
+        "not_found_error" => ProviderError::Rejected {
+            provider,
+            status: 404,
+            detail,
+        },
+        "request_too_large" => ProviderError::Rejected {
+            provider,
+            status: 413,
+            detail,
+        },
+        "invalid_request_error" => ProviderError::Rejected {
+            provider,
+            status: 400,
+            detail,
+        },
+        // An unknown error type is still the server saying it failed.
+        _ => ProviderError::Server {
+            provider,
+            status: 500,
+            detail,
+        },
+    }
+}
+
+/// A content block being streamed.
+enum Block {
+    Text,
+    ToolUse {
+        id: String,
+        name: String,
+        json: String,
+        initial: Value,
+    },
+    /// Thinking and future block types: ignored.
+    Other,
+}
+
+async fn read_stream(
+    transport: &Transport,
+    mut reader: SseReader,
+    deltas: &dyn DeltaSink,
+) -> Result<ModelResponse, ProviderError> {
+    let mut blocks: BTreeMap<u64, Block> = BTreeMap::new();
+    let mut finished: BTreeMap<u64, ToolCall> = BTreeMap::new();
+    let mut text = String::new();
+    let mut usage = TokenUsage::default();
+    let mut stop = None;
+    let mut started = false;
+    while let Some(event) = reader.next().await? {
+        if event.data.trim().is_empty() {
+            continue;
+        }
+        let data: Value = serde_json::from_str(&event.data)
+            .map_err(|_| transport.invalid(format!("event {:?} is not valid JSON", event.event)))?;
+        let kind = data
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or(event.event.as_str());
+        let index = data.get("index").and_then(Value::as_u64);
+        match kind {
+            "message_start" => {
+                started = true;
+                let u = data
+                    .pointer("/message/usage")
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                usage.input_tokens = input_tokens(&u).unwrap_or(0);
+                usage.output_tokens = u.get("output_tokens").and_then(Value::as_u64).unwrap_or(0);
+            }
+            "content_block_start" => {
+                let index =
+                    index.ok_or_else(|| transport.invalid("content_block_start without index"))?;
+                let block = data.get("content_block").cloned().unwrap_or(Value::Null);
+                let new = match block.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        let initial = block
+                            .get("text")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        if !initial.is_empty() {
+                            deltas.text_delta(initial);
+                            text.push_str(initial);
+                        }
+                        Block::Text
+                    }
+                    Some("tool_use") => {
+                        let id = block.get("id").and_then(Value::as_str);
+                        let name = block.get("name").and_then(Value::as_str);
+                        let (Some(id), Some(name)) = (id, name) else {
+                            return Err(transport.invalid("tool_use block without id or name"));
+                        };
+                        Block::ToolUse {
+                            id: id.to_string(),
+                            name: name.to_string(),
+                            json: String::new(),
+                            initial: block.get("input").cloned().unwrap_or_else(|| json!({})),
+                        }
+                    }
+                    _ => Block::Other,
+                };
+                blocks.insert(index, new);
+            }
+            "content_block_delta" => {
+                let index =
+                    index.ok_or_else(|| transport.invalid("content_block_delta without index"))?;
+                let delta = data.get("delta").cloned().unwrap_or(Value::Null);
+                match (
+                    blocks.get_mut(&index),
+                    delta.get("type").and_then(Value::as_str),
+                ) {
+                    (Some(Block::Text), Some("text_delta")) => {
+                        let piece = delta
+                            .get("text")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        if !piece.is_empty() {
+                            deltas.text_delta(piece);
+                            text.push_str(piece);
+                        }
+                    }
+                    (Some(Block::ToolUse { json, .. }), Some("input_json_delta")) => {
+                        json.push_str(
+                            delta
+                                .get("partial_json")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default(),
+                        );
+                    }
+                    (None, _) => {
+                        return Err(
+                            transport.invalid("delta for a content block that was never started")
+                        )
+                    }
+                    _ => {}
+                }
+            }
+            "content_block_stop" => {
+                let index =
+                    index.ok_or_else(|| transport.invalid("content_block_stop without index"))?;
+                if let Some(Block::ToolUse {
+                    id,
+                    name,
+                    json,
+                    initial,
+                }) = blocks.remove(&index)
+                {
+                    let arguments = if json.trim().is_empty() {
+                        initial
+                    } else {
+                        parse_arguments(&json)
+                    };
+                    finished.insert(
+                        index,
+                        ToolCall {
+                            id,
+                            name,
+                            arguments,
+                        },
+                    );
+                }
+            }
+            "message_delta" => {
+                if let Some(reason) = data.pointer("/delta/stop_reason").and_then(Value::as_str) {
+                    stop = Some(stop_reason(Some(reason)));
+                }
+                if let Some(out) = data.pointer("/usage/output_tokens").and_then(Value::as_u64) {
+                    usage.output_tokens = out;
+                }
+                if let Some(input) = data.get("usage").and_then(input_tokens) {
+                    usage.input_tokens = usage.input_tokens.max(input);
+                }
+            }
+            "message_stop" => {
+                if !started {
+                    return Err(transport.invalid("message_stop before message_start"));
+                }
+                if blocks.values().any(|b| matches!(b, Block::ToolUse { .. })) {
+                    return Err(transport.invalid("a tool_use block was never finished"));
+                }
+                return Ok(ModelResponse {
+                    text,
+                    tool_calls: finished.into_values().collect(),
+                    usage,
+                    stop_reason: stop.unwrap_or(StopReason::Other),
+                });
+            }
+            "error" => return Err(stream_error(transport, &data)),
+            // `ping` and event types added after this was written.
+            _ => {}
+        }
+    }
+    Err(transport.invalid("the stream ended before message_stop"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moltmate_core::model::ToolSpec;
+
+    #[test]
+    fn tool_results_are_merged_into_one_user_message() {
+        let request = ModelRequest {
+            model: "m".into(),
+            system: String::new(),
+            items: vec![
+                ConversationItem::User { text: "hi".into() },
+                ConversationItem::Assistant {
+                    text: String::new(),
+                    tool_calls: vec![
+                        ToolCall {
+                            id: "a".into(),
+                            name: "x".into(),
+                            arguments: json!({"q": 1}),
+                        },
+                        ToolCall {
+                            id: "b".into(),
+                            name: "y".into(),
+                            arguments: json!("{broken"),
+                        },
+                    ],
+                },
+                ConversationItem::ToolResult {
+                    call_id: "a".into(),
+                    content: "1".into(),
+                    is_error: false,
+                },
+                ConversationItem::ToolResult {
+                    call_id: "b".into(),
+                    content: "bad".into(),
+                    is_error: true,
+                },
+                ConversationItem::User {
+                    text: "and?".into(),
+                },
+            ],
+            tools: vec![ToolSpec {
+                name: "x".into(),
+                description: "d".into(),
+                parameters: json!({"type": "object"}),
+            }],
+            max_output_tokens: 10,
+        };
+        let body = request_body(&request);
+        assert!(body.get("system").is_none());
+        let messages = body["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 3);
+        assert_eq!(
+            messages[1]["content"][0],
+            json!({"type": "tool_use", "id": "a", "name": "x", "input": {"q": 1}})
+        );
+        assert_eq!(
+            messages[1]["content"][1]["input"],
+            json!({"raw_arguments": "{broken"})
+        );
+        assert_eq!(
+            messages[2]["content"],
+            json!([
+                {"type": "tool_result", "tool_use_id": "a", "content": "1"},
+                {"type": "tool_result", "tool_use_id": "b", "content": "bad", "is_error": true},
+                {"type": "text", "text": "and?"}
+            ])
+        );
+        assert_eq!(body["tools"][0]["input_schema"], json!({"type": "object"}));
+    }
+}

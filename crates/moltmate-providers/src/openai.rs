@@ -1,0 +1,395 @@
+//! OpenAI Chat Completions (`POST {base_url}/chat/completions`, streamed), which also serves
+//! ollama, vLLM, OpenRouter and other OpenAI-compatible servers.
+//!
+//! The output limit is sent as `max_tokens`: it is what ollama, vLLM, OpenRouter, LM Studio and
+//! llama.cpp accept, and OpenAI still honours it for chat models. (OpenAI's reasoning models
+//! want `max_completion_tokens` instead, which several compatible servers reject.)
+//!
+//! Tool results have no error flag in this API, so a failed tool's content is prefixed with
+//! `Error: ` so the model can tell.
+
+use crate::http::{Auth, Reply, SseReader, Transport};
+use crate::settings::ProviderSettings;
+use crate::toolargs::parse_arguments;
+use async_trait::async_trait;
+use moltmate_core::model::{
+    ConversationItem, DeltaSink, ModelRequest, ModelResponse, Provider, ProviderError, StopReason,
+    TokenUsage, ToolCall,
+};
+use reqwest::header::HeaderMap;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+/// OpenAI Chat Completions and compatibles.
+pub struct OpenAiProvider {
+    transport: Transport,
+}
+
+impl OpenAiProvider {
+    pub fn new(settings: &ProviderSettings) -> Result<Self, ProviderError> {
+        let transport = Transport::new(settings, "/chat/completions", Auth::Bearer, &[])?;
+        Ok(OpenAiProvider { transport })
+    }
+}
+
+#[async_trait]
+impl Provider for OpenAiProvider {
+    fn name(&self) -> &str {
+        &self.transport.name
+    }
+
+    async fn complete(
+        &self,
+        request: &ModelRequest,
+        deltas: &dyn DeltaSink,
+    ) -> Result<ModelResponse, ProviderError> {
+        let body = request_body(request);
+        match self.transport.post(&body).await? {
+            Reply::Json(value) => parse_completion(&self.transport, &value, deltas),
+            Reply::Stream(reader) => read_stream(&self.transport, reader, deltas).await,
+        }
+    }
+}
+
+/// The request JSON.
+pub(crate) fn request_body(request: &ModelRequest) -> Value {
+    let mut messages = Vec::with_capacity(request.items.len() + 1);
+    if !request.system.is_empty() {
+        messages.push(json!({"role": "system", "content": request.system}));
+    }
+    for item in &request.items {
+        messages.push(match item {
+            ConversationItem::User { text } => json!({"role": "user", "content": text}),
+            ConversationItem::ToolResult { call_id, content, is_error } => {
+                let content = if *is_error { format!("Error: {content}") } else { content.clone() };
+                json!({"role": "tool", "tool_call_id": call_id, "content": content})
+            }
+            ConversationItem::Assistant { text, tool_calls } => {
+                let mut message = Map::new();
+                message.insert("role".into(), json!("assistant"));
+                if tool_calls.is_empty() {
+                    message.insert("content".into(), json!(text));
+                } else {
+                    message.insert("content".into(), if text.is_empty() { Value::Null } else { json!(text) });
+                    let calls = tool_calls
+                        .iter()
+                        .map(|call| {
+                            json!({
+                                "id": call.id,
+                                "type": "function",
+                                "function": {"name": call.name, "arguments": arguments_text(&call.arguments)},
+                            })
+                        })
+                        .collect();
+                    message.insert("tool_calls".into(), Value::Array(calls));
+                }
+                Value::Object(message)
+            }
+        });
+    }
+    let mut body = Map::new();
+    body.insert("model".into(), json!(request.model));
+    body.insert("messages".into(), Value::Array(messages));
+    if !request.tools.is_empty() {
+        let tools = request
+            .tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}})
+            })
+            .collect();
+        body.insert("tools".into(), Value::Array(tools));
+    }
+    body.insert("max_tokens".into(), json!(request.max_output_tokens));
+    body.insert("stream".into(), json!(true));
+    body.insert("stream_options".into(), json!({"include_usage": true}));
+    Value::Object(body)
+}
+
+/// `arguments` is a JSON string on this API. Arguments the model wrote as invalid JSON (kept as
+/// a string) are echoed back verbatim.
+fn arguments_text(arguments: &Value) -> String {
+    match arguments {
+        Value::String(raw) => raw.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn stop_reason(raw: Option<&str>) -> StopReason {
+    match raw {
+        Some("stop") => StopReason::EndTurn,
+        Some("tool_calls") | Some("function_call") => StopReason::ToolUse,
+        Some("length") => StopReason::MaxTokens,
+        _ => StopReason::Other,
+    }
+}
+
+fn usage(value: &Value) -> Option<TokenUsage> {
+    let usage = value.get("usage").filter(|u| u.is_object())?;
+    Some(TokenUsage {
+        input_tokens: usage
+            .get("prompt_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        output_tokens: usage
+            .get("completion_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+    })
+}
+
+/// An `{"error": {...}}` object inside a 2xx reply (OpenRouter and vLLM report mid-stream
+/// failures this way). Classified by its numeric `code` when it has one.
+fn embedded_error(transport: &Transport, value: &Value) -> Option<ProviderError> {
+    let error = value.get("error").filter(|e| !e.is_null())?;
+    let message = error
+        .get("message")
+        .and_then(Value::as_str)
+        .or_else(|| error.as_str())
+        .unwrap_or("no error message");
+    let status = error
+        .get("code")
+        .and_then(|c| {
+            c.as_u64()
+                .or_else(|| c.as_str().and_then(|s| s.parse().ok()))
+        })
+        .and_then(|c| u16::try_from(c).ok())
+        .filter(|c| (400..600).contains(c))
+        .unwrap_or(500);
+    Some(crate::http::status_error(
+        &transport.name,
+        status,
+        &HeaderMap::new(),
+        transport.redact(message),
+    ))
+}
+
+/// A non-streamed `chat.completion` object.
+fn parse_completion(
+    transport: &Transport,
+    value: &Value,
+    deltas: &dyn DeltaSink,
+) -> Result<ModelResponse, ProviderError> {
+    if let Some(err) = embedded_error(transport, value) {
+        return Err(err);
+    }
+    let choice = value
+        .pointer("/choices/0")
+        .ok_or_else(|| transport.invalid("reply has no choices"))?;
+    let message = choice
+        .get("message")
+        .ok_or_else(|| transport.invalid("choice has no message"))?;
+    let text = message
+        .get("content")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let mut tool_calls = Vec::new();
+    for (n, call) in message
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let name = call
+            .pointer("/function/name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| transport.invalid("tool call without a function name"))?;
+        let id = call
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("call_{n}"));
+        let arguments = match call.pointer("/function/arguments") {
+            Some(Value::String(raw)) => parse_arguments(raw),
+            // Some compatible servers send the arguments as an object already.
+            Some(object @ Value::Object(_)) => object.clone(),
+            _ => json!({}),
+        };
+        tool_calls.push(ToolCall {
+            id,
+            name: name.to_string(),
+            arguments,
+        });
+    }
+    if !text.is_empty() {
+        deltas.text_delta(&text);
+    }
+    Ok(ModelResponse {
+        text,
+        tool_calls,
+        usage: usage(value).unwrap_or_default(),
+        stop_reason: stop_reason(choice.get("finish_reason").and_then(Value::as_str)),
+    })
+}
+
+/// A tool call being streamed, keyed by its `index`.
+#[derive(Default)]
+struct PartialCall {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+async fn read_stream(
+    transport: &Transport,
+    mut reader: SseReader,
+    deltas: &dyn DeltaSink,
+) -> Result<ModelResponse, ProviderError> {
+    let mut text = String::new();
+    let mut calls: BTreeMap<u64, PartialCall> = BTreeMap::new();
+    let mut finish: Option<StopReason> = None;
+    let mut token_usage = TokenUsage::default();
+    let mut done = false;
+    while let Some(event) = reader.next().await? {
+        let data = event.data.trim();
+        if data.is_empty() {
+            continue;
+        }
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data)
+            .map_err(|_| transport.invalid("stream chunk is not valid JSON"))?;
+        if let Some(err) = embedded_error(transport, &chunk) {
+            return Err(err);
+        }
+        if let Some(u) = usage(&chunk) {
+            token_usage = u;
+        }
+        let Some(choice) = chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .and_then(|c| {
+                c.iter()
+                    .find(|choice| choice.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
+            })
+        else {
+            continue;
+        };
+        if let Some(delta) = choice.get("delta") {
+            if let Some(piece) = delta.get("content").and_then(Value::as_str) {
+                if !piece.is_empty() {
+                    deltas.text_delta(piece);
+                    text.push_str(piece);
+                }
+            }
+            for (n, fragment) in delta
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let index = fragment
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(n as u64);
+                let call = calls.entry(index).or_default();
+                if let Some(id) = fragment
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .filter(|id| !id.is_empty())
+                {
+                    if call.id.is_empty() {
+                        call.id = id.to_string();
+                    }
+                }
+                if let Some(name) = fragment.pointer("/function/name").and_then(Value::as_str) {
+                    if call.name.is_empty() {
+                        call.name = name.to_string();
+                    }
+                }
+                match fragment.pointer("/function/arguments") {
+                    Some(Value::String(piece)) => call.arguments.push_str(piece),
+                    Some(object @ Value::Object(_)) => call.arguments.push_str(&object.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+            finish = Some(stop_reason(Some(reason)));
+        }
+    }
+    // `[DONE]` is the final event; a server that closes right after `finish_reason` is accepted
+    // too (the answer is complete, only usage may be missing). Anything else was cut off.
+    let Some(stop_reason) = finish else {
+        return Err(transport.invalid(if done {
+            "the stream ended without a finish_reason"
+        } else {
+            "the stream ended before [DONE]"
+        }));
+    };
+    let mut tool_calls = Vec::with_capacity(calls.len());
+    for (index, call) in calls {
+        if call.name.is_empty() {
+            return Err(transport.invalid("tool call without a function name"));
+        }
+        let id = if call.id.is_empty() {
+            format!("call_{index}")
+        } else {
+            call.id
+        };
+        tool_calls.push(ToolCall {
+            id,
+            name: call.name,
+            arguments: parse_arguments(&call.arguments),
+        });
+    }
+    Ok(ModelResponse {
+        text,
+        tool_calls,
+        usage: token_usage,
+        stop_reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assistant_tool_calls_and_results_shape() {
+        let request = ModelRequest {
+            model: "gpt".into(),
+            system: "be nice".into(),
+            items: vec![
+                ConversationItem::User { text: "hi".into() },
+                ConversationItem::Assistant {
+                    text: String::new(),
+                    tool_calls: vec![ToolCall {
+                        id: "c1".into(),
+                        name: "x".into(),
+                        arguments: json!({"a": 1}),
+                    }],
+                },
+                ConversationItem::ToolResult {
+                    call_id: "c1".into(),
+                    content: "boom".into(),
+                    is_error: true,
+                },
+            ],
+            tools: vec![],
+            max_output_tokens: 5,
+        };
+        let body = request_body(&request);
+        assert_eq!(
+            body["messages"][0],
+            json!({"role": "system", "content": "be nice"})
+        );
+        assert_eq!(
+            body["messages"][2],
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "x", "arguments": "{\"a\":1}"}}
+            ]})
+        );
+        assert_eq!(
+            body["messages"][3],
+            json!({"role": "tool", "tool_call_id": "c1", "content": "Error: boom"})
+        );
+        assert!(body.get("tools").is_none());
+        assert_eq!(body["stream_options"], json!({"include_usage": true}));
+    }
+}
