@@ -516,6 +516,26 @@ impl Store {
         .await
     }
 
+    /// Forgets a user's conversations (sessions, transcripts, answered and pending messages)
+    /// and onboarding, keeping the user row, identities and the operator's records (audit,
+    /// usage). Used by `moltmate users reset`.
+    pub async fn wipe_user_history(&self, user: &UserId) -> Result<(), StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("DELETE FROM transcript WHERE user_id = ?1", params![user.as_str()])?;
+            tx.execute("DELETE FROM sessions WHERE user_id = ?1", params![user.as_str()])?;
+            tx.execute("DELETE FROM inbox WHERE user_id = ?1", params![user.as_str()])?;
+            tx.execute(
+                "UPDATE users SET onboarded = 0, onboarding_step = NULL WHERE id = ?1",
+                params![user.as_str()],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Deletes the user and everything stored about them (identities, sessions, transcripts,
     /// pending inbox and outbox rows, pairing requests of their identities). Audit events and
     /// usage stay: they are the operator's record.
