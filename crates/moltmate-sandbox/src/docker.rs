@@ -1,1 +1,875 @@
-//! (being written)
+//! Docker backend: hardened, warm, per-user containers driven through the Engine API (bollard).
+//!
+//! # Containers and keys
+//! A container belongs to exactly one sandbox key: the user (`sandbox.scope = user`), the user
+//! and session (`session`), or a single call (`task`, removed right after). It is named
+//! `moltmate-sbx-<user>-<hash>`, where the hash covers the scope key, the operator's config
+//! digest, the image, the request's [`SandboxProfile`] and the mounted host paths. Any change to
+//! those yields another name, so a container is only ever reused under exactly the set-up it was
+//! made with; the stale sibling (same user, scope and session labels) is removed when the new one
+//! is created. Labels: `moltmate.managed=true`, `moltmate.user`, `moltmate.scope`,
+//! `moltmate.session`, `moltmate.config-digest`, plus `moltmate.limits` (JSON, for `list`) and
+//! `moltmate.disk-cap` (`on`/`off`).
+//!
+//! After a gateway restart the first call lists containers by label: running ones made under the
+//! current config digest are adopted (idle time restarts at zero), everything else (other digest,
+//! stopped, leftovers of `task` scope) is removed.
+//!
+//! # Hardening (set on create, fixed for the container's life)
+//! * The idle entrypoint (`sleep infinity` under Docker's init, which reaps zombies) runs as
+//!   `nobody` (65534); commands run through `exec` as `agent` (uid/gid 1000). The split is what
+//!   makes timeouts reliable: on expiry a helper exec running as uid 1000 does `kill -9 -1`
+//!   (every uid-1000 process in the container's PID namespace) until none are left, which cannot
+//!   touch the entrypoint or init, so the container survives and no orphan does. Consequence:
+//!   a timeout also ends other commands of the same user running concurrently in that container.
+//! * Read-only root filesystem; `/tmp` is a tmpfs of `limits.tmp_bytes` with
+//!   `noexec,nosuid,nodev`.
+//! * `CapDrop: ALL`, `no-new-privileges`; Docker's default seccomp profile stays on.
+//! * `NetworkMode: none` (loopback only). Proxy networking is refused with
+//!   [`SandboxError::Unavailable`] until the egress proxy module provides its socket API.
+//! * `PidsLimit`, `Memory` = `MemorySwap` (no swap beyond memory), `NanoCpus` from the profile's
+//!   [`SandboxLimits`].
+//! * Mounts: only the user's home at `/workspace` (read-only for [`WorkspaceAccess::Ro`]; a
+//!   per-user scratch directory `state_dir/scratch/<user>` for [`WorkspaceAccess::None`]) and the
+//!   family folder at `/family` (read-write with `Rw`, read-only with `Ro`, absent with `None`).
+//!   Never the Docker socket, never anything else of the host.
+//! * Environment: exactly `PATH`, `HOME=/workspace`, `LANG`. Nothing of the gateway's environment
+//!   (API keys, tokens) is passed through.
+//! * The home (or scratch dir) is first put on its capped volume ([`crate::disk`]) when running as
+//!   root; otherwise the container is labelled `moltmate.disk-cap=off` and `list` says so.
+//!
+//! # Hot path
+//! Once a container exists for a key, `exec` is one exec create + attached start + inspect; the
+//! container is never started on the hot path. Output beyond `limits.output_bytes` is read and
+//! discarded (the process keeps running, never blocks on a full pipe, and is bounded by the
+//! timeout), and `truncated` is set; gateway memory stays bounded by the cap.
+//!
+//! # Warm pool
+//! Not implemented on purpose: bind mounts are fixed at creation, so a pre-started container
+//! cannot be handed a user's home later without mounting homes it should not see (or a shared
+//! parent). [`DockerSandbox::prewarm`] creates a user's own container ahead of the first call
+//! instead (used by the benchmark and at login).
+
+use crate::disk::{self, DiskCap};
+use crate::settings::{SandboxScope, SandboxSettings};
+use bollard::container::LogOutput;
+use bollard::errors::Error as BollardError;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use bollard::{ClientVersion, Docker};
+use futures::StreamExt;
+use moltmate_core::sandbox::{
+    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxInfo, SandboxLimits,
+    SandboxNetwork, WorkspaceAccess,
+};
+use moltmate_core::UserId;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Name of this backend in [`SandboxInfo::backend`] and errors.
+pub const BACKEND: &str = "docker";
+/// Prefix of every container this backend creates.
+pub const NAME_PREFIX: &str = "moltmate-sbx-";
+
+pub const LABEL_MANAGED: &str = "moltmate.managed";
+pub const LABEL_USER: &str = "moltmate.user";
+pub const LABEL_SCOPE: &str = "moltmate.scope";
+pub const LABEL_SESSION: &str = "moltmate.session";
+pub const LABEL_CONFIG_DIGEST: &str = "moltmate.config-digest";
+pub const LABEL_LIMITS: &str = "moltmate.limits";
+pub const LABEL_DISK_CAP: &str = "moltmate.disk-cap";
+
+/// The user commands run as (the image's `agent`).
+const EXEC_USER: &str = "1000:1000";
+/// The user of the idle entrypoint: distinct from [`EXEC_USER`] so `kill -9 -1` spares it.
+const IDLE_USER: &str = "65534:65534";
+/// Engine API version spoken: supported by Docker 20.10 and every later engine.
+const API_VERSION: ClientVersion = ClientVersion { major_version: 1, minor_version: 41 };
+/// Per-request timeout for control calls (streams are bounded by the exec timeout instead).
+const CLIENT_TIMEOUT_SECS: u64 = 60;
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
+const SANDBOX_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Kills every uid-1000 process in the container except itself, until none is left. Runs
+/// without forking (dash builtins) except the short sleeps, so a fork bomb cannot outrun it for
+/// long; zombies disappear once init reaps them, hence the rounds.
+const KILL_ALL_SCRIPT: &str = r#"r=0
+while [ $r -lt 60 ]; do
+  kill -9 -1 2>/dev/null
+  left=0
+  for p in /proc/[0-9]*; do
+    [ "${p#/proc/}" = "$$" ] && continue
+    [ -O "$p" ] && left=1 && break
+  done
+  [ $left = 0 ] && exit 0
+  r=$((r+1))
+  sleep 0.05
+done
+exit 1"#;
+
+/// Reads the container's OOM-kill counter (cgroup v1, else v2).
+const OOM_COUNTER_SCRIPT: &str = "cat /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null \
+    || cat /sys/fs/cgroup/memory.events 2>/dev/null";
+
+fn backend_err(detail: impl Into<String>) -> SandboxError {
+    SandboxError::Backend { backend: BACKEND, detail: detail.into() }
+}
+
+fn docker_err(context: &str, e: BollardError) -> SandboxError {
+    backend_err(format!("{context}: {e}"))
+}
+
+/// Whether the engine said "no such container" / "container not running".
+fn is_gone(e: &BollardError) -> bool {
+    matches!(e, BollardError::DockerResponseServerError { status_code: 404 | 409, .. })
+}
+
+fn is_not_found(e: &BollardError) -> bool {
+    matches!(e, BollardError::DockerResponseServerError { status_code: 404, .. })
+}
+
+/// A client for `settings.docker_host`, else `DOCKER_HOST`, else the local socket.
+pub fn connect_client(settings: &SandboxSettings) -> Result<Docker, SandboxError> {
+    let host = settings
+        .docker_host
+        .clone()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| DEFAULT_HOST.to_string());
+    let connected = if host.starts_with("unix://") || host.starts_with('/') {
+        Docker::connect_with_unix(&host, CLIENT_TIMEOUT_SECS, &API_VERSION)
+    } else if host.starts_with("tcp://") || host.starts_with("http://") {
+        Docker::connect_with_http(&host, CLIENT_TIMEOUT_SECS, &API_VERSION)
+    } else {
+        return Err(SandboxError::Unavailable(format!(
+            "unsupported docker_host {host:?} (expected unix://, tcp:// or http://)"
+        )));
+    };
+    connected.map_err(|e| {
+        SandboxError::Unavailable(format!(
+            "cannot reach the Docker daemon at {host}: {e} (install docker.io and start dockerd)"
+        ))
+    })
+}
+
+/// Cheap check used by backend auto-selection: does the daemon answer a ping within 2 s?
+pub async fn docker_available(settings: &SandboxSettings) -> bool {
+    let Ok(docker) = connect_client(settings) else {
+        return false;
+    };
+    matches!(tokio::time::timeout(PING_TIMEOUT, docker.ping()).await, Ok(Ok(_)))
+}
+
+/// A container this process knows to be running.
+#[derive(Debug, Clone)]
+struct Live {
+    id: String,
+    user: String,
+    limits: Option<SandboxLimits>,
+    last_used: Instant,
+    busy: u32,
+    oom_kills: u64,
+}
+
+/// Why running a command failed.
+enum RunError {
+    /// The container vanished or stopped under us: recreate and retry once.
+    Gone,
+    Failed(SandboxError),
+}
+
+/// The Docker sandbox backend. Cheap to share behind an `Arc`.
+pub struct DockerSandbox {
+    docker: Docker,
+    settings: SandboxSettings,
+    live: Mutex<HashMap<String, Live>>,
+    create_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    recovered: tokio::sync::OnceCell<()>,
+}
+
+impl std::fmt::Debug for DockerSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerSandbox")
+            .field("image", &self.settings.image)
+            .field("scope", &self.settings.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DockerSandbox {
+    /// Connects to the daemon (no request is made; see [`docker_available`] for a ping).
+    pub fn connect(settings: &SandboxSettings) -> Result<Self, SandboxError> {
+        Ok(DockerSandbox {
+            docker: connect_client(settings)?,
+            settings: settings.clone(),
+            live: Mutex::new(HashMap::new()),
+            create_locks: Mutex::new(HashMap::new()),
+            recovered: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// The settings this backend runs with.
+    pub fn settings(&self) -> &SandboxSettings {
+        &self.settings
+    }
+
+    /// Creates (or adopts) the container `request` would run in, without running anything.
+    /// Returns how long that took. For `task` scope there is nothing to warm.
+    pub async fn prewarm(&self, request: &ExecRequest) -> Result<Duration, SandboxError> {
+        let started = Instant::now();
+        self.recover().await?;
+        if self.settings.scope != SandboxScope::Task {
+            check_network(request)?;
+            let name = self.container_name(request, None);
+            self.ensure_container(request, &name).await?;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Removes every container of `user` (account deletion, tests).
+    pub async fn remove_user(&self, user: &UserId) -> Result<Vec<String>, SandboxError> {
+        let filters = vec![
+            format!("{LABEL_MANAGED}=true"),
+            format!("{LABEL_USER}={}", user.as_str()),
+        ];
+        let mut removed = Vec::new();
+        for (name, _) in self.list_managed(filters).await? {
+            self.remove_container(&name).await?;
+            removed.push(name);
+        }
+        Ok(removed)
+    }
+
+    /// Finds containers of earlier runs: adopts running ones under the current config digest,
+    /// removes the rest. Runs once per instance (later calls return at once).
+    pub async fn recover(&self) -> Result<(), SandboxError> {
+        self.recovered
+            .get_or_try_init(|| async {
+                let filters = vec![format!("{LABEL_MANAGED}=true")];
+                for (name, summary) in self.list_managed(filters).await? {
+                    let labels = summary.labels.clone().unwrap_or_default();
+                    let digest_ok = labels.get(LABEL_CONFIG_DIGEST).map(String::as_str)
+                        == Some(self.settings.config_digest.as_str());
+                    let running = summary.state
+                        == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
+                    let task = labels.get(LABEL_SCOPE).map(String::as_str) == Some("task");
+                    if digest_ok && running && !task {
+                        let live = Live {
+                            id: summary.id.clone().unwrap_or_else(|| name.clone()),
+                            user: labels.get(LABEL_USER).cloned().unwrap_or_default(),
+                            limits: parse_limits(&labels),
+                            last_used: Instant::now(),
+                            busy: 0,
+                            oom_kills: 0,
+                        };
+                        self.lock_live().entry(name).or_insert(live);
+                    } else {
+                        tracing::info!(container = %name, "removing stale sandbox from an earlier run");
+                        self.remove_container(&name).await?;
+                    }
+                }
+                Ok::<(), SandboxError>(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        // A poisoned map only means a panic elsewhere mid-update; entries stay self-consistent
+        // (each is replaced whole), so keep going.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn create_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.create_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(name.to_string()).or_default().clone()
+    }
+
+    fn scope_label(&self) -> &'static str {
+        match self.settings.scope {
+            SandboxScope::User => "user",
+            SandboxScope::Session => "session",
+            SandboxScope::Task => "task",
+        }
+    }
+
+    fn session_label(&self, request: &ExecRequest) -> String {
+        match self.settings.scope {
+            SandboxScope::Session => request.session_id.clone(),
+            SandboxScope::User | SandboxScope::Task => String::new(),
+        }
+    }
+
+    /// `moltmate-sbx-<user>-<12 hex>`; `nonce` makes task-scope names unique.
+    fn container_name(&self, request: &ExecRequest, nonce: Option<&str>) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            request.user.as_str(),
+            self.scope_label(),
+            &self.session_label(request),
+            nonce.unwrap_or(""),
+            &self.settings.config_digest,
+            &self.settings.image,
+            &request.home.to_string_lossy(),
+            &request.family.as_deref().map(|f| f.to_string_lossy()).unwrap_or_default(),
+        ] {
+            h.update(part.as_bytes());
+            h.update([0u8]);
+        }
+        // Serialising a plain data struct cannot fail; an empty digest part would still differ
+        // from any real profile's, so the fallback is harmless.
+        h.update(serde_json::to_vec(&request.profile).unwrap_or_default());
+        let digest = hex::encode(h.finalize());
+        format!("{NAME_PREFIX}{}-{}", request.user.as_str(), &digest[..12])
+    }
+
+    async fn list_managed(
+        &self,
+        filters: Vec<String>,
+    ) -> Result<Vec<(String, bollard::models::ContainerSummary)>, SandboxError> {
+        let mut map = HashMap::new();
+        map.insert("label".to_string(), filters);
+        let options = ListContainersOptionsBuilder::default().all(true).filters(&map).build();
+        let found = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| docker_err("listing sandboxes", e))?;
+        Ok(found
+            .into_iter()
+            .filter_map(|c| {
+                let name = c.names.as_ref()?.first()?.trim_start_matches('/').to_string();
+                name.starts_with(NAME_PREFIX).then_some((name, c))
+            })
+            .collect())
+    }
+
+    async fn remove_container(&self, name: &str) -> Result<(), SandboxError> {
+        self.lock_live().remove(name);
+        let options = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+        match self.docker.remove_container(name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            // 409 "removal already in progress" is as good as done.
+            Err(BollardError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) => Err(docker_err("removing sandbox", e)),
+        }
+    }
+
+    /// Returns the id of a running container named `name`, creating it if needed.
+    async fn ensure_container(&self, request: &ExecRequest, name: &str) -> Result<String, SandboxError> {
+        if let Some(live) = self.lock_live().get(name) {
+            return Ok(live.id.clone());
+        }
+        let lock = self.create_lock(name);
+        let _guard = lock.lock().await;
+        if let Some(live) = self.lock_live().get(name) {
+            return Ok(live.id.clone());
+        }
+        match self.docker.inspect_container(name, None).await {
+            Ok(info) => {
+                let running = info.state.as_ref().and_then(|s| s.running).unwrap_or(false);
+                if running {
+                    let labels = info.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
+                    let id = info.id.clone().unwrap_or_else(|| name.to_string());
+                    self.lock_live().insert(
+                        name.to_string(),
+                        Live {
+                            id: id.clone(),
+                            user: request.user.to_string(),
+                            limits: parse_limits(&labels),
+                            last_used: Instant::now(),
+                            busy: 0,
+                            oom_kills: 0,
+                        },
+                    );
+                    return Ok(id);
+                }
+                self.remove_container(name).await?;
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(docker_err("inspecting sandbox", e)),
+        }
+        if self.settings.scope != SandboxScope::Task {
+            self.remove_siblings(request, name).await?;
+        }
+        self.create_container(request, name).await
+    }
+
+    /// Removes containers of the same key made under another set-up.
+    async fn remove_siblings(&self, request: &ExecRequest, keep: &str) -> Result<(), SandboxError> {
+        let filters = vec![
+            format!("{LABEL_MANAGED}=true"),
+            format!("{LABEL_USER}={}", request.user.as_str()),
+            format!("{LABEL_SCOPE}={}", self.scope_label()),
+            format!("{LABEL_SESSION}={}", self.session_label(request)),
+        ];
+        for (name, _) in self.list_managed(filters).await? {
+            if name != keep {
+                tracing::info!(container = %name, "replacing sandbox made under another configuration");
+                self.remove_container(&name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Prepares the host side of `/workspace`: the home or scratch dir, on its capped volume.
+    async fn prepare_workspace(&self, request: &ExecRequest) -> Result<(PathBuf, DiskCap), SandboxError> {
+        let limits = &request.profile.limits;
+        let (dir, volume_user) = match request.profile.workspace_access {
+            WorkspaceAccess::Rw | WorkspaceAccess::Ro => (request.home.clone(), request.user.clone()),
+            WorkspaceAccess::None => {
+                let dir = self.settings.state_dir.join("scratch").join(request.user.as_str());
+                // The scratch volume needs its own image name; a digest keeps it within the
+                // user-id alphabet and length.
+                let tag = hex::encode(Sha256::digest(request.user.as_str().as_bytes()));
+                let volume_user = UserId::new(format!("scratch-{}", &tag[..16]))
+                    .map_err(|e| backend_err(format!("scratch volume id: {e}")))?;
+                (dir, volume_user)
+            }
+        };
+        let state_dir = self.settings.state_dir.clone();
+        let cap_bytes = limits.disk_bytes;
+        let target = dir.clone();
+        let cap = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&target)
+                .map_err(|e| backend_err(format!("cannot create {}: {e}", target.display())))?;
+            let cap = disk::ensure_user_volume(&state_dir, &target, &volume_user, cap_bytes)?;
+            if !cap.enforced && disk::can_enforce() {
+                // Root without a cap (cap 0): still let the sandbox user write its own dir.
+                chown_dir(&target)?;
+            }
+            Ok::<_, SandboxError>(cap)
+        })
+        .await
+        .map_err(|e| backend_err(format!("workspace set-up task failed: {e}")))??;
+        Ok((dir, cap))
+    }
+
+    async fn create_container(&self, request: &ExecRequest, name: &str) -> Result<String, SandboxError> {
+        let started = Instant::now();
+        let (workspace, cap) = self.prepare_workspace(request).await?;
+        let limits = &request.profile.limits;
+        let access = request.profile.workspace_access;
+
+        let mut mounts = vec![bind(&workspace, "/workspace", access == WorkspaceAccess::Ro)];
+        if let Some(family) = &request.family {
+            match access {
+                WorkspaceAccess::Rw => mounts.push(bind(family, "/family", false)),
+                WorkspaceAccess::Ro => mounts.push(bind(family, "/family", true)),
+                WorkspaceAccess::None => {}
+            }
+        }
+
+        let mut tmpfs = HashMap::new();
+        tmpfs.insert(
+            "/tmp".to_string(),
+            format!("rw,noexec,nosuid,nodev,mode=1777,size={}", limits.tmp_bytes.max(1024 * 1024)),
+        );
+
+        let mut labels = HashMap::new();
+        labels.insert(LABEL_MANAGED.to_string(), "true".to_string());
+        labels.insert(LABEL_USER.to_string(), request.user.to_string());
+        labels.insert(LABEL_SCOPE.to_string(), self.scope_label().to_string());
+        labels.insert(LABEL_SESSION.to_string(), self.session_label(request));
+        labels.insert(LABEL_CONFIG_DIGEST.to_string(), self.settings.config_digest.clone());
+        labels.insert(
+            LABEL_LIMITS.to_string(),
+            serde_json::to_string(limits).map_err(|e| backend_err(format!("limits: {e}")))?,
+        );
+        labels.insert(
+            LABEL_DISK_CAP.to_string(),
+            if cap.enforced { "on".to_string() } else { "off".to_string() },
+        );
+
+        let memory = i64::try_from(limits.memory_bytes).unwrap_or(i64::MAX);
+        let host_config = HostConfig {
+            memory: Some(memory),
+            memory_swap: Some(memory),
+            nano_cpus: Some(i64::from(limits.cpu_millis) * 1_000_000),
+            pids_limit: Some(i64::from(limits.pids.max(1))),
+            cap_drop: Some(vec!["ALL".to_string()]),
+            security_opt: Some(vec!["no-new-privileges".to_string()]),
+            readonly_rootfs: Some(true),
+            network_mode: Some("none".to_string()),
+            ipc_mode: Some("private".to_string()),
+            init: Some(true),
+            tmpfs: Some(tmpfs),
+            mounts: Some(mounts),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(self.settings.image.clone()),
+            user: Some(IDLE_USER.to_string()),
+            hostname: Some("sandbox".to_string()),
+            env: Some(vec![
+                SANDBOX_PATH.to_string(),
+                "HOME=/workspace".to_string(),
+                "LANG=C.UTF-8".to_string(),
+            ]),
+            entrypoint: Some(vec!["sleep".to_string(), "infinity".to_string()]),
+            cmd: Some(Vec::new()),
+            working_dir: Some("/workspace".to_string()),
+            labels: Some(labels),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::default().name(name).build();
+        let created = self.docker.create_container(Some(options), body).await.map_err(|e| match e {
+            BollardError::DockerResponseServerError { status_code: 404, .. } => {
+                SandboxError::Unavailable(format!(
+                    "sandbox image {} is missing (run `moltmate sandbox build`)",
+                    self.settings.image
+                ))
+            }
+            e => docker_err("creating sandbox", e),
+        })?;
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            let _ = self.remove_container(name).await;
+            return Err(docker_err("starting sandbox", e));
+        }
+        tracing::debug!(container = %name, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox created");
+        self.lock_live().insert(
+            name.to_string(),
+            Live {
+                id: created.id.clone(),
+                user: request.user.to_string(),
+                limits: Some(limits.clone()),
+                last_used: Instant::now(),
+                busy: 0,
+                oom_kills: 0,
+            },
+        );
+        Ok(created.id)
+    }
+
+    fn mark(&self, name: &str, busy: bool) {
+        if let Some(live) = self.lock_live().get_mut(name) {
+            if busy {
+                live.busy += 1;
+            } else {
+                live.busy = live.busy.saturating_sub(1);
+            }
+            live.last_used = Instant::now();
+        }
+    }
+
+    /// Runs a helper command as the sandbox user and returns its stdout (small, bounded).
+    async fn helper(&self, id: &str, script: &str) -> Result<(Option<i64>, String), RunError> {
+        let options = CreateExecOptions {
+            cmd: Some(vec!["/bin/sh".to_string(), "-c".to_string(), script.to_string()]),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            user: Some(EXEC_USER.to_string()),
+            working_dir: Some("/".to_string()),
+            ..Default::default()
+        };
+        let exec = self.docker.create_exec(id, options).await.map_err(map_run_err)?;
+        let mut out = Vec::new();
+        if let StartExecResults::Attached { mut output, .. } =
+            self.docker.start_exec(&exec.id, None).await.map_err(map_run_err)?
+        {
+            let read = async {
+                while let Some(Ok(chunk)) = output.next().await {
+                    if let LogOutput::StdOut { message } = chunk {
+                        if out.len() < 64 * 1024 {
+                            out.extend_from_slice(&message);
+                        }
+                    }
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(10), read).await.is_err() {
+                return Err(RunError::Failed(backend_err("sandbox helper command hung")));
+            }
+        }
+        let inspected = self.docker.inspect_exec(&exec.id).await.map_err(map_run_err)?;
+        Ok((inspected.exit_code, String::from_utf8_lossy(&out).into_owned()))
+    }
+
+    /// The container's OOM-kill counter, if readable.
+    async fn oom_kills(&self, id: &str) -> Option<u64> {
+        let (_, text) = self.helper(id, OOM_COUNTER_SCRIPT).await.ok()?;
+        text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok())
+    }
+
+    async fn run_in(&self, name: &str, id: &str, request: &ExecRequest, started: Instant) -> Result<ExecOutput, RunError> {
+        let argv = match &request.command {
+            ExecCommand::Argv(argv) => argv.clone(),
+            ExecCommand::Shell(script) => vec!["/bin/sh".to_string(), "-c".to_string(), script.clone()],
+        };
+        if argv.is_empty() || argv[0].is_empty() {
+            return Ok(ExecOutput {
+                exit_code: Some(127),
+                stdout: String::new(),
+                stderr: "empty command".to_string(),
+                truncated: false,
+                timed_out: false,
+                duration: started.elapsed(),
+            });
+        }
+        let options = CreateExecOptions {
+            cmd: Some(argv),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            user: Some(EXEC_USER.to_string()),
+            working_dir: Some("/workspace".to_string()),
+            ..Default::default()
+        };
+        let exec = self.docker.create_exec(id, options).await.map_err(map_run_err)?;
+        let deadline = tokio::time::Instant::from_std(started + request.timeout);
+        let cap = usize::try_from(request.profile.limits.output_bytes).unwrap_or(usize::MAX);
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let mut truncated = false;
+        let mut timed_out = false;
+
+        match self.docker.start_exec(&exec.id, None).await.map_err(map_run_err)? {
+            StartExecResults::Attached { mut output, .. } => loop {
+                match tokio::time::timeout_at(deadline, output.next()).await {
+                    Err(_) => {
+                        timed_out = true;
+                        break;
+                    }
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        return Err(RunError::Failed(docker_err("reading command output", e)))
+                    }
+                    Ok(Some(Ok(chunk))) => {
+                        let room = cap.saturating_sub(stdout.len() + stderr.len());
+                        let (buf, message) = match chunk {
+                            LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                                (&mut stdout, message)
+                            }
+                            LogOutput::StdErr { message } => (&mut stderr, message),
+                            LogOutput::StdIn { .. } => continue,
+                        };
+                        if message.len() > room {
+                            truncated = true;
+                        }
+                        buf.extend_from_slice(&message[..message.len().min(room)]);
+                    }
+                }
+            },
+            StartExecResults::Detached => {
+                return Err(RunError::Failed(backend_err("exec started detached")));
+            }
+        }
+
+        let mut exit_code = None;
+        if timed_out {
+            match self.helper(id, KILL_ALL_SCRIPT).await {
+                Ok((Some(0), _)) => {}
+                Ok(_) => tracing::warn!(container = %name, "processes survived the timeout kill; removing the sandbox"),
+                Err(_) => tracing::warn!(container = %name, "timeout kill failed; removing the sandbox"),
+            }
+        } else {
+            // The stream ends when the process closes its output; the exit code follows shortly.
+            for _ in 0..50 {
+                let inspected = self.docker.inspect_exec(&exec.id).await.map_err(map_run_err)?;
+                if inspected.running != Some(true) {
+                    exit_code = inspected.exit_code.and_then(|c| i32::try_from(c).ok());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        // A SIGKILL'd command (137) may be the memory limit: compare the OOM counter.
+        let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
+        if exit_code == Some(137) || timed_out {
+            if let Some(kills) = self.oom_kills(id).await {
+                let before = self
+                    .lock_live()
+                    .get_mut(name)
+                    .map(|l| std::mem::replace(&mut l.oom_kills, kills))
+                    .unwrap_or(0);
+                if kills > before {
+                    exit_code = None;
+                    stderr.push_str(&format!(
+                        "\n[moltmate: killed: out of memory (limit {} MiB)]",
+                        request.profile.limits.memory_bytes / (1024 * 1024)
+                    ));
+                }
+            }
+        }
+        Ok(ExecOutput {
+            exit_code,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr,
+            truncated,
+            timed_out,
+            duration: started.elapsed(),
+        })
+    }
+
+    async fn exec_task(&self, request: &ExecRequest, started: Instant) -> Result<ExecOutput, SandboxError> {
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        let name = self.container_name(request, Some(&nonce));
+        let result = async {
+            let id = self.ensure_container(request, &name).await?;
+            match self.run_in(&name, &id, request, started).await {
+                Ok(out) => Ok(out),
+                Err(RunError::Gone) => Err(backend_err("sandbox vanished while running")),
+                Err(RunError::Failed(e)) => Err(e),
+            }
+        }
+        .await;
+        self.remove_container(&name).await?;
+        let mut locks = self.create_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.remove(&name);
+        result
+    }
+}
+
+fn map_run_err(e: BollardError) -> RunError {
+    if is_gone(&e) {
+        RunError::Gone
+    } else {
+        RunError::Failed(docker_err("running command", e))
+    }
+}
+
+fn check_network(request: &ExecRequest) -> Result<(), SandboxError> {
+    match request.profile.network {
+        SandboxNetwork::None => Ok(()),
+        SandboxNetwork::Proxy => Err(SandboxError::Unavailable(
+            "proxy networking not available".to_string(),
+        )),
+    }
+}
+
+fn bind(source: &Path, target: &str, read_only: bool) -> Mount {
+    Mount {
+        target: Some(target.to_string()),
+        source: Some(source.to_string_lossy().into_owned()),
+        typ: Some(MountType::BIND),
+        read_only: Some(read_only),
+        ..Default::default()
+    }
+}
+
+fn chown_dir(dir: &Path) -> Result<(), SandboxError> {
+    let uid = rustix::process::Uid::from_raw(disk::SANDBOX_UID);
+    let gid = rustix::process::Gid::from_raw(disk::SANDBOX_UID);
+    rustix::fs::chown(dir, Some(uid), Some(gid))
+        .map_err(|e| backend_err(format!("cannot chown {}: {e}", dir.display())))
+}
+
+fn parse_limits(labels: &HashMap<String, String>) -> Option<SandboxLimits> {
+    labels.get(LABEL_LIMITS).and_then(|l| serde_json::from_str(l).ok())
+}
+
+#[async_trait::async_trait]
+impl Sandbox for DockerSandbox {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
+        let started = Instant::now();
+        check_network(&request)?;
+        self.recover().await?;
+        if self.settings.scope == SandboxScope::Task {
+            return self.exec_task(&request, started).await;
+        }
+        let name = self.container_name(&request, None);
+        for attempt in 0..2 {
+            let id = self.ensure_container(&request, &name).await?;
+            self.mark(&name, true);
+            let result = self.run_in(&name, &id, &request, started).await;
+            self.mark(&name, false);
+            match result {
+                Ok(out) => return Ok(out),
+                Err(RunError::Gone) if attempt == 0 => {
+                    tracing::info!(container = %name, "sandbox disappeared; recreating");
+                    self.lock_live().remove(&name);
+                }
+                Err(RunError::Gone) => return Err(backend_err("sandbox disappeared twice in a row")),
+                Err(RunError::Failed(e)) => return Err(e),
+            }
+        }
+        Err(backend_err("sandbox disappeared"))
+    }
+
+    async fn list(&self) -> Result<Vec<SandboxInfo>, SandboxError> {
+        let filters = vec![format!("{LABEL_MANAGED}=true")];
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let live = self.lock_live().clone();
+        let mut out = Vec::new();
+        for (name, summary) in self.list_managed(filters).await? {
+            let labels = summary.labels.clone().unwrap_or_default();
+            let running =
+                summary.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
+            let known = live.get(&name);
+            let mut state = match (running, known) {
+                (true, Some(l)) if l.busy > 0 => "running".to_string(),
+                (true, _) => "idle".to_string(),
+                (false, _) => summary.state.map(|s| s.to_string()).unwrap_or_default(),
+            };
+            if labels.get(LABEL_DISK_CAP).map(String::as_str) == Some("off") {
+                state.push_str(" (no disk cap)");
+            }
+            let idle_seconds = match known {
+                Some(l) if l.busy > 0 => Some(0),
+                Some(l) => Some(l.last_used.elapsed().as_secs()),
+                None => summary.created.map(|c| now.saturating_sub(u64::try_from(c).unwrap_or(0))),
+            };
+            out.push(SandboxInfo {
+                user: labels.get(LABEL_USER).cloned().or_else(|| known.map(|l| l.user.clone())).unwrap_or_default(),
+                limits: known.and_then(|l| l.limits.clone()).or_else(|| parse_limits(&labels)),
+                name,
+                backend: BACKEND,
+                state,
+                idle_seconds,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn prune(&self, idle: Duration) -> Result<Vec<String>, SandboxError> {
+        self.recover().await?;
+        let mut removed = Vec::new();
+        let infos = self.list().await?;
+        let filters = vec![format!("{LABEL_MANAGED}=true")];
+        let digests: HashMap<String, Option<String>> = self
+            .list_managed(filters)
+            .await?
+            .into_iter()
+            .map(|(n, s)| (n, s.labels.and_then(|mut l| l.remove(LABEL_CONFIG_DIGEST))))
+            .collect();
+        for info in infos {
+            let busy = self.lock_live().get(&info.name).is_some_and(|l| l.busy > 0);
+            if busy {
+                continue;
+            }
+            let stale = digests.get(&info.name).and_then(|d| d.as_deref())
+                != Some(self.settings.config_digest.as_str());
+            let idle_long = info.idle_seconds.is_none_or(|s| s >= idle.as_secs());
+            if stale || idle_long {
+                self.remove_container(&info.name).await?;
+                removed.push(info.name);
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn end_session(&self, user: &UserId, session_id: &str) -> Result<(), SandboxError> {
+        let filters = vec![
+            format!("{LABEL_MANAGED}=true"),
+            format!("{LABEL_USER}={}", user.as_str()),
+            format!("{LABEL_SCOPE}=session"),
+            format!("{LABEL_SESSION}={session_id}"),
+        ];
+        for (name, _) in self.list_managed(filters).await? {
+            self.remove_container(&name).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,321 @@
+//! Per-user disk cap on the home directory, usable by every backend.
+//!
+//! Each user's home is backed by a sparse ext4 image, `state_dir/disks/<user>.img`, loop-mounted
+//! over the home (`-o loop,nosuid,nodev`) before any sandbox sees it. Whatever a sandboxed
+//! command writes to `/workspace` therefore lands in a filesystem of exactly `cap_bytes`, and a
+//! disk-filling command gets `ENOSPC` instead of filling the host.
+//!
+//! * **The image is the truth.** On the first call for a user the existing contents of the home
+//!   are copied into the fresh image and then removed from the underlying directory (they would
+//!   otherwise be hidden under the mount yet still consume host space). After a host reboot the
+//!   image is simply mounted again.
+//! * **Growth.** When the cap grows, the image file is extended and the mounted filesystem is
+//!   grown online (`losetup -c` + `resize2fs`). A shrinking cap is not applied: shrinking ext4
+//!   needs the filesystem offline and could lose data; the old, larger size stays in force and
+//!   a warning is logged.
+//! * **Ownership.** The filesystem root is owned by uid/gid 1000 (the sandbox user `agent`), and
+//!   migrated files are handed to it too, so the sandbox can write its own home.
+//! * **Needs root.** Loop mounts need `CAP_SYS_ADMIN`. Without root a warning is logged once, the
+//!   home is used as is, and [`DiskCap::enforced`] is `false` (backends report this in `list`).
+//!
+//! The helpers shell out to `mkfs.ext4`, `mount`, `umount`, `losetup`, `resize2fs` and `cp`
+//! (e2fsprogs, util-linux, coreutils): they are the supported interfaces for these operations.
+//! All calls are blocking; async callers should use `tokio::task::spawn_blocking`.
+
+use moltmate_core::sandbox::SandboxError;
+use moltmate_core::UserId;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// The uid and gid of the sandbox user `agent` in the sandbox image.
+pub const SANDBOX_UID: u32 = 1000;
+
+/// ext4 needs some room for its own metadata; smaller caps are raised to this.
+pub const MIN_CAP_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Serialises volume set-up in this process: two concurrent first calls for one user must not
+/// both migrate and mount.
+static VOLUME_LOCK: Mutex<()> = Mutex::new(());
+static WARNED_NOT_ROOT: AtomicBool = AtomicBool::new(false);
+
+/// The state of one user's disk cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskCap {
+    /// `true` when writes to the home are really bounded by `cap_bytes`.
+    pub enforced: bool,
+    /// Size of the filesystem backing the home (0 when not enforced).
+    pub cap_bytes: u64,
+    /// The backing image, when enforced.
+    pub image: Option<PathBuf>,
+    /// Why the cap is not enforced, when it is not.
+    pub reason: Option<String>,
+}
+
+impl DiskCap {
+    fn not_enforced(reason: &str) -> Self {
+        DiskCap { enforced: false, cap_bytes: 0, image: None, reason: Some(reason.to_string()) }
+    }
+}
+
+fn err(detail: impl Into<String>) -> SandboxError {
+    SandboxError::Backend { backend: "disk", detail: detail.into() }
+}
+
+/// Whether this process may loop-mount (effective uid 0).
+pub fn can_enforce() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Makes sure `home` is backed by a capped ext4 image of (at least) `cap_bytes` and mounted.
+///
+/// Idempotent and cheap when the image is already mounted at `home` (one read of
+/// `/proc/self/mountinfo`). `cap_bytes == 0` means "no cap". Without root the call succeeds with
+/// `enforced: false` after logging a warning once.
+pub fn ensure_user_volume(
+    state_dir: &Path,
+    home: &Path,
+    user: &UserId,
+    cap_bytes: u64,
+) -> Result<DiskCap, SandboxError> {
+    if cap_bytes == 0 {
+        return Ok(DiskCap::not_enforced("no disk cap configured"));
+    }
+    if !can_enforce() {
+        if !WARNED_NOT_ROOT.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "sandbox disk caps need root (loop mounts); running without a per-user disk cap"
+            );
+        }
+        return Ok(DiskCap::not_enforced("disk cap needs root"));
+    }
+    let cap_bytes = cap_bytes.max(MIN_CAP_BYTES);
+    // A poisoned lock only means another set-up panicked; the on-disk state is re-read anyway.
+    let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+
+    fs::create_dir_all(home).map_err(|e| err(format!("cannot create home {}: {e}", home.display())))?;
+    let home = fs::canonicalize(home)
+        .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
+    let disks = state_dir.join("disks");
+    fs::create_dir_all(&disks)
+        .map_err(|e| err(format!("cannot create {}: {e}", disks.display())))?;
+    set_mode(&disks, 0o700)?;
+    let image = disks.join(format!("{}.img", user.as_str()));
+
+    if let Some(source) = mounted_source(&home)? {
+        let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
+        if cap_bytes > size && size > 0 {
+            grow_mounted(&image, &source, &home, cap_bytes)?;
+        } else if cap_bytes < size {
+            tracing::warn!(user = %user, "disk cap lowered; keeping the larger existing image (shrinking needs the filesystem offline)");
+        }
+        let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(cap_bytes);
+        return Ok(DiskCap { enforced: true, cap_bytes: size, image: Some(image), reason: None });
+    }
+
+    if !image.exists() {
+        create_image(&image, cap_bytes)?;
+        migrate_into(&image, &home, &disks, user)?;
+    } else {
+        let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
+        if cap_bytes > size {
+            grow_offline(&image, cap_bytes)?;
+        }
+    }
+    run(Command::new("mount")
+        .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
+        .arg(&image)
+        .arg(&home))?;
+    let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(cap_bytes);
+    tracing::info!(user = %user, cap_bytes = size, "user home mounted on its capped volume");
+    Ok(DiskCap { enforced: true, cap_bytes: size, image: Some(image), reason: None })
+}
+
+/// Unmounts the user's capped volume (for deleting a user or tests). The image stays.
+pub fn release_user_volume(home: &Path) -> Result<(), SandboxError> {
+    let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let home = fs::canonicalize(home)
+        .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
+    if mounted_source(&home)?.is_some() {
+        run(Command::new("umount").arg(&home))?;
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| err(format!("cannot chmod {}: {e}", path.display())))
+}
+
+fn create_image(image: &Path, cap_bytes: u64) -> Result<(), SandboxError> {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(image)
+        .map_err(|e| err(format!("cannot create {}: {e}", image.display())))?;
+    // Sparse: only blocks actually written use host space.
+    file.set_len(cap_bytes).map_err(|e| err(format!("cannot size {}: {e}", image.display())))?;
+    drop(file);
+    set_mode(image, 0o600)?;
+    let owner = format!("root_owner={SANDBOX_UID}:{SANDBOX_UID}");
+    // -m 0: no blocks reserved for root (nobody is root in the sandbox).
+    let made = run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0", "-E", &owner])
+        .arg(image));
+    if made.is_err() {
+        // Do not leave a half-made image that would be mounted as "the truth" next time.
+        let _ = fs::remove_file(image);
+    }
+    made
+}
+
+/// Copies the current home into the fresh image, then clears the underlying directory.
+fn migrate_into(image: &Path, home: &Path, disks: &Path, user: &UserId) -> Result<(), SandboxError> {
+    let has_content = fs::read_dir(home)
+        .map_err(|e| err(format!("cannot read {}: {e}", home.display())))?
+        .next()
+        .is_some();
+    if !has_content {
+        return Ok(());
+    }
+    let staging = disks.join(format!(".migrate-{}", user.as_str()));
+    fs::create_dir_all(&staging)
+        .map_err(|e| err(format!("cannot create {}: {e}", staging.display())))?;
+    run(Command::new("mount")
+        .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
+        .arg(image)
+        .arg(&staging))?;
+    let mut src = home.as_os_str().to_owned();
+    src.push("/.");
+    let copied = run(Command::new("cp").arg("-a").arg(&src).arg(&staging)).and_then(|()| {
+        run(Command::new("chown")
+            .arg("-R")
+            .arg(format!("{SANDBOX_UID}:{SANDBOX_UID}"))
+            .arg(&staging))
+    });
+    let unmounted = run(Command::new("umount").arg(&staging));
+    let _ = fs::remove_dir(&staging);
+    if let Err(e) = copied {
+        // Keep the originals; a fresh (empty) image must not become the truth.
+        let _ = fs::remove_file(image);
+        return Err(e);
+    }
+    unmounted?;
+    for entry in fs::read_dir(home).map_err(|e| err(format!("cannot read {}: {e}", home.display())))? {
+        let entry = entry.map_err(|e| err(format!("cannot read {}: {e}", home.display())))?;
+        let path = entry.path();
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        let removed = if is_dir { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        removed.map_err(|e| err(format!("cannot clear migrated {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+fn grow_offline(image: &Path, cap_bytes: u64) -> Result<(), SandboxError> {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .map_err(|e| err(format!("cannot open {}: {e}", image.display())))?;
+    file.set_len(cap_bytes).map_err(|e| err(format!("cannot grow {}: {e}", image.display())))?;
+    drop(file);
+    run(Command::new("e2fsck").args(["-f", "-p"]).arg(image))?;
+    run(Command::new("resize2fs").arg(image))
+}
+
+fn grow_mounted(image: &Path, loopdev: &str, home: &Path, cap_bytes: u64) -> Result<(), SandboxError> {
+    if !loopdev.starts_with("/dev/loop") {
+        return Err(err(format!("{} is not mounted from a loop device", home.display())));
+    }
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .map_err(|e| err(format!("cannot open {}: {e}", image.display())))?;
+    file.set_len(cap_bytes).map_err(|e| err(format!("cannot grow {}: {e}", image.display())))?;
+    drop(file);
+    run(Command::new("losetup").arg("-c").arg(loopdev))?;
+    run(Command::new("resize2fs").arg(loopdev))
+}
+
+/// The source device of the ext4 mount at exactly `path`, if any.
+fn mounted_source(path: &Path) -> Result<Option<String>, SandboxError> {
+    let info = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| err(format!("cannot read /proc/self/mountinfo: {e}")))?;
+    Ok(find_mount(&info, path))
+}
+
+/// Parses mountinfo: `id parent maj:min root mountpoint opts [optional...] - fstype source super`.
+/// The last matching line wins (it is the top of the mount stack).
+fn find_mount(mountinfo: &str, path: &Path) -> Option<String> {
+    let wanted = escape_mountinfo(&path.to_string_lossy());
+    let mut found = None;
+    for line in mountinfo.lines() {
+        let mut fields = line.split(' ');
+        let mountpoint = fields.nth(4);
+        if mountpoint != Some(wanted.as_str()) {
+            continue;
+        }
+        let mut rest = line.split(" - ").nth(1).unwrap_or("").split(' ');
+        let fstype = rest.next();
+        let source = rest.next();
+        found = match (fstype, source) {
+            (Some("ext4"), Some(source)) => Some(source.to_string()),
+            _ => None,
+        };
+    }
+    found
+}
+
+fn escape_mountinfo(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            ' ' => out.push_str("\\040"),
+            '\t' => out.push_str("\\011"),
+            '\n' => out.push_str("\\012"),
+            '\\' => out.push_str("\\134"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn run(cmd: &mut Command) -> Result<(), SandboxError> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .map_err(|e| err(format!("cannot run {program}: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(err(format!("{program} failed ({}): {}", out.status, stderr.trim())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_top_ext4_mount() {
+        let info = "36 35 98:0 / /mnt/home\\040x rw - ext4 /dev/loop3 rw\n\
+                    40 35 98:0 / /other rw shared:1 - ext4 /dev/sda1 rw\n";
+        assert_eq!(find_mount(info, Path::new("/mnt/home x")), Some("/dev/loop3".into()));
+        assert_eq!(find_mount(info, Path::new("/mnt/home")), None);
+        let stacked = "1 0 1:1 / /h rw - ext4 /dev/loop1 rw\n2 1 1:2 / /h rw - tmpfs tmpfs rw\n";
+        assert_eq!(find_mount(stacked, Path::new("/h")), None);
+    }
+
+    #[test]
+    fn zero_cap_is_not_enforced() {
+        let dir = std::env::temp_dir();
+        let user = UserId::new("nobody-zero").unwrap();
+        let cap = ensure_user_volume(&dir, &dir, &user, 0).unwrap();
+        assert!(!cap.enforced);
+    }
+}
