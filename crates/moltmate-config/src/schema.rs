@@ -1,0 +1,888 @@
+//! The typed shape of `moltmate.json`: one struct per section, camelCase keys, unknown keys
+//! refused, every key optional with the default documented on its field.
+//!
+//! Types from `moltmate-core` are used directly where they fit (`ExecSecurity`,
+//! `WorkspaceAccess`, `SandboxNetwork`, `UserId`, `Identity`); conversions to the settings
+//! structs other crates take live next to the section they convert.
+
+use crate::secret::Secret;
+use moltmate_core::sandbox::{
+    ExecSecurity, ExecSettings, SandboxLimits, SandboxNetwork, SandboxProfile, WorkspaceAccess,
+};
+use moltmate_core::{Identity, UserId};
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+/// The whole configuration. Every field is public; `Debug` is safe to log (secrets redacted).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub model: ModelConfig,
+    /// Configured providers by name; the builtins `anthropic` and `openai` exist even if absent.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub channels: ChannelsConfig,
+    pub sandbox: SandboxConfig,
+    pub tools: ToolsConfig,
+    pub logging: LoggingConfig,
+    pub onboarding: OnboardingConfig,
+    pub session: SessionConfig,
+    /// Families by name. A user belongs to at most one family.
+    pub families: BTreeMap<String, FamilyConfig>,
+    /// Known users by id.
+    pub users: BTreeMap<UserId, UserConfig>,
+    /// API keys found in the environment at load time (`ANTHROPIC_API_KEY`, `OPENAI_API_KEY`),
+    /// used by providers without an `apiKey`. Not a file key.
+    #[serde(skip)]
+    pub(crate) env_keys: EnvKeys,
+}
+
+/// Provider API keys taken from the environment, by API kind.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct EnvKeys {
+    pub(crate) anthropic: Option<Secret>,
+    pub(crate) openai: Option<Secret>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// gateway
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayConfig {
+    /// Address to listen on. Default `127.0.0.1`; anything else requires `auth.token`.
+    #[serde(deserialize_with = "de_ip")]
+    pub bind: IpAddr,
+    /// Default 18790.
+    #[serde(deserialize_with = "de_port")]
+    pub port: u16,
+    pub auth: GatewayAuthConfig,
+    pub rate_limit: RateLimitConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 18790,
+            auth: GatewayAuthConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayAuthConfig {
+    /// Bearer token for the gateway's admin/API surface.
+    pub token: Option<Secret>,
+}
+
+/// Per-user request rate limit (token bucket).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitConfig {
+    /// Default 100.
+    pub per_minute: u32,
+    /// Default 50.
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            per_minute: 100,
+            burst: 50,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// model and providers
+
+/// A `provider/model` reference, e.g. `anthropic/claude-sonnet-4-5`. The model part may itself
+/// contain `/` (`openrouter/meta-llama/llama-3`); the provider is everything before the first.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelRef {
+    pub provider: String,
+    pub model: String,
+}
+
+impl fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.provider, self.model)
+    }
+}
+
+impl ModelRef {
+    /// Parses `provider/model`; both parts non-empty, no whitespace.
+    pub fn parse(raw: &str) -> Option<ModelRef> {
+        let (provider, model) = raw.split_once('/')?;
+        let ok = !provider.is_empty() && !model.is_empty() && !raw.chars().any(char::is_whitespace);
+        ok.then(|| ModelRef {
+            provider: provider.to_string(),
+            model: model.to_string(),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ModelRef;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"provider/model\", e.g. \"anthropic/claude-sonnet-4-5\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ModelRef, E> {
+                ModelRef::parse(v).ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ModelConfig {
+    /// Default `anthropic/claude-sonnet-4-5`.
+    pub primary: ModelRef,
+    /// Tried in order when the primary fails with a fall-back-worthy error. Default empty.
+    pub fallbacks: Vec<ModelRef>,
+    /// Model/tool round trips per message. Default 8.
+    pub max_tool_iterations: u32,
+    /// Default 4096.
+    pub max_output_tokens: u32,
+    /// Default 120.
+    pub request_timeout_seconds: u64,
+    /// Retries of a retryable provider error before falling back. Default 2; 0 allowed.
+    pub max_retries: u32,
+    /// Default 200000.
+    pub context_window_tokens: u32,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            primary: ModelRef {
+                provider: "anthropic".to_string(),
+                model: "claude-sonnet-4-5".to_string(),
+            },
+            fallbacks: Vec::new(),
+            max_tool_iterations: 8,
+            max_output_tokens: 4096,
+            request_timeout_seconds: 120,
+            max_retries: 2,
+            context_window_tokens: 200_000,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_seconds)
+    }
+}
+
+/// The wire protocol a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderApi {
+    /// Anthropic Messages API.
+    Anthropic,
+    /// OpenAI Chat Completions (and compatible servers: Ollama, vLLM, OpenRouter...).
+    Openai,
+}
+
+impl ProviderApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderApi::Anthropic => "anthropic",
+            ProviderApi::Openai => "openai",
+        }
+    }
+
+    /// Where the provider lives when no `baseUrl` is configured.
+    pub fn default_base_url(self) -> &'static str {
+        match self {
+            ProviderApi::Anthropic => "https://api.anthropic.com",
+            ProviderApi::Openai => "https://api.openai.com/v1",
+        }
+    }
+
+    /// The environment variable whose value is the key when no `apiKey` is configured.
+    pub fn key_env_var(self) -> &'static str {
+        match self {
+            ProviderApi::Anthropic => "ANTHROPIC_API_KEY",
+            ProviderApi::Openai => "OPENAI_API_KEY",
+        }
+    }
+
+    /// The builtin provider of this name, if any.
+    pub fn builtin(name: &str) -> Option<ProviderApi> {
+        match name {
+            "anthropic" => Some(ProviderApi::Anthropic),
+            "openai" => Some(ProviderApi::Openai),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProviderConfig {
+    /// Required unless the provider is named like a builtin (`anthropic`, `openai`).
+    pub api: Option<ProviderApi>,
+    /// Default: the API's public endpoint.
+    pub base_url: Option<String>,
+    /// Default: `ANTHROPIC_API_KEY` / `OPENAI_API_KEY` from the environment, by `api`.
+    pub api_key: Option<Secret>,
+}
+
+/// A provider with everything defaulted: what the providers crate needs to build a client.
+#[derive(Debug, Clone)]
+pub struct ResolvedProvider {
+    pub name: String,
+    pub api: ProviderApi,
+    pub base_url: String,
+    /// `None` when neither the file nor the environment gives a key (a local server may not
+    /// need one).
+    pub api_key: Option<Secret>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// channels
+
+/// How much a user is trusted; decides tools, sandbox profile and what the assistant may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrustLevel {
+    /// The operator.
+    Owner,
+    Family,
+    Friend,
+    /// Someone let in without being known (open DMs, fresh pairing).
+    Stranger,
+    /// Explicitly limited.
+    Restricted,
+}
+
+impl TrustLevel {
+    pub const ALL: [TrustLevel; 5] = [
+        TrustLevel::Owner,
+        TrustLevel::Family,
+        TrustLevel::Friend,
+        TrustLevel::Stranger,
+        TrustLevel::Restricted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrustLevel::Owner => "owner",
+            TrustLevel::Family => "family",
+            TrustLevel::Friend => "friend",
+            TrustLevel::Stranger => "stranger",
+            TrustLevel::Restricted => "restricted",
+        }
+    }
+}
+
+impl fmt::Display for TrustLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ChannelsConfig {
+    pub telegram: TelegramConfig,
+    pub web: WebChannelConfig,
+    pub local: LocalChannelConfig,
+}
+
+/// Who may talk to the assistant in Telegram direct messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DmPolicy {
+    /// Unknown senders get a pairing code the owner must approve. Default.
+    #[default]
+    Pairing,
+    /// Only `allowFrom` senders; others are ignored.
+    Allowlist,
+    /// Anyone. Requires `allowFrom` to contain `"*"` as explicit consent.
+    Open,
+    /// No direct messages at all.
+    Disabled,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct TelegramConfig {
+    /// Default: enabled iff `botToken` is set. Use [`TelegramConfig::is_enabled`].
+    pub enabled: Option<bool>,
+    pub bot_token: Option<Secret>,
+    /// Default `https://api.telegram.org`.
+    pub api_url: String,
+    pub dm_policy: DmPolicy,
+    /// Telegram user ids (numbers are normalised to strings) or `"*"`.
+    #[serde(deserialize_with = "de_allow_from")]
+    pub allow_from: Vec<String>,
+    /// Long-poll timeout. Default 30.
+    pub poll_timeout_seconds: u64,
+    /// Trust of Telegram users not listed under `users`. Default `stranger`: a Telegram sender
+    /// is only as trusted as the owner says in `users.<id>.trust`.
+    pub default_trust: TrustLevel,
+}
+
+impl Default for TelegramConfig {
+    fn default() -> Self {
+        TelegramConfig {
+            enabled: None,
+            bot_token: None,
+            api_url: "https://api.telegram.org".to_string(),
+            dm_policy: DmPolicy::Pairing,
+            allow_from: Vec::new(),
+            poll_timeout_seconds: 30,
+            default_trust: TrustLevel::Stranger,
+        }
+    }
+}
+
+impl TelegramConfig {
+    /// The effective `enabled`: explicit value, else whether a bot token is configured.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(self.bot_token.is_some())
+    }
+
+    /// Whether `allowFrom` lists this sender (or `"*"`).
+    pub fn allows(&self, peer: &str) -> bool {
+        self.allow_from
+            .iter()
+            .any(|entry| entry == "*" || entry == peer)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebChannelConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Default `friend`.
+    pub default_trust: TrustLevel,
+}
+
+impl Default for WebChannelConfig {
+    fn default() -> Self {
+        WebChannelConfig {
+            enabled: true,
+            default_trust: TrustLevel::Friend,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalChannelConfig {
+    /// Default `owner`: the local terminal is the operator.
+    pub default_trust: TrustLevel,
+}
+
+impl Default for LocalChannelConfig {
+    fn default() -> Self {
+        LocalChannelConfig {
+            default_trust: TrustLevel::Owner,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sandbox
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxBackend {
+    /// Docker if reachable, else bubblewrap. Default.
+    #[default]
+    Auto,
+    Docker,
+    Bwrap,
+}
+
+/// What runs in the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxMode {
+    /// Every command and file tool. Default.
+    #[default]
+    All,
+    /// Only `exec`.
+    Tools,
+    /// Nothing: commands run on the host. Requires `dangerouslyAllowHostExec: true`.
+    None,
+}
+
+/// How long a sandbox lives / what it is shared by (never by two users).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxScope {
+    /// One per conversation session. Default.
+    #[default]
+    Session,
+    /// One per user, reused across sessions.
+    User,
+    /// A fresh one per command.
+    Task,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SandboxConfig {
+    pub backend: SandboxBackend,
+    pub mode: SandboxMode,
+    pub scope: SandboxScope,
+    /// Default `rw`.
+    pub workspace_access: WorkspaceAccess,
+    /// Default `none`.
+    pub network: SandboxNetwork,
+    /// Hosts reachable through the proxy when `network` is `proxy`. Default empty.
+    pub allowed_domains: Vec<String>,
+    /// Default `moltmate-sandbox:bookworm-slim`.
+    pub image: String,
+    /// Docker endpoint; default: the Docker client's own default.
+    pub docker_host: Option<String>,
+    /// Consent for `mode: "none"`. Default false.
+    pub dangerously_allow_host_exec: bool,
+    /// Sandboxes kept started ahead of need. Default 1.
+    pub warm_pool: u32,
+    pub limits: SandboxLimitsConfig,
+    pub prune: SandboxPruneConfig,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            backend: SandboxBackend::Auto,
+            mode: SandboxMode::All,
+            scope: SandboxScope::Session,
+            workspace_access: WorkspaceAccess::Rw,
+            network: SandboxNetwork::None,
+            allowed_domains: Vec::new(),
+            image: "moltmate-sandbox:bookworm-slim".to_string(),
+            docker_host: None,
+            dangerously_allow_host_exec: false,
+            warm_pool: 1,
+            limits: SandboxLimitsConfig::default(),
+            prune: SandboxPruneConfig::default(),
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// The default profile of a sandbox, in core's terms.
+    pub fn profile(&self) -> SandboxProfile {
+        SandboxProfile {
+            workspace_access: self.workspace_access,
+            network: self.network.clone(),
+            limits: self.limits.to_core(),
+        }
+    }
+}
+
+/// Resource limits in operator units (MB, KB, CPUs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SandboxLimitsConfig {
+    /// Default 512.
+    pub memory_mb: u64,
+    /// Fractional CPUs. Default 1.0.
+    pub cpus: f64,
+    /// Default 128.
+    pub pids: u32,
+    /// Default 1024.
+    pub disk_mb: u64,
+    /// Default 64.
+    pub tmp_mb: u64,
+    /// Default 64.
+    pub output_kb: u64,
+}
+
+impl Default for SandboxLimitsConfig {
+    fn default() -> Self {
+        SandboxLimitsConfig {
+            memory_mb: 512,
+            cpus: 1.0,
+            pids: 128,
+            disk_mb: 1024,
+            tmp_mb: 64,
+            output_kb: 64,
+        }
+    }
+}
+
+impl SandboxLimitsConfig {
+    /// Core's byte/millicpu limits. Validation has bounded every value, so nothing overflows;
+    /// saturating arithmetic keeps that true even for a hand-built struct.
+    pub fn to_core(&self) -> SandboxLimits {
+        const MIB: u64 = 1024 * 1024;
+        let cpu_millis = (self.cpus * 1000.0).round();
+        SandboxLimits {
+            memory_bytes: self.memory_mb.saturating_mul(MIB),
+            // `as` saturates for floats (NaN -> 0); validation keeps cpus in (0, 1024].
+            cpu_millis: cpu_millis as u32,
+            pids: self.pids,
+            disk_bytes: self.disk_mb.saturating_mul(MIB),
+            tmp_bytes: self.tmp_mb.saturating_mul(MIB),
+            output_bytes: self.output_kb.saturating_mul(1024),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SandboxPruneConfig {
+    /// Remove sandboxes idle this long. Default 30.
+    pub idle_minutes: u64,
+}
+
+impl Default for SandboxPruneConfig {
+    fn default() -> Self {
+        SandboxPruneConfig { idle_minutes: 30 }
+    }
+}
+
+impl SandboxPruneConfig {
+    pub fn idle(&self) -> Duration {
+        Duration::from_secs(self.idle_minutes.saturating_mul(60))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// tools
+
+/// The tools the gateway knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolName {
+    Read,
+    Write,
+    Edit,
+    Exec,
+    WebFetch,
+    MemorySearch,
+}
+
+impl ToolName {
+    pub const ALL: [ToolName; 6] = [
+        ToolName::Read,
+        ToolName::Write,
+        ToolName::Edit,
+        ToolName::Exec,
+        ToolName::WebFetch,
+        ToolName::MemorySearch,
+    ];
+
+    /// The name the model sees (and `Tool::name()` returns).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolName::Read => "read",
+            ToolName::Write => "write",
+            ToolName::Edit => "edit",
+            ToolName::Exec => "exec",
+            ToolName::WebFetch => "web_fetch",
+            ToolName::MemorySearch => "memory_search",
+        }
+    }
+}
+
+impl fmt::Display for ToolName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ToolsConfig {
+    /// Default: all known tools.
+    pub allow: Vec<ToolName>,
+    /// Wins over `allow`. Default empty.
+    pub deny: Vec<ToolName>,
+    pub exec: ExecConfig,
+    pub web: WebToolsConfig,
+}
+
+impl Default for ToolsConfig {
+    fn default() -> Self {
+        ToolsConfig {
+            allow: ToolName::ALL.to_vec(),
+            deny: Vec::new(),
+            exec: ExecConfig::default(),
+            web: WebToolsConfig::default(),
+        }
+    }
+}
+
+impl ToolsConfig {
+    /// Allowed and not denied.
+    pub fn is_enabled(&self, tool: ToolName) -> bool {
+        self.allow.contains(&tool) && !self.deny.contains(&tool)
+    }
+
+    /// The enabled tools, in [`ToolName::ALL`] order.
+    pub fn enabled(&self) -> Vec<ToolName> {
+        ToolName::ALL
+            .into_iter()
+            .filter(|t| self.is_enabled(*t))
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExecConfig {
+    /// Default `allowlist`.
+    pub security: ExecSecurity,
+    pub safe_bins: Vec<String>,
+    pub blocked_bins: Vec<String>,
+    /// Default 30.
+    pub timeout_seconds: u64,
+    /// Default 300.
+    pub max_timeout_seconds: u64,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        let strings = |items: &[&str]| items.iter().map(|s| (*s).to_string()).collect();
+        ExecConfig {
+            security: ExecSecurity::Allowlist,
+            safe_bins: strings(&[
+                "cat",
+                "head",
+                "tail",
+                "grep",
+                "wc",
+                "ls",
+                "sort",
+                "uniq",
+                "cut",
+                "tr",
+                "sed",
+                "awk",
+                "pdftotext",
+                "echo",
+                "date",
+                "find",
+            ]),
+            blocked_bins: strings(&["curl", "wget", "nc", "ssh", "sudo", "su", "mount", "docker"]),
+            timeout_seconds: 30,
+            max_timeout_seconds: 300,
+        }
+    }
+}
+
+impl ExecConfig {
+    /// Core's exec policy settings.
+    pub fn to_core(&self) -> ExecSettings {
+        ExecSettings {
+            security: self.security,
+            safe_bins: self.safe_bins.clone(),
+            blocked_bins: self.blocked_bins.clone(),
+            default_timeout: Duration::from_secs(self.timeout_seconds),
+            max_timeout: Duration::from_secs(self.max_timeout_seconds),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebToolsConfig {
+    pub fetch: WebFetchConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebFetchConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// `None` (default): any public host. `Some(list)`: only these hosts.
+    pub allowed_domains: Option<Vec<String>>,
+    /// Default 1048576.
+    pub max_bytes: u64,
+    /// Default 20.
+    pub timeout_seconds: u64,
+}
+
+impl Default for WebFetchConfig {
+    fn default() -> Self {
+        WebFetchConfig {
+            enabled: true,
+            allowed_domains: None,
+            max_bytes: 1_048_576,
+            timeout_seconds: 20,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// logging, onboarding, session
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoggingConfig {
+    /// A tracing filter: a level (`info`) or directives (`info,moltmate_gateway=debug`).
+    pub level: String,
+    /// Log each tool call (names and outcomes, not contents). Default false.
+    pub tools: bool,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".to_string(),
+            tools: false,
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct OnboardingConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Default `en`.
+    pub language: String,
+    /// Default `cami`.
+    pub default_persona: String,
+}
+
+impl Default for OnboardingConfig {
+    fn default() -> Self {
+        OnboardingConfig {
+            enabled: true,
+            language: "en".to_string(),
+            default_persona: "cami".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SessionConfig {
+    /// Start a fresh session after this much silence. Default: never.
+    pub idle_reset_minutes: Option<u64>,
+    /// Compact the conversation when it fills this share of the context window. Default 0.8.
+    pub compact_at_ratio: f64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            idle_reset_minutes: None,
+            compact_at_ratio: 0.8,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// families and users
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct FamilyConfig {
+    pub members: Vec<UserId>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct UserConfig {
+    /// `channel:peer` identities that are this user, e.g. `telegram:123456`.
+    pub identities: Vec<Identity>,
+    /// Default: the channel's `defaultTrust`.
+    pub trust: Option<TrustLevel>,
+    pub display_name: Option<String>,
+    pub persona: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// field deserializers with operator-friendly expectations
+
+fn de_port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = u16;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a number from 1 to 65535")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u16, E> {
+            u16::try_from(v)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u16, E> {
+            Err(E::invalid_value(de::Unexpected::Signed(v), &self))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<u16, E> {
+            Err(E::invalid_value(de::Unexpected::Float(v), &self))
+        }
+    }
+    d.deserialize_u64(V)
+}
+
+fn de_ip<'de, D: Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = IpAddr;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an IP address such as \"127.0.0.1\", \"0.0.0.0\" or \"::1\"")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<IpAddr, E> {
+            v.parse()
+                .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
+        }
+    }
+    d.deserialize_str(V)
+}
+
+/// Telegram ids are numbers, but people write them as strings too; store strings.
+fn de_allow_from<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct Entry(String);
+    impl<'de> Deserialize<'de> for Entry {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = Entry;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a Telegram user id (number or string) or \"*\"")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Entry, E> {
+                    Ok(Entry(v.to_string()))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Entry, E> {
+                    Ok(Entry(v.to_string()))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Entry, E> {
+                    Ok(Entry(v.to_string()))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    let entries = Vec::<Entry>::deserialize(d)?;
+    Ok(entries.into_iter().map(|e| e.0).collect())
+}

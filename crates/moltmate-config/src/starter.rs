@@ -1,0 +1,217 @@
+//! The commented starter configuration written by `moltmate init`, and the safe way to write it.
+
+use crate::error::ConfigError;
+use crate::CONFIG_FILE_NAME;
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A starter `moltmate.json`: every section, with its defaults and what each key does. Secrets
+/// are never written here; they come from the environment (`${VAR}` or the provider fallbacks).
+pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments and trailing commas are fine).
+// Every key is optional; what is shown here is the default unless a comment says otherwise.
+// Any string may use ${VAR} to read an environment variable (write $${VAR} for a literal ${VAR}).
+// Keep secrets out of this file: reference them with ${...} instead.
+{
+  // The HTTP gateway (web chat, API, admin page).
+  gateway: {
+    // Listening address. Anything other than a loopback address requires auth.token.
+    bind: "127.0.0.1",
+    port: 18790,
+    auth: {
+      // Bearer token for the API, at least 16 characters. Required when bind is not loopback.
+      // token: "${MOLTMATE_GATEWAY_TOKEN}",
+    },
+    // Per-user request limit (token bucket).
+    rateLimit: { perMinute: 100, burst: 50 },
+  },
+
+  // Which model answers, as "provider/model". Providers are configured below or builtin
+  // ("anthropic", "openai").
+  model: {
+    primary: "anthropic/claude-sonnet-4-5",
+    // Tried in order when the primary is down or overloaded, e.g. ["openai/gpt-4o"].
+    fallbacks: [],
+    maxToolIterations: 8,
+    maxOutputTokens: 4096,
+    requestTimeoutSeconds: 120,
+    maxRetries: 2,
+    contextWindowTokens: 200000,
+  },
+
+  // Model providers. "anthropic" and "openai" exist without configuration; their keys come
+  // from ANTHROPIC_API_KEY / OPENAI_API_KEY when apiKey is not set.
+  providers: {
+    anthropic: {
+      api: "anthropic",
+      baseUrl: "https://api.anthropic.com",
+      // apiKey: "${ANTHROPIC_API_KEY}",
+    },
+    // A local OpenAI-compatible server:
+    // ollama: { api: "openai", baseUrl: "http://127.0.0.1:11434/v1" },
+  },
+
+  channels: {
+    telegram: {
+      // Enabled automatically when botToken is set.
+      // botToken: "${TELEGRAM_BOT_TOKEN}",
+      apiUrl: "https://api.telegram.org",
+      // pairing: strangers get a code the owner approves; allowlist: only allowFrom;
+      // open: anyone (requires "*" in allowFrom); disabled: no direct messages.
+      dmPolicy: "pairing",
+      // Telegram user ids (numbers or strings).
+      allowFrom: [],
+      pollTimeoutSeconds: 30,
+      // Trust of Telegram users not listed under "users".
+      defaultTrust: "stranger",
+    },
+    web: { enabled: true, defaultTrust: "friend" },
+    // `moltmate chat` on this machine's terminal.
+    local: { defaultTrust: "owner" },
+  },
+
+  // Where the assistant's commands and file tools run.
+  sandbox: {
+    // auto (Docker if reachable, else bubblewrap), docker, bwrap.
+    backend: "auto",
+    // all: every tool is sandboxed; tools: only exec; none: host execution (dangerous, needs
+    // dangerouslyAllowHostExec: true).
+    mode: "all",
+    // session, user or task: how long one sandbox lives. Never shared between users.
+    scope: "session",
+    // rw, ro or none: how the user's home is mounted at /workspace.
+    workspaceAccess: "rw",
+    // none, or proxy (egress only to allowedDomains through the gateway's proxy).
+    network: "none",
+    allowedDomains: [],
+    image: "moltmate-sandbox:bookworm-slim",
+    // dockerHost: "unix:///var/run/docker.sock",
+    dangerouslyAllowHostExec: false,
+    warmPool: 1,
+    limits: { memoryMb: 512, cpus: 1.0, pids: 128, diskMb: 1024, tmpMb: 64, outputKb: 64 },
+    prune: { idleMinutes: 30 },
+  },
+
+  tools: {
+    // Known tools: read, write, edit, exec, web_fetch, memory_search. deny wins over allow.
+    allow: ["read", "write", "edit", "exec", "web_fetch", "memory_search"],
+    deny: [],
+    exec: {
+      // allowlist: only safeBins, no shell; blocklist: shell, blockedBins refused; full: anything
+      // (still inside the sandbox).
+      security: "allowlist",
+      safeBins: ["cat", "head", "tail", "grep", "wc", "ls", "sort", "uniq", "cut", "tr", "sed",
+                 "awk", "pdftotext", "echo", "date", "find"],
+      blockedBins: ["curl", "wget", "nc", "ssh", "sudo", "su", "mount", "docker"],
+      timeoutSeconds: 30,
+      maxTimeoutSeconds: 300,
+    },
+    web: {
+      fetch: {
+        enabled: true,
+        // Leave out to allow any public host; set to restrict, e.g. ["en.wikipedia.org"].
+        // allowedDomains: [],
+        maxBytes: 1048576,
+        timeoutSeconds: 20,
+      },
+    },
+  },
+
+  logging: {
+    // A level or tracing directives, e.g. "info,moltmate_gateway=debug".
+    level: "info",
+    // Log each tool call (name and outcome, never contents).
+    tools: false,
+    // text or json.
+    format: "text",
+  },
+
+  // First-contact conversation for new users.
+  onboarding: { enabled: true, language: "en", defaultPersona: "cami" },
+
+  session: {
+    // Start a fresh conversation after this many idle minutes (default: never).
+    // idleResetMinutes: 720,
+    // Summarise older turns when the context window is this full.
+    compactAtRatio: 0.8,
+  },
+
+  // Families share a folder. A user belongs to at most one family.
+  families: {
+    // home: { members: ["anna", "ben"] },
+  },
+
+  // Known users. Trust: owner, family, friend, stranger, restricted.
+  users: {
+    // anna: {
+    //   identities: ["telegram:123456789", "web:anna"],
+    //   trust: "owner",
+    //   displayName: "Anna",
+    //   persona: "cami",
+    // },
+  },
+}
+"#;
+
+/// Writes [`STARTER_CONFIG`] to `<home>/moltmate.json` and returns that path.
+///
+/// Creates the home with mode 0700 if it is missing (an existing home keeps its mode). The file
+/// gets mode 0600 from its creation on, is fully written and synced under a temporary name, then
+/// published with a hard link, which — unlike `rename` — fails instead of replacing a file that
+/// appeared meanwhile. An existing configuration is never overwritten.
+pub fn write_starter_config(home: &Path) -> Result<PathBuf, ConfigError> {
+    let target = home.join(CONFIG_FILE_NAME);
+    let write_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ConfigError::Write { path, source }
+    };
+    if !home.exists() {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(home)
+            .map_err(write_error(home))?;
+    }
+    if target.symlink_metadata().is_ok() {
+        return Err(ConfigError::AlreadyExists { path: target });
+    }
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let temp = home.join(format!(
+        ".{CONFIG_FILE_NAME}.tmp-{}-{nanos}",
+        std::process::id()
+    ));
+    let result = write_and_publish(&temp, &target);
+    // The temporary name is only a staging area; it must not linger either way.
+    let _ = fs::remove_file(&temp);
+    match result {
+        Ok(()) => Ok(target),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(ConfigError::AlreadyExists { path: target })
+        }
+        Err(err) => Err(write_error(&target)(err)),
+    }
+}
+
+fn write_and_publish(temp: &Path, target: &Path) -> std::io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(temp)?;
+    file.write_all(STARTER_CONFIG.as_bytes())?;
+    file.sync_all()?;
+    drop(file);
+    fs::hard_link(temp, target)?;
+    if let Some(dir) = target.parent() {
+        // Make the new directory entry durable; failure here does not undo a written file.
+        if let Ok(dir) = fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! Semantic rules that types alone cannot express: cross-references (model -> provider,
+//! family -> users), consent flags for dangerous settings, ranges. Runs after typed
+//! deserialization; the first broken rule, in file order of sections, is reported with its key.
+//!
+//! One family per user: a family shares a folder and what members' assistants may know about
+//! each other. If a user could be in two families, "what does this member's assistant see" would
+//! depend on which family the request came through, so such a file is refused.
+
+use crate::error::{suggest, Problem};
+use crate::schema::{Config, DmPolicy, ProviderApi, SandboxMode};
+use moltmate_core::{Identity, PeerId, UserId};
+use std::collections::BTreeMap;
+
+type Failure = (String, Problem);
+
+fn rule(key: impl Into<String>, text: impl Into<String>) -> Failure {
+    (key.into(), Problem::Rule(text.into()))
+}
+
+fn positive(key: &str, value: u64) -> Result<(), Failure> {
+    if value == 0 {
+        Err(rule(key, "must be greater than 0"))
+    } else {
+        Ok(())
+    }
+}
+
+pub(crate) fn validate(config: &Config) -> Result<(), Failure> {
+    gateway(config)?;
+    providers(config)?;
+    model(config)?;
+    channels(config)?;
+    sandbox(config)?;
+    tools(config)?;
+    misc(config)?;
+    families(config)?;
+    users(config)?;
+    Ok(())
+}
+
+fn gateway(config: &Config) -> Result<(), Failure> {
+    let g = &config.gateway;
+    if let Some(token) = &g.auth.token {
+        // Length only: the value itself never appears in an error.
+        if token.expose().chars().count() < 16 {
+            return Err(rule(
+                "gateway.auth.token",
+                "too short; use at least 16 random characters",
+            ));
+        }
+    } else if !g.bind.is_loopback() {
+        return Err(rule(
+            "gateway.auth.token",
+            format!(
+                "required because gateway.bind ({}) is not a loopback address; anyone who can reach the port could otherwise use the gateway",
+                g.bind
+            ),
+        ));
+    }
+    positive(
+        "gateway.rateLimit.perMinute",
+        u64::from(g.rate_limit.per_minute),
+    )?;
+    positive("gateway.rateLimit.burst", u64::from(g.rate_limit.burst))?;
+    Ok(())
+}
+
+fn valid_provider_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn valid_http_url(raw: &str) -> bool {
+    url::Url::parse(raw).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+}
+
+fn providers(config: &Config) -> Result<(), Failure> {
+    for (name, provider) in &config.providers {
+        let key = format!("providers.{name}");
+        if !valid_provider_name(name) {
+            return Err(rule(
+                key,
+                "provider names must be 1-64 characters of a-z, 0-9, '_' or '-'",
+            ));
+        }
+        if provider.api.is_none() && ProviderApi::builtin(name).is_none() {
+            return Err((
+                format!("{key}.api"),
+                Problem::Rule("required (\"anthropic\" or \"openai\") for a provider not named like a builtin".into()),
+            ));
+        }
+        if let Some(url) = &provider.base_url {
+            if !valid_http_url(url) {
+                return Err(rule(
+                    format!("{key}.baseUrl"),
+                    format!("expected an http(s) URL, found {url:?}"),
+                ));
+            }
+        }
+        if provider.api_key.as_ref().is_some_and(|k| k.is_empty()) {
+            return Err(rule(
+                format!("{key}.apiKey"),
+                "must not be empty (leave it out to use the environment)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn provider_exists(config: &Config, name: &str) -> bool {
+    config.providers.contains_key(name) || ProviderApi::builtin(name).is_some()
+}
+
+fn unknown_provider(config: &Config, key: String, name: &str) -> Failure {
+    let mut known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+    for builtin in ["anthropic", "openai"] {
+        if !known.contains(&builtin) {
+            known.push(builtin);
+        }
+    }
+    let suggestion = suggest(name, known.iter().copied());
+    let mut text = format!(
+        "provider {name:?} is neither configured under \"providers\" nor a builtin; known providers: {}",
+        known.iter().map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", ")
+    );
+    if let Some(s) = suggestion {
+        text.push_str(&format!("; did you mean {s:?}?"));
+    }
+    rule(key, text)
+}
+
+fn model(config: &Config) -> Result<(), Failure> {
+    let m = &config.model;
+    if !provider_exists(config, &m.primary.provider) {
+        return Err(unknown_provider(
+            config,
+            "model.primary".into(),
+            &m.primary.provider,
+        ));
+    }
+    for (i, fallback) in m.fallbacks.iter().enumerate() {
+        if !provider_exists(config, &fallback.provider) {
+            return Err(unknown_provider(
+                config,
+                format!("model.fallbacks[{i}]"),
+                &fallback.provider,
+            ));
+        }
+    }
+    positive("model.maxToolIterations", u64::from(m.max_tool_iterations))?;
+    positive("model.maxOutputTokens", u64::from(m.max_output_tokens))?;
+    positive("model.requestTimeoutSeconds", m.request_timeout_seconds)?;
+    positive(
+        "model.contextWindowTokens",
+        u64::from(m.context_window_tokens),
+    )?;
+    if m.max_output_tokens >= m.context_window_tokens {
+        return Err(rule(
+            "model.maxOutputTokens",
+            format!(
+                "must be smaller than model.contextWindowTokens ({})",
+                m.context_window_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn channels(config: &Config) -> Result<(), Failure> {
+    let t = &config.channels.telegram;
+    if t.bot_token.as_ref().is_some_and(|k| k.is_empty()) {
+        return Err(rule("channels.telegram.botToken", "must not be empty"));
+    }
+    if t.enabled == Some(true) && t.bot_token.is_none() {
+        return Err(rule(
+            "channels.telegram.botToken",
+            "required when channels.telegram.enabled is true",
+        ));
+    }
+    if !valid_http_url(&t.api_url) {
+        return Err(rule(
+            "channels.telegram.apiUrl",
+            format!("expected an http(s) URL, found {:?}", t.api_url),
+        ));
+    }
+    for (i, entry) in t.allow_from.iter().enumerate() {
+        if entry != "*" && PeerId::new(entry.as_str()).is_err() {
+            return Err(rule(
+                format!("channels.telegram.allowFrom[{i}]"),
+                format!("expected a Telegram user id or \"*\", found {entry:?}"),
+            ));
+        }
+    }
+    if t.dm_policy == DmPolicy::Open && !t.allow_from.iter().any(|e| e == "*") {
+        return Err(rule(
+            "channels.telegram.allowFrom",
+            "dmPolicy \"open\" lets anyone on Telegram talk to the assistant; confirm by adding \"*\" to allowFrom",
+        ));
+    }
+    if !(1..=600).contains(&t.poll_timeout_seconds) {
+        return Err(rule(
+            "channels.telegram.pollTimeoutSeconds",
+            "must be from 1 to 600",
+        ));
+    }
+    Ok(())
+}
+
+/// A host name (`example.com`) or a wildcard for its subdomains (`*.example.com`).
+fn valid_domain(raw: &str) -> bool {
+    let host = raw.strip_prefix("*.").unwrap_or(raw);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
+fn domains(key: &str, list: &[String]) -> Result<(), Failure> {
+    for (i, domain) in list.iter().enumerate() {
+        if !valid_domain(domain) {
+            return Err(rule(
+                format!("{key}[{i}]"),
+                format!("expected a lowercase host name like \"example.com\" or \"*.example.com\", found {domain:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn sandbox(config: &Config) -> Result<(), Failure> {
+    let s = &config.sandbox;
+    if s.mode == SandboxMode::None && !s.dangerously_allow_host_exec {
+        return Err(rule(
+            "sandbox.mode",
+            "\"none\" runs the assistant's commands directly on this machine; it requires sandbox.dangerouslyAllowHostExec: true",
+        ));
+    }
+    domains("sandbox.allowedDomains", &s.allowed_domains)?;
+    if s.image.trim().is_empty() {
+        return Err(rule("sandbox.image", "must not be empty"));
+    }
+    if s.docker_host.as_ref().is_some_and(|h| h.trim().is_empty()) {
+        return Err(rule(
+            "sandbox.dockerHost",
+            "must not be empty (leave it out for the default)",
+        ));
+    }
+    let l = &s.limits;
+    positive("sandbox.limits.memoryMb", l.memory_mb)?;
+    if !(l.cpus.is_finite() && l.cpus > 0.0 && l.cpus <= 1024.0) {
+        return Err(rule(
+            "sandbox.limits.cpus",
+            "must be a number greater than 0 and at most 1024",
+        ));
+    }
+    if (l.cpus * 1000.0).round() < 1.0 {
+        return Err(rule("sandbox.limits.cpus", "must be at least 0.001"));
+    }
+    positive("sandbox.limits.pids", u64::from(l.pids))?;
+    positive("sandbox.limits.diskMb", l.disk_mb)?;
+    positive("sandbox.limits.tmpMb", l.tmp_mb)?;
+    positive("sandbox.limits.outputKb", l.output_kb)?;
+    // Keeps the byte conversions in `to_core` far from overflow (1 PiB).
+    for (key, mb) in [
+        ("memoryMb", l.memory_mb),
+        ("diskMb", l.disk_mb),
+        ("tmpMb", l.tmp_mb),
+    ] {
+        if mb > 1 << 30 {
+            return Err(rule(
+                format!("sandbox.limits.{key}"),
+                "is implausibly large (more than 1 PiB)",
+            ));
+        }
+    }
+    if l.output_kb > 1 << 20 {
+        return Err(rule(
+            "sandbox.limits.outputKb",
+            "is implausibly large (more than 1 GiB)",
+        ));
+    }
+    positive("sandbox.prune.idleMinutes", s.prune.idle_minutes)?;
+    Ok(())
+}
+
+fn bins(key: &str, list: &[String]) -> Result<(), Failure> {
+    for (i, bin) in list.iter().enumerate() {
+        let ok = !bin.is_empty()
+            && !bin.contains('/')
+            && !bin.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !ok {
+            return Err(rule(
+                format!("{key}[{i}]"),
+                format!("expected a program name without '/' or spaces, found {bin:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn tools(config: &Config) -> Result<(), Failure> {
+    let t = &config.tools;
+    let e = &t.exec;
+    bins("tools.exec.safeBins", &e.safe_bins)?;
+    bins("tools.exec.blockedBins", &e.blocked_bins)?;
+    positive("tools.exec.timeoutSeconds", e.timeout_seconds)?;
+    positive("tools.exec.maxTimeoutSeconds", e.max_timeout_seconds)?;
+    if e.timeout_seconds > e.max_timeout_seconds {
+        return Err(rule(
+            "tools.exec.timeoutSeconds",
+            format!(
+                "must not exceed tools.exec.maxTimeoutSeconds ({})",
+                e.max_timeout_seconds
+            ),
+        ));
+    }
+    let f = &t.web.fetch;
+    if let Some(list) = &f.allowed_domains {
+        domains("tools.web.fetch.allowedDomains", list)?;
+    }
+    positive("tools.web.fetch.maxBytes", f.max_bytes)?;
+    positive("tools.web.fetch.timeoutSeconds", f.timeout_seconds)?;
+    Ok(())
+}
+
+fn misc(config: &Config) -> Result<(), Failure> {
+    if config.logging.level.trim().is_empty() {
+        return Err(rule(
+            "logging.level",
+            "must not be empty (e.g. \"info\" or \"info,moltmate_gateway=debug\")",
+        ));
+    }
+    if config.onboarding.language.trim().is_empty() {
+        return Err(rule(
+            "onboarding.language",
+            "must not be empty (e.g. \"en\")",
+        ));
+    }
+    if config.onboarding.default_persona.trim().is_empty() {
+        return Err(rule("onboarding.defaultPersona", "must not be empty"));
+    }
+    if let Some(minutes) = config.session.idle_reset_minutes {
+        positive("session.idleResetMinutes", minutes)?;
+    }
+    let ratio = config.session.compact_at_ratio;
+    if !(ratio.is_finite() && ratio > 0.0 && ratio <= 1.0) {
+        return Err(rule(
+            "session.compactAtRatio",
+            "must be greater than 0 and at most 1",
+        ));
+    }
+    Ok(())
+}
+
+fn valid_family_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn families(config: &Config) -> Result<(), Failure> {
+    let mut family_of: BTreeMap<&UserId, &str> = BTreeMap::new();
+    for (name, family) in &config.families {
+        if !valid_family_name(name) {
+            return Err(rule(
+                format!("families.{name}"),
+                "family names must be 1-64 characters of a-z, 0-9, '_' or '-'",
+            ));
+        }
+        for (i, member) in family.members.iter().enumerate() {
+            let key = format!("families.{name}.members[{i}]");
+            match family_of.insert(member, name) {
+                Some(other) if other == name => {
+                    return Err(rule(
+                        key,
+                        format!("user {:?} is listed twice", member.as_str()),
+                    ));
+                }
+                Some(other) => {
+                    return Err(rule(
+                        key,
+                        format!(
+                            "user {:?} is already in family {other:?}; a user belongs to at most one family",
+                            member.as_str()
+                        ),
+                    ));
+                }
+                None => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn users(config: &Config) -> Result<(), Failure> {
+    let mut owner_of: BTreeMap<&Identity, &UserId> = BTreeMap::new();
+    for (user, entry) in &config.users {
+        for (i, identity) in entry.identities.iter().enumerate() {
+            let key = format!("users.{user}.identities[{i}]");
+            match owner_of.insert(identity, user) {
+                Some(other) if other == user => {
+                    return Err(rule(
+                        key,
+                        format!("identity \"{identity}\" is listed twice"),
+                    ));
+                }
+                Some(other) => {
+                    return Err(rule(
+                        key,
+                        format!("identity \"{identity}\" already belongs to user {:?}; an identity is one user", other.as_str()),
+                    ));
+                }
+                None => {}
+            }
+        }
+        if entry
+            .display_name
+            .as_ref()
+            .is_some_and(|n| n.trim().is_empty())
+        {
+            return Err(rule(
+                format!("users.{user}.displayName"),
+                "must not be empty",
+            ));
+        }
+        if entry.persona.as_ref().is_some_and(|p| p.trim().is_empty()) {
+            return Err(rule(format!("users.{user}.persona"), "must not be empty"));
+        }
+    }
+    Ok(())
+}

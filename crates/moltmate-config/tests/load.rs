@@ -1,0 +1,673 @@
+//! End-to-end loading: every error kind with its exact key path, JSON5 syntax, env
+//! substitution, defaults, provider resolution.
+
+use moltmate_config::{
+    Config, ConfigError, DmPolicy, Problem, ProviderApi, SandboxMode, ToolName, TrustLevel,
+};
+use moltmate_core::sandbox::{ExecSecurity, SandboxNetwork, WorkspaceAccess};
+use moltmate_core::{ChannelKind, Identity, UserId};
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::from_json5_str(text, "moltmate.json", &no_env)
+}
+
+fn err(text: &str) -> ConfigError {
+    match load(text) {
+        Ok(_) => panic!("expected an error for {text}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts the key path and that the rendered message contains `needle`.
+fn assert_err(text: &str, key: &str, needle: &str) -> ConfigError {
+    let e = err(text);
+    assert_eq!(e.key_path(), Some(key), "wrong key for {text}: {e}");
+    let message = e.to_string();
+    assert!(
+        message.contains(needle),
+        "message {message:?} lacks {needle:?}"
+    );
+    assert!(message.starts_with("moltmate.json: "), "{message}");
+    assert!(e.is_fixable_in_file());
+    e
+}
+
+#[test]
+fn empty_object_gives_all_defaults() {
+    let c = load("{}").unwrap();
+    assert_eq!(c.gateway.bind.to_string(), "127.0.0.1");
+    assert_eq!(c.gateway.port, 18790);
+    assert!(c.gateway.auth.token.is_none());
+    assert_eq!(
+        (c.gateway.rate_limit.per_minute, c.gateway.rate_limit.burst),
+        (100, 50)
+    );
+    assert_eq!(c.model.primary.to_string(), "anthropic/claude-sonnet-4-5");
+    assert!(c.model.fallbacks.is_empty());
+    assert_eq!(c.model.max_tool_iterations, 8);
+    assert_eq!(c.model.max_output_tokens, 4096);
+    assert_eq!(c.model.request_timeout_seconds, 120);
+    assert_eq!(c.model.max_retries, 2);
+    assert_eq!(c.model.context_window_tokens, 200_000);
+    assert!(!c.channels.telegram.is_enabled());
+    assert_eq!(c.channels.telegram.api_url, "https://api.telegram.org");
+    assert_eq!(c.channels.telegram.dm_policy, DmPolicy::Pairing);
+    assert_eq!(c.channels.telegram.poll_timeout_seconds, 30);
+    assert!(c.channels.web.enabled);
+    assert_eq!(c.channels.web.default_trust, TrustLevel::Friend);
+    assert_eq!(c.channels.local.default_trust, TrustLevel::Owner);
+    assert_eq!(c.sandbox.mode, SandboxMode::All);
+    assert_eq!(c.sandbox.workspace_access, WorkspaceAccess::Rw);
+    assert_eq!(c.sandbox.network, SandboxNetwork::None);
+    assert_eq!(c.sandbox.image, "moltmate-sandbox:bookworm-slim");
+    assert_eq!(c.sandbox.warm_pool, 1);
+    assert_eq!(c.sandbox.limits.memory_mb, 512);
+    assert_eq!(c.sandbox.limits.cpus, 1.0);
+    assert_eq!(
+        c.sandbox.limits.to_core(),
+        moltmate_core::sandbox::SandboxLimits::default()
+    );
+    assert_eq!(c.sandbox.prune.idle_minutes, 30);
+    assert_eq!(c.tools.enabled(), ToolName::ALL.to_vec());
+    assert_eq!(c.tools.exec.security, ExecSecurity::Allowlist);
+    assert_eq!(c.tools.exec.safe_bins.len(), 16);
+    assert!(c.tools.exec.blocked_bins.contains(&"docker".to_string()));
+    assert_eq!(c.tools.exec.to_core().max_timeout.as_secs(), 300);
+    assert!(c.tools.web.fetch.enabled);
+    assert!(c.tools.web.fetch.allowed_domains.is_none());
+    assert_eq!(c.tools.web.fetch.max_bytes, 1_048_576);
+    assert_eq!(c.logging.level, "info");
+    assert_eq!(c.onboarding.default_persona, "cami");
+    assert_eq!(c.session.compact_at_ratio, 0.8);
+    assert!(c.session.idle_reset_minutes.is_none());
+}
+
+#[test]
+fn default_config_matches_empty_file() {
+    let from_file = load("{}").unwrap();
+    let default = Config::default();
+    assert_eq!(format!("{from_file:?}"), format!("{default:?}"));
+    assert_eq!(
+        from_file.digest_of_sandbox_section(),
+        default.digest_of_sandbox_section()
+    );
+}
+
+#[test]
+fn json5_comments_trailing_commas_unquoted_keys() {
+    let c = load(
+        "// leading comment\n{\n  /* block */ gateway: { port: 8080, },\n  tools: { deny: ['exec',], },\n}\n",
+    )
+    .unwrap();
+    assert_eq!(c.gateway.port, 8080);
+    assert!(!c.tools.is_enabled(ToolName::Exec));
+    assert!(c.tools.is_enabled(ToolName::Read));
+}
+
+#[test]
+fn syntax_error_has_line_and_column() {
+    let e = err("{\n  gateway: {\n    port: 80 80,\n  },\n}");
+    match &e {
+        ConfigError::Syntax { line, column, .. } => {
+            assert_eq!(*line, Some(3));
+            assert!(column.is_some());
+        }
+        other => panic!("expected a syntax error, got {other}"),
+    }
+    assert!(e.to_string().contains("at line 3 column"), "{e}");
+    assert!(e.key_path().is_none());
+}
+
+#[test]
+fn unknown_key_suggests_nearest() {
+    let e = assert_err(
+        "{sandbox: {mood: 'all'}}",
+        "sandbox.mood",
+        "sandbox.mood: unknown key; did you mean \"mode\"?",
+    );
+    assert!(
+        matches!(e.problem(), Some(Problem::UnknownKey { suggestion: Some(s), .. }) if s == "mode")
+    );
+    assert_err("{gatway: {}}", "gatway", "did you mean \"gateway\"?");
+    assert_err(
+        "{sandbox: {limits: {memoryMB: 1}}}",
+        "sandbox.limits.memoryMB",
+        "did you mean \"memoryMb\"?",
+    );
+    assert_err(
+        "{channels: {telegram: {dm_policy: 'open'}}}",
+        "channels.telegram.dm_policy",
+        "did you mean \"dmPolicy\"?",
+    );
+    assert_err(
+        "{users: {anna: {trusted: 'owner'}}}",
+        "users.anna.trusted",
+        "did you mean \"trust\"?",
+    );
+    // Nothing close: list what is allowed instead.
+    assert_err(
+        "{logging: {zzzzzz: 1}}",
+        "logging.zzzzzz",
+        "allowed keys: \"level\", \"tools\", \"format\"",
+    );
+}
+
+#[test]
+fn wrong_types_say_what_was_expected() {
+    assert_err(
+        "{gateway: {port: 'abc'}}",
+        "gateway.port",
+        "gateway.port: expected a number from 1 to 65535, found \"abc\"",
+    );
+    assert_err(
+        "{gateway: {port: 70000}}",
+        "gateway.port",
+        "expected a number from 1 to 65535, found 70000",
+    );
+    assert_err(
+        "{gateway: {port: 0}}",
+        "gateway.port",
+        "expected a number from 1 to 65535, found 0",
+    );
+    assert_err(
+        "{gateway: {bind: 'localhost'}}",
+        "gateway.bind",
+        "expected an IP address",
+    );
+    assert_err(
+        "{sandbox: {limits: {pids: -1}}}",
+        "sandbox.limits.pids",
+        "expected a whole number of 0 or more, found -1",
+    );
+    assert_err(
+        "{sandbox: {limits: {cpus: 'two'}}}",
+        "sandbox.limits.cpus",
+        "expected a number, found \"two\"",
+    );
+    assert_err(
+        "{onboarding: {enabled: 'yes'}}",
+        "onboarding.enabled",
+        "expected true or false, found \"yes\"",
+    );
+    assert_err("{gateway: 5}", "gateway", "expected an object, found 5");
+    assert_err(
+        "{tools: {allow: 'read'}}",
+        "tools.allow",
+        "expected an array, found \"read\"",
+    );
+    assert_err(
+        "{users: {anna: {identities: ['telegram:1', 7]}}}",
+        "users.anna.identities[1]",
+        "found 7",
+    );
+    assert_err("[1]", "(top level)", "expected an object");
+}
+
+#[test]
+fn unknown_enum_values_list_allowed_and_suggest() {
+    let e = assert_err(
+        "{sandbox: {mode: 'tool'}}",
+        "sandbox.mode",
+        "unknown value \"tool\"; expected one of \"all\", \"tools\", \"none\"; did you mean \"tools\"?",
+    );
+    assert!(matches!(e.problem(), Some(Problem::UnknownValue { .. })));
+    assert_err(
+        "{channels: {telegram: {dmPolicy: 'opne'}}}",
+        "channels.telegram.dmPolicy",
+        "did you mean \"open\"?",
+    );
+    assert_err(
+        "{sandbox: {workspaceAccess: 'readonly'}}",
+        "sandbox.workspaceAccess",
+        "\"rw\", \"ro\", \"none\"",
+    );
+    assert_err(
+        "{tools: {exec: {security: 'strict'}}}",
+        "tools.exec.security",
+        "\"allowlist\", \"blocklist\", \"full\"",
+    );
+    assert_err(
+        "{users: {anna: {trust: 'admin'}}}",
+        "users.anna.trust",
+        "\"owner\", \"family\"",
+    );
+    assert_err(
+        "{logging: {format: 'jsno'}}",
+        "logging.format",
+        "did you mean \"json\"?",
+    );
+}
+
+#[test]
+fn unknown_tools_are_refused_with_suggestion() {
+    assert_err(
+        "{tools: {allow: ['read', 'webfetch']}}",
+        "tools.allow[1]",
+        "did you mean \"web_fetch\"?",
+    );
+    assert_err(
+        "{tools: {deny: ['shell']}}",
+        "tools.deny[0]",
+        "\"read\", \"write\", \"edit\", \"exec\", \"web_fetch\", \"memory_search\"",
+    );
+    assert_err(
+        "{tools: {deny: ['memory-search']}}",
+        "tools.deny[0]",
+        "did you mean \"memory_search\"?",
+    );
+}
+
+#[test]
+fn model_references_must_name_known_providers() {
+    assert_err(
+        "{model: {primary: 'claude'}}",
+        "model.primary",
+        "expected \"provider/model\"",
+    );
+    assert_err(
+        "{model: {primary: 'anthropic/'}}",
+        "model.primary",
+        "expected \"provider/model\"",
+    );
+    assert_err(
+        "{model: {primary: 'antropic/claude'}}",
+        "model.primary",
+        "did you mean \"anthropic\"?",
+    );
+    assert_err(
+        "{model: {fallbacks: ['openai/gpt-4o', 'ollama/llama3']}}",
+        "model.fallbacks[1]",
+        "provider \"ollama\" is neither configured",
+    );
+    let c = load("{providers: {ollama: {api: 'openai', baseUrl: 'http://127.0.0.1:11434/v1'}}, model: {primary: 'ollama/llama3.1/8b'}}").unwrap();
+    assert_eq!(c.model.primary.provider, "ollama");
+    assert_eq!(c.model.primary.model, "llama3.1/8b");
+}
+
+#[test]
+fn provider_rules() {
+    assert_err(
+        "{providers: {local: {baseUrl: 'http://127.0.0.1:1'}}}",
+        "providers.local.api",
+        "required",
+    );
+    assert_err(
+        "{providers: {local: {api: 'openai', baseUrl: 'not a url'}}}",
+        "providers.local.baseUrl",
+        "expected an http(s) URL",
+    );
+    assert_err(
+        "{providers: {Local: {api: 'openai'}}}",
+        "providers.Local",
+        "provider names",
+    );
+    assert_err(
+        "{providers: {local: {api: 'gemini'}}}",
+        "providers.local.api",
+        "\"anthropic\", \"openai\"",
+    );
+    assert_err(
+        "{providers: {anthropic: {apiKey: ''}}}",
+        "providers.anthropic.apiKey",
+        "must not be empty",
+    );
+}
+
+#[test]
+fn gateway_rules() {
+    assert_err(
+        "{gateway: {bind: '0.0.0.0'}}",
+        "gateway.auth.token",
+        "required because gateway.bind (0.0.0.0) is not a loopback address",
+    );
+    assert_err(
+        "{gateway: {bind: '::1', auth: {token: 'short'}}}",
+        "gateway.auth.token",
+        "too short",
+    );
+    load("{gateway: {bind: '::1'}}").unwrap();
+    load("{gateway: {bind: '0.0.0.0', auth: {token: 'abcdefghijklmnopqrstuvwx'}}}").unwrap();
+    assert_err(
+        "{gateway: {rateLimit: {burst: 0}}}",
+        "gateway.rateLimit.burst",
+        "must be greater than 0",
+    );
+}
+
+#[test]
+fn telegram_rules() {
+    assert_err(
+        "{channels: {telegram: {botToken: 'x', dmPolicy: 'open'}}}",
+        "channels.telegram.allowFrom",
+        "confirm by adding \"*\"",
+    );
+    let c = load("{channels: {telegram: {botToken: 'x', dmPolicy: 'open', allowFrom: ['*']}}}")
+        .unwrap();
+    assert!(c.channels.telegram.is_enabled());
+    assert!(c.channels.telegram.allows("42"));
+    assert_err(
+        "{channels: {telegram: {enabled: true}}}",
+        "channels.telegram.botToken",
+        "required when channels.telegram.enabled is true",
+    );
+    let c = load("{channels: {telegram: {botToken: 'x', enabled: false, allowFrom: [123456789, '987', -100123]}}}").unwrap();
+    assert!(!c.channels.telegram.is_enabled());
+    assert_eq!(
+        c.channels.telegram.allow_from,
+        vec!["123456789", "987", "-100123"]
+    );
+    assert!(c.channels.telegram.allows("987") && !c.channels.telegram.allows("1"));
+    assert_err(
+        "{channels: {telegram: {allowFrom: ['a b']}}}",
+        "channels.telegram.allowFrom[0]",
+        "expected a Telegram user id",
+    );
+    assert_err(
+        "{channels: {telegram: {allowFrom: [true]}}}",
+        "channels.telegram.allowFrom[0]",
+        "expected a Telegram user id (number or string) or \"*\", found true",
+    );
+    assert_err(
+        "{channels: {telegram: {pollTimeoutSeconds: 0}}}",
+        "channels.telegram.pollTimeoutSeconds",
+        "from 1 to 600",
+    );
+}
+
+#[test]
+fn sandbox_rules() {
+    assert_err(
+        "{sandbox: {mode: 'none'}}",
+        "sandbox.mode",
+        "requires sandbox.dangerouslyAllowHostExec: true",
+    );
+    let c = load("{sandbox: {mode: 'none', dangerouslyAllowHostExec: true}}").unwrap();
+    assert_eq!(c.sandbox.mode, SandboxMode::None);
+    for key in ["memoryMb", "pids", "diskMb", "tmpMb", "outputKb"] {
+        assert_err(
+            &format!("{{sandbox: {{limits: {{{key}: 0}}}}}}"),
+            &format!("sandbox.limits.{key}"),
+            "must be greater than 0",
+        );
+    }
+    assert_err(
+        "{sandbox: {limits: {cpus: 0}}}",
+        "sandbox.limits.cpus",
+        "greater than 0",
+    );
+    assert_err(
+        "{sandbox: {prune: {idleMinutes: 0}}}",
+        "sandbox.prune.idleMinutes",
+        "greater than 0",
+    );
+    assert_err(
+        "{sandbox: {allowedDomains: ['https://x.org']}}",
+        "sandbox.allowedDomains[0]",
+        "expected a lowercase host name",
+    );
+    let c = load("{sandbox: {network: 'proxy', allowedDomains: ['pypi.org', '*.github.com'], limits: {cpus: 0.5}}}").unwrap();
+    assert_eq!(c.sandbox.profile().limits.cpu_millis, 500);
+    assert_eq!(c.sandbox.profile().network, SandboxNetwork::Proxy);
+}
+
+#[test]
+fn tool_and_misc_rules() {
+    assert_err(
+        "{tools: {exec: {timeoutSeconds: 400}}}",
+        "tools.exec.timeoutSeconds",
+        "must not exceed tools.exec.maxTimeoutSeconds (300)",
+    );
+    assert_err(
+        "{tools: {exec: {safeBins: ['/bin/sh']}}}",
+        "tools.exec.safeBins[0]",
+        "without '/'",
+    );
+    assert_err(
+        "{tools: {web: {fetch: {maxBytes: 0}}}}",
+        "tools.web.fetch.maxBytes",
+        "greater than 0",
+    );
+    assert_err(
+        "{tools: {web: {fetch: {allowedDomains: ['Ex ample']}}}}",
+        "tools.web.fetch.allowedDomains[0]",
+        "host name",
+    );
+    assert_err(
+        "{model: {maxToolIterations: 0}}",
+        "model.maxToolIterations",
+        "greater than 0",
+    );
+    assert_err(
+        "{model: {maxOutputTokens: 300000}}",
+        "model.maxOutputTokens",
+        "smaller than model.contextWindowTokens",
+    );
+    assert_err(
+        "{session: {compactAtRatio: 1.5}}",
+        "session.compactAtRatio",
+        "at most 1",
+    );
+    assert_err(
+        "{session: {idleResetMinutes: 0}}",
+        "session.idleResetMinutes",
+        "greater than 0",
+    );
+    assert_err(
+        "{logging: {level: ''}}",
+        "logging.level",
+        "must not be empty",
+    );
+}
+
+#[test]
+fn family_and_user_rules() {
+    assert_err(
+        "{families: {Home: {members: []}}}",
+        "families.Home",
+        "family names",
+    );
+    assert_err(
+        "{families: {home: {members: ['Anna']}}}",
+        "families.home.members[0]",
+        "user id must be",
+    );
+    assert_err(
+        "{families: {a: {members: ['anna']}, b: {members: ['ben', 'anna']}}}",
+        "families.b.members[1]",
+        "user \"anna\" is already in family \"a\"; a user belongs to at most one family",
+    );
+    assert_err(
+        "{families: {a: {members: ['anna', 'anna']}}}",
+        "families.a.members[1]",
+        "listed twice",
+    );
+    assert_err(
+        "{users: {'Bad User': {}}}",
+        "users.Bad User",
+        "user id must be",
+    );
+    assert_err(
+        "{users: {anna: {identities: ['telegram']}}}",
+        "users.anna.identities[0]",
+        "identity must look like \"channel:peer\"",
+    );
+    assert_err(
+        "{users: {anna: {identities: ['fax:1']}}}",
+        "users.anna.identities[0]",
+        "unknown channel",
+    );
+    assert_err(
+        "{users: {anna: {identities: ['telegram:1']}, ben: {identities: ['web:ben', 'telegram:1']}}}",
+        "users.ben.identities[1]",
+        "identity \"telegram:1\" already belongs to user \"anna\"",
+    );
+
+    let c = load(
+        "{families: {home: {members: ['anna', 'ben']}},
+          users: {anna: {identities: ['telegram:1', 'web:anna'], trust: 'owner', displayName: 'Anna'}, ben: {}}}",
+    )
+    .unwrap();
+    let anna = UserId::new("anna").unwrap();
+    let ben = UserId::new("ben").unwrap();
+    let id: Identity = "telegram:1".parse().unwrap();
+    assert_eq!(c.user_for_identity(&id), Some(&anna));
+    assert_eq!(c.family_of(&ben), Some("home"));
+    assert_eq!(c.trust_of(&anna, ChannelKind::Telegram), TrustLevel::Owner);
+    assert_eq!(c.trust_of(&ben, ChannelKind::Web), TrustLevel::Friend);
+    assert_eq!(
+        c.trust_of(&ben, ChannelKind::Telegram),
+        TrustLevel::Stranger
+    );
+}
+
+#[test]
+fn env_substitution() {
+    let env = |name: &str| match name {
+        "TG_TOKEN" => Some("123:tg-secret-value".to_string()),
+        "PORT_HOST" => Some("127.0.0.1".to_string()),
+        _ => None,
+    };
+    let c = Config::from_json5_str(
+        "{gateway: {bind: '${PORT_HOST}'}, channels: {telegram: {botToken: '${TG_TOKEN}'}}, onboarding: {defaultPersona: 'cost $5, $${HOME}'}}",
+        "moltmate.json",
+        &env,
+    )
+    .unwrap();
+    assert_eq!(
+        c.channels.telegram.bot_token.as_ref().map(|t| t.expose()),
+        Some("123:tg-secret-value")
+    );
+    assert_eq!(c.onboarding.default_persona, "cost $5, ${HOME}");
+
+    let e = Config::from_json5_str(
+        "{channels: {telegram: {botToken: '${MISSING_TOKEN}'}}}",
+        "moltmate.json",
+        &env,
+    )
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(e.key_path(), Some("channels.telegram.botToken"));
+    assert!(matches!(e.problem(), Some(Problem::MissingEnvVar { var }) if var == "MISSING_TOKEN"));
+    assert!(e.to_string().contains("MISSING_TOKEN is not set"), "{e}");
+
+    let e = Config::from_json5_str(
+        "{users: {anna: {identities: ['web:${ANNA'] }}}",
+        "moltmate.json",
+        &env,
+    )
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(e.key_path(), Some("users.anna.identities[0]"));
+    assert!(matches!(e.problem(), Some(Problem::BadEnvReference(_))));
+}
+
+#[test]
+fn builtin_providers_and_env_key_fallbacks() {
+    let env = |name: &str| match name {
+        "ANTHROPIC_API_KEY" => Some("sk-ant-from-env".to_string()),
+        "OPENAI_API_KEY" => Some(String::new()),
+        _ => None,
+    };
+    let c = Config::from_json5_str(
+        "{providers: {ollama: {api: 'openai', baseUrl: 'http://127.0.0.1:11434/v1'}, work: {api: 'anthropic', apiKey: 'sk-work'}}}",
+        "moltmate.json",
+        &env,
+    )
+    .unwrap();
+    let providers = c.resolved_providers();
+    let names: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["anthropic", "ollama", "openai", "work"]);
+    let by = |n: &str| providers.iter().find(|p| p.name == n).unwrap();
+    assert_eq!(by("anthropic").api, ProviderApi::Anthropic);
+    assert_eq!(by("anthropic").base_url, "https://api.anthropic.com");
+    assert_eq!(
+        by("anthropic").api_key.as_ref().map(|k| k.expose()),
+        Some("sk-ant-from-env")
+    );
+    assert_eq!(by("openai").base_url, "https://api.openai.com/v1");
+    assert!(by("openai").api_key.is_none(), "an empty env var is no key");
+    assert_eq!(by("ollama").base_url, "http://127.0.0.1:11434/v1");
+    assert!(by("ollama").api_key.is_none());
+    assert_eq!(
+        by("work").api_key.as_ref().map(|k| k.expose()),
+        Some("sk-work")
+    );
+    assert!(c.resolved_provider("nope").is_none());
+
+    // A builtin name configured without `api` keeps its builtin kind and env key.
+    let c = Config::from_json5_str(
+        "{providers: {anthropic: {baseUrl: 'http://127.0.0.1:9'}}}",
+        "m",
+        &env,
+    )
+    .unwrap();
+    let a = c.resolved_provider("anthropic").unwrap();
+    assert_eq!(
+        (a.api, a.base_url.as_str()),
+        (ProviderApi::Anthropic, "http://127.0.0.1:9")
+    );
+    assert_eq!(
+        a.api_key.as_ref().map(|k| k.expose()),
+        Some("sk-ant-from-env")
+    );
+}
+
+#[test]
+fn debug_never_prints_secrets() {
+    let env = |name: &str| (name == "ANTHROPIC_API_KEY").then(|| "sk-env-SECRET-1".to_string());
+    let c = Config::from_json5_str(
+        "{gateway: {auth: {token: 'gw-SECRET-token-0123456789'}},
+          providers: {x: {api: 'openai', apiKey: 'sk-file-SECRET-2'}},
+          channels: {telegram: {botToken: '123:tg-SECRET-3'}}}",
+        "moltmate.json",
+        &env,
+    )
+    .unwrap();
+    let debug = format!("{c:?} {:?}", c.resolved_providers());
+    assert!(!debug.contains("SECRET"), "{debug}");
+    assert!(debug.contains("<redacted>"));
+}
+
+#[test]
+fn errors_never_echo_secrets() {
+    let e = err("{channels: {telegram: {botToken: 1234567890}}}");
+    assert_eq!(e.key_path(), Some("channels.telegram.botToken"));
+    assert!(!e.to_string().contains("1234567890"), "{e}");
+    let e = err("{gateway: {bind: '0.0.0.0', auth: {token: 'SECRETshort'}}}");
+    assert!(!e.to_string().contains("SECRET"), "{e}");
+}
+
+#[test]
+fn sandbox_digest_is_stable_and_sensitive() {
+    let a = load("{}").unwrap().digest_of_sandbox_section();
+    assert_eq!(a.len(), 64);
+    assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    // Same settings, different spelling and order: same digest.
+    let b = load(
+        "{sandbox: {limits: {cpus: 1, memoryMb: 512}, image: 'moltmate-sandbox:bookworm-slim'}}",
+    )
+    .unwrap()
+    .digest_of_sandbox_section();
+    assert_eq!(a, b);
+    // Settings that do not shape a sandbox do not change it.
+    let c =
+        load("{sandbox: {warmPool: 3, prune: {idleMinutes: 5}}, gateway: {port: 9999}}").unwrap();
+    assert_eq!(a, c.digest_of_sandbox_section());
+    for changed in [
+        "{sandbox: {limits: {memoryMb: 1024}}}",
+        "{sandbox: {image: 'other:latest'}}",
+        "{sandbox: {network: 'proxy'}}",
+        "{sandbox: {workspaceAccess: 'ro'}}",
+        "{sandbox: {allowedDomains: ['pypi.org']}}",
+    ] {
+        assert_ne!(
+            a,
+            load(changed).unwrap().digest_of_sandbox_section(),
+            "{changed}"
+        );
+    }
+}
