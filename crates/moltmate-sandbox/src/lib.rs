@@ -11,6 +11,7 @@
 //! * [`image`] — builds `moltmate-sandbox:bookworm-slim` offline from Debian packages.
 
 pub mod bwrap;
+pub mod disk;
 pub mod docker;
 pub mod image;
 pub mod policy;
