@@ -1,1 +1,12 @@
-//! moltmate-channels (being written).
+//! Moltmates channels: adapters between messaging services and the gateway.
+//!
+//! A channel turns a service's wire format into [`moltmate_core::channel::InboundMessage`]s,
+//! hands them to the gateway's [`moltmate_core::channel::InboundSink`], and acknowledges them
+//! to the service only once the sink has stored them. It never decides who may talk to the
+//! assistant and never calls a model.
+//!
+//! Currently implemented: [`telegram`] (Bot API long polling).
+
+pub mod telegram;
+
+pub use telegram::{TelegramChannel, TelegramSettings};

@@ -1,0 +1,351 @@
+//! A minimal Bot API client: one POST per method, JSON in, envelope out, errors classified.
+//!
+//! The bot token is part of every request URL (`/bot<token>/<method>`). reqwest prints the URL
+//! in its error messages, so every transport error is stripped of its URL and, as a second line
+//! of defence, every text we keep from a failure is scrubbed of the token before it can reach a
+//! log line or an error value.
+
+use super::wire::Envelope;
+use moltmate_core::channel::ChannelError;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::error::Error as _;
+use std::fmt;
+use std::time::Duration;
+
+/// Service name used in [`ChannelError`]s.
+pub(crate) const SERVICE: &str = "Telegram";
+
+/// Longest piece of a server-provided description we keep.
+const MAX_DESCRIPTION_CHARS: usize = 300;
+
+/// Why a Bot API call failed, classified by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    #[error("could not reach the Telegram Bot API: {0}")]
+    Transport(String),
+    #[error("Telegram asked us to retry after {retry_after}s: {description}")]
+    RateLimited {
+        retry_after: u64,
+        description: String,
+    },
+    #[error("Telegram server error (HTTP {status}): {description}")]
+    Server { status: u16, description: String },
+    #[error("Telegram refused the bot token (HTTP {status}: {description}); check the configured bot token")]
+    Unauthorized { status: u16, description: String },
+    #[error(
+        "Telegram reports a conflict ({description}): another process is polling updates for this bot, \
+         or a webhook is set (remove it with deleteWebhook)"
+    )]
+    Conflict { description: String },
+    #[error("Telegram rejected the request (HTTP {status}): {description}")]
+    Refused { status: u16, description: String },
+    #[error("Telegram sent a reply we could not understand: {0}")]
+    InvalidReply(String),
+}
+
+impl ApiError {
+    /// Errors after which polling cannot continue: the token is wrong or revoked.
+    pub(crate) fn is_fatal(&self) -> bool {
+        match self {
+            ApiError::Unauthorized { .. } => true,
+            ApiError::Transport(_)
+            | ApiError::RateLimited { .. }
+            | ApiError::Server { .. }
+            | ApiError::Conflict { .. }
+            | ApiError::Refused { .. }
+            | ApiError::InvalidReply(_) => false,
+        }
+    }
+
+    /// Whether resending the same outgoing message may succeed. A garbled 2xx reply is not
+    /// retried: the message was most likely delivered, and resending would duplicate it.
+    pub(crate) fn is_send_retryable(&self) -> bool {
+        match self {
+            ApiError::Transport(_) | ApiError::RateLimited { .. } | ApiError::Server { .. } => true,
+            ApiError::Unauthorized { .. }
+            | ApiError::Conflict { .. }
+            | ApiError::Refused { .. }
+            | ApiError::InvalidReply(_) => false,
+        }
+    }
+
+    /// The wait the server asked for, if any.
+    pub(crate) fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
+            ApiError::Transport(_)
+            | ApiError::Server { .. }
+            | ApiError::Unauthorized { .. }
+            | ApiError::Conflict { .. }
+            | ApiError::Refused { .. }
+            | ApiError::InvalidReply(_) => None,
+        }
+    }
+
+    pub(crate) fn into_channel_error(self) -> ChannelError {
+        let detail = self.to_string();
+        match self {
+            ApiError::Transport(_) => ChannelError::Unreachable {
+                service: SERVICE,
+                detail,
+            },
+            ApiError::RateLimited { retry_after, .. } => ChannelError::RateLimited {
+                service: SERVICE,
+                retry_after_seconds: retry_after,
+            },
+            ApiError::Server { status, .. } => ChannelError::Server {
+                service: SERVICE,
+                status,
+                detail,
+            },
+            ApiError::Unauthorized { status, .. } | ApiError::Refused { status, .. } => {
+                ChannelError::Rejected {
+                    service: SERVICE,
+                    status,
+                    detail,
+                }
+            }
+            ApiError::Conflict { .. } => ChannelError::Rejected {
+                service: SERVICE,
+                status: 409,
+                detail,
+            },
+            ApiError::InvalidReply(_) => ChannelError::InvalidReply {
+                service: SERVICE,
+                detail,
+            },
+        }
+    }
+}
+
+/// HTTP client bound to one bot.
+#[derive(Clone)]
+pub(crate) struct BotApi {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    request_timeout: Duration,
+}
+
+impl fmt::Debug for BotApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BotApi")
+            .field("base", &self.base)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+impl BotApi {
+    pub(crate) fn new(
+        http: reqwest::Client,
+        base: &str,
+        token: &str,
+        request_timeout: Duration,
+    ) -> Self {
+        BotApi {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            request_timeout,
+        }
+    }
+
+    /// Call `method` with JSON `params`; `extra_timeout` is added to the request timeout (the
+    /// server-side wait of a long poll).
+    pub(crate) async fn call<P: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        params: &P,
+        extra_timeout: Duration,
+    ) -> Result<T, ApiError> {
+        let url = format!("{}/bot{}/{}", self.base, self.token, method);
+        let response = self
+            .http
+            .post(url)
+            .timeout(self.request_timeout + extra_timeout)
+            .json(params)
+            .send()
+            .await
+            .map_err(|e| ApiError::Transport(self.describe_transport(e)))?;
+        let status = response.status().as_u16();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| ApiError::Transport(self.describe_transport(e)))?;
+        self.interpret(status, &body)
+    }
+
+    fn interpret<T: DeserializeOwned>(&self, status: u16, body: &[u8]) -> Result<T, ApiError> {
+        let envelope: Envelope = match serde_json::from_slice(body) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                let description = format!("reply body is not a Bot API JSON object ({e})");
+                return Err(classify(status, None, description));
+            }
+        };
+        if envelope.ok && (200..300).contains(&status) {
+            let result = envelope.result.ok_or_else(|| {
+                ApiError::InvalidReply("\"ok\" reply without \"result\"".to_string())
+            })?;
+            return serde_json::from_value(result)
+                .map_err(|e| ApiError::InvalidReply(format!("unexpected \"result\" shape: {e}")));
+        }
+        let code = envelope
+            .error_code
+            .and_then(|c| u16::try_from(c).ok())
+            .filter(|c| *c >= 400)
+            .unwrap_or(status);
+        let description = self.scrub(envelope.description.as_deref().unwrap_or("no description"));
+        let retry_after = envelope.parameters.and_then(|p| p.retry_after);
+        Err(classify(code, retry_after, description))
+    }
+
+    /// Transport error text without URL (which holds the token) and with its causes, which
+    /// usually say what actually went wrong (connection refused, DNS, TLS...).
+    fn describe_transport(&self, error: reqwest::Error) -> String {
+        let error = error.without_url();
+        let mut text = if error.is_timeout() {
+            format!("request timed out ({error})")
+        } else {
+            error.to_string()
+        };
+        let mut source = error.source();
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        self.scrub(&text)
+    }
+
+    /// Remove the token from text and bound its length.
+    fn scrub(&self, text: &str) -> String {
+        let cleaned = if self.token.is_empty() {
+            text.to_string()
+        } else {
+            text.replace(&self.token, "<redacted>")
+        };
+        let mut chars = cleaned.chars();
+        let mut bounded: String = chars.by_ref().take(MAX_DESCRIPTION_CHARS).collect();
+        if chars.next().is_some() {
+            bounded.push('…');
+        }
+        bounded
+    }
+}
+
+/// Map a failed reply to an [`ApiError`]. A `retry_after` wins over the status code: Telegram
+/// sends it with 429, but also documents it as the generic "flood control" signal.
+fn classify(status: u16, retry_after: Option<u64>, description: String) -> ApiError {
+    if let Some(retry_after) = retry_after {
+        return ApiError::RateLimited {
+            retry_after,
+            description,
+        };
+    }
+    match status {
+        429 => ApiError::RateLimited {
+            retry_after: 1,
+            description,
+        },
+        401 | 404 => ApiError::Unauthorized {
+            status,
+            description,
+        },
+        409 => ApiError::Conflict { description },
+        400..=499 => ApiError::Refused {
+            status,
+            description,
+        },
+        500..=599 => ApiError::Server {
+            status,
+            description,
+        },
+        _ => ApiError::InvalidReply(format!("HTTP {status}: {description}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api() -> BotApi {
+        BotApi::new(
+            reqwest::Client::new(),
+            "http://127.0.0.1:1/",
+            "42:SECRET",
+            Duration::from_secs(1),
+        )
+    }
+
+    #[test]
+    fn ok_reply_decodes_result() {
+        let n: i64 = api().interpret(200, br#"{"ok":true,"result":7}"#).unwrap();
+        assert_eq!(n, 7);
+    }
+
+    #[test]
+    fn retry_after_is_rate_limit() {
+        let body = br#"{"ok":false,"error_code":429,"description":"Too Many Requests: retry after 3","parameters":{"retry_after":3}}"#;
+        let err = api().interpret::<serde_json::Value>(429, body).unwrap_err();
+        assert_eq!(err.retry_after(), Some(3));
+        assert!(err.is_send_retryable());
+    }
+
+    #[test]
+    fn unauthorized_is_fatal_and_token_free() {
+        let body = br#"{"ok":false,"error_code":401,"description":"Unauthorized 42:SECRET"}"#;
+        let err = api().interpret::<serde_json::Value>(401, body).unwrap_err();
+        assert!(err.is_fatal());
+        let text = err.into_channel_error().to_string();
+        assert!(!text.contains("SECRET"), "{text}");
+        assert!(text.contains("bot token"), "{text}");
+    }
+
+    #[test]
+    fn non_json_bodies_are_classified_by_status() {
+        let a = api();
+        assert!(matches!(
+            a.interpret::<i64>(502, b"<html>bad gateway</html>"),
+            Err(ApiError::Server { status: 502, .. })
+        ));
+        assert!(matches!(
+            a.interpret::<i64>(200, b"{not json"),
+            Err(ApiError::InvalidReply(_))
+        ));
+        assert!(matches!(
+            a.interpret::<i64>(200, br#"{"ok":true,"result":"x"}"#),
+            Err(ApiError::InvalidReply(_))
+        ));
+        assert!(matches!(
+            a.interpret::<i64>(
+                409,
+                br#"{"ok":false,"error_code":409,"description":"Conflict"}"#
+            ),
+            Err(ApiError::Conflict { .. })
+        ));
+        assert!(matches!(
+            a.interpret::<i64>(
+                400,
+                br#"{"ok":false,"error_code":400,"description":"Bad Request: chat not found"}"#
+            ),
+            Err(ApiError::Refused { status: 400, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn transport_errors_never_show_the_token() {
+        // Port 1 on loopback: connection refused.
+        let err = api()
+            .call::<_, serde_json::Value>("getMe", &serde_json::json!({}), Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ApiError::Transport(_)));
+        let text = err.to_string();
+        assert!(!text.contains("SECRET"), "{text}");
+        let debug = format!("{:?}", api());
+        assert!(!debug.contains("SECRET"), "{debug}");
+    }
+}

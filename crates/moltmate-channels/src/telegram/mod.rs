@@ -1,0 +1,622 @@
+//! Telegram channel: Bot API long polling with durable offsets.
+//!
+//! # Receiving
+//!
+//! [`TelegramChannel::run`] validates the token with `getMe`, reads the cursor the gateway stored
+//! with the last accepted message, and long-polls `getUpdates` from that offset. Each update is
+//! handed to the sink in order; only after the sink answered `Ok` does the in-memory offset move
+//! past it, and only the next `getUpdates` carrying that offset confirms it to Telegram. A sink
+//! failure is retried (with backoff) on the *same* update, so nothing is ever skipped.
+//!
+//! Updates we do not answer (no text: stickers, photos, service messages; group chats unless
+//! [`TelegramSettings::accept_group_chats`]; messages from bots; anything malformed) are skipped:
+//! the in-memory offset moves past them at once, but since the sink can only persist a cursor
+//! together with a message, the *stored* cursor catches up only with the next accepted message.
+//! A crash in between re-reads the skipped updates after restart, which is harmless: they are
+//! skipped again. (A `sink.advance_cursor` in core would make skips durable immediately.)
+//!
+//! # Sending
+//!
+//! Replies are plain text (no `parse_mode`, so nothing a user or model wrote is read as markup),
+//! split at Telegram's 4096 UTF-16 unit limit (see [`split`]). Each part is retried on 429 and
+//! server or connection errors; a timeout after the server got the request may therefore deliver
+//! a part twice, which we prefer over losing it.
+
+mod api;
+mod settings;
+pub mod split;
+mod wire;
+
+pub use settings::{TelegramSettings, DEFAULT_API_URL};
+
+use api::{ApiError, BotApi, SERVICE};
+use async_trait::async_trait;
+use moltmate_core::channel::Channel;
+use moltmate_core::channel::{ChannelError, InboundMessage, InboundSink};
+use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
+use rand::Rng;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wire::{BotUser, ChatRef, GetUpdates, SendChatAction, SendMessage, Update};
+
+/// The only update type we ask for; Telegram then does not even send the others.
+const ALLOWED_UPDATES: &[&str] = &["message"];
+
+/// A `getUpdates` reply that brought no progress faster than this did not long-poll.
+const FAST_EMPTY_REPLY: Duration = Duration::from_millis(500);
+
+/// Why a [`TelegramChannel`] could not be built from its settings.
+#[derive(Debug, thiserror::Error)]
+pub enum TelegramSetupError {
+    #[error("the Telegram bot token is empty")]
+    EmptyToken,
+    #[error("the Telegram bot token has an invalid format (expected digits, ':' and a secret of letters, digits, '_' or '-')")]
+    MalformedToken,
+    #[error("invalid Telegram API URL {url:?}: {reason}")]
+    InvalidApiUrl { url: String, reason: String },
+    #[error("could not build the HTTP client: {0}")]
+    HttpClient(String),
+}
+
+/// Who the bot is, as reported by `getMe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BotInfo {
+    pub id: i64,
+    pub username: Option<String>,
+}
+
+/// What to do with one update.
+#[derive(Debug)]
+enum Disposition {
+    Deliver(Box<InboundMessage>),
+    Skip(&'static str),
+}
+
+/// The Telegram channel. Cheap to share behind an `Arc`; `run` and the send methods may be
+/// used concurrently.
+#[derive(Debug)]
+pub struct TelegramChannel {
+    settings: TelegramSettings,
+    api: BotApi,
+}
+
+impl TelegramChannel {
+    /// Validate the settings and build the HTTP client. Does no I/O; the token is checked
+    /// against Telegram by [`TelegramChannel::verify`] and at the start of `run`.
+    pub fn new(settings: TelegramSettings) -> Result<Self, TelegramSetupError> {
+        validate_token(&settings.bot_token)?;
+        let url = reqwest::Url::parse(&settings.api_url).map_err(|e| {
+            TelegramSetupError::InvalidApiUrl {
+                url: settings.api_url.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        if url.scheme() != "https" && url.scheme() != "http" {
+            return Err(TelegramSetupError::InvalidApiUrl {
+                url: settings.api_url.clone(),
+                reason: "scheme must be http or https".to_string(),
+            });
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(TelegramSetupError::InvalidApiUrl {
+                url: settings.api_url.clone(),
+                reason: "must not contain a query or fragment".to_string(),
+            });
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.request_timeout)
+            .build()
+            .map_err(|e| TelegramSetupError::HttpClient(e.without_url().to_string()))?;
+        let api = BotApi::new(
+            http,
+            &settings.api_url,
+            &settings.bot_token,
+            settings.request_timeout,
+        );
+        Ok(TelegramChannel { settings, api })
+    }
+
+    /// Ask Telegram who we are (`getMe`), once. A refused token gives
+    /// [`ChannelError::Rejected`] whose message says so, without the token.
+    pub async fn verify(&self) -> Result<BotInfo, ChannelError> {
+        self.get_me().await.map_err(ApiError::into_channel_error)
+    }
+
+    async fn get_me(&self) -> Result<BotInfo, ApiError> {
+        let me: BotUser = self
+            .api
+            .call("getMe", &serde_json::json!({}), Duration::ZERO)
+            .await?;
+        Ok(BotInfo {
+            id: me.id,
+            username: me.username,
+        })
+    }
+
+    /// `getMe` until it works, the token is refused, or shutdown.
+    async fn wait_for_bot(
+        &self,
+        backoff: &mut Backoff,
+        shutdown: &Shutdown,
+    ) -> Result<Option<BotInfo>, ChannelError> {
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                r = self.get_me() => r,
+            };
+            match result {
+                Ok(me) => return Ok(Some(me)),
+                Err(e) if e.is_fatal() => {
+                    tracing::error!(error = %e, "telegram: giving up");
+                    return Err(e.into_channel_error());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "telegram: getMe failed, retrying");
+                    if !self.pause_after(&e, backoff, shutdown).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The stored cursor, retrying while the store is unavailable.
+    async fn read_cursor(
+        &self,
+        sink: &dyn InboundSink,
+        backoff: &mut Backoff,
+        shutdown: &Shutdown,
+    ) -> Option<Option<i64>> {
+        loop {
+            match sink.cursor(ChannelKind::Telegram).await {
+                Ok(cursor) => return Some(cursor),
+                Err(e) => {
+                    tracing::warn!(error = %e, "telegram: could not read the stored cursor, retrying");
+                    if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hand one message to the sink until it is stored. Returns false on shutdown.
+    async fn deliver(
+        &self,
+        sink: &dyn InboundSink,
+        message: InboundMessage,
+        backoff: &mut Backoff,
+        shutdown: &Shutdown,
+    ) -> bool {
+        loop {
+            if shutdown.is_cancelled() {
+                return false;
+            }
+            match sink.accept(message.clone()).await {
+                Ok(outcome) => {
+                    tracing::debug!(update = %message.external_id, ?outcome, "telegram: update accepted");
+                    backoff.reset();
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(update = %message.external_id, error = %e, "telegram: the gateway did not store the update, retrying it");
+                    if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleep as the error asks (server `retry_after`, else backoff). False on shutdown.
+    async fn pause_after(
+        &self,
+        error: &ApiError,
+        backoff: &mut Backoff,
+        shutdown: &Shutdown,
+    ) -> bool {
+        let delay = match error.retry_after() {
+            Some(seconds) => Duration::from_secs(seconds).min(self.settings.max_retry_after),
+            None => backoff.next_delay(),
+        };
+        sleep_or_shutdown(delay, shutdown).await
+    }
+
+    /// Classify one raw update. Parsing is per update, so one odd update never blocks the rest.
+    fn dispose(&self, update: Update) -> Disposition {
+        let Some(message) = update.message else {
+            return Disposition::Skip("not a new message");
+        };
+        match message.chat.kind.as_str() {
+            "private" => {}
+            "group" | "supergroup" if self.settings.accept_group_chats => {}
+            "group" | "supergroup" => {
+                return Disposition::Skip("group chat (group chats are not enabled)")
+            }
+            _ => return Disposition::Skip("not a private or group chat"),
+        }
+        let Some(from) = message.from else {
+            return Disposition::Skip("message without sender");
+        };
+        if from.is_bot {
+            return Disposition::Skip("message from a bot");
+        }
+        let Some(text) = message.text else {
+            return Disposition::Skip(
+                "message without text (sticker, photo, voice, service message...)",
+            );
+        };
+        let Ok(peer) = PeerId::new(from.id.to_string()) else {
+            return Disposition::Skip("sender id is not a valid peer id");
+        };
+        let name = [from.first_name, from.last_name]
+            .into_iter()
+            .flatten()
+            .map(|part| part.trim().to_string())
+            .filter(|part| !part.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Disposition::Deliver(Box::new(InboundMessage {
+            sender: Identity::new(ChannelKind::Telegram, peer),
+            chat_id: message.chat.id.to_string(),
+            external_id: update.update_id.to_string(),
+            cursor: Some(update.update_id.saturating_add(1)),
+            text,
+            sender_name: (!name.is_empty()).then_some(name),
+            language_code: from.language_code.filter(|code| !code.trim().is_empty()),
+        }))
+    }
+
+    /// Send one part, retrying what may succeed later.
+    async fn send_part(&self, chat: ChatRef<'_>, text: &str) -> Result<(), ChannelError> {
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        let attempts = self.settings.send_attempts.max(1);
+        let mut attempt = 1;
+        loop {
+            let params = SendMessage {
+                chat_id: chat_ref_copy(&chat),
+                text,
+            };
+            let result: Result<serde_json::Value, ApiError> =
+                self.api.call("sendMessage", &params, Duration::ZERO).await;
+            match result {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_send_retryable() && attempt < attempts => {
+                    tracing::warn!(error = %e, attempt, "telegram: sendMessage failed, retrying");
+                    let delay = match e.retry_after() {
+                        Some(seconds) => {
+                            Duration::from_secs(seconds).min(self.settings.max_retry_after)
+                        }
+                        None => backoff.next_delay(),
+                    };
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into_channel_error()),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Channel for TelegramChannel {
+    fn kind(&self) -> ChannelKind {
+        ChannelKind::Telegram
+    }
+
+    async fn run(
+        &self,
+        sink: Arc<dyn InboundSink>,
+        shutdown: Shutdown,
+    ) -> Result<(), ChannelError> {
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        let Some(me) = self.wait_for_bot(&mut backoff, &shutdown).await? else {
+            return Ok(());
+        };
+        tracing::info!(
+            bot_id = me.id,
+            bot = me.username.as_deref().unwrap_or("?"),
+            "telegram: connected"
+        );
+        backoff.reset();
+        let Some(mut offset) = self
+            .read_cursor(sink.as_ref(), &mut backoff, &shutdown)
+            .await
+        else {
+            return Ok(());
+        };
+        backoff.reset();
+        let poll_seconds = self.settings.poll_timeout.as_secs();
+        loop {
+            let params = GetUpdates {
+                offset,
+                timeout: poll_seconds,
+                allowed_updates: ALLOWED_UPDATES,
+            };
+            let started = Instant::now();
+            let result: Result<Vec<serde_json::Value>, ApiError> = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.api.call("getUpdates", &params, self.settings.poll_timeout) => r,
+            };
+            let updates = match result {
+                Ok(updates) => updates,
+                Err(e) if e.is_fatal() => {
+                    tracing::error!(error = %e, "telegram: giving up");
+                    return Err(e.into_channel_error());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "telegram: getUpdates failed, retrying");
+                    if !self.pause_after(&e, &mut backoff, &shutdown).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let offset_before = offset;
+            for raw in updates {
+                let update: Update = match serde_json::from_value(raw) {
+                    Ok(update) => update,
+                    Err(e) => {
+                        // Without a readable update_id we cannot step past it by itself; the
+                        // next well-formed update's offset confirms it along with the rest.
+                        tracing::warn!(error = %e, "telegram: skipping an update we could not parse");
+                        continue;
+                    }
+                };
+                let id = update.update_id;
+                if offset.is_some_and(|o| id < o) {
+                    // Already confirmed; a compliant server never sends it again.
+                    continue;
+                }
+                match self.dispose(update) {
+                    Disposition::Skip(reason) => {
+                        tracing::debug!(update = id, reason, "telegram: skipping update");
+                    }
+                    Disposition::Deliver(message) => {
+                        if !self
+                            .deliver(sink.as_ref(), *message, &mut backoff, &shutdown)
+                            .await
+                        {
+                            return Ok(());
+                        }
+                    }
+                }
+                offset = Some(id.saturating_add(1));
+            }
+            if offset != offset_before || started.elapsed() >= FAST_EMPTY_REPLY {
+                backoff.reset();
+            } else if !sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
+                // Nothing moved forward and the server did not long-poll: either a batch of
+                // unreadable updates or a server ignoring `timeout`. We paused rather than spin.
+                return Ok(());
+            }
+        }
+    }
+
+    async fn send_text(&self, chat_id: &str, text: &str) -> Result<(), ChannelError> {
+        let chat = parse_chat(chat_id)?;
+        for part in split::split_message(text, split::TELEGRAM_MAX_MESSAGE_UTF16) {
+            self.send_part(chat_ref_copy(&chat), &part).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_typing(&self, chat_id: &str) -> Result<(), ChannelError> {
+        let chat = parse_chat(chat_id)?;
+        let params = SendChatAction {
+            chat_id: chat,
+            action: "typing",
+        };
+        let _: serde_json::Value = self
+            .api
+            .call("sendChatAction", &params, Duration::ZERO)
+            .await
+            .map_err(ApiError::into_channel_error)?;
+        Ok(())
+    }
+}
+
+fn chat_ref_copy<'a>(chat: &ChatRef<'a>) -> ChatRef<'a> {
+    match chat {
+        ChatRef::Id(id) => ChatRef::Id(*id),
+        ChatRef::Name(name) => ChatRef::Name(name),
+    }
+}
+
+/// A chat id is a (possibly negative) integer, or `@username` of a public channel.
+fn parse_chat(chat_id: &str) -> Result<ChatRef<'_>, ChannelError> {
+    let chat = ChatRef::parse(chat_id);
+    match chat {
+        ChatRef::Id(_) => Ok(chat),
+        ChatRef::Name(name)
+            if name.len() > 1
+                && name.starts_with('@')
+                && name[1..]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            Ok(chat)
+        }
+        ChatRef::Name(_) => Err(ChannelError::Rejected {
+            service: SERVICE,
+            status: 400,
+            detail: format!("{chat_id:?} is not a Telegram chat id"),
+        }),
+    }
+}
+
+fn validate_token(token: &str) -> Result<(), TelegramSetupError> {
+    if token.is_empty() {
+        return Err(TelegramSetupError::EmptyToken);
+    }
+    // The token goes into the URL path verbatim; anything outside this alphabet could change
+    // the request's meaning (a '/', '?' or '#') and is not a token BotFather issues anyway.
+    let valid = token.split_once(':').is_some_and(|(id, secret)| {
+        !id.is_empty()
+            && id.chars().all(|c| c.is_ascii_digit())
+            && !secret.is_empty()
+            && secret
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(TelegramSetupError::MalformedToken)
+    }
+}
+
+/// Sleep unless shutdown comes first. True if the full delay passed.
+async fn sleep_or_shutdown(delay: Duration, shutdown: &Shutdown) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Exponential backoff with "equal jitter": half the delay is fixed, half random, so retries of
+/// several gateways (or channels) do not synchronise while each still waits a useful minimum.
+#[derive(Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max: max.max(initial),
+            failures: 0,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let factor = 2u32.saturating_pow(self.failures.min(20));
+        self.failures = self.failures.saturating_add(1);
+        let full = self.initial.saturating_mul(factor).min(self.max);
+        let half = full / 2;
+        let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+        let jitter = if jitter_ms == 0 {
+            0
+        } else {
+            rand::rng().random_range(0..=jitter_ms)
+        };
+        half + Duration::from_millis(jitter)
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..30 {
+            assert!(b.next_delay() <= Duration::from_secs(1));
+        }
+        let late = b.next_delay();
+        assert!(late >= Duration::from_millis(500));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn token_format_is_checked_without_echoing_it() {
+        assert!(validate_token("123456:AAH-x_y").is_ok());
+        for bad in ["", "abc", "123:", ":abc", "12:ab/../c", "12:ab?x", "12:a b"] {
+            let err = validate_token(bad).unwrap_err();
+            if !bad.is_empty() {
+                assert!(!err.to_string().contains(bad), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn chat_ids() {
+        assert!(matches!(parse_chat("-100123"), Ok(ChatRef::Id(-100123))));
+        assert!(matches!(
+            parse_chat("@my_channel"),
+            Ok(ChatRef::Name("@my_channel"))
+        ));
+        assert!(parse_chat("bob").is_err());
+        assert!(parse_chat("@").is_err());
+    }
+
+    fn channel() -> TelegramChannel {
+        TelegramChannel::new(TelegramSettings::new("1:x").with_api_url("http://127.0.0.1:1"))
+            .unwrap()
+    }
+
+    fn update(json: serde_json::Value) -> Update {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn private_text_message_is_delivered_with_fields() {
+        let u = update(serde_json::json!({
+            "update_id": 10,
+            "message": {"message_id": 1, "date": 0, "text": "hi",
+                "chat": {"id": 77, "type": "private"},
+                "from": {"id": 77, "is_bot": false, "first_name": "Anna", "last_name": "B", "language_code": "de"}}
+        }));
+        let Disposition::Deliver(m) = channel().dispose(u) else {
+            panic!("must deliver")
+        };
+        assert_eq!(m.sender.to_string(), "telegram:77");
+        assert_eq!(m.chat_id, "77");
+        assert_eq!(m.external_id, "10");
+        assert_eq!(m.cursor, Some(11));
+        assert_eq!(m.sender_name.as_deref(), Some("Anna B"));
+        assert_eq!(m.language_code.as_deref(), Some("de"));
+    }
+
+    #[test]
+    fn groups_bots_and_non_text_are_skipped() {
+        let base = |chat_type: &str, is_bot: bool, text: Option<&str>| {
+            let mut msg = serde_json::json!({"message_id": 1, "date": 0,
+                "chat": {"id": -5, "type": chat_type},
+                "from": {"id": 9, "is_bot": is_bot, "first_name": "X"}});
+            if let Some(t) = text {
+                msg["text"] = serde_json::json!(t);
+            }
+            update(serde_json::json!({"update_id": 1, "message": msg}))
+        };
+        let c = channel();
+        assert!(matches!(
+            c.dispose(base("group", false, Some("hi"))),
+            Disposition::Skip(_)
+        ));
+        assert!(matches!(
+            c.dispose(base("channel", false, Some("hi"))),
+            Disposition::Skip(_)
+        ));
+        assert!(matches!(
+            c.dispose(base("private", true, Some("hi"))),
+            Disposition::Skip(_)
+        ));
+        assert!(matches!(
+            c.dispose(base("private", false, None)),
+            Disposition::Skip(_)
+        ));
+        assert!(matches!(
+            c.dispose(update(serde_json::json!({"update_id": 2}))),
+            Disposition::Skip(_)
+        ));
+        let mut settings = TelegramSettings::new("1:x");
+        settings.accept_group_chats = true;
+        let groups = TelegramChannel::new(settings).unwrap();
+        assert!(matches!(
+            groups.dispose(base("supergroup", false, Some("hi"))),
+            Disposition::Deliver(_)
+        ));
+    }
+}

@@ -1,0 +1,119 @@
+//! The subset of the Telegram Bot API wire format this channel reads and writes.
+//!
+//! Every reply of the Bot API is an envelope `{"ok": bool, "result": ..., "error_code": int,
+//! "description": str, "parameters": {"retry_after": int}}`. Incoming types only name the
+//! fields we use and ignore the rest, so new fields Telegram adds never break parsing.
+
+use serde::{Deserialize, Serialize};
+
+/// The envelope around every Bot API reply; `result` is kept raw and decoded by the caller,
+/// so a reply whose `result` has an unexpected shape is reported separately from a broken body.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Envelope {
+    pub ok: bool,
+    #[serde(default)]
+    pub result: Option<serde_json::Value>,
+    #[serde(default)]
+    pub error_code: Option<i64>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<ResponseParameters>,
+}
+
+/// `ResponseParameters`: why a request failed and what to do about it.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ResponseParameters {
+    #[serde(default)]
+    pub retry_after: Option<u64>,
+}
+
+/// `getMe` result.
+#[derive(Debug, Deserialize)]
+pub(crate) struct BotUser {
+    pub id: i64,
+    #[serde(default)]
+    pub username: Option<String>,
+}
+
+/// One `Update`. Only `message` is requested via `allowed_updates`; anything else that still
+/// arrives is skipped.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Update {
+    pub update_id: i64,
+    #[serde(default)]
+    pub message: Option<Message>,
+}
+
+/// A `Message`. `text` is absent for stickers, photos, voice notes and service messages.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Message {
+    #[serde(default)]
+    pub from: Option<User>,
+    pub chat: Chat,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// A Telegram `User` (the sender of a message).
+#[derive(Debug, Deserialize)]
+pub(crate) struct User {
+    pub id: i64,
+    #[serde(default)]
+    pub is_bot: bool,
+    #[serde(default)]
+    pub first_name: Option<String>,
+    #[serde(default)]
+    pub last_name: Option<String>,
+    #[serde(default)]
+    pub language_code: Option<String>,
+}
+
+/// A Telegram `Chat`; `type` is one of `private`, `group`, `supergroup`, `channel`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Chat {
+    pub id: i64,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// `chat_id` parameter: an integer id, or `@username` for public channels.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub(crate) enum ChatRef<'a> {
+    Id(i64),
+    Name(&'a str),
+}
+
+impl<'a> ChatRef<'a> {
+    pub fn parse(raw: &'a str) -> Self {
+        match raw.trim().parse::<i64>() {
+            Ok(id) => ChatRef::Id(id),
+            Err(_) => ChatRef::Name(raw),
+        }
+    }
+}
+
+/// `getUpdates` parameters.
+#[derive(Debug, Serialize)]
+pub(crate) struct GetUpdates<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<i64>,
+    pub timeout: u64,
+    pub allowed_updates: &'a [&'a str],
+}
+
+/// `sendMessage` parameters. No `parse_mode`: the text is sent as plain text, so whatever the
+/// model or a user wrote is never interpreted as markup.
+#[derive(Debug, Serialize)]
+pub(crate) struct SendMessage<'a> {
+    pub chat_id: ChatRef<'a>,
+    pub text: &'a str,
+}
+
+/// `sendChatAction` parameters.
+#[derive(Debug, Serialize)]
+pub(crate) struct SendChatAction<'a> {
+    pub chat_id: ChatRef<'a>,
+    pub action: &'a str,
+}
