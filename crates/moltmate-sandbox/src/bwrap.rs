@@ -1,1 +1,819 @@
-//! (being written)
+//! Bubblewrap backend: every `exec` is a fresh `bwrap` process, for hosts without Docker.
+//!
+//! **Isolation.** `--unshare-all` (user, pid, net, ipc, uts, cgroup namespaces) with
+//! `--disable-userns`, running as uid/gid 1000 inside; `--die-with-parent`, `--new-session`,
+//! `--clearenv` then only `PATH`, `HOME=/workspace`, `LANG` (plus the proxy variables for
+//! `network = proxy`): nothing from the gateway's environment can reach a sandbox. The root
+//! filesystem is an empty tmpfs holding read-only `/usr` (with the merged-usr symlinks `/bin`,
+//! `/lib`, `/lib64`, `/sbin`), the few `/etc` files programs need (generated `passwd`/`group`/
+//! `hosts`/`nsswitch.conf` stubs; the host's `ld.so.cache`, `localtime`, `alternatives` and CA
+//! certificates), a fresh `/proc` and minimal `/dev`, a size-capped tmpfs `/tmp`, the user's
+//! home at `/workspace` (read-write, read-only, or a scratch directory per
+//! [`WorkspaceAccess`]) and the family folder at `/family`. Nothing else of the host exists
+//! inside: no `/root`, `/home`, other users' homes, `/etc/shadow`, `/run` or the Docker socket.
+//! A seccomp filter ([`seccomp`]) refuses tracing, mounting, keyrings, BPF, perf, userfaultfd,
+//! new namespaces, module/kexec loading and io_uring.
+//!
+//! **Host identity.** bwrap runs with the gateway's own uid and maps it to 1000 inside, holding
+//! no capabilities outside its namespaces (bwrap drops them all, `no_new_privs` is set). Files
+//! a sandbox writes to its home are therefore owned by the gateway's uid on the host.
+//!
+//! **Scopes.** There is no long-lived process: state persists only in `/workspace`. `/tmp` is
+//! fresh on every call, so `user`, `session` and `task` differ only in the scratch directory
+//! that stands in for `/workspace` under [`WorkspaceAccess::None`]: one per user
+//! (`scratch/<user>/user`), one per session (`scratch/<user>/session-<hash>`, removed by
+//! `end_session`), or one per call (removed after it).
+//!
+//! **Limits.** Each exec gets its own cgroup ([`cgroup`]: memory incl. swap, pids, CPU quota)
+//! where the host allows, joined by the child before it executes bwrap, so every process of the
+//! sandbox is inside from the start. rlimits are always set too, as a backstop: `RLIMIT_FSIZE`
+//! (largest file = the disk cap), `RLIMIT_CPU`, `RLIMIT_CORE = 0`, `RLIMIT_NOFILE`, `RLIMIT_AS`
+//! (the memory limit without a memory cgroup; four times it with one, so runtimes that reserve
+//! address space still start), and `RLIMIT_NPROC` only without a pids cgroup (it counts every
+//! process of the host uid, so it would let one user's fork bomb starve the others; it also does
+//! not apply to host root). The per-user disk cap (`disk.rs`) is not applied here yet: only
+//! `RLIMIT_FSIZE` bounds what one file can grow to.
+//!
+//! **Timeouts and output.** The wall-clock timeout SIGKILLs bwrap's process group and the
+//! cgroup; bwrap's init is pid 1 of the sandbox's pid namespace, so when it dies the kernel kills
+//! every process inside — nothing survives a call. stdout and stderr share one budget of
+//! `limits.output_bytes`; output beyond it is read and discarded (so a flooder never blocks on a
+//! full pipe) until the command exits or times out, and `truncated` is set.
+
+mod cgroup;
+mod seccomp;
+
+pub use cgroup::CgroupSupport;
+
+use crate::proxy::{
+    EgressProxy, FORWARDER_PATH, FORWARDER_READY_FILE, FORWARDER_SCRIPT, PROXY_SOCKET_PATH,
+    PROXY_URL,
+};
+use crate::settings::{SandboxScope, SandboxSettings};
+use async_trait::async_trait;
+use moltmate_core::sandbox::{
+    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxInfo, SandboxNetwork,
+    WorkspaceAccess,
+};
+use moltmate_core::UserId;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+const BACKEND: &str = "bwrap";
+/// uid/gid of the sandbox user inside, the same as in the Docker image.
+pub const SANDBOX_UID: u32 = 1000;
+const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long output readers may keep going after the sandbox exited (pipes close when the pid
+/// namespace is gone; this only bounds a pathological case).
+const READER_GRACE: Duration = Duration::from_secs(2);
+
+const PASSWD: &str = "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n\
+agent:x:1000:1000:Moltmates sandbox:/workspace:/bin/sh\n\
+nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+const GROUP: &str = "root:x:0:\nagent:x:1000:\nnogroup:x:65534:\n";
+const HOSTS: &str = "127.0.0.1\tlocalhost moltmate\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+const NSSWITCH: &str = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n";
+
+fn backend_err(detail: impl Into<String>) -> SandboxError {
+    SandboxError::Backend {
+        backend: BACKEND,
+        detail: detail.into(),
+    }
+}
+
+/// What is running right now, for `list`.
+#[derive(Debug, Clone)]
+struct Running {
+    user: String,
+    started: Instant,
+    count: usize,
+}
+
+/// The bubblewrap sandbox backend. Cheap to share behind an `Arc`.
+pub struct BwrapSandbox {
+    bwrap: PathBuf,
+    state_dir: PathBuf,
+    scope: SandboxScope,
+    seccomp: Arc<[u8]>,
+    cgroups: CgroupSupport,
+    proxy: Option<Arc<EgressProxy>>,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+impl std::fmt::Debug for BwrapSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BwrapSandbox")
+            .field("bwrap", &self.bwrap)
+            .field("state_dir", &self.state_dir)
+            .field("scope", &self.scope)
+            .field("cgroups", &self.cgroups)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Finds `bwrap` on the gateway's `PATH` (or the Debian location).
+pub fn find_bwrap() -> Option<PathBuf> {
+    let from_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("bwrap"))
+            .find(|c| c.is_file())
+    });
+    from_path.or_else(|| {
+        let p = PathBuf::from("/usr/bin/bwrap");
+        p.is_file().then_some(p)
+    })
+}
+
+impl BwrapSandbox {
+    /// Prepares the backend: locates bwrap, compiles the seccomp filter, probes cgroups and
+    /// creates `state_dir/scratch`. Does not run anything; see [`BwrapSandbox::probe`].
+    pub fn new(
+        settings: &SandboxSettings,
+        proxy: Option<Arc<EgressProxy>>,
+    ) -> Result<Self, SandboxError> {
+        let bwrap = find_bwrap().ok_or_else(|| {
+            SandboxError::Unavailable(
+                "bubblewrap is not installed (apt-get install bubblewrap)".into(),
+            )
+        })?;
+        let seccomp = seccomp::compile().map_err(|e| backend_err(e.to_string()))?;
+        let scratch = settings.state_dir.join("scratch");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&scratch)
+            .map_err(|e| backend_err(format!("cannot create {}: {e}", scratch.display())))?;
+        let cgroups = CgroupSupport::detect();
+        if cgroups == CgroupSupport::None {
+            tracing::warn!("no usable cgroups: bubblewrap sandboxes are limited by rlimits only");
+        }
+        Ok(BwrapSandbox {
+            bwrap,
+            state_dir: settings.state_dir.clone(),
+            scope: settings.scope,
+            seccomp: seccomp.into(),
+            cgroups,
+            proxy,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Which cgroup hierarchy limits this backend's sandboxes.
+    pub fn cgroups(&self) -> &CgroupSupport {
+        &self.cgroups
+    }
+
+    /// Runs `true` in a minimal sandbox with every namespace and the seccomp filter: proves
+    /// that this host lets bwrap create namespaces. The error says what failed.
+    pub async fn probe(&self) -> Result<(), SandboxError> {
+        let seccomp_fd = data_fd(&self.seccomp).map_err(|e| backend_err(format!("pipe: {e}")))?;
+        let mut args: Vec<String> = base_namespace_args();
+        args.extend(root_fs_args());
+        args.extend([
+            "--seccomp".into(),
+            seccomp_fd.as_raw_fd().to_string(),
+            "--".into(),
+            "true".into(),
+        ]);
+        let mut cmd = tokio::process::Command::new(&self.bwrap);
+        cmd.args(&args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let keep = [seccomp_fd.as_raw_fd()];
+        // SAFETY: the hook only calls fcntl(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || clear_cloexec(&keep));
+        }
+        let out = tokio::time::timeout(Duration::from_secs(10), cmd.output())
+            .await
+            .map_err(|_| {
+                SandboxError::Unavailable(
+                    "bubblewrap did not finish a trivial command in 10 s".into(),
+                )
+            })?
+            .map_err(|e| {
+                SandboxError::Unavailable(format!("cannot run {}: {e}", self.bwrap.display()))
+            })?;
+        drop(seccomp_fd);
+        if out.status.success() {
+            Ok(())
+        } else {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            Err(SandboxError::Unavailable(format!(
+                "bubblewrap cannot create namespaces here ({}): {}; enable unprivileged user namespaces or install Docker",
+                out.status,
+                stderr.trim()
+            )))
+        }
+    }
+
+    fn scratch_dir(&self, user: &UserId, session_id: &str) -> (PathBuf, bool) {
+        let base = self.state_dir.join("scratch").join(user.as_str());
+        match self.scope {
+            SandboxScope::User => (base.join("user"), false),
+            SandboxScope::Session => (
+                base.join(format!("session-{}", short_hash(session_id))),
+                false,
+            ),
+            SandboxScope::Task => (
+                base.join(format!("task-{:016x}", rand::random::<u64>())),
+                true,
+            ),
+        }
+    }
+
+    fn sandbox_name(&self, user: &UserId, session_id: &str) -> String {
+        match self.scope {
+            SandboxScope::User => format!("moltmate-bwrap-{user}"),
+            SandboxScope::Session => format!("moltmate-bwrap-{user}-{}", short_hash(session_id)),
+            SandboxScope::Task => format!("moltmate-bwrap-{user}-task"),
+        }
+    }
+}
+
+fn short_hash(s: &str) -> String {
+    hex::encode(&Sha256::digest(s.as_bytes())[..8])
+}
+
+fn base_namespace_args() -> Vec<String> {
+    [
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--uid",
+        "1000",
+        "--gid",
+        "1000",
+        "--hostname",
+        "moltmate",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn root_fs_args() -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&["--ro-bind", "/usr", "/usr"]);
+    // Merged-usr layout: recreate the top-level symlinks, or bind the real directories on
+    // hosts that still have them.
+    for dir in ["bin", "lib", "lib64", "lib32", "libx32", "sbin"] {
+        let host = Path::new("/").join(dir);
+        match std::fs::read_link(&host) {
+            Ok(target) => {
+                let target = target.to_string_lossy().into_owned();
+                a.extend(["--symlink".to_string(), target, format!("/{dir}")]);
+            }
+            Err(_) if host.is_dir() => {
+                a.extend([
+                    "--ro-bind".to_string(),
+                    host.to_string_lossy().into_owned(),
+                    format!("/{dir}"),
+                ]);
+            }
+            Err(_) => {}
+        }
+    }
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&["--proc", "/proc", "--dev", "/dev"]);
+    for etc in [
+        "/etc/ld.so.cache",
+        "/etc/localtime",
+        "/etc/alternatives",
+        "/etc/ssl",
+        "/etc/ca-certificates",
+    ] {
+        push(&["--ro-bind-try", etc, etc]);
+    }
+    a
+}
+
+/// A read end of a pipe already holding `data` (which must fit the pipe buffer, 64 KiB on
+/// Linux — every blob here is a few KiB), for bwrap's `--*-data FD` and `--seccomp FD`.
+fn data_fd(data: &[u8]) -> std::io::Result<OwnedFd> {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid two-element array for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut file = std::fs::File::from(write);
+    file.write_all(data)?;
+    drop(file);
+    Ok(read)
+}
+
+/// In the forked child: let bwrap inherit exactly these descriptors.
+fn clear_cloexec(fds: &[i32]) -> std::io::Result<()> {
+    for &fd in fds {
+        // SAFETY: fcntl on an fd we own; async-signal-safe.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct Rlimits {
+    fsize: u64,
+    cpu_secs: u64,
+    address_space: u64,
+    nproc: Option<u64>,
+}
+
+/// In the forked child: join the exec's cgroups, then set the rlimits. Only async-signal-safe
+/// calls (write, setrlimit, fcntl).
+fn child_setup(cgroup_procs: &[i32], keep: &[i32], limits: Rlimits) -> std::io::Result<()> {
+    clear_cloexec(keep)?;
+    for &fd in cgroup_procs {
+        // Writing "0" to cgroup.procs moves the writing process itself.
+        // SAFETY: writing a 1-byte static buffer to an fd we own.
+        if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let set = |res: libc::__rlimit_resource_t, v: u64| -> std::io::Result<()> {
+        let lim = libc::rlimit {
+            rlim_cur: v,
+            rlim_max: v,
+        };
+        // SAFETY: setrlimit with a valid struct.
+        if unsafe { libc::setrlimit(res, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    set(libc::RLIMIT_CORE, 0)?;
+    set(libc::RLIMIT_FSIZE, limits.fsize)?;
+    set(libc::RLIMIT_CPU, limits.cpu_secs)?;
+    set(libc::RLIMIT_AS, limits.address_space)?;
+    set(libc::RLIMIT_NOFILE, 4096)?;
+    if let Some(n) = limits.nproc {
+        set(libc::RLIMIT_NPROC, n)?;
+    }
+    Ok(())
+}
+
+/// Reads `stream` to its end, keeping bytes while the shared budget lasts.
+async fn capture<R: AsyncRead + Unpin>(mut stream: R, budget: Arc<AtomicU64>) -> (Vec<u8>, bool) {
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut take = 0u64;
+        let _ = budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+            take = left.min(n as u64);
+            Some(left - take)
+        });
+        kept.extend_from_slice(&buf[..take as usize]);
+        if (take as usize) < n {
+            truncated = true;
+        }
+    }
+    (kept, truncated)
+}
+
+struct RunningGuard<'a> {
+    map: &'a Mutex<HashMap<String, Running>>,
+    name: String,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        // A poisoned map only means a panic elsewhere; the data is still consistent enough
+        // for bookkeeping.
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = map.get_mut(&self.name) {
+            r.count -= 1;
+            if r.count == 0 {
+                map.remove(&self.name);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Sandbox for BwrapSandbox {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
+        let started = Instant::now();
+        let limits = request.profile.limits.clone();
+        let name = self.sandbox_name(&request.user, &request.session_id);
+
+        // Where /workspace comes from.
+        let (scratch, scratch_is_temporary) = self.scratch_dir(&request.user, &request.session_id);
+        let (workspace, workspace_ro) = match request.profile.workspace_access {
+            WorkspaceAccess::Rw => (request.home.clone(), false),
+            WorkspaceAccess::Ro => (request.home.clone(), true),
+            WorkspaceAccess::None => (scratch.clone(), false),
+        };
+        if request.profile.workspace_access == WorkspaceAccess::None {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&scratch)
+                .map_err(|e| {
+                    backend_err(format!(
+                        "cannot create scratch dir {}: {e}",
+                        scratch.display()
+                    ))
+                })?;
+        }
+        if !workspace.is_dir() {
+            return Err(backend_err(format!(
+                "workspace {} is not a directory",
+                workspace.display()
+            )));
+        }
+
+        // Data handed to bwrap through pipes, so nothing is written to shared paths.
+        let pipe = |d: &[u8]| data_fd(d).map_err(|e| backend_err(format!("pipe: {e}")));
+        let seccomp_fd = pipe(&self.seccomp)?;
+        let passwd_fd = pipe(PASSWD.as_bytes())?;
+        let group_fd = pipe(GROUP.as_bytes())?;
+        let hosts_fd = pipe(HOSTS.as_bytes())?;
+        let nss_fd = pipe(NSSWITCH.as_bytes())?;
+        let mut keep = vec![
+            seccomp_fd.as_raw_fd(),
+            passwd_fd.as_raw_fd(),
+            group_fd.as_raw_fd(),
+            hosts_fd.as_raw_fd(),
+            nss_fd.as_raw_fd(),
+        ];
+
+        let mut args = base_namespace_args();
+        let mut env = vec![
+            ("PATH", SANDBOX_PATH.to_string()),
+            ("HOME", "/workspace".to_string()),
+            ("LANG", "C.UTF-8".to_string()),
+        ];
+        args.extend(root_fs_args());
+        for (fd, dest) in [
+            (&passwd_fd, "/etc/passwd"),
+            (&group_fd, "/etc/group"),
+            (&hosts_fd, "/etc/hosts"),
+            (&nss_fd, "/etc/nsswitch.conf"),
+        ] {
+            args.extend([
+                "--ro-bind-data".into(),
+                fd.as_raw_fd().to_string(),
+                dest.into(),
+            ]);
+        }
+        args.extend([
+            "--size".into(),
+            limits.tmp_bytes.max(1024 * 1024).to_string(),
+            "--tmpfs".into(),
+            "/tmp".into(),
+        ]);
+        let ws = workspace.to_string_lossy().into_owned();
+        args.extend([
+            if workspace_ro { "--ro-bind" } else { "--bind" }.into(),
+            ws,
+            "/workspace".into(),
+        ]);
+        if let Some(family) = &request.family {
+            match request.profile.workspace_access {
+                WorkspaceAccess::Rw | WorkspaceAccess::Ro if family.is_dir() => {
+                    let flag = if workspace_ro { "--ro-bind" } else { "--bind" };
+                    args.extend([
+                        flag.into(),
+                        family.to_string_lossy().into_owned(),
+                        "/family".into(),
+                    ]);
+                }
+                _ => {}
+            }
+        }
+
+        let mut fwd_fd = None;
+        let argv: Vec<String> = match &request.command {
+            ExecCommand::Argv(v) if v.is_empty() => return Err(backend_err("empty argv")),
+            ExecCommand::Argv(v) => v.clone(),
+            ExecCommand::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
+        };
+        let argv = if request.profile.network == SandboxNetwork::Proxy {
+            let proxy = self.proxy.as_ref().ok_or_else(|| {
+                backend_err(
+                    "this profile needs the egress proxy (network = proxy) but none is running",
+                )
+            })?;
+            let socket = proxy
+                .user_socket(&request.user)
+                .map_err(|e| backend_err(e.to_string()))?;
+            let fd = pipe(FORWARDER_SCRIPT.as_bytes())?;
+            keep.push(fd.as_raw_fd());
+            args.extend([
+                "--ro-bind-data".into(),
+                fd.as_raw_fd().to_string(),
+                FORWARDER_PATH.into(),
+            ]);
+            args.extend([
+                "--bind".into(),
+                socket.to_string_lossy().into_owned(),
+                PROXY_SOCKET_PATH.into(),
+            ]);
+            fwd_fd = Some(fd);
+            for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                env.push((var, PROXY_URL.to_string()));
+            }
+            env.push(("NO_PROXY", "localhost,127.0.0.1".to_string()));
+            // Start the forwarder, wait (bounded) until it listens, then become the command.
+            let wrapper = format!(
+                "python3 {FORWARDER_PATH} & i=0; while [ ! -e {FORWARDER_READY_FILE} ] && [ $i -lt 300 ]; do sleep 0.01; i=$((i+1)); done; exec \"$@\""
+            );
+            let mut w = vec![
+                "/bin/sh".to_string(),
+                "-c".to_string(),
+                wrapper,
+                "sh".to_string(),
+            ];
+            w.extend(argv);
+            w
+        } else {
+            argv
+        };
+        for (k, v) in &env {
+            args.extend(["--setenv".into(), (*k).into(), v.clone()]);
+        }
+        args.extend(["--chdir".into(), "/workspace".into()]);
+        args.extend([
+            "--seccomp".into(),
+            seccomp_fd.as_raw_fd().to_string(),
+            "--".into(),
+        ]);
+        args.extend(argv);
+
+        // Limits.
+        let cg_name = format!("{name}-{:016x}", rand::random::<u64>());
+        let cgroup = {
+            let cgroups = self.cgroups.clone();
+            let limits = limits.clone();
+            tokio::task::spawn_blocking(move || cgroups.create(&cg_name, &limits))
+                .await
+                .map_err(|e| backend_err(format!("cgroup task: {e}")))?
+                .map_err(|e| backend_err(format!("cannot create the sandbox cgroup: {e}")))?
+        };
+        let rlimits = Rlimits {
+            fsize: limits.disk_bytes.max(1),
+            cpu_secs: request.timeout.as_secs().saturating_add(5),
+            address_space: if self.cgroups.limits_memory() {
+                limits.memory_bytes.saturating_mul(4)
+            } else {
+                limits.memory_bytes
+            },
+            nproc: (!self.cgroups.limits_pids()).then_some(limits.pids as u64),
+        };
+        let cg_fds = cgroup.procs_fds();
+
+        let mut cmd = tokio::process::Command::new(&self.bwrap);
+        cmd.args(&args)
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let keep_fds = keep.clone();
+        // SAFETY: child_setup only makes async-signal-safe calls (write, fcntl, setrlimit) on
+        // data prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || child_setup(&cg_fds, &keep_fds, rlimits));
+        }
+
+        {
+            let mut map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = map.entry(name.clone()).or_insert(Running {
+                user: request.user.to_string(),
+                started: Instant::now(),
+                count: 0,
+            });
+            entry.count += 1;
+        }
+        let _running = RunningGuard {
+            map: &self.running,
+            name: name.clone(),
+        };
+
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| backend_err(format!("cannot start {}: {e}", self.bwrap.display())))?;
+        drop((seccomp_fd, passwd_fd, group_fd, hosts_fd, nss_fd, fwd_fd));
+        let pgid = child.id().map(|p| p as i32);
+
+        let budget = Arc::new(AtomicU64::new(limits.output_bytes));
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| backend_err("stdout not captured"))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| backend_err("stderr not captured"))?;
+        let mut out_task = tokio::spawn(capture(stdout, budget.clone()));
+        let mut err_task = tokio::spawn(capture(stderr, budget));
+
+        let (status, timed_out) = match tokio::time::timeout(request.timeout, child.wait()).await {
+            Ok(status) => (
+                status.map_err(|e| backend_err(format!("wait: {e}")))?,
+                false,
+            ),
+            Err(_) => {
+                if let Some(pgid) = pgid {
+                    // SAFETY: kill(2) on our own child's process group.
+                    unsafe { libc::killpg(pgid, libc::SIGKILL) };
+                }
+                let _ = child.start_kill();
+                let status = child
+                    .wait()
+                    .await
+                    .map_err(|e| backend_err(format!("wait: {e}")))?;
+                (status, true)
+            }
+        };
+        // Whatever is left in the cgroup dies with it; run the blocking cleanup off the runtime.
+        let cleanup = tokio::task::spawn_blocking(move || drop(cgroup));
+
+        let collect = |r: Result<(Vec<u8>, bool), tokio::task::JoinError>| r.unwrap_or_default();
+        let (stdout, t1) = match tokio::time::timeout(READER_GRACE, &mut out_task).await {
+            Ok(r) => collect(r),
+            Err(_) => {
+                out_task.abort();
+                (Vec::new(), true)
+            }
+        };
+        let (stderr, t2) = match tokio::time::timeout(READER_GRACE, &mut err_task).await {
+            Ok(r) => collect(r),
+            Err(_) => {
+                err_task.abort();
+                (Vec::new(), true)
+            }
+        };
+        let _ = cleanup.await;
+        if scratch_is_temporary {
+            let _ = tokio::fs::remove_dir_all(&scratch).await;
+        }
+
+        let exit_code = if timed_out { None } else { status.code() };
+        tracing::debug!(user = %request.user, sandbox = %name, ?exit_code, timed_out, "bwrap exec finished");
+        Ok(ExecOutput {
+            exit_code,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            truncated: t1 || t2,
+            timed_out,
+            duration: started.elapsed(),
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<SandboxInfo>, SandboxError> {
+        let mut out: Vec<SandboxInfo> = Vec::new();
+        {
+            let map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, r) in map.iter() {
+                out.push(SandboxInfo {
+                    name: name.clone(),
+                    user: r.user.clone(),
+                    backend: BACKEND,
+                    state: "running".into(),
+                    idle_seconds: Some(0),
+                    limits: None,
+                });
+                let _ = r.started;
+            }
+        }
+        // Scratch directories are the only state kept between calls.
+        let scratch = self.state_dir.join("scratch");
+        for (user, dir, idle) in scratch_dirs(&scratch) {
+            let name = format!(
+                "moltmate-bwrap-{user}-{}",
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            );
+            out.push(SandboxInfo {
+                name,
+                user,
+                backend: BACKEND,
+                state: "idle".into(),
+                idle_seconds: Some(idle.as_secs()),
+                limits: None,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn prune(&self, idle: Duration) -> Result<Vec<String>, SandboxError> {
+        let scratch = self.state_dir.join("scratch");
+        let mut removed = Vec::new();
+        for (user, dir, age) in scratch_dirs(&scratch) {
+            if age > idle {
+                match tokio::fs::remove_dir_all(&dir).await {
+                    Ok(()) => removed.push(format!(
+                        "{user}/{}",
+                        dir.file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default()
+                    )),
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot prune scratch dir")
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn end_session(&self, user: &UserId, session_id: &str) -> Result<(), SandboxError> {
+        let dir = self
+            .state_dir
+            .join("scratch")
+            .join(user.as_str())
+            .join(format!("session-{}", short_hash(session_id)));
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(backend_err(format!("cannot remove {}: {e}", dir.display()))),
+        }
+    }
+}
+
+/// `(user, dir, idle)` for every scratch directory; idle is measured from the last change.
+fn scratch_dirs(scratch: &Path) -> Vec<(String, PathBuf, Duration)> {
+    let mut out = Vec::new();
+    let Ok(users) = std::fs::read_dir(scratch) else {
+        return out;
+    };
+    for user in users.flatten() {
+        let Ok(dirs) = std::fs::read_dir(user.path()) else {
+            continue;
+        };
+        for dir in dirs.flatten() {
+            let idle = dir
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .unwrap_or_default();
+            out.push((
+                user.file_name().to_string_lossy().into_owned(),
+                dir.path(),
+                idle,
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_fd_holds_the_bytes() {
+        use std::io::Read;
+        let fd = data_fd(b"hello").unwrap();
+        let mut s = String::new();
+        std::fs::File::from(fd).read_to_string(&mut s).unwrap();
+        assert_eq!(s, "hello");
+    }
+
+    #[test]
+    fn root_fs_never_binds_host_secrets() {
+        let args = root_fs_args().join(" ");
+        for p in [
+            "/etc/shadow",
+            "/root",
+            "/home",
+            "/var/run/docker.sock",
+            "/run",
+        ] {
+            assert!(!args.split(' ').any(|a| a == p), "{p} must not be bound");
+        }
+    }
+}

@@ -1,10 +1,37 @@
 //! The egress proxy behind `sandbox.network = proxy`, and the address rules it enforces.
 //!
+//! **Shape.** A gateway-side HTTP proxy (absolute-form HTTP forwarding and `CONNECT` tunnels)
+//! listening on one unix socket per user, `state_dir/proxy/<user>.sock`: the proxy knows the
+//! user by the socket a request arrives on, never by anything the sandbox says. Sandboxes have no
+//! network; inside each, [`FORWARDER_SCRIPT`] listens on 127.0.0.1:3128 of the sandbox's own
+//! network namespace and relays to the socket mounted at [`PROXY_SOCKET_PATH`], and the
+//! sandbox gets `HTTP_PROXY`/`HTTPS_PROXY` = [`PROXY_URL`].
+//!
+//! **Rules.** Only hosts equal to, or a subdomain of, an entry of `allowed_domains`; only ports
+//! in [`ProxyConfig::allowed_ports`]. Host names are normalised (lowercase, one trailing dot
+//! dropped) and refused when odd: IP literals in any notation (`127.0.0.1`, `0x7f.1`,
+//! `2130706433`, `[::1]`), userinfo (`user@host`), NUL or other bytes outside the hostname
+//! alphabet, empty or over-long labels and names. The proxy resolves the name itself, exactly
+//! once, refuses the request if *any* answer is a forbidden address ([`is_forbidden_address`]),
+//! and connects only to an address it vetted, so DNS rebinding between check and connect is
+//! impossible. Every request is logged (target `moltmate::egress`: user, method, host, port,
+//! outcome; never bodies, paths or headers) and reported to an optional observer.
+//!
 //! [`is_forbidden_address`] is a pure function shared with every other component that fetches
 //! URLs on a user's behalf (e.g. the `web_fetch` tool): an address the proxy would refuse must be
 //! refused there too, or the tool becomes the way around the proxy.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use crate::settings::SandboxSettings;
+use moltmate_core::UserId;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
 
 /// True when `ip` must never be contacted on a user's behalf: loopback, private (RFC 1918),
 /// carrier-grade NAT (100.64/10), link-local (169.254/16, which holds the cloud metadata address
@@ -95,6 +122,694 @@ fn is_forbidden_v6(ip: Ipv6Addr) -> bool {
         0x3fff if seg[1] & 0xf000 == 0 => true,
         _ => false,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the proxy server
+
+/// The in-sandbox forwarder (python3, stdlib only). Run it with [`forwarder_command`].
+pub const FORWARDER_SCRIPT: &str = include_str!("../../../sandbox/proxy-forwarder.py");
+/// Where sandboxes find the forwarder script.
+pub const FORWARDER_PATH: &str = "/run/moltmate/fwd.py";
+/// Where sandboxes find their user's proxy socket.
+pub const PROXY_SOCKET_PATH: &str = "/run/moltmate/proxy.sock";
+/// The forwarder creates this file once it listens.
+pub const FORWARDER_READY_FILE: &str = "/tmp/.moltmate-proxy-ready";
+/// The value of `HTTP_PROXY`/`HTTPS_PROXY` inside sandboxes.
+pub const PROXY_URL: &str = "http://127.0.0.1:3128";
+
+/// The command that starts the forwarder inside a sandbox (script at [`FORWARDER_PATH`], user
+/// socket at [`PROXY_SOCKET_PATH`]).
+pub fn forwarder_command() -> Vec<String> {
+    vec!["python3".to_string(), FORWARDER_PATH.to_string()]
+}
+
+/// Longest request head (request line + headers) the proxy reads.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_HOST_LEN: usize = 253;
+
+/// Errors starting or using the proxy (not refusals of requests: those are [`EgressRefusal`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("egress proxy: {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("egress proxy is shut down")]
+    ShutDown,
+}
+
+impl ProxyError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProxyError::Io { .. } => true,
+            ProxyError::ShutDown => false,
+        }
+    }
+}
+
+/// Why one request was refused. The Display text is sent to the sandbox in a 403/502 body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EgressRefusal {
+    #[error("malformed proxy request: {0}")]
+    Malformed(String),
+    #[error("host name {0:?} is not allowed: {1}")]
+    BadHost(String, &'static str),
+    #[error("{0} is not in the allowed domains")]
+    DomainNotAllowed(String),
+    #[error("port {0} is not allowed")]
+    PortNotAllowed(u16),
+    #[error(
+        "{host} resolves to {addr}, a private, loopback, link-local or otherwise internal address"
+    )]
+    ForbiddenAddress { host: String, addr: IpAddr },
+    #[error("cannot resolve {0}")]
+    Unresolvable(String),
+    #[error("cannot connect to {0}")]
+    Unreachable(String),
+}
+
+impl EgressRefusal {
+    /// HTTP status the sandbox receives: policy refusals are 403, upstream failures 502, bad
+    /// requests 400.
+    pub fn status(&self) -> u16 {
+        match self {
+            EgressRefusal::Malformed(_) => 400,
+            EgressRefusal::BadHost(..)
+            | EgressRefusal::DomainNotAllowed(_)
+            | EgressRefusal::PortNotAllowed(_)
+            | EgressRefusal::ForbiddenAddress { .. } => 403,
+            EgressRefusal::Unresolvable(_) | EgressRefusal::Unreachable(_) => 502,
+        }
+    }
+}
+
+/// One request as seen by the proxy, logged and sent to the observer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressEvent {
+    pub user: UserId,
+    pub method: String,
+    /// Normalised host (or the raw one, truncated, when it was refused as malformed).
+    pub host: String,
+    pub port: u16,
+    /// `Ok(addr)` = connected to this vetted address.
+    pub outcome: Result<SocketAddr, EgressRefusal>,
+}
+
+/// Name resolution and connecting, injectable so tests can point names at local servers
+/// without weakening the address rules.
+#[async_trait::async_trait]
+pub trait EgressNetwork: Send + Sync {
+    async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<IpAddr>>;
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream>;
+}
+
+/// The host's resolver and TCP stack.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemNetwork;
+
+#[async_trait::async_trait]
+impl EgressNetwork for SystemNetwork {
+    async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<IpAddr>> {
+        Ok(tokio::net::lookup_host((host, port))
+            .await?
+            .map(|a| a.ip())
+            .collect())
+    }
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        TcpStream::connect(addr).await
+    }
+}
+
+/// Configuration of the proxy.
+#[derive(Clone)]
+pub struct ProxyConfig {
+    /// Directory of the per-user sockets (created 0700).
+    pub socket_dir: PathBuf,
+    /// Allowed domains: a host matches `d` when it equals `d` or ends with `.d`.
+    pub allowed_domains: Vec<String>,
+    /// Allowed destination ports; empty = any port.
+    pub allowed_ports: Vec<u16>,
+    pub network: Arc<dyn EgressNetwork>,
+    /// Receives every [`EgressEvent`] (audit, tests).
+    pub observer: Option<tokio::sync::mpsc::UnboundedSender<EgressEvent>>,
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("socket_dir", &self.socket_dir)
+            .field("allowed_domains", &self.allowed_domains)
+            .field("allowed_ports", &self.allowed_ports)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyConfig {
+    /// The production configuration: sockets in `state_dir/proxy`, ports 80 and 443, the
+    /// system resolver.
+    pub fn from_settings(settings: &SandboxSettings) -> Self {
+        ProxyConfig {
+            socket_dir: settings.state_dir.join("proxy"),
+            allowed_domains: settings.allowed_domains.clone(),
+            allowed_ports: vec![80, 443],
+            network: Arc::new(SystemNetwork),
+            observer: None,
+        }
+    }
+}
+
+/// The running egress proxy. Sockets are created per user on first use and served until the
+/// proxy is dropped or [`EgressProxy::shutdown`] is called.
+pub struct EgressProxy {
+    config: ProxyConfig,
+    domains: Vec<String>,
+    sockets: Mutex<HashMap<UserId, PathBuf>>,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for EgressProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EgressProxy")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EgressProxy {
+    /// Starts the proxy for `settings` (see [`ProxyConfig::from_settings`]).
+    pub fn start(settings: &SandboxSettings) -> Result<Arc<Self>, ProxyError> {
+        Self::start_with(ProxyConfig::from_settings(settings))
+    }
+
+    /// Starts the proxy with an explicit configuration.
+    pub fn start_with(config: ProxyConfig) -> Result<Arc<Self>, ProxyError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.socket_dir)
+            .map_err(|source| ProxyError::Io {
+                context: format!("cannot create {}", config.socket_dir.display()),
+                source,
+            })?;
+        let domains = config
+            .allowed_domains
+            .iter()
+            .filter_map(|d| {
+                let d = d
+                    .trim()
+                    .trim_start_matches("*.")
+                    .trim_start_matches('.')
+                    .to_ascii_lowercase();
+                let d = d.strip_suffix('.').map(str::to_string).unwrap_or(d);
+                if d.is_empty() {
+                    None
+                } else {
+                    Some(d)
+                }
+            })
+            .collect();
+        Ok(Arc::new(EgressProxy {
+            config,
+            domains,
+            sockets: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    /// The socket of `user`, listening from the first call on. Must be called inside a tokio
+    /// runtime.
+    pub fn user_socket(&self, user: &UserId) -> Result<PathBuf, ProxyError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ProxyError::ShutDown);
+        }
+        // A poisoned map only means a panic elsewhere while inserting; its entries are valid.
+        let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = sockets.get(user) {
+            if path.exists() {
+                return Ok(path.clone());
+            }
+        }
+        let path = self
+            .config
+            .socket_dir
+            .join(format!("{}.sock", user.as_str()));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ProxyError::Io {
+                    context: format!("cannot remove stale {}", path.display()),
+                    source,
+                })
+            }
+        }
+        let listener = UnixListener::bind(&path).map_err(|source| ProxyError::Io {
+            context: format!("cannot bind {}", path.display()),
+            source,
+        })?;
+        // The directory (0700) keeps other host users out; the socket itself must be usable by
+        // the sandbox user that it is mounted into.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(
+            |source| ProxyError::Io {
+                context: format!("cannot chmod {}", path.display()),
+                source,
+            },
+        )?;
+        let ctx = Arc::new(ConnContext {
+            user: user.clone(),
+            domains: self.domains.clone(),
+            ports: self.config.allowed_ports.clone(),
+            network: self.config.network.clone(),
+            observer: self.config.observer.clone(),
+        });
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    a = listener.accept() => a,
+                };
+                match accepted {
+                    Ok((stream, _)) => {
+                        let ctx = ctx.clone();
+                        let shutdown = shutdown.clone();
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => {}
+                                _ = handle_connection(stream, &ctx) => {}
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "moltmate::egress", user = %ctx.user, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        sockets.insert(user.clone(), path.clone());
+        Ok(path)
+    }
+
+    /// Stops every listener and open connection, and removes the sockets.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+        let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        for path in sockets.values() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Drop for EgressProxy {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct ConnContext {
+    user: UserId,
+    domains: Vec<String>,
+    ports: Vec<u16>,
+    network: Arc<dyn EgressNetwork>,
+    observer: Option<tokio::sync::mpsc::UnboundedSender<EgressEvent>>,
+}
+
+impl ConnContext {
+    fn report(
+        &self,
+        method: &str,
+        host: &str,
+        port: u16,
+        outcome: Result<SocketAddr, EgressRefusal>,
+    ) {
+        match &outcome {
+            Ok(addr) => tracing::info!(
+                target: "moltmate::egress", user = %self.user, method, host, port, %addr, outcome = "allowed", "egress request"
+            ),
+            Err(refusal) => tracing::info!(
+                target: "moltmate::egress", user = %self.user, method, host, port, outcome = "refused", reason = %refusal, "egress request"
+            ),
+        }
+        if let Some(obs) = &self.observer {
+            let _ = obs.send(EgressEvent {
+                user: self.user.clone(),
+                method: method.to_string(),
+                host: host.to_string(),
+                port,
+                outcome,
+            });
+        }
+    }
+}
+
+/// A parsed request head.
+struct Head {
+    method: String,
+    host: String,
+    port: u16,
+    /// Bytes to send upstream first: the rewritten head for plain HTTP; empty for CONNECT.
+    upstream_head: Vec<u8>,
+    /// Bytes the client sent after the head (start of a body, or of the TLS handshake).
+    rest: Vec<u8>,
+}
+
+async fn handle_connection(mut client: UnixStream, ctx: &ConnContext) {
+    let raw = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client)).await {
+        Ok(Ok(raw)) => raw,
+        Ok(Err(refusal)) => {
+            ctx.report("?", "?", 0, Err(refusal.clone()));
+            respond_error(&mut client, &refusal).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let head = match parse_head(&raw) {
+        Ok(h) => h,
+        Err(refusal) => {
+            ctx.report("?", "?", 0, Err(refusal.clone()));
+            respond_error(&mut client, &refusal).await;
+            return;
+        }
+    };
+    let method = head.method.clone();
+    let upstream = match vet_and_connect(ctx, &head.host, head.port).await {
+        Ok(pair) => pair,
+        Err(refusal) => {
+            let shown: String = head.host.chars().take(MAX_HOST_LEN).collect();
+            ctx.report(&method, &shown, head.port, Err(refusal.clone()));
+            respond_error(&mut client, &refusal).await;
+            return;
+        }
+    };
+    let (mut upstream, host, addr) = upstream;
+    ctx.report(&method, &host, head.port, Ok(addr));
+    if method == "CONNECT" {
+        if client
+            .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return;
+        }
+    } else if upstream.write_all(&head.upstream_head).await.is_err() {
+        return;
+    }
+    if !head.rest.is_empty() && upstream.write_all(&head.rest).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+async fn respond_error(client: &mut UnixStream, refusal: &EgressRefusal) {
+    let body = format!("moltmate egress proxy: {refusal}\n");
+    let reason = match refusal.status() {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        _ => "Bad Gateway",
+    };
+    let resp = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        refusal.status(),
+        body.len()
+    );
+    let _ = client.write_all(resp.as_bytes()).await;
+    let _ = client.shutdown().await;
+}
+
+async fn read_head(client: &mut UnixStream) -> Result<Vec<u8>, EgressRefusal> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = client
+            .read(&mut chunk)
+            .await
+            .map_err(|e| EgressRefusal::Malformed(format!("read failed: {e}")))?;
+        if n == 0 {
+            return Err(EgressRefusal::Malformed(
+                "connection closed before the request head ended".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(buf);
+        }
+        if buf.len() > MAX_HEAD_BYTES {
+            return Err(EgressRefusal::Malformed(format!(
+                "request head longer than {MAX_HEAD_BYTES} bytes"
+            )));
+        }
+    }
+}
+
+/// Hop-by-hop and proxy headers that must not travel upstream.
+const DROPPED_HEADERS: &[&str] = &[
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn parse_head(raw: &[u8]) -> Result<Head, EgressRefusal> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| EgressRefusal::Malformed("no end of head".into()))?;
+    let head = std::str::from_utf8(&raw[..end])
+        .map_err(|_| EgressRefusal::Malformed("head is not UTF-8".into()))?;
+    let rest = raw[end + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(' ');
+    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(m), Some(t), Some(v), None) if !m.is_empty() && !t.is_empty() => (m, t, v),
+        _ => return Err(EgressRefusal::Malformed("bad request line".into())),
+    };
+    if !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(EgressRefusal::Malformed("bad method".into()));
+    }
+    if version != "HTTP/1.1" && version != "HTTP/1.0" {
+        return Err(EgressRefusal::Malformed(
+            "only HTTP/1.0 and HTTP/1.1 are supported".into(),
+        ));
+    }
+    if method == "CONNECT" {
+        let (host, port) = split_authority(target)?;
+        return Ok(Head {
+            method: method.into(),
+            host,
+            port,
+            upstream_head: Vec::new(),
+            rest,
+        });
+    }
+    let after_scheme = target
+        .strip_prefix("http://")
+        .or_else(|| target.strip_prefix("HTTP://"))
+        .ok_or_else(|| {
+            EgressRefusal::Malformed(
+                "plain requests must use an absolute http:// URL; use CONNECT for https".into(),
+            )
+        })?;
+    let split = after_scheme
+        .find(['/', '?', '#'])
+        .unwrap_or(after_scheme.len());
+    let authority = &after_scheme[..split];
+    let mut path = after_scheme[split..].to_string();
+    if let Some(i) = path.find('#') {
+        path.truncate(i);
+    }
+    if path.is_empty() || path.starts_with('?') {
+        path.insert(0, '/');
+    }
+    let (host, port) = split_authority_default(authority, 80)?;
+    let mut out = format!("{method} {path} HTTP/1.1\r\n");
+    let mut saw_host = false;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(EgressRefusal::Malformed("bad header line".into()));
+        };
+        let lname = name.trim().to_ascii_lowercase();
+        if DROPPED_HEADERS.contains(&lname.as_str()) {
+            continue;
+        }
+        if lname == "host" {
+            // The vetted authority decides where the request goes; keep Host consistent.
+            saw_host = true;
+            out.push_str(&format!("Host: {authority}\r\n"));
+            continue;
+        }
+        out.push_str(name);
+        out.push(':');
+        out.push_str(value);
+        out.push_str("\r\n");
+    }
+    if !saw_host {
+        out.push_str(&format!("Host: {authority}\r\n"));
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    Ok(Head {
+        method: method.into(),
+        host,
+        port,
+        upstream_head: out.into_bytes(),
+        rest,
+    })
+}
+
+fn split_authority(authority: &str) -> Result<(String, u16), EgressRefusal> {
+    let (host, port) = split_authority_inner(authority)?;
+    let port = port.ok_or_else(|| EgressRefusal::Malformed("CONNECT needs host:port".into()))?;
+    Ok((host, port))
+}
+
+fn split_authority_default(authority: &str, default: u16) -> Result<(String, u16), EgressRefusal> {
+    let (host, port) = split_authority_inner(authority)?;
+    Ok((host, port.unwrap_or(default)))
+}
+
+fn split_authority_inner(authority: &str) -> Result<(String, Option<u16>), EgressRefusal> {
+    if authority.contains('@') {
+        return Err(EgressRefusal::BadHost(
+            authority.chars().take(64).collect(),
+            "userinfo (`@`) is not allowed",
+        ));
+    }
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (h, after) = rest
+            .split_once(']')
+            .ok_or_else(|| EgressRefusal::Malformed("unterminated IPv6 literal".into()))?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| EgressRefusal::Malformed("bad authority".into()))?,
+            ),
+        };
+        (format!("[{h}]"), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0 && p.to_string() == p.to_string())
+                .ok_or_else(|| EgressRefusal::Malformed(format!("bad port {p:?}")))?,
+        ),
+    };
+    Ok((host, port))
+}
+
+/// Normalises a host name and refuses odd ones. Returns the lowercase name without a trailing
+/// dot.
+pub fn normalize_host(raw: &str) -> Result<String, EgressRefusal> {
+    let shown = || raw.chars().take(64).collect::<String>();
+    if raw.starts_with('[') || raw.parse::<IpAddr>().is_ok() {
+        return Err(EgressRefusal::BadHost(
+            shown(),
+            "IP literals are not allowed; use a domain name",
+        ));
+    }
+    if raw.contains('@') {
+        return Err(EgressRefusal::BadHost(
+            shown(),
+            "userinfo (`@`) is not allowed",
+        ));
+    }
+    let host = raw.strip_suffix('.').unwrap_or(raw).to_ascii_lowercase();
+    if host.is_empty() {
+        return Err(EgressRefusal::BadHost(shown(), "empty host name"));
+    }
+    if host.len() > MAX_HOST_LEN {
+        return Err(EgressRefusal::BadHost(
+            shown(),
+            "host name longer than 253 characters",
+        ));
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Err(EgressRefusal::BadHost(
+            shown(),
+            "host names may only hold letters, digits, '-', '_' and '.' (use the xn-- form for international names)",
+        ));
+    }
+    let labels: Vec<&str> = host.split('.').collect();
+    if labels.iter().any(|l| l.is_empty() || l.len() > 63) {
+        return Err(EgressRefusal::BadHost(shown(), "empty or over-long label"));
+    }
+    // Any all-numeric (decimal, octal or 0x-hex) last label makes resolvers and URL parsers read
+    // the name as an IPv4 address (`2130706433`, `0x7f.1`, `127.1`): refuse.
+    let numeric = |l: &str| {
+        l.bytes().all(|b| b.is_ascii_digit())
+            || (l.starts_with("0x") && l[2..].bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    if labels.last().is_some_and(|l| numeric(l)) {
+        return Err(EgressRefusal::BadHost(
+            shown(),
+            "numeric host names (IP addresses in any notation) are not allowed",
+        ));
+    }
+    Ok(host)
+}
+
+fn domain_allowed(host: &str, domains: &[String]) -> bool {
+    domains.iter().any(|d| {
+        host == d
+            || (host.len() > d.len()
+                && host.ends_with(d.as_str())
+                && host.as_bytes()[host.len() - d.len() - 1] == b'.')
+    })
+}
+
+async fn vet_and_connect(
+    ctx: &ConnContext,
+    raw_host: &str,
+    port: u16,
+) -> Result<(TcpStream, String, SocketAddr), EgressRefusal> {
+    let host = normalize_host(raw_host)?;
+    if !domain_allowed(&host, &ctx.domains) {
+        return Err(EgressRefusal::DomainNotAllowed(host));
+    }
+    if !ctx.ports.is_empty() && !ctx.ports.contains(&port) {
+        return Err(EgressRefusal::PortNotAllowed(port));
+    }
+    // Resolve once; every answer must pass, and only a vetted answer is connected to.
+    let addrs = ctx
+        .network
+        .resolve(&host, port)
+        .await
+        .map_err(|_| EgressRefusal::Unresolvable(host.clone()))?;
+    if addrs.is_empty() {
+        return Err(EgressRefusal::Unresolvable(host));
+    }
+    if let Some(bad) = addrs.iter().find(|a| is_forbidden_address(**a)) {
+        return Err(EgressRefusal::ForbiddenAddress { host, addr: *bad });
+    }
+    for ip in addrs {
+        let addr = SocketAddr::new(ip, port);
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(CONNECT_TIMEOUT, ctx.network.connect(addr)).await
+        {
+            return Ok((stream, host, addr));
+        }
+    }
+    Err(EgressRefusal::Unreachable(format!("{host}:{port}")))
 }
 
 #[cfg(test)]

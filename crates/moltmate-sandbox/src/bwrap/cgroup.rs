@@ -1,0 +1,227 @@
+//! Per-exec cgroups for the bubblewrap backend: memory, pids and CPU limits for the whole
+//! process tree, and a reliable way to kill every process of a sandbox.
+//!
+//! Detection order: a cgroup v2 hierarchy at /sys/fs/cgroup whose memory and pids controllers
+//! can be enabled for a `moltmate` subtree; else cgroup v1 controllers at
+//! /sys/fs/cgroup/{memory,pids,cpu}; else none (the caller falls back to rlimits). A hybrid host
+//! with an empty v2 hierarchy at /sys/fs/cgroup/unified uses v1.
+
+use moltmate_core::sandbox::SandboxLimits;
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const ROOT: &str = "/sys/fs/cgroup";
+const SUBTREE: &str = "moltmate";
+/// CFS period used for the CPU quota (the kernel default).
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Which cgroup hierarchy this host offers to the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupSupport {
+    V2 {
+        base: PathBuf,
+    },
+    V1 {
+        memory: Option<PathBuf>,
+        pids: Option<PathBuf>,
+        cpu: Option<PathBuf>,
+    },
+    None,
+}
+
+impl CgroupSupport {
+    /// Probes the host once. Creating `moltmate/` is the test of whether we may use it.
+    pub fn detect() -> Self {
+        let root = Path::new(ROOT);
+        if let Ok(controllers) = fs::read_to_string(root.join("cgroup.controllers")) {
+            let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+            if has("memory") && has("pids") {
+                let base = root.join(SUBTREE);
+                let ok = fs::create_dir_all(&base).is_ok()
+                    && fs::write(root.join("cgroup.subtree_control"), "+memory +pids +cpu")
+                        .or_else(|_| {
+                            fs::write(root.join("cgroup.subtree_control"), "+memory +pids")
+                        })
+                        .is_ok()
+                    && fs::write(base.join("cgroup.subtree_control"), "+memory +pids +cpu")
+                        .or_else(|_| {
+                            fs::write(base.join("cgroup.subtree_control"), "+memory +pids")
+                        })
+                        .is_ok();
+                if ok {
+                    return CgroupSupport::V2 { base };
+                }
+            }
+            return CgroupSupport::None;
+        }
+        let v1 = |ctrl: &str| {
+            let dir = root.join(ctrl);
+            if !dir.join("cgroup.procs").exists() {
+                return None;
+            }
+            let base = dir.join(SUBTREE);
+            fs::create_dir_all(&base).ok().map(|_| base)
+        };
+        let (memory, pids, cpu) = (v1("memory"), v1("pids"), v1("cpu"));
+        if memory.is_none() && pids.is_none() && cpu.is_none() {
+            CgroupSupport::None
+        } else {
+            CgroupSupport::V1 { memory, pids, cpu }
+        }
+    }
+
+    pub fn limits_memory(&self) -> bool {
+        matches!(
+            self,
+            CgroupSupport::V2 { .. }
+                | CgroupSupport::V1 {
+                    memory: Some(_),
+                    ..
+                }
+        )
+    }
+
+    pub fn limits_pids(&self) -> bool {
+        matches!(
+            self,
+            CgroupSupport::V2 { .. } | CgroupSupport::V1 { pids: Some(_), .. }
+        )
+    }
+
+    /// Creates the cgroup(s) for one exec and applies `limits`. Failure to create is an error
+    /// (the caller decided cgroups are available); a limit file the kernel lacks is skipped.
+    pub fn create(&self, name: &str, limits: &SandboxLimits) -> std::io::Result<ExecCgroup> {
+        let mut dirs = Vec::new();
+        let result = self.create_inner(name, limits, &mut dirs);
+        let group = ExecCgroup {
+            dirs,
+            procs: Vec::new(),
+        };
+        result?;
+        let mut group = group;
+        for dir in &group.dirs {
+            group.procs.push(
+                OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))?,
+            );
+        }
+        Ok(group)
+    }
+
+    fn create_inner(
+        &self,
+        name: &str,
+        limits: &SandboxLimits,
+        dirs: &mut Vec<PathBuf>,
+    ) -> std::io::Result<()> {
+        let quota = (limits.cpu_millis as u64).max(10) * CPU_PERIOD_US / 1000;
+        match self {
+            CgroupSupport::None => Ok(()),
+            CgroupSupport::V2 { base } => {
+                let dir = base.join(name);
+                fs::create_dir(&dir)?;
+                dirs.push(dir.clone());
+                fs::write(dir.join("memory.max"), limits.memory_bytes.to_string())?;
+                let _ = fs::write(dir.join("memory.swap.max"), "0");
+                fs::write(dir.join("pids.max"), limits.pids.to_string())?;
+                let _ = fs::write(dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"));
+                Ok(())
+            }
+            CgroupSupport::V1 { memory, pids, cpu } => {
+                if let Some(base) = memory {
+                    let dir = base.join(name);
+                    fs::create_dir(&dir)?;
+                    dirs.push(dir.clone());
+                    fs::write(
+                        dir.join("memory.limit_in_bytes"),
+                        limits.memory_bytes.to_string(),
+                    )?;
+                    // memsw ≥ memory must hold, so it is written second; equal means no swap.
+                    let _ = fs::write(
+                        dir.join("memory.memsw.limit_in_bytes"),
+                        limits.memory_bytes.to_string(),
+                    );
+                }
+                if let Some(base) = pids {
+                    let dir = base.join(name);
+                    fs::create_dir(&dir)?;
+                    dirs.push(dir.clone());
+                    fs::write(dir.join("pids.max"), limits.pids.to_string())?;
+                }
+                if let Some(base) = cpu {
+                    let dir = base.join(name);
+                    fs::create_dir(&dir)?;
+                    dirs.push(dir.clone());
+                    let _ = fs::write(dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string());
+                    let _ = fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string());
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The cgroup directories of one exec. Dropping it kills what is left inside and removes them.
+#[derive(Debug)]
+pub struct ExecCgroup {
+    dirs: Vec<PathBuf>,
+    /// `cgroup.procs` of each directory, opened before the fork so the child only has to
+    /// `write(fd, "0")` (join as itself) — an async-signal-safe operation.
+    procs: Vec<File>,
+}
+
+impl ExecCgroup {
+    pub fn procs_fds(&self) -> Vec<i32> {
+        use std::os::fd::AsRawFd;
+        self.procs.iter().map(|f| f.as_raw_fd()).collect()
+    }
+
+    /// Processes still in the group (from the first controller; all hold the same tree).
+    pub fn pids(&self) -> Vec<i32> {
+        let Some(dir) = self.dirs.first() else {
+            return Vec::new();
+        };
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// SIGKILLs every process in the group until it is empty (bounded retries: a fork bomb may
+    /// spawn while we kill, but the pids limit bounds how many there can be).
+    pub fn kill_all(&self) {
+        for _ in 0..50 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// True when this exec is confined by at least one cgroup.
+    pub fn is_active(&self) -> bool {
+        !self.dirs.is_empty()
+    }
+}
+
+impl Drop for ExecCgroup {
+    fn drop(&mut self) {
+        self.procs.clear();
+        self.kill_all();
+        for dir in &self.dirs {
+            // Removal can race with the last process exiting; retry briefly.
+            for _ in 0..20 {
+                if fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
