@@ -317,3 +317,62 @@ pub(crate) fn join_key(parent: &str, key: &str) -> String {
         format!("{parent}.{key}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    struct Section {
+        #[serde(default)]
+        max_bytes: u64,
+        #[serde(default)]
+        inner: Option<Inner>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        flag: bool,
+    }
+
+    fn fail(value: Value) -> (String, Problem) {
+        deserialize_typed::<Section>(value).map(|_| ()).unwrap_err()
+    }
+
+    #[test]
+    fn paths_and_problems() {
+        let (path, problem) = fail(serde_json::json!({"maxBytez": 1}));
+        assert_eq!(path, "maxBytez");
+        assert!(
+            matches!(problem, Problem::UnknownKey { suggestion: Some(s), .. } if s == "maxBytes")
+        );
+
+        let (path, problem) = fail(serde_json::json!({"inner": {}}));
+        assert_eq!(path, "inner.flag");
+        assert_eq!(problem, Problem::MissingKey);
+
+        let (path, problem) = fail(serde_json::json!({"inner": [true]}));
+        assert_eq!(path, "inner");
+        assert_eq!(problem.to_string(), "expected an object, found an array");
+
+        let (path, problem) = fail(serde_json::json!({"maxBytes": 1.5}));
+        assert_eq!(path, "maxBytes");
+        assert_eq!(
+            problem.to_string(),
+            "expected a whole number of 0 or more, found 1.5"
+        );
+    }
+
+    #[test]
+    fn accepts_well_formed_values() {
+        let s: Section =
+            deserialize_typed(serde_json::json!({"maxBytes": 3, "inner": {"flag": true}})).unwrap();
+        assert_eq!(s.max_bytes, 3);
+        assert!(s.inner.is_some_and(|i| i.flag));
+        let s: Section = deserialize_typed(serde_json::json!({"inner": null})).unwrap();
+        assert!(s.inner.is_none());
+    }
+}

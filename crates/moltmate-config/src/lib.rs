@@ -5,7 +5,7 @@
 //! the file, the key path and what was expected — the gateway never starts half-configured:
 //!
 //! 1. read the file (missing file = every default);
-//! 2. parse it as JSON5 (comments, trailing commas, unquoted keys);
+//! 2. parse it as JSON5 (comments, trailing commas, unquoted keys), refusing duplicate keys;
 //! 3. substitute `${VAR}` in every string from the given environment lookup (`$${X}` is a
 //!    literal `${X}`; a missing variable is an error);
 //! 4. deserialize into typed sections, refusing unknown keys (with a "did you mean" suggestion)
@@ -21,6 +21,7 @@ mod error;
 mod schema;
 mod secret;
 mod starter;
+mod strict;
 mod validate;
 
 pub use error::{ConfigError, Problem};
@@ -121,7 +122,7 @@ impl Config {
         source_name: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let value: Value = json5::from_str(text).map_err(|err| {
+        let strict::StrictValue(value) = json5::from_str(text).map_err(|err| {
             let position = err.position();
             ConfigError::Syntax {
                 file: source_name.to_string(),

@@ -441,3 +441,47 @@ fn users(config: &Config) -> Result<(), Failure> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains() {
+        for ok in [
+            "example.com",
+            "*.github.com",
+            "pypi.org",
+            "localhost",
+            "a-b.c0",
+        ] {
+            assert!(valid_domain(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "*.",
+            "https://x.org",
+            "x.org/path",
+            "Example.com",
+            "-a.com",
+            "a..b",
+            "*",
+            "a b",
+        ] {
+            assert!(!valid_domain(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        assert!(validate(&Config::default()).is_ok());
+    }
+
+    #[test]
+    fn http_urls() {
+        assert!(valid_http_url("https://api.telegram.org"));
+        assert!(valid_http_url("http://127.0.0.1:8080/v1"));
+        assert!(!valid_http_url("ftp://x.org"));
+        assert!(!valid_http_url("api.openai.com"));
+    }
+}

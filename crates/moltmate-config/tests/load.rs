@@ -123,6 +123,18 @@ fn syntax_error_has_line_and_column() {
 }
 
 #[test]
+fn duplicate_keys_and_non_finite_numbers_are_syntax_errors() {
+    let e = err("{\n  sandbox: { mode: 'all' },\n  sandbox: { mode: 'tools' },\n}");
+    assert!(
+        matches!(e, ConfigError::Syntax { line: Some(_), .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("duplicate key \"sandbox\""), "{e}");
+    let e = err("{sandbox: {limits: {cpus: Infinity}}}");
+    assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+}
+
+#[test]
 fn unknown_key_suggests_nearest() {
     let e = assert_err(
         "{sandbox: {mood: 'all'}}",

@@ -1,0 +1,128 @@
+//! Building the untyped JSON tree from JSON5 text, stricter than `serde_json::Value` itself.
+//!
+//! `serde_json::Value` silently keeps the last of two equal keys, so a second `sandbox: {...}`
+//! further down a long file would quietly replace the first; and it turns `NaN`/`Infinity`
+//! (legal JSON5) into `null`. Both are refused here, with the parser's line and column.
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
+use std::fmt;
+
+/// A JSON value parsed without duplicate keys or non-finite numbers.
+pub(crate) struct StrictValue(pub(crate) Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = StrictValue;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON5 value")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::Bool(v)))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::Number(v.into())))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::Number(v.into())))
+    }
+
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<StrictValue, E> {
+        i64::try_from(v)
+            .map(|v| StrictValue(Value::Number(v.into())))
+            .map_err(|_| E::custom("number is too large"))
+    }
+
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<StrictValue, E> {
+        u64::try_from(v)
+            .map(|v| StrictValue(Value::Number(v.into())))
+            .map_err(|_| E::custom("number is too large"))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<StrictValue, E> {
+        Number::from_f64(v)
+            .map(|n| StrictValue(Value::Number(n)))
+            .ok_or_else(|| E::custom("NaN and Infinity are not allowed in the configuration"))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::String(v.to_string())))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::String(v)))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::Null))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::Null))
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<StrictValue, D::Error> {
+        StrictValue::deserialize(d)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StrictValue, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(StrictValue(Value::Array(items)))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StrictValue, A::Error> {
+        let mut entries = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if entries.contains_key(&key) {
+                return Err(de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let StrictValue(value) = map.next_value()?;
+            entries.insert(key, value);
+        }
+        Ok(StrictValue(Value::Object(entries)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_duplicate_keys_with_position() {
+        let err = json5::from_str::<StrictValue>("{\n  a: 1,\n  a: 2,\n}")
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("duplicate key \"a\""), "{err}");
+        assert!(err.position().is_some());
+    }
+
+    #[test]
+    fn refuses_non_finite_numbers() {
+        assert!(json5::from_str::<StrictValue>("{a: NaN}").is_err());
+        assert!(json5::from_str::<StrictValue>("{a: -Infinity}").is_err());
+    }
+
+    #[test]
+    fn keeps_everything_else() {
+        let StrictValue(v) =
+            json5::from_str("{a: [1, -2, 0.5, 0x10, 'x', null, true], b: {}}").unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"a": [1, -2, 0.5, 16, "x", null, true], "b": {}})
+        );
+    }
+}
