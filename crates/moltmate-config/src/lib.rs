@@ -122,6 +122,8 @@ impl Config {
         source_name: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
+        // Editors on some platforms prepend a byte-order mark; it is not JSON5 whitespace.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let strict::StrictValue(value) = json5::from_str(text).map_err(|err| {
             let position = err.position();
             ConfigError::Syntax {
@@ -160,6 +162,16 @@ impl Config {
             openai: key_from_env(ProviderApi::Openai),
         };
         Ok(config)
+    }
+
+    /// Re-checks the semantic rules, e.g. after changing a loaded `Config` in code.
+    /// `source_name` prefixes the error like a file name would.
+    pub fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
+        validate::validate(self).map_err(|(key, problem)| ConfigError::Invalid {
+            file: source_name.to_string(),
+            key,
+            problem,
+        })
     }
 
     /// Every usable provider: the configured ones plus the builtins `anthropic` and `openai`

@@ -804,6 +804,8 @@ impl Default for SessionConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct FamilyConfig {
+    /// Member user ids. A user may be in at most one family, so what a member's assistant may
+    /// see of the family is never ambiguous; loading refuses a user listed in two.
     pub members: Vec<UserId>,
 }
 

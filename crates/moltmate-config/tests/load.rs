@@ -109,6 +109,30 @@ fn json5_comments_trailing_commas_unquoted_keys() {
 }
 
 #[test]
+fn byte_order_mark_is_ignored() {
+    assert_eq!(
+        load("\u{feff}{gateway: {port: 1234}}")
+            .unwrap()
+            .gateway
+            .port,
+        1234
+    );
+}
+
+#[test]
+fn validate_rechecks_a_changed_config() {
+    let mut c = load("{}").unwrap();
+    assert!(c.validate("in memory").is_ok());
+    c.sandbox.mode = SandboxMode::None;
+    let e = c.validate("in memory").unwrap_err();
+    assert_eq!(e.key_path(), Some("sandbox.mode"));
+    assert!(
+        e.to_string().starts_with("in memory: sandbox.mode: "),
+        "{e}"
+    );
+}
+
+#[test]
 fn syntax_error_has_line_and_column() {
     let e = err("{\n  gateway: {\n    port: 80 80,\n  },\n}");
     match &e {
