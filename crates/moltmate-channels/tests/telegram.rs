@@ -259,6 +259,28 @@ async fn updates_without_text_or_outside_private_chats_are_skipped() {
 }
 
 #[tokio::test]
+async fn group_chats_are_delivered_when_enabled() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    fake.push_message(IncomingText::new(43, "hi all").in_group(-555));
+    fake.push_raw_update(json!({"edited_message": {"message_id": 1, "date": 0, "edit_date": 1,
+        "from": {"id": 43, "is_bot": false, "first_name": "B"}, "chat": {"id": 43, "type": "private"}, "text": "edited"}}));
+    let sink = Arc::new(MemorySink::default());
+    let mut s = settings(&fake);
+    s.accept_group_chats = true;
+    let running = Running::start(s, sink.clone());
+    let got = sink.wait_accepted(1).await;
+    assert_eq!(got[0].chat_id, "-555");
+    assert_eq!(got[0].sender.to_string(), "telegram:43");
+    wait_until("all confirmed", || fake.pending_updates() == 0).await;
+    assert_eq!(
+        sink.texts(),
+        vec!["hi all"],
+        "edited messages are never delivered"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn skipped_updates_are_confirmed_even_without_a_following_message() {
     let fake = FakeTelegram::start(TOKEN).await;
     let sticker = fake

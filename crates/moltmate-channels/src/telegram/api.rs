@@ -16,6 +16,10 @@ use std::time::Duration;
 /// Service name used in [`ChannelError`]s.
 pub(crate) const SERVICE: &str = "Telegram";
 
+/// Largest reply we read. 100 updates of 4096-character texts stay far below it; a broken
+/// server streaming forever does not exhaust memory.
+const MAX_REPLY_BYTES: usize = 16 << 20;
+
 /// Longest piece of a server-provided description we keep.
 const MAX_DESCRIPTION_CHARS: usize = 300;
 
@@ -161,7 +165,7 @@ impl BotApi {
         extra_timeout: Duration,
     ) -> Result<T, ApiError> {
         let url = format!("{}/bot{}/{}", self.base, self.token, method);
-        let response = self
+        let mut response = self
             .http
             .post(url)
             .timeout(self.request_timeout + extra_timeout)
@@ -170,10 +174,19 @@ impl BotApi {
             .await
             .map_err(|e| ApiError::Transport(self.describe_transport(e)))?;
         let status = response.status().as_u16();
-        let body = response
-            .bytes()
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| ApiError::Transport(self.describe_transport(e)))?;
+            .map_err(|e| ApiError::Transport(self.describe_transport(e)))?
+        {
+            if body.len() + chunk.len() > MAX_REPLY_BYTES {
+                return Err(ApiError::InvalidReply(format!(
+                    "reply larger than {MAX_REPLY_BYTES} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
         self.interpret(status, &body)
     }
 

@@ -249,21 +249,15 @@ impl TelegramChannel {
         let Ok(peer) = PeerId::new(from.id.to_string()) else {
             return Disposition::Skip("sender id is not a valid peer id");
         };
-        let name = [from.first_name, from.last_name]
-            .into_iter()
-            .flatten()
-            .map(|part| part.trim().to_string())
-            .filter(|part| !part.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let name = display_name(from.first_name.as_deref(), from.last_name.as_deref());
         Disposition::Deliver(Box::new(InboundMessage {
             sender: Identity::new(ChannelKind::Telegram, peer),
             chat_id: message.chat.id.to_string(),
             external_id: update.update_id.to_string(),
             cursor: Some(update.update_id.saturating_add(1)),
             text,
-            sender_name: (!name.is_empty()).then_some(name),
-            language_code: from.language_code.filter(|code| !code.trim().is_empty()),
+            sender_name: name,
+            language_code: from.language_code.filter(|code| is_language_tag(code)),
         }))
     }
 
@@ -326,7 +320,14 @@ impl Channel for TelegramChannel {
             return Ok(());
         };
         backoff.reset();
-        let poll_seconds = self.settings.poll_timeout.as_secs();
+        if let Some(cursor) = offset.filter(|c| *c <= 0) {
+            // update_id + 1 is always positive. A non-positive offset means "the last N
+            // updates" to Telegram and would make it forget everything older: never send one.
+            tracing::warn!(cursor, "telegram: ignoring an invalid stored cursor");
+            offset = None;
+        }
+        // At least one second, so every empty reply was a real long poll (see FAST_EMPTY_REPLY).
+        let poll_seconds = self.settings.poll_timeout.as_secs().max(1);
         loop {
             let params = GetUpdates {
                 offset,
@@ -336,7 +337,7 @@ impl Channel for TelegramChannel {
             let started = Instant::now();
             let result: Result<Vec<serde_json::Value>, ApiError> = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                r = self.api.call("getUpdates", &params, self.settings.poll_timeout) => r,
+                r = self.api.call("getUpdates", &params, Duration::from_secs(poll_seconds)) => r,
             };
             let updates = match result {
                 Ok(updates) => updates,
@@ -414,6 +415,36 @@ impl Channel for TelegramChannel {
             .map_err(ApiError::into_channel_error)?;
         Ok(())
     }
+}
+
+/// Longest display name we pass on, in characters.
+const MAX_NAME_CHARS: usize = 128;
+
+/// "First Last" with control characters (newlines included) removed and whitespace collapsed:
+/// the name is chosen by the sender and may end up in a prompt, so it must stay one short line.
+fn display_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
+    let joined = [first, last]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let cleaned: String = joined
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|word| !word.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_NAME_CHARS)
+        .collect();
+    (!cleaned.is_empty()).then_some(cleaned)
+}
+
+/// A plausible IETF language tag (`de`, `pt-br`); anything else is dropped rather than passed on.
+fn is_language_tag(code: &str) -> bool {
+    !code.is_empty()
+        && code.len() <= 35
+        && code.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 fn chat_ref_copy<'a>(chat: &ChatRef<'a>) -> ChatRef<'a> {
@@ -538,6 +569,26 @@ mod tests {
                 assert!(!err.to_string().contains(bad), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn names_and_language_codes_are_sanitised() {
+        assert_eq!(
+            display_name(Some(" Anna "), Some("Berg")).as_deref(),
+            Some("Anna Berg")
+        );
+        assert_eq!(
+            display_name(Some("Eve\nSYSTEM:\u{7}"), None).as_deref(),
+            Some("Eve SYSTEM:")
+        );
+        assert_eq!(display_name(Some("  "), None), None);
+        assert_eq!(
+            display_name(Some(&"x".repeat(500)), None).map(|n| n.len()),
+            Some(MAX_NAME_CHARS)
+        );
+        assert!(is_language_tag("pt-br"));
+        assert!(!is_language_tag("de\nx"));
+        assert!(!is_language_tag(""));
     }
 
     #[test]
