@@ -1,0 +1,491 @@
+//! The bubblewrap backend against real bubblewrap: isolation, limits, timeouts, fairness.
+//!
+//! Without bwrap (or without namespace support) every test prints `SKIP: <reason>` and passes,
+//! unless `MOLTMATE_REQUIRE_SANDBOX=1`, which turns the skip into a failure.
+
+use moltmate_core::sandbox::{
+    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxLimits, SandboxProfile, WorkspaceAccess,
+};
+use moltmate_core::UserId;
+use moltmate_sandbox::bwrap::BwrapSandbox;
+use moltmate_sandbox::{BackendChoice, SandboxScope, SandboxSettings};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+struct Fixture {
+    sandbox: BwrapSandbox,
+    root: PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+impl Fixture {
+    fn home(&self, user: &str) -> PathBuf {
+        let home = self.root.join("users").join(user);
+        std::fs::create_dir_all(&home).unwrap();
+        home
+    }
+
+    fn request(&self, user: &str, command: &str) -> ExecRequest {
+        ExecRequest {
+            user: UserId::new(user).unwrap(),
+            home: self.home(user),
+            family: None,
+            session_id: "s1".into(),
+            command: ExecCommand::Shell(command.into()),
+            timeout: Duration::from_secs(20),
+            profile: SandboxProfile::default(),
+        }
+    }
+
+    async fn run(&self, user: &str, command: &str) -> ExecOutput {
+        self.sandbox
+            .exec(self.request(user, command))
+            .await
+            .unwrap()
+    }
+}
+
+fn temp_root(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "moltmate-bwrap-{tag}-{:016x}",
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn settings(root: &Path, scope: SandboxScope) -> SandboxSettings {
+    SandboxSettings {
+        backend: BackendChoice::Bwrap,
+        scope,
+        image: String::new(),
+        docker_host: None,
+        prune_idle: Duration::from_secs(3600),
+        warm_pool: 0,
+        state_dir: root.join("sandboxes"),
+        allowed_domains: Vec::new(),
+        config_digest: String::new(),
+    }
+}
+
+fn skip(reason: String) -> Option<Fixture> {
+    if std::env::var("MOLTMATE_REQUIRE_SANDBOX").as_deref() == Ok("1") {
+        panic!("MOLTMATE_REQUIRE_SANDBOX=1 but bubblewrap is unusable: {reason}");
+    }
+    println!("SKIP: {reason}");
+    None
+}
+
+async fn fixture_with(tag: &str, scope: SandboxScope) -> Option<Fixture> {
+    let root = temp_root(tag);
+    let sandbox = match BwrapSandbox::new(&settings(&root, scope), None) {
+        Ok(s) => s,
+        Err(e) => return skip(e.to_string()),
+    };
+    if let Err(e) = sandbox.probe().await {
+        return skip(e.to_string());
+    }
+    Some(Fixture { sandbox, root })
+}
+
+async fn fixture(tag: &str) -> Option<Fixture> {
+    fixture_with(tag, SandboxScope::Session).await
+}
+
+/// Host processes whose command line contains `marker`.
+fn host_processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let me = std::process::id().to_string();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(marker) {
+                found.push(format!("{name}: {cmdline}"));
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn runs_as_uid_1000_in_workspace_with_the_home() {
+    let Some(f) = fixture("ident").await else {
+        return;
+    };
+    std::fs::write(f.home("anna").join("hello.txt"), "hi from home").unwrap();
+    let out = f
+        .run(
+            "anna",
+            "id -u; id -g; pwd; echo $HOME; cat hello.txt; echo new > made.txt",
+        )
+        .await;
+    assert_eq!(out.exit_code, Some(0), "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "1000\n1000\n/workspace\n/workspace\nhi from home"
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.home("anna").join("made.txt")).unwrap(),
+        "new\n"
+    );
+
+    let mut argv = f.request("anna", "");
+    argv.command = ExecCommand::Argv(vec!["cat".into(), "hello.txt".into()]);
+    let out = f.sandbox.exec(argv).await.unwrap();
+    assert_eq!(out.stdout, "hi from home");
+}
+
+#[tokio::test]
+async fn host_secrets_and_other_homes_are_invisible() {
+    let Some(f) = fixture("secrets").await else {
+        return;
+    };
+    let other = f.home("bob");
+    std::fs::write(other.join("diary.txt"), "secret").unwrap();
+    let gateway_home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let paths = [
+        "/etc/shadow".to_string(),
+        "/root".to_string(),
+        "/home".to_string(),
+        gateway_home,
+        other.display().to_string(),
+        f.root.display().to_string(),
+        "/var/run/docker.sock".to_string(),
+        "/run/docker.sock".to_string(),
+        "/proc/1/root/etc/shadow".to_string(),
+        "/proc/1/root/root".to_string(),
+        "/sys/fs/cgroup".to_string(),
+    ];
+    let script: String = paths
+        .iter()
+        .map(|p| format!("test -e '{p}' && echo 'PRESENT {p}'; "))
+        .collect();
+    let out = f.run("anna", &format!("{script} echo done")).await;
+    assert_eq!(out.stdout, "done\n", "visible host paths: {out:?}");
+    // The sandbox's pid namespace holds only its own processes.
+    let out = f.run("anna", "ls /proc | grep -c '^[0-9]'").await;
+    let count: u32 = out.stdout.trim().parse().unwrap();
+    assert!(count <= 5, "too many processes visible: {count}");
+}
+
+#[tokio::test]
+async fn environment_holds_no_gateway_secrets() {
+    let Some(f) = fixture("env").await else {
+        return;
+    };
+    // Only this test sets it; other tests never read it.
+    std::env::set_var("ANTHROPIC_API_KEY", "sk-ant-test-secret-value");
+    let out = f.run("anna", "env").await;
+    assert!(!out.stdout.contains("sk-ant"), "{}", out.stdout);
+    assert!(!out.stdout.contains("ANTHROPIC"), "{}", out.stdout);
+    let mut names: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split('=').next())
+        .collect();
+    names.sort();
+    // sh adds PWD itself.
+    names.retain(|n| *n != "PWD" && *n != "SHLVL" && *n != "_" && *n != "OLDPWD");
+    assert_eq!(names, ["HOME", "LANG", "PATH"]);
+}
+
+#[tokio::test]
+async fn no_network_even_to_the_host_loopback() {
+    let Some(f) = fixture("net").await else {
+        return;
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let out = f
+        .run(
+            "anna",
+            &format!(
+                "python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)\" && echo CONNECTED; \
+                 python3 -c \"import socket; socket.getaddrinfo('example.com', 80)\" 2>/dev/null && echo RESOLVED; echo end"
+            ),
+        )
+        .await;
+    assert_eq!(out.stdout, "end\n", "{out:?}");
+    assert!(
+        listener.accept().is_err(),
+        "the host listener got a connection"
+    );
+}
+
+#[tokio::test]
+async fn seccomp_blocks_ptrace_mount_and_namespaces() {
+    let Some(f) = fixture("seccomp").await else {
+        return;
+    };
+    let py = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def check(name, rc):
+    print(name, rc, os.strerror(ctypes.get_errno()) if rc != 0 else "ok")
+check("ptrace", libc.ptrace(0, 0, 0, 0))
+check("mount", libc.mount(b"none", b"/tmp", b"tmpfs", 0, None))
+check("unshare", libc.unshare(0x10000000))
+check("keyctl", libc.syscall(250, 0, 0, 0, 0))
+check("bpf", libc.syscall(321, 0, 0, 0))
+"#;
+    std::fs::write(f.home("anna").join("sc.py"), py).unwrap();
+    let out = f.run("anna", "python3 sc.py").await;
+    assert_eq!(out.exit_code, Some(0), "{out:?}");
+    for name in ["ptrace", "mount", "unshare", "keyctl", "bpf"] {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default();
+        assert!(
+            line.contains("-1") && line.contains("not permitted"),
+            "{name}: {line:?} in {out:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn symlinks_made_inside_stay_confined() {
+    let Some(f) = fixture("symlink").await else {
+        return;
+    };
+    let out = f
+        .run(
+            "anna",
+            "ln -s /etc/shadow s1; ln -s / s2; ln -s ../../../../../../etc/passwd s3; \
+             cat s1 2>/dev/null && echo READ-SHADOW; ls s2/ | tr '\\n' ' '; echo; cat s3",
+        )
+        .await;
+    assert!(!out.stdout.contains("READ-SHADOW"), "{out:?}");
+    assert!(
+        !out.stdout.contains("root:x:0:0:root:/root"),
+        "host passwd leaked: {out:?}"
+    );
+    assert!(out.stdout.contains("agent:x:1000"), "{out:?}");
+    assert!(!out.stdout.contains("home"), "{out:?}");
+}
+
+#[tokio::test]
+async fn workspace_access_ro_and_none() {
+    let Some(f) = fixture("access").await else {
+        return;
+    };
+    std::fs::write(f.home("anna").join("keep.txt"), "keep").unwrap();
+    let mut req = f.request("anna", "cat keep.txt; echo x > new.txt && echo WROTE");
+    req.profile.workspace_access = WorkspaceAccess::Ro;
+    let out = f.sandbox.exec(req).await.unwrap();
+    assert_eq!(out.stdout, "keep", "{out:?}");
+    assert!(!f.home("anna").join("new.txt").exists());
+
+    let mut req = f.request("anna", "ls; echo persisted > s.txt");
+    req.profile.workspace_access = WorkspaceAccess::None;
+    let out = f.sandbox.exec(req).await.unwrap();
+    assert_eq!(out.stdout, "", "scratch must not show the home: {out:?}");
+    let mut req = f.request("anna", "cat s.txt");
+    req.profile.workspace_access = WorkspaceAccess::None;
+    let out = f.sandbox.exec(req).await.unwrap();
+    assert_eq!(
+        out.stdout, "persisted\n",
+        "session scratch persists between calls"
+    );
+    f.sandbox
+        .end_session(&UserId::new("anna").unwrap(), "s1")
+        .await
+        .unwrap();
+    let mut req = f.request("anna", "cat s.txt");
+    req.profile.workspace_access = WorkspaceAccess::None;
+    let out = f.sandbox.exec(req).await.unwrap();
+    assert_eq!(out.stdout, "", "end_session drops the scratch");
+}
+
+#[tokio::test]
+async fn task_scope_scratch_is_fresh_each_call() {
+    let Some(f) = fixture_with("task", SandboxScope::Task).await else {
+        return;
+    };
+    for _ in 0..2 {
+        let mut req = f.request("anna", "ls; echo x > t.txt");
+        req.profile.workspace_access = WorkspaceAccess::None;
+        let out = f.sandbox.exec(req).await.unwrap();
+        assert_eq!(out.stdout, "");
+    }
+}
+
+#[tokio::test]
+async fn sleep_is_killed_at_the_timeout_and_leaves_no_orphan() {
+    let Some(f) = fixture("sleep").await else {
+        return;
+    };
+    let marker = format!("600.{}", rand::random::<u32>() % 1_000_000 + 1);
+    let mut req = f.request("anna", &format!("sleep {marker} & sleep {marker}"));
+    req.timeout = Duration::from_secs(2);
+    let started = Instant::now();
+    let out = f.sandbox.exec(req).await.unwrap();
+    assert!(out.timed_out, "{out:?}");
+    assert_eq!(out.exit_code, None);
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(host_processes_with(&marker), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn cpu_spin_times_out() {
+    let Some(f) = fixture("spin").await else {
+        return;
+    };
+    let mut req = f.request("anna", "while :; do :; done");
+    req.timeout = Duration::from_secs(2);
+    let out = f.sandbox.exec(req).await.unwrap();
+    assert!(out.timed_out);
+    assert!(out.duration < Duration::from_secs(6), "{:?}", out.duration);
+}
+
+#[tokio::test]
+async fn output_flood_is_capped() {
+    let Some(f) = fixture("flood").await else {
+        return;
+    };
+    let mut req = f.request(
+        "anna",
+        "head -c 200000000 /dev/zero | tr '\\0' a; echo done >&2",
+    );
+    req.profile.limits.output_bytes = 4096;
+    req.timeout = Duration::from_secs(60);
+    let started = Instant::now();
+    let out = f.sandbox.exec(req).await.unwrap();
+    assert!(out.truncated);
+    assert!(!out.timed_out, "{:?}", started.elapsed());
+    assert_eq!(out.stdout.len() + out.stderr.len(), 4096);
+    assert!(out.stdout.bytes().all(|b| b == b'a'));
+}
+
+#[tokio::test]
+async fn disk_fill_is_stopped_by_the_file_size_limit() {
+    let Some(f) = fixture("disk").await else {
+        return;
+    };
+    let mut req = f.request("anna", "head -c 50000000 /dev/zero > big; echo rc=$?");
+    req.profile.limits.disk_bytes = 5 * 1024 * 1024;
+    let out = f.sandbox.exec(req).await.unwrap();
+    let size = std::fs::metadata(f.home("anna").join("big"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(size <= 5 * 1024 * 1024, "wrote {size} bytes: {out:?}");
+    // tmpfs /tmp is size-capped too.
+    let mut req = f.request(
+        "anna",
+        "head -c 50000000 /dev/zero > /tmp/big; ls -l /tmp/big | awk '{print $5}'",
+    );
+    req.profile.limits.tmp_bytes = 2 * 1024 * 1024;
+    req.profile.limits.disk_bytes = 100 * 1024 * 1024;
+    let out = f.sandbox.exec(req).await.unwrap();
+    let written: u64 = out.stdout.trim().parse().unwrap_or(0);
+    assert!(written <= 2 * 1024 * 1024, "{out:?}");
+}
+
+#[tokio::test]
+async fn memory_bomb_fails_inside_the_sandbox() {
+    let Some(f) = fixture("mem").await else {
+        return;
+    };
+    let mut req = f.request(
+        "anna",
+        "python3 -c 'a = bytearray(3 * 1024**3); print(len(a))'",
+    );
+    req.profile.limits.memory_bytes = 256 * 1024 * 1024;
+    let out = f.sandbox.exec(req).await.unwrap();
+    println!("memory bomb: {out:?}");
+    assert_ne!(out.exit_code, Some(0), "{out:?}");
+    assert!(!out.stdout.contains("3221225472"));
+}
+
+#[tokio::test]
+async fn fork_bomb_is_contained_and_cleaned_up() {
+    let Some(f) = fixture("fork").await else {
+        return;
+    };
+    let marker = format!("bomb{}", rand::random::<u32>());
+    let mut req = f.request(
+        "anna",
+        &format!("{marker}() {{ {marker} | {marker} & }}; {marker}; sleep 2; echo alive"),
+    );
+    req.profile.limits.pids = 64;
+    req.timeout = Duration::from_secs(5);
+    let out = f.sandbox.exec(req).await.unwrap();
+    println!("fork bomb: {out:?}");
+    assert!(out.duration < Duration::from_secs(10), "{out:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The bomb runs as `sh -c <script containing the marker>`: none of it may survive.
+    assert_eq!(host_processes_with(&marker), Vec::<String>::new());
+}
+
+/// While one user's sandbox fork-bombs and eats memory, another user's trivial command still
+/// completes within this bound.
+const FAIRNESS_BOUND: Duration = Duration::from_secs(3);
+
+#[tokio::test]
+async fn other_users_stay_responsive_during_a_bomb() {
+    let Some(f) = fixture("fair").await else {
+        return;
+    };
+    let f = std::sync::Arc::new(f);
+    let bomber = {
+        let f = f.clone();
+        tokio::spawn(async move {
+            let mut req = f.request(
+                "mallory",
+                "b() { b | b & }; b; python3 -c 'a=bytearray(3*1024**3)'; sleep 8",
+            );
+            req.profile.limits.pids = 64;
+            req.profile.limits.memory_bytes = 128 * 1024 * 1024;
+            req.timeout = Duration::from_secs(6);
+            f.sandbox.exec(req).await.unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let out = f.run("bob", "echo hi").await;
+    let took = started.elapsed();
+    println!("bob's echo took {took:?} during the bomb");
+    assert_eq!(out.stdout, "hi\n", "{out:?}");
+    assert!(took < FAIRNESS_BOUND, "bob waited {took:?}");
+    let bomb = bomber.await.unwrap();
+    assert!(bomb.duration < Duration::from_secs(12));
+}
+
+#[tokio::test]
+async fn list_and_prune_scratch() {
+    let Some(f) = fixture("list").await else {
+        return;
+    };
+    let mut req = f.request("anna", "echo x > f");
+    req.profile.workspace_access = WorkspaceAccess::None;
+    f.sandbox.exec(req).await.unwrap();
+    let listed = f.sandbox.list().await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|s| s.user == "anna" && s.backend == "bwrap"),
+        "{listed:?}"
+    );
+    let removed = f.sandbox.prune(Duration::from_secs(3600)).await.unwrap();
+    assert!(removed.is_empty());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let removed = f.sandbox.prune(Duration::from_millis(500)).await.unwrap();
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    let _ = SandboxLimits::default();
+}
