@@ -603,9 +603,19 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         }),
         None => None,
     };
+    // In sandbox mode "all", file tools see the sandbox's view of /workspace: the home, or for
+    // `workspaceAccess: none` the user's scratch directory.
+    let tool_home = match (&inner.settings.sandbox_scratch_dir, user_settings.sandbox.workspace_access) {
+        (Some(scratch), WorkspaceAccess::None) => {
+            let scratch_home = UserHome::new(scratch, &item.user);
+            std::fs::create_dir_all(scratch_home.root()).map_err(StoreError::Io)?;
+            scratch_home
+        }
+        _ => home.clone(),
+    };
     let context = ToolContext {
         user: item.user.clone(),
-        home: home.clone(),
+        home: tool_home,
         session_id: session.id.clone(),
         family: family.clone(),
         read_only: user_settings.read_only || user_settings.sandbox.workspace_access == WorkspaceAccess::Ro,

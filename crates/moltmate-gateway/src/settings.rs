@@ -77,6 +77,10 @@ pub struct GatewaySettings {
     pub compact_at_ratio: f64,
     /// Family of each member (`families.<name>.members`); one family per user.
     pub families: HashMap<UserId, String>,
+    /// `sandbox.mode: "all"`: file tools see exactly what the sandbox sees. For a user whose
+    /// `workspaceAccess` is `none`, that is their scratch directory under this root
+    /// (`<home>/sandboxes/scratch`), not their home.
+    pub sandbox_scratch_dir: Option<std::path::PathBuf>,
     /// Log every tool call (name, user, outcome, duration; never arguments).
     pub log_tool_calls: bool,
 }
@@ -99,6 +103,7 @@ impl Default for GatewaySettings {
             worker_idle: Duration::from_secs(120),
             max_concurrent_turns: 256,
             log_tool_calls: false,
+            sandbox_scratch_dir: None,
             session_idle_reset: None,
             context_window_tokens: 200_000,
             compact_at_ratio: 0.8,
