@@ -9,4 +9,4 @@
 
 pub mod telegram;
 
-pub use telegram::{TelegramChannel, TelegramSettings};
+pub use telegram::{BotInfo, TelegramChannel, TelegramSettings, TelegramSetupError};

@@ -61,7 +61,7 @@ impl fmt::Debug for TelegramSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TelegramSettings")
             .field("bot_token", &"<redacted>")
-            .field("api_url", &self.api_url)
+            .field("api_url", &redact_url(&self.api_url))
             .field("poll_timeout", &self.poll_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("accept_group_chats", &self.accept_group_chats)
@@ -70,6 +70,19 @@ impl fmt::Debug for TelegramSettings {
             .field("max_retry_after", &self.max_retry_after)
             .field("send_attempts", &self.send_attempts)
             .finish()
+    }
+}
+
+/// The URL without a password (a self-hosted Bot API server may sit behind basic auth).
+fn redact_url(raw: &str) -> String {
+    match reqwest::Url::parse(raw) {
+        Ok(mut url) if url.password().is_some() => {
+            // Setting a password only fails for URLs that cannot have one, excluded above.
+            let _ = url.set_password(Some("redacted"));
+            url.to_string()
+        }
+        Ok(_) => raw.to_string(),
+        Err(_) => "<unparseable URL>".to_string(),
     }
 }
 
@@ -83,5 +96,9 @@ mod tests {
         let shown = format!("{s:?}");
         assert!(!shown.contains("SECRET"), "{shown}");
         assert!(shown.contains("api.telegram.org"));
+        let s = s.with_api_url("https://bot:hunter2@tg.example:8081");
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("tg.example"), "{shown}");
     }
 }
