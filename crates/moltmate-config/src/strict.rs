@@ -4,7 +4,8 @@
 //! further down a long file would quietly replace the first; and it turns `NaN`/`Infinity`
 //! (legal JSON5) into `null`. Both are refused here, with the parser's line and column.
 
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use crate::de::join_key;
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 use std::fmt;
 
@@ -13,11 +14,26 @@ pub(crate) struct StrictValue(pub(crate) Value);
 
 impl<'de> Deserialize<'de> for StrictValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrictVisitor)
+        StrictVisitor {
+            path: String::new(),
+        }
+        .deserialize(d)
     }
 }
 
-struct StrictVisitor;
+/// Carries the key path down the tree, because the parser can only point at the start of the
+/// object holding a duplicate key, which in a nested file is far from the key itself.
+struct StrictVisitor {
+    path: String,
+}
+
+impl<'de> DeserializeSeed<'de> for StrictVisitor {
+    type Value = StrictValue;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<StrictValue, D::Error> {
+        d.deserialize_any(self)
+    }
+}
 
 impl<'de> Visitor<'de> for StrictVisitor {
     type Value = StrictValue;
@@ -73,13 +89,19 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<StrictValue, D::Error> {
-        StrictValue::deserialize(d)
+        self.deserialize(d)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StrictValue, A::Error> {
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
-        while let Some(StrictValue(item)) = seq.next_element()? {
-            items.push(item);
+        loop {
+            let seed = StrictVisitor {
+                path: format!("{}[{}]", self.path, items.len()),
+            };
+            match seq.next_element_seed(seed)? {
+                Some(StrictValue(item)) => items.push(item),
+                None => break,
+            }
         }
         Ok(StrictValue(Value::Array(items)))
     }
@@ -87,10 +109,11 @@ impl<'de> Visitor<'de> for StrictVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StrictValue, A::Error> {
         let mut entries = Map::new();
         while let Some(key) = map.next_key::<String>()? {
+            let path = join_key(&self.path, &key);
             if entries.contains_key(&key) {
-                return Err(de::Error::custom(format!("duplicate key {key:?}")));
+                return Err(de::Error::custom(format!("duplicate key {path:?}")));
             }
-            let StrictValue(value) = map.next_value()?;
+            let StrictValue(value) = map.next_value_seed(StrictVisitor { path })?;
             entries.insert(key, value);
         }
         Ok(StrictValue(Value::Object(entries)))
