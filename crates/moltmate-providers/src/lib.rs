@@ -19,6 +19,12 @@
 //! # let _ = answer; Ok(()) }
 //! ```
 //!
+//! Streaming: every request asks for a stream. A server that answers with one JSON document
+//! instead is understood too; its text then reaches the [`DeltaSink`](moltmate_core::model::DeltaSink)
+//! as a single delta. `request_timeout` bounds the wait for the response headers,
+//! `stream_idle_timeout` the silence between two chunks of the body, so long answers that keep
+//! streaming are never cut off.
+//!
 //! Secrets: the API key is only ever placed in the auth header (marked sensitive). Errors carry
 //! the server's message with anything key-like redacted, never a URL or request body.
 

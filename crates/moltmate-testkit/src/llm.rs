@@ -1001,3 +1001,64 @@ fn error_response(api: WireApi, status: u16, message: &str, retry_after: Option<
     };
     raw_response(status, "application/json", body.to_string(), retry_after)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recorded(api: WireApi, body: Value) -> RecordedRequest {
+        RecordedRequest {
+            api,
+            path: String::new(),
+            headers: vec![],
+            raw_body: body.to_string(),
+            body,
+        }
+    }
+
+    #[test]
+    fn anthropic_helpers_and_default_brain() {
+        let request = recorded(
+            WireApi::Anthropic,
+            json!({"system": "sys", "messages": [
+                {"role": "user", "content": "first"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "x", "input": {"k": "v"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "42"}]}]}
+            ]}),
+        );
+        assert_eq!(request.system_text(), "sys");
+        assert_eq!(request.last_user_text().as_deref(), Some("first"));
+        assert_eq!(request.trailing_tool_results().as_deref(), Some("42"));
+        assert_eq!(request.all_text(), "sys\nfirst\n{\"k\":\"v\"}\n42");
+        assert_eq!(
+            default_brain()(&request),
+            Reply::Text("tool said: 42".into())
+        );
+    }
+
+    #[test]
+    fn openai_helpers_and_default_brain() {
+        let request = recorded(
+            WireApi::OpenAi,
+            json!({"messages": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": "hi there"}
+            ], "tools": [{"type": "function", "function": {"name": "read", "description": "reads", "parameters": {}}}]}),
+        );
+        assert_eq!(request.system_text(), "sys");
+        assert_eq!(request.trailing_tool_results(), None);
+        assert_eq!(request.tool_names(), vec!["read"]);
+        assert_eq!(request.all_text(), "sys\nhi there\nreads");
+        assert_eq!(
+            default_brain()(&request),
+            Reply::Text("echo: hi there".into())
+        );
+    }
+
+    #[test]
+    fn argument_fragments_respect_char_boundaries() {
+        let fragments = argument_fragments("{\"p\":\"üüüüü✓\"}");
+        assert_eq!(fragments.concat(), "{\"p\":\"üüüüü✓\"}");
+        assert!(fragments.iter().all(|f| f.chars().count() <= 5));
+    }
+}
