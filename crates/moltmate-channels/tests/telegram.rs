@@ -544,3 +544,68 @@ async fn fake_refuses_overlong_messages_like_telegram() {
         json!({"ok": false, "error_code": 401, "description": "Unauthorized"})
     );
 }
+
+#[tokio::test]
+async fn fake_get_updates_honours_offsets_and_long_polls() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/bot{}/getUpdates", fake.api_url(), TOKEN);
+    let a = fake.push_text(1, "a");
+    let b = fake.push_text(1, "b");
+    let ids = |body: serde_json::Value| -> Vec<i64> {
+        body["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["update_id"].as_i64().unwrap())
+            .collect()
+    };
+    let body: serde_json::Value = client
+        .post(&url)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(body), vec![a, b], "without offset nothing is confirmed");
+    let body: serde_json::Value = client
+        .post(&url)
+        .json(&json!({"offset": b}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(body), vec![b]);
+    assert_eq!(
+        fake.pending_updates(),
+        1,
+        "offset confirmed the older update"
+    );
+
+    // Long poll: returns early when an update arrives, well before the 10 s timeout.
+    let started = Instant::now();
+    let poll = tokio::spawn({
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let reply = client
+                .post(&url)
+                .json(&json!({"offset": b + 1, "timeout": 10}))
+                .send()
+                .await
+                .unwrap();
+            reply.json::<serde_json::Value>().await.unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = fake.push_text(1, "c");
+    let body = poll.await.unwrap();
+    assert_eq!(ids(body), vec![c]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(fake.get_updates_offsets(), vec![None, Some(b), Some(b + 1)]);
+    assert_eq!(fake.get_updates_calls()[2].timeout, 10);
+}
