@@ -124,6 +124,14 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         // Editors on some platforms prepend a byte-order mark; it is not JSON5 whitespace.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        if let Some((line, column)) = strict::too_deep(text) {
+            return Err(ConfigError::Syntax {
+                file: source_name.to_string(),
+                line: Some(line),
+                column: Some(column),
+                message: format!("nested deeper than {} levels", strict::MAX_DEPTH),
+            });
+        }
         let strict::StrictValue(value) = json5::from_str(text).map_err(|err| {
             let position = err.position();
             ConfigError::Syntax {

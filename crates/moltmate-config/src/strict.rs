@@ -149,3 +149,98 @@ mod tests {
         );
     }
 }
+
+/// Deepest allowed nesting of objects and arrays. The schema needs 5; the JSON5 parser recurses
+/// per level, so unbounded depth could overflow the stack instead of giving an error.
+pub(crate) const MAX_DEPTH: usize = 64;
+
+/// The 1-based line and column of the first bracket nested deeper than [`MAX_DEPTH`], if any.
+/// A small scanner that skips strings and comments; it does not validate anything else (the
+/// parser does that afterwards).
+pub(crate) fn too_deep(text: &str) -> Option<(usize, usize)> {
+    let mut depth = 0usize;
+    let (mut line, mut column) = (1usize, 0usize);
+    let mut chars = text.chars().peekable();
+    let mut in_string: Option<char> = None;
+    while let Some(c) = chars.next() {
+        if c == '\n' {
+            line += 1;
+            column = 0;
+        } else {
+            column += 1;
+        }
+        if let Some(quote) = in_string {
+            if c == '\\' {
+                // The escaped character cannot end the string; a line continuation still counts
+                // as a new line.
+                if chars.next() == Some('\n') {
+                    line += 1;
+                    column = 0;
+                } else {
+                    column += 1;
+                }
+            } else if c == quote {
+                in_string = None;
+            }
+            continue;
+        }
+        match c {
+            '"' | '\'' => in_string = Some(c),
+            '/' if chars.peek() == Some(&'/') => {
+                for skipped in chars.by_ref() {
+                    if skipped == '\n' {
+                        line += 1;
+                        column = 0;
+                        break;
+                    }
+                }
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                chars.next();
+                column += 1;
+                let mut previous = '\0';
+                for skipped in chars.by_ref() {
+                    if skipped == '\n' {
+                        line += 1;
+                        column = 0;
+                    } else {
+                        column += 1;
+                    }
+                    if previous == '*' && skipped == '/' {
+                        break;
+                    }
+                    previous = skipped;
+                }
+            }
+            '{' | '[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some((line, column));
+                }
+            }
+            '}' | ']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::*;
+
+    #[test]
+    fn finds_excessive_nesting_and_ignores_strings_and_comments() {
+        let deep = format!("{{a: {}{}}}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(too_deep(&deep), Some((1, 4 + MAX_DEPTH)));
+        let fine = format!(
+            "{{a: '{}', /* {} */ // {}\n b: \"\\\"[\"}}",
+            "[".repeat(100),
+            "{".repeat(100),
+            "[".repeat(100)
+        );
+        assert_eq!(too_deep(&fine), None);
+        assert!(json5::from_str::<StrictValue>(&fine).is_ok());
+        assert_eq!(too_deep("{\n  a: {b: [1, [2]]},\n}"), None);
+    }
+}

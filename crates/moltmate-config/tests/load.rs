@@ -109,6 +109,17 @@ fn json5_comments_trailing_commas_unquoted_keys() {
 }
 
 #[test]
+fn absurd_nesting_is_an_error_not_a_crash() {
+    let text = format!("{{users: {}{}}}", "[".repeat(200_000), "]".repeat(200_000));
+    let e = err(&text);
+    assert!(
+        matches!(e, ConfigError::Syntax { line: Some(1), .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("nested deeper than"), "{e}");
+}
+
+#[test]
 fn byte_order_mark_is_ignored() {
     assert_eq!(
         load("\u{feff}{gateway: {port: 1234}}")
