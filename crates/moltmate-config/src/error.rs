@@ -19,6 +19,9 @@ pub enum ConfigError {
         #[source]
         source: io::Error,
     },
+    /// Anyone on the machine may write the file, so anyone could, say, turn the sandbox off.
+    #[error("{}: is writable by every local user (mode {mode:o}); run `chmod 600` on it", path.display())]
+    InsecurePermissions { path: PathBuf, mode: u32 },
     /// The file is not valid JSON5. Line and column are 1-based when the parser knows them.
     #[error("{file}: syntax error{}: {message}", position_suffix(*line, *column))]
     Syntax {
@@ -61,6 +64,7 @@ impl ConfigError {
             ConfigError::Invalid { key, .. } => Some(key),
             ConfigError::NoHome
             | ConfigError::Read { .. }
+            | ConfigError::InsecurePermissions { .. }
             | ConfigError::Syntax { .. }
             | ConfigError::AlreadyExists { .. }
             | ConfigError::Write { .. } => None,
@@ -73,6 +77,7 @@ impl ConfigError {
             ConfigError::Invalid { problem, .. } => Some(problem),
             ConfigError::NoHome
             | ConfigError::Read { .. }
+            | ConfigError::InsecurePermissions { .. }
             | ConfigError::Syntax { .. }
             | ConfigError::AlreadyExists { .. }
             | ConfigError::Write { .. } => None,
@@ -86,6 +91,7 @@ impl ConfigError {
             ConfigError::Syntax { .. } | ConfigError::Invalid { .. } => true,
             ConfigError::NoHome
             | ConfigError::Read { .. }
+            | ConfigError::InsecurePermissions { .. }
             | ConfigError::AlreadyExists { .. }
             | ConfigError::Write { .. } => false,
         }

@@ -104,6 +104,13 @@ impl Config {
         if !metadata.is_file() {
             return Err(read_error(std::io::Error::other("not a regular file")));
         }
+        let mode = std::os::unix::fs::PermissionsExt::mode(&metadata.permissions()) & 0o7777;
+        if mode & 0o002 != 0 {
+            return Err(ConfigError::InsecurePermissions {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
         let mut text = String::new();
         file.take(MAX_CONFIG_BYTES + 1)
             .read_to_string(&mut text)

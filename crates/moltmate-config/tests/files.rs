@@ -192,3 +192,19 @@ fn write_starter_config_refuses_to_overwrite() {
     let entries = std::fs::read_dir(dir.path()).unwrap().count();
     assert_eq!(entries, 1);
 }
+
+#[test]
+fn world_writable_config_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(CONFIG_FILE_NAME);
+    std::fs::write(&path, "{}").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let err = Config::load(dir.path(), &no_env).map(|_| ()).unwrap_err();
+    assert!(
+        matches!(err, ConfigError::InsecurePermissions { mode: 0o666, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    Config::load(dir.path(), &no_env).unwrap();
+}
