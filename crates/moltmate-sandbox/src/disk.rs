@@ -56,12 +56,20 @@ pub struct DiskCap {
 
 impl DiskCap {
     fn not_enforced(reason: &str) -> Self {
-        DiskCap { enforced: false, cap_bytes: 0, image: None, reason: Some(reason.to_string()) }
+        DiskCap {
+            enforced: false,
+            cap_bytes: 0,
+            image: None,
+            reason: Some(reason.to_string()),
+        }
     }
 }
 
 fn err(detail: impl Into<String>) -> SandboxError {
-    SandboxError::Backend { backend: "disk", detail: detail.into() }
+    SandboxError::Backend {
+        backend: "disk",
+        detail: detail.into(),
+    }
 }
 
 /// Whether this process may loop-mount (effective uid 0).
@@ -95,7 +103,8 @@ pub fn ensure_user_volume(
     // A poisoned lock only means another set-up panicked; the on-disk state is re-read anyway.
     let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
 
-    fs::create_dir_all(home).map_err(|e| err(format!("cannot create home {}: {e}", home.display())))?;
+    fs::create_dir_all(home)
+        .map_err(|e| err(format!("cannot create home {}: {e}", home.display())))?;
     let home = fs::canonicalize(home)
         .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
     let disks = state_dir.join("disks");
@@ -112,7 +121,12 @@ pub fn ensure_user_volume(
             tracing::warn!(user = %user, "disk cap lowered; keeping the larger existing image (shrinking needs the filesystem offline)");
         }
         let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(cap_bytes);
-        return Ok(DiskCap { enforced: true, cap_bytes: size, image: Some(image), reason: None });
+        return Ok(DiskCap {
+            enforced: true,
+            cap_bytes: size,
+            image: Some(image),
+            reason: None,
+        });
     }
 
     if !image.exists() {
@@ -130,7 +144,12 @@ pub fn ensure_user_volume(
         .arg(&home))?;
     let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(cap_bytes);
     tracing::info!(user = %user, cap_bytes = size, "user home mounted on its capped volume");
-    Ok(DiskCap { enforced: true, cap_bytes: size, image: Some(image), reason: None })
+    Ok(DiskCap {
+        enforced: true,
+        cap_bytes: size,
+        image: Some(image),
+        reason: None,
+    })
 }
 
 /// Unmounts the user's capped volume (for deleting a user or tests). The image stays.
@@ -157,7 +176,8 @@ fn create_image(image: &Path, cap_bytes: u64) -> Result<(), SandboxError> {
         .open(image)
         .map_err(|e| err(format!("cannot create {}: {e}", image.display())))?;
     // Sparse: only blocks actually written use host space.
-    file.set_len(cap_bytes).map_err(|e| err(format!("cannot size {}: {e}", image.display())))?;
+    file.set_len(cap_bytes)
+        .map_err(|e| err(format!("cannot size {}: {e}", image.display())))?;
     drop(file);
     set_mode(image, 0o600)?;
     let owner = format!("root_owner={SANDBOX_UID}:{SANDBOX_UID}");
@@ -173,7 +193,12 @@ fn create_image(image: &Path, cap_bytes: u64) -> Result<(), SandboxError> {
 }
 
 /// Copies the current home into the fresh image, then clears the underlying directory.
-fn migrate_into(image: &Path, home: &Path, disks: &Path, user: &UserId) -> Result<(), SandboxError> {
+fn migrate_into(
+    image: &Path,
+    home: &Path,
+    disks: &Path,
+    user: &UserId,
+) -> Result<(), SandboxError> {
     let has_content = fs::read_dir(home)
         .map_err(|e| err(format!("cannot read {}: {e}", home.display())))?
         .next()
@@ -204,11 +229,17 @@ fn migrate_into(image: &Path, home: &Path, disks: &Path, user: &UserId) -> Resul
         return Err(e);
     }
     unmounted?;
-    for entry in fs::read_dir(home).map_err(|e| err(format!("cannot read {}: {e}", home.display())))? {
+    for entry in
+        fs::read_dir(home).map_err(|e| err(format!("cannot read {}: {e}", home.display())))?
+    {
         let entry = entry.map_err(|e| err(format!("cannot read {}: {e}", home.display())))?;
         let path = entry.path();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        let removed = if is_dir { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        let removed = if is_dir {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
         removed.map_err(|e| err(format!("cannot clear migrated {}: {e}", path.display())))?;
     }
     Ok(())
@@ -219,21 +250,31 @@ fn grow_offline(image: &Path, cap_bytes: u64) -> Result<(), SandboxError> {
         .write(true)
         .open(image)
         .map_err(|e| err(format!("cannot open {}: {e}", image.display())))?;
-    file.set_len(cap_bytes).map_err(|e| err(format!("cannot grow {}: {e}", image.display())))?;
+    file.set_len(cap_bytes)
+        .map_err(|e| err(format!("cannot grow {}: {e}", image.display())))?;
     drop(file);
     run(Command::new("e2fsck").args(["-f", "-p"]).arg(image))?;
     run(Command::new("resize2fs").arg(image))
 }
 
-fn grow_mounted(image: &Path, loopdev: &str, home: &Path, cap_bytes: u64) -> Result<(), SandboxError> {
+fn grow_mounted(
+    image: &Path,
+    loopdev: &str,
+    home: &Path,
+    cap_bytes: u64,
+) -> Result<(), SandboxError> {
     if !loopdev.starts_with("/dev/loop") {
-        return Err(err(format!("{} is not mounted from a loop device", home.display())));
+        return Err(err(format!(
+            "{} is not mounted from a loop device",
+            home.display()
+        )));
     }
     let file = fs::OpenOptions::new()
         .write(true)
         .open(image)
         .map_err(|e| err(format!("cannot open {}: {e}", image.display())))?;
-    file.set_len(cap_bytes).map_err(|e| err(format!("cannot grow {}: {e}", image.display())))?;
+    file.set_len(cap_bytes)
+        .map_err(|e| err(format!("cannot grow {}: {e}", image.display())))?;
     drop(file);
     run(Command::new("losetup").arg("-c").arg(loopdev))?;
     run(Command::new("resize2fs").arg(loopdev))
@@ -293,7 +334,11 @@ fn run(cmd: &mut Command) -> Result<(), SandboxError> {
         Ok(())
     } else {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        Err(err(format!("{program} failed ({}): {}", out.status, stderr.trim())))
+        Err(err(format!(
+            "{program} failed ({}): {}",
+            out.status,
+            stderr.trim()
+        )))
     }
 }
 
@@ -305,7 +350,10 @@ mod tests {
     fn finds_top_ext4_mount() {
         let info = "36 35 98:0 / /mnt/home\\040x rw - ext4 /dev/loop3 rw\n\
                     40 35 98:0 / /other rw shared:1 - ext4 /dev/sda1 rw\n";
-        assert_eq!(find_mount(info, Path::new("/mnt/home x")), Some("/dev/loop3".into()));
+        assert_eq!(
+            find_mount(info, Path::new("/mnt/home x")),
+            Some("/dev/loop3".into())
+        );
         assert_eq!(find_mount(info, Path::new("/mnt/home")), None);
         let stacked = "1 0 1:1 / /h rw - ext4 /dev/loop1 rw\n2 1 1:2 / /h rw - tmpfs tmpfs rw\n";
         assert_eq!(find_mount(stacked, Path::new("/h")), None);

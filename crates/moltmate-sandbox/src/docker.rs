@@ -8,8 +8,10 @@
 //! those yields another name, so a container is only ever reused under exactly the set-up it was
 //! made with; the stale sibling (same user, scope and session labels) is removed when the new one
 //! is created. Labels: `moltmate.managed=true`, `moltmate.user`, `moltmate.scope`,
-//! `moltmate.session`, `moltmate.config-digest`, plus `moltmate.limits` (JSON, for `list`) and
-//! `moltmate.disk-cap` (`on`/`off`).
+//! `moltmate.session`, `moltmate.config-digest`, plus `moltmate.instance` (digest of the state
+//! directory: several installations may share one engine and never touch each other's
+//! containers), `moltmate.network`, `moltmate.limits` (JSON, for `list`) and `moltmate.disk-cap`
+//! (`on`/`off`).
 //!
 //! After a gateway restart the first call lists containers by label: running ones made under the
 //! current config digest are adopted (idle time restarts at zero), everything else (other digest,
@@ -22,11 +24,19 @@
 //!   (every uid-1000 process in the container's PID namespace) until none are left, which cannot
 //!   touch the entrypoint or init, so the container survives and no orphan does. Consequence:
 //!   a timeout also ends other commands of the same user running concurrently in that container.
+//! * Every command is wrapped so that, when it returns, the processes it left behind (background
+//!   jobs, fork-bomb remnants) are reaped inside the same exec: nothing outlives its call. The
+//!   same caveat applies to concurrent commands of one user in one container.
 //! * Read-only root filesystem; `/tmp` is a tmpfs of `limits.tmp_bytes` with
 //!   `noexec,nosuid,nodev`.
 //! * `CapDrop: ALL`, `no-new-privileges`; Docker's default seccomp profile stays on.
-//! * `NetworkMode: none` (loopback only). Proxy networking is refused with
-//!   [`SandboxError::Unavailable`] until the egress proxy module provides its socket API.
+//! * `NetworkMode: none` (loopback only), also for [`SandboxNetwork::Proxy`]: then the user's
+//!   egress-proxy socket ([`crate::proxy::EgressProxy::user_socket`]) is bind-mounted at
+//!   [`PROXY_SOCKET_PATH`], the forwarder script read-only at [`FORWARDER_PATH`], the forwarder
+//!   is started (as `nobody`, so the timeout kill spares it) and `HTTP(S)_PROXY` point at it.
+//!   Without an attached proxy ([`DockerSandbox::with_proxy`]) such requests get
+//!   [`SandboxError::Unavailable`]. Proxied containers are not adopted after a restart: the
+//!   restarted proxy binds a new socket inode that the old bind mount would not see.
 //! * `PidsLimit`, `Memory` = `MemorySwap` (no swap beyond memory), `NanoCpus` from the profile's
 //!   [`SandboxLimits`].
 //! * Mounts: only the user's home at `/workspace` (read-only for [`WorkspaceAccess::Ro`]; a
@@ -51,6 +61,10 @@
 //! instead (used by the benchmark and at login).
 
 use crate::disk::{self, DiskCap};
+use crate::proxy::{
+    forwarder_command, EgressProxy, FORWARDER_PATH, FORWARDER_READY_FILE, FORWARDER_SCRIPT,
+    PROXY_SOCKET_PATH, PROXY_URL,
+};
 use crate::settings::{SandboxScope, SandboxSettings};
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
@@ -84,23 +98,30 @@ pub const LABEL_SESSION: &str = "moltmate.session";
 pub const LABEL_CONFIG_DIGEST: &str = "moltmate.config-digest";
 pub const LABEL_LIMITS: &str = "moltmate.limits";
 pub const LABEL_DISK_CAP: &str = "moltmate.disk-cap";
+pub const LABEL_NETWORK: &str = "moltmate.network";
+/// Which installation (state directory) made the container: gateways sharing one engine never
+/// adopt, prune or remove each other's sandboxes.
+pub const LABEL_INSTANCE: &str = "moltmate.instance";
 
 /// The user commands run as (the image's `agent`).
 const EXEC_USER: &str = "1000:1000";
 /// The user of the idle entrypoint: distinct from [`EXEC_USER`] so `kill -9 -1` spares it.
 const IDLE_USER: &str = "65534:65534";
 /// Engine API version spoken: supported by Docker 20.10 and every later engine.
-const API_VERSION: ClientVersion = ClientVersion { major_version: 1, minor_version: 41 };
+const API_VERSION: ClientVersion = ClientVersion {
+    major_version: 1,
+    minor_version: 41,
+};
 /// Per-request timeout for control calls (streams are bounded by the exec timeout instead).
 const CLIENT_TIMEOUT_SECS: u64 = 60;
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 const SANDBOX_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Kills every uid-1000 process in the container except itself, until none is left. Runs
-/// without forking (dash builtins) except the short sleeps, so a fork bomb cannot outrun it for
-/// long; zombies disappear once init reaps them, hence the rounds.
-const KILL_ALL_SCRIPT: &str = r#"r=0
+/// Kills every uid-1000 process in the container except the running shell, until none is left.
+/// Builtins only (dash), except the short sleeps, so a fork bomb cannot outrun it for long;
+/// zombies disappear once init reaps them, hence the rounds. Leaves `left=1` if any survived.
+const REAP_SNIPPET: &str = r#"r=0; left=1
 while [ $r -lt 60 ]; do
   kill -9 -1 2>/dev/null
   left=0
@@ -108,18 +129,38 @@ while [ $r -lt 60 ]; do
     [ "${p#/proc/}" = "$$" ] && continue
     [ -O "$p" ] && left=1 && break
   done
-  [ $left = 0 ] && exit 0
+  [ $left = 0 ] && break
   r=$((r+1))
   sleep 0.05
-done
-exit 1"#;
+done"#;
+
+/// Every command runs as `sh -c WRAPPER sh argv...`: the argv is run unchanged (`"$@"`), then
+/// whatever it left behind (background jobs, fork-bomb remnants) is reaped in the same exec, at
+/// no extra round trip, and the command's own exit status is returned.
+fn wrap(argv: Vec<String>) -> Vec<String> {
+    let mut cmd = vec![
+        "/bin/sh".to_string(),
+        "-c".to_string(),
+        format!("\"$@\"\nrc=$?\n{REAP_SNIPPET}\nexit $rc"),
+        "sh".to_string(),
+    ];
+    cmd.extend(argv);
+    cmd
+}
+
+fn kill_all_script() -> String {
+    format!("{REAP_SNIPPET}\nexit $left")
+}
 
 /// Reads the container's OOM-kill counter (cgroup v1, else v2).
 const OOM_COUNTER_SCRIPT: &str = "cat /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null \
     || cat /sys/fs/cgroup/memory.events 2>/dev/null";
 
 fn backend_err(detail: impl Into<String>) -> SandboxError {
-    SandboxError::Backend { backend: BACKEND, detail: detail.into() }
+    SandboxError::Backend {
+        backend: BACKEND,
+        detail: detail.into(),
+    }
 }
 
 fn docker_err(context: &str, e: BollardError) -> SandboxError {
@@ -128,11 +169,23 @@ fn docker_err(context: &str, e: BollardError) -> SandboxError {
 
 /// Whether the engine said "no such container" / "container not running".
 fn is_gone(e: &BollardError) -> bool {
-    matches!(e, BollardError::DockerResponseServerError { status_code: 404 | 409, .. })
+    matches!(
+        e,
+        BollardError::DockerResponseServerError {
+            status_code: 404 | 409,
+            ..
+        }
+    )
 }
 
 fn is_not_found(e: &BollardError) -> bool {
-    matches!(e, BollardError::DockerResponseServerError { status_code: 404, .. })
+    matches!(
+        e,
+        BollardError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
 }
 
 /// A client for `settings.docker_host`, else `DOCKER_HOST`, else the local socket.
@@ -164,7 +217,10 @@ pub async fn docker_available(settings: &SandboxSettings) -> bool {
     let Ok(docker) = connect_client(settings) else {
         return false;
     };
-    matches!(tokio::time::timeout(PING_TIMEOUT, docker.ping()).await, Ok(Ok(_)))
+    matches!(
+        tokio::time::timeout(PING_TIMEOUT, docker.ping()).await,
+        Ok(Ok(_))
+    )
 }
 
 /// A container this process knows to be running.
@@ -192,6 +248,9 @@ pub struct DockerSandbox {
     live: Mutex<HashMap<String, Live>>,
     create_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     recovered: tokio::sync::OnceCell<()>,
+    proxy: Option<Arc<EgressProxy>>,
+    /// Digest of `state_dir`: the value of [`LABEL_INSTANCE`].
+    instance: String,
 }
 
 impl std::fmt::Debug for DockerSandbox {
@@ -212,7 +271,18 @@ impl DockerSandbox {
             live: Mutex::new(HashMap::new()),
             create_locks: Mutex::new(HashMap::new()),
             recovered: tokio::sync::OnceCell::new(),
+            proxy: None,
+            instance: hex::encode(Sha256::digest(
+                settings.state_dir.to_string_lossy().as_bytes(),
+            ))[..12]
+                .to_string(),
         })
+    }
+
+    /// Enables [`SandboxNetwork::Proxy`] profiles through `proxy`.
+    pub fn with_proxy(mut self, proxy: Arc<EgressProxy>) -> Self {
+        self.proxy = Some(proxy);
+        self
     }
 
     /// The settings this backend runs with.
@@ -226,7 +296,7 @@ impl DockerSandbox {
         let started = Instant::now();
         self.recover().await?;
         if self.settings.scope != SandboxScope::Task {
-            check_network(request)?;
+            self.check_network(request)?;
             let name = self.container_name(request, None);
             self.ensure_container(request, &name).await?;
         }
@@ -260,7 +330,8 @@ impl DockerSandbox {
                     let running = summary.state
                         == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
                     let task = labels.get(LABEL_SCOPE).map(String::as_str) == Some("task");
-                    if digest_ok && running && !task {
+                    let proxied = labels.get(LABEL_NETWORK).map(String::as_str) == Some("proxy");
+                    if digest_ok && running && !task && !proxied {
                         let live = Live {
                             id: summary.id.clone().unwrap_or_else(|| name.clone()),
                             user: labels.get(LABEL_USER).cloned().unwrap_or_default(),
@@ -311,6 +382,7 @@ impl DockerSandbox {
     fn container_name(&self, request: &ExecRequest, nonce: Option<&str>) -> String {
         let mut h = Sha256::new();
         for part in [
+            self.instance.as_str(),
             request.user.as_str(),
             self.scope_label(),
             &self.session_label(request),
@@ -318,7 +390,11 @@ impl DockerSandbox {
             &self.settings.config_digest,
             &self.settings.image,
             &request.home.to_string_lossy(),
-            &request.family.as_deref().map(|f| f.to_string_lossy()).unwrap_or_default(),
+            &request
+                .family
+                .as_deref()
+                .map(|f| f.to_string_lossy())
+                .unwrap_or_default(),
         ] {
             h.update(part.as_bytes());
             h.update([0u8]);
@@ -334,9 +410,14 @@ impl DockerSandbox {
         &self,
         filters: Vec<String>,
     ) -> Result<Vec<(String, bollard::models::ContainerSummary)>, SandboxError> {
+        let mut filters = filters;
+        filters.push(format!("{LABEL_INSTANCE}={}", self.instance));
         let mut map = HashMap::new();
         map.insert("label".to_string(), filters);
-        let options = ListContainersOptionsBuilder::default().all(true).filters(&map).build();
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&map)
+            .build();
         let found = self
             .docker
             .list_containers(Some(options))
@@ -345,7 +426,12 @@ impl DockerSandbox {
         Ok(found
             .into_iter()
             .filter_map(|c| {
-                let name = c.names.as_ref()?.first()?.trim_start_matches('/').to_string();
+                let name = c
+                    .names
+                    .as_ref()?
+                    .first()?
+                    .trim_start_matches('/')
+                    .to_string();
                 name.starts_with(NAME_PREFIX).then_some((name, c))
             })
             .collect())
@@ -353,18 +439,27 @@ impl DockerSandbox {
 
     async fn remove_container(&self, name: &str) -> Result<(), SandboxError> {
         self.lock_live().remove(name);
-        let options = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
         match self.docker.remove_container(name, Some(options)).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             // 409 "removal already in progress" is as good as done.
-            Err(BollardError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
             Err(e) => Err(docker_err("removing sandbox", e)),
         }
     }
 
     /// Returns the id of a running container named `name`, creating it if needed.
-    async fn ensure_container(&self, request: &ExecRequest, name: &str) -> Result<String, SandboxError> {
+    async fn ensure_container(
+        &self,
+        request: &ExecRequest,
+        name: &str,
+    ) -> Result<String, SandboxError> {
         if let Some(live) = self.lock_live().get(name) {
             return Ok(live.id.clone());
         }
@@ -377,7 +472,11 @@ impl DockerSandbox {
             Ok(info) => {
                 let running = info.state.as_ref().and_then(|s| s.running).unwrap_or(false);
                 if running {
-                    let labels = info.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
+                    let labels = info
+                        .config
+                        .as_ref()
+                        .and_then(|c| c.labels.clone())
+                        .unwrap_or_default();
                     let id = info.id.clone().unwrap_or_else(|| name.to_string());
                     self.lock_live().insert(
                         name.to_string(),
@@ -421,12 +520,21 @@ impl DockerSandbox {
     }
 
     /// Prepares the host side of `/workspace`: the home or scratch dir, on its capped volume.
-    async fn prepare_workspace(&self, request: &ExecRequest) -> Result<(PathBuf, DiskCap), SandboxError> {
+    async fn prepare_workspace(
+        &self,
+        request: &ExecRequest,
+    ) -> Result<(PathBuf, DiskCap), SandboxError> {
         let limits = &request.profile.limits;
         let (dir, volume_user) = match request.profile.workspace_access {
-            WorkspaceAccess::Rw | WorkspaceAccess::Ro => (request.home.clone(), request.user.clone()),
+            WorkspaceAccess::Rw | WorkspaceAccess::Ro => {
+                (request.home.clone(), request.user.clone())
+            }
             WorkspaceAccess::None => {
-                let dir = self.settings.state_dir.join("scratch").join(request.user.as_str());
+                let dir = self
+                    .settings
+                    .state_dir
+                    .join("scratch")
+                    .join(request.user.as_str());
                 // The scratch volume needs its own image name; a digest keeps it within the
                 // user-id alphabet and length.
                 let tag = hex::encode(Sha256::digest(request.user.as_str().as_bytes()));
@@ -453,13 +561,21 @@ impl DockerSandbox {
         Ok((dir, cap))
     }
 
-    async fn create_container(&self, request: &ExecRequest, name: &str) -> Result<String, SandboxError> {
+    async fn create_container(
+        &self,
+        request: &ExecRequest,
+        name: &str,
+    ) -> Result<String, SandboxError> {
         let started = Instant::now();
         let (workspace, cap) = self.prepare_workspace(request).await?;
         let limits = &request.profile.limits;
         let access = request.profile.workspace_access;
 
-        let mut mounts = vec![bind(&workspace, "/workspace", access == WorkspaceAccess::Ro)];
+        let mut mounts = vec![bind(
+            &workspace,
+            "/workspace",
+            access == WorkspaceAccess::Ro,
+        )];
         if let Some(family) = &request.family {
             match access {
                 WorkspaceAccess::Rw => mounts.push(bind(family, "/family", false)),
@@ -471,22 +587,48 @@ impl DockerSandbox {
         let mut tmpfs = HashMap::new();
         tmpfs.insert(
             "/tmp".to_string(),
-            format!("rw,noexec,nosuid,nodev,mode=1777,size={}", limits.tmp_bytes.max(1024 * 1024)),
+            format!(
+                "rw,noexec,nosuid,nodev,mode=1777,size={}",
+                limits.tmp_bytes.max(1024 * 1024)
+            ),
         );
 
         let mut labels = HashMap::new();
         labels.insert(LABEL_MANAGED.to_string(), "true".to_string());
+        labels.insert(LABEL_INSTANCE.to_string(), self.instance.clone());
         labels.insert(LABEL_USER.to_string(), request.user.to_string());
         labels.insert(LABEL_SCOPE.to_string(), self.scope_label().to_string());
         labels.insert(LABEL_SESSION.to_string(), self.session_label(request));
-        labels.insert(LABEL_CONFIG_DIGEST.to_string(), self.settings.config_digest.clone());
+        labels.insert(
+            LABEL_CONFIG_DIGEST.to_string(),
+            self.settings.config_digest.clone(),
+        );
         labels.insert(
             LABEL_LIMITS.to_string(),
             serde_json::to_string(limits).map_err(|e| backend_err(format!("limits: {e}")))?,
         );
         labels.insert(
             LABEL_DISK_CAP.to_string(),
-            if cap.enforced { "on".to_string() } else { "off".to_string() },
+            if cap.enforced {
+                "on".to_string()
+            } else {
+                "off".to_string()
+            },
+        );
+
+        let mut env = vec![
+            SANDBOX_PATH.to_string(),
+            "HOME=/workspace".to_string(),
+            "LANG=C.UTF-8".to_string(),
+        ];
+        let proxied = self.proxy_setup(request, &mut mounts, &mut env).await?;
+        labels.insert(
+            LABEL_NETWORK.to_string(),
+            if proxied {
+                "proxy".to_string()
+            } else {
+                "none".to_string()
+            },
         );
 
         let memory = i64::try_from(limits.memory_bytes).unwrap_or(i64::MAX);
@@ -509,11 +651,7 @@ impl DockerSandbox {
             image: Some(self.settings.image.clone()),
             user: Some(IDLE_USER.to_string()),
             hostname: Some("sandbox".to_string()),
-            env: Some(vec![
-                SANDBOX_PATH.to_string(),
-                "HOME=/workspace".to_string(),
-                "LANG=C.UTF-8".to_string(),
-            ]),
+            env: Some(env),
             entrypoint: Some(vec!["sleep".to_string(), "infinity".to_string()]),
             cmd: Some(Vec::new()),
             working_dir: Some("/workspace".to_string()),
@@ -522,18 +660,28 @@ impl DockerSandbox {
             ..Default::default()
         };
         let options = CreateContainerOptionsBuilder::default().name(name).build();
-        let created = self.docker.create_container(Some(options), body).await.map_err(|e| match e {
-            BollardError::DockerResponseServerError { status_code: 404, .. } => {
-                SandboxError::Unavailable(format!(
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| match e {
+                BollardError::DockerResponseServerError {
+                    status_code: 404, ..
+                } => SandboxError::Unavailable(format!(
                     "sandbox image {} is missing (run `moltmate sandbox build`)",
                     self.settings.image
-                ))
-            }
-            e => docker_err("creating sandbox", e),
-        })?;
+                )),
+                e => docker_err("creating sandbox", e),
+            })?;
         if let Err(e) = self.docker.start_container(&created.id, None).await {
             let _ = self.remove_container(name).await;
             return Err(docker_err("starting sandbox", e));
+        }
+        if proxied {
+            if let Err(e) = self.start_forwarder(&created.id).await {
+                let _ = self.remove_container(name).await;
+                return Err(e);
+            }
         }
         tracing::debug!(container = %name, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox created");
         self.lock_live().insert(
@@ -550,6 +698,89 @@ impl DockerSandbox {
         Ok(created.id)
     }
 
+    fn check_network(&self, request: &ExecRequest) -> Result<(), SandboxError> {
+        match (&request.profile.network, &self.proxy) {
+            (SandboxNetwork::None, _) | (SandboxNetwork::Proxy, Some(_)) => Ok(()),
+            (SandboxNetwork::Proxy, None) => Err(SandboxError::Unavailable(
+                "proxy networking not available (no egress proxy attached to the Docker sandbox)"
+                    .to_string(),
+            )),
+        }
+    }
+
+    /// Mounts, environment and label for the egress proxy, when the profile asks for it.
+    async fn proxy_setup(
+        &self,
+        request: &ExecRequest,
+        mounts: &mut Vec<Mount>,
+        env: &mut Vec<String>,
+    ) -> Result<bool, SandboxError> {
+        if request.profile.network != SandboxNetwork::Proxy {
+            return Ok(false);
+        }
+        let proxy = self.proxy.as_ref().ok_or_else(|| {
+            SandboxError::Unavailable("proxy networking not available".to_string())
+        })?;
+        let socket = proxy
+            .user_socket(&request.user)
+            .map_err(|e| backend_err(format!("egress proxy socket: {e}")))?;
+        let script = self.settings.state_dir.join("proxy-forwarder.py");
+        let needs_write =
+            tokio::fs::read_to_string(&script).await.ok().as_deref() != Some(FORWARDER_SCRIPT);
+        if needs_write {
+            let tmp = script.with_extension(format!("py.{:x}", rand::random::<u32>()));
+            tokio::fs::create_dir_all(&self.settings.state_dir)
+                .await
+                .map_err(|e| backend_err(format!("cannot create state dir: {e}")))?;
+            tokio::fs::write(&tmp, FORWARDER_SCRIPT)
+                .await
+                .map_err(|e| backend_err(format!("cannot write the forwarder script: {e}")))?;
+            tokio::fs::rename(&tmp, &script)
+                .await
+                .map_err(|e| backend_err(format!("cannot place the forwarder script: {e}")))?;
+        }
+        mounts.push(bind(&socket, PROXY_SOCKET_PATH, false));
+        mounts.push(bind(&script, FORWARDER_PATH, true));
+        for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            env.push(format!("{var}={PROXY_URL}"));
+        }
+        env.push("NO_PROXY=localhost,127.0.0.1".to_string());
+        Ok(true)
+    }
+
+    /// Starts the forwarder (as `nobody`, detached) and waits until it listens.
+    async fn start_forwarder(&self, id: &str) -> Result<(), SandboxError> {
+        let options = CreateExecOptions {
+            cmd: Some(forwarder_command()),
+            attach_stdout: Some(false),
+            attach_stderr: Some(false),
+            user: Some(IDLE_USER.to_string()),
+            working_dir: Some("/".to_string()),
+            ..Default::default()
+        };
+        let exec = self
+            .docker
+            .create_exec(id, options)
+            .await
+            .map_err(|e| docker_err("starting the proxy forwarder", e))?;
+        let detached = bollard::exec::StartExecOptions {
+            detach: true,
+            ..Default::default()
+        };
+        self.docker
+            .start_exec(&exec.id, Some(detached))
+            .await
+            .map_err(|e| docker_err("starting the proxy forwarder", e))?;
+        let check = format!("test -e {FORWARDER_READY_FILE}");
+        for _ in 0..100 {
+            if let Ok((Some(0), _)) = self.helper(id, &check).await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        Err(backend_err("the proxy forwarder did not start"))
+    }
+
     fn mark(&self, name: &str, busy: bool) {
         if let Some(live) = self.lock_live().get_mut(name) {
             if busy {
@@ -564,17 +795,28 @@ impl DockerSandbox {
     /// Runs a helper command as the sandbox user and returns its stdout (small, bounded).
     async fn helper(&self, id: &str, script: &str) -> Result<(Option<i64>, String), RunError> {
         let options = CreateExecOptions {
-            cmd: Some(vec!["/bin/sh".to_string(), "-c".to_string(), script.to_string()]),
+            cmd: Some(vec![
+                "/bin/sh".to_string(),
+                "-c".to_string(),
+                script.to_string(),
+            ]),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
             user: Some(EXEC_USER.to_string()),
             working_dir: Some("/".to_string()),
             ..Default::default()
         };
-        let exec = self.docker.create_exec(id, options).await.map_err(map_run_err)?;
+        let exec = self
+            .docker
+            .create_exec(id, options)
+            .await
+            .map_err(map_run_err)?;
         let mut out = Vec::new();
-        if let StartExecResults::Attached { mut output, .. } =
-            self.docker.start_exec(&exec.id, None).await.map_err(map_run_err)?
+        if let StartExecResults::Attached { mut output, .. } = self
+            .docker
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(map_run_err)?
         {
             let read = async {
                 while let Some(Ok(chunk)) = output.next().await {
@@ -585,24 +827,52 @@ impl DockerSandbox {
                     }
                 }
             };
-            if tokio::time::timeout(Duration::from_secs(10), read).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .is_err()
+            {
                 return Err(RunError::Failed(backend_err("sandbox helper command hung")));
             }
         }
-        let inspected = self.docker.inspect_exec(&exec.id).await.map_err(map_run_err)?;
-        Ok((inspected.exit_code, String::from_utf8_lossy(&out).into_owned()))
+        let inspected = self
+            .docker
+            .inspect_exec(&exec.id)
+            .await
+            .map_err(map_run_err)?;
+        Ok((
+            inspected.exit_code,
+            String::from_utf8_lossy(&out).into_owned(),
+        ))
+    }
+
+    /// Whether the container exists and runs (a failed inspect counts as "no").
+    async fn container_running(&self, id: &str) -> bool {
+        match self.docker.inspect_container(id, None).await {
+            Ok(info) => info.state.and_then(|s| s.running).unwrap_or(false),
+            Err(_) => false,
+        }
     }
 
     /// The container's OOM-kill counter, if readable.
     async fn oom_kills(&self, id: &str) -> Option<u64> {
         let (_, text) = self.helper(id, OOM_COUNTER_SCRIPT).await.ok()?;
-        text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok())
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
     }
 
-    async fn run_in(&self, name: &str, id: &str, request: &ExecRequest, started: Instant) -> Result<ExecOutput, RunError> {
+    async fn run_in(
+        &self,
+        name: &str,
+        id: &str,
+        request: &ExecRequest,
+        started: Instant,
+    ) -> Result<ExecOutput, RunError> {
         let argv = match &request.command {
             ExecCommand::Argv(argv) => argv.clone(),
-            ExecCommand::Shell(script) => vec!["/bin/sh".to_string(), "-c".to_string(), script.clone()],
+            ExecCommand::Shell(script) => {
+                vec!["/bin/sh".to_string(), "-c".to_string(), script.clone()]
+            }
         };
         if argv.is_empty() || argv[0].is_empty() {
             return Ok(ExecOutput {
@@ -615,22 +885,34 @@ impl DockerSandbox {
             });
         }
         let options = CreateExecOptions {
-            cmd: Some(argv),
+            cmd: Some(wrap(argv)),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
             user: Some(EXEC_USER.to_string()),
             working_dir: Some("/workspace".to_string()),
             ..Default::default()
         };
-        let exec = self.docker.create_exec(id, options).await.map_err(map_run_err)?;
-        let deadline = tokio::time::Instant::from_std(started + request.timeout);
+        let exec = match self.docker.create_exec(id, options).await {
+            Ok(exec) => exec,
+            Err(e) if is_gone(&e) || !self.container_running(id).await => {
+                return Err(RunError::Gone)
+            }
+            Err(e) => return Err(RunError::Failed(docker_err("running command", e))),
+        };
+        // The timeout covers the command itself, not a cold container creation before it.
+        let deadline = tokio::time::Instant::now() + request.timeout;
         let cap = usize::try_from(request.profile.limits.output_bytes).unwrap_or(usize::MAX);
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
         let mut truncated = false;
         let mut timed_out = false;
 
-        match self.docker.start_exec(&exec.id, None).await.map_err(map_run_err)? {
+        match self
+            .docker
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(map_run_err)?
+        {
             StartExecResults::Attached { mut output, .. } => loop {
                 match tokio::time::timeout_at(deadline, output.next()).await {
                     Err(_) => {
@@ -664,15 +946,23 @@ impl DockerSandbox {
 
         let mut exit_code = None;
         if timed_out {
-            match self.helper(id, KILL_ALL_SCRIPT).await {
+            match self.helper(id, &kill_all_script()).await {
                 Ok((Some(0), _)) => {}
-                Ok(_) => tracing::warn!(container = %name, "processes survived the timeout kill; removing the sandbox"),
-                Err(_) => tracing::warn!(container = %name, "timeout kill failed; removing the sandbox"),
+                Ok(_) => {
+                    tracing::warn!(container = %name, "processes survived the timeout kill; removing the sandbox")
+                }
+                Err(_) => {
+                    tracing::warn!(container = %name, "timeout kill failed; removing the sandbox")
+                }
             }
         } else {
             // The stream ends when the process closes its output; the exit code follows shortly.
             for _ in 0..50 {
-                let inspected = self.docker.inspect_exec(&exec.id).await.map_err(map_run_err)?;
+                let inspected = self
+                    .docker
+                    .inspect_exec(&exec.id)
+                    .await
+                    .map_err(map_run_err)?;
                 if inspected.running != Some(true) {
                     exit_code = inspected.exit_code.and_then(|c| i32::try_from(c).ok());
                     break;
@@ -684,6 +974,13 @@ impl DockerSandbox {
         // A SIGKILL'd command (137) may be the memory limit: compare the OOM counter.
         let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
         if exit_code == Some(137) || timed_out {
+            if !self.container_running(id).await {
+                // Removed or stopped under the command (prune, another gateway's recovery):
+                // not retried, the command may have had effects already.
+                return Err(RunError::Failed(backend_err(
+                    "the sandbox was removed while the command ran",
+                )));
+            }
             if let Some(kills) = self.oom_kills(id).await {
                 let before = self
                     .lock_live()
@@ -709,7 +1006,11 @@ impl DockerSandbox {
         })
     }
 
-    async fn exec_task(&self, request: &ExecRequest, started: Instant) -> Result<ExecOutput, SandboxError> {
+    async fn exec_task(
+        &self,
+        request: &ExecRequest,
+        started: Instant,
+    ) -> Result<ExecOutput, SandboxError> {
         let nonce = format!("{:016x}", rand::random::<u64>());
         let name = self.container_name(request, Some(&nonce));
         let result = async {
@@ -736,15 +1037,6 @@ fn map_run_err(e: BollardError) -> RunError {
     }
 }
 
-fn check_network(request: &ExecRequest) -> Result<(), SandboxError> {
-    match request.profile.network {
-        SandboxNetwork::None => Ok(()),
-        SandboxNetwork::Proxy => Err(SandboxError::Unavailable(
-            "proxy networking not available".to_string(),
-        )),
-    }
-}
-
 fn bind(source: &Path, target: &str, read_only: bool) -> Mount {
     Mount {
         target: Some(target.to_string()),
@@ -763,7 +1055,9 @@ fn chown_dir(dir: &Path) -> Result<(), SandboxError> {
 }
 
 fn parse_limits(labels: &HashMap<String, String>) -> Option<SandboxLimits> {
-    labels.get(LABEL_LIMITS).and_then(|l| serde_json::from_str(l).ok())
+    labels
+        .get(LABEL_LIMITS)
+        .and_then(|l| serde_json::from_str(l).ok())
 }
 
 #[async_trait::async_trait]
@@ -774,7 +1068,7 @@ impl Sandbox for DockerSandbox {
 
     async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
         let started = Instant::now();
-        check_network(&request)?;
+        self.check_network(&request)?;
         self.recover().await?;
         if self.settings.scope == SandboxScope::Task {
             return self.exec_task(&request, started).await;
@@ -791,7 +1085,9 @@ impl Sandbox for DockerSandbox {
                     tracing::info!(container = %name, "sandbox disappeared; recreating");
                     self.lock_live().remove(&name);
                 }
-                Err(RunError::Gone) => return Err(backend_err("sandbox disappeared twice in a row")),
+                Err(RunError::Gone) => {
+                    return Err(backend_err("sandbox disappeared twice in a row"))
+                }
                 Err(RunError::Failed(e)) => return Err(e),
             }
         }
@@ -800,7 +1096,10 @@ impl Sandbox for DockerSandbox {
 
     async fn list(&self) -> Result<Vec<SandboxInfo>, SandboxError> {
         let filters = vec![format!("{LABEL_MANAGED}=true")];
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let live = self.lock_live().clone();
         let mut out = Vec::new();
         for (name, summary) in self.list_managed(filters).await? {
@@ -819,11 +1118,19 @@ impl Sandbox for DockerSandbox {
             let idle_seconds = match known {
                 Some(l) if l.busy > 0 => Some(0),
                 Some(l) => Some(l.last_used.elapsed().as_secs()),
-                None => summary.created.map(|c| now.saturating_sub(u64::try_from(c).unwrap_or(0))),
+                None => summary
+                    .created
+                    .map(|c| now.saturating_sub(u64::try_from(c).unwrap_or(0))),
             };
             out.push(SandboxInfo {
-                user: labels.get(LABEL_USER).cloned().or_else(|| known.map(|l| l.user.clone())).unwrap_or_default(),
-                limits: known.and_then(|l| l.limits.clone()).or_else(|| parse_limits(&labels)),
+                user: labels
+                    .get(LABEL_USER)
+                    .cloned()
+                    .or_else(|| known.map(|l| l.user.clone()))
+                    .unwrap_or_default(),
+                limits: known
+                    .and_then(|l| l.limits.clone())
+                    .or_else(|| parse_limits(&labels)),
                 name,
                 backend: BACKEND,
                 state,

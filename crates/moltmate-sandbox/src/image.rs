@@ -38,7 +38,10 @@ pub const EMBEDDED_DOCKERFILE: &str = include_str!("../../../Dockerfile.sandbox"
 const BACKEND: &str = "image";
 
 fn err(detail: impl Into<String>) -> SandboxError {
-    SandboxError::Backend { backend: BACKEND, detail: detail.into() }
+    SandboxError::Backend {
+        backend: BACKEND,
+        detail: detail.into(),
+    }
 }
 
 /// How to build.
@@ -67,7 +70,9 @@ impl Default for ImageBuildOptions {
 pub async fn image_exists(docker: &Docker, image: &str) -> Result<bool, SandboxError> {
     match docker.inspect_image(image).await {
         Ok(_) => Ok(true),
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(false),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(false),
         Err(e) => Err(err(format!("inspecting image {image}: {e}"))),
     }
 }
@@ -79,7 +84,13 @@ pub async fn build_image(
     repo_dockerfile: &Path,
     progress: &dyn Fn(&str),
 ) -> Result<(), SandboxError> {
-    build_image_with(settings, repo_dockerfile, &ImageBuildOptions::default(), progress).await
+    build_image_with(
+        settings,
+        repo_dockerfile,
+        &ImageBuildOptions::default(),
+        progress,
+    )
+    .await
 }
 
 /// Builds the image only when `settings.image` is missing; returns whether it built.
@@ -128,7 +139,8 @@ pub async fn build_image_with(
         .forcerm(true)
         .build();
     progress(&format!("building {}", settings.image));
-    let mut stream = docker.build_image(build, None, Some(bollard::body_full(Bytes::from(context))));
+    let mut stream =
+        docker.build_image(build, None, Some(bollard::body_full(Bytes::from(context))));
     while let Some(item) = stream.next().await {
         let info: BuildInfo = item.map_err(|e| err(format!("building {}: {e}", settings.image)))?;
         if let Some(message) = info.error_detail.and_then(|d| d.message) {
@@ -142,7 +154,10 @@ pub async fn build_image_with(
         }
     }
     if !image_exists(&docker, &settings.image).await? {
-        return Err(err(format!("the build finished but {} does not exist", settings.image)));
+        return Err(err(format!(
+            "the build finished but {} does not exist",
+            settings.image
+        )));
     }
     progress(&format!("built {}", settings.image));
     Ok(())
@@ -172,7 +187,10 @@ async fn build_base(
         .base_image
         .rsplit_once(':')
         .ok_or_else(|| err(format!("base image {:?} needs a tag", options.base_image)))?;
-    let root = std::env::temp_dir().join(format!("moltmate-debootstrap-{:016x}", rand::random::<u64>()));
+    let root = std::env::temp_dir().join(format!(
+        "moltmate-debootstrap-{:016x}",
+        rand::random::<u64>()
+    ));
     let result = async {
         tokio::fs::create_dir_all(&root)
             .await
@@ -188,7 +206,11 @@ async fn build_base(
     result
 }
 
-async fn debootstrap(root: &PathBuf, mirror: &str, progress: &dyn Fn(&str)) -> Result<(), SandboxError> {
+async fn debootstrap(
+    root: &PathBuf,
+    mirror: &str,
+    progress: &dyn Fn(&str),
+) -> Result<(), SandboxError> {
     let mut child = tokio::process::Command::new("debootstrap")
         .args(["--variant=minbase", "bookworm"])
         .arg(root)
@@ -198,10 +220,18 @@ async fn debootstrap(root: &PathBuf, mirror: &str, progress: &dyn Fn(&str)) -> R
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| {
-            SandboxError::Unavailable(format!("cannot run debootstrap ({e}); install the debootstrap package"))
+            SandboxError::Unavailable(format!(
+                "cannot run debootstrap ({e}); install the debootstrap package"
+            ))
         })?;
-    let stdout = child.stdout.take().ok_or_else(|| err("debootstrap stdout missing"))?;
-    let mut stderr = child.stderr.take().ok_or_else(|| err("debootstrap stderr missing"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| err("debootstrap stdout missing"))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| err("debootstrap stderr missing"))?;
     let stderr_task = tokio::spawn(async move {
         let mut text = String::new();
         let _ = stderr.read_to_string(&mut text).await;
@@ -211,10 +241,18 @@ async fn debootstrap(root: &PathBuf, mirror: &str, progress: &dyn Fn(&str)) -> R
     while let Ok(Some(line)) = lines.next_line().await {
         progress(&line);
     }
-    let status = child.wait().await.map_err(|e| err(format!("debootstrap: {e}")))?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| err(format!("debootstrap: {e}")))?;
     let stderr_text = stderr_task.await.unwrap_or_default();
     if !status.success() {
-        let tail: String = stderr_text.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+        let tail: String = stderr_text
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" | ");
         return Err(err(format!("debootstrap failed ({status}): {tail}")));
     }
     Ok(())

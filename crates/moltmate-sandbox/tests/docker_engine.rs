@@ -21,7 +21,9 @@ const ROOT: &str = "/tmp/moltmate-docker-tests";
 static SETUP: tokio::sync::Mutex<Option<Result<(), String>>> = tokio::sync::Mutex::const_new(None);
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn settings(scope: SandboxScope, digest: &str) -> SandboxSettings {
+/// Each test has its own state directory, hence its own installation label: a new
+/// `DockerSandbox` removes stale containers of its installation only.
+fn settings(scope: SandboxScope, digest: &str, state: &str) -> SandboxSettings {
     SandboxSettings {
         backend: moltmate_sandbox::BackendChoice::Docker,
         scope,
@@ -29,7 +31,8 @@ fn settings(scope: SandboxScope, digest: &str) -> SandboxSettings {
         docker_host: None,
         prune_idle: Duration::from_secs(3600),
         warm_pool: 0,
-        state_dir: PathBuf::from(ROOT).join("state"),
+        // Short: the egress proxy's unix sockets live below it (sun_path is 108 bytes).
+        state_dir: PathBuf::from(ROOT).join(short(state)),
         allowed_domains: Vec::new(),
         config_digest: digest.to_string(),
     }
@@ -55,24 +58,38 @@ async fn ready() -> Option<()> {
 }
 
 async fn prepare() -> Result<(), String> {
-    let s = settings(SandboxScope::User, "test");
+    let s = settings(SandboxScope::User, "test", "prepare");
     if !docker_available(&s).await {
         return Err("the Docker daemon does not answer".into());
     }
     let docker = moltmate_sandbox::docker::connect_client(&s).map_err(|e| e.to_string())?;
-    let have_base = image::image_exists(&docker, image::BASE_IMAGE).await.map_err(|e| e.to_string())?;
-    if !have_base && image::image_exists(&docker, "moltmate-base:test").await.unwrap_or(false) {
+    let have_base = image::image_exists(&docker, image::BASE_IMAGE)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !have_base
+        && image::image_exists(&docker, "moltmate-base:test")
+            .await
+            .unwrap_or(false)
+    {
         let tag = bollard::query_parameters::TagImageOptionsBuilder::default()
             .repo("moltmate-base")
             .tag("bookworm")
             .build();
-        docker.tag_image("moltmate-base:test", Some(tag)).await.map_err(|e| e.to_string())?;
+        docker
+            .tag_image("moltmate-base:test", Some(tag))
+            .await
+            .map_err(|e| e.to_string())?;
     }
     let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Dockerfile.sandbox");
     image::ensure_image(&s, &dockerfile, &|line| eprintln!("build: {line}"))
         .await
         .map_err(|e| format!("the sandbox image is missing and cannot be built: {e}"))?;
     Ok(())
+}
+
+fn short(name: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(name.as_bytes()))[..8].to_string()
 }
 
 fn user(prefix: &str) -> UserId {
@@ -114,8 +131,22 @@ async fn cleanup(sb: &DockerSandbox, users: &[&UserId]) {
         sb.remove_user(u).await.expect("remove containers");
         let home = PathBuf::from(ROOT).join("homes").join(u.as_str());
         let _ = disk::release_user_volume(&home);
-        let _ = std::fs::remove_file(PathBuf::from(ROOT).join("state/disks").join(format!("{}.img", u.as_str())));
+        let _ = std::fs::remove_file(
+            sb.settings()
+                .state_dir
+                .join("disks")
+                .join(format!("{}.img", u.as_str())),
+        );
         let _ = std::fs::remove_dir_all(&home);
+        let scratch = sb.settings().state_dir.join("scratch").join(u.as_str());
+        if scratch.exists() {
+            let _ = disk::release_user_volume(&scratch);
+            let _ = std::fs::remove_dir_all(&scratch);
+            use sha2::Digest;
+            let tag = hex::encode(sha2::Sha256::digest(u.as_str().as_bytes()));
+            let img = format!("scratch-{}.img", &tag[..16]);
+            let _ = std::fs::remove_file(sb.settings().state_dir.join("disks").join(img));
+        }
     }
 }
 
@@ -125,14 +156,27 @@ async fn docker_identity_filesystem_and_secrets() {
         return;
     }
     std::env::set_var("ANTHROPIC_API_KEY", "sk-ant-fake-secret-for-test");
-    let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test")).unwrap();
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_identity_filesystem_and_secrets",
+    ))
+    .unwrap();
     let u = user("ident");
     std::fs::write(home_of(&u).join("hello.txt"), "from the host\n").unwrap();
     let marker = format!("/tmp/moltmate-host-marker-{}", u.as_str());
     std::fs::write(&marker, "host only").unwrap();
 
     let t = Instant::now();
-    let out = run(&sb, request(&u, "id -u; id -g; pwd; cat hello.txt", Duration::from_secs(30))).await;
+    let out = run(
+        &sb,
+        request(
+            &u,
+            "id -u; id -g; pwd; cat hello.txt",
+            Duration::from_secs(30),
+        ),
+    )
+    .await;
     eprintln!("cold exec (create + run): {:?}", t.elapsed());
     assert_eq!(out.exit_code, Some(0));
     assert_eq!(out.stdout, "1000\n1000\n/workspace\nfrom the host\n");
@@ -145,7 +189,15 @@ async fn docker_identity_filesystem_and_secrets() {
     assert!(warm < Duration::from_secs(2), "warm exec took {warm:?}");
 
     // The host's files are not the container's.
-    let out = run(&sb, request(&u, &format!("cat /etc/shadow; cat {marker}; ls /proc/1/root{marker}; cat /etc/hostname"), Duration::from_secs(30))).await;
+    let out = run(
+        &sb,
+        request(
+            &u,
+            &format!("cat /etc/shadow; cat {marker}; ls /proc/1/root{marker}; cat /etc/hostname"),
+            Duration::from_secs(30),
+        ),
+    )
+    .await;
     assert!(out.stdout.trim_end().ends_with("sandbox"), "{out:?}");
     assert!(!out.stdout.contains("host only"));
     assert!(!out.stdout.contains("root:"));
@@ -162,16 +214,26 @@ async fn docker_identity_filesystem_and_secrets() {
     let out = run(&sb, request(&u, "touch /etc/x 2>&1; printf '#!/bin/sh\\necho ran\\n' > /tmp/s.sh; chmod +x /tmp/s.sh; /tmp/s.sh 2>&1; echo made > /workspace/out.txt", Duration::from_secs(30))).await;
     assert!(out.stdout.contains("Read-only file system"), "{out:?}");
     assert!(!out.stdout.contains("ran"), "{out:?}");
-    assert_eq!(std::fs::read_to_string(home_of(&u).join("out.txt")).unwrap(), "made\n");
+    assert_eq!(
+        std::fs::read_to_string(home_of(&u).join("out.txt")).unwrap(),
+        "made\n"
+    );
     // Argv form, no shell.
     let mut r = request(&u, "", Duration::from_secs(30));
-    r.command = ExecCommand::Argv(vec!["printf".into(), "%s|".into(), "a b".into(), "$HOME".into()]);
+    r.command = ExecCommand::Argv(vec![
+        "printf".into(),
+        "%s|".into(),
+        "a b".into(),
+        "$HOME".into(),
+    ]);
     assert_eq!(run(&sb, r).await.stdout, "a b|$HOME|");
 
     let listed = sb.list().await.unwrap();
     let mine: Vec<_> = listed.iter().filter(|i| i.user == u.as_str()).collect();
     assert_eq!(mine.len(), 1);
-    assert!(mine[0].name.starts_with(&format!("moltmate-sbx-{}-", u.as_str())));
+    assert!(mine[0]
+        .name
+        .starts_with(&format!("moltmate-sbx-{}-", u.as_str())));
     assert!(mine[0].limits.is_some());
     let _ = std::fs::remove_file(&marker);
     cleanup(&sb, &[&u]).await;
@@ -184,7 +246,8 @@ async fn docker_no_network() {
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test")).unwrap();
+    let sb =
+        DockerSandbox::connect(&settings(SandboxScope::User, "test", "docker_no_network")).unwrap();
     let u = user("net");
     let script = format!(
         "import socket\nfor h,p in [('127.0.0.1',{port}),('172.17.0.1',{port}),('169.254.169.254',80),('deb.debian.org',80)]:\n  try:\n    socket.create_connection((h,p),3); print('OPEN',h)\n  except Exception as e:\n    print('FAIL',h,type(e).__name__)\n"
@@ -203,36 +266,76 @@ async fn docker_users_are_isolated() {
     if ready().await.is_none() {
         return;
     }
-    let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test")).unwrap();
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_users_are_isolated",
+    ))
+    .unwrap();
     let a = user("isoa");
     let b = user("isob");
-    run(&sb, request(&a, "echo a-secret > /workspace/secret.txt; echo $$ > /tmp/pid", Duration::from_secs(30))).await;
-    let out = run(&sb, request(&b, "cat /workspace/secret.txt 2>&1; cat /tmp/pid 2>&1; ls /workspace; ps -eo comm=", Duration::from_secs(30))).await;
+    run(
+        &sb,
+        request(
+            &a,
+            "echo a-secret > /workspace/secret.txt; echo $$ > /tmp/pid",
+            Duration::from_secs(30),
+        ),
+    )
+    .await;
+    let out = run(
+        &sb,
+        request(
+            &b,
+            "cat /workspace/secret.txt 2>&1; cat /tmp/pid 2>&1; ls /workspace; ps -eo comm=",
+            Duration::from_secs(30),
+        ),
+    )
+    .await;
     assert!(!out.stdout.contains("a-secret"), "{out:?}");
     assert!(out.stdout.contains("No such file"), "{out:?}");
     let listed = sb.list().await.unwrap();
-    let na: Vec<_> = listed.iter().filter(|i| i.user == a.as_str()).map(|i| i.name.clone()).collect();
-    let nb: Vec<_> = listed.iter().filter(|i| i.user == b.as_str()).map(|i| i.name.clone()).collect();
+    let na: Vec<_> = listed
+        .iter()
+        .filter(|i| i.user == a.as_str())
+        .map(|i| i.name.clone())
+        .collect();
+    let nb: Vec<_> = listed
+        .iter()
+        .filter(|i| i.user == b.as_str())
+        .map(|i| i.name.clone())
+        .collect();
     assert_eq!((na.len(), nb.len()), (1, 1));
     assert_ne!(na[0], nb[0]);
     cleanup(&sb, &[&a, &b]).await;
 }
 
 /// While `a` runs `bomb`, `b`'s `echo hi` must finish within 2 s.
-async fn neighbour_stays_responsive(sb: &DockerSandbox, a: &UserId, b: &UserId, bomb: ExecRequest) -> ExecOutput {
+async fn neighbour_stays_responsive(
+    sb: &DockerSandbox,
+    a: &UserId,
+    b: &UserId,
+    bomb: ExecRequest,
+) -> ExecOutput {
     run(sb, request(b, "true", Duration::from_secs(30))).await;
     run(sb, request(a, "true", Duration::from_secs(30))).await;
     let bomb_task = sb.exec(bomb);
     let probe = async {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let t = Instant::now();
-        let out = sb.exec(request(b, "echo hi", Duration::from_secs(10))).await.unwrap();
+        let out = sb
+            .exec(request(b, "echo hi", Duration::from_secs(10)))
+            .await
+            .unwrap();
         (out, t.elapsed())
     };
     let (bomb_out, (probe_out, took)) = tokio::join!(bomb_task, probe);
     eprintln!("neighbour echo took {took:?}");
     assert_eq!(probe_out.stdout, "hi\n");
-    assert!(took < Duration::from_secs(2), "neighbour echo took {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "neighbour echo took {took:?}"
+    );
     bomb_out.expect("bomb exec")
 }
 
@@ -241,17 +344,34 @@ async fn docker_fork_bomb_is_contained() {
     if ready().await.is_none() {
         return;
     }
-    let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test")).unwrap();
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_fork_bomb_is_contained",
+    ))
+    .unwrap();
     let a = user("fork");
     let b = user("forkb");
-    let bomb = with_limits(request(&a, "b(){ b|b& }; b", Duration::from_secs(5)), |l| l.pids = 64);
+    let bomb = with_limits(request(&a, "b(){ b|b& }; b", Duration::from_secs(5)), |l| {
+        l.pids = 64
+    });
     let out = neighbour_stays_responsive(&sb, &a, &b, bomb).await;
     eprintln!("fork bomb: {out:?}");
     // The sandbox is usable again and nothing of the bomb survives.
     let mut r = with_limits(request(&a, "", Duration::from_secs(30)), |l| l.pids = 64);
-    r.command = ExecCommand::Argv(vec!["ps".into(), "-u".into(), "1000".into(), "-o".into(), "comm=".into()]);
+    r.command = ExecCommand::Argv(vec![
+        "ps".into(),
+        "-u".into(),
+        "1000".into(),
+        "-o".into(),
+        "comm=".into(),
+    ]);
     let out = run(&sb, r).await;
-    assert_eq!(out.stdout.trim(), "ps", "{out:?}");
+    assert_eq!(
+        out.stdout.trim(),
+        "sh\nps",
+        "only the command wrapper and ps may run: {out:?}"
+    );
     cleanup(&sb, &[&a, &b]).await;
 }
 
@@ -260,16 +380,25 @@ async fn docker_memory_bomb_is_oom_killed() {
     if ready().await.is_none() {
         return;
     }
-    let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test")).unwrap();
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_memory_bomb_is_oom_killed",
+    ))
+    .unwrap();
     let a = user("mem");
     let b = user("memb");
-    let mut bomb = with_limits(request(&a, "", Duration::from_secs(30)), |l| l.memory_bytes = 128 << 20);
+    let mut bomb = with_limits(request(&a, "", Duration::from_secs(30)), |l| {
+        l.memory_bytes = 128 << 20
+    });
     bomb.command = ExecCommand::Argv(vec![
         "python3".into(),
         "-c".into(),
         "import time\na=[]\nwhile True:\n  a.append(bytearray(8<<20)); time.sleep(0.01)".into(),
     ]);
-    let first = with_limits(request(&a, "true", Duration::from_secs(30)), |l| l.memory_bytes = 128 << 20);
+    let first = with_limits(request(&a, "true", Duration::from_secs(30)), |l| {
+        l.memory_bytes = 128 << 20
+    });
     run(&sb, first).await;
     let out = neighbour_stays_responsive(&sb, &a, &b, bomb).await;
     assert!(!out.timed_out, "{out:?}");
@@ -287,10 +416,19 @@ async fn docker_disk_cap_gives_enospc() {
         println!("SKIP: disk caps need root");
         return;
     }
-    let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test")).unwrap();
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_disk_cap_gives_enospc",
+    ))
+    .unwrap();
     let u = user("disk");
     let r = with_limits(
-        request(&u, "dd if=/dev/zero of=/workspace/big bs=1M count=100 2>&1; df -k /workspace | tail -1", Duration::from_secs(60)),
+        request(
+            &u,
+            "dd if=/dev/zero of=/workspace/big bs=1M count=100 2>&1; df -k /workspace | tail -1",
+            Duration::from_secs(60),
+        ),
         |l| l.disk_bytes = 32 << 20,
     );
     let out = run(&sb, r).await;
@@ -298,7 +436,9 @@ async fn docker_disk_cap_gives_enospc() {
     let size = std::fs::metadata(home_of(&u).join("big")).unwrap().len();
     assert!(size <= 32 << 20, "wrote {size} bytes");
     let listed = sb.list().await.unwrap();
-    assert!(listed.iter().any(|i| i.user == u.as_str() && !i.state.contains("no disk cap")));
+    assert!(listed
+        .iter()
+        .any(|i| i.user == u.as_str() && !i.state.contains("no disk cap")));
     cleanup(&sb, &[&u]).await;
 }
 
@@ -307,18 +447,29 @@ async fn docker_cpu_is_limited_and_spin_times_out() {
     if ready().await.is_none() {
         return;
     }
-    let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test")).unwrap();
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_cpu_is_limited_and_spin_times_out",
+    ))
+    .unwrap();
     let u = user("cpu");
-    let mut r = with_limits(request(&u, "", Duration::from_secs(30)), |l| l.cpu_millis = 250);
+    let mut r = with_limits(request(&u, "", Duration::from_secs(30)), |l| {
+        l.cpu_millis = 250
+    });
     r.command = ExecCommand::Argv(vec![
         "python3".into(),
         "-c".into(),
-        "import time\nt=time.time()\nwhile time.time()-t<2: pass\nprint(time.process_time())".into(),
+        "import time\nt=time.time()\nwhile time.time()-t<2: pass\nprint(time.process_time())"
+            .into(),
     ]);
     let out = run(&sb, r).await;
     let cpu: f64 = out.stdout.trim().parse().unwrap();
     assert!(cpu < 1.2, "used {cpu} s of CPU in 2 s at a 0.25 CPU quota");
-    let spin = with_limits(request(&u, "while :; do :; done", Duration::from_secs(2)), |l| l.cpu_millis = 250);
+    let spin = with_limits(
+        request(&u, "while :; do :; done", Duration::from_secs(2)),
+        |l| l.cpu_millis = 250,
+    );
     let out = run(&sb, spin).await;
     assert!(out.timed_out);
     assert_eq!(out.exit_code, None);
@@ -331,9 +482,18 @@ async fn docker_huge_output_is_truncated() {
     if ready().await.is_none() {
         return;
     }
-    let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test")).unwrap();
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_huge_output_is_truncated",
+    ))
+    .unwrap();
     let u = user("out");
-    let r = request(&u, "head -c 200000000 /dev/zero | tr '\\0' a; echo end >&2", Duration::from_secs(120));
+    let r = request(
+        &u,
+        "head -c 200000000 /dev/zero | tr '\\0' a; echo end >&2",
+        Duration::from_secs(120),
+    );
     let out = sb.exec(r).await.unwrap();
     eprintln!("200 MB in {:?}", out.duration);
     assert!(out.truncated);
@@ -348,18 +508,41 @@ async fn docker_timeout_leaves_no_orphans() {
     if ready().await.is_none() {
         return;
     }
-    let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test")).unwrap();
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_timeout_leaves_no_orphans",
+    ))
+    .unwrap();
     let u = user("tmo");
     run(&sb, request(&u, "true", Duration::from_secs(30))).await;
     let t = Instant::now();
-    let out = run(&sb, request(&u, "sleep 600 & setsid sleep 601 & sleep 600", Duration::from_secs(2))).await;
+    let out = run(
+        &sb,
+        request(
+            &u,
+            "sleep 600 & setsid sleep 601 & sleep 600",
+            Duration::from_secs(2),
+        ),
+    )
+    .await;
     assert!(out.timed_out);
     assert_eq!(out.exit_code, None);
-    assert!(t.elapsed() < Duration::from_secs(6), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        t.elapsed()
+    );
     let mut r = request(&u, "", Duration::from_secs(30));
-    r.command = ExecCommand::Argv(vec!["ps".into(), "-u".into(), "1000".into(), "-o".into(), "comm=".into()]);
+    r.command = ExecCommand::Argv(vec![
+        "ps".into(),
+        "-u".into(),
+        "1000".into(),
+        "-o".into(),
+        "comm=".into(),
+    ]);
     let out = run(&sb, r).await;
-    assert_eq!(out.stdout.trim(), "ps", "orphans left: {out:?}");
+    assert_eq!(out.stdout.trim(), "sh\nps", "orphans left: {out:?}");
     cleanup(&sb, &[&u]).await;
 }
 
@@ -369,34 +552,96 @@ async fn docker_digest_change_restart_and_prune() {
         return;
     }
     let u = user("life");
-    let first = DockerSandbox::connect(&settings(SandboxScope::User, "digest-a")).unwrap();
-    run(&first, request(&u, "echo kept > /tmp/mark", Duration::from_secs(30))).await;
-    let name_a = first.list().await.unwrap().into_iter().find(|i| i.user == u.as_str()).unwrap().name;
+    let first = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "digest-a",
+        "docker_digest_change_restart_and_prune",
+    ))
+    .unwrap();
+    run(
+        &first,
+        request(&u, "echo kept > /tmp/mark", Duration::from_secs(30)),
+    )
+    .await;
+    let name_a = first
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.user == u.as_str())
+        .unwrap()
+        .name;
 
     // Restart with the same config: the container is found again and reused.
-    let again = DockerSandbox::connect(&settings(SandboxScope::User, "digest-a")).unwrap();
-    let out = run(&again, request(&u, "cat /tmp/mark", Duration::from_secs(30))).await;
+    let again = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "digest-a",
+        "docker_digest_change_restart_and_prune",
+    ))
+    .unwrap();
+    let out = run(
+        &again,
+        request(&u, "cat /tmp/mark", Duration::from_secs(30)),
+    )
+    .await;
     assert_eq!(out.stdout, "kept\n");
 
     // Restart under another config digest: the old container goes, a new one is made.
-    let changed = DockerSandbox::connect(&settings(SandboxScope::User, "digest-b")).unwrap();
-    let out = run(&changed, request(&u, "cat /tmp/mark 2>/dev/null || echo fresh", Duration::from_secs(30))).await;
+    let changed = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "digest-b",
+        "docker_digest_change_restart_and_prune",
+    ))
+    .unwrap();
+    let out = run(
+        &changed,
+        request(
+            &u,
+            "cat /tmp/mark 2>/dev/null || echo fresh",
+            Duration::from_secs(30),
+        ),
+    )
+    .await;
     assert_eq!(out.stdout, "fresh\n");
-    let mine: Vec<_> = changed.list().await.unwrap().into_iter().filter(|i| i.user == u.as_str()).collect();
+    let mine: Vec<_> = changed
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.user == u.as_str())
+        .collect();
     assert_eq!(mine.len(), 1);
     assert_ne!(mine[0].name, name_a);
 
     // A profile change recreates too.
-    let r = with_limits(request(&u, "cat /tmp/mark 2>/dev/null || echo fresh", Duration::from_secs(30)), |l| l.pids = 100);
+    let r = with_limits(
+        request(
+            &u,
+            "cat /tmp/mark 2>/dev/null || echo fresh",
+            Duration::from_secs(30),
+        ),
+        |l| l.pids = 100,
+    );
     assert_eq!(run(&changed, r).await.stdout, "fresh\n");
-    let mine: Vec<_> = changed.list().await.unwrap().into_iter().filter(|i| i.user == u.as_str()).collect();
+    let mine: Vec<_> = changed
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.user == u.as_str())
+        .collect();
     assert_eq!(mine.len(), 1);
 
     // Prune removes idle ones.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let removed = changed.prune(Duration::from_secs(1)).await.unwrap();
     assert!(removed.contains(&mine[0].name), "{removed:?}");
-    assert!(!changed.list().await.unwrap().iter().any(|i| i.user == u.as_str()));
+    assert!(!changed
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.user == u.as_str()));
     cleanup(&changed, &[&u]).await;
 }
 
@@ -406,20 +651,40 @@ async fn docker_session_and_task_scopes() {
         return;
     }
     let u = user("scope");
-    let sessions = DockerSandbox::connect(&settings(SandboxScope::Session, "test")).unwrap();
+    let sessions = DockerSandbox::connect(&settings(
+        SandboxScope::Session,
+        "test",
+        "docker_session_and_task_scopes",
+    ))
+    .unwrap();
     run(&sessions, request(&u, "true", Duration::from_secs(30))).await;
     let mut other = request(&u, "true", Duration::from_secs(30));
     other.session_id = "s2".into();
     run(&sessions, other).await;
-    let count = |l: &[moltmate_core::sandbox::SandboxInfo]| l.iter().filter(|i| i.user == u.as_str()).count();
+    let count = |l: &[moltmate_core::sandbox::SandboxInfo]| {
+        l.iter().filter(|i| i.user == u.as_str()).count()
+    };
     assert_eq!(count(&sessions.list().await.unwrap()), 2);
     sessions.end_session(&u, "s1").await.unwrap();
     assert_eq!(count(&sessions.list().await.unwrap()), 1);
     cleanup(&sessions, &[&u]).await;
 
     let v = user("task");
-    let tasks = DockerSandbox::connect(&settings(SandboxScope::Task, "test")).unwrap();
-    let out = run(&tasks, request(&v, "echo once > /tmp/x; cat /tmp/x", Duration::from_secs(30))).await;
+    let tasks = DockerSandbox::connect(&settings(
+        SandboxScope::Task,
+        "test",
+        "docker_session_and_task_scopes",
+    ))
+    .unwrap();
+    let out = run(
+        &tasks,
+        request(
+            &v,
+            "echo once > /tmp/x; cat /tmp/x",
+            Duration::from_secs(30),
+        ),
+    )
+    .await;
     assert_eq!(out.stdout, "once\n");
     assert_eq!(count(&tasks.list().await.unwrap()), 0);
     cleanup(&tasks, &[&v]).await;
@@ -430,19 +695,36 @@ async fn docker_workspace_access_modes() {
     if ready().await.is_none() {
         return;
     }
-    let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test")).unwrap();
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_workspace_access_modes",
+    ))
+    .unwrap();
     let u = user("ro");
     std::fs::write(home_of(&u).join("note.txt"), "ro note\n").unwrap();
     let family = PathBuf::from(ROOT).join("family").join(u.as_str());
     std::fs::create_dir_all(&family).unwrap();
     std::fs::write(family.join("shared.txt"), "family\n").unwrap();
-    let mut r = request(&u, "cat note.txt /family/shared.txt; touch x 2>&1; touch /family/y 2>&1", Duration::from_secs(30));
+    let mut r = request(
+        &u,
+        "cat note.txt /family/shared.txt; touch x 2>&1; touch /family/y 2>&1",
+        Duration::from_secs(30),
+    );
     r.profile.workspace_access = WorkspaceAccess::Ro;
     r.family = Some(family.clone());
     let out = run(&sb, r).await;
     assert!(out.stdout.starts_with("ro note\nfamily\n"), "{out:?}");
-    assert_eq!(out.stdout.matches("Read-only file system").count(), 2, "{out:?}");
-    let mut r = request(&u, "ls -A /workspace; ls /family 2>&1", Duration::from_secs(30));
+    assert_eq!(
+        out.stdout.matches("Read-only file system").count(),
+        2,
+        "{out:?}"
+    );
+    let mut r = request(
+        &u,
+        "ls -A /workspace; ls /family 2>&1",
+        Duration::from_secs(30),
+    );
     r.profile.workspace_access = WorkspaceAccess::None;
     r.family = Some(family.clone());
     let out = run(&sb, r).await;
@@ -454,9 +736,58 @@ async fn docker_workspace_access_modes() {
 
 #[tokio::test]
 async fn docker_availability_probe() {
-    let mut s = settings(SandboxScope::User, "test");
+    let mut s = settings(SandboxScope::User, "test", "docker_availability_probe");
     s.docker_host = Some("unix:///nonexistent/docker.sock".into());
     assert!(!docker_available(&s).await);
     s.docker_host = Some("ftp://nowhere".into());
     assert!(DockerSandbox::connect(&s).is_err());
+}
+
+#[tokio::test]
+async fn docker_proxy_network_goes_through_the_egress_proxy() {
+    use moltmate_sandbox::proxy::{EgressProxy, ProxyConfig};
+    if ready().await.is_none() {
+        return;
+    }
+    let s = settings(
+        SandboxScope::User,
+        "test",
+        "docker_proxy_network_goes_through_the_egress_proxy",
+    );
+    let u = user("proxy");
+
+    // Without a proxy attached, proxy networking is refused clearly.
+    let plain = DockerSandbox::connect(&s).unwrap();
+    let mut r = request(&u, "true", Duration::from_secs(30));
+    r.profile.network = moltmate_core::sandbox::SandboxNetwork::Proxy;
+    let refused = plain.exec(r.clone()).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            moltmate_core::sandbox::SandboxError::Unavailable(_)
+        ),
+        "{refused}"
+    );
+
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let mut config = ProxyConfig::from_settings(&s);
+    config.allowed_domains = vec!["allowed.invalid".into()];
+    config.observer = Some(tx);
+    let proxy = EgressProxy::start_with(config).unwrap();
+    let sb = DockerSandbox::connect(&s)
+        .unwrap()
+        .with_proxy(proxy.clone());
+    let script = "import urllib.request, os\nprint(os.environ.get('HTTP_PROXY'))\ntry:\n  urllib.request.urlopen('http://blocked.invalid/', timeout=10)\n  print('FETCHED')\nexcept urllib.error.HTTPError as e:\n  print('HTTP', e.code)\nexcept Exception as e:\n  print('ERR', type(e).__name__, e)\n";
+    r.command = ExecCommand::Argv(vec!["python3".into(), "-c".into(), script.into()]);
+    let out = run(&sb, r.clone()).await;
+    assert!(out.stdout.starts_with("http://127.0.0.1:3128\n"), "{out:?}");
+    assert!(out.stdout.contains("HTTP 403"), "{out:?}");
+    let event = events.try_recv();
+    assert!(event.is_ok(), "the proxy saw no request");
+    // Still no direct route out.
+    r.command = ExecCommand::Shell("python3 -c \"import socket; socket.create_connection(('169.254.169.254',80),3)\" 2>&1 | tail -1".into());
+    let out = run(&sb, r).await;
+    assert!(out.stdout.contains("Error"), "{out:?}");
+    proxy.shutdown();
+    cleanup(&sb, &[&u]).await;
 }
