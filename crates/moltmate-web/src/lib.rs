@@ -1,0 +1,122 @@
+//! The web layer of Moltmates: everything a browser or an HTTP client talks to.
+//!
+//! * `/v1/models`, `/v1/chat/completions` — an OpenAI-compatible API ([`openai`]), authenticated
+//!   by a per-user bearer token (`moltmate users token <user>`). The token alone decides the
+//!   user; nothing in the request body (not `user`, not `model`) can name another one.
+//! * `/` — the web chat ([`chat`]): sign in with a one-time login link or a pasted token, read
+//!   the current session, send messages and watch the answer stream in.
+//! * `/admin` — the operator's dashboard ([`admin`]): users, usage, pairing requests (approve
+//!   or deny), sandboxes, audit events, health.
+//! * `/healthz`, `/metrics` — liveness JSON and Prometheus text ([`health`]).
+//!
+//! Every request passes the same outer layers ([`security`]): per-IP and per-credential rate
+//! limits, a body size limit, security headers (CSP `default-src 'self'`, no framing, no
+//! sniffing, no referrer) and a per-route request counter. Browser state changes need a
+//! session cookie (HttpOnly, SameSite=Strict), a CSRF token bound to that session and a
+//! same-origin `Origin`/`Sec-Fetch-Site`.
+//!
+//! Secrets (tokens, session cookies, login codes, the operator token) are never logged,
+//! rendered or put in an error message; route metrics use the route template, so a login code
+//! in a path never reaches a label either.
+
+pub mod admin;
+pub mod chat;
+pub mod error;
+pub mod health;
+mod html;
+pub mod openai;
+pub mod security;
+pub mod session;
+pub mod state;
+mod turn;
+
+pub use error::{InvalidSettings, WebError};
+pub use state::{WebSettings, WebState};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use moltmate_core::Shutdown;
+use std::net::SocketAddr;
+
+/// Largest request body accepted anywhere. OpenAI clients resend the whole conversation with
+/// every request, so this is generous; the gateway itself cuts a message at 16,000 characters.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The whole web application, without a network: tests drive it with `tower::ServiceExt`.
+///
+/// Client IPs for rate limiting come from axum's `ConnectInfo<SocketAddr>`, which [`serve`]
+/// provides; when it is missing (in-process tests) all requests share one IP bucket.
+/// `X-Forwarded-For` is deliberately ignored: behind a reverse proxy every client shares the
+/// proxy's bucket, which is safe, while trusting the header would let anyone pick their bucket.
+pub fn app(state: WebState) -> Router {
+    Router::new()
+        .route("/", get(chat::index))
+        .route("/login", post(chat::login_with_token))
+        .route("/login/{code}", get(chat::login_link_page).post(chat::redeem_login_link))
+        .route("/logout", post(chat::logout))
+        .route("/api/history", get(chat::history))
+        .route("/api/chat", post(chat::send))
+        .route("/assets/{name}", get(chat::asset))
+        .route("/admin", get(admin::dashboard))
+        .route("/admin/login", post(admin::login))
+        .route("/admin/logout", post(admin::logout))
+        .route("/admin/pairing", post(admin::decide_pairing))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/healthz", get(health::healthz))
+        .route("/metrics", get(health::metrics))
+        .fallback(security::not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), security::rate_limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), security::count_requests))
+        .layer(axum::middleware::from_fn(security::security_headers))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves [`app`] on `listener` until `shutdown` fires, then stops accepting connections and
+/// waits for in-flight requests; open answer streams end at shutdown, so this returns promptly.
+pub async fn serve(state: WebState, listener: tokio::net::TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+    let router = app(state);
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// The bind rule: the web layer may listen on a non-loopback address only when the gateway
+/// has an auth token configured (`gateway.auth.token`), so a fresh install is never reachable
+/// from the network by accident.
+pub fn check_bind(addr: &SocketAddr, has_auth_token: bool) -> Result<(), String> {
+    if addr.ip().is_loopback() || has_auth_token {
+        Ok(())
+    } else {
+        Err(format!(
+            "refusing to listen on {addr}: it is reachable from other machines and gateway.auth.token is not set. \
+             Set gateway.auth.token, or bind to 127.0.0.1 and put a reverse proxy in front"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_binds_are_always_allowed() {
+        for addr in ["127.0.0.1:8080", "[::1]:8080", "127.0.0.2:1"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert!(check_bind(&addr, false).is_ok(), "{addr}");
+            assert!(check_bind(&addr, true).is_ok(), "{addr}");
+        }
+    }
+
+    #[test]
+    fn public_binds_need_an_auth_token() {
+        for addr in ["0.0.0.0:8080", "[::]:8080", "192.168.1.10:80"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let refused = check_bind(&addr, false).unwrap_err();
+            assert!(refused.contains("gateway.auth.token"), "{refused}");
+            assert!(check_bind(&addr, true).is_ok(), "{addr}");
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! What every handler shares: the gateway, the settings, the rate limiters and the web
+//! layer's own metrics.
+
+use crate::error::InvalidSettings;
+use crate::security::RateLimits;
+use moltmate_core::Shutdown;
+use moltmate_gateway::Gateway;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Configuration of the web layer.
+#[derive(Clone)]
+pub struct WebSettings {
+    /// The operator token (`gateway.auth.token`): signs the operator into `/admin`. An empty
+    /// token signs nobody in.
+    pub admin_token: String,
+    /// Sustained requests per minute per client IP and per credential.
+    pub rate_limit_per_minute: u32,
+    /// Requests allowed at once before the per-minute rate applies.
+    pub rate_limit_burst: u32,
+    /// Mark cookies `Secure` (set when served over HTTPS, directly or behind a proxy).
+    pub secure_cookies: bool,
+    /// How long a login link printed by `moltmate users login-link` stays valid. The CLI
+    /// creates the link; the web layer only redeems it. Kept here so both read one setting.
+    pub login_link_ttl: Duration,
+    /// How long a browser stays signed in.
+    pub session_ttl: Duration,
+}
+
+impl Default for WebSettings {
+    fn default() -> Self {
+        WebSettings {
+            admin_token: String::new(),
+            rate_limit_per_minute: 100,
+            rate_limit_burst: 50,
+            secure_cookies: false,
+            login_link_ttl: Duration::from_secs(15 * 60),
+            session_ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl fmt::Debug for WebSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebSettings")
+            .field("admin_token", &if self.admin_token.is_empty() { "<unset>" } else { "<redacted>" })
+            .field("rate_limit_per_minute", &self.rate_limit_per_minute)
+            .field("rate_limit_burst", &self.rate_limit_burst)
+            .field("secure_cookies", &self.secure_cookies)
+            .field("login_link_ttl", &self.login_link_ttl)
+            .field("session_ttl", &self.session_ttl)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    /// The route template (`/login/{code}`), never the concrete path.
+    pub route: String,
+    pub method: String,
+    pub status: String,
+}
+
+/// The web layer's own metrics, encoded after the gateway's at `/metrics`.
+pub(crate) struct WebMetrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub rate_limited: Counter,
+}
+
+impl WebMetrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("moltmate_web");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let rate_limited = Counter::default();
+        registry.register("http_requests", "HTTP requests by route template, method and status", requests.clone());
+        registry.register("rate_limited", "Requests refused by the rate limiter", rate_limited.clone());
+        WebMetrics { registry, requests, rate_limited }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "could not encode web metrics");
+        }
+        out
+    }
+}
+
+pub(crate) struct Inner {
+    pub gateway: Gateway,
+    pub settings: WebSettings,
+    pub shutdown: Shutdown,
+    pub started: Instant,
+    pub limits: RateLimits,
+    pub metrics: WebMetrics,
+    /// SHA-256 of the operator token, compared in constant time (fixed length, so the
+    /// comparison does not even leak the token's length).
+    pub admin_digest: Option<[u8; 32]>,
+}
+
+/// Shared state of the web layer. Cheap to clone.
+#[derive(Clone)]
+pub struct WebState {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl WebState {
+    /// `shutdown` is the process-wide shutdown: once it fires, new chat requests get 503 and
+    /// open answer streams end.
+    pub fn new(gateway: Gateway, settings: WebSettings, shutdown: Shutdown) -> Result<WebState, InvalidSettings> {
+        let limits = RateLimits::new(settings.rate_limit_per_minute, settings.rate_limit_burst)?;
+        let admin_digest = (!settings.admin_token.is_empty()).then(|| Sha256::digest(settings.admin_token.as_bytes()).into());
+        Ok(WebState {
+            inner: Arc::new(Inner {
+                gateway,
+                settings,
+                shutdown,
+                started: Instant::now(),
+                limits,
+                metrics: WebMetrics::new(),
+                admin_digest,
+            }),
+        })
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.inner.gateway
+    }
+
+    pub fn settings(&self) -> &WebSettings {
+        &self.inner.settings
+    }
+}
+
+impl fmt::Debug for WebState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebState").field("settings", &self.inner.settings).finish_non_exhaustive()
+    }
+}
