@@ -556,15 +556,19 @@ async fn read_head(client: &mut UnixStream) -> Result<Vec<u8>, EgressRefusal> {
             ));
         }
         buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if end > MAX_HEAD_BYTES {
+                break;
+            }
             return Ok(buf);
         }
         if buf.len() > MAX_HEAD_BYTES {
-            return Err(EgressRefusal::Malformed(format!(
-                "request head longer than {MAX_HEAD_BYTES} bytes"
-            )));
+            break;
         }
     }
+    Err(EgressRefusal::Malformed(format!(
+        "request head longer than {MAX_HEAD_BYTES} bytes"
+    )))
 }
 
 /// Hop-by-hop and proxy headers that must not travel upstream.
@@ -705,9 +709,11 @@ fn split_authority_inner(authority: &str) -> Result<(String, Option<u16>), Egres
     let port = match port {
         None => None,
         Some(p) => Some(
-            p.parse::<u16>()
-                .ok()
-                .filter(|&p| p != 0 && p.to_string() == p.to_string())
+            // Digits only: `parse` would also take `+80`.
+            Some(p)
+                .filter(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|&p| p != 0)
                 .ok_or_else(|| EgressRefusal::Malformed(format!("bad port {p:?}")))?,
         ),
     };
