@@ -1,1 +1,20 @@
-//! moltmate-tools (being written).
+//! The tools offered to the model: `read`, `write`, `edit`, `exec` and `web_fetch`, and the
+//! [`ToolRegistry`] that offers and calls them under `tools.allow` / `tools.deny`.
+//!
+//! Every tool trusts nothing in its arguments: file paths are resolved by the kernel beneath the
+//! caller's home or family folder ([`paths`]), commands run only in the caller's sandbox after the
+//! exec policy vetted them, and fetches reach only public addresses, re-checked after DNS and on
+//! every redirect.
+
+mod args;
+mod exec;
+mod files;
+pub mod html;
+mod paths;
+mod registry;
+mod web_fetch;
+
+pub use exec::{ExecTool, NO_SANDBOX_MESSAGE};
+pub use files::{EditTool, ReadTool, WriteTool, EDIT_MAX_BYTES, READ_OUTPUT_CAP, WRITE_MAX_BYTES};
+pub use registry::{RegistryError, ToolRegistry, ToolSelection, BUILTIN_TOOLS};
+pub use web_fetch::{WebFetchError, WebFetchSettings, WebFetchTool, MAX_REDIRECTS};

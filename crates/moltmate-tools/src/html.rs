@@ -1,0 +1,429 @@
+//! HTML to readable text for `web_fetch`.
+//!
+//! Hand-written rather than a crate such as `html2text`: that pulls a full HTML5 parser
+//! (html5ever, markup5ever, string_cache, ...) into a gateway that only needs "what would a
+//! person read on this page", and it is a larger surface to keep patched. This extractor is a
+//! single forward scan that never panics on malformed markup: scripts, styles and other
+//! non-content elements are dropped with their content, comments are dropped, block elements
+//! become line breaks, list items become `- ` lines, headings get `#`, links become
+//! `text (url)` with URLs resolved against the page, and entities are decoded.
+
+use url::Url;
+
+/// Elements whose content is never readable text.
+const SKIPPED: &[&str] = &[
+    "script", "style", "noscript", "template", "svg", "head", "iframe", "object", "canvas",
+];
+
+/// Elements that start a new line.
+const BLOCKS: &[&str] = &[
+    "p",
+    "div",
+    "br",
+    "tr",
+    "section",
+    "article",
+    "header",
+    "footer",
+    "nav",
+    "main",
+    "aside",
+    "ul",
+    "ol",
+    "dl",
+    "dt",
+    "dd",
+    "table",
+    "thead",
+    "tbody",
+    "blockquote",
+    "pre",
+    "hr",
+    "form",
+    "figure",
+    "figcaption",
+    "address",
+    "details",
+    "summary",
+    "body",
+    "html",
+];
+
+/// Converts an HTML document to text. `base` resolves relative links.
+pub fn html_to_text(html: &str, base: Option<&Url>) -> String {
+    let mut out = Writer::default();
+    let title = extract_title(html);
+    if let Some(title) = &title {
+        out.text(title);
+        out.block_break(2);
+    }
+    let mut rest = html;
+    let mut pending_href: Vec<Option<String>> = Vec::new();
+    while let Some(lt) = rest.find('<') {
+        let (text, tail) = rest.split_at(lt);
+        out.text(&decode_entities(text));
+        rest = tail;
+        if let Some(after) = rest.strip_prefix("<!--") {
+            rest = match after.find("-->") {
+                Some(end) => &after[end + 3..],
+                None => "",
+            };
+            continue;
+        }
+        let Some(gt) = find_tag_end(rest) else {
+            // A lone `<` with no closing `>`: literal text.
+            out.text(&decode_entities(rest));
+            rest = "";
+            break;
+        };
+        let tag = &rest[1..gt];
+        rest = &rest[gt + 1..];
+        let (closing, name, attrs) = parse_tag(tag);
+        if name.is_empty() {
+            continue;
+        }
+        if !closing && SKIPPED.contains(&name.as_str()) && !tag.trim_end().ends_with('/') {
+            rest = skip_element(rest, &name);
+            continue;
+        }
+        match name.as_str() {
+            "li" if !closing => {
+                out.block_break(1);
+                out.raw("- ");
+            }
+            "h1" | "h2" | "h3" | "h4" | "h5" | "h6" => {
+                out.block_break(2);
+                if !closing {
+                    let level = name[1..].parse::<usize>().unwrap_or(1);
+                    out.raw(&"#".repeat(level));
+                    out.raw(" ");
+                }
+            }
+            "td" | "th" if !closing => out.text(" | "),
+            "pre" => {
+                out.block_break(1);
+                out.preformatted = !closing;
+            }
+            "a" if !closing => pending_href.push(link_target(attrs, base)),
+            "a" => {
+                if let Some(Some(href)) = pending_href.pop() {
+                    if !out.ends_with_text(&href) {
+                        out.text(&format!(" ({href})"));
+                    }
+                }
+            }
+            "img" if !closing => {
+                if let Some(alt) = attribute(attrs, "alt").filter(|a| !a.trim().is_empty()) {
+                    out.text(&format!("[image: {}]", alt.trim()));
+                }
+            }
+            "p" | "blockquote" | "table" | "ul" | "ol" => out.block_break(2),
+            other if BLOCKS.contains(&other) => out.block_break(1),
+            _ => {}
+        }
+    }
+    out.text(&decode_entities(rest));
+    out.finish()
+}
+
+/// The `>` ending the tag that starts at `s[0] == '<'`, skipping quoted attribute values.
+fn find_tag_end(s: &str) -> Option<usize> {
+    let mut quote: Option<char> = None;
+    for (i, c) in s.char_indices().skip(1) {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '>') => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// (is closing, lowercase name, attribute text).
+fn parse_tag(tag: &str) -> (bool, String, &str) {
+    let (closing, body) = match tag.strip_prefix('/') {
+        Some(body) => (true, body),
+        None => (false, tag),
+    };
+    let end = body
+        .find(|c: char| c.is_whitespace() || c == '/' || c == '>')
+        .unwrap_or(body.len());
+    let name = &body[..end];
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        // `<!DOCTYPE>`, `<?xml>`, or junk: not an element.
+        return (closing, String::new(), "");
+    }
+    (closing, name.to_ascii_lowercase(), &body[end..])
+}
+
+/// Skips past `</name>` (case-insensitive); the rest of the document when it never closes.
+fn skip_element<'a>(rest: &'a str, name: &str) -> &'a str {
+    let needle = format!("</{name}");
+    let lower = rest.to_ascii_lowercase();
+    match lower.find(&needle) {
+        Some(start) => match rest[start..].find('>') {
+            Some(gt) => &rest[start + gt + 1..],
+            None => "",
+        },
+        None => "",
+    }
+}
+
+fn extract_title(html: &str) -> Option<String> {
+    let lower = html.to_ascii_lowercase();
+    let start = lower.find("<title")?;
+    let open_end = start + html[start..].find('>')? + 1;
+    let close = open_end + lower[open_end..].find("</title")?;
+    let title = collapse_whitespace(&decode_entities(&html[open_end..close]));
+    let title = title.trim();
+    (!title.is_empty()).then(|| title.to_string())
+}
+
+/// The value of attribute `name` in `attrs` (`href="x"`, `href='x'` or `href=x`).
+fn attribute(attrs: &str, name: &str) -> Option<String> {
+    let lower = attrs.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(pos) = lower[from..].find(name) {
+        let at = from + pos;
+        from = at + name.len();
+        let boundary_before = at == 0 || lower[..at].ends_with(|c: char| c.is_whitespace());
+        let after = lower[from..].trim_start();
+        if !boundary_before || !after.starts_with('=') {
+            continue;
+        }
+        let value_start = attrs.len() - after.len() + 1;
+        let value = attrs[value_start..].trim_start();
+        let raw = match value.chars().next() {
+            Some(q @ ('"' | '\'')) => value[1..].split(q).next().unwrap_or(""),
+            Some(_) => value
+                .split(|c: char| c.is_whitespace() || c == '>')
+                .next()
+                .unwrap_or(""),
+            None => "",
+        };
+        return Some(decode_entities(raw));
+    }
+    None
+}
+
+fn link_target(attrs: &str, base: Option<&Url>) -> Option<String> {
+    let href = attribute(attrs, "href")?;
+    let href = href.trim();
+    if href.is_empty() || href.starts_with('#') {
+        return None;
+    }
+    let url = match base {
+        Some(base) => base.join(href).ok()?,
+        None => Url::parse(href).ok()?,
+    };
+    matches!(url.scheme(), "http" | "https" | "mailto").then(|| url.to_string())
+}
+
+fn collapse_whitespace(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Decodes the common named entities and numeric references; unknown ones stay as written.
+pub fn decode_entities(s: &str) -> String {
+    if !s.contains('&') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        rest = &rest[amp..];
+        let end = rest
+            .char_indices()
+            .take(12)
+            .find(|&(_, c)| c == ';')
+            .map(|(i, _)| i);
+        let decoded = end.and_then(|end| decode_entity(&rest[1..end]).map(|c| (c, end)));
+        match decoded {
+            Some((c, end)) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn decode_entity(name: &str) -> Option<char> {
+    if let Some(num) = name.strip_prefix('#') {
+        let code = match num.strip_prefix(['x', 'X']) {
+            Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+            None => num.parse::<u32>().ok()?,
+        };
+        return char::from_u32(code).filter(|c| *c != '\0');
+    }
+    Some(match name {
+        "amp" => '&',
+        "lt" => '<',
+        "gt" => '>',
+        "quot" => '"',
+        "apos" | "#39" => '\'',
+        "nbsp" => ' ',
+        "copy" => '©',
+        "reg" => '®',
+        "trade" => '™',
+        "hellip" => '…',
+        "mdash" => '—',
+        "ndash" => '–',
+        "lsquo" => '‘',
+        "rsquo" => '’',
+        "ldquo" => '“',
+        "rdquo" => '”',
+        "laquo" => '«',
+        "raquo" => '»',
+        "euro" => '€',
+        "middot" => '·',
+        "bull" => '•',
+        "auml" => 'ä',
+        "ouml" => 'ö',
+        "uuml" => 'ü',
+        "Auml" => 'Ä',
+        "Ouml" => 'Ö',
+        "Uuml" => 'Ü',
+        "szlig" => 'ß',
+        _ => return None,
+    })
+}
+
+/// Accumulates text, collapsing whitespace outside `<pre>` and limiting blank lines.
+#[derive(Default)]
+struct Writer {
+    out: String,
+    /// Line breaks requested but not yet written (written before the next text).
+    pending_breaks: usize,
+    preformatted: bool,
+}
+
+impl Writer {
+    fn text(&mut self, text: &str) {
+        if self.preformatted {
+            self.flush_breaks();
+            self.out.push_str(text);
+            return;
+        }
+        let starts_with_space = text.starts_with(char::is_whitespace);
+        let ends_with_space = text.ends_with(char::is_whitespace);
+        let words = collapse_whitespace(text);
+        if words.is_empty() {
+            if !text.is_empty()
+                && !self.out.is_empty()
+                && !self.out.ends_with([' ', '\n'])
+                && self.pending_breaks == 0
+            {
+                self.out.push(' ');
+            }
+            return;
+        }
+        self.flush_breaks();
+        if starts_with_space && !self.out.is_empty() && !self.out.ends_with([' ', '\n']) {
+            self.out.push(' ');
+        }
+        self.out.push_str(&words);
+        if ends_with_space {
+            self.out.push(' ');
+        }
+    }
+
+    fn raw(&mut self, text: &str) {
+        self.flush_breaks();
+        self.out.push_str(text);
+    }
+
+    fn block_break(&mut self, lines: usize) {
+        if !self.out.is_empty() {
+            self.pending_breaks = self.pending_breaks.max(lines);
+        }
+    }
+
+    fn flush_breaks(&mut self) {
+        if self.pending_breaks > 0 {
+            while self.out.ends_with(' ') {
+                self.out.pop();
+            }
+            let existing = self.out.chars().rev().take_while(|c| *c == '\n').count();
+            for _ in existing..self.pending_breaks {
+                self.out.push('\n');
+            }
+            self.pending_breaks = 0;
+        }
+    }
+
+    fn ends_with_text(&self, text: &str) -> bool {
+        self.out.trim_end().ends_with(text)
+    }
+
+    fn finish(self) -> String {
+        let mut lines: Vec<&str> = Vec::new();
+        let mut blank = 0;
+        for line in self.out.lines() {
+            let line = line.trim_end();
+            if line.trim().is_empty() {
+                blank += 1;
+                if blank > 1 || lines.is_empty() {
+                    continue;
+                }
+                lines.push("");
+            } else {
+                blank = 0;
+                lines.push(line);
+            }
+        }
+        while lines.last() == Some(&"") {
+            lines.pop();
+        }
+        lines.join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_scripts_styles_and_keeps_links() {
+        let base = Url::parse("https://example.org/dir/page").ok();
+        let html = r#"<!DOCTYPE html><html><head><title>T &amp; more</title><style>p{color:red}</style></head>
+            <body><script>alert("x<p>")</script><h1>Hello</h1><p>Some <b>bold</b> text &lt;ok&gt;.</p>
+            <ul><li>one</li><li><a href="/two">Two</a></li></ul><!-- hidden --><p>end</p></body></html>"#;
+        let text = html_to_text(html, base.as_ref());
+        assert!(text.starts_with("T & more"), "{text}");
+        assert!(text.contains("# Hello"), "{text}");
+        assert!(text.contains("Some bold text <ok>."), "{text}");
+        assert!(text.contains("- one"), "{text}");
+        assert!(text.contains("- Two (https://example.org/two)"), "{text}");
+        assert!(!text.contains("alert"), "{text}");
+        assert!(!text.contains("color"), "{text}");
+        assert!(!text.contains("hidden"), "{text}");
+    }
+
+    #[test]
+    fn malformed_markup_does_not_panic() {
+        for html in [
+            "<",
+            "<a href='x",
+            "<script>never closed",
+            "&#xffffffff; &#0; &bogus; &",
+            "<<>>",
+            "<p>ü</p><",
+            "<a href=\"é\">é</a>",
+        ] {
+            let _ = html_to_text(html, None);
+        }
+        assert_eq!(
+            decode_entities("a &#228; &#xE4; &nope; b"),
+            "a ä ä &nope; b"
+        );
+    }
+}
