@@ -14,9 +14,11 @@ pub(crate) fn parse<T: DeserializeOwned>(tool: &str, arguments: Value) -> Result
     let object = match arguments {
         Value::Object(map) => Value::Object(map),
         Value::Null => Value::Object(serde_json::Map::new()),
-        Value::String(_) => return Err(ToolError::InvalidArguments(format!(
+        Value::String(_) => {
+            return Err(ToolError::InvalidArguments(format!(
             "arguments for `{tool}` must be a JSON object; got a string (was the JSON malformed?)"
-        ))),
+        )))
+        }
         other => {
             return Err(ToolError::InvalidArguments(format!(
                 "arguments for `{tool}` must be a JSON object, got {}",
