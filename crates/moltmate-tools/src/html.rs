@@ -269,7 +269,7 @@ fn decode_entity(name: &str) -> Option<char> {
         "lt" => '<',
         "gt" => '>',
         "quot" => '"',
-        "apos" | "#39" => '\'',
+        "apos" => '\'',
         "nbsp" => ' ',
         "copy" => '©',
         "reg" => '®',

@@ -2,7 +2,7 @@
 //! [`ToolRegistry`] that offers and calls them under `tools.allow` / `tools.deny`.
 //!
 //! Every tool trusts nothing in its arguments: file paths are resolved by the kernel beneath the
-//! caller's home or family folder ([`paths`]), commands run only in the caller's sandbox after the
+//! caller's home or family folder (`openat2` with `RESOLVE_BENEATH`), commands run only in the caller's sandbox after the
 //! exec policy vetted them, and fetches reach only public addresses, re-checked after DNS and on
 //! every redirect.
 
