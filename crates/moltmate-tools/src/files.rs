@@ -109,7 +109,10 @@ fn read_blocking(
     let stat = rustix::fs::fstat(&fd).map_err(|e| paths::open_error(e, &target.shown))?;
     match FileType::from_raw_mode(stat.st_mode) {
         FileType::Directory => list_directory(fd, &target.shown),
-        FileType::RegularFile => read_text(fd, &target.shown, offset, limit),
+        FileType::RegularFile => {
+            refuse_hard_link(&stat, &target.shown)?;
+            read_text(fd, &target.shown, offset, limit)
+        }
         _ => Err(ToolError::Refused(format!(
             "`{}` is not a regular file or directory",
             target.shown
@@ -153,6 +156,20 @@ fn list_directory(fd: OwnedFd, shown: &str) -> Result<ToolOutput, ToolError> {
         ));
     }
     Ok(ToolOutput::text(out))
+}
+
+/// A regular file with several links may share its inode with a file outside the root (a hard
+/// link is not a path, so beneath-resolution cannot see where else it lives). Defence in depth:
+/// homes on their own mount cannot hold such links at all.
+fn refuse_hard_link(stat: &rustix::fs::Stat, shown: &str) -> Result<(), ToolError> {
+    if stat.st_nlink > 1 {
+        Err(ToolError::Refused(format!(
+            "`{shown}` has {} hard links; hard-linked files are not opened because another link may be outside your files. Copy it (cp) and use the copy",
+            stat.st_nlink
+        )))
+    } else {
+        Ok(())
+    }
 }
 
 fn binary_refusal(shown: &str) -> ToolError {
@@ -351,6 +368,7 @@ fn edit_blocking(target: &Target, old_text: &str, new_text: &str) -> Result<Tool
             "`{shown}` is not a regular file"
         )));
     }
+    refuse_hard_link(&stat, shown)?;
     if stat.st_size as u64 > EDIT_MAX_BYTES {
         return Err(ToolError::Refused(format!(
             "`{shown}` is {} bytes; edit handles files up to {} MiB (use exec with sed for larger ones)",

@@ -460,3 +460,76 @@ async fn fifos_are_refused_without_hanging() {
     .unwrap();
     assert!(matches!(r, Err(ToolError::Refused(_))), "{r:?}");
 }
+
+#[tokio::test]
+async fn hard_links_are_not_opened() {
+    let fx = Fixture::new();
+    let ctx = fx.ctx("anna");
+    std::fs::create_dir_all(fx.home("anna")).unwrap();
+    let outside = fx.dir.path().join("outside.txt");
+    std::fs::write(&outside, "outside secret").unwrap();
+    std::fs::hard_link(&outside, fx.home("anna").join("linked.txt")).unwrap();
+    assert!(matches!(
+        read(&ctx, json!({"path": "linked.txt"})).await,
+        Err(ToolError::Refused(_))
+    ));
+    assert!(matches!(
+        EditTool
+            .call(
+                &ctx,
+                json!({"path": "linked.txt", "old_text": "secret", "new_text": "x"})
+            )
+            .await,
+        Err(ToolError::Refused(_))
+    ));
+    // Replacing the name breaks the link; the outside file is untouched.
+    WriteTool
+        .call(&ctx, json!({"path": "linked.txt", "content": "mine"}))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "outside secret");
+    assert_eq!(
+        read(&ctx, json!({"path": "linked.txt"})).await.unwrap(),
+        "mine"
+    );
+}
+
+#[tokio::test]
+async fn write_edge_cases() {
+    let fx = Fixture::new();
+    let ctx = fx.ctx("anna");
+    WriteTool
+        .call(
+            &ctx,
+            json!({"path": "/workspace/a/b/c/d.txt", "content": "deep"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(fx.home("anna").join("a/b/c/d.txt")).unwrap(),
+        "deep"
+    );
+    for path in [".", "/workspace", "a/..", ""] {
+        let r = WriteTool
+            .call(&ctx, json!({"path": path, "content": "x"}))
+            .await;
+        assert!(
+            matches!(r, Err(ToolError::InvalidArguments(_))),
+            "{path}: {r:?}"
+        );
+    }
+    // Replacing a directory with a file fails cleanly and leaves no temp file.
+    let r = WriteTool
+        .call(&ctx, json!({"path": "a/b", "content": "x"}))
+        .await;
+    assert!(matches!(r, Err(ToolError::Failed(_))), "{r:?}");
+    // A file where a parent directory is needed.
+    let r = WriteTool
+        .call(&ctx, json!({"path": "a/b/c/d.txt/e.txt", "content": "x"}))
+        .await;
+    assert!(matches!(r, Err(ToolError::Failed(_))), "{r:?}");
+    assert_eq!(
+        tree(&fx.home("anna")),
+        vec!["a", "a/b", "a/b/c", "a/b/c/d.txt"]
+    );
+}
