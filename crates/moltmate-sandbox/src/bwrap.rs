@@ -14,9 +14,12 @@
 //! A seccomp filter ([`seccomp`]) refuses tracing, mounting, keyrings, BPF, perf, userfaultfd,
 //! new namespaces, module/kexec loading and io_uring.
 //!
-//! **Host identity.** bwrap runs with the gateway's own uid and maps it to 1000 inside, holding
-//! no capabilities outside its namespaces (bwrap drops them all, `no_new_privs` is set). Files
-//! a sandbox writes to its home are therefore owned by the gateway's uid on the host.
+//! **Host identity.** Sandboxes never run as host root. A root gateway's child enters a private
+//! mount namespace, stages the home/family/scratch/proxy-socket paths on a tmpfs at
+//! `/run/moltmate-bwrap` (only that child sees it) and becomes uid/gid 1000 before executing
+//! bwrap ([`stage`]); bwrap then maps 1000 to 1000 inside. A non-root gateway runs bwrap as
+//! itself, mapped to 1000 inside. Either way bwrap drops every capability and sets
+//! `no_new_privs`.
 //!
 //! **Scopes.** There is no long-lived process: state persists only in `/workspace`. `/tmp` is
 //! fresh on every call, so `user`, `session` and `task` differ only in the scratch directory
@@ -30,9 +33,10 @@
 //! (largest file = the disk cap), `RLIMIT_CPU`, `RLIMIT_CORE = 0`, `RLIMIT_NOFILE`, `RLIMIT_AS`
 //! (the memory limit without a memory cgroup; four times it with one, so runtimes that reserve
 //! address space still start), and `RLIMIT_NPROC` only without a pids cgroup (it counts every
-//! process of the host uid, so it would let one user's fork bomb starve the others; it also does
-//! not apply to host root). The per-user disk cap (`disk.rs`) is not applied here yet: only
-//! `RLIMIT_FSIZE` bounds what one file can grow to.
+//! process of host uid 1000, i.e. of all users' sandboxes together, so where a pids cgroup
+//! exists it would only let one user's fork bomb starve the others). The home's total size is capped by the per-user volume of
+//! `disk.rs` (an ext4 image loop-mounted on the home, root gateways only); scratch directories
+//! have no volume, only `RLIMIT_FSIZE` per file.
 //!
 //! **Timeouts and output.** The wall-clock timeout SIGKILLs bwrap's process group and the
 //! cgroup; bwrap's init is pid 1 of the sandbox's pid namespace, so when it dies the kernel kills
@@ -42,6 +46,7 @@
 
 mod cgroup;
 mod seccomp;
+mod stage;
 
 pub use cgroup::CgroupSupport;
 
@@ -107,6 +112,8 @@ pub struct BwrapSandbox {
     cgroups: CgroupSupport,
     proxy: Option<Arc<EgressProxy>>,
     running: Mutex<HashMap<String, Running>>,
+    /// The gateway is root: drop to uid 1000 through a staging mount namespace ([`stage`]).
+    drop_root: bool,
 }
 
 impl std::fmt::Debug for BwrapSandbox {
@@ -152,6 +159,11 @@ impl BwrapSandbox {
             .mode(0o700)
             .create(&scratch)
             .map_err(|e| backend_err(format!("cannot create {}: {e}", scratch.display())))?;
+        let drop_root = stage::running_as_root();
+        if drop_root {
+            stage::ensure_stage_dir()
+                .map_err(|e| backend_err(format!("cannot prepare {}: {e}", stage::STAGE_DIR)))?;
+        }
         let cgroups = CgroupSupport::detect();
         if cgroups == CgroupSupport::None {
             tracing::warn!("no usable cgroups: bubblewrap sandboxes are limited by rlimits only");
@@ -164,6 +176,7 @@ impl BwrapSandbox {
             cgroups,
             proxy,
             running: Mutex::new(HashMap::new()),
+            drop_root,
         })
     }
 
@@ -191,9 +204,20 @@ impl BwrapSandbox {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let keep = [seccomp_fd.as_raw_fd()];
-        // SAFETY: the hook only calls fcntl(2), which is async-signal-safe.
+        let plan = match self.drop_root {
+            true => Some(stage::StagePlan::new().map_err(|e| backend_err(e.to_string()))?),
+            false => None,
+        };
+        // SAFETY: the hook only makes async-signal-safe system calls (fcntl, and for a root
+        // gateway unshare/mount/setres[ug]id) on data prepared before the fork.
         unsafe {
-            cmd.pre_exec(move || clear_cloexec(&keep));
+            cmd.pre_exec(move || {
+                clear_cloexec(&keep)?;
+                match &plan {
+                    Some(plan) => plan.apply_in_child(),
+                    None => Ok(()),
+                }
+            });
         }
         let out = tokio::time::timeout(Duration::from_secs(10), cmd.output())
             .await
@@ -431,17 +455,18 @@ impl Sandbox for BwrapSandbox {
             WorkspaceAccess::Ro => (request.home.clone(), true),
             WorkspaceAccess::None => (scratch.clone(), false),
         };
-        if request.profile.workspace_access == WorkspaceAccess::None {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&scratch)
-                .map_err(|e| {
-                    backend_err(format!(
-                        "cannot create scratch dir {}: {e}",
-                        scratch.display()
-                    ))
-                })?;
+        {
+            let state_dir = self.state_dir.clone();
+            let user = request.user.clone();
+            let access = request.profile.workspace_access;
+            let dir = workspace.clone();
+            let disk_bytes = limits.disk_bytes;
+            let drop_root = self.drop_root;
+            tokio::task::spawn_blocking(move || {
+                prepare_workspace(&state_dir, &user, &dir, access, disk_bytes, drop_root)
+            })
+            .await
+            .map_err(|e| backend_err(format!("workspace set-up task failed: {e}")))??;
         }
         if !workspace.is_dir() {
             return Err(backend_err(format!(
@@ -490,7 +515,20 @@ impl Sandbox for BwrapSandbox {
             "--tmpfs".into(),
             "/tmp".into(),
         ]);
-        let ws = workspace.to_string_lossy().into_owned();
+        // For a root gateway every host path goes through the staging namespace (see [`stage`]).
+        let mut plan = match self.drop_root {
+            true => Some(stage::StagePlan::new().map_err(|e| backend_err(e.to_string()))?),
+            false => None,
+        };
+        let mut source = |path: &Path, name: &str| -> Result<String, SandboxError> {
+            match plan.as_mut() {
+                Some(plan) => plan
+                    .add(path, name)
+                    .map_err(|e| backend_err(format!("cannot stage {}: {e}", path.display()))),
+                None => Ok(path.to_string_lossy().into_owned()),
+            }
+        };
+        let ws = source(&workspace, "workspace")?;
         args.extend([
             if workspace_ro { "--ro-bind" } else { "--bind" }.into(),
             ws,
@@ -500,11 +538,8 @@ impl Sandbox for BwrapSandbox {
             match request.profile.workspace_access {
                 WorkspaceAccess::Rw | WorkspaceAccess::Ro if family.is_dir() => {
                     let flag = if workspace_ro { "--ro-bind" } else { "--bind" };
-                    args.extend([
-                        flag.into(),
-                        family.to_string_lossy().into_owned(),
-                        "/family".into(),
-                    ]);
+                    let staged = source(family, "family")?;
+                    args.extend([flag.into(), staged, "/family".into()]);
                 }
                 _ => {}
             }
@@ -525,6 +560,7 @@ impl Sandbox for BwrapSandbox {
             let socket = proxy
                 .user_socket(&request.user)
                 .map_err(|e| backend_err(e.to_string()))?;
+            let socket = source(&socket, "proxy.sock")?;
             let fd = pipe(FORWARDER_SCRIPT.as_bytes())?;
             keep.push(fd.as_raw_fd());
             args.extend([
@@ -532,11 +568,7 @@ impl Sandbox for BwrapSandbox {
                 fd.as_raw_fd().to_string(),
                 FORWARDER_PATH.into(),
             ]);
-            args.extend([
-                "--bind".into(),
-                socket.to_string_lossy().into_owned(),
-                PROXY_SOCKET_PATH.into(),
-            ]);
+            args.extend(["--bind".into(), socket, PROXY_SOCKET_PATH.into()]);
             fwd_fd = Some(fd);
             for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
                 env.push((var, PROXY_URL.to_string()));
@@ -579,7 +611,12 @@ impl Sandbox for BwrapSandbox {
                 .map_err(|e| backend_err(format!("cannot create the sandbox cgroup: {e}")))?
         };
         let rlimits = Rlimits {
-            fsize: limits.disk_bytes.max(1),
+            // 0 = no disk cap configured.
+            fsize: if limits.disk_bytes == 0 {
+                libc::RLIM_INFINITY
+            } else {
+                limits.disk_bytes
+            },
             cpu_secs: request.timeout.as_secs().saturating_add(5),
             address_space: if self.cgroups.limits_memory() {
                 limits.memory_bytes.saturating_mul(4)
@@ -600,10 +637,18 @@ impl Sandbox for BwrapSandbox {
             .process_group(0)
             .kill_on_drop(true);
         let keep_fds = keep.clone();
-        // SAFETY: child_setup only makes async-signal-safe calls (write, fcntl, setrlimit) on
-        // data prepared before the fork.
+        // SAFETY: child_setup and apply_in_child only make async-signal-safe system calls
+        // (write, fcntl, setrlimit, unshare, mount, mkdir, setres[ug]id) on data prepared
+        // before the fork.
         unsafe {
-            cmd.pre_exec(move || child_setup(&cg_fds, &keep_fds, rlimits));
+            cmd.pre_exec(move || {
+                // Cgroup and rlimits first, while still root; the privilege drop comes last.
+                child_setup(&cg_fds, &keep_fds, rlimits)?;
+                match &plan {
+                    Some(plan) => plan.apply_in_child(),
+                    None => Ok(()),
+                }
+            });
         }
 
         {
@@ -761,6 +806,43 @@ impl Sandbox for BwrapSandbox {
             Err(e) => Err(backend_err(format!("cannot remove {}: {e}", dir.display()))),
         }
     }
+}
+
+/// Creates the directory mounted at /workspace and makes it usable by the sandbox user: the
+/// home gets its disk cap (`disk.rs`: an ext4 image of `disk_bytes`, owned by uid 1000) when
+/// the host allows; otherwise a root gateway hands the directory itself to uid 1000 (as the
+/// Docker backend does). Scratch directories have no image of their own: `RLIMIT_FSIZE` bounds
+/// each file there.
+fn prepare_workspace(
+    state_dir: &Path,
+    user: &UserId,
+    dir: &Path,
+    access: WorkspaceAccess,
+    disk_bytes: u64,
+    drop_root: bool,
+) -> Result<(), SandboxError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| backend_err(format!("cannot create {}: {e}", dir.display())))?;
+    let enforced = match access {
+        WorkspaceAccess::Rw | WorkspaceAccess::Ro => {
+            crate::disk::ensure_user_volume(state_dir, dir, user, disk_bytes)?.enforced
+        }
+        WorkspaceAccess::None => false,
+    };
+    if drop_root && !enforced {
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| backend_err(format!("cannot stat {}: {e}", dir.display())))?;
+        if std::os::unix::fs::MetadataExt::uid(&meta) != stage::HOST_UID {
+            let id = rustix::process::Uid::from_raw(stage::HOST_UID);
+            let gid = rustix::process::Gid::from_raw(stage::HOST_UID);
+            rustix::fs::chown(dir, Some(id), Some(gid))
+                .map_err(|e| backend_err(format!("cannot chown {}: {e}", dir.display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// `(user, dir, idle)` for every scratch directory; idle is measured from the last change.

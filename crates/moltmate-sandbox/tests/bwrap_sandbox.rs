@@ -38,7 +38,14 @@ impl Fixture {
             session_id: "s1".into(),
             command: ExecCommand::Shell(command.into()),
             timeout: Duration::from_secs(20),
-            profile: SandboxProfile::default(),
+            // No disk image (a loop mount per test home); the disk test opts in.
+            profile: SandboxProfile {
+                limits: SandboxLimits {
+                    disk_bytes: 0,
+                    ..SandboxLimits::default()
+                },
+                ..SandboxProfile::default()
+            },
         }
     }
 
@@ -137,6 +144,12 @@ async fn runs_as_uid_1000_in_workspace_with_the_home() {
         std::fs::read_to_string(f.home("anna").join("made.txt")).unwrap(),
         "new\n"
     );
+    // A root gateway drops to host uid 1000: nothing the sandbox makes belongs to root.
+    if rustix::process::geteuid().is_root() {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(f.home("anna").join("made.txt")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
+    }
 
     let mut argv = f.request("anna", "");
     argv.command = ExecCommand::Argv(vec!["cat".into(), "hello.txt".into()]);
@@ -374,27 +387,48 @@ async fn output_flood_is_capped() {
 }
 
 #[tokio::test]
-async fn disk_fill_is_stopped_by_the_file_size_limit() {
+async fn disk_fill_is_stopped() {
     let Some(f) = fixture("disk").await else {
         return;
     };
+    let home = f.home("anna");
+    // One file: RLIMIT_FSIZE stops it at the cap.
     let mut req = f.request("anna", "head -c 50000000 /dev/zero > big; echo rc=$?");
-    req.profile.limits.disk_bytes = 5 * 1024 * 1024;
+    req.profile.limits.disk_bytes = 16 * 1024 * 1024;
     let out = f.sandbox.exec(req).await.unwrap();
-    let size = std::fs::metadata(f.home("anna").join("big"))
+    let size = std::fs::metadata(home.join("big"))
         .map(|m| m.len())
         .unwrap_or(0);
-    assert!(size <= 5 * 1024 * 1024, "wrote {size} bytes: {out:?}");
+    assert!(size <= 16 * 1024 * 1024, "wrote {size} bytes: {out:?}");
+    // Many files: the per-user volume (when this host can loop-mount) stops the total.
+    let mut req = f.request(
+        "anna",
+        "rm -f big; for i in 1 2 3 4 5; do head -c 8000000 /dev/zero > f$i; done; echo done",
+    );
+    req.profile.limits.disk_bytes = 16 * 1024 * 1024;
+    let out = f.sandbox.exec(req).await.unwrap();
+    let total: u64 = std::fs::read_dir(&home)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    if moltmate_sandbox::disk::can_enforce() {
+        assert!(total <= 16 * 1024 * 1024, "wrote {total} bytes: {out:?}");
+    } else {
+        println!("SKIP (volume part): disk caps need root; wrote {total} bytes");
+    }
     // tmpfs /tmp is size-capped too.
     let mut req = f.request(
         "anna",
         "head -c 50000000 /dev/zero > /tmp/big; ls -l /tmp/big | awk '{print $5}'",
     );
     req.profile.limits.tmp_bytes = 2 * 1024 * 1024;
-    req.profile.limits.disk_bytes = 100 * 1024 * 1024;
     let out = f.sandbox.exec(req).await.unwrap();
     let written: u64 = out.stdout.trim().parse().unwrap_or(0);
     assert!(written <= 2 * 1024 * 1024, "{out:?}");
+    moltmate_sandbox::disk::release_user_volume(&home).unwrap();
 }
 
 #[tokio::test]
@@ -487,5 +521,4 @@ async fn list_and_prune_scratch() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let removed = f.sandbox.prune(Duration::from_millis(500)).await.unwrap();
     assert_eq!(removed.len(), 1, "{removed:?}");
-    let _ = SandboxLimits::default();
 }

@@ -2,7 +2,9 @@
 //! to public addresses that the test connector maps to local servers, so the address rules run
 //! unweakened while nothing leaves 127.0.0.1.
 
-use moltmate_core::sandbox::{ExecCommand, ExecRequest, Sandbox, SandboxNetwork, SandboxProfile};
+use moltmate_core::sandbox::{
+    ExecCommand, ExecRequest, Sandbox, SandboxLimits, SandboxNetwork, SandboxProfile,
+};
 use moltmate_core::UserId;
 use moltmate_sandbox::bwrap::BwrapSandbox;
 use moltmate_sandbox::proxy::{
@@ -441,6 +443,11 @@ for url in ["http://api.allowed.test/from-sandbox", "http://metadata.allowed.tes
     std::fs::write(home.join("fetch.py"), script).unwrap();
     let profile = SandboxProfile {
         network: SandboxNetwork::Proxy,
+        // No per-user disk image for this throwaway home.
+        limits: SandboxLimits {
+            disk_bytes: 0,
+            ..SandboxLimits::default()
+        },
         ..SandboxProfile::default()
     };
     let out = sandbox

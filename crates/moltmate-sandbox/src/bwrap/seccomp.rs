@@ -74,11 +74,7 @@ fn denied_syscalls() -> Vec<libc::c_long> {
         libc::SYS_lookup_dcookie,
     ];
     #[cfg(target_arch = "x86_64")]
-    v.extend([
-        libc::SYS_iopl,
-        libc::SYS_ioperm,
-        libc::SYS_uselib,
-    ]);
+    v.extend([libc::SYS_iopl, libc::SYS_ioperm, libc::SYS_uselib]);
     v
 }
 
