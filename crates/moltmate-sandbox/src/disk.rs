@@ -10,7 +10,8 @@
 //!   otherwise be hidden under the mount yet still consume host space). After a host reboot the
 //!   image is simply mounted again.
 //! * **Growth.** When the cap grows, the image file is extended and the mounted filesystem is
-//!   grown online (`losetup -c` + `resize2fs`). A shrinking cap is not applied: shrinking ext4
+//!   grown online (`losetup -c` + `resize2fs`; needs `CAP_SYS_RESOURCE`); when that is refused
+//!   the image is grown offline at its next mount instead. A shrinking cap is not applied: shrinking ext4
 //!   needs the filesystem offline and could lose data; the old, larger size stays in force and
 //!   a warning is logged.
 //! * **Ownership.** The filesystem root is owned by uid/gid 1000 (the sandbox user `agent`), and
@@ -116,7 +117,17 @@ pub fn ensure_user_volume(
     if let Some(source) = mounted_source(&home)? {
         let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
         if cap_bytes > size && size > 0 {
-            grow_mounted(&image, &source, &home, cap_bytes)?;
+            // Online growth needs kernel support (and CAP_SYS_RESOURCE); when refused, the new
+            // size is applied offline at the next mount instead of failing the command.
+            if let Err(e) = grow_mounted(&image, &source, &home, cap_bytes) {
+                tracing::warn!(user = %user, error = %e, "cannot grow the disk cap online; it grows at the next mount");
+                // Give the file back its old length so that the next mount sees the cap as
+                // larger than the image and grows it offline. The filesystem never used the
+                // added tail, so this loses nothing.
+                if let Ok(file) = fs::OpenOptions::new().write(true).open(&image) {
+                    let _ = file.set_len(size);
+                }
+            }
         } else if cap_bytes < size {
             tracing::warn!(user = %user, "disk cap lowered; keeping the larger existing image (shrinking needs the filesystem offline)");
         }

@@ -231,7 +231,9 @@ struct Live {
     limits: Option<SandboxLimits>,
     last_used: Instant,
     busy: u32,
-    oom_kills: u64,
+    /// The container's OOM-kill counter after the last command; `None` until read for a
+    /// container adopted from an earlier run.
+    oom_kills: Option<u64>,
 }
 
 /// Why running a command failed.
@@ -338,7 +340,7 @@ impl DockerSandbox {
                             limits: parse_limits(&labels),
                             last_used: Instant::now(),
                             busy: 0,
-                            oom_kills: 0,
+                            oom_kills: None,
                         };
                         self.lock_live().entry(name).or_insert(live);
                     } else {
@@ -439,6 +441,14 @@ impl DockerSandbox {
 
     async fn remove_container(&self, name: &str) -> Result<(), SandboxError> {
         self.lock_live().remove(name);
+        {
+            let mut locks = self.create_locks.lock().unwrap_or_else(|p| p.into_inner());
+            // Only drop the lock entry when nobody holds or awaits it (map + this = 2 refs
+            // would mean someone else has a clone).
+            if locks.get(name).is_some_and(|l| Arc::strong_count(l) == 1) {
+                locks.remove(name);
+            }
+        }
         let options = RemoveContainerOptionsBuilder::default()
             .force(true)
             .v(true)
@@ -486,7 +496,7 @@ impl DockerSandbox {
                             limits: parse_limits(&labels),
                             last_used: Instant::now(),
                             busy: 0,
-                            oom_kills: 0,
+                            oom_kills: None,
                         },
                     );
                     return Ok(id);
@@ -692,7 +702,7 @@ impl DockerSandbox {
                 limits: Some(limits.clone()),
                 last_used: Instant::now(),
                 busy: 0,
-                oom_kills: 0,
+                oom_kills: Some(0),
             },
         );
         Ok(created.id)
@@ -892,6 +902,16 @@ impl DockerSandbox {
             working_dir: Some("/workspace".to_string()),
             ..Default::default()
         };
+        let baseline_unknown = self
+            .lock_live()
+            .get(name)
+            .is_some_and(|l| l.oom_kills.is_none());
+        if baseline_unknown {
+            let kills = self.oom_kills(id).await;
+            if let Some(live) = self.lock_live().get_mut(name) {
+                live.oom_kills = Some(kills.unwrap_or(0));
+            }
+        }
         let exec = match self.docker.create_exec(id, options).await {
             Ok(exec) => exec,
             Err(e) if is_gone(&e) || !self.container_running(id).await => {
@@ -985,7 +1005,7 @@ impl DockerSandbox {
                 let before = self
                     .lock_live()
                     .get_mut(name)
-                    .map(|l| std::mem::replace(&mut l.oom_kills, kills))
+                    .and_then(|l| l.oom_kills.replace(kills))
                     .unwrap_or(0);
                 if kills > before {
                     exit_code = None;
