@@ -426,4 +426,47 @@ mod tests {
             "a ä ä &nope; b"
         );
     }
+
+    /// Every ordered combination of awkward fragments: the scan must never panic or slice
+    /// inside a multi-byte character.
+    #[test]
+    fn fragment_combinations_do_not_panic() {
+        let fragments = [
+            "<",
+            ">",
+            "</",
+            "<a href=\"",
+            "\"",
+            "'",
+            "&",
+            "&#",
+            ";",
+            "ü",
+            "€",
+            "<script>",
+            "</script",
+            "<!--",
+            "-->",
+            "<title>",
+            "</title>",
+            "<li>",
+            "<h7>",
+            "<pre>",
+            "<img alt='ä'>",
+            "=",
+            " ",
+            "\n",
+            "<a href=x>",
+            "</a>",
+        ];
+        let base = Url::parse("https://example.org/").ok();
+        for a in fragments {
+            for b in fragments {
+                for c in fragments {
+                    let _ = html_to_text(&format!("{a}{b}{c}"), base.as_ref());
+                    let _ = decode_entities(&format!("{a}{b}{c}"));
+                }
+            }
+        }
+    }
 }
