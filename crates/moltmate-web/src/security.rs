@@ -151,22 +151,29 @@ pub async fn not_found() -> WebError {
     WebError::NotFound
 }
 
-/// Refuses cross-site browser requests: `Sec-Fetch-Site: cross-site` or an `Origin` whose
-/// host differs from `Host`. Requests without either header (curl, old browsers) pass; the
-/// CSRF token still protects every signed-in change.
+/// Refuses cross-site browser requests.
+///
+/// `Sec-Fetch-Site` decides when the browser sends it (every current browser does): only
+/// `same-origin` and `none` (typed or bookmarked) pass. Otherwise a present `Origin` must name
+/// the `Host`. `Origin: null` passes: browsers send it for same-origin form posts under
+/// `Referrer-Policy: no-referrer`, so it tells nothing; requests without either header (curl)
+/// pass too. The CSRF token and SameSite=Strict still protect every signed-in change.
 pub fn check_same_origin(headers: &HeaderMap) -> Result<(), WebError> {
-    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        if site.eq_ignore_ascii_case("cross-site") {
-            return Err(WebError::Forbidden("cross-site request refused"));
-        }
+    const REFUSED: WebError = WebError::Forbidden("cross-site request refused");
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.to_str().map_err(|_| REFUSED)?;
+        return if site.eq_ignore_ascii_case("same-origin") || site.eq_ignore_ascii_case("none") { Ok(()) } else { Err(REFUSED) };
     }
     let Some(origin) = headers.get(header::ORIGIN) else { return Ok(()) };
-    let origin = origin.to_str().map_err(|_| WebError::Forbidden("cross-site request refused"))?;
+    let origin = origin.to_str().map_err(|_| REFUSED)?;
+    if origin == "null" {
+        return Ok(());
+    }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
     let origin_host = origin.split_once("://").map(|(_, rest)| rest.trim_end_matches('/'));
     match (origin_host, host) {
         (Some(origin_host), Some(host)) if origin_host.eq_ignore_ascii_case(host) => Ok(()),
-        _ => Err(WebError::Forbidden("cross-site request refused")),
+        _ => Err(REFUSED),
     }
 }
 
@@ -232,10 +239,13 @@ mod tests {
         headers.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
         assert!(check_same_origin(&headers).is_err());
         headers.insert(header::ORIGIN, HeaderValue::from_static("null"));
-        assert!(check_same_origin(&headers).is_err());
-        headers.remove(header::ORIGIN);
-        headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
-        assert!(check_same_origin(&headers).is_err());
+        assert!(check_same_origin(&headers).is_ok(), "same-origin form posts under no-referrer");
+        headers.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
+        assert!(check_same_origin(&headers).is_ok());
+        for refused in ["cross-site", "same-site"] {
+            headers.insert("sec-fetch-site", HeaderValue::from_static(refused));
+            assert!(check_same_origin(&headers).is_err(), "{refused}");
+        }
     }
 
     #[test]
