@@ -167,6 +167,15 @@ async fn docker_identity_filesystem_and_secrets() {
     let marker = format!("/tmp/moltmate-host-marker-{}", u.as_str());
     std::fs::write(&marker, "host only").unwrap();
 
+    // Pre-warming a fresh user (what the benchmark and login use).
+    let w = user("warm");
+    let took = sb
+        .prewarm(&request(&w, "true", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    eprintln!("prewarm (create + start): {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    cleanup(&sb, &[&w]).await;
     let t = Instant::now();
     let out = run(
         &sb,
