@@ -57,8 +57,8 @@ use crate::proxy::{
 use crate::settings::{SandboxScope, SandboxSettings};
 use async_trait::async_trait;
 use moltmate_core::sandbox::{
-    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxInfo, SandboxNetwork,
-    WorkspaceAccess,
+    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxInfo, SandboxLimits,
+    SandboxNetwork, WorkspaceAccess,
 };
 use moltmate_core::UserId;
 use sha2::{Digest, Sha256};
@@ -99,8 +99,9 @@ fn backend_err(detail: impl Into<String>) -> SandboxError {
 #[derive(Debug, Clone)]
 struct Running {
     user: String,
-    started: Instant,
+    /// Concurrent execs under this name.
     count: usize,
+    limits: SandboxLimits,
 }
 
 /// The bubblewrap sandbox backend. Cheap to share behind an `Arc`.
@@ -655,8 +656,8 @@ impl Sandbox for BwrapSandbox {
             let mut map = self.running.lock().unwrap_or_else(|p| p.into_inner());
             let entry = map.entry(name.clone()).or_insert(Running {
                 user: request.user.to_string(),
-                started: Instant::now(),
                 count: 0,
+                limits: limits.clone(),
             });
             entry.count += 1;
         }
@@ -745,11 +746,14 @@ impl Sandbox for BwrapSandbox {
                     name: name.clone(),
                     user: r.user.clone(),
                     backend: BACKEND,
-                    state: "running".into(),
+                    state: if r.count > 1 {
+                        format!("running ({} commands)", r.count)
+                    } else {
+                        "running".into()
+                    },
                     idle_seconds: Some(0),
-                    limits: None,
+                    limits: Some(r.limits.clone()),
                 });
-                let _ = r.started;
             }
         }
         // Scratch directories are the only state kept between calls.

@@ -149,6 +149,9 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HOST_LEN: usize = 253;
+/// Open connections one user may hold through the proxy; bounds what one sandbox can make the
+/// gateway hold open.
+pub const MAX_CONNECTIONS_PER_USER: usize = 64;
 
 /// Errors starting or using the proxy (not refusals of requests: those are [`EgressRefusal`]).
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +194,8 @@ pub enum EgressRefusal {
     Unresolvable(String),
     #[error("cannot connect to {0}")]
     Unreachable(String),
+    #[error("too many open connections (limit {0} per user)")]
+    TooManyConnections(usize),
 }
 
 impl EgressRefusal {
@@ -204,6 +209,7 @@ impl EgressRefusal {
             | EgressRefusal::PortNotAllowed(_)
             | EgressRefusal::ForbiddenAddress { .. } => 403,
             EgressRefusal::Unresolvable(_) | EgressRefusal::Unreachable(_) => 502,
+            EgressRefusal::TooManyConnections(_) => 429,
         }
     }
 }
@@ -386,6 +392,7 @@ impl EgressProxy {
             ports: self.config.allowed_ports.clone(),
             network: self.config.network.clone(),
             observer: self.config.observer.clone(),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS_PER_USER)),
         });
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -395,10 +402,27 @@ impl EgressProxy {
                     a = listener.accept() => a,
                 };
                 match accepted {
-                    Ok((stream, _)) => {
+                    Ok((mut stream, _)) => {
                         let ctx = ctx.clone();
                         let shutdown = shutdown.clone();
+                        let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
+                            let refusal =
+                                EgressRefusal::TooManyConnections(MAX_CONNECTIONS_PER_USER);
+                            ctx.report("?", "?", 0, Err(refusal.clone()));
+                            tokio::spawn(async move {
+                                // Read the request first: closing a socket with unread data
+                                // would reset it before the client sees the answer.
+                                let _ = tokio::time::timeout(
+                                    Duration::from_secs(2),
+                                    read_head(&mut stream),
+                                )
+                                .await;
+                                respond_error(&mut stream, &refusal).await
+                            });
+                            continue;
+                        };
                         tokio::spawn(async move {
+                            let _permit = permit;
                             tokio::select! {
                                 _ = shutdown.cancelled() => {}
                                 _ = handle_connection(stream, &ctx) => {}
@@ -438,6 +462,7 @@ struct ConnContext {
     ports: Vec<u16>,
     network: Arc<dyn EgressNetwork>,
     observer: Option<tokio::sync::mpsc::UnboundedSender<EgressEvent>>,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl ConnContext {
@@ -531,6 +556,7 @@ async fn respond_error(client: &mut UnixStream, refusal: &EgressRefusal) {
     let reason = match refusal.status() {
         400 => "Bad Request",
         403 => "Forbidden",
+        429 => "Too Many Requests",
         _ => "Bad Gateway",
     };
     let resp = format!(

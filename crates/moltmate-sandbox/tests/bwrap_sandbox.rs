@@ -448,6 +448,27 @@ async fn memory_bomb_fails_inside_the_sandbox() {
 }
 
 #[tokio::test]
+async fn memory_cgroup_kills_what_the_address_space_limit_allows() {
+    let Some(f) = fixture("oom").await else {
+        return;
+    };
+    if !f.sandbox.cgroups().limits_memory() {
+        println!("SKIP: no memory cgroup on this host");
+        return;
+    }
+    // 300 MB of touched memory: under RLIMIT_AS (4 x 128 MB), over the 128 MB cgroup limit.
+    let mut req = f.request(
+        "anna",
+        "python3 -c 'a = b\"x\" * (300 * 1024 * 1024); print(\"survived\")'",
+    );
+    req.profile.limits.memory_bytes = 128 * 1024 * 1024;
+    let out = f.sandbox.exec(req).await.unwrap();
+    println!("oom: {out:?}");
+    assert!(!out.stdout.contains("survived"), "{out:?}");
+    assert_ne!(out.exit_code, Some(0), "{out:?}");
+}
+
+#[tokio::test]
 async fn fork_bomb_is_contained_and_cleaned_up() {
     let Some(f) = fixture("fork").await else {
         return;

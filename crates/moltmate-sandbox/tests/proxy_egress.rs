@@ -482,3 +482,24 @@ fn skip(reason: String) {
     }
     println!("SKIP: {reason}");
 }
+
+#[tokio::test]
+async fn open_connections_per_user_are_capped() {
+    let h = harness().await;
+    let socket = h.proxy.user_socket(&UserId::new("anna").unwrap()).unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..moltmate_sandbox::proxy::MAX_CONNECTIONS_PER_USER {
+        idle.push(UnixStream::connect(&socket).await.unwrap());
+    }
+    // Let the proxy accept them all.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let resp = send(&h, "anna", "GET http://api.allowed.test/ HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 429"), "{resp}");
+    // Another user is unaffected.
+    let resp = send(&h, "bob", "GET http://api.allowed.test/ HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let resp = send(&h, "anna", "GET http://api.allowed.test/ HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
