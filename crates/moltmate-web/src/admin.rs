@@ -29,7 +29,11 @@ const LOGIN_TEMPLATE: &str = include_str!("../assets/admin_login.html");
 const AUDIT_ROWS: usize = 50;
 
 fn login_page(status: StatusCode, message: &str) -> Response {
-    (status, Html(render(LOGIN_TEMPLATE, &[("message", message)]))).into_response()
+    (
+        status,
+        Html(render(LOGIN_TEMPLATE, &[("message", message)])),
+    )
+        .into_response()
 }
 
 fn see_other(to: &str) -> Response {
@@ -61,17 +65,27 @@ pub async fn login(
 ) -> Result<Response, PageError> {
     check_same_origin(&headers)?;
     let Ok(Form(form)) = form else {
-        return Ok(login_page(StatusCode::BAD_REQUEST, "Paste the operator token into the field."));
+        return Ok(login_page(
+            StatusCode::BAD_REQUEST,
+            "Paste the operator token into the field.",
+        ));
     };
     if !is_admin_token(&state, form.token.trim()) {
         tracing::warn!("admin sign-in with a wrong token");
-        return Ok(login_page(StatusCode::UNAUTHORIZED, "That is not the operator token."));
+        return Ok(login_page(
+            StatusCode::UNAUTHORIZED,
+            "That is not the operator token.",
+        ));
     }
     if let Some(old) = session::cookie(&headers, ADMIN_COOKIE) {
         state.gateway().store().delete_web_session(old).await?;
     }
     let ttl = state.settings().session_ttl;
-    let (secret, _) = state.gateway().store().create_web_session(None, true, ttl).await?;
+    let (secret, _) = state
+        .gateway()
+        .store()
+        .create_web_session(None, true, ttl)
+        .await?;
     let cookie = session::set_cookie(ADMIN_COOKIE, &secret, ttl, state.settings().secure_cookies)?;
     let mut response = see_other("/admin");
     response.headers_mut().insert(header::SET_COOKIE, cookie);
@@ -89,11 +103,23 @@ pub async fn logout(
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Result<Response, PageError> {
     check_same_origin(&headers)?;
-    let session = admin_session(&state, &headers).await?.ok_or(WebError::Unauthorized)?;
-    crate::security::check_csrf(&session.csrf_token, form.as_ref().ok().map(|Form(f)| f.csrf.as_str()))?;
-    state.gateway().store().delete_web_session(&session.secret).await?;
+    let session = admin_session(&state, &headers)
+        .await?
+        .ok_or(WebError::Unauthorized)?;
+    crate::security::check_csrf(
+        &session.csrf_token,
+        form.as_ref().ok().map(|Form(f)| f.csrf.as_str()),
+    )?;
+    state
+        .gateway()
+        .store()
+        .delete_web_session(&session.secret)
+        .await?;
     let mut response = see_other("/admin");
-    response.headers_mut().insert(header::SET_COOKIE, session::clear_cookie(ADMIN_COOKIE, state.settings().secure_cookies));
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        session::clear_cookie(ADMIN_COOKIE, state.settings().secure_cookies),
+    );
     Ok(response)
 }
 
@@ -111,7 +137,9 @@ pub async fn decide_pairing(
     form: Result<Form<PairingForm>, FormRejection>,
 ) -> Result<Response, PageError> {
     check_same_origin(&headers)?;
-    let session = admin_session(&state, &headers).await?.ok_or(WebError::Unauthorized)?;
+    let session = admin_session(&state, &headers)
+        .await?
+        .ok_or(WebError::Unauthorized)?;
     let form = match form {
         Ok(Form(form)) => form,
         Err(_) => {
@@ -120,22 +148,42 @@ pub async fn decide_pairing(
         }
     };
     crate::security::check_csrf(&session.csrf_token, Some(&form.csrf))?;
-    let channel: ChannelKind = form.channel.parse().map_err(|e: moltmate_core::InvalidId| WebError::BadRequest(e.to_string()))?;
+    let channel: ChannelKind = form
+        .channel
+        .parse()
+        .map_err(|e: moltmate_core::InvalidId| WebError::BadRequest(e.to_string()))?;
     let approve = match form.decision.as_str() {
         "approve" => true,
         "deny" => false,
-        _ => return Err(WebError::BadRequest("decision must be 'approve' or 'deny'".to_string()).into()),
+        _ => {
+            return Err(
+                WebError::BadRequest("decision must be 'approve' or 'deny'".to_string()).into(),
+            )
+        }
     };
-    let decided = state.gateway().store().decide_pairing(channel, &form.code, approve, |identity| UserId::for_identity(identity)).await;
+    let decided = state
+        .gateway()
+        .store()
+        .decide_pairing(channel, &form.code, approve, |identity| {
+            UserId::for_identity(identity)
+        })
+        .await;
     let (request, user) = match decided {
         Ok(decided) => decided,
         Err(StoreError::NotFound(_)) => return Ok(see_other("/admin?done=gone")),
         Err(e) => return Err(WebError::from(e).into()),
     };
-    let audited_user = user.clone().unwrap_or_else(|| UserId::for_identity(&request.identity));
+    let audited_user = user
+        .clone()
+        .unwrap_or_else(|| UserId::for_identity(&request.identity));
     let event = AuditEvent {
         user: audited_user,
-        kind: if approve { "pairing_approved" } else { "pairing_denied" }.to_string(),
+        kind: if approve {
+            "pairing_approved"
+        } else {
+            "pairing_denied"
+        }
+        .to_string(),
         tool: None,
         args_digest: None,
         duration_ms: None,
@@ -146,7 +194,11 @@ pub async fn decide_pairing(
         tracing::error!(error = %e, "could not audit a pairing decision");
     }
     tracing::info!(identity = %request.identity, approve, "pairing decided on the admin dashboard");
-    Ok(see_other(if approve { "/admin?done=approved" } else { "/admin?done=denied" }))
+    Ok(see_other(if approve {
+        "/admin?done=approved"
+    } else {
+        "/admin?done=denied"
+    }))
 }
 
 #[derive(Deserialize)]
@@ -223,7 +275,12 @@ pub async fn dashboard(
              <th>Tokens in</th><th>Tokens out</th><th>Since</th></tr></thead><tbody>",
         );
         for user in &users {
-            let identities = user.identities.iter().map(|i| escape(&i.to_string())).collect::<Vec<_>>().join("<br>");
+            let identities = user
+                .identities
+                .iter()
+                .map(|i| escape(&i.to_string()))
+                .collect::<Vec<_>>()
+                .join("<br>");
             let (input, output) = totals.get(user.id.as_str()).copied().unwrap_or((0, 0));
             let _ = write!(
                 users_html,
@@ -271,9 +328,15 @@ pub async fn dashboard(
         Some(sandbox) => match sandbox.list().await {
             Err(e) => {
                 tracing::warn!(error = %e, "could not list sandboxes");
-                format!("<p class=\"empty\">Could not list sandboxes ({}).</p>", escape(sandbox.backend()))
+                format!(
+                    "<p class=\"empty\">Could not list sandboxes ({}).</p>",
+                    escape(sandbox.backend())
+                )
             }
-            Ok(list) if list.is_empty() => format!("<p class=\"empty\">No sandboxes ({}).</p>", escape(sandbox.backend())),
+            Ok(list) if list.is_empty() => format!(
+                "<p class=\"empty\">No sandboxes ({}).</p>",
+                escape(sandbox.backend())
+            ),
             Ok(list) => {
                 let mut out = String::from(
                     "<div class=\"scroll\"><table><thead><tr><th>Name</th><th>User</th><th>Backend</th><th>State</th>\
@@ -283,7 +346,14 @@ pub async fn dashboard(
                     let limits = info
                         .limits
                         .as_ref()
-                        .map(|l| format!("{} RAM, {:.2} CPU, {} pids", mib(l.memory_bytes), f64::from(l.cpu_millis) / 1000.0, l.pids))
+                        .map(|l| {
+                            format!(
+                                "{} RAM, {:.2} CPU, {} pids",
+                                mib(l.memory_bytes),
+                                f64::from(l.cpu_millis) / 1000.0,
+                                l.pids
+                            )
+                        })
                         .unwrap_or_else(|| "—".to_string());
                     let _ = write!(
                         out,
@@ -326,7 +396,10 @@ pub async fn dashboard(
         audit_html.push_str("</tbody></table></div>");
     }
 
-    let mut page = render(DASHBOARD_TEMPLATE, &[("csrf", session.csrf_token.as_str()), ("notice", notice)]);
+    let mut page = render(
+        DASHBOARD_TEMPLATE,
+        &[("csrf", session.csrf_token.as_str()), ("notice", notice)],
+    );
     for (key, markup) in [
         ("health", health.as_str()),
         ("users", users_html.as_str()),

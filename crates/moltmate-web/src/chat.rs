@@ -39,15 +39,30 @@ pub const MAX_CHAT_CHARS: usize = 16_000;
 
 /// Static files embedded in the binary: (name, content type, body).
 const ASSETS: [(&str, &str, &str); 3] = [
-    ("style.css", "text/css; charset=utf-8", include_str!("../assets/style.css")),
-    ("chat.js", "text/javascript; charset=utf-8", include_str!("../assets/chat.js")),
-    ("admin.js", "text/javascript; charset=utf-8", include_str!("../assets/admin.js")),
+    (
+        "style.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/style.css"),
+    ),
+    (
+        "chat.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/chat.js"),
+    ),
+    (
+        "admin.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/admin.js"),
+    ),
 ];
 
 pub async fn asset(Path(name): Path<String>) -> Response {
     match ASSETS.iter().find(|(n, _, _)| *n == name) {
         Some((_, content_type, body)) => (
-            [(header::CONTENT_TYPE, *content_type), (header::CACHE_CONTROL, "no-cache")],
+            [
+                (header::CONTENT_TYPE, *content_type),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
             *body,
         )
             .into_response(),
@@ -56,29 +71,48 @@ pub async fn asset(Path(name): Path<String>) -> Response {
 }
 
 fn login_page(status: StatusCode, message: &str) -> Response {
-    (status, Html(html::render(LOGIN_TEMPLATE, &[("message", message)]))).into_response()
+    (
+        status,
+        Html(html::render(LOGIN_TEMPLATE, &[("message", message)])),
+    )
+        .into_response()
 }
 
-pub async fn index(State(state): State<WebState>, headers: HeaderMap) -> Result<Response, PageError> {
+pub async fn index(
+    State(state): State<WebState>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
     let Some(session) = user_session(&state, &headers).await? else {
         return Ok(login_page(StatusCode::OK, ""));
     };
     let persona = session::persona_name(&state, &session.user).await;
     let page = html::render(
         CHAT_TEMPLATE,
-        &[("csrf", session.csrf_token.as_str()), ("persona", persona.as_str()), ("user", session.user.as_str())],
+        &[
+            ("csrf", session.csrf_token.as_str()),
+            ("persona", persona.as_str()),
+            ("user", session.user.as_str()),
+        ],
     );
     Ok(Html(page).into_response())
 }
 
 /// Starts a browser session for `user` and sends the browser to the chat, ending the
 /// session the request came with (no session fixation across users).
-async fn sign_in(state: &WebState, headers: &HeaderMap, user: &UserId) -> Result<Response, WebError> {
+async fn sign_in(
+    state: &WebState,
+    headers: &HeaderMap,
+    user: &UserId,
+) -> Result<Response, WebError> {
     if let Some(old) = session::cookie(headers, USER_COOKIE) {
         state.gateway().store().delete_web_session(old).await?;
     }
     let ttl = state.settings().session_ttl;
-    let (secret, _) = state.gateway().store().create_web_session(Some(user), false, ttl).await?;
+    let (secret, _) = state
+        .gateway()
+        .store()
+        .create_web_session(Some(user), false, ttl)
+        .await?;
     let cookie = session::set_cookie(USER_COOKIE, &secret, ttl, state.settings().secure_cookies)?;
     let mut response = Redirect::to("/").into_response();
     *response.status_mut() = StatusCode::SEE_OTHER;
@@ -98,11 +132,22 @@ pub async fn login_with_token(
 ) -> Result<Response, PageError> {
     check_same_origin(&headers)?;
     let Ok(Form(form)) = form else {
-        return Ok(login_page(StatusCode::BAD_REQUEST, "Paste your token into the field."));
+        return Ok(login_page(
+            StatusCode::BAD_REQUEST,
+            "Paste your token into the field.",
+        ));
     };
-    match state.gateway().store().user_for_token(form.token.trim()).await? {
+    match state
+        .gateway()
+        .store()
+        .user_for_token(form.token.trim())
+        .await?
+    {
         Some(user) => Ok(sign_in(&state, &headers, &user).await?),
-        None => Ok(login_page(StatusCode::UNAUTHORIZED, "That token is not valid (wrong, or revoked).")),
+        None => Ok(login_page(
+            StatusCode::UNAUTHORIZED,
+            "That token is not valid (wrong, or revoked).",
+        )),
     }
 }
 
@@ -124,7 +169,12 @@ pub async fn redeem_login_link(
     Path(code): Path<String>,
 ) -> Result<Response, PageError> {
     check_same_origin(&headers)?;
-    let invalid = || login_page(StatusCode::UNAUTHORIZED, "This sign-in link is invalid, expired or already used. Ask for a new one.");
+    let invalid = || {
+        login_page(
+            StatusCode::UNAUTHORIZED,
+            "This sign-in link is invalid, expired or already used. Ask for a new one.",
+        )
+    };
     if !plausible_code(&code) {
         return Ok(invalid());
     }
@@ -146,11 +196,21 @@ pub async fn logout(
 ) -> Result<Response, PageError> {
     check_same_origin(&headers)?;
     let session = require_user(&state, &headers).await?;
-    check_csrf(&session.csrf_token, form.as_ref().ok().map(|Form(f)| f.csrf.as_str()))?;
-    state.gateway().store().delete_web_session(&session.secret).await?;
+    check_csrf(
+        &session.csrf_token,
+        form.as_ref().ok().map(|Form(f)| f.csrf.as_str()),
+    )?;
+    state
+        .gateway()
+        .store()
+        .delete_web_session(&session.secret)
+        .await?;
     let mut response = Redirect::to("/").into_response();
     *response.status_mut() = StatusCode::SEE_OTHER;
-    response.headers_mut().insert(header::SET_COOKIE, session::clear_cookie(USER_COOKIE, state.settings().secure_cookies));
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        session::clear_cookie(USER_COOKIE, state.settings().secure_cookies),
+    );
     Ok(response)
 }
 
@@ -170,7 +230,10 @@ pub struct History {
 }
 
 /// The signed-in user's current session (tool calls and results are not shown).
-pub async fn history(State(state): State<WebState>, headers: HeaderMap) -> Result<Json<History>, WebError> {
+pub async fn history(
+    State(state): State<WebState>,
+    headers: HeaderMap,
+) -> Result<Json<History>, WebError> {
     let session = require_user(&state, &headers).await?;
     let store = state.gateway().store();
     let current = store.current_session(&session.user).await?;
@@ -179,15 +242,25 @@ pub async fn history(State(state): State<WebState>, headers: HeaderMap) -> Resul
         .await?
         .into_iter()
         .filter_map(|(_, item)| match item {
-            ConversationItem::User { text } => Some(HistoryMessage { role: "user".to_string(), text }),
+            ConversationItem::User { text } => Some(HistoryMessage {
+                role: "user".to_string(),
+                text,
+            }),
             ConversationItem::Assistant { text, .. } if !text.trim().is_empty() => {
-                Some(HistoryMessage { role: "assistant".to_string(), text })
+                Some(HistoryMessage {
+                    role: "assistant".to_string(),
+                    text,
+                })
             }
             ConversationItem::Assistant { .. } | ConversationItem::ToolResult { .. } => None,
         })
         .collect();
     let persona = session::persona_name(&state, &session.user).await;
-    Ok(Json(History { user: session.user.as_str().to_string(), persona, messages }))
+    Ok(Json(History {
+        user: session.user.as_str().to_string(),
+        persona,
+        messages,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -204,17 +277,26 @@ pub async fn send(
 ) -> Result<Response, WebError> {
     check_same_origin(&headers)?;
     let session = require_user(&state, &headers).await?;
-    check_csrf(&session.csrf_token, headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()))?;
+    check_csrf(
+        &session.csrf_token,
+        headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()),
+    )?;
     let body = body.map_err(body_error)?;
-    let ChatBody { message } =
-        serde_json::from_slice(&body).map_err(|e| WebError::BadRequest(format!("invalid request body: {e}")))?;
+    let ChatBody { message } = serde_json::from_slice(&body)
+        .map_err(|e| WebError::BadRequest(format!("invalid request body: {e}")))?;
     if message.trim().is_empty() {
         return Err(WebError::BadRequest("the message is empty".to_string()));
     }
     if message.chars().count() > MAX_CHAT_CHARS {
-        return Err(WebError::BadRequest(format!("the message is longer than {MAX_CHAT_CHARS} characters")));
+        return Err(WebError::BadRequest(format!(
+            "the message is longer than {MAX_CHAT_CHARS} characters"
+        )));
     }
-    let language = turn::language_from(headers.get(header::ACCEPT_LANGUAGE).and_then(|v| v.to_str().ok()));
+    let language = turn::language_from(
+        headers
+            .get(header::ACCEPT_LANGUAGE)
+            .and_then(|v| v.to_str().ok()),
+    );
     let events = turn::submit(&state, &session.user, message, language).await?;
     let lines = events.map(|event| {
         let value = match event {
@@ -228,7 +310,10 @@ pub async fn send(
     });
     let mut response = Response::new(Body::from_stream(lines));
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
     // Ask reverse proxies (nginx) not to buffer the stream.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)

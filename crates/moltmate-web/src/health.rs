@@ -18,7 +18,11 @@ pub async fn healthz(State(state): State<WebState>) -> Response {
         "active_users": state.gateway().active_workers(),
         "sandbox": state.gateway().sandbox().map(|s| s.backend()),
     });
-    let status = if shutting_down { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let status = if shutting_down {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     (status, Json(body)).into_response()
 }
 
@@ -26,7 +30,11 @@ pub async fn healthz(State(state): State<WebState>) -> Response {
 pub fn join_expositions(parts: &[String]) -> String {
     let mut out = String::new();
     for part in parts {
-        out.push_str(part.trim_end().strip_suffix("# EOF").unwrap_or(part.trim_end()));
+        out.push_str(
+            part.trim_end()
+                .strip_suffix("# EOF")
+                .unwrap_or(part.trim_end()),
+        );
         if !out.ends_with('\n') && !out.is_empty() {
             out.push('\n');
         }
@@ -36,8 +44,18 @@ pub fn join_expositions(parts: &[String]) -> String {
 }
 
 pub async fn metrics(State(state): State<WebState>) -> Response {
-    let text = join_expositions(&[state.gateway().metrics().encode(), state.inner.metrics.encode()]);
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+    let text = join_expositions(&[
+        state.gateway().metrics().encode(),
+        state.inner.metrics.encode(),
+    ]);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 #[cfg(test)]

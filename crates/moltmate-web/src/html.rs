@@ -26,7 +26,12 @@ pub fn escape(text: &str) -> String {
 /// like a placeholder stays literal text).
 pub fn render(template: &str, values: &[(&str, &str)]) -> String {
     let escaped: Vec<(&str, String)> = values.iter().map(|(k, v)| (*k, escape(v))).collect();
-    fill(template, |key| escaped.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str()))
+    fill(template, |key| {
+        escaped
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+    })
 }
 
 /// Fills one placeholder with markup the caller built from escaped parts; other placeholders
@@ -66,7 +71,14 @@ pub const ERROR_TEMPLATE: &str = include_str!("../assets/error.html");
 
 pub fn error_page(status: StatusCode, message: &str) -> String {
     let title = status.canonical_reason().unwrap_or("Error");
-    render(ERROR_TEMPLATE, &[("title", title), ("status", status.as_str()), ("message", message)])
+    render(
+        ERROR_TEMPLATE,
+        &[
+            ("title", title),
+            ("status", status.as_str()),
+            ("message", message),
+        ],
+    )
 }
 
 #[cfg(test)]
@@ -75,8 +87,17 @@ mod tests {
 
     #[test]
     fn everything_markup_like_is_escaped() {
-        assert_eq!(escape(r#"<script>alert("x&'y")</script>"#), "&lt;script&gt;alert(&quot;x&amp;&#39;y&quot;)&lt;/script&gt;");
-        assert_eq!(render("<p title=\"{{a}}\">{{a}}</p>", &[("a", "\"><img>")]), "<p title=\"&quot;&gt;&lt;img&gt;\">&quot;&gt;&lt;img&gt;</p>");
-        assert_eq!(render("{{a}}{{b}}", &[("a", "{{b}}"), ("b", "x")]), "{{b}}x");
+        assert_eq!(
+            escape(r#"<script>alert("x&'y")</script>"#),
+            "&lt;script&gt;alert(&quot;x&amp;&#39;y&quot;)&lt;/script&gt;"
+        );
+        assert_eq!(
+            render("<p title=\"{{a}}\">{{a}}</p>", &[("a", "\"><img>")]),
+            "<p title=\"&quot;&gt;&lt;img&gt;\">&quot;&gt;&lt;img&gt;</p>"
+        );
+        assert_eq!(
+            render("{{a}}{{b}}", &[("a", "{{b}}"), ("b", "x")]),
+            "{{b}}x"
+        );
     }
 }

@@ -53,7 +53,10 @@ pub fn app(state: WebState) -> Router {
     Router::new()
         .route("/", get(chat::index))
         .route("/login", post(chat::login_with_token))
-        .route("/login/{code}", get(chat::login_link_page).post(chat::redeem_login_link))
+        .route(
+            "/login/{code}",
+            get(chat::login_link_page).post(chat::redeem_login_link),
+        )
         .route("/logout", post(chat::logout))
         .route("/api/history", get(chat::history))
         .route("/api/chat", post(chat::send))
@@ -67,8 +70,14 @@ pub fn app(state: WebState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))
         .fallback(security::not_found)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), security::rate_limit))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), security::count_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            security::rate_limit,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            security::count_requests,
+        ))
         .layer(axum::middleware::from_fn(security::security_headers))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -76,11 +85,18 @@ pub fn app(state: WebState) -> Router {
 
 /// Serves [`app`] on `listener` until `shutdown` fires, then stops accepting connections and
 /// waits for in-flight requests; open answer streams end at shutdown, so this returns promptly.
-pub async fn serve(state: WebState, listener: tokio::net::TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+pub async fn serve(
+    state: WebState,
+    listener: tokio::net::TcpListener,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     let router = app(state);
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
 }
 
 /// The bind rule: the web layer may listen on a non-loopback address only when the gateway

@@ -42,10 +42,18 @@ pub const MODEL_ID: &str = "moltmate";
 /// The user a bearer token belongs to.
 pub async fn authenticate(state: &WebState, headers: &HeaderMap) -> Result<UserId, WebError> {
     let token = bearer_token(headers).ok_or(WebError::Unauthorized)?;
-    state.gateway().store().user_for_token(token).await?.ok_or(WebError::Unauthorized)
+    state
+        .gateway()
+        .store()
+        .user_for_token(token)
+        .await?
+        .ok_or(WebError::Unauthorized)
 }
 
-pub async fn models(State(state): State<WebState>, headers: HeaderMap) -> Result<Json<Value>, WebError> {
+pub async fn models(
+    State(state): State<WebState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, WebError> {
     authenticate(&state, &headers).await?;
     Ok(Json(json!({
         "object": "list",
@@ -77,37 +85,59 @@ fn content_text(content: Option<&Value>) -> Result<String, WebError> {
         Some(Value::Array(parts)) => {
             let mut texts = Vec::new();
             for part in parts {
-                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                match (
+                    part.get("type").and_then(Value::as_str),
+                    part.get("text").and_then(Value::as_str),
+                ) {
                     (Some("text"), Some(text)) => texts.push(text),
-                    (Some("text"), None) => return Err(WebError::BadRequest("a text content part has no 'text'".to_string())),
+                    (Some("text"), None) => {
+                        return Err(WebError::BadRequest(
+                            "a text content part has no 'text'".to_string(),
+                        ))
+                    }
                     // Images and audio are not supported; refuse rather than answer half a question.
                     (Some(other), _) => {
-                        return Err(WebError::BadRequest(format!("content parts of type {other:?} are not supported; send text")))
+                        return Err(WebError::BadRequest(format!(
+                            "content parts of type {other:?} are not supported; send text"
+                        )))
                     }
-                    (None, _) => return Err(WebError::BadRequest("every content part needs a 'type'".to_string())),
+                    (None, _) => {
+                        return Err(WebError::BadRequest(
+                            "every content part needs a 'type'".to_string(),
+                        ))
+                    }
                 }
             }
             Ok(texts.join("\n"))
         }
-        Some(_) => Err(WebError::BadRequest("'content' must be a string or an array of content parts".to_string())),
+        Some(_) => Err(WebError::BadRequest(
+            "'content' must be a string or an array of content parts".to_string(),
+        )),
     }
 }
 
 /// Parses a request body into (echoed model, text to submit, stream?).
 fn parse_request(body: &[u8]) -> Result<(String, String, bool), WebError> {
-    let request: ChatRequest =
-        serde_json::from_slice(body).map_err(|e| WebError::BadRequest(format!("invalid request body: {e}")))?;
+    let request: ChatRequest = serde_json::from_slice(body)
+        .map_err(|e| WebError::BadRequest(format!("invalid request body: {e}")))?;
     let last_user = request
         .messages
         .iter()
         .rev()
         .find(|m| m.role == "user")
-        .ok_or_else(|| WebError::BadRequest("'messages' must contain a message with role 'user'".to_string()))?;
+        .ok_or_else(|| {
+            WebError::BadRequest("'messages' must contain a message with role 'user'".to_string())
+        })?;
     let text = content_text(last_user.content.as_ref())?;
     if text.trim().is_empty() {
-        return Err(WebError::BadRequest("the last 'user' message is empty".to_string()));
+        return Err(WebError::BadRequest(
+            "the last 'user' message is empty".to_string(),
+        ));
     }
-    let model = request.model.filter(|m| !m.is_empty() && m.len() <= 200).unwrap_or_else(|| MODEL_ID.to_string());
+    let model = request
+        .model
+        .filter(|m| !m.is_empty() && m.len() <= 200)
+        .unwrap_or_else(|| MODEL_ID.to_string());
     Ok((model, text, request.stream.unwrap_or(false)))
 }
 
@@ -127,9 +157,18 @@ pub async fn chat_completions(
     let user = authenticate(&state, &headers).await?;
     let body = body.map_err(body_error)?;
     let (model, text, stream) = parse_request(&body)?;
-    let language = turn::language_from(headers.get(axum::http::header::ACCEPT_LANGUAGE).and_then(|v| v.to_str().ok()));
+    let language = turn::language_from(
+        headers
+            .get(axum::http::header::ACCEPT_LANGUAGE)
+            .and_then(|v| v.to_str().ok()),
+    );
     let events = turn::submit(&state, &user, text, language).await?;
-    let id = format!("chatcmpl-{}", moltmate_store::auth::new_secret("").get(..24).unwrap_or("0"));
+    let id = format!(
+        "chatcmpl-{}",
+        moltmate_store::auth::new_secret("")
+            .get(..24)
+            .unwrap_or("0")
+    );
     let created = chrono::Utc::now().timestamp();
     if stream {
         Ok(streamed(events, id, created, model).into_response())
@@ -165,7 +204,9 @@ async fn complete(
             TurnEvent::Failed(failure) => return Err(failure.into_error()),
         }
     }
-    Err(WebError::Internal("the answer stream ended without a reply".to_string()))
+    Err(WebError::Internal(
+        "the answer stream ended without a reply".to_string(),
+    ))
 }
 
 fn chunk(id: &str, created: i64, model: &str, delta: Value, finish_reason: Option<&str>) -> Event {
@@ -187,20 +228,40 @@ fn streamed(
     created: i64,
     model: String,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let first = chunk(&id, created, &model, json!({ "role": "assistant", "content": "" }), None);
+    let first = chunk(
+        &id,
+        created,
+        &model,
+        json!({ "role": "assistant", "content": "" }),
+        None,
+    );
     let mut streamed_text = String::new();
     let body = events.flat_map(move |event| {
         let out = match event {
             TurnEvent::Delta(text) => {
                 streamed_text.push_str(&text);
-                vec![chunk(&id, created, &model, json!({ "content": text }), None)]
+                vec![chunk(
+                    &id,
+                    created,
+                    &model,
+                    json!({ "content": text }),
+                    None,
+                )]
             }
             TurnEvent::Done(reply) => {
                 let mut out = Vec::new();
                 // Replies that were not streamed (commands, onboarding) or only partly.
-                let rest = reply.strip_prefix(streamed_text.as_str()).unwrap_or(if streamed_text.is_empty() { &reply } else { "" });
+                let rest = reply
+                    .strip_prefix(streamed_text.as_str())
+                    .unwrap_or(if streamed_text.is_empty() { &reply } else { "" });
                 if !rest.is_empty() {
-                    out.push(chunk(&id, created, &model, json!({ "content": rest }), None));
+                    out.push(chunk(
+                        &id,
+                        created,
+                        &model,
+                        json!({ "content": rest }),
+                        None,
+                    ));
                 }
                 out.push(chunk(&id, created, &model, json!({}), Some("stop")));
                 out.push(Event::default().data("[DONE]"));
@@ -225,7 +286,10 @@ mod tests {
         let body = br#"{"model":"gpt-4o","messages":[{"role":"system","content":"be evil"},{"role":"user","content":"first"},
             {"role":"assistant","content":"ok"},{"role":"user","content":[{"type":"text","text":"second"}]}],"stream":true,"user":"bob"}"#;
         let (model, text, stream) = parse_request(body).unwrap();
-        assert_eq!((model.as_str(), text.as_str(), stream), ("gpt-4o", "second", true));
+        assert_eq!(
+            (model.as_str(), text.as_str(), stream),
+            ("gpt-4o", "second", true)
+        );
     }
 
     #[test]

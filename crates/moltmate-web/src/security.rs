@@ -43,20 +43,29 @@ impl RateLimits {
         let per_minute = NonZeroU32::new(per_minute).ok_or(InvalidSettings::ZeroRate)?;
         let burst = NonZeroU32::new(burst).ok_or(InvalidSettings::ZeroBurst)?;
         let quota = Quota::per_minute(per_minute).allow_burst(burst);
-        Ok(RateLimits { by_ip: RateLimiter::keyed(quota), by_credential: RateLimiter::keyed(quota), checks: AtomicU64::new(0) })
+        Ok(RateLimits {
+            by_ip: RateLimiter::keyed(quota),
+            by_credential: RateLimiter::keyed(quota),
+            checks: AtomicU64::new(0),
+        })
     }
 
     /// `Err(wait)` when either bucket is empty.
     pub fn check(&self, ip_key: &str, credential_key: Option<&str>) -> Result<(), Duration> {
         let checks = self.checks.fetch_add(1, Ordering::Relaxed);
-        if checks % CLEANUP_EVERY == 0 || self.by_ip.len() > MAX_TRACKED_KEYS || self.by_credential.len() > MAX_TRACKED_KEYS {
+        if checks.is_multiple_of(CLEANUP_EVERY)
+            || self.by_ip.len() > MAX_TRACKED_KEYS
+            || self.by_credential.len() > MAX_TRACKED_KEYS
+        {
             for limiter in [&self.by_ip, &self.by_credential] {
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
             }
         }
         let wait = |limiter: &KeyedLimiter, key: &str| {
-            limiter.check_key(&key.to_string()).map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
+            limiter
+                .check_key(&key.to_string())
+                .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
         };
         wait(&self.by_ip, ip_key)?;
         if let Some(key) = credential_key {
@@ -110,7 +119,11 @@ pub async fn rate_limit(State(state): State<WebState>, request: Request, next: N
     next.run(request).await
 }
 
-pub async fn count_requests(State(state): State<WebState>, request: Request, next: Next) -> Response {
+pub async fn count_requests(
+    State(state): State<WebState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -118,7 +131,11 @@ pub async fn count_requests(State(state): State<WebState>, request: Request, nex
         .unwrap_or_else(|| "unmatched".to_string());
     let method = request.method().as_str().to_string();
     let response = next.run(request).await;
-    let labels = RequestLabels { route, method, status: response.status().as_u16().to_string() };
+    let labels = RequestLabels {
+        route,
+        method,
+        status: response.status().as_u16().to_string(),
+    };
     state.inner.metrics.requests.get_or_create(&labels).inc();
     response
 }
@@ -162,15 +179,23 @@ pub fn check_same_origin(headers: &HeaderMap) -> Result<(), WebError> {
     const REFUSED: WebError = WebError::Forbidden("cross-site request refused");
     if let Some(site) = headers.get("sec-fetch-site") {
         let site = site.to_str().map_err(|_| REFUSED)?;
-        return if site.eq_ignore_ascii_case("same-origin") || site.eq_ignore_ascii_case("none") { Ok(()) } else { Err(REFUSED) };
+        return if site.eq_ignore_ascii_case("same-origin") || site.eq_ignore_ascii_case("none") {
+            Ok(())
+        } else {
+            Err(REFUSED)
+        };
     }
-    let Some(origin) = headers.get(header::ORIGIN) else { return Ok(()) };
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
     let origin = origin.to_str().map_err(|_| REFUSED)?;
     if origin == "null" {
         return Ok(());
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let origin_host = origin.split_once("://").map(|(_, rest)| rest.trim_end_matches('/'));
+    let origin_host = origin
+        .split_once("://")
+        .map(|(_, rest)| rest.trim_end_matches('/'));
     match (origin_host, host) {
         (Some(origin_host), Some(host)) if origin_host.eq_ignore_ascii_case(host) => Ok(()),
         _ => Err(REFUSED),
@@ -212,8 +237,14 @@ mod tests {
             assert!(limits.check("1.2.3.4", None).is_ok());
         }
         let wait = limits.check("1.2.3.4", None).unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
-        assert!(limits.check("5.6.7.8", None).is_ok(), "another IP has its own bucket");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert!(
+            limits.check("5.6.7.8", None).is_ok(),
+            "another IP has its own bucket"
+        );
         assert!(RateLimits::new(0, 1).is_err());
         assert!(RateLimits::new(1, 0).is_err());
     }
@@ -234,12 +265,21 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
         assert!(check_same_origin(&headers).is_ok());
-        headers.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:8080"));
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:8080"),
+        );
         assert!(check_same_origin(&headers).is_ok());
-        headers.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
         assert!(check_same_origin(&headers).is_err());
         headers.insert(header::ORIGIN, HeaderValue::from_static("null"));
-        assert!(check_same_origin(&headers).is_ok(), "same-origin form posts under no-referrer");
+        assert!(
+            check_same_origin(&headers).is_ok(),
+            "same-origin form posts under no-referrer"
+        );
         headers.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
         assert!(check_same_origin(&headers).is_ok());
         for refused in ["cross-site", "same-site"] {
@@ -252,9 +292,15 @@ mod tests {
     fn bearer_tokens_are_parsed_strictly() {
         let mut headers = HeaderMap::new();
         assert_eq!(bearer_token(&headers), None);
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer mm_abc"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer mm_abc"),
+        );
         assert_eq!(bearer_token(&headers), Some("mm_abc"));
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic Zm9v"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic Zm9v"),
+        );
         assert_eq!(bearer_token(&headers), None);
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
         assert_eq!(bearer_token(&headers), None);

@@ -37,7 +37,12 @@ fn cookie_path(name: &str) -> &'static str {
 }
 
 /// A `Set-Cookie` value that stores `secret` for `ttl`.
-pub fn set_cookie(name: &str, secret: &str, ttl: Duration, secure: bool) -> Result<HeaderValue, WebError> {
+pub fn set_cookie(
+    name: &str,
+    secret: &str,
+    ttl: Duration,
+    secure: bool,
+) -> Result<HeaderValue, WebError> {
     let secure = if secure { "; Secure" } else { "" };
     let value = format!(
         "{name}={secret}; Path={}; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
@@ -45,7 +50,8 @@ pub fn set_cookie(name: &str, secret: &str, ttl: Duration, secure: bool) -> Resu
         ttl.as_secs()
     );
     // Secrets are hex, names and attributes ASCII: the value is always a valid header.
-    HeaderValue::from_str(&value).map_err(|_| WebError::Internal("could not build a cookie header".to_string()))
+    HeaderValue::from_str(&value)
+        .map_err(|_| WebError::Internal("could not build a cookie header".to_string()))
 }
 
 /// A `Set-Cookie` value that removes the cookie.
@@ -69,20 +75,34 @@ pub struct UserSession {
 }
 
 /// The user signed in by the request's `mm_session` cookie, if any.
-pub async fn user_session(state: &WebState, headers: &HeaderMap) -> Result<Option<UserSession>, WebError> {
-    let Some(secret) = cookie(headers, USER_COOKIE) else { return Ok(None) };
+pub async fn user_session(
+    state: &WebState,
+    headers: &HeaderMap,
+) -> Result<Option<UserSession>, WebError> {
+    let Some(secret) = cookie(headers, USER_COOKIE) else {
+        return Ok(None);
+    };
     let session = state.gateway().store().web_session(secret).await?;
     Ok(match session {
-        Some(WebSession { user: Some(user), is_admin: false, csrf_token, .. }) => {
-            Some(UserSession { user, csrf_token, secret: secret.to_string() })
-        }
+        Some(WebSession {
+            user: Some(user),
+            is_admin: false,
+            csrf_token,
+            ..
+        }) => Some(UserSession {
+            user,
+            csrf_token,
+            secret: secret.to_string(),
+        }),
         _ => None,
     })
 }
 
 /// Like [`user_session`], but an absent session is an error.
 pub async fn require_user(state: &WebState, headers: &HeaderMap) -> Result<UserSession, WebError> {
-    user_session(state, headers).await?.ok_or(WebError::Unauthorized)
+    user_session(state, headers)
+        .await?
+        .ok_or(WebError::Unauthorized)
 }
 
 /// A signed-in operator.
@@ -93,13 +113,24 @@ pub struct AdminSession {
 }
 
 /// The operator signed in by the request's `mm_admin` cookie, if any.
-pub async fn admin_session(state: &WebState, headers: &HeaderMap) -> Result<Option<AdminSession>, WebError> {
-    let Some(secret) = cookie(headers, ADMIN_COOKIE) else { return Ok(None) };
+pub async fn admin_session(
+    state: &WebState,
+    headers: &HeaderMap,
+) -> Result<Option<AdminSession>, WebError> {
+    let Some(secret) = cookie(headers, ADMIN_COOKIE) else {
+        return Ok(None);
+    };
     let session = state.gateway().store().web_session(secret).await?;
     Ok(match session {
-        Some(WebSession { is_admin: true, user: None, csrf_token, .. }) => {
-            Some(AdminSession { csrf_token, secret: secret.to_string() })
-        }
+        Some(WebSession {
+            is_admin: true,
+            user: None,
+            csrf_token,
+            ..
+        }) => Some(AdminSession {
+            csrf_token,
+            secret: secret.to_string(),
+        }),
         _ => None,
     })
 }
@@ -112,7 +143,8 @@ pub async fn persona_name(state: &WebState, user: &UserId) -> String {
     let user = user.clone();
     let read = tokio::task::spawn_blocking(move || -> Result<Option<String>, String> {
         let home = gateway.ensure_home(&user)?;
-        let identity = moltmate_store::homes::read_beneath(home.root(), "IDENTITY.md", 4096).map_err(|e| e.to_string())?;
+        let identity = moltmate_store::homes::read_beneath(home.root(), "IDENTITY.md", 4096)
+            .map_err(|e| e.to_string())?;
         Ok(identity.and_then(|(text, _)| parse_persona_name(&text)))
     })
     .await;
@@ -135,7 +167,14 @@ pub fn parse_persona_name(identity: &str) -> Option<String> {
     identity.lines().find_map(|line| {
         let line = line.trim().trim_start_matches(['-', '*', ' ']);
         let rest = line.strip_prefix("Name:")?;
-        let name: String = rest.trim().trim_start_matches('*').trim().chars().filter(|c| !c.is_control()).take(60).collect();
+        let name: String = rest
+            .trim()
+            .trim_start_matches('*')
+            .trim()
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(60)
+            .collect();
         (!name.is_empty()).then_some(name)
     })
 }
@@ -147,7 +186,10 @@ mod tests {
     #[test]
     fn cookies_are_found_by_exact_name() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::COOKIE, HeaderValue::from_static("x_mm_session=evil; mm_session=abc; mm_admin=def"));
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("x_mm_session=evil; mm_session=abc; mm_admin=def"),
+        );
         assert_eq!(cookie(&headers, USER_COOKIE), Some("abc"));
         assert_eq!(cookie(&headers, ADMIN_COOKIE), Some("def"));
         assert_eq!(cookie(&headers, "other"), None);
@@ -157,7 +199,14 @@ mod tests {
     fn cookie_attributes() {
         let value = set_cookie(USER_COOKIE, "s3", Duration::from_secs(60), true).unwrap();
         let value = value.to_str().unwrap();
-        for part in ["mm_session=s3", "HttpOnly", "SameSite=Strict", "Secure", "Path=/", "Max-Age=60"] {
+        for part in [
+            "mm_session=s3",
+            "HttpOnly",
+            "SameSite=Strict",
+            "Secure",
+            "Path=/",
+            "Max-Age=60",
+        ] {
             assert!(value.contains(part), "{value}");
         }
         let admin = set_cookie(ADMIN_COOKIE, "s4", Duration::from_secs(60), false).unwrap();
@@ -167,9 +216,20 @@ mod tests {
 
     #[test]
     fn persona_names_are_read_from_identity_files() {
-        assert_eq!(parse_persona_name("# Identity\n\nName: Cami\nEmoji: x\n"), Some("Cami".to_string()));
-        assert_eq!(parse_persona_name("- **Name:** Nova\n"), Some("Nova".to_string()));
+        assert_eq!(
+            parse_persona_name("# Identity\n\nName: Cami\nEmoji: x\n"),
+            Some("Cami".to_string())
+        );
+        assert_eq!(
+            parse_persona_name("- **Name:** Nova\n"),
+            Some("Nova".to_string())
+        );
         assert_eq!(parse_persona_name("# nothing\n"), None);
-        assert_eq!(parse_persona_name(&format!("Name: {}", "x".repeat(500))).unwrap().len(), 60);
+        assert_eq!(
+            parse_persona_name(&format!("Name: {}", "x".repeat(500)))
+                .unwrap()
+                .len(),
+            60
+        );
     }
 }

@@ -49,7 +49,14 @@ impl Default for WebSettings {
 impl fmt::Debug for WebSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebSettings")
-            .field("admin_token", &if self.admin_token.is_empty() { "<unset>" } else { "<redacted>" })
+            .field(
+                "admin_token",
+                &if self.admin_token.is_empty() {
+                    "<unset>"
+                } else {
+                    "<redacted>"
+                },
+            )
             .field("rate_limit_per_minute", &self.rate_limit_per_minute)
             .field("rate_limit_burst", &self.rate_limit_burst)
             .field("secure_cookies", &self.secure_cookies)
@@ -79,9 +86,21 @@ impl WebMetrics {
         let mut registry = Registry::with_prefix("moltmate_web");
         let requests = Family::<RequestLabels, Counter>::default();
         let rate_limited = Counter::default();
-        registry.register("http_requests", "HTTP requests by route template, method and status", requests.clone());
-        registry.register("rate_limited", "Requests refused by the rate limiter", rate_limited.clone());
-        WebMetrics { registry, requests, rate_limited }
+        registry.register(
+            "http_requests",
+            "HTTP requests by route template, method and status",
+            requests.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by the rate limiter",
+            rate_limited.clone(),
+        );
+        WebMetrics {
+            registry,
+            requests,
+            rate_limited,
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -114,9 +133,14 @@ pub struct WebState {
 impl WebState {
     /// `shutdown` is the process-wide shutdown: once it fires, new chat requests get 503 and
     /// open answer streams end.
-    pub fn new(gateway: Gateway, settings: WebSettings, shutdown: Shutdown) -> Result<WebState, InvalidSettings> {
+    pub fn new(
+        gateway: Gateway,
+        settings: WebSettings,
+        shutdown: Shutdown,
+    ) -> Result<WebState, InvalidSettings> {
         let limits = RateLimits::new(settings.rate_limit_per_minute, settings.rate_limit_burst)?;
-        let admin_digest = (!settings.admin_token.is_empty()).then(|| Sha256::digest(settings.admin_token.as_bytes()).into());
+        let admin_digest = (!settings.admin_token.is_empty())
+            .then(|| Sha256::digest(settings.admin_token.as_bytes()).into());
         Ok(WebState {
             inner: Arc::new(Inner {
                 gateway,
@@ -141,6 +165,8 @@ impl WebState {
 
 impl fmt::Debug for WebState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WebState").field("settings", &self.inner.settings).finish_non_exhaustive()
+        f.debug_struct("WebState")
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
     }
 }

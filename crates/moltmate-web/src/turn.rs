@@ -34,7 +34,9 @@ pub enum TurnFailure {
 impl TurnFailure {
     pub fn message(self) -> &'static str {
         match self {
-            TurnFailure::ShuttingDown => "The server is restarting; your message is kept and will be answered.",
+            TurnFailure::ShuttingDown => {
+                "The server is restarting; your message is kept and will be answered."
+            }
             TurnFailure::Lost => "The answer could not be completed. Please try again.",
         }
     }
@@ -42,7 +44,9 @@ impl TurnFailure {
     pub fn into_error(self) -> WebError {
         match self {
             TurnFailure::ShuttingDown => WebError::ShuttingDown,
-            TurnFailure::Lost => WebError::Internal("the gateway dropped an answer without replying".to_string()),
+            TurnFailure::Lost => {
+                WebError::Internal("the gateway dropped an answer without replying".to_string())
+            }
         }
     }
 }
@@ -60,9 +64,15 @@ impl DeltaSink for ChannelDeltas {
 
 /// The primary language subtag of an `Accept-Language` header (`de-DE,de;q=0.9` → `de`).
 pub fn language_from(accept_language: Option<&str>) -> Option<String> {
-    let first = accept_language?.split(',').next()?.split(';').next()?.trim();
+    let first = accept_language?
+        .split(',')
+        .next()?
+        .split(';')
+        .next()?
+        .trim();
     let primary = first.split('-').next()?.to_ascii_lowercase();
-    (!primary.is_empty() && primary.len() <= 8 && primary.chars().all(|c| c.is_ascii_alphabetic())).then_some(primary)
+    (!primary.is_empty() && primary.len() <= 8 && primary.chars().all(|c| c.is_ascii_alphabetic()))
+        .then_some(primary)
 }
 
 /// Submits `text` as `user` and returns the answer's events.
@@ -86,12 +96,21 @@ pub async fn submit(
         language_code: language,
     };
     let (sender, receiver) = mpsc::unbounded_channel();
-    let submitted = state.gateway().submit(message, Arc::new(ChannelDeltas(sender))).await?;
+    let submitted = state
+        .gateway()
+        .submit(message, Arc::new(ChannelDeltas(sender)))
+        .await?;
     match submitted.accepted {
-        Accepted::Queued => Ok(events(receiver, submitted.reply, state.inner.shutdown.clone())),
+        Accepted::Queued => Ok(events(
+            receiver,
+            submitted.reply,
+            state.inner.shutdown.clone(),
+        )),
         // The external id is random, so a duplicate means a broken store; refusal means the
         // gateway no longer accepts this web user (it does not refuse web peers today).
-        Accepted::Duplicate => Err(WebError::Internal("a fresh web message was seen as a duplicate".to_string())),
+        Accepted::Duplicate => Err(WebError::Internal(
+            "a fresh web message was seen as a duplicate".to_string(),
+        )),
         Accepted::Refused => Err(WebError::Forbidden("the gateway refused this message")),
     }
 }
@@ -107,19 +126,26 @@ fn events(
     reply: oneshot::Receiver<String>,
     shutdown: Shutdown,
 ) -> impl Stream<Item = TurnEvent> + Send + 'static {
-    futures::stream::unfold(Some(Following { deltas, reply, shutdown }), |following| async move {
-        let mut f = following?;
-        tokio::select! {
-            // Deltas are sent before the reply, so draining them first keeps the order.
-            biased;
-            delta = f.deltas.recv() => match delta {
-                Some(text) => Some((TurnEvent::Delta(text), Some(f))),
-                None => Some((finished((&mut f.reply).await), None)),
-            },
-            reply = &mut f.reply => Some((finished(reply), None)),
-            _ = f.shutdown.cancelled() => Some((TurnEvent::Failed(TurnFailure::ShuttingDown), None)),
-        }
-    })
+    futures::stream::unfold(
+        Some(Following {
+            deltas,
+            reply,
+            shutdown,
+        }),
+        |following| async move {
+            let mut f = following?;
+            tokio::select! {
+                // Deltas are sent before the reply, so draining them first keeps the order.
+                biased;
+                delta = f.deltas.recv() => match delta {
+                    Some(text) => Some((TurnEvent::Delta(text), Some(f))),
+                    None => Some((finished((&mut f.reply).await), None)),
+                },
+                reply = &mut f.reply => Some((finished(reply), None)),
+                _ = f.shutdown.cancelled() => Some((TurnEvent::Failed(TurnFailure::ShuttingDown), None)),
+            }
+        },
+    )
 }
 
 fn finished(reply: Result<String, oneshot::error::RecvError>) -> TurnEvent {
@@ -136,7 +162,10 @@ mod tests {
 
     #[test]
     fn languages_are_taken_from_accept_language() {
-        assert_eq!(language_from(Some("de-DE,de;q=0.9,en;q=0.8")), Some("de".to_string()));
+        assert_eq!(
+            language_from(Some("de-DE,de;q=0.9,en;q=0.8")),
+            Some("de".to_string())
+        );
         assert_eq!(language_from(Some("EN")), Some("en".to_string()));
         assert_eq!(language_from(Some("*")), None);
         assert_eq!(language_from(None), None);
@@ -152,7 +181,11 @@ mod tests {
         let collected: Vec<TurnEvent> = events(rx, reply_rx, Shutdown::new()).collect().await;
         assert_eq!(
             collected,
-            vec![TurnEvent::Delta("a".into()), TurnEvent::Delta("b".into()), TurnEvent::Done("ab".into())]
+            vec![
+                TurnEvent::Delta("a".into()),
+                TurnEvent::Delta("b".into()),
+                TurnEvent::Done("ab".into())
+            ]
         );
     }
 

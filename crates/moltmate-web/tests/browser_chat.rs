@@ -16,7 +16,9 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn find_in_path(names: &[&str]) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).flat_map(|dir| names.iter().map(move |n| dir.join(n))).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .flat_map(|dir| names.iter().map(move |n| dir.join(n)))
+        .find(|p| p.is_file())
 }
 
 fn skip_or_fail(reason: &str) {
@@ -45,7 +47,11 @@ struct Driver {
 
 impl Driver {
     async fn start(chromedriver: &Path, chromium: PathBuf) -> Driver {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = tokio::process::Command::new(chromedriver)
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
@@ -56,12 +62,20 @@ impl Driver {
         let url = format!("http://127.0.0.1:{port}");
         let status = format!("{url}/status");
         for _ in 0..100 {
-            if reqwest::get(&status).await.is_ok_and(|r| r.status().is_success()) {
+            if reqwest::get(&status)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Driver { _child: child, url, chromium, profiles: tempfile::tempdir().unwrap() }
+        Driver {
+            _child: child,
+            url,
+            chromium,
+            profiles: tempfile::tempdir().unwrap(),
+        }
     }
 
     /// A fresh browser with its own profile (cookies are not shared between sessions).
@@ -88,7 +102,11 @@ impl Driver {
             "goog:chromeOptions".to_string(),
             serde_json::json!({ "args": args, "binary": self.chromium.display().to_string() }),
         );
-        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new()).capabilities(capabilities).connect(&self.url).await.expect("a WebDriver session")
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&self.url)
+            .await
+            .expect("a WebDriver session")
     }
 }
 
@@ -103,7 +121,11 @@ async fn wait_for_text(client: &Client, css: &str, expected: &str) -> String {
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            let url = client.current_url().await.map(|u| u.to_string()).unwrap_or_default();
+            let url = client
+                .current_url()
+                .await
+                .map(|u| u.to_string())
+                .unwrap_or_default();
             let source = client.source().await.unwrap_or_default();
             panic!("timed out waiting for {expected:?} in {css} at {url}:\n{source}");
         }
@@ -112,9 +134,20 @@ async fn wait_for_text(client: &Client, css: &str, expected: &str) -> String {
 }
 
 async fn send_message(client: &Client, text: &str) {
-    let input = client.wait().at_most(WAIT).for_element(Locator::Id("input")).await.unwrap();
+    let input = client
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Id("input"))
+        .await
+        .unwrap();
     input.send_keys(text).await.unwrap();
-    client.find(Locator::Id("send")).await.unwrap().click().await.unwrap();
+    client
+        .find(Locator::Id("send"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,15 +164,35 @@ async fn browser_chat_isolation_and_admin_pairing() {
     let (_, bob_token) = h.user("bob").await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(moltmate_web::serve(h.state.clone(), listener, h.shutdown.clone()));
+    let server = tokio::spawn(moltmate_web::serve(
+        h.state.clone(),
+        listener,
+        h.shutdown.clone(),
+    ));
     let driver = Driver::start(&chromedriver, chromium).await;
     let shots = screenshots_dir();
 
     // 1. Anna signs in with a login link, chats, and sees the answer stream in.
-    let code = h.gateway.store().create_login_link(&anna, Duration::from_secs(600)).await.unwrap();
+    let code = h
+        .gateway
+        .store()
+        .create_login_link(&anna, Duration::from_secs(600))
+        .await
+        .unwrap();
     let anna_browser = driver.browser("anna").await;
-    anna_browser.goto(&format!("{base}/login/{code}")).await.unwrap();
-    anna_browser.wait().at_most(WAIT).for_element(Locator::Id("continue")).await.unwrap().click().await.unwrap();
+    anna_browser
+        .goto(&format!("{base}/login/{code}"))
+        .await
+        .unwrap();
+    anna_browser
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Id("continue"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_for_text(&anna_browser, "#persona", "Cami").await;
     wait_for_text(&anna_browser, "#messages", "Say hello").await;
     anna_browser
@@ -151,28 +204,73 @@ async fn browser_chat_isolation_and_admin_pairing() {
         .await
         .unwrap();
     send_message(&anna_browser, "hello from anna's browser").await;
-    wait_for_text(&anna_browser, ".msg.assistant[data-done=true]", &echo_of("hello from anna's browser")).await;
-    let updates = anna_browser.execute("return window.__updates;", vec![]).await.unwrap();
-    assert!(updates.as_u64().unwrap() >= 4, "the answer was rendered piecewise as it streamed ({updates})");
+    wait_for_text(
+        &anna_browser,
+        ".msg.assistant[data-done=true]",
+        &echo_of("hello from anna's browser"),
+    )
+    .await;
+    let updates = anna_browser
+        .execute("return window.__updates;", vec![])
+        .await
+        .unwrap();
+    assert!(
+        updates.as_u64().unwrap() >= 4,
+        "the answer was rendered piecewise as it streamed ({updates})"
+    );
 
     // Reloading shows the history from the server.
     anna_browser.refresh().await.unwrap();
-    wait_for_text(&anna_browser, "#messages", &echo_of("hello from anna's browser")).await;
+    wait_for_text(
+        &anna_browser,
+        "#messages",
+        &echo_of("hello from anna's browser"),
+    )
+    .await;
     anna_browser.set_window_size(390, 844).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    std::fs::write(shots.join("chat-phone.png"), anna_browser.screenshot().await.unwrap()).unwrap();
+    std::fs::write(
+        shots.join("chat-phone.png"),
+        anna_browser.screenshot().await.unwrap(),
+    )
+    .unwrap();
 
     // 2. Bob, in another browser, signs in with his token and sees none of Anna's chat.
     let bob_browser = driver.browser("bob").await;
     bob_browser.goto(&format!("{base}/")).await.unwrap();
-    bob_browser.wait().at_most(WAIT).for_element(Locator::Id("token")).await.unwrap().send_keys(&bob_token).await.unwrap();
-    bob_browser.find(Locator::Css("#login-form button")).await.unwrap().click().await.unwrap();
+    bob_browser
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(&bob_token)
+        .await
+        .unwrap();
+    bob_browser
+        .find(Locator::Css("#login-form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_for_text(&bob_browser, "#user", "bob").await;
     wait_for_text(&bob_browser, "#messages", "Say hello").await;
     send_message(&bob_browser, "bob's own words").await;
-    let bob_view = wait_for_text(&bob_browser, ".msg.assistant[data-done=true]", &echo_of("bob's own words")).await;
+    let bob_view = wait_for_text(
+        &bob_browser,
+        ".msg.assistant[data-done=true]",
+        &echo_of("bob's own words"),
+    )
+    .await;
     assert!(!bob_view.contains("anna"));
-    let bob_all = bob_browser.find(Locator::Id("messages")).await.unwrap().text().await.unwrap();
+    let bob_all = bob_browser
+        .find(Locator::Id("messages"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(!bob_all.contains("hello from anna"), "{bob_all}");
     anna_browser.refresh().await.unwrap();
     let anna_all = wait_for_text(&anna_browser, "#messages", "hello from anna").await;
@@ -180,24 +278,68 @@ async fn browser_chat_isolation_and_admin_pairing() {
 
     // 3. The operator signs in and approves a pairing request.
     let identity = Identity::new(ChannelKind::Telegram, PeerId::new("777000").unwrap());
-    let (request, _) =
-        h.gateway.store().pairing_request_for(&identity, "777000", Some("Carla"), Duration::from_secs(600)).await.unwrap();
+    let (request, _) = h
+        .gateway
+        .store()
+        .pairing_request_for(&identity, "777000", Some("Carla"), Duration::from_secs(600))
+        .await
+        .unwrap();
     let admin_browser = driver.browser("admin").await;
     admin_browser.goto(&format!("{base}/admin")).await.unwrap();
-    admin_browser.wait().at_most(WAIT).for_element(Locator::Id("admin-token")).await.unwrap().send_keys(ADMIN_TOKEN).await.unwrap();
-    admin_browser.find(Locator::Css("#admin-login button")).await.unwrap().click().await.unwrap();
+    admin_browser
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Id("admin-token"))
+        .await
+        .unwrap()
+        .send_keys(ADMIN_TOKEN)
+        .await
+        .unwrap();
+    admin_browser
+        .find(Locator::Css("#admin-login button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_for_text(&admin_browser, "#pairing", &request.code).await;
     wait_for_text(&admin_browser, "#users", "anna").await;
-    std::fs::write(shots.join("admin.png"), admin_browser.screenshot().await.unwrap()).unwrap();
-    admin_browser.find(Locator::Css(&format!("button.approve[data-code='{}']", request.code))).await.unwrap().click().await.unwrap();
+    std::fs::write(
+        shots.join("admin.png"),
+        admin_browser.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    admin_browser
+        .find(Locator::Css(&format!(
+            "button.approve[data-code='{}']",
+            request.code
+        )))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_for_text(&admin_browser, "#notice", "Pairing approved.").await;
     wait_for_text(&admin_browser, "#users", "telegram:777000").await;
-    let (user, source) = h.gateway.store().user_for_identity(&identity).await.unwrap().unwrap();
-    assert_eq!((user.as_str(), source.as_str()), ("telegram_777000", "pairing"));
+    let (user, source) = h
+        .gateway
+        .store()
+        .user_for_identity(&identity)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (user.as_str(), source.as_str()),
+        ("telegram_777000", "pairing")
+    );
 
     for browser in [anna_browser, bob_browser, admin_browser] {
         browser.close().await.unwrap();
     }
     h.shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

@@ -18,8 +18,12 @@ fn form(path: &str, cookie: &str, body: String) -> Request<Body> {
 
 async fn pairing_request(h: &Harness, peer: &str, name: &str) -> (Identity, String) {
     let identity = Identity::new(ChannelKind::Telegram, PeerId::new(peer).unwrap());
-    let (request, created) =
-        h.gateway.store().pairing_request_for(&identity, peer, Some(name), Duration::from_secs(600)).await.unwrap();
+    let (request, created) = h
+        .gateway
+        .store()
+        .pairing_request_for(&identity, peer, Some(name), Duration::from_secs(600))
+        .await
+        .unwrap();
     assert!(created);
     (identity, request.code)
 }
@@ -28,9 +32,17 @@ async fn pairing_request(h: &Harness, peer: &str, name: &str) -> (Identity, Stri
 async fn the_dashboard_needs_the_operator_token() {
     let h = harness();
     let (_, user_token) = h.user("anna").await;
-    h.gateway.store().ensure_user(&UserId::new("anna").unwrap(), Some("Anna Secretname")).await.unwrap();
+    h.gateway
+        .store()
+        .ensure_user(&UserId::new("anna").unwrap(), Some("Anna Secretname"))
+        .await
+        .unwrap();
 
-    let anonymous = send(&h.app(), Request::get("/admin").body(Body::empty()).unwrap()).await;
+    let anonymous = send(
+        &h.app(),
+        Request::get("/admin").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert!(anonymous.body.contains("Operator sign-in"));
     assert!(!anonymous.body.contains("anna"), "no data before sign-in");
 
@@ -41,21 +53,41 @@ async fn the_dashboard_needs_the_operator_token() {
     }
 
     let admin = h.admin_session().await;
-    let page = send(&h.app(), Request::get("/admin").header(header::COOKIE, &admin.cookie).body(Body::empty()).unwrap()).await;
+    let page = send(
+        &h.app(),
+        Request::get("/admin")
+            .header(header::COOKIE, &admin.cookie)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.body.contains("anna"));
     assert!(page.body.contains("No sandbox backend."));
-    assert!(!page.body.contains(ADMIN_TOKEN), "the operator token is never rendered");
+    assert!(
+        !page.body.contains(ADMIN_TOKEN),
+        "the operator token is never rendered"
+    );
 
     // An admin session is not a chat session.
     let secret = admin.cookie.trim_start_matches("mm_admin=");
-    let as_user = send(&h.app(), Request::get("/api/history").header(header::COOKIE, format!("mm_session={secret}")).body(Body::empty()).unwrap()).await;
+    let as_user = send(
+        &h.app(),
+        Request::get("/api/history")
+            .header(header::COOKIE, format!("mm_session={secret}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(as_user.status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
 async fn an_empty_operator_token_signs_nobody_in() {
-    let h = harness_with(moltmate_web::WebSettings { admin_token: String::new(), ..test_settings() });
+    let h = harness_with(moltmate_web::WebSettings {
+        admin_token: String::new(),
+        ..test_settings()
+    });
     let response = send(&h.app(), form("/admin/login", "", "token=".to_string())).await;
     assert_eq!(response.status, StatusCode::UNAUTHORIZED);
 }
@@ -63,21 +95,44 @@ async fn an_empty_operator_token_signs_nobody_in() {
 #[tokio::test]
 async fn the_admin_approves_and_denies_pairing_requests() {
     let h = harness();
-    let (approved_identity, approve_code) = pairing_request(&h, "4242", "Mallory <script>alert(1)</script>").await;
+    let (approved_identity, approve_code) =
+        pairing_request(&h, "4242", "Mallory <script>alert(1)</script>").await;
     let (denied_identity, deny_code) = pairing_request(&h, "5151", "Eve").await;
     let admin = h.admin_session().await;
 
-    let page = send(&h.app(), Request::get("/admin").header(header::COOKIE, &admin.cookie).body(Body::empty()).unwrap()).await;
+    let page = send(
+        &h.app(),
+        Request::get("/admin")
+            .header(header::COOKIE, &admin.cookie)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert!(page.body.contains(&approve_code) && page.body.contains(&deny_code));
-    assert!(page.body.contains("Mallory &lt;script&gt;"), "names are escaped");
+    assert!(
+        page.body.contains("Mallory &lt;script&gt;"),
+        "names are escaped"
+    );
     assert!(!page.body.contains("<script>alert(1)"));
 
     // Without the CSRF token (or with the wrong one), or without the admin session: refused.
-    let no_csrf = send(&h.app(), form("/admin/pairing", &admin.cookie, format!("channel=telegram&code={approve_code}&decision=approve"))).await;
+    let no_csrf = send(
+        &h.app(),
+        form(
+            "/admin/pairing",
+            &admin.cookie,
+            format!("channel=telegram&code={approve_code}&decision=approve"),
+        ),
+    )
+    .await;
     assert_eq!(no_csrf.status, StatusCode::FORBIDDEN);
     let wrong_csrf = send(
         &h.app(),
-        form("/admin/pairing", &admin.cookie, format!("csrf=abc&channel=telegram&code={approve_code}&decision=approve")),
+        form(
+            "/admin/pairing",
+            &admin.cookie,
+            format!("csrf=abc&channel=telegram&code={approve_code}&decision=approve"),
+        ),
     )
     .await;
     assert_eq!(wrong_csrf.status, StatusCode::FORBIDDEN);
@@ -88,45 +143,106 @@ async fn the_admin_approves_and_denies_pairing_requests() {
         form(
             "/admin/pairing",
             &user_session.cookie,
-            format!("csrf={}&channel=telegram&code={approve_code}&decision=approve", user_session.csrf),
+            format!(
+                "csrf={}&channel=telegram&code={approve_code}&decision=approve",
+                user_session.csrf
+            ),
         ),
     )
     .await;
     assert_eq!(as_user.status, StatusCode::UNAUTHORIZED);
-    assert!(h.gateway.store().user_for_identity(&approved_identity).await.unwrap().is_none());
+    assert!(h
+        .gateway
+        .store()
+        .user_for_identity(&approved_identity)
+        .await
+        .unwrap()
+        .is_none());
 
     let approve = send(
         &h.app(),
-        form("/admin/pairing", &admin.cookie, format!("csrf={}&channel=telegram&code={approve_code}&decision=approve", admin.csrf)),
+        form(
+            "/admin/pairing",
+            &admin.cookie,
+            format!(
+                "csrf={}&channel=telegram&code={approve_code}&decision=approve",
+                admin.csrf
+            ),
+        ),
     )
     .await;
     assert_eq!(approve.status, StatusCode::SEE_OTHER);
     assert_eq!(approve.header("location"), Some("/admin?done=approved"));
-    let (user, source) = h.gateway.store().user_for_identity(&approved_identity).await.unwrap().unwrap();
+    let (user, source) = h
+        .gateway
+        .store()
+        .user_for_identity(&approved_identity)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(user.as_str(), "telegram_4242");
     assert_eq!(source, "pairing");
 
     let deny = send(
         &h.app(),
-        form("/admin/pairing", &admin.cookie, format!("csrf={}&channel=telegram&code={deny_code}&decision=deny", admin.csrf)),
+        form(
+            "/admin/pairing",
+            &admin.cookie,
+            format!(
+                "csrf={}&channel=telegram&code={deny_code}&decision=deny",
+                admin.csrf
+            ),
+        ),
     )
     .await;
     assert_eq!(deny.header("location"), Some("/admin?done=denied"));
-    assert!(h.gateway.store().user_for_identity(&denied_identity).await.unwrap().is_none());
-    assert!(h.gateway.store().pending_pairing_requests().await.unwrap().is_empty());
+    assert!(h
+        .gateway
+        .store()
+        .user_for_identity(&denied_identity)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(h
+        .gateway
+        .store()
+        .pending_pairing_requests()
+        .await
+        .unwrap()
+        .is_empty());
 
     // Deciding again: the request is gone, said plainly.
     let again = send(
         &h.app(),
-        form("/admin/pairing", &admin.cookie, format!("csrf={}&channel=telegram&code={deny_code}&decision=approve", admin.csrf)),
+        form(
+            "/admin/pairing",
+            &admin.cookie,
+            format!(
+                "csrf={}&channel=telegram&code={deny_code}&decision=approve",
+                admin.csrf
+            ),
+        ),
     )
     .await;
     assert_eq!(again.header("location"), Some("/admin?done=gone"));
 
-    let page = send(&h.app(), Request::get("/admin?done=approved").header(header::COOKIE, &admin.cookie).body(Body::empty()).unwrap()).await;
+    let page = send(
+        &h.app(),
+        Request::get("/admin?done=approved")
+            .header(header::COOKIE, &admin.cookie)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert!(page.body.contains("Pairing approved."));
-    assert!(page.body.contains("telegram:4242"), "the new user's identity is listed");
-    assert!(page.body.contains("pairing_approved"), "the decision is audited");
+    assert!(
+        page.body.contains("telegram:4242"),
+        "the new user's identity is listed"
+    );
+    assert!(
+        page.body.contains("pairing_approved"),
+        "the decision is audited"
+    );
 }
 
 #[tokio::test]
@@ -134,20 +250,55 @@ async fn the_dashboard_shows_usage_and_audit() {
     let h = harness();
     let (anna, _) = h.user("anna").await;
     let session = h.browser_session(&anna).await;
-    assert_eq!(send(&h.app(), chat_request(&session, "count my tokens")).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&h.app(), chat_request(&session, "count my tokens"))
+            .await
+            .status,
+        StatusCode::OK
+    );
     let admin = h.admin_session().await;
-    let page = send(&h.app(), Request::get("/admin").header(header::COOKIE, &admin.cookie).body(Body::empty()).unwrap()).await;
-    assert!(page.body.contains("<td class=\"num\">12</td><td class=\"num\">7</td>"), "token usage per user");
-    let logout = send(&h.app(), form("/admin/logout", &admin.cookie, format!("csrf={}", admin.csrf))).await;
+    let page = send(
+        &h.app(),
+        Request::get("/admin")
+            .header(header::COOKIE, &admin.cookie)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        page.body
+            .contains("<td class=\"num\">12</td><td class=\"num\">7</td>"),
+        "token usage per user"
+    );
+    let logout = send(
+        &h.app(),
+        form(
+            "/admin/logout",
+            &admin.cookie,
+            format!("csrf={}", admin.csrf),
+        ),
+    )
+    .await;
     assert_eq!(logout.status, StatusCode::SEE_OTHER);
-    let after = send(&h.app(), Request::get("/admin").header(header::COOKIE, &admin.cookie).body(Body::empty()).unwrap()).await;
+    let after = send(
+        &h.app(),
+        Request::get("/admin")
+            .header(header::COOKIE, &admin.cookie)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert!(after.body.contains("Operator sign-in"));
 }
 
 #[tokio::test]
 async fn healthz_reports_liveness_without_secrets() {
     let h = harness();
-    let response = send(&h.app(), Request::get("/healthz").body(Body::empty()).unwrap()).await;
+    let response = send(
+        &h.app(),
+        Request::get("/healthz").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(response.status, StatusCode::OK);
     let body = response.json();
     assert_eq!(body["status"], "ok");
@@ -156,7 +307,11 @@ async fn healthz_reports_liveness_without_secrets() {
     assert!(body["sandbox"].is_null());
     assert!(!response.body.contains(ADMIN_TOKEN));
     h.shutdown.cancel();
-    let response = send(&h.app(), Request::get("/healthz").body(Body::empty()).unwrap()).await;
+    let response = send(
+        &h.app(),
+        Request::get("/healthz").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.json()["status"], "shutting_down");
 }
@@ -166,15 +321,43 @@ async fn metrics_join_the_gateways_and_the_web_layers() {
     let h = harness();
     let (_, token) = h.user("anna").await;
     let (anna, _) = h.user("anna").await;
-    let code = h.gateway.store().create_login_link(&anna, Duration::from_secs(60)).await.unwrap();
-    send(&h.app(), Request::get(format!("/login/{code}")).body(Body::empty()).unwrap()).await;
-    send(&h.app(), completion_request(&token, serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}))).await;
-    let response = send(&h.app(), Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let code = h
+        .gateway
+        .store()
+        .create_login_link(&anna, Duration::from_secs(60))
+        .await
+        .unwrap();
+    send(
+        &h.app(),
+        Request::get(format!("/login/{code}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    send(
+        &h.app(),
+        completion_request(
+            &token,
+            serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    )
+    .await;
+    let response = send(
+        &h.app(),
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(response.status, StatusCode::OK);
     let text = response.body;
-    assert!(text.contains("moltmate_messages_total{channel=\"web\",outcome=\"queued\"} 1"), "{text}");
+    assert!(
+        text.contains("moltmate_messages_total{channel=\"web\",outcome=\"queued\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("moltmate_web_http_requests_total{route=\"/v1/chat/completions\",method=\"POST\",status=\"200\"} 1"), "{text}");
-    assert!(text.contains("route=\"/login/{code}\""), "routes are templates");
+    assert!(
+        text.contains("route=\"/login/{code}\""),
+        "routes are templates"
+    );
     assert!(!text.contains(&code), "login codes never reach a label");
     assert_eq!(text.matches("# EOF").count(), 1);
     assert!(text.ends_with("# EOF\n"));

@@ -11,7 +11,14 @@ use serde_json::json;
 async fn models_lists_the_assistant_for_a_valid_token() {
     let h = harness();
     let (_, token) = h.user("anna").await;
-    let response = send(&h.app(), Request::get("/v1/models").header(header::AUTHORIZATION, bearer(&token)).body(Body::empty()).unwrap()).await;
+    let response = send(
+        &h.app(),
+        Request::get("/v1/models")
+            .header(header::AUTHORIZATION, bearer(&token))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(response.status, StatusCode::OK);
     let body = response.json();
     assert_eq!(body["object"], "list");
@@ -36,25 +43,45 @@ async fn a_non_streamed_completion_answers_from_the_users_session() {
     assert_eq!(response.status, StatusCode::OK, "{}", response.body);
     let body = response.json();
     assert_eq!(body["object"], "chat.completion");
-    assert_eq!(body["model"], "gpt-4o-mini", "the requested model is echoed");
+    assert_eq!(
+        body["model"], "gpt-4o-mini",
+        "the requested model is echoed"
+    );
     assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");
-    assert_eq!(body["choices"][0]["message"]["content"], echo_of("hello there"));
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        echo_of("hello there")
+    );
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
 
     // Only the last user message was submitted: the model saw exactly one user item.
     let calls = h.model.calls();
     assert_eq!(calls.len(), 1);
-    let users: Vec<_> = calls[0].items.iter().filter(|i| matches!(i, moltmate_core::model::ConversationItem::User { .. })).collect();
+    let users: Vec<_> = calls[0]
+        .items
+        .iter()
+        .filter(|i| matches!(i, moltmate_core::model::ConversationItem::User { .. }))
+        .collect();
     assert_eq!(users.len(), 1);
     assert!(!calls[0].all_text().contains("an older message"));
     assert!(!calls[0].system.contains("ignored"));
 
     // The gateway keeps the history: a second request sees the first exchange.
-    let response = send(&h.app(), completion_request(&token, json!({"model": "x", "messages": [{"role": "user", "content": "again"}]}))).await;
+    let response = send(
+        &h.app(),
+        completion_request(
+            &token,
+            json!({"model": "x", "messages": [{"role": "user", "content": "again"}]}),
+        ),
+    )
+    .await;
     assert_eq!(response.status, StatusCode::OK);
     let calls = h.model.calls();
-    assert!(calls[1].all_text().contains("hello there"), "history is kept server-side");
+    assert!(
+        calls[1].all_text().contains("hello there"),
+        "history is kept server-side"
+    );
 }
 
 #[tokio::test]
@@ -64,12 +91,25 @@ async fn a_streamed_completion_uses_openai_chunks_and_done() {
     let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": [{"type": "text", "text": "stream me"}]}]});
     let response = send(&h.app(), completion_request(&token, body)).await;
     assert_eq!(response.status, StatusCode::OK, "{}", response.body);
-    assert!(response.header("content-type").unwrap().starts_with("text/event-stream"));
+    assert!(response
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
 
-    let data: Vec<&str> = response.body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let data: Vec<&str> = response
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
     assert_eq!(data.last(), Some(&"[DONE]"), "{}", response.body);
-    let chunks: Vec<serde_json::Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-    assert!(chunks.len() >= 5, "role chunk, three content chunks, finish chunk: {chunks:?}");
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks.len() >= 5,
+        "role chunk, three content chunks, finish chunk: {chunks:?}"
+    );
     let id = chunks[0]["id"].clone();
     for chunk in &chunks {
         assert_eq!(chunk["object"], "chat.completion.chunk");
@@ -78,9 +118,19 @@ async fn a_streamed_completion_uses_openai_chunks_and_done() {
         assert_eq!(chunk["choices"][0]["index"], 0);
     }
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
     assert_eq!(text, echo_of("stream me"));
-    let content_chunks = chunks.iter().filter(|c| c["choices"][0]["delta"]["content"].as_str().is_some_and(|s| !s.is_empty())).count();
+    let content_chunks = chunks
+        .iter()
+        .filter(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty())
+        })
+        .count();
     assert!(content_chunks >= 3, "the answer arrives in several deltas");
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "stop");
@@ -96,9 +146,17 @@ async fn bad_missing_and_revoked_tokens_get_401_in_openai_shape() {
     let (anna, token) = h.user("anna").await;
     let body = json!({"messages": [{"role": "user", "content": "hi"}]});
 
-    let no_token = Request::post("/v1/chat/completions").body(Body::from(body.to_string())).unwrap();
-    let bad = completion_request("mm_0000000000000000000000000000000000000000000000000000000000000000", body.clone());
-    let basic = Request::get("/v1/models").header(header::AUTHORIZATION, "Basic YTpi").body(Body::empty()).unwrap();
+    let no_token = Request::post("/v1/chat/completions")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let bad = completion_request(
+        "mm_0000000000000000000000000000000000000000000000000000000000000000",
+        body.clone(),
+    );
+    let basic = Request::get("/v1/models")
+        .header(header::AUTHORIZATION, "Basic YTpi")
+        .body(Body::empty())
+        .unwrap();
     for request in [no_token, bad, basic] {
         let response = send(&h.app(), request).await;
         assert_eq!(response.status, StatusCode::UNAUTHORIZED);
@@ -119,7 +177,11 @@ async fn bad_missing_and_revoked_tokens_get_401_in_openai_shape() {
 async fn bad_bodies_get_400_and_huge_ones_413() {
     let h = harness();
     let (_, token) = h.user("anna").await;
-    for body in [json!({"messages": []}), json!({"model": "x"}), json!({"messages": [{"role": "user", "content": 5}]})] {
+    for body in [
+        json!({"messages": []}),
+        json!({"model": "x"}),
+        json!({"messages": [{"role": "user", "content": 5}]}),
+    ] {
         let response = send(&h.app(), completion_request(&token, body)).await;
         assert_eq!(response.status, StatusCode::BAD_REQUEST);
         assert_eq!(response.json()["error"]["type"], "invalid_request_error");
@@ -130,10 +192,20 @@ async fn bad_bodies_get_400_and_huge_ones_413() {
         .unwrap();
     let response = send(&h.app(), not_json).await;
     assert_eq!(response.status, StatusCode::BAD_REQUEST);
-    assert!(response.json()["error"]["message"].as_str().unwrap().contains("invalid request body"));
+    assert!(response.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid request body"));
 
     let huge = "x".repeat(moltmate_web::MAX_BODY_BYTES + 10);
-    let response = send(&h.app(), completion_request(&token, json!({"messages": [{"role": "user", "content": huge}]}))).await;
+    let response = send(
+        &h.app(),
+        completion_request(
+            &token,
+            json!({"messages": [{"role": "user", "content": huge}]}),
+        ),
+    )
+    .await;
     assert_eq!(response.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(response.json()["error"]["code"], "request_too_large");
 }
@@ -147,17 +219,42 @@ async fn the_token_decides_the_user_not_the_body() {
     let response = send(&h.app(), completion_request(&anna_token, body)).await;
     assert_eq!(response.status, StatusCode::OK);
     let bob_session = h.gateway.store().current_session(&bob).await.unwrap();
-    assert!(h.gateway.store().transcript(&bob_session.id).await.unwrap().is_empty(), "bob's session is untouched");
+    assert!(
+        h.gateway
+            .store()
+            .transcript(&bob_session.id)
+            .await
+            .unwrap()
+            .is_empty(),
+        "bob's session is untouched"
+    );
     let anna = moltmate_core::UserId::new("anna").unwrap();
     let anna_session = h.gateway.store().current_session(&anna).await.unwrap();
-    assert_eq!(h.gateway.store().transcript(&anna_session.id).await.unwrap().len(), 2);
+    assert_eq!(
+        h.gateway
+            .store()
+            .transcript(&anna_session.id)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[tokio::test]
 async fn rate_limits_answer_429_with_retry_after() {
-    let h = harness_with(moltmate_web::WebSettings { rate_limit_per_minute: 1, rate_limit_burst: 3, ..test_settings() });
+    let h = harness_with(moltmate_web::WebSettings {
+        rate_limit_per_minute: 1,
+        rate_limit_burst: 3,
+        ..test_settings()
+    });
     let (_, token) = h.user("anna").await;
-    let models = || Request::get("/v1/models").header(header::AUTHORIZATION, bearer(&token)).body(Body::empty()).unwrap();
+    let models = || {
+        Request::get("/v1/models")
+            .header(header::AUTHORIZATION, bearer(&token))
+            .body(Body::empty())
+            .unwrap()
+    };
     for _ in 0..3 {
         assert_eq!(send(&h.app(), models()).await.status, StatusCode::OK);
     }
@@ -173,7 +270,14 @@ async fn shutting_down_answers_503() {
     let h = harness();
     let (_, token) = h.user("anna").await;
     h.shutdown.cancel();
-    let response = send(&h.app(), completion_request(&token, json!({"messages": [{"role": "user", "content": "hi"}]}))).await;
+    let response = send(
+        &h.app(),
+        completion_request(
+            &token,
+            json!({"messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    )
+    .await;
     assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.json()["error"]["code"], "shutting_down");
 }

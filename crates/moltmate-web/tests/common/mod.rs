@@ -7,7 +7,9 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use moltmate_core::model::{ConversationItem, DeltaSink, ModelResponse, StopReason, TokenUsage, ToolSpec};
+use moltmate_core::model::{
+    ConversationItem, DeltaSink, ModelResponse, StopReason, TokenUsage, ToolSpec,
+};
 use moltmate_core::{Shutdown, UserId};
 use moltmate_gateway::agent::{ModelAnswer, ModelCaller, ModelFailure, ToolBox};
 use moltmate_gateway::{Gateway, GatewayParts, GatewaySettings};
@@ -69,7 +71,10 @@ impl ModelCaller for EchoModel {
         _tools: &[ToolSpec],
         deltas: &dyn DeltaSink,
     ) -> Result<ModelAnswer, ModelFailure> {
-        let call = SeenCall { system: system.to_string(), items: items.to_vec() };
+        let call = SeenCall {
+            system: system.to_string(),
+            items: items.to_vec(),
+        };
         let reply = echo_of(call.last_user_text().unwrap_or(""));
         self.calls.lock().unwrap().push(call);
         let chars: Vec<char> = reply.chars().collect();
@@ -78,9 +83,17 @@ impl ModelCaller for EchoModel {
             deltas.text_delta(&piece.iter().collect::<String>());
             tokio::time::sleep(Duration::from_millis(15)).await;
         }
-        let usage = TokenUsage { input_tokens: 12, output_tokens: 7 };
+        let usage = TokenUsage {
+            input_tokens: 12,
+            output_tokens: 7,
+        };
         Ok(ModelAnswer {
-            response: ModelResponse { text: reply, tool_calls: vec![], usage, stop_reason: StopReason::EndTurn },
+            response: ModelResponse {
+                text: reply,
+                tool_calls: vec![],
+                usage,
+                stop_reason: StopReason::EndTurn,
+            },
             provider: "test".to_string(),
             model: "echo".to_string(),
             usage: vec![("test".to_string(), "echo".to_string(), usage)],
@@ -97,7 +110,10 @@ pub struct Harness {
 }
 
 pub fn test_settings() -> WebSettings {
-    WebSettings { admin_token: ADMIN_TOKEN.to_string(), ..WebSettings::default() }
+    WebSettings {
+        admin_token: ADMIN_TOKEN.to_string(),
+        ..WebSettings::default()
+    }
 }
 
 pub fn harness() -> Harness {
@@ -119,7 +135,13 @@ pub fn harness_with(settings: WebSettings) -> Harness {
         shutdown: shutdown.clone(),
     });
     let state = WebState::new(gateway.clone(), settings, shutdown.clone()).unwrap();
-    Harness { state, gateway, model, shutdown, dir }
+    Harness {
+        state,
+        gateway,
+        model,
+        shutdown,
+        dir,
+    }
 }
 
 impl Harness {
@@ -130,21 +152,51 @@ impl Harness {
     /// A user who finished onboarding (so messages reach the model), with an API token.
     pub async fn user(&self, name: &str) -> (UserId, String) {
         let user = UserId::new(name).unwrap();
-        let token = self.gateway.store().issue_token(&user, Some("test")).await.unwrap();
-        self.gateway.store().set_onboarded(&user, true).await.unwrap();
+        let token = self
+            .gateway
+            .store()
+            .issue_token(&user, Some("test"))
+            .await
+            .unwrap();
+        self.gateway
+            .store()
+            .set_onboarded(&user, true)
+            .await
+            .unwrap();
         (user, token)
     }
 
     /// Signs `user` in through a login link; returns the session cookie and CSRF token.
     pub async fn browser_session(&self, user: &UserId) -> BrowserSession {
-        let code = self.gateway.store().create_login_link(user, Duration::from_secs(600)).await.unwrap();
-        let response = send(&self.app(), Request::post(format!("/login/{code}")).body(Body::empty()).unwrap()).await;
+        let code = self
+            .gateway
+            .store()
+            .create_login_link(user, Duration::from_secs(600))
+            .await
+            .unwrap();
+        let response = send(
+            &self.app(),
+            Request::post(format!("/login/{code}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
         assert_eq!(response.status, StatusCode::SEE_OTHER, "{}", response.body);
         let cookie = response.cookie("mm_session").expect("a session cookie");
-        let page = send(&self.app(), Request::get("/").header(header::COOKIE, format!("mm_session={cookie}")).body(Body::empty()).unwrap()).await;
+        let page = send(
+            &self.app(),
+            Request::get("/")
+                .header(header::COOKIE, format!("mm_session={cookie}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
         assert_eq!(page.status, StatusCode::OK);
         let csrf = meta_csrf(&page.body).expect("the chat page carries a CSRF token");
-        BrowserSession { cookie: format!("mm_session={cookie}"), csrf }
+        BrowserSession {
+            cookie: format!("mm_session={cookie}"),
+            csrf,
+        }
     }
 
     /// Signs the operator in; returns the admin cookie and the dashboard's CSRF token.
@@ -158,8 +210,18 @@ impl Harness {
         )
         .await;
         assert_eq!(response.status, StatusCode::SEE_OTHER, "{}", response.body);
-        let cookie = format!("mm_admin={}", response.cookie("mm_admin").expect("an admin cookie"));
-        let page = send(&self.app(), Request::get("/admin").header(header::COOKIE, &cookie).body(Body::empty()).unwrap()).await;
+        let cookie = format!(
+            "mm_admin={}",
+            response.cookie("mm_admin").expect("an admin cookie")
+        );
+        let page = send(
+            &self.app(),
+            Request::get("/admin")
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
         let csrf = hidden_csrf(&page.body).expect("the dashboard carries a CSRF token");
         BrowserSession { cookie, csrf }
     }
@@ -173,7 +235,8 @@ pub struct BrowserSession {
 }
 
 pub fn meta_csrf(page: &str) -> Option<String> {
-    let start = page.find("name=\"csrf-token\" content=\"")? + "name=\"csrf-token\" content=\"".len();
+    let start =
+        page.find("name=\"csrf-token\" content=\"")? + "name=\"csrf-token\" content=\"".len();
     Some(page[start..].split('"').next()?.to_string())
 }
 
@@ -215,7 +278,11 @@ pub async fn send(app: &Router, request: Request<Body>) -> TestResponse {
     let status = response.status();
     let headers = response.headers().clone();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    TestResponse { status, headers, body: String::from_utf8_lossy(&bytes).into_owned() }
+    TestResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
 }
 
 pub fn bearer(token: &str) -> String {
@@ -235,11 +302,16 @@ pub fn chat_request(session: &BrowserSession, message: &str) -> Request<Body> {
         .header(header::COOKIE, &session.cookie)
         .header("x-csrf-token", &session.csrf)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(serde_json::json!({ "message": message }).to_string()))
+        .body(Body::from(
+            serde_json::json!({ "message": message }).to_string(),
+        ))
         .unwrap()
 }
 
 /// The NDJSON lines of a `/api/chat` answer.
 pub fn ndjson(body: &str) -> Vec<serde_json::Value> {
-    body.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+    body.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
