@@ -14,8 +14,9 @@
 //! (`on`/`off`).
 //!
 //! After a gateway restart the first call lists containers by label: running ones made under the
-//! current config digest are adopted (idle time restarts at zero), everything else (other digest,
-//! stopped, leftovers of `task` scope) is removed.
+//! current config digest are adopted, everything else (other digest, stopped, leftovers of `task`
+//! scope, proxied ones) is removed. Last-use times survive restarts in
+//! `state_dir/docker-last-used/<name>` (written after every command), so `prune` stays right.
 //!
 //! # Hardening (set on create, fixed for the container's life)
 //! * The idle entrypoint (`sleep infinity` under Docker's init, which reaps zombies) runs as
@@ -341,11 +342,17 @@ impl DockerSandbox {
                     let task = labels.get(LABEL_SCOPE).map(String::as_str) == Some("task");
                     let proxied = labels.get(LABEL_NETWORK).map(String::as_str) == Some("proxy");
                     if digest_ok && running && !task && !proxied {
+                        let used_at = self
+                            .read_last_used(&name)
+                            .await
+                            .or_else(|| summary.created.and_then(|c| u64::try_from(c).ok()))
+                            .unwrap_or_else(epoch_now);
+                        let idle = Duration::from_secs(epoch_now().saturating_sub(used_at));
                         let live = Live {
                             id: summary.id.clone().unwrap_or_else(|| name.clone()),
                             user: labels.get(LABEL_USER).cloned().unwrap_or_default(),
                             limits: parse_limits(&labels),
-                            last_used: Instant::now(),
+                            last_used: Instant::now().checked_sub(idle).unwrap_or_else(Instant::now),
                             busy: 0,
                             oom_kills: None,
                         };
@@ -448,6 +455,7 @@ impl DockerSandbox {
 
     async fn remove_container(&self, name: &str) -> Result<(), SandboxError> {
         self.lock_live().remove(name);
+        let _ = tokio::fs::remove_file(self.last_used_file(name)).await;
         {
             let mut locks = self.create_locks.lock().unwrap_or_else(|p| p.into_inner());
             // Only drop the lock entry when nobody holds or awaits it (map + this = 2 refs
@@ -815,6 +823,28 @@ impl DockerSandbox {
         }
     }
 
+    /// Where the last-use time of `name` survives a gateway restart (for `prune` after it).
+    fn last_used_file(&self, name: &str) -> PathBuf {
+        self.settings.state_dir.join("docker-last-used").join(name)
+    }
+
+    async fn write_last_used(&self, name: &str) {
+        let path = self.last_used_file(name);
+        if let Some(dir) = path.parent() {
+            let _ = tokio::fs::create_dir_all(dir).await;
+        }
+        // Best effort: losing it only makes a restarted gateway see the container as idle
+        // since its creation.
+        let _ = tokio::fs::write(&path, epoch_now().to_string()).await;
+    }
+
+    async fn read_last_used(&self, name: &str) -> Option<u64> {
+        let text = tokio::fs::read_to_string(self.last_used_file(name))
+            .await
+            .ok()?;
+        text.trim().parse().ok()
+    }
+
     /// Runs a helper command as the sandbox user and returns its stdout (small, bounded).
     async fn helper(&self, id: &str, script: &str) -> Result<(Option<i64>, String), RunError> {
         let options = CreateExecOptions {
@@ -1062,6 +1092,13 @@ impl DockerSandbox {
     }
 }
 
+fn epoch_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 fn map_run_err(e: BollardError) -> RunError {
     if is_gone(&e) {
         RunError::Gone
@@ -1112,6 +1149,7 @@ impl Sandbox for DockerSandbox {
             self.mark(&name, true);
             let result = self.run_in(&name, &id, &request, started).await;
             self.mark(&name, false);
+            self.write_last_used(&name).await;
             match result {
                 Ok(out) => return Ok(out),
                 Err(RunError::Gone) if attempt == 0 => {
@@ -1151,9 +1189,11 @@ impl Sandbox for DockerSandbox {
             let idle_seconds = match known {
                 Some(l) if l.busy > 0 => Some(0),
                 Some(l) => Some(l.last_used.elapsed().as_secs()),
-                None => summary
-                    .created
-                    .map(|c| now.saturating_sub(u64::try_from(c).unwrap_or(0))),
+                None => self
+                    .read_last_used(&name)
+                    .await
+                    .or_else(|| summary.created.and_then(|c| u64::try_from(c).ok()))
+                    .map(|t| now.saturating_sub(t)),
             };
             out.push(SandboxInfo {
                 user: labels

@@ -581,6 +581,24 @@ async fn docker_digest_change_restart_and_prune() {
         .unwrap()
         .name;
 
+    // A restarted gateway knows how long the container has been idle.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let fresh = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "digest-a",
+        "docker_digest_change_restart_and_prune",
+    ))
+    .unwrap();
+    fresh.recover().await.unwrap();
+    let info = fresh
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.user == u.as_str())
+        .unwrap();
+    assert!(info.idle_seconds.unwrap_or(0) >= 2, "{info:?}");
+
     // Restart with the same config: the container is found again and reused.
     let again = DockerSandbox::connect(&settings(
         SandboxScope::User,
