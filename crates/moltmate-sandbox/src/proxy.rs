@@ -617,6 +617,16 @@ fn parse_head(raw: &[u8]) -> Result<Head, EgressRefusal> {
     let head = std::str::from_utf8(&raw[..end])
         .map_err(|_| EgressRefusal::Malformed("head is not UTF-8".into()))?;
     let rest = raw[end + 4..].to_vec();
+    // Bare CR/LF or other control bytes inside a line would let a request smuggle extra header
+    // lines past this parser; nothing legitimate sends them.
+    if head
+        .split("\r\n")
+        .any(|line| line.chars().any(|c| c.is_control() && c != '\t'))
+    {
+        return Err(EgressRefusal::Malformed(
+            "control characters in the request head".into(),
+        ));
+    }
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');

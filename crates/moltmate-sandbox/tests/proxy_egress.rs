@@ -309,7 +309,15 @@ async fn odd_hosts_and_other_domains_are_refused() {
         "GET http://api.allowed.test\0.evil/ HTTP/1.1\r\n\r\n",
     )
     .await;
-    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    // A bare LF cannot smuggle a second header line past the parser.
+    let resp = send(
+        &h,
+        "anna",
+        "GET http://api.allowed.test/ HTTP/1.1\r\nX: a\nHost: evil.test\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     assert!(h.net.connected.lock().unwrap().is_empty());
 
     assert_eq!(
