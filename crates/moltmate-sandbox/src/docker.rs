@@ -1253,3 +1253,106 @@ impl Sandbox for DockerSandbox {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moltmate_core::sandbox::SandboxProfile;
+
+    fn sandbox(scope: SandboxScope, digest: &str) -> DockerSandbox {
+        let settings = SandboxSettings {
+            backend: crate::BackendChoice::Docker,
+            scope,
+            image: "img".into(),
+            // Never contacted: these tests only use pure helpers.
+            docker_host: Some("tcp://127.0.0.1:9".into()),
+            prune_idle: Duration::from_secs(60),
+            warm_pool: 0,
+            state_dir: PathBuf::from("/nonexistent/state"),
+            allowed_domains: Vec::new(),
+            config_digest: digest.into(),
+        };
+        DockerSandbox::connect(&settings).unwrap()
+    }
+
+    fn request(user: &str, session: &str) -> ExecRequest {
+        ExecRequest {
+            user: UserId::new(user).unwrap(),
+            home: PathBuf::from(format!("/homes/{user}")),
+            family: None,
+            session_id: session.into(),
+            command: ExecCommand::Shell("true".into()),
+            timeout: Duration::from_secs(1),
+            profile: SandboxProfile::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn names_separate_users_sessions_and_setups() {
+        let sb = sandbox(SandboxScope::Session, "d1");
+        let a1 = sb.container_name(&request("anna", "s1"), None);
+        assert!(a1.starts_with("moltmate-sbx-anna-"));
+        assert_eq!(a1.len(), "moltmate-sbx-anna-".len() + 12);
+        assert_eq!(a1, sb.container_name(&request("anna", "s1"), None));
+        assert_ne!(a1, sb.container_name(&request("anna", "s2"), None));
+        assert_ne!(a1, sb.container_name(&request("bob", "s1"), None));
+        let mut ro = request("anna", "s1");
+        ro.profile.workspace_access = WorkspaceAccess::Ro;
+        assert_ne!(a1, sb.container_name(&ro, None));
+        let other_digest = sandbox(SandboxScope::Session, "d2");
+        assert_ne!(
+            a1,
+            other_digest.container_name(&request("anna", "s1"), None)
+        );
+        // User scope ignores the session.
+        let user_scope = sandbox(SandboxScope::User, "d1");
+        assert_eq!(
+            user_scope.container_name(&request("anna", "s1"), None),
+            user_scope.container_name(&request("anna", "s2"), None)
+        );
+        // Task scope names are unique per call.
+        let task = sandbox(SandboxScope::Task, "d1");
+        assert_ne!(
+            task.container_name(&request("anna", "s1"), Some("1")),
+            task.container_name(&request("anna", "s1"), Some("2"))
+        );
+    }
+
+    #[test]
+    fn wrapper_passes_argv_unchanged() {
+        let argv = vec![
+            "printf".to_string(),
+            "%s".to_string(),
+            "a; rm -rf /".to_string(),
+        ];
+        let wrapped = wrap(argv.clone());
+        assert_eq!(&wrapped[..2], ["/bin/sh", "-c"]);
+        assert!(wrapped[2].starts_with("\"$@\"\nrc=$?\n"));
+        assert!(wrapped[2].ends_with("exit $rc"));
+        assert_eq!(wrapped[3], "sh");
+        assert_eq!(&wrapped[4..], &argv[..]);
+    }
+
+    #[tokio::test]
+    async fn proxy_profiles_need_an_attached_proxy() {
+        let sb = sandbox(SandboxScope::User, "d1");
+        let mut r = request("anna", "s1");
+        r.profile.network = SandboxNetwork::Proxy;
+        assert!(matches!(
+            sb.check_network(&r),
+            Err(SandboxError::Unavailable(_))
+        ));
+        r.profile.network = SandboxNetwork::None;
+        assert!(sb.check_network(&r).is_ok());
+    }
+
+    #[test]
+    fn unsupported_hosts_are_refused() {
+        let mut settings = sandbox(SandboxScope::User, "d").settings().clone();
+        settings.docker_host = Some("ssh://somewhere".into());
+        assert!(matches!(
+            connect_client(&settings),
+            Err(SandboxError::Unavailable(_))
+        ));
+    }
+}
