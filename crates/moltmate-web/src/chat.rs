@@ -160,7 +160,8 @@ pub async fn login_link_page(Path(code): Path<String>) -> Response {
     if !plausible_code(&code) {
         return login_page(StatusCode::NOT_FOUND, "This sign-in link is not valid.");
     }
-    Html(html::render(LINK_TEMPLATE, &[("code", code.as_str())])).into_response()
+    // The form posts back to this same URL, so the code is not rendered into the page.
+    Html(LINK_TEMPLATE).into_response()
 }
 
 pub async fn redeem_login_link(

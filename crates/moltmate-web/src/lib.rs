@@ -99,6 +99,24 @@ pub async fn serve(
     .await
 }
 
+/// The sign-in URL for a login code: `<base_url>/login/<code>` (`base_url` like
+/// `http://127.0.0.1:8080`, with or without a trailing slash).
+pub fn login_url(base_url: &str, code: &str) -> String {
+    format!("{}/login/{code}", base_url.trim_end_matches('/'))
+}
+
+/// Creates a one-time login link for `user`, valid for `ttl` (use
+/// [`WebSettings::login_link_ttl`]), and returns its URL. For `moltmate users login-link`.
+pub async fn issue_login_url(
+    store: &moltmate_store::Store,
+    user: &moltmate_core::UserId,
+    base_url: &str,
+    ttl: std::time::Duration,
+) -> Result<String, moltmate_store::StoreError> {
+    let code = store.create_login_link(user, ttl).await?;
+    Ok(login_url(base_url, &code))
+}
+
 /// The bind rule: the web layer may listen on a non-loopback address only when the gateway
 /// has an auth token configured (`gateway.auth.token`), so a fresh install is never reachable
 /// from the network by accident.
@@ -124,6 +142,26 @@ mod tests {
             assert!(check_bind(&addr, false).is_ok(), "{addr}");
             assert!(check_bind(&addr, true).is_ok(), "{addr}");
         }
+    }
+
+    #[tokio::test]
+    async fn login_urls_point_at_the_redeeming_route() {
+        assert_eq!(
+            login_url("http://127.0.0.1:8080/", "abc"),
+            "http://127.0.0.1:8080/login/abc"
+        );
+        let store = moltmate_store::Store::open_in_memory().unwrap();
+        let anna = moltmate_core::UserId::new("anna").unwrap();
+        let url = issue_login_url(
+            &store,
+            &anna,
+            "http://h:1",
+            std::time::Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        let code = url.strip_prefix("http://h:1/login/").unwrap();
+        assert_eq!(store.redeem_login_link(code).await.unwrap(), Some(anna));
     }
 
     #[test]
