@@ -52,7 +52,10 @@ async fn login_links_work_once_and_need_a_post() {
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.cookie("mm_session").is_none());
     assert!(page.body.contains("method=\"post\""));
-    assert!(!page.body.contains(&code), "the code is not rendered into the page");
+    assert!(
+        !page.body.contains(&code),
+        "the code is not rendered into the page"
+    );
 
     let first = send(
         &h.app(),
