@@ -164,7 +164,11 @@ async fn host_secrets_and_other_homes_are_invisible() {
     };
     let other = f.home("bob");
     std::fs::write(other.join("diary.txt"), "secret").unwrap();
-    let gateway_home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    // (/tmp exists inside as the sandbox's own tmpfs, so a gateway HOME of /tmp says nothing.)
+    let gateway_home = std::env::var("HOME")
+        .ok()
+        .filter(|h| h != "/tmp" && h != "/")
+        .unwrap_or_else(|| "/root".into());
     let paths = [
         "/etc/shadow".to_string(),
         "/root".to_string(),

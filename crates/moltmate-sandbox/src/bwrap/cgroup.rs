@@ -39,6 +39,7 @@ impl CgroupSupport {
             if has("memory") && has("pids") {
                 let base = root.join(SUBTREE);
                 let ok = fs::create_dir_all(&base).is_ok()
+                    && can_create_children(&base)
                     && fs::write(root.join("cgroup.subtree_control"), "+memory +pids +cpu")
                         .or_else(|_| {
                             fs::write(root.join("cgroup.subtree_control"), "+memory +pids")
@@ -61,7 +62,7 @@ impl CgroupSupport {
                 return None;
             }
             let base = dir.join(SUBTREE);
-            fs::create_dir_all(&base).ok().map(|_| base)
+            (fs::create_dir_all(&base).is_ok() && can_create_children(&base)).then_some(base)
         };
         let (memory, pids, cpu) = (v1("memory"), v1("pids"), v1("cpu"));
         if memory.is_none() && pids.is_none() && cpu.is_none() {
@@ -161,6 +162,16 @@ impl CgroupSupport {
             }
         }
     }
+}
+
+/// `moltmate/` may exist (made by root) while this process cannot create groups below it.
+fn can_create_children(base: &Path) -> bool {
+    let probe = base.join(format!("probe-{}", std::process::id()));
+    let ok = fs::create_dir(&probe).is_ok();
+    if ok {
+        let _ = fs::remove_dir(&probe);
+    }
+    ok
 }
 
 /// The cgroup directories of one exec. Dropping it kills what is left inside and removes them.
