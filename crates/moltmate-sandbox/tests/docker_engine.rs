@@ -57,12 +57,54 @@ async fn ready() -> Option<()> {
     }
 }
 
+/// A test that panicked skips its cleanup: remove what earlier runs of this binary left behind
+/// (their containers, then their loop mounts and files). Runs once, before any test starts.
+async fn remove_leftovers(docker: &bollard::Docker) {
+    let mut filters = std::collections::HashMap::new();
+    filters.insert(
+        "label".to_string(),
+        vec!["moltmate.managed=true".to_string()],
+    );
+    let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let mine = format!("-{}-", std::process::id());
+    for c in docker
+        .list_containers(Some(options))
+        .await
+        .unwrap_or_default()
+    {
+        let labels = c.labels.unwrap_or_default();
+        let user = labels.get("moltmate.user").cloned().unwrap_or_default();
+        let test_user = user.starts_with('t') && user.matches('-').count() == 2;
+        if test_user && !user.contains(&mine) {
+            let name = c.id.unwrap_or_default();
+            let force = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .build();
+            let _ = docker.remove_container(&name, Some(force)).await;
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let stale: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(ROOT))
+        .collect();
+    for m in stale.iter().rev() {
+        let _ = std::process::Command::new("umount").arg(m).status();
+    }
+    let _ = std::fs::remove_dir_all(ROOT);
+}
+
 async fn prepare() -> Result<(), String> {
     let s = settings(SandboxScope::User, "test", "prepare");
     if !docker_available(&s).await {
         return Err("the Docker daemon does not answer".into());
     }
     let docker = moltmate_sandbox::docker::connect_client(&s).map_err(|e| e.to_string())?;
+    remove_leftovers(&docker).await;
     let have_base = image::image_exists(&docker, image::BASE_IMAGE)
         .await
         .map_err(|e| e.to_string())?;
