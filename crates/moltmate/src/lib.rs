@@ -1,0 +1,220 @@
+//! The `moltmate` crate: CLI parsing, wiring, startup and shutdown. Everything else lives in the
+//! library crates; see ARCHITECTURE.md. `main.rs` only calls [`main_entry`]; the modules are a
+//! library so integration tests can start the gateway in-process through the same wiring.
+
+pub mod admin;
+pub mod chat;
+pub mod serve;
+pub mod wiring;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use moltmate_core::UserId;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "moltmate", version, about = "Moltmates: one server, many people, each with their own AI assistant.")]
+struct Cli {
+    /// The gateway's home (config, database, users). Default: $MOLTMATE_HOME, else ~/.moltmate.
+    #[arg(long, global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (channels, web UI and API) until interrupted.
+    Serve,
+    /// Create the home and write a commented starter moltmate.json.
+    Init,
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Chat with the assistant as a user from this terminal (interactive, or one message).
+    Chat {
+        /// The user to chat as (a user id like `anna` or `telegram_123456`).
+        #[arg(long)]
+        user: String,
+        /// Send this one message, print the answer and exit.
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// Pairing requests of unknown senders.
+    Pairing {
+        #[command(subcommand)]
+        command: PairingCommand,
+    },
+    /// Users: list, inspect, add, reset, remove, export; API tokens and login links.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Sandboxes: list, prune, build the image.
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate moltmate.json without starting anything.
+    Check,
+}
+
+#[derive(Subcommand)]
+enum PairingCommand {
+    /// Pending requests.
+    List,
+    /// Let a sender in: `moltmate pairing approve telegram ABCD2345`.
+    Approve { channel: String, code: String },
+    /// Refuse a request.
+    Deny { channel: String, code: String },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    List,
+    Show {
+        user: String,
+    },
+    /// Create a user (no messaging account needed: use a login link or token).
+    Add {
+        user: String,
+        /// Link a channel identity, e.g. `telegram:123456` (repeatable).
+        #[arg(long = "identity")]
+        identities: Vec<String>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Archive, then delete a user entirely.
+    Remove {
+        user: String,
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Archive, then wipe a user's home, sessions and pairings.
+    Reset {
+        user: String,
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Print (or write) everything stored about a user as JSON.
+    Export {
+        user: String,
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Issue an API token (OpenAI-compatible API and web sign-in), or revoke all with --revoke.
+    Token {
+        user: String,
+        #[arg(long)]
+        revoke: bool,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Print a one-time web login link.
+    LoginLink { user: String },
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Sandboxes of this gateway.
+    List,
+    /// Remove idle sandboxes (older than sandbox.prune.idleMinutes).
+    Prune,
+    /// Build the sandbox image offline from Debian packages.
+    Build,
+}
+
+fn parse_user(raw: &str) -> Result<UserId> {
+    UserId::new(raw).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The binary's `main`.
+pub fn main_entry() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let home = moltmate_config::resolve_home(cli.home.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    match cli.command {
+        Command::Init => init(&home),
+        Command::Config { command: ConfigCommand::Check } => {
+            let config = wiring::load_config(&home)?;
+            wiring::check_startup_rules(&config)?;
+            println!("{}: OK", home.join("moltmate.json").display());
+            Ok(())
+        }
+        Command::Serve => serve::serve(&home).await,
+        Command::Chat { user, message } => chat::chat(&home, parse_user(&user)?, message).await,
+        Command::Pairing { command } => {
+            let admin = admin::Admin::open(&home)?;
+            match command {
+                PairingCommand::List => admin::pairing_list(&admin).await,
+                PairingCommand::Approve { channel, code } => admin::pairing_decide(&admin, &channel, &code, true).await,
+                PairingCommand::Deny { channel, code } => admin::pairing_decide(&admin, &channel, &code, false).await,
+            }
+        }
+        Command::Users { command } => {
+            let admin = admin::Admin::open(&home)?;
+            match command {
+                UsersCommand::List => admin::users_list(&admin).await,
+                UsersCommand::Show { user } => admin::users_show(&admin, &parse_user(&user)?).await,
+                UsersCommand::Add { user, identities, name } => {
+                    admin::users_add(&admin, &parse_user(&user)?, &identities, name.as_deref()).await
+                }
+                UsersCommand::Remove { user, yes } => admin::users_remove(&admin, &parse_user(&user)?, yes).await,
+                UsersCommand::Reset { user, yes } => admin::users_reset(&admin, &parse_user(&user)?, yes).await,
+                UsersCommand::Export { user, output } => admin::users_export(&admin, &parse_user(&user)?, output.as_deref()).await,
+                UsersCommand::Token { user, revoke, label } => {
+                    admin::users_token(&admin, &parse_user(&user)?, revoke, label.as_deref()).await
+                }
+                UsersCommand::LoginLink { user } => {
+                    let config = wiring::load_config(&home)?;
+                    let base = format!("http://{}", wiring::web_address(&config));
+                    admin::users_login_link(&admin, &parse_user(&user)?, &base).await
+                }
+            }
+        }
+        Command::Sandbox { command } => {
+            let config = wiring::load_config(&home)?;
+            match command {
+                SandboxCommand::List => serve::sandbox_list(&home, &config).await,
+                SandboxCommand::Prune => serve::sandbox_prune(&home, &config).await,
+                SandboxCommand::Build => serve::sandbox_build(&home, &config).await,
+            }
+        }
+    }
+}
+
+fn init(home: &Path) -> Result<()> {
+    let path = moltmate_config::write_starter_config(home).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("Wrote {} (mode 0600). Edit it, then run `moltmate config check` and `moltmate serve`.", path.display());
+    Ok(())
+}
+
+/// Used by `serve` and `chat`: the home must exist and be private.
+pub(crate) fn prepare_home(home: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(home).with_context(|| format!("creating {}", home.display()))?;
+    std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}

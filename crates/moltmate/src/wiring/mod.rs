@@ -1,0 +1,83 @@
+//! Wiring: config → the parts of every layer → a running gateway. The only place that knows
+//! both the config file's shape and every library's constructor.
+
+mod model;
+pub mod runtime;
+pub mod settings;
+
+pub use runtime::{build, sandbox_backend, spawn_pruner, start_web, Built, Purpose};
+
+use anyhow::{bail, Result};
+use moltmate_config::{Config, SandboxMode};
+use moltmate_sandbox::{BackendChoice, SandboxScope, SandboxSettings};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Loads `<home>/moltmate.json` (all defaults when absent), with `${VAR}` from the environment.
+pub fn load_config(home: &Path) -> Result<Config> {
+    Config::load(home, &|name| std::env::var(name).ok()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Rules that decide whether the gateway may start at all with this config (on top of the
+/// config crate's own validation, which already refused unknown keys and wrong types).
+pub fn check_startup_rules(config: &Config) -> Result<()> {
+    if config.sandbox.mode == SandboxMode::None {
+        // The config crate refuses `none` without the dangerous flag. Even with it, this gateway
+        // has no host backend: `exec` stays refused. See ARCHITECTURE.md, "No host exec".
+        tracing::warn!("sandbox.mode is \"none\": exec is disabled (this gateway never runs commands on the host)");
+    }
+    let address = web_address(config);
+    if !address.ip().is_loopback() && config.gateway.auth.token.is_none() {
+        bail!(
+            "gateway.bind is {} (not loopback) but gateway.auth.token is not set: refusing to expose the gateway without a token",
+            address.ip()
+        );
+    }
+    Ok(())
+}
+
+/// Where the web UI and API listen.
+pub fn web_address(config: &Config) -> SocketAddr {
+    SocketAddr::new(config.gateway.bind, config.gateway.port)
+}
+
+/// Logging to stderr at `logging.level` (`RUST_LOG` overrides), text or JSON. Log lines never
+/// carry message contents, arguments or secrets; see ARCHITECTURE.md.
+pub fn init_logging(config: &Config, quiet: bool) {
+    let default_level = if quiet { "warn" } else { config.logging.level.as_str() };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(default_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match config.logging.format {
+        moltmate_config::LogFormat::Json => builder.json().try_init(),
+        moltmate_config::LogFormat::Text => builder.try_init(),
+    };
+    if result.is_err() {
+        // Already initialised (tests start several gateways in one process).
+    }
+}
+
+/// The sandbox layer's settings from the config.
+pub fn sandbox_settings(home: &Path, config: &Config) -> SandboxSettings {
+    SandboxSettings {
+        backend: match config.sandbox.backend {
+            moltmate_config::SandboxBackend::Auto => BackendChoice::Auto,
+            moltmate_config::SandboxBackend::Docker => BackendChoice::Docker,
+            moltmate_config::SandboxBackend::Bwrap => BackendChoice::Bwrap,
+        },
+        scope: match config.sandbox.scope {
+            moltmate_config::SandboxScope::Session => SandboxScope::Session,
+            moltmate_config::SandboxScope::User => SandboxScope::User,
+            moltmate_config::SandboxScope::Task => SandboxScope::Task,
+        },
+        image: config.sandbox.image.clone(),
+        docker_host: config.sandbox.docker_host.clone(),
+        prune_idle: Duration::from_secs(config.sandbox.prune.idle_minutes * 60),
+        warm_pool: config.sandbox.warm_pool as usize,
+        state_dir: home.join("sandboxes"),
+        allowed_domains: config.sandbox.allowed_domains.clone(),
+        config_digest: config.digest_of_sandbox_section(),
+    }
+}

@@ -1,0 +1,189 @@
+//! Builds a running gateway from a home and its config.
+
+use super::settings::{gateway_settings, sandbox_required};
+use anyhow::{Context, Result};
+use moltmate_config::Config;
+use moltmate_core::channel::Channel;
+use moltmate_core::sandbox::Sandbox;
+use moltmate_core::tool::Tool;
+use moltmate_core::Shutdown;
+use moltmate_gateway::agent::ToolBox;
+use moltmate_gateway::memory_tool::MemorySearchTool;
+use moltmate_gateway::{Gateway, GatewayParts};
+use moltmate_store::{Homes, Store};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the gateway is started for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `moltmate serve`: channels receive, the web server runs.
+    Serve,
+    /// `moltmate chat`: channels are built (so replies to other channels' users can still be
+    /// delivered) but do not receive; no web server.
+    Chat,
+}
+
+/// A built gateway and what the binary needs besides it.
+pub struct Built {
+    pub gateway: Gateway,
+    pub shutdown: Shutdown,
+    pub sandbox: Option<Arc<dyn Sandbox>>,
+    pub store: Store,
+}
+
+/// The sandbox backend the config asks for, or an error that says what to install.
+pub async fn sandbox_backend(home: &Path, config: &Config) -> Result<Arc<dyn Sandbox>> {
+    let settings = super::sandbox_settings(home, config);
+    let proxy = if config.sandbox.network == moltmate_core::sandbox::SandboxNetwork::Proxy {
+        Some(moltmate_sandbox::proxy::EgressProxy::start(&settings).context("starting the egress proxy")?)
+    } else {
+        None
+    };
+    Ok(moltmate_sandbox::select::select_backend(&settings, proxy).await?)
+}
+
+fn tools(config: &Config, home: &Path, store: &Store, sandbox: Option<Arc<dyn Sandbox>>) -> Result<ToolBox> {
+    let fetch = &config.tools.web.fetch;
+    let web_fetch = moltmate_tools::WebFetchTool::new(moltmate_tools::WebFetchSettings {
+        allowed_domains: fetch.allowed_domains.clone(),
+        max_bytes: fetch.max_bytes,
+        timeout: Duration::from_secs(fetch.timeout_seconds),
+    })
+    .context("building web_fetch")?;
+    let tools: Vec<Arc<dyn Tool>> = vec![
+        Arc::new(moltmate_tools::ReadTool),
+        Arc::new(moltmate_tools::WriteTool),
+        Arc::new(moltmate_tools::EditTool),
+        Arc::new(moltmate_tools::ExecTool::new(sandbox)),
+        Arc::new(web_fetch),
+        Arc::new(MemorySearchTool::new(store.clone(), home.join("index"))),
+    ];
+    Ok(ToolBox::new(tools))
+}
+
+fn channels(config: &Config) -> Result<Vec<Arc<dyn Channel>>> {
+    let mut channels: Vec<Arc<dyn Channel>> = Vec::new();
+    let telegram = &config.channels.telegram;
+    if telegram.enabled.unwrap_or(telegram.bot_token.is_some()) {
+        let token = telegram
+            .bot_token
+            .as_ref()
+            .context("channels.telegram.enabled is true but channels.telegram.botToken is not set")?;
+        let mut settings = moltmate_channels::TelegramSettings::new(token.expose()).with_api_url(telegram.api_url.clone());
+        settings.poll_timeout = Duration::from_secs(telegram.poll_timeout_seconds);
+        channels.push(Arc::new(moltmate_channels::TelegramChannel::new(settings).map_err(|e| anyhow::anyhow!("channels.telegram: {e}"))?));
+    }
+    Ok(channels)
+}
+
+/// Builds the gateway: database, homes, model chain, sandbox, tools, channels.
+pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Built> {
+    let store = Store::open(&home.join("moltmate.db")).context("opening the database")?;
+    let homes = Homes::new(home);
+    let shutdown = Shutdown::new();
+    let settings = gateway_settings(config, home);
+    let model = super::model::model_caller(config)?;
+    let sandbox = if sandbox_required(config) {
+        match sandbox_backend(home, config).await {
+            Ok(sandbox) => Some(sandbox),
+            Err(e) => {
+                tracing::warn!("exec is disabled: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let tools = tools(config, home, &store, sandbox.clone())?;
+    let channels = channels(config)?;
+
+    // Users named in the config exist (and are linked) before their first message, so the
+    // operator sees them in `users list` and the admin page.
+    for (user, user_config) in &config.users {
+        store.ensure_user(user, user_config.display_name.as_deref()).await?;
+        for identity in &user_config.identities {
+            store.link_identity(identity, user, "config").await?;
+        }
+    }
+    for family in config.families.keys() {
+        homes.ensure_family(family)?;
+    }
+    let _ = purpose;
+    let gateway = Gateway::new(GatewayParts {
+        store: store.clone(),
+        homes,
+        settings,
+        model,
+        tools,
+        channels,
+        sandbox: sandbox.clone(),
+        shutdown: shutdown.clone(),
+    });
+    Ok(Built { gateway, shutdown, sandbox, store })
+}
+
+/// The operator token for `/admin`: `gateway.auth.token`, else a random one kept in
+/// `<home>/admin.token` (0600), created on first start.
+pub fn admin_token(home: &Path, config: &Config) -> Result<String> {
+    if let Some(token) = &config.gateway.auth.token {
+        return Ok(token.expose().to_string());
+    }
+    let path = home.join("admin.token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
+        _ => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let token = moltmate_store::auth::new_secret("mma_");
+            let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&path)?;
+            file.write_all(token.as_bytes())?;
+            Ok(token)
+        }
+    }
+}
+
+/// Starts the web server (UI, API, admin, health, metrics). Returns its URL.
+pub async fn start_web(home: &Path, config: &Config, built: &Built) -> Result<String> {
+    let address = super::web_address(config);
+    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
+    let bound = listener.local_addr()?;
+    let settings = moltmate_web::WebSettings {
+        admin_token: admin_token(home, config)?,
+        rate_limit_per_minute: config.gateway.rate_limit.per_minute,
+        rate_limit_burst: config.gateway.rate_limit.burst,
+        secure_cookies: false,
+        ..moltmate_web::WebSettings::default()
+    };
+    let state = moltmate_web::WebState::new(built.gateway.clone(), settings, built.shutdown.clone())
+        .map_err(|e| anyhow::anyhow!("gateway.rateLimit: {e}"))?;
+    let shutdown = built.shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = moltmate_web::serve(state, listener, shutdown).await {
+            tracing::error!(error = %e, "web server stopped");
+        }
+    });
+    Ok(format!("http://{bound}"))
+}
+
+/// Removes idle sandboxes every minute.
+pub fn spawn_pruner(config: &Config, built: &Built) -> Option<tokio::task::JoinHandle<()>> {
+    let sandbox = built.sandbox.clone()?;
+    let idle = Duration::from_secs(config.sandbox.prune.idle_minutes * 60);
+    let shutdown = built.shutdown.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            match sandbox.prune(idle).await {
+                Ok(removed) if !removed.is_empty() => tracing::info!(count = removed.len(), "pruned idle sandboxes"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning sandboxes failed"),
+            }
+        }
+    }))
+}
