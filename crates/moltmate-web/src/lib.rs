@@ -47,8 +47,8 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 ///
 /// Client IPs for rate limiting come from axum's `ConnectInfo<SocketAddr>`, which [`serve`]
 /// provides; when it is missing (in-process tests) all requests share one IP bucket.
-/// `X-Forwarded-For` is deliberately ignored: behind a reverse proxy every client shares the
-/// proxy's bucket, which is safe, while trusting the header would let anyone pick their bucket.
+/// `X-Forwarded-For` counts only from [`WebSettings::trusted_proxies`]: trusting it from
+/// anyone would let every client pick their own bucket.
 pub fn app(state: WebState) -> Router {
     Router::new()
         .route("/", get(chat::index))

@@ -7,6 +7,9 @@
 //! sharing one token nor one IP cycling through bogus tokens gets past. The keyed maps only
 //! grow with keys seen within about one refill window: every few thousand checks (and whenever
 //! the map passes [`MAX_TRACKED_KEYS`]) keys whose bucket is full again are dropped.
+//!
+//! The client IP is the TCP peer. `X-Forwarded-For` is believed only from the peers listed in
+//! [`crate::WebSettings::trusted_proxies`]; otherwise anyone could pick their own bucket.
 
 use crate::error::{InvalidSettings, WebError};
 use crate::session;
@@ -105,11 +108,37 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// The client's address: the peer, or, when the peer is a trusted reverse proxy, the
+/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy (entries further
+/// left were written by the client and prove nothing).
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpAddr]) -> IpAddr {
+    if !trusted_proxies.contains(&peer) {
+        return peer;
+    }
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for entry in forwarded.iter().rev() {
+        match entry.parse::<IpAddr>() {
+            Ok(ip) if trusted_proxies.contains(&ip) => continue,
+            Ok(ip) => return ip,
+            // Garbage in the chain: stop trusting it and limit the proxy's own bucket.
+            Err(_) => return peer,
+        }
+    }
+    peer
+}
+
 pub async fn rate_limit(State(state): State<WebState>, request: Request, next: Next) -> Response {
+    let trusted = &state.inner.settings.trusted_proxies;
     let ip = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| ip_key(addr.ip()))
+        .map(|ConnectInfo(addr)| ip_key(client_ip(addr.ip(), request.headers(), trusted)))
         .unwrap_or_else(|| "unknown".to_string());
     let credential = credential_key(request.headers());
     if let Err(retry_after) = state.inner.limits.check(&ip, credential.as_deref()) {
@@ -228,6 +257,39 @@ mod tests {
         assert_eq!(ip_key(a), ip_key(b));
         assert_ne!(ip_key(a), ip_key(c));
         assert_eq!(ip_key("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1");
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let proxy: IpAddr = "10.0.0.2".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 1.2.3.4"),
+        );
+        let stranger: IpAddr = "9.9.9.9".parse().unwrap();
+        assert_eq!(
+            client_ip(stranger, &headers, &[proxy]),
+            stranger,
+            "an untrusted peer cannot pick its bucket"
+        );
+        assert_eq!(
+            client_ip(proxy, &headers, &[proxy]),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_ip(proxy, &headers, &[]), proxy);
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.2.3.4, 10.0.0.2"),
+        );
+        assert_eq!(
+            client_ip(proxy, &headers, &[proxy]),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        headers.insert("x-forwarded-for", HeaderValue::from_static("nonsense"));
+        assert_eq!(client_ip(proxy, &headers, &[proxy]), proxy);
+        headers.remove("x-forwarded-for");
+        assert_eq!(client_ip(proxy, &headers, &[proxy]), proxy);
     }
 
     #[test]

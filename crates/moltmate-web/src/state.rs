@@ -31,6 +31,9 @@ pub struct WebSettings {
     pub login_link_ttl: Duration,
     /// How long a browser stays signed in.
     pub session_ttl: Duration,
+    /// Reverse proxies whose `X-Forwarded-For` names the client for rate limiting. Empty:
+    /// every request is limited by its TCP peer (behind a proxy, all clients share one bucket).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for WebSettings {
@@ -42,6 +45,7 @@ impl Default for WebSettings {
             secure_cookies: false,
             login_link_ttl: Duration::from_secs(15 * 60),
             session_ttl: Duration::from_secs(7 * 24 * 3600),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -62,6 +66,7 @@ impl fmt::Debug for WebSettings {
             .field("secure_cookies", &self.secure_cookies)
             .field("login_link_ttl", &self.login_link_ttl)
             .field("session_ttl", &self.session_ttl)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish()
     }
 }
