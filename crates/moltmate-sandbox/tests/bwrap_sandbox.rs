@@ -244,21 +244,43 @@ async fn seccomp_blocks_ptrace_mount_and_namespaces() {
     let Some(f) = fixture("seccomp").await else {
         return;
     };
-    let py = r#"
-import ctypes, os
+    let py = format!(
+        r#"
+import ctypes, os, threading
 libc = ctypes.CDLL(None, use_errno=True)
 def check(name, rc):
-    print(name, rc, os.strerror(ctypes.get_errno()) if rc != 0 else "ok")
+    print(name, rc, os.strerror(ctypes.get_errno()) if rc != 0 else "ok", flush=True)
 check("ptrace", libc.ptrace(0, 0, 0, 0))
 check("mount", libc.mount(b"none", b"/tmp", b"tmpfs", 0, None))
 check("unshare", libc.unshare(0x10000000))
-check("keyctl", libc.syscall(250, 0, 0, 0, 0))
-check("bpf", libc.syscall(321, 0, 0, 0))
-"#;
+check("keyctl", libc.syscall({keyctl}, 0, 0, 0, 0))
+check("bpf", libc.syscall({bpf}, 0, 0, 0))
+check("perf", libc.syscall({perf}, 0, 0, 0, 0, 0))
+check("userfaultfd", libc.syscall({uffd}, 0))
+check("clone-newuser", libc.syscall({clone}, 0x10000000 | 17, 0, 0, 0, 0))
+# Threads still work: clone3 answers ENOSYS and libc falls back to clone.
+t = threading.Thread(target=lambda: print("thread ok", flush=True)); t.start(); t.join()
+"#,
+        keyctl = libc::SYS_keyctl,
+        bpf = libc::SYS_bpf,
+        perf = libc::SYS_perf_event_open,
+        uffd = libc::SYS_userfaultfd,
+        clone = libc::SYS_clone,
+    );
     std::fs::write(f.home("anna").join("sc.py"), py).unwrap();
     let out = f.run("anna", "python3 sc.py").await;
     assert_eq!(out.exit_code, Some(0), "{out:?}");
-    for name in ["ptrace", "mount", "unshare", "keyctl", "bpf"] {
+    assert!(out.stdout.contains("thread ok"), "{out:?}");
+    for name in [
+        "ptrace",
+        "mount",
+        "unshare",
+        "keyctl",
+        "bpf",
+        "perf",
+        "userfaultfd",
+        "clone-newuser",
+    ] {
         let line = out
             .stdout
             .lines()
