@@ -23,11 +23,12 @@
 //!   `nobody` (65534); commands run through `exec` as `agent` (uid/gid 1000). The split is what
 //!   makes timeouts reliable: on expiry a helper exec running as uid 1000 does `kill -9 -1`
 //!   (every uid-1000 process in the container's PID namespace) until none are left, which cannot
-//!   touch the entrypoint or init, so the container survives and no orphan does. Consequence:
-//!   a timeout also ends other commands of the same user running concurrently in that container.
+//!   touch the entrypoint or init, so the container survives and no orphan does.
 //! * Every command is wrapped so that, when it returns, the processes it left behind (background
-//!   jobs, fork-bomb remnants) are reaped inside the same exec: nothing outlives its call. The
-//!   same caveat applies to concurrent commands of one user in one container.
+//!   jobs, fork-bomb remnants) are reaped inside the same exec: nothing outlives its call.
+//!   Because both kills reach every sandbox-user process, commands for one container run one
+//!   at a time (calls queue; different users and sessions never wait for each other). The
+//!   timeout of a queued call starts when its command starts.
 //! * Read-only root filesystem; `/tmp` is a tmpfs of `limits.tmp_bytes` with
 //!   `noexec,nosuid,nodev`.
 //! * `CapDrop: ALL`, `no-new-privileges`; Docker's default seccomp profile stays on.
@@ -1146,6 +1147,11 @@ impl Sandbox for DockerSandbox {
         let name = self.container_name(&request, None);
         for attempt in 0..2 {
             let id = self.ensure_container(&request, &name).await?;
+            // One command at a time per container: the reaping after a command (and the kill
+            // on a timeout) ends every sandbox-user process, so a concurrent command of the
+            // same key would be killed with it. Calls for one key queue here instead.
+            let lock = self.create_lock(&name);
+            let _running = lock.lock().await;
             self.mark(&name, true);
             let result = self.run_in(&name, &id, &request, started).await;
             self.mark(&name, false);

@@ -860,3 +860,28 @@ async fn docker_proxy_network_goes_through_the_egress_proxy() {
     proxy.shutdown();
     cleanup(&sb, &[&u]).await;
 }
+
+#[tokio::test]
+async fn docker_concurrent_calls_of_one_user_do_not_kill_each_other() {
+    if ready().await.is_none() {
+        return;
+    }
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_concurrent_calls_of_one_user_do_not_kill_each_other",
+    ))
+    .unwrap();
+    let u = user("conc");
+    run(&sb, request(&u, "true", Duration::from_secs(30))).await;
+    let slow = sb.exec(request(&u, "sleep 1; echo slow", Duration::from_secs(30)));
+    let fast = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sb.exec(request(&u, "echo fast", Duration::from_secs(30)))
+            .await
+    };
+    let (slow, fast) = tokio::join!(slow, fast);
+    assert_eq!(slow.unwrap().stdout, "slow\n");
+    assert_eq!(fast.unwrap().stdout, "fast\n");
+    cleanup(&sb, &[&u]).await;
+}
