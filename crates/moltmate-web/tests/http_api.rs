@@ -281,3 +281,39 @@ async fn shutting_down_answers_503() {
     assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.json()["error"]["code"], "shutting_down");
 }
+
+#[tokio::test]
+async fn replies_that_were_not_streamed_still_arrive_in_the_stream() {
+    // A brand-new user gets the onboarding menu: a gateway reply without model deltas.
+    let h = harness();
+    let newcomer = moltmate_core::UserId::new("newcomer").unwrap();
+    let token = h
+        .gateway
+        .store()
+        .issue_token(&newcomer, None)
+        .await
+        .unwrap();
+    let body = json!({"stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let response = send(&h.app(), completion_request(&token, body)).await;
+    assert_eq!(response.status, StatusCode::OK);
+    let data: Vec<&str> = response
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let text: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(
+        text.len() > 20,
+        "the onboarding menu arrives as content: {text:?}"
+    );
+    assert!(h.model.calls().is_empty(), "no model was needed for it");
+}
