@@ -180,8 +180,8 @@ impl IntoResponse for PageError {
 /// Settings the web layer cannot run with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidSettings {
-    #[error("web.rateLimitPerMinute must be at least 1")]
+    #[error("the rate limit per minute must be at least 1")]
     ZeroRate,
-    #[error("web.rateLimitBurst must be at least 1")]
+    #[error("the rate limit burst must be at least 1")]
     ZeroBurst,
 }
