@@ -40,7 +40,8 @@
 //!
 //! **Timeouts and output.** The wall-clock timeout SIGKILLs bwrap's process group and the
 //! cgroup; bwrap's init is pid 1 of the sandbox's pid namespace, so when it dies the kernel kills
-//! every process inside — nothing survives a call. stdout and stderr share one budget of
+//! every process inside — nothing survives a call. If the gateway itself dies, bwrap gets
+//! SIGKILL (parent-death signal) and the sandbox goes with it. stdout and stderr share one budget of
 //! `limits.output_bytes`; output beyond it is read and discarded (so a flooder never blocks on a
 //! full pipe) until the command exits or times out, and `truncated` is set.
 
@@ -396,6 +397,24 @@ fn child_setup(cgroup_procs: &[i32], keep: &[i32], limits: Rlimits) -> std::io::
     Ok(())
 }
 
+/// In the forked child, last (a credential change clears the setting): if the gateway dies,
+/// bwrap gets SIGKILL, and its `--die-with-parent` takes the sandbox down with it. The signal
+/// follows the forking *thread*; execs are spawned from runtime worker threads, which live as
+/// long as the runtime.
+fn die_with_gateway(gateway_pid: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: prctl/getppid are async-signal-safe system calls.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The gateway may have died between fork and prctl.
+        if libc::getppid() != gateway_pid {
+            return Err(std::io::Error::other("the gateway exited"));
+        }
+    }
+    Ok(())
+}
+
 /// Reads `stream` to its end, keeping bytes while the shared budget lasts.
 async fn capture<R: AsyncRead + Unpin>(mut stream: R, budget: Arc<AtomicU64>) -> (Vec<u8>, bool) {
     let mut kept = Vec::new();
@@ -627,6 +646,7 @@ impl Sandbox for BwrapSandbox {
             nproc: (!self.cgroups.limits_pids()).then_some(limits.pids as u64),
         };
         let cg_fds = cgroup.procs_fds();
+        let gateway_pid = std::process::id() as libc::pid_t;
 
         let mut cmd = tokio::process::Command::new(&self.bwrap);
         cmd.args(&args)
@@ -645,10 +665,10 @@ impl Sandbox for BwrapSandbox {
             cmd.pre_exec(move || {
                 // Cgroup and rlimits first, while still root; the privilege drop comes last.
                 child_setup(&cg_fds, &keep_fds, rlimits)?;
-                match &plan {
-                    Some(plan) => plan.apply_in_child(),
-                    None => Ok(()),
+                if let Some(plan) = &plan {
+                    plan.apply_in_child()?;
                 }
+                die_with_gateway(gateway_pid)
             });
         }
 
