@@ -9,6 +9,12 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The uid and gid sandboxed commands run as (user `agent` in the sandbox image and in the
+/// bubblewrap passwd). A root gateway hands users' homes to this uid, so what the gateway's file
+/// tools write and what a sandboxed command writes are usable by both.
+pub const SANDBOX_UID: u32 = 1000;
+pub const SANDBOX_GID: u32 = 1000;
+
 /// How much of the user's home the sandbox sees at `/workspace`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

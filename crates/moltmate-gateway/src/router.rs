@@ -552,7 +552,7 @@ async fn onboarding_step(inner: &Arc<Inner>, item: &InboxItem, language: &str) -
 
 async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreError> {
     let language = item.language_code.clone().unwrap_or_else(|| inner.settings.default_language.clone());
-    let command = item.text.trim().split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+    let command = item.text.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
     let command_reply = match command.as_str() {
         "/reset" | "/new" => {
             end_session(inner, &item.user).await?;

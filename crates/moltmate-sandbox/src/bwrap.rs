@@ -75,8 +75,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 const BACKEND: &str = "bwrap";
-/// uid/gid of the sandbox user inside, the same as in the Docker image.
-pub const SANDBOX_UID: u32 = 1000;
+pub use moltmate_core::sandbox::SANDBOX_UID;
 const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long output readers may keep going after the sandbox exited (pipes close when the pid
 /// namespace is gone; this only bounds a pathological case).

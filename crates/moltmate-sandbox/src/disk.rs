@@ -31,8 +31,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-/// The uid and gid of the sandbox user `agent` in the sandbox image.
-pub const SANDBOX_UID: u32 = 1000;
+pub use moltmate_core::sandbox::SANDBOX_UID;
 
 /// ext4 needs some room for its own metadata; smaller caps are raised to this.
 pub const MIN_CAP_BYTES: u64 = 16 * 1024 * 1024;

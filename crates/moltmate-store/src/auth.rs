@@ -214,6 +214,12 @@ impl Store {
         .await
     }
 
+    /// Signs a user out of every browser (after their tokens were revoked).
+    pub async fn delete_user_web_sessions(&self, user: &UserId) -> Result<usize, StoreError> {
+        let user = user.clone();
+        self.with(move |c| Ok(c.execute("DELETE FROM web_sessions WHERE user_id = ?1", params![user.as_str()])?)).await
+    }
+
     /// Ends a browser session (sign out).
     pub async fn delete_web_session(&self, secret: &str) -> Result<(), StoreError> {
         let hash = digest(secret);

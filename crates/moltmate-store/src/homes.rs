@@ -60,10 +60,16 @@ impl Homes {
         let home = self.home(user);
         create_private_dir(&self.users_dir)?;
         create_private_dir(home.root())?;
+        hand_to_sandbox_user(home.root())?;
+        let root = open_root(home.root())?;
         for dir in STANDARD_DIRECTORIES {
-            let root = open_root(home.root())?;
             match rustix::fs::mkdirat(&root, dir, Mode::from_raw_mode(0o700)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Ok(()) => {
+                    let created = rustix::fs::openat2(&root, dir, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty(), BENEATH)
+                        .map_err(|e| io_error(dir, e))?;
+                    inherit_owner(&root, &created);
+                }
+                Err(rustix::io::Errno::EXIST) => {}
                 Err(e) => return Err(io_error(dir, e)),
             }
         }
@@ -78,6 +84,7 @@ impl Homes {
         create_private_dir(&self.families_dir)?;
         let dir = self.families_dir.join(family);
         create_private_dir(&dir)?;
+        hand_to_sandbox_user(&dir)?;
         Ok(dir)
     }
 }
@@ -105,6 +112,32 @@ impl Homes {
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| io_error(&shown, e))?;
         Ok(UserLock { _file: file })
     }
+}
+
+/// When the gateway runs as root, gives `fd` the owner of the directory it was created in, so
+/// files and directories the gateway makes in a home stay usable by the sandbox user who owns
+/// that home. A non-root gateway creates everything as itself already.
+pub fn inherit_owner(parent: &OwnedFd, fd: &OwnedFd) {
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    if let Ok(stat) = rustix::fs::fstat(parent) {
+        let owner = rustix::fs::Uid::from_raw(stat.st_uid);
+        let group = rustix::fs::Gid::from_raw(stat.st_gid);
+        if let Err(e) = rustix::fs::fchown(fd, Some(owner), Some(group)) {
+            tracing::warn!(error = %e, "could not hand a new file to the home's owner");
+        }
+    }
+}
+
+/// Hands a home (or family folder) to the sandbox user when the gateway runs as root.
+fn hand_to_sandbox_user(path: &Path) -> Result<(), HomeError> {
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let owner = rustix::fs::Uid::from_raw(moltmate_core::sandbox::SANDBOX_UID);
+    let group = rustix::fs::Gid::from_raw(moltmate_core::sandbox::SANDBOX_GID);
+    rustix::fs::chown(path, Some(owner), Some(group)).map_err(|e| io_error(&path.display().to_string(), e))
 }
 
 fn create_private_dir(path: &Path) -> Result<(), HomeError> {
@@ -173,11 +206,12 @@ pub fn write_beneath(root: &Path, relative: &str, content: &[u8]) -> Result<(), 
                 std::path::Component::CurDir => continue,
                 _ => return Err(HomeError::BadPath(relative.to_string())),
             };
-            match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            let created = match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) => true,
+                Err(rustix::io::Errno::EXIST) => false,
                 Err(e) => return Err(io_error(relative, e)),
-            }
-            dir = rustix::fs::openat2(
+            };
+            let child = rustix::fs::openat2(
                 &dir,
                 name,
                 OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
@@ -185,6 +219,10 @@ pub fn write_beneath(root: &Path, relative: &str, content: &[u8]) -> Result<(), 
                 BENEATH,
             )
             .map_err(|e| io_error(relative, e))?;
+            if created {
+                inherit_owner(&dir, &child);
+            }
+            dir = child;
         }
     }
     let temp_name = format!(".{file_name}.tmp-{}", std::process::id());
@@ -195,6 +233,7 @@ pub fn write_beneath(root: &Path, relative: &str, content: &[u8]) -> Result<(), 
         Mode::from_raw_mode(0o600),
     )
     .map_err(|e| io_error(relative, e))?;
+    inherit_owner(&dir, &fd);
     let mut file = std::fs::File::from(fd);
     let written = file.write_all(content).and_then(|()| file.sync_all());
     if let Err(e) = written {

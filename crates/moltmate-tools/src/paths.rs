@@ -224,15 +224,20 @@ pub(crate) fn open_parent(
         let fd = match open_beneath_raw(root, &next, dir_flags) {
             Ok(fd) => fd,
             Err(Errno::NOENT) if create && matches!(component, Component::Normal(_)) => {
-                match rustix::fs::mkdirat(
+                let created = match rustix::fs::mkdirat(
                     &parent,
                     component.as_os_str(),
                     Mode::from_raw_mode(0o755),
                 ) {
-                    Ok(()) | Err(Errno::EXIST) => {}
+                    Ok(()) => true,
+                    Err(Errno::EXIST) => false,
                     Err(e) => return Err(open_error(e, shown)),
+                };
+                let fd = open_beneath(root, &next, dir_flags, shown)?;
+                if created {
+                    inherit_owner(&parent, &fd);
                 }
-                open_beneath(root, &next, dir_flags, shown)?
+                fd
             }
             Err(e) => return Err(open_error(e, shown)),
         };
@@ -240,6 +245,20 @@ pub(crate) fn open_parent(
         prefix = next;
     }
     Ok((parent, name))
+}
+
+/// When the gateway runs as root, gives a new file or directory the owner of the directory it
+/// was created in: homes belong to the sandbox user, and what the file tools write must stay
+/// usable by the user's sandboxed commands. (The same rule as the store's home writes.)
+fn inherit_owner(parent: &OwnedFd, fd: &OwnedFd) {
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    if let Ok(stat) = rustix::fs::fstat(parent) {
+        let owner = rustix::fs::Uid::from_raw(stat.st_uid);
+        let group = rustix::fs::Gid::from_raw(stat.st_gid);
+        let _ = rustix::fs::fchown(fd, Some(owner), Some(group));
+    }
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -289,7 +308,10 @@ fn create_temp(
             .unwrap_or(0);
         let temp = format!(".{stem}.{}-{n}-{nanos}.moltmate-tmp", std::process::id());
         match rustix::fs::openat(parent, temp.as_str(), flags, Mode::from_raw_mode(mode)) {
-            Ok(fd) => return Ok((temp, fd)),
+            Ok(fd) => {
+                inherit_owner(parent, &fd);
+                return Ok((temp, fd));
+            }
             Err(Errno::EXIST) => continue,
             Err(e) => return Err(open_error(e, shown)),
         }

@@ -132,24 +132,61 @@ pub async fn users_add(admin: &Admin, user: &UserId, identities: &[String], name
     Ok(())
 }
 
-/// Moves the user's home into `archive/<user>-<timestamp>/` together with an export of their
-/// transcripts, so a reset or removal can be undone by hand.
+/// Copies `from` into `to` without following symlinks (they are copied as links); sockets,
+/// FIFOs and devices are skipped.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a user's home. A home on a capped volume is unmounted and its image deleted (the
+/// image is where the files live).
+pub fn wipe_home(home_dir: &Path, users_home: &Path, user: &UserId) -> Result<()> {
+    if home_dir.exists() {
+        moltmate_sandbox::disk::release_user_volume(users_home).map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::fs::remove_dir_all(users_home).with_context(|| format!("removing {}", users_home.display()))?;
+    }
+    let image = home_dir.join("sandboxes").join("disks").join(format!("{user}.img"));
+    match std::fs::remove_file(&image) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", image.display())),
+    }
+    Ok(())
+}
+
+/// Copies the user's home into `archive/<user>-<timestamp>/home` next to an export of their
+/// transcripts, then wipes the home, so a reset or removal can be undone by hand.
 async fn archive(admin: &Admin, user: &UserId) -> Result<PathBuf> {
     let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
-    let archive_dir = admin.home.join("archive").join(format!("{user}-{stamp}"));
+    let archive_root = admin.home.join("archive");
+    let archive_dir = archive_root.join(format!("{user}-{stamp}"));
     std::fs::create_dir_all(&archive_dir)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&archive_root, std::fs::Permissions::from_mode(0o700))?;
     let export = export_json(admin, user).await?;
     std::fs::write(archive_dir.join("export.json"), serde_json::to_vec_pretty(&export)?)?;
     let home = admin.homes.home(user);
     if home.root().exists() {
-        std::fs::rename(home.root(), archive_dir.join("home")).context("moving the home into the archive")?;
+        copy_tree(home.root(), &archive_dir.join("home")).context("copying the home into the archive")?;
+        wipe_home(&admin.home, home.root(), user)?;
     }
     let index = MemoryIndex::path_for(&admin.home.join("index"), user);
     for path in [index.clone(), index.with_extension("db-wal"), index.with_extension("db-shm")] {
         let _ = std::fs::remove_file(path);
     }
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(admin.home.join("archive"), std::fs::Permissions::from_mode(0o700))?;
     Ok(archive_dir)
 }
 
@@ -236,7 +273,8 @@ pub async fn users_export(admin: &Admin, user: &UserId, output: Option<&Path>) -
 pub async fn users_token(admin: &Admin, user: &UserId, revoke: bool, label: Option<&str>) -> Result<()> {
     if revoke {
         let count = admin.store.revoke_tokens(user, None).await?;
-        println!("Revoked {count} token(s) of {user}.");
+        let sessions = admin.store.delete_user_web_sessions(user).await?;
+        println!("Revoked {count} token(s) of {user} and signed them out of {sessions} browser session(s).");
         return Ok(());
     }
     admin.store.ensure_user(user, None).await?;

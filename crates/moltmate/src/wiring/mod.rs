@@ -7,7 +7,7 @@ pub mod settings;
 
 pub use runtime::{build, sandbox_backend, spawn_pruner, start_web, Built, Purpose};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use moltmate_config::{Config, SandboxMode};
 use moltmate_sandbox::{BackendChoice, SandboxScope, SandboxSettings};
 use std::net::SocketAddr;
@@ -27,14 +27,9 @@ pub fn check_startup_rules(config: &Config) -> Result<()> {
         // has no host backend: `exec` stays refused. See ARCHITECTURE.md, "No host exec".
         tracing::warn!("sandbox.mode is \"none\": exec is disabled (this gateway never runs commands on the host)");
     }
-    let address = web_address(config);
-    if !address.ip().is_loopback() && config.gateway.auth.token.is_none() {
-        bail!(
-            "gateway.bind is {} (not loopback) but gateway.auth.token is not set: refusing to expose the gateway without a token",
-            address.ip()
-        );
-    }
-    Ok(())
+    // The seed: "Never expose gateway publicly" — not without a token, at least.
+    moltmate_web::check_bind(&web_address(config), config.gateway.auth.token.is_some())
+        .map_err(|reason| anyhow::anyhow!("gateway.bind: {reason}"))
 }
 
 /// Where the web UI and API listen.

@@ -51,6 +51,16 @@ pub fn model_caller(config: &Config) -> anyhow::Result<Arc<dyn ModelCaller>> {
     }
     let mut entries = Vec::new();
     for model in std::iter::once(&config.model.primary).chain(config.model.fallbacks.iter()) {
+        if let Some(resolved) = config.resolved_provider(&model.provider) {
+            if resolved.api_key.is_none() && resolved.base_url == resolved.api.default_base_url() {
+                tracing::warn!(
+                    "provider {:?} has no API key: set providers.{}.apiKey or {} (model calls will fail until then)",
+                    model.provider,
+                    model.provider,
+                    resolved.api.key_env_var()
+                );
+            }
+        }
         let provider = providers
             .get(&model.provider)
             .ok_or_else(|| anyhow::anyhow!("model {}/{}: provider {:?} is not configured", model.provider, model.model, model.provider))?;

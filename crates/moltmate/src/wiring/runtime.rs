@@ -103,6 +103,7 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
     // operator sees them in `users list` and the admin page.
     for (user, user_config) in &config.users {
         store.ensure_user(user, user_config.display_name.as_deref()).await?;
+        homes.ensure(user)?;
         for identity in &user_config.identities {
             store.link_identity(identity, user, "config").await?;
         }

@@ -78,9 +78,24 @@ impl Harness {
     }
 
     pub async fn stop(self) {
+        // Production keeps sandboxes warm across restarts; a test removes what it made.
+        if let Some(sandbox) = &self.built.sandbox {
+            let _ = sandbox.prune(Duration::ZERO).await;
+        }
         self.built.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.channels).await;
         self.built.gateway.drain(Duration::from_secs(5)).await;
+        release_volumes(&self.home);
+    }
+}
+
+/// Unmounts the users' capped volumes (made when a sandbox ran), so the temporary directory
+/// can be deleted and no loop device outlives the test.
+pub fn release_volumes(home: &Path) {
+    if let Ok(entries) = std::fs::read_dir(home.join("users")) {
+        for entry in entries.flatten() {
+            let _ = moltmate_sandbox::disk::release_user_volume(&entry.path());
+        }
     }
 }
 

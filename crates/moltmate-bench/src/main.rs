@@ -1,0 +1,355 @@
+//! `moltmate-bench`: measures the targets in README's performance section.
+//!
+//! ```text
+//! cargo run --release -p moltmate-bench -- gateway    # per-message overhead, instant model
+//! cargo run --release -p moltmate-bench -- startup    # cold start and idle RSS of `moltmate serve`
+//! cargo run --release -p moltmate-bench -- memory     # RSS with 1,000 users known and 100 active
+//! cargo run --release -p moltmate-bench -- sandbox    # exec round trip: bubblewrap, warm and cold Docker
+//! ```
+//!
+//! `startup` and `memory` run the release binary (`target/release/moltmate`), so build it first
+//! (`cargo build --release`). Every measurement talks only to 127.0.0.1 and stops by itself.
+
+use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
+use moltmate_core::channel::InboundMessage;
+use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas, ModelResponse, StopReason, TokenUsage, ToolSpec};
+use moltmate_core::sandbox::{ExecCommand, ExecRequest, SandboxProfile};
+use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown, UserId};
+use moltmate_gateway::agent::{ModelAnswer, ModelCaller, ModelFailure, ToolBox};
+use moltmate_gateway::{Gateway, GatewayParts, GatewaySettings};
+use moltmate_store::{Homes, Store};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A model that answers at once: what is measured is the gateway alone.
+struct InstantModel;
+
+#[async_trait]
+impl ModelCaller for InstantModel {
+    async fn call(&self, _: &str, items: &[ConversationItem], _: &[ToolSpec], _: &dyn DeltaSink) -> Result<ModelAnswer, ModelFailure> {
+        let text = match items.last() {
+            Some(ConversationItem::User { text }) => format!("echo: {text}"),
+            _ => "ok".to_string(),
+        };
+        Ok(ModelAnswer {
+            response: ModelResponse { text, tool_calls: vec![], usage: TokenUsage { input_tokens: 10, output_tokens: 2 }, stop_reason: StopReason::EndTurn },
+            provider: "instant".into(),
+            model: "instant".into(),
+            usage: vec![("instant".into(), "instant".into(), TokenUsage { input_tokens: 10, output_tokens: 2 })],
+        })
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{name:<44} n={:<5} p50={:>8.2} ms  p99={:>8.2} ms  max={:>8.2} ms",
+        samples.len(),
+        percentile(&samples, 0.50).as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+        samples.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
+}
+
+fn message(user: &str, n: usize) -> Result<InboundMessage> {
+    Ok(InboundMessage {
+        sender: Identity::new(ChannelKind::Web, PeerId::new(user)?),
+        chat_id: user.to_string(),
+        external_id: format!("bench-{user}-{n}"),
+        cursor: None,
+        text: format!("message {n}"),
+        sender_name: None,
+        language_code: None,
+    })
+}
+
+/// Per-message gateway overhead: accept → durable inbox → worker → prompt from files →
+/// (instant) model → transcript/usage/outbox commit → reply, on a real on-disk database.
+async fn bench_gateway() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path();
+    let store = Store::open(&home.join("moltmate.db"))?;
+    let settings = GatewaySettings { onboarding_enabled: false, ..GatewaySettings::default() };
+    let gateway = Gateway::new(GatewayParts {
+        store,
+        homes: Homes::new(home),
+        settings,
+        model: Arc::new(InstantModel),
+        tools: ToolBox::default(),
+        channels: vec![],
+        sandbox: None,
+        shutdown: Shutdown::new(),
+    });
+    let users: Vec<String> = (0..100).map(|i| format!("bench{i}")).collect();
+    // Warm-up: every user's home, session and worker exist, as for active users.
+    for (n, user) in users.iter().enumerate() {
+        let submitted = gateway.submit(message(user, n)?, Arc::new(IgnoreDeltas)).await?;
+        submitted.reply.await?;
+    }
+    let mut samples = Vec::with_capacity(2000);
+    for n in 0..2000 {
+        let user = &users[n % users.len()];
+        let started = Instant::now();
+        let submitted = gateway.submit(message(user, 1000 + n)?, Arc::new(IgnoreDeltas)).await?;
+        submitted.reply.await?;
+        samples.push(started.elapsed());
+    }
+    report("gateway overhead per message (sequential)", samples);
+
+    // 100 users at once: latency of each message while the others are in flight.
+    let started_all = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, user) in users.iter().cloned().enumerate() {
+        let gateway = gateway.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            for n in 0..10 {
+                let started = Instant::now();
+                let submitted = gateway.submit(message(&user, 10_000 + i * 100 + n)?, Arc::new(IgnoreDeltas)).await?;
+                submitted.reply.await?;
+                samples.push(started.elapsed());
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.extend(task.await??);
+    }
+    let total = started_all.elapsed();
+    report("gateway overhead, 100 users concurrently", samples);
+    println!("{:<44} {:.0} messages/s", "throughput, 100 users concurrently", 1000.0 / total.as_secs_f64());
+    Ok(())
+}
+
+fn release_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().context("binary directory")?.join("moltmate");
+    if !path.exists() {
+        bail!("{} not found: run `cargo build --release` first", path.display());
+    }
+    Ok(path)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS not found")
+}
+
+async fn wait_healthy(port: u16, timeout: Duration) -> Result<Duration> {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    loop {
+        if let Ok(response) = client.get(format!("http://127.0.0.1:{port}/healthz")).send().await {
+            if response.status().is_success() {
+                return Ok(started.elapsed());
+            }
+        }
+        if started.elapsed() > timeout {
+            bail!("the gateway did not become healthy in {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn write_config(home: &Path, config: serde_json::Value) -> Result<()> {
+    std::fs::create_dir_all(home)?;
+    std::fs::write(home.join("moltmate.json"), serde_json::to_vec_pretty(&config)?)?;
+    Ok(())
+}
+
+fn spawn_serve(binary: &Path, home: &Path) -> Result<std::process::Child> {
+    Ok(Command::new(binary)
+        .arg("--home")
+        .arg(home)
+        .arg("serve")
+        .env_remove("ANTHROPIC_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+/// Cold start to a healthy `/healthz`, and idle RSS.
+async fn bench_startup() -> Result<()> {
+    let binary = release_binary()?;
+    let mut starts = Vec::new();
+    let mut idle_rss = 0;
+    for round in 0..10 {
+        let dir = tempfile::tempdir()?;
+        let home = dir.path().join("home");
+        let port = free_port()?;
+        write_config(&home, serde_json::json!({ "gateway": { "port": port }, "logging": { "level": "warn" } }))?;
+        let started = Instant::now();
+        let mut child = spawn_serve(&binary, &home)?;
+        let ready = wait_healthy(port, Duration::from_secs(20)).await;
+        let elapsed = started.elapsed();
+        if round == 0 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            idle_rss = rss_kib(child.id())?;
+        }
+        child.kill()?;
+        child.wait()?;
+        ready?;
+        starts.push(elapsed);
+    }
+    report("cold start to healthy /healthz (process spawn)", starts);
+    println!("{:<44} {:.1} MB", "idle RSS", idle_rss as f64 / 1024.0);
+    Ok(())
+}
+
+/// RSS with 1,000 users known (database + homes) and 100 of them active over Telegram.
+async fn bench_memory() -> Result<()> {
+    use moltmate_testkit::llm::FakeLlm;
+    use moltmate_testkit::telegram::FakeTelegram;
+    let binary = release_binary()?;
+    let telegram = FakeTelegram::start("1:BENCH").await;
+    let llm = FakeLlm::start().await;
+    let dir = tempfile::tempdir()?;
+    let home = dir.path().join("home");
+    let port = free_port()?;
+    write_config(
+        &home,
+        serde_json::json!({
+            "gateway": { "port": port },
+            "model": { "primary": "fake/bench" },
+            "providers": { "fake": { "api": "anthropic", "baseUrl": llm.anthropic_base_url(), "apiKey": "k" } },
+            "channels": { "telegram": { "botToken": "1:BENCH", "apiUrl": telegram.api_url(), "dmPolicy": "open", "allowFrom": ["*"], "pollTimeoutSeconds": 1 } },
+            "onboarding": { "enabled": false },
+            "logging": { "level": "warn" }
+        }),
+    )?;
+    {
+        let store = Store::open(&home.join("moltmate.db"))?;
+        let homes = Homes::new(&home);
+        for i in 0..1000 {
+            let user = UserId::new(format!("telegram_{}", 100_000 + i))?;
+            let identity = Identity::new(ChannelKind::Telegram, PeerId::new((100_000 + i).to_string())?);
+            store.link_identity(&identity, &user, "seen").await?;
+            homes.ensure(&user)?;
+        }
+    }
+    let mut child = spawn_serve(&binary, &home)?;
+    wait_healthy(port, Duration::from_secs(20)).await?;
+    let idle = rss_kib(child.id())?;
+    for i in 0..100 {
+        telegram.push_text(100_000 + i, "hello");
+    }
+    for i in 0..100 {
+        if telegram.wait_for_messages(100_000 + i, 1, Duration::from_secs(60)).await.is_err() {
+            child.kill()?;
+            bail!("user {i} was not answered");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let active = rss_kib(child.id())?;
+    child.kill()?;
+    child.wait()?;
+    println!("{:<44} {:.1} MB", "RSS, 1,000 users known, idle", idle as f64 / 1024.0);
+    println!("{:<44} {:.1} MB", "RSS, 1,000 known, 100 active", active as f64 / 1024.0);
+    Ok(())
+}
+
+fn exec_request(user: &str, home: &Path) -> Result<ExecRequest> {
+    let user = UserId::new(user)?;
+    let home = home.join(user.as_str());
+    std::fs::create_dir_all(&home)?;
+    Ok(ExecRequest {
+        user,
+        home,
+        family: None,
+        session_id: "bench".into(),
+        command: ExecCommand::Argv(vec!["echo".into(), "hi".into()]),
+        timeout: Duration::from_secs(10),
+        profile: SandboxProfile::default(),
+    })
+}
+
+async fn bench_backend(choice: moltmate_sandbox::BackendChoice, label: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let settings = moltmate_sandbox::SandboxSettings {
+        backend: choice,
+        scope: moltmate_sandbox::SandboxScope::User,
+        image: "moltmate-sandbox:bookworm-slim".into(),
+        docker_host: None,
+        prune_idle: Duration::from_secs(600),
+        warm_pool: 0,
+        state_dir: dir.path().join("sandboxes"),
+        allowed_domains: vec![],
+        config_digest: "bench".into(),
+    };
+    let sandbox = match moltmate_sandbox::select::select_backend(&settings, None).await {
+        Ok(sandbox) => sandbox,
+        Err(e) => {
+            println!("{label:<44} skipped: {e}");
+            return Ok(());
+        }
+    };
+    let users_dir = dir.path().join("users");
+    let mut cold = Vec::new();
+    for i in 0..5 {
+        let request = exec_request(&format!("bench-cold-{i}"), &users_dir)?;
+        let started = Instant::now();
+        sandbox.exec(request).await?;
+        cold.push(started.elapsed());
+    }
+    report(&format!("{label}: first exec of a new user"), cold);
+    let mut warm = Vec::new();
+    for _ in 0..200 {
+        let request = exec_request("bench-warm", &users_dir)?;
+        let started = Instant::now();
+        let output = sandbox.exec(request).await?;
+        warm.push(started.elapsed());
+        if output.stdout.trim() != "hi" {
+            bail!("{label}: unexpected output {:?}", output.stdout);
+        }
+    }
+    report(&format!("{label}: exec round trip, warm"), warm);
+    for i in 0..5 {
+        let _ = sandbox.end_session(&UserId::new(format!("bench-cold-{i}"))?, "bench").await;
+    }
+    let _ = sandbox.prune(Duration::ZERO).await;
+    Ok(())
+}
+
+async fn bench_sandbox() -> Result<()> {
+    bench_backend(moltmate_sandbox::BackendChoice::Bwrap, "bubblewrap").await?;
+    bench_backend(moltmate_sandbox::BackendChoice::Docker, "docker").await
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_string());
+    match which.as_str() {
+        "gateway" => bench_gateway().await,
+        "startup" => bench_startup().await,
+        "memory" => bench_memory().await,
+        "sandbox" => bench_sandbox().await,
+        "all" => {
+            bench_gateway().await?;
+            bench_startup().await?;
+            bench_memory().await?;
+            bench_sandbox().await
+        }
+        other => bail!("unknown benchmark {other:?}: gateway | startup | memory | sandbox | all"),
+    }
+}

@@ -1,0 +1,205 @@
+//! `exec` end to end: a Telegram user's model calls `exec`, the command runs in that user's
+//! sandbox on the real backend (bubblewrap and Docker), and another user's chat stays fast while
+//! one user runs a fork bomb.
+//!
+//! Without the backend these tests print `SKIP: <reason>` and pass, unless
+//! `MOLTMATE_REQUIRE_SANDBOX=1` (set by `.ci/run`), which turns a skip into a failure.
+
+mod common;
+
+use common::{Harness, API_KEY, BOT_TOKEN};
+use moltmate_testkit::llm::Reply;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn skip_or_fail(reason: &str) {
+    if std::env::var("MOLTMATE_REQUIRE_SANDBOX").as_deref() == Ok("1") {
+        panic!("sandbox required but unavailable: {reason}");
+    }
+    eprintln!("SKIP: {reason}");
+}
+
+/// Users 1001 and 2002 are owners (full exec in their sandbox) on the given backend.
+fn config(backend: &str) -> serde_json::Value {
+    json!({
+        "sandbox": { "backend": backend, "mode": "all", "scope": "user", "limits": { "pids": 64, "memoryMb": 256 } },
+        "tools": { "exec": { "security": "full", "timeoutSeconds": 10 } },
+        "users": {
+            "telegram_1001": { "identities": ["telegram:1001"], "trust": "owner" },
+            "telegram_2002": { "identities": ["telegram:2002"], "trust": "owner" }
+        }
+    })
+}
+
+/// The model runs the command in the user's text after "run: ", then reports the tool output.
+fn exec_brain(harness: &Harness) {
+    harness.llm.set_brain(|request| {
+        if let Some(result) = request.trailing_tool_results() {
+            return Reply::text(format!("result: {result}"));
+        }
+        let text = request.last_user_text().unwrap_or_default();
+        match text.strip_prefix("run: ") {
+            Some(command) => Reply::tool_call("exec", json!({ "command": command, "timeout_seconds": 8 })),
+            None => Reply::text(format!("echo: {text}")),
+        }
+    });
+}
+
+async fn start(backend: &str) -> Option<Harness> {
+    if backend == "docker" {
+        let dir = tempfile::tempdir().ok()?;
+        let settings = moltmate_sandbox::SandboxSettings {
+            backend: moltmate_sandbox::BackendChoice::Docker,
+            scope: moltmate_sandbox::SandboxScope::User,
+            image: "moltmate-sandbox:bookworm-slim".into(),
+            docker_host: None,
+            prune_idle: Duration::from_secs(600),
+            warm_pool: 0,
+            state_dir: dir.path().to_path_buf(),
+            allowed_domains: vec![],
+            config_digest: String::new(),
+        };
+        if !moltmate_sandbox::docker::docker_available(&settings).await {
+            skip_or_fail("no Docker daemon answers");
+            return None;
+        }
+        let dockerfile = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Dockerfile.sandbox");
+        let docker = moltmate_sandbox::docker::connect_client(&settings).ok()?;
+        if !moltmate_sandbox::image::image_exists(&docker, &settings.image).await.unwrap_or(false) {
+            if let Err(e) = moltmate_sandbox::image::ensure_image(&settings, &dockerfile, &|line| eprintln!("{line}")).await {
+                skip_or_fail(&format!("the sandbox image could not be built: {e}"));
+                return None;
+            }
+        }
+    } else if moltmate_sandbox::bwrap::find_bwrap().is_none() {
+        skip_or_fail("bubblewrap (bwrap) is not installed");
+        return None;
+    }
+    let harness = Harness::start(config(backend)).await;
+    if harness.built.sandbox.as_ref().map(|s| s.backend()) != Some(if backend == "docker" { "docker" } else { "bwrap" }) {
+        skip_or_fail(&format!("the {backend} backend could not be selected"));
+        harness.stop().await;
+        return None;
+    }
+    exec_brain(&harness);
+    Some(harness)
+}
+
+async fn exec_runs_in_the_users_own_sandbox_without_secrets(backend: &str) {
+    let Some(h) = start(backend).await else { return };
+    std::fs::write(h.home.join("users/telegram_1001/hello.txt"), "from alice's home").unwrap();
+    h.telegram.push_text(1001, "run: id -u; cat /workspace/hello.txt; env; ls /workspace/..");
+    let reply = h.expect_reply(1001, 1).await.remove(0);
+    assert!(reply.contains("1000"), "runs as the unprivileged sandbox user: {reply}");
+    assert!(reply.contains("from alice's home"), "sees her own home at /workspace: {reply}");
+    for secret in [API_KEY, BOT_TOKEN, "ANTHROPIC_API_KEY", "MOLTMATE"] {
+        assert!(!reply.contains(secret), "{secret} visible inside the sandbox: {reply}");
+    }
+    assert!(!reply.contains("telegram_2002"), "another user's home is visible: {reply}");
+
+    h.telegram.push_text(2002, "run: cat /workspace/hello.txt");
+    let reply = h.expect_reply(2002, 1).await.remove(0);
+    assert!(!reply.contains("from alice's home"), "bob read alice's file: {reply}");
+    h.stop().await;
+}
+
+async fn a_fork_bomb_by_one_user_does_not_stop_another_users_answers(backend: &str) {
+    let Some(h) = start(backend).await else { return };
+    // Bob's normal latency, with his sandbox warm.
+    h.telegram.push_text(2002, "run: echo warm");
+    h.expect_reply(2002, 1).await;
+    let mut normal = Duration::ZERO;
+    for i in 0..3 {
+        let started = Instant::now();
+        h.telegram.push_text(2002, &format!("ping {i}"));
+        h.expect_reply(2002, 2 + i).await;
+        normal = normal.max(started.elapsed());
+    }
+    h.telegram.push_text(1001, "run: bomb() { bomb | bomb & }; bomb");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let started = Instant::now();
+    h.telegram.push_text(2002, "still there?");
+    h.expect_reply(2002, 5).await;
+    let during = started.elapsed();
+    // The bound: twice the normal latency, plus 500 ms for scheduler noise on a 2-core machine
+    // whose other core is busy with the bomb's pids-limited process table.
+    let bound = normal * 2 + Duration::from_millis(500);
+    assert!(during <= bound, "bob waited {during:?} during alice's fork bomb (normal {normal:?}, bound {bound:?})");
+    let alice = h.expect_reply(1001, 1).await.remove(0);
+    assert!(alice.starts_with("result:"), "the bomb ended and was reported: {alice}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bwrap_exec_runs_in_the_users_own_sandbox_without_secrets() {
+    exec_runs_in_the_users_own_sandbox_without_secrets("bwrap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn docker_exec_runs_in_the_users_own_sandbox_without_secrets() {
+    exec_runs_in_the_users_own_sandbox_without_secrets("docker").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bwrap_fork_bomb_by_one_user_does_not_stop_another_users_answers() {
+    a_fork_bomb_by_one_user_does_not_stop_another_users_answers("bwrap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn docker_fork_bomb_by_one_user_does_not_stop_another_users_answers() {
+    a_fork_bomb_by_one_user_does_not_stop_another_users_answers("docker").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exec_is_refused_with_an_install_hint_when_no_sandbox_can_run() {
+    // A backend that cannot exist here: Docker at a socket nobody listens on.
+    let h = Harness::start(json!({
+        "sandbox": { "backend": "docker", "dockerHost": "unix:///nonexistent/docker.sock" },
+        "users": { "telegram_1001": { "identities": ["telegram:1001"], "trust": "owner" } }
+    }))
+    .await;
+    exec_brain(&h);
+    assert!(h.built.sandbox.is_none());
+    h.telegram.push_text(1001, "run: id");
+    let reply = h.expect_reply(1001, 1).await.remove(0);
+    assert!(reply.contains("bubblewrap") || reply.contains("Docker"), "tells what to install: {reply}");
+    assert!(!reply.contains("uid="), "nothing ran on the host: {reply}");
+    h.stop().await;
+}
+
+async fn files_written_by_the_file_tools_are_usable_inside_the_sandbox(backend: &str) {
+    let Some(h) = start(backend).await else { return };
+    h.llm.set_brain(|request| {
+        let results = request.trailing_tool_results();
+        let text = request.last_user_text().unwrap_or_default();
+        match (text.as_str(), results) {
+            ("make a script", None) => {
+                Reply::tool_call("write", json!({ "path": "tools/hello.sh", "content": "echo script ran; cat /workspace/SOUL.md | head -1" }))
+            }
+            ("make a script", Some(_)) => Reply::text("written"),
+            ("warm up", None) => Reply::tool_call("exec", json!({ "command": "echo warm" })),
+            (_, None) => Reply::tool_call("exec", json!({ "command": "sh tools/hello.sh && echo more >> tools/hello.sh && echo appended" })),
+            (_, Some(result)) => Reply::text(format!("result: {result}")),
+        }
+    });
+    // The first exec puts the home on its capped volume; files written after that must be
+    // usable by the sandbox user too.
+    h.telegram.push_text(1001, "warm up");
+    h.expect_reply(1001, 1).await;
+    h.telegram.push_text(1001, "make a script");
+    h.expect_reply(1001, 2).await;
+    h.telegram.push_text(1001, "run it");
+    let reply = h.expect_reply(1001, 3).await.remove(2);
+    assert!(reply.contains("script ran") && reply.contains("# Soul") && reply.contains("appended"), "{reply}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bwrap_files_written_by_the_file_tools_are_usable_inside_the_sandbox() {
+    files_written_by_the_file_tools_are_usable_inside_the_sandbox("bwrap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn docker_files_written_by_the_file_tools_are_usable_inside_the_sandbox() {
+    files_written_by_the_file_tools_are_usable_inside_the_sandbox("docker").await;
+}
