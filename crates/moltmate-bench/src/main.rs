@@ -13,7 +13,9 @@
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use moltmate_core::channel::InboundMessage;
-use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas, ModelResponse, StopReason, TokenUsage, ToolSpec};
+use moltmate_core::model::{
+    ConversationItem, DeltaSink, IgnoreDeltas, ModelResponse, StopReason, TokenUsage, ToolSpec,
+};
 use moltmate_core::sandbox::{ExecCommand, ExecRequest, SandboxProfile};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown, UserId};
 use moltmate_gateway::agent::{ModelAnswer, ModelCaller, ModelFailure, ToolBox};
@@ -29,16 +31,37 @@ struct InstantModel;
 
 #[async_trait]
 impl ModelCaller for InstantModel {
-    async fn call(&self, _: &str, items: &[ConversationItem], _: &[ToolSpec], _: &dyn DeltaSink) -> Result<ModelAnswer, ModelFailure> {
+    async fn call(
+        &self,
+        _: &str,
+        items: &[ConversationItem],
+        _: &[ToolSpec],
+        _: &dyn DeltaSink,
+    ) -> Result<ModelAnswer, ModelFailure> {
         let text = match items.last() {
             Some(ConversationItem::User { text }) => format!("echo: {text}"),
             _ => "ok".to_string(),
         };
         Ok(ModelAnswer {
-            response: ModelResponse { text, tool_calls: vec![], usage: TokenUsage { input_tokens: 10, output_tokens: 2 }, stop_reason: StopReason::EndTurn },
+            response: ModelResponse {
+                text,
+                tool_calls: vec![],
+                usage: TokenUsage {
+                    input_tokens: 10,
+                    output_tokens: 2,
+                },
+                stop_reason: StopReason::EndTurn,
+            },
             provider: "instant".into(),
             model: "instant".into(),
-            usage: vec![("instant".into(), "instant".into(), TokenUsage { input_tokens: 10, output_tokens: 2 })],
+            usage: vec![(
+                "instant".into(),
+                "instant".into(),
+                TokenUsage {
+                    input_tokens: 10,
+                    output_tokens: 2,
+                },
+            )],
         })
     }
 }
@@ -80,7 +103,10 @@ async fn bench_gateway() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let home = dir.path();
     let store = Store::open(&home.join("moltmate.db"))?;
-    let settings = GatewaySettings { onboarding_enabled: false, ..GatewaySettings::default() };
+    let settings = GatewaySettings {
+        onboarding_enabled: false,
+        ..GatewaySettings::default()
+    };
     let gateway = Gateway::new(GatewayParts {
         store,
         homes: Homes::new(home),
@@ -94,14 +120,18 @@ async fn bench_gateway() -> Result<()> {
     let users: Vec<String> = (0..100).map(|i| format!("bench{i}")).collect();
     // Warm-up: every user's home, session and worker exist, as for active users.
     for (n, user) in users.iter().enumerate() {
-        let submitted = gateway.submit(message(user, n)?, Arc::new(IgnoreDeltas)).await?;
+        let submitted = gateway
+            .submit(message(user, n)?, Arc::new(IgnoreDeltas))
+            .await?;
         submitted.reply.await?;
     }
     let mut samples = Vec::with_capacity(2000);
     for n in 0..2000 {
         let user = &users[n % users.len()];
         let started = Instant::now();
-        let submitted = gateway.submit(message(user, 1000 + n)?, Arc::new(IgnoreDeltas)).await?;
+        let submitted = gateway
+            .submit(message(user, 1000 + n)?, Arc::new(IgnoreDeltas))
+            .await?;
         submitted.reply.await?;
         samples.push(started.elapsed());
     }
@@ -116,7 +146,12 @@ async fn bench_gateway() -> Result<()> {
             let mut samples = Vec::new();
             for n in 0..10 {
                 let started = Instant::now();
-                let submitted = gateway.submit(message(&user, 10_000 + i * 100 + n)?, Arc::new(IgnoreDeltas)).await?;
+                let submitted = gateway
+                    .submit(
+                        message(&user, 10_000 + i * 100 + n)?,
+                        Arc::new(IgnoreDeltas),
+                    )
+                    .await?;
                 submitted.reply.await?;
                 samples.push(started.elapsed());
             }
@@ -129,7 +164,11 @@ async fn bench_gateway() -> Result<()> {
     }
     let total = started_all.elapsed();
     report("gateway overhead, 100 users concurrently", samples);
-    println!("{:<44} {:.0} messages/s", "throughput, 100 users concurrently", 1000.0 / total.as_secs_f64());
+    println!(
+        "{:<44} {:.0} messages/s",
+        "throughput, 100 users concurrently",
+        1000.0 / total.as_secs_f64()
+    );
     Ok(())
 }
 
@@ -137,13 +176,18 @@ fn release_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.parent().context("binary directory")?.join("moltmate");
     if !path.exists() {
-        bail!("{} not found: run `cargo build --release` first", path.display());
+        bail!(
+            "{} not found: run `cargo build --release` first",
+            path.display()
+        );
     }
     Ok(path)
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -160,7 +204,11 @@ async fn wait_healthy(port: u16, timeout: Duration) -> Result<Duration> {
     let client = reqwest::Client::new();
     let started = Instant::now();
     loop {
-        if let Ok(response) = client.get(format!("http://127.0.0.1:{port}/healthz")).send().await {
+        if let Ok(response) = client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+        {
             if response.status().is_success() {
                 return Ok(started.elapsed());
             }
@@ -174,7 +222,10 @@ async fn wait_healthy(port: u16, timeout: Duration) -> Result<Duration> {
 
 fn write_config(home: &Path, config: serde_json::Value) -> Result<()> {
     std::fs::create_dir_all(home)?;
-    std::fs::write(home.join("moltmate.json"), serde_json::to_vec_pretty(&config)?)?;
+    std::fs::write(
+        home.join("moltmate.json"),
+        serde_json::to_vec_pretty(&config)?,
+    )?;
     Ok(())
 }
 
@@ -198,7 +249,10 @@ async fn bench_startup() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let home = dir.path().join("home");
         let port = free_port()?;
-        write_config(&home, serde_json::json!({ "gateway": { "port": port }, "logging": { "level": "warn" } }))?;
+        write_config(
+            &home,
+            serde_json::json!({ "gateway": { "port": port }, "logging": { "level": "warn" } }),
+        )?;
         let started = Instant::now();
         let mut child = spawn_serve(&binary, &home)?;
         let ready = wait_healthy(port, Duration::from_secs(20)).await;
@@ -243,7 +297,10 @@ async fn bench_memory() -> Result<()> {
         let homes = Homes::new(&home);
         for i in 0..1000 {
             let user = UserId::new(format!("telegram_{}", 100_000 + i))?;
-            let identity = Identity::new(ChannelKind::Telegram, PeerId::new((100_000 + i).to_string())?);
+            let identity = Identity::new(
+                ChannelKind::Telegram,
+                PeerId::new((100_000 + i).to_string())?,
+            );
             store.link_identity(&identity, &user, "seen").await?;
             homes.ensure(&user)?;
         }
@@ -255,7 +312,11 @@ async fn bench_memory() -> Result<()> {
         telegram.push_text(100_000 + i, "hello");
     }
     for i in 0..100 {
-        if telegram.wait_for_messages(100_000 + i, 1, Duration::from_secs(60)).await.is_err() {
+        if telegram
+            .wait_for_messages(100_000 + i, 1, Duration::from_secs(60))
+            .await
+            .is_err()
+        {
             child.kill()?;
             bail!("user {i} was not answered");
         }
@@ -264,8 +325,16 @@ async fn bench_memory() -> Result<()> {
     let active = rss_kib(child.id())?;
     child.kill()?;
     child.wait()?;
-    println!("{:<44} {:.1} MB", "RSS, 1,000 users known, idle", idle as f64 / 1024.0);
-    println!("{:<44} {:.1} MB", "RSS, 1,000 known, 100 active", active as f64 / 1024.0);
+    println!(
+        "{:<44} {:.1} MB",
+        "RSS, 1,000 users known, idle",
+        idle as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:.1} MB",
+        "RSS, 1,000 known, 100 active",
+        active as f64 / 1024.0
+    );
     Ok(())
 }
 
@@ -325,7 +394,9 @@ async fn bench_backend(choice: moltmate_sandbox::BackendChoice, label: &str) -> 
     }
     report(&format!("{label}: exec round trip, warm"), warm);
     for i in 0..5 {
-        let _ = sandbox.end_session(&UserId::new(format!("bench-cold-{i}"))?, "bench").await;
+        let _ = sandbox
+            .end_session(&UserId::new(format!("bench-cold-{i}"))?, "bench")
+            .await;
     }
     let _ = sandbox.prune(Duration::ZERO).await;
     Ok(())

@@ -64,15 +64,32 @@ pub trait InboundSink: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
     #[error("could not reach {service}: {detail}")]
-    Unreachable { service: &'static str, detail: String },
+    Unreachable {
+        service: &'static str,
+        detail: String,
+    },
     #[error("{service} asked us to slow down for {retry_after_seconds}s")]
-    RateLimited { service: &'static str, retry_after_seconds: u64 },
+    RateLimited {
+        service: &'static str,
+        retry_after_seconds: u64,
+    },
     #[error("{service} server error (HTTP {status}): {detail}")]
-    Server { service: &'static str, status: u16, detail: String },
+    Server {
+        service: &'static str,
+        status: u16,
+        detail: String,
+    },
     #[error("{service} rejected the request (HTTP {status}): {detail}")]
-    Rejected { service: &'static str, status: u16, detail: String },
+    Rejected {
+        service: &'static str,
+        status: u16,
+        detail: String,
+    },
     #[error("{service} sent a reply we could not understand: {detail}")]
-    InvalidReply { service: &'static str, detail: String },
+    InvalidReply {
+        service: &'static str,
+        detail: String,
+    },
 }
 
 impl ChannelError {
@@ -94,7 +111,11 @@ pub trait Channel: Send + Sync {
     fn kind(&self) -> ChannelKind;
     /// Receive until `shutdown` fires, handing every message to `sink`. Returns only on shutdown
     /// or on an unrecoverable error (e.g. the bot token was revoked).
-    async fn run(&self, sink: std::sync::Arc<dyn InboundSink>, shutdown: Shutdown) -> Result<(), ChannelError>;
+    async fn run(
+        &self,
+        sink: std::sync::Arc<dyn InboundSink>,
+        shutdown: Shutdown,
+    ) -> Result<(), ChannelError>;
     /// Send a text reply. The channel splits it if the service limits message length.
     async fn send_text(&self, chat_id: &str, text: &str) -> Result<(), ChannelError>;
     /// Show "typing..." where the service supports it. Best effort.

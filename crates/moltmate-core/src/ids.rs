@@ -46,12 +46,19 @@ impl UserId {
     /// The default user id for a sender first seen on a channel: `<channel>_<peer>`, with every
     /// character outside the user-id alphabet replaced by `_` (Signal's `+49...` becomes `_49...`).
     pub fn for_identity(identity: &Identity) -> Self {
-        let mut id = String::with_capacity(identity.channel.as_str().len() + 1 + identity.peer.0.len());
+        let mut id =
+            String::with_capacity(identity.channel.as_str().len() + 1 + identity.peer.0.len());
         id.push_str(identity.channel.as_str());
         id.push('_');
         for c in identity.peer.0.chars() {
             let c = c.to_ascii_lowercase();
-            id.push(if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' { c } else { '_' });
+            id.push(
+                if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' {
+                    c
+                } else {
+                    '_'
+                },
+            );
         }
         id.truncate(64);
         // Proven invariant: starts with a channel name (lowercase letter), alphabet filtered above.
@@ -147,7 +154,9 @@ impl PeerId {
         let raw = raw.into();
         let valid = !raw.is_empty()
             && raw.len() <= 128
-            && raw.chars().all(|c| !c.is_whitespace() && !c.is_control() && c != ':');
+            && raw
+                .chars()
+                .all(|c| !c.is_whitespace() && !c.is_control() && c != ':');
         if valid {
             Ok(PeerId(raw))
         } else {
@@ -195,8 +204,13 @@ impl fmt::Display for Identity {
 impl FromStr for Identity {
     type Err = InvalidId;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (channel, peer) = s.split_once(':').ok_or_else(|| InvalidId::Identity(s.to_string()))?;
-        Ok(Identity { channel: channel.parse()?, peer: PeerId::new(peer)? })
+        let (channel, peer) = s
+            .split_once(':')
+            .ok_or_else(|| InvalidId::Identity(s.to_string()))?;
+        Ok(Identity {
+            channel: channel.parse()?,
+            peer: PeerId::new(peer)?,
+        })
     }
 }
 
@@ -219,7 +233,16 @@ mod tests {
 
     #[test]
     fn user_id_rejects_path_tricks() {
-        for bad in ["", "..", "a/b", ".hidden", "A", "a b", "_x", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "..",
+            "a/b",
+            ".hidden",
+            "A",
+            "a b",
+            "_x",
+            &"x".repeat(65),
+        ] {
             assert!(UserId::new(bad).is_err(), "{bad:?} must be rejected");
         }
         assert!(UserId::new("telegram_123456").is_ok());

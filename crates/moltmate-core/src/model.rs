@@ -12,9 +12,18 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ConversationItem {
-    User { text: String },
-    Assistant { text: String, tool_calls: Vec<ToolCall> },
-    ToolResult { call_id: String, content: String, is_error: bool },
+    User {
+        text: String,
+    },
+    Assistant {
+        text: String,
+        tool_calls: Vec<ToolCall>,
+    },
+    ToolResult {
+        call_id: String,
+        content: String,
+        is_error: bool,
+    },
 }
 
 /// A tool call requested by the model.
@@ -92,11 +101,22 @@ pub enum ProviderError {
     #[error("{provider} did not answer in time")]
     Timeout { provider: String },
     #[error("{provider} is rate limiting requests")]
-    RateLimited { provider: String, retry_after: Option<Duration> },
+    RateLimited {
+        provider: String,
+        retry_after: Option<Duration>,
+    },
     #[error("{provider} had a server error (HTTP {status})")]
-    Server { provider: String, status: u16, detail: String },
+    Server {
+        provider: String,
+        status: u16,
+        detail: String,
+    },
     #[error("{provider} refused the request (HTTP {status}): {detail}")]
-    Rejected { provider: String, status: u16, detail: String },
+    Rejected {
+        provider: String,
+        status: u16,
+        detail: String,
+    },
     #[error("{provider} sent a malformed reply: {detail}")]
     InvalidReply { provider: String, detail: String },
     #[error("provider {provider:?} is not configured: {detail}")]
@@ -147,5 +167,9 @@ pub trait Provider: Send + Sync {
     /// The configured provider name (`anthropic`, `ollama`, ...).
     fn name(&self) -> &str;
     /// One streamed request, without retries. Text deltas go to `deltas` as they arrive.
-    async fn complete(&self, request: &ModelRequest, deltas: &dyn DeltaSink) -> Result<ModelResponse, ProviderError>;
+    async fn complete(
+        &self,
+        request: &ModelRequest,
+        deltas: &dyn DeltaSink,
+    ) -> Result<ModelResponse, ProviderError>;
 }

@@ -156,7 +156,10 @@ pub enum SandboxError {
     Unavailable(String),
     /// The backend failed (daemon error, spawn failure). Not the command's fault.
     #[error("sandbox backend {backend} failed: {detail}")]
-    Backend { backend: &'static str, detail: String },
+    Backend {
+        backend: &'static str,
+        detail: String,
+    },
 }
 
 impl SandboxError {

@@ -22,7 +22,10 @@ pub struct UserHome {
 impl UserHome {
     /// `users_dir` is `<MOLTMATE_HOME>/users`.
     pub fn new(users_dir: &Path, user: &UserId) -> Self {
-        UserHome { user: user.clone(), root: users_dir.join(user.as_str()) }
+        UserHome {
+            user: user.clone(),
+            root: users_dir.join(user.as_str()),
+        }
     }
 
     pub fn user(&self) -> &UserId {
@@ -67,7 +70,9 @@ pub struct ToolOutput {
 
 impl ToolOutput {
     pub fn text(content: impl Into<String>) -> Self {
-        ToolOutput { content: content.into() }
+        ToolOutput {
+            content: content.into(),
+        }
     }
 }
 
@@ -112,5 +117,9 @@ impl ToolError {
 pub trait Tool: Send + Sync {
     /// Name and schema as offered to the model. The name is the config name (`read`, `exec`...).
     fn spec(&self) -> ToolSpec;
-    async fn call(&self, context: &ToolContext, arguments: serde_json::Value) -> Result<ToolOutput, ToolError>;
+    async fn call(
+        &self,
+        context: &ToolContext,
+        arguments: serde_json::Value,
+    ) -> Result<ToolOutput, ToolError>;
 }

@@ -52,15 +52,23 @@ pub enum AccessDecision {
 
 impl ChannelAccess {
     fn allow_listed(&self, identity: &Identity) -> bool {
-        self.allow_from.iter().any(|entry| entry == "*" || entry == identity.peer.as_str())
+        self.allow_from
+            .iter()
+            .any(|entry| entry == "*" || entry == identity.peer.as_str())
     }
 
     pub fn decide(&self, identity: &Identity, known: &KnownSender) -> AccessDecision {
         let linked_user = match known {
-            KnownSender::Configured(u) | KnownSender::Paired(u) | KnownSender::Seen(u) => Some(u.clone()),
+            KnownSender::Configured(u) | KnownSender::Paired(u) | KnownSender::Seen(u) => {
+                Some(u.clone())
+            }
             KnownSender::Unknown => None,
         };
-        let user = || linked_user.clone().unwrap_or_else(|| UserId::for_identity(identity));
+        let user = || {
+            linked_user
+                .clone()
+                .unwrap_or_else(|| UserId::for_identity(identity))
+        };
         match self.policy {
             DmPolicy::Disabled => AccessDecision::Refused,
             // The operator named this identity in the config: that is consent enough.
@@ -68,7 +76,9 @@ impl ChannelAccess {
             DmPolicy::Open => AccessDecision::Allowed(user()),
             DmPolicy::Allowlist if self.allow_listed(identity) => AccessDecision::Allowed(user()),
             DmPolicy::Allowlist => AccessDecision::Refused,
-            DmPolicy::Pairing if self.allow_listed(identity) || matches!(known, KnownSender::Paired(_)) => {
+            DmPolicy::Pairing
+                if self.allow_listed(identity) || matches!(known, KnownSender::Paired(_)) =>
+            {
                 AccessDecision::Allowed(user())
             }
             DmPolicy::Pairing => AccessDecision::NeedsPairing,
@@ -89,20 +99,44 @@ mod tests {
     fn each_policy_decides_as_documented() {
         let unknown = KnownSender::Unknown;
         let paired = KnownSender::Paired(UserId::new("telegram_2").unwrap());
-        let access = |policy, allow: &[&str]| ChannelAccess { policy, allow_from: allow.iter().map(|s| s.to_string()).collect() };
+        let access = |policy, allow: &[&str]| ChannelAccess {
+            policy,
+            allow_from: allow.iter().map(|s| s.to_string()).collect(),
+        };
 
-        assert_eq!(access(DmPolicy::Pairing, &[]).decide(&who("1"), &unknown), AccessDecision::NeedsPairing);
-        assert!(matches!(access(DmPolicy::Pairing, &[]).decide(&who("2"), &paired), AccessDecision::Allowed(_)));
-        assert!(matches!(access(DmPolicy::Pairing, &["1"]).decide(&who("1"), &unknown), AccessDecision::Allowed(_)));
-        assert_eq!(access(DmPolicy::Allowlist, &["9"]).decide(&who("1"), &unknown), AccessDecision::Refused);
-        assert_eq!(access(DmPolicy::Allowlist, &["9"]).decide(&who("2"), &paired), AccessDecision::Refused);
+        assert_eq!(
+            access(DmPolicy::Pairing, &[]).decide(&who("1"), &unknown),
+            AccessDecision::NeedsPairing
+        );
+        assert!(matches!(
+            access(DmPolicy::Pairing, &[]).decide(&who("2"), &paired),
+            AccessDecision::Allowed(_)
+        ));
+        assert!(matches!(
+            access(DmPolicy::Pairing, &["1"]).decide(&who("1"), &unknown),
+            AccessDecision::Allowed(_)
+        ));
+        assert_eq!(
+            access(DmPolicy::Allowlist, &["9"]).decide(&who("1"), &unknown),
+            AccessDecision::Refused
+        );
+        assert_eq!(
+            access(DmPolicy::Allowlist, &["9"]).decide(&who("2"), &paired),
+            AccessDecision::Refused
+        );
         assert_eq!(
             access(DmPolicy::Allowlist, &["1"]).decide(&who("1"), &unknown),
             AccessDecision::Allowed(UserId::new("telegram_1").unwrap())
         );
-        assert!(matches!(access(DmPolicy::Open, &["*"]).decide(&who("5"), &unknown), AccessDecision::Allowed(_)));
+        assert!(matches!(
+            access(DmPolicy::Open, &["*"]).decide(&who("5"), &unknown),
+            AccessDecision::Allowed(_)
+        ));
         let configured = KnownSender::Configured(UserId::new("anna").unwrap());
-        assert_eq!(access(DmPolicy::Disabled, &["*"]).decide(&who("5"), &configured), AccessDecision::Refused);
+        assert_eq!(
+            access(DmPolicy::Disabled, &["*"]).decide(&who("5"), &configured),
+            AccessDecision::Refused
+        );
         assert_eq!(
             access(DmPolicy::Allowlist, &[]).decide(&who("5"), &configured),
             AccessDecision::Allowed(UserId::new("anna").unwrap())

@@ -88,10 +88,19 @@ impl ToolBox {
         context: &ToolContext,
         arguments: serde_json::Value,
     ) -> Result<ToolOutput, ToolError> {
-        let Some(tool) = self.tools.get(name).filter(|_| allowed.iter().any(|a| a == name)) else {
+        let Some(tool) = self
+            .tools
+            .get(name)
+            .filter(|_| allowed.iter().any(|a| a == name))
+        else {
             return Err(ToolError::Refused(format!(
                 "there is no tool named {name:?} available to you; available tools: {}",
-                allowed.iter().filter(|a| self.tools.contains_key(a.as_str())).cloned().collect::<Vec<_>>().join(", ")
+                allowed
+                    .iter()
+                    .filter(|a| self.tools.contains_key(a.as_str()))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         };
         tool.call(context, arguments).await
@@ -137,24 +146,38 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
     let offered = turn.tools.offered(turn.allowed_tools);
     let mut items = turn.history;
     let first_new = items.len();
-    items.push(ConversationItem::User { text: turn.user_text });
+    items.push(ConversationItem::User {
+        text: turn.user_text,
+    });
     let mut usage = Vec::new();
     let mut replies: Vec<String> = Vec::new();
 
     for iteration in 0..turn.max_iterations.max(1) {
         let model_started = Instant::now();
-        let answer = match turn.model.call(&turn.system, &items, &offered, turn.deltas).await {
+        let answer = match turn
+            .model
+            .call(&turn.system, &items, &offered, turn.deltas)
+            .await
+        {
             Ok(answer) => {
-                turn.metrics.observe_model(&answer.provider, &answer.model, model_started.elapsed());
+                turn.metrics.observe_model(
+                    &answer.provider,
+                    &answer.model,
+                    model_started.elapsed(),
+                );
                 for (provider, _, u) in &answer.usage {
-                    turn.metrics.count_tokens(provider, u.input_tokens, u.output_tokens);
+                    turn.metrics
+                        .count_tokens(provider, u.input_tokens, u.output_tokens);
                 }
                 answer
             }
             Err(failure) => {
                 turn.metrics.model_failures.inc();
                 tracing::warn!(user = %turn.context.user, error = %failure.detail, "model call failed");
-                items.push(ConversationItem::Assistant { text: failure.user_message.clone(), tool_calls: vec![] });
+                items.push(ConversationItem::Assistant {
+                    text: failure.user_message.clone(),
+                    tool_calls: vec![],
+                });
                 return TurnResult {
                     new_items: items.split_off(first_new),
                     reply: failure.user_message,
@@ -164,18 +187,36 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
             }
         };
         usage.extend(answer.usage.iter().cloned());
-        let ModelResponse { text, tool_calls, .. } = answer.response;
+        let ModelResponse {
+            text, tool_calls, ..
+        } = answer.response;
         if !text.trim().is_empty() {
             replies.push(text.clone());
         }
-        items.push(ConversationItem::Assistant { text, tool_calls: tool_calls.clone() });
+        items.push(ConversationItem::Assistant {
+            text,
+            tool_calls: tool_calls.clone(),
+        });
         if tool_calls.is_empty() {
-            return TurnResult { new_items: items.split_off(first_new), reply: join_replies(&replies), usage, model_failed: false };
+            return TurnResult {
+                new_items: items.split_off(first_new),
+                reply: join_replies(&replies),
+                usage,
+                model_failed: false,
+            };
         }
         for call in tool_calls {
             let started = Instant::now();
             let digest = arguments_digest(&call.arguments);
-            let result = turn.tools.call(turn.allowed_tools, &call.name, &turn.context, call.arguments).await;
+            let result = turn
+                .tools
+                .call(
+                    turn.allowed_tools,
+                    &call.name,
+                    &turn.context,
+                    call.arguments,
+                )
+                .await;
             let elapsed = started.elapsed();
             let duration_ms = elapsed.as_millis() as i64;
             let outcome = match &result {
@@ -199,15 +240,35 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                 tracing::error!(error = %e, "could not record an audit event");
             }
             match result {
-                Ok(output) => items.push(ConversationItem::ToolResult { call_id: call.id, content: output.content, is_error: false }),
+                Ok(output) => items.push(ConversationItem::ToolResult {
+                    call_id: call.id,
+                    content: output.content,
+                    is_error: false,
+                }),
                 Err(error) if error.is_fatal() => {
                     tracing::error!(user = %turn.context.user, tool = %call.name, error = %error, "fatal tool error; turn aborted");
                     let reply = "Sorry — something went wrong on my side and I could not finish. Please try again later.".to_string();
-                    items.push(ConversationItem::ToolResult { call_id: call.id, content: "internal error".to_string(), is_error: true });
-                    items.push(ConversationItem::Assistant { text: reply.clone(), tool_calls: vec![] });
-                    return TurnResult { new_items: items.split_off(first_new), reply, usage, model_failed: false };
+                    items.push(ConversationItem::ToolResult {
+                        call_id: call.id,
+                        content: "internal error".to_string(),
+                        is_error: true,
+                    });
+                    items.push(ConversationItem::Assistant {
+                        text: reply.clone(),
+                        tool_calls: vec![],
+                    });
+                    return TurnResult {
+                        new_items: items.split_off(first_new),
+                        reply,
+                        usage,
+                        model_failed: false,
+                    };
                 }
-                Err(error) => items.push(ConversationItem::ToolResult { call_id: call.id, content: error.to_string(), is_error: true }),
+                Err(error) => items.push(ConversationItem::ToolResult {
+                    call_id: call.id,
+                    content: error.to_string(),
+                    is_error: true,
+                }),
             }
         }
         tracing::debug!(user = %turn.context.user, iteration, "tool round finished");
@@ -216,13 +277,26 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
         "(I stopped after {} tool steps for this message. Tell me to continue if you want me to go on.)",
         turn.max_iterations.max(1)
     );
-    items.push(ConversationItem::Assistant { text: note.clone(), tool_calls: vec![] });
+    items.push(ConversationItem::Assistant {
+        text: note.clone(),
+        tool_calls: vec![],
+    });
     replies.push(note);
-    TurnResult { new_items: items.split_off(first_new), reply: join_replies(&replies), usage, model_failed: false }
+    TurnResult {
+        new_items: items.split_off(first_new),
+        reply: join_replies(&replies),
+        usage,
+        model_failed: false,
+    }
 }
 
 fn join_replies(replies: &[String]) -> String {
-    let joined = replies.iter().map(|r| r.trim()).filter(|r| !r.is_empty()).collect::<Vec<_>>().join("\n\n");
+    let joined = replies
+        .iter()
+        .map(|r| r.trim())
+        .filter(|r| !r.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n\n");
     if joined.is_empty() {
         "(no answer)".to_string()
     } else {

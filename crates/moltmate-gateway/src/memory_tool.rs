@@ -50,19 +50,26 @@ impl Tool for MemorySearchTool {
         }
     }
 
-    async fn call(&self, context: &ToolContext, arguments: serde_json::Value) -> Result<ToolOutput, ToolError> {
-        let arguments: Arguments = serde_json::from_value(arguments)
-            .map_err(|e| ToolError::InvalidArguments(format!("memory_search takes {{\"query\": string}}: {e}")))?;
+    async fn call(
+        &self,
+        context: &ToolContext,
+        arguments: serde_json::Value,
+    ) -> Result<ToolOutput, ToolError> {
+        let arguments: Arguments = serde_json::from_value(arguments).map_err(|e| {
+            ToolError::InvalidArguments(format!("memory_search takes {{\"query\": string}}: {e}"))
+        })?;
         if arguments.query.trim().is_empty() {
             return Err(ToolError::InvalidArguments("query is empty".to_string()));
         }
         let last = {
             let index_dir = self.index_dir.clone();
             let user = context.user.clone();
-            tokio::task::spawn_blocking(move || MemoryIndex::open(&index_dir, &user)?.last_transcript_id())
-                .await
-                .map_err(|e| ToolError::Fatal(e.to_string()))?
-                .map_err(|e| ToolError::Failed(format!("memory index unavailable: {e}")))?
+            tokio::task::spawn_blocking(move || {
+                MemoryIndex::open(&index_dir, &user)?.last_transcript_id()
+            })
+            .await
+            .map_err(|e| ToolError::Fatal(e.to_string()))?
+            .map_err(|e| ToolError::Failed(format!("memory index unavailable: {e}")))?
         };
         let new_rows = self
             .store
@@ -76,9 +83,19 @@ impl Tool for MemorySearchTool {
         let query = arguments.query;
         let hits = tokio::task::spawn_blocking(move || {
             let mut index = MemoryIndex::open(&index_dir, &user)?;
-            let mut roots = vec![IndexedRoot { root: &home, prefix: "", files: &["MEMORY.md", "USER.md"], directories: &["memory"] }];
+            let mut roots = vec![IndexedRoot {
+                root: &home,
+                prefix: "",
+                files: &["MEMORY.md", "USER.md"],
+                directories: &["memory"],
+            }];
             if let Some(family) = &family {
-                roots.push(IndexedRoot { root: family, prefix: "family/", files: &["FAMILY.md"], directories: &["notes"] });
+                roots.push(IndexedRoot {
+                    root: family,
+                    prefix: "family/",
+                    files: &["FAMILY.md"],
+                    directories: &["notes"],
+                });
             }
             index.sync_files(&roots)?;
             index.add_transcript(&new_rows)?;
@@ -90,7 +107,10 @@ impl Tool for MemorySearchTool {
         if hits.is_empty() {
             return Ok(ToolOutput::text("No matches in memory."));
         }
-        let lines: Vec<String> = hits.iter().map(|h| format!("{}:{}: {}", h.source, h.location, h.snippet)).collect();
+        let lines: Vec<String> = hits
+            .iter()
+            .map(|h| format!("{}:{}: {}", h.source, h.location, h.snippet))
+            .collect();
         Ok(ToolOutput::text(lines.join("\n")))
     }
 }

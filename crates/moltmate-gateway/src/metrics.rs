@@ -71,23 +71,61 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("moltmate");
         let messages = Family::<MessageLabels, Counter>::default();
-        let model_latency_seconds = Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let model_latency_seconds =
+            Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
         let model_failures = Counter::default();
         let tokens = Family::<TokenLabels, Counter>::default();
         let tool_calls = Family::<ToolLabels, Counter>::default();
-        let tool_latency_seconds = Family::<ToolNameLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let tool_latency_seconds =
+            Family::<ToolNameLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
         let replies_sent = Counter::default();
         let replies_failed = Counter::default();
         let active_users = Gauge::default();
-        registry.register("messages", "Inbound messages by channel and outcome", messages.clone());
-        registry.register("model_latency_seconds", "Model call latency by provider and model", model_latency_seconds.clone());
-        registry.register("model_failures", "Turns that ended because every model failed", model_failures.clone());
+        registry.register(
+            "messages",
+            "Inbound messages by channel and outcome",
+            messages.clone(),
+        );
+        registry.register(
+            "model_latency_seconds",
+            "Model call latency by provider and model",
+            model_latency_seconds.clone(),
+        );
+        registry.register(
+            "model_failures",
+            "Turns that ended because every model failed",
+            model_failures.clone(),
+        );
         registry.register("tokens", "Tokens by provider and direction", tokens.clone());
-        registry.register("tool_calls", "Tool calls by tool and outcome", tool_calls.clone());
-        registry.register("tool_latency_seconds", "Tool call latency by tool (exec = sandbox round trip)", tool_latency_seconds.clone());
-        registry.register("replies_sent", "Replies handed to their channel", replies_sent.clone());
-        registry.register("replies_failed", "Replies the channel refused or could not take", replies_failed.clone());
-        registry.register("active_users", "Users with a live worker", active_users.clone());
+        registry.register(
+            "tool_calls",
+            "Tool calls by tool and outcome",
+            tool_calls.clone(),
+        );
+        registry.register(
+            "tool_latency_seconds",
+            "Tool call latency by tool (exec = sandbox round trip)",
+            tool_latency_seconds.clone(),
+        );
+        registry.register(
+            "replies_sent",
+            "Replies handed to their channel",
+            replies_sent.clone(),
+        );
+        registry.register(
+            "replies_failed",
+            "Replies the channel refused or could not take",
+            replies_failed.clone(),
+        );
+        registry.register(
+            "active_users",
+            "Users with a live worker",
+            active_users.clone(),
+        );
         Metrics {
             registry,
             messages,
@@ -118,21 +156,48 @@ impl Metrics {
 
     pub fn observe_model(&self, provider: &str, model: &str, elapsed: Duration) {
         self.model_latency_seconds
-            .get_or_create(&ModelLabels { provider: provider.to_string(), model: model.to_string() })
+            .get_or_create(&ModelLabels {
+                provider: provider.to_string(),
+                model: model.to_string(),
+            })
             .observe(elapsed.as_secs_f64());
     }
 
     pub fn observe_tool(&self, tool: &str, outcome: &str, elapsed: Duration) {
-        self.tool_calls.get_or_create(&ToolLabels { tool: tool.to_string(), outcome: outcome.to_string() }).inc();
-        self.tool_latency_seconds.get_or_create(&ToolNameLabels { tool: tool.to_string() }).observe(elapsed.as_secs_f64());
+        self.tool_calls
+            .get_or_create(&ToolLabels {
+                tool: tool.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.tool_latency_seconds
+            .get_or_create(&ToolNameLabels {
+                tool: tool.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn count_tokens(&self, provider: &str, input: u64, output: u64) {
-        self.tokens.get_or_create(&TokenLabels { provider: provider.to_string(), direction: "input".into() }).inc_by(input);
-        self.tokens.get_or_create(&TokenLabels { provider: provider.to_string(), direction: "output".into() }).inc_by(output);
+        self.tokens
+            .get_or_create(&TokenLabels {
+                provider: provider.to_string(),
+                direction: "input".into(),
+            })
+            .inc_by(input);
+        self.tokens
+            .get_or_create(&TokenLabels {
+                provider: provider.to_string(),
+                direction: "output".into(),
+            })
+            .inc_by(output);
     }
 
     pub fn count_message(&self, channel: &str, outcome: &str) {
-        self.messages.get_or_create(&MessageLabels { channel: channel.to_string(), outcome: outcome.to_string() }).inc();
+        self.messages
+            .get_or_create(&MessageLabels {
+                channel: channel.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 }

@@ -40,20 +40,42 @@ fn from_built_in(p: Persona, label: &str, en: &str, de: &str, emoji: &str) -> Pe
 /// SOUL.md and an optional IDENTITY.md (`Name: ...` and `Emoji: ...` lines are read from it).
 pub fn available_personas(personas_dir: Option<&Path>) -> Vec<PersonaChoice> {
     let mut choices = vec![
-        from_built_in(persona::CAMI, "Cami", "warm, relaxed, adapts to you", "Warm, locker, passt sich an", "🦎"),
-        from_built_in(persona::MOLTY, "Molty", "direct, reliable", "Direkt, zuverlässig", "🦀"),
+        from_built_in(
+            persona::CAMI,
+            "Cami",
+            "warm, relaxed, adapts to you",
+            "Warm, locker, passt sich an",
+            "🦎",
+        ),
+        from_built_in(
+            persona::MOLTY,
+            "Molty",
+            "direct, reliable",
+            "Direkt, zuverlässig",
+            "🦀",
+        ),
     ];
-    let Some(dir) = personas_dir else { return choices };
-    let Ok(entries) = std::fs::read_dir(dir) else { return choices };
-    let mut folders: Vec<_> = entries.filter_map(Result::ok).filter(|e| e.path().is_dir()).collect();
+    let Some(dir) = personas_dir else {
+        return choices;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return choices;
+    };
+    let mut folders: Vec<_> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .collect();
     folders.sort_by_key(|e| e.file_name());
     for folder in folders {
         let key = folder.file_name().to_string_lossy().to_lowercase();
         if choices.iter().any(|c| c.key == key) || key.starts_with('.') {
             continue;
         }
-        let Ok(soul) = std::fs::read_to_string(folder.path().join("SOUL.md")) else { continue };
-        let identity = std::fs::read_to_string(folder.path().join("IDENTITY.md")).unwrap_or_else(|_| format!("# Identity\n\nName: {key}\n"));
+        let Ok(soul) = std::fs::read_to_string(folder.path().join("SOUL.md")) else {
+            continue;
+        };
+        let identity = std::fs::read_to_string(folder.path().join("IDENTITY.md"))
+            .unwrap_or_else(|_| format!("# Identity\n\nName: {key}\n"));
         let field = |name: &str| {
             identity
                 .lines()
@@ -94,10 +116,24 @@ pub fn menu(language: &str, choices: &[PersonaChoice]) -> String {
         "Hey! 👋 I'm your new AI companion.\nHow should I be?\n\n1. ✨ Custom - you describe my personality!\n".to_string()
     };
     for (index, choice) in choices.iter().enumerate() {
-        let description = if german { &choice.description_de } else { &choice.description_en };
-        text.push_str(&format!("{}. {} {} - {}\n", index + 2, choice.emoji, choice.label, description));
+        let description = if german {
+            &choice.description_de
+        } else {
+            &choice.description_en
+        };
+        text.push_str(&format!(
+            "{}. {} {} - {}\n",
+            index + 2,
+            choice.emoji,
+            choice.label,
+            description
+        ));
     }
-    text.push_str(if german { "\nOder erzähl mir einfach wie ich sein soll..." } else { "\nOr just tell me how I should be..." });
+    text.push_str(if german {
+        "\nOder erzähl mir einfach wie ich sein soll..."
+    } else {
+        "\nOr just tell me how I should be..."
+    });
     text
 }
 
@@ -124,7 +160,10 @@ pub fn interpret_choice(text: &str, choices: &[PersonaChoice]) -> Answer {
             }
         }
     }
-    if let Some(choice) = choices.iter().find(|c| c.key == lowered || c.label.to_lowercase() == lowered) {
+    if let Some(choice) = choices
+        .iter()
+        .find(|c| c.key == lowered || c.label.to_lowercase() == lowered)
+    {
         return Answer::Persona(choice.clone());
     }
     Answer::Description(trimmed.to_string())
@@ -139,14 +178,22 @@ pub fn apply_persona(home: &UserHome, choice: &PersonaChoice) -> Result<(), Stri
 /// Writes a custom persona from the user's own description.
 pub fn apply_custom(home: &UserHome, description: &str) -> Result<(), String> {
     let description: String = description.chars().take(4000).collect();
-    let quoted = description.lines().map(|l| format!("> {l}")).collect::<Vec<_>>().join("\n");
+    let quoted = description
+        .lines()
+        .map(|l| format!("> {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
     let soul = format!(
         "# Soul\n\nYour user described the personality they want you to have, in their own words:\n\n{quoted}\n\n\
          Be that, consistently. If the description leaves something open, stay kind and honest.\n"
     );
     write_beneath(home.root(), "SOUL.md", soul.as_bytes()).map_err(|e| e.to_string())?;
-    write_beneath(home.root(), "IDENTITY.md", b"# Identity\n\nName: (the user's custom assistant)\nEmoji: \xE2\x9C\xA8\n")
-        .map_err(|e| e.to_string())
+    write_beneath(
+        home.root(),
+        "IDENTITY.md",
+        b"# Identity\n\nName: (the user's custom assistant)\nEmoji: \xE2\x9C\xA8\n",
+    )
+    .map_err(|e| e.to_string())
 }
 
 pub fn ask_for_description(language: &str) -> String {
@@ -178,19 +225,39 @@ mod tests {
         assert!(german.contains("2. 🦎 Cami - Warm, locker, passt sich an"));
         assert!(german.contains("3. 🦀 Molty - Direkt, zuverlässig"));
         assert!(menu("en", &choices).contains("How should I be?"));
-        assert_eq!(interpret_choice(" 3 ", &choices), Answer::Persona(choices[1].clone()));
-        assert_eq!(interpret_choice("cami", &choices), Answer::Persona(choices[0].clone()));
+        assert_eq!(
+            interpret_choice(" 3 ", &choices),
+            Answer::Persona(choices[1].clone())
+        );
+        assert_eq!(
+            interpret_choice("cami", &choices),
+            Answer::Persona(choices[0].clone())
+        );
         assert_eq!(interpret_choice("1", &choices), Answer::WantsCustom);
-        assert_eq!(interpret_choice("9", &choices), Answer::Description("9".into()));
-        assert_eq!(interpret_choice("Be a pirate", &choices), Answer::Description("Be a pirate".into()));
+        assert_eq!(
+            interpret_choice("9", &choices),
+            Answer::Description("9".into())
+        );
+        assert_eq!(
+            interpret_choice("Be a pirate", &choices),
+            Answer::Description("Be a pirate".into())
+        );
     }
 
     #[test]
     fn operator_personas_are_listed_after_built_ins() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("nova")).unwrap();
-        std::fs::write(dir.path().join("nova/SOUL.md"), "# Soul\n\nCurious science buddy.\n").unwrap();
-        std::fs::write(dir.path().join("nova/IDENTITY.md"), "Name: Nova\nEmoji: 🔭\n").unwrap();
+        std::fs::write(
+            dir.path().join("nova/SOUL.md"),
+            "# Soul\n\nCurious science buddy.\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("nova/IDENTITY.md"),
+            "Name: Nova\nEmoji: 🔭\n",
+        )
+        .unwrap();
         let choices = available_personas(Some(dir.path()));
         assert_eq!(choices.len(), 3);
         assert!(menu("en", &choices).contains("4. 🔭 Nova - Curious science buddy."));

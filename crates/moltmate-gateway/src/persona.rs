@@ -30,5 +30,7 @@ pub const BUILT_IN: [Persona; 2] = [CAMI, MOLTY];
 
 /// The built-in persona with this key, if any.
 pub fn built_in(key: &str) -> Option<Persona> {
-    BUILT_IN.into_iter().find(|p| p.key.eq_ignore_ascii_case(key))
+    BUILT_IN
+        .into_iter()
+        .find(|p| p.key.eq_ignore_ascii_case(key))
 }

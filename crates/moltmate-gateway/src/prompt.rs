@@ -44,11 +44,20 @@ pub fn build_system_prompt(
     text.push_str(PREAMBLE);
     text.push_str(&format!("\n\nToday is {}.", today.format("%A, %Y-%m-%d")));
 
-    let mut section = |heading: &str, relative: &str, text: &mut String| match read_beneath(home.root(), relative, max_file_bytes) {
+    let mut section = |heading: &str, relative: &str, text: &mut String| match read_beneath(
+        home.root(),
+        relative,
+        max_file_bytes,
+    ) {
         Ok(Some((content, truncated))) if !content.trim().is_empty() => {
-            text.push_str(&format!("\n\n## {heading} ({relative})\n\n{}", content.trim_end()));
+            text.push_str(&format!(
+                "\n\n## {heading} ({relative})\n\n{}",
+                content.trim_end()
+            ));
             if truncated {
-                text.push_str(&format!("\n\n[{relative} was cut at {max_file_bytes} bytes]"));
+                text.push_str(&format!(
+                    "\n\n[{relative} was cut at {max_file_bytes} bytes]"
+                ));
             }
         }
         Ok(_) => {}
@@ -58,7 +67,10 @@ pub fn build_system_prompt(
         section(heading, file, &mut text);
     }
     if let Some(notes) = family_notes.filter(|n| !n.trim().is_empty()) {
-        text.push_str(&format!("\n\n## Shared family notes (family/FAMILY.md)\n\n{}", notes.trim_end()));
+        text.push_str(&format!(
+            "\n\n## Shared family notes (family/FAMILY.md)\n\n{}",
+            notes.trim_end()
+        ));
     }
     let yesterday = today.checked_sub_days(Days::new(1)).unwrap_or(today);
     for (day, label) in [(yesterday, "Yesterday's notes"), (today, "Today's notes")] {
@@ -66,7 +78,10 @@ pub fn build_system_prompt(
         section(label, &relative, &mut text);
     }
     if let Some(summary) = session_summary.filter(|s| !s.trim().is_empty()) {
-        text.push_str(&format!("\n\n## Summary of this conversation so far\n\n{}", summary.trim_end()));
+        text.push_str(&format!(
+            "\n\n## Summary of this conversation so far\n\n{}",
+            summary.trim_end()
+        ));
     }
     SystemPrompt { text, problems }
 }
@@ -89,7 +104,8 @@ mod tests {
         write_beneath(alice.root(), "memory/2026-11-22.md", b"bought bread").unwrap();
         write_beneath(alice.root(), "memory/2026-11-20.md", b"too old").unwrap();
         write_beneath(bob.root(), "MEMORY.md", b"bob's secret").unwrap();
-        std::os::unix::fs::symlink(bob.root().join("MEMORY.md"), alice.root().join("USER.md")).unwrap();
+        std::os::unix::fs::symlink(bob.root().join("MEMORY.md"), alice.root().join("USER.md"))
+            .unwrap();
 
         let today = NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
         let prompt = build_system_prompt(&alice, today, 1024, None, None);
@@ -97,7 +113,10 @@ mod tests {
             assert!(prompt.text.contains(expected), "missing {expected}");
         }
         assert!(!prompt.text.contains("too old"));
-        assert!(!prompt.text.contains("bob's secret"), "a planted symlink must not leak another user's memory");
+        assert!(
+            !prompt.text.contains("bob's secret"),
+            "a planted symlink must not leak another user's memory"
+        );
         assert_eq!(prompt.problems.len(), 1);
     }
 }

@@ -92,7 +92,9 @@ pub struct Submitted {
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Poisoning only means another thread panicked while holding the lock; the maps guarded
     // here stay structurally valid, so keep serving rather than take every user down.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Gateway {
@@ -149,14 +151,20 @@ impl Gateway {
     pub async fn recover(&self) -> Result<(), StoreError> {
         let pending = self.inner.store.pending_outbox(10_000).await?;
         if !pending.is_empty() {
-            tracing::info!(count = pending.len(), "delivering replies left from the last run");
+            tracing::info!(
+                count = pending.len(),
+                "delivering replies left from the last run"
+            );
         }
         for item in pending {
             deliver(&self.inner, item).await;
         }
         let users = self.inner.store.users_with_pending_inbox().await?;
         if !users.is_empty() {
-            tracing::info!(count = users.len(), "resuming users with unanswered messages");
+            tracing::info!(
+                count = users.len(),
+                "resuming users with unanswered messages"
+            );
         }
         for user in users {
             wake_worker(&self.inner, &user);
@@ -187,17 +195,37 @@ impl Gateway {
     /// Waits for running turns after shutdown was signalled, at most `grace`.
     pub async fn drain(&self, grace: Duration) {
         self.inner.tasks.close();
-        if tokio::time::timeout(grace, self.inner.tasks.wait()).await.is_err() {
-            tracing::warn!("turns still running at shutdown; their messages will be answered after restart");
+        if tokio::time::timeout(grace, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "turns still running at shutdown; their messages will be answered after restart"
+            );
         }
     }
 
     /// Accepts a message and returns a receiver for its reply, streaming text to `deltas`.
     /// Used by channels that answer in-band (local chat, web).
-    pub async fn submit(&self, message: InboundMessage, deltas: Arc<dyn DeltaSink>) -> Result<Submitted, AcceptError> {
+    pub async fn submit(
+        &self,
+        message: InboundMessage,
+        deltas: Arc<dyn DeltaSink>,
+    ) -> Result<Submitted, AcceptError> {
         let (sender, receiver) = oneshot::channel();
-        let accepted = accept(&self.inner, message, Some(Waiter { deltas, reply: sender })).await?;
-        Ok(Submitted { accepted, reply: receiver })
+        let accepted = accept(
+            &self.inner,
+            message,
+            Some(Waiter {
+                deltas,
+                reply: sender,
+            }),
+        )
+        .await?;
+        Ok(Submitted {
+            accepted,
+            reply: receiver,
+        })
     }
 
     /// Ensures the user's home exists, with persona files when it is new.
@@ -213,7 +241,11 @@ impl InboundSink for Gateway {
     }
 
     async fn cursor(&self, channel: ChannelKind) -> Result<Option<i64>, AcceptError> {
-        self.inner.store.cursor(channel).await.map_err(|e| AcceptError::Storage(e.to_string()))
+        self.inner
+            .store
+            .cursor(channel)
+            .await
+            .map_err(|e| AcceptError::Storage(e.to_string()))
     }
 }
 
@@ -232,7 +264,11 @@ async fn known_sender(inner: &Inner, identity: &Identity) -> Result<KnownSender,
     })
 }
 
-async fn accept(inner: &Arc<Inner>, message: InboundMessage, waiter: Option<Waiter>) -> Result<Accepted, AcceptError> {
+async fn accept(
+    inner: &Arc<Inner>,
+    message: InboundMessage,
+    waiter: Option<Waiter>,
+) -> Result<Accepted, AcceptError> {
     let channel = message.sender.channel;
     let result = accept_counted(inner, message, waiter).await;
     if let Ok(accepted) = &result {
@@ -246,7 +282,11 @@ async fn accept(inner: &Arc<Inner>, message: InboundMessage, waiter: Option<Wait
     result
 }
 
-async fn accept_counted(inner: &Arc<Inner>, mut message: InboundMessage, waiter: Option<Waiter>) -> Result<Accepted, AcceptError> {
+async fn accept_counted(
+    inner: &Arc<Inner>,
+    mut message: InboundMessage,
+    waiter: Option<Waiter>,
+) -> Result<Accepted, AcceptError> {
     if inner.shutdown.is_cancelled() {
         return Err(AcceptError::ShuttingDown);
     }
@@ -257,27 +297,45 @@ async fn accept_counted(inner: &Arc<Inner>, mut message: InboundMessage, waiter:
         // (`moltmate chat --user NAME` speaks as NAME) and the web layer (a user token or a
         // login-link session names the user). The peer id is the user id.
         match &known {
-            KnownSender::Configured(u) | KnownSender::Paired(u) | KnownSender::Seen(u) => AccessDecision::Allowed(u.clone()),
+            KnownSender::Configured(u) | KnownSender::Paired(u) | KnownSender::Seen(u) => {
+                AccessDecision::Allowed(u.clone())
+            }
             KnownSender::Unknown => match UserId::new(identity.peer.as_str()) {
                 Ok(user) => AccessDecision::Allowed(user),
                 Err(_) => AccessDecision::Refused,
             },
         }
     } else {
-        let fallback = ChannelAccess { policy: DmPolicy::Disabled, allow_from: Vec::new() };
-        inner.settings.access.get(&identity.channel).unwrap_or(&fallback).decide(&identity, &known)
+        let fallback = ChannelAccess {
+            policy: DmPolicy::Disabled,
+            allow_from: Vec::new(),
+        };
+        inner
+            .settings
+            .access
+            .get(&identity.channel)
+            .unwrap_or(&fallback)
+            .decide(&identity, &known)
     };
 
     match decision {
         AccessDecision::Allowed(user) => {
-            let created = inner.store.ensure_user(&user, message.sender_name.as_deref()).await.map_err(storage)?;
+            let created = inner
+                .store
+                .ensure_user(&user, message.sender_name.as_deref())
+                .await
+                .map_err(storage)?;
             let source = match known {
                 KnownSender::Configured(_) => Some("config"),
                 KnownSender::Unknown => Some("seen"),
                 KnownSender::Paired(_) | KnownSender::Seen(_) => None,
             };
             if let Some(source) = source {
-                inner.store.link_identity(&identity, &user, source).await.map_err(storage)?;
+                inner
+                    .store
+                    .link_identity(&identity, &user, source)
+                    .await
+                    .map_err(storage)?;
             }
             if created {
                 tracing::info!(user = %user, identity = %identity, "new user");
@@ -289,7 +347,12 @@ async fn accept_counted(inner: &Arc<Inner>, mut message: InboundMessage, waiter:
                 let cut: String = message.text.chars().take(MAX_MESSAGE_CHARS).collect();
                 message.text = format!("{cut}\n\n[message cut at {MAX_MESSAGE_CHARS} characters]");
             }
-            match inner.store.insert_inbound(&message, &user).await.map_err(storage)? {
+            match inner
+                .store
+                .insert_inbound(&message, &user)
+                .await
+                .map_err(storage)?
+            {
                 None => Ok(Accepted::Duplicate),
                 Some(inbox_id) => {
                     if let Some(waiter) = waiter {
@@ -303,24 +366,48 @@ async fn accept_counted(inner: &Arc<Inner>, mut message: InboundMessage, waiter:
         AccessDecision::NeedsPairing => {
             let (request, created) = inner
                 .store
-                .pairing_request_for(&identity, &message.chat_id, message.sender_name.as_deref(), inner.settings.pairing_ttl)
+                .pairing_request_for(
+                    &identity,
+                    &message.chat_id,
+                    message.sender_name.as_deref(),
+                    inner.settings.pairing_ttl,
+                )
                 .await
                 .map_err(storage)?;
             if created {
                 tracing::info!(identity = %identity, code = %request.code, "pairing requested");
             }
-            let text = pairing_text(&request.code, message.language_code.as_deref(), &inner.settings.default_language, identity.channel);
+            let text = pairing_text(
+                &request.code,
+                message.language_code.as_deref(),
+                &inner.settings.default_language,
+                identity.channel,
+            );
             let outbox = inner
                 .store
                 .enqueue_outbound(None, identity.channel, &message.chat_id, &text)
                 .await
                 .map_err(storage)?;
             if let Some(cursor) = message.cursor {
-                inner.store.advance_cursor(identity.channel, cursor).await.map_err(storage)?;
+                inner
+                    .store
+                    .advance_cursor(identity.channel, cursor)
+                    .await
+                    .map_err(storage)?;
             }
             let inner = Arc::clone(inner);
-            let item = OutboxItem { id: outbox, inbox_id: None, user: None, channel: identity.channel, chat_id: message.chat_id, text };
-            inner.tasks.clone().spawn(async move { deliver(&inner, item).await });
+            let item = OutboxItem {
+                id: outbox,
+                inbox_id: None,
+                user: None,
+                channel: identity.channel,
+                chat_id: message.chat_id,
+                text,
+            };
+            inner
+                .tasks
+                .clone()
+                .spawn(async move { deliver(&inner, item).await });
             Ok(Accepted::Refused)
         }
         AccessDecision::Refused => {
@@ -336,14 +423,23 @@ async fn accept_counted(inner: &Arc<Inner>, mut message: InboundMessage, waiter:
             };
             inner.store.record_audit(audit).await.map_err(storage)?;
             if let Some(cursor) = message.cursor {
-                inner.store.advance_cursor(identity.channel, cursor).await.map_err(storage)?;
+                inner
+                    .store
+                    .advance_cursor(identity.channel, cursor)
+                    .await
+                    .map_err(storage)?;
             }
             Ok(Accepted::Refused)
         }
     }
 }
 
-fn pairing_text(code: &str, language: Option<&str>, default_language: &str, channel: ChannelKind) -> String {
+fn pairing_text(
+    code: &str,
+    language: Option<&str>,
+    default_language: &str,
+    channel: ChannelKind,
+) -> String {
     let language = language.unwrap_or(default_language);
     if language.starts_with("de") {
         format!(
@@ -363,11 +459,15 @@ fn pairing_text(code: &str, language: Option<&str>, default_language: &str, chan
 /// Creates the user's home and, when it has no persona yet, writes the default persona.
 fn ensure_home(inner: &Inner, user: &UserId) -> Result<UserHome, String> {
     let home = inner.homes.ensure(user).map_err(|e| e.to_string())?;
-    let has_soul = read_beneath(home.root(), "SOUL.md", 1).map(|f| f.is_some()).unwrap_or(true);
+    let has_soul = read_beneath(home.root(), "SOUL.md", 1)
+        .map(|f| f.is_some())
+        .unwrap_or(true);
     if !has_soul {
         let persona = persona::built_in(&inner.settings.default_persona).unwrap_or(persona::CAMI);
-        write_beneath(home.root(), "SOUL.md", persona.soul.as_bytes()).map_err(|e| e.to_string())?;
-        write_beneath(home.root(), "IDENTITY.md", persona.identity.as_bytes()).map_err(|e| e.to_string())?;
+        write_beneath(home.root(), "SOUL.md", persona.soul.as_bytes())
+            .map_err(|e| e.to_string())?;
+        write_beneath(home.root(), "IDENTITY.md", persona.identity.as_bytes())
+            .map_err(|e| e.to_string())?;
     }
     Ok(home)
 }
@@ -379,13 +479,18 @@ fn wake_worker(inner: &Arc<Inner>, user: &UserId) {
         slot.notify.notify_one();
         return;
     }
-    let slot = Arc::new(WorkerSlot { notify: Notify::new(), dirty: AtomicBool::new(true) });
+    let slot = Arc::new(WorkerSlot {
+        notify: Notify::new(),
+        dirty: AtomicBool::new(true),
+    });
     workers.insert(user.clone(), Arc::clone(&slot));
     inner.metrics.active_users.set(workers.len() as i64);
     drop(workers);
     let inner_for_task = Arc::clone(inner);
     let user = user.clone();
-    inner.tasks.spawn(async move { worker(inner_for_task, user, slot).await });
+    inner
+        .tasks
+        .spawn(async move { worker(inner_for_task, user, slot).await });
 }
 
 async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
@@ -502,7 +607,13 @@ async fn system_prompt(
         let family_notes = family_root
             .and_then(|root| read_beneath(&root, "FAMILY.md", max).ok().flatten())
             .map(|(text, _)| text);
-        build_system_prompt(&home, today, max, summary.as_deref(), family_notes.as_deref())
+        build_system_prompt(
+            &home,
+            today,
+            max,
+            summary.as_deref(),
+            family_notes.as_deref(),
+        )
     })
     .await
     .map_err(|e| StoreError::Worker(e.to_string()))?;
@@ -513,16 +624,27 @@ async fn system_prompt(
 }
 
 /// Runs the onboarding conversation; `Some(reply)` when the message was part of it.
-async fn onboarding_step(inner: &Arc<Inner>, item: &InboxItem, language: &str) -> Result<Option<String>, StoreError> {
-    let Some(record) = inner.store.user(&item.user).await? else { return Ok(None) };
+async fn onboarding_step(
+    inner: &Arc<Inner>,
+    item: &InboxItem,
+    language: &str,
+) -> Result<Option<String>, StoreError> {
+    let Some(record) = inner.store.user(&item.user).await? else {
+        return Ok(None);
+    };
     let step = inner.store.onboarding_step(&item.user).await?;
     let choices = || onboarding::available_personas(inner.settings.personas_dir.as_deref());
-    let home = ensure_home(inner, &item.user).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
-    let applied = |result: Result<(), String>| result.map_err(|e| StoreError::Io(std::io::Error::other(e)));
+    let home =
+        ensure_home(inner, &item.user).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+    let applied =
+        |result: Result<(), String>| result.map_err(|e| StoreError::Io(std::io::Error::other(e)));
     let reply = match step.as_deref() {
         None if record.onboarded => return Ok(None),
         None => {
-            inner.store.set_onboarding(&item.user, Some("choose"), false).await?;
+            inner
+                .store
+                .set_onboarding(&item.user, Some("choose"), false)
+                .await?;
             onboarding::menu(language, &choices())
         }
         Some("describe") => {
@@ -532,7 +654,10 @@ async fn onboarding_step(inner: &Arc<Inner>, item: &InboxItem, language: &str) -
         }
         Some(_) => match onboarding::interpret_choice(&item.text, &choices()) {
             Answer::WantsCustom => {
-                inner.store.set_onboarding(&item.user, Some("describe"), record.onboarded).await?;
+                inner
+                    .store
+                    .set_onboarding(&item.user, Some("describe"), record.onboarded)
+                    .await?;
                 onboarding::ask_for_description(language)
             }
             Answer::Persona(choice) => {
@@ -551,21 +676,37 @@ async fn onboarding_step(inner: &Arc<Inner>, item: &InboxItem, language: &str) -
 }
 
 async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreError> {
-    let language = item.language_code.clone().unwrap_or_else(|| inner.settings.default_language.clone());
-    let command = item.text.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+    let language = item
+        .language_code
+        .clone()
+        .unwrap_or_else(|| inner.settings.default_language.clone());
+    let command = item
+        .text
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let command_reply = match command.as_str() {
         "/reset" | "/new" => {
             end_session(inner, &item.user).await?;
             Some(if language.starts_with("de") {
-                "Neues Gespräch begonnen. Was in deinem Gedächtnis steht, bleibt erhalten.".to_string()
+                "Neues Gespräch begonnen. Was in deinem Gedächtnis steht, bleibt erhalten."
+                    .to_string()
             } else {
                 "Started a new conversation. What is in your memory stays.".to_string()
             })
         }
         "/help" => Some(help_text(&language)),
         "/persona" if inner.settings.onboarding_enabled => {
-            let onboarded = inner.store.user(&item.user).await?.is_some_and(|u| u.onboarded);
-            inner.store.set_onboarding(&item.user, Some("choose"), onboarded).await?;
+            let onboarded = inner
+                .store
+                .user(&item.user)
+                .await?
+                .is_some_and(|u| u.onboarded);
+            inner
+                .store
+                .set_onboarding(&item.user, Some("choose"), onboarded)
+                .await?;
             let choices = onboarding::available_personas(inner.settings.personas_dir.as_deref());
             Some(onboarding::menu(&language, &choices))
         }
@@ -576,7 +717,11 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
     if let Some(text) = command_reply {
         let outbox = inner
             .store
-            .finish_inbox_with_reply(item.id, &item.user, Some((item.channel, item.chat_id.clone(), text.clone())))
+            .finish_inbox_with_reply(
+                item.id,
+                &item.user,
+                Some((item.channel, item.chat_id.clone(), text.clone())),
+            )
             .await?;
         finish(inner, &item, outbox, text).await;
         return Ok(());
@@ -586,7 +731,10 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
     let Ok(_permit) = inner.turn_permits.acquire().await else {
         return Ok(());
     };
-    let user_settings = inner.settings.user_settings(&item.user, item.channel).clone();
+    let user_settings = inner
+        .settings
+        .user_settings(&item.user, item.channel)
+        .clone();
     let mut session = inner.store.current_session(&item.user).await?;
     if let Some(idle) = inner.settings.session_idle_reset {
         let idle_for = chrono::Utc::now().timestamp_millis() - session.last_active;
@@ -595,17 +743,24 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
             session = inner.store.current_session(&item.user).await?;
         }
     }
-    let home = ensure_home(inner, &item.user).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+    let home =
+        ensure_home(inner, &item.user).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
     let family = match inner.settings.families.get(&item.user) {
         Some(name) => Some(FamilyFolder {
             name: name.clone(),
-            root: inner.homes.ensure_family(name).map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?,
+            root: inner
+                .homes
+                .ensure_family(name)
+                .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?,
         }),
         None => None,
     };
     // In sandbox mode "all", file tools see the sandbox's view of /workspace: the home, or for
     // `workspaceAccess: none` the user's scratch directory.
-    let tool_home = match (&inner.settings.sandbox_scratch_dir, user_settings.sandbox.workspace_access) {
+    let tool_home = match (
+        &inner.settings.sandbox_scratch_dir,
+        user_settings.sandbox.workspace_access,
+    ) {
         (Some(scratch), WorkspaceAccess::None) => {
             let scratch_home = UserHome::new(scratch, &item.user);
             std::fs::create_dir_all(scratch_home.root()).map_err(StoreError::Io)?;
@@ -618,14 +773,16 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         home: tool_home,
         session_id: session.id.clone(),
         family: family.clone(),
-        read_only: user_settings.read_only || user_settings.sandbox.workspace_access == WorkspaceAccess::Ro,
+        read_only: user_settings.read_only
+            || user_settings.sandbox.workspace_access == WorkspaceAccess::Ro,
         sandbox: user_settings.sandbox.clone(),
         exec: user_settings.exec.clone(),
     };
     let mut rows = inner.store.transcript(&session.id).await?;
     let mut prompt = system_prompt(inner, &home, family.as_ref(), session.summary.clone()).await?;
     let mut compaction_usage = Vec::new();
-    let threshold = (inner.settings.context_window_tokens as f64 * inner.settings.compact_at_ratio) as usize;
+    let threshold =
+        (inner.settings.context_window_tokens as f64 * inner.settings.compact_at_ratio) as usize;
     let history_items: Vec<ConversationItem> = rows.iter().map(|(_, item)| item.clone()).collect();
     if estimate_context(&prompt.text, &history_items) + estimate_tokens(&item.text) > threshold {
         let compacted = compact(
@@ -711,7 +868,11 @@ async fn finish(inner: &Arc<Inner>, item: &InboxItem, outbox: Option<i64>, reply
     }
 }
 
-fn start_typing(inner: &Arc<Inner>, channel: ChannelKind, chat_id: &str) -> Option<tokio::task::JoinHandle<()>> {
+fn start_typing(
+    inner: &Arc<Inner>,
+    channel: ChannelKind,
+    chat_id: &str,
+) -> Option<tokio::task::JoinHandle<()>> {
     let channel = Arc::clone(inner.channels.get(&channel)?);
     let chat_id = chat_id.to_string();
     Some(tokio::spawn(async move {

@@ -32,7 +32,11 @@ fn item_text_len(item: &ConversationItem) -> usize {
     match item {
         ConversationItem::User { text } => text.len(),
         ConversationItem::Assistant { text, tool_calls } => {
-            text.len() + tool_calls.iter().map(|c| c.name.len() + c.arguments.to_string().len()).sum::<usize>()
+            text.len()
+                + tool_calls
+                    .iter()
+                    .map(|c| c.name.len() + c.arguments.to_string().len())
+                    .sum::<usize>()
         }
         ConversationItem::ToolResult { content, .. } => content.len(),
     }
@@ -99,8 +103,14 @@ pub async fn compact(
 
     // 2. Summary of everything before the cut, without tools.
     let mut to_summarise: Vec<ConversationItem> = history[..cut].to_vec();
-    to_summarise.push(ConversationItem::User { text: SUMMARY_REQUEST.to_string() });
-    let answer = match job.model.call(job.system, &to_summarise, &[], &IgnoreDeltas).await {
+    to_summarise.push(ConversationItem::User {
+        text: SUMMARY_REQUEST.to_string(),
+    });
+    let answer = match job
+        .model
+        .call(job.system, &to_summarise, &[], &IgnoreDeltas)
+        .await
+    {
         Ok(answer) => answer,
         Err(failure) => {
             tracing::warn!(error = %failure.detail, "compaction summary failed; keeping the full session");
@@ -112,6 +122,8 @@ pub async fn compact(
     if summary.is_empty() {
         return Ok(None);
     }
-    job.store.compact_session(job.session_id, &summary, rows[cut].0).await?;
+    job.store
+        .compact_session(job.session_id, &summary, rows[cut].0)
+        .await?;
     Ok(Some((summary, usage)))
 }

@@ -3,7 +3,10 @@
 
 use async_trait::async_trait;
 use moltmate_core::channel::{Accepted, InboundMessage};
-use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas, ModelResponse, StopReason, TokenUsage, ToolCall, ToolSpec};
+use moltmate_core::model::{
+    ConversationItem, DeltaSink, IgnoreDeltas, ModelResponse, StopReason, TokenUsage, ToolCall,
+    ToolSpec,
+};
 use moltmate_core::tool::{Tool, ToolContext, ToolError, ToolOutput};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown, UserId};
 use moltmate_gateway::agent::{ModelAnswer, ModelCaller, ModelFailure, ToolBox};
@@ -30,7 +33,10 @@ struct RecordingModel {
 
 impl RecordingModel {
     fn new() -> Arc<Self> {
-        Arc::new(RecordingModel { seen: Mutex::new(Vec::new()), script: Mutex::new(None) })
+        Arc::new(RecordingModel {
+            seen: Mutex::new(Vec::new()),
+            script: Mutex::new(None),
+        })
     }
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
@@ -42,21 +48,45 @@ impl RecordingModel {
 
 #[async_trait]
 impl ModelCaller for RecordingModel {
-    async fn call(&self, system: &str, items: &[ConversationItem], tools: &[ToolSpec], _: &dyn DeltaSink) -> Result<ModelAnswer, ModelFailure> {
-        let seen = Seen { system: system.to_string(), items: items.to_vec(), tools: tools.iter().map(|t| t.name.clone()).collect() };
+    async fn call(
+        &self,
+        system: &str,
+        items: &[ConversationItem],
+        tools: &[ToolSpec],
+        _: &dyn DeltaSink,
+    ) -> Result<ModelAnswer, ModelFailure> {
+        let seen = Seen {
+            system: system.to_string(),
+            items: items.to_vec(),
+            tools: tools.iter().map(|t| t.name.clone()).collect(),
+        };
         self.seen.lock().unwrap().push(seen.clone());
         let (text, tool_calls) = match &*self.script.lock().unwrap() {
             Some(script) => script(&seen),
             None => match items.last() {
                 Some(ConversationItem::User { text }) => (format!("echo: {text}"), vec![]),
-                Some(ConversationItem::ToolResult { content, .. }) => (format!("tool said: {content}"), vec![]),
+                Some(ConversationItem::ToolResult { content, .. }) => {
+                    (format!("tool said: {content}"), vec![])
+                }
                 _ => ("ok".into(), vec![]),
             },
         };
-        let stop_reason = if tool_calls.is_empty() { StopReason::EndTurn } else { StopReason::ToolUse };
-        let usage = TokenUsage { input_tokens: 1, output_tokens: 1 };
+        let stop_reason = if tool_calls.is_empty() {
+            StopReason::EndTurn
+        } else {
+            StopReason::ToolUse
+        };
+        let usage = TokenUsage {
+            input_tokens: 1,
+            output_tokens: 1,
+        };
         Ok(ModelAnswer {
-            response: ModelResponse { text, tool_calls, usage, stop_reason },
+            response: ModelResponse {
+                text,
+                tool_calls,
+                usage,
+                stop_reason,
+            },
             provider: "rec".into(),
             model: "rec".into(),
             usage: vec![("rec".into(), "rec".into(), usage)],
@@ -70,19 +100,38 @@ struct NoteTool;
 #[async_trait]
 impl Tool for NoteTool {
     fn spec(&self) -> ToolSpec {
-        ToolSpec { name: "write".into(), description: "write".into(), parameters: serde_json::json!({"type": "object"}) }
+        ToolSpec {
+            name: "write".into(),
+            description: "write".into(),
+            parameters: serde_json::json!({"type": "object"}),
+        }
     }
-    async fn call(&self, context: &ToolContext, arguments: serde_json::Value) -> Result<ToolOutput, ToolError> {
+    async fn call(
+        &self,
+        context: &ToolContext,
+        arguments: serde_json::Value,
+    ) -> Result<ToolOutput, ToolError> {
         if context.read_only {
             return Err(ToolError::Refused("read-only".into()));
         }
-        let path = arguments["path"].as_str().ok_or_else(|| ToolError::InvalidArguments("path".into()))?;
+        let path = arguments["path"]
+            .as_str()
+            .ok_or_else(|| ToolError::InvalidArguments("path".into()))?;
         let content = arguments["content"].as_str().unwrap_or_default();
         let (root, relative) = match path.strip_prefix("family/") {
-            Some(rest) => (context.family.as_ref().ok_or_else(|| ToolError::Refused("no family".into()))?.root.clone(), rest),
+            Some(rest) => (
+                context
+                    .family
+                    .as_ref()
+                    .ok_or_else(|| ToolError::Refused("no family".into()))?
+                    .root
+                    .clone(),
+                rest,
+            ),
             None => (context.home.root().to_path_buf(), path),
         };
-        moltmate_store::homes::write_beneath(&root, relative, content.as_bytes()).map_err(|e| ToolError::Failed(e.to_string()))?;
+        moltmate_store::homes::write_beneath(&root, relative, content.as_bytes())
+            .map_err(|e| ToolError::Failed(e.to_string()))?;
         Ok(ToolOutput::text("written"))
     }
 }
@@ -98,11 +147,17 @@ fn setup(configure: impl FnOnce(&mut GatewaySettings)) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().to_path_buf();
     let store = Store::open(&home.join("moltmate.db")).unwrap();
-    let mut settings = GatewaySettings { onboarding_enabled: false, ..GatewaySettings::default() };
+    let mut settings = GatewaySettings {
+        onboarding_enabled: false,
+        ..GatewaySettings::default()
+    };
     settings.default_user.tools = vec!["write".into(), "memory_search".into()];
     configure(&mut settings);
     let model = RecordingModel::new();
-    let tools = ToolBox::new(vec![Arc::new(NoteTool), Arc::new(MemorySearchTool::new(store.clone(), home.join("index")))]);
+    let tools = ToolBox::new(vec![
+        Arc::new(NoteTool),
+        Arc::new(MemorySearchTool::new(store.clone(), home.join("index"))),
+    ]);
     let gateway = Gateway::new(GatewayParts {
         store,
         homes: Homes::new(&home),
@@ -113,7 +168,12 @@ fn setup(configure: impl FnOnce(&mut GatewaySettings)) -> Setup {
         sandbox: None,
         shutdown: Shutdown::new(),
     });
-    Setup { _dir: dir, home, gateway, model }
+    Setup {
+        _dir: dir,
+        home,
+        gateway,
+        model,
+    }
 }
 
 async fn say(gateway: &Gateway, user: &str, text: &str, language: Option<&str>) -> String {
@@ -128,22 +188,36 @@ async fn say(gateway: &Gateway, user: &str, text: &str, language: Option<&str>) 
         sender_name: None,
         language_code: language.map(str::to_string),
     };
-    let submitted = gateway.submit(message, Arc::new(IgnoreDeltas)).await.unwrap();
+    let submitted = gateway
+        .submit(message, Arc::new(IgnoreDeltas))
+        .await
+        .unwrap();
     assert_eq!(submitted.accepted, Accepted::Queued);
-    tokio::time::timeout(std::time::Duration::from_secs(10), submitted.reply).await.unwrap().unwrap()
+    tokio::time::timeout(std::time::Duration::from_secs(10), submitted.reply)
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 #[tokio::test]
 async fn onboarding_asks_for_a_persona_in_german_and_writes_the_choice() {
     let s = setup(|settings| settings.onboarding_enabled = true);
     let menu = say(&s.gateway, "anna", "Hallo!", Some("de")).await;
-    assert!(menu.contains("Wie soll ich sein?") && menu.contains("2. 🦎 Cami") && menu.contains("3. 🦀 Molty"), "{menu}");
+    assert!(
+        menu.contains("Wie soll ich sein?")
+            && menu.contains("2. 🦎 Cami")
+            && menu.contains("3. 🦀 Molty"),
+        "{menu}"
+    );
     assert!(s.model.seen().is_empty(), "no model call during onboarding");
     let done = say(&s.gateway, "anna", "3", Some("de")).await;
     assert!(done.contains("Molty"), "{done}");
     let soul = std::fs::read_to_string(s.home.join("users/anna/SOUL.md")).unwrap();
     assert!(soul.contains("Molty"));
-    assert_eq!(say(&s.gateway, "anna", "Wie geht's?", Some("de")).await, "echo: Wie geht's?");
+    assert_eq!(
+        say(&s.gateway, "anna", "Wie geht's?", Some("de")).await,
+        "echo: Wie geht's?"
+    );
     assert!(s.model.seen()[0].system.contains("You are Molty"));
 }
 
@@ -154,11 +228,19 @@ async fn onboarding_in_english_accepts_a_custom_description() {
     assert!(menu.contains("How should I be?"), "{menu}");
     let ask = say(&s.gateway, "ben", "1", None).await;
     assert!(ask.contains("Describe"), "{ask}");
-    say(&s.gateway, "ben", "A grumpy but kind pirate who loves puns", None).await;
+    say(
+        &s.gateway,
+        "ben",
+        "A grumpy but kind pirate who loves puns",
+        None,
+    )
+    .await;
     say(&s.gateway, "ben", "ahoy", None).await;
     assert!(s.model.seen()[0].system.contains("grumpy but kind pirate"));
     // /persona starts over.
-    assert!(say(&s.gateway, "ben", "/persona", None).await.contains("How should I be?"));
+    assert!(say(&s.gateway, "ben", "/persona", None)
+        .await
+        .contains("How should I be?"));
     assert!(say(&s.gateway, "ben", "cami", None).await.contains("Cami"));
 }
 
@@ -173,12 +255,25 @@ async fn memory_written_in_one_session_is_used_after_reset() {
         Some(ConversationItem::ToolResult { .. }) => ("noted".into(), vec![]),
         _ => ("ok".into(), vec![]),
     });
-    assert_eq!(say(&s.gateway, "carla", "please remember Emma", None).await, "noted");
-    assert!(say(&s.gateway, "carla", "/reset", None).await.contains("memory stays"));
+    assert_eq!(
+        say(&s.gateway, "carla", "please remember Emma", None).await,
+        "noted"
+    );
+    assert!(say(&s.gateway, "carla", "/reset", None)
+        .await
+        .contains("memory stays"));
     say(&s.gateway, "carla", "who is my daughter?", None).await;
     let last = s.model.seen().pop().unwrap();
-    assert!(last.system.contains("Her daughter is called Emma."), "memory is in the new session's prompt");
-    assert_eq!(last.items.len(), 1, "the new session starts empty: {:?}", last.items);
+    assert!(
+        last.system.contains("Her daughter is called Emma."),
+        "memory is in the new session's prompt"
+    );
+    assert_eq!(
+        last.items.len(),
+        1,
+        "the new session starts empty: {:?}",
+        last.items
+    );
 }
 
 #[tokio::test]
@@ -186,18 +281,33 @@ async fn memory_search_finds_only_ones_own_notes() {
     let s = setup(|_| {});
     say(&s.gateway, "dora", "hello", None).await;
     say(&s.gateway, "emil", "hello", None).await;
-    std::fs::write(s.home.join("users/dora/MEMORY.md"), "Dora's locker code is 4711").unwrap();
-    std::fs::write(s.home.join("users/emil/MEMORY.md"), "Emil's locker code is 0815").unwrap();
+    std::fs::write(
+        s.home.join("users/dora/MEMORY.md"),
+        "Dora's locker code is 4711",
+    )
+    .unwrap();
+    std::fs::write(
+        s.home.join("users/emil/MEMORY.md"),
+        "Emil's locker code is 0815",
+    )
+    .unwrap();
     s.model.script(|seen| match seen.items.last() {
         Some(ConversationItem::User { .. }) => (
             String::new(),
-            vec![ToolCall { id: "s".into(), name: "memory_search".into(), arguments: serde_json::json!({"query": "locker code"}) }],
+            vec![ToolCall {
+                id: "s".into(),
+                name: "memory_search".into(),
+                arguments: serde_json::json!({"query": "locker code"}),
+            }],
         ),
         Some(ConversationItem::ToolResult { content, .. }) => (content.clone(), vec![]),
         _ => ("?".into(), vec![]),
     });
     let dora = say(&s.gateway, "dora", "what is my locker code?", None).await;
-    assert!(dora.contains("4711") && dora.contains("MEMORY.md:1"), "{dora}");
+    assert!(
+        dora.contains("4711") && dora.contains("MEMORY.md:1"),
+        "{dora}"
+    );
     assert!(!dora.contains("0815"), "emil's note leaked: {dora}");
     let emil = say(&s.gateway, "emil", "what is my locker code?", None).await;
     assert!(emil.contains("0815") && !emil.contains("4711"), "{emil}");
@@ -206,8 +316,12 @@ async fn memory_search_finds_only_ones_own_notes() {
 #[tokio::test]
 async fn family_members_share_family_notes_and_outsiders_never_see_them() {
     let s = setup(|settings| {
-        settings.families.insert(UserId::new("mum").unwrap(), "smiths".into());
-        settings.families.insert(UserId::new("dad").unwrap(), "smiths".into());
+        settings
+            .families
+            .insert(UserId::new("mum").unwrap(), "smiths".into());
+        settings
+            .families
+            .insert(UserId::new("dad").unwrap(), "smiths".into());
     });
     s.model.script(|seen| match seen.items.last() {
         Some(ConversationItem::User { text }) if text == "note it" => (
@@ -223,11 +337,27 @@ async fn family_members_share_family_notes_and_outsiders_never_see_them() {
     });
     assert_eq!(say(&s.gateway, "mum", "note it", None).await, "written");
     say(&s.gateway, "dad", "anything planned?", None).await;
-    assert!(s.model.seen().last().unwrap().system.contains("Holiday in Crete"), "a member sees family notes");
+    assert!(
+        s.model
+            .seen()
+            .last()
+            .unwrap()
+            .system
+            .contains("Holiday in Crete"),
+        "a member sees family notes"
+    );
     say(&s.gateway, "stranger", "anything planned?", None).await;
-    assert!(!s.model.seen().last().unwrap().system.contains("Crete"), "a non-member never sees family notes");
-    assert!(say(&s.gateway, "stranger", "outsider write", None).await.contains("no family"));
-    assert_eq!(std::fs::read_to_string(s.home.join("families/smiths/FAMILY.md")).unwrap(), "Holiday in Crete in May.");
+    assert!(
+        !s.model.seen().last().unwrap().system.contains("Crete"),
+        "a non-member never sees family notes"
+    );
+    assert!(say(&s.gateway, "stranger", "outsider write", None)
+        .await
+        .contains("no family"));
+    assert_eq!(
+        std::fs::read_to_string(s.home.join("families/smiths/FAMILY.md")).unwrap(),
+        "Holiday in Crete in May."
+    );
 }
 
 #[tokio::test]
@@ -235,20 +365,35 @@ async fn restricted_users_are_offered_fewer_tools_and_the_call_layer_refuses_any
     let s = setup(|settings| {
         settings.users.insert(
             UserId::new("kid").unwrap(),
-            UserSettings { tools: vec!["memory_search".into()], read_only: true, ..UserSettings::default() },
+            UserSettings {
+                tools: vec!["memory_search".into()],
+                read_only: true,
+                ..UserSettings::default()
+            },
         );
     });
     s.model.script(|seen| match seen.items.last() {
         Some(ConversationItem::User { .. }) => (
             String::new(),
-            vec![ToolCall { id: "x".into(), name: "write".into(), arguments: serde_json::json!({"path": "a.txt", "content": "x"}) }],
+            vec![ToolCall {
+                id: "x".into(),
+                name: "write".into(),
+                arguments: serde_json::json!({"path": "a.txt", "content": "x"}),
+            }],
         ),
         Some(ConversationItem::ToolResult { content, .. }) => (content.clone(), vec![]),
         _ => ("?".into(), vec![]),
     });
     let reply = say(&s.gateway, "kid", "write a file", None).await;
-    assert_eq!(s.model.seen()[0].tools, vec!["memory_search".to_string()], "only allowed tools are offered");
-    assert!(reply.contains("no tool named \"write\""), "the tool layer refuses a tool that was not offered: {reply}");
+    assert_eq!(
+        s.model.seen()[0].tools,
+        vec!["memory_search".to_string()],
+        "only allowed tools are offered"
+    );
+    assert!(
+        reply.contains("no tool named \"write\""),
+        "the tool layer refuses a tool that was not offered: {reply}"
+    );
     assert!(!s.home.join("users/kid/a.txt").exists());
     let audit = s.gateway.store().recent_audit(None, 5).await.unwrap();
     assert_eq!(audit[0].outcome, "refused");
@@ -258,11 +403,18 @@ async fn restricted_users_are_offered_fewer_tools_and_the_call_layer_refuses_any
 async fn identities_linked_in_config_share_one_home_and_memory() {
     let s = setup(|settings| {
         let anna = UserId::new("anna").unwrap();
-        settings.configured_identities.insert("telegram:111".parse().unwrap(), anna.clone());
-        settings.configured_identities.insert("web:anna".parse().unwrap(), anna);
+        settings
+            .configured_identities
+            .insert("telegram:111".parse().unwrap(), anna.clone());
+        settings
+            .configured_identities
+            .insert("web:anna".parse().unwrap(), anna);
         settings.access.insert(
             ChannelKind::Telegram,
-            moltmate_gateway::access::ChannelAccess { policy: moltmate_gateway::access::DmPolicy::Allowlist, allow_from: vec![] },
+            moltmate_gateway::access::ChannelAccess {
+                policy: moltmate_gateway::access::DmPolicy::Allowlist,
+                allow_from: vec![],
+            },
         );
     });
     std::fs::create_dir_all(s.home.join("users/anna")).unwrap();
@@ -276,12 +428,25 @@ async fn identities_linked_in_config_share_one_home_and_memory() {
         sender_name: None,
         language_code: None,
     };
-    let submitted = s.gateway.submit(telegram, Arc::new(IgnoreDeltas)).await.unwrap();
-    assert_eq!(submitted.accepted, Accepted::Queued, "a configured identity is allowed even under an empty allowlist");
+    let submitted = s
+        .gateway
+        .submit(telegram, Arc::new(IgnoreDeltas))
+        .await
+        .unwrap();
+    assert_eq!(
+        submitted.accepted,
+        Accepted::Queued,
+        "a configured identity is allowed even under an empty allowlist"
+    );
     submitted.reply.await.unwrap();
     say(&s.gateway, "anna", "from the terminal", None).await;
     let seen = s.model.seen();
     assert!(seen.iter().all(|r| r.system.contains("Anna prefers tea.")));
     let last = seen.last().unwrap();
-    assert!(last.items.iter().any(|i| matches!(i, ConversationItem::User { text } if text == "from telegram")), "one session across channels");
+    assert!(
+        last.items
+            .iter()
+            .any(|i| matches!(i, ConversationItem::User { text } if text == "from telegram")),
+        "one session across channels"
+    );
 }

@@ -56,7 +56,11 @@ fn now() -> i64 {
 impl Store {
     /// Issues a new API token for `user` (creating the user row if needed). Returns the secret;
     /// it is shown once and only its digest is kept.
-    pub async fn issue_token(&self, user: &UserId, label: Option<&str>) -> Result<String, StoreError> {
+    pub async fn issue_token(
+        &self,
+        user: &UserId,
+        label: Option<&str>,
+    ) -> Result<String, StoreError> {
         let secret = new_secret(TOKEN_PREFIX);
         let hash = digest(&secret);
         let user = user.clone();
@@ -85,9 +89,13 @@ impl Store {
                 )
                 .optional()?;
             if user.is_some() {
-                c.execute("UPDATE api_tokens SET last_used_at = ?2 WHERE token_hash = ?1", params![hash, now()])?;
+                c.execute(
+                    "UPDATE api_tokens SET last_used_at = ?2 WHERE token_hash = ?1",
+                    params![hash, now()],
+                )?;
             }
-            user.map(|u| UserId::new(u).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
+            user.map(|u| UserId::new(u).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .transpose()
         })
         .await
     }
@@ -115,7 +123,11 @@ impl Store {
     }
 
     /// Revokes all of a user's tokens (or one by id). Returns how many were revoked.
-    pub async fn revoke_tokens(&self, user: &UserId, token_id: Option<i64>) -> Result<usize, StoreError> {
+    pub async fn revoke_tokens(
+        &self,
+        user: &UserId,
+        token_id: Option<i64>,
+    ) -> Result<usize, StoreError> {
         let user = user.clone();
         self.with(move |c| {
             Ok(c.execute(
@@ -127,7 +139,11 @@ impl Store {
     }
 
     /// Creates a one-time login link code for `user`, valid for `ttl`.
-    pub async fn create_login_link(&self, user: &UserId, ttl: Duration) -> Result<String, StoreError> {
+    pub async fn create_login_link(
+        &self,
+        user: &UserId,
+        ttl: Duration,
+    ) -> Result<String, StoreError> {
         let secret = new_secret("");
         let hash = digest(&secret);
         let user = user.clone();
@@ -175,7 +191,12 @@ impl Store {
         let csrf = new_secret("");
         let hash = digest(&secret);
         let expires_at = now() + ttl.as_millis() as i64;
-        let session = WebSession { user: user.cloned(), is_admin, csrf_token: csrf.clone(), expires_at };
+        let session = WebSession {
+            user: user.cloned(),
+            is_admin,
+            csrf_token: csrf.clone(),
+            expires_at,
+        };
         let user = user.map(|u| u.as_str().to_string());
         self.with(move |c| {
             c.execute("DELETE FROM web_sessions WHERE expires_at <= ?1", params![now()])?;
@@ -217,14 +238,23 @@ impl Store {
     /// Signs a user out of every browser (after their tokens were revoked).
     pub async fn delete_user_web_sessions(&self, user: &UserId) -> Result<usize, StoreError> {
         let user = user.clone();
-        self.with(move |c| Ok(c.execute("DELETE FROM web_sessions WHERE user_id = ?1", params![user.as_str()])?)).await
+        self.with(move |c| {
+            Ok(c.execute(
+                "DELETE FROM web_sessions WHERE user_id = ?1",
+                params![user.as_str()],
+            )?)
+        })
+        .await
     }
 
     /// Ends a browser session (sign out).
     pub async fn delete_web_session(&self, secret: &str) -> Result<(), StoreError> {
         let hash = digest(secret);
         self.with(move |c| {
-            c.execute("DELETE FROM web_sessions WHERE session_hash = ?1", params![hash])?;
+            c.execute(
+                "DELETE FROM web_sessions WHERE session_hash = ?1",
+                params![hash],
+            )?;
             Ok(())
         })
         .await
@@ -241,7 +271,10 @@ mod tests {
         let anna = UserId::new("anna").unwrap();
         let token = store.issue_token(&anna, Some("laptop")).await.unwrap();
         assert!(token.starts_with(TOKEN_PREFIX));
-        assert_eq!(store.user_for_token(&token).await.unwrap(), Some(anna.clone()));
+        assert_eq!(
+            store.user_for_token(&token).await.unwrap(),
+            Some(anna.clone())
+        );
         assert_eq!(store.user_for_token("mm_wrong").await.unwrap(), None);
         assert_eq!(store.revoke_tokens(&anna, None).await.unwrap(), 1);
         assert_eq!(store.user_for_token(&token).await.unwrap(), None);
@@ -251,7 +284,10 @@ mod tests {
     async fn login_links_work_once() {
         let store = Store::open_in_memory().unwrap();
         let anna = UserId::new("anna").unwrap();
-        let code = store.create_login_link(&anna, Duration::from_secs(600)).await.unwrap();
+        let code = store
+            .create_login_link(&anna, Duration::from_secs(600))
+            .await
+            .unwrap();
         assert_eq!(store.redeem_login_link(&code).await.unwrap(), Some(anna));
         assert_eq!(store.redeem_login_link(&code).await.unwrap(), None);
     }
@@ -259,7 +295,10 @@ mod tests {
     #[tokio::test]
     async fn web_sessions_carry_csrf_and_expire() {
         let store = Store::open_in_memory().unwrap();
-        let (secret, session) = store.create_web_session(None, true, Duration::from_millis(30)).await.unwrap();
+        let (secret, session) = store
+            .create_web_session(None, true, Duration::from_millis(30))
+            .await
+            .unwrap();
         let loaded = store.web_session(&secret).await.unwrap().unwrap();
         assert_eq!(loaded.csrf_token, session.csrf_token);
         assert!(loaded.is_admin);

@@ -51,7 +51,8 @@ impl StoreError {
 }
 
 /// Migrations, applied in order; the index + 1 is the schema version. Never edit a released one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     id            TEXT PRIMARY KEY,
     display_name  TEXT,
@@ -148,7 +149,8 @@ CREATE TABLE audit_events (
     at           INTEGER NOT NULL
 );
 CREATE INDEX audit_user ON audit_events(user_id, id);
-"#, r#"
+"#,
+    r#"
 CREATE TABLE api_tokens (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id      TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
@@ -174,9 +176,11 @@ CREATE TABLE web_sessions (
     created_at   INTEGER NOT NULL,
     expires_at   INTEGER NOT NULL
 );
-"#, r#"
+"#,
+    r#"
 ALTER TABLE users ADD COLUMN onboarding_step TEXT;
-"#];
+"#,
+];
 
 fn now_millis() -> i64 {
     Utc::now().timestamp_millis()
@@ -263,7 +267,9 @@ impl PairingState {
             "pending" => Ok(PairingState::Pending),
             "approved" => Ok(PairingState::Approved),
             "denied" => Ok(PairingState::Denied),
-            other => Err(StoreError::Corrupt(format!("unknown pairing state {other:?}"))),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown pairing state {other:?}"
+            ))),
         }
     }
 }
@@ -343,7 +349,8 @@ fn parse_user(raw: String) -> Result<UserId, StoreError> {
 }
 
 fn parse_channel(raw: &str) -> Result<ChannelKind, StoreError> {
-    raw.parse().map_err(|e: moltmate_core::InvalidId| StoreError::Corrupt(e.to_string()))
+    raw.parse()
+        .map_err(|e: moltmate_core::InvalidId| StoreError::Corrupt(e.to_string()))
 }
 
 fn parse_identity(channel: &str, peer: String) -> Result<Identity, StoreError> {
@@ -383,7 +390,9 @@ impl Store {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )?;
         migrate(&mut connection)?;
-        Ok(Store { connection: Arc::new(Mutex::new(connection)) })
+        Ok(Store {
+            connection: Arc::new(Mutex::new(connection)),
+        })
     }
 
     /// Runs `work` on the connection in the blocking pool.
@@ -396,7 +405,9 @@ impl Store {
         tokio::task::spawn_blocking(move || {
             // A poisoned lock means a panic happened mid-statement in another thread; SQLite
             // itself rolled back the open transaction, so the connection is still consistent.
-            let mut guard = connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut guard = connection
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             work(&mut guard)
         })
         .await
@@ -406,7 +417,11 @@ impl Store {
     // ---- users and identities -------------------------------------------------------------
 
     /// Creates the user if missing. Returns true when it was created.
-    pub async fn ensure_user(&self, user: &UserId, display_name: Option<&str>) -> Result<bool, StoreError> {
+    pub async fn ensure_user(
+        &self,
+        user: &UserId,
+        display_name: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let user = user.clone();
         let display_name = display_name.map(str::to_string);
         self.with(move |c| {
@@ -421,7 +436,12 @@ impl Store {
 
     /// Links an identity to a user (creating the user). An identity already linked to another
     /// user is moved only when `replace` is set (config is the source of truth for links).
-    pub async fn link_identity(&self, identity: &Identity, user: &UserId, source: &str) -> Result<(), StoreError> {
+    pub async fn link_identity(
+        &self,
+        identity: &Identity,
+        user: &UserId,
+        source: &str,
+    ) -> Result<(), StoreError> {
         let identity = identity.clone();
         let user = user.clone();
         let source = source.to_string();
@@ -443,7 +463,10 @@ impl Store {
     }
 
     /// The user an identity belongs to, and how the link was made (`config`, `pairing`, ...).
-    pub async fn user_for_identity(&self, identity: &Identity) -> Result<Option<(UserId, String)>, StoreError> {
+    pub async fn user_for_identity(
+        &self,
+        identity: &Identity,
+    ) -> Result<Option<(UserId, String)>, StoreError> {
         let identity = identity.clone();
         self.with(move |c| {
             let row: Option<(String, String)> = c
@@ -484,7 +507,10 @@ impl Store {
     pub async fn set_onboarded(&self, user: &UserId, onboarded: bool) -> Result<(), StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            c.execute("UPDATE users SET onboarded = ?2 WHERE id = ?1", params![user.as_str(), onboarded])?;
+            c.execute(
+                "UPDATE users SET onboarded = ?2 WHERE id = ?1",
+                params![user.as_str(), onboarded],
+            )?;
             Ok(())
         })
         .await
@@ -495,15 +521,24 @@ impl Store {
     pub async fn onboarding_step(&self, user: &UserId) -> Result<Option<String>, StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            Ok(c.query_row("SELECT onboarding_step FROM users WHERE id = ?1", params![user.as_str()], |r| r.get(0))
-                .optional()?
-                .flatten())
+            Ok(c.query_row(
+                "SELECT onboarding_step FROM users WHERE id = ?1",
+                params![user.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
         })
         .await
     }
 
     /// Sets the onboarding step and the onboarded flag together.
-    pub async fn set_onboarding(&self, user: &UserId, step: Option<&str>, onboarded: bool) -> Result<(), StoreError> {
+    pub async fn set_onboarding(
+        &self,
+        user: &UserId,
+        step: Option<&str>,
+        onboarded: bool,
+    ) -> Result<(), StoreError> {
         let user = user.clone();
         let step = step.map(str::to_string);
         self.with(move |c| {
@@ -523,9 +558,18 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute("DELETE FROM transcript WHERE user_id = ?1", params![user.as_str()])?;
-            tx.execute("DELETE FROM sessions WHERE user_id = ?1", params![user.as_str()])?;
-            tx.execute("DELETE FROM inbox WHERE user_id = ?1", params![user.as_str()])?;
+            tx.execute(
+                "DELETE FROM transcript WHERE user_id = ?1",
+                params![user.as_str()],
+            )?;
+            tx.execute(
+                "DELETE FROM sessions WHERE user_id = ?1",
+                params![user.as_str()],
+            )?;
+            tx.execute(
+                "DELETE FROM inbox WHERE user_id = ?1",
+                params![user.as_str()],
+            )?;
             tx.execute(
                 "UPDATE users SET onboarded = 0, onboarding_step = NULL WHERE id = ?1",
                 params![user.as_str()],
@@ -548,9 +592,18 @@ impl Store {
                    (SELECT channel, peer FROM identities WHERE user_id = ?1)",
                 params![user.as_str()],
             )?;
-            tx.execute("DELETE FROM inbox WHERE user_id = ?1", params![user.as_str()])?;
-            tx.execute("DELETE FROM outbox WHERE user_id = ?1", params![user.as_str()])?;
-            tx.execute("DELETE FROM transcript WHERE user_id = ?1", params![user.as_str()])?;
+            tx.execute(
+                "DELETE FROM inbox WHERE user_id = ?1",
+                params![user.as_str()],
+            )?;
+            tx.execute(
+                "DELETE FROM outbox WHERE user_id = ?1",
+                params![user.as_str()],
+            )?;
+            tx.execute(
+                "DELETE FROM transcript WHERE user_id = ?1",
+                params![user.as_str()],
+            )?;
             let deleted = tx.execute("DELETE FROM users WHERE id = ?1", params![user.as_str()])?;
             tx.commit()?;
             Ok(deleted == 1)
@@ -562,7 +615,11 @@ impl Store {
 
     /// Stores an accepted message for `user` together with the channel cursor, atomically.
     /// Returns the inbox id, or `None` when this delivery was stored before.
-    pub async fn insert_inbound(&self, message: &InboundMessage, user: &UserId) -> Result<Option<i64>, StoreError> {
+    pub async fn insert_inbound(
+        &self,
+        message: &InboundMessage,
+        user: &UserId,
+    ) -> Result<Option<i64>, StoreError> {
         let message = message.clone();
         let user = user.clone();
         self.with(move |c| {
@@ -593,7 +650,11 @@ impl Store {
 
     /// Moves a channel's cursor forward (never back) without storing a message — for updates
     /// that are refused or skipped.
-    pub async fn advance_cursor(&self, channel: ChannelKind, cursor: i64) -> Result<(), StoreError> {
+    pub async fn advance_cursor(
+        &self,
+        channel: ChannelKind,
+        cursor: i64,
+    ) -> Result<(), StoreError> {
         self.with(move |c| upsert_cursor(c, channel, cursor)).await
     }
 
@@ -610,7 +671,11 @@ impl Store {
     }
 
     /// The user's unanswered messages, oldest first.
-    pub async fn pending_inbox(&self, user: &UserId, limit: usize) -> Result<Vec<InboxItem>, StoreError> {
+    pub async fn pending_inbox(
+        &self,
+        user: &UserId,
+        limit: usize,
+    ) -> Result<Vec<InboxItem>, StoreError> {
         let user = user.clone();
         self.with(move |c| {
             let mut statement = c.prepare_cached(
@@ -631,7 +696,8 @@ impl Store {
             })?;
             let mut items = Vec::new();
             for row in rows {
-                let (id, channel, user_id, chat_id, text, sender_name, language_code, received_at) = row?;
+                let (id, channel, user_id, chat_id, text, sender_name, language_code, received_at) =
+                    row?;
                 items.push(InboxItem {
                     id,
                     channel: parse_channel(&channel)?,
@@ -652,7 +718,9 @@ impl Store {
     pub async fn users_with_pending_inbox(&self) -> Result<Vec<UserId>, StoreError> {
         self.with(|c| {
             let ids: Vec<String> = c
-                .prepare("SELECT DISTINCT user_id FROM inbox WHERE done_at IS NULL ORDER BY user_id")?
+                .prepare(
+                    "SELECT DISTINCT user_id FROM inbox WHERE done_at IS NULL ORDER BY user_id",
+                )?
                 .query_map([], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             ids.into_iter().map(parse_user).collect()
@@ -671,10 +739,20 @@ impl Store {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let outbox = match reply {
-                Some((channel, chat_id, text)) => Some(insert_outbox(&tx, Some(inbox_id), Some(&user), channel, &chat_id, &text)?),
+                Some((channel, chat_id, text)) => Some(insert_outbox(
+                    &tx,
+                    Some(inbox_id),
+                    Some(&user),
+                    channel,
+                    &chat_id,
+                    &text,
+                )?),
                 None => None,
             };
-            tx.execute("UPDATE inbox SET done_at = ?2 WHERE id = ?1", params![inbox_id, now_millis()])?;
+            tx.execute(
+                "UPDATE inbox SET done_at = ?2 WHERE id = ?1",
+                params![inbox_id, now_millis()],
+            )?;
             tx.commit()?;
             Ok(outbox)
         })
@@ -735,7 +813,8 @@ impl Store {
         let user = user.cloned();
         let chat_id = chat_id.to_string();
         let text = text.to_string();
-        self.with(move |c| insert_outbox(c, None, user.as_ref(), channel, &chat_id, &text)).await
+        self.with(move |c| insert_outbox(c, None, user.as_ref(), channel, &chat_id, &text))
+            .await
     }
 
     /// Replies not yet handed to their channel, oldest first. Rows in state `sending` (a crash
@@ -788,15 +867,24 @@ impl Store {
     /// Whether an inbox row still waits for its answer (another process may have answered it).
     pub async fn inbox_is_pending(&self, id: i64) -> Result<bool, StoreError> {
         self.with(move |c| {
-            Ok(c.query_row("SELECT done_at IS NULL FROM inbox WHERE id = ?1", params![id], |r| r.get(0))
-                .optional()?
-                .unwrap_or(false))
+            Ok(c.query_row(
+                "SELECT done_at IS NULL FROM inbox WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false))
         })
         .await
     }
 
     /// Sets an outbox row's state (`sending`, `sent`, `failed`) with an optional detail.
-    pub async fn set_outbox_state(&self, id: i64, state: &'static str, detail: Option<String>) -> Result<(), StoreError> {
+    pub async fn set_outbox_state(
+        &self,
+        id: i64,
+        state: &'static str,
+        detail: Option<String>,
+    ) -> Result<(), StoreError> {
         self.with(move |c| {
             c.execute(
                 "UPDATE outbox SET state = ?2, detail = ?3, updated_at = ?4 WHERE id = ?1",
@@ -879,12 +967,20 @@ impl Store {
     }
 
     /// Replaces a session's transcript before `keep_from_id` with a summary (compaction).
-    pub async fn compact_session(&self, session_id: &str, summary: &str, keep_from_id: i64) -> Result<(), StoreError> {
+    pub async fn compact_session(
+        &self,
+        session_id: &str,
+        summary: &str,
+        keep_from_id: i64,
+    ) -> Result<(), StoreError> {
         let session_id = session_id.to_string();
         let summary = summary.to_string();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute("UPDATE sessions SET summary = ?2 WHERE id = ?1", params![session_id, summary])?;
+            tx.execute(
+                "UPDATE sessions SET summary = ?2 WHERE id = ?1",
+                params![session_id, summary],
+            )?;
             tx.execute(
                 "DELETE FROM transcript WHERE session_id = ?1 AND id < ?2",
                 params![session_id, keep_from_id],
@@ -896,16 +992,23 @@ impl Store {
     }
 
     /// A session's transcript items with their row ids, oldest first.
-    pub async fn transcript(&self, session_id: &str) -> Result<Vec<(i64, ConversationItem)>, StoreError> {
+    pub async fn transcript(
+        &self,
+        session_id: &str,
+    ) -> Result<Vec<(i64, ConversationItem)>, StoreError> {
         let session_id = session_id.to_string();
         self.with(move |c| {
-            let mut statement =
-                c.prepare_cached("SELECT id, item FROM transcript WHERE session_id = ?1 ORDER BY id")?;
-            let rows = statement.query_map(params![session_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+            let mut statement = c.prepare_cached(
+                "SELECT id, item FROM transcript WHERE session_id = ?1 ORDER BY id",
+            )?;
+            let rows = statement.query_map(params![session_id], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })?;
             let mut items = Vec::new();
             for row in rows {
                 let (id, json) = row?;
-                let item = serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("transcript row {id}: {e}")))?;
+                let item = serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("transcript row {id}: {e}")))?;
                 items.push((id, item));
             }
             Ok(items)
@@ -914,7 +1017,10 @@ impl Store {
     }
 
     /// Every transcript item of a user across sessions (export), oldest first.
-    pub async fn user_transcripts(&self, user: &UserId) -> Result<Vec<(String, i64, ConversationItem)>, StoreError> {
+    pub async fn user_transcripts(
+        &self,
+        user: &UserId,
+    ) -> Result<Vec<(String, i64, ConversationItem)>, StoreError> {
         let user = user.clone();
         self.with(move |c| {
             let mut statement = c.prepare(
@@ -1150,7 +1256,11 @@ impl Store {
     }
 
     /// The newest audit events, optionally of one user.
-    pub async fn recent_audit(&self, user: Option<&UserId>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+    pub async fn recent_audit(
+        &self,
+        user: Option<&UserId>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
         let user = user.map(|u| u.as_str().to_string());
         self.with(move |c| {
             let mut statement = c.prepare(
@@ -1199,10 +1309,28 @@ impl Store {
     }
 }
 
-type PairingRow = (String, String, String, String, Option<String>, i64, i64, String);
+type PairingRow = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    String,
+);
 
 fn pairing_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PairingRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+    ))
 }
 
 fn pairing_from_row(row: PairingRow) -> Result<PairingRequest, StoreError> {
@@ -1229,12 +1357,23 @@ fn load_user(c: &Connection, user: &UserId) -> Result<Option<UserRecord>, StoreE
     let Some((display_name, created_at, onboarded)) = row else {
         return Ok(None);
     };
-    let mut statement = c.prepare_cached("SELECT channel, peer FROM identities WHERE user_id = ?1 ORDER BY channel, peer")?;
+    let mut statement = c.prepare_cached(
+        "SELECT channel, peer FROM identities WHERE user_id = ?1 ORDER BY channel, peer",
+    )?;
     let pairs: Vec<(String, String)> = statement
         .query_map(params![user.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    let identities = pairs.into_iter().map(|(ch, peer)| parse_identity(&ch, peer)).collect::<Result<_, _>>()?;
-    Ok(Some(UserRecord { id: user.clone(), display_name, created_at, onboarded, identities }))
+    let identities = pairs
+        .into_iter()
+        .map(|(ch, peer)| parse_identity(&ch, peer))
+        .collect::<Result<_, _>>()?;
+    Ok(Some(UserRecord {
+        id: user.clone(),
+        display_name,
+        created_at,
+        onboarded,
+        identities,
+    }))
 }
 
 fn upsert_cursor(c: &Connection, channel: ChannelKind, cursor: i64) -> Result<(), StoreError> {
@@ -1270,13 +1409,19 @@ fn migrate(c: &mut Connection) -> Result<(), StoreError> {
         .unwrap_or(0);
     let supported = MIGRATIONS.len() as i64;
     if current > supported {
-        return Err(StoreError::TooNew { found: current, supported });
+        return Err(StoreError::TooNew {
+            found: current,
+            supported,
+        });
     }
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(migration)?;
         tx.execute("DELETE FROM schema_version", [])?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", params![index as i64 + 1])?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            params![index as i64 + 1],
+        )?;
         tx.commit()?;
     }
     Ok(())
@@ -1309,9 +1454,20 @@ mod tests {
     async fn redelivered_message_is_stored_once_and_cursor_never_goes_back() {
         let store = Store::open_in_memory().unwrap();
         let user = UserId::new("telegram_1").unwrap();
-        assert!(store.insert_inbound(&message("1", "10", "hi", Some(11)), &user).await.unwrap().is_some());
-        assert!(store.insert_inbound(&message("1", "10", "hi", Some(11)), &user).await.unwrap().is_none());
-        store.advance_cursor(ChannelKind::Telegram, 5).await.unwrap();
+        assert!(store
+            .insert_inbound(&message("1", "10", "hi", Some(11)), &user)
+            .await
+            .unwrap()
+            .is_some());
+        assert!(store
+            .insert_inbound(&message("1", "10", "hi", Some(11)), &user)
+            .await
+            .unwrap()
+            .is_none());
+        store
+            .advance_cursor(ChannelKind::Telegram, 5)
+            .await
+            .unwrap();
         assert_eq!(store.cursor(ChannelKind::Telegram).await.unwrap(), Some(11));
         assert_eq!(store.pending_inbox(&user, 10).await.unwrap().len(), 1);
     }
@@ -1320,7 +1476,11 @@ mod tests {
     async fn completing_a_turn_is_atomic_and_outbox_is_at_most_once() {
         let store = Store::open_in_memory().unwrap();
         let user = UserId::new("telegram_1").unwrap();
-        let inbox_id = store.insert_inbound(&message("1", "10", "hi", None), &user).await.unwrap().unwrap();
+        let inbox_id = store
+            .insert_inbound(&message("1", "10", "hi", None), &user)
+            .await
+            .unwrap()
+            .unwrap();
         let session = store.current_session(&user).await.unwrap();
         let outbox = store
             .complete_turn(TurnRecord {
@@ -1329,10 +1489,20 @@ mod tests {
                 session_id: session.id.clone(),
                 items: vec![
                     ConversationItem::User { text: "hi".into() },
-                    ConversationItem::Assistant { text: "hello".into(), tool_calls: vec![] },
+                    ConversationItem::Assistant {
+                        text: "hello".into(),
+                        tool_calls: vec![],
+                    },
                 ],
                 reply: Some((ChannelKind::Telegram, "1".into(), "hello".into())),
-                usage: vec![("anthropic".into(), "m".into(), TokenUsage { input_tokens: 3, output_tokens: 1 })],
+                usage: vec![(
+                    "anthropic".into(),
+                    "m".into(),
+                    TokenUsage {
+                        input_tokens: 3,
+                        output_tokens: 1,
+                    },
+                )],
             })
             .await
             .unwrap()
@@ -1340,8 +1510,14 @@ mod tests {
         assert!(store.pending_inbox(&user, 10).await.unwrap().is_empty());
         assert_eq!(store.transcript(&session.id).await.unwrap().len(), 2);
         assert_eq!(store.pending_outbox(10).await.unwrap().len(), 1);
-        store.set_outbox_state(outbox, "sending", None).await.unwrap();
-        assert!(store.pending_outbox(10).await.unwrap().is_empty(), "a row being sent is never resent");
+        store
+            .set_outbox_state(outbox, "sending", None)
+            .await
+            .unwrap();
+        assert!(
+            store.pending_outbox(10).await.unwrap().is_empty(),
+            "a row being sent is never resent"
+        );
         assert_eq!(store.usage(Some(&user)).await.unwrap()[0].input_tokens, 3);
     }
 
@@ -1349,29 +1525,59 @@ mod tests {
     async fn pairing_codes_are_reused_while_pending_and_single_use() {
         let store = Store::open_in_memory().unwrap();
         let who = Identity::new(ChannelKind::Telegram, PeerId::new("42").unwrap());
-        let (first, created) = store.pairing_request_for(&who, "42", Some("Eve"), Duration::from_secs(3600)).await.unwrap();
+        let (first, created) = store
+            .pairing_request_for(&who, "42", Some("Eve"), Duration::from_secs(3600))
+            .await
+            .unwrap();
         assert!(created);
         assert_eq!(first.code.len(), 8);
-        let (again, created) = store.pairing_request_for(&who, "42", None, Duration::from_secs(3600)).await.unwrap();
+        let (again, created) = store
+            .pairing_request_for(&who, "42", None, Duration::from_secs(3600))
+            .await
+            .unwrap();
         assert!(!created);
         assert_eq!(first.code, again.code);
         let (_, user) = store
-            .decide_pairing(ChannelKind::Telegram, &first.code.to_lowercase(), true, UserId::for_identity)
+            .decide_pairing(
+                ChannelKind::Telegram,
+                &first.code.to_lowercase(),
+                true,
+                UserId::for_identity,
+            )
             .await
             .unwrap();
         assert_eq!(user.unwrap().as_str(), "telegram_42");
-        assert_eq!(store.user_for_identity(&who).await.unwrap().unwrap().1, "pairing");
-        assert!(store.decide_pairing(ChannelKind::Telegram, &first.code, true, UserId::for_identity).await.is_err());
+        assert_eq!(
+            store.user_for_identity(&who).await.unwrap().unwrap().1,
+            "pairing"
+        );
+        assert!(store
+            .decide_pairing(
+                ChannelKind::Telegram,
+                &first.code,
+                true,
+                UserId::for_identity
+            )
+            .await
+            .is_err());
     }
 
     #[tokio::test]
     async fn expired_pairing_code_is_refused() {
         let store = Store::open_in_memory().unwrap();
         let who = Identity::new(ChannelKind::Telegram, PeerId::new("7").unwrap());
-        let (request, _) = store.pairing_request_for(&who, "7", None, Duration::from_millis(1)).await.unwrap();
+        let (request, _) = store
+            .pairing_request_for(&who, "7", None, Duration::from_millis(1))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
         let error = store
-            .decide_pairing(ChannelKind::Telegram, &request.code, true, UserId::for_identity)
+            .decide_pairing(
+                ChannelKind::Telegram,
+                &request.code,
+                true,
+                UserId::for_identity,
+            )
             .await
             .unwrap_err();
         assert!(error.to_string().contains("expired"), "{error}");
@@ -1385,6 +1591,9 @@ mod tests {
         drop(Store::open(&path).unwrap());
         drop(Store::open(&path).unwrap());
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

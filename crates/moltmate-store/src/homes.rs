@@ -19,13 +19,19 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum HomeError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0:?} is not a relative path inside the home")]
     BadPath(String),
 }
 
 fn io_error(path: &str, source: impl Into<std::io::Error>) -> HomeError {
-    HomeError::Io { path: path.to_string(), source: source.into() }
+    HomeError::Io {
+        path: path.to_string(),
+        source: source.into(),
+    }
 }
 
 /// The files every home has, created empty-but-present on first use.
@@ -40,7 +46,10 @@ pub struct Homes {
 
 impl Homes {
     pub fn new(moltmate_home: &Path) -> Self {
-        Homes { users_dir: moltmate_home.join("users"), families_dir: moltmate_home.join("families") }
+        Homes {
+            users_dir: moltmate_home.join("users"),
+            families_dir: moltmate_home.join("families"),
+        }
     }
 
     pub fn users_dir(&self) -> &Path {
@@ -65,8 +74,14 @@ impl Homes {
         for dir in STANDARD_DIRECTORIES {
             match rustix::fs::mkdirat(&root, dir, Mode::from_raw_mode(0o700)) {
                 Ok(()) => {
-                    let created = rustix::fs::openat2(&root, dir, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty(), BENEATH)
-                        .map_err(|e| io_error(dir, e))?;
+                    let created = rustix::fs::openat2(
+                        &root,
+                        dir,
+                        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                        BENEATH,
+                    )
+                    .map_err(|e| io_error(dir, e))?;
                     inherit_owner(&root, &created);
                 }
                 Err(rustix::io::Errno::EXIST) => {}
@@ -78,7 +93,11 @@ impl Homes {
 
     /// Creates a family folder (0700), if missing.
     pub fn ensure_family(&self, family: &str) -> Result<PathBuf, HomeError> {
-        if family.is_empty() || !family.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-') {
+        if family.is_empty()
+            || !family
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        {
             return Err(HomeError::BadPath(family.to_string()));
         }
         create_private_dir(&self.families_dir)?;
@@ -99,7 +118,11 @@ pub struct UserLock {
 impl Homes {
     /// Blocks until the user's lock is held. Call from a blocking context.
     pub fn lock_user(&self, user: &UserId) -> Result<UserLock, HomeError> {
-        let dir = self.users_dir.parent().unwrap_or(Path::new(".")).join("locks");
+        let dir = self
+            .users_dir
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("locks");
         create_private_dir(&dir)?;
         let path = dir.join(format!("{}.lock", user.as_str()));
         let shown = path.display().to_string();
@@ -109,7 +132,8 @@ impl Homes {
             .write(true)
             .open(&path)
             .map_err(|e| io_error(&shown, e))?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| io_error(&shown, e))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_error(&shown, e))?;
         Ok(UserLock { _file: file })
     }
 }
@@ -137,23 +161,33 @@ fn hand_to_sandbox_user(path: &Path) -> Result<(), HomeError> {
     }
     let owner = rustix::fs::Uid::from_raw(moltmate_core::sandbox::SANDBOX_UID);
     let group = rustix::fs::Gid::from_raw(moltmate_core::sandbox::SANDBOX_GID);
-    rustix::fs::chown(path, Some(owner), Some(group)).map_err(|e| io_error(&path.display().to_string(), e))
+    rustix::fs::chown(path, Some(owner), Some(group))
+        .map_err(|e| io_error(&path.display().to_string(), e))
 }
 
 fn create_private_dir(path: &Path) -> Result<(), HomeError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let shown = path.display().to_string();
-    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path) {
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+    {
         Ok(()) => {}
         Err(e) => return Err(io_error(&shown, e)),
     }
     // `recursive` leaves existing directories alone; tighten in case an operator made it 0755.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(|e| io_error(&shown, e))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| io_error(&shown, e))
 }
 
 fn open_root(root: &Path) -> Result<OwnedFd, HomeError> {
-    rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
-        .map_err(|e| io_error(&root.display().to_string(), e))
+    rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(|e| io_error(&root.display().to_string(), e))
 }
 
 fn check_relative(relative: &str) -> Result<(), HomeError> {
@@ -164,28 +198,49 @@ fn check_relative(relative: &str) -> Result<(), HomeError> {
     Ok(())
 }
 
-const BENEATH: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
 
 /// Reads a regular file beneath `root`, at most `max_bytes` (the rest is dropped and the result
 /// says so). `Ok(None)` when it does not exist. Symlinks anywhere in the path are refused.
-pub fn read_beneath(root: &Path, relative: &str, max_bytes: u64) -> Result<Option<(String, bool)>, HomeError> {
+pub fn read_beneath(
+    root: &Path,
+    relative: &str,
+    max_bytes: u64,
+) -> Result<Option<(String, bool)>, HomeError> {
     check_relative(relative)?;
     let dir = open_root(root)?;
-    let fd = match rustix::fs::openat2(&dir, relative, OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty(), BENEATH) {
+    let fd = match rustix::fs::openat2(
+        &dir,
+        relative,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        BENEATH,
+    ) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(e) => return Err(io_error(relative, e)),
     };
     let stat = rustix::fs::fstat(&fd).map_err(|e| io_error(relative, e))?;
     if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
-        return Err(io_error(relative, std::io::Error::other("not a regular file")));
+        return Err(io_error(
+            relative,
+            std::io::Error::other("not a regular file"),
+        ));
     }
     let mut file = std::fs::File::from(fd);
     let mut bytes = Vec::new();
-    (&mut file).take(max_bytes + 1).read_to_end(&mut bytes).map_err(|e| io_error(relative, e))?;
+    (&mut file)
+        .take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| io_error(relative, e))?;
     let truncated = bytes.len() as u64 > max_bytes;
     bytes.truncate(max_bytes as usize);
-    Ok(Some((String::from_utf8_lossy(&bytes).into_owned(), truncated)))
+    Ok(Some((
+        String::from_utf8_lossy(&bytes).into_owned(),
+        truncated,
+    )))
 }
 
 /// Writes `content` to `relative` beneath `root` atomically: parent directories are created
@@ -240,7 +295,8 @@ pub fn write_beneath(root: &Path, relative: &str, content: &[u8]) -> Result<(), 
         let _ = rustix::fs::unlinkat(&dir, temp_name.as_str(), rustix::fs::AtFlags::empty());
         return Err(io_error(relative, e));
     }
-    rustix::fs::renameat(&dir, temp_name.as_str(), &dir, file_name).map_err(|e| io_error(relative, e))?;
+    rustix::fs::renameat(&dir, temp_name.as_str(), &dir, file_name)
+        .map_err(|e| io_error(relative, e))?;
     rustix::fs::fsync(&dir).map_err(|e| io_error(relative, e))?;
     Ok(())
 }
@@ -256,7 +312,8 @@ mod tests {
         let alice = homes.ensure(&UserId::new("alice").unwrap()).unwrap();
         let bob = homes.ensure(&UserId::new("bob").unwrap()).unwrap();
         write_beneath(bob.root(), "MEMORY.md", b"bob's secret").unwrap();
-        std::os::unix::fs::symlink(bob.root().join("MEMORY.md"), alice.root().join("MEMORY.md")).unwrap();
+        std::os::unix::fs::symlink(bob.root().join("MEMORY.md"), alice.root().join("MEMORY.md"))
+            .unwrap();
         std::os::unix::fs::symlink("/etc/passwd", alice.root().join("SOUL.md")).unwrap();
         assert!(read_beneath(alice.root(), "MEMORY.md", 1024).is_err());
         assert!(read_beneath(alice.root(), "SOUL.md", 1024).is_err());
@@ -272,12 +329,20 @@ mod tests {
         let home = homes.ensure(&UserId::new("alice").unwrap()).unwrap();
         write_beneath(home.root(), "memory/2026-11-22.md", b"first").unwrap();
         write_beneath(home.root(), "memory/2026-11-22.md", b"second").unwrap();
-        let (text, truncated) = read_beneath(home.root(), "memory/2026-11-22.md", 3).unwrap().unwrap();
+        let (text, truncated) = read_beneath(home.root(), "memory/2026-11-22.md", 3)
+            .unwrap()
+            .unwrap();
         assert_eq!((text.as_str(), truncated), ("sec", true));
-        let names: Vec<_> = std::fs::read_dir(home.root().join("memory")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(home.root().join("memory"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(home.root()).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(home.root()).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod homes;
 pub mod memory_index;
 
 pub use db::{
-    AuditEvent, AuditRecord, InboxItem, OutboxItem, PairingRequest, PairingState, SessionRecord, Store, StoreError,
-    TurnRecord, UsageRow, UserRecord,
+    AuditEvent, AuditRecord, InboxItem, OutboxItem, PairingRequest, PairingState, SessionRecord,
+    Store, StoreError, TurnRecord, UsageRow, UserRecord,
 };
-pub use homes::{Homes, HomeError};
+pub use homes::{HomeError, Homes};

@@ -53,7 +53,10 @@ impl MemoryIndex {
     /// Opens (creating) `index_dir/<user>.db`.
     pub fn open(index_dir: &Path, user: &UserId) -> Result<Self, StoreError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(index_dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(index_dir)?;
         let path = index_dir.join(format!("{}.db", user.as_str()));
         let connection = Connection::open(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
@@ -83,12 +86,18 @@ impl MemoryIndex {
                 }
             }
             for relative in candidates {
-                let Some((size, mtime)) = stat_beneath(root.root, &relative) else { continue };
+                let Some((size, mtime)) = stat_beneath(root.root, &relative) else {
+                    continue;
+                };
                 let source = format!("{}{relative}", root.prefix);
                 seen.push(source.clone());
                 let known: Option<(i64, i64)> = self
                     .connection
-                    .query_row("SELECT size, mtime FROM files WHERE path = ?1", params![source], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .query_row(
+                        "SELECT size, mtime FROM files WHERE path = ?1",
+                        params![source],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
                     .optional()?;
                 if known == Some((size, mtime)) {
                     continue;
@@ -122,8 +131,10 @@ impl MemoryIndex {
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         for path in known.into_iter().filter(|p| !seen.contains(p)) {
-            self.connection.execute("DELETE FROM entries WHERE source = ?1", params![path])?;
-            self.connection.execute("DELETE FROM files WHERE path = ?1", params![path])?;
+            self.connection
+                .execute("DELETE FROM entries WHERE source = ?1", params![path])?;
+            self.connection
+                .execute("DELETE FROM files WHERE path = ?1", params![path])?;
         }
         Ok(())
     }
@@ -132,15 +143,24 @@ impl MemoryIndex {
     pub fn last_transcript_id(&self) -> Result<i64, StoreError> {
         Ok(self
             .connection
-            .query_row("SELECT value FROM state WHERE key = 'transcript'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM state WHERE key = 'transcript'",
+                [],
+                |r| r.get(0),
+            )
             .optional()?
             .unwrap_or(0))
     }
 
     /// Adds transcript rows `(row id, unix millis, item)`; only user and assistant text is
     /// indexed (tool output is noise and may hold file contents already indexed).
-    pub fn add_transcript(&mut self, rows: &[(i64, i64, ConversationItem)]) -> Result<(), StoreError> {
-        let Some(last) = rows.iter().map(|(id, _, _)| *id).max() else { return Ok(()) };
+    pub fn add_transcript(
+        &mut self,
+        rows: &[(i64, i64, ConversationItem)],
+    ) -> Result<(), StoreError> {
+        let Some(last) = rows.iter().map(|(id, _, _)| *id).max() else {
+            return Ok(());
+        };
         let tx = self.connection.transaction()?;
         for (_, at, item) in rows {
             let (who, text) = match item {
@@ -151,7 +171,9 @@ impl MemoryIndex {
             if text.trim().is_empty() {
                 continue;
             }
-            let day = chrono::DateTime::from_timestamp_millis(*at).map(|d| d.format("%Y-%m-%d").to_string()).unwrap_or_default();
+            let day = chrono::DateTime::from_timestamp_millis(*at)
+                .map(|d| d.format("%Y-%m-%d").to_string())
+                .unwrap_or_default();
             tx.execute(
                 "INSERT INTO entries (source, location, content) VALUES ('transcript', ?1, ?2)",
                 params![format!("{day} ({who})"), text],
@@ -183,32 +205,66 @@ impl MemoryIndex {
              WHERE entries MATCH ?1 ORDER BY bm25(entries) LIMIT ?2",
         )?;
         let rows = statement.query_map(params![expression, limit as i64], |r| {
-            Ok(MemoryHit { source: r.get(0)?, location: r.get(1)?, snippet: r.get(2)?, score: r.get(3)? })
+            Ok(MemoryHit {
+                source: r.get(0)?,
+                location: r.get(1)?,
+                snippet: r.get(2)?,
+                score: r.get(3)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 
-const BENEATH: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
 
 fn stat_beneath(root: &Path, relative: &str) -> Option<(i64, i64)> {
-    let dir = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
-    let fd = rustix::fs::openat2(&dir, relative, OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty(), BENEATH).ok()?;
+    let dir = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let fd = rustix::fs::openat2(
+        &dir,
+        relative,
+        OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        BENEATH,
+    )
+    .ok()?;
     let stat = rustix::fs::fstat(&fd).ok()?;
     if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
         return None;
     }
-    Some((stat.st_size, stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64))
+    Some((
+        stat.st_size,
+        stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64,
+    ))
 }
 
 fn list_markdown_beneath(root: &Path, directory: &str) -> Vec<String> {
-    let Ok(dir) = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) else {
+    let Ok(dir) = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
         return Vec::new();
     };
-    let Ok(fd) = rustix::fs::openat2(&dir, directory, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty(), BENEATH) else {
+    let Ok(fd) = rustix::fs::openat2(
+        &dir,
+        directory,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        BENEATH,
+    ) else {
         return Vec::new();
     };
-    let Ok(entries) = rustix::fs::Dir::read_from(&fd) else { return Vec::new() };
+    let Ok(entries) = rustix::fs::Dir::read_from(&fd) else {
+        return Vec::new();
+    };
     let mut names: Vec<String> = entries
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str().ok().map(str::to_string))
@@ -230,16 +286,37 @@ mod tests {
         let homes = Homes::new(base.path());
         let user = UserId::new("alice").unwrap();
         let home = homes.ensure(&user).unwrap();
-        write_beneath(home.root(), "MEMORY.md", b"# Memory\n\nEmma is allergic to peanuts.\n").unwrap();
-        write_beneath(home.root(), "memory/2026-11-22.md", b"Bought a blue bicycle for Emma.\n").unwrap();
+        write_beneath(
+            home.root(),
+            "MEMORY.md",
+            b"# Memory\n\nEmma is allergic to peanuts.\n",
+        )
+        .unwrap();
+        write_beneath(
+            home.root(),
+            "memory/2026-11-22.md",
+            b"Bought a blue bicycle for Emma.\n",
+        )
+        .unwrap();
         let mut index = MemoryIndex::open(&base.path().join("index"), &user).unwrap();
-        let roots = [IndexedRoot { root: home.root(), prefix: "", files: &["MEMORY.md", "USER.md"], directories: &["memory"] }];
+        let roots = [IndexedRoot {
+            root: home.root(),
+            prefix: "",
+            files: &["MEMORY.md", "USER.md"],
+            directories: &["memory"],
+        }];
         index.sync_files(&roots).unwrap();
         let hits = index.search("peanuts", 5).unwrap();
         assert_eq!(hits.len(), 1);
-        assert_eq!((hits[0].source.as_str(), hits[0].location.as_str()), ("MEMORY.md", "3"));
+        assert_eq!(
+            (hits[0].source.as_str(), hits[0].location.as_str()),
+            ("MEMORY.md", "3")
+        );
         assert!(hits[0].snippet.contains("«peanuts»"));
-        assert_eq!(index.search("bicycle \" OR NEAR(", 5).unwrap()[0].source, "memory/2026-11-22.md");
+        assert_eq!(
+            index.search("bicycle \" OR NEAR(", 5).unwrap()[0].source,
+            "memory/2026-11-22.md"
+        );
 
         // A changed file is re-indexed; a deleted one disappears.
         write_beneath(home.root(), "MEMORY.md", b"Emma loves cashews.\n").unwrap();
@@ -255,8 +332,22 @@ mod tests {
         let user = UserId::new("alice").unwrap();
         let mut index = MemoryIndex::open(base.path(), &user).unwrap();
         let rows = vec![
-            (1, 0, ConversationItem::User { text: "my dentist is Dr. Gruber".into() }),
-            (2, 0, ConversationItem::ToolResult { call_id: "x".into(), content: "Gruber".into(), is_error: false }),
+            (
+                1,
+                0,
+                ConversationItem::User {
+                    text: "my dentist is Dr. Gruber".into(),
+                },
+            ),
+            (
+                2,
+                0,
+                ConversationItem::ToolResult {
+                    call_id: "x".into(),
+                    content: "Gruber".into(),
+                    is_error: false,
+                },
+            ),
         ];
         index.add_transcript(&rows).unwrap();
         assert_eq!(index.last_transcript_id().unwrap(), 2);

@@ -21,13 +21,21 @@ pub struct Admin {
 impl Admin {
     pub fn open(home: &Path) -> Result<Admin> {
         let store = Store::open(&home.join("moltmate.db")).context("opening the database")?;
-        Ok(Admin { home: home.to_path_buf(), store, homes: Homes::new(home) })
+        Ok(Admin {
+            home: home.to_path_buf(),
+            store,
+            homes: Homes::new(home),
+        })
     }
 }
 
 fn when(millis: i64) -> String {
     chrono::DateTime::from_timestamp_millis(millis)
-        .map(|d| d.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M").to_string())
+        .map(|d| {
+            d.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M")
+                .to_string()
+        })
         .unwrap_or_else(|| "?".to_string())
 }
 
@@ -37,7 +45,10 @@ pub async fn pairing_list(admin: &Admin) -> Result<()> {
         println!("No pending pairing requests.");
         return Ok(());
     }
-    println!("{:<10} {:<24} {:<20} {:<17} EXPIRES", "CODE", "SENDER", "NAME", "REQUESTED");
+    println!(
+        "{:<10} {:<24} {:<20} {:<17} EXPIRES",
+        "CODE", "SENDER", "NAME", "REQUESTED"
+    );
     for r in requests {
         println!(
             "{:<10} {:<24} {:<20} {:<17} {}",
@@ -61,7 +72,10 @@ pub async fn pairing_decide(admin: &Admin, channel: &str, code: &str, approve: b
     match user {
         Some(user) => {
             admin.homes.ensure(&user)?;
-            println!("Approved {} as user {user}. They can write to the assistant now.", request.identity);
+            println!(
+                "Approved {} as user {user}. They can write to the assistant now.",
+                request.identity
+            );
         }
         None => println!("Denied {}.", request.identity),
     }
@@ -71,14 +85,22 @@ pub async fn pairing_decide(admin: &Admin, channel: &str, code: &str, approve: b
 pub async fn users_list(admin: &Admin) -> Result<()> {
     let users = admin.store.list_users().await?;
     let usage = admin.store.usage(None).await?;
-    println!("{:<28} {:<18} {:<40} {:>10}", "USER", "NAME", "IDENTITIES", "TOKENS");
+    println!(
+        "{:<28} {:<18} {:<40} {:>10}",
+        "USER", "NAME", "IDENTITIES", "TOKENS"
+    );
     for user in users {
         let tokens: i64 = usage
             .iter()
             .filter(|u| u.user == user.id.as_str())
             .map(|u| u.input_tokens + u.output_tokens)
             .sum();
-        let identities = user.identities.iter().map(Identity::to_string).collect::<Vec<_>>().join(", ");
+        let identities = user
+            .identities
+            .iter()
+            .map(Identity::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         println!(
             "{:<28} {:<18} {:<40} {:>10}",
             user.id.as_str(),
@@ -91,23 +113,43 @@ pub async fn users_list(admin: &Admin) -> Result<()> {
 }
 
 pub async fn users_show(admin: &Admin, user: &UserId) -> Result<()> {
-    let Some(record) = admin.store.user(user).await? else { bail!("no user {user}") };
+    let Some(record) = admin.store.user(user).await? else {
+        bail!("no user {user}")
+    };
     println!("user:        {}", record.id);
-    println!("name:        {}", record.display_name.as_deref().unwrap_or("-"));
+    println!(
+        "name:        {}",
+        record.display_name.as_deref().unwrap_or("-")
+    );
     println!("created:     {}", when(record.created_at));
     println!("onboarded:   {}", record.onboarded);
     println!(
         "identities:  {}",
-        record.identities.iter().map(Identity::to_string).collect::<Vec<_>>().join(", ")
+        record
+            .identities
+            .iter()
+            .map(Identity::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let home = admin.homes.home(user);
     println!("home:        {}", home.root().display());
     for file in ["SOUL.md", "IDENTITY.md", "USER.md", "MEMORY.md"] {
-        let size = read_beneath(home.root(), file, 1 << 20).ok().flatten().map(|(t, _)| t.len());
-        println!("  {file:<12} {}", size.map(|s| format!("{s} bytes")).unwrap_or_else(|| "-".to_string()));
+        let size = read_beneath(home.root(), file, 1 << 20)
+            .ok()
+            .flatten()
+            .map(|(t, _)| t.len());
+        println!(
+            "  {file:<12} {}",
+            size.map(|s| format!("{s} bytes"))
+                .unwrap_or_else(|| "-".to_string())
+        );
     }
     for row in admin.store.usage(Some(user)).await? {
-        println!("usage:       {}/{}: {} in, {} out, {} calls", row.provider, row.model, row.input_tokens, row.output_tokens, row.calls);
+        println!(
+            "usage:       {}/{}: {} in, {} out, {} calls",
+            row.provider, row.model, row.input_tokens, row.output_tokens, row.calls
+        );
     }
     for token in admin.store.list_tokens(Some(user)).await? {
         println!(
@@ -121,14 +163,22 @@ pub async fn users_show(admin: &Admin, user: &UserId) -> Result<()> {
     Ok(())
 }
 
-pub async fn users_add(admin: &Admin, user: &UserId, identities: &[String], name: Option<&str>) -> Result<()> {
+pub async fn users_add(
+    admin: &Admin,
+    user: &UserId,
+    identities: &[String],
+    name: Option<&str>,
+) -> Result<()> {
     let created = admin.store.ensure_user(user, name).await?;
     for raw in identities {
         let identity: Identity = raw.parse()?;
         admin.store.link_identity(&identity, user, "admin").await?;
     }
     admin.homes.ensure(user)?;
-    println!("{} user {user}.", if created { "Created" } else { "Updated" });
+    println!(
+        "{} user {user}.",
+        if created { "Created" } else { "Updated" }
+    );
     Ok(())
 }
 
@@ -155,10 +205,15 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 /// image is where the files live).
 pub fn wipe_home(home_dir: &Path, users_home: &Path, user: &UserId) -> Result<()> {
     if home_dir.exists() {
-        moltmate_sandbox::disk::release_user_volume(users_home).map_err(|e| anyhow::anyhow!("{e}"))?;
-        std::fs::remove_dir_all(users_home).with_context(|| format!("removing {}", users_home.display()))?;
+        moltmate_sandbox::disk::release_user_volume(users_home)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::fs::remove_dir_all(users_home)
+            .with_context(|| format!("removing {}", users_home.display()))?;
     }
-    let image = home_dir.join("sandboxes").join("disks").join(format!("{user}.img"));
+    let image = home_dir
+        .join("sandboxes")
+        .join("disks")
+        .join(format!("{user}.img"));
     match std::fs::remove_file(&image) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -177,14 +232,22 @@ async fn archive(admin: &Admin, user: &UserId) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&archive_root, std::fs::Permissions::from_mode(0o700))?;
     let export = export_json(admin, user).await?;
-    std::fs::write(archive_dir.join("export.json"), serde_json::to_vec_pretty(&export)?)?;
+    std::fs::write(
+        archive_dir.join("export.json"),
+        serde_json::to_vec_pretty(&export)?,
+    )?;
     let home = admin.homes.home(user);
     if home.root().exists() {
-        copy_tree(home.root(), &archive_dir.join("home")).context("copying the home into the archive")?;
+        copy_tree(home.root(), &archive_dir.join("home"))
+            .context("copying the home into the archive")?;
         wipe_home(&admin.home, home.root(), user)?;
     }
     let index = MemoryIndex::path_for(&admin.home.join("index"), user);
-    for path in [index.clone(), index.with_extension("db-wal"), index.with_extension("db-shm")] {
+    for path in [
+        index.clone(),
+        index.with_extension("db-wal"),
+        index.with_extension("db-shm"),
+    ] {
         let _ = std::fs::remove_file(path);
     }
     Ok(archive_dir)
@@ -261,7 +324,12 @@ pub async fn users_export(admin: &Admin, user: &UserId, output: Option<&Path>) -
         Some(path) => {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
-            let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(path)?;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(path)?;
             file.write_all(export.as_bytes())?;
             println!("Exported {user} to {}.", path.display());
         }
@@ -270,7 +338,12 @@ pub async fn users_export(admin: &Admin, user: &UserId, output: Option<&Path>) -
     Ok(())
 }
 
-pub async fn users_token(admin: &Admin, user: &UserId, revoke: bool, label: Option<&str>) -> Result<()> {
+pub async fn users_token(
+    admin: &Admin,
+    user: &UserId,
+    revoke: bool,
+    label: Option<&str>,
+) -> Result<()> {
     if revoke {
         let count = admin.store.revoke_tokens(user, None).await?;
         let sessions = admin.store.delete_user_web_sessions(user).await?;
@@ -288,7 +361,10 @@ pub async fn users_token(admin: &Admin, user: &UserId, revoke: bool, label: Opti
 pub async fn users_login_link(admin: &Admin, user: &UserId, base_url: &str) -> Result<()> {
     admin.store.ensure_user(user, None).await?;
     admin.homes.ensure(user)?;
-    let code = admin.store.create_login_link(user, Duration::from_secs(15 * 60)).await?;
+    let code = admin
+        .store
+        .create_login_link(user, Duration::from_secs(15 * 60))
+        .await?;
     eprintln!("One-time login link for {user} (valid 15 minutes):");
     println!("{base_url}/login/{code}");
     Ok(())

@@ -33,18 +33,27 @@ async fn send(gateway: &moltmate_gateway::Gateway, user: &UserId, text: &str) ->
     let message = InboundMessage {
         sender: Identity::new(ChannelKind::Local, PeerId::new(user.as_str())?),
         chat_id: user.as_str().to_string(),
-        external_id: format!("local-{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()),
+        external_id: format!(
+            "local-{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        ),
         cursor: None,
         text: text.to_string(),
         sender_name: None,
         language_code: None,
     };
-    let deltas = Arc::new(StdoutDeltas { printed: AtomicBool::new(false) });
+    let deltas = Arc::new(StdoutDeltas {
+        printed: AtomicBool::new(false),
+    });
     let submitted = gateway.submit(message, deltas.clone()).await?;
     if submitted.accepted != Accepted::Queued {
         bail!("the message was not accepted ({:?})", submitted.accepted);
     }
-    let reply = submitted.reply.await.map_err(|_| anyhow::anyhow!("the gateway stopped before answering"))?;
+    let reply = submitted
+        .reply
+        .await
+        .map_err(|_| anyhow::anyhow!("the gateway stopped before answering"))?;
     if deltas.printed.load(Ordering::SeqCst) {
         println!();
     } else {
@@ -67,7 +76,9 @@ pub async fn chat(home: &Path, user: UserId, message: Option<String>) -> Result<
             let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdin));
             loop {
                 eprint!("> ");
-                let Some(line) = lines.next_line().await? else { break };
+                let Some(line) = lines.next_line().await? else {
+                    break;
+                };
                 if line.trim().is_empty() {
                     continue;
                 }

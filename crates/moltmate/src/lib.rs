@@ -13,7 +13,11 @@ use moltmate_core::UserId;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "moltmate", version, about = "Moltmates: one server, many people, each with their own AI assistant.")]
+#[command(
+    name = "moltmate",
+    version,
+    about = "Moltmates: one server, many people, each with their own AI assistant."
+)]
 struct Cli {
     /// The gateway's home (config, database, users). Default: $MOLTMATE_HOME, else ~/.moltmate.
     #[arg(long, global = true, value_name = "DIR")]
@@ -117,7 +121,9 @@ enum UsersCommand {
         label: Option<String>,
     },
     /// Print a one-time web login link.
-    LoginLink { user: String },
+    LoginLink {
+        user: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -137,7 +143,10 @@ fn parse_user(raw: &str) -> Result<UserId> {
 /// The binary's `main`.
 pub fn main_entry() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: could not start the async runtime: {e}");
@@ -154,10 +163,13 @@ pub fn main_entry() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let home = moltmate_config::resolve_home(cli.home.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let home =
+        moltmate_config::resolve_home(cli.home.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
     match cli.command {
         Command::Init => init(&home),
-        Command::Config { command: ConfigCommand::Check } => {
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
             let config = wiring::load_config(&home)?;
             wiring::check_startup_rules(&config)?;
             println!("{}: OK", home.join("moltmate.json").display());
@@ -169,8 +181,12 @@ async fn run(cli: Cli) -> Result<()> {
             let admin = admin::Admin::open(&home)?;
             match command {
                 PairingCommand::List => admin::pairing_list(&admin).await,
-                PairingCommand::Approve { channel, code } => admin::pairing_decide(&admin, &channel, &code, true).await,
-                PairingCommand::Deny { channel, code } => admin::pairing_decide(&admin, &channel, &code, false).await,
+                PairingCommand::Approve { channel, code } => {
+                    admin::pairing_decide(&admin, &channel, &code, true).await
+                }
+                PairingCommand::Deny { channel, code } => {
+                    admin::pairing_decide(&admin, &channel, &code, false).await
+                }
             }
         }
         Command::Users { command } => {
@@ -178,13 +194,28 @@ async fn run(cli: Cli) -> Result<()> {
             match command {
                 UsersCommand::List => admin::users_list(&admin).await,
                 UsersCommand::Show { user } => admin::users_show(&admin, &parse_user(&user)?).await,
-                UsersCommand::Add { user, identities, name } => {
-                    admin::users_add(&admin, &parse_user(&user)?, &identities, name.as_deref()).await
+                UsersCommand::Add {
+                    user,
+                    identities,
+                    name,
+                } => {
+                    admin::users_add(&admin, &parse_user(&user)?, &identities, name.as_deref())
+                        .await
                 }
-                UsersCommand::Remove { user, yes } => admin::users_remove(&admin, &parse_user(&user)?, yes).await,
-                UsersCommand::Reset { user, yes } => admin::users_reset(&admin, &parse_user(&user)?, yes).await,
-                UsersCommand::Export { user, output } => admin::users_export(&admin, &parse_user(&user)?, output.as_deref()).await,
-                UsersCommand::Token { user, revoke, label } => {
+                UsersCommand::Remove { user, yes } => {
+                    admin::users_remove(&admin, &parse_user(&user)?, yes).await
+                }
+                UsersCommand::Reset { user, yes } => {
+                    admin::users_reset(&admin, &parse_user(&user)?, yes).await
+                }
+                UsersCommand::Export { user, output } => {
+                    admin::users_export(&admin, &parse_user(&user)?, output.as_deref()).await
+                }
+                UsersCommand::Token {
+                    user,
+                    revoke,
+                    label,
+                } => {
                     admin::users_token(&admin, &parse_user(&user)?, revoke, label.as_deref()).await
                 }
                 UsersCommand::LoginLink { user } => {
@@ -207,14 +238,21 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn init(home: &Path) -> Result<()> {
     let path = moltmate_config::write_starter_config(home).map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("Wrote {} (mode 0600). Edit it, then run `moltmate config check` and `moltmate serve`.", path.display());
+    println!(
+        "Wrote {} (mode 0600). Edit it, then run `moltmate config check` and `moltmate serve`.",
+        path.display()
+    );
     Ok(())
 }
 
 /// Used by `serve` and `chat`: the home must exist and be private.
 pub(crate) fn prepare_home(home: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(home).with_context(|| format!("creating {}", home.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(home)
+        .with_context(|| format!("creating {}", home.display()))?;
     std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700))?;
     Ok(())
 }

@@ -32,7 +32,11 @@ pub async fn serve(home: &Path) -> Result<()> {
     wiring::check_startup_rules(&config)?;
     wiring::init_logging(&config, false);
     let built = wiring::build(home, &config, Purpose::Serve).await?;
-    built.gateway.recover().await.context("recovering unfinished work")?;
+    built
+        .gateway
+        .recover()
+        .await
+        .context("recovering unfinished work")?;
     let web = wiring::start_web(home, &config, &built).await?;
     tracing::info!(
         home = %home.display(),
@@ -66,7 +70,10 @@ pub async fn sandbox_list(home: &Path, config: &Config) -> Result<()> {
         println!("No sandboxes ({} backend).", sandbox.backend());
         return Ok(());
     }
-    println!("{:<48} {:<24} {:<8} {:<10} {:>8}", "NAME", "USER", "BACKEND", "STATE", "IDLE");
+    println!(
+        "{:<48} {:<24} {:<8} {:<10} {:>8}",
+        "NAME", "USER", "BACKEND", "STATE", "IDLE"
+    );
     for s in list {
         println!(
             "{:<48} {:<24} {:<8} {:<10} {:>8}",
@@ -74,7 +81,9 @@ pub async fn sandbox_list(home: &Path, config: &Config) -> Result<()> {
             s.user,
             s.backend,
             s.state,
-            s.idle_seconds.map(|i| format!("{i}s")).unwrap_or_else(|| "-".into())
+            s.idle_seconds
+                .map(|i| format!("{i}s"))
+                .unwrap_or_else(|| "-".into())
         );
     }
     Ok(())
@@ -82,8 +91,14 @@ pub async fn sandbox_list(home: &Path, config: &Config) -> Result<()> {
 
 pub async fn sandbox_prune(home: &Path, config: &Config) -> Result<()> {
     let sandbox = wiring::sandbox_backend(home, config).await?;
-    let removed = sandbox.prune(Duration::from_secs(config.sandbox.prune.idle_minutes * 60)).await?;
-    println!("Removed {} sandbox(es){}", removed.len(), if removed.is_empty() { "." } else { ":" });
+    let removed = sandbox
+        .prune(Duration::from_secs(config.sandbox.prune.idle_minutes * 60))
+        .await?;
+    println!(
+        "Removed {} sandbox(es){}",
+        removed.len(),
+        if removed.is_empty() { "." } else { ":" }
+    );
     for name in removed {
         println!("  {name}");
     }
@@ -93,9 +108,13 @@ pub async fn sandbox_prune(home: &Path, config: &Config) -> Result<()> {
 pub async fn sandbox_build(home: &Path, config: &Config) -> Result<()> {
     let settings = wiring::sandbox_settings(home, config);
     // A Dockerfile.sandbox in the current directory (a checkout) wins over the embedded one.
-    moltmate_sandbox::image::build_image(&settings, Path::new("Dockerfile.sandbox"), &|line: &str| println!("{line}"))
-        .await
-        .context("building the sandbox image")?;
+    moltmate_sandbox::image::build_image(
+        &settings,
+        Path::new("Dockerfile.sandbox"),
+        &|line: &str| println!("{line}"),
+    )
+    .await
+    .context("building the sandbox image")?;
     println!("Built {}.", settings.image);
     Ok(())
 }

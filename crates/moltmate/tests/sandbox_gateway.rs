@@ -39,7 +39,9 @@ fn exec_brain(harness: &Harness) {
         }
         let text = request.last_user_text().unwrap_or_default();
         match text.strip_prefix("run: ") {
-            Some(command) => Reply::tool_call("exec", json!({ "command": command, "timeout_seconds": 8 })),
+            Some(command) => {
+                Reply::tool_call("exec", json!({ "command": command, "timeout_seconds": 8 }))
+            }
             None => Reply::text(format!("echo: {text}")),
         }
     });
@@ -63,10 +65,18 @@ async fn start(backend: &str) -> Option<Harness> {
             skip_or_fail("no Docker daemon answers");
             return None;
         }
-        let dockerfile = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Dockerfile.sandbox");
+        let dockerfile =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Dockerfile.sandbox");
         let docker = moltmate_sandbox::docker::connect_client(&settings).ok()?;
-        if !moltmate_sandbox::image::image_exists(&docker, &settings.image).await.unwrap_or(false) {
-            if let Err(e) = moltmate_sandbox::image::ensure_image(&settings, &dockerfile, &|line| eprintln!("{line}")).await {
+        if !moltmate_sandbox::image::image_exists(&docker, &settings.image)
+            .await
+            .unwrap_or(false)
+        {
+            if let Err(e) = moltmate_sandbox::image::ensure_image(&settings, &dockerfile, &|line| {
+                eprintln!("{line}")
+            })
+            .await
+            {
                 skip_or_fail(&format!("the sandbox image could not be built: {e}"));
                 return None;
             }
@@ -76,7 +86,13 @@ async fn start(backend: &str) -> Option<Harness> {
         return None;
     }
     let harness = Harness::start(config(backend)).await;
-    if harness.built.sandbox.as_ref().map(|s| s.backend()) != Some(if backend == "docker" { "docker" } else { "bwrap" }) {
+    if harness.built.sandbox.as_ref().map(|s| s.backend())
+        != Some(if backend == "docker" {
+            "docker"
+        } else {
+            "bwrap"
+        })
+    {
         skip_or_fail(&format!("the {backend} backend could not be selected"));
         harness.stop().await;
         return None;
@@ -86,25 +102,51 @@ async fn start(backend: &str) -> Option<Harness> {
 }
 
 async fn exec_runs_in_the_users_own_sandbox_without_secrets(backend: &str) {
-    let Some(h) = start(backend).await else { return };
-    std::fs::write(h.home.join("users/telegram_1001/hello.txt"), "from alice's home").unwrap();
-    h.telegram.push_text(1001, "run: id -u; cat /workspace/hello.txt; env; ls /workspace/..");
+    let Some(h) = start(backend).await else {
+        return;
+    };
+    std::fs::write(
+        h.home.join("users/telegram_1001/hello.txt"),
+        "from alice's home",
+    )
+    .unwrap();
+    h.telegram.push_text(
+        1001,
+        "run: id -u; cat /workspace/hello.txt; env; ls /workspace/..",
+    );
     let reply = h.expect_reply(1001, 1).await.remove(0);
-    assert!(reply.contains("1000"), "runs as the unprivileged sandbox user: {reply}");
-    assert!(reply.contains("from alice's home"), "sees her own home at /workspace: {reply}");
+    assert!(
+        reply.contains("1000"),
+        "runs as the unprivileged sandbox user: {reply}"
+    );
+    assert!(
+        reply.contains("from alice's home"),
+        "sees her own home at /workspace: {reply}"
+    );
     for secret in [API_KEY, BOT_TOKEN, "ANTHROPIC_API_KEY", "MOLTMATE"] {
-        assert!(!reply.contains(secret), "{secret} visible inside the sandbox: {reply}");
+        assert!(
+            !reply.contains(secret),
+            "{secret} visible inside the sandbox: {reply}"
+        );
     }
-    assert!(!reply.contains("telegram_2002"), "another user's home is visible: {reply}");
+    assert!(
+        !reply.contains("telegram_2002"),
+        "another user's home is visible: {reply}"
+    );
 
     h.telegram.push_text(2002, "run: cat /workspace/hello.txt");
     let reply = h.expect_reply(2002, 1).await.remove(0);
-    assert!(!reply.contains("from alice's home"), "bob read alice's file: {reply}");
+    assert!(
+        !reply.contains("from alice's home"),
+        "bob read alice's file: {reply}"
+    );
     h.stop().await;
 }
 
 async fn a_fork_bomb_by_one_user_does_not_stop_another_users_answers(backend: &str) {
-    let Some(h) = start(backend).await else { return };
+    let Some(h) = start(backend).await else {
+        return;
+    };
     // Bob's normal latency, with his sandbox warm.
     h.telegram.push_text(2002, "run: echo warm");
     h.expect_reply(2002, 1).await;
@@ -115,7 +157,8 @@ async fn a_fork_bomb_by_one_user_does_not_stop_another_users_answers(backend: &s
         h.expect_reply(2002, 2 + i).await;
         normal = normal.max(started.elapsed());
     }
-    h.telegram.push_text(1001, "run: bomb() { bomb | bomb & }; bomb");
+    h.telegram
+        .push_text(1001, "run: bomb() { bomb | bomb & }; bomb");
     tokio::time::sleep(Duration::from_millis(700)).await;
     let started = Instant::now();
     h.telegram.push_text(2002, "still there?");
@@ -124,9 +167,15 @@ async fn a_fork_bomb_by_one_user_does_not_stop_another_users_answers(backend: &s
     // The bound: twice the normal latency, plus 500 ms for scheduler noise on a 2-core machine
     // whose other core is busy with the bomb's pids-limited process table.
     let bound = normal * 2 + Duration::from_millis(500);
-    assert!(during <= bound, "bob waited {during:?} during alice's fork bomb (normal {normal:?}, bound {bound:?})");
+    assert!(
+        during <= bound,
+        "bob waited {during:?} during alice's fork bomb (normal {normal:?}, bound {bound:?})"
+    );
     let alice = h.expect_reply(1001, 1).await.remove(0);
-    assert!(alice.starts_with("result:"), "the bomb ended and was reported: {alice}");
+    assert!(
+        alice.starts_with("result:"),
+        "the bomb ended and was reported: {alice}"
+    );
     h.stop().await;
 }
 
@@ -162,13 +211,18 @@ async fn exec_is_refused_with_an_install_hint_when_no_sandbox_can_run() {
     assert!(h.built.sandbox.is_none());
     h.telegram.push_text(1001, "run: id");
     let reply = h.expect_reply(1001, 1).await.remove(0);
-    assert!(reply.contains("bubblewrap") || reply.contains("Docker"), "tells what to install: {reply}");
+    assert!(
+        reply.contains("bubblewrap") || reply.contains("Docker"),
+        "tells what to install: {reply}"
+    );
     assert!(!reply.contains("uid="), "nothing ran on the host: {reply}");
     h.stop().await;
 }
 
 async fn files_written_by_the_file_tools_are_usable_inside_the_sandbox(backend: &str) {
-    let Some(h) = start(backend).await else { return };
+    let Some(h) = start(backend).await else {
+        return;
+    };
     h.llm.set_brain(|request| {
         let results = request.trailing_tool_results();
         let text = request.last_user_text().unwrap_or_default();
@@ -190,7 +244,10 @@ async fn files_written_by_the_file_tools_are_usable_inside_the_sandbox(backend: 
     h.expect_reply(1001, 2).await;
     h.telegram.push_text(1001, "run it");
     let reply = h.expect_reply(1001, 3).await.remove(2);
-    assert!(reply.contains("script ran") && reply.contains("# Soul") && reply.contains("appended"), "{reply}");
+    assert!(
+        reply.contains("script ran") && reply.contains("# Soul") && reply.contains("appended"),
+        "{reply}"
+    );
     h.stop().await;
 }
 

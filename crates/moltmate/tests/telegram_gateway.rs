@@ -17,8 +17,19 @@ async fn two_users_chatting_at_once_each_get_only_their_own_answers() {
     }
     let alice = h.expect_reply(1001, 3).await;
     let bob = h.expect_reply(2002, 3).await;
-    assert_eq!(alice, vec!["echo: alice says 0", "echo: alice says 1", "echo: alice says 2"], "in order, only her own");
-    assert_eq!(bob, vec!["echo: bob says 0", "echo: bob says 1", "echo: bob says 2"]);
+    assert_eq!(
+        alice,
+        vec![
+            "echo: alice says 0",
+            "echo: alice says 1",
+            "echo: alice says 2"
+        ],
+        "in order, only her own"
+    );
+    assert_eq!(
+        bob,
+        vec!["echo: bob says 0", "echo: bob says 1", "echo: bob says 2"]
+    );
     h.stop().await;
 }
 
@@ -29,8 +40,16 @@ async fn each_users_model_requests_hold_only_their_own_files_and_history() {
     h.telegram.push_text(2002, "hello from bob");
     h.expect_reply(1001, 1).await;
     h.expect_reply(2002, 1).await;
-    std::fs::write(h.home.join("users/telegram_1001/MEMORY.md"), "alice-secret: her cat is called Miso").unwrap();
-    std::fs::write(h.home.join("users/telegram_2002/MEMORY.md"), "bob-secret: his bank is Sparkasse").unwrap();
+    std::fs::write(
+        h.home.join("users/telegram_1001/MEMORY.md"),
+        "alice-secret: her cat is called Miso",
+    )
+    .unwrap();
+    std::fs::write(
+        h.home.join("users/telegram_2002/MEMORY.md"),
+        "bob-secret: his bank is Sparkasse",
+    )
+    .unwrap();
     h.llm.clear_requests();
     h.telegram.push_text(1001, "second from alice");
     h.telegram.push_text(2002, "second from bob");
@@ -42,13 +61,36 @@ async fn each_users_model_requests_hold_only_their_own_files_and_history() {
     for request in requests {
         let everything = request.all_text();
         let is_alice = everything.contains("second from alice");
-        let (own, other) = if is_alice { ("alice", "bob") } else { ("bob", "alice") };
-        assert!(everything.contains(&format!("{own}-secret")), "{own}'s memory is in {own}'s prompt");
-        assert!(everything.contains(&format!("hello from {own}")), "{own}'s history is in {own}'s request");
-        assert!(!everything.contains(&format!("{other}-secret")), "{other}'s memory leaked into {own}'s request");
-        assert!(!everything.contains(&format!("from {other}")), "{other}'s history leaked into {own}'s request");
-        assert!(!everything.contains(BOT_TOKEN) && !everything.contains(API_KEY), "a secret reached the model");
-        assert_eq!(request.header("x-api-key"), Some(API_KEY), "the key travels only in its header");
+        let (own, other) = if is_alice {
+            ("alice", "bob")
+        } else {
+            ("bob", "alice")
+        };
+        assert!(
+            everything.contains(&format!("{own}-secret")),
+            "{own}'s memory is in {own}'s prompt"
+        );
+        assert!(
+            everything.contains(&format!("hello from {own}")),
+            "{own}'s history is in {own}'s request"
+        );
+        assert!(
+            !everything.contains(&format!("{other}-secret")),
+            "{other}'s memory leaked into {own}'s request"
+        );
+        assert!(
+            !everything.contains(&format!("from {other}")),
+            "{other}'s history leaked into {own}'s request"
+        );
+        assert!(
+            !everything.contains(BOT_TOKEN) && !everything.contains(API_KEY),
+            "a secret reached the model"
+        );
+        assert_eq!(
+            request.header("x-api-key"),
+            Some(API_KEY),
+            "the key travels only in its header"
+        );
     }
     h.stop().await;
 }
@@ -69,8 +111,18 @@ async fn a_stuck_model_call_for_one_user_does_not_delay_another() {
     let started = Instant::now();
     h.telegram.push_text(2002, "quick one");
     assert_eq!(h.expect_reply(2002, 1).await, vec!["echo: quick one"]);
-    assert!(started.elapsed() < Duration::from_secs(5), "bob waited {:?} behind alice's stuck model", started.elapsed());
-    assert!(h.telegram.sent_messages().iter().all(|m| m.chat_id != "1001"), "alice is still waiting");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bob waited {:?} behind alice's stuck model",
+        started.elapsed()
+    );
+    assert!(
+        h.telegram
+            .sent_messages()
+            .iter()
+            .all(|m| m.chat_id != "1001"),
+        "alice is still waiting"
+    );
     h.stop().await;
 }
 
@@ -80,32 +132,54 @@ async fn one_users_messages_are_answered_strictly_in_order_even_when_the_first_i
     h.llm.set_brain(|request| {
         let text = request.last_user_text().unwrap_or_default();
         let delay = if text == "first" { 1500 } else { 0 };
-        Reply::delayed(Duration::from_millis(delay), Reply::text(format!("echo: {text}")))
+        Reply::delayed(
+            Duration::from_millis(delay),
+            Reply::text(format!("echo: {text}")),
+        )
     });
     h.telegram.push_text(1001, "first");
     h.telegram.push_text(1001, "second");
-    assert_eq!(h.expect_reply(1001, 2).await, vec!["echo: first", "echo: second"]);
+    assert_eq!(
+        h.expect_reply(1001, 2).await,
+        vec!["echo: first", "echo: second"]
+    );
     h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pairing_gives_unknown_senders_a_code_and_nothing_else_until_approved() {
-    let h = Harness::start(json!({ "channels": { "telegram": { "dmPolicy": "pairing", "allowFrom": [] } } })).await;
-    h.telegram.push_message(IncomingText::new(3003, "let me in").first_name("Eve"));
+    let h = Harness::start(
+        json!({ "channels": { "telegram": { "dmPolicy": "pairing", "allowFrom": [] } } }),
+    )
+    .await;
+    h.telegram
+        .push_message(IncomingText::new(3003, "let me in").first_name("Eve"));
     let reply = h.expect_reply(3003, 1).await;
     let code = reply[0]
         .split_whitespace()
-        .find(|w| w.len() == 8 && w.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()))
+        .find(|w| {
+            w.len() == 8
+                && w.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        })
         .unwrap_or_else(|| panic!("no pairing code in {reply:?}"))
         .to_string();
     h.telegram.push_text(3003, "hello?");
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(h.llm.request_count(), 0, "an unpaired sender reached the model");
+    assert_eq!(
+        h.llm.request_count(),
+        0,
+        "an unpaired sender reached the model"
+    );
 
     let (status, stdout, stderr) = common::run_cli(&h.home, &["pairing", "list"]);
     assert!(status.success(), "{stderr}");
-    assert!(stdout.contains(&code) && stdout.contains("telegram:3003") && stdout.contains("Eve"), "{stdout}");
-    let (status, stdout, stderr) = common::run_cli(&h.home, &["pairing", "approve", "telegram", &code]);
+    assert!(
+        stdout.contains(&code) && stdout.contains("telegram:3003") && stdout.contains("Eve"),
+        "{stdout}"
+    );
+    let (status, stdout, stderr) =
+        common::run_cli(&h.home, &["pairing", "approve", "telegram", &code]);
     assert!(status.success(), "{stderr}");
     assert!(stdout.contains("telegram_3003"), "{stdout}");
 
@@ -113,19 +187,35 @@ async fn pairing_gives_unknown_senders_a_code_and_nothing_else_until_approved() 
     let replies = h.expect_reply(3003, 3).await;
     assert_eq!(replies.last().map(String::as_str), Some("echo: now?"));
     let (status, _, stderr) = common::run_cli(&h.home, &["pairing", "approve", "telegram", &code]);
-    assert!(!status.success() && stderr.contains("already"), "codes are single use: {stderr}");
+    assert!(
+        !status.success() && stderr.contains("already"),
+        "codes are single use: {stderr}"
+    );
     h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn allowlist_answers_listed_senders_and_drops_everyone_else() {
-    let h = Harness::start(json!({ "channels": { "telegram": { "dmPolicy": "allowlist", "allowFrom": ["1001"] } } })).await;
+    let h = Harness::start(
+        json!({ "channels": { "telegram": { "dmPolicy": "allowlist", "allowFrom": ["1001"] } } }),
+    )
+    .await;
     h.telegram.push_text(4004, "intruder");
     h.telegram.push_text(1001, "friend");
     assert_eq!(h.expect_reply(1001, 1).await, vec!["echo: friend"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(h.telegram.sent_messages().iter().all(|m| m.chat_id != "4004"), "a refused sender got an answer");
-    assert_eq!(h.llm.request_count(), 1, "only the allowed sender reached the model");
+    assert!(
+        h.telegram
+            .sent_messages()
+            .iter()
+            .all(|m| m.chat_id != "4004"),
+        "a refused sender got an answer"
+    );
+    assert_eq!(
+        h.llm.request_count(),
+        1,
+        "only the allowed sender reached the model"
+    );
     h.stop().await;
 }
 
@@ -135,7 +225,10 @@ async fn disabled_policy_answers_nobody_but_still_confirms_updates() {
     let update = h.telegram.push_text(1001, "anyone?");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !h.telegram.get_updates_offsets().contains(&Some(update + 1)) {
-        assert!(Instant::now() < deadline, "the refused update was never confirmed");
+        assert!(
+            Instant::now() < deadline,
+            "the refused update was never confirmed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(h.telegram.sent_messages().is_empty());
@@ -146,11 +239,19 @@ async fn disabled_policy_answers_nobody_but_still_confirms_updates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_every_model_fails_the_user_gets_a_short_clear_message_without_secrets() {
     let h = Harness::start(json!({})).await;
-    h.llm.set_brain(|_| Reply::api_error(500, "upstream exploded"));
+    h.llm
+        .set_brain(|_| Reply::api_error(500, "upstream exploded"));
     h.telegram.push_text(1001, "hello?");
     let reply = h.expect_reply(1001, 1).await.remove(0);
     assert!(reply.len() < 200, "{reply}");
-    for forbidden in [API_KEY, BOT_TOKEN, "127.0.0.1", "http", "panicked", "upstream exploded"] {
+    for forbidden in [
+        API_KEY,
+        BOT_TOKEN,
+        "127.0.0.1",
+        "http",
+        "panicked",
+        "upstream exploded",
+    ] {
         assert!(!reply.contains(forbidden), "{forbidden:?} in {reply:?}");
     }
     h.stop().await;
@@ -163,16 +264,30 @@ async fn a_tool_call_runs_for_the_calling_user_and_is_audited() {
         if let Some(result) = request.trailing_tool_results() {
             return Reply::text(format!("tool said: {result}"));
         }
-        Reply::tool_call("write", json!({ "path": "notes/todo.md", "content": "buy milk" }))
+        Reply::tool_call(
+            "write",
+            json!({ "path": "notes/todo.md", "content": "buy milk" }),
+        )
     });
     h.telegram.push_text(1001, "remember to buy milk");
     let reply = h.expect_reply(1001, 1).await.remove(0);
     assert!(reply.starts_with("tool said:"), "{reply}");
-    let written = std::fs::read_to_string(h.home.join("users/telegram_1001/notes/todo.md")).unwrap();
+    let written =
+        std::fs::read_to_string(h.home.join("users/telegram_1001/notes/todo.md")).unwrap();
     assert_eq!(written, "buy milk");
     let audit = h.built.store.recent_audit(None, 10).await.unwrap();
-    let call = audit.iter().find(|a| a.kind == "tool_call").expect("tool call audited");
-    assert_eq!((call.user.as_str(), call.tool.as_deref(), call.outcome.as_str()), ("telegram_1001", Some("write"), "ok"));
+    let call = audit
+        .iter()
+        .find(|a| a.kind == "tool_call")
+        .expect("tool call audited");
+    assert_eq!(
+        (
+            call.user.as_str(),
+            call.tool.as_deref(),
+            call.outcome.as_str()
+        ),
+        ("telegram_1001", Some("write"), "ok")
+    );
     assert!(call.args_digest.as_ref().is_some_and(|d| d.len() == 64));
     h.stop().await;
 }
@@ -184,7 +299,14 @@ async fn token_usage_is_recorded_per_user_and_model() {
     h.expect_reply(1001, 1).await;
     let usage = h.built.store.usage(None).await.unwrap();
     assert_eq!(usage.len(), 1);
-    assert_eq!((usage[0].user.as_str(), usage[0].provider.as_str(), usage[0].model.as_str()), ("telegram_1001", "fake", "test-model"));
+    assert_eq!(
+        (
+            usage[0].user.as_str(),
+            usage[0].provider.as_str(),
+            usage[0].model.as_str()
+        ),
+        ("telegram_1001", "fake", "test-model")
+    );
     assert!(usage[0].input_tokens > 0 && usage[0].output_tokens > 0);
     h.stop().await;
 }
@@ -198,12 +320,21 @@ async fn long_answers_arrive_split_at_telegrams_limit_and_in_order() {
     h.telegram.push_text(1001, "tell me everything");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let parts: Vec<String> = h.telegram.sent_messages().into_iter().filter(|m| m.chat_id == "1001").map(|m| m.text).collect();
+        let parts: Vec<String> = h
+            .telegram
+            .sent_messages()
+            .into_iter()
+            .filter(|m| m.chat_id == "1001")
+            .map(|m| m.text)
+            .collect();
         // The splitter cuts at a space and may drop it, so compare words, not bytes.
         let joined = parts.join(" ");
         if joined.split_whitespace().count() == 1200 {
             assert!(parts.len() >= 2 && parts.iter().all(|p| p.encode_utf16().count() <= 4096));
-            assert_eq!(joined.split_whitespace().collect::<Vec<_>>(), long.split_whitespace().collect::<Vec<_>>());
+            assert_eq!(
+                joined.split_whitespace().collect::<Vec<_>>(),
+                long.split_whitespace().collect::<Vec<_>>()
+            );
             break;
         }
         assert!(Instant::now() < deadline, "answer never arrived whole");

@@ -40,11 +40,17 @@ pub fn web_address(config: &Config) -> SocketAddr {
 /// Logging to stderr at `logging.level` (`RUST_LOG` overrides), text or JSON. Log lines never
 /// carry message contents, arguments or secrets; see ARCHITECTURE.md.
 pub fn init_logging(config: &Config, quiet: bool) {
-    let default_level = if quiet { "warn" } else { config.logging.level.as_str() };
+    let default_level = if quiet {
+        "warn"
+    } else {
+        config.logging.level.as_str()
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(default_level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match config.logging.format {
         moltmate_config::LogFormat::Json => builder.json().try_init(),
         moltmate_config::LogFormat::Text => builder.try_init(),

@@ -24,10 +24,22 @@ impl ModelCaller for ChainCaller {
     ) -> Result<ModelAnswer, ModelFailure> {
         match self.chain.complete(system, items, tools, deltas).await {
             Ok(answer) => {
-                let usage = vec![(answer.provider.clone(), answer.model.clone(), answer.response.usage)];
-                Ok(ModelAnswer { response: answer.response, provider: answer.provider, model: answer.model, usage })
+                let usage = vec![(
+                    answer.provider.clone(),
+                    answer.model.clone(),
+                    answer.response.usage,
+                )];
+                Ok(ModelAnswer {
+                    response: answer.response,
+                    provider: answer.provider,
+                    model: answer.model,
+                    usage,
+                })
             }
-            Err(error) => Err(ModelFailure { user_message: error.user_message().to_string(), detail: error.detail() }),
+            Err(error) => Err(ModelFailure {
+                user_message: error.user_message().to_string(),
+                detail: error.detail(),
+            }),
         }
     }
 }
@@ -46,7 +58,8 @@ pub fn model_caller(config: &Config) -> anyhow::Result<Arc<dyn ModelCaller>> {
             resolved.api_key.as_ref().map(|k| k.expose().to_string()),
         );
         settings.request_timeout = Duration::from_secs(config.model.request_timeout_seconds);
-        let provider = build_provider(settings).map_err(|e| anyhow::anyhow!("providers.{}: {e}", resolved.name))?;
+        let provider = build_provider(settings)
+            .map_err(|e| anyhow::anyhow!("providers.{}: {e}", resolved.name))?;
         providers.insert(resolved.name, provider);
     }
     let mut entries = Vec::new();
@@ -61,12 +74,21 @@ pub fn model_caller(config: &Config) -> anyhow::Result<Arc<dyn ModelCaller>> {
                 );
             }
         }
-        let provider = providers
-            .get(&model.provider)
-            .ok_or_else(|| anyhow::anyhow!("model {}/{}: provider {:?} is not configured", model.provider, model.model, model.provider))?;
+        let provider = providers.get(&model.provider).ok_or_else(|| {
+            anyhow::anyhow!(
+                "model {}/{}: provider {:?} is not configured",
+                model.provider,
+                model.model,
+                model.provider
+            )
+        })?;
         entries.push((Arc::clone(provider), model.model.clone()));
     }
-    let policy = RetryPolicy { max_retries: config.model.max_retries, ..RetryPolicy::default() };
-    let chain = ModelChain::new(entries, policy).with_max_output_tokens(config.model.max_output_tokens);
+    let policy = RetryPolicy {
+        max_retries: config.model.max_retries,
+        ..RetryPolicy::default()
+    };
+    let chain =
+        ModelChain::new(entries, policy).with_max_output_tokens(config.model.max_output_tokens);
     Ok(Arc::new(ChainCaller { chain }))
 }

@@ -37,14 +37,22 @@ pub struct Built {
 pub async fn sandbox_backend(home: &Path, config: &Config) -> Result<Arc<dyn Sandbox>> {
     let settings = super::sandbox_settings(home, config);
     let proxy = if config.sandbox.network == moltmate_core::sandbox::SandboxNetwork::Proxy {
-        Some(moltmate_sandbox::proxy::EgressProxy::start(&settings).context("starting the egress proxy")?)
+        Some(
+            moltmate_sandbox::proxy::EgressProxy::start(&settings)
+                .context("starting the egress proxy")?,
+        )
     } else {
         None
     };
     Ok(moltmate_sandbox::select::select_backend(&settings, proxy).await?)
 }
 
-fn tools(config: &Config, home: &Path, store: &Store, sandbox: Option<Arc<dyn Sandbox>>) -> Result<ToolBox> {
+fn tools(
+    config: &Config,
+    home: &Path,
+    store: &Store,
+    sandbox: Option<Arc<dyn Sandbox>>,
+) -> Result<ToolBox> {
     let fetch = &config.tools.web.fetch;
     let web_fetch = moltmate_tools::WebFetchTool::new(moltmate_tools::WebFetchSettings {
         allowed_domains: fetch.allowed_domains.clone(),
@@ -67,13 +75,16 @@ fn channels(config: &Config) -> Result<Vec<Arc<dyn Channel>>> {
     let mut channels: Vec<Arc<dyn Channel>> = Vec::new();
     let telegram = &config.channels.telegram;
     if telegram.enabled.unwrap_or(telegram.bot_token.is_some()) {
-        let token = telegram
-            .bot_token
-            .as_ref()
-            .context("channels.telegram.enabled is true but channels.telegram.botToken is not set")?;
-        let mut settings = moltmate_channels::TelegramSettings::new(token.expose()).with_api_url(telegram.api_url.clone());
+        let token = telegram.bot_token.as_ref().context(
+            "channels.telegram.enabled is true but channels.telegram.botToken is not set",
+        )?;
+        let mut settings = moltmate_channels::TelegramSettings::new(token.expose())
+            .with_api_url(telegram.api_url.clone());
         settings.poll_timeout = Duration::from_secs(telegram.poll_timeout_seconds);
-        channels.push(Arc::new(moltmate_channels::TelegramChannel::new(settings).map_err(|e| anyhow::anyhow!("channels.telegram: {e}"))?));
+        channels.push(Arc::new(
+            moltmate_channels::TelegramChannel::new(settings)
+                .map_err(|e| anyhow::anyhow!("channels.telegram: {e}"))?,
+        ));
     }
     Ok(channels)
 }
@@ -102,7 +113,9 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
     // Users named in the config exist (and are linked) before their first message, so the
     // operator sees them in `users list` and the admin page.
     for (user, user_config) in &config.users {
-        store.ensure_user(user, user_config.display_name.as_deref()).await?;
+        store
+            .ensure_user(user, user_config.display_name.as_deref())
+            .await?;
         homes.ensure(user)?;
         for identity in &user_config.identities {
             store.link_identity(identity, user, "config").await?;
@@ -122,7 +135,12 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         sandbox: sandbox.clone(),
         shutdown: shutdown.clone(),
     });
-    Ok(Built { gateway, shutdown, sandbox, store })
+    Ok(Built {
+        gateway,
+        shutdown,
+        sandbox,
+        store,
+    })
 }
 
 /// The operator token for `/admin`: `gateway.auth.token`, else a random one kept in
@@ -138,7 +156,12 @@ pub fn admin_token(home: &Path, config: &Config) -> Result<String> {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
             let token = moltmate_store::auth::new_secret("mma_");
-            let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&path)?;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&path)?;
             file.write_all(token.as_bytes())?;
             Ok(token)
         }
@@ -148,7 +171,9 @@ pub fn admin_token(home: &Path, config: &Config) -> Result<String> {
 /// Starts the web server (UI, API, admin, health, metrics). Returns its URL.
 pub async fn start_web(home: &Path, config: &Config, built: &Built) -> Result<String> {
     let address = super::web_address(config);
-    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding {address}"))?;
     let bound = listener.local_addr()?;
     let settings = moltmate_web::WebSettings {
         admin_token: admin_token(home, config)?,
@@ -157,8 +182,9 @@ pub async fn start_web(home: &Path, config: &Config, built: &Built) -> Result<St
         secure_cookies: false,
         ..moltmate_web::WebSettings::default()
     };
-    let state = moltmate_web::WebState::new(built.gateway.clone(), settings, built.shutdown.clone())
-        .map_err(|e| anyhow::anyhow!("gateway.rateLimit: {e}"))?;
+    let state =
+        moltmate_web::WebState::new(built.gateway.clone(), settings, built.shutdown.clone())
+            .map_err(|e| anyhow::anyhow!("gateway.rateLimit: {e}"))?;
     let shutdown = built.shutdown.clone();
     tokio::spawn(async move {
         if let Err(e) = moltmate_web::serve(state, listener, shutdown).await {
@@ -181,7 +207,9 @@ pub fn spawn_pruner(config: &Config, built: &Built) -> Option<tokio::task::JoinH
                 _ = shutdown.cancelled() => return,
             }
             match sandbox.prune(idle).await {
-                Ok(removed) if !removed.is_empty() => tracing::info!(count = removed.len(), "pruned idle sandboxes"),
+                Ok(removed) if !removed.is_empty() => {
+                    tracing::info!(count = removed.len(), "pruned idle sandboxes")
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "pruning sandboxes failed"),
             }

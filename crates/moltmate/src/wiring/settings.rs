@@ -1,7 +1,9 @@
 //! `moltmate.json` → the settings structs of each layer, and trust levels → what a user may do.
 
 use moltmate_config::{Config, DmPolicy, SandboxMode, TrustLevel};
-use moltmate_core::sandbox::{ExecSecurity, ExecSettings, SandboxLimits, SandboxNetwork, SandboxProfile, WorkspaceAccess};
+use moltmate_core::sandbox::{
+    ExecSecurity, ExecSettings, SandboxLimits, SandboxNetwork, SandboxProfile, WorkspaceAccess,
+};
 use moltmate_core::ChannelKind;
 use moltmate_gateway::access::{self, ChannelAccess};
 use moltmate_gateway::{GatewaySettings, UserSettings};
@@ -12,7 +14,12 @@ use std::time::Duration;
 /// The sandbox profile and exec settings the config gives the most trusted user.
 fn base_user_settings(config: &Config) -> UserSettings {
     let limits = &config.sandbox.limits;
-    let denied: Vec<String> = config.tools.deny.iter().map(|t| t.as_str().to_string()).collect();
+    let denied: Vec<String> = config
+        .tools
+        .deny
+        .iter()
+        .map(|t| t.as_str().to_string())
+        .collect();
     let mut tools: Vec<String> = config
         .tools
         .allow
@@ -73,14 +80,18 @@ fn stricter_security(a: ExecSecurity, b: ExecSecurity) -> ExecSecurity {
 /// | restricted | read, memory_search                     | —          | none    | read-only |
 pub fn settings_for_trust(trust: TrustLevel, config: &Config) -> UserSettings {
     let mut settings = base_user_settings(config);
-    let keep = |settings: &mut UserSettings, allowed: &[&str]| settings.tools.retain(|t| allowed.contains(&t.as_str()));
+    let keep = |settings: &mut UserSettings, allowed: &[&str]| {
+        settings.tools.retain(|t| allowed.contains(&t.as_str()))
+    };
     match trust {
         TrustLevel::Owner => {}
         TrustLevel::Family => {
-            settings.exec.security = stricter_security(settings.exec.security, ExecSecurity::Allowlist);
+            settings.exec.security =
+                stricter_security(settings.exec.security, ExecSecurity::Allowlist);
         }
         TrustLevel::Friend => {
-            settings.exec.security = stricter_security(settings.exec.security, ExecSecurity::Allowlist);
+            settings.exec.security =
+                stricter_security(settings.exec.security, ExecSecurity::Allowlist);
             settings.sandbox.network = SandboxNetwork::None;
         }
         TrustLevel::Stranger => {
@@ -114,16 +125,23 @@ fn channel_access(policy: DmPolicy, allow_from: &[String]) -> ChannelAccess {
 /// The gateway's settings from the config.
 pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
     let mut settings = GatewaySettings::default();
-    settings
-        .access
-        .insert(ChannelKind::Telegram, channel_access(config.channels.telegram.dm_policy, &config.channels.telegram.allow_from));
+    settings.access.insert(
+        ChannelKind::Telegram,
+        channel_access(
+            config.channels.telegram.dm_policy,
+            &config.channels.telegram.allow_from,
+        ),
+    );
     settings.max_tool_iterations = config.model.max_tool_iterations.max(1) as usize;
     settings.default_persona = config.onboarding.default_persona.clone();
     settings.default_language = config.onboarding.language.clone();
     settings.onboarding_enabled = config.onboarding.enabled;
     settings.personas_dir = Some(home.join("personas"));
     settings.log_tool_calls = config.logging.tools;
-    settings.session_idle_reset = config.session.idle_reset_minutes.map(|m| Duration::from_secs(m * 60));
+    settings.session_idle_reset = config
+        .session
+        .idle_reset_minutes
+        .map(|m| Duration::from_secs(m * 60));
     settings.context_window_tokens = config.model.context_window_tokens as usize;
     settings.compact_at_ratio = config.session.compact_at_ratio;
     if config.sandbox.mode == SandboxMode::All {
@@ -131,16 +149,29 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
     }
     settings.default_user = settings_for_trust(TrustLevel::Owner, config);
     settings.channel_defaults = HashMap::from([
-        (ChannelKind::Telegram, settings_for_trust(config.channels.telegram.default_trust, config)),
-        (ChannelKind::Web, settings_for_trust(config.channels.web.default_trust, config)),
-        (ChannelKind::Local, settings_for_trust(config.channels.local.default_trust, config)),
+        (
+            ChannelKind::Telegram,
+            settings_for_trust(config.channels.telegram.default_trust, config),
+        ),
+        (
+            ChannelKind::Web,
+            settings_for_trust(config.channels.web.default_trust, config),
+        ),
+        (
+            ChannelKind::Local,
+            settings_for_trust(config.channels.local.default_trust, config),
+        ),
     ]);
     for (user, user_config) in &config.users {
         if let Some(trust) = user_config.trust {
-            settings.users.insert(user.clone(), settings_for_trust(trust, config));
+            settings
+                .users
+                .insert(user.clone(), settings_for_trust(trust, config));
         }
         for identity in &user_config.identities {
-            settings.configured_identities.insert(identity.clone(), user.clone());
+            settings
+                .configured_identities
+                .insert(identity.clone(), user.clone());
         }
     }
     for (family, family_config) in &config.families {
@@ -171,7 +202,10 @@ mod tests {
         assert!(owner.tools.contains(&"exec".to_string()));
         assert!(!stranger.tools.contains(&"exec".to_string()));
         assert!(!stranger.tools.contains(&"web_fetch".to_string()));
-        assert_eq!(restricted.tools, vec!["read".to_string(), "memory_search".to_string()]);
+        assert_eq!(
+            restricted.tools,
+            vec!["read".to_string(), "memory_search".to_string()]
+        );
         assert!(restricted.read_only);
         assert_eq!(restricted.sandbox.workspace_access, WorkspaceAccess::Ro);
     }

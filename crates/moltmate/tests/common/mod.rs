@@ -40,7 +40,11 @@ pub fn base_config(telegram: &FakeTelegram, llm: &FakeLlm) -> Value {
 
 pub fn write_config(home: &Path, config: &Value) {
     std::fs::create_dir_all(home).unwrap();
-    std::fs::write(home.join("moltmate.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
+    std::fs::write(
+        home.join("moltmate.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
 }
 
 pub struct Harness {
@@ -63,11 +67,20 @@ impl Harness {
         merge(&mut config, patch);
         write_config(&home, &config);
         let config = wiring::load_config(&home).expect("test config loads");
-        let built = wiring::build(&home, &config, Purpose::Serve).await.expect("gateway builds");
+        let built = wiring::build(&home, &config, Purpose::Serve)
+            .await
+            .expect("gateway builds");
         built.gateway.recover().await.unwrap();
         let gateway = built.gateway.clone();
         let channels = tokio::spawn(async move { gateway.run_channels().await });
-        Harness { dir, home, telegram, llm, built, channels }
+        Harness {
+            dir,
+            home,
+            telegram,
+            llm,
+            built,
+            channels,
+        }
     }
 
     pub async fn expect_reply(&self, chat_id: i64, count: usize) -> Vec<String> {
