@@ -450,3 +450,56 @@ async fn identities_linked_in_config_share_one_home_and_memory() {
         "one session across channels"
     );
 }
+
+#[tokio::test]
+async fn a_long_session_is_compacted_after_a_silent_memory_flush() {
+    let s = setup(|settings| {
+        settings.context_window_tokens = 2_000;
+        settings.compact_at_ratio = 0.5;
+    });
+    s.model.script(|seen| match seen.items.last() {
+        Some(ConversationItem::User { text }) if text.contains("about to be compacted") => (
+            String::new(),
+            vec![ToolCall {
+                id: "f".into(),
+                name: "write".into(),
+                arguments: serde_json::json!({"path": "MEMORY.md", "content": "Flushed: the user's dog is Rex."}),
+            }],
+        ),
+        Some(ConversationItem::ToolResult { .. }) => ("done".into(), vec![]),
+        Some(ConversationItem::User { text }) if text.contains("Summarise the conversation") => {
+            ("SUMMARY: we talked about Rex the dog.".into(), vec![])
+        }
+        Some(ConversationItem::User { text }) => (format!("echo: {}", &text[..text.len().min(20)]), vec![]),
+        _ => ("?".into(), vec![]),
+    });
+    let filler = "blah ".repeat(150);
+    for i in 0..8 {
+        let reply = say(&s.gateway, "fred", &format!("{i} {filler}"), None).await;
+        assert!(
+            reply.starts_with("echo:"),
+            "the user only ever sees real answers: {reply}"
+        );
+    }
+    let seen = s.model.seen();
+    assert!(seen.iter().any(|r| matches!(r.items.last(), Some(ConversationItem::User { text }) if text.contains("about to be compacted"))));
+    assert!(seen.iter().any(|r| r.tools.is_empty() && matches!(r.items.last(), Some(ConversationItem::User { text }) if text.contains("Summarise"))));
+    let last = seen.last().unwrap();
+    assert!(
+        last.system.contains("SUMMARY: we talked about Rex"),
+        "the summary replaces old turns in the prompt"
+    );
+    assert!(
+        last.system.contains("Flushed: the user's dog is Rex."),
+        "the flush saved memory before compaction"
+    );
+    assert!(
+        last.items.len() < 16,
+        "old turns are gone from the request: {}",
+        last.items.len()
+    );
+    assert!(
+        !last.items.iter().any(|i| matches!(i, ConversationItem::User { text } if text.contains("about to be compacted"))),
+        "the flush turn itself is not part of the session"
+    );
+}

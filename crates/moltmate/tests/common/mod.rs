@@ -90,7 +90,8 @@ impl Harness {
             .unwrap_or_else(|e| panic!("no reply for chat {chat_id}: {e:?}"))
     }
 
-    pub async fn stop(self) {
+    /// Stops the gateway; returns the temporary directory so a test can keep using the home.
+    pub async fn stop(self) -> tempfile::TempDir {
         // Production keeps sandboxes warm across restarts; a test removes what it made.
         if let Some(sandbox) = &self.built.sandbox {
             let _ = sandbox.prune(Duration::ZERO).await;
@@ -99,6 +100,7 @@ impl Harness {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.channels).await;
         self.built.gateway.drain(Duration::from_secs(5)).await;
         release_volumes(&self.home);
+        self.dir
     }
 }
 

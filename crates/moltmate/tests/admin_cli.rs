@@ -1,0 +1,175 @@
+//! The operator's commands, run as the real binary against a home a gateway has used, and the
+//! per-user features as seen over Telegram.
+
+mod common;
+
+use common::{run_cli, Harness};
+use moltmate_testkit::telegram::IncomingText;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_commands_list_show_export_reset_and_remove() {
+    let h = Harness::start(json!({})).await;
+    h.telegram.push_text(1001, "hello, I am Alice");
+    h.expect_reply(1001, 1).await;
+    std::fs::write(
+        h.home.join("users/telegram_1001/MEMORY.md"),
+        "Alice likes chess",
+    )
+    .unwrap();
+    let home = h.home.clone();
+    let _dir = h.stop().await;
+
+    let (status, stdout, stderr) = run_cli(
+        &home,
+        &[
+            "users",
+            "add",
+            "anna",
+            "--identity",
+            "telegram:555",
+            "--name",
+            "Anna",
+        ],
+    );
+    assert!(status.success(), "{stderr}");
+    assert!(home.join("users/anna").is_dir());
+    let (_, stdout_list, _) = run_cli(&home, &["users", "list"]);
+    assert!(
+        stdout_list.contains("telegram_1001")
+            && stdout_list.contains("anna")
+            && stdout_list.contains("telegram:555"),
+        "{stdout_list}"
+    );
+    let (status, show, _) = run_cli(&home, &["users", "show", "telegram_1001"]);
+    assert!(
+        status.success() && show.contains("telegram:1001") && show.contains("MEMORY.md"),
+        "{show}"
+    );
+    let (status, export, _) = run_cli(&home, &["users", "export", "telegram_1001"]);
+    assert!(status.success(), "{stdout}");
+    let export: serde_json::Value = serde_json::from_str(&export).expect("export is JSON");
+    assert_eq!(export["files"]["MEMORY.md"], "Alice likes chess");
+    assert!(export["transcripts"]
+        .as_array()
+        .is_some_and(|t| !t.is_empty()));
+
+    let (status, _, stderr) = run_cli(&home, &["users", "reset", "telegram_1001"]);
+    assert!(
+        !status.success() && stderr.contains("--yes"),
+        "destructive commands need --yes: {stderr}"
+    );
+    let (status, out, stderr) = run_cli(&home, &["users", "reset", "telegram_1001", "--yes"]);
+    assert!(status.success(), "{stderr}");
+    assert!(out.contains("archived"), "{out}");
+    assert!(
+        !home.join("users/telegram_1001/MEMORY.md").exists(),
+        "the home was wiped"
+    );
+    let archived: Vec<_> = std::fs::read_dir(home.join("archive"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(archived.len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(archived[0].path().join("home/MEMORY.md")).unwrap(),
+        "Alice likes chess"
+    );
+    let (_, export, _) = run_cli(&home, &["users", "export", "telegram_1001"]);
+    let export: serde_json::Value = serde_json::from_str(&export).unwrap();
+    assert!(
+        export["transcripts"]
+            .as_array()
+            .is_some_and(|t| t.is_empty()),
+        "sessions were wiped"
+    );
+
+    let (status, _, stderr) = run_cli(&home, &["users", "remove", "anna", "--yes"]);
+    assert!(status.success(), "{stderr}");
+    let (_, list, _) = run_cli(&home, &["users", "list"]);
+    assert!(!list.contains("anna"), "{list}");
+
+    let (status, token, stderr) = run_cli(&home, &["users", "token", "bob"]);
+    assert!(
+        status.success() && token.trim().starts_with("mm_"),
+        "{stderr}"
+    );
+    let (status, link, _) = run_cli(&home, &["users", "login-link", "bob"]);
+    assert!(
+        status.success() && link.trim().starts_with("http://127.0.0.1:18790/login/"),
+        "{link}"
+    );
+    let (status, out, _) = run_cli(&home, &["users", "token", "bob", "--revoke"]);
+    assert!(status.success() && out.contains("Revoked 1"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn onboarding_over_telegram_speaks_the_senders_language() {
+    let h = Harness::start(json!({ "onboarding": { "enabled": true } })).await;
+    h.telegram
+        .push_message(IncomingText::new(1001, "Hallo").language_code("de"));
+    let menu = h.expect_reply(1001, 1).await.remove(0);
+    assert!(
+        menu.contains("Wie soll ich sein?") && menu.contains("Molty"),
+        "{menu}"
+    );
+    h.telegram
+        .push_message(IncomingText::new(1001, "3").language_code("de"));
+    assert!(h.expect_reply(1001, 2).await[1].contains("Molty"));
+    h.telegram
+        .push_message(IncomingText::new(1001, "Wer bist du?").language_code("de"));
+    assert_eq!(h.expect_reply(1001, 3).await[2], "echo: Wer bist du?");
+    assert!(h
+        .llm
+        .last_request()
+        .unwrap()
+        .system_text()
+        .contains("You are Molty"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trust_levels_decide_which_tools_each_users_model_is_offered() {
+    let h = Harness::start(json!({
+        "users": {
+            "telegram_1001": { "identities": ["telegram:1001"], "trust": "owner" },
+            "telegram_3003": { "identities": ["telegram:3003"], "trust": "restricted" }
+        }
+    }))
+    .await;
+    h.telegram.push_text(1001, "owner here");
+    h.telegram.push_text(2002, "stranger here");
+    h.telegram.push_text(3003, "restricted here");
+    for chat in [1001, 2002, 3003] {
+        h.expect_reply(chat, 1).await;
+    }
+    let tools_for = |text: &str| {
+        let request = h
+            .llm
+            .requests()
+            .into_iter()
+            .find(|r| r.last_user_text().as_deref() == Some(text))
+            .unwrap();
+        let mut tools = request.tool_names();
+        tools.sort();
+        tools
+    };
+    assert_eq!(
+        tools_for("owner here"),
+        vec![
+            "edit",
+            "exec",
+            "memory_search",
+            "read",
+            "web_fetch",
+            "write"
+        ]
+    );
+    assert_eq!(
+        tools_for("stranger here"),
+        vec!["edit", "memory_search", "read", "write"],
+        "telegram's default trust is stranger"
+    );
+    assert_eq!(tools_for("restricted here"), vec!["memory_search", "read"]);
+    h.stop().await;
+}
