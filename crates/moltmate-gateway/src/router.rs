@@ -717,11 +717,7 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
     if let Some(text) = command_reply {
         let outbox = inner
             .store
-            .finish_inbox_with_reply(
-                item.id,
-                &item.user,
-                Some((item.channel, item.chat_id.clone(), text.clone())),
-            )
+            .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, &item, &text))
             .await?;
         finish(inner, &item, outbox, text).await;
         return Ok(());
@@ -842,12 +838,26 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
             user: item.user.clone(),
             session_id: session.id,
             items: result.new_items,
-            reply: Some((item.channel, item.chat_id.clone(), result.reply.clone())),
+            reply: pushed_reply(inner, &item, &result.reply),
             usage,
         })
         .await?;
     finish(inner, &item, outbox, result.reply).await;
     Ok(())
+}
+
+/// The outbox row for a reply, when its channel pushes replies (Telegram). In-band channels
+/// (terminal, web) get the reply from the waiter and read history from the transcript, so
+/// they need no outbox row.
+fn pushed_reply(
+    inner: &Inner,
+    item: &InboxItem,
+    text: &str,
+) -> Option<(ChannelKind, String, String)> {
+    inner
+        .channels
+        .contains_key(&item.channel)
+        .then(|| (item.channel, item.chat_id.clone(), text.to_string()))
 }
 
 /// Hands the committed reply to whoever waits for it and to the channel.

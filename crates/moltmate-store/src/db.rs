@@ -365,7 +365,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path` and applies migrations.
+    /// Opens (creating if needed) the database at `path` and applies migrations, and starts a
+    /// background thread that checkpoints the WAL (see [`Store::prepare`]).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
@@ -373,7 +374,9 @@ impl Store {
         let connection = Connection::open(path)?;
         // The database holds transcripts: owner-only, like everything else in the home.
         set_owner_only(path);
-        Self::prepare(connection)
+        let store = Self::prepare(connection)?;
+        start_checkpointer(path, Arc::downgrade(&store.connection));
+        Ok(store)
     }
 
     /// An in-memory database, for tests and benchmarks.
@@ -381,18 +384,40 @@ impl Store {
         Self::prepare(Connection::open_in_memory()?)
     }
 
+    /// Durability, in WAL mode:
+    /// * commits default to `synchronous = NORMAL`: on disk before the next checkpoint, which
+    ///   survives any process crash (`kill -9`) but not a power loss;
+    /// * the two commits whose loss would break a promise to the outside world run with
+    ///   `synchronous = FULL` (fsync before returning): accepting an inbound message (the channel
+    ///   is told "received" right after) and claiming a reply for sending (the guard against
+    ///   sending it twice). See [`Store::durably`].
+    /// * Automatic checkpoints are off on this connection; a background thread checkpoints, so a
+    ///   message's latency never includes one.
     fn prepare(mut connection: Connection) -> Result<Store, StoreError> {
         connection.busy_timeout(Duration::from_secs(10))?;
-        // WAL: readers never block the writer (the CLI can inspect a running gateway).
-        // synchronous=FULL: a commit is on disk before we acknowledge a message to its channel,
-        // so not even a power loss after the acknowledgement loses it.
         connection.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
+             PRAGMA wal_autocheckpoint = 0;",
         )?;
         migrate(&mut connection)?;
         Ok(Store {
             connection: Arc::new(Mutex::new(connection)),
         })
+    }
+
+    /// Runs `work` with `synchronous = FULL`: its commit is fsynced before this returns.
+    pub(crate) async fn durably<R, F>(&self, work: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.with(move |c| {
+            c.execute_batch("PRAGMA synchronous = FULL")?;
+            let result = work(c);
+            c.execute_batch("PRAGMA synchronous = NORMAL")?;
+            result
+        })
+        .await
     }
 
     /// Runs `work` on the connection in the blocking pool.
@@ -622,7 +647,7 @@ impl Store {
     ) -> Result<Option<i64>, StoreError> {
         let message = message.clone();
         let user = user.clone();
-        self.with(move |c| {
+        self.durably(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let inserted = tx.execute(
                 "INSERT OR IGNORE INTO inbox (channel, external_id, user_id, chat_id, text, sender_name, language_code, received_at)
@@ -854,7 +879,7 @@ impl Store {
     /// Claims a pending outbox row for sending (`pending` → `sending`). Returns false when
     /// another worker or process claimed it first, so a reply is never handed over twice.
     pub async fn claim_outbox(&self, id: i64) -> Result<bool, StoreError> {
-        self.with(move |c| {
+        self.durably(move |c| {
             let claimed = c.execute(
                 "UPDATE outbox SET state = 'sending', updated_at = ?2 WHERE id = ?1 AND state = 'pending'",
                 params![id, now_millis()],
@@ -1399,6 +1424,34 @@ fn insert_outbox(
         params![inbox_id, user.map(UserId::as_str), channel.as_str(), chat_id, text, now],
     )?;
     Ok(c.last_insert_rowid())
+}
+
+/// Checkpoints the WAL from its own connection every 200 ms while the store is alive. PASSIVE
+/// checkpoints never block the writer; they copy committed pages into the database file and fsync
+/// it, which keeps the WAL short without putting that cost on a message's latency.
+fn start_checkpointer(path: &Path, store: std::sync::Weak<Mutex<Connection>>) {
+    let path = path.to_path_buf();
+    let spawned = std::thread::Builder::new().name("moltmate-checkpoint".into()).spawn(move || {
+        let connection = match Connection::open(&path) {
+            Ok(connection) => connection,
+            Err(e) => {
+                tracing::warn!(error = %e, "no background checkpointer; the WAL grows until restart");
+                return;
+            }
+        };
+        let _ = connection.busy_timeout(Duration::from_secs(1));
+        while store.strong_count() > 0 {
+            std::thread::sleep(Duration::from_millis(200));
+            if let Err(e) = connection.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+                tracing::debug!(error = %e, "checkpoint skipped");
+            }
+        }
+        // Last one, so a clean shutdown leaves a short WAL.
+        let _ = connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the checkpoint thread");
+    }
 }
 
 fn migrate(c: &mut Connection) -> Result<(), StoreError> {
