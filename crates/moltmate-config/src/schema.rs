@@ -305,20 +305,8 @@ pub struct ChannelsConfig {
     pub local: LocalChannelConfig,
 }
 
-/// Who may talk to the assistant in Telegram direct messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DmPolicy {
-    /// Unknown senders get a pairing code the owner must approve. Default.
-    #[default]
-    Pairing,
-    /// Only `allowFrom` senders; others are ignored.
-    Allowlist,
-    /// Anyone. Requires `allowFrom` to contain `"*"` as explicit consent.
-    Open,
-    /// No direct messages at all.
-    Disabled,
-}
+/// Who may talk to the assistant in Telegram direct messages (shared with the gateway).
+pub use moltmate_core::channel::DmPolicy;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]

@@ -9,6 +9,22 @@ use crate::{ChannelKind, Identity, Shutdown};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+/// Who may talk to the assistant through a channel (`channels.<name>.dmPolicy`). Decided by the
+/// gateway for every inbound message before anything reaches a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DmPolicy {
+    /// Unknown senders get a one-time pairing code the operator must approve. Default.
+    #[default]
+    Pairing,
+    /// Only `allowFrom` senders; others are ignored.
+    Allowlist,
+    /// Anyone. The config requires `allowFrom` to contain `"*"` as explicit consent.
+    Open,
+    /// Nobody.
+    Disabled,
+}
+
 /// A message received from a channel, before any access decision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InboundMessage {

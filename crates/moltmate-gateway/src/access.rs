@@ -4,21 +4,8 @@
 //! sender who is not allowed never reaches the model; under `pairing` they get a one-time code
 //! and nothing else.
 
+pub use moltmate_core::channel::DmPolicy;
 use moltmate_core::{Identity, UserId};
-
-/// `channels.<name>.dmPolicy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DmPolicy {
-    /// Unknown senders get a one-time code; an operator approves it.
-    #[default]
-    Pairing,
-    /// Only `allowFrom` peers.
-    Allowlist,
-    /// Anyone (`allowFrom: ["*"]`).
-    Open,
-    /// Nobody.
-    Disabled,
-}
 
 /// One channel's access rules.
 #[derive(Debug, Clone, Default)]

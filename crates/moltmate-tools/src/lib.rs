@@ -1,5 +1,6 @@
-//! The tools offered to the model: `read`, `write`, `edit`, `exec` and `web_fetch`, and the
-//! [`ToolRegistry`] that offers and calls them under `tools.allow` / `tools.deny`.
+//! The tools offered to the model: `read`, `write`, `edit`, `exec` and `web_fetch`. Which of
+//! them a user is offered (and may call) is decided per user by the gateway's `ToolBox` from
+//! `tools.allow` / `tools.deny` and the user's trust level.
 //!
 //! Every tool trusts nothing in its arguments: file paths are resolved by the kernel beneath the
 //! caller's home or family folder (`openat2` with `RESOLVE_BENEATH`), commands run only in the caller's sandbox after the
@@ -11,10 +12,8 @@ mod exec;
 mod files;
 pub mod html;
 mod paths;
-mod registry;
 mod web_fetch;
 
 pub use exec::{ExecTool, NO_SANDBOX_MESSAGE};
 pub use files::{EditTool, ReadTool, WriteTool, EDIT_MAX_BYTES, READ_OUTPUT_CAP, WRITE_MAX_BYTES};
-pub use registry::{RegistryError, ToolRegistry, ToolSelection, BUILTIN_TOOLS};
 pub use web_fetch::{WebFetchError, WebFetchSettings, WebFetchTool, MAX_REDIRECTS};

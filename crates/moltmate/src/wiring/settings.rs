@@ -5,7 +5,7 @@ use moltmate_core::sandbox::{
     ExecSecurity, ExecSettings, SandboxLimits, SandboxNetwork, SandboxProfile, WorkspaceAccess,
 };
 use moltmate_core::ChannelKind;
-use moltmate_gateway::access::{self, ChannelAccess};
+use moltmate_gateway::access::ChannelAccess;
 use moltmate_gateway::{GatewaySettings, UserSettings};
 use std::collections::HashMap;
 use std::path::Path;
@@ -112,12 +112,7 @@ pub fn settings_for_trust(trust: TrustLevel, config: &Config) -> UserSettings {
 
 fn channel_access(policy: DmPolicy, allow_from: &[String]) -> ChannelAccess {
     ChannelAccess {
-        policy: match policy {
-            DmPolicy::Pairing => access::DmPolicy::Pairing,
-            DmPolicy::Allowlist => access::DmPolicy::Allowlist,
-            DmPolicy::Open => access::DmPolicy::Open,
-            DmPolicy::Disabled => access::DmPolicy::Disabled,
-        },
+        policy,
         allow_from: allow_from.to_vec(),
     }
 }
