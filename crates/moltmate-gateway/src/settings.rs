@@ -65,6 +65,10 @@ pub struct GatewaySettings {
     pub users: HashMap<UserId, UserSettings>,
     /// Per-channel defaults (`channels.<ch>.defaultTrust`) for users without an override.
     pub channel_defaults: HashMap<ChannelKind, UserSettings>,
+    /// Names of the trust levels behind `users` and `channel_defaults` (`owner`, `stranger`...),
+    /// for the operator's eyes only (admin page); decisions use the settings themselves.
+    pub trust_names: HashMap<UserId, String>,
+    pub channel_trust_names: HashMap<ChannelKind, String>,
     /// Identities linked to users by the config (`users.<id>.identities`).
     pub configured_identities: HashMap<moltmate_core::Identity, UserId>,
     /// A user's worker task exits after this long without messages (it is restarted on the
@@ -102,6 +106,8 @@ impl Default for GatewaySettings {
             default_user: UserSettings::default(),
             users: HashMap::new(),
             channel_defaults: HashMap::new(),
+            trust_names: HashMap::new(),
+            channel_trust_names: HashMap::new(),
             configured_identities: HashMap::new(),
             worker_idle: Duration::from_secs(120),
             max_concurrent_turns: 256,
@@ -116,6 +122,28 @@ impl Default for GatewaySettings {
 }
 
 impl GatewaySettings {
+    /// How a user's trust reads on the admin page: their explicit level, else the default of
+    /// each channel they use (`stranger (telegram default)`), else `—`.
+    pub fn trust_label(&self, user: &UserId, channels: &[ChannelKind]) -> String {
+        if let Some(name) = self.trust_names.get(user) {
+            return name.clone();
+        }
+        let mut labels: Vec<String> = channels
+            .iter()
+            .filter_map(|c| {
+                self.channel_trust_names
+                    .get(c)
+                    .map(|name| format!("{name} ({c} default)"))
+            })
+            .collect();
+        labels.dedup();
+        if labels.is_empty() {
+            "—".to_string()
+        } else {
+            labels.join(", ")
+        }
+    }
+
     /// What `user` may do in a message that arrived on `channel`: the user's explicit
     /// override, else the channel's default, else the global default.
     pub fn user_settings(&self, user: &UserId, channel: ChannelKind) -> &UserSettings {
@@ -123,5 +151,30 @@ impl GatewaySettings {
             .get(user)
             .or_else(|| self.channel_defaults.get(&channel))
             .unwrap_or(&self.default_user)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trust_label_prefers_the_explicit_level_then_channel_defaults() {
+        let mut settings = GatewaySettings::default();
+        let anna = UserId::new("anna").unwrap();
+        let bob = UserId::new("telegram_2").unwrap();
+        settings.trust_names.insert(anna.clone(), "owner".into());
+        settings
+            .channel_trust_names
+            .insert(ChannelKind::Telegram, "stranger".into());
+        assert_eq!(
+            settings.trust_label(&anna, &[ChannelKind::Telegram]),
+            "owner"
+        );
+        assert_eq!(
+            settings.trust_label(&bob, &[ChannelKind::Telegram]),
+            "stranger (telegram default)"
+        );
+        assert_eq!(settings.trust_label(&bob, &[]), "—");
     }
 }

@@ -282,12 +282,15 @@ pub async fn dashboard(
                 .collect::<Vec<_>>()
                 .join("<br>");
             let (input, output) = totals.get(user.id.as_str()).copied().unwrap_or((0, 0));
+            let channels: Vec<_> = user.identities.iter().map(|i| i.channel).collect();
+            let trust = state.gateway().settings().trust_label(&user.id, &channels);
             let _ = write!(
                 users_html,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>—</td><td class=\"num\">{input}</td><td class=\"num\">{output}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{input}</td><td class=\"num\">{output}</td><td>{}</td></tr>",
                 escape(user.id.as_str()),
                 escape(user.display_name.as_deref().unwrap_or("—")),
                 if identities.is_empty() { "—".to_string() } else { identities },
+                escape(&trust),
                 escape(&time(user.created_at)),
             );
         }
