@@ -149,6 +149,41 @@ pub struct SandboxInfo {
     pub limits: Option<SandboxLimits>,
 }
 
+/// Counters of a backend since the gateway started (for `/metrics` and the admin page).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SandboxStats {
+    /// Sandboxes started: Docker containers created, bubblewrap sandboxes spawned.
+    pub started: u64,
+    /// Sandboxes (or scratch directories) removed by `prune`.
+    pub pruned: u64,
+}
+
+/// The counters behind [`SandboxStats`], for backends to embed.
+#[derive(Debug, Default)]
+pub struct SandboxCounters {
+    started: std::sync::atomic::AtomicU64,
+    pruned: std::sync::atomic::AtomicU64,
+}
+
+impl SandboxCounters {
+    pub fn count_started(&self) {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn count_pruned(&self, how_many: usize) {
+        self.pruned
+            .fetch_add(how_many as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> SandboxStats {
+        SandboxStats {
+            started: self.started.load(std::sync::atomic::Ordering::Relaxed),
+            pruned: self.pruned.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     /// No backend can run commands here. The message says what to install.
@@ -182,4 +217,8 @@ pub trait Sandbox: Send + Sync {
     async fn prune(&self, idle: Duration) -> Result<Vec<String>, SandboxError>;
     /// The session ended (`/reset`): drop sandboxes scoped to it.
     async fn end_session(&self, user: &UserId, session_id: &str) -> Result<(), SandboxError>;
+    /// Counters since start; backends that keep none report zeros.
+    fn stats(&self) -> SandboxStats {
+        SandboxStats::default()
+    }
 }

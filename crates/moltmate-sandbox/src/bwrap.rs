@@ -106,6 +106,7 @@ struct Running {
 
 /// The bubblewrap sandbox backend. Cheap to share behind an `Arc`.
 pub struct BwrapSandbox {
+    counters: moltmate_core::sandbox::SandboxCounters,
     bwrap: PathBuf,
     state_dir: PathBuf,
     scope: SandboxScope,
@@ -170,6 +171,7 @@ impl BwrapSandbox {
             tracing::warn!("no usable cgroups: bubblewrap sandboxes are limited by rlimits only");
         }
         Ok(BwrapSandbox {
+            counters: Default::default(),
             bwrap,
             state_dir: settings.state_dir.clone(),
             scope: settings.scope,
@@ -688,6 +690,7 @@ impl Sandbox for BwrapSandbox {
         let mut child = cmd
             .spawn()
             .map_err(|e| backend_err(format!("cannot start {}: {e}", self.bwrap.display())))?;
+        self.counters.count_started();
         drop((seccomp_fd, passwd_fd, group_fd, hosts_fd, nss_fd, fwd_fd));
         let pgid = child.id().map(|p| p as i32);
 
@@ -816,7 +819,12 @@ impl Sandbox for BwrapSandbox {
                 }
             }
         }
+        self.counters.count_pruned(removed.len());
         Ok(removed)
+    }
+
+    fn stats(&self) -> moltmate_core::sandbox::SandboxStats {
+        self.counters.snapshot()
     }
 
     async fn end_session(&self, user: &UserId, session_id: &str) -> Result<(), SandboxError> {

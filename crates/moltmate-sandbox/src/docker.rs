@@ -262,6 +262,7 @@ pub struct DockerSandbox {
     proxy: Option<Arc<EgressProxy>>,
     /// Digest of `state_dir`: the value of [`LABEL_INSTANCE`].
     instance: String,
+    counters: moltmate_core::sandbox::SandboxCounters,
 }
 
 impl std::fmt::Debug for DockerSandbox {
@@ -287,6 +288,7 @@ impl DockerSandbox {
                 settings.state_dir.to_string_lossy().as_bytes(),
             ))[..12]
                 .to_string(),
+            counters: Default::default(),
         })
     }
 
@@ -709,6 +711,7 @@ impl DockerSandbox {
             let _ = self.remove_container(name).await;
             return Err(docker_err("starting sandbox", e));
         }
+        self.counters.count_started();
         if proxied {
             if let Err(e) = self.start_forwarder(&created.id).await {
                 let _ = self.remove_container(name).await;
@@ -1243,7 +1246,12 @@ impl Sandbox for DockerSandbox {
                 removed.push(info.name);
             }
         }
+        self.counters.count_pruned(removed.len());
         Ok(removed)
+    }
+
+    fn stats(&self) -> moltmate_core::sandbox::SandboxStats {
+        self.counters.snapshot()
     }
 
     async fn end_session(&self, user: &UserId, session_id: &str) -> Result<(), SandboxError> {

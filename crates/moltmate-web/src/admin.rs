@@ -326,6 +326,13 @@ pub async fn dashboard(
     }
 
     // Sandboxes.
+    let sandbox_totals = state.gateway().sandbox().map(|sandbox| {
+        let stats = sandbox.stats();
+        format!(
+            "<p class=\"note\">Since the gateway started: {} started, {} pruned.</p>",
+            stats.started, stats.pruned
+        )
+    });
     let sandboxes_html = match state.gateway().sandbox() {
         None => "<p class=\"empty\">No sandbox backend.</p>".to_string(),
         Some(sandbox) => match sandbox.list().await {
@@ -407,7 +414,10 @@ pub async fn dashboard(
         ("health", health.as_str()),
         ("users", users_html.as_str()),
         ("pairing", pairing_html.as_str()),
-        ("sandboxes", sandboxes_html.as_str()),
+        (
+            "sandboxes",
+            format!("{}{sandboxes_html}", sandbox_totals.unwrap_or_default()).as_str(),
+        ),
         ("audit", audit_html.as_str()),
     ] {
         page = render_trusted(&page, key, markup);

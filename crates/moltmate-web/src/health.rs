@@ -43,10 +43,29 @@ pub fn join_expositions(parts: &[String]) -> String {
     out
 }
 
+/// The sandbox backend's counters in OpenMetrics text (read at scrape time).
+fn sandbox_exposition(state: &WebState) -> String {
+    let Some(sandbox) = state.gateway().sandbox() else {
+        return "# EOF\n".to_string();
+    };
+    let stats = sandbox.stats();
+    let backend = sandbox.backend();
+    format!(
+        "# HELP moltmate_sandbox_starts Sandboxes started (containers created, bubblewrap sandboxes spawned).\n\
+         # TYPE moltmate_sandbox_starts counter\n\
+         moltmate_sandbox_starts_total{{backend=\"{backend}\"}} {}\n\
+         # HELP moltmate_sandbox_pruned Idle sandboxes removed.\n\
+         # TYPE moltmate_sandbox_pruned counter\n\
+         moltmate_sandbox_pruned_total{{backend=\"{backend}\"}} {}\n# EOF\n",
+        stats.started, stats.pruned
+    )
+}
+
 pub async fn metrics(State(state): State<WebState>) -> Response {
     let text = join_expositions(&[
         state.gateway().metrics().encode(),
         state.inner.metrics.encode(),
+        sandbox_exposition(&state),
     ]);
     (
         [(
