@@ -20,12 +20,14 @@
 //!
 //! # Hardening (set on create, fixed for the container's life)
 //! * The idle entrypoint (`sleep infinity` under Docker's init, which reaps zombies) runs as
-//!   `nobody` (65534); commands run through `exec` as `agent` (uid/gid 1000). The split is what
-//!   makes timeouts reliable: on expiry a helper exec running as uid 1000 does `kill -9 -1`
-//!   (every uid-1000 process in the container's PID namespace) until none are left, which cannot
-//!   touch the entrypoint or init, so the container survives and no orphan does.
-//! * Every command is wrapped so that, when it returns, the processes it left behind (background
-//!   jobs, fork-bomb remnants) are reaped inside the same exec: nothing outlives its call.
+//!   `nobody` (65534); commands run as `agent` (uid/gid 1000), through the container's warm
+//!   runner (itself uid 1000) or one exec each. The split is what makes timeouts reliable: on
+//!   expiry the runner (or, on the per-exec path, a helper exec running as uid 1000) does
+//!   `kill -9 -1` (every uid-1000 process in the container's PID namespace but the caller)
+//!   until none are left, which cannot touch the entrypoint or init, so the container survives
+//!   and no orphan does.
+//! * When a command returns, the processes it left behind (background jobs, fork-bomb
+//!   remnants) are reaped the same way before the reply: nothing outlives its call.
 //!   Because both kills reach every sandbox-user process, commands for one container run one
 //!   at a time (calls queue; different users and sessions never wait for each other). The
 //!   timeout of a queued call starts when its command starts.
@@ -54,14 +56,20 @@
 //!   root; otherwise the container is labelled `moltmate.disk-cap=off` and `list` says so.
 //!
 //! # Hot path
-//! Once a container exists for a key, `exec` is one exec create + attached start + inspect; the
-//! container is never started on the hot path (measured here: ~80 ms warm, 300-900 ms for a
-//! cold create+start+exec depending on load). Output beyond `limits.output_bytes` is read and
-//! discarded (the process keeps running, never blocks on a full pipe, and is bounded by the
-//! timeout), and `truncated` is set; gateway memory stays bounded by the cap. The timeout counts
-//! from the exec's start, not from a cold container creation before it. A command killed by the
-//! memory limit is detected through the container's cgroup OOM-kill counter and reported as
-//! `exit_code: None` with a note at the end of `stderr`.
+//! Once a container exists for a key, a command is one request line to the container's warm
+//! command runner ([`crate::docker_agent`]: `python3` started once per container with
+//! `docker exec -i`, as the sandbox user) and one reply line back; no exec is created and the
+//! container is never started on the hot path. The runner applies the same rules as the
+//! per-exec path: output beyond `limits.output_bytes` is read and dropped (the process never
+//! blocks on a full pipe), the timeout counts from the command's start, and when the command
+//! returns or times out every other sandbox-user process is killed until none is left. If the
+//! runner cannot start (an image without `python3`) the container falls back to one Engine API
+//! exec per command (create + attached start + inspect, ~65 ms here); if a command kills its
+//! runner, that command's output is lost, the container is reaped from a separate exec and the
+//! next command starts a fresh runner. `task` scope always uses one exec (the container lives
+//! for one command). A command killed by the memory limit is detected through the container's
+//! cgroup OOM-kill counter and reported as `exit_code: None` with a note at the end of
+//! `stderr`; commands run with `oom_score_adj` 1000 so the kernel picks them, not the runner.
 //!
 //! # Warm pool
 //! `settings.warm_pool` is ignored by this backend, on purpose: bind mounts are fixed at creation, so a pre-started container
@@ -70,6 +78,7 @@
 //! instead (used by the benchmark and at login).
 
 use crate::disk::{self, DiskCap};
+use crate::docker_agent::{AgentError, ExecAgent};
 use crate::proxy::{
     forwarder_command, EgressProxy, FORWARDER_PATH, FORWARDER_READY_FILE, FORWARDER_SCRIPT,
     PROXY_SOCKET_PATH, PROXY_URL,
@@ -263,6 +272,26 @@ pub struct DockerSandbox {
     /// Digest of `state_dir`: the value of [`LABEL_INSTANCE`].
     instance: String,
     counters: moltmate_core::sandbox::SandboxCounters,
+    /// Each warm container's command runner, by container name (see [`crate::docker_agent`]).
+    agents: Mutex<HashMap<String, AgentSlot>>,
+}
+
+/// The command runner of one container, tied to the container id it was started in (a
+/// recreated container under the same name never inherits a stale agent).
+#[derive(Debug)]
+struct AgentSlot {
+    container_id: String,
+    /// `None`: the image cannot run the agent; this container uses one exec per command.
+    agent: Option<ExecAgent>,
+}
+
+/// What a command produced, before the OOM check shared by both ways of running it.
+struct RawRun {
+    exit_code: Option<i32>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    truncated: bool,
+    timed_out: bool,
 }
 
 impl std::fmt::Debug for DockerSandbox {
@@ -289,6 +318,7 @@ impl DockerSandbox {
             ))[..12]
                 .to_string(),
             counters: Default::default(),
+            agents: Mutex::new(HashMap::new()),
         })
     }
 
@@ -303,15 +333,39 @@ impl DockerSandbox {
         &self.settings
     }
 
-    /// Creates (or adopts) the container `request` would run in, without running anything.
-    /// Returns how long that took. For `task` scope there is nothing to warm.
+    /// Creates (or adopts) the container `request` would run in and starts its command runner,
+    /// without running a command. Returns how long that took. For `task` scope there is nothing to warm.
     pub async fn prewarm(&self, request: &ExecRequest) -> Result<Duration, SandboxError> {
         let started = Instant::now();
         self.recover().await?;
         if self.settings.scope != SandboxScope::Task {
             self.check_network(request)?;
             let name = self.container_name(request, None);
-            self.ensure_container(request, &name).await?;
+            let id = self.ensure_container(request, &name).await?;
+            // Under the run lock: a second runner's start-up reap would kill a running command.
+            let lock = self.create_lock(&name);
+            let _running = lock.lock().await;
+            let has_runner = self
+                .lock_agents()
+                .get(&name)
+                .is_some_and(|slot| slot.container_id == id);
+            if !has_runner {
+                let agent = match ExecAgent::start(&self.docker, &id, EXEC_USER).await {
+                    Ok(agent) => Some(agent),
+                    Err(AgentError::ContainerGone) => return Ok(started.elapsed()),
+                    Err(AgentError::Unsupported(why) | AgentError::Broken(why)) => {
+                        tracing::warn!(container = %name, reason = %why, "no warm command runner in this sandbox; using one exec per command");
+                        None
+                    }
+                };
+                self.lock_agents().insert(
+                    name,
+                    AgentSlot {
+                        container_id: id,
+                        agent,
+                    },
+                );
+            }
         }
         Ok(started.elapsed())
     }
@@ -375,6 +429,10 @@ impl DockerSandbox {
         // A poisoned map only means a panic elsewhere mid-update; entries stay self-consistent
         // (each is replaced whole), so keep going.
         self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_agents(&self) -> std::sync::MutexGuard<'_, HashMap<String, AgentSlot>> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn create_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -458,6 +516,7 @@ impl DockerSandbox {
 
     async fn remove_container(&self, name: &str) -> Result<(), SandboxError> {
         self.lock_live().remove(name);
+        self.lock_agents().remove(name);
         let _ = tokio::fs::remove_file(self.last_used_file(name)).await;
         {
             let mut locks = self.create_locks.lock().unwrap_or_else(|p| p.into_inner());
@@ -941,14 +1000,6 @@ impl DockerSandbox {
                 duration: started.elapsed(),
             });
         }
-        let options = CreateExecOptions {
-            cmd: Some(wrap(argv)),
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            user: Some(EXEC_USER.to_string()),
-            working_dir: Some("/workspace".to_string()),
-            ..Default::default()
-        };
         let baseline_unknown = self
             .lock_live()
             .get(name)
@@ -959,6 +1010,177 @@ impl DockerSandbox {
                 live.oom_kills = Some(kills.unwrap_or(0));
             }
         }
+
+        // `task` containers live for one command: starting a runner there would only add to it.
+        let via_agent = if self.settings.scope == SandboxScope::Task {
+            None
+        } else {
+            self.run_with_agent(name, id, &argv, request).await?
+        };
+        let raw = match via_agent {
+            Some(raw) => raw,
+            None => self.run_with_exec(name, id, argv, request).await?,
+        };
+
+        // A SIGKILL'd command (137) may be the memory limit: compare the OOM counter.
+        let RawRun {
+            mut exit_code,
+            stdout,
+            stderr,
+            truncated,
+            timed_out,
+        } = raw;
+        let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
+        if exit_code == Some(137) || timed_out {
+            if !self.container_running(id).await {
+                // Removed or stopped under the command (prune, another gateway's recovery):
+                // not retried, the command may have had effects already.
+                return Err(RunError::Failed(backend_err(
+                    "the sandbox was removed while the command ran",
+                )));
+            }
+            if let Some(kills) = self.oom_kills(id).await {
+                let before = self
+                    .lock_live()
+                    .get_mut(name)
+                    .and_then(|l| l.oom_kills.replace(kills))
+                    .unwrap_or(0);
+                if kills > before {
+                    exit_code = None;
+                    stderr.push_str(&format!(
+                        "\n[moltmate: killed: out of memory (limit {} MiB)]",
+                        request.profile.limits.memory_bytes / (1024 * 1024)
+                    ));
+                }
+            }
+        }
+        Ok(ExecOutput {
+            exit_code,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr,
+            truncated,
+            timed_out,
+            duration: started.elapsed(),
+        })
+    }
+
+    /// Runs the command through the container's warm runner, starting one if needed. `None`:
+    /// this container cannot host a runner; use [`Self::run_with_exec`].
+    async fn run_with_agent(
+        &self,
+        name: &str,
+        id: &str,
+        argv: &[String],
+        request: &ExecRequest,
+    ) -> Result<Option<RawRun>, RunError> {
+        let slot = self
+            .lock_agents()
+            .remove(name)
+            .filter(|slot| slot.container_id == id);
+        let mut agent = match slot {
+            Some(AgentSlot {
+                agent: Some(agent), ..
+            }) => agent,
+            Some(unsupported @ AgentSlot { agent: None, .. }) => {
+                self.lock_agents().insert(name.to_string(), unsupported);
+                return Ok(None);
+            }
+            None => match ExecAgent::start(&self.docker, id, EXEC_USER).await {
+                Ok(agent) => agent,
+                Err(AgentError::ContainerGone) => return Err(RunError::Gone),
+                Err(AgentError::Unsupported(why) | AgentError::Broken(why)) => {
+                    tracing::warn!(container = %name, reason = %why, "no warm command runner in this sandbox; using one exec per command");
+                    self.lock_agents().insert(
+                        name.to_string(),
+                        AgentSlot {
+                            container_id: id.to_string(),
+                            agent: None,
+                        },
+                    );
+                    return Ok(None);
+                }
+            },
+        };
+        let cap = request.profile.limits.output_bytes;
+        match agent.run(argv, request.timeout, cap).await {
+            Ok(out) => {
+                if out.clean {
+                    self.lock_agents().insert(
+                        name.to_string(),
+                        AgentSlot {
+                            container_id: id.to_string(),
+                            agent: Some(agent),
+                        },
+                    );
+                } else {
+                    drop(agent);
+                    tracing::warn!(container = %name, "processes survived the command; reaping the sandbox");
+                    self.reap_all(name, id).await;
+                }
+                Ok(Some(RawRun {
+                    exit_code: out.exit_code,
+                    stdout: out.stdout,
+                    stderr: out.stderr,
+                    truncated: out.truncated,
+                    timed_out: out.timed_out,
+                }))
+            }
+            Err(AgentError::ContainerGone) => Err(RunError::Failed(backend_err(
+                "the sandbox was removed while the command ran",
+            ))),
+            Err(AgentError::Unsupported(why) | AgentError::Broken(why)) => {
+                // Most often the command killed its own runner (`kill -9 -1`). Whatever ran
+                // may have had effects, so it is not run again; the next command gets a
+                // fresh runner.
+                drop(agent);
+                if !self.container_running(id).await {
+                    return Err(RunError::Failed(backend_err(
+                        "the sandbox was removed while the command ran",
+                    )));
+                }
+                tracing::info!(container = %name, reason = %why, "sandbox command runner lost; reaping");
+                self.reap_all(name, id).await;
+                Ok(Some(RawRun {
+                    exit_code: None,
+                    stdout: Vec::new(),
+                    stderr: b"[moltmate: the command ended the sandbox's command runner; its output is lost]"
+                        .to_vec(),
+                    truncated: false,
+                    timed_out: false,
+                }))
+            }
+        }
+    }
+
+    /// Kills every sandbox-user process in the container from a separate exec.
+    async fn reap_all(&self, name: &str, id: &str) {
+        match self.helper(id, &kill_all_script()).await {
+            Ok((Some(0), _)) => {}
+            Ok(_) => {
+                tracing::warn!(container = %name, "processes survived the kill")
+            }
+            Err(_) => {
+                tracing::warn!(container = %name, "killing the sandbox's processes failed")
+            }
+        }
+    }
+
+    /// Runs the command as one Engine API exec (create + attached start + inspect).
+    async fn run_with_exec(
+        &self,
+        name: &str,
+        id: &str,
+        argv: Vec<String>,
+        request: &ExecRequest,
+    ) -> Result<RawRun, RunError> {
+        let options = CreateExecOptions {
+            cmd: Some(wrap(argv)),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            user: Some(EXEC_USER.to_string()),
+            working_dir: Some("/workspace".to_string()),
+            ..Default::default()
+        };
         let exec = match self.docker.create_exec(id, options).await {
             Ok(exec) => exec,
             Err(e) if is_gone(&e) || !self.container_running(id).await => {
@@ -1013,15 +1235,7 @@ impl DockerSandbox {
 
         let mut exit_code = None;
         if timed_out {
-            match self.helper(id, &kill_all_script()).await {
-                Ok((Some(0), _)) => {}
-                Ok(_) => {
-                    tracing::warn!(container = %name, "processes survived the timeout kill; removing the sandbox")
-                }
-                Err(_) => {
-                    tracing::warn!(container = %name, "timeout kill failed; removing the sandbox")
-                }
-            }
+            self.reap_all(name, id).await;
         } else {
             // The stream ends when the process closes its output; the exit code follows shortly.
             for _ in 0..50 {
@@ -1037,39 +1251,12 @@ impl DockerSandbox {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-
-        // A SIGKILL'd command (137) may be the memory limit: compare the OOM counter.
-        let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
-        if exit_code == Some(137) || timed_out {
-            if !self.container_running(id).await {
-                // Removed or stopped under the command (prune, another gateway's recovery):
-                // not retried, the command may have had effects already.
-                return Err(RunError::Failed(backend_err(
-                    "the sandbox was removed while the command ran",
-                )));
-            }
-            if let Some(kills) = self.oom_kills(id).await {
-                let before = self
-                    .lock_live()
-                    .get_mut(name)
-                    .and_then(|l| l.oom_kills.replace(kills))
-                    .unwrap_or(0);
-                if kills > before {
-                    exit_code = None;
-                    stderr.push_str(&format!(
-                        "\n[moltmate: killed: out of memory (limit {} MiB)]",
-                        request.profile.limits.memory_bytes / (1024 * 1024)
-                    ));
-                }
-            }
-        }
-        Ok(ExecOutput {
+        Ok(RawRun {
             exit_code,
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stdout,
             stderr,
             truncated,
             timed_out,
-            duration: started.elapsed(),
         })
     }
 

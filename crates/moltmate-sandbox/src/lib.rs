@@ -13,6 +13,7 @@
 pub mod bwrap;
 pub mod disk;
 pub mod docker;
+mod docker_agent;
 pub mod image;
 pub mod policy;
 pub mod proxy;

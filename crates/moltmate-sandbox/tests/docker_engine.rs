@@ -361,6 +361,21 @@ async fn docker_users_are_isolated() {
     cleanup(&sb, &[&a, &b]).await;
 }
 
+/// `ps -u 1000 -o comm=` shows nothing but the container's command runner (`python3`), the
+/// command wrapper (`sh`, on the per-exec path) and `ps` itself: nothing outlived its call.
+fn assert_only_runner_and_ps(out: &ExecOutput) {
+    let names: Vec<&str> = out.stdout.lines().map(str::trim).collect();
+    assert!(names.contains(&"ps"), "{out:?}");
+    assert!(
+        names.iter().all(|n| matches!(*n, "python3" | "sh" | "ps")),
+        "only the runner, the command wrapper and ps may run: {out:?}"
+    );
+    assert!(
+        names.iter().filter(|n| **n == "python3").count() <= 1,
+        "one runner at most: {out:?}"
+    );
+}
+
 /// While `a` runs `bomb`, `b`'s `echo hi` must finish within 2 s.
 async fn neighbour_stays_responsive(
     sb: &DockerSandbox,
@@ -418,11 +433,7 @@ async fn docker_fork_bomb_is_contained() {
         "comm=".into(),
     ]);
     let out = run(&sb, r).await;
-    assert_eq!(
-        out.stdout.trim(),
-        "sh\nps",
-        "only the command wrapper and ps may run: {out:?}"
-    );
+    assert_only_runner_and_ps(&out);
     cleanup(&sb, &[&a, &b]).await;
 }
 
@@ -593,7 +604,7 @@ async fn docker_timeout_leaves_no_orphans() {
         "comm=".into(),
     ]);
     let out = run(&sb, r).await;
-    assert_eq!(out.stdout.trim(), "sh\nps", "orphans left: {out:?}");
+    assert_only_runner_and_ps(&out);
     cleanup(&sb, &[&u]).await;
 }
 
@@ -883,5 +894,55 @@ async fn docker_concurrent_calls_of_one_user_do_not_kill_each_other() {
     let (slow, fast) = tokio::join!(slow, fast);
     assert_eq!(slow.unwrap().stdout, "slow\n");
     assert_eq!(fast.unwrap().stdout, "fast\n");
+    cleanup(&sb, &[&u]).await;
+}
+
+/// A command may kill its own warm runner (`kill -9 -1` reaches every sandbox-user process).
+/// That command's output is lost, nothing it started survives, and the next command runs in a
+/// fresh runner. Python modules planted in the home must not hijack the runner either (it runs
+/// `python3 -I`, which never imports from the working directory).
+#[tokio::test]
+async fn docker_command_that_kills_its_runner_is_contained() {
+    if ready().await.is_none() {
+        return;
+    }
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_command_that_kills_its_runner",
+    ))
+    .unwrap();
+    let u = user("runner");
+    for module in ["json", "base64", "selectors", "subprocess"] {
+        std::fs::write(
+            home_of(&u).join(format!("{module}.py")),
+            "raise SystemExit('hijacked')\n",
+        )
+        .unwrap();
+    }
+    let out = run(&sb, request(&u, "echo warm", Duration::from_secs(30))).await;
+    assert_eq!(out.stdout, "warm\n");
+    let out = run(
+        &sb,
+        request(
+            &u,
+            "sleep 600 & kill -9 -1; sleep 1; echo after",
+            Duration::from_secs(20),
+        ),
+    )
+    .await;
+    assert!(!out.timed_out, "{out:?}");
+    let out = run(&sb, request(&u, "echo again", Duration::from_secs(30))).await;
+    assert_eq!(out.stdout, "again\n", "{out:?}");
+    let mut r = request(&u, "", Duration::from_secs(30));
+    r.command = ExecCommand::Argv(vec![
+        "ps".into(),
+        "-u".into(),
+        "1000".into(),
+        "-o".into(),
+        "comm=".into(),
+    ]);
+    let out = run(&sb, r).await;
+    assert_only_runner_and_ps(&out);
     cleanup(&sb, &[&u]).await;
 }
