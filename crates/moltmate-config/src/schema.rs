@@ -62,6 +62,30 @@ pub struct GatewayConfig {
     pub port: u16,
     pub auth: GatewayAuthConfig,
     pub rate_limit: RateLimitConfig,
+    /// Where people reach the web UI, when that is not `http://bind:port`: e.g.
+    /// `https://moltbot.example.com` behind a reverse proxy (the seed's Traefik set-up). Login
+    /// links printed by the CLI use it, and an `https` URL marks cookies `Secure`. An origin
+    /// only (no path: the UI does not run under a path prefix).
+    pub public_url: Option<String>,
+    /// Reverse proxies (IP addresses) whose `X-Forwarded-For` names the client for per-IP
+    /// rate limits. Empty: every request counts for its TCP peer.
+    #[serde(deserialize_with = "de_ip_list")]
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+impl GatewayConfig {
+    /// The public origin without a trailing slash, if `publicUrl` is set.
+    pub fn public_origin(&self) -> Option<&str> {
+        self.public_url.as_deref().map(|u| u.trim_end_matches('/'))
+    }
+
+    /// Whether browsers reach the gateway over HTTPS (so cookies must be `Secure`).
+    pub fn served_over_https(&self) -> bool {
+        self.public_origin().is_some_and(|u| {
+            u.get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        })
+    }
 }
 
 impl Default for GatewayConfig {
@@ -71,6 +95,8 @@ impl Default for GatewayConfig {
             port: 18790,
             auth: GatewayAuthConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            public_url: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -847,6 +873,30 @@ fn de_ip<'de, D: Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
         }
     }
     d.deserialize_str(V)
+}
+
+fn de_ip_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<IpAddr>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of IP addresses such as [\"127.0.0.1\", \"172.18.0.2\"]")
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<IpAddr>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(text) = seq.next_element::<String>()? {
+                let ip = text.parse().map_err(|_| {
+                    de::Error::invalid_value(
+                        de::Unexpected::Str(&text),
+                        &"an IP address (ranges are not supported)",
+                    )
+                })?;
+                out.push(ip);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(V)
 }
 
 /// Telegram ids are numbers, but people write them as strings too; store strings.

@@ -26,6 +26,10 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
     },
     // Per-user request limit (token bucket).
     rateLimit: { perMinute: 100, burst: 50 },
+    // Behind a reverse proxy with TLS: the address people use (login links point there;
+    // https makes cookies Secure), and the proxy's IP so X-Forwarded-For counts for rate limits.
+    // publicUrl: "https://moltbot.example.com",
+    // trustedProxies: ["172.18.0.2"],
   },
 
   // Which model answers, as "provider/model". Providers are configured below or builtin

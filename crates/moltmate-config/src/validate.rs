@@ -62,6 +62,35 @@ fn gateway(config: &Config) -> Result<(), Failure> {
         u64::from(g.rate_limit.per_minute),
     )?;
     positive("gateway.rateLimit.burst", u64::from(g.rate_limit.burst))?;
+    if let Some(public) = &g.public_url {
+        public_url(public)?;
+    }
+    Ok(())
+}
+
+fn public_url(text: &str) -> Result<(), Failure> {
+    const KEY: &str = "gateway.publicUrl";
+    let url = url::Url::parse(text).map_err(|e| {
+        rule(
+            KEY,
+            format!("not a URL ({e}); expected e.g. \"https://chat.example.com\""),
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(rule(KEY, "must start with https:// (or http://)"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(rule(KEY, "needs a host name"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(rule(KEY, "must not contain a user name or password"));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(rule(
+            KEY,
+            "must be an origin only, like \"https://chat.example.com\" (the web UI does not run under a path)",
+        ));
+    }
     Ok(())
 }
 

@@ -386,6 +386,38 @@ fn gateway_rules() {
 }
 
 #[test]
+fn public_url_and_trusted_proxies() {
+    let c = load("{gateway: {publicUrl: 'https://Chat.Example.com/', trustedProxies: ['172.18.0.2', '::1']}}").unwrap();
+    assert_eq!(c.gateway.public_origin(), Some("https://Chat.Example.com"));
+    assert!(c.gateway.served_over_https());
+    assert_eq!(c.gateway.trusted_proxies.len(), 2);
+    let c = load("{gateway: {publicUrl: 'http://10.0.0.5:18790'}}").unwrap();
+    assert!(!c.gateway.served_over_https());
+    assert!(!load("{}").unwrap().gateway.served_over_https());
+    for (bad, needle) in [
+        ("'chat.example.com'", "not a URL"),
+        ("'ftp://chat.example.com'", "https://"),
+        (
+            "'https://user:pw@chat.example.com'",
+            "user name or password",
+        ),
+        ("'https://chat.example.com/moltmate'", "origin only"),
+        ("'https://chat.example.com/?a=b'", "origin only"),
+    ] {
+        assert_err(
+            &format!("{{gateway: {{publicUrl: {bad}}}}}"),
+            "gateway.publicUrl",
+            needle,
+        );
+    }
+    assert_err(
+        "{gateway: {trustedProxies: ['10.0.0.0/8']}}",
+        "gateway.trustedProxies",
+        "ranges are not supported",
+    );
+}
+
+#[test]
 fn telegram_rules() {
     assert_err(
         "{channels: {telegram: {botToken: 'x', dmPolicy: 'open'}}}",

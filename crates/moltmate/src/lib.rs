@@ -220,7 +220,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 UsersCommand::LoginLink { user } => {
                     let config = wiring::load_config(&home)?;
-                    let base = format!("http://{}", wiring::web_address(&config));
+                    let base = wiring::public_base_url(&config);
                     admin::users_login_link(&admin, &parse_user(&user)?, &base).await
                 }
             }

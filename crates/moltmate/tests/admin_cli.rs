@@ -103,6 +103,53 @@ async fn users_commands_list_show_export_reset_and_remove() {
     assert!(status.success() && out.contains("Revoked 1"), "{out}");
 }
 
+/// Behind a reverse proxy (the seed's Traefik set-up) a login link must point where people
+/// reach the gateway, not at its listening address; a wildcard bind is never printed.
+#[test]
+fn login_links_use_the_public_url_and_never_a_wildcard_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let (status, _, stderr) = run_cli(&home, &["init"]);
+    assert!(status.success(), "{stderr}");
+    let config = home.join("moltmate.json");
+
+    std::fs::write(
+        &config,
+        r#"{ gateway: { bind: "0.0.0.0", auth: { token: "abcdefghijklmnopqrstuvwx" } } }"#,
+    )
+    .unwrap();
+    let (status, _, stderr) = run_cli(&home, &["users", "add", "anna"]);
+    assert!(status.success(), "{stderr}");
+    let (status, link, stderr) = run_cli(&home, &["users", "login-link", "anna"]);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        link.trim().starts_with("http://127.0.0.1:18790/login/"),
+        "{link}"
+    );
+
+    std::fs::write(
+        &config,
+        r#"{ gateway: { publicUrl: "https://moltbot.example.com/", trustedProxies: ["172.18.0.2"] } }"#,
+    )
+    .unwrap();
+    let (status, link, stderr) = run_cli(&home, &["users", "login-link", "anna"]);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        link.trim()
+            .starts_with("https://moltbot.example.com/login/"),
+        "{link}"
+    );
+
+    std::fs::write(
+        &config,
+        r#"{ gateway: { publicUrl: "https://example.com/moltmate" } }"#,
+    )
+    .unwrap();
+    let (status, _, stderr) = run_cli(&home, &["config", "check"]);
+    assert!(!status.success());
+    assert!(stderr.contains("gateway.publicUrl"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn onboarding_over_telegram_speaks_the_senders_language() {
     let h = Harness::start(json!({ "onboarding": { "enabled": true } })).await;

@@ -37,6 +37,23 @@ pub fn web_address(config: &Config) -> SocketAddr {
     SocketAddr::new(config.gateway.bind, config.gateway.port)
 }
 
+/// The base URL people open: `gateway.publicUrl` when set (behind a reverse proxy), else the
+/// listening address, with a wildcard bind (`0.0.0.0`, `::`) shown as loopback — a browser
+/// cannot open a wildcard address.
+pub fn public_base_url(config: &Config) -> String {
+    if let Some(origin) = config.gateway.public_origin() {
+        return origin.to_string();
+    }
+    let mut address = web_address(config);
+    if address.ip().is_unspecified() {
+        address.set_ip(match address.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{address}")
+}
+
 /// Logging to stderr at `logging.level` (`RUST_LOG` overrides), text or JSON. Log lines never
 /// carry message contents, arguments or secrets; see ARCHITECTURE.md.
 pub fn init_logging(config: &Config, quiet: bool) {
