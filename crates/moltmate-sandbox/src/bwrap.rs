@@ -142,6 +142,10 @@ pub fn find_bwrap() -> Option<PathBuf> {
     })
 }
 
+/// Empty exec cgroups older than this are leftovers of a crashed gateway (a live exec's group
+/// holds its processes within milliseconds of being made).
+const STALE_CGROUP_AGE: Duration = Duration::from_secs(60);
+
 impl BwrapSandbox {
     /// Prepares the backend: locates bwrap, compiles the seccomp filter, probes cgroups and
     /// creates `state_dir/scratch`. Does not run anything; see [`BwrapSandbox::probe`].
@@ -169,6 +173,13 @@ impl BwrapSandbox {
         let cgroups = CgroupSupport::detect();
         if cgroups == CgroupSupport::None {
             tracing::warn!("no usable cgroups: bubblewrap sandboxes are limited by rlimits only");
+        }
+        let swept = cgroups.sweep_stale(STALE_CGROUP_AGE);
+        if swept > 0 {
+            tracing::info!(
+                groups = swept,
+                "removed sandbox cgroups left by an earlier run"
+            );
         }
         Ok(BwrapSandbox {
             counters: Default::default(),
