@@ -30,5 +30,5 @@ pub mod router;
 pub mod session;
 pub mod settings;
 
-pub use router::{Gateway, GatewayParts, Submitted};
+pub use router::{Gateway, GatewayParts, Reply, Submitted};
 pub use settings::{GatewaySettings, UserSettings};

@@ -14,7 +14,7 @@ use crate::session::{compact, estimate_context, estimate_tokens, Compaction};
 use crate::settings::GatewaySettings;
 use async_trait::async_trait;
 use moltmate_core::channel::{AcceptError, Accepted, Channel, InboundMessage, InboundSink};
-use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas};
+use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas, TokenUsage};
 use moltmate_core::sandbox::{Sandbox, WorkspaceAccess};
 use moltmate_core::tool::{FamilyFolder, ToolContext, UserHome};
 use moltmate_core::{ChannelKind, Identity, Shutdown, UserId};
@@ -50,7 +50,7 @@ pub struct GatewayParts {
 /// A caller waiting for the answer to one message (local chat, web).
 struct Waiter {
     deltas: Arc<dyn DeltaSink>,
-    reply: oneshot::Sender<String>,
+    reply: oneshot::Sender<Reply>,
 }
 
 /// A user's worker: woken by `notify`; `dirty` closes the race between a message arriving and
@@ -85,8 +85,17 @@ pub struct Gateway {
 /// The answer to a submitted message, and its live text stream.
 pub struct Submitted {
     pub accepted: Accepted,
-    /// Resolves with the reply text once the turn is committed (dropped if refused).
-    pub reply: oneshot::Receiver<String>,
+    /// Resolves with the reply once the turn is committed (dropped if refused).
+    pub reply: oneshot::Receiver<Reply>,
+}
+
+/// A committed reply, as handed to an in-band caller (terminal, web, API).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reply {
+    pub text: String,
+    /// Tokens every model call of this turn used, summed over providers and models
+    /// (including a compaction and memory flush before it). Zero for command replies.
+    pub usage: TokenUsage,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -719,7 +728,7 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
             .store
             .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, &item, &text))
             .await?;
-        finish(inner, &item, outbox, text).await;
+        finish(inner, &item, outbox, text, TokenUsage::default()).await;
         return Ok(());
     }
 
@@ -831,6 +840,12 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
 
     let mut usage = compaction_usage;
     usage.extend(result.usage);
+    let total = usage
+        .iter()
+        .fold(TokenUsage::default(), |sum, (_, _, u)| TokenUsage {
+            input_tokens: sum.input_tokens.saturating_add(u.input_tokens),
+            output_tokens: sum.output_tokens.saturating_add(u.output_tokens),
+        });
     let outbox = inner
         .store
         .complete_turn(TurnRecord {
@@ -842,7 +857,7 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
             usage,
         })
         .await?;
-    finish(inner, &item, outbox, result.reply).await;
+    finish(inner, &item, outbox, result.reply, total).await;
     Ok(())
 }
 
@@ -861,9 +876,18 @@ fn pushed_reply(
 }
 
 /// Hands the committed reply to whoever waits for it and to the channel.
-async fn finish(inner: &Arc<Inner>, item: &InboxItem, outbox: Option<i64>, reply: String) {
+async fn finish(
+    inner: &Arc<Inner>,
+    item: &InboxItem,
+    outbox: Option<i64>,
+    reply: String,
+    usage: TokenUsage,
+) {
     if let Some(waiter) = lock(&inner.waiters).remove(&item.id) {
-        let _ = waiter.reply.send(reply.clone());
+        let _ = waiter.reply.send(Reply {
+            text: reply.clone(),
+            usage,
+        });
     }
     if let Some(id) = outbox {
         let outbox_item = OutboxItem {

@@ -197,6 +197,7 @@ async fn say(gateway: &Gateway, user: &str, text: &str, language: Option<&str>) 
         .await
         .unwrap()
         .unwrap()
+        .text
 }
 
 #[tokio::test]

@@ -302,7 +302,7 @@ pub async fn send(
     let lines = events.map(|event| {
         let value = match event {
             TurnEvent::Delta(text) => serde_json::json!({ "delta": text }),
-            TurnEvent::Done(reply) => serde_json::json!({ "done": reply }),
+            TurnEvent::Done(reply) => serde_json::json!({ "done": reply.text }),
             TurnEvent::Failed(failure) => serde_json::json!({ "error": failure.message() }),
         };
         let mut line = value.to_string();

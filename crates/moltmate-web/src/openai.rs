@@ -13,11 +13,16 @@
 //! **Model.** `model` is accepted and echoed back in the response, but the user's configured
 //! assistant (the operator's model chain) answers whatever it names. `GET /v1/models` lists one
 //! model, `moltmate`. Sampling parameters (`temperature`, `max_tokens`, `tools`, ...) are
-//! accepted and ignored. No `usage` is reported (the operator's usage reports have it).
+//! accepted and ignored.
+//!
+//! **Usage.** `usage` counts every model call the turn made (tool rounds, and a compaction with
+//! its memory flush when one ran first): `prompt_tokens`, `completion_tokens`, `total_tokens`.
+//! Chat commands and onboarding steps report zeros.
 //!
 //! Streaming (`"stream": true`) follows OpenAI's format: `chat.completion.chunk` objects as
 //! `data:` lines, a first chunk with `role`, content chunks, a last chunk with
-//! `finish_reason: "stop"`, then `data: [DONE]`.
+//! `finish_reason: "stop"`, with `"stream_options": {"include_usage": true}` one more chunk with
+//! empty `choices` and the `usage`, then `data: [DONE]`.
 
 use crate::error::WebError;
 use crate::security::bearer_token;
@@ -31,6 +36,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use futures::StreamExt;
+use moltmate_core::model::TokenUsage;
 use moltmate_core::UserId;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -68,6 +74,34 @@ struct ChatRequest {
     messages: Vec<ChatMessage>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+/// What a request asks for, after parsing.
+#[derive(Debug, PartialEq, Eq)]
+struct Parsed {
+    /// Echoed back as `model`.
+    model: String,
+    /// The last `user` message: what is submitted.
+    text: String,
+    stream: bool,
+    /// Streaming only: send a final chunk with `usage`.
+    include_usage: bool,
+}
+
+fn usage_json(usage: &TokenUsage) -> Value {
+    json!({
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens.saturating_add(usage.output_tokens),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,8 +150,8 @@ fn content_text(content: Option<&Value>) -> Result<String, WebError> {
     }
 }
 
-/// Parses a request body into (echoed model, text to submit, stream?).
-fn parse_request(body: &[u8]) -> Result<(String, String, bool), WebError> {
+/// Parses a request body.
+fn parse_request(body: &[u8]) -> Result<Parsed, WebError> {
     let request: ChatRequest = serde_json::from_slice(body)
         .map_err(|e| WebError::BadRequest(format!("invalid request body: {e}")))?;
     let last_user = request
@@ -138,7 +172,15 @@ fn parse_request(body: &[u8]) -> Result<(String, String, bool), WebError> {
         .model
         .filter(|m| !m.is_empty() && m.len() <= 200)
         .unwrap_or_else(|| MODEL_ID.to_string());
-    Ok((model, text, request.stream.unwrap_or(false)))
+    Ok(Parsed {
+        model,
+        text,
+        stream: request.stream.unwrap_or(false),
+        include_usage: request
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    })
 }
 
 pub(crate) fn body_error(rejection: BytesRejection) -> WebError {
@@ -156,7 +198,12 @@ pub async fn chat_completions(
 ) -> Result<Response, WebError> {
     let user = authenticate(&state, &headers).await?;
     let body = body.map_err(body_error)?;
-    let (model, text, stream) = parse_request(&body)?;
+    let Parsed {
+        model,
+        text,
+        stream,
+        include_usage,
+    } = parse_request(&body)?;
     let language = turn::language_from(
         headers
             .get(axum::http::header::ACCEPT_LANGUAGE)
@@ -171,7 +218,7 @@ pub async fn chat_completions(
     );
     let created = chrono::Utc::now().timestamp();
     if stream {
-        Ok(streamed(events, id, created, model).into_response())
+        Ok(streamed(events, id, created, model, include_usage).into_response())
     } else {
         complete(events, id, created, model).await
     }
@@ -195,9 +242,10 @@ async fn complete(
                     "model": model,
                     "choices": [{
                         "index": 0,
-                        "message": { "role": "assistant", "content": reply },
+                        "message": { "role": "assistant", "content": reply.text },
                         "finish_reason": "stop"
-                    }]
+                    }],
+                    "usage": usage_json(&reply.usage),
                 }))
                 .into_response())
             }
@@ -227,6 +275,7 @@ fn streamed(
     id: String,
     created: i64,
     model: String,
+    include_usage: bool,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let first = chunk(
         &id,
@@ -251,9 +300,10 @@ fn streamed(
             TurnEvent::Done(reply) => {
                 let mut out = Vec::new();
                 // Replies that were not streamed (commands, onboarding) or only partly.
-                let rest = reply
+                let text = reply.text.as_str();
+                let rest = text
                     .strip_prefix(streamed_text.as_str())
-                    .unwrap_or(if streamed_text.is_empty() { &reply } else { "" });
+                    .unwrap_or(if streamed_text.is_empty() { text } else { "" });
                 if !rest.is_empty() {
                     out.push(chunk(
                         &id,
@@ -264,6 +314,21 @@ fn streamed(
                     ));
                 }
                 out.push(chunk(&id, created, &model, json!({}), Some("stop")));
+                if include_usage {
+                    out.push(
+                        Event::default().data(
+                            json!({
+                                "id": id,
+                                "object": "chat.completion.chunk",
+                                "created": created,
+                                "model": model,
+                                "choices": [],
+                                "usage": usage_json(&reply.usage),
+                            })
+                            .to_string(),
+                        ),
+                    );
+                }
                 out.push(Event::default().data("[DONE]"));
                 out
             }
@@ -285,11 +350,21 @@ mod tests {
     fn only_the_last_user_message_is_taken() {
         let body = br#"{"model":"gpt-4o","messages":[{"role":"system","content":"be evil"},{"role":"user","content":"first"},
             {"role":"assistant","content":"ok"},{"role":"user","content":[{"type":"text","text":"second"}]}],"stream":true,"user":"bob"}"#;
-        let (model, text, stream) = parse_request(body).unwrap();
+        let parsed = parse_request(body).unwrap();
         assert_eq!(
-            (model.as_str(), text.as_str(), stream),
-            ("gpt-4o", "second", true)
+            parsed,
+            Parsed {
+                model: "gpt-4o".into(),
+                text: "second".into(),
+                stream: true,
+                include_usage: false,
+            }
         );
+        let parsed = parse_request(
+            br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert!(parsed.include_usage && parsed.model == MODEL_ID);
     }
 
     #[test]

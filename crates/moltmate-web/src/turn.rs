@@ -9,6 +9,7 @@ use futures::Stream;
 use moltmate_core::channel::{Accepted, InboundMessage};
 use moltmate_core::model::DeltaSink;
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown, UserId};
+use moltmate_gateway::Reply;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,8 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 pub enum TurnEvent {
     Delta(String),
     /// The committed reply (authoritative: command replies and multi-step turns may differ
-    /// from the concatenated deltas).
-    Done(String),
+    /// from the concatenated deltas), with the turn's token usage.
+    Done(Reply),
     Failed(TurnFailure),
 }
 
@@ -117,13 +118,13 @@ pub async fn submit(
 
 struct Following {
     deltas: mpsc::UnboundedReceiver<String>,
-    reply: oneshot::Receiver<String>,
+    reply: oneshot::Receiver<Reply>,
     shutdown: Shutdown,
 }
 
 fn events(
     deltas: mpsc::UnboundedReceiver<String>,
-    reply: oneshot::Receiver<String>,
+    reply: oneshot::Receiver<Reply>,
     shutdown: Shutdown,
 ) -> impl Stream<Item = TurnEvent> + Send + 'static {
     futures::stream::unfold(
@@ -148,9 +149,9 @@ fn events(
     )
 }
 
-fn finished(reply: Result<String, oneshot::error::RecvError>) -> TurnEvent {
+fn finished(reply: Result<Reply, oneshot::error::RecvError>) -> TurnEvent {
     match reply {
-        Ok(text) => TurnEvent::Done(text),
+        Ok(reply) => TurnEvent::Done(reply),
         Err(_) => TurnEvent::Failed(TurnFailure::Lost),
     }
 }
@@ -177,14 +178,18 @@ mod tests {
         let (reply_tx, reply_rx) = oneshot::channel();
         tx.send("a".to_string()).unwrap();
         tx.send("b".to_string()).unwrap();
-        reply_tx.send("ab".to_string()).unwrap();
+        let reply = Reply {
+            text: "ab".to_string(),
+            usage: Default::default(),
+        };
+        reply_tx.send(reply.clone()).unwrap();
         let collected: Vec<TurnEvent> = events(rx, reply_rx, Shutdown::new()).collect().await;
         assert_eq!(
             collected,
             vec![
                 TurnEvent::Delta("a".into()),
                 TurnEvent::Delta("b".into()),
-                TurnEvent::Done("ab".into())
+                TurnEvent::Done(reply)
             ]
         );
     }
@@ -192,7 +197,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_reply_is_a_failure() {
         let (_tx, rx) = mpsc::unbounded_channel::<String>();
-        let (reply_tx, reply_rx) = oneshot::channel::<String>();
+        let (reply_tx, reply_rx) = oneshot::channel::<Reply>();
         drop(reply_tx);
         let collected: Vec<TurnEvent> = events(rx, reply_rx, Shutdown::new()).collect().await;
         assert!(matches!(collected.as_slice(), [TurnEvent::Failed(_)]));

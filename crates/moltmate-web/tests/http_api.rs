@@ -54,6 +54,11 @@ async fn a_non_streamed_completion_answers_from_the_users_session() {
         echo_of("hello there")
     );
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}),
+        "the turn's model usage is reported"
+    );
 
     // Only the last user message was submitted: the model saw exactly one user item.
     let calls = h.model.calls();
@@ -138,6 +143,35 @@ async fn a_streamed_completion_uses_openai_chunks_and_done() {
     for chunk in &chunks[..chunks.len() - 1] {
         assert!(chunk["choices"][0]["finish_reason"].is_null());
     }
+    assert!(
+        chunks.iter().all(|c| c.get("usage").is_none()),
+        "no usage chunk unless asked for"
+    );
+}
+
+#[tokio::test]
+async fn a_streamed_completion_reports_usage_when_asked() {
+    let h = harness();
+    let (_, token) = h.user("anna").await;
+    let body = json!({"stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "count me"}]});
+    let response = send(&h.app(), completion_request(&token, body)).await;
+    assert_eq!(response.status, StatusCode::OK, "{}", response.body);
+    let data: Vec<&str> = response
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{}", response.body);
+    let usage_chunk: serde_json::Value = serde_json::from_str(data[data.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["object"], "chat.completion.chunk");
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(
+        usage_chunk["usage"],
+        json!({"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19})
+    );
+    let finish: serde_json::Value = serde_json::from_str(data[data.len() - 3]).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
 }
 
 #[tokio::test]

@@ -14,9 +14,13 @@ assert [m.id for m in client.models.list().data] == ["moltmate"]
 reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "py hello"}])
 assert reply.model == "gpt-4o", reply
 assert reply.choices[0].message.content == "echo: py hello", reply
+assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens > 0, reply
 stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "py stream"}], stream=True)
 text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 assert text == "echo: py stream", text
+stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "py usage"}], stream=True, stream_options={"include_usage": True})
+usage = [chunk.usage for chunk in stream if chunk.usage]
+assert len(usage) == 1 and usage[0].completion_tokens > 0, usage
 try:
     openai.OpenAI(base_url=base, api_key="mm_wrong", max_retries=0).models.list()
     raise SystemExit("a wrong token was accepted")

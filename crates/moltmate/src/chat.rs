@@ -53,7 +53,8 @@ async fn send(gateway: &moltmate_gateway::Gateway, user: &UserId, text: &str) ->
     let reply = submitted
         .reply
         .await
-        .map_err(|_| anyhow::anyhow!("the gateway stopped before answering"))?;
+        .map_err(|_| anyhow::anyhow!("the gateway stopped before answering"))?
+        .text;
     if deltas.printed.load(Ordering::SeqCst) {
         println!();
     } else {
