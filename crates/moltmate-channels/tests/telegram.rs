@@ -87,6 +87,13 @@ impl InboundSink for MemorySink {
         assert_eq!(channel, ChannelKind::Telegram);
         Ok(*self.cursor.lock().unwrap())
     }
+
+    async fn advance_cursor(&self, channel: ChannelKind, cursor: i64) -> Result<(), AcceptError> {
+        assert_eq!(channel, ChannelKind::Telegram);
+        let mut stored = self.cursor.lock().unwrap();
+        *stored = Some(stored.map_or(cursor, |s| s.max(cursor)));
+        Ok(())
+    }
 }
 
 fn settings(fake: &FakeTelegram) -> TelegramSettings {
@@ -295,6 +302,46 @@ async fn skipped_updates_are_confirmed_even_without_a_following_message() {
     })
     .await;
     assert!(sink.accepted().is_empty());
+    running.stop().await;
+    // Stored too: after a restart the skipped update is not read again.
+    assert_eq!(*sink.cursor.lock().unwrap(), Some(sticker + 1));
+}
+
+/// Regression: when a batch ended on skipped updates, only the in-memory offset moved past them,
+/// so every restart re-read (and re-skipped) them. The stored cursor now follows, and never
+/// moves backwards past what an accepted message stored.
+#[tokio::test]
+async fn a_batch_ending_in_skipped_updates_moves_the_stored_cursor() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let text = fake.push_text(42, "hello");
+    let sticker_update = fake
+        .push_raw_update(json!({"message": {"message_id": 2, "date": 0,
+            "from": {"id": 42, "is_bot": false, "first_name": "A"}, "chat": {"id": 42, "type": "private"},
+            "sticker": {"file_id": "x"}}}))
+        .unwrap();
+    assert!(sticker_update > text);
+    let sink = Arc::new(MemorySink::default());
+    let running = Running::start(settings(&fake), sink.clone());
+    sink.wait_accepted(1).await;
+    wait_until("the stored cursor passes the sticker", || {
+        *sink.cursor.lock().unwrap() == Some(sticker_update + 1)
+    })
+    .await;
+    running.stop().await;
+
+    // A restart starts after the sticker: nothing is read twice.
+    let running = Running::start(settings(&fake), sink.clone());
+    wait_until("the restarted channel polls", || {
+        fake.get_updates_offsets().len() >= 3
+    })
+    .await;
+    assert!(fake
+        .get_updates_offsets()
+        .iter()
+        .rev()
+        .take(1)
+        .all(|o| *o == Some(sticker_update + 1)));
+    assert_eq!(sink.texts(), vec!["hello"]);
     running.stop().await;
 }
 

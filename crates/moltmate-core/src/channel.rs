@@ -74,6 +74,11 @@ pub trait InboundSink: Send + Sync {
     async fn accept(&self, message: InboundMessage) -> Result<Accepted, AcceptError>;
     /// The cursor stored with the last accepted message of this channel, if any.
     async fn cursor(&self, channel: ChannelKind) -> Result<Option<i64>, AcceptError>;
+    /// Records that everything before `cursor` was dealt with although no message was stored
+    /// for it (updates the channel skipped: edits, stickers, bots, group chats). Never moves a
+    /// stored cursor backwards. Losing such a write is harmless: the skipped updates are read
+    /// and skipped again.
+    async fn advance_cursor(&self, channel: ChannelKind, cursor: i64) -> Result<(), AcceptError>;
 }
 
 /// Errors talking to a messaging service. Never contains a token.

@@ -256,6 +256,14 @@ impl InboundSink for Gateway {
             .await
             .map_err(|e| AcceptError::Storage(e.to_string()))
     }
+
+    async fn advance_cursor(&self, channel: ChannelKind, cursor: i64) -> Result<(), AcceptError> {
+        self.inner
+            .store
+            .advance_cursor(channel, cursor)
+            .await
+            .map_err(|e| AcceptError::Storage(e.to_string()))
+    }
 }
 
 fn storage(e: StoreError) -> AcceptError {

@@ -10,8 +10,9 @@
 //!
 //! Updates we do not answer (no text: stickers, photos, service messages; group chats unless
 //! [`TelegramSettings::accept_group_chats`]; messages from bots; anything malformed) are skipped:
-//! the in-memory offset moves past them at once, but since the sink can only persist a cursor
-//! together with a message, the *stored* cursor catches up only with the next accepted message.
+//! the in-memory offset moves past them at once, and when a batch ends on skipped updates the
+//! stored cursor is moved past them with [`InboundSink::advance_cursor`] (not fsynced: losing
+//! that write only means reading and skipping them again).
 //! A crash in between re-reads the skipped updates after restart, which is harmless: they are
 //! skipped again. (A `sink.advance_cursor` in core would make skips durable immediately.)
 //!
@@ -192,6 +193,7 @@ impl TelegramChannel {
             }
             match sink.accept(message.clone()).await {
                 Ok(outcome) => {
+                    // Queued, duplicate or refused: the sink stored the cursor with it.
                     tracing::debug!(update = %message.external_id, ?outcome, "telegram: update accepted");
                     backoff.reset();
                     return true;
@@ -324,6 +326,8 @@ impl Channel for TelegramChannel {
             tracing::warn!(cursor, "telegram: ignoring an invalid stored cursor");
             offset = None;
         }
+        // The cursor the sink has stored: skips beyond it are persisted at the end of a batch.
+        let mut stored = offset;
         // At least one second, so every empty reply was a real long poll (see FAST_EMPTY_REPLY).
         let poll_seconds = self.settings.poll_timeout.as_secs().max(1);
         loop {
@@ -378,9 +382,18 @@ impl Channel for TelegramChannel {
                         {
                             return Ok(());
                         }
+                        stored = Some(id.saturating_add(1));
                     }
                 }
                 offset = Some(id.saturating_add(1));
+            }
+            if let Some(skipped_to) = offset.filter(|o| stored.is_none_or(|s| *o > s)) {
+                match sink.advance_cursor(ChannelKind::Telegram, skipped_to).await {
+                    Ok(()) => stored = Some(skipped_to),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "telegram: could not store the cursor past skipped updates")
+                    }
+                }
             }
             if offset != offset_before || started.elapsed() >= FAST_EMPTY_REPLY {
                 backoff.reset();
