@@ -12,9 +12,7 @@
 //! [`TelegramSettings::accept_group_chats`]; messages from bots; anything malformed) are skipped:
 //! the in-memory offset moves past them at once, and when a batch ends on skipped updates the
 //! stored cursor is moved past them with [`InboundSink::advance_cursor`] (not fsynced: losing
-//! that write only means reading and skipping them again).
-//! A crash in between re-reads the skipped updates after restart, which is harmless: they are
-//! skipped again. (A `sink.advance_cursor` in core would make skips durable immediately.)
+//! that write only means reading and skipping them again, as after a crash mid-batch).
 //!
 //! # Sending
 //!
