@@ -494,7 +494,14 @@ impl Sandbox for BwrapSandbox {
             let dir = workspace.clone();
             let disk_bytes = limits.disk_bytes;
             let drop_root = self.drop_root;
+            let family = request
+                .family
+                .clone()
+                .filter(|_| access != WorkspaceAccess::None);
             tokio::task::spawn_blocking(move || {
+                if let Some(family) = family.filter(|f| f.is_dir()) {
+                    crate::disk::ensure_family_volume(&state_dir, &family, disk_bytes)?;
+                }
                 prepare_workspace(&state_dir, &user, &dir, access, disk_bytes, drop_root)
             })
             .await

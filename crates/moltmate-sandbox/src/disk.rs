@@ -162,6 +162,27 @@ pub fn ensure_user_volume(
     })
 }
 
+/// Puts a family's shared folder on its own capped volume (`disks/family-<digest>.img`), so
+/// no member can fill the host through `/family` either. The cap is the requesting member's
+/// disk cap (it grows when a member with a larger cap comes along, never shrinks). Same
+/// semantics as [`ensure_user_volume`], whose image naming it reuses with an id derived from
+/// the folder's name.
+pub fn ensure_family_volume(
+    state_dir: &Path,
+    family_dir: &Path,
+    cap_bytes: u64,
+) -> Result<DiskCap, SandboxError> {
+    use sha2::Digest;
+    let name = family_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tag = hex::encode(sha2::Sha256::digest(name.as_bytes()));
+    let volume = UserId::new(format!("family-{}", &tag[..16]))
+        .map_err(|e| err(format!("family volume id: {e}")))?;
+    ensure_user_volume(state_dir, family_dir, &volume, cap_bytes)
+}
+
 /// Unmounts the user's capped volume (for deleting a user or tests). The image stays.
 pub fn release_user_volume(home: &Path) -> Result<(), SandboxError> {
     let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());

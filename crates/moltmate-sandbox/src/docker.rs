@@ -633,9 +633,19 @@ impl DockerSandbox {
         let state_dir = self.settings.state_dir.clone();
         let cap_bytes = limits.disk_bytes;
         let target = dir.clone();
+        // The family folder is mounted too (unless the workspace is a scratch dir): cap it.
+        let family = request
+            .family
+            .clone()
+            .filter(|_| request.profile.workspace_access != WorkspaceAccess::None);
         let cap = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&target)
                 .map_err(|e| backend_err(format!("cannot create {}: {e}", target.display())))?;
+            if let Some(family) = &family {
+                if family.is_dir() {
+                    disk::ensure_family_volume(&state_dir, family, cap_bytes)?;
+                }
+            }
             let cap = disk::ensure_user_volume(&state_dir, &target, &volume_user, cap_bytes)?;
             if !cap.enforced && disk::can_enforce() {
                 // Root without a cap (cap 0): still let the sandbox user write its own dir.

@@ -457,6 +457,44 @@ async fn disk_fill_is_stopped() {
     moltmate_sandbox::disk::release_user_volume(&home).unwrap();
 }
 
+/// The family folder is shared by its members and writable at `/family`: a member filling it
+/// must hit the cap of the family's own volume, not the host's disk.
+#[tokio::test]
+async fn family_folder_fill_is_stopped() {
+    let Some(f) = fixture("famdisk").await else {
+        return;
+    };
+    if !moltmate_sandbox::disk::can_enforce() {
+        println!("SKIP: disk caps need root");
+        return;
+    }
+    let family = f.root.join("families").join("smiths");
+    std::fs::create_dir_all(&family).unwrap();
+    std::fs::write(family.join("FAMILY.md"), "We are the Smiths.").unwrap();
+    let mut req = f.request(
+        "anna",
+        "cat /family/FAMILY.md; for i in 1 2 3 4 5; do head -c 8000000 /dev/zero > /family/f$i; done; echo done",
+    );
+    req.family = Some(family.clone());
+    req.profile.limits.disk_bytes = 16 * 1024 * 1024;
+    let out = f.sandbox.exec(req).await.unwrap();
+    assert!(
+        out.stdout.contains("We are the Smiths."),
+        "migrated: {out:?}"
+    );
+    let total: u64 = std::fs::read_dir(&family)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    assert!(total <= 16 * 1024 * 1024, "wrote {total} bytes: {out:?}");
+    assert!(out.stderr.contains("No space left"), "{out:?}");
+    moltmate_sandbox::disk::release_user_volume(&family).unwrap();
+    let _ = moltmate_sandbox::disk::release_user_volume(&f.home("anna"));
+}
+
 #[tokio::test]
 async fn memory_bomb_fails_inside_the_sandbox() {
     let Some(f) = fixture("mem").await else {

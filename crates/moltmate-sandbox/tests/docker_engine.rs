@@ -504,6 +504,45 @@ async fn docker_disk_cap_gives_enospc() {
     cleanup(&sb, &[&u]).await;
 }
 
+/// A member filling the shared family folder hits the family volume's cap.
+#[tokio::test]
+async fn docker_family_folder_fill_is_stopped() {
+    if ready().await.is_none() {
+        return;
+    }
+    if !disk::can_enforce() {
+        println!("SKIP: disk caps need root");
+        return;
+    }
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_family_folder_fill_is_stopped",
+    ))
+    .unwrap();
+    let u = user("famdisk");
+    let family = PathBuf::from(ROOT).join("families").join(u.as_str());
+    std::fs::create_dir_all(&family).unwrap();
+    std::fs::write(family.join("FAMILY.md"), "We are the Smiths.").unwrap();
+    let mut r = with_limits(
+        request(
+            &u,
+            "cat /family/FAMILY.md; dd if=/dev/zero of=/family/big bs=1M count=100 2>&1",
+            Duration::from_secs(60),
+        ),
+        |l| l.disk_bytes = 32 << 20,
+    );
+    r.family = Some(family.clone());
+    let out = run(&sb, r).await;
+    assert!(out.stdout.contains("We are the Smiths."), "{out:?}");
+    assert!(out.stdout.contains("No space left on device"), "{out:?}");
+    let size = std::fs::metadata(family.join("big")).unwrap().len();
+    assert!(size <= 32 << 20, "wrote {size} bytes");
+    cleanup(&sb, &[&u]).await;
+    disk::release_user_volume(&family).unwrap();
+    let _ = std::fs::remove_dir_all(&family);
+}
+
 #[tokio::test]
 async fn docker_cpu_is_limited_and_spin_times_out() {
     if ready().await.is_none() {
