@@ -361,7 +361,6 @@ async fn bench_backend(choice: moltmate_sandbox::BackendChoice, label: &str) -> 
         image: "moltmate-sandbox:bookworm-slim".into(),
         docker_host: None,
         prune_idle: Duration::from_secs(600),
-        warm_pool: 0,
         state_dir: dir.path().join("sandboxes"),
         allowed_domains: vec![],
         config_digest: "bench".into(),

@@ -272,7 +272,7 @@ impl Config {
     }
 
     /// A stable SHA-256 hex digest of the settings that shape a sandbox (everything under
-    /// `sandbox` except `warmPool` and `prune`, which only decide how many and how long).
+    /// `sandbox` except `prewarm`, `warmPool` and `prune`, which only decide when and how long).
     /// A sandbox created under a different digest is stale and should be recreated.
     pub fn digest_of_sandbox_section(&self) -> String {
         let s = &self.sandbox;

@@ -471,8 +471,13 @@ pub struct SandboxConfig {
     pub docker_host: Option<String>,
     /// Consent for `mode: "none"`. Default false.
     pub dangerously_allow_host_exec: bool,
-    /// Sandboxes kept started ahead of need. Default 1.
-    pub warm_pool: u32,
+    /// Start a user's sandbox in the background when a turn of theirs begins (only users whose
+    /// tools include `exec`), so the first command does not wait for a container to start.
+    /// Default true.
+    pub prewarm: bool,
+    /// Deprecated and ignored (a shared pool cannot be handed a user's mounts later); kept so
+    /// configs written by earlier `moltmate init` still load. Use `prewarm`.
+    pub warm_pool: Option<u32>,
     pub limits: SandboxLimitsConfig,
     pub prune: SandboxPruneConfig,
 }
@@ -489,7 +494,8 @@ impl Default for SandboxConfig {
             image: "moltmate-sandbox:bookworm-slim".to_string(),
             docker_host: None,
             dangerously_allow_host_exec: false,
-            warm_pool: 1,
+            prewarm: true,
+            warm_pool: None,
             limits: SandboxLimitsConfig::default(),
             prune: SandboxPruneConfig::default(),
         }

@@ -93,7 +93,8 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
     image: "moltmate-sandbox:bookworm-slim",
     // dockerHost: "unix:///var/run/docker.sock",
     dangerouslyAllowHostExec: false,
-    warmPool: 1,
+    // Start a user's sandbox in the background when their turn begins (users allowed exec).
+    prewarm: true,
     limits: { memoryMb: 512, cpus: 1.0, pids: 128, diskMb: 1024, tmpMb: 64, outputKb: 64 },
     prune: { idleMinutes: 30 },
   },

@@ -64,7 +64,8 @@ fn empty_object_gives_all_defaults() {
     assert_eq!(c.sandbox.workspace_access, WorkspaceAccess::Rw);
     assert_eq!(c.sandbox.network, SandboxNetwork::None);
     assert_eq!(c.sandbox.image, "moltmate-sandbox:bookworm-slim");
-    assert_eq!(c.sandbox.warm_pool, 1);
+    assert!(c.sandbox.prewarm);
+    assert_eq!(c.sandbox.warm_pool, None);
     assert_eq!(c.sandbox.limits.memory_mb, 512);
     assert_eq!(c.sandbox.limits.cpus, 1.0);
     assert_eq!(
@@ -733,8 +734,10 @@ fn sandbox_digest_is_stable_and_sensitive() {
     .digest_of_sandbox_section();
     assert_eq!(a, b);
     // Settings that do not shape a sandbox do not change it.
-    let c =
-        load("{sandbox: {warmPool: 3, prune: {idleMinutes: 5}}, gateway: {port: 9999}}").unwrap();
+    let c = load(
+        "{sandbox: {warmPool: 3, prewarm: false, prune: {idleMinutes: 5}}, gateway: {port: 9999}}",
+    )
+    .unwrap();
     assert_eq!(a, c.digest_of_sandbox_section());
     for changed in [
         "{sandbox: {limits: {memoryMb: 1024}}}",

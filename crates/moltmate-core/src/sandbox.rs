@@ -221,4 +221,11 @@ pub trait Sandbox: Send + Sync {
     fn stats(&self) -> SandboxStats {
         SandboxStats::default()
     }
+    /// Gets the sandbox `request` would run in ready (created, started) without running its
+    /// command, so that a later `exec` of the same request is warm. Backends with nothing to
+    /// start ahead (bubblewrap makes a namespace per command) do nothing.
+    async fn prewarm(&self, request: &ExecRequest) -> Result<(), SandboxError> {
+        let _ = request;
+        Ok(())
+    }
 }

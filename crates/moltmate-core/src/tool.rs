@@ -5,7 +5,7 @@
 //! a path that came from outside the context.
 
 use crate::model::ToolSpec;
-use crate::sandbox::{ExecSettings, SandboxProfile};
+use crate::sandbox::{ExecCommand, ExecRequest, ExecSettings, SandboxProfile};
 use crate::UserId;
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
@@ -60,6 +60,23 @@ pub struct ToolContext {
     pub sandbox: SandboxProfile,
     /// How `exec` command lines are vetted for this user.
     pub exec: ExecSettings,
+}
+
+impl ToolContext {
+    /// The sandbox request for `command` on behalf of this context's user: their home, family
+    /// folder, session and profile, nothing taken from the model but the command. One place
+    /// builds it, so `exec` and prewarming address the same sandbox.
+    pub fn exec_request(&self, command: ExecCommand, timeout: std::time::Duration) -> ExecRequest {
+        ExecRequest {
+            user: self.user.clone(),
+            home: self.home.root().to_path_buf(),
+            family: self.family.as_ref().map(|f| f.root.clone()),
+            session_id: self.session_id.clone(),
+            command,
+            timeout,
+            profile: self.sandbox.clone(),
+        }
+    }
 }
 
 /// What a tool returns to the model on success.

@@ -791,6 +791,9 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         sandbox: user_settings.sandbox.clone(),
         exec: user_settings.exec.clone(),
     };
+    if inner.settings.prewarm_sandboxes && user_settings.tools.iter().any(|t| t == "exec") {
+        prewarm_sandbox(inner, &context);
+    }
     let mut rows = inner.store.transcript(&session.id).await?;
     let mut prompt = system_prompt(inner, &home, family.as_ref(), session.summary.clone()).await?;
     let mut compaction_usage = Vec::new();
@@ -867,6 +870,24 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         .await?;
     finish(inner, &item, outbox, result.reply, total).await;
     Ok(())
+}
+
+/// Starts the user's sandbox in the background while the model thinks, so a first `exec` in
+/// this turn does not wait for a container to start. Best effort: a failure here surfaces
+/// (and is reported properly) when `exec` itself runs.
+fn prewarm_sandbox(inner: &Arc<Inner>, context: &ToolContext) {
+    let Some(sandbox) = inner.sandbox.clone() else {
+        return;
+    };
+    let request = context.exec_request(
+        moltmate_core::sandbox::ExecCommand::Argv(vec!["true".to_string()]),
+        Duration::from_secs(1),
+    );
+    inner.tasks.spawn(async move {
+        if let Err(e) = sandbox.prewarm(&request).await {
+            tracing::debug!(user = %request.user, error = %e, "sandbox prewarm failed");
+        }
+    });
 }
 
 /// The outbox row for a reply, when its channel pushes replies (Telegram). In-band channels

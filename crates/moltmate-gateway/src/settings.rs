@@ -90,6 +90,9 @@ pub struct GatewaySettings {
     pub sandbox_scratch_dir: Option<std::path::PathBuf>,
     /// Log every tool call (name, user, outcome, duration; never arguments).
     pub log_tool_calls: bool,
+    /// When a turn of a user who may use `exec` begins, start their sandbox in the background
+    /// (`sandbox.prewarm`), so the first command does not wait for it.
+    pub prewarm_sandboxes: bool,
 }
 
 impl Default for GatewaySettings {
@@ -112,6 +115,7 @@ impl Default for GatewaySettings {
             worker_idle: Duration::from_secs(120),
             max_concurrent_turns: 256,
             log_tool_calls: false,
+            prewarm_sandboxes: false,
             sandbox_scratch_dir: None,
             session_idle_reset: None,
             context_window_tokens: 200_000,

@@ -71,11 +71,12 @@
 //! cgroup OOM-kill counter and reported as `exit_code: None` with a note at the end of
 //! `stderr`; commands run with `oom_score_adj` 1000 so the kernel picks them, not the runner.
 //!
-//! # Warm pool
-//! `settings.warm_pool` is ignored by this backend, on purpose: bind mounts are fixed at creation, so a pre-started container
-//! cannot be handed a user's home later without mounting homes it should not see (or a shared
-//! parent). [`DockerSandbox::prewarm`] creates a user's own container ahead of the first call
-//! instead (used by the benchmark and at login).
+//! # No shared warm pool; per-user prewarming instead
+//! Bind mounts are fixed at creation, so a pre-started container could not be handed a user's
+//! home later without mounting homes it should not see (or a shared parent). Instead
+//! [`Sandbox::prewarm`] (with `sandbox.prewarm`, when a turn of a user who may use `exec`
+//! begins) creates that user's own container and starts its runner in the background, while
+//! the model is still thinking, so the first command finds it warm.
 
 use crate::disk::{self, DiskCap};
 use crate::docker_agent::{AgentError, ExecAgent};
@@ -1447,6 +1448,11 @@ impl Sandbox for DockerSandbox {
         Ok(removed)
     }
 
+    async fn prewarm(&self, request: &ExecRequest) -> Result<(), SandboxError> {
+        // The inherent method (which also reports how long it took).
+        DockerSandbox::prewarm(self, request).await.map(|_| ())
+    }
+
     fn stats(&self) -> moltmate_core::sandbox::SandboxStats {
         self.counters.snapshot()
     }
@@ -1478,7 +1484,6 @@ mod tests {
             // Never contacted: these tests only use pure helpers.
             docker_host: Some("tcp://127.0.0.1:9".into()),
             prune_idle: Duration::from_secs(60),
-            warm_pool: 0,
             state_dir: PathBuf::from("/nonexistent/state"),
             allowed_domains: Vec::new(),
             config_digest: digest.into(),

@@ -36,8 +36,6 @@ pub struct SandboxSettings {
     pub docker_host: Option<String>,
     /// Remove sandboxes idle longer than this.
     pub prune_idle: Duration,
-    /// Pre-started containers kept ready for users who have none yet.
-    pub warm_pool: usize,
     /// `<MOLTMATE_HOME>/sandboxes`: backend state (disk images, scratch dirs). 0700.
     pub state_dir: PathBuf,
     /// Domains reachable through the egress proxy when a profile's network is `proxy`.

@@ -73,7 +73,6 @@ fn settings(root: &Path, scope: SandboxScope) -> SandboxSettings {
         image: String::new(),
         docker_host: None,
         prune_idle: Duration::from_secs(3600),
-        warm_pool: 0,
         state_dir: root.join("sandboxes"),
         allowed_domains: Vec::new(),
         config_digest: String::new(),

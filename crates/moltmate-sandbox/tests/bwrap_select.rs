@@ -15,7 +15,6 @@ fn settings(backend: BackendChoice, root: PathBuf) -> SandboxSettings {
         // A socket that does not exist: Docker never answers here.
         docker_host: Some(format!("unix://{}/no-docker.sock", root.display())),
         prune_idle: Duration::from_secs(3600),
-        warm_pool: 0,
         state_dir: root.join("sandboxes"),
         allowed_domains: Vec::new(),
         config_digest: String::new(),

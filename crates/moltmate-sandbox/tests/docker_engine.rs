@@ -30,7 +30,6 @@ fn settings(scope: SandboxScope, digest: &str, state: &str) -> SandboxSettings {
         image: IMAGE.to_string(),
         docker_host: None,
         prune_idle: Duration::from_secs(3600),
-        warm_pool: 0,
         // Short: the egress proxy's unix sockets live below it (sun_path is 108 bytes).
         state_dir: PathBuf::from(ROOT).join(short(state)),
         allowed_domains: Vec::new(),

@@ -19,7 +19,6 @@ async fn docker_image_builds_from_debootstrap() {
         image: "moltmate-sandbox:build-check".into(),
         docker_host: None,
         prune_idle: Duration::from_secs(60),
-        warm_pool: 0,
         state_dir: PathBuf::from("/tmp/moltmate-image-build-test"),
         allowed_domains: Vec::new(),
         config_digest: "build-check".into(),

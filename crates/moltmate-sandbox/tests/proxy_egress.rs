@@ -424,7 +424,6 @@ async fn bwrap_sandbox_reaches_allowed_domain_through_the_proxy() {
         image: String::new(),
         docker_host: None,
         prune_idle: Duration::from_secs(3600),
-        warm_pool: 0,
         state_dir: h.dir.join("sandboxes"),
         allowed_domains: vec!["allowed.test".into()],
         config_digest: String::new(),

@@ -8,7 +8,7 @@
 use crate::args;
 use async_trait::async_trait;
 use moltmate_core::model::ToolSpec;
-use moltmate_core::sandbox::{ExecOutput, ExecRequest, Sandbox, SandboxError};
+use moltmate_core::sandbox::{ExecOutput, Sandbox, SandboxError};
 use moltmate_core::tool::{Tool, ToolContext, ToolError, ToolOutput};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -77,15 +77,7 @@ impl Tool for ExecTool {
         };
         let command = moltmate_sandbox::policy::vet_command(&args.command, &ctx.exec)
             .map_err(|refusal| ToolError::Refused(format!("command refused: {refusal}")))?;
-        let request = ExecRequest {
-            user: ctx.user.clone(),
-            home: ctx.home.root().to_path_buf(),
-            family: ctx.family.as_ref().map(|f| f.root.clone()),
-            session_id: ctx.session_id.clone(),
-            command,
-            timeout,
-            profile: ctx.sandbox.clone(),
-        };
+        let request = ctx.exec_request(command, timeout);
         let output = sandbox.exec(request).await.map_err(sandbox_error)?;
         Ok(ToolOutput::text(render(&output, timeout, capped)))
     }

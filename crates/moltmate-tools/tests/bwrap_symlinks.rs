@@ -33,7 +33,6 @@ async fn symlinks_planted_in_the_sandbox_are_refused_by_the_file_tools() {
         image: String::new(),
         docker_host: None,
         prune_idle: Duration::from_secs(3600),
-        warm_pool: 0,
         state_dir: fx.dir.path().join("sandboxes"),
         allowed_domains: Vec::new(),
         config_digest: String::new(),

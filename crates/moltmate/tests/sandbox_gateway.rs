@@ -56,7 +56,6 @@ async fn start(backend: &str) -> Option<Harness> {
             image: "moltmate-sandbox:bookworm-slim".into(),
             docker_host: None,
             prune_idle: Duration::from_secs(600),
-            warm_pool: 0,
             state_dir: dir.path().to_path_buf(),
             allowed_domains: vec![],
             config_digest: String::new(),
@@ -259,4 +258,44 @@ async fn bwrap_files_written_by_the_file_tools_are_usable_inside_the_sandbox() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn docker_files_written_by_the_file_tools_are_usable_inside_the_sandbox() {
     files_written_by_the_file_tools_are_usable_inside_the_sandbox("docker").await;
+}
+
+/// `sandbox.prewarm` (on by default): a user who may run commands gets their container started
+/// while their first turn runs, before any `exec`; a user who has not written gets none. The
+/// first command then runs in the already-started container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn docker_sandbox_is_started_before_the_first_command() {
+    let Some(h) = start("docker").await else {
+        return;
+    };
+    let sandbox = h.built.sandbox.clone().expect("sandbox");
+    h.telegram.push_text(1001, "hello");
+    assert_eq!(h.expect_reply(1001, 1).await.remove(0), "echo: hello");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = sandbox.list().await.unwrap();
+        // Listed as soon as it is created; counted once started.
+        if listed.iter().any(|s| s.user == "telegram_1001") && sandbox.stats().started == 1 {
+            assert!(
+                !listed.iter().any(|s| s.user == "telegram_2002"),
+                "nobody else's sandbox is started: {listed:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no sandbox was started ahead of the first command: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started_before = sandbox.stats().started;
+    h.telegram.push_text(1001, "run: echo warm");
+    let reply = h.expect_reply(1001, 2).await.remove(1);
+    assert!(reply.contains("warm"), "{reply}");
+    assert_eq!(
+        sandbox.stats().started,
+        started_before,
+        "the command reused the prewarmed container"
+    );
+    h.stop().await;
 }

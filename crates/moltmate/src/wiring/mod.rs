@@ -27,6 +27,9 @@ pub fn check_startup_rules(config: &Config) -> Result<()> {
         // has no host backend: `exec` stays refused. See ARCHITECTURE.md, "No host exec".
         tracing::warn!("sandbox.mode is \"none\": exec is disabled (this gateway never runs commands on the host)");
     }
+    if config.sandbox.warm_pool.is_some() {
+        tracing::warn!("sandbox.warmPool is deprecated and ignored (a shared pool cannot be given a user's mounts later); sandbox.prewarm starts each user's sandbox ahead of their first command instead");
+    }
     // The seed: "Never expose gateway publicly" — not without a token, at least.
     moltmate_web::check_bind(&web_address(config), config.gateway.auth.token.is_some())
         .map_err(|reason| anyhow::anyhow!("gateway.bind: {reason}"))
@@ -93,7 +96,6 @@ pub fn sandbox_settings(home: &Path, config: &Config) -> SandboxSettings {
         image: config.sandbox.image.clone(),
         docker_host: config.sandbox.docker_host.clone(),
         prune_idle: Duration::from_secs(config.sandbox.prune.idle_minutes * 60),
-        warm_pool: config.sandbox.warm_pool as usize,
         state_dir: home.join("sandboxes"),
         allowed_domains: config.sandbox.allowed_domains.clone(),
         config_digest: config.digest_of_sandbox_section(),

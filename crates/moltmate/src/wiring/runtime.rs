@@ -94,7 +94,12 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
     let store = Store::open(&home.join("moltmate.db")).context("opening the database")?;
     let homes = Homes::new(home);
     let shutdown = Shutdown::new();
-    let settings = gateway_settings(config, home);
+    let mut settings = gateway_settings(config, home);
+    if purpose == Purpose::Chat {
+        // A terminal session has no pruner running: only start a sandbox when a command
+        // actually needs one, or it would outlive the session unused.
+        settings.prewarm_sandboxes = false;
+    }
     let model = super::model::model_caller(config)?;
     let sandbox = if sandbox_required(config) {
         match sandbox_backend(home, config).await {

@@ -133,6 +133,7 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
     settings.onboarding_enabled = config.onboarding.enabled;
     settings.personas_dir = Some(home.join("personas"));
     settings.log_tool_calls = config.logging.tools;
+    settings.prewarm_sandboxes = config.sandbox.prewarm;
     settings.session_idle_reset = config
         .session
         .idle_reset_minutes

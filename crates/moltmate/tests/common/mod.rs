@@ -92,13 +92,15 @@ impl Harness {
 
     /// Stops the gateway; returns the temporary directory so a test can keep using the home.
     pub async fn stop(self) -> tempfile::TempDir {
+        self.built.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.channels).await;
+        // Drained first, so no background task (a sandbox prewarm) creates a sandbox after
+        // the prune below.
+        self.built.gateway.drain(Duration::from_secs(5)).await;
         // Production keeps sandboxes warm across restarts; a test removes what it made.
         if let Some(sandbox) = &self.built.sandbox {
             let _ = sandbox.prune(Duration::ZERO).await;
         }
-        self.built.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.channels).await;
-        self.built.gateway.drain(Duration::from_secs(5)).await;
         release_volumes(&self.home);
         self.dir
     }
