@@ -1088,6 +1088,26 @@ impl DockerSandbox {
             .lock_agents()
             .remove(name)
             .filter(|slot| slot.container_id == id);
+        // A runner that died while idle is replaced before the command is sent to it.
+        let slot = match slot {
+            Some(AgentSlot {
+                agent: Some(mut agent),
+                container_id,
+            }) => {
+                if agent.is_alive() {
+                    Some(AgentSlot {
+                        agent: Some(agent),
+                        container_id,
+                    })
+                } else {
+                    tracing::info!(container = %name, "sandbox command runner ended while idle; starting a new one");
+                    drop(agent);
+                    self.reap_all(name, id).await;
+                    None
+                }
+            }
+            other => other,
+        };
         let mut agent = match slot {
             Some(AgentSlot {
                 agent: Some(agent), ..

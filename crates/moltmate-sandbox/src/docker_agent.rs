@@ -164,6 +164,28 @@ impl ExecAgent {
         }
     }
 
+    /// Whether the runner still looks alive between commands: its output stream has not ended.
+    /// Checked without waiting, so a runner that died while idle (killed from outside the
+    /// gateway, say) is replaced before a command is sent to it, rather than after.
+    pub(crate) fn is_alive(&mut self) -> bool {
+        use futures::FutureExt;
+        loop {
+            match self.output.next().now_or_never() {
+                // Nothing pending: alive and idle.
+                None => return true,
+                Some(None) | Some(Some(Err(_))) => return false,
+                Some(Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message }))) => {
+                    // An idle runner prints nothing; keep it for the line reader anyway.
+                    self.pending.extend_from_slice(&message);
+                    if self.pending.len() > 64 * 1024 {
+                        return false;
+                    }
+                }
+                Some(Some(Ok(_))) => {}
+            }
+        }
+    }
+
     /// Runs `argv` with `timeout` and an output cap of `cap` bytes.
     pub(crate) async fn run(
         &mut self,

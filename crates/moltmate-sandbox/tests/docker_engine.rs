@@ -972,6 +972,39 @@ async fn docker_command_that_kills_its_runner_is_contained() {
     assert!(!out.timed_out, "{out:?}");
     let out = run(&sb, request(&u, "echo again", Duration::from_secs(30))).await;
     assert_eq!(out.stdout, "again\n", "{out:?}");
+
+    // A runner killed from outside while idle is replaced before the next command is sent,
+    // so that command runs and its output arrives.
+    let name = sb
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.user == u.as_str())
+        .unwrap()
+        .name;
+    let docker = moltmate_sandbox::docker::connect_client(sb.settings()).unwrap();
+    let exec = docker
+        .create_exec(
+            &name,
+            bollard::exec::CreateExecOptions {
+                cmd: Some(vec!["pkill", "-9", "python3"]),
+                user: Some("1000:1000"),
+                attach_stdout: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    if let bollard::exec::StartExecResults::Attached { mut output, .. } =
+        docker.start_exec(&exec.id, None).await.unwrap()
+    {
+        use futures::StreamExt;
+        while output.next().await.is_some() {}
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = run(&sb, request(&u, "echo fresh", Duration::from_secs(30))).await;
+    assert_eq!(out.stdout, "fresh\n", "{out:?}");
     let mut r = request(&u, "", Duration::from_secs(30));
     r.command = ExecCommand::Argv(vec![
         "ps".into(),
