@@ -195,12 +195,20 @@ pub enum SandboxError {
         backend: &'static str,
         detail: String,
     },
+    /// The command started but its sandbox went away under it (removed, stopped): it may have
+    /// had effects, so it must not be presented as safe to run again.
+    #[error("sandbox backend {backend}: {detail}")]
+    Interrupted {
+        backend: &'static str,
+        detail: String,
+    },
 }
 
 impl SandboxError {
+    /// Whether running the same command again is safe: true only when it cannot have started.
     pub fn is_retryable(&self) -> bool {
         match self {
-            SandboxError::Unavailable(_) => false,
+            SandboxError::Unavailable(_) | SandboxError::Interrupted { .. } => false,
             SandboxError::Backend { .. } => true,
         }
     }

@@ -182,6 +182,14 @@ fn backend_err(detail: impl Into<String>) -> SandboxError {
     }
 }
 
+/// The command may have run: not safe to present as retryable.
+fn interrupted(detail: impl Into<String>) -> SandboxError {
+    SandboxError::Interrupted {
+        backend: BACKEND,
+        detail: detail.into(),
+    }
+}
+
 fn docker_err(context: &str, e: BollardError) -> SandboxError {
     backend_err(format!("{context}: {e}"))
 }
@@ -351,21 +359,15 @@ impl DockerSandbox {
                 .get(&name)
                 .is_some_and(|slot| slot.container_id == id);
             if !has_runner {
-                let agent = match ExecAgent::start(&self.docker, &id, EXEC_USER).await {
-                    Ok(agent) => Some(agent),
-                    Err(AgentError::ContainerGone) => return Ok(started.elapsed()),
-                    Err(AgentError::Unsupported(why) | AgentError::Broken(why)) => {
-                        tracing::warn!(container = %name, reason = %why, "no warm command runner in this sandbox; using one exec per command");
-                        None
-                    }
-                };
-                self.lock_agents().insert(
-                    name,
-                    AgentSlot {
-                        container_id: id,
-                        agent,
-                    },
-                );
+                if let Ok(Some(agent)) = self.start_runner(&name, &id).await {
+                    self.lock_agents().insert(
+                        name,
+                        AgentSlot {
+                            container_id: id,
+                            agent: Some(agent),
+                        },
+                    );
+                }
             }
         }
         Ok(started.elapsed())
@@ -1046,7 +1048,7 @@ impl DockerSandbox {
             if !self.container_running(id).await {
                 // Removed or stopped under the command (prune, another gateway's recovery):
                 // not retried, the command may have had effects already.
-                return Err(RunError::Failed(backend_err(
+                return Err(RunError::Failed(interrupted(
                     "the sandbox was removed while the command ran",
                 )));
             }
@@ -1116,20 +1118,9 @@ impl DockerSandbox {
                 self.lock_agents().insert(name.to_string(), unsupported);
                 return Ok(None);
             }
-            None => match ExecAgent::start(&self.docker, id, EXEC_USER).await {
-                Ok(agent) => agent,
-                Err(AgentError::ContainerGone) => return Err(RunError::Gone),
-                Err(AgentError::Unsupported(why) | AgentError::Broken(why)) => {
-                    tracing::warn!(container = %name, reason = %why, "no warm command runner in this sandbox; using one exec per command");
-                    self.lock_agents().insert(
-                        name.to_string(),
-                        AgentSlot {
-                            container_id: id.to_string(),
-                            agent: None,
-                        },
-                    );
-                    return Ok(None);
-                }
+            None => match self.start_runner(name, id).await? {
+                Some(agent) => agent,
+                None => return Ok(None),
             },
         };
         let cap = request.profile.limits.output_bytes;
@@ -1156,16 +1147,20 @@ impl DockerSandbox {
                     timed_out: out.timed_out,
                 }))
             }
-            Err(AgentError::ContainerGone) => Err(RunError::Failed(backend_err(
+            Err(AgentError::ContainerGone) => Err(RunError::Failed(interrupted(
                 "the sandbox was removed while the command ran",
             ))),
-            Err(AgentError::Unsupported(why) | AgentError::Broken(why)) => {
+            Err(
+                AgentError::Unsupported(why)
+                | AgentError::StartFailed(why)
+                | AgentError::Broken(why),
+            ) => {
                 // Most often the command killed its own runner (`kill -9 -1`). Whatever ran
                 // may have had effects, so it is not run again; the next command gets a
                 // fresh runner.
                 drop(agent);
                 if !self.container_running(id).await {
-                    return Err(RunError::Failed(backend_err(
+                    return Err(RunError::Failed(interrupted(
                         "the sandbox was removed while the command ran",
                     )));
                 }
@@ -1179,6 +1174,33 @@ impl DockerSandbox {
                     truncated: false,
                     timed_out: false,
                 }))
+            }
+        }
+    }
+
+    /// Starts the container's command runner. Must be called under the container's run lock
+    /// (a runner's start-up reap would kill a running command). `None`: run this command with
+    /// one exec; when the image cannot run the runner at all, that is remembered for the
+    /// container. A failed start is reaped, so no stray runner is left to interfere later.
+    async fn start_runner(&self, name: &str, id: &str) -> Result<Option<ExecAgent>, RunError> {
+        match ExecAgent::start(&self.docker, id, EXEC_USER).await {
+            Ok(agent) => Ok(Some(agent)),
+            Err(AgentError::ContainerGone) => Err(RunError::Gone),
+            Err(AgentError::Unsupported(why)) => {
+                tracing::warn!(container = %name, reason = %why, "no warm command runner in this sandbox; using one exec per command");
+                self.lock_agents().insert(
+                    name.to_string(),
+                    AgentSlot {
+                        container_id: id.to_string(),
+                        agent: None,
+                    },
+                );
+                Ok(None)
+            }
+            Err(AgentError::StartFailed(why) | AgentError::Broken(why)) => {
+                tracing::warn!(container = %name, reason = %why, "the sandbox's command runner did not start; this command uses its own exec");
+                self.reap_all(name, id).await;
+                Ok(None)
             }
         }
     }
@@ -1302,7 +1324,9 @@ impl DockerSandbox {
             let id = self.ensure_container(request, &name).await?;
             match self.run_in(&name, &id, request, started).await {
                 Ok(out) => Ok(out),
-                Err(RunError::Gone) => Err(backend_err("sandbox vanished while running")),
+                Err(RunError::Gone) => Err(backend_err(
+                    "the sandbox vanished before the command started",
+                )),
                 Err(RunError::Failed(e)) => Err(e),
             }
         }

@@ -2,17 +2,21 @@
 //!
 //! An Engine API exec costs three requests (create, attached start, inspect) and a `runc exec`
 //! per command: ~65 ms on a 2-core host, over the 50 ms target. Instead, the first command of a
-//! container starts `python3 -c <docker_exec_agent.py>` as the sandbox user with stdin attached,
-//! and every later command is one JSON line to it and one back over that open stream.
+//! container starts `python3 -I -c <docker_exec_agent.py>` as the sandbox user with stdin
+//! attached, and every later command is one JSON line to it and one back over that open stream.
 //!
 //! # Trust
 //! The agent runs inside the user's sandbox, as the user's uid, so a hostile command can kill or
-//! even impersonate it. That stays inside the user's own boundary: it only ever carries that
-//! user's commands in that user's container, and its replies are parsed as untrusted input (a
-//! bounded line, a strict shape). The script itself comes from the gateway in the exec's argv,
-//! never from the sandbox's filesystem. When the agent is gone or misbehaves the gateway drops
-//! it and reaps the container with a separate exec; the next command starts a fresh agent.
-//! A container whose image has no `python3` falls back to one Engine API exec per command.
+//! stop it. It makes itself non-dumpable, so a command cannot reach its file descriptors, memory
+//! or `oom_score_adj` through `/proc` to forge replies or inject requests; each reply must echo
+//! its request's random id, and output from an idle agent counts as a dead agent. All of this
+//! stays inside the user's own boundary anyway: an agent only ever carries that user's commands
+//! in that user's container, and its replies are parsed as untrusted input (a bounded line, a
+//! strict shape). The script comes from the gateway in the exec's argv, never from the
+//! sandbox's filesystem. When the agent is gone or misbehaves the gateway drops it and reaps the
+//! container with a separate exec; the next command starts a fresh agent. A container whose
+//! image has no `python3` (the exec exits 126/127) falls back to one Engine API exec per
+//! command; other start failures fall back for that one command only.
 
 use base64::Engine as _;
 use bollard::container::LogOutput;
@@ -34,8 +38,12 @@ const REPLY_GRACE: Duration = Duration::from_secs(15);
 /// Why talking to the agent failed.
 #[derive(Debug)]
 pub(crate) enum AgentError {
-    /// The agent could not be started here (no python3, exec refused): use per-command execs.
+    /// The image cannot run the agent (no `python3`): use per-command execs for this container.
     Unsupported(String),
+    /// Starting the agent failed this time (slow start, engine hiccup, unclean start-up):
+    /// fall back for this command and try again next time. A stray agent may be left running;
+    /// the caller reaps the container.
+    StartFailed(String),
     /// The engine said the container is gone or stopped.
     ContainerGone,
     /// The agent died, hung or answered nonsense mid-command. The command may have run.
@@ -58,7 +66,6 @@ pub(crate) struct AgentOutput {
 #[serde(deny_unknown_fields)]
 struct Ready {
     ready: bool,
-    #[allow(dead_code)]
     clean: bool,
 }
 
@@ -66,6 +73,7 @@ struct Ready {
 #[serde(untagged)]
 enum Reply {
     Done {
+        id: Option<String>,
         exit: Option<i32>,
         stdout: String,
         stderr: String,
@@ -74,6 +82,7 @@ enum Reply {
         clean: bool,
     },
     Failed {
+        id: Option<String>,
         error: String,
         clean: bool,
     },
@@ -126,18 +135,18 @@ impl ExecAgent {
             if is_gone(&e) {
                 AgentError::ContainerGone
             } else {
-                AgentError::Unsupported(format!("creating the exec agent: {e}"))
+                AgentError::StartFailed(format!("creating the exec agent: {e}"))
             }
         })?;
         let started = docker.start_exec(&exec.id, None).await.map_err(|e| {
             if is_gone(&e) {
                 AgentError::ContainerGone
             } else {
-                AgentError::Unsupported(format!("starting the exec agent: {e}"))
+                AgentError::StartFailed(format!("starting the exec agent: {e}"))
             }
         })?;
         let StartExecResults::Attached { output, input } = started else {
-            return Err(AgentError::Unsupported(
+            return Err(AgentError::StartFailed(
                 "exec agent started detached".to_string(),
             ));
         };
@@ -148,17 +157,36 @@ impl ExecAgent {
         };
         let line = match tokio::time::timeout(READY_TIMEOUT, agent.read_line(4096)).await {
             Ok(Ok(line)) => line,
-            // No ready line: most likely no python3 in the image (the exec exits 127).
-            Ok(Err(e)) => return Err(AgentError::Unsupported(e)),
+            Ok(Err(e)) => {
+                // The agent ended before it was ready. 126/127 from the shell-less exec mean
+                // the image has no (runnable) python3; anything else may pass.
+                let exit = docker
+                    .inspect_exec(&exec.id)
+                    .await
+                    .ok()
+                    .and_then(|i| i.exit_code);
+                return Err(match exit {
+                    Some(126 | 127) => {
+                        AgentError::Unsupported(format!("python3 is not runnable here ({e})"))
+                    }
+                    _ => AgentError::StartFailed(e),
+                });
+            }
             Err(_) => {
-                return Err(AgentError::Unsupported(
+                return Err(AgentError::StartFailed(
                     "the exec agent did not start in time".to_string(),
                 ))
             }
         };
         match serde_json::from_slice::<Ready>(&line) {
-            Ok(Ready { ready: true, .. }) => Ok(agent),
-            _ => Err(AgentError::Unsupported(
+            Ok(Ready {
+                ready: true,
+                clean: true,
+            }) => Ok(agent),
+            Ok(Ready { clean: false, .. }) => Err(AgentError::StartFailed(
+                "processes of an earlier command survived the exec agent's start".to_string(),
+            )),
+            _ => Err(AgentError::StartFailed(
                 "the exec agent answered something other than ready".to_string(),
             )),
         }
@@ -169,21 +197,9 @@ impl ExecAgent {
     /// gateway, say) is replaced before a command is sent to it, rather than after.
     pub(crate) fn is_alive(&mut self) -> bool {
         use futures::FutureExt;
-        loop {
-            match self.output.next().now_or_never() {
-                // Nothing pending: alive and idle.
-                None => return true,
-                Some(None) | Some(Some(Err(_))) => return false,
-                Some(Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message }))) => {
-                    // An idle runner prints nothing; keep it for the line reader anyway.
-                    self.pending.extend_from_slice(&message);
-                    if self.pending.len() > 64 * 1024 {
-                        return false;
-                    }
-                }
-                Some(Some(Ok(_))) => {}
-            }
-        }
+        // Nothing pending: alive and idle. An ended stream is a dead agent, and an idle agent
+        // prints nothing, so any output at all means it cannot be trusted with a command.
+        self.pending.is_empty() && self.output.next().now_or_never().is_none()
     }
 
     /// Runs `argv` with `timeout` and an output cap of `cap` bytes.
@@ -193,7 +209,9 @@ impl ExecAgent {
         timeout: Duration,
         cap: u64,
     ) -> Result<AgentOutput, AgentError> {
+        let request_id = format!("{:016x}", rand::random::<u64>());
         let request = serde_json::json!({
+            "id": request_id,
             "argv": argv,
             "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             "cap": cap,
@@ -221,8 +239,17 @@ impl ExecAgent {
             .map_err(AgentError::Broken)?;
         let reply: Reply = serde_json::from_slice(&reply)
             .map_err(|e| AgentError::Broken(format!("unreadable exec agent reply: {e}")))?;
+        let echoed = match &reply {
+            Reply::Done { id, .. } | Reply::Failed { id, .. } => id.as_deref(),
+        };
+        if echoed != Some(request_id.as_str()) {
+            return Err(AgentError::Broken(
+                "the exec agent answered another request".to_string(),
+            ));
+        }
         match reply {
             Reply::Done {
+                id: _,
                 exit,
                 stdout,
                 stderr,
@@ -251,10 +278,15 @@ impl ExecAgent {
                     clean,
                 })
             }
-            Reply::Failed { error, clean } => Ok(AgentOutput {
-                exit_code: Some(126),
+            Reply::Failed {
+                id: _,
+                error,
+                clean,
+            } => Ok(AgentOutput {
+                exit_code: None,
                 stdout: Vec::new(),
-                stderr: format!("could not run the command: {error}").into_bytes(),
+                stderr: format!("[moltmate: the sandbox's command runner failed: {error}]")
+                    .into_bytes(),
                 truncated: false,
                 timed_out: false,
                 clean,
@@ -282,8 +314,9 @@ impl ExecAgent {
                     self.pending.extend_from_slice(&message)
                 }
                 Some(Ok(LogOutput::StdErr { message })) => {
+                    // Debug formatting: a sandbox's bytes never forge log lines.
                     tracing::debug!(
-                        stderr = %String::from_utf8_lossy(&message[..message.len().min(512)]),
+                        stderr = ?String::from_utf8_lossy(&message[..message.len().min(512)]),
                         "exec agent stderr"
                     );
                 }

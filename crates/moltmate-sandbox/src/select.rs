@@ -41,7 +41,9 @@ pub async fn select_backend(
 fn unavailable_detail(e: &SandboxError) -> String {
     match e {
         SandboxError::Unavailable(detail) => detail.clone(),
-        SandboxError::Backend { detail, .. } => detail.clone(),
+        SandboxError::Backend { detail, .. } | SandboxError::Interrupted { detail, .. } => {
+            detail.clone()
+        }
     }
 }
 

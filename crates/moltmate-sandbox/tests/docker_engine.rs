@@ -960,6 +960,34 @@ async fn docker_command_that_kills_its_runner_is_contained() {
     }
     let out = run(&sb, request(&u, "echo warm", Duration::from_secs(30))).await;
     assert_eq!(out.stdout, "warm\n");
+    // A background job holding the output open neither delays the answer nor survives it.
+    let t = Instant::now();
+    let out = run(
+        &sb,
+        request(&u, "sleep 100 & echo hi; exit 3", Duration::from_secs(20)),
+    )
+    .await;
+    assert_eq!(
+        (out.exit_code, out.stdout.as_str()),
+        (Some(3), "hi\n"),
+        "{out:?}"
+    );
+    assert!(
+        !out.timed_out && t.elapsed() < Duration::from_secs(5),
+        "{out:?}"
+    );
+    // The runner is not dumpable: a command cannot reach its pipes to forge a reply.
+    let out = run(
+        &sb,
+        request(
+            &u,
+            "p=$(pgrep -x python3); echo runner=$p; ls /proc/$p/fd 2>&1 | head -1",
+            Duration::from_secs(20),
+        ),
+    )
+    .await;
+    assert!(!out.stdout.contains("runner=\n"), "runner found: {out:?}");
+    assert!(out.stdout.contains("Permission denied"), "{out:?}");
     let out = run(
         &sb,
         request(

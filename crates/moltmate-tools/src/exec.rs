@@ -123,7 +123,7 @@ fn sandbox_error(e: SandboxError) -> ToolError {
         SandboxError::Unavailable(detail) => ToolError::Refused(format!(
             "exec is unavailable: no sandbox is available ({detail}); commands never run on the host"
         )),
-        e @ SandboxError::Backend { .. } => {
+        e @ (SandboxError::Backend { .. } | SandboxError::Interrupted { .. }) => {
             if e.is_retryable() {
                 ToolError::Failed(format!("{e}; the command may not have run, you can try again"))
             } else {
