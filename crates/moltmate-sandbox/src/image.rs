@@ -103,9 +103,17 @@ pub async fn ensure_image(
     if image_exists(&docker, &settings.image).await? {
         return Ok(false);
     }
+    // Concurrent callers in one process build once: the later ones wait and find the image.
+    // (Two debootstraps into one directory would also trip over each other.)
+    let _building = BUILD_LOCK.lock().await;
+    if image_exists(&docker, &settings.image).await? {
+        return Ok(false);
+    }
     build_image(settings, repo_dockerfile, progress).await?;
     Ok(true)
 }
+
+static BUILD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// [`build_image`] with explicit options.
 pub async fn build_image_with(
