@@ -257,17 +257,24 @@ async fn complete(
     ))
 }
 
+/// One `chat.completion.chunk` event with the given `choices` (and `usage`, for the last one).
+fn chunk_event(id: &str, created: i64, model: &str, choices: Value, usage: Option<Value>) -> Event {
+    let mut body = json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    });
+    if let Some(usage) = usage {
+        body["usage"] = usage;
+    }
+    Event::default().data(body.to_string())
+}
+
 fn chunk(id: &str, created: i64, model: &str, delta: Value, finish_reason: Option<&str>) -> Event {
-    Event::default().data(
-        json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason }]
-        })
-        .to_string(),
-    )
+    let choices = json!([{ "index": 0, "delta": delta, "finish_reason": finish_reason }]);
+    chunk_event(id, created, model, choices, None)
 }
 
 fn streamed(
@@ -315,19 +322,8 @@ fn streamed(
                 }
                 out.push(chunk(&id, created, &model, json!({}), Some("stop")));
                 if include_usage {
-                    out.push(
-                        Event::default().data(
-                            json!({
-                                "id": id,
-                                "object": "chat.completion.chunk",
-                                "created": created,
-                                "model": model,
-                                "choices": [],
-                                "usage": usage_json(&reply.usage),
-                            })
-                            .to_string(),
-                        ),
-                    );
+                    let usage = Some(usage_json(&reply.usage));
+                    out.push(chunk_event(&id, created, &model, json!([]), usage));
                 }
                 out.push(Event::default().data("[DONE]"));
                 out
