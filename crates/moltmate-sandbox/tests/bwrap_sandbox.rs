@@ -432,13 +432,7 @@ async fn disk_fill_is_stopped() {
     );
     req.profile.limits.disk_bytes = 16 * 1024 * 1024;
     let out = f.sandbox.exec(req).await.unwrap();
-    let total: u64 = std::fs::read_dir(&home)
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
-        .sum();
+    let total = file_bytes(&home);
     if moltmate_sandbox::disk::can_enforce() {
         assert!(total <= 16 * 1024 * 1024, "wrote {total} bytes: {out:?}");
     } else {
@@ -481,13 +475,7 @@ async fn family_folder_fill_is_stopped() {
         out.stdout.contains("We are the Smiths."),
         "migrated: {out:?}"
     );
-    let total: u64 = std::fs::read_dir(&family)
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
-        .sum();
+    let total = file_bytes(&family);
     assert!(total <= 16 * 1024 * 1024, "wrote {total} bytes: {out:?}");
     assert!(out.stderr.contains("No space left"), "{out:?}");
     moltmate_sandbox::disk::release_user_volume(&family).unwrap();
@@ -605,4 +593,15 @@ async fn list_and_prune_scratch() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let removed = f.sandbox.prune(Duration::from_millis(500)).await.unwrap();
     assert_eq!(removed.len(), 1, "{removed:?}");
+}
+
+/// Bytes in the regular files directly in `dir`.
+fn file_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }

@@ -360,6 +360,17 @@ async fn docker_users_are_isolated() {
     cleanup(&sb, &[&a, &b]).await;
 }
 
+/// Runs `ps` with `request`'s user and limits and asserts [`assert_only_runner_and_ps`].
+async fn assert_nothing_left(sb: &DockerSandbox, mut request: ExecRequest) {
+    request.command = ExecCommand::Argv(
+        ["ps", "-u", "1000", "-o", "comm="]
+            .map(String::from)
+            .to_vec(),
+    );
+    let out = run(sb, request).await;
+    assert_only_runner_and_ps(&out);
+}
+
 /// `ps -u 1000 -o comm=` shows nothing but the container's command runner (`python3`), the
 /// command wrapper (`sh`, on the per-exec path) and `ps` itself: nothing outlived its call.
 fn assert_only_runner_and_ps(out: &ExecOutput) {
@@ -423,16 +434,11 @@ async fn docker_fork_bomb_is_contained() {
     let out = neighbour_stays_responsive(&sb, &a, &b, bomb).await;
     eprintln!("fork bomb: {out:?}");
     // The sandbox is usable again and nothing of the bomb survives.
-    let mut r = with_limits(request(&a, "", Duration::from_secs(30)), |l| l.pids = 64);
-    r.command = ExecCommand::Argv(vec![
-        "ps".into(),
-        "-u".into(),
-        "1000".into(),
-        "-o".into(),
-        "comm=".into(),
-    ]);
-    let out = run(&sb, r).await;
-    assert_only_runner_and_ps(&out);
+    assert_nothing_left(
+        &sb,
+        with_limits(request(&a, "", Duration::from_secs(30)), |l| l.pids = 64),
+    )
+    .await;
     cleanup(&sb, &[&a, &b]).await;
 }
 
@@ -468,21 +474,21 @@ async fn docker_memory_bomb_is_oom_killed() {
     cleanup(&sb, &[&a, &b]).await;
 }
 
-#[tokio::test]
-async fn docker_disk_cap_gives_enospc() {
-    if ready().await.is_none() {
-        return;
-    }
+/// A sandbox for a disk-cap test, or `None` (skip) when Docker or root is missing.
+async fn disk_cap_sandbox(state: &str) -> Option<DockerSandbox> {
+    ready().await?;
     if !disk::can_enforce() {
         println!("SKIP: disk caps need root");
-        return;
+        return None;
     }
-    let sb = DockerSandbox::connect(&settings(
-        SandboxScope::User,
-        "test",
-        "docker_disk_cap_gives_enospc",
-    ))
-    .unwrap();
+    Some(DockerSandbox::connect(&settings(SandboxScope::User, "test", state)).unwrap())
+}
+
+#[tokio::test]
+async fn docker_disk_cap_gives_enospc() {
+    let Some(sb) = disk_cap_sandbox("docker_disk_cap_gives_enospc").await else {
+        return;
+    };
     let u = user("disk");
     let r = with_limits(
         request(
@@ -506,19 +512,9 @@ async fn docker_disk_cap_gives_enospc() {
 /// A member filling the shared family folder hits the family volume's cap.
 #[tokio::test]
 async fn docker_family_folder_fill_is_stopped() {
-    if ready().await.is_none() {
+    let Some(sb) = disk_cap_sandbox("docker_family_folder_fill_is_stopped").await else {
         return;
-    }
-    if !disk::can_enforce() {
-        println!("SKIP: disk caps need root");
-        return;
-    }
-    let sb = DockerSandbox::connect(&settings(
-        SandboxScope::User,
-        "test",
-        "docker_family_folder_fill_is_stopped",
-    ))
-    .unwrap();
+    };
     let u = user("famdisk");
     let family = PathBuf::from(ROOT).join("families").join(u.as_str());
     std::fs::create_dir_all(&family).unwrap();
@@ -633,16 +629,7 @@ async fn docker_timeout_leaves_no_orphans() {
         "took {:?}",
         t.elapsed()
     );
-    let mut r = request(&u, "", Duration::from_secs(30));
-    r.command = ExecCommand::Argv(vec![
-        "ps".into(),
-        "-u".into(),
-        "1000".into(),
-        "-o".into(),
-        "comm=".into(),
-    ]);
-    let out = run(&sb, r).await;
-    assert_only_runner_and_ps(&out);
+    assert_nothing_left(&sb, request(&u, "", Duration::from_secs(30))).await;
     cleanup(&sb, &[&u]).await;
 }
 
@@ -1033,15 +1020,6 @@ async fn docker_command_that_kills_its_runner_is_contained() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let out = run(&sb, request(&u, "echo fresh", Duration::from_secs(30))).await;
     assert_eq!(out.stdout, "fresh\n", "{out:?}");
-    let mut r = request(&u, "", Duration::from_secs(30));
-    r.command = ExecCommand::Argv(vec![
-        "ps".into(),
-        "-u".into(),
-        "1000".into(),
-        "-o".into(),
-        "comm=".into(),
-    ]);
-    let out = run(&sb, r).await;
-    assert_only_runner_and_ps(&out);
+    assert_nothing_left(&sb, request(&u, "", Duration::from_secs(30))).await;
     cleanup(&sb, &[&u]).await;
 }

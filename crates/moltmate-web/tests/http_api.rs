@@ -101,12 +101,7 @@ async fn a_streamed_completion_uses_openai_chunks_and_done() {
         .unwrap()
         .starts_with("text/event-stream"));
 
-    let data: Vec<&str> = response
-        .body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    assert_eq!(data.last(), Some(&"[DONE]"), "{}", response.body);
+    let data = sse_data(&response.body);
     let chunks: Vec<serde_json::Value> = data[..data.len() - 1]
         .iter()
         .map(|d| serde_json::from_str(d).unwrap())
@@ -157,12 +152,7 @@ async fn a_streamed_completion_reports_usage_when_asked() {
         "messages": [{"role": "user", "content": "count me"}]});
     let response = send(&h.app(), completion_request(&token, body)).await;
     assert_eq!(response.status, StatusCode::OK, "{}", response.body);
-    let data: Vec<&str> = response
-        .body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    assert_eq!(data.last(), Some(&"[DONE]"), "{}", response.body);
+    let data = sse_data(&response.body);
     let usage_chunk: serde_json::Value = serde_json::from_str(data[data.len() - 2]).unwrap();
     assert_eq!(usage_chunk["object"], "chat.completion.chunk");
     assert_eq!(usage_chunk["choices"], json!([]));
@@ -350,4 +340,14 @@ async fn replies_that_were_not_streamed_still_arrive_in_the_stream() {
         "the onboarding menu arrives as content: {text:?}"
     );
     assert!(h.model.calls().is_empty(), "no model was needed for it");
+}
+
+/// The `data:` payloads of an SSE body, checked to end with `[DONE]`.
+fn sse_data(body: &str) -> Vec<&str> {
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{body}");
+    data
 }
