@@ -3,7 +3,7 @@
 
 Sandboxes have no network, only loopback. This script listens on 127.0.0.1:3128 inside the
 sandbox's own network namespace and relays every connection, byte for byte, to the gateway's
-egress proxy through the unix socket mounted at /run/moltmate/proxy.sock. It makes no
+egress proxy through the unix socket mounted at /run/moltmate/proxy/proxy.sock. It makes no
 decisions: the gateway-side proxy filters every request.
 
 Usage: python3 fwd.py [--listen HOST:PORT] [--socket PATH] [--ready FILE]
@@ -15,7 +15,7 @@ import sys
 import threading
 
 LISTEN = ("127.0.0.1", 3128)
-SOCKET = "/run/moltmate/proxy.sock"
+SOCKET = "/run/moltmate/proxy/proxy.sock"
 READY = "/tmp/.moltmate-proxy-ready"
 BUFFER = 65536
 

@@ -35,12 +35,15 @@
 //!   `noexec,nosuid,nodev`.
 //! * `CapDrop: ALL`, `no-new-privileges`; Docker's default seccomp profile stays on.
 //! * `NetworkMode: none` (loopback only), also for [`SandboxNetwork::Proxy`]: then the user's
-//!   egress-proxy socket ([`crate::proxy::EgressProxy::user_socket`]) is bind-mounted at
-//!   [`PROXY_SOCKET_PATH`], the forwarder script read-only at [`FORWARDER_PATH`], the forwarder
+//!   egress-proxy socket directory ([`crate::proxy::EgressProxy::user_socket`]; it holds only
+//!   that user's socket) is bind-mounted at [`PROXY_SOCKET_DIR`] (so the socket is at
+//!   [`crate::proxy::PROXY_SOCKET_PATH`]), the forwarder script read-only at [`FORWARDER_PATH`], the forwarder
 //!   is started (as `nobody`, so the timeout kill spares it) and `HTTP(S)_PROXY` point at it.
 //!   Without an attached proxy ([`DockerSandbox::with_proxy`]) such requests get
-//!   [`SandboxError::Unavailable`]. Proxied containers are not adopted after a restart: the
-//!   restarted proxy binds a new socket inode that the old bind mount would not see.
+//!   [`SandboxError::Unavailable`]. Mounting the directory (label `moltmate.network=proxy-dir`)
+//!   is what lets a proxied container be adopted after a restart: the restarted proxy binds a
+//!   new socket in the same directory, which the container sees; every proxied `exec` makes
+//!   sure that socket is served. Containers of the older file-bind layout are recreated.
 //! * `PidsLimit`, `Memory` = `MemorySwap` (no swap beyond memory), `NanoCpus` from the profile's
 //!   [`SandboxLimits`].
 //! * Mounts: only the user's home at `/workspace` (read-only for [`WorkspaceAccess::Ro`]; a
@@ -82,7 +85,7 @@ use crate::disk::{self, DiskCap};
 use crate::docker_agent::{AgentError, ExecAgent};
 use crate::proxy::{
     forwarder_command, EgressProxy, FORWARDER_PATH, FORWARDER_READY_FILE, FORWARDER_SCRIPT,
-    PROXY_SOCKET_PATH, PROXY_URL,
+    PROXY_SOCKET_DIR, PROXY_URL,
 };
 use crate::settings::{SandboxScope, SandboxSettings};
 use bollard::container::LogOutput;
@@ -400,8 +403,14 @@ impl DockerSandbox {
                     let running = summary.state
                         == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
                     let task = labels.get(LABEL_SCOPE).map(String::as_str) == Some("task");
-                    let proxied = labels.get(LABEL_NETWORK).map(String::as_str) == Some("proxy");
-                    if digest_ok && running && !task && !proxied {
+                    // Proxied containers are adopted when they mount the socket's directory (made
+                    // since `proxy-dir`) and a proxy is attached to serve it again.
+                    let network_ok = match labels.get(LABEL_NETWORK).map(String::as_str) {
+                        Some("proxy-dir") => self.proxy.is_some(),
+                        Some("proxy") => false,
+                        _ => true,
+                    };
+                    if digest_ok && running && !task && network_ok {
                         let used_at = self
                             .read_last_used(&name)
                             .await
@@ -725,7 +734,7 @@ impl DockerSandbox {
         labels.insert(
             LABEL_NETWORK.to_string(),
             if proxied {
-                "proxy".to_string()
+                "proxy-dir".to_string()
             } else {
                 "none".to_string()
             },
@@ -846,7 +855,12 @@ impl DockerSandbox {
                 .await
                 .map_err(|e| backend_err(format!("cannot place the forwarder script: {e}")))?;
         }
-        mounts.push(bind(&socket, PROXY_SOCKET_PATH, false));
+        // The socket's directory, not the socket: a restarted gateway binds a new socket there,
+        // and an adopted container must see it (a file bind would keep the dead inode).
+        let socket_dir = socket
+            .parent()
+            .ok_or_else(|| backend_err("egress proxy socket has no directory"))?;
+        mounts.push(bind(socket_dir, PROXY_SOCKET_DIR, false));
         mounts.push(bind(&script, FORWARDER_PATH, true));
         for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
             env.push(format!("{var}={PROXY_URL}"));
@@ -1385,6 +1399,14 @@ impl Sandbox for DockerSandbox {
     async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
         let started = Instant::now();
         self.check_network(&request)?;
+        if request.profile.network == SandboxNetwork::Proxy {
+            // An adopted container's socket directory needs this gateway's listener in it.
+            if let Some(proxy) = &self.proxy {
+                proxy
+                    .user_socket(&request.user)
+                    .map_err(|e| backend_err(format!("egress proxy socket: {e}")))?;
+            }
+        }
         self.recover().await?;
         if self.settings.scope == SandboxScope::Task {
             return self.exec_task(&request, started).await;

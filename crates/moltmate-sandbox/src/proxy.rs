@@ -131,8 +131,12 @@ fn is_forbidden_v6(ip: Ipv6Addr) -> bool {
 pub const FORWARDER_SCRIPT: &str = include_str!("../../../sandbox/proxy-forwarder.py");
 /// Where sandboxes find the forwarder script.
 pub const FORWARDER_PATH: &str = "/run/moltmate/fwd.py";
-/// Where sandboxes find their user's proxy socket.
-pub const PROXY_SOCKET_PATH: &str = "/run/moltmate/proxy.sock";
+/// Where sandboxes find their user's proxy socket. Docker mounts the socket's directory (see
+/// [`EgressProxy::user_socket`]) at its parent, so a restarted proxy's new socket is seen by
+/// containers that outlived the old one.
+pub const PROXY_SOCKET_PATH: &str = "/run/moltmate/proxy/proxy.sock";
+/// The directory holding [`PROXY_SOCKET_PATH`].
+pub const PROXY_SOCKET_DIR: &str = "/run/moltmate/proxy";
 /// The forwarder creates this file once it listens.
 pub const FORWARDER_READY_FILE: &str = "/tmp/.moltmate-proxy-ready";
 /// The value of `HTTP_PROXY`/`HTTPS_PROXY` inside sandboxes.
@@ -360,10 +364,19 @@ impl EgressProxy {
                 return Ok(path.clone());
             }
         }
-        let path = self
-            .config
-            .socket_dir
-            .join(format!("{}.sock", user.as_str()));
+        // One directory per user, holding only that user's socket: mounted whole into the
+        // user's container, it shows a socket re-bound by a restarted gateway. 0755 so the
+        // sandbox's forwarder can reach the socket; the parent (0700) keeps host users out.
+        let dir = self.config.socket_dir.join(user.as_str());
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&dir)
+            .map_err(|source| ProxyError::Io {
+                context: format!("cannot create {}", dir.display()),
+                source,
+            })?;
+        let path = dir.join("proxy.sock");
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

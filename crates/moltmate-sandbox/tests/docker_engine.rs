@@ -890,9 +890,46 @@ async fn docker_proxy_network_goes_through_the_egress_proxy() {
     let event = events.try_recv();
     assert!(event.is_ok(), "the proxy saw no request");
     // Still no direct route out.
+    let fetch = r.command.clone();
     r.command = ExecCommand::Shell("python3 -c \"import socket; socket.create_connection(('169.254.169.254',80),3)\" 2>&1 | tail -1".into());
-    let out = run(&sb, r).await;
+    let out = run(&sb, r.clone()).await;
     assert!(out.stdout.contains("Error"), "{out:?}");
+
+    // A gateway restart: a new proxy (new socket in the same directory) and a new backend.
+    // The proxied container is adopted, not recreated, and its egress works again.
+    let before: Vec<String> = sb
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    proxy.shutdown();
+    drop(sb);
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let mut config = ProxyConfig::from_settings(&s);
+    config.allowed_domains = vec!["allowed.invalid".into()];
+    config.observer = Some(tx);
+    let proxy = EgressProxy::start_with(config).unwrap();
+    let sb = DockerSandbox::connect(&s)
+        .unwrap()
+        .with_proxy(proxy.clone());
+    r.command = fetch;
+    let out = run(&sb, r).await;
+    assert!(out.stdout.contains("HTTP 403"), "{out:?}");
+    assert!(
+        events.try_recv().is_ok(),
+        "the restarted proxy saw no request"
+    );
+    let after: Vec<String> = sb
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(before, after, "the container was adopted");
+    assert_eq!(sb.stats().started, 0, "nothing was recreated");
     proxy.shutdown();
     cleanup(&sb, &[&u]).await;
 }

@@ -406,7 +406,10 @@ async fn sockets_are_per_user() {
     let a = h.proxy.user_socket(&UserId::new("anna").unwrap()).unwrap();
     let b = h.proxy.user_socket(&UserId::new("bob").unwrap()).unwrap();
     assert_ne!(a, b);
-    assert!(a.ends_with("anna.sock") && b.ends_with("bob.sock"));
+    assert!(a.ends_with("anna/proxy.sock") && b.ends_with("bob/proxy.sock"));
+    // Each socket sits alone in its user's directory (that directory is what Docker mounts).
+    let entries = |p: &std::path::Path| std::fs::read_dir(p.parent().unwrap()).unwrap().count();
+    assert_eq!((entries(&a), entries(&b)), (1, 1));
     assert_eq!(
         a,
         h.proxy.user_socket(&UserId::new("anna").unwrap()).unwrap()
