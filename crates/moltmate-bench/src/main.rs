@@ -398,6 +398,12 @@ async fn bench_backend(choice: moltmate_sandbox::BackendChoice, label: &str) -> 
             .await;
     }
     let _ = sandbox.prune(Duration::ZERO).await;
+    // Homes were put on capped volumes (as root): unmount them before the directory goes.
+    if let Ok(entries) = std::fs::read_dir(&users_dir) {
+        for entry in entries.flatten() {
+            let _ = moltmate_sandbox::disk::release_user_volume(&entry.path());
+        }
+    }
     Ok(())
 }
 

@@ -836,6 +836,7 @@ async fn docker_workspace_access_modes() {
     assert!(!out.stdout.contains("note.txt"), "{out:?}");
     assert!(!out.stdout.contains("shared.txt"), "{out:?}");
     cleanup(&sb, &[&u]).await;
+    let _ = disk::release_user_volume(&family);
     let _ = std::fs::remove_dir_all(&family);
 }
 

@@ -97,4 +97,6 @@ async fn symlinks_planted_in_the_sandbox_are_refused_by_the_file_tools() {
     }
     assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd_before);
     assert!(!fx.dir.path().join("escape.txt").exists());
+    // The home was put on a capped volume (as root); unmount it so no loop device outlives us.
+    let _ = moltmate_sandbox::disk::release_user_volume(&fx.home("anna"));
 }

@@ -109,9 +109,11 @@ impl Harness {
 /// Unmounts the users' capped volumes (made when a sandbox ran), so the temporary directory
 /// can be deleted and no loop device outlives the test.
 pub fn release_volumes(home: &Path) {
-    if let Ok(entries) = std::fs::read_dir(home.join("users")) {
-        for entry in entries.flatten() {
-            let _ = moltmate_sandbox::disk::release_user_volume(&entry.path());
+    for dir in ["users", "families"] {
+        if let Ok(entries) = std::fs::read_dir(home.join(dir)) {
+            for entry in entries.flatten() {
+                let _ = moltmate_sandbox::disk::release_user_volume(&entry.path());
+            }
         }
     }
 }
