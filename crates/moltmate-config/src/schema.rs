@@ -74,17 +74,23 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
-    /// The public origin without a trailing slash, if `publicUrl` is set.
-    pub fn public_origin(&self) -> Option<&str> {
-        self.public_url.as_deref().map(|u| u.trim_end_matches('/'))
+    fn public_url_parsed(&self) -> Option<url::Url> {
+        self.public_url
+            .as_deref()
+            .and_then(|u| url::Url::parse(u).ok())
+    }
+
+    /// The public origin as browsers see it (`scheme://host[:port]`, normalised: lower-case,
+    /// default port dropped), if `publicUrl` is set.
+    pub fn public_origin(&self) -> Option<String> {
+        self.public_url_parsed()
+            .map(|u| u.origin().ascii_serialization())
     }
 
     /// Whether browsers reach the gateway over HTTPS (so cookies must be `Secure`).
     pub fn served_over_https(&self) -> bool {
-        self.public_origin().is_some_and(|u| {
-            u.get(..8)
-                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
-        })
+        self.public_url_parsed()
+            .is_some_and(|u| u.scheme() == "https")
     }
 }
 

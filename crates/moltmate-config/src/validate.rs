@@ -82,6 +82,15 @@ fn public_url(text: &str) -> Result<(), Failure> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(rule(KEY, "needs a host name"));
     }
+    if url.port() == Some(0) {
+        return Err(rule(KEY, "port 0 cannot be reached"));
+    }
+    if text.trim() != text || !text.contains("://") {
+        return Err(rule(
+            KEY,
+            "write it plainly, like \"https://chat.example.com\"",
+        ));
+    }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(rule(KEY, "must not contain a user name or password"));
     }

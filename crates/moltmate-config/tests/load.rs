@@ -389,7 +389,10 @@ fn gateway_rules() {
 #[test]
 fn public_url_and_trusted_proxies() {
     let c = load("{gateway: {publicUrl: 'https://Chat.Example.com/', trustedProxies: ['172.18.0.2', '::1']}}").unwrap();
-    assert_eq!(c.gateway.public_origin(), Some("https://Chat.Example.com"));
+    assert_eq!(
+        c.gateway.public_origin().as_deref(),
+        Some("https://chat.example.com")
+    );
     assert!(c.gateway.served_over_https());
     assert_eq!(c.gateway.trusted_proxies.len(), 2);
     let c = load("{gateway: {publicUrl: 'http://10.0.0.5:18790'}}").unwrap();
@@ -404,6 +407,9 @@ fn public_url_and_trusted_proxies() {
         ),
         ("'https://chat.example.com/moltmate'", "origin only"),
         ("'https://chat.example.com/?a=b'", "origin only"),
+        ("'https://chat.example.com:0'", "port 0"),
+        ("' https://chat.example.com'", "plainly"),
+        ("'https:chat.example.com'", "plainly"),
     ] {
         assert_err(
             &format!("{{gateway: {{publicUrl: {bad}}}}}"),

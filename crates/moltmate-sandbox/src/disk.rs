@@ -88,6 +88,28 @@ pub fn ensure_user_volume(
     user: &UserId,
     cap_bytes: u64,
 ) -> Result<DiskCap, SandboxError> {
+    ensure_volume(state_dir, home, user.as_str(), cap_bytes)
+}
+
+/// Whether preparing `dir`'s capped volume would still have to create it and move the
+/// directory's contents onto it (slow, and not safe while anything else writes there).
+pub fn needs_first_setup(dir: &Path, cap_bytes: u64) -> bool {
+    cap_bytes > 0
+        && can_enforce()
+        && fs::canonicalize(dir)
+            .ok()
+            .and_then(|dir| mounted_source(&dir).ok())
+            .is_none_or(|source| source.is_none())
+}
+
+/// [`ensure_user_volume`] for any directory, with the image `disks/<name>.img`. Names of
+/// non-user volumes contain a `.`, which user ids cannot, so they never share an image.
+fn ensure_volume(
+    state_dir: &Path,
+    home: &Path,
+    name: &str,
+    cap_bytes: u64,
+) -> Result<DiskCap, SandboxError> {
     if cap_bytes == 0 {
         return Ok(DiskCap::not_enforced("no disk cap configured"));
     }
@@ -111,7 +133,7 @@ pub fn ensure_user_volume(
     fs::create_dir_all(&disks)
         .map_err(|e| err(format!("cannot create {}: {e}", disks.display())))?;
     set_mode(&disks, 0o700)?;
-    let image = disks.join(format!("{}.img", user.as_str()));
+    let image = disks.join(format!("{name}.img"));
 
     if let Some(source) = mounted_source(&home)? {
         let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
@@ -119,7 +141,7 @@ pub fn ensure_user_volume(
             // Online growth needs kernel support (and CAP_SYS_RESOURCE); when refused, the new
             // size is applied offline at the next mount instead of failing the command.
             if let Err(e) = grow_mounted(&image, &source, &home, cap_bytes) {
-                tracing::warn!(user = %user, error = %e, "cannot grow the disk cap online; it grows at the next mount");
+                tracing::warn!(volume = %name, error = %e, "cannot grow the disk cap online; it grows at the next mount");
                 // Give the file back its old length so that the next mount sees the cap as
                 // larger than the image and grows it offline. The filesystem never used the
                 // added tail, so this loses nothing.
@@ -128,7 +150,7 @@ pub fn ensure_user_volume(
                 }
             }
         } else if cap_bytes < size {
-            tracing::warn!(user = %user, "disk cap lowered; keeping the larger existing image (shrinking needs the filesystem offline)");
+            tracing::warn!(volume = %name, "disk cap lowered; keeping the larger existing image (shrinking needs the filesystem offline)");
         }
         let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(cap_bytes);
         return Ok(DiskCap {
@@ -141,7 +163,7 @@ pub fn ensure_user_volume(
 
     if !image.exists() {
         create_image(&image, cap_bytes)?;
-        migrate_into(&image, &home, &disks, user)?;
+        migrate_into(&image, &home, &disks, name)?;
     } else {
         let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
         if cap_bytes > size {
@@ -153,7 +175,7 @@ pub fn ensure_user_volume(
         .arg(&image)
         .arg(&home))?;
     let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(cap_bytes);
-    tracing::info!(user = %user, cap_bytes = size, "user home mounted on its capped volume");
+    tracing::info!(volume = %name, cap_bytes = size, "directory mounted on its capped volume");
     Ok(DiskCap {
         enforced: true,
         cap_bytes: size,
@@ -165,8 +187,7 @@ pub fn ensure_user_volume(
 /// Puts a family's shared folder on its own capped volume (`disks/family-<digest>.img`), so
 /// no member can fill the host through `/family` either. The cap is the requesting member's
 /// disk cap (it grows when a member with a larger cap comes along, never shrinks). Same
-/// semantics as [`ensure_user_volume`], whose image naming it reuses with an id derived from
-/// the folder's name.
+/// semantics as [`ensure_user_volume`]; the image is `disks/family.<digest of the name>.img`.
 pub fn ensure_family_volume(
     state_dir: &Path,
     family_dir: &Path,
@@ -178,9 +199,30 @@ pub fn ensure_family_volume(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tag = hex::encode(sha2::Sha256::digest(name.as_bytes()));
-    let volume = UserId::new(format!("family-{}", &tag[..16]))
-        .map_err(|e| err(format!("family volume id: {e}")))?;
-    ensure_user_volume(state_dir, family_dir, &volume, cap_bytes)
+    ensure_volume(
+        state_dir,
+        family_dir,
+        &format!("family.{}", &tag[..16]),
+        cap_bytes,
+    )
+}
+
+/// A user's scratch directory (`workspaceAccess: none`) on its own capped volume,
+/// `disks/scratch.<digest>.img`.
+pub fn ensure_scratch_volume(
+    state_dir: &Path,
+    scratch_dir: &Path,
+    user: &UserId,
+    cap_bytes: u64,
+) -> Result<DiskCap, SandboxError> {
+    use sha2::Digest;
+    let tag = hex::encode(sha2::Sha256::digest(user.as_str().as_bytes()));
+    ensure_volume(
+        state_dir,
+        scratch_dir,
+        &format!("scratch.{}", &tag[..16]),
+        cap_bytes,
+    )
 }
 
 /// Unmounts the user's capped volume (for deleting a user or tests). The image stays.
@@ -224,12 +266,7 @@ fn create_image(image: &Path, cap_bytes: u64) -> Result<(), SandboxError> {
 }
 
 /// Copies the current home into the fresh image, then clears the underlying directory.
-fn migrate_into(
-    image: &Path,
-    home: &Path,
-    disks: &Path,
-    user: &UserId,
-) -> Result<(), SandboxError> {
+fn migrate_into(image: &Path, home: &Path, disks: &Path, name: &str) -> Result<(), SandboxError> {
     let has_content = fs::read_dir(home)
         .map_err(|e| err(format!("cannot read {}: {e}", home.display())))?
         .next()
@@ -237,7 +274,7 @@ fn migrate_into(
     if !has_content {
         return Ok(());
     }
-    let staging = disks.join(format!(".migrate-{}", user.as_str()));
+    let staging = disks.join(format!(".migrate-{name}"));
     fs::create_dir_all(&staging)
         .map_err(|e| err(format!("cannot create {}: {e}", staging.display())))?;
     run(Command::new("mount")

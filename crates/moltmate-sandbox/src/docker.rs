@@ -352,6 +352,21 @@ impl DockerSandbox {
         self.recover().await?;
         if self.settings.scope != SandboxScope::Task {
             self.check_network(request)?;
+            // A directory's first move onto its capped volume copies its files and then deletes
+            // them underneath; the gateway's file tools may be writing there during this very
+            // turn. That move stays with the first `exec` (tool calls of a turn run one at a
+            // time); prewarming starts only once it is done.
+            let (dir, family) = self.mounted_dirs(request);
+            let cap_bytes = request.profile.limits.disk_bytes;
+            let first_setup = tokio::task::spawn_blocking(move || {
+                disk::needs_first_setup(&dir, cap_bytes)
+                    || family.is_some_and(|f| f.is_dir() && disk::needs_first_setup(&f, cap_bytes))
+            })
+            .await
+            .unwrap_or(true);
+            if first_setup {
+                return Ok(started.elapsed());
+            }
             let name = self.container_name(request, None);
             let id = self.ensure_container(request, &name).await?;
             // Under the run lock: a second runner's start-up reap would kill a running command.
@@ -619,46 +634,45 @@ impl DockerSandbox {
     }
 
     /// Prepares the host side of `/workspace`: the home or scratch dir, on its capped volume.
+    /// The host directories a request's container mounts: the workspace (home, or the
+    /// user's scratch dir for `workspaceAccess: none`), and the family folder if mounted.
+    fn mounted_dirs(&self, request: &ExecRequest) -> (PathBuf, Option<PathBuf>) {
+        match request.profile.workspace_access {
+            WorkspaceAccess::Rw | WorkspaceAccess::Ro => {
+                (request.home.clone(), request.family.clone())
+            }
+            WorkspaceAccess::None => (
+                self.settings
+                    .state_dir
+                    .join("scratch")
+                    .join(request.user.as_str()),
+                None,
+            ),
+        }
+    }
+
+    /// Prepares the host side of `/workspace` (and `/family`): each on its capped volume.
     async fn prepare_workspace(
         &self,
         request: &ExecRequest,
     ) -> Result<(PathBuf, DiskCap), SandboxError> {
-        let limits = &request.profile.limits;
-        let (dir, volume_user) = match request.profile.workspace_access {
-            WorkspaceAccess::Rw | WorkspaceAccess::Ro => {
-                (request.home.clone(), request.user.clone())
-            }
-            WorkspaceAccess::None => {
-                let dir = self
-                    .settings
-                    .state_dir
-                    .join("scratch")
-                    .join(request.user.as_str());
-                // The scratch volume needs its own image name; a digest keeps it within the
-                // user-id alphabet and length.
-                let tag = hex::encode(Sha256::digest(request.user.as_str().as_bytes()));
-                let volume_user = UserId::new(format!("scratch-{}", &tag[..16]))
-                    .map_err(|e| backend_err(format!("scratch volume id: {e}")))?;
-                (dir, volume_user)
-            }
-        };
+        let (dir, family) = self.mounted_dirs(request);
+        let scratch = request.profile.workspace_access == WorkspaceAccess::None;
+        let user = request.user.clone();
         let state_dir = self.settings.state_dir.clone();
-        let cap_bytes = limits.disk_bytes;
+        let cap_bytes = request.profile.limits.disk_bytes;
         let target = dir.clone();
-        // The family folder is mounted too (unless the workspace is a scratch dir): cap it.
-        let family = request
-            .family
-            .clone()
-            .filter(|_| request.profile.workspace_access != WorkspaceAccess::None);
         let cap = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&target)
                 .map_err(|e| backend_err(format!("cannot create {}: {e}", target.display())))?;
-            if let Some(family) = &family {
-                if family.is_dir() {
-                    disk::ensure_family_volume(&state_dir, family, cap_bytes)?;
-                }
+            if let Some(family) = family.filter(|f| f.is_dir()) {
+                disk::ensure_family_volume(&state_dir, &family, cap_bytes)?;
             }
-            let cap = disk::ensure_user_volume(&state_dir, &target, &volume_user, cap_bytes)?;
+            let cap = if scratch {
+                disk::ensure_scratch_volume(&state_dir, &target, &user, cap_bytes)?
+            } else {
+                disk::ensure_user_volume(&state_dir, &target, &user, cap_bytes)?
+            };
             if !cap.enforced && disk::can_enforce() {
                 // Root without a cap (cap 0): still let the sandbox user write its own dir.
                 chown_dir(&target)?;
@@ -1276,8 +1290,11 @@ impl DockerSandbox {
                         break;
                     }
                     Ok(None) => break,
+                    // The command has started: whatever fails now, it may have had effects.
                     Ok(Some(Err(e))) => {
-                        return Err(RunError::Failed(docker_err("reading command output", e)))
+                        return Err(RunError::Failed(interrupted(format!(
+                            "reading command output: {e}"
+                        ))))
                     }
                     Ok(Some(Ok(chunk))) => {
                         let room = cap.saturating_sub(stdout.len() + stderr.len());
@@ -1306,11 +1323,10 @@ impl DockerSandbox {
         } else {
             // The stream ends when the process closes its output; the exit code follows shortly.
             for _ in 0..50 {
-                let inspected = self
-                    .docker
-                    .inspect_exec(&exec.id)
-                    .await
-                    .map_err(map_run_err)?;
+                // Never `Gone` here: the command ran, so it must not be run again.
+                let inspected = self.docker.inspect_exec(&exec.id).await.map_err(|e| {
+                    RunError::Failed(interrupted(format!("reading the exit code: {e}")))
+                })?;
                 if inspected.running != Some(true) {
                     exit_code = inspected.exit_code.and_then(|c| i32::try_from(c).ok());
                     break;

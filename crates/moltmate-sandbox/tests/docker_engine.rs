@@ -185,7 +185,7 @@ async fn cleanup(sb: &DockerSandbox, users: &[&UserId]) {
             let _ = std::fs::remove_dir_all(&scratch);
             use sha2::Digest;
             let tag = hex::encode(sha2::Sha256::digest(u.as_str().as_bytes()));
-            let img = format!("scratch-{}.img", &tag[..16]);
+            let img = format!("scratch.{}.img", &tag[..16]);
             let _ = std::fs::remove_file(sb.settings().state_dir.join("disks").join(img));
         }
     }

@@ -112,7 +112,10 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 /// right-most `X-Forwarded-For` entry that is not itself a trusted proxy (entries further
 /// left were written by the client and prove nothing).
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpAddr]) -> IpAddr {
-    if !trusted_proxies.contains(&peer) {
+    // A dual-stack listener sees IPv4 peers as `::ffff:a.b.c.d`: compare canonical forms.
+    let peer = peer.to_canonical();
+    let trusted = |ip: &IpAddr| trusted_proxies.iter().any(|t| t.to_canonical() == *ip);
+    if !trusted(&peer) {
         return peer;
     }
     let forwarded = headers
@@ -124,8 +127,8 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpAddr]) 
         .collect::<Vec<_>>();
     for entry in forwarded.iter().rev() {
         match entry.parse::<IpAddr>() {
-            Ok(ip) if trusted_proxies.contains(&ip) => continue,
-            Ok(ip) => return ip,
+            Ok(ip) if trusted(&ip.to_canonical()) => continue,
+            Ok(ip) => return ip.to_canonical(),
             // Garbage in the chain: stop trusting it and limit the proxy's own bucket.
             Err(_) => return peer,
         }
@@ -290,6 +293,14 @@ mod tests {
         assert_eq!(client_ip(proxy, &headers, &[proxy]), proxy);
         headers.remove("x-forwarded-for");
         assert_eq!(client_ip(proxy, &headers, &[proxy]), proxy);
+        // Regression: behind a dual-stack (`::`) listener the proxy connects as
+        // `::ffff:10.0.0.2`, which must still count as the configured `10.0.0.2`.
+        let mapped: IpAddr = "::ffff:10.0.0.2".parse().unwrap();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        assert_eq!(
+            client_ip(mapped, &headers, &[proxy]),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

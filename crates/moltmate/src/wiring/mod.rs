@@ -45,7 +45,7 @@ pub fn web_address(config: &Config) -> SocketAddr {
 /// cannot open a wildcard address.
 pub fn public_base_url(config: &Config) -> String {
     if let Some(origin) = config.gateway.public_origin() {
-        return origin.to_string();
+        return origin;
     }
     let mut address = web_address(config);
     if address.ip().is_unspecified() {

@@ -126,10 +126,27 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
             store.link_identity(identity, user, "config").await?;
         }
     }
+    let mut family_dirs = Vec::new();
     for family in config.families.keys() {
-        homes.ensure_family(family)?;
+        family_dirs.push(homes.ensure_family(family)?);
     }
-    let _ = purpose;
+    if purpose == Purpose::Serve && sandbox.is_some() {
+        // Family folders go onto their capped volumes before any turn runs: the first move
+        // copies a folder's files and deletes them underneath, which must not overlap with a
+        // member writing there. (Homes move at their user's first `exec`, within that user's
+        // own ordered turn.)
+        let state_dir = super::sandbox_settings(home, config).state_dir;
+        let cap_bytes = config.sandbox.limits.disk_mb * 1024 * 1024;
+        tokio::task::spawn_blocking(move || {
+            for dir in family_dirs {
+                if let Err(e) = moltmate_sandbox::disk::ensure_family_volume(&state_dir, &dir, cap_bytes) {
+                    tracing::warn!(family = %dir.display(), error = %e, "family folder has no disk cap");
+                }
+            }
+        })
+        .await
+        .context("family volume set-up")?;
+    }
     let gateway = Gateway::new(GatewayParts {
         store: store.clone(),
         homes,
