@@ -215,14 +215,19 @@ pub fn ensure_scratch_volume(
     user: &UserId,
     cap_bytes: u64,
 ) -> Result<DiskCap, SandboxError> {
-    use sha2::Digest;
-    let tag = hex::encode(sha2::Sha256::digest(user.as_str().as_bytes()));
     ensure_volume(
         state_dir,
         scratch_dir,
-        &format!("scratch.{}", &tag[..16]),
+        &scratch_volume_name(user),
         cap_bytes,
     )
+}
+
+/// The image stem of `user`'s scratch volume (`disks/<stem>.img`).
+pub fn scratch_volume_name(user: &UserId) -> String {
+    use sha2::Digest;
+    let tag = hex::encode(sha2::Sha256::digest(user.as_str().as_bytes()));
+    format!("scratch.{}", &tag[..16])
 }
 
 /// Unmounts the user's capped volume (for deleting a user or tests). The image stays.

@@ -210,14 +210,26 @@ pub fn wipe_home(home_dir: &Path, users_home: &Path, user: &UserId) -> Result<()
         std::fs::remove_dir_all(users_home)
             .with_context(|| format!("removing {}", users_home.display()))?;
     }
-    let image = home_dir
+    // The scratch directory (`workspaceAccess: none`) is the user's too, and may sit on its
+    // own volume.
+    let scratch = home_dir
         .join("sandboxes")
-        .join("disks")
-        .join(format!("{user}.img"));
-    match std::fs::remove_file(&image) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", image.display())),
+        .join("scratch")
+        .join(user.as_str());
+    if scratch.exists() {
+        moltmate_sandbox::disk::release_user_volume(&scratch)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::fs::remove_dir_all(&scratch)
+            .with_context(|| format!("removing {}", scratch.display()))?;
+    }
+    let disks = home_dir.join("sandboxes").join("disks");
+    let scratch_image = format!("{}.img", moltmate_sandbox::disk::scratch_volume_name(user));
+    for image in [disks.join(format!("{user}.img")), disks.join(scratch_image)] {
+        match std::fs::remove_file(&image) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", image.display())),
+        }
     }
     Ok(())
 }

@@ -84,8 +84,13 @@ async fn users_commands_list_show_export_reset_and_remove() {
         "sessions were wiped"
     );
 
+    // Her sandbox scratch directory (`workspaceAccess: none`) is hers too.
+    let scratch = home.join("sandboxes/scratch/anna");
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(scratch.join("notes.txt"), "scratch").unwrap();
     let (status, _, stderr) = run_cli(&home, &["users", "remove", "anna", "--yes"]);
     assert!(status.success(), "{stderr}");
+    assert!(!scratch.exists(), "the scratch directory outlived its user");
     let (_, list, _) = run_cli(&home, &["users", "list"]);
     assert!(!list.contains("anna"), "{list}");
 
