@@ -167,6 +167,11 @@ async fn run(sb: &DockerSandbox, r: ExecRequest) -> ExecOutput {
     out
 }
 
+/// Runs a shell command line for `user` with a 30 s timeout.
+async fn sh(sb: &DockerSandbox, user: &UserId, command: &str) -> ExecOutput {
+    run(sb, request(user, command, Duration::from_secs(30))).await
+}
+
 async fn cleanup(sb: &DockerSandbox, users: &[&UserId]) {
     for u in users {
         sb.remove_user(u).await.expect("remove containers");
@@ -218,21 +223,13 @@ async fn docker_identity_filesystem_and_secrets() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     cleanup(&sb, &[&w]).await;
     let t = Instant::now();
-    let out = run(
-        &sb,
-        request(
-            &u,
-            "id -u; id -g; pwd; cat hello.txt",
-            Duration::from_secs(30),
-        ),
-    )
-    .await;
+    let out = sh(&sb, &u, "id -u; id -g; pwd; cat hello.txt").await;
     eprintln!("cold exec (create + run): {:?}", t.elapsed());
     assert_eq!(out.exit_code, Some(0));
     assert_eq!(out.stdout, "1000\n1000\n/workspace\nfrom the host\n");
 
     let t = Instant::now();
-    let out = run(&sb, request(&u, "echo warm", Duration::from_secs(30))).await;
+    let out = sh(&sb, &u, "echo warm").await;
     let warm = t.elapsed();
     eprintln!("warm exec: {warm:?}");
     assert_eq!(out.stdout, "warm\n");
@@ -256,12 +253,12 @@ async fn docker_identity_filesystem_and_secrets() {
     assert!(!out.stdout.contains("docker.sock\n/"), "{out:?}");
     assert!(out.stdout.contains("No such file"), "{out:?}");
     // No secrets, only the documented variables.
-    let out = run(&sb, request(&u, "env", Duration::from_secs(30))).await;
+    let out = sh(&sb, &u, "env").await;
     assert!(!out.stdout.contains("ANTHROPIC"), "{out:?}");
     assert!(!out.stdout.contains("sk-ant"), "{out:?}");
     assert!(out.stdout.contains("HOME=/workspace"));
     // Read-only root, noexec /tmp, writable workspace visible on the host.
-    let out = run(&sb, request(&u, "touch /etc/x 2>&1; printf '#!/bin/sh\\necho ran\\n' > /tmp/s.sh; chmod +x /tmp/s.sh; /tmp/s.sh 2>&1; echo made > /workspace/out.txt", Duration::from_secs(30))).await;
+    let out = sh(&sb, &u, "touch /etc/x 2>&1; printf '#!/bin/sh\\necho ran\\n' > /tmp/s.sh; chmod +x /tmp/s.sh; /tmp/s.sh 2>&1; echo made > /workspace/out.txt").await;
     assert!(out.stdout.contains("Read-only file system"), "{out:?}");
     assert!(!out.stdout.contains("ran"), "{out:?}");
     assert_eq!(
@@ -324,22 +321,16 @@ async fn docker_users_are_isolated() {
     .unwrap();
     let a = user("isoa");
     let b = user("isob");
-    run(
+    sh(
         &sb,
-        request(
-            &a,
-            "echo a-secret > /workspace/secret.txt; echo $$ > /tmp/pid",
-            Duration::from_secs(30),
-        ),
+        &a,
+        "echo a-secret > /workspace/secret.txt; echo $$ > /tmp/pid",
     )
     .await;
-    let out = run(
+    let out = sh(
         &sb,
-        request(
-            &b,
-            "cat /workspace/secret.txt 2>&1; cat /tmp/pid 2>&1; ls /workspace; ps -eo comm=",
-            Duration::from_secs(30),
-        ),
+        &b,
+        "cat /workspace/secret.txt 2>&1; cat /tmp/pid 2>&1; ls /workspace; ps -eo comm=",
     )
     .await;
     assert!(!out.stdout.contains("a-secret"), "{out:?}");
@@ -611,7 +602,7 @@ async fn docker_timeout_leaves_no_orphans() {
     ))
     .unwrap();
     let u = user("tmo");
-    run(&sb, request(&u, "true", Duration::from_secs(30))).await;
+    sh(&sb, &u, "true").await;
     let t = Instant::now();
     let out = run(
         &sb,
@@ -947,7 +938,7 @@ async fn docker_concurrent_calls_of_one_user_do_not_kill_each_other() {
     ))
     .unwrap();
     let u = user("conc");
-    run(&sb, request(&u, "true", Duration::from_secs(30))).await;
+    sh(&sb, &u, "true").await;
     let slow = sb.exec(request(&u, "sleep 1; echo slow", Duration::from_secs(30)));
     let fast = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -983,7 +974,7 @@ async fn docker_command_that_kills_its_runner_is_contained() {
         )
         .unwrap();
     }
-    let out = run(&sb, request(&u, "echo warm", Duration::from_secs(30))).await;
+    let out = sh(&sb, &u, "echo warm").await;
     assert_eq!(out.stdout, "warm\n");
     // A background job holding the output open neither delays the answer nor survives it.
     let t = Instant::now();
@@ -1002,28 +993,17 @@ async fn docker_command_that_kills_its_runner_is_contained() {
         "{out:?}"
     );
     // The runner is not dumpable: a command cannot reach its pipes to forge a reply.
-    let out = run(
+    let out = sh(
         &sb,
-        request(
-            &u,
-            "p=$(pgrep -x python3); echo runner=$p; ls /proc/$p/fd 2>&1 | head -1",
-            Duration::from_secs(20),
-        ),
+        &u,
+        "p=$(pgrep -x python3); echo runner=$p; ls /proc/$p/fd 2>&1 | head -1",
     )
     .await;
     assert!(!out.stdout.contains("runner=\n"), "runner found: {out:?}");
     assert!(out.stdout.contains("Permission denied"), "{out:?}");
-    let out = run(
-        &sb,
-        request(
-            &u,
-            "sleep 600 & kill -9 -1; sleep 1; echo after",
-            Duration::from_secs(20),
-        ),
-    )
-    .await;
+    let out = sh(&sb, &u, "sleep 600 & kill -9 -1; sleep 1; echo after").await;
     assert!(!out.timed_out, "{out:?}");
-    let out = run(&sb, request(&u, "echo again", Duration::from_secs(30))).await;
+    let out = sh(&sb, &u, "echo again").await;
     assert_eq!(out.stdout, "again\n", "{out:?}");
 
     // A runner killed from outside while idle is replaced before the next command is sent,
@@ -1056,7 +1036,7 @@ async fn docker_command_that_kills_its_runner_is_contained() {
         while output.next().await.is_some() {}
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let out = run(&sb, request(&u, "echo fresh", Duration::from_secs(30))).await;
+    let out = sh(&sb, &u, "echo fresh").await;
     assert_eq!(out.stdout, "fresh\n", "{out:?}");
     assert_nothing_left(&sb, request(&u, "", Duration::from_secs(30))).await;
     cleanup(&sb, &[&u]).await;
