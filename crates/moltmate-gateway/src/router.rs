@@ -853,10 +853,7 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
     usage.extend(result.usage);
     let total = usage
         .iter()
-        .fold(TokenUsage::default(), |sum, (_, _, u)| TokenUsage {
-            input_tokens: sum.input_tokens.saturating_add(u.input_tokens),
-            output_tokens: sum.output_tokens.saturating_add(u.output_tokens),
-        });
+        .fold(TokenUsage::default(), |sum, (_, _, u)| sum.plus(*u));
     let outbox = inner
         .store
         .complete_turn(TurnRecord {

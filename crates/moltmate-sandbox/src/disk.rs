@@ -184,27 +184,20 @@ fn ensure_volume(
     })
 }
 
-/// Puts a family's shared folder on its own capped volume (`disks/family-<digest>.img`), so
-/// no member can fill the host through `/family` either. The cap is the requesting member's
-/// disk cap (it grows when a member with a larger cap comes along, never shrinks). Same
-/// semantics as [`ensure_user_volume`]; the image is `disks/family.<digest of the name>.img`.
+/// Puts a family's shared folder on its own capped volume, `disks/family.<digest of the
+/// folder's name>.img`, so no member can fill the host through `/family` either. The cap
+/// grows with a larger request, never shrinks. Same semantics as [`ensure_user_volume`].
 pub fn ensure_family_volume(
     state_dir: &Path,
     family_dir: &Path,
     cap_bytes: u64,
 ) -> Result<DiskCap, SandboxError> {
-    use sha2::Digest;
-    let name = family_dir
+    let family = family_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tag = hex::encode(sha2::Sha256::digest(name.as_bytes()));
-    ensure_volume(
-        state_dir,
-        family_dir,
-        &format!("family.{}", &tag[..16]),
-        cap_bytes,
-    )
+    let name = volume_name("family", &family);
+    ensure_volume(state_dir, family_dir, &name, cap_bytes)
 }
 
 /// A user's scratch directory (`workspaceAccess: none`) on its own capped volume,
@@ -225,9 +218,15 @@ pub fn ensure_scratch_volume(
 
 /// The image stem of `user`'s scratch volume (`disks/<stem>.img`).
 pub fn scratch_volume_name(user: &UserId) -> String {
+    volume_name("scratch", user.as_str())
+}
+
+/// `<kind>.<digest of key>`: within file-name limits for any key, and never a user id
+/// (those cannot contain `.`).
+fn volume_name(kind: &str, key: &str) -> String {
     use sha2::Digest;
-    let tag = hex::encode(sha2::Sha256::digest(user.as_str().as_bytes()));
-    format!("scratch.{}", &tag[..16])
+    let tag = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    format!("{kind}.{}", &tag[..16])
 }
 
 /// Unmounts the user's capped volume (for deleting a user or tests). The image stays.

@@ -372,20 +372,8 @@ impl DockerSandbox {
             // Under the run lock: a second runner's start-up reap would kill a running command.
             let lock = self.create_lock(&name);
             let _running = lock.lock().await;
-            let has_runner = self
-                .lock_agents()
-                .get(&name)
-                .is_some_and(|slot| slot.container_id == id);
-            if !has_runner {
-                if let Ok(Some(agent)) = self.start_runner(&name, &id).await {
-                    self.lock_agents().insert(
-                        name,
-                        AgentSlot {
-                            container_id: id,
-                            agent: Some(agent),
-                        },
-                    );
-                }
+            if let Ok(Some(agent)) = self.take_runner(&name, &id).await {
+                self.put_runner(&name, &id, agent);
             }
         }
         Ok(started.elapsed())
@@ -1114,54 +1102,14 @@ impl DockerSandbox {
         argv: &[String],
         request: &ExecRequest,
     ) -> Result<Option<RawRun>, RunError> {
-        let slot = self
-            .lock_agents()
-            .remove(name)
-            .filter(|slot| slot.container_id == id);
-        // A runner that died while idle is replaced before the command is sent to it.
-        let slot = match slot {
-            Some(AgentSlot {
-                agent: Some(mut agent),
-                container_id,
-            }) => {
-                if agent.is_alive() {
-                    Some(AgentSlot {
-                        agent: Some(agent),
-                        container_id,
-                    })
-                } else {
-                    tracing::info!(container = %name, "sandbox command runner ended while idle; starting a new one");
-                    drop(agent);
-                    self.reap_all(name, id).await;
-                    None
-                }
-            }
-            other => other,
-        };
-        let mut agent = match slot {
-            Some(AgentSlot {
-                agent: Some(agent), ..
-            }) => agent,
-            Some(unsupported @ AgentSlot { agent: None, .. }) => {
-                self.lock_agents().insert(name.to_string(), unsupported);
-                return Ok(None);
-            }
-            None => match self.start_runner(name, id).await? {
-                Some(agent) => agent,
-                None => return Ok(None),
-            },
+        let Some(mut agent) = self.take_runner(name, id).await? else {
+            return Ok(None);
         };
         let cap = request.profile.limits.output_bytes;
         match agent.run(argv, request.timeout, cap).await {
             Ok(out) => {
                 if out.clean {
-                    self.lock_agents().insert(
-                        name.to_string(),
-                        AgentSlot {
-                            container_id: id.to_string(),
-                            agent: Some(agent),
-                        },
-                    );
+                    self.put_runner(name, id, agent);
                 } else {
                     drop(agent);
                     tracing::warn!(container = %name, "processes survived the command; reaping the sandbox");
@@ -1204,6 +1152,47 @@ impl DockerSandbox {
                 }))
             }
         }
+    }
+
+    /// Takes the container's live runner out of its slot, or starts one. Must be called under
+    /// the container's run lock. `None`: this command runs with its own exec (the image cannot
+    /// host a runner, or one did not start this time).
+    async fn take_runner(&self, name: &str, id: &str) -> Result<Option<ExecAgent>, RunError> {
+        let slot = self
+            .lock_agents()
+            .remove(name)
+            .filter(|slot| slot.container_id == id);
+        match slot {
+            Some(AgentSlot {
+                agent: Some(mut agent),
+                ..
+            }) => {
+                if agent.is_alive() {
+                    return Ok(Some(agent));
+                }
+                // It died while idle: replace it before a command is sent to it.
+                tracing::info!(container = %name, "sandbox command runner ended while idle; starting a new one");
+                drop(agent);
+                self.reap_all(name, id).await;
+            }
+            Some(unsupported @ AgentSlot { agent: None, .. }) => {
+                self.lock_agents().insert(name.to_string(), unsupported);
+                return Ok(None);
+            }
+            None => {}
+        }
+        self.start_runner(name, id).await
+    }
+
+    /// Puts a runner back for the container's next command.
+    fn put_runner(&self, name: &str, id: &str, agent: ExecAgent) {
+        self.lock_agents().insert(
+            name.to_string(),
+            AgentSlot {
+                container_id: id.to_string(),
+                agent: Some(agent),
+            },
+        );
     }
 
     /// Starts the container's command runner. Must be called under the container's run lock

@@ -100,7 +100,7 @@ fn usage_json(usage: &TokenUsage) -> Value {
     json!({
         "prompt_tokens": usage.input_tokens,
         "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.input_tokens.saturating_add(usage.output_tokens),
+        "total_tokens": usage.total(),
     })
 }
 
