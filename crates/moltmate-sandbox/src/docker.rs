@@ -37,8 +37,9 @@
 //! * `NetworkMode: none` (loopback only), also for [`SandboxNetwork::Proxy`]: then the user's
 //!   egress-proxy socket directory ([`crate::proxy::EgressProxy::user_socket`]; it holds only
 //!   that user's socket) is bind-mounted at [`PROXY_SOCKET_DIR`] (so the socket is at
-//!   [`crate::proxy::PROXY_SOCKET_PATH`]), the forwarder script read-only at [`FORWARDER_PATH`], the forwarder
-//!   is started (as `nobody`, so the timeout kill spares it) and `HTTP(S)_PROXY` point at it.
+//!   [`crate::proxy::PROXY_SOCKET_PATH`]), the forwarder script read-only at
+//!   [`FORWARDER_PATH`], the forwarder is started (as `nobody`, so the timeout kill spares it)
+//!   and `HTTP(S)_PROXY` point at it.
 //!   Without an attached proxy ([`DockerSandbox::with_proxy`]) such requests get
 //!   [`SandboxError::Unavailable`]. Mounting the directory (label `moltmate.network=proxy-dir`)
 //!   is what lets a proxied container be adopted after a restart: the restarted proxy binds a
@@ -346,7 +347,8 @@ impl DockerSandbox {
     }
 
     /// Creates (or adopts) the container `request` would run in and starts its command runner,
-    /// without running a command. Returns how long that took. For `task` scope there is nothing to warm.
+    /// without running a command. Returns how long that took. For `task` scope there is
+    /// nothing to warm.
     pub async fn prewarm(&self, request: &ExecRequest) -> Result<Duration, SandboxError> {
         let started = Instant::now();
         self.recover().await?;
