@@ -840,9 +840,26 @@ async fn docker_availability_probe() {
     assert!(DockerSandbox::connect(&s).is_err());
 }
 
+/// What a gateway starts for proxied sandboxes: an egress proxy allowing `allowed.invalid`
+/// (its events observed) and a Docker backend using it.
+fn start_proxied(
+    s: &SandboxSettings,
+) -> (
+    std::sync::Arc<moltmate_sandbox::proxy::EgressProxy>,
+    DockerSandbox,
+    tokio::sync::mpsc::UnboundedReceiver<moltmate_sandbox::proxy::EgressEvent>,
+) {
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let mut config = moltmate_sandbox::proxy::ProxyConfig::from_settings(s);
+    config.allowed_domains = vec!["allowed.invalid".into()];
+    config.observer = Some(tx);
+    let proxy = moltmate_sandbox::proxy::EgressProxy::start_with(config).unwrap();
+    let sb = DockerSandbox::connect(s).unwrap().with_proxy(proxy.clone());
+    (proxy, sb, events)
+}
+
 #[tokio::test]
 async fn docker_proxy_network_goes_through_the_egress_proxy() {
-    use moltmate_sandbox::proxy::{EgressProxy, ProxyConfig};
     if ready().await.is_none() {
         return;
     }
@@ -866,14 +883,7 @@ async fn docker_proxy_network_goes_through_the_egress_proxy() {
         "{refused}"
     );
 
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let mut config = ProxyConfig::from_settings(&s);
-    config.allowed_domains = vec!["allowed.invalid".into()];
-    config.observer = Some(tx);
-    let proxy = EgressProxy::start_with(config).unwrap();
-    let sb = DockerSandbox::connect(&s)
-        .unwrap()
-        .with_proxy(proxy.clone());
+    let (proxy, sb, mut events) = start_proxied(&s);
     let script = "import urllib.request, os\nprint(os.environ.get('HTTP_PROXY'))\ntry:\n  urllib.request.urlopen('http://blocked.invalid/', timeout=10)\n  print('FETCHED')\nexcept urllib.error.HTTPError as e:\n  print('HTTP', e.code)\nexcept Exception as e:\n  print('ERR', type(e).__name__, e)\n";
     r.command = ExecCommand::Argv(vec!["python3".into(), "-c".into(), script.into()]);
     let out = run(&sb, r.clone()).await;
@@ -898,14 +908,7 @@ async fn docker_proxy_network_goes_through_the_egress_proxy() {
         .collect();
     proxy.shutdown();
     drop(sb);
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let mut config = ProxyConfig::from_settings(&s);
-    config.allowed_domains = vec!["allowed.invalid".into()];
-    config.observer = Some(tx);
-    let proxy = EgressProxy::start_with(config).unwrap();
-    let sb = DockerSandbox::connect(&s)
-        .unwrap()
-        .with_proxy(proxy.clone());
+    let (proxy, sb, mut events) = start_proxied(&s);
     r.command = fetch;
     let out = run(&sb, r).await;
     assert!(out.stdout.contains("HTTP 403"), "{out:?}");
