@@ -139,3 +139,65 @@ pub fn run_cli(home: &Path, args: &[&str]) -> (std::process::ExitStatus, String,
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// The bound every hostile test holds a bystander to: within 2× their normal answer time
+/// plus 500 ms.
+pub fn bystander_bound(normal: Duration) -> Duration {
+    normal * 2 + Duration::from_millis(500)
+}
+
+/// This process's resident set size in bytes (`/proc/self/statm`); 0 where it cannot be read.
+/// Integration tests run the gateway in-process, so this is the gateway's RSS plus the test's.
+pub fn rss_bytes() -> u64 {
+    let page = 4096;
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * page)
+        .unwrap_or(0)
+}
+
+impl Harness {
+    /// Sends `text` as Telegram user `chat_id` and waits for one more reply to that chat;
+    /// returns the reply and how long it took.
+    pub async fn round_trip(&self, chat_id: i64, text: &str) -> (String, Duration) {
+        let chat = chat_id.to_string();
+        let before = self
+            .telegram
+            .sent_messages()
+            .iter()
+            .filter(|m| m.chat_id == chat)
+            .count();
+        let started = std::time::Instant::now();
+        self.telegram.push_text(chat_id, text);
+        let replies = self
+            .telegram
+            .wait_for_messages(chat_id, before + 1, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("bystander {chat_id} got no answer: {e:?}"));
+        (replies[before].clone(), started.elapsed())
+    }
+
+    /// A bystander's normal answer time: the slowest of `rounds` round trips with nothing else
+    /// going on (the slowest, so a hostile test does not fail on ordinary jitter).
+    pub async fn bystander_baseline(&self, chat_id: i64, rounds: usize) -> Duration {
+        let mut slowest = Duration::ZERO;
+        for round in 0..rounds.max(1) {
+            let (_, took) = self.round_trip(chat_id, &format!("baseline {round}")).await;
+            slowest = slowest.max(took);
+        }
+        slowest
+    }
+
+    /// One bystander round trip during an attack, asserted against [`bystander_bound`].
+    pub async fn assert_bystander_answered(&self, chat_id: i64, normal: Duration, what: &str) {
+        let (reply, took) = self
+            .round_trip(chat_id, &format!("still there? ({what})"))
+            .await;
+        let bound = bystander_bound(normal);
+        assert!(
+            took <= bound,
+            "{what}: bystander answered in {took:?}, over the bound {bound:?} (normal {normal:?}); reply {reply:?}"
+        );
+    }
+}
