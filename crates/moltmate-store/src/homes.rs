@@ -10,9 +10,10 @@
 
 use moltmate_core::tool::UserHome;
 use moltmate_core::UserId;
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 /// Errors touching a home directory.
@@ -25,12 +26,86 @@ pub enum HomeError {
     },
     #[error("{0:?} is not a relative path inside the home")]
     BadPath(String),
+    /// Something that is not a regular file where one was expected (or not a directory where
+    /// one was expected): a FIFO, a socket, a device. Refused after an `O_PATH` look, without
+    /// ever being opened for reading or writing, so it cannot block or trigger a driver.
+    #[error("{path} is {kind}, not a {expected}; it was not opened")]
+    NotAFile {
+        path: String,
+        kind: &'static str,
+        expected: &'static str,
+    },
+    /// A symbolic link (or a path leading outside the root): never followed in a home.
+    #[error("{path} is or goes through a symbolic link; links are not followed in homes")]
+    Symlink { path: String },
+    /// A directory walk or listing passed its bound (entries, depth or bytes).
+    #[error("{path}: {what}")]
+    TooBig { path: String, what: String },
+    /// The file was replaced between the look and the open.
+    #[error("{path} was replaced while it was being opened")]
+    Raced { path: String },
+}
+
+impl HomeError {
+    /// True when the file was refused because of what it *is* (a pipe, a link, a huge tree):
+    /// the user's doing, reported to them; false for I/O failures and bad paths from code.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            HomeError::NotAFile { .. }
+            | HomeError::Symlink { .. }
+            | HomeError::TooBig { .. }
+            | HomeError::Raced { .. } => true,
+            HomeError::Io { .. } | HomeError::BadPath(_) => false,
+        }
+    }
+
+    /// Why the file was skipped, in words for its owner ("is a FIFO (named pipe), not a
+    /// regular file"), without the path.
+    pub fn user_reason(&self) -> String {
+        match self {
+            HomeError::NotAFile { kind, expected, .. } => {
+                format!("it is {kind}, not a {expected}")
+            }
+            HomeError::Symlink { .. } => {
+                "it is a symbolic link (links are not followed)".to_string()
+            }
+            HomeError::TooBig { what, .. } => what.clone(),
+            HomeError::Raced { .. } => "it was replaced while it was being opened".to_string(),
+            HomeError::Io { source, .. } => format!("it could not be read ({source})"),
+            HomeError::BadPath(_) => "its name is not a valid path".to_string(),
+        }
+    }
 }
 
 fn io_error(path: &str, source: impl Into<std::io::Error>) -> HomeError {
     HomeError::Io {
         path: path.to_string(),
         source: source.into(),
+    }
+}
+
+/// Maps an errno from a beneath-resolved open to an error: `ELOOP` (a link under
+/// `RESOLVE_NO_SYMLINKS`) and `EXDEV` (an escape) are refusals, the rest I/O.
+fn open_failed(path: &str, e: rustix::io::Errno) -> HomeError {
+    match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => HomeError::Symlink {
+            path: path.to_string(),
+        },
+        e => io_error(path, e),
+    }
+}
+
+/// How a file type reads in a message.
+pub fn describe_kind(kind: FileType) -> &'static str {
+    match kind {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Symlink => "a symbolic link",
+        FileType::Fifo => "a FIFO (named pipe)",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Unknown => "an unknown kind of file",
     }
 }
 
@@ -118,6 +193,22 @@ pub struct UserLock {
 impl Homes {
     /// Blocks until the user's lock is held. Call from a blocking context.
     pub fn lock_user(&self, user: &UserId) -> Result<UserLock, HomeError> {
+        self.lock_user_with(user, rustix::fs::FlockOperation::LockExclusive)?
+            .ok_or_else(|| io_error(user.as_str(), std::io::Error::other("lock not taken")))
+    }
+
+    /// Takes the user's lock if it is free; `Ok(None)` when another process holds it. Never
+    /// waits, so an async caller can poll it without holding a blocking thread for the whole
+    /// time another process answers that user.
+    pub fn try_lock_user(&self, user: &UserId) -> Result<Option<UserLock>, HomeError> {
+        self.lock_user_with(user, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+    }
+
+    fn lock_user_with(
+        &self,
+        user: &UserId,
+        operation: rustix::fs::FlockOperation,
+    ) -> Result<Option<UserLock>, HomeError> {
         let dir = self
             .users_dir
             .parent()
@@ -132,9 +223,11 @@ impl Homes {
             .write(true)
             .open(&path)
             .map_err(|e| io_error(&shown, e))?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| io_error(&shown, e))?;
-        Ok(UserLock { _file: file })
+        match rustix::fs::flock(&file, operation) {
+            Ok(()) => Ok(Some(UserLock { _file: file })),
+            Err(Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(io_error(&shown, e)),
+        }
     }
 }
 
@@ -184,7 +277,7 @@ fn create_private_dir(path: &Path) -> Result<(), HomeError> {
 fn open_root(root: &Path) -> Result<OwnedFd, HomeError> {
     rustix::fs::open(
         root,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
         Mode::empty(),
     )
     .map_err(|e| io_error(&root.display().to_string(), e))
@@ -202,8 +295,93 @@ const BENEATH: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS);
 
+/// `openat2` beneath `dir` with [`BENEATH`], retrying the kernel's `EAGAIN` (a concurrent
+/// rename seen during resolution).
+fn openat_beneath(dir: &impl AsFd, relative: &str, flags: OFlags) -> Result<OwnedFd, Errno> {
+    // `openat2` refuses `O_PATH` with flags other than these three.
+    let flags = if flags.contains(OFlags::PATH) {
+        flags | OFlags::CLOEXEC | OFlags::NOFOLLOW
+    } else {
+        flags | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY
+    };
+    let mut attempts = 0;
+    loop {
+        match rustix::fs::openat2(dir, relative, flags, Mode::empty(), BENEATH) {
+            Err(Errno::AGAIN) if attempts < 8 => attempts += 1,
+            other => return other,
+        }
+    }
+}
+
+/// What [`open_beneath`] should find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    File,
+    Directory,
+}
+
+/// Opens `relative` beneath `dir` so that it cannot block: first with `O_PATH` (which opens
+/// nothing: no FIFO waits for a writer, no device driver runs), `fstat`, and anything but the
+/// expected kind is refused; then for real with `O_NONBLOCK`, checking that the same inode was
+/// opened (a swap in between is refused too). `Ok(None)` when it does not exist.
+pub fn open_beneath(
+    dir: &impl AsFd,
+    relative: &str,
+    expect: Expect,
+) -> Result<Option<(OwnedFd, rustix::fs::Stat)>, HomeError> {
+    check_relative(relative)?;
+    let probe = match openat_beneath(dir, relative, OFlags::PATH) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(open_failed(relative, e)),
+    };
+    let seen = rustix::fs::fstat(&probe).map_err(|e| io_error(relative, e))?;
+    let (wanted, expected, flags) = match expect {
+        Expect::File => (FileType::RegularFile, "regular file", OFlags::RDONLY),
+        Expect::Directory => (
+            FileType::Directory,
+            "directory",
+            OFlags::RDONLY | OFlags::DIRECTORY,
+        ),
+    };
+    let refuse = |kind: FileType| HomeError::NotAFile {
+        path: relative.to_string(),
+        kind: describe_kind(kind),
+        expected,
+    };
+    let kind = FileType::from_raw_mode(seen.st_mode);
+    if kind == FileType::Symlink {
+        // `O_PATH | O_NOFOLLOW` opens a final-component link itself instead of failing.
+        return Err(HomeError::Symlink {
+            path: relative.to_string(),
+        });
+    }
+    if kind != wanted {
+        return Err(refuse(kind));
+    }
+    let fd = match openat_beneath(dir, relative, flags | OFlags::NONBLOCK) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(open_failed(relative, e)),
+    };
+    let stat = rustix::fs::fstat(&fd).map_err(|e| io_error(relative, e))?;
+    let kind = FileType::from_raw_mode(stat.st_mode);
+    if kind != wanted {
+        return Err(refuse(kind));
+    }
+    if (stat.st_dev, stat.st_ino) != (seen.st_dev, seen.st_ino) {
+        return Err(HomeError::Raced {
+            path: relative.to_string(),
+        });
+    }
+    Ok(Some((fd, stat)))
+}
+
 /// Reads a regular file beneath `root`, at most `max_bytes` (the rest is dropped and the result
-/// says so). `Ok(None)` when it does not exist. Symlinks anywhere in the path are refused.
+/// says so). `Ok(None)` when it does not exist. Symlinks anywhere in the path are refused, and
+/// so is anything that is not a regular file (a FIFO, a socket, a device), without opening it:
+/// nothing in a home can make this block. A sparse file of any apparent size costs at most
+/// `max_bytes` of reading.
 pub fn read_beneath(
     root: &Path,
     relative: &str,
@@ -211,41 +389,94 @@ pub fn read_beneath(
 ) -> Result<Option<(String, bool)>, HomeError> {
     check_relative(relative)?;
     let dir = open_root(root)?;
-    let fd = match rustix::fs::openat2(
-        &dir,
-        relative,
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
-        BENEATH,
-    ) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(io_error(relative, e)),
+    let Some((fd, _)) = open_beneath(&dir, relative, Expect::File)? else {
+        return Ok(None);
     };
-    let stat = rustix::fs::fstat(&fd).map_err(|e| io_error(relative, e))?;
-    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
-        return Err(io_error(
-            relative,
-            std::io::Error::other("not a regular file"),
-        ));
-    }
     let mut file = std::fs::File::from(fd);
     let mut bytes = Vec::new();
     (&mut file)
-        .take(max_bytes + 1)
+        .take(max_bytes.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(|e| io_error(relative, e))?;
     let truncated = bytes.len() as u64 > max_bytes;
-    bytes.truncate(max_bytes as usize);
+    bytes.truncate(usize::try_from(max_bytes).unwrap_or(usize::MAX));
     Ok(Some((
         String::from_utf8_lossy(&bytes).into_owned(),
         truncated,
     )))
 }
 
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    /// From the directory entry (`d_type`), not from opening it: for display and filtering.
+    pub kind: FileType,
+}
+
+/// A bounded directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// Entries read, sorted by name, without `.` and `..` and names that are not UTF-8.
+    pub entries: Vec<Entry>,
+    /// False when the directory has more than the bound allowed reading.
+    pub complete: bool,
+}
+
+/// Lists a directory beneath `root` (`"."` for the root itself), reading at most `max_entries`
+/// entries: a directory of millions of entries costs a bounded amount of work, and the result
+/// says it is incomplete. `Ok(None)` when it does not exist; refused when it is not a directory
+/// or goes through a symlink.
+pub fn list_beneath(
+    root: &Path,
+    relative: &str,
+    max_entries: usize,
+) -> Result<Option<Listing>, HomeError> {
+    let dir = open_root(root)?;
+    let fd = if relative == "." {
+        dir
+    } else {
+        match open_beneath(&dir, relative, Expect::Directory)? {
+            Some((fd, _)) => fd,
+            None => return Ok(None),
+        }
+    };
+    list_fd(fd, relative, max_entries).map(Some)
+}
+
+fn list_fd(fd: OwnedFd, shown: &str, max_entries: usize) -> Result<Listing, HomeError> {
+    let dir = rustix::fs::Dir::new(fd).map_err(|e| io_error(shown, e))?;
+    let mut entries = Vec::new();
+    let mut complete = true;
+    for entry in dir {
+        let entry = entry.map_err(|e| io_error(shown, e))?;
+        let bytes = entry.file_name().to_bytes();
+        if bytes == b"." || bytes == b".." {
+            continue;
+        }
+        if entries.len() >= max_entries {
+            complete = false;
+            break;
+        }
+        if let Ok(name) = std::str::from_utf8(bytes) {
+            entries.push(Entry {
+                name: name.to_string(),
+                kind: entry.file_type(),
+            });
+        }
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Listing { entries, complete })
+}
+
 /// Writes `content` to `relative` beneath `root` atomically: parent directories are created
 /// beneath the root, the data goes to a temporary file that is fsynced and renamed over the
 /// target, and the directory is fsynced so the rename itself survives a crash.
+///
+/// The temporary file gets a fresh random name and is created with `O_CREAT | O_EXCL |
+/// O_NOFOLLOW`: two writers never share one, and a FIFO or symlink planted at a guessed name
+/// is never opened (the name is simply taken and another is drawn). On any failure the
+/// temporary file is removed.
 pub fn write_beneath(root: &Path, relative: &str, content: &[u8]) -> Result<(), HomeError> {
     check_relative(relative)?;
     let path = Path::new(relative);
@@ -263,41 +494,261 @@ pub fn write_beneath(root: &Path, relative: &str, content: &[u8]) -> Result<(), 
             };
             let created = match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
                 Ok(()) => true,
-                Err(rustix::io::Errno::EXIST) => false,
+                Err(Errno::EXIST) => false,
                 Err(e) => return Err(io_error(relative, e)),
             };
-            let child = rustix::fs::openat2(
-                &dir,
-                name,
-                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::empty(),
-                BENEATH,
-            )
-            .map_err(|e| io_error(relative, e))?;
+            let name = name
+                .to_str()
+                .ok_or_else(|| HomeError::BadPath(relative.to_string()))?;
+            let child = match open_beneath(&dir, name, Expect::Directory)? {
+                Some((fd, _)) => fd,
+                None => {
+                    return Err(io_error(
+                        relative,
+                        std::io::Error::from(std::io::ErrorKind::NotFound),
+                    ))
+                }
+            };
             if created {
                 inherit_owner(&dir, &child);
             }
             dir = child;
         }
     }
-    let temp_name = format!(".{file_name}.tmp-{}", std::process::id());
-    let fd = rustix::fs::openat(
-        &dir,
-        temp_name.as_str(),
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::from_raw_mode(0o600),
-    )
-    .map_err(|e| io_error(relative, e))?;
+    let (temp_name, fd) = create_temp(&dir, file_name, relative)?;
     inherit_owner(&dir, &fd);
     let mut file = std::fs::File::from(fd);
-    let written = file.write_all(content).and_then(|()| file.sync_all());
+    let written = file
+        .write_all(content)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_error(relative, e))
+        .and_then(|()| {
+            rustix::fs::renameat(&dir, temp_name.as_str(), &dir, file_name)
+                .map_err(|e| io_error(relative, e))
+        });
     if let Err(e) = written {
-        let _ = rustix::fs::unlinkat(&dir, temp_name.as_str(), rustix::fs::AtFlags::empty());
-        return Err(io_error(relative, e));
+        let _ = rustix::fs::unlinkat(&dir, temp_name.as_str(), AtFlags::empty());
+        return Err(e);
     }
-    rustix::fs::renameat(&dir, temp_name.as_str(), &dir, file_name)
-        .map_err(|e| io_error(relative, e))?;
     rustix::fs::fsync(&dir).map_err(|e| io_error(relative, e))?;
+    Ok(())
+}
+
+/// Name prefix of the gateway's temporary files (`.<name>.<random>.moltmate-tmp`).
+pub const TEMP_SUFFIX: &str = ".moltmate-tmp";
+
+/// Creates a fresh temporary file next to `file_name`: random name, `O_EXCL`, never a link.
+fn create_temp(
+    dir: &OwnedFd,
+    file_name: &str,
+    shown: &str,
+) -> Result<(String, OwnedFd), HomeError> {
+    let stem: String = file_name.chars().take(64).collect();
+    for _ in 0..16 {
+        let temp = format!(".{stem}.{:016x}{TEMP_SUFFIX}", rand::random::<u64>());
+        match rustix::fs::openat(
+            dir,
+            temp.as_str(),
+            OFlags::WRONLY
+                | OFlags::CREATE
+                | OFlags::EXCL
+                | OFlags::NOFOLLOW
+                | OFlags::CLOEXEC
+                | OFlags::NONBLOCK,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => return Ok((temp, fd)),
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(io_error(shown, e)),
+        }
+    }
+    Err(io_error(
+        shown,
+        std::io::Error::other("no free temporary file name after 16 attempts"),
+    ))
+}
+
+/// Bounds of [`copy_tree`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyLimits {
+    /// Directories nested deeper than this are not copied.
+    pub max_depth: usize,
+    /// Entries (files, links, directories) copied at most, and per directory read at most.
+    pub max_entries: usize,
+    /// Bytes of file content copied at most; a file that does not fit is skipped.
+    pub max_bytes: u64,
+}
+
+impl Default for CopyLimits {
+    fn default() -> Self {
+        CopyLimits {
+            max_depth: 64,
+            max_entries: 200_000,
+            max_bytes: 8 << 30,
+        }
+    }
+}
+
+/// What [`copy_tree`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyReport {
+    pub files: u64,
+    pub bytes: u64,
+    /// Paths not copied and why (at most 1000 listed; `skipped_total` counts all).
+    pub skipped: Vec<String>,
+    pub skipped_total: u64,
+}
+
+impl CopyReport {
+    fn skip(&mut self, path: &str, why: &str) {
+        self.skipped_total += 1;
+        if self.skipped.len() < 1000 {
+            self.skipped.push(format!("{path}: {why}"));
+        }
+    }
+}
+
+/// Copies the tree at `from` (a home) into the new directory `to`, bounded by `limits`:
+/// never follows a symlink (links are copied as links), never opens anything that is not a
+/// regular file or directory (FIFOs, sockets and devices are skipped and reported), stops
+/// descending at `max_depth`, reads at most `max_entries` entries and copies at most
+/// `max_bytes`. What it skips is in the report, so a hostile home cannot block or fail the
+/// copy (which precedes `users reset` and `users remove`), nor fill the disk with a sparse
+/// file of huge apparent size.
+pub fn copy_tree(from: &Path, to: &Path, limits: CopyLimits) -> Result<CopyReport, HomeError> {
+    create_private_dir(to)?;
+    let source = open_root(from)?;
+    let target = open_root(to)?;
+    let mut report = CopyReport::default();
+    let mut budget = Budget {
+        entries: limits.max_entries,
+        bytes: limits.max_bytes,
+    };
+    copy_dir(&source, &target, "", 0, &limits, &mut budget, &mut report)?;
+    Ok(report)
+}
+
+struct Budget {
+    entries: usize,
+    bytes: u64,
+}
+
+fn copy_dir(
+    source: &OwnedFd,
+    target: &OwnedFd,
+    prefix: &str,
+    depth: usize,
+    limits: &CopyLimits,
+    budget: &mut Budget,
+    report: &mut CopyReport,
+) -> Result<(), HomeError> {
+    let shown = if prefix.is_empty() { "." } else { prefix };
+    let reopened = rustix::fs::openat(
+        source,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(|e| io_error(shown, e))?;
+    let listing = list_fd(reopened, shown, budget.entries.min(limits.max_entries))?;
+    if !listing.complete {
+        report.skip(shown, "too many entries; only the first were copied");
+    }
+    for entry in listing.entries {
+        let path = format!("{prefix}{}", entry.name);
+        if budget.entries == 0 {
+            report.skip(&path, "entry limit reached");
+            continue;
+        }
+        budget.entries -= 1;
+        let name = entry.name.as_str();
+        let kind = match entry.kind {
+            // Some filesystems do not fill `d_type`; a no-follow stat opens nothing.
+            FileType::Unknown => {
+                match rustix::fs::statat(source, name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(stat) => FileType::from_raw_mode(stat.st_mode),
+                    Err(_) => continue,
+                }
+            }
+            kind => kind,
+        };
+        match kind {
+            FileType::Directory => {
+                if depth + 1 >= limits.max_depth {
+                    report.skip(&path, "nested too deep");
+                    continue;
+                }
+                let child = match open_beneath(source, name, Expect::Directory) {
+                    Ok(Some((fd, _))) => fd,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        report.skip(&path, &e.user_reason());
+                        continue;
+                    }
+                };
+                match rustix::fs::mkdirat(target, name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(io_error(&path, e)),
+                }
+                let child_target = match open_beneath(target, name, Expect::Directory)? {
+                    Some((fd, _)) => fd,
+                    None => continue,
+                };
+                copy_dir(
+                    &child,
+                    &child_target,
+                    &format!("{path}/"),
+                    depth + 1,
+                    limits,
+                    budget,
+                    report,
+                )?;
+            }
+            FileType::Symlink => {
+                let link = rustix::fs::readlinkat(source, name, Vec::new())
+                    .map_err(|e| io_error(&path, e))?;
+                match rustix::fs::symlinkat(link.as_c_str(), target, name) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(io_error(&path, e)),
+                }
+            }
+            FileType::RegularFile => {
+                let (fd, stat) = match open_beneath(source, name, Expect::File) {
+                    Ok(Some(opened)) => opened,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        report.skip(&path, &e.user_reason());
+                        continue;
+                    }
+                };
+                let size = u64::try_from(stat.st_size).unwrap_or(0);
+                if size > budget.bytes {
+                    report.skip(&path, &format!("{size} bytes is over the copy limit"));
+                    continue;
+                }
+                let out = rustix::fs::openat(
+                    target,
+                    name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| io_error(&path, e))?;
+                let copied = std::io::copy(
+                    &mut std::fs::File::from(fd).take(budget.bytes),
+                    &mut std::fs::File::from(out),
+                )
+                .map_err(|e| io_error(&path, e))?;
+                budget.bytes -= copied.min(budget.bytes);
+                report.files += 1;
+                report.bytes += copied;
+            }
+            other => report.skip(&path, &format!("it is {}", describe_kind(other))),
+        }
+    }
     Ok(())
 }
 
@@ -354,5 +805,287 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), home.root().join("memory2")).unwrap();
         assert!(write_beneath(home.root(), "memory2/x.md", b"x").is_err());
         assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+
+    /// Makes a FIFO at `path` (what a sandboxed `mkfifo` does).
+    fn mkfifo(path: &Path) {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            path,
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+    }
+
+    /// Runs `f` on a thread and fails the test (rather than hanging it) if it does not return
+    /// within 20 s: the old code blocked forever on these inputs.
+    fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (send, receive) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = send.send(f());
+        });
+        receive
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the call blocked (a hostile file must never block a read or write)")
+    }
+
+    #[test]
+    fn fifo_as_soul_md_is_refused_without_blocking() {
+        let base = tempfile::tempdir().unwrap();
+        let home = Homes::new(base.path())
+            .ensure(&UserId::new("alice").unwrap())
+            .unwrap();
+        mkfifo(&home.root().join("SOUL.md"));
+        let root = home.root().to_path_buf();
+        let error = within(move || read_beneath(&root, "SOUL.md", 1024)).unwrap_err();
+        assert!(error.is_refusal(), "{error}");
+        assert!(
+            matches!(error, HomeError::NotAFile { kind, .. } if kind.contains("FIFO")),
+            "{error}"
+        );
+        assert!(
+            error.user_reason().contains("FIFO"),
+            "{}",
+            error.user_reason()
+        );
+        // A write replaces the FIFO rather than opening it.
+        let root = home.root().to_path_buf();
+        within(move || write_beneath(&root, "SOUL.md", b"be kind")).unwrap();
+        assert_eq!(
+            read_beneath(home.root(), "SOUL.md", 1024).unwrap(),
+            Some(("be kind".to_string(), false))
+        );
+    }
+
+    #[test]
+    fn socket_and_device_nodes_are_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let home = Homes::new(base.path())
+            .ensure(&UserId::new("alice").unwrap())
+            .unwrap();
+        let _listener =
+            std::os::unix::net::UnixListener::bind(home.root().join("USER.md")).unwrap();
+        let error = read_beneath(home.root(), "USER.md", 1024).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                HomeError::NotAFile {
+                    kind: "a socket",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        // A /dev node reached through a symlink is refused at the link, never opened.
+        for device in ["/dev/zero", "/dev/tty", "/dev/random"] {
+            let name = format!("dev-{}.md", device.rsplit('/').next().unwrap());
+            std::os::unix::fs::symlink(device, home.root().join(&name)).unwrap();
+            let error = read_beneath(home.root(), &name, 1024).unwrap_err();
+            assert!(matches!(error, HomeError::Symlink { .. }), "{error}");
+        }
+        // A device node itself (only root can make one; the test runs as root in CI).
+        if rustix::process::geteuid().is_root() {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &home.root().join("MEMORY.md"),
+                FileType::CharacterDevice,
+                Mode::from_raw_mode(0o600),
+                rustix::fs::makedev(1, 5), // /dev/zero
+            )
+            .unwrap();
+            let error = read_beneath(home.root(), "MEMORY.md", 1024).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    HomeError::NotAFile {
+                        kind: "a character device",
+                        ..
+                    }
+                ),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn symlink_loops_are_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let home = Homes::new(base.path())
+            .ensure(&UserId::new("alice").unwrap())
+            .unwrap();
+        std::os::unix::fs::symlink("b.md", home.root().join("a.md")).unwrap();
+        std::os::unix::fs::symlink("a.md", home.root().join("b.md")).unwrap();
+        std::os::unix::fs::symlink(".", home.root().join("memory/loop")).unwrap();
+        for path in ["a.md", "memory/loop/loop/loop/x.md"] {
+            let error = read_beneath(home.root(), path, 1024).unwrap_err();
+            assert!(
+                matches!(error, HomeError::Symlink { .. }),
+                "{path}: {error}"
+            );
+        }
+        assert!(matches!(
+            list_beneath(home.root(), "memory/loop", 10).unwrap_err(),
+            HomeError::Symlink { .. }
+        ));
+    }
+
+    #[test]
+    fn sparse_100_gb_file_read_is_capped() {
+        let base = tempfile::tempdir().unwrap();
+        let home = Homes::new(base.path())
+            .ensure(&UserId::new("alice").unwrap())
+            .unwrap();
+        let file = std::fs::File::create(home.root().join("MEMORY.md")).unwrap();
+        file.set_len(100 << 30).unwrap();
+        let (text, truncated) = read_beneath(home.root(), "MEMORY.md", 4096)
+            .unwrap()
+            .unwrap();
+        assert_eq!((text.len(), truncated), (4096, true));
+    }
+
+    #[test]
+    fn listing_a_directory_of_100k_entries_is_bounded() {
+        let base = tempfile::tempdir().unwrap();
+        let home = Homes::new(base.path())
+            .ensure(&UserId::new("alice").unwrap())
+            .unwrap();
+        let memory = home.root().join("memory");
+        for i in 0..100_000 {
+            std::fs::File::create(memory.join(format!("{i:06}.md"))).unwrap();
+        }
+        let listing = list_beneath(home.root(), "memory", 5_000).unwrap().unwrap();
+        assert_eq!(listing.entries.len(), 5_000);
+        assert!(!listing.complete);
+        let small = list_beneath(home.root(), ".", 5_000).unwrap().unwrap();
+        assert!(small.complete);
+        assert_eq!(small.entries.len(), STANDARD_DIRECTORIES.len());
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_file_never_collide_or_leave_temp_files() {
+        let base = tempfile::tempdir().unwrap();
+        let home = Homes::new(base.path())
+            .ensure(&UserId::new("alice").unwrap())
+            .unwrap();
+        let writers: Vec<_> = (0..8)
+            .map(|writer| {
+                let root = home.root().to_path_buf();
+                std::thread::spawn(move || {
+                    for round in 0..50 {
+                        let content = format!("writer {writer} round {round}\n").repeat(100);
+                        write_beneath(&root, "memory/today.md", content.as_bytes()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let (text, _) = read_beneath(home.root(), "memory/today.md", 1 << 20)
+            .unwrap()
+            .unwrap();
+        let first = text.lines().next().unwrap().to_string();
+        assert!(
+            text.lines().all(|line| line == first),
+            "one writer's whole content, never a mix"
+        );
+        let names: Vec<_> = std::fs::read_dir(home.root().join("memory"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["today.md".to_string()], "no temp file left");
+    }
+
+    #[test]
+    fn planted_files_at_temp_names_are_never_opened() {
+        let base = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let home = Homes::new(base.path())
+            .ensure(&UserId::new("alice").unwrap())
+            .unwrap();
+        // The old temp name was `.<name>.tmp-<pid>`: a FIFO there blocked the write, a symlink
+        // there redirected it.
+        mkfifo(
+            &home
+                .root()
+                .join(format!(".SOUL.md.tmp-{}", std::process::id())),
+        );
+        std::os::unix::fs::symlink(
+            outside.path().join("stolen"),
+            home.root()
+                .join(format!(".USER.md.tmp-{}", std::process::id())),
+        )
+        .unwrap();
+        let root = home.root().to_path_buf();
+        within(move || {
+            write_beneath(&root, "SOUL.md", b"soul").unwrap();
+            write_beneath(&root, "USER.md", b"user").unwrap();
+        });
+        assert!(!outside.path().join("stolen").exists());
+        assert_eq!(
+            read_beneath(home.root(), "USER.md", 64).unwrap(),
+            Some(("user".to_string(), false))
+        );
+    }
+
+    #[test]
+    fn copying_a_hostile_home_is_bounded_and_skips_what_it_cannot_copy() {
+        let base = tempfile::tempdir().unwrap();
+        let home = Homes::new(base.path())
+            .ensure(&UserId::new("alice").unwrap())
+            .unwrap();
+        write_beneath(home.root(), "MEMORY.md", b"keep me").unwrap();
+        mkfifo(&home.root().join("SOUL.md"));
+        let _listener = std::os::unix::net::UnixListener::bind(home.root().join("sock")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", home.root().join("link")).unwrap();
+        std::fs::File::create(home.root().join("sparse"))
+            .unwrap()
+            .set_len(100 << 30)
+            .unwrap();
+        // 1000 nested directories.
+        let mut deep = home.root().join("workspace");
+        for _ in 0..1000 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+
+        let to = base.path().join("archive");
+        let root = home.root().to_path_buf();
+        let target = to.clone();
+        let report = within(move || {
+            copy_tree(
+                &root,
+                &target,
+                CopyLimits {
+                    max_depth: 32,
+                    max_entries: 10_000,
+                    max_bytes: 1 << 20,
+                },
+            )
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(to.join("MEMORY.md")).unwrap(), b"keep me");
+        assert_eq!(
+            std::fs::read_link(to.join("link")).unwrap(),
+            Path::new("/etc/passwd"),
+            "links are copied as links, never followed"
+        );
+        assert!(!to.join("SOUL.md").exists() && !to.join("sock").exists());
+        assert!(!to.join("sparse").exists());
+        let skipped = report.skipped.join("\n");
+        for expected in [
+            "SOUL.md: it is a FIFO",
+            "sock: it is a socket",
+            "sparse:",
+            "nested too deep",
+        ] {
+            assert!(
+                skipped.contains(expected),
+                "{expected} missing in {skipped}"
+            );
+        }
+        assert_eq!(report.bytes, 7);
     }
 }

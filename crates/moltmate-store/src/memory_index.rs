@@ -9,7 +9,7 @@
 //! are added.
 
 use crate::db::StoreError;
-use crate::homes::read_beneath;
+use crate::homes::{list_beneath, read_beneath};
 use moltmate_core::model::ConversationItem;
 use moltmate_core::UserId;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -77,7 +77,7 @@ impl MemoryIndex {
     /// Re-indexes files that changed under the given roots; drops entries of files that are
     /// gone. Files are read beneath their root without following symlinks.
     pub fn sync_files(&mut self, roots: &[IndexedRoot<'_>]) -> Result<(), StoreError> {
-        let mut seen = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for root in roots {
             let mut candidates: Vec<String> = root.files.iter().map(|f| f.to_string()).collect();
             for dir in root.directories {
@@ -90,7 +90,7 @@ impl MemoryIndex {
                     continue;
                 };
                 let source = format!("{}{relative}", root.prefix);
-                seen.push(source.clone());
+                seen.insert(source.clone());
                 let known: Option<(i64, i64)> = self
                     .connection
                     .query_row(
@@ -245,33 +245,23 @@ fn stat_beneath(root: &Path, relative: &str) -> Option<(i64, i64)> {
     ))
 }
 
+/// Directory entries read at most per indexed directory: a `memory/` of millions of entries
+/// costs bounded work (the first entries the kernel returns are indexed, the rest ignored).
+pub const MAX_DIRECTORY_SCAN: usize = 10_000;
+/// Notes indexed at most per directory.
+const MAX_NOTES: usize = 2_000;
+
 fn list_markdown_beneath(root: &Path, directory: &str) -> Vec<String> {
-    let Ok(dir) = rustix::fs::open(
-        root,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) else {
+    let Ok(Some(listing)) = list_beneath(root, directory, MAX_DIRECTORY_SCAN) else {
         return Vec::new();
     };
-    let Ok(fd) = rustix::fs::openat2(
-        &dir,
-        directory,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-        BENEATH,
-    ) else {
-        return Vec::new();
-    };
-    let Ok(entries) = rustix::fs::Dir::read_from(&fd) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str().ok().map(str::to_string))
+    let mut names: Vec<String> = listing
+        .entries
+        .into_iter()
+        .map(|e| e.name)
         .filter(|n| n.ends_with(".md") && !n.starts_with('.'))
         .collect();
-    names.sort();
-    names.truncate(2000);
+    names.truncate(MAX_NOTES);
     names
 }
 
@@ -354,5 +344,45 @@ mod tests {
         let hits = index.search("gruber", 5).unwrap();
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].source, "transcript");
+    }
+
+    #[test]
+    fn index_sync_skips_fifos_and_reads_a_bounded_part_of_a_huge_memory_directory() {
+        let base = tempfile::tempdir().unwrap();
+        let homes = Homes::new(base.path());
+        let user = UserId::new("alice").unwrap();
+        let home = homes.ensure(&user).unwrap();
+        for name in ["MEMORY.md", "memory/0-fifo.md"] {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &home.root().join(name),
+                rustix::fs::FileType::Fifo,
+                Mode::from_raw_mode(0o600),
+                0,
+            )
+            .unwrap();
+        }
+        for i in 0..(MAX_DIRECTORY_SCAN * 2) {
+            std::fs::write(home.root().join(format!("memory/{i:06}.md")), "marmalade\n").unwrap();
+        }
+        let root = home.root().to_path_buf();
+        let index_dir = base.path().join("index");
+        let (send, receive) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut index = MemoryIndex::open(&index_dir, &user).unwrap();
+            index
+                .sync_files(&[IndexedRoot {
+                    root: &root,
+                    prefix: "",
+                    files: &["MEMORY.md", "USER.md"],
+                    directories: &["memory"],
+                }])
+                .unwrap();
+            let _ = send.send(index.search("marmalade", 100_000).unwrap().len());
+        });
+        let hits = receive
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("indexing blocked on a FIFO");
+        assert!(hits > 0 && hits <= MAX_NOTES, "{hits} notes indexed");
     }
 }
