@@ -9,8 +9,15 @@
 
 use crate::persona::{self, Persona};
 use moltmate_core::tool::UserHome;
-use moltmate_store::homes::write_beneath;
+use moltmate_store::homes::{list_beneath, read_beneath, write_beneath};
 use std::path::Path;
+
+/// Entries of the personas folder read at most.
+const MAX_PERSONA_SCAN: usize = 1_000;
+/// Operator personas offered at most (the menu is a chat message).
+const MAX_PERSONAS: usize = 50;
+/// Largest persona file read (the rest is cut).
+const MAX_PERSONA_FILE: u64 = 64 * 1024;
 
 /// A persona the user can pick: built-in or an operator's template folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +45,7 @@ fn from_built_in(p: Persona, label: &str, en: &str, de: &str, emoji: &str) -> Pe
 
 /// Built-ins (Cami, Molty) followed by the operator's `personas/<key>/` folders, each with a
 /// SOUL.md and an optional IDENTITY.md (`Name: ...` and `Emoji: ...` lines are read from it).
+/// Blocking; symlinked folders and files are not followed.
 pub fn available_personas(personas_dir: Option<&Path>) -> Vec<PersonaChoice> {
     let mut choices = vec![
         from_built_in(
@@ -58,28 +66,55 @@ pub fn available_personas(personas_dir: Option<&Path>) -> Vec<PersonaChoice> {
     let Some(dir) = personas_dir else {
         return choices;
     };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return choices;
+    // The folder is the operator's, but read as carefully as a home: no symlinks followed,
+    // nothing but regular files opened (a FIFO here must not hang onboarding), bounded in
+    // entries and size.
+    let folders = match list_beneath(dir, ".", MAX_PERSONA_SCAN) {
+        Ok(Some(listing)) => listing.entries,
+        Ok(None) => return choices,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "the personas folder cannot be listed");
+            return choices;
+        }
     };
-    let mut folders: Vec<_> = entries
-        .filter_map(Result::ok)
-        .filter(|e| e.path().is_dir())
-        .collect();
-    folders.sort_by_key(|e| e.file_name());
+    let mut added = 0;
     for folder in folders {
-        let key = folder.file_name().to_string_lossy().to_lowercase();
-        if choices.iter().any(|c| c.key == key) || key.starts_with('.') {
+        if !folder.is_dir() || added >= MAX_PERSONAS {
             continue;
         }
-        let Ok(soul) = std::fs::read_to_string(folder.path().join("SOUL.md")) else {
+        let key = folder.name.to_lowercase();
+        if choices.iter().any(|c| c.key == key)
+            || key.starts_with('.')
+            || !key
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '-' || c == '_')
+        {
             continue;
+        }
+        let soul = match read_beneath(dir, &format!("{}/SOUL.md", folder.name), MAX_PERSONA_FILE) {
+            Ok(Some((soul, _))) => soul,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(persona = %key, error = %e, "an operator persona was skipped");
+                continue;
+            }
         };
-        let identity = std::fs::read_to_string(folder.path().join("IDENTITY.md"))
-            .unwrap_or_else(|_| format!("# Identity\n\nName: {key}\n"));
-        let field = |name: &str| {
+        let identity = match read_beneath(
+            dir,
+            &format!("{}/IDENTITY.md", folder.name),
+            MAX_PERSONA_FILE,
+        ) {
+            Ok(Some((identity, _))) => identity,
+            _ => format!("# Identity\n\nName: {key}\n"),
+        };
+        added += 1;
+        let field = |name: &str, max_chars: usize| {
             identity
                 .lines()
-                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                .find_map(|l| {
+                    l.strip_prefix(name)
+                        .map(|v| v.trim().chars().take(max_chars).collect::<String>())
+                })
                 .filter(|v| !v.is_empty())
         };
         let description = soul
@@ -91,8 +126,8 @@ pub fn available_personas(personas_dir: Option<&Path>) -> Vec<PersonaChoice> {
             .take(80)
             .collect::<String>();
         choices.push(PersonaChoice {
-            label: field("Name:").unwrap_or_else(|| key.clone()),
-            emoji: field("Emoji:").unwrap_or_else(|| "⭐".to_string()),
+            label: field("Name:", 60).unwrap_or_else(|| key.clone()),
+            emoji: field("Emoji:", 8).unwrap_or_else(|| "⭐".to_string()),
             key,
             description_en: description.clone(),
             description_de: description,

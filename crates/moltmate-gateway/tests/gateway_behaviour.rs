@@ -504,3 +504,105 @@ async fn a_long_session_is_compacted_after_a_silent_memory_flush() {
         "the flush turn itself is not part of the session"
     );
 }
+
+fn mkfifo(path: &std::path::Path) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+}
+
+/// Regression: a FIFO as SOUL.md (or USER.md, MEMORY.md, today's note, a family member's
+/// FAMILY.md) blocked the gateway: the read hung inside async code on the accept path and in
+/// the worker. Now the files are refused unopened, the turn runs, and the user is told which
+/// files were skipped and why.
+#[tokio::test]
+async fn fifo_context_files_are_skipped_with_a_note_and_the_turn_still_runs() {
+    let s = setup(|settings| {
+        settings
+            .families
+            .insert(UserId::new("mallory").unwrap(), "crew".into());
+    });
+    say(&s.gateway, "mallory", "hello", None).await;
+    let home = s.home.join("users/mallory");
+    let today = chrono::Local::now().date_naive().format("%Y-%m-%d");
+    for file in ["SOUL.md", "USER.md", "MEMORY.md"] {
+        std::fs::remove_file(home.join(file)).ok();
+        mkfifo(&home.join(file));
+    }
+    mkfifo(&home.join(format!("memory/{today}.md")));
+    mkfifo(&s.home.join("families/crew/FAMILY.md"));
+
+    let reply = say(&s.gateway, "mallory", "still there?", None).await;
+    assert!(reply.starts_with("echo: still there?"), "{reply}");
+    for file in [
+        "SOUL.md".to_string(),
+        "USER.md".to_string(),
+        "MEMORY.md".to_string(),
+        format!("memory/{today}.md"),
+        "family/FAMILY.md".to_string(),
+    ] {
+        assert!(
+            reply.contains(&format!(
+                "{file} (it is a FIFO (named pipe), not a regular file)"
+            )),
+            "{file} missing in {reply}"
+        );
+    }
+    let system = s.model.seen().pop().unwrap().system;
+    assert!(system.contains("## Files left out"), "{system}");
+    // Someone else is not affected at all.
+    assert_eq!(say(&s.gateway, "bystander", "hi", None).await, "echo: hi");
+}
+
+/// Regression: accepting a message created the user's home (mkdir, chown, reads, writes) on
+/// the channel's receive path. Now accepting is a database commit only; a home that cannot be
+/// made is the worker's problem, answered once with a clear message and not retried forever.
+#[tokio::test]
+async fn accepting_touches_no_files_and_a_home_that_cannot_be_made_is_answered_not_retried() {
+    let s = setup(|_| {});
+    // `users` is a plain file: no home can be created beneath it.
+    std::fs::write(s.home.join("users"), "not a directory").unwrap();
+    let reply = say(&s.gateway, "nina", "hello", None).await;
+    assert!(
+        reply.contains("could not prepare your files"),
+        "the user is told: {reply}"
+    );
+    assert!(s.model.seen().is_empty(), "no model call without a home");
+    let pending = s
+        .gateway
+        .store()
+        .pending_inbox(&UserId::new("nina").unwrap(), 10)
+        .await
+        .unwrap();
+    assert!(
+        pending.is_empty(),
+        "the row is finished, not retried: {pending:?}"
+    );
+}
+
+/// The operator's personas folder is read as carefully as a home: a FIFO persona file or a
+/// symlinked folder does not hang onboarding.
+#[tokio::test]
+async fn hostile_entries_in_the_personas_folder_do_not_hang_onboarding() {
+    let personas = tempfile::tempdir().unwrap();
+    std::fs::create_dir(personas.path().join("nova")).unwrap();
+    std::fs::write(personas.path().join("nova/SOUL.md"), "# Soul\n\nCurious.\n").unwrap();
+    std::fs::create_dir(personas.path().join("piper")).unwrap();
+    mkfifo(&personas.path().join("piper/SOUL.md"));
+    mkfifo(&personas.path().join("nova/IDENTITY.md"));
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("SOUL.md"), "outside").unwrap();
+    std::os::unix::fs::symlink(outside.path(), personas.path().join("linked")).unwrap();
+    let dir = personas.path().to_path_buf();
+    let s = setup(move |settings| {
+        settings.onboarding_enabled = true;
+        settings.personas_dir = Some(dir);
+    });
+    let menu = say(&s.gateway, "olga", "hi", None).await;
+    assert!(menu.contains("4. ⭐ nova - Curious."), "{menu}");
+    assert!(
+        !menu.contains("piper") && !menu.contains("linked"),
+        "{menu}"
+    );
+}

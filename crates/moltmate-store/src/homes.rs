@@ -414,6 +414,12 @@ pub struct Entry {
     pub kind: FileType,
 }
 
+impl Entry {
+    pub fn is_dir(&self) -> bool {
+        self.kind == FileType::Directory
+    }
+}
+
 /// A bounded directory listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listing {
@@ -889,7 +895,7 @@ mod tests {
         if rustix::process::geteuid().is_root() {
             rustix::fs::mknodat(
                 rustix::fs::CWD,
-                &home.root().join("MEMORY.md"),
+                home.root().join("MEMORY.md"),
                 FileType::CharacterDevice,
                 Mode::from_raw_mode(0o600),
                 rustix::fs::makedev(1, 5), // /dev/zero

@@ -355,7 +355,7 @@ mod tests {
         for name in ["MEMORY.md", "memory/0-fifo.md"] {
             rustix::fs::mknodat(
                 rustix::fs::CWD,
-                &home.root().join(name),
+                home.root().join(name),
                 rustix::fs::FileType::Fifo,
                 Mode::from_raw_mode(0o600),
                 0,

@@ -141,22 +141,26 @@ pub async fn admin_session(
 pub async fn persona_name(state: &WebState, user: &UserId) -> String {
     let gateway = state.gateway().clone();
     let user = user.clone();
-    let read = tokio::task::spawn_blocking(move || -> Result<Option<String>, String> {
-        let home = gateway.ensure_home(&user)?;
-        let identity = moltmate_store::homes::read_beneath(home.root(), "IDENTITY.md", 4096)
-            .map_err(|e| e.to_string())?;
-        Ok(identity.and_then(|(text, _)| parse_persona_name(&text)))
-    })
+    let read = moltmate_core::blocking::run(
+        "reading IDENTITY.md",
+        moltmate_core::blocking::FILE_DEADLINE,
+        move || -> Result<Option<String>, String> {
+            let home = gateway.ensure_home(&user)?;
+            let identity = moltmate_store::homes::read_beneath(home.root(), "IDENTITY.md", 4096)
+                .map_err(|e| e.to_string())?;
+            Ok(identity.and_then(|(text, _)| parse_persona_name(&text)))
+        },
+    )
     .await;
     match read {
         Ok(Ok(Some(name))) => name,
         Ok(Ok(None)) => "Assistant".to_string(),
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "could not read IDENTITY.md");
+            tracing::debug!(error = %e, "could not read IDENTITY.md");
             "Assistant".to_string()
         }
         Err(e) => {
-            tracing::warn!(error = %e, "persona lookup task failed");
+            tracing::warn!(error = %e, "persona lookup failed");
             "Assistant".to_string()
         }
     }

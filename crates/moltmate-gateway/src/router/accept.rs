@@ -1,0 +1,222 @@
+//! Accepting a message: the access decision and one durable commit, nothing more.
+//!
+//! This runs on a channel's receive path (Telegram's poll loop, a web request), so it must stay
+//! cheap and must not depend on anything a user controls: it touches the database only. The
+//! user's home is created by their worker, off the runtime, before their first turn.
+
+use super::delivery::deliver;
+use super::worker::wake_worker;
+use super::{lock, Inner, Waiter};
+use crate::access::{AccessDecision, ChannelAccess, DmPolicy, KnownSender};
+use moltmate_core::channel::{AcceptError, Accepted, InboundMessage};
+use moltmate_core::{ChannelKind, Identity, UserId};
+use moltmate_store::{AuditEvent, OutboxItem, StoreError};
+use std::sync::Arc;
+
+/// Longest message text handed to a model; longer texts are cut with a note. Protects the
+/// context window and the provider bill from a pasted novel.
+const MAX_MESSAGE_CHARS: usize = 16_000;
+
+fn storage(e: StoreError) -> AcceptError {
+    AcceptError::Storage(e.to_string())
+}
+
+async fn known_sender(inner: &Inner, identity: &Identity) -> Result<KnownSender, StoreError> {
+    if let Some(user) = inner.settings.configured_identities.get(identity) {
+        return Ok(KnownSender::Configured(user.clone()));
+    }
+    Ok(match inner.store.user_for_identity(identity).await? {
+        Some((user, source)) if source == "pairing" => KnownSender::Paired(user),
+        Some((user, _)) => KnownSender::Seen(user),
+        None => KnownSender::Unknown,
+    })
+}
+
+pub(super) async fn accept(
+    inner: &Arc<Inner>,
+    message: InboundMessage,
+    waiter: Option<Waiter>,
+) -> Result<Accepted, AcceptError> {
+    let channel = message.sender.channel;
+    let result = accept_counted(inner, message, waiter).await;
+    if let Ok(accepted) = &result {
+        let outcome = match accepted {
+            Accepted::Queued => "queued",
+            Accepted::Duplicate => "duplicate",
+            Accepted::Refused => "refused",
+        };
+        inner.metrics.count_message(channel.as_str(), outcome);
+    }
+    result
+}
+
+async fn accept_counted(
+    inner: &Arc<Inner>,
+    mut message: InboundMessage,
+    waiter: Option<Waiter>,
+) -> Result<Accepted, AcceptError> {
+    if inner.shutdown.is_cancelled() {
+        return Err(AcceptError::ShuttingDown);
+    }
+    let identity = message.sender.clone();
+    let known = known_sender(inner, &identity).await.map_err(storage)?;
+    let decision = if matches!(identity.channel, ChannelKind::Local | ChannelKind::Web) {
+        // Channels that authenticate their users themselves: the operator's own terminal
+        // (`moltmate chat --user NAME` speaks as NAME) and the web layer (a user token or a
+        // login-link session names the user). The peer id is the user id.
+        match &known {
+            KnownSender::Configured(u) | KnownSender::Paired(u) | KnownSender::Seen(u) => {
+                AccessDecision::Allowed(u.clone())
+            }
+            KnownSender::Unknown => match UserId::new(identity.peer.as_str()) {
+                Ok(user) => AccessDecision::Allowed(user),
+                Err(_) => AccessDecision::Refused,
+            },
+        }
+    } else {
+        let fallback = ChannelAccess {
+            policy: DmPolicy::Disabled,
+            allow_from: Vec::new(),
+        };
+        inner
+            .settings
+            .access
+            .get(&identity.channel)
+            .unwrap_or(&fallback)
+            .decide(&identity, &known)
+    };
+
+    match decision {
+        AccessDecision::Allowed(user) => {
+            let created = inner
+                .store
+                .ensure_user(&user, message.sender_name.as_deref())
+                .await
+                .map_err(storage)?;
+            let source = match known {
+                KnownSender::Configured(_) => Some("config"),
+                KnownSender::Unknown => Some("seen"),
+                KnownSender::Paired(_) | KnownSender::Seen(_) => None,
+            };
+            if let Some(source) = source {
+                inner
+                    .store
+                    .link_identity(&identity, &user, source)
+                    .await
+                    .map_err(storage)?;
+            }
+            if created {
+                tracing::info!(user = %user, identity = %identity, "new user");
+            }
+            if message.text.chars().count() > MAX_MESSAGE_CHARS {
+                let cut: String = message.text.chars().take(MAX_MESSAGE_CHARS).collect();
+                message.text = format!("{cut}\n\n[message cut at {MAX_MESSAGE_CHARS} characters]");
+            }
+            match inner
+                .store
+                .insert_inbound(&message, &user)
+                .await
+                .map_err(storage)?
+            {
+                None => Ok(Accepted::Duplicate),
+                Some(inbox_id) => {
+                    if let Some(waiter) = waiter {
+                        lock(&inner.waiters).insert(inbox_id, waiter);
+                    }
+                    wake_worker(inner, &user);
+                    Ok(Accepted::Queued)
+                }
+            }
+        }
+        AccessDecision::NeedsPairing => {
+            let (request, created) = inner
+                .store
+                .pairing_request_for(
+                    &identity,
+                    &message.chat_id,
+                    message.sender_name.as_deref(),
+                    inner.settings.pairing_ttl,
+                )
+                .await
+                .map_err(storage)?;
+            if created {
+                tracing::info!(identity = %identity, code = %request.code, "pairing requested");
+            }
+            let text = pairing_text(
+                &request.code,
+                message.language_code.as_deref(),
+                &inner.settings.default_language,
+                identity.channel,
+            );
+            let outbox = inner
+                .store
+                .enqueue_outbound(None, identity.channel, &message.chat_id, &text)
+                .await
+                .map_err(storage)?;
+            if let Some(cursor) = message.cursor {
+                inner
+                    .store
+                    .advance_cursor(identity.channel, cursor)
+                    .await
+                    .map_err(storage)?;
+            }
+            let inner = Arc::clone(inner);
+            let item = OutboxItem {
+                id: outbox,
+                inbox_id: None,
+                user: None,
+                channel: identity.channel,
+                chat_id: message.chat_id,
+                text,
+            };
+            inner
+                .tasks
+                .clone()
+                .spawn(async move { deliver(&inner, item).await });
+            Ok(Accepted::Refused)
+        }
+        AccessDecision::Refused => {
+            tracing::info!(identity = %identity, "message from a sender who is not allowed was dropped");
+            let audit = AuditEvent {
+                user: UserId::for_identity(&identity),
+                kind: "access_refused".to_string(),
+                tool: None,
+                args_digest: None,
+                duration_ms: None,
+                outcome: "refused".to_string(),
+                detail: Some(identity.to_string()),
+            };
+            inner.store.record_audit(audit).await.map_err(storage)?;
+            if let Some(cursor) = message.cursor {
+                inner
+                    .store
+                    .advance_cursor(identity.channel, cursor)
+                    .await
+                    .map_err(storage)?;
+            }
+            Ok(Accepted::Refused)
+        }
+    }
+}
+
+fn pairing_text(
+    code: &str,
+    language: Option<&str>,
+    default_language: &str,
+    channel: ChannelKind,
+) -> String {
+    let language = language.unwrap_or(default_language);
+    if language.starts_with("de") {
+        format!(
+            "Hallo! Dieser Assistent ist privat. Dein Kopplungscode lautet: {code}\n\
+             Bitte den Betreiber, ihn mit `moltmate pairing approve {channel} {code}` freizugeben. \
+             Der Code ist eine Stunde gültig."
+        )
+    } else {
+        format!(
+            "Hi! This assistant is private. Your pairing code is: {code}\n\
+             Ask the operator to approve it with `moltmate pairing approve {channel} {code}`. \
+             The code is valid for one hour."
+        )
+    }
+}

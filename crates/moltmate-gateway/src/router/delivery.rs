@@ -1,0 +1,104 @@
+//! Handing committed replies to whoever waits for them and to their channel.
+
+use super::{lock, Inner, Reply};
+use moltmate_core::model::TokenUsage;
+use moltmate_core::ChannelKind;
+use moltmate_store::{InboxItem, OutboxItem};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often "typing..." is renewed while a turn runs (Telegram shows it for ~5 s).
+const TYPING_INTERVAL: Duration = Duration::from_secs(4);
+
+/// The outbox row for a reply, when its channel pushes replies (Telegram). In-band channels
+/// (terminal, web) get the reply from the waiter and read history from the transcript, so
+/// they need no outbox row.
+pub(super) fn pushed_reply(
+    inner: &Inner,
+    item: &InboxItem,
+    text: &str,
+) -> Option<(ChannelKind, String, String)> {
+    inner
+        .channels
+        .contains_key(&item.channel)
+        .then(|| (item.channel, item.chat_id.clone(), text.to_string()))
+}
+
+/// Hands the committed reply to whoever waits for it and to the channel.
+pub(super) async fn finish(
+    inner: &Arc<Inner>,
+    item: &InboxItem,
+    outbox: Option<i64>,
+    reply: String,
+    usage: TokenUsage,
+) {
+    if let Some(waiter) = lock(&inner.waiters).remove(&item.id) {
+        let _ = waiter.reply.send(Reply {
+            text: reply.clone(),
+            usage,
+        });
+    }
+    if let Some(id) = outbox {
+        let outbox_item = OutboxItem {
+            id,
+            inbox_id: Some(item.id),
+            user: Some(item.user.clone()),
+            channel: item.channel,
+            chat_id: item.chat_id.clone(),
+            text: reply,
+        };
+        deliver(inner, outbox_item).await;
+    }
+}
+
+pub(super) fn start_typing(
+    inner: &Arc<Inner>,
+    channel: ChannelKind,
+    chat_id: &str,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let channel = Arc::clone(inner.channels.get(&channel)?);
+    let chat_id = chat_id.to_string();
+    Some(tokio::spawn(async move {
+        loop {
+            if let Err(e) = channel.send_typing(&chat_id).await {
+                tracing::debug!(error = %e, "typing indicator failed");
+            }
+            tokio::time::sleep(TYPING_INTERVAL).await;
+        }
+    }))
+}
+
+/// Sends one outbox row: `sending` is committed before the channel sees it, so a crash in
+/// between never sends it twice (at-most-once; the reply stays in the transcript either way).
+pub(super) async fn deliver(inner: &Inner, item: OutboxItem) {
+    let Some(channel) = inner.channels.get(&item.channel) else {
+        // In-band channels (local chat, web) got the reply from the waiter or read it from the
+        // transcript; there is nothing to push.
+        if let Err(e) = inner.store.set_outbox_state(item.id, "stored", None).await {
+            tracing::error!(error = %e, "could not update the outbox");
+        }
+        return;
+    };
+    match inner.store.claim_outbox(item.id).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "could not claim a reply for sending; it will be sent after restart");
+            return;
+        }
+    }
+    let (state, detail) = match channel.send_text(&item.chat_id, &item.text).await {
+        Ok(()) => {
+            inner.metrics.replies_sent.inc();
+            ("sent", None)
+        }
+        Err(e) => {
+            inner.metrics.replies_failed.inc();
+            tracing::warn!(channel = %item.channel, error = %e, "reply could not be delivered");
+            ("failed", Some(e.to_string()))
+        }
+    };
+    if let Err(e) = inner.store.set_outbox_state(item.id, state, detail).await {
+        tracing::error!(error = %e, "could not update the outbox");
+    }
+}

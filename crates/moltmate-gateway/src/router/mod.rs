@@ -1,0 +1,276 @@
+//! The gateway: durable acceptance, per-user ordered workers, reply delivery, crash recovery.
+//!
+//! Ordering and isolation come from one rule: each user has at most one worker task, and that
+//! task handles the user's inbox rows one at a time in id order. Different users have different
+//! tasks, so a slow model or a long tool call for one user never delays another; a global
+//! semaphore bounds how many turns run at once.
+//!
+//! The module is split along the life of a message:
+//!
+//! * [`accept`] — a channel hands a message over: access decision, then one database commit
+//!   (inbox row + channel cursor), then the user's worker is woken. Nothing else: no file of
+//!   any home is touched here, so nothing a user controls can slow down accepting.
+//! * [`worker`] — one task per active user answers that user's inbox rows in order: commands,
+//!   onboarding, and turns (prompt, model ⇄ tools, commit).
+//! * [`files`] — every filesystem step a turn needs (home, family folder, prompt files,
+//!   personas), each on the blocking pool with a deadline
+//!   ([`moltmate_core::blocking::run`]); a step that overruns fails that user's turn with a
+//!   clear message, never the runtime.
+//! * [`delivery`] — committed replies to the waiting caller and the channel (at most once).
+
+mod accept;
+mod delivery;
+mod files;
+mod worker;
+
+use crate::agent::{ModelCaller, ToolBox};
+use crate::settings::GatewaySettings;
+use accept::accept;
+use async_trait::async_trait;
+use delivery::deliver;
+use moltmate_core::channel::{AcceptError, Accepted, Channel, InboundMessage, InboundSink};
+use moltmate_core::model::{DeltaSink, TokenUsage};
+use moltmate_core::sandbox::Sandbox;
+use moltmate_core::tool::UserHome;
+use moltmate_core::{ChannelKind, Shutdown, UserId};
+use moltmate_store::{Homes, Store, StoreError};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio_util::task::TaskTracker;
+use worker::wake_worker;
+
+/// What the gateway is built from.
+pub struct GatewayParts {
+    pub store: Store,
+    pub homes: Homes,
+    pub settings: GatewaySettings,
+    pub model: Arc<dyn ModelCaller>,
+    pub tools: ToolBox,
+    pub channels: Vec<Arc<dyn Channel>>,
+    /// The sandbox backend, if any (sessions are ended in it on `/reset`).
+    pub sandbox: Option<Arc<dyn Sandbox>>,
+    pub shutdown: Shutdown,
+}
+
+/// A caller waiting for the answer to one message (local chat, web).
+struct Waiter {
+    deltas: Arc<dyn DeltaSink>,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// A user's worker: woken by `notify`; `dirty` closes the race between a message arriving and
+/// the idle worker deciding to exit (both happen under the `workers` lock).
+struct WorkerSlot {
+    notify: Notify,
+    dirty: AtomicBool,
+}
+
+struct Inner {
+    store: Store,
+    homes: Homes,
+    settings: GatewaySettings,
+    model: Arc<dyn ModelCaller>,
+    tools: ToolBox,
+    channels: HashMap<ChannelKind, Arc<dyn Channel>>,
+    sandbox: Option<Arc<dyn Sandbox>>,
+    workers: Mutex<HashMap<UserId, Arc<WorkerSlot>>>,
+    waiters: Mutex<HashMap<i64, Waiter>>,
+    turn_permits: Semaphore,
+    shutdown: Shutdown,
+    tasks: TaskTracker,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// The running gateway. Cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+/// The answer to a submitted message, and its live text stream.
+pub struct Submitted {
+    pub accepted: Accepted,
+    /// Resolves with the reply once the turn is committed (dropped if refused).
+    pub reply: oneshot::Receiver<Reply>,
+}
+
+/// A committed reply, as handed to an in-band caller (terminal, web, API).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reply {
+    pub text: String,
+    /// Tokens every model call of this turn used, summed over providers and models
+    /// (including a compaction and memory flush before it). Zero for command replies.
+    pub usage: TokenUsage,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Poisoning only means another thread panicked while holding the lock; the maps guarded
+    // here stay structurally valid, so keep serving rather than take every user down.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Gateway {
+    pub fn new(parts: GatewayParts) -> Self {
+        let channels = parts.channels.into_iter().map(|c| (c.kind(), c)).collect();
+        Gateway {
+            inner: Arc::new(Inner {
+                turn_permits: Semaphore::new(parts.settings.max_concurrent_turns.max(1)),
+                store: parts.store,
+                homes: parts.homes,
+                settings: parts.settings,
+                model: parts.model,
+                tools: parts.tools,
+                channels,
+                sandbox: parts.sandbox,
+                workers: Mutex::new(HashMap::new()),
+                waiters: Mutex::new(HashMap::new()),
+                shutdown: parts.shutdown,
+                tasks: TaskTracker::new(),
+                metrics: Arc::new(crate::metrics::Metrics::new()),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn homes(&self) -> &Homes {
+        &self.inner.homes
+    }
+
+    pub fn settings(&self) -> &GatewaySettings {
+        &self.inner.settings
+    }
+
+    /// The gateway's metrics (served by the web layer at `/metrics`).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The sandbox backend, if one is configured.
+    pub fn sandbox(&self) -> Option<&Arc<dyn Sandbox>> {
+        self.inner.sandbox.as_ref()
+    }
+
+    /// Number of users with a live worker task.
+    pub fn active_workers(&self) -> usize {
+        lock(&self.inner.workers).len()
+    }
+
+    /// Crash recovery: sends replies that were committed but not handed to their channel, and
+    /// restarts workers for users with unanswered messages. Call once before channels run.
+    pub async fn recover(&self) -> Result<(), StoreError> {
+        let pending = self.inner.store.pending_outbox(10_000).await?;
+        if !pending.is_empty() {
+            tracing::info!(
+                count = pending.len(),
+                "delivering replies left from the last run"
+            );
+        }
+        for item in pending {
+            deliver(&self.inner, item).await;
+        }
+        let users = self.inner.store.users_with_pending_inbox().await?;
+        if !users.is_empty() {
+            tracing::info!(
+                count = users.len(),
+                "resuming users with unanswered messages"
+            );
+        }
+        for user in users {
+            wake_worker(&self.inner, &user);
+        }
+        Ok(())
+    }
+
+    /// Runs every channel until shutdown. Returns when all channels have stopped.
+    pub async fn run_channels(&self) {
+        let sink: Arc<dyn InboundSink> = Arc::new(self.clone());
+        let mut handles = Vec::new();
+        for channel in self.inner.channels.values() {
+            let channel = Arc::clone(channel);
+            let sink = Arc::clone(&sink);
+            let shutdown = self.inner.shutdown.clone();
+            handles.push(tokio::spawn(async move {
+                let kind = channel.kind();
+                if let Err(e) = channel.run(sink, shutdown).await {
+                    tracing::error!(channel = %kind, error = %e, "channel stopped");
+                }
+            }));
+        }
+        for handle in handles {
+            let _ = handle.await;
+        }
+    }
+
+    /// Waits for running turns after shutdown was signalled, at most `grace`.
+    pub async fn drain(&self, grace: Duration) {
+        self.inner.tasks.close();
+        if tokio::time::timeout(grace, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "turns still running at shutdown; their messages will be answered after restart"
+            );
+        }
+    }
+
+    /// Accepts a message and returns a receiver for its reply, streaming text to `deltas`.
+    /// Used by channels that answer in-band (local chat, web).
+    pub async fn submit(
+        &self,
+        message: InboundMessage,
+        deltas: Arc<dyn DeltaSink>,
+    ) -> Result<Submitted, AcceptError> {
+        let (sender, receiver) = oneshot::channel();
+        let accepted = accept(
+            &self.inner,
+            message,
+            Some(Waiter {
+                deltas,
+                reply: sender,
+            }),
+        )
+        .await?;
+        Ok(Submitted {
+            accepted,
+            reply: receiver,
+        })
+    }
+
+    /// Ensures the user's home exists, with persona files when it is new. Blocking: call it
+    /// from a blocking context (`spawn_blocking`, [`moltmate_core::blocking::run`]).
+    pub fn ensure_home(&self, user: &UserId) -> Result<UserHome, String> {
+        files::ensure_home(&self.inner.homes, &self.inner.settings, user)
+    }
+}
+
+#[async_trait]
+impl InboundSink for Gateway {
+    async fn accept(&self, message: InboundMessage) -> Result<Accepted, AcceptError> {
+        accept(&self.inner, message, None).await
+    }
+
+    async fn cursor(&self, channel: ChannelKind) -> Result<Option<i64>, AcceptError> {
+        self.inner
+            .store
+            .cursor(channel)
+            .await
+            .map_err(|e| AcceptError::Storage(e.to_string()))
+    }
+
+    async fn advance_cursor(&self, channel: ChannelKind, cursor: i64) -> Result<(), AcceptError> {
+        self.inner
+            .store
+            .advance_cursor(channel, cursor)
+            .await
+            .map_err(|e| AcceptError::Storage(e.to_string()))
+    }
+}

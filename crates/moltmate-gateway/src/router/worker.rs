@@ -1,0 +1,499 @@
+//! Per-user workers: one task per active user answers that user's inbox rows strictly in
+//! order; different users run concurrently (bounded by the turn semaphore).
+//!
+//! A turn's filesystem steps go through [`super::files`] (off the runtime, with a deadline).
+//! When one fails or overruns, the user is answered with a clear message and the row is
+//! finished — not retried, since the same files would fail the same way on every retry and
+//! after every restart. Only storage errors leave a row pending for a retry.
+
+use super::delivery::{finish, pushed_reply, start_typing};
+use super::files::{self, PersonaFiles};
+use super::{lock, Inner, WorkerSlot};
+use crate::agent::{run_turn, Turn};
+use crate::onboarding::{self, Answer};
+use crate::prompt::Skipped;
+use crate::session::{compact, estimate_context, estimate_tokens, Compaction};
+use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas, TokenUsage};
+use moltmate_core::sandbox::WorkspaceAccess;
+use moltmate_core::tool::ToolContext;
+use moltmate_core::{blocking, UserId};
+use moltmate_store::{InboxItem, StoreError, TurnRecord};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How often a worker looks again when another process (`moltmate chat`) holds the user.
+const LOCK_POLL: Duration = Duration::from_millis(100);
+
+/// Why a turn did not complete.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum TurnError {
+    /// The database failed; the row stays pending and is retried with backoff.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file step failed or overran its deadline. The user is answered with `user_message`
+    /// and the row is finished.
+    #[error("{detail}")]
+    Files {
+        user_message: String,
+        detail: String,
+    },
+}
+
+impl TurnError {
+    /// Whether the row should stay pending and be tried again.
+    pub(super) fn is_retryable(&self) -> bool {
+        match self {
+            TurnError::Store(_) => true,
+            TurnError::Files { .. } => false,
+        }
+    }
+}
+
+/// What a worker remembers while it lives.
+#[derive(Default)]
+struct WorkerState {
+    /// Skipped files already in the operator's log (each is logged at `warn` once).
+    reported: HashSet<String>,
+}
+
+pub(super) fn wake_worker(inner: &Arc<Inner>, user: &UserId) {
+    let mut workers = lock(&inner.workers);
+    if let Some(slot) = workers.get(user) {
+        slot.dirty.store(true, Ordering::SeqCst);
+        slot.notify.notify_one();
+        return;
+    }
+    let slot = Arc::new(WorkerSlot {
+        notify: Notify::new(),
+        dirty: AtomicBool::new(true),
+    });
+    workers.insert(user.clone(), Arc::clone(&slot));
+    inner.metrics.active_users.set(workers.len() as i64);
+    drop(workers);
+    let inner_for_task = Arc::clone(inner);
+    let user = user.clone();
+    inner
+        .tasks
+        .spawn(async move { worker(inner_for_task, user, slot).await });
+}
+
+/// Takes the user's lock without holding a thread while another process has it: a
+/// non-blocking `flock` on the blocking pool, polled. `None` on shutdown.
+async fn take_user_lock(
+    inner: &Arc<Inner>,
+    user: &UserId,
+) -> Result<Option<moltmate_store::homes::UserLock>, String> {
+    loop {
+        let homes = inner.homes.clone();
+        let for_task = user.clone();
+        let taken = blocking::run("taking the user lock", blocking::FILE_DEADLINE, move || {
+            homes.try_lock_user(&for_task)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        if let Some(lock) = taken {
+            return Ok(Some(lock));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LOCK_POLL) => {}
+            _ = inner.shutdown.cancelled() => return Ok(None),
+        }
+    }
+}
+
+async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
+    let mut backoff = Duration::from_millis(250);
+    let mut state = WorkerState::default();
+    loop {
+        slot.dirty.store(false, Ordering::SeqCst);
+        loop {
+            if inner.shutdown.is_cancelled() {
+                lock(&inner.workers).remove(&user);
+                return;
+            }
+            let batch = match inner.store.pending_inbox(&user, 16).await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!(user = %user, error = %e, "could not read the inbox; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for item in batch {
+                if inner.shutdown.is_cancelled() {
+                    break;
+                }
+                let _lock = match take_user_lock(&inner, &user).await {
+                    Ok(Some(lock)) => lock,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(user = %user, error = %e, "could not lock the user; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        break;
+                    }
+                };
+                match inner.store.inbox_is_pending(item.id).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::error!(user = %user, error = %e, "could not read the inbox; retrying");
+                        break;
+                    }
+                }
+                let error = match handle_item(&inner, &item, &mut state).await {
+                    Ok(()) => None,
+                    Err(TurnError::Files {
+                        user_message,
+                        detail,
+                    }) => {
+                        tracing::warn!(user = %user, error = %detail, "a turn failed on the user's files; they were told");
+                        answer_failure(&inner, &item, user_message).await.err()
+                    }
+                    Err(e) => Some(e),
+                };
+                if let Some(e) = error {
+                    // The row stays pending and is retried: nothing accepted is dropped.
+                    debug_assert!(e.is_retryable());
+                    tracing::error!(user = %user, error = %e, "could not finish a turn; will retry");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    break;
+                }
+                backoff = Duration::from_millis(250);
+            }
+        }
+        tokio::select! {
+            _ = slot.notify.notified() => {}
+            _ = tokio::time::sleep(inner.settings.worker_idle) => {
+                let mut workers = lock(&inner.workers);
+                if !slot.dirty.load(Ordering::SeqCst) {
+                    workers.remove(&user);
+                    inner.metrics.active_users.set(workers.len() as i64);
+                    return;
+                }
+            }
+            _ = inner.shutdown.cancelled() => {
+                lock(&inner.workers).remove(&user);
+                return;
+            }
+        }
+    }
+}
+
+/// Finishes a row whose turn failed for a reason retrying cannot fix, answering `text`.
+async fn answer_failure(
+    inner: &Arc<Inner>,
+    item: &InboxItem,
+    text: String,
+) -> Result<(), TurnError> {
+    let outbox = inner
+        .store
+        .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, item, &text))
+        .await?;
+    finish(inner, item, outbox, text, TokenUsage::default()).await;
+    Ok(())
+}
+
+/// The note added to a reply when some of the user's files were left out.
+fn skipped_note(language: &str, skipped: &[Skipped]) -> String {
+    let list = skipped
+        .iter()
+        .map(|s| format!("{} ({})", s.file, s.reason))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if language.starts_with("de") {
+        format!(
+            "⚠️ Ich habe Dateien von dir ausgelassen, weil ich sie nicht lesen konnte: {list}. \
+             Ersetze sie durch normale Dateien (oder lösche sie), dann lese ich sie wieder."
+        )
+    } else {
+        format!(
+            "⚠️ I left out some of your files because I could not read them: {list}. \
+             Replace them with normal files (or delete them) and I will read them again."
+        )
+    }
+}
+
+fn help_text(language: &str) -> String {
+    if language.starts_with("de") {
+        "Befehle:\n/reset – neues Gespräch beginnen (dein Gedächtnis bleibt)\n/persona – meine Persönlichkeit neu wählen\n/help – diese Hilfe".to_string()
+    } else {
+        "Commands:\n/reset – start a new conversation (your memory stays)\n/persona – choose my personality again\n/help – this help".to_string()
+    }
+}
+
+/// Ends the user's session and the sandbox scoped to it.
+async fn end_session(inner: &Inner, user: &UserId) -> Result<(), StoreError> {
+    if let Some(session) = inner.store.end_session(user).await? {
+        if let Some(sandbox) = &inner.sandbox {
+            if let Err(e) = sandbox.end_session(user, &session).await {
+                tracing::warn!(user = %user, error = %e, "could not end the session's sandbox");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the onboarding conversation; `Some(reply)` when the message was part of it.
+async fn onboarding_step(
+    inner: &Arc<Inner>,
+    item: &InboxItem,
+    language: &str,
+) -> Result<Option<String>, TurnError> {
+    let Some(record) = inner.store.user(&item.user).await? else {
+        return Ok(None);
+    };
+    let step = inner.store.onboarding_step(&item.user).await?;
+    if step.is_none() && record.onboarded {
+        return Ok(None);
+    }
+    files::home(inner, &item.user).await?;
+    let choices = files::personas(inner).await?;
+    let reply = match step.as_deref() {
+        None => {
+            inner
+                .store
+                .set_onboarding(&item.user, Some("choose"), false)
+                .await?;
+            onboarding::menu(language, &choices)
+        }
+        Some("describe") => {
+            files::apply_persona(inner, &item.user, PersonaFiles::Custom(item.text.clone()))
+                .await?;
+            inner.store.set_onboarding(&item.user, None, true).await?;
+            onboarding::confirmation(language, None)
+        }
+        Some(_) => match onboarding::interpret_choice(&item.text, &choices) {
+            Answer::WantsCustom => {
+                inner
+                    .store
+                    .set_onboarding(&item.user, Some("describe"), record.onboarded)
+                    .await?;
+                onboarding::ask_for_description(language)
+            }
+            Answer::Persona(choice) => {
+                let label = choice.label.clone();
+                files::apply_persona(inner, &item.user, PersonaFiles::Chosen(Box::new(choice)))
+                    .await?;
+                inner.store.set_onboarding(&item.user, None, true).await?;
+                onboarding::confirmation(language, Some(&label))
+            }
+            Answer::Description(description) => {
+                files::apply_persona(inner, &item.user, PersonaFiles::Custom(description)).await?;
+                inner.store.set_onboarding(&item.user, None, true).await?;
+                onboarding::confirmation(language, None)
+            }
+        },
+    };
+    Ok(Some(reply))
+}
+
+async fn handle_item(
+    inner: &Arc<Inner>,
+    item: &InboxItem,
+    state: &mut WorkerState,
+) -> Result<(), TurnError> {
+    let language = item
+        .language_code
+        .clone()
+        .unwrap_or_else(|| inner.settings.default_language.clone());
+    let command = item
+        .text
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let command_reply = match command.as_str() {
+        "/reset" | "/new" => {
+            end_session(inner, &item.user).await?;
+            Some(if language.starts_with("de") {
+                "Neues Gespräch begonnen. Was in deinem Gedächtnis steht, bleibt erhalten."
+                    .to_string()
+            } else {
+                "Started a new conversation. What is in your memory stays.".to_string()
+            })
+        }
+        "/help" => Some(help_text(&language)),
+        "/persona" if inner.settings.onboarding_enabled => {
+            let onboarded = inner
+                .store
+                .user(&item.user)
+                .await?
+                .is_some_and(|u| u.onboarded);
+            inner
+                .store
+                .set_onboarding(&item.user, Some("choose"), onboarded)
+                .await?;
+            let choices = files::personas(inner).await?;
+            Some(onboarding::menu(&language, &choices))
+        }
+        _ if inner.settings.onboarding_enabled => onboarding_step(inner, item, &language).await?,
+        "/start" => Some(help_text(&language)),
+        _ => None,
+    };
+    if let Some(text) = command_reply {
+        let outbox = inner
+            .store
+            .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, item, &text))
+            .await?;
+        finish(inner, item, outbox, text, TokenUsage::default()).await;
+        return Ok(());
+    }
+
+    // Bounded concurrency across users. The permit is held for the whole turn.
+    let Ok(_permit) = inner.turn_permits.acquire().await else {
+        return Ok(());
+    };
+    let user_settings = inner
+        .settings
+        .user_settings(&item.user, item.channel)
+        .clone();
+    let mut session = inner.store.current_session(&item.user).await?;
+    if let Some(idle) = inner.settings.session_idle_reset {
+        let idle_for = chrono::Utc::now().timestamp_millis() - session.last_active;
+        if idle_for > idle.as_millis() as i64 {
+            end_session(inner, &item.user).await?;
+            session = inner.store.current_session(&item.user).await?;
+        }
+    }
+    // In sandbox mode "all", file tools see the sandbox's view of /workspace: the home, or for
+    // `workspaceAccess: none` the user's scratch directory.
+    let scratch_root = match (
+        &inner.settings.sandbox_scratch_dir,
+        user_settings.sandbox.workspace_access,
+    ) {
+        (Some(scratch), WorkspaceAccess::None) => Some(scratch.clone()),
+        _ => None,
+    };
+    let files::TurnDirs {
+        home,
+        family,
+        tool_home,
+    } = files::turn_dirs(inner, &item.user, scratch_root).await?;
+    let context = ToolContext {
+        user: item.user.clone(),
+        home: tool_home,
+        session_id: session.id.clone(),
+        family: family.clone(),
+        read_only: user_settings.read_only
+            || user_settings.sandbox.workspace_access == WorkspaceAccess::Ro,
+        sandbox: user_settings.sandbox.clone(),
+        exec: user_settings.exec.clone(),
+    };
+    if inner.settings.prewarm_sandboxes && user_settings.tools.iter().any(|t| t == "exec") {
+        prewarm_sandbox(inner, &context);
+    }
+    let mut rows = inner.store.transcript(&session.id).await?;
+    let mut prompt =
+        files::system_prompt(inner, &home, family.as_ref(), session.summary.clone()).await?;
+    let mut compaction_usage = Vec::new();
+    let threshold =
+        (inner.settings.context_window_tokens as f64 * inner.settings.compact_at_ratio) as usize;
+    let history_items: Vec<ConversationItem> = rows.iter().map(|(_, item)| item.clone()).collect();
+    if estimate_context(&prompt.text, &history_items) + estimate_tokens(&item.text) > threshold {
+        let compacted = compact(
+            Compaction {
+                model: inner.model.as_ref(),
+                tools: &inner.tools,
+                store: &inner.store,
+                metrics: &inner.metrics,
+                context: context.clone(),
+                allowed_tools: &user_settings.tools,
+                system: &prompt.text,
+                session_id: &session.id,
+                max_iterations: inner.settings.max_tool_iterations,
+            },
+            &rows,
+        )
+        .await?;
+        if let Some((summary, usage)) = compacted {
+            tracing::info!(user = %item.user, "session compacted");
+            compaction_usage = usage;
+            rows = inner.store.transcript(&session.id).await?;
+            prompt = files::system_prompt(inner, &home, family.as_ref(), Some(summary)).await?;
+        }
+    }
+    let history: Vec<ConversationItem> = rows.into_iter().map(|(_, item)| item).collect();
+    for problem in &prompt.problems {
+        if state.reported.insert(problem.to_string()) {
+            tracing::warn!(user = %item.user, file = %problem.file, reason = %problem.reason, "a context file was skipped");
+        } else {
+            tracing::debug!(user = %item.user, file = %problem.file, reason = %problem.reason, "a context file was skipped");
+        }
+    }
+    let skipped = std::mem::take(&mut prompt.problems);
+    let deltas: Arc<dyn DeltaSink> = lock(&inner.waiters)
+        .get(&item.id)
+        .map(|w| Arc::clone(&w.deltas))
+        .unwrap_or_else(|| Arc::new(IgnoreDeltas));
+
+    let typing = start_typing(inner, item.channel, &item.chat_id);
+    let result = run_turn(Turn {
+        model: inner.model.as_ref(),
+        tools: &inner.tools,
+        store: &inner.store,
+        context,
+        allowed_tools: &user_settings.tools,
+        system: prompt.text,
+        history,
+        user_text: item.text.clone(),
+        max_iterations: inner.settings.max_tool_iterations,
+        deltas: deltas.as_ref(),
+        log_tool_calls: inner.settings.log_tool_calls,
+        metrics: &inner.metrics,
+    })
+    .await;
+    if let Some(typing) = typing {
+        typing.abort();
+    }
+
+    let mut usage = compaction_usage;
+    usage.extend(result.usage);
+    let total = usage
+        .iter()
+        .fold(TokenUsage::default(), |sum, (_, _, u)| sum.plus(*u));
+    let mut reply = result.reply;
+    if !skipped.is_empty() {
+        reply = format!("{reply}\n\n{}", skipped_note(&language, &skipped));
+    }
+    let outbox = inner
+        .store
+        .complete_turn(TurnRecord {
+            inbox_id: item.id,
+            user: item.user.clone(),
+            session_id: session.id,
+            items: result.new_items,
+            reply: pushed_reply(inner, item, &reply),
+            usage,
+        })
+        .await?;
+    finish(inner, item, outbox, reply, total).await;
+    Ok(())
+}
+
+/// Starts the user's sandbox in the background while the model thinks, so a first `exec` in
+/// this turn does not wait for a container to start. Best effort: a failure here surfaces
+/// (and is reported properly) when `exec` itself runs.
+fn prewarm_sandbox(inner: &Arc<Inner>, context: &ToolContext) {
+    let Some(sandbox) = inner.sandbox.clone() else {
+        return;
+    };
+    let request = context.exec_request(
+        moltmate_core::sandbox::ExecCommand::Argv(vec!["true".to_string()]),
+        Duration::from_secs(1),
+    );
+    inner.tasks.spawn(async move {
+        if let Err(e) = sandbox.prewarm(&request).await {
+            tracing::debug!(user = %request.user, error = %e, "sandbox prewarm failed");
+        }
+    });
+}
