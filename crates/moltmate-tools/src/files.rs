@@ -4,11 +4,11 @@
 //! atomic (temp file, fsync, rename), so a crash leaves either the old or the new content.
 
 use crate::args;
-use crate::paths::{self, Target};
+use crate::paths::{self, Opened, Target};
 use async_trait::async_trait;
 use moltmate_core::model::ToolSpec;
 use moltmate_core::tool::{Tool, ToolContext, ToolError, ToolOutput};
-use rustix::fs::{FileType, OFlags};
+use rustix::fs::FileType;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
@@ -22,17 +22,30 @@ pub const EDIT_MAX_BYTES: u64 = 8 * 1024 * 1024;
 pub const WRITE_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Most directory entries listed.
 const LIST_MAX_ENTRIES: usize = 1000;
+/// Most directory entries read to make a listing: a directory of millions costs bounded work.
+pub const LIST_SCAN_MAX: usize = 10_000;
+/// Most bytes `read` scans through a file to reach `offset` and fill its output; a huge
+/// (sparse) file costs bounded work. Past it the model is told to continue from a later line.
+pub const READ_SCAN_MAX: u64 = 64 * 1024 * 1024;
+/// Longest a file tool's filesystem work may take before the call is abandoned.
+pub const FILE_TOOL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Bytes inspected for a NUL to call a file binary.
 const SNIFF_BYTES: usize = 8 * 1024;
 
 const PATH_DOC: &str = "Relative to your home directory (also accepted as /workspace/...). Use family/... for the shared family folder.";
 
+/// Runs a file tool's work on the blocking pool, abandoning it after [`FILE_TOOL_DEADLINE`]
+/// (the model gets an error result; the runtime is never held).
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ToolError> + Send + 'static,
 ) -> Result<T, ToolError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ToolError::Fatal(format!("file tool task failed: {e}")))?
+    match moltmate_core::blocking::run("file tool", FILE_TOOL_DEADLINE, f).await {
+        Ok(result) => result,
+        Err(e @ moltmate_core::blocking::BlockingError::TimedOut { .. }) => Err(ToolError::Failed(
+            format!("the file operation took too long and was abandoned ({e})"),
+        )),
+        Err(e) => Err(ToolError::Fatal(format!("file tool task failed: {e}"))),
+    }
 }
 
 fn refuse_read_only(ctx: &ToolContext, tool: &str) -> Result<(), ToolError> {
@@ -99,35 +112,29 @@ fn read_blocking(
     limit: Option<u64>,
 ) -> Result<ToolOutput, ToolError> {
     let root = paths::open_root(target)?;
-    // NONBLOCK: opening a FIFO planted by the user's code must not hang the tool.
-    let fd = paths::open_beneath(
-        &root,
-        &target.rel,
-        OFlags::RDONLY | OFlags::NONBLOCK,
-        &target.shown,
-    )?;
-    let stat = rustix::fs::fstat(&fd).map_err(|e| paths::open_error(e, &target.shown))?;
-    match FileType::from_raw_mode(stat.st_mode) {
-        FileType::Directory => list_directory(fd, &target.shown),
-        FileType::RegularFile => {
+    // A FIFO, socket or device planted by the user's code is refused without being opened.
+    match paths::open_checked(&root, &target.rel, &target.shown)? {
+        Opened::Directory(fd) => list_directory(fd, &target.shown),
+        Opened::File(fd, stat) => {
             refuse_hard_link(&stat, &target.shown)?;
             read_text(fd, &target.shown, offset, limit)
         }
-        _ => Err(ToolError::Refused(format!(
-            "`{}` is not a regular file or directory",
-            target.shown
-        ))),
     }
 }
 
 fn list_directory(fd: OwnedFd, shown: &str) -> Result<ToolOutput, ToolError> {
     let dir = rustix::fs::Dir::new(fd).map_err(|e| paths::open_error(e, shown))?;
     let mut entries = Vec::new();
+    let mut complete = true;
     for entry in dir {
         let entry = entry.map_err(|e| paths::open_error(e, shown))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name == "." || name == ".." {
             continue;
+        }
+        if entries.len() >= LIST_SCAN_MAX {
+            complete = false;
+            break;
         }
         let suffix = match entry.file_type() {
             FileType::Directory => "/",
@@ -138,12 +145,15 @@ fn list_directory(fd: OwnedFd, shown: &str) -> Result<ToolOutput, ToolError> {
     }
     entries.sort();
     let total = entries.len();
+    let counted = if complete {
+        format!("{total} entries")
+    } else {
+        format!("more than {LIST_SCAN_MAX} entries; only the first {LIST_SCAN_MAX} the filesystem returned were read, in no useful order")
+    };
     let mut out = if total == 0 {
         format!("`{shown}` is an empty directory.")
     } else {
-        format!(
-            "Directory `{shown}` ({total} entries; `/` marks directories, `@` symbolic links):\n"
-        )
+        format!("Directory `{shown}` ({counted}; `/` marks directories, `@` symbolic links):\n")
     };
     for entry in entries.iter().take(LIST_MAX_ENTRIES) {
         out.push_str(entry);
@@ -151,8 +161,13 @@ fn list_directory(fd: OwnedFd, shown: &str) -> Result<ToolOutput, ToolError> {
     }
     if total > LIST_MAX_ENTRIES {
         out.push_str(&format!(
-            "[{} more entries not shown]\n",
-            total - LIST_MAX_ENTRIES
+            "[{} more entries not shown{}]\n",
+            total - LIST_MAX_ENTRIES,
+            if complete {
+                ""
+            } else {
+                ", and more beyond those"
+            }
         ));
     }
     Ok(ToolOutput::text(out))
@@ -198,12 +213,50 @@ fn read_text(
     let mut returned: u64 = 0;
     let mut cut_at: Option<u64> = None;
     let mut more_after_limit = false;
+    let mut scanned: u64 = 0;
+    let mut scan_exhausted = false;
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(io_error)?;
+        // Never more than the output cap (plus one byte, to see it is exceeded) per line, and
+        // never more than the scan budget in total: a file of one endless line, or a sparse
+        // file of any apparent size, costs bounded memory and work.
+        let line_cap = (READ_OUTPUT_CAP as u64 + 1).min(READ_SCAN_MAX - scanned);
+        if line_cap == 0 {
+            scan_exhausted = true;
+            break;
+        }
+        let n = (&mut reader)
+            .take(line_cap)
+            .read_until(b'\n', &mut buf)
+            .map_err(io_error)?;
         if n == 0 {
             break;
+        }
+        scanned += n as u64;
+        let whole_line = buf.ends_with(b"\n") || n as u64 != line_cap;
+        if !whole_line && line_cap <= READ_OUTPUT_CAP as u64 {
+            // Cut by the scan budget, not by the line's own length.
+            scan_exhausted = true;
+            break;
+        }
+        if !whole_line {
+            // The rest of this line is longer than the output cap: skip it without keeping it.
+            loop {
+                let room = READ_SCAN_MAX - scanned;
+                if room == 0 {
+                    break;
+                }
+                let mut rest = Vec::new();
+                let m = (&mut reader)
+                    .take(room.min(64 * 1024))
+                    .read_until(b'\n', &mut rest)
+                    .map_err(io_error)?;
+                scanned += m as u64;
+                if m == 0 || rest.ends_with(b"\n") {
+                    break;
+                }
+            }
         }
         line_no += 1;
         if line_no < offset {
@@ -213,13 +266,19 @@ fn read_text(
             more_after_limit = true;
             break;
         }
-        let text = std::str::from_utf8(&buf).map_err(|_| binary_refusal(shown))?;
-        if out.len() + text.len() > READ_OUTPUT_CAP {
+        if !whole_line || out.len() + buf.len() > READ_OUTPUT_CAP {
             cut_at = Some(line_no);
             break;
         }
+        let text = std::str::from_utf8(&buf).map_err(|_| binary_refusal(shown))?;
         out.push_str(text);
         returned += 1;
+    }
+    if scan_exhausted && returned == 0 && cut_at.is_none() {
+        return Ok(ToolOutput::text(format!(
+            "`{shown}` is too large to scan to line {offset}: read looked through the first {} MiB ({line_no} lines) only. Use exec (e.g. `tail`, `sed -n`) for the rest.",
+            READ_SCAN_MAX / (1024 * 1024)
+        )));
     }
     if returned == 0 && offset > 1 && cut_at.is_none() {
         return Ok(ToolOutput::text(format!(
@@ -245,6 +304,15 @@ fn read_text(
                 READ_OUTPUT_CAP / 1024
             ));
         }
+    } else if scan_exhausted {
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "[read stops scanning after {} MiB: showed lines {offset}-{last}; continue with offset={}]",
+            READ_SCAN_MAX / (1024 * 1024),
+            last + 1
+        ));
     } else if more_after_limit {
         if !out.ends_with('\n') {
             out.push('\n');
@@ -360,14 +428,12 @@ fn edit_blocking(target: &Target, old_text: &str, new_text: &str) -> Result<Tool
     let shown = target.shown.as_str();
     let root = paths::open_root(target)?;
     let (parent, name) = paths::open_parent(&root, target, false)?;
-    // The file itself is opened beneath the root too (it may be a symlink within the root).
-    let fd = paths::open_beneath(&root, &target.rel, OFlags::RDONLY | OFlags::NONBLOCK, shown)?;
-    let stat = rustix::fs::fstat(&fd).map_err(|e| paths::open_error(e, shown))?;
-    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
-        return Err(ToolError::Refused(format!(
-            "`{shown}` is not a regular file"
-        )));
-    }
+    // The file itself is opened beneath the root too (it may be a symlink within the root),
+    // and only if it is a regular file (a FIFO is refused without being opened).
+    let (fd, stat) = match paths::open_checked(&root, &target.rel, shown)? {
+        Opened::File(fd, stat) => (fd, stat),
+        Opened::Directory(_) => return Err(ToolError::Failed(format!("`{shown}` is a directory"))),
+    };
     refuse_hard_link(&stat, shown)?;
     if stat.st_size as u64 > EDIT_MAX_BYTES {
         return Err(ToolError::Refused(format!(

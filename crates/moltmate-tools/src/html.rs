@@ -7,8 +7,23 @@
 //! non-content elements are dropped with their content, comments are dropped, block elements
 //! become line breaks, list items become `- ` lines, headings get `#`, links become
 //! `text (url)` with URLs resolved against the page, and entities are decoded.
+//!
+//! The page is hostile input, so the work is linear in its size and the output bounded:
+//! every scan moves forward and no byte is looked at more than a constant number of times
+//! (skipped elements are searched for their closing tag case-insensitively in place, not by
+//! lowercasing the rest of the page per element; trailing-whitespace and trailing-newline
+//! checks look at a bounded tail), at most [`MAX_LINKS`] links are resolved (resolving costs
+//! the length of the page's URL each), and the text stops at [`MAX_TEXT_BYTES`]. It is
+//! blocking CPU work: `web_fetch` runs it on the blocking pool with a deadline.
 
 use url::Url;
+
+/// Most bytes of text produced; the rest of the page is not converted.
+pub const MAX_TEXT_BYTES: usize = 1024 * 1024;
+/// Links whose targets are resolved and shown; later links are shown as their text only.
+pub const MAX_LINKS: usize = 2_000;
+/// Open `<a>` elements remembered at most (for their closing tags).
+const MAX_OPEN_LINKS: usize = 256;
 
 /// Elements whose content is never readable text.
 const SKIPPED: &[&str] = &[
@@ -59,7 +74,12 @@ pub fn html_to_text(html: &str, base: Option<&Url>) -> String {
     }
     let mut rest = html;
     let mut pending_href: Vec<Option<String>> = Vec::new();
+    let mut links = 0usize;
     while let Some(lt) = rest.find('<') {
+        if out.full() {
+            rest = "";
+            break;
+        }
         let (text, tail) = rest.split_at(lt);
         out.text(&decode_entities(text));
         rest = tail;
@@ -104,7 +124,17 @@ pub fn html_to_text(html: &str, base: Option<&Url>) -> String {
                 out.block_break(1);
                 out.preformatted = !closing;
             }
-            "a" if !closing => pending_href.push(link_target(attrs, base)),
+            "a" if !closing => {
+                let target = if links < MAX_LINKS {
+                    links += 1;
+                    link_target(attrs, base)
+                } else {
+                    None
+                };
+                if pending_href.len() < MAX_OPEN_LINKS {
+                    pending_href.push(target);
+                }
+            }
             "a" => {
                 if let Some(Some(href)) = pending_href.pop() {
                     if !out.ends_with_text(&href) {
@@ -159,10 +189,11 @@ fn parse_tag(tag: &str) -> (bool, String, &str) {
 }
 
 /// Skips past `</name>` (case-insensitive); the rest of the document when it never closes.
+/// Linear in the bytes skipped: the search compares in place (the old version lowercased a
+/// copy of the whole rest of the page for every skipped element, quadratic for a page of
+/// many `<svg>`s).
 fn skip_element<'a>(rest: &'a str, name: &str) -> &'a str {
-    let needle = format!("</{name}");
-    let lower = rest.to_ascii_lowercase();
-    match lower.find(&needle) {
+    match find_closing_tag(rest, name) {
         Some(start) => match rest[start..].find('>') {
             Some(gt) => &rest[start + gt + 1..],
             None => "",
@@ -171,14 +202,52 @@ fn skip_element<'a>(rest: &'a str, name: &str) -> &'a str {
     }
 }
 
+/// Byte offset of the first `</name` in `s`, ASCII case-insensitive (`name` is lowercase).
+fn find_closing_tag(s: &str, name: &str) -> Option<usize> {
+    let bytes = s.as_bytes();
+    let name = name.as_bytes();
+    let mut from = 0;
+    while let Some(pos) = s[from..].find("</") {
+        let start = from + pos;
+        let candidate = &bytes[start + 2..];
+        if candidate.len() >= name.len() && candidate[..name.len()].eq_ignore_ascii_case(name) {
+            return Some(start);
+        }
+        from = start + 2;
+    }
+    None
+}
+
 fn extract_title(html: &str) -> Option<String> {
-    let lower = html.to_ascii_lowercase();
-    let start = lower.find("<title")?;
+    let start = find_ignore_case(html, "<title")?;
     let open_end = start + html[start..].find('>')? + 1;
-    let close = open_end + lower[open_end..].find("</title")?;
-    let title = collapse_whitespace(&decode_entities(&html[open_end..close]));
+    let close = open_end + find_closing_tag(&html[open_end..], "title")?;
+    // A title is one line in a browser tab; a page cannot make it the whole output.
+    let raw = &html[open_end..close];
+    let raw = &raw[..floor_char_boundary(raw, 4096)];
+    let title = collapse_whitespace(&decode_entities(raw));
     let title = title.trim();
     (!title.is_empty()).then(|| title.to_string())
+}
+
+/// Byte offset of the first ASCII case-insensitive occurrence of `needle` (lowercase ASCII).
+fn find_ignore_case(s: &str, needle: &str) -> Option<usize> {
+    let first = needle.as_bytes()[0];
+    let bytes = s.as_bytes();
+    let needle = needle.as_bytes();
+    (0..bytes.len().saturating_sub(needle.len() - 1)).find(|&i| {
+        bytes[i].to_ascii_lowercase() == first
+            && bytes[i..i + needle.len()].eq_ignore_ascii_case(needle)
+    })
+}
+
+/// The largest char boundary of `s` at or below `at`.
+fn floor_char_boundary(s: &str, at: usize) -> usize {
+    let mut at = at.min(s.len());
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
 }
 
 /// The value of attribute `name` in `attrs` (`href="x"`, `href='x'` or `href=x`).
@@ -297,20 +366,44 @@ fn decode_entity(name: &str) -> Option<char> {
     })
 }
 
-/// Accumulates text, collapsing whitespace outside `<pre>` and limiting blank lines.
+/// Accumulates text, collapsing whitespace outside `<pre>` and limiting blank lines. Stops
+/// taking text at [`MAX_TEXT_BYTES`].
 #[derive(Default)]
 struct Writer {
     out: String,
     /// Line breaks requested but not yet written (written before the next text).
     pending_breaks: usize,
     preformatted: bool,
+    /// The text reached its bound; the rest is dropped.
+    cut: bool,
 }
 
 impl Writer {
+    fn full(&self) -> bool {
+        self.cut
+    }
+
+    /// Appends `text`, or as much of it as fits.
+    fn push(&mut self, text: &str) {
+        if self.cut {
+            return;
+        }
+        let room = MAX_TEXT_BYTES.saturating_sub(self.out.len());
+        if text.len() <= room {
+            self.out.push_str(text);
+        } else {
+            self.out.push_str(&text[..floor_char_boundary(text, room)]);
+            self.cut = true;
+        }
+    }
+
     fn text(&mut self, text: &str) {
+        if self.cut {
+            return;
+        }
         if self.preformatted {
             self.flush_breaks();
-            self.out.push_str(text);
+            self.push(text);
             return;
         }
         let starts_with_space = text.starts_with(char::is_whitespace);
@@ -328,17 +421,17 @@ impl Writer {
         }
         self.flush_breaks();
         if starts_with_space && !self.out.is_empty() && !self.out.ends_with([' ', '\n']) {
-            self.out.push(' ');
+            self.push(" ");
         }
-        self.out.push_str(&words);
+        self.push(&words);
         if ends_with_space {
-            self.out.push(' ');
+            self.push(" ");
         }
     }
 
     fn raw(&mut self, text: &str) {
         self.flush_breaks();
-        self.out.push_str(text);
+        self.push(text);
     }
 
     fn block_break(&mut self, lines: usize) {
@@ -348,23 +441,37 @@ impl Writer {
     }
 
     fn flush_breaks(&mut self) {
-        if self.pending_breaks > 0 {
+        if self.pending_breaks > 0 && !self.cut {
+            // Each space popped was pushed once: linear overall.
             while self.out.ends_with(' ') {
                 self.out.pop();
             }
-            let existing = self.out.chars().rev().take_while(|c| *c == '\n').count();
+            // Only the last `pending_breaks` characters matter (a `<pre>` may have left a
+            // million newlines; counting them all on every break would be quadratic).
+            let existing = self
+                .out
+                .bytes()
+                .rev()
+                .take(self.pending_breaks)
+                .take_while(|c| *c == b'\n')
+                .count();
             for _ in existing..self.pending_breaks {
-                self.out.push('\n');
+                self.push("\n");
             }
             self.pending_breaks = 0;
         }
     }
 
+    /// Whether the text ends with `text`, ignoring trailing whitespace — looking at a bounded
+    /// tail only (a `<pre>` may end in megabytes of whitespace, and this runs per link).
     fn ends_with_text(&self, text: &str) -> bool {
-        self.out.trim_end().ends_with(text)
+        let tail_start =
+            floor_char_boundary(&self.out, self.out.len().saturating_sub(text.len() + 256));
+        self.out[tail_start..].trim_end().ends_with(text)
     }
 
     fn finish(self) -> String {
+        let cut = self.cut;
         let mut lines: Vec<&str> = Vec::new();
         let mut blank = 0;
         for line in self.out.lines() {
@@ -383,7 +490,14 @@ impl Writer {
         while lines.last() == Some(&"") {
             lines.pop();
         }
-        lines.join("\n")
+        let mut text = lines.join("\n");
+        if cut {
+            text.push_str(&format!(
+                "\n\n[the page's text was cut at {} KiB]",
+                MAX_TEXT_BYTES / 1024
+            ));
+        }
+        text
     }
 }
 
@@ -468,5 +582,107 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Converts `html` and fails if it takes more than a (very generous) sanity bound. The
+    /// pages below took minutes to hours with the quadratic code; linear code needs
+    /// milliseconds. This is not a speed test, it catches a return to quadratic behaviour.
+    fn convert_within_bound(what: &str, html: &str, base: Option<&Url>) -> String {
+        let started = std::time::Instant::now();
+        let text = html_to_text(html, base);
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(10),
+            "{what}: {took:?} for {} bytes",
+            html.len()
+        );
+        assert!(
+            text.len() <= MAX_TEXT_BYTES + 100,
+            "{what}: {} bytes of text",
+            text.len()
+        );
+        text
+    }
+
+    /// Regression: a page of many `<svg>` elements was quadratic (every skipped element
+    /// lowercased a copy of the whole rest of the page).
+    #[test]
+    fn page_of_repeated_svg_is_linear() {
+        let html = format!(
+            "<p>before</p>{}<p>after</p>",
+            "<svg><path d='M0 0'/></svg>".repeat(40_000)
+        );
+        let text = convert_within_bound("repeated svg", &html, None);
+        assert_eq!(text, "before\n\nafter");
+        // Mixed case and every other skipped element behave the same.
+        for name in SKIPPED {
+            let upper = name.to_ascii_uppercase();
+            let html = format!("{}end", format!("<{name}>x</{upper}>").repeat(20_000));
+            assert_eq!(convert_within_bound(name, &html, None), "end");
+        }
+    }
+
+    /// Siblings of the svg bug: nested and unterminated skip elements, unterminated tags,
+    /// comments and quotes, endless entities, `<pre>` whitespace and newlines that trailing
+    /// checks rescanned per link and per line break.
+    #[test]
+    fn adversarial_pages_are_linear_and_bounded() {
+        let base = Url::parse(&format!("https://example.org/{}", "p/".repeat(3000))).ok();
+        let pages = [
+            (
+                "nested svg",
+                format!("{}{}tail", "<svg>".repeat(40_000), "</svg>".repeat(40_000)),
+            ),
+            (
+                "unterminated script",
+                format!("a<script>{}", "<svg>x".repeat(50_000)),
+            ),
+            (
+                "unterminated comment",
+                format!("a<!--{}", "<p>x".repeat(50_000)),
+            ),
+            (
+                "unterminated quote",
+                format!("a<a href=\"{}", "<b>x</b>".repeat(40_000)),
+            ),
+            ("lone brackets", "a < b ".repeat(50_000)),
+            (
+                "almost closing tags",
+                format!("<script>{}", "</scrip".repeat(50_000)),
+            ),
+            ("entities without end", "&amp&#x41&bogus".repeat(20_000)),
+            (
+                "pre newlines and breaks",
+                format!("<pre>{}{}", "\n".repeat(200_000), "<br>\n".repeat(20_000)),
+            ),
+            (
+                "pre whitespace and links",
+                format!(
+                    "<pre><a href=\"/x\">https://example.org/x</a>{}{}",
+                    " ".repeat(200_000),
+                    "<a href=\"/x\"></a>".repeat(20_000)
+                ),
+            ),
+            ("many links, long base", "<a href=x>y</a>".repeat(30_000)),
+            ("unclosed links", "<a href=x>".repeat(50_000)),
+            (
+                "huge title",
+                format!("<title>{}</title>body", "t ".repeat(200_000)),
+            ),
+            ("text flood", "<p>word ".repeat(200_000)),
+        ];
+        for (what, html) in &pages {
+            let text = convert_within_bound(what, html, base.as_ref());
+            assert!(!text.contains('\0'), "{what}");
+        }
+        let flood = convert_within_bound("text flood", &pages[12].1, None);
+        assert!(
+            flood.ends_with("KiB]"),
+            "the cut is said: {}",
+            &flood[flood.len() - 80..]
+        );
+        let short = Url::parse("https://example.org/").ok();
+        let links = convert_within_bound("many links", &pages[9].1, short.as_ref());
+        assert_eq!(links.matches("https://").count(), MAX_LINKS);
     }
 }

@@ -15,5 +15,8 @@ mod paths;
 mod web_fetch;
 
 pub use exec::{ExecTool, NO_SANDBOX_MESSAGE};
-pub use files::{EditTool, ReadTool, WriteTool, EDIT_MAX_BYTES, READ_OUTPUT_CAP, WRITE_MAX_BYTES};
+pub use files::{
+    EditTool, ReadTool, WriteTool, EDIT_MAX_BYTES, FILE_TOOL_DEADLINE, LIST_SCAN_MAX,
+    READ_OUTPUT_CAP, READ_SCAN_MAX, WRITE_MAX_BYTES,
+};
 pub use web_fetch::{WebFetchError, WebFetchSettings, WebFetchTool, MAX_REDIRECTS};

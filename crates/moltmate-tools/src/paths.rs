@@ -18,7 +18,6 @@ use rustix::io::Errno;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Which root a model path lives under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +36,11 @@ pub(crate) struct Target {
     /// The path as the model wrote it, for messages.
     pub shown: String,
 }
+
+/// Path components a model path may have at most. Resolution beneath the root costs work per
+/// component (and creating missing parents resolves each prefix again), so a path is bounded
+/// well below the kernel's 4096 bytes.
+pub(crate) const MAX_PATH_COMPONENTS: usize = 128;
 
 const OUTSIDE: &str = "paths must stay inside your home (relative paths or /workspace/...) or the family folder (family/...)";
 
@@ -73,6 +77,11 @@ pub(crate) fn target(ctx: &ToolContext, raw: &str) -> Result<Target, ToolError> 
         },
     };
     let rest = rest.trim_start_matches('/');
+    if Path::new(rest).components().count() > MAX_PATH_COMPONENTS {
+        return Err(ToolError::InvalidArguments(format!(
+            "`{raw}` is nested too deeply: paths may have at most {MAX_PATH_COMPONENTS} parts"
+        )));
+    }
     // Lexical pre-check for a clear message; RESOLVE_BENEATH enforces it regardless.
     let mut depth: i64 = 0;
     for component in Path::new(rest).components() {
@@ -154,20 +163,69 @@ pub(crate) fn open_beneath(
 }
 
 fn open_beneath_raw(root: &OwnedFd, rel: &Path, flags: OFlags) -> Result<OwnedFd, Errno> {
+    // `openat2` refuses `O_PATH` with anything but `O_CLOEXEC`, `O_DIRECTORY`, `O_NOFOLLOW`.
+    let flags = if flags.contains(OFlags::PATH) {
+        flags | OFlags::CLOEXEC
+    } else {
+        flags | OFlags::CLOEXEC | OFlags::NOCTTY
+    };
     let mut attempts = 0;
     loop {
-        match rustix::fs::openat2(
-            root,
-            rel,
-            flags | OFlags::CLOEXEC | OFlags::NOCTTY,
-            Mode::empty(),
-            BENEATH,
-        ) {
+        match rustix::fs::openat2(root, rel, flags, Mode::empty(), BENEATH) {
             Ok(fd) => return Ok(fd),
             Err(Errno::AGAIN) if attempts < 8 => attempts += 1,
             Err(e) => return Err(e),
         }
     }
+}
+
+/// What [`open_checked`] found.
+pub(crate) enum Opened {
+    /// A regular file, open for reading (`O_NONBLOCK`).
+    File(OwnedFd, rustix::fs::Stat),
+    /// A directory, open for listing.
+    Directory(OwnedFd),
+}
+
+/// Opens `rel` beneath `root` so that nothing the user planted can block or trigger a driver:
+/// an `O_PATH` open first (which opens nothing), `fstat`, and only a regular file or a
+/// directory is then opened for real (`O_NONBLOCK`), checked to be the same inode. A FIFO, a
+/// socket or a device is refused with a message naming what it is.
+pub(crate) fn open_checked(root: &OwnedFd, rel: &Path, shown: &str) -> Result<Opened, ToolError> {
+    let probe = open_beneath(root, rel, OFlags::PATH, shown)?;
+    let seen = rustix::fs::fstat(&probe).map_err(|e| open_error(e, shown))?;
+    let kind = FileType::from_raw_mode(seen.st_mode);
+    let flags = match kind {
+        FileType::RegularFile => OFlags::RDONLY | OFlags::NONBLOCK,
+        FileType::Directory => OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NONBLOCK,
+        other => return Err(not_a_file(shown, other)),
+    };
+    let fd = open_beneath(root, rel, flags, shown)?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| open_error(e, shown))?;
+    if (stat.st_dev, stat.st_ino) != (seen.st_dev, seen.st_ino) {
+        return Err(ToolError::Failed(format!(
+            "`{shown}` was replaced while it was being opened; try again"
+        )));
+    }
+    Ok(match kind {
+        FileType::Directory => Opened::Directory(fd),
+        _ => Opened::File(fd, stat),
+    })
+}
+
+/// The refusal for something that is neither a regular file nor a directory.
+pub(crate) fn not_a_file(shown: &str, kind: FileType) -> ToolError {
+    let what = match kind {
+        FileType::Fifo => "a FIFO (named pipe)",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Symlink => "a symbolic link",
+        _ => "not a regular file",
+    };
+    ToolError::Refused(format!(
+        "`{shown}` is {what}; file tools only read regular files and directories (use exec to work with it)"
+    ))
 }
 
 /// Maps an errno from resolving a model path to an answer the model can act on.
@@ -217,6 +275,15 @@ pub(crate) fn open_parent(
         .ok_or_else(|| ToolError::InvalidArguments(format!("`{shown}` is not valid UTF-8")))?
         .to_string();
     let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY;
+    // The common case, an existing parent: one resolution, not one per component.
+    let whole: PathBuf = std::iter::once(Component::CurDir)
+        .chain(parents.iter().copied())
+        .collect();
+    match open_beneath_raw(root, &whole, dir_flags) {
+        Ok(fd) => return Ok((fd, name)),
+        Err(Errno::NOENT) if create => {}
+        Err(e) => return Err(open_error(e, shown)),
+    }
     let mut prefix = PathBuf::from(".");
     let mut parent = open_beneath(root, &prefix, dir_flags, shown)?;
     for component in parents {
@@ -261,8 +328,6 @@ fn inherit_owner(parent: &OwnedFd, fd: &OwnedFd) {
     }
 }
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 /// Atomically replaces `name` in `parent` with `content`: temp file (O_EXCL, O_NOFOLLOW) in the
 /// same directory, write, fsync, renameat, fsync the directory. On failure the temp file is
 /// removed, so neither a half-written target nor a stray temp file remains.
@@ -298,15 +363,17 @@ fn create_temp(
     mode: u32,
     shown: &str,
 ) -> Result<(String, OwnedFd), ToolError> {
-    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let flags = OFlags::WRONLY
+        | OFlags::CREATE
+        | OFlags::EXCL
+        | OFlags::NOFOLLOW
+        | OFlags::CLOEXEC
+        | OFlags::NONBLOCK;
     let stem: String = name.chars().take(64).collect();
     for _ in 0..16 {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let temp = format!(".{stem}.{}-{n}-{nanos}.moltmate-tmp", std::process::id());
+        // A fresh random name each time: nobody can plant something at it in advance, and two
+        // writers never share one (O_EXCL makes a collision a retry, never a shared file).
+        let temp = format!(".{stem}.{:016x}.moltmate-tmp", rand::random::<u64>());
         match rustix::fs::openat(parent, temp.as_str(), flags, Mode::from_raw_mode(mode)) {
             Ok(fd) => {
                 inherit_owner(parent, &fd);

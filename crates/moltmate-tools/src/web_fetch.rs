@@ -30,6 +30,8 @@ use url::{Host, Url};
 pub const MAX_REDIRECTS: usize = 5;
 /// Longest URL accepted.
 const MAX_URL_BYTES: usize = 8 * 1024;
+/// Longest the HTML-to-text conversion of one page may take (it is linear; this is a backstop).
+const HTML_DEADLINE: Duration = Duration::from_secs(10);
 
 /// `tools.web.fetch`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,10 +314,20 @@ impl WebFetchTool {
                 "`{final_url}` has no content type and looks binary"
             )));
         }
-        let text = String::from_utf8_lossy(&body);
         let readable = match kind {
-            Kind::Html => crate::html::html_to_text(&text, Some(&final_url)),
-            Kind::Text => text.into_owned(),
+            // Converting is CPU work on up to `max_bytes` of hostile markup: on the blocking
+            // pool, abandoned after a deadline, never on the runtime.
+            Kind::Html => {
+                let base = final_url.clone();
+                moltmate_core::blocking::run("converting the page", HTML_DEADLINE, move || {
+                    crate::html::html_to_text(&String::from_utf8_lossy(&body), Some(&base))
+                })
+                .await
+                .map_err(|e| {
+                    ToolError::Failed(format!("`{final_url}` could not be converted to text: {e}"))
+                })?
+            }
+            Kind::Text => String::from_utf8_lossy(&body).into_owned(),
         };
         let mut out = format!("URL: {final_url}\nStatus: {}\n", status.as_u16());
         if truncated {

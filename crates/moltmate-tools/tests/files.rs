@@ -533,3 +533,195 @@ async fn write_edge_cases() {
         vec!["a", "a/b", "a/b/c", "a/b/c/d.txt"]
     );
 }
+
+fn mkfifo(path: &std::path::Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+}
+
+/// Fails (instead of hanging) when a tool call does not return within 20 s.
+async fn within<T>(what: &str, call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(20), call)
+        .await
+        .unwrap_or_else(|_| panic!("{what} hung"))
+}
+
+/// Regression: the class of "a file that blocks", for every file tool: FIFOs, sockets and a
+/// /dev node reached through a symlink are refused (never opened), loops are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifos_sockets_devices_and_loops_are_refused_by_every_file_tool() {
+    let fx = Fixture::new();
+    let ctx = fx.ctx("anna");
+    let home = fx.home("anna");
+    std::fs::create_dir_all(&home).unwrap();
+    mkfifo(&home.join("pipe.md"));
+    let _socket = std::os::unix::net::UnixListener::bind(home.join("sock.md")).unwrap();
+    symlink("/dev/zero", home.join("zero.md")).unwrap();
+    symlink("/dev/tty", home.join("tty.md")).unwrap();
+    symlink("loop-b", home.join("loop-a")).unwrap();
+    symlink("loop-a", home.join("loop-b")).unwrap();
+    for (path, expected) in [
+        ("pipe.md", "FIFO"),
+        ("sock.md", "socket"),
+        ("zero.md", "outside your files"),
+        ("tty.md", "outside your files"),
+        ("loop-a", "cannot be followed"),
+    ] {
+        let r = within(path, read(&ctx, json!({"path": path}))).await;
+        match r {
+            Err(ToolError::Refused(message)) => {
+                assert!(message.contains(expected), "read {path}: {message}")
+            }
+            other => panic!("read {path}: {other:?}"),
+        }
+        let r = within(
+            path,
+            EditTool.call(
+                &ctx,
+                json!({"path": path, "old_text": "a", "new_text": "b"}),
+            ),
+        )
+        .await;
+        assert!(
+            matches!(r, Err(ToolError::Refused(_))),
+            "edit {path}: {r:?}"
+        );
+    }
+    // Writing over a FIFO replaces it (the FIFO is never opened).
+    within(
+        "write",
+        WriteTool.call(&ctx, json!({"path": "pipe.md", "content": "plain"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(home.join("pipe.md")).unwrap(),
+        "plain"
+    );
+}
+
+/// A sparse file of 100 GB apparent size (one "line" of zeros after some text): `read`
+/// scans a bounded amount, never holds the line in memory, and says how to go on.
+#[tokio::test]
+async fn sparse_100_gb_file_read_is_bounded() {
+    let fx = Fixture::new();
+    let ctx = fx.ctx("anna");
+    let home = fx.home("anna");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("big.txt"), "abc\n".repeat(4096)).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(home.join("big.txt"))
+        .unwrap()
+        .set_len(100 << 30)
+        .unwrap();
+    let first = within("read", read(&ctx, json!({"path": "big.txt"})))
+        .await
+        .unwrap();
+    assert!(first.starts_with("abc\nabc\n"), "{}", &first[..20]);
+    assert!(
+        first.contains("continue with offset=4097"),
+        "{}",
+        &first[first.len() - 200..]
+    );
+    let long = within(
+        "read",
+        read(&ctx, json!({"path": "big.txt", "offset": 4097})),
+    )
+    .await
+    .unwrap();
+    assert!(long.contains("alone is longer"), "{long}");
+    let far = within(
+        "read",
+        read(&ctx, json!({"path": "big.txt", "offset": 1_000_000_000u64})),
+    )
+    .await
+    .unwrap();
+    assert!(far.contains("too large to scan"), "{far}");
+}
+
+/// A directory of 100k entries: listing it reads a bounded number and says so.
+#[tokio::test]
+async fn listing_a_directory_of_100k_entries_is_bounded() {
+    let fx = Fixture::new();
+    let ctx = fx.ctx("anna");
+    let many = fx.home("anna").join("many");
+    std::fs::create_dir_all(&many).unwrap();
+    for i in 0..100_000 {
+        std::fs::File::create(many.join(format!("{i:06}"))).unwrap();
+    }
+    let listing = within("listing", read(&ctx, json!({"path": "many"})))
+        .await
+        .unwrap();
+    assert!(
+        listing.contains(&format!(
+            "more than {} entries",
+            moltmate_tools::LIST_SCAN_MAX
+        )),
+        "{}",
+        &listing[..300]
+    );
+    assert!(listing.len() < 64 * 1024, "{} bytes", listing.len());
+}
+
+/// 1000 nested directories: paths that deep are refused up front, and writes to a deep new
+/// path create parents with bounded work.
+#[tokio::test]
+async fn deep_directory_trees_are_bounded() {
+    let fx = Fixture::new();
+    let ctx = fx.ctx("anna");
+    let mut deep = fx.home("anna");
+    for _ in 0..1000 {
+        deep.push("d");
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("x.md"), "deep").unwrap();
+    let path = format!("{}x.md", "d/".repeat(1000));
+    let r = read(&ctx, json!({"path": path})).await;
+    assert!(
+        matches!(&r, Err(ToolError::InvalidArguments(m)) if m.contains("nested too deeply")),
+        "{r:?}"
+    );
+    let path = format!("{}x.md", "n/".repeat(100));
+    within(
+        "deep write",
+        WriteTool.call(&ctx, json!({"path": path, "content": "ok"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(read(&ctx, json!({"path": path})).await.unwrap(), "ok");
+}
+
+/// Concurrent writers of one file: every write succeeds, the file holds one writer's whole
+/// content, and no temporary file is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_of_one_file_never_collide_or_leave_temp_files() {
+    let fx = Fixture::new();
+    let ctx = fx.ctx("anna");
+    let mut writers = Vec::new();
+    for writer in 0..16 {
+        let ctx = ctx.clone();
+        writers.push(tokio::spawn(async move {
+            for round in 0..20 {
+                let content = format!("writer {writer} round {round}\n").repeat(200);
+                WriteTool
+                    .call(&ctx, json!({"path": "notes/shared.md", "content": content}))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let text = std::fs::read_to_string(fx.home("anna").join("notes/shared.md")).unwrap();
+    let first = text.lines().next().unwrap();
+    assert!(text.lines().all(|l| l == first), "never a mix of writers");
+    assert_eq!(tree(&fx.home("anna")), vec!["notes", "notes/shared.md"]);
+}
