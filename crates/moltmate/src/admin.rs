@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use moltmate_core::{ChannelKind, Identity, UserId};
-use moltmate_store::homes::read_beneath;
+use moltmate_store::homes::{list_beneath, read_beneath, CopyLimits};
 use moltmate_store::memory_index::MemoryIndex;
 use moltmate_store::{Homes, Store};
 use std::path::{Path, PathBuf};
@@ -182,25 +182,6 @@ pub async fn users_add(
     Ok(())
 }
 
-/// Copies `from` into `to` without following symlinks (they are copied as links); sockets,
-/// FIFOs and devices are skipped.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let target = to.join(entry.file_name());
-        if kind.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
-        } else if kind.is_file() {
-            std::fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
-}
-
 /// Removes a user's home. A home on a capped volume is unmounted and its image deleted (the
 /// image is where the files live).
 pub fn wipe_home(home_dir: &Path, users_home: &Path, user: &UserId) -> Result<()> {
@@ -250,8 +231,31 @@ async fn archive(admin: &Admin, user: &UserId) -> Result<PathBuf> {
     )?;
     let home = admin.homes.home(user);
     if home.root().exists() {
-        copy_tree(home.root(), &archive_dir.join("home"))
-            .context("copying the home into the archive")?;
+        // The home is the user's: bounded and never blocking (FIFOs, sockets and devices are
+        // skipped, links copied as links, depth, entries and bytes capped), so nothing in it
+        // can hang or fail the reset or removal. What was skipped is listed in the archive.
+        let (from, to) = (home.root().to_path_buf(), archive_dir.join("home"));
+        let report = tokio::task::spawn_blocking(move || {
+            moltmate_store::homes::copy_tree(&from, &to, CopyLimits::default())
+        })
+        .await
+        .context("copying the home into the archive")?
+        .context("copying the home into the archive")?;
+        if report.skipped_total > 0 {
+            let mut text = format!(
+                "{} item(s) of the home were not archived:\n",
+                report.skipped_total
+            );
+            for line in &report.skipped {
+                text.push_str(line);
+                text.push('\n');
+            }
+            std::fs::write(archive_dir.join("SKIPPED.txt"), text)?;
+            eprintln!(
+                "Note: {} item(s) of {user}'s home were not archived (see SKIPPED.txt in the archive).",
+                report.skipped_total
+            );
+        }
         wipe_home(&admin.home, home.root(), user)?;
     }
     let index = MemoryIndex::path_for(&admin.home.join("index"), user);
@@ -309,9 +313,10 @@ async fn export_json(admin: &Admin, user: &UserId) -> Result<serde_json::Value> 
             files.insert(file.to_string(), serde_json::Value::String(text));
         }
     }
-    if let Ok(entries) = std::fs::read_dir(home.root().join("memory")) {
-        for entry in entries.flatten() {
-            let name = format!("memory/{}", entry.file_name().to_string_lossy());
+    // Bounded: a `memory/` of millions of entries exports the first ones the kernel lists.
+    if let Ok(Some(listing)) = list_beneath(home.root(), "memory", 10_000) {
+        for entry in listing.entries.iter().filter(|e| !e.is_dir()).take(2_000) {
+            let name = format!("memory/{}", entry.name);
             if let Ok(Some((text, _))) = read_beneath(home.root(), &name, 4 << 20) {
                 files.insert(name, serde_json::Value::String(text));
             }

@@ -225,3 +225,48 @@ async fn trust_levels_decide_which_tools_each_users_model_is_offered() {
     assert_eq!(tools_for("restricted here"), vec!["memory_search", "read"]);
     h.stop().await;
 }
+
+/// Regression: `users reset`/`remove` copied the home with `std::fs::copy` (which opens a FIFO
+/// and waits) and recursion without bounds, so a user could hang or fail their own removal.
+/// Now the copy skips what it cannot copy, says so, and the command completes.
+#[test]
+fn users_remove_of_a_hostile_home_completes_and_lists_what_was_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let (status, _, stderr) = run_cli(&home, &["users", "add", "mallory"]);
+    assert!(status.success(), "{stderr}");
+    let user_home = home.join("users/mallory");
+    std::fs::write(user_home.join("MEMORY.md"), "keep").unwrap();
+    let fifo = std::ffi::CString::new(user_home.join("SOUL.md").as_os_str().as_encoded_bytes())
+        .unwrap();
+    std::fs::remove_file(user_home.join("SOUL.md")).ok();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let _socket = std::os::unix::net::UnixListener::bind(user_home.join("sock")).unwrap();
+    let mut deep = user_home.join("workspace");
+    for _ in 0..1000 {
+        deep.push("d");
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+
+    let (status, _, stderr) = run_cli(&home, &["users", "remove", "mallory", "--yes"]);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("were not archived"), "{stderr}");
+    assert!(!user_home.exists());
+    let archive = std::fs::read_dir(home.join("archive"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        std::fs::read_to_string(archive.join("home/MEMORY.md")).unwrap(),
+        "keep"
+    );
+    let skipped = std::fs::read_to_string(archive.join("SKIPPED.txt")).unwrap();
+    assert!(
+        skipped.contains("SOUL.md: it is a FIFO") && skipped.contains("nested too deep"),
+        "{skipped}"
+    );
+}
