@@ -351,3 +351,50 @@ fn sse_data(body: &str) -> Vec<&str> {
     assert_eq!(data.last(), Some(&"[DONE]"), "{body}");
     data
 }
+
+/// Regression: a FIFO as SOUL.md froze the gateway for everyone, on the web as on Telegram
+/// (the accept path read it on the runtime). Now the API user is answered, told which files
+/// were skipped, and another user is answered too.
+#[tokio::test]
+async fn fifo_context_files_do_not_block_the_api_and_the_user_is_told() {
+    let h = harness();
+    let (mallory, token) = h.user("mallory").await;
+    let (_, other) = h.user("bob").await;
+    let home = h.gateway.ensure_home(&mallory).unwrap();
+    for file in ["SOUL.md", "MEMORY.md"] {
+        std::fs::remove_file(home.root().join(file)).ok();
+        let path =
+            std::ffi::CString::new(home.root().join(file).as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    }
+    let ask = |token: &str, text: &str| {
+        completion_request(
+            token,
+            json!({"model": "m", "messages": [{"role": "user", "content": text}]}),
+        )
+    };
+    let response = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        send(&h.app(), ask(&token, "hello")),
+    )
+    .await
+    .expect("the API answered");
+    assert_eq!(response.status, StatusCode::OK, "{}", response.body);
+    let content = response.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(content.starts_with(&echo_of("hello")), "{content}");
+    for file in ["SOUL.md", "MEMORY.md"] {
+        assert!(
+            content.contains(&format!("{file} (it is a FIFO (named pipe)")),
+            "{file} in {content}"
+        );
+    }
+    let response = send(&h.app(), ask(&other, "hi")).await;
+    assert_eq!(
+        response.json()["choices"][0]["message"]["content"],
+        echo_of("hi")
+    );
+}

@@ -238,8 +238,8 @@ fn users_remove_of_a_hostile_home_completes_and_lists_what_was_skipped() {
     assert!(status.success(), "{stderr}");
     let user_home = home.join("users/mallory");
     std::fs::write(user_home.join("MEMORY.md"), "keep").unwrap();
-    let fifo = std::ffi::CString::new(user_home.join("SOUL.md").as_os_str().as_encoded_bytes())
-        .unwrap();
+    let fifo =
+        std::ffi::CString::new(user_home.join("SOUL.md").as_os_str().as_encoded_bytes()).unwrap();
     std::fs::remove_file(user_home.join("SOUL.md")).ok();
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);

@@ -90,6 +90,39 @@ impl Harness {
             .unwrap_or_else(|e| panic!("no reply for chat {chat_id}: {e:?}"))
     }
 
+    /// Stops the gateway and starts a new one on the same home with the same doubles, as a
+    /// restart after a crash or an upgrade: messages accepted but not answered are replayed by
+    /// recovery before the channels run again.
+    pub async fn restart(self) -> Harness {
+        let Harness {
+            dir,
+            home,
+            telegram,
+            llm,
+            built,
+            channels,
+        } = self;
+        built.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), channels).await;
+        built.gateway.drain(Duration::from_secs(5)).await;
+        drop(built);
+        let config = wiring::load_config(&home).expect("test config loads");
+        let built = wiring::build(&home, &config, Purpose::Serve)
+            .await
+            .expect("gateway builds again");
+        built.gateway.recover().await.unwrap();
+        let gateway = built.gateway.clone();
+        let channels = tokio::spawn(async move { gateway.run_channels().await });
+        Harness {
+            dir,
+            home,
+            telegram,
+            llm,
+            built,
+            channels,
+        }
+    }
+
     /// Stops the gateway; returns the temporary directory so a test can keep using the home.
     pub async fn stop(self) -> tempfile::TempDir {
         self.built.shutdown.cancel();
