@@ -4,6 +4,7 @@
 //! anything the model says.
 
 use async_trait::async_trait;
+use moltmate_core::blocking;
 use moltmate_core::model::ToolSpec;
 use moltmate_core::tool::{Tool, ToolContext, ToolError, ToolOutput};
 use moltmate_store::memory_index::{IndexedRoot, MemoryIndex};
@@ -13,6 +14,17 @@ use std::path::PathBuf;
 
 /// Results returned to the model at most.
 const MAX_HITS: usize = 10;
+/// Longest a search (with the index update before it) may take.
+const SEARCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn blocking_error(e: blocking::BlockingError) -> ToolError {
+    match e {
+        blocking::BlockingError::TimedOut { .. } => ToolError::Failed(format!(
+            "memory search took too long and was abandoned ({e})"
+        )),
+        blocking::BlockingError::Failed { .. } => ToolError::Fatal(e.to_string()),
+    }
+}
 
 pub struct MemorySearchTool {
     store: Store,
@@ -64,11 +76,13 @@ impl Tool for MemorySearchTool {
         let last = {
             let index_dir = self.index_dir.clone();
             let user = context.user.clone();
-            tokio::task::spawn_blocking(move || {
-                MemoryIndex::open(&index_dir, &user)?.last_transcript_id()
-            })
+            blocking::run(
+                "opening the memory index",
+                blocking::FILE_DEADLINE,
+                move || MemoryIndex::open(&index_dir, &user)?.last_transcript_id(),
+            )
             .await
-            .map_err(|e| ToolError::Fatal(e.to_string()))?
+            .map_err(blocking_error)?
             .map_err(|e| ToolError::Failed(format!("memory index unavailable: {e}")))?
         };
         let new_rows = self
@@ -81,7 +95,9 @@ impl Tool for MemorySearchTool {
         let home = context.home.root().to_path_buf();
         let family = context.family.as_ref().map(|f| f.root.clone());
         let query = arguments.query;
-        let hits = tokio::task::spawn_blocking(move || {
+        // Reading the notes and indexing them: bounded (entries, bytes per file) and off the
+        // runtime, abandoned after a deadline.
+        let hits = blocking::run("searching memory", SEARCH_DEADLINE, move || {
             let mut index = MemoryIndex::open(&index_dir, &user)?;
             let mut roots = vec![IndexedRoot {
                 root: &home,
@@ -102,7 +118,7 @@ impl Tool for MemorySearchTool {
             index.search(&query, MAX_HITS)
         })
         .await
-        .map_err(|e| ToolError::Fatal(e.to_string()))?
+        .map_err(blocking_error)?
         .map_err(|e| ToolError::Failed(format!("memory search failed: {e}")))?;
         if hits.is_empty() {
             return Ok(ToolOutput::text("No matches in memory."));

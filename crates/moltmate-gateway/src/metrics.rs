@@ -59,6 +59,8 @@ pub struct Metrics {
     pub replies_failed: Counter,
     /// Users with a live worker (active in the last `worker_idle`).
     pub active_users: Gauge,
+    /// Blocking tasks (file work) past their deadline and still running; set when encoding.
+    pub blocking_abandoned: Gauge,
 }
 
 impl Default for Metrics {
@@ -85,6 +87,12 @@ impl Metrics {
         let replies_sent = Counter::default();
         let replies_failed = Counter::default();
         let active_users = Gauge::default();
+        let blocking_abandoned = Gauge::default();
+        registry.register(
+            "blocking_abandoned",
+            "Blocking file tasks past their deadline and still running (a stuck disk or filesystem)",
+            blocking_abandoned.clone(),
+        );
         registry.register(
             "messages",
             "Inbound messages by channel and outcome",
@@ -137,6 +145,7 @@ impl Metrics {
             replies_sent,
             replies_failed,
             active_users,
+            blocking_abandoned,
         }
     }
 
@@ -147,6 +156,8 @@ impl Metrics {
 
     /// Prometheus text exposition format.
     pub fn encode(&self) -> String {
+        self.blocking_abandoned
+            .set(i64::try_from(moltmate_core::blocking::abandoned()).unwrap_or(i64::MAX));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "could not encode metrics");
