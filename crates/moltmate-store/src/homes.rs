@@ -454,16 +454,19 @@ fn list_fd(fd: OwnedFd, shown: &str, max_entries: usize) -> Result<Listing, Home
     let dir = rustix::fs::Dir::new(fd).map_err(|e| io_error(shown, e))?;
     let mut entries = Vec::new();
     let mut complete = true;
+    // Counted as read, not as kept: a million names that are not UTF-8 cost the bound too.
+    let mut read = 0usize;
     for entry in dir {
         let entry = entry.map_err(|e| io_error(shown, e))?;
         let bytes = entry.file_name().to_bytes();
         if bytes == b"." || bytes == b".." {
             continue;
         }
-        if entries.len() >= max_entries {
+        if read >= max_entries {
             complete = false;
             break;
         }
+        read += 1;
         if let Ok(name) = std::str::from_utf8(bytes) {
             entries.push(Entry {
                 name: name.to_string(),

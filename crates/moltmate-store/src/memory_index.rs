@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 
 /// Largest file indexed; bigger memory files are indexed up to this size.
 const MAX_FILE_BYTES: u64 = 2 * 1024 * 1024;
+/// Bytes of changed files read per sync at most; files past it are indexed by a later search.
+/// Bounds the work one search can cause, however many notes a user rewrites.
+pub const MAX_SYNC_BYTES: u64 = 32 * 1024 * 1024;
 
 /// One search result.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,6 +81,7 @@ impl MemoryIndex {
     /// gone. Files are read beneath their root without following symlinks.
     pub fn sync_files(&mut self, roots: &[IndexedRoot<'_>]) -> Result<(), StoreError> {
         let mut seen = std::collections::HashSet::new();
+        let mut budget = MAX_SYNC_BYTES;
         for root in roots {
             let mut candidates: Vec<String> = root.files.iter().map(|f| f.to_string()).collect();
             for dir in root.directories {
@@ -102,10 +106,15 @@ impl MemoryIndex {
                 if known == Some((size, mtime)) {
                     continue;
                 }
+                let cost = u64::try_from(size).unwrap_or(0).min(MAX_FILE_BYTES);
+                if cost > budget {
+                    continue;
+                }
                 let text = match read_beneath(root.root, &relative, MAX_FILE_BYTES) {
                     Ok(Some((text, _))) => text,
                     _ => continue,
                 };
+                budget -= (text.len() as u64).min(budget);
                 let tx = self.connection.transaction()?;
                 tx.execute("DELETE FROM entries WHERE source = ?1", params![source])?;
                 for (number, line) in text.lines().enumerate() {
