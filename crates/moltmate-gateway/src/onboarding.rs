@@ -10,6 +10,7 @@
 use crate::persona::{self, Persona};
 use moltmate_core::tool::UserHome;
 use moltmate_store::homes::{list_beneath, read_beneath, write_beneath};
+use moltmate_store::HomeError;
 use std::path::Path;
 
 /// Entries of the personas folder read at most.
@@ -205,13 +206,13 @@ pub fn interpret_choice(text: &str, choices: &[PersonaChoice]) -> Answer {
 }
 
 /// Writes a chosen persona into the home.
-pub fn apply_persona(home: &UserHome, choice: &PersonaChoice) -> Result<(), String> {
-    write_beneath(home.root(), "SOUL.md", choice.soul.as_bytes()).map_err(|e| e.to_string())?;
-    write_beneath(home.root(), "IDENTITY.md", choice.identity.as_bytes()).map_err(|e| e.to_string())
+pub fn apply_persona(home: &UserHome, choice: &PersonaChoice) -> Result<(), HomeError> {
+    write_beneath(home.root(), "SOUL.md", choice.soul.as_bytes())?;
+    write_beneath(home.root(), "IDENTITY.md", choice.identity.as_bytes())
 }
 
 /// Writes a custom persona from the user's own description.
-pub fn apply_custom(home: &UserHome, description: &str) -> Result<(), String> {
+pub fn apply_custom(home: &UserHome, description: &str) -> Result<(), HomeError> {
     let description: String = description.chars().take(4000).collect();
     let quoted = description
         .lines()
@@ -222,13 +223,12 @@ pub fn apply_custom(home: &UserHome, description: &str) -> Result<(), String> {
         "# Soul\n\nYour user described the personality they want you to have, in their own words:\n\n{quoted}\n\n\
          Be that, consistently. If the description leaves something open, stay kind and honest.\n"
     );
-    write_beneath(home.root(), "SOUL.md", soul.as_bytes()).map_err(|e| e.to_string())?;
+    write_beneath(home.root(), "SOUL.md", soul.as_bytes())?;
     write_beneath(
         home.root(),
         "IDENTITY.md",
         b"# Identity\n\nName: (the user's custom assistant)\nEmoji: \xE2\x9C\xA8\n",
     )
-    .map_err(|e| e.to_string())
 }
 
 pub fn ask_for_description(language: &str) -> String {

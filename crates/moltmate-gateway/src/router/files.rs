@@ -18,28 +18,48 @@ use moltmate_core::blocking;
 use moltmate_core::tool::{FamilyFolder, UserHome};
 use moltmate_core::UserId;
 use moltmate_store::homes::{read_beneath, write_beneath};
-use moltmate_store::Homes;
+use moltmate_store::{HomeError, Homes};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Runs a file step with the deadline and turns both failure kinds into a [`TurnError`] the
-/// worker answers the user with.
+/// worker answers the user with. A refusal (a file that is a FIFO, a link...) is explained to
+/// the user with its path inside their home; any other failure gets a generic apology (its
+/// detail, which may name server paths, goes to the operator's log only).
 async fn step<T: Send + 'static>(
     what: &'static str,
-    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+    work: impl FnOnce() -> Result<T, HomeError> + Send + 'static,
 ) -> Result<T, TurnError> {
     match blocking::run(what, blocking::FILE_DEADLINE, work).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(detail)) => Err(TurnError::Files {
-            user_message: format!(
-                "Sorry — I could not prepare your files, so I could not answer this message ({what}: {detail})."
-            ),
-            detail: format!("{what}: {detail}"),
+        Ok(Err(e)) => Err(TurnError::Files {
+            user_message: match refused_path(&e) {
+                Some(path) => format!(
+                    "Sorry — I could not answer this message: {path} in your files cannot be used ({}). \
+                     Put a normal file there (or delete it) and write again.",
+                    e.user_reason()
+                ),
+                None => "Sorry — I could not prepare your files, so I could not answer this message. \
+                         Please try again later."
+                    .to_string(),
+            },
+            detail: format!("{what}: {e}"),
         }),
         Err(e) => Err(TurnError::Files {
             user_message: e.user_message(),
             detail: e.to_string(),
         }),
+    }
+}
+
+/// The path (relative to the user's home) of a refused file.
+fn refused_path(e: &HomeError) -> Option<&str> {
+    match e {
+        HomeError::NotAFile { path, .. }
+        | HomeError::Symlink { path }
+        | HomeError::TooBig { path, .. }
+        | HomeError::Raced { path } => Some(path),
+        HomeError::Io { .. } | HomeError::BadPath(_) => None,
     }
 }
 
@@ -49,8 +69,8 @@ pub(super) fn ensure_home(
     homes: &Homes,
     settings: &GatewaySettings,
     user: &UserId,
-) -> Result<UserHome, String> {
-    let home = homes.ensure(user).map_err(|e| e.to_string())?;
+) -> Result<UserHome, HomeError> {
+    let home = homes.ensure(user)?;
     // A SOUL.md that is there but unreadable (a FIFO, a link) counts as present: it is
     // reported when the prompt is built, and never overwritten behind the user's back.
     let has_soul = read_beneath(home.root(), "SOUL.md", 1)
@@ -58,10 +78,8 @@ pub(super) fn ensure_home(
         .unwrap_or(true);
     if !has_soul {
         let persona = persona::built_in(&settings.default_persona).unwrap_or(persona::CAMI);
-        write_beneath(home.root(), "SOUL.md", persona.soul.as_bytes())
-            .map_err(|e| e.to_string())?;
-        write_beneath(home.root(), "IDENTITY.md", persona.identity.as_bytes())
-            .map_err(|e| e.to_string())?;
+        write_beneath(home.root(), "SOUL.md", persona.soul.as_bytes())?;
+        write_beneath(home.root(), "IDENTITY.md", persona.identity.as_bytes())?;
     }
     Ok(home)
 }
@@ -97,7 +115,7 @@ pub(super) async fn turn_dirs(
         let home = ensure_home(&inner.homes, &inner.settings, &user)?;
         let family = match inner.settings.families.get(&user) {
             Some(name) => Some(FamilyFolder {
-                root: inner.homes.ensure_family(name).map_err(|e| e.to_string())?,
+                root: inner.homes.ensure_family(name)?,
                 name: name.clone(),
             }),
             None => None,
@@ -105,7 +123,10 @@ pub(super) async fn turn_dirs(
         let tool_home = match scratch_root {
             Some(scratch) => {
                 let scratch_home = UserHome::new(&scratch, &user);
-                std::fs::create_dir_all(scratch_home.root()).map_err(|e| e.to_string())?;
+                std::fs::create_dir_all(scratch_home.root()).map_err(|source| HomeError::Io {
+                    path: scratch_home.root().display().to_string(),
+                    source,
+                })?;
                 scratch_home
             }
             None => home.clone(),

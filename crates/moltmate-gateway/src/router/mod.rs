@@ -248,7 +248,7 @@ impl Gateway {
     /// Ensures the user's home exists, with persona files when it is new. Blocking: call it
     /// from a blocking context (`spawn_blocking`, [`moltmate_core::blocking::run`]).
     pub fn ensure_home(&self, user: &UserId) -> Result<UserHome, String> {
-        files::ensure_home(&self.inner.homes, &self.inner.settings, user)
+        files::ensure_home(&self.inner.homes, &self.inner.settings, user).map_err(|e| e.to_string())
     }
 }
 
