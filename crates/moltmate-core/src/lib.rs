@@ -9,7 +9,9 @@
 //! * the model contract ([`model::Provider`]) and provider-neutral conversation types;
 //! * the tool contract ([`tool::Tool`], [`tool::ToolContext`]), where a tool call always carries
 //!   its user's identity;
-//! * the sandbox contract ([`sandbox::Sandbox`]).
+//! * the sandbox contract ([`sandbox::Sandbox`]);
+//! * [`blocking::run`]: blocking work on the runtime's blocking pool with a deadline, the one way
+//!   every layer keeps filesystem work (and anything else that may block) off async code.
 
 pub mod blocking;
 pub mod channel;
