@@ -11,6 +11,7 @@
 //!   its user's identity;
 //! * the sandbox contract ([`sandbox::Sandbox`]).
 
+pub mod allowlist;
 pub mod channel;
 pub mod ids;
 pub mod model;
