@@ -363,10 +363,7 @@ fn safe_bins(key: &str, list: &[String]) -> Result<(), Failure> {
 
 fn ports(key: &str, list: &[u16]) -> Result<(), Failure> {
     if list.is_empty() {
-        return Err(rule(
-            key,
-            "must list at least one port (e.g. [80, 443])",
-        ));
+        return Err(rule(key, "must list at least one port (e.g. [80, 443])"));
     }
     if let Some(i) = list.iter().position(|&p| p == 0) {
         return Err(rule(format!("{key}[{i}]"), "port 0 cannot be reached"));

@@ -513,8 +513,16 @@ fn sandbox_rules() {
 #[test]
 fn safe_bins_that_run_programs_are_refused_naming_why() {
     for (list, index, needle) in [
-        (r#"["cat", "head", "tail", "awk"]"#, 3, "\"awk\" runs other programs (system()"),
-        (r#"["sed"]"#, 0, "\"sed\" runs other programs (GNU `e` command"),
+        (
+            r#"["cat", "head", "tail", "awk"]"#,
+            3,
+            "\"awk\" runs other programs (system()",
+        ),
+        (
+            r#"["sed"]"#,
+            0,
+            "\"sed\" runs other programs (GNU `e` command",
+        ),
         (r#"["ls", "find"]"#, 1, "`-exec`"),
         (r#"["sort"]"#, 0, "--compress-program"),
         (r#"["sh"]"#, 0, "is a shell"),
