@@ -9,7 +9,9 @@
 //! * the model contract ([`model::Provider`]) and provider-neutral conversation types;
 //! * the tool contract ([`tool::Tool`], [`tool::ToolContext`]), where a tool call always carries
 //!   its user's identity;
-//! * the sandbox contract ([`sandbox::Sandbox`]).
+//! * the sandbox contract ([`sandbox::Sandbox`]);
+//! * what `exec.security: "allowlist"` may run ([`allowlist`]): the default `safeBins` and the
+//!   programs that can never be allowlisted.
 
 pub mod allowlist;
 pub mod channel;
