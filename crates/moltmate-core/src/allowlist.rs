@@ -374,9 +374,6 @@ const KNOWN: &[(&[&str], &str)] = &[
             "pdftohtml",
             "pdfdetach",
             "pdfattach",
-            "convert",
-            "magick",
-            "mogrify",
             "ffmpeg",
             "exiftool",
             "yq",
@@ -517,6 +514,53 @@ const KNOWN: &[(&[&str], &str)] = &[
         ],
         TYPESETTER,
     ),
+    (
+        &[
+            "fd",
+            "fdfind",
+            "fzf",
+            "entr",
+            "logrotate",
+            "sdiff",
+            "diff3",
+            "a2ps",
+            "enscript",
+        ],
+        WRAPPER,
+    ),
+    (&["rg", "ripgrep"], "runs other programs (`--pre`)"),
+    (&["bat", "batcat"], PAGER),
+    (
+        &[
+            "tree",
+            "xmllint",
+            "tidy",
+            "age",
+            "qrencode",
+            "wkhtmltopdf",
+            "setfacl",
+        ],
+        "writes files (`-o`, `--output`)",
+    ),
+    (
+        &["dos2unix", "unix2dos", "mac2unix", "unix2mac", "recode"],
+        "rewrites files in place",
+    ),
+    (&["cabextract"], WRITER),
+    (
+        &[
+            "convert",
+            "magick",
+            "mogrify",
+            "identify",
+            "montage",
+            "composite",
+        ],
+        "writes files and runs helper programs (ImageMagick delegates)",
+    ),
+    (&["smbclient", "w3m", "lynx", "links", "elinks"], NETWORK),
+    (&["systemd-nspawn"], ADMIN),
+    (&["pdfjam"], TYPESETTER),
 ];
 
 /// Why `name` can never be allowlisted, or `None` when it is not a known program runner or
@@ -593,6 +637,9 @@ mod tests {
             ("eval", "builtin"),
             (".", "builtin"),
             ("kill", "signals"),
+            ("rg", "--pre"),
+            ("tree", "-o"),
+            ("dos2unix", "in place"),
         ] {
             let why = refused_safe_bin(name).unwrap_or_else(|| panic!("{name} not refused"));
             assert!(why.contains(needle), "{name}: {why}");
