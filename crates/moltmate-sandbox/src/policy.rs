@@ -10,7 +10,7 @@
 //!   ([`moltmate_core::allowlist::refused_safe_bin`]: shells, interpreters, `env`, `xargs`,
 //!   `find`, `awk`, `sed`, `sort`...) is refused even when `safe_bins` lists it (config validation
 //!   refuses such a list first). The arguments of the few safe bins with one dangerous option or
-//!   operand are vetted against a per-program table ([`ARG_RULES`]: `uniq`'s output file,
+//!   operand are vetted against a per-program table (`ARG_RULES`: `uniq`'s output file,
 //!   `date --set`, `pdftotext`'s output file): every option must be one the table knows, long
 //!   options written in full (no GNU abbreviations), options before operands.
 //! * `blocklist` — shell allowed; refused when a command word, found by a best-effort tokenizer
