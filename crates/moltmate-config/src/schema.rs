@@ -471,6 +471,8 @@ pub struct SandboxConfig {
     pub network: SandboxNetwork,
     /// Hosts reachable through the proxy when `network` is `proxy`. Default empty.
     pub allowed_domains: Vec<String>,
+    /// Destination ports the proxy connects to. Default `[80, 443]`.
+    pub allowed_ports: Vec<u16>,
     /// Default `moltmate-sandbox:bookworm-slim`.
     pub image: String,
     /// Docker endpoint; default: the Docker client's own default.
@@ -497,6 +499,7 @@ impl Default for SandboxConfig {
             workspace_access: WorkspaceAccess::Rw,
             network: SandboxNetwork::None,
             allowed_domains: Vec::new(),
+            allowed_ports: vec![80, 443],
             image: "moltmate-sandbox:bookworm-slim".to_string(),
             docker_host: None,
             dangerously_allow_host_exec: false,
@@ -686,24 +689,7 @@ impl Default for ExecConfig {
         let strings = |items: &[&str]| items.iter().map(|s| (*s).to_string()).collect();
         ExecConfig {
             security: ExecSecurity::Allowlist,
-            safe_bins: strings(&[
-                "cat",
-                "head",
-                "tail",
-                "grep",
-                "wc",
-                "ls",
-                "sort",
-                "uniq",
-                "cut",
-                "tr",
-                "sed",
-                "awk",
-                "pdftotext",
-                "echo",
-                "date",
-                "find",
-            ]),
+            safe_bins: strings(moltmate_core::allowlist::DEFAULT_SAFE_BINS),
             blocked_bins: strings(&["curl", "wget", "nc", "ssh", "sudo", "su", "mount", "docker"]),
             timeout_seconds: 30,
             max_timeout_seconds: 300,
@@ -737,6 +723,9 @@ pub struct WebFetchConfig {
     pub enabled: bool,
     /// `None` (default): any public host. `Some(list)`: only these hosts.
     pub allowed_domains: Option<Vec<String>>,
+    /// Destination ports that may be fetched from (first URL and every redirect). Default
+    /// `[80, 443]`.
+    pub allowed_ports: Vec<u16>,
     /// Default 1048576.
     pub max_bytes: u64,
     /// Default 20.
@@ -748,6 +737,7 @@ impl Default for WebFetchConfig {
         WebFetchConfig {
             enabled: true,
             allowed_domains: None,
+            allowed_ports: vec![80, 443],
             max_bytes: 1_048_576,
             timeout_seconds: 20,
         }

@@ -90,6 +90,8 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
     // none, or proxy (egress only to allowedDomains through the gateway's proxy).
     network: "none",
     allowedDomains: [],
+    // Ports the proxy connects to.
+    allowedPorts: [80, 443],
     image: "moltmate-sandbox:bookworm-slim",
     // dockerHost: "unix:///var/run/docker.sock",
     dangerouslyAllowHostExec: false,
@@ -107,8 +109,11 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
       // allowlist: only safeBins, no shell; blocklist: shell, blockedBins refused; full: anything
       // (still inside the sandbox).
       security: "allowlist",
-      safeBins: ["cat", "head", "tail", "grep", "wc", "ls", "sort", "uniq", "cut", "tr", "sed",
-                 "awk", "pdftotext", "echo", "date", "find"],
+      // Programs that only read and print. Programs that can run other programs or write files
+      // (shells, interpreters, awk, sed, find, sort, env, xargs, tar, git, editors, pagers...)
+      // are refused here; uniq, date and pdftotext have their arguments checked.
+      safeBins: ["cat", "head", "tail", "grep", "wc", "ls", "uniq", "cut", "tr", "pdftotext",
+                 "echo", "date"],
       blockedBins: ["curl", "wget", "nc", "ssh", "sudo", "su", "mount", "docker"],
       timeoutSeconds: 30,
       maxTimeoutSeconds: 300,
@@ -118,6 +123,8 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
         enabled: true,
         // Leave out to allow any public host; set to restrict, e.g. ["en.wikipedia.org"].
         // allowedDomains: [],
+        // Ports that may be fetched from (also after a redirect).
+        allowedPorts: [80, 443],
         maxBytes: 1048576,
         timeoutSeconds: 20,
       },

@@ -284,6 +284,7 @@ fn sandbox(config: &Config) -> Result<(), Failure> {
         ));
     }
     domains("sandbox.allowedDomains", &s.allowed_domains)?;
+    ports("sandbox.allowedPorts", &s.allowed_ports)?;
     if s.image.trim().is_empty() {
         return Err(rule("sandbox.image", "must not be empty"));
     }
@@ -346,10 +347,35 @@ fn bins(key: &str, list: &[String]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `safeBins` may not hold a program that runs other programs or writes files: under
+/// `allowlist` such a program would be a shell by another name (`awk 'BEGIN{system("id")}'`).
+fn safe_bins(key: &str, list: &[String]) -> Result<(), Failure> {
+    for (i, bin) in list.iter().enumerate() {
+        if let Some(why) = moltmate_core::allowlist::refused_safe_bin(bin) {
+            return Err(rule(
+                format!("{key}[{i}]"),
+                format!("{bin:?} {why}; it cannot be allowlisted (remove it from the list; see README, \"The allowlist\")"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn ports(key: &str, list: &[u16]) -> Result<(), Failure> {
+    if list.is_empty() {
+        return Err(rule(key, "must list at least one port (e.g. [80, 443])"));
+    }
+    if let Some(i) = list.iter().position(|&p| p == 0) {
+        return Err(rule(format!("{key}[{i}]"), "port 0 cannot be reached"));
+    }
+    Ok(())
+}
+
 fn tools(config: &Config) -> Result<(), Failure> {
     let t = &config.tools;
     let e = &t.exec;
     bins("tools.exec.safeBins", &e.safe_bins)?;
+    safe_bins("tools.exec.safeBins", &e.safe_bins)?;
     bins("tools.exec.blockedBins", &e.blocked_bins)?;
     positive("tools.exec.timeoutSeconds", e.timeout_seconds)?;
     positive("tools.exec.maxTimeoutSeconds", e.max_timeout_seconds)?;
@@ -366,6 +392,7 @@ fn tools(config: &Config) -> Result<(), Failure> {
     if let Some(list) = &f.allowed_domains {
         domains("tools.web.fetch.allowedDomains", list)?;
     }
+    ports("tools.web.fetch.allowedPorts", &f.allowed_ports)?;
     positive("tools.web.fetch.maxBytes", f.max_bytes)?;
     positive("tools.web.fetch.timeoutSeconds", f.timeout_seconds)?;
     Ok(())

@@ -75,7 +75,15 @@ fn empty_object_gives_all_defaults() {
     assert_eq!(c.sandbox.prune.idle_minutes, 30);
     assert_eq!(c.tools.enabled(), ToolName::ALL.to_vec());
     assert_eq!(c.tools.exec.security, ExecSecurity::Allowlist);
-    assert_eq!(c.tools.exec.safe_bins.len(), 16);
+    assert_eq!(
+        c.tools.exec.safe_bins,
+        moltmate_core::allowlist::DEFAULT_SAFE_BINS
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(c.tools.web.fetch.allowed_ports, [80, 443]);
+    assert_eq!(c.sandbox.allowed_ports, [80, 443]);
     assert!(c.tools.exec.blocked_bins.contains(&"docker".to_string()));
     assert_eq!(c.tools.exec.to_core().max_timeout.as_secs(), 300);
     assert!(c.tools.web.fetch.enabled);
@@ -498,6 +506,75 @@ fn sandbox_rules() {
     let c = load("{sandbox: {network: 'proxy', allowedDomains: ['pypi.org', '*.github.com'], limits: {cpus: 0.5}}}").unwrap();
     assert_eq!(c.sandbox.profile().limits.cpu_millis, 500);
     assert_eq!(c.sandbox.profile().network, SandboxNetwork::Proxy);
+}
+
+/// The old default `safeBins` held `awk`, `sed`, `find` and `sort`, each of which runs other
+/// programs: `awk 'BEGIN{system("id")}'` was a shell under `allowlist`.
+#[test]
+fn safe_bins_that_run_programs_are_refused_naming_why() {
+    for (list, index, needle) in [
+        (
+            r#"["cat", "head", "tail", "awk"]"#,
+            3,
+            "\"awk\" runs other programs (system()",
+        ),
+        (
+            r#"["sed"]"#,
+            0,
+            "\"sed\" runs other programs (GNU `e` command",
+        ),
+        (r#"["ls", "find"]"#, 1, "`-exec`"),
+        (r#"["sort"]"#, 0, "--compress-program"),
+        (r#"["sh"]"#, 0, "is a shell"),
+        (r#"["cat", "bash"]"#, 1, "is a shell"),
+        (r#"["busybox"]"#, 0, "is a shell"),
+        (r#"["python3.11"]"#, 0, "interpreter"),
+        (r#"["perl"]"#, 0, "interpreter"),
+        (r#"["node"]"#, 0, "interpreter"),
+        (r#"["gawk"]"#, 0, "system()"),
+        (r#"["env"]"#, 0, "runs the program named in its arguments"),
+        (r#"["xargs"]"#, 0, "runs the program named"),
+        (r#"["timeout"]"#, 0, "runs the program named"),
+        (r#"["nice"]"#, 0, "runs the program named"),
+        (r#"["tar"]"#, 0, "--to-command"),
+        (r#"["git"]"#, 0, "hooks"),
+        (r#"["less"]"#, 0, "pager"),
+        (r#"["vim"]"#, 0, "editor"),
+        (r#"["tee"]"#, 0, "writes"),
+        (r#"["dd"]"#, 0, "writes"),
+        (r#"["split"]"#, 0, "--filter"),
+        (r#"["eval"]"#, 0, "builtin"),
+    ] {
+        let text = format!("{{tools: {{exec: {{safeBins: {list}}}}}}}");
+        let e = assert_err(&text, &format!("tools.exec.safeBins[{index}]"), needle);
+        assert!(e.to_string().contains("cannot be allowlisted"), "{e}");
+    }
+    // Only `safeBins`: a blocklist may name anything.
+    assert!(load("{tools: {exec: {blockedBins: ['awk', 'sh']}}}").is_ok());
+    assert!(load("{tools: {exec: {safeBins: ['cat', 'jq', 'sha256sum']}}}").is_ok());
+}
+
+#[test]
+fn allowed_ports_must_be_real_ports() {
+    assert_err(
+        "{tools: {web: {fetch: {allowedPorts: []}}}}",
+        "tools.web.fetch.allowedPorts",
+        "at least one port",
+    );
+    assert_err(
+        "{tools: {web: {fetch: {allowedPorts: [443, 0]}}}}",
+        "tools.web.fetch.allowedPorts[1]",
+        "port 0",
+    );
+    assert_err(
+        "{sandbox: {allowedPorts: []}}",
+        "sandbox.allowedPorts",
+        "at least one port",
+    );
+    let c = load("{tools: {web: {fetch: {allowedPorts: [8443]}}}, sandbox: {allowedPorts: [443]}}")
+        .unwrap();
+    assert_eq!(c.tools.web.fetch.allowed_ports, [8443]);
+    assert_eq!(c.sandbox.allowed_ports, [443]);
 }
 
 #[test]

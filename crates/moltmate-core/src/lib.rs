@@ -11,8 +11,11 @@
 //!   its user's identity;
 //! * the sandbox contract ([`sandbox::Sandbox`]);
 //! * [`blocking::run`]: blocking work on the runtime's blocking pool with a deadline, the one way
-//!   every layer keeps filesystem work (and anything else that may block) off async code.
+//!   every layer keeps filesystem work (and anything else that may block) off async code;
+//! * what `exec.security: "allowlist"` may run ([`allowlist`]): the default `safeBins` and the
+//!   programs that can never be allowlisted.
 
+pub mod allowlist;
 pub mod blocking;
 pub mod channel;
 pub mod ids;

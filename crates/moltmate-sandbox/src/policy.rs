@@ -6,8 +6,13 @@
 //!   subshells, comments, newlines) is refused with a message naming what was refused. An
 //!   accepted single command becomes [`ExecCommand::Argv`] (no shell at all); a pipeline becomes
 //!   [`ExecCommand::Shell`] in which every word is single-quoted, so the shell sees literal words
-//!   and `|` only. This vets program *names*, not arguments: `safe_bins` must not list programs
-//!   that run other programs (`env`, `xargs`, `find`, `awk`, interpreters, shells).
+//!   and `|` only. A program that runs other programs or writes files
+//!   ([`moltmate_core::allowlist::refused_safe_bin`]: shells, interpreters, `env`, `xargs`,
+//!   `find`, `awk`, `sed`, `sort`...) is refused even when `safe_bins` lists it (config validation
+//!   refuses such a list first). The arguments of the few safe bins with one dangerous option or
+//!   operand are vetted against a per-program table (`ARG_RULES`: `uniq`'s output file,
+//!   `date --set`, `pdftotext`'s output file): every option must be one the table knows, long
+//!   options written in full (no GNU abbreviations), options before operands.
 //! * `blocklist` — shell allowed; refused when a command word, found by a best-effort tokenizer
 //!   (across `;`, `&&`, `||`, `|`, `&`, `$(`, backticks, `sh -c`, `eval` and wrappers like
 //!   `env`/`nohup`/`xargs`), has a basename in `blocked_bins`. **This is a speed bump, not a
@@ -61,6 +66,10 @@ pub enum ExecRefusal {
     },
     #[error("program `{0}` is blocked by tools.exec.blocked_bins")]
     Blocked(String),
+    #[error("program `{program}` {why}; allowlist mode never runs it")]
+    Runner { program: String, why: &'static str },
+    #[error("`{program}`: {reason}")]
+    Argument { program: String, reason: String },
 }
 
 fn allowed_list(allowed: &[String]) -> String {
@@ -78,6 +87,7 @@ impl ExecRefusal {
         match self {
             ExecRefusal::NotAllowed { .. }
             | ExecRefusal::Blocked(_)
+            | ExecRefusal::Runner { .. }
             | ExecRefusal::ProgramPath(_) => true,
             ExecRefusal::Empty
             | ExecRefusal::TooLong { .. }
@@ -90,7 +100,8 @@ impl ExecRefusal {
             | ExecRefusal::Variable(_)
             | ExecRefusal::Glob(_)
             | ExecRefusal::Tilde
-            | ExecRefusal::EmptyPipelineStage => false,
+            | ExecRefusal::EmptyPipelineStage
+            | ExecRefusal::Argument { .. } => false,
         }
     }
 }
@@ -158,6 +169,14 @@ fn vet_allowlist(line: &str, safe_bins: &[String]) -> Result<ExecCommand, ExecRe
                 allowed: safe_bins.to_vec(),
             });
         }
+        // Config validation refuses such a list; this holds for settings from anywhere else.
+        if let Some(why) = moltmate_core::allowlist::refused_safe_bin(program) {
+            return Err(ExecRefusal::Runner {
+                program: program.clone(),
+                why,
+            });
+        }
+        vet_arguments(stage)?;
     }
     let mut stages = stages;
     if stages.len() == 1 {
@@ -175,6 +194,312 @@ fn vet_allowlist(line: &str, safe_bins: &[String]) -> Result<ExecCommand, ExecRe
         .collect::<Vec<_>>()
         .join(" | ");
     Ok(ExecCommand::Shell(rendered))
+}
+
+// ---------------------------------------------------------------------------------------------
+// allowlist: arguments of the safe bins that have one dangerous option or operand
+
+/// Whether an option takes a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arity {
+    None,
+    /// In the same word (`-f1`, `--skip-fields=1`) or the next one (`-f 1`, `--skip-fields 1`).
+    Required,
+    /// Only in the same word (`-Iseconds`, `--iso-8601=seconds`).
+    Optional,
+}
+
+/// How a program reads its options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Syntax {
+    /// GNU `getopt_long`: short options cluster (`-cd`, `-cf1`), long options are `--name` or
+    /// `--name=value`, `--` ends the options.
+    Gnu,
+    /// poppler's `parseArgs`: each option is one whole word `-name` matched exactly (no
+    /// clusters, no `=`), a value is always the next word, `--` ends the options.
+    SingleDash,
+}
+
+/// One option, by every spelling (`-c`, `--count`).
+struct Opt {
+    names: &'static [&'static str],
+    arity: Arity,
+    /// `Some(why)`: the option is refused, with this reason.
+    refused: Option<&'static str>,
+}
+
+const fn opt(names: &'static [&'static str], arity: Arity) -> Opt {
+    Opt {
+        names,
+        arity,
+        refused: None,
+    }
+}
+
+const fn refused(names: &'static [&'static str], arity: Arity, why: &'static str) -> Opt {
+    Opt {
+        names,
+        arity,
+        refused: Some(why),
+    }
+}
+
+/// The arguments a program accepts under `allowlist`. Only options listed here are accepted
+/// (an option a newer version added is refused, not guessed at); each must be spelled in full,
+/// and all options come before the operands, so GNU argument permutation and
+/// `POSIXLY_CORRECT` cannot make a word mean something else to the program than it meant here.
+struct ArgRules {
+    program: &'static str,
+    syntax: Syntax,
+    options: &'static [Opt],
+    /// Checks the operands (the words that are not options or option values).
+    operands: fn(&[&str]) -> Result<(), String>,
+}
+
+/// Programs of the default `safeBins` with a dangerous option or operand. Every other safe bin
+/// only reads files and prints, whatever its arguments (see README, "The allowlist").
+const ARG_RULES: &[ArgRules] = &[
+    ArgRules {
+        program: "uniq",
+        syntax: Syntax::Gnu,
+        options: &[
+            opt(&["-c", "--count"], Arity::None),
+            opt(&["-d", "--repeated"], Arity::None),
+            opt(&["-D"], Arity::None),
+            opt(&["--all-repeated"], Arity::Optional),
+            opt(&["-f", "--skip-fields"], Arity::Required),
+            opt(&["--group"], Arity::Optional),
+            opt(&["-i", "--ignore-case"], Arity::None),
+            opt(&["-s", "--skip-chars"], Arity::Required),
+            opt(&["-u", "--unique"], Arity::None),
+            opt(&["-z", "--zero-terminated"], Arity::None),
+            opt(&["-w", "--check-chars"], Arity::Required),
+            opt(&["--help"], Arity::None),
+            opt(&["--version"], Arity::None),
+        ],
+        operands: uniq_operands,
+    },
+    ArgRules {
+        program: "date",
+        syntax: Syntax::Gnu,
+        options: &[
+            opt(&["-d", "--date"], Arity::Required),
+            opt(&["--debug"], Arity::None),
+            opt(&["-f", "--file"], Arity::Required),
+            opt(&["-I", "--iso-8601"], Arity::Optional),
+            opt(&["--resolution"], Arity::None),
+            opt(
+                &["-R", "--rfc-email", "--rfc-822", "--rfc-2822"],
+                Arity::None,
+            ),
+            opt(&["--rfc-3339"], Arity::Required),
+            opt(&["-r", "--reference"], Arity::Required),
+            refused(
+                &["-s", "--set"],
+                Arity::Required,
+                "sets the system clock; only showing dates is allowed",
+            ),
+            opt(&["-u", "--utc", "--universal", "--uct"], Arity::None),
+            opt(&["--help"], Arity::None),
+            opt(&["--version"], Arity::None),
+        ],
+        operands: date_operands,
+    },
+    ArgRules {
+        program: "pdftotext",
+        syntax: Syntax::SingleDash,
+        options: &[
+            opt(&["-f"], Arity::Required),
+            opt(&["-l"], Arity::Required),
+            opt(&["-r"], Arity::Required),
+            opt(&["-x"], Arity::Required),
+            opt(&["-y"], Arity::Required),
+            opt(&["-W"], Arity::Required),
+            opt(&["-H"], Arity::Required),
+            opt(&["-layout"], Arity::None),
+            opt(&["-fixed"], Arity::Required),
+            opt(&["-raw"], Arity::None),
+            opt(&["-nodiag"], Arity::None),
+            opt(&["-htmlmeta"], Arity::None),
+            opt(&["-tsv"], Arity::None),
+            opt(&["-enc"], Arity::Required),
+            opt(&["-listenc"], Arity::None),
+            opt(&["-eol"], Arity::Required),
+            opt(&["-nopgbrk"], Arity::None),
+            opt(&["-bbox"], Arity::None),
+            opt(&["-bbox-layout"], Arity::None),
+            opt(&["-cropbox"], Arity::None),
+            opt(&["-colspacing"], Arity::Required),
+            opt(&["-opw"], Arity::Required),
+            opt(&["-upw"], Arity::Required),
+            opt(&["-q"], Arity::None),
+            opt(&["-v"], Arity::None),
+            opt(&["-h", "-help", "--help"], Arity::None),
+        ],
+        operands: pdftotext_operands,
+    },
+];
+
+/// `uniq [INPUT [OUTPUT]]`: OUTPUT is a file uniq writes.
+fn uniq_operands(operands: &[&str]) -> Result<(), String> {
+    match operands {
+        [] | [_] | [_, "-"] => Ok(()),
+        [_, output] => Err(format!(
+            "its second file operand (`{output}`) is a file uniq would write; in allowlist mode commands write no files, so leave it out (the result is printed)"
+        )),
+        [_, _, extra, ..] => Err(format!("extra operand `{extra}`: uniq reads at most one file")),
+    }
+}
+
+/// `date [+FORMAT]`: any other operand (`MMDDhhmm...`) sets the clock.
+fn date_operands(operands: &[&str]) -> Result<(), String> {
+    match operands {
+        [] => Ok(()),
+        [format] if format.starts_with('+') => Ok(()),
+        [other] => Err(format!(
+            "the operand `{other}` would set the system clock; only showing dates is allowed (a format starts with `+`, e.g. `date +%Y-%m-%d`)"
+        )),
+        [_, extra, ..] => Err(format!("extra operand `{extra}`: date takes at most one `+FORMAT`")),
+    }
+}
+
+/// `pdftotext PDF -`: without `-` as the second operand it writes a text file.
+fn pdftotext_operands(operands: &[&str]) -> Result<(), String> {
+    match operands {
+        [] | [_, "-"] => Ok(()),
+        [pdf] => Err(format!(
+            "without an output operand pdftotext writes a text file next to `{pdf}`; in allowlist mode commands write no files, so print the text instead: `pdftotext {pdf} -`"
+        )),
+        [_, output] => Err(format!(
+            "`{output}` is a file pdftotext would write; in allowlist mode commands write no files, so use `-` to print the text instead"
+        )),
+        [_, _, extra, ..] => Err(format!(
+            "extra operand `{extra}`: pdftotext takes a PDF file and `-`"
+        )),
+    }
+}
+
+/// Vets one pipeline stage's arguments against [`ARG_RULES`]; programs without rules pass.
+fn vet_arguments(stage: &[String]) -> Result<(), ExecRefusal> {
+    let Some((program, args)) = stage.split_first() else {
+        return Err(ExecRefusal::EmptyPipelineStage);
+    };
+    let Some(rules) = ARG_RULES.iter().find(|r| r.program == program) else {
+        return Ok(());
+    };
+    let refuse = |reason: String| ExecRefusal::Argument {
+        program: program.clone(),
+        reason,
+    };
+    let mut operands: Vec<&str> = Vec::new();
+    let mut options_ended = false;
+    let mut i = 0;
+    while i < args.len() {
+        let word = args[i].as_str();
+        i += 1;
+        if options_ended || word == "-" || !word.starts_with('-') {
+            operands.push(word);
+            continue;
+        }
+        if let Some(first) = operands.first() {
+            return Err(refuse(format!(
+                "put options before file names (`{word}` comes after `{first}`)"
+            )));
+        }
+        if word == "--" {
+            options_ended = true;
+            continue;
+        }
+        // Each option of the word, as spelled, and whether a value for it follows in the next
+        // word.
+        let mut options: Vec<(String, &Opt)> = Vec::new();
+        let mut value_in_next_word = false;
+        match rules.syntax {
+            Syntax::SingleDash => {
+                let entry = find_option(rules, word, word)?;
+                value_in_next_word = entry.arity == Arity::Required;
+                options.push((word.to_string(), entry));
+            }
+            Syntax::Gnu if word.starts_with("--") => {
+                let (name, has_value) = match word.split_once('=') {
+                    Some((name, _)) => (name, true),
+                    None => (word, false),
+                };
+                let entry = find_option(rules, name, word)?;
+                if has_value && entry.arity == Arity::None {
+                    return Err(refuse(format!("`{name}` takes no value")));
+                }
+                value_in_next_word = entry.arity == Arity::Required && !has_value;
+                options.push((name.to_string(), entry));
+            }
+            Syntax::Gnu => {
+                // A cluster (`-cd`, `-cf1`): each character is an option until one takes a
+                // value, which is the rest of the word, or (if required and nothing is left)
+                // the next word.
+                let body = &word[1..];
+                for (at, c) in body.char_indices() {
+                    let short = format!("-{c}");
+                    let entry = find_option(rules, &short, word)?;
+                    options.push((short, entry));
+                    let rest_empty = at + c.len_utf8() >= body.len();
+                    match entry.arity {
+                        Arity::None => {}
+                        Arity::Optional => break,
+                        Arity::Required => {
+                            value_in_next_word = rest_empty;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        for (spelled, entry) in &options {
+            if let Some(why) = entry.refused {
+                return Err(refuse(format!("`{spelled}` {why}")));
+            }
+        }
+        if value_in_next_word {
+            if i >= args.len() {
+                let spelled = options.last().map(|(s, _)| s.as_str()).unwrap_or(word);
+                return Err(refuse(format!("`{spelled}` needs a value")));
+            }
+            i += 1;
+        }
+    }
+    (rules.operands)(&operands).map_err(refuse)
+}
+
+/// The table entry for the option spelled `name` (exactly), or a refusal naming `word`.
+fn find_option<'a>(rules: &'a ArgRules, name: &str, word: &str) -> Result<&'a Opt, ExecRefusal> {
+    if let Some(entry) = rules.options.iter().find(|o| o.names.contains(&name)) {
+        return Ok(entry);
+    }
+    let mut reason = format!("`{word}` is not an option {} accepts here", rules.program);
+    if name.starts_with("--") {
+        let full: Vec<&str> = rules
+            .options
+            .iter()
+            .filter(|o| o.refused.is_none())
+            .flat_map(|o| o.names.iter().copied())
+            .filter(|n| n.starts_with(name))
+            .collect();
+        reason.push_str("; write long options in full");
+        if !full.is_empty() {
+            reason.push_str(&format!(" (did you mean {}?)", full.join(" or ")));
+        }
+    } else {
+        let known: Vec<&str> = rules
+            .options
+            .iter()
+            .filter(|o| o.refused.is_none())
+            .flat_map(|o| o.names.iter().copied())
+            .collect();
+        reason.push_str(&format!("; accepted: {}", known.join(" ")));
+    }
+    Err(ExecRefusal::Argument {
+        program: rules.program.to_string(),
+        reason,
+    })
 }
 
 fn control_name(c: char) -> Option<&'static str> {
@@ -705,10 +1030,21 @@ mod tests {
     fn settings(security: ExecSecurity) -> ExecSettings {
         ExecSettings {
             security,
-            safe_bins: ["cat", "ls", "grep", "wc", "head", "echo", "sort"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            safe_bins: [
+                "cat",
+                "ls",
+                "grep",
+                "wc",
+                "head",
+                "echo",
+                "uniq",
+                "date",
+                "pdftotext",
+                "awk",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
             blocked_bins: ["rm", "curl", "dd"].iter().map(|s| s.to_string()).collect(),
             ..ExecSettings::default()
         }
@@ -753,8 +1089,8 @@ mod tests {
             ExecCommand::Shell("'cat' 'f' | 'grep' '-c' 'x y' | 'wc' '-l'".into())
         );
         assert_eq!(
-            allow("echo \"it's\"|sort").unwrap(),
-            ExecCommand::Shell("'echo' 'it'\\''s' | 'sort'".into())
+            allow("echo \"it's\"|uniq").unwrap(),
+            ExecCommand::Shell("'echo' 'it'\\''s' | 'uniq'".into())
         );
     }
 
@@ -837,6 +1173,145 @@ mod tests {
         assert!(matches!(allow(&long), Err(ExecRefusal::TooLong { .. })));
         let ok_long = format!("cat {}", "a".repeat(MAX_COMMAND_BYTES - 10));
         assert!(allow(&ok_long).is_ok());
+    }
+
+    #[test]
+    fn allowlist_refuses_runners_even_when_listed() {
+        // `settings` lists awk, as a config that skipped validation might.
+        for line in ["awk 'BEGIN{system(\"id\")}'", "cat f | awk '{print}'"] {
+            let err = allow(line).expect_err(line);
+            assert!(
+                matches!(&err, ExecRefusal::Runner { program, .. } if program == "awk"),
+                "{line}: {err:?}"
+            );
+            assert!(err.to_string().contains("system()"), "{err}");
+            assert!(err.is_program_refusal());
+        }
+    }
+
+    fn refused_argument(line: &str, needle: &str) {
+        match allow(line) {
+            Err(e @ ExecRefusal::Argument { .. }) => {
+                assert!(!e.is_program_refusal());
+                let text = e.to_string();
+                assert!(text.contains(needle), "{line:?}: {text:?} lacks {needle:?}");
+            }
+            other => panic!("{line:?} should be refused for its arguments, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn uniq_may_not_write_its_output_file() {
+        for line in [
+            "uniq in out",
+            "uniq -c in out",
+            "uniq -f 1 in out",
+            "uniq -f1 in out",
+            "uniq -cf1 in out",
+            "uniq -cf 1 in out",
+            "uniq --skip-fields=1 in out",
+            "uniq --skip-fields 1 in out",
+            "uniq -- in out",
+            "uniq -c -- in out",
+            "cat in | uniq - out",
+            "cat in | uniq -c - out",
+            "uniq --all-repeated=none in out",
+        ] {
+            refused_argument(line, "would write");
+        }
+        refused_argument("uniq in -c", "put options before file names");
+        refused_argument("uniq in -- out", "put options before file names");
+        refused_argument("uniq a b c", "extra operand `c`");
+        refused_argument("uniq -5 in", "not an option");
+        refused_argument(
+            "uniq --coun in",
+            "write long options in full (did you mean --count?)",
+        );
+        refused_argument("uniq --count=1 in", "takes no value");
+        refused_argument("uniq -f", "needs a value");
+        refused_argument("uniq --output=x in", "not an option");
+        for line in [
+            "uniq",
+            "uniq in",
+            "uniq -c in",
+            "uniq in -",
+            "uniq -cd in -",
+            "uniq -f 1 -s2 -w 3 in",
+            "uniq --skip-fields=1 --group in",
+            "uniq --all-repeated=prepend in",
+            "uniq -- -odd-name",
+            "uniq -f -1 in",
+            "cat in | uniq -c",
+            "uniq --help",
+        ] {
+            assert!(allow(line).is_ok(), "{line}: {:?}", allow(line));
+        }
+    }
+
+    #[test]
+    fn date_may_not_set_the_clock() {
+        for line in [
+            "date -s 2000-01-01",
+            "date -s2000-01-01",
+            "date -us 2000-01-01",
+            "date --set=2000-01-01",
+            "date --set 2000-01-01",
+            "date -u -s 2000-01-01",
+        ] {
+            refused_argument(line, "sets the system clock");
+        }
+        refused_argument("date --se=2000-01-01", "write long options in full");
+        refused_argument("date --s 2000", "write long options in full");
+        refused_argument("date 0101000070", "would set the system clock");
+        refused_argument("date -u 0101000070", "would set the system clock");
+        refused_argument("date -- 0101000070", "would set the system clock");
+        refused_argument("date +%s +%s", "extra operand");
+        for line in [
+            "date",
+            "date +%Y-%m-%d",
+            "date -u +%s",
+            "date -d yesterday +%F",
+            "date --date='2 days ago'",
+            "date -Iseconds",
+            "date --iso-8601=ns",
+            "date -R",
+            "date -r notes.md",
+            "date -f dates.txt",
+            "date --rfc-3339 seconds",
+        ] {
+            assert!(allow(line).is_ok(), "{line}: {:?}", allow(line));
+        }
+    }
+
+    #[test]
+    fn pdftotext_prints_and_never_writes_a_file() {
+        refused_argument("pdftotext in.pdf", "writes a text file next to `in.pdf`");
+        refused_argument("pdftotext -layout in.pdf", "pdftotext in.pdf -");
+        refused_argument(
+            "pdftotext in.pdf out.txt",
+            "`out.txt` is a file pdftotext would write",
+        );
+        refused_argument("pdftotext -- in.pdf out.txt", "would write");
+        refused_argument("pdftotext -f 1 in.pdf out.txt", "would write");
+        // -opw takes `in.pdf` as its value, as pdftotext would: `out.txt` is the PDF.
+        refused_argument("pdftotext -opw in.pdf out.txt", "next to `out.txt`");
+        refused_argument(
+            "pdftotext in.pdf - -layout",
+            "put options before file names",
+        );
+        refused_argument("pdftotext -layout=1 in.pdf -", "not an option");
+        refused_argument("pdftotext -f1 in.pdf -", "not an option");
+        refused_argument("pdftotext in.pdf - x", "extra operand");
+        for line in [
+            "pdftotext in.pdf -",
+            "pdftotext -layout -f 1 -l 2 in.pdf -",
+            "pdftotext -opw secret in.pdf -",
+            "pdftotext -- -odd.pdf -",
+            "pdftotext -v",
+            "pdftotext -listenc",
+        ] {
+            assert!(allow(line).is_ok(), "{line}: {:?}", allow(line));
+        }
     }
 
     #[test]

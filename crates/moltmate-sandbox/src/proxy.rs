@@ -12,8 +12,10 @@
 //! dropped) and refused when odd: IP literals in any notation (`127.0.0.1`, `0x7f.1`,
 //! `2130706433`, `[::1]`), userinfo (`user@host`), NUL or other bytes outside the hostname
 //! alphabet, empty or over-long labels and names. The proxy resolves the name itself, exactly
-//! once, refuses the request if *any* answer is a forbidden address ([`is_forbidden_address`]),
-//! and connects only to an address it vetted, so DNS rebinding between check and connect is
+//! once, refuses the request if *any* answer is a forbidden address ([`is_forbidden_address`])
+//! or an address of one of the gateway's own network interfaces ([`OwnAddresses`], listed
+//! afresh for every request, public ones included: a service the gateway host runs on its
+//! public address is still "the inside"), and connects only to an address it vetted, so DNS rebinding between check and connect is
 //! impossible. Every request is logged (target `moltmate::egress`: user, method, host, port,
 //! outcome; never bodies, paths or headers) and reported to an optional observer.
 //!
@@ -124,6 +126,60 @@ fn is_forbidden_v6(ip: Ipv6Addr) -> bool {
     }
 }
 
+/// The addresses of this host's own network interfaces, listed with `getifaddrs` (the
+/// `if-addrs` crate), public ones included. Loopback and link-local addresses are left out:
+/// [`is_forbidden_address`] refuses them everywhere anyway, with its own message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnAddresses(Vec<IpAddr>);
+
+impl OwnAddresses {
+    /// Lists the interfaces now. Blocking (a netlink round trip); async callers use
+    /// [`OwnAddresses::list`].
+    pub fn list_blocking() -> std::io::Result<Self> {
+        let mut addrs: Vec<IpAddr> = if_addrs::get_if_addrs()?
+            .into_iter()
+            .map(|i| canonical(i.ip()))
+            .filter(|ip| !ip.is_loopback())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        Ok(OwnAddresses(addrs))
+    }
+
+    /// Lists the interfaces now, off the async runtime.
+    pub async fn list() -> std::io::Result<Self> {
+        tokio::task::spawn_blocking(Self::list_blocking)
+            .await
+            .map_err(|e| std::io::Error::other(format!("listing interfaces failed: {e}")))?
+    }
+
+    /// A fixed list, for tests.
+    pub fn from_addresses(addrs: Vec<IpAddr>) -> Self {
+        OwnAddresses(addrs.into_iter().map(canonical).collect())
+    }
+
+    /// True when `ip` (in any IPv4-mapped spelling) is one of this host's addresses.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.contains(&canonical(ip))
+    }
+
+    /// The listed addresses.
+    pub fn addresses(&self) -> &[IpAddr] {
+        &self.0
+    }
+}
+
+/// `::ffff:a.b.c.d` → `a.b.c.d`; everything else unchanged.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // the proxy server
 
@@ -188,12 +244,16 @@ pub enum EgressRefusal {
     BadHost(String, &'static str),
     #[error("{0} is not in the allowed domains")]
     DomainNotAllowed(String),
-    #[error("port {0} is not allowed")]
+    #[error("port {0} is not allowed (sandbox.allowedPorts)")]
     PortNotAllowed(u16),
     #[error(
         "{host} resolves to {addr}, a private, loopback, link-local or otherwise internal address"
     )]
     ForbiddenAddress { host: String, addr: IpAddr },
+    #[error("{host} resolves to {addr}, an address of this server itself")]
+    OwnAddress { host: String, addr: IpAddr },
+    #[error("cannot list this server's own addresses, so no address can be vetted")]
+    OwnAddressesUnknown,
     #[error("cannot resolve {0}")]
     Unresolvable(String),
     #[error("cannot connect to {0}")]
@@ -211,8 +271,11 @@ impl EgressRefusal {
             EgressRefusal::BadHost(..)
             | EgressRefusal::DomainNotAllowed(_)
             | EgressRefusal::PortNotAllowed(_)
-            | EgressRefusal::ForbiddenAddress { .. } => 403,
-            EgressRefusal::Unresolvable(_) | EgressRefusal::Unreachable(_) => 502,
+            | EgressRefusal::ForbiddenAddress { .. }
+            | EgressRefusal::OwnAddress { .. } => 403,
+            EgressRefusal::Unresolvable(_)
+            | EgressRefusal::Unreachable(_)
+            | EgressRefusal::OwnAddressesUnknown => 502,
             EgressRefusal::TooManyConnections(_) => 429,
         }
     }
@@ -262,7 +325,8 @@ pub struct ProxyConfig {
     pub socket_dir: PathBuf,
     /// Allowed domains: a host matches `d` when it equals `d` or ends with `.d`.
     pub allowed_domains: Vec<String>,
-    /// Allowed destination ports; empty = any port.
+    /// Allowed destination ports (`sandbox.allowedPorts`); only these, so an empty list allows
+    /// none.
     pub allowed_ports: Vec<u16>,
     pub network: Arc<dyn EgressNetwork>,
     /// Receives every [`EgressEvent`] (audit, tests).
@@ -841,7 +905,7 @@ async fn vet_and_connect(
     if !domain_allowed(&host, &ctx.domains) {
         return Err(EgressRefusal::DomainNotAllowed(host));
     }
-    if !ctx.ports.is_empty() && !ctx.ports.contains(&port) {
+    if !ctx.ports.contains(&port) {
         return Err(EgressRefusal::PortNotAllowed(port));
     }
     // Resolve once; every answer must pass, and only a vetted answer is connected to.
@@ -852,6 +916,13 @@ async fn vet_and_connect(
         .map_err(|_| EgressRefusal::Unresolvable(host.clone()))?;
     if addrs.is_empty() {
         return Err(EgressRefusal::Unresolvable(host));
+    }
+    // Listed per request: addresses come and go (DHCP, VPNs, containers).
+    let own = OwnAddresses::list()
+        .await
+        .map_err(|_| EgressRefusal::OwnAddressesUnknown)?;
+    if let Some(mine) = addrs.iter().find(|a| own.contains(**a)) {
+        return Err(EgressRefusal::OwnAddress { host, addr: *mine });
     }
     if let Some(bad) = addrs.iter().find(|a| is_forbidden_address(**a)) {
         return Err(EgressRefusal::ForbiddenAddress { host, addr: *bad });
@@ -873,6 +944,23 @@ mod tests {
 
     fn forbidden(s: &str) -> bool {
         is_forbidden_address(s.parse().unwrap())
+    }
+
+    #[test]
+    fn own_addresses_match_in_every_spelling() {
+        let own = OwnAddresses::from_addresses(vec![
+            "203.0.114.7".parse().unwrap(),
+            "2a01:4f8::7".parse().unwrap(),
+        ]);
+        for ip in ["203.0.114.7", "::ffff:203.0.114.7", "2a01:4f8::7"] {
+            assert!(own.contains(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["203.0.114.8", "2a01:4f8::8", "127.0.0.1"] {
+            assert!(!own.contains(ip.parse().unwrap()), "{ip}");
+        }
+        // The real list never holds loopback (refused everywhere by is_forbidden_address).
+        let real = OwnAddresses::list_blocking().unwrap();
+        assert!(real.addresses().iter().all(|ip| !ip.is_loopback()));
     }
 
     #[test]

@@ -8,7 +8,8 @@ use moltmate_core::sandbox::{
 use moltmate_core::UserId;
 use moltmate_sandbox::bwrap::BwrapSandbox;
 use moltmate_sandbox::proxy::{
-    normalize_host, EgressEvent, EgressNetwork, EgressProxy, EgressRefusal, ProxyConfig,
+    normalize_host, EgressEvent, EgressNetwork, EgressProxy, EgressRefusal, OwnAddresses,
+    ProxyConfig,
 };
 use moltmate_sandbox::{BackendChoice, SandboxScope, SandboxSettings};
 use std::collections::{HashMap, VecDeque};
@@ -143,6 +144,10 @@ impl Drop for Harness {
 }
 
 async fn harness() -> Harness {
+    harness_with_ports(vec![80, 443]).await
+}
+
+async fn harness_with_ports(allowed_ports: Vec<u16>) -> Harness {
     let dir = std::env::temp_dir().join(format!("moltmate-proxy-{:016x}", rand::random::<u64>()));
     let net = Arc::new(FakeNetwork::default());
     let http = http_server().await;
@@ -165,7 +170,7 @@ async fn harness() -> Harness {
     let proxy = EgressProxy::start_with(ProxyConfig {
         socket_dir: dir.join("proxy"),
         allowed_domains: vec!["allowed.test".into()],
-        allowed_ports: vec![80, 443],
+        allowed_ports,
         network: net.clone(),
         observer: Some(tx),
     })
@@ -377,6 +382,92 @@ async fn connect_tunnels_and_is_vetted() {
         assert_eq!(ev.user.as_str(), "bob");
         assert!(ev.outcome.is_err());
     }
+}
+
+/// `sandbox.allowedPorts` decides, for plain requests and CONNECT alike; an empty list allows
+/// nothing (it is not "any port").
+#[tokio::test]
+async fn only_allowed_ports_are_reached() {
+    let mut h = harness_with_ports(vec![443]).await;
+    let resp = get(&h, "http://api.allowed.test/").await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("port 80 is not allowed"), "{resp}");
+    let ev = h.events.recv().await.unwrap();
+    assert_eq!(ev.outcome, Err(EgressRefusal::PortNotAllowed(80)));
+    for target in [
+        "api.allowed.test:80",
+        "api.allowed.test:8443",
+        "api.allowed.test:22",
+    ] {
+        let resp = send(&h, "anna", &format!("CONNECT {target} HTTP/1.1\r\n\r\n")).await;
+        assert!(resp.starts_with("HTTP/1.1 403"), "{target}: {resp}");
+        let ev = h.events.recv().await.unwrap();
+        assert!(
+            matches!(ev.outcome, Err(EgressRefusal::PortNotAllowed(_))),
+            "{target}: {ev:?}"
+        );
+    }
+    // The tunnel stays open: read only the answer line.
+    let socket = h.proxy.user_socket(&UserId::new("anna").unwrap()).unwrap();
+    let mut tunnel = UnixStream::connect(&socket).await.unwrap();
+    tunnel
+        .write_all(b"CONNECT api.allowed.test:443 HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 39];
+    tunnel.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200 Connection Established\r\n\r\n");
+    assert!(h.events.recv().await.unwrap().outcome.is_ok());
+
+    let h = harness_with_ports(Vec::new()).await;
+    for req in [
+        "GET http://api.allowed.test/ HTTP/1.1\r\n\r\n",
+        "CONNECT api.allowed.test:443 HTTP/1.1\r\n\r\n",
+    ] {
+        let resp = send(&h, "anna", req).await;
+        assert!(resp.starts_with("HTTP/1.1 403"), "{req:?}: {resp}");
+    }
+    assert!(h.net.connected.lock().unwrap().is_empty());
+}
+
+/// A name that resolves to an address of one of this machine's own (non-loopback) interfaces
+/// is refused like an internal one, whatever range the address is in.
+#[tokio::test]
+async fn own_interface_addresses_are_refused_after_resolution() {
+    let own = OwnAddresses::list_blocking().unwrap();
+    let Some(mine) = own.addresses().first().copied() else {
+        println!("SKIP: this machine has no non-loopback interface address to aim at");
+        return;
+    };
+    let mut h = harness().await;
+    h.net.answer("own.allowed.test", &[&[&mine.to_string()]]);
+    h.net
+        .answer("mixed-own.allowed.test", &[&[PUBLIC, &mine.to_string()]]);
+    let mut hosts = vec!["own.allowed.test", "mixed-own.allowed.test"];
+    if let IpAddr::V4(v4) = mine {
+        h.net.answer(
+            "mapped-own.allowed.test",
+            &[&[&v4.to_ipv6_mapped().to_string()]],
+        );
+        hosts.push("mapped-own.allowed.test");
+    }
+    for host in hosts {
+        let resp = get(&h, &format!("http://{host}/")).await;
+        assert!(resp.starts_with("HTTP/1.1 403"), "{host}: {resp}");
+        assert!(
+            resp.contains("an address of this server itself"),
+            "{host}: {resp}"
+        );
+        let ev = h.events.recv().await.unwrap();
+        assert!(
+            matches!(ev.outcome, Err(EgressRefusal::OwnAddress { addr, .. }) if OwnAddresses::from_addresses(vec![mine]).contains(addr)),
+            "{host}: {ev:?}"
+        );
+        let resp = send(&h, "anna", &format!("CONNECT {host}:443 HTTP/1.1\r\n\r\n")).await;
+        assert!(resp.starts_with("HTTP/1.1 403"), "{host}: {resp}");
+        let _ = h.events.recv().await.unwrap();
+    }
+    assert!(h.net.connected.lock().unwrap().is_empty());
 }
 
 #[tokio::test]

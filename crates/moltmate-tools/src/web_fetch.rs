@@ -4,13 +4,16 @@
 //! `http://127.0.0.1:...`, `http://169.254.169.254/` (cloud metadata), a name whose DNS answer
 //! is private, or a public page that redirects to any of those. Defences:
 //!
+//! * only ports in `allowed_ports` (default 80 and 443) are fetched from, on the first URL and
+//!   on every redirect, so the tool cannot be aimed at other services of a public host;
 //! * the client connects only to addresses returned by [`VettingResolver`], which resolves the
 //!   name and drops every forbidden address ([`moltmate_sandbox::proxy::is_forbidden_address`])
-//!   *before* the connector sees it, so a DNS answer that changes between check and connect
+//!   and every address of the gateway's own interfaces ([`OwnAddresses`], listed afresh for each
+//!   resolution, public ones included) *before* the connector sees it, so a DNS answer that changes between check and connect
 //!   (rebinding) cannot slip through: the address checked is the address used;
-//! * IP-literal hosts, which never reach a resolver, are vetted directly;
+//! * IP-literal hosts, which never reach a resolver, are vetted directly (same two rules);
 //! * redirects are followed by hand (at most [`MAX_REDIRECTS`]), each target re-vetted for
-//!   scheme, `allowed_domains` and address;
+//!   scheme, `allowed_domains`, port and address;
 //! * system proxy variables are ignored (a proxy would resolve names itself);
 //! * the body is read up to `max_bytes` and no further, all within `timeout`.
 
@@ -19,6 +22,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use moltmate_core::model::ToolSpec;
 use moltmate_core::tool::{Tool, ToolContext, ToolError, ToolOutput};
+use moltmate_sandbox::proxy::OwnAddresses;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::net::{IpAddr, SocketAddr};
@@ -38,6 +42,9 @@ const HTML_DEADLINE: Duration = Duration::from_secs(10);
 pub struct WebFetchSettings {
     /// When set, only these hosts and their subdomains may be fetched.
     pub allowed_domains: Option<Vec<String>>,
+    /// Destination ports that may be fetched from (`tools.web.fetch.allowedPorts`, default 80
+    /// and 443): the first URL and every redirect target.
+    pub allowed_ports: Vec<u16>,
     /// Bytes of body read at most; the rest is not downloaded.
     pub max_bytes: u64,
     /// The whole fetch (connect, redirects, body) must finish within this.
@@ -53,6 +60,8 @@ pub enum WebFetchError {
     ZeroTimeout,
     #[error("web_fetch: allowed domain {0:?} is not a valid host name")]
     InvalidDomain(String),
+    #[error("web_fetch: allowed_ports must list at least one port other than 0")]
+    NoPorts,
     #[error("web_fetch: building the HTTP client failed: {0}")]
     Client(#[source] reqwest::Error),
 }
@@ -64,6 +73,7 @@ impl WebFetchError {
             WebFetchError::ZeroMaxBytes
             | WebFetchError::ZeroTimeout
             | WebFetchError::InvalidDomain(_)
+            | WebFetchError::NoPorts
             | WebFetchError::Client(_) => false,
         }
     }
@@ -79,14 +89,26 @@ enum AddressPolicy {
     PublicAndLoopback,
 }
 
+/// Why an address may not be contacted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// An address of one of the gateway's own interfaces.
+    Own,
+    /// Loopback, private, link-local, metadata...
+    Internal,
+}
+
 impl AddressPolicy {
-    fn permits(self, ip: IpAddr) -> bool {
+    fn check(self, ip: IpAddr, own: &OwnAddresses) -> Result<(), Refused> {
+        if own.contains(ip) {
+            return Err(Refused::Own);
+        }
         if !moltmate_sandbox::proxy::is_forbidden_address(ip) {
-            return true;
+            return Ok(());
         }
         match self {
-            AddressPolicy::PublicOnly => false,
-            AddressPolicy::PublicAndLoopback => is_loopback(ip),
+            AddressPolicy::PublicAndLoopback if is_loopback(ip) => Ok(()),
+            AddressPolicy::PublicOnly | AddressPolicy::PublicAndLoopback => Err(Refused::Internal),
         }
     }
 }
@@ -107,7 +129,14 @@ fn is_loopback(ip: IpAddr) -> bool {
 struct ForbiddenResolution {
     host: String,
     addresses: String,
+    /// Some of them are the gateway's own.
+    own: bool,
 }
+
+/// The own addresses could not be listed, so no address can be vetted: fail closed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot list this server's own network addresses: {0}")]
+struct OwnAddressesUnknown(String);
 
 /// Resolves with the system resolver and keeps only permitted addresses.
 struct VettingResolver {
@@ -121,17 +150,29 @@ impl reqwest::dns::Resolve for VettingResolver {
         Box::pin(async move {
             let resolved: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            // Listed after resolving and for every resolution (so for every redirect):
+            // interfaces come and go.
+            let own = OwnAddresses::list().await.map_err(|e| {
+                let error: Box<dyn std::error::Error + Send + Sync> =
+                    Box::new(OwnAddressesUnknown(e.to_string()));
+                error
+            })?;
             let (allowed, refused): (Vec<SocketAddr>, Vec<SocketAddr>) = resolved
                 .into_iter()
-                .partition(|addr| policy.permits(addr.ip()));
+                .partition(|addr| policy.check(addr.ip(), &own).is_ok());
             if allowed.is_empty() {
                 let addresses = refused
                     .iter()
                     .map(|a| a.ip().to_string())
                     .collect::<Vec<_>>()
                     .join(", ");
+                let own = refused.iter().any(|a| own.contains(a.ip()));
                 let error: Box<dyn std::error::Error + Send + Sync> =
-                    Box::new(ForbiddenResolution { host, addresses });
+                    Box::new(ForbiddenResolution {
+                        host,
+                        addresses,
+                        own,
+                    });
                 return Err(error);
             }
             let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
@@ -170,6 +211,10 @@ impl WebFetchTool {
         if settings.timeout.is_zero() {
             return Err(WebFetchError::ZeroTimeout);
         }
+        settings.allowed_ports.retain(|&p| p != 0);
+        if settings.allowed_ports.is_empty() {
+            return Err(WebFetchError::NoPorts);
+        }
         if let Some(domains) = &mut settings.allowed_domains {
             for domain in domains.iter_mut() {
                 let normalized = domain.trim().trim_end_matches('.').to_ascii_lowercase();
@@ -199,8 +244,8 @@ impl WebFetchTool {
         })
     }
 
-    /// Checks scheme, `allowed_domains` and (for IP literals) the address of one URL.
-    fn vet_url(&self, url: &Url) -> Result<(), ToolError> {
+    /// Checks scheme, `allowed_domains`, port and (for IP literals) the address of one URL.
+    fn vet_url(&self, url: &Url, own: &OwnAddresses) -> Result<(), ToolError> {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(ToolError::Refused(format!(
                 "only http and https URLs can be fetched, not `{}:`",
@@ -234,14 +279,34 @@ impl WebFetchTool {
                 )));
             }
         }
+        // http and https always have a port (explicit or the scheme's default).
+        let port = url.port_or_known_default().unwrap_or(0);
+        if !self.settings.allowed_ports.contains(&port) {
+            return Err(ToolError::Refused(format!(
+                "port {port} is not allowed; web_fetch only reaches port{} {}",
+                if self.settings.allowed_ports.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                },
+                self.settings
+                    .allowed_ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let literal = match host {
             Host::Ipv4(ip) => Some(IpAddr::V4(ip)),
             Host::Ipv6(ip) => Some(IpAddr::V6(ip)),
             Host::Domain(_) => None,
         };
         if let Some(ip) = literal {
-            if !self.policy.permits(ip) {
-                return Err(forbidden_address(&ip.to_string()));
+            match self.policy.check(ip, own) {
+                Ok(()) => {}
+                Err(Refused::Own) => return Err(own_address(&ip.to_string())),
+                Err(Refused::Internal) => return Err(forbidden_address(&ip.to_string())),
             }
         }
         Ok(())
@@ -251,7 +316,12 @@ impl WebFetchTool {
         let mut url = start;
         let mut redirects = 0;
         let response = loop {
-            self.vet_url(&url)?;
+            let own = OwnAddresses::list().await.map_err(|e| {
+                ToolError::Failed(format!(
+                    "cannot list this server's own network addresses ({e}), so nothing is fetched"
+                ))
+            })?;
+            self.vet_url(&url, &own)?;
             let response = self
                 .client
                 .get(url.clone())
@@ -367,6 +437,12 @@ enum Kind {
     Text,
 }
 
+fn own_address(what: &str) -> ToolError {
+    ToolError::Refused(format!(
+        "{what} is an address of this server itself; web_fetch only reaches public web sites"
+    ))
+}
+
 fn forbidden_address(what: &str) -> ToolError {
     ToolError::Refused(format!(
         "{what} is a local, private or otherwise internal address; web_fetch only reaches public web sites"
@@ -379,7 +455,15 @@ fn request_error(e: &reqwest::Error, url: &Url) -> ToolError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(forbidden) = err.downcast_ref::<ForbiddenResolution>() {
-            return forbidden_address(&format!("`{}` ({})", forbidden.host, forbidden.addresses));
+            let what = format!("`{}` ({})", forbidden.host, forbidden.addresses);
+            return if forbidden.own {
+                own_address(&what)
+            } else {
+                forbidden_address(&what)
+            };
+        }
+        if let Some(unknown) = err.downcast_ref::<OwnAddressesUnknown>() {
+            return ToolError::Failed(format!("{unknown}, so nothing is fetched"));
         }
         source = err.source();
     }
@@ -461,10 +545,62 @@ mod tests {
     fn tool(policy: AddressPolicy, allowed: Option<Vec<&str>>) -> WebFetchTool {
         let settings = WebFetchSettings {
             allowed_domains: allowed.map(|d| d.into_iter().map(String::from).collect()),
+            allowed_ports: vec![80, 443, 8080],
             max_bytes: 1024,
             timeout: Duration::from_secs(5),
         };
         WebFetchTool::build(settings, policy).unwrap()
+    }
+
+    fn none() -> OwnAddresses {
+        OwnAddresses::default()
+    }
+
+    #[test]
+    fn own_interface_addresses_are_refused_even_when_public() {
+        let own = OwnAddresses::from_addresses(vec!["93.184.215.14".parse().unwrap()]);
+        for policy in [AddressPolicy::PublicOnly, AddressPolicy::PublicAndLoopback] {
+            let t = tool(policy, None);
+            for url in ["https://93.184.215.14/", "http://[::ffff:93.184.215.14]/"] {
+                match t.vet_url(&Url::parse(url).unwrap(), &own) {
+                    Err(ToolError::Refused(m)) => assert!(m.contains("this server itself"), "{m}"),
+                    other => panic!("{url}: {other:?}"),
+                }
+            }
+            assert!(t
+                .vet_url(&Url::parse("https://93.184.215.15/").unwrap(), &own)
+                .is_ok());
+        }
+    }
+
+    #[test]
+    fn ports_outside_the_list_are_refused() {
+        let t = tool(AddressPolicy::PublicOnly, None);
+        for url in [
+            "http://93.184.215.14:22/",
+            "https://93.184.215.14:8443/",
+            "http://example.org:6379/",
+            "http://example.org:0/",
+        ] {
+            match t.vet_url(&Url::parse(url).unwrap(), &none()) {
+                Err(ToolError::Refused(m)) => {
+                    assert!(m.contains("ports 80, 443, 8080"), "{url}: {m}")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        for url in [
+            "http://example.org/",
+            "https://example.org/",
+            "http://example.org:443/",
+            "https://example.org:80/",
+            "http://example.org:8080/",
+        ] {
+            assert!(
+                t.vet_url(&Url::parse(url).unwrap(), &none()).is_ok(),
+                "{url}"
+            );
+        }
     }
 
     #[test]
@@ -484,12 +620,12 @@ mod tests {
         ] {
             let parsed = Url::parse(url).unwrap();
             assert!(
-                matches!(t.vet_url(&parsed), Err(ToolError::Refused(_))),
+                matches!(t.vet_url(&parsed, &none()), Err(ToolError::Refused(_))),
                 "{url}"
             );
         }
         assert!(t
-            .vet_url(&Url::parse("https://93.184.215.14/").unwrap())
+            .vet_url(&Url::parse("https://93.184.215.14/").unwrap(), &none())
             .is_ok());
     }
 
@@ -497,7 +633,7 @@ mod tests {
     fn test_policy_still_refuses_private_and_metadata() {
         let t = tool(AddressPolicy::PublicAndLoopback, None);
         assert!(t
-            .vet_url(&Url::parse("http://127.0.0.1:8080/").unwrap())
+            .vet_url(&Url::parse("http://127.0.0.1:8080/").unwrap(), &none())
             .is_ok());
         for url in [
             "http://169.254.169.254/",
@@ -506,7 +642,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    t.vet_url(&Url::parse(url).unwrap()),
+                    t.vet_url(&Url::parse(url).unwrap(), &none()),
                     Err(ToolError::Refused(_))
                 ),
                 "{url}"
@@ -518,10 +654,10 @@ mod tests {
     fn allowed_domains_match_host_and_subdomains_only() {
         let t = tool(AddressPolicy::PublicOnly, Some(vec!["Example.org."]));
         assert!(t
-            .vet_url(&Url::parse("https://example.org/a").unwrap())
+            .vet_url(&Url::parse("https://example.org/a").unwrap(), &none())
             .is_ok());
         assert!(t
-            .vet_url(&Url::parse("https://docs.example.org/a").unwrap())
+            .vet_url(&Url::parse("https://docs.example.org/a").unwrap(), &none())
             .is_ok());
         for url in [
             "https://badexample.org/",
@@ -530,7 +666,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    t.vet_url(&Url::parse(url).unwrap()),
+                    t.vet_url(&Url::parse(url).unwrap(), &none()),
                     Err(ToolError::Refused(_))
                 ),
                 "{url}"
@@ -548,7 +684,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    t.vet_url(&Url::parse(url).unwrap()),
+                    t.vet_url(&Url::parse(url).unwrap(), &none()),
                     Err(ToolError::Refused(_))
                 ),
                 "{url}"
@@ -560,6 +696,7 @@ mod tests {
     fn settings_are_validated() {
         let bad = WebFetchSettings {
             allowed_domains: None,
+            allowed_ports: vec![80],
             max_bytes: 0,
             timeout: Duration::from_secs(1),
         };
@@ -569,6 +706,7 @@ mod tests {
         ));
         let bad = WebFetchSettings {
             allowed_domains: Some(vec!["exa mple.org".into()]),
+            allowed_ports: vec![80],
             max_bytes: 1,
             timeout: Duration::from_secs(1),
         };

@@ -37,8 +37,10 @@ pub struct Built {
 pub async fn sandbox_backend(home: &Path, config: &Config) -> Result<Arc<dyn Sandbox>> {
     let settings = super::sandbox_settings(home, config);
     let proxy = if config.sandbox.network == moltmate_core::sandbox::SandboxNetwork::Proxy {
+        let mut proxy = moltmate_sandbox::proxy::ProxyConfig::from_settings(&settings);
+        proxy.allowed_ports = config.sandbox.allowed_ports.clone();
         Some(
-            moltmate_sandbox::proxy::EgressProxy::start(&settings)
+            moltmate_sandbox::proxy::EgressProxy::start_with(proxy)
                 .context("starting the egress proxy")?,
         )
     } else {
@@ -56,6 +58,7 @@ fn tools(
     let fetch = &config.tools.web.fetch;
     let web_fetch = moltmate_tools::WebFetchTool::new(moltmate_tools::WebFetchSettings {
         allowed_domains: fetch.allowed_domains.clone(),
+        allowed_ports: fetch.allowed_ports.clone(),
         max_bytes: fetch.max_bytes,
         timeout: Duration::from_secs(fetch.timeout_seconds),
     })
