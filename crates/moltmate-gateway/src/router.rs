@@ -19,7 +19,9 @@ use moltmate_core::sandbox::{Sandbox, WorkspaceAccess};
 use moltmate_core::tool::{FamilyFolder, ToolContext, UserHome};
 use moltmate_core::{ChannelKind, Identity, Shutdown, UserId};
 use moltmate_store::homes::{read_beneath, write_beneath};
-use moltmate_store::{AuditEvent, Homes, InboxItem, OutboxItem, Store, StoreError, TurnRecord};
+use moltmate_store::{
+    AuditEvent, Homes, InboxItem, OutboxItem, PairingOutcome, Store, StoreError, TurnRecord,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -74,6 +76,7 @@ struct Inner {
     shutdown: Shutdown,
     tasks: TaskTracker,
     metrics: Arc<crate::metrics::Metrics>,
+    strangers: crate::strangers::Strangers,
 }
 
 /// The running gateway. Cheap to clone.
@@ -124,6 +127,7 @@ impl Gateway {
                 shutdown: parts.shutdown,
                 tasks: TaskTracker::new(),
                 metrics: Arc::new(crate::metrics::Metrics::new()),
+                strangers: crate::strangers::Strangers::new(),
             }),
         }
     }
@@ -381,30 +385,43 @@ async fn accept_counted(
             }
         }
         AccessDecision::NeedsPairing => {
-            let (request, created) = inner
+            // One reply per code, a cap on pending codes: see `strangers`.
+            let outcome = inner
                 .store
-                .pairing_request_for(
+                .pairing_for_stranger(
                     &identity,
                     &message.chat_id,
                     message.sender_name.as_deref(),
-                    inner.settings.pairing_ttl,
+                    inner.settings.pairing_limits(identity.channel),
                 )
                 .await
                 .map_err(storage)?;
-            if created {
-                tracing::info!(identity = %identity, code = %request.code, "pairing requested");
-            }
-            let text = pairing_text(
-                &request.code,
-                message.language_code.as_deref(),
-                &inner.settings.default_language,
-                identity.channel,
-            );
-            let outbox = inner
-                .store
-                .enqueue_outbound(None, identity.channel, &message.chat_id, &text)
-                .await
-                .map_err(storage)?;
+            let text = match outcome {
+                PairingOutcome::Created(request) => {
+                    tracing::info!(identity = %identity, code = %request.code, "pairing requested");
+                    Some(pairing_text(
+                        &request.code,
+                        message.language_code.as_deref(),
+                        &inner.settings.default_language,
+                        identity.channel,
+                    ))
+                }
+                PairingOutcome::AlreadyPending(_) => None,
+                PairingOutcome::AtCapacity { cap } => {
+                    inner.strangers.pairing_cap_reached(identity.channel, cap);
+                    None
+                }
+            };
+            let outbox = match &text {
+                Some(text) => Some(
+                    inner
+                        .store
+                        .enqueue_outbound(None, identity.channel, &message.chat_id, text)
+                        .await
+                        .map_err(storage)?,
+                ),
+                None => None,
+            };
             if let Some(cursor) = message.cursor {
                 inner
                     .store
@@ -412,33 +429,39 @@ async fn accept_counted(
                     .await
                     .map_err(storage)?;
             }
-            let inner = Arc::clone(inner);
-            let item = OutboxItem {
-                id: outbox,
-                inbox_id: None,
-                user: None,
-                channel: identity.channel,
-                chat_id: message.chat_id,
-                text,
-            };
-            inner
-                .tasks
-                .clone()
-                .spawn(async move { deliver(&inner, item).await });
+            if let (Some(id), Some(text)) = (outbox, text) {
+                let inner = Arc::clone(inner);
+                let item = OutboxItem {
+                    id,
+                    inbox_id: None,
+                    user: None,
+                    channel: identity.channel,
+                    chat_id: message.chat_id,
+                    text,
+                };
+                inner
+                    .tasks
+                    .clone()
+                    .spawn(async move { deliver(&inner, item).await });
+            }
             Ok(Accepted::Refused)
         }
         AccessDecision::Refused => {
-            tracing::info!(identity = %identity, "message from a sender who is not allowed was dropped");
-            let audit = AuditEvent {
-                user: UserId::for_identity(&identity),
-                kind: "access_refused".to_string(),
-                tool: None,
-                args_digest: None,
-                duration_ms: None,
-                outcome: "refused".to_string(),
-                detail: Some(identity.to_string()),
-            };
-            inner.store.record_audit(audit).await.map_err(storage)?;
+            // The first message of each sender per window is audited and logged, the rest
+            // only counted: see `strangers`.
+            if inner.strangers.should_audit_refusal(&identity) {
+                tracing::info!(identity = %identity, "message from a sender who is not allowed was dropped");
+                let audit = AuditEvent {
+                    user: UserId::for_identity(&identity),
+                    kind: "access_refused".to_string(),
+                    tool: None,
+                    args_digest: None,
+                    duration_ms: None,
+                    outcome: "refused".to_string(),
+                    detail: Some(identity.to_string()),
+                };
+                inner.store.record_audit(audit).await.map_err(storage)?;
+            }
             if let Some(cursor) = message.cursor {
                 inner
                     .store
