@@ -20,7 +20,8 @@ use moltmate_core::tool::{FamilyFolder, ToolContext, UserHome};
 use moltmate_core::{ChannelKind, Identity, Shutdown, UserId};
 use moltmate_store::homes::{read_beneath, write_beneath};
 use moltmate_store::{
-    AuditEvent, Homes, InboxItem, OutboxItem, PairingOutcome, Store, StoreError, TurnRecord,
+    AuditEvent, Homes, InboxItem, OutboxItem, PairingOutcome, Store, StoreError, StrangerMessage,
+    TurnRecord,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -385,64 +386,41 @@ async fn accept_counted(
             }
         }
         AccessDecision::NeedsPairing => {
-            // One reply per code, a cap on pending codes: see `strangers`.
+            // One code and one reply per pending sender, a cap on pending codes, all in one
+            // transaction with the cursor: see `strangers`.
+            let language = message.language_code.clone();
+            let default_language = inner.settings.default_language.clone();
+            let channel = identity.channel;
+            let stranger = StrangerMessage {
+                identity: identity.clone(),
+                chat_id: message.chat_id,
+                sender_name: message.sender_name,
+                cursor: message.cursor,
+            };
             let outcome = inner
                 .store
                 .pairing_for_stranger(
-                    &identity,
-                    &message.chat_id,
-                    message.sender_name.as_deref(),
+                    stranger,
                     inner.settings.pairing_limits(identity.channel),
+                    move |code| {
+                        pairing_text(code, language.as_deref(), &default_language, channel)
+                    },
                 )
                 .await
                 .map_err(storage)?;
-            let text = match outcome {
-                PairingOutcome::Created(request) => {
-                    tracing::info!(identity = %identity, code = %request.code, "pairing requested");
-                    Some(pairing_text(
-                        &request.code,
-                        message.language_code.as_deref(),
-                        &inner.settings.default_language,
-                        identity.channel,
-                    ))
+            match outcome {
+                PairingOutcome::Created { request, reply } => {
+                    tracing::info!(identity = %request.identity, code = %request.code, "pairing requested");
+                    let inner = Arc::clone(inner);
+                    inner
+                        .tasks
+                        .clone()
+                        .spawn(async move { deliver(&inner, reply).await });
                 }
-                PairingOutcome::AlreadyPending(_) => None,
+                PairingOutcome::AlreadyPending(_) => {}
                 PairingOutcome::AtCapacity { cap } => {
                     inner.strangers.pairing_cap_reached(identity.channel, cap);
-                    None
                 }
-            };
-            let outbox = match &text {
-                Some(text) => Some(
-                    inner
-                        .store
-                        .enqueue_outbound(None, identity.channel, &message.chat_id, text)
-                        .await
-                        .map_err(storage)?,
-                ),
-                None => None,
-            };
-            if let Some(cursor) = message.cursor {
-                inner
-                    .store
-                    .advance_cursor(identity.channel, cursor)
-                    .await
-                    .map_err(storage)?;
-            }
-            if let (Some(id), Some(text)) = (outbox, text) {
-                let inner = Arc::clone(inner);
-                let item = OutboxItem {
-                    id,
-                    inbox_id: None,
-                    user: None,
-                    channel: identity.channel,
-                    chat_id: message.chat_id,
-                    text,
-                };
-                inner
-                    .tasks
-                    .clone()
-                    .spawn(async move { deliver(&inner, item).await });
             }
             Ok(Accepted::Refused)
         }

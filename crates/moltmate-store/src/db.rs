@@ -1354,7 +1354,7 @@ fn load_user(c: &Connection, user: &UserId) -> Result<Option<UserRecord>, StoreE
     }))
 }
 
-fn upsert_cursor(c: &Connection, channel: ChannelKind, cursor: i64) -> Result<(), StoreError> {
+pub(crate) fn upsert_cursor(c: &Connection, channel: ChannelKind, cursor: i64) -> Result<(), StoreError> {
     c.execute(
         "INSERT INTO channel_cursors (channel, cursor) VALUES (?1, ?2)
          ON CONFLICT (channel) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)",
@@ -1363,7 +1363,7 @@ fn upsert_cursor(c: &Connection, channel: ChannelKind, cursor: i64) -> Result<()
     Ok(())
 }
 
-fn insert_outbox(
+pub(crate) fn insert_outbox(
     c: &Connection,
     inbox_id: Option<i64>,
     user: Option<&UserId>,

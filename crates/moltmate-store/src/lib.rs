@@ -25,4 +25,4 @@ pub use db::{
     Store, StoreError, TurnRecord, UsageRow, UserRecord,
 };
 pub use homes::{HomeError, Homes};
-pub use pairing::{PairingLimits, PairingOutcome};
+pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};

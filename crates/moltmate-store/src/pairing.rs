@@ -7,7 +7,10 @@
 //! still say the code expired rather than that it never existed), so the table holds at most
 //! about `cap × (1 + 24 h / ttl)` rows however many strangers write.
 
-use crate::db::{new_pairing_code, now_millis, PairingRequest, PairingState, Store, StoreError};
+use crate::db::{
+    insert_outbox, new_pairing_code, now_millis, upsert_cursor, OutboxItem, PairingRequest,
+    PairingState, Store, StoreError,
+};
 use moltmate_core::{ChannelKind, Identity};
 use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 use std::time::Duration;
@@ -29,14 +32,29 @@ pub struct PairingLimits {
     pub max_pending_per_channel: usize,
 }
 
-/// What to do with a message from a sender who needs pairing.
+/// A message from a sender who needs pairing, as [`Store::pairing_for_stranger`] takes it.
+#[derive(Debug, Clone)]
+pub struct StrangerMessage {
+    pub identity: Identity,
+    /// Where a reply goes.
+    pub chat_id: String,
+    pub sender_name: Option<String>,
+    /// The channel cursor past this message, stored in the same transaction.
+    pub cursor: Option<i64>,
+}
+
+/// What became of a message from a sender who needs pairing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PairingOutcome {
-    /// A new code: send it. This is the only reply the code ever gets.
-    Created(PairingRequest),
-    /// The sender already has a pending code and was sent it: send nothing.
+    /// A new code, and its reply queued in the outbox (send it): the only reply the code ever
+    /// gets.
+    Created {
+        request: PairingRequest,
+        reply: OutboxItem,
+    },
+    /// The sender already has a pending code and was sent it: nothing to send.
     AlreadyPending(PairingRequest),
-    /// Too many codes are pending: drop the sender silently; nothing was stored.
+    /// Too many codes are pending: the sender is dropped silently; nothing was stored for them.
     AtCapacity {
         /// Which cap was hit: `total` or `channel`.
         cap: &'static str,
@@ -44,26 +62,32 @@ pub enum PairingOutcome {
 }
 
 impl Store {
-    /// The sender's pending code, or a new one if the caps allow (see [`PairingOutcome`]).
-    /// Deletes codes that expired more than [`EXPIRED_PAIRING_RETENTION`] ago.
+    /// Decides a message from a sender who needs pairing, in one transaction with the channel
+    /// cursor (see [`PairingOutcome`]): their pending code (nothing to send), or, if the caps
+    /// allow, a new code with the reply `reply_text(code)` queued in the outbox. Creating a code
+    /// also deletes codes that expired more than [`EXPIRED_PAIRING_RETENTION`] ago.
+    ///
+    /// The common case under a flood (a stranger writing again, or one past the cap) reads and
+    /// moves the cursor, nothing more.
     pub async fn pairing_for_stranger(
         &self,
-        identity: &Identity,
-        chat_id: &str,
-        sender_name: Option<&str>,
+        message: StrangerMessage,
         limits: PairingLimits,
+        reply_text: impl FnOnce(&str) -> String + Send + 'static,
     ) -> Result<PairingOutcome, StoreError> {
-        let identity = identity.clone();
-        let chat_id = chat_id.to_string();
-        let sender_name = sender_name.map(bounded_name);
+        let StrangerMessage {
+            identity,
+            chat_id,
+            sender_name,
+            cursor,
+        } = message;
+        let sender_name = sender_name.as_deref().map(bounded_name);
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = now_millis();
-            let retention = i64::try_from(EXPIRED_PAIRING_RETENTION.as_millis()).unwrap_or(i64::MAX);
-            tx.execute(
-                "DELETE FROM pairing_requests WHERE state = 'pending' AND expires_at <= ?1",
-                params![now.saturating_sub(retention)],
-            )?;
+            if let Some(cursor) = cursor {
+                upsert_cursor(&tx, identity.channel, cursor)?;
+            }
             if let Some(request) = pending_request(&tx, &identity, now)? {
                 tx.commit()?;
                 return Ok(PairingOutcome::AlreadyPending(request));
@@ -86,9 +110,26 @@ impl Store {
                 tx.commit()?;
                 return Ok(PairingOutcome::AtCapacity { cap });
             }
+            let retention = i64::try_from(EXPIRED_PAIRING_RETENTION.as_millis()).unwrap_or(i64::MAX);
+            tx.execute(
+                "DELETE FROM pairing_requests WHERE state = 'pending' AND expires_at <= ?1",
+                params![now.saturating_sub(retention)],
+            )?;
             let request = insert_request(&tx, &identity, &chat_id, sender_name, now, limits.ttl)?;
+            let text = reply_text(&request.code);
+            let id = insert_outbox(&tx, None, None, identity.channel, &chat_id, &text)?;
             tx.commit()?;
-            Ok(PairingOutcome::Created(request))
+            Ok(PairingOutcome::Created {
+                request,
+                reply: OutboxItem {
+                    id,
+                    inbox_id: None,
+                    user: None,
+                    channel: identity.channel,
+                    chat_id,
+                    text,
+                },
+            })
         })
         .await
     }
@@ -204,65 +245,88 @@ mod tests {
         }
     }
 
+    async fn ask(
+        store: &Store,
+        identity: Identity,
+        name: Option<&str>,
+        limits: PairingLimits,
+    ) -> PairingOutcome {
+        let message = StrangerMessage {
+            chat_id: identity.peer.as_str().to_string(),
+            identity,
+            sender_name: name.map(str::to_string),
+            cursor: Some(7),
+        };
+        store
+            .pairing_for_stranger(message, limits, |code| format!("your code: {code}"))
+            .await
+            .unwrap()
+    }
+
+    async fn count(store: &Store, table: &'static str) -> i64 {
+        store
+            .with(move |c| {
+                Ok(c.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| {
+                    r.get(0)
+                })?)
+            })
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_stranger_gets_one_code_and_then_nothing_while_it_is_pending() {
         let store = Store::open_in_memory().unwrap();
         let eve = who(ChannelKind::Telegram, "42");
-        let PairingOutcome::Created(first) = store
-            .pairing_for_stranger(&eve, "42", Some("Eve"), limits(10, 10))
-            .await
-            .unwrap()
+        let PairingOutcome::Created { request, reply } =
+            ask(&store, eve.clone(), Some("Eve"), limits(10, 10)).await
         else {
             panic!("the first message creates a code");
         };
+        assert_eq!(reply.text, format!("your code: {}", request.code));
+        assert_eq!(reply.chat_id, "42");
+        assert_eq!(store.pending_outbox(10).await.unwrap(), vec![reply]);
         for _ in 0..5 {
             assert_eq!(
-                store
-                    .pairing_for_stranger(&eve, "42", Some("Eve"), limits(10, 10))
-                    .await
-                    .unwrap(),
-                PairingOutcome::AlreadyPending(first.clone())
+                ask(&store, eve.clone(), Some("Eve"), limits(10, 10)).await,
+                PairingOutcome::AlreadyPending(request.clone())
             );
         }
         assert_eq!(store.pending_pairing_count(None).await.unwrap(), 1);
+        assert_eq!(count(&store, "outbox").await, 1, "one reply per code");
+        assert_eq!(
+            store.cursor(ChannelKind::Telegram).await.unwrap(),
+            Some(7),
+            "the cursor moves with every message"
+        );
     }
 
     #[tokio::test]
     async fn pending_codes_stop_at_the_total_and_the_channel_cap() {
         let store = Store::open_in_memory().unwrap();
         for peer in 0..3 {
-            let outcome = store
-                .pairing_for_stranger(
-                    &who(ChannelKind::Telegram, &peer.to_string()),
-                    "c",
-                    None,
-                    limits(5, 3),
-                )
-                .await
-                .unwrap();
-            assert!(matches!(outcome, PairingOutcome::Created(_)), "{outcome:?}");
+            let outcome = ask(
+                &store,
+                who(ChannelKind::Telegram, &peer.to_string()),
+                None,
+                limits(5, 3),
+            )
+            .await;
+            assert!(matches!(outcome, PairingOutcome::Created { .. }), "{outcome:?}");
         }
-        let outcome = store
-            .pairing_for_stranger(&who(ChannelKind::Telegram, "99"), "c", None, limits(5, 3))
-            .await
-            .unwrap();
+        let outcome = ask(&store, who(ChannelKind::Telegram, "99"), None, limits(5, 3)).await;
         assert_eq!(outcome, PairingOutcome::AtCapacity { cap: "channel" });
         for peer in 0..2 {
-            let outcome = store
-                .pairing_for_stranger(
-                    &who(ChannelKind::Signal, &peer.to_string()),
-                    "c",
-                    None,
-                    limits(5, 3),
-                )
-                .await
-                .unwrap();
-            assert!(matches!(outcome, PairingOutcome::Created(_)), "{outcome:?}");
+            let outcome = ask(
+                &store,
+                who(ChannelKind::Signal, &peer.to_string()),
+                None,
+                limits(5, 3),
+            )
+            .await;
+            assert!(matches!(outcome, PairingOutcome::Created { .. }), "{outcome:?}");
         }
-        let outcome = store
-            .pairing_for_stranger(&who(ChannelKind::Signal, "9"), "c", None, limits(5, 3))
-            .await
-            .unwrap();
+        let outcome = ask(&store, who(ChannelKind::Signal, "9"), None, limits(5, 3)).await;
         assert_eq!(outcome, PairingOutcome::AtCapacity { cap: "total" });
         assert_eq!(store.pending_pairing_count(None).await.unwrap(), 5);
         assert_eq!(
@@ -272,11 +336,10 @@ mod tests {
                 .unwrap(),
             3
         );
+        assert_eq!(count(&store, "pairing_requests").await, 5);
+        assert_eq!(count(&store, "outbox").await, 5);
         // A stranger who already has a code still counts as pending, not as over the cap.
-        let outcome = store
-            .pairing_for_stranger(&who(ChannelKind::Telegram, "0"), "c", None, limits(5, 3))
-            .await
-            .unwrap();
+        let outcome = ask(&store, who(ChannelKind::Telegram, "0"), None, limits(5, 3)).await;
         assert!(matches!(outcome, PairingOutcome::AlreadyPending(_)));
     }
 
@@ -284,26 +347,24 @@ mod tests {
     async fn long_expired_codes_are_deleted_and_names_are_bounded() {
         let store = Store::open_in_memory().unwrap();
         let long_name = "x\n".repeat(10_000);
-        let outcome = store
-            .pairing_for_stranger(
-                &who(ChannelKind::Telegram, "1"),
-                "1",
-                Some(&long_name),
-                PairingLimits {
-                    ttl: Duration::ZERO,
-                    ..limits(5, 5)
-                },
-            )
-            .await
-            .unwrap();
-        let PairingOutcome::Created(request) = outcome else {
+        let outcome = ask(
+            &store,
+            who(ChannelKind::Telegram, "1"),
+            Some(&long_name),
+            PairingLimits {
+                ttl: Duration::ZERO,
+                ..limits(5, 5)
+            },
+        )
+        .await;
+        let PairingOutcome::Created { request, .. } = outcome else {
             panic!("{outcome:?}");
         };
         assert_eq!(
             request.sender_name.as_deref().map(str::len),
             Some(MAX_SENDER_NAME_CHARS)
         );
-        // Backdate it past the retention; the next stranger's request deletes it.
+        // Backdate it past the retention; the next new code deletes it.
         store
             .with(|c| {
                 c.execute(
@@ -314,14 +375,7 @@ mod tests {
             })
             .await
             .unwrap();
-        store
-            .pairing_for_stranger(&who(ChannelKind::Telegram, "2"), "2", None, limits(5, 5))
-            .await
-            .unwrap();
-        let rows: i64 = store
-            .with(|c| Ok(c.query_row("SELECT COUNT(*) FROM pairing_requests", [], |r| r.get(0))?))
-            .await
-            .unwrap();
-        assert_eq!(rows, 1);
+        ask(&store, who(ChannelKind::Telegram, "2"), None, limits(5, 5)).await;
+        assert_eq!(count(&store, "pairing_requests").await, 1);
     }
 }
