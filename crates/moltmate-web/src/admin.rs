@@ -71,7 +71,12 @@ pub async fn login(
         ));
     };
     if !is_admin_token(&state, form.token.trim()) {
-        tracing::warn!("admin sign-in with a wrong token");
+        if let Some(attempts) = state.inner.wrong_operator_tokens.hit() {
+            tracing::warn!(
+                attempts,
+                "admin sign-in with a wrong token (attempts since the last such line)"
+            );
+        }
         return Ok(login_page(
             StatusCode::UNAUTHORIZED,
             "That is not the operator token.",

@@ -232,6 +232,48 @@ impl RateLimits {
     }
 }
 
+/// Lets one log line through per interval and counts the events in between, for events a
+/// stranger can cause at will (a wrong operator token): the log stays bounded whatever the
+/// rate limit lets through from many addresses.
+#[derive(Debug)]
+pub struct LogThrottle {
+    interval: Duration,
+    /// When the last line went out, and events since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogThrottle {
+    pub fn new(interval: Duration) -> Self {
+        LogThrottle {
+            interval,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Counts one event; `Some(events)` (this one included, since the last line) when a line
+    /// is due now.
+    pub fn hit(&self) -> Option<u64> {
+        self.hit_at(Instant::now())
+    }
+
+    fn hit_at(&self, now: Instant) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.1 += 1;
+        let due = state
+            .0
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.interval);
+        if !due {
+            return None;
+        }
+        let events = state.1;
+        *state = (Some(now), 0);
+        Some(events)
+    }
+}
+
 /// The rate-limit key of a client address.
 pub fn ip_key(ip: IpAddr) -> String {
     match ip {
@@ -608,6 +650,17 @@ mod tests {
             limits.remember(digest, anna.clone());
         }
         assert_eq!(limits.verified_map().len(), MAX_VERIFIED);
+    }
+
+    #[test]
+    fn log_throttle_lets_one_line_through_per_interval() {
+        let throttle = LogThrottle::new(Duration::from_secs(60));
+        let start = Instant::now();
+        assert_eq!(throttle.hit_at(start), Some(1));
+        for _ in 0..99 {
+            assert_eq!(throttle.hit_at(start + Duration::from_secs(1)), None);
+        }
+        assert_eq!(throttle.hit_at(start + Duration::from_secs(60)), Some(100));
     }
 
     #[test]

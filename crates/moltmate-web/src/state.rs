@@ -149,6 +149,8 @@ pub(crate) struct Inner {
     /// SHA-256 of the operator token, compared in constant time (fixed length, so the
     /// comparison does not even leak the token's length).
     pub admin_digest: Option<[u8; 32]>,
+    /// At most one "wrong operator token" log line a minute.
+    pub wrong_operator_tokens: crate::security::LogThrottle,
 }
 
 /// Shared state of the web layer. Cheap to clone.
@@ -182,6 +184,7 @@ impl WebState {
                 limits,
                 metrics: WebMetrics::new(),
                 admin_digest,
+                wrong_operator_tokens: crate::security::LogThrottle::new(Duration::from_secs(60)),
             }),
         })
     }

@@ -542,3 +542,122 @@ async fn raw_garbage_methods_over_tcp_leave_no_trace_in_metrics() {
     assert!(metric_lines(&after).len() <= metric_lines(&before).len() + 1);
     h.shutdown.cancel();
 }
+
+/// This process's resident set size in bytes (0 where `/proc` cannot be read).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_web_flood_from_the_same_address_does_not_slow_a_signed_in_user() {
+    let h = harness();
+    let (_, token) = h.user("anna").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let _server = tokio::spawn(moltmate_web::serve(
+        h.state.clone(),
+        listener,
+        h.shutdown.clone(),
+    ));
+    let client = reqwest::Client::new();
+    let chat = |text: String| {
+        let client = client.clone();
+        let base = base.clone();
+        let token = token.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let response = client
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"messages": [{"role": "user", "content": text}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["choices"][0]["message"]["content"], echo_of(&text));
+            started.elapsed()
+        }
+    };
+    let mut normal = Duration::ZERO;
+    for i in 0..3 {
+        normal = normal.max(chat(format!("baseline {i}")).await);
+    }
+    let bound = normal * 2 + Duration::from_millis(500);
+    let rss_before = rss_bytes();
+
+    // Eight attackers on the bystander's own address: bogus tokens, sign-in guesses, odd
+    // methods and random paths, as fast as they can.
+    let mut attackers = Vec::new();
+    for a in 0..8 {
+        let client = client.clone();
+        let base = base.clone();
+        attackers.push(tokio::spawn(async move {
+            let mut limited = 0;
+            for i in 0..250 {
+                let request = match i % 4 {
+                    0 => client
+                        .get(format!("{base}/v1/models"))
+                        .bearer_auth(format!("mm_{a}_{i}")),
+                    1 => client
+                        .post(format!("{base}/admin/login"))
+                        .form(&[("token", format!("guess-{a}-{i}"))]),
+                    2 => client.request(
+                        reqwest::Method::from_bytes(format!("M{a}X{i}").as_bytes()).unwrap(),
+                        format!("{base}/"),
+                    ),
+                    _ => client.get(format!("{base}/random/{a}/{i}")),
+                };
+                if request.send().await.unwrap().status() == 429 {
+                    limited += 1;
+                }
+            }
+            limited
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for i in 0..5 {
+        let took = chat(format!("during the flood {i}")).await;
+        assert!(
+            took <= bound,
+            "bystander answered in {took:?}, over {bound:?} (normal {normal:?})"
+        );
+        slowest = slowest.max(took);
+    }
+    let mut limited = 0;
+    for attacker in attackers {
+        limited += attacker.await.unwrap();
+    }
+    assert!(limited >= 2000 - 30, "only the burst got through: {limited}");
+    let grown = rss_bytes().saturating_sub(rss_before);
+    eprintln!(
+        "web flood: 2000 requests, {limited} refused; bystander normal {normal:?}, slowest {slowest:?}; RSS grew by {} KiB",
+        grown / 1024
+    );
+    assert!(grown < 32 * 1024 * 1024, "RSS grew by {grown} bytes");
+    // The flood's address is drained; ask from another one.
+    let metrics = send(
+        &h.app(),
+        from(
+            ELSEWHERE,
+            Request::get("/metrics").body(Body::empty()).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(
+        metrics.body.contains("moltmate_web_rate_limited_total{bucket=\"ip\"} "),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.len() < 16 * 1024,
+        "{} bytes of metrics",
+        metrics.body.len()
+    );
+    h.shutdown.cancel();
+}
