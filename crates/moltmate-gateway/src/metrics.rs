@@ -244,7 +244,10 @@ mod tests {
     #[test]
     fn label_values_cannot_break_out_of_their_quotes() {
         assert_eq!(label_value("claude-sonnet-4-5"), "claude-sonnet-4-5");
-        assert_eq!(label_value("meta-llama/llama-3:8b"), "meta-llama/llama-3:8b");
+        assert_eq!(
+            label_value("meta-llama/llama-3:8b"),
+            "meta-llama/llama-3:8b"
+        );
         assert_eq!(label_value("x\"} 1\nforged{a=\""), "x___1_forged_a__");
         assert_eq!(label_value(""), "unknown");
         assert_eq!(label_value(&"y".repeat(500)).len(), MAX_LABEL_CHARS);
@@ -259,7 +262,10 @@ mod tests {
         let text = metrics.encode();
         assert!(!text.contains("moltmate_forged{"), "{text}");
         assert!(!text.contains('\u{0}'));
-        for line in text.lines().filter(|l| l.starts_with("moltmate_tool_calls_total")) {
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("moltmate_tool_calls_total"))
+        {
             assert_eq!(line.matches('"').count(), 4, "{line}");
         }
     }

@@ -402,9 +402,7 @@ async fn accept_counted(
                 .pairing_for_stranger(
                     stranger,
                     inner.settings.pairing_limits(identity.channel),
-                    move |code| {
-                        pairing_text(code, language.as_deref(), &default_language, channel)
-                    },
+                    move |code| pairing_text(code, language.as_deref(), &default_language, channel),
                 )
                 .await
                 .map_err(storage)?;

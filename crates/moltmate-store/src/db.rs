@@ -1113,7 +1113,14 @@ impl Store {
             let result = match crate::pairing::pending_request(&tx, &identity, now)? {
                 Some(request) => (request, false),
                 None => (
-                    crate::pairing::insert_request(&tx, &identity, &chat_id, sender_name, now, ttl)?,
+                    crate::pairing::insert_request(
+                        &tx,
+                        &identity,
+                        &chat_id,
+                        sender_name,
+                        now,
+                        ttl,
+                    )?,
                     true,
                 ),
             };
@@ -1354,7 +1361,11 @@ fn load_user(c: &Connection, user: &UserId) -> Result<Option<UserRecord>, StoreE
     }))
 }
 
-pub(crate) fn upsert_cursor(c: &Connection, channel: ChannelKind, cursor: i64) -> Result<(), StoreError> {
+pub(crate) fn upsert_cursor(
+    c: &Connection,
+    channel: ChannelKind,
+    cursor: i64,
+) -> Result<(), StoreError> {
     c.execute(
         "INSERT INTO channel_cursors (channel, cursor) VALUES (?1, ?2)
          ON CONFLICT (channel) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)",

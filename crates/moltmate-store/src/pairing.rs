@@ -110,7 +110,8 @@ impl Store {
                 tx.commit()?;
                 return Ok(PairingOutcome::AtCapacity { cap });
             }
-            let retention = i64::try_from(EXPIRED_PAIRING_RETENTION.as_millis()).unwrap_or(i64::MAX);
+            let retention =
+                i64::try_from(EXPIRED_PAIRING_RETENTION.as_millis()).unwrap_or(i64::MAX);
             tx.execute(
                 "DELETE FROM pairing_requests WHERE state = 'pending' AND expires_at <= ?1",
                 params![now.saturating_sub(retention)],
@@ -266,9 +267,7 @@ mod tests {
     async fn count(store: &Store, table: &'static str) -> i64 {
         store
             .with(move |c| {
-                Ok(c.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| {
-                    r.get(0)
-                })?)
+                Ok(c.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))?)
             })
             .await
             .unwrap()
@@ -312,7 +311,10 @@ mod tests {
                 limits(5, 3),
             )
             .await;
-            assert!(matches!(outcome, PairingOutcome::Created { .. }), "{outcome:?}");
+            assert!(
+                matches!(outcome, PairingOutcome::Created { .. }),
+                "{outcome:?}"
+            );
         }
         let outcome = ask(&store, who(ChannelKind::Telegram, "99"), None, limits(5, 3)).await;
         assert_eq!(outcome, PairingOutcome::AtCapacity { cap: "channel" });
@@ -324,7 +326,10 @@ mod tests {
                 limits(5, 3),
             )
             .await;
-            assert!(matches!(outcome, PairingOutcome::Created { .. }), "{outcome:?}");
+            assert!(
+                matches!(outcome, PairingOutcome::Created { .. }),
+                "{outcome:?}"
+            );
         }
         let outcome = ask(&store, who(ChannelKind::Signal, "9"), None, limits(5, 3)).await;
         assert_eq!(outcome, PairingOutcome::AtCapacity { cap: "total" });

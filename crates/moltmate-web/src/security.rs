@@ -326,8 +326,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpAddr]) 
 
 /// `POST` to a sign-in route: always limited per IP, whatever credential comes along.
 fn is_sign_in(method: &Method, route: Option<&str>) -> bool {
-    *method == Method::POST
-        && matches!(route, Some("/login" | "/login/{code}" | "/admin/login"))
+    *method == Method::POST && matches!(route, Some("/login" | "/login/{code}" | "/admin/login"))
 }
 
 pub async fn rate_limit(State(state): State<WebState>, request: Request, next: Next) -> Response {
@@ -347,7 +346,10 @@ pub async fn rate_limit(State(state): State<WebState>, request: Request, next: N
             .inc();
         WebError::RateLimited { retry_after }.into_response()
     };
-    let route = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
     let mut ip_charged = false;
     if is_sign_in(request.method(), route) {
         if let Err(wait) = limits.check_ip(&ip) {
@@ -639,7 +641,10 @@ mod tests {
         // Expired entries are forgotten.
         limits.verified_map().insert(
             [7; 16],
-            (anna.clone(), Instant::now() - VERIFIED_TTL - Duration::from_secs(1)),
+            (
+                anna.clone(),
+                Instant::now() - VERIFIED_TTL - Duration::from_secs(1),
+            ),
         );
         assert_eq!(limits.recall(&[7; 16]), None);
         // The map never grows past its bound.

@@ -117,12 +117,16 @@ async fn one_user_is_limited_across_their_tokens_and_sessions() {
     );
     assert!(limited.header("retry-after").is_some());
     assert_eq!(
-        send(&h.app(), from(HOME_ROUTER, models(&second))).await.status,
+        send(&h.app(), from(HOME_ROUTER, models(&second)))
+            .await
+            .status,
         StatusCode::TOO_MANY_REQUESTS,
         "a second token of the same user shares the bucket"
     );
     assert_eq!(
-        send(&h.app(), from(HOME_ROUTER, models(&bobs))).await.status,
+        send(&h.app(), from(HOME_ROUTER, models(&bobs)))
+            .await
+            .status,
         StatusCode::OK,
         "another user behind the same address is not affected"
     );
@@ -146,13 +150,20 @@ async fn an_address_spraying_bogus_tokens_is_limited_and_its_neighbours_are_not(
     let mut statuses = Vec::new();
     for i in 0..40 {
         let bogus = format!("mm_{:064x}", i);
-        statuses.push(send(&h.app(), from(HOME_ROUTER, models(&bogus))).await.status);
+        statuses.push(
+            send(&h.app(), from(HOME_ROUTER, models(&bogus)))
+                .await
+                .status,
+        );
     }
     let unauthorized = statuses
         .iter()
         .filter(|s| **s == StatusCode::UNAUTHORIZED)
         .count();
-    assert_eq!(unauthorized, 9, "the burst, minus the family's verification");
+    assert_eq!(
+        unauthorized, 9,
+        "the burst, minus the family's verification"
+    );
     assert!(statuses[9..]
         .iter()
         .all(|s| *s == StatusCode::TOO_MANY_REQUESTS));
@@ -235,9 +246,7 @@ async fn sign_in_routes_are_limited_per_address_whatever_cookie_comes_along() {
         }
     }
     assert!(
-        statuses[..6]
-            .iter()
-            .all(|s| *s == StatusCode::UNAUTHORIZED),
+        statuses[..6].iter().all(|s| *s == StatusCode::UNAUTHORIZED),
         "{statuses:?}"
     );
     assert!(
@@ -437,7 +446,11 @@ impl ModelCaller for ForgingModel {
         };
         Ok(ModelAnswer {
             response: ModelResponse {
-                text: if after_tool { "done".into() } else { String::new() },
+                text: if after_tool {
+                    "done".into()
+                } else {
+                    String::new()
+                },
                 tool_calls,
                 usage,
                 stop_reason: StopReason::EndTurn,
@@ -527,9 +540,16 @@ async fn raw_garbage_methods_over_tcp_leave_no_trace_in_metrics() {
     page().await;
     let before = page().await;
     let long = "Q".repeat(5000);
-    for method in ["GET\n", "G\"ET", "x\"} 1\nforged{a=\"", long.as_str(), "FOO"] {
+    for method in [
+        "GET\n",
+        "G\"ET",
+        "x\"} 1\nforged{a=\"",
+        long.as_str(),
+        "FOO",
+    ] {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!("{method} /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("{method} /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut answer = Vec::new();
         let _ = stream.read_to_end(&mut answer).await;
@@ -632,7 +652,10 @@ async fn a_web_flood_from_the_same_address_does_not_slow_a_signed_in_user() {
     for attacker in attackers {
         limited += attacker.await.unwrap();
     }
-    assert!(limited >= 2000 - 30, "only the burst got through: {limited}");
+    assert!(
+        limited >= 2000 - 30,
+        "only the burst got through: {limited}"
+    );
     let grown = rss_bytes().saturating_sub(rss_before);
     eprintln!(
         "web flood: 2000 requests, {limited} refused; bystander normal {normal:?}, slowest {slowest:?}; RSS grew by {} KiB",
@@ -650,7 +673,9 @@ async fn a_web_flood_from_the_same_address_does_not_slow_a_signed_in_user() {
     .await;
     assert_eq!(metrics.status, StatusCode::OK);
     assert!(
-        metrics.body.contains("moltmate_web_rate_limited_total{bucket=\"ip\"} "),
+        metrics
+            .body
+            .contains("moltmate_web_rate_limited_total{bucket=\"ip\"} "),
         "{}",
         metrics.body
     );
