@@ -114,14 +114,21 @@ pub struct GatewayAuthConfig {
     pub token: Option<Secret>,
 }
 
-/// Per-user request rate limit (token bucket).
+/// Request rate limits of the web UI and API (token buckets).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitConfig {
-    /// Default 100.
+    /// Requests per minute of one signed-in user (all their tokens and browser sessions
+    /// together; the operator's admin session has its own). Default 100.
     pub per_minute: u32,
-    /// Default 50.
+    /// Requests a signed-in user may make at once before `perMinute` applies. Default 50.
     pub burst: u32,
+    /// Requests per minute per client IP without a verified credential: no credential, a
+    /// wrong one, a credential not seen recently (its first check), and every sign-in.
+    /// Default 60.
+    pub unauthenticated_per_minute: u32,
+    /// Burst of the per-IP bucket. Default 30.
+    pub unauthenticated_burst: u32,
 }
 
 impl Default for RateLimitConfig {
@@ -129,6 +136,8 @@ impl Default for RateLimitConfig {
         RateLimitConfig {
             per_minute: 100,
             burst: 50,
+            unauthenticated_per_minute: 60,
+            unauthenticated_burst: 30,
         }
     }
 }
@@ -329,12 +338,26 @@ impl fmt::Display for TrustLevel {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct ChannelsConfig {
     pub telegram: TelegramConfig,
     pub web: WebChannelConfig,
     pub local: LocalChannelConfig,
+    /// Pending pairing codes at most, over all channels; past it, new unknown senders get
+    /// no code and no reply until the operator approves or denies some. Default 100.
+    pub max_pending_pairings: u32,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        ChannelsConfig {
+            telegram: TelegramConfig::default(),
+            web: WebChannelConfig::default(),
+            local: LocalChannelConfig::default(),
+            max_pending_pairings: 100,
+        }
+    }
 }
 
 /// Who may talk to the assistant in Telegram direct messages (shared with the gateway).
@@ -357,6 +380,9 @@ pub struct TelegramConfig {
     /// Trust of Telegram users not listed under `users`. Default `stranger`: a Telegram sender
     /// is only as trusted as the owner says in `users.<id>.trust`.
     pub default_trust: TrustLevel,
+    /// Pending pairing codes at most on Telegram (within `channels.maxPendingPairings`).
+    /// Default 50.
+    pub max_pending_pairings: u32,
 }
 
 impl Default for TelegramConfig {
@@ -369,6 +395,7 @@ impl Default for TelegramConfig {
             allow_from: Vec::new(),
             poll_timeout_seconds: 30,
             default_trust: TrustLevel::Stranger,
+            max_pending_pairings: 50,
         }
     }
 }

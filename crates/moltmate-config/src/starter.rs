@@ -24,8 +24,9 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
       // Bearer token for the API, at least 16 characters. Required when bind is not loopback.
       // token: "${MOLTMATE_GATEWAY_TOKEN}",
     },
-    // Per-user request limit (token bucket).
-    rateLimit: { perMinute: 100, burst: 50 },
+    // Request limits (token buckets): per signed-in user (all their tokens and sessions), and
+    // per client IP for everything without a verified credential (sign-ins, wrong tokens).
+    rateLimit: { perMinute: 100, burst: 50, unauthenticatedPerMinute: 60, unauthenticatedBurst: 30 },
     // Behind a reverse proxy with TLS: the address people use (login links point there;
     // https makes cookies Secure), and the proxy's IP so X-Forwarded-For counts for rate limits.
     // publicUrl: "https://moltbot.example.com",
@@ -70,10 +71,14 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
       pollTimeoutSeconds: 30,
       // Trust of Telegram users not listed under "users".
       defaultTrust: "stranger",
+      // Pending pairing codes at most; past it, new strangers get no code and no reply.
+      maxPendingPairings: 50,
     },
     web: { enabled: true, defaultTrust: "friend" },
     // `moltmate chat` on this machine's terminal.
     local: { defaultTrust: "owner" },
+    // Pending pairing codes at most, over all channels.
+    maxPendingPairings: 100,
   },
 
   // Where the assistant's commands and file tools run.

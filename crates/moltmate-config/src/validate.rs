@@ -62,6 +62,14 @@ fn gateway(config: &Config) -> Result<(), Failure> {
         u64::from(g.rate_limit.per_minute),
     )?;
     positive("gateway.rateLimit.burst", u64::from(g.rate_limit.burst))?;
+    positive(
+        "gateway.rateLimit.unauthenticatedPerMinute",
+        u64::from(g.rate_limit.unauthenticated_per_minute),
+    )?;
+    positive(
+        "gateway.rateLimit.unauthenticatedBurst",
+        u64::from(g.rate_limit.unauthenticated_burst),
+    )?;
     if let Some(public) = &g.public_url {
         public_url(public)?;
     }
@@ -243,6 +251,24 @@ fn channels(config: &Config) -> Result<(), Failure> {
             "channels.telegram.pollTimeoutSeconds",
             "must be from 1 to 600",
         ));
+    }
+    // Zero would give nobody a code, which is `allowlist`; say so rather than accept it.
+    for (key, value) in [
+        (
+            "channels.maxPendingPairings",
+            config.channels.max_pending_pairings,
+        ),
+        (
+            "channels.telegram.maxPendingPairings",
+            t.max_pending_pairings,
+        ),
+    ] {
+        if value == 0 {
+            return Err(rule(
+                key,
+                "must be at least 1 (to give unknown senders no code at all, use dmPolicy \"allowlist\")",
+            ));
+        }
     }
     Ok(())
 }

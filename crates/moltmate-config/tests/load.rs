@@ -392,6 +392,43 @@ fn gateway_rules() {
         "gateway.rateLimit.burst",
         "must be greater than 0",
     );
+    for key in ["unauthenticatedPerMinute", "unauthenticatedBurst"] {
+        assert_err(
+            &format!("{{gateway: {{rateLimit: {{{key}: 0}}}}}}"),
+            &format!("gateway.rateLimit.{key}"),
+            "must be greater than 0",
+        );
+    }
+    let limits = load("{}").unwrap().gateway.rate_limit;
+    assert_eq!(
+        (
+            limits.per_minute,
+            limits.burst,
+            limits.unauthenticated_per_minute,
+            limits.unauthenticated_burst
+        ),
+        (100, 50, 60, 30)
+    );
+}
+
+#[test]
+fn pending_pairing_caps() {
+    let c = load("{}").unwrap();
+    assert_eq!(c.channels.max_pending_pairings, 100);
+    assert_eq!(c.channels.telegram.max_pending_pairings, 50);
+    let c = load("{channels: {maxPendingPairings: 7, telegram: {maxPendingPairings: 3}}}").unwrap();
+    assert_eq!(c.channels.max_pending_pairings, 7);
+    assert_eq!(c.channels.telegram.max_pending_pairings, 3);
+    assert_err(
+        "{channels: {maxPendingPairings: 0}}",
+        "channels.maxPendingPairings",
+        "allowlist",
+    );
+    assert_err(
+        "{channels: {telegram: {maxPendingPairings: 0}}}",
+        "channels.telegram.maxPendingPairings",
+        "at least 1",
+    );
 }
 
 #[test]

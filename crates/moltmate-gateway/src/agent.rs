@@ -70,6 +70,15 @@ impl ToolBox {
         self.tools.keys().map(String::as_str)
     }
 
+    /// The name to count and log a call to `name` under: the registered tool's name, or
+    /// `unknown` for a name the model made up (its text never becomes a metric label or an
+    /// unquoted log field).
+    pub fn metric_name<'a>(&'a self, name: &str) -> &'a str {
+        self.tools
+            .get_key_value(name)
+            .map_or("unknown", |(known, _)| known.as_str())
+    }
+
     /// The specs offered to a model for a user allowed `allowed` tools.
     pub fn offered(&self, allowed: &[String]) -> Vec<ToolSpec> {
         self.tools
@@ -223,14 +232,20 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                 Ok(_) => "ok",
                 Err(e) => e.outcome(),
             };
-            turn.metrics.observe_tool(&call.name, outcome, elapsed);
+            let tool = turn.tools.metric_name(&call.name);
+            turn.metrics.observe_tool(tool, outcome, elapsed);
             if turn.log_tool_calls {
-                tracing::info!(user = %turn.context.user, tool = %call.name, outcome, duration_ms, "tool call");
+                if tool == "unknown" {
+                    // Debug-quoted and cut: the model's text cannot forge a log line.
+                    tracing::info!(user = %turn.context.user, tool, requested = ?bounded_name(&call.name), outcome, duration_ms, "tool call");
+                } else {
+                    tracing::info!(user = %turn.context.user, tool, outcome, duration_ms, "tool call");
+                }
             }
             let audit = AuditEvent {
                 user: turn.context.user.clone(),
                 kind: "tool_call".to_string(),
-                tool: Some(call.name.clone()),
+                tool: Some(bounded_name(&call.name)),
                 args_digest: Some(digest),
                 duration_ms: Some(duration_ms),
                 outcome: outcome.to_string(),
@@ -246,7 +261,7 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                     is_error: false,
                 }),
                 Err(error) if error.is_fatal() => {
-                    tracing::error!(user = %turn.context.user, tool = %call.name, error = %error, "fatal tool error; turn aborted");
+                    tracing::error!(user = %turn.context.user, tool, error = %error, "fatal tool error; turn aborted");
                     let reply = "Sorry — something went wrong on my side and I could not finish. Please try again later.".to_string();
                     items.push(ConversationItem::ToolResult {
                         call_id: call.id,
@@ -288,6 +303,12 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
         usage,
         model_failed: false,
     }
+}
+
+/// A tool name as the model sent it, cut to 64 characters without control characters (for
+/// the audit log and quoted log fields only).
+fn bounded_name(name: &str) -> String {
+    name.chars().filter(|c| !c.is_control()).take(64).collect()
 }
 
 fn join_replies(replies: &[String]) -> String {

@@ -18,6 +18,7 @@
 //! * [`agent`] — one turn: model calls, tool calls, bounded iterations, audit.
 //! * [`prompt`] — the system prompt, built from that user's files only.
 //! * [`persona`] — default persona files for a new home.
+//! * [`strangers`] — bounds on what senders who are not let in cost (audit rows, log lines).
 
 pub mod access;
 pub mod agent;
@@ -29,6 +30,7 @@ pub mod prompt;
 pub mod router;
 pub mod session;
 pub mod settings;
+pub mod strangers;
 
 pub use router::{Gateway, GatewayParts, Reply, Submitted};
 pub use settings::{GatewaySettings, UserSettings};

@@ -1,5 +1,12 @@
 //! Prometheus metrics of the gateway. The web layer serves them at `/metrics`; the gateway only
-//! counts. Labels never carry user ids (unbounded cardinality, and personal data).
+//! counts.
+//!
+//! **Label values are fixed sets, never text from users, requests or the model**: channels and
+//! outcomes are `&'static str`s of ours; tools are the names the [`crate::agent::ToolBox`]
+//! registered, and any other name a model invents is `unknown`; providers and models come from
+//! the operator's config and still pass [`label_value`]. `prometheus-client` writes label values
+//! without escaping, so a quote or newline in one would forge series, and an open set of values
+//! would grow the page without bound. No label carries a user id (unbounded, and personal).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -11,9 +18,9 @@ use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MessageLabels {
-    pub channel: String,
+    pub channel: &'static str,
     /// `queued`, `duplicate`, `refused`.
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,18 +33,45 @@ pub struct ModelLabels {
 pub struct TokenLabels {
     pub provider: String,
     /// `input` or `output`.
-    pub direction: String,
+    pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ToolLabels {
+    /// A registered tool's name, or `unknown`.
     pub tool: String,
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ToolNameLabels {
     pub tool: String,
+}
+
+/// The longest label value written; longer ones are cut.
+pub const MAX_LABEL_CHARS: usize = 64;
+
+/// A label value that is safe in the exposition format whatever `raw` holds: characters other
+/// than ASCII letters, digits and `_ - . / : @` become `_`, and it is cut at
+/// [`MAX_LABEL_CHARS`]. For values from the operator's config; values from requests, users or
+/// models must not become labels at all.
+pub fn label_value(raw: &str) -> String {
+    let value: String = raw
+        .chars()
+        .take(MAX_LABEL_CHARS)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | ':' | '@') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if value.is_empty() {
+        "unknown".to_string()
+    } else {
+        value
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -165,50 +199,85 @@ impl Metrics {
         out
     }
 
+    /// `provider` and `model` as configured by the operator (a bounded set).
     pub fn observe_model(&self, provider: &str, model: &str, elapsed: Duration) {
         self.model_latency_seconds
             .get_or_create(&ModelLabels {
-                provider: provider.to_string(),
-                model: model.to_string(),
+                provider: label_value(provider),
+                model: label_value(model),
             })
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn observe_tool(&self, tool: &str, outcome: &str, elapsed: Duration) {
+    /// `tool` must be a registered tool's name or `unknown`
+    /// ([`crate::agent::ToolBox::metric_name`]), never the name a model asked for.
+    pub fn observe_tool(&self, tool: &str, outcome: &'static str, elapsed: Duration) {
+        let tool = label_value(tool);
         self.tool_calls
             .get_or_create(&ToolLabels {
-                tool: tool.to_string(),
-                outcome: outcome.to_string(),
+                tool: tool.clone(),
+                outcome,
             })
             .inc();
         self.tool_latency_seconds
-            .get_or_create(&ToolNameLabels {
-                tool: tool.to_string(),
-            })
+            .get_or_create(&ToolNameLabels { tool })
             .observe(elapsed.as_secs_f64());
     }
 
+    /// `provider` as configured by the operator.
     pub fn count_tokens(&self, provider: &str, input: u64, output: u64) {
+        let provider = label_value(provider);
         self.tokens
             .get_or_create(&TokenLabels {
-                provider: provider.to_string(),
-                direction: "input".into(),
+                provider: provider.clone(),
+                direction: "input",
             })
             .inc_by(input);
         self.tokens
             .get_or_create(&TokenLabels {
-                provider: provider.to_string(),
-                direction: "output".into(),
+                provider,
+                direction: "output",
             })
             .inc_by(output);
     }
 
-    pub fn count_message(&self, channel: &str, outcome: &str) {
+    pub fn count_message(&self, channel: &'static str, outcome: &'static str) {
         self.messages
-            .get_or_create(&MessageLabels {
-                channel: channel.to_string(),
-                outcome: outcome.to_string(),
-            })
+            .get_or_create(&MessageLabels { channel, outcome })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_cannot_break_out_of_their_quotes() {
+        assert_eq!(label_value("claude-sonnet-4-5"), "claude-sonnet-4-5");
+        assert_eq!(
+            label_value("meta-llama/llama-3:8b"),
+            "meta-llama/llama-3:8b"
+        );
+        assert_eq!(label_value("x\"} 1\nforged{a=\""), "x___1_forged_a__");
+        assert_eq!(label_value(""), "unknown");
+        assert_eq!(label_value(&"y".repeat(500)).len(), MAX_LABEL_CHARS);
+    }
+
+    #[test]
+    fn odd_tool_names_neither_forge_series_nor_grow_the_page() {
+        let metrics = Metrics::new();
+        metrics.observe_tool("read", "ok", Duration::from_millis(1));
+        let forged = "x\"} 1\nmoltmate_forged{a=\"";
+        metrics.observe_tool(forged, "ok", Duration::from_millis(1));
+        let text = metrics.encode();
+        assert!(!text.contains("moltmate_forged{"), "{text}");
+        assert!(!text.contains('\u{0}'));
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("moltmate_tool_calls_total"))
+        {
+            assert_eq!(line.matches('"').count(), 4, "{line}");
+        }
     }
 }

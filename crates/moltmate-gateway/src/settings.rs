@@ -47,6 +47,11 @@ pub struct GatewaySettings {
     pub access: HashMap<ChannelKind, ChannelAccess>,
     /// How long a pairing code stays valid.
     pub pairing_ttl: Duration,
+    /// Pending pairing codes at most, over all channels (`channels.maxPendingPairings`).
+    pub max_pending_pairings: usize,
+    /// Pending pairing codes at most per channel (`channels.<ch>.maxPendingPairings`); a
+    /// channel without an entry is bounded by `max_pending_pairings` alone.
+    pub max_pending_pairings_per_channel: HashMap<ChannelKind, usize>,
     /// Model calls per turn at most (each tool round trip is one).
     pub max_tool_iterations: usize,
     /// Each prompt file (SOUL.md, MEMORY.md, ...) is cut at this size.
@@ -100,6 +105,8 @@ impl Default for GatewaySettings {
         GatewaySettings {
             access: HashMap::new(),
             pairing_ttl: Duration::from_secs(3600),
+            max_pending_pairings: 100,
+            max_pending_pairings_per_channel: HashMap::new(),
             max_tool_iterations: 8,
             prompt_file_max_bytes: 32 * 1024,
             default_persona: "cami".to_string(),
@@ -145,6 +152,19 @@ impl GatewaySettings {
             "—".to_string()
         } else {
             labels.join(", ")
+        }
+    }
+
+    /// The bounds on pairing codes for a sender on `channel`.
+    pub fn pairing_limits(&self, channel: ChannelKind) -> moltmate_store::PairingLimits {
+        moltmate_store::PairingLimits {
+            ttl: self.pairing_ttl,
+            max_pending: self.max_pending_pairings,
+            max_pending_per_channel: self
+                .max_pending_pairings_per_channel
+                .get(&channel)
+                .copied()
+                .unwrap_or(self.max_pending_pairings),
         }
     }
 

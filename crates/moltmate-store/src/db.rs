@@ -182,7 +182,7 @@ ALTER TABLE users ADD COLUMN onboarding_step TEXT;
 "#,
 ];
 
-fn now_millis() -> i64 {
+pub(crate) fn now_millis() -> i64 {
     Utc::now().timestamp_millis()
 }
 
@@ -330,7 +330,7 @@ pub struct UsageRow {
 /// Pairing codes: 8 characters from an alphabet without look-alikes (no 0/O, 1/I/L).
 const PAIRING_ALPHABET: &[u8] = b"ABCDEFGHJKMNPQRSTUVWXYZ23456789";
 
-fn new_pairing_code() -> String {
+pub(crate) fn new_pairing_code() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
     (0..8)
@@ -1095,7 +1095,8 @@ impl Store {
     // ---- pairing ----------------------------------------------------------------------------
 
     /// The sender's pending, unexpired pairing request, or a new one with a fresh code.
-    /// Returns the request and whether it was created now.
+    /// Returns the request and whether it was created now. Uncapped: the gateway uses
+    /// [`Store::pairing_for_stranger`], which bounds what strangers can create.
     pub async fn pairing_request_for(
         &self,
         identity: &Identity,
@@ -1109,60 +1110,19 @@ impl Store {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = now_millis();
-            let existing = tx
-                .query_row(
-                    "SELECT code, chat_id, sender_name, created_at, expires_at FROM pairing_requests
-                     WHERE channel = ?1 AND peer = ?2 AND state = 'pending' AND expires_at > ?3
-                     ORDER BY created_at DESC LIMIT 1",
-                    params![identity.channel.as_str(), identity.peer.as_str(), now],
-                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-                )
-                .optional()?;
-            let result = match existing {
-                Some((code, chat_id, sender_name, created_at, expires_at)) => (
-                    PairingRequest {
-                        code,
-                        identity: identity.clone(),
-                        chat_id,
+            let result = match crate::pairing::pending_request(&tx, &identity, now)? {
+                Some(request) => (request, false),
+                None => (
+                    crate::pairing::insert_request(
+                        &tx,
+                        &identity,
+                        &chat_id,
                         sender_name,
-                        created_at,
-                        expires_at,
-                        state: PairingState::Pending,
-                    },
-                    false,
+                        now,
+                        ttl,
+                    )?,
+                    true,
                 ),
-                None => {
-                    let expires_at = now + ttl.as_millis() as i64;
-                    // Codes are random over 31^8 (~8.5e11); retry on the rare collision.
-                    let mut code = new_pairing_code();
-                    for _ in 0..8 {
-                        let taken: bool = tx
-                            .query_row("SELECT 1 FROM pairing_requests WHERE code = ?1", params![code], |_| Ok(true))
-                            .optional()?
-                            .unwrap_or(false);
-                        if !taken {
-                            break;
-                        }
-                        code = new_pairing_code();
-                    }
-                    tx.execute(
-                        "INSERT INTO pairing_requests (code, channel, peer, chat_id, sender_name, created_at, expires_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![code, identity.channel.as_str(), identity.peer.as_str(), chat_id, sender_name, now, expires_at],
-                    )?;
-                    (
-                        PairingRequest {
-                            code,
-                            identity: identity.clone(),
-                            chat_id,
-                            sender_name,
-                            created_at: now,
-                            expires_at,
-                            state: PairingState::Pending,
-                        },
-                        true,
-                    )
-                }
             };
             tx.commit()?;
             Ok(result)
@@ -1401,7 +1361,11 @@ fn load_user(c: &Connection, user: &UserId) -> Result<Option<UserRecord>, StoreE
     }))
 }
 
-fn upsert_cursor(c: &Connection, channel: ChannelKind, cursor: i64) -> Result<(), StoreError> {
+pub(crate) fn upsert_cursor(
+    c: &Connection,
+    channel: ChannelKind,
+    cursor: i64,
+) -> Result<(), StoreError> {
     c.execute(
         "INSERT INTO channel_cursors (channel, cursor) VALUES (?1, ?2)
          ON CONFLICT (channel) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)",
@@ -1410,7 +1374,7 @@ fn upsert_cursor(c: &Connection, channel: ChannelKind, cursor: i64) -> Result<()
     Ok(())
 }
 
-fn insert_outbox(
+pub(crate) fn insert_outbox(
     c: &Connection,
     inbox_id: Option<i64>,
     user: Option<&UserId>,

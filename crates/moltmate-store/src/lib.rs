@@ -18,9 +18,11 @@ pub mod auth;
 pub mod db;
 pub mod homes;
 pub mod memory_index;
+pub mod pairing;
 
 pub use db::{
     AuditEvent, AuditRecord, InboxItem, OutboxItem, PairingRequest, PairingState, SessionRecord,
     Store, StoreError, TurnRecord, UsageRow, UserRecord,
 };
 pub use homes::{HomeError, Homes};
+pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};

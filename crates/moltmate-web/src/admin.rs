@@ -7,7 +7,7 @@
 
 use crate::error::{PageError, WebError};
 use crate::html::{escape, render, render_trusted};
-use crate::security::check_same_origin;
+use crate::security::{check_same_origin, check_sign_in_origin};
 use crate::session::{self, admin_session, ADMIN_COOKIE};
 use crate::state::WebState;
 use axum::extract::rejection::FormRejection;
@@ -63,7 +63,7 @@ pub async fn login(
     headers: HeaderMap,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Result<Response, PageError> {
-    check_same_origin(&headers)?;
+    check_sign_in_origin(&headers)?;
     let Ok(Form(form)) = form else {
         return Ok(login_page(
             StatusCode::BAD_REQUEST,
@@ -71,7 +71,12 @@ pub async fn login(
         ));
     };
     if !is_admin_token(&state, form.token.trim()) {
-        tracing::warn!("admin sign-in with a wrong token");
+        if let Some(attempts) = state.inner.wrong_operator_tokens.hit() {
+            tracing::warn!(
+                attempts,
+                "admin sign-in with a wrong token (attempts since the last such line)"
+            );
+        }
         return Ok(login_page(
             StatusCode::UNAUTHORIZED,
             "That is not the operator token.",

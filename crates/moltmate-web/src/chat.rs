@@ -13,7 +13,7 @@
 use crate::error::{PageError, WebError};
 use crate::html;
 use crate::openai::body_error;
-use crate::security::{check_csrf, check_same_origin};
+use crate::security::{check_csrf, check_same_origin, check_sign_in_origin};
 use crate::session::{self, require_user, user_session, USER_COOKIE};
 use crate::state::WebState;
 use crate::turn::{self, TurnEvent};
@@ -130,7 +130,7 @@ pub async fn login_with_token(
     headers: HeaderMap,
     form: Result<Form<TokenForm>, FormRejection>,
 ) -> Result<Response, PageError> {
-    check_same_origin(&headers)?;
+    check_sign_in_origin(&headers)?;
     let Ok(Form(form)) = form else {
         return Ok(login_page(
             StatusCode::BAD_REQUEST,
@@ -169,7 +169,7 @@ pub async fn redeem_login_link(
     headers: HeaderMap,
     Path(code): Path<String>,
 ) -> Result<Response, PageError> {
-    check_same_origin(&headers)?;
+    check_sign_in_origin(&headers)?;
     let invalid = || {
         login_page(
             StatusCode::UNAUTHORIZED,

@@ -9,9 +9,10 @@
 //!   or deny), sandboxes, audit events, health.
 //! * `/healthz`, `/metrics` — liveness JSON and Prometheus text ([`health`]).
 //!
-//! Every request passes the same outer layers ([`security`]): per-IP and per-credential rate
-//! limits, a body size limit, security headers (CSP `default-src 'self'`, no framing, no
-//! sniffing, no referrer) and a per-route request counter. Browser state changes need a
+//! Every request passes the same outer layers ([`security`]): rate limits per signed-in user
+//! and, for everything without a verified credential, per client IP; a body size limit;
+//! security headers (CSP `default-src 'self'`, no framing, no sniffing, no referrer to other
+//! sites) and, inside the rate limit, a request counter labelled by route template. Browser state changes need a
 //! session cookie (HttpOnly, SameSite=Strict), a CSRF token bound to that session and a
 //! same-origin `Origin`/`Sec-Fetch-Site`.
 //!
@@ -38,6 +39,26 @@ use axum::routing::{get, post};
 use axum::Router;
 use moltmate_core::Shutdown;
 use std::net::SocketAddr;
+
+/// Every route template of [`app`]: the only values the request counter's `route` label
+/// takes (a unit test keeps this list and the routes in step).
+pub const ROUTES: [&str; 15] = [
+    "/",
+    "/login",
+    "/login/{code}",
+    "/logout",
+    "/api/history",
+    "/api/chat",
+    "/assets/{name}",
+    "/admin",
+    "/admin/login",
+    "/admin/logout",
+    "/admin/pairing",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/healthz",
+    "/metrics",
+];
 
 /// Largest request body accepted anywhere. OpenAI clients resend the whole conversation with
 /// every request, so this is generous; the gateway itself cuts a message at 16,000 characters.
@@ -70,13 +91,14 @@ pub fn app(state: WebState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))
         .fallback(security::not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            security::rate_limit,
-        ))
+        // Counted inside the rate limit: a refused request only moves `rate_limited`.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             security::count_requests,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            security::rate_limit,
         ))
         .layer(axum::middleware::from_fn(security::security_headers))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -162,6 +184,22 @@ mod tests {
         .unwrap();
         let code = url.strip_prefix("http://h:1/login/").unwrap();
         assert_eq!(store.redeem_login_link(code).await.unwrap(), Some(anna));
+    }
+
+    #[test]
+    fn every_route_of_the_app_is_a_known_route_label() {
+        let source = include_str!("lib.rs");
+        let app = &source[source.find("pub fn app(").unwrap()..];
+        let app = &app[..app.find("\n}\n").unwrap()];
+        let registered: Vec<&str> = app
+            .split(".route(")
+            .skip(1)
+            .map(|rest| rest.split('"').nth(1).unwrap())
+            .collect();
+        assert_eq!(registered.len(), ROUTES.len(), "{registered:?}");
+        for route in registered {
+            assert!(ROUTES.contains(&route), "{route} is missing from ROUTES");
+        }
     }
 
     #[test]

@@ -1,80 +1,276 @@
 //! The layers every request passes: rate limits, request counting, security headers, and the
 //! checks browser state changes need (same origin, CSRF token).
 //!
-//! Rate limits use `governor`'s keyed GCRA limiter (a token bucket in effect): one keyed by
-//! client IP (IPv6 by /64, since one host usually owns a whole /64) and one keyed by the
-//! digest of the request's credential (bearer token or session cookie), so neither many IPs
-//! sharing one token nor one IP cycling through bogus tokens gets past. The keyed maps only
-//! grow with keys seen within about one refill window: every few thousand checks (and whenever
-//! the map passes [`MAX_TRACKED_KEYS`]) keys whose bucket is full again are dropped.
+//! **Rate limits fit who is asking.** `governor`'s keyed GCRA limiters (token buckets in
+//! effect), two of them:
+//!
+//! * **per principal** (`gateway.rateLimit.perMinute/burst`): a request whose credential (bearer
+//!   token, `mm_session` or `mm_admin` cookie) was verified counts against its user's bucket
+//!   only; a user's tokens and browser sessions share that one bucket (the cost of a user is
+//!   per user, and more tokens must not mean more requests); the operator's admin session has
+//!   its own. A family behind one home router, or everyone behind a reverse proxy without
+//!   `trustedProxies`, therefore does not share a bucket.
+//! * **per client IP** (`gateway.rateLimit.unauthenticatedPerMinute/Burst`; IPv6 by /64, since
+//!   one host usually owns a whole /64): everything without a verified credential — no
+//!   credential, and every credential not verified in the last [`VERIFIED_TTL`], which is
+//!   charged here *before* the database is asked, so an IP spraying bogus tokens runs dry
+//!   after its burst and costs nothing more — plus every sign-in (`POST /login`,
+//!   `/login/{code}`, `/admin/login`), whatever cookie it carries.
+//!
+//! A verified credential is remembered (digest → principal, in memory, at most
+//! [`MAX_VERIFIED`], for [`VERIFIED_TTL`]) only to choose its bucket: handlers still check
+//! every request's credential against the database, so a revoked token is refused at once.
+//! The keyed maps only grow with keys seen within about one refill window: every few thousand
+//! checks (and whenever a map passes [`MAX_TRACKED_KEYS`]) keys whose bucket is full again are
+//! dropped.
 //!
 //! The client IP is the TCP peer. `X-Forwarded-For` is believed only from the peers listed in
 //! [`crate::WebSettings::trusted_proxies`]; otherwise anyone could pick their own bucket.
+//!
+//! **Metrics take no text from requests.** The request counter runs inside the rate limit (a
+//! refused flood only moves the fixed `rate_limited` counter) and labels by the route template
+//! from [`crate::ROUTES`] (else `unmatched`), a fixed set of methods (else `other`) and the
+//! status the server chose. `prometheus-client` does not escape label values, so no value
+//! that is not one of ours may ever reach it.
 
 use crate::error::{InvalidSettings, WebError};
 use crate::session;
-use crate::state::{RequestLabels, WebState};
+use crate::state::{RateLimitedLabels, RequestLabels, WebState};
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
+use moltmate_core::UserId;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
 /// Above this many tracked keys, stale ones are dropped at once rather than periodically.
 pub const MAX_TRACKED_KEYS: usize = 50_000;
 const CLEANUP_EVERY: u64 = 4096;
+/// How long a verified credential keeps its principal's bucket without a new check.
+pub const VERIFIED_TTL: Duration = Duration::from_secs(300);
+/// Verified credentials remembered at most; past it, new ones are checked (and charged to
+/// their IP) on every request until old ones expire.
+pub const MAX_VERIFIED: usize = 10_000;
 
 type KeyedLimiter = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
 
-/// Per-IP and per-credential token buckets.
+/// Who a verified credential belongs to: whose bucket its requests use.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Principal {
+    User(UserId),
+    Operator,
+}
+
+impl Principal {
+    fn bucket(&self) -> String {
+        match self {
+            Principal::User(user) => format!("user:{user}"),
+            Principal::Operator => "operator".to_string(),
+        }
+    }
+}
+
+/// A credential as presented: which kind, and the secret.
+#[derive(Debug)]
+enum Credential {
+    Bearer(String),
+    UserCookie(String),
+    AdminCookie(String),
+}
+
+impl Credential {
+    /// The request's credential, if any: a bearer token, else the user cookie, else the
+    /// operator's cookie.
+    fn of(headers: &HeaderMap) -> Option<Credential> {
+        if let Some(token) = bearer_token(headers) {
+            return Some(Credential::Bearer(token.to_string()));
+        }
+        if let Some(secret) = session::cookie(headers, session::USER_COOKIE) {
+            return Some(Credential::UserCookie(secret.to_string()));
+        }
+        session::cookie(headers, session::ADMIN_COOKIE)
+            .map(|secret| Credential::AdminCookie(secret.to_string()))
+    }
+
+    /// What the credential is remembered by: a digest of kind and secret, never the secret.
+    fn digest(&self) -> [u8; 16] {
+        let (kind, secret) = match self {
+            Credential::Bearer(s) => ("bearer", s),
+            Credential::UserCookie(s) => ("user", s),
+            Credential::AdminCookie(s) => ("admin", s),
+        };
+        let mut hasher = Sha256::new();
+        hasher.update(kind.as_bytes());
+        hasher.update([0]);
+        hasher.update(secret.as_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&hasher.finalize()[..16]);
+        out
+    }
+
+    /// Checks the credential against the store. A store failure counts as unverified (the
+    /// handler meets the same failure and reports it).
+    async fn verify(&self, state: &WebState) -> Option<Principal> {
+        let store = state.gateway().store();
+        let verified = match self {
+            Credential::Bearer(token) => store
+                .user_for_token(token)
+                .await
+                .map(|user| user.map(Principal::User)),
+            Credential::UserCookie(secret) => store.web_session(secret).await.map(|s| match s {
+                Some(s) if !s.is_admin => s.user.map(Principal::User),
+                _ => None,
+            }),
+            Credential::AdminCookie(secret) => store.web_session(secret).await.map(|s| {
+                s.filter(|s| s.is_admin && s.user.is_none())
+                    .map(|_| Principal::Operator)
+            }),
+        };
+        verified.ok().flatten()
+    }
+}
+
+/// The rate limiters and the memory of verified credentials.
 pub struct RateLimits {
+    by_principal: KeyedLimiter,
     by_ip: KeyedLimiter,
-    by_credential: KeyedLimiter,
+    verified: Mutex<HashMap<[u8; 16], (Principal, Instant)>>,
     checks: AtomicU64,
 }
 
+fn quota(per_minute: u32, burst: u32) -> Result<Quota, InvalidSettings> {
+    let per_minute = NonZeroU32::new(per_minute).ok_or(InvalidSettings::ZeroRate)?;
+    let burst = NonZeroU32::new(burst).ok_or(InvalidSettings::ZeroBurst)?;
+    Ok(Quota::per_minute(per_minute).allow_burst(burst))
+}
+
 impl RateLimits {
-    pub fn new(per_minute: u32, burst: u32) -> Result<Self, InvalidSettings> {
-        let per_minute = NonZeroU32::new(per_minute).ok_or(InvalidSettings::ZeroRate)?;
-        let burst = NonZeroU32::new(burst).ok_or(InvalidSettings::ZeroBurst)?;
-        let quota = Quota::per_minute(per_minute).allow_burst(burst);
+    /// `per_minute`/`burst` per principal (a signed-in user, the operator);
+    /// `ip_per_minute`/`ip_burst` per client IP for requests without a verified credential.
+    pub fn new(
+        per_minute: u32,
+        burst: u32,
+        ip_per_minute: u32,
+        ip_burst: u32,
+    ) -> Result<Self, InvalidSettings> {
         Ok(RateLimits {
-            by_ip: RateLimiter::keyed(quota),
-            by_credential: RateLimiter::keyed(quota),
+            by_principal: RateLimiter::keyed(quota(per_minute, burst)?),
+            by_ip: RateLimiter::keyed(quota(ip_per_minute, ip_burst)?),
+            verified: Mutex::new(HashMap::new()),
             checks: AtomicU64::new(0),
         })
     }
 
-    /// `Err(wait)` when either bucket is empty.
-    pub fn check(&self, ip_key: &str, credential_key: Option<&str>) -> Result<(), Duration> {
+    fn maintain(&self) {
         let checks = self.checks.fetch_add(1, Ordering::Relaxed);
         if checks.is_multiple_of(CLEANUP_EVERY)
             || self.by_ip.len() > MAX_TRACKED_KEYS
-            || self.by_credential.len() > MAX_TRACKED_KEYS
+            || self.by_principal.len() > MAX_TRACKED_KEYS
         {
-            for limiter in [&self.by_ip, &self.by_credential] {
+            for limiter in [&self.by_ip, &self.by_principal] {
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
             }
         }
-        let wait = |limiter: &KeyedLimiter, key: &str| {
-            limiter
-                .check_key(&key.to_string())
-                .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
-        };
-        wait(&self.by_ip, ip_key)?;
-        if let Some(key) = credential_key {
-            wait(&self.by_credential, key)?;
+    }
+
+    fn take(&self, limiter: &KeyedLimiter, key: String) -> Result<(), Duration> {
+        self.maintain();
+        limiter
+            .check_key(&key)
+            .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
+    }
+
+    /// One request without a verified credential from `ip_key`. `Err(wait)` when its bucket
+    /// is empty.
+    pub fn check_ip(&self, ip_key: &str) -> Result<(), Duration> {
+        self.take(&self.by_ip, ip_key.to_string())
+    }
+
+    /// One request of `principal`. `Err(wait)` when its bucket is empty.
+    pub fn check_principal(&self, principal: &Principal) -> Result<(), Duration> {
+        self.take(&self.by_principal, principal.bucket())
+    }
+
+    fn verified_map(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], (Principal, Instant)>> {
+        // The map holds plain values; a panic elsewhere cannot leave it half-updated.
+        self.verified
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn recall(&self, digest: &[u8; 16]) -> Option<Principal> {
+        let mut map = self.verified_map();
+        match map.get(digest) {
+            Some((principal, at)) if at.elapsed() < VERIFIED_TTL => Some(principal.clone()),
+            Some(_) => {
+                map.remove(digest);
+                None
+            }
+            None => None,
         }
-        Ok(())
+    }
+
+    fn remember(&self, digest: [u8; 16], principal: Principal) {
+        let mut map = self.verified_map();
+        if map.len() >= MAX_VERIFIED {
+            map.retain(|_, (_, at)| at.elapsed() < VERIFIED_TTL);
+        }
+        if map.len() < MAX_VERIFIED {
+            map.insert(digest, (principal, Instant::now()));
+        }
+    }
+}
+
+/// Lets one log line through per interval and counts the events in between, for events a
+/// stranger can cause at will (a wrong operator token): the log stays bounded whatever the
+/// rate limit lets through from many addresses.
+#[derive(Debug)]
+pub struct LogThrottle {
+    interval: Duration,
+    /// When the last line went out, and events since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogThrottle {
+    pub fn new(interval: Duration) -> Self {
+        LogThrottle {
+            interval,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Counts one event; `Some(events)` (this one included, since the last line) when a line
+    /// is due now.
+    pub fn hit(&self) -> Option<u64> {
+        self.hit_at(Instant::now())
+    }
+
+    fn hit_at(&self, now: Instant) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.1 += 1;
+        let due = state
+            .0
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.interval);
+        if !due {
+            return None;
+        }
+        let events = state.1;
+        *state = (Some(now), 0);
+        Some(events)
     }
 }
 
@@ -90,14 +286,6 @@ pub fn ip_key(ip: IpAddr) -> String {
             }
         },
     }
-}
-
-/// A digest of the request's credential, if it carries one. Only the digest is kept in memory.
-fn credential_key(headers: &HeaderMap) -> Option<String> {
-    let credential = bearer_token(headers)
-        .or_else(|| session::cookie(headers, session::USER_COOKIE))
-        .or_else(|| session::cookie(headers, session::ADMIN_COOKIE))?;
-    Some(hex::encode(&Sha256::digest(credential.as_bytes())[..16]))
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
@@ -136,19 +324,100 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpAddr]) 
     peer
 }
 
+/// `POST` to a sign-in route: always limited per IP, whatever credential comes along.
+fn is_sign_in(method: &Method, route: Option<&str>) -> bool {
+    *method == Method::POST && matches!(route, Some("/login" | "/login/{code}" | "/admin/login"))
+}
+
 pub async fn rate_limit(State(state): State<WebState>, request: Request, next: Next) -> Response {
+    let limits = &state.inner.limits;
     let trusted = &state.inner.settings.trusted_proxies;
     let ip = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| ip_key(client_ip(addr.ip(), request.headers(), trusted)))
         .unwrap_or_else(|| "unknown".to_string());
-    let credential = credential_key(request.headers());
-    if let Err(retry_after) = state.inner.limits.check(&ip, credential.as_deref()) {
-        state.inner.metrics.rate_limited.inc();
-        return WebError::RateLimited { retry_after }.into_response();
+    let refused = |bucket: &'static str, retry_after: Duration| {
+        state
+            .inner
+            .metrics
+            .rate_limited
+            .get_or_create(&RateLimitedLabels { bucket })
+            .inc();
+        WebError::RateLimited { retry_after }.into_response()
+    };
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    let mut ip_charged = false;
+    if is_sign_in(request.method(), route) {
+        if let Err(wait) = limits.check_ip(&ip) {
+            return refused("ip", wait);
+        }
+        ip_charged = true;
+    }
+    let principal = match Credential::of(request.headers()) {
+        None => None,
+        Some(credential) => {
+            let digest = credential.digest();
+            match limits.recall(&digest) {
+                Some(principal) => Some(principal),
+                None => {
+                    // Unverified: the IP pays for the look-up, before it happens.
+                    if !ip_charged {
+                        if let Err(wait) = limits.check_ip(&ip) {
+                            return refused("ip", wait);
+                        }
+                        ip_charged = true;
+                    }
+                    let principal = credential.verify(&state).await;
+                    if let Some(principal) = &principal {
+                        limits.remember(digest, principal.clone());
+                    }
+                    principal
+                }
+            }
+        }
+    };
+    match principal {
+        Some(principal) => {
+            if let Err(wait) = limits.check_principal(&principal) {
+                return refused("principal", wait);
+            }
+        }
+        None if !ip_charged => {
+            if let Err(wait) = limits.check_ip(&ip) {
+                return refused("ip", wait);
+            }
+        }
+        None => {}
     }
     next.run(request).await
+}
+
+/// The `method` label: the standard methods, else `other`.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// The `route` label: one of [`crate::ROUTES`], else `unmatched`.
+pub fn route_label(matched: Option<&MatchedPath>) -> &'static str {
+    matched
+        .and_then(|m| crate::ROUTES.iter().find(|r| **r == m.as_str()))
+        .copied()
+        .unwrap_or("unmatched")
 }
 
 pub async fn count_requests(
@@ -156,17 +425,13 @@ pub async fn count_requests(
     request: Request,
     next: Next,
 ) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
-    let method = request.method().as_str().to_string();
+    let route = route_label(request.extensions().get::<MatchedPath>());
+    let method = method_label(request.method());
     let response = next.run(request).await;
     let labels = RequestLabels {
         route,
         method,
-        status: response.status().as_u16().to_string(),
+        status: response.status().as_u16(),
     };
     state.inner.metrics.requests.get_or_create(&labels).inc();
     response
@@ -184,7 +449,9 @@ pub async fn security_headers(request: Request, next: Next) -> Response {
         ),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // `same-origin`, not `no-referrer`: other sites learn nothing, and our own form posts
+        // carry their real `Origin` instead of `null` (see `check_sign_in_origin`).
+        (header::REFERRER_POLICY, "same-origin"),
         (HeaderName::from_static("cross-origin-opener-policy"), "same-origin"),
     ];
     for (name, value) in fixed {
@@ -200,14 +467,29 @@ pub async fn not_found() -> WebError {
     WebError::NotFound
 }
 
-/// Refuses cross-site browser requests.
+/// Refuses cross-site browser requests to routes that need a signed-in session (which the
+/// CSRF token and SameSite=Strict protect as well).
 ///
 /// `Sec-Fetch-Site` decides when the browser sends it (every current browser does): only
-/// `same-origin` and `none` (typed or bookmarked) pass. Otherwise a present `Origin` must name
-/// the `Host`. `Origin: null` passes: browsers send it for same-origin form posts under
-/// `Referrer-Policy: no-referrer`, so it tells nothing; requests without either header (curl)
-/// pass too. The CSRF token and SameSite=Strict still protect every signed-in change.
+/// `same-origin` and `none` (typed or bookmarked) pass, so a missing `Origin` does not help a
+/// cross-site request. Otherwise a present `Origin` must name the `Host`; `Origin: null`
+/// passes here (a privacy setting or an old browser may send it for a same-origin form),
+/// requests without either header (curl) pass too.
 pub fn check_same_origin(headers: &HeaderMap) -> Result<(), WebError> {
+    origin_check(headers, true)
+}
+
+/// Like [`check_same_origin`], for the sign-in routes (`POST /login`, `/login/{code}`,
+/// `/admin/login`), which have no session and so no CSRF token yet: `Origin: null` is
+/// refused. A sandboxed iframe, a `data:` page or a redirect chain sends `null`, and a login
+/// CSRF (signing the victim into the attacker's account, so that what they type goes to the
+/// attacker's assistant) needs nothing more. Our pages use `Referrer-Policy: same-origin`, so
+/// a browser posting our own sign-in form sends the real origin.
+pub fn check_sign_in_origin(headers: &HeaderMap) -> Result<(), WebError> {
+    origin_check(headers, false)
+}
+
+fn origin_check(headers: &HeaderMap, allow_null_origin: bool) -> Result<(), WebError> {
     const REFUSED: WebError = WebError::Forbidden("cross-site request refused");
     if let Some(site) = headers.get("sec-fetch-site") {
         let site = site.to_str().map_err(|_| REFUSED)?;
@@ -221,8 +503,14 @@ pub fn check_same_origin(headers: &HeaderMap) -> Result<(), WebError> {
         return Ok(());
     };
     let origin = origin.to_str().map_err(|_| REFUSED)?;
-    if origin == "null" {
-        return Ok(());
+    if origin.trim().eq_ignore_ascii_case("null") {
+        return if allow_null_origin {
+            Ok(())
+        } else {
+            Err(WebError::Forbidden(
+                "sign-in refused: the request does not say which site it came from (Origin: null); sign in from this site's own page",
+            ))
+        };
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
     let origin_host = origin
@@ -305,29 +593,96 @@ mod tests {
 
     #[test]
     fn buckets_allow_the_burst_then_refuse_with_a_wait() {
-        let limits = RateLimits::new(60, 3).unwrap();
+        let limits = RateLimits::new(1000, 1000, 60, 3).unwrap();
         for _ in 0..3 {
-            assert!(limits.check("1.2.3.4", None).is_ok());
+            assert!(limits.check_ip("1.2.3.4").is_ok());
         }
-        let wait = limits.check("1.2.3.4", None).unwrap_err();
+        let wait = limits.check_ip("1.2.3.4").unwrap_err();
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_secs(1),
             "{wait:?}"
         );
         assert!(
-            limits.check("5.6.7.8", None).is_ok(),
+            limits.check_ip("5.6.7.8").is_ok(),
             "another IP has its own bucket"
         );
-        assert!(RateLimits::new(0, 1).is_err());
-        assert!(RateLimits::new(1, 0).is_err());
+        assert!(RateLimits::new(0, 1, 1, 1).is_err());
+        assert!(RateLimits::new(1, 0, 1, 1).is_err());
+        assert!(RateLimits::new(1, 1, 0, 1).is_err());
+        assert!(RateLimits::new(1, 1, 1, 0).is_err());
     }
 
     #[test]
-    fn one_credential_is_limited_across_ips() {
-        let limits = RateLimits::new(60, 2).unwrap();
-        assert!(limits.check("1.1.1.1", Some("tok")).is_ok());
-        assert!(limits.check("2.2.2.2", Some("tok")).is_ok());
-        assert!(limits.check("3.3.3.3", Some("tok")).is_err());
+    fn principals_have_their_own_buckets_apart_from_ips() {
+        let limits = RateLimits::new(60, 2, 60, 1).unwrap();
+        let anna = Principal::User(UserId::new("anna").unwrap());
+        let bob = Principal::User(UserId::new("bob").unwrap());
+        assert!(limits.check_principal(&anna).is_ok());
+        assert!(limits.check_principal(&anna).is_ok());
+        assert!(limits.check_principal(&anna).is_err());
+        assert!(limits.check_principal(&bob).is_ok());
+        assert!(limits.check_principal(&Principal::Operator).is_ok());
+        assert!(limits.check_ip("1.1.1.1").is_ok(), "users do not drain IPs");
+    }
+
+    #[test]
+    fn verified_credentials_are_remembered_for_a_while_and_bounded() {
+        let limits = RateLimits::new(60, 2, 60, 1).unwrap();
+        let anna = Principal::User(UserId::new("anna").unwrap());
+        let token = Credential::Bearer("mm_abc".to_string());
+        assert_eq!(limits.recall(&token.digest()), None);
+        limits.remember(token.digest(), anna.clone());
+        assert_eq!(limits.recall(&token.digest()), Some(anna.clone()));
+        assert_ne!(
+            token.digest(),
+            Credential::UserCookie("mm_abc".to_string()).digest(),
+            "kinds do not collide"
+        );
+        // Expired entries are forgotten.
+        limits.verified_map().insert(
+            [7; 16],
+            (
+                anna.clone(),
+                Instant::now() - VERIFIED_TTL - Duration::from_secs(1),
+            ),
+        );
+        assert_eq!(limits.recall(&[7; 16]), None);
+        // The map never grows past its bound.
+        for i in 0..(MAX_VERIFIED as u32 + 10) {
+            let mut digest = [0u8; 16];
+            digest[..4].copy_from_slice(&i.to_be_bytes());
+            digest[15] = 1;
+            limits.remember(digest, anna.clone());
+        }
+        assert_eq!(limits.verified_map().len(), MAX_VERIFIED);
+    }
+
+    #[test]
+    fn log_throttle_lets_one_line_through_per_interval() {
+        let throttle = LogThrottle::new(Duration::from_secs(60));
+        let start = Instant::now();
+        assert_eq!(throttle.hit_at(start), Some(1));
+        for _ in 0..99 {
+            assert_eq!(throttle.hit_at(start + Duration::from_secs(1)), None);
+        }
+        assert_eq!(throttle.hit_at(start + Duration::from_secs(60)), Some(100));
+    }
+
+    #[test]
+    fn labels_are_fixed_sets() {
+        for (method, label) in [
+            (Method::GET, "GET"),
+            (Method::POST, "POST"),
+            (Method::from_bytes(b"FOO").unwrap(), "other"),
+            (Method::from_bytes(&[b'X'; 300]).unwrap(), "other"),
+        ] {
+            assert_eq!(method_label(&method), label);
+        }
+        assert_eq!(route_label(None), "unmatched");
+        assert!(is_sign_in(&Method::POST, Some("/login/{code}")));
+        assert!(is_sign_in(&Method::POST, Some("/admin/login")));
+        assert!(!is_sign_in(&Method::GET, Some("/login/{code}")));
+        assert!(!is_sign_in(&Method::POST, Some("/api/chat")));
     }
 
     #[test]
@@ -351,8 +706,25 @@ mod tests {
         headers.insert(header::ORIGIN, HeaderValue::from_static("null"));
         assert!(
             check_same_origin(&headers).is_ok(),
-            "same-origin form posts under no-referrer"
+            "a signed-in change still needs its CSRF token"
         );
+        assert!(
+            check_sign_in_origin(&headers).is_err(),
+            "login CSRF from a sandboxed frame or data: page"
+        );
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:8080"),
+        );
+        assert!(check_sign_in_origin(&headers).is_ok());
+        headers.remove(header::ORIGIN);
+        assert!(check_sign_in_origin(&headers).is_ok(), "curl");
+        headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
+        assert!(
+            check_sign_in_origin(&headers).is_err(),
+            "a missing Origin does not help a cross-site request"
+        );
+        headers.insert(header::ORIGIN, HeaderValue::from_static("null"));
         headers.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
         assert!(check_same_origin(&headers).is_ok());
         for refused in ["cross-site", "same-site"] {

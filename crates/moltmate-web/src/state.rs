@@ -20,10 +20,16 @@ pub struct WebSettings {
     /// The operator token (`gateway.auth.token`): signs the operator into `/admin`. An empty
     /// token signs nobody in.
     pub admin_token: String,
-    /// Sustained requests per minute per client IP and per credential.
+    /// Sustained requests per minute of one signed-in user (all their tokens and browser
+    /// sessions share the bucket; the operator has one of their own).
     pub rate_limit_per_minute: u32,
-    /// Requests allowed at once before the per-minute rate applies.
+    /// Requests a signed-in user may make at once before the per-minute rate applies.
     pub rate_limit_burst: u32,
+    /// Sustained requests per minute per client IP without a verified credential (no
+    /// credential, a wrong one, one not verified recently, every sign-in).
+    pub unauthenticated_per_minute: u32,
+    /// Burst of the per-IP bucket.
+    pub unauthenticated_burst: u32,
     /// Mark cookies `Secure` (set when served over HTTPS, directly or behind a proxy).
     pub secure_cookies: bool,
     /// How long a login link printed by `moltmate users login-link` stays valid. The CLI
@@ -42,6 +48,8 @@ impl Default for WebSettings {
             admin_token: String::new(),
             rate_limit_per_minute: 100,
             rate_limit_burst: 50,
+            unauthenticated_per_minute: 60,
+            unauthenticated_burst: 30,
             secure_cookies: false,
             login_link_ttl: Duration::from_secs(15 * 60),
             session_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -63,6 +71,11 @@ impl fmt::Debug for WebSettings {
             )
             .field("rate_limit_per_minute", &self.rate_limit_per_minute)
             .field("rate_limit_burst", &self.rate_limit_burst)
+            .field(
+                "unauthenticated_per_minute",
+                &self.unauthenticated_per_minute,
+            )
+            .field("unauthenticated_burst", &self.unauthenticated_burst)
             .field("secure_cookies", &self.secure_cookies)
             .field("login_link_ttl", &self.login_link_ttl)
             .field("session_ttl", &self.session_ttl)
@@ -71,26 +84,35 @@ impl fmt::Debug for WebSettings {
     }
 }
 
+/// Labels of the request counter. Every value is one of ours (`&'static str`, a status we
+/// chose), never text from the request: `prometheus-client` writes label values unescaped.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RequestLabels {
-    /// The route template (`/login/{code}`), never the concrete path.
-    pub route: String,
-    pub method: String,
-    pub status: String,
+    /// The route template (`/login/{code}`) from [`crate::ROUTES`], else `unmatched`.
+    pub route: &'static str,
+    /// A standard method, else `other`.
+    pub method: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RateLimitedLabels {
+    /// `ip` (no verified credential) or `principal` (a user's or the operator's bucket).
+    pub bucket: &'static str,
 }
 
 /// The web layer's own metrics, encoded after the gateway's at `/metrics`.
 pub(crate) struct WebMetrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
-    pub rate_limited: Counter,
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
 }
 
 impl WebMetrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("moltmate_web");
         let requests = Family::<RequestLabels, Counter>::default();
-        let rate_limited = Counter::default();
+        let rate_limited = Family::<RateLimitedLabels, Counter>::default();
         registry.register(
             "http_requests",
             "HTTP requests by route template, method and status",
@@ -98,7 +120,7 @@ impl WebMetrics {
         );
         registry.register(
             "rate_limited",
-            "Requests refused by the rate limiter",
+            "Requests refused by the rate limiter, by bucket (ip or principal)",
             rate_limited.clone(),
         );
         WebMetrics {
@@ -127,6 +149,8 @@ pub(crate) struct Inner {
     /// SHA-256 of the operator token, compared in constant time (fixed length, so the
     /// comparison does not even leak the token's length).
     pub admin_digest: Option<[u8; 32]>,
+    /// At most one "wrong operator token" log line a minute.
+    pub wrong_operator_tokens: crate::security::LogThrottle,
 }
 
 /// Shared state of the web layer. Cheap to clone.
@@ -143,7 +167,12 @@ impl WebState {
         settings: WebSettings,
         shutdown: Shutdown,
     ) -> Result<WebState, InvalidSettings> {
-        let limits = RateLimits::new(settings.rate_limit_per_minute, settings.rate_limit_burst)?;
+        let limits = RateLimits::new(
+            settings.rate_limit_per_minute,
+            settings.rate_limit_burst,
+            settings.unauthenticated_per_minute,
+            settings.unauthenticated_burst,
+        )?;
         let admin_digest = (!settings.admin_token.is_empty())
             .then(|| Sha256::digest(settings.admin_token.as_bytes()).into());
         Ok(WebState {
@@ -155,6 +184,7 @@ impl WebState {
                 limits,
                 metrics: WebMetrics::new(),
                 admin_digest,
+                wrong_operator_tokens: crate::security::LogThrottle::new(Duration::from_secs(60)),
             }),
         })
     }

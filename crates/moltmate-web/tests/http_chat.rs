@@ -339,7 +339,7 @@ async fn every_response_carries_the_security_headers() {
         );
         assert_eq!(
             response.header("referrer-policy"),
-            Some("no-referrer"),
+            Some("same-origin"),
             "{path}"
         );
     }

@@ -67,8 +67,8 @@ async fn streams_over_tcp_and_shuts_down_gracefully() {
 #[tokio::test]
 async fn client_ips_are_rate_limited_even_with_fresh_bogus_tokens() {
     let h = harness_with(moltmate_web::WebSettings {
-        rate_limit_per_minute: 1,
-        rate_limit_burst: 2,
+        unauthenticated_per_minute: 1,
+        unauthenticated_burst: 2,
         ..test_settings()
     });
     let (base, _server) = start(&h).await;

@@ -10,7 +10,7 @@ use super::{lock, Inner, Waiter};
 use crate::access::{AccessDecision, ChannelAccess, DmPolicy, KnownSender};
 use moltmate_core::channel::{AcceptError, Accepted, InboundMessage};
 use moltmate_core::{ChannelKind, Identity, UserId};
-use moltmate_store::{AuditEvent, OutboxItem, StoreError};
+use moltmate_store::{AuditEvent, PairingOutcome, StoreError, StrangerMessage};
 use std::sync::Arc;
 
 /// Longest message text handed to a model; longer texts are cut with a note. Protects the
@@ -129,64 +129,58 @@ async fn accept_counted(
             }
         }
         AccessDecision::NeedsPairing => {
-            let (request, created) = inner
+            // One code and one reply per pending sender, a cap on pending codes, all in one
+            // transaction with the cursor: see `strangers`.
+            let language = message.language_code.clone();
+            let default_language = inner.settings.default_language.clone();
+            let channel = identity.channel;
+            let stranger = StrangerMessage {
+                identity: identity.clone(),
+                chat_id: message.chat_id,
+                sender_name: message.sender_name,
+                cursor: message.cursor,
+            };
+            let outcome = inner
                 .store
-                .pairing_request_for(
-                    &identity,
-                    &message.chat_id,
-                    message.sender_name.as_deref(),
-                    inner.settings.pairing_ttl,
+                .pairing_for_stranger(
+                    stranger,
+                    inner.settings.pairing_limits(identity.channel),
+                    move |code| pairing_text(code, language.as_deref(), &default_language, channel),
                 )
                 .await
                 .map_err(storage)?;
-            if created {
-                tracing::info!(identity = %identity, code = %request.code, "pairing requested");
+            match outcome {
+                PairingOutcome::Created { request, reply } => {
+                    tracing::info!(identity = %request.identity, code = %request.code, "pairing requested");
+                    let inner = Arc::clone(inner);
+                    inner
+                        .tasks
+                        .clone()
+                        .spawn(async move { deliver(&inner, reply).await });
+                }
+                PairingOutcome::AlreadyPending(_) => {}
+                PairingOutcome::AtCapacity { cap } => {
+                    inner.strangers.pairing_cap_reached(identity.channel, cap);
+                }
             }
-            let text = pairing_text(
-                &request.code,
-                message.language_code.as_deref(),
-                &inner.settings.default_language,
-                identity.channel,
-            );
-            let outbox = inner
-                .store
-                .enqueue_outbound(None, identity.channel, &message.chat_id, &text)
-                .await
-                .map_err(storage)?;
-            if let Some(cursor) = message.cursor {
-                inner
-                    .store
-                    .advance_cursor(identity.channel, cursor)
-                    .await
-                    .map_err(storage)?;
-            }
-            let inner = Arc::clone(inner);
-            let item = OutboxItem {
-                id: outbox,
-                inbox_id: None,
-                user: None,
-                channel: identity.channel,
-                chat_id: message.chat_id,
-                text,
-            };
-            inner
-                .tasks
-                .clone()
-                .spawn(async move { deliver(&inner, item).await });
             Ok(Accepted::Refused)
         }
         AccessDecision::Refused => {
-            tracing::info!(identity = %identity, "message from a sender who is not allowed was dropped");
-            let audit = AuditEvent {
-                user: UserId::for_identity(&identity),
-                kind: "access_refused".to_string(),
-                tool: None,
-                args_digest: None,
-                duration_ms: None,
-                outcome: "refused".to_string(),
-                detail: Some(identity.to_string()),
-            };
-            inner.store.record_audit(audit).await.map_err(storage)?;
+            // The first message of each sender per window is audited and logged, the rest
+            // only counted: see `strangers`.
+            if inner.strangers.should_audit_refusal(&identity) {
+                tracing::info!(identity = %identity, "message from a sender who is not allowed was dropped");
+                let audit = AuditEvent {
+                    user: UserId::for_identity(&identity),
+                    kind: "access_refused".to_string(),
+                    tool: None,
+                    args_digest: None,
+                    duration_ms: None,
+                    outcome: "refused".to_string(),
+                    detail: Some(identity.to_string()),
+                };
+                inner.store.record_audit(audit).await.map_err(storage)?;
+            }
             if let Some(cursor) = message.cursor {
                 inner
                     .store

@@ -82,6 +82,7 @@ struct Inner {
     shutdown: Shutdown,
     tasks: TaskTracker,
     metrics: Arc<crate::metrics::Metrics>,
+    strangers: crate::strangers::Strangers,
 }
 
 /// The running gateway. Cheap to clone.
@@ -132,6 +133,7 @@ impl Gateway {
                 shutdown: parts.shutdown,
                 tasks: TaskTracker::new(),
                 metrics: Arc::new(crate::metrics::Metrics::new()),
+                strangers: crate::strangers::Strangers::new(),
             }),
         }
     }

@@ -204,6 +204,8 @@ pub async fn start_web(home: &Path, config: &Config, built: &Built) -> Result<St
         admin_token: admin_token(home, config)?,
         rate_limit_per_minute: config.gateway.rate_limit.per_minute,
         rate_limit_burst: config.gateway.rate_limit.burst,
+        unauthenticated_per_minute: config.gateway.rate_limit.unauthenticated_per_minute,
+        unauthenticated_burst: config.gateway.rate_limit.unauthenticated_burst,
         secure_cookies: config.gateway.served_over_https(),
         trusted_proxies: config.gateway.trusted_proxies.clone(),
         ..moltmate_web::WebSettings::default()

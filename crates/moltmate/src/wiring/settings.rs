@@ -127,6 +127,11 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             &config.channels.telegram.allow_from,
         ),
     );
+    settings.max_pending_pairings = config.channels.max_pending_pairings as usize;
+    settings.max_pending_pairings_per_channel.insert(
+        ChannelKind::Telegram,
+        config.channels.telegram.max_pending_pairings as usize,
+    );
     settings.max_tool_iterations = config.model.max_tool_iterations.max(1) as usize;
     settings.default_persona = config.onboarding.default_persona.clone();
     settings.default_language = config.onboarding.language.clone();
