@@ -202,7 +202,7 @@ struct GenMessage {
 #[derive(Debug, Clone)]
 enum GenUpdate {
     Update {
-        message: Field<GenMessage>,
+        message: Box<Field<GenMessage>>,
         extra: Vec<(String, Value)>,
     },
     /// Not an update object at all (an id is not even assigned).
@@ -294,8 +294,8 @@ fn update() -> impl Strategy<Value = GenUpdate> {
         // An update has one kind: other fields only stand in for another kind of update.
         12 => (optional(message(), wrong_object()), extra_fields())
             .prop_map(|(message, extra)| match message {
-                Field::Absent => GenUpdate::Update { message, extra },
-                message => GenUpdate::Update { message, extra: Vec::new() },
+                Field::Absent => GenUpdate::Update { message: Box::new(message), extra },
+                message => GenUpdate::Update { message: Box::new(message), extra: Vec::new() },
             }),
         1 => junk().prop_filter("objects get an id", |v| !v.is_object()).prop_map(GenUpdate::NotAnObject),
     ]
