@@ -69,8 +69,11 @@ enum Kind {
     OptU64,
 }
 
-/// (tool, [(field, kind, required)])
-const SCHEMAS: &[(&str, &[(&str, Kind, bool)])] = &[
+/// One field of a tool's arguments: name, type, required.
+type Field = (&'static str, Kind, bool);
+
+/// Each tool's argument fields.
+const SCHEMAS: &[(&str, &[Field])] = &[
     (
         "read",
         &[
