@@ -365,3 +365,123 @@ proptest! {
         }
     }
 }
+
+fn json_leaf() -> impl Strategy<Value = serde_json::Value> {
+    prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::Bool),
+        any::<i64>().prop_map(|n| serde_json::json!(n)),
+        "[a-z ]{0,12}".prop_map(serde_json::Value::String),
+        secret().prop_map(serde_json::Value::String),
+        Just(serde_json::json!("x".repeat(20_000))),
+    ]
+}
+
+/// Chat completion bodies: mostly the right shape with parts of the wrong type or value.
+fn completion_body() -> impl Strategy<Value = Vec<u8>> {
+    let content = prop_oneof![
+        3 => "[a-z ]{0,20}".prop_map(serde_json::Value::String),
+        1 => json_leaf(),
+        1 => prop::collection::vec(
+            prop_oneof![
+                "[a-z ]{0,10}".prop_map(|t| serde_json::json!({"type": "text", "text": t})),
+                Just(serde_json::json!({"type": "image_url", "image_url": {"url": "http://x/y.png"}})),
+                Just(serde_json::json!({"type": "text"})),
+                Just(serde_json::json!({"text": "no type"})),
+                json_leaf(),
+            ],
+            0..3,
+        )
+        .prop_map(serde_json::Value::Array),
+    ];
+    let message = (
+        prop_oneof![
+            3 => prop::sample::select(vec!["user", "assistant", "system", "tool", "User", ""]).prop_map(serde_json::Value::from),
+            1 => json_leaf(),
+        ],
+        prop::option::of(content),
+    )
+        .prop_map(|(role, content)| {
+            let mut m = serde_json::json!({ "role": role });
+            if let Some(c) = content {
+                m["content"] = c;
+            }
+            m
+        });
+    let messages = prop_oneof![
+        4 => prop::collection::vec(message, 0..4).prop_map(serde_json::Value::Array),
+        1 => json_leaf(),
+    ];
+    (
+        prop::option::of(messages),
+        prop::option::of(prop_oneof![
+            "[a-z0-9-]{0,20}".prop_map(serde_json::Value::String),
+            json_leaf()
+        ]),
+        prop::option::of(json_leaf()),
+        prop::option::of(prop_oneof![
+            Just(serde_json::json!({"include_usage": true})),
+            json_leaf()
+        ]),
+        prop::option::of(json_leaf()),
+    )
+        .prop_map(|(messages, model, stream, options, user)| {
+            let mut body = serde_json::Map::new();
+            for (key, value) in [
+                ("messages", messages),
+                ("model", model),
+                ("stream", stream),
+                ("stream_options", options),
+                ("user", user),
+            ] {
+                if let Some(v) = value {
+                    body.insert(key.to_string(), v);
+                }
+            }
+            serde_json::Value::Object(body).to_string().into_bytes()
+        })
+}
+
+proptest! {
+    #![proptest_config(prop_config(64))]
+
+    /// The OpenAI-compatible API with a real token and any body: an answer or a bounded
+    /// OpenAI-shaped 4xx, never a 5xx.
+    #[test]
+    fn prop_openai_api_bodies_never_give_5xx(body in prop_oneof![4 => completion_body(), 1 => prop::collection::vec(any::<u8>(), 0..200)]) {
+        let w = world();
+        let request = Request::post("/v1/chat/completions")
+            .header("authorization", format!("Bearer {}", w.token))
+            .header("content-type", "application/json")
+            .body(Body::from(body.clone()))
+            .unwrap();
+        let response = w.runtime.block_on(send(&w.harness.app(), request));
+        let status = response.status;
+        prop_assert!(status.is_success() || status.is_client_error(), "{} for {}", status, String::from_utf8_lossy(&body));
+        if status.is_client_error() {
+            let error = response.json();
+            prop_assert!(error.pointer("/error/message").and_then(serde_json::Value::as_str).is_some(), "{}", response.body);
+            // The size of the error is pinned by the ignored test below until it is bounded.
+        }
+    }
+}
+
+#[test]
+#[ignore = "found by proptest: a 400 quotes the offending JSON value whole (serde's message), so error bodies grow with the request, see report"]
+fn openai_bad_request_errors_do_not_echo_the_whole_body() {
+    let w = world();
+    let long = format!("{MARK}{}", "x".repeat(100_000));
+    let body = serde_json::json!({ "messages": [{"role": "user", "content": "hi"}], "stream_options": long });
+    let request = Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {}", w.token))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = w.runtime.block_on(send(&w.harness.app(), request));
+    assert_eq!(response.status, axum::http::StatusCode::BAD_REQUEST);
+    assert!(
+        response.body.len() <= 4096,
+        "a {}-byte error body",
+        response.body.len()
+    );
+}
