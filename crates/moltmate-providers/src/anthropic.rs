@@ -154,11 +154,13 @@ fn stop_reason(raw: Option<&str>) -> StopReason {
 /// Input tokens including prompt-cache reads and writes, which are billed input too.
 fn input_tokens(usage: &Value) -> Option<u64> {
     let base = usage.get("input_tokens").and_then(Value::as_u64)?;
-    let cache = ["cache_creation_input_tokens", "cache_read_input_tokens"]
-        .iter()
-        .filter_map(|k| usage.get(*k).and_then(Value::as_u64))
-        .sum::<u64>();
-    Some(base + cache)
+    // The numbers are the server's: saturate rather than overflow.
+    Some(
+        ["cache_creation_input_tokens", "cache_read_input_tokens"]
+            .iter()
+            .filter_map(|k| usage.get(*k).and_then(Value::as_u64))
+            .fold(base, u64::saturating_add),
+    )
 }
 
 /// A non-streamed `message` object.
@@ -313,8 +315,11 @@ async fn read_stream(
         if event.data.trim().is_empty() {
             continue;
         }
-        let data: Value = serde_json::from_str(&event.data)
-            .map_err(|_| transport.invalid(format!("event {:?} is not valid JSON", event.event)))?;
+        let data: Value = serde_json::from_str(&event.data).map_err(|_| {
+            // The event name is the server's text: redacted and cut short like any other.
+            let name: String = transport.redact(&event.event).chars().take(40).collect();
+            transport.invalid(format!("event {name:?} is not valid JSON"))
+        })?;
         let kind = data
             .get("type")
             .and_then(Value::as_str)
@@ -459,6 +464,17 @@ async fn read_stream(
 mod tests {
     use super::*;
     use moltmate_core::model::ToolSpec;
+
+    #[test]
+    fn input_tokens_saturate_instead_of_overflowing() {
+        // Found by proptest: a server reporting huge cache token counts made the sum overflow
+        // (a panic in debug builds, a wrapped count in release).
+        let usage = json!({"input_tokens": u64::MAX, "cache_creation_input_tokens": 1,
+            "cache_read_input_tokens": u64::MAX});
+        assert_eq!(input_tokens(&usage), Some(u64::MAX));
+        let usage = json!({"input_tokens": 5, "cache_read_input_tokens": 7});
+        assert_eq!(input_tokens(&usage), Some(12));
+    }
 
     #[test]
     fn tool_results_are_merged_into_one_user_message() {

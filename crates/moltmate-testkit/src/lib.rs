@@ -1,3 +1,5 @@
 //! moltmate-testkit (being written).
 pub mod llm;
+#[cfg(feature = "proptest")]
+pub mod prop;
 pub mod telegram;

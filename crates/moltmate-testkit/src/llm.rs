@@ -275,6 +275,13 @@ pub enum Reply {
     Garbage,
     /// The reply ends mid-way (before the final event, or truncated JSON).
     CutStream,
+    /// A 200 reply with this content type whose body is exactly these bytes, each piece sent
+    /// as its own HTTP chunk (empty pieces are left out): for testing parsers against any
+    /// chunking of any byte stream.
+    Raw {
+        content_type: String,
+        chunks: Vec<Vec<u8>>,
+    },
 }
 
 impl Reply {
@@ -568,6 +575,13 @@ async fn handle(
             },
             _,
         ) => error_response(api, status, &message, retry_after),
+        (
+            Reply::Raw {
+                content_type,
+                chunks,
+            },
+            _,
+        ) => raw_chunks_response(&content_type, chunks),
         (reply, true) => {
             let events = match api {
                 WireApi::Anthropic => anthropic_events(&plan),
@@ -950,6 +964,20 @@ fn json_response(api: WireApi, body: Value, reply: &Reply) -> Response {
     response
         .headers_mut()
         .insert("content-type", HeaderValue::from_static("application/json"));
+    response
+}
+
+fn raw_chunks_response(content_type: &str, chunks: Vec<Vec<u8>>) -> Response {
+    let chunks = chunks
+        .into_iter()
+        .filter(|c| !c.is_empty())
+        .map(|c| Ok::<Bytes, Infallible>(Bytes::from(c)));
+    let mut response = Response::new(Body::from_stream(stream::iter(chunks)));
+    response.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_str(content_type)
+            .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream")),
+    );
     response
 }
 

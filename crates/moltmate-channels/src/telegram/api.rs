@@ -194,7 +194,9 @@ impl BotApi {
         let envelope: Envelope = match serde_json::from_slice(body) {
             Ok(envelope) => envelope,
             Err(e) => {
-                let description = format!("reply body is not a Bot API JSON object ({e})");
+                // serde quotes a wrongly typed value in its message: scrub and bound it too.
+                let description =
+                    self.scrub(&format!("reply body is not a Bot API JSON object ({e})"));
                 return Err(classify(status, None, description));
             }
         };
@@ -202,8 +204,9 @@ impl BotApi {
             let result = envelope.result.ok_or_else(|| {
                 ApiError::InvalidReply("\"ok\" reply without \"result\"".to_string())
             })?;
-            return serde_json::from_value(result)
-                .map_err(|e| ApiError::InvalidReply(format!("unexpected \"result\" shape: {e}")));
+            return serde_json::from_value(result).map_err(|e| {
+                ApiError::InvalidReply(self.scrub(&format!("unexpected \"result\" shape: {e}")))
+            });
         }
         let code = envelope
             .error_code
@@ -346,6 +349,133 @@ mod tests {
             ),
             Err(ApiError::Refused { status: 400, .. })
         ));
+    }
+
+    use proptest::prelude::*;
+
+    /// Reply bodies a broken, hostile or misconfigured Bot API server could send: arbitrary
+    /// bytes, and envelopes with every field present, missing, null or of the wrong type, with
+    /// the bot token (and long text) planted wherever a string fits.
+    fn reply_body() -> impl Strategy<Value = Vec<u8>> {
+        let text = prop_oneof![
+            Just(json_string("42:SECRET")),
+            Just(json_string(&format!("x {} 42:SECRET", "y".repeat(5000)))),
+            any::<String>().prop_map(|s| json_string(&s)),
+        ];
+        let field = prop_oneof![
+            text.clone(),
+            Just("null".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            Just("-1.5".to_string()),
+            Just("true".to_string()),
+            Just("[]".to_string()),
+            text.clone()
+                .prop_map(|t| format!("{{\"retry_after\": {t}}}")),
+            any::<u64>().prop_map(|n| format!("{{\"retry_after\": {n}}}")),
+            text.clone()
+                .prop_map(|t| format!("[{{\"update_id\": {t}}}]")),
+        ];
+        let envelope = prop::collection::vec(
+            (
+                prop::sample::select(vec![
+                    "ok",
+                    "result",
+                    "error_code",
+                    "description",
+                    "parameters",
+                    "extra",
+                ]),
+                prop_oneof![field, any::<bool>().prop_map(|b| b.to_string())],
+            ),
+            0..6,
+        )
+        .prop_map(|fields| {
+            let inner: Vec<String> = fields
+                .into_iter()
+                .map(|(k, v)| format!("\"{k}\": {v}"))
+                .collect();
+            format!("{{{}}}", inner.join(", ")).into_bytes()
+        });
+        prop_oneof![
+            envelope,
+            text.prop_map(String::into_bytes),
+            prop::collection::vec(any::<u8>(), 0..200),
+        ]
+    }
+
+    fn json_string(text: &str) -> String {
+        serde_json::Value::String(text.to_string()).to_string()
+    }
+
+    fn check_error(err: ApiError) -> Result<(), TestCaseError> {
+        let (fatal, retryable, retry_after) =
+            (err.is_fatal(), err.is_send_retryable(), err.retry_after());
+        prop_assert!(!(fatal && retryable));
+        if retry_after.is_some() {
+            prop_assert!(retryable);
+        }
+        for text in [
+            err.to_string(),
+            format!("{err:?}"),
+            err.into_channel_error().to_string(),
+        ] {
+            prop_assert!(!text.contains("SECRET"), "the token leaked: {text}");
+            prop_assert!(
+                text.chars().count() <= 600,
+                "unbounded error text: {} chars",
+                text.chars().count()
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(moltmate_testkit::prop::config(256))]
+
+        /// Any status and body: a value or a classified, bounded, token-free error.
+        #[test]
+        fn prop_any_reply_is_classified_without_the_token(
+            status in prop_oneof![Just(200u16), Just(429u16), Just(401u16), 100u16..600],
+            body in reply_body(),
+        ) {
+            let a = api();
+            if let Err(err) = a.interpret::<Vec<serde_json::Value>>(status, &body) {
+                check_error(err)?;
+            }
+            if let Err(err) = a.interpret::<crate::telegram::wire::BotUser>(status, &body) {
+                check_error(err)?;
+            }
+            if let Ok(value) = a.interpret::<serde_json::Value>(status, &body) {
+                // Success needs a 2xx status and `"ok": true`.
+                prop_assert!((200..300).contains(&status), "{value:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn garbled_replies_never_echo_the_token_or_grow_the_error() {
+        // Found by proptest: serde's message for a wrong-typed body or result quotes the value
+        // itself, unscrubbed and unbounded.
+        let a = api();
+        let long = format!("\"{} 42:SECRET\"", "y".repeat(5000));
+        for (status, body) in [
+            (200, long.clone()),
+            (502, long.clone()),
+            (200, format!("{{\"ok\": true, \"result\": {long}}}")),
+            (200, format!("{{\"ok\": {long}}}")),
+        ] {
+            let err = a
+                .interpret::<Vec<serde_json::Value>>(status, body.as_bytes())
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(!text.contains("SECRET"), "{text}");
+            assert!(
+                text.chars().count() <= 600,
+                "{} chars",
+                text.chars().count()
+            );
+        }
     }
 
     #[tokio::test]

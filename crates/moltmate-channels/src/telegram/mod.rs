@@ -446,7 +446,9 @@ fn display_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
         .filter(|c| !c.is_control())
         .take(MAX_NAME_CHARS)
         .collect();
-    (!cleaned.is_empty()).then_some(cleaned)
+    // The cut may have ended the name with the space between two words.
+    let cleaned = cleaned.trim_end();
+    (!cleaned.is_empty()).then(|| cleaned.to_string())
 }
 
 /// A plausible IETF language tag (`de`, `pt-br`); anything else is dropped rather than passed on.
@@ -598,6 +600,14 @@ mod tests {
         assert!(is_language_tag("pt-br"));
         assert!(!is_language_tag("de\nx"));
         assert!(!is_language_tag(""));
+    }
+
+    #[test]
+    fn display_name_cut_at_the_limit_has_no_trailing_space() {
+        // The cut at MAX_NAME_CHARS could end the name with the space between two words.
+        let first = "a".repeat(MAX_NAME_CHARS - 1);
+        let name = display_name(Some(&first), Some("Berg")).unwrap();
+        assert_eq!(name, first);
     }
 
     #[test]

@@ -19,7 +19,8 @@ pub fn utf16_len(text: &str) -> usize {
 /// Split `text` into parts of at most `limit` UTF-16 code units each, in order.
 ///
 /// Parts that would be empty or whitespace-only are dropped (Telegram refuses them). The single
-/// newline or space a part was cut at is dropped too; all other characters are preserved.
+/// line break (`\n` or `\r\n`) or space a part was cut at is dropped too; all other characters
+/// are preserved.
 /// `limit` below 2 is treated as 2 so a surrogate pair always fits.
 pub fn split_message(text: &str, limit: usize) -> Vec<String> {
     let limit = limit.max(2);
@@ -76,8 +77,17 @@ fn cut(rest: &str, limit: usize) -> (&str, &str) {
     let half = limit / 2;
     for (idx, at_units) in [last_newline, last_space].into_iter().flatten() {
         if at_units >= half && idx > 0 {
-            let sep_len = rest[idx..].chars().next().map_or(1, char::len_utf8);
-            return (&rest[..idx], &rest[idx + sep_len..]);
+            // A CRLF is one line break, dropped whole (the `\n` may be the separator found, or
+            // the `\r`, which is whitespace too): a part never ends with half of it.
+            let (end, next) = if rest[idx..].starts_with("\r\n") {
+                (idx, idx + 2)
+            } else if rest[idx..].starts_with('\n') && rest[..idx].ends_with('\r') {
+                (idx - 1, idx + 1)
+            } else {
+                let sep_len = rest[idx..].chars().next().map_or(1, char::len_utf8);
+                (idx, idx + sep_len)
+            };
+            return (&rest[..end], &rest[next..]);
         }
     }
     let at = if last_safe > 0 {
@@ -227,6 +237,25 @@ mod tests {
             assert!(!p.starts_with('\u{0301}'));
         }
         assert_eq!(parts.concat(), text);
+    }
+
+    #[test]
+    fn crlf_line_break_is_not_cut_in_half() {
+        // Found by proptest: the cut at a line break took `\n` and left the `\r` at the end of
+        // the part, inside the CRLF pair.
+        let parts = split_message("aaaa\r\nbbbb", 6);
+        assert_eq!(parts, vec!["aaaa".to_string(), "bbbb".to_string()]);
+        // `\r` is whitespace, so it can be the separator found too.
+        let parts = split_message("aaaa bbbb\r\ncc", 10);
+        assert_eq!(parts, vec!["aaaa bbbb".to_string(), "cc".to_string()]);
+        let parts = split_message("\r\nxxxxxxxx", 8);
+        assert_parts_fit(&parts, 8);
+        assert!(
+            parts
+                .iter()
+                .all(|p| !p.ends_with('\r') && !p.starts_with('\n')),
+            "{parts:?}"
+        );
     }
 
     #[test]
