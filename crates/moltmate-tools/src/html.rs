@@ -27,8 +27,11 @@ const MAX_OPEN_LINKS: usize = 256;
 
 /// Elements whose content is never readable text.
 const SKIPPED: &[&str] = &[
-    "script", "style", "noscript", "template", "svg", "head", "iframe", "object", "canvas",
+    "script", "style", "noscript", "template", "svg", "iframe", "object", "canvas",
 ];
+
+/// Longest title kept, in bytes: a title is one line in a browser tab.
+const MAX_TITLE_BYTES: usize = 4096;
 
 /// Elements that start a new line.
 const BLOCKS: &[&str] = &[
@@ -67,11 +70,11 @@ const BLOCKS: &[&str] = &[
 /// Converts an HTML document to text. `base` resolves relative links.
 pub fn html_to_text(html: &str, base: Option<&Url>) -> String {
     let mut out = Writer::default();
-    let title = extract_title(html);
-    if let Some(title) = &title {
-        out.text(title);
-        out.block_break(2);
-    }
+    // The title is taken where a browser finds it: a `<title>` element seen by this scan, so
+    // one written inside a script, a style or a comment is not a title.
+    let mut title: Option<String> = None;
+    // Inside `<head>`, text is not shown (only its `<title>` is).
+    let mut in_head = false;
     let mut rest = html;
     let mut pending_href: Vec<Option<String>> = Vec::new();
     let mut links = 0usize;
@@ -81,7 +84,9 @@ pub fn html_to_text(html: &str, base: Option<&Url>) -> String {
             break;
         }
         let (text, tail) = rest.split_at(lt);
-        out.text(&decode_entities(text));
+        if !in_head {
+            out.text(&decode_entities(text));
+        }
         rest = tail;
         if let Some(after) = rest.strip_prefix("<!--") {
             rest = match after.find("-->") {
@@ -90,9 +95,22 @@ pub fn html_to_text(html: &str, base: Option<&Url>) -> String {
             };
             continue;
         }
+        // As in HTML5, `<` starts a tag only before a letter, `/`, `!` or `?`; otherwise it is
+        // text ("a < b").
+        if !rest[1..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || matches!(c, '/' | '!' | '?'))
+        {
+            if !in_head {
+                out.text("<");
+            }
+            rest = &rest[1..];
+            continue;
+        }
         let Some(gt) = find_tag_end(rest) else {
-            // A lone `<` with no closing `>`: literal text.
-            out.text(&decode_entities(rest));
+            // A tag that never ends (an attribute quote left open to the end of the page):
+            // a browser drops it and everything after it, and so does this.
             rest = "";
             break;
         };
@@ -106,7 +124,23 @@ pub fn html_to_text(html: &str, base: Option<&Url>) -> String {
             rest = skip_element(rest, &name);
             continue;
         }
+        if name == "title" && !closing {
+            // Raw text up to `</title`, like a browser; the first one is the page's title.
+            let end = find_closing_tag(rest, "title").unwrap_or(rest.len());
+            if title.is_none() {
+                let raw = &rest[..floor_char_boundary(&rest[..end], MAX_TITLE_BYTES)];
+                let text = collapse_whitespace(&decode_entities(raw));
+                let text = text.trim();
+                if !text.is_empty() {
+                    title = Some(text.to_string());
+                }
+            }
+            rest = skip_element(rest, "title");
+            continue;
+        }
         match name.as_str() {
+            "head" => in_head = !closing,
+            "body" => in_head = false,
             "li" if !closing => {
                 out.block_break(1);
                 out.raw("- ");
@@ -152,8 +186,15 @@ pub fn html_to_text(html: &str, base: Option<&Url>) -> String {
             _ => {}
         }
     }
-    out.text(&decode_entities(rest));
-    out.finish()
+    if !in_head {
+        out.text(&decode_entities(rest));
+    }
+    let body = out.finish();
+    match title {
+        Some(title) if body.is_empty() => title,
+        Some(title) => format!("{title}\n\n{body}"),
+        None => body,
+    }
 }
 
 /// The `>` ending the tag that starts at `s[0] == '<'`, skipping quoted attribute values.
@@ -216,18 +257,6 @@ fn find_closing_tag(s: &str, name: &str) -> Option<usize> {
         from = start + 2;
     }
     None
-}
-
-fn extract_title(html: &str) -> Option<String> {
-    let start = find_ignore_case(html, "<title")?;
-    let open_end = start + html[start..].find('>')? + 1;
-    let close = open_end + find_closing_tag(&html[open_end..], "title")?;
-    // A title is one line in a browser tab; a page cannot make it the whole output.
-    let raw = &html[open_end..close];
-    let raw = &raw[..floor_char_boundary(raw, 4096)];
-    let title = collapse_whitespace(&decode_entities(raw));
-    let title = title.trim();
-    (!title.is_empty()).then(|| title.to_string())
 }
 
 /// Byte offset of the first ASCII case-insensitive occurrence of `needle` (lowercase ASCII).
