@@ -4,7 +4,8 @@
 //! unless `MOLTMATE_REQUIRE_SANDBOX=1`, which turns the skip into a failure.
 
 use moltmate_core::sandbox::{
-    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxLimits, SandboxProfile, WorkspaceAccess,
+    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxIds, SandboxLimits, SandboxProfile,
+    WorkspaceAccess,
 };
 use moltmate_core::UserId;
 use moltmate_sandbox::bwrap::BwrapSandbox;
@@ -24,6 +25,15 @@ impl Drop for Fixture {
 }
 
 impl Fixture {
+    /// `user`'s sandbox ids in this fixture, as a root gateway would allocate them: distinct
+    /// per user and per fixture (the fixture root is random).
+    fn ids(&self, user: &str) -> SandboxIds {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(format!("{}/{user}", self.root.display()).as_bytes());
+        let n = u32::from_le_bytes([digest[0], digest[1], digest[2], 0]);
+        SandboxIds::same(2_110_000_000 + n % 10_000_000)
+    }
+
     fn home(&self, user: &str) -> PathBuf {
         let home = self.root.join("users").join(user);
         std::fs::create_dir_all(&home).unwrap();
@@ -35,6 +45,8 @@ impl Fixture {
             user: UserId::new(user).unwrap(),
             home: self.home(user),
             family: None,
+            ids: self.ids(user),
+            family_gid: None,
             session_id: "s1".into(),
             command: ExecCommand::Shell(command.into()),
             timeout: Duration::from_secs(20),
@@ -123,7 +135,7 @@ fn host_processes_with(marker: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn runs_as_uid_1000_in_workspace_with_the_home() {
+async fn runs_as_the_users_own_uid_in_workspace_with_the_home() {
     let Some(f) = fixture("ident").await else {
         return;
     };
@@ -135,19 +147,24 @@ async fn runs_as_uid_1000_in_workspace_with_the_home() {
         )
         .await;
     assert_eq!(out.exit_code, Some(0), "{out:?}");
+    let ids = f.ids("anna");
     assert_eq!(
         out.stdout,
-        "1000\n1000\n/workspace\n/workspace\nhi from home"
+        format!(
+            "{}\n{}\n/workspace\n/workspace\nhi from home",
+            ids.uid, ids.gid
+        )
     );
     assert_eq!(
         std::fs::read_to_string(f.home("anna").join("made.txt")).unwrap(),
         "new\n"
     );
-    // A root gateway drops to host uid 1000: nothing the sandbox makes belongs to root.
+    // A root gateway drops to the user's own host uid: what the sandbox makes is theirs.
     if rustix::process::geteuid().is_root() {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(f.home("anna").join("made.txt")).unwrap();
-        assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
+        assert_eq!((meta.uid(), meta.gid()), (ids.uid, ids.gid));
+        assert_eq!(meta.mode() & 0o777, 0o660, "umask 007");
     }
 
     let mut argv = f.request("anna", "");
@@ -309,7 +326,11 @@ async fn symlinks_made_inside_stay_confined() {
         !out.stdout.contains("root:x:0:0:root:/root"),
         "host passwd leaked: {out:?}"
     );
-    assert!(out.stdout.contains("agent:x:1000"), "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("agent:x:{}:", f.ids("anna").uid)),
+        "{out:?}"
+    );
     assert!(!out.stdout.contains("home"), "{out:?}");
 }
 
@@ -469,12 +490,25 @@ async fn family_folder_fill_is_stopped() {
         "cat /family/FAMILY.md; for i in 1 2 3 4 5; do head -c 8000000 /dev/zero > /family/f$i; done; echo done",
     );
     req.family = Some(family.clone());
+    let family_ids = f.ids("smiths");
+    req.family_gid = Some(family_ids.gid);
     req.profile.limits.disk_bytes = 16 * 1024 * 1024;
     let out = f.sandbox.exec(req).await.unwrap();
     assert!(
         out.stdout.contains("We are the Smiths."),
         "migrated: {out:?}"
     );
+    {
+        // The family's volume belongs to the family's id, shared by its group.
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&family).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (family_ids.uid, family_ids.gid, 0o2770)
+        );
+        let moved = std::fs::metadata(family.join("FAMILY.md")).unwrap();
+        assert_eq!((moved.gid(), moved.mode() & 0o070), (family_ids.gid, 0o060));
+    }
     let total = file_bytes(&family);
     assert!(total <= 16 * 1024 * 1024, "wrote {total} bytes: {out:?}");
     assert!(out.stderr.contains("No space left"), "{out:?}");

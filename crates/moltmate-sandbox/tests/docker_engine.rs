@@ -6,7 +6,8 @@
 //! Every test uses its own user ids and removes its containers.
 
 use moltmate_core::sandbox::{
-    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxLimits, SandboxProfile, WorkspaceAccess,
+    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxIds, SandboxLimits, SandboxProfile,
+    WorkspaceAccess,
 };
 use moltmate_core::UserId;
 use moltmate_sandbox::docker::{docker_available, DockerSandbox};
@@ -144,11 +145,22 @@ fn home_of(user: &UserId) -> PathBuf {
     home
 }
 
+/// Each test user's own sandbox ids, as a root gateway would allocate them: distinct per user
+/// (derived from the unique user id), in a block of their own.
+fn ids_of(user: &UserId) -> SandboxIds {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(user.as_str().as_bytes());
+    let n = u32::from_le_bytes([digest[0], digest[1], digest[2], 0]);
+    SandboxIds::same(2_100_000_000 + n % 10_000_000)
+}
+
 fn request(user: &UserId, command: &str, timeout: Duration) -> ExecRequest {
     ExecRequest {
         user: user.clone(),
         home: home_of(user),
         family: None,
+        ids: ids_of(user),
+        family_gid: None,
         session_id: "s1".into(),
         command: ExecCommand::Shell(command.into()),
         timeout,
@@ -226,7 +238,11 @@ async fn docker_identity_filesystem_and_secrets() {
     let out = sh(&sb, &u, "id -u; id -g; pwd; cat hello.txt").await;
     eprintln!("cold exec (create + run): {:?}", t.elapsed());
     assert_eq!(out.exit_code, Some(0));
-    assert_eq!(out.stdout, "1000\n1000\n/workspace\nfrom the host\n");
+    let ids = ids_of(&u);
+    assert_eq!(
+        out.stdout,
+        format!("{}\n{}\n/workspace\nfrom the host\n", ids.uid, ids.gid)
+    );
 
     let t = Instant::now();
     let out = sh(&sb, &u, "echo warm").await;
@@ -353,8 +369,9 @@ async fn docker_users_are_isolated() {
 
 /// Runs `ps` with `request`'s user and limits and asserts [`assert_only_runner_and_ps`].
 async fn assert_nothing_left(sb: &DockerSandbox, mut request: ExecRequest) {
+    let uid = request.ids.uid.to_string();
     request.command = ExecCommand::Argv(
-        ["ps", "-u", "1000", "-o", "comm="]
+        ["ps", "-u", uid.as_str(), "-o", "comm="]
             .map(String::from)
             .to_vec(),
     );
@@ -362,7 +379,7 @@ async fn assert_nothing_left(sb: &DockerSandbox, mut request: ExecRequest) {
     assert_only_runner_and_ps(&out);
 }
 
-/// `ps -u 1000 -o comm=` shows nothing but the container's command runner (`python3`), the
+/// `ps -u <uid> -o comm=` shows nothing but the container's command runner (`python3`), the
 /// command wrapper (`sh`, on the per-exec path) and `ps` itself: nothing outlived its call.
 fn assert_only_runner_and_ps(out: &ExecOutput) {
     let names: Vec<&str> = out.stdout.lines().map(str::trim).collect();
@@ -519,8 +536,18 @@ async fn docker_family_folder_fill_is_stopped() {
         |l| l.disk_bytes = 32 << 20,
     );
     r.family = Some(family.clone());
+    r.family_gid = Some(ids_of(&u).gid + 1);
     let out = run(&sb, r).await;
     assert!(out.stdout.contains("We are the Smiths."), "{out:?}");
+    // The family's volume belongs to the family's own gid, shared by the group (setgid 2770).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&family).unwrap();
+        assert_eq!(
+            (meta.gid(), meta.mode() & 0o7777),
+            (ids_of(&u).gid + 1, 0o2770)
+        );
+    }
     assert!(out.stdout.contains("No space left on device"), "{out:?}");
     let size = std::fs::metadata(family.join("big")).unwrap().len();
     assert!(size <= 32 << 20, "wrote {size} bytes");
@@ -809,6 +836,7 @@ async fn docker_workspace_access_modes() {
     );
     r.profile.workspace_access = WorkspaceAccess::Ro;
     r.family = Some(family.clone());
+    r.family_gid = Some(ids_of(&u).gid + 1);
     let out = run(&sb, r).await;
     assert!(out.stdout.starts_with("ro note\nfamily\n"), "{out:?}");
     assert_eq!(
@@ -1020,12 +1048,13 @@ async fn docker_command_that_kills_its_runner_is_contained() {
         .unwrap()
         .name;
     let docker = moltmate_sandbox::docker::connect_client(sb.settings()).unwrap();
+    let runner_user = format!("{0}:{0}", ids_of(&u).uid);
     let exec = docker
         .create_exec(
             &name,
             bollard::exec::CreateExecOptions {
                 cmd: Some(vec!["pkill", "-9", "python3"]),
-                user: Some("1000:1000"),
+                user: Some(runner_user.as_str()),
                 attach_stdout: Some(true),
                 ..Default::default()
             },
