@@ -949,6 +949,12 @@ fn prepare_workspace(
             rustix::fs::chown(dir, Some(id), Some(gid))
                 .map_err(|e| backend_err(format!("cannot chown {}: {e}", dir.display())))?;
         }
+        // One user's: no other sandbox uid may look in (homes are made 0700 anyway).
+        if meta.mode() & 0o077 != 0 {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| backend_err(format!("cannot chmod {}: {e}", dir.display())))?;
+        }
     }
     Ok(())
 }

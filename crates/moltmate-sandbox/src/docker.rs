@@ -1438,11 +1438,14 @@ fn bind(source: &Path, target: &str, read_only: bool) -> Mount {
     }
 }
 
+/// Hands a directory without a volume to its user: their ids, mode 0700.
 fn chown_dir(dir: &Path, ids: SandboxIds) -> Result<(), SandboxError> {
     let uid = rustix::process::Uid::from_raw(ids.uid);
     let gid = rustix::process::Gid::from_raw(ids.gid);
     rustix::fs::chown(dir, Some(uid), Some(gid))
-        .map_err(|e| backend_err(format!("cannot chown {}: {e}", dir.display())))
+        .map_err(|e| backend_err(format!("cannot chown {}: {e}", dir.display())))?;
+    rustix::fs::chmod(dir, rustix::fs::Mode::from_raw_mode(0o700))
+        .map_err(|e| backend_err(format!("cannot chmod {}: {e}", dir.display())))
 }
 
 fn parse_limits(labels: &HashMap<String, String>) -> Option<SandboxLimits> {
