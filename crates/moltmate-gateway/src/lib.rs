@@ -31,4 +31,4 @@ pub mod session;
 pub mod settings;
 
 pub use router::{Gateway, GatewayParts, Reply, Submitted};
-pub use settings::{GatewaySettings, UserSettings};
+pub use settings::{GatewaySettings, SandboxIdPolicy, UserSettings};

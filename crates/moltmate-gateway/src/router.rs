@@ -11,11 +11,11 @@ use crate::onboarding::{self, Answer};
 use crate::persona;
 use crate::prompt::build_system_prompt;
 use crate::session::{compact, estimate_context, estimate_tokens, Compaction};
-use crate::settings::GatewaySettings;
+use crate::settings::{GatewaySettings, SandboxIdPolicy, UserSettings};
 use async_trait::async_trait;
 use moltmate_core::channel::{AcceptError, Accepted, Channel, InboundMessage, InboundSink};
 use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas, TokenUsage};
-use moltmate_core::sandbox::{Sandbox, WorkspaceAccess};
+use moltmate_core::sandbox::{CappedDir, DiskCaps, Sandbox, SandboxIds, WorkspaceAccess};
 use moltmate_core::tool::{FamilyFolder, ToolContext, UserHome};
 use moltmate_core::{ChannelKind, Identity, Shutdown, UserId};
 use moltmate_store::homes::{read_beneath, write_beneath};
@@ -44,6 +44,9 @@ pub struct GatewayParts {
     pub channels: Vec<Arc<dyn Channel>>,
     /// The sandbox backend, if any (sessions are ended in it on `/reset`).
     pub sandbox: Option<Arc<dyn Sandbox>>,
+    /// Puts a user's home on its disk-capped volume before their first turn writes there
+    /// (a root gateway with a sandbox backend); `None`: homes are used as they are.
+    pub disk_caps: Option<Arc<dyn DiskCaps>>,
     pub shutdown: Shutdown,
 }
 
@@ -68,6 +71,7 @@ struct Inner {
     tools: ToolBox,
     channels: HashMap<ChannelKind, Arc<dyn Channel>>,
     sandbox: Option<Arc<dyn Sandbox>>,
+    disk_caps: Option<Arc<dyn DiskCaps>>,
     workers: Mutex<HashMap<UserId, Arc<WorkerSlot>>>,
     waiters: Mutex<HashMap<i64, Waiter>>,
     turn_permits: Semaphore,
@@ -119,6 +123,7 @@ impl Gateway {
                 tools: parts.tools,
                 channels,
                 sandbox: parts.sandbox,
+                disk_caps: parts.disk_caps,
                 workers: Mutex::new(HashMap::new()),
                 waiters: Mutex::new(HashMap::new()),
                 shutdown: parts.shutdown,
@@ -237,9 +242,23 @@ impl Gateway {
         })
     }
 
-    /// Ensures the user's home exists, with persona files when it is new.
-    pub fn ensure_home(&self, user: &UserId) -> Result<UserHome, String> {
-        ensure_home(&self.inner, user)
+    /// Ensures the user's home exists (owned by their sandbox ids), with persona files when it
+    /// is new.
+    pub async fn ensure_home(&self, user: &UserId) -> Result<UserHome, String> {
+        let ids = sandbox_ids(&self.inner, user)
+            .await
+            .map_err(|e| e.to_string())?;
+        let inner = Arc::clone(&self.inner);
+        let user = user.clone();
+        tokio::task::spawn_blocking(move || ensure_home(&inner, &user, ids))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// The host ids `user`'s sandbox runs as (allocated on first need; see
+    /// [`SandboxIdPolicy`]).
+    pub async fn sandbox_ids(&self, user: &UserId) -> Result<SandboxIds, StoreError> {
+        sandbox_ids(&self.inner, user).await
     }
 }
 
@@ -357,7 +376,8 @@ async fn accept_counted(
             if created {
                 tracing::info!(user = %user, identity = %identity, "new user");
             }
-            if let Err(e) = ensure_home(inner, &user) {
+            let ids = sandbox_ids(inner, &user).await.map_err(storage)?;
+            if let Err(e) = ensure_home(inner, &user, ids) {
                 return Err(AcceptError::Storage(e));
             }
             if message.text.chars().count() > MAX_MESSAGE_CHARS {
@@ -473,9 +493,107 @@ fn pairing_text(
     }
 }
 
-/// Creates the user's home and, when it has no persona yet, writes the default persona.
-fn ensure_home(inner: &Inner, user: &UserId) -> Result<UserHome, String> {
-    let home = inner.homes.ensure(user).map_err(|e| e.to_string())?;
+/// The host ids `user`'s sandbox runs as and their home belongs to: their own, from the
+/// database (allocated on first need), or the gateway's when it cannot switch uids.
+async fn sandbox_ids(inner: &Inner, user: &UserId) -> Result<SandboxIds, StoreError> {
+    match inner.settings.sandbox_ids {
+        SandboxIdPolicy::PerUser(range) => inner.store.user_sandbox_ids(user, range).await,
+        SandboxIdPolicy::Shared(ids) => Ok(ids),
+    }
+}
+
+/// The family folder `name` (created, owned by the family's id) as a member's tools see it.
+async fn family_folder(inner: &Inner, name: &str) -> Result<FamilyFolder, StoreError> {
+    let (ids, gid) = match inner.settings.sandbox_ids {
+        SandboxIdPolicy::PerUser(range) => {
+            let gid = inner.store.family_sandbox_gid(name, range).await?;
+            (SandboxIds::same(gid), Some(gid))
+        }
+        SandboxIdPolicy::Shared(ids) => (ids, None),
+    };
+    let root = inner
+        .homes
+        .ensure_family(name, ids)
+        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+    Ok(FamilyFolder {
+        name: name.to_string(),
+        root,
+        gid,
+    })
+}
+
+/// Puts the directory the user's file tools write to (their home, or their scratch dir for
+/// `workspaceAccess: none`) on its capped volume, before the turn writes anything. Runs in
+/// the user's own worker, under their lock, before the turn: the first call may move files
+/// onto the volume, which must not overlap with writes there. `false` when the cap should
+/// apply but could not be set up: the turn then runs with read-only files (fail closed),
+/// and `exec` refuses too (the backend sets the cap up itself first).
+async fn cap_user_dir(
+    inner: &Inner,
+    user: &UserId,
+    ids: SandboxIds,
+    settings: &UserSettings,
+) -> bool {
+    let Some(caps) = inner.disk_caps.clone() else {
+        return true;
+    };
+    let cap_bytes = settings.sandbox.limits.disk_bytes;
+    let (dir, kind) = match (
+        &inner.settings.sandbox_scratch_dir,
+        settings.sandbox.workspace_access,
+    ) {
+        (Some(scratch), WorkspaceAccess::None) => (
+            UserHome::new(scratch, user).root().to_path_buf(),
+            CappedDir::Scratch,
+        ),
+        _ => (inner.homes.home(user).root().to_path_buf(), CappedDir::Home),
+    };
+    let user = user.clone();
+    let capped = tokio::task::spawn_blocking(move || {
+        caps.ensure_capped(&user, &dir, kind, ids, cap_bytes)
+            .map_err(|e| (user, e.to_string()))
+    })
+    .await;
+    match capped {
+        Ok(Ok(_)) => true,
+        Ok(Err((user, e))) => {
+            tracing::error!(user = %user, error = %e, "the disk cap could not be set up; this turn's files are read-only");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "disk cap task failed; this turn's files are read-only");
+            false
+        }
+    }
+}
+
+/// A root gateway hands the user's scratch directory (what their file tools see with
+/// `workspaceAccess: none`) to their sandbox ids, private, like a home.
+fn hand_scratch_to(dir: &std::path::Path, ids: SandboxIds) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    if (meta.uid(), meta.gid()) != (ids.uid, ids.gid) {
+        std::os::unix::fs::lchown(dir, Some(ids.uid), Some(ids.gid))?;
+    }
+    if meta.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Creates the user's home (owned by `ids`) and, when it has no persona yet, writes the
+/// default persona.
+fn ensure_home(inner: &Inner, user: &UserId, ids: SandboxIds) -> Result<UserHome, String> {
+    let home = inner.homes.ensure(user, ids).map_err(|e| e.to_string())?;
     let has_soul = read_beneath(home.root(), "SOUL.md", 1)
         .map(|f| f.is_some())
         .unwrap_or(true);
@@ -645,14 +763,15 @@ async fn onboarding_step(
     inner: &Arc<Inner>,
     item: &InboxItem,
     language: &str,
+    ids: SandboxIds,
 ) -> Result<Option<String>, StoreError> {
     let Some(record) = inner.store.user(&item.user).await? else {
         return Ok(None);
     };
     let step = inner.store.onboarding_step(&item.user).await?;
     let choices = || onboarding::available_personas(inner.settings.personas_dir.as_deref());
-    let home =
-        ensure_home(inner, &item.user).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+    let home = ensure_home(inner, &item.user, ids)
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
     let applied =
         |result: Result<(), String>| result.map_err(|e| StoreError::Io(std::io::Error::other(e)));
     let reply = match step.as_deref() {
@@ -697,6 +816,13 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         .language_code
         .clone()
         .unwrap_or_else(|| inner.settings.default_language.clone());
+    let user_settings = inner
+        .settings
+        .user_settings(&item.user, item.channel)
+        .clone();
+    let ids = sandbox_ids(inner, &item.user).await?;
+    // Before anything of this message writes to the user's files (onboarding, tools, memory).
+    let capped = cap_user_dir(inner, &item.user, ids, &user_settings).await;
     let command = item
         .text
         .split_whitespace()
@@ -727,7 +853,9 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
             let choices = onboarding::available_personas(inner.settings.personas_dir.as_deref());
             Some(onboarding::menu(&language, &choices))
         }
-        _ if inner.settings.onboarding_enabled => onboarding_step(inner, &item, &language).await?,
+        _ if inner.settings.onboarding_enabled => {
+            onboarding_step(inner, &item, &language, ids).await?
+        }
         "/start" => Some(help_text(&language)),
         _ => None,
     };
@@ -744,10 +872,6 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
     let Ok(_permit) = inner.turn_permits.acquire().await else {
         return Ok(());
     };
-    let user_settings = inner
-        .settings
-        .user_settings(&item.user, item.channel)
-        .clone();
     let mut session = inner.store.current_session(&item.user).await?;
     if let Some(idle) = inner.settings.session_idle_reset {
         let idle_for = chrono::Utc::now().timestamp_millis() - session.last_active;
@@ -756,16 +880,10 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
             session = inner.store.current_session(&item.user).await?;
         }
     }
-    let home =
-        ensure_home(inner, &item.user).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+    let home = ensure_home(inner, &item.user, ids)
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
     let family = match inner.settings.families.get(&item.user) {
-        Some(name) => Some(FamilyFolder {
-            name: name.clone(),
-            root: inner
-                .homes
-                .ensure_family(name)
-                .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?,
-        }),
+        Some(name) => Some(family_folder(inner, name).await?),
         None => None,
     };
     // In sandbox mode "all", file tools see the sandbox's view of /workspace: the home, or for
@@ -777,6 +895,7 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         (Some(scratch), WorkspaceAccess::None) => {
             let scratch_home = UserHome::new(scratch, &item.user);
             std::fs::create_dir_all(scratch_home.root()).map_err(StoreError::Io)?;
+            hand_scratch_to(scratch_home.root(), ids).map_err(StoreError::Io)?;
             scratch_home
         }
         _ => home.clone(),
@@ -787,8 +906,10 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         session_id: session.id.clone(),
         family: family.clone(),
         read_only: user_settings.read_only
-            || user_settings.sandbox.workspace_access == WorkspaceAccess::Ro,
+            || user_settings.sandbox.workspace_access == WorkspaceAccess::Ro
+            || !capped,
         sandbox: user_settings.sandbox.clone(),
+        sandbox_ids: ids,
         exec: user_settings.exec.clone(),
     };
     if inner.settings.prewarm_sandboxes && user_settings.tools.iter().any(|t| t == "exec") {

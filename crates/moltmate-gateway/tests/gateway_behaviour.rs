@@ -166,6 +166,7 @@ fn setup(configure: impl FnOnce(&mut GatewaySettings)) -> Setup {
         tools,
         channels: vec![],
         sandbox: None,
+        disk_caps: None,
         shutdown: Shutdown::new(),
     });
     Setup {

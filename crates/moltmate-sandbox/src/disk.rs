@@ -312,6 +312,37 @@ fn volume_name(kind: &str, key: &str) -> String {
     format!("{kind}.{}", &tag[..16])
 }
 
+/// Mounts `user`'s existing image over their home when it is not mounted (after a reboot, or
+/// after the gateway stopped), so what reads the home from outside a turn (`users show`,
+/// `export`, the archive before `reset`/`remove`) sees the files, which live in the image.
+/// Changes nothing else: no image is made, nothing moved or re-owned. `Ok(false)` when there
+/// is no image (or no root to mount it).
+pub fn mount_existing_user_volume(
+    state_dir: &Path,
+    home: &Path,
+    user: &UserId,
+) -> Result<bool, SandboxError> {
+    if !can_enforce() {
+        return Ok(false);
+    }
+    let image = state_dir
+        .join("disks")
+        .join(format!("{}.img", user.as_str()));
+    let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if !image.is_file() || !home.is_dir() {
+        return Ok(false);
+    }
+    let home = fs::canonicalize(home)
+        .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
+    if mounted_source(&home)?.is_none() {
+        run(Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
+            .arg(&image)
+            .arg(&home))?;
+    }
+    Ok(true)
+}
+
 /// Unmounts the user's capped volume (for deleting a user or tests). The image stays.
 pub fn release_user_volume(home: &Path) -> Result<(), SandboxError> {
     let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());

@@ -48,12 +48,25 @@ pub fn write_config(home: &Path, config: &Value) {
 }
 
 pub struct Harness {
-    pub dir: tempfile::TempDir,
     pub home: PathBuf,
     pub telegram: FakeTelegram,
     pub llm: FakeLlm,
     pub built: Built,
     channels: tokio::task::JoinHandle<()>,
+    /// Unmounts the home's capped volumes when a test drops the harness without `stop`
+    /// (fields drop in order: after the gateway, before the directory).
+    _volumes: VolumeGuard,
+    pub dir: tempfile::TempDir,
+}
+
+/// Releases the capped volumes below a home when dropped (a root gateway with a sandbox puts
+/// every user's home on one before their first turn).
+struct VolumeGuard(PathBuf);
+
+impl Drop for VolumeGuard {
+    fn drop(&mut self) {
+        release_volumes(&self.0);
+    }
 }
 
 impl Harness {
@@ -74,6 +87,7 @@ impl Harness {
         let gateway = built.gateway.clone();
         let channels = tokio::spawn(async move { gateway.run_channels().await });
         Harness {
+            _volumes: VolumeGuard(home.clone()),
             dir,
             home,
             telegram,
@@ -106,10 +120,11 @@ impl Harness {
     }
 }
 
-/// Unmounts the users' capped volumes (made when a sandbox ran), so the temporary directory
-/// can be deleted and no loop device outlives the test.
+/// Unmounts the users' capped volumes (made before a user's first turn when the gateway is root
+/// and has a sandbox), so the temporary directory can be deleted and no loop device outlives
+/// the test.
 pub fn release_volumes(home: &Path) {
-    for dir in ["users", "families"] {
+    for dir in ["users", "families", "sandboxes/scratch"] {
         if let Ok(entries) = std::fs::read_dir(home.join(dir)) {
             for entry in entries.flatten() {
                 let _ = moltmate_sandbox::disk::release_user_volume(&entry.path());
