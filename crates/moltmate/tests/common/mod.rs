@@ -60,8 +60,24 @@ pub struct Harness {
 }
 
 /// Releases the capped volumes below a home when dropped (a root gateway with a sandbox puts
-/// every user's home on one before their first turn).
-struct VolumeGuard(PathBuf);
+/// every user's home on one before their first turn), also after a gateway was killed.
+pub struct VolumeGuard(pub PathBuf);
+
+/// A temporary directory holding a gateway home at `<dir>/home`, whose capped volumes are
+/// released before the directory is deleted.
+pub struct TestHome {
+    _volumes: VolumeGuard,
+    _dir: tempfile::TempDir,
+}
+
+impl TestHome {
+    pub fn new(dir: tempfile::TempDir, home: &Path) -> Self {
+        TestHome {
+            _volumes: VolumeGuard(home.to_path_buf()),
+            _dir: dir,
+        }
+    }
+}
 
 impl Drop for VolumeGuard {
     fn drop(&mut self) {
