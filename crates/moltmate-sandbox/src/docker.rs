@@ -1224,7 +1224,7 @@ impl DockerSandbox {
                 // It died while idle: replace it before a command is sent to it.
                 tracing::info!(container = %name, "sandbox command runner ended while idle; starting a new one");
                 drop(agent);
-                self.reap_all(name, id, &user).await;
+                self.reap_all(name, id, user).await;
             }
             Some(unsupported @ AgentSlot { agent: None, .. }) => {
                 self.lock_agents().insert(name.to_string(), unsupported);
@@ -1272,7 +1272,7 @@ impl DockerSandbox {
             }
             Err(AgentError::StartFailed(why) | AgentError::Broken(why)) => {
                 tracing::warn!(container = %name, reason = %why, "the sandbox's command runner did not start; this command uses its own exec");
-                self.reap_all(name, id, &user).await;
+                self.reap_all(name, id, user).await;
                 Ok(None)
             }
         }

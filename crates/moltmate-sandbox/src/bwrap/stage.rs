@@ -72,7 +72,10 @@ fn cstring(p: &Path) -> io::Result<CString> {
 impl StagePlan {
     /// A plan that ends as `ids` with `groups` as the only supplementary groups.
     pub fn new(ids: SandboxIds, groups: Vec<u32>) -> io::Result<Self> {
-        if ids.check().is_err() || groups.iter().any(|&g| g == 0) {
+        let bad_group = groups
+            .iter()
+            .any(|&g| moltmate_core::sandbox::check_id("gid", g).is_err());
+        if ids.check().is_err() || bad_group {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "refusing to run a sandbox as root or nobody",
