@@ -41,7 +41,8 @@
 //! process of the host uid: one user's sandboxes together, or every user's under a gateway
 //! that cannot switch uids, so where a pids cgroup exists it is left off). The home's total size is capped by the per-user volume of
 //! `disk.rs` (an ext4 image loop-mounted on the home, root gateways only); scratch directories
-//! have no volume, only `RLIMIT_FSIZE` per file.
+//! sit on the user's scratch volume when the gateway made one (it does before a turn of a user
+//! with `workspaceAccess: none`), else they have only `RLIMIT_FSIZE` per file.
 //!
 //! **Timeouts and output.** The wall-clock timeout SIGKILLs bwrap's process group and the
 //! cgroup; bwrap's init is pid 1 of the sandbox's pid namespace, so when it dies the kernel kills

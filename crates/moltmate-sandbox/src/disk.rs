@@ -1,7 +1,9 @@
 //! Per-user disk cap on the home directory, usable by every backend.
 //!
 //! Each user's home is backed by a sparse ext4 image, `state_dir/disks/<user>.img`, loop-mounted
-//! over the home (`-o loop,nosuid,nodev`) before any sandbox sees it. Whatever a sandboxed
+//! over the home (`-o loop,nosuid,nodev`) before anything writes there: the gateway calls
+//! [`LoopVolumes`] (core's `DiskCaps` hook) before each of the user's turns, and the backends
+//! call the same functions before each command. Whatever a sandboxed
 //! command writes to `/workspace` therefore lands in a filesystem of exactly `cap_bytes`, and a
 //! disk-filling command gets `ENOSPC` instead of filling the host.
 //!
