@@ -86,22 +86,6 @@ const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// namespace is gone; this only bounds a pathological case).
 const READER_GRACE: Duration = Duration::from_secs(2);
 
-/// `/etc/passwd` inside: the sandbox user is `agent` under its own ids.
-fn passwd(ids: SandboxIds) -> String {
-    format!(
-        "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n\
-         agent:x:{}:{}:Moltmates sandbox:/workspace:/bin/sh\n\
-         nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-        ids.uid, ids.gid
-    )
-}
-
-/// `/etc/group` inside. A family gid is not mapped into the sandbox's user namespace (it shows
-/// as `nogroup`), but the kernel still grants its access on `/family`.
-fn group(ids: SandboxIds) -> String {
-    format!("root:x:0:\nagent:x:{}:\nnogroup:x:65534:\n", ids.gid)
-}
-
 /// The identity the start-up probe drops to (a root gateway): in systemd's unused block just
 /// below `nobody`, and only ever running `true` in an empty namespace.
 const PROBE_IDS: SandboxIds = SandboxIds::same(65_533);
@@ -559,8 +543,8 @@ impl Sandbox for BwrapSandbox {
         // Data handed to bwrap through pipes, so nothing is written to shared paths.
         let pipe = |d: &[u8]| data_fd(d).map_err(|e| backend_err(format!("pipe: {e}")));
         let seccomp_fd = pipe(&self.seccomp)?;
-        let passwd_fd = pipe(passwd(request.ids).as_bytes())?;
-        let group_fd = pipe(group(request.ids).as_bytes())?;
+        let passwd_fd = pipe(crate::identity::passwd(request.ids).as_bytes())?;
+        let group_fd = pipe(crate::identity::group(request.ids, None).as_bytes())?;
         let hosts_fd = pipe(HOSTS.as_bytes())?;
         let nss_fd = pipe(NSSWITCH.as_bytes())?;
         let mut keep = vec![

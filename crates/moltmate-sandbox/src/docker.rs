@@ -51,7 +51,9 @@
 //!   [`SandboxLimits`].
 //! * Mounts: only the user's home at `/workspace` (read-only for [`WorkspaceAccess::Ro`]; a
 //!   per-user scratch directory `state_dir/scratch/<user>` for [`WorkspaceAccess::None`]) and the
-//!   family folder at `/family` (read-write with `Rw`, read-only with `Ro`, absent with `None`).
+//!   family folder at `/family` (read-write with `Rw`, read-only with `Ro`, absent with `None`),
+//!   plus a generated `/etc/passwd` and `/etc/group` (read-only; `agent` under the user's own
+//!   ids, `family` for the family gid: `state_dir/identity/`).
 //!   Never the Docker socket, never anything else of the host.
 //! * Environment: exactly `PATH`, `HOME=/workspace`, `LANG` (plus `HOSTNAME=sandbox`, which the
 //!   engine always adds, and the `HTTP(S)_PROXY` variables for proxied profiles). Nothing of the
@@ -763,6 +765,10 @@ impl DockerSandbox {
             "HOME=/workspace".to_string(),
             "LANG=C.UTF-8".to_string(),
         ];
+        // The user database: `agent` under the user's own ids (the image's says 1000).
+        let (passwd, group) = self.identity_files(request).await?;
+        mounts.push(bind(&passwd, "/etc/passwd", true));
+        mounts.push(bind(&group, "/etc/group", true));
         let proxied = self.proxy_setup(request, &mut mounts, &mut env).await?;
         labels.insert(
             LABEL_NETWORK.to_string(),
@@ -853,6 +859,64 @@ impl DockerSandbox {
             },
         );
         Ok(created.id)
+    }
+
+    /// Writes (once per set of ids) the `/etc/passwd` and `/etc/group` a container of
+    /// `request` mounts read-only: `state_dir/identity/<uid>-<gid>-<family gid>.{passwd,group}`,
+    /// mode 0644, replaced atomically when their content changes.
+    async fn identity_files(
+        &self,
+        request: &ExecRequest,
+    ) -> Result<(PathBuf, PathBuf), SandboxError> {
+        let dir = self.settings.state_dir.join("identity");
+        let family_gid = request.family_gid.filter(|_| {
+            request.family.is_some() && request.profile.workspace_access != WorkspaceAccess::None
+        });
+        let stem = format!(
+            "{}-{}-{}",
+            request.ids.uid,
+            request.ids.gid,
+            family_gid.map(|g| g.to_string()).unwrap_or_default()
+        );
+        let files = [
+            (
+                dir.join(format!("{stem}.passwd")),
+                crate::identity::passwd(request.ids),
+            ),
+            (
+                dir.join(format!("{stem}.group")),
+                crate::identity::group(request.ids, family_gid),
+            ),
+        ];
+        let written = files.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+            for (path, content) in &written {
+                if std::fs::read_to_string(path).ok().as_deref() == Some(content.as_str()) {
+                    continue;
+                }
+                let temp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .open(&temp)?;
+                file.write_all(content.as_bytes())?;
+                file.sync_all()?;
+                std::fs::rename(&temp, path)?;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+        .map_err(|e| backend_err(format!("identity files task failed: {e}")))?
+        .map_err(|e| backend_err(format!("cannot write the sandbox's /etc/passwd: {e}")))?;
+        let [(passwd, _), (group, _)] = files;
+        Ok((passwd, group))
     }
 
     fn check_network(&self, request: &ExecRequest) -> Result<(), SandboxError> {

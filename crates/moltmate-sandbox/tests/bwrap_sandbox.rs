@@ -721,10 +721,14 @@ async fn two_users_run_as_their_own_uids_and_own_their_files() {
     let mut seen = Vec::new();
     for user in ["anna", "bob"] {
         let out = f
-            .run(user, "id -u; id -g; echo mine > mine.txt; mkdir d")
+            .run(user, "id -u; id -g; id -un; echo mine > mine.txt; mkdir d")
             .await;
         let ids = f.ids(user);
-        assert_eq!(out.stdout, format!("{}\n{}\n", ids.uid, ids.gid), "{out:?}");
+        assert_eq!(
+            out.stdout,
+            format!("{}\n{}\nagent\n", ids.uid, ids.gid),
+            "{out:?}"
+        );
         for path in [
             f.home(user),
             f.home(user).join("mine.txt"),

@@ -1147,9 +1147,18 @@ async fn docker_users_run_as_their_own_uids_and_own_their_files() {
     .unwrap();
     let (a, b) = (user("uida"), user("uidb"));
     for u in [&a, &b] {
-        let out = sh(&sb, u, "id -u; id -g; echo mine > mine.txt; mkdir d").await;
+        let out = sh(
+            &sb,
+            u,
+            "id -u; id -g; id -un; echo mine > mine.txt; mkdir d",
+        )
+        .await;
         let ids = ids_of(u);
-        assert_eq!(out.stdout, format!("{}\n{}\n", ids.uid, ids.gid), "{out:?}");
+        assert_eq!(
+            out.stdout,
+            format!("{}\n{}\nagent\n", ids.uid, ids.gid),
+            "{out:?}"
+        );
         for path in [
             home_of(u),
             home_of(u).join("mine.txt"),
@@ -1272,8 +1281,15 @@ async fn docker_family_members_share_the_family_folder_and_others_cannot() {
     )
     .await;
     assert_eq!(out.stdout, "from a\nok\n", "{out:?}");
-    let out = run(&sb, member(&a, "cat /family/a.txt /family/a-dir/b.txt")).await;
-    assert_eq!(out.stdout, "from a\nb was here\nfrom b\n", "{out:?}");
+    let out = run(
+        &sb,
+        member(&a, "cat /family/a.txt /family/a-dir/b.txt; id -Gn"),
+    )
+    .await;
+    assert_eq!(
+        out.stdout, "from a\nb was here\nfrom b\nagent family\n",
+        "{out:?}"
+    );
     let root = std::fs::metadata(&family).unwrap();
     assert_eq!((root.gid(), root.mode() & 0o7777), (fam_gid, 0o2770));
     let file = std::fs::metadata(family.join("a.txt")).unwrap();
