@@ -32,19 +32,29 @@
 use moltmate_core::sandbox::{CappedDir, DiskCaps, SandboxError, SandboxIds};
 use moltmate_core::UserId;
 use rustix::fs::{AtFlags, Mode, OFlags};
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// ext4 needs some room for its own metadata; smaller caps are raised to this.
 pub const MIN_CAP_BYTES: u64 = 16 * 1024 * 1024;
 
-/// Serialises volume set-up in this process: two concurrent first calls for one user must not
-/// both migrate and mount.
-static VOLUME_LOCK: Mutex<()> = Mutex::new(());
+/// One lock per directory (by canonical path) serialises its volume set-up in this process:
+/// two concurrent first calls for one user must not both migrate and mount. Per directory, not
+/// global, because the gateway checks a user's volume before each of their turns: one user's
+/// slow first move (a large home) must not hold up everyone else's turns. Entries are a few
+/// bytes per directory ever seen (users' homes, scratch dirs, family folders).
+static VOLUME_LOCKS: Mutex<BTreeMap<PathBuf, Arc<Mutex<()>>>> = Mutex::new(BTreeMap::new());
+
+fn volume_lock(dir: &Path) -> Arc<Mutex<()>> {
+    // A poisoned map only means a panic elsewhere mid-insert; the map itself stays valid.
+    let mut locks = VOLUME_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
+    locks.entry(dir.to_path_buf()).or_default().clone()
+}
 static WARNED_NOT_ROOT: AtomicBool = AtomicBool::new(false);
 
 /// The state of one user's disk cap.
@@ -163,13 +173,13 @@ fn ensure_volume(
     }
     owner.ids.check()?;
     let cap_bytes = cap_bytes.max(MIN_CAP_BYTES);
-    // A poisoned lock only means another set-up panicked; the on-disk state is re-read anyway.
-    let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-
     fs::create_dir_all(home)
         .map_err(|e| err(format!("cannot create home {}: {e}", home.display())))?;
     let home = fs::canonicalize(home)
         .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
+    let lock = volume_lock(&home);
+    // A poisoned lock only means another set-up panicked; the on-disk state is re-read anyway.
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     let disks = state_dir.join("disks");
     fs::create_dir_all(&disks)
         .map_err(|e| err(format!("cannot create {}: {e}", disks.display())))?;
@@ -330,12 +340,13 @@ pub fn mount_existing_user_volume(
     let image = state_dir
         .join("disks")
         .join(format!("{}.img", user.as_str()));
-    let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     if !image.is_file() || !home.is_dir() {
         return Ok(false);
     }
     let home = fs::canonicalize(home)
         .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
+    let lock = volume_lock(&home);
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     if mounted_source(&home)?.is_none() {
         run(Command::new("mount")
             .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
@@ -347,9 +358,10 @@ pub fn mount_existing_user_volume(
 
 /// Unmounts the user's capped volume (for deleting a user or tests). The image stays.
 pub fn release_user_volume(home: &Path) -> Result<(), SandboxError> {
-    let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let home = fs::canonicalize(home)
         .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
+    let lock = volume_lock(&home);
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     if mounted_source(&home)?.is_some() {
         run(Command::new("umount").arg(&home))?;
     }
