@@ -16,9 +16,10 @@ use moltmate_core::channel::InboundMessage;
 use moltmate_core::model::{
     ConversationItem, DeltaSink, IgnoreDeltas, ModelResponse, StopReason, TokenUsage, ToolSpec,
 };
-use moltmate_core::sandbox::{ExecCommand, ExecRequest, SandboxProfile};
+use moltmate_core::sandbox::{ExecCommand, ExecRequest, SandboxIds, SandboxProfile, UidRange};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown, UserId};
 use moltmate_gateway::agent::{ModelAnswer, ModelCaller, ModelFailure, ToolBox};
+use moltmate_gateway::SandboxIdPolicy;
 use moltmate_gateway::{Gateway, GatewayParts, GatewaySettings};
 use moltmate_store::{Homes, Store};
 use std::path::{Path, PathBuf};
@@ -115,6 +116,7 @@ async fn bench_gateway() -> Result<()> {
         tools: ToolBox::default(),
         channels: vec![],
         sandbox: None,
+        disk_caps: None,
         shutdown: Shutdown::new(),
     });
     let users: Vec<String> = (0..100).map(|i| format!("bench{i}")).collect();
@@ -302,7 +304,11 @@ async fn bench_memory() -> Result<()> {
                 PeerId::new((100_000 + i).to_string())?,
             );
             store.link_identity(&identity, &user, "seen").await?;
-            homes.ensure(&user)?;
+            let ids = match SandboxIdPolicy::detect(UidRange::default()) {
+                SandboxIdPolicy::PerUser(range) => store.user_sandbox_ids(&user, range).await?,
+                SandboxIdPolicy::Shared(ids) => ids,
+            };
+            homes.ensure(&user, ids)?;
         }
     }
     let mut child = spawn_serve(&binary, &home)?;
@@ -342,10 +348,23 @@ fn exec_request(user: &str, home: &Path) -> Result<ExecRequest> {
     let user = UserId::new(user)?;
     let home = home.join(user.as_str());
     std::fs::create_dir_all(&home)?;
+    // Each bench user its own uid, as a root gateway gives them (else the bench's own ids).
+    let ids = match SandboxIdPolicy::detect(UidRange::default()) {
+        SandboxIdPolicy::PerUser(range) => {
+            let n = user
+                .as_str()
+                .bytes()
+                .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+            SandboxIds::same(range.start + n % range.count)
+        }
+        SandboxIdPolicy::Shared(ids) => ids,
+    };
     Ok(ExecRequest {
         user,
         home,
         family: None,
+        ids,
+        family_gid: None,
         session_id: "bench".into(),
         command: ExecCommand::Argv(vec!["echo".into(), "hi".into()]),
         timeout: Duration::from_secs(10),

@@ -30,8 +30,8 @@ pub use schema::{
     LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef, OnboardingConfig,
     ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider, SandboxBackend, SandboxConfig,
     SandboxLimitsConfig, SandboxMode, SandboxPruneConfig, SandboxScope, SessionConfig,
-    TelegramConfig, ToolName, ToolsConfig, TrustLevel, UserConfig, WebChannelConfig,
-    WebFetchConfig, WebToolsConfig,
+    TelegramConfig, ToolName, ToolsConfig, TrustLevel, UidRangeConfig, UserConfig,
+    WebChannelConfig, WebFetchConfig, WebToolsConfig,
 };
 pub use secret::Secret;
 pub use starter::{write_starter_config, STARTER_CONFIG};

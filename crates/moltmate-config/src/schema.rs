@@ -7,7 +7,8 @@
 
 use crate::secret::Secret;
 use moltmate_core::sandbox::{
-    ExecSecurity, ExecSettings, SandboxLimits, SandboxNetwork, SandboxProfile, WorkspaceAccess,
+    ExecSecurity, ExecSettings, SandboxLimits, SandboxNetwork, SandboxProfile, UidRange,
+    WorkspaceAccess,
 };
 use moltmate_core::{Identity, UserId};
 use serde::de::{self, Deserializer, Visitor};
@@ -515,6 +516,8 @@ pub struct SandboxConfig {
     pub warm_pool: Option<u32>,
     pub limits: SandboxLimitsConfig,
     pub prune: SandboxPruneConfig,
+    /// Host ids a root gateway gives users' sandboxes (one uid per user, one gid per family).
+    pub uid_range: UidRangeConfig,
 }
 
 impl Default for SandboxConfig {
@@ -534,6 +537,7 @@ impl Default for SandboxConfig {
             warm_pool: None,
             limits: SandboxLimitsConfig::default(),
             prune: SandboxPruneConfig::default(),
+            uid_range: UidRangeConfig::default(),
         }
     }
 }
@@ -594,6 +598,37 @@ impl SandboxLimitsConfig {
             disk_bytes: self.disk_mb.saturating_mul(MIB),
             tmp_bytes: self.tmp_mb.saturating_mul(MIB),
             output_bytes: self.output_kb.saturating_mul(1024),
+        }
+    }
+}
+
+/// `sandbox.uidRange`: where a root gateway takes sandbox uids and family gids from. Each user
+/// gets the next unused id on first need, kept in the database and never given to anyone else
+/// (not even a later user of the same name). See README for why the default range.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct UidRangeConfig {
+    /// First id. Default 2000000000.
+    pub start: u32,
+    /// How many ids. Default 1000000.
+    pub count: u32,
+}
+
+impl Default for UidRangeConfig {
+    fn default() -> Self {
+        let core = UidRange::default();
+        UidRangeConfig {
+            start: core.start,
+            count: core.count,
+        }
+    }
+}
+
+impl UidRangeConfig {
+    pub fn to_core(&self) -> UidRange {
+        UidRange {
+            start: self.start,
+            count: self.count,
         }
     }
 }

@@ -104,6 +104,9 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
     prewarm: true,
     limits: { memoryMb: 512, cpus: 1.0, pids: 128, diskMb: 1024, tmpMb: 64, outputKb: 64 },
     prune: { idleMinutes: 30 },
+    // Host uids for sandboxes when the gateway runs as root: each user gets their own (never
+    // reused), each family folder a gid. Keep it clear of logins, subuid and container ranges.
+    uidRange: { start: 2000000000, count: 1000000 },
   },
 
   tools: {

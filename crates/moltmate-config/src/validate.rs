@@ -355,6 +355,9 @@ fn sandbox(config: &Config) -> Result<(), Failure> {
         ));
     }
     positive("sandbox.prune.idleMinutes", s.prune.idle_minutes)?;
+    if let Some(problem) = s.uid_range.to_core().problem() {
+        return Err(rule("sandbox.uidRange", problem));
+    }
     Ok(())
 }
 

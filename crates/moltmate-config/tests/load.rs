@@ -73,6 +73,10 @@ fn empty_object_gives_all_defaults() {
         moltmate_core::sandbox::SandboxLimits::default()
     );
     assert_eq!(c.sandbox.prune.idle_minutes, 30);
+    assert_eq!(
+        c.sandbox.uid_range.to_core(),
+        moltmate_core::sandbox::UidRange::default()
+    );
     assert_eq!(c.tools.enabled(), ToolName::ALL.to_vec());
     assert_eq!(c.tools.exec.security, ExecSecurity::Allowlist);
     assert_eq!(
@@ -534,6 +538,35 @@ fn sandbox_rules() {
         "{sandbox: {prune: {idleMinutes: 0}}}",
         "sandbox.prune.idleMinutes",
         "greater than 0",
+    );
+    // Sandbox uids stay clear of logins, nobody and the 16-bit boundary, and below 2^31.
+    for (range, text) in [
+        ("{start: 1000, count: 10}", "at least 65536"),
+        ("{start: 60000, count: 100000}", "at least 65536"),
+        ("{start: 2000000000, count: 0}", "at least 1"),
+        (
+            "{start: 2147483000, count: 1000}",
+            "must not exceed 2147483648",
+        ),
+    ] {
+        assert_err(
+            &format!("{{sandbox: {{uidRange: {range}}}}}"),
+            "sandbox.uidRange",
+            text,
+        );
+    }
+    assert_err(
+        "{sandbox: {uidRange: {begin: 100000}}}",
+        "sandbox.uidRange.begin",
+        "unknown",
+    );
+    let c = load("{sandbox: {uidRange: {start: 700000000, count: 5000}}}").unwrap();
+    assert_eq!(
+        c.sandbox.uid_range.to_core(),
+        moltmate_core::sandbox::UidRange {
+            start: 700_000_000,
+            count: 5000
+        }
     );
     assert_err(
         "{sandbox: {allowedDomains: ['https://x.org']}}",

@@ -9,11 +9,103 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The uid and gid sandboxed commands run as (user `agent` in the sandbox image and in the
-/// bubblewrap passwd). A root gateway hands users' homes to this uid, so what the gateway's file
-/// tools write and what a sandboxed command writes are usable by both.
-pub const SANDBOX_UID: u32 = 1000;
-pub const SANDBOX_GID: u32 = 1000;
+/// The host identity one user's sandboxed commands run as, and that owns their home.
+///
+/// A root gateway gives every user their own uid (and a primary gid of the same number) from
+/// [`UidRange`], stored in the database and never handed to anyone else; a family folder gets
+/// a gid of its own from the same range. So an escape from one user's sandbox lands in that
+/// user's files only. A gateway that is not root cannot switch uids: then every user runs as
+/// the gateway's own uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SandboxIds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl SandboxIds {
+    /// `uid` with a primary group of the same number.
+    pub const fn same(id: u32) -> Self {
+        SandboxIds { uid: id, gid: id }
+    }
+
+    /// Refuses identities no sandbox may run as: root (0), `nobody`/overflow (65534), the two
+    /// "-1" values (65535, 4294967295). Backends check this before starting anything.
+    pub fn check(&self) -> Result<(), SandboxError> {
+        for (what, id) in [("uid", self.uid), ("gid", self.gid)] {
+            check_id(what, id)?;
+        }
+        Ok(())
+    }
+}
+
+/// See [`SandboxIds::check`]; also used for supplementary (family) gids.
+pub fn check_id(what: &str, id: u32) -> Result<(), SandboxError> {
+    if matches!(id, 0 | 65534 | 65535 | u32::MAX) {
+        return Err(SandboxError::Unavailable(format!(
+            "refusing to run a sandbox with {what} {id} (root, nobody or invalid)"
+        )));
+    }
+    Ok(())
+}
+
+/// Where a root gateway takes users' and families' sandbox ids from (`sandbox.uidRange`).
+///
+/// The default, 2,000,000,000 + 1,000,000, lies in the block systemd documents as unused
+/// (1879048192–2147352575, "UIDs and GIDs on systemd systems"): above normal logins
+/// (1000–60000), systemd-homed (60001–60513), dynamic users (61184–65519), `nobody` (65534),
+/// the 16-bit boundary, the usual `/etc/subuid` ranges (100000 + 65536·n, up to 600100000 by
+/// default), systemd's container ranges (524288–1879048191), and below systemd's foreign-uid
+/// range (2147352576) and 2^31 (tools that treat uids as signed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UidRange {
+    pub start: u32,
+    pub count: u32,
+}
+
+impl Default for UidRange {
+    fn default() -> Self {
+        UidRange {
+            start: 2_000_000_000,
+            count: 1_000_000,
+        }
+    }
+}
+
+impl UidRange {
+    /// The lowest start accepted: everything below is for logins, system and dynamic users.
+    pub const MIN_START: u32 = 65_536;
+    /// One past the highest id accepted (2^31: some tools treat uids as signed).
+    pub const END_LIMIT: u64 = 1 << 31;
+
+    /// One past the last id of the range.
+    pub fn end(&self) -> u64 {
+        u64::from(self.start) + u64::from(self.count)
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        id >= self.start && u64::from(id) < self.end()
+    }
+
+    /// Why this range is unusable, if it is.
+    pub fn problem(&self) -> Option<String> {
+        if self.count == 0 {
+            return Some("count must be at least 1".to_string());
+        }
+        if self.start < Self::MIN_START {
+            return Some(format!(
+                "start must be at least {} (lower ids belong to logins, system and systemd's dynamic users, and nobody)",
+                Self::MIN_START
+            ));
+        }
+        if self.end() > Self::END_LIMIT {
+            return Some(format!(
+                "start + count must not exceed {} (2^31)",
+                Self::END_LIMIT
+            ));
+        }
+        None
+    }
+}
 
 /// How much of the user's home the sandbox sees at `/workspace`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -117,6 +209,11 @@ pub struct ExecRequest {
     pub home: PathBuf,
     /// Host path of the user's family folder, mounted at `/family`, if any.
     pub family: Option<PathBuf>,
+    /// The host identity the command runs as (see [`SandboxIds`]).
+    pub ids: SandboxIds,
+    /// The family folder's group, given to the command as a supplementary group so it can use
+    /// `/family` (group-owned, setgid, 2770); `None` without a family or per-user ids.
+    pub family_gid: Option<u32>,
     /// The session the call belongs to (sandbox scope `session`).
     pub session_id: String,
     pub command: ExecCommand,
@@ -236,4 +333,32 @@ pub trait Sandbox: Send + Sync {
         let _ = request;
         Ok(())
     }
+}
+
+/// Which of a user's writable directories [`DiskCaps::ensure_capped`] is asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CappedDir {
+    /// The user's home (`workspaceAccess` `rw` or `ro`).
+    Home,
+    /// The user's scratch directory (`workspaceAccess: none` with `sandbox.mode: all`).
+    Scratch,
+}
+
+/// Puts a user's writable directory on its disk-capped volume before the gateway writes there,
+/// so the cap holds from the user's first write, not from their first `exec`. Implemented by the
+/// sandbox layer (loop-mounted ext4 images; root only) and wired in by the binary, so the store
+/// and the gateway need not know how. Blocking: call it off the async runtime.
+pub trait DiskCaps: Send + Sync {
+    /// Makes sure `dir` is on its capped volume of at least `cap_bytes`, its root owned by
+    /// `ids`. The first call for a directory may move its existing files onto the volume (copy,
+    /// then delete underneath), so it must only run where nothing else writes to `dir`: the
+    /// user's own ordered worker, before a turn. Returns whether the cap is enforced.
+    fn ensure_capped(
+        &self,
+        user: &UserId,
+        dir: &std::path::Path,
+        kind: CappedDir,
+        ids: SandboxIds,
+        cap_bytes: u64,
+    ) -> Result<bool, SandboxError>;
 }

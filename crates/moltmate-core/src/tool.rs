@@ -5,7 +5,7 @@
 //! a path that came from outside the context.
 
 use crate::model::ToolSpec;
-use crate::sandbox::{ExecCommand, ExecRequest, ExecSettings, SandboxProfile};
+use crate::sandbox::{ExecCommand, ExecRequest, ExecSettings, SandboxIds, SandboxProfile};
 use crate::UserId;
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
@@ -43,6 +43,9 @@ impl UserHome {
 pub struct FamilyFolder {
     pub name: String,
     pub root: PathBuf,
+    /// The folder's group (members get it as a supplementary group in their sandbox); `None`
+    /// when the gateway cannot switch uids and everything runs as itself.
+    pub gid: Option<u32>,
 }
 
 /// Everything a tool may know about the call it serves.
@@ -58,6 +61,8 @@ pub struct ToolContext {
     pub read_only: bool,
     /// The sandbox this user's code runs with.
     pub sandbox: SandboxProfile,
+    /// The host identity this user's sandboxed commands run as, which owns their home.
+    pub sandbox_ids: SandboxIds,
     /// How `exec` command lines are vetted for this user.
     pub exec: ExecSettings,
 }
@@ -71,6 +76,8 @@ impl ToolContext {
             user: self.user.clone(),
             home: self.home.root().to_path_buf(),
             family: self.family.as_ref().map(|f| f.root.clone()),
+            ids: self.sandbox_ids,
+            family_gid: self.family.as_ref().and_then(|f| f.gid),
             session_id: self.session_id.clone(),
             command,
             timeout,

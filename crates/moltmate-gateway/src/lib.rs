@@ -33,4 +33,4 @@ pub mod settings;
 pub mod strangers;
 
 pub use router::{Gateway, GatewayParts, Reply, Submitted};
-pub use settings::{GatewaySettings, UserSettings};
+pub use settings::{GatewaySettings, SandboxIdPolicy, UserSettings};

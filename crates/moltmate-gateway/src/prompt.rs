@@ -140,8 +140,9 @@ mod tests {
     fn prompt_holds_the_users_files_and_daily_logs_only() {
         let base = tempfile::tempdir().unwrap();
         let homes = Homes::new(base.path());
-        let alice = homes.ensure(&UserId::new("alice").unwrap()).unwrap();
-        let bob = homes.ensure(&UserId::new("bob").unwrap()).unwrap();
+        let ids = moltmate_core::sandbox::SandboxIds::same(2_000_000_000);
+        let alice = homes.ensure(&UserId::new("alice").unwrap(), ids).unwrap();
+        let bob = homes.ensure(&UserId::new("bob").unwrap(), ids).unwrap();
         write_beneath(alice.root(), "SOUL.md", b"be kind").unwrap();
         write_beneath(alice.root(), "MEMORY.md", b"alice likes tea").unwrap();
         write_beneath(alice.root(), "memory/2026-11-21.md", b"went hiking").unwrap();

@@ -4,7 +4,7 @@
 //! format, and tests build settings directly.
 
 use crate::access::ChannelAccess;
-use moltmate_core::sandbox::{ExecSettings, SandboxProfile};
+use moltmate_core::sandbox::{ExecSettings, SandboxIds, SandboxProfile, UidRange};
 use moltmate_core::{ChannelKind, UserId};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -35,6 +35,32 @@ impl Default for UserSettings {
             },
             sandbox: SandboxProfile::default(),
             read_only: false,
+        }
+    }
+}
+
+/// Which host identity users' sandboxes run as (and own their homes with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxIdPolicy {
+    /// A root gateway: each user, and each family folder, gets its own id from this range
+    /// (`sandbox.uidRange`), allocated on first need and kept in the database; a removed
+    /// user's id is never given out again.
+    PerUser(UidRange),
+    /// A gateway that is not root cannot switch uids: every sandbox runs as these ids (its
+    /// own), as do the homes, and family folders have no group of their own.
+    Shared(SandboxIds),
+}
+
+impl SandboxIdPolicy {
+    /// Per-user ids from `range` when this process is root, else this process's own ids.
+    pub fn detect(range: UidRange) -> Self {
+        if rustix::process::geteuid().is_root() {
+            SandboxIdPolicy::PerUser(range)
+        } else {
+            SandboxIdPolicy::Shared(SandboxIds {
+                uid: rustix::process::geteuid().as_raw(),
+                gid: rustix::process::getegid().as_raw(),
+            })
         }
     }
 }
@@ -98,6 +124,8 @@ pub struct GatewaySettings {
     /// When a turn of a user who may use `exec` begins, start their sandbox in the background
     /// (`sandbox.prewarm`), so the first command does not wait for it.
     pub prewarm_sandboxes: bool,
+    /// Which host ids users' sandboxes run as and their homes belong to.
+    pub sandbox_ids: SandboxIdPolicy,
 }
 
 impl Default for GatewaySettings {
@@ -128,6 +156,7 @@ impl Default for GatewaySettings {
             context_window_tokens: 200_000,
             compact_at_ratio: 0.8,
             families: HashMap::new(),
+            sandbox_ids: SandboxIdPolicy::detect(UidRange::default()),
         }
     }
 }

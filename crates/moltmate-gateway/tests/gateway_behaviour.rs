@@ -7,6 +7,7 @@ use moltmate_core::model::{
     ConversationItem, DeltaSink, IgnoreDeltas, ModelResponse, StopReason, TokenUsage, ToolCall,
     ToolSpec,
 };
+use moltmate_core::sandbox::{CappedDir, DiskCaps, SandboxError, SandboxIds};
 use moltmate_core::tool::{Tool, ToolContext, ToolError, ToolOutput};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown, UserId};
 use moltmate_gateway::agent::{ModelAnswer, ModelCaller, ModelFailure, ToolBox};
@@ -144,6 +145,13 @@ struct Setup {
 }
 
 fn setup(configure: impl FnOnce(&mut GatewaySettings)) -> Setup {
+    setup_with_caps(configure, None)
+}
+
+fn setup_with_caps(
+    configure: impl FnOnce(&mut GatewaySettings),
+    disk_caps: Option<Arc<dyn DiskCaps>>,
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().to_path_buf();
     let store = Store::open(&home.join("moltmate.db")).unwrap();
@@ -166,6 +174,7 @@ fn setup(configure: impl FnOnce(&mut GatewaySettings)) -> Setup {
         tools,
         channels: vec![],
         sandbox: None,
+        disk_caps,
         shutdown: Shutdown::new(),
     });
     Setup {
@@ -605,4 +614,101 @@ async fn hostile_entries_in_the_personas_folder_do_not_hang_onboarding() {
         !menu.contains("piper") && !menu.contains("linked"),
         "{menu}"
     );
+}
+
+/// A disk-cap hook that records each call (and whether the home already held the note the
+/// model writes) and fails for one user.
+struct RecordingCaps {
+    calls: Mutex<Vec<(String, CappedDir, SandboxIds, bool)>>,
+    fail_for: &'static str,
+}
+
+impl DiskCaps for RecordingCaps {
+    fn ensure_capped(
+        &self,
+        user: &UserId,
+        dir: &std::path::Path,
+        kind: CappedDir,
+        ids: SandboxIds,
+        _cap_bytes: u64,
+    ) -> Result<bool, SandboxError> {
+        let note_there = dir.join("note.md").exists();
+        self.calls
+            .lock()
+            .unwrap()
+            .push((user.to_string(), kind, ids, note_there));
+        if user.as_str() == self.fail_for {
+            return Err(SandboxError::Backend {
+                backend: "disk",
+                detail: "mkfs failed".into(),
+            });
+        }
+        Ok(true)
+    }
+}
+
+/// The disk cap is set up before a turn writes anything (so it holds from the user's first
+/// write, not their first `exec`), with the user's own sandbox ids; when it cannot be, the
+/// turn's file tools are read-only instead of writing past the cap.
+#[tokio::test]
+async fn disk_cap_comes_before_the_first_write_and_a_failed_cap_makes_files_read_only() {
+    let caps = Arc::new(RecordingCaps {
+        calls: Mutex::new(Vec::new()),
+        fail_for: "bob",
+    });
+    let s = setup_with_caps(|_| {}, Some(caps.clone()));
+    s.model.script(|seen| match seen.items.last() {
+        Some(ConversationItem::User { .. }) => (
+            String::new(),
+            vec![ToolCall {
+                id: "w".into(),
+                name: "write".into(),
+                arguments: serde_json::json!({"path": "note.md", "content": "hello"}),
+            }],
+        ),
+        Some(ConversationItem::ToolResult { content, .. }) => {
+            (format!("tool said: {content}"), vec![])
+        }
+        _ => ("ok".into(), vec![]),
+    });
+    assert_eq!(
+        say(&s.gateway, "anna", "note this", None).await,
+        "tool said: written"
+    );
+    let reply = say(&s.gateway, "bob", "note this", None).await;
+    assert!(reply.contains("read-only"), "{reply}");
+    assert!(!s.home.join("users/bob/note.md").exists());
+    assert!(s.home.join("users/anna/note.md").exists());
+
+    let calls = caps.calls.lock().unwrap().clone();
+    let anna: Vec<_> = calls.iter().filter(|c| c.0 == "anna").collect();
+    assert_eq!(anna.len(), 1, "{calls:?}");
+    assert_eq!(anna[0].1, CappedDir::Home);
+    assert!(!anna[0].3, "the cap came before the write");
+    let anna_ids = s
+        .gateway
+        .sandbox_ids(&UserId::new("anna").unwrap())
+        .await
+        .unwrap();
+    let bob_ids = s
+        .gateway
+        .sandbox_ids(&UserId::new("bob").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(anna[0].2, anna_ids);
+    if runs_as_root() {
+        assert_ne!(anna_ids, bob_ids, "each user their own ids");
+    }
+}
+
+fn runs_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map(|u| u == "0")
+        })
+        .unwrap_or(false)
 }

@@ -1,7 +1,8 @@
 //! Bubblewrap backend: every `exec` is a fresh `bwrap` process, for hosts without Docker.
 //!
 //! **Isolation.** `--unshare-all` (user, pid, net, ipc, uts, cgroup namespaces) with
-//! `--disable-userns`, running as uid/gid 1000 inside; `--die-with-parent`, `--new-session`,
+//! `--disable-userns`, running inside as the user's own sandbox uid/gid ([`ExecRequest::ids`],
+//! named `agent` in a generated passwd); `--die-with-parent`, `--new-session`,
 //! `--clearenv` then only `PATH`, `HOME=/workspace`, `LANG` (plus the proxy variables for
 //! `network = proxy`): nothing from the gateway's environment can reach a sandbox. The root
 //! filesystem is an empty tmpfs holding read-only `/usr` (with the merged-usr symlinks `/bin`,
@@ -16,10 +17,14 @@
 //!
 //! **Host identity.** Sandboxes never run as host root. A root gateway's child enters a private
 //! mount namespace, stages the home/family/scratch/proxy-socket paths on a tmpfs at
-//! `/run/moltmate-bwrap` (only that child sees it) and becomes uid/gid 1000 before executing
-//! bwrap ([`stage`]); bwrap then maps 1000 to 1000 inside. A non-root gateway runs bwrap as
-//! itself, mapped to 1000 inside. Either way bwrap drops every capability and sets
-//! `no_new_privs`.
+//! `/run/moltmate-bwrap` (only that child sees it) and becomes the user's own uid/gid (with
+//! the family folder's gid as its only supplementary group) before executing bwrap
+//! ([`stage`]); bwrap then maps that uid to itself inside, so what a command creates belongs to
+//! the user on the host too, and no two users' sandboxes share a uid (a process of one user
+//! cannot signal, trace or enter `/proc/<pid>/root` of another's). A non-root gateway cannot
+//! switch uids: it runs bwrap as itself and passes its own ids. Either way bwrap drops every
+//! capability and sets `no_new_privs`, and commands run with umask 007 (so what one member
+//! writes in the setgid `/family` stays usable by the others; homes are 0700).
 //!
 //! **Scopes.** There is no long-lived process: state persists only in `/workspace`. `/tmp` is
 //! fresh on every call, so `user`, `session` and `task` differ only in the scratch directory
@@ -33,10 +38,11 @@
 //! (largest file = the disk cap), `RLIMIT_CPU`, `RLIMIT_CORE = 0`, `RLIMIT_NOFILE`, `RLIMIT_AS`
 //! (the memory limit without a memory cgroup; four times it with one, so runtimes that reserve
 //! address space still start), and `RLIMIT_NPROC` only without a pids cgroup (it counts every
-//! process of host uid 1000, i.e. of all users' sandboxes together, so where a pids cgroup
-//! exists it would only let one user's fork bomb starve the others). The home's total size is capped by the per-user volume of
+//! process of the host uid: one user's sandboxes together, or every user's under a gateway
+//! that cannot switch uids, so where a pids cgroup exists it is left off). The home's total size is capped by the per-user volume of
 //! `disk.rs` (an ext4 image loop-mounted on the home, root gateways only); scratch directories
-//! have no volume, only `RLIMIT_FSIZE` per file.
+//! sit on the user's scratch volume when the gateway made one (it does before a turn of a user
+//! with `workspaceAccess: none`), else they have only `RLIMIT_FSIZE` per file.
 //!
 //! **Timeouts and output.** The wall-clock timeout SIGKILLs bwrap's process group and the
 //! cgroup; bwrap's init is pid 1 of the sandbox's pid namespace, so when it dies the kernel kills
@@ -58,8 +64,8 @@ use crate::proxy::{
 use crate::settings::{SandboxScope, SandboxSettings};
 use async_trait::async_trait;
 use moltmate_core::sandbox::{
-    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxInfo, SandboxLimits,
-    SandboxNetwork, WorkspaceAccess,
+    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxIds, SandboxInfo,
+    SandboxLimits, SandboxNetwork, WorkspaceAccess,
 };
 use moltmate_core::UserId;
 use sha2::{Digest, Sha256};
@@ -75,16 +81,14 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 const BACKEND: &str = "bwrap";
-pub use moltmate_core::sandbox::SANDBOX_UID;
 const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long output readers may keep going after the sandbox exited (pipes close when the pid
 /// namespace is gone; this only bounds a pathological case).
 const READER_GRACE: Duration = Duration::from_secs(2);
 
-const PASSWD: &str = "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n\
-agent:x:1000:1000:Moltmates sandbox:/workspace:/bin/sh\n\
-nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
-const GROUP: &str = "root:x:0:\nagent:x:1000:\nnogroup:x:65534:\n";
+/// The identity the start-up probe drops to (a root gateway): in systemd's unused block just
+/// below `nobody`, and only ever running `true` in an empty namespace.
+const PROBE_IDS: SandboxIds = SandboxIds::same(65_533);
 const HOSTS: &str = "127.0.0.1\tlocalhost moltmate\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 const NSSWITCH: &str = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n";
 
@@ -114,7 +118,8 @@ pub struct BwrapSandbox {
     cgroups: CgroupSupport,
     proxy: Option<Arc<EgressProxy>>,
     running: Mutex<HashMap<String, Running>>,
-    /// The gateway is root: drop to uid 1000 through a staging mount namespace ([`stage`]).
+    /// The gateway is root: drop to the user's uid through a staging mount namespace
+    /// ([`stage`]).
     drop_root: bool,
 }
 
@@ -203,7 +208,7 @@ impl BwrapSandbox {
     /// that this host lets bwrap create namespaces. The error says what failed.
     pub async fn probe(&self) -> Result<(), SandboxError> {
         let seccomp_fd = data_fd(&self.seccomp).map_err(|e| backend_err(format!("pipe: {e}")))?;
-        let mut args: Vec<String> = base_namespace_args();
+        let mut args: Vec<String> = base_namespace_args(PROBE_IDS);
         args.extend(root_fs_args());
         args.extend([
             "--seccomp".into(),
@@ -219,7 +224,10 @@ impl BwrapSandbox {
             .stderr(Stdio::piped());
         let keep = [seccomp_fd.as_raw_fd()];
         let plan = match self.drop_root {
-            true => Some(stage::StagePlan::new().map_err(|e| backend_err(e.to_string()))?),
+            true => Some(
+                stage::StagePlan::new(PROBE_IDS, Vec::new())
+                    .map_err(|e| backend_err(e.to_string()))?,
+            ),
             false => None,
         };
         // SAFETY: the hook only makes async-signal-safe system calls (fcntl, and for a root
@@ -284,15 +292,17 @@ fn short_hash(s: &str) -> String {
     hex::encode(&Sha256::digest(s.as_bytes())[..8])
 }
 
-fn base_namespace_args() -> Vec<String> {
+fn base_namespace_args(ids: SandboxIds) -> Vec<String> {
+    let uid = ids.uid.to_string();
+    let gid = ids.gid.to_string();
     [
         "--unshare-all",
         "--unshare-user",
         "--disable-userns",
         "--uid",
-        "1000",
+        uid.as_str(),
         "--gid",
-        "1000",
+        gid.as_str(),
         "--hostname",
         "moltmate",
         "--die-with-parent",
@@ -380,6 +390,9 @@ struct Rlimits {
 /// calls (write, setrlimit, fcntl).
 fn child_setup(cgroup_procs: &[i32], keep: &[i32], limits: Rlimits) -> std::io::Result<()> {
     clear_cloexec(keep)?;
+    // Inherited by bwrap and the command: group members share the setgid `/family`.
+    // SAFETY: umask(2) cannot fail and is async-signal-safe.
+    unsafe { libc::umask(0o007) };
     for &fd in cgroup_procs {
         // Writing "0" to cgroup.procs moves the writing process itself.
         // SAFETY: writing a 1-byte static buffer to an fd we own.
@@ -477,6 +490,10 @@ impl Sandbox for BwrapSandbox {
 
     async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
         let started = Instant::now();
+        request.ids.check()?;
+        if let Some(gid) = request.family_gid {
+            moltmate_core::sandbox::check_id("family gid", gid)?;
+        }
         let limits = request.profile.limits.clone();
         let name = self.sandbox_name(&request.user, &request.session_id);
 
@@ -494,15 +511,24 @@ impl Sandbox for BwrapSandbox {
             let dir = workspace.clone();
             let disk_bytes = limits.disk_bytes;
             let drop_root = self.drop_root;
+            let ids = request.ids;
             let family = request
                 .family
                 .clone()
                 .filter(|_| access != WorkspaceAccess::None);
+            let family_gid = request.family_gid;
             tokio::task::spawn_blocking(move || {
-                if let Some(family) = family.filter(|f| f.is_dir()) {
-                    crate::disk::ensure_family_volume(&state_dir, &family, disk_bytes)?;
+                // The family's volume belongs to the family's own id; without one (a gateway
+                // that cannot switch uids) the folder is used as it is.
+                if let (Some(family), Some(gid)) = (family.filter(|f| f.is_dir()), family_gid) {
+                    crate::disk::ensure_family_volume(
+                        &state_dir,
+                        &family,
+                        disk_bytes,
+                        SandboxIds::same(gid),
+                    )?;
                 }
-                prepare_workspace(&state_dir, &user, &dir, access, disk_bytes, drop_root)
+                prepare_workspace(&state_dir, &user, &dir, access, disk_bytes, drop_root, ids)
             })
             .await
             .map_err(|e| backend_err(format!("workspace set-up task failed: {e}")))??;
@@ -517,8 +543,8 @@ impl Sandbox for BwrapSandbox {
         // Data handed to bwrap through pipes, so nothing is written to shared paths.
         let pipe = |d: &[u8]| data_fd(d).map_err(|e| backend_err(format!("pipe: {e}")));
         let seccomp_fd = pipe(&self.seccomp)?;
-        let passwd_fd = pipe(PASSWD.as_bytes())?;
-        let group_fd = pipe(GROUP.as_bytes())?;
+        let passwd_fd = pipe(crate::identity::passwd(request.ids).as_bytes())?;
+        let group_fd = pipe(crate::identity::group(request.ids, None).as_bytes())?;
         let hosts_fd = pipe(HOSTS.as_bytes())?;
         let nss_fd = pipe(NSSWITCH.as_bytes())?;
         let mut keep = vec![
@@ -529,7 +555,7 @@ impl Sandbox for BwrapSandbox {
             nss_fd.as_raw_fd(),
         ];
 
-        let mut args = base_namespace_args();
+        let mut args = base_namespace_args(request.ids);
         let mut env = vec![
             ("PATH", SANDBOX_PATH.to_string()),
             ("HOME", "/workspace".to_string()),
@@ -555,8 +581,21 @@ impl Sandbox for BwrapSandbox {
             "/tmp".into(),
         ]);
         // For a root gateway every host path goes through the staging namespace (see [`stage`]).
+        // The family folder (2770, group-owned) is reached through its gid, the command's
+        // only supplementary group; without `/family` it gets none.
+        let groups: Vec<u32> = request
+            .family_gid
+            .filter(|_| {
+                request.family.is_some()
+                    && !matches!(request.profile.workspace_access, WorkspaceAccess::None)
+            })
+            .into_iter()
+            .collect();
         let mut plan = match self.drop_root {
-            true => Some(stage::StagePlan::new().map_err(|e| backend_err(e.to_string()))?),
+            true => Some(
+                stage::StagePlan::new(request.ids, groups)
+                    .map_err(|e| backend_err(e.to_string()))?,
+            ),
             false => None,
         };
         let mut source = |path: &Path, name: &str| -> Result<String, SandboxError> {
@@ -860,10 +899,11 @@ impl Sandbox for BwrapSandbox {
 }
 
 /// Creates the directory mounted at /workspace and makes it usable by the sandbox user: the
-/// home gets its disk cap (`disk.rs`: an ext4 image of `disk_bytes`, owned by uid 1000) when
-/// the host allows; otherwise a root gateway hands the directory itself to uid 1000 (as the
-/// Docker backend does). Scratch directories have no image of their own: `RLIMIT_FSIZE` bounds
-/// each file there.
+/// home gets its disk cap (`disk.rs`: an ext4 image of `disk_bytes`, owned by the user's ids)
+/// when the host allows; otherwise a root gateway hands the directory itself to the user's ids
+/// (as the Docker backend does). Scratch directories have no image of their own here (the
+/// gateway puts the user's whole scratch root on one before their first turn); `RLIMIT_FSIZE`
+/// bounds each file there.
 fn prepare_workspace(
     state_dir: &Path,
     user: &UserId,
@@ -871,6 +911,7 @@ fn prepare_workspace(
     access: WorkspaceAccess,
     disk_bytes: u64,
     drop_root: bool,
+    ids: SandboxIds,
 ) -> Result<(), SandboxError> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -879,18 +920,25 @@ fn prepare_workspace(
         .map_err(|e| backend_err(format!("cannot create {}: {e}", dir.display())))?;
     let enforced = match access {
         WorkspaceAccess::Rw | WorkspaceAccess::Ro => {
-            crate::disk::ensure_user_volume(state_dir, dir, user, disk_bytes)?.enforced
+            crate::disk::ensure_user_volume(state_dir, dir, user, disk_bytes, ids)?.enforced
         }
         WorkspaceAccess::None => false,
     };
     if drop_root && !enforced {
         let meta = std::fs::metadata(dir)
             .map_err(|e| backend_err(format!("cannot stat {}: {e}", dir.display())))?;
-        if std::os::unix::fs::MetadataExt::uid(&meta) != stage::HOST_UID {
-            let id = rustix::process::Uid::from_raw(stage::HOST_UID);
-            let gid = rustix::process::Gid::from_raw(stage::HOST_UID);
+        use std::os::unix::fs::MetadataExt;
+        if (meta.uid(), meta.gid()) != (ids.uid, ids.gid) {
+            let id = rustix::process::Uid::from_raw(ids.uid);
+            let gid = rustix::process::Gid::from_raw(ids.gid);
             rustix::fs::chown(dir, Some(id), Some(gid))
                 .map_err(|e| backend_err(format!("cannot chown {}: {e}", dir.display())))?;
+        }
+        // One user's: no other sandbox uid may look in (homes are made 0700 anyway).
+        if meta.mode() & 0o077 != 0 {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| backend_err(format!("cannot chmod {}: {e}", dir.display())))?;
         }
     }
     Ok(())

@@ -1,7 +1,9 @@
 //! Per-user disk cap on the home directory, usable by every backend.
 //!
 //! Each user's home is backed by a sparse ext4 image, `state_dir/disks/<user>.img`, loop-mounted
-//! over the home (`-o loop,nosuid,nodev`) before any sandbox sees it. Whatever a sandboxed
+//! over the home (`-o loop,nosuid,nodev`) before anything writes there: the gateway calls
+//! [`LoopVolumes`] (core's `DiskCaps` hook) before each of the user's turns, and the backends
+//! call the same functions before each command. Whatever a sandboxed
 //! command writes to `/workspace` therefore lands in a filesystem of exactly `cap_bytes`, and a
 //! disk-filling command gets `ENOSPC` instead of filling the host.
 //!
@@ -14,8 +16,12 @@
 //!   the image is grown offline at its next mount instead. A shrinking cap is not applied: shrinking ext4
 //!   needs the filesystem offline and could lose data; the old, larger size stays in force and
 //!   a warning is logged.
-//! * **Ownership.** The filesystem root is owned by uid/gid 1000 (the sandbox user `agent`), and
-//!   migrated files are handed to it too, so the sandbox can write its own home.
+//! * **Ownership.** The filesystem root belongs to the directory's sandbox identity
+//!   ([`SandboxIds`]: the user's own uid/gid; for a family folder the family's id, root mode
+//!   2770 with the setgid bit) and migrated files are handed to it too, so the sandbox can
+//!   write its own home. A volume whose root has another owner (made under an older release,
+//!   or before a change of `sandbox.uidRange`) is re-owned entry by entry on mount, without
+//!   following symlinks ([`reown_tree`]).
 //! * **Needs root.** Loop mounts need `CAP_SYS_ADMIN`. Without root a warning is logged once, the
 //!   home is used as is, and [`DiskCap::enforced`] is `false` (backends report this in `list`).
 //!
@@ -23,22 +29,32 @@
 //! (e2fsprogs, util-linux, coreutils): they are the supported interfaces for these operations.
 //! All calls are blocking; async callers should use `tokio::task::spawn_blocking`.
 
-use moltmate_core::sandbox::SandboxError;
+use moltmate_core::sandbox::{CappedDir, DiskCaps, SandboxError, SandboxIds};
 use moltmate_core::UserId;
+use rustix::fs::{AtFlags, Mode, OFlags};
+use std::collections::BTreeMap;
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
-
-pub use moltmate_core::sandbox::SANDBOX_UID;
+use std::sync::{Arc, Mutex};
 
 /// ext4 needs some room for its own metadata; smaller caps are raised to this.
 pub const MIN_CAP_BYTES: u64 = 16 * 1024 * 1024;
 
-/// Serialises volume set-up in this process: two concurrent first calls for one user must not
-/// both migrate and mount.
-static VOLUME_LOCK: Mutex<()> = Mutex::new(());
+/// One lock per directory (by canonical path) serialises its volume set-up in this process:
+/// two concurrent first calls for one user must not both migrate and mount. Per directory, not
+/// global, because the gateway checks a user's volume before each of their turns: one user's
+/// slow first move (a large home) must not hold up everyone else's turns. Entries are a few
+/// bytes per directory ever seen (users' homes, scratch dirs, family folders).
+static VOLUME_LOCKS: Mutex<BTreeMap<PathBuf, Arc<Mutex<()>>>> = Mutex::new(BTreeMap::new());
+
+fn volume_lock(dir: &Path) -> Arc<Mutex<()>> {
+    // A poisoned map only means a panic elsewhere mid-insert; the map itself stays valid.
+    let mut locks = VOLUME_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
+    locks.entry(dir.to_path_buf()).or_default().clone()
+}
 static WARNED_NOT_ROOT: AtomicBool = AtomicBool::new(false);
 
 /// The state of one user's disk cap.
@@ -87,8 +103,41 @@ pub fn ensure_user_volume(
     home: &Path,
     user: &UserId,
     cap_bytes: u64,
+    ids: SandboxIds,
 ) -> Result<DiskCap, SandboxError> {
-    ensure_volume(state_dir, home, user.as_str(), cap_bytes)
+    ensure_volume(
+        state_dir,
+        home,
+        user.as_str(),
+        cap_bytes,
+        Owner::private(ids),
+    )
+}
+
+/// Who a volume's files belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub ids: SandboxIds,
+    /// A family folder: root 2770 (setgid), entries group-writable, nothing for others.
+    pub shared: bool,
+}
+
+impl Owner {
+    pub fn private(ids: SandboxIds) -> Self {
+        Owner { ids, shared: false }
+    }
+
+    pub fn shared(ids: SandboxIds) -> Self {
+        Owner { ids, shared: true }
+    }
+
+    fn root_mode(&self) -> u32 {
+        if self.shared {
+            0o2770
+        } else {
+            0o700
+        }
+    }
 }
 
 /// Whether preparing `dir`'s capped volume would still have to create it and move the
@@ -109,6 +158,7 @@ fn ensure_volume(
     home: &Path,
     name: &str,
     cap_bytes: u64,
+    owner: Owner,
 ) -> Result<DiskCap, SandboxError> {
     if cap_bytes == 0 {
         return Ok(DiskCap::not_enforced("no disk cap configured"));
@@ -121,14 +171,15 @@ fn ensure_volume(
         }
         return Ok(DiskCap::not_enforced("disk cap needs root"));
     }
+    owner.ids.check()?;
     let cap_bytes = cap_bytes.max(MIN_CAP_BYTES);
-    // A poisoned lock only means another set-up panicked; the on-disk state is re-read anyway.
-    let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-
     fs::create_dir_all(home)
         .map_err(|e| err(format!("cannot create home {}: {e}", home.display())))?;
     let home = fs::canonicalize(home)
         .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
+    let lock = volume_lock(&home);
+    // A poisoned lock only means another set-up panicked; the on-disk state is re-read anyway.
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     let disks = state_dir.join("disks");
     fs::create_dir_all(&disks)
         .map_err(|e| err(format!("cannot create {}: {e}", disks.display())))?;
@@ -152,6 +203,7 @@ fn ensure_volume(
         } else if cap_bytes < size {
             tracing::warn!(volume = %name, "disk cap lowered; keeping the larger existing image (shrinking needs the filesystem offline)");
         }
+        own_root(&home, owner)?;
         let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(cap_bytes);
         return Ok(DiskCap {
             enforced: true,
@@ -162,8 +214,8 @@ fn ensure_volume(
     }
 
     if !image.exists() {
-        create_image(&image, cap_bytes)?;
-        migrate_into(&image, &home, &disks, name)?;
+        create_image(&image, cap_bytes, owner)?;
+        migrate_into(&image, &home, &disks, name, owner)?;
     } else {
         let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
         if cap_bytes > size {
@@ -174,6 +226,11 @@ fn ensure_volume(
         .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
         .arg(&image)
         .arg(&home))?;
+    if let Err(e) = own_root(&home, owner) {
+        // Not usable by its sandbox as it is: do not leave it mounted half-owned.
+        let _ = run(Command::new("umount").arg(&home));
+        return Err(e);
+    }
     let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(cap_bytes);
     tracing::info!(volume = %name, cap_bytes = size, "directory mounted on its capped volume");
     Ok(DiskCap {
@@ -191,13 +248,14 @@ pub fn ensure_family_volume(
     state_dir: &Path,
     family_dir: &Path,
     cap_bytes: u64,
+    ids: SandboxIds,
 ) -> Result<DiskCap, SandboxError> {
     let family = family_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let name = volume_name("family", &family);
-    ensure_volume(state_dir, family_dir, &name, cap_bytes)
+    ensure_volume(state_dir, family_dir, &name, cap_bytes, Owner::shared(ids))
 }
 
 /// A user's scratch directory (`workspaceAccess: none`) on its own capped volume,
@@ -207,13 +265,50 @@ pub fn ensure_scratch_volume(
     scratch_dir: &Path,
     user: &UserId,
     cap_bytes: u64,
+    ids: SandboxIds,
 ) -> Result<DiskCap, SandboxError> {
     ensure_volume(
         state_dir,
         scratch_dir,
         &scratch_volume_name(user),
         cap_bytes,
+        Owner::private(ids),
     )
+}
+
+/// [`DiskCaps`] on loop-mounted images below `state_dir/disks` (what the gateway calls before a
+/// user's first write; the sandbox backends call the same functions before each command).
+#[derive(Debug, Clone)]
+pub struct LoopVolumes {
+    state_dir: PathBuf,
+}
+
+impl LoopVolumes {
+    /// `state_dir` is the sandbox layer's (`<home>/sandboxes`).
+    pub fn new(state_dir: &Path) -> Self {
+        LoopVolumes {
+            state_dir: state_dir.to_path_buf(),
+        }
+    }
+}
+
+impl DiskCaps for LoopVolumes {
+    fn ensure_capped(
+        &self,
+        user: &UserId,
+        dir: &Path,
+        kind: CappedDir,
+        ids: SandboxIds,
+        cap_bytes: u64,
+    ) -> Result<bool, SandboxError> {
+        let cap = match kind {
+            CappedDir::Home => ensure_user_volume(&self.state_dir, dir, user, cap_bytes, ids)?,
+            CappedDir::Scratch => {
+                ensure_scratch_volume(&self.state_dir, dir, user, cap_bytes, ids)?
+            }
+        };
+        Ok(cap.enforced)
+    }
 }
 
 /// The image stem of `user`'s scratch volume (`disks/<stem>.img`).
@@ -229,11 +324,44 @@ fn volume_name(kind: &str, key: &str) -> String {
     format!("{kind}.{}", &tag[..16])
 }
 
-/// Unmounts the user's capped volume (for deleting a user or tests). The image stays.
-pub fn release_user_volume(home: &Path) -> Result<(), SandboxError> {
-    let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+/// Mounts `user`'s existing image over their home when it is not mounted (after a reboot, or
+/// after the gateway stopped), so what reads the home from outside a turn (`users show`,
+/// `export`, the archive before `reset`/`remove`) sees the files, which live in the image.
+/// Changes nothing else: no image is made, nothing moved or re-owned. `Ok(false)` when there
+/// is no image (or no root to mount it).
+pub fn mount_existing_user_volume(
+    state_dir: &Path,
+    home: &Path,
+    user: &UserId,
+) -> Result<bool, SandboxError> {
+    if !can_enforce() {
+        return Ok(false);
+    }
+    let image = state_dir
+        .join("disks")
+        .join(format!("{}.img", user.as_str()));
+    if !image.is_file() || !home.is_dir() {
+        return Ok(false);
+    }
     let home = fs::canonicalize(home)
         .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
+    let lock = volume_lock(&home);
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    if mounted_source(&home)?.is_none() {
+        run(Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
+            .arg(&image)
+            .arg(&home))?;
+    }
+    Ok(true)
+}
+
+/// Unmounts the user's capped volume (for deleting a user or tests). The image stays.
+pub fn release_user_volume(home: &Path) -> Result<(), SandboxError> {
+    let home = fs::canonicalize(home)
+        .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
+    let lock = volume_lock(&home);
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     if mounted_source(&home)?.is_some() {
         run(Command::new("umount").arg(&home))?;
     }
@@ -246,7 +374,7 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
         .map_err(|e| err(format!("cannot chmod {}: {e}", path.display())))
 }
 
-fn create_image(image: &Path, cap_bytes: u64) -> Result<(), SandboxError> {
+fn create_image(image: &Path, cap_bytes: u64, owner: Owner) -> Result<(), SandboxError> {
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -257,7 +385,7 @@ fn create_image(image: &Path, cap_bytes: u64) -> Result<(), SandboxError> {
         .map_err(|e| err(format!("cannot size {}: {e}", image.display())))?;
     drop(file);
     set_mode(image, 0o600)?;
-    let owner = format!("root_owner={SANDBOX_UID}:{SANDBOX_UID}");
+    let owner = format!("root_owner={}:{}", owner.ids.uid, owner.ids.gid);
     // -m 0: no blocks reserved for root (nobody is root in the sandbox).
     let made = run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-m", "0", "-E", &owner])
@@ -270,7 +398,13 @@ fn create_image(image: &Path, cap_bytes: u64) -> Result<(), SandboxError> {
 }
 
 /// Copies the current home into the fresh image, then clears the underlying directory.
-fn migrate_into(image: &Path, home: &Path, disks: &Path, name: &str) -> Result<(), SandboxError> {
+fn migrate_into(
+    image: &Path,
+    home: &Path,
+    disks: &Path,
+    name: &str,
+    owner: Owner,
+) -> Result<(), SandboxError> {
     let has_content = fs::read_dir(home)
         .map_err(|e| err(format!("cannot read {}: {e}", home.display())))?
         .next()
@@ -287,12 +421,8 @@ fn migrate_into(image: &Path, home: &Path, disks: &Path, name: &str) -> Result<(
         .arg(&staging))?;
     let mut src = home.as_os_str().to_owned();
     src.push("/.");
-    let copied = run(Command::new("cp").arg("-a").arg(&src).arg(&staging)).and_then(|()| {
-        run(Command::new("chown")
-            .arg("-R")
-            .arg(format!("{SANDBOX_UID}:{SANDBOX_UID}"))
-            .arg(&staging))
-    });
+    let copied = run(Command::new("cp").arg("-a").arg(&src).arg(&staging))
+        .and_then(|()| reown_tree(&staging, owner));
     let unmounted = run(Command::new("umount").arg(&staging));
     let _ = fs::remove_dir(&staging);
     if let Err(e) = copied {
@@ -313,6 +443,133 @@ fn migrate_into(image: &Path, home: &Path, disks: &Path, name: &str) -> Result<(
             fs::remove_file(&path)
         };
         removed.map_err(|e| err(format!("cannot clear migrated {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Gives a mounted volume's root its owner and mode; re-owns the whole tree first when the
+/// root belongs to someone else (an image made under an older release, or before a change of
+/// `sandbox.uidRange`). One `fstat` when all is in order.
+fn own_root(root: &Path, owner: Owner) -> Result<(), SandboxError> {
+    let fd = open_dir(root)?;
+    let stat =
+        rustix::fs::fstat(&fd).map_err(|e| err(format!("cannot stat {}: {e}", root.display())))?;
+    if (stat.st_uid, stat.st_gid) != (owner.ids.uid, owner.ids.gid) {
+        tracing::info!(dir = %root.display(), "volume made for another sandbox id; re-owning its files");
+        reown_tree(root, owner)?;
+    }
+    let stat =
+        rustix::fs::fstat(&fd).map_err(|e| err(format!("cannot stat {}: {e}", root.display())))?;
+    if stat.st_mode & 0o7777 != owner.root_mode() {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(owner.root_mode()))
+            .map_err(|e| err(format!("cannot chmod {}: {e}", root.display())))?;
+    }
+    Ok(())
+}
+
+/// Deepest directory nesting [`reown_tree`] descends into; deeper entries keep their owner
+/// (and stay unusable to the new one) rather than exhausting descriptors.
+const REOWN_MAX_DEPTH: usize = 256;
+
+/// Hands `root` and everything below it to `owner`, as root, over a tree its previous owner
+/// may still be changing: no path is followed (every step is `openat` with `O_NOFOLLOW`
+/// relative to its already-open parent), ownership changes use `AT_SYMLINK_NOFOLLOW`, and
+/// modes are changed through a descriptor of the entry itself, never by name — so a symlink
+/// swapped in anywhere cannot redirect a change outside the tree. Shared (family) trees also
+/// get group access: `g+rw`, `o-rwx`, setgid on directories. Hand-written: `chown -R` and
+/// `chmod -R` change modes by path and cannot express the family rule in one pass.
+pub fn reown_tree(root: &Path, owner: Owner) -> Result<(), SandboxError> {
+    let fd = open_dir(root)?;
+    reown_entries(&fd, owner, 0)?;
+    reown_fd(&fd, owner, true)
+        .map_err(|e| err(format!("cannot hand {} to its owner: {e}", root.display())))
+}
+
+fn open_dir(path: &Path) -> Result<OwnedFd, SandboxError> {
+    rustix::fs::open(
+        path,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| err(format!("cannot open {}: {e}", path.display())))
+}
+
+fn reown_entries(dir: &OwnedFd, owner: Owner, depth: usize) -> Result<(), SandboxError> {
+    if depth >= REOWN_MAX_DEPTH {
+        tracing::warn!(
+            "a directory tree is nested too deeply to re-own below depth {REOWN_MAX_DEPTH}"
+        );
+        return Ok(());
+    }
+    let mut entries = rustix::fs::Dir::read_from(dir)
+        .map_err(|e| err(format!("cannot list a directory: {e}")))?;
+    while let Some(entry) = entries.read() {
+        let entry = entry.map_err(|e| err(format!("cannot list a directory: {e}")))?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        // The owner first, never following a symlink at the name.
+        let owned = rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::fs::Uid::from_raw(owner.ids.uid)),
+            Some(rustix::fs::Gid::from_raw(owner.ids.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        );
+        match owned {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(err(format!("cannot hand {name:?} to its owner: {e}"))),
+        }
+        // Then the mode, and the descent, through the entry's own descriptor. Symlinks
+        // (ELOOP), sockets (ENXIO) and vanished entries have nothing more to do.
+        let opened = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::empty(),
+        );
+        let fd = match opened {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NXIO | rustix::io::Errno::NOENT) => {
+                continue
+            }
+            Err(e) => return Err(err(format!("cannot open {name:?}: {e}"))),
+        };
+        let is_dir = rustix::fs::fstat(&fd)
+            .map(|s| s.st_mode & 0o170000 == 0o040000)
+            .map_err(|e| err(format!("cannot stat {name:?}: {e}")))?;
+        if is_dir {
+            reown_entries(&fd, owner, depth + 1)?;
+        }
+        reown_fd(&fd, owner, false).map_err(|e| err(format!("cannot re-own {name:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The owner (again, for the root) and, for shared trees, the group-access mode of an open
+/// entry. `chown` clears setuid/setgid bits, so the mode comes after it.
+fn reown_fd(fd: &OwnedFd, owner: Owner, is_root: bool) -> rustix::io::Result<()> {
+    if is_root {
+        rustix::fs::fchown(
+            fd,
+            Some(rustix::fs::Uid::from_raw(owner.ids.uid)),
+            Some(rustix::fs::Gid::from_raw(owner.ids.gid)),
+        )?;
+    }
+    if !owner.shared || is_root {
+        return Ok(());
+    }
+    let stat = rustix::fs::fstat(fd)?;
+    let is_dir = stat.st_mode & 0o170000 == 0o040000;
+    let mut mode = (stat.st_mode & 0o7777 & !0o007) | 0o060;
+    mode = if is_dir {
+        mode | 0o2070
+    } else {
+        mode & !0o6000
+    };
+    if mode != stat.st_mode & 0o7777 {
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))?;
     }
     Ok(())
 }
@@ -435,7 +692,8 @@ mod tests {
     fn zero_cap_is_not_enforced() {
         let dir = std::env::temp_dir();
         let user = UserId::new("nobody-zero").unwrap();
-        let cap = ensure_user_volume(&dir, &dir, &user, 0).unwrap();
+        let cap =
+            ensure_user_volume(&dir, &dir, &user, 0, SandboxIds::same(2_000_000_000)).unwrap();
         assert!(!cap.enforced);
     }
 }

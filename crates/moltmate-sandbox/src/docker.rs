@@ -20,12 +20,14 @@
 //!
 //! # Hardening (set on create, fixed for the container's life)
 //! * The idle entrypoint (`sleep infinity` under Docker's init, which reaps zombies) runs as
-//!   `nobody` (65534); commands run as `agent` (uid/gid 1000), through the container's warm
-//!   runner (itself uid 1000) or one exec each. The split is what makes timeouts reliable: on
-//!   expiry the runner (or, on the per-exec path, a helper exec running as uid 1000) does
-//!   `kill -9 -1` (every uid-1000 process in the container's PID namespace but the caller)
-//!   until none are left, which cannot touch the entrypoint or init, so the container survives
-//!   and no orphan does.
+//!   `nobody` (65534); commands run as the user's own sandbox uid/gid ([`ExecRequest::ids`],
+//!   `--user uid:gid`, plus the family folder's gid as a supplementary group via `GroupAdd`),
+//!   through the container's warm runner (itself that uid) or one exec each, with umask 007
+//!   (so what a member writes in the setgid `/family` stays usable by the group). The split is
+//!   what makes timeouts reliable: on expiry the runner (or, on the per-exec path, a helper
+//!   exec running as the same uid) does `kill -9 -1` (every process of that uid in the
+//!   container's PID namespace but the caller) until none are left, which cannot touch the
+//!   entrypoint or init, so the container survives and no orphan does.
 //! * When a command returns, the processes it left behind (background jobs, fork-bomb
 //!   remnants) are reaped the same way before the reply: nothing outlives its call.
 //!   Because both kills reach every sandbox-user process, commands for one container run one
@@ -49,7 +51,9 @@
 //!   [`SandboxLimits`].
 //! * Mounts: only the user's home at `/workspace` (read-only for [`WorkspaceAccess::Ro`]; a
 //!   per-user scratch directory `state_dir/scratch/<user>` for [`WorkspaceAccess::None`]) and the
-//!   family folder at `/family` (read-write with `Rw`, read-only with `Ro`, absent with `None`).
+//!   family folder at `/family` (read-write with `Rw`, read-only with `Ro`, absent with `None`),
+//!   plus a generated `/etc/passwd` and `/etc/group` (read-only; `agent` under the user's own
+//!   ids, `family` for the family gid: `state_dir/identity/`).
 //!   Never the Docker socket, never anything else of the host.
 //! * Environment: exactly `PATH`, `HOME=/workspace`, `LANG` (plus `HOSTNAME=sandbox`, which the
 //!   engine always adds, and the `HTTP(S)_PROXY` variables for proxied profiles). Nothing of the
@@ -99,8 +103,8 @@ use bollard::query_parameters::{
 use bollard::{ClientVersion, Docker};
 use futures::StreamExt;
 use moltmate_core::sandbox::{
-    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxInfo, SandboxLimits,
-    SandboxNetwork, WorkspaceAccess,
+    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxIds, SandboxInfo,
+    SandboxLimits, SandboxNetwork, WorkspaceAccess,
 };
 use moltmate_core::UserId;
 use sha2::{Digest, Sha256};
@@ -126,10 +130,23 @@ pub const LABEL_NETWORK: &str = "moltmate.network";
 /// adopt, prune or remove each other's sandboxes.
 pub const LABEL_INSTANCE: &str = "moltmate.instance";
 
-/// The user commands run as (the image's `agent`).
-const EXEC_USER: &str = "1000:1000";
-/// The user of the idle entrypoint: distinct from [`EXEC_USER`] so `kill -9 -1` spares it.
+/// The user of the idle entrypoint: distinct from every sandbox uid ([`SandboxIds::check`]
+/// refuses 65534), so `kill -9 -1` spares it.
 const IDLE_USER: &str = "65534:65534";
+
+/// `uid:gid` for Docker's `User` of the request's commands.
+fn exec_user(ids: SandboxIds) -> String {
+    format!("{}:{}", ids.uid, ids.gid)
+}
+
+/// Refuses identities no sandbox may run as (root, nobody), before anything is created.
+fn check_ids(request: &ExecRequest) -> Result<(), SandboxError> {
+    request.ids.check()?;
+    if let Some(gid) = request.family_gid {
+        moltmate_core::sandbox::check_id("family gid", gid)?;
+    }
+    Ok(())
+}
 /// Engine API version spoken: supported by Docker 20.10 and every later engine.
 const API_VERSION: ClientVersion = ClientVersion {
     major_version: 1,
@@ -141,7 +158,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 const SANDBOX_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Kills every uid-1000 process in the container except the running shell, until none is left.
+/// Kills every process of the caller's uid in the container except the running shell, until
+/// none is left.
 /// Builtins only (dash), except the short sleeps, so a fork bomb cannot outrun it for long;
 /// zombies disappear once init reaps them, hence the rounds. Leaves `left=1` if any survived.
 const REAP_SNIPPET: &str = r#"r=0; left=1
@@ -164,7 +182,7 @@ fn wrap(argv: Vec<String>) -> Vec<String> {
     let mut cmd = vec![
         "/bin/sh".to_string(),
         "-c".to_string(),
-        format!("\"$@\"\nrc=$?\n{REAP_SNIPPET}\nexit $rc"),
+        format!("umask 007\n\"$@\"\nrc=$?\n{REAP_SNIPPET}\nexit $rc"),
         "sh".to_string(),
     ];
     cmd.extend(argv);
@@ -351,6 +369,7 @@ impl DockerSandbox {
     /// nothing to warm.
     pub async fn prewarm(&self, request: &ExecRequest) -> Result<Duration, SandboxError> {
         let started = Instant::now();
+        check_ids(request)?;
         self.recover().await?;
         if self.settings.scope != SandboxScope::Task {
             self.check_network(request)?;
@@ -374,7 +393,8 @@ impl DockerSandbox {
             // Under the run lock: a second runner's start-up reap would kill a running command.
             let lock = self.create_lock(&name);
             let _running = lock.lock().await;
-            if let Ok(Some(agent)) = self.take_runner(&name, &id).await {
+            let user = exec_user(request.ids);
+            if let Ok(Some(agent)) = self.take_runner(&name, &id, &user).await {
                 self.put_runner(&name, &id, agent);
             }
         }
@@ -488,6 +508,13 @@ impl DockerSandbox {
                 .family
                 .as_deref()
                 .map(|f| f.to_string_lossy())
+                .unwrap_or_default(),
+            // Another uid (a new user under a reused name, a changed range) or family group
+            // is another container: a container's user and groups are fixed at creation.
+            &exec_user(request.ids),
+            &request
+                .family_gid
+                .map(|g| g.to_string())
                 .unwrap_or_default(),
         ] {
             h.update(part.as_bytes());
@@ -651,21 +678,25 @@ impl DockerSandbox {
         let user = request.user.clone();
         let state_dir = self.settings.state_dir.clone();
         let cap_bytes = request.profile.limits.disk_bytes;
+        let ids = request.ids;
+        let family_gid = request.family_gid;
         let target = dir.clone();
         let cap = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&target)
                 .map_err(|e| backend_err(format!("cannot create {}: {e}", target.display())))?;
-            if let Some(family) = family.filter(|f| f.is_dir()) {
-                disk::ensure_family_volume(&state_dir, &family, cap_bytes)?;
+            // The family folder's volume belongs to the family's own id (shared by its group);
+            // without one (a gateway that cannot switch uids) the folder is used as it is.
+            if let (Some(family), Some(gid)) = (family.filter(|f| f.is_dir()), family_gid) {
+                disk::ensure_family_volume(&state_dir, &family, cap_bytes, SandboxIds::same(gid))?;
             }
             let cap = if scratch {
-                disk::ensure_scratch_volume(&state_dir, &target, &user, cap_bytes)?
+                disk::ensure_scratch_volume(&state_dir, &target, &user, cap_bytes, ids)?
             } else {
-                disk::ensure_user_volume(&state_dir, &target, &user, cap_bytes)?
+                disk::ensure_user_volume(&state_dir, &target, &user, cap_bytes, ids)?
             };
             if !cap.enforced && disk::can_enforce() {
                 // Root without a cap (cap 0): still let the sandbox user write its own dir.
-                chown_dir(&target)?;
+                chown_dir(&target, ids)?;
             }
             Ok::<_, SandboxError>(cap)
         })
@@ -734,6 +765,10 @@ impl DockerSandbox {
             "HOME=/workspace".to_string(),
             "LANG=C.UTF-8".to_string(),
         ];
+        // The user database: `agent` under the user's own ids (the image's says 1000).
+        let (passwd, group) = self.identity_files(request).await?;
+        mounts.push(bind(&passwd, "/etc/passwd", true));
+        mounts.push(bind(&group, "/etc/group", true));
         let proxied = self.proxy_setup(request, &mut mounts, &mut env).await?;
         labels.insert(
             LABEL_NETWORK.to_string(),
@@ -761,6 +796,11 @@ impl DockerSandbox {
             ),
             // Under host memory pressure the kernel picks sandboxes before the gateway.
             oom_score_adj: Some(500),
+            // The family folder is group-owned (2770): members reach it through this group.
+            group_add: request
+                .family_gid
+                .filter(|_| request.family.is_some() && access != WorkspaceAccess::None)
+                .map(|gid| vec![gid.to_string()]),
             init: Some(true),
             tmpfs: Some(tmpfs),
             mounts: Some(mounts),
@@ -798,7 +838,10 @@ impl DockerSandbox {
         }
         self.counters.count_started();
         if proxied {
-            if let Err(e) = self.start_forwarder(&created.id).await {
+            if let Err(e) = self
+                .start_forwarder(&created.id, &exec_user(request.ids))
+                .await
+            {
                 let _ = self.remove_container(name).await;
                 return Err(e);
             }
@@ -816,6 +859,64 @@ impl DockerSandbox {
             },
         );
         Ok(created.id)
+    }
+
+    /// Writes (once per set of ids) the `/etc/passwd` and `/etc/group` a container of
+    /// `request` mounts read-only: `state_dir/identity/<uid>-<gid>-<family gid>.{passwd,group}`,
+    /// mode 0644, replaced atomically when their content changes.
+    async fn identity_files(
+        &self,
+        request: &ExecRequest,
+    ) -> Result<(PathBuf, PathBuf), SandboxError> {
+        let dir = self.settings.state_dir.join("identity");
+        let family_gid = request.family_gid.filter(|_| {
+            request.family.is_some() && request.profile.workspace_access != WorkspaceAccess::None
+        });
+        let stem = format!(
+            "{}-{}-{}",
+            request.ids.uid,
+            request.ids.gid,
+            family_gid.map(|g| g.to_string()).unwrap_or_default()
+        );
+        let files = [
+            (
+                dir.join(format!("{stem}.passwd")),
+                crate::identity::passwd(request.ids),
+            ),
+            (
+                dir.join(format!("{stem}.group")),
+                crate::identity::group(request.ids, family_gid),
+            ),
+        ];
+        let written = files.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+            for (path, content) in &written {
+                if std::fs::read_to_string(path).ok().as_deref() == Some(content.as_str()) {
+                    continue;
+                }
+                let temp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .open(&temp)?;
+                file.write_all(content.as_bytes())?;
+                file.sync_all()?;
+                std::fs::rename(&temp, path)?;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+        .map_err(|e| backend_err(format!("identity files task failed: {e}")))?
+        .map_err(|e| backend_err(format!("cannot write the sandbox's /etc/passwd: {e}")))?;
+        let [(passwd, _), (group, _)] = files;
+        Ok((passwd, group))
     }
 
     fn check_network(&self, request: &ExecRequest) -> Result<(), SandboxError> {
@@ -874,7 +975,7 @@ impl DockerSandbox {
     }
 
     /// Starts the forwarder (as `nobody`, detached) and waits until it listens.
-    async fn start_forwarder(&self, id: &str) -> Result<(), SandboxError> {
+    async fn start_forwarder(&self, id: &str, user: &str) -> Result<(), SandboxError> {
         let options = CreateExecOptions {
             cmd: Some(forwarder_command()),
             attach_stdout: Some(false),
@@ -898,7 +999,7 @@ impl DockerSandbox {
             .map_err(|e| docker_err("starting the proxy forwarder", e))?;
         let check = format!("test -e {FORWARDER_READY_FILE}");
         for _ in 0..100 {
-            if let Ok((Some(0), _)) = self.helper(id, &check).await {
+            if let Ok((Some(0), _)) = self.helper(id, &check, user).await {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(30)).await;
@@ -939,8 +1040,14 @@ impl DockerSandbox {
         text.trim().parse().ok()
     }
 
-    /// Runs a helper command as the sandbox user and returns its stdout (small, bounded).
-    async fn helper(&self, id: &str, script: &str) -> Result<(Option<i64>, String), RunError> {
+    /// Runs a helper command as the sandbox user (`uid:gid`) and returns its stdout (small,
+    /// bounded).
+    async fn helper(
+        &self,
+        id: &str,
+        script: &str,
+        user: &str,
+    ) -> Result<(Option<i64>, String), RunError> {
         let options = CreateExecOptions {
             cmd: Some(vec![
                 "/bin/sh".to_string(),
@@ -949,7 +1056,7 @@ impl DockerSandbox {
             ]),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
-            user: Some(EXEC_USER.to_string()),
+            user: Some(user.to_string()),
             working_dir: Some("/".to_string()),
             ..Default::default()
         };
@@ -1001,8 +1108,8 @@ impl DockerSandbox {
     }
 
     /// The container's OOM-kill counter, if readable.
-    async fn oom_kills(&self, id: &str) -> Option<u64> {
-        let (_, text) = self.helper(id, OOM_COUNTER_SCRIPT).await.ok()?;
+    async fn oom_kills(&self, id: &str, user: &str) -> Option<u64> {
+        let (_, text) = self.helper(id, OOM_COUNTER_SCRIPT, user).await.ok()?;
         text.lines()
             .find_map(|l| l.strip_prefix("oom_kill "))
             .and_then(|n| n.trim().parse().ok())
@@ -1036,7 +1143,7 @@ impl DockerSandbox {
             .get(name)
             .is_some_and(|l| l.oom_kills.is_none());
         if baseline_unknown {
-            let kills = self.oom_kills(id).await;
+            let kills = self.oom_kills(id, &exec_user(request.ids)).await;
             if let Some(live) = self.lock_live().get_mut(name) {
                 live.oom_kills = Some(kills.unwrap_or(0));
             }
@@ -1070,7 +1177,7 @@ impl DockerSandbox {
                     "the sandbox was removed while the command ran",
                 )));
             }
-            if let Some(kills) = self.oom_kills(id).await {
+            if let Some(kills) = self.oom_kills(id, &exec_user(request.ids)).await {
                 let before = self
                     .lock_live()
                     .get_mut(name)
@@ -1104,7 +1211,8 @@ impl DockerSandbox {
         argv: &[String],
         request: &ExecRequest,
     ) -> Result<Option<RawRun>, RunError> {
-        let Some(mut agent) = self.take_runner(name, id).await? else {
+        let user = exec_user(request.ids);
+        let Some(mut agent) = self.take_runner(name, id, &user).await? else {
             return Ok(None);
         };
         let cap = request.profile.limits.output_bytes;
@@ -1115,7 +1223,7 @@ impl DockerSandbox {
                 } else {
                     drop(agent);
                     tracing::warn!(container = %name, "processes survived the command; reaping the sandbox");
-                    self.reap_all(name, id).await;
+                    self.reap_all(name, id, &user).await;
                 }
                 Ok(Some(RawRun {
                     exit_code: out.exit_code,
@@ -1143,7 +1251,7 @@ impl DockerSandbox {
                     )));
                 }
                 tracing::info!(container = %name, reason = %why, "sandbox command runner lost; reaping");
-                self.reap_all(name, id).await;
+                self.reap_all(name, id, &user).await;
                 Ok(Some(RawRun {
                     exit_code: None,
                     stdout: Vec::new(),
@@ -1159,7 +1267,12 @@ impl DockerSandbox {
     /// Takes the container's live runner out of its slot, or starts one. Must be called under
     /// the container's run lock. `None`: this command runs with its own exec (the image cannot
     /// host a runner, or one did not start this time).
-    async fn take_runner(&self, name: &str, id: &str) -> Result<Option<ExecAgent>, RunError> {
+    async fn take_runner(
+        &self,
+        name: &str,
+        id: &str,
+        user: &str,
+    ) -> Result<Option<ExecAgent>, RunError> {
         let slot = self
             .lock_agents()
             .remove(name)
@@ -1175,7 +1288,7 @@ impl DockerSandbox {
                 // It died while idle: replace it before a command is sent to it.
                 tracing::info!(container = %name, "sandbox command runner ended while idle; starting a new one");
                 drop(agent);
-                self.reap_all(name, id).await;
+                self.reap_all(name, id, user).await;
             }
             Some(unsupported @ AgentSlot { agent: None, .. }) => {
                 self.lock_agents().insert(name.to_string(), unsupported);
@@ -1183,7 +1296,7 @@ impl DockerSandbox {
             }
             None => {}
         }
-        self.start_runner(name, id).await
+        self.start_runner(name, id, user).await
     }
 
     /// Puts a runner back for the container's next command.
@@ -1201,8 +1314,13 @@ impl DockerSandbox {
     /// (a runner's start-up reap would kill a running command). `None`: run this command with
     /// one exec; when the image cannot run the runner at all, that is remembered for the
     /// container. A failed start is reaped, so no stray runner is left to interfere later.
-    async fn start_runner(&self, name: &str, id: &str) -> Result<Option<ExecAgent>, RunError> {
-        match ExecAgent::start(&self.docker, id, EXEC_USER).await {
+    async fn start_runner(
+        &self,
+        name: &str,
+        id: &str,
+        user: &str,
+    ) -> Result<Option<ExecAgent>, RunError> {
+        match ExecAgent::start(&self.docker, id, user).await {
             Ok(agent) => Ok(Some(agent)),
             Err(AgentError::ContainerGone) => Err(RunError::Gone),
             Err(AgentError::Unsupported(why)) => {
@@ -1218,15 +1336,15 @@ impl DockerSandbox {
             }
             Err(AgentError::StartFailed(why) | AgentError::Broken(why)) => {
                 tracing::warn!(container = %name, reason = %why, "the sandbox's command runner did not start; this command uses its own exec");
-                self.reap_all(name, id).await;
+                self.reap_all(name, id, user).await;
                 Ok(None)
             }
         }
     }
 
     /// Kills every sandbox-user process in the container from a separate exec.
-    async fn reap_all(&self, name: &str, id: &str) {
-        match self.helper(id, &kill_all_script()).await {
+    async fn reap_all(&self, name: &str, id: &str, user: &str) {
+        match self.helper(id, &kill_all_script(), user).await {
             Ok((Some(0), _)) => {}
             Ok(_) => {
                 tracing::warn!(container = %name, "processes survived the kill")
@@ -1249,7 +1367,7 @@ impl DockerSandbox {
             cmd: Some(wrap(argv)),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
-            user: Some(EXEC_USER.to_string()),
+            user: Some(exec_user(request.ids)),
             working_dir: Some("/workspace".to_string()),
             ..Default::default()
         };
@@ -1310,7 +1428,7 @@ impl DockerSandbox {
 
         let mut exit_code = None;
         if timed_out {
-            self.reap_all(name, id).await;
+            self.reap_all(name, id, &exec_user(request.ids)).await;
         } else {
             // The stream ends when the process closes its output; the exit code follows shortly.
             for _ in 0..50 {
@@ -1384,11 +1502,14 @@ fn bind(source: &Path, target: &str, read_only: bool) -> Mount {
     }
 }
 
-fn chown_dir(dir: &Path) -> Result<(), SandboxError> {
-    let uid = rustix::process::Uid::from_raw(disk::SANDBOX_UID);
-    let gid = rustix::process::Gid::from_raw(disk::SANDBOX_UID);
+/// Hands a directory without a volume to its user: their ids, mode 0700.
+fn chown_dir(dir: &Path, ids: SandboxIds) -> Result<(), SandboxError> {
+    let uid = rustix::process::Uid::from_raw(ids.uid);
+    let gid = rustix::process::Gid::from_raw(ids.gid);
     rustix::fs::chown(dir, Some(uid), Some(gid))
-        .map_err(|e| backend_err(format!("cannot chown {}: {e}", dir.display())))
+        .map_err(|e| backend_err(format!("cannot chown {}: {e}", dir.display())))?;
+    rustix::fs::chmod(dir, rustix::fs::Mode::from_raw_mode(0o700))
+        .map_err(|e| backend_err(format!("cannot chmod {}: {e}", dir.display())))
 }
 
 fn parse_limits(labels: &HashMap<String, String>) -> Option<SandboxLimits> {
@@ -1405,6 +1526,7 @@ impl Sandbox for DockerSandbox {
 
     async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
         let started = Instant::now();
+        check_ids(&request)?;
         self.check_network(&request)?;
         if request.profile.network == SandboxNetwork::Proxy {
             // An adopted container's socket directory needs this gateway's listener in it.
@@ -1569,6 +1691,8 @@ mod tests {
             user: UserId::new(user).unwrap(),
             home: PathBuf::from(format!("/homes/{user}")),
             family: None,
+            ids: SandboxIds::same(2_000_000_000),
+            family_gid: None,
             session_id: session.into(),
             command: ExecCommand::Shell("true".into()),
             timeout: Duration::from_secs(1),
@@ -1588,6 +1712,14 @@ mod tests {
         let mut ro = request("anna", "s1");
         ro.profile.workspace_access = WorkspaceAccess::Ro;
         assert_ne!(a1, sb.container_name(&ro, None));
+        // A container's uid and groups are fixed at creation: another id is another container
+        // (a new user under a removed user's name never gets the old one's container).
+        let mut renumbered = request("anna", "s1");
+        renumbered.ids = SandboxIds::same(2_000_000_001);
+        assert_ne!(a1, sb.container_name(&renumbered, None));
+        let mut family = request("anna", "s1");
+        family.family_gid = Some(2_000_000_002);
+        assert_ne!(a1, sb.container_name(&family, None));
         let other_digest = sandbox(SandboxScope::Session, "d2");
         assert_ne!(
             a1,
@@ -1616,10 +1748,33 @@ mod tests {
         ];
         let wrapped = wrap(argv.clone());
         assert_eq!(&wrapped[..2], ["/bin/sh", "-c"]);
-        assert!(wrapped[2].starts_with("\"$@\"\nrc=$?\n"));
+        assert!(wrapped[2].starts_with("umask 007\n\"$@\"\nrc=$?\n"));
         assert!(wrapped[2].ends_with("exit $rc"));
         assert_eq!(wrapped[3], "sh");
         assert_eq!(&wrapped[4..], &argv[..]);
+    }
+
+    #[tokio::test]
+    async fn root_and_nobody_are_refused_as_sandbox_ids() {
+        for ids in [
+            SandboxIds::same(0),
+            SandboxIds {
+                uid: 2_000_000_000,
+                gid: 0,
+            },
+            SandboxIds::same(65534),
+        ] {
+            let mut r = request("anna", "s1");
+            r.ids = ids;
+            assert!(
+                matches!(check_ids(&r), Err(SandboxError::Unavailable(_))),
+                "{ids:?}"
+            );
+        }
+        let mut r = request("anna", "s1");
+        r.family_gid = Some(0);
+        assert!(check_ids(&r).is_err());
+        assert!(check_ids(&request("anna", "s1")).is_ok());
     }
 
     #[tokio::test]

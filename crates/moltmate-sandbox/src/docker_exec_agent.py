@@ -21,6 +21,9 @@ import base64, json, os, selectors, signal, subprocess, sys, time
 
 ME = os.getpid()
 UID = os.getuid()
+# Group members share /family (group-owned, setgid): what a command makes must stay usable by
+# the group. Homes are 0700 and the primary group is the user's own, so nothing else opens up.
+os.umask(0o007)
 WRAP = '{ echo 1000 >/proc/self/oom_score_adj; } 2>/dev/null; exec "$@"'
 
 

@@ -14,6 +14,7 @@ pub mod bwrap;
 pub mod disk;
 pub mod docker;
 mod docker_agent;
+mod identity;
 pub mod image;
 pub mod policy;
 pub mod proxy;

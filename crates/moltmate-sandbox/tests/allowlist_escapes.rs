@@ -14,7 +14,7 @@
 
 use moltmate_core::allowlist::DEFAULT_SAFE_BINS;
 use moltmate_core::sandbox::{
-    ExecCommand, ExecOutput, ExecRequest, ExecSecurity, ExecSettings, Sandbox, SandboxLimits,
+    ExecCommand, ExecOutput, ExecRequest, ExecSecurity, ExecSettings, Sandbox, SandboxIds, SandboxLimits,
     SandboxProfile,
 };
 use moltmate_core::UserId;
@@ -465,11 +465,22 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, i64, i64, u32)> {
     out
 }
 
+/// The sandbox ids of a test home, as a root gateway would allocate them: distinct per home
+/// (the home path is random).
+fn ids_of(home: &Path) -> SandboxIds {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(home.display().to_string().as_bytes());
+    let n = u32::from_le_bytes([digest[0], digest[1], digest[2], 0]);
+    SandboxIds::same(2_120_000_000 + n % 10_000_000)
+}
+
 fn request(user: &UserId, home: &Path, command: ExecCommand, timeout: Duration) -> ExecRequest {
     ExecRequest {
         user: user.clone(),
         home: home.to_path_buf(),
         family: None,
+        ids: ids_of(home),
+        family_gid: None,
         session_id: "s1".into(),
         command,
         timeout,

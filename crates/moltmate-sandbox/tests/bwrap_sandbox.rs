@@ -4,7 +4,8 @@
 //! unless `MOLTMATE_REQUIRE_SANDBOX=1`, which turns the skip into a failure.
 
 use moltmate_core::sandbox::{
-    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxLimits, SandboxProfile, WorkspaceAccess,
+    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxIds, SandboxLimits, SandboxProfile,
+    WorkspaceAccess,
 };
 use moltmate_core::UserId;
 use moltmate_sandbox::bwrap::BwrapSandbox;
@@ -24,6 +25,15 @@ impl Drop for Fixture {
 }
 
 impl Fixture {
+    /// `user`'s sandbox ids in this fixture, as a root gateway would allocate them: distinct
+    /// per user and per fixture (the fixture root is random).
+    fn ids(&self, user: &str) -> SandboxIds {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(format!("{}/{user}", self.root.display()).as_bytes());
+        let n = u32::from_le_bytes([digest[0], digest[1], digest[2], 0]);
+        SandboxIds::same(2_110_000_000 + n % 10_000_000)
+    }
+
     fn home(&self, user: &str) -> PathBuf {
         let home = self.root.join("users").join(user);
         std::fs::create_dir_all(&home).unwrap();
@@ -35,6 +45,8 @@ impl Fixture {
             user: UserId::new(user).unwrap(),
             home: self.home(user),
             family: None,
+            ids: self.ids(user),
+            family_gid: None,
             session_id: "s1".into(),
             command: ExecCommand::Shell(command.into()),
             timeout: Duration::from_secs(20),
@@ -123,7 +135,7 @@ fn host_processes_with(marker: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn runs_as_uid_1000_in_workspace_with_the_home() {
+async fn runs_as_the_users_own_uid_in_workspace_with_the_home() {
     let Some(f) = fixture("ident").await else {
         return;
     };
@@ -135,19 +147,24 @@ async fn runs_as_uid_1000_in_workspace_with_the_home() {
         )
         .await;
     assert_eq!(out.exit_code, Some(0), "{out:?}");
+    let ids = f.ids("anna");
     assert_eq!(
         out.stdout,
-        "1000\n1000\n/workspace\n/workspace\nhi from home"
+        format!(
+            "{}\n{}\n/workspace\n/workspace\nhi from home",
+            ids.uid, ids.gid
+        )
     );
     assert_eq!(
         std::fs::read_to_string(f.home("anna").join("made.txt")).unwrap(),
         "new\n"
     );
-    // A root gateway drops to host uid 1000: nothing the sandbox makes belongs to root.
+    // A root gateway drops to the user's own host uid: what the sandbox makes is theirs.
     if rustix::process::geteuid().is_root() {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(f.home("anna").join("made.txt")).unwrap();
-        assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
+        assert_eq!((meta.uid(), meta.gid()), (ids.uid, ids.gid));
+        assert_eq!(meta.mode() & 0o777, 0o660, "umask 007");
     }
 
     let mut argv = f.request("anna", "");
@@ -309,7 +326,11 @@ async fn symlinks_made_inside_stay_confined() {
         !out.stdout.contains("root:x:0:0:root:/root"),
         "host passwd leaked: {out:?}"
     );
-    assert!(out.stdout.contains("agent:x:1000"), "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("agent:x:{}:", f.ids("anna").uid)),
+        "{out:?}"
+    );
     assert!(!out.stdout.contains("home"), "{out:?}");
 }
 
@@ -469,12 +490,25 @@ async fn family_folder_fill_is_stopped() {
         "cat /family/FAMILY.md; for i in 1 2 3 4 5; do head -c 8000000 /dev/zero > /family/f$i; done; echo done",
     );
     req.family = Some(family.clone());
+    let family_ids = f.ids("smiths");
+    req.family_gid = Some(family_ids.gid);
     req.profile.limits.disk_bytes = 16 * 1024 * 1024;
     let out = f.sandbox.exec(req).await.unwrap();
     assert!(
         out.stdout.contains("We are the Smiths."),
         "migrated: {out:?}"
     );
+    {
+        // The family's volume belongs to the family's id, shared by its group.
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&family).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (family_ids.uid, family_ids.gid, 0o2770)
+        );
+        let moved = std::fs::metadata(family.join("FAMILY.md")).unwrap();
+        assert_eq!((moved.gid(), moved.mode() & 0o070), (family_ids.gid, 0o060));
+    }
     let total = file_bytes(&family);
     assert!(total <= 16 * 1024 * 1024, "wrote {total} bytes: {out:?}");
     assert!(out.stderr.contains("No space left"), "{out:?}");
@@ -604,4 +638,256 @@ fn file_bytes(dir: &Path) -> u64 {
         .filter(|m| m.is_file())
         .map(|m| m.len())
         .sum()
+}
+
+/// Runs `program args` on the host as `ids` with only `groups` as supplementary groups: what a
+/// process that escaped a sandbox of that uid could do. Returns (success, stdout + stderr).
+fn run_on_host_as(ids: SandboxIds, groups: &[u32], program: &str, args: &[&str]) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).env_clear().env("PATH", "/usr/bin:/bin");
+    // SAFETY: only async-signal-safe system calls on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ptr = if groups.is_empty() {
+                std::ptr::null()
+            } else {
+                groups.as_ptr()
+            };
+            if libc::setgroups(groups.len(), ptr) != 0
+                || libc::setresgid(ids.gid, ids.gid, ids.gid) != 0
+                || libc::setresuid(ids.uid, ids.uid, ids.uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// The host pid of the process whose command line is exactly `cmdline` (space-joined) and
+/// whose real uid is `uid`, waiting up to 10 s for it to appear.
+async fn host_pid_of(cmdline: &str, uid: u32) -> u32 {
+    for _ in 0..200 {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(pid) = name.parse::<u32>() else {
+                continue;
+            };
+            let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if line.trim_end() != cmdline {
+                continue;
+            }
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let real_uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|u| u.parse::<u32>().ok());
+            if real_uid == Some(uid) {
+                return pid;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no process {cmdline:?} of uid {uid} appeared");
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Two users' sandboxes run as two different host uids, and what each makes in its home is
+/// owned by that user's uid on the host.
+#[tokio::test]
+async fn two_users_run_as_their_own_uids_and_own_their_files() {
+    let Some(f) = fixture("twouids").await else {
+        return;
+    };
+    if !rustix::process::geteuid().is_root() {
+        println!("SKIP: per-user uids need a root gateway");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = Vec::new();
+    for user in ["anna", "bob"] {
+        let out = f
+            .run(user, "id -u; id -g; id -un; echo mine > mine.txt; mkdir d")
+            .await;
+        let ids = f.ids(user);
+        assert_eq!(
+            out.stdout,
+            format!("{}\n{}\nagent\n", ids.uid, ids.gid),
+            "{out:?}"
+        );
+        for path in [
+            f.home(user),
+            f.home(user).join("mine.txt"),
+            f.home(user).join("d"),
+        ] {
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (ids.uid, ids.gid), "{path:?}");
+        }
+        assert_eq!(
+            std::fs::metadata(f.home(user)).unwrap().mode() & 0o777,
+            0o700
+        );
+        seen.push(ids.uid);
+    }
+    assert_ne!(seen[0], seen[1]);
+    // An escape with anna's uid cannot read bob's home on the host.
+    let bob_file = f.home("bob").join("mine.txt");
+    let (ok, text) = run_on_host_as(f.ids("anna"), &[], "cat", &[bob_file.to_str().unwrap()]);
+    assert!(!ok && text.contains("Permission denied"), "{text}");
+}
+
+/// A live sandbox of one user is out of reach of every other uid, even through
+/// `/proc/<pid>/root` (the path into a process's mount namespace): from inside another user's
+/// sandbox (its own pid namespace shows nothing else), and from the host as another user's
+/// uid or as uid 1000 (the first login on Debian/Ubuntu, the old shared sandbox uid).
+#[tokio::test]
+async fn live_sandbox_is_out_of_reach_through_proc_root() {
+    let Some(f) = fixture("procroot").await else {
+        return;
+    };
+    if !rustix::process::geteuid().is_root() {
+        println!("SKIP: per-user uids need a root gateway");
+        return;
+    }
+    std::fs::write(f.home("bob").join("secret.txt"), "bob-secret").unwrap();
+    let marker = format!(
+        "{}.{}",
+        500 + rand::random::<u32>() % 100,
+        rand::random::<u32>() % 1_000_000 + 1
+    );
+    let mut long = f.request("bob", "");
+    long.command = ExecCommand::Argv(vec!["sleep".into(), marker.clone()]);
+    long.timeout = Duration::from_secs(60);
+    let bob = f.ids("bob");
+    let sandbox = std::sync::Arc::new(f);
+    let running = {
+        let sandbox = sandbox.clone();
+        tokio::spawn(async move { sandbox.sandbox.exec(long).await })
+    };
+    let f = sandbox;
+    let pid = host_pid_of(&format!("sleep {marker}"), bob.uid).await;
+    let through = format!("/proc/{pid}/root/workspace/secret.txt");
+    // Control: the path does lead to bob's file (root can follow it).
+    assert_eq!(std::fs::read_to_string(&through).unwrap(), "bob-secret");
+
+    for (who, ids) in [
+        ("anna", f.ids("anna")),
+        ("uid 1000", SandboxIds::same(1000)),
+    ] {
+        let (ok, text) = run_on_host_as(ids, &[], "cat", &[through.as_str()]);
+        assert!(!ok && text.contains("Permission denied"), "{who}: {text}");
+        let cwd = format!("/proc/{pid}/cwd/");
+        let (ok, text) = run_on_host_as(ids, &[], "ls", &[cwd.as_str()]);
+        assert!(!ok && text.contains("Permission denied"), "{who}: {text}");
+        let (ok, text) = run_on_host_as(ids, &[], "kill", &["-0", &pid.to_string()]);
+        assert!(!ok, "{who} may signal bob's sandbox: {text}");
+    }
+    let out = f
+        .run(
+            "anna",
+            &format!(
+                "cat {through} 2>&1; for p in /proc/[0-9]*; do cat $p/root/workspace/secret.txt 2>/dev/null; done; kill -9 {pid} 2>&1; echo end"
+            ),
+        )
+        .await;
+    assert!(!out.stdout.contains("bob-secret"), "{out:?}");
+    assert!(out.stdout.ends_with("end\n"), "{out:?}");
+
+    // SAFETY: kill(2) on bob's sleep, which this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let out = running.await.unwrap().unwrap();
+    assert_ne!(out.exit_code, Some(0), "{out:?}");
+}
+
+/// Family members (each their own uid) both read and write `/family` — each other's files and
+/// directories too — through the family's gid; a non-member cannot, in a sandbox or on the host.
+#[tokio::test]
+async fn family_members_share_the_family_folder_and_others_cannot() {
+    let Some(f) = fixture("famshare").await else {
+        return;
+    };
+    if !rustix::process::geteuid().is_root() {
+        println!("SKIP: per-user uids need a root gateway");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    // The folder as the gateway makes it (Homes::ensure_family): the family's id, setgid 2770.
+    let family = f.root.join("families").join("smiths");
+    std::fs::create_dir_all(&family).unwrap();
+    let fam = f.ids("smiths");
+    std::os::unix::fs::chown(&family, Some(fam.uid), Some(fam.gid)).unwrap();
+    chmod(&family, 0o2770);
+    let member = |user: &str, command: &str| {
+        let mut req = f.request(user, command);
+        req.family = Some(family.clone());
+        req.family_gid = Some(fam.gid);
+        req
+    };
+    let out = f
+        .sandbox
+        .exec(member(
+            "anna",
+            "echo from anna > /family/a.txt && mkdir /family/anna-dir && echo ok",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, "ok\n", "{out:?}");
+    let out = f
+        .sandbox
+        .exec(member(
+            "bob",
+            "cat /family/a.txt && echo bob was here >> /family/a.txt && echo from bob > /family/anna-dir/b.txt && echo ok",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, "from anna\nok\n", "{out:?}");
+    let out = f
+        .sandbox
+        .exec(member("anna", "cat /family/a.txt /family/anna-dir/b.txt"))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, "from anna\nbob was here\nfrom bob\n", "{out:?}");
+    // On the host: each file is its writer's, in the family's group, group read-write.
+    let a = std::fs::metadata(family.join("a.txt")).unwrap();
+    assert_eq!(
+        (a.uid(), a.gid(), a.mode() & 0o777),
+        (f.ids("anna").uid, fam.gid, 0o660)
+    );
+    let dir = std::fs::metadata(family.join("anna-dir")).unwrap();
+    assert_eq!((dir.gid(), dir.mode() & 0o7777), (fam.gid, 0o2770));
+    let b = std::fs::metadata(family.join("anna-dir/b.txt")).unwrap();
+    assert_eq!((b.uid(), b.gid()), (f.ids("bob").uid, fam.gid));
+
+    // A non-member given the folder anyway (no family gid) cannot use it.
+    let mut req = f.request(
+        "carol",
+        "cat /family/a.txt 2>&1; ls /family 2>&1; touch /family/c 2>&1; echo end",
+    );
+    req.family = Some(family.clone());
+    let out = f.sandbox.exec(req).await.unwrap();
+    assert!(!out.stdout.contains("from anna"), "{out:?}");
+    assert_eq!(
+        out.stdout.matches("Permission denied").count(),
+        3,
+        "{out:?}"
+    );
+    assert!(!family.join("c").exists());
+    // Nor can an escape with the non-member's uid on the host.
+    let path = family.join("a.txt");
+    let (ok, text) = run_on_host_as(f.ids("carol"), &[], "cat", &[path.to_str().unwrap()]);
+    assert!(!ok && text.contains("Permission denied"), "{text}");
 }

@@ -6,7 +6,8 @@
 //! Every test uses its own user ids and removes its containers.
 
 use moltmate_core::sandbox::{
-    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxLimits, SandboxProfile, WorkspaceAccess,
+    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxIds, SandboxLimits, SandboxProfile,
+    WorkspaceAccess,
 };
 use moltmate_core::UserId;
 use moltmate_sandbox::docker::{docker_available, DockerSandbox};
@@ -144,11 +145,22 @@ fn home_of(user: &UserId) -> PathBuf {
     home
 }
 
+/// Each test user's own sandbox ids, as a root gateway would allocate them: distinct per user
+/// (derived from the unique user id), in a block of their own.
+fn ids_of(user: &UserId) -> SandboxIds {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(user.as_str().as_bytes());
+    let n = u32::from_le_bytes([digest[0], digest[1], digest[2], 0]);
+    SandboxIds::same(2_100_000_000 + n % 10_000_000)
+}
+
 fn request(user: &UserId, command: &str, timeout: Duration) -> ExecRequest {
     ExecRequest {
         user: user.clone(),
         home: home_of(user),
         family: None,
+        ids: ids_of(user),
+        family_gid: None,
         session_id: "s1".into(),
         command: ExecCommand::Shell(command.into()),
         timeout,
@@ -226,7 +238,11 @@ async fn docker_identity_filesystem_and_secrets() {
     let out = sh(&sb, &u, "id -u; id -g; pwd; cat hello.txt").await;
     eprintln!("cold exec (create + run): {:?}", t.elapsed());
     assert_eq!(out.exit_code, Some(0));
-    assert_eq!(out.stdout, "1000\n1000\n/workspace\nfrom the host\n");
+    let ids = ids_of(&u);
+    assert_eq!(
+        out.stdout,
+        format!("{}\n{}\n/workspace\nfrom the host\n", ids.uid, ids.gid)
+    );
 
     let t = Instant::now();
     let out = sh(&sb, &u, "echo warm").await;
@@ -353,8 +369,9 @@ async fn docker_users_are_isolated() {
 
 /// Runs `ps` with `request`'s user and limits and asserts [`assert_only_runner_and_ps`].
 async fn assert_nothing_left(sb: &DockerSandbox, mut request: ExecRequest) {
+    let uid = request.ids.uid.to_string();
     request.command = ExecCommand::Argv(
-        ["ps", "-u", "1000", "-o", "comm="]
+        ["ps", "-u", uid.as_str(), "-o", "comm="]
             .map(String::from)
             .to_vec(),
     );
@@ -362,7 +379,7 @@ async fn assert_nothing_left(sb: &DockerSandbox, mut request: ExecRequest) {
     assert_only_runner_and_ps(&out);
 }
 
-/// `ps -u 1000 -o comm=` shows nothing but the container's command runner (`python3`), the
+/// `ps -u <uid> -o comm=` shows nothing but the container's command runner (`python3`), the
 /// command wrapper (`sh`, on the per-exec path) and `ps` itself: nothing outlived its call.
 fn assert_only_runner_and_ps(out: &ExecOutput) {
     let names: Vec<&str> = out.stdout.lines().map(str::trim).collect();
@@ -519,8 +536,18 @@ async fn docker_family_folder_fill_is_stopped() {
         |l| l.disk_bytes = 32 << 20,
     );
     r.family = Some(family.clone());
+    r.family_gid = Some(ids_of(&u).gid + 1);
     let out = run(&sb, r).await;
     assert!(out.stdout.contains("We are the Smiths."), "{out:?}");
+    // The family's volume belongs to the family's own gid, shared by the group (setgid 2770).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&family).unwrap();
+        assert_eq!(
+            (meta.gid(), meta.mode() & 0o7777),
+            (ids_of(&u).gid + 1, 0o2770)
+        );
+    }
     assert!(out.stdout.contains("No space left on device"), "{out:?}");
     let size = std::fs::metadata(family.join("big")).unwrap().len();
     assert!(size <= 32 << 20, "wrote {size} bytes");
@@ -809,6 +836,7 @@ async fn docker_workspace_access_modes() {
     );
     r.profile.workspace_access = WorkspaceAccess::Ro;
     r.family = Some(family.clone());
+    r.family_gid = Some(ids_of(&u).gid + 1);
     let out = run(&sb, r).await;
     assert!(out.stdout.starts_with("ro note\nfamily\n"), "{out:?}");
     assert_eq!(
@@ -1020,12 +1048,13 @@ async fn docker_command_that_kills_its_runner_is_contained() {
         .unwrap()
         .name;
     let docker = moltmate_sandbox::docker::connect_client(sb.settings()).unwrap();
+    let runner_user = format!("{0}:{0}", ids_of(&u).uid);
     let exec = docker
         .create_exec(
             &name,
             bollard::exec::CreateExecOptions {
                 cmd: Some(vec!["pkill", "-9", "python3"]),
-                user: Some("1000:1000"),
+                user: Some(runner_user.as_str()),
                 attach_stdout: Some(true),
                 ..Default::default()
             },
@@ -1043,4 +1072,251 @@ async fn docker_command_that_kills_its_runner_is_contained() {
     assert_eq!(out.stdout, "fresh\n", "{out:?}");
     assert_nothing_left(&sb, request(&u, "", Duration::from_secs(30))).await;
     cleanup(&sb, &[&u]).await;
+}
+
+/// Runs `program args` on the host as `ids` with no supplementary groups: what a process that
+/// escaped a container of that uid could do. Returns (success, stdout + stderr).
+fn run_on_host_as(ids: SandboxIds, program: &str, args: &[&str]) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).env_clear().env("PATH", "/usr/bin:/bin");
+    // SAFETY: only async-signal-safe system calls before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(ids.gid, ids.gid, ids.gid) != 0
+                || libc::setresuid(ids.uid, ids.uid, ids.uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// The host pid of the process whose command line is exactly `cmdline` and whose real uid is
+/// `uid`, waiting up to 20 s for it to appear.
+async fn host_pid_of(cmdline: &str, uid: u32) -> u32 {
+    for _ in 0..400 {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            if String::from_utf8_lossy(&raw).replace('\0', " ").trim_end() != cmdline {
+                continue;
+            }
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let real_uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|u| u.parse::<u32>().ok());
+            if real_uid == Some(uid) {
+                return pid;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no process {cmdline:?} of uid {uid} appeared");
+}
+
+/// Two users' containers run their commands as two different host uids; what each makes in
+/// its home belongs to that uid on the host, and the other uid cannot read it.
+#[tokio::test]
+async fn docker_users_run_as_their_own_uids_and_own_their_files() {
+    if ready().await.is_none() {
+        return;
+    }
+    if !disk::can_enforce() {
+        println!("SKIP: per-user uids need a root gateway");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_users_run_as_their_own_uids",
+    ))
+    .unwrap();
+    let (a, b) = (user("uida"), user("uidb"));
+    for u in [&a, &b] {
+        let out = sh(
+            &sb,
+            u,
+            "id -u; id -g; id -un; echo mine > mine.txt; mkdir d",
+        )
+        .await;
+        let ids = ids_of(u);
+        assert_eq!(
+            out.stdout,
+            format!("{}\n{}\nagent\n", ids.uid, ids.gid),
+            "{out:?}"
+        );
+        for path in [
+            home_of(u),
+            home_of(u).join("mine.txt"),
+            home_of(u).join("d"),
+        ] {
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (ids.uid, ids.gid), "{path:?}");
+        }
+        assert_eq!(std::fs::metadata(home_of(u)).unwrap().mode() & 0o777, 0o700);
+    }
+    assert_ne!(ids_of(&a).uid, ids_of(&b).uid);
+    let theirs = home_of(&b).join("mine.txt");
+    let (ok, text) = run_on_host_as(ids_of(&a), "cat", &[theirs.to_str().unwrap()]);
+    assert!(!ok && text.contains("Permission denied"), "{text}");
+    cleanup(&sb, &[&a, &b]).await;
+}
+
+/// A live container of one user is out of reach of every other uid, even through
+/// `/proc/<pid>/root`: from another user's container (its own pid namespace) and from the
+/// host as another user's uid or as uid 1000 (the first login, the old shared sandbox uid).
+#[tokio::test]
+async fn docker_live_sandbox_is_out_of_reach_through_proc_root() {
+    if ready().await.is_none() {
+        return;
+    }
+    if !disk::can_enforce() {
+        println!("SKIP: per-user uids need a root gateway");
+        return;
+    }
+    let sb = std::sync::Arc::new(
+        DockerSandbox::connect(&settings(
+            SandboxScope::User,
+            "test",
+            "docker_live_sandbox_is_out_of_reach",
+        ))
+        .unwrap(),
+    );
+    let (a, b) = (user("proca"), user("procb"));
+    sh(&sb, &b, "echo bob-secret > secret.txt").await;
+    let marker = format!(
+        "{}.{}",
+        500 + rand::random::<u32>() % 100,
+        rand::random::<u32>() % 1_000_000 + 1
+    );
+    let mut long = request(&b, "", Duration::from_secs(60));
+    long.command = ExecCommand::Argv(vec!["sleep".into(), marker.clone()]);
+    let running = {
+        let sb = sb.clone();
+        tokio::spawn(async move { sb.exec(long).await })
+    };
+    let pid = host_pid_of(&format!("sleep {marker}"), ids_of(&b).uid).await;
+    let through = format!("/proc/{pid}/root/workspace/secret.txt");
+    // Control: the path does lead to the file (root can follow it).
+    assert_eq!(std::fs::read_to_string(&through).unwrap(), "bob-secret\n");
+    for (who, ids) in [
+        ("the other user", ids_of(&a)),
+        ("uid 1000", SandboxIds::same(1000)),
+    ] {
+        let (ok, text) = run_on_host_as(ids, "cat", &[through.as_str()]);
+        assert!(!ok && text.contains("Permission denied"), "{who}: {text}");
+        let (ok, text) = run_on_host_as(ids, "kill", &["-0", &pid.to_string()]);
+        assert!(!ok, "{who} may signal the container's process: {text}");
+    }
+    let out = sh(
+        &sb,
+        &a,
+        &format!("cat {through} 2>&1; for p in /proc/[0-9]*; do cat $p/root/workspace/secret.txt 2>/dev/null; done; echo end"),
+    )
+    .await;
+    assert!(!out.stdout.contains("bob-secret"), "{out:?}");
+    assert!(out.stdout.ends_with("end\n"), "{out:?}");
+    // SAFETY: kill(2) on the sleep this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let out = running.await.unwrap().unwrap();
+    assert_ne!(out.exit_code, Some(0), "{out:?}");
+    cleanup(&sb, &[&a, &b]).await;
+}
+
+/// Family members (each their own uid, each their own container) both read and write
+/// `/family`, each other's files and directories too, through the family's gid; a non-member
+/// given the folder cannot, nor can the non-member's uid on the host.
+#[tokio::test]
+async fn docker_family_members_share_the_family_folder_and_others_cannot() {
+    if ready().await.is_none() {
+        return;
+    }
+    if !disk::can_enforce() {
+        println!("SKIP: per-user uids need a root gateway");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let sb = DockerSandbox::connect(&settings(
+        SandboxScope::User,
+        "test",
+        "docker_family_members_share",
+    ))
+    .unwrap();
+    let (a, b, c) = (user("fama"), user("famb"), user("famc"));
+    let family = PathBuf::from(ROOT).join("families").join(a.as_str());
+    std::fs::create_dir_all(&family).unwrap();
+    let fam_gid = ids_of(&a).gid + 1;
+    let member = |u: &UserId, command: &str| {
+        let mut r = request(u, command, Duration::from_secs(30));
+        r.family = Some(family.clone());
+        r.family_gid = Some(fam_gid);
+        r
+    };
+    let out = run(
+        &sb,
+        member(
+            &a,
+            "echo from a > /family/a.txt && mkdir /family/a-dir && echo ok",
+        ),
+    )
+    .await;
+    assert_eq!(out.stdout, "ok\n", "{out:?}");
+    let out = run(
+        &sb,
+        member(&b, "cat /family/a.txt && echo b was here >> /family/a.txt && echo from b > /family/a-dir/b.txt && echo ok"),
+    )
+    .await;
+    assert_eq!(out.stdout, "from a\nok\n", "{out:?}");
+    let out = run(
+        &sb,
+        member(&a, "cat /family/a.txt /family/a-dir/b.txt; id -Gn"),
+    )
+    .await;
+    assert_eq!(
+        out.stdout, "from a\nb was here\nfrom b\nagent family\n",
+        "{out:?}"
+    );
+    let root = std::fs::metadata(&family).unwrap();
+    assert_eq!((root.gid(), root.mode() & 0o7777), (fam_gid, 0o2770));
+    let file = std::fs::metadata(family.join("a.txt")).unwrap();
+    assert_eq!(
+        (file.uid(), file.gid(), file.mode() & 0o777),
+        (ids_of(&a).uid, fam_gid, 0o660)
+    );
+    let dir = std::fs::metadata(family.join("a-dir")).unwrap();
+    assert_eq!((dir.gid(), dir.mode() & 0o7777), (fam_gid, 0o2770));
+
+    let mut r = request(
+        &c,
+        "cat /family/a.txt 2>&1; ls /family 2>&1; touch /family/c 2>&1; echo end",
+        Duration::from_secs(30),
+    );
+    r.family = Some(family.clone());
+    let out = run(&sb, r).await;
+    assert!(!out.stdout.contains("from a"), "{out:?}");
+    assert_eq!(
+        out.stdout.matches("Permission denied").count(),
+        3,
+        "{out:?}"
+    );
+    let path = family.join("a.txt");
+    let (ok, text) = run_on_host_as(ids_of(&c), "cat", &[path.to_str().unwrap()]);
+    assert!(!ok && text.contains("Permission denied"), "{text}");
+    cleanup(&sb, &[&a, &b, &c]).await;
+    let _ = disk::release_user_volume(&family);
+    let _ = std::fs::remove_dir_all(&family);
 }

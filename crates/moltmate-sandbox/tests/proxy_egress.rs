@@ -556,6 +556,8 @@ for url in ["http://api.allowed.test/from-sandbox", "http://metadata.allowed.tes
             user: UserId::new("anna").unwrap(),
             home,
             family: None,
+            ids: moltmate_core::sandbox::SandboxIds::same(2_100_000_001),
+            family_gid: None,
             session_id: "s".into(),
             command: ExecCommand::Argv(vec!["python3".into(), "fetch.py".into()]),
             timeout: Duration::from_secs(30),

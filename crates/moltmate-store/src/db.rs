@@ -8,6 +8,7 @@
 use chrono::Utc;
 use moltmate_core::channel::InboundMessage;
 use moltmate_core::model::{ConversationItem, TokenUsage};
+use moltmate_core::sandbox::{SandboxIds, UidRange};
 use moltmate_core::{ChannelKind, Identity, PeerId, UserId};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
@@ -30,6 +31,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("database worker failed: {0}")]
     Worker(String),
+    /// No sandbox id can be given out (range used up or invalid); the operator must act.
+    #[error("{0}")]
+    SandboxIds(String),
 }
 
 impl StoreError {
@@ -45,7 +49,8 @@ impl StoreError {
             | StoreError::TooNew { .. }
             | StoreError::Io(_)
             | StoreError::NotFound(_)
-            | StoreError::Worker(_) => false,
+            | StoreError::Worker(_)
+            | StoreError::SandboxIds(_) => false,
         }
     }
 }
@@ -179,6 +184,20 @@ CREATE TABLE web_sessions (
 "#,
     r#"
 ALTER TABLE users ADD COLUMN onboarding_step TEXT;
+"#,
+    // Sandbox ids (`sandbox.uidRange`): one row per user or family that was ever given one.
+    // Rows are never deleted: a removed user's row is retired (`retired_at`), so its id is
+    // never handed out again, and a new user with the same name starts from a fresh id.
+    r#"
+CREATE TABLE sandbox_ids (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    host_id     INTEGER NOT NULL UNIQUE,
+    created_at  INTEGER NOT NULL,
+    retired_at  INTEGER
+);
+CREATE UNIQUE INDEX sandbox_ids_live ON sandbox_ids(kind, name) WHERE retired_at IS NULL;
 "#,
 ];
 
@@ -599,6 +618,9 @@ impl Store {
                 "UPDATE users SET onboarded = 0, onboarding_step = NULL WHERE id = ?1",
                 params![user.as_str()],
             )?;
+            // The reset home starts over under a fresh uid: nothing left running under the old
+            // one can reach it.
+            retire_sandbox_ids(&tx, &user)?;
             tx.commit()?;
             Ok(())
         })
@@ -629,9 +651,56 @@ impl Store {
                 "DELETE FROM transcript WHERE user_id = ?1",
                 params![user.as_str()],
             )?;
+            retire_sandbox_ids(&tx, &user)?;
             let deleted = tx.execute("DELETE FROM users WHERE id = ?1", params![user.as_str()])?;
             tx.commit()?;
             Ok(deleted == 1)
+        })
+        .await
+    }
+
+    // ---- sandbox ids --------------------------------------------------------------------------
+
+    /// The host uid/gid `user`'s sandbox runs as and their home belongs to, allocated from
+    /// `range` on first need and kept until the user is removed or reset. A retired id is never
+    /// given out again, to anyone.
+    pub async fn user_sandbox_ids(
+        &self,
+        user: &UserId,
+        range: UidRange,
+    ) -> Result<SandboxIds, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            sandbox_id(c, IdHolder::User, user.as_str(), range).map(SandboxIds::same)
+        })
+        .await
+    }
+
+    /// The gid of family folder `family` (its members get it as a supplementary group),
+    /// allocated from `range` on first need. Families keep theirs (their folder stays too).
+    pub async fn family_sandbox_gid(
+        &self,
+        family: &str,
+        range: UidRange,
+    ) -> Result<u32, StoreError> {
+        let family = family.to_string();
+        self.with(move |c| sandbox_id(c, IdHolder::Family, &family, range))
+            .await
+    }
+
+    /// Every live user's sandbox uid, without allocating (for the operator's eyes).
+    pub async fn sandbox_uids(&self) -> Result<std::collections::HashMap<String, u32>, StoreError> {
+        self.with(|c| {
+            let mut statement = c.prepare(
+                "SELECT name, host_id FROM sandbox_ids WHERE kind = 'user' AND retired_at IS NULL",
+            )?;
+            let rows = statement
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(name, id)| Some((name, u32::try_from(id).ok()?)))
+                .collect())
         })
         .await
     }
@@ -1361,6 +1430,77 @@ fn load_user(c: &Connection, user: &UserId) -> Result<Option<UserRecord>, StoreE
     }))
 }
 
+/// Whose sandbox id a row of `sandbox_ids` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdHolder {
+    User,
+    Family,
+}
+
+impl IdHolder {
+    fn as_str(self) -> &'static str {
+        match self {
+            IdHolder::User => "user",
+            IdHolder::Family => "family",
+        }
+    }
+}
+
+fn retire_sandbox_ids(c: &Connection, user: &UserId) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE sandbox_ids SET retired_at = ?2 WHERE kind = 'user' AND name = ?1 AND retired_at IS NULL",
+        params![user.as_str(), now_millis()],
+    )?;
+    Ok(())
+}
+
+/// The live id of `name`, allocating the next unused one of `range` when it has none. Ids only
+/// ever grow: the next one is above every id of the range ever handed out (retired ones too).
+fn sandbox_id(
+    c: &mut Connection,
+    holder: IdHolder,
+    name: &str,
+    range: UidRange,
+) -> Result<u32, StoreError> {
+    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let live: Option<i64> = tx
+        .query_row(
+            "SELECT host_id FROM sandbox_ids WHERE kind = ?1 AND name = ?2 AND retired_at IS NULL",
+            params![holder.as_str(), name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(id) = live {
+        return u32::try_from(id).map_err(|_| {
+            StoreError::Corrupt(format!("sandbox id {id} of {name} is out of range"))
+        });
+    }
+    if let Some(problem) = range.problem() {
+        return Err(StoreError::SandboxIds(format!(
+            "sandbox.uidRange: {problem}"
+        )));
+    }
+    let highest: Option<i64> = tx.query_row(
+        "SELECT MAX(host_id) FROM sandbox_ids WHERE host_id >= ?1 AND host_id < ?2",
+        params![i64::from(range.start), range.end() as i64],
+        |r| r.get(0),
+    )?;
+    let next = highest.map_or(i64::from(range.start), |h| h + 1);
+    if next >= range.end() as i64 {
+        return Err(StoreError::SandboxIds(format!(
+            "sandbox.uidRange ({} + {}) is used up: every id in it was given out once and is never reused; configure a larger or another range",
+            range.start, range.count
+        )));
+    }
+    tx.execute(
+        "INSERT INTO sandbox_ids (kind, name, host_id, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![holder.as_str(), name, next, now_millis()],
+    )?;
+    tx.commit()?;
+    u32::try_from(next)
+        .map_err(|_| StoreError::Corrupt(format!("sandbox id {next} is out of range")))
+}
+
 pub(crate) fn upsert_cursor(
     c: &Connection,
     channel: ChannelKind,
@@ -1577,6 +1717,108 @@ mod tests {
             )
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn sandbox_uid_is_stable_and_never_reused_after_remove_or_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moltmate.db");
+        let range = UidRange {
+            start: 2_000_000_000,
+            count: 10,
+        };
+        let store = Store::open(&path).unwrap();
+        let anna = UserId::new("anna").unwrap();
+        let ben = UserId::new("ben").unwrap();
+        store.ensure_user(&anna, None).await.unwrap();
+        store.ensure_user(&ben, None).await.unwrap();
+        let a1 = store.user_sandbox_ids(&anna, range).await.unwrap();
+        let b1 = store.user_sandbox_ids(&ben, range).await.unwrap();
+        assert_eq!(a1, SandboxIds::same(2_000_000_000));
+        assert_eq!(b1, SandboxIds::same(2_000_000_001));
+        assert_eq!(store.user_sandbox_ids(&anna, range).await.unwrap(), a1);
+        let family = store.family_sandbox_gid("smiths", range).await.unwrap();
+        assert_eq!(
+            family, 2_000_000_002,
+            "families draw from the same sequence"
+        );
+        assert_eq!(
+            store.family_sandbox_gid("smiths", range).await.unwrap(),
+            family
+        );
+        drop(store);
+
+        // Durable across a restart; a removed user's id is retired, never handed out again.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.user_sandbox_ids(&anna, range).await.unwrap(), a1);
+        assert!(store.delete_user(&anna).await.unwrap());
+        assert!(!store.sandbox_uids().await.unwrap().contains_key("anna"));
+        store.ensure_user(&anna, None).await.unwrap();
+        let a2 = store.user_sandbox_ids(&anna, range).await.unwrap();
+        assert_eq!(a2, SandboxIds::same(2_000_000_003));
+        // Even when the highest id was retired, the next one is above it.
+        assert!(store.delete_user(&anna).await.unwrap());
+        store.ensure_user(&anna, None).await.unwrap();
+        let a3 = store.user_sandbox_ids(&anna, range).await.unwrap();
+        assert_eq!(a3, SandboxIds::same(2_000_000_004));
+        // A reset starts the user over under a fresh id too.
+        store.wipe_user_history(&ben).await.unwrap();
+        let b2 = store.user_sandbox_ids(&ben, range).await.unwrap();
+        assert_eq!(b2, SandboxIds::same(2_000_000_005));
+        let live = store.sandbox_uids().await.unwrap();
+        assert_eq!(live.get("anna"), Some(&a3.uid));
+        assert_eq!(live.get("ben"), Some(&b2.uid));
+        assert_eq!(live.len(), 2, "families are not users: {live:?}");
+    }
+
+    #[tokio::test]
+    async fn sandbox_uid_range_used_up_or_invalid_is_a_clear_error() {
+        let store = Store::open_in_memory().unwrap();
+        let tiny = UidRange {
+            start: 3_000_000,
+            count: 2,
+        };
+        for name in ["a", "b"] {
+            store
+                .user_sandbox_ids(&UserId::new(name).unwrap(), tiny)
+                .await
+                .unwrap();
+        }
+        let err = store
+            .user_sandbox_ids(&UserId::new("c").unwrap(), tiny)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("used up"), "{err}");
+        // A later, larger range continues above everything given out before.
+        let grown = UidRange {
+            start: 3_000_000,
+            count: 3,
+        };
+        let c = store
+            .user_sandbox_ids(&UserId::new("c").unwrap(), grown)
+            .await
+            .unwrap();
+        assert_eq!(c.uid, 3_000_002);
+        for bad in [
+            UidRange {
+                start: 1000,
+                count: 10,
+            },
+            UidRange {
+                start: 70_000,
+                count: 0,
+            },
+            UidRange {
+                start: u32::MAX - 5,
+                count: 10,
+            },
+        ] {
+            let err = store
+                .user_sandbox_ids(&UserId::new("d").unwrap(), bad)
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("sandbox.uidRange"), "{err}");
+        }
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 //! same directory, are fsynced, and are renamed over the target, so a crash never leaves a
 //! half-written memory file.
 
+use moltmate_core::sandbox::SandboxIds;
 use moltmate_core::tool::UserHome;
 use moltmate_core::UserId;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
@@ -139,12 +140,13 @@ impl Homes {
         UserHome::new(&self.users_dir, user)
     }
 
-    /// Creates the user's home (0700) with its standard subdirectories, if missing.
-    pub fn ensure(&self, user: &UserId) -> Result<UserHome, HomeError> {
+    /// Creates the user's home (0700) with its standard subdirectories, if missing. A root
+    /// gateway hands it to `ids`, the user's own sandbox identity.
+    pub fn ensure(&self, user: &UserId, ids: SandboxIds) -> Result<UserHome, HomeError> {
         let home = self.home(user);
         create_private_dir(&self.users_dir)?;
         create_private_dir(home.root())?;
-        hand_to_sandbox_user(home.root())?;
+        hand_to_sandbox_user(home.root(), ids, Sharing::Private)?;
         let root = open_root(home.root())?;
         for dir in STANDARD_DIRECTORIES {
             match rustix::fs::mkdirat(&root, dir, Mode::from_raw_mode(0o700)) {
@@ -166,8 +168,11 @@ impl Homes {
         Ok(home)
     }
 
-    /// Creates a family folder (0700), if missing.
-    pub fn ensure_family(&self, family: &str) -> Result<PathBuf, HomeError> {
+    /// Creates a family folder, if missing. A root gateway hands it to `ids` (the family's own
+    /// id from the sandbox range) as a shared folder: group-owned, setgid, 2770, so members
+    /// (who get the gid as a supplementary group) all read and write it and nobody else does.
+    /// Otherwise it is 0700, like a home.
+    pub fn ensure_family(&self, family: &str, ids: SandboxIds) -> Result<PathBuf, HomeError> {
         if family.is_empty()
             || !family
                 .chars()
@@ -177,8 +182,14 @@ impl Homes {
         }
         create_private_dir(&self.families_dir)?;
         let dir = self.families_dir.join(family);
-        create_private_dir(&dir)?;
-        hand_to_sandbox_user(&dir)?;
+        if rustix::process::geteuid().is_root() {
+            // Created private, then opened up to the group in one step (no 0700 moment for a
+            // folder members already use).
+            create_dir_if_missing(&dir)?;
+            hand_to_sandbox_user(&dir, ids, Sharing::Group)?;
+        } else {
+            create_private_dir(&dir)?;
+        }
         Ok(dir)
     }
 }
@@ -233,28 +244,86 @@ impl Homes {
 
 /// When the gateway runs as root, gives `fd` the owner of the directory it was created in, so
 /// files and directories the gateway makes in a home stay usable by the sandbox user who owns
-/// that home. A non-root gateway creates everything as itself already.
+/// that home. In a shared (setgid) family folder the new entry is also opened to the group and
+/// closed to others (`g+rw`, `o-rwx`; directories `g+rwxs`), so every member can use what the
+/// gateway wrote for one of them. A non-root gateway creates everything as itself already.
 pub fn inherit_owner(parent: &OwnedFd, fd: &OwnedFd) {
     if !rustix::process::geteuid().is_root() {
         return;
     }
-    if let Ok(stat) = rustix::fs::fstat(parent) {
-        let owner = rustix::fs::Uid::from_raw(stat.st_uid);
-        let group = rustix::fs::Gid::from_raw(stat.st_gid);
-        if let Err(e) = rustix::fs::fchown(fd, Some(owner), Some(group)) {
-            tracing::warn!(error = %e, "could not hand a new file to the home's owner");
+    let Ok(stat) = rustix::fs::fstat(parent) else {
+        return;
+    };
+    let owner = rustix::fs::Uid::from_raw(stat.st_uid);
+    let group = rustix::fs::Gid::from_raw(stat.st_gid);
+    if let Err(e) = rustix::fs::fchown(fd, Some(owner), Some(group)) {
+        tracing::warn!(error = %e, "could not hand a new file to the home's owner");
+        return;
+    }
+    if stat.st_mode & 0o2000 != 0 {
+        if let Ok(own) = rustix::fs::fstat(fd) {
+            let shared = shared_mode(own.st_mode);
+            if own.st_mode & 0o7777 != shared {
+                if let Err(e) = rustix::fs::fchmod(fd, Mode::from_raw_mode(shared)) {
+                    tracing::warn!(error = %e, "could not share a new file with the family");
+                }
+            }
         }
     }
 }
 
-/// Hands a home (or family folder) to the sandbox user when the gateway runs as root.
-fn hand_to_sandbox_user(path: &Path) -> Result<(), HomeError> {
+/// The mode of an entry in a shared family folder: group gets what the owner has (at least
+/// read and write), others nothing, directories keep the setgid bit.
+fn shared_mode(st_mode: u32) -> u32 {
+    let is_dir = st_mode & 0o170000 == 0o040000;
+    let mode = (st_mode & 0o7777 & !0o007) | 0o060;
+    if is_dir {
+        mode | 0o2070
+    } else {
+        mode & !0o6000
+    }
+}
+
+/// Whether a directory is one user's (0700) or shared by a family's group (2770).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sharing {
+    Private,
+    Group,
+}
+
+/// Hands a home (or family folder) to its sandbox identity when the gateway runs as root.
+/// Only the directory itself: what is inside was created owned by it (see [`inherit_owner`];
+/// the disk-cap volumes re-own a tree whose owner changed).
+fn hand_to_sandbox_user(path: &Path, ids: SandboxIds, sharing: Sharing) -> Result<(), HomeError> {
     if !rustix::process::geteuid().is_root() {
         return Ok(());
     }
-    let owner = rustix::fs::Uid::from_raw(moltmate_core::sandbox::SANDBOX_UID);
-    let group = rustix::fs::Gid::from_raw(moltmate_core::sandbox::SANDBOX_GID);
-    rustix::fs::chown(path, Some(owner), Some(group))
+    let shown = || path.display().to_string();
+    let fd = open_root(path)?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| io_error(&shown(), e))?;
+    if (stat.st_uid, stat.st_gid) != (ids.uid, ids.gid) {
+        let owner = rustix::fs::Uid::from_raw(ids.uid);
+        let group = rustix::fs::Gid::from_raw(ids.gid);
+        rustix::fs::fchown(&fd, Some(owner), Some(group)).map_err(|e| io_error(&shown(), e))?;
+    }
+    let mode = match sharing {
+        Sharing::Private => 0o700,
+        Sharing::Group => 0o2770,
+    };
+    // fchown clears the setgid bit, so the mode is set after it.
+    let stat = rustix::fs::fstat(&fd).map_err(|e| io_error(&shown(), e))?;
+    if stat.st_mode & 0o7777 != mode {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| io_error(&shown(), e))?;
+    }
+    Ok(())
+}
+
+fn create_dir_if_missing(path: &Path) -> Result<(), HomeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
         .map_err(|e| io_error(&path.display().to_string(), e))
 }
 
@@ -765,12 +834,18 @@ fn copy_dir(
 mod tests {
     use super::*;
 
+    const TEST_IDS: SandboxIds = SandboxIds::same(2_000_000_000);
+
     #[test]
     fn reads_refuse_symlinks_out_of_the_home() {
         let base = tempfile::tempdir().unwrap();
         let homes = Homes::new(base.path());
-        let alice = homes.ensure(&UserId::new("alice").unwrap()).unwrap();
-        let bob = homes.ensure(&UserId::new("bob").unwrap()).unwrap();
+        let alice = homes
+            .ensure(&UserId::new("alice").unwrap(), TEST_IDS)
+            .unwrap();
+        let bob = homes
+            .ensure(&UserId::new("bob").unwrap(), TEST_IDS)
+            .unwrap();
         write_beneath(bob.root(), "MEMORY.md", b"bob's secret").unwrap();
         std::os::unix::fs::symlink(bob.root().join("MEMORY.md"), alice.root().join("MEMORY.md"))
             .unwrap();
@@ -786,7 +861,9 @@ mod tests {
     fn atomic_write_creates_parents_and_leaves_no_temp_files() {
         let base = tempfile::tempdir().unwrap();
         let homes = Homes::new(base.path());
-        let home = homes.ensure(&UserId::new("alice").unwrap()).unwrap();
+        let home = homes
+            .ensure(&UserId::new("alice").unwrap(), TEST_IDS)
+            .unwrap();
         write_beneath(home.root(), "memory/2026-11-22.md", b"first").unwrap();
         write_beneath(home.root(), "memory/2026-11-22.md", b"second").unwrap();
         let (text, truncated) = read_beneath(home.root(), "memory/2026-11-22.md", 3)
@@ -810,7 +887,9 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         let homes = Homes::new(base.path());
-        let home = homes.ensure(&UserId::new("alice").unwrap()).unwrap();
+        let home = homes
+            .ensure(&UserId::new("alice").unwrap(), TEST_IDS)
+            .unwrap();
         std::os::unix::fs::symlink(outside.path(), home.root().join("memory2")).unwrap();
         assert!(write_beneath(home.root(), "memory2/x.md", b"x").is_err());
         assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
@@ -844,7 +923,7 @@ mod tests {
     fn fifo_as_soul_md_is_refused_without_blocking() {
         let base = tempfile::tempdir().unwrap();
         let home = Homes::new(base.path())
-            .ensure(&UserId::new("alice").unwrap())
+            .ensure(&UserId::new("alice").unwrap(), TEST_IDS)
             .unwrap();
         mkfifo(&home.root().join("SOUL.md"));
         let root = home.root().to_path_buf();
@@ -872,7 +951,7 @@ mod tests {
     fn socket_and_device_nodes_are_refused() {
         let base = tempfile::tempdir().unwrap();
         let home = Homes::new(base.path())
-            .ensure(&UserId::new("alice").unwrap())
+            .ensure(&UserId::new("alice").unwrap(), TEST_IDS)
             .unwrap();
         let _listener =
             std::os::unix::net::UnixListener::bind(home.root().join("USER.md")).unwrap();
@@ -922,7 +1001,7 @@ mod tests {
     fn symlink_loops_are_refused() {
         let base = tempfile::tempdir().unwrap();
         let home = Homes::new(base.path())
-            .ensure(&UserId::new("alice").unwrap())
+            .ensure(&UserId::new("alice").unwrap(), TEST_IDS)
             .unwrap();
         std::os::unix::fs::symlink("b.md", home.root().join("a.md")).unwrap();
         std::os::unix::fs::symlink("a.md", home.root().join("b.md")).unwrap();
@@ -944,7 +1023,7 @@ mod tests {
     fn sparse_100_gb_file_read_is_capped() {
         let base = tempfile::tempdir().unwrap();
         let home = Homes::new(base.path())
-            .ensure(&UserId::new("alice").unwrap())
+            .ensure(&UserId::new("alice").unwrap(), TEST_IDS)
             .unwrap();
         let file = std::fs::File::create(home.root().join("MEMORY.md")).unwrap();
         file.set_len(100 << 30).unwrap();
@@ -958,7 +1037,7 @@ mod tests {
     fn listing_a_directory_of_100k_entries_is_bounded() {
         let base = tempfile::tempdir().unwrap();
         let home = Homes::new(base.path())
-            .ensure(&UserId::new("alice").unwrap())
+            .ensure(&UserId::new("alice").unwrap(), TEST_IDS)
             .unwrap();
         let memory = home.root().join("memory");
         for i in 0..100_000 {
@@ -976,7 +1055,7 @@ mod tests {
     fn concurrent_writers_of_one_file_never_collide_or_leave_temp_files() {
         let base = tempfile::tempdir().unwrap();
         let home = Homes::new(base.path())
-            .ensure(&UserId::new("alice").unwrap())
+            .ensure(&UserId::new("alice").unwrap(), TEST_IDS)
             .unwrap();
         let writers: Vec<_> = (0..8)
             .map(|writer| {
@@ -1012,7 +1091,7 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         let home = Homes::new(base.path())
-            .ensure(&UserId::new("alice").unwrap())
+            .ensure(&UserId::new("alice").unwrap(), TEST_IDS)
             .unwrap();
         // The old temp name was `.<name>.tmp-<pid>`: a FIFO there blocked the write, a symlink
         // there redirected it.
@@ -1043,7 +1122,7 @@ mod tests {
     fn copying_a_hostile_home_is_bounded_and_skips_what_it_cannot_copy() {
         let base = tempfile::tempdir().unwrap();
         let home = Homes::new(base.path())
-            .ensure(&UserId::new("alice").unwrap())
+            .ensure(&UserId::new("alice").unwrap(), TEST_IDS)
             .unwrap();
         write_beneath(home.root(), "MEMORY.md", b"keep me").unwrap();
         mkfifo(&home.root().join("SOUL.md"));
@@ -1096,5 +1175,45 @@ mod tests {
             );
         }
         assert_eq!(report.bytes, 7);
+    }
+
+    #[test]
+    fn homes_and_family_folders_belong_to_their_sandbox_ids() {
+        use std::os::unix::fs::MetadataExt;
+        if !rustix::process::geteuid().is_root() {
+            println!("SKIP: ownership needs a root gateway");
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let homes = Homes::new(base.path());
+        let anna = SandboxIds::same(2_000_000_010);
+        let home = homes.ensure(&UserId::new("anna").unwrap(), anna).unwrap();
+        let meta = std::fs::metadata(home.root()).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (anna.uid, anna.gid, 0o700)
+        );
+        write_beneath(home.root(), "memory/note.md", b"x").unwrap();
+        let note = std::fs::metadata(home.root().join("memory/note.md")).unwrap();
+        assert_eq!((note.uid(), note.mode() & 0o777), (anna.uid, 0o600));
+
+        let family = SandboxIds::same(2_000_000_011);
+        let dir = homes.ensure_family("smiths", family).unwrap();
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (family.uid, family.gid, 0o2770)
+        );
+        // What the gateway writes there is the group's: members can read and change it.
+        write_beneath(&dir, "plans/FAMILY.md", b"picnic").unwrap();
+        let sub = std::fs::metadata(dir.join("plans")).unwrap();
+        assert_eq!((sub.gid(), sub.mode() & 0o7777), (family.gid, 0o2770));
+        let file = std::fs::metadata(dir.join("plans/FAMILY.md")).unwrap();
+        assert_eq!((file.gid(), file.mode() & 0o7777), (family.gid, 0o660));
+        // Idempotent, and a new id (a changed range) is applied to the folder itself.
+        let moved = SandboxIds::same(2_000_000_012);
+        homes.ensure_family("smiths", moved).unwrap();
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!((meta.gid(), meta.mode() & 0o7777), (moved.gid, 0o2770));
     }
 }

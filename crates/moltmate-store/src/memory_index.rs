@@ -284,7 +284,12 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         let homes = Homes::new(base.path());
         let user = UserId::new("alice").unwrap();
-        let home = homes.ensure(&user).unwrap();
+        let home = homes
+            .ensure(
+                &user,
+                moltmate_core::sandbox::SandboxIds::same(2_000_000_000),
+            )
+            .unwrap();
         write_beneath(
             home.root(),
             "MEMORY.md",
@@ -360,7 +365,9 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         let homes = Homes::new(base.path());
         let user = UserId::new("alice").unwrap();
-        let home = homes.ensure(&user).unwrap();
+        let home = homes
+            .ensure(&user, moltmate_core::sandbox::SandboxIds::same(2_000_000_000))
+            .unwrap();
         for name in ["MEMORY.md", "memory/0-fifo.md"] {
             rustix::fs::mknodat(
                 rustix::fs::CWD,

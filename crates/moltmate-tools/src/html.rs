@@ -259,17 +259,6 @@ fn find_closing_tag(s: &str, name: &str) -> Option<usize> {
     None
 }
 
-/// Byte offset of the first ASCII case-insensitive occurrence of `needle` (lowercase ASCII).
-fn find_ignore_case(s: &str, needle: &str) -> Option<usize> {
-    let first = needle.as_bytes()[0];
-    let bytes = s.as_bytes();
-    let needle = needle.as_bytes();
-    (0..bytes.len().saturating_sub(needle.len() - 1)).find(|&i| {
-        bytes[i].to_ascii_lowercase() == first
-            && bytes[i..i + needle.len()].eq_ignore_ascii_case(needle)
-    })
-}
-
 /// The largest char boundary of `s` at or below `at`.
 fn floor_char_boundary(s: &str, at: usize) -> usize {
     let mut at = at.min(s.len());

@@ -353,8 +353,10 @@ pub async fn dashboard(
                 escape(sandbox.backend())
             ),
             Ok(list) => {
+                // Each user's own sandbox uid (a root gateway); one query for the whole table.
+                let uids = store.sandbox_uids().await.unwrap_or_default();
                 let mut out = String::from(
-                    "<div class=\"scroll\"><table><thead><tr><th>Name</th><th>User</th><th>Backend</th><th>State</th>\
+                    "<div class=\"scroll\"><table><thead><tr><th>Name</th><th>User</th><th>Uid</th><th>Backend</th><th>State</th>\
                      <th>Idle</th><th>Limits</th></tr></thead><tbody>",
                 );
                 for info in &list {
@@ -372,9 +374,12 @@ pub async fn dashboard(
                         .unwrap_or_else(|| "—".to_string());
                     let _ = write!(
                         out,
-                        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                         escape(&info.name),
                         escape(&info.user),
+                        uids.get(&info.user)
+                            .map(|u| u.to_string())
+                            .unwrap_or_else(|| "—".to_string()),
                         escape(info.backend),
                         escape(&info.state),
                         escape(&info.idle_seconds.map(duration).unwrap_or_else(|| "—".to_string())),

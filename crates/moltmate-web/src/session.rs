@@ -139,13 +139,17 @@ pub async fn admin_session(
 /// there is none. Creates the home (with the default persona) if it does not exist yet, so a
 /// new user sees the name they will be answered by.
 pub async fn persona_name(state: &WebState, user: &UserId) -> String {
-    let gateway = state.gateway().clone();
-    let user = user.clone();
+    let home = match state.gateway().ensure_home(user).await {
+        Ok(home) => home,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not prepare the home");
+            return "Assistant".to_string();
+        }
+    };
     let read = moltmate_core::blocking::run(
         "reading IDENTITY.md",
         moltmate_core::blocking::FILE_DEADLINE,
         move || -> Result<Option<String>, String> {
-            let home = gateway.ensure_home(&user)?;
             let identity = moltmate_store::homes::read_beneath(home.root(), "IDENTITY.md", 4096)
                 .map_err(|e| e.to_string())?;
             Ok(identity.and_then(|(text, _)| parse_persona_name(&text)))

@@ -360,7 +360,7 @@ async fn fifo_context_files_do_not_block_the_api_and_the_user_is_told() {
     let h = harness();
     let (mallory, token) = h.user("mallory").await;
     let (_, other) = h.user("bob").await;
-    let home = h.gateway.ensure_home(&mallory).unwrap();
+    let home = h.gateway.ensure_home(&mallory).await.unwrap();
     for file in ["SOUL.md", "MEMORY.md"] {
         std::fs::remove_file(home.root().join(file)).ok();
         let path =

@@ -257,7 +257,7 @@ async fn users_never_see_each_others_history_or_memory() {
     let h = harness();
     let (anna, anna_token) = h.user("anna").await;
     let (bob, _) = h.user("bob").await;
-    let bob_home = h.gateway.ensure_home(&bob).unwrap();
+    let bob_home = h.gateway.ensure_home(&bob).await.unwrap();
     std::fs::write(
         bob_home.root().join("MEMORY.md"),
         "Bob's secret: BOB-PRIVATE-MEMORY\n",

@@ -474,6 +474,7 @@ async fn a_model_inventing_a_tool_name_cannot_forge_metric_series() {
         tools: ToolBox::default(),
         channels: vec![],
         sandbox: None,
+        disk_caps: None,
         shutdown: shutdown.clone(),
     });
     let state = WebState::new(gateway.clone(), test_settings(), shutdown).unwrap();

@@ -5,6 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use moltmate_core::{ChannelKind, Identity, UserId};
+use moltmate_gateway::SandboxIdPolicy;
 use moltmate_store::homes::{list_beneath, read_beneath, CopyLimits};
 use moltmate_store::memory_index::MemoryIndex;
 use moltmate_store::{Homes, Store};
@@ -16,16 +17,48 @@ pub struct Admin {
     pub home: PathBuf,
     pub store: Store,
     pub homes: Homes,
+    /// Where sandbox ids come from (`sandbox.uidRange`), or why the config could not say.
+    id_policy: std::result::Result<SandboxIdPolicy, String>,
 }
 
 impl Admin {
     pub fn open(home: &Path) -> Result<Admin> {
         let store = Store::open(&home.join("moltmate.db")).context("opening the database")?;
+        // Only commands that create a home need the config (for the uid range); the others
+        // work even when it is broken.
+        let id_policy = crate::wiring::load_config(home)
+            .map(|config| SandboxIdPolicy::detect(config.sandbox.uid_range.to_core()))
+            .map_err(|e| format!("{e:#}"));
         Ok(Admin {
             home: home.to_path_buf(),
             store,
             homes: Homes::new(home),
+            id_policy,
         })
+    }
+
+    /// Makes `user`'s files readable from here: a home whose files live in a capped volume's
+    /// image (root gateways) is mounted again if it is not (after a reboot, or with the
+    /// gateway stopped). Without this a reset or removal would archive an empty directory and
+    /// then delete the image.
+    pub fn mount_home(&self, user: &UserId) -> Result<()> {
+        let home = self.homes.home(user);
+        moltmate_sandbox::disk::mount_existing_user_volume(
+            &self.home.join("sandboxes"),
+            home.root(),
+            user,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    }
+
+    /// Creates `user`'s home if missing, owned by their sandbox ids (allocated on first need
+    /// when running as root, as the gateway does).
+    pub async fn ensure_home(&self, user: &UserId) -> Result<()> {
+        let policy = self.id_policy.clone().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ids = crate::wiring::runtime::user_sandbox_ids(&self.store, policy, user).await?;
+        self.homes.ensure(user, ids)?;
+        Ok(())
     }
 }
 
@@ -71,7 +104,7 @@ pub async fn pairing_decide(admin: &Admin, channel: &str, code: &str, approve: b
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     match user {
         Some(user) => {
-            admin.homes.ensure(&user)?;
+            admin.ensure_home(&user).await?;
             println!(
                 "Approved {} as user {user}. They can write to the assistant now.",
                 request.identity
@@ -132,8 +165,19 @@ pub async fn users_show(admin: &Admin, user: &UserId) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    admin.mount_home(user)?;
     let home = admin.homes.home(user);
     println!("home:        {}", home.root().display());
+    let sandbox_uid = match admin.store.sandbox_uids().await?.get(user.as_str()) {
+        Some(uid) => format!("{uid} (its own; never given to anyone else)"),
+        None => match &admin.id_policy {
+            Ok(SandboxIdPolicy::Shared(ids)) => {
+                format!("{} (the gateway's own: not running as root)", ids.uid)
+            }
+            _ => "- (given on first use)".to_string(),
+        },
+    };
+    println!("sandbox uid: {sandbox_uid}");
     for file in ["SOUL.md", "IDENTITY.md", "USER.md", "MEMORY.md"] {
         let size = read_beneath(home.root(), file, 1 << 20)
             .ok()
@@ -174,7 +218,7 @@ pub async fn users_add(
         let identity: Identity = raw.parse()?;
         admin.store.link_identity(&identity, user, "admin").await?;
     }
-    admin.homes.ensure(user)?;
+    admin.ensure_home(user).await?;
     println!(
         "{} user {user}.",
         if created { "Created" } else { "Updated" }
@@ -279,7 +323,7 @@ pub async fn users_reset(admin: &Admin, user: &UserId, yes: bool) -> Result<()> 
     let archived = archive(admin, user).await?;
     let revoked = admin.store.revoke_pairings(user).await?;
     admin.store.wipe_user_history(user).await?;
-    admin.homes.ensure(user)?;
+    admin.ensure_home(user).await?;
     println!(
         "Reset {user}: home and history archived in {}, {revoked} pairing(s) revoked. Their next message starts over.",
         archived.display()
@@ -304,6 +348,7 @@ pub async fn users_remove(admin: &Admin, user: &UserId, yes: bool) -> Result<()>
 }
 
 async fn export_json(admin: &Admin, user: &UserId) -> Result<serde_json::Value> {
+    admin.mount_home(user)?;
     let record = admin.store.user(user).await?;
     let transcripts = admin.store.user_transcripts(user).await?;
     let home = admin.homes.home(user);
@@ -368,7 +413,7 @@ pub async fn users_token(
         return Ok(());
     }
     admin.store.ensure_user(user, None).await?;
-    admin.homes.ensure(user)?;
+    admin.ensure_home(user).await?;
     let token = admin.store.issue_token(user, label).await?;
     eprintln!("API token for {user} (shown once; store it safely):");
     println!("{token}");
@@ -377,7 +422,7 @@ pub async fn users_token(
 
 pub async fn users_login_link(admin: &Admin, user: &UserId, base_url: &str) -> Result<()> {
     admin.store.ensure_user(user, None).await?;
-    admin.homes.ensure(user)?;
+    admin.ensure_home(user).await?;
     let code = admin
         .store
         .create_login_link(user, Duration::from_secs(15 * 60))

@@ -106,6 +106,8 @@ async fn users_commands_list_show_export_reset_and_remove() {
     );
     let (status, out, _) = run_cli(&home, &["users", "token", "bob", "--revoke"]);
     assert!(status.success() && out.contains("Revoked 1"), "{out}");
+    // `show` and `export` mounted the stopped gateway's volumes again to read the files.
+    common::release_volumes(&home);
 }
 
 /// Behind a reverse proxy (the seed's Traefik set-up) a login link must point where people
@@ -153,6 +155,73 @@ fn login_links_use_the_public_url_and_never_a_wildcard_address() {
     let (status, _, stderr) = run_cli(&home, &["config", "check"]);
     assert!(!status.success());
     assert!(stderr.contains("gateway.publicUrl"), "{stderr}");
+}
+
+/// The `sandbox uid:` line of `users show`.
+fn shown_uid(show: &str) -> String {
+    show.lines()
+        .find_map(|l| l.strip_prefix("sandbox uid:"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|| panic!("no sandbox uid line in {show}"))
+}
+
+/// A root gateway gives each user their own sandbox uid from `sandbox.uidRange`, owns their
+/// home with it, shows it in `users show`, and never gives a removed user's uid to anyone: a
+/// new user under the same name starts with a fresh uid (and an empty home).
+#[test]
+fn sandbox_uids_are_per_user_shown_and_never_reused_after_remove() {
+    use std::os::unix::fs::MetadataExt;
+    if !moltmate_sandbox::disk::can_enforce() {
+        println!("SKIP: per-user sandbox uids need root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(
+        home.join("moltmate.json"),
+        r#"{ sandbox: { uidRange: { start: 3000000, count: 100 } } }"#,
+    )
+    .unwrap();
+    for user in ["anna", "bob"] {
+        let (status, _, stderr) = run_cli(&home, &["users", "add", user]);
+        assert!(status.success(), "{stderr}");
+    }
+    let (_, show_anna, _) = run_cli(&home, &["users", "show", "anna"]);
+    let (_, show_bob, _) = run_cli(&home, &["users", "show", "bob"]);
+    assert!(shown_uid(&show_anna).starts_with("3000000 "), "{show_anna}");
+    assert!(shown_uid(&show_bob).starts_with("3000001 "), "{show_bob}");
+    let anna_home = home.join("users/anna");
+    let meta = std::fs::metadata(&anna_home).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o777),
+        (3_000_000, 3_000_000, 0o700)
+    );
+    std::fs::write(anna_home.join("MEMORY.md"), "old anna").unwrap();
+
+    let (status, _, stderr) = run_cli(&home, &["users", "remove", "anna", "--yes"]);
+    assert!(status.success(), "{stderr}");
+    let (status, _, stderr) = run_cli(&home, &["users", "add", "anna"]);
+    assert!(status.success(), "{stderr}");
+    let (_, show_again, _) = run_cli(&home, &["users", "show", "anna"]);
+    assert!(
+        shown_uid(&show_again).starts_with("3000002 "),
+        "{show_again}"
+    );
+    assert_eq!(std::fs::metadata(&anna_home).unwrap().uid(), 3_000_002);
+    assert!(
+        !anna_home.join("MEMORY.md").exists(),
+        "the new anna starts empty"
+    );
+    // A reset starts the user over under a fresh uid as well.
+    let (status, _, stderr) = run_cli(&home, &["users", "reset", "bob", "--yes"]);
+    assert!(status.success(), "{stderr}");
+    let (_, show_bob, _) = run_cli(&home, &["users", "show", "bob"]);
+    assert!(shown_uid(&show_bob).starts_with("3000003 "), "{show_bob}");
+    assert_eq!(
+        std::fs::metadata(home.join("users/bob")).unwrap().uid(),
+        3_000_003
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

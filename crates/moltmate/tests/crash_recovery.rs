@@ -50,7 +50,7 @@ async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -
     }
 }
 
-async fn setup() -> (tempfile::TempDir, std::path::PathBuf, FakeTelegram, FakeLlm) {
+async fn setup() -> (common::TestHome, std::path::PathBuf, FakeTelegram, FakeLlm) {
     let telegram = FakeTelegram::start(BOT_TOKEN).await;
     let llm = FakeLlm::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -61,7 +61,8 @@ async fn setup() -> (tempfile::TempDir, std::path::PathBuf, FakeTelegram, FakeLl
         json!({ "gateway": { "port": free_port() }, "logging": { "level": "info" } }),
     );
     write_config(&home, &config);
-    (dir, home, telegram, llm)
+    // A killed gateway leaves its users' capped volumes mounted: released when the test ends.
+    (common::TestHome::new(dir, &home), home, telegram, llm)
 }
 
 fn replies_to(telegram: &FakeTelegram, chat: i64) -> Vec<String> {

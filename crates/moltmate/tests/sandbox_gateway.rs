@@ -48,6 +48,11 @@ fn exec_brain(harness: &Harness) {
 }
 
 async fn start(backend: &str) -> Option<Harness> {
+    start_with(backend, json!({})).await
+}
+
+/// [`start`] with `patch` merged into the backend's config.
+async fn start_with(backend: &str, patch: serde_json::Value) -> Option<Harness> {
     if backend == "docker" {
         let dir = tempfile::tempdir().ok()?;
         let settings = moltmate_sandbox::SandboxSettings {
@@ -84,7 +89,9 @@ async fn start(backend: &str) -> Option<Harness> {
         skip_or_fail("bubblewrap (bwrap) is not installed");
         return None;
     }
-    let harness = Harness::start(config(backend)).await;
+    let mut config = config(backend);
+    common::merge(&mut config, patch);
+    let harness = Harness::start(config).await;
     if harness.built.sandbox.as_ref().map(|s| s.backend())
         != Some(if backend == "docker" {
             "docker"
@@ -114,9 +121,21 @@ async fn exec_runs_in_the_users_own_sandbox_without_secrets(backend: &str) {
         "run: id -u; cat /workspace/hello.txt; env; ls /workspace/..",
     );
     let reply = h.expect_reply(1001, 1).await.remove(0);
+    // Runs as her own unprivileged uid: the one the gateway gave her (root), else its own.
+    let uids = h.built.store.sandbox_uids().await.unwrap();
+    let alice_uid = match uids.get("telegram_1001") {
+        Some(uid) => *uid,
+        None => {
+            assert!(
+                !moltmate_sandbox::disk::can_enforce(),
+                "a root gateway gives each user a uid"
+            );
+            own_euid()
+        }
+    };
     assert!(
-        reply.contains("1000"),
-        "runs as the unprivileged sandbox user: {reply}"
+        reply.contains(&format!("stdout:\n{alice_uid}\n")),
+        "runs as the user's own sandbox uid {alice_uid}: {reply}"
     );
     assert!(
         reply.contains("from alice's home"),
@@ -133,13 +152,44 @@ async fn exec_runs_in_the_users_own_sandbox_without_secrets(backend: &str) {
         "another user's home is visible: {reply}"
     );
 
-    h.telegram.push_text(2002, "run: cat /workspace/hello.txt");
+    h.telegram
+        .push_text(2002, "run: id -u; cat /workspace/hello.txt");
     let reply = h.expect_reply(2002, 1).await.remove(0);
     assert!(
         !reply.contains("from alice's home"),
         "bob read alice's file: {reply}"
     );
+    if moltmate_sandbox::disk::can_enforce() {
+        // Two users, two uids; each home (and what is in it) belongs to its user's uid.
+        use std::os::unix::fs::MetadataExt;
+        let uids = h.built.store.sandbox_uids().await.unwrap();
+        let bob_uid = uids["telegram_2002"];
+        assert_ne!(bob_uid, alice_uid);
+        assert!(reply.contains(&format!("stdout:\n{bob_uid}\n")), "{reply}");
+        for (user, uid) in [("telegram_1001", alice_uid), ("telegram_2002", bob_uid)] {
+            let home = h.home.join("users").join(user);
+            for path in [home.clone(), home.join("SOUL.md"), home.join("memory")] {
+                let meta = std::fs::metadata(&path).unwrap();
+                assert_eq!((meta.uid(), meta.gid()), (uid, uid), "{path:?}");
+            }
+        }
+        let hello = std::fs::metadata(h.home.join("users/telegram_1001/hello.txt")).unwrap();
+        assert_eq!(hello.uid(), alice_uid, "moved onto her volume as hers");
+    }
     h.stop().await;
+}
+
+/// This process's effective uid (what a non-root gateway runs sandboxes as).
+fn own_euid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|u| u.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 async fn a_fork_bomb_by_one_user_does_not_stop_another_users_answers(backend: &str) {
@@ -306,4 +356,149 @@ async fn docker_sandbox_is_started_before_the_first_command() {
         "the command reused the prewarmed container"
     );
     h.stop().await;
+}
+
+/// The disk cap holds from a user's first write, not their first `exec`: before any command
+/// ran, the `write` tool already lands on the user's capped volume, and filling it gives the
+/// model a clear "no space" error instead of filling the host. (Root only: loop mounts.)
+async fn a_write_before_any_exec_hits_the_disk_cap(backend: &str) {
+    if !moltmate_sandbox::disk::can_enforce() {
+        skip_or_fail("disk caps need a root gateway (loop mounts)");
+        return;
+    }
+    let Some(h) = start_with(
+        backend,
+        json!({ "sandbox": { "prewarm": false, "limits": { "diskMb": 16 } } }),
+    )
+    .await
+    else {
+        return;
+    };
+    // "write N": the model writes 512 KiB to file-N.bin, then reports the tool's answer.
+    h.llm.set_brain(|request| {
+        if let Some(result) = request.trailing_tool_results() {
+            return Reply::text(format!("result: {result}"));
+        }
+        let text = request.last_user_text().unwrap_or_default();
+        match text.strip_prefix("write ") {
+            Some(n) => Reply::tool_call(
+                "write",
+                json!({ "path": format!("file-{n}.bin"), "content": "x".repeat(512 << 10) }),
+            ),
+            None => Reply::text("hello"),
+        }
+    });
+    // The first turn (no tool at all) already puts the home on its 16 MiB volume.
+    h.telegram.push_text(1001, "hi");
+    h.expect_reply(1001, 1).await;
+    let home = h.home.join("users/telegram_1001");
+    let size = filesystem_bytes(&home);
+    assert!(
+        size <= 16 << 20,
+        "the home is not on a 16 MiB volume ({size} bytes)"
+    );
+    h.telegram.push_text(1001, "write 1");
+    let first = h.expect_reply(1001, 2).await.remove(1);
+    assert!(
+        first.contains("result:") && !first.contains("no space"),
+        "{first}"
+    );
+    // Fill what is left but 64 KiB, as more writes would have (still no exec).
+    let left = filesystem_available(&home);
+    let filler = std::fs::File::create(home.join("filler.bin")).unwrap();
+    use std::io::Write;
+    let chunk = vec![b'f'; 64 << 10];
+    let mut writer = std::io::BufWriter::new(filler);
+    for _ in 0..(left >> 16).saturating_sub(1) {
+        writer.write_all(&chunk).unwrap();
+    }
+    writer.into_inner().unwrap().sync_all().unwrap();
+    h.telegram.push_text(1001, "write 2");
+    let full = h.expect_reply(1001, 3).await.remove(2);
+    assert!(
+        full.contains("no space left for your files"),
+        "the model is told the cap is reached: {full}"
+    );
+    assert!(!home.join("file-2.bin").exists(), "{full}");
+    let total: u64 = std::fs::read_dir(&home)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    assert!(total <= 16 << 20, "{total} bytes written past a 16 MiB cap");
+    assert!(
+        h.built
+            .sandbox
+            .as_ref()
+            .unwrap()
+            .list()
+            .await
+            .unwrap()
+            .is_empty(),
+        "no sandbox ran: the cap came before any exec"
+    );
+    // Nothing was left behind by the failed write (no stray temporary file).
+    let names: Vec<String> = std::fs::read_dir(&home)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains("moltmate-tmp")),
+        "{names:?}"
+    );
+
+    // With the gateway stopped the volume is unmounted, and the files live in its image: a
+    // reset must still archive them (regression: the archive copied the empty directory
+    // underneath, then deleted the image).
+    let home_dir = h.home.clone();
+    let _dir = h.stop().await;
+    let (status, _, stderr) =
+        common::run_cli(&home_dir, &["users", "reset", "telegram_1001", "--yes"]);
+    assert!(status.success(), "{stderr}");
+    let archived: Vec<_> = std::fs::read_dir(home_dir.join("archive"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(archived.len(), 1);
+    assert!(
+        archived[0].path().join("home/file-1.bin").is_file(),
+        "the archive holds the files from the image"
+    );
+    common::release_volumes(&home_dir);
+}
+
+/// Total size of the filesystem holding `path`, from `df`.
+fn filesystem_bytes(path: &std::path::Path) -> u64 {
+    df(path, "size")
+}
+
+/// Bytes still free for users on the filesystem holding `path`, from `df`.
+fn filesystem_available(path: &std::path::Path) -> u64 {
+    df(path, "avail")
+}
+
+fn df(path: &std::path::Path, field: &str) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["-B1", &format!("--output={field}")])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bwrap_a_write_before_any_exec_hits_the_disk_cap() {
+    a_write_before_any_exec_hits_the_disk_cap("bwrap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn docker_a_write_before_any_exec_hits_the_disk_cap() {
+    a_write_before_any_exec_hits_the_disk_cap("docker").await;
 }

@@ -13,14 +13,16 @@ use super::Inner;
 use crate::onboarding::{self, PersonaChoice};
 use crate::persona;
 use crate::prompt::{build_system_prompt, SystemPrompt};
-use crate::settings::GatewaySettings;
+use crate::settings::{GatewaySettings, SandboxIdPolicy, UserSettings};
 use moltmate_core::blocking;
+use moltmate_core::sandbox::{CappedDir, SandboxIds, WorkspaceAccess};
 use moltmate_core::tool::{FamilyFolder, UserHome};
 use moltmate_core::UserId;
 use moltmate_store::homes::{read_beneath, write_beneath};
 use moltmate_store::{HomeError, Homes};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Runs a file step with the deadline and turns both failure kinds into a [`TurnError`] the
 /// worker answers the user with. A refusal (a file that is a FIFO, a link...) is explained to
@@ -69,8 +71,9 @@ pub(super) fn ensure_home(
     homes: &Homes,
     settings: &GatewaySettings,
     user: &UserId,
+    ids: SandboxIds,
 ) -> Result<UserHome, HomeError> {
-    let home = homes.ensure(user)?;
+    let home = homes.ensure(user, ids)?;
     // A SOUL.md that is there but unreadable (a FIFO, a link) counts as present: it is
     // reported when the prompt is built, and never overwritten behind the user's back.
     let has_soul = read_beneath(home.root(), "SOUL.md", 1)
@@ -84,14 +87,107 @@ pub(super) fn ensure_home(
     Ok(home)
 }
 
-/// The user's home, created if missing.
-pub(super) async fn home(inner: &Arc<Inner>, user: &UserId) -> Result<UserHome, TurnError> {
+/// The user's home (owned by `ids`), created if missing.
+pub(super) async fn home(
+    inner: &Arc<Inner>,
+    user: &UserId,
+    ids: SandboxIds,
+) -> Result<UserHome, TurnError> {
     let inner = Arc::clone(inner);
     let user = user.clone();
     step("creating your home", move || {
-        ensure_home(&inner.homes, &inner.settings, &user)
+        ensure_home(&inner.homes, &inner.settings, &user, ids)
     })
     .await
+}
+
+/// How long putting a directory on its capped volume may take. The first time moves the
+/// directory's files onto the new volume, which for a large home takes longer than a file
+/// step; past this the turn fails for this user only (the move goes on in the background and
+/// the next turn waits for it under the volume's lock).
+const CAP_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Puts the directory the user's file tools write to (their home, or their scratch dir for
+/// `workspaceAccess: none`) on its capped volume, before the turn writes anything. Runs in
+/// the user's own worker, under their lock, before the turn: the first call may move files
+/// onto the volume, which must not overlap with writes there. `false` when the cap should
+/// apply but could not be set up: the turn then runs with read-only files (fail closed), and
+/// `exec` refuses too (the backend sets the cap up itself first).
+pub(super) async fn cap_user_dir(
+    inner: &Inner,
+    user: &UserId,
+    ids: SandboxIds,
+    settings: &UserSettings,
+) -> bool {
+    let Some(caps) = inner.disk_caps.clone() else {
+        return true;
+    };
+    let cap_bytes = settings.sandbox.limits.disk_bytes;
+    let (dir, kind) = match (
+        &inner.settings.sandbox_scratch_dir,
+        settings.sandbox.workspace_access,
+    ) {
+        (Some(scratch), WorkspaceAccess::None) => (
+            UserHome::new(scratch, user).root().to_path_buf(),
+            CappedDir::Scratch,
+        ),
+        _ => (inner.homes.home(user).root().to_path_buf(), CappedDir::Home),
+    };
+    let owner = user.clone();
+    let capped = blocking::run("capping your disk space", CAP_DEADLINE, move || {
+        caps.ensure_capped(&owner, &dir, kind, ids, cap_bytes)
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    match capped {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::error!(user = %user, error = %e, "the disk cap could not be set up; this turn's files are read-only");
+            false
+        }
+        Err(e) => {
+            tracing::error!(user = %user, error = %e, "the disk cap could not be set up in time; this turn's files are read-only");
+            false
+        }
+    }
+}
+
+/// A root gateway hands the user's scratch directory (what their file tools see with
+/// `workspaceAccess: none`) to their sandbox ids, private, like a home. Blocking.
+fn hand_scratch_to(dir: &std::path::Path, ids: SandboxIds) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    if (meta.uid(), meta.gid()) != (ids.uid, ids.gid) {
+        std::os::unix::fs::lchown(dir, Some(ids.uid), Some(ids.gid))?;
+    }
+    if meta.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// The family folder `name` as a member's tools see it: its owner ids and, with per-user ids,
+/// the family's own gid (members get it as a supplementary group).
+pub(super) async fn family_ids(
+    inner: &Inner,
+    name: &str,
+) -> Result<(SandboxIds, Option<u32>), TurnError> {
+    Ok(match inner.settings.sandbox_ids {
+        SandboxIdPolicy::PerUser(range) => {
+            let gid = inner.store.family_sandbox_gid(name, range).await?;
+            (SandboxIds::same(gid), Some(gid))
+        }
+        SandboxIdPolicy::Shared(ids) => (ids, None),
+    })
 }
 
 /// The directories of one turn.
@@ -107,26 +203,34 @@ pub(super) struct TurnDirs {
 pub(super) async fn turn_dirs(
     inner: &Arc<Inner>,
     user: &UserId,
+    ids: SandboxIds,
     scratch_root: Option<PathBuf>,
 ) -> Result<TurnDirs, TurnError> {
+    let family_ids = match inner.settings.families.get(user) {
+        Some(name) => Some((name.clone(), family_ids(inner, name).await?)),
+        None => None,
+    };
     let inner = Arc::clone(inner);
     let user = user.clone();
     step("preparing your files", move || {
-        let home = ensure_home(&inner.homes, &inner.settings, &user)?;
-        let family = match inner.settings.families.get(&user) {
-            Some(name) => Some(FamilyFolder {
-                root: inner.homes.ensure_family(name)?,
-                name: name.clone(),
+        let home = ensure_home(&inner.homes, &inner.settings, &user, ids)?;
+        let family = match family_ids {
+            Some((name, (owner, gid))) => Some(FamilyFolder {
+                root: inner.homes.ensure_family(&name, owner)?,
+                name,
+                gid,
             }),
             None => None,
         };
         let tool_home = match scratch_root {
             Some(scratch) => {
                 let scratch_home = UserHome::new(&scratch, &user);
-                std::fs::create_dir_all(scratch_home.root()).map_err(|source| HomeError::Io {
-                    path: scratch_home.root().display().to_string(),
-                    source,
-                })?;
+                std::fs::create_dir_all(scratch_home.root())
+                    .and_then(|()| hand_scratch_to(scratch_home.root(), ids))
+                    .map_err(|source| HomeError::Io {
+                        path: scratch_home.root().display().to_string(),
+                        source,
+                    })?;
                 scratch_home
             }
             None => home.clone(),
@@ -182,12 +286,13 @@ pub(super) enum PersonaFiles {
 pub(super) async fn apply_persona(
     inner: &Arc<Inner>,
     user: &UserId,
+    ids: SandboxIds,
     files: PersonaFiles,
 ) -> Result<(), TurnError> {
     let inner = Arc::clone(inner);
     let user = user.clone();
     step("writing your persona", move || {
-        let home = ensure_home(&inner.homes, &inner.settings, &user)?;
+        let home = ensure_home(&inner.homes, &inner.settings, &user, ids)?;
         match files {
             PersonaFiles::Chosen(choice) => onboarding::apply_persona(&home, &choice),
             PersonaFiles::Custom(description) => onboarding::apply_custom(&home, &description),

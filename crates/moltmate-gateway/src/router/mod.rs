@@ -24,13 +24,13 @@ mod files;
 mod worker;
 
 use crate::agent::{ModelCaller, ToolBox};
-use crate::settings::GatewaySettings;
+use crate::settings::{GatewaySettings, SandboxIdPolicy};
 use accept::accept;
 use async_trait::async_trait;
 use delivery::deliver;
 use moltmate_core::channel::{AcceptError, Accepted, Channel, InboundMessage, InboundSink};
 use moltmate_core::model::{DeltaSink, TokenUsage};
-use moltmate_core::sandbox::Sandbox;
+use moltmate_core::sandbox::{DiskCaps, Sandbox, SandboxIds};
 use moltmate_core::tool::UserHome;
 use moltmate_core::{ChannelKind, Shutdown, UserId};
 use moltmate_store::{Homes, Store, StoreError};
@@ -52,6 +52,9 @@ pub struct GatewayParts {
     pub channels: Vec<Arc<dyn Channel>>,
     /// The sandbox backend, if any (sessions are ended in it on `/reset`).
     pub sandbox: Option<Arc<dyn Sandbox>>,
+    /// Puts a user's home on its disk-capped volume before their first turn writes there
+    /// (a root gateway with a sandbox backend); `None`: homes are used as they are.
+    pub disk_caps: Option<Arc<dyn DiskCaps>>,
     pub shutdown: Shutdown,
 }
 
@@ -76,6 +79,7 @@ struct Inner {
     tools: ToolBox,
     channels: HashMap<ChannelKind, Arc<dyn Channel>>,
     sandbox: Option<Arc<dyn Sandbox>>,
+    disk_caps: Option<Arc<dyn DiskCaps>>,
     workers: Mutex<HashMap<UserId, Arc<WorkerSlot>>>,
     waiters: Mutex<HashMap<i64, Waiter>>,
     turn_permits: Semaphore,
@@ -128,6 +132,7 @@ impl Gateway {
                 tools: parts.tools,
                 channels,
                 sandbox: parts.sandbox,
+                disk_caps: parts.disk_caps,
                 workers: Mutex::new(HashMap::new()),
                 waiters: Mutex::new(HashMap::new()),
                 shutdown: parts.shutdown,
@@ -247,10 +252,28 @@ impl Gateway {
         })
     }
 
-    /// Ensures the user's home exists, with persona files when it is new. Blocking: call it
-    /// from a blocking context (`spawn_blocking`, [`moltmate_core::blocking::run`]).
-    pub fn ensure_home(&self, user: &UserId) -> Result<UserHome, String> {
-        files::ensure_home(&self.inner.homes, &self.inner.settings, user).map_err(|e| e.to_string())
+    /// Ensures the user's home exists (owned by their sandbox ids), with persona files when it
+    /// is new. The file work runs on the blocking pool with a deadline.
+    pub async fn ensure_home(&self, user: &UserId) -> Result<UserHome, String> {
+        let ids = sandbox_ids(&self.inner, user)
+            .await
+            .map_err(|e| e.to_string())?;
+        let inner = Arc::clone(&self.inner);
+        let user = user.clone();
+        moltmate_core::blocking::run(
+            "creating a home",
+            moltmate_core::blocking::FILE_DEADLINE,
+            move || files::ensure_home(&inner.homes, &inner.settings, &user, ids),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    /// The host ids `user`'s sandbox runs as (allocated on first need; see
+    /// [`SandboxIdPolicy`]).
+    pub async fn sandbox_ids(&self, user: &UserId) -> Result<SandboxIds, StoreError> {
+        sandbox_ids(&self.inner, user).await
     }
 }
 
@@ -274,5 +297,14 @@ impl InboundSink for Gateway {
             .advance_cursor(channel, cursor)
             .await
             .map_err(|e| AcceptError::Storage(e.to_string()))
+    }
+}
+
+/// The host ids `user`'s sandbox runs as and their home belongs to: their own, from the
+/// database (allocated on first need), or the gateway's when it cannot switch uids.
+async fn sandbox_ids(inner: &Inner, user: &UserId) -> Result<SandboxIds, StoreError> {
+    match inner.settings.sandbox_ids {
+        SandboxIdPolicy::PerUser(range) => inner.store.user_sandbox_ids(user, range).await,
+        SandboxIdPolicy::Shared(ids) => Ok(ids),
     }
 }

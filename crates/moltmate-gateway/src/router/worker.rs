@@ -14,7 +14,7 @@ use crate::onboarding::{self, Answer};
 use crate::prompt::Skipped;
 use crate::session::{compact, estimate_context, estimate_tokens, Compaction};
 use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas, TokenUsage};
-use moltmate_core::sandbox::WorkspaceAccess;
+use moltmate_core::sandbox::{SandboxIds, WorkspaceAccess};
 use moltmate_core::tool::ToolContext;
 use moltmate_core::{blocking, UserId};
 use moltmate_store::{InboxItem, StoreError, TurnRecord};
@@ -248,6 +248,7 @@ async fn onboarding_step(
     inner: &Arc<Inner>,
     item: &InboxItem,
     language: &str,
+    ids: SandboxIds,
 ) -> Result<Option<String>, TurnError> {
     let Some(record) = inner.store.user(&item.user).await? else {
         return Ok(None);
@@ -256,7 +257,7 @@ async fn onboarding_step(
     if step.is_none() && record.onboarded {
         return Ok(None);
     }
-    files::home(inner, &item.user).await?;
+    files::home(inner, &item.user, ids).await?;
     let choices = files::personas(inner).await?;
     let reply = match step.as_deref() {
         None => {
@@ -267,7 +268,7 @@ async fn onboarding_step(
             onboarding::menu(language, &choices)
         }
         Some("describe") => {
-            files::apply_persona(inner, &item.user, PersonaFiles::Custom(item.text.clone()))
+            files::apply_persona(inner, &item.user, ids, PersonaFiles::Custom(item.text.clone()))
                 .await?;
             inner.store.set_onboarding(&item.user, None, true).await?;
             onboarding::confirmation(language, None)
@@ -282,13 +283,13 @@ async fn onboarding_step(
             }
             Answer::Persona(choice) => {
                 let label = choice.label.clone();
-                files::apply_persona(inner, &item.user, PersonaFiles::Chosen(Box::new(choice)))
+                files::apply_persona(inner, &item.user, ids, PersonaFiles::Chosen(Box::new(choice)))
                     .await?;
                 inner.store.set_onboarding(&item.user, None, true).await?;
                 onboarding::confirmation(language, Some(&label))
             }
             Answer::Description(description) => {
-                files::apply_persona(inner, &item.user, PersonaFiles::Custom(description)).await?;
+                files::apply_persona(inner, &item.user, ids, PersonaFiles::Custom(description)).await?;
                 inner.store.set_onboarding(&item.user, None, true).await?;
                 onboarding::confirmation(language, None)
             }
@@ -306,6 +307,13 @@ async fn handle_item(
         .language_code
         .clone()
         .unwrap_or_else(|| inner.settings.default_language.clone());
+    let user_settings = inner
+        .settings
+        .user_settings(&item.user, item.channel)
+        .clone();
+    let ids = super::sandbox_ids(inner, &item.user).await?;
+    // Before anything of this message writes to the user's files (onboarding, tools, memory).
+    let capped = files::cap_user_dir(inner, &item.user, ids, &user_settings).await;
     let command = item
         .text
         .split_whitespace()
@@ -336,7 +344,9 @@ async fn handle_item(
             let choices = files::personas(inner).await?;
             Some(onboarding::menu(&language, &choices))
         }
-        _ if inner.settings.onboarding_enabled => onboarding_step(inner, item, &language).await?,
+        _ if inner.settings.onboarding_enabled => {
+            onboarding_step(inner, item, &language, ids).await?
+        }
         "/start" => Some(help_text(&language)),
         _ => None,
     };
@@ -353,10 +363,6 @@ async fn handle_item(
     let Ok(_permit) = inner.turn_permits.acquire().await else {
         return Ok(());
     };
-    let user_settings = inner
-        .settings
-        .user_settings(&item.user, item.channel)
-        .clone();
     let mut session = inner.store.current_session(&item.user).await?;
     if let Some(idle) = inner.settings.session_idle_reset {
         let idle_for = chrono::Utc::now().timestamp_millis() - session.last_active;
@@ -378,15 +384,17 @@ async fn handle_item(
         home,
         family,
         tool_home,
-    } = files::turn_dirs(inner, &item.user, scratch_root).await?;
+    } = files::turn_dirs(inner, &item.user, ids, scratch_root).await?;
     let context = ToolContext {
         user: item.user.clone(),
         home: tool_home,
         session_id: session.id.clone(),
         family: family.clone(),
         read_only: user_settings.read_only
-            || user_settings.sandbox.workspace_access == WorkspaceAccess::Ro,
+            || user_settings.sandbox.workspace_access == WorkspaceAccess::Ro
+            || !capped,
         sandbox: user_settings.sandbox.clone(),
+        sandbox_ids: ids,
         exec: user_settings.exec.clone(),
     };
     if inner.settings.prewarm_sandboxes && user_settings.tools.iter().any(|t| t == "exec") {

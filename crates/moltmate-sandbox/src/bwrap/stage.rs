@@ -2,9 +2,10 @@
 //!
 //! When the gateway runs as root, bwrap must not: a root-started bwrap maps the sandbox user to
 //! host uid 0, so a kernel bug in the namespace layer would hand out real root, and files in the
-//! home would be owned by root (the disk-capped homes of `disk.rs` belong to uid 1000). So the
-//! forked child becomes uid/gid 1000 before executing bwrap. An unprivileged bwrap can only bind
-//! paths that uid 1000 can reach, while homes and `state_dir` sit below 0700 root directories;
+//! home would be owned by root (homes belong to their user's own sandbox uid). So the forked
+//! child becomes the user's uid/gid (plus the family folder's gid as its one supplementary
+//! group) before executing bwrap. An unprivileged bwrap can only bind paths that uid can
+//! reach, while homes and `state_dir` sit below 0700 root directories;
 //! so first, still as root, the child moves into a private mount namespace (invisible to the
 //! host), mounts a small tmpfs on [`STAGE_DIR`] and bind-mounts each source (home, family
 //! folder, scratch dir, proxy socket) there. bwrap then binds the staged paths.
@@ -12,6 +13,7 @@
 //! Everything the child does is a plain system call on data prepared before the fork, as
 //! required between `fork` and `exec` in a multi-threaded process.
 
+use moltmate_core::sandbox::SandboxIds;
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -20,9 +22,6 @@ use std::path::Path;
 
 /// Mount point of the per-exec staging tmpfs (an empty root-owned directory on the host).
 pub const STAGE_DIR: &str = "/run/moltmate-bwrap";
-
-/// The unprivileged identity sandboxes run under on the host.
-pub const HOST_UID: u32 = 1000;
 
 /// True when this process is root and must drop privileges for bwrap.
 pub fn running_as_root() -> bool {
@@ -56,6 +55,9 @@ struct StagedBind {
 
 /// The staging mounts of one exec, prepared in the parent and applied in the child.
 pub struct StagePlan {
+    ids: SandboxIds,
+    /// Supplementary groups (the family folder's gid), allocated before the fork.
+    groups: Vec<libc::gid_t>,
     stage: CString,
     tmpfs: CString,
     tmpfs_options: CString,
@@ -68,8 +70,20 @@ fn cstring(p: &Path) -> io::Result<CString> {
 }
 
 impl StagePlan {
-    pub fn new() -> io::Result<Self> {
+    /// A plan that ends as `ids` with `groups` as the only supplementary groups.
+    pub fn new(ids: SandboxIds, groups: Vec<u32>) -> io::Result<Self> {
+        let bad_group = groups
+            .iter()
+            .any(|&g| moltmate_core::sandbox::check_id("gid", g).is_err());
+        if ids.check().is_err() || bad_group {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "refusing to run a sandbox as root or nobody",
+            ));
+        }
         Ok(StagePlan {
+            ids,
+            groups,
             stage: cstring(Path::new(STAGE_DIR))?,
             tmpfs: cstring(Path::new("tmpfs"))?,
             tmpfs_options: cstring(Path::new("mode=0755,size=64k,nr_inodes=64"))?,
@@ -90,7 +104,8 @@ impl StagePlan {
     }
 
     /// In the forked child, before exec: private mount namespace, staging tmpfs, bind mounts,
-    /// then uid/gid 1000 with no supplementary groups.
+    /// then the plan's gid, supplementary groups and uid (in that order: each step needs the
+    /// privilege the next one drops).
     pub fn apply_in_child(&self) -> io::Result<()> {
         fn check(rc: libc::c_int) -> io::Result<()> {
             if rc == 0 {
@@ -140,9 +155,15 @@ impl StagePlan {
                     std::ptr::null(),
                 ))?;
             }
-            check(libc::setgroups(0, std::ptr::null()))?;
-            check(libc::setresgid(HOST_UID, HOST_UID, HOST_UID))?;
-            check(libc::setresuid(HOST_UID, HOST_UID, HOST_UID))?;
+            let groups = if self.groups.is_empty() {
+                std::ptr::null()
+            } else {
+                self.groups.as_ptr()
+            };
+            check(libc::setgroups(self.groups.len(), groups))?;
+            let (uid, gid) = (self.ids.uid, self.ids.gid);
+            check(libc::setresgid(gid, gid, gid))?;
+            check(libc::setresuid(uid, uid, uid))?;
         }
         Ok(())
     }

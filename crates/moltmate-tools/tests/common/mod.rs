@@ -1,7 +1,7 @@
 //! Shared fixtures: a tempdir with a `users/` directory and contexts for users in it.
 #![allow(dead_code)]
 
-use moltmate_core::sandbox::{ExecSettings, SandboxProfile};
+use moltmate_core::sandbox::{ExecSettings, SandboxIds, SandboxProfile};
 use moltmate_core::tool::{FamilyFolder, ToolContext, UserHome};
 use moltmate_core::UserId;
 use std::path::{Path, PathBuf};
@@ -35,6 +35,7 @@ impl Fixture {
             family: None,
             read_only: false,
             sandbox: SandboxProfile::default(),
+            sandbox_ids: ids_of(user),
             exec: ExecSettings {
                 default_timeout: Duration::from_secs(30),
                 max_timeout: Duration::from_secs(120),
@@ -50,9 +51,18 @@ impl Fixture {
         ctx.family = Some(FamilyFolder {
             name: "smith".into(),
             root,
+            gid: None,
         });
         ctx
     }
+}
+
+/// A user's sandbox ids, distinct per user name (what a root gateway would allocate).
+pub fn ids_of(user: &str) -> SandboxIds {
+    let n = user
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    SandboxIds::same(2_130_000_000 + n % 10_000_000)
 }
 
 /// Every file below `dir`, relative, sorted (to show nothing unexpected appeared).

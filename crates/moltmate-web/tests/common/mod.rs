@@ -132,6 +132,7 @@ pub fn harness_with(settings: WebSettings) -> Harness {
         tools: ToolBox::default(),
         channels: vec![],
         sandbox: None,
+        disk_caps: None,
         shutdown: shutdown.clone(),
     });
     let state = WebState::new(gateway.clone(), settings, shutdown.clone()).unwrap();

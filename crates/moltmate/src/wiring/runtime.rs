@@ -4,12 +4,12 @@ use super::settings::{gateway_settings, sandbox_required};
 use anyhow::{Context, Result};
 use moltmate_config::Config;
 use moltmate_core::channel::Channel;
-use moltmate_core::sandbox::Sandbox;
+use moltmate_core::sandbox::{DiskCaps, Sandbox, SandboxIds};
 use moltmate_core::tool::Tool;
 use moltmate_core::Shutdown;
 use moltmate_gateway::agent::ToolBox;
 use moltmate_gateway::memory_tool::MemorySearchTool;
-use moltmate_gateway::{Gateway, GatewayParts};
+use moltmate_gateway::{Gateway, GatewayParts, SandboxIdPolicy};
 use moltmate_store::{Homes, Store};
 use std::path::Path;
 use std::sync::Arc;
@@ -118,31 +118,44 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
     let tools = tools(config, home, &store, sandbox.clone())?;
     let channels = channels(config)?;
 
+    let id_policy = settings.sandbox_ids;
+    if let (SandboxIdPolicy::Shared(ids), Some(_)) = (id_policy, &sandbox) {
+        tracing::warn!(
+            uid = ids.uid,
+            "the gateway is not root, so it cannot give each user their own sandbox uid: every user's commands run as the gateway's own uid (run as root for one uid per user from sandbox.uidRange)"
+        );
+    }
     // Users named in the config exist (and are linked) before their first message, so the
     // operator sees them in `users list` and the admin page.
     for (user, user_config) in &config.users {
         store
             .ensure_user(user, user_config.display_name.as_deref())
             .await?;
-        homes.ensure(user)?;
+        homes.ensure(user, user_sandbox_ids(&store, id_policy, user).await?)?;
         for identity in &user_config.identities {
             store.link_identity(identity, user, "config").await?;
         }
     }
     let mut family_dirs = Vec::new();
     for family in config.families.keys() {
-        family_dirs.push(homes.ensure_family(family)?);
+        let (ids, gid) = family_sandbox_ids(&store, id_policy, family).await?;
+        family_dirs.push((homes.ensure_family(family, ids)?, gid));
     }
+    let state_dir = super::sandbox_settings(home, config).state_dir;
     if purpose == Purpose::Serve && sandbox.is_some() {
         // Family folders go onto their capped volumes before any turn runs: the first move
         // copies a folder's files and deletes them underneath, which must not overlap with a
-        // member writing there. (Homes move at their user's first `exec`, within that user's
-        // own ordered turn.)
-        let state_dir = super::sandbox_settings(home, config).state_dir;
+        // member writing there. (Homes move before their user's first turn, in that user's
+        // own ordered worker: see `disk_caps` below.)
+        let state_dir = state_dir.clone();
         let cap_bytes = config.sandbox.limits.disk_mb * 1024 * 1024;
         tokio::task::spawn_blocking(move || {
-            for dir in family_dirs {
-                if let Err(e) = moltmate_sandbox::disk::ensure_family_volume(&state_dir, &dir, cap_bytes) {
+            for (dir, gid) in family_dirs {
+                // Without a family gid (a gateway that cannot switch uids) there is no volume
+                // to make either: loop mounts need root too.
+                let Some(gid) = gid else { continue };
+                let ids = moltmate_core::sandbox::SandboxIds::same(gid);
+                if let Err(e) = moltmate_sandbox::disk::ensure_family_volume(&state_dir, &dir, cap_bytes, ids) {
                     tracing::warn!(family = %dir.display(), error = %e, "family folder has no disk cap");
                 }
             }
@@ -150,6 +163,12 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         .await
         .context("family volume set-up")?;
     }
+    // The disk cap holds from a user's first write: their home goes onto its capped volume
+    // before their first turn (root only: loop mounts; and only with a sandbox, whose limits
+    // the cap is part of).
+    let disk_caps: Option<Arc<dyn DiskCaps>> = (sandbox.is_some()
+        && moltmate_sandbox::disk::can_enforce())
+    .then(|| Arc::new(moltmate_sandbox::disk::LoopVolumes::new(&state_dir)) as _);
     let gateway = Gateway::new(GatewayParts {
         store: store.clone(),
         homes,
@@ -158,6 +177,7 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         tools,
         channels,
         sandbox: sandbox.clone(),
+        disk_caps,
         shutdown: shutdown.clone(),
     });
     Ok(Built {
@@ -165,6 +185,34 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         shutdown,
         sandbox,
         store,
+    })
+}
+
+/// The host ids `user`'s sandbox runs as and their home belongs to (allocated on first need
+/// when the gateway is root).
+pub async fn user_sandbox_ids(
+    store: &Store,
+    policy: SandboxIdPolicy,
+    user: &moltmate_core::UserId,
+) -> Result<SandboxIds> {
+    Ok(match policy {
+        SandboxIdPolicy::PerUser(range) => store.user_sandbox_ids(user, range).await?,
+        SandboxIdPolicy::Shared(ids) => ids,
+    })
+}
+
+/// The ids a family folder belongs to, and its gid for members when it has its own.
+pub async fn family_sandbox_ids(
+    store: &Store,
+    policy: SandboxIdPolicy,
+    family: &str,
+) -> Result<(SandboxIds, Option<u32>)> {
+    Ok(match policy {
+        SandboxIdPolicy::PerUser(range) => {
+            let gid = store.family_sandbox_gid(family, range).await?;
+            (SandboxIds::same(gid), Some(gid))
+        }
+        SandboxIdPolicy::Shared(ids) => (ids, None),
     })
 }
 

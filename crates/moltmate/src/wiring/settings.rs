@@ -6,7 +6,7 @@ use moltmate_core::sandbox::{
 };
 use moltmate_core::ChannelKind;
 use moltmate_gateway::access::ChannelAccess;
-use moltmate_gateway::{GatewaySettings, UserSettings};
+use moltmate_gateway::{GatewaySettings, SandboxIdPolicy, UserSettings};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
@@ -139,6 +139,7 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
     settings.personas_dir = Some(home.join("personas"));
     settings.log_tool_calls = config.logging.tools;
     settings.prewarm_sandboxes = config.sandbox.prewarm;
+    settings.sandbox_ids = SandboxIdPolicy::detect(config.sandbox.uid_range.to_core());
     settings.session_idle_reset = config
         .session
         .idle_reset_minutes

@@ -48,12 +48,41 @@ pub fn write_config(home: &Path, config: &Value) {
 }
 
 pub struct Harness {
-    pub dir: tempfile::TempDir,
     pub home: PathBuf,
     pub telegram: FakeTelegram,
     pub llm: FakeLlm,
     pub built: Built,
     channels: tokio::task::JoinHandle<()>,
+    /// Unmounts the home's capped volumes when a test drops the harness without `stop`
+    /// (fields drop in order: after the gateway, before the directory).
+    _volumes: VolumeGuard,
+    pub dir: tempfile::TempDir,
+}
+
+/// Releases the capped volumes below a home when dropped (a root gateway with a sandbox puts
+/// every user's home on one before their first turn), also after a gateway was killed.
+pub struct VolumeGuard(pub PathBuf);
+
+/// A temporary directory holding a gateway home at `<dir>/home`, whose capped volumes are
+/// released before the directory is deleted.
+pub struct TestHome {
+    _volumes: VolumeGuard,
+    _dir: tempfile::TempDir,
+}
+
+impl TestHome {
+    pub fn new(dir: tempfile::TempDir, home: &Path) -> Self {
+        TestHome {
+            _volumes: VolumeGuard(home.to_path_buf()),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for VolumeGuard {
+    fn drop(&mut self) {
+        release_volumes(&self.0);
+    }
 }
 
 impl Harness {
@@ -74,6 +103,7 @@ impl Harness {
         let gateway = built.gateway.clone();
         let channels = tokio::spawn(async move { gateway.run_channels().await });
         Harness {
+            _volumes: VolumeGuard(home.clone()),
             dir,
             home,
             telegram,
@@ -101,6 +131,7 @@ impl Harness {
             llm,
             built,
             channels,
+            _volumes,
         } = self;
         built.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), channels).await;
@@ -120,6 +151,7 @@ impl Harness {
             llm,
             built,
             channels,
+            _volumes,
         }
     }
 
@@ -139,10 +171,11 @@ impl Harness {
     }
 }
 
-/// Unmounts the users' capped volumes (made when a sandbox ran), so the temporary directory
-/// can be deleted and no loop device outlives the test.
+/// Unmounts the users' capped volumes (made before a user's first turn when the gateway is root
+/// and has a sandbox), so the temporary directory can be deleted and no loop device outlives
+/// the test.
 pub fn release_volumes(home: &Path) {
-    for dir in ["users", "families"] {
+    for dir in ["users", "families", "sandboxes/scratch"] {
         if let Ok(entries) = std::fs::read_dir(home.join(dir)) {
             for entry in entries.flatten() {
                 let _ = moltmate_sandbox::disk::release_user_volume(&entry.path());
