@@ -180,6 +180,7 @@ CREATE TABLE web_sessions (
     r#"
 ALTER TABLE users ADD COLUMN onboarding_step TEXT;
 "#,
+    crate::usage::MIGRATION,
 ];
 
 fn now_millis() -> i64 {
