@@ -170,7 +170,9 @@ impl Store {
             )?;
             for user in &users {
                 let row: Option<(i64, i64, i64)> = today
-                    .query_row(params![user, day], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .query_row(params![user, day], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
                     .optional()?;
                 if let Some((messages, tokens, exec_ms)) = row {
                     totals.messages_today = totals.messages_today.saturating_add(to_u64(messages));
@@ -450,11 +452,26 @@ mod tests {
             cost_micros: 5_000,
             exec_ms: 1_500,
         };
-        store.charge_usage(&anna, "2026-03-01", charge).await.unwrap();
-        store.charge_usage(&anna, "2026-03-02", charge).await.unwrap();
-        store.charge_usage(&anna, "2026-03-02", charge).await.unwrap();
-        store.charge_usage(&anna, "2026-04-01", charge).await.unwrap();
-        store.charge_usage(&ben, "2026-03-02", charge).await.unwrap();
+        store
+            .charge_usage(&anna, "2026-03-01", charge)
+            .await
+            .unwrap();
+        store
+            .charge_usage(&anna, "2026-03-02", charge)
+            .await
+            .unwrap();
+        store
+            .charge_usage(&anna, "2026-03-02", charge)
+            .await
+            .unwrap();
+        store
+            .charge_usage(&anna, "2026-04-01", charge)
+            .await
+            .unwrap();
+        store
+            .charge_usage(&ben, "2026-03-02", charge)
+            .await
+            .unwrap();
         let anna_day = store
             .usage_totals(std::slice::from_ref(&anna), "2026-03-02", "2026-03")
             .await
