@@ -18,9 +18,12 @@
 //! * [`agent`] — one turn: model calls, tool calls, bounded iterations, audit.
 //! * [`prompt`] — the system prompt, built from that user's files only.
 //! * [`persona`] — default persona files for a new home.
+//! * [`limits`] — caps per answer, turn and user; [`budget`] — daily and monthly budgets.
 
 pub mod access;
 pub mod agent;
+pub mod budget;
+pub mod limits;
 pub mod memory_tool;
 pub mod metrics;
 pub mod onboarding;

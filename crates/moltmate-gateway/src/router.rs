@@ -10,7 +10,7 @@ use crate::agent::{run_turn, ModelCaller, ToolBox, Turn};
 use crate::onboarding::{self, Answer};
 use crate::persona;
 use crate::prompt::build_system_prompt;
-use crate::session::{compact, estimate_context, estimate_tokens, Compaction};
+use crate::session::{compact, estimate_rows, estimate_tokens, Compaction};
 use crate::settings::GatewaySettings;
 use async_trait::async_trait;
 use moltmate_core::channel::{AcceptError, Accepted, Channel, InboundMessage, InboundSink};
@@ -74,6 +74,8 @@ struct Inner {
     shutdown: Shutdown,
     tasks: TaskTracker,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Queue-full and budget notices already given.
+    notices: crate::limits::Notices,
 }
 
 /// The running gateway. Cheap to clone.
@@ -124,6 +126,7 @@ impl Gateway {
                 shutdown: parts.shutdown,
                 tasks: TaskTracker::new(),
                 metrics: Arc::new(crate::metrics::Metrics::new()),
+                notices: crate::limits::Notices::default(),
             }),
         }
     }
@@ -293,6 +296,7 @@ async fn accept(
             Accepted::Queued => "queued",
             Accepted::Duplicate => "duplicate",
             Accepted::Refused => "refused",
+            Accepted::QueueFull => "queue_full",
         };
         inner.metrics.count_message(channel.as_str(), outcome);
     }
@@ -337,6 +341,39 @@ async fn accept_counted(
 
     match decision {
         AccessDecision::Allowed(user) => {
+            // Per-user queue cap (limits.queuedMessages), before anything else is done for it.
+            let cap = inner
+                .settings
+                .user_settings(&user, identity.channel)
+                .limits
+                .queued_messages;
+            let notice = inner.channels.contains_key(&identity.channel).then(|| {
+                crate::limits::queue_full_text(
+                    cap,
+                    message.language_code.as_deref(),
+                    &inner.settings.default_language,
+                )
+            });
+            if let Some(outbox) = crate::limits::refuse_when_queue_full(
+                &inner.store,
+                &inner.notices,
+                &user,
+                cap,
+                &message,
+                notice,
+            )
+            .await
+            .map_err(storage)?
+            {
+                if let Some(item) = outbox {
+                    let inner = Arc::clone(inner);
+                    inner
+                        .tasks
+                        .clone()
+                        .spawn(async move { deliver(&inner, item).await });
+                }
+                return Ok(Accepted::QueueFull);
+            }
             let created = inner
                 .store
                 .ensure_user(&user, message.sender_name.as_deref())
@@ -591,9 +628,9 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
 
 fn help_text(language: &str) -> String {
     if language.starts_with("de") {
-        "Befehle:\n/reset – neues Gespräch beginnen (dein Gedächtnis bleibt)\n/persona – meine Persönlichkeit neu wählen\n/help – diese Hilfe".to_string()
+        "Befehle:\n/reset – neues Gespräch beginnen (dein Gedächtnis bleibt)\n/persona – meine Persönlichkeit neu wählen\n/forget – unsere bisherigen Gespräche löschen (deine Notizen bleiben)\n/help – diese Hilfe".to_string()
     } else {
-        "Commands:\n/reset – start a new conversation (your memory stays)\n/persona – choose my personality again\n/help – this help".to_string()
+        "Commands:\n/reset – start a new conversation (your memory stays)\n/persona – choose my personality again\n/forget – delete our past conversations (your notes stay)\n/help – this help".to_string()
     }
 }
 
@@ -714,6 +751,21 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
             })
         }
         "/help" => Some(help_text(&language)),
+        "/forget" => {
+            if crate::limits::forget_confirmed(&item.text) {
+                end_session(inner, &item.user).await?;
+            }
+            Some(
+                crate::limits::forget(
+                    &inner.store,
+                    inner.settings.memory_index_dir.as_deref(),
+                    &item.user,
+                    &item.text,
+                    &language,
+                )
+                .await?,
+            )
+        }
         "/persona" if inner.settings.onboarding_enabled => {
             let onboarded = inner
                 .store
@@ -740,14 +792,45 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         return Ok(());
     }
 
-    // Bounded concurrency across users. The permit is held for the whole turn.
-    let Ok(_permit) = inner.turn_permits.acquire().await else {
-        return Ok(());
-    };
     let user_settings = inner
         .settings
         .user_settings(&item.user, item.channel)
         .clone();
+    // Budgets and the stored-conversation cap, before any model call. Over them, the message
+    // is answered with the notice (pushed at most once per interval) and no model is called.
+    let guard = crate::budget::BudgetGuard::new(
+        inner.store.clone(),
+        item.user.clone(),
+        user_settings.limits.budget,
+        inner.settings.family_budget(&item.user),
+        inner.settings.prices.clone(),
+        &language,
+    );
+    let refusal = match guard.admit(&crate::budget::Periods::now()).await? {
+        Some(notice) => Some(notice),
+        None => {
+            crate::limits::storage_full(&inner.store, &item.user, &user_settings.limits, &language)
+                .await?
+        }
+    };
+    if let Some(text) = refusal {
+        let pushed = pushed_reply(inner, &item, &text).filter(|_| {
+            inner
+                .notices
+                .budget_notice_due(&item.user, std::time::Instant::now())
+        });
+        let outbox = inner
+            .store
+            .finish_inbox_with_reply(item.id, &item.user, pushed)
+            .await?;
+        finish(inner, &item, outbox, text, TokenUsage::default()).await;
+        return Ok(());
+    }
+
+    // Bounded concurrency across users. The permit is held for the whole turn.
+    let Ok(_permit) = inner.turn_permits.acquire().await else {
+        return Ok(());
+    };
     let mut session = inner.store.current_session(&item.user).await?;
     if let Some(idle) = inner.settings.session_idle_reset {
         let idle_for = chrono::Utc::now().timestamp_millis() - session.last_active;
@@ -794,13 +877,23 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
     if inner.settings.prewarm_sandboxes && user_settings.tools.iter().any(|t| t == "exec") {
         prewarm_sandbox(inner, &context);
     }
-    let mut rows = inner.store.transcript(&session.id).await?;
+    // History in a bounded page: the newest rows the context window can hold.
     let mut prompt = system_prompt(inner, &home, family.as_ref(), session.summary.clone()).await?;
+    let window = inner.settings.context_window_tokens;
+    let page_bytes = |prompt: &str| crate::limits::history_budget(window, prompt, &item.text);
+    let mut page = inner
+        .store
+        .history_page(&session.id, page_bytes(&prompt.text))
+        .await?;
     let mut compaction_usage = Vec::new();
-    let threshold =
-        (inner.settings.context_window_tokens as f64 * inner.settings.compact_at_ratio) as usize;
-    let history_items: Vec<ConversationItem> = rows.iter().map(|(_, item)| item.clone()).collect();
-    if estimate_context(&prompt.text, &history_items) + estimate_tokens(&item.text) > threshold {
+    let threshold = (window as f64 * inner.settings.compact_at_ratio) as usize;
+    let over = |page: &moltmate_store::HistoryPage, prompt: &str| {
+        page.truncated
+            || estimate_rows(prompt, &page.rows) + estimate_tokens(&item.text) > threshold
+    };
+    if over(&page, &prompt.text)
+        && crate::limits::compaction_due(&inner.store, &session.id, &item.user, window).await?
+    {
         let compacted = compact(
             Compaction {
                 model: inner.model.as_ref(),
@@ -812,18 +905,25 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
                 system: &prompt.text,
                 session_id: &session.id,
                 max_iterations: inner.settings.max_tool_iterations,
+                limits: &user_settings.limits,
+                budget: Some(&guard),
             },
-            &rows,
+            &page.rows,
         )
         .await?;
         if let Some((summary, usage)) = compacted {
             tracing::info!(user = %item.user, "session compacted");
             compaction_usage = usage;
-            rows = inner.store.transcript(&session.id).await?;
             prompt = system_prompt(inner, &home, family.as_ref(), Some(summary)).await?;
+            page = inner
+                .store
+                .history_page(&session.id, page_bytes(&prompt.text))
+                .await?;
         }
+        let still_over = over(&page, &prompt.text);
+        crate::limits::compaction_done(&inner.store, &session.id, &item.user, still_over).await?;
     }
-    let history: Vec<ConversationItem> = rows.into_iter().map(|(_, item)| item).collect();
+    let history: Vec<ConversationItem> = page.rows.into_iter().map(|(_, item)| item).collect();
     let deltas: Arc<dyn DeltaSink> = lock(&inner.waiters)
         .get(&item.id)
         .map(|w| Arc::clone(&w.deltas))
@@ -843,6 +943,8 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         deltas: deltas.as_ref(),
         log_tool_calls: inner.settings.log_tool_calls,
         metrics: &inner.metrics,
+        limits: &user_settings.limits,
+        budget: Some(&guard),
     })
     .await;
     if let Some(typing) = typing {
@@ -851,6 +953,14 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
 
     let mut usage = compaction_usage;
     usage.extend(result.usage);
+    let mut new_items = result.new_items;
+    let elided = crate::limits::shrink_for_storage(
+        &mut new_items,
+        user_settings.limits.stored_bytes_per_turn,
+    );
+    if elided > 0 {
+        tracing::info!(user = %item.user, bytes = elided, "turn shortened for storage (limits.storedKbPerTurn)");
+    }
     let total = usage
         .iter()
         .fold(TokenUsage::default(), |sum, (_, _, u)| sum.plus(*u));
@@ -860,7 +970,7 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
             inbox_id: item.id,
             user: item.user.clone(),
             session_id: session.id,
-            items: result.new_items,
+            items: new_items,
             reply: pushed_reply(inner, &item, &result.reply),
             usage,
         })

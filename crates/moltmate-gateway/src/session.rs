@@ -14,6 +14,10 @@ use moltmate_store::{Store, StoreError};
 /// Transcript rows kept verbatim after compaction (the rest becomes the summary).
 const KEEP_RECENT_ROWS: usize = 8;
 
+/// Longest summary kept (the request asks for 200 words, ~1.5 KB); a longer answer is cut, so
+/// a summary can never outgrow what it replaces by much.
+pub const MAX_SUMMARY_BYTES: usize = 8 * 1024;
+
 const FLUSH_NOTICE: &str = "[Moltmates system notice, not from your user] This conversation is about to be \
 compacted: older messages will be replaced by a summary. If anything in it is worth keeping long-term, save it \
 now with your file tools — curated facts to MEMORY.md, what happened today to memory/YYYY-MM-DD.md. Then reply \
@@ -47,6 +51,16 @@ pub fn estimate_context(system: &str, history: &[ConversationItem]) -> usize {
     estimate_tokens(system) + history.iter().map(item_text_len).sum::<usize>().div_ceil(4)
 }
 
+/// Estimated tokens of a system prompt plus history rows (as the store returns them).
+pub fn estimate_rows(system: &str, rows: &[(i64, ConversationItem)]) -> usize {
+    estimate_tokens(system)
+        + rows
+            .iter()
+            .map(|(_, item)| item_text_len(item))
+            .sum::<usize>()
+            .div_ceil(4)
+}
+
 /// What compaction needs.
 pub struct Compaction<'a> {
     pub model: &'a dyn ModelCaller,
@@ -58,10 +72,17 @@ pub struct Compaction<'a> {
     pub system: &'a str,
     pub session_id: &'a str,
     pub max_iterations: usize,
+    pub limits: &'a crate::limits::UserLimits,
+    pub budget: Option<&'a crate::budget::BudgetGuard>,
 }
 
 /// Flushes memory and compacts the session. Returns the new summary and the usage spent.
-/// The history must be given with row ids (from the store).
+/// The history must be given with row ids (from the store): the page of the session the turn
+/// loaded; rows older than the page are past the context window and are removed with the rest.
+///
+/// Bounded: one flush turn (bounded like any turn, budget-checked) and one summary call, at
+/// most once per message (the caller), and not again after an attempt that did not shrink the
+/// session until it has grown (`limits::compaction_due`).
 pub async fn compact(
     job: Compaction<'_>,
     rows: &[(i64, ConversationItem)],
@@ -97,9 +118,17 @@ pub async fn compact(
         deltas: &IgnoreDeltas,
         log_tool_calls: false,
         metrics: job.metrics,
+        limits: job.limits,
+        budget: job.budget,
     })
     .await;
     usage.extend(flush.usage);
+    if let Some(budget) = job.budget {
+        if budget.check().await.is_some() {
+            // The budget ran out during the flush; the turn itself will say so.
+            return Ok(None);
+        }
+    }
 
     // 2. Summary of everything before the cut, without tools.
     let mut to_summarise: Vec<ConversationItem> = history[..cut].to_vec();
@@ -117,10 +146,21 @@ pub async fn compact(
             return Ok(None);
         }
     };
+    if let Some(budget) = job.budget {
+        budget.charge_model(&answer.usage).await;
+    }
     usage.extend(answer.usage.iter().cloned());
-    let summary = answer.response.text.trim().to_string();
+    let mut summary = answer.response.text.trim().to_string();
     if summary.is_empty() {
         return Ok(None);
+    }
+    if summary.len() > MAX_SUMMARY_BYTES {
+        let mut end = MAX_SUMMARY_BYTES;
+        while !summary.is_char_boundary(end) {
+            end -= 1;
+        }
+        summary.truncate(end);
+        summary.push_str(" […]");
     }
     job.store
         .compact_session(job.session_id, &summary, rows[cut].0)

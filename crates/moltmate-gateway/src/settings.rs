@@ -19,6 +19,8 @@ pub struct UserSettings {
     pub sandbox: SandboxProfile,
     /// File tools refuse to write.
     pub read_only: bool,
+    /// Caps and budgets (`limits`, by trust level).
+    pub limits: crate::limits::UserLimits,
 }
 
 impl Default for UserSettings {
@@ -35,6 +37,7 @@ impl Default for UserSettings {
             },
             sandbox: SandboxProfile::default(),
             read_only: false,
+            limits: crate::limits::UserLimits::default(),
         }
     }
 }
@@ -93,6 +96,12 @@ pub struct GatewaySettings {
     /// When a turn of a user who may use `exec` begins, start their sandbox in the background
     /// (`sandbox.prewarm`), so the first command does not wait for it.
     pub prewarm_sandboxes: bool,
+    /// Model prices for spend budgets (`model.prices`).
+    pub prices: crate::budget::Prices,
+    /// Shared budgets of families (`families.<name>.budget`), by family name.
+    pub family_budgets: HashMap<String, crate::budget::Budget>,
+    /// `<MOLTMATE_HOME>/index`: the users' memory search indexes (`/forget` deletes one).
+    pub memory_index_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for GatewaySettings {
@@ -121,6 +130,9 @@ impl Default for GatewaySettings {
             context_window_tokens: 200_000,
             compact_at_ratio: 0.8,
             families: HashMap::new(),
+            prices: crate::budget::Prices::default(),
+            family_budgets: HashMap::new(),
+            memory_index_dir: None,
         }
     }
 }
@@ -146,6 +158,20 @@ impl GatewaySettings {
         } else {
             labels.join(", ")
         }
+    }
+
+    /// The family budget `user` counts towards, with every member, if their family has one.
+    pub fn family_budget(&self, user: &UserId) -> Option<crate::budget::FamilyBudget> {
+        let family = self.families.get(user)?;
+        let budget = *self.family_budgets.get(family)?;
+        let mut members: Vec<UserId> = self
+            .families
+            .iter()
+            .filter(|(_, name)| *name == family)
+            .map(|(member, _)| member.clone())
+            .collect();
+        members.sort();
+        Some(crate::budget::FamilyBudget { members, budget })
     }
 
     /// What `user` may do in a message that arrived on `channel`: the user's explicit
