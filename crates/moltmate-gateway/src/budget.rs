@@ -519,6 +519,58 @@ impl BudgetGuard {
     }
 }
 
+/// One line of a user's usage against their limits, for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageLine {
+    /// `messages today`, `tokens today`, `spend this month`, `exec today`, `stored`.
+    pub what: &'static str,
+    pub used: String,
+    /// `unlimited` when there is none.
+    pub limit: String,
+}
+
+/// What a user used today / this month and has stored, next to their budgets and cap.
+pub fn usage_lines(
+    limits: &crate::limits::UserLimits,
+    used: &UsageTotals,
+    transcript_bytes: u64,
+) -> Vec<UsageLine> {
+    let budget = &limits.budget;
+    let or_unlimited =
+        |limit: Option<u64>, show: &dyn Fn(u64) -> String| limit.map_or("unlimited".into(), show);
+    let count = |n: u64| grouped(n, "en");
+    let money = |micros: u64| dollars(micros, "en");
+    let seconds = |s: u64| format!("{} s", grouped(s, "en"));
+    let mb = |b: u64| format!("{:.1} MB", b as f64 / (1024.0 * 1024.0));
+    vec![
+        UsageLine {
+            what: "messages today",
+            used: count(used.messages_today),
+            limit: or_unlimited(budget.messages_per_day, &count),
+        },
+        UsageLine {
+            what: "tokens today",
+            used: count(used.tokens_today),
+            limit: or_unlimited(budget.tokens_per_day, &count),
+        },
+        UsageLine {
+            what: "spend this month",
+            used: money(used.cost_micros_month),
+            limit: or_unlimited(budget.spend_micros_per_month, &money),
+        },
+        UsageLine {
+            what: "exec today",
+            used: seconds(used.exec_ms_today.div_ceil(1000)),
+            limit: or_unlimited(budget.exec_seconds_per_day, &seconds),
+        },
+        UsageLine {
+            what: "stored",
+            used: mb(transcript_bytes),
+            limit: mb(limits.transcript_bytes),
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -711,6 +763,34 @@ mod tests {
         assert!(
             refused.contains("today's 10 seconds of command time"),
             "{refused}"
+        );
+    }
+
+    #[test]
+    fn usage_lines_show_used_against_limits() {
+        let lines = usage_lines(
+            &crate::limits::UserLimits::default(),
+            &UsageTotals {
+                messages_today: 12,
+                tokens_today: 34_567,
+                exec_ms_today: 1_200,
+                cost_micros_month: 1_230_000,
+            },
+            3 * 1024 * 1024,
+        );
+        let text: Vec<String> = lines
+            .iter()
+            .map(|l| format!("{}: {} / {}", l.what, l.used, l.limit))
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "messages today: 12 / 2,000",
+                "tokens today: 34,567 / 10,000,000",
+                "spend this month: $1.23 / unlimited",
+                "exec today: 2 s / 14,400 s",
+                "stored: 3.0 MB / 1024.0 MB",
+            ]
         );
     }
 

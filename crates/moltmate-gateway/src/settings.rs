@@ -174,6 +174,15 @@ impl GatewaySettings {
         Some(crate::budget::FamilyBudget { members, budget })
     }
 
+    /// The settings the operator sees for `user`: their explicit trust level's, else those of
+    /// the first of their channels with a default, else the global default.
+    pub fn settings_for_display(&self, user: &UserId, channels: &[ChannelKind]) -> &UserSettings {
+        self.users
+            .get(user)
+            .or_else(|| channels.iter().find_map(|c| self.channel_defaults.get(c)))
+            .unwrap_or(&self.default_user)
+    }
+
     /// What `user` may do in a message that arrived on `channel`: the user's explicit
     /// override, else the channel's default, else the global default.
     pub fn user_settings(&self, user: &UserId, channel: ChannelKind) -> &UserSettings {
