@@ -231,8 +231,9 @@ pub fn history_budget(context_window_tokens: usize, system: &str, message: &str)
 }
 
 /// Whether compaction may be tried: not again after an attempt that did not bring the session
-/// under the threshold, until the user's transcript has grown by a tenth of the context window
-/// since (so a session that cannot shrink costs no summary calls on every message).
+/// under the threshold, until the user's transcript has grown by half the context window since.
+/// So a session that compaction cannot shrink (its newest turns alone fill the window) costs a
+/// flush and a summary per half window of new conversation, not per message.
 pub async fn compaction_due(
     store: &Store,
     session_id: &str,
@@ -243,7 +244,7 @@ pub async fn compaction_due(
         return Ok(true);
     };
     let now = store.transcript_bytes(user).await?;
-    let step = (context_window_tokens as u64).saturating_mul(4) / 10;
+    let step = (context_window_tokens as u64).saturating_mul(4) / 2;
     Ok(now >= at.saturating_add(step.max(1)))
 }
 

@@ -907,8 +907,9 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
                 max_iterations: inner.settings.max_tool_iterations,
                 limits: &user_settings.limits,
                 budget: Some(&guard),
+                summary: session.summary.as_deref(),
             },
-            &page.rows,
+            &page,
         )
         .await?;
         if let Some((summary, usage)) = compacted {

@@ -74,33 +74,53 @@ pub struct Compaction<'a> {
     pub max_iterations: usize,
     pub limits: &'a crate::limits::UserLimits,
     pub budget: Option<&'a crate::budget::BudgetGuard>,
+    /// The session's summary so far.
+    pub summary: Option<&'a str>,
 }
 
-/// Flushes memory and compacts the session. Returns the new summary and the usage spent.
-/// The history must be given with row ids (from the store): the page of the session the turn
-/// loaded; rows older than the page are past the context window and are removed with the rest.
-///
-/// Bounded: one flush turn (bounded like any turn, budget-checked) and one summary call, at
-/// most once per message (the caller), and not again after an attempt that did not shrink the
-/// session until it has grown (`limits::compaction_due`).
-pub async fn compact(
-    job: Compaction<'_>,
-    rows: &[(i64, ConversationItem)],
-) -> Result<Option<(String, Vec<(String, String, TokenUsage)>)>, StoreError> {
-    // Keep the last rows verbatim, starting at a user message so no tool result is orphaned.
-    let Some(cut) = rows
+/// Where compaction cuts a page: the earliest user message (not the first row) that leaves at
+/// most [`KEEP_RECENT_ROWS`] rows after it, else the last user message (a turn is never split,
+/// so no tool result is orphaned). `None` when the page is a single turn.
+fn cut_point(rows: &[(i64, ConversationItem)]) -> Option<usize> {
+    let users: Vec<usize> = rows
         .iter()
         .enumerate()
-        .rev()
-        .skip(KEEP_RECENT_ROWS.saturating_sub(1))
-        .find(|(_, (_, item))| matches!(item, ConversationItem::User { .. }))
+        .filter(|(index, (_, item))| *index > 0 && matches!(item, ConversationItem::User { .. }))
         .map(|(index, _)| index)
-    else {
+        .collect();
+    users
+        .iter()
+        .copied()
+        .find(|index| rows.len() - index <= KEEP_RECENT_ROWS)
+        .or(users.last().copied())
+}
+
+/// Flushes memory and compacts the session: the part of the page before the cut is summarised,
+/// and it (with any rows older than the page, which the model no longer sees anyway) is moved
+/// out of the session into an ended one — still the user's, never deleted silently. Returns the
+/// session's summary and the usage spent.
+///
+/// Bounded: one flush turn (bounded like any turn, budget-checked) and one summary call (cut
+/// to [`MAX_SUMMARY_BYTES`]), at most once per message (the caller), and not again after an
+/// attempt that did not bring the session under the threshold until it has grown by half a
+/// window (`limits::compaction_due`). Each compaction that runs moves at least one row out.
+pub async fn compact(
+    job: Compaction<'_>,
+    page: &moltmate_store::HistoryPage,
+) -> Result<Option<(String, Vec<(String, String, TokenUsage)>)>, StoreError> {
+    let rows = &page.rows;
+    let Some(cut) = cut_point(rows) else {
+        // A single turn fills the page: nothing visible to summarise, but rows older than the
+        // page are past the window; move them out so the session fits again.
+        if let (true, Some((first, _))) = (page.truncated, rows.first()) {
+            let summary = job.summary.unwrap_or_default().to_string();
+            job.store
+                .archive_before(job.session_id, &summary, *first)
+                .await?;
+            return Ok(Some((summary, Vec::new())));
+        }
         return Ok(None);
     };
-    if cut == 0 {
-        return Ok(None);
-    }
     let history: Vec<ConversationItem> = rows.iter().map(|(_, item)| item.clone()).collect();
     let mut usage = Vec::new();
 
@@ -163,7 +183,7 @@ pub async fn compact(
         summary.push_str(" […]");
     }
     job.store
-        .compact_session(job.session_id, &summary, rows[cut].0)
+        .archive_before(job.session_id, &summary, rows[cut].0)
         .await?;
     Ok(Some((summary, usage)))
 }

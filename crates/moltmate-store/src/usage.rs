@@ -355,6 +355,54 @@ impl Store {
         .await
     }
 
+    /// Compaction: sets the session's summary and moves its rows before `keep_from_id` into a
+    /// new ended session of the same user — out of what the model is sent, but still the
+    /// user's (export, memory search, their storage cap; `/forget` deletes them).
+    pub async fn archive_before(
+        &self,
+        session_id: &str,
+        summary: &str,
+        keep_from_id: i64,
+    ) -> Result<(), StoreError> {
+        let session_id = session_id.to_string();
+        let summary = summary.to_string();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let user: Option<String> = tx
+                .query_row(
+                    "SELECT user_id FROM sessions WHERE id = ?1",
+                    params![session_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(user) = user else {
+                return Err(StoreError::NotFound(format!("no session {session_id}")));
+            };
+            let archive = format!(
+                "{}-archived-{}",
+                session_id,
+                hex::encode(rand::random::<[u8; 6]>())
+            );
+            let now = chrono::Utc::now().timestamp_millis();
+            tx.execute(
+                "INSERT INTO sessions (id, user_id, started_at, last_active, ended_at, summary)
+                 VALUES (?1, ?2, ?3, ?3, ?3, NULL)",
+                params![archive, user, now],
+            )?;
+            tx.execute(
+                "UPDATE transcript SET session_id = ?3 WHERE session_id = ?1 AND id < ?2",
+                params![session_id, keep_from_id, archive],
+            )?;
+            tx.execute(
+                "UPDATE sessions SET summary = ?2 WHERE id = ?1",
+                params![session_id, summary],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     /// `/forget`: deletes every transcript item of the user and ends their open session (a
     /// new one starts with the next message). Memory files, the inbox (the `/forget` message
     /// itself is still being answered), usage and audit records stay. Returns the bytes freed.
@@ -569,6 +617,28 @@ mod tests {
         assert!(page.bytes <= turn_bytes * 5 / 2);
         let none = store.history_page(&session, 10).await.unwrap();
         assert!(none.rows.is_empty() && none.truncated);
+    }
+
+    #[tokio::test]
+    async fn archived_rows_leave_the_session_but_stay_the_users() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = user("anna");
+        store_turn(&store, &anna, &[said("old"), answered("old answer")]).await;
+        let session = store_turn(&store, &anna, &[said("new"), answered("new answer")]).await;
+        let rows = store.transcript(&session).await.unwrap();
+        let bytes = store.transcript_bytes(&anna).await.unwrap();
+        store
+            .archive_before(&session, "we said old things", rows[2].0)
+            .await
+            .unwrap();
+        let page = store.history_page(&session, u64::MAX).await.unwrap();
+        assert_eq!(page.rows.len(), 2);
+        assert_eq!(page.rows[0].1, said("new"));
+        let current = store.current_session(&anna).await.unwrap();
+        assert_eq!(current.id, session, "the session goes on");
+        assert_eq!(current.summary.as_deref(), Some("we said old things"));
+        assert_eq!(store.user_transcripts(&anna).await.unwrap().len(), 4);
+        assert_eq!(store.transcript_bytes(&anna).await.unwrap(), bytes);
     }
 
     #[tokio::test]
