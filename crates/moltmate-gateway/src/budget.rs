@@ -199,7 +199,7 @@ fn grouped(n: u64, language: &str) -> String {
     let separator = if german(language) { '.' } else { ',' };
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(separator);
         }
         out.push(c);
@@ -749,7 +749,7 @@ mod tests {
             "{notice}"
         );
         let used = store
-            .usage_totals(&[user.clone()], &periods.day, &periods.month)
+            .usage_totals(std::slice::from_ref(&user), &periods.day, &periods.month)
             .await
             .unwrap();
         assert_eq!((used.messages_today, used.tokens_today), (1, 120));
