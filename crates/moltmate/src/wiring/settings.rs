@@ -197,11 +197,27 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             settings_for_trust(config.channels.local.default_trust, config),
         ),
     ]);
+    // The names behind those settings, for the operator's eyes (admin page, `users show`).
+    settings.channel_trust_names = HashMap::from([
+        (
+            ChannelKind::Telegram,
+            config.channels.telegram.default_trust.to_string(),
+        ),
+        (
+            ChannelKind::Web,
+            config.channels.web.default_trust.to_string(),
+        ),
+        (
+            ChannelKind::Local,
+            config.channels.local.default_trust.to_string(),
+        ),
+    ]);
     for (user, user_config) in &config.users {
         if let Some(trust) = user_config.trust {
             settings
                 .users
                 .insert(user.clone(), settings_for_trust(trust, config));
+            settings.trust_names.insert(user.clone(), trust.to_string());
         }
         for identity in &user_config.identities {
             settings
