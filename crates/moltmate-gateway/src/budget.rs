@@ -409,16 +409,27 @@ impl BudgetGuard {
         })
     }
 
-    /// Before the turn: `Some(notice)` when a budget is used up (then no model is called).
-    pub async fn admit(&self, periods: &Periods) -> Result<Option<String>, StoreError> {
-        if self.unlimited() {
-            return Ok(None);
-        }
-        let (own, family) = self.totals(periods).await?;
+    /// Before the turn: `Some(notice)` when a budget is used up or the user's stored
+    /// conversations fill `transcript_cap` (then no model is called). One read.
+    pub async fn admit(
+        &self,
+        periods: &Periods,
+        transcript_cap: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let members = self.family.as_ref().map(|f| f.members.as_slice());
+        let (own, family, stored) = self
+            .store
+            .usage_before_turn(&self.user, members, &periods.day, &periods.month)
+            .await?;
         self.fresh.store(true, Ordering::SeqCst);
-        Ok(self
-            .first_exceeded(&own, family.as_ref(), true)
-            .map(|e| e.notice(periods, &self.language)))
+        if let Some(exceeded) = self.first_exceeded(&own, family.as_ref(), true) {
+            return Ok(Some(exceeded.notice(periods, &self.language)));
+        }
+        Ok(crate::limits::storage_notice(
+            stored,
+            transcript_cap,
+            &self.language,
+        ))
     }
 
     /// Before a model call or a tool round during the turn: `Some(notice)` stops the turn.
@@ -730,7 +741,7 @@ mod tests {
             "en",
         );
         let periods = Periods::now();
-        assert_eq!(guard.admit(&periods).await.unwrap(), None);
+        assert_eq!(guard.admit(&periods, u64::MAX).await.unwrap(), None);
         assert_eq!(guard.check().await, None);
         let call = vec![(
             "p".to_string(),
@@ -824,7 +835,7 @@ mod tests {
             Prices::default(),
             "en",
         );
-        let notice = guard.admit(&periods).await.unwrap().unwrap();
+        let notice = guard.admit(&periods, u64::MAX).await.unwrap().unwrap();
         assert!(
             notice.starts_with("Your family has used today's 3 messages"),
             "{notice}"

@@ -264,31 +264,25 @@ pub async fn compaction_done(
     store.set_compaction_attempt(session_id, at).await
 }
 
-/// Before a turn: `Some(notice)` when the user's stored conversations fill their cap.
-pub async fn storage_full(
-    store: &Store,
-    user: &UserId,
-    limits: &UserLimits,
-    language: &str,
-) -> Result<Option<String>, StoreError> {
-    let used = store.transcript_bytes(user).await?;
-    if used < limits.transcript_bytes {
-        return Ok(None);
+/// `Some(notice)` when the user's stored conversations (`used` bytes) fill their cap.
+pub fn storage_notice(used: u64, cap: u64, language: &str) -> Option<String> {
+    if used < cap {
+        return None;
     }
     let mb = |b: u64| b.div_ceil(MIB);
-    Ok(Some(if german(language) {
+    Some(if german(language) {
         format!(
             "Unsere gespeicherten Gespräche haben ihre Grenze erreicht ({} von {} MB), deshalb kann ich gerade nicht antworten. Schicke /forget, um unsere bisherigen Gespräche zu löschen (deine Notizen und Dateien bleiben), oder bitte den Betreiber, deine Grenze zu erhöhen.",
             mb(used),
-            mb(limits.transcript_bytes)
+            mb(cap)
         )
     } else {
         format!(
             "Our stored conversations have reached their limit ({} of {} MB), so I can't answer right now. Send /forget to delete our past conversations (your notes and files stay), or ask the operator to raise your limit.",
             mb(used),
-            mb(limits.transcript_bytes)
+            mb(cap)
         )
-    }))
+    })
 }
 
 /// Whether a `/forget` message confirms (`/forget yes`, `/forget ja`).
@@ -564,6 +558,19 @@ mod tests {
         assert!(allowance
             .not_run()
             .starts_with("not run: the tool output allowance"));
+    }
+
+    #[test]
+    fn a_full_transcript_tells_the_user_what_to_do() {
+        assert_eq!(storage_notice(10, 11, "en"), None);
+        let notice = storage_notice(33 * MIB, 32 * MIB, "en").unwrap();
+        assert!(
+            notice.contains("(33 of 32 MB)") && notice.contains("Send /forget"),
+            "{notice}"
+        );
+        assert!(storage_notice(32 * MIB, 32 * MIB, "de")
+            .unwrap()
+            .contains("Schicke /forget"));
     }
 
     #[test]

@@ -806,14 +806,11 @@ async fn handle_item(inner: &Arc<Inner>, item: InboxItem) -> Result<(), StoreErr
         inner.settings.prices.clone(),
         &language,
     );
-    let refusal = match guard.admit(&crate::budget::Periods::now()).await? {
-        Some(notice) => Some(notice),
-        None => {
-            crate::limits::storage_full(&inner.store, &item.user, &user_settings.limits, &language)
-                .await?
-        }
-    };
-    if let Some(text) = refusal {
+    let periods = crate::budget::Periods::now();
+    if let Some(text) = guard
+        .admit(&periods, user_settings.limits.transcript_bytes)
+        .await?
+    {
         let pushed = pushed_reply(inner, &item, &text).filter(|_| {
             inner
                 .notices

@@ -100,6 +100,42 @@ pub struct HistoryPage {
     pub truncated: bool,
 }
 
+/// Sums `users`' counters of `day` and spend of `month`.
+fn totals_of(
+    c: &rusqlite::Connection,
+    users: &[UserId],
+    day: &str,
+    month: &str,
+) -> Result<UsageTotals, StoreError> {
+    let month_start = format!("{month}-00");
+    let month_end = format!("{month}-99");
+    let mut totals = UsageTotals::default();
+    let mut today = c.prepare_cached(
+        "SELECT messages, input_tokens + output_tokens, exec_ms FROM usage_days
+         WHERE user_id = ?1 AND day = ?2",
+    )?;
+    let mut spend = c.prepare_cached(
+        "SELECT COALESCE(SUM(cost_micros), 0) FROM usage_days
+         WHERE user_id = ?1 AND day > ?2 AND day < ?3",
+    )?;
+    for user in users {
+        let row: Option<(i64, i64, i64)> = today
+            .query_row(params![user.as_str(), day], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        if let Some((messages, tokens, exec_ms)) = row {
+            totals.messages_today = totals.messages_today.saturating_add(to_u64(messages));
+            totals.tokens_today = totals.tokens_today.saturating_add(to_u64(tokens));
+            totals.exec_ms_today = totals.exec_ms_today.saturating_add(to_u64(exec_ms));
+        }
+        let cost: i64 =
+            spend.query_row(params![user.as_str(), month_start, month_end], |r| r.get(0))?;
+        totals.cost_micros_month = totals.cost_micros_month.saturating_add(to_u64(cost));
+    }
+    Ok(totals)
+}
+
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -154,36 +190,33 @@ impl Store {
         day: &str,
         month: &str,
     ) -> Result<UsageTotals, StoreError> {
-        let users: Vec<String> = users.iter().map(|u| u.as_str().to_string()).collect();
-        let day = day.to_string();
-        let month_start = format!("{month}-00");
-        let month_end = format!("{month}-99");
+        let users = users.to_vec();
+        let (day, month) = (day.to_string(), month.to_string());
+        self.with(move |c| totals_of(c, &users, &day, &month)).await
+    }
+
+    /// What a turn checks before it runs, in one read: the user's usage, their family's (when
+    /// `family` names the members) and the user's stored transcript bytes.
+    pub async fn usage_before_turn(
+        &self,
+        user: &UserId,
+        family: Option<&[UserId]>,
+        day: &str,
+        month: &str,
+    ) -> Result<(UsageTotals, Option<UsageTotals>, u64), StoreError> {
+        let user = user.clone();
+        let family = family.map(<[UserId]>::to_vec);
+        let (day, month) = (day.to_string(), month.to_string());
         self.with(move |c| {
-            let mut totals = UsageTotals::default();
-            let mut today = c.prepare_cached(
-                "SELECT messages, input_tokens + output_tokens, exec_ms FROM usage_days
-                 WHERE user_id = ?1 AND day = ?2",
-            )?;
-            let mut month = c.prepare_cached(
-                "SELECT COALESCE(SUM(cost_micros), 0) FROM usage_days
-                 WHERE user_id = ?1 AND day > ?2 AND day < ?3",
-            )?;
-            for user in &users {
-                let row: Option<(i64, i64, i64)> = today
-                    .query_row(params![user, day], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })
-                    .optional()?;
-                if let Some((messages, tokens, exec_ms)) = row {
-                    totals.messages_today = totals.messages_today.saturating_add(to_u64(messages));
-                    totals.tokens_today = totals.tokens_today.saturating_add(to_u64(tokens));
-                    totals.exec_ms_today = totals.exec_ms_today.saturating_add(to_u64(exec_ms));
-                }
-                let cost: i64 =
-                    month.query_row(params![user, month_start, month_end], |r| r.get(0))?;
-                totals.cost_micros_month = totals.cost_micros_month.saturating_add(to_u64(cost));
-            }
-            Ok(totals)
+            let own = totals_of(c, std::slice::from_ref(&user), &day, &month)?;
+            let family = family
+                .map(|members| totals_of(c, &members, &day, &month))
+                .transpose()?;
+            let bytes: Option<i64> = c
+                .prepare_cached("SELECT transcript_bytes FROM user_storage WHERE user_id = ?1")?
+                .query_row(params![user.as_str()], |r| r.get(0))
+                .optional()?;
+            Ok((own, family, bytes.map(to_u64).unwrap_or(0)))
         })
         .await
     }
