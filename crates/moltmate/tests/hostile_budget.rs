@@ -244,6 +244,86 @@ async fn a_message_flood_is_capped_per_user_and_others_are_answered_in_bound() {
     h.stop().await;
 }
 
+/// Ten users flood at once (100 messages each) while their model is slow: each is capped at
+/// their own queue, the process's RSS stays bounded, and while the floods' accepted messages
+/// are being answered a bystander is answered in bound (their turns share the semaphore and
+/// the database with ten busy workers). Telegram hands out updates in order, so a message sent
+/// *behind* the 1000 flood updates waits for them to be accepted or refused first; that time
+/// is printed (and is what README reports).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_users_flooding_at_once_keep_rss_bounded_and_others_answered() {
+    let _serial = SERIAL.lock().await;
+    let h = Harness::start(json!({})).await;
+    h.llm.set_brain(|request| {
+        let text = request.last_user_text().unwrap_or_default();
+        if text.starts_with("flood") {
+            Reply::delayed(Duration::from_millis(500), Reply::text("ok"))
+        } else {
+            Reply::text(format!("echo: {text}"))
+        }
+    });
+    let normal = h.bystander_baseline(2002, 3).await;
+    let rss_before = rss_bytes();
+    for n in 0..100 {
+        for flooder in 3001..3011 {
+            h.telegram.push_text(flooder, &format!("flood {n}"));
+        }
+    }
+    let started = std::time::Instant::now();
+    while h.telegram.pending_updates() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!(
+        "10 users x 100 messages: the 1000 updates were taken in {:?}",
+        started.elapsed()
+    );
+    for round in 0..3 {
+        h.assert_bystander_answered(2002, normal, &format!("ten floods, round {round}"))
+            .await;
+    }
+    for _ in 0..400 {
+        let mut pending = h.telegram.pending_updates();
+        for flooder in 3001..3011 {
+            pending += h
+                .built
+                .store
+                .pending_inbox_count(&user(&format!("telegram_{flooder}")))
+                .await
+                .unwrap();
+        }
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rss_growth = rss_bytes().saturating_sub(rss_before);
+    let answered = h
+        .llm
+        .requests()
+        .iter()
+        .filter(|r| r.last_user_text().is_some_and(|t| t.starts_with("flood")))
+        .count();
+    eprintln!(
+        "10 users x 100 messages: {answered} accepted and answered, RSS +{:.1} MB",
+        rss_growth as f64 / MIB as f64
+    );
+    assert!(answered <= 10 * 20, "each queue is capped: {answered}");
+    for flooder in 3001..3011 {
+        let notices = replies_to(&h, flooder)
+            .iter()
+            .filter(|r| r.contains("waiting for an answer"))
+            .count();
+        // Once per full queue: the queue drains while the flood goes on, so a second notice
+        // can follow a later refusal.
+        assert!(
+            (1..=3).contains(&notices),
+            "flooder {flooder} told {notices} times"
+        );
+    }
+    assert!(rss_growth < 32 * MIB, "RSS grew by {rss_growth} bytes");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn over_the_daily_message_budget_the_user_is_told_when_it_resets_and_no_model_is_called() {
     let _serial = SERIAL.lock().await;
