@@ -278,7 +278,7 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
             }
             // `exec` runs at most for the command time left today.
             let mut exec_context = None;
-            if call.name == "exec" {
+            if call.name == "exec" && turn.allowed_tools.iter().any(|t| t == "exec") {
                 if let Some(budget) = turn.budget {
                     match budget.exec_allowance().await {
                         Ok(None) => {}

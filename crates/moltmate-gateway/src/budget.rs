@@ -273,6 +273,33 @@ impl Exceeded {
     /// (in 5 h)."
     pub fn notice(&self, periods: &Periods, language: &str) -> String {
         let de = german(language);
+        if self.allowed == 0 {
+            // Nothing was ever allowed: "used up" and a reset time would mislead.
+            let noun = match (self.kind, de) {
+                (Kind::Messages, false) => "daily budget for messages",
+                (Kind::Tokens, false) => "daily budget for tokens",
+                (Kind::ExecSeconds, false) => "daily budget for command time",
+                (Kind::Spend, false) => "monthly budget",
+                (Kind::Messages, true) => "Tageskontingent für Nachrichten",
+                (Kind::Tokens, true) => "Tageskontingent für Tokens",
+                (Kind::ExecSeconds, true) => "Tageskontingent für Rechenzeit",
+                (Kind::Spend, true) => "Monatsbudget",
+            };
+            return match (self.scope, de) {
+                (Scope::User, false) => {
+                    format!("Your {noun} is 0; ask the operator to raise it.")
+                }
+                (Scope::Family, false) => {
+                    format!("Your family's {noun} is 0; ask the operator to raise it.")
+                }
+                (Scope::User, true) => {
+                    format!("Dein {noun} ist 0; bitte den Betreiber, es zu erhöhen.")
+                }
+                (Scope::Family, true) => {
+                    format!("Das {noun} deiner Familie ist 0; bitte den Betreiber, es zu erhöhen.")
+                }
+            };
+        }
         let resets = self.resets(periods);
         let when = until(periods.now, resets, language);
         let reset_phrase = match (self.kind, de) {
@@ -628,6 +655,15 @@ mod tests {
         assert!(spend
             .notice(&periods, "de")
             .contains("2,50 $ für diesen Monat aufgebraucht; es wird am 1. Dezember zurückgesetzt (in 12 Tagen)"));
+        let nothing = Exceeded {
+            kind: Kind::Messages,
+            scope: Scope::User,
+            allowed: 0,
+        };
+        assert_eq!(
+            nothing.notice(&periods, "en"),
+            "Your daily budget for messages is 0; ask the operator to raise it."
+        );
         let late = Periods::at(at("2026-12-31 23:35"));
         assert_eq!(
             messages.notice(&late, "en"),
