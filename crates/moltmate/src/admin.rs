@@ -173,6 +173,18 @@ pub async fn users_show(
             line.limit
         );
     }
+    let index = MemoryIndex::path_for(&admin.home.join("index"), user);
+    let index_bytes: u64 = [index.clone(), index.with_extension("db-wal")]
+        .iter()
+        .filter_map(|path| std::fs::symlink_metadata(path).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "{:<18}{:.1} MB (limits.memoryIndexMb)",
+        "memory index:",
+        index_bytes as f64 / (1024.0 * 1024.0)
+    );
     if let Some(family) = settings.family_budget(user) {
         let used = admin
             .store
