@@ -404,40 +404,51 @@ pub fn queue_full_text(cap: usize, language: Option<&str>, default_language: &st
     }
 }
 
-/// Accepting a message: when the user already has `cap` unanswered messages, refuses it —
-/// nothing is stored but the channel cursor (so the channel moves past it) — and returns the
-/// notice to push, the first time only (`Some(None)`: refused, nobody to tell). `None`: there
-/// is room; accept it.
-pub async fn refuse_when_queue_full(
+/// What the queue cap says about an incoming message.
+#[derive(Debug)]
+pub enum QueueCheck {
+    /// There is room: accept it.
+    Room,
+    /// Refused: nothing was stored but the channel cursor (so the channel moves past it).
+    /// `notice` is the outbox row telling the sender, the first time their queue is full.
+    Full { notice: Option<OutboxItem> },
+}
+
+/// Accepting a message: whether the user already has `cap` unanswered messages. If so the
+/// message is refused, the channel cursor moves past it, and `push_notice` (for channels that
+/// push replies) is queued the first time.
+pub async fn check_queue(
     store: &Store,
     notices: &Notices,
     user: &UserId,
     cap: usize,
     message: &InboundMessage,
     push_notice: Option<String>,
-) -> Result<Option<Option<OutboxItem>>, StoreError> {
+) -> Result<QueueCheck, StoreError> {
     if store.pending_inbox_count(user).await? < cap {
         notices.queue_accepted(user);
-        return Ok(None);
+        return Ok(QueueCheck::Room);
     }
     tracing::info!(user = %user, cap, "queue full; message refused");
     if let Some(cursor) = message.cursor {
         store.advance_cursor(message.sender.channel, cursor).await?;
     }
     let Some(text) = push_notice.filter(|_| notices.queue_full(user)) else {
-        return Ok(Some(None));
+        return Ok(QueueCheck::Full { notice: None });
     };
     let id = store
         .enqueue_outbound(Some(user), message.sender.channel, &message.chat_id, &text)
         .await?;
-    Ok(Some(Some(OutboxItem {
-        id,
-        inbox_id: None,
-        user: Some(user.clone()),
-        channel: message.sender.channel,
-        chat_id: message.chat_id.clone(),
-        text,
-    })))
+    Ok(QueueCheck::Full {
+        notice: Some(OutboxItem {
+            id,
+            inbox_id: None,
+            user: Some(user.clone()),
+            channel: message.sender.channel,
+            chat_id: message.chat_id.clone(),
+            text,
+        }),
+    })
 }
 
 #[cfg(test)]

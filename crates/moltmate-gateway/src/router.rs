@@ -354,7 +354,7 @@ async fn accept_counted(
                     &inner.settings.default_language,
                 )
             });
-            if let Some(outbox) = crate::limits::refuse_when_queue_full(
+            if let crate::limits::QueueCheck::Full { notice } = crate::limits::check_queue(
                 &inner.store,
                 &inner.notices,
                 &user,
@@ -365,7 +365,7 @@ async fn accept_counted(
             .await
             .map_err(storage)?
             {
-                if let Some(item) = outbox {
+                if let Some(item) = notice {
                     let inner = Arc::clone(inner);
                     inner
                         .tasks
