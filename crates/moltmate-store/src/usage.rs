@@ -51,6 +51,9 @@ CREATE TABLE compaction_attempts (
     session_bytes INTEGER NOT NULL,
     at            INTEGER NOT NULL
 );
+CREATE TRIGGER compaction_attempts_of_deleted_sessions AFTER DELETE ON sessions BEGIN
+    DELETE FROM compaction_attempts WHERE session_id = OLD.id;
+END;
 "#;
 
 /// Usage to add to a user's day.
