@@ -18,6 +18,7 @@
 mod de;
 mod env;
 mod error;
+mod limits;
 mod schema;
 mod secret;
 mod starter;
@@ -25,6 +26,10 @@ mod strict;
 mod validate;
 
 pub use error::{ConfigError, Problem};
+pub use limits::{
+    Allowance, BudgetConfig, EffectiveLimits, LevelLimits, LimitsConfig, PriceConfig,
+    TrustLimitsConfig,
+};
 pub use schema::{
     ChannelsConfig, Config, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig, GatewayConfig,
     LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef, OnboardingConfig,

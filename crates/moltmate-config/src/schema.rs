@@ -32,6 +32,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub onboarding: OnboardingConfig,
     pub session: SessionConfig,
+    /// Caps and budgets per user (see `limits.rs`).
+    pub limits: crate::limits::LimitsConfig,
     /// Families by name. A user belongs to at most one family.
     pub families: BTreeMap<String, FamilyConfig>,
     /// Known users by id.
@@ -205,6 +207,10 @@ pub struct ModelConfig {
     pub max_retries: u32,
     /// Default 200000.
     pub context_window_tokens: u32,
+    /// US dollars per million tokens by `"provider/model"` (or `"provider/*"`), for spend
+    /// budgets. Default empty: a model without a price counts as free for `spendPerMonth`
+    /// (token budgets still apply).
+    pub prices: BTreeMap<String, crate::limits::PriceConfig>,
 }
 
 impl Default for ModelConfig {
@@ -220,6 +226,7 @@ impl Default for ModelConfig {
             request_timeout_seconds: 120,
             max_retries: 2,
             context_window_tokens: 200_000,
+            prices: BTreeMap::new(),
         }
     }
 }
@@ -885,6 +892,8 @@ pub struct FamilyConfig {
     /// Member user ids. A user may be in at most one family, so what a member's assistant may
     /// see of the family is never ambiguous; loading refuses a user listed in two.
     pub members: Vec<UserId>,
+    /// What the members may use together per day / month. Default unlimited.
+    pub budget: crate::limits::BudgetConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

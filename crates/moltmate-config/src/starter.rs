@@ -44,6 +44,11 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
     requestTimeoutSeconds: 120,
     maxRetries: 2,
     contextWindowTokens: 200000,
+    // US dollars per million tokens, for limits.spendPerMonth ("provider/*" covers a whole
+    // provider). A model without a price counts as free for spend budgets.
+    prices: {
+      // "anthropic/claude-sonnet-4-5": { inputPerMTok: 3, outputPerMTok: 15 },
+    },
   },
 
   // Model providers. "anthropic" and "openai" exist without configuration; their keys come
@@ -158,9 +163,30 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
     compactAtRatio: 0.8,
   },
 
-  // Families share a folder. A user belongs to at most one family.
+  // How much work one user may cause. These values apply to everyone; limits.trust.<level>
+  // can only lower them (family, friend, stranger and restricted have tighter built-in
+  // defaults, see README). Budgets reset at midnight (per day) and on the 1st (per month),
+  // in this server's local time; any budget may be "unlimited".
+  limits: {
+    toolCallsPerAnswer: 32,
+    toolOutputKbPerTurn: 1024,
+    storedKbPerTurn: 1024,
+    transcriptMb: 1024,
+    memoryIndexMb: 256,
+    queuedMessages: 50,
+    messagesPerDay: 2000,
+    tokensPerDay: 10000000,
+    spendPerMonth: "unlimited",
+    execSecondsPerDay: 14400,
+    trust: {
+      // stranger: { messagesPerDay: 20, tokensPerDay: 50000, spendPerMonth: 0.5 },
+    },
+  },
+
+  // Families share a folder. A user belongs to at most one family. A family may also share
+  // a budget (on top of each member's own).
   families: {
-    // home: { members: ["anna", "ben"] },
+    // home: { members: ["anna", "ben"], budget: { spendPerMonth: 30 } },
   },
 
   // Known users. Trust: owner, family, friend, stranger, restricted.

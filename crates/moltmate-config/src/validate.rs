@@ -7,7 +7,8 @@
 //! depend on which family the request came through, so such a file is refused.
 
 use crate::error::{suggest, Problem};
-use crate::schema::{Config, DmPolicy, ProviderApi, SandboxMode};
+use crate::limits::Allowance;
+use crate::schema::{Config, DmPolicy, ProviderApi, SandboxMode, TrustLevel};
 use moltmate_core::{Identity, PeerId, UserId};
 use std::collections::BTreeMap;
 
@@ -33,6 +34,7 @@ pub(crate) fn validate(config: &Config) -> Result<(), Failure> {
     sandbox(config)?;
     tools(config)?;
     misc(config)?;
+    limits(config)?;
     families(config)?;
     users(config)?;
     Ok(())
@@ -203,6 +205,27 @@ fn model(config: &Config) -> Result<(), Failure> {
         "model.contextWindowTokens",
         u64::from(m.context_window_tokens),
     )?;
+    for (key, price) in &m.prices {
+        let path = format!("model.prices.{key}");
+        let valid_key = crate::schema::ModelRef::parse(key).is_some();
+        if !valid_key {
+            return Err(rule(
+                path,
+                "expected a \"provider/model\" key (or \"provider/*\" for every model of a provider)",
+            ));
+        }
+        for (name, value) in [
+            ("inputPerMTok", price.input_per_m_tok),
+            ("outputPerMTok", price.output_per_m_tok),
+        ] {
+            if !(value.is_finite() && (0.0..=100_000.0).contains(&value)) {
+                return Err(rule(
+                    format!("{path}.{name}"),
+                    "must be US dollars per million tokens, from 0 to 100000",
+                ));
+            }
+        }
+    }
     if m.max_output_tokens >= m.context_window_tokens {
         return Err(rule(
             "model.maxOutputTokens",
@@ -452,6 +475,121 @@ fn misc(config: &Config) -> Result<(), Failure> {
             "session.compactAtRatio",
             "must be greater than 0 and at most 1",
         ));
+    }
+    Ok(())
+}
+
+fn in_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), Failure> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(rule(key, format!("must be from {min} to {max}")))
+    }
+}
+
+/// Budgets: whole numbers up to 10^12, dollars up to 10^9 (keeps the micro-dollar arithmetic
+/// far from overflow).
+fn budget(
+    prefix: &str,
+    messages: Option<Allowance<u64>>,
+    tokens: Option<Allowance<u64>>,
+    spend: Option<Allowance<f64>>,
+    exec: Option<Allowance<u64>>,
+) -> Result<(), Failure> {
+    for (key, value) in [
+        ("messagesPerDay", messages),
+        ("tokensPerDay", tokens),
+        ("execSecondsPerDay", exec),
+    ] {
+        if let Some(Allowance::Limited(n)) = value {
+            in_range(&format!("{prefix}.{key}"), n, 0, 1_000_000_000_000)?;
+        }
+    }
+    if let Some(Allowance::Limited(dollars)) = spend {
+        if !(dollars.is_finite() && (0.0..=1e9).contains(&dollars)) {
+            return Err(rule(
+                format!("{prefix}.spendPerMonth"),
+                "must be from 0 to 1000000000 US dollars, or \"unlimited\"",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn caps(
+    prefix: &str,
+    tool_calls: Option<u32>,
+    tool_output_kb: Option<u64>,
+    stored_kb: Option<u64>,
+    transcript_mb: Option<u64>,
+    queued: Option<u32>,
+) -> Result<(), Failure> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    if let Some(n) = tool_calls {
+        in_range(&key("toolCallsPerAnswer"), u64::from(n), 1, 1000)?;
+    }
+    if let Some(n) = tool_output_kb {
+        in_range(&key("toolOutputKbPerTurn"), n, 1, 1 << 20)?;
+    }
+    if let Some(n) = stored_kb {
+        // Room for a whole turn's bookkeeping (the user's message, placeholders).
+        in_range(&key("storedKbPerTurn"), n, 64, 1 << 20)?;
+    }
+    if let Some(n) = transcript_mb {
+        in_range(&key("transcriptMb"), n, 1, 1 << 20)?;
+    }
+    if let Some(n) = queued {
+        in_range(&key("queuedMessages"), u64::from(n), 1, 10_000)?;
+    }
+    Ok(())
+}
+
+fn limits(config: &Config) -> Result<(), Failure> {
+    let l = &config.limits;
+    caps(
+        "limits",
+        Some(l.tool_calls_per_answer),
+        Some(l.tool_output_kb_per_turn),
+        Some(l.stored_kb_per_turn),
+        Some(l.transcript_mb),
+        Some(l.queued_messages),
+    )?;
+    in_range("limits.memoryIndexMb", l.memory_index_mb, 1, 1 << 20)?;
+    budget(
+        "limits",
+        Some(l.messages_per_day),
+        Some(l.tokens_per_day),
+        Some(l.spend_per_month),
+        Some(l.exec_seconds_per_day),
+    )?;
+    for level in TrustLevel::ALL {
+        let prefix = format!("limits.trust.{level}");
+        let t = l.trust.level(level);
+        caps(
+            &prefix,
+            t.tool_calls_per_answer,
+            t.tool_output_kb_per_turn,
+            t.stored_kb_per_turn,
+            t.transcript_mb,
+            t.queued_messages,
+        )?;
+        budget(
+            &prefix,
+            t.messages_per_day,
+            t.tokens_per_day,
+            t.spend_per_month,
+            t.exec_seconds_per_day,
+        )?;
+    }
+    for (name, family) in &config.families {
+        let b = &family.budget;
+        budget(
+            &format!("families.{name}.budget"),
+            Some(b.messages_per_day),
+            Some(b.tokens_per_day),
+            Some(b.spend_per_month),
+            Some(b.exec_seconds_per_day),
+        )?;
     }
     Ok(())
 }

@@ -906,3 +906,105 @@ fn sandbox_digest_is_stable_and_sensitive() {
         );
     }
 }
+
+#[test]
+fn limits_budgets_prices_and_family_budgets_load() {
+    use moltmate_config::Allowance;
+    let c = load(
+        r#"{
+          model: { prices: { "anthropic/claude-sonnet-4-5": { inputPerMTok: 3, outputPerMTok: 15 },
+                             "ollama/*": { inputPerMTok: 0, outputPerMTok: 0 } } },
+          limits: { tokensPerDay: "unlimited", spendPerMonth: 40.5,
+                    trust: { stranger: { messagesPerDay: 20, spendPerMonth: 0.5, toolCallsPerAnswer: 4 } } },
+          families: { home: { members: ["anna"], budget: { messagesPerDay: 300 } } },
+        }"#,
+    )
+    .unwrap();
+    assert_eq!(
+        c.model.prices["anthropic/claude-sonnet-4-5"].output_per_m_tok,
+        15.0
+    );
+    assert_eq!(c.limits.tokens_per_day, Allowance::Unlimited);
+    let stranger = c.limits.for_trust(TrustLevel::Stranger);
+    assert_eq!(stranger.messages_per_day, Allowance::Limited(20));
+    assert_eq!(stranger.spend_per_month, Allowance::Limited(0.5));
+    assert_eq!(stranger.tool_calls_per_answer, 4);
+    assert_eq!(stranger.tokens_per_day, Allowance::Limited(300_000));
+    assert_eq!(
+        c.limits.for_trust(TrustLevel::Owner).spend_per_month,
+        Allowance::Limited(40.5)
+    );
+    assert_eq!(
+        c.families["home"].budget.messages_per_day,
+        Allowance::Limited(300)
+    );
+    assert_eq!(
+        c.families["home"].budget.tokens_per_day,
+        Allowance::Unlimited
+    );
+}
+
+#[test]
+fn limit_rules() {
+    assert_err(
+        "{limits: {messagesPerDay: -1}}",
+        "limits.messagesPerDay",
+        "\"unlimited\"",
+    );
+    assert_err(
+        "{limits: {messagesPerDay: 'lots'}}",
+        "limits.messagesPerDay",
+        "\"unlimited\"",
+    );
+    assert_err(
+        "{limits: {tokensPerDay: 1.5}}",
+        "limits.tokensPerDay",
+        "whole number",
+    );
+    assert_err(
+        "{limits: {toolCallsPerAnswer: 0}}",
+        "limits.toolCallsPerAnswer",
+        "from 1 to 1000",
+    );
+    assert_err(
+        "{limits: {storedKbPerTurn: 8}}",
+        "limits.storedKbPerTurn",
+        "from 64",
+    );
+    assert_err(
+        "{limits: {trust: {stranger: {queuedMessages: 0}}}}",
+        "limits.trust.stranger.queuedMessages",
+        "from 1",
+    );
+    assert_err(
+        "{limits: {trust: {strangers: {}}}}",
+        "limits.trust.strangers",
+        "stranger",
+    );
+    assert_err(
+        "{limits: {spendPerMonth: 1e12}}",
+        "limits.spendPerMonth",
+        "US dollars",
+    );
+    assert_err(
+        "{model: {prices: {'sonnet': {inputPerMTok: 3, outputPerMTok: 15}}}}",
+        "model.prices.sonnet",
+        "provider/model",
+    );
+    assert_err(
+        "{model: {prices: {'a/b': {inputPerMTok: -3, outputPerMTok: 15}}}}",
+        "model.prices.a/b.inputPerMTok",
+        "per million tokens",
+    );
+    assert_err(
+        "{families: {home: {members: [], budget: {spendPerMonth: -2}}}}",
+        "families.home.budget.spendPerMonth",
+        "\"unlimited\"",
+    );
+    // Zero is a budget too: nothing allowed.
+    let c = load("{limits: {trust: {restricted: {messagesPerDay: 0}}}}").unwrap();
+    assert_eq!(
+        c.limits.for_trust(TrustLevel::Restricted).messages_per_day,
+        moltmate_config::Allowance::Limited(0)
+    );
+}

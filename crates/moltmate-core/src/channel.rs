@@ -56,6 +56,9 @@ pub enum Accepted {
     /// The sender is not allowed; nothing was stored beyond the channel cursor (and, under the
     /// pairing policy, a pairing request). The message never reaches a model.
     Refused,
+    /// The sender already has as many messages waiting for an answer as they may queue: this
+    /// one was not stored (the channel moves past it; the sender was told once).
+    QueueFull,
 }
 
 /// Errors of the receiving side. Any error means "not stored": the channel must not acknowledge.

@@ -90,13 +90,23 @@ impl ToolContext {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolOutput {
     pub content: String,
+    /// How long a command ran in the sandbox, as the backend reported it (`exec`); charged to
+    /// the user's `exec` time budget.
+    pub sandbox_time: Option<std::time::Duration>,
 }
 
 impl ToolOutput {
     pub fn text(content: impl Into<String>) -> Self {
         ToolOutput {
             content: content.into(),
+            sandbox_time: None,
         }
+    }
+
+    /// The same output, with the sandbox time it took.
+    pub fn with_sandbox_time(mut self, ran: std::time::Duration) -> Self {
+        self.sandbox_time = Some(ran);
+        self
     }
 }
 

@@ -131,6 +131,10 @@ pub struct Turn<'a> {
     pub deltas: &'a dyn DeltaSink,
     pub log_tool_calls: bool,
     pub metrics: &'a crate::metrics::Metrics,
+    /// Tool calls per answer and tool output per turn.
+    pub limits: &'a crate::limits::UserLimits,
+    /// Checks budgets before each model call, tool round and `exec`; charges usage.
+    pub budget: Option<&'a crate::budget::BudgetGuard>,
 }
 
 /// What a turn produced.
@@ -151,6 +155,37 @@ pub fn arguments_digest(arguments: &serde_json::Value) -> String {
     hex::encode(Sha256::digest(canonical.as_bytes()))
 }
 
+/// Ends a turn early with `notice` (a budget ran out): every call of the last answer gets a
+/// result saying it was not run (so the transcript stays well-formed), then the notice.
+fn stop_turn(
+    mut items: Vec<ConversationItem>,
+    first_new: usize,
+    mut replies: Vec<String>,
+    unanswered: &[moltmate_core::model::ToolCall],
+    notice: String,
+    usage: Vec<(String, String, TokenUsage)>,
+) -> TurnResult {
+    for call in unanswered {
+        items.push(ConversationItem::ToolResult {
+            call_id: call.id.clone(),
+            content: format!("not run: {notice}"),
+            is_error: true,
+        });
+    }
+    let note = format!("({notice})");
+    items.push(ConversationItem::Assistant {
+        text: note.clone(),
+        tool_calls: vec![],
+    });
+    replies.push(note);
+    TurnResult {
+        new_items: items.split_off(first_new),
+        reply: join_replies(&replies),
+        usage,
+        model_failed: false,
+    }
+}
+
 pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
     let offered = turn.tools.offered(turn.allowed_tools);
     let mut items = turn.history;
@@ -160,8 +195,15 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
     });
     let mut usage = Vec::new();
     let mut replies: Vec<String> = Vec::new();
+    let mut output = crate::limits::OutputAllowance::new(turn.limits.tool_output_bytes_per_turn);
+    let calls_per_answer = turn.limits.tool_calls_per_answer.max(1);
 
     for iteration in 0..turn.max_iterations.max(1) {
+        if let Some(budget) = turn.budget {
+            if let Some(notice) = budget.check().await {
+                return stop_turn(items, first_new, replies, &[], notice, usage);
+            }
+        }
         let model_started = Instant::now();
         let answer = match turn
             .model
@@ -195,13 +237,22 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                 };
             }
         };
+        if let Some(budget) = turn.budget {
+            budget.charge_model(&answer.usage).await;
+        }
         usage.extend(answer.usage.iter().cloned());
         let ModelResponse {
-            text, tool_calls, ..
+            text,
+            mut tool_calls,
+            ..
         } = answer.response;
         if !text.trim().is_empty() {
             replies.push(text.clone());
         }
+        // A model may ask for any number of calls in one answer; only the first ones run, and
+        // the dropped ones are left out of the transcript (the model is told on the last result).
+        let asked = tool_calls.len();
+        tool_calls.truncate(calls_per_answer);
         items.push(ConversationItem::Assistant {
             text,
             tool_calls: tool_calls.clone(),
@@ -214,7 +265,49 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                 model_failed: false,
             };
         }
-        for call in tool_calls {
+        if let Some(budget) = turn.budget {
+            if let Some(notice) = budget.check().await {
+                return stop_turn(items, first_new, replies, &tool_calls, notice, usage);
+            }
+        }
+        let last = tool_calls.len() - 1;
+        for (index, call) in tool_calls.into_iter().enumerate() {
+            let note = if index == last && asked > calls_per_answer {
+                crate::limits::dropped_calls_note(asked, calls_per_answer)
+            } else {
+                String::new()
+            };
+            if output.is_used_up() {
+                items.push(ConversationItem::ToolResult {
+                    call_id: call.id,
+                    content: format!("{}{note}", output.not_run()),
+                    is_error: true,
+                });
+                continue;
+            }
+            // `exec` runs at most for the command time left today.
+            let mut exec_context = None;
+            if call.name == "exec" && turn.allowed_tools.iter().any(|t| t == "exec") {
+                if let Some(budget) = turn.budget {
+                    match budget.exec_allowance().await {
+                        Ok(None) => {}
+                        Ok(Some(left)) => {
+                            let mut context = turn.context.clone();
+                            context.exec.max_timeout = context.exec.max_timeout.min(left);
+                            context.exec.default_timeout = context.exec.default_timeout.min(left);
+                            exec_context = Some(context);
+                        }
+                        Err(refusal) => {
+                            items.push(ConversationItem::ToolResult {
+                                call_id: call.id,
+                                content: format!("{refusal}{note}"),
+                                is_error: true,
+                            });
+                            continue;
+                        }
+                    }
+                }
+            }
             let started = Instant::now();
             let digest = arguments_digest(&call.arguments);
             let result = turn
@@ -222,7 +315,7 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                 .call(
                     turn.allowed_tools,
                     &call.name,
-                    &turn.context,
+                    exec_context.as_ref().unwrap_or(&turn.context),
                     call.arguments,
                 )
                 .await;
@@ -255,11 +348,16 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                 tracing::error!(error = %e, "could not record an audit event");
             }
             match result {
-                Ok(output) => items.push(ConversationItem::ToolResult {
-                    call_id: call.id,
-                    content: output.content,
-                    is_error: false,
-                }),
+                Ok(tool_output) => {
+                    if let (Some(budget), Some(ran)) = (turn.budget, tool_output.sandbox_time) {
+                        budget.charge_exec(ran).await;
+                    }
+                    items.push(ConversationItem::ToolResult {
+                        call_id: call.id,
+                        content: format!("{}{note}", output.take(tool_output.content)),
+                        is_error: false,
+                    })
+                }
                 Err(error) if error.is_fatal() => {
                     tracing::error!(user = %turn.context.user, tool, error = %error, "fatal tool error; turn aborted");
                     let reply = "Sorry — something went wrong on my side and I could not finish. Please try again later.".to_string();
@@ -281,7 +379,7 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                 }
                 Err(error) => items.push(ConversationItem::ToolResult {
                     call_id: call.id,
-                    content: error.to_string(),
+                    content: format!("{}{note}", output.take(error.to_string())),
                     is_error: true,
                 }),
             }

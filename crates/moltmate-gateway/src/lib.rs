@@ -19,9 +19,12 @@
 //! * [`prompt`] — the system prompt, built from that user's files only.
 //! * [`persona`] — default persona files for a new home.
 //! * [`strangers`] — bounds on what senders who are not let in cost (audit rows, log lines).
+//! * [`limits`] — caps per answer, turn and user; [`budget`] — daily and monthly budgets.
 
 pub mod access;
 pub mod agent;
+pub mod budget;
+pub mod limits;
 pub mod memory_tool;
 pub mod metrics;
 pub mod onboarding;

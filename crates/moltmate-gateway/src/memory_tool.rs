@@ -29,12 +29,27 @@ fn blocking_error(e: blocking::BlockingError) -> ToolError {
 pub struct MemorySearchTool {
     store: Store,
     index_dir: PathBuf,
+    /// Size at which a user's index stops taking new content (`limits.memoryIndexMb`).
+    max_index_bytes: u64,
 }
+
+/// Default of `limits.memoryIndexMb`.
+pub const DEFAULT_MAX_INDEX_BYTES: u64 = 256 * 1024 * 1024;
 
 impl MemorySearchTool {
     /// `index_dir` is `<MOLTMATE_HOME>/index`.
     pub fn new(store: Store, index_dir: PathBuf) -> Self {
-        MemorySearchTool { store, index_dir }
+        MemorySearchTool {
+            store,
+            index_dir,
+            max_index_bytes: DEFAULT_MAX_INDEX_BYTES,
+        }
+    }
+
+    /// Each user's index takes no new content past this size.
+    pub fn with_max_index_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_index_bytes = max_bytes;
+        self
     }
 }
 
@@ -97,8 +112,9 @@ impl Tool for MemorySearchTool {
         let query = arguments.query;
         // Reading the notes and indexing them: bounded (entries, bytes per file) and off the
         // runtime, abandoned after a deadline.
-        let hits = blocking::run("searching memory", SEARCH_DEADLINE, move || {
-            let mut index = MemoryIndex::open(&index_dir, &user)?;
+        let max_bytes = self.max_index_bytes;
+        let (hits, full) = blocking::run("searching memory", SEARCH_DEADLINE, move || {
+            let mut index = MemoryIndex::open(&index_dir, &user)?.with_max_bytes(max_bytes);
             let mut roots = vec![IndexedRoot {
                 root: &home,
                 prefix: "",
@@ -115,18 +131,26 @@ impl Tool for MemorySearchTool {
             }
             index.sync_files(&roots)?;
             index.add_transcript(&new_rows)?;
-            index.search(&query, MAX_HITS)
+            Ok::<_, moltmate_store::StoreError>((index.search(&query, MAX_HITS)?, index.is_full()))
         })
         .await
         .map_err(blocking_error)?
         .map_err(|e| ToolError::Failed(format!("memory search failed: {e}")))?;
+        let note = if full {
+            format!(
+                "\n(Note: this user's memory index is full ({} MB), so their newest notes and conversations are not searchable. Tell your user: /forget deletes past conversations, or the operator can raise limits.memoryIndexMb.)",
+                max_bytes / (1024 * 1024)
+            )
+        } else {
+            String::new()
+        };
         if hits.is_empty() {
-            return Ok(ToolOutput::text("No matches in memory."));
+            return Ok(ToolOutput::text(format!("No matches in memory.{note}")));
         }
         let lines: Vec<String> = hits
             .iter()
             .map(|h| format!("{}:{}: {}", h.source, h.location, h.snippet))
             .collect();
-        Ok(ToolOutput::text(lines.join("\n")))
+        Ok(ToolOutput::text(format!("{}{note}", lines.join("\n"))))
     }
 }

@@ -14,6 +14,10 @@ use moltmate_store::{Store, StoreError};
 /// Transcript rows kept verbatim after compaction (the rest becomes the summary).
 const KEEP_RECENT_ROWS: usize = 8;
 
+/// Longest summary kept (the request asks for 200 words, ~1.5 KB); a longer answer is cut, so
+/// a summary can never outgrow what it replaces by much.
+pub const MAX_SUMMARY_BYTES: usize = 8 * 1024;
+
 const FLUSH_NOTICE: &str = "[Moltmates system notice, not from your user] This conversation is about to be \
 compacted: older messages will be replaced by a summary. If anything in it is worth keeping long-term, save it \
 now with your file tools — curated facts to MEMORY.md, what happened today to memory/YYYY-MM-DD.md. Then reply \
@@ -47,6 +51,16 @@ pub fn estimate_context(system: &str, history: &[ConversationItem]) -> usize {
     estimate_tokens(system) + history.iter().map(item_text_len).sum::<usize>().div_ceil(4)
 }
 
+/// Estimated tokens of a system prompt plus history rows (as the store returns them).
+pub fn estimate_rows(system: &str, rows: &[(i64, ConversationItem)]) -> usize {
+    estimate_tokens(system)
+        + rows
+            .iter()
+            .map(|(_, item)| item_text_len(item))
+            .sum::<usize>()
+            .div_ceil(4)
+}
+
 /// What compaction needs.
 pub struct Compaction<'a> {
     pub model: &'a dyn ModelCaller,
@@ -58,28 +72,55 @@ pub struct Compaction<'a> {
     pub system: &'a str,
     pub session_id: &'a str,
     pub max_iterations: usize,
+    pub limits: &'a crate::limits::UserLimits,
+    pub budget: Option<&'a crate::budget::BudgetGuard>,
+    /// The session's summary so far.
+    pub summary: Option<&'a str>,
 }
 
-/// Flushes memory and compacts the session. Returns the new summary and the usage spent.
-/// The history must be given with row ids (from the store).
-pub async fn compact(
-    job: Compaction<'_>,
-    rows: &[(i64, ConversationItem)],
-) -> Result<Option<(String, Vec<(String, String, TokenUsage)>)>, StoreError> {
-    // Keep the last rows verbatim, starting at a user message so no tool result is orphaned.
-    let Some(cut) = rows
+/// Where compaction cuts a page: the earliest user message (not the first row) that leaves at
+/// most [`KEEP_RECENT_ROWS`] rows after it, else the last user message (a turn is never split,
+/// so no tool result is orphaned). `None` when the page is a single turn.
+fn cut_point(rows: &[(i64, ConversationItem)]) -> Option<usize> {
+    let users: Vec<usize> = rows
         .iter()
         .enumerate()
-        .rev()
-        .skip(KEEP_RECENT_ROWS.saturating_sub(1))
-        .find(|(_, (_, item))| matches!(item, ConversationItem::User { .. }))
+        .filter(|(index, (_, item))| *index > 0 && matches!(item, ConversationItem::User { .. }))
         .map(|(index, _)| index)
-    else {
+        .collect();
+    users
+        .iter()
+        .copied()
+        .find(|index| rows.len() - index <= KEEP_RECENT_ROWS)
+        .or(users.last().copied())
+}
+
+/// Flushes memory and compacts the session: the part of the page before the cut is summarised,
+/// and it (with any rows older than the page, which the model no longer sees anyway) is moved
+/// out of the session into an ended one — still the user's, never deleted silently. Returns the
+/// session's summary and the usage spent.
+///
+/// Bounded: one flush turn (bounded like any turn, budget-checked) and one summary call (cut
+/// to [`MAX_SUMMARY_BYTES`]), at most once per message (the caller), and not again after an
+/// attempt that did not bring the session under the threshold until it has grown by half a
+/// window (`limits::compaction_due`). Each compaction that runs moves at least one row out.
+pub async fn compact(
+    job: Compaction<'_>,
+    page: &moltmate_store::HistoryPage,
+) -> Result<Option<(String, Vec<(String, String, TokenUsage)>)>, StoreError> {
+    let rows = &page.rows;
+    let Some(cut) = cut_point(rows) else {
+        // A single turn fills the page: nothing visible to summarise, but rows older than the
+        // page are past the window; move them out so the session fits again.
+        if let (true, Some((first, _))) = (page.truncated, rows.first()) {
+            let summary = job.summary.unwrap_or_default().to_string();
+            job.store
+                .archive_before(job.session_id, &summary, *first)
+                .await?;
+            return Ok(Some((summary, Vec::new())));
+        }
         return Ok(None);
     };
-    if cut == 0 {
-        return Ok(None);
-    }
     let history: Vec<ConversationItem> = rows.iter().map(|(_, item)| item.clone()).collect();
     let mut usage = Vec::new();
 
@@ -97,9 +138,17 @@ pub async fn compact(
         deltas: &IgnoreDeltas,
         log_tool_calls: false,
         metrics: job.metrics,
+        limits: job.limits,
+        budget: job.budget,
     })
     .await;
     usage.extend(flush.usage);
+    if let Some(budget) = job.budget {
+        if budget.check().await.is_some() {
+            // The budget ran out during the flush; the turn itself will say so.
+            return Ok(None);
+        }
+    }
 
     // 2. Summary of everything before the cut, without tools.
     let mut to_summarise: Vec<ConversationItem> = history[..cut].to_vec();
@@ -117,13 +166,24 @@ pub async fn compact(
             return Ok(None);
         }
     };
+    if let Some(budget) = job.budget {
+        budget.charge_model(&answer.usage).await;
+    }
     usage.extend(answer.usage.iter().cloned());
-    let summary = answer.response.text.trim().to_string();
+    let mut summary = answer.response.text.trim().to_string();
     if summary.is_empty() {
         return Ok(None);
     }
+    if summary.len() > MAX_SUMMARY_BYTES {
+        let mut end = MAX_SUMMARY_BYTES;
+        while !summary.is_char_boundary(end) {
+            end -= 1;
+        }
+        summary.truncate(end);
+        summary.push_str(" […]");
+    }
     job.store
-        .compact_session(job.session_id, &summary, rows[cut].0)
+        .archive_before(job.session_id, &summary, rows[cut].0)
         .await?;
     Ok(Some((summary, usage)))
 }

@@ -19,6 +19,8 @@ pub struct UserSettings {
     pub sandbox: SandboxProfile,
     /// File tools refuse to write.
     pub read_only: bool,
+    /// Caps and budgets (`limits`, by trust level).
+    pub limits: crate::limits::UserLimits,
 }
 
 impl Default for UserSettings {
@@ -35,6 +37,7 @@ impl Default for UserSettings {
             },
             sandbox: SandboxProfile::default(),
             read_only: false,
+            limits: crate::limits::UserLimits::default(),
         }
     }
 }
@@ -126,6 +129,12 @@ pub struct GatewaySettings {
     pub prewarm_sandboxes: bool,
     /// Which host ids users' sandboxes run as and their homes belong to.
     pub sandbox_ids: SandboxIdPolicy,
+    /// Model prices for spend budgets (`model.prices`).
+    pub prices: crate::budget::Prices,
+    /// Shared budgets of families (`families.<name>.budget`), by family name.
+    pub family_budgets: HashMap<String, crate::budget::Budget>,
+    /// `<MOLTMATE_HOME>/index`: the users' memory search indexes (`/forget` deletes one).
+    pub memory_index_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for GatewaySettings {
@@ -157,6 +166,9 @@ impl Default for GatewaySettings {
             compact_at_ratio: 0.8,
             families: HashMap::new(),
             sandbox_ids: SandboxIdPolicy::detect(UidRange::default()),
+            prices: crate::budget::Prices::default(),
+            family_budgets: HashMap::new(),
+            memory_index_dir: None,
         }
     }
 }
@@ -195,6 +207,29 @@ impl GatewaySettings {
                 .copied()
                 .unwrap_or(self.max_pending_pairings),
         }
+    }
+
+    /// The family budget `user` counts towards, with every member, if their family has one.
+    pub fn family_budget(&self, user: &UserId) -> Option<crate::budget::FamilyBudget> {
+        let family = self.families.get(user)?;
+        let budget = *self.family_budgets.get(family)?;
+        let mut members: Vec<UserId> = self
+            .families
+            .iter()
+            .filter(|(_, name)| *name == family)
+            .map(|(member, _)| member.clone())
+            .collect();
+        members.sort();
+        Some(crate::budget::FamilyBudget { members, budget })
+    }
+
+    /// The settings the operator sees for `user`: their explicit trust level's, else those of
+    /// the first of their channels with a default, else the global default.
+    pub fn settings_for_display(&self, user: &UserId, channels: &[ChannelKind]) -> &UserSettings {
+        self.users
+            .get(user)
+            .or_else(|| channels.iter().find_map(|c| self.channel_defaults.get(c)))
+            .unwrap_or(&self.default_user)
     }
 
     /// What `user` may do in a message that arrived on `channel`: the user's explicit

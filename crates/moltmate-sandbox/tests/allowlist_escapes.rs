@@ -14,8 +14,8 @@
 
 use moltmate_core::allowlist::DEFAULT_SAFE_BINS;
 use moltmate_core::sandbox::{
-    ExecCommand, ExecOutput, ExecRequest, ExecSecurity, ExecSettings, Sandbox, SandboxIds, SandboxLimits,
-    SandboxProfile,
+    ExecCommand, ExecOutput, ExecRequest, ExecSecurity, ExecSettings, Sandbox, SandboxIds,
+    SandboxLimits, SandboxProfile,
 };
 use moltmate_core::UserId;
 use moltmate_sandbox::bwrap::BwrapSandbox;

@@ -199,6 +199,7 @@ CREATE TABLE sandbox_ids (
 );
 CREATE UNIQUE INDEX sandbox_ids_live ON sandbox_ids(kind, name) WHERE retired_at IS NULL;
 "#,
+    crate::usage::MIGRATION,
 ];
 
 pub(crate) fn now_millis() -> i64 {

@@ -6,6 +6,8 @@
 //! * [`homes::Homes`] — each user's files under `<home>/users/<user_id>/` (SOUL.md, USER.md,
 //!   IDENTITY.md, MEMORY.md, `memory/YYYY-MM-DD.md`, `workspace/`), read beneath the home with
 //!   the kernel's `RESOLVE_BENEATH` and written atomically (temp file + fsync + rename).
+//! * [`usage`] — per-user, per-day counters for budgets (messages, tokens, spend, `exec` time),
+//!   stored transcript bytes (kept by triggers), queue length, history in bounded pages.
 //!
 //! Durability model: an inbound message is inserted into `inbox` (together with the channel
 //! cursor) before the channel acknowledges it; a turn's transcript items, token usage, reply
@@ -19,6 +21,7 @@ pub mod db;
 pub mod homes;
 pub mod memory_index;
 pub mod pairing;
+pub mod usage;
 
 pub use db::{
     AuditEvent, AuditRecord, InboxItem, OutboxItem, PairingRequest, PairingState, SessionRecord,
@@ -26,3 +29,4 @@ pub use db::{
 };
 pub use homes::{HomeError, Homes};
 pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};
+pub use usage::{HistoryPage, UsageCharge, UsageTotals, UserUsage};

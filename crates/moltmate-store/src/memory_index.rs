@@ -50,6 +50,10 @@ pub struct IndexedRoot<'a> {
 /// The user's own search index.
 pub struct MemoryIndex {
     connection: Connection,
+    /// Nothing new is indexed past this size (`limits.memoryIndexMb`).
+    max_bytes: Option<u64>,
+    /// Something was not indexed because the index is full.
+    full: bool,
 }
 
 impl MemoryIndex {
@@ -69,7 +73,44 @@ impl MemoryIndex {
              CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE VIRTUAL TABLE IF NOT EXISTS entries USING fts5(source UNINDEXED, location UNINDEXED, content, tokenize = 'unicode61 remove_diacritics 2');",
         )?;
-        Ok(MemoryIndex { connection })
+        Ok(MemoryIndex {
+            connection,
+            max_bytes: None,
+            full: false,
+        })
+    }
+
+    /// Stops indexing new content once the index file holds `max_bytes`: searches still
+    /// answer from what is indexed, and [`MemoryIndex::is_full`] says something was left out.
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = Some(max_bytes);
+        self
+    }
+
+    /// Bytes of the index database (its pages; the write-ahead log is checkpointed into it).
+    pub fn size_bytes(&self) -> Result<u64, StoreError> {
+        let pages: i64 = self
+            .connection
+            .query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let page_size: i64 = self
+            .connection
+            .query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok(u64::try_from(pages.saturating_mul(page_size)).unwrap_or(0))
+    }
+
+    /// Whether content was left unindexed because the index reached its size limit.
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    fn has_room(&mut self) -> Result<bool, StoreError> {
+        if let Some(max) = self.max_bytes {
+            if self.size_bytes()? >= max {
+                self.full = true;
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Path of a user's index file (for deletion on user reset).
@@ -107,7 +148,8 @@ impl MemoryIndex {
                     continue;
                 }
                 let cost = u64::try_from(size).unwrap_or(0).min(MAX_FILE_BYTES);
-                if cost > budget {
+                if cost > budget || !self.has_room()? {
+                    // Left as it was: the old entries of a changed file stay searchable.
                     continue;
                 }
                 let text = match read_beneath(root.root, &relative, MAX_FILE_BYTES) {
@@ -170,6 +212,10 @@ impl MemoryIndex {
         let Some(last) = rows.iter().map(|(id, _, _)| *id).max() else {
             return Ok(());
         };
+        if !self.has_room()? {
+            // Not marked as indexed: once there is room again they are added.
+            return Ok(());
+        }
         let tx = self.connection.transaction()?;
         for (_, at, item) in rows {
             let (who, text) = match item {
@@ -331,6 +377,56 @@ mod tests {
     }
 
     #[test]
+    fn a_full_index_keeps_answering_and_indexes_nothing_new() {
+        let base = tempfile::tempdir().unwrap();
+        let homes = Homes::new(base.path());
+        let user = UserId::new("alice").unwrap();
+        let home = homes
+            .ensure(
+                &user,
+                moltmate_core::sandbox::SandboxIds::same(2_000_000_000),
+            )
+            .unwrap();
+        write_beneath(home.root(), "MEMORY.md", b"Emma likes peanuts.\n").unwrap();
+        let roots = [IndexedRoot {
+            root: home.root(),
+            prefix: "",
+            files: &["MEMORY.md"],
+            directories: &["memory"],
+        }];
+        let mut index = MemoryIndex::open(&base.path().join("index"), &user).unwrap();
+        index.sync_files(&roots).unwrap();
+        let size = index.size_bytes().unwrap();
+        assert!(size > 0);
+        let mut index = MemoryIndex::open(&base.path().join("index"), &user)
+            .unwrap()
+            .with_max_bytes(size);
+        let many: String = (0..2000)
+            .map(|n| format!("line {n} about bicycles\n"))
+            .collect();
+        write_beneath(home.root(), "memory/2026-01-01.md", many.as_bytes()).unwrap();
+        index.sync_files(&roots).unwrap();
+        index
+            .add_transcript(&[(
+                1,
+                0,
+                ConversationItem::User {
+                    text: "bicycles".into(),
+                },
+            )])
+            .unwrap();
+        assert!(index.is_full());
+        assert_eq!(index.size_bytes().unwrap(), size);
+        assert_eq!(
+            index.last_transcript_id().unwrap(),
+            0,
+            "not marked as indexed"
+        );
+        assert!(index.search("bicycles", 5).unwrap().is_empty());
+        assert_eq!(index.search("peanuts", 5).unwrap().len(), 1);
+    }
+
+    #[test]
     fn transcripts_are_indexed_once() {
         let base = tempfile::tempdir().unwrap();
         let user = UserId::new("alice").unwrap();
@@ -366,7 +462,10 @@ mod tests {
         let homes = Homes::new(base.path());
         let user = UserId::new("alice").unwrap();
         let home = homes
-            .ensure(&user, moltmate_core::sandbox::SandboxIds::same(2_000_000_000))
+            .ensure(
+                &user,
+                moltmate_core::sandbox::SandboxIds::same(2_000_000_000),
+            )
             .unwrap();
         for name in ["MEMORY.md", "memory/0-fifo.md"] {
             rustix::fs::mknodat(

@@ -79,7 +79,7 @@ impl Tool for ExecTool {
             .map_err(|refusal| ToolError::Refused(format!("command refused: {refusal}")))?;
         let request = ctx.exec_request(command, timeout);
         let output = sandbox.exec(request).await.map_err(sandbox_error)?;
-        Ok(ToolOutput::text(render(&output, timeout, capped)))
+        Ok(ToolOutput::text(render(&output, timeout, capped)).with_sandbox_time(output.duration))
     }
 }
 

@@ -241,6 +241,13 @@ pub async fn dashboard(
     let store = state.gateway().store();
     let users = store.list_users().await?;
     let usage = store.usage(None).await?;
+    let periods = moltmate_gateway::budget::Periods::now();
+    let budgets: BTreeMap<String, moltmate_store::UserUsage> = store
+        .usage_overview(&periods.day, &periods.month)
+        .await?
+        .into_iter()
+        .map(|u| (u.user.clone(), u))
+        .collect();
     let pairing = store.pending_pairing_requests().await?;
     let audit = store.recent_audit(None, AUDIT_ROWS).await?;
     let csrf = escape(&session.csrf_token);
@@ -277,7 +284,8 @@ pub async fn dashboard(
     } else {
         users_html.push_str(
             "<div class=\"scroll\"><table><thead><tr><th>User</th><th>Name</th><th>Identities</th><th>Trust</th>\
-             <th>Tokens in</th><th>Tokens out</th><th>Since</th></tr></thead><tbody>",
+             <th>Tokens in</th><th>Tokens out</th><th>Messages today</th><th>Tokens today</th><th>Spend this month</th>\
+             <th>Exec today</th><th>Stored</th><th>Since</th></tr></thead><tbody>",
         );
         for user in &users {
             let identities = user
@@ -289,14 +297,87 @@ pub async fn dashboard(
             let (input, output) = totals.get(user.id.as_str()).copied().unwrap_or((0, 0));
             let channels: Vec<_> = user.identities.iter().map(|i| i.channel).collect();
             let trust = state.gateway().settings().trust_label(&user.id, &channels);
+            // Used / budget, by the budgets of the user's trust level.
+            let limits = &state
+                .gateway()
+                .settings()
+                .settings_for_display(&user.id, &channels)
+                .limits;
+            let used = budgets.get(user.id.as_str());
+            let lines = moltmate_gateway::budget::usage_lines(
+                limits,
+                &used.map(|u| u.totals).unwrap_or_default(),
+                used.map_or(0, |u| u.transcript_bytes),
+            );
+            let mut cells = String::new();
+            for line in &lines {
+                let _ = write!(
+                    cells,
+                    "<td class=\"num\">{} / {}</td>",
+                    escape(&line.used),
+                    escape(&line.limit)
+                );
+            }
             let _ = write!(
                 users_html,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{input}</td><td class=\"num\">{output}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{input}</td><td class=\"num\">{output}</td>{cells}<td>{}</td></tr>",
                 escape(user.id.as_str()),
                 escape(user.display_name.as_deref().unwrap_or("—")),
                 if identities.is_empty() { "—".to_string() } else { identities },
                 escape(&trust),
                 escape(&time(user.created_at)),
+            );
+        }
+        users_html.push_str("</tbody></table></div>");
+    }
+    // Shared family budgets (`families.<name>.budget`), used by all members together.
+    let settings = state.gateway().settings();
+    let mut families: Vec<_> = settings.family_budgets.iter().collect();
+    families.sort_by(|a, b| a.0.cmp(b.0));
+    if !families.is_empty() {
+        users_html.push_str(
+            "<h3>Family budgets</h3><div class=\"scroll\"><table><thead><tr><th>Family</th><th>Members</th>\
+             <th>Messages today</th><th>Tokens today</th><th>Spend this month</th><th>Exec today</th></tr></thead><tbody>",
+        );
+        for (name, budget) in families {
+            let Some(member) = settings
+                .families
+                .iter()
+                .find(|(_, family)| *family == name)
+                .map(|(member, _)| member)
+            else {
+                continue;
+            };
+            let Some(family) = settings.family_budget(member) else {
+                continue;
+            };
+            let used = store
+                .usage_totals(&family.members, &periods.day, &periods.month)
+                .await?;
+            let limits = moltmate_gateway::limits::UserLimits {
+                budget: *budget,
+                ..Default::default()
+            };
+            let lines = moltmate_gateway::budget::usage_lines(&limits, &used, 0);
+            let mut cells = String::new();
+            for line in lines.iter().take(4) {
+                let _ = write!(
+                    cells,
+                    "<td class=\"num\">{} / {}</td>",
+                    escape(&line.used),
+                    escape(&line.limit)
+                );
+            }
+            let members = family
+                .members
+                .iter()
+                .map(|m| escape(m.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = write!(
+                users_html,
+                "<tr><td>{}</td><td>{members}</td>{cells}</tr>",
+                escape(name)
             );
         }
         users_html.push_str("</tbody></table></div>");

@@ -113,6 +113,10 @@ pub async fn submit(
             "a fresh web message was seen as a duplicate".to_string(),
         )),
         Accepted::Refused => Err(WebError::Forbidden("the gateway refused this message")),
+        // Too many of this user's messages wait for an answer (limits.queuedMessages).
+        Accepted::QueueFull => Err(WebError::RateLimited {
+            retry_after: std::time::Duration::from_secs(5),
+        }),
     }
 }
 

@@ -270,6 +270,13 @@ async fn the_dashboard_shows_usage_and_audit() {
             .contains("<td class=\"num\">12</td><td class=\"num\">7</td>"),
         "token usage per user"
     );
+    assert!(
+        page.body.contains("<th>Messages today</th>")
+            && page
+                .body
+                .contains("<td class=\"num\">1 / 2,000</td><td class=\"num\">19 / 10,000,000</td>"),
+        "today's usage against the user's budgets"
+    );
     let logout = send(
         &h.app(),
         form(

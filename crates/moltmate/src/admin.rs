@@ -145,7 +145,11 @@ pub async fn users_list(admin: &Admin) -> Result<()> {
     Ok(())
 }
 
-pub async fn users_show(admin: &Admin, user: &UserId) -> Result<()> {
+pub async fn users_show(
+    admin: &Admin,
+    user: &UserId,
+    settings: &moltmate_gateway::GatewaySettings,
+) -> Result<()> {
     let Some(record) = admin.store.user(user).await? else {
         bail!("no user {user}")
     };
@@ -194,6 +198,52 @@ pub async fn users_show(admin: &Admin, user: &UserId) -> Result<()> {
             "usage:       {}/{}: {} in, {} out, {} calls",
             row.provider, row.model, row.input_tokens, row.output_tokens, row.calls
         );
+    }
+    // Today's and this month's usage against the budgets of the user's trust level.
+    let channels: Vec<ChannelKind> = record.identities.iter().map(|i| i.channel).collect();
+    println!("trust:       {}", settings.trust_label(user, &channels));
+    let limits = &settings.settings_for_display(user, &channels).limits;
+    let periods = moltmate_gateway::budget::Periods::now();
+    let used = admin
+        .store
+        .usage_totals(std::slice::from_ref(user), &periods.day, &periods.month)
+        .await?;
+    let stored = admin.store.transcript_bytes(user).await?;
+    for line in moltmate_gateway::budget::usage_lines(limits, &used, stored) {
+        println!(
+            "{:<18}{} of {}",
+            format!("{}:", line.what),
+            line.used,
+            line.limit
+        );
+    }
+    let index = MemoryIndex::path_for(&admin.home.join("index"), user);
+    let index_bytes: u64 = [index.clone(), index.with_extension("db-wal")]
+        .iter()
+        .filter_map(|path| std::fs::symlink_metadata(path).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "{:<18}{:.1} MB (limits.memoryIndexMb)",
+        "memory index:",
+        index_bytes as f64 / (1024.0 * 1024.0)
+    );
+    if let Some(family) = settings.family_budget(user) {
+        let used = admin
+            .store
+            .usage_totals(&family.members, &periods.day, &periods.month)
+            .await?;
+        let limits = moltmate_gateway::limits::UserLimits {
+            budget: family.budget,
+            ..Default::default()
+        };
+        for line in moltmate_gateway::budget::usage_lines(&limits, &used, 0)
+            .into_iter()
+            .take(4)
+        {
+            println!("family {}: {} of {}", line.what, line.used, line.limit);
+        }
     }
     for token in admin.store.list_tokens(Some(user)).await? {
         println!(

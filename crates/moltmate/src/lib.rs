@@ -193,7 +193,11 @@ async fn run(cli: Cli) -> Result<()> {
             let admin = admin::Admin::open(&home)?;
             match command {
                 UsersCommand::List => admin::users_list(&admin).await,
-                UsersCommand::Show { user } => admin::users_show(&admin, &parse_user(&user)?).await,
+                UsersCommand::Show { user } => {
+                    let config = wiring::load_config(&home)?;
+                    let settings = wiring::settings::gateway_settings(&config, &home);
+                    admin::users_show(&admin, &parse_user(&user)?, &settings).await
+                }
                 UsersCommand::Add {
                     user,
                     identities,

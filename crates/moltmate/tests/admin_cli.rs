@@ -46,6 +46,18 @@ async fn users_commands_list_show_export_reset_and_remove() {
         status.success() && show.contains("telegram:1001") && show.contains("MEMORY.md"),
         "{show}"
     );
+    // Usage against the budgets of the user's trust level (Telegram default: stranger).
+    assert!(
+        show.contains("trust:       stranger (telegram default)"),
+        "{show}"
+    );
+    assert!(show.contains("messages today:   1 of 100"), "{show}");
+    assert!(show.contains("tokens today:"), "{show}");
+    assert!(show.contains("spend this month: $0.00 of $2.00"), "{show}");
+    assert!(
+        show.contains("stored:") && show.contains("of 32.0 MB"),
+        "{show}"
+    );
     let (status, export, _) = run_cli(&home, &["users", "export", "telegram_1001"]);
     assert!(status.success(), "{stdout}");
     let export: serde_json::Value = serde_json::from_str(&export).expect("export is JSON");

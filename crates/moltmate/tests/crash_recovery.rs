@@ -58,7 +58,12 @@ async fn setup() -> (common::TestHome, std::path::PathBuf, FakeTelegram, FakeLlm
     let mut config = base_config(&telegram, &llm);
     merge(
         &mut config,
-        json!({ "gateway": { "port": free_port() }, "logging": { "level": "info" } }),
+        // Up to 16 messages per user may wait here (the queue cap is tested on its own, in
+        // hostile_budget.rs).
+        json!({
+            "gateway": { "port": free_port() }, "logging": { "level": "info" },
+            "limits": { "trust": { "stranger": { "queuedMessages": 50 } } }
+        }),
     );
     write_config(&home, &config);
     // A killed gateway leaves its users' capped volumes mounted: released when the test ends.

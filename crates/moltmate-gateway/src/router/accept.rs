@@ -44,6 +44,7 @@ pub(super) async fn accept(
             Accepted::Queued => "queued",
             Accepted::Duplicate => "duplicate",
             Accepted::Refused => "refused",
+            Accepted::QueueFull => "queue_full",
         };
         inner.metrics.count_message(channel.as_str(), outcome);
     }
@@ -88,6 +89,39 @@ async fn accept_counted(
 
     match decision {
         AccessDecision::Allowed(user) => {
+            // Per-user queue cap (limits.queuedMessages), before anything else is done for it.
+            let cap = inner
+                .settings
+                .user_settings(&user, identity.channel)
+                .limits
+                .queued_messages;
+            let notice = inner.channels.contains_key(&identity.channel).then(|| {
+                crate::limits::queue_full_text(
+                    cap,
+                    message.language_code.as_deref(),
+                    &inner.settings.default_language,
+                )
+            });
+            if let crate::limits::QueueCheck::Full { notice } = crate::limits::check_queue(
+                &inner.store,
+                &inner.notices,
+                &user,
+                cap,
+                &message,
+                notice,
+            )
+            .await
+            .map_err(storage)?
+            {
+                if let Some(item) = notice {
+                    let inner = Arc::clone(inner);
+                    inner
+                        .tasks
+                        .clone()
+                        .spawn(async move { deliver(&inner, item).await });
+                }
+                return Ok(Accepted::QueueFull);
+            }
             let created = inner
                 .store
                 .ensure_user(&user, message.sender_name.as_deref())

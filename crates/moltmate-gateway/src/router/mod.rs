@@ -87,6 +87,8 @@ struct Inner {
     tasks: TaskTracker,
     metrics: Arc<crate::metrics::Metrics>,
     strangers: crate::strangers::Strangers,
+    /// Queue-full and budget notices already given.
+    notices: crate::limits::Notices,
 }
 
 /// The running gateway. Cheap to clone.
@@ -139,6 +141,7 @@ impl Gateway {
                 tasks: TaskTracker::new(),
                 metrics: Arc::new(crate::metrics::Metrics::new()),
                 strangers: crate::strangers::Strangers::new(),
+                notices: crate::limits::Notices::default(),
             }),
         }
     }

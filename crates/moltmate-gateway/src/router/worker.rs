@@ -12,7 +12,7 @@ use super::{lock, Inner, WorkerSlot};
 use crate::agent::{run_turn, Turn};
 use crate::onboarding::{self, Answer};
 use crate::prompt::Skipped;
-use crate::session::{compact, estimate_context, estimate_tokens, Compaction};
+use crate::session::{compact, estimate_rows, estimate_tokens, Compaction};
 use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas, TokenUsage};
 use moltmate_core::sandbox::{SandboxIds, WorkspaceAccess};
 use moltmate_core::tool::ToolContext;
@@ -225,9 +225,9 @@ fn skipped_note(language: &str, skipped: &[Skipped]) -> String {
 
 fn help_text(language: &str) -> String {
     if language.starts_with("de") {
-        "Befehle:\n/reset – neues Gespräch beginnen (dein Gedächtnis bleibt)\n/persona – meine Persönlichkeit neu wählen\n/help – diese Hilfe".to_string()
+        "Befehle:\n/reset – neues Gespräch beginnen (dein Gedächtnis bleibt)\n/persona – meine Persönlichkeit neu wählen\n/forget – unsere bisherigen Gespräche löschen (deine Notizen bleiben)\n/help – diese Hilfe".to_string()
     } else {
-        "Commands:\n/reset – start a new conversation (your memory stays)\n/persona – choose my personality again\n/help – this help".to_string()
+        "Commands:\n/reset – start a new conversation (your memory stays)\n/persona – choose my personality again\n/forget – delete our past conversations (your notes stay)\n/help – this help".to_string()
     }
 }
 
@@ -268,8 +268,13 @@ async fn onboarding_step(
             onboarding::menu(language, &choices)
         }
         Some("describe") => {
-            files::apply_persona(inner, &item.user, ids, PersonaFiles::Custom(item.text.clone()))
-                .await?;
+            files::apply_persona(
+                inner,
+                &item.user,
+                ids,
+                PersonaFiles::Custom(item.text.clone()),
+            )
+            .await?;
             inner.store.set_onboarding(&item.user, None, true).await?;
             onboarding::confirmation(language, None)
         }
@@ -283,13 +288,19 @@ async fn onboarding_step(
             }
             Answer::Persona(choice) => {
                 let label = choice.label.clone();
-                files::apply_persona(inner, &item.user, ids, PersonaFiles::Chosen(Box::new(choice)))
-                    .await?;
+                files::apply_persona(
+                    inner,
+                    &item.user,
+                    ids,
+                    PersonaFiles::Chosen(Box::new(choice)),
+                )
+                .await?;
                 inner.store.set_onboarding(&item.user, None, true).await?;
                 onboarding::confirmation(language, Some(&label))
             }
             Answer::Description(description) => {
-                files::apply_persona(inner, &item.user, ids, PersonaFiles::Custom(description)).await?;
+                files::apply_persona(inner, &item.user, ids, PersonaFiles::Custom(description))
+                    .await?;
                 inner.store.set_onboarding(&item.user, None, true).await?;
                 onboarding::confirmation(language, None)
             }
@@ -331,6 +342,21 @@ async fn handle_item(
             })
         }
         "/help" => Some(help_text(&language)),
+        "/forget" => {
+            if crate::limits::forget_confirmed(&item.text) {
+                end_session(inner, &item.user).await?;
+            }
+            Some(
+                crate::limits::forget(
+                    &inner.store,
+                    inner.settings.memory_index_dir.as_deref(),
+                    &item.user,
+                    &item.text,
+                    &language,
+                )
+                .await?,
+            )
+        }
         "/persona" if inner.settings.onboarding_enabled => {
             let onboarded = inner
                 .store
@@ -354,6 +380,34 @@ async fn handle_item(
         let outbox = inner
             .store
             .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, item, &text))
+            .await?;
+        finish(inner, item, outbox, text, TokenUsage::default()).await;
+        return Ok(());
+    }
+
+    // Budgets and the stored-conversation cap, before any model call. Over them, the message
+    // is answered with the notice (pushed at most once per interval) and no model is called.
+    let guard = crate::budget::BudgetGuard::new(
+        inner.store.clone(),
+        item.user.clone(),
+        user_settings.limits.budget,
+        inner.settings.family_budget(&item.user),
+        inner.settings.prices.clone(),
+        &language,
+    );
+    let periods = crate::budget::Periods::now();
+    if let Some(text) = guard
+        .admit(&periods, user_settings.limits.transcript_bytes)
+        .await?
+    {
+        let pushed = pushed_reply(inner, item, &text).filter(|_| {
+            inner
+                .notices
+                .budget_notice_due(&item.user, std::time::Instant::now())
+        });
+        let outbox = inner
+            .store
+            .finish_inbox_with_reply(item.id, &item.user, pushed)
             .await?;
         finish(inner, item, outbox, text, TokenUsage::default()).await;
         return Ok(());
@@ -400,14 +454,24 @@ async fn handle_item(
     if inner.settings.prewarm_sandboxes && user_settings.tools.iter().any(|t| t == "exec") {
         prewarm_sandbox(inner, &context);
     }
-    let mut rows = inner.store.transcript(&session.id).await?;
+    // History in a bounded page: the newest rows the context window can hold.
     let mut prompt =
         files::system_prompt(inner, &home, family.as_ref(), session.summary.clone()).await?;
+    let window = inner.settings.context_window_tokens;
+    let page_bytes = |prompt: &str| crate::limits::history_budget(window, prompt, &item.text);
+    let mut page = inner
+        .store
+        .history_page(&session.id, page_bytes(&prompt.text))
+        .await?;
     let mut compaction_usage = Vec::new();
-    let threshold =
-        (inner.settings.context_window_tokens as f64 * inner.settings.compact_at_ratio) as usize;
-    let history_items: Vec<ConversationItem> = rows.iter().map(|(_, item)| item.clone()).collect();
-    if estimate_context(&prompt.text, &history_items) + estimate_tokens(&item.text) > threshold {
+    let threshold = (window as f64 * inner.settings.compact_at_ratio) as usize;
+    let over = |page: &moltmate_store::HistoryPage, prompt: &str| {
+        page.truncated
+            || estimate_rows(prompt, &page.rows) + estimate_tokens(&item.text) > threshold
+    };
+    if over(&page, &prompt.text)
+        && crate::limits::compaction_due(&inner.store, &session.id, &item.user, window).await?
+    {
         let compacted = compact(
             Compaction {
                 model: inner.model.as_ref(),
@@ -419,18 +483,26 @@ async fn handle_item(
                 system: &prompt.text,
                 session_id: &session.id,
                 max_iterations: inner.settings.max_tool_iterations,
+                limits: &user_settings.limits,
+                budget: Some(&guard),
+                summary: session.summary.as_deref(),
             },
-            &rows,
+            &page,
         )
         .await?;
         if let Some((summary, usage)) = compacted {
             tracing::info!(user = %item.user, "session compacted");
             compaction_usage = usage;
-            rows = inner.store.transcript(&session.id).await?;
             prompt = files::system_prompt(inner, &home, family.as_ref(), Some(summary)).await?;
+            page = inner
+                .store
+                .history_page(&session.id, page_bytes(&prompt.text))
+                .await?;
         }
+        let still_over = over(&page, &prompt.text);
+        crate::limits::compaction_done(&inner.store, &session.id, &item.user, still_over).await?;
     }
-    let history: Vec<ConversationItem> = rows.into_iter().map(|(_, item)| item).collect();
+    let history: Vec<ConversationItem> = page.rows.into_iter().map(|(_, item)| item).collect();
     for problem in &prompt.problems {
         if state.reported.insert(problem.to_string()) {
             tracing::warn!(user = %item.user, file = %problem.file, reason = %problem.reason, "a context file was skipped");
@@ -458,6 +530,8 @@ async fn handle_item(
         deltas: deltas.as_ref(),
         log_tool_calls: inner.settings.log_tool_calls,
         metrics: &inner.metrics,
+        limits: &user_settings.limits,
+        budget: Some(&guard),
     })
     .await;
     if let Some(typing) = typing {
@@ -466,6 +540,14 @@ async fn handle_item(
 
     let mut usage = compaction_usage;
     usage.extend(result.usage);
+    let mut new_items = result.new_items;
+    let elided = crate::limits::shrink_for_storage(
+        &mut new_items,
+        user_settings.limits.stored_bytes_per_turn,
+    );
+    if elided > 0 {
+        tracing::info!(user = %item.user, bytes = elided, "turn shortened for storage (limits.storedKbPerTurn)");
+    }
     let total = usage
         .iter()
         .fold(TokenUsage::default(), |sum, (_, _, u)| sum.plus(*u));
@@ -479,7 +561,7 @@ async fn handle_item(
             inbox_id: item.id,
             user: item.user.clone(),
             session_id: session.id,
-            items: result.new_items,
+            items: new_items,
             reply: pushed_reply(inner, item, &reply),
             usage,
         })

@@ -27,6 +27,13 @@ pub fn check_startup_rules(config: &Config) -> Result<()> {
         // has no host backend: `exec` stays refused. See ARCHITECTURE.md, "No host exec".
         tracing::warn!("sandbox.mode is \"none\": exec is disabled (this gateway never runs commands on the host)");
     }
+    let unpriced = settings::unpriced_models(config);
+    if !unpriced.is_empty() {
+        tracing::warn!(
+            models = %unpriced.join(", "),
+            "a spend budget (limits.spendPerMonth) is set but model.prices has no price for these models: their use counts as free for spend budgets (token budgets still apply)"
+        );
+    }
     if config.sandbox.warm_pool.is_some() {
         tracing::warn!("sandbox.warmPool is deprecated and ignored (a shared pool cannot be given a user's mounts later); sandbox.prewarm starts each user's sandbox ahead of their first command instead");
     }

@@ -69,7 +69,10 @@ fn tools(
         Arc::new(moltmate_tools::EditTool),
         Arc::new(moltmate_tools::ExecTool::new(sandbox)),
         Arc::new(web_fetch),
-        Arc::new(MemorySearchTool::new(store.clone(), home.join("index"))),
+        Arc::new(
+            MemorySearchTool::new(store.clone(), home.join("index"))
+                .with_max_index_bytes(config.limits.memory_index_mb.saturating_mul(1024 * 1024)),
+        ),
     ];
     Ok(ToolBox::new(tools))
 }

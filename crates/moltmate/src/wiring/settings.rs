@@ -1,11 +1,15 @@
 //! `moltmate.json` → the settings structs of each layer, and trust levels → what a user may do.
 
-use moltmate_config::{Config, DmPolicy, SandboxMode, TrustLevel};
+use moltmate_config::{
+    Allowance, BudgetConfig, Config, DmPolicy, EffectiveLimits, SandboxMode, TrustLevel,
+};
 use moltmate_core::sandbox::{
     ExecSecurity, ExecSettings, SandboxLimits, SandboxNetwork, SandboxProfile, WorkspaceAccess,
 };
 use moltmate_core::ChannelKind;
 use moltmate_gateway::access::ChannelAccess;
+use moltmate_gateway::budget::{Budget, Price, Prices};
+use moltmate_gateway::limits::UserLimits;
 use moltmate_gateway::{GatewaySettings, SandboxIdPolicy, UserSettings};
 use std::collections::HashMap;
 use std::path::Path;
@@ -52,6 +56,40 @@ fn base_user_settings(config: &Config) -> UserSettings {
             },
         },
         read_only: config.sandbox.workspace_access == WorkspaceAccess::Ro,
+        limits: UserLimits::default(),
+    }
+}
+
+/// Dollars to micro-dollars (validation keeps them at most 10^9 dollars).
+fn micros(dollars: Allowance<f64>) -> Option<u64> {
+    dollars.limit().map(|d| (d * 1_000_000.0).round() as u64)
+}
+
+/// A trust level's resolved `limits` in the gateway's terms.
+pub fn user_limits(limits: &EffectiveLimits) -> UserLimits {
+    let kib = |kb: u64| usize::try_from(kb.saturating_mul(1024)).unwrap_or(usize::MAX);
+    UserLimits {
+        tool_calls_per_answer: limits.tool_calls_per_answer as usize,
+        tool_output_bytes_per_turn: kib(limits.tool_output_kb_per_turn),
+        stored_bytes_per_turn: kib(limits.stored_kb_per_turn),
+        transcript_bytes: limits.transcript_mb.saturating_mul(1024 * 1024),
+        queued_messages: limits.queued_messages as usize,
+        budget: Budget {
+            messages_per_day: limits.messages_per_day.limit(),
+            tokens_per_day: limits.tokens_per_day.limit(),
+            spend_micros_per_month: micros(limits.spend_per_month),
+            exec_seconds_per_day: limits.exec_seconds_per_day.limit(),
+        },
+    }
+}
+
+/// A family's `budget` in the gateway's terms.
+pub fn family_budget(budget: &BudgetConfig) -> Budget {
+    Budget {
+        messages_per_day: budget.messages_per_day.limit(),
+        tokens_per_day: budget.tokens_per_day.limit(),
+        spend_micros_per_month: micros(budget.spend_per_month),
+        exec_seconds_per_day: budget.exec_seconds_per_day.limit(),
     }
 }
 
@@ -80,6 +118,7 @@ fn stricter_security(a: ExecSecurity, b: ExecSecurity) -> ExecSecurity {
 /// | restricted | read, memory_search                     | —          | none    | read-only |
 pub fn settings_for_trust(trust: TrustLevel, config: &Config) -> UserSettings {
     let mut settings = base_user_settings(config);
+    settings.limits = user_limits(&config.limits.for_trust(trust));
     let keep = |settings: &mut UserSettings, allowed: &[&str]| {
         settings.tools.retain(|t| allowed.contains(&t.as_str()))
     };
@@ -164,11 +203,27 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             settings_for_trust(config.channels.local.default_trust, config),
         ),
     ]);
+    // The names behind those settings, for the operator's eyes (admin page, `users show`).
+    settings.channel_trust_names = HashMap::from([
+        (
+            ChannelKind::Telegram,
+            config.channels.telegram.default_trust.to_string(),
+        ),
+        (
+            ChannelKind::Web,
+            config.channels.web.default_trust.to_string(),
+        ),
+        (
+            ChannelKind::Local,
+            config.channels.local.default_trust.to_string(),
+        ),
+    ]);
     for (user, user_config) in &config.users {
         if let Some(trust) = user_config.trust {
             settings
                 .users
                 .insert(user.clone(), settings_for_trust(trust, config));
+            settings.trust_names.insert(user.clone(), trust.to_string());
         }
         for identity in &user_config.identities {
             settings
@@ -180,8 +235,56 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
         for member in &family_config.members {
             settings.families.insert(member.clone(), family.clone());
         }
+        let budget = family_budget(&family_config.budget);
+        if !budget.is_unlimited() {
+            settings.family_budgets.insert(family.clone(), budget);
+        }
     }
+    settings.prices = gateway_prices(config);
+    settings.memory_index_dir = Some(home.join("index"));
     settings
+}
+
+/// Models whose use no spend budget can see (no `model.prices` entry), when the operator set
+/// a budget in dollars: they are warned at startup. (The built-in spend defaults of the lower
+/// trust levels alone do not warn: without prices they simply never bind.)
+pub fn unpriced_models(config: &Config) -> Vec<String> {
+    let spend_set = config.limits.spend_per_month != Allowance::Unlimited
+        || TrustLevel::ALL
+            .iter()
+            .any(|t| config.limits.trust.level(*t).spend_per_month.is_some())
+        || config
+            .families
+            .values()
+            .any(|f| f.budget.spend_per_month != Allowance::Unlimited);
+    if !spend_set {
+        return Vec::new();
+    }
+    let prices = gateway_prices(config);
+    std::iter::once(&config.model.primary)
+        .chain(config.model.fallbacks.iter())
+        .filter(|m| prices.get(&m.provider, &m.model).is_none())
+        .map(|m| m.to_string())
+        .collect()
+}
+
+fn gateway_prices(config: &Config) -> Prices {
+    Prices::new(
+        config
+            .model
+            .prices
+            .iter()
+            .map(|(model, price)| {
+                (
+                    model.clone(),
+                    Price {
+                        input_micros_per_token: price.input_per_m_tok,
+                        output_micros_per_token: price.output_per_m_tok,
+                    },
+                )
+            })
+            .collect(),
+    )
 }
 
 /// Whether `exec` may run at all under this config (mode `none` runs nothing on the host here:
@@ -194,6 +297,26 @@ pub fn sandbox_required(config: &Config) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trust_levels_map_to_their_limits_and_budgets() {
+        let config = Config::default();
+        let owner = settings_for_trust(TrustLevel::Owner, &config).limits;
+        let stranger = settings_for_trust(TrustLevel::Stranger, &config).limits;
+        assert_eq!(owner, UserLimits::default());
+        assert_eq!(stranger.tool_calls_per_answer, 8);
+        assert_eq!(stranger.tool_output_bytes_per_turn, 256 * 1024);
+        assert_eq!(stranger.queued_messages, 10);
+        assert_eq!(stranger.budget.messages_per_day, Some(100));
+        assert_eq!(stranger.budget.spend_micros_per_month, Some(2_000_000));
+        assert!(unpriced_models(&config).is_empty(), "no warning by default");
+        let mut priced = Config::default();
+        priced.limits.spend_per_month = Allowance::Limited(10.0);
+        assert_eq!(
+            unpriced_models(&priced),
+            vec!["anthropic/claude-sonnet-4-5"]
+        );
+    }
 
     #[test]
     fn trust_levels_only_take_away() {

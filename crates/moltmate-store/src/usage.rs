@@ -1,0 +1,716 @@
+//! What each user has used, for budgets and storage caps: per-day counters (messages, tokens,
+//! spend, `exec` time), the bytes of their stored transcript, their queue of unanswered
+//! messages, and history loaded in bounded pages.
+//!
+//! * `usage_days` holds one row per user and day (`YYYY-MM-DD` in the gateway's local time,
+//!   chosen by the caller). It is charged as the usage happens — after each model call and each
+//!   sandboxed command — not with the turn's commit, so a turn that fails and is answered again
+//!   still counts what its first attempt spent. A month is the sum of its days.
+//! * `user_storage.transcript_bytes` is kept by triggers on `transcript`, so every path that adds
+//!   or deletes transcript rows (turns, compaction, `users reset`, `/forget`) keeps it exact
+//!   without knowing about it.
+//! * `compaction_attempts` remembers, per session, the size at which compaction last failed to
+//!   bring the session under the threshold, so it is not retried on every message.
+
+use crate::db::{Store, StoreError};
+use moltmate_core::model::ConversationItem;
+use moltmate_core::UserId;
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use serde::Serialize;
+
+/// Appended to the store's migrations (see `db::MIGRATIONS`).
+pub(crate) const MIGRATION: &str = r#"
+CREATE TABLE usage_days (
+    user_id       TEXT NOT NULL,
+    day           TEXT NOT NULL,
+    messages      INTEGER NOT NULL DEFAULT 0,
+    input_tokens  INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_micros   INTEGER NOT NULL DEFAULT 0,
+    exec_ms       INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, day)
+) WITHOUT ROWID;
+CREATE INDEX usage_days_day ON usage_days(day);
+CREATE TABLE user_storage (
+    user_id          TEXT PRIMARY KEY,
+    transcript_bytes INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO user_storage (user_id, transcript_bytes)
+    SELECT user_id, SUM(octet_length(item)) FROM transcript GROUP BY user_id;
+CREATE TRIGGER transcript_bytes_added AFTER INSERT ON transcript BEGIN
+    INSERT OR IGNORE INTO user_storage (user_id, transcript_bytes) VALUES (NEW.user_id, 0);
+    UPDATE user_storage SET transcript_bytes = transcript_bytes + octet_length(NEW.item)
+        WHERE user_id = NEW.user_id;
+END;
+CREATE TRIGGER transcript_bytes_removed AFTER DELETE ON transcript BEGIN
+    UPDATE user_storage SET transcript_bytes = MAX(0, transcript_bytes - octet_length(OLD.item))
+        WHERE user_id = OLD.user_id;
+END;
+CREATE TABLE compaction_attempts (
+    session_id    TEXT PRIMARY KEY,
+    session_bytes INTEGER NOT NULL,
+    at            INTEGER NOT NULL
+);
+CREATE TRIGGER compaction_attempts_of_deleted_sessions AFTER DELETE ON sessions BEGIN
+    DELETE FROM compaction_attempts WHERE session_id = OLD.id;
+END;
+"#;
+
+/// Usage to add to a user's day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageCharge {
+    pub messages: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Model spend in millionths of a US dollar (from `model.prices`).
+    pub cost_micros: u64,
+    /// Time commands ran in the sandbox, as the backend reported it.
+    pub exec_ms: u64,
+}
+
+impl UsageCharge {
+    pub fn is_empty(&self) -> bool {
+        *self == UsageCharge::default()
+    }
+}
+
+/// Usage summed over some users: today's counters and this month's spend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct UsageTotals {
+    pub messages_today: u64,
+    pub tokens_today: u64,
+    pub exec_ms_today: u64,
+    pub cost_micros_month: u64,
+}
+
+/// One user's usage and stored bytes, for the operator (admin page, `users show`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserUsage {
+    pub user: String,
+    pub totals: UsageTotals,
+    pub transcript_bytes: u64,
+}
+
+/// The newest part of a session that fits a byte budget.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistoryPage {
+    /// Row id and item, oldest first; starts at a user message (no tool result without the
+    /// call it answers).
+    pub rows: Vec<(i64, ConversationItem)>,
+    /// Stored bytes of `rows`.
+    pub bytes: u64,
+    /// The session has older rows than the page holds.
+    pub truncated: bool,
+}
+
+/// Sums `users`' counters of `day` and spend of `month`.
+fn totals_of(
+    c: &rusqlite::Connection,
+    users: &[UserId],
+    day: &str,
+    month: &str,
+) -> Result<UsageTotals, StoreError> {
+    let month_start = format!("{month}-00");
+    let month_end = format!("{month}-99");
+    let mut totals = UsageTotals::default();
+    let mut today = c.prepare_cached(
+        "SELECT messages, input_tokens + output_tokens, exec_ms FROM usage_days
+         WHERE user_id = ?1 AND day = ?2",
+    )?;
+    let mut spend = c.prepare_cached(
+        "SELECT COALESCE(SUM(cost_micros), 0) FROM usage_days
+         WHERE user_id = ?1 AND day > ?2 AND day < ?3",
+    )?;
+    for user in users {
+        let row: Option<(i64, i64, i64)> = today
+            .query_row(params![user.as_str(), day], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        if let Some((messages, tokens, exec_ms)) = row {
+            totals.messages_today = totals.messages_today.saturating_add(to_u64(messages));
+            totals.tokens_today = totals.tokens_today.saturating_add(to_u64(tokens));
+            totals.exec_ms_today = totals.exec_ms_today.saturating_add(to_u64(exec_ms));
+        }
+        let cost: i64 =
+            spend.query_row(params![user.as_str(), month_start, month_end], |r| r.get(0))?;
+        totals.cost_micros_month = totals.cost_micros_month.saturating_add(to_u64(cost));
+    }
+    Ok(totals)
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+impl Store {
+    /// Adds `charge` to the user's counters of `day` (`YYYY-MM-DD`).
+    pub async fn charge_usage(
+        &self,
+        user: &UserId,
+        day: &str,
+        charge: UsageCharge,
+    ) -> Result<(), StoreError> {
+        if charge.is_empty() {
+            return Ok(());
+        }
+        let user = user.clone();
+        let day = day.to_string();
+        self.with(move |c| {
+            c.prepare_cached(
+                "INSERT INTO usage_days (user_id, day, messages, input_tokens, output_tokens, cost_micros, exec_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (user_id, day) DO UPDATE SET
+                   messages = messages + excluded.messages,
+                   input_tokens = input_tokens + excluded.input_tokens,
+                   output_tokens = output_tokens + excluded.output_tokens,
+                   cost_micros = cost_micros + excluded.cost_micros,
+                   exec_ms = exec_ms + excluded.exec_ms",
+            )?
+            .execute(params![
+                user.as_str(),
+                day,
+                to_i64(charge.messages),
+                to_i64(charge.input_tokens),
+                to_i64(charge.output_tokens),
+                to_i64(charge.cost_micros),
+                to_i64(charge.exec_ms),
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Usage of `users` together (one user, or a family's members): counters of `day` and the
+    /// spend of the month `month` (`YYYY-MM`, the prefix of its days).
+    pub async fn usage_totals(
+        &self,
+        users: &[UserId],
+        day: &str,
+        month: &str,
+    ) -> Result<UsageTotals, StoreError> {
+        let users = users.to_vec();
+        let (day, month) = (day.to_string(), month.to_string());
+        self.with(move |c| totals_of(c, &users, &day, &month)).await
+    }
+
+    /// What a turn checks before it runs, in one read: the user's usage, their family's (when
+    /// `family` names the members) and the user's stored transcript bytes.
+    pub async fn usage_before_turn(
+        &self,
+        user: &UserId,
+        family: Option<&[UserId]>,
+        day: &str,
+        month: &str,
+    ) -> Result<(UsageTotals, Option<UsageTotals>, u64), StoreError> {
+        let user = user.clone();
+        let family = family.map(<[UserId]>::to_vec);
+        let (day, month) = (day.to_string(), month.to_string());
+        self.with(move |c| {
+            let own = totals_of(c, std::slice::from_ref(&user), &day, &month)?;
+            let family = family
+                .map(|members| totals_of(c, &members, &day, &month))
+                .transpose()?;
+            let bytes: Option<i64> = c
+                .prepare_cached("SELECT transcript_bytes FROM user_storage WHERE user_id = ?1")?
+                .query_row(params![user.as_str()], |r| r.get(0))
+                .optional()?;
+            Ok((own, family, bytes.map(to_u64).unwrap_or(0)))
+        })
+        .await
+    }
+
+    /// Every user's usage of `day` and `month` and their stored transcript bytes, by user id.
+    pub async fn usage_overview(
+        &self,
+        day: &str,
+        month: &str,
+    ) -> Result<Vec<UserUsage>, StoreError> {
+        let day = day.to_string();
+        let month_start = format!("{month}-00");
+        let month_end = format!("{month}-99");
+        self.with(move |c| {
+            let mut statement = c.prepare(
+                "SELECT u.id,
+                        COALESCE((SELECT messages FROM usage_days WHERE user_id = u.id AND day = ?1), 0),
+                        COALESCE((SELECT input_tokens + output_tokens FROM usage_days WHERE user_id = u.id AND day = ?1), 0),
+                        COALESCE((SELECT exec_ms FROM usage_days WHERE user_id = u.id AND day = ?1), 0),
+                        COALESCE((SELECT SUM(cost_micros) FROM usage_days WHERE user_id = u.id AND day > ?2 AND day < ?3), 0),
+                        COALESCE((SELECT transcript_bytes FROM user_storage WHERE user_id = u.id), 0)
+                 FROM users u ORDER BY u.id",
+            )?;
+            let rows = statement.query_map(params![day, month_start, month_end], |r| {
+                Ok(UserUsage {
+                    user: r.get(0)?,
+                    totals: UsageTotals {
+                        messages_today: to_u64(r.get(1)?),
+                        tokens_today: to_u64(r.get(2)?),
+                        exec_ms_today: to_u64(r.get(3)?),
+                        cost_micros_month: to_u64(r.get(4)?),
+                    },
+                    transcript_bytes: to_u64(r.get(5)?),
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// Bytes of the user's stored transcript items (all sessions).
+    pub async fn transcript_bytes(&self, user: &UserId) -> Result<u64, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            let bytes: Option<i64> = c
+                .prepare_cached("SELECT transcript_bytes FROM user_storage WHERE user_id = ?1")?
+                .query_row(params![user.as_str()], |r| r.get(0))
+                .optional()?;
+            Ok(bytes.map(to_u64).unwrap_or(0))
+        })
+        .await
+    }
+
+    /// How many of the user's messages wait for an answer.
+    pub async fn pending_inbox_count(&self, user: &UserId) -> Result<usize, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            let count: i64 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM inbox WHERE user_id = ?1 AND done_at IS NULL",
+                )?
+                .query_row(params![user.as_str()], |r| r.get(0))?;
+            Ok(usize::try_from(count).unwrap_or(0))
+        })
+        .await
+    }
+
+    /// The newest rows of a session whose stored size fits `max_bytes`, oldest first, starting
+    /// at a user message. Only the sizes of rows are read past the budget, never their content,
+    /// and the scan stops at the first row that does not fit: the cost follows the page, not
+    /// the session.
+    pub async fn history_page(
+        &self,
+        session_id: &str,
+        max_bytes: u64,
+    ) -> Result<HistoryPage, StoreError> {
+        let session_id = session_id.to_string();
+        self.with(move |c| {
+            let mut first_id = None;
+            let mut truncated = false;
+            {
+                let mut sizes = c.prepare_cached(
+                    "SELECT id, octet_length(item) FROM transcript WHERE session_id = ?1 ORDER BY id DESC",
+                )?;
+                let mut rows = sizes.query(params![session_id])?;
+                let mut used: u64 = 0;
+                while let Some(row) = rows.next()? {
+                    let id: i64 = row.get(0)?;
+                    let size = to_u64(row.get(1)?);
+                    if used.saturating_add(size) > max_bytes {
+                        truncated = true;
+                        break;
+                    }
+                    used += size;
+                    first_id = Some(id);
+                }
+            }
+            let Some(first_id) = first_id else {
+                return Ok(HistoryPage {
+                    rows: Vec::new(),
+                    bytes: 0,
+                    truncated,
+                });
+            };
+            let mut statement = c.prepare_cached(
+                "SELECT id, item FROM transcript WHERE session_id = ?1 AND id >= ?2 ORDER BY id",
+            )?;
+            let mut rows = statement.query(params![session_id, first_id])?;
+            let mut page = HistoryPage {
+                rows: Vec::new(),
+                bytes: 0,
+                truncated,
+            };
+            while let Some(row) = rows.next()? {
+                let id: i64 = row.get(0)?;
+                let json: String = row.get(1)?;
+                let item: ConversationItem = serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("transcript row {id}: {e}")))?;
+                if page.rows.is_empty() && !matches!(item, ConversationItem::User { .. }) {
+                    // The page must not start in the middle of a turn.
+                    page.truncated = true;
+                    continue;
+                }
+                page.bytes += json.len() as u64;
+                page.rows.push((id, item));
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    /// The session size at which compaction last failed to shrink this session, if it did.
+    pub async fn compaction_attempt(&self, session_id: &str) -> Result<Option<u64>, StoreError> {
+        let session_id = session_id.to_string();
+        self.with(move |c| {
+            let bytes: Option<i64> = c
+                .prepare_cached(
+                    "SELECT session_bytes FROM compaction_attempts WHERE session_id = ?1",
+                )?
+                .query_row(params![session_id], |r| r.get(0))
+                .optional()?;
+            Ok(bytes.map(to_u64))
+        })
+        .await
+    }
+
+    /// Records that compaction did not bring the session under its threshold at this size
+    /// (`Some`), or clears the record after it did (`None`).
+    pub async fn set_compaction_attempt(
+        &self,
+        session_id: &str,
+        session_bytes: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let session_id = session_id.to_string();
+        self.with(move |c| {
+            match session_bytes {
+                Some(bytes) => c.execute(
+                    "INSERT INTO compaction_attempts (session_id, session_bytes, at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (session_id) DO UPDATE SET session_bytes = excluded.session_bytes, at = excluded.at",
+                    params![session_id, to_i64(bytes), chrono::Utc::now().timestamp_millis()],
+                )?,
+                None => c.execute(
+                    "DELETE FROM compaction_attempts WHERE session_id = ?1",
+                    params![session_id],
+                )?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    /// Compaction: sets the session's summary and moves its rows before `keep_from_id` into a
+    /// new ended session of the same user — out of what the model is sent, but still the
+    /// user's (export, memory search, their storage cap; `/forget` deletes them).
+    pub async fn archive_before(
+        &self,
+        session_id: &str,
+        summary: &str,
+        keep_from_id: i64,
+    ) -> Result<(), StoreError> {
+        let session_id = session_id.to_string();
+        let summary = summary.to_string();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let user: Option<String> = tx
+                .query_row(
+                    "SELECT user_id FROM sessions WHERE id = ?1",
+                    params![session_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(user) = user else {
+                return Err(StoreError::NotFound(format!("no session {session_id}")));
+            };
+            let archive = format!(
+                "{}-archived-{}",
+                session_id,
+                hex::encode(rand::random::<[u8; 6]>())
+            );
+            let now = chrono::Utc::now().timestamp_millis();
+            tx.execute(
+                "INSERT INTO sessions (id, user_id, started_at, last_active, ended_at, summary)
+                 VALUES (?1, ?2, ?3, ?3, ?3, NULL)",
+                params![archive, user, now],
+            )?;
+            tx.execute(
+                "UPDATE transcript SET session_id = ?3 WHERE session_id = ?1 AND id < ?2",
+                params![session_id, keep_from_id, archive],
+            )?;
+            tx.execute(
+                "UPDATE sessions SET summary = ?2 WHERE id = ?1",
+                params![session_id, summary],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// `/forget`: deletes every transcript item of the user and ends their open session (a
+    /// new one starts with the next message). Memory files, the inbox (the `/forget` message
+    /// itself is still being answered), usage and audit records stay. Returns the bytes freed.
+    pub async fn forget_transcripts(&self, user: &UserId) -> Result<u64, StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let before: i64 = tx
+                .query_row(
+                    "SELECT COALESCE((SELECT transcript_bytes FROM user_storage WHERE user_id = ?1), 0)",
+                    params![user.as_str()],
+                    |r| r.get(0),
+                )?;
+            tx.execute(
+                "DELETE FROM transcript WHERE user_id = ?1",
+                params![user.as_str()],
+            )?;
+            tx.execute(
+                "DELETE FROM compaction_attempts WHERE session_id IN (SELECT id FROM sessions WHERE user_id = ?1)",
+                params![user.as_str()],
+            )?;
+            tx.execute(
+                "UPDATE sessions SET ended_at = ?2, summary = NULL WHERE user_id = ?1 AND ended_at IS NULL",
+                params![user.as_str(), chrono::Utc::now().timestamp_millis()],
+            )?;
+            tx.commit()?;
+            Ok(to_u64(before))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::TurnRecord;
+    use moltmate_core::channel::InboundMessage;
+    use moltmate_core::{ChannelKind, Identity, PeerId};
+
+    fn user(name: &str) -> UserId {
+        UserId::new(name).unwrap()
+    }
+
+    async fn store_turn(store: &Store, who: &UserId, texts: &[ConversationItem]) -> String {
+        let inbox = store
+            .insert_inbound(
+                &InboundMessage {
+                    sender: Identity::new(ChannelKind::Telegram, PeerId::new("1").unwrap()),
+                    chat_id: "1".into(),
+                    external_id: format!("{}", rand::random::<u64>()),
+                    cursor: None,
+                    text: "x".into(),
+                    sender_name: None,
+                    language_code: None,
+                },
+                who,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let session = store.current_session(who).await.unwrap();
+        store
+            .complete_turn(TurnRecord {
+                inbox_id: inbox,
+                user: who.clone(),
+                session_id: session.id.clone(),
+                items: texts.to_vec(),
+                reply: None,
+                usage: vec![],
+            })
+            .await
+            .unwrap();
+        session.id
+    }
+
+    fn said(text: &str) -> ConversationItem {
+        ConversationItem::User { text: text.into() }
+    }
+
+    fn answered(text: &str) -> ConversationItem {
+        ConversationItem::Assistant {
+            text: text.into(),
+            tool_calls: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn charges_add_up_per_day_and_month_per_user_and_for_several_users() {
+        let store = Store::open_in_memory().unwrap();
+        let (anna, ben) = (user("anna"), user("ben"));
+        let charge = UsageCharge {
+            messages: 1,
+            input_tokens: 100,
+            output_tokens: 20,
+            cost_micros: 5_000,
+            exec_ms: 1_500,
+        };
+        store
+            .charge_usage(&anna, "2026-03-01", charge)
+            .await
+            .unwrap();
+        store
+            .charge_usage(&anna, "2026-03-02", charge)
+            .await
+            .unwrap();
+        store
+            .charge_usage(&anna, "2026-03-02", charge)
+            .await
+            .unwrap();
+        store
+            .charge_usage(&anna, "2026-04-01", charge)
+            .await
+            .unwrap();
+        store
+            .charge_usage(&ben, "2026-03-02", charge)
+            .await
+            .unwrap();
+        let anna_day = store
+            .usage_totals(std::slice::from_ref(&anna), "2026-03-02", "2026-03")
+            .await
+            .unwrap();
+        assert_eq!(
+            anna_day,
+            UsageTotals {
+                messages_today: 2,
+                tokens_today: 240,
+                exec_ms_today: 3_000,
+                cost_micros_month: 15_000,
+            }
+        );
+        let both = store
+            .usage_totals(&[anna.clone(), ben.clone()], "2026-03-02", "2026-03")
+            .await
+            .unwrap();
+        assert_eq!(both.messages_today, 3);
+        assert_eq!(both.cost_micros_month, 20_000);
+        let nobody = store
+            .usage_totals(&[user("carl")], "2026-03-02", "2026-03")
+            .await
+            .unwrap();
+        assert_eq!(nobody, UsageTotals::default());
+        let overview = store.usage_overview("2026-03-02", "2026-03").await.unwrap();
+        assert!(overview.is_empty(), "only users in the users table");
+    }
+
+    #[tokio::test]
+    async fn transcript_bytes_follow_every_insert_and_delete() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = user("anna");
+        store.ensure_user(&anna, None).await.unwrap();
+        let session = store_turn(&store, &anna, &[said("hello"), answered("hi")]).await;
+        let stored = store.transcript_bytes(&anna).await.unwrap();
+        let expected: u64 = [said("hello"), answered("hi")]
+            .iter()
+            .map(|i| serde_json::to_string(i).unwrap().len() as u64)
+            .sum();
+        assert_eq!(stored, expected);
+        let rows = store.transcript(&session).await.unwrap();
+        store
+            .compact_session(&session, "summary", rows[1].0)
+            .await
+            .unwrap();
+        let kept = serde_json::to_string(&answered("hi")).unwrap().len() as u64;
+        assert_eq!(store.transcript_bytes(&anna).await.unwrap(), kept);
+        assert_eq!(store.forget_transcripts(&anna).await.unwrap(), kept);
+        assert_eq!(store.transcript_bytes(&anna).await.unwrap(), 0);
+        assert!(store.transcript(&session).await.unwrap().is_empty());
+        assert_ne!(store.current_session(&anna).await.unwrap().id, session);
+        let overview = store.usage_overview("2026-03-02", "2026-03").await.unwrap();
+        assert_eq!(overview[0].user, "anna");
+        assert_eq!(overview[0].transcript_bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn history_page_is_the_newest_turns_that_fit_starting_at_a_user_message() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = user("anna");
+        let mut session = String::new();
+        for turn in 0..10 {
+            session = store_turn(
+                &store,
+                &anna,
+                &[
+                    said(&format!("question {turn}")),
+                    ConversationItem::Assistant {
+                        text: String::new(),
+                        tool_calls: vec![],
+                    },
+                    ConversationItem::ToolResult {
+                        call_id: "c".into(),
+                        content: "x".repeat(1000),
+                        is_error: false,
+                    },
+                    answered(&format!("answer {turn}")),
+                ],
+            )
+            .await;
+        }
+        let everything = store.history_page(&session, u64::MAX).await.unwrap();
+        assert_eq!(everything.rows.len(), 40);
+        assert!(!everything.truncated);
+        // Room for two and a half turns: the half turn is dropped, the page starts at a
+        // user message.
+        let turn_bytes = everything.bytes / 10;
+        let page = store
+            .history_page(&session, turn_bytes * 5 / 2)
+            .await
+            .unwrap();
+        assert!(page.truncated);
+        assert_eq!(page.rows.len(), 8);
+        assert_eq!(page.rows[0].1, said("question 8"));
+        assert!(page.bytes <= turn_bytes * 5 / 2);
+        let none = store.history_page(&session, 10).await.unwrap();
+        assert!(none.rows.is_empty() && none.truncated);
+    }
+
+    #[tokio::test]
+    async fn archived_rows_leave_the_session_but_stay_the_users() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = user("anna");
+        store_turn(&store, &anna, &[said("old"), answered("old answer")]).await;
+        let session = store_turn(&store, &anna, &[said("new"), answered("new answer")]).await;
+        let rows = store.transcript(&session).await.unwrap();
+        let bytes = store.transcript_bytes(&anna).await.unwrap();
+        store
+            .archive_before(&session, "we said old things", rows[2].0)
+            .await
+            .unwrap();
+        let page = store.history_page(&session, u64::MAX).await.unwrap();
+        assert_eq!(page.rows.len(), 2);
+        assert_eq!(page.rows[0].1, said("new"));
+        let current = store.current_session(&anna).await.unwrap();
+        assert_eq!(current.id, session, "the session goes on");
+        assert_eq!(current.summary.as_deref(), Some("we said old things"));
+        assert_eq!(store.user_transcripts(&anna).await.unwrap().len(), 4);
+        assert_eq!(store.transcript_bytes(&anna).await.unwrap(), bytes);
+    }
+
+    #[tokio::test]
+    async fn compaction_attempts_are_remembered_per_session() {
+        let store = Store::open_in_memory().unwrap();
+        assert_eq!(store.compaction_attempt("s1").await.unwrap(), None);
+        store.set_compaction_attempt("s1", Some(500)).await.unwrap();
+        store.set_compaction_attempt("s1", Some(700)).await.unwrap();
+        assert_eq!(store.compaction_attempt("s1").await.unwrap(), Some(700));
+        store.set_compaction_attempt("s1", None).await.unwrap();
+        assert_eq!(store.compaction_attempt("s1").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn pending_inbox_count_counts_only_unanswered_rows_of_that_user() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = user("anna");
+        store_turn(&store, &anna, &[said("answered")]).await;
+        for n in 0..3 {
+            store
+                .insert_inbound(
+                    &InboundMessage {
+                        sender: Identity::new(ChannelKind::Telegram, PeerId::new("1").unwrap()),
+                        chat_id: "1".into(),
+                        external_id: format!("p{n}"),
+                        cursor: None,
+                        text: "waiting".into(),
+                        sender_name: None,
+                        language_code: None,
+                    },
+                    &anna,
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.pending_inbox_count(&anna).await.unwrap(), 3);
+        assert_eq!(store.pending_inbox_count(&user("ben")).await.unwrap(), 0);
+    }
+}
