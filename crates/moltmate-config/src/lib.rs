@@ -18,6 +18,7 @@
 mod de;
 mod env;
 mod error;
+mod scan;
 mod schema;
 mod secret;
 mod starter;
@@ -33,6 +34,7 @@ pub use schema::{
     TelegramConfig, ToolName, ToolsConfig, TrustLevel, UserConfig, WebChannelConfig,
     WebFetchConfig, WebToolsConfig,
 };
+pub use scan::{is_secret_key, scan_raw, RawScan};
 pub use secret::Secret;
 pub use starter::{write_starter_config, STARTER_CONFIG};
 
@@ -129,28 +131,7 @@ impl Config {
         source_name: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        // Editors on some platforms prepend a byte-order mark; it is not JSON5 whitespace.
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        if let Some((line, column)) = strict::too_deep(text) {
-            return Err(ConfigError::Syntax {
-                file: source_name.to_string(),
-                line: Some(line),
-                column: Some(column),
-                message: format!("nested deeper than {} levels", strict::MAX_DEPTH),
-            });
-        }
-        let strict::StrictValue(value) = json5::from_str(text).map_err(|err| {
-            let position = err.position();
-            ConfigError::Syntax {
-                file: source_name.to_string(),
-                line: position.map(|p| p.line + 1),
-                column: position.map(|p| p.column + 1),
-                message: match err.code() {
-                    Some(code) => code.to_string(),
-                    None => strip_position(&err.to_string()),
-                },
-            }
-        })?;
+        let value = parse_json5(text, source_name)?;
         Config::from_value(value, source_name, env)
     }
 
@@ -293,6 +274,34 @@ impl Config {
         write_canonical(&relevant, &mut canonical);
         hex::encode(Sha256::digest(canonical.as_bytes()))
     }
+}
+
+/// Parses JSON5 text into an untyped tree: byte-order mark skipped, nesting bounded, duplicate
+/// keys refused. No substitution, no schema.
+pub(crate) fn parse_json5(text: &str, source_name: &str) -> Result<Value, ConfigError> {
+    // Editors on some platforms prepend a byte-order mark; it is not JSON5 whitespace.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if let Some((line, column)) = strict::too_deep(text) {
+        return Err(ConfigError::Syntax {
+            file: source_name.to_string(),
+            line: Some(line),
+            column: Some(column),
+            message: format!("nested deeper than {} levels", strict::MAX_DEPTH),
+        });
+    }
+    let strict::StrictValue(value) = json5::from_str(text).map_err(|err| {
+        let position = err.position();
+        ConfigError::Syntax {
+            file: source_name.to_string(),
+            line: position.map(|p| p.line + 1),
+            column: position.map(|p| p.column + 1),
+            message: match err.code() {
+                Some(code) => code.to_string(),
+                None => strip_position(&err.to_string()),
+            },
+        }
+    })?;
+    Ok(value)
 }
 
 /// JSON with object keys sorted at every level, so the digest does not depend on whether
