@@ -26,6 +26,7 @@ mod strict;
 mod validate;
 
 pub use error::{ConfigError, Problem};
+pub use scan::{is_secret_key, scan_raw, RawScan};
 pub use schema::{
     ChannelsConfig, Config, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig, GatewayConfig,
     LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef, OnboardingConfig,
@@ -34,7 +35,6 @@ pub use schema::{
     TelegramConfig, ToolName, ToolsConfig, TrustLevel, UserConfig, WebChannelConfig,
     WebFetchConfig, WebToolsConfig,
 };
-pub use scan::{is_secret_key, scan_raw, RawScan};
 pub use secret::Secret;
 pub use starter::{write_starter_config, STARTER_CONFIG};
 

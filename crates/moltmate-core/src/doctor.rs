@@ -59,7 +59,11 @@ impl Check {
             title: title.to_string(),
             status,
             detail: detail.into(),
-            fix: if status == CheckStatus::Pass { None } else { fix },
+            fix: if status == CheckStatus::Pass {
+                None
+            } else {
+                fix
+            },
         }
     }
 

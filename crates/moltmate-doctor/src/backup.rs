@@ -65,14 +65,7 @@ pub(crate) fn check(home: &Path, now: SystemTime) -> Check {
     let marker = match read_marker(&path) {
         Ok(Some(marker)) => marker,
         Ok(None) => return Check::warn(ID, TITLE, "no backup yet", fix),
-        Err(e) => {
-            return Check::warn(
-                ID,
-                TITLE,
-                format!("{}: {e}", path.display()),
-                fix,
-            )
-        }
+        Err(e) => return Check::warn(ID, TITLE, format!("{}: {e}", path.display()), fix),
     };
     let finished = UNIX_EPOCH + Duration::from_millis(marker.finished_at);
     let age = now.duration_since(finished).unwrap_or(Duration::ZERO);

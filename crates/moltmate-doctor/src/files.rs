@@ -244,16 +244,10 @@ fn groups(home: &Path, config: Option<&Config>) -> Vec<Group> {
     out.push(Group {
         id: "perm.state",
         title: "State directories are private (0700)",
-        items: [
-            "sandboxes",
-            "locks",
-            "archive",
-            "personas",
-            "backups",
-        ]
-        .iter()
-        .map(|name| dir_item(home.join(name), false))
-        .collect(),
+        items: ["sandboxes", "locks", "archive", "personas", "backups"]
+            .iter()
+            .map(|name| dir_item(home.join(name), false))
+            .collect(),
         absent: "none of sandboxes/, locks/, archive/, personas/, backups/ exists yet",
         truncated: None,
     });

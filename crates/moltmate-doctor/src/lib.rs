@@ -213,9 +213,7 @@ async fn docker_access(ctx: &Context) -> bool {
         )
         .await
         .unwrap_or(false),
-        None => {
-            std::os::unix::net::UnixStream::connect("/var/run/docker.sock").is_ok()
-        }
+        None => std::os::unix::net::UnixStream::connect("/var/run/docker.sock").is_ok(),
     }
 }
 

@@ -84,16 +84,16 @@ impl ProcessFacts {
     /// This process, now.
     pub fn current(home: &Path) -> ProcessFacts {
         let status = read_proc("/proc/self/status");
-        let hex = |name: &str| {
-            status_field(&status, name).and_then(|v| u64::from_str_radix(&v, 16).ok())
-        };
+        let hex =
+            |name: &str| status_field(&status, name).and_then(|v| u64::from_str_radix(&v, 16).ok());
         let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
         let mountinfo = read_proc("/proc/self/mountinfo");
         // Fields: id parent major:minor root mount-point ...; PrivateTmp binds
         // /tmp/systemd-private-*/tmp over /tmp.
         let private_tmp = mountinfo.lines().any(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
-            fields.get(4) == Some(&"/tmp") && fields.get(3).is_some_and(|r| r.contains("systemd-private"))
+            fields.get(4) == Some(&"/tmp")
+                && fields.get(3).is_some_and(|r| r.contains("systemd-private"))
         });
         let home_dirs = if is_read_only("/home") && !is_read_only("/") {
             "read-only"
@@ -218,11 +218,7 @@ pub(crate) fn cap_names(mask: u64) -> String {
 const CAP_SYS_ADMIN: u64 = 1 << 21;
 
 pub(crate) async fn check(ctx: &Context, docker_access: bool) -> Vec<Check> {
-    vec![
-        mode(ctx, docker_access),
-        privileges(ctx),
-        systemd(ctx),
-    ]
+    vec![mode(ctx, docker_access), privileges(ctx), systemd(ctx)]
 }
 
 fn mode(ctx: &Context, docker_access: bool) -> Check {
@@ -333,7 +329,11 @@ fn systemd(ctx: &Context) -> Check {
         "the home writable",
         "the home is not writable (ReadWritePaths=/StateDirectory=)",
     );
-    note(facts.private_tmp, "a private /tmp", "/tmp is shared (PrivateTmp=yes)");
+    note(
+        facts.private_tmp,
+        "a private /tmp",
+        "/tmp is shared (PrivateTmp=yes)",
+    );
     note(
         facts.home_dirs != "visible",
         "/home hidden",
@@ -394,7 +394,10 @@ mod tests {
         let status = "Name:\tx\nNoNewPrivs:\t1\nSeccomp:\t2\nCapEff:\t0000000000000000\n";
         assert_eq!(status_field(status, "NoNewPrivs").as_deref(), Some("1"));
         assert_eq!(status_field(status, "Seccomp").as_deref(), Some("2"));
-        assert_eq!(status_field(status, "CapEff").as_deref(), Some("0000000000000000"));
+        assert_eq!(
+            status_field(status, "CapEff").as_deref(),
+            Some("0000000000000000")
+        );
         assert_eq!(status_field(status, "Missing"), None);
     }
 }

@@ -253,9 +253,14 @@ async fn image_check(ctx: &Context, settings: &SandboxSettings) -> Check {
 pub(crate) fn is_host_control(source: &str, docker_host: Option<&str>) -> bool {
     let trimmed = source.trim_end_matches('/');
     let normalized = if trimmed.is_empty() { "/" } else { trimmed };
-    let socket_name = ["docker.sock", "containerd.sock", "podman.sock", "dockershim.sock"]
-        .iter()
-        .any(|name| normalized.ends_with(name));
+    let socket_name = [
+        "docker.sock",
+        "containerd.sock",
+        "podman.sock",
+        "dockershim.sock",
+    ]
+    .iter()
+    .any(|name| normalized.ends_with(name));
     let configured = docker_host
         .map(|h| h.trim_start_matches("unix://"))
         .is_some_and(|h| !h.is_empty() && h == normalized);
@@ -349,7 +354,11 @@ fn disk_caps(
     const TITLE: &str = "Disk caps active";
     let cap_mb = config.sandbox.limits.disk_mb;
     if backend.is_none() && !exec_enabled(config) {
-        return Check::pass(ID, TITLE, "exec is off: nothing writes to homes but the file tools");
+        return Check::pass(
+            ID,
+            TITLE,
+            "exec is off: nothing writes to homes but the file tools",
+        );
     }
     if cap_mb == 0 {
         return Check::warn(

@@ -21,7 +21,10 @@ static SHAPES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
     [
         ("an Anthropic key", r"sk-ant-[A-Za-z0-9_-]{16,}"),
         ("an OpenAI-style key", r"\bsk-[A-Za-z0-9_-]{20,}"),
-        ("a Telegram bot token", r"\b[0-9]{6,12}:[A-Za-z0-9_-]{30,}\b"),
+        (
+            "a Telegram bot token",
+            r"\b[0-9]{6,12}:[A-Za-z0-9_-]{30,}\b",
+        ),
     ]
     .into_iter()
     .filter_map(|(what, pattern)| Regex::new(pattern).ok().map(|re| (what, re)))
@@ -73,13 +76,11 @@ pub(crate) fn check(home: &Path) -> Check {
     let path = home.join("moltmate.json");
     let (text, mode) = match read_config(&path) {
         Ok(Some(found)) => found,
-        Ok(None) => {
-            return Check::pass(
-                ID,
-                TITLE,
-                "no moltmate.json; keys come from the environment (ANTHROPIC_API_KEY, OPENAI_API_KEY)",
-            )
-        }
+        Ok(None) => return Check::pass(
+            ID,
+            TITLE,
+            "no moltmate.json; keys come from the environment (ANTHROPIC_API_KEY, OPENAI_API_KEY)",
+        ),
         Err(e) => {
             return Check::fail(
                 ID,

@@ -304,7 +304,12 @@ pub async fn sandbox_mounts(
     Ok(found
         .into_iter()
         .filter_map(|c| {
-            let name = c.names.as_ref()?.first()?.trim_start_matches('/').to_string();
+            let name = c
+                .names
+                .as_ref()?
+                .first()?
+                .trim_start_matches('/')
+                .to_string();
             if !name.starts_with(NAME_PREFIX) {
                 return None;
             }

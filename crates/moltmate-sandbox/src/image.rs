@@ -119,7 +119,9 @@ pub enum ImageState {
     Missing,
     /// Present; `dockerfile_digest` is its [`DOCKERFILE_LABEL`] (`None`: built without it, by
     /// an older moltmate or by hand).
-    Present { dockerfile_digest: Option<String> },
+    Present {
+        dockerfile_digest: Option<String>,
+    },
 }
 
 /// Whether `image` exists and which Dockerfile it was built from.
