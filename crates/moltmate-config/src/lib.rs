@@ -43,6 +43,7 @@ use schema::EnvKeys;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// File name of the configuration inside the home.
@@ -91,7 +92,13 @@ impl Config {
             path: path.to_path_buf(),
             source,
         };
-        let file = match std::fs::File::open(path) {
+        // O_NONBLOCK: a FIFO in the config's place is refused below instead of blocking the
+        // open until some writer appears (reads of a regular file are unaffected).
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
             Ok(file) => file,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 return Config::from_value(

@@ -57,6 +57,10 @@ pub struct ProcessFacts {
     /// Our mount namespace differs from PID 1's (systemd's namespacing options); `None` when
     /// PID 1's cannot be read (not root).
     pub own_mount_namespace: Option<bool>,
+    /// The local Docker daemon (by its pid file) shares our mount namespace, so mounts this
+    /// process makes (disk caps) are what the daemon binds into containers; `None` when its pid
+    /// file or namespace cannot be read (a daemon elsewhere, or not root).
+    pub docker_daemon_same_mounts: Option<bool>,
 }
 
 fn status_field(status: &str, name: &str) -> Option<String> {
@@ -119,6 +123,14 @@ impl ProcessFacts {
             (Ok(ours), Ok(init)) => Some(ours != init),
             _ => None,
         };
+        let docker_daemon_same_mounts = ["/run/docker.pid", "/var/run/docker.pid"]
+            .iter()
+            .find_map(|file| read_proc(file).trim().parse::<u32>().ok())
+            .and_then(|pid| {
+                let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()?;
+                let ours = std::fs::read_link("/proc/self/ns/mnt").ok()?;
+                Some(theirs == ours)
+            });
         ProcessFacts {
             euid: rustix::process::geteuid().as_raw(),
             cap_eff: hex("CapEff"),
@@ -139,6 +151,7 @@ impl ProcessFacts {
             in_container: Path::new("/.dockerenv").exists()
                 || Path::new("/run/.containerenv").exists(),
             own_mount_namespace,
+            docker_daemon_same_mounts,
         }
     }
 
@@ -210,6 +223,14 @@ pub(crate) fn cap_names(mask: u64) -> String {
         "none".to_string()
     } else if names.len() == CAP_NAMES.len() {
         "all".to_string()
+    } else if names.len() > CAP_NAMES.len() / 2 {
+        let missing: Vec<&str> = CAP_NAMES
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| mask & (1u64 << bit) == 0)
+            .map(|(_, name)| *name)
+            .collect();
+        format!("all but {}", missing.join(", "))
     } else {
         names.join(", ")
     }
@@ -387,6 +408,10 @@ mod tests {
         assert_eq!(cap_names(0), "none");
         assert_eq!(cap_names((1 << 41) - 1), "all");
         assert_eq!(cap_names(1 | CAP_SYS_ADMIN), "chown, sys_admin");
+        assert_eq!(
+            cap_names(((1 << 41) - 1) & !CAP_SYS_ADMIN),
+            "all but sys_admin"
+        );
     }
 
     #[test]

@@ -392,8 +392,11 @@ fn disk_caps(
             "apt-get install e2fsprogs mount",
         );
     }
-    if backend == Some("docker") && (facts.own_mount_namespace == Some(true) || facts.in_container)
-    {
+    let daemon_sees_our_mounts = facts.docker_daemon_same_mounts.unwrap_or(
+        // No pid file to compare with: a daemon outside our container or namespace does not.
+        !(facts.own_mount_namespace == Some(true) || facts.in_container),
+    );
+    if backend == Some("docker") && !daemon_sees_our_mounts {
         return Check::fail(
             ID,
             TITLE,
