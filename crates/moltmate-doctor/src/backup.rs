@@ -51,11 +51,11 @@ fn read_marker(path: &Path) -> Result<Option<BackupMarker>, String> {
 }
 
 fn age_text(age: Duration) -> String {
-    let hours = age.as_secs() / 3600;
-    match hours {
-        0 => format!("{} minutes ago", age.as_secs() / 60),
-        h if h < 48 => format!("{h} hours ago"),
-        h => format!("{} days ago", h / 24),
+    let plural = |n: u64, unit: &str| format!("{n} {unit}{} ago", if n == 1 { "" } else { "s" });
+    match age.as_secs() {
+        s if s < 3600 => plural(s / 60, "minute"),
+        s if s < 48 * 3600 => plural(s / 3600, "hour"),
+        s => plural(s / 86_400, "day"),
     }
 }
 
