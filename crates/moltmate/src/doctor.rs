@@ -127,7 +127,26 @@ impl RunningChecks {
 impl SecurityChecks for RunningChecks {
     async fn report(&self) -> Report {
         let settings = wiring::sandbox_settings(&self.home, &self.config);
-        let context = Context::for_running(&self.home, self.config.clone(), settings, self.backend);
-        moltmate_doctor::run(&context).await
+        let (home, config, backend) = (self.home.clone(), self.config.clone(), self.backend);
+        // Gathering the process facts reads /proc and statvfs()s / and /home: off the runtime,
+        // with a deadline (a hung /home mount must not hang the admin page's worker).
+        let context = moltmate_core::blocking::run(
+            "doctor process facts",
+            std::time::Duration::from_secs(10),
+            move || Context::for_running(&home, config, settings, backend),
+        )
+        .await;
+        match context {
+            Ok(context) => moltmate_doctor::run(&context).await,
+            Err(e) => Report {
+                version: moltmate_doctor::VERSION.to_string(),
+                checks: vec![moltmate_core::doctor::Check::fail(
+                    "process.privileges",
+                    "What the process holds, and what needs root",
+                    format!("could not look at this process: {e}"),
+                    "check the mounts of / and /home (a hung network mount?)",
+                )],
+            },
+        }
     }
 }
