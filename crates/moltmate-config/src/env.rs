@@ -54,7 +54,7 @@ fn display_path(path: &str) -> String {
 }
 
 /// Expands one string.
-fn expand(input: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Problem> {
+pub(crate) fn expand(input: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Problem> {
     let mut out = String::with_capacity(input.len());
     let mut rest = input;
     while let Some(pos) = rest.find('$') {

@@ -19,6 +19,7 @@ mod de;
 mod env;
 mod error;
 mod limits;
+mod scan;
 mod schema;
 mod secret;
 mod starter;
@@ -30,6 +31,7 @@ pub use limits::{
     Allowance, BudgetConfig, EffectiveLimits, LevelLimits, LimitsConfig, PriceConfig,
     TrustLimitsConfig,
 };
+pub use scan::{is_secret_key, scan_raw, RawScan};
 pub use schema::{
     ChannelsConfig, Config, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig, GatewayConfig,
     LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef, OnboardingConfig,
@@ -46,6 +48,7 @@ use schema::EnvKeys;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// File name of the configuration inside the home.
@@ -94,7 +97,13 @@ impl Config {
             path: path.to_path_buf(),
             source,
         };
-        let file = match std::fs::File::open(path) {
+        // O_NONBLOCK: a FIFO in the config's place is refused below instead of blocking the
+        // open until some writer appears (reads of a regular file are unaffected).
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
             Ok(file) => file,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 return Config::from_value(
@@ -134,28 +143,7 @@ impl Config {
         source_name: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        // Editors on some platforms prepend a byte-order mark; it is not JSON5 whitespace.
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        if let Some((line, column)) = strict::too_deep(text) {
-            return Err(ConfigError::Syntax {
-                file: source_name.to_string(),
-                line: Some(line),
-                column: Some(column),
-                message: format!("nested deeper than {} levels", strict::MAX_DEPTH),
-            });
-        }
-        let strict::StrictValue(value) = json5::from_str(text).map_err(|err| {
-            let position = err.position();
-            ConfigError::Syntax {
-                file: source_name.to_string(),
-                line: position.map(|p| p.line + 1),
-                column: position.map(|p| p.column + 1),
-                message: match err.code() {
-                    Some(code) => code.to_string(),
-                    None => strip_position(&err.to_string()),
-                },
-            }
-        })?;
+        let value = parse_json5(text, source_name)?;
         Config::from_value(value, source_name, env)
     }
 
@@ -298,6 +286,34 @@ impl Config {
         write_canonical(&relevant, &mut canonical);
         hex::encode(Sha256::digest(canonical.as_bytes()))
     }
+}
+
+/// Parses JSON5 text into an untyped tree: byte-order mark skipped, nesting bounded, duplicate
+/// keys refused. No substitution, no schema.
+pub(crate) fn parse_json5(text: &str, source_name: &str) -> Result<Value, ConfigError> {
+    // Editors on some platforms prepend a byte-order mark; it is not JSON5 whitespace.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if let Some((line, column)) = strict::too_deep(text) {
+        return Err(ConfigError::Syntax {
+            file: source_name.to_string(),
+            line: Some(line),
+            column: Some(column),
+            message: format!("nested deeper than {} levels", strict::MAX_DEPTH),
+        });
+    }
+    let strict::StrictValue(value) = json5::from_str(text).map_err(|err| {
+        let position = err.position();
+        ConfigError::Syntax {
+            file: source_name.to_string(),
+            line: position.map(|p| p.line + 1),
+            column: position.map(|p| p.column + 1),
+            message: match err.code() {
+                Some(code) => code.to_string(),
+                None => strip_position(&err.to_string()),
+            },
+        }
+    })?;
+    Ok(value)
 }
 
 /// JSON with object keys sorted at every level, so the digest does not depend on whether

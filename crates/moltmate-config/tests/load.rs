@@ -1008,3 +1008,25 @@ fn limit_rules() {
         moltmate_config::Allowance::Limited(0)
     );
 }
+
+/// `Config::load` opened the file with a plain `open`, which waits for a writer when the file
+/// is a FIFO: `serve`, `config check` and `doctor` hung forever.
+#[test]
+fn a_fifo_in_the_config_s_place_is_refused_not_waited_on() {
+    let home = tempfile::tempdir().unwrap();
+    let path = home.path().join("moltmate.json");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let (done, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = Config::load(path.parent().unwrap(), &no_env)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let _ = done.send(result);
+    });
+    let result = wait
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("load returns instead of waiting for a writer");
+    let error = result.unwrap_err();
+    assert!(error.contains("not a regular file"), "{error}");
+}

@@ -13,11 +13,14 @@
 //! * [`blocking::run`]: blocking work on the runtime's blocking pool with a deadline, the one way
 //!   every layer keeps filesystem work (and anything else that may block) off async code;
 //! * what `exec.security: "allowlist"` may run ([`allowlist`]): the default `safeBins` and the
-//!   programs that can never be allowlisted.
+//!   programs that can never be allowlisted;
+//! * the shape of `moltmate doctor`'s report ([`doctor::Report`]) and the [`doctor::SecurityChecks`]
+//!   seam through which the admin page gets it.
 
 pub mod allowlist;
 pub mod blocking;
 pub mod channel;
+pub mod doctor;
 pub mod ids;
 pub mod model;
 pub mod sandbox;

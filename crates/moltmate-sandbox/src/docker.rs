@@ -272,6 +272,86 @@ pub async fn docker_available(settings: &SandboxSettings) -> bool {
     )
 }
 
+/// The value of [`LABEL_INSTANCE`] for an installation whose state directory is `state_dir`.
+pub fn instance_label(state_dir: &Path) -> String {
+    hex::encode(Sha256::digest(state_dir.to_string_lossy().as_bytes()))[..12].to_string()
+}
+
+/// One host path mounted into a sandbox container, as the engine reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountedPath {
+    pub source: String,
+    pub destination: String,
+    pub read_write: bool,
+}
+
+/// A sandbox container of this installation and what the engine says is mounted into it
+/// (for `moltmate doctor`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxMounts {
+    pub name: String,
+    pub running: bool,
+    pub mounts: Vec<MountedPath>,
+    pub network_mode: Option<String>,
+    /// The `moltmate.disk-cap` label (`on`/`off`), if any.
+    pub disk_cap: Option<String>,
+}
+
+/// Containers named `moltmate-sbx-*` of the installation at `settings.state_dir` (at most
+/// `max`), with their mounts: one list call, no inspect per container.
+pub async fn sandbox_mounts(
+    settings: &SandboxSettings,
+    max: usize,
+) -> Result<Vec<SandboxMounts>, SandboxError> {
+    let docker = connect_client(settings)?;
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![
+            format!("{LABEL_MANAGED}=true"),
+            format!("{LABEL_INSTANCE}={}", instance_label(&settings.state_dir)),
+        ],
+    )]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let found = docker
+        .list_containers(Some(options))
+        .await
+        .map_err(|e| docker_err("listing sandboxes", e))?;
+    Ok(found
+        .into_iter()
+        .filter_map(|c| {
+            let name = c
+                .names
+                .as_ref()?
+                .first()?
+                .trim_start_matches('/')
+                .to_string();
+            if !name.starts_with(NAME_PREFIX) {
+                return None;
+            }
+            Some(SandboxMounts {
+                name,
+                running: c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING),
+                mounts: c
+                    .mounts
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|m| MountedPath {
+                        source: m.source.unwrap_or_default(),
+                        destination: m.destination.unwrap_or_default(),
+                        read_write: m.rw.unwrap_or(true),
+                    })
+                    .collect(),
+                network_mode: c.host_config.and_then(|h| h.network_mode),
+                disk_cap: c.labels.and_then(|l| l.get(LABEL_DISK_CAP).cloned()),
+            })
+        })
+        .take(max)
+        .collect())
+}
+
 /// A container this process knows to be running.
 #[derive(Debug, Clone)]
 struct Live {
@@ -344,10 +424,7 @@ impl DockerSandbox {
             create_locks: Mutex::new(HashMap::new()),
             recovered: tokio::sync::OnceCell::new(),
             proxy: None,
-            instance: hex::encode(Sha256::digest(
-                settings.state_dir.to_string_lossy().as_bytes(),
-            ))[..12]
-                .to_string(),
+            instance: instance_label(&settings.state_dir),
             counters: Default::default(),
             agents: Mutex::new(HashMap::new()),
         })

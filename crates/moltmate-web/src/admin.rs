@@ -6,7 +6,7 @@
 //! POSTed forms carrying the session's CSRF token.
 
 use crate::error::{PageError, WebError};
-use crate::html::{escape, render, render_trusted};
+use crate::html::{escape, render, render_with_markup};
 use crate::security::{check_same_origin, check_sign_in_origin};
 use crate::session::{self, admin_session, ADMIN_COOKIE};
 use crate::state::WebState;
@@ -204,6 +204,44 @@ pub async fn decide_pairing(
     } else {
         "/admin?done=denied"
     }))
+}
+
+/// How long the admin page waits for `moltmate doctor`'s checks.
+const CHECKS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The "Security checks" section: the same list as `moltmate doctor`, failures first.
+async fn security_checks_html(state: &WebState) -> String {
+    use moltmate_core::doctor::CheckStatus;
+    let Some(checks) = state.settings().security_checks.clone() else {
+        return "<p class=\"empty\">Not available here; run <code>moltmate doctor</code>.</p>"
+            .to_string();
+    };
+    let Ok(mut report) = tokio::time::timeout(CHECKS_DEADLINE, checks.report()).await else {
+        return "<p class=\"empty\">The checks did not finish in time; run <code>moltmate doctor</code>.</p>"
+            .to_string();
+    };
+    report.checks.sort_by_key(|c| std::cmp::Reverse(c.status));
+    let mut out = format!(
+        "<p class=\"note\">moltmate {} · {} fail · {} warn · {} pass (the same list as <code>moltmate doctor</code>, as this serving process sees it)</p>\
+         <div class=\"scroll\"><table class=\"checks\"><thead><tr><th>Status</th><th>Check</th><th>Found</th><th>Fix</th></tr></thead><tbody>",
+        escape(&report.version),
+        report.count(CheckStatus::Fail),
+        report.count(CheckStatus::Warn),
+        report.count(CheckStatus::Pass),
+    );
+    for check in &report.checks {
+        let status = check.status.as_str();
+        let _ = write!(
+            out,
+            "<tr class=\"check-{status}\" data-check=\"{}\"><td><span class=\"status status-{status}\">{status}</span></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&check.id),
+            escape(&check.title),
+            escape(&check.detail),
+            escape(check.fix.as_deref().unwrap_or("")),
+        );
+    }
+    out.push_str("</tbody></table></div>");
+    out
 }
 
 #[derive(Deserialize)]
@@ -473,6 +511,8 @@ pub async fn dashboard(
         },
     };
 
+    let checks_html = security_checks_html(&state).await;
+
     // Audit events.
     let mut audit_html = String::new();
     if audit.is_empty() {
@@ -497,21 +537,18 @@ pub async fn dashboard(
         audit_html.push_str("</tbody></table></div>");
     }
 
-    let mut page = render(
+    let sandboxes_all = format!("{}{sandboxes_html}", sandbox_totals.unwrap_or_default());
+    let page = render_with_markup(
         DASHBOARD_TEMPLATE,
         &[("csrf", session.csrf_token.as_str()), ("notice", notice)],
+        &[
+            ("health", health.as_str()),
+            ("users", users_html.as_str()),
+            ("pairing", pairing_html.as_str()),
+            ("sandboxes", sandboxes_all.as_str()),
+            ("audit", audit_html.as_str()),
+            ("checks", checks_html.as_str()),
+        ],
     );
-    for (key, markup) in [
-        ("health", health.as_str()),
-        ("users", users_html.as_str()),
-        ("pairing", pairing_html.as_str()),
-        (
-            "sandboxes",
-            format!("{}{sandboxes_html}", sandbox_totals.unwrap_or_default()).as_str(),
-        ),
-        ("audit", audit_html.as_str()),
-    ] {
-        page = render_trusted(&page, key, markup);
-    }
     Ok(Html(page).into_response())
 }

@@ -34,10 +34,23 @@ pub fn render(template: &str, values: &[(&str, &str)]) -> String {
     })
 }
 
-/// Fills one placeholder with markup the caller built from escaped parts; other placeholders
-/// are left for [`render`].
-pub fn render_trusted(template: &str, key: &str, markup: &str) -> String {
-    template.replacen(&format!("{{{{{key}}}}}"), markup, 1)
+/// Fills `{{key}}` placeholders in one pass: `values` escaped, `markup` inserted as is (markup
+/// the caller built from escaped parts). One pass matters: inserted text is never scanned for
+/// placeholders again, so a name that looks like `{{audit}}` in one section cannot pull another
+/// section's markup into itself.
+pub fn render_with_markup(
+    template: &str,
+    values: &[(&str, &str)],
+    markup: &[(&str, &str)],
+) -> String {
+    let escaped: Vec<(&str, String)> = values.iter().map(|(k, v)| (*k, escape(v))).collect();
+    fill(template, |key| {
+        escaped
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+            .or_else(|| markup.iter().find(|(k, _)| *k == key).map(|(_, m)| *m))
+    })
 }
 
 fn fill<'a>(template: &str, lookup: impl Fn(&str) -> Option<&'a str>) -> String {

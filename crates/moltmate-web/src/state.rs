@@ -3,6 +3,7 @@
 
 use crate::error::InvalidSettings;
 use crate::security::RateLimits;
+use moltmate_core::doctor::SecurityChecks;
 use moltmate_core::Shutdown;
 use moltmate_gateway::Gateway;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -40,6 +41,10 @@ pub struct WebSettings {
     /// Reverse proxies whose `X-Forwarded-For` names the client for rate limiting. Empty:
     /// every request is limited by its TCP peer (behind a proxy, all clients share one bucket).
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// `moltmate doctor`'s checks, run for the admin page's "Security checks" section. The
+    /// binary provides them (the web layer knows neither the config nor the sandbox crate);
+    /// `None`: the section says they are not available here.
+    pub security_checks: Option<Arc<dyn SecurityChecks>>,
 }
 
 impl Default for WebSettings {
@@ -54,6 +59,7 @@ impl Default for WebSettings {
             login_link_ttl: Duration::from_secs(15 * 60),
             session_ttl: Duration::from_secs(7 * 24 * 3600),
             trusted_proxies: Vec::new(),
+            security_checks: None,
         }
     }
 }
@@ -80,6 +86,7 @@ impl fmt::Debug for WebSettings {
             .field("login_link_ttl", &self.login_link_ttl)
             .field("session_ttl", &self.session_ttl)
             .field("trusted_proxies", &self.trusted_proxies)
+            .field("security_checks", &self.security_checks.is_some())
             .finish()
     }
 }

@@ -369,3 +369,102 @@ async fn metrics_join_the_gateways_and_the_web_layers() {
     assert_eq!(text.matches("# EOF").count(), 1);
     assert!(text.ends_with("# EOF\n"));
 }
+
+struct FixedChecks(moltmate_core::doctor::Report);
+
+#[async_trait::async_trait]
+impl moltmate_core::doctor::SecurityChecks for FixedChecks {
+    async fn report(&self) -> moltmate_core::doctor::Report {
+        self.0.clone()
+    }
+}
+
+async fn dashboard(h: &Harness) -> String {
+    let admin = h.admin_session().await;
+    let page = send(
+        &h.app(),
+        Request::get("/admin")
+            .header(header::COOKIE, &admin.cookie)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::OK);
+    page.body
+}
+
+#[tokio::test]
+async fn the_dashboard_lists_the_security_checks_failures_first() {
+    use moltmate_core::doctor::{Check, Report};
+    let report = Report {
+        version: "9.9.9".to_string(),
+        checks: vec![
+            Check::pass("version", "Version", "moltmate 9.9.9"),
+            Check::warn(
+                "logging.tools",
+                "Tool calls are logged",
+                "logging.tools is off",
+                "set logging.tools: true",
+            ),
+            Check::fail(
+                "perm.config",
+                "moltmate.json is private (0600)",
+                "/h/moltmate.json is 0644 <script>alert(1)</script>",
+                "run `moltmate doctor --fix`",
+            ),
+        ],
+    };
+    let h = harness_with(moltmate_web::WebSettings {
+        security_checks: Some(std::sync::Arc::new(FixedChecks(report))),
+        ..test_settings()
+    });
+    let body = dashboard(&h).await;
+    assert!(body.contains("<h2>Security checks</h2>"));
+    assert!(body.contains("1 fail · 1 warn · 1 pass"), "{body}");
+    let fail = body.find("data-check=\"perm.config\"").unwrap();
+    let warn = body.find("data-check=\"logging.tools\"").unwrap();
+    let pass = body.find("data-check=\"version\"").unwrap();
+    assert!(fail < warn && warn < pass, "failures first, then warnings");
+    assert!(body.contains("status-fail"));
+    assert!(body.contains("run `moltmate doctor --fix`"));
+    assert!(body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(!body.contains("<script>alert(1)"), "details are escaped");
+}
+
+#[tokio::test]
+async fn without_checks_the_dashboard_says_where_to_run_them() {
+    let h = harness();
+    let body = dashboard(&h).await;
+    assert!(body.contains("<h2>Security checks</h2>"));
+    assert!(body.contains("Not available here; run <code>moltmate doctor</code>."));
+}
+
+/// Sections used to be filled one `replacen` after another, so a pairing sender named
+/// `{{checks}}` pulled the security checks into their table row and left the placeholder in
+/// the real section.
+#[tokio::test]
+async fn a_sender_named_like_a_placeholder_does_not_move_dashboard_sections() {
+    use moltmate_core::doctor::{Check, Report};
+    let report = Report {
+        version: "1".to_string(),
+        checks: vec![Check::pass("version", "Version", "marker-of-the-checks")],
+    };
+    let h = harness_with(moltmate_web::WebSettings {
+        security_checks: Some(std::sync::Arc::new(FixedChecks(report))),
+        ..test_settings()
+    });
+    pairing_request(&h, "4242", "{{checks}}{{audit}}{{users}}").await;
+    let body = dashboard(&h).await;
+    assert!(
+        body.contains("{{checks}}{{audit}}{{users}}"),
+        "the name stays text"
+    );
+    let section = body.find("<section id=\"checks\">").unwrap();
+    let marker = body.find("marker-of-the-checks").unwrap();
+    assert!(marker > section, "the checks render in their own section");
+    assert_eq!(body.matches("marker-of-the-checks").count(), 1);
+    assert_eq!(
+        body.matches("No audit events yet.").count() + body.matches("<th>Kind</th>").count(),
+        1
+    );
+}

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod chat;
+pub mod doctor;
 pub mod serve;
 pub mod wiring;
 
@@ -60,6 +61,33 @@ enum Command {
     Sandbox {
         #[command(subcommand)]
         command: SandboxCommand,
+    },
+    /// Check the setup against the security checklist (exit 1 on any failing check).
+    Doctor {
+        /// Print the report as JSON: {version, checks: [{id, title, status, detail, fix}]}.
+        #[arg(long)]
+        json: bool,
+        /// Apply the safe fixes first (permissions, missing directories) and say what changed.
+        #[arg(long)]
+        fix: bool,
+    },
+    /// The gateway's own container image.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build the gateway image offline from Debian packages, with this moltmate binary in it.
+    Build {
+        /// Image name and tag.
+        #[arg(long, default_value = concat!("moltmate-gateway:", env!("CARGO_PKG_VERSION")))]
+        tag: String,
+        /// The binary to put in (default: this one). It must run on Debian bookworm.
+        #[arg(long, value_name = "FILE")]
+        binary: Option<PathBuf>,
     },
 }
 
@@ -155,6 +183,8 @@ pub fn main_entry() -> std::process::ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The report already said what failed.
+        Err(e) if e.is::<doctor::ChecksFailed>() => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -228,6 +258,13 @@ async fn run(cli: Cli) -> Result<()> {
                     admin::users_login_link(&admin, &parse_user(&user)?, &base).await
                 }
             }
+        }
+        Command::Doctor { json, fix } => doctor::doctor(&home, json, fix).await,
+        Command::Image {
+            command: ImageCommand::Build { tag, binary },
+        } => {
+            let config = wiring::load_config(&home)?;
+            serve::image_build(&home, &config, &tag, binary).await
         }
         Command::Sandbox { command } => {
             let config = wiring::load_config(&home)?;

@@ -118,3 +118,29 @@ pub async fn sandbox_build(home: &Path, config: &Config) -> Result<()> {
     println!("Built {}.", settings.image);
     Ok(())
 }
+
+pub async fn image_build(
+    home: &Path,
+    config: &Config,
+    tag: &str,
+    binary: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let settings = wiring::sandbox_settings(home, config);
+    let binary = match binary {
+        Some(path) => path,
+        None => std::env::current_exe().context("finding this binary")?,
+    };
+    // A deploy/Dockerfile.gateway in the current directory (a checkout) wins over the embedded one.
+    moltmate_sandbox::image::build_gateway_image(
+        &settings,
+        tag,
+        &binary,
+        Path::new("deploy/Dockerfile.gateway"),
+        &moltmate_sandbox::image::ImageBuildOptions::default(),
+        &|line: &str| println!("{line}"),
+    )
+    .await
+    .context("building the gateway image")?;
+    println!("Built {tag} (with {}).", binary.display());
+    Ok(())
+}

@@ -259,6 +259,11 @@ pub async fn start_web(home: &Path, config: &Config, built: &Built) -> Result<St
         unauthenticated_burst: config.gateway.rate_limit.unauthenticated_burst,
         secure_cookies: config.gateway.served_over_https(),
         trusted_proxies: config.gateway.trusted_proxies.clone(),
+        security_checks: Some(Arc::new(crate::doctor::RunningChecks::new(
+            home,
+            config,
+            built.sandbox.as_ref().map(|s| s.backend()),
+        ))),
         ..moltmate_web::WebSettings::default()
     };
     let state =
