@@ -56,3 +56,71 @@ async fn review_forget_keeps_conversation_summaries() {
         .unwrap();
     assert!(kept.is_empty(), "kept after /forget: {kept:?}");
 }
+
+/// Every accepted message keeps its text in `inbox` and every Telegram reply its whole text in
+/// `outbox`, forever: nothing prunes answered rows (only `users reset/remove` delete them),
+/// `/forget` leaves them, and neither counts towards `transcriptMb` (`user_storage` is kept
+/// from `transcript` only). The outbox row also holds the reply *unshrunk* — all assistant
+/// texts of all tool rounds joined — while `storedKbPerTurn` only shortens the transcript
+/// items. So a stranger's 32 MB `transcriptMb` bounds nothing of this: ~100 messages a day of
+/// up to 16,000 characters, each answered with up to 8 model answers of text, accumulate
+/// without end, and all of it survives `/forget`.
+#[tokio::test]
+#[ignore = "review: inbox/outbox keep every message and reply forever, outside transcriptMb and after /forget"]
+async fn review_forget_and_the_storage_cap_miss_inbox_and_outbox() {
+    use moltmate_core::channel::InboundMessage;
+    use moltmate_core::{ChannelKind, Identity, PeerId};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("moltmate.db");
+    let store = Store::open(&path).unwrap();
+    let anna = UserId::new("anna").unwrap();
+    store.ensure_user(&anna, None).await.unwrap();
+    let session = store.current_session(&anna).await.unwrap();
+    let secret = "my bank PIN is 4711 ".repeat(800); // 16,000 characters
+    let inbox_id = store
+        .insert_inbound(
+            &InboundMessage {
+                sender: Identity::new(ChannelKind::Telegram, PeerId::new("42").unwrap()),
+                chat_id: "42".into(),
+                external_id: "1".into(),
+                cursor: None,
+                text: secret.clone(),
+                sender_name: None,
+                language_code: None,
+            },
+            &anna,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = "noted: 4711. ".repeat(20_000); // 260 KB, all rounds' texts joined
+    store
+        .complete_turn(TurnRecord {
+            inbox_id,
+            user: anna.clone(),
+            session_id: session.id.clone(),
+            items: vec![ConversationItem::User {
+                text: "(shrunk for storage)".into(),
+            }],
+            reply: Some((ChannelKind::Telegram, "42".into(), reply.clone())),
+            usage: vec![],
+        })
+        .await
+        .unwrap();
+    store.end_session(&anna).await.unwrap();
+    store.forget_transcripts(&anna).await.unwrap();
+    let counted = store.transcript_bytes(&anna).await.unwrap();
+    let connection = rusqlite::Connection::open(&path).unwrap();
+    let kept: i64 = connection
+        .query_row(
+            "SELECT (SELECT COALESCE(SUM(length(text)), 0) FROM inbox WHERE user_id = 'anna')
+                  + (SELECT COALESCE(SUM(length(text)), 0) FROM outbox WHERE user_id = 'anna')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        kept == 0,
+        "after /forget {kept} bytes of anna's messages and replies are still stored, counted as {counted} against her cap"
+    );
+}
