@@ -65,9 +65,16 @@ async fn review_bogus_bearer_moves_a_signed_in_user_out_of_their_bucket() {
             served += 1;
         }
     }
+    // The same for the route that runs model turns.
+    let mut chat = chat_request(&session, "hello");
+    chat.headers_mut()
+        .insert(header::AUTHORIZATION, "Bearer not-a-token".parse().unwrap());
+    let ip = std::net::IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0x1ff, 0, 0, 0, 7));
+    let chat_status = send(&h.app(), from(ip, chat)).await.status;
     assert_eq!(
-        served, 0,
-        "anna's bucket is empty, yet {served} of 60 requests were served to her"
+        (served, chat_status),
+        (0, StatusCode::TOO_MANY_REQUESTS),
+        "anna's bucket is empty, yet {served} of 60 history requests and a chat message were served to her"
     );
 }
 
