@@ -1,6 +1,7 @@
 //! Review finding (issue 9, §3): compaction that a model can switch off. Ignored so the branch
 //! stays green; run with `--ignored` to see the failure. Scaffolding copied from
 //! `limits_behaviour.rs`.
+#![allow(dead_code)] // the copied scaffolding has more than this test uses
 
 use async_trait::async_trait;
 use moltmate_core::channel::{Accepted, InboundMessage};
