@@ -1,0 +1,136 @@
+//! Review findings (issue 9): rate limits per principal that a signed-in user can step out of.
+//! Ignored so the branch stays green; run with `--ignored` to see the failure.
+
+mod common;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{header, Request, StatusCode};
+use common::*;
+use moltmate_web::WebSettings;
+use std::net::{Ipv6Addr, SocketAddr};
+
+fn from(ip: std::net::IpAddr, mut request: Request<Body>) -> Request<Body> {
+    request
+        .extensions_mut()
+        .insert(ConnectInfo(SocketAddr::new(ip, 40_000)));
+    request
+}
+
+fn history(cookie: &str, bogus_bearer: bool) -> Request<Body> {
+    let mut builder = Request::get("/api/history").header(header::COOKIE, cookie);
+    if bogus_bearer {
+        builder = builder.header(header::AUTHORIZATION, "Bearer not-a-token");
+    }
+    builder.body(Body::empty()).unwrap()
+}
+
+/// The limiter picks the request's credential as bearer first, then the `mm_session` cookie;
+/// the browser routes (`/api/history`, `/api/chat`, `/`) authenticate by the cookie alone. A
+/// signed-in user who adds `Authorization: Bearer <anything>` is therefore charged to the
+/// *client IP's* bucket (the bogus bearer is "unverified") and still served as themselves.
+/// From one IPv4 address that doubles their allowance; with IPv6 (one bucket per /64, and a
+/// home line usually has a /56 or /48) every /64 is a fresh bucket, so the per-user limit is
+/// gone. Each such request also costs a token look-up in the database.
+#[tokio::test]
+#[ignore = "review: a signed-in user escapes their per-principal bucket by adding a bogus bearer token (charged per IP, served by cookie)"]
+async fn review_bogus_bearer_moves_a_signed_in_user_out_of_their_bucket() {
+    let h = harness_with(WebSettings {
+        rate_limit_per_minute: 1,
+        rate_limit_burst: 3,
+        unauthenticated_per_minute: 1,
+        unauthenticated_burst: 3,
+        ..test_settings()
+    });
+    let (anna, _) = h.user("anna").await;
+    let session = h.browser_session(&anna).await;
+    let home: std::net::IpAddr = "2001:db8:1:100::7".parse().unwrap();
+    // Drain anna's own bucket (signing in already took a unit of it).
+    let mut drained = false;
+    for _ in 0..10 {
+        let r = send(&h.app(), from(home, history(&session.cookie, false))).await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            drained = true;
+            break;
+        }
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    assert!(drained, "anna's own bucket is empty");
+    // The same user, same cookie, 60 more requests from 60 addresses of her /56.
+    let mut served = 0;
+    for subnet in 0..60u16 {
+        let ip = std::net::IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0x100 + subnet, 0, 0, 0, 7));
+        let r = send(&h.app(), from(ip, history(&session.cookie, true))).await;
+        if r.status == StatusCode::OK {
+            served += 1;
+        }
+    }
+    // The same for the route that runs model turns.
+    let mut chat = chat_request(&session, "hello");
+    chat.headers_mut()
+        .insert(header::AUTHORIZATION, "Bearer not-a-token".parse().unwrap());
+    let ip = std::net::IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0x1ff, 0, 0, 0, 7));
+    let chat_status = send(&h.app(), from(ip, chat)).await.status;
+    assert_eq!(
+        (served, chat_status),
+        (0, StatusCode::TOO_MANY_REQUESTS),
+        "anna's bucket is empty, yet {served} of 60 history requests and a chat message were served to her"
+    );
+}
+
+/// `GET /api/history` loads the user's *whole* current session (`Store::transcript`: every row,
+/// parsed) into memory and returns all its messages, while turns load bounded pages
+/// (`history_page`). The current session is bounded only by the user's `transcriptMb` (1024 /
+/// 512 / 256 / 32 MB by trust level) whenever compaction does not archive it: the summary call
+/// fails, or a (prompt-injected) model answers the summary request with nothing
+/// (`session::compact` returns `None` for an empty summary and is not retried until the
+/// transcript grew by half a window). Each such request then costs memory in the size of the
+/// session, several at once multiply it (and the per-user rate limit can be stepped around,
+/// see above). Here a 20 MB session comes back whole.
+#[tokio::test]
+#[ignore = "review: /api/history loads and returns the whole current session, unbounded (turns load bounded pages)"]
+async fn review_history_returns_the_whole_session() {
+    use moltmate_core::model::ConversationItem;
+    use moltmate_store::TurnRecord;
+    let h = harness();
+    let (anna, _) = h.user("anna").await;
+    let session = h.browser_session(&anna).await;
+    let store = h.gateway.store();
+    let current = store.current_session(&anna).await.unwrap();
+    for turn in 0..200 {
+        store
+            .complete_turn(TurnRecord {
+                inbox_id: 0,
+                user: anna.clone(),
+                session_id: current.id.clone(),
+                items: vec![
+                    ConversationItem::User {
+                        text: format!("turn {turn}"),
+                    },
+                    ConversationItem::Assistant {
+                        text: "x".repeat(100_000),
+                        tool_calls: vec![],
+                    },
+                ],
+                reply: None,
+                usage: vec![],
+            })
+            .await
+            .unwrap();
+    }
+    let r = send(
+        &h.app(),
+        Request::get("/api/history")
+            .header(header::COOKIE, &session.cookie)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.body.len() < 2 * 1024 * 1024,
+        "/api/history returned {} bytes ({} messages)",
+        r.body.len(),
+        r.json()["messages"].as_array().map(Vec::len).unwrap_or(0)
+    );
+}
