@@ -1664,6 +1664,16 @@ impl Sandbox for DockerSandbox {
         }
         Ok(())
     }
+
+    /// Removes every container of the user (running or not, any scope or session; the
+    /// command runner and the running command go with it).
+    async fn end_user(&self, user: &UserId) -> Result<(), SandboxError> {
+        let removed = self.remove_user(user).await?;
+        if !removed.is_empty() {
+            tracing::info!(user = %user, containers = removed.len(), "removed the sandboxes of an ended user");
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
