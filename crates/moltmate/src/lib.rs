@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod chat;
+pub mod ending;
 pub mod serve;
 pub mod wiring;
 
