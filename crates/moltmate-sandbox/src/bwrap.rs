@@ -117,6 +117,22 @@ struct Running {
     limits: SandboxLimits,
 }
 
+/// An exec's cgroup, removed on the blocking pool whenever it is dropped — also when the exec's
+/// future is dropped mid-command (the turn was aborted because its user was removed): removing
+/// a group kills what is left in it and may wait, which must not happen on the runtime.
+struct OffRuntime(Option<cgroup::ExecCgroup>);
+
+impl Drop for OffRuntime {
+    fn drop(&mut self) {
+        if let Some(group) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(group))),
+                Err(_) => drop(group),
+            }
+        }
+    }
+}
+
 /// The commands of one user running now, and the token that kills them all.
 #[derive(Debug)]
 struct UserCancel {
@@ -754,6 +770,7 @@ impl Sandbox for BwrapSandbox {
                 .map_err(|e| backend_err(format!("cgroup task: {e}")))?
                 .map_err(|e| backend_err(format!("cannot create the sandbox cgroup: {e}")))?
         };
+        let cgroup = OffRuntime(Some(cgroup));
         let rlimits = Rlimits {
             // 0 = no disk cap configured.
             fsize: if limits.disk_bytes == 0 {
@@ -769,7 +786,7 @@ impl Sandbox for BwrapSandbox {
             },
             nproc: (!self.cgroups.limits_pids()).then_some(limits.pids as u64),
         };
-        let cg_fds = cgroup.procs_fds();
+        let cg_fds = cgroup.0.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
         let gateway_pid = std::process::id() as libc::pid_t;
 
         let mut cmd = tokio::process::Command::new(&self.bwrap);
@@ -847,7 +864,7 @@ impl Sandbox for BwrapSandbox {
             let _ = child.start_kill();
             let _ = child.wait().await;
             // Dropping the group kills what is left in it (off the runtime: it may wait).
-            drop(tokio::task::spawn_blocking(move || drop(cgroup)));
+            drop(cgroup);
             out_task.abort();
             err_task.abort();
             if scratch_is_temporary {
@@ -877,7 +894,7 @@ impl Sandbox for BwrapSandbox {
         // It is not awaited: bwrap's init was pid 1 of the sandbox's pid namespace, so every
         // process in it is already dead or dying, and removing the (v1) memory cgroup can take
         // several milliseconds of reclaim that the caller need not wait for.
-        drop(tokio::task::spawn_blocking(move || drop(cgroup)));
+        drop(cgroup);
 
         let collect = |r: Result<(Vec<u8>, bool), tokio::task::JoinError>| r.unwrap_or_default();
         let (stdout, t1) = match tokio::time::timeout(READER_GRACE, &mut out_task).await {
