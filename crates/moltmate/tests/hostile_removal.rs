@@ -266,7 +266,9 @@ async fn an_attacker_removed_mid_turn_leaves_nothing_while_a_bystander_chats() {
 }
 
 /// Owners with full `exec` on `backend`; `None` (after a skip) when it is not available.
-async fn sandbox_harness(backend: &str) -> Option<Harness> {
+/// `uid_start` gives the test a uid range of its own, so the processes it looks for are its
+/// own and not those of another test running at the same time.
+async fn sandbox_harness(backend: &str, uid_start: u32) -> Option<Harness> {
     if backend == "docker" {
         let dir = tempfile::tempdir().ok()?;
         let settings = moltmate_sandbox::SandboxSettings {
@@ -296,7 +298,11 @@ async fn sandbox_harness(backend: &str) -> Option<Harness> {
         return None;
     }
     let h = Harness::start(json!({
-        "sandbox": { "backend": backend, "mode": "all", "scope": "user", "limits": { "pids": 64, "memoryMb": 256 } },
+        "sandbox": {
+            "backend": backend, "mode": "all", "scope": "user",
+            "limits": { "pids": 64, "memoryMb": 256 },
+            "uidRange": { "start": uid_start, "count": 1000 }
+        },
         "tools": { "exec": { "security": "full", "timeoutSeconds": 60 } },
         "users": {
             "telegram_6666": { "identities": ["telegram:6666"], "trust": "owner" },
@@ -315,19 +321,18 @@ async fn sandbox_harness(backend: &str) -> Option<Harness> {
 
 /// The attacker runs a long command (plus a background one) in their sandbox and is removed
 /// while it runs: their container (Docker) and every process (both backends) are gone.
-async fn removed_mid_command(backend: &str) {
-    let Some(h) = sandbox_harness(backend).await else {
+async fn removed_mid_command(backend: &str, uid_start: u32) {
+    let Some(h) = sandbox_harness(backend, uid_start).await else {
         return;
     };
     let normal = h.bystander_baseline(BYSTANDER, 3).await;
     h.telegram.push_text(ATTACKER, "remember: the attacker secret");
     h.expect_reply(ATTACKER, 1).await;
     let old_uid = h.built.store.sandbox_uids().await.unwrap().get(ATTACKER_ID).copied();
-    let marker = format!("moltmate-removal-{backend}-{}", std::process::id());
-    h.telegram.push_text(
-        ATTACKER,
-        &format!("run: sleep 300 & exec -a {marker} sleep 45"),
-    );
+    // The fractional seconds make the command line unique (found by it without per-user uids).
+    let marker = format!("sleep 45.{}", std::process::id());
+    h.telegram
+        .push_text(ATTACKER, &format!("run: sleep 300 & {marker}"));
     // Wait until the command runs.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -374,19 +379,19 @@ async fn removed_mid_command(backend: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_attacker_removed_mid_command_leaves_no_process_bwrap() {
-    removed_mid_command("bwrap").await;
+    removed_mid_command("bwrap", 2_001_000_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_attacker_removed_mid_command_leaves_no_container_or_process_docker() {
-    removed_mid_command("docker").await;
+    removed_mid_command("docker", 2_002_000_000).await;
 }
 
 /// With no gateway running, `users remove` removes the user's Docker containers itself
 /// (a stopped gateway leaves them for adoption by its next start).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn users_remove_without_a_gateway_removes_the_users_docker_containers() {
-    let Some(h) = sandbox_harness("docker").await else {
+    let Some(h) = sandbox_harness("docker", 2_003_000_000).await else {
         return;
     };
     h.telegram.push_text(ATTACKER, "run: echo warm");
