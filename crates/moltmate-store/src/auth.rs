@@ -234,7 +234,9 @@ impl Store {
                 .optional()?;
             row.map(|(user, is_admin, csrf_token, expires_at)| {
                 Ok(WebSession {
-                    user: user.map(|u| UserId::new(u).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()?,
+                    user: user
+                        .map(|u| UserId::new(u).map_err(|e| StoreError::Corrupt(e.to_string())))
+                        .transpose()?,
                     is_admin,
                     csrf_token,
                     expires_at,

@@ -166,10 +166,12 @@ impl Completion {
 
 /// Whether inbox row `id` still waits for its answer (inside a turn's commit transaction).
 pub(crate) fn inbox_row_pending(c: &Connection, id: i64) -> Result<bool, StoreError> {
-    Ok(c.prepare_cached("SELECT done_at IS NULL FROM inbox WHERE id = ?1")?
-        .query_row(params![id], |r| r.get(0))
-        .optional()?
-        .unwrap_or(false))
+    Ok(
+        c.prepare_cached("SELECT done_at IS NULL FROM inbox WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))
+            .optional()?
+            .unwrap_or(false),
+    )
 }
 
 fn count(c: &Connection, sql: &str, values: impl rusqlite::Params) -> Result<usize, StoreError> {
@@ -325,9 +327,11 @@ impl Store {
     /// The id of the newest user event (0 when there is none).
     pub async fn last_user_event_id(&self) -> Result<i64, StoreError> {
         self.with(|c| {
-            Ok(c.query_row("SELECT COALESCE(MAX(id), 0) FROM user_events", [], |r| {
-                r.get(0)
-            })?)
+            Ok(
+                c.query_row("SELECT COALESCE(MAX(id), 0) FROM user_events", [], |r| {
+                    r.get(0)
+                })?,
+            )
         })
         .await
     }
@@ -418,7 +422,10 @@ mod tests {
     async fn user_with_everything(store: &Store, name: &str, peer: &str) -> UserId {
         let user = UserId::new(name).unwrap();
         let identity = Identity::new(ChannelKind::Telegram, PeerId::new(peer).unwrap());
-        store.link_identity(&identity, &user, "pairing").await.unwrap();
+        store
+            .link_identity(&identity, &user, "pairing")
+            .await
+            .unwrap();
         store.issue_token(&user, None).await.unwrap();
         store
             .create_login_link(&user, Duration::from_secs(600))
@@ -451,15 +458,27 @@ mod tests {
         let store = Store::open_in_memory().unwrap();
         let anna = user_with_everything(&store, "anna", "1").await;
         let bob = user_with_everything(&store, "bob", "2").await;
-        let ended = store.end_user(&anna, Ending::Remove).await.unwrap().unwrap();
+        let ended = store
+            .end_user(&anna, Ending::Remove)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
-            (ended.web_sessions, ended.login_links, ended.api_tokens, ended.pending_messages),
+            (
+                ended.web_sessions,
+                ended.login_links,
+                ended.api_tokens,
+                ended.pending_messages
+            ),
             (1, 1, 1, 1)
         );
         assert!(store.user(&anna).await.unwrap().is_none());
         let events = store.user_events_after(0, 10).await.unwrap();
         assert_eq!(events.len(), 1);
-        assert_eq!((events[0].user.clone(), events[0].kind), (anna.clone(), UserEventKind::Removed));
+        assert_eq!(
+            (events[0].user.clone(), events[0].kind),
+            (anna.clone(), UserEventKind::Removed)
+        );
         assert_eq!(store.unsettled_user_events(0).await.unwrap().len(), 1);
         store.settle_user(&anna).await.unwrap();
         assert!(store.unsettled_user_events(0).await.unwrap().is_empty());
@@ -468,7 +487,11 @@ mod tests {
         assert_eq!(store.pending_inbox(&bob, 10).await.unwrap().len(), 1);
         assert_eq!(store.list_tokens(Some(&bob)).await.unwrap().len(), 1);
         // Anna is gone, and a second removal finds nobody.
-        assert!(store.end_user(&anna, Ending::Remove).await.unwrap().is_none());
+        assert!(store
+            .end_user(&anna, Ending::Remove)
+            .await
+            .unwrap()
+            .is_none());
         let totals = store
             .usage_totals(std::slice::from_ref(&anna), "2030-01-01", "2030-01")
             .await
@@ -505,7 +528,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(store.inbox_state(row, 0).await.unwrap(), InboxState::Pending);
+        assert_eq!(
+            store.inbox_state(row, 0).await.unwrap(),
+            InboxState::Pending
+        );
         let ended = store.end_user(&anna, Ending::Reset).await.unwrap().unwrap();
         assert_eq!(store.inbox_state(row, 0).await.unwrap(), InboxState::Done);
         // A message accepted after the reset, before the gateway handled the event.
@@ -514,7 +540,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(store.inbox_state(later, 0).await.unwrap(), InboxState::UserEnding);
+        assert_eq!(
+            store.inbox_state(later, 0).await.unwrap(),
+            InboxState::UserEnding
+        );
         assert_eq!(
             store.inbox_state(later, ended.event_id).await.unwrap(),
             InboxState::Pending

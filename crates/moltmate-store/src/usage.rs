@@ -773,16 +773,25 @@ mod tests {
             ..UsageCharge::default()
         };
         let day = "2030-01-01";
-        assert!(store.charge_usage_since(&anna, day, one, since).await.unwrap());
+        assert!(store
+            .charge_usage_since(&anna, day, one, since)
+            .await
+            .unwrap());
         store
             .end_user(&anna, crate::Ending::Remove)
             .await
             .unwrap()
             .unwrap();
-        assert!(!store.charge_usage_since(&anna, day, one, since).await.unwrap());
+        assert!(!store
+            .charge_usage_since(&anna, day, one, since)
+            .await
+            .unwrap());
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         store.ensure_user(&anna, None).await.unwrap();
-        assert!(!store.charge_usage_since(&anna, day, one, since).await.unwrap());
+        assert!(!store
+            .charge_usage_since(&anna, day, one, since)
+            .await
+            .unwrap());
         let totals = store
             .usage_totals(std::slice::from_ref(&anna), day, "2030-01")
             .await

@@ -101,16 +101,17 @@ async fn wait_for_turn(
 /// instance), whether or not a gateway runs. Nothing to do when the config says bubblewrap
 /// (its commands die with the gateway that ran them) or no Docker daemon answers.
 async fn remove_containers(admin: &Admin, user: &UserId) -> Result<usize, String> {
-    let config = crate::wiring::load_config(&admin.home)
-        .map_err(|e| format!("the config could not be read, so Docker sandboxes were not looked for: {e:#}"))?;
+    let config = crate::wiring::load_config(&admin.home).map_err(|e| {
+        format!("the config could not be read, so Docker sandboxes were not looked for: {e:#}")
+    })?;
     let settings = crate::wiring::sandbox_settings(&admin.home, &config);
     if settings.backend == moltmate_sandbox::BackendChoice::Bwrap
         || !moltmate_sandbox::docker::docker_available(&settings).await
     {
         return Ok(0);
     }
-    let docker = moltmate_sandbox::docker::DockerSandbox::connect(&settings)
-        .map_err(|e| e.to_string())?;
+    let docker =
+        moltmate_sandbox::docker::DockerSandbox::connect(&settings).map_err(|e| e.to_string())?;
     docker
         .remove_user(user)
         .await

@@ -442,10 +442,7 @@ impl Web {
     }
 }
 
-async fn cli(
-    home: &std::path::Path,
-    args: &[&str],
-) -> (std::process::ExitStatus, String, String) {
+async fn cli(home: &std::path::Path, args: &[&str]) -> (std::process::ExitStatus, String, String) {
     common::run_cli_async(home, args).await
 }
 
@@ -494,7 +491,11 @@ async fn ending_ends_every_credential(how: &str) {
     let web = Web::start(&h).await;
     let home = h.home.clone();
     let anna = moltmate_core::UserId::new("anna").unwrap();
-    let (status, _, stderr) = cli(&home, &["users", "add", "anna", "--identity", "telegram:555"]).await;
+    let (status, _, stderr) = cli(
+        &home,
+        &["users", "add", "anna", "--identity", "telegram:555"],
+    )
+    .await;
     assert!(status.success(), "{stderr}");
     let (status, token, stderr) = cli(&home, &["users", "token", "anna"]).await;
     assert!(status.success(), "{stderr}");
@@ -508,7 +509,10 @@ async fn ending_ends_every_credential(how: &str) {
     let cookie = cookie.expect("a session cookie");
     let csrf = web.csrf(&cookie).await;
     let (status, answer) = web.chat(&cookie, &csrf, "hello from the browser").await;
-    assert!(status == 200 && answer.contains("echo: hello from the browser"), "{status} {answer}");
+    assert!(
+        status == 200 && answer.contains("echo: hello from the browser"),
+        "{status} {answer}"
+    );
     std::fs::write(home.join("users/anna/MEMORY.md"), "anna's old memory").unwrap();
     assert_eq!(web.models(&token).await, 200);
     assert!(h.built.gateway.has_worker(&anna));
@@ -523,7 +527,9 @@ async fn ending_ends_every_credential(how: &str) {
     let (status, out, stderr) = cli(&home, &["users", how, "anna", "--yes"]).await;
     assert!(status.success(), "{stderr}");
     assert!(
-        out.contains("ended 1 browser session(s), 1 login link(s), 1 API token(s), 1 pairing code(s)"),
+        out.contains(
+            "ended 1 browser session(s), 1 login link(s), 1 API token(s), 1 pairing code(s)"
+        ),
         "{out}"
     );
 
@@ -533,7 +539,10 @@ async fn ending_ends_every_credential(how: &str) {
     assert_eq!(web.sign_in(&link_code(&second_link)).await.0, 401);
     assert_eq!(web.models(&token).await, 401);
     let (status, _, _) = cli(&home, &["pairing", "approve", "telegram", &code]).await;
-    assert!(!status.success(), "the pairing code of an ended user was approved");
+    assert!(
+        !status.success(),
+        "the pairing code of an ended user was approved"
+    );
     let (_, pending, _) = cli(&home, &["pairing", "list"]).await;
     assert!(!pending.contains(&code), "{pending}");
     let record = h.built.store.user(&anna).await.unwrap();
@@ -543,7 +552,10 @@ async fn ending_ends_every_credential(how: &str) {
     } else {
         let record = record.expect("a reset user stays");
         assert!(
-            record.identities.iter().any(|i| i.to_string() == "telegram:555"),
+            record
+                .identities
+                .iter()
+                .any(|i| i.to_string() == "telegram:555"),
             "a reset keeps identities: {:?}",
             record.identities
         );
@@ -561,7 +573,10 @@ async fn ending_ends_every_credential(how: &str) {
         let (status, _, stderr) = cli(&home, &["users", "add", "anna"]).await;
         assert!(status.success(), "{stderr}");
     }
-    assert!(!home.join("users/anna/MEMORY.md").exists(), "old memory survived");
+    assert!(
+        !home.join("users/anna/MEMORY.md").exists(),
+        "old memory survived"
+    );
     let (_, show, _) = cli(&home, &["users", "show", "anna"]).await;
     // A new user's budget starts at zero; a reset user's day keeps what was spent (a reset is
     // not a way around a budget).
@@ -639,14 +654,19 @@ async fn a_removed_paired_user_pairs_again_and_starts_from_nothing() {
     assert_eq!(h.llm.request_count(), model_calls);
     h.telegram.push_text(901, "second life");
     assert_eq!(h.expect_reply(901, 4).await[3], "echo: second life");
-    assert!(!user_home.join("MEMORY.md").exists(), "the old memory came back");
+    assert!(
+        !user_home.join("MEMORY.md").exists(),
+        "the old memory came back"
+    );
     let (_, show, _) = common::run_cli_async(&home, &["users", "show", "telegram_901"]).await;
-    assert!(show.contains("messages today:   1 of"), "usage starts at zero: {show}");
+    assert!(
+        show.contains("messages today:   1 of"),
+        "usage starts at zero: {show}"
+    );
     if moltmate_sandbox::disk::can_enforce() {
         assert_ne!(sandbox_uid(&show), old_uid, "{show}");
     }
-    let (_, export, _) =
-        common::run_cli_async(&home, &["users", "export", "telegram_901"]).await;
+    let (_, export, _) = common::run_cli_async(&home, &["users", "export", "telegram_901"]).await;
     let export: serde_json::Value = serde_json::from_str(&export).unwrap();
     let transcript = export["transcripts"].to_string();
     assert!(
@@ -655,7 +675,11 @@ async fn a_removed_paired_user_pairs_again_and_starts_from_nothing() {
     );
     // The model saw nothing of the first life either.
     let last = h.llm.last_request().unwrap();
-    assert!(!last.all_text().contains("first life"), "{}", last.all_text());
+    assert!(
+        !last.all_text().contains("first life"),
+        "{}",
+        last.all_text()
+    );
     h.stop().await;
 }
 
@@ -679,7 +703,10 @@ async fn users_reset_mid_turn_stops_the_turn_and_it_commits_nothing() {
     let calls = h.llm.request_count();
     h.telegram.push_text(1001, "a slow question");
     let llm = h.llm.clone();
-    wait_until("the slow turn reached the model", || llm.request_count() > calls).await;
+    wait_until("the slow turn reached the model", || {
+        llm.request_count() > calls
+    })
+    .await;
 
     let started = std::time::Instant::now();
     let (status, out, stderr) =
@@ -689,11 +716,20 @@ async fn users_reset_mid_turn_stops_the_turn_and_it_commits_nothing() {
         started.elapsed() < std::time::Duration::from_secs(20),
         "the CLI waited for the model instead of stopping the turn"
     );
-    assert!(out.contains("a running turn was stopped"), "{out}\n{stderr}");
+    assert!(
+        out.contains("a running turn was stopped"),
+        "{out}\n{stderr}"
+    );
     let user = moltmate_core::UserId::new("telegram_1001").unwrap();
     let gateway = h.built.gateway.clone();
     wait_until("the worker is gone", || !gateway.has_worker(&user)).await;
-    assert!(h.built.store.user_transcripts(&user).await.unwrap().is_empty());
+    assert!(h
+        .built
+        .store
+        .user_transcripts(&user)
+        .await
+        .unwrap()
+        .is_empty());
 
     h.telegram.push_text(1001, "fresh start");
     let replies = h.expect_reply(1001, 2).await;
@@ -706,7 +742,10 @@ async fn users_reset_mid_turn_stops_the_turn_and_it_commits_nothing() {
         .filter(|m| m.chat_id == "1001")
         .map(|m| m.text)
         .collect();
-    assert!(!replies.iter().any(|r| r.contains("too late")), "{replies:?}");
+    assert!(
+        !replies.iter().any(|r| r.contains("too late")),
+        "{replies:?}"
+    );
     let transcript = format!("{:?}", h.built.store.user_transcripts(&user).await.unwrap());
     assert!(
         transcript.contains("fresh start") && !transcript.contains("slow question"),

@@ -72,7 +72,11 @@ fn processes_of_uid(uid: u32) -> Vec<String> {
         let uids: Vec<u32> = status
             .lines()
             .find_map(|l| l.strip_prefix("Uid:"))
-            .map(|l| l.split_whitespace().filter_map(|u| u.parse().ok()).collect())
+            .map(|l| {
+                l.split_whitespace()
+                    .filter_map(|u| u.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default();
         if uids.iter().take(2).any(|u| *u == uid) {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
@@ -130,7 +134,10 @@ async fn remove_while_bystander_chats(h: &Harness, normal: Duration) -> (String,
     let mut slowest = Duration::ZERO;
     while !cli.is_finished() || rounds < 3 {
         let (reply, took) = h
-            .round_trip(BYSTANDER, &format!("still there? (removal, round {rounds})"))
+            .round_trip(
+                BYSTANDER,
+                &format!("still there? (removal, round {rounds})"),
+            )
             .await;
         assert!(
             took <= bound,
@@ -178,7 +185,9 @@ async fn assert_nothing_left(h: &Harness) {
         .into_iter()
         .filter(|m| m.chat_id == ATTACKER.to_string())
         .map(|m| m.text)
-        .filter(|t| t.contains("the slow answer") || t.contains("tool said: ") && t.contains("sleep"))
+        .filter(|t| {
+            t.contains("the slow answer") || t.contains("tool said: ") && t.contains("sleep")
+        })
         .collect();
     assert!(late.is_empty(), "the aborted turn answered: {late:?}");
 }
@@ -202,7 +211,10 @@ async fn assert_new_life_is_empty(h: &Harness, old_uid: Option<u32>) {
     );
     let user = UserId::new(ATTACKER_ID).unwrap();
     let home = h.home.join("users").join(ATTACKER_ID);
-    assert!(!home.join("MEMORY.md").exists(), "old memory in the new home");
+    assert!(
+        !home.join("MEMORY.md").exists(),
+        "old memory in the new home"
+    );
     let periods = moltmate_gateway::budget::Periods::now();
     let used = h
         .built
@@ -210,7 +222,10 @@ async fn assert_new_life_is_empty(h: &Harness, old_uid: Option<u32>) {
         .usage_totals(std::slice::from_ref(&user), &periods.day, &periods.month)
         .await
         .unwrap();
-    assert_eq!(used.messages_today, 1, "the new user inherited usage: {used:?}");
+    assert_eq!(
+        used.messages_today, 1,
+        "the new user inherited usage: {used:?}"
+    );
     let transcript = format!("{:?}", h.built.store.user_transcripts(&user).await.unwrap());
     assert!(
         transcript.contains("hello again") && !transcript.contains("attacker secret"),
@@ -235,9 +250,25 @@ async fn an_attacker_removed_mid_turn_leaves_nothing_while_a_bystander_chats() {
     h.expect_reply(ATTACKER, 1).await;
     h.telegram.push_text(ATTACKER, "search: secret");
     h.expect_reply(ATTACKER, 2).await;
-    assert!(h.home.join("users").join(ATTACKER_ID).join("MEMORY.md").exists());
-    assert!(h.home.join("index").join(format!("{ATTACKER_ID}.db")).exists());
-    let old_uid = h.built.store.sandbox_uids().await.unwrap().get(ATTACKER_ID).copied();
+    assert!(h
+        .home
+        .join("users")
+        .join(ATTACKER_ID)
+        .join("MEMORY.md")
+        .exists());
+    assert!(h
+        .home
+        .join("index")
+        .join(format!("{ATTACKER_ID}.db"))
+        .exists());
+    let old_uid = h
+        .built
+        .store
+        .sandbox_uids()
+        .await
+        .unwrap()
+        .get(ATTACKER_ID)
+        .copied();
     // A slow turn in flight, and more messages queued behind it.
     let calls = h.llm.request_count();
     h.telegram.push_text(ATTACKER, "a slow one");
@@ -246,7 +277,10 @@ async fn an_attacker_removed_mid_turn_leaves_nothing_while_a_bystander_chats() {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while h.llm.request_count() == calls {
-        assert!(Instant::now() < deadline, "the slow turn never reached the model");
+        assert!(
+            Instant::now() < deadline,
+            "the slow turn never reached the model"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -326,9 +360,17 @@ async fn removed_mid_command(backend: &str, uid_start: u32) {
         return;
     };
     let normal = h.bystander_baseline(BYSTANDER, 3).await;
-    h.telegram.push_text(ATTACKER, "remember: the attacker secret");
+    h.telegram
+        .push_text(ATTACKER, "remember: the attacker secret");
     h.expect_reply(ATTACKER, 1).await;
-    let old_uid = h.built.store.sandbox_uids().await.unwrap().get(ATTACKER_ID).copied();
+    let old_uid = h
+        .built
+        .store
+        .sandbox_uids()
+        .await
+        .unwrap()
+        .get(ATTACKER_ID)
+        .copied();
     // The fractional seconds make the command line unique (found by it without per-user uids).
     let marker = format!("sleep 45.{}", std::process::id());
     h.telegram
@@ -343,7 +385,10 @@ async fn removed_mid_command(backend: &str, uid_start: u32) {
         if running {
             break;
         }
-        assert!(Instant::now() < deadline, "the attacker's command never started");
+        assert!(
+            Instant::now() < deadline,
+            "the attacker's command never started"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if backend == "docker" {
@@ -355,7 +400,10 @@ async fn removed_mid_command(backend: &str, uid_start: u32) {
     assert!(out.contains("a running turn was stopped"), "{out}");
     if backend == "docker" {
         let left = containers_of(&h.home, ATTACKER_ID).await;
-        assert!(left.is_empty(), "containers of the removed attacker: {left:?}");
+        assert!(
+            left.is_empty(),
+            "containers of the removed attacker: {left:?}"
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -235,7 +235,10 @@ pub fn free_port() -> u16 {
 
 /// [`run_cli`] off the async runtime (the command may wait for the gateway running in this
 /// process).
-pub async fn run_cli_async(home: &Path, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+pub async fn run_cli_async(
+    home: &Path,
+    args: &[&str],
+) -> (std::process::ExitStatus, String, String) {
     let home = home.to_path_buf();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
@@ -280,12 +283,18 @@ pub fn rows_naming(home: &Path, user: &str, allowed: &[&str]) -> Vec<(String, i6
             // `id` names a user only in `users`; `name` only in `sandbox_ids` (live rows).
             let filter = match (table.as_str(), column) {
                 ("users", "id") => "id = ?1".to_string(),
-                ("sandbox_ids", "name") => "kind = 'user' AND name = ?1 AND retired_at IS NULL".to_string(),
+                ("sandbox_ids", "name") => {
+                    "kind = 'user' AND name = ?1 AND retired_at IS NULL".to_string()
+                }
                 (_, "user_id") => "user_id = ?1".to_string(),
                 _ => continue,
             };
             let count: i64 = db
-                .query_row(&format!("SELECT COUNT(*) FROM {table} WHERE {filter}"), [user], |r| r.get(0))
+                .query_row(
+                    &format!("SELECT COUNT(*) FROM {table} WHERE {filter}"),
+                    [user],
+                    |r| r.get(0),
+                )
                 .unwrap();
             if count > 0 {
                 found.push((table.clone(), count));
