@@ -38,6 +38,9 @@ pub const POLL: Duration = Duration::from_millis(500);
 pub const HOLD_MAX: Duration = Duration::from_secs(10 * 60);
 /// Events read per poll (a backlog is worked through over the next polls).
 const BATCH: usize = 100;
+/// Messages accepted for an ended user after the ending whose callers keep waiting (the
+/// queue cap bounds them far below this).
+const WAITERS_KEPT: usize = 10_000;
 /// How long ending a user waits for their aborted worker task to be gone.
 const ABORT_WAIT: Duration = Duration::from_secs(5);
 
@@ -160,9 +163,21 @@ pub(super) async fn end_user(inner: &Arc<Inner>, user: &UserId) {
             }
         }
     }
-    // Callers waiting for an answer of theirs (web, terminal) get none: the reply channel
-    // closes, which they report as a lost answer.
-    lock(&inner.waiters).retain(|_, (owner, _)| owner != user);
+    // Callers waiting for an answer of the old life (web, terminal) get none: the reply
+    // channel closes, which they report as a lost answer. Their inbox rows went with the
+    // ending; a row still pending was accepted after it and is answered once it settles.
+    let pending: std::collections::HashSet<i64> = match inner
+        .store
+        .pending_inbox(user, WAITERS_KEPT)
+        .await
+    {
+        Ok(items) => items.into_iter().map(|item| item.id).collect(),
+        Err(e) => {
+            tracing::warn!(user = %user, error = %e, "could not read the inbox; dropping every waiter of an ended user");
+            Default::default()
+        }
+    };
+    lock(&inner.waiters).retain(|id, (owner, _)| owner != user || pending.contains(id));
     inner.notices.forget(user);
     if let Some(sandbox) = &inner.sandbox {
         if let Err(e) = sandbox.end_user(user).await {
