@@ -361,11 +361,15 @@ fn ended_summary(ended: &moltmate_store::Ended, finished: &crate::ending::Finish
         "ended {} browser session(s), {} login link(s), {} API token(s), {} pairing code(s); {} waiting message(s) dropped",
         ended.web_sessions, ended.login_links, ended.api_tokens, ended.pairing_codes, ended.pending_messages
     );
-    if let Some(waited) = finished.waited {
-        text.push_str(&format!(
+    match finished.waited {
+        _ if finished.lock_timed_out => text.push_str(
+            "; a running turn did not stop in time (files wiped anyway; nothing it does is kept)",
+        ),
+        Some(waited) => text.push_str(&format!(
             "; a running turn was stopped ({:.1} s)",
             waited.as_secs_f64()
-        ));
+        )),
+        None => {}
     }
     if finished.containers > 0 {
         text.push_str(&format!(
