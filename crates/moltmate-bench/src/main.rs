@@ -119,6 +119,8 @@ async fn bench_gateway() -> Result<()> {
         disk_caps: None,
         shutdown: Shutdown::new(),
     });
+    // As `serve` runs: the watcher of users removed or reset by the CLI polls meanwhile.
+    gateway.watch_user_events().await?;
     let users: Vec<String> = (0..100).map(|i| format!("bench{i}")).collect();
     // Warm-up: every user's home, session and worker exist, as for active users.
     for (n, user) in users.iter().enumerate() {

@@ -322,6 +322,11 @@ pub trait Sandbox: Send + Sync {
     async fn prune(&self, idle: Duration) -> Result<Vec<String>, SandboxError>;
     /// The session ended (`/reset`): drop sandboxes scoped to it.
     async fn end_session(&self, user: &UserId, session_id: &str) -> Result<(), SandboxError>;
+    /// The user was removed or reset: end everything this backend runs or keeps for them —
+    /// running commands are killed, containers removed — so nothing of theirs outlives them
+    /// and a new user of the same id starts from nothing. Idempotent; a user with nothing
+    /// running is a no-op.
+    async fn end_user(&self, user: &UserId) -> Result<(), SandboxError>;
     /// Counters since start; backends that keep none report zeros.
     fn stats(&self) -> SandboxStats {
         SandboxStats::default()

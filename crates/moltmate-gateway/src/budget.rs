@@ -364,6 +364,9 @@ pub struct BudgetGuard {
     counted: AtomicBool,
     /// Nothing was charged since the last check read the store (skips a redundant read).
     fresh: AtomicBool,
+    /// When the turn began (ms): charges land only on a user who existed then, never on a
+    /// user removed meanwhile or created since under the same id.
+    since: i64,
 }
 
 /// What the user is told when the store cannot say what they used (fail closed).
@@ -393,6 +396,7 @@ impl BudgetGuard {
             language: language.to_string(),
             counted: AtomicBool::new(false),
             fresh: AtomicBool::new(false),
+            since: chrono::Utc::now().timestamp_millis(),
         }
     }
 
@@ -506,9 +510,17 @@ impl BudgetGuard {
     async fn charge(&self, charge: UsageCharge) {
         self.fresh.store(false, Ordering::SeqCst);
         let day = Periods::now().day;
-        if let Err(e) = self.store.charge_usage(&self.user, &day, charge).await {
+        match self
+            .store
+            .charge_usage_since(&self.user, &day, charge, self.since)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(user = %self.user, "usage of a turn whose user was removed is not charged to anyone");
+            }
             // The next check reads the store and fails closed if it is still broken.
-            tracing::error!(user = %self.user, error = %e, "could not record usage");
+            Err(e) => tracing::error!(user = %self.user, error = %e, "could not record usage"),
         }
     }
 
@@ -764,6 +776,7 @@ mod tests {
     async fn the_guard_charges_the_message_once_and_stops_at_the_budget() {
         let store = Store::open_in_memory().unwrap();
         let user = UserId::new("anna").unwrap();
+        store.ensure_user(&user, None).await.unwrap();
         let guard = BudgetGuard::new(
             store.clone(),
             user.clone(),

@@ -365,6 +365,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Notices {
+    /// Forgets what `user` was told (they were removed or reset).
+    pub fn forget(&self, user: &UserId) {
+        lock(&self.queue_full).remove(user);
+        lock(&self.budget).remove(user);
+    }
+
     /// A message of `user` was accepted: their next full queue is told again.
     pub fn queue_accepted(&self, user: &UserId) {
         let mut full = lock(&self.queue_full);

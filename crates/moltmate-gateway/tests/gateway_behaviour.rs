@@ -712,3 +712,77 @@ fn runs_as_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A user ended by another process (`moltmate users remove`: the store's `end_user`) gets no
+/// worker until the ending settles: a message that arrives in between — even before the
+/// watcher's next poll — is kept, reaches no model, and is answered once the CLI says it is
+/// done, by the new user of the id, with nothing of the old conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_ended_by_another_process_runs_nothing_until_the_ending_settles() {
+    let s = setup(|_| {});
+    s.gateway.watch_user_events().await.unwrap();
+    let anna = UserId::new("anna").unwrap();
+    assert_eq!(
+        say(&s.gateway, "anna", "first life", None).await,
+        "echo: first life"
+    );
+    let store = s.gateway.store().clone();
+    store
+        .end_user(&anna, moltmate_store::Ending::Remove)
+        .await
+        .unwrap()
+        .unwrap();
+    let calls = s.model.seen().len();
+    let message = InboundMessage {
+        sender: Identity::new(ChannelKind::Local, PeerId::new("anna").unwrap()),
+        chat_id: "anna".into(),
+        external_id: "after-the-end".into(),
+        cursor: None,
+        text: "second life".into(),
+        sender_name: None,
+        language_code: None,
+    };
+    let mut submitted = s
+        .gateway
+        .submit(message, Arc::new(IgnoreDeltas))
+        .await
+        .unwrap();
+    assert_eq!(submitted.accepted, Accepted::Queued);
+    // The watcher holds her; nothing runs for her meanwhile.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.gateway.held_users() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ending was never seen"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!s.gateway.has_worker(&anna));
+    assert!(s.gateway.ensure_home(&anna).await.is_err());
+    assert!(
+        matches!(
+            submitted.reply.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ),
+        "answered (or dropped) while held"
+    );
+    assert_eq!(
+        s.model.seen().len(),
+        calls,
+        "a model was called while she was held"
+    );
+
+    store.settle_user(&anna).await.unwrap();
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(10), submitted.reply)
+        .await
+        .expect("answered once settled")
+        .unwrap();
+    assert_eq!(reply.text, "echo: second life");
+    let last = s.model.seen().pop().unwrap();
+    assert!(
+        !format!("{:?}", last.items).contains("first life"),
+        "{:?}",
+        last.items
+    );
+    assert_eq!(s.gateway.held_users(), 0);
+}

@@ -79,6 +79,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
 
 const BACKEND: &str = "bwrap";
 const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -91,6 +92,14 @@ const READER_GRACE: Duration = Duration::from_secs(2);
 const PROBE_IDS: SandboxIds = SandboxIds::same(65_533);
 const HOSTS: &str = "127.0.0.1\tlocalhost moltmate\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 const NSSWITCH: &str = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n";
+
+/// A command killed because its user was removed or reset.
+fn ended_user() -> SandboxError {
+    SandboxError::Interrupted {
+        backend: BACKEND,
+        detail: "the command was stopped: its user was removed or reset".into(),
+    }
+}
 
 fn backend_err(detail: impl Into<String>) -> SandboxError {
     SandboxError::Backend {
@@ -108,6 +117,76 @@ struct Running {
     limits: SandboxLimits,
 }
 
+/// An exec's cgroup, removed on the blocking pool whenever it is dropped — also when the exec's
+/// future is dropped mid-command (the turn was aborted because its user was removed): removing
+/// a group kills what is left in it and may wait, which must not happen on the runtime.
+struct OffRuntime(Option<cgroup::ExecCgroup>);
+
+impl Drop for OffRuntime {
+    fn drop(&mut self) {
+        if let Some(group) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(group))),
+                Err(_) => drop(group),
+            }
+        }
+    }
+}
+
+/// The commands of one user running now, and the token that kills them all.
+#[derive(Debug)]
+struct UserCancel {
+    token: CancellationToken,
+    running: usize,
+    /// Tells this entry from a later one of the same user (after an `end_user`).
+    generation: u64,
+}
+
+static CANCEL_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Registers one running command of a user (under their current token) until dropped.
+struct CancelGuard<'a> {
+    map: &'a Mutex<HashMap<String, UserCancel>>,
+    user: String,
+    token: CancellationToken,
+    generation: u64,
+}
+
+impl<'a> CancelGuard<'a> {
+    fn register(map: &'a Mutex<HashMap<String, UserCancel>>, user: &UserId) -> Self {
+        let mut cancels = map.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = cancels
+            .entry(user.to_string())
+            .or_insert_with(|| UserCancel {
+                token: CancellationToken::new(),
+                running: 0,
+                generation: CANCEL_GENERATION.fetch_add(1, Ordering::Relaxed),
+            });
+        entry.running += 1;
+        CancelGuard {
+            map,
+            user: user.to_string(),
+            token: entry.token.clone(),
+            generation: entry.generation,
+        }
+    }
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        let mut cancels = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the entry this command registered in: `end_user` may have replaced it.
+        if let Some(entry) = cancels.get_mut(&self.user) {
+            if entry.generation == self.generation {
+                entry.running = entry.running.saturating_sub(1);
+                if entry.running == 0 {
+                    cancels.remove(&self.user);
+                }
+            }
+        }
+    }
+}
+
 /// The bubblewrap sandbox backend. Cheap to share behind an `Arc`.
 pub struct BwrapSandbox {
     counters: moltmate_core::sandbox::SandboxCounters,
@@ -118,6 +197,8 @@ pub struct BwrapSandbox {
     cgroups: CgroupSupport,
     proxy: Option<Arc<EgressProxy>>,
     running: Mutex<HashMap<String, Running>>,
+    /// Per user with commands running: what [`Sandbox::end_user`] cancels to kill them all.
+    cancels: Mutex<HashMap<String, UserCancel>>,
     /// The gateway is root: drop to the user's uid through a staging mount namespace
     /// ([`stage`]).
     drop_root: bool,
@@ -195,6 +276,7 @@ impl BwrapSandbox {
             cgroups,
             proxy,
             running: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
             drop_root,
         })
     }
@@ -688,6 +770,7 @@ impl Sandbox for BwrapSandbox {
                 .map_err(|e| backend_err(format!("cgroup task: {e}")))?
                 .map_err(|e| backend_err(format!("cannot create the sandbox cgroup: {e}")))?
         };
+        let cgroup = OffRuntime(Some(cgroup));
         let rlimits = Rlimits {
             // 0 = no disk cap configured.
             fsize: if limits.disk_bytes == 0 {
@@ -703,7 +786,7 @@ impl Sandbox for BwrapSandbox {
             },
             nproc: (!self.cgroups.limits_pids()).then_some(limits.pids as u64),
         };
-        let cg_fds = cgroup.procs_fds();
+        let cg_fds = cgroup.0.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
         let gateway_pid = std::process::id() as libc::pid_t;
 
         let mut cmd = tokio::process::Command::new(&self.bwrap);
@@ -743,6 +826,10 @@ impl Sandbox for BwrapSandbox {
             map: &self.running,
             name: name.clone(),
         };
+        let cancel = CancelGuard::register(&self.cancels, &request.user);
+        if cancel.token.is_cancelled() {
+            return Err(ended_user());
+        }
 
         let mut child = cmd
             .spawn()
@@ -763,7 +850,29 @@ impl Sandbox for BwrapSandbox {
         let mut out_task = tokio::spawn(capture(stdout, budget.clone()));
         let mut err_task = tokio::spawn(capture(stderr, budget));
 
-        let (status, timed_out) = match tokio::time::timeout(request.timeout, child.wait()).await {
+        let waited = tokio::select! {
+            waited = tokio::time::timeout(request.timeout, child.wait()) => Some(waited),
+            _ = cancel.token.cancelled() => None,
+        };
+        let Some(waited) = waited else {
+            // The user was ended: the command dies like one past its timeout (bwrap's process
+            // group, then its pid namespace with it), and nothing of it is reported back.
+            if let Some(pgid) = pgid {
+                // SAFETY: kill(2) on our own child's process group.
+                unsafe { libc::killpg(pgid, libc::SIGKILL) };
+            }
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            // Dropping the group kills what is left in it (off the runtime: it may wait).
+            drop(cgroup);
+            out_task.abort();
+            err_task.abort();
+            if scratch_is_temporary {
+                let _ = tokio::fs::remove_dir_all(&scratch).await;
+            }
+            return Err(ended_user());
+        };
+        let (status, timed_out) = match waited {
             Ok(status) => (
                 status.map_err(|e| backend_err(format!("wait: {e}")))?,
                 false,
@@ -785,7 +894,7 @@ impl Sandbox for BwrapSandbox {
         // It is not awaited: bwrap's init was pid 1 of the sandbox's pid namespace, so every
         // process in it is already dead or dying, and removing the (v1) memory cgroup can take
         // several milliseconds of reclaim that the caller need not wait for.
-        drop(tokio::task::spawn_blocking(move || drop(cgroup)));
+        drop(cgroup);
 
         let collect = |r: Result<(Vec<u8>, bool), tokio::task::JoinError>| r.unwrap_or_default();
         let (stdout, t1) = match tokio::time::timeout(READER_GRACE, &mut out_task).await {
@@ -882,6 +991,22 @@ impl Sandbox for BwrapSandbox {
 
     fn stats(&self) -> moltmate_core::sandbox::SandboxStats {
         self.counters.snapshot()
+    }
+
+    /// Kills every command of the user running now (each in its own cgroup, under the user's
+    /// own uid: its process group, its pid namespace and the cgroup go). Commands of the user
+    /// that start afterwards are not affected: the gateway starts none for an ended user.
+    async fn end_user(&self, user: &UserId) -> Result<(), SandboxError> {
+        let entry = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(user.as_str());
+        if let Some(entry) = entry {
+            tracing::info!(user = %user, commands = entry.running, "killing the running commands of an ended user");
+            entry.token.cancel();
+        }
+        Ok(())
     }
 
     async fn end_session(&self, user: &UserId, session_id: &str) -> Result<(), SandboxError> {

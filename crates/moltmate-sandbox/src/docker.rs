@@ -152,6 +152,8 @@ const API_VERSION: ClientVersion = ClientVersion {
     major_version: 1,
     minor_version: 41,
 };
+/// How long [`DockerSandbox::remove_user`] waits for removals in progress.
+const REMOVAL_WAIT: Duration = Duration::from_secs(15);
 /// Per-request timeout for control calls (streams are bounded by the exec timeout instead).
 const CLIENT_TIMEOUT_SECS: u64 = 60;
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -478,18 +480,35 @@ impl DockerSandbox {
         Ok(started.elapsed())
     }
 
-    /// Removes every container of `user` (account deletion, tests).
+    /// Removes every container of `user` (account deletion, tests), and returns once they are
+    /// gone: a removal another caller started (the engine answers 409 "in progress") is waited
+    /// for, at most [`REMOVAL_WAIT`].
     pub async fn remove_user(&self, user: &UserId) -> Result<Vec<String>, SandboxError> {
         let filters = vec![
             format!("{LABEL_MANAGED}=true"),
             format!("{LABEL_USER}={}", user.as_str()),
         ];
         let mut removed = Vec::new();
-        for (name, _) in self.list_managed(filters).await? {
+        for (name, _) in self.list_managed(filters.clone()).await? {
             self.remove_container(&name).await?;
             removed.push(name);
         }
-        Ok(removed)
+        let deadline = Instant::now() + REMOVAL_WAIT;
+        loop {
+            let left = self.list_managed(filters.clone()).await?;
+            if left.is_empty() {
+                return Ok(removed);
+            }
+            if Instant::now() >= deadline {
+                let names: Vec<String> = left.into_iter().map(|(name, _)| name).collect();
+                return Err(backend_err(format!(
+                    "containers of {user} are still there after {} s: {}",
+                    REMOVAL_WAIT.as_secs(),
+                    names.join(", ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Finds containers of earlier runs: adopts running ones under the current config digest,
@@ -1738,6 +1757,16 @@ impl Sandbox for DockerSandbox {
         ];
         for (name, _) in self.list_managed(filters).await? {
             self.remove_container(&name).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes every container of the user (running or not, any scope or session; the
+    /// command runner and the running command go with it).
+    async fn end_user(&self, user: &UserId) -> Result<(), SandboxError> {
+        let removed = self.remove_user(user).await?;
+        if !removed.is_empty() {
+            tracing::info!(user = %user, containers = removed.len(), "removed the sandboxes of an ended user");
         }
         Ok(())
     }

@@ -4,8 +4,8 @@
 //! unless `MOLTMATE_REQUIRE_SANDBOX=1`, which turns the skip into a failure.
 
 use moltmate_core::sandbox::{
-    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxIds, SandboxLimits, SandboxProfile,
-    WorkspaceAccess,
+    ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxIds, SandboxLimits,
+    SandboxProfile, WorkspaceAccess,
 };
 use moltmate_core::UserId;
 use moltmate_sandbox::bwrap::BwrapSandbox;
@@ -399,6 +399,70 @@ async fn sleep_is_killed_at_the_timeout_and_leaves_no_orphan() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(host_processes_with(&marker), Vec::<String>::new());
+}
+
+/// `end_user` (the user was removed or reset) kills every command of that user running now —
+/// the command and what it left in the background — and none of another user's.
+#[tokio::test]
+async fn end_user_kills_the_users_running_commands_and_no_one_elses() {
+    let Some(f) = fixture("end-user").await else {
+        return;
+    };
+    let f = std::sync::Arc::new(f);
+    let marker = format!("300.{}", rand::random::<u32>() % 1_000_000 + 1);
+    let other = format!("301.{}", rand::random::<u32>() % 1_000_000 + 1);
+    let mut runs = Vec::new();
+    for (user, m) in [("anna", &marker), ("anna", &marker), ("bob", &other)] {
+        let f = std::sync::Arc::clone(&f);
+        let command = format!("sleep {m} & sleep {m}");
+        let user = user.to_string();
+        runs.push(tokio::spawn(async move {
+            let mut req = f.request(&user, &command);
+            req.timeout = Duration::from_secs(60);
+            f.sandbox.exec(req).await
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while host_processes_with(&marker).len() < 4 || host_processes_with(&other).len() < 2 {
+        assert!(Instant::now() < deadline, "the commands never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    f.sandbox
+        .end_user(&UserId::new("anna").unwrap())
+        .await
+        .unwrap();
+    let bob = runs.pop().unwrap();
+    for run in runs {
+        let result = run.await.unwrap();
+        assert!(
+            matches!(result, Err(SandboxError::Interrupted { .. })),
+            "{result:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(host_processes_with(&marker), Vec::<String>::new());
+    assert!(!bob.is_finished(), "bob's command was stopped too");
+    assert!(
+        !host_processes_with(&other).is_empty(),
+        "bob's command is untouched"
+    );
+    f.sandbox
+        .end_user(&UserId::new("bob").unwrap())
+        .await
+        .unwrap();
+    assert!(bob.await.unwrap().is_err());
+    // Ending a user with nothing running is a no-op; later commands of the id run normally.
+    f.sandbox
+        .end_user(&UserId::new("anna").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(f.run("anna", "echo again").await.stdout, "again\n");
 }
 
 #[tokio::test]

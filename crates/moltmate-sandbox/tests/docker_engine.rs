@@ -1320,3 +1320,61 @@ async fn docker_family_members_share_the_family_folder_and_others_cannot() {
     let _ = disk::release_user_volume(&family);
     let _ = std::fs::remove_dir_all(&family);
 }
+
+/// `end_user` (the user was removed or reset) removes every container of that user — also
+/// one running a command, whose exec then fails — and returns once they are gone, even when
+/// another process removes the same container at the same time; another user's container
+/// stays and keeps working.
+#[tokio::test]
+async fn docker_end_user_removes_the_users_containers_and_no_one_elses() {
+    if ready().await.is_none() {
+        return;
+    }
+    let sb = std::sync::Arc::new(
+        DockerSandbox::connect(&settings(SandboxScope::User, "test", "docker_end_user")).unwrap(),
+    );
+    let (anna, bob) = (user("end"), user("end"));
+    sh(&sb, &bob, "true").await;
+    let running = {
+        let sb = std::sync::Arc::clone(&sb);
+        let request = request(&anna, "sleep 300 & sleep 300", Duration::from_secs(60));
+        tokio::spawn(async move { sb.exec(request).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !sb
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.user == anna.as_str())
+    {
+        assert!(Instant::now() < deadline, "anna's container never came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A second process (the CLI next to the gateway) removes at the same time.
+    let other =
+        DockerSandbox::connect(&settings(SandboxScope::User, "test", "docker_end_user")).unwrap();
+    let (mine, theirs) = tokio::join!(sb.end_user(&anna), other.remove_user(&anna));
+    mine.unwrap();
+    theirs.unwrap();
+    let users: Vec<String> = sb
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.user)
+        .collect();
+    assert!(!users.contains(&anna.to_string()), "{users:?}");
+    assert!(users.contains(&bob.to_string()), "{users:?}");
+    let result = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("the running exec ends with its container")
+        .unwrap();
+    assert!(
+        result.is_err() || result.as_ref().is_ok_and(|o| o.exit_code != Some(0)),
+        "{result:?}"
+    );
+    assert_eq!(sh(&sb, &bob, "echo still").await.stdout, "still\n");
+    cleanup(&sb, &[&anna, &bob]).await;
+}

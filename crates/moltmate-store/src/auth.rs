@@ -1,6 +1,10 @@
 //! Credentials for the web channel and the OpenAI-compatible API: per-user bearer tokens,
 //! one-time login links and browser sessions.
 //!
+//! A credential is honoured only while the user it names exists and was created no later than
+//! the credential: one issued to an earlier user of the same id (removed, then the id given to
+//! someone new) is refused even if a row of it survived (see [`crate::ending`]).
+//!
 //! Only SHA-256 digests of secrets are stored. A token is 32 random bytes (256 bits), so a
 //! plain digest (no salt, no slow hash) is enough: there is nothing to brute-force. Lookups are
 //! by digest, which also makes the comparison constant-time with respect to the secret.
@@ -83,7 +87,8 @@ impl Store {
         self.with(move |c| {
             let user: Option<String> = c
                 .query_row(
-                    "SELECT user_id FROM api_tokens WHERE token_hash = ?1 AND revoked_at IS NULL",
+                    "SELECT t.user_id FROM api_tokens t JOIN users u ON u.id = t.user_id
+                     WHERE t.token_hash = ?1 AND t.revoked_at IS NULL AND u.created_at <= t.created_at",
                     params![hash],
                     |r| r.get(0),
                 )
@@ -166,7 +171,8 @@ impl Store {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let user: Option<String> = tx
                 .query_row(
-                    "SELECT user_id FROM login_links WHERE code_hash = ?1 AND used_at IS NULL AND expires_at > ?2",
+                    "SELECT l.user_id FROM login_links l JOIN users u ON u.id = l.user_id
+                     WHERE l.code_hash = ?1 AND l.used_at IS NULL AND l.expires_at > ?2 AND u.created_at <= l.created_at",
                     params![hash, now()],
                     |r| r.get(0),
                 )
@@ -211,20 +217,26 @@ impl Store {
         Ok((secret, session))
     }
 
-    /// The live session behind a cookie secret.
+    /// The live session behind a cookie secret. A user's session ends with the user: it is
+    /// refused once they are removed, and never belongs to a new user given the same id.
     pub async fn web_session(&self, secret: &str) -> Result<Option<WebSession>, StoreError> {
         let hash = digest(secret);
         self.with(move |c| {
             let row: Option<(Option<String>, bool, String, i64)> = c
                 .query_row(
-                    "SELECT user_id, is_admin, csrf_token, expires_at FROM web_sessions WHERE session_hash = ?1 AND expires_at > ?2",
+                    "SELECT s.user_id, s.is_admin, s.csrf_token, s.expires_at FROM web_sessions s
+                     WHERE s.session_hash = ?1 AND s.expires_at > ?2
+                       AND (s.user_id IS NULL OR EXISTS (SELECT 1 FROM users u
+                            WHERE u.id = s.user_id AND u.created_at <= s.created_at))",
                     params![hash, now()],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()?;
             row.map(|(user, is_admin, csrf_token, expires_at)| {
                 Ok(WebSession {
-                    user: user.map(|u| UserId::new(u).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()?,
+                    user: user
+                        .map(|u| UserId::new(u).map_err(|e| StoreError::Corrupt(e.to_string())))
+                        .transpose()?,
                     is_admin,
                     csrf_token,
                     expires_at,
@@ -290,6 +302,56 @@ mod tests {
             .unwrap();
         assert_eq!(store.redeem_login_link(&code).await.unwrap(), Some(anna));
         assert_eq!(store.redeem_login_link(&code).await.unwrap(), None);
+    }
+
+    /// Regression (issue 9): after `users remove` the browser session of the removed user still
+    /// worked, and using it created the user again. Sessions, tokens and links of a removed
+    /// user are refused even if a row of them survived, and never pass to a new user of the id.
+    #[tokio::test]
+    async fn credentials_of_a_removed_user_never_pass_to_a_new_user_of_the_same_id() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = UserId::new("anna").unwrap();
+        store.ensure_user(&anna, None).await.unwrap();
+        let token = store.issue_token(&anna, None).await.unwrap();
+        let link = store
+            .create_login_link(&anna, Duration::from_secs(600))
+            .await
+            .unwrap();
+        let (cookie, _) = store
+            .create_web_session(Some(&anna), false, Duration::from_secs(600))
+            .await
+            .unwrap();
+        // Rows that survive a deletion (simulated: the user is re-created later than them).
+        store
+            .with(|c| {
+                c.execute_batch(
+                    "PRAGMA foreign_keys = OFF;
+                     UPDATE users SET created_at = created_at + 1000;
+                     PRAGMA foreign_keys = ON;",
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.user_for_token(&token).await.unwrap(), None);
+        assert_eq!(store.redeem_login_link(&link).await.unwrap(), None);
+        assert!(store.web_session(&cookie).await.unwrap().is_none());
+        // Deleting the user deletes their browser sessions (a trigger; the table has no
+        // foreign key).
+        let ben = UserId::new("ben").unwrap();
+        store.ensure_user(&ben, None).await.unwrap();
+        let (cookie, _) = store
+            .create_web_session(Some(&ben), false, Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert!(store.web_session(&cookie).await.unwrap().is_some());
+        assert!(store.delete_user(&ben).await.unwrap());
+        assert!(store.delete_user(&anna).await.unwrap());
+        let left: i64 = store
+            .with(|c| Ok(c.query_row("SELECT COUNT(*) FROM web_sessions", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
     }
 
     #[tokio::test]

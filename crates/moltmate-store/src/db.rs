@@ -5,6 +5,7 @@
 //! operator's CLI (`moltmate pairing approve`, `moltmate users ...`) read and write while the
 //! gateway runs; `busy_timeout` makes the two wait for each other instead of failing.
 
+use crate::ending::Completion;
 use chrono::Utc;
 use moltmate_core::channel::InboundMessage;
 use moltmate_core::model::{ConversationItem, TokenUsage};
@@ -200,6 +201,7 @@ CREATE TABLE sandbox_ids (
 CREATE UNIQUE INDEX sandbox_ids_live ON sandbox_ids(kind, name) WHERE retired_at IS NULL;
 "#,
     crate::usage::MIGRATION,
+    crate::ending::MIGRATION,
 ];
 
 pub(crate) fn now_millis() -> i64 {
@@ -598,7 +600,8 @@ impl Store {
 
     /// Forgets a user's conversations (sessions, transcripts, answered and pending messages)
     /// and onboarding, keeping the user row, identities and the operator's records (audit,
-    /// usage). Used by `moltmate users reset`.
+    /// usage). Ends no credentials and tells no running gateway: `moltmate users reset` uses
+    /// [`Store::end_user`] instead.
     pub async fn wipe_user_history(&self, user: &UserId) -> Result<(), StoreError> {
         let user = user.clone();
         self.with(move |c| {
@@ -629,8 +632,9 @@ impl Store {
     }
 
     /// Deletes the user and everything stored about them (identities, sessions, transcripts,
-    /// pending inbox and outbox rows, pairing requests of their identities). Audit events and
-    /// usage stay: they are the operator's record.
+    /// pending inbox and outbox rows, pairing requests of their identities; credentials by
+    /// foreign key or trigger). Audit events and usage stay: they are the operator's record.
+    /// Tells no running gateway: `moltmate users remove` uses [`Store::end_user`] instead.
     pub async fn delete_user(&self, user: &UserId) -> Result<bool, StoreError> {
         let user = user.clone();
         self.with(move |c| {
@@ -824,15 +828,19 @@ impl Store {
     }
 
     /// Marks an inbox row answered without a turn (e.g. a chat command that needs no model).
+    /// Writes nothing when the row is gone or answered ([`Completion::Discarded`]).
     pub async fn finish_inbox_with_reply(
         &self,
         inbox_id: i64,
         user: &UserId,
         reply: Option<(ChannelKind, String, String)>,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<Completion, StoreError> {
         let user = user.clone();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !crate::ending::inbox_row_pending(&tx, inbox_id)? {
+                return Ok(Completion::Discarded);
+            }
             let outbox = match reply {
                 Some((channel, chat_id, text)) => Some(insert_outbox(
                     &tx,
@@ -849,16 +857,21 @@ impl Store {
                 params![inbox_id, now_millis()],
             )?;
             tx.commit()?;
-            Ok(outbox)
+            Ok(Completion::Committed(outbox))
         })
         .await
     }
 
     /// Commits a finished turn: transcript items, usage, the reply and the inbox row's
-    /// completion, in one transaction. Returns the outbox id of the reply.
-    pub async fn complete_turn(&self, turn: TurnRecord) -> Result<Option<i64>, StoreError> {
+    /// completion, in one transaction. Returns the outbox id of the reply. Commits nothing
+    /// when the inbox row is gone — its user was removed or reset while the turn ran — or was
+    /// answered already ([`Completion::Discarded`]).
+    pub async fn complete_turn(&self, turn: TurnRecord) -> Result<Completion, StoreError> {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !crate::ending::inbox_row_pending(&tx, turn.inbox_id)? {
+                return Ok(Completion::Discarded);
+            }
             let now = now_millis();
             {
                 let mut insert = tx.prepare_cached(
@@ -892,7 +905,7 @@ impl Store {
             };
             tx.execute("UPDATE inbox SET done_at = ?2 WHERE id = ?1", params![turn.inbox_id, now])?;
             tx.commit()?;
-            Ok(outbox)
+            Ok(Completion::Committed(outbox))
         })
         .await
     }
@@ -1004,7 +1017,9 @@ impl Store {
 
     // ---- sessions and transcripts -----------------------------------------------------------
 
-    /// The user's open session, created if there is none.
+    /// The user's open session, created if there is none. A user who does not exist (removed
+    /// while a turn of theirs was starting) is [`StoreError::NotFound`]: a session never
+    /// brings a removed user back.
     pub async fn current_session(&self, user: &UserId) -> Result<SessionRecord, StoreError> {
         let user = user.clone();
         self.with(move |c| {
@@ -1024,10 +1039,14 @@ impl Store {
                 None => {
                     let now = now_millis();
                     let id = new_session_id();
-                    tx.execute(
-                        "INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)",
-                        params![user.as_str(), now],
+                    let exists: bool = tx.query_row(
+                        "SELECT EXISTS (SELECT 1 FROM users WHERE id = ?1)",
+                        params![user.as_str()],
+                        |r| r.get(0),
                     )?;
+                    if !exists {
+                        return Err(StoreError::NotFound(format!("no user {user}")));
+                    }
                     tx.execute(
                         "INSERT INTO sessions (id, user_id, started_at, last_active) VALUES (?1, ?2, ?3, ?3)",
                         params![id, user.as_str(), now],
@@ -1340,13 +1359,18 @@ impl Store {
         .await
     }
 
-    /// Token usage summed per user, provider and model.
+    /// Token usage summed per user, provider and model. Calls of an earlier user of the same
+    /// id (removed, then a new user given the id) are not counted for the current one: they
+    /// happened before the current user row was created. They stay in the table as the
+    /// operator's record.
     pub async fn usage(&self, user: Option<&UserId>) -> Result<Vec<UsageRow>, StoreError> {
         let user = user.map(|u| u.as_str().to_string());
         self.with(move |c| {
             let mut statement = c.prepare(
-                "SELECT user_id, provider, model, SUM(input_tokens), SUM(output_tokens), COUNT(*) FROM token_usage
-                 WHERE ?1 IS NULL OR user_id = ?1 GROUP BY user_id, provider, model ORDER BY user_id, provider, model",
+                "SELECT t.user_id, t.provider, t.model, SUM(t.input_tokens), SUM(t.output_tokens), COUNT(*)
+                 FROM token_usage t LEFT JOIN users u ON u.id = t.user_id
+                 WHERE (?1 IS NULL OR t.user_id = ?1) AND (u.created_at IS NULL OR t.at >= u.created_at)
+                 GROUP BY t.user_id, t.provider, t.model ORDER BY t.user_id, t.provider, t.model",
             )?;
             let rows = statement.query_map(params![user], |r| {
                 Ok(UsageRow {
@@ -1447,7 +1471,7 @@ impl IdHolder {
     }
 }
 
-fn retire_sandbox_ids(c: &Connection, user: &UserId) -> Result<(), StoreError> {
+pub(crate) fn retire_sandbox_ids(c: &Connection, user: &UserId) -> Result<(), StoreError> {
     c.execute(
         "UPDATE sandbox_ids SET retired_at = ?2 WHERE kind = 'user' AND name = ?1 AND retired_at IS NULL",
         params![user.as_str(), now_millis()],
@@ -1634,6 +1658,7 @@ mod tests {
     async fn completing_a_turn_is_atomic_and_outbox_is_at_most_once() {
         let store = Store::open_in_memory().unwrap();
         let user = UserId::new("telegram_1").unwrap();
+        store.ensure_user(&user, None).await.unwrap();
         let inbox_id = store
             .insert_inbound(&message("1", "10", "hi", None), &user)
             .await
@@ -1664,6 +1689,7 @@ mod tests {
             })
             .await
             .unwrap()
+            .outbox()
             .unwrap();
         assert!(store.pending_inbox(&user, 10).await.unwrap().is_empty());
         assert_eq!(store.transcript(&session.id).await.unwrap().len(), 2);

@@ -6,6 +6,8 @@
 //! * [`homes::Homes`] — each user's files under `<home>/users/<user_id>/` (SOUL.md, USER.md,
 //!   IDENTITY.md, MEMORY.md, `memory/YYYY-MM-DD.md`, `workspace/`), read beneath the home with
 //!   the kernel's `RESOLVE_BENEATH` and written atomically (temp file + fsync + rename).
+//! * [`ending`] — `users remove`/`reset` in one transaction each, and the `user_events` signal
+//!   a running gateway polls to stop what the user had running.
 //! * [`usage`] — per-user, per-day counters for budgets (messages, tokens, spend, `exec` time),
 //!   stored transcript bytes (kept by triggers), queue length, history in bounded pages.
 //!
@@ -18,6 +20,7 @@
 
 pub mod auth;
 pub mod db;
+pub mod ending;
 pub mod homes;
 pub mod memory_index;
 pub mod pairing;
@@ -27,6 +30,7 @@ pub use db::{
     AuditEvent, AuditRecord, InboxItem, OutboxItem, PairingRequest, PairingState, SessionRecord,
     Store, StoreError, TurnRecord, UsageRow, UserRecord,
 };
+pub use ending::{Completion, Ended, Ending, InboxState, UserEvent, UserEventKind};
 pub use homes::{HomeError, Homes};
 pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};
 pub use usage::{HistoryPage, UsageCharge, UsageTotals, UserUsage};

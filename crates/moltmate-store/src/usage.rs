@@ -185,6 +185,50 @@ impl Store {
         .await
     }
 
+    /// Like [`Store::charge_usage`], for a turn that began at `since` (ms): nothing is charged
+    /// when the user no longer exists or was created after that (removed while the turn ran,
+    /// and maybe given to someone new since) — an ended user's last turn never lands on a new
+    /// user's budget.
+    pub async fn charge_usage_since(
+        &self,
+        user: &UserId,
+        day: &str,
+        charge: UsageCharge,
+        since: i64,
+    ) -> Result<bool, StoreError> {
+        if charge.is_empty() {
+            return Ok(true);
+        }
+        let user = user.clone();
+        let day = day.to_string();
+        self.with(move |c| {
+            let charged = c
+                .prepare_cached(
+                    "INSERT INTO usage_days (user_id, day, messages, input_tokens, output_tokens, cost_micros, exec_ms)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
+                     WHERE EXISTS (SELECT 1 FROM users WHERE id = ?1 AND created_at <= ?8)
+                     ON CONFLICT (user_id, day) DO UPDATE SET
+                       messages = messages + excluded.messages,
+                       input_tokens = input_tokens + excluded.input_tokens,
+                       output_tokens = output_tokens + excluded.output_tokens,
+                       cost_micros = cost_micros + excluded.cost_micros,
+                       exec_ms = exec_ms + excluded.exec_ms",
+                )?
+                .execute(params![
+                    user.as_str(),
+                    day,
+                    to_i64(charge.messages),
+                    to_i64(charge.input_tokens),
+                    to_i64(charge.output_tokens),
+                    to_i64(charge.cost_micros),
+                    to_i64(charge.exec_ms),
+                    since,
+                ])?;
+            Ok(charged > 0)
+        })
+        .await
+    }
+
     /// Usage of `users` together (one user, or a family's members): counters of `day` and the
     /// spend of the month `month` (`YYYY-MM`, the prefix of its days).
     pub async fn usage_totals(
@@ -483,6 +527,7 @@ mod tests {
     }
 
     async fn store_turn(store: &Store, who: &UserId, texts: &[ConversationItem]) -> String {
+        store.ensure_user(who, None).await.unwrap();
         let inbox = store
             .insert_inbound(
                 &InboundMessage {
@@ -510,7 +555,8 @@ mod tests {
                 usage: vec![],
             })
             .await
-            .unwrap();
+            .unwrap()
+            .outbox();
         session.id
     }
 
@@ -712,5 +758,44 @@ mod tests {
         }
         assert_eq!(store.pending_inbox_count(&anna).await.unwrap(), 3);
         assert_eq!(store.pending_inbox_count(&user("ben")).await.unwrap(), 0);
+    }
+
+    /// A turn still running when its user is removed charges nothing, before or after a new
+    /// user is given the id: the new user's budget starts at zero.
+    #[tokio::test]
+    async fn a_turn_of_a_removed_user_charges_no_budget_old_or_new() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = user("anna");
+        store.ensure_user(&anna, None).await.unwrap();
+        let since = crate::db::now_millis();
+        let one = UsageCharge {
+            messages: 1,
+            ..UsageCharge::default()
+        };
+        let day = "2030-01-01";
+        assert!(store
+            .charge_usage_since(&anna, day, one, since)
+            .await
+            .unwrap());
+        store
+            .end_user(&anna, crate::Ending::Remove)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!store
+            .charge_usage_since(&anna, day, one, since)
+            .await
+            .unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        store.ensure_user(&anna, None).await.unwrap();
+        assert!(!store
+            .charge_usage_since(&anna, day, one, since)
+            .await
+            .unwrap());
+        let totals = store
+            .usage_totals(std::slice::from_ref(&anna), day, "2030-01")
+            .await
+            .unwrap();
+        assert_eq!(totals.messages_today, 0);
     }
 }

@@ -119,34 +119,19 @@ fn strip_root<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
     }
 }
 
-/// Opens the root directory. A missing home is created (0700); a missing family folder is an
-/// operator problem and reported as such.
+/// Opens the root directory. The tools never create it: the gateway makes a user's home
+/// (owned by their sandbox uid) before their turn, and a home that is missing during a turn
+/// was wiped because the user was removed or reset — recreating it would hand what the old
+/// turn writes to whoever gets the id next.
 pub(crate) fn open_root(target: &Target) -> Result<OwnedFd, ToolError> {
-    if target.kind == RootKind::Home {
-        if let Err(e) = create_home(&target.root) {
-            return Err(ToolError::Failed(format!(
-                "your home directory could not be created: {e}"
-            )));
-        }
-    }
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     rustix::fs::open(&target.root, flags, Mode::empty()).map_err(|e| match target.kind {
+        RootKind::Home if e == rustix::io::Errno::NOENT => {
+            ToolError::Failed("your home directory does not exist (any more)".to_string())
+        }
         RootKind::Home => ToolError::Failed(format!("your home directory cannot be opened: {e}")),
         RootKind::Family => ToolError::Failed(format!("the family folder cannot be opened: {e}")),
     })
-}
-
-fn create_home(root: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(root)
-    {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 const BENEATH: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);

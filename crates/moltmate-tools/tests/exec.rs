@@ -56,6 +56,9 @@ impl Sandbox for FakeSandbox {
     async fn end_session(&self, _user: &UserId, _session_id: &str) -> Result<(), SandboxError> {
         Ok(())
     }
+    async fn end_user(&self, _user: &UserId) -> Result<(), SandboxError> {
+        Ok(())
+    }
 }
 
 #[tokio::test]

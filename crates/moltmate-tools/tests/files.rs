@@ -15,11 +15,36 @@ async fn read(
     ReadTool.call(ctx, args).await.map(|o| o.content)
 }
 
+/// Regression (issue 9): the file tools created a missing home, so a turn still running when
+/// its user was removed or reset could bring the wiped home back, with what it wrote, for
+/// whoever gets the id next. A missing home is now an error and stays missing.
+#[tokio::test]
+async fn file_tools_never_recreate_a_wiped_home() {
+    let fx = Fixture::new();
+    let ctx = fx.ctx("anna");
+    std::fs::remove_dir_all(fx.home("anna")).unwrap();
+    let write = WriteTool
+        .call(&ctx, json!({"path": "MEMORY.md", "content": "old life"}))
+        .await;
+    let edit = EditTool
+        .call(
+            &ctx,
+            json!({"path": "MEMORY.md", "old_text": "a", "new_text": "b"}),
+        )
+        .await;
+    let listed = read(&ctx, json!({"path": "."})).await;
+    for result in [write.map(|o| o.content), edit.map(|o| o.content), listed] {
+        let error = result.expect_err("a wiped home is not written to");
+        assert!(error.to_string().contains("does not exist"), "{error}");
+    }
+    assert!(!fx.home("anna").exists(), "the wiped home came back");
+}
+
 #[tokio::test]
 async fn write_read_edit_round_trip() {
     let fx = Fixture::new();
     let ctx = fx.ctx("anna");
-    // The home does not exist yet: the first call creates it, 0700.
+    // The home is made by the gateway before a turn (0700); the tools write beneath it.
     let out = WriteTool
         .call(
             &ctx,

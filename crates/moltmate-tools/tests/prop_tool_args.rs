@@ -59,6 +59,9 @@ impl Sandbox for RecordingSandbox {
     async fn end_session(&self, _user: &UserId, _session_id: &str) -> Result<(), SandboxError> {
         Ok(())
     }
+    async fn end_user(&self, _user: &UserId) -> Result<(), SandboxError> {
+        Ok(())
+    }
 }
 
 /// The type a schema field must have.

@@ -8,7 +8,7 @@ use moltmate_core::{ChannelKind, Identity, UserId};
 use moltmate_gateway::SandboxIdPolicy;
 use moltmate_store::homes::{list_beneath, read_beneath, CopyLimits};
 use moltmate_store::memory_index::MemoryIndex;
-use moltmate_store::{Homes, Store};
+use moltmate_store::{Ending, Homes, Store};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -279,7 +279,7 @@ pub async fn users_add(
 /// Removes a user's home. A home on a capped volume is unmounted and its image deleted (the
 /// image is where the files live).
 pub fn wipe_home(home_dir: &Path, users_home: &Path, user: &UserId) -> Result<()> {
-    if home_dir.exists() {
+    if users_home.exists() {
         moltmate_sandbox::disk::release_user_volume(users_home)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         std::fs::remove_dir_all(users_home)
@@ -310,7 +310,8 @@ pub fn wipe_home(home_dir: &Path, users_home: &Path, user: &UserId) -> Result<()
 }
 
 /// Copies the user's home into `archive/<user>-<timestamp>/home` next to an export of their
-/// transcripts, then wipes the home, so a reset or removal can be undone by hand.
+/// transcripts, so a reset or removal can be undone by hand. (The wipe comes after the records
+/// are ended and a running turn is stopped: [`crate::ending::finish`].)
 async fn archive(admin: &Admin, user: &UserId) -> Result<PathBuf> {
     let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
     let archive_root = admin.home.join("archive");
@@ -350,33 +351,54 @@ async fn archive(admin: &Admin, user: &UserId) -> Result<PathBuf> {
                 report.skipped_total
             );
         }
-        wipe_home(&admin.home, home.root(), user)?;
-    }
-    let index = MemoryIndex::path_for(&admin.home.join("index"), user);
-    for path in [
-        index.clone(),
-        index.with_extension("db-wal"),
-        index.with_extension("db-shm"),
-    ] {
-        let _ = std::fs::remove_file(path);
     }
     Ok(archive_dir)
 }
 
+/// What `users reset`/`remove` ended, for the operator.
+fn ended_summary(ended: &moltmate_store::Ended, finished: &crate::ending::Finished) -> String {
+    let mut text = format!(
+        "ended {} browser session(s), {} login link(s), {} API token(s), {} pairing code(s); {} waiting message(s) dropped",
+        ended.web_sessions, ended.login_links, ended.api_tokens, ended.pairing_codes, ended.pending_messages
+    );
+    match finished.waited {
+        _ if finished.lock_timed_out => text.push_str(
+            "; a running turn did not stop in time (files wiped anyway; nothing it does is kept)",
+        ),
+        Some(waited) => text.push_str(&format!(
+            "; a running turn was stopped ({:.1} s)",
+            waited.as_secs_f64()
+        )),
+        None => {}
+    }
+    if finished.containers > 0 {
+        text.push_str(&format!(
+            "; {} sandbox container(s) removed",
+            finished.containers
+        ));
+    }
+    if let Some(note) = &finished.docker_note {
+        eprintln!("Note: {note}");
+    }
+    text
+}
+
 pub async fn users_reset(admin: &Admin, user: &UserId, yes: bool) -> Result<()> {
     if !yes {
-        bail!("`users reset` archives and wipes {user}'s home, sessions and pairings; add --yes to do it");
+        bail!("`users reset` archives and wipes {user}'s home, conversations, browser sessions and API tokens; add --yes to do it");
     }
     if admin.store.user(user).await?.is_none() {
         bail!("no user {user}");
     }
     let archived = archive(admin, user).await?;
-    let revoked = admin.store.revoke_pairings(user).await?;
-    admin.store.wipe_user_history(user).await?;
-    admin.ensure_home(user).await?;
+    let Some(ended) = admin.store.end_user(user, Ending::Reset).await? else {
+        bail!("no user {user}");
+    };
+    let finished = crate::ending::finish(admin, user, Ending::Reset).await?;
     println!(
-        "Reset {user}: home and history archived in {}, {revoked} pairing(s) revoked. Their next message starts over.",
-        archived.display()
+        "Reset {user}: home and history archived in {}; {}. Their identities and trust stay; their next message starts over.",
+        archived.display(),
+        ended_summary(&ended, &finished)
     );
     Ok(())
 }
@@ -386,13 +408,23 @@ pub async fn users_remove(admin: &Admin, user: &UserId, yes: bool) -> Result<()>
         bail!("`users remove` archives and deletes {user} entirely; add --yes to do it");
     }
     if admin.store.user(user).await?.is_none() {
+        if crate::ending::unsettled(admin, user).await? {
+            // An earlier removal ended the records but failed before its end: finish it.
+            crate::ending::finish(admin, user, Ending::Remove).await?;
+            println!("Finished removing {user}.");
+            return Ok(());
+        }
         bail!("no user {user}");
     }
     let archived = archive(admin, user).await?;
-    admin.store.delete_user(user).await?;
+    let Some(ended) = admin.store.end_user(user, Ending::Remove).await? else {
+        bail!("no user {user}");
+    };
+    let finished = crate::ending::finish(admin, user, Ending::Remove).await?;
     println!(
-        "Removed {user} (archived in {}). Remove them from allowFrom / users in moltmate.json too, or they can pair again.",
-        archived.display()
+        "Removed {user} (archived in {}); {}. Remove them from allowFrom / users in moltmate.json too, or they can pair again.",
+        archived.display(),
+        ended_summary(&ended, &finished)
     );
     Ok(())
 }

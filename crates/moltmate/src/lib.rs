@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod chat;
 pub mod doctor;
+pub mod ending;
 pub mod serve;
 pub mod wiring;
 

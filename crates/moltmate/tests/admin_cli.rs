@@ -351,3 +351,405 @@ fn users_remove_of_a_hostile_home_completes_and_lists_what_was_skipped() {
         "{skipped}"
     );
 }
+
+// ---- users remove / reset end everything (issue 9, "Identities end cleanly") ---------------
+
+/// The web server of a test gateway, spoken to over HTTP like a browser or an API client.
+struct Web {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Web {
+    async fn start(h: &Harness) -> Web {
+        Web {
+            base: h.start_web().await,
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// Redeems a login link: the status, and the session cookie (`mm_session=...`) if any.
+    async fn sign_in(&self, code: &str) -> (u16, Option<String>) {
+        let response = self
+            .client
+            .post(format!("{}/login/{code}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let cookie = response
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| v.split(';').next())
+            .find(|pair| pair.starts_with("mm_session=") && pair.len() > "mm_session=".len())
+            .map(str::to_string);
+        (response.status().as_u16(), cookie)
+    }
+
+    async fn history(&self, cookie: &str) -> (u16, String) {
+        let response = self
+            .client
+            .get(format!("{}/api/history", self.base))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    async fn csrf(&self, cookie: &str) -> String {
+        let page = self
+            .client
+            .get(format!("{}/", self.base))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let marker = "name=\"csrf-token\" content=\"";
+        let start = page.find(marker).expect("the chat page has a CSRF token") + marker.len();
+        page[start..].split('"').next().unwrap().to_string()
+    }
+
+    async fn chat(&self, cookie: &str, csrf: &str, text: &str) -> (u16, String) {
+        let response = self
+            .client
+            .post(format!("{}/api/chat", self.base))
+            .header("cookie", cookie)
+            .header("x-csrf-token", csrf)
+            .json(&json!({ "message": text }))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    async fn models(&self, token: &str) -> u16 {
+        self.client
+            .get(format!("{}/v1/models", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
+
+async fn cli(home: &std::path::Path, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    common::run_cli_async(home, args).await
+}
+
+/// The code of a `users login-link` output line.
+fn link_code(output: &str) -> String {
+    output
+        .trim()
+        .rsplit("/login/")
+        .next()
+        .expect("a login link")
+        .to_string()
+}
+
+/// The code in a pairing reply ("Your pairing code is: ABCD2345").
+fn pairing_code(reply: &str) -> String {
+    let start = reply.find("code is: ").expect("a pairing code") + "code is: ".len();
+    reply[start..start + 8].to_string()
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn sandbox_uid(show: &str) -> Option<String> {
+    show.lines()
+        .find_map(|l| l.strip_prefix("sandbox uid:"))
+        .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
+}
+
+/// `users remove` or `users reset` (the CLI, another process) next to a running gateway ends
+/// every credential the user had: the live browser session (its next request is 401 and does
+/// not bring the user back), a login link issued before, the API token and a pending pairing
+/// code of their identity; the gateway drops the user's worker. Afterwards the user (a new one
+/// under the same id for `remove`, the same one for `reset`) starts with nothing of before
+/// (a reset keeps identities and today's budget usage).
+async fn ending_ends_every_credential(how: &str) {
+    let h = Harness::start(json!({
+        "gateway": { "port": common::free_port() },
+        "channels": { "telegram": { "dmPolicy": "pairing", "allowFrom": [] } },
+    }))
+    .await;
+    let web = Web::start(&h).await;
+    let home = h.home.clone();
+    let anna = moltmate_core::UserId::new("anna").unwrap();
+    let (status, _, stderr) = cli(
+        &home,
+        &["users", "add", "anna", "--identity", "telegram:555"],
+    )
+    .await;
+    assert!(status.success(), "{stderr}");
+    let (status, token, stderr) = cli(&home, &["users", "token", "anna"]).await;
+    assert!(status.success(), "{stderr}");
+    let token = token.trim().to_string();
+    let (_, first_link, _) = cli(&home, &["users", "login-link", "anna"]).await;
+    let (_, second_link, _) = cli(&home, &["users", "login-link", "anna"]).await;
+
+    // A live browser session that chatted.
+    let (status, cookie) = web.sign_in(&link_code(&first_link)).await;
+    assert_eq!(status, 303);
+    let cookie = cookie.expect("a session cookie");
+    let csrf = web.csrf(&cookie).await;
+    let (status, answer) = web.chat(&cookie, &csrf, "hello from the browser").await;
+    assert!(
+        status == 200 && answer.contains("echo: hello from the browser"),
+        "{status} {answer}"
+    );
+    std::fs::write(home.join("users/anna/MEMORY.md"), "anna's old memory").unwrap();
+    assert_eq!(web.models(&token).await, 200);
+    assert!(h.built.gateway.has_worker(&anna));
+    // Her Telegram identity (linked by the operator, not paired) asks to pair: a pending code.
+    h.telegram.push_text(555, "let me in");
+    let code = pairing_code(&h.expect_reply(555, 1).await[0]);
+    let (_, pending, _) = cli(&home, &["pairing", "list"]).await;
+    assert!(pending.contains(&code), "{pending}");
+    let (_, show, _) = cli(&home, &["users", "show", "anna"]).await;
+    let old_uid = sandbox_uid(&show);
+
+    let (status, out, stderr) = cli(&home, &["users", how, "anna", "--yes"]).await;
+    assert!(status.success(), "{stderr}");
+    assert!(
+        out.contains(
+            "ended 1 browser session(s), 1 login link(s), 1 API token(s), 1 pairing code(s)"
+        ),
+        "{out}"
+    );
+
+    // Every credential is dead, right away, and using one brings nobody back.
+    assert_eq!(web.history(&cookie).await.0, 401);
+    assert_eq!(web.chat(&cookie, &csrf, "am I still here?").await.0, 401);
+    assert_eq!(web.sign_in(&link_code(&second_link)).await.0, 401);
+    assert_eq!(web.models(&token).await, 401);
+    let (status, _, _) = cli(&home, &["pairing", "approve", "telegram", &code]).await;
+    assert!(
+        !status.success(),
+        "the pairing code of an ended user was approved"
+    );
+    let (_, pending, _) = cli(&home, &["pairing", "list"]).await;
+    assert!(!pending.contains(&code), "{pending}");
+    let record = h.built.store.user(&anna).await.unwrap();
+    if how == "remove" {
+        assert!(record.is_none(), "the removed user came back: {record:?}");
+        assert!(!home.join("users/anna").exists());
+    } else {
+        let record = record.expect("a reset user stays");
+        assert!(
+            record
+                .identities
+                .iter()
+                .any(|i| i.to_string() == "telegram:555"),
+            "a reset keeps identities: {:?}",
+            record.identities
+        );
+        assert!(!record.onboarded);
+    }
+    let gateway = h.built.gateway.clone();
+    wait_until("the gateway dropped the ended user's worker", || {
+        !gateway.has_worker(&anna) && gateway.held_users() == 0
+    })
+    .await;
+
+    // Starting over: a new user of the id (remove) or the same user (reset) has nothing of
+    // before — no memory, no transcript, no usage today, a new uid — and can sign in again.
+    if how == "remove" {
+        let (status, _, stderr) = cli(&home, &["users", "add", "anna"]).await;
+        assert!(status.success(), "{stderr}");
+    }
+    assert!(
+        !home.join("users/anna/MEMORY.md").exists(),
+        "old memory survived"
+    );
+    let (_, show, _) = cli(&home, &["users", "show", "anna"]).await;
+    // A new user's budget starts at zero; a reset user's day keeps what was spent (a reset is
+    // not a way around a budget).
+    let today = if how == "remove" { 0 } else { 1 };
+    assert!(
+        show.contains(&format!("messages today:   {today} of")),
+        "{show}"
+    );
+    assert!(!show.contains("api token:"), "{show}");
+    if moltmate_sandbox::disk::can_enforce() {
+        assert_ne!(sandbox_uid(&show), old_uid, "{show}");
+    }
+    let (_, export, _) = cli(&home, &["users", "export", "anna"]).await;
+    let export: serde_json::Value = serde_json::from_str(&export).unwrap();
+    assert_eq!(export["transcripts"].as_array().map(Vec::len), Some(0));
+    assert!(export["files"].get("MEMORY.md").is_none(), "{export}");
+    let (_, link, _) = cli(&home, &["users", "login-link", "anna"]).await;
+    let (status, cookie) = web.sign_in(&link_code(&link)).await;
+    assert_eq!(status, 303);
+    let (status, history) = web.history(&cookie.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(!history.contains("hello from the browser"), "{history}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_remove_next_to_a_running_gateway_ends_sessions_links_tokens_and_pairing_codes() {
+    ending_ends_every_credential("remove").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_reset_next_to_a_running_gateway_ends_sessions_links_tokens_and_pairing_codes() {
+    ending_ends_every_credential("reset").await;
+}
+
+/// A paired Telegram user who is removed and writes again must pair again; once re-approved,
+/// the new user of the same id starts with an empty home, no memory, no transcripts, zero
+/// usage today and a new sandbox uid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_paired_user_pairs_again_and_starts_from_nothing() {
+    let h = Harness::start(json!({
+        "channels": { "telegram": { "dmPolicy": "pairing", "allowFrom": [] } },
+    }))
+    .await;
+    let home = h.home.clone();
+    let approve = |code: String| {
+        let home = home.clone();
+        async move {
+            let (status, _, stderr) =
+                common::run_cli_async(&home, &["pairing", "approve", "telegram", &code]).await;
+            assert!(status.success(), "{stderr}");
+        }
+    };
+    h.telegram.push_text(901, "hi");
+    approve(pairing_code(&h.expect_reply(901, 1).await[0])).await;
+    h.telegram.push_text(901, "first life");
+    assert_eq!(h.expect_reply(901, 2).await[1], "echo: first life");
+    let user_home = home.join("users/telegram_901");
+    std::fs::write(user_home.join("MEMORY.md"), "first life's secret").unwrap();
+    let (_, show, _) = common::run_cli_async(&home, &["users", "show", "telegram_901"]).await;
+    assert!(show.contains("messages today:   1 of"), "{show}");
+    let old_uid = sandbox_uid(&show);
+
+    let (status, _, stderr) =
+        common::run_cli_async(&home, &["users", "remove", "telegram_901", "--yes"]).await;
+    assert!(status.success(), "{stderr}");
+    assert!(!user_home.exists());
+
+    // Writing again is a stranger writing: a new code, nothing reaches the model.
+    let model_calls = h.llm.request_count();
+    h.telegram.push_text(901, "it's me again");
+    let reply = h.expect_reply(901, 3).await.remove(2);
+    assert!(reply.contains("pairing code"), "{reply}");
+    approve(pairing_code(&reply)).await;
+    assert_eq!(h.llm.request_count(), model_calls);
+    h.telegram.push_text(901, "second life");
+    assert_eq!(h.expect_reply(901, 4).await[3], "echo: second life");
+    assert!(
+        !user_home.join("MEMORY.md").exists(),
+        "the old memory came back"
+    );
+    let (_, show, _) = common::run_cli_async(&home, &["users", "show", "telegram_901"]).await;
+    assert!(
+        show.contains("messages today:   1 of"),
+        "usage starts at zero: {show}"
+    );
+    if moltmate_sandbox::disk::can_enforce() {
+        assert_ne!(sandbox_uid(&show), old_uid, "{show}");
+    }
+    let (_, export, _) = common::run_cli_async(&home, &["users", "export", "telegram_901"]).await;
+    let export: serde_json::Value = serde_json::from_str(&export).unwrap();
+    let transcript = export["transcripts"].to_string();
+    assert!(
+        transcript.contains("second life") && !transcript.contains("first life"),
+        "{transcript}"
+    );
+    // The model saw nothing of the first life either.
+    let last = h.llm.last_request().unwrap();
+    assert!(
+        !last.all_text().contains("first life"),
+        "{}",
+        last.all_text()
+    );
+    h.stop().await;
+}
+
+/// A reset while the user's turn runs (the model double is slow): the turn is stopped, commits
+/// nothing (no transcript, no reply), the CLI does not wait for the model, and the user's next
+/// message starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_reset_mid_turn_stops_the_turn_and_it_commits_nothing() {
+    use moltmate_testkit::llm::Reply;
+    let h = Harness::start(json!({})).await;
+    h.telegram.push_text(1001, "hello");
+    h.expect_reply(1001, 1).await;
+    h.llm.set_brain(|request| {
+        let text = request.last_user_text().unwrap_or_default();
+        if text.contains("slow") {
+            Reply::delayed(std::time::Duration::from_secs(60), Reply::text("too late"))
+        } else {
+            Reply::text(format!("echo: {text}"))
+        }
+    });
+    let calls = h.llm.request_count();
+    h.telegram.push_text(1001, "a slow question");
+    let llm = h.llm.clone();
+    wait_until("the slow turn reached the model", || {
+        llm.request_count() > calls
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    let (status, out, stderr) =
+        common::run_cli_async(&h.home, &["users", "reset", "telegram_1001", "--yes"]).await;
+    assert!(status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the CLI waited for the model instead of stopping the turn"
+    );
+    assert!(
+        out.contains("a running turn was stopped"),
+        "{out}\n{stderr}"
+    );
+    let user = moltmate_core::UserId::new("telegram_1001").unwrap();
+    let gateway = h.built.gateway.clone();
+    wait_until("the worker is gone", || !gateway.has_worker(&user)).await;
+    assert!(h
+        .built
+        .store
+        .user_transcripts(&user)
+        .await
+        .unwrap()
+        .is_empty());
+
+    h.telegram.push_text(1001, "fresh start");
+    let replies = h.expect_reply(1001, 2).await;
+    assert_eq!(replies[1], "echo: fresh start");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let replies: Vec<String> = h
+        .telegram
+        .sent_messages()
+        .into_iter()
+        .filter(|m| m.chat_id == "1001")
+        .map(|m| m.text)
+        .collect();
+    assert!(
+        !replies.iter().any(|r| r.contains("too late")),
+        "{replies:?}"
+    );
+    let transcript = format!("{:?}", h.built.store.user_transcripts(&user).await.unwrap());
+    assert!(
+        transcript.contains("fresh start") && !transcript.contains("slow question"),
+        "{transcript}"
+    );
+    h.stop().await;
+}

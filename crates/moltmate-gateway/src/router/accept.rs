@@ -155,7 +155,7 @@ async fn accept_counted(
                 None => Ok(Accepted::Duplicate),
                 Some(inbox_id) => {
                     if let Some(waiter) = waiter {
-                        lock(&inner.waiters).insert(inbox_id, waiter);
+                        lock(&inner.waiters).insert(inbox_id, (user.clone(), waiter));
                     }
                     wake_worker(inner, &user);
                     Ok(Accepted::Queued)

@@ -6,6 +6,7 @@ use moltmate_core::ChannelKind;
 use moltmate_store::{InboxItem, OutboxItem};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::AbortOnDropHandle;
 
 /// How often "typing..." is renewed while a turn runs (Telegram shows it for ~5 s).
 const TYPING_INTERVAL: Duration = Duration::from_secs(4);
@@ -32,7 +33,7 @@ pub(super) async fn finish(
     reply: String,
     usage: TokenUsage,
 ) {
-    if let Some(waiter) = lock(&inner.waiters).remove(&item.id) {
+    if let Some((_, waiter)) = lock(&inner.waiters).remove(&item.id) {
         let _ = waiter.reply.send(Reply {
             text: reply.clone(),
             usage,
@@ -51,21 +52,30 @@ pub(super) async fn finish(
     }
 }
 
+/// Keeps "typing..." up until the returned handle is dropped (also when the turn's task is
+/// aborted because its user was removed).
 pub(super) fn start_typing(
     inner: &Arc<Inner>,
     channel: ChannelKind,
     chat_id: &str,
-) -> Option<tokio::task::JoinHandle<()>> {
+) -> Option<AbortOnDropHandle<()>> {
     let channel = Arc::clone(inner.channels.get(&channel)?);
     let chat_id = chat_id.to_string();
-    Some(tokio::spawn(async move {
+    Some(AbortOnDropHandle::new(tokio::spawn(async move {
         loop {
             if let Err(e) = channel.send_typing(&chat_id).await {
                 tracing::debug!(error = %e, "typing indicator failed");
             }
             tokio::time::sleep(TYPING_INTERVAL).await;
         }
-    }))
+    })))
+}
+
+/// A turn or command of a user who was removed or reset while it ran: nothing was committed,
+/// nothing is delivered, and a caller still waiting gets no answer.
+pub(super) fn discard(inner: &Inner, item: &InboxItem) {
+    lock(&inner.waiters).remove(&item.id);
+    tracing::info!(user = %item.user, "a message's user was removed or reset while it was answered; nothing of it was kept");
 }
 
 /// Sends one outbox row: `sending` is committed before the channel sees it, so a crash in

@@ -17,11 +17,17 @@
 //!   ([`moltmate_core::blocking::run`]); a step that overruns fails that user's turn with a
 //!   clear message, never the runtime.
 //! * [`delivery`] — committed replies to the waiting caller and the channel (at most once).
+//! * [`user_events`] — users removed or reset by the CLI (another process): their worker,
+//!   running turn, waiters, notices and sandboxes are stopped, and they are held back until the
+//!   CLI has wiped their files.
 
 mod accept;
 mod delivery;
 mod files;
+mod user_events;
 mod worker;
+
+pub use user_events::{HOLD_MAX as USER_HOLD_MAX, POLL as USER_EVENTS_POLL};
 
 use crate::agent::{ModelCaller, ToolBox};
 use crate::settings::{GatewaySettings, SandboxIdPolicy};
@@ -65,10 +71,12 @@ struct Waiter {
 }
 
 /// A user's worker: woken by `notify`; `dirty` closes the race between a message arriving and
-/// the idle worker deciding to exit (both happen under the `workers` lock).
+/// the idle worker deciding to exit (both happen under the `workers` lock). `task` is how an
+/// ended user's worker is aborted.
 struct WorkerSlot {
     notify: Notify,
     dirty: AtomicBool,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 struct Inner {
@@ -81,7 +89,8 @@ struct Inner {
     sandbox: Option<Arc<dyn Sandbox>>,
     disk_caps: Option<Arc<dyn DiskCaps>>,
     workers: Mutex<HashMap<UserId, Arc<WorkerSlot>>>,
-    waiters: Mutex<HashMap<i64, Waiter>>,
+    /// Callers waiting for the answer to an inbox row, with the row's user.
+    waiters: Mutex<HashMap<i64, (UserId, Waiter)>>,
     turn_permits: Semaphore,
     shutdown: Shutdown,
     tasks: TaskTracker,
@@ -89,6 +98,8 @@ struct Inner {
     strangers: crate::strangers::Strangers,
     /// Queue-full and budget notices already given.
     notices: crate::limits::Notices,
+    /// Users being removed or reset (see [`user_events`]).
+    endings: user_events::Endings,
 }
 
 /// The running gateway. Cheap to clone.
@@ -142,6 +153,7 @@ impl Gateway {
                 metrics: Arc::new(crate::metrics::Metrics::new()),
                 strangers: crate::strangers::Strangers::new(),
                 notices: crate::limits::Notices::default(),
+                endings: user_events::Endings::new(),
             }),
         }
     }
@@ -171,6 +183,32 @@ impl Gateway {
     /// Number of users with a live worker task.
     pub fn active_workers(&self) -> usize {
         lock(&self.inner.workers).len()
+    }
+
+    /// Whether `user` has a live worker task.
+    pub fn has_worker(&self, user: &UserId) -> bool {
+        lock(&self.inner.workers).contains_key(user)
+    }
+
+    /// Number of users held back while their removal or reset is under way.
+    pub fn held_users(&self) -> usize {
+        self.inner.endings.held_count()
+    }
+
+    /// Starts acting on users removed or reset by another process (`moltmate users
+    /// remove/reset`): reads where to start, holds back users whose ending is still under way,
+    /// and spawns the watcher (one indexed read every [`USER_EVENTS_POLL`]). Call once, after
+    /// building and before [`Gateway::recover`].
+    pub async fn watch_user_events(&self) -> Result<(), StoreError> {
+        user_events::start(&self.inner).await
+    }
+
+    /// Stops everything of `user` in this gateway right away (worker, running turn, waiters,
+    /// notices, sandboxes) and holds them back until a `settled` user event: what the watcher
+    /// does for an ending another process committed. For an in-process caller that ended the
+    /// user in the store itself.
+    pub async fn end_user(&self, user: &UserId) {
+        user_events::end_user(&self.inner, user).await
     }
 
     /// Crash recovery: sends replies that were committed but not handed to their channel, and
@@ -258,6 +296,9 @@ impl Gateway {
     /// Ensures the user's home exists (owned by their sandbox ids), with persona files when it
     /// is new. The file work runs on the blocking pool with a deadline.
     pub async fn ensure_home(&self, user: &UserId) -> Result<UserHome, String> {
+        if self.inner.endings.is_held(user) {
+            return Err(format!("{user} is being removed or reset"));
+        }
         let ids = sandbox_ids(&self.inner, user)
             .await
             .map_err(|e| e.to_string())?;

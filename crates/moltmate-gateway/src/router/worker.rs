@@ -6,7 +6,7 @@
 //! finished — not retried, since the same files would fail the same way on every retry and
 //! after every restart. Only storage errors leave a row pending for a retry.
 
-use super::delivery::{finish, pushed_reply, start_typing};
+use super::delivery::{discard, finish, pushed_reply, start_typing};
 use super::files::{self, PersonaFiles};
 use super::{lock, Inner, WorkerSlot};
 use crate::agent::{run_turn, Turn};
@@ -17,12 +17,13 @@ use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas, TokenUsage
 use moltmate_core::sandbox::{SandboxIds, WorkspaceAccess};
 use moltmate_core::tool::ToolContext;
 use moltmate_core::{blocking, UserId};
-use moltmate_store::{InboxItem, StoreError, TurnRecord};
+use moltmate_store::{Completion, InboxItem, InboxState, StoreError, TurnRecord};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
+use tokio_util::task::AbortOnDropHandle;
 
 /// How often a worker looks again when another process (`moltmate chat`) holds the user.
 const LOCK_POLL: Duration = Duration::from_millis(100);
@@ -57,8 +58,13 @@ impl TurnError {
 struct WorkerState {
     /// Skipped files already in the operator's log (each is logged at `warn` once).
     reported: HashSet<String>,
+    /// Sandbox prewarms started by this worker's turns: aborted with the worker (an ended
+    /// user's prewarm must not create a container after their sandboxes were removed).
+    prewarms: Vec<AbortOnDropHandle<()>>,
 }
 
+/// Starts the user's worker, or wakes it. A user being removed or reset gets none: their
+/// messages wait in the inbox until the ending settles (see `user_events`).
 pub(super) fn wake_worker(inner: &Arc<Inner>, user: &UserId) {
     let mut workers = lock(&inner.workers);
     if let Some(slot) = workers.get(user) {
@@ -66,18 +72,32 @@ pub(super) fn wake_worker(inner: &Arc<Inner>, user: &UserId) {
         slot.notify.notify_one();
         return;
     }
+    if inner.endings.is_held(user) {
+        return;
+    }
     let slot = Arc::new(WorkerSlot {
         notify: Notify::new(),
         dirty: AtomicBool::new(true),
+        task: std::sync::Mutex::new(None),
     });
-    workers.insert(user.clone(), Arc::clone(&slot));
-    inner.metrics.active_users.set(workers.len() as i64);
-    drop(workers);
     let inner_for_task = Arc::clone(inner);
-    let user = user.clone();
-    inner
+    let for_task = (user.clone(), Arc::clone(&slot));
+    // Spawned under the `workers` lock, so the task cannot leave the map before it is in it.
+    let task = inner
         .tasks
-        .spawn(async move { worker(inner_for_task, user, slot).await });
+        .spawn(async move { worker(inner_for_task, for_task.0, for_task.1).await });
+    *lock(&slot.task) = Some(task);
+    workers.insert(user.clone(), slot);
+    inner.metrics.active_users.set(workers.len() as i64);
+}
+
+/// Takes the worker's slot out of the map, if it is still this worker's.
+fn leave(inner: &Inner, user: &UserId, slot: &Arc<WorkerSlot>) {
+    let mut workers = lock(&inner.workers);
+    if workers.get(user).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+        workers.remove(user);
+    }
+    inner.metrics.active_users.set(workers.len() as i64);
 }
 
 /// Takes the user's lock without holding a thread while another process has it: a
@@ -112,7 +132,7 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
         slot.dirty.store(false, Ordering::SeqCst);
         loop {
             if inner.shutdown.is_cancelled() {
-                lock(&inner.workers).remove(&user);
+                leave(&inner, &user, &slot);
                 return;
             }
             let batch = match inner.store.pending_inbox(&user, 16).await {
@@ -141,9 +161,19 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
                         break;
                     }
                 };
-                match inner.store.inbox_is_pending(item.id).await {
-                    Ok(true) => {}
-                    Ok(false) => continue,
+                match inner
+                    .store
+                    .inbox_state(item.id, inner.endings.handled())
+                    .await
+                {
+                    Ok(InboxState::Pending) => {}
+                    Ok(InboxState::Done) => continue,
+                    Ok(InboxState::UserEnding) => {
+                        // Removed or reset a moment ago: nothing more runs for this user here;
+                        // the watcher holds them until the ending settles, then starts afresh.
+                        leave(&inner, &user, &slot);
+                        return;
+                    }
                     Err(e) => {
                         tracing::error!(user = %user, error = %e, "could not read the inbox; retrying");
                         break;
@@ -176,13 +206,15 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
             _ = tokio::time::sleep(inner.settings.worker_idle) => {
                 let mut workers = lock(&inner.workers);
                 if !slot.dirty.load(Ordering::SeqCst) {
-                    workers.remove(&user);
+                    if workers.get(&user).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                        workers.remove(&user);
+                    }
                     inner.metrics.active_users.set(workers.len() as i64);
                     return;
                 }
             }
             _ = inner.shutdown.cancelled() => {
-                lock(&inner.workers).remove(&user);
+                leave(&inner, &user, &slot);
                 return;
             }
         }
@@ -195,12 +227,27 @@ async fn answer_failure(
     item: &InboxItem,
     text: String,
 ) -> Result<(), TurnError> {
-    let outbox = inner
+    let completion = inner
         .store
         .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, item, &text))
         .await?;
-    finish(inner, item, outbox, text, TokenUsage::default()).await;
+    finish_or_discard(inner, item, completion, text, TokenUsage::default()).await;
     Ok(())
+}
+
+/// Hands a committed reply on; one whose row was gone (its user was removed or reset while it
+/// was answered) is dropped.
+async fn finish_or_discard(
+    inner: &Arc<Inner>,
+    item: &InboxItem,
+    completion: Completion,
+    text: String,
+    usage: TokenUsage,
+) {
+    match completion {
+        Completion::Committed(outbox) => finish(inner, item, outbox, text, usage).await,
+        Completion::Discarded => discard(inner, item),
+    }
 }
 
 /// The note added to a reply when some of the user's files were left out.
@@ -377,11 +424,11 @@ async fn handle_item(
         _ => None,
     };
     if let Some(text) = command_reply {
-        let outbox = inner
+        let completion = inner
             .store
             .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, item, &text))
             .await?;
-        finish(inner, item, outbox, text, TokenUsage::default()).await;
+        finish_or_discard(inner, item, completion, text, TokenUsage::default()).await;
         return Ok(());
     }
 
@@ -405,11 +452,11 @@ async fn handle_item(
                 .notices
                 .budget_notice_due(&item.user, std::time::Instant::now())
         });
-        let outbox = inner
+        let completion = inner
             .store
             .finish_inbox_with_reply(item.id, &item.user, pushed)
             .await?;
-        finish(inner, item, outbox, text, TokenUsage::default()).await;
+        finish_or_discard(inner, item, completion, text, TokenUsage::default()).await;
         return Ok(());
     }
 
@@ -452,7 +499,8 @@ async fn handle_item(
         exec: user_settings.exec.clone(),
     };
     if inner.settings.prewarm_sandboxes && user_settings.tools.iter().any(|t| t == "exec") {
-        prewarm_sandbox(inner, &context);
+        state.prewarms.retain(|p| !p.is_finished());
+        state.prewarms.extend(prewarm_sandbox(inner, &context));
     }
     // History in a bounded page: the newest rows the context window can hold.
     let mut prompt =
@@ -513,7 +561,7 @@ async fn handle_item(
     let skipped = std::mem::take(&mut prompt.problems);
     let deltas: Arc<dyn DeltaSink> = lock(&inner.waiters)
         .get(&item.id)
-        .map(|w| Arc::clone(&w.deltas))
+        .map(|(_, w)| Arc::clone(&w.deltas))
         .unwrap_or_else(|| Arc::new(IgnoreDeltas));
 
     let typing = start_typing(inner, item.channel, &item.chat_id);
@@ -534,9 +582,7 @@ async fn handle_item(
         budget: Some(&guard),
     })
     .await;
-    if let Some(typing) = typing {
-        typing.abort();
-    }
+    drop(typing);
 
     let mut usage = compaction_usage;
     usage.extend(result.usage);
@@ -555,7 +601,7 @@ async fn handle_item(
     if !skipped.is_empty() {
         reply = format!("{reply}\n\n{}", skipped_note(&language, &skipped));
     }
-    let outbox = inner
+    let completion = inner
         .store
         .complete_turn(TurnRecord {
             inbox_id: item.id,
@@ -566,24 +612,23 @@ async fn handle_item(
             usage,
         })
         .await?;
-    finish(inner, item, outbox, reply, total).await;
+    finish_or_discard(inner, item, completion, reply, total).await;
     Ok(())
 }
 
 /// Starts the user's sandbox in the background while the model thinks, so a first `exec` in
 /// this turn does not wait for a container to start. Best effort: a failure here surfaces
-/// (and is reported properly) when `exec` itself runs.
-fn prewarm_sandbox(inner: &Arc<Inner>, context: &ToolContext) {
-    let Some(sandbox) = inner.sandbox.clone() else {
-        return;
-    };
+/// (and is reported properly) when `exec` itself runs. The prewarm is aborted when the
+/// returned handle is dropped (with the worker, when the user is removed).
+fn prewarm_sandbox(inner: &Arc<Inner>, context: &ToolContext) -> Option<AbortOnDropHandle<()>> {
+    let sandbox = inner.sandbox.clone()?;
     let request = context.exec_request(
         moltmate_core::sandbox::ExecCommand::Argv(vec!["true".to_string()]),
         Duration::from_secs(1),
     );
-    inner.tasks.spawn(async move {
+    Some(AbortOnDropHandle::new(inner.tasks.spawn(async move {
         if let Err(e) = sandbox.prewarm(&request).await {
             tracing::debug!(user = %request.user, error = %e, "sandbox prewarm failed");
         }
-    });
+    })))
 }

@@ -26,8 +26,15 @@ impl Fixture {
         self.users().join(user)
     }
 
+    /// A context for `user`, whose home exists (the gateway makes it before a turn).
     pub fn ctx(&self, user: &str) -> ToolContext {
         let id = UserId::new(user).unwrap();
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(self.home(user))
+            .unwrap();
         ToolContext {
             user: id.clone(),
             home: UserHome::new(&self.users(), &id),

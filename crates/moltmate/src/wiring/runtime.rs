@@ -183,6 +183,12 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         disk_caps,
         shutdown: shutdown.clone(),
     });
+    // Users removed or reset by `moltmate users ...` (another process) are stopped here too;
+    // before recovery starts any worker, users whose ending is under way are held back.
+    gateway
+        .watch_user_events()
+        .await
+        .context("reading user events")?;
     Ok(Built {
         gateway,
         shutdown,

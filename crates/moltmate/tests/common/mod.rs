@@ -155,6 +155,25 @@ impl Harness {
         }
     }
 
+    /// Starts the web server (UI, API) of this gateway on its configured port (give it
+    /// [`free_port`]). Returns its base URL.
+    pub async fn start_web(&self) -> String {
+        let config = wiring::load_config(&self.home).expect("test config loads");
+        wiring::start_web(&self.home, &config, &self.built)
+            .await
+            .expect("the web server starts")
+    }
+
+    /// Stops the gateway without removing its sandboxes, as production does on shutdown (they
+    /// are adopted by the next start, or pruned). Returns the temporary directory.
+    pub async fn stop_keeping_sandboxes(self) -> tempfile::TempDir {
+        self.built.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.channels).await;
+        self.built.gateway.drain(Duration::from_secs(5)).await;
+        drop(self.built);
+        self.dir
+    }
+
     /// Stops the gateway; returns the temporary directory so a test can keep using the home.
     pub async fn stop(self) -> tempfile::TempDir {
         self.built.shutdown.cancel();
@@ -204,6 +223,85 @@ pub fn run_cli(home: &Path, args: &[&str]) -> (std::process::ExitStatus, String,
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// A TCP port of 127.0.0.1 that was free a moment ago (for `gateway.port`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// [`run_cli`] off the async runtime (the command may wait for the gateway running in this
+/// process).
+pub async fn run_cli_async(
+    home: &Path,
+    args: &[&str],
+) -> (std::process::ExitStatus, String, String) {
+    let home = home.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_cli(&home, &args)
+    })
+    .await
+    .expect("the CLI task runs")
+}
+
+/// Every row of the database (at `home`) that names `user` in a `user_id` column, by table,
+/// except the tables listed in `allowed`.
+pub fn rows_naming(home: &Path, user: &str, allowed: &[&str]) -> Vec<(String, i64)> {
+    let db = rusqlite::Connection::open_with_flags(
+        home.join("moltmate.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("the database opens");
+    let tables: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut found = Vec::new();
+    for table in tables {
+        if allowed.contains(&table.as_str()) {
+            continue;
+        }
+        let columns: Vec<String> = db
+            .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for column in ["user_id", "id", "name"] {
+            if !columns.iter().any(|c| c == column) {
+                continue;
+            }
+            // `id` names a user only in `users`; `name` only in `sandbox_ids` (live rows).
+            let filter = match (table.as_str(), column) {
+                ("users", "id") => "id = ?1".to_string(),
+                ("sandbox_ids", "name") => {
+                    "kind = 'user' AND name = ?1 AND retired_at IS NULL".to_string()
+                }
+                (_, "user_id") => "user_id = ?1".to_string(),
+                _ => continue,
+            };
+            let count: i64 = db
+                .query_row(
+                    &format!("SELECT COUNT(*) FROM {table} WHERE {filter}"),
+                    [user],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            if count > 0 {
+                found.push((table.clone(), count));
+            }
+        }
+    }
+    found
 }
 
 /// The bound every hostile test holds a bystander to: within 2× their normal answer time
