@@ -866,6 +866,9 @@ pub struct WebSearchConfig {
     /// The whole search (connect, a rate-limit wait, the answer) must finish within this, 1 to
     /// 60. Default 10.
     pub timeout_seconds: u64,
+    /// Searches one user may run per hour, 1 to 10000. Default 60: the service's quota and
+    /// rate limit are shared by everyone.
+    pub per_user_per_hour: u64,
 }
 
 impl Default for WebSearchConfig {
@@ -877,6 +880,7 @@ impl Default for WebSearchConfig {
             api_key: None,
             max_results: 5,
             timeout_seconds: 10,
+            per_user_per_hour: 60,
         }
     }
 }

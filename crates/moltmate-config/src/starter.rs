@@ -153,9 +153,11 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
         // apiKey: "${BRAVE_API_KEY}",
         // SearXNG: your instance, e.g. "http://127.0.0.1:8080" (Brave needs no baseUrl).
         // baseUrl: "http://127.0.0.1:8080",
-        // Results per search (1-20) and the time one search may take (1-60 s).
+        // Results per search (1-20), the time one search may take (1-60 s), and searches per
+        // user and hour (the service's quota is shared by everyone).
         maxResults: 5,
         timeoutSeconds: 10,
+        perUserPerHour: 60,
       },
     },
   },

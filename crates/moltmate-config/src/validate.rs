@@ -457,6 +457,12 @@ fn web_search(config: &Config) -> Result<(), Failure> {
     let s = &config.tools.web.search;
     in_range(&format!("{KEY}.maxResults"), s.max_results, 1, 20)?;
     in_range(&format!("{KEY}.timeoutSeconds"), s.timeout_seconds, 1, 60)?;
+    in_range(
+        &format!("{KEY}.perUserPerHour"),
+        s.per_user_per_hour,
+        1,
+        10_000,
+    )?;
     if s.api_key.as_ref().is_some_and(|k| k.is_empty()) {
         return Err(rule(format!("{KEY}.apiKey"), "must not be empty"));
     }

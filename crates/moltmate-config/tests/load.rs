@@ -1016,7 +1016,10 @@ fn web_search_is_off_by_default_and_validated_when_configured() {
     let s = &c.tools.web.search;
     assert!(!s.enabled);
     assert_eq!(s.provider, SearchProvider::Brave);
-    assert_eq!((s.max_results, s.timeout_seconds), (5, 10));
+    assert_eq!(
+        (s.max_results, s.timeout_seconds, s.per_user_per_hour),
+        (5, 10, 60)
+    );
     assert_eq!(
         s.effective_base_url().as_deref(),
         Some("https://api.search.brave.com/res/v1")
@@ -1033,6 +1036,11 @@ fn web_search_is_off_by_default_and_validated_when_configured() {
         "{tools: {web: {search: {maxResults: 21}}}}",
         "tools.web.search.maxResults",
         "from 1 to 20",
+    );
+    assert_err(
+        "{tools: {web: {search: {perUserPerHour: 0}}}}",
+        "tools.web.search.perUserPerHour",
+        "from 1 to 10000",
     );
     assert_err(
         "{tools: {web: {search: {timeoutSeconds: 0}}}}",

@@ -546,10 +546,10 @@ fn web_search() -> impl Strategy<Value = Value> {
         (host, prop::option::of(1u16..=u16::MAX), any::<bool>()),
         prop::option::of("[a-zA-Z0-9_-]{1,40}"),
         1u64..=20,
-        1u64..=60,
+        (1u64..=60, 1u64..=10_000),
     )
         .prop_map(
-            |(enabled, brave, (host, port, https), key, max_results, timeout)| {
+            |(enabled, brave, (host, port, https), key, max_results, (timeout, per_user))| {
                 let port = port.map(|p| format!(":{p}")).unwrap_or_default();
                 let loopback = matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]");
                 let scheme = if https || (brave && !loopback) {
@@ -563,6 +563,7 @@ fn web_search() -> impl Strategy<Value = Value> {
                     "baseUrl": format!("{scheme}://{host}{port}"),
                     "maxResults": max_results,
                     "timeoutSeconds": timeout,
+                    "perUserPerHour": per_user,
                 });
                 if brave {
                     search["apiKey"] = json!(key.unwrap_or_else(|| "k".to_string()));
@@ -813,6 +814,7 @@ const SCHEMA_KEYS: &[&str] = &[
     "search",
     "provider",
     "maxResults",
+    "perUserPerHour",
     "logging",
     "level",
     "format",

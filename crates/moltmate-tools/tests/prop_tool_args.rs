@@ -244,6 +244,7 @@ fn tools() -> Tools {
         },
         max_results: 5,
         timeout: Duration::from_secs(2),
+        per_user_per_hour: u32::MAX,
     })
     .unwrap();
     let tools: Vec<(&'static str, Box<dyn Tool>)> = vec![

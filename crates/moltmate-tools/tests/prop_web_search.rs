@@ -51,6 +51,7 @@ fn services() -> &'static Services {
                 provider,
                 max_results: MAX,
                 timeout: Duration::from_secs(10),
+                per_user_per_hour: u32::MAX,
             })
             .unwrap()
         };

@@ -29,6 +29,7 @@ fn brave_tool(
         },
         max_results,
         timeout,
+        per_user_per_hour: 1000,
     })
     .unwrap()
 }
@@ -40,6 +41,7 @@ fn searxng_tool(fake: &FakeSearch, max_results: usize) -> WebSearchTool {
         },
         max_results,
         timeout: Duration::from_secs(5),
+        per_user_per_hour: 1000,
     })
     .unwrap()
 }
@@ -464,4 +466,40 @@ async fn searxng_rate_limits_and_odd_results_are_handled() {
         "{out}"
     );
     assert!(out.contains("3. C\n   https://c.example/\n   c\n"), "{out}");
+}
+
+#[tokio::test]
+async fn one_user_cannot_use_up_the_services_quota() {
+    let fake = FakeSearch::brave(KEY).await;
+    let tool = WebSearchTool::new(WebSearchSettings {
+        provider: SearchProviderSettings::Brave {
+            base_url: Url::parse(&fake.base_url()).unwrap(),
+            api_key: SearchApiKey::new(KEY),
+        },
+        max_results: 3,
+        timeout: Duration::from_secs(5),
+        per_user_per_hour: 3,
+    })
+    .unwrap();
+    let fx = Fixture::new();
+    for _ in 0..3 {
+        tool.call(&fx.ctx("anna"), json!({ "query": "loop" }))
+            .await
+            .unwrap();
+    }
+    for _ in 0..20 {
+        match tool.call(&fx.ctx("anna"), json!({ "query": "loop" })).await {
+            Err(ToolError::Refused(message)) => {
+                assert!(message.contains("this hour's 3 web searches"), "{message}");
+                assert!(message.contains("minutes"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(fake.request_count(), 3);
+    // Someone else still searches.
+    tool.call(&fx.ctx("ben"), json!({ "query": "mine" }))
+        .await
+        .unwrap();
+    assert_eq!(fake.request_count(), 4);
 }

@@ -148,8 +148,11 @@ fn strip_tags(s: &str) -> String {
             .flatten();
         match close {
             Some(close) => {
-                // A tag separates words (`a<br>b`).
-                out.push(' ');
+                // Other tags separate words (`a<br>b`); inline formatting does not
+                // (`<b>Berlin</b>:` stays `Berlin:`).
+                if !is_inline(&after[..close]) {
+                    out.push(' ');
+                }
                 rest = &after[close + 1..];
             }
             None => {
@@ -160,6 +163,23 @@ fn strip_tags(s: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Whether a tag (what is between `<` and `>`) is inline formatting, which does not separate
+/// words: `b`, `/strong`, `em class="x"`...
+fn is_inline(tag: &str) -> bool {
+    const INLINE: &[&str] = &[
+        "a", "abbr", "b", "bdi", "bdo", "cite", "code", "data", "dfn", "em", "font", "i", "kbd",
+        "mark", "q", "s", "samp", "small", "span", "strong", "sub", "sup", "time", "u", "var",
+    ];
+    let name = tag.strip_prefix('/').unwrap_or(tag);
+    let end = name
+        .find(|c: char| !c.is_ascii_alphanumeric())
+        .unwrap_or(name.len());
+    let name = &name[..end];
+    INLINE
+        .iter()
+        .any(|inline| inline.eq_ignore_ascii_case(name))
 }
 
 /// Characters that change how text is displayed or read without being visible: zero-width
@@ -210,6 +230,11 @@ mod tests {
         // A tag that never ends is text.
         assert_eq!(text("a <b c", 100), "a <b c");
         assert_eq!(text("line<br>break", 100), "line break");
+        assert_eq!(
+            text("in <b>Berlin</b>: <EM class=x>sunny</EM>", 100),
+            "in Berlin: sunny"
+        );
+        assert_eq!(text("cell</td><td>cell", 100), "cell cell");
     }
 
     #[test]

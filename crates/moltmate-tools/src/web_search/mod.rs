@@ -22,6 +22,11 @@
 //! * **The key stays in its header.** [`SearchApiKey`] prints `<redacted>`, the header value is
 //!   marked sensitive, no error is built from a URL, header or body text, and redirects are
 //!   not followed (they would carry the header along).
+//! * **One user cannot use up the operator's quota.** Each user has at most
+//!   `per_user_per_hour` searches (an hour from their first search in it); past that the
+//!   model is told when searching works again. The shared service's quota and rate limit
+//!   (and the local cooldown after a 429) would otherwise let one user's injected loop take
+//!   search from everyone.
 //! * **The operator hears about what only they can fix** (a refused key, JSON not enabled, a
 //!   wrong address): one log line per minute at most, with the service's name and never the
 //!   query.
@@ -35,8 +40,10 @@ use crate::args;
 use async_trait::async_trait;
 use moltmate_core::model::ToolSpec;
 use moltmate_core::tool::{Tool, ToolContext, ToolError, ToolOutput};
+use moltmate_core::UserId;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -62,6 +69,11 @@ pub const MAX_SCANNED: usize = 100;
 const PARSE_DEADLINE: Duration = Duration::from_secs(5);
 /// Operator log lines about one backend's configuration, at most one per this.
 const OPERATOR_LOG_EVERY: Duration = Duration::from_secs(60);
+/// The window of `per_user_per_hour`.
+const USER_WINDOW: Duration = Duration::from_secs(3600);
+/// Users whose searches this hour are remembered at most; past it (with every window still
+/// open) a new user's search is refused until windows close, rather than memory growing.
+const MAX_TRACKED_USERS: usize = 10_000;
 
 /// The Brave API key: printed as `<redacted>`, never displayed, sent only in its header.
 #[derive(Clone)]
@@ -103,6 +115,8 @@ pub struct WebSearchSettings {
     pub max_results: usize,
     /// The whole search (connect, a rate-limit wait, the answer) must finish within this.
     pub timeout: Duration,
+    /// Searches one user may run per hour (at least 1).
+    pub per_user_per_hour: u32,
 }
 
 /// Why a [`WebSearchTool`] could not be built.
@@ -116,6 +130,8 @@ pub enum WebSearchError {
     MaxResults,
     #[error("web_search: the timeout must be longer than zero")]
     ZeroTimeout,
+    #[error("web_search: per_user_per_hour must be at least 1")]
+    ZeroPerUser,
     #[error("web_search: building the HTTP client failed")]
     Client(#[source] reqwest::Error),
 }
@@ -128,6 +144,7 @@ impl WebSearchError {
             | WebSearchError::InvalidApiKey
             | WebSearchError::MaxResults
             | WebSearchError::ZeroTimeout
+            | WebSearchError::ZeroPerUser
             | WebSearchError::Client(_) => false,
         }
     }
@@ -419,12 +436,47 @@ struct SearchArgs {
     count: Option<u64>,
 }
 
+/// Searches per user in a fixed window that opens with their first search.
+#[derive(Debug)]
+struct PerUser {
+    per_window: u32,
+    windows: Mutex<HashMap<UserId, (std::time::Instant, u32)>>,
+}
+
+impl PerUser {
+    /// Counts one search of `user`, or says how long until they may search again.
+    fn take(&self, user: &UserId) -> Result<(), Duration> {
+        self.take_at(user, std::time::Instant::now())
+    }
+
+    fn take_at(&self, user: &UserId, now: std::time::Instant) -> Result<(), Duration> {
+        let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        if windows.len() >= MAX_TRACKED_USERS && !windows.contains_key(user) {
+            windows.retain(|_, (opened, _)| now.duration_since(*opened) < USER_WINDOW);
+            if windows.len() >= MAX_TRACKED_USERS {
+                return Err(USER_WINDOW);
+            }
+        }
+        let (opened, used) = windows.entry(user.clone()).or_insert((now, 0));
+        if now.duration_since(*opened) >= USER_WINDOW {
+            *opened = now;
+            *used = 0;
+        }
+        if *used >= self.per_window {
+            return Err(USER_WINDOW.saturating_sub(now.duration_since(*opened)));
+        }
+        *used += 1;
+        Ok(())
+    }
+}
+
 /// `web_search`.
 #[derive(Clone)]
 pub struct WebSearchTool {
     backend: Arc<dyn SearchBackend>,
     max_results: usize,
     timeout: Duration,
+    per_user: Arc<PerUser>,
     /// When the operator was last told about a problem only they can fix.
     last_operator_log: Arc<Mutex<Option<std::time::Instant>>>,
 }
@@ -435,6 +487,7 @@ impl fmt::Debug for WebSearchTool {
             .field("backend", &self.backend.name())
             .field("max_results", &self.max_results)
             .field("timeout", &self.timeout)
+            .field("per_user_per_hour", &self.per_user.per_window)
             .finish()
     }
 }
@@ -453,7 +506,12 @@ impl WebSearchTool {
                 Arc::new(searxng::Searxng::new(base_url, settings.timeout)?)
             }
         };
-        Self::with_backend(backend, settings.max_results, settings.timeout)
+        Self::with_backend(
+            backend,
+            settings.max_results,
+            settings.timeout,
+            settings.per_user_per_hour,
+        )
     }
 
     /// The tool with any [`SearchBackend`].
@@ -461,6 +519,7 @@ impl WebSearchTool {
         backend: Arc<dyn SearchBackend>,
         max_results: usize,
         timeout: Duration,
+        per_user_per_hour: u32,
     ) -> Result<Self, WebSearchError> {
         if !(1..=MAX_RESULTS).contains(&max_results) {
             return Err(WebSearchError::MaxResults);
@@ -468,10 +527,17 @@ impl WebSearchTool {
         if timeout.is_zero() {
             return Err(WebSearchError::ZeroTimeout);
         }
+        if per_user_per_hour == 0 {
+            return Err(WebSearchError::ZeroPerUser);
+        }
         Ok(WebSearchTool {
             backend,
             max_results,
             timeout,
+            per_user: Arc::new(PerUser {
+                per_window: per_user_per_hour,
+                windows: Mutex::new(HashMap::new()),
+            }),
             last_operator_log: Arc::new(Mutex::new(None)),
         })
     }
@@ -535,7 +601,7 @@ impl Tool for WebSearchTool {
         }
     }
 
-    async fn call(&self, _ctx: &ToolContext, arguments: Value) -> Result<ToolOutput, ToolError> {
+    async fn call(&self, ctx: &ToolContext, arguments: Value) -> Result<ToolOutput, ToolError> {
         let args: SearchArgs = args::parse("web_search", arguments)?;
         let query = SearchQuery::new(&args.query).map_err(ToolError::InvalidArguments)?;
         let count = match args.count {
@@ -549,6 +615,13 @@ impl Tool for WebSearchTool {
                 .unwrap_or(usize::MAX)
                 .min(self.max_results),
         };
+        if let Err(wait) = self.per_user.take(&ctx.user) {
+            return Err(ToolError::Refused(format!(
+                "this person has used this hour's {} web searches; searching works again{}. Answer with what you have.",
+                self.per_user.per_window,
+                wait_hint(Some(wait))
+            )));
+        }
         let deadline = Instant::now() + self.timeout;
         let searched =
             tokio::time::timeout_at(deadline, self.backend.search(&query, count, deadline)).await;
@@ -669,6 +742,7 @@ mod tests {
             },
             max_results: 5,
             timeout: Duration::from_secs(5),
+            per_user_per_hour: 10,
         };
         assert!(!format!("{settings:?}").contains("BSA"));
         let tool = WebSearchTool::new(settings).unwrap();
@@ -690,6 +764,7 @@ mod tests {
                 provider,
                 max_results,
                 timeout,
+                per_user_per_hour: 10,
             })
         };
         assert!(matches!(
@@ -715,6 +790,55 @@ mod tests {
             build(searx, 5, Duration::from_secs(1)),
             Err(WebSearchError::InvalidBaseUrl)
         ));
+    }
+
+    #[test]
+    fn each_user_has_their_own_searches_per_hour() {
+        let limit = PerUser {
+            per_window: 2,
+            windows: Mutex::new(HashMap::new()),
+        };
+        let anna = UserId::new("anna").unwrap();
+        let ben = UserId::new("ben").unwrap();
+        let now = std::time::Instant::now();
+        assert!(limit.take_at(&anna, now).is_ok());
+        assert!(limit.take_at(&anna, now).is_ok());
+        let later = now + Duration::from_secs(600);
+        assert_eq!(
+            limit.take_at(&anna, later),
+            Err(USER_WINDOW - Duration::from_secs(600))
+        );
+        assert!(
+            limit.take_at(&ben, later).is_ok(),
+            "another user is not affected"
+        );
+        // A window that has closed opens anew.
+        assert!(limit.take_at(&anna, now + USER_WINDOW).is_ok());
+    }
+
+    #[test]
+    fn tracked_users_are_bounded() {
+        let limit = PerUser {
+            per_window: 1,
+            windows: Mutex::new(HashMap::new()),
+        };
+        let now = std::time::Instant::now();
+        for i in 0..MAX_TRACKED_USERS {
+            limit
+                .take_at(&UserId::new(format!("u{i}")).unwrap(), now)
+                .unwrap();
+        }
+        let late = UserId::new("late").unwrap();
+        assert!(
+            limit.take_at(&late, now).is_err(),
+            "refused rather than grown"
+        );
+        assert_eq!(limit.windows.lock().unwrap().len(), MAX_TRACKED_USERS);
+        assert!(
+            limit.take_at(&late, now + USER_WINDOW).is_ok(),
+            "closed windows make room"
+        );
+        assert_eq!(limit.windows.lock().unwrap().len(), 1);
     }
 
     #[test]

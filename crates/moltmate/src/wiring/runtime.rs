@@ -111,6 +111,7 @@ fn web_search(config: &Config) -> Result<Option<moltmate_tools::WebSearchTool>> 
         max_results: usize::try_from(search.max_results)
             .unwrap_or(moltmate_tools::web_search::MAX_RESULTS),
         timeout: Duration::from_secs(search.timeout_seconds),
+        per_user_per_hour: u32::try_from(search.per_user_per_hour).unwrap_or(u32::MAX),
     })
     .context("building web_search")?;
     Ok(Some(tool))
