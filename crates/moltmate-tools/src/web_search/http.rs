@@ -13,8 +13,9 @@ use tokio::time::Instant;
 use url::Url;
 
 /// Largest answer accepted from a search service; a larger one is refused, not cut (cut JSON
-/// is no JSON).
-pub const MAX_RESPONSE_BYTES: usize = 2 * 1024 * 1024;
+/// is no JSON). A real answer of 20 results is well under 100 KB; parsed into a JSON tree, an
+/// answer can take several times its size in memory, so the cap is kept small.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Largest error body read (to find a code in it).
 pub(crate) const MAX_ERROR_BYTES: usize = 64 * 1024;
 /// A 429 asking to wait at most this long is retried once; a longer wait is reported.
