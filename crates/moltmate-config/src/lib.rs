@@ -40,6 +40,7 @@ pub use schema::{
     TelegramConfig, ToolName, ToolsConfig, TrustLevel, UidRangeConfig, UserConfig,
     WebChannelConfig, WebFetchConfig, WebToolsConfig,
 };
+pub use schema::{SearchProvider, WebSearchConfig};
 pub use secret::Secret;
 pub use starter::{write_starter_config, STARTER_CONFIG};
 
@@ -53,6 +54,9 @@ use std::path::{Path, PathBuf};
 
 /// File name of the configuration inside the home.
 pub const CONFIG_FILE_NAME: &str = "moltmate.json";
+
+/// The environment variable `web_search` takes its Brave key from when `apiKey` is not set.
+pub const BRAVE_KEY_ENV_VAR: &str = "BRAVE_API_KEY";
 
 /// Configuration files larger than this are refused rather than read into memory.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
@@ -159,16 +163,14 @@ impl Config {
         };
         env::substitute(&mut value, env).map_err(invalid)?;
         let mut config: Config = de::deserialize_typed(value).map_err(invalid)?;
-        validate::validate(&config).map_err(invalid)?;
-        let key_from_env = |api: ProviderApi| {
-            env(api.key_env_var())
-                .filter(|k| !k.is_empty())
-                .map(Secret::new)
-        };
+        let key_from_env = |name: &str| env(name).filter(|k| !k.is_empty()).map(Secret::new);
+        // Before validation: whether `web_search` has a key depends on the environment too.
         config.env_keys = EnvKeys {
-            anthropic: key_from_env(ProviderApi::Anthropic),
-            openai: key_from_env(ProviderApi::Openai),
+            anthropic: key_from_env(ProviderApi::Anthropic.key_env_var()),
+            openai: key_from_env(ProviderApi::Openai.key_env_var()),
+            brave: key_from_env(BRAVE_KEY_ENV_VAR),
         };
+        validate::validate(&config).map_err(invalid)?;
         Ok(config)
     }
 
@@ -222,6 +224,19 @@ impl Config {
         self.resolved_providers()
             .into_iter()
             .find(|p| p.name == name)
+    }
+
+    /// The key `web_search` sends to Brave: `tools.web.search.apiKey`, else `BRAVE_API_KEY`.
+    /// `None` for SearXNG, which takes none.
+    pub fn web_search_api_key(&self) -> Option<Secret> {
+        let search = &self.tools.web.search;
+        match search.provider {
+            SearchProvider::Brave => search
+                .api_key
+                .clone()
+                .or_else(|| self.env_keys.brave.clone()),
+            SearchProvider::Searxng => None,
+        }
     }
 
     fn env_key(&self, api: ProviderApi) -> Option<Secret> {

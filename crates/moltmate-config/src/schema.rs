@@ -49,6 +49,8 @@ pub struct Config {
 pub(crate) struct EnvKeys {
     pub(crate) anthropic: Option<Secret>,
     pub(crate) openai: Option<Secret>,
+    /// `BRAVE_API_KEY`, for `tools.web.search` with provider `brave` and no `apiKey`.
+    pub(crate) brave: Option<Secret>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -672,16 +674,18 @@ pub enum ToolName {
     Exec,
     WebFetch,
     MemorySearch,
+    WebSearch,
 }
 
 impl ToolName {
-    pub const ALL: [ToolName; 6] = [
+    pub const ALL: [ToolName; 7] = [
         ToolName::Read,
         ToolName::Write,
         ToolName::Edit,
         ToolName::Exec,
         ToolName::WebFetch,
         ToolName::MemorySearch,
+        ToolName::WebSearch,
     ];
 
     /// The name the model sees (and `Tool::name()` returns).
@@ -693,6 +697,7 @@ impl ToolName {
             ToolName::Exec => "exec",
             ToolName::WebFetch => "web_fetch",
             ToolName::MemorySearch => "memory_search",
+            ToolName::WebSearch => "web_search",
         }
     }
 }
@@ -783,6 +788,7 @@ impl ExecConfig {
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct WebToolsConfig {
     pub fetch: WebFetchConfig,
+    pub search: WebSearchConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -810,6 +816,81 @@ impl Default for WebFetchConfig {
             max_bytes: 1_048_576,
             timeout_seconds: 20,
         }
+    }
+}
+
+/// The search service behind `web_search`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchProvider {
+    /// The Brave Search API (`X-Subscription-Token`). Default.
+    #[default]
+    Brave,
+    /// A SearXNG instance's JSON API (`/search?format=json`), usually self-hosted.
+    Searxng,
+}
+
+impl SearchProvider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SearchProvider::Brave => "brave",
+            SearchProvider::Searxng => "searxng",
+        }
+    }
+
+    /// The base URL used when `baseUrl` is not set; SearXNG has none (it is self-hosted).
+    pub fn default_base_url(self) -> Option<&'static str> {
+        match self {
+            SearchProvider::Brave => Some("https://api.search.brave.com/res/v1"),
+            SearchProvider::Searxng => None,
+        }
+    }
+}
+
+/// `tools.web.search`: the `web_search` tool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebSearchConfig {
+    /// Default false: searching needs a key (Brave) or an instance (SearXNG), so it is off until
+    /// the operator configures one. Off, `web_search` is offered to nobody.
+    pub enabled: bool,
+    /// Default `brave`.
+    pub provider: SearchProvider,
+    /// Brave: default `https://api.search.brave.com/res/v1`. SearXNG: required, the instance's
+    /// root (`http://127.0.0.1:8080`).
+    pub base_url: Option<String>,
+    /// Brave only. Default: `BRAVE_API_KEY` from the environment.
+    pub api_key: Option<Secret>,
+    /// Results returned at most per search, 1 to 20. Default 5.
+    pub max_results: u64,
+    /// The whole search (connect, a rate-limit wait, the answer) must finish within this, 1 to
+    /// 60. Default 10.
+    pub timeout_seconds: u64,
+    /// Searches one user may run per hour, 1 to 10000. Default 60: the service's quota and
+    /// rate limit are shared by everyone.
+    pub per_user_per_hour: u64,
+}
+
+impl Default for WebSearchConfig {
+    fn default() -> Self {
+        WebSearchConfig {
+            enabled: false,
+            provider: SearchProvider::Brave,
+            base_url: None,
+            api_key: None,
+            max_results: 5,
+            timeout_seconds: 10,
+            per_user_per_hour: 60,
+        }
+    }
+}
+
+impl WebSearchConfig {
+    /// `baseUrl`, or the provider's public endpoint.
+    pub fn effective_base_url(&self) -> Option<String> {
+        self.base_url
+            .clone()
+            .or_else(|| self.provider.default_base_url().map(str::to_string))
     }
 }
 

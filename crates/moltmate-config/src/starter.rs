@@ -115,8 +115,9 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
   },
 
   tools: {
-    // Known tools: read, write, edit, exec, web_fetch, memory_search. deny wins over allow.
-    allow: ["read", "write", "edit", "exec", "web_fetch", "memory_search"],
+    // Known tools: read, write, edit, exec, web_fetch, memory_search, web_search. deny wins
+    // over allow. web_search is only offered once tools.web.search is enabled (below).
+    allow: ["read", "write", "edit", "exec", "web_fetch", "memory_search", "web_search"],
     deny: [],
     exec: {
       // allowlist: only safeBins, no shell; blocklist: shell, blockedBins refused; full: anything
@@ -140,6 +141,23 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
         allowedPorts: [80, 443],
         maxBytes: 1048576,
         timeoutSeconds: 20,
+      },
+      // web_search: titles, links and snippets from a search service. Owners, family and
+      // friends get it; strangers and restricted users never do. Results are handed to the
+      // assistant as untrusted data, never as instructions.
+      search: {
+        enabled: false,
+        // brave (Brave Search API, needs a key) or searxng (your own instance, JSON enabled).
+        provider: "brave",
+        // Brave: the key from https://api-dashboard.search.brave.com (default: BRAVE_API_KEY).
+        // apiKey: "${BRAVE_API_KEY}",
+        // SearXNG: your instance, e.g. "http://127.0.0.1:8080" (Brave needs no baseUrl).
+        // baseUrl: "http://127.0.0.1:8080",
+        // Results per search (1-20), the time one search may take (1-60 s), and searches per
+        // user and hour (the service's quota is shared by everyone).
+        maxResults: 5,
+        timeoutSeconds: 10,
+        perUserPerHour: 60,
       },
     },
   },

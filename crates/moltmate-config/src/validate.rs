@@ -8,7 +8,7 @@
 
 use crate::error::{suggest, Problem};
 use crate::limits::Allowance;
-use crate::schema::{Config, DmPolicy, ProviderApi, SandboxMode, TrustLevel};
+use crate::schema::{Config, DmPolicy, ProviderApi, SandboxMode, SearchProvider, TrustLevel};
 use moltmate_core::{Identity, PeerId, UserId};
 use std::collections::BTreeMap;
 
@@ -447,6 +447,97 @@ fn tools(config: &Config) -> Result<(), Failure> {
     ports("tools.web.fetch.allowedPorts", &f.allowed_ports)?;
     positive("tools.web.fetch.maxBytes", f.max_bytes)?;
     positive("tools.web.fetch.timeoutSeconds", f.timeout_seconds)?;
+    web_search(config)
+}
+
+/// `tools.web.search`. Checked whether or not it is enabled (a file that is wrong stays
+/// wrong when someone flips `enabled`), except the key, which only an enabled Brave search needs.
+fn web_search(config: &Config) -> Result<(), Failure> {
+    const KEY: &str = "tools.web.search";
+    let s = &config.tools.web.search;
+    in_range(&format!("{KEY}.maxResults"), s.max_results, 1, 20)?;
+    in_range(&format!("{KEY}.timeoutSeconds"), s.timeout_seconds, 1, 60)?;
+    in_range(
+        &format!("{KEY}.perUserPerHour"),
+        s.per_user_per_hour,
+        1,
+        10_000,
+    )?;
+    if s.api_key.as_ref().is_some_and(|k| k.is_empty()) {
+        return Err(rule(format!("{KEY}.apiKey"), "must not be empty"));
+    }
+    match s.provider {
+        SearchProvider::Brave => {}
+        SearchProvider::Searxng => {
+            if s.api_key.is_some() {
+                return Err(rule(
+                    format!("{KEY}.apiKey"),
+                    "SearXNG takes no API key; remove apiKey (it is only for provider \"brave\")",
+                ));
+            }
+            if s.base_url.is_none() {
+                return Err(rule(
+                    format!("{KEY}.baseUrl"),
+                    "required for provider \"searxng\": the address of your instance, e.g. \"http://127.0.0.1:8080\"",
+                ));
+            }
+        }
+    }
+    if let Some(base) = &s.base_url {
+        search_base_url(&format!("{KEY}.baseUrl"), base, s.provider)?;
+    }
+    if s.enabled && s.provider == SearchProvider::Brave && config.web_search_api_key().is_none() {
+        return Err(rule(
+            format!("{KEY}.apiKey"),
+            format!(
+                "Brave Search needs an API key: set {} in the environment, or apiKey here (e.g. \"${{{}}}\")",
+                crate::BRAVE_KEY_ENV_VAR,
+                crate::BRAVE_KEY_ENV_VAR
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A search service's base URL: operator config, so any host (a SearXNG next door is usually
+/// on a private address), but only http(s), no credentials, no query; and a Brave key is never
+/// sent unencrypted beyond this machine.
+fn search_base_url(key: &str, text: &str, provider: SearchProvider) -> Result<(), Failure> {
+    let url = url::Url::parse(text).map_err(|e| {
+        rule(
+            key,
+            format!("not a URL ({e}); expected e.g. \"http://127.0.0.1:8080\""),
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || !text.contains("://") {
+        return Err(rule(key, "must start with https:// (or http://)"));
+    }
+    let Some(host) = url.host() else {
+        return Err(rule(key, "needs a host name"));
+    };
+    if url.port() == Some(0) {
+        return Err(rule(key, "port 0 cannot be reached"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(rule(
+            key,
+            "must not contain a user name or password (they would show wherever the URL does)",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(rule(key, "must not have a query (?...) or fragment (#...)"));
+    }
+    let loopback = match host {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    };
+    if provider == SearchProvider::Brave && url.scheme() == "http" && !loopback {
+        return Err(rule(
+            key,
+            "the Brave API key would travel unencrypted; use https:// (http:// only for a loopback address)",
+        ));
+    }
     Ok(())
 }
 

@@ -151,6 +151,7 @@ fn starter_config_with_its_comments_uncommented_still_loads() {
         "MOLTMATE_GATEWAY_TOKEN" => Some("0123456789abcdef0123".to_string()),
         "ANTHROPIC_API_KEY" => Some("sk-ant".to_string()),
         "TELEGRAM_BOT_TOKEN" => Some("1:abc".to_string()),
+        "BRAVE_API_KEY" => Some("brave-key".to_string()),
         _ => None,
     };
     let config = Config::from_json5_str(&text, "starter", &env).unwrap();

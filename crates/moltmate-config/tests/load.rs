@@ -312,7 +312,7 @@ fn unknown_tools_are_refused_with_suggestion() {
     assert_err(
         "{tools: {deny: ['shell']}}",
         "tools.deny[0]",
-        "\"read\", \"write\", \"edit\", \"exec\", \"web_fetch\", \"memory_search\"",
+        "\"read\", \"write\", \"edit\", \"exec\", \"web_fetch\", \"memory_search\", \"web_search\"",
     );
     assert_err(
         "{tools: {deny: ['memory-search']}}",
@@ -1029,4 +1029,130 @@ fn a_fifo_in_the_config_s_place_is_refused_not_waited_on() {
         .expect("load returns instead of waiting for a writer");
     let error = result.unwrap_err();
     assert!(error.contains("not a regular file"), "{error}");
+}
+
+#[test]
+fn web_search_is_off_by_default_and_validated_when_configured() {
+    use moltmate_config::SearchProvider;
+    let c = load("{}").unwrap();
+    let s = &c.tools.web.search;
+    assert!(!s.enabled);
+    assert_eq!(s.provider, SearchProvider::Brave);
+    assert_eq!(
+        (s.max_results, s.timeout_seconds, s.per_user_per_hour),
+        (5, 10, 60)
+    );
+    assert_eq!(
+        s.effective_base_url().as_deref(),
+        Some("https://api.search.brave.com/res/v1")
+    );
+    assert!(c.web_search_api_key().is_none());
+    assert!(c.tools.allow.contains(&ToolName::WebSearch));
+
+    assert_err(
+        "{tools: {web: {search: {enabled: true}}}}",
+        "tools.web.search.apiKey",
+        "BRAVE_API_KEY",
+    );
+    assert_err(
+        "{tools: {web: {search: {maxResults: 21}}}}",
+        "tools.web.search.maxResults",
+        "from 1 to 20",
+    );
+    assert_err(
+        "{tools: {web: {search: {perUserPerHour: 0}}}}",
+        "tools.web.search.perUserPerHour",
+        "from 1 to 10000",
+    );
+    assert_err(
+        "{tools: {web: {search: {timeoutSeconds: 0}}}}",
+        "tools.web.search.timeoutSeconds",
+        "from 1 to 60",
+    );
+    assert_err(
+        "{tools: {web: {search: {provider: 'searx'}}}}",
+        "tools.web.search.provider",
+        "did you mean \"searxng\"?",
+    );
+    assert_err(
+        "{tools: {web: {search: {provider: 'searxng', enabled: true}}}}",
+        "tools.web.search.baseUrl",
+        "required for provider \"searxng\"",
+    );
+    assert_err(
+        "{tools: {web: {search: {provider: 'searxng', baseUrl: 'http://s:8080', apiKey: 'k'}}}}",
+        "tools.web.search.apiKey",
+        "SearXNG takes no API key",
+    );
+    for (base, needle) in [
+        ("ftp://s.example", "https://"),
+        ("s.example:8080", "https://"),
+        ("http://user:pw@s.example", "user name or password"),
+        ("http://s.example/?format=json", "query"),
+        ("http://s.example:0", "port 0"),
+    ] {
+        assert_err(
+            &format!("{{tools: {{web: {{search: {{provider: 'searxng', baseUrl: '{base}'}}}}}}}}"),
+            "tools.web.search.baseUrl",
+            needle,
+        );
+    }
+    // A Brave key never travels in clear text beyond this machine.
+    assert_err(
+        "{tools: {web: {search: {apiKey: 'k', baseUrl: 'http://search.example'}}}}",
+        "tools.web.search.baseUrl",
+        "unencrypted",
+    );
+    assert_err(
+        "{tools: {web: {search: {apiKey: ''}}}}",
+        "tools.web.search.apiKey",
+        "must not be empty",
+    );
+    // A private address is fine for a SearXNG instance: it is the operator's own.
+    let c = load(
+        "{tools: {web: {search: {enabled: true, provider: 'searxng', baseUrl: 'http://10.0.0.7:8080'}}}}",
+    )
+    .unwrap();
+    assert!(c.tools.web.search.enabled);
+    assert!(c.web_search_api_key().is_none());
+    load("{tools: {web: {search: {enabled: true, apiKey: 'k', baseUrl: 'http://127.0.0.1:9'}}}}")
+        .unwrap();
+}
+
+#[test]
+fn web_search_takes_its_brave_key_from_the_environment_and_never_shows_it() {
+    let env = |name: &str| (name == "BRAVE_API_KEY").then(|| "BSA-from-env".to_string());
+    let c = Config::from_json5_str("{tools: {web: {search: {enabled: true}}}}", "m.json", &env)
+        .unwrap();
+    assert_eq!(
+        c.web_search_api_key().map(|k| k.expose().to_string()),
+        Some("BSA-from-env".to_string())
+    );
+    assert!(!format!("{c:?}").contains("BSA-from-env"));
+    // The file's key wins, and an empty variable counts as unset.
+    let c = Config::from_json5_str(
+        "{tools: {web: {search: {enabled: true, apiKey: 'BSA-file'}}}}",
+        "m.json",
+        &env,
+    )
+    .unwrap();
+    assert_eq!(c.web_search_api_key().unwrap().expose(), "BSA-file");
+    let empty = |name: &str| (name == "BRAVE_API_KEY").then(String::new);
+    let e = Config::from_json5_str(
+        "{tools: {web: {search: {enabled: true}}}}",
+        "m.json",
+        &empty,
+    )
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(e.key_path(), Some("tools.web.search.apiKey"));
+    // A mistyped key is not echoed.
+    let e = Config::from_json5_str(
+        "{tools: {web: {search: {apiKey: 12345678}}}}",
+        "m.json",
+        &env,
+    )
+    .map(|_| ())
+    .unwrap_err();
+    assert!(!e.to_string().contains("12345678"), "{e}");
 }

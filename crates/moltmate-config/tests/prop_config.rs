@@ -476,6 +476,7 @@ fn tools() -> impl Strategy<Value = Value> {
         "exec",
         "web_fetch",
         "memory_search",
+        "web_search",
     ]);
     (
         prop::collection::vec(tool.clone(), 0..6),
@@ -492,6 +493,7 @@ fn tools() -> impl Strategy<Value = Value> {
             1u64..=u64::MAX,
             1u64..=u64::MAX,
         ),
+        web_search(),
     )
         .prop_map(
             |(
@@ -501,6 +503,7 @@ fn tools() -> impl Strategy<Value = Value> {
                 (safe, blocked),
                 (a, b),
                 (fetch, domains, max_bytes, fetch_timeout),
+                search,
             )| {
                 let mut web = json!({
                     "enabled": fetch,
@@ -520,8 +523,52 @@ fn tools() -> impl Strategy<Value = Value> {
                         "timeoutSeconds": a.min(b),
                         "maxTimeoutSeconds": a.max(b),
                     },
-                    "web": {"fetch": web},
+                    "web": {"fetch": web, "search": search},
                 })
+            },
+        )
+}
+
+/// `tools.web.search`: Brave (with a key when enabled, https or loopback http) or SearXNG
+/// (with an instance address, any host, no key).
+fn web_search() -> impl Strategy<Value = Value> {
+    let host = prop_oneof![
+        // A letter starts the last label, so the URL parser never reads it as an address.
+        "([a-z0-9]{1,8}\\.){0,3}[a-z]([a-z0-9-]{0,8}[a-z0-9])?",
+        Just("127.0.0.1".to_string()),
+        Just("localhost".to_string()),
+        Just("[::1]".to_string()),
+        Just("10.0.0.7".to_string()),
+    ];
+    (
+        any::<bool>(),
+        any::<bool>(),
+        (host, prop::option::of(1u16..=u16::MAX), any::<bool>()),
+        prop::option::of("[a-zA-Z0-9_-]{1,40}"),
+        1u64..=20,
+        (1u64..=60, 1u64..=10_000),
+    )
+        .prop_map(
+            |(enabled, brave, (host, port, https), key, max_results, (timeout, per_user))| {
+                let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+                let loopback = matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]");
+                let scheme = if https || (brave && !loopback) {
+                    "https"
+                } else {
+                    "http"
+                };
+                let mut search = json!({
+                    "enabled": enabled,
+                    "provider": if brave { "brave" } else { "searxng" },
+                    "baseUrl": format!("{scheme}://{host}{port}"),
+                    "maxResults": max_results,
+                    "timeoutSeconds": timeout,
+                    "perUserPerHour": per_user,
+                });
+                if brave {
+                    search["apiKey"] = json!(key.unwrap_or_else(|| "k".to_string()));
+                }
+                search
             },
         )
 }
@@ -662,6 +709,7 @@ const SECTIONS: &[&str] = &[
     "tools.exec",
     "tools.web",
     "tools.web.fetch",
+    "tools.web.search",
     "logging",
     "onboarding",
     "session",
@@ -763,6 +811,10 @@ const SCHEMA_KEYS: &[&str] = &[
     "maxTimeoutSeconds",
     "fetch",
     "maxBytes",
+    "search",
+    "provider",
+    "maxResults",
+    "perUserPerHour",
     "logging",
     "level",
     "format",

@@ -26,7 +26,7 @@ pub struct UserSettings {
 impl Default for UserSettings {
     fn default() -> Self {
         UserSettings {
-            tools: ["read", "write", "edit", "exec", "web_fetch"]
+            tools: ["read", "write", "edit", "exec", "web_fetch", "web_search"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),

@@ -1,11 +1,11 @@
-//! The tools offered to the model: `read`, `write`, `edit`, `exec` and `web_fetch`. Which of
-//! them a user is offered (and may call) is decided per user by the gateway's `ToolBox` from
-//! `tools.allow` / `tools.deny` and the user's trust level.
+//! The tools offered to the model: `read`, `write`, `edit`, `exec`, `web_fetch` and
+//! `web_search`. Which of them a user is offered (and may call) is decided per user by the
+//! gateway's `ToolBox` from `tools.allow` / `tools.deny` and the user's trust level.
 //!
 //! Every tool trusts nothing in its arguments: file paths are resolved by the kernel beneath the
 //! caller's home or family folder (`openat2` with `RESOLVE_BENEATH`), commands run only in the caller's sandbox after the
-//! exec policy vetted them, and fetches reach only public addresses, re-checked after DNS and on
-//! every redirect.
+//! exec policy vetted them, fetches reach only public addresses, re-checked after DNS and on
+//! every redirect, and searches send only an encoded query to the operator's search service.
 
 mod args;
 mod exec;
@@ -13,6 +13,7 @@ mod files;
 pub mod html;
 mod paths;
 mod web_fetch;
+pub mod web_search;
 
 pub use exec::{ExecTool, NO_SANDBOX_MESSAGE};
 pub use files::{
@@ -20,3 +21,7 @@ pub use files::{
     READ_OUTPUT_CAP, READ_SCAN_MAX, WRITE_MAX_BYTES,
 };
 pub use web_fetch::{WebFetchError, WebFetchSettings, WebFetchTool, MAX_REDIRECTS};
+pub use web_search::{
+    SearchApiKey, SearchBackend, SearchError, SearchHit, SearchProviderSettings, SearchQuery,
+    WebSearchError, WebSearchSettings, WebSearchTool,
+};

@@ -3,7 +3,8 @@
 //! `null`), each tool answers with a value or an error the model can act on — never a panic,
 //! never a fatal error — and arguments that do not fit the tool's schema are always
 //! `InvalidArguments` naming the tool. `exec` never hands the sandbox a timeout above the
-//! maximum; `web_fetch` reaches no network here (its allowed domain is never generated).
+//! maximum; `web_fetch` reaches no network here (its allowed domain is never generated), and
+//! `web_search` only a closed local port.
 
 mod common;
 
@@ -15,7 +16,10 @@ use moltmate_core::sandbox::{
 use moltmate_core::tool::{Tool, ToolContext, ToolError};
 use moltmate_core::UserId;
 use moltmate_testkit::prop::config as prop_config;
-use moltmate_tools::{EditTool, ExecTool, ReadTool, WebFetchSettings, WebFetchTool, WriteTool};
+use moltmate_tools::{
+    EditTool, ExecTool, ReadTool, SearchProviderSettings, WebFetchSettings, WebFetchTool,
+    WebSearchSettings, WebSearchTool, WriteTool,
+};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use std::sync::{Arc, Mutex};
@@ -105,6 +109,10 @@ const SCHEMAS: &[(&str, &[Field])] = &[
         ],
     ),
     ("web_fetch", &[("url", Kind::Str, true)]),
+    (
+        "web_search",
+        &[("query", Kind::Str, true), ("count", Kind::OptU64, false)],
+    ),
 ];
 
 /// Whether `args` fits the tool's argument schema (what the tool must accept for parsing).
@@ -192,6 +200,8 @@ fn arguments() -> impl Strategy<Value = Value> {
         "url",
         "offset",
         "limit",
+        "query",
+        "count",
         "Path",
         "extra",
         "",
@@ -229,12 +239,24 @@ fn tools() -> Tools {
         timeout: Duration::from_secs(2),
     })
     .unwrap();
+    // A SearXNG "instance" on the discard port, which nothing listens on: a search that gets
+    // that far fails with a connection error, quickly.
+    let search = WebSearchTool::new(WebSearchSettings {
+        provider: SearchProviderSettings::Searxng {
+            base_url: url::Url::parse("http://127.0.0.1:9").unwrap(),
+        },
+        max_results: 5,
+        timeout: Duration::from_secs(2),
+        per_user_per_hour: u32::MAX,
+    })
+    .unwrap();
     let tools: Vec<(&'static str, Box<dyn Tool>)> = vec![
         ("read", Box::new(ReadTool)),
         ("write", Box::new(WriteTool)),
         ("edit", Box::new(EditTool)),
         ("exec", Box::new(ExecTool::new(Some(sandbox.clone())))),
         ("web_fetch", Box::new(fetch)),
+        ("web_search", Box::new(search)),
     ];
     Tools {
         runtime,
@@ -251,7 +273,7 @@ proptest! {
     #[test]
     fn prop_tools_answer_any_arguments_without_panic_or_fatal_error(
         args in arguments(),
-        which in 0usize..5,
+        which in 0usize..6,
     ) {
         let t = tools();
         let (name, tool) = &t.tools[which];

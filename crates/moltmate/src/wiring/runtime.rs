@@ -63,7 +63,7 @@ fn tools(
         timeout: Duration::from_secs(fetch.timeout_seconds),
     })
     .context("building web_fetch")?;
-    let tools: Vec<Arc<dyn Tool>> = vec![
+    let mut tools: Vec<Arc<dyn Tool>> = vec![
         Arc::new(moltmate_tools::ReadTool),
         Arc::new(moltmate_tools::WriteTool),
         Arc::new(moltmate_tools::EditTool),
@@ -74,7 +74,47 @@ fn tools(
                 .with_max_index_bytes(config.limits.memory_index_mb.saturating_mul(1024 * 1024)),
         ),
     ];
+    if let Some(search) = web_search(config)? {
+        tools.push(Arc::new(search));
+    }
     Ok(ToolBox::new(tools))
+}
+
+/// `web_search` when `tools.web.search` is enabled (validation made sure it is complete).
+fn web_search(config: &Config) -> Result<Option<moltmate_tools::WebSearchTool>> {
+    use moltmate_config::SearchProvider;
+    use moltmate_tools::{SearchApiKey, SearchProviderSettings, WebSearchSettings, WebSearchTool};
+    let search = &config.tools.web.search;
+    if !search.enabled {
+        return Ok(None);
+    }
+    let base_url = search
+        .effective_base_url()
+        .context("tools.web.search.baseUrl is required for this provider")?;
+    let base_url = url::Url::parse(&base_url).context("tools.web.search.baseUrl is not a URL")?;
+    let provider = match search.provider {
+        SearchProvider::Brave => SearchProviderSettings::Brave {
+            base_url,
+            api_key: SearchApiKey::new(
+                config
+                    .web_search_api_key()
+                    .context(
+                        "tools.web.search: Brave Search needs an API key (BRAVE_API_KEY or apiKey)",
+                    )?
+                    .expose(),
+            ),
+        },
+        SearchProvider::Searxng => SearchProviderSettings::Searxng { base_url },
+    };
+    let tool = WebSearchTool::new(WebSearchSettings {
+        provider,
+        max_results: usize::try_from(search.max_results)
+            .unwrap_or(moltmate_tools::web_search::MAX_RESULTS),
+        timeout: Duration::from_secs(search.timeout_seconds),
+        per_user_per_hour: u32::try_from(search.per_user_per_hour).unwrap_or(u32::MAX),
+    })
+    .context("building web_search")?;
+    Ok(Some(tool))
 }
 
 fn channels(config: &Config) -> Result<Vec<Arc<dyn Channel>>> {

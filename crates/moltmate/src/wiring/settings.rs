@@ -34,6 +34,9 @@ fn base_user_settings(config: &Config) -> UserSettings {
     if !config.tools.web.fetch.enabled {
         tools.retain(|t| t != "web_fetch");
     }
+    if !config.tools.web.search.enabled {
+        tools.retain(|t| t != "web_search");
+    }
     UserSettings {
         tools,
         exec: ExecSettings {
@@ -116,6 +119,10 @@ fn stricter_security(a: ExecSecurity, b: ExecSecurity) -> ExecSecurity {
 /// | friend     | as configured                           | allowlist  | none    | config    |
 /// | stranger   | read, write, edit, memory_search        | —          | none    | config    |
 /// | restricted | read, memory_search                     | —          | none    | read-only |
+///
+/// `web_fetch` and `web_search` reach outside on the gateway's side, so they follow the same
+/// rule: owners, family and friends get them when configured; strangers and restricted users
+/// never do (the lists above are what they keep).
 pub fn settings_for_trust(trust: TrustLevel, config: &Config) -> UserSettings {
     let mut settings = base_user_settings(config);
     settings.limits = user_limits(&config.limits.for_trust(trust));
@@ -327,11 +334,44 @@ mod tests {
         assert!(owner.tools.contains(&"exec".to_string()));
         assert!(!stranger.tools.contains(&"exec".to_string()));
         assert!(!stranger.tools.contains(&"web_fetch".to_string()));
+        assert!(
+            !owner.tools.contains(&"web_search".to_string()),
+            "off until tools.web.search is enabled"
+        );
         assert_eq!(
             restricted.tools,
             vec!["read".to_string(), "memory_search".to_string()]
         );
         assert!(restricted.read_only);
         assert_eq!(restricted.sandbox.workspace_access, WorkspaceAccess::Ro);
+    }
+
+    #[test]
+    fn web_search_is_gated_by_trust_like_web_fetch() {
+        let mut config = Config::default();
+        config.tools.web.search.enabled = true;
+        for (trust, offered) in [
+            (TrustLevel::Owner, true),
+            (TrustLevel::Family, true),
+            (TrustLevel::Friend, true),
+            (TrustLevel::Stranger, false),
+            (TrustLevel::Restricted, false),
+        ] {
+            let tools = settings_for_trust(trust, &config).tools;
+            assert_eq!(
+                tools.contains(&"web_search".to_string()),
+                offered,
+                "{trust:?}: {tools:?}"
+            );
+            assert_eq!(
+                tools.contains(&"web_fetch".to_string()),
+                offered,
+                "{trust:?}: {tools:?}"
+            );
+        }
+        config.tools.deny = vec![moltmate_config::ToolName::WebSearch];
+        assert!(!settings_for_trust(TrustLevel::Owner, &config)
+            .tools
+            .contains(&"web_search".to_string()));
     }
 }
