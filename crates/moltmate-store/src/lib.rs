@@ -6,6 +6,8 @@
 //! * [`homes::Homes`] — each user's files under `<home>/users/<user_id>/` (SOUL.md, USER.md,
 //!   IDENTITY.md, MEMORY.md, `memory/YYYY-MM-DD.md`, `workspace/`), read beneath the home with
 //!   the kernel's `RESOLVE_BENEATH` and written atomically (temp file + fsync + rename).
+//! * [`reminders`] — each user's reminders (`schedule` tool) and the one transaction that turns
+//!   a due occurrence into an inbox row (so none is delivered twice, and none lost to a crash).
 //! * [`usage`] — per-user, per-day counters for budgets (messages, tokens, spend, `exec` time),
 //!   stored transcript bytes (kept by triggers), queue length, history in bounded pages.
 //!
@@ -21,6 +23,7 @@ pub mod db;
 pub mod homes;
 pub mod memory_index;
 pub mod pairing;
+pub mod reminders;
 pub mod usage;
 
 pub use db::{
@@ -29,4 +32,7 @@ pub use db::{
 };
 pub use homes::{HomeError, Homes};
 pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};
+pub use reminders::{
+    CreateOutcome, DueReminder, FireOutcome, FireRequest, NewReminder, ReminderFire, ReminderRecord,
+};
 pub use usage::{HistoryPage, UsageCharge, UsageTotals, UserUsage};
