@@ -672,16 +672,19 @@ pub enum ToolName {
     Exec,
     WebFetch,
     MemorySearch,
+    /// Reminders and scheduled messages of the calling user.
+    Schedule,
 }
 
 impl ToolName {
-    pub const ALL: [ToolName; 6] = [
+    pub const ALL: [ToolName; 7] = [
         ToolName::Read,
         ToolName::Write,
         ToolName::Edit,
         ToolName::Exec,
         ToolName::WebFetch,
         ToolName::MemorySearch,
+        ToolName::Schedule,
     ];
 
     /// The name the model sees (and `Tool::name()` returns).
@@ -693,6 +696,7 @@ impl ToolName {
             ToolName::Exec => "exec",
             ToolName::WebFetch => "web_fetch",
             ToolName::MemorySearch => "memory_search",
+            ToolName::Schedule => "schedule",
         }
     }
 }
@@ -905,6 +909,11 @@ pub struct UserConfig {
     pub trust: Option<TrustLevel>,
     pub display_name: Option<String>,
     pub persona: Option<String>,
+    /// IANA time zone the user's reminders are meant in (`Europe/Berlin`). Default: the
+    /// server's time zone.
+    pub timezone: Option<String>,
+    /// Where reminders are delivered. Default: the channel the user last wrote from.
+    pub preferred_channel: Option<moltmate_core::ChannelKind>,
 }
 
 // ---------------------------------------------------------------------------------------------
