@@ -17,10 +17,13 @@
 //!   ([`moltmate_core::blocking::run`]); a step that overruns fails that user's turn with a
 //!   clear message, never the runtime.
 //! * [`delivery`] — committed replies to the waiting caller and the channel (at most once).
+//! * [`scheduler`] — the reminder task: due reminders become inbox rows (one durable commit
+//!   per occurrence), answered by the user's worker like any accepted message.
 
 mod accept;
 mod delivery;
 mod files;
+mod scheduler;
 mod worker;
 
 use crate::agent::{ModelCaller, ToolBox};
@@ -89,6 +92,8 @@ struct Inner {
     strangers: crate::strangers::Strangers,
     /// Queue-full and budget notices already given.
     notices: crate::limits::Notices,
+    /// Wakes the reminder scheduler (a reminder was created).
+    schedule_wake: Arc<Notify>,
 }
 
 /// The running gateway. Cheap to clone.
@@ -142,6 +147,7 @@ impl Gateway {
                 metrics: Arc::new(crate::metrics::Metrics::new()),
                 strangers: crate::strangers::Strangers::new(),
                 notices: crate::limits::Notices::default(),
+                schedule_wake: Arc::new(Notify::new()),
             }),
         }
     }
@@ -199,10 +205,12 @@ impl Gateway {
         Ok(())
     }
 
-    /// Runs every channel until shutdown. Returns when all channels have stopped.
+    /// Runs every channel and the reminder scheduler until shutdown. Returns when all have
+    /// stopped.
     pub async fn run_channels(&self) {
         let sink: Arc<dyn InboundSink> = Arc::new(self.clone());
         let mut handles = Vec::new();
+        handles.push(tokio::spawn(scheduler::run(Arc::clone(&self.inner))));
         for channel in self.inner.channels.values() {
             let channel = Arc::clone(channel);
             let sink = Arc::clone(&sink);
@@ -217,6 +225,12 @@ impl Gateway {
         for handle in handles {
             let _ = handle.await;
         }
+    }
+
+    /// Makes the reminder scheduler look at the database now (after a test moved its clock;
+    /// the `schedule` tool does this itself).
+    pub fn wake_scheduler(&self) {
+        self.inner.schedule_wake.notify_one();
     }
 
     /// Waits for running turns after shutdown was signalled, at most `grace`.
