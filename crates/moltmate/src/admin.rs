@@ -245,6 +245,17 @@ pub async fn users_show(
             println!("family {}: {} of {}", line.what, line.used, line.limit);
         }
     }
+    // Reminders, by the user's number, next due first, with the cap of their trust level.
+    let reminders = admin.store.list_reminders(user).await?;
+    println!(
+        "{:<18}{} of {} (limits.reminders)",
+        "reminders:",
+        reminders.len(),
+        limits.reminders
+    );
+    for reminder in &reminders {
+        println!("  {}", reminder_line(reminder));
+    }
     for token in admin.store.list_tokens(Some(user)).await? {
         println!(
             "api token:   #{} {} created {}{}",
@@ -255,6 +266,31 @@ pub async fn users_show(
         );
     }
     Ok(())
+}
+
+/// One reminder for the operator: number, next time in its zone, rule, text (cut).
+fn reminder_line(reminder: &moltmate_store::ReminderRecord) -> String {
+    let next = chrono::DateTime::from_timestamp_millis(reminder.due_at)
+        .map(|t| match reminder.timezone.parse::<chrono_tz::Tz>() {
+            Ok(zone) => t.with_timezone(&zone).format("%Y-%m-%d %H:%M").to_string(),
+            Err(_) => t.format("%Y-%m-%d %H:%M UTC").to_string(),
+        })
+        .unwrap_or_else(|| "?".to_string());
+    let mut text: String = reminder
+        .text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(60)
+        .collect();
+    if reminder.text.chars().count() > 60 {
+        text.push('…');
+    }
+    format!(
+        "#{:<4} {next} {:<16} {:<18} {text}",
+        reminder.number,
+        reminder.timezone,
+        reminder.cron.as_deref().unwrap_or("once"),
+    )
 }
 
 pub async fn users_add(
@@ -372,10 +408,11 @@ pub async fn users_reset(admin: &Admin, user: &UserId, yes: bool) -> Result<()> 
     }
     let archived = archive(admin, user).await?;
     let revoked = admin.store.revoke_pairings(user).await?;
+    let reminders = admin.store.cancel_user_schedules(user).await?;
     admin.store.wipe_user_history(user).await?;
     admin.ensure_home(user).await?;
     println!(
-        "Reset {user}: home and history archived in {}, {revoked} pairing(s) revoked. Their next message starts over.",
+        "Reset {user}: home and history archived in {}, {revoked} pairing(s) revoked, {reminders} reminder(s) cancelled. Their next message starts over.",
         archived.display()
     );
     Ok(())
@@ -389,9 +426,10 @@ pub async fn users_remove(admin: &Admin, user: &UserId, yes: bool) -> Result<()>
         bail!("no user {user}");
     }
     let archived = archive(admin, user).await?;
+    let reminders = admin.store.cancel_user_schedules(user).await?;
     admin.store.delete_user(user).await?;
     println!(
-        "Removed {user} (archived in {}). Remove them from allowFrom / users in moltmate.json too, or they can pair again.",
+        "Removed {user} (archived in {}; {reminders} reminder(s) cancelled). Remove them from allowFrom / users in moltmate.json too, or they can pair again.",
         archived.display()
     );
     Ok(())
