@@ -116,6 +116,9 @@ pub struct ReminderFire {
     pub missed: u32,
     /// The next occurrence of a recurring reminder, unix millis.
     pub next_at: Option<i64>,
+    /// It was due while the gateway was not running (delivered after startup).
+    #[serde(default)]
+    pub after_downtime: bool,
 }
 
 /// One due occurrence to turn into an inbox row.
@@ -129,6 +132,8 @@ pub struct FireRequest {
     /// Recurring: the next occurrence; `None`: the reminder ends with this delivery.
     pub next_due: Option<i64>,
     pub missed: u32,
+    /// It was due before the scheduler started (the gateway was down at its time).
+    pub after_downtime: bool,
     /// `users.<id>.preferredChannel`.
     pub preferred: Option<ChannelKind>,
     /// Channels that push messages (Telegram); the others get the reminder in-band (it is in
@@ -457,6 +462,7 @@ impl Store {
                 cron,
                 missed: request.missed,
                 next_at: request.next_due,
+                after_downtime: request.after_downtime,
             };
             let marker =
                 serde_json::to_string(&fire).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -555,6 +561,7 @@ mod tests {
             now,
             next_due,
             missed: 0,
+            after_downtime: false,
             preferred: None,
             pushable: vec![ChannelKind::Telegram],
             retry_at: now + 60_000,

@@ -28,6 +28,8 @@ const QUEUE_FULL_RETRY: chrono::Duration = chrono::Duration::seconds(60);
 const NEXT_DEADLINE: Duration = Duration::from_secs(5);
 
 pub(super) async fn run(inner: Arc<Inner>) {
+    // Reminders due before this were due while the gateway was down: they are marked late.
+    let started = inner.settings.clock.now();
     let mut backoff = Duration::from_millis(500);
     loop {
         if inner.shutdown.is_cancelled() {
@@ -46,7 +48,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
                     if inner.shutdown.is_cancelled() {
                         return;
                     }
-                    if let Err(e) = fire(&inner, reminder, now).await {
+                    if let Err(e) = fire(&inner, reminder, now, started).await {
                         tracing::error!(error = %e, "could not fire a reminder; will retry");
                     }
                 }
@@ -91,6 +93,7 @@ async fn fire(
     inner: &Arc<Inner>,
     reminder: DueReminder,
     now: DateTime<Utc>,
+    started: DateTime<Utc>,
 ) -> Result<(), moltmate_store::StoreError> {
     let zone = reminder.timezone.parse::<Tz>().unwrap_or_else(|_| {
         tracing::warn!(user = %reminder.user, "a reminder has an unknown time zone; using the server's");
@@ -130,6 +133,7 @@ async fn fire(
         now: now.timestamp_millis(),
         next_due,
         missed,
+        after_downtime: reminder.due_at < started.timestamp_millis(),
         preferred: inner
             .settings
             .preferred_channels

@@ -46,4 +46,4 @@ impl std::fmt::Debug for Clock {
     }
 }
 
-pub use tool::ScheduleTool;
+pub use tool::{ScheduleBinding, ScheduleTool};

@@ -18,9 +18,12 @@ fn time_of(millis: i64, zone: Tz) -> Option<DateTime<Tz>> {
     DateTime::from_timestamp_millis(millis).map(|t| t.with_timezone(&zone))
 }
 
-/// Whether the delivery is late (the gateway was down, or the user's queue was full).
+/// Whether the delivery is late: it was due while the gateway was down, or comes more than
+/// [`LATE_AFTER_MS`] after its time (the user's queue was full), or occurrences were missed.
 pub fn is_late(fire: &ReminderFire) -> bool {
-    fire.fired_at.saturating_sub(fire.due_at) > LATE_AFTER_MS || fire.missed > 0
+    fire.after_downtime
+        || fire.fired_at.saturating_sub(fire.due_at) > LATE_AFTER_MS
+        || fire.missed > 0
 }
 
 fn german(language: &str) -> bool {
@@ -141,6 +144,7 @@ mod tests {
             cron: None,
             missed,
             next_at: None,
+            after_downtime: false,
         }
     }
 
@@ -151,6 +155,11 @@ mod tests {
     fn on_time_reminders_carry_no_mark_and_late_ones_say_when_they_were_due() {
         let berlin: Tz = "Europe/Berlin".parse().unwrap();
         assert_eq!(late_marker(&fire(DUE, DUE + 2_000, 0), "en", berlin), None);
+        let after_restart = ReminderFire {
+            after_downtime: true,
+            ..fire(DUE, DUE + 2_000, 0)
+        };
+        assert!(late_marker(&after_restart, "en", berlin).is_some());
         assert_eq!(
             late_marker(&fire(DUE, DUE + 3_600_000, 0), "en", berlin).as_deref(),
             Some("(late: due at Thursday, 3 December 2026 at 08:00, Europe/Berlin)")

@@ -36,6 +36,35 @@ pub struct ScheduleTool {
     pub(crate) wake: Arc<Notify>,
 }
 
+/// What a [`ScheduleTool`] is bound to besides the store.
+#[derive(Debug, Clone)]
+pub struct ScheduleBinding {
+    /// The turn's user.
+    pub user: UserId,
+    /// Their zone.
+    pub zone: Tz,
+    /// Their `limits.reminders`.
+    pub max_reminders: usize,
+    /// `limits.reminderMinIntervalMinutes`.
+    pub min_interval_minutes: u32,
+    pub clock: Clock,
+}
+
+impl ScheduleTool {
+    /// A tool for `binding.user`'s turn; `wake` is notified when a reminder is created.
+    pub fn new(store: Store, binding: ScheduleBinding, wake: Arc<Notify>) -> Self {
+        ScheduleTool {
+            store,
+            user: binding.user,
+            zone: binding.zone,
+            max_reminders: binding.max_reminders,
+            min_interval_minutes: binding.min_interval_minutes,
+            clock: binding.clock,
+            wake,
+        }
+    }
+}
+
 fn fatal(e: moltmate_store::StoreError) -> ToolError {
     ToolError::Fatal(e.to_string())
 }
