@@ -2,9 +2,9 @@
 //!
 //! It sleeps until the earliest reminder is due (at most [`MAX_SLEEP`], so a reminder another
 //! process created is seen too) or until the `schedule` tool wakes it, then fires at most
-//! [`BATCH`] due reminders per round. Firing is the store's one durable transaction (inbox row
-//! + the reminder moving on), after which the user's worker is woken: from there a reminder
-//! is an accepted message like any other — answered in the user's order, under their queue
+//! [`BATCH`] due reminders per round. Firing is the store's one durable transaction (the inbox
+//! row and the reminder moving on), after which the user's worker is woken: from there a
+//! reminder is an accepted message like any other — answered in the user's order, under their queue
 //! cap and budgets, once. It never runs on a channel's accept path and ends with the gateway's
 //! `Shutdown`.
 
