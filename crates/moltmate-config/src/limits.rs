@@ -136,6 +136,11 @@ pub struct LimitsConfig {
     pub spend_per_month: Allowance<f64>,
     /// Seconds commands may run in the sandbox per user and day. Default 14400.
     pub exec_seconds_per_day: Allowance<u64>,
+    /// Reminders (one-off and recurring) one user may have at once. Default 50.
+    pub reminders: u32,
+    /// Shortest time between two occurrences of a recurring reminder, in minutes. Default 15.
+    /// Applies to everyone (not per trust level).
+    pub reminder_min_interval_minutes: u64,
     pub trust: TrustLimitsConfig,
 }
 
@@ -152,6 +157,8 @@ impl Default for LimitsConfig {
             tokens_per_day: Allowance::Limited(10_000_000),
             spend_per_month: Allowance::Unlimited,
             exec_seconds_per_day: Allowance::Limited(4 * 3600),
+            reminders: 50,
+            reminder_min_interval_minutes: 15,
             trust: TrustLimitsConfig::default(),
         }
     }
@@ -180,8 +187,8 @@ impl TrustLimitsConfig {
     }
 }
 
-/// `limits.trust.<level>`: the same keys as `limits` (but `memoryIndexMb`); a key left out
-/// takes the level's built-in default.
+/// `limits.trust.<level>`: the same keys as `limits` (but `memoryIndexMb` and
+/// `reminderMinIntervalMinutes`); a key left out takes the level's built-in default.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct LevelLimits {
@@ -194,6 +201,7 @@ pub struct LevelLimits {
     pub tokens_per_day: Option<Allowance<u64>>,
     pub spend_per_month: Option<Allowance<f64>>,
     pub exec_seconds_per_day: Option<Allowance<u64>>,
+    pub reminders: Option<u32>,
 }
 
 /// `families.<name>.budget`: what the members use together. Default: unlimited (each member
@@ -238,6 +246,7 @@ pub struct EffectiveLimits {
     pub tokens_per_day: Allowance<u64>,
     pub spend_per_month: Allowance<f64>,
     pub exec_seconds_per_day: Allowance<u64>,
+    pub reminders: u32,
 }
 
 /// The built-in defaults of a trust level (an owner's are the top-level values themselves).
@@ -256,6 +265,7 @@ fn level_defaults(trust: TrustLevel) -> LevelLimits {
             tokens_per_day: limited(5_000_000),
             spend_per_month: dollars(50.0),
             exec_seconds_per_day: limited(3600),
+            reminders: Some(50),
         },
         TrustLevel::Friend => LevelLimits {
             tool_calls_per_answer: Some(16),
@@ -267,6 +277,7 @@ fn level_defaults(trust: TrustLevel) -> LevelLimits {
             tokens_per_day: limited(2_000_000),
             spend_per_month: dollars(20.0),
             exec_seconds_per_day: limited(1800),
+            reminders: Some(20),
         },
         TrustLevel::Stranger => LevelLimits {
             tool_calls_per_answer: Some(8),
@@ -278,6 +289,7 @@ fn level_defaults(trust: TrustLevel) -> LevelLimits {
             tokens_per_day: limited(300_000),
             spend_per_month: dollars(2.0),
             exec_seconds_per_day: limited(0),
+            reminders: Some(10),
         },
         TrustLevel::Restricted => LevelLimits {
             tool_calls_per_answer: Some(8),
@@ -289,6 +301,7 @@ fn level_defaults(trust: TrustLevel) -> LevelLimits {
             tokens_per_day: limited(100_000),
             spend_per_month: dollars(1.0),
             exec_seconds_per_day: limited(0),
+            reminders: Some(0),
         },
     }
 }
@@ -351,6 +364,10 @@ impl LimitsConfig {
                     builtin.exec_seconds_per_day,
                 ),
             ),
+            reminders: count(
+                u64::from(self.reminders),
+                pick(configured.reminders, builtin.reminders).map(u64::from),
+            ) as u32,
         }
     }
 }
@@ -416,6 +433,7 @@ mod tests {
             assert!(l.stored_kb_per_turn <= owner.stored_kb_per_turn);
             assert!(l.transcript_mb <= owner.transcript_mb);
             assert!(l.queued_messages <= owner.queued_messages);
+            assert!(l.reminders <= owner.reminders);
         }
     }
 }

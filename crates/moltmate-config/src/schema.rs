@@ -675,10 +675,12 @@ pub enum ToolName {
     WebFetch,
     MemorySearch,
     WebSearch,
+    /// Reminders and scheduled messages of the calling user.
+    Schedule,
 }
 
 impl ToolName {
-    pub const ALL: [ToolName; 7] = [
+    pub const ALL: [ToolName; 8] = [
         ToolName::Read,
         ToolName::Write,
         ToolName::Edit,
@@ -686,6 +688,7 @@ impl ToolName {
         ToolName::WebFetch,
         ToolName::MemorySearch,
         ToolName::WebSearch,
+        ToolName::Schedule,
     ];
 
     /// The name the model sees (and `Tool::name()` returns).
@@ -698,6 +701,7 @@ impl ToolName {
             ToolName::WebFetch => "web_fetch",
             ToolName::MemorySearch => "memory_search",
             ToolName::WebSearch => "web_search",
+            ToolName::Schedule => "schedule",
         }
     }
 }
@@ -986,6 +990,11 @@ pub struct UserConfig {
     pub trust: Option<TrustLevel>,
     pub display_name: Option<String>,
     pub persona: Option<String>,
+    /// IANA time zone the user's reminders are meant in (`Europe/Berlin`). Default: the
+    /// server's time zone.
+    pub timezone: Option<String>,
+    /// Where reminders are delivered. Default: the channel the user last wrote from.
+    pub preferred_channel: Option<moltmate_core::ChannelKind>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -115,9 +115,10 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
   },
 
   tools: {
-    // Known tools: read, write, edit, exec, web_fetch, memory_search, web_search. deny wins
-    // over allow. web_search is only offered once tools.web.search is enabled (below).
-    allow: ["read", "write", "edit", "exec", "web_fetch", "memory_search", "web_search"],
+    // Known tools: read, write, edit, exec, web_fetch, memory_search, web_search, schedule
+    // (reminders). deny wins over allow. web_search is only offered once tools.web.search is
+    // enabled (below).
+    allow: ["read", "write", "edit", "exec", "web_fetch", "memory_search", "web_search", "schedule"],
     deny: [],
     exec: {
       // allowlist: only safeBins, no shell; blocklist: shell, blockedBins refused; full: anything
@@ -196,6 +197,9 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
     tokensPerDay: 10000000,
     spendPerMonth: "unlimited",
     execSecondsPerDay: 14400,
+    // Reminders one user may have at once, and the shortest repeat of a recurring one.
+    reminders: 50,
+    reminderMinIntervalMinutes: 15,
     trust: {
       // stranger: { messagesPerDay: 20, tokensPerDay: 50000, spendPerMonth: 0.5 },
     },
@@ -214,6 +218,10 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
     //   trust: "owner",
     //   displayName: "Anna",
     //   persona: "cami",
+    //   // Reminders are meant in this time zone (default: the server's) and delivered on
+    //   // this channel (default: the one they last wrote from).
+    //   timezone: "Europe/Berlin",
+    //   preferredChannel: "telegram",
     // },
   },
 }

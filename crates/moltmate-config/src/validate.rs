@@ -646,6 +646,14 @@ fn limits(config: &Config) -> Result<(), Failure> {
         Some(l.queued_messages),
     )?;
     in_range("limits.memoryIndexMb", l.memory_index_mb, 1, 1 << 20)?;
+    in_range("limits.reminders", u64::from(l.reminders), 0, 10_000)?;
+    // At most a day: the check of a recurring rule looks at the times of one day.
+    in_range(
+        "limits.reminderMinIntervalMinutes",
+        l.reminder_min_interval_minutes,
+        1,
+        1440,
+    )?;
     budget(
         "limits",
         Some(l.messages_per_day),
@@ -664,6 +672,9 @@ fn limits(config: &Config) -> Result<(), Failure> {
             t.transcript_mb,
             t.queued_messages,
         )?;
+        if let Some(n) = t.reminders {
+            in_range(&format!("{prefix}.reminders"), u64::from(n), 0, 10_000)?;
+        }
         budget(
             &prefix,
             t.messages_per_day,
@@ -761,13 +772,59 @@ fn users(config: &Config) -> Result<(), Failure> {
         if entry.persona.as_ref().is_some_and(|p| p.trim().is_empty()) {
             return Err(rule(format!("users.{user}.persona"), "must not be empty"));
         }
+        if let Some(zone) = &entry.timezone {
+            timezone(&format!("users.{user}.timezone"), zone)?;
+        }
     }
     Ok(())
+}
+
+/// An IANA time zone name as the tz database spells it (`Europe/Berlin`, `UTC`); a near miss
+/// gets the likely intended name.
+fn timezone(key: &str, zone: &str) -> Result<(), Failure> {
+    if zone.parse::<chrono_tz::Tz>().is_ok() {
+        return Ok(());
+    }
+    let hint = chrono_tz::TZ_VARIANTS
+        .iter()
+        .find(|tz| tz.name().eq_ignore_ascii_case(zone))
+        .map(|tz| tz.name().to_string())
+        .or_else(|| suggest(zone, chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name())));
+    Err(rule(
+        key,
+        match hint {
+            Some(name) => format!("{zone:?} is not a time zone name; did you mean {name:?}?"),
+            None => format!(
+                "{zone:?} is not a time zone name; use an IANA name such as \"Europe/Berlin\" or \"UTC\""
+            ),
+        },
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_zones_are_iana_names_with_a_hint_for_near_misses() {
+        for ok in ["Europe/Berlin", "UTC", "America/New_York", "Asia/Kolkata"] {
+            assert!(timezone("k", ok).is_ok(), "{ok}");
+        }
+        for (bad, hint) in [
+            ("europe/berlin", Some("Europe/Berlin")),
+            ("Europe/Berln", Some("Europe/Berlin")),
+            ("CEST", None),
+            ("", None),
+            ("../../etc/passwd", None),
+        ] {
+            let (key, problem) = timezone("users.anna.timezone", bad).unwrap_err();
+            assert_eq!(key, "users.anna.timezone");
+            let text = format!("{problem:?}");
+            if let Some(hint) = hint {
+                assert!(text.contains(hint), "{bad}: {text}");
+            }
+        }
+    }
 
     #[test]
     fn domains() {

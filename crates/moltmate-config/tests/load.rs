@@ -1156,3 +1156,51 @@ fn web_search_takes_its_brave_key_from_the_environment_and_never_shows_it() {
     .unwrap_err();
     assert!(!e.to_string().contains("12345678"), "{e}");
 }
+
+#[test]
+fn reminder_keys_load_and_bad_values_name_their_key() {
+    let c = load(
+        "{users: {anna: {timezone: 'Europe/Berlin', preferredChannel: 'telegram'}},
+          limits: {reminders: 5, reminderMinIntervalMinutes: 60, trust: {stranger: {reminders: 2}}}}",
+    )
+    .unwrap();
+    let anna = &c.users[&UserId::new("anna").unwrap()];
+    assert_eq!(anna.timezone.as_deref(), Some("Europe/Berlin"));
+    assert_eq!(anna.preferred_channel, Some(ChannelKind::Telegram));
+    assert_eq!(c.limits.for_trust(TrustLevel::Owner).reminders, 5);
+    assert_eq!(c.limits.for_trust(TrustLevel::Stranger).reminders, 2);
+    assert_eq!(c.limits.reminder_min_interval_minutes, 60);
+    let defaults = load("{}").unwrap();
+    assert_eq!(defaults.limits.for_trust(TrustLevel::Owner).reminders, 50);
+    assert_eq!(
+        defaults.limits.for_trust(TrustLevel::Stranger).reminders,
+        10
+    );
+    assert_eq!(defaults.limits.reminder_min_interval_minutes, 15);
+
+    assert_err(
+        "{users: {anna: {timezone: 'Europe/Berln'}}}",
+        "users.anna.timezone",
+        "did you mean \"Europe/Berlin\"",
+    );
+    assert_err(
+        "{users: {anna: {timezone: 'CEST'}}}",
+        "users.anna.timezone",
+        "not a time zone name",
+    );
+    assert_err(
+        "{users: {anna: {preferredChannel: 'pigeon'}}}",
+        "users.anna.preferredChannel",
+        "",
+    );
+    assert_err(
+        "{limits: {reminderMinIntervalMinutes: 0}}",
+        "limits.reminderMinIntervalMinutes",
+        "from 1 to 1440",
+    );
+    assert_err(
+        "{limits: {trust: {friend: {reminders: 100000}}}}",
+        "limits.trust.friend.reminders",
+        "from 0 to 10000",
+    );
+}

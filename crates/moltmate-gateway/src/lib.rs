@@ -20,6 +20,8 @@
 //! * [`persona`] — default persona files for a new home.
 //! * [`strangers`] — bounds on what senders who are not let in cost (audit rows, log lines).
 //! * [`limits`] — caps per answer, turn and user; [`budget`] — daily and monthly budgets.
+//! * [`schedule`] — reminders: the `schedule` tool and its rules (the scheduler task is in
+//!   [`router`]).
 
 pub mod access;
 pub mod agent;
@@ -31,6 +33,7 @@ pub mod onboarding;
 pub mod persona;
 pub mod prompt;
 pub mod router;
+pub mod schedule;
 pub mod session;
 pub mod settings;
 pub mod strangers;

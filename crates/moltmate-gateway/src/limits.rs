@@ -32,6 +32,8 @@ pub struct UserLimits {
     pub transcript_bytes: u64,
     /// Unanswered messages the user may have waiting.
     pub queued_messages: usize,
+    /// Reminders the user may have at once (`limits.reminders`).
+    pub reminders: usize,
     pub budget: Budget,
 }
 
@@ -44,6 +46,7 @@ impl Default for UserLimits {
             stored_bytes_per_turn: 1024 * KIB,
             transcript_bytes: 1024 * MIB,
             queued_messages: 50,
+            reminders: 50,
             budget: Budget {
                 messages_per_day: Some(2000),
                 tokens_per_day: Some(10_000_000),

@@ -26,7 +26,7 @@ pub struct UserSettings {
 impl Default for UserSettings {
     fn default() -> Self {
         UserSettings {
-            tools: ["read", "write", "edit", "exec", "web_fetch", "web_search"]
+            tools: ["read", "write", "edit", "exec", "web_fetch", "web_search", "schedule"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -135,6 +135,16 @@ pub struct GatewaySettings {
     pub family_budgets: HashMap<String, crate::budget::Budget>,
     /// `<MOLTMATE_HOME>/index`: the users' memory search indexes (`/forget` deletes one).
     pub memory_index_dir: Option<std::path::PathBuf>,
+    /// Users' time zones for reminders (`users.<id>.timezone`).
+    pub timezones: HashMap<UserId, chrono_tz::Tz>,
+    /// The zone of users without one: the server's.
+    pub server_timezone: chrono_tz::Tz,
+    /// Where users' reminders go (`users.<id>.preferredChannel`); default the last used.
+    pub preferred_channels: HashMap<UserId, ChannelKind>,
+    /// Shortest repeat of a recurring reminder (`limits.reminderMinIntervalMinutes`).
+    pub reminder_min_interval_minutes: u32,
+    /// What the scheduler and the `schedule` tool take as "now".
+    pub clock: crate::schedule::Clock,
 }
 
 impl Default for GatewaySettings {
@@ -169,6 +179,11 @@ impl Default for GatewaySettings {
             prices: crate::budget::Prices::default(),
             family_budgets: HashMap::new(),
             memory_index_dir: None,
+            timezones: HashMap::new(),
+            server_timezone: chrono_tz::Tz::UTC,
+            preferred_channels: HashMap::new(),
+            reminder_min_interval_minutes: 15,
+            clock: crate::schedule::Clock::default(),
         }
     }
 }
@@ -230,6 +245,14 @@ impl GatewaySettings {
             .get(user)
             .or_else(|| channels.iter().find_map(|c| self.channel_defaults.get(c)))
             .unwrap_or(&self.default_user)
+    }
+
+    /// The zone `user`'s reminders are meant in: their own, else the server's.
+    pub fn timezone(&self, user: &UserId) -> chrono_tz::Tz {
+        self.timezones
+            .get(user)
+            .copied()
+            .unwrap_or(self.server_timezone)
     }
 
     /// What `user` may do in a message that arrived on `channel`: the user's explicit

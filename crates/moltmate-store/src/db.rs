@@ -202,6 +202,7 @@ CREATE UNIQUE INDEX sandbox_ids_live ON sandbox_ids(kind, name) WHERE retired_at
 "#,
     crate::usage::MIGRATION,
     crate::ending::MIGRATION,
+    crate::reminders::MIGRATION,
 ];
 
 pub(crate) fn now_millis() -> i64 {
@@ -229,6 +230,8 @@ pub struct InboxItem {
     pub sender_name: Option<String>,
     pub language_code: Option<String>,
     pub received_at: i64,
+    /// Set when a reminder of the user produced this row (not a message they sent).
+    pub reminder: Option<crate::reminders::ReminderFire>,
 }
 
 /// A reply waiting to be sent.
@@ -598,8 +601,8 @@ impl Store {
         .await
     }
 
-    /// Forgets a user's conversations (sessions, transcripts, answered and pending messages)
-    /// and onboarding, keeping the user row, identities and the operator's records (audit,
+    /// Forgets a user's conversations (sessions, transcripts, answered and pending messages),
+    /// reminders and onboarding, keeping the user row, identities and the operator's records (audit,
     /// usage). Ends no credentials and tells no running gateway: `moltmate users reset` uses
     /// [`Store::end_user`] instead.
     pub async fn wipe_user_history(&self, user: &UserId) -> Result<(), StoreError> {
@@ -622,6 +625,7 @@ impl Store {
                 "UPDATE users SET onboarded = 0, onboarding_step = NULL WHERE id = ?1",
                 params![user.as_str()],
             )?;
+            crate::reminders::delete_user_reminders(&tx, &user)?;
             // The reset home starts over under a fresh uid: nothing left running under the old
             // one can reach it.
             retire_sandbox_ids(&tx, &user)?;
@@ -632,7 +636,7 @@ impl Store {
     }
 
     /// Deletes the user and everything stored about them (identities, sessions, transcripts,
-    /// pending inbox and outbox rows, pairing requests of their identities; credentials by
+    /// pending inbox and outbox rows, reminders, pairing requests of their identities; credentials by
     /// foreign key or trigger). Audit events and usage stay: they are the operator's record.
     /// Tells no running gateway: `moltmate users remove` uses [`Store::end_user`] instead.
     pub async fn delete_user(&self, user: &UserId) -> Result<bool, StoreError> {
@@ -656,6 +660,7 @@ impl Store {
                 "DELETE FROM transcript WHERE user_id = ?1",
                 params![user.as_str()],
             )?;
+            crate::reminders::delete_user_reminders(&tx, &user)?;
             retire_sandbox_ids(&tx, &user)?;
             let deleted = tx.execute("DELETE FROM users WHERE id = ?1", params![user.as_str()])?;
             tx.commit()?;
@@ -778,7 +783,7 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             let mut statement = c.prepare_cached(
-                "SELECT id, channel, user_id, chat_id, text, sender_name, language_code, received_at
+                "SELECT id, channel, user_id, chat_id, text, sender_name, language_code, received_at, reminder
                  FROM inbox WHERE user_id = ?1 AND done_at IS NULL ORDER BY id LIMIT ?2",
             )?;
             let rows = statement.query_map(params![user.as_str(), limit as i64], |r| {
@@ -791,12 +796,19 @@ impl Store {
                     r.get::<_, Option<String>>(5)?,
                     r.get::<_, Option<String>>(6)?,
                     r.get::<_, i64>(7)?,
+                    r.get::<_, Option<String>>(8)?,
                 ))
             })?;
             let mut items = Vec::new();
             for row in rows {
-                let (id, channel, user_id, chat_id, text, sender_name, language_code, received_at) =
+                let (id, channel, user_id, chat_id, text, sender_name, language_code, received_at, reminder) =
                     row?;
+                let reminder = reminder
+                    .map(|json| {
+                        serde_json::from_str(&json)
+                            .map_err(|e| StoreError::Corrupt(format!("inbox row {id}: {e}")))
+                    })
+                    .transpose()?;
                 items.push(InboxItem {
                     id,
                     channel: parse_channel(&channel)?,
@@ -806,6 +818,7 @@ impl Store {
                     sender_name,
                     language_code,
                     received_at,
+                    reminder,
                 });
             }
             Ok(items)

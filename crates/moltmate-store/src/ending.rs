@@ -129,6 +129,8 @@ pub struct Ended {
     pub pairing_codes: usize,
     /// Messages that were waiting for an answer (dropped, never answered).
     pub pending_messages: usize,
+    /// Reminders cancelled (removed with the user, or forgotten by a reset).
+    pub reminders: usize,
 }
 
 /// Where an inbox row stands for the worker about to answer it.
@@ -230,8 +232,10 @@ fn end_in(c: &mut Connection, user: &UserId, how: Ending) -> Result<Option<Ended
             "SELECT COUNT(*) FROM inbox WHERE user_id = ?1 AND done_at IS NULL",
             params![user.as_str()],
         )?,
+        reminders: 0,
         event_id: 0,
     };
+    ended.reminders = crate::reminders::delete_user_reminders(&tx, user)?;
     let id = user.as_str();
     tx.execute(
         "DELETE FROM pairing_requests WHERE (channel, peer) IN
@@ -266,8 +270,8 @@ fn end_in(c: &mut Connection, user: &UserId, how: Ending) -> Result<Option<Ended
         }
     }
     let detail = format!(
-        "{} web session(s), {} login link(s), {} API token(s), {} pairing code(s), {} waiting message(s) ended",
-        ended.web_sessions, ended.login_links, ended.api_tokens, ended.pairing_codes, ended.pending_messages
+        "{} web session(s), {} login link(s), {} API token(s), {} pairing code(s), {} waiting message(s), {} reminder(s) ended",
+        ended.web_sessions, ended.login_links, ended.api_tokens, ended.pairing_codes, ended.pending_messages, ended.reminders
     );
     tx.execute(
         "INSERT INTO audit_events (user_id, kind, outcome, detail, at) VALUES (?1, ?2, 'ok', ?3, ?4)",

@@ -8,6 +8,8 @@
 //!   the kernel's `RESOLVE_BENEATH` and written atomically (temp file + fsync + rename).
 //! * [`ending`] — `users remove`/`reset` in one transaction each, and the `user_events` signal
 //!   a running gateway polls to stop what the user had running.
+//! * [`reminders`] — each user's reminders (`schedule` tool) and the one transaction that turns
+//!   a due occurrence into an inbox row (so none is delivered twice, and none lost to a crash).
 //! * [`usage`] — per-user, per-day counters for budgets (messages, tokens, spend, `exec` time),
 //!   stored transcript bytes (kept by triggers), queue length, history in bounded pages.
 //!
@@ -24,6 +26,7 @@ pub mod ending;
 pub mod homes;
 pub mod memory_index;
 pub mod pairing;
+pub mod reminders;
 pub mod usage;
 
 pub use db::{
@@ -33,4 +36,7 @@ pub use db::{
 pub use ending::{Completion, Ended, Ending, InboxState, UserEvent, UserEventKind};
 pub use homes::{HomeError, Homes};
 pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};
+pub use reminders::{
+    CreateOutcome, DueReminder, FireOutcome, FireRequest, NewReminder, ReminderFire, ReminderRecord,
+};
 pub use usage::{HistoryPage, UsageCharge, UsageTotals, UserUsage};

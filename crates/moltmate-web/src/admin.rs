@@ -286,6 +286,7 @@ pub async fn dashboard(
         .into_iter()
         .map(|u| (u.user.clone(), u))
         .collect();
+    let reminder_counts = store.reminder_counts().await?;
     let pairing = store.pending_pairing_requests().await?;
     let audit = store.recent_audit(None, AUDIT_ROWS).await?;
     let csrf = escape(&session.csrf_token);
@@ -323,7 +324,7 @@ pub async fn dashboard(
         users_html.push_str(
             "<div class=\"scroll\"><table><thead><tr><th>User</th><th>Name</th><th>Identities</th><th>Trust</th>\
              <th>Tokens in</th><th>Tokens out</th><th>Messages today</th><th>Tokens today</th><th>Spend this month</th>\
-             <th>Exec today</th><th>Stored</th><th>Since</th></tr></thead><tbody>",
+             <th>Exec today</th><th>Stored</th><th>Reminders</th><th>Since</th></tr></thead><tbody>",
         );
         for user in &users {
             let identities = user
@@ -356,6 +357,12 @@ pub async fn dashboard(
                     escape(&line.limit)
                 );
             }
+            let _ = write!(
+                cells,
+                "<td class=\"num\">{} / {}</td>",
+                reminder_counts.get(user.id.as_str()).copied().unwrap_or(0),
+                limits.reminders
+            );
             let _ = write!(
                 users_html,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{input}</td><td class=\"num\">{output}</td>{cells}<td>{}</td></tr>",

@@ -277,6 +277,11 @@ async fn the_dashboard_shows_usage_and_audit() {
                 .contains("<td class=\"num\">1 / 2,000</td><td class=\"num\">19 / 10,000,000</td>"),
         "today's usage against the user's budgets"
     );
+    assert!(
+        page.body.contains("<th>Reminders</th>")
+            && page.body.contains("<td class=\"num\">0 / 50</td>"),
+        "reminders against the user's cap"
+    );
     let logout = send(
         &h.app(),
         form(

@@ -245,6 +245,17 @@ pub async fn users_show(
             println!("family {}: {} of {}", line.what, line.used, line.limit);
         }
     }
+    // Reminders, by the user's number, next due first, with the cap of their trust level.
+    let reminders = admin.store.list_reminders(user).await?;
+    println!(
+        "{:<18}{} of {} (limits.reminders)",
+        "reminders:",
+        reminders.len(),
+        limits.reminders
+    );
+    for reminder in &reminders {
+        println!("  {}", reminder_line(reminder));
+    }
     for token in admin.store.list_tokens(Some(user)).await? {
         println!(
             "api token:   #{} {} created {}{}",
@@ -255,6 +266,31 @@ pub async fn users_show(
         );
     }
     Ok(())
+}
+
+/// One reminder for the operator: number, next time in its zone, rule, text (cut).
+fn reminder_line(reminder: &moltmate_store::ReminderRecord) -> String {
+    let next = chrono::DateTime::from_timestamp_millis(reminder.due_at)
+        .map(|t| match reminder.timezone.parse::<chrono_tz::Tz>() {
+            Ok(zone) => t.with_timezone(&zone).format("%Y-%m-%d %H:%M").to_string(),
+            Err(_) => t.format("%Y-%m-%d %H:%M UTC").to_string(),
+        })
+        .unwrap_or_else(|| "?".to_string());
+    let mut text: String = reminder
+        .text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(60)
+        .collect();
+    if reminder.text.chars().count() > 60 {
+        text.push('…');
+    }
+    format!(
+        "#{:<4} {next} {:<16} {:<18} {text}",
+        reminder.number,
+        reminder.timezone,
+        reminder.cron.as_deref().unwrap_or("once"),
+    )
 }
 
 pub async fn users_add(
@@ -358,8 +394,8 @@ async fn archive(admin: &Admin, user: &UserId) -> Result<PathBuf> {
 /// What `users reset`/`remove` ended, for the operator.
 fn ended_summary(ended: &moltmate_store::Ended, finished: &crate::ending::Finished) -> String {
     let mut text = format!(
-        "ended {} browser session(s), {} login link(s), {} API token(s), {} pairing code(s); {} waiting message(s) dropped",
-        ended.web_sessions, ended.login_links, ended.api_tokens, ended.pairing_codes, ended.pending_messages
+        "ended {} browser session(s), {} login link(s), {} API token(s), {} pairing code(s); {} waiting message(s) dropped; {} reminder(s) cancelled",
+        ended.web_sessions, ended.login_links, ended.api_tokens, ended.pairing_codes, ended.pending_messages, ended.reminders
     );
     match finished.waited {
         _ if finished.lock_timed_out => text.push_str(

@@ -20,11 +20,14 @@
 //! * [`user_events`] — users removed or reset by the CLI (another process): their worker,
 //!   running turn, waiters, notices and sandboxes are stopped, and they are held back until the
 //!   CLI has wiped their files.
+//! * [`scheduler`] — the reminder task: due reminders become inbox rows (one durable commit
+//!   per occurrence), answered by the user's worker like any accepted message.
 
 mod accept;
 mod delivery;
 mod files;
 mod user_events;
+mod scheduler;
 mod worker;
 
 pub use user_events::{HOLD_MAX as USER_HOLD_MAX, POLL as USER_EVENTS_POLL};
@@ -100,6 +103,8 @@ struct Inner {
     notices: crate::limits::Notices,
     /// Users being removed or reset (see [`user_events`]).
     endings: user_events::Endings,
+    /// Wakes the reminder scheduler (a reminder was created).
+    schedule_wake: Arc<Notify>,
 }
 
 /// The running gateway. Cheap to clone.
@@ -154,6 +159,7 @@ impl Gateway {
                 strangers: crate::strangers::Strangers::new(),
                 notices: crate::limits::Notices::default(),
                 endings: user_events::Endings::new(),
+                schedule_wake: Arc::new(Notify::new()),
             }),
         }
     }
@@ -237,10 +243,12 @@ impl Gateway {
         Ok(())
     }
 
-    /// Runs every channel until shutdown. Returns when all channels have stopped.
+    /// Runs every channel and the reminder scheduler until shutdown. Returns when all have
+    /// stopped.
     pub async fn run_channels(&self) {
         let sink: Arc<dyn InboundSink> = Arc::new(self.clone());
         let mut handles = Vec::new();
+        handles.push(tokio::spawn(scheduler::run(Arc::clone(&self.inner))));
         for channel in self.inner.channels.values() {
             let channel = Arc::clone(channel);
             let sink = Arc::clone(&sink);
@@ -255,6 +263,12 @@ impl Gateway {
         for handle in handles {
             let _ = handle.await;
         }
+    }
+
+    /// Makes the reminder scheduler look at the database now (after a test moved its clock;
+    /// the `schedule` tool does this itself).
+    pub fn wake_scheduler(&self) {
+        self.inner.schedule_wake.notify_one();
     }
 
     /// Waits for running turns after shutdown was signalled, at most `grace`.

@@ -372,12 +372,16 @@ async fn handle_item(
     let ids = super::sandbox_ids(inner, &item.user).await?;
     // Before anything of this message writes to the user's files (onboarding, tools, memory).
     let capped = files::cap_user_dir(inner, &item.user, ids, &user_settings).await;
-    let command = item
-        .text
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    // A reminder is never a command or an onboarding answer, whatever its text says.
+    let command = match &item.reminder {
+        Some(_) => String::new(),
+        None => item
+            .text
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase(),
+    };
     let command_reply = match command.as_str() {
         "/reset" | "/new" => {
             end_session(inner, &item.user).await?;
@@ -417,7 +421,7 @@ async fn handle_item(
             let choices = files::personas(inner).await?;
             Some(onboarding::menu(&language, &choices))
         }
-        _ if inner.settings.onboarding_enabled => {
+        _ if inner.settings.onboarding_enabled && item.reminder.is_none() => {
             onboarding_step(inner, item, &language, ids).await?
         }
         "/start" => Some(help_text(&language)),
@@ -443,14 +447,25 @@ async fn handle_item(
         &language,
     );
     let periods = crate::budget::Periods::now();
-    if let Some(text) = guard
+    let zone = inner.settings.timezone(&item.user);
+    if let Some(notice) = guard
         .admit(&periods, user_settings.limits.transcript_bytes)
         .await?
     {
+        // A reminder over budget still reaches its user, as a plain notice: it is theirs, and
+        // bounded by their reminder caps, so it is not throttled like budget notices.
+        let (text, throttled) = match &item.reminder {
+            Some(fire) => (
+                crate::schedule::texts::plain_notice(fire, &notice, &language, zone),
+                false,
+            ),
+            None => (notice, true),
+        };
         let pushed = pushed_reply(inner, item, &text).filter(|_| {
-            inner
-                .notices
-                .budget_notice_due(&item.user, std::time::Instant::now())
+            !throttled
+                || inner
+                    .notices
+                    .budget_notice_due(&item.user, std::time::Instant::now())
         });
         let completion = inner
             .store
@@ -502,6 +517,7 @@ async fn handle_item(
         state.prewarms.retain(|p| !p.is_finished());
         state.prewarms.extend(prewarm_sandbox(inner, &context));
     }
+    let tools = turn_tools(inner, &item.user, &user_settings);
     // History in a bounded page: the newest rows the context window can hold.
     let mut prompt =
         files::system_prompt(inner, &home, family.as_ref(), session.summary.clone()).await?;
@@ -523,7 +539,7 @@ async fn handle_item(
         let compacted = compact(
             Compaction {
                 model: inner.model.as_ref(),
-                tools: &inner.tools,
+                tools: &tools,
                 store: &inner.store,
                 metrics: &inner.metrics,
                 context: context.clone(),
@@ -564,16 +580,31 @@ async fn handle_item(
         .map(|(_, w)| Arc::clone(&w.deltas))
         .unwrap_or_else(|| Arc::new(IgnoreDeltas));
 
+    let offers_schedule = user_settings.tools.iter().any(|t| t == "schedule");
+    let system = if offers_schedule {
+        let now = inner.settings.clock.now();
+        format!(
+            "{}{}",
+            prompt.text,
+            crate::schedule::texts::time_note(now, zone)
+        )
+    } else {
+        prompt.text
+    };
+    let user_text = match &item.reminder {
+        Some(fire) => crate::schedule::texts::reminder_prompt(fire, zone),
+        None => item.text.clone(),
+    };
     let typing = start_typing(inner, item.channel, &item.chat_id);
     let result = run_turn(Turn {
         model: inner.model.as_ref(),
-        tools: &inner.tools,
+        tools: &tools,
         store: &inner.store,
         context,
         allowed_tools: &user_settings.tools,
-        system: prompt.text,
+        system,
         history,
-        user_text: item.text.clone(),
+        user_text,
         max_iterations: inner.settings.max_tool_iterations,
         deltas: deltas.as_ref(),
         log_tool_calls: inner.settings.log_tool_calls,
@@ -598,6 +629,13 @@ async fn handle_item(
         .iter()
         .fold(TokenUsage::default(), |sum, (_, _, u)| sum.plus(*u));
     let mut reply = result.reply;
+    if let Some(late) = item
+        .reminder
+        .as_ref()
+        .and_then(|fire| crate::schedule::texts::late_marker(fire, &language, zone))
+    {
+        reply = format!("{reply}\n\n{late}");
+    }
     if !skipped.is_empty() {
         reply = format!("{reply}\n\n{}", skipped_note(&language, &skipped));
     }
@@ -614,6 +652,28 @@ async fn handle_item(
         .await?;
     finish_or_discard(inner, item, completion, reply, total).await;
     Ok(())
+}
+
+/// The tools of one turn: the gateway's, plus the `schedule` tool bound to this user, their
+/// zone and their reminder cap when they may use it.
+fn turn_tools(
+    inner: &Arc<Inner>,
+    user: &UserId,
+    settings: &crate::settings::UserSettings,
+) -> crate::agent::ToolBox {
+    let mut tools = inner.tools.clone();
+    if settings.tools.iter().any(|t| t == "schedule") {
+        tools.register(Arc::new(crate::schedule::ScheduleTool {
+            store: inner.store.clone(),
+            user: user.clone(),
+            zone: inner.settings.timezone(user),
+            max_reminders: settings.limits.reminders,
+            min_interval_minutes: inner.settings.reminder_min_interval_minutes,
+            clock: inner.settings.clock.clone(),
+            wake: Arc::clone(&inner.schedule_wake),
+        }));
+    }
+    tools
 }
 
 /// Starts the user's sandbox in the background while the model thinks, so a first `exec` in

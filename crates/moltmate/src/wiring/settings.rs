@@ -77,6 +77,7 @@ pub fn user_limits(limits: &EffectiveLimits) -> UserLimits {
         stored_bytes_per_turn: kib(limits.stored_kb_per_turn),
         transcript_bytes: limits.transcript_mb.saturating_mul(1024 * 1024),
         queued_messages: limits.queued_messages as usize,
+        reminders: limits.reminders as usize,
         budget: Budget {
             messages_per_day: limits.messages_per_day.limit(),
             tokens_per_day: limits.tokens_per_day.limit(),
@@ -117,7 +118,7 @@ fn stricter_security(a: ExecSecurity, b: ExecSecurity) -> ExecSecurity {
 /// | owner      | as configured                           | configured | config  | config    |
 /// | family     | as configured                           | allowlist  | config  | config    |
 /// | friend     | as configured                           | allowlist  | none    | config    |
-/// | stranger   | read, write, edit, memory_search        | —          | none    | config    |
+/// | stranger   | read, write, edit, memory_search, schedule | —       | none    | config    |
 /// | restricted | read, memory_search                     | —          | none    | read-only |
 ///
 /// `web_fetch` and `web_search` reach outside on the gateway's side, so they follow the same
@@ -141,7 +142,10 @@ pub fn settings_for_trust(trust: TrustLevel, config: &Config) -> UserSettings {
             settings.sandbox.network = SandboxNetwork::None;
         }
         TrustLevel::Stranger => {
-            keep(&mut settings, &["read", "write", "edit", "memory_search"]);
+            keep(
+                &mut settings,
+                &["read", "write", "edit", "memory_search", "schedule"],
+            );
             settings.exec.security = ExecSecurity::Allowlist;
             settings.sandbox.network = SandboxNetwork::None;
         }
@@ -249,7 +253,38 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
     }
     settings.prices = gateway_prices(config);
     settings.memory_index_dir = Some(home.join("index"));
+    settings.server_timezone = server_timezone();
+    settings.reminder_min_interval_minutes =
+        u32::try_from(config.limits.reminder_min_interval_minutes).unwrap_or(u32::MAX);
+    for (user, user_config) in &config.users {
+        // Validation refused names that are not zones.
+        if let Some(zone) = user_config
+            .timezone
+            .as_deref()
+            .and_then(|z| z.parse::<chrono_tz::Tz>().ok())
+        {
+            settings.timezones.insert(user.clone(), zone);
+        }
+        if let Some(channel) = user_config.preferred_channel {
+            settings.preferred_channels.insert(user.clone(), channel);
+        }
+    }
     settings
+}
+
+/// The server's time zone: `TZ` when it names one, else the system's (`/etc/localtime`),
+/// else UTC.
+pub fn server_timezone() -> chrono_tz::Tz {
+    let from_env = std::env::var("TZ")
+        .ok()
+        .and_then(|tz| tz.trim_start_matches(':').parse::<chrono_tz::Tz>().ok());
+    from_env
+        .or_else(|| {
+            iana_time_zone::get_timezone()
+                .ok()
+                .and_then(|tz| tz.parse::<chrono_tz::Tz>().ok())
+        })
+        .unwrap_or(chrono_tz::Tz::UTC)
 }
 
 /// Models whose use no spend budget can see (no `model.prices` entry), when the operator set
@@ -338,6 +373,9 @@ mod tests {
             !owner.tools.contains(&"web_search".to_string()),
             "off until tools.web.search is enabled"
         );
+        assert!(stranger.tools.contains(&"schedule".to_string()));
+        assert_eq!(stranger.limits.reminders, 10);
+        assert_eq!(owner.limits.reminders, 50);
         assert_eq!(
             restricted.tools,
             vec!["read".to_string(), "memory_search".to_string()]
