@@ -19,10 +19,11 @@ pub mod db;
 pub mod homes;
 pub mod memory_index;
 pub mod pairing;
+pub mod reports;
 
 pub use db::{
     AuditEvent, AuditRecord, InboxItem, OutboxItem, PairingRequest, PairingState, SessionRecord,
-    Store, StoreError, TurnRecord, UsageRow, UserRecord,
+    Store, StoreError, TurnRecord, UsageRow, UserRecord, SCHEMA_VERSION,
 };
 pub use homes::{HomeError, Homes};
 pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};
