@@ -18,6 +18,7 @@
 mod de;
 mod env;
 mod error;
+mod redact;
 mod schema;
 mod secret;
 mod starter;
@@ -27,12 +28,13 @@ mod validate;
 pub use error::{ConfigError, Problem};
 pub use schema::{
     ChannelsConfig, Config, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig, GatewayConfig,
-    LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef, OnboardingConfig,
+    LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef, OnboardingConfig, PriceConfig,
     ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider, SandboxBackend, SandboxConfig,
     SandboxLimitsConfig, SandboxMode, SandboxPruneConfig, SandboxScope, SessionConfig,
     TelegramConfig, ToolName, ToolsConfig, TrustLevel, UserConfig, WebChannelConfig,
     WebFetchConfig, WebToolsConfig,
 };
+pub use redact::{redact_secrets, Redacted};
 pub use secret::Secret;
 pub use starter::{write_starter_config, STARTER_CONFIG};
 

@@ -204,6 +204,18 @@ pub struct ModelConfig {
     pub max_retries: u32,
     /// Default 200000.
     pub context_window_tokens: u32,
+    /// US dollars per million tokens by `"provider/model"` (or `"provider/*"`), for the cost
+    /// estimates on `/admin` and in `moltmate usage`. Default empty: a model without a price
+    /// shows no cost.
+    pub prices: BTreeMap<String, PriceConfig>,
+}
+
+/// `model.prices."provider/model"`: US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PriceConfig {
+    pub input_per_m_tok: f64,
+    pub output_per_m_tok: f64,
 }
 
 impl Default for ModelConfig {
@@ -219,6 +231,7 @@ impl Default for ModelConfig {
             request_timeout_seconds: 120,
             max_retries: 2,
             context_window_tokens: 200_000,
+            prices: BTreeMap::new(),
         }
     }
 }

@@ -203,6 +203,28 @@ fn model(config: &Config) -> Result<(), Failure> {
         "model.contextWindowTokens",
         u64::from(m.context_window_tokens),
     )?;
+    for (key, price) in &m.prices {
+        let shaped = key
+            .split_once('/')
+            .is_some_and(|(provider, model)| !provider.is_empty() && !model.is_empty());
+        if !shaped {
+            return Err(rule(
+                format!("model.prices.{key}"),
+                "must be named \"provider/model\" or \"provider/*\"",
+            ));
+        }
+        for (field, value) in [
+            ("inputPerMTok", price.input_per_m_tok),
+            ("outputPerMTok", price.output_per_m_tok),
+        ] {
+            if !value.is_finite() || value < 0.0 {
+                return Err(rule(
+                    format!("model.prices.{key}.{field}"),
+                    "must be a non-negative number of US dollars per million tokens",
+                ));
+            }
+        }
+    }
     if m.max_output_tokens >= m.context_window_tokens {
         return Err(rule(
             "model.maxOutputTokens",
