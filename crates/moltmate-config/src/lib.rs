@@ -26,15 +26,15 @@ mod strict;
 mod validate;
 
 pub use error::{ConfigError, Problem};
+pub use redact::{redact_secrets, Redacted};
 pub use schema::{
     ChannelsConfig, Config, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig, GatewayConfig,
-    LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef, OnboardingConfig, PriceConfig,
-    ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider, SandboxBackend, SandboxConfig,
-    SandboxLimitsConfig, SandboxMode, SandboxPruneConfig, SandboxScope, SessionConfig,
-    TelegramConfig, ToolName, ToolsConfig, TrustLevel, UserConfig, WebChannelConfig,
+    LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef, OnboardingConfig,
+    PriceConfig, ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider, SandboxBackend,
+    SandboxConfig, SandboxLimitsConfig, SandboxMode, SandboxPruneConfig, SandboxScope,
+    SessionConfig, TelegramConfig, ToolName, ToolsConfig, TrustLevel, UserConfig, WebChannelConfig,
     WebFetchConfig, WebToolsConfig,
 };
-pub use redact::{redact_secrets, Redacted};
 pub use secret::Secret;
 pub use starter::{write_starter_config, STARTER_CONFIG};
 

@@ -91,13 +91,12 @@ fn parse(text: &str) -> Result<Value, ConfigError> {
             message: format!("nested deeper than {} levels", strict::MAX_DEPTH),
         });
     }
-    let strict::StrictValue(value) =
-        json5::from_str(text).map_err(|err| ConfigError::Syntax {
-            file: crate::CONFIG_FILE_NAME.to_string(),
-            line: err.position().map(|p| p.line + 1),
-            column: err.position().map(|p| p.column + 1),
-            message: err.to_string(),
-        })?;
+    let strict::StrictValue(value) = json5::from_str(text).map_err(|err| ConfigError::Syntax {
+        file: crate::CONFIG_FILE_NAME.to_string(),
+        line: err.position().map(|p| p.line + 1),
+        column: err.position().map(|p| p.column + 1),
+        message: err.to_string(),
+    })?;
     Ok(value)
 }
 
@@ -137,7 +136,9 @@ pub fn redact_secrets(text: &str) -> Result<Redacted, ConfigError> {
         }
     }
     let kept = parse(&edited).is_ok_and(|value| value == tree)
-        && secrets.iter().all(|secret| !edited.contains(secret.as_str()));
+        && secrets
+            .iter()
+            .all(|secret| !edited.contains(secret.as_str()));
     if kept {
         return Ok(Redacted {
             text: edited,
@@ -178,8 +179,13 @@ mod tests {
         for secret in ["op-SECRET-1", "sk-ant-SECRET-2", "123:SECRET-3"] {
             assert!(!redacted.text.contains(secret), "{}", redacted.text);
         }
-        assert!(redacted.text.contains("// my gateway") && redacted.text.contains("// the main one"));
-        assert!(redacted.text.contains("${LOCAL_KEY}"), "references are kept");
+        assert!(
+            redacted.text.contains("// my gateway") && redacted.text.contains("// the main one")
+        );
+        assert!(
+            redacted.text.contains("${LOCAL_KEY}"),
+            "references are kept"
+        );
         let variables: Vec<&str> = redacted.replaced.iter().map(|(_, v)| v.as_str()).collect();
         assert_eq!(
             variables,
@@ -199,7 +205,9 @@ mod tests {
         };
         let error = crate::Config::from_json5_str(&redacted.text, "x", &env).unwrap_err();
         assert!(
-            error.to_string().contains("MOLTMATE_PROVIDER_ANTHROPIC_API_KEY"),
+            error
+                .to_string()
+                .contains("MOLTMATE_PROVIDER_ANTHROPIC_API_KEY"),
             "{error}"
         );
     }

@@ -447,7 +447,8 @@ impl Store {
         tokio::task::spawn_blocking(move || {
             let connection = Connection::open_with_flags(
                 path.as_path(),
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             connection.busy_timeout(Duration::from_secs(10))?;
             work(&connection)

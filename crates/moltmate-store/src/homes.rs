@@ -707,7 +707,8 @@ pub fn copy_tree(from: &Path, to: &Path, limits: CopyLimits) -> Result<CopyRepor
                     stack.push((item.path.to_string(), fd));
                 }
             }
-            WalkEntry::Symlink(link) => match rustix::fs::symlinkat(link.as_os_str(), target, name) {
+            WalkEntry::Symlink(link) => match rustix::fs::symlinkat(link.as_os_str(), target, name)
+            {
                 Ok(()) | Err(Errno::EXIST) => {}
                 Err(e) => return Err(io_error(item.path, e)),
             },
@@ -716,7 +717,11 @@ pub fn copy_tree(from: &Path, to: &Path, limits: CopyLimits) -> Result<CopyRepor
                 let out = rustix::fs::openat(
                     target,
                     name,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| io_error(item.path, e))?;
@@ -759,7 +764,10 @@ fn walk_dir(
     if listing.non_utf8 > 0 {
         report.skip(
             shown,
-            &format!("{} name(s) that are not UTF-8 were left out", listing.non_utf8),
+            &format!(
+                "{} name(s) that are not UTF-8 were left out",
+                listing.non_utf8
+            ),
         );
     }
     for entry in listing.entries {

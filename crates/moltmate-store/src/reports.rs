@@ -207,7 +207,11 @@ mod tests {
             sender_name: None,
             language_code: None,
         };
-        let inbox = store.insert_inbound(&message, &anna).await.unwrap().unwrap();
+        let inbox = store
+            .insert_inbound(&message, &anna)
+            .await
+            .unwrap()
+            .unwrap();
         let session = store.current_session(&anna).await.unwrap();
         let usage = TokenUsage {
             input_tokens: 100,
@@ -246,7 +250,12 @@ mod tests {
         assert_eq!(report.days.len(), 1, "{report:?}");
         let day = &report.days[0];
         assert_eq!(
-            (day.messages, day.model_calls, day.input_tokens, day.output_tokens),
+            (
+                day.messages,
+                day.model_calls,
+                day.input_tokens,
+                day.output_tokens
+            ),
             (1, 3, 300, 30)
         );
         assert_eq!((day.tool_calls, day.exec_calls, day.exec_ms), (3, 2, 100));

@@ -82,7 +82,10 @@ async fn a_database_of_the_previous_release_is_migrated_and_reads_back_whole() {
     // The unanswered message is still pending and is answered after the upgrade.
     let pending = store.users_with_pending_inbox().await.unwrap();
     assert_eq!(pending, vec![ben.clone()]);
-    assert_eq!(store.cursor(ChannelKind::Telegram).await.unwrap(), Some(9002));
+    assert_eq!(
+        store.cursor(ChannelKind::Telegram).await.unwrap(),
+        Some(9002)
+    );
 
     // Pairing: the pending code is still pending; the approved and denied ones are decided.
     let requests = store.pending_pairing_requests().await.unwrap();
@@ -92,11 +95,17 @@ async fn a_database_of_the_previous_release_is_migrated_and_reads_back_whole() {
     // Credentials: the live token signs in, the revoked one does not, the browser session
     // still works.
     assert_eq!(
-        store.user_for_token("mm_fixture-token-of-anna").await.unwrap(),
+        store
+            .user_for_token("mm_fixture-token-of-anna")
+            .await
+            .unwrap(),
         Some(anna.clone())
     );
     assert_eq!(
-        store.user_for_token("mm_fixture-revoked-token").await.unwrap(),
+        store
+            .user_for_token("mm_fixture-revoked-token")
+            .await
+            .unwrap(),
         None
     );
     let web = store
@@ -116,7 +125,10 @@ async fn a_database_of_the_previous_release_is_migrated_and_reads_back_whole() {
     assert_eq!(anna_tokens, 1200 + 80 + 1500 + 40 + 1600 + 30);
     assert_eq!(store.recent_audit(None, 10).await.unwrap().len(), 3);
     let activity = store.activity(0, None).await.unwrap();
-    assert!(activity.days.iter().any(|d| d.user == "anna" && d.tool_calls == 1));
+    assert!(activity
+        .days
+        .iter()
+        .any(|d| d.user == "anna" && d.tool_calls == 1));
 
     // And it keeps working: a new user, a new token.
     let new = UserId::new("dora").unwrap();
