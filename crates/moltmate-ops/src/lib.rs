@@ -32,6 +32,9 @@ pub enum OpsError {
     /// write; nothing was written.
     #[error("refusing the archive: {0}")]
     BadArchive(String),
+    /// The operator's input is not valid (an identity, a date).
+    #[error("{0}")]
+    Invalid(String),
     /// The restore target is not an empty directory.
     #[error("{0}")]
     TargetNotEmpty(String),
@@ -45,7 +48,10 @@ impl OpsError {
     /// machine (I/O, database).
     pub fn is_refusal(&self) -> bool {
         match self {
-            OpsError::NoSuchUser(_) | OpsError::BadArchive(_) | OpsError::TargetNotEmpty(_) => true,
+            OpsError::NoSuchUser(_)
+            | OpsError::Invalid(_)
+            | OpsError::BadArchive(_)
+            | OpsError::TargetNotEmpty(_) => true,
             OpsError::Store(_) | OpsError::Home(_) | OpsError::Io { .. } | OpsError::Failed(_) => {
                 false
             }

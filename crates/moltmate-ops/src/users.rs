@@ -95,6 +95,65 @@ impl UserAdmin {
         })
     }
 
+    /// Creates the user (or updates nothing but links), links channel identities (`telegram:123`)
+    /// and makes their home. Returns whether the user was new. Identities are parsed before
+    /// anything is stored, so a bad one changes nothing.
+    pub async fn add(
+        &self,
+        user: &UserId,
+        identities: &[String],
+        name: Option<&str>,
+    ) -> Result<bool, OpsError> {
+        let mut parsed = Vec::with_capacity(identities.len());
+        for raw in identities {
+            let identity: moltmate_core::Identity =
+                raw.trim().parse().map_err(|e: moltmate_core::InvalidId| {
+                    OpsError::Invalid(format!("identity {raw:?}: {e}"))
+                })?;
+            parsed.push(identity);
+        }
+        let created = self.store.ensure_user(user, name).await?;
+        for identity in &parsed {
+            self.store.link_identity(identity, user, "admin").await?;
+        }
+        let homes = self.homes.clone();
+        let user = user.clone();
+        blocking("making the home", move || {
+            homes.ensure(&user)?;
+            Ok(())
+        })
+        .await?;
+        Ok(created)
+    }
+
+    /// A one-time sign-in link for the user (created if new), valid for `ttl`.
+    pub async fn login_link(
+        &self,
+        user: &UserId,
+        base_url: &str,
+        ttl: std::time::Duration,
+    ) -> Result<String, OpsError> {
+        self.store.ensure_user(user, None).await?;
+        let homes = self.homes.clone();
+        let again = user.clone();
+        blocking("making the home", move || {
+            homes.ensure(&again)?;
+            Ok(())
+        })
+        .await?;
+        let code = self.store.create_login_link(user, ttl).await?;
+        Ok(format!("{}/login/{code}", base_url.trim_end_matches('/')))
+    }
+
+    /// Revokes all the user's API tokens and ends their browser sessions. Returns (tokens,
+    /// sessions).
+    pub async fn revoke(&self, user: &UserId) -> Result<(usize, usize), OpsError> {
+        self.existing(user).await?;
+        let tokens = self.store.revoke_tokens(user, None).await?;
+        let sessions = self.store.delete_user_web_sessions(user).await?;
+        Ok((tokens, sessions))
+    }
+
     /// Everything stored about a user, as JSON (`users export`, and `export.json` in an
     /// archive).
     pub async fn export(&self, user: &UserId) -> Result<serde_json::Value, OpsError> {

@@ -135,6 +135,11 @@ impl Homes {
         &self.families_dir
     }
 
+    /// The moltmate home these homes live in.
+    pub fn base_dir(&self) -> &Path {
+        self.users_dir.parent().unwrap_or(Path::new("."))
+    }
+
     pub fn home(&self, user: &UserId) -> UserHome {
         UserHome::new(&self.users_dir, user)
     }

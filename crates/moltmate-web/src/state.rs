@@ -40,6 +40,11 @@ pub struct WebSettings {
     /// Reverse proxies whose `X-Forwarded-For` names the client for rate limiting. Empty:
     /// every request is limited by its TCP peer (behind a proxy, all clients share one bucket).
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// The address people open (`gateway.publicUrl`, else the listening address): sign-in
+    /// links made on `/admin` point there. Never taken from a request's `Host`.
+    pub base_url: String,
+    /// Model prices (`model.prices`) for the cost estimates on `/admin`.
+    pub prices: moltmate_ops::usage::PriceTable,
 }
 
 impl Default for WebSettings {
@@ -54,6 +59,8 @@ impl Default for WebSettings {
             login_link_ttl: Duration::from_secs(15 * 60),
             session_ttl: Duration::from_secs(7 * 24 * 3600),
             trusted_proxies: Vec::new(),
+            base_url: "http://127.0.0.1:18790".to_string(),
+            prices: moltmate_ops::usage::PriceTable::default(),
         }
     }
 }
@@ -80,6 +87,8 @@ impl fmt::Debug for WebSettings {
             .field("login_link_ttl", &self.login_link_ttl)
             .field("session_ttl", &self.session_ttl)
             .field("trusted_proxies", &self.trusted_proxies)
+            .field("base_url", &self.base_url)
+            .field("prices", &self.prices)
             .finish()
     }
 }

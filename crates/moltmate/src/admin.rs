@@ -5,8 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use moltmate_core::{ChannelKind, Identity, UserId};
-use moltmate_store::homes::{list_beneath, read_beneath, CopyLimits};
-use moltmate_store::memory_index::MemoryIndex;
+use moltmate_store::homes::read_beneath;
 use moltmate_store::{Homes, Store};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,6 +18,11 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The user actions shared with `/admin`.
+    pub fn users(&self) -> moltmate_ops::users::UserAdmin {
+        moltmate_ops::users::UserAdmin::new(&self.home, self.store.clone())
+    }
+
     pub fn open(home: &Path) -> Result<Admin> {
         let store = Store::open(&home.join("moltmate.db")).context("opening the database")?;
         Ok(Admin {
@@ -169,12 +173,7 @@ pub async fn users_add(
     identities: &[String],
     name: Option<&str>,
 ) -> Result<()> {
-    let created = admin.store.ensure_user(user, name).await?;
-    for raw in identities {
-        let identity: Identity = raw.parse()?;
-        admin.store.link_identity(&identity, user, "admin").await?;
-    }
-    admin.homes.ensure(user)?;
+    let created = admin.users().add(user, identities, name).await?;
     println!(
         "{} user {user}.",
         if created { "Created" } else { "Updated" }
@@ -182,107 +181,16 @@ pub async fn users_add(
     Ok(())
 }
 
-/// Removes a user's home. A home on a capped volume is unmounted and its image deleted (the
-/// image is where the files live).
-pub fn wipe_home(home_dir: &Path, users_home: &Path, user: &UserId) -> Result<()> {
-    if home_dir.exists() {
-        moltmate_sandbox::disk::release_user_volume(users_home)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        std::fs::remove_dir_all(users_home)
-            .with_context(|| format!("removing {}", users_home.display()))?;
-    }
-    // The scratch directory (`workspaceAccess: none`) is the user's too, and may sit on its
-    // own volume.
-    let scratch = home_dir
-        .join("sandboxes")
-        .join("scratch")
-        .join(user.as_str());
-    if scratch.exists() {
-        moltmate_sandbox::disk::release_user_volume(&scratch)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        std::fs::remove_dir_all(&scratch)
-            .with_context(|| format!("removing {}", scratch.display()))?;
-    }
-    let disks = home_dir.join("sandboxes").join("disks");
-    let scratch_image = format!("{}.img", moltmate_sandbox::disk::scratch_volume_name(user));
-    for image in [disks.join(format!("{user}.img")), disks.join(scratch_image)] {
-        match std::fs::remove_file(&image) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", image.display())),
-        }
-    }
-    Ok(())
-}
-
-/// Copies the user's home into `archive/<user>-<timestamp>/home` next to an export of their
-/// transcripts, then wipes the home, so a reset or removal can be undone by hand.
-async fn archive(admin: &Admin, user: &UserId) -> Result<PathBuf> {
-    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
-    let archive_root = admin.home.join("archive");
-    let archive_dir = archive_root.join(format!("{user}-{stamp}"));
-    std::fs::create_dir_all(&archive_dir)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&archive_root, std::fs::Permissions::from_mode(0o700))?;
-    let export = export_json(admin, user).await?;
-    std::fs::write(
-        archive_dir.join("export.json"),
-        serde_json::to_vec_pretty(&export)?,
-    )?;
-    let home = admin.homes.home(user);
-    if home.root().exists() {
-        // The home is the user's: bounded and never blocking (FIFOs, sockets and devices are
-        // skipped, links copied as links, depth, entries and bytes capped), so nothing in it
-        // can hang or fail the reset or removal. What was skipped is listed in the archive.
-        let (from, to) = (home.root().to_path_buf(), archive_dir.join("home"));
-        let report = tokio::task::spawn_blocking(move || {
-            moltmate_store::homes::copy_tree(&from, &to, CopyLimits::default())
-        })
-        .await
-        .context("copying the home into the archive")?
-        .context("copying the home into the archive")?;
-        if report.skipped_total > 0 {
-            let mut text = format!(
-                "{} item(s) of the home were not archived:\n",
-                report.skipped_total
-            );
-            for line in &report.skipped {
-                text.push_str(line);
-                text.push('\n');
-            }
-            std::fs::write(archive_dir.join("SKIPPED.txt"), text)?;
-            eprintln!(
-                "Note: {} item(s) of {user}'s home were not archived (see SKIPPED.txt in the archive).",
-                report.skipped_total
-            );
-        }
-        wipe_home(&admin.home, home.root(), user)?;
-    }
-    let index = MemoryIndex::path_for(&admin.home.join("index"), user);
-    for path in [
-        index.clone(),
-        index.with_extension("db-wal"),
-        index.with_extension("db-shm"),
-    ] {
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(archive_dir)
-}
-
 pub async fn users_reset(admin: &Admin, user: &UserId, yes: bool) -> Result<()> {
     if !yes {
         bail!("`users reset` archives and wipes {user}'s home, sessions and pairings; add --yes to do it");
     }
-    if admin.store.user(user).await?.is_none() {
-        bail!("no user {user}");
-    }
-    let archived = archive(admin, user).await?;
-    let revoked = admin.store.revoke_pairings(user).await?;
-    admin.store.wipe_user_history(user).await?;
-    admin.homes.ensure(user)?;
+    let done = admin.users().reset(user).await?;
+    note_skipped(user, done.skipped);
     println!(
-        "Reset {user}: home and history archived in {}, {revoked} pairing(s) revoked. Their next message starts over.",
-        archived.display()
+        "Reset {user}: home and history archived in {}, {} pairing(s) revoked. Their next message starts over.",
+        done.archive.display(),
+        done.pairings_revoked
     );
     Ok(())
 }
@@ -291,52 +199,28 @@ pub async fn users_remove(admin: &Admin, user: &UserId, yes: bool) -> Result<()>
     if !yes {
         bail!("`users remove` archives and deletes {user} entirely; add --yes to do it");
     }
-    if admin.store.user(user).await?.is_none() {
-        bail!("no user {user}");
-    }
-    let archived = archive(admin, user).await?;
-    admin.store.delete_user(user).await?;
+    let done = admin.users().remove(user).await?;
+    note_skipped(user, done.skipped);
     println!(
         "Removed {user} (archived in {}). Remove them from allowFrom / users in moltmate.json too, or they can pair again.",
-        archived.display()
+        done.archive.display()
     );
     Ok(())
 }
 
-async fn export_json(admin: &Admin, user: &UserId) -> Result<serde_json::Value> {
-    let record = admin.store.user(user).await?;
-    let transcripts = admin.store.user_transcripts(user).await?;
-    let home = admin.homes.home(user);
-    let mut files = serde_json::Map::new();
-    for file in ["SOUL.md", "IDENTITY.md", "USER.md", "MEMORY.md"] {
-        if let Ok(Some((text, _))) = read_beneath(home.root(), file, 4 << 20) {
-            files.insert(file.to_string(), serde_json::Value::String(text));
-        }
+fn note_skipped(user: &UserId, skipped: u64) {
+    if skipped > 0 {
+        eprintln!(
+            "Note: {skipped} item(s) of {user}'s home were not archived (see SKIPPED.txt in the archive)."
+        );
     }
-    // Bounded: a `memory/` of millions of entries exports the first ones the kernel lists.
-    if let Ok(Some(listing)) = list_beneath(home.root(), "memory", 10_000) {
-        for entry in listing.entries.iter().filter(|e| !e.is_dir()).take(2_000) {
-            let name = format!("memory/{}", entry.name);
-            if let Ok(Some((text, _))) = read_beneath(home.root(), &name, 4 << 20) {
-                files.insert(name, serde_json::Value::String(text));
-            }
-        }
-    }
-    Ok(serde_json::json!({
-        "user": record,
-        "files": files,
-        "transcripts": transcripts.into_iter().map(|(session, at, item)| serde_json::json!({
-            "session": session, "at": at, "item": item
-        })).collect::<Vec<_>>(),
-        "usage": admin.store.usage(Some(user)).await?,
-    }))
 }
 
 pub async fn users_export(admin: &Admin, user: &UserId, output: Option<&Path>) -> Result<()> {
     if admin.store.user(user).await?.is_none() {
         bail!("no user {user}");
     }
-    let export = serde_json::to_string_pretty(&export_json(admin, user).await?)?;
+    let export = serde_json::to_string_pretty(&admin.users().export(user).await?)?;
     match output {
         Some(path) => {
             use std::io::Write;
@@ -362,8 +246,7 @@ pub async fn users_token(
     label: Option<&str>,
 ) -> Result<()> {
     if revoke {
-        let count = admin.store.revoke_tokens(user, None).await?;
-        let sessions = admin.store.delete_user_web_sessions(user).await?;
+        let (count, sessions) = admin.users().revoke(user).await?;
         println!("Revoked {count} token(s) of {user} and signed them out of {sessions} browser session(s).");
         return Ok(());
     }
@@ -376,13 +259,11 @@ pub async fn users_token(
 }
 
 pub async fn users_login_link(admin: &Admin, user: &UserId, base_url: &str) -> Result<()> {
-    admin.store.ensure_user(user, None).await?;
-    admin.homes.ensure(user)?;
-    let code = admin
-        .store
-        .create_login_link(user, Duration::from_secs(15 * 60))
+    let url = admin
+        .users()
+        .login_link(user, base_url, Duration::from_secs(15 * 60))
         .await?;
     eprintln!("One-time login link for {user} (valid 15 minutes):");
-    println!("{base_url}/login/{code}");
+    println!("{url}");
     Ok(())
 }

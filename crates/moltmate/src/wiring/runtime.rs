@@ -208,6 +208,8 @@ pub async fn start_web(home: &Path, config: &Config, built: &Built) -> Result<St
         unauthenticated_burst: config.gateway.rate_limit.unauthenticated_burst,
         secure_cookies: config.gateway.served_over_https(),
         trusted_proxies: config.gateway.trusted_proxies.clone(),
+        base_url: super::public_base_url(config),
+        prices: moltmate_ops::usage::PriceTable::from_config(&config.model.prices),
         ..moltmate_web::WebSettings::default()
     };
     let state =
