@@ -188,13 +188,26 @@ impl UserAdmin {
             use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
             let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
             let archive_root = home_dir.join("archive");
-            let archive_dir = archive_root.join(format!("{user}-{stamp}"));
             let io = |what: String| move |source| OpsError::Io { what, source };
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
-                .create(&archive_dir)
-                .map_err(io(format!("creating {}", archive_dir.display())))?;
+                .create(&archive_root)
+                .map_err(io(format!("creating {}", archive_root.display())))?;
+            // A fresh folder every time: a reset and a removal in the same second must not
+            // share one (the second export would replace the first).
+            let mut archive_dir = archive_root.join(format!("{user}-{stamp}"));
+            let mut attempt = 1;
+            loop {
+                match std::fs::DirBuilder::new().mode(0o700).create(&archive_dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 1000 => {
+                        attempt += 1;
+                        archive_dir = archive_root.join(format!("{user}-{stamp}-{attempt}"));
+                    }
+                    Err(e) => return Err(io(format!("creating {}", archive_dir.display()))(e)),
+                }
+            }
             std::fs::set_permissions(&archive_root, std::fs::Permissions::from_mode(0o700))
                 .map_err(io(format!("securing {}", archive_root.display())))?;
             write_private(&archive_dir.join("export.json"), &export)?;
