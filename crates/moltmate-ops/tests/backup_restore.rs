@@ -588,3 +588,87 @@ fn hostile_archive_entries_are_refused_before_anything_is_written() {
         assert!(!Path::new("/tmp/evil").exists());
     }
 }
+
+/// A capped home lives on a loop-mounted ext4 image: the backup holds its files (never the
+/// image), whether the volume is mounted here (the gateway runs) or not (after a reboot, or
+/// the gateway's mounts live in another namespace).
+#[test]
+fn a_capped_home_is_backed_up_from_its_files_mounted_or_not() {
+    use moltmate_sandbox::disk;
+    if !disk::can_enforce() {
+        assert!(
+            std::env::var_os("MOLTMATE_REQUIRE_SANDBOX").is_none(),
+            "disk caps need root"
+        );
+        eprintln!("SKIP: disk caps need root");
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    let home = base.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    drop(Store::open(&home.join("moltmate.db")).unwrap());
+    let user = UserId::new("capped").unwrap();
+    let dir = Homes::new(&home)
+        .ensure(&user)
+        .unwrap()
+        .root()
+        .to_path_buf();
+    let cap = disk::ensure_user_volume(&home.join("sandboxes"), &dir, &user, 24 << 20).unwrap();
+    assert!(cap.enforced);
+    std::fs::write(dir.join("MEMORY.md"), "on the image").unwrap();
+    std::os::unix::fs::chown(
+        dir.join("MEMORY.md"),
+        Some(disk::SANDBOX_UID),
+        Some(disk::SANDBOX_UID),
+    )
+    .unwrap();
+
+    let mounted = base.path().join("mounted.tar.gz");
+    backup::backup(&home, &mounted, &BackupOptions::default(), &mut quiet()).unwrap();
+    disk::release_user_volume(&dir).unwrap();
+    assert!(
+        !dir.join("MEMORY.md").exists(),
+        "the files are on the image only"
+    );
+    let unmounted = base.path().join("unmounted.tar.gz");
+    backup::backup(&home, &unmounted, &BackupOptions::default(), &mut quiet()).unwrap();
+    assert!(
+        !disk::is_mounted_volume(&dir),
+        "the read-only mount is gone"
+    );
+
+    for archive in [&mounted, &unmounted] {
+        let manifest = read_manifest(archive);
+        let memory = manifest
+            .entries
+            .iter()
+            .find(|e| e.path == "users/capped/MEMORY.md")
+            .unwrap_or_else(|| panic!("{}: {:?}", archive.display(), manifest.skipped));
+        assert_eq!(memory.size, "on the image".len() as u64);
+        assert!(
+            !manifest
+                .entries
+                .iter()
+                .any(|e| e.path.contains("sandboxes") || e.path.ends_with(".img")),
+            "images are not backed up"
+        );
+        let home_entry = manifest
+            .entries
+            .iter()
+            .find(|e| e.path == "users/capped")
+            .unwrap();
+        assert_eq!(home_entry.uid, u64::from(disk::SANDBOX_UID));
+    }
+    let target = base.path().join("restored");
+    backup::restore(&unmounted, &target, &mut quiet()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("users/capped/MEMORY.md")).unwrap(),
+        "on the image"
+    );
+    assert_eq!(
+        std::fs::metadata(target.join("users/capped/MEMORY.md"))
+            .unwrap()
+            .uid(),
+        disk::SANDBOX_UID
+    );
+}
