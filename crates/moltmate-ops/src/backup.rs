@@ -1036,7 +1036,11 @@ fn drain<R: Read>(archive: tar::Archive<R>) -> Result<(), OpsError> {
 }
 
 /// First pass: every entry checked against the manifest, nothing written.
-fn verify(file: &Path, progress: &mut dyn FnMut(&Progress)) -> Result<Manifest, OpsError> {
+fn verify(
+    file: &Path,
+    room: Option<u64>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Manifest, OpsError> {
     let mut archive = open_archive(file)?;
     let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
     let mut manifest: Option<Manifest> = None;
@@ -1073,6 +1077,14 @@ fn verify(file: &Path, progress: &mut dyn FnMut(&Progress)) -> Result<Manifest, 
             return Err(bad("too many entries"));
         }
         check_parent(&seen, &path)?;
+        if room.is_some_and(|room| bytes.saturating_add(item.size) > room) {
+            // Said before the content is even read: a small archive claiming terabytes (a
+            // compression bomb) costs nothing.
+            return Err(OpsError::Failed(format!(
+                "the archive holds more than the {} MiB free beside the target",
+                room.unwrap_or(0) >> 20
+            )));
+        }
         if item.kind == "file" {
             item.sha256 = Some(hash_content(&mut entry, item.size, None, &path)?);
             files += 1;
@@ -1179,7 +1191,8 @@ pub fn restore(
         })?
         .to_path_buf();
 
-    let manifest = verify(file, progress)?;
+    let room = free_bytes(&parent).map(|free| free.saturating_sub(64 << 20));
+    let manifest = verify(file, room, progress)?;
     let index = index_manifest(&manifest)?;
     let needed: u64 = manifest.entries.iter().map(|e| e.size).sum();
     if let Some(free) = free_bytes(&parent) {

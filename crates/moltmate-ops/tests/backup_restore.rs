@@ -672,3 +672,28 @@ fn a_capped_home_is_backed_up_from_its_files_mounted_or_not() {
         disk::SANDBOX_UID
     );
 }
+
+#[test]
+fn an_archive_claiming_more_than_the_free_space_is_refused_before_its_content_is_read() {
+    let base = tempfile::tempdir().unwrap();
+    let mut header = tar::Header::new_gnu();
+    header.set_path("moltmate.db").unwrap();
+    header.set_size(1 << 50);
+    header.set_mode(0o600);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_cksum();
+    // A petabyte promised, 512 bytes delivered.
+    let mut tar = header.as_bytes().to_vec();
+    tar.extend_from_slice(&[0u8; 512]);
+    let file = base.path().join("bomb.tar.gz");
+    std::fs::write(&file, gzip(&tar)).unwrap();
+    let target = base.path().join("target");
+    let error = backup::restore(&file, &target, &mut quiet()).unwrap_err();
+    assert!(
+        error.to_string().contains("free beside the target"),
+        "{error}"
+    );
+    assert!(!target.exists());
+}
