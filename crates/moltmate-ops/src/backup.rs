@@ -114,20 +114,11 @@ pub struct Progress {
 }
 
 /// What `moltmate backup` should do.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct BackupOptions {
     pub include_secrets: bool,
     /// Bounds of each walked tree (a home, a family folder, the personas).
     pub limits: CopyLimits,
-}
-
-impl Default for BackupOptions {
-    fn default() -> Self {
-        BackupOptions {
-            include_secrets: false,
-            limits: CopyLimits::default(),
-        }
-    }
 }
 
 /// What a backup wrote.
