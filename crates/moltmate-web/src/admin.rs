@@ -651,8 +651,8 @@ fn users_section(state: &WebState, users: &[moltmate_store::UserRecord], csrf: &
         return out;
     }
     out.push_str(
-        "<div class=\"scroll\"><table><thead><tr><th>User</th><th>Name</th><th>Identities</th><th>Trust</th>\
-         <th>Family</th><th>Since</th><th></th></tr></thead><tbody>",
+        "<div class=\"scroll\"><table><thead><tr><th>User</th><th></th><th>Name</th><th>Identities</th><th>Trust</th>\
+         <th>Family</th><th>Since</th></tr></thead><tbody>",
     );
     for user in users {
         let identities = user
@@ -692,8 +692,7 @@ fn users_section(state: &WebState, users: &[moltmate_store::UserRecord], csrf: &
         let id = escape(user.id.as_str());
         let _ = write!(
             out,
-            "<tr><td>{id}</td><td>{}</td><td>{}</td><td>{}{trust_source}</td><td>{family}</td><td>{}</td>\
-             <td class=\"actions\"><form method=\"post\" action=\"/admin/users\">\
+            "<tr><td>{id}</td><td class=\"actions\"><form method=\"post\" action=\"/admin/users\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><input type=\"hidden\" name=\"user\" value=\"{id}\">\
              <button type=\"submit\" name=\"action\" value=\"link\" class=\"small\">Sign-in link</button>\
              <button type=\"submit\" name=\"action\" value=\"revoke\" class=\"small secondary\">Revoke tokens</button></form>\
@@ -702,7 +701,8 @@ fn users_section(state: &WebState, users: &[moltmate_store::UserRecord], csrf: &
              <label class=\"hint\">Type <code>{id}</code> to confirm. Both archive the home first; reset keeps the user, remove deletes them.\
              <input type=\"text\" name=\"confirm\" autocomplete=\"off\" required></label>\
              <button type=\"submit\" name=\"action\" value=\"reset\" class=\"small deny\">Reset</button>\
-             <button type=\"submit\" name=\"action\" value=\"remove\" class=\"small deny\">Remove</button></form></details></td></tr>",
+             <button type=\"submit\" name=\"action\" value=\"remove\" class=\"small deny\">Remove</button></form></details></td>\
+             <td>{}</td><td>{}</td><td>{}{trust_source}</td><td>{family}</td><td>{}</td></tr>",
             escape(user.display_name.as_deref().unwrap_or("—")),
             if identities.is_empty() { "—".to_string() } else { identities },
             escape(&trust),
