@@ -9,6 +9,20 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
+/// Text that came from a home (file names) for the operator's terminal: control characters
+/// are shown escaped, so a file named with escape sequences cannot rewrite the screen.
+fn for_terminal(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -35,14 +49,15 @@ pub async fn backup(home: &Path, file: &Path, include_secrets: bool) -> Result<(
         moltmate_ops::backup::backup(&home, &file, &options, &mut progress_printer("backup"))
     })
     .await
-    .context("the backup stopped")??;
+    .context("the backup stopped")?
+    .map_err(|e| anyhow::anyhow!("{}", for_terminal(&e.to_string())))?;
     if report.skipped_total > 0 {
         eprintln!(
             "Note: {} item(s) were not backed up (listed in the archive's MANIFEST.json):",
             report.skipped_total
         );
         for line in report.skipped.iter().take(20) {
-            eprintln!("  {line}");
+            eprintln!("  {}", for_terminal(line));
         }
     }
     if !report.secrets_left_out.is_empty() {
@@ -68,7 +83,8 @@ pub async fn restore(file: &Path, target: &Path) -> Result<()> {
         moltmate_ops::backup::restore(&file, &target, &mut progress_printer("restore"))
     })
     .await
-    .context("the restore stopped")??;
+    .context("the restore stopped")?
+    .map_err(|e| anyhow::anyhow!("{}", for_terminal(&e.to_string())))?;
     if report.owners_kept {
         eprintln!("Note: not running as root, so every file belongs to you (owners in the archive were not applied).");
     }
@@ -133,4 +149,15 @@ pub async fn usage(
         .write_all(text.as_bytes())
         .context("writing the report")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn file_names_cannot_drive_the_terminal() {
+        assert_eq!(
+            super::for_terminal("users/x/\u{1b}]0;owned\u{7}a\nb"),
+            "users/x/\\u{1b}]0;owned\\u{7}a\\nb"
+        );
+    }
 }
