@@ -19,6 +19,7 @@ mod de;
 mod env;
 mod error;
 mod limits;
+mod redact;
 mod scan;
 mod schema;
 mod secret;
@@ -31,6 +32,7 @@ pub use limits::{
     Allowance, BudgetConfig, EffectiveLimits, LevelLimits, LimitsConfig, PriceConfig,
     TrustLimitsConfig,
 };
+pub use redact::{redact_secrets, Redacted};
 pub use scan::{is_secret_key, scan_raw, RawScan};
 pub use schema::{
     ChannelsConfig, Config, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig, GatewayConfig,

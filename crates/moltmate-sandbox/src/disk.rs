@@ -316,6 +316,55 @@ pub fn scratch_volume_name(user: &UserId) -> String {
     volume_name("scratch", user.as_str())
 }
 
+/// The image stem of the family folder `family`'s volume (`disks/<stem>.img`).
+pub fn family_volume_name(family: &str) -> String {
+    volume_name("family", family)
+}
+
+/// Whether `dir` is the mount point of a capped volume in this process's mount namespace.
+pub fn is_mounted_volume(dir: &Path) -> bool {
+    fs::canonicalize(dir)
+        .ok()
+        .and_then(|dir| mounted_source(&dir).ok().flatten())
+        .is_some()
+}
+
+/// An image mounted read-only for reading its files (a backup of a home whose volume is not
+/// mounted here); unmounted when dropped.
+pub struct ReadOnlyMount {
+    at: PathBuf,
+}
+
+impl ReadOnlyMount {
+    pub fn path(&self) -> &Path {
+        &self.at
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        if let Err(e) = run(Command::new("umount").arg(&self.at)) {
+            tracing::warn!(error = %e, "could not unmount a read-only volume");
+        }
+    }
+}
+
+/// Mounts `image` read-only at the existing empty directory `at` (`ro,noload`: no journal
+/// replay, nothing written to the image, which may be mounted read-write elsewhere at the
+/// same time; `nosuid,nodev,noexec`). Needs root.
+pub fn mount_read_only(image: &Path, at: &Path) -> Result<ReadOnlyMount, SandboxError> {
+    if !can_enforce() {
+        return Err(err("mounting a disk image needs root"));
+    }
+    run(Command::new("mount")
+        .args(["-t", "ext4", "-o", "loop,ro,noload,nosuid,nodev,noexec"])
+        .arg(image)
+        .arg(at))?;
+    Ok(ReadOnlyMount {
+        at: at.to_path_buf(),
+    })
+}
+
 /// `<kind>.<digest of key>`: within file-name limits for any key, and never a user id
 /// (those cannot contain `.`).
 fn volume_name(kind: &str, key: &str) -> String {

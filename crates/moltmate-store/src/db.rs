@@ -205,6 +205,10 @@ CREATE UNIQUE INDEX sandbox_ids_live ON sandbox_ids(kind, name) WHERE retired_at
     crate::reminders::MIGRATION,
 ];
 
+/// The schema version this code creates and reads. A database with a higher version (made by a
+/// newer moltmate) is refused with [`StoreError::TooNew`]; a lower one is migrated forward.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
 pub(crate) fn now_millis() -> i64 {
     Utc::now().timestamp_millis()
 }
@@ -387,6 +391,9 @@ fn parse_identity(channel: &str, peer: String) -> Result<Identity, StoreError> {
 #[derive(Clone)]
 pub struct Store {
     connection: Arc<Mutex<Connection>>,
+    /// The database file (`None` in memory): operator reports read it through a connection of
+    /// their own, so a long report never holds the gateway's.
+    path: Option<Arc<std::path::PathBuf>>,
 }
 
 impl Store {
@@ -399,7 +406,8 @@ impl Store {
         let connection = Connection::open(path)?;
         // The database holds transcripts: owner-only, like everything else in the home.
         set_owner_only(path);
-        let store = Self::prepare(connection)?;
+        let mut store = Self::prepare(connection)?;
+        store.path = Some(Arc::new(path.to_path_buf()));
         start_checkpointer(path, Arc::downgrade(&store.connection));
         Ok(store)
     }
@@ -420,6 +428,9 @@ impl Store {
     ///   message's latency never includes one.
     fn prepare(mut connection: Connection) -> Result<Store, StoreError> {
         connection.busy_timeout(Duration::from_secs(10))?;
+        // A database of a newer moltmate is refused before anything (even the journal mode)
+        // is changed in it.
+        refuse_newer(&connection)?;
         connection.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
              PRAGMA wal_autocheckpoint = 0;",
@@ -427,6 +438,7 @@ impl Store {
         migrate(&mut connection)?;
         Ok(Store {
             connection: Arc::new(Mutex::new(connection)),
+            path: None,
         })
     }
 
@@ -443,6 +455,37 @@ impl Store {
             result
         })
         .await
+    }
+
+    /// Runs read-only `work` for an operator report: on a read-only connection of its own to
+    /// the database file (WAL readers never wait for the writer, and the writer never waits
+    /// for them), so a report over a large table never delays a message. In memory (tests),
+    /// on the shared connection.
+    pub(crate) async fn read_report<R, F>(&self, work: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let Some(path) = self.path.clone() else {
+            return self.with(move |c| work(c)).await;
+        };
+        tokio::task::spawn_blocking(move || {
+            let connection = Connection::open_with_flags(
+                path.as_path(),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            connection.busy_timeout(Duration::from_secs(10))?;
+            work(&connection)
+        })
+        .await
+        .map_err(|e| StoreError::Worker(e.to_string()))?
+    }
+
+    /// The schema version of this database (after migrations: [`SCHEMA_VERSION`]).
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        self.with(|c| Ok(c.query_row("SELECT version FROM schema_version", [], |r| r.get(0))?))
+            .await
     }
 
     /// Runs `work` on the connection in the blocking pool.
@@ -1596,6 +1639,32 @@ fn start_checkpointer(path: &Path, store: std::sync::Weak<Mutex<Connection>>) {
     }
 }
 
+/// [`StoreError::TooNew`] when the database was made by a newer moltmate; reads only.
+fn refuse_newer(c: &Connection) -> Result<(), StoreError> {
+    let has_version: bool = c
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
+            [],
+            |_| Ok(true),
+        )
+        .optional()?
+        .unwrap_or(false);
+    if !has_version {
+        return Ok(());
+    }
+    let found: i64 = c
+        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
 fn migrate(c: &mut Connection) -> Result<(), StoreError> {
     c.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
     let current: i64 = c
@@ -1620,6 +1689,98 @@ fn migrate(c: &mut Connection) -> Result<(), StoreError> {
         tx.commit()?;
     }
     Ok(())
+}
+
+/// Copies the database at `source` into a new file `target` with SQLite's online backup API,
+/// while a gateway keeps writing to it: the copy is the database as of one moment (one read
+/// transaction; in WAL mode that never blocks the writer, and the writer never blocks it).
+/// `target` must not exist; it is created 0600. The copy is checked with `PRAGMA
+/// integrity_check` and must carry a schema this code can read. Blocking: call it from a
+/// blocking context.
+pub fn backup_database(source: &Path, target: &Path) -> Result<u64, StoreError> {
+    use rusqlite::backup::{Backup, StepResult};
+    use std::os::unix::fs::OpenOptionsExt;
+    // Created first (0600, exclusively): SQLite would otherwise create it with the umask.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(target)?;
+    let from = Connection::open_with_flags(
+        source,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    from.busy_timeout(Duration::from_secs(10))?;
+    let found: i64 = from
+        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let mut to = Connection::open(target)?;
+    {
+        let backup = Backup::new(&from, &mut to)?;
+        // All pages in one step: one read transaction, so the copy is one consistent moment
+        // however busy the writer is (page-wise steps restart whenever another connection
+        // writes, which a busy gateway does every few milliseconds).
+        let mut attempts = 0;
+        loop {
+            match backup.step(-1)? {
+                StepResult::Done => break,
+                StepResult::More => continue,
+                StepResult::Busy | StepResult::Locked if attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                StepResult::Busy | StepResult::Locked => {
+                    return Err(StoreError::Corrupt(
+                        "the database stayed locked for 5 s; the backup gave up".to_string(),
+                    ))
+                }
+                _ => continue,
+            }
+        }
+    }
+    // A standalone file: no WAL beside it.
+    to.execute_batch("PRAGMA journal_mode = DELETE")?;
+    let check: String = to.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        return Err(StoreError::Corrupt(format!(
+            "the database copy fails its integrity check: {check}"
+        )));
+    }
+    drop(to);
+    Ok(std::fs::metadata(target)?.len())
+}
+
+/// Checks a database file (a restored or backed-up copy) without changing it: it opens,
+/// passes `PRAGMA integrity_check`, and its schema is one this code can migrate.
+pub fn check_database(path: &Path) -> Result<i64, StoreError> {
+    let c = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let check: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        return Err(StoreError::Corrupt(format!(
+            "the database fails its integrity check: {check}"
+        )));
+    }
+    let found: i64 = c
+        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(found)
 }
 
 fn set_owner_only(path: &Path) {

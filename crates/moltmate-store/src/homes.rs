@@ -136,6 +136,11 @@ impl Homes {
         &self.families_dir
     }
 
+    /// The moltmate home these homes live in.
+    pub fn base_dir(&self) -> &Path {
+        self.users_dir.parent().unwrap_or(Path::new("."))
+    }
+
     pub fn home(&self, user: &UserId) -> UserHome {
         UserHome::new(&self.users_dir, user)
     }
@@ -496,6 +501,8 @@ pub struct Listing {
     pub entries: Vec<Entry>,
     /// False when the directory has more than the bound allowed reading.
     pub complete: bool,
+    /// Entries read whose names are not UTF-8 (left out of `entries`).
+    pub non_utf8: usize,
 }
 
 /// Lists a directory beneath `root` (`"."` for the root itself), reading at most `max_entries`
@@ -523,6 +530,7 @@ fn list_fd(fd: OwnedFd, shown: &str, max_entries: usize) -> Result<Listing, Home
     let dir = rustix::fs::Dir::new(fd).map_err(|e| io_error(shown, e))?;
     let mut entries = Vec::new();
     let mut complete = true;
+    let mut non_utf8 = 0;
     // Counted as read, not as kept: a million names that are not UTF-8 cost the bound too.
     let mut read = 0usize;
     for entry in dir {
@@ -541,10 +549,16 @@ fn list_fd(fd: OwnedFd, shown: &str, max_entries: usize) -> Result<Listing, Home
                 name: name.to_string(),
                 kind: entry.file_type(),
             });
+        } else {
+            non_utf8 += 1;
         }
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Listing { entries, complete })
+    Ok(Listing {
+        entries,
+        complete,
+        non_utf8,
+    })
 }
 
 /// Writes `content` to `relative` beneath `root` atomically: parent directories are created
@@ -686,24 +700,113 @@ impl CopyReport {
     }
 }
 
-/// Copies the tree at `from` (a home) into the new directory `to`, bounded by `limits`:
-/// never follows a symlink (links are copied as links), never opens anything that is not a
-/// regular file or directory (FIFOs, sockets and devices are skipped and reported), stops
-/// descending at `max_depth`, reads at most `max_entries` entries and copies at most
-/// `max_bytes`. What it skips is in the report, so a hostile home cannot block or fail the
-/// copy (which precedes `users reset` and `users remove`), nor fill the disk with a sparse
-/// file of huge apparent size.
-pub fn copy_tree(from: &Path, to: &Path, limits: CopyLimits) -> Result<CopyReport, HomeError> {
-    create_private_dir(to)?;
+/// What [`walk_tree`] found at one path, with the file already opened (never blocking).
+pub enum WalkEntry {
+    Directory,
+    /// A regular file, opened read-only with `O_NONBLOCK` (the inode the walk checked).
+    File(std::fs::File),
+    /// A symbolic link and its target, never followed.
+    Symlink(std::ffi::OsString),
+}
+
+/// One item of a walk: its path relative to the walked root (`"."` for the root itself,
+/// then `a`, `a/b`, ... — parents always before their children), its `lstat`, and the entry.
+pub struct Walked<'a> {
+    pub path: &'a str,
+    pub stat: &'a rustix::fs::Stat,
+    pub entry: WalkEntry,
+}
+
+/// Walks the tree at `from` (a home, a family folder: anything a user may have filled)
+/// depth-first and hands each directory, regular file and symlink to `visit`, bounded by
+/// `limits`: never follows a symlink, never opens anything that is not a regular file or
+/// directory (FIFOs, sockets and devices are skipped and reported), stops descending at
+/// `max_depth`, reads at most `max_entries` entries, and skips files that do not fit the
+/// remaining `max_bytes` (so a sparse file of huge apparent size is skipped, not read). Names
+/// that are not UTF-8 are skipped and reported. What it skips is in the report, so a hostile
+/// tree can neither block nor fail the walk; an error from `visit` ends it.
+pub fn walk_tree(
+    from: &Path,
+    limits: CopyLimits,
+    visit: &mut dyn FnMut(Walked<'_>) -> Result<(), HomeError>,
+) -> Result<CopyReport, HomeError> {
     let source = open_root(from)?;
-    let target = open_root(to)?;
+    let stat = rustix::fs::fstat(&source).map_err(|e| io_error(".", e))?;
+    visit(Walked {
+        path: ".",
+        stat: &stat,
+        entry: WalkEntry::Directory,
+    })?;
     let mut report = CopyReport::default();
     let mut budget = Budget {
         entries: limits.max_entries,
         bytes: limits.max_bytes,
     };
-    copy_dir(&source, &target, "", 0, &limits, &mut budget, &mut report)?;
+    walk_dir(&source, "", 0, &limits, &mut budget, &mut report, visit)?;
     Ok(report)
+}
+
+/// Copies the tree at `from` (a home) into the new directory `to` with [`walk_tree`]'s rules
+/// and bounds: links are copied as links, files as 0600 and directories as 0700 (owned by the
+/// gateway). What was skipped is in the report, so a hostile home cannot block or fail the
+/// copy (which precedes `users reset` and `users remove`), nor fill the disk with a sparse file
+/// of huge apparent size.
+pub fn copy_tree(from: &Path, to: &Path, limits: CopyLimits) -> Result<CopyReport, HomeError> {
+    create_private_dir(to)?;
+    // Target directories of the current walk path, innermost last: the walk is depth-first
+    // with parents first, so a new item's parent is always on the stack.
+    let mut stack: Vec<(String, OwnedFd)> = vec![(String::new(), open_root(to)?)];
+    let mut copy = |item: Walked<'_>| -> Result<(), HomeError> {
+        if item.path == "." {
+            return Ok(());
+        }
+        let (parent, name) = match item.path.rsplit_once('/') {
+            Some((parent, name)) => (parent, name),
+            None => ("", item.path),
+        };
+        while stack.len() > 1 && stack.last().is_some_and(|(p, _)| p != parent) {
+            stack.pop();
+        }
+        // The parent was not made in the target (it could not be): its subtree is not copied.
+        let Some((_, target)) = stack.last().filter(|(p, _)| p == parent) else {
+            return Ok(());
+        };
+        match item.entry {
+            WalkEntry::Directory => {
+                match rustix::fs::mkdirat(target, name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(io_error(item.path, e)),
+                }
+                if let Some((fd, _)) = open_beneath(target, name, Expect::Directory)? {
+                    stack.push((item.path.to_string(), fd));
+                }
+            }
+            WalkEntry::Symlink(link) => match rustix::fs::symlinkat(link.as_os_str(), target, name)
+            {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(io_error(item.path, e)),
+            },
+            WalkEntry::File(file) => {
+                let size = u64::try_from(item.stat.st_size).unwrap_or(0);
+                let out = rustix::fs::openat(
+                    target,
+                    name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| io_error(item.path, e))?;
+                // At most the size the walk budgeted for: a file that grows meanwhile is cut.
+                std::io::copy(&mut file.take(size), &mut std::fs::File::from(out))
+                    .map_err(|e| io_error(item.path, e))?;
+            }
+        }
+        Ok(())
+    };
+    walk_tree(from, limits, &mut copy)
 }
 
 struct Budget {
@@ -711,14 +814,14 @@ struct Budget {
     bytes: u64,
 }
 
-fn copy_dir(
+fn walk_dir(
     source: &OwnedFd,
-    target: &OwnedFd,
     prefix: &str,
     depth: usize,
     limits: &CopyLimits,
     budget: &mut Budget,
     report: &mut CopyReport,
+    visit: &mut dyn FnMut(Walked<'_>) -> Result<(), HomeError>,
 ) -> Result<(), HomeError> {
     let shown = if prefix.is_empty() { "." } else { prefix };
     let reopened = rustix::fs::openat(
@@ -731,6 +834,15 @@ fn copy_dir(
     let listing = list_fd(reopened, shown, budget.entries.min(limits.max_entries))?;
     if !listing.complete {
         report.skip(shown, "too many entries; only the first were copied");
+    }
+    if listing.non_utf8 > 0 {
+        report.skip(
+            shown,
+            &format!(
+                "{} name(s) that are not UTF-8 were left out",
+                listing.non_utf8
+            ),
+        );
     }
     for entry in listing.entries {
         let path = format!("{prefix}{}", entry.name);
@@ -756,39 +868,45 @@ fn copy_dir(
                     report.skip(&path, "nested too deep");
                     continue;
                 }
-                let child = match open_beneath(source, name, Expect::Directory) {
-                    Ok(Some((fd, _))) => fd,
+                let (child, stat) = match open_beneath(source, name, Expect::Directory) {
+                    Ok(Some(opened)) => opened,
                     Ok(None) => continue,
                     Err(e) => {
                         report.skip(&path, &e.user_reason());
                         continue;
                     }
                 };
-                match rustix::fs::mkdirat(target, name, Mode::from_raw_mode(0o700)) {
-                    Ok(()) | Err(Errno::EXIST) => {}
-                    Err(e) => return Err(io_error(&path, e)),
-                }
-                let child_target = match open_beneath(target, name, Expect::Directory)? {
-                    Some((fd, _)) => fd,
-                    None => continue,
-                };
-                copy_dir(
+                visit(Walked {
+                    path: &path,
+                    stat: &stat,
+                    entry: WalkEntry::Directory,
+                })?;
+                walk_dir(
                     &child,
-                    &child_target,
                     &format!("{path}/"),
                     depth + 1,
                     limits,
                     budget,
                     report,
+                    visit,
                 )?;
             }
             FileType::Symlink => {
-                let link = rustix::fs::readlinkat(source, name, Vec::new())
-                    .map_err(|e| io_error(&path, e))?;
-                match rustix::fs::symlinkat(link.as_c_str(), target, name) {
-                    Ok(()) | Err(Errno::EXIST) => {}
+                let stat = match rustix::fs::statat(source, name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(stat) => stat,
+                    Err(_) => continue,
+                };
+                let link = match rustix::fs::readlinkat(source, name, Vec::new()) {
+                    Ok(link) => link,
+                    Err(Errno::NOENT) => continue,
                     Err(e) => return Err(io_error(&path, e)),
-                }
+                };
+                use std::os::unix::ffi::OsStringExt;
+                visit(Walked {
+                    path: &path,
+                    stat: &stat,
+                    entry: WalkEntry::Symlink(std::ffi::OsString::from_vec(link.into_bytes())),
+                })?;
             }
             FileType::RegularFile => {
                 let (fd, stat) = match open_beneath(source, name, Expect::File) {
@@ -804,25 +922,14 @@ fn copy_dir(
                     report.skip(&path, &format!("{size} bytes is over the copy limit"));
                     continue;
                 }
-                let out = rustix::fs::openat(
-                    target,
-                    name,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|e| io_error(&path, e))?;
-                let copied = std::io::copy(
-                    &mut std::fs::File::from(fd).take(budget.bytes),
-                    &mut std::fs::File::from(out),
-                )
-                .map_err(|e| io_error(&path, e))?;
-                budget.bytes -= copied.min(budget.bytes);
+                budget.bytes -= size;
                 report.files += 1;
-                report.bytes += copied;
+                report.bytes += size;
+                visit(Walked {
+                    path: &path,
+                    stat: &stat,
+                    entry: WalkEntry::File(std::fs::File::from(fd)),
+                })?;
             }
             other => report.skip(&path, &format!("it is {}", describe_kind(other))),
         }

@@ -28,10 +28,11 @@ pub mod memory_index;
 pub mod pairing;
 pub mod reminders;
 pub mod usage;
+pub mod reports;
 
 pub use db::{
     AuditEvent, AuditRecord, InboxItem, OutboxItem, PairingRequest, PairingState, SessionRecord,
-    Store, StoreError, TurnRecord, UsageRow, UserRecord,
+    Store, StoreError, TurnRecord, UsageRow, UserRecord, SCHEMA_VERSION,
 };
 pub use ending::{Completion, Ended, Ending, InboxState, UserEvent, UserEventKind};
 pub use homes::{HomeError, Homes};

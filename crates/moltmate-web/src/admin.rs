@@ -5,6 +5,7 @@
 //! (`mm_admin`, `Path=/admin`). Every value on the page is escaped; pairing decisions are
 //! POSTed forms carrying the session's CSRF token.
 
+use crate::charts;
 use crate::error::{PageError, WebError};
 use crate::html::{escape, render, render_with_markup};
 use crate::security::{check_same_origin, check_sign_in_origin};
@@ -15,10 +16,12 @@ use axum::extract::{Form, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use moltmate_core::{ChannelKind, UserId};
+use moltmate_ops::usage::{Totals, UsageQuery};
+use moltmate_ops::users::UserAdmin;
 use moltmate_store::{AuditEvent, StoreError};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use subtle::ConstantTimeEq;
 
@@ -27,6 +30,11 @@ const LOGIN_TEMPLATE: &str = include_str!("../assets/admin_login.html");
 
 /// Audit events shown on the dashboard.
 const AUDIT_ROWS: usize = 50;
+/// Days of usage charted on the dashboard.
+const USAGE_DAYS: u32 = 14;
+/// Users with a usage tile at most (the most active); `moltmate usage` lists everyone.
+const USAGE_TILES: usize = 60;
+const LINK_TEMPLATE: &str = include_str!("../assets/admin_link.html");
 
 fn login_page(status: StatusCode, message: &str) -> Response {
     (
@@ -295,6 +303,10 @@ pub async fn dashboard(
         Some("approved") => "Pairing approved.",
         Some("denied") => "Pairing denied.",
         Some("gone") => "That pairing request no longer exists (already decided, or expired).",
+        Some("added") => "User saved.",
+        Some("revoked") => "Tokens revoked and browser sessions ended.",
+        Some("reset") => "User reset: their home and history were archived and wiped.",
+        Some("removed") => "User removed (archived first). Remove them from moltmate.json too, or they can pair again.",
         _ => "",
     };
 
@@ -310,18 +322,18 @@ pub async fn dashboard(
         users.len(),
     );
 
-    // Users with their identities and token usage.
+    // Budgets: each user's usage against the limits of their trust level, and reminders.
     let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
     for row in &usage {
         let entry = totals.entry(row.user.as_str()).or_default();
         entry.0 += row.input_tokens;
         entry.1 += row.output_tokens;
     }
-    let mut users_html = String::new();
+    let mut budgets_html = String::new();
     if users.is_empty() {
-        users_html.push_str("<p class=\"empty\">No users yet.</p>");
+        budgets_html.push_str("<p class=\"empty\">No users yet.</p>");
     } else {
-        users_html.push_str(
+        budgets_html.push_str(
             "<div class=\"scroll\"><table><thead><tr><th>User</th><th>Name</th><th>Identities</th><th>Trust</th>\
              <th>Tokens in</th><th>Tokens out</th><th>Messages today</th><th>Tokens today</th><th>Spend this month</th>\
              <th>Exec today</th><th>Stored</th><th>Reminders</th><th>Since</th></tr></thead><tbody>",
@@ -364,7 +376,7 @@ pub async fn dashboard(
                 limits.reminders
             );
             let _ = write!(
-                users_html,
+                budgets_html,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{input}</td><td class=\"num\">{output}</td>{cells}<td>{}</td></tr>",
                 escape(user.id.as_str()),
                 escape(user.display_name.as_deref().unwrap_or("—")),
@@ -373,14 +385,14 @@ pub async fn dashboard(
                 escape(&time(user.created_at)),
             );
         }
-        users_html.push_str("</tbody></table></div>");
+        budgets_html.push_str("</tbody></table></div>");
     }
     // Shared family budgets (`families.<name>.budget`), used by all members together.
     let settings = state.gateway().settings();
     let mut families: Vec<_> = settings.family_budgets.iter().collect();
     families.sort_by(|a, b| a.0.cmp(b.0));
     if !families.is_empty() {
-        users_html.push_str(
+        budgets_html.push_str(
             "<h3>Family budgets</h3><div class=\"scroll\"><table><thead><tr><th>Family</th><th>Members</th>\
              <th>Messages today</th><th>Tokens today</th><th>Spend this month</th><th>Exec today</th></tr></thead><tbody>",
         );
@@ -420,13 +432,17 @@ pub async fn dashboard(
                 .collect::<Vec<_>>()
                 .join(", ");
             let _ = write!(
-                users_html,
+                budgets_html,
                 "<tr><td>{}</td><td>{members}</td>{cells}</tr>",
                 escape(name)
             );
         }
-        users_html.push_str("</tbody></table></div>");
+        budgets_html.push_str("</tbody></table></div>");
     }
+    let users_html = format!(
+        "{}<h3>Budgets and reminders</h3>{budgets_html}",
+        users_section(&state, &users, &csrf)
+    );
 
     // Pending pairing requests.
     let mut pairing_html = String::new();
@@ -464,20 +480,23 @@ pub async fn dashboard(
             stats.started, stats.pruned
         )
     });
-    let sandboxes_html = match state.gateway().sandbox() {
+    let listed = match state.gateway().sandbox() {
+        None => None,
+        Some(sandbox) => Some((sandbox.backend(), sandbox.list().await)),
+    };
+    let sandboxes_html = match &listed {
         None => "<p class=\"empty\">No sandbox backend.</p>".to_string(),
-        Some(sandbox) => match sandbox.list().await {
+        Some((backend, listing)) => match listing {
             Err(e) => {
                 tracing::warn!(error = %e, "could not list sandboxes");
                 format!(
                     "<p class=\"empty\">Could not list sandboxes ({}).</p>",
-                    escape(sandbox.backend())
+                    escape(backend)
                 )
             }
-            Ok(list) if list.is_empty() => format!(
-                "<p class=\"empty\">No sandboxes ({}).</p>",
-                escape(sandbox.backend())
-            ),
+            Ok(list) if list.is_empty() => {
+                format!("<p class=\"empty\">No sandboxes ({}).</p>", escape(backend))
+            }
             Ok(list) => {
                 // Each user's own sandbox uid (a root gateway); one query for the whole table.
                 let uids = store.sandbox_uids().await.unwrap_or_default();
@@ -485,7 +504,7 @@ pub async fn dashboard(
                     "<div class=\"scroll\"><table><thead><tr><th>Name</th><th>User</th><th>Uid</th><th>Backend</th><th>State</th>\
                      <th>Idle</th><th>Limits</th></tr></thead><tbody>",
                 );
-                for info in &list {
+                for info in list {
                     let limits = info
                         .limits
                         .as_ref()
@@ -517,6 +536,14 @@ pub async fn dashboard(
             }
         },
     };
+    let sandbox_states: HashMap<String, String> = match &listed {
+        Some((_, Ok(list))) => list
+            .iter()
+            .map(|info| (info.user.clone(), info.state.clone()))
+            .collect(),
+        _ => HashMap::new(),
+    };
+    let usage_html = usage_section(&state, &sandbox_states, listed.is_some()).await;
 
     let checks_html = security_checks_html(&state).await;
 
@@ -544,12 +571,18 @@ pub async fn dashboard(
         audit_html.push_str("</tbody></table></div>");
     }
 
+    let days = USAGE_DAYS.to_string();
     let sandboxes_all = format!("{}{sandboxes_html}", sandbox_totals.unwrap_or_default());
     let page = render_with_markup(
         DASHBOARD_TEMPLATE,
-        &[("csrf", session.csrf_token.as_str()), ("notice", notice)],
+        &[
+            ("csrf", session.csrf_token.as_str()),
+            ("notice", notice),
+            ("days", days.as_str()),
+        ],
         &[
             ("health", health.as_str()),
+            ("usage", usage_html.as_str()),
             ("users", users_html.as_str()),
             ("pairing", pairing_html.as_str()),
             ("sandboxes", sandboxes_all.as_str()),
@@ -558,4 +591,462 @@ pub async fn dashboard(
         ],
     );
     Ok(Html(page).into_response())
+}
+
+// ---- usage ----------------------------------------------------------------------------------
+
+/// Families by name from the gateway's settings (`families.<name>.members` of moltmate.json).
+fn families(state: &WebState) -> BTreeMap<String, Vec<UserId>> {
+    let mut families: BTreeMap<String, Vec<UserId>> = BTreeMap::new();
+    for (user, family) in &state.gateway().settings().families {
+        families
+            .entry(family.clone())
+            .or_default()
+            .push(user.clone());
+    }
+    for members in families.values_mut() {
+        members.sort();
+    }
+    families
+}
+
+fn count(value: f64) -> String {
+    format!("{}", value.round() as u64)
+}
+
+fn compact(value: u64) -> String {
+    match value {
+        v if v >= 10_000_000 => format!("{:.0}M", v as f64 / 1e6),
+        v if v >= 1_000_000 => format!("{:.1}M", v as f64 / 1e6),
+        v if v >= 10_000 => format!("{:.0}k", v as f64 / 1e3),
+        v if v >= 1_000 => format!("{:.1}k", v as f64 / 1e3),
+        v => v.to_string(),
+    }
+}
+
+fn exec_time(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        duration(ms / 1000)
+    }
+}
+
+/// The facts and three charts (messages, tokens, cost per day) of a user or a family.
+fn usage_tile(
+    title: &str,
+    sub: &str,
+    facts: &[(&str, String)],
+    totals: &Totals,
+    days: &[(String, Totals)],
+    priced: bool,
+) -> String {
+    let mut tile = format!(
+        "<article class=\"tile\"><h3>{}</h3><p class=\"sub\">{}</p><dl class=\"facts\">",
+        escape(title),
+        escape(sub)
+    );
+    let mut all: Vec<(&str, String)> = facts.to_vec();
+    all.extend([
+        ("Messages", totals.messages.to_string()),
+        (
+            "Tokens",
+            format!(
+                "{} in, {} out",
+                compact(totals.input_tokens),
+                compact(totals.output_tokens)
+            ),
+        ),
+        (
+            "Est. cost",
+            if priced {
+                totals.cost_text()
+            } else {
+                "— (no model.prices)".to_string()
+            },
+        ),
+        ("Tool calls", totals.tool_calls.to_string()),
+        (
+            "Exec",
+            format!("{} calls, {}", totals.exec_calls, exec_time(totals.exec_ms)),
+        ),
+    ]);
+    for (name, value) in all {
+        let _ = write!(tile, "<dt>{}</dt><dd>{}</dd>", escape(name), escape(&value));
+    }
+    tile.push_str("</dl>");
+    let series = |f: &dyn Fn(&Totals) -> f64| -> Vec<(String, f64)> {
+        days.iter().map(|(day, t)| (day.clone(), f(t))).collect()
+    };
+    tile.push_str(&charts::bars(
+        "Messages",
+        &totals.messages.to_string(),
+        &series(&|t| t.messages as f64),
+        &count,
+    ));
+    tile.push_str(&charts::bars(
+        "Tokens",
+        &compact(totals.tokens()),
+        &series(&|t| t.tokens() as f64),
+        &|v| compact(v.round() as u64),
+    ));
+    if priced {
+        tile.push_str(&charts::bars(
+            "Est. cost",
+            &totals.cost_text(),
+            &series(&|t| t.cost_micros as f64 / 1e6),
+            &|v| format!("${v:.4}"),
+        ));
+    }
+    tile.push_str("</article>");
+    tile
+}
+
+/// Usage per family and per user over the last [`USAGE_DAYS`] days, as tiles with inline SVG
+/// charts.
+async fn usage_section(
+    state: &WebState,
+    sandbox_states: &HashMap<String, String>,
+    has_sandbox: bool,
+) -> String {
+    let families = families(state);
+    let report = match moltmate_ops::usage::report(
+        state.gateway().store(),
+        &UsageQuery::last_days(USAGE_DAYS),
+        &families,
+        &state.settings().prices,
+    )
+    .await
+    {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::error!(error = %e, "could not build the usage report");
+            return "<p class=\"empty\">Usage could not be read (see the log).</p>".to_string();
+        }
+    };
+    let settings = state.gateway().settings();
+    let mut out = String::new();
+    if report.truncated {
+        out.push_str("<p class=\"hint\">Some rows were left out (row bound reached).</p>");
+    }
+    if !report.families.is_empty() {
+        out.push_str("<h3>Families</h3><div class=\"tiles\">");
+        for family in &report.families {
+            let members = family.members.join(", ");
+            out.push_str(&usage_tile(
+                &family.family,
+                &format!("members: {members} (moltmate.json)"),
+                &[],
+                &family.totals,
+                &family.days,
+                report.priced,
+            ));
+        }
+        out.push_str("</div><h3>Users</h3>");
+    }
+    if report.users.is_empty() {
+        out.push_str("<p class=\"empty\">No users yet.</p>");
+        return out;
+    }
+    let mut users: Vec<&moltmate_ops::usage::UserUsage> = report.users.iter().collect();
+    users.sort_by(|a, b| {
+        (b.totals.tokens(), b.totals.messages, b.last_seen)
+            .cmp(&(a.totals.tokens(), a.totals.messages, a.last_seen))
+            .then_with(|| a.user.cmp(&b.user))
+    });
+    out.push_str("<div class=\"tiles\">");
+    for user in users.iter().take(USAGE_TILES) {
+        let trust = UserId::new(user.user.as_str())
+            .map(|id| settings.trust_label(&id, &[]))
+            .unwrap_or_else(|_| "—".to_string());
+        let mut sub = user.user.clone();
+        if let Some(family) = &user.family {
+            sub.push_str(&format!(" · family {family}"));
+        }
+        sub.push_str(&format!(" · trust {trust}"));
+        let sandbox = match sandbox_states.get(&user.user) {
+            Some(state) => state.clone(),
+            None if has_sandbox => "none".to_string(),
+            None => "no backend".to_string(),
+        };
+        let facts = [
+            (
+                "Last seen",
+                user.last_seen
+                    .map(time)
+                    .unwrap_or_else(|| "never".to_string()),
+            ),
+            ("Sandbox", sandbox),
+        ];
+        out.push_str(&usage_tile(
+            user.display_name.as_deref().unwrap_or(&user.user),
+            &sub,
+            &facts,
+            &user.totals,
+            &user.days,
+            report.priced,
+        ));
+    }
+    out.push_str("</div>");
+    if users.len() > USAGE_TILES {
+        let _ = write!(
+            out,
+            "<p class=\"hint\">{} less active users are not shown; <code>moltmate usage</code> lists everyone.</p>",
+            users.len() - USAGE_TILES
+        );
+    }
+    out
+}
+
+// ---- users: list and actions ----------------------------------------------------------------
+
+/// The users table with their actions, the add-user form, and what moltmate.json decides.
+fn users_section(state: &WebState, users: &[moltmate_store::UserRecord], csrf: &str) -> String {
+    let settings = state.gateway().settings();
+    let mut out = String::from(
+        "<p class=\"hint\">Trust levels, families and the identities marked <span class=\"from-config\">moltmate.json</span> \
+         are set in <code>moltmate.json</code> (<code>users.&lt;id&gt;.trust</code>, <code>families.&lt;name&gt;.members</code>, \
+         <code>users.&lt;id&gt;.identities</code>): edit the file and restart; this page shows them and keeps no copy.</p>",
+    );
+    let _ = write!(
+        out,
+        "<form method=\"post\" action=\"/admin/users\" class=\"add-user\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <input type=\"hidden\" name=\"action\" value=\"add\">\
+         <label>User id<input type=\"text\" name=\"user\" required maxlength=\"64\" placeholder=\"anna\" autocomplete=\"off\"></label>\
+         <label>Name<input type=\"text\" name=\"name\" maxlength=\"100\" placeholder=\"Anna\" autocomplete=\"off\"></label>\
+         <label>Identities<input type=\"text\" name=\"identities\" maxlength=\"2000\" placeholder=\"telegram:123456\" autocomplete=\"off\"></label>\
+         <button type=\"submit\">Add user</button></form>"
+    );
+    if users.is_empty() {
+        out.push_str("<p class=\"empty\">No users yet.</p>");
+        return out;
+    }
+    out.push_str(
+        "<div class=\"scroll\"><table><thead><tr><th>User</th><th></th><th>Name</th><th>Identities</th><th>Trust</th>\
+         <th>Family</th><th>Since</th></tr></thead><tbody>",
+    );
+    for user in users {
+        let identities = user
+            .identities
+            .iter()
+            .map(|i| {
+                let from_config = settings.configured_identities.get(i) == Some(&user.id);
+                format!(
+                    "{}{}",
+                    escape(&i.to_string()),
+                    if from_config {
+                        " <span class=\"from-config\">moltmate.json</span>"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("<br>");
+        let channels: Vec<_> = user.identities.iter().map(|i| i.channel).collect();
+        let trust = settings.trust_label(&user.id, &channels);
+        let trust_source = if settings.trust_names.contains_key(&user.id) {
+            " <span class=\"from-config\">moltmate.json</span>"
+        } else {
+            ""
+        };
+        let family = settings
+            .families
+            .get(&user.id)
+            .map(|f| {
+                format!(
+                    "{} <span class=\"from-config\">moltmate.json</span>",
+                    escape(f)
+                )
+            })
+            .unwrap_or_else(|| "—".to_string());
+        let id = escape(user.id.as_str());
+        let _ = write!(
+            out,
+            "<tr><td>{id}</td><td class=\"actions\"><form method=\"post\" action=\"/admin/users\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><input type=\"hidden\" name=\"user\" value=\"{id}\">\
+             <button type=\"submit\" name=\"action\" value=\"link\" class=\"small\">Sign-in link</button>\
+             <button type=\"submit\" name=\"action\" value=\"revoke\" class=\"small secondary\">Revoke tokens</button></form>\
+             <details><summary>Reset or remove…</summary><form method=\"post\" action=\"/admin/users\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><input type=\"hidden\" name=\"user\" value=\"{id}\">\
+             <label class=\"hint\">Type <code>{id}</code> to confirm. Both archive the home first; reset keeps the user, remove deletes them.\
+             <input type=\"text\" name=\"confirm\" autocomplete=\"off\" required></label>\
+             <button type=\"submit\" name=\"action\" value=\"reset\" class=\"small deny\">Reset</button>\
+             <button type=\"submit\" name=\"action\" value=\"remove\" class=\"small deny\">Remove</button></form></details></td>\
+             <td>{}</td><td>{}</td><td>{}{trust_source}</td><td>{family}</td><td>{}</td></tr>",
+            escape(user.display_name.as_deref().unwrap_or("—")),
+            if identities.is_empty() { "—".to_string() } else { identities },
+            escape(&trust),
+            escape(&time(user.created_at)),
+        );
+    }
+    out.push_str("</tbody></table></div>");
+    out
+}
+
+#[derive(Deserialize)]
+pub struct UserForm {
+    csrf: String,
+    action: String,
+    user: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    identities: String,
+    #[serde(default)]
+    confirm: String,
+}
+
+/// Identities linked in one add at most.
+const MAX_IDENTITIES: usize = 20;
+
+/// `POST /admin/users`: add, sign-in link, revoke, reset, remove — what the CLI's `users`
+/// commands do, through the same functions (`moltmate_ops::users`). Same-origin, admin
+/// session and CSRF token like the pairing decisions; reset and remove also need the user id
+/// typed into `confirm`.
+pub async fn user_action(
+    State(state): State<WebState>,
+    headers: HeaderMap,
+    form: Result<Form<UserForm>, FormRejection>,
+) -> Result<Response, PageError> {
+    check_same_origin(&headers)?;
+    let session = admin_session(&state, &headers)
+        .await?
+        .ok_or(WebError::Unauthorized)?;
+    let Ok(Form(form)) = form else {
+        return Err(WebError::Forbidden("missing CSRF token; reload the page").into());
+    };
+    crate::security::check_csrf(&session.csrf_token, Some(&form.csrf))?;
+    let user = UserId::new(form.user.trim().to_string())
+        .map_err(|e| WebError::BadRequest(format!("user id: {e}")))?;
+    let gateway = state.gateway();
+    let users = UserAdmin::new(
+        gateway.homes().base_dir(),
+        gateway.store().clone(),
+        std::sync::Arc::new(GatewayEnvironment(gateway.clone())),
+    );
+    let done = match form.action.as_str() {
+        "add" => {
+            let name = form.name.trim();
+            if name.chars().count() > 100 || name.chars().any(char::is_control) {
+                return Err(WebError::BadRequest(
+                    "the name must be at most 100 characters, without control characters".into(),
+                )
+                .into());
+            }
+            let identities: Vec<String> = form
+                .identities
+                .split([',', ' ', '\n', '\r', '\t'])
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            if identities.len() > MAX_IDENTITIES {
+                return Err(WebError::BadRequest(format!(
+                    "at most {MAX_IDENTITIES} identities at once"
+                ))
+                .into());
+            }
+            users
+                .add(&user, &identities, (!name.is_empty()).then_some(name))
+                .await?;
+            "added"
+        }
+        "link" => {
+            let ttl = state.settings().login_link_ttl;
+            let url = users
+                .login_link(&user, &state.settings().base_url, ttl)
+                .await?;
+            audit(&state, &user, "link").await;
+            return Ok(link_page(&user, &url, ttl));
+        }
+        "revoke" => {
+            users.revoke(&user).await?;
+            "revoked"
+        }
+        "reset" | "remove" => {
+            if form.confirm.trim() != user.as_str() {
+                return Err(WebError::BadRequest(format!(
+                    "to {} {user}, type the user id ({user}) into the confirmation field",
+                    form.action
+                ))
+                .into());
+            }
+            if form.action == "reset" {
+                users.reset(&user).await?;
+                "reset"
+            } else {
+                users.remove(&user).await?;
+                "removed"
+            }
+        }
+        _ => {
+            return Err(WebError::BadRequest(
+                "action must be add, link, revoke, reset or remove".to_string(),
+            )
+            .into())
+        }
+    };
+    audit(&state, &user, done).await;
+    tracing::info!(user = %user, action = done, "user changed on the admin dashboard");
+    Ok(see_other(&format!("/admin?done={done}#users")))
+}
+
+async fn audit(state: &WebState, user: &UserId, action: &str) {
+    let event = AuditEvent {
+        user: user.clone(),
+        kind: format!("admin_user_{action}"),
+        tool: None,
+        args_digest: None,
+        duration_ms: None,
+        outcome: "ok".to_string(),
+        detail: Some("via the admin dashboard".to_string()),
+    };
+    if let Err(e) = state.gateway().store().record_audit(event).await {
+        tracing::error!(error = %e, "could not audit an admin action");
+    }
+}
+
+/// The one-time sign-in link with its QR code. Not cached anywhere: the link is a credential.
+fn link_page(user: &UserId, url: &str, ttl: std::time::Duration) -> Response {
+    let minutes = (ttl.as_secs() / 60).max(1).to_string();
+    let qr = charts::qr(url)
+        .unwrap_or_else(|| "<p class=\"hint\">The link is too long for a QR code.</p>".to_string());
+    let page = render_with_markup(
+        LINK_TEMPLATE,
+        &[("user", user.as_str()), ("url", url), ("minutes", &minutes)],
+        &[("qr", qr.as_str())],
+    );
+    let mut response = Html(page).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+/// What the page's user actions need from the gateway they run in: homes made the way the
+/// gateway makes them (sandbox ids, persona files), and the user's sandboxes ended (the
+/// gateway's user-events watcher does so too; this makes it happen before the wipe).
+struct GatewayEnvironment(moltmate_gateway::Gateway);
+
+#[async_trait::async_trait]
+impl moltmate_ops::users::Environment for GatewayEnvironment {
+    async fn ensure_home(&self, user: &UserId) -> Result<(), moltmate_ops::OpsError> {
+        self.0
+            .ensure_home(user)
+            .await
+            .map(|_| ())
+            .map_err(moltmate_ops::OpsError::Failed)
+    }
+
+    async fn remove_containers(&self, user: &UserId) -> Result<usize, String> {
+        match self.0.sandbox() {
+            Some(sandbox) => sandbox
+                .end_user(user)
+                .await
+                .map(|()| 0)
+                .map_err(|e| format!("the user's sandboxes could not be ended: {e}")),
+            None => Ok(0),
+        }
+    }
 }

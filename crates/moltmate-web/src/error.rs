@@ -171,6 +171,16 @@ impl From<moltmate_store::StoreError> for PageError {
     }
 }
 
+impl From<moltmate_ops::OpsError> for PageError {
+    fn from(e: moltmate_ops::OpsError) -> Self {
+        match e {
+            moltmate_ops::OpsError::NoSuchUser(_) => PageError(WebError::NotFound),
+            e if e.is_refusal() => PageError(WebError::BadRequest(e.to_string())),
+            e => PageError(WebError::Internal(e.to_string())),
+        }
+    }
+}
+
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
         self.0.into_html()

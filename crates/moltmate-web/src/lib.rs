@@ -21,6 +21,7 @@
 //! in a path never reaches a label either.
 
 pub mod admin;
+mod charts;
 pub mod chat;
 pub mod error;
 pub mod health;
@@ -42,7 +43,7 @@ use std::net::SocketAddr;
 
 /// Every route template of [`app`]: the only values the request counter's `route` label
 /// takes (a unit test keeps this list and the routes in step).
-pub const ROUTES: [&str; 15] = [
+pub const ROUTES: [&str; 16] = [
     "/",
     "/login",
     "/login/{code}",
@@ -54,6 +55,7 @@ pub const ROUTES: [&str; 15] = [
     "/admin/login",
     "/admin/logout",
     "/admin/pairing",
+    "/admin/users",
     "/v1/models",
     "/v1/chat/completions",
     "/healthz",
@@ -86,6 +88,7 @@ pub fn app(state: WebState) -> Router {
         .route("/admin/login", post(admin::login))
         .route("/admin/logout", post(admin::logout))
         .route("/admin/pairing", post(admin::decide_pairing))
+        .route("/admin/users", post(admin::user_action))
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/healthz", get(health::healthz))

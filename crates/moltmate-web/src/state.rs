@@ -45,6 +45,11 @@ pub struct WebSettings {
     /// binary provides them (the web layer knows neither the config nor the sandbox crate);
     /// `None`: the section says they are not available here.
     pub security_checks: Option<Arc<dyn SecurityChecks>>,
+    /// The address people open (`gateway.publicUrl`, else the listening address): sign-in
+    /// links made on `/admin` point there. Never taken from a request's `Host`.
+    pub base_url: String,
+    /// Model prices (`model.prices`) for the cost estimates on `/admin`.
+    pub prices: moltmate_ops::usage::PriceTable,
 }
 
 impl Default for WebSettings {
@@ -60,6 +65,8 @@ impl Default for WebSettings {
             session_ttl: Duration::from_secs(7 * 24 * 3600),
             trusted_proxies: Vec::new(),
             security_checks: None,
+            base_url: "http://127.0.0.1:18790".to_string(),
+            prices: moltmate_ops::usage::PriceTable::default(),
         }
     }
 }
@@ -87,6 +94,8 @@ impl fmt::Debug for WebSettings {
             .field("session_ttl", &self.session_ttl)
             .field("trusted_proxies", &self.trusted_proxies)
             .field("security_checks", &self.security_checks.is_some())
+            .field("base_url", &self.base_url)
+            .field("prices", &self.prices)
             .finish()
     }
 }

@@ -266,8 +266,7 @@ async fn the_dashboard_shows_usage_and_audit() {
     )
     .await;
     assert!(
-        page.body
-            .contains("<td class=\"num\">12</td><td class=\"num\">7</td>"),
+        page.body.contains("<dt>Tokens</dt><dd>12 in, 7 out</dd>"),
         "token usage per user"
     );
     assert!(
@@ -281,6 +280,10 @@ async fn the_dashboard_shows_usage_and_audit() {
         page.body.contains("<th>Reminders</th>")
             && page.body.contains("<td class=\"num\">0 / 50</td>"),
         "reminders against the user's cap"
+    );
+    assert!(
+        page.body.contains("<dt>Messages</dt><dd>1</dd>"),
+        "messages per user"
     );
     let logout = send(
         &h.app(),

@@ -200,7 +200,7 @@ fn path() -> impl Strategy<Value = String> {
     ];
     prop_oneof![
         3 => prop::sample::select(vec![
-            "/login", "/logout", "/admin/login", "/admin/logout", "/admin/pairing", "/api/chat",
+            "/login", "/logout", "/admin/login", "/admin/logout", "/admin/pairing", "/admin/users", "/api/chat",
             "/api/history", "/", "/admin", "/v1/models", "/v1/chat/completions",
         ])
         .prop_map(String::from),

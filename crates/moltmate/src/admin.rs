@@ -6,9 +6,9 @@
 use anyhow::{bail, Context, Result};
 use moltmate_core::{ChannelKind, Identity, UserId};
 use moltmate_gateway::SandboxIdPolicy;
-use moltmate_store::homes::{list_beneath, read_beneath, CopyLimits};
+use moltmate_store::homes::read_beneath;
 use moltmate_store::memory_index::MemoryIndex;
-use moltmate_store::{Ending, Homes, Store};
+use moltmate_store::{Homes, Store};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +22,20 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The user actions shared with `/admin`.
+    pub fn users(&self) -> moltmate_ops::users::UserAdmin {
+        moltmate_ops::users::UserAdmin::new(
+            &self.home,
+            self.store.clone(),
+            std::sync::Arc::new(CliEnvironment {
+                home: self.home.clone(),
+                store: self.store.clone(),
+                homes: self.homes.clone(),
+                id_policy: self.id_policy.clone(),
+            }),
+        )
+    }
+
     pub fn open(home: &Path) -> Result<Admin> {
         let store = Store::open(&home.join("moltmate.db")).context("opening the database")?;
         // Only commands that create a home need the config (for the uid range); the others
@@ -299,12 +313,7 @@ pub async fn users_add(
     identities: &[String],
     name: Option<&str>,
 ) -> Result<()> {
-    let created = admin.store.ensure_user(user, name).await?;
-    for raw in identities {
-        let identity: Identity = raw.parse()?;
-        admin.store.link_identity(&identity, user, "admin").await?;
-    }
-    admin.ensure_home(user).await?;
+    let created = admin.users().add(user, identities, name).await?;
     println!(
         "{} user {user}.",
         if created { "Created" } else { "Updated" }
@@ -312,129 +321,17 @@ pub async fn users_add(
     Ok(())
 }
 
-/// Removes a user's home. A home on a capped volume is unmounted and its image deleted (the
-/// image is where the files live).
-pub fn wipe_home(home_dir: &Path, users_home: &Path, user: &UserId) -> Result<()> {
-    if users_home.exists() {
-        moltmate_sandbox::disk::release_user_volume(users_home)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        std::fs::remove_dir_all(users_home)
-            .with_context(|| format!("removing {}", users_home.display()))?;
-    }
-    // The scratch directory (`workspaceAccess: none`) is the user's too, and may sit on its
-    // own volume.
-    let scratch = home_dir
-        .join("sandboxes")
-        .join("scratch")
-        .join(user.as_str());
-    if scratch.exists() {
-        moltmate_sandbox::disk::release_user_volume(&scratch)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        std::fs::remove_dir_all(&scratch)
-            .with_context(|| format!("removing {}", scratch.display()))?;
-    }
-    let disks = home_dir.join("sandboxes").join("disks");
-    let scratch_image = format!("{}.img", moltmate_sandbox::disk::scratch_volume_name(user));
-    for image in [disks.join(format!("{user}.img")), disks.join(scratch_image)] {
-        match std::fs::remove_file(&image) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", image.display())),
-        }
-    }
-    Ok(())
-}
-
-/// Copies the user's home into `archive/<user>-<timestamp>/home` next to an export of their
-/// transcripts, so a reset or removal can be undone by hand. (The wipe comes after the records
-/// are ended and a running turn is stopped: [`crate::ending::finish`].)
-async fn archive(admin: &Admin, user: &UserId) -> Result<PathBuf> {
-    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
-    let archive_root = admin.home.join("archive");
-    let archive_dir = archive_root.join(format!("{user}-{stamp}"));
-    std::fs::create_dir_all(&archive_dir)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&archive_root, std::fs::Permissions::from_mode(0o700))?;
-    let export = export_json(admin, user).await?;
-    std::fs::write(
-        archive_dir.join("export.json"),
-        serde_json::to_vec_pretty(&export)?,
-    )?;
-    let home = admin.homes.home(user);
-    if home.root().exists() {
-        // The home is the user's: bounded and never blocking (FIFOs, sockets and devices are
-        // skipped, links copied as links, depth, entries and bytes capped), so nothing in it
-        // can hang or fail the reset or removal. What was skipped is listed in the archive.
-        let (from, to) = (home.root().to_path_buf(), archive_dir.join("home"));
-        let report = tokio::task::spawn_blocking(move || {
-            moltmate_store::homes::copy_tree(&from, &to, CopyLimits::default())
-        })
-        .await
-        .context("copying the home into the archive")?
-        .context("copying the home into the archive")?;
-        if report.skipped_total > 0 {
-            let mut text = format!(
-                "{} item(s) of the home were not archived:\n",
-                report.skipped_total
-            );
-            for line in &report.skipped {
-                text.push_str(line);
-                text.push('\n');
-            }
-            std::fs::write(archive_dir.join("SKIPPED.txt"), text)?;
-            eprintln!(
-                "Note: {} item(s) of {user}'s home were not archived (see SKIPPED.txt in the archive).",
-                report.skipped_total
-            );
-        }
-    }
-    Ok(archive_dir)
-}
-
-/// What `users reset`/`remove` ended, for the operator.
-fn ended_summary(ended: &moltmate_store::Ended, finished: &crate::ending::Finished) -> String {
-    let mut text = format!(
-        "ended {} browser session(s), {} login link(s), {} API token(s), {} pairing code(s); {} waiting message(s) dropped; {} reminder(s) cancelled",
-        ended.web_sessions, ended.login_links, ended.api_tokens, ended.pairing_codes, ended.pending_messages, ended.reminders
-    );
-    match finished.waited {
-        _ if finished.lock_timed_out => text.push_str(
-            "; a running turn did not stop in time (files wiped anyway; nothing it does is kept)",
-        ),
-        Some(waited) => text.push_str(&format!(
-            "; a running turn was stopped ({:.1} s)",
-            waited.as_secs_f64()
-        )),
-        None => {}
-    }
-    if finished.containers > 0 {
-        text.push_str(&format!(
-            "; {} sandbox container(s) removed",
-            finished.containers
-        ));
-    }
-    if let Some(note) = &finished.docker_note {
-        eprintln!("Note: {note}");
-    }
-    text
-}
-
 pub async fn users_reset(admin: &Admin, user: &UserId, yes: bool) -> Result<()> {
     if !yes {
         bail!("`users reset` archives and wipes {user}'s home, conversations, browser sessions and API tokens; add --yes to do it");
     }
-    if admin.store.user(user).await?.is_none() {
-        bail!("no user {user}");
-    }
-    let archived = archive(admin, user).await?;
-    let Some(ended) = admin.store.end_user(user, Ending::Reset).await? else {
-        bail!("no user {user}");
-    };
-    let finished = crate::ending::finish(admin, user, Ending::Reset).await?;
+    let done = admin.users().reset(user).await?;
+    note_skipped(user, done.skipped);
+    note_sandbox(&done);
     println!(
         "Reset {user}: home and history archived in {}; {}. Their identities and trust stay; their next message starts over.",
-        archived.display(),
-        ended_summary(&ended, &finished)
+        done.archive.display(),
+        done.summary()
     );
     Ok(())
 }
@@ -443,63 +340,47 @@ pub async fn users_remove(admin: &Admin, user: &UserId, yes: bool) -> Result<()>
     if !yes {
         bail!("`users remove` archives and deletes {user} entirely; add --yes to do it");
     }
-    if admin.store.user(user).await?.is_none() {
-        if crate::ending::unsettled(admin, user).await? {
-            // An earlier removal ended the records but failed before its end: finish it.
-            crate::ending::finish(admin, user, Ending::Remove).await?;
-            println!("Finished removing {user}.");
-            return Ok(());
-        }
-        bail!("no user {user}");
+    let done = admin.users().remove(user).await?;
+    if done.resumed {
+        note_sandbox(&done);
+        println!("Finished removing {user}.");
+        return Ok(());
     }
-    let archived = archive(admin, user).await?;
-    let Some(ended) = admin.store.end_user(user, Ending::Remove).await? else {
-        bail!("no user {user}");
-    };
-    let finished = crate::ending::finish(admin, user, Ending::Remove).await?;
+    note_skipped(user, done.skipped);
+    note_sandbox(&done);
     println!(
         "Removed {user} (archived in {}); {}. Remove them from allowFrom / users in moltmate.json too, or they can pair again.",
-        archived.display(),
-        ended_summary(&ended, &finished)
+        done.archive.display(),
+        done.summary()
     );
     Ok(())
 }
 
-async fn export_json(admin: &Admin, user: &UserId) -> Result<serde_json::Value> {
-    admin.mount_home(user)?;
-    let record = admin.store.user(user).await?;
-    let transcripts = admin.store.user_transcripts(user).await?;
-    let home = admin.homes.home(user);
-    let mut files = serde_json::Map::new();
-    for file in ["SOUL.md", "IDENTITY.md", "USER.md", "MEMORY.md"] {
-        if let Ok(Some((text, _))) = read_beneath(home.root(), file, 4 << 20) {
-            files.insert(file.to_string(), serde_json::Value::String(text));
-        }
+fn note_sandbox(done: &moltmate_ops::users::Outcome) {
+    if done.lock_timed_out {
+        eprintln!(
+            "Warning: the user's turn still ran after {} s (a gateway that does not act on removals, or one that hangs); the files were wiped anyway. Nothing that turn does is kept.",
+            moltmate_ops::users::LOCK_WAIT.as_secs()
+        );
     }
-    // Bounded: a `memory/` of millions of entries exports the first ones the kernel lists.
-    if let Ok(Some(listing)) = list_beneath(home.root(), "memory", 10_000) {
-        for entry in listing.entries.iter().filter(|e| !e.is_dir()).take(2_000) {
-            let name = format!("memory/{}", entry.name);
-            if let Ok(Some((text, _))) = read_beneath(home.root(), &name, 4 << 20) {
-                files.insert(name, serde_json::Value::String(text));
-            }
-        }
+    if let Some(note) = &done.sandbox_note {
+        eprintln!("Note: {note}");
     }
-    Ok(serde_json::json!({
-        "user": record,
-        "files": files,
-        "transcripts": transcripts.into_iter().map(|(session, at, item)| serde_json::json!({
-            "session": session, "at": at, "item": item
-        })).collect::<Vec<_>>(),
-        "usage": admin.store.usage(Some(user)).await?,
-    }))
+}
+
+fn note_skipped(user: &UserId, skipped: u64) {
+    if skipped > 0 {
+        eprintln!(
+            "Note: {skipped} item(s) of {user}'s home were not archived (see SKIPPED.txt in the archive)."
+        );
+    }
 }
 
 pub async fn users_export(admin: &Admin, user: &UserId, output: Option<&Path>) -> Result<()> {
     if admin.store.user(user).await?.is_none() {
         bail!("no user {user}");
     }
-    let export = serde_json::to_string_pretty(&export_json(admin, user).await?)?;
+    let export = serde_json::to_string_pretty(&admin.users().export(user).await?)?;
     match output {
         Some(path) => {
             use std::io::Write;
@@ -525,8 +406,7 @@ pub async fn users_token(
     label: Option<&str>,
 ) -> Result<()> {
     if revoke {
-        let count = admin.store.revoke_tokens(user, None).await?;
-        let sessions = admin.store.delete_user_web_sessions(user).await?;
+        let (count, sessions) = admin.users().revoke(user).await?;
         println!("Revoked {count} token(s) of {user} and signed them out of {sessions} browser session(s).");
         return Ok(());
     }
@@ -539,13 +419,57 @@ pub async fn users_token(
 }
 
 pub async fn users_login_link(admin: &Admin, user: &UserId, base_url: &str) -> Result<()> {
-    admin.store.ensure_user(user, None).await?;
-    admin.ensure_home(user).await?;
-    let code = admin
-        .store
-        .create_login_link(user, Duration::from_secs(15 * 60))
+    let url = admin
+        .users()
+        .login_link(user, base_url, Duration::from_secs(15 * 60))
         .await?;
     eprintln!("One-time login link for {user} (valid 15 minutes):");
-    println!("{base_url}/login/{code}");
+    println!("{url}");
     Ok(())
+}
+
+/// What `users reset/remove/add` need from the binary when run from the CLI: homes owned by
+/// the sandbox ids, and the Docker containers of this home removed whether or not a gateway
+/// runs.
+struct CliEnvironment {
+    home: PathBuf,
+    store: Store,
+    homes: Homes,
+    id_policy: std::result::Result<SandboxIdPolicy, String>,
+}
+
+#[async_trait::async_trait]
+impl moltmate_ops::users::Environment for CliEnvironment {
+    async fn ensure_home(&self, user: &UserId) -> std::result::Result<(), moltmate_ops::OpsError> {
+        let policy = self
+            .id_policy
+            .clone()
+            .map_err(moltmate_ops::OpsError::Failed)?;
+        let ids = crate::wiring::runtime::user_sandbox_ids(&self.store, policy, user)
+            .await
+            .map_err(|e| moltmate_ops::OpsError::Failed(format!("{e:#}")))?;
+        self.homes.ensure(user, ids)?;
+        Ok(())
+    }
+
+    /// Nothing to do when the config says bubblewrap (its commands die with the gateway that
+    /// ran them) or no Docker daemon answers.
+    async fn remove_containers(&self, user: &UserId) -> std::result::Result<usize, String> {
+        let config = crate::wiring::load_config(&self.home).map_err(|e| {
+            format!("the config could not be read, so Docker sandboxes were not looked for: {e:#}")
+        })?;
+        let settings = crate::wiring::sandbox_settings(&self.home, &config);
+        if settings.backend == moltmate_sandbox::BackendChoice::Bwrap
+            || !moltmate_sandbox::docker::docker_available(&settings).await
+        {
+            return Ok(0);
+        }
+        let docker = moltmate_sandbox::docker::DockerSandbox::connect(&settings)
+            .map_err(|e| e.to_string())?;
+        docker
+            .remove_user(user)
+            .await
+            .map(|removed| removed.len())
+            .map_err(|e| format!("Docker sandboxes could not be removed: {e}"))
+    }
 }

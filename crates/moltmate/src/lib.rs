@@ -5,7 +5,7 @@
 pub mod admin;
 pub mod chat;
 pub mod doctor;
-pub mod ending;
+pub mod operate;
 pub mod serve;
 pub mod wiring;
 
@@ -76,6 +76,27 @@ enum Command {
     Image {
         #[command(subcommand)]
         command: ImageCommand,
+    },
+    /// Back the home up into FILE (gzip'd tar with a checksummed manifest) while the gateway
+    /// serves. Secrets stay out unless --include-secrets.
+    Backup {
+        file: PathBuf,
+        /// Keep the config's inline secrets and admin.token in the archive.
+        #[arg(long)]
+        include_secrets: bool,
+    },
+    /// Restore a backup into a new or empty home: `moltmate restore FILE --home DIR`.
+    Restore { file: PathBuf },
+    /// Messages, tokens, estimated cost, tool calls and exec time per user and day.
+    Usage {
+        /// Only this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// First day (YYYY-MM-DD, local time). Default: 30 days ago.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: operate::UsageFormat,
     },
 }
 
@@ -165,7 +186,7 @@ enum SandboxCommand {
     Build,
 }
 
-fn parse_user(raw: &str) -> Result<UserId> {
+pub(crate) fn parse_user(raw: &str) -> Result<UserId> {
     UserId::new(raw).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -194,6 +215,14 @@ pub fn main_entry() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Command::Restore { file } = &cli.command {
+        // The target must be named: restoring into whatever home the environment points at
+        // would be a surprise.
+        let Some(target) = &cli.home else {
+            anyhow::bail!("restore needs --home DIR: the new (or empty) home to restore into");
+        };
+        return operate::restore(file, target).await;
+    }
     let home =
         moltmate_config::resolve_home(cli.home.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
     match cli.command {
@@ -267,6 +296,17 @@ async fn run(cli: Cli) -> Result<()> {
             let config = wiring::load_config(&home)?;
             serve::image_build(&home, &config, &tag, binary).await
         }
+        Command::Backup {
+            file,
+            include_secrets,
+        } => operate::backup(&home, &file, include_secrets).await,
+        // Handled above, before a home is resolved.
+        Command::Restore { .. } => Ok(()),
+        Command::Usage {
+            user,
+            since,
+            format,
+        } => operate::usage(&home, user.as_deref(), since.as_deref(), format).await,
         Command::Sandbox { command } => {
             let config = wiring::load_config(&home)?;
             match command {

@@ -121,13 +121,19 @@ pub fn harness() -> Harness {
 }
 
 pub fn harness_with(settings: WebSettings) -> Harness {
+    harness_with_gateway(settings, GatewaySettings::default())
+}
+
+/// A harness whose gateway has `gateway` settings (families, trust names, configured
+/// identities: what moltmate.json decides).
+pub fn harness_with_gateway(settings: WebSettings, gateway: GatewaySettings) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let model = Arc::new(EchoModel::default());
     let shutdown = Shutdown::new();
     let gateway = Gateway::new(GatewayParts {
         store: Store::open_in_memory().unwrap(),
         homes: Homes::new(dir.path()),
-        settings: GatewaySettings::default(),
+        settings: gateway,
         model: model.clone(),
         tools: ToolBox::default(),
         channels: vec![],

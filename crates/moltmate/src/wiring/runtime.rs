@@ -310,6 +310,8 @@ pub async fn start_web(home: &Path, config: &Config, built: &Built) -> Result<St
             config,
             built.sandbox.as_ref().map(|s| s.backend()),
         ))),
+        base_url: super::public_base_url(config),
+        prices: moltmate_ops::usage::PriceTable::from_config(&config.model.prices),
         ..moltmate_web::WebSettings::default()
     };
     let state =

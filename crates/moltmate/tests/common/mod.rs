@@ -365,3 +365,46 @@ impl Harness {
         );
     }
 }
+
+impl Harness {
+    /// Stops this gateway and starts one on `home` (another home, e.g. a restored backup)
+    /// with the same doubles; its config is read with `env` for `${VAR}` references instead
+    /// of the process environment. The old home's temporary directory stays alive in the
+    /// result's `dir`.
+    pub async fn move_to(self, home: PathBuf, env: &dyn Fn(&str) -> Option<String>) -> Harness {
+        let Harness {
+            dir,
+            home: old_home,
+            telegram,
+            llm,
+            built,
+            channels,
+            _volumes: old_volumes,
+        } = self;
+        built.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), channels).await;
+        built.gateway.drain(Duration::from_secs(5)).await;
+        if let Some(sandbox) = &built.sandbox {
+            let _ = sandbox.prune(Duration::ZERO).await;
+        }
+        drop(built);
+        release_volumes(&old_home);
+        drop(old_volumes);
+        let config = moltmate_config::Config::load(&home, env).expect("the moved config loads");
+        let built = wiring::build(&home, &config, Purpose::Serve)
+            .await
+            .expect("gateway builds on the new home");
+        built.gateway.recover().await.unwrap();
+        let gateway = built.gateway.clone();
+        let channels = tokio::spawn(async move { gateway.run_channels().await });
+        Harness {
+            dir,
+            _volumes: VolumeGuard(home.clone()),
+            home,
+            telegram,
+            llm,
+            built,
+            channels,
+        }
+    }
+}
