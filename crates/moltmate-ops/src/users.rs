@@ -316,6 +316,19 @@ impl UserAdmin {
     /// records are ended and a running turn is stopped). Returns the archive and how many
     /// items were not archived.
     async fn archive(&self, user: &UserId) -> Result<(PathBuf, u64), OpsError> {
+        // The home's files may live in an image that is not mounted (gateway stopped, reboot):
+        // mounted first, or the export and the copy would see the empty directory underneath.
+        let (state, root, again) = (
+            self.home.join("sandboxes"),
+            self.homes.home(user).root().to_path_buf(),
+            user.clone(),
+        );
+        blocking("mounting the home's volume", move || {
+            moltmate_sandbox::disk::mount_existing_user_volume(&state, &root, &again)
+                .map(|_| ())
+                .map_err(|e| OpsError::Failed(e.to_string()))
+        })
+        .await?;
         let export = serde_json::to_vec_pretty(&self.export(user).await?)
             .map_err(|e| OpsError::Failed(format!("encoding the export: {e}")))?;
         let home_dir = self.home.clone();
@@ -383,6 +396,7 @@ fn wipe_user_files(home_dir: &Path, homes: &Homes, user: &UserId) -> Result<(), 
         home.root(),
         user,
     )
+    .map(|_| ())
     .map_err(|e| OpsError::Failed(e.to_string()))?;
     wipe_home(home_dir, home.root(), user)?;
     let index = MemoryIndex::path_for(&home_dir.join("index"), user);

@@ -294,13 +294,14 @@ async fn trust_levels_decide_which_tools_each_users_model_is_offered() {
             "exec",
             "memory_search",
             "read",
+            "schedule",
             "web_fetch",
             "write"
         ]
     );
     assert_eq!(
         tools_for("stranger here"),
-        vec!["edit", "memory_search", "read", "write"],
+        vec!["edit", "memory_search", "read", "schedule", "write"],
         "telegram's default trust is stranger"
     );
     assert_eq!(tools_for("restricted here"), vec!["memory_search", "read"]);

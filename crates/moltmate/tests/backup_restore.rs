@@ -219,7 +219,15 @@ async fn a_backup_under_load_restores_to_a_gateway_that_serves_the_same_users() 
         pending_now.iter().any(|r| r.code == code),
         "pairing request restored"
     );
-    let (status, _, stderr) = run_cli(&restored, &["pairing", "approve", "telegram", &code]);
+    // As the operator runs it: with the secrets the restored config references.
+    let (status, _, stderr) = common::run_cli_env(
+        &restored,
+        &["pairing", "approve", "telegram", &code],
+        &[
+            ("MOLTMATE_TELEGRAM_BOT_TOKEN", BOT_TOKEN),
+            ("MOLTMATE_PROVIDER_FAKE_API_KEY", API_KEY),
+        ],
+    );
     assert!(status.success(), "{stderr}");
     let (reply, _) = h.round_trip(STRANGER, "thanks!").await;
     assert_eq!(reply, "echo: thanks!");

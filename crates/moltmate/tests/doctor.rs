@@ -634,3 +634,22 @@ async fn a_sandbox_that_mounts_the_docker_socket_fails_the_check() {
     assert_eq!(status(&report, "sandbox.docker_socket"), "pass");
     assert_eq!(status(&report, "sandbox.backend"), "pass");
 }
+
+/// `moltmate backup` and `doctor` agree on the marker: a real backup turns the check green,
+/// with the archive's path in the detail, and doctor leaves the marker's modes alone.
+#[test]
+fn a_real_backup_passes_the_backup_check() {
+    let dir = home_with(&quiet_config(json!({})));
+    let home = dir.path();
+    let out = tempfile::tempdir().unwrap();
+    let archive = out.path().join("home.tar.gz");
+    let (made, _, stderr) = run_cli(home, &["users", "add", "anna"]);
+    assert!(made.success(), "{stderr}");
+    let (status_code, stdout, stderr) =
+        run_cli(home, &["backup", archive.to_str().unwrap()]);
+    assert!(status_code.success(), "backup: {stdout}\n{stderr}");
+    assert!(archive.exists());
+    let (_, report, _) = doctor_json(home, &[]);
+    assert_eq!(status(&report, "backup.age"), "pass", "{report:#}");
+    assert_eq!(mode(&home.join("backups/last.json")), 0o600);
+}

@@ -313,10 +313,11 @@ async fn ten_users_flooding_at_once_keep_rss_bounded_and_others_answered() {
             .iter()
             .filter(|r| r.contains("waiting for an answer"))
             .count();
-        // Once per full queue: the queue drains while the flood goes on, so a second notice
-        // can follow a later refusal.
+        // Once per full queue: the queue drains while the flood goes on, so a later refusal
+        // can bring another notice (how often depends on how fast the model double answers
+        // on a busy machine). What matters: a handful, not one per refused message (~90).
         assert!(
-            (1..=3).contains(&notices),
+            (1..=10).contains(&notices),
             "flooder {flooder} told {notices} times"
         );
     }

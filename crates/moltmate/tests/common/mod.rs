@@ -225,6 +225,28 @@ pub fn run_cli(home: &Path, args: &[&str]) -> (std::process::ExitStatus, String,
     )
 }
 
+/// [`run_cli`] with extra environment variables (the secrets a restored config references).
+pub fn run_cli_env(
+    home: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, String, String) {
+    let output = std::process::Command::new(binary())
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("OPENAI_API_KEY")
+        .envs(env.iter().copied())
+        .output()
+        .expect("binary runs");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// A TCP port of 127.0.0.1 that was free a moment ago (for `gateway.port`).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
