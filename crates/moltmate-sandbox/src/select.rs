@@ -40,7 +40,7 @@ pub async fn select_backend(
 
 fn unavailable_detail(e: &SandboxError) -> String {
     match e {
-        SandboxError::Unavailable(detail) => detail.clone(),
+        SandboxError::Unavailable(detail) | SandboxError::Busy(detail) => detail.clone(),
         SandboxError::Backend { detail, .. } | SandboxError::Interrupted { detail, .. } => {
             detail.clone()
         }
