@@ -107,6 +107,17 @@ impl UidRange {
     }
 }
 
+/// Whether `name` may name the parent cgroup of all sandboxes (`sandbox.total.cgroup`): one
+/// path component of at most 64 characters — a lowercase letter, then lowercase letters,
+/// digits or `_`. No `-` (systemd reads it as nesting in slice names), nothing a path is made
+/// of. Shared by config validation and the sandbox layer, which checks again.
+pub fn valid_cgroup_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 64
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
 /// How much of the user's home the sandbox sees at `/workspace`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -509,7 +509,10 @@ mod tests {
         assert_eq!(active.snapshot().queued, 1);
         drop(a);
         let mut carl = waiter.await.unwrap().unwrap();
-        assert_eq!(carl.take_eviction().map(|e| e.victim().to_string()), Some("a".into()));
+        assert_eq!(
+            carl.take_eviction().map(|e| e.victim().to_string()),
+            Some("a".into())
+        );
     }
 
     #[tokio::test]
@@ -539,7 +542,11 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(*order.lock().unwrap(), vec!["bob", "carl", "dora"]);
-        assert_eq!(active.snapshot().alive, 0, "ephemeral slots go with their command");
+        assert_eq!(
+            active.snapshot().alive,
+            0,
+            "ephemeral slots go with their command"
+        );
     }
 
     #[tokio::test]
@@ -595,7 +602,10 @@ mod tests {
         assert!(active.try_prewarm("c", "carl").is_none());
         // Anna's prewarm of another session of hers may replace her own idle one.
         let mut anna2 = active.try_prewarm("a2", "anna").expect("own idle sandbox");
-        assert_eq!(anna2.take_eviction().map(|e| e.victim().to_string()), Some("a".into()));
+        assert_eq!(
+            anna2.take_eviction().map(|e| e.victim().to_string()),
+            Some("a".into())
+        );
         // Never one in use.
         let _busy = active.acquire("b", "bob", false).await.unwrap();
         assert!(active.try_prewarm("b2", "bob").is_none());
@@ -630,7 +640,10 @@ mod tests {
         drop(bob);
         // Bob's is idle now, so Anna's new sandbox replaces it.
         let mut anna = anna.await.unwrap().unwrap();
-        assert_eq!(anna.take_eviction().map(|e| e.victim().to_string()), Some("b".into()));
+        assert_eq!(
+            anna.take_eviction().map(|e| e.victim().to_string()),
+            Some("b".into())
+        );
     }
 
     #[test]

@@ -86,6 +86,7 @@
 //! begins) creates that user's own container and starts its runner in the background, while
 //! the model is still thinking, so the first command finds it warm.
 
+use crate::active::Lease;
 use crate::disk::{self, DiskCap};
 use crate::docker_agent::{AgentError, ExecAgent};
 use crate::proxy::{
@@ -93,6 +94,7 @@ use crate::proxy::{
     PROXY_SOCKET_DIR, PROXY_URL,
 };
 use crate::settings::{SandboxScope, SandboxSettings};
+use crate::total::{ParentStyle, SandboxBounds};
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
@@ -129,6 +131,10 @@ pub const LABEL_NETWORK: &str = "moltmate.network";
 /// Which installation (state directory) made the container: gateways sharing one engine never
 /// adopt, prune or remove each other's sandboxes.
 pub const LABEL_INSTANCE: &str = "moltmate.instance";
+/// The parent cgroup the container was created under (`/moltmate`, `moltmate.slice`, or
+/// `none`): a container made under another one (or none) is outside today's total and is
+/// replaced on recovery.
+pub const LABEL_CGROUP_PARENT: &str = "moltmate.cgroup-parent";
 
 /// The user of the idle entrypoint: distinct from every sandbox uid ([`SandboxIds::check`]
 /// refuses 65534), so `kill -9 -1` spares it.
@@ -305,6 +311,9 @@ pub struct DockerSandbox {
     counters: moltmate_core::sandbox::SandboxCounters,
     /// Each warm container's command runner, by container name (see [`crate::docker_agent`]).
     agents: Mutex<HashMap<String, AgentSlot>>,
+    /// All sandboxes together ([`crate::total`]): containers are created under its parent
+    /// cgroup, and each running container holds one of `sandbox.maxActive` slots.
+    bounds: Option<Arc<SandboxBounds>>,
 }
 
 /// The command runner of one container, tied to the container id it was started in (a
@@ -350,7 +359,67 @@ impl DockerSandbox {
                 .to_string(),
             counters: Default::default(),
             agents: Mutex::new(HashMap::new()),
+            bounds: None,
         })
+    }
+
+    /// Creates containers under `bounds`' parent cgroup (when the host gave one) and keeps at
+    /// most `sandbox.maxActive` running: a command that needs a new one takes a free slot,
+    /// stops the least recently used idle container, or waits in the fair queue
+    /// ([`crate::active`]).
+    pub fn with_bounds(mut self, bounds: Arc<SandboxBounds>) -> Self {
+        self.bounds = Some(bounds);
+        self
+    }
+
+    /// The value of [`LABEL_CGROUP_PARENT`] for containers made now.
+    fn cgroup_parent_label(&self) -> String {
+        self.bounds
+            .as_ref()
+            .and_then(|b| b.parent())
+            .map(|p| p.docker_parent())
+            .unwrap_or_else(|| "none".to_string())
+    }
+
+    /// A slot for a command (or, `ephemeral`, a `task` container) in container `name`; an idle
+    /// container chosen to make room is removed first. `None` without bounds.
+    async fn admit(
+        &self,
+        name: &str,
+        request: &ExecRequest,
+        ephemeral: bool,
+    ) -> Result<Option<Lease>, SandboxError> {
+        let Some(bounds) = &self.bounds else {
+            return Ok(None);
+        };
+        let mut lease = bounds
+            .active
+            .acquire(name, request.user.as_str(), ephemeral)
+            .await?;
+        self.carry_out_eviction(&mut lease).await;
+        Ok(Some(lease))
+    }
+
+    async fn carry_out_eviction(&self, lease: &mut Lease) {
+        if let Some(eviction) = lease.take_eviction() {
+            tracing::info!(
+                container = %eviction.victim(),
+                "stopping the least recently used idle sandbox: sandbox.maxActive are running"
+            );
+            if let Err(e) = self.remove_container(eviction.victim()).await {
+                tracing::warn!(container = %eviction.victim(), error = %e, "could not stop an idle sandbox to make room");
+            }
+            eviction.done();
+        }
+    }
+
+    /// After a failed create: a container that never came to be holds no slot.
+    fn forget_if_absent(&self, name: &str) {
+        if let Some(bounds) = &self.bounds {
+            if !self.lock_live().contains_key(name) {
+                bounds.active.forget(name);
+            }
+        }
     }
 
     /// Enables [`SandboxNetwork::Proxy`] profiles through `proxy`.
@@ -389,7 +458,25 @@ impl DockerSandbox {
                 return Ok(started.elapsed());
             }
             let name = self.container_name(request, None);
-            let id = self.ensure_container(request, &name).await?;
+            // A prewarm takes a free slot or replaces an idle container of the same user;
+            // it never stops anybody else's and never waits (see `crate::active`).
+            let _lease = match &self.bounds {
+                Some(bounds) => match bounds.active.try_prewarm(&name, request.user.as_str()) {
+                    Some(mut lease) => {
+                        self.carry_out_eviction(&mut lease).await;
+                        Some(lease)
+                    }
+                    None => return Ok(started.elapsed()),
+                },
+                None => None,
+            };
+            let id = match self.ensure_container(request, &name).await {
+                Ok(id) => id,
+                Err(e) => {
+                    self.forget_if_absent(&name);
+                    return Err(e);
+                }
+            };
             // Under the run lock: a second runner's start-up reap would kill a running command.
             let lock = self.create_lock(&name);
             let _running = lock.lock().await;
@@ -435,7 +522,13 @@ impl DockerSandbox {
                         Some("proxy") => false,
                         _ => true,
                     };
-                    if digest_ok && running && !task && network_ok {
+                    // Made under another parent cgroup (or none, before there was one): outside
+                    // today's total.
+                    // (Without bounds — the `sandbox list/prune` commands — any is kept: those
+                    // must not remove what a running gateway made.)
+                    let parent_ok = self.bounds.is_none()
+                        || labels.get(LABEL_CGROUP_PARENT) == Some(&self.cgroup_parent_label());
+                    if digest_ok && running && !task && network_ok && parent_ok {
                         let used_at = self
                             .read_last_used(&name)
                             .await
@@ -450,7 +543,16 @@ impl DockerSandbox {
                             busy: 0,
                             oom_kills: None,
                         };
-                        self.lock_live().entry(name).or_insert(live);
+                        // More than `maxActive` left running (a lowered cap): the rest go.
+                        let admitted = self.bounds.as_ref().is_none_or(|b| {
+                            b.active.adopt(&name, &live.user, live.last_used)
+                        });
+                        if admitted {
+                            self.lock_live().entry(name).or_insert(live);
+                        } else {
+                            tracing::info!(container = %name, "removing a sandbox from an earlier run: sandbox.maxActive are already adopted");
+                            self.remove_container(&name).await?;
+                        }
                     } else {
                         tracing::info!(container = %name, "removing stale sandbox from an earlier run");
                         self.remove_container(&name).await?;
@@ -561,6 +663,9 @@ impl DockerSandbox {
     async fn remove_container(&self, name: &str) -> Result<(), SandboxError> {
         self.lock_live().remove(name);
         self.lock_agents().remove(name);
+        if let Some(bounds) = &self.bounds {
+            bounds.active.forget(name);
+        }
         let _ = tokio::fs::remove_file(self.last_used_file(name)).await;
         {
             let mut locks = self.create_locks.lock().unwrap_or_else(|p| p.into_inner());
@@ -779,11 +884,19 @@ impl DockerSandbox {
             },
         );
 
+        labels.insert(LABEL_CGROUP_PARENT.to_string(), self.cgroup_parent_label());
+        let parent = self.bounds.as_ref().and_then(|b| b.parent());
+        let cpu_millis = match &self.bounds {
+            Some(bounds) => bounds.clamp_cpu(limits.cpu_millis),
+            None => limits.cpu_millis,
+        };
         let memory = i64::try_from(limits.memory_bytes).unwrap_or(i64::MAX);
         let host_config = HostConfig {
+            // Every container below the one parent whose limits bound them all.
+            cgroup_parent: parent.map(|p| p.docker_parent()),
             memory: Some(memory),
             memory_swap: Some(memory),
-            nano_cpus: Some(i64::from(limits.cpu_millis) * 1_000_000),
+            nano_cpus: Some(i64::from(cpu_millis) * 1_000_000),
             pids_limit: Some(i64::from(limits.pids.max(1))),
             cap_drop: Some(vec!["ALL".to_string()]),
             security_opt: Some(vec!["no-new-privileges".to_string()]),
@@ -837,6 +950,14 @@ impl DockerSandbox {
             return Err(docker_err("starting sandbox", e));
         }
         self.counters.count_started();
+        if let Some(parent) = parent.filter(|p| p.style() == ParentStyle::SystemdSlice) {
+            // systemd may have realised the slice with its own (no) limits just now.
+            let parent = parent.clone();
+            let applied = tokio::task::spawn_blocking(move || parent.apply_limits()).await;
+            if let Ok(Err(e)) = applied {
+                tracing::warn!(error = %e, "could not re-apply the sandboxes' total limits to their slice");
+            }
+        }
         if proxied {
             if let Err(e) = self
                 .start_forwarder(&created.id, &exec_user(request.ids))
@@ -1185,9 +1306,9 @@ impl DockerSandbox {
                     .unwrap_or(0);
                 if kills > before {
                     exit_code = None;
-                    stderr.push_str(&format!(
-                        "\n[moltmate: killed: out of memory (limit {} MiB)]",
-                        request.profile.limits.memory_bytes / (1024 * 1024)
+                    stderr.push_str(&crate::total::oom_note(
+                        request.profile.limits.memory_bytes,
+                        self.bounds.as_ref().map(|b| b.settings.limits.memory_bytes),
                     ));
                 }
             }
@@ -1452,13 +1573,12 @@ impl DockerSandbox {
         })
     }
 
-    async fn exec_task(
-        &self,
-        request: &ExecRequest,
-        started: Instant,
-    ) -> Result<ExecOutput, SandboxError> {
+    async fn exec_task(&self, request: &ExecRequest) -> Result<ExecOutput, SandboxError> {
         let nonce = format!("{:016x}", rand::random::<u64>());
         let name = self.container_name(request, Some(&nonce));
+        // The container lives for this one command: its slot goes with it.
+        let _lease = self.admit(&name, request, true).await?;
+        let started = Instant::now();
         let result = async {
             let id = self.ensure_container(request, &name).await?;
             match self.run_in(&name, &id, request, started).await {
@@ -1525,7 +1645,6 @@ impl Sandbox for DockerSandbox {
     }
 
     async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
-        let started = Instant::now();
         check_ids(&request)?;
         self.check_network(&request)?;
         if request.profile.network == SandboxNetwork::Proxy {
@@ -1538,11 +1657,21 @@ impl Sandbox for DockerSandbox {
         }
         self.recover().await?;
         if self.settings.scope == SandboxScope::Task {
-            return self.exec_task(&request, started).await;
+            return self.exec_task(&request).await;
         }
         let name = self.container_name(&request, None);
+        // A slot among `sandbox.maxActive` (waiting for one if all run commands); the time spent
+        // waiting is not the command's, nor the user's exec budget.
+        let _lease = self.admit(&name, &request, false).await?;
+        let started = Instant::now();
         for attempt in 0..2 {
-            let id = self.ensure_container(&request, &name).await?;
+            let id = match self.ensure_container(&request, &name).await {
+                Ok(id) => id,
+                Err(e) => {
+                    self.forget_if_absent(&name);
+                    return Err(e);
+                }
+            };
             // One command at a time per container: the reaping after a command (and the kill
             // on a timeout) ends every sandbox-user process, so a concurrent command of the
             // same key would be killed with it. Calls for one key queue here instead.
@@ -1627,7 +1756,11 @@ impl Sandbox for DockerSandbox {
             .map(|(n, s)| (n, s.labels.and_then(|mut l| l.remove(LABEL_CONFIG_DIGEST))))
             .collect();
         for info in infos {
-            let busy = self.lock_live().get(&info.name).is_some_and(|l| l.busy > 0);
+            let busy = self.lock_live().get(&info.name).is_some_and(|l| l.busy > 0)
+                || self
+                    .bounds
+                    .as_ref()
+                    .is_some_and(|b| b.active.is_busy(&info.name));
             if busy {
                 continue;
             }
@@ -1646,6 +1779,13 @@ impl Sandbox for DockerSandbox {
     async fn prewarm(&self, request: &ExecRequest) -> Result<(), SandboxError> {
         // The inherent method (which also reports how long it took).
         DockerSandbox::prewarm(self, request).await.map(|_| ())
+    }
+
+    async fn aggregate(&self) -> Option<moltmate_core::sandbox::SandboxAggregate> {
+        match &self.bounds {
+            Some(bounds) => Some(bounds.aggregate().await),
+            None => None,
+        }
     }
 
     fn stats(&self) -> moltmate_core::sandbox::SandboxStats {

@@ -139,14 +139,7 @@ pub struct TotalSettings {
     pub queue_timeout: Duration,
 }
 
-/// Whether `name` may name the parent cgroup: one path component, no `-` (systemd nesting),
-/// nothing a path could be made of.
-pub fn valid_cgroup_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    name.len() <= 64
-        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-}
+pub use moltmate_core::sandbox::valid_cgroup_name;
 
 /// How the parent is named for the engine that puts containers in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,7 +187,10 @@ pub enum ParentDirs {
 /// Files written to limit the parent, in order: `(directory, file, value, required)`.
 /// A required write that fails fails the set-up; the others are best effort (a kernel without
 /// swap accounting has no `memory.memsw.*`).
-pub fn limit_writes(dirs: &ParentDirs, limits: &TotalLimits) -> Vec<(PathBuf, &'static str, String, bool)> {
+pub fn limit_writes(
+    dirs: &ParentDirs,
+    limits: &TotalLimits,
+) -> Vec<(PathBuf, &'static str, String, bool)> {
     let quota = limits.cpu_millis.max(10) * CPU_PERIOD_US / 1000;
     let mut out = Vec::new();
     match dirs {
@@ -205,25 +201,61 @@ pub fn limit_writes(dirs: &ParentDirs, limits: &TotalLimits) -> Vec<(PathBuf, &'
             // memsw ≥ memory must hold at every step: raising needs memsw first, lowering
             // memory first. Both orders are written; whichever step the kernel refuses is
             // repeated by the other.
-            out.push((memory.clone(), "memory.memsw.limit_in_bytes", mem.clone(), false));
+            out.push((
+                memory.clone(),
+                "memory.memsw.limit_in_bytes",
+                mem.clone(),
+                false,
+            ));
             out.push((memory.clone(), "memory.limit_in_bytes", mem.clone(), true));
             out.push((memory.clone(), "memory.memsw.limit_in_bytes", mem, false));
             if let Some(pids) = pids {
                 out.push((pids.clone(), "pids.max", limits.pids.to_string(), true));
             }
             if let Some(cpu) = cpu {
-                out.push((cpu.clone(), "cpu.cfs_period_us", CPU_PERIOD_US.to_string(), false));
+                out.push((
+                    cpu.clone(),
+                    "cpu.cfs_period_us",
+                    CPU_PERIOD_US.to_string(),
+                    false,
+                ));
                 out.push((cpu.clone(), "cpu.cfs_quota_us", quota.to_string(), true));
             }
         }
         ParentDirs::V2 { dir } => {
-            out.push((dir.clone(), "memory.max", limits.memory_bytes.to_string(), true));
+            out.push((
+                dir.clone(),
+                "memory.max",
+                limits.memory_bytes.to_string(),
+                true,
+            ));
             out.push((dir.clone(), "memory.swap.max", "0".to_string(), false));
             out.push((dir.clone(), "pids.max", limits.pids.to_string(), true));
-            out.push((dir.clone(), "cpu.max", format!("{quota} {CPU_PERIOD_US}"), false));
+            out.push((
+                dir.clone(),
+                "cpu.max",
+                format!("{quota} {CPU_PERIOD_US}"),
+                false,
+            ));
         }
     }
     out
+}
+
+/// The note appended to a command's stderr when the OOM killer ended it: which limit applies,
+/// and — under a total — that all sandboxes together may have reached theirs.
+pub fn oom_note(sandbox_limit_bytes: u64, total_bytes: Option<u64>) -> String {
+    match total_bytes {
+        Some(total) => format!(
+            "\n[moltmate: killed: out of memory (this sandbox may use {} MiB; all sandboxes on this server together {} MiB)]",
+            sandbox_limit_bytes >> 20,
+            total >> 20
+        ),
+        None => format!(
+            "\n[moltmate: killed: out of memory (limit {} MiB)]",
+            sandbox_limit_bytes >> 20
+        ),
+    }
 }
 
 /// Usage of all sandboxes together, read from the parent.
@@ -287,7 +319,8 @@ impl ParentCgroup {
                 Ok(()) => {}
                 Err(e) if required => {
                     failed_required.push(path.clone());
-                    first_error.get_or_insert(format!("cannot write {value} to {}: {e}", path.display()));
+                    first_error
+                        .get_or_insert(format!("cannot write {value} to {}: {e}", path.display()));
                 }
                 Err(_) => {}
             }
@@ -300,9 +333,11 @@ impl ParentCgroup {
             }
             let path = dir.join(file);
             let now = fs::read_to_string(&path).unwrap_or_default();
-            let holds = now.trim() == value || now.split_whitespace().next() == value.split_whitespace().next();
+            let holds = now.trim() == value
+                || now.split_whitespace().next() == value.split_whitespace().next();
             if !holds {
-                return Err(first_error.unwrap_or_else(|| format!("{} does not hold {value}", path.display())));
+                return Err(first_error
+                    .unwrap_or_else(|| format!("{} does not hold {value}", path.display())));
             }
         }
         Ok(())
@@ -340,7 +375,8 @@ impl ParentCgroup {
 
     /// Reads usage from the parent (small cgroup files; call off the async runtime).
     pub fn usage(&self) -> ParentUsage {
-        let num = |path: PathBuf| -> Option<u64> { fs::read_to_string(path).ok()?.trim().parse().ok() };
+        let num =
+            |path: PathBuf| -> Option<u64> { fs::read_to_string(path).ok()?.trim().parse().ok() };
         match &self.dirs {
             ParentDirs::V1 {
                 memory,
@@ -644,7 +680,10 @@ mod tests {
         assert_eq!(default_total_cpu(1000), 500);
         // Configured values win.
         let set = TotalLimits::resolve(host, Some(GIB), Some(700), Some(100));
-        assert_eq!((set.memory_bytes, set.cpu_millis, set.pids), (GIB, 700, 100));
+        assert_eq!(
+            (set.memory_bytes, set.cpu_millis, set.pids),
+            (GIB, 700, 100)
+        );
     }
 
     #[test]
@@ -661,7 +700,16 @@ mod tests {
         for ok in ["moltmate", "moltmate_test_1", "m"] {
             assert!(valid_cgroup_name(ok), "{ok}");
         }
-        for bad in ["", "Moltmate", "molt-mate", "../x", "a/b", "1abc", ".x", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "Moltmate",
+            "molt-mate",
+            "../x",
+            "a/b",
+            "1abc",
+            ".x",
+            &"a".repeat(65),
+        ] {
             assert!(!valid_cgroup_name(bad), "{bad}");
         }
     }
@@ -670,8 +718,14 @@ mod tests {
     fn docker_gets_a_path_or_a_slice() {
         assert_eq!(ParentStyle::Path.docker_parent("moltmate"), "/moltmate");
         assert_eq!(ParentStyle::Path.dir_name("moltmate"), "moltmate");
-        assert_eq!(ParentStyle::SystemdSlice.docker_parent("moltmate"), "moltmate.slice");
-        assert_eq!(ParentStyle::SystemdSlice.dir_name("moltmate"), "moltmate.slice");
+        assert_eq!(
+            ParentStyle::SystemdSlice.docker_parent("moltmate"),
+            "moltmate.slice"
+        );
+        assert_eq!(
+            ParentStyle::SystemdSlice.dir_name("moltmate"),
+            "moltmate.slice"
+        );
     }
 
     /// cgroup v2 is not what this CI host runs (v1), so its paths and files are pinned here
@@ -679,14 +733,24 @@ mod tests {
     #[test]
     fn v2_parent_enables_controllers_and_writes_its_limits() {
         let root = tempfile::tempdir().unwrap();
-        fs::write(root.path().join("cgroup.controllers"), "cpuset cpu io memory hugetlb pids rdma misc\n").unwrap();
+        fs::write(
+            root.path().join("cgroup.controllers"),
+            "cpuset cpu io memory hugetlb pids rdma misc\n",
+        )
+        .unwrap();
         let parent =
             ParentCgroup::create_at(root.path(), "moltmate", ParentStyle::Path, LIMITS).unwrap();
         let dir = root.path().join("moltmate");
         assert_eq!(parent.dirs(), &ParentDirs::V2 { dir: dir.clone() });
         let read = |p: PathBuf| fs::read_to_string(p).unwrap();
-        assert_eq!(read(root.path().join("cgroup.subtree_control")), "+memory +pids +cpu");
-        assert_eq!(read(dir.join("cgroup.subtree_control")), "+memory +pids +cpu");
+        assert_eq!(
+            read(root.path().join("cgroup.subtree_control")),
+            "+memory +pids +cpu"
+        );
+        assert_eq!(
+            read(dir.join("cgroup.subtree_control")),
+            "+memory +pids +cpu"
+        );
         assert_eq!(read(dir.join("memory.max")), (1u64 << 30).to_string());
         assert_eq!(read(dir.join("memory.swap.max")), "0");
         assert_eq!(read(dir.join("pids.max")), "4096");
@@ -710,8 +774,14 @@ mod tests {
 
         // With Docker's systemd driver the parent is a slice.
         let slice =
-            ParentCgroup::create_at(root.path(), "moltmate", ParentStyle::SystemdSlice, LIMITS).unwrap();
-        assert_eq!(slice.dirs(), &ParentDirs::V2 { dir: root.path().join("moltmate.slice") });
+            ParentCgroup::create_at(root.path(), "moltmate", ParentStyle::SystemdSlice, LIMITS)
+                .unwrap();
+        assert_eq!(
+            slice.dirs(),
+            &ParentDirs::V2 {
+                dir: root.path().join("moltmate.slice")
+            }
+        );
         assert_eq!(slice.docker_parent(), "moltmate.slice");
 
         // No cpu controller offered: memory and pids only.
@@ -728,12 +798,22 @@ mod tests {
         let parent =
             ParentCgroup::create_at(root.path(), "moltmate_t", ParentStyle::Path, LIMITS).unwrap();
         let read = |p: &str| fs::read_to_string(root.path().join(p)).unwrap();
-        assert_eq!(read("memory/moltmate_t/memory.limit_in_bytes"), (1u64 << 30).to_string());
-        assert_eq!(read("memory/moltmate_t/memory.memsw.limit_in_bytes"), (1u64 << 30).to_string());
+        assert_eq!(
+            read("memory/moltmate_t/memory.limit_in_bytes"),
+            (1u64 << 30).to_string()
+        );
+        assert_eq!(
+            read("memory/moltmate_t/memory.memsw.limit_in_bytes"),
+            (1u64 << 30).to_string()
+        );
         assert_eq!(read("pids/moltmate_t/pids.max"), "4096");
         assert_eq!(read("cpu/moltmate_t/cpu.cfs_quota_us"), "150000");
         assert_eq!(read("cpu/moltmate_t/cpu.cfs_period_us"), "100000");
-        fs::write(root.path().join("cpuacct/moltmate_t/cpuacct.usage"), "3000000\n").unwrap();
+        fs::write(
+            root.path().join("cpuacct/moltmate_t/cpuacct.usage"),
+            "3000000\n",
+        )
+        .unwrap();
         assert_eq!(parent.usage().cpu_micros, Some(3000));
 
         // Plain directories are not cgroups: removal refuses to touch them.
@@ -748,7 +828,8 @@ mod tests {
         let err = ParentCgroup::create_at(root.path(), "moltmate", ParentStyle::Path, LIMITS)
             .unwrap_err();
         assert!(err.contains("no memory controller"), "{err}");
-        let err = ParentCgroup::create_at(root.path(), "a/b", ParentStyle::Path, LIMITS).unwrap_err();
+        let err =
+            ParentCgroup::create_at(root.path(), "a/b", ParentStyle::Path, LIMITS).unwrap_err();
         assert!(err.contains("not a valid cgroup name"), "{err}");
     }
 }

@@ -6,6 +6,7 @@
 //! /sys/fs/cgroup/{memory,pids,cpu}; else none (the caller falls back to rlimits). A hybrid host
 //! with an empty v2 hierarchy at /sys/fs/cgroup/unified uses v1.
 
+use crate::total::{ParentCgroup, ParentDirs};
 use moltmate_core::sandbox::SandboxLimits;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,9 @@ pub enum CgroupSupport {
         memory: Option<PathBuf>,
         pids: Option<PathBuf>,
         cpu: Option<PathBuf>,
+        /// Only for measuring (`cpuacct.usage` of the parent); `None` where it shares `cpu`'s
+        /// mount or is absent.
+        cpuacct: Option<PathBuf>,
     },
     None,
 }
@@ -68,7 +72,48 @@ impl CgroupSupport {
         if memory.is_none() && pids.is_none() && cpu.is_none() {
             CgroupSupport::None
         } else {
-            CgroupSupport::V1 { memory, pids, cpu }
+            CgroupSupport::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct: None,
+            }
+        }
+    }
+
+    /// Per-exec groups as children of the gateway's parent cgroup for all sandboxes
+    /// ([`crate::total`]), so the totals hold over every bubblewrap command together.
+    pub fn under(parent: &ParentCgroup) -> Self {
+        let usable = |dir: &Path| can_create_children(dir).then(|| dir.to_path_buf());
+        match parent.dirs() {
+            ParentDirs::V2 { dir } => match usable(dir) {
+                Some(base) => CgroupSupport::V2 { base },
+                None => CgroupSupport::None,
+            },
+            ParentDirs::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+            } => {
+                let cpu = cpu.as_deref().and_then(usable);
+                // Co-mounted `cpu,cpuacct`: the cpu group already is the cpuacct group.
+                let same_mount = |a: &Path, b: &Path| {
+                    fs::canonicalize(a)
+                        .ok()
+                        .is_some_and(|a| fs::canonicalize(b).ok() == Some(a))
+                };
+                let cpuacct = cpuacct
+                    .as_deref()
+                    .filter(|acct| !cpu.as_deref().is_some_and(|c| same_mount(c, acct)))
+                    .and_then(usable);
+                CgroupSupport::V1 {
+                    memory: usable(memory),
+                    pids: pids.as_deref().and_then(usable),
+                    cpu,
+                    cpuacct,
+                }
+            }
         }
     }
 
@@ -95,9 +140,17 @@ impl CgroupSupport {
     pub fn create(&self, name: &str, limits: &SandboxLimits) -> std::io::Result<ExecCgroup> {
         let mut dirs = Vec::new();
         let result = self.create_inner(name, limits, &mut dirs);
+        let memory = match self {
+            CgroupSupport::V2 { base } => Some((base.join(name), true)),
+            CgroupSupport::V1 {
+                memory: Some(base), ..
+            } => Some((base.join(name), false)),
+            _ => None,
+        };
         let group = ExecCgroup {
             dirs,
             procs: Vec::new(),
+            memory,
         };
         result?;
         let mut group = group;
@@ -130,7 +183,12 @@ impl CgroupSupport {
                 let _ = fs::write(dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"));
                 Ok(())
             }
-            CgroupSupport::V1 { memory, pids, cpu } => {
+            CgroupSupport::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+            } => {
                 if let Some(base) = memory {
                     let dir = base.join(name);
                     fs::create_dir(&dir)?;
@@ -158,6 +216,12 @@ impl CgroupSupport {
                     let _ = fs::write(dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string());
                     let _ = fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string());
                 }
+                if let Some(base) = cpuacct {
+                    // No limit: joined so the parent's `cpuacct.usage` counts this command.
+                    let dir = base.join(name);
+                    fs::create_dir(&dir)?;
+                    dirs.push(dir);
+                }
                 Ok(())
             }
         }
@@ -170,7 +234,12 @@ impl CgroupSupport {
         match self {
             CgroupSupport::None => Vec::new(),
             CgroupSupport::V2 { base } => vec![base.as_path()],
-            CgroupSupport::V1 { memory, pids, cpu } => [memory, pids, cpu]
+            CgroupSupport::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+            } => [memory, pids, cpu, cpuacct]
                 .into_iter()
                 .flatten()
                 .map(PathBuf::as_path)
@@ -228,6 +297,8 @@ pub struct ExecCgroup {
     /// `cgroup.procs` of each directory, opened before the fork so the child only has to
     /// `write(fd, "0")` (join as itself) — an async-signal-safe operation.
     procs: Vec<File>,
+    /// The memory group, and whether it is cgroup v2 (for the OOM-kill counter).
+    memory: Option<(PathBuf, bool)>,
 }
 
 impl ExecCgroup {
@@ -260,6 +331,21 @@ impl ExecCgroup {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Processes of this group the kernel's OOM killer ended (its own limit or the parent's
+    /// total); `None` where unreadable. A small cgroup file: call off the async runtime.
+    pub fn oom_kills(&self) -> Option<u64> {
+        let (dir, v2) = self.memory.as_ref()?;
+        let file = if *v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        let text = fs::read_to_string(dir.join(file)).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
     }
 
     /// True when this exec is confined by at least one cgroup.
