@@ -112,8 +112,8 @@ pub fn total_settings(config: &Config) -> moltmate_sandbox::total::TotalSettings
 }
 
 /// The gateway's own OOM score: lower than anything (-500), so under memory pressure the
-/// kernel ends sandboxes (`oom_score_adj` 500 to 1000) first. Needs root (`CAP_SYS_RESOURCE`);
-/// otherwise the score stays and a warning says so. What the gateway starts inherits it, so
+/// kernel ends sandboxes (`oom_score_adj` 500 to 1000) first. Needs `CAP_SYS_RESOURCE`;
+/// without it the score stays (0, still below every sandbox's) and a warning says so. What the gateway starts inherits it, so
 /// both backends raise their sandboxes' own score again.
 pub fn protect_gateway_from_oom() {
     const GATEWAY_OOM_SCORE_ADJ: &str = "-500";
@@ -123,7 +123,7 @@ pub fn protect_gateway_from_oom() {
         return;
     }
     if let Err(e) = std::fs::write(path, GATEWAY_OOM_SCORE_ADJ) {
-        tracing::warn!(error = %e, "cannot lower the gateway's OOM score (needs root): under memory pressure the kernel may pick the gateway instead of a sandbox");
+        tracing::warn!(error = %e, "cannot lower the gateway's OOM score (needs CAP_SYS_RESOURCE); it stays below its sandboxes', which the kernel picks first under memory pressure");
     }
 }
 
