@@ -186,8 +186,17 @@ impl ActiveSandboxes {
         spot: &mut Option<QueueSpot>,
     ) -> Result<Step<'a>, SandboxError> {
         let mut state = self.lock();
+        let my_turn = match (spot.as_ref(), state.queue.front()) {
+            (_, None) => true,
+            (Some(spot), Some(head)) => head.id == spot.id,
+            (None, Some(_)) => false,
+        };
+        let full = state.slots.len() >= self.max;
         match state.slots.get_mut(key) {
-            Some(slot) if !slot.evicting => {
+            // Our sandbox is alive: run in it — unless it sits idle while others wait for room
+            // (then it is as reclaimable as anyone's, and we queue like anyone: a user with
+            // back-to-back commands must not keep a slot from the queue forever).
+            Some(slot) if !slot.evicting && (slot.busy > 0 || my_turn || !full) => {
                 slot.busy += 1;
                 slot.last_used = Instant::now();
                 if let Some(spot) = spot.as_ref() {
@@ -196,6 +205,7 @@ impl ActiveSandboxes {
                 }
                 return Ok(Step::Ready(self.lease(key, None)));
             }
+            Some(slot) if !slot.evicting => {}
             Some(_) => {
                 // Our own idle sandbox is being stopped for someone else: wait for that to
                 // finish, then ask for a new one like anybody.
@@ -205,12 +215,7 @@ impl ActiveSandboxes {
             }
             None => {}
         }
-        let my_turn = match (spot.as_ref(), state.queue.front()) {
-            (_, None) => true,
-            (Some(spot), Some(head)) => head.id == spot.id,
-            (None, Some(_)) => false,
-        };
-        if my_turn {
+        if my_turn && !state.slots.contains_key(key) {
             let victim = if state.slots.len() < self.max {
                 Some(None)
             } else {
@@ -269,15 +274,17 @@ impl ActiveSandboxes {
     /// a waiting command, and evicts only an idle sandbox of the same user.
     pub fn try_prewarm(self: &Arc<Self>, key: &str, user: &str) -> Option<Lease> {
         let mut state = self.lock();
+        let waiting = !state.queue.is_empty();
         match state.slots.get_mut(key) {
-            Some(slot) if !slot.evicting => {
+            // Never holds an idle sandbox others are waiting to reclaim.
+            Some(slot) if !slot.evicting && !(waiting && slot.busy == 0) => {
                 slot.busy += 1;
                 return Some(self.lease(key, None));
             }
             Some(_) => return None,
             None => {}
         }
-        if !state.queue.is_empty() {
+        if waiting {
             return None;
         }
         let victim = if state.slots.len() < self.max {
@@ -546,6 +553,37 @@ mod tests {
             active.snapshot().alive,
             0,
             "ephemeral slots go with their command"
+        );
+    }
+
+    /// Regression: a user whose idle container was theirs ran command after command in it
+    /// while another waited for room, and the waiter never got a turn.
+    #[tokio::test]
+    async fn an_idle_sandbox_is_not_kept_from_the_queue_by_its_owner() {
+        let active = cap(1, 5_000);
+        let anna = active.acquire("a", "anna", false).await.unwrap();
+        let bob = {
+            let active = active.clone();
+            tokio::spawn(async move { active.acquire("b", "bob", false).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Anna's command ends and her next one asks at once, before Bob has run.
+        drop(anna);
+        let anna_again = {
+            let active = active.clone();
+            tokio::spawn(async move { active.acquire("a", "anna", false).await })
+        };
+        let mut bob = bob.await.unwrap().unwrap();
+        let eviction = bob.take_eviction().expect("Anna's idle sandbox makes room");
+        assert_eq!(eviction.victim(), "a");
+        eviction.done();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!anna_again.is_finished(), "anna now waits behind bob");
+        drop(bob);
+        let mut anna = anna_again.await.unwrap().unwrap();
+        assert_eq!(
+            anna.take_eviction().map(|e| e.victim().to_string()),
+            Some("b".into())
         );
     }
 

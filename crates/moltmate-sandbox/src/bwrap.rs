@@ -34,7 +34,11 @@
 //!
 //! **Limits.** Each exec gets its own cgroup ([`cgroup`]: memory incl. swap, pids, CPU quota)
 //! where the host allows, joined by the child before it executes bwrap, so every process of the
-//! sandbox is inside from the start. rlimits are always set too, as a backstop: `RLIMIT_FSIZE`
+//! sandbox is inside from the start. Under the aggregate bound ([`BwrapSandbox::with_bounds`])
+//! that cgroup is a child of the parent cgroup of all sandboxes ([`crate::total`]), and the
+//! command holds one of `sandbox.maxActive` slots while it runs ([`crate::active`]). The child
+//! raises its `oom_score_adj` to 1000 (the gateway lowered its own), and an OOM kill (its own
+//! limit or the total) is reported at the end of stderr. rlimits are always set too, as a backstop: `RLIMIT_FSIZE`
 //! (largest file = the disk cap), `RLIMIT_CPU`, `RLIMIT_CORE = 0`, `RLIMIT_NOFILE`, `RLIMIT_AS`
 //! (the memory limit without a memory cgroup; four times it with one, so runtimes that reserve
 //! address space still start), and `RLIMIT_NPROC` only without a pids cgroup (it counts every

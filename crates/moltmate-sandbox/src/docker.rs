@@ -48,7 +48,11 @@
 //!   new socket in the same directory, which the container sees; every proxied `exec` makes
 //!   sure that socket is served. Containers of the older file-bind layout are recreated.
 //! * `PidsLimit`, `Memory` = `MemorySwap` (no swap beyond memory), `NanoCpus` from the profile's
-//!   [`SandboxLimits`].
+//!   [`SandboxLimits`] (the CPU clamped to the total). With the aggregate bound
+//!   ([`DockerSandbox::with_bounds`]) `CgroupParent` puts the container under the gateway's
+//!   parent cgroup for all sandboxes ([`crate::total`]; label `moltmate.cgroup-parent`), and a
+//!   running container holds one of `sandbox.maxActive` slots ([`crate::active`]) from before
+//!   its creation until its removal.
 //! * Mounts: only the user's home at `/workspace` (read-only for [`WorkspaceAccess::Ro`]; a
 //!   per-user scratch directory `state_dir/scratch/<user>` for [`WorkspaceAccess::None`]) and the
 //!   family folder at `/family` (read-write with `Rw`, read-only with `Ro`, absent with `None`),

@@ -543,6 +543,14 @@ fn remove_tree(dir: &Path) -> bool {
     false
 }
 
+/// The last CPU reading `(when, µs)` and the rate (thousandths of a CPU) seen between the last
+/// two readings.
+#[derive(Debug, Default)]
+struct CpuSample {
+    last: Option<(Instant, u64)>,
+    rate: Option<u64>,
+}
+
 /// The aggregate bound a backend runs under: the parent cgroup (when the host gives one) and
 /// the cap on sandboxes alive at once.
 #[derive(Debug)]
@@ -551,8 +559,7 @@ pub struct SandboxBounds {
     /// `Err`: why there is no parent cgroup (then only `maxActive` holds).
     pub parent: Result<ParentCgroup, String>,
     pub active: Arc<ActiveSandboxes>,
-    /// The last CPU reading `(when, µs)` and the rate seen between the last two readings.
-    cpu_sample: Mutex<(Option<(Instant, u64)>, Option<u64>)>,
+    cpu_sample: Mutex<CpuSample>,
 }
 
 impl SandboxBounds {
@@ -584,7 +591,7 @@ impl SandboxBounds {
             settings,
             parent,
             active,
-            cpu_sample: Mutex::new((None, None)),
+            cpu_sample: Mutex::new(CpuSample::default()),
         })
     }
 
@@ -637,16 +644,17 @@ impl SandboxBounds {
     fn cpu_rate(&self, now_us: u64) -> Option<u64> {
         let mut sample = self.cpu_sample.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        match sample.0 {
+        match sample.last {
             Some((at, before_us)) if now.duration_since(at) >= Duration::from_secs(1) => {
                 let elapsed_us = now.duration_since(at).as_micros().max(1) as u64;
-                let rate = now_us.saturating_sub(before_us).saturating_mul(1000) / elapsed_us;
-                *sample = (Some((now, now_us)), Some(rate));
+                sample.rate =
+                    Some(now_us.saturating_sub(before_us).saturating_mul(1000) / elapsed_us);
+                sample.last = Some((now, now_us));
             }
             Some(_) => {}
-            None => sample.0 = Some((now, now_us)),
+            None => sample.last = Some((now, now_us)),
         }
-        sample.1
+        sample.rate
     }
 }
 
