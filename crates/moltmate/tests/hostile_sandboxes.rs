@@ -343,7 +343,7 @@ async fn ten_users_bombing_at_once_stay_inside_the_total(backend: &str) {
         let during = sandbox.aggregate().await.expect("bounded");
         peak_alive = peak_alive.max(during.alive);
         if let Some(used) = during.memory_used_bytes {
-            assert!(used <= total_mb << 20, "parent holds {used} bytes");
+            assert!(used <= (total_mb << 20) + (1 << 20), "parent holds {used} bytes");
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -405,8 +405,10 @@ async fn ten_users_bombing_at_once_stay_inside_the_total(backend: &str) {
         lowest_available >= reserve,
         "MemAvailable fell to {lowest_available} bytes, below the reserve of {reserve}"
     );
+    // The kernel's usage counter may pass the limit by what it charges in batches (a few
+    // pages per CPU), never by a sandbox's worth.
     assert!(
-        peak <= total_mb << 20,
+        peak <= (total_mb << 20) + (1 << 20),
         "all sandboxes together held {peak} bytes, over the {total_mb} MiB total"
     );
     assert!(
