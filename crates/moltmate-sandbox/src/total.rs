@@ -95,11 +95,14 @@ pub fn memory_reserve(host_memory: u64) -> u64 {
 }
 
 /// The default total memory of all sandboxes: the host minus [`memory_reserve`], but at least a
-/// quarter of the host (a 1 GiB machine still gets 256 MiB of sandboxes).
+/// quarter of the host (a 1 GiB machine still gets 256 MiB of sandboxes); whole MiB (the kernel
+/// keeps limits in pages, and a limit read back must match what was written).
 pub fn default_total_memory(host_memory: u64) -> u64 {
-    host_memory
+    const MIB: u64 = 1024 * 1024;
+    let total = host_memory
         .saturating_sub(memory_reserve(host_memory))
-        .max(host_memory / 4)
+        .max(host_memory / 4);
+    (total / MIB * MIB).max(MIB)
 }
 
 /// The default total CPU: the host's CPUs minus max(0.5, 10 %) of them (2 cores → 1.5).
@@ -258,6 +261,19 @@ pub fn oom_note(sandbox_limit_bytes: u64, total_bytes: Option<u64>) -> String {
     }
 }
 
+/// Whether a limit file read back as `read` holds the `written` value: equal, or (memory) the
+/// same rounded down to the kernel's page (up to 64 KiB pages).
+pub fn limit_holds(written: &str, read: &str) -> bool {
+    let (written, read) = (written.trim(), read.trim());
+    if written == read || written.split_whitespace().next() == read.split_whitespace().next() {
+        return true;
+    }
+    match (written.parse::<u64>(), read.parse::<u64>()) {
+        (Ok(w), Ok(r)) => r <= w && w - r < 64 * 1024,
+        _ => false,
+    }
+}
+
 /// Usage of all sandboxes together, read from the parent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ParentUsage {
@@ -333,9 +349,7 @@ impl ParentCgroup {
             }
             let path = dir.join(file);
             let now = fs::read_to_string(&path).unwrap_or_default();
-            let holds = now.trim() == value
-                || now.split_whitespace().next() == value.split_whitespace().next();
-            if !holds {
+            if !limit_holds(&value, &now) {
                 return Err(first_error
                     .unwrap_or_else(|| format!("{} does not hold {value}", path.display())));
             }
@@ -676,9 +690,12 @@ mod tests {
             cpu_millis: 2000,
         };
         let limits = TotalLimits::resolve(host, None, None, None);
-        assert_eq!(limits.memory_bytes, 24 * GIB - 24 * GIB / 5);
+        assert_eq!(limits.memory_bytes, (24 * GIB - 24 * GIB / 5) >> 20 << 20);
         assert_eq!(limits.cpu_millis, 1500);
         assert_eq!(limits.pids, DEFAULT_TOTAL_PIDS);
+        // Whole MiB, also where the host's RAM is not (the kernel rounds limits to pages).
+        assert_eq!(default_total_memory(25_275_990_016) % (1 << 20), 0);
+        assert_eq!(default_total_memory(25_275_990_016), 20_220_739_584);
         // 4 GiB: the 1 GiB floor of the reserve applies.
         assert_eq!(default_total_memory(4 * GIB), 3 * GIB);
         // 1 GiB: still a quarter for sandboxes.
@@ -692,6 +709,21 @@ mod tests {
             (set.memory_bytes, set.cpu_millis, set.pids),
             (GIB, 700, 100)
         );
+    }
+
+    /// Regression: the host-derived default (not a whole page) was rounded down by the kernel,
+    /// read back as different, and the parent was dropped as "not limited".
+    #[test]
+    fn limits_read_back_rounded_to_a_page_still_hold() {
+        assert!(limit_holds("20220792013", "20220788736\n"));
+        assert!(limit_holds("4096", "4096\n"));
+        assert!(limit_holds("150000 100000", "150000 100000\n"));
+        assert!(
+            !limit_holds("1073741824", "9223372036854771712\n"),
+            "unlimited is not held"
+        );
+        assert!(!limit_holds("1073741824", "536870912"));
+        assert!(!limit_holds("max", ""));
     }
 
     #[test]

@@ -164,6 +164,8 @@ async fn start(backend: &str, sandbox: Value, users: &[(i64, &str)]) -> Option<H
         },
         "tools": { "exec": { "security": "full", "timeoutSeconds": 10 } },
         "users": users_json,
+        // A free port, for the test that serves `/metrics` and `/admin`.
+        "gateway": { "port": free_port() },
     });
     common::merge(&mut config, json!({ "sandbox": sandbox }));
     let h = Harness::start(config).await;
@@ -172,6 +174,21 @@ async fn start(backend: &str, sandbox: Value, users: &[(i64, &str)]) -> Option<H
         h.stop().await;
         return None;
     }
+    // A root gateway puts every sandbox under its parent cgroup (with host-derived limits as
+    // much as with configured ones).
+    let aggregate = h
+        .built
+        .sandbox
+        .as_ref()
+        .expect("sandbox")
+        .aggregate()
+        .await
+        .expect("the gateway bounds its sandboxes");
+    assert!(
+        aggregate.cgroup.is_some(),
+        "no parent cgroup: {:?}",
+        aggregate.cgroup_problem
+    );
     // "run: CMD" runs CMD with a 6 s timeout; the tool's answer is reported (long answers cut
     // in the middle so one Telegram message holds them and the end — the OOM note — stays).
     h.llm.set_brain(|request| {
@@ -207,6 +224,13 @@ fn has_cap_sys_resource() -> bool {
                 .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         })
         .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(18791)
 }
 
 fn mem_available() -> u64 {
@@ -343,7 +367,10 @@ async fn ten_users_bombing_at_once_stay_inside_the_total(backend: &str) {
         let during = sandbox.aggregate().await.expect("bounded");
         peak_alive = peak_alive.max(during.alive);
         if let Some(used) = during.memory_used_bytes {
-            assert!(used <= (total_mb << 20) + (1 << 20), "parent holds {used} bytes");
+            assert!(
+                used <= (total_mb << 20) + (1 << 20),
+                "parent holds {used} bytes"
+            );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -658,13 +685,73 @@ async fn docker_idle_sandboxes_are_stopped_least_recently_used_first() {
         "{aggregate:?}"
     );
 
-    // `/metrics` and `/admin` show the aggregate (the same numbers).
-    let metrics = moltmate_web::health::aggregate_exposition(backend, &aggregate);
-    assert!(
-        metrics.contains("moltmate_sandbox_alive{backend=\"docker\"} 2\n"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("moltmate_sandbox_evictions_total{backend=\"docker\"} 2\n"));
+    // `/metrics` and `/admin` of the real web server show the aggregate.
+    let config = moltmate::wiring::load_config(&h.home).unwrap();
+    let base = moltmate::wiring::start_web(&h.home, &config, &h.built)
+        .await
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "moltmate_sandbox_alive{backend=\"docker\"} 2\n",
+        "moltmate_sandbox_max_active{backend=\"docker\"} 2\n",
+        "moltmate_sandbox_queued{backend=\"docker\"} 0\n",
+        "moltmate_sandbox_evictions_total{backend=\"docker\"} 2\n",
+        "moltmate_sandbox_cgroup_enforced{backend=\"docker\"} 1\n",
+        "moltmate_sandbox_memory_bytes{backend=\"docker\"} ",
+        "moltmate_sandbox_cpu_seconds_total{backend=\"docker\"} ",
+        "moltmate_sandbox_pids{backend=\"docker\"} ",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "{line:?} missing from /metrics:\n{metrics}"
+        );
+    }
+    let token = moltmate::wiring::runtime::admin_token(&h.home, &config).unwrap();
+    let login = client
+        .post(format!("{base}/admin/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status().as_u16(), 303);
+    let cookie = login
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("mm_admin="))
+        .and_then(|v| v.split(';').next())
+        .expect("an admin cookie")
+        .to_string();
+    let admin = client
+        .get(format!("{base}/admin"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "2 alive of 2".to_string(),
+        "0 command(s) waiting".to_string(),
+        format!("<code>/{}</code>", parent.name),
+        "2 idle sandbox(es) stopped".to_string(),
+    ] {
+        assert!(admin.contains(&needle), "{needle:?} missing from /admin");
+    }
     let name = parent.name.clone();
     h.stop().await;
     drop(parent);
