@@ -11,6 +11,8 @@
 //! time anyway; a second one is refused at once), until `sandbox.queueTimeoutSeconds` pass —
 //! then it fails with [`SandboxError::Busy`], a message for the model saying why, and nothing
 //! ran. Only the head of the queue may take capacity, so a newcomer never overtakes a waiter.
+//! The queue holds at most `maxActive` commands (at least 8): a waiting command holds one of
+//! the gateway's concurrent turns, so past that a command is refused at once instead.
 //!
 //! **Prewarming** ([`ActiveSandboxes::try_prewarm`]) never waits and never jumps the queue: it
 //! takes a free slot, or stops an idle sandbox *of the same user* (another session's), else it
@@ -120,6 +122,13 @@ impl ActiveSandboxes {
 
     pub fn max(&self) -> usize {
         self.max
+    }
+
+    /// Commands that may wait at once: as many as there are slots (at least 8). A waiting
+    /// command holds its user's turn — one of the gateway's concurrent turns — so the queue
+    /// must not grow with the number of users; past it a command is refused at once.
+    pub fn max_queued(&self) -> usize {
+        self.max.max(8)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -243,6 +252,13 @@ impl ActiveSandboxes {
             return Err(SandboxError::Busy(format!(
                 "all {} sandboxes of this server are in use, and another command of yours is already waiting for one",
                 self.max
+            )));
+        }
+        if state.queue.len() >= self.max_queued() {
+            return Err(SandboxError::Busy(format!(
+                "all {} sandboxes of this server are in use and {} commands are already waiting, so this command did not start",
+                self.max,
+                state.queue.len()
             )));
         }
         let id = state.next_id;
@@ -585,6 +601,36 @@ mod tests {
             anna.take_eviction().map(|e| e.victim().to_string()),
             Some("b".into())
         );
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_and_refuses_at_once_past_it() {
+        let active = cap(1, 5_000);
+        let _a = active.acquire("a", "anna", true).await.unwrap();
+        let mut waiting = Vec::new();
+        for i in 0..active.max_queued() {
+            let active = active.clone();
+            waiting.push(tokio::spawn(async move {
+                active
+                    .acquire(&format!("k{i}"), &format!("user{i}"), true)
+                    .await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(active.snapshot().queued, 8);
+        let started = Instant::now();
+        let err = active.acquire("z", "zoe", true).await.unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused at once"
+        );
+        assert!(
+            err.to_string().contains("8 commands are already waiting"),
+            "{err}"
+        );
+        for w in waiting {
+            w.abort();
+        }
     }
 
     #[tokio::test]
