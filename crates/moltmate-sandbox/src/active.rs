@@ -293,7 +293,7 @@ impl ActiveSandboxes {
         let waiting = !state.queue.is_empty();
         match state.slots.get_mut(key) {
             // Never holds an idle sandbox others are waiting to reclaim.
-            Some(slot) if !slot.evicting && !(waiting && slot.busy == 0) => {
+            Some(slot) if !slot.evicting && (slot.busy > 0 || !waiting) => {
                 slot.busy += 1;
                 return Some(self.lease(key, None));
             }

@@ -57,6 +57,7 @@
 
 mod cgroup;
 mod seccomp;
+mod spawner;
 mod stage;
 
 pub use cgroup::CgroupSupport;
@@ -129,6 +130,8 @@ pub struct BwrapSandbox {
     /// All sandboxes together ([`crate::total`]): per-exec groups live under its parent
     /// cgroup, and each running command holds one of `sandbox.maxActive` slots.
     bounds: Option<Arc<SandboxBounds>>,
+    /// Starts bwrap off the async runtime ([`spawner`]).
+    spawner: spawner::Spawner,
 }
 
 impl std::fmt::Debug for BwrapSandbox {
@@ -205,6 +208,8 @@ impl BwrapSandbox {
             running: Mutex::new(HashMap::new()),
             drop_root,
             bounds: None,
+            spawner: spawner::Spawner::new()
+                .map_err(|e| backend_err(format!("cannot start the spawner threads: {e}")))?,
         })
     }
 
@@ -463,8 +468,8 @@ fn child_setup(cgroup_procs: &[i32], keep: &[i32], limits: Rlimits) -> std::io::
 
 /// In the forked child, last (a credential change clears the setting): if the gateway dies,
 /// bwrap gets SIGKILL, and its `--die-with-parent` takes the sandbox down with it. The signal
-/// follows the forking *thread*; execs are spawned from runtime worker threads, which live as
-/// long as the runtime.
+/// follows the forking *thread*; execs are spawned from the backend's own spawner threads
+/// ([`spawner`]), which live as long as the backend.
 fn die_with_gateway(gateway_pid: libc::pid_t) -> std::io::Result<()> {
     // SAFETY: prctl/getppid are async-signal-safe system calls.
     unsafe {
@@ -798,8 +803,11 @@ impl Sandbox for BwrapSandbox {
             name: name.clone(),
         };
 
-        let mut child = cmd
-            .spawn()
+        // Off the async runtime, from threads that outlive the sandbox ([`spawner`]).
+        let mut child = self
+            .spawner
+            .spawn(cmd)
+            .await
             .map_err(|e| backend_err(format!("cannot start {}: {e}", self.bwrap.display())))?;
         self.counters.count_started();
         drop((seccomp_fd, passwd_fd, group_fd, hosts_fd, nss_fd, fwd_fd));
