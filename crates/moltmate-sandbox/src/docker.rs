@@ -548,8 +548,11 @@ impl DockerSandbox {
                             oom_kills: None,
                         };
                         // More than `maxActive` left running (a lowered cap): the rest go.
+                        // A process that does not own what it finds (`moltmate chat` beside a
+                        // gateway) keeps it without counting it, so never stops it.
                         let admitted = self.bounds.as_ref().is_none_or(|b| {
-                            b.active.adopt(&name, &live.user, live.last_used)
+                            !b.settings.adopt_found
+                                || b.active.adopt(&name, &live.user, live.last_used)
                         });
                         if admitted {
                             self.lock_live().entry(name).or_insert(live);

@@ -140,6 +140,12 @@ pub struct TotalSettings {
     pub max_active: usize,
     /// `sandbox.queueTimeoutSeconds`: how long a command waits for a slot.
     pub queue_timeout: Duration,
+    /// Whether sandboxes found alive (Docker containers of an earlier run) are counted against
+    /// `maxActive` and may be stopped to make room: the gateway, yes. A terminal
+    /// `moltmate chat` beside a running gateway, no — those containers are the gateway's, and
+    /// one of them may be running a command of another user right now; that process counts
+    /// (and can stop) only what it started. The parent cgroup bounds both.
+    pub adopt_found: bool,
 }
 
 pub use moltmate_core::sandbox::valid_cgroup_name;

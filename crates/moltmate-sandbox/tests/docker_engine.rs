@@ -1320,3 +1320,71 @@ async fn docker_family_members_share_the_family_folder_and_others_cannot() {
     let _ = disk::release_user_volume(&family);
     let _ = std::fs::remove_dir_all(&family);
 }
+
+/// `maxActive: 1` with a container of Anna's alive. A second process on the same installation
+/// that does not own what it finds (a terminal `moltmate chat` beside the gateway) runs Ben's
+/// command without stopping Anna's container — from there it cannot know whether the gateway is
+/// running a command in it. The gateway's own restart (which does own them) makes room by
+/// stopping the idle one, as the cap says.
+#[tokio::test]
+async fn docker_a_terminal_chat_never_stops_the_gateways_sandboxes() {
+    use moltmate_sandbox::total::{SandboxBounds, TotalLimits, TotalSettings};
+    if ready().await.is_none() {
+        return;
+    }
+    let state = "docker_a_terminal_chat_never_stops_the_gateways_sandboxes";
+    let bounded = |adopt_found: bool| {
+        let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test", state)).unwrap();
+        let total = TotalSettings {
+            limits: TotalLimits {
+                memory_bytes: 1 << 30,
+                cpu_millis: 1000,
+                pids: 1024,
+            },
+            cgroup_name: "unused".into(),
+            max_active: 1,
+            queue_timeout: Duration::from_secs(5),
+            adopt_found,
+        };
+        // No parent cgroup here: this test is about the cap only.
+        sb.with_bounds(SandboxBounds::with_parent(
+            total,
+            Err("not in this test".into()),
+        ))
+    };
+    let (anna, ben) = (user("owner"), user("chat"));
+    let gateway = bounded(true);
+    sh(&gateway, &anna, "echo anna").await;
+    assert!(alive(&gateway, &anna).await);
+
+    let chat = bounded(false);
+    assert_eq!(sh(&chat, &ben, "echo ben").await.stdout, "ben\n");
+    assert!(
+        alive(&chat, &anna).await,
+        "the terminal chat stopped a container it does not own"
+    );
+    assert_eq!(chat.aggregate().await.unwrap().evicted, 0);
+
+    // The gateway restarted owns both: Ben's next command there stops the idle one over the cap.
+    let restarted = bounded(true);
+    assert_eq!(sh(&restarted, &ben, "echo again").await.stdout, "again\n");
+    let aggregate = restarted.aggregate().await.unwrap();
+    assert_eq!(
+        (aggregate.alive, aggregate.max_active),
+        (1, 1),
+        "{aggregate:?}"
+    );
+    assert!(
+        !alive(&restarted, &anna).await,
+        "over the cap, the idle one went"
+    );
+    cleanup(&restarted, &[&anna, &ben]).await;
+}
+
+async fn alive(sb: &DockerSandbox, u: &UserId) -> bool {
+    sb.list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.user == u.as_str())
+}

@@ -89,7 +89,12 @@ pub fn init_logging(config: &Config, quiet: bool) {
 
 /// The aggregate bound over all sandboxes (`sandbox.total`, `maxActive`,
 /// `queueTimeoutSeconds`), with what the config leaves out derived from this host.
-pub fn total_settings(config: &Config) -> moltmate_sandbox::total::TotalSettings {
+/// `adopt_found`: the gateway (`serve`) owns the sandboxes it finds alive; a terminal
+/// `moltmate chat` does not (see [`moltmate_sandbox::total::TotalSettings::adopt_found`]).
+pub fn total_settings(
+    config: &Config,
+    adopt_found: bool,
+) -> moltmate_sandbox::total::TotalSettings {
     use moltmate_sandbox::total::{HostResources, TotalLimits, TotalSettings, DEFAULT_TOTAL_PIDS};
     let s = &config.sandbox;
     let limits = TotalLimits::resolve(
@@ -108,6 +113,7 @@ pub fn total_settings(config: &Config) -> moltmate_sandbox::total::TotalSettings
         cgroup_name: s.total.cgroup.clone(),
         max_active: s.max_active as usize,
         queue_timeout: Duration::from_secs(s.queue_timeout_seconds),
+        adopt_found,
     }
 }
 

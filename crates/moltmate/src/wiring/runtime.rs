@@ -119,7 +119,7 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
     }
     let model = super::model::model_caller(config)?;
     let sandbox = if sandbox_required(config) {
-        let total = super::total_settings(config);
+        let total = super::total_settings(config, purpose == Purpose::Serve);
         match sandbox_backend_with(home, config, Some(total)).await {
             Ok(sandbox) => {
                 // Under memory pressure the kernel picks sandboxes (biased up), not the gateway.
