@@ -91,6 +91,9 @@ const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// How long output readers may keep going after the sandbox exited (pipes close when the pid
 /// namespace is gone; this only bounds a pathological case).
 const READER_GRACE: Duration = Duration::from_secs(2);
+/// How long starting bwrap may take (fork, cgroup join, staging, exec) before the command is
+/// given up: a host whose cgroup or mount calls hang must not hold a turn and a slot forever.
+const SPAWN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The identity the start-up probe drops to (a root gateway): in systemd's unused block just
 /// below `nobody`, and only ever running `true` in an empty namespace.
@@ -804,10 +807,16 @@ impl Sandbox for BwrapSandbox {
         };
 
         // Off the async runtime, from threads that outlive the sandbox ([`spawner`]).
-        let mut child = self
-            .spawner
-            .spawn(cmd)
+        // A child that starts after the deadline is dropped unseen, and killed (`kill_on_drop`).
+        let mut child = tokio::time::timeout(SPAWN_DEADLINE, self.spawner.spawn(cmd))
             .await
+            .map_err(|_| {
+                backend_err(format!(
+                    "{} did not start within {} s",
+                    self.bwrap.display(),
+                    SPAWN_DEADLINE.as_secs()
+                ))
+            })?
             .map_err(|e| backend_err(format!("cannot start {}: {e}", self.bwrap.display())))?;
         self.counters.count_started();
         drop((seccomp_fd, passwd_fd, group_fd, hosts_fd, nss_fd, fwd_fd));

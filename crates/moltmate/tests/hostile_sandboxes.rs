@@ -6,8 +6,11 @@
 //!   every bomb is contained and reported to its own user, the parent cgroup never held more
 //!   than its limit, and the host's `MemAvailable` never fell below the reserve.
 //! * The active-sandbox cap: with `maxActive: 2`, a third user's command waits and then runs
-//!   when a sandbox goes idle; past `queueTimeoutSeconds` the model is told why; idle Docker
-//!   containers are stopped least recently used first, and a prewarm never stops anyone's.
+//!   when a sandbox goes idle (a user who only chats is answered within bound meanwhile); past
+//!   `queueTimeoutSeconds` the model is told why; idle Docker containers are stopped least
+//!   recently used first, and a prewarm never stops anyone's.
+//!
+//! The tests run one at a time (`SERIAL`): each measures a bystander and the host's memory.
 //!
 //! Each test uses its own parent cgroup (`sandbox.total.cgroup`) and removes it, with
 //! everything under it, at the end (also when it fails).
@@ -23,6 +26,10 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// One test of this file at a time: each measures a bystander's answer time and the host's
+/// memory, which another test's bombs (or sandboxes) would distort.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn skip_or_fail(reason: &str) {
     if std::env::var("MOLTMATE_REQUIRE_SANDBOX").as_deref() == Ok("1") {
@@ -301,6 +308,7 @@ fn bomb(chat: i64) -> String {
 }
 
 async fn ten_users_bombing_at_once_stay_inside_the_total(backend: &str) {
+    let _serial = SERIAL.lock().await;
     let parent = ParentGuard::new(backend, "bombs");
     let mut users: Vec<(i64, &str)> = ATTACKERS.map(|c| (c, "owner")).collect();
     users.push((BYSTANDER, "stranger"));
@@ -505,21 +513,32 @@ async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
 }
 
 /// `maxActive: 2`: Anna and Ben run long commands; Carl's command waits in the queue, then runs
-/// once one of theirs ends (Docker: by stopping that now idle container).
+/// once one of theirs ends (Docker: by stopping that now idle container). While Carl waits, a
+/// user who only chats is answered as fast as ever: a waiting command blocks neither the
+/// runtime nor anybody's turn but Carl's.
 async fn a_third_command_waits_for_a_free_sandbox_then_runs(backend: &str) {
+    let _serial = SERIAL.lock().await;
     let parent = ParentGuard::new(backend, "queue");
     let Some(h) = start(
         backend,
         json!({ "maxActive": 2, "queueTimeoutSeconds": 30, "total": { "cgroup": parent.name } }),
-        &[(ANNA, "owner"), (BEN, "owner"), (CARL, "owner")],
+        &[
+            (ANNA, "owner"),
+            (BEN, "owner"),
+            (CARL, "owner"),
+            (BYSTANDER, "stranger"),
+        ],
     )
     .await
     else {
         return;
     };
     let sandbox = h.built.sandbox.clone().expect("sandbox");
-    h.telegram.push_text(ANNA, "run: sleep 3; echo done-anna");
-    h.telegram.push_text(BEN, "run: sleep 3; echo done-ben");
+    // The bystander's first message sets up their home: not a normal answer.
+    h.round_trip(BYSTANDER, "hello").await;
+    let normal = h.bystander_baseline(BYSTANDER, 3).await;
+    h.telegram.push_text(ANNA, "run: sleep 4; echo done-anna");
+    h.telegram.push_text(BEN, "run: sleep 4; echo done-ben");
     wait_until("both run", async || {
         sandbox.aggregate().await.is_some_and(|a| a.alive == 2)
             && sandbox
@@ -533,6 +552,13 @@ async fn a_third_command_waits_for_a_free_sandbox_then_runs(backend: &str) {
         sandbox.aggregate().await.is_some_and(|a| a.queued == 1)
     })
     .await;
+    h.assert_bystander_answered(BYSTANDER, normal, "while a command waits for a sandbox")
+        .await;
+    assert_eq!(
+        sandbox.aggregate().await.map(|a| a.queued),
+        Some(1),
+        "carl still waits (the bystander was answered meanwhile)"
+    );
     let carl = h.expect_reply(CARL, 1).await.remove(0);
     assert!(carl.contains("ran-carl"), "{carl}");
     let anna = h.expect_reply(ANNA, 1).await.remove(0);
@@ -577,6 +603,7 @@ async fn docker_a_third_command_waits_for_a_free_sandbox_then_runs() {
 /// `maxActive: 2`, `queueTimeoutSeconds: 1`: while Anna's and Ben's commands run, Carl's waits
 /// a second, does not run, and his model is told the server is busy.
 async fn a_command_past_the_queue_deadline_is_told_why(backend: &str) {
+    let _serial = SERIAL.lock().await;
     let parent = ParentGuard::new(backend, "deadline");
     let Some(h) = start(
         backend,
@@ -642,6 +669,7 @@ async fn docker_a_command_past_the_queue_deadline_is_told_why() {
 /// prewarm (a turn that may use `exec` begins) never stops somebody else's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn docker_idle_sandboxes_are_stopped_least_recently_used_first() {
+    let _serial = SERIAL.lock().await;
     let backend = "docker";
     let parent = ParentGuard::new(backend, "lru");
     let Some(h) = start(

@@ -422,4 +422,63 @@ mod tests {
         drop(busy);
         let _ = sleeper.wait();
     }
+
+    /// cgroup v2 is not what the CI host runs (v1, where `hostile_sandboxes` covers this end
+    /// to end): under a v2-shaped parent, per-exec groups are made in the parent's directory
+    /// with the v2 limit files, and an OOM kill is read from `memory.events`.
+    #[test]
+    fn v2_exec_groups_live_under_the_parent_and_report_oom_kills() {
+        use crate::total::{ParentStyle, TotalLimits};
+        let root = tempfile::tempdir().unwrap();
+        fs::write(root.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        let limits = TotalLimits {
+            memory_bytes: 1 << 30,
+            cpu_millis: 1500,
+            pids: 4096,
+        };
+        let parent =
+            ParentCgroup::create_at(root.path(), "moltmate", ParentStyle::Path, limits).unwrap();
+        let base = root.path().join("moltmate");
+        let support = CgroupSupport::under(&parent);
+        assert_eq!(support, CgroupSupport::V2 { base: base.clone() });
+
+        let mut dirs = Vec::new();
+        support
+            .create_inner("sbx-1", &SandboxLimits::default(), &mut dirs)
+            .unwrap();
+        let dir = base.join("sbx-1");
+        assert_eq!(dirs, vec![dir.clone()]);
+        let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(
+            read("memory.max"),
+            SandboxLimits::default().memory_bytes.to_string()
+        );
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("pids.max"), SandboxLimits::default().pids.to_string());
+
+        let group = ExecCgroup {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+            memory: Some((dir.clone(), true)),
+        };
+        assert_eq!(group.oom_kills(), None, "unreadable is not zero");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(group.oom_kills(), Some(1));
+        // v1 keeps the counter in `memory.oom_control`.
+        fs::write(
+            dir.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        let v1 = ExecCgroup {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+            memory: Some((dir, false)),
+        };
+        assert_eq!(v1.oom_kills(), Some(3));
+    }
 }
