@@ -340,6 +340,13 @@ impl ActiveSandboxes {
         true
     }
 
+    /// `key` counts as just used (it will not be the next one evicted).
+    pub fn touch(&self, key: &str) {
+        if let Some(slot) = self.lock().slots.get_mut(key) {
+            slot.last_used = Instant::now();
+        }
+    }
+
     /// The sandbox `key` is gone (removed, pruned, evicted, never made): its slot is free.
     pub fn forget(&self, key: &str) {
         let mut state = self.lock();

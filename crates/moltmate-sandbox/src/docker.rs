@@ -315,6 +315,8 @@ pub struct DockerSandbox {
     counters: moltmate_core::sandbox::SandboxCounters,
     /// Each warm container's command runner, by container name (see [`crate::docker_agent`]).
     agents: Mutex<HashMap<String, AgentSlot>>,
+    /// This instance's busy markers' file name, `<pid>-<random>` ([`Self::busy_dir`]).
+    marker_name: String,
     /// All sandboxes together ([`crate::total`]): containers are created under its parent
     /// cgroup, and each running container holds one of `sandbox.maxActive` slots.
     bounds: Option<Arc<SandboxBounds>>,
@@ -363,6 +365,7 @@ impl DockerSandbox {
                 .to_string(),
             counters: Default::default(),
             agents: Mutex::new(HashMap::new()),
+            marker_name: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
             bounds: None,
         })
     }
@@ -400,12 +403,32 @@ impl DockerSandbox {
             .active
             .acquire(name, request.user.as_str(), ephemeral)
             .await?;
-        self.carry_out_eviction(&mut lease).await;
+        if let Err(e) = self.carry_out_eviction(&mut lease).await {
+            drop(lease);
+            self.forget_if_absent(name);
+            return Err(e);
+        }
         Ok(Some(lease))
     }
 
-    async fn carry_out_eviction(&self, lease: &mut Lease) {
+    /// Stops the idle container `lease` chose to make room — unless another process of this
+    /// installation (a terminal `moltmate chat`) is running a command in it right now: then
+    /// nothing is stopped, the container counts as just used, and the command does not start
+    /// ([`SandboxError::Busy`]).
+    async fn carry_out_eviction(&self, lease: &mut Lease) -> Result<(), SandboxError> {
         if let Some(eviction) = lease.take_eviction() {
+            if self.busy_elsewhere(eviction.victim()).await {
+                tracing::info!(container = %eviction.victim(), "not stopping a sandbox another process runs a command in");
+                if let Some(bounds) = &self.bounds {
+                    bounds.active.touch(eviction.victim());
+                }
+                // Dropped unfinished: the container stays, usable again.
+                drop(eviction);
+                let max = self.bounds.as_ref().map_or(0, |b| b.active.max());
+                return Err(SandboxError::Busy(format!(
+                    "all {max} sandboxes of this server are in use (one by a terminal session on the server), so this command did not start"
+                )));
+            }
             tracing::info!(
                 container = %eviction.victim(),
                 "stopping the least recently used idle sandbox: sandbox.maxActive are running"
@@ -415,6 +438,60 @@ impl DockerSandbox {
             }
             eviction.done();
         }
+        Ok(())
+    }
+
+    /// Where a process running a command in container `name` says so: one file per backend
+    /// instance, `<pid>-<random>`, holding the command's deadline (seconds since the epoch).
+    fn busy_dir(&self, name: &str) -> PathBuf {
+        self.settings.state_dir.join("docker-busy").join(name)
+    }
+
+    /// Marks `name` busy in this process for another process to see (best effort: without the
+    /// marker, only a terminal session's eviction could miss it). Returns the marker's path.
+    async fn write_busy_marker(&self, name: &str, timeout: Duration) -> Option<PathBuf> {
+        let dir = self.busy_dir(name);
+        tokio::fs::create_dir_all(&dir).await.ok()?;
+        let path = dir.join(&self.marker_name);
+        // The command's own timeout, plus what stopping it may take.
+        let deadline = epoch_now()
+            .saturating_add(timeout.as_secs())
+            .saturating_add(30);
+        tokio::fs::write(&path, deadline.to_string()).await.ok()?;
+        Some(path)
+    }
+
+    /// Whether another process runs a command in `name` now: a marker of a live process whose
+    /// deadline has not passed (a crashed process's marker stops counting at its deadline).
+    async fn busy_elsewhere(&self, name: &str) -> bool {
+        let Ok(mut entries) = tokio::fs::read_dir(self.busy_dir(name)).await else {
+            return false;
+        };
+        // One marker per process: a handful at most.
+        for _ in 0..64 {
+            let Ok(Some(entry)) = entries.next_entry().await else {
+                return false;
+            };
+            let file = entry.file_name();
+            let Some(file) = file.to_str().filter(|f| *f != self.marker_name) else {
+                continue;
+            };
+            let Some(pid) = file
+                .split_once('-')
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let deadline = tokio::fs::read_to_string(entry.path())
+                .await
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            if epoch_now() < deadline && tokio::fs::metadata(format!("/proc/{pid}")).await.is_ok() {
+                return true;
+            }
+        }
+        false
     }
 
     /// After a failed create: a container that never came to be holds no slot.
@@ -467,7 +544,11 @@ impl DockerSandbox {
             let _lease = match &self.bounds {
                 Some(bounds) => match bounds.active.try_prewarm(&name, request.user.as_str()) {
                     Some(mut lease) => {
-                        self.carry_out_eviction(&mut lease).await;
+                        if self.carry_out_eviction(&mut lease).await.is_err() {
+                            drop(lease);
+                            self.forget_if_absent(&name);
+                            return Ok(started.elapsed());
+                        }
                         Some(lease)
                     }
                     None => return Ok(started.elapsed()),
@@ -674,6 +755,8 @@ impl DockerSandbox {
             bounds.active.forget(name);
         }
         let _ = tokio::fs::remove_file(self.last_used_file(name)).await;
+        // Empty unless another process runs a command in it (then it stays theirs to remove).
+        let _ = tokio::fs::remove_dir(self.busy_dir(name)).await;
         {
             let mut locks = self.create_locks.lock().unwrap_or_else(|p| p.into_inner());
             // Only drop the lock entry when nobody holds or awaits it (map + this = 2 refs
@@ -1685,7 +1768,11 @@ impl Sandbox for DockerSandbox {
             let lock = self.create_lock(&name);
             let _running = lock.lock().await;
             self.mark(&name, true);
+            let marker = self.write_busy_marker(&name, request.timeout).await;
             let result = self.run_in(&name, &id, &request, started).await;
+            if let Some(marker) = marker {
+                let _ = tokio::fs::remove_file(marker).await;
+            }
             self.mark(&name, false);
             self.write_last_used(&name).await;
             match result {
@@ -1768,7 +1855,8 @@ impl Sandbox for DockerSandbox {
                     .bounds
                     .as_ref()
                     .is_some_and(|b| b.active.is_busy(&info.name));
-            if busy {
+            // Nor one another process (a terminal `moltmate chat`) runs a command in.
+            if busy || self.busy_elsewhere(&info.name).await {
                 continue;
             }
             let stale = digests.get(&info.name).and_then(|d| d.as_deref())
