@@ -38,8 +38,8 @@ pub use schema::{
     ChannelsConfig, Config, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig, GatewayConfig,
     LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef, OnboardingConfig,
     ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider, SandboxBackend, SandboxConfig,
-    SandboxLimitsConfig, SandboxMode, SandboxPruneConfig, SandboxScope, SessionConfig,
-    TelegramConfig, ToolName, ToolsConfig, TrustLevel, UidRangeConfig, UserConfig,
+    SandboxLimitsConfig, SandboxMode, SandboxPruneConfig, SandboxScope, SandboxTotalConfig,
+    SessionConfig, TelegramConfig, ToolName, ToolsConfig, TrustLevel, UidRangeConfig, UserConfig,
     WebChannelConfig, WebFetchConfig, WebToolsConfig,
 };
 pub use schema::{SearchProvider, WebSearchConfig};

@@ -527,6 +527,14 @@ pub struct SandboxConfig {
     pub prune: SandboxPruneConfig,
     /// Host ids a root gateway gives users' sandboxes (one uid per user, one gid per family).
     pub uid_range: UidRangeConfig,
+    /// Sandboxes alive at once, all users together (running Docker containers, prewarmed ones
+    /// included; running bubblewrap commands). Default 32.
+    pub max_active: u32,
+    /// How long a command waits for one of `maxActive` before the model is told the server is
+    /// busy. Default 60.
+    pub queue_timeout_seconds: u64,
+    /// Limits of all sandboxes together (one parent cgroup).
+    pub total: SandboxTotalConfig,
 }
 
 impl Default for SandboxConfig {
@@ -547,6 +555,38 @@ impl Default for SandboxConfig {
             limits: SandboxLimitsConfig::default(),
             prune: SandboxPruneConfig::default(),
             uid_range: UidRangeConfig::default(),
+            max_active: 32,
+            queue_timeout_seconds: 60,
+            total: SandboxTotalConfig::default(),
+        }
+    }
+}
+
+/// `sandbox.total`: what all sandboxes together may use, enforced by one parent cgroup the
+/// gateway makes. Absent values are derived from the host when the gateway starts: memory =
+/// RAM minus max(1 GiB, 20 %) (at least a quarter of RAM), CPUs = cores minus max(0.5, 10 %).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SandboxTotalConfig {
+    /// Memory of all sandboxes together, MB. Default: from the host.
+    pub memory_mb: Option<u64>,
+    /// CPUs of all sandboxes together (fractional). Default: from the host.
+    pub cpus: Option<f64>,
+    /// Processes and threads of all sandboxes together. Default 4096 (or one sandbox's
+    /// `limits.pids`, if that is more).
+    pub pids: Option<u64>,
+    /// Name of the parent cgroup (`/sys/fs/cgroup/…/<name>`; with Docker's systemd driver
+    /// `<name>.slice`). One per gateway on a host. Default `moltmate`.
+    pub cgroup: String,
+}
+
+impl Default for SandboxTotalConfig {
+    fn default() -> Self {
+        SandboxTotalConfig {
+            memory_mb: None,
+            cpus: None,
+            pids: None,
+            cgroup: "moltmate".to_string(),
         }
     }
 }

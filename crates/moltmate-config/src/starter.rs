@@ -112,6 +112,16 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
     // Host uids for sandboxes when the gateway runs as root: each user gets their own (never
     // reused), each family folder a gid. Keep it clear of logins, subuid and container ranges.
     uidRange: { start: 2000000000, count: 1000000 },
+    // Sandboxes alive at once, all users together (Docker: running containers, warm ones
+    // included; bubblewrap: running commands). Past it the least recently used idle one is
+    // stopped; if none is idle, a command waits up to queueTimeoutSeconds, then the model is
+    // told the server is busy.
+    maxActive: 32,
+    queueTimeoutSeconds: 60,
+    // What all sandboxes together may use (one parent cgroup; needs root). Left out, memory is
+    // the host's RAM minus max(1 GiB, 20 %) and cpus the cores minus max(0.5, 10 %).
+    // cgroup: the parent's name; a second gateway on the same host needs its own.
+    total: { /* memoryMb: 8192, cpus: 3.5, */ pids: 4096, cgroup: "moltmate" },
   },
 
   tools: {

@@ -381,6 +381,66 @@ fn sandbox(config: &Config) -> Result<(), Failure> {
     if let Some(problem) = s.uid_range.to_core().problem() {
         return Err(rule("sandbox.uidRange", problem));
     }
+    if !(1..=10_000).contains(&s.max_active) {
+        return Err(rule("sandbox.maxActive", "must be between 1 and 10000"));
+    }
+    if !(1..=3600).contains(&s.queue_timeout_seconds) {
+        return Err(rule(
+            "sandbox.queueTimeoutSeconds",
+            "must be between 1 and 3600",
+        ));
+    }
+    sandbox_total(s)
+}
+
+/// `sandbox.total`: plausible, and room for at least one sandbox of `sandbox.limits`.
+fn sandbox_total(s: &crate::schema::SandboxConfig) -> Result<(), Failure> {
+    let (t, l) = (&s.total, &s.limits);
+    if let Some(mb) = t.memory_mb {
+        if !(64..=1 << 30).contains(&mb) {
+            return Err(rule(
+                "sandbox.total.memoryMb",
+                "must be between 64 and 1073741824 (1 PiB); leave it out to derive it from the host",
+            ));
+        }
+        if mb < l.memory_mb {
+            return Err(rule(
+                "sandbox.total.memoryMb",
+                format!("is {mb}, less than one sandbox's sandbox.limits.memoryMb ({}); raise it or lower that", l.memory_mb),
+            ));
+        }
+    }
+    if let Some(cpus) = t.cpus {
+        if !(cpus.is_finite() && (0.01..=1024.0).contains(&cpus)) {
+            return Err(rule(
+                "sandbox.total.cpus",
+                "must be a number between 0.01 and 1024; leave it out to derive it from the host",
+            ));
+        }
+        if cpus < l.cpus {
+            return Err(rule(
+                "sandbox.total.cpus",
+                format!("is {cpus}, less than one sandbox's sandbox.limits.cpus ({}); raise it or lower that", l.cpus),
+            ));
+        }
+    }
+    if let Some(pids) = t.pids {
+        if !(16..=4_194_304).contains(&pids) {
+            return Err(rule("sandbox.total.pids", "must be between 16 and 4194304"));
+        }
+        if pids < u64::from(l.pids) {
+            return Err(rule(
+                "sandbox.total.pids",
+                format!("is {pids}, less than one sandbox's sandbox.limits.pids ({}); raise it or lower that", l.pids),
+            ));
+        }
+    }
+    if !moltmate_core::sandbox::valid_cgroup_name(&t.cgroup) {
+        return Err(rule(
+            "sandbox.total.cgroup",
+            format!("expected a lowercase letter, then lowercase letters, digits or '_' (at most 64, no '-' or '/'), found {:?}", t.cgroup),
+        ));
+    }
     Ok(())
 }
 

@@ -578,6 +578,89 @@ fn sandbox_rules() {
     assert_eq!(c.sandbox.profile().network, SandboxNetwork::Proxy);
 }
 
+/// `sandbox.maxActive`, `queueTimeoutSeconds` and `sandbox.total`: defaults, explicit values,
+/// and every value that cannot work refused with its key.
+#[test]
+fn sandbox_total_and_active_cap_rules() {
+    let c = load("{}").unwrap();
+    assert_eq!(c.sandbox.max_active, 32);
+    assert_eq!(c.sandbox.queue_timeout_seconds, 60);
+    assert_eq!(c.sandbox.total.memory_mb, None, "derived from the host");
+    assert_eq!(c.sandbox.total.cpus, None, "derived from the host");
+    assert_eq!(c.sandbox.total.pids, None);
+    assert_eq!(c.sandbox.total.cgroup, "moltmate");
+    let c = load("{sandbox: {maxActive: 2, queueTimeoutSeconds: 5, total: {memoryMb: 1024, cpus: 1.5, pids: 500, cgroup: 'moltmate_test_7'}}}").unwrap();
+    assert_eq!(c.sandbox.max_active, 2);
+    assert_eq!(c.sandbox.total.memory_mb, Some(1024));
+    assert_eq!(c.sandbox.total.cpus, Some(1.5));
+    assert_eq!(c.sandbox.total.pids, Some(500));
+    assert_eq!(c.sandbox.total.cgroup, "moltmate_test_7");
+    for (text, key, needle) in [
+        (
+            "{sandbox: {maxActive: 0}}",
+            "sandbox.maxActive",
+            "between 1 and 10000",
+        ),
+        (
+            "{sandbox: {queueTimeoutSeconds: 0}}",
+            "sandbox.queueTimeoutSeconds",
+            "between 1 and 3600",
+        ),
+        (
+            "{sandbox: {total: {memoryMb: 8}}}",
+            "sandbox.total.memoryMb",
+            "between 64",
+        ),
+        (
+            "{sandbox: {total: {memoryMb: 256}}}",
+            "sandbox.total.memoryMb",
+            "less than one sandbox's sandbox.limits.memoryMb (512)",
+        ),
+        (
+            "{sandbox: {total: {cpus: 0.5}}}",
+            "sandbox.total.cpus",
+            "less than one sandbox's",
+        ),
+        (
+            "{sandbox: {total: {cpus: 0}}}",
+            "sandbox.total.cpus",
+            "between 0.01 and 1024",
+        ),
+        (
+            "{sandbox: {total: {pids: 64}}}",
+            "sandbox.total.pids",
+            "less than one sandbox's sandbox.limits.pids (128)",
+        ),
+        (
+            "{sandbox: {total: {pids: 5}}}",
+            "sandbox.total.pids",
+            "between 16",
+        ),
+        (
+            "{sandbox: {total: {cgroup: '../docker'}}}",
+            "sandbox.total.cgroup",
+            "no '-' or '/'",
+        ),
+        (
+            "{sandbox: {total: {cgroup: 'molt-mate'}}}",
+            "sandbox.total.cgroup",
+            "no '-' or '/'",
+        ),
+        (
+            "{sandbox: {total: {cgroup: ''}}}",
+            "sandbox.total.cgroup",
+            "found \"\"",
+        ),
+    ] {
+        assert_err(text, key, needle);
+    }
+    assert_err(
+        "{sandbox: {total: {memmoryMb: 1}}}",
+        "sandbox.total.memmoryMb",
+        "memoryMb",
+    );
+}
+
 /// The old default `safeBins` held `awk`, `sed`, `find` and `sort`, each of which runs other
 /// programs: `awk 'BEGIN{system("id")}'` was a shell under `allowlist`.
 #[test]

@@ -428,6 +428,14 @@ fn sandbox() -> impl Strategy<Value = Value> {
             1u64..=(1 << 20),
         ),
         1u64..=u64::MAX,
+        (
+            1u32..=10_000,
+            1u64..=3600,
+            prop::option::of(0u64..=(1 << 20)),
+            prop::option::of(0u32..=100_000),
+            prop::option::of(0u64..=100_000),
+            "[a-z][a-z0-9_]{0,20}",
+        ),
     )
         .prop_map(
             |(
@@ -438,6 +446,7 @@ fn sandbox() -> impl Strategy<Value = Value> {
                 (host_exec, prewarm),
                 (memory, millicpus, pids, disk, tmp, output),
                 idle,
+                (max_active, queue_timeout, extra_memory, extra_millicpus, extra_pids, cgroup),
             )| {
                 let mut s = json!({
                     "backend": backend,
@@ -459,7 +468,23 @@ fn sandbox() -> impl Strategy<Value = Value> {
                         "outputKb": output,
                     },
                     "prune": {"idleMinutes": idle},
+                    "maxActive": max_active,
+                    "queueTimeoutSeconds": queue_timeout,
+                    "total": {"cgroup": cgroup},
                 });
+                // Totals, when set, hold at least one sandbox's limits (and stay in range).
+                if let Some(extra) = extra_memory {
+                    s["total"]["memoryMb"] = json!((memory + extra).clamp(64, 1 << 30));
+                }
+                if let Some(extra) = extra_millicpus {
+                    let cpus = f64::from(millicpus + extra) / 1000.0;
+                    s["total"]["cpus"] = json!(cpus.clamp(0.01, 1024.0));
+                }
+                if let Some(extra) = extra_pids {
+                    if pids <= 4_194_304 {
+                        s["total"]["pids"] = json!((u64::from(pids) + extra).clamp(16, 4_194_304));
+                    }
+                }
                 if let Some(host) = docker_host {
                     s["dockerHost"] = json!(host);
                 }
@@ -800,6 +825,10 @@ const SCHEMA_KEYS: &[&str] = &[
     "outputKb",
     "prune",
     "idleMinutes",
+    "maxActive",
+    "queueTimeoutSeconds",
+    "total",
+    "cgroup",
     "tools",
     "allow",
     "deny",

@@ -107,6 +107,17 @@ impl UidRange {
     }
 }
 
+/// Whether `name` may name the parent cgroup of all sandboxes (`sandbox.total.cgroup`): one
+/// path component of at most 64 characters — a lowercase letter, then lowercase letters,
+/// digits or `_`. No `-` (systemd reads it as nesting in slice names), nothing a path is made
+/// of. Shared by config validation and the sandbox layer, which checks again.
+pub fn valid_cgroup_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 64
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
 /// How much of the user's home the sandbox sees at `/workspace`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -281,6 +292,40 @@ impl SandboxCounters {
     }
 }
 
+/// All sandboxes of a gateway together (`sandbox.total`, `sandbox.maxActive`), for `/metrics`
+/// and the admin page. Usage figures are read from the parent cgroup every sandbox lives
+/// under; `None` where the host gives no parent cgroup (a gateway that is not root).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SandboxAggregate {
+    /// Sandboxes alive now: running commands (bubblewrap), running containers (Docker,
+    /// prewarmed ones included).
+    pub alive: u64,
+    /// `sandbox.maxActive`.
+    pub max_active: u64,
+    /// Commands waiting for a sandbox slot.
+    pub queued: u64,
+    /// Idle sandboxes stopped to make room, since start.
+    pub evicted: u64,
+    /// Commands that waited past the deadline and did not run, since start.
+    pub queue_timeouts: u64,
+    pub memory_limit_bytes: u64,
+    pub memory_used_bytes: Option<u64>,
+    /// Highest memory use the kernel recorded for the parent cgroup (since it was made).
+    pub memory_peak_bytes: Option<u64>,
+    /// CPU limit in thousandths of a CPU.
+    pub cpu_limit_millis: u64,
+    /// CPU time used by all sandboxes, in microseconds, since the parent cgroup was made.
+    pub cpu_used_micros: Option<u64>,
+    /// CPU in use lately (thousandths of a CPU), between the last two reads.
+    pub cpu_recent_millis: Option<u64>,
+    pub pids_limit: u64,
+    pub pids_used: Option<u64>,
+    /// Where the parent cgroup is (`/moltmate`, `moltmate.slice`), if there is one.
+    pub cgroup: Option<String>,
+    /// Why there is no parent cgroup (then the totals are not enforced, only `maxActive`).
+    pub cgroup_problem: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     /// No backend can run commands here. The message says what to install.
@@ -299,6 +344,10 @@ pub enum SandboxError {
         backend: &'static str,
         detail: String,
     },
+    /// Every sandbox slot (`sandbox.maxActive`) stayed taken by other commands until the
+    /// deadline: the command did not start. The message says so in words for the model.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl SandboxError {
@@ -306,7 +355,7 @@ impl SandboxError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SandboxError::Unavailable(_) | SandboxError::Interrupted { .. } => false,
-            SandboxError::Backend { .. } => true,
+            SandboxError::Backend { .. } | SandboxError::Busy(_) => true,
         }
     }
 }
@@ -337,6 +386,11 @@ pub trait Sandbox: Send + Sync {
     async fn prewarm(&self, request: &ExecRequest) -> Result<(), SandboxError> {
         let _ = request;
         Ok(())
+    }
+    /// All sandboxes together: alive, queued, and memory/CPU/pids in use against the total
+    /// limits. `None`: this backend keeps no aggregate bound.
+    async fn aggregate(&self) -> Option<SandboxAggregate> {
+        None
     }
 }
 

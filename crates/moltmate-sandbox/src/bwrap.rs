@@ -34,7 +34,11 @@
 //!
 //! **Limits.** Each exec gets its own cgroup ([`cgroup`]: memory incl. swap, pids, CPU quota)
 //! where the host allows, joined by the child before it executes bwrap, so every process of the
-//! sandbox is inside from the start. rlimits are always set too, as a backstop: `RLIMIT_FSIZE`
+//! sandbox is inside from the start. Under the aggregate bound ([`BwrapSandbox::with_bounds`])
+//! that cgroup is a child of the parent cgroup of all sandboxes ([`crate::total`]), and the
+//! command holds one of `sandbox.maxActive` slots while it runs ([`crate::active`]). The child
+//! raises its `oom_score_adj` to 1000 (the gateway lowered its own), and an OOM kill (its own
+//! limit or the total) is reported at the end of stderr. rlimits are always set too, as a backstop: `RLIMIT_FSIZE`
 //! (largest file = the disk cap), `RLIMIT_CPU`, `RLIMIT_CORE = 0`, `RLIMIT_NOFILE`, `RLIMIT_AS`
 //! (the memory limit without a memory cgroup; four times it with one, so runtimes that reserve
 //! address space still start), and `RLIMIT_NPROC` only without a pids cgroup (it counts every
@@ -53,6 +57,7 @@
 
 mod cgroup;
 mod seccomp;
+mod spawner;
 mod stage;
 
 pub use cgroup::CgroupSupport;
@@ -62,6 +67,7 @@ use crate::proxy::{
     PROXY_URL,
 };
 use crate::settings::{SandboxScope, SandboxSettings};
+use crate::total::SandboxBounds;
 use async_trait::async_trait;
 use moltmate_core::sandbox::{
     ExecCommand, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxIds, SandboxInfo,
@@ -86,6 +92,9 @@ const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// How long output readers may keep going after the sandbox exited (pipes close when the pid
 /// namespace is gone; this only bounds a pathological case).
 const READER_GRACE: Duration = Duration::from_secs(2);
+/// How long starting bwrap may take (fork, cgroup join, staging, exec) before the command is
+/// given up: a host whose cgroup or mount calls hang must not hold a turn and a slot forever.
+const SPAWN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The identity the start-up probe drops to (a root gateway): in systemd's unused block just
 /// below `nobody`, and only ever running `true` in an empty namespace.
@@ -202,6 +211,11 @@ pub struct BwrapSandbox {
     /// The gateway is root: drop to the user's uid through a staging mount namespace
     /// ([`stage`]).
     drop_root: bool,
+    /// All sandboxes together ([`crate::total`]): per-exec groups live under its parent
+    /// cgroup, and each running command holds one of `sandbox.maxActive` slots.
+    bounds: Option<Arc<SandboxBounds>>,
+    /// Starts bwrap off the async runtime ([`spawner`]).
+    spawner: spawner::Spawner,
 }
 
 impl std::fmt::Debug for BwrapSandbox {
@@ -278,7 +292,27 @@ impl BwrapSandbox {
             running: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             drop_root,
+            bounds: None,
+            spawner: spawner::Spawner::new()
+                .map_err(|e| backend_err(format!("cannot start the spawner threads: {e}")))?,
         })
+    }
+
+    /// Puts every command under `bounds`: its per-exec cgroup becomes a child of the parent
+    /// cgroup for all sandboxes (when the host gave one), and it runs only with one of the
+    /// `sandbox.maxActive` slots (a running command is an alive sandbox here).
+    pub fn with_bounds(mut self, bounds: Arc<SandboxBounds>) -> Self {
+        if let Some(parent) = bounds.parent() {
+            let cgroups = CgroupSupport::under(parent);
+            if cgroups == CgroupSupport::None {
+                tracing::warn!(cgroup = %parent.display(), "cannot create per-exec cgroups under the sandboxes' parent cgroup; using the standalone ones");
+            } else {
+                cgroups.sweep_stale(STALE_CGROUP_AGE);
+                self.cgroups = cgroups;
+            }
+        }
+        self.bounds = Some(bounds);
+        self
     }
 
     /// Which cgroup hierarchy limits this backend's sandboxes.
@@ -472,6 +506,19 @@ struct Rlimits {
 /// calls (write, setrlimit, fcntl).
 fn child_setup(cgroup_procs: &[i32], keep: &[i32], limits: Rlimits) -> std::io::Result<()> {
     clear_cloexec(keep)?;
+    // The gateway lowered its own OOM score; its sandboxes are the kernel's first choice
+    // instead (raising one's own score needs no privilege).
+    // SAFETY: open/write/close of a static path with a static buffer; async-signal-safe.
+    unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd >= 0 {
+            libc::write(fd, b"1000".as_ptr().cast(), 4);
+            libc::close(fd);
+        }
+    }
     // Inherited by bwrap and the command: group members share the setgid `/family`.
     // SAFETY: umask(2) cannot fail and is async-signal-safe.
     unsafe { libc::umask(0o007) };
@@ -506,8 +553,8 @@ fn child_setup(cgroup_procs: &[i32], keep: &[i32], limits: Rlimits) -> std::io::
 
 /// In the forked child, last (a credential change clears the setting): if the gateway dies,
 /// bwrap gets SIGKILL, and its `--die-with-parent` takes the sandbox down with it. The signal
-/// follows the forking *thread*; execs are spawned from runtime worker threads, which live as
-/// long as the runtime.
+/// follows the forking *thread*; execs are spawned from the backend's own spawner threads
+/// ([`spawner`]), which live as long as the backend.
 fn die_with_gateway(gateway_pid: libc::pid_t) -> std::io::Result<()> {
     // SAFETY: prctl/getppid are async-signal-safe system calls.
     unsafe {
@@ -571,13 +618,28 @@ impl Sandbox for BwrapSandbox {
     }
 
     async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
-        let started = Instant::now();
         request.ids.check()?;
         if let Some(gid) = request.family_gid {
             moltmate_core::sandbox::check_id("family gid", gid)?;
         }
-        let limits = request.profile.limits.clone();
+        let mut limits = request.profile.limits.clone();
         let name = self.sandbox_name(&request.user, &request.session_id);
+        // A running command is an alive sandbox: it holds a slot until it ends (waiting in the
+        // fair queue while all are taken; nothing to evict, bubblewrap keeps nothing idle).
+        let _slot = match &self.bounds {
+            Some(bounds) => {
+                let key = format!("{name}#{:016x}", rand::random::<u64>());
+                let slot = bounds
+                    .active
+                    .acquire(&key, request.user.as_str(), true)
+                    .await?;
+                limits.cpu_millis = bounds.clamp_cpu(limits.cpu_millis);
+                Some(slot)
+            }
+            None => None,
+        };
+        // Time spent waiting for a slot is not the command's (nor the user's exec budget).
+        let started = Instant::now();
 
         // Where /workspace comes from.
         let (scratch, scratch_is_temporary) = self.scratch_dir(&request.user, &request.session_id);
@@ -831,8 +893,17 @@ impl Sandbox for BwrapSandbox {
             return Err(ended_user());
         }
 
-        let mut child = cmd
-            .spawn()
+        // Off the async runtime, from threads that outlive the sandbox ([`spawner`]).
+        // A child that starts after the deadline is dropped unseen, and killed (`kill_on_drop`).
+        let mut child = tokio::time::timeout(SPAWN_DEADLINE, self.spawner.spawn(cmd))
+            .await
+            .map_err(|_| {
+                backend_err(format!(
+                    "{} did not start within {} s",
+                    self.bwrap.display(),
+                    SPAWN_DEADLINE.as_secs()
+                ))
+            })?
             .map_err(|e| backend_err(format!("cannot start {}: {e}", self.bwrap.display())))?;
         self.counters.count_started();
         drop((seccomp_fd, passwd_fd, group_fd, hosts_fd, nss_fd, fwd_fd));
@@ -894,7 +965,16 @@ impl Sandbox for BwrapSandbox {
         // It is not awaited: bwrap's init was pid 1 of the sandbox's pid namespace, so every
         // process in it is already dead or dying, and removing the (v1) memory cgroup can take
         // several milliseconds of reclaim that the caller need not wait for.
-        drop(cgroup);
+        // The OOM-kill counter is read first (the group is fresh, so any kill is this
+        // command's: its own limit or the total of all sandboxes).
+        let mut cgroup = cgroup;
+        let group = cgroup.0.take();
+        let (oom_tx, oom_rx) = tokio::sync::oneshot::channel();
+        drop(tokio::task::spawn_blocking(move || {
+            let _ = oom_tx.send(group.as_ref().and_then(|g| g.oom_kills()));
+            drop(group)
+        }));
+        let oom_killed = oom_rx.await.ok().flatten().is_some_and(|kills| kills > 0);
 
         let collect = |r: Result<(Vec<u8>, bool), tokio::task::JoinError>| r.unwrap_or_default();
         let (stdout, t1) = match tokio::time::timeout(READER_GRACE, &mut out_task).await {
@@ -915,12 +995,23 @@ impl Sandbox for BwrapSandbox {
             let _ = tokio::fs::remove_dir_all(&scratch).await;
         }
 
-        let exit_code = if timed_out { None } else { status.code() };
-        tracing::debug!(user = %request.user, sandbox = %name, ?exit_code, timed_out, "bwrap exec finished");
+        let mut exit_code = if timed_out { None } else { status.code() };
+        let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
+        if oom_killed {
+            // bwrap reports a SIGKILLed command as 137.
+            if exit_code == Some(137) {
+                exit_code = None;
+            }
+            stderr.push_str(&crate::total::oom_note(
+                limits.memory_bytes,
+                self.bounds.as_ref().map(|b| b.settings.limits.memory_bytes),
+            ));
+        }
+        tracing::debug!(user = %request.user, sandbox = %name, ?exit_code, timed_out, oom_killed, "bwrap exec finished");
         Ok(ExecOutput {
             exit_code,
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            stderr,
             truncated: t1 || t2,
             timed_out,
             duration: started.elapsed(),
@@ -1007,6 +1098,13 @@ impl Sandbox for BwrapSandbox {
             entry.token.cancel();
         }
         Ok(())
+    }
+
+    async fn aggregate(&self) -> Option<moltmate_core::sandbox::SandboxAggregate> {
+        match &self.bounds {
+            Some(bounds) => Some(bounds.aggregate().await),
+            None => None,
+        }
     }
 
     async fn end_session(&self, user: &UserId, session_id: &str) -> Result<(), SandboxError> {

@@ -48,7 +48,11 @@
 //!   new socket in the same directory, which the container sees; every proxied `exec` makes
 //!   sure that socket is served. Containers of the older file-bind layout are recreated.
 //! * `PidsLimit`, `Memory` = `MemorySwap` (no swap beyond memory), `NanoCpus` from the profile's
-//!   [`SandboxLimits`].
+//!   [`SandboxLimits`] (the CPU clamped to the total). With the aggregate bound
+//!   ([`DockerSandbox::with_bounds`]) `CgroupParent` puts the container under the gateway's
+//!   parent cgroup for all sandboxes ([`crate::total`]; label `moltmate.cgroup-parent`), and a
+//!   running container holds one of `sandbox.maxActive` slots ([`crate::active`]) from before
+//!   its creation until its removal.
 //! * Mounts: only the user's home at `/workspace` (read-only for [`WorkspaceAccess::Ro`]; a
 //!   per-user scratch directory `state_dir/scratch/<user>` for [`WorkspaceAccess::None`]) and the
 //!   family folder at `/family` (read-write with `Rw`, read-only with `Ro`, absent with `None`),
@@ -86,6 +90,7 @@
 //! begins) creates that user's own container and starts its runner in the background, while
 //! the model is still thinking, so the first command finds it warm.
 
+use crate::active::Lease;
 use crate::disk::{self, DiskCap};
 use crate::docker_agent::{AgentError, ExecAgent};
 use crate::proxy::{
@@ -93,6 +98,7 @@ use crate::proxy::{
     PROXY_SOCKET_DIR, PROXY_URL,
 };
 use crate::settings::{SandboxScope, SandboxSettings};
+use crate::total::{ParentStyle, SandboxBounds};
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
@@ -129,6 +135,10 @@ pub const LABEL_NETWORK: &str = "moltmate.network";
 /// Which installation (state directory) made the container: gateways sharing one engine never
 /// adopt, prune or remove each other's sandboxes.
 pub const LABEL_INSTANCE: &str = "moltmate.instance";
+/// The parent cgroup the container was created under (`/moltmate`, `moltmate.slice`, or
+/// `none`): a container made under another one (or none) is outside today's total and is
+/// replaced on recovery.
+pub const LABEL_CGROUP_PARENT: &str = "moltmate.cgroup-parent";
 
 /// The user of the idle entrypoint: distinct from every sandbox uid ([`SandboxIds::check`]
 /// refuses 65534), so `kill -9 -1` spares it.
@@ -387,6 +397,11 @@ pub struct DockerSandbox {
     counters: moltmate_core::sandbox::SandboxCounters,
     /// Each warm container's command runner, by container name (see [`crate::docker_agent`]).
     agents: Mutex<HashMap<String, AgentSlot>>,
+    /// This instance's busy markers' file name, `<pid>-<random>` ([`Self::busy_dir`]).
+    marker_name: String,
+    /// All sandboxes together ([`crate::total`]): containers are created under its parent
+    /// cgroup, and each running container holds one of `sandbox.maxActive` slots.
+    bounds: Option<Arc<SandboxBounds>>,
 }
 
 /// The command runner of one container, tied to the container id it was started in (a
@@ -429,7 +444,142 @@ impl DockerSandbox {
             instance: instance_label(&settings.state_dir),
             counters: Default::default(),
             agents: Mutex::new(HashMap::new()),
+            marker_name: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
+            bounds: None,
         })
+    }
+
+    /// Creates containers under `bounds`' parent cgroup (when the host gave one) and keeps at
+    /// most `sandbox.maxActive` running: a command that needs a new one takes a free slot,
+    /// stops the least recently used idle container, or waits in the fair queue
+    /// ([`crate::active`]).
+    pub fn with_bounds(mut self, bounds: Arc<SandboxBounds>) -> Self {
+        self.bounds = Some(bounds);
+        self
+    }
+
+    /// The value of [`LABEL_CGROUP_PARENT`] for containers made now.
+    fn cgroup_parent_label(&self) -> String {
+        self.bounds
+            .as_ref()
+            .and_then(|b| b.parent())
+            .map(|p| p.docker_parent())
+            .unwrap_or_else(|| "none".to_string())
+    }
+
+    /// A slot for a command (or, `ephemeral`, a `task` container) in container `name`; an idle
+    /// container chosen to make room is removed first. `None` without bounds.
+    async fn admit(
+        &self,
+        name: &str,
+        request: &ExecRequest,
+        ephemeral: bool,
+    ) -> Result<Option<Lease>, SandboxError> {
+        let Some(bounds) = &self.bounds else {
+            return Ok(None);
+        };
+        let mut lease = bounds
+            .active
+            .acquire(name, request.user.as_str(), ephemeral)
+            .await?;
+        if let Err(e) = self.carry_out_eviction(&mut lease).await {
+            drop(lease);
+            self.forget_if_absent(name);
+            return Err(e);
+        }
+        Ok(Some(lease))
+    }
+
+    /// Stops the idle container `lease` chose to make room — unless another process of this
+    /// installation (a terminal `moltmate chat`) is running a command in it right now: then
+    /// nothing is stopped, the container counts as just used, and the command does not start
+    /// ([`SandboxError::Busy`]).
+    async fn carry_out_eviction(&self, lease: &mut Lease) -> Result<(), SandboxError> {
+        if let Some(eviction) = lease.take_eviction() {
+            if self.busy_elsewhere(eviction.victim()).await {
+                tracing::info!(container = %eviction.victim(), "not stopping a sandbox another process runs a command in");
+                if let Some(bounds) = &self.bounds {
+                    bounds.active.touch(eviction.victim());
+                }
+                // Dropped unfinished: the container stays, usable again.
+                drop(eviction);
+                let max = self.bounds.as_ref().map_or(0, |b| b.active.max());
+                return Err(SandboxError::Busy(format!(
+                    "all {max} sandboxes of this server are in use (one by a terminal session on the server), so this command did not start"
+                )));
+            }
+            tracing::info!(
+                container = %eviction.victim(),
+                "stopping the least recently used idle sandbox: sandbox.maxActive are running"
+            );
+            if let Err(e) = self.remove_container(eviction.victim()).await {
+                tracing::warn!(container = %eviction.victim(), error = %e, "could not stop an idle sandbox to make room");
+            }
+            eviction.done();
+        }
+        Ok(())
+    }
+
+    /// Where a process running a command in container `name` says so: one file per backend
+    /// instance, `<pid>-<random>`, holding the command's deadline (seconds since the epoch).
+    fn busy_dir(&self, name: &str) -> PathBuf {
+        self.settings.state_dir.join("docker-busy").join(name)
+    }
+
+    /// Marks `name` busy in this process for another process to see (best effort: without the
+    /// marker, only a terminal session's eviction could miss it). Returns the marker's path.
+    async fn write_busy_marker(&self, name: &str, timeout: Duration) -> Option<PathBuf> {
+        let dir = self.busy_dir(name);
+        tokio::fs::create_dir_all(&dir).await.ok()?;
+        let path = dir.join(&self.marker_name);
+        // The command's own timeout, plus what stopping it may take.
+        let deadline = epoch_now()
+            .saturating_add(timeout.as_secs())
+            .saturating_add(30);
+        tokio::fs::write(&path, deadline.to_string()).await.ok()?;
+        Some(path)
+    }
+
+    /// Whether another process runs a command in `name` now: a marker of a live process whose
+    /// deadline has not passed (a crashed process's marker stops counting at its deadline).
+    async fn busy_elsewhere(&self, name: &str) -> bool {
+        let Ok(mut entries) = tokio::fs::read_dir(self.busy_dir(name)).await else {
+            return false;
+        };
+        // One marker per process: a handful at most.
+        for _ in 0..64 {
+            let Ok(Some(entry)) = entries.next_entry().await else {
+                return false;
+            };
+            let file = entry.file_name();
+            let Some(file) = file.to_str().filter(|f| *f != self.marker_name) else {
+                continue;
+            };
+            let Some(pid) = file
+                .split_once('-')
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let deadline = tokio::fs::read_to_string(entry.path())
+                .await
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            if epoch_now() < deadline && tokio::fs::metadata(format!("/proc/{pid}")).await.is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// After a failed create: a container that never came to be holds no slot.
+    fn forget_if_absent(&self, name: &str) {
+        if let Some(bounds) = &self.bounds {
+            if !self.lock_live().contains_key(name) {
+                bounds.active.forget(name);
+            }
+        }
     }
 
     /// Enables [`SandboxNetwork::Proxy`] profiles through `proxy`.
@@ -468,7 +618,29 @@ impl DockerSandbox {
                 return Ok(started.elapsed());
             }
             let name = self.container_name(request, None);
-            let id = self.ensure_container(request, &name).await?;
+            // A prewarm takes a free slot or replaces an idle container of the same user;
+            // it never stops anybody else's and never waits (see `crate::active`).
+            let _lease = match &self.bounds {
+                Some(bounds) => match bounds.active.try_prewarm(&name, request.user.as_str()) {
+                    Some(mut lease) => {
+                        if self.carry_out_eviction(&mut lease).await.is_err() {
+                            drop(lease);
+                            self.forget_if_absent(&name);
+                            return Ok(started.elapsed());
+                        }
+                        Some(lease)
+                    }
+                    None => return Ok(started.elapsed()),
+                },
+                None => None,
+            };
+            let id = match self.ensure_container(request, &name).await {
+                Ok(id) => id,
+                Err(e) => {
+                    self.forget_if_absent(&name);
+                    return Err(e);
+                }
+            };
             // Under the run lock: a second runner's start-up reap would kill a running command.
             let lock = self.create_lock(&name);
             let _running = lock.lock().await;
@@ -531,7 +703,13 @@ impl DockerSandbox {
                         Some("proxy") => false,
                         _ => true,
                     };
-                    if digest_ok && running && !task && network_ok {
+                    // Made under another parent cgroup (or none, before there was one): outside
+                    // today's total.
+                    // (Without bounds — the `sandbox list/prune` commands — any is kept: those
+                    // must not remove what a running gateway made.)
+                    let parent_ok = self.bounds.is_none()
+                        || labels.get(LABEL_CGROUP_PARENT) == Some(&self.cgroup_parent_label());
+                    if digest_ok && running && !task && network_ok && parent_ok {
                         let used_at = self
                             .read_last_used(&name)
                             .await
@@ -546,7 +724,19 @@ impl DockerSandbox {
                             busy: 0,
                             oom_kills: None,
                         };
-                        self.lock_live().entry(name).or_insert(live);
+                        // More than `maxActive` left running (a lowered cap): the rest go.
+                        // A process that does not own what it finds (`moltmate chat` beside a
+                        // gateway) keeps it without counting it, so never stops it.
+                        let admitted = self.bounds.as_ref().is_none_or(|b| {
+                            !b.settings.adopt_found
+                                || b.active.adopt(&name, &live.user, live.last_used)
+                        });
+                        if admitted {
+                            self.lock_live().entry(name).or_insert(live);
+                        } else {
+                            tracing::info!(container = %name, "removing a sandbox from an earlier run: sandbox.maxActive are already adopted");
+                            self.remove_container(&name).await?;
+                        }
                     } else {
                         tracing::info!(container = %name, "removing stale sandbox from an earlier run");
                         self.remove_container(&name).await?;
@@ -657,7 +847,12 @@ impl DockerSandbox {
     async fn remove_container(&self, name: &str) -> Result<(), SandboxError> {
         self.lock_live().remove(name);
         self.lock_agents().remove(name);
+        if let Some(bounds) = &self.bounds {
+            bounds.active.forget(name);
+        }
         let _ = tokio::fs::remove_file(self.last_used_file(name)).await;
+        // Empty unless another process runs a command in it (then it stays theirs to remove).
+        let _ = tokio::fs::remove_dir(self.busy_dir(name)).await;
         {
             let mut locks = self.create_locks.lock().unwrap_or_else(|p| p.into_inner());
             // Only drop the lock entry when nobody holds or awaits it (map + this = 2 refs
@@ -875,11 +1070,19 @@ impl DockerSandbox {
             },
         );
 
+        labels.insert(LABEL_CGROUP_PARENT.to_string(), self.cgroup_parent_label());
+        let parent = self.bounds.as_ref().and_then(|b| b.parent());
+        let cpu_millis = match &self.bounds {
+            Some(bounds) => bounds.clamp_cpu(limits.cpu_millis),
+            None => limits.cpu_millis,
+        };
         let memory = i64::try_from(limits.memory_bytes).unwrap_or(i64::MAX);
         let host_config = HostConfig {
+            // Every container below the one parent whose limits bound them all.
+            cgroup_parent: parent.map(|p| p.docker_parent()),
             memory: Some(memory),
             memory_swap: Some(memory),
-            nano_cpus: Some(i64::from(limits.cpu_millis) * 1_000_000),
+            nano_cpus: Some(i64::from(cpu_millis) * 1_000_000),
             pids_limit: Some(i64::from(limits.pids.max(1))),
             cap_drop: Some(vec!["ALL".to_string()]),
             security_opt: Some(vec!["no-new-privileges".to_string()]),
@@ -933,6 +1136,14 @@ impl DockerSandbox {
             return Err(docker_err("starting sandbox", e));
         }
         self.counters.count_started();
+        if let Some(parent) = parent.filter(|p| p.style() == ParentStyle::SystemdSlice) {
+            // systemd may have realised the slice with its own (no) limits just now.
+            let parent = parent.clone();
+            let applied = tokio::task::spawn_blocking(move || parent.apply_limits()).await;
+            if let Ok(Err(e)) = applied {
+                tracing::warn!(error = %e, "could not re-apply the sandboxes' total limits to their slice");
+            }
+        }
         if proxied {
             if let Err(e) = self
                 .start_forwarder(&created.id, &exec_user(request.ids))
@@ -1281,9 +1492,9 @@ impl DockerSandbox {
                     .unwrap_or(0);
                 if kills > before {
                     exit_code = None;
-                    stderr.push_str(&format!(
-                        "\n[moltmate: killed: out of memory (limit {} MiB)]",
-                        request.profile.limits.memory_bytes / (1024 * 1024)
+                    stderr.push_str(&crate::total::oom_note(
+                        request.profile.limits.memory_bytes,
+                        self.bounds.as_ref().map(|b| b.settings.limits.memory_bytes),
                     ));
                 }
             }
@@ -1548,13 +1759,12 @@ impl DockerSandbox {
         })
     }
 
-    async fn exec_task(
-        &self,
-        request: &ExecRequest,
-        started: Instant,
-    ) -> Result<ExecOutput, SandboxError> {
+    async fn exec_task(&self, request: &ExecRequest) -> Result<ExecOutput, SandboxError> {
         let nonce = format!("{:016x}", rand::random::<u64>());
         let name = self.container_name(request, Some(&nonce));
+        // The container lives for this one command: its slot goes with it.
+        let _lease = self.admit(&name, request, true).await?;
+        let started = Instant::now();
         let result = async {
             let id = self.ensure_container(request, &name).await?;
             match self.run_in(&name, &id, request, started).await {
@@ -1621,7 +1831,6 @@ impl Sandbox for DockerSandbox {
     }
 
     async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
-        let started = Instant::now();
         check_ids(&request)?;
         self.check_network(&request)?;
         if request.profile.network == SandboxNetwork::Proxy {
@@ -1634,18 +1843,32 @@ impl Sandbox for DockerSandbox {
         }
         self.recover().await?;
         if self.settings.scope == SandboxScope::Task {
-            return self.exec_task(&request, started).await;
+            return self.exec_task(&request).await;
         }
         let name = self.container_name(&request, None);
+        // A slot among `sandbox.maxActive` (waiting for one if all run commands); the time spent
+        // waiting is not the command's, nor the user's exec budget.
+        let _lease = self.admit(&name, &request, false).await?;
+        let started = Instant::now();
         for attempt in 0..2 {
-            let id = self.ensure_container(&request, &name).await?;
+            let id = match self.ensure_container(&request, &name).await {
+                Ok(id) => id,
+                Err(e) => {
+                    self.forget_if_absent(&name);
+                    return Err(e);
+                }
+            };
             // One command at a time per container: the reaping after a command (and the kill
             // on a timeout) ends every sandbox-user process, so a concurrent command of the
             // same key would be killed with it. Calls for one key queue here instead.
             let lock = self.create_lock(&name);
             let _running = lock.lock().await;
             self.mark(&name, true);
+            let marker = self.write_busy_marker(&name, request.timeout).await;
             let result = self.run_in(&name, &id, &request, started).await;
+            if let Some(marker) = marker {
+                let _ = tokio::fs::remove_file(marker).await;
+            }
             self.mark(&name, false);
             self.write_last_used(&name).await;
             match result {
@@ -1723,8 +1946,13 @@ impl Sandbox for DockerSandbox {
             .map(|(n, s)| (n, s.labels.and_then(|mut l| l.remove(LABEL_CONFIG_DIGEST))))
             .collect();
         for info in infos {
-            let busy = self.lock_live().get(&info.name).is_some_and(|l| l.busy > 0);
-            if busy {
+            let busy = self.lock_live().get(&info.name).is_some_and(|l| l.busy > 0)
+                || self
+                    .bounds
+                    .as_ref()
+                    .is_some_and(|b| b.active.is_busy(&info.name));
+            // Nor one another process (a terminal `moltmate chat`) runs a command in.
+            if busy || self.busy_elsewhere(&info.name).await {
                 continue;
             }
             let stale = digests.get(&info.name).and_then(|d| d.as_deref())
@@ -1742,6 +1970,13 @@ impl Sandbox for DockerSandbox {
     async fn prewarm(&self, request: &ExecRequest) -> Result<(), SandboxError> {
         // The inherent method (which also reports how long it took).
         DockerSandbox::prewarm(self, request).await.map(|_| ())
+    }
+
+    async fn aggregate(&self) -> Option<moltmate_core::sandbox::SandboxAggregate> {
+        match &self.bounds {
+            Some(bounds) => Some(bounds.aggregate().await),
+            None => None,
+        }
     }
 
     fn stats(&self) -> moltmate_core::sandbox::SandboxStats {

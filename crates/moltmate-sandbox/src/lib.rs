@@ -8,8 +8,11 @@
 //!   (and refused unless explicitly allowed) by the gateway.
 //! * [`policy`] — `tools.exec.security`: vets a command line before any backend sees it.
 //! * [`proxy`] — the egress proxy behind `sandbox.network = proxy`.
+//! * [`total`] — the parent cgroup every sandbox lives under (total memory, CPU and pids of all
+//!   sandboxes together) and [`active`], the cap on sandboxes alive at once with its fair queue.
 //! * [`image`] — builds `moltmate-sandbox:bookworm-slim` offline from Debian packages.
 
+pub mod active;
 pub mod bwrap;
 pub mod disk;
 pub mod docker;
@@ -20,5 +23,6 @@ pub mod policy;
 pub mod proxy;
 pub mod select;
 pub mod settings;
+pub mod total;
 
 pub use settings::{BackendChoice, SandboxScope, SandboxSettings};

@@ -1378,3 +1378,148 @@ async fn docker_end_user_removes_the_users_containers_and_no_one_elses() {
     assert_eq!(sh(&sb, &bob, "echo still").await.stdout, "still\n");
     cleanup(&sb, &[&anna, &bob]).await;
 }
+
+/// `maxActive: 1` with a container of Anna's alive. A second process on the same installation
+/// that does not own what it finds (a terminal `moltmate chat` beside the gateway) runs Ben's
+/// command without stopping Anna's container — from there it cannot know whether the gateway is
+/// running a command in it. The gateway's own restart (which does own them) makes room by
+/// stopping the idle one, as the cap says.
+#[tokio::test]
+async fn docker_a_terminal_chat_never_stops_the_gateways_sandboxes() {
+    use moltmate_sandbox::total::{SandboxBounds, TotalLimits, TotalSettings};
+    if ready().await.is_none() {
+        return;
+    }
+    let state = "docker_a_terminal_chat_never_stops_the_gateways_sandboxes";
+    let bounded = |adopt_found: bool| {
+        let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test", state)).unwrap();
+        let total = TotalSettings {
+            limits: TotalLimits {
+                memory_bytes: 1 << 30,
+                cpu_millis: 1000,
+                pids: 1024,
+            },
+            cgroup_name: "unused".into(),
+            max_active: 1,
+            queue_timeout: Duration::from_secs(5),
+            adopt_found,
+        };
+        // No parent cgroup here: this test is about the cap only.
+        sb.with_bounds(SandboxBounds::with_parent(
+            total,
+            Err("not in this test".into()),
+        ))
+    };
+    let (anna, ben) = (user("owner"), user("chat"));
+    let gateway = bounded(true);
+    sh(&gateway, &anna, "echo anna").await;
+    assert!(alive(&gateway, &anna).await);
+
+    let chat = bounded(false);
+    assert_eq!(sh(&chat, &ben, "echo ben").await.stdout, "ben\n");
+    assert!(
+        alive(&chat, &anna).await,
+        "the terminal chat stopped a container it does not own"
+    );
+    assert_eq!(chat.aggregate().await.unwrap().evicted, 0);
+
+    // The gateway restarted owns both: Ben's next command there stops the idle one over the cap.
+    let restarted = bounded(true);
+    assert_eq!(sh(&restarted, &ben, "echo again").await.stdout, "again\n");
+    let aggregate = restarted.aggregate().await.unwrap();
+    assert_eq!(
+        (aggregate.alive, aggregate.max_active),
+        (1, 1),
+        "{aggregate:?}"
+    );
+    assert!(
+        !alive(&restarted, &anna).await,
+        "over the cap, the idle one went"
+    );
+    cleanup(&restarted, &[&anna, &ben]).await;
+}
+
+async fn alive(sb: &DockerSandbox, u: &UserId) -> bool {
+    sb.list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.user == u.as_str())
+}
+
+/// `maxActive: 1`: a terminal `moltmate chat` runs a long command in Anna's container, which
+/// the gateway counts as idle (it cannot see the other process's command). Ben's command
+/// through the gateway would stop it to make room; instead it does not start, the model is
+/// told why, and Anna's command finishes. Once it has, Ben's command makes room as usual.
+#[tokio::test]
+async fn docker_a_sandbox_busy_in_a_terminal_chat_is_not_stopped_by_the_gateway() {
+    use moltmate_sandbox::total::{SandboxBounds, TotalLimits, TotalSettings};
+    if ready().await.is_none() {
+        return;
+    }
+    let state = "docker_a_sandbox_busy_in_a_terminal_chat_is_not_stopped";
+    let bounded = |adopt_found: bool| {
+        let sb = DockerSandbox::connect(&settings(SandboxScope::User, "test", state)).unwrap();
+        let total = TotalSettings {
+            limits: TotalLimits {
+                memory_bytes: 1 << 30,
+                cpu_millis: 1000,
+                pids: 1024,
+            },
+            cgroup_name: "unused".into(),
+            max_active: 1,
+            queue_timeout: Duration::from_secs(5),
+            adopt_found,
+        };
+        sb.with_bounds(SandboxBounds::with_parent(
+            total,
+            Err("not in this test".into()),
+        ))
+    };
+    let (anna, ben) = (user("term"), user("gw"));
+    let gateway = bounded(true);
+    sh(&gateway, &anna, "echo anna").await;
+    let chat = bounded(false);
+    let long = chat.exec(request(
+        &anna,
+        "sleep 3; echo done-anna",
+        Duration::from_secs(30),
+    ));
+    let from_gateway = async {
+        // Until the terminal's command runs (its marker is there).
+        let busy_dir = Path::new(ROOT).join(short(state)).join("docker-busy");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::fs::read_dir(&busy_dir)
+            .map(|d| {
+                d.flatten()
+                    .all(|c| std::fs::read_dir(c.path()).map_or(true, |mut m| m.next().is_none()))
+            })
+            .unwrap_or(true)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the terminal's command never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        gateway
+            .exec(request(&ben, "echo ben", Duration::from_secs(30)))
+            .await
+    };
+    let (long, refused) = tokio::join!(long, from_gateway);
+    assert_eq!(long.expect("anna's command").stdout, "done-anna\n");
+    let err = refused.expect_err("no room while anna's sandbox runs a command");
+    assert!(
+        matches!(err, moltmate_core::sandbox::SandboxError::Busy(_))
+            && err.to_string().contains("terminal session"),
+        "{err}"
+    );
+    assert!(alive(&gateway, &anna).await);
+    assert_eq!(gateway.aggregate().await.unwrap().evicted, 0);
+
+    // Anna's command is over: Ben's makes room by stopping her idle container.
+    assert_eq!(sh(&gateway, &ben, "echo ben").await.stdout, "ben\n");
+    assert!(!alive(&gateway, &anna).await);
+    assert_eq!(gateway.aggregate().await.unwrap().evicted, 1);
+    cleanup(&gateway, &[&anna, &ben]).await;
+}

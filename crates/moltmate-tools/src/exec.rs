@@ -123,6 +123,9 @@ fn sandbox_error(e: SandboxError) -> ToolError {
         SandboxError::Unavailable(detail) => ToolError::Refused(format!(
             "exec is unavailable: no sandbox is available ({detail}); commands never run on the host"
         )),
+        SandboxError::Busy(why) => ToolError::Failed(format!(
+            "the command did not run: {why}. Tell the user the server is busy and to try again in a minute."
+        )),
         e @ (SandboxError::Backend { .. } | SandboxError::Interrupted { .. }) => {
             if e.is_retryable() {
                 ToolError::Failed(format!("{e}; the command may not have run, you can try again"))

@@ -15,6 +15,7 @@ use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use moltmate_core::sandbox::SandboxAggregate;
 use moltmate_core::{ChannelKind, UserId};
 use moltmate_ops::usage::{Totals, UsageQuery};
 use moltmate_ops::users::UserAdmin;
@@ -276,6 +277,51 @@ fn mib(bytes: u64) -> String {
     format!("{} MiB", bytes / (1024 * 1024))
 }
 
+/// All sandboxes together, against `maxActive` and the totals of the parent cgroup.
+pub fn aggregate_html(a: &SandboxAggregate) -> String {
+    let of = |used: Option<String>, limit: String| match used {
+        Some(used) => format!("{used} of {limit}"),
+        None => format!("— of {limit}"),
+    };
+    let cores = |millis: u64| format!("{:.2}", millis as f64 / 1000.0);
+    let memory = of(a.memory_used_bytes.map(mib), mib(a.memory_limit_bytes));
+    let peak = a
+        .memory_peak_bytes
+        .map(|p| format!(" (peak {})", mib(p)))
+        .unwrap_or_default();
+    let cpu = of(
+        a.cpu_recent_millis.map(cores),
+        format!("{} CPUs", cores(a.cpu_limit_millis)),
+    );
+    let pids = of(a.pids_used.map(|p| p.to_string()), a.pids_limit.to_string());
+    let cgroup = match (&a.cgroup, &a.cgroup_problem) {
+        (Some(path), _) => format!("parent cgroup <code>{}</code>", escape(path)),
+        (None, problem) => format!(
+            "<strong>no parent cgroup</strong> ({}): the totals are not enforced, only the number alive",
+            escape(problem.as_deref().unwrap_or("unknown"))
+        ),
+    };
+    format!(
+        "<table class=\"aggregate\"><tbody>\
+         <tr><th>All sandboxes</th><td>{} alive of {} (<code>sandbox.maxActive</code>), {} command(s) waiting</td></tr>\
+         <tr><th>Memory</th><td>{}{}</td></tr>\
+         <tr><th>CPU</th><td>{} (recently)</td></tr>\
+         <tr><th>Processes</th><td>{}</td></tr>\
+         <tr><th>Bound</th><td>{}; since start {} idle sandbox(es) stopped to make room, {} command(s) gave up waiting</td></tr>\
+         </tbody></table>",
+        a.alive,
+        a.max_active,
+        a.queued,
+        escape(&memory),
+        escape(&peak),
+        escape(&cpu),
+        escape(&pids),
+        cgroup,
+        a.evicted,
+        a.queue_timeouts,
+    )
+}
+
 pub async fn dashboard(
     State(state): State<WebState>,
     headers: HeaderMap,
@@ -473,13 +519,21 @@ pub async fn dashboard(
     }
 
     // Sandboxes.
-    let sandbox_totals = state.gateway().sandbox().map(|sandbox| {
-        let stats = sandbox.stats();
-        format!(
-            "<p class=\"note\">Since the gateway started: {} started, {} pruned.</p>",
-            stats.started, stats.pruned
-        )
-    });
+    let sandbox_totals = match state.gateway().sandbox() {
+        Some(sandbox) => {
+            let stats = sandbox.stats();
+            let aggregate = sandbox
+                .aggregate()
+                .await
+                .map(|a| aggregate_html(&a))
+                .unwrap_or_default();
+            Some(format!(
+                "{aggregate}<p class=\"note\">Since the gateway started: {} started, {} pruned.</p>",
+                stats.started, stats.pruned
+            ))
+        }
+        None => None,
+    };
     let listed = match state.gateway().sandbox() {
         None => None,
         Some(sandbox) => Some((sandbox.backend(), sandbox.list().await)),
@@ -1048,5 +1102,50 @@ impl moltmate_ops::users::Environment for GatewayEnvironment {
                 .map_err(|e| format!("the user's sandboxes could not be ended: {e}")),
             None => Ok(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod aggregate_tests {
+    use super::*;
+
+    #[test]
+    fn the_aggregate_shows_use_against_limits_or_why_there_is_no_bound() {
+        let mut a = SandboxAggregate {
+            alive: 2,
+            max_active: 2,
+            queued: 1,
+            evicted: 4,
+            queue_timeouts: 1,
+            memory_limit_bytes: 1 << 30,
+            memory_used_bytes: Some(300 << 20),
+            memory_peak_bytes: Some(1000 << 20),
+            cpu_limit_millis: 1500,
+            cpu_used_micros: Some(1),
+            cpu_recent_millis: Some(1200),
+            pids_limit: 4096,
+            pids_used: Some(40),
+            cgroup: Some("/moltmate".into()),
+            cgroup_problem: None,
+        };
+        let html = aggregate_html(&a);
+        for needle in [
+            "2 alive of 2",
+            "1 command(s) waiting",
+            "300 MiB of 1024 MiB (peak 1000 MiB)",
+            "1.20 of 1.50 CPUs",
+            "40 of 4096",
+            "<code>/moltmate</code>",
+            "4 idle sandbox(es) stopped",
+        ] {
+            assert!(html.contains(needle), "{needle}: {html}");
+        }
+        a.cgroup = None;
+        a.cgroup_problem = Some("cannot create <x>".into());
+        a.memory_used_bytes = None;
+        let html = aggregate_html(&a);
+        assert!(html.contains("no parent cgroup"), "{html}");
+        assert!(html.contains("cannot create &lt;x&gt;"), "escaped: {html}");
+        assert!(html.contains("— of 1024 MiB"), "{html}");
     }
 }

@@ -403,8 +403,8 @@ async fn reset_and_remove_need_the_user_id_typed_and_do_what_the_cli_does() {
         .is_empty());
     assert_eq!(
         h.gateway.store().user_for_token(&token).await.unwrap(),
-        Some(anna.clone()),
-        "reset keeps the user's tokens, like the CLI"
+        None,
+        "reset ends the user's tokens, like the CLI (nothing of the old life signs in)"
     );
 
     let removed = send(

@@ -6,6 +6,7 @@
 //! /sys/fs/cgroup/{memory,pids,cpu}; else none (the caller falls back to rlimits). A hybrid host
 //! with an empty v2 hierarchy at /sys/fs/cgroup/unified uses v1.
 
+use crate::total::{ParentCgroup, ParentDirs};
 use moltmate_core::sandbox::SandboxLimits;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,9 @@ pub enum CgroupSupport {
         memory: Option<PathBuf>,
         pids: Option<PathBuf>,
         cpu: Option<PathBuf>,
+        /// Only for measuring (`cpuacct.usage` of the parent); `None` where it shares `cpu`'s
+        /// mount or is absent.
+        cpuacct: Option<PathBuf>,
     },
     None,
 }
@@ -68,7 +72,48 @@ impl CgroupSupport {
         if memory.is_none() && pids.is_none() && cpu.is_none() {
             CgroupSupport::None
         } else {
-            CgroupSupport::V1 { memory, pids, cpu }
+            CgroupSupport::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct: None,
+            }
+        }
+    }
+
+    /// Per-exec groups as children of the gateway's parent cgroup for all sandboxes
+    /// ([`crate::total`]), so the totals hold over every bubblewrap command together.
+    pub fn under(parent: &ParentCgroup) -> Self {
+        let usable = |dir: &Path| can_create_children(dir).then(|| dir.to_path_buf());
+        match parent.dirs() {
+            ParentDirs::V2 { dir } => match usable(dir) {
+                Some(base) => CgroupSupport::V2 { base },
+                None => CgroupSupport::None,
+            },
+            ParentDirs::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+            } => {
+                let cpu = cpu.as_deref().and_then(usable);
+                // Co-mounted `cpu,cpuacct`: the cpu group already is the cpuacct group.
+                let same_mount = |a: &Path, b: &Path| {
+                    fs::canonicalize(a)
+                        .ok()
+                        .is_some_and(|a| fs::canonicalize(b).ok() == Some(a))
+                };
+                let cpuacct = cpuacct
+                    .as_deref()
+                    .filter(|acct| !cpu.as_deref().is_some_and(|c| same_mount(c, acct)))
+                    .and_then(usable);
+                CgroupSupport::V1 {
+                    memory: usable(memory),
+                    pids: pids.as_deref().and_then(usable),
+                    cpu,
+                    cpuacct,
+                }
+            }
         }
     }
 
@@ -95,9 +140,17 @@ impl CgroupSupport {
     pub fn create(&self, name: &str, limits: &SandboxLimits) -> std::io::Result<ExecCgroup> {
         let mut dirs = Vec::new();
         let result = self.create_inner(name, limits, &mut dirs);
+        let memory = match self {
+            CgroupSupport::V2 { base } => Some((base.join(name), true)),
+            CgroupSupport::V1 {
+                memory: Some(base), ..
+            } => Some((base.join(name), false)),
+            _ => None,
+        };
         let group = ExecCgroup {
             dirs,
             procs: Vec::new(),
+            memory,
         };
         result?;
         let mut group = group;
@@ -130,7 +183,12 @@ impl CgroupSupport {
                 let _ = fs::write(dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"));
                 Ok(())
             }
-            CgroupSupport::V1 { memory, pids, cpu } => {
+            CgroupSupport::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+            } => {
                 if let Some(base) = memory {
                     let dir = base.join(name);
                     fs::create_dir(&dir)?;
@@ -158,6 +216,12 @@ impl CgroupSupport {
                     let _ = fs::write(dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string());
                     let _ = fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string());
                 }
+                if let Some(base) = cpuacct {
+                    // No limit: joined so the parent's `cpuacct.usage` counts this command.
+                    let dir = base.join(name);
+                    fs::create_dir(&dir)?;
+                    dirs.push(dir);
+                }
                 Ok(())
             }
         }
@@ -170,7 +234,12 @@ impl CgroupSupport {
         match self {
             CgroupSupport::None => Vec::new(),
             CgroupSupport::V2 { base } => vec![base.as_path()],
-            CgroupSupport::V1 { memory, pids, cpu } => [memory, pids, cpu]
+            CgroupSupport::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+            } => [memory, pids, cpu, cpuacct]
                 .into_iter()
                 .flatten()
                 .map(PathBuf::as_path)
@@ -228,6 +297,8 @@ pub struct ExecCgroup {
     /// `cgroup.procs` of each directory, opened before the fork so the child only has to
     /// `write(fd, "0")` (join as itself) — an async-signal-safe operation.
     procs: Vec<File>,
+    /// The memory group, and whether it is cgroup v2 (for the OOM-kill counter).
+    memory: Option<(PathBuf, bool)>,
 }
 
 impl ExecCgroup {
@@ -260,6 +331,21 @@ impl ExecCgroup {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Processes of this group the kernel's OOM killer ended (its own limit or the parent's
+    /// total); `None` where unreadable. A small cgroup file: call off the async runtime.
+    pub fn oom_kills(&self) -> Option<u64> {
+        let (dir, v2) = self.memory.as_ref()?;
+        let file = if *v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        let text = fs::read_to_string(dir.join(file)).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
     }
 
     /// True when this exec is confined by at least one cgroup.
@@ -335,5 +421,64 @@ mod tests {
 
         drop(busy);
         let _ = sleeper.wait();
+    }
+
+    /// cgroup v2 is not what the CI host runs (v1, where `hostile_sandboxes` covers this end
+    /// to end): under a v2-shaped parent, per-exec groups are made in the parent's directory
+    /// with the v2 limit files, and an OOM kill is read from `memory.events`.
+    #[test]
+    fn v2_exec_groups_live_under_the_parent_and_report_oom_kills() {
+        use crate::total::{ParentStyle, TotalLimits};
+        let root = tempfile::tempdir().unwrap();
+        fs::write(root.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        let limits = TotalLimits {
+            memory_bytes: 1 << 30,
+            cpu_millis: 1500,
+            pids: 4096,
+        };
+        let parent =
+            ParentCgroup::create_at(root.path(), "moltmate", ParentStyle::Path, limits).unwrap();
+        let base = root.path().join("moltmate");
+        let support = CgroupSupport::under(&parent);
+        assert_eq!(support, CgroupSupport::V2 { base: base.clone() });
+
+        let mut dirs = Vec::new();
+        support
+            .create_inner("sbx-1", &SandboxLimits::default(), &mut dirs)
+            .unwrap();
+        let dir = base.join("sbx-1");
+        assert_eq!(dirs, vec![dir.clone()]);
+        let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(
+            read("memory.max"),
+            SandboxLimits::default().memory_bytes.to_string()
+        );
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("pids.max"), SandboxLimits::default().pids.to_string());
+
+        let group = ExecCgroup {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+            memory: Some((dir.clone(), true)),
+        };
+        assert_eq!(group.oom_kills(), None, "unreadable is not zero");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(group.oom_kills(), Some(1));
+        // v1 keeps the counter in `memory.oom_control`.
+        fs::write(
+            dir.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        let v1 = ExecCgroup {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+            memory: Some((dir, false)),
+        };
+        assert_eq!(v1.oom_kills(), Some(3));
     }
 }

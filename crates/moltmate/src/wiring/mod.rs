@@ -87,6 +87,52 @@ pub fn init_logging(config: &Config, quiet: bool) {
     }
 }
 
+/// The aggregate bound over all sandboxes (`sandbox.total`, `maxActive`,
+/// `queueTimeoutSeconds`), with what the config leaves out derived from this host.
+/// `adopt_found`: the gateway (`serve`) owns the sandboxes it finds alive; a terminal
+/// `moltmate chat` does not (see [`moltmate_sandbox::total::TotalSettings::adopt_found`]).
+pub fn total_settings(
+    config: &Config,
+    adopt_found: bool,
+) -> moltmate_sandbox::total::TotalSettings {
+    use moltmate_sandbox::total::{HostResources, TotalLimits, TotalSettings, DEFAULT_TOTAL_PIDS};
+    let s = &config.sandbox;
+    let limits = TotalLimits::resolve(
+        HostResources::detect(),
+        s.total.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+        // Validation keeps cpus in [0.01, 1024].
+        s.total.cpus.map(|c| (c * 1000.0).round() as u64),
+        Some(
+            s.total
+                .pids
+                .unwrap_or(DEFAULT_TOTAL_PIDS.max(u64::from(s.limits.pids))),
+        ),
+    );
+    TotalSettings {
+        limits,
+        cgroup_name: s.total.cgroup.clone(),
+        max_active: s.max_active as usize,
+        queue_timeout: Duration::from_secs(s.queue_timeout_seconds),
+        adopt_found,
+    }
+}
+
+/// The gateway's own OOM score: lower than anything (-500), so under memory pressure the
+/// kernel ends sandboxes (`oom_score_adj` 500 to 1000) first. Needs `CAP_SYS_RESOURCE`;
+/// without it the score stays (0, still below every sandbox's) and a warning says so. What the gateway starts inherits it, so
+/// both backends raise their sandboxes' own score again.
+pub fn protect_gateway_from_oom() {
+    const GATEWAY_OOM_SCORE_ADJ: &str = "-500";
+    let path = "/proc/self/oom_score_adj";
+    let current = std::fs::read_to_string(path).unwrap_or_default();
+    if current.trim() == GATEWAY_OOM_SCORE_ADJ {
+        return;
+    }
+    if let Err(e) = std::fs::write(path, GATEWAY_OOM_SCORE_ADJ) {
+        tracing::warn!(error = %e, "cannot lower the gateway's OOM score (needs CAP_SYS_RESOURCE); it stays below its sandboxes', which the kernel picks first under memory pressure");
+    }
+}
+
 /// The sandbox layer's settings from the config.
 pub fn sandbox_settings(home: &Path, config: &Config) -> SandboxSettings {
     SandboxSettings {

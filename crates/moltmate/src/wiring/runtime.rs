@@ -33,8 +33,19 @@ pub struct Built {
     pub store: Store,
 }
 
-/// The sandbox backend the config asks for, or an error that says what to install.
+/// The sandbox backend the config asks for, or an error that says what to install. Without
+/// the aggregate bound: for the `sandbox list/prune` commands, which run next to a gateway and
+/// must not count or stop its sandboxes as their own.
 pub async fn sandbox_backend(home: &Path, config: &Config) -> Result<Arc<dyn Sandbox>> {
+    sandbox_backend_with(home, config, None).await
+}
+
+/// [`sandbox_backend`] for a gateway: every sandbox under the aggregate bound `total`.
+pub async fn sandbox_backend_with(
+    home: &Path,
+    config: &Config,
+    total: Option<moltmate_sandbox::total::TotalSettings>,
+) -> Result<Arc<dyn Sandbox>> {
     let settings = super::sandbox_settings(home, config);
     let proxy = if config.sandbox.network == moltmate_core::sandbox::SandboxNetwork::Proxy {
         let mut proxy = moltmate_sandbox::proxy::ProxyConfig::from_settings(&settings);
@@ -46,7 +57,7 @@ pub async fn sandbox_backend(home: &Path, config: &Config) -> Result<Arc<dyn San
     } else {
         None
     };
-    Ok(moltmate_sandbox::select::select_backend(&settings, proxy).await?)
+    Ok(moltmate_sandbox::select::select_backend_bounded(&settings, proxy, total).await?)
 }
 
 fn tools(
@@ -148,8 +159,13 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
     }
     let model = super::model::model_caller(config)?;
     let sandbox = if sandbox_required(config) {
-        match sandbox_backend(home, config).await {
-            Ok(sandbox) => Some(sandbox),
+        let total = super::total_settings(config, purpose == Purpose::Serve);
+        match sandbox_backend_with(home, config, Some(total)).await {
+            Ok(sandbox) => {
+                // Under memory pressure the kernel picks sandboxes (biased up), not the gateway.
+                super::protect_gateway_from_oom();
+                Some(sandbox)
+            }
             Err(e) => {
                 tracing::warn!("exec is disabled: {e:#}");
                 None
