@@ -2,7 +2,9 @@
 //! `--include-secrets`).
 //!
 //! The secrets of `moltmate.json` are the values of `gateway.auth.token`,
-//! `providers.<name>.apiKey` and `channels.telegram.botToken`. A value that is only a `${VAR}`
+//! `providers.<name>.apiKey`, `channels.telegram.botToken` and every other key whose name says
+//! secret (`…token`, `…apiKey`, `…secret`, `…password`: `channels.<name>.appSecret`,
+//! `tools.web.search.apiKey`, ... become `${MOLTMATE_<NAME>_APP_SECRET}`, ...). A value that is only a `${VAR}`
 //! reference is no secret (the secret is in the environment) and is kept. Any other value is
 //! replaced by a reference to a variable named after its key (`${MOLTMATE_TELEGRAM_BOT_TOKEN}`),
 //! so a restored config loads once that variable is set — and until then refuses to load with
@@ -71,6 +73,67 @@ fn secret_locations(root: &Value) -> Vec<(String, String, Vec<String>)> {
                 vec!["providers".into(), name.clone(), "apiKey".into()],
             ));
         }
+    }
+    // Every other key that names a secret (`…token`, `…apiKey`, `…secret`, `…password`, the
+    // rule `moltmate doctor` uses): the channels' app secrets and tokens, a search key, and
+    // whatever a later release adds, without a list to forget to extend.
+    let mut found = Vec::new();
+    secret_keys_in(root, &mut Vec::new(), &mut found);
+    for pointer in found {
+        let path = pointer.join(".");
+        if out.iter().any(|(known, _, _)| *known == path) {
+            continue;
+        }
+        let named: Vec<&String> = match pointer.first().map(String::as_str) {
+            Some("channels") => pointer.iter().skip(1).collect(),
+            _ => pointer.iter().collect(),
+        };
+        let variable = format!(
+            "MOLTMATE_{}",
+            named
+                .iter()
+                .map(|part| screaming(part))
+                .collect::<Vec<_>>()
+                .join("_")
+        );
+        out.push((path, variable, pointer));
+    }
+    out
+}
+
+/// Pointers to every string value under a key [`crate::is_secret_key`] names, bounded in depth
+/// like the config itself.
+fn secret_keys_in(value: &Value, at: &mut Vec<String>, found: &mut Vec<Vec<String>>) {
+    if at.len() > strict::MAX_DEPTH {
+        return;
+    }
+    if let Value::Object(map) = value {
+        for (key, child) in map {
+            at.push(key.clone());
+            if child.is_string() && crate::is_secret_key(key) {
+                found.push(at.clone());
+            } else {
+                secret_keys_in(child, at, found);
+            }
+            at.pop();
+        }
+    }
+}
+
+/// `appSecret` → `APP_SECRET`, `bot-1` → `BOT_1`.
+fn screaming(part: &str) -> String {
+    let mut out = String::with_capacity(part.len() + 4);
+    let mut previous_lower = false;
+    for c in part.chars() {
+        if c.is_ascii_uppercase() && previous_lower {
+            out.push('_');
+        }
+        previous_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
+        out.push(if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase()
+        } else {
+            '_'
+        });
     }
     out
 }
@@ -209,6 +272,33 @@ mod tests {
                 .to_string()
                 .contains("MOLTMATE_PROVIDER_ANTHROPIC_API_KEY"),
             "{error}"
+        );
+    }
+
+    /// Regression: only the three known secrets were replaced, so the key of a channel or tool
+    /// added later (an app secret, a search key) went into every backup in clear text.
+    #[test]
+    fn every_key_that_names_a_secret_is_replaced_not_only_the_known_ones() {
+        let text = r#"{
+  channels: { whatsapp: { appSecret: "wa-SECRET-1", verifyToken: "wa-SECRET-2", phoneNumberId: "123" },
+              slack: { appToken: "${SLACK_APP}", signingSecret: "sl-SECRET-3" } },
+  tools: { web: { search: { apiKey: "BSA-SECRET-4", maxResults: 5 } } },
+}"#;
+        let redacted = redact_secrets(text).unwrap();
+        for secret in ["wa-SECRET-1", "wa-SECRET-2", "sl-SECRET-3", "BSA-SECRET-4"] {
+            assert!(!redacted.text.contains(secret), "{}", redacted.text);
+        }
+        assert!(redacted.text.contains("${SLACK_APP}") && redacted.text.contains("\"123\""));
+        let mut variables: Vec<&str> = redacted.replaced.iter().map(|(_, v)| v.as_str()).collect();
+        variables.sort();
+        assert_eq!(
+            variables,
+            [
+                "MOLTMATE_SLACK_SIGNING_SECRET",
+                "MOLTMATE_TOOLS_WEB_SEARCH_API_KEY",
+                "MOLTMATE_WHATSAPP_APP_SECRET",
+                "MOLTMATE_WHATSAPP_VERIFY_TOKEN",
+            ]
         );
     }
 
