@@ -1,10 +1,12 @@
 //! The SQLite database: schema, migrations and every query the gateway makes.
 //!
-//! One connection behind a mutex, used from `spawn_blocking`: SQLite has a single writer anyway,
-//! every statement here is sub-millisecond, and a pool would only add memory. WAL mode lets the
+//! One connection, owned by one database thread that runs every call in turn and commits the
+//! durable ones in groups (see [`crate::durable`]): SQLite has a single writer anyway, every
+//! statement here is sub-millisecond, and a pool would only add memory. WAL mode lets the
 //! operator's CLI (`moltmate pairing approve`, `moltmate users ...`) read and write while the
 //! gateway runs; `busy_timeout` makes the two wait for each other instead of failing.
 
+use crate::durable::DbThread;
 use chrono::Utc;
 use moltmate_core::channel::InboundMessage;
 use moltmate_core::model::{ConversationItem, TokenUsage};
@@ -13,7 +15,7 @@ use moltmate_core::{ChannelKind, Identity, PeerId, UserId};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Storage failures. None of them is the user's fault; the gateway reports them as internal.
@@ -381,7 +383,10 @@ fn parse_identity(channel: &str, peer: String) -> Result<Identity, StoreError> {
 /// The gateway's database.
 #[derive(Clone)]
 pub struct Store {
-    connection: Arc<Mutex<Connection>>,
+    /// The thread that owns the connection (see [`crate::durable`]).
+    db: DbThread,
+    /// Held by every clone; the checkpointer stops when the last one is gone.
+    alive: Arc<()>,
 }
 
 impl Store {
@@ -395,7 +400,7 @@ impl Store {
         // The database holds transcripts: owner-only, like everything else in the home.
         set_owner_only(path);
         let store = Self::prepare(connection)?;
-        start_checkpointer(path, Arc::downgrade(&store.connection));
+        start_checkpointer(path, Arc::downgrade(&store.alive));
         Ok(store)
     }
 
@@ -407,10 +412,10 @@ impl Store {
     /// Durability, in WAL mode:
     /// * commits default to `synchronous = NORMAL`: on disk before the next checkpoint, which
     ///   survives any process crash (`kill -9`) but not a power loss;
-    /// * the two commits whose loss would break a promise to the outside world run with
+    /// * the commits whose loss would break a promise to the outside world run with
     ///   `synchronous = FULL` (fsync before returning): accepting an inbound message (the channel
     ///   is told "received" right after) and claiming a reply for sending (the guard against
-    ///   sending it twice). See [`Store::durably`].
+    ///   sending it twice), grouped across callers. See [`Store::durably`].
     /// * Automatic checkpoints are off on this connection; a background thread checkpoints, so a
     ///   message's latency never includes one.
     fn prepare(mut connection: Connection) -> Result<Store, StoreError> {
@@ -420,43 +425,32 @@ impl Store {
              PRAGMA wal_autocheckpoint = 0;",
         )?;
         migrate(&mut connection)?;
+        // Every statement of the hot path is prepared once (`prepare_cached`).
+        connection.set_prepared_statement_cache_capacity(128);
         Ok(Store {
-            connection: Arc::new(Mutex::new(connection)),
+            db: DbThread::start(connection)?,
+            alive: Arc::new(()),
         })
     }
 
-    /// Runs `work` with `synchronous = FULL`: its commit is fsynced before this returns.
+    /// Runs `work` in a transaction whose commit is fsynced (`synchronous = FULL`) before this
+    /// returns, grouped with other callers' durable work (one fsync per group; see
+    /// [`crate::durable`]). `work` must not begin a transaction of its own: it runs inside one.
     pub(crate) async fn durably<R, F>(&self, work: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        self.with(move |c| {
-            c.execute_batch("PRAGMA synchronous = FULL")?;
-            let result = work(c);
-            c.execute_batch("PRAGMA synchronous = NORMAL")?;
-            result
-        })
-        .await
+        self.db.run_durably(work).await
     }
 
-    /// Runs `work` on the connection in the blocking pool.
+    /// Runs `work` on the connection, on the database thread.
     pub(crate) async fn with<R, F>(&self, work: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let connection = Arc::clone(&self.connection);
-        tokio::task::spawn_blocking(move || {
-            // A poisoned lock means a panic happened mid-statement in another thread; SQLite
-            // itself rolled back the open transaction, so the connection is still consistent.
-            let mut guard = connection
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            work(&mut guard)
-        })
-        .await
-        .map_err(|e| StoreError::Worker(e.to_string()))?
+        self.db.run(work).await
     }
 
     // ---- users and identities -------------------------------------------------------------
@@ -718,26 +712,10 @@ impl Store {
         let message = message.clone();
         let user = user.clone();
         self.durably(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let inserted = tx.execute(
-                "INSERT OR IGNORE INTO inbox (channel, external_id, user_id, chat_id, text, sender_name, language_code, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    message.sender.channel.as_str(),
-                    message.external_id,
-                    user.as_str(),
-                    message.chat_id,
-                    message.text,
-                    message.sender_name,
-                    message.language_code,
-                    now_millis()
-                ],
-            )?;
-            let id = (inserted == 1).then(|| tx.last_insert_rowid());
+            let id = insert_inbox_row(c, &message, &user)?;
             if let Some(cursor) = message.cursor {
-                upsert_cursor(&tx, message.sender.channel, cursor)?;
+                upsert_cursor(c, message.sender.channel, cursor)?;
             }
-            tx.commit()?;
             Ok(id)
         })
         .await
@@ -1507,12 +1485,37 @@ pub(crate) fn upsert_cursor(
     channel: ChannelKind,
     cursor: i64,
 ) -> Result<(), StoreError> {
-    c.execute(
+    c.prepare_cached(
         "INSERT INTO channel_cursors (channel, cursor) VALUES (?1, ?2)
          ON CONFLICT (channel) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)",
-        params![channel.as_str(), cursor],
-    )?;
+    )?
+    .execute(params![channel.as_str(), cursor])?;
     Ok(())
+}
+
+/// Stores an accepted message for `user`. The inbox id, or `None` when this delivery (channel
+/// and external id) was stored before.
+pub(crate) fn insert_inbox_row(
+    c: &Connection,
+    message: &InboundMessage,
+    user: &UserId,
+) -> Result<Option<i64>, StoreError> {
+    let inserted = c
+        .prepare_cached(
+            "INSERT OR IGNORE INTO inbox (channel, external_id, user_id, chat_id, text, sender_name, language_code, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            message.sender.channel.as_str(),
+            message.external_id,
+            user.as_str(),
+            message.chat_id,
+            message.text,
+            message.sender_name,
+            message.language_code,
+            now_millis()
+        ])?;
+    Ok((inserted == 1).then(|| c.last_insert_rowid()))
 }
 
 pub(crate) fn insert_outbox(
@@ -1524,17 +1527,17 @@ pub(crate) fn insert_outbox(
     text: &str,
 ) -> Result<i64, StoreError> {
     let now = now_millis();
-    c.execute(
+    c.prepare_cached(
         "INSERT INTO outbox (inbox_id, user_id, channel, chat_id, text, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-        params![inbox_id, user.map(UserId::as_str), channel.as_str(), chat_id, text, now],
-    )?;
+    )?
+    .execute(params![inbox_id, user.map(UserId::as_str), channel.as_str(), chat_id, text, now])?;
     Ok(c.last_insert_rowid())
 }
 
 /// Checkpoints the WAL from its own connection every 200 ms while the store is alive. PASSIVE
 /// checkpoints never block the writer; they copy committed pages into the database file and fsync
 /// it, which keeps the WAL short without putting that cost on a message's latency.
-fn start_checkpointer(path: &Path, store: std::sync::Weak<Mutex<Connection>>) {
+fn start_checkpointer(path: &Path, store: std::sync::Weak<()>) {
     let path = path.to_path_buf();
     let spawned = std::thread::Builder::new().name("moltmate-checkpoint".into()).spawn(move || {
         let connection = match Connection::open(&path) {

@@ -18,6 +18,7 @@
 
 pub mod auth;
 pub mod db;
+mod durable;
 pub mod homes;
 pub mod memory_index;
 pub mod pairing;
