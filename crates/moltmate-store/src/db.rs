@@ -464,8 +464,7 @@ impl Store {
         let user = user.clone();
         let display_name = display_name.map(str::to_string);
         self.with(move |c| {
-            let inserted = c.execute(
-                "INSERT OR IGNORE INTO users (id, display_name, created_at) VALUES (?1, ?2, ?3)",
+            let inserted = c.prepare_cached("INSERT OR IGNORE INTO users (id, display_name, created_at) VALUES (?1, ?2, ?3)")?.execute(
                 params![user.as_str(), display_name, now_millis()],
             )?;
             Ok(inserted == 1)
@@ -486,13 +485,11 @@ impl Store {
         let source = source.to_string();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)",
+            tx.prepare_cached("INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)")?.execute(
                 params![user.as_str(), now_millis()],
             )?;
-            tx.execute(
-                "INSERT INTO identities (channel, peer, user_id, source, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (channel, peer) DO UPDATE SET user_id = excluded.user_id, source = excluded.source",
+            tx.prepare_cached("INSERT INTO identities (channel, peer, user_id, source, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (channel, peer) DO UPDATE SET user_id = excluded.user_id, source = excluded.source")?.execute(
                 params![identity.channel.as_str(), identity.peer.as_str(), user.as_str(), source, now_millis()],
             )?;
             tx.commit()?;
@@ -509,8 +506,10 @@ impl Store {
         let identity = identity.clone();
         self.with(move |c| {
             let row: Option<(String, String)> = c
-                .query_row(
+                .prepare_cached(
                     "SELECT user_id, source FROM identities WHERE channel = ?1 AND peer = ?2",
+                )?
+                .query_row(
                     params![identity.channel.as_str(), identity.peer.as_str()],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
@@ -546,10 +545,8 @@ impl Store {
     pub async fn set_onboarded(&self, user: &UserId, onboarded: bool) -> Result<(), StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            c.execute(
-                "UPDATE users SET onboarded = ?2 WHERE id = ?1",
-                params![user.as_str(), onboarded],
-            )?;
+            c.prepare_cached("UPDATE users SET onboarded = ?2 WHERE id = ?1")?
+                .execute(params![user.as_str(), onboarded])?;
             Ok(())
         })
         .await
@@ -560,13 +557,12 @@ impl Store {
     pub async fn onboarding_step(&self, user: &UserId) -> Result<Option<String>, StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            Ok(c.query_row(
-                "SELECT onboarding_step FROM users WHERE id = ?1",
-                params![user.as_str()],
-                |r| r.get(0),
+            Ok(
+                c.prepare_cached("SELECT onboarding_step FROM users WHERE id = ?1")?
+                    .query_row(params![user.as_str()], |r| r.get(0))
+                    .optional()?
+                    .flatten(),
             )
-            .optional()?
-            .flatten())
         })
         .await
     }
@@ -581,10 +577,10 @@ impl Store {
         let user = user.clone();
         let step = step.map(str::to_string);
         self.with(move |c| {
-            c.execute(
+            c.prepare_cached(
                 "UPDATE users SET onboarding_step = ?2, onboarded = ?3 WHERE id = ?1",
-                params![user.as_str(), step, onboarded],
-            )?;
+            )?
+            .execute(params![user.as_str(), step, onboarded])?;
             Ok(())
         })
         .await
@@ -597,22 +593,16 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "DELETE FROM transcript WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM sessions WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM inbox WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
-            tx.execute(
+            tx.prepare_cached("DELETE FROM transcript WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
+            tx.prepare_cached("DELETE FROM sessions WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
+            tx.prepare_cached("DELETE FROM inbox WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
+            tx.prepare_cached(
                 "UPDATE users SET onboarded = 0, onboarding_step = NULL WHERE id = ?1",
-                params![user.as_str()],
-            )?;
+            )?
+            .execute(params![user.as_str()])?;
             // The reset home starts over under a fresh uid: nothing left running under the old
             // one can reach it.
             retire_sandbox_ids(&tx, &user)?;
@@ -629,25 +619,21 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
+            tx.prepare_cached(
                 "DELETE FROM pairing_requests WHERE (channel, peer) IN
                    (SELECT channel, peer FROM identities WHERE user_id = ?1)",
-                params![user.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM inbox WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM outbox WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM transcript WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
+            )?
+            .execute(params![user.as_str()])?;
+            tx.prepare_cached("DELETE FROM inbox WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
+            tx.prepare_cached("DELETE FROM outbox WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
+            tx.prepare_cached("DELETE FROM transcript WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
             retire_sandbox_ids(&tx, &user)?;
-            let deleted = tx.execute("DELETE FROM users WHERE id = ?1", params![user.as_str()])?;
+            let deleted = tx
+                .prepare_cached("DELETE FROM users WHERE id = ?1")?
+                .execute(params![user.as_str()])?;
             tx.commit()?;
             Ok(deleted == 1)
         })
@@ -733,12 +719,11 @@ impl Store {
 
     pub async fn cursor(&self, channel: ChannelKind) -> Result<Option<i64>, StoreError> {
         self.with(move |c| {
-            Ok(c.query_row(
-                "SELECT cursor FROM channel_cursors WHERE channel = ?1",
-                params![channel.as_str()],
-                |r| r.get(0),
+            Ok(
+                c.prepare_cached("SELECT cursor FROM channel_cursors WHERE channel = ?1")?
+                    .query_row(params![channel.as_str()], |r| r.get(0))
+                    .optional()?,
             )
-            .optional()?)
         })
         .await
     }
@@ -822,10 +807,8 @@ impl Store {
                 )?),
                 None => None,
             };
-            tx.execute(
-                "UPDATE inbox SET done_at = ?2 WHERE id = ?1",
-                params![inbox_id, now_millis()],
-            )?;
+            tx.prepare_cached("UPDATE inbox SET done_at = ?2 WHERE id = ?1")?
+                .execute(params![inbox_id, now_millis()])?;
             tx.commit()?;
             Ok(outbox)
         })
@@ -861,14 +844,14 @@ impl Store {
                     ])?;
                 }
             }
-            tx.execute("UPDATE sessions SET last_active = ?2 WHERE id = ?1", params![turn.session_id, now])?;
+            tx.prepare_cached("UPDATE sessions SET last_active = ?2 WHERE id = ?1")?.execute( params![turn.session_id, now])?;
             let outbox = match &turn.reply {
                 Some((channel, chat_id, text)) => {
                     Some(insert_outbox(&tx, Some(turn.inbox_id), Some(&turn.user), *channel, chat_id, text)?)
                 }
                 None => None,
             };
-            tx.execute("UPDATE inbox SET done_at = ?2 WHERE id = ?1", params![turn.inbox_id, now])?;
+            tx.prepare_cached("UPDATE inbox SET done_at = ?2 WHERE id = ?1")?.execute( params![turn.inbox_id, now])?;
             tx.commit()?;
             Ok(outbox)
         })
@@ -928,8 +911,7 @@ impl Store {
     /// another worker or process claimed it first, so a reply is never handed over twice.
     pub async fn claim_outbox(&self, id: i64) -> Result<bool, StoreError> {
         self.durably(move |c| {
-            let claimed = c.execute(
-                "UPDATE outbox SET state = 'sending', updated_at = ?2 WHERE id = ?1 AND state = 'pending'",
+            let claimed = c.prepare_cached("UPDATE outbox SET state = 'sending', updated_at = ?2 WHERE id = ?1 AND state = 'pending'")?.execute(
                 params![id, now_millis()],
             )?;
             Ok(claimed == 1)
@@ -940,13 +922,12 @@ impl Store {
     /// Whether an inbox row still waits for its answer (another process may have answered it).
     pub async fn inbox_is_pending(&self, id: i64) -> Result<bool, StoreError> {
         self.with(move |c| {
-            Ok(c.query_row(
-                "SELECT done_at IS NULL FROM inbox WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
+            Ok(
+                c.prepare_cached("SELECT done_at IS NULL FROM inbox WHERE id = ?1")?
+                    .query_row(params![id], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(false),
             )
-            .optional()?
-            .unwrap_or(false))
         })
         .await
     }
@@ -959,10 +940,10 @@ impl Store {
         detail: Option<String>,
     ) -> Result<(), StoreError> {
         self.with(move |c| {
-            c.execute(
+            c.prepare_cached(
                 "UPDATE outbox SET state = ?2, detail = ?3, updated_at = ?4 WHERE id = ?1",
-                params![id, state, detail, now_millis()],
-            )?;
+            )?
+            .execute(params![id, state, detail, now_millis()])?;
             Ok(())
         })
         .await
@@ -988,9 +969,8 @@ impl Store {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existing = tx
-                .query_row(
-                    "SELECT id, started_at, last_active, summary FROM sessions
-                     WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1",
+                .prepare_cached("SELECT id, started_at, last_active, summary FROM sessions
+                     WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1")?.query_row(
                     params![user.as_str()],
                     |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
@@ -1002,12 +982,10 @@ impl Store {
                 None => {
                     let now = now_millis();
                     let id = new_session_id();
-                    tx.execute(
-                        "INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)",
+                    tx.prepare_cached("INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)")?.execute(
                         params![user.as_str(), now],
                     )?;
-                    tx.execute(
-                        "INSERT INTO sessions (id, user_id, started_at, last_active) VALUES (?1, ?2, ?3, ?3)",
+                    tx.prepare_cached("INSERT INTO sessions (id, user_id, started_at, last_active) VALUES (?1, ?2, ?3, ?3)")?.execute(
                         params![id, user.as_str(), now],
                     )?;
                     SessionRecord { id, user: user.clone(), started_at: now, last_active: now, summary: None }
@@ -1024,14 +1002,12 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             let id: Option<String> = c
-                .query_row(
-                    "SELECT id FROM sessions WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1",
+                .prepare_cached("SELECT id FROM sessions WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1")?.query_row(
                     params![user.as_str()],
                     |r| r.get(0),
                 )
                 .optional()?;
-            c.execute(
-                "UPDATE sessions SET ended_at = ?2 WHERE user_id = ?1 AND ended_at IS NULL",
+            c.prepare_cached("UPDATE sessions SET ended_at = ?2 WHERE user_id = ?1 AND ended_at IS NULL")?.execute(
                 params![user.as_str(), now_millis()],
             )?;
             Ok(id)
@@ -1050,14 +1026,10 @@ impl Store {
         let summary = summary.to_string();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "UPDATE sessions SET summary = ?2 WHERE id = ?1",
-                params![session_id, summary],
-            )?;
-            tx.execute(
-                "DELETE FROM transcript WHERE session_id = ?1 AND id < ?2",
-                params![session_id, keep_from_id],
-            )?;
+            tx.prepare_cached("UPDATE sessions SET summary = ?2 WHERE id = ?1")?
+                .execute(params![session_id, summary])?;
+            tx.prepare_cached("DELETE FROM transcript WHERE session_id = ?1 AND id < ?2")?
+                .execute(params![session_id, keep_from_id])?;
             tx.commit()?;
             Ok(())
         })
@@ -1208,9 +1180,8 @@ impl Store {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let row = tx
-                .query_row(
-                    "SELECT code, channel, peer, chat_id, sender_name, created_at, expires_at, state FROM pairing_requests
-                     WHERE code = ?1 AND channel = ?2",
+                .prepare_cached("SELECT code, channel, peer, chat_id, sender_name, created_at, expires_at, state FROM pairing_requests
+                     WHERE code = ?1 AND channel = ?2")?.query_row(
                     params![code, channel.as_str()],
                     pairing_row,
                 )
@@ -1229,18 +1200,16 @@ impl Store {
                 return Err(StoreError::NotFound(format!("pairing code {code} has expired; ask the sender to write again for a new one")));
             }
             let state = if approve { PairingState::Approved } else { PairingState::Denied };
-            tx.execute("UPDATE pairing_requests SET state = ?2 WHERE code = ?1", params![code, state.as_str()])?;
+            tx.prepare_cached("UPDATE pairing_requests SET state = ?2 WHERE code = ?1")?.execute( params![code, state.as_str()])?;
             request.state = state;
             let user = if approve {
                 let user = user_for(&request.identity);
                 let now = now_millis();
-                tx.execute(
-                    "INSERT OR IGNORE INTO users (id, display_name, created_at) VALUES (?1, ?2, ?3)",
+                tx.prepare_cached("INSERT OR IGNORE INTO users (id, display_name, created_at) VALUES (?1, ?2, ?3)")?.execute(
                     params![user.as_str(), request.sender_name, now],
                 )?;
-                tx.execute(
-                    "INSERT INTO identities (channel, peer, user_id, source, created_at) VALUES (?1, ?2, ?3, 'pairing', ?4)
-                     ON CONFLICT (channel, peer) DO UPDATE SET user_id = excluded.user_id, source = 'pairing'",
+                tx.prepare_cached("INSERT INTO identities (channel, peer, user_id, source, created_at) VALUES (?1, ?2, ?3, 'pairing', ?4)
+                     ON CONFLICT (channel, peer) DO UPDATE SET user_id = excluded.user_id, source = 'pairing'")?.execute(
                     params![request.identity.channel.as_str(), request.identity.peer.as_str(), user.as_str(), now],
                 )?;
                 Some(user)
@@ -1257,10 +1226,10 @@ impl Store {
     pub async fn revoke_pairings(&self, user: &UserId) -> Result<usize, StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            Ok(c.execute(
+            Ok(c.prepare_cached(
                 "DELETE FROM identities WHERE user_id = ?1 AND source = 'pairing'",
-                params![user.as_str()],
-            )?)
+            )?
+            .execute(params![user.as_str()])?)
         })
         .await
     }
@@ -1381,11 +1350,10 @@ fn pairing_from_row(row: PairingRow) -> Result<PairingRequest, StoreError> {
 
 fn load_user(c: &Connection, user: &UserId) -> Result<Option<UserRecord>, StoreError> {
     let row: Option<(Option<String>, i64, bool)> = c
-        .query_row(
-            "SELECT display_name, created_at, onboarded FROM users WHERE id = ?1",
-            params![user.as_str()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+        .prepare_cached("SELECT display_name, created_at, onboarded FROM users WHERE id = ?1")?
+        .query_row(params![user.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     let Some((display_name, created_at, onboarded)) = row else {
         return Ok(None);
@@ -1426,8 +1394,7 @@ impl IdHolder {
 }
 
 fn retire_sandbox_ids(c: &Connection, user: &UserId) -> Result<(), StoreError> {
-    c.execute(
-        "UPDATE sandbox_ids SET retired_at = ?2 WHERE kind = 'user' AND name = ?1 AND retired_at IS NULL",
+    c.prepare_cached("UPDATE sandbox_ids SET retired_at = ?2 WHERE kind = 'user' AND name = ?1 AND retired_at IS NULL")?.execute(
         params![user.as_str(), now_millis()],
     )?;
     Ok(())
@@ -1443,11 +1410,10 @@ fn sandbox_id(
 ) -> Result<u32, StoreError> {
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let live: Option<i64> = tx
-        .query_row(
+        .prepare_cached(
             "SELECT host_id FROM sandbox_ids WHERE kind = ?1 AND name = ?2 AND retired_at IS NULL",
-            params![holder.as_str(), name],
-            |r| r.get(0),
-        )
+        )?
+        .query_row(params![holder.as_str(), name], |r| r.get(0))
         .optional()?;
     if let Some(id) = live {
         return u32::try_from(id).map_err(|_| {
@@ -1459,11 +1425,13 @@ fn sandbox_id(
             "sandbox.uidRange: {problem}"
         )));
     }
-    let highest: Option<i64> = tx.query_row(
-        "SELECT MAX(host_id) FROM sandbox_ids WHERE host_id >= ?1 AND host_id < ?2",
-        params![i64::from(range.start), range.end() as i64],
-        |r| r.get(0),
-    )?;
+    let highest: Option<i64> = tx
+        .prepare_cached(
+            "SELECT MAX(host_id) FROM sandbox_ids WHERE host_id >= ?1 AND host_id < ?2",
+        )?
+        .query_row(params![i64::from(range.start), range.end() as i64], |r| {
+            r.get(0)
+        })?;
     let next = highest.map_or(i64::from(range.start), |h| h + 1);
     if next >= range.end() as i64 {
         return Err(StoreError::SandboxIds(format!(
@@ -1471,10 +1439,10 @@ fn sandbox_id(
             range.start, range.count
         )));
     }
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO sandbox_ids (kind, name, host_id, created_at) VALUES (?1, ?2, ?3, ?4)",
-        params![holder.as_str(), name, next, now_millis()],
-    )?;
+    )?
+    .execute(params![holder.as_str(), name, next, now_millis()])?;
     tx.commit()?;
     u32::try_from(next)
         .map_err(|_| StoreError::Corrupt(format!("sandbox id {next} is out of range")))
@@ -1565,7 +1533,8 @@ fn start_checkpointer(path: &Path, store: std::sync::Weak<()>) {
 fn migrate(c: &mut Connection) -> Result<(), StoreError> {
     c.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
     let current: i64 = c
-        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .prepare_cached("SELECT version FROM schema_version")?
+        .query_row([], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
     let supported = MIGRATIONS.len() as i64;
@@ -1578,11 +1547,10 @@ fn migrate(c: &mut Connection) -> Result<(), StoreError> {
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(migration)?;
-        tx.execute("DELETE FROM schema_version", [])?;
-        tx.execute(
-            "INSERT INTO schema_version (version) VALUES (?1)",
-            params![index as i64 + 1],
-        )?;
+        tx.prepare_cached("DELETE FROM schema_version")?
+            .execute([])?;
+        tx.prepare_cached("INSERT INTO schema_version (version) VALUES (?1)")?
+            .execute(params![index as i64 + 1])?;
         tx.commit()?;
     }
     Ok(())

@@ -376,13 +376,11 @@ impl Store {
         let session_id = session_id.to_string();
         self.with(move |c| {
             match session_bytes {
-                Some(bytes) => c.execute(
-                    "INSERT INTO compaction_attempts (session_id, session_bytes, at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (session_id) DO UPDATE SET session_bytes = excluded.session_bytes, at = excluded.at",
+                Some(bytes) => c.prepare_cached("INSERT INTO compaction_attempts (session_id, session_bytes, at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (session_id) DO UPDATE SET session_bytes = excluded.session_bytes, at = excluded.at")?.execute(
                     params![session_id, to_i64(bytes), chrono::Utc::now().timestamp_millis()],
                 )?,
-                None => c.execute(
-                    "DELETE FROM compaction_attempts WHERE session_id = ?1",
+                None => c.prepare_cached("DELETE FROM compaction_attempts WHERE session_id = ?1")?.execute(
                     params![session_id],
                 )?,
             };
@@ -405,11 +403,8 @@ impl Store {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let user: Option<String> = tx
-                .query_row(
-                    "SELECT user_id FROM sessions WHERE id = ?1",
-                    params![session_id],
-                    |r| r.get(0),
-                )
+                .prepare_cached("SELECT user_id FROM sessions WHERE id = ?1")?
+                .query_row(params![session_id], |r| r.get(0))
                 .optional()?;
             let Some(user) = user else {
                 return Err(StoreError::NotFound(format!("no session {session_id}")));
@@ -420,19 +415,17 @@ impl Store {
                 hex::encode(rand::random::<[u8; 6]>())
             );
             let now = chrono::Utc::now().timestamp_millis();
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO sessions (id, user_id, started_at, last_active, ended_at, summary)
                  VALUES (?1, ?2, ?3, ?3, ?3, NULL)",
-                params![archive, user, now],
-            )?;
-            tx.execute(
+            )?
+            .execute(params![archive, user, now])?;
+            tx.prepare_cached(
                 "UPDATE transcript SET session_id = ?3 WHERE session_id = ?1 AND id < ?2",
-                params![session_id, keep_from_id, archive],
-            )?;
-            tx.execute(
-                "UPDATE sessions SET summary = ?2 WHERE id = ?1",
-                params![session_id, summary],
-            )?;
+            )?
+            .execute(params![session_id, keep_from_id, archive])?;
+            tx.prepare_cached("UPDATE sessions SET summary = ?2 WHERE id = ?1")?
+                .execute(params![session_id, summary])?;
             tx.commit()?;
             Ok(())
         })
@@ -447,21 +440,17 @@ impl Store {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let before: i64 = tx
-                .query_row(
-                    "SELECT COALESCE((SELECT transcript_bytes FROM user_storage WHERE user_id = ?1), 0)",
+                .prepare_cached("SELECT COALESCE((SELECT transcript_bytes FROM user_storage WHERE user_id = ?1), 0)")?.query_row(
                     params![user.as_str()],
                     |r| r.get(0),
                 )?;
-            tx.execute(
-                "DELETE FROM transcript WHERE user_id = ?1",
+            tx.prepare_cached("DELETE FROM transcript WHERE user_id = ?1")?.execute(
                 params![user.as_str()],
             )?;
-            tx.execute(
-                "DELETE FROM compaction_attempts WHERE session_id IN (SELECT id FROM sessions WHERE user_id = ?1)",
+            tx.prepare_cached("DELETE FROM compaction_attempts WHERE session_id IN (SELECT id FROM sessions WHERE user_id = ?1)")?.execute(
                 params![user.as_str()],
             )?;
-            tx.execute(
-                "UPDATE sessions SET ended_at = ?2, summary = NULL WHERE user_id = ?1 AND ended_at IS NULL",
+            tx.prepare_cached("UPDATE sessions SET ended_at = ?2, summary = NULL WHERE user_id = ?1 AND ended_at IS NULL")?.execute(
                 params![user.as_str(), chrono::Utc::now().timestamp_millis()],
             )?;
             tx.commit()?;
