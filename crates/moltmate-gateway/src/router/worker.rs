@@ -434,11 +434,21 @@ async fn handle_item(
         (Some(scratch), WorkspaceAccess::None) => Some(scratch.clone()),
         _ => None,
     };
-    let files::TurnDirs {
-        home,
-        family,
-        tool_home,
-    } = files::turn_dirs(inner, &item.user, ids, scratch_root).await?;
+    let (
+        files::TurnDirs {
+            home,
+            family,
+            tool_home,
+        },
+        mut prompt,
+    ) = files::turn_files(
+        inner,
+        &item.user,
+        ids,
+        scratch_root,
+        session.summary.clone(),
+    )
+    .await?;
     let context = ToolContext {
         user: item.user.clone(),
         home: tool_home,
@@ -455,8 +465,6 @@ async fn handle_item(
         prewarm_sandbox(inner, &context);
     }
     // History in a bounded page: the newest rows the context window can hold.
-    let mut prompt =
-        files::system_prompt(inner, &home, family.as_ref(), session.summary.clone()).await?;
     let window = inner.settings.context_window_tokens;
     let page_bytes = |prompt: &str| crate::limits::history_budget(window, prompt, &item.text);
     let mut page = inner
