@@ -387,6 +387,8 @@ pub struct Store {
     db: DbThread,
     /// Held by every clone; the checkpointer stops when the last one is gone.
     alive: Arc<()>,
+    /// Stored bytes all workers' history caches hold (see [`crate::usage::HistoryCache`]).
+    pub(crate) history_budget: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -430,6 +432,7 @@ impl Store {
         Ok(Store {
             db: DbThread::start(connection)?,
             alive: Arc::new(()),
+            history_budget: Arc::default(),
         })
     }
 

@@ -30,4 +30,4 @@ pub use db::{
 };
 pub use homes::{HomeError, Homes};
 pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};
-pub use usage::{HistoryPage, UsageCharge, UsageTotals, UserUsage};
+pub use usage::{HistoryCache, HistoryPage, UsageCharge, UsageTotals, UserUsage};

@@ -57,6 +57,8 @@ impl TurnError {
 struct WorkerState {
     /// Skipped files already in the operator's log (each is logged at `warn` once).
     reported: HashSet<String>,
+    /// The current session's rows, so a turn reads only what was added since the last one.
+    history: Option<moltmate_store::HistoryCache>,
 }
 
 pub(super) fn wake_worker(inner: &Arc<Inner>, user: &UserId) {
@@ -469,7 +471,7 @@ async fn handle_item(
     let page_bytes = |prompt: &str| crate::limits::history_budget(window, prompt, &item.text);
     let mut page = inner
         .store
-        .history_page(&session.id, page_bytes(&prompt.text))
+        .history_page_cached(&mut state.history, &session.id, page_bytes(&prompt.text))
         .await?;
     let mut compaction_usage = Vec::new();
     let threshold = (window as f64 * inner.settings.compact_at_ratio) as usize;
@@ -500,6 +502,8 @@ async fn handle_item(
         .await?;
         if let Some((summary, usage)) = compacted {
             tracing::info!(user = %item.user, "session compacted");
+            // Its older rows left the session; the next turn reads it afresh.
+            state.history = None;
             compaction_usage = usage;
             prompt = files::system_prompt(inner, &home, family.as_ref(), Some(summary)).await?;
             page = inner
