@@ -241,12 +241,10 @@ mod tests {
         DbThread::start(c).unwrap()
     }
 
-    fn count(db: &DbThread) -> impl std::future::Future<Output = i64> + '_ {
-        async move {
-            db.run(|c| Ok(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
-                .await
-                .unwrap()
-        }
+    async fn count(db: &DbThread) -> i64 {
+        db.run(|c| Ok(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
+            .await
+            .unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
