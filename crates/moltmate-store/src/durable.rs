@@ -170,7 +170,16 @@ fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
                 Call::Plain(work) => {
                     // A panicking call loses its own answer (the caller sees a stopped
                     // worker), not the thread.
-                    if catch_unwind(AssertUnwindSafe(|| work(&mut connection))).is_err() {
+                    let panicked =
+                        catch_unwind(AssertUnwindSafe(|| work(&mut connection))).is_err();
+                    // Every call ends its own transaction; one left open (a bug) would make
+                    // the next group fail, so it is rolled back here.
+                    if !connection.is_autocommit() {
+                        if !panicked {
+                            tracing::error!(
+                                "a database call left its transaction open; rolled back"
+                            );
+                        }
                         rollback_open_transaction(&connection);
                     }
                 }
@@ -313,6 +322,19 @@ mod tests {
         assert_eq!(count(&db).await, 0);
         // The thread goes on, back in autocommit: the next group commits.
         db.run_durably(|c| Ok(c.execute("INSERT INTO t (x) VALUES (1)", [])?))
+            .await
+            .unwrap();
+        assert_eq!(count(&db).await, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_that_leaves_its_transaction_open_does_not_break_the_next_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        db.run(|c| Ok(c.execute_batch("BEGIN; INSERT INTO t (x) VALUES (1);")?))
+            .await
+            .unwrap();
+        db.run_durably(|c| Ok(c.execute("INSERT INTO t (x) VALUES (2)", [])?))
             .await
             .unwrap();
         assert_eq!(count(&db).await, 1);
