@@ -1,14 +1,20 @@
 //! `moltmate-bench`: measures the targets in README's performance section.
 //!
 //! ```text
-//! cargo run --release -p moltmate-bench -- gateway    # per-message overhead, instant model
+//! cargo run --release -p moltmate-bench -- gateway    # per-message cost, instant model: in-process,
+//!                                                     # then the binary over Telegram and the API
+//! cargo run --release -p moltmate-bench -- gateway-api        # only the binary, OpenAI-compatible API
+//! cargo run --release -p moltmate-bench -- gateway-telegram   # only the binary, Telegram
 //! cargo run --release -p moltmate-bench -- startup    # cold start and idle RSS of `moltmate serve`
 //! cargo run --release -p moltmate-bench -- memory     # RSS with 1,000 users known and 100 active
 //! cargo run --release -p moltmate-bench -- sandbox    # exec round trip: bubblewrap, warm and cold Docker
 //! ```
 //!
-//! `startup` and `memory` run the release binary (`target/release/moltmate`), so build it first
+//! `gateway`, `startup` and `memory` run the release binary (`target/release/moltmate`, or
+//! `MOLTMATE_BENCH_BINARY` for the black-box gateway figures), so build it first
 //! (`cargo build --release`). Every measurement talks only to 127.0.0.1 and stops by itself.
+
+mod blackbox;
 
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
@@ -67,7 +73,7 @@ impl ModelCaller for InstantModel {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -176,7 +182,7 @@ async fn bench_gateway() -> Result<()> {
     Ok(())
 }
 
-fn release_binary() -> Result<PathBuf> {
+pub(crate) fn release_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.parent().context("binary directory")?.join("moltmate");
     if !path.exists() {
@@ -188,7 +194,7 @@ fn release_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -204,7 +210,7 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("VmRSS not found")
 }
 
-async fn wait_healthy(port: u16, timeout: Duration) -> Result<Duration> {
+pub(crate) async fn wait_healthy(port: u16, timeout: Duration) -> Result<Duration> {
     let client = reqwest::Client::new();
     let started = Instant::now();
     loop {
@@ -224,7 +230,7 @@ async fn wait_healthy(port: u16, timeout: Duration) -> Result<Duration> {
     }
 }
 
-fn write_config(home: &Path, config: serde_json::Value) -> Result<()> {
+pub(crate) fn write_config(home: &Path, config: serde_json::Value) -> Result<()> {
     std::fs::create_dir_all(home)?;
     std::fs::write(
         home.join("moltmate.json"),
@@ -233,7 +239,7 @@ fn write_config(home: &Path, config: serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-fn spawn_serve(binary: &Path, home: &Path) -> Result<std::process::Child> {
+pub(crate) fn spawn_serve(binary: &Path, home: &Path) -> Result<std::process::Child> {
     Ok(Command::new(binary)
         .arg("--home")
         .arg(home)
@@ -437,16 +443,25 @@ async fn bench_sandbox() -> Result<()> {
 async fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_string());
     match which.as_str() {
-        "gateway" => bench_gateway().await,
+        "gateway" => {
+            bench_gateway().await?;
+            blackbox::telegram().await?;
+            blackbox::api().await
+        }
+        "gateway-inprocess" => bench_gateway().await,
+        "gateway-api" => blackbox::api().await,
+        "gateway-telegram" => blackbox::telegram().await,
         "startup" => bench_startup().await,
         "memory" => bench_memory().await,
         "sandbox" => bench_sandbox().await,
         "all" => {
             bench_gateway().await?;
+            blackbox::telegram().await?;
+            blackbox::api().await?;
             bench_startup().await?;
             bench_memory().await?;
             bench_sandbox().await
         }
-        other => bail!("unknown benchmark {other:?}: gateway | startup | memory | sandbox | all"),
+        other => bail!("unknown benchmark {other:?}: gateway | gateway-inprocess | gateway-api | gateway-telegram | startup | memory | sandbox | all"),
     }
 }

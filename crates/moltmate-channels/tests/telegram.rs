@@ -9,6 +9,7 @@ use moltmate_core::channel::{
 use moltmate_core::{ChannelKind, Shutdown};
 use moltmate_testkit::telegram::{FakeTelegram, IncomingText};
 use serde_json::json;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +25,12 @@ struct MemorySink {
     cursor: Mutex<Option<i64>>,
     fail_next: AtomicUsize,
     attempts: Mutex<Vec<String>>,
+    /// Updates (by external id) that fail this many more times.
+    fail_update: Mutex<HashMap<String, usize>>,
+    /// How long each accept takes, and the most accepts seen running at once.
+    delay: Mutex<Duration>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 impl MemorySink {
@@ -71,6 +78,21 @@ impl InboundSink for MemorySink {
         {
             return Err(AcceptError::Storage("disk full (test)".to_string()));
         }
+        if let Some(left) = self
+            .fail_update
+            .lock()
+            .unwrap()
+            .get_mut(&message.external_id)
+            .filter(|left| **left > 0)
+        {
+            *left -= 1;
+            return Err(AcceptError::Storage("disk full (test)".to_string()));
+        }
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let delay = *self.delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         let mut accepted = self.accepted.lock().unwrap();
         if accepted
             .iter()
@@ -78,7 +100,10 @@ impl InboundSink for MemorySink {
         {
             return Ok(Accepted::Duplicate);
         }
-        *self.cursor.lock().unwrap() = message.cursor;
+        if let Some(cursor) = message.cursor {
+            let mut stored = self.cursor.lock().unwrap();
+            *stored = Some(stored.map_or(cursor, |s| s.max(cursor)));
+        }
         accepted.push(message);
         Ok(Accepted::Queued)
     }
@@ -161,10 +186,10 @@ async fn delivers_updates_in_order_with_fields_and_confirms_them() {
     assert_eq!(m.sender.to_string(), "telegram:42");
     assert_eq!(m.chat_id, "42");
     assert_eq!(m.external_id, first.to_string());
-    assert_eq!(m.cursor, Some(first + 1));
+    // Messages go without a cursor; the cursor past the batch is stored once all of it is.
+    assert_eq!(m.cursor, None);
     assert_eq!(m.sender_name.as_deref(), Some("Anna Berg"));
     assert_eq!(m.language_code.as_deref(), Some("de"));
-    assert_eq!(got[1].cursor, Some(second + 1));
     assert_eq!(got[2].sender.to_string(), "telegram:7");
     assert_eq!(got[2].language_code, None);
 
@@ -172,6 +197,8 @@ async fn delivers_updates_in_order_with_fields_and_confirms_them() {
         fake.get_updates_offsets().last() == Some(&Some(third + 1))
     })
     .await;
+    assert_eq!(*sink.cursor.lock().unwrap(), Some(third + 1));
+    assert!(second < third);
     assert_eq!(fake.pending_updates(), 0);
     let calls = fake.get_updates_calls();
     assert_eq!(
@@ -655,4 +682,75 @@ async fn fake_get_updates_honours_offsets_and_long_polls() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(fake.get_updates_offsets(), vec![None, Some(b), Some(b + 1)]);
     assert_eq!(fake.get_updates_calls()[2].timeout, 10);
+}
+
+/// Every update of a batch was stored one after the other, each with its own fsync in the
+/// gateway, so a flood of 1,000 updates held a bystander's message behind 1,000 fsyncs. Now
+/// different senders' messages are handed over at once (the gateway commits them in groups),
+/// each sender's still in order, and the offset and the stored cursor pass the batch only when
+/// all of it is stored.
+#[tokio::test]
+async fn a_batch_goes_to_the_sink_senders_at_once_each_in_order_and_the_cursor_waits_for_all() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let sink = Arc::new(MemorySink::default());
+    *sink.delay.lock().unwrap() = Duration::from_millis(20);
+    let mut ids = Vec::new();
+    for round in 0..3 {
+        for sender in 0..10 {
+            ids.push((
+                sender,
+                fake.push_text(1000 + sender, &format!("{sender}/{round}")),
+            ));
+        }
+    }
+    // Sender 3's first update fails a few times while everyone else's is stored.
+    let (_, stuck) = ids[3];
+    sink.fail_update
+        .lock()
+        .unwrap()
+        .insert(stuck.to_string(), 5);
+    let last = ids.last().map(|(_, id)| *id).unwrap();
+    let running = Running::start(settings(&fake), sink.clone());
+    let mut cursors = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while sink.accepted().len() < ids.len() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out; got {:?}",
+            sink.texts()
+        );
+        let stored_stuck = sink
+            .accepted()
+            .iter()
+            .any(|m| m.external_id == stuck.to_string());
+        cursors.push((stored_stuck, *sink.cursor.lock().unwrap()));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    wait_until("the batch is confirmed", || {
+        fake.get_updates_offsets().contains(&Some(last + 1))
+    })
+    .await;
+    // Never did the stored cursor or the offset pass the stuck update before it was stored.
+    for (stored_stuck, cursor) in cursors {
+        assert!(
+            stored_stuck || cursor.is_none_or(|c| c <= stuck),
+            "{cursor:?}"
+        );
+    }
+    assert_eq!(*sink.cursor.lock().unwrap(), Some(last + 1));
+    assert!(
+        sink.max_in_flight.load(Ordering::SeqCst) > 1,
+        "senders were handed over one at a time"
+    );
+    // Each sender's messages in their order.
+    for sender in 0..10 {
+        let theirs: Vec<String> = sink
+            .texts()
+            .into_iter()
+            .filter(|t| t.starts_with(&format!("{sender}/")))
+            .collect();
+        let want: Vec<String> = (0..3).map(|round| format!("{sender}/{round}")).collect();
+        assert_eq!(theirs, want);
+    }
+    running.stop().await;
 }

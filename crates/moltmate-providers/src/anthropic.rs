@@ -13,7 +13,8 @@ use moltmate_core::model::{
     ConversationItem, DeltaSink, ModelRequest, ModelResponse, Provider, ProviderError, StopReason,
     TokenUsage, ToolCall,
 };
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 /// The Anthropic Messages API.
@@ -44,37 +45,90 @@ impl Provider for AnthropicProvider {
         request: &ModelRequest,
         deltas: &dyn DeltaSink,
     ) -> Result<ModelResponse, ProviderError> {
-        let body = request_body(request);
-        match self.transport.post(&body).await? {
+        match self.transport.post(&body(request)).await? {
             Reply::Json(value) => parse_message(&self.transport, &value, deltas),
             Reply::Stream(reader) => read_stream(&self.transport, reader, deltas).await,
         }
     }
 }
 
-/// The request JSON.
+/// The request JSON, as a value (for tests; the wire gets [`body`] serialised directly).
+#[cfg(test)]
 pub(crate) fn request_body(request: &ModelRequest) -> Value {
-    let mut body = Map::new();
-    body.insert("model".into(), json!(request.model));
-    if !request.system.is_empty() {
-        body.insert("system".into(), json!(request.system));
-    }
-    body.insert("messages".into(), Value::Array(messages(&request.items)));
-    if !request.tools.is_empty() {
-        let tools = request
-            .tools
-            .iter()
-            .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
-            .collect();
-        body.insert("tools".into(), Value::Array(tools));
-    }
-    body.insert("max_tokens".into(), json!(request.max_output_tokens));
-    body.insert("stream".into(), json!(true));
-    Value::Object(body)
+    serde_json::to_value(body(request)).unwrap_or(Value::Null)
 }
 
-fn messages(items: &[ConversationItem]) -> Vec<Value> {
-    let mut out: Vec<(&'static str, Vec<Value>)> = Vec::new();
+/// The request body, borrowing from the request: serialised straight into the HTTP body, with
+/// no `serde_json::Value` tree of the whole conversation built and dropped on every call.
+fn body(request: &ModelRequest) -> Body<'_> {
+    Body {
+        model: &request.model,
+        system: &request.system,
+        messages: messages(&request.items),
+        tools: request
+            .tools
+            .iter()
+            .map(|t| WireTool {
+                name: &t.name,
+                description: &t.description,
+                input_schema: &t.parameters,
+            })
+            .collect(),
+        max_tokens: request.max_output_tokens,
+        stream: true,
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    system: &'a str,
+    messages: Vec<Message<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    max_tokens: u32,
+    stream: bool,
+}
+
+#[derive(Serialize)]
+struct WireTool<'a> {
+    name: &'a str,
+    description: &'a str,
+    input_schema: &'a Value,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: Vec<Content<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Content<'a> {
+    Text {
+        text: &'a str,
+    },
+    ToolResult {
+        tool_use_id: &'a str,
+        content: &'a str,
+        #[serde(skip_serializing_if = "is_false")]
+        is_error: bool,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: ToolInput<'a>,
+    },
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+fn messages(items: &[ConversationItem]) -> Vec<Message<'_>> {
+    let mut out: Vec<Message<'_>> = Vec::new();
     for item in items {
         let (role, blocks) = match item {
             ConversationItem::User { text } => {
@@ -84,27 +138,31 @@ fn messages(items: &[ConversationItem]) -> Vec<Value> {
                 } else {
                     text.as_str()
                 };
-                ("user", vec![json!({"type": "text", "text": text})])
+                ("user", vec![Content::Text { text }])
             }
             ConversationItem::ToolResult {
                 call_id,
                 content,
                 is_error,
-            } => {
-                let mut block =
-                    json!({"type": "tool_result", "tool_use_id": call_id, "content": content});
-                if *is_error {
-                    block["is_error"] = json!(true);
-                }
-                ("user", vec![block])
-            }
+            } => (
+                "user",
+                vec![Content::ToolResult {
+                    tool_use_id: call_id,
+                    content,
+                    is_error: *is_error,
+                }],
+            ),
             ConversationItem::Assistant { text, tool_calls } => {
-                let mut blocks = Vec::new();
+                let mut blocks = Vec::with_capacity(tool_calls.len() + 1);
                 if !text.trim().is_empty() {
-                    blocks.push(json!({"type": "text", "text": text}));
+                    blocks.push(Content::Text { text });
                 }
                 for call in tool_calls {
-                    blocks.push(json!({"type": "tool_use", "id": call.id, "name": call.name, "input": tool_input(&call.arguments)}));
+                    blocks.push(Content::ToolUse {
+                        id: &call.id,
+                        name: &call.name,
+                        input: ToolInput(&call.arguments),
+                    });
                 }
                 if blocks.is_empty() {
                     continue;
@@ -112,33 +170,45 @@ fn messages(items: &[ConversationItem]) -> Vec<Value> {
                 ("assistant", blocks)
             }
         };
+        let is_result = |b: &Content<'_>| matches!(b, Content::ToolResult { .. });
         match out.last_mut() {
-            Some((last_role, last_blocks)) if *last_role == role => {
+            Some(last) if last.role == role => {
                 // tool_result blocks must precede any text in a user message.
-                if role == "user" && blocks.iter().any(|b| b["type"] == "tool_result") {
-                    let split = last_blocks
+                if role == "user" && blocks.iter().any(is_result) {
+                    let split = last
+                        .content
                         .iter()
-                        .position(|b| b["type"] != "tool_result")
-                        .unwrap_or(last_blocks.len());
-                    last_blocks.splice(split..split, blocks);
+                        .position(|b| !is_result(b))
+                        .unwrap_or(last.content.len());
+                    last.content.splice(split..split, blocks);
                 } else {
-                    last_blocks.extend(blocks);
+                    last.content.extend(blocks);
                 }
             }
-            _ => out.push((role, blocks)),
+            _ => out.push(Message {
+                role,
+                content: blocks,
+            }),
         }
     }
-    out.into_iter()
-        .map(|(role, content)| json!({"role": role, "content": content}))
-        .collect()
+    out
 }
 
 /// `tool_use.input` must be an object. Arguments that were not a JSON object (the model's
 /// invalid JSON, kept as a string) are wrapped so the model still sees what it sent.
-fn tool_input(arguments: &Value) -> Value {
-    match arguments {
-        Value::Object(_) => arguments.clone(),
-        other => json!({"raw_arguments": other}),
+struct ToolInput<'a>(&'a Value);
+
+impl Serialize for ToolInput<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.0 {
+            Value::Object(_) => self.0.serialize(serializer),
+            other => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry("raw_arguments", other)?;
+                map.end()
+            }
+        }
     }
 }
 

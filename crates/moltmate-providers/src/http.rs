@@ -119,7 +119,10 @@ impl Transport {
     }
 
     /// Sends `body` and classifies the answer. Non-2xx statuses become errors here.
-    pub(crate) async fn post(&self, body: &serde_json::Value) -> Result<Reply, ProviderError> {
+    pub(crate) async fn post<B: serde::Serialize + ?Sized>(
+        &self,
+        body: &B,
+    ) -> Result<Reply, ProviderError> {
         let request = self
             .client
             .post(self.url.clone())

@@ -17,7 +17,9 @@ use moltmate_core::model::{
     TokenUsage, ToolCall,
 };
 use reqwest::header::HeaderMap;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// OpenAI Chat Completions and compatibles.
@@ -43,67 +45,151 @@ impl Provider for OpenAiProvider {
         request: &ModelRequest,
         deltas: &dyn DeltaSink,
     ) -> Result<ModelResponse, ProviderError> {
-        let body = request_body(request);
-        match self.transport.post(&body).await? {
+        match self.transport.post(&body(request)).await? {
             Reply::Json(value) => parse_completion(&self.transport, &value, deltas),
             Reply::Stream(reader) => read_stream(&self.transport, reader, deltas).await,
         }
     }
 }
 
-/// The request JSON.
+/// The request JSON, as a value (for tests; the wire gets [`body`] serialised directly).
+#[cfg(test)]
 pub(crate) fn request_body(request: &ModelRequest) -> Value {
+    serde_json::to_value(body(request)).unwrap_or(Value::Null)
+}
+
+/// The request body, borrowing from the request: serialised straight into the HTTP body, with
+/// no `serde_json::Value` tree of the whole conversation built and dropped on every call.
+fn body(request: &ModelRequest) -> Body<'_> {
     let mut messages = Vec::with_capacity(request.items.len() + 1);
     if !request.system.is_empty() {
-        messages.push(json!({"role": "system", "content": request.system}));
+        messages.push(Message::System {
+            content: &request.system,
+        });
     }
     for item in &request.items {
         messages.push(match item {
-            ConversationItem::User { text } => json!({"role": "user", "content": text}),
-            ConversationItem::ToolResult { call_id, content, is_error } => {
-                let content = if *is_error { format!("Error: {content}") } else { content.clone() };
-                json!({"role": "tool", "tool_call_id": call_id, "content": content})
-            }
-            ConversationItem::Assistant { text, tool_calls } => {
-                let mut message = Map::new();
-                message.insert("role".into(), json!("assistant"));
-                if tool_calls.is_empty() {
-                    message.insert("content".into(), json!(text));
+            ConversationItem::User { text } => Message::User { content: text },
+            ConversationItem::ToolResult {
+                call_id,
+                content,
+                is_error,
+            } => Message::Tool {
+                tool_call_id: call_id,
+                content: if *is_error {
+                    Cow::Owned(format!("Error: {content}"))
                 } else {
-                    message.insert("content".into(), if text.is_empty() { Value::Null } else { json!(text) });
-                    let calls = tool_calls
-                        .iter()
-                        .map(|call| {
-                            json!({
-                                "id": call.id,
-                                "type": "function",
-                                "function": {"name": call.name, "arguments": arguments_text(&call.arguments)},
-                            })
-                        })
-                        .collect();
-                    message.insert("tool_calls".into(), Value::Array(calls));
+                    Cow::Borrowed(content.as_str())
+                },
+            },
+            ConversationItem::Assistant { text, tool_calls } if tool_calls.is_empty() => {
+                Message::Assistant {
+                    content: Some(text),
+                    tool_calls: Vec::new(),
                 }
-                Value::Object(message)
             }
+            ConversationItem::Assistant { text, tool_calls } => Message::Assistant {
+                content: (!text.is_empty()).then_some(text.as_str()),
+                tool_calls: tool_calls
+                    .iter()
+                    .map(|call| WireCall {
+                        id: &call.id,
+                        kind: "function",
+                        function: WireFunction {
+                            name: &call.name,
+                            arguments: arguments_text(&call.arguments),
+                        },
+                    })
+                    .collect(),
+            },
         });
     }
-    let mut body = Map::new();
-    body.insert("model".into(), json!(request.model));
-    body.insert("messages".into(), Value::Array(messages));
-    if !request.tools.is_empty() {
-        let tools = request
+    Body {
+        model: &request.model,
+        messages,
+        tools: request
             .tools
             .iter()
-            .map(|t| {
-                json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}})
+            .map(|t| WireTool {
+                kind: "function",
+                function: WireToolFunction {
+                    name: &t.name,
+                    description: &t.description,
+                    parameters: &t.parameters,
+                },
             })
-            .collect();
-        body.insert("tools".into(), Value::Array(tools));
+            .collect(),
+        max_tokens: request.max_output_tokens,
+        stream: true,
+        stream_options: StreamOptions {
+            include_usage: true,
+        },
     }
-    body.insert("max_tokens".into(), json!(request.max_output_tokens));
-    body.insert("stream".into(), json!(true));
-    body.insert("stream_options".into(), json!({"include_usage": true}));
-    Value::Object(body)
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    messages: Vec<Message<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    max_tokens: u32,
+    stream: bool,
+    stream_options: StreamOptions,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "role", rename_all = "lowercase")]
+enum Message<'a> {
+    System {
+        content: &'a str,
+    },
+    User {
+        content: &'a str,
+    },
+    Tool {
+        tool_call_id: &'a str,
+        content: Cow<'a, str>,
+    },
+    Assistant {
+        /// `null` next to tool calls when the model said nothing.
+        content: Option<&'a str>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        tool_calls: Vec<WireCall<'a>>,
+    },
+}
+
+#[derive(Serialize)]
+struct WireCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct WireFunction<'a> {
+    name: &'a str,
+    arguments: String,
+}
+
+#[derive(Serialize)]
+struct WireTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireToolFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct WireToolFunction<'a> {
+    name: &'a str,
+    description: &'a str,
+    parameters: &'a Value,
 }
 
 /// `arguments` is a JSON string on this API. Arguments the model wrote as invalid JSON (kept as

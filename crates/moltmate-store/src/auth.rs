@@ -70,9 +70,8 @@ impl Store {
         let user = user.clone();
         let label = label.map(str::to_string);
         self.with(move |c| {
-            c.execute("INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)", params![user.as_str(), now()])?;
-            c.execute(
-                "INSERT INTO api_tokens (user_id, token_hash, label, created_at) VALUES (?1, ?2, ?3, ?4)",
+            c.prepare_cached("INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)")?.execute( params![user.as_str(), now()])?;
+            c.prepare_cached("INSERT INTO api_tokens (user_id, token_hash, label, created_at) VALUES (?1, ?2, ?3, ?4)")?.execute(
                 params![user.as_str(), hash, label, now()],
             )?;
             Ok(())
@@ -86,18 +85,19 @@ impl Store {
         let hash = digest(secret);
         self.with(move |c| {
             let user: Option<String> = c
-                .query_row(
+                .prepare_cached(
                     "SELECT t.user_id FROM api_tokens t JOIN users u ON u.id = t.user_id
                      WHERE t.token_hash = ?1 AND t.revoked_at IS NULL AND u.created_at <= t.created_at",
-                    params![hash],
-                    |r| r.get(0),
-                )
+                )?
+                .query_row(params![hash], |r| r.get(0))
                 .optional()?;
             if user.is_some() {
-                c.execute(
-                    "UPDATE api_tokens SET last_used_at = ?2 WHERE token_hash = ?1",
-                    params![hash, now()],
-                )?;
+                // To the minute: a request a second does not write a row a second.
+                c.prepare_cached(
+                    "UPDATE api_tokens SET last_used_at = ?2 WHERE token_hash = ?1
+                     AND (last_used_at IS NULL OR last_used_at <= ?2 - 60000)",
+                )?
+                .execute(params![hash, now()])?;
             }
             user.map(|u| UserId::new(u).map_err(|e| StoreError::Corrupt(e.to_string())))
                 .transpose()
@@ -135,8 +135,7 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            Ok(c.execute(
-                "UPDATE api_tokens SET revoked_at = ?3 WHERE user_id = ?1 AND revoked_at IS NULL AND (?2 IS NULL OR id = ?2)",
+            Ok(c.prepare_cached("UPDATE api_tokens SET revoked_at = ?3 WHERE user_id = ?1 AND revoked_at IS NULL AND (?2 IS NULL OR id = ?2)")?.execute(
                 params![user.as_str(), token_id, now()],
             )?)
         })
@@ -153,9 +152,8 @@ impl Store {
         let hash = digest(&secret);
         let user = user.clone();
         self.with(move |c| {
-            c.execute("INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)", params![user.as_str(), now()])?;
-            c.execute(
-                "INSERT INTO login_links (code_hash, user_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            c.prepare_cached("INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)")?.execute( params![user.as_str(), now()])?;
+            c.prepare_cached("INSERT INTO login_links (code_hash, user_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)")?.execute(
                 params![hash, user.as_str(), now(), now() + ttl.as_millis() as i64],
             )?;
             Ok(())
@@ -170,15 +168,16 @@ impl Store {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let user: Option<String> = tx
-                .query_row(
+                .prepare_cached(
                     "SELECT l.user_id FROM login_links l JOIN users u ON u.id = l.user_id
                      WHERE l.code_hash = ?1 AND l.used_at IS NULL AND l.expires_at > ?2 AND u.created_at <= l.created_at",
+                )?.query_row(
                     params![hash, now()],
                     |r| r.get(0),
                 )
                 .optional()?;
             if user.is_some() {
-                tx.execute("UPDATE login_links SET used_at = ?2 WHERE code_hash = ?1", params![hash, now()])?;
+                tx.prepare_cached("UPDATE login_links SET used_at = ?2 WHERE code_hash = ?1")?.execute( params![hash, now()])?;
             }
             tx.commit()?;
             user.map(|u| UserId::new(u).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
@@ -205,10 +204,9 @@ impl Store {
         };
         let user = user.map(|u| u.as_str().to_string());
         self.with(move |c| {
-            c.execute("DELETE FROM web_sessions WHERE expires_at <= ?1", params![now()])?;
-            c.execute(
-                "INSERT INTO web_sessions (session_hash, user_id, is_admin, csrf_token, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            c.prepare_cached("DELETE FROM web_sessions WHERE expires_at <= ?1")?.execute( params![now()])?;
+            c.prepare_cached("INSERT INTO web_sessions (session_hash, user_id, is_admin, csrf_token, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?.execute(
                 params![hash, user, is_admin, csrf, now(), expires_at],
             )?;
             Ok(())
@@ -223,11 +221,12 @@ impl Store {
         let hash = digest(secret);
         self.with(move |c| {
             let row: Option<(Option<String>, bool, String, i64)> = c
-                .query_row(
+                .prepare_cached(
                     "SELECT s.user_id, s.is_admin, s.csrf_token, s.expires_at FROM web_sessions s
                      WHERE s.session_hash = ?1 AND s.expires_at > ?2
                        AND (s.user_id IS NULL OR EXISTS (SELECT 1 FROM users u
                             WHERE u.id = s.user_id AND u.created_at <= s.created_at))",
+                )?.query_row(
                     params![hash, now()],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
@@ -251,10 +250,10 @@ impl Store {
     pub async fn delete_user_web_sessions(&self, user: &UserId) -> Result<usize, StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            Ok(c.execute(
-                "DELETE FROM web_sessions WHERE user_id = ?1",
-                params![user.as_str()],
-            )?)
+            Ok(
+                c.prepare_cached("DELETE FROM web_sessions WHERE user_id = ?1")?
+                    .execute(params![user.as_str()])?,
+            )
         })
         .await
     }
@@ -263,10 +262,8 @@ impl Store {
     pub async fn delete_web_session(&self, secret: &str) -> Result<(), StoreError> {
         let hash = digest(secret);
         self.with(move |c| {
-            c.execute(
-                "DELETE FROM web_sessions WHERE session_hash = ?1",
-                params![hash],
-            )?;
+            c.prepare_cached("DELETE FROM web_sessions WHERE session_hash = ?1")?
+                .execute(params![hash])?;
             Ok(())
         })
         .await

@@ -1,11 +1,13 @@
 //! The SQLite database: schema, migrations and every query the gateway makes.
 //!
-//! One connection behind a mutex, used from `spawn_blocking`: SQLite has a single writer anyway,
-//! every statement here is sub-millisecond, and a pool would only add memory. WAL mode lets the
+//! One connection, owned by one database thread that runs every call in turn and commits the
+//! durable ones in groups (see [`crate::durable`]): SQLite has a single writer anyway, every
+//! statement here is sub-millisecond, and a pool would only add memory. WAL mode lets the
 //! operator's CLI (`moltmate pairing approve`, `moltmate users ...`) read and write while the
 //! gateway runs; `busy_timeout` makes the two wait for each other instead of failing.
 
 use crate::ending::Completion;
+use crate::durable::DbThread;
 use chrono::Utc;
 use moltmate_core::channel::InboundMessage;
 use moltmate_core::model::{ConversationItem, TokenUsage};
@@ -14,7 +16,7 @@ use moltmate_core::{ChannelKind, Identity, PeerId, UserId};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Storage failures. None of them is the user's fault; the gateway reports them as internal.
@@ -390,7 +392,12 @@ fn parse_identity(channel: &str, peer: String) -> Result<Identity, StoreError> {
 /// The gateway's database.
 #[derive(Clone)]
 pub struct Store {
-    connection: Arc<Mutex<Connection>>,
+    /// The thread that owns the connection (see [`crate::durable`]).
+    db: DbThread,
+    /// Held by every clone; the checkpointer stops when the last one is gone.
+    alive: Arc<()>,
+    /// Stored bytes all workers' history caches hold (see [`crate::usage::HistoryCache`]).
+    pub(crate) history_budget: Arc<std::sync::atomic::AtomicU64>,
     /// The database file (`None` in memory): operator reports read it through a connection of
     /// their own, so a long report never holds the gateway's.
     path: Option<Arc<std::path::PathBuf>>,
@@ -408,7 +415,7 @@ impl Store {
         set_owner_only(path);
         let mut store = Self::prepare(connection)?;
         store.path = Some(Arc::new(path.to_path_buf()));
-        start_checkpointer(path, Arc::downgrade(&store.connection));
+        start_checkpointer(path, Arc::downgrade(&store.alive));
         Ok(store)
     }
 
@@ -420,10 +427,10 @@ impl Store {
     /// Durability, in WAL mode:
     /// * commits default to `synchronous = NORMAL`: on disk before the next checkpoint, which
     ///   survives any process crash (`kill -9`) but not a power loss;
-    /// * the two commits whose loss would break a promise to the outside world run with
+    /// * the commits whose loss would break a promise to the outside world run with
     ///   `synchronous = FULL` (fsync before returning): accepting an inbound message (the channel
     ///   is told "received" right after) and claiming a reply for sending (the guard against
-    ///   sending it twice). See [`Store::durably`].
+    ///   sending it twice), grouped across callers. See [`Store::durably`].
     /// * Automatic checkpoints are off on this connection; a background thread checkpoints, so a
     ///   message's latency never includes one.
     fn prepare(mut connection: Connection) -> Result<Store, StoreError> {
@@ -436,25 +443,25 @@ impl Store {
              PRAGMA wal_autocheckpoint = 0;",
         )?;
         migrate(&mut connection)?;
+        // Every statement of the hot path is prepared once (`prepare_cached`).
+        connection.set_prepared_statement_cache_capacity(128);
         Ok(Store {
-            connection: Arc::new(Mutex::new(connection)),
+            db: DbThread::start(connection)?,
+            alive: Arc::new(()),
+            history_budget: Arc::default(),
             path: None,
         })
     }
 
-    /// Runs `work` with `synchronous = FULL`: its commit is fsynced before this returns.
+    /// Runs `work` in a transaction whose commit is fsynced (`synchronous = FULL`) before this
+    /// returns, grouped with other callers' durable work (one fsync per group; see
+    /// [`crate::durable`]). `work` must not begin a transaction of its own: it runs inside one.
     pub(crate) async fn durably<R, F>(&self, work: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        self.with(move |c| {
-            c.execute_batch("PRAGMA synchronous = FULL")?;
-            let result = work(c);
-            c.execute_batch("PRAGMA synchronous = NORMAL")?;
-            result
-        })
-        .await
+        self.db.run_durably(work).await
     }
 
     /// Runs read-only `work` for an operator report: on a read-only connection of its own to
@@ -488,23 +495,13 @@ impl Store {
             .await
     }
 
-    /// Runs `work` on the connection in the blocking pool.
+    /// Runs `work` on the connection, on the database thread.
     pub(crate) async fn with<R, F>(&self, work: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let connection = Arc::clone(&self.connection);
-        tokio::task::spawn_blocking(move || {
-            // A poisoned lock means a panic happened mid-statement in another thread; SQLite
-            // itself rolled back the open transaction, so the connection is still consistent.
-            let mut guard = connection
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            work(&mut guard)
-        })
-        .await
-        .map_err(|e| StoreError::Worker(e.to_string()))?
+        self.db.run(work).await
     }
 
     // ---- users and identities -------------------------------------------------------------
@@ -518,8 +515,7 @@ impl Store {
         let user = user.clone();
         let display_name = display_name.map(str::to_string);
         self.with(move |c| {
-            let inserted = c.execute(
-                "INSERT OR IGNORE INTO users (id, display_name, created_at) VALUES (?1, ?2, ?3)",
+            let inserted = c.prepare_cached("INSERT OR IGNORE INTO users (id, display_name, created_at) VALUES (?1, ?2, ?3)")?.execute(
                 params![user.as_str(), display_name, now_millis()],
             )?;
             Ok(inserted == 1)
@@ -540,13 +536,11 @@ impl Store {
         let source = source.to_string();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)",
+            tx.prepare_cached("INSERT OR IGNORE INTO users (id, created_at) VALUES (?1, ?2)")?.execute(
                 params![user.as_str(), now_millis()],
             )?;
-            tx.execute(
-                "INSERT INTO identities (channel, peer, user_id, source, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (channel, peer) DO UPDATE SET user_id = excluded.user_id, source = excluded.source",
+            tx.prepare_cached("INSERT INTO identities (channel, peer, user_id, source, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (channel, peer) DO UPDATE SET user_id = excluded.user_id, source = excluded.source")?.execute(
                 params![identity.channel.as_str(), identity.peer.as_str(), user.as_str(), source, now_millis()],
             )?;
             tx.commit()?;
@@ -563,8 +557,10 @@ impl Store {
         let identity = identity.clone();
         self.with(move |c| {
             let row: Option<(String, String)> = c
-                .query_row(
+                .prepare_cached(
                     "SELECT user_id, source FROM identities WHERE channel = ?1 AND peer = ?2",
+                )?
+                .query_row(
                     params![identity.channel.as_str(), identity.peer.as_str()],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
@@ -600,10 +596,8 @@ impl Store {
     pub async fn set_onboarded(&self, user: &UserId, onboarded: bool) -> Result<(), StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            c.execute(
-                "UPDATE users SET onboarded = ?2 WHERE id = ?1",
-                params![user.as_str(), onboarded],
-            )?;
+            c.prepare_cached("UPDATE users SET onboarded = ?2 WHERE id = ?1")?
+                .execute(params![user.as_str(), onboarded])?;
             Ok(())
         })
         .await
@@ -614,13 +608,12 @@ impl Store {
     pub async fn onboarding_step(&self, user: &UserId) -> Result<Option<String>, StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            Ok(c.query_row(
-                "SELECT onboarding_step FROM users WHERE id = ?1",
-                params![user.as_str()],
-                |r| r.get(0),
+            Ok(
+                c.prepare_cached("SELECT onboarding_step FROM users WHERE id = ?1")?
+                    .query_row(params![user.as_str()], |r| r.get(0))
+                    .optional()?
+                    .flatten(),
             )
-            .optional()?
-            .flatten())
         })
         .await
     }
@@ -635,10 +628,10 @@ impl Store {
         let user = user.clone();
         let step = step.map(str::to_string);
         self.with(move |c| {
-            c.execute(
+            c.prepare_cached(
                 "UPDATE users SET onboarding_step = ?2, onboarded = ?3 WHERE id = ?1",
-                params![user.as_str(), step, onboarded],
-            )?;
+            )?
+            .execute(params![user.as_str(), step, onboarded])?;
             Ok(())
         })
         .await
@@ -652,22 +645,16 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "DELETE FROM transcript WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM sessions WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM inbox WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
-            tx.execute(
+            tx.prepare_cached("DELETE FROM transcript WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
+            tx.prepare_cached("DELETE FROM sessions WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
+            tx.prepare_cached("DELETE FROM inbox WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
+            tx.prepare_cached(
                 "UPDATE users SET onboarded = 0, onboarding_step = NULL WHERE id = ?1",
-                params![user.as_str()],
-            )?;
+            )?
+            .execute(params![user.as_str()])?;
             crate::reminders::delete_user_reminders(&tx, &user)?;
             // The reset home starts over under a fresh uid: nothing left running under the old
             // one can reach it.
@@ -686,26 +673,22 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
+            tx.prepare_cached(
                 "DELETE FROM pairing_requests WHERE (channel, peer) IN
                    (SELECT channel, peer FROM identities WHERE user_id = ?1)",
-                params![user.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM inbox WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM outbox WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM transcript WHERE user_id = ?1",
-                params![user.as_str()],
-            )?;
+            )?
+            .execute(params![user.as_str()])?;
+            tx.prepare_cached("DELETE FROM inbox WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
+            tx.prepare_cached("DELETE FROM outbox WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
+            tx.prepare_cached("DELETE FROM transcript WHERE user_id = ?1")?
+                .execute(params![user.as_str()])?;
             crate::reminders::delete_user_reminders(&tx, &user)?;
             retire_sandbox_ids(&tx, &user)?;
-            let deleted = tx.execute("DELETE FROM users WHERE id = ?1", params![user.as_str()])?;
+            let deleted = tx
+                .prepare_cached("DELETE FROM users WHERE id = ?1")?
+                .execute(params![user.as_str()])?;
             tx.commit()?;
             Ok(deleted == 1)
         })
@@ -770,26 +753,10 @@ impl Store {
         let message = message.clone();
         let user = user.clone();
         self.durably(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let inserted = tx.execute(
-                "INSERT OR IGNORE INTO inbox (channel, external_id, user_id, chat_id, text, sender_name, language_code, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    message.sender.channel.as_str(),
-                    message.external_id,
-                    user.as_str(),
-                    message.chat_id,
-                    message.text,
-                    message.sender_name,
-                    message.language_code,
-                    now_millis()
-                ],
-            )?;
-            let id = (inserted == 1).then(|| tx.last_insert_rowid());
+            let id = insert_inbox_row(c, &message, &user)?;
             if let Some(cursor) = message.cursor {
-                upsert_cursor(&tx, message.sender.channel, cursor)?;
+                upsert_cursor(c, message.sender.channel, cursor)?;
             }
-            tx.commit()?;
             Ok(id)
         })
         .await
@@ -807,12 +774,11 @@ impl Store {
 
     pub async fn cursor(&self, channel: ChannelKind) -> Result<Option<i64>, StoreError> {
         self.with(move |c| {
-            Ok(c.query_row(
-                "SELECT cursor FROM channel_cursors WHERE channel = ?1",
-                params![channel.as_str()],
-                |r| r.get(0),
+            Ok(
+                c.prepare_cached("SELECT cursor FROM channel_cursors WHERE channel = ?1")?
+                    .query_row(params![channel.as_str()], |r| r.get(0))
+                    .optional()?,
             )
-            .optional()?)
         })
         .await
     }
@@ -908,10 +874,8 @@ impl Store {
                 )?),
                 None => None,
             };
-            tx.execute(
-                "UPDATE inbox SET done_at = ?2 WHERE id = ?1",
-                params![inbox_id, now_millis()],
-            )?;
+            tx.prepare_cached("UPDATE inbox SET done_at = ?2 WHERE id = ?1")?
+                .execute(params![inbox_id, now_millis()])?;
             tx.commit()?;
             Ok(Completion::Committed(outbox))
         })
@@ -952,14 +916,14 @@ impl Store {
                     ])?;
                 }
             }
-            tx.execute("UPDATE sessions SET last_active = ?2 WHERE id = ?1", params![turn.session_id, now])?;
+            tx.prepare_cached("UPDATE sessions SET last_active = ?2 WHERE id = ?1")?.execute( params![turn.session_id, now])?;
             let outbox = match &turn.reply {
                 Some((channel, chat_id, text)) => {
                     Some(insert_outbox(&tx, Some(turn.inbox_id), Some(&turn.user), *channel, chat_id, text)?)
                 }
                 None => None,
             };
-            tx.execute("UPDATE inbox SET done_at = ?2 WHERE id = ?1", params![turn.inbox_id, now])?;
+            tx.prepare_cached("UPDATE inbox SET done_at = ?2 WHERE id = ?1")?.execute( params![turn.inbox_id, now])?;
             tx.commit()?;
             Ok(Completion::Committed(outbox))
         })
@@ -1019,8 +983,7 @@ impl Store {
     /// another worker or process claimed it first, so a reply is never handed over twice.
     pub async fn claim_outbox(&self, id: i64) -> Result<bool, StoreError> {
         self.durably(move |c| {
-            let claimed = c.execute(
-                "UPDATE outbox SET state = 'sending', updated_at = ?2 WHERE id = ?1 AND state = 'pending'",
+            let claimed = c.prepare_cached("UPDATE outbox SET state = 'sending', updated_at = ?2 WHERE id = ?1 AND state = 'pending'")?.execute(
                 params![id, now_millis()],
             )?;
             Ok(claimed == 1)
@@ -1031,13 +994,12 @@ impl Store {
     /// Whether an inbox row still waits for its answer (another process may have answered it).
     pub async fn inbox_is_pending(&self, id: i64) -> Result<bool, StoreError> {
         self.with(move |c| {
-            Ok(c.query_row(
-                "SELECT done_at IS NULL FROM inbox WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
+            Ok(
+                c.prepare_cached("SELECT done_at IS NULL FROM inbox WHERE id = ?1")?
+                    .query_row(params![id], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(false),
             )
-            .optional()?
-            .unwrap_or(false))
         })
         .await
     }
@@ -1050,10 +1012,10 @@ impl Store {
         detail: Option<String>,
     ) -> Result<(), StoreError> {
         self.with(move |c| {
-            c.execute(
+            c.prepare_cached(
                 "UPDATE outbox SET state = ?2, detail = ?3, updated_at = ?4 WHERE id = ?1",
-                params![id, state, detail, now_millis()],
-            )?;
+            )?
+            .execute(params![id, state, detail, now_millis()])?;
             Ok(())
         })
         .await
@@ -1081,9 +1043,8 @@ impl Store {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existing = tx
-                .query_row(
-                    "SELECT id, started_at, last_active, summary FROM sessions
-                     WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1",
+                .prepare_cached("SELECT id, started_at, last_active, summary FROM sessions
+                     WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1")?.query_row(
                     params![user.as_str()],
                     |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
@@ -1095,16 +1056,13 @@ impl Store {
                 None => {
                     let now = now_millis();
                     let id = new_session_id();
-                    let exists: bool = tx.query_row(
-                        "SELECT EXISTS (SELECT 1 FROM users WHERE id = ?1)",
-                        params![user.as_str()],
-                        |r| r.get(0),
-                    )?;
+                    let exists: bool = tx
+                        .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE id = ?1)")?
+                        .query_row(params![user.as_str()], |r| r.get(0))?;
                     if !exists {
                         return Err(StoreError::NotFound(format!("no user {user}")));
                     }
-                    tx.execute(
-                        "INSERT INTO sessions (id, user_id, started_at, last_active) VALUES (?1, ?2, ?3, ?3)",
+                    tx.prepare_cached("INSERT INTO sessions (id, user_id, started_at, last_active) VALUES (?1, ?2, ?3, ?3)")?.execute(
                         params![id, user.as_str(), now],
                     )?;
                     SessionRecord { id, user: user.clone(), started_at: now, last_active: now, summary: None }
@@ -1121,14 +1079,12 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             let id: Option<String> = c
-                .query_row(
-                    "SELECT id FROM sessions WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1",
+                .prepare_cached("SELECT id FROM sessions WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1")?.query_row(
                     params![user.as_str()],
                     |r| r.get(0),
                 )
                 .optional()?;
-            c.execute(
-                "UPDATE sessions SET ended_at = ?2 WHERE user_id = ?1 AND ended_at IS NULL",
+            c.prepare_cached("UPDATE sessions SET ended_at = ?2 WHERE user_id = ?1 AND ended_at IS NULL")?.execute(
                 params![user.as_str(), now_millis()],
             )?;
             Ok(id)
@@ -1147,14 +1103,10 @@ impl Store {
         let summary = summary.to_string();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "UPDATE sessions SET summary = ?2 WHERE id = ?1",
-                params![session_id, summary],
-            )?;
-            tx.execute(
-                "DELETE FROM transcript WHERE session_id = ?1 AND id < ?2",
-                params![session_id, keep_from_id],
-            )?;
+            tx.prepare_cached("UPDATE sessions SET summary = ?2 WHERE id = ?1")?
+                .execute(params![session_id, summary])?;
+            tx.prepare_cached("DELETE FROM transcript WHERE session_id = ?1 AND id < ?2")?
+                .execute(params![session_id, keep_from_id])?;
             tx.commit()?;
             Ok(())
         })
@@ -1305,9 +1257,8 @@ impl Store {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let row = tx
-                .query_row(
-                    "SELECT code, channel, peer, chat_id, sender_name, created_at, expires_at, state FROM pairing_requests
-                     WHERE code = ?1 AND channel = ?2",
+                .prepare_cached("SELECT code, channel, peer, chat_id, sender_name, created_at, expires_at, state FROM pairing_requests
+                     WHERE code = ?1 AND channel = ?2")?.query_row(
                     params![code, channel.as_str()],
                     pairing_row,
                 )
@@ -1326,18 +1277,16 @@ impl Store {
                 return Err(StoreError::NotFound(format!("pairing code {code} has expired; ask the sender to write again for a new one")));
             }
             let state = if approve { PairingState::Approved } else { PairingState::Denied };
-            tx.execute("UPDATE pairing_requests SET state = ?2 WHERE code = ?1", params![code, state.as_str()])?;
+            tx.prepare_cached("UPDATE pairing_requests SET state = ?2 WHERE code = ?1")?.execute( params![code, state.as_str()])?;
             request.state = state;
             let user = if approve {
                 let user = user_for(&request.identity);
                 let now = now_millis();
-                tx.execute(
-                    "INSERT OR IGNORE INTO users (id, display_name, created_at) VALUES (?1, ?2, ?3)",
+                tx.prepare_cached("INSERT OR IGNORE INTO users (id, display_name, created_at) VALUES (?1, ?2, ?3)")?.execute(
                     params![user.as_str(), request.sender_name, now],
                 )?;
-                tx.execute(
-                    "INSERT INTO identities (channel, peer, user_id, source, created_at) VALUES (?1, ?2, ?3, 'pairing', ?4)
-                     ON CONFLICT (channel, peer) DO UPDATE SET user_id = excluded.user_id, source = 'pairing'",
+                tx.prepare_cached("INSERT INTO identities (channel, peer, user_id, source, created_at) VALUES (?1, ?2, ?3, 'pairing', ?4)
+                     ON CONFLICT (channel, peer) DO UPDATE SET user_id = excluded.user_id, source = 'pairing'")?.execute(
                     params![request.identity.channel.as_str(), request.identity.peer.as_str(), user.as_str(), now],
                 )?;
                 Some(user)
@@ -1354,10 +1303,10 @@ impl Store {
     pub async fn revoke_pairings(&self, user: &UserId) -> Result<usize, StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            Ok(c.execute(
+            Ok(c.prepare_cached(
                 "DELETE FROM identities WHERE user_id = ?1 AND source = 'pairing'",
-                params![user.as_str()],
-            )?)
+            )?
+            .execute(params![user.as_str()])?)
         })
         .await
     }
@@ -1483,11 +1432,10 @@ fn pairing_from_row(row: PairingRow) -> Result<PairingRequest, StoreError> {
 
 fn load_user(c: &Connection, user: &UserId) -> Result<Option<UserRecord>, StoreError> {
     let row: Option<(Option<String>, i64, bool)> = c
-        .query_row(
-            "SELECT display_name, created_at, onboarded FROM users WHERE id = ?1",
-            params![user.as_str()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+        .prepare_cached("SELECT display_name, created_at, onboarded FROM users WHERE id = ?1")?
+        .query_row(params![user.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     let Some((display_name, created_at, onboarded)) = row else {
         return Ok(None);
@@ -1528,8 +1476,7 @@ impl IdHolder {
 }
 
 pub(crate) fn retire_sandbox_ids(c: &Connection, user: &UserId) -> Result<(), StoreError> {
-    c.execute(
-        "UPDATE sandbox_ids SET retired_at = ?2 WHERE kind = 'user' AND name = ?1 AND retired_at IS NULL",
+    c.prepare_cached("UPDATE sandbox_ids SET retired_at = ?2 WHERE kind = 'user' AND name = ?1 AND retired_at IS NULL")?.execute(
         params![user.as_str(), now_millis()],
     )?;
     Ok(())
@@ -1545,11 +1492,10 @@ fn sandbox_id(
 ) -> Result<u32, StoreError> {
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let live: Option<i64> = tx
-        .query_row(
+        .prepare_cached(
             "SELECT host_id FROM sandbox_ids WHERE kind = ?1 AND name = ?2 AND retired_at IS NULL",
-            params![holder.as_str(), name],
-            |r| r.get(0),
-        )
+        )?
+        .query_row(params![holder.as_str(), name], |r| r.get(0))
         .optional()?;
     if let Some(id) = live {
         return u32::try_from(id).map_err(|_| {
@@ -1561,11 +1507,13 @@ fn sandbox_id(
             "sandbox.uidRange: {problem}"
         )));
     }
-    let highest: Option<i64> = tx.query_row(
-        "SELECT MAX(host_id) FROM sandbox_ids WHERE host_id >= ?1 AND host_id < ?2",
-        params![i64::from(range.start), range.end() as i64],
-        |r| r.get(0),
-    )?;
+    let highest: Option<i64> = tx
+        .prepare_cached(
+            "SELECT MAX(host_id) FROM sandbox_ids WHERE host_id >= ?1 AND host_id < ?2",
+        )?
+        .query_row(params![i64::from(range.start), range.end() as i64], |r| {
+            r.get(0)
+        })?;
     let next = highest.map_or(i64::from(range.start), |h| h + 1);
     if next >= range.end() as i64 {
         return Err(StoreError::SandboxIds(format!(
@@ -1573,10 +1521,10 @@ fn sandbox_id(
             range.start, range.count
         )));
     }
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO sandbox_ids (kind, name, host_id, created_at) VALUES (?1, ?2, ?3, ?4)",
-        params![holder.as_str(), name, next, now_millis()],
-    )?;
+    )?
+    .execute(params![holder.as_str(), name, next, now_millis()])?;
     tx.commit()?;
     u32::try_from(next)
         .map_err(|_| StoreError::Corrupt(format!("sandbox id {next} is out of range")))
@@ -1587,12 +1535,37 @@ pub(crate) fn upsert_cursor(
     channel: ChannelKind,
     cursor: i64,
 ) -> Result<(), StoreError> {
-    c.execute(
+    c.prepare_cached(
         "INSERT INTO channel_cursors (channel, cursor) VALUES (?1, ?2)
          ON CONFLICT (channel) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)",
-        params![channel.as_str(), cursor],
-    )?;
+    )?
+    .execute(params![channel.as_str(), cursor])?;
     Ok(())
+}
+
+/// Stores an accepted message for `user`. The inbox id, or `None` when this delivery (channel
+/// and external id) was stored before.
+pub(crate) fn insert_inbox_row(
+    c: &Connection,
+    message: &InboundMessage,
+    user: &UserId,
+) -> Result<Option<i64>, StoreError> {
+    let inserted = c
+        .prepare_cached(
+            "INSERT OR IGNORE INTO inbox (channel, external_id, user_id, chat_id, text, sender_name, language_code, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            message.sender.channel.as_str(),
+            message.external_id,
+            user.as_str(),
+            message.chat_id,
+            message.text,
+            message.sender_name,
+            message.language_code,
+            now_millis()
+        ])?;
+    Ok((inserted == 1).then(|| c.last_insert_rowid()))
 }
 
 pub(crate) fn insert_outbox(
@@ -1604,17 +1577,17 @@ pub(crate) fn insert_outbox(
     text: &str,
 ) -> Result<i64, StoreError> {
     let now = now_millis();
-    c.execute(
+    c.prepare_cached(
         "INSERT INTO outbox (inbox_id, user_id, channel, chat_id, text, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-        params![inbox_id, user.map(UserId::as_str), channel.as_str(), chat_id, text, now],
-    )?;
+    )?
+    .execute(params![inbox_id, user.map(UserId::as_str), channel.as_str(), chat_id, text, now])?;
     Ok(c.last_insert_rowid())
 }
 
 /// Checkpoints the WAL from its own connection every 200 ms while the store is alive. PASSIVE
 /// checkpoints never block the writer; they copy committed pages into the database file and fsync
 /// it, which keeps the WAL short without putting that cost on a message's latency.
-fn start_checkpointer(path: &Path, store: std::sync::Weak<Mutex<Connection>>) {
+fn start_checkpointer(path: &Path, store: std::sync::Weak<()>) {
     let path = path.to_path_buf();
     let spawned = std::thread::Builder::new().name("moltmate-checkpoint".into()).spawn(move || {
         let connection = match Connection::open(&path) {
@@ -1668,7 +1641,8 @@ fn refuse_newer(c: &Connection) -> Result<(), StoreError> {
 fn migrate(c: &mut Connection) -> Result<(), StoreError> {
     c.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
     let current: i64 = c
-        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .prepare_cached("SELECT version FROM schema_version")?
+        .query_row([], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
     let supported = MIGRATIONS.len() as i64;
@@ -1681,11 +1655,10 @@ fn migrate(c: &mut Connection) -> Result<(), StoreError> {
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(migration)?;
-        tx.execute("DELETE FROM schema_version", [])?;
-        tx.execute(
-            "INSERT INTO schema_version (version) VALUES (?1)",
-            params![index as i64 + 1],
-        )?;
+        tx.prepare_cached("DELETE FROM schema_version")?
+            .execute([])?;
+        tx.prepare_cached("INSERT INTO schema_version (version) VALUES (?1)")?
+            .execute(params![index as i64 + 1])?;
         tx.commit()?;
     }
     Ok(())

@@ -23,6 +23,7 @@
 pub mod auth;
 pub mod db;
 pub mod ending;
+mod durable;
 pub mod homes;
 pub mod memory_index;
 pub mod pairing;
@@ -40,4 +41,4 @@ pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};
 pub use reminders::{
     CreateOutcome, DueReminder, FireOutcome, FireRequest, NewReminder, ReminderFire, ReminderRecord,
 };
-pub use usage::{HistoryPage, UsageCharge, UsageTotals, UserUsage};
+pub use usage::{HistoryCache, HistoryPage, UsageCharge, UsageTotals, UserUsage};

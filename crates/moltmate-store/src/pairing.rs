@@ -92,12 +92,14 @@ impl Store {
                 tx.commit()?;
                 return Ok(PairingOutcome::AlreadyPending(request));
             }
-            let (total, on_channel): (i64, i64) = tx.query_row(
-                "SELECT COUNT(*), COALESCE(SUM(channel = ?2), 0) FROM pairing_requests
+            let (total, on_channel): (i64, i64) = tx
+                .prepare_cached(
+                    "SELECT COUNT(*), COALESCE(SUM(channel = ?2), 0) FROM pairing_requests
                  WHERE state = 'pending' AND expires_at > ?1",
-                params![now, identity.channel.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
+                )?
+                .query_row(params![now, identity.channel.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
             let at = |count: i64, cap: usize| usize::try_from(count).unwrap_or(usize::MAX) >= cap;
             let cap = if at(total, limits.max_pending) {
                 Some("total")
@@ -112,10 +114,10 @@ impl Store {
             }
             let retention =
                 i64::try_from(EXPIRED_PAIRING_RETENTION.as_millis()).unwrap_or(i64::MAX);
-            tx.execute(
+            tx.prepare_cached(
                 "DELETE FROM pairing_requests WHERE state = 'pending' AND expires_at <= ?1",
-                params![now.saturating_sub(retention)],
-            )?;
+            )?
+            .execute(params![now.saturating_sub(retention)])?;
             let request = insert_request(&tx, &identity, &chat_id, sender_name, now, limits.ttl)?;
             let text = reply_text(&request.code);
             let id = insert_outbox(&tx, None, None, identity.channel, &chat_id, &text)?;
@@ -141,12 +143,15 @@ impl Store {
         channel: Option<ChannelKind>,
     ) -> Result<usize, StoreError> {
         self.with(move |c| {
-            let count: i64 = c.query_row(
-                "SELECT COUNT(*) FROM pairing_requests
+            let count: i64 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM pairing_requests
                  WHERE state = 'pending' AND expires_at > ?1 AND (?2 IS NULL OR channel = ?2)",
-                params![now_millis(), channel.map(ChannelKind::as_str)],
-                |r| r.get(0),
-            )?;
+                )?
+                .query_row(
+                    params![now_millis(), channel.map(ChannelKind::as_str)],
+                    |r| r.get(0),
+                )?;
             Ok(usize::try_from(count).unwrap_or(0))
         })
         .await
@@ -167,10 +172,12 @@ pub(crate) fn pending_request(
     now: i64,
 ) -> Result<Option<PairingRequest>, StoreError> {
     Ok(tx
-        .query_row(
+        .prepare_cached(
             "SELECT code, chat_id, sender_name, created_at, expires_at FROM pairing_requests
              WHERE channel = ?1 AND peer = ?2 AND state = 'pending' AND expires_at > ?3
              ORDER BY created_at DESC LIMIT 1",
+        )?
+        .query_row(
             params![identity.channel.as_str(), identity.peer.as_str(), now],
             |r| {
                 Ok(PairingRequest {
@@ -201,11 +208,8 @@ pub(crate) fn insert_request(
     let mut code = new_pairing_code();
     for _ in 0..8 {
         let taken = tx
-            .query_row(
-                "SELECT 1 FROM pairing_requests WHERE code = ?1",
-                params![code],
-                |_| Ok(()),
-            )
+            .prepare_cached("SELECT 1 FROM pairing_requests WHERE code = ?1")?
+            .query_row(params![code], |_| Ok(()))
             .optional()?
             .is_some();
         if !taken {
@@ -213,9 +217,8 @@ pub(crate) fn insert_request(
         }
         code = new_pairing_code();
     }
-    tx.execute(
-        "INSERT INTO pairing_requests (code, channel, peer, chat_id, sender_name, created_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    tx.prepare_cached("INSERT INTO pairing_requests (code, channel, peer, chat_id, sender_name, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?.execute(
         params![code, identity.channel.as_str(), identity.peer.as_str(), chat_id, sender_name, now, expires_at],
     )?;
     Ok(PairingRequest {
@@ -372,10 +375,8 @@ mod tests {
         // Backdate it past the retention; the next new code deletes it.
         store
             .with(|c| {
-                c.execute(
-                    "UPDATE pairing_requests SET expires_at = expires_at - ?1",
-                    params![EXPIRED_PAIRING_RETENTION.as_millis() as i64 + 1],
-                )?;
+                c.prepare_cached("UPDATE pairing_requests SET expires_at = expires_at - ?1")?
+                    .execute(params![EXPIRED_PAIRING_RETENTION.as_millis() as i64 + 1])?;
                 Ok(())
             })
             .await

@@ -425,8 +425,10 @@ impl Store {
         request: FireRequest,
         queue_cap: impl Fn(&UserId, ChannelKind) -> usize + Send + 'static,
     ) -> Result<FireOutcome, StoreError> {
+        // Inside the durable group's transaction (see `Store::durably`): no transaction of its
+        // own; returning `Ok` commits this work, an error rolls back only it.
         self.durably(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = c;
             let row: Option<(String, i64, String, Option<String>, String)> = tx
                 .query_row(
                     "SELECT user_id, number, text, cron, timezone FROM reminders
@@ -450,7 +452,6 @@ impl Store {
                     "UPDATE reminders SET attempt_at = ?2 WHERE id = ?1",
                     params![request.id, request.retry_at],
                 )?;
-                tx.commit()?;
                 return Ok(FireOutcome::QueueFull { user });
             }
             let fire = ReminderFire {
@@ -493,7 +494,6 @@ impl Store {
                     tx.execute("DELETE FROM reminders WHERE id = ?1", params![request.id])?;
                 }
             }
-            tx.commit()?;
             Ok(match inbox_id {
                 Some(inbox_id) => FireOutcome::Fired { user, inbox_id },
                 None => FireOutcome::AlreadyFired { user },

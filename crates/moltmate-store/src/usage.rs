@@ -17,6 +17,8 @@ use moltmate_core::model::ConversationItem;
 use moltmate_core::UserId;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Appended to the store's migrations (see `db::MIGRATIONS`).
 pub(crate) const MIGRATION: &str = r#"
@@ -420,13 +422,11 @@ impl Store {
         let session_id = session_id.to_string();
         self.with(move |c| {
             match session_bytes {
-                Some(bytes) => c.execute(
-                    "INSERT INTO compaction_attempts (session_id, session_bytes, at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (session_id) DO UPDATE SET session_bytes = excluded.session_bytes, at = excluded.at",
+                Some(bytes) => c.prepare_cached("INSERT INTO compaction_attempts (session_id, session_bytes, at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (session_id) DO UPDATE SET session_bytes = excluded.session_bytes, at = excluded.at")?.execute(
                     params![session_id, to_i64(bytes), chrono::Utc::now().timestamp_millis()],
                 )?,
-                None => c.execute(
-                    "DELETE FROM compaction_attempts WHERE session_id = ?1",
+                None => c.prepare_cached("DELETE FROM compaction_attempts WHERE session_id = ?1")?.execute(
                     params![session_id],
                 )?,
             };
@@ -449,11 +449,8 @@ impl Store {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let user: Option<String> = tx
-                .query_row(
-                    "SELECT user_id FROM sessions WHERE id = ?1",
-                    params![session_id],
-                    |r| r.get(0),
-                )
+                .prepare_cached("SELECT user_id FROM sessions WHERE id = ?1")?
+                .query_row(params![session_id], |r| r.get(0))
                 .optional()?;
             let Some(user) = user else {
                 return Err(StoreError::NotFound(format!("no session {session_id}")));
@@ -464,19 +461,17 @@ impl Store {
                 hex::encode(rand::random::<[u8; 6]>())
             );
             let now = chrono::Utc::now().timestamp_millis();
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO sessions (id, user_id, started_at, last_active, ended_at, summary)
                  VALUES (?1, ?2, ?3, ?3, ?3, NULL)",
-                params![archive, user, now],
-            )?;
-            tx.execute(
+            )?
+            .execute(params![archive, user, now])?;
+            tx.prepare_cached(
                 "UPDATE transcript SET session_id = ?3 WHERE session_id = ?1 AND id < ?2",
-                params![session_id, keep_from_id, archive],
-            )?;
-            tx.execute(
-                "UPDATE sessions SET summary = ?2 WHERE id = ?1",
-                params![session_id, summary],
-            )?;
+            )?
+            .execute(params![session_id, keep_from_id, archive])?;
+            tx.prepare_cached("UPDATE sessions SET summary = ?2 WHERE id = ?1")?
+                .execute(params![session_id, summary])?;
             tx.commit()?;
             Ok(())
         })
@@ -491,27 +486,214 @@ impl Store {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let before: i64 = tx
-                .query_row(
-                    "SELECT COALESCE((SELECT transcript_bytes FROM user_storage WHERE user_id = ?1), 0)",
+                .prepare_cached("SELECT COALESCE((SELECT transcript_bytes FROM user_storage WHERE user_id = ?1), 0)")?.query_row(
                     params![user.as_str()],
                     |r| r.get(0),
                 )?;
-            tx.execute(
-                "DELETE FROM transcript WHERE user_id = ?1",
+            tx.prepare_cached("DELETE FROM transcript WHERE user_id = ?1")?.execute(
                 params![user.as_str()],
             )?;
-            tx.execute(
-                "DELETE FROM compaction_attempts WHERE session_id IN (SELECT id FROM sessions WHERE user_id = ?1)",
+            tx.prepare_cached("DELETE FROM compaction_attempts WHERE session_id IN (SELECT id FROM sessions WHERE user_id = ?1)")?.execute(
                 params![user.as_str()],
             )?;
-            tx.execute(
-                "UPDATE sessions SET ended_at = ?2, summary = NULL WHERE user_id = ?1 AND ended_at IS NULL",
+            tx.prepare_cached("UPDATE sessions SET ended_at = ?2, summary = NULL WHERE user_id = ?1 AND ended_at IS NULL")?.execute(
                 params![user.as_str(), chrono::Utc::now().timestamp_millis()],
             )?;
             tx.commit()?;
             Ok(to_u64(before))
         })
         .await
+    }
+}
+
+// ---- the history a worker keeps between turns -------------------------------------------
+
+/// Most stored bytes of one session a worker keeps parsed between turns.
+pub const HISTORY_CACHE_SESSION_BYTES: u64 = 1024 * 1024;
+/// Most stored bytes all workers together keep parsed between turns. A session that does not
+/// fit (in either bound) is read page by page, as without a cache.
+pub const HISTORY_CACHE_TOTAL_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Every row of one session, parsed, kept by the user's worker between turns, so a turn reads
+/// and parses only the rows added since instead of the whole page (see
+/// [`Store::history_page_cached`]). Transcript ids are never reused (`AUTOINCREMENT`) and rows
+/// only ever leave a session (deleted, archived), never join it below its newest id: so when
+/// the session still counts as many rows up to the newest cached id as the cache holds, the
+/// cache is exact, and the rows above that id are all that is new.
+#[derive(Debug)]
+pub struct HistoryCache {
+    session_id: String,
+    /// Id, item and stored bytes of every row of the session up to the newest read, oldest first.
+    rows: Vec<(i64, ConversationItem, u64)>,
+    /// Stored bytes of `rows`, reserved in `budget`.
+    bytes: u64,
+    /// Set when the session did not fit: read page by page from then on.
+    too_big: bool,
+    budget: Arc<AtomicU64>,
+}
+
+impl HistoryCache {
+    fn new(session_id: &str, budget: &Arc<AtomicU64>) -> Self {
+        HistoryCache {
+            session_id: session_id.to_string(),
+            rows: Vec::new(),
+            bytes: 0,
+            too_big: false,
+            budget: Arc::clone(budget),
+        }
+    }
+
+    /// Reserves `more` bytes of the shared budget. False (nothing reserved) when this session
+    /// or all of them together would go over their bound.
+    fn reserve(&mut self, more: u64) -> bool {
+        let bytes = self.bytes.saturating_add(more);
+        if bytes > HISTORY_CACHE_SESSION_BYTES {
+            return false;
+        }
+        let reserved = self
+            .budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |total| {
+                let total = total.checked_add(more)?;
+                (total <= HISTORY_CACHE_TOTAL_BYTES).then_some(total)
+            })
+            .is_ok();
+        if reserved {
+            self.bytes = bytes;
+        }
+        reserved
+    }
+
+    /// Drops every row and gives their bytes back; `too_big` from now on.
+    fn give_up(&mut self) {
+        self.rows = Vec::new();
+        self.budget.fetch_sub(self.bytes, Ordering::SeqCst);
+        self.bytes = 0;
+        self.too_big = true;
+    }
+
+    /// The page [`Store::history_page`] would read: the newest rows within `max_bytes`,
+    /// starting at a user message.
+    fn page(&self, max_bytes: u64) -> HistoryPage {
+        let mut used: u64 = 0;
+        let mut first = self.rows.len();
+        let mut truncated = false;
+        for (index, (_, _, size)) in self.rows.iter().enumerate().rev() {
+            if used.saturating_add(*size) > max_bytes {
+                truncated = true;
+                break;
+            }
+            used += size;
+            first = index;
+        }
+        let mut page = HistoryPage {
+            rows: Vec::new(),
+            bytes: 0,
+            truncated,
+        };
+        for (id, item, size) in self.rows.iter().skip(first) {
+            if page.rows.is_empty() && !matches!(item, ConversationItem::User { .. }) {
+                page.truncated = true;
+                continue;
+            }
+            page.bytes += size;
+            page.rows.push((*id, item.clone()));
+        }
+        page
+    }
+}
+
+impl Drop for HistoryCache {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+/// What the database had for a cache.
+enum Delta {
+    /// The cache is exact; these rows are new.
+    Rows(Vec<(i64, ConversationItem, u64)>),
+    /// Rows the cache holds are gone (deleted, archived): read it again from the start.
+    Stale,
+    /// The new rows would go over the bounds.
+    TooBig,
+}
+
+impl Store {
+    /// [`Store::history_page`], with the session's rows kept in `cache` between turns: only
+    /// rows added since the last call are read and parsed. `cache` belongs to one user's
+    /// worker; a cache of another session is replaced. Sessions over the bounds
+    /// ([`HISTORY_CACHE_SESSION_BYTES`], [`HISTORY_CACHE_TOTAL_BYTES`]) are read page by page.
+    pub async fn history_page_cached(
+        &self,
+        cache: &mut Option<HistoryCache>,
+        session_id: &str,
+        max_bytes: u64,
+    ) -> Result<HistoryPage, StoreError> {
+        if cache.as_ref().is_none_or(|c| c.session_id != session_id) {
+            *cache = Some(HistoryCache::new(session_id, &self.history_budget));
+        }
+        let Some(current) = cache.as_mut() else {
+            return self.history_page(session_id, max_bytes).await;
+        };
+        for _ in 0..2 {
+            if current.too_big {
+                return self.history_page(session_id, max_bytes).await;
+            }
+            let session = session_id.to_string();
+            let after = current.rows.last().map_or(0, |(id, _, _)| *id);
+            let known = current.rows.len() as i64;
+            let room = HISTORY_CACHE_SESSION_BYTES.saturating_sub(current.bytes);
+            let delta = self
+                .with(move |c| {
+                    let have: i64 = c
+                        .prepare_cached(
+                            "SELECT COUNT(*) FROM transcript WHERE session_id = ?1 AND id <= ?2",
+                        )?
+                        .query_row(params![session, after], |r| r.get(0))?;
+                    if have != known {
+                        return Ok(Delta::Stale);
+                    }
+                    let mut statement = c.prepare_cached(
+                        "SELECT id, item FROM transcript WHERE session_id = ?1 AND id > ?2 ORDER BY id",
+                    )?;
+                    let mut rows = statement.query(params![session, after])?;
+                    let mut new = Vec::new();
+                    let mut bytes: u64 = 0;
+                    while let Some(row) = rows.next()? {
+                        let id: i64 = row.get(0)?;
+                        // Size first, from the stored text, before anything is parsed.
+                        let text = row.get_ref(1)?.as_str().map_err(|e| {
+                            StoreError::Corrupt(format!("transcript row {id}: {e}"))
+                        })?;
+                        bytes = bytes.saturating_add(text.len() as u64);
+                        if bytes > room {
+                            return Ok(Delta::TooBig);
+                        }
+                        let item: ConversationItem = serde_json::from_str(text).map_err(|e| {
+                            StoreError::Corrupt(format!("transcript row {id}: {e}"))
+                        })?;
+                        new.push((id, item, text.len() as u64));
+                    }
+                    Ok(Delta::Rows(new))
+                })
+                .await?;
+            match delta {
+                Delta::Rows(new) => {
+                    let bytes = new.iter().map(|(_, _, size)| *size).sum();
+                    if current.reserve(bytes) {
+                        current.rows.extend(new);
+                        return Ok(current.page(max_bytes));
+                    }
+                    current.give_up();
+                }
+                Delta::TooBig => current.give_up(),
+                Delta::Stale => {
+                    *current = HistoryCache::new(session_id, &self.history_budget);
+                }
+            }
+        }
+        // Stale twice in a row (another process keeps changing the session): no cache.
+        self.history_page(session_id, max_bytes).await
     }
 }
 
@@ -797,5 +979,83 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(totals.messages_today, 0);
+    }
+
+    /// The cached page is the page `history_page` reads, whatever happened to the session in
+    /// between: new turns, compaction archiving older rows, `/forget`, another session.
+    #[tokio::test]
+    async fn history_page_cached_is_always_the_page_history_page_reads() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = user("anna");
+        let mut cache = None;
+        async fn same(store: &Store, cache: &mut Option<HistoryCache>, session: &str) {
+            for budget in [0, 10, 60, 100, 250, 1_000, u64::MAX] {
+                let cached = store
+                    .history_page_cached(cache, session, budget)
+                    .await
+                    .unwrap();
+                let read = store.history_page(session, budget).await.unwrap();
+                assert_eq!(cached.rows, read.rows, "budget {budget}");
+                assert_eq!(cached.bytes, read.bytes, "budget {budget}");
+                assert_eq!(cached.truncated, read.truncated, "budget {budget}");
+            }
+        }
+        let mut session = String::new();
+        for turn in 0..6 {
+            session = store_turn(
+                &store,
+                &anna,
+                &[
+                    said(&format!("question {turn}")),
+                    ConversationItem::ToolResult {
+                        call_id: "c".into(),
+                        content: "y".repeat(turn * 10),
+                        is_error: false,
+                    },
+                    answered(&format!("answer {turn}")),
+                ],
+            )
+            .await;
+            same(&store, &mut cache, &session).await;
+        }
+        let rows = store.transcript(&session).await.unwrap();
+        store
+            .archive_before(&session, "summary", rows[9].0)
+            .await
+            .unwrap();
+        same(&store, &mut cache, &session).await;
+        store_turn(&store, &anna, &[said("after"), answered("compaction")]).await;
+        same(&store, &mut cache, &session).await;
+        store.forget_transcripts(&anna).await.unwrap();
+        same(&store, &mut cache, &session).await;
+        let next = store_turn(&store, &anna, &[said("new"), answered("session")]).await;
+        same(&store, &mut cache, &next).await;
+        assert!(store.history_budget.load(Ordering::SeqCst) > 0);
+        drop(cache);
+        assert_eq!(store.history_budget.load(Ordering::SeqCst), 0);
+    }
+
+    /// A session over the cache's bound is read page by page, and holds nothing of the budget.
+    #[tokio::test]
+    async fn a_session_over_the_bound_is_not_cached() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = user("anna");
+        let big = "z".repeat((HISTORY_CACHE_SESSION_BYTES / 2) as usize);
+        let mut session = String::new();
+        for _ in 0..3 {
+            session = store_turn(&store, &anna, &[said(&big), answered("ok")]).await;
+        }
+        let mut cache = None;
+        let page = store
+            .history_page_cached(&mut cache, &session, u64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(page.rows.len(), 6);
+        assert_eq!(store.history_budget.load(Ordering::SeqCst), 0);
+        let again = store
+            .history_page_cached(&mut cache, &session, u64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(again.rows, page.rows);
     }
 }

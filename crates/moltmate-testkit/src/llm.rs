@@ -341,6 +341,9 @@ struct Inner {
     openai_count: AtomicU64,
     /// Numbers ids in replies.
     serial: AtomicU64,
+    /// Whether requests are kept for [`FakeLlm::requests`] (off for benchmarks, whose
+    /// thousands of requests would only fill memory).
+    recording: std::sync::atomic::AtomicBool,
 }
 
 /// Test code panicking while holding a lock must not break every later assertion.
@@ -387,6 +390,7 @@ impl FakeLlm {
             anthropic_count: AtomicU64::new(0),
             openai_count: AtomicU64::new(0),
             serial: AtomicU64::new(0),
+            recording: std::sync::atomic::AtomicBool::new(true),
         });
         let app = Router::new()
             .route("/v1/messages", post(anthropic_handler))
@@ -451,6 +455,12 @@ impl FakeLlm {
     /// request asked for, like servers that ignore `stream`; `None` follows the request.
     pub fn set_stream_override(&self, stream: Option<bool>) {
         *lock(&self.inner.stream_override) = stream;
+    }
+
+    /// Whether requests are recorded (default on). Benchmarks turn it off: the fake then
+    /// keeps nothing per request.
+    pub fn set_recording(&self, on: bool) {
+        self.inner.recording.store(on, Ordering::SeqCst);
     }
 
     /// Every request so far, oldest first.
@@ -525,7 +535,9 @@ async fn handle(
         body: serde_json::from_str(&raw_body).unwrap_or(Value::Null),
         raw_body,
     };
-    lock(&inner.requests).push(request.clone());
+    if inner.recording.load(Ordering::SeqCst) {
+        lock(&inner.requests).push(request.clone());
+    }
     match api {
         WireApi::Anthropic => inner.anthropic_count.fetch_add(1, Ordering::SeqCst),
         WireApi::OpenAi => inner.openai_count.fetch_add(1, Ordering::SeqCst),

@@ -144,6 +144,8 @@ struct Shared {
     updates_changed: watch::Sender<u64>,
     /// Bumped whenever the bot sends something, so waiters wake up.
     sent_changed: watch::Sender<u64>,
+    /// Subscribers of [`FakeTelegram::subscribe_sent`].
+    sent_subscribers: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<SentMessage>>>,
 }
 
 impl Shared {
@@ -191,6 +193,7 @@ impl FakeTelegram {
             }),
             updates_changed: watch::channel(0).0,
             sent_changed: watch::channel(0).0,
+            sent_subscribers: Mutex::new(Vec::new()),
         });
         let app = Router::new()
             .route("/{bot}/{method}", any(handle))
@@ -292,6 +295,18 @@ impl FakeTelegram {
     /// Everything the bot sent, in order.
     pub fn sent_messages(&self) -> Vec<SentMessage> {
         self.shared.lock().sent.clone()
+    }
+
+    /// Every message the bot sends from now on, as it arrives (for benchmarks, which follow
+    /// thousands of replies without rescanning [`FakeTelegram::sent_messages`]).
+    pub fn subscribe_sent(&self) -> tokio::sync::mpsc::UnboundedReceiver<SentMessage> {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        self.shared
+            .sent_subscribers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(sender);
+        receiver
     }
 
     /// Every chat action the bot sent, in order.
@@ -647,10 +662,16 @@ fn send_message(shared: &Shared, params: &Value) -> Response {
     }
     let message_id = {
         let mut inner = shared.lock();
-        inner.sent.push(SentMessage {
+        let sent = SentMessage {
             chat_id: chat_id.clone(),
             text: text.to_string(),
-        });
+        };
+        shared
+            .sent_subscribers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|subscriber| subscriber.send(sent.clone()).is_ok());
+        inner.sent.push(sent);
         let id = inner.next_message_id;
         inner.next_message_id += 1;
         id

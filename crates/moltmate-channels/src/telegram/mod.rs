@@ -3,10 +3,14 @@
 //! # Receiving
 //!
 //! [`TelegramChannel::run`] validates the token with `getMe`, reads the cursor the gateway stored
-//! with the last accepted message, and long-polls `getUpdates` from that offset. Each update is
-//! handed to the sink in order; only after the sink answered `Ok` does the in-memory offset move
-//! past it, and only the next `getUpdates` carrying that offset confirms it to Telegram. A sink
-//! failure is retried (with backoff) on the *same* update, so nothing is ever skipped.
+//! past the last batch, and long-polls `getUpdates` from that offset. The updates of a batch
+//! are handed to the sink each sender's in order, different senders' at once (so the gateway
+//! commits them in groups, one fsync for many); only after the sink answered `Ok` for every
+//! one of them does the offset move past the batch, and only the next `getUpdates` carrying
+//! that offset confirms it to Telegram. A sink failure is retried (with backoff) on the *same*
+//! update, so nothing is ever skipped. The stored cursor follows at the end of each batch
+//! ([`InboundSink::advance_cursor`]); a crash before that reads the batch again, and the sink
+//! knows the updates it already stored by their id.
 //!
 //! Updates we do not answer (no text: stickers, photos, service messages; group chats unless
 //! [`TelegramSettings::accept_group_chats`]; messages from bots; anything malformed) are skipped:
@@ -30,6 +34,7 @@ pub use settings::{TelegramSettings, DEFAULT_API_URL};
 
 use api::{ApiError, BotApi, SERVICE};
 use async_trait::async_trait;
+use futures::StreamExt;
 use moltmate_core::channel::Channel;
 use moltmate_core::channel::{ChannelError, InboundMessage, InboundSink};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
@@ -43,6 +48,10 @@ const ALLOWED_UPDATES: &[&str] = &["message"];
 
 /// A `getUpdates` reply that brought no progress faster than this did not long-poll.
 const FAST_EMPTY_REPLY: Duration = Duration::from_millis(500);
+
+/// Senders of one `getUpdates` batch whose messages are handed to the sink at once (see
+/// [`TelegramChannel::deliver_batch`]). Telegram's batches hold at most 100 updates.
+const MAX_SENDERS_AT_ONCE: usize = 64;
 
 /// Why a [`TelegramChannel`] could not be built from its settings.
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +200,7 @@ impl TelegramChannel {
             }
             match sink.accept(message.clone()).await {
                 Ok(outcome) => {
-                    // Queued, duplicate or refused: the sink stored the cursor with it.
+                    // Queued, duplicate or refused: stored (with its cursor, if it carries one).
                     tracing::debug!(update = %message.external_id, ?outcome, "telegram: update accepted");
                     backoff.reset();
                     return true;
@@ -204,6 +213,47 @@ impl TelegramChannel {
                 }
             }
         }
+    }
+
+    /// Hands a batch's messages to the sink: each sender's messages one after the other, in
+    /// order, and different senders' at once (at most [`MAX_SENDERS_AT_ONCE`]), so the sink
+    /// can commit many senders' messages with one fsync instead of one each. Returns when every
+    /// message is stored; false on shutdown.
+    ///
+    /// The messages go without their cursor: with senders stored in any order, a later
+    /// update's cursor could be stored before an earlier update is, and a crash in between
+    /// would skip that one. The caller stores the cursor past the whole batch once all of it
+    /// is stored; until then a restart reads the batch again, and the sink recognises what it
+    /// stored before (same `external_id`).
+    async fn deliver_batch(
+        &self,
+        sink: &dyn InboundSink,
+        batch: Vec<InboundMessage>,
+        shutdown: &Shutdown,
+    ) -> bool {
+        let mut senders: Vec<(Identity, Vec<InboundMessage>)> = Vec::new();
+        for mut message in batch {
+            message.cursor = None;
+            match senders.iter_mut().find(|(s, _)| *s == message.sender) {
+                Some((_, messages)) => messages.push(message),
+                None => senders.push((message.sender.clone(), vec![message])),
+            }
+        }
+        let delivered: Vec<bool> = futures::stream::iter(senders)
+            .map(|(_, messages)| async move {
+                let mut backoff =
+                    Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+                for message in messages {
+                    if !self.deliver(sink, message, &mut backoff, shutdown).await {
+                        return false;
+                    }
+                }
+                true
+            })
+            .buffer_unordered(MAX_SENDERS_AT_ONCE)
+            .collect()
+            .await;
+        delivered.into_iter().all(|ok| ok)
     }
 
     /// Sleep as the error asks (server `retry_after`, else backoff). False on shutdown.
@@ -324,7 +374,7 @@ impl Channel for TelegramChannel {
             tracing::warn!(cursor, "telegram: ignoring an invalid stored cursor");
             offset = None;
         }
-        // The cursor the sink has stored: skips beyond it are persisted at the end of a batch.
+        // The cursor the sink has stored; it follows the offset at the end of each batch.
         let mut stored = offset;
         // At least one second, so every empty reply was a real long poll (see FAST_EMPTY_REPLY).
         let poll_seconds = self.settings.poll_timeout.as_secs().max(1);
@@ -354,6 +404,7 @@ impl Channel for TelegramChannel {
                 }
             };
             let offset_before = offset;
+            let mut batch = Vec::new();
             for raw in updates {
                 let update: Update = match serde_json::from_value(raw) {
                     Ok(update) => update,
@@ -373,18 +424,14 @@ impl Channel for TelegramChannel {
                     Disposition::Skip(reason) => {
                         tracing::debug!(update = id, reason, "telegram: skipping update");
                     }
-                    Disposition::Deliver(message) => {
-                        if !self
-                            .deliver(sink.as_ref(), *message, &mut backoff, &shutdown)
-                            .await
-                        {
-                            return Ok(());
-                        }
-                        stored = Some(id.saturating_add(1));
-                    }
+                    Disposition::Deliver(message) => batch.push(*message),
                 }
                 offset = Some(id.saturating_add(1));
             }
+            if !self.deliver_batch(sink.as_ref(), batch, &shutdown).await {
+                return Ok(());
+            }
+            // Every update of the batch is stored or skipped: the cursor may pass them all.
             if let Some(skipped_to) = offset.filter(|o| stored.is_none_or(|s| *o > s)) {
                 match sink.advance_cursor(ChannelKind::Telegram, skipped_to).await {
                     Ok(()) => stored = Some(skipped_to),

@@ -199,49 +199,72 @@ pub(super) struct TurnDirs {
     pub tool_home: UserHome,
 }
 
-/// Creates the home, the family folder and the scratch directory a turn needs.
-pub(super) async fn turn_dirs(
+/// Creates the home, the family folder and the scratch directory a turn needs, and builds the
+/// system prompt from the user's files (and their family's notes): one step, so a turn hands
+/// work to the blocking pool once for both.
+pub(super) async fn turn_files(
     inner: &Arc<Inner>,
     user: &UserId,
     ids: SandboxIds,
     scratch_root: Option<PathBuf>,
-) -> Result<TurnDirs, TurnError> {
+    summary: Option<String>,
+) -> Result<(TurnDirs, SystemPrompt), TurnError> {
     let family_ids = match inner.settings.families.get(user) {
         Some(name) => Some((name.clone(), family_ids(inner, name).await?)),
         None => None,
     };
     let inner = Arc::clone(inner);
     let user = user.clone();
+    let today = chrono::Local::now().date_naive();
     step("preparing your files", move || {
-        let home = ensure_home(&inner.homes, &inner.settings, &user, ids)?;
-        let family = match family_ids {
-            Some((name, (owner, gid))) => Some(FamilyFolder {
-                root: inner.homes.ensure_family(&name, owner)?,
-                name,
-                gid,
-            }),
-            None => None,
-        };
-        let tool_home = match scratch_root {
-            Some(scratch) => {
-                let scratch_home = UserHome::new(&scratch, &user);
-                std::fs::create_dir_all(scratch_home.root())
-                    .and_then(|()| hand_scratch_to(scratch_home.root(), ids))
-                    .map_err(|source| HomeError::Io {
-                        path: scratch_home.root().display().to_string(),
-                        source,
-                    })?;
-                scratch_home
-            }
-            None => home.clone(),
-        };
-        Ok(TurnDirs {
-            home,
-            family,
-            tool_home,
-        })
+        let dirs = prepare_dirs(&inner, &user, ids, scratch_root, family_ids)?;
+        let prompt = build_system_prompt(
+            &dirs.home,
+            today,
+            inner.settings.prompt_file_max_bytes,
+            summary.as_deref(),
+            dirs.family.as_ref().map(|f| f.root.as_path()),
+        );
+        Ok((dirs, prompt))
     })
     .await
+}
+
+/// The directories of [`turn_files`]. Blocking.
+fn prepare_dirs(
+    inner: &Inner,
+    user: &UserId,
+    ids: SandboxIds,
+    scratch_root: Option<PathBuf>,
+    family_ids: Option<(String, (SandboxIds, Option<u32>))>,
+) -> Result<TurnDirs, HomeError> {
+    let home = ensure_home(&inner.homes, &inner.settings, user, ids)?;
+    let family = match family_ids {
+        Some((name, (owner, gid))) => Some(FamilyFolder {
+            root: inner.homes.ensure_family(&name, owner)?,
+            name,
+            gid,
+        }),
+        None => None,
+    };
+    let tool_home = match scratch_root {
+        Some(scratch) => {
+            let scratch_home = UserHome::new(&scratch, user);
+            std::fs::create_dir_all(scratch_home.root())
+                .and_then(|()| hand_scratch_to(scratch_home.root(), ids))
+                .map_err(|source| HomeError::Io {
+                    path: scratch_home.root().display().to_string(),
+                    source,
+                })?;
+            scratch_home
+        }
+        None => home.clone(),
+    };
+    Ok(TurnDirs {
+        home,
+        family,
+        tool_home,
+    })
 }
 
 /// Builds the system prompt from the user's files (and their family's notes).

@@ -61,6 +61,8 @@ struct WorkerState {
     /// Sandbox prewarms started by this worker's turns: aborted with the worker (an ended
     /// user's prewarm must not create a container after their sandboxes were removed).
     prewarms: Vec<AbortOnDropHandle<()>>,
+    /// The current session's rows, so a turn reads only what was added since the last one.
+    history: Option<moltmate_store::HistoryCache>,
 }
 
 /// Starts the user's worker, or wakes it. A user being removed or reset gets none: their
@@ -496,11 +498,21 @@ async fn handle_item(
         (Some(scratch), WorkspaceAccess::None) => Some(scratch.clone()),
         _ => None,
     };
-    let files::TurnDirs {
-        home,
-        family,
-        tool_home,
-    } = files::turn_dirs(inner, &item.user, ids, scratch_root).await?;
+    let (
+        files::TurnDirs {
+            home,
+            family,
+            tool_home,
+        },
+        mut prompt,
+    ) = files::turn_files(
+        inner,
+        &item.user,
+        ids,
+        scratch_root,
+        session.summary.clone(),
+    )
+    .await?;
     let context = ToolContext {
         user: item.user.clone(),
         home: tool_home,
@@ -519,13 +531,11 @@ async fn handle_item(
     }
     let tools = turn_tools(inner, &item.user, &user_settings);
     // History in a bounded page: the newest rows the context window can hold.
-    let mut prompt =
-        files::system_prompt(inner, &home, family.as_ref(), session.summary.clone()).await?;
     let window = inner.settings.context_window_tokens;
     let page_bytes = |prompt: &str| crate::limits::history_budget(window, prompt, &item.text);
     let mut page = inner
         .store
-        .history_page(&session.id, page_bytes(&prompt.text))
+        .history_page_cached(&mut state.history, &session.id, page_bytes(&prompt.text))
         .await?;
     let mut compaction_usage = Vec::new();
     let threshold = (window as f64 * inner.settings.compact_at_ratio) as usize;
@@ -556,6 +566,8 @@ async fn handle_item(
         .await?;
         if let Some((summary, usage)) = compacted {
             tracing::info!(user = %item.user, "session compacted");
+            // Its older rows left the session; the next turn reads it afresh.
+            state.history = None;
             compaction_usage = usage;
             prompt = files::system_prompt(inner, &home, family.as_ref(), Some(summary)).await?;
             page = inner

@@ -1,0 +1,369 @@
+//! The database thread: one thread owns the connection and runs every statement, and the
+//! commits that make a promise to the outside world are committed in groups.
+//!
+//! **One thread, not a mutex and the blocking pool.** SQLite has one writer and this process
+//! one connection, so statements run one at a time whatever the callers do. Before, each call
+//! took a thread of tokio's blocking pool that then waited for the connection's mutex: under
+//! load (hundreds of users at once) hundreds of threads queued on it, each hand-over a context
+//! switch, and the profile of a busy gateway was a third scheduler. Now a caller sends its
+//! work to the database thread over a channel and awaits the answer; a busy thread works
+//! through its queue without sleeping, and no other thread waits for the connection.
+//!
+//! **Group commit.** Accepting a message (the channel is told "received" right after) and
+//! claiming a reply for sending (the guard against sending it twice) must be on disk before the
+//! caller goes on, so their commits are fsynced (`synchronous = FULL`). An fsync costs the same
+//! for one row as for a hundred, so the thread does not commit them one caller at a time: it
+//! takes everything queued, runs the ordinary work in order, and runs every piece of durable
+//! work in its own savepoint inside one `BEGIN IMMEDIATE` transaction, commits that with one
+//! fsync, and only then answers those callers. Alone (one message at a time) a group is one
+//! piece of work, exactly the old cost; under load the fsyncs per message fall with the group.
+//!
+//! What each caller is promised is unchanged: a durable result arrives only after the commit
+//! holding its work returned from the fsync. A piece of work that fails is rolled back to its
+//! savepoint and only its caller gets the error; the rest of the group commits. When the commit
+//! itself fails, nothing of the group is stored and every caller in it gets the error (and
+//! retries, as it would have before). Each caller has at most one call in flight (it awaits
+//! the answer), so running one caller's ordinary work before another caller's durable work
+//! reorders nothing any caller can observe.
+
+use crate::db::StoreError;
+use rusqlite::Connection;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+/// Calls taken from the queue in one round at most (ordinary and durable together); bounds how
+/// long durable work waits behind ordinary work, and the size of a group.
+const MAX_ROUND: usize = 256;
+
+/// Ordinary work: runs and answers its caller itself.
+type Plain = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// One caller's durable work in a group.
+trait Durable: Send {
+    /// Runs the work inside the group's transaction. False when it failed (its changes are then
+    /// rolled back to its savepoint).
+    fn run(&mut self, c: &Connection) -> bool;
+    /// Answers the caller: its work's own result, or `failed` when the group did not commit.
+    fn finish(self: Box<Self>, failed: Option<&StoreError>);
+}
+
+enum Call {
+    Plain(Plain),
+    Durable(Box<dyn Durable>),
+}
+
+struct DurableWork<R, F> {
+    work: Option<F>,
+    result: Option<Result<R, StoreError>>,
+    reply: oneshot::Sender<Result<R, StoreError>>,
+}
+
+impl<R, F> Durable for DurableWork<R, F>
+where
+    R: Send,
+    F: FnOnce(&Connection) -> Result<R, StoreError> + Send,
+{
+    fn run(&mut self, c: &Connection) -> bool {
+        let Some(work) = self.work.take() else {
+            return false;
+        };
+        // A panicking job (a bug) fails alone, like a job that returned an error.
+        let result = catch_unwind(AssertUnwindSafe(|| work(c)))
+            .unwrap_or_else(|_| Err(StoreError::Worker("the database work panicked".to_string())));
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn finish(self: Box<Self>, failed: Option<&StoreError>) {
+        let result = match (self.result, failed) {
+            // The work's own failure is the more precise answer.
+            (Some(Err(e)), _) => Err(e),
+            (_, Some(e)) => Err(replicate(e)),
+            (Some(Ok(value)), None) => Ok(value),
+            (None, None) => Err(StoreError::Worker(
+                "the work was not run in its group".to_string(),
+            )),
+        };
+        // A caller that went away (its future dropped) needs no answer.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// The same error again, for every caller of a group that did not commit. SQLite failures keep
+/// their code, so `is_retryable` answers for each caller as it would have for one.
+fn replicate(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, message)) => {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(*code, message.clone()))
+        }
+        other => StoreError::Worker(other.to_string()),
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Worker("the database thread stopped".to_string())
+}
+
+/// The sending side of the database thread. Cloned into every `Store`; the thread ends when
+/// the last clone is dropped (after the calls already queued).
+#[derive(Clone)]
+pub(crate) struct DbThread {
+    calls: mpsc::Sender<Call>,
+}
+
+impl DbThread {
+    /// Starts the thread that owns `connection`.
+    pub(crate) fn start(connection: Connection) -> Result<DbThread, StoreError> {
+        let (calls, queue) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("moltmate-db".into())
+            .spawn(move || serve(connection, queue))?;
+        Ok(DbThread { calls })
+    }
+
+    /// Runs `work` on the connection.
+    pub(crate) async fn run<R, F>(&self, work: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let call: Plain = Box::new(move |c: &mut Connection| {
+            let _ = reply.send(work(c));
+        });
+        self.calls.send(Call::Plain(call)).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Runs `work` in the next group commit and answers once that group is on disk. `work`
+    /// runs inside a transaction (a savepoint of the group's), so it must not begin its own.
+    pub(crate) async fn run_durably<R, F>(&self, work: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let call = Box::new(DurableWork {
+            work: Some(work),
+            result: None,
+            reply,
+        });
+        self.calls
+            .send(Call::Durable(call))
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// The thread's loop: a round takes what is queued (at least one call, waiting for it), runs
+/// ordinary calls in order and commits the durable ones as one group.
+fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
+    let mut group: Vec<Box<dyn Durable>> = Vec::new();
+    while let Ok(first) = queue.recv() {
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(call) = next.take() {
+            taken += 1;
+            match call {
+                Call::Plain(work) => {
+                    // A panicking call loses its own answer (the caller sees a stopped
+                    // worker), not the thread.
+                    let panicked =
+                        catch_unwind(AssertUnwindSafe(|| work(&mut connection))).is_err();
+                    // Every call ends its own transaction; one left open (a bug) would make
+                    // the next group fail, so it is rolled back here.
+                    if !connection.is_autocommit() {
+                        if !panicked {
+                            tracing::error!(
+                                "a database call left its transaction open; rolled back"
+                            );
+                        }
+                        rollback_open_transaction(&connection);
+                    }
+                }
+                Call::Durable(work) => group.push(work),
+            }
+            if taken < MAX_ROUND {
+                next = queue.try_recv().ok();
+            }
+        }
+        if !group.is_empty() {
+            let jobs = std::mem::take(&mut group);
+            if catch_unwind(AssertUnwindSafe(|| commit_group(&connection, jobs))).is_err() {
+                rollback_open_transaction(&connection);
+                let _ = connection.execute_batch("PRAGMA synchronous = NORMAL");
+            }
+        }
+    }
+}
+
+fn rollback_open_transaction(c: &Connection) {
+    if !c.is_autocommit() {
+        let _ = c.execute_batch("ROLLBACK");
+    }
+}
+
+/// One group: every job in its own savepoint, one fsynced commit, then every caller answered.
+fn commit_group(c: &Connection, mut jobs: Vec<Box<dyn Durable>>) {
+    let committed = (|| -> Result<(), StoreError> {
+        // Cannot change inside a transaction; set for this commit only.
+        c.execute_batch("PRAGMA synchronous = FULL")?;
+        c.execute_batch("BEGIN IMMEDIATE")?;
+        for job in &mut jobs {
+            c.execute_batch("SAVEPOINT job")?;
+            if job.run(c) {
+                c.execute_batch("RELEASE job")?;
+            } else {
+                c.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            }
+        }
+        c.execute_batch("COMMIT")?;
+        Ok(())
+    })();
+    if committed.is_err() {
+        rollback_open_transaction(c);
+    }
+    if let Err(e) = c.execute_batch("PRAGMA synchronous = NORMAL") {
+        // Later commits stay fsynced: slower, never less safe.
+        tracing::warn!(error = %e, "could not return the database to synchronous = NORMAL");
+    }
+    let failed = committed.err();
+    for job in jobs {
+        job.finish(failed.as_ref());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::params;
+
+    fn thread_with_table(dir: &std::path::Path) -> DbThread {
+        let c = Connection::open(dir.join("t.db")).unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+             CREATE TABLE t (x INTEGER NOT NULL UNIQUE);",
+        )
+        .unwrap();
+        DbThread::start(c).unwrap()
+    }
+
+    async fn count(db: &DbThread) -> i64 {
+        db.run(|c| Ok(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_job_in_a_group_is_rolled_back_alone_and_the_rest_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        db.run(|c| Ok(c.execute("INSERT INTO t (x) VALUES (7)", [])?))
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200i64 {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                db.run_durably(move |c| {
+                    // Job 7 writes a row of its own first, then fails on the duplicate: its
+                    // first row must go with it.
+                    if i == 7 {
+                        c.execute("INSERT INTO t (x) VALUES (-7)", [])?;
+                    }
+                    c.execute("INSERT INTO t (x) VALUES (?1)", params![i])?;
+                    Ok(i)
+                })
+                .await
+            }));
+        }
+        let mut failed = Vec::new();
+        for task in tasks {
+            if let Err(e) = task.await.unwrap() {
+                failed.push(e.to_string());
+            }
+        }
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        // 200 rows: 199 from the jobs and the 7 stored before; not -7.
+        assert_eq!(count(&db).await, 200);
+        let minus_seven: i64 = db
+            .run(|c| Ok(c.query_row("SELECT COUNT(*) FROM t WHERE x = -7", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(minus_seven, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_whose_commit_fails_answers_every_caller_with_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        // Another connection holds the write lock: BEGIN IMMEDIATE of the group fails (after
+        // the busy timeout, zero here) and nothing of the group may be stored or reported done.
+        db.run(|c| Ok(c.busy_timeout(std::time::Duration::ZERO)?))
+            .await
+            .unwrap();
+        let other = Connection::open(dir.path().join("t.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..20i64 {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                db.run_durably(move |c| Ok(c.execute("INSERT INTO t (x) VALUES (?1)", params![i])?))
+                    .await
+            }));
+        }
+        for task in tasks {
+            let error = task.await.unwrap().unwrap_err();
+            assert!(error.is_retryable(), "{error}");
+        }
+        other.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(count(&db).await, 0);
+        // The thread goes on, back in autocommit: the next group commits.
+        db.run_durably(|c| Ok(c.execute("INSERT INTO t (x) VALUES (1)", [])?))
+            .await
+            .unwrap();
+        assert_eq!(count(&db).await, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_that_leaves_its_transaction_open_does_not_break_the_next_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        db.run(|c| Ok(c.execute_batch("BEGIN; INSERT INTO t (x) VALUES (1);")?))
+            .await
+            .unwrap();
+        db.run_durably(|c| Ok(c.execute("INSERT INTO t (x) VALUES (2)", [])?))
+            .await
+            .unwrap();
+        assert_eq!(count(&db).await, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_call_loses_its_answer_not_the_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        let lost = db
+            .run::<(), _>(|c| {
+                c.execute_batch("BEGIN; INSERT INTO t (x) VALUES (1);")?;
+                panic!("a bug mid-transaction")
+            })
+            .await;
+        assert!(lost.is_err());
+        let lost = db
+            .run_durably::<(), _>(|c| {
+                c.execute("INSERT INTO t (x) VALUES (2)", [])?;
+                panic!("a bug in durable work")
+            })
+            .await;
+        assert!(lost.is_err());
+        // Both rolled back; the connection is usable and in autocommit.
+        assert_eq!(count(&db).await, 0);
+        db.run_durably(|c| Ok(c.execute("INSERT INTO t (x) VALUES (3)", [])?))
+            .await
+            .unwrap();
+        assert!(db.run(|c| Ok(c.is_autocommit())).await.unwrap());
+        assert_eq!(count(&db).await, 1);
+    }
+}
