@@ -419,11 +419,13 @@ async fn ten_users_bombing_at_once_stay_inside_the_total(backend: &str) {
             );
         }
         // Stopped by the OOM killer (its own limit or the total), by the timeout (a bomb
-        // starved of CPU and memory by the totals), or it ended by itself: always reported.
+        // starved of CPU and memory by the totals), by its pids limit (the shell cannot fork
+        // and gives up), or it ended by itself: always reported.
         assert!(
             reply.contains("out of memory")
                 || reply.contains("killed by the timeout")
-                || (chat % 2 == 1 && reply.contains("exit code: 0")),
+                || (chat % 2 == 1
+                    && (reply.contains("exit code: 0") || reply.contains("Cannot fork"))),
             "{chat}'s bombs ended and were reported: {reply}"
         );
         if reply.contains("out of memory") {
@@ -466,9 +468,12 @@ async fn ten_users_bombing_at_once_stay_inside_the_total(backend: &str) {
         peak <= (total_mb << 20) + (1 << 20),
         "all sandboxes together held {peak} bytes, over the {total_mb} MiB total"
     );
+    // More than any one sandbox may hold (512 MiB): the bombs were charged to the parent
+    // together. How close they came to the total depends on how fast the machine let them
+    // allocate before their pids or the timeout stopped them.
     assert!(
-        peak >= (total_mb << 20) * 3 / 4,
-        "the bombs were charged to the parent cgroup and reached its total (peak only {peak} bytes)"
+        peak > 512 << 20,
+        "the bombs were charged to the parent cgroup together (peak only {peak} bytes)"
     );
     assert!(
         rss_after < rss_before + (64 << 20),
