@@ -1,5 +1,5 @@
-//! Review findings (issue 9): rate limits per principal that a signed-in user can step out of.
-//! Ignored so the branch stays green; run with `--ignored` to see the failure.
+//! Regressions from the review of issue 9: a signed-in user stepping out of their rate-limit
+//! bucket, and `/api/history` returning a whole session.
 
 mod common;
 
@@ -25,16 +25,15 @@ fn history(cookie: &str, bogus_bearer: bool) -> Request<Body> {
     builder.body(Body::empty()).unwrap()
 }
 
-/// The limiter picks the request's credential as bearer first, then the `mm_session` cookie;
-/// the browser routes (`/api/history`, `/api/chat`, `/`) authenticate by the cookie alone. A
-/// signed-in user who adds `Authorization: Bearer <anything>` is therefore charged to the
-/// *client IP's* bucket (the bogus bearer is "unverified") and still served as themselves.
-/// From one IPv4 address that doubles their allowance; with IPv6 (one bucket per /64, and a
-/// home line usually has a /56 or /48) every /64 is a fresh bucket, so the per-user limit is
-/// gone. Each such request also costs a token look-up in the database.
+/// Regression: the limiter picked the request's credential as bearer first, then the
+/// `mm_session` cookie, while the browser routes (`/api/history`, `/api/chat`, `/`)
+/// authenticate by the cookie alone. A signed-in user who added `Authorization: Bearer
+/// <anything>` was charged to the *client IP's* bucket (the bogus bearer is "unverified") and
+/// still served as themselves; with IPv6 (one bucket per /64) every /64 was a fresh bucket, so
+/// the per-user limit was gone. Now the credential the route authenticates with picks the
+/// bucket, and a credential the route does not use is ignored.
 #[tokio::test]
-#[ignore = "review: a signed-in user escapes their per-principal bucket by adding a bogus bearer token (charged per IP, served by cookie)"]
-async fn review_bogus_bearer_moves_a_signed_in_user_out_of_their_bucket() {
+async fn a_bogus_bearer_next_to_a_session_cookie_stays_in_the_users_bucket() {
     let h = harness_with(WebSettings {
         rate_limit_per_minute: 1,
         rate_limit_burst: 3,
