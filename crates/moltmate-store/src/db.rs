@@ -200,6 +200,7 @@ CREATE TABLE sandbox_ids (
 CREATE UNIQUE INDEX sandbox_ids_live ON sandbox_ids(kind, name) WHERE retired_at IS NULL;
 "#,
     crate::usage::MIGRATION,
+    crate::usage::RETENTION_MIGRATION,
 ];
 
 pub(crate) fn now_millis() -> i64 {
@@ -848,6 +849,7 @@ impl Store {
                 "UPDATE inbox SET done_at = ?2 WHERE id = ?1",
                 params![inbox_id, now_millis()],
             )?;
+            prune_answered_rows(&tx, &user, now_millis())?;
             tx.commit()?;
             Ok(outbox)
         })
@@ -877,8 +879,8 @@ impl Store {
                         turn.user.as_str(),
                         provider,
                         model,
-                        u.input_tokens as i64,
-                        u.output_tokens as i64,
+                        crate::usage::to_i64(u.input_tokens),
+                        crate::usage::to_i64(u.output_tokens),
                         now
                     ])?;
                 }
@@ -891,6 +893,7 @@ impl Store {
                 None => None,
             };
             tx.execute("UPDATE inbox SET done_at = ?2 WHERE id = ?1", params![turn.inbox_id, now])?;
+            prune_answered_rows(&tx, &turn.user, now)?;
             tx.commit()?;
             Ok(outbox)
         })
@@ -1345,7 +1348,8 @@ impl Store {
         let user = user.map(|u| u.as_str().to_string());
         self.with(move |c| {
             let mut statement = c.prepare(
-                "SELECT user_id, provider, model, SUM(input_tokens), SUM(output_tokens), COUNT(*) FROM token_usage
+                "SELECT user_id, provider, model, CAST(MIN(total(input_tokens), 9007199254740992.0) AS INTEGER),
+                        CAST(MIN(total(output_tokens), 9007199254740992.0) AS INTEGER), COUNT(*) FROM token_usage
                  WHERE ?1 IS NULL OR user_id = ?1 GROUP BY user_id, provider, model ORDER BY user_id, provider, model",
             )?;
             let rows = statement.query_map(params![user], |r| {
@@ -1512,6 +1516,25 @@ pub(crate) fn upsert_cursor(
          ON CONFLICT (channel) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)",
         params![channel.as_str(), cursor],
     )?;
+    Ok(())
+}
+
+/// Deletes the user's inbox rows answered and outbox rows claimed longer than
+/// [`crate::usage::ANSWERED_ROW_RETENTION`] ago (their texts are long gone). Two index range
+/// scans, run with each answered message, so the rows a user leaves are bounded by what they
+/// can send in the retention period.
+fn prune_answered_rows(c: &Connection, user: &UserId, now: i64) -> Result<(), StoreError> {
+    let before = now.saturating_sub(
+        i64::try_from(crate::usage::ANSWERED_ROW_RETENTION.as_millis()).unwrap_or(i64::MAX),
+    );
+    c.prepare_cached(
+        "DELETE FROM inbox WHERE user_id = ?1 AND done_at IS NOT NULL AND done_at < ?2",
+    )?
+    .execute(params![user.as_str(), before])?;
+    c.prepare_cached(
+        "DELETE FROM outbox WHERE user_id = ?1 AND state <> 'pending' AND updated_at < ?2",
+    )?
+    .execute(params![user.as_str(), before])?;
     Ok(())
 }
 

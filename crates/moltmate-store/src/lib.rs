@@ -29,4 +29,4 @@ pub use db::{
 };
 pub use homes::{HomeError, Homes};
 pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};
-pub use usage::{HistoryPage, UsageCharge, UsageTotals, UserUsage};
+pub use usage::{HistoryPage, TranscriptPage, UsageCharge, UsageTotals, UserUsage};
