@@ -202,6 +202,11 @@ pub enum ExecSecurity {
 pub struct ExecSettings {
     pub security: ExecSecurity,
     pub safe_bins: Vec<String>,
+    /// Programs in `safe_bins` that are not in the project's vetted table
+    /// ([`crate::allowlist::VETTED_SAFE_BINS`]) and that the operator vouches for
+    /// (`tools.exec.vouchedBins`). Known runners and writers stay refused even here.
+    #[serde(default)]
+    pub vouched_bins: Vec<String>,
     pub blocked_bins: Vec<String>,
     /// Used when the model gives no `timeout_seconds`.
     pub default_timeout: Duration,
