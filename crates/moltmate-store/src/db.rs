@@ -1145,6 +1145,7 @@ impl Store {
         user: &UserId,
         after_id: i64,
         limit: usize,
+        max_bytes: u64,
     ) -> Result<Vec<(i64, i64, ConversationItem)>, StoreError> {
         let user = user.clone();
         self.with(move |c| {
@@ -1155,8 +1156,15 @@ impl Store {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
             })?;
             let mut items = Vec::new();
+            let mut bytes: u64 = 0;
             for row in rows {
                 let (id, at, json) = row?;
+                // Bounded in bytes as well as rows (the first row always comes, so a caller
+                // paging with it makes progress).
+                bytes = bytes.saturating_add(json.len() as u64);
+                if bytes > max_bytes && !items.is_empty() {
+                    break;
+                }
                 let item = serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("transcript row {id}: {e}")))?;
                 items.push((id, at, item));
             }
