@@ -404,7 +404,12 @@ fn bins(key: &str, list: &[String]) -> Result<(), Failure> {
 /// A known runner or writer is refused outright; any other name must be in the project's
 /// vetted table or in `vouchedBins` (the operator's explicit word), which itself may only
 /// name programs of `safeBins` and never a known runner.
-fn safe_bins(key: &str, list: &[String], vouched_key: &str, vouched: &[String]) -> Result<(), Failure> {
+fn safe_bins(
+    key: &str,
+    list: &[String],
+    vouched_key: &str,
+    vouched: &[String],
+) -> Result<(), Failure> {
     for (i, bin) in vouched.iter().enumerate() {
         if let Some(why) = moltmate_core::allowlist::refused_safe_bin(bin) {
             return Err(rule(

@@ -248,7 +248,6 @@ async fn an_empty_summary_does_not_let_the_current_session_grow_without_bound() 
     );
 }
 
-
 /// The archive of the session stays the user's: the rows moved out are in another (ended)
 /// session, and an empty summary is stored as none, not as an empty text.
 #[tokio::test]
@@ -331,7 +330,11 @@ async fn a_huge_usage_in_a_reply_is_clamped_per_reply() {
     let calls_before = s.model.seen().len();
     let notice = say(&s.gateway, "anna", "again").await;
     assert!(notice.to_lowercase().contains("token"), "{notice}");
-    assert_eq!(s.model.seen().len(), calls_before, "no model call over budget");
+    assert_eq!(
+        s.model.seen().len(),
+        calls_before,
+        "no model call over budget"
+    );
 }
 
 /// Regression: a reply without usage (a provider or proxy that leaves it out) was charged

@@ -100,7 +100,11 @@ fn unvetted_programs_run_only_when_the_operator_vouches_for_them() {
     );
     let vouched_ok = vet_command("mytool --help", &vouched(&["mytool"], &["mytool"]));
     assert!(vouched_ok.is_ok(), "{vouched_ok:?}");
-    for line in ["jq . data.json", "sha256sum note.md", "cat a | grep x | wc -l"] {
+    for line in [
+        "jq . data.json",
+        "sha256sum note.md",
+        "cat a | grep x | wc -l",
+    ] {
         let ok = vet_command(line, &allowlist(&["jq", "sha256sum", "cat", "grep", "wc"]));
         assert!(ok.is_ok(), "{line}: {ok:?}");
     }

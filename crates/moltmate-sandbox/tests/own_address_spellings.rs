@@ -39,7 +39,13 @@ fn the_gateways_own_ipv4_in_nat64_or_6to4_spelling_is_refused() {
 /// address is forbidden, and the embedded address is what `embedded_ipv4` reads.
 #[test]
 fn forbidden_ipv4_in_any_ipv6_spelling_is_forbidden() {
-    for v4 in ["127.0.0.1", "10.1.2.3", "169.254.169.254", "192.168.0.1", "100.64.0.1"] {
+    for v4 in [
+        "127.0.0.1",
+        "10.1.2.3",
+        "169.254.169.254",
+        "192.168.0.1",
+        "100.64.0.1",
+    ] {
         let v4: std::net::Ipv4Addr = v4.parse().unwrap();
         let [a, b, c, d] = v4.octets();
         let hi = u16::from_be_bytes([a, b]);

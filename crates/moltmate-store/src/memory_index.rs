@@ -423,7 +423,11 @@ impl MemoryIndex {
             }
             bytes += more_bytes;
             count += more_rows;
-            taken.extend(pieces.into_iter().map(|(_, piece)| (location.clone(), piece)));
+            taken.extend(
+                pieces
+                    .into_iter()
+                    .map(|(_, piece)| (location.clone(), piece)),
+            );
             last = Some(*id);
         }
         let Some(last) = last else {

@@ -134,7 +134,11 @@ async fn answered_messages_and_sent_replies_keep_no_text() {
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].text, reply);
     assert!(store.claim_outbox(pending[0].id).await.unwrap());
-    assert_eq!(texts(&connection), (0, 0), "claimed: nothing needs the text any more");
+    assert_eq!(
+        texts(&connection),
+        (0, 0),
+        "claimed: nothing needs the text any more"
+    );
     store
         .set_outbox_state(pending[0].id, "sent", None)
         .await
@@ -237,7 +241,10 @@ async fn answered_rows_are_pruned_after_the_retention() {
         .execute("UPDATE inbox SET done_at = ?1 WHERE id = ?2", (old, ids[0]))
         .unwrap();
     connection
-        .execute("UPDATE outbox SET updated_at = ?1 WHERE id = ?2", (old, reply))
+        .execute(
+            "UPDATE outbox SET updated_at = ?1 WHERE id = ?2",
+            (old, reply),
+        )
         .unwrap();
     store
         .finish_inbox_with_reply(ids[1], &anna, None)

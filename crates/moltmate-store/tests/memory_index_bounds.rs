@@ -94,7 +94,13 @@ fn past_its_deadline_a_search_indexes_nothing() {
     index
         .sync(
             &roots,
-            &[(1, 0, ConversationItem::User { text: "peanuts".into() })],
+            &[(
+                1,
+                0,
+                ConversationItem::User {
+                    text: "peanuts".into(),
+                },
+            )],
         )
         .unwrap();
     assert_eq!(entries(&index_dir), 0);
@@ -104,7 +110,13 @@ fn past_its_deadline_a_search_indexes_nothing() {
     index
         .sync(
             &roots,
-            &[(1, 0, ConversationItem::User { text: "peanuts".into() })],
+            &[(
+                1,
+                0,
+                ConversationItem::User {
+                    text: "peanuts".into(),
+                },
+            )],
         )
         .unwrap();
     assert_eq!(index.search("peanuts", 5).unwrap().len(), 2);
@@ -133,5 +145,8 @@ fn a_hit_names_the_line_of_its_match() {
         .unwrap();
     let hits = index.search("cashews", 5).unwrap();
     assert_eq!(hits.len(), 1);
-    assert_eq!((hits[0].source.as_str(), hits[0].location.as_str()), ("MEMORY.md", "7"));
+    assert_eq!(
+        (hits[0].source.as_str(), hits[0].location.as_str()),
+        ("MEMORY.md", "7")
+    );
 }

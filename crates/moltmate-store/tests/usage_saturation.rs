@@ -132,5 +132,8 @@ async fn huge_per_call_token_counts_neither_wrap_nor_overflow_their_sum() {
     }
     let rows = store.usage(Some(&anna)).await.unwrap();
     assert_eq!(rows.len(), 1);
-    assert!(rows[0].input_tokens > 0 && rows[0].output_tokens > 0, "{rows:?}");
+    assert!(
+        rows[0].input_tokens > 0 && rows[0].output_tokens > 0,
+        "{rows:?}"
+    );
 }

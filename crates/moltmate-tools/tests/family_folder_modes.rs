@@ -54,8 +54,7 @@ async fn file_tool_writes_in_the_family_folder_are_group_writable() {
     // An older file (0644, as the tools used to leave it) rewritten by `edit`.
     std::fs::write(root.join("list.md"), "milk\n").unwrap();
     std::os::unix::fs::chown(root.join("list.md"), Some(FAMILY_GID), Some(FAMILY_GID)).unwrap();
-    std::fs::set_permissions(root.join("list.md"), std::fs::Permissions::from_mode(0o644))
-        .unwrap();
+    std::fs::set_permissions(root.join("list.md"), std::fs::Permissions::from_mode(0o644)).unwrap();
     EditTool
         .call(
             &ctx,
@@ -88,8 +87,16 @@ async fn file_tool_writes_in_the_family_folder_are_group_writable() {
         ))
         .output()
         .unwrap();
-    assert_eq!(dir.mode() & 0o2007, 0o2000, "dir setgid, nothing for others");
-    assert_eq!(file.mode() & 0o7007, 0, "file: no special bits, nothing for others");
+    assert_eq!(
+        dir.mode() & 0o2007,
+        0o2000,
+        "dir setgid, nothing for others"
+    );
+    assert_eq!(
+        file.mode() & 0o7007,
+        0,
+        "file: no special bits, nothing for others"
+    );
     assert!(
         dir.mode() & 0o070 == 0o070 && file.mode() & 0o060 == 0o060 && ben_appends.status.success(),
         "dir {:o} (gid {}), file {:o} (gid {}); ben: {}",

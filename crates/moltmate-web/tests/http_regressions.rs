@@ -136,10 +136,7 @@ async fn history_returns_bounded_pages_of_a_huge_session() {
     let first = r.json();
     let newest = first["messages"].as_array().unwrap();
     assert_eq!(newest.last().unwrap()["role"], "assistant");
-    let mut seen_turns = newest
-        .iter()
-        .filter(|m| m["role"] == "user")
-        .count();
+    let mut seen_turns = newest.iter().filter(|m| m["role"] == "user").count();
     let mut before = first["before"].as_i64();
     let mut pages = 1;
     while let Some(cursor) = before {
@@ -152,7 +149,11 @@ async fn history_returns_bounded_pages_of_a_huge_session() {
         )
         .await;
         assert_eq!(r.status, StatusCode::OK);
-        assert!(r.body.len() < 2 * 1024 * 1024, "page of {} bytes", r.body.len());
+        assert!(
+            r.body.len() < 2 * 1024 * 1024,
+            "page of {} bytes",
+            r.body.len()
+        );
         let page = r.json();
         seen_turns += page["messages"]
             .as_array()

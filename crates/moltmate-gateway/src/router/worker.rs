@@ -87,7 +87,8 @@ fn internal_failure(language: Option<&str>) -> String {
     if language.is_some_and(|l| l.starts_with("de")) {
         "Entschuldigung, bei dieser Nachricht ist ein interner Fehler aufgetreten. Bitte versuche es später noch einmal.".to_string()
     } else {
-        "Sorry, an internal error stopped me from answering this message. Please try again later.".to_string()
+        "Sorry, an internal error stopped me from answering this message. Please try again later."
+            .to_string()
     }
 }
 
