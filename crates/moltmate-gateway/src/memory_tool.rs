@@ -147,7 +147,16 @@ impl Tool for MemorySearchTool {
         })
         .await
         .map_err(blocking_error)?
-        .map_err(|e| ToolError::Failed(format!("memory search failed: {e}")))?;
+        .map_err(|e| {
+            if e.is_interrupted() {
+                ToolError::Failed(
+                    "memory search took too long and was stopped; try fewer or rarer words"
+                        .to_string(),
+                )
+            } else {
+                ToolError::Failed(format!("memory search failed: {e}"))
+            }
+        })?;
         let note = if full {
             format!(
                 "\n(Note: this user's memory index is full ({} MB), so their newest notes and conversations are not searchable. Tell your user: /forget deletes past conversations, or the operator can raise limits.memoryIndexMb.)",

@@ -37,6 +37,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether a statement was stopped by a deadline (SQLite's progress handler, see
+    /// `MemoryIndex::with_deadline`).
+    pub fn is_interrupted(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::OperationInterrupted
+        )
+    }
+
     /// Whether the operation may succeed if repeated (the database was busy or locked).
     pub fn is_retryable(&self) -> bool {
         match self {

@@ -83,7 +83,7 @@ CREATE TRIGGER outbox_text_cleared_when_claimed AFTER UPDATE OF state ON outbox
     WHEN NEW.state <> 'pending' AND NEW.text <> '' BEGIN
     UPDATE outbox SET text = '' WHERE id = NEW.id;
 END;
-CREATE INDEX outbox_user ON outbox(user_id, state);
+CREATE INDEX outbox_user ON outbox(user_id, updated_at);
 "#;
 
 /// How long answered inbox rows and sent outbox rows (already without their texts) are kept

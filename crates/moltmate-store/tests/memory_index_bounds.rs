@@ -69,6 +69,16 @@ fn one_search_indexes_a_bounded_number_of_rows() {
     let hits = index.search("a", 5).unwrap();
     assert!(!hits.is_empty());
     let _ = MAX_SYNC_BYTES;
+    // The query itself is interrupted past the deadline (ranking ~100k rows takes far more
+    // than one progress interval).
+    let late = MemoryIndex::open(&index_dir, &user)
+        .unwrap()
+        .with_deadline(std::time::Instant::now());
+    let interrupted = late.search("a", 5);
+    assert!(
+        matches!(&interrupted, Err(e) if e.is_interrupted()),
+        "{interrupted:?}"
+    );
 }
 
 /// Regression: the search's deadline was only the caller's: the abandoned blocking thread kept
