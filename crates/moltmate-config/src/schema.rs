@@ -795,6 +795,9 @@ pub struct ExecConfig {
     /// Default `allowlist`.
     pub security: ExecSecurity,
     pub safe_bins: Vec<String>,
+    /// Programs of `safeBins` the project has not vetted and the operator vouches for (they
+    /// checked it cannot run other programs or write files). Default empty.
+    pub vouched_bins: Vec<String>,
     pub blocked_bins: Vec<String>,
     /// Default 30.
     pub timeout_seconds: u64,
@@ -808,6 +811,7 @@ impl Default for ExecConfig {
         ExecConfig {
             security: ExecSecurity::Allowlist,
             safe_bins: strings(moltmate_core::allowlist::DEFAULT_SAFE_BINS),
+            vouched_bins: Vec::new(),
             blocked_bins: strings(&["curl", "wget", "nc", "ssh", "sudo", "su", "mount", "docker"]),
             timeout_seconds: 30,
             max_timeout_seconds: 300,
@@ -821,6 +825,7 @@ impl ExecConfig {
         ExecSettings {
             security: self.security,
             safe_bins: self.safe_bins.clone(),
+            vouched_bins: self.vouched_bins.clone(),
             blocked_bins: self.blocked_bins.clone(),
             default_timeout: Duration::from_secs(self.timeout_seconds),
             max_timeout: Duration::from_secs(self.max_timeout_seconds),

@@ -139,6 +139,10 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
       // are refused here; uniq, date and pdftotext have their arguments checked.
       safeBins: ["cat", "head", "tail", "grep", "wc", "ls", "uniq", "cut", "tr", "pdftotext",
                  "echo", "date"],
+      // A program outside the project's vetted readers (jq, diff, sha256sum, ... see README,
+      // "The allowlist") must also be listed here: your word that it cannot run programs or
+      // write files.
+      vouchedBins: [],
       blockedBins: ["curl", "wget", "nc", "ssh", "sudo", "su", "mount", "docker"],
       timeoutSeconds: 30,
       maxTimeoutSeconds: 300,

@@ -461,13 +461,38 @@ fn bins(key: &str, list: &[String]) -> Result<(), Failure> {
 
 /// `safeBins` may not hold a program that runs other programs or writes files: under
 /// `allowlist` such a program would be a shell by another name (`awk 'BEGIN{system("id")}'`).
-fn safe_bins(key: &str, list: &[String]) -> Result<(), Failure> {
+/// A known runner or writer is refused outright; any other name must be in the project's
+/// vetted table or in `vouchedBins` (the operator's explicit word), which itself may only
+/// name programs of `safeBins` and never a known runner.
+fn safe_bins(
+    key: &str,
+    list: &[String],
+    vouched_key: &str,
+    vouched: &[String],
+) -> Result<(), Failure> {
+    for (i, bin) in vouched.iter().enumerate() {
+        if let Some(why) = moltmate_core::allowlist::refused_safe_bin(bin) {
+            return Err(rule(
+                format!("{vouched_key}[{i}]"),
+                format!("{bin:?} {why}; nobody can vouch for it (remove it; see README, \"The allowlist\")"),
+            ));
+        }
+        if !list.contains(bin) {
+            return Err(rule(
+                format!("{vouched_key}[{i}]"),
+                format!("{bin:?} is not in {key}; vouchedBins only confirms programs listed there"),
+            ));
+        }
+    }
     for (i, bin) in list.iter().enumerate() {
         if let Some(why) = moltmate_core::allowlist::refused_safe_bin(bin) {
             return Err(rule(
                 format!("{key}[{i}]"),
                 format!("{bin:?} {why}; it cannot be allowlisted (remove it from the list; see README, \"The allowlist\")"),
             ));
+        }
+        if let Err(why) = moltmate_core::allowlist::safe_bin_verdict(bin, vouched) {
+            return Err(rule(format!("{key}[{i}]"), format!("{bin:?} {why}")));
         }
     }
     Ok(())
@@ -487,7 +512,13 @@ fn tools(config: &Config) -> Result<(), Failure> {
     let t = &config.tools;
     let e = &t.exec;
     bins("tools.exec.safeBins", &e.safe_bins)?;
-    safe_bins("tools.exec.safeBins", &e.safe_bins)?;
+    bins("tools.exec.vouchedBins", &e.vouched_bins)?;
+    safe_bins(
+        "tools.exec.safeBins",
+        &e.safe_bins,
+        "tools.exec.vouchedBins",
+        &e.vouched_bins,
+    )?;
     bins("tools.exec.blockedBins", &e.blocked_bins)?;
     positive("tools.exec.timeoutSeconds", e.timeout_seconds)?;
     positive("tools.exec.maxTimeoutSeconds", e.max_timeout_seconds)?;

@@ -707,6 +707,39 @@ fn safe_bins_that_run_programs_are_refused_naming_why() {
     assert!(load("{tools: {exec: {safeBins: ['cat', 'jq', 'sha256sum']}}}").is_ok());
 }
 
+/// Regression (issue 9 review): runners of the sandbox image under names the known-bad table
+/// did not know were accepted. Now a name outside the vetted table needs `vouchedBins`, and a
+/// known runner cannot be vouched for.
+#[test]
+fn safe_bins_outside_the_vetted_table_need_the_operators_word() {
+    for (list, needle) in [
+        ("['x86_64']", "runs the program named"),
+        ("['choom']", "runs the program named"),
+        ("['pdb3']", "Python"),
+        ("['vim.basic']", "editor"),
+        ("['mkfs.ext4']", "writes"),
+        ("['rename.ul']", "writes"),
+        ("['fallocate']", "writes"),
+        ("['mytool']", "vouchedBins"),
+    ] {
+        let text = format!("{{tools: {{exec: {{safeBins: {list}}}}}}}");
+        assert_err(&text, "tools.exec.safeBins[0]", needle);
+    }
+    let c =
+        load("{tools: {exec: {safeBins: ['cat', 'mytool'], vouchedBins: ['mytool']}}}").unwrap();
+    assert_eq!(c.tools.exec.to_core().vouched_bins, ["mytool"]);
+    assert_err(
+        "{tools: {exec: {safeBins: ['x86_64'], vouchedBins: ['x86_64']}}}",
+        "tools.exec.vouchedBins[0]",
+        "nobody can vouch",
+    );
+    assert_err(
+        "{tools: {exec: {safeBins: ['cat'], vouchedBins: ['mytool']}}}",
+        "tools.exec.vouchedBins[0]",
+        "not in tools.exec.safeBins",
+    );
+}
+
 #[test]
 fn allowed_ports_must_be_real_ports() {
     assert_err(

@@ -15,9 +15,14 @@
 //! part of it the same way (`x86_64-linux-gnu-gcc-12` → `gcc`, `ssh-keygen` → `ssh`). A false
 //! match only refuses a program; it never allows one.
 //!
-//! The table is a known-bad list, so it cannot be complete: an operator who adds a program not
-//! named here to `safeBins` vouches for it. The default list ([`DEFAULT_SAFE_BINS`]) is the part
-//! this project vouches for, with the reasons in README.md.
+//! **Known-safe first.** A known-bad table cannot be complete: the sandbox image alone has
+//! `x86_64` (= `setarch`), `choom`, `pdb3`, `vim.basic`, `fallocate`, `mkfs.*`... So a name
+//! is accepted in `safeBins` only when it is in [`VETTED_SAFE_BINS`] (programs this project has
+//! checked: they read and print, nothing else) or when the operator vouches for it explicitly
+//! in `tools.exec.vouchedBins` ([`safe_bin_verdict`]). The known-bad table ([`KNOWN`]) still
+//! names why a program can never be allowed — not even vouched for — and is what the message
+//! says. The default list ([`DEFAULT_SAFE_BINS`]) is part of the vetted table, with the
+//! reasons in README.md.
 
 /// The default `tools.exec.safeBins`: programs that only read files and print (see README.md,
 /// "The allowlist", for why each is safe). `uniq`, `date` and `pdftotext` have their arguments
@@ -35,6 +40,85 @@ pub const DEFAULT_SAFE_BINS: &[&str] = &[
     "pdftotext",
     "echo",
     "date",
+];
+
+/// Programs this project has checked to only read files (or nothing) and print: no option or
+/// operand runs another program, writes, moves or deletes a file, or opens a connection
+/// (`uniq`, `date` and `pdftotext` only with the argument vetting of the exec policy). A name
+/// outside this table needs the operator's word (`tools.exec.vouchedBins`).
+pub const VETTED_SAFE_BINS: &[&str] = &[
+    // the defaults
+    "cat",
+    "head",
+    "tail",
+    "grep",
+    "wc",
+    "ls",
+    "uniq",
+    "cut",
+    "tr",
+    "pdftotext",
+    "echo",
+    "date",
+    // text and data readers
+    "jq",
+    "nl",
+    "tac",
+    "rev",
+    "paste",
+    "join",
+    "comm",
+    "cmp",
+    "diff",
+    "fold",
+    "fmt",
+    "column",
+    "od",
+    "hexdump",
+    "strings",
+    "expand",
+    "unexpand",
+    "numfmt",
+    "look",
+    "tsort",
+    "egrep",
+    "fgrep",
+    // checksums and encodings
+    "md5sum",
+    "sha1sum",
+    "sha224sum",
+    "sha256sum",
+    "sha384sum",
+    "sha512sum",
+    "b2sum",
+    "cksum",
+    "sum",
+    "base64",
+    "base32",
+    "basenc",
+    // files and the system, read only
+    "pdfinfo",
+    "du",
+    "df",
+    "stat",
+    "basename",
+    "dirname",
+    "realpath",
+    "readlink",
+    "pwd",
+    "whoami",
+    "id",
+    "uname",
+    "nproc",
+    // arithmetic and constants
+    "seq",
+    "printf",
+    "expr",
+    "factor",
+    "true",
+    "false",
+    "cal",
+    "ncal",
 ];
 
 const SHELL: &str = "is a shell: it runs any command";
@@ -561,15 +645,158 @@ const KNOWN: &[(&[&str], &str)] = &[
     (&["smbclient", "w3m", "lynx", "links", "elinks"], NETWORK),
     (&["systemd-nspawn"], ADMIN),
     (&["pdfjam"], TYPESETTER),
+    // Found in the sandbox image (`ls /usr/bin /usr/sbin` of moltmate-sandbox:bookworm-slim)
+    // by the review of issue 9, and their kind.
+    (
+        &[
+            // setarch under its architecture names: `x86_64 sh -c id`
+            "i386",
+            "i486",
+            "i586",
+            "i686",
+            "x86_64",
+            "x86-64",
+            "amd64",
+            "arm",
+            "armv7l",
+            "armh",
+            "aarch64",
+            "arm64",
+            "ppc",
+            "ppc32",
+            "ppc64",
+            "ppc64le",
+            "sparc",
+            "sparc32",
+            "sparc64",
+            "s390",
+            "s390x",
+            "mips",
+            "mips32",
+            "mips64",
+            "parisc",
+            "parisc32",
+            "parisc64",
+            "ia64",
+            "alpha",
+            "uname26",
+            // util-linux and friends that run the command in their arguments
+            "choom",
+            "uclampset",
+            "scriptlive",
+            "scriptreplay",
+            "debconf",
+            "dpkg-reconfigure",
+            "vipw",
+            "vigr",
+            "c_rehash",
+            "zcmp",
+            "zdiff",
+            "zgrep",
+            "zegrep",
+            "zfgrep",
+            "zless",
+            "zmore",
+            "lesspipe",
+            "lessfile",
+            "mesg",
+            "ulimit",
+        ],
+        WRAPPER,
+    ),
+    (
+        &[
+            "pdb",
+            "pydoc",
+            "py3compile",
+            "py3clean",
+            "pycompile",
+            "pyclean",
+            "python-config",
+        ],
+        "runs Python code (its own or the file named), and writes files",
+    ),
+    (
+        &[
+            "fallocate",
+            "hardlink",
+            "tempfile",
+            "savelog",
+            "gzexe",
+            "znew",
+            "zforce",
+            "rmt",
+            "tic",
+            "zic",
+            "mke2fs",
+            "mkfs",
+            "mkswap",
+            "mkdosfs",
+            "mkfs.ext4",
+            "debugfs",
+            "e2image",
+            "e2fsck",
+            "fsck",
+            "tune2fs",
+            "resize2fs",
+            "e2label",
+            "e2undo",
+            "e4defrag",
+            "wipefs",
+            "fdisk",
+            "sfdisk",
+            "cfdisk",
+            "sgdisk",
+            "parted",
+            "blkdiscard",
+            "swapon",
+            "swapoff",
+            "ucf",
+            "ucfr",
+            "update-alternatives",
+            "install-info",
+            "ldconfig",
+            "locale-gen",
+            "useradd",
+            "usermod",
+            "userdel",
+            "adduser",
+            "deluser",
+            "addgroup",
+            "delgroup",
+            "groupadd",
+            "groupmod",
+            "groupdel",
+            "passwd",
+            "chpasswd",
+            "chfn",
+            "chsh",
+            "gpasswd",
+            "newusers",
+            "pwck",
+            "grpck",
+            "pwconv",
+            "pwunconv",
+            "grpconv",
+            "grpunconv",
+            "cpgr",
+            "cppw",
+            "split-logfile",
+            "mcookie",
+        ],
+        WRITER,
+    ),
 ];
 
 /// Why `name` can never be allowlisted, or `None` when it is not a known program runner or
-/// writer. `name` is a bare program name as written in `safeBins`.
+/// writer. `name` is a bare program name as written in `safeBins`. Matched by the whole name,
+/// without its version suffix, and by each part between `-` and `.` (`vim.basic` → `vim`,
+/// `mkfs.ext4` → `mkfs`, `rename.ul` → `rename`).
 pub fn refused_safe_bin(name: &str) -> Option<&'static str> {
     let lower = name.to_ascii_lowercase();
     let base = strip_version(&lower);
     let mut candidates: Vec<&str> = vec![lower.as_str(), base];
-    candidates.extend(base.split('-').map(strip_version));
+    candidates.extend(base.split(['-', '.']).map(strip_version));
     candidates
         .into_iter()
         .filter(|c| !c.is_empty())
@@ -580,6 +807,23 @@ pub fn refused_safe_bin(name: &str) -> Option<&'static str> {
                 .map(|(_, why)| *why)
         })
 }
+
+/// Whether `name` may be in `safeBins`: `Err(reason)` for a known runner or writer (whatever
+/// `vouched` says) and for a name that is neither vetted by this project
+/// ([`VETTED_SAFE_BINS`]) nor vouched for by the operator (`tools.exec.vouchedBins`).
+/// Config validation and the exec policy both ask this.
+pub fn safe_bin_verdict(name: &str, vouched: &[String]) -> Result<(), String> {
+    if let Some(why) = refused_safe_bin(name) {
+        return Err(why.to_string());
+    }
+    if VETTED_SAFE_BINS.contains(&name) || vouched.iter().any(|v| v == name) {
+        return Ok(());
+    }
+    Err(NOT_VETTED.to_string())
+}
+
+/// Why an unknown name is refused (config and policy messages build on it).
+pub const NOT_VETTED: &str = "is not a program this project has vetted for the allowlist; if you have checked that no option or operand of it runs another program or writes a file, list it in tools.exec.vouchedBins as well";
 
 /// `python3.11` → `python`, `gcc-12` → `gcc`, `ksh93` → `ksh`; a name that is all version
 /// (`7`) stays as it is.
@@ -601,7 +845,25 @@ mod tests {
     fn the_default_list_holds_no_known_runner() {
         for bin in DEFAULT_SAFE_BINS {
             assert_eq!(refused_safe_bin(bin), None, "{bin}");
+            assert_eq!(safe_bin_verdict(bin, &[]), Ok(()), "{bin}");
         }
+    }
+
+    #[test]
+    fn the_vetted_table_holds_no_known_runner() {
+        for bin in VETTED_SAFE_BINS {
+            assert_eq!(refused_safe_bin(bin), None, "{bin}");
+        }
+    }
+
+    #[test]
+    fn unknown_names_need_the_operators_word_and_runners_never_pass() {
+        assert!(safe_bin_verdict("mytool", &[])
+            .unwrap_err()
+            .contains("vouchedBins"));
+        assert_eq!(safe_bin_verdict("mytool", &["mytool".into()]), Ok(()));
+        assert!(safe_bin_verdict("x86_64", &["x86_64".into()]).is_err());
+        assert!(safe_bin_verdict("vim.basic", &["vim.basic".into()]).is_err());
     }
 
     #[test]

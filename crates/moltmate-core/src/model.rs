@@ -76,7 +76,37 @@ impl TokenUsage {
     pub fn total(&self) -> u64 {
         self.input_tokens.saturating_add(self.output_tokens)
     }
+
+    /// Each count capped at [`MAX_TOKENS_PER_REPLY`]: what one provider reply may charge,
+    /// whatever number it claims (a reply's `usage` is outside input).
+    pub fn clamped(self) -> TokenUsage {
+        TokenUsage {
+            input_tokens: self.input_tokens.min(MAX_TOKENS_PER_REPLY),
+            output_tokens: self.output_tokens.min(MAX_TOKENS_PER_REPLY),
+        }
+    }
+
+    /// Neither count is known (a provider or proxy that reports no usage).
+    pub fn is_zero(&self) -> bool {
+        self.input_tokens == 0 && self.output_tokens == 0
+    }
+
+    /// The usage of a reply that reported none, estimated at one token per 4 bytes of what was
+    /// sent and what came back (at least one token each), so budgets still count it.
+    pub fn estimated(sent_bytes: usize, received_bytes: usize) -> TokenUsage {
+        let tokens = |bytes: usize| (u64::try_from(bytes).unwrap_or(u64::MAX) / 4).max(1);
+        TokenUsage {
+            input_tokens: tokens(sent_bytes),
+            output_tokens: tokens(received_bytes),
+        }
+        .clamped()
+    }
 }
+
+/// The most tokens one provider reply may charge per direction. The largest context windows are
+/// a few million tokens; a reply claiming more is wrong or hostile, and its number must not
+/// poison the day's counters (they saturate, see the store's `usage`).
+pub const MAX_TOKENS_PER_REPLY: u64 = 100_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -22,6 +22,23 @@ pub struct SandboxIds {
     pub gid: u32,
 }
 
+/// The mode of a new entry in a shared (setgid) family folder, from the mode it was created
+/// with: the group gets what the owner has (at least read and write), others nothing,
+/// directories keep (get) the setgid bit so what is made inside stays the family's, files never
+/// carry setuid/setgid. Every writer into a family folder — the store's `homes` and the file
+/// tools — applies it, so what one member's assistant writes, every member's sandbox can change
+/// (members run with umask 007 and the family gid as a supplementary group), and nobody else
+/// can read.
+pub const fn family_shared_mode(st_mode: u32) -> u32 {
+    let is_dir = st_mode & 0o170000 == 0o040000;
+    let mode = (st_mode & 0o7777 & !0o007) | 0o060;
+    if is_dir {
+        mode | 0o2070
+    } else {
+        mode & !0o6000
+    }
+}
+
 impl SandboxIds {
     /// `uid` with a primary group of the same number.
     pub const fn same(id: u32) -> Self {
@@ -196,6 +213,11 @@ pub enum ExecSecurity {
 pub struct ExecSettings {
     pub security: ExecSecurity,
     pub safe_bins: Vec<String>,
+    /// Programs in `safe_bins` that are not in the project's vetted table
+    /// ([`crate::allowlist::VETTED_SAFE_BINS`]) and that the operator vouches for
+    /// (`tools.exec.vouchedBins`). Known runners and writers stay refused even here.
+    #[serde(default)]
+    pub vouched_bins: Vec<String>,
     pub blocked_bins: Vec<String>,
     /// Used when the model gives no `timeout_seconds`.
     pub default_timeout: Duration,

@@ -25,6 +25,39 @@ pub struct ModelAnswer {
     pub usage: Vec<(String, String, TokenUsage)>,
 }
 
+impl ModelAnswer {
+    /// Makes the reply's usage safe to charge: every entry clamped per reply
+    /// ([`TokenUsage::clamped`]), and a reply that reported no usage at all charged an estimate
+    /// of one token per 4 bytes sent (`system` + `items`) and received, so a provider (or
+    /// proxy) that leaves `usage` out cannot spend without bound. Every caller charges the
+    /// budget from this, never from the raw numbers.
+    pub fn normalise_usage(&mut self, system: &str, items: &[ConversationItem]) {
+        for (_, _, usage) in &mut self.usage {
+            *usage = usage.clamped();
+        }
+        if self.usage.iter().all(|(_, _, u)| u.is_zero()) {
+            let sent = system.len().saturating_add(
+                items
+                    .iter()
+                    .map(|item| serde_json::to_string(item).map_or(0, |s| s.len()))
+                    .fold(0usize, usize::saturating_add),
+            );
+            let received = self.response.text.len().saturating_add(
+                self.response
+                    .tool_calls
+                    .iter()
+                    .map(|c| c.name.len().saturating_add(c.arguments.to_string().len()))
+                    .fold(0usize, usize::saturating_add),
+            );
+            let estimate = TokenUsage::estimated(sent, received);
+            self.response.usage = estimate;
+            self.usage = vec![(self.provider.clone(), self.model.clone(), estimate)];
+        } else {
+            self.response.usage = self.response.usage.clamped();
+        }
+    }
+}
+
 /// Every model in the chain failed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{detail}")]
@@ -210,7 +243,8 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
             .call(&turn.system, &items, &offered, turn.deltas)
             .await
         {
-            Ok(answer) => {
+            Ok(mut answer) => {
+                answer.normalise_usage(&turn.system, &items);
                 turn.metrics.observe_model(
                     &answer.provider,
                     &answer.model,

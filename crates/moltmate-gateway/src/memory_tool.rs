@@ -16,6 +16,9 @@ use std::path::PathBuf;
 const MAX_HITS: usize = 10;
 /// Longest a search (with the index update before it) may take.
 const SEARCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+/// When the index itself stops (indexing ends, statements are interrupted): before
+/// [`SEARCH_DEADLINE`], so the work ends rather than being abandoned.
+const INDEX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(50);
 
 fn blocking_error(e: blocking::BlockingError) -> ToolError {
     match e {
@@ -102,7 +105,12 @@ impl Tool for MemorySearchTool {
         };
         let new_rows = self
             .store
-            .transcript_since(&context.user, last, 5_000)
+            .transcript_since(
+                &context.user,
+                last,
+                5_000,
+                moltmate_store::memory_index::MAX_SYNC_BYTES,
+            )
             .await
             .map_err(|e| ToolError::Fatal(e.to_string()))?;
         let index_dir = self.index_dir.clone();
@@ -113,8 +121,13 @@ impl Tool for MemorySearchTool {
         // Reading the notes and indexing them: bounded (entries, bytes per file) and off the
         // runtime, abandoned after a deadline.
         let max_bytes = self.max_index_bytes;
+        // The index stops its own work before the caller gives up on it, so an abandoned
+        // search does not keep a core busy (SQLite's progress handler interrupts statements).
+        let deadline = std::time::Instant::now() + INDEX_DEADLINE;
         let (hits, full) = blocking::run("searching memory", SEARCH_DEADLINE, move || {
-            let mut index = MemoryIndex::open(&index_dir, &user)?.with_max_bytes(max_bytes);
+            let mut index = MemoryIndex::open(&index_dir, &user)?
+                .with_max_bytes(max_bytes)
+                .with_deadline(deadline);
             let mut roots = vec![IndexedRoot {
                 root: &home,
                 prefix: "",
@@ -129,13 +142,21 @@ impl Tool for MemorySearchTool {
                     directories: &["notes"],
                 });
             }
-            index.sync_files(&roots)?;
-            index.add_transcript(&new_rows)?;
+            index.sync(&roots, &new_rows)?;
             Ok::<_, moltmate_store::StoreError>((index.search(&query, MAX_HITS)?, index.is_full()))
         })
         .await
         .map_err(blocking_error)?
-        .map_err(|e| ToolError::Failed(format!("memory search failed: {e}")))?;
+        .map_err(|e| {
+            if e.is_interrupted() {
+                ToolError::Failed(
+                    "memory search took too long and was stopped; try fewer or rarer words"
+                        .to_string(),
+                )
+            } else {
+                ToolError::Failed(format!("memory search failed: {e}"))
+            }
+        })?;
         let note = if full {
             format!(
                 "\n(Note: this user's memory index is full ({} MB), so their newest notes and conversations are not searchable. Tell your user: /forget deletes past conversations, or the operator can raise limits.memoryIndexMb.)",

@@ -103,7 +103,8 @@ fn cut_point(rows: &[(i64, ConversationItem)]) -> Option<usize> {
 /// Bounded: one flush turn (bounded like any turn, budget-checked) and one summary call (cut
 /// to [`MAX_SUMMARY_BYTES`]), at most once per message (the caller), and not again after an
 /// attempt that did not bring the session under the threshold until it has grown by half a
-/// window (`limits::compaction_due`). Each compaction that runs moves at least one row out.
+/// window (`limits::compaction_due`). Each compaction that gets past the flush moves at least
+/// one row out, whether or not the summary call answered with anything.
 pub async fn compact(
     job: Compaction<'_>,
     page: &moltmate_store::HistoryPage,
@@ -160,19 +161,31 @@ pub async fn compact(
         .call(job.system, &to_summarise, &[], &IgnoreDeltas)
         .await
     {
-        Ok(answer) => answer,
+        Ok(mut answer) => {
+            answer.normalise_usage(job.system, &to_summarise);
+            Some(answer)
+        }
         Err(failure) => {
-            tracing::warn!(error = %failure.detail, "compaction summary failed; keeping the full session");
-            return Ok(None);
+            tracing::warn!(error = %failure.detail, "compaction summary failed; archiving with the previous summary");
+            None
         }
     };
-    if let Some(budget) = job.budget {
+    if let (Some(budget), Some(answer)) = (job.budget, &answer) {
         budget.charge_model(&answer.usage).await;
     }
-    usage.extend(answer.usage.iter().cloned());
-    let mut summary = answer.response.text.trim().to_string();
+    if let Some(answer) = &answer {
+        usage.extend(answer.usage.iter().cloned());
+    }
+    let mut summary = answer
+        .map(|a| a.response.text.trim().to_string())
+        .unwrap_or_default();
     if summary.is_empty() {
-        return Ok(None);
+        // A failed or empty summary (a provider error, or a model told to answer nothing)
+        // must not switch compaction off: the rows still move out of the session, under the
+        // summary it had, so the current session stays bounded by the window whatever the
+        // model does. Nothing is lost: archived rows stay the user's.
+        tracing::warn!("compaction got no summary; archiving with the previous summary");
+        summary = job.summary.unwrap_or_default().to_string();
     }
     if summary.len() > MAX_SUMMARY_BYTES {
         let mut end = MAX_SUMMARY_BYTES;

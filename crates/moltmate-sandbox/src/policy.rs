@@ -126,7 +126,9 @@ pub fn vet_command(
         return Err(ExecRefusal::ControlCharacter { what: "a NUL byte" });
     }
     match settings.security {
-        ExecSecurity::Allowlist => vet_allowlist(command_line, &settings.safe_bins),
+        ExecSecurity::Allowlist => {
+            vet_allowlist(command_line, &settings.safe_bins, &settings.vouched_bins)
+        }
         ExecSecurity::Blocklist => {
             vet_blocklist(command_line, &settings.blocked_bins, 0)?;
             Ok(ExecCommand::Shell(command_line.to_string()))
@@ -153,7 +155,11 @@ pub fn shell_quote(word: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // allowlist
 
-fn vet_allowlist(line: &str, safe_bins: &[String]) -> Result<ExecCommand, ExecRefusal> {
+fn vet_allowlist(
+    line: &str,
+    safe_bins: &[String],
+    vouched_bins: &[String],
+) -> Result<ExecCommand, ExecRefusal> {
     let stages = split_allowlist(line)?;
     for stage in &stages {
         // split_allowlist never returns an empty stage.
@@ -169,11 +175,19 @@ fn vet_allowlist(line: &str, safe_bins: &[String]) -> Result<ExecCommand, ExecRe
                 allowed: safe_bins.to_vec(),
             });
         }
-        // Config validation refuses such a list; this holds for settings from anywhere else.
+        // Config validation refuses such a list; this holds for settings from anywhere else:
+        // a known runner or writer never runs, and neither does a name that is neither vetted
+        // by the project nor vouched for by the operator.
         if let Some(why) = moltmate_core::allowlist::refused_safe_bin(program) {
             return Err(ExecRefusal::Runner {
                 program: program.clone(),
                 why,
+            });
+        }
+        if moltmate_core::allowlist::safe_bin_verdict(program, vouched_bins).is_err() {
+            return Err(ExecRefusal::Runner {
+                program: program.clone(),
+                why: moltmate_core::allowlist::NOT_VETTED,
             });
         }
         vet_arguments(stage)?;

@@ -69,8 +69,9 @@ fn is_forbidden_v6(ip: Ipv6Addr) -> bool {
     if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
         return true;
     }
-    // IPv4-mapped ::ffff:a.b.c.d — judged as the IPv4 address it reaches.
-    if let Some(v4) = ip.to_ipv4_mapped() {
+    // Every spelling that reaches an IPv4 address (IPv4-mapped, IPv4-translated, NAT64's
+    // well-known /96, 6to4) is judged as that address: one table, shared with `OwnAddresses`.
+    if let Some(v4) = embedded_ipv4(ip) {
         return is_forbidden_v4(v4);
     }
     // IPv4-compatible ::a.b.c.d (deprecated) and the all-zero prefix generally: never a
@@ -78,22 +79,9 @@ fn is_forbidden_v6(ip: Ipv6Addr) -> bool {
     if seg[..6].iter().all(|&s| s == 0) {
         return true;
     }
-    // IPv4-translated ::ffff:0:a.b.c.d (RFC 2765).
-    if seg[..4].iter().all(|&s| s == 0) && seg[4] == 0xffff && seg[5] == 0 {
-        return true;
-    }
-    // NAT64 64:ff9b::/96 and local-use 64:ff9b:1::/48: the embedded IPv4 decides; the local-use
-    // prefix may be translated to anything, so refuse it outright.
+    // NAT64 local-use 64:ff9b:1::/48 (and anything else under 64:ff9b::/32 that is not the
+    // well-known /96): may be translated to anything, so refuse it outright.
     if seg[0] == 0x64 && seg[1] == 0xff9b {
-        if seg[2..6].iter().all(|&s| s == 0) {
-            let v4 = Ipv4Addr::new(
-                (seg[6] >> 8) as u8,
-                seg[6] as u8,
-                (seg[7] >> 8) as u8,
-                seg[7] as u8,
-            );
-            return is_forbidden_v4(v4);
-        }
         return true;
     }
     match seg[0] {
@@ -108,16 +96,6 @@ fn is_forbidden_v6(ip: Ipv6Addr) -> bool {
         // 2001:10::/28 ORCHID, 2001:20::/28 ORCHIDv2, 2001:2::/48 benchmarking.
         0x2001 if (seg[1] & 0xfff0) == 0x0010 || (seg[1] & 0xfff0) == 0x0020 => true,
         0x2001 if seg[1] == 0x0002 && seg[2] == 0 => true,
-        // 2002::/16 6to4: judged by the embedded IPv4 address.
-        0x2002 => {
-            let v4 = Ipv4Addr::new(
-                (seg[1] >> 8) as u8,
-                seg[1] as u8,
-                (seg[2] >> 8) as u8,
-                seg[2] as u8,
-            );
-            is_forbidden_v4(v4)
-        }
         // 100::/64 discard-only.
         0x0100 if seg[1..4].iter().all(|&s| s == 0) => true,
         // 3fff::/20 documentation (RFC 9637).
@@ -158,7 +136,8 @@ impl OwnAddresses {
         OwnAddresses(addrs.into_iter().map(canonical).collect())
     }
 
-    /// True when `ip` (in any IPv4-mapped spelling) is one of this host's addresses.
+    /// True when `ip` (in any spelling that reaches an IPv4 address: mapped, translated, NAT64,
+    /// 6to4) is one of this host's addresses.
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.0.contains(&canonical(ip))
     }
@@ -169,13 +148,36 @@ impl OwnAddresses {
     }
 }
 
-/// `::ffff:a.b.c.d` → `a.b.c.d`; everything else unchanged.
+/// The IPv4 address an IPv6 spelling reaches, if it is one of the forms that carry an IPv4
+/// address to a host other than an IPv6 one: IPv4-mapped `::ffff:a.b.c.d`, IPv4-translated
+/// `::ffff:0:a.b.c.d` (RFC 2765), NAT64's well-known prefix `64:ff9b::a.b.c.d` (RFC 6052, what
+/// DNS64 synthesises) and 6to4 `2002:aabb:ccdd::/48` (RFC 3056). Both the forbidden-range check
+/// and the own-address check go through it, so no spelling of an IPv4 address escapes either.
+/// (The all-zero prefix, NAT64 local-use and Teredo are refused outright by
+/// [`is_forbidden_address`] and need no mapping.)
+pub fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let seg = ip.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    if let Some(mapped) = ip.to_ipv4_mapped() {
+        return Some(mapped);
+    }
+    if seg[..4].iter().all(|&s| s == 0) && seg[4] == 0xffff && seg[5] == 0 {
+        return Some(v4(seg[6], seg[7]));
+    }
+    if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6].iter().all(|&s| s == 0) {
+        return Some(v4(seg[6], seg[7]));
+    }
+    if seg[0] == 0x2002 {
+        return Some(v4(seg[1], seg[2]));
+    }
+    None
+}
+
+/// Any IPv6 spelling of an IPv4 address ([`embedded_ipv4`]) → that IPv4 address; everything
+/// else unchanged.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => embedded_ipv4(v6).map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
 }

@@ -307,6 +307,7 @@ fn default_settings() -> ExecSettings {
     ExecSettings {
         security: ExecSecurity::Allowlist,
         safe_bins: DEFAULT_SAFE_BINS.iter().map(|b| b.to_string()).collect(),
+        vouched_bins: Vec::new(),
         blocked_bins: Vec::new(),
         default_timeout: Duration::from_secs(5),
         max_timeout: Duration::from_secs(5),

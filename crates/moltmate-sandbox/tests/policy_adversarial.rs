@@ -7,6 +7,7 @@ fn settings(security: ExecSecurity) -> ExecSettings {
     ExecSettings {
         security,
         safe_bins: vec!["cat".into(), "ls".into(), "wc".into(), "grep".into()],
+        vouched_bins: Vec::new(),
         blocked_bins: vec!["rm".into(), "curl".into()],
         ..ExecSettings::default()
     }

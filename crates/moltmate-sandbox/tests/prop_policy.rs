@@ -23,6 +23,7 @@ fn settings(security: ExecSecurity) -> ExecSettings {
     ExecSettings {
         security,
         safe_bins: SAFE.iter().map(|s| s.to_string()).collect(),
+        vouched_bins: Vec::new(),
         blocked_bins: ["rm", "curl"].iter().map(|s| s.to_string()).collect(),
         ..ExecSettings::default()
     }

@@ -40,6 +40,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether a statement was stopped by a deadline (SQLite's progress handler, see
+    /// `MemoryIndex::with_deadline`).
+    pub fn is_interrupted(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::OperationInterrupted
+        )
+    }
+
     /// Whether the operation may succeed if repeated (the database was busy or locked).
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -205,6 +215,7 @@ CREATE UNIQUE INDEX sandbox_ids_live ON sandbox_ids(kind, name) WHERE retired_at
     crate::usage::MIGRATION,
     crate::ending::MIGRATION,
     crate::reminders::MIGRATION,
+    crate::usage::RETENTION_MIGRATION,
 ];
 
 /// The schema version this code creates and reads. A database with a higher version (made by a
@@ -876,6 +887,7 @@ impl Store {
             };
             tx.prepare_cached("UPDATE inbox SET done_at = ?2 WHERE id = ?1")?
                 .execute(params![inbox_id, now_millis()])?;
+            prune_answered_rows(&tx, &user, now_millis())?;
             tx.commit()?;
             Ok(Completion::Committed(outbox))
         })
@@ -910,8 +922,8 @@ impl Store {
                         turn.user.as_str(),
                         provider,
                         model,
-                        u.input_tokens as i64,
-                        u.output_tokens as i64,
+                        crate::usage::to_i64(u.input_tokens),
+                        crate::usage::to_i64(u.output_tokens),
                         now
                     ])?;
                 }
@@ -924,6 +936,7 @@ impl Store {
                 None => None,
             };
             tx.prepare_cached("UPDATE inbox SET done_at = ?2 WHERE id = ?1")?.execute( params![turn.inbox_id, now])?;
+            prune_answered_rows(&tx, &turn.user, now)?;
             tx.commit()?;
             Ok(Completion::Committed(outbox))
         })
@@ -1169,6 +1182,7 @@ impl Store {
         user: &UserId,
         after_id: i64,
         limit: usize,
+        max_bytes: u64,
     ) -> Result<Vec<(i64, i64, ConversationItem)>, StoreError> {
         let user = user.clone();
         self.with(move |c| {
@@ -1179,8 +1193,15 @@ impl Store {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
             })?;
             let mut items = Vec::new();
+            let mut bytes: u64 = 0;
             for row in rows {
                 let (id, at, json) = row?;
+                // Bounded in bytes as well as rows (the first row always comes, so a caller
+                // paging with it makes progress).
+                bytes = bytes.saturating_add(json.len() as u64);
+                if bytes > max_bytes && !items.is_empty() {
+                    break;
+                }
                 let item = serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("transcript row {id}: {e}")))?;
                 items.push((id, at, item));
             }
@@ -1372,7 +1393,8 @@ impl Store {
         let user = user.map(|u| u.as_str().to_string());
         self.with(move |c| {
             let mut statement = c.prepare(
-                "SELECT t.user_id, t.provider, t.model, SUM(t.input_tokens), SUM(t.output_tokens), COUNT(*)
+                "SELECT t.user_id, t.provider, t.model, CAST(MIN(total(t.input_tokens), 9007199254740992.0) AS INTEGER),
+                        CAST(MIN(total(t.output_tokens), 9007199254740992.0) AS INTEGER), COUNT(*)
                  FROM token_usage t LEFT JOIN users u ON u.id = t.user_id
                  WHERE (?1 IS NULL OR t.user_id = ?1) AND (u.created_at IS NULL OR t.at >= u.created_at)
                  GROUP BY t.user_id, t.provider, t.model ORDER BY t.user_id, t.provider, t.model",
@@ -1566,6 +1588,25 @@ pub(crate) fn insert_inbox_row(
             now_millis()
         ])?;
     Ok((inserted == 1).then(|| c.last_insert_rowid()))
+}
+
+/// Deletes the user's inbox rows answered and outbox rows claimed longer than
+/// [`crate::usage::ANSWERED_ROW_RETENTION`] ago (their texts are long gone). Two index range
+/// scans, run with each answered message, so the rows a user leaves are bounded by what they
+/// can send in the retention period.
+fn prune_answered_rows(c: &Connection, user: &UserId, now: i64) -> Result<(), StoreError> {
+    let before = now.saturating_sub(
+        i64::try_from(crate::usage::ANSWERED_ROW_RETENTION.as_millis()).unwrap_or(i64::MAX),
+    );
+    c.prepare_cached(
+        "DELETE FROM inbox WHERE user_id = ?1 AND done_at IS NOT NULL AND done_at < ?2",
+    )?
+    .execute(params![user.as_str(), before])?;
+    c.prepare_cached(
+        "DELETE FROM outbox WHERE user_id = ?1 AND state <> 'pending' AND updated_at < ?2",
+    )?
+    .execute(params![user.as_str(), before])?;
+    Ok(())
 }
 
 pub(crate) fn insert_outbox(

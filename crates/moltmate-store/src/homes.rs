@@ -267,25 +267,13 @@ pub fn inherit_owner(parent: &OwnedFd, fd: &OwnedFd) {
     }
     if stat.st_mode & 0o2000 != 0 {
         if let Ok(own) = rustix::fs::fstat(fd) {
-            let shared = shared_mode(own.st_mode);
+            let shared = moltmate_core::sandbox::family_shared_mode(own.st_mode);
             if own.st_mode & 0o7777 != shared {
                 if let Err(e) = rustix::fs::fchmod(fd, Mode::from_raw_mode(shared)) {
                     tracing::warn!(error = %e, "could not share a new file with the family");
                 }
             }
         }
-    }
-}
-
-/// The mode of an entry in a shared family folder: group gets what the owner has (at least
-/// read and write), others nothing, directories keep the setgid bit.
-fn shared_mode(st_mode: u32) -> u32 {
-    let is_dir = st_mode & 0o170000 == 0o040000;
-    let mode = (st_mode & 0o7777 & !0o007) | 0o060;
-    if is_dir {
-        mode | 0o2070
-    } else {
-        mode & !0o6000
     }
 }
 

@@ -41,4 +41,4 @@ pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};
 pub use reminders::{
     CreateOutcome, DueReminder, FireOutcome, FireRequest, NewReminder, ReminderFire, ReminderRecord,
 };
-pub use usage::{HistoryCache, HistoryPage, UsageCharge, UsageTotals, UserUsage};
+pub use usage::{HistoryCache, HistoryPage, TranscriptPage, UsageCharge, UsageTotals, UserUsage};

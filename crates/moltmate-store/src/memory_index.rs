@@ -18,9 +18,29 @@ use std::path::{Path, PathBuf};
 
 /// Largest file indexed; bigger memory files are indexed up to this size.
 const MAX_FILE_BYTES: u64 = 2 * 1024 * 1024;
-/// Bytes of changed files read per sync at most; files past it are indexed by a later search.
-/// Bounds the work one search can cause, however many notes a user rewrites.
-pub const MAX_SYNC_BYTES: u64 = 32 * 1024 * 1024;
+/// Bytes of changed files (and new transcript text) indexed per sync at most; the rest is
+/// indexed by a later search. Bounds the work one search can cause, however many notes a user
+/// rewrites.
+pub const MAX_SYNC_BYTES: u64 = 16 * 1024 * 1024;
+/// Index rows (FTS5 inserts) per sync at most. Rows, not bytes, are what an insert costs:
+/// one-character lines once made 32 MiB into 16 M rows and one search into minutes of CPU.
+pub const MAX_SYNC_ROWS: u64 = 32 * 1024;
+/// Lines are indexed together in entries of up to this many bytes (whole lines; a longer line
+/// is cut into pieces of [`MAX_ENTRY_BYTES`]), so the rows of a file follow its bytes, not its
+/// line count: at most about `size / (CHUNK_BYTES / 2)` rows.
+pub const CHUNK_BYTES: usize = 1024;
+/// Longest single entry (a piece of one long line).
+pub const MAX_ENTRY_BYTES: usize = 4096;
+/// Rows of one file at most (a backstop; chunking already keeps a 2 MiB file near 4,000).
+pub const MAX_ROWS_PER_FILE: u64 = 8 * 1024;
+/// Rows of one user's index at most: what one query may have to rank. Past it nothing new is
+/// indexed (as with the byte cap, [`MemoryIndex::is_full`]).
+pub const MAX_INDEX_ROWS: u64 = 500_000;
+/// SQLite virtual-machine steps between deadline checks.
+const PROGRESS_STEPS: i32 = 10_000;
+/// Version of the index's own schema (`PRAGMA user_version`). The index is a cache of the
+/// user's files and transcripts: an index of another version is dropped and rebuilt lazily.
+const INDEX_VERSION: i64 = 2;
 
 /// One search result.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +74,75 @@ pub struct MemoryIndex {
     max_bytes: Option<u64>,
     /// Something was not indexed because the index is full.
     full: bool,
+    /// Past it, indexing stops (what is committed stays) and statements are interrupted.
+    deadline: Option<std::time::Instant>,
+}
+
+/// What one sync may still do.
+struct Allowance {
+    bytes: u64,
+    rows: u64,
+}
+
+/// `text` as index entries: (first line number, content), lines joined up to [`CHUNK_BYTES`],
+/// long lines cut into [`MAX_ENTRY_BYTES`] pieces, blank lines skipped, at most `max_rows`.
+fn chunks(text: &str, max_rows: u64) -> Vec<(usize, String)> {
+    let mut out: Vec<(usize, String)> = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    let limit = usize::try_from(max_rows).unwrap_or(usize::MAX);
+    for (index, line) in text.lines().enumerate() {
+        if out.len() >= limit {
+            return out;
+        }
+        let number = index + 1;
+        if line.trim().is_empty() {
+            // Kept inside an entry (so its line offsets stay the file's), never starting one.
+            match &mut current {
+                Some((_, chunk)) if chunk.len() + 1 + line.len() <= CHUNK_BYTES => {
+                    chunk.push('\n');
+                    chunk.push_str(line);
+                }
+                _ => {
+                    if let Some(chunk) = current.take() {
+                        out.push(chunk);
+                    }
+                }
+            }
+            continue;
+        }
+        if line.len() > CHUNK_BYTES {
+            if let Some(chunk) = current.take() {
+                out.push(chunk);
+            }
+            let mut rest = line;
+            while !rest.is_empty() && out.len() < limit {
+                let mut end = rest.len().min(MAX_ENTRY_BYTES);
+                while !rest.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.push((number, rest[..end].to_string()));
+                rest = &rest[end..];
+            }
+            continue;
+        }
+        match &mut current {
+            Some((_, chunk)) if chunk.len() + 1 + line.len() <= CHUNK_BYTES => {
+                chunk.push('\n');
+                chunk.push_str(line);
+            }
+            _ => {
+                if let Some(chunk) = current.replace((number, line.to_string())) {
+                    out.push(chunk);
+                }
+            }
+        }
+    }
+    if let Some(chunk) = current {
+        if out.len() < limit {
+            out.push(chunk);
+        }
+    }
+    out
 }
 
 impl MemoryIndex {
@@ -67,17 +156,56 @@ impl MemoryIndex {
         let path = index_dir.join(format!("{}.db", user.as_str()));
         let connection = Connection::open(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        connection.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime INTEGER NOT NULL);
+        connection.execute_batch("PRAGMA journal_mode = WAL;")?;
+        let version: i64 = connection.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version != INDEX_VERSION {
+            // An older layout (one row per line, no row counts): rebuilt from the files and
+            // transcripts, in bounded steps, by the next searches.
+            connection.execute_batch(
+                "DROP TABLE IF EXISTS entries; DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS state;",
+            )?;
+        }
+        connection.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime INTEGER NOT NULL, rows INTEGER NOT NULL DEFAULT 0);
              CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             CREATE VIRTUAL TABLE IF NOT EXISTS entries USING fts5(source UNINDEXED, location UNINDEXED, content, tokenize = 'unicode61 remove_diacritics 2');",
-        )?;
+             CREATE VIRTUAL TABLE IF NOT EXISTS entries USING fts5(source UNINDEXED, location UNINDEXED, content, tokenize = 'unicode61 remove_diacritics 2');
+             PRAGMA user_version = {INDEX_VERSION};",
+        ))?;
         Ok(MemoryIndex {
             connection,
             max_bytes: None,
             full: false,
+            deadline: None,
         })
+    }
+
+    /// Stops all work at `deadline`: indexing ends after the last committed file (the rest is
+    /// left for a later search) and any statement still running — the search itself included
+    /// — is interrupted by SQLite's progress handler and fails. So a search that is abandoned
+    /// by its caller's deadline does not keep a core busy behind it.
+    pub fn with_deadline(mut self, deadline: std::time::Instant) -> Self {
+        self.deadline = Some(deadline);
+        self.connection.progress_handler(
+            PROGRESS_STEPS,
+            Some(move || std::time::Instant::now() >= deadline),
+        );
+        self
+    }
+
+    fn expired(&self) -> bool {
+        self.deadline
+            .is_some_and(|deadline| std::time::Instant::now() >= deadline)
+    }
+
+    /// Rows in the index (files' and transcripts'), from the row counts kept with them.
+    pub fn row_count(&self) -> Result<u64, StoreError> {
+        let rows: i64 = self.connection.query_row(
+            "SELECT COALESCE((SELECT SUM(rows) FROM files), 0)
+                  + COALESCE((SELECT value FROM state WHERE key = 'transcript_rows'), 0)",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(rows).unwrap_or(0))
     }
 
     /// Stops indexing new content once the index file holds `max_bytes`: searches still
@@ -103,12 +231,17 @@ impl MemoryIndex {
         self.full
     }
 
-    fn has_room(&mut self) -> Result<bool, StoreError> {
-        if let Some(max) = self.max_bytes {
-            if self.size_bytes()? >= max {
-                self.full = true;
-                return Ok(false);
-            }
+    /// Whether `bytes` more of text in `rows` more rows still fit the index's caps (bytes:
+    /// counted three times, FTS5's usual overhead, so one file cannot take the index far past
+    /// its cap).
+    fn has_room(&mut self, bytes: u64, rows: u64) -> Result<bool, StoreError> {
+        let over_bytes = match self.max_bytes {
+            Some(max) => self.size_bytes()?.saturating_add(bytes.saturating_mul(3)) > max,
+            None => false,
+        };
+        if over_bytes || self.row_count()?.saturating_add(rows) > MAX_INDEX_ROWS {
+            self.full = true;
+            return Ok(false);
         }
         Ok(true)
     }
@@ -121,8 +254,20 @@ impl MemoryIndex {
     /// Re-indexes files that changed under the given roots; drops entries of files that are
     /// gone. Files are read beneath their root without following symlinks.
     pub fn sync_files(&mut self, roots: &[IndexedRoot<'_>]) -> Result<(), StoreError> {
+        let mut allowance = Allowance {
+            bytes: MAX_SYNC_BYTES,
+            rows: MAX_SYNC_ROWS,
+        };
+        self.sync_files_within(roots, &mut allowance)
+    }
+
+    fn sync_files_within(
+        &mut self,
+        roots: &[IndexedRoot<'_>],
+        allowance: &mut Allowance,
+    ) -> Result<(), StoreError> {
         let mut seen = std::collections::HashSet::new();
-        let mut budget = MAX_SYNC_BYTES;
+        let mut complete = true;
         for root in roots {
             let mut candidates: Vec<String> = root.files.iter().map(|f| f.to_string()).collect();
             for dir in root.directories {
@@ -148,33 +293,58 @@ impl MemoryIndex {
                     continue;
                 }
                 let cost = u64::try_from(size).unwrap_or(0).min(MAX_FILE_BYTES);
-                if cost > budget || !self.has_room()? {
-                    // Left as it was: the old entries of a changed file stay searchable.
+                if self.expired() || cost > allowance.bytes || allowance.rows == 0 {
+                    // Left as it was (the old entries of a changed file stay searchable), for
+                    // a later search.
+                    complete = false;
                     continue;
                 }
                 let text = match read_beneath(root.root, &relative, MAX_FILE_BYTES) {
                     Ok(Some((text, _))) => text,
                     _ => continue,
                 };
-                budget -= (text.len() as u64).min(budget);
+                let entries = chunks(&text, MAX_ROWS_PER_FILE);
+                let rows = entries.len() as u64;
+                if rows > allowance.rows {
+                    complete = false;
+                    continue;
+                }
+                let old_rows: i64 = self
+                    .connection
+                    .query_row(
+                        "SELECT rows FROM files WHERE path = ?1",
+                        params![source],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(0);
+                let growth = rows.saturating_sub(u64::try_from(old_rows).unwrap_or(0));
+                if !self.has_room(text.len() as u64, growth)? {
+                    continue;
+                }
+                allowance.bytes = allowance.bytes.saturating_sub(text.len() as u64);
+                allowance.rows = allowance.rows.saturating_sub(rows);
                 let tx = self.connection.transaction()?;
                 tx.execute("DELETE FROM entries WHERE source = ?1", params![source])?;
-                for (number, line) in text.lines().enumerate() {
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    tx.execute(
+                {
+                    let mut insert = tx.prepare_cached(
                         "INSERT INTO entries (source, location, content) VALUES (?1, ?2, ?3)",
-                        params![source, (number + 1).to_string(), line],
                     )?;
+                    for (number, content) in &entries {
+                        insert.execute(params![source, number.to_string(), content])?;
+                    }
                 }
                 tx.execute(
-                    "INSERT INTO files (path, size, mtime) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime = excluded.mtime",
-                    params![source, size, mtime],
+                    "INSERT INTO files (path, size, mtime, rows) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime = excluded.mtime, rows = excluded.rows",
+                    params![source, size, mtime, rows as i64],
                 )?;
+                // Dropped (interrupted) when the deadline passed: nothing half-indexed stays.
                 tx.commit()?;
             }
+        }
+        if !complete && self.expired() {
+            return Ok(());
         }
         let known: Vec<String> = self
             .connection
@@ -205,41 +375,105 @@ impl MemoryIndex {
 
     /// Adds transcript rows `(row id, unix millis, item)`; only user and assistant text is
     /// indexed (tool output is noise and may hold file contents already indexed).
+    /// Rows are taken in order while the sync's allowance (bytes, rows), the index's caps and
+    /// the deadline last; the last one taken is remembered, the rest waits for a later search.
     pub fn add_transcript(
         &mut self,
         rows: &[(i64, i64, ConversationItem)],
     ) -> Result<(), StoreError> {
-        let Some(last) = rows.iter().map(|(id, _, _)| *id).max() else {
-            return Ok(());
+        let mut allowance = Allowance {
+            bytes: MAX_SYNC_BYTES,
+            rows: MAX_SYNC_ROWS,
         };
-        if !self.has_room()? {
-            // Not marked as indexed: once there is room again they are added.
+        self.add_transcript_within(rows, &mut allowance)
+    }
+
+    fn add_transcript_within(
+        &mut self,
+        rows: &[(i64, i64, ConversationItem)],
+        allowance: &mut Allowance,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() || self.expired() {
             return Ok(());
         }
-        let tx = self.connection.transaction()?;
-        for (_, at, item) in rows {
-            let (who, text) = match item {
-                ConversationItem::User { text } => ("user", text),
-                ConversationItem::Assistant { text, .. } => ("assistant", text),
-                ConversationItem::ToolResult { .. } => continue,
-            };
-            if text.trim().is_empty() {
-                continue;
+        let mut taken: Vec<(String, String)> = Vec::new();
+        let mut last = None;
+        let (mut bytes, mut count) = (0u64, 0u64);
+        for (id, at, item) in rows {
+            let text = match item {
+                ConversationItem::User { text } => Some(("user", text)),
+                ConversationItem::Assistant { text, .. } => Some(("assistant", text)),
+                ConversationItem::ToolResult { .. } => None,
             }
+            .filter(|(_, text)| !text.trim().is_empty());
+            let Some((who, text)) = text else {
+                last = Some(*id);
+                continue;
+            };
             let day = chrono::DateTime::from_timestamp_millis(*at)
                 .map(|d| d.format("%Y-%m-%d").to_string())
                 .unwrap_or_default();
-            tx.execute(
+            let location = format!("{day} ({who})");
+            let pieces = chunks(text, MAX_ROWS_PER_FILE);
+            let (more_bytes, more_rows) = (text.len() as u64, pieces.len() as u64);
+            if bytes.saturating_add(more_bytes) > allowance.bytes
+                || count.saturating_add(more_rows) > allowance.rows
+            {
+                break;
+            }
+            bytes += more_bytes;
+            count += more_rows;
+            taken.extend(
+                pieces
+                    .into_iter()
+                    .map(|(_, piece)| (location.clone(), piece)),
+            );
+            last = Some(*id);
+        }
+        let Some(last) = last else {
+            return Ok(());
+        };
+        if !self.has_room(bytes, count)? {
+            // Not marked as indexed: once there is room again they are added.
+            return Ok(());
+        }
+        allowance.bytes = allowance.bytes.saturating_sub(bytes);
+        allowance.rows = allowance.rows.saturating_sub(count);
+        let tx = self.connection.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
                 "INSERT INTO entries (source, location, content) VALUES ('transcript', ?1, ?2)",
-                params![format!("{day} ({who})"), text],
             )?;
+            for (location, content) in &taken {
+                insert.execute(params![location, content])?;
+            }
         }
         tx.execute(
             "INSERT INTO state (key, value) VALUES ('transcript', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             params![last],
         )?;
+        tx.execute(
+            "INSERT INTO state (key, value) VALUES ('transcript_rows', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+            params![count as i64],
+        )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// One search's indexing: changed files, then new transcript rows, sharing one allowance
+    /// of [`MAX_SYNC_BYTES`] and [`MAX_SYNC_ROWS`] (and the deadline, if set).
+    pub fn sync(
+        &mut self,
+        roots: &[IndexedRoot<'_>],
+        transcript: &[(i64, i64, ConversationItem)],
+    ) -> Result<(), StoreError> {
+        let mut allowance = Allowance {
+            bytes: MAX_SYNC_BYTES,
+            rows: MAX_SYNC_ROWS,
+        };
+        self.sync_files_within(roots, &mut allowance)?;
+        self.add_transcript_within(transcript, &mut allowance)
     }
 
     /// BM25-ranked search. The query is split into words and each is matched as a literal
@@ -256,19 +490,48 @@ impl MemoryIndex {
         }
         let expression = terms.join(" OR ");
         let mut statement = self.connection.prepare(
-            "SELECT source, location, snippet(entries, 2, '«', '»', '…', 16), bm25(entries) FROM entries
+            "SELECT source, location, snippet(entries, 2, '«', '»', '…', 16), bm25(entries), content FROM entries
              WHERE entries MATCH ?1 ORDER BY bm25(entries) LIMIT ?2",
         )?;
+        let words: Vec<String> = query
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|t| !t.is_empty())
+            .take(16)
+            .map(str::to_lowercase)
+            .collect();
         let rows = statement.query_map(params![expression, limit as i64], |r| {
+            let source: String = r.get(0)?;
+            let location: String = r.get(1)?;
+            let content: String = r.get(4)?;
             Ok(MemoryHit {
-                source: r.get(0)?,
-                location: r.get(1)?,
+                location: line_of_match(&source, location, &content, &words),
+                source,
                 snippet: r.get(2)?,
                 score: r.get(3)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// The line of a file hit: entries hold several lines and store the first one's number, so the
+/// number is moved to the first line of the entry that holds a query word (case-insensitive;
+/// the entry's first line when none is found, e.g. after diacritics folding).
+fn line_of_match(source: &str, location: String, content: &str, words: &[String]) -> String {
+    let Ok(first) = location.parse::<usize>() else {
+        return location;
+    };
+    if source == "transcript" {
+        return location;
+    }
+    content
+        .lines()
+        .position(|line| {
+            let line = line.to_lowercase();
+            words.iter().any(|w| line.contains(w.as_str()))
+        })
+        .map(|offset| (first + offset).to_string())
+        .unwrap_or(location)
 }
 
 const BENEATH: ResolveFlags = ResolveFlags::BENEATH

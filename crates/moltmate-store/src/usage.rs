@@ -58,6 +58,42 @@ CREATE TRIGGER compaction_attempts_of_deleted_sessions AFTER DELETE ON sessions 
 END;
 "#;
 
+/// Appended after [`MIGRATION`]: counters clamped to [`COUNTER_MAX`] (rows an older release
+/// stored from a hostile `usage`), and message texts kept only while they are needed — an
+/// inbox row's text until it is answered (`done_at`), an outbox row's until it is claimed for
+/// sending (a claimed row is never sent again, see `claim_outbox`). The triggers make that
+/// hold for every path that finishes a row, present and future; the rows themselves (ids,
+/// external ids for de-duplication, states, times) stay for idempotency and crash recovery and
+/// are pruned after [`ANSWERED_ROW_RETENTION`].
+pub(crate) const RETENTION_MIGRATION: &str = r#"
+UPDATE usage_days SET
+    messages = MIN(messages, 9007199254740992),
+    input_tokens = MIN(input_tokens, 9007199254740992),
+    output_tokens = MIN(output_tokens, 9007199254740992),
+    cost_micros = MIN(cost_micros, 9007199254740992),
+    exec_ms = MIN(exec_ms, 9007199254740992);
+UPDATE token_usage SET
+    input_tokens = MIN(MAX(input_tokens, 0), 9007199254740992),
+    output_tokens = MIN(MAX(output_tokens, 0), 9007199254740992);
+UPDATE inbox SET text = '' WHERE done_at IS NOT NULL AND text <> '';
+UPDATE outbox SET text = '' WHERE state <> 'pending' AND text <> '';
+CREATE TRIGGER inbox_text_cleared_when_answered AFTER UPDATE OF done_at ON inbox
+    WHEN NEW.done_at IS NOT NULL AND NEW.text <> '' BEGIN
+    UPDATE inbox SET text = '' WHERE id = NEW.id;
+END;
+CREATE TRIGGER outbox_text_cleared_when_claimed AFTER UPDATE OF state ON outbox
+    WHEN NEW.state <> 'pending' AND NEW.text <> '' BEGIN
+    UPDATE outbox SET text = '' WHERE id = NEW.id;
+END;
+CREATE INDEX outbox_user ON outbox(user_id, updated_at);
+"#;
+
+/// How long answered inbox rows and sent outbox rows (already without their texts) are kept
+/// before they are deleted: long past any redelivery a channel could make (Telegram's cursor
+/// is committed with the row; its update ids restart after a week of silence).
+pub const ANSWERED_ROW_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
+
 /// Usage to add to a user's day.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UsageCharge {
@@ -105,6 +141,15 @@ pub struct HistoryPage {
     pub truncated: bool,
 }
 
+/// A page of a session for display, see [`Store::transcript_page`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TranscriptPage {
+    /// Row id and item, oldest first.
+    pub rows: Vec<(i64, ConversationItem)>,
+    /// Pass as `before` for the next (older) page; `None` when there is none.
+    pub older: Option<i64>,
+}
+
 /// Sums `users`' counters of `day` and spend of `month`.
 fn totals_of(
     c: &rusqlite::Connection,
@@ -120,7 +165,7 @@ fn totals_of(
          WHERE user_id = ?1 AND day = ?2",
     )?;
     let mut spend = c.prepare_cached(
-        "SELECT COALESCE(SUM(cost_micros), 0) FROM usage_days
+        "SELECT CAST(MIN(total(cost_micros), 9007199254740992.0) AS INTEGER) FROM usage_days
          WHERE user_id = ?1 AND day > ?2 AND day < ?3",
     )?;
     for user in users {
@@ -141,8 +186,16 @@ fn totals_of(
     Ok(totals)
 }
 
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
+/// The most any stored counter holds (2^53, exact in a double: 9 × 10^15 tokens, or
+/// 9 billion dollars of spend in micro-dollars). Every value is clamped to it on the way in and
+/// every addition saturates at it in SQL, so no sum the store computes — a day's tokens,
+/// input + output, a month's `SUM` over at most 31 days — comes near SQLite's 64-bit integer
+/// overflow, which would fail every later read of the user's (and their family's) usage.
+pub const COUNTER_MAX: i64 = 1 << 53;
+
+/// A count for the database, saturated at [`COUNTER_MAX`].
+pub(crate) fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX).min(COUNTER_MAX)
 }
 
 fn to_u64(value: i64) -> u64 {
@@ -167,11 +220,11 @@ impl Store {
                 "INSERT INTO usage_days (user_id, day, messages, input_tokens, output_tokens, cost_micros, exec_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (user_id, day) DO UPDATE SET
-                   messages = messages + excluded.messages,
-                   input_tokens = input_tokens + excluded.input_tokens,
-                   output_tokens = output_tokens + excluded.output_tokens,
-                   cost_micros = cost_micros + excluded.cost_micros,
-                   exec_ms = exec_ms + excluded.exec_ms",
+                   messages = MIN(messages + excluded.messages, ?8),
+                   input_tokens = MIN(input_tokens + excluded.input_tokens, ?8),
+                   output_tokens = MIN(output_tokens + excluded.output_tokens, ?8),
+                   cost_micros = MIN(cost_micros + excluded.cost_micros, ?8),
+                   exec_ms = MIN(exec_ms + excluded.exec_ms, ?8)",
             )?
             .execute(params![
                 user.as_str(),
@@ -181,6 +234,7 @@ impl Store {
                 to_i64(charge.output_tokens),
                 to_i64(charge.cost_micros),
                 to_i64(charge.exec_ms),
+                COUNTER_MAX,
             ])?;
             Ok(())
         })
@@ -285,7 +339,7 @@ impl Store {
                         COALESCE((SELECT messages FROM usage_days WHERE user_id = u.id AND day = ?1), 0),
                         COALESCE((SELECT input_tokens + output_tokens FROM usage_days WHERE user_id = u.id AND day = ?1), 0),
                         COALESCE((SELECT exec_ms FROM usage_days WHERE user_id = u.id AND day = ?1), 0),
-                        COALESCE((SELECT SUM(cost_micros) FROM usage_days WHERE user_id = u.id AND day > ?2 AND day < ?3), 0),
+                        (SELECT CAST(MIN(total(cost_micros), 9007199254740992.0) AS INTEGER) FROM usage_days WHERE user_id = u.id AND day > ?2 AND day < ?3),
                         COALESCE((SELECT transcript_bytes FROM user_storage WHERE user_id = u.id), 0)
                  FROM users u ORDER BY u.id",
             )?;
@@ -397,6 +451,68 @@ impl Store {
         .await
     }
 
+    /// One page of a session for display (the web chat's history), newest rows first in the
+    /// scan and oldest first in the result: rows older than `before` (all rows when `None`), at
+    /// most `max_rows` of them and at most `max_bytes` stored bytes — except that the newest
+    /// row is always included, so paging makes progress (a row is bounded by the per-turn
+    /// storage cap). Like [`Store::history_page`], sizes are read before contents, so the cost
+    /// follows the page, not the session. `older` is the cursor for the next page (pass it as
+    /// `before`), `None` when the page reaches the session's first row.
+    pub async fn transcript_page(
+        &self,
+        session_id: &str,
+        before: Option<i64>,
+        max_rows: usize,
+        max_bytes: u64,
+    ) -> Result<TranscriptPage, StoreError> {
+        let session_id = session_id.to_string();
+        let before = before.unwrap_or(i64::MAX);
+        let max_rows = max_rows.max(1);
+        self.with(move |c| {
+            let mut first_id = None;
+            let mut more = false;
+            {
+                let mut sizes = c.prepare_cached(
+                    "SELECT id, octet_length(item) FROM transcript
+                     WHERE session_id = ?1 AND id < ?2 ORDER BY id DESC",
+                )?;
+                let mut rows = sizes.query(params![session_id, before])?;
+                let (mut used, mut count) = (0u64, 0usize);
+                while let Some(row) = rows.next()? {
+                    let id: i64 = row.get(0)?;
+                    let size = to_u64(row.get(1)?);
+                    if count > 0 && (count >= max_rows || used.saturating_add(size) > max_bytes) {
+                        more = true;
+                        break;
+                    }
+                    used = used.saturating_add(size);
+                    count += 1;
+                    first_id = Some(id);
+                }
+            }
+            let Some(first_id) = first_id else {
+                return Ok(TranscriptPage::default());
+            };
+            let mut statement = c.prepare_cached(
+                "SELECT id, item FROM transcript WHERE session_id = ?1 AND id >= ?2 AND id < ?3 ORDER BY id",
+            )?;
+            let mut rows = statement.query(params![session_id, first_id, before])?;
+            let mut page = TranscriptPage {
+                rows: Vec::new(),
+                older: more.then_some(first_id),
+            };
+            while let Some(row) = rows.next()? {
+                let id: i64 = row.get(0)?;
+                let json: String = row.get(1)?;
+                let item: ConversationItem = serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("transcript row {id}: {e}")))?;
+                page.rows.push((id, item));
+            }
+            Ok(page)
+        })
+        .await
+    }
+
     /// The session size at which compaction last failed to shrink this session, if it did.
     pub async fn compaction_attempt(&self, session_id: &str) -> Result<Option<u64>, StoreError> {
         let session_id = session_id.to_string();
@@ -470,7 +586,7 @@ impl Store {
                 "UPDATE transcript SET session_id = ?3 WHERE session_id = ?1 AND id < ?2",
             )?
             .execute(params![session_id, keep_from_id, archive])?;
-            tx.prepare_cached("UPDATE sessions SET summary = ?2 WHERE id = ?1")?
+            tx.prepare_cached("UPDATE sessions SET summary = NULLIF(?2, '') WHERE id = ?1")?
                 .execute(params![session_id, summary])?;
             tx.commit()?;
             Ok(())
@@ -478,9 +594,14 @@ impl Store {
         .await
     }
 
-    /// `/forget`: deletes every transcript item of the user and ends their open session (a
-    /// new one starts with the next message). Memory files, the inbox (the `/forget` message
-    /// itself is still being answered), usage and audit records stay. Returns the bytes freed.
+    /// `/forget`: deletes every transcript item of the user, the summaries of all their
+    /// sessions (ended ones too: `/forget` runs after the session was ended, and `/reset` or the
+    /// idle reset end sessions with their summary), the texts of their answered messages and
+    /// claimed replies (the triggers of [`RETENTION_MIGRATION`] already clear them; this also
+    /// covers rows an older release left), and ends their open session (a new one starts with
+    /// the next message). Memory files, pending messages (the `/forget` message itself is
+    /// still being answered) and replies not yet sent, usage and audit records stay. Returns the
+    /// bytes freed.
     pub async fn forget_transcripts(&self, user: &UserId) -> Result<u64, StoreError> {
         let user = user.clone();
         self.with(move |c| {
@@ -496,8 +617,20 @@ impl Store {
             tx.prepare_cached("DELETE FROM compaction_attempts WHERE session_id IN (SELECT id FROM sessions WHERE user_id = ?1)")?.execute(
                 params![user.as_str()],
             )?;
-            tx.prepare_cached("UPDATE sessions SET ended_at = ?2, summary = NULL WHERE user_id = ?1 AND ended_at IS NULL")?.execute(
+            tx.prepare_cached("UPDATE sessions SET ended_at = ?2 WHERE user_id = ?1 AND ended_at IS NULL")?.execute(
                 params![user.as_str(), chrono::Utc::now().timestamp_millis()],
+            )?;
+            tx.execute(
+                "UPDATE sessions SET summary = NULL WHERE user_id = ?1 AND summary IS NOT NULL",
+                params![user.as_str()],
+            )?;
+            tx.execute(
+                "UPDATE inbox SET text = '' WHERE user_id = ?1 AND done_at IS NOT NULL AND text <> ''",
+                params![user.as_str()],
+            )?;
+            tx.execute(
+                "UPDATE outbox SET text = '' WHERE user_id = ?1 AND state <> 'pending' AND text <> ''",
+                params![user.as_str()],
             )?;
             tx.commit()?;
             Ok(to_u64(before))

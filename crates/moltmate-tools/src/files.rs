@@ -463,7 +463,7 @@ fn edit_blocking(target: &Target, old_text: &str, new_text: &str) -> Result<Tool
         }
     }
     let updated = text.replacen(old_text, new_text, 1);
-    let mode = stat.st_mode & 0o7777;
+    let mode = stat.st_mode & 0o777;
     paths::atomic_write(&parent, &name, updated.as_bytes(), mode, shown)?;
     Ok(ToolOutput::text(format!(
         "Edited `{shown}`: replaced 1 occurrence."

@@ -301,15 +301,33 @@ pub(crate) fn open_parent(
 
 /// When the gateway runs as root, gives a new file or directory the owner of the directory it
 /// was created in: homes belong to the sandbox user, and what the file tools write must stay
-/// usable by the user's sandboxed commands. (The same rule as the store's home writes.)
+/// usable by the user's sandboxed commands. In a shared (setgid) family folder the new entry
+/// also gets the family mode (`family_shared_mode`: `g+rw`, directories `g+rwxs`, nothing for
+/// others), so other members' sandboxes can change it. The same rule as the store's home
+/// writes (`moltmate_store::homes::inherit_owner`).
 fn inherit_owner(parent: &OwnedFd, fd: &OwnedFd) {
     if !rustix::process::geteuid().is_root() {
         return;
     }
-    if let Ok(stat) = rustix::fs::fstat(parent) {
-        let owner = rustix::fs::Uid::from_raw(stat.st_uid);
-        let group = rustix::fs::Gid::from_raw(stat.st_gid);
-        let _ = rustix::fs::fchown(fd, Some(owner), Some(group));
+    let Ok(stat) = rustix::fs::fstat(parent) else {
+        return;
+    };
+    let owner = rustix::fs::Uid::from_raw(stat.st_uid);
+    let group = rustix::fs::Gid::from_raw(stat.st_gid);
+    if let Err(e) = rustix::fs::fchown(fd, Some(owner), Some(group)) {
+        tracing::warn!(error = %e, "could not hand a new file to the home's owner");
+        return;
+    }
+    if stat.st_mode & 0o2000 != 0 {
+        // fchown cleared any setgid bit; the mode is set after it.
+        if let Ok(own) = rustix::fs::fstat(fd) {
+            let shared = moltmate_core::sandbox::family_shared_mode(own.st_mode);
+            if own.st_mode & 0o7777 != shared {
+                if let Err(e) = rustix::fs::fchmod(fd, Mode::from_raw_mode(shared)) {
+                    tracing::warn!(error = %e, "could not share a new file with the family");
+                }
+            }
+        }
     }
 }
 
@@ -374,11 +392,12 @@ fn create_temp(
 }
 
 /// The permission bits of an existing regular file named `name` in `parent`, without following
-/// a symlink there; `None` when absent or not a regular file.
+/// a symlink there (never setuid/setgid/sticky: a rewrite does not carry those over); `None`
+/// when absent or not a regular file.
 pub(crate) fn existing_mode(parent: &OwnedFd, name: &str) -> Option<u32> {
     let stat = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
     if FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile {
-        Some(stat.st_mode & 0o7777)
+        Some(stat.st_mode & 0o777)
     } else {
         None
     }

@@ -41,9 +41,40 @@
         list.appendChild(p);
       }
       for (const m of history.messages) bubble(m.role, m.text);
+      if (history.before !== undefined) earlierButton(history.before);
     } catch (e) {
       bubble("error", "Could not load the conversation: " + e.message);
     }
+  }
+
+  // History comes in bounded pages, newest first; older ones on request.
+  function earlierButton(before) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "load-earlier";
+    button.textContent = "Load earlier messages";
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      try {
+        const response = await fetch("/api/history?before=" + encodeURIComponent(before),
+          { credentials: "same-origin" });
+        if (!response.ok) throw new Error("HTTP " + response.status);
+        const page = await response.json();
+        button.remove();
+        const first = list.firstChild;
+        for (const m of page.messages) {
+          const div = document.createElement("div");
+          div.className = "msg " + m.role;
+          div.textContent = m.text;
+          list.insertBefore(div, first);
+        }
+        if (page.before !== undefined) earlierButton(page.before);
+      } catch (e) {
+        button.disabled = false;
+        button.textContent = "Could not load earlier messages: " + e.message;
+      }
+    });
+    list.insertBefore(button, list.firstChild);
   }
 
   async function sendMessage(text) {

@@ -18,8 +18,8 @@ use crate::session::{self, require_user, user_session, USER_COOKIE};
 use crate::state::WebState;
 use crate::turn::{self, TurnEvent};
 use axum::body::Body;
-use axum::extract::rejection::{BytesRejection, FormRejection};
-use axum::extract::{Form, Path, State};
+use axum::extract::rejection::{BytesRejection, FormRejection, QueryRejection};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::Json;
@@ -228,19 +228,54 @@ pub struct History {
     pub user: String,
     pub persona: String,
     pub messages: Vec<HistoryMessage>,
+    /// The cursor of the next older page (`GET /api/history?before=<it>`), absent when this
+    /// page reaches the start of the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<i64>,
 }
 
-/// The signed-in user's current session (tool calls and results are not shown).
+/// Transcript rows per history page unless `limit` asks for fewer (or more, up to
+/// [`MAX_HISTORY_ROWS`]).
+pub const DEFAULT_HISTORY_ROWS: usize = 50;
+/// The most rows one history page holds.
+pub const MAX_HISTORY_ROWS: usize = 200;
+/// The most stored bytes one history page loads (one row more than this is never split, and a
+/// row is bounded by the per-turn storage cap).
+pub const MAX_HISTORY_PAGE_BYTES: u64 = 1024 * 1024;
+
+/// `GET /api/history` query: `before` (a cursor from a previous page) and `limit` (rows).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    before: Option<i64>,
+    limit: Option<usize>,
+}
+
+/// One page of the signed-in user's current session, newest rows (tool calls and results are
+/// not shown): at most `limit` transcript rows and [`MAX_HISTORY_PAGE_BYTES`], whatever the
+/// session holds. Older pages with `?before=`.
 pub async fn history(
     State(state): State<WebState>,
     headers: HeaderMap,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Json<History>, WebError> {
     let session = require_user(&state, &headers).await?;
+    let Query(query) =
+        query.map_err(|e| WebError::BadRequest(format!("invalid history query: {e}")))?;
+    let limit = query.limit.unwrap_or(DEFAULT_HISTORY_ROWS);
+    if limit == 0 || limit > MAX_HISTORY_ROWS {
+        return Err(WebError::BadRequest(format!(
+            "limit must be between 1 and {MAX_HISTORY_ROWS}"
+        )));
+    }
     let store = state.gateway().store();
     let current = store.current_session(&session.user).await?;
-    let messages = store
-        .transcript(&current.id)
-        .await?
+    let page = store
+        .transcript_page(&current.id, query.before, limit, MAX_HISTORY_PAGE_BYTES)
+        .await?;
+    let before = page.older;
+    let messages = page
+        .rows
         .into_iter()
         .filter_map(|(_, item)| match item {
             ConversationItem::User { text } => Some(HistoryMessage {
@@ -261,6 +296,7 @@ pub async fn history(
         user: session.user.as_str().to_string(),
         persona,
         messages,
+        before,
     }))
 }
 

@@ -2,16 +2,18 @@
 //! checks browser state changes need (same origin, CSRF token).
 //!
 //! **Rate limits fit who is asking.** `governor`'s keyed GCRA limiters (token buckets in
-//! effect), two of them:
+//! effect), three of them:
 //!
 //! * **per principal** (`gateway.rateLimit.perMinute/burst`): a request whose credential (bearer
 //!   token, `mm_session` or `mm_admin` cookie) was verified counts against its user's bucket
 //!   only; a user's tokens and browser sessions share that one bucket (the cost of a user is
 //!   per user, and more tokens must not mean more requests); the operator's admin session has
 //!   its own. A family behind one home router, or everyone behind a reverse proxy without
-//!   `trustedProxies`, therefore does not share a bucket.
+//!   `trustedProxies`, therefore does not share a bucket. Only the credential the route
+//!   authenticates with counts (see [`route_credentials`]).
 //! * **per client IP** (`gateway.rateLimit.unauthenticatedPerMinute/Burst`; IPv6 by /64, since
-//!   one host usually owns a whole /64): everything without a verified credential — no
+//!   one host usually owns a whole /64, and per /48 as well with [`IPV6_SITE_FACTOR`] times
+//!   the quota): everything without a verified credential — no
 //!   credential, and every credential not verified in the last [`VERIFIED_TTL`], which is
 //!   charged here *before* the database is asked, so an IP spraying bogus tokens runs dry
 //!   after its burst and costs nothing more — plus every sign-in (`POST /login`,
@@ -88,18 +90,45 @@ enum Credential {
     AdminCookie(String),
 }
 
+/// Which kind of credential a request may present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CredentialKind {
+    Bearer,
+    UserCookie,
+    AdminCookie,
+}
+
+/// The credentials `route` authenticates with, in the order its handler looks at them. Only
+/// these pick a request's bucket: a credential the route does not use (a bogus bearer next to
+/// a valid `mm_session` cookie on a browser route) is ignored, as its handler ignores it, so
+/// adding one can neither move a signed-in user out of their bucket nor buy a fresh one.
+/// Routes that authenticate nobody (assets, health, metrics, unknown paths) go by the
+/// browser's cookies, so a signed-in page load stays in its user's bucket.
+fn route_credentials(route: Option<&str>) -> &'static [CredentialKind] {
+    use CredentialKind::*;
+    match route {
+        Some("/v1/models" | "/v1/chat/completions") => &[Bearer],
+        Some("/" | "/login" | "/login/{code}" | "/logout" | "/api/history" | "/api/chat") => {
+            &[UserCookie]
+        }
+        Some("/admin" | "/admin/login" | "/admin/logout" | "/admin/pairing") => &[AdminCookie],
+        _ => &[UserCookie, AdminCookie],
+    }
+}
+
 impl Credential {
-    /// The request's credential, if any: a bearer token, else the user cookie, else the
-    /// operator's cookie.
-    fn of(headers: &HeaderMap) -> Option<Credential> {
-        if let Some(token) = bearer_token(headers) {
-            return Some(Credential::Bearer(token.to_string()));
-        }
-        if let Some(secret) = session::cookie(headers, session::USER_COOKIE) {
-            return Some(Credential::UserCookie(secret.to_string()));
-        }
-        session::cookie(headers, session::ADMIN_COOKIE)
-            .map(|secret| Credential::AdminCookie(secret.to_string()))
+    /// The credential `route` authenticates with, if the request carries it (see
+    /// [`route_credentials`]).
+    fn for_route(headers: &HeaderMap, route: Option<&str>) -> Option<Credential> {
+        route_credentials(route).iter().find_map(|kind| match kind {
+            CredentialKind::Bearer => {
+                bearer_token(headers).map(|token| Credential::Bearer(token.to_string()))
+            }
+            CredentialKind::UserCookie => session::cookie(headers, session::USER_COOKIE)
+                .map(|secret| Credential::UserCookie(secret.to_string())),
+            CredentialKind::AdminCookie => session::cookie(headers, session::ADMIN_COOKIE)
+                .map(|secret| Credential::AdminCookie(secret.to_string())),
+        })
     }
 
     /// What the credential is remembered by: a digest of kind and secret, never the secret.
@@ -144,9 +173,16 @@ impl Credential {
 pub struct RateLimits {
     by_principal: KeyedLimiter,
     by_ip: KeyedLimiter,
+    /// IPv6 clients per /48 as well, with [`IPV6_SITE_FACTOR`] times the per-IP quota: one
+    /// site (a /48, what many providers hand a customer) must not get 65,536 fresh /64
+    /// buckets.
+    by_ip_site: KeyedLimiter,
     verified: Mutex<HashMap<[u8; 16], (Principal, Instant)>>,
     checks: AtomicU64,
 }
+
+/// How many per-IP quotas one IPv6 /48 gets together.
+pub const IPV6_SITE_FACTOR: u32 = 16;
 
 fn quota(per_minute: u32, burst: u32) -> Result<Quota, InvalidSettings> {
     let per_minute = NonZeroU32::new(per_minute).ok_or(InvalidSettings::ZeroRate)?;
@@ -166,6 +202,10 @@ impl RateLimits {
         Ok(RateLimits {
             by_principal: RateLimiter::keyed(quota(per_minute, burst)?),
             by_ip: RateLimiter::keyed(quota(ip_per_minute, ip_burst)?),
+            by_ip_site: RateLimiter::keyed(quota(
+                ip_per_minute.saturating_mul(IPV6_SITE_FACTOR),
+                ip_burst.saturating_mul(IPV6_SITE_FACTOR),
+            )?),
             verified: Mutex::new(HashMap::new()),
             checks: AtomicU64::new(0),
         })
@@ -176,8 +216,9 @@ impl RateLimits {
         if checks.is_multiple_of(CLEANUP_EVERY)
             || self.by_ip.len() > MAX_TRACKED_KEYS
             || self.by_principal.len() > MAX_TRACKED_KEYS
+            || self.by_ip_site.len() > MAX_TRACKED_KEYS
         {
-            for limiter in [&self.by_ip, &self.by_principal] {
+            for limiter in [&self.by_ip, &self.by_principal, &self.by_ip_site] {
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
             }
@@ -191,10 +232,13 @@ impl RateLimits {
             .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
     }
 
-    /// One request without a verified credential from `ip_key`. `Err(wait)` when its bucket
-    /// is empty.
-    pub fn check_ip(&self, ip_key: &str) -> Result<(), Duration> {
-        self.take(&self.by_ip, ip_key.to_string())
+    /// One request without a verified credential from `client`. `Err(wait)` when its
+    /// bucket (or, for IPv6, its /48's) is empty.
+    pub fn check_ip(&self, client: &ClientKey) -> Result<(), Duration> {
+        if let Some(site) = &client.site {
+            self.take(&self.by_ip_site, site.clone())?;
+        }
+        self.take(&self.by_ip, client.ip.clone())
     }
 
     /// One request of `principal`. `Err(wait)` when its bucket is empty.
@@ -274,6 +318,29 @@ impl LogThrottle {
     }
 }
 
+/// The rate-limit keys of a client address: its own bucket, and for IPv6 its /48's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientKey {
+    pub ip: String,
+    pub site: Option<String>,
+}
+
+impl ClientKey {
+    pub fn of(ip: IpAddr) -> ClientKey {
+        let site = match ip.to_canonical() {
+            IpAddr::V4(_) => None,
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                Some(format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2]))
+            }
+        };
+        ClientKey {
+            ip: ip_key(ip),
+            site,
+        }
+    }
+}
+
 /// The rate-limit key of a client address.
 pub fn ip_key(ip: IpAddr) -> String {
     match ip {
@@ -335,8 +402,11 @@ pub async fn rate_limit(State(state): State<WebState>, request: Request, next: N
     let ip = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| ip_key(client_ip(addr.ip(), request.headers(), trusted)))
-        .unwrap_or_else(|| "unknown".to_string());
+        .map(|ConnectInfo(addr)| ClientKey::of(client_ip(addr.ip(), request.headers(), trusted)))
+        .unwrap_or_else(|| ClientKey {
+            ip: "unknown".to_string(),
+            site: None,
+        });
     let refused = |bucket: &'static str, retry_after: Duration| {
         state
             .inner
@@ -357,7 +427,7 @@ pub async fn rate_limit(State(state): State<WebState>, request: Request, next: N
         }
         ip_charged = true;
     }
-    let principal = match Credential::of(request.headers()) {
+    let principal = match Credential::for_route(request.headers(), route) {
         None => None,
         Some(credential) => {
             let digest = credential.digest();
@@ -540,6 +610,85 @@ pub fn check_csrf(expected: &str, presented: Option<&str>) -> Result<(), WebErro
 mod tests {
     use super::*;
 
+    fn v4(ip: &str) -> ClientKey {
+        ClientKey::of(ip.parse().unwrap())
+    }
+
+    #[test]
+    fn ipv6_clients_of_one_48_share_a_larger_bucket_too() {
+        // Per /64: a burst of 2; per /48: 16 times that.
+        let limits = RateLimits::new(60, 2, 1, 2).unwrap();
+        let mut served = 0;
+        for subnet in 0..200u16 {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 7, subnet, 0, 0, 0, 1,
+            ));
+            for _ in 0..2 {
+                if limits.check_ip(&ClientKey::of(ip)).is_ok() {
+                    served += 1;
+                }
+            }
+        }
+        assert_eq!(
+            served,
+            2 * IPV6_SITE_FACTOR,
+            "200 /64s of one /48 share the /48's bucket"
+        );
+        let other_site = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 8, 0, 0, 0, 0, 1));
+        assert!(limits.check_ip(&ClientKey::of(other_site)).is_ok());
+        assert_eq!(v4("10.0.0.1").site, None, "IPv4 has no site bucket");
+        assert_eq!(
+            ClientKey::of("::ffff:10.0.0.1".parse().unwrap()),
+            v4("10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn only_the_credential_a_route_authenticates_with_picks_its_bucket() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer bogus"),
+        );
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("mm_session=user; mm_admin=admin"),
+        );
+        let kind_in = |headers: &HeaderMap, route: Option<&str>| match Credential::for_route(
+            headers, route,
+        ) {
+            Some(Credential::Bearer(s)) => format!("bearer {s}"),
+            Some(Credential::UserCookie(s)) => format!("user {s}"),
+            Some(Credential::AdminCookie(s)) => format!("admin {s}"),
+            None => "none".to_string(),
+        };
+        let kind = |route: Option<&str>| kind_in(&headers, route);
+        for route in ["/", "/logout", "/api/history", "/api/chat", "/login"] {
+            assert_eq!(kind(Some(route)), "user user", "{route}");
+        }
+        for route in ["/v1/models", "/v1/chat/completions"] {
+            assert_eq!(kind(Some(route)), "bearer bogus", "{route}");
+        }
+        for route in ["/admin", "/admin/pairing", "/admin/logout"] {
+            assert_eq!(kind(Some(route)), "admin admin", "{route}");
+        }
+        for route in [Some("/assets/{name}"), Some("/healthz"), None] {
+            assert_eq!(kind(route), "user user", "{route:?}");
+        }
+        // Every route of the app is classified on purpose.
+        for route in crate::ROUTES {
+            assert!(!route_credentials(Some(route)).is_empty(), "{route}");
+        }
+        let mut headers = headers.clone();
+        headers.remove(header::COOKIE);
+        assert_eq!(
+            kind_in(&headers, Some("/api/chat")),
+            "none",
+            "a bearer never stands in for the cookie"
+        );
+        assert_eq!(kind_in(&headers, Some("/assets/{name}")), "none");
+    }
+
     #[test]
     fn ipv6_clients_share_a_bucket_per_64() {
         let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
@@ -595,15 +744,15 @@ mod tests {
     fn buckets_allow_the_burst_then_refuse_with_a_wait() {
         let limits = RateLimits::new(1000, 1000, 60, 3).unwrap();
         for _ in 0..3 {
-            assert!(limits.check_ip("1.2.3.4").is_ok());
+            assert!(limits.check_ip(&v4("1.2.3.4")).is_ok());
         }
-        let wait = limits.check_ip("1.2.3.4").unwrap_err();
+        let wait = limits.check_ip(&v4("1.2.3.4")).unwrap_err();
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_secs(1),
             "{wait:?}"
         );
         assert!(
-            limits.check_ip("5.6.7.8").is_ok(),
+            limits.check_ip(&v4("5.6.7.8")).is_ok(),
             "another IP has its own bucket"
         );
         assert!(RateLimits::new(0, 1, 1, 1).is_err());
@@ -622,7 +771,10 @@ mod tests {
         assert!(limits.check_principal(&anna).is_err());
         assert!(limits.check_principal(&bob).is_ok());
         assert!(limits.check_principal(&Principal::Operator).is_ok());
-        assert!(limits.check_ip("1.1.1.1").is_ok(), "users do not drain IPs");
+        assert!(
+            limits.check_ip(&v4("1.1.1.1")).is_ok(),
+            "users do not drain IPs"
+        );
     }
 
     #[test]

@@ -53,6 +53,11 @@ impl TurnError {
     }
 }
 
+/// How often a message whose turn fails with a database error that waiting cannot fix
+/// (anything but busy/locked: a corrupt or unreadable row, an integer overflow) is tried before
+/// it is answered with [`internal_failure`] and finished, so no row is retried forever.
+const MAX_ATTEMPTS_ON_PERSISTENT_ERROR: u32 = 3;
+
 /// What a worker remembers while it lives.
 #[derive(Default)]
 struct WorkerState {
@@ -63,6 +68,34 @@ struct WorkerState {
     prewarms: Vec<AbortOnDropHandle<()>>,
     /// The current session's rows, so a turn reads only what was added since the last one.
     history: Option<moltmate_store::HistoryCache>,
+    /// The inbox row whose turn failed last and how often in a row.
+    failing: Option<(i64, u32)>,
+}
+
+impl WorkerState {
+    /// Counts a failed attempt at `row`; true when it should not be tried again.
+    fn give_up(&mut self, row: i64, error: &TurnError) -> bool {
+        let attempts = match self.failing {
+            Some((id, n)) if id == row => n.saturating_add(1),
+            _ => 1,
+        };
+        self.failing = Some((row, attempts));
+        let transient = match error {
+            TurnError::Store(e) => e.is_retryable(),
+            TurnError::Files { .. } => false,
+        };
+        !transient && attempts >= MAX_ATTEMPTS_ON_PERSISTENT_ERROR
+    }
+}
+
+/// The answer to a message that could not be handled because of a persistent internal error.
+fn internal_failure(language: Option<&str>) -> String {
+    if language.is_some_and(|l| l.starts_with("de")) {
+        "Entschuldigung, bei dieser Nachricht ist ein interner Fehler aufgetreten. Bitte versuche es später noch einmal.".to_string()
+    } else {
+        "Sorry, an internal error stopped me from answering this message. Please try again later."
+            .to_string()
+    }
 }
 
 /// Starts the user's worker, or wakes it. A user being removed or reset gets none: their
@@ -193,8 +226,19 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
                     Err(e) => Some(e),
                 };
                 if let Some(e) = error {
-                    // The row stays pending and is retried: nothing accepted is dropped.
                     debug_assert!(e.is_retryable());
+                    if state.give_up(item.id, &e) {
+                        // A persistent error: the user is told and the row finished, so one
+                        // broken row cannot hold the user's queue (and a core) for good.
+                        tracing::error!(user = %user, error = %e, "could not finish a turn after {MAX_ATTEMPTS_ON_PERSISTENT_ERROR} attempts; answered with an error");
+                        let text = internal_failure(item.language_code.as_deref());
+                        if answer_failure(&inner, &item, text).await.is_ok() {
+                            state.failing = None;
+                            backoff = Duration::from_millis(250);
+                            continue;
+                        }
+                    }
+                    // The row stays pending and is retried: nothing accepted is dropped.
                     tracing::error!(user = %user, error = %e, "could not finish a turn; will retry");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));

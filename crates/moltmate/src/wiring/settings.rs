@@ -42,6 +42,7 @@ fn base_user_settings(config: &Config) -> UserSettings {
         exec: ExecSettings {
             security: config.tools.exec.security,
             safe_bins: config.tools.exec.safe_bins.clone(),
+            vouched_bins: config.tools.exec.vouched_bins.clone(),
             blocked_bins: config.tools.exec.blocked_bins.clone(),
             default_timeout: Duration::from_secs(config.tools.exec.timeout_seconds),
             max_timeout: Duration::from_secs(config.tools.exec.max_timeout_seconds),
