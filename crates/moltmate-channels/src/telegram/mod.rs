@@ -467,7 +467,7 @@ const MAX_NAME_CHARS: usize = 128;
 
 /// "First Last" with control characters (newlines included) removed and whitespace collapsed:
 /// the name is chosen by the sender and may end up in a prompt, so it must stay one short line.
-fn display_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
+pub(crate) fn display_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
     let joined = [first, last]
         .into_iter()
         .flatten()
