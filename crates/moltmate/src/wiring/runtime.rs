@@ -77,7 +77,46 @@ fn tools(
     Ok(ToolBox::new(tools))
 }
 
-fn channels(config: &Config) -> Result<Vec<Arc<dyn Channel>>> {
+/// The Signal channel's settings, if the channel is enabled.
+pub fn signal_settings(
+    home: &Path,
+    config: &Config,
+) -> Result<Option<moltmate_channels::SignalSettings>> {
+    let signal = &config.channels.signal;
+    if !signal.is_enabled() {
+        return Ok(None);
+    }
+    let account = signal
+        .account
+        .clone()
+        .context("channels.signal.enabled is true but channels.signal.account is not set")?;
+    let daemon = match &signal.daemon {
+        Some(address) => moltmate_channels::SignalDaemon::External(
+            moltmate_channels::signal::DaemonAddress::parse(address)
+                .map_err(|e| anyhow::anyhow!("channels.signal.daemon: {e}"))?,
+        ),
+        None => moltmate_channels::SignalDaemon::Supervised {
+            cli_path: signal.cli_path.clone(),
+            data_dir: signal_data_dir(home, config),
+        },
+    };
+    let mut settings = moltmate_channels::SignalSettings::new(account, daemon);
+    settings.device_name = signal.device_name.clone();
+    settings.read_receipts = signal.read_receipts;
+    Ok(Some(settings))
+}
+
+/// signal-cli's data directory: `channels.signal.dataDir`, else `<home>/signal`.
+pub fn signal_data_dir(home: &Path, config: &Config) -> std::path::PathBuf {
+    config
+        .channels
+        .signal
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| home.join("signal"))
+}
+
+fn channels(home: &Path, config: &Config) -> Result<Vec<Arc<dyn Channel>>> {
     let mut channels: Vec<Arc<dyn Channel>> = Vec::new();
     let telegram = &config.channels.telegram;
     if telegram.enabled.unwrap_or(telegram.bot_token.is_some()) {
@@ -90,6 +129,12 @@ fn channels(config: &Config) -> Result<Vec<Arc<dyn Channel>>> {
         channels.push(Arc::new(
             moltmate_channels::TelegramChannel::new(settings)
                 .map_err(|e| anyhow::anyhow!("channels.telegram: {e}"))?,
+        ));
+    }
+    if let Some(settings) = signal_settings(home, config)? {
+        channels.push(Arc::new(
+            moltmate_channels::SignalChannel::new(settings)
+                .map_err(|e| anyhow::anyhow!("channels.signal: {e}"))?,
         ));
     }
     Ok(channels)
@@ -119,7 +164,7 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         None
     };
     let tools = tools(config, home, &store, sandbox.clone())?;
-    let channels = channels(config)?;
+    let channels = channels(home, config)?;
 
     let id_policy = settings.sandbox_ids;
     if let (SandboxIdPolicy::Shared(ids), Some(_)) = (id_policy, &sandbox) {

@@ -166,6 +166,17 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             &config.channels.telegram.allow_from,
         ),
     );
+    settings.access.insert(
+        ChannelKind::Signal,
+        channel_access(
+            config.channels.signal.dm_policy,
+            &config.channels.signal.allow_from,
+        ),
+    );
+    settings.max_pending_pairings_per_channel.insert(
+        ChannelKind::Signal,
+        config.channels.signal.max_pending_pairings as usize,
+    );
     settings.max_pending_pairings = config.channels.max_pending_pairings as usize;
     settings.max_pending_pairings_per_channel.insert(
         ChannelKind::Telegram,
@@ -195,6 +206,10 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             settings_for_trust(config.channels.telegram.default_trust, config),
         ),
         (
+            ChannelKind::Signal,
+            settings_for_trust(config.channels.signal.default_trust, config),
+        ),
+        (
             ChannelKind::Web,
             settings_for_trust(config.channels.web.default_trust, config),
         ),
@@ -208,6 +223,10 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
         (
             ChannelKind::Telegram,
             config.channels.telegram.default_trust.to_string(),
+        ),
+        (
+            ChannelKind::Signal,
+            config.channels.signal.default_trust.to_string(),
         ),
         (
             ChannelKind::Web,
