@@ -320,6 +320,9 @@ impl FakeSignalCli {
                     if method == "subscribeReceive" {
                         subscribed = true;
                     }
+                    if method == "unsubscribeReceive" {
+                        subscribed = false;
+                    }
                     json!({"jsonrpc": "2.0", "result": result, "id": id})
                 }
                 Err(error) => json!({"jsonrpc": "2.0", "error": error, "id": id}),

@@ -9,6 +9,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 
+/// How long signal-cli outlives a shutdown signal (the gateway's turns get 10 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(12);
+
 /// The socket the supervised daemon listens on, inside its data directory.
 pub const SOCKET_NAME: &str = "jsonrpc.sock";
 
@@ -156,6 +159,9 @@ pub(crate) async fn supervise(
                 );
                 let status = tokio::select! {
                     _ = shutdown.cancelled() => {
+                        // Replies of turns finishing in the gateway's shutdown grace still go
+                        // out through it; then it is stopped (or killed when the process ends).
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, child.wait()).await;
                         let _ = child.start_kill();
                         let _ = child.wait().await;
                         return;

@@ -73,6 +73,8 @@ pub struct SignalChannel {
     settings: SignalSettings,
     health: Arc<ChannelHealth>,
     connection: Mutex<Option<Arc<RpcConnection>>>,
+    /// Linked at some point since start (a daemon we do not supervise has no marker file).
+    ever_linked: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for SignalChannel {
@@ -105,6 +107,7 @@ impl SignalChannel {
             settings,
             health,
             connection: Mutex::new(None),
+            ever_linked: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -125,10 +128,13 @@ impl SignalChannel {
     }
 
     fn was_linked(&self) -> bool {
-        self.marker().is_some_and(|m| m.is_file())
+        self.ever_linked.load(std::sync::atomic::Ordering::Relaxed)
+            || self.marker().is_some_and(|m| m.is_file())
     }
 
     fn remember_linked(&self) {
+        self.ever_linked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(marker) = self.marker() {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -386,6 +392,7 @@ impl SignalChannel {
             Ok(Some(false)) => {
                 if self.was_linked() {
                     tracing::error!("signal: the account is no longer linked (unlinked on the phone, or signal-cli's data lost); scan the new code on /admin or run `moltmate channels signal link`");
+                    self.health.set_link(LinkState::Lost);
                     self.health.error(ErrorClass::LinkLost);
                 } else {
                     tracing::warn!("signal: the account is not linked yet; scan the code on /admin or run `moltmate channels signal link`");
@@ -401,6 +408,7 @@ impl SignalChannel {
                 return sleep_or_shutdown(backoff.next_delay(), shutdown).await;
             }
         }
+        let mut subscription = None;
         match connection
             .call(
                 "subscribeReceive",
@@ -409,7 +417,7 @@ impl SignalChannel {
             )
             .await
         {
-            Ok(_) => {}
+            Ok(id) => subscription = id.as_u64(),
             Err(e) if e.is_account_problem() => {
                 self.note_rpc_error(&e);
                 tracing::error!(error = %e, "signal: signal-cli does not know channels.signal.account; check the number, or link it");
@@ -434,7 +442,16 @@ impl SignalChannel {
         link_check.tick().await;
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = shutdown.cancelled() => {
+                    // Stop signal-cli fetching for us (what it fetched would be acknowledged
+                    // and then dropped); the connection stays for replies still being sent.
+                    if let Some(id) = subscription {
+                        let _ = connection
+                            .call("unsubscribeReceive", self.params(json!({"subscription": id})), Duration::from_secs(2))
+                            .await;
+                    }
+                    return false;
+                }
                 _ = connection.closed() => {
                     self.health.set_connected(false);
                     self.health.error(ErrorClass::Unreachable);
@@ -628,10 +645,9 @@ impl Channel for SignalChannel {
         };
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         while self.session(sink.as_ref(), &shutdown, &mut backoff).await {}
-        *lock(&self.connection) = None;
-        if let Some(supervisor) = supervisor {
-            let _ = supervisor.await;
-        }
+        // The supervisor keeps signal-cli up a little longer, so replies of turns finishing
+        // during the shutdown grace still go out; it is not awaited.
+        drop(supervisor);
         Ok(())
     }
 

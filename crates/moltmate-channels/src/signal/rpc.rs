@@ -252,7 +252,9 @@ impl RpcConnection {
                             sent = notifications.send(params) => sent,
                         };
                         if sent.is_err() {
-                            break;
+                            // Nobody receives any more (shutdown after unsubscribing): the
+                            // connection stays up for the last replies.
+                            tracing::warn!("signal: a message arrived after receiving stopped; signal-cli has already acknowledged it to the server");
                         }
                     }
                     continue;
