@@ -39,6 +39,7 @@ pub(crate) fn check(config: &Config) -> Vec<Check> {
         token(config),
         proxies(config),
         dm_policy(config),
+        signal_cli(config),
         exec_security(config),
         sandbox_mode(config),
         sandbox_network(config),
@@ -196,6 +197,32 @@ fn dm_policy(config: &Config) -> Check {
     }
 }
 
+/// Signal needs signal-cli (and Java for its JVM build) when the gateway supervises it.
+fn signal_cli(config: &Config) -> Check {
+    const ID: &str = "channels.signal_cli";
+    const TITLE: &str = "signal-cli (and Java) installed for the Signal channel";
+    let signal = &config.channels.signal;
+    if !signal.is_enabled() {
+        return Check::pass(ID, TITLE, "Signal is off");
+    }
+    if let Some(daemon) = &signal.daemon {
+        return Check::pass(
+            ID,
+            TITLE,
+            format!("the gateway connects to a running signal-cli daemon at {daemon}"),
+        );
+    }
+    match moltmate_channels::signal::check_signal_cli(&signal.cli_path) {
+        Ok(program) => Check::pass(ID, TITLE, format!("{} found", program.display())),
+        Err(e) => Check::fail(
+            ID,
+            TITLE,
+            e.to_string(),
+            "install signal-cli (and Java 21+ for its JVM build), set channels.signal.cliPath, or set channels.signal.daemon",
+        ),
+    }
+}
+
 fn exec_enabled(config: &Config) -> bool {
     config.tools.is_enabled(ToolName::Exec) && config.sandbox.mode != SandboxMode::None
 }
@@ -209,6 +236,7 @@ fn exec_security(config: &Config) -> Check {
     let security = config.tools.exec.security;
     let owner_channels: Vec<String> = [
         ("telegram", config.channels.telegram.default_trust),
+        ("signal", config.channels.signal.default_trust),
         ("web", config.channels.web.default_trust),
     ]
     .into_iter()
