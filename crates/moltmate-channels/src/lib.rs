@@ -11,6 +11,8 @@
 mod retry;
 pub mod signal;
 pub mod telegram;
+pub mod whatsapp;
 
 pub use signal::{SignalChannel, SignalDaemon, SignalSettings};
 pub use telegram::{BotInfo, TelegramChannel, TelegramSettings, TelegramSetupError};
+pub use whatsapp::{WhatsAppChannel, WhatsAppSettings};

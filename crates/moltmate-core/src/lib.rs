@@ -27,6 +27,7 @@ pub mod ids;
 pub mod model;
 pub mod sandbox;
 pub mod tool;
+pub mod webhook;
 
 pub use ids::{ChannelKind, Identity, InvalidId, PeerId, UserId};
 

@@ -45,6 +45,8 @@ pub struct WebSettings {
     /// binary provides them (the web layer knows neither the config nor the sandbox crate);
     /// `None`: the section says they are not available here.
     pub security_checks: Option<Arc<dyn SecurityChecks>>,
+    /// Channels pushed to over HTTP (WhatsApp), served at `/webhooks/<channel>`.
+    pub webhooks: Vec<Arc<dyn moltmate_core::webhook::Webhook>>,
 }
 
 impl Default for WebSettings {
@@ -60,6 +62,7 @@ impl Default for WebSettings {
             session_ttl: Duration::from_secs(7 * 24 * 3600),
             trusted_proxies: Vec::new(),
             security_checks: None,
+            webhooks: Vec::new(),
         }
     }
 }
