@@ -97,6 +97,21 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
       defaultTrust: "stranger",
       maxPendingPairings: 50,
     },
+    // WhatsApp Business Cloud API. Enabled automatically when phoneNumberId is set. Meta calls
+    // the webhook https://<gateway.publicUrl>/webhooks/whatsapp (see README, WhatsApp).
+    whatsapp: {
+      // phoneNumberId: "106540352242922",
+      // accessToken: "${WHATSAPP_ACCESS_TOKEN}",
+      // appSecret: "${WHATSAPP_APP_SECRET}",
+      // verifyToken: "${WHATSAPP_VERIFY_TOKEN}",
+      apiUrl: "https://graph.facebook.com",
+      apiVersion: "v21.0",
+      dmPolicy: "pairing",
+      // Phone numbers ("+4917...") or "*".
+      allowFrom: [],
+      defaultTrust: "stranger",
+      maxPendingPairings: 50,
+    },
     web: { enabled: true, defaultTrust: "friend" },
     // `moltmate chat` on this machine's terminal.
     local: { defaultTrust: "owner" },

@@ -276,11 +276,16 @@ fn channels(config: &Config) -> Result<(), Failure> {
         ));
     }
     signal(&config.channels.signal)?;
+    whatsapp(&config.channels.whatsapp)?;
     // Zero would give nobody a code, which is `allowlist`; say so rather than accept it.
     for (key, value) in [
         (
             "channels.signal.maxPendingPairings",
             config.channels.signal.max_pending_pairings,
+        ),
+        (
+            "channels.whatsapp.maxPendingPairings",
+            config.channels.whatsapp.max_pending_pairings,
         ),
         (
             "channels.maxPendingPairings",
@@ -308,6 +313,76 @@ fn is_e164(raw: &str) -> bool {
             && digits.chars().all(|c| c.is_ascii_digit())
             && !digits.starts_with('0')
     })
+}
+
+fn whatsapp(w: &crate::schema::WhatsAppConfig) -> Result<(), Failure> {
+    if let Some(id) = &w.phone_number_id {
+        if id.is_empty() || id.len() > 32 || !id.chars().all(|c| c.is_ascii_digit()) {
+            return Err(rule(
+                "channels.whatsapp.phoneNumberId",
+                "expected the numeric phone number id from the Meta app's API setup (not the phone number)",
+            ));
+        }
+    }
+    if w.is_enabled() {
+        if w.phone_number_id.is_none() {
+            return Err(rule(
+                "channels.whatsapp.phoneNumberId",
+                "required when channels.whatsapp.enabled is true",
+            ));
+        }
+        for (key, value) in [
+            ("channels.whatsapp.accessToken", &w.access_token),
+            ("channels.whatsapp.appSecret", &w.app_secret),
+            ("channels.whatsapp.verifyToken", &w.verify_token),
+        ] {
+            match value {
+                None => {
+                    return Err(rule(
+                        key,
+                        "required when WhatsApp is enabled (use \"${VAR}\")",
+                    ))
+                }
+                Some(secret) if secret.is_empty() => return Err(rule(key, "must not be empty")),
+                Some(_) => {}
+            }
+        }
+    }
+    if !valid_http_url(&w.api_url) {
+        return Err(rule(
+            "channels.whatsapp.apiUrl",
+            format!("expected an http(s) URL, found {:?}", w.api_url),
+        ));
+    }
+    if w.api_version.is_empty()
+        || w.api_version.len() > 16
+        || !w
+            .api_version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.')
+    {
+        return Err(rule(
+            "channels.whatsapp.apiVersion",
+            "expected a version like \"v21.0\"",
+        ));
+    }
+    for (i, entry) in w.allow_from.iter().enumerate() {
+        if entry != "*" && !is_e164(entry) {
+            return Err(rule(
+                format!("channels.whatsapp.allowFrom[{i}]"),
+                format!(
+                    "expected a phone number like \"+4917012345678\" or \"*\", found {entry:?}"
+                ),
+            ));
+        }
+    }
+    if w.dm_policy == DmPolicy::Open && !w.allow_from.iter().any(|e| e == "*") {
+        return Err(rule(
+            "channels.whatsapp.allowFrom",
+            "dmPolicy \"open\" lets anyone on WhatsApp talk to the assistant; confirm by adding \"*\" to allowFrom",
+        ));
+    }
+    Ok(())
 }
 
 fn signal(s: &crate::schema::SignalConfig) -> Result<(), Failure> {

@@ -31,6 +31,8 @@ pub struct Built {
     pub shutdown: Shutdown,
     pub sandbox: Option<Arc<dyn Sandbox>>,
     pub store: Store,
+    /// Channels pushed to over HTTP (WhatsApp), for the web server's `/webhooks/<channel>`.
+    pub webhooks: Vec<Arc<dyn moltmate_core::webhook::Webhook>>,
 }
 
 /// The sandbox backend the config asks for, or an error that says what to install.
@@ -116,8 +118,44 @@ pub fn signal_data_dir(home: &Path, config: &Config) -> std::path::PathBuf {
         .unwrap_or_else(|| home.join("signal"))
 }
 
-fn channels(home: &Path, config: &Config) -> Result<Vec<Arc<dyn Channel>>> {
+type Webhooks = Vec<Arc<dyn moltmate_core::webhook::Webhook>>;
+
+fn channels(home: &Path, config: &Config) -> Result<(Vec<Arc<dyn Channel>>, Webhooks)> {
     let mut channels: Vec<Arc<dyn Channel>> = Vec::new();
+    let mut webhooks: Webhooks = Vec::new();
+    let whatsapp = &config.channels.whatsapp;
+    if whatsapp.is_enabled() {
+        let missing = |key: &str| anyhow::anyhow!("channels.whatsapp.{key} is required");
+        let mut settings = moltmate_channels::WhatsAppSettings::new(
+            whatsapp
+                .phone_number_id
+                .clone()
+                .ok_or_else(|| missing("phoneNumberId"))?,
+            whatsapp
+                .access_token
+                .as_ref()
+                .ok_or_else(|| missing("accessToken"))?
+                .expose(),
+            whatsapp
+                .app_secret
+                .as_ref()
+                .ok_or_else(|| missing("appSecret"))?
+                .expose(),
+            whatsapp
+                .verify_token
+                .as_ref()
+                .ok_or_else(|| missing("verifyToken"))?
+                .expose(),
+        );
+        settings.api_url = whatsapp.api_url.clone();
+        settings.api_version = whatsapp.api_version.clone();
+        let channel = Arc::new(
+            moltmate_channels::WhatsAppChannel::new(settings)
+                .map_err(|e| anyhow::anyhow!("channels.whatsapp: {e}"))?,
+        );
+        channels.push(channel.clone());
+        webhooks.push(channel);
+    }
     let telegram = &config.channels.telegram;
     if telegram.enabled.unwrap_or(telegram.bot_token.is_some()) {
         let token = telegram.bot_token.as_ref().context(
@@ -137,7 +175,7 @@ fn channels(home: &Path, config: &Config) -> Result<Vec<Arc<dyn Channel>>> {
                 .map_err(|e| anyhow::anyhow!("channels.signal: {e}"))?,
         ));
     }
-    Ok(channels)
+    Ok((channels, webhooks))
 }
 
 /// Builds the gateway: database, homes, model chain, sandbox, tools, channels.
@@ -164,7 +202,7 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         None
     };
     let tools = tools(config, home, &store, sandbox.clone())?;
-    let channels = channels(home, config)?;
+    let (channels, webhooks) = channels(home, config)?;
 
     let id_policy = settings.sandbox_ids;
     if let (SandboxIdPolicy::Shared(ids), Some(_)) = (id_policy, &sandbox) {
@@ -233,6 +271,7 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         shutdown,
         sandbox,
         store,
+        webhooks,
     })
 }
 
@@ -309,6 +348,7 @@ pub async fn start_web(home: &Path, config: &Config, built: &Built) -> Result<St
             config,
             built.sandbox.as_ref().map(|s| s.backend()),
         ))),
+        webhooks: built.webhooks.clone(),
         ..moltmate_web::WebSettings::default()
     };
     let state =
