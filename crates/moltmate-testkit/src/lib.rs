@@ -4,3 +4,4 @@ pub mod llm;
 pub mod prop;
 pub mod signal;
 pub mod telegram;
+pub mod whatsapp;
