@@ -144,10 +144,13 @@ impl RpcError {
     }
 }
 
+/// Calls waiting for their answer, by request id.
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, RpcError>>>>>;
+
 /// One open connection to the daemon.
 pub(crate) struct RpcConnection {
     outgoing: mpsc::Sender<String>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, RpcError>>>>>,
+    pending: Pending,
     next_id: AtomicU64,
     closed: CancellationToken,
 }
