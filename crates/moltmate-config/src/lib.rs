@@ -258,9 +258,8 @@ impl Config {
             ChannelKind::Web => self.channels.web.default_trust,
             ChannelKind::Local => self.channels.local.default_trust,
             ChannelKind::Signal => self.channels.signal.default_trust,
-            ChannelKind::Discord | ChannelKind::Whatsapp | ChannelKind::Slack => {
-                TrustLevel::Stranger
-            }
+            ChannelKind::Whatsapp => self.channels.whatsapp.default_trust,
+            ChannelKind::Discord | ChannelKind::Slack => TrustLevel::Stranger,
         }
     }
 
