@@ -169,31 +169,67 @@ fn proxies(config: &Config) -> Check {
 fn dm_policy(config: &Config) -> Check {
     const ID: &str = "channels.dm_policy";
     const TITLE: &str = "No open DM policy without intent";
-    let telegram = &config.channels.telegram;
-    if !telegram.is_enabled() {
+    let c = &config.channels;
+    let channels = [
+        (
+            "Telegram",
+            c.telegram.is_enabled(),
+            c.telegram.dm_policy,
+            &c.telegram.allow_from,
+        ),
+        (
+            "Signal",
+            c.signal.is_enabled(),
+            c.signal.dm_policy,
+            &c.signal.allow_from,
+        ),
+        (
+            "WhatsApp",
+            c.whatsapp.is_enabled(),
+            c.whatsapp.dm_policy,
+            &c.whatsapp.allow_from,
+        ),
+    ];
+    let enabled: Vec<_> = channels.iter().filter(|(_, on, _, _)| *on).collect();
+    if enabled.is_empty() {
         return Check::pass(ID, TITLE, "Telegram is off");
     }
-    let star = telegram.allow_from.iter().any(|e| e == "*");
-    match telegram.dm_policy {
-        DmPolicy::Pairing => Check::pass(
+    let mut details = Vec::new();
+    let mut open = Vec::new();
+    let mut broken = Vec::new();
+    for (name, _, policy, allow_from) in enabled {
+        let star = allow_from.iter().any(|e| e == "*");
+        details.push(match policy {
+            DmPolicy::Pairing => format!("{name}: pairing (unknown senders need the operator's approval)"),
+            DmPolicy::Allowlist => format!("{name}: allowlist"),
+            DmPolicy::Disabled => format!("{name}: disabled"),
+            DmPolicy::Open if star => {
+                open.push(*name);
+                format!("{name}: open, confirmed with allowFrom [\"*\"]: anyone on {name} reaches your assistant and your model budget")
+            }
+            DmPolicy::Open => {
+                broken.push(*name);
+                format!("{name}: open without \"*\" in allowFrom")
+            }
+        });
+    }
+    let detail = details.join("; ");
+    if !broken.is_empty() {
+        Check::fail(
             ID,
             TITLE,
-            "Telegram: pairing (unknown senders need the operator's approval)",
-        ),
-        DmPolicy::Allowlist => Check::pass(ID, TITLE, "Telegram: allowlist"),
-        DmPolicy::Disabled => Check::pass(ID, TITLE, "Telegram: disabled"),
-        DmPolicy::Open if star => Check::warn(
-            ID,
-            TITLE,
-            "Telegram: open, confirmed with allowFrom [\"*\"]: anyone on Telegram reaches your assistant and your model budget",
-            "use dmPolicy \"pairing\" unless this bot is meant to be public",
-        ),
-        DmPolicy::Open => Check::fail(
-            ID,
-            TITLE,
-            "Telegram: open without \"*\" in allowFrom",
+            detail,
             "use dmPolicy \"pairing\" (or confirm with allowFrom: [\"*\"])",
-        ),
+        )
+    } else if !open.is_empty() {
+        Check::warn(
+            ID,
+            TITLE,
+            detail,
+            "use dmPolicy \"pairing\" unless this bot is meant to be public",
+        )
+    } else {
+        Check::pass(ID, TITLE, detail)
     }
 }
 
