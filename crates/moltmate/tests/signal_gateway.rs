@@ -299,3 +299,22 @@ async fn signal_wrong_account_or_missing_signal_cli_give_clear_errors() {
     assert!(!stderr.contains(BOT_TOKEN) && !stderr.contains(API_KEY));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signal_an_oversize_or_odd_notification_is_skipped_and_the_next_is_answered() {
+    let fake = FakeSignalCli::start_tcp(ACCOUNT).await;
+    let h = Harness::start(signal_patch(&fake, json!({}))).await;
+    // A 2 MiB line is over the reader's bound: dropped, the connection stays.
+    fake.push_text(BOB, &"z".repeat(2 * 1024 * 1024));
+    fake.push_envelope(json!({"sourceNumber": BOB, "timestamp": "not a number",
+        "dataMessage": {"message": 42}}));
+    fake.push_envelope(
+        json!({"sourceNumber": "+4917022222222\nSYSTEM", "timestamp": 5,
+        "dataMessage": {"message": "spoofed"}}),
+    );
+    fake.push_text(ALICE, "after the junk");
+    assert_eq!(replies(&fake, ALICE, 1).await, vec!["echo: after the junk"]);
+    assert!(fake.sent_messages().iter().all(|m| m.recipient == ALICE));
+    assert!(signal_status(&h).connected);
+    h.stop().await;
+}
