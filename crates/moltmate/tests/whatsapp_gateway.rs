@@ -23,6 +23,7 @@ struct Wa {
     h: Harness,
     graph: FakeGraphApi,
     meta: WebhookSigner,
+    base: String,
 }
 
 async fn start(extra: serde_json::Value, token: &str) -> Wa {
@@ -43,7 +44,12 @@ async fn start(extra: serde_json::Value, token: &str) -> Wa {
     let config = wiring::load_config(&h.home).unwrap();
     let base = wiring::start_web(&h.home, &config, &h.built).await.unwrap();
     let meta = WebhookSigner::new(&format!("{base}/webhooks/whatsapp"), APP_SECRET, PHONE_ID);
-    Wa { h, graph, meta }
+    Wa {
+        h,
+        graph,
+        meta,
+        base,
+    }
 }
 
 fn status(h: &Harness) -> moltmate_core::channel_status::ChannelStatus {
@@ -74,7 +80,7 @@ async fn replies(graph: &FakeGraphApi, to: &str, count: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn whatsapp_two_people_at_once_get_only_their_own_answers_from_signed_deliveries() {
-    let Wa { h, graph, meta } = start(json!({}), TOKEN).await;
+    let Wa { h, graph, meta, .. } = start(json!({}), TOKEN).await;
     // Meta's handshake.
     assert_eq!(
         meta.verify(VERIFY, "1158201444").await,
@@ -122,7 +128,7 @@ async fn whatsapp_two_people_at_once_get_only_their_own_answers_from_signed_deli
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn whatsapp_unsigned_forged_oversize_and_replayed_deliveries_are_refused_or_answered_once() {
-    let Wa { h, graph, meta } = start(json!({}), TOKEN).await;
+    let Wa { h, graph, meta, .. } = start(json!({}), TOKEN).await;
     let (delivery, _) = meta.text_delivery(ALICE, "forged");
     let body = delivery.to_string();
     assert_eq!(meta.post_raw(body.as_bytes(), None).await, 401, "unsigned");
@@ -159,7 +165,8 @@ async fn whatsapp_unsigned_forged_oversize_and_replayed_deliveries_are_refused_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn whatsapp_pairing_and_allowlist_work_like_telegram() {
-    let Wa { h, graph, meta } = start(json!({"dmPolicy": "pairing", "allowFrom": []}), TOKEN).await;
+    let Wa { h, graph, meta, .. } =
+        start(json!({"dmPolicy": "pairing", "allowFrom": []}), TOKEN).await;
     meta.post_text(ALICE, "hello?").await;
     let first = replies(&graph, ALICE, 1).await;
     assert!(
@@ -186,7 +193,7 @@ async fn whatsapp_pairing_and_allowlist_work_like_telegram() {
     assert_eq!(replies(&graph, ALICE, 2).await[1], "echo: now?");
     h.stop().await;
 
-    let Wa { h, graph, meta } = start(
+    let Wa { h, graph, meta, .. } = start(
         json!({"dmPolicy": "allowlist", "allowFrom": ["+4917011111111"]}),
         TOKEN,
     )
@@ -201,7 +208,7 @@ async fn whatsapp_pairing_and_allowlist_work_like_telegram() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn whatsapp_rate_limit_is_honoured_and_the_24_hour_window_fails_visibly() {
-    let Wa { h, graph, meta } = start(json!({}), TOKEN).await;
+    let Wa { h, graph, meta, .. } = start(json!({}), TOKEN).await;
     graph.rate_limit_next_sends(1, 1);
     meta.post_text(ALICE, "hi").await;
     assert_eq!(replies(&graph, ALICE, 1).await, vec!["echo: hi"]);
@@ -230,7 +237,7 @@ async fn whatsapp_rate_limit_is_honoured_and_the_24_hour_window_fails_visibly() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn whatsapp_restart_in_the_middle_loses_nothing_and_answers_once() {
-    let Wa { h, graph, meta } = start(json!({}), TOKEN).await;
+    let Wa { h, graph, meta, .. } = start(json!({}), TOKEN).await;
     h.llm.set_brain(|request| {
         let text = request.last_user_text().unwrap_or_default();
         Reply::delayed(Duration::from_secs(2), Reply::text(format!("echo: {text}")))
@@ -249,7 +256,12 @@ async fn whatsapp_restart_in_the_middle_loses_nothing_and_answers_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn whatsapp_wrong_access_token_gives_a_clear_error() {
-    let Wa { h, graph, meta } = start(json!({}), "EAAG-WRONG").await;
+    let Wa {
+        h,
+        graph,
+        meta,
+        base,
+    } = start(json!({}), "EAAG-WRONG").await;
     wait_until("the refused token", || {
         status(&h).last_error.map(|e| e.0) == Some(ErrorClass::Credentials)
     })
@@ -258,5 +270,29 @@ async fn whatsapp_wrong_access_token_gives_a_clear_error() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(graph.sent_messages().is_empty());
     assert!(!status(&h).connected);
+    // The operator sees it on /healthz and /metrics, without any secret.
+    let health: serde_json::Value = reqwest::get(format!("{base}/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["channels"]["whatsapp"]["last_error"], "credentials");
+    assert_eq!(health["channels_ok"], false);
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("moltmate_channel_connected{channel=\"whatsapp\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics
+        .contains("moltmate_channel_errors_total{channel=\"whatsapp\",class=\"credentials\"}"));
+    for text in [health.to_string(), metrics] {
+        assert!(!text.contains("EAAG-WRONG") && !text.contains(APP_SECRET));
+    }
     h.stop().await;
 }
