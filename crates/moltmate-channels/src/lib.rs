@@ -5,8 +5,14 @@
 //! to the service only once the sink has stored them. It never decides who may talk to the
 //! assistant and never calls a model.
 //!
-//! Currently implemented: [`telegram`] (Bot API long polling).
+//! Currently implemented: [`telegram`] (Bot API long polling), [`signal`] (signal-cli's
+//! JSON-RPC daemon).
 
+mod retry;
+pub mod signal;
 pub mod telegram;
+pub mod whatsapp;
 
+pub use signal::{SignalChannel, SignalDaemon, SignalSettings};
 pub use telegram::{BotInfo, TelegramChannel, TelegramSettings, TelegramSetupError};
+pub use whatsapp::{WhatsAppChannel, WhatsAppSettings};

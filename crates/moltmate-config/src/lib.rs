@@ -274,10 +274,9 @@ impl Config {
             ChannelKind::Telegram => self.channels.telegram.default_trust,
             ChannelKind::Web => self.channels.web.default_trust,
             ChannelKind::Local => self.channels.local.default_trust,
-            ChannelKind::Signal
-            | ChannelKind::Discord
-            | ChannelKind::Whatsapp
-            | ChannelKind::Slack => TrustLevel::Stranger,
+            ChannelKind::Signal => self.channels.signal.default_trust,
+            ChannelKind::Whatsapp => self.channels.whatsapp.default_trust,
+            ChannelKind::Discord | ChannelKind::Slack => TrustLevel::Stranger,
         }
     }
 

@@ -352,6 +352,8 @@ impl fmt::Display for TrustLevel {
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct ChannelsConfig {
     pub telegram: TelegramConfig,
+    pub signal: SignalConfig,
+    pub whatsapp: WhatsAppConfig,
     pub web: WebChannelConfig,
     pub local: LocalChannelConfig,
     /// Pending pairing codes at most, over all channels; past it, new unknown senders get
@@ -363,6 +365,8 @@ impl Default for ChannelsConfig {
     fn default() -> Self {
         ChannelsConfig {
             telegram: TelegramConfig::default(),
+            signal: SignalConfig::default(),
+            whatsapp: WhatsAppConfig::default(),
             web: WebChannelConfig::default(),
             local: LocalChannelConfig::default(),
             max_pending_pairings: 100,
@@ -421,6 +425,110 @@ impl TelegramConfig {
         self.allow_from
             .iter()
             .any(|entry| entry == "*" || entry == peer)
+    }
+}
+
+/// `channels.signal`: Signal through signal-cli's JSON-RPC daemon.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SignalConfig {
+    /// Default: enabled iff `account` is set.
+    pub enabled: Option<bool>,
+    /// The linked account, `+4917...` (E.164).
+    pub account: Option<String>,
+    /// The `signal-cli` program the gateway starts and supervises (default `signal-cli`,
+    /// looked up in `PATH`). Unused when `daemon` is set.
+    pub cli_path: String,
+    /// signal-cli's data directory (keys, the linked session). Default `<home>/signal`, 0700.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Connect to a daemon the operator runs instead: `unix:/path` or `tcp:host:port`.
+    pub daemon: Option<String>,
+    /// Name of the linked device on the phone. Default `moltmate`.
+    pub device_name: String,
+    /// Send read receipts for stored messages. Default false.
+    pub read_receipts: bool,
+    pub dm_policy: DmPolicy,
+    /// Phone numbers (`+4917...`) or `"*"`.
+    #[serde(deserialize_with = "de_allow_from")]
+    pub allow_from: Vec<String>,
+    /// Trust of Signal users not listed under `users`. Default `stranger`.
+    pub default_trust: TrustLevel,
+    /// Pending pairing codes at most on Signal. Default 50.
+    pub max_pending_pairings: u32,
+}
+
+impl Default for SignalConfig {
+    fn default() -> Self {
+        SignalConfig {
+            enabled: None,
+            account: None,
+            cli_path: "signal-cli".to_string(),
+            data_dir: None,
+            daemon: None,
+            device_name: "moltmate".to_string(),
+            read_receipts: false,
+            dm_policy: DmPolicy::Pairing,
+            allow_from: Vec::new(),
+            default_trust: TrustLevel::Stranger,
+            max_pending_pairings: 50,
+        }
+    }
+}
+
+impl SignalConfig {
+    /// The effective `enabled`: explicit value, else whether an account is configured.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(self.account.is_some())
+    }
+}
+
+/// `channels.whatsapp`: the WhatsApp Business Cloud API (webhook + Graph API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct WhatsAppConfig {
+    /// Default: enabled iff `phoneNumberId` is set.
+    pub enabled: Option<bool>,
+    /// The business phone number's id (Meta app → WhatsApp → API setup).
+    pub phone_number_id: Option<String>,
+    /// A system-user access token, e.g. `"${WHATSAPP_ACCESS_TOKEN}"`.
+    pub access_token: Option<Secret>,
+    /// The Meta app's secret (signs every webhook delivery), e.g. `"${WHATSAPP_APP_SECRET}"`.
+    pub app_secret: Option<Secret>,
+    /// What the webhook handshake must present, e.g. `"${WHATSAPP_VERIFY_TOKEN}"`.
+    pub verify_token: Option<Secret>,
+    /// Default `https://graph.facebook.com`.
+    pub api_url: String,
+    /// Default `v21.0`.
+    pub api_version: String,
+    pub dm_policy: DmPolicy,
+    /// Phone numbers (`+4917...`) or `"*"`.
+    #[serde(deserialize_with = "de_allow_from")]
+    pub allow_from: Vec<String>,
+    pub default_trust: TrustLevel,
+    pub max_pending_pairings: u32,
+}
+
+impl Default for WhatsAppConfig {
+    fn default() -> Self {
+        WhatsAppConfig {
+            enabled: None,
+            phone_number_id: None,
+            access_token: None,
+            app_secret: None,
+            verify_token: None,
+            api_url: "https://graph.facebook.com".to_string(),
+            api_version: "v21.0".to_string(),
+            dm_policy: DmPolicy::Pairing,
+            allow_from: Vec::new(),
+            default_trust: TrustLevel::Stranger,
+            max_pending_pairings: 50,
+        }
+    }
+}
+
+impl WhatsAppConfig {
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(self.phone_number_id.is_some())
     }
 }
 

@@ -79,6 +79,39 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
       // Pending pairing codes at most; past it, new strangers get no code and no reply.
       maxPendingPairings: 50,
     },
+    // Signal through signal-cli (https://github.com/AsamK/signal-cli; the JVM build needs
+    // Java 21+). Enabled automatically when account is set. Link it with
+    // `moltmate channels signal link` (or scan the code on /admin).
+    signal: {
+      // account: "+4917012345678",
+      // The gateway starts and supervises signal-cli itself:
+      cliPath: "signal-cli",
+      // dataDir: "/var/lib/moltmate/signal",   // default <home>/signal (0700)
+      // ... or connects to one you run (multi-account, --receive-mode=manual):
+      // daemon: "unix:/run/signal-cli/socket",   // or "tcp:127.0.0.1:7583"
+      deviceName: "moltmate",
+      readReceipts: false,
+      dmPolicy: "pairing",
+      // Phone numbers ("+4917...") or "*".
+      allowFrom: [],
+      defaultTrust: "stranger",
+      maxPendingPairings: 50,
+    },
+    // WhatsApp Business Cloud API. Enabled automatically when phoneNumberId is set. Meta calls
+    // the webhook https://<gateway.publicUrl>/webhooks/whatsapp (see README, WhatsApp).
+    whatsapp: {
+      // phoneNumberId: "106540352242922",
+      // accessToken: "${WHATSAPP_ACCESS_TOKEN}",
+      // appSecret: "${WHATSAPP_APP_SECRET}",
+      // verifyToken: "${WHATSAPP_VERIFY_TOKEN}",
+      apiUrl: "https://graph.facebook.com",
+      apiVersion: "v21.0",
+      dmPolicy: "pairing",
+      // Phone numbers ("+4917...") or "*".
+      allowFrom: [],
+      defaultTrust: "stranger",
+      maxPendingPairings: 50,
+    },
     web: { enabled: true, defaultTrust: "friend" },
     // `moltmate chat` on this machine's terminal.
     local: { defaultTrust: "owner" },
@@ -228,7 +261,7 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
   // Known users. Trust: owner, family, friend, stranger, restricted.
   users: {
     // anna: {
-    //   identities: ["telegram:123456789", "web:anna"],
+    //   identities: ["telegram:123456789", "signal:+4917012345678", "web:anna"],
     //   trust: "owner",
     //   displayName: "Anna",
     //   persona: "cami",

@@ -275,8 +275,18 @@ fn channels(config: &Config) -> Result<(), Failure> {
             "must be from 1 to 600",
         ));
     }
+    signal(&config.channels.signal)?;
+    whatsapp(&config.channels.whatsapp)?;
     // Zero would give nobody a code, which is `allowlist`; say so rather than accept it.
     for (key, value) in [
+        (
+            "channels.signal.maxPendingPairings",
+            config.channels.signal.max_pending_pairings,
+        ),
+        (
+            "channels.whatsapp.maxPendingPairings",
+            config.channels.whatsapp.max_pending_pairings,
+        ),
         (
             "channels.maxPendingPairings",
             config.channels.max_pending_pairings,
@@ -292,6 +302,154 @@ fn channels(config: &Config) -> Result<(), Failure> {
                 "must be at least 1 (to give unknown senders no code at all, use dmPolicy \"allowlist\")",
             ));
         }
+    }
+    Ok(())
+}
+
+/// `+`, 7 to 15 digits, the first not 0 (E.164).
+fn is_e164(raw: &str) -> bool {
+    raw.strip_prefix('+').is_some_and(|digits| {
+        (7..=15).contains(&digits.len())
+            && digits.chars().all(|c| c.is_ascii_digit())
+            && !digits.starts_with('0')
+    })
+}
+
+fn whatsapp(w: &crate::schema::WhatsAppConfig) -> Result<(), Failure> {
+    if let Some(id) = &w.phone_number_id {
+        if id.is_empty() || id.len() > 32 || !id.chars().all(|c| c.is_ascii_digit()) {
+            return Err(rule(
+                "channels.whatsapp.phoneNumberId",
+                "expected the numeric phone number id from the Meta app's API setup (not the phone number)",
+            ));
+        }
+    }
+    if w.is_enabled() {
+        if w.phone_number_id.is_none() {
+            return Err(rule(
+                "channels.whatsapp.phoneNumberId",
+                "required when channels.whatsapp.enabled is true",
+            ));
+        }
+        for (key, value) in [
+            ("channels.whatsapp.accessToken", &w.access_token),
+            ("channels.whatsapp.appSecret", &w.app_secret),
+            ("channels.whatsapp.verifyToken", &w.verify_token),
+        ] {
+            match value {
+                None => {
+                    return Err(rule(
+                        key,
+                        "required when WhatsApp is enabled (use \"${VAR}\")",
+                    ))
+                }
+                Some(secret) if secret.is_empty() => return Err(rule(key, "must not be empty")),
+                Some(_) => {}
+            }
+        }
+    }
+    if !valid_http_url(&w.api_url) {
+        return Err(rule(
+            "channels.whatsapp.apiUrl",
+            format!("expected an http(s) URL, found {:?}", w.api_url),
+        ));
+    }
+    if w.api_version.is_empty()
+        || w.api_version.len() > 16
+        || !w
+            .api_version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.')
+    {
+        return Err(rule(
+            "channels.whatsapp.apiVersion",
+            "expected a version like \"v21.0\"",
+        ));
+    }
+    for (i, entry) in w.allow_from.iter().enumerate() {
+        if entry != "*" && !is_e164(entry) {
+            return Err(rule(
+                format!("channels.whatsapp.allowFrom[{i}]"),
+                format!(
+                    "expected a phone number like \"+4917012345678\" or \"*\", found {entry:?}"
+                ),
+            ));
+        }
+    }
+    if w.dm_policy == DmPolicy::Open && !w.allow_from.iter().any(|e| e == "*") {
+        return Err(rule(
+            "channels.whatsapp.allowFrom",
+            "dmPolicy \"open\" lets anyone on WhatsApp talk to the assistant; confirm by adding \"*\" to allowFrom",
+        ));
+    }
+    Ok(())
+}
+
+fn signal(s: &crate::schema::SignalConfig) -> Result<(), Failure> {
+    match &s.account {
+        Some(account) if !is_e164(account) => {
+            return Err(rule(
+                "channels.signal.account",
+                "expected a phone number in international format, e.g. \"+4917012345678\"",
+            ))
+        }
+        None if s.enabled == Some(true) => {
+            return Err(rule(
+                "channels.signal.account",
+                "required when channels.signal.enabled is true",
+            ))
+        }
+        _ => {}
+    }
+    if s.cli_path.trim().is_empty() {
+        return Err(rule("channels.signal.cliPath", "must not be empty"));
+    }
+    if let Some(dir) = &s.data_dir {
+        if !dir.is_absolute() {
+            return Err(rule("channels.signal.dataDir", "must be an absolute path"));
+        }
+    }
+    if let Some(daemon) = &s.daemon {
+        let d = daemon.trim();
+        let ok = if let Some(path) = d.strip_prefix("unix:") {
+            path.starts_with('/') && path.len() < 108
+        } else if let Some(hp) = d.strip_prefix("tcp:") {
+            hp.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+        } else {
+            false
+        };
+        if !ok {
+            return Err(rule(
+                "channels.signal.daemon",
+                "expected \"unix:/absolute/socket/path\" or \"tcp:host:port\"",
+            ));
+        }
+    }
+    if s.device_name.is_empty()
+        || s.device_name.chars().count() > 50
+        || s.device_name.chars().any(char::is_control)
+    {
+        return Err(rule(
+            "channels.signal.deviceName",
+            "must be 1 to 50 characters without control characters",
+        ));
+    }
+    for (i, entry) in s.allow_from.iter().enumerate() {
+        if entry != "*" && !is_e164(entry) {
+            return Err(rule(
+                format!("channels.signal.allowFrom[{i}]"),
+                format!(
+                    "expected a phone number like \"+4917012345678\" or \"*\", found {entry:?}"
+                ),
+            ));
+        }
+    }
+    if s.dm_policy == DmPolicy::Open && !s.allow_from.iter().any(|e| e == "*") {
+        return Err(rule(
+            "channels.signal.allowFrom",
+            "dmPolicy \"open\" lets anyone on Signal talk to the assistant; confirm by adding \"*\" to allowFrom",
+        ));
     }
     Ok(())
 }

@@ -1320,3 +1320,67 @@ fn reminder_keys_load_and_bad_values_name_their_key() {
         "from 0 to 10000",
     );
 }
+
+#[test]
+fn signal_and_whatsapp_keys_load_with_env_secrets_and_are_refused_when_wrong() {
+    let env = |name: &str| match name {
+        "WA_TOKEN" => Some("EAAG-secret-token".to_string()),
+        "WA_SECRET" => Some("app-secret".to_string()),
+        "WA_VERIFY" => Some("verify-me".to_string()),
+        _ => None,
+    };
+    let c = Config::from_json5_str(
+        r#"{ channels: {
+            signal: { account: "+4917012345678", allowFrom: ["+4917011111111"], dmPolicy: "allowlist" },
+            whatsapp: { phoneNumberId: "106540352242922", accessToken: "${WA_TOKEN}",
+                        appSecret: "${WA_SECRET}", verifyToken: "${WA_VERIFY}", defaultTrust: "friend" },
+        },
+        users: { anna: { identities: ["signal:+4917011111111", "whatsapp:+4917011111111"] } } }"#,
+        "moltmate.json",
+        &env,
+    )
+    .unwrap();
+    assert!(c.channels.signal.is_enabled() && c.channels.whatsapp.is_enabled());
+    assert_eq!(c.channels.signal.cli_path, "signal-cli");
+    let token = c.channels.whatsapp.access_token.as_ref().unwrap();
+    assert_eq!(token.expose(), "EAAG-secret-token");
+    assert!(!format!("{:?}", c.channels.whatsapp).contains("EAAG-secret-token"));
+    assert_eq!(
+        c.trust_of(&UserId::new("x").unwrap(), ChannelKind::Whatsapp),
+        TrustLevel::Friend
+    );
+    assert!(c.users[&UserId::new("anna").unwrap()]
+        .identities
+        .contains(&"signal:+4917011111111".parse::<Identity>().unwrap()));
+
+    assert_err(
+        r#"{ channels: { signal: { account: "017012345678" } } }"#,
+        "channels.signal.account",
+        "international format",
+    );
+    assert_err(
+        r#"{ channels: { signal: { account: "+4917012345678", allowFrom: ["123"] } } }"#,
+        "channels.signal.allowFrom[0]",
+        "phone number",
+    );
+    assert_err(
+        r#"{ channels: { signal: { account: "+4917012345678", daemon: "localhost" } } }"#,
+        "channels.signal.daemon",
+        "tcp:host:port",
+    );
+    assert_err(
+        r#"{ channels: { whatsapp: { phoneNumberId: "106540352242922" } } }"#,
+        "channels.whatsapp.accessToken",
+        "required",
+    );
+    assert_err(
+        r#"{ channels: { whatsapp: { phoneNumberId: "+49170" } } }"#,
+        "channels.whatsapp.phoneNumberId",
+        "numeric",
+    );
+    assert_err(
+        r#"{ channels: { signal: { acount: "+4917012345678" } } }"#,
+        "channels.signal.acount",
+        "account",
+    );
+}

@@ -39,6 +39,7 @@ pub(crate) fn check(config: &Config) -> Vec<Check> {
         token(config),
         proxies(config),
         dm_policy(config),
+        signal_cli(config),
         exec_security(config),
         sandbox_mode(config),
         sandbox_network(config),
@@ -168,30 +169,92 @@ fn proxies(config: &Config) -> Check {
 fn dm_policy(config: &Config) -> Check {
     const ID: &str = "channels.dm_policy";
     const TITLE: &str = "No open DM policy without intent";
-    let telegram = &config.channels.telegram;
-    if !telegram.is_enabled() {
+    let c = &config.channels;
+    let channels = [
+        (
+            "Telegram",
+            c.telegram.is_enabled(),
+            c.telegram.dm_policy,
+            &c.telegram.allow_from,
+        ),
+        (
+            "Signal",
+            c.signal.is_enabled(),
+            c.signal.dm_policy,
+            &c.signal.allow_from,
+        ),
+        (
+            "WhatsApp",
+            c.whatsapp.is_enabled(),
+            c.whatsapp.dm_policy,
+            &c.whatsapp.allow_from,
+        ),
+    ];
+    let enabled: Vec<_> = channels.iter().filter(|(_, on, _, _)| *on).collect();
+    if enabled.is_empty() {
         return Check::pass(ID, TITLE, "Telegram is off");
     }
-    let star = telegram.allow_from.iter().any(|e| e == "*");
-    match telegram.dm_policy {
-        DmPolicy::Pairing => Check::pass(
+    let mut details = Vec::new();
+    let mut open = Vec::new();
+    let mut broken = Vec::new();
+    for (name, _, policy, allow_from) in enabled {
+        let star = allow_from.iter().any(|e| e == "*");
+        details.push(match policy {
+            DmPolicy::Pairing => format!("{name}: pairing (unknown senders need the operator's approval)"),
+            DmPolicy::Allowlist => format!("{name}: allowlist"),
+            DmPolicy::Disabled => format!("{name}: disabled"),
+            DmPolicy::Open if star => {
+                open.push(*name);
+                format!("{name}: open, confirmed with allowFrom [\"*\"]: anyone on {name} reaches your assistant and your model budget")
+            }
+            DmPolicy::Open => {
+                broken.push(*name);
+                format!("{name}: open without \"*\" in allowFrom")
+            }
+        });
+    }
+    let detail = details.join("; ");
+    if !broken.is_empty() {
+        Check::fail(
             ID,
             TITLE,
-            "Telegram: pairing (unknown senders need the operator's approval)",
-        ),
-        DmPolicy::Allowlist => Check::pass(ID, TITLE, "Telegram: allowlist"),
-        DmPolicy::Disabled => Check::pass(ID, TITLE, "Telegram: disabled"),
-        DmPolicy::Open if star => Check::warn(
-            ID,
-            TITLE,
-            "Telegram: open, confirmed with allowFrom [\"*\"]: anyone on Telegram reaches your assistant and your model budget",
-            "use dmPolicy \"pairing\" unless this bot is meant to be public",
-        ),
-        DmPolicy::Open => Check::fail(
-            ID,
-            TITLE,
-            "Telegram: open without \"*\" in allowFrom",
+            detail,
             "use dmPolicy \"pairing\" (or confirm with allowFrom: [\"*\"])",
+        )
+    } else if !open.is_empty() {
+        Check::warn(
+            ID,
+            TITLE,
+            detail,
+            "use dmPolicy \"pairing\" unless this bot is meant to be public",
+        )
+    } else {
+        Check::pass(ID, TITLE, detail)
+    }
+}
+
+/// Signal needs signal-cli (and Java for its JVM build) when the gateway supervises it.
+fn signal_cli(config: &Config) -> Check {
+    const ID: &str = "channels.signal_cli";
+    const TITLE: &str = "signal-cli (and Java) installed for the Signal channel";
+    let signal = &config.channels.signal;
+    if !signal.is_enabled() {
+        return Check::pass(ID, TITLE, "Signal is off");
+    }
+    if let Some(daemon) = &signal.daemon {
+        return Check::pass(
+            ID,
+            TITLE,
+            format!("the gateway connects to a running signal-cli daemon at {daemon}"),
+        );
+    }
+    match moltmate_channels::signal::check_signal_cli(&signal.cli_path) {
+        Ok(program) => Check::pass(ID, TITLE, format!("{} found", program.display())),
+        Err(e) => Check::fail(
+            ID,
+            TITLE,
+            e.to_string(),
+            "install signal-cli (and Java 21+ for its JVM build), set channels.signal.cliPath, or set channels.signal.daemon",
         ),
     }
 }
@@ -209,6 +272,7 @@ fn exec_security(config: &Config) -> Check {
     let security = config.tools.exec.security;
     let owner_channels: Vec<String> = [
         ("telegram", config.channels.telegram.default_trust),
+        ("signal", config.channels.signal.default_trust),
         ("web", config.channels.web.default_trust),
     ]
     .into_iter()

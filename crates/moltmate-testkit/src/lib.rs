@@ -3,4 +3,6 @@ pub mod llm;
 #[cfg(feature = "proptest")]
 pub mod prop;
 pub mod search;
+pub mod signal;
 pub mod telegram;
+pub mod whatsapp;

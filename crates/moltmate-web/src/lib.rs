@@ -31,6 +31,7 @@ pub mod security;
 pub mod session;
 pub mod state;
 mod turn;
+pub mod webhook;
 
 pub use error::{InvalidSettings, WebError};
 pub use state::{WebSettings, WebState};
@@ -43,7 +44,7 @@ use std::net::SocketAddr;
 
 /// Every route template of [`app`]: the only values the request counter's `route` label
 /// takes (a unit test keeps this list and the routes in step).
-pub const ROUTES: [&str; 16] = [
+pub const ROUTES: [&str; 17] = [
     "/",
     "/login",
     "/login/{code}",
@@ -60,6 +61,7 @@ pub const ROUTES: [&str; 16] = [
     "/v1/chat/completions",
     "/healthz",
     "/metrics",
+    "/webhooks/{channel}",
 ];
 
 /// Largest request body accepted anywhere. OpenAI clients resend the whole conversation with
@@ -93,6 +95,12 @@ pub fn app(state: WebState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))
+        .route(
+            "/webhooks/{channel}",
+            get(webhook::handle)
+                .post(webhook::handle)
+                .layer(DefaultBodyLimit::max(webhook::MAX_WEBHOOK_BODY)),
+        )
         .fallback(security::not_found)
         // Counted inside the rate limit: a refused request only moves `rate_limited`.
         .layer(axum::middleware::from_fn_with_state(

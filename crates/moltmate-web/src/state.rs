@@ -50,6 +50,8 @@ pub struct WebSettings {
     pub base_url: String,
     /// Model prices (`model.prices`) for the cost estimates on `/admin`.
     pub prices: moltmate_ops::usage::PriceTable,
+    /// Channels pushed to over HTTP (WhatsApp), served at `/webhooks/<channel>`.
+    pub webhooks: Vec<Arc<dyn moltmate_core::webhook::Webhook>>,
 }
 
 impl Default for WebSettings {
@@ -67,6 +69,7 @@ impl Default for WebSettings {
             security_checks: None,
             base_url: "http://127.0.0.1:18790".to_string(),
             prices: moltmate_ops::usage::PriceTable::default(),
+            webhooks: Vec::new(),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod doctor;
 pub mod operate;
 pub mod serve;
+mod signal_link;
 pub mod wiring;
 
 use anyhow::{Context, Result};
@@ -72,6 +73,11 @@ enum Command {
         #[arg(long)]
         fix: bool,
     },
+    /// Messaging channels: `moltmate channels signal link`.
+    Channels {
+        #[command(subcommand)]
+        command: ChannelsCommand,
+    },
     /// The gateway's own container image.
     Image {
         #[command(subcommand)]
@@ -98,6 +104,23 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: operate::UsageFormat,
     },
+}
+
+#[derive(Subcommand)]
+enum ChannelsCommand {
+    /// Signal (through signal-cli).
+    Signal {
+        #[command(subcommand)]
+        command: SignalCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SignalCommand {
+    /// Link channels.signal.account as a new device: shows a QR code to scan with the phone
+    /// (Signal → Settings → Linked devices). Stop the gateway first when it supervises
+    /// signal-cli, or scan the code on /admin instead.
+    Link,
 }
 
 #[derive(Subcommand)]
@@ -290,6 +313,12 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Doctor { json, fix } => doctor::doctor(&home, json, fix).await,
+        Command::Channels {
+            command:
+                ChannelsCommand::Signal {
+                    command: SignalCommand::Link,
+                },
+        } => signal_link::link(&home).await,
         Command::Image {
             command: ImageCommand::Build { tag, binary },
         } => {

@@ -480,6 +480,7 @@ fn the_json_report_has_a_stable_schema() {
         "gateway.token",
         "gateway.proxy",
         "channels.dm_policy",
+        "channels.signal_cli",
         "exec.security",
         "sandbox.mode",
         "sandbox.network",
@@ -493,6 +494,30 @@ fn the_json_report_has_a_stable_schema() {
     ] {
         assert!(ids.contains(id), "check {id} is reported");
     }
+}
+
+#[test]
+fn a_missing_signal_cli_fails_with_the_install_hint() {
+    let dir = home_with(&json!({
+        "channels": { "signal": { "account": "+4917000000001", "cliPath": "/nonexistent/signal-cli" } },
+    }));
+    let (_, report, _) = doctor_json(dir.path(), &[]);
+    assert_eq!(status(&report, "channels.signal_cli"), "fail");
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "channels.signal_cli")
+        .unwrap();
+    assert!(
+        check["detail"].as_str().unwrap().contains("install it"),
+        "{check}"
+    );
+    let dir = home_with(&json!({
+        "channels": { "signal": { "account": "+4917000000001", "daemon": "tcp:127.0.0.1:7583" } },
+    }));
+    let (_, report, _) = doctor_json(dir.path(), &[]);
+    assert_eq!(status(&report, "channels.signal_cli"), "pass");
 }
 
 #[test]

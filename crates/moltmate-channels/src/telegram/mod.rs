@@ -37,6 +37,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use moltmate_core::channel::Channel;
 use moltmate_core::channel::{ChannelError, InboundMessage, InboundSink};
+use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
 use rand::Rng;
 use std::sync::Arc;
@@ -87,6 +88,7 @@ enum Disposition {
 pub struct TelegramChannel {
     settings: TelegramSettings,
     api: BotApi,
+    health: Arc<ChannelHealth>,
 }
 
 impl TelegramChannel {
@@ -119,7 +121,11 @@ impl TelegramChannel {
             &settings.bot_token,
             settings.request_timeout,
         );
-        Ok(TelegramChannel { settings, api })
+        Ok(TelegramChannel {
+            settings,
+            api,
+            health: ChannelHealth::new(ChannelKind::Telegram),
+        })
     }
 
     /// Ask Telegram who we are (`getMe`), once. A refused token gives
@@ -151,12 +157,19 @@ impl TelegramChannel {
                 r = self.get_me() => r,
             };
             match result {
-                Ok(me) => return Ok(Some(me)),
+                Ok(me) => {
+                    self.health.set_connected(true);
+                    return Ok(Some(me));
+                }
                 Err(e) if e.is_fatal() => {
                     tracing::error!(error = %e, "telegram: giving up");
-                    return Err(e.into_channel_error());
+                    let e = e.into_channel_error();
+                    self.health.set_connected(false);
+                    self.health.channel_error(&e);
+                    return Err(e);
                 }
                 Err(e) => {
+                    self.record(&e);
                     tracing::warn!(error = %e, "telegram: getMe failed, retrying");
                     if !self.pause_after(&e, backoff, shutdown).await {
                         return Ok(None);
@@ -206,6 +219,7 @@ impl TelegramChannel {
                     return true;
                 }
                 Err(e) => {
+                    self.health.error(ErrorClass::Storage);
                     tracing::warn!(update = %message.external_id, error = %e, "telegram: the gateway did not store the update, retrying it");
                     if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
                         return false;
@@ -334,9 +348,19 @@ impl TelegramChannel {
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
-                Err(e) => return Err(e.into_channel_error()),
+                Err(e) => {
+                    let e = e.into_channel_error();
+                    self.health.channel_error(&e);
+                    return Err(e);
+                }
             }
         }
+    }
+
+    /// Count a failed exchange; the service is not reachable as it should be.
+    fn record(&self, error: &ApiError) {
+        self.health.set_connected(false);
+        self.health.error(error.class());
     }
 }
 
@@ -344,6 +368,10 @@ impl TelegramChannel {
 impl Channel for TelegramChannel {
     fn kind(&self) -> ChannelKind {
         ChannelKind::Telegram
+    }
+
+    fn health(&self) -> Arc<ChannelHealth> {
+        Arc::clone(&self.health)
     }
 
     async fn run(
@@ -390,12 +418,19 @@ impl Channel for TelegramChannel {
                 r = self.api.call("getUpdates", &params, Duration::from_secs(poll_seconds)) => r,
             };
             let updates = match result {
-                Ok(updates) => updates,
+                Ok(updates) => {
+                    self.health.set_connected(true);
+                    updates
+                }
                 Err(e) if e.is_fatal() => {
                     tracing::error!(error = %e, "telegram: giving up");
-                    return Err(e.into_channel_error());
+                    let e = e.into_channel_error();
+                    self.health.set_connected(false);
+                    self.health.channel_error(&e);
+                    return Err(e);
                 }
                 Err(e) => {
+                    self.record(&e);
                     tracing::warn!(error = %e, "telegram: getUpdates failed, retrying");
                     if !self.pause_after(&e, &mut backoff, &shutdown).await {
                         return Ok(());
@@ -424,7 +459,10 @@ impl Channel for TelegramChannel {
                     Disposition::Skip(reason) => {
                         tracing::debug!(update = id, reason, "telegram: skipping update");
                     }
-                    Disposition::Deliver(message) => batch.push(*message),
+                    Disposition::Deliver(message) => {
+                        self.health.event();
+                        batch.push(*message)
+                    }
                 }
                 offset = Some(id.saturating_add(1));
             }
@@ -478,7 +516,7 @@ const MAX_NAME_CHARS: usize = 128;
 
 /// "First Last" with control characters (newlines included) removed and whitespace collapsed:
 /// the name is chosen by the sender and may end up in a prompt, so it must stay one short line.
-fn display_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
+pub(crate) fn display_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
     let joined = [first, last]
         .into_iter()
         .flatten()

@@ -31,6 +31,8 @@ pub struct Built {
     pub shutdown: Shutdown,
     pub sandbox: Option<Arc<dyn Sandbox>>,
     pub store: Store,
+    /// Channels pushed to over HTTP (WhatsApp), for the web server's `/webhooks/<channel>`.
+    pub webhooks: Vec<Arc<dyn moltmate_core::webhook::Webhook>>,
 }
 
 /// The sandbox backend the config asks for, or an error that says what to install. Without
@@ -128,8 +130,83 @@ fn web_search(config: &Config) -> Result<Option<moltmate_tools::WebSearchTool>> 
     Ok(Some(tool))
 }
 
-fn channels(config: &Config) -> Result<Vec<Arc<dyn Channel>>> {
+/// The Signal channel's settings, if the channel is enabled.
+pub fn signal_settings(
+    home: &Path,
+    config: &Config,
+) -> Result<Option<moltmate_channels::SignalSettings>> {
+    let signal = &config.channels.signal;
+    if !signal.is_enabled() {
+        return Ok(None);
+    }
+    let account = signal
+        .account
+        .clone()
+        .context("channels.signal.enabled is true but channels.signal.account is not set")?;
+    let daemon = match &signal.daemon {
+        Some(address) => moltmate_channels::SignalDaemon::External(
+            moltmate_channels::signal::DaemonAddress::parse(address)
+                .map_err(|e| anyhow::anyhow!("channels.signal.daemon: {e}"))?,
+        ),
+        None => moltmate_channels::SignalDaemon::Supervised {
+            cli_path: signal.cli_path.clone(),
+            data_dir: signal_data_dir(home, config),
+        },
+    };
+    let mut settings = moltmate_channels::SignalSettings::new(account, daemon);
+    settings.device_name = signal.device_name.clone();
+    settings.read_receipts = signal.read_receipts;
+    Ok(Some(settings))
+}
+
+/// signal-cli's data directory: `channels.signal.dataDir`, else `<home>/signal`.
+pub fn signal_data_dir(home: &Path, config: &Config) -> std::path::PathBuf {
+    config
+        .channels
+        .signal
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| home.join("signal"))
+}
+
+type Webhooks = Vec<Arc<dyn moltmate_core::webhook::Webhook>>;
+
+fn channels(home: &Path, config: &Config) -> Result<(Vec<Arc<dyn Channel>>, Webhooks)> {
     let mut channels: Vec<Arc<dyn Channel>> = Vec::new();
+    let mut webhooks: Webhooks = Vec::new();
+    let whatsapp = &config.channels.whatsapp;
+    if whatsapp.is_enabled() {
+        let missing = |key: &str| anyhow::anyhow!("channels.whatsapp.{key} is required");
+        let mut settings = moltmate_channels::WhatsAppSettings::new(
+            whatsapp
+                .phone_number_id
+                .clone()
+                .ok_or_else(|| missing("phoneNumberId"))?,
+            whatsapp
+                .access_token
+                .as_ref()
+                .ok_or_else(|| missing("accessToken"))?
+                .expose(),
+            whatsapp
+                .app_secret
+                .as_ref()
+                .ok_or_else(|| missing("appSecret"))?
+                .expose(),
+            whatsapp
+                .verify_token
+                .as_ref()
+                .ok_or_else(|| missing("verifyToken"))?
+                .expose(),
+        );
+        settings.api_url = whatsapp.api_url.clone();
+        settings.api_version = whatsapp.api_version.clone();
+        let channel = Arc::new(
+            moltmate_channels::WhatsAppChannel::new(settings)
+                .map_err(|e| anyhow::anyhow!("channels.whatsapp: {e}"))?,
+        );
+        channels.push(channel.clone());
+        webhooks.push(channel);
+    }
     let telegram = &config.channels.telegram;
     if telegram.enabled.unwrap_or(telegram.bot_token.is_some()) {
         let token = telegram.bot_token.as_ref().context(
@@ -143,7 +220,13 @@ fn channels(config: &Config) -> Result<Vec<Arc<dyn Channel>>> {
                 .map_err(|e| anyhow::anyhow!("channels.telegram: {e}"))?,
         ));
     }
-    Ok(channels)
+    if let Some(settings) = signal_settings(home, config)? {
+        channels.push(Arc::new(
+            moltmate_channels::SignalChannel::new(settings)
+                .map_err(|e| anyhow::anyhow!("channels.signal: {e}"))?,
+        ));
+    }
+    Ok((channels, webhooks))
 }
 
 /// Builds the gateway: database, homes, model chain, sandbox, tools, channels.
@@ -175,7 +258,7 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         None
     };
     let tools = tools(config, home, &store, sandbox.clone())?;
-    let channels = channels(config)?;
+    let (channels, webhooks) = channels(home, config)?;
 
     let id_policy = settings.sandbox_ids;
     if let (SandboxIdPolicy::Shared(ids), Some(_)) = (id_policy, &sandbox) {
@@ -250,6 +333,7 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         shutdown,
         sandbox,
         store,
+        webhooks,
     })
 }
 
@@ -328,6 +412,7 @@ pub async fn start_web(home: &Path, config: &Config, built: &Built) -> Result<St
         ))),
         base_url: super::public_base_url(config),
         prices: moltmate_ops::usage::PriceTable::from_config(&config.model.prices),
+        webhooks: built.webhooks.clone(),
         ..moltmate_web::WebSettings::default()
     };
     let state =

@@ -178,6 +178,28 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             &config.channels.telegram.allow_from,
         ),
     );
+    settings.access.insert(
+        ChannelKind::Signal,
+        channel_access(
+            config.channels.signal.dm_policy,
+            &config.channels.signal.allow_from,
+        ),
+    );
+    settings.max_pending_pairings_per_channel.insert(
+        ChannelKind::Signal,
+        config.channels.signal.max_pending_pairings as usize,
+    );
+    settings.access.insert(
+        ChannelKind::Whatsapp,
+        channel_access(
+            config.channels.whatsapp.dm_policy,
+            &config.channels.whatsapp.allow_from,
+        ),
+    );
+    settings.max_pending_pairings_per_channel.insert(
+        ChannelKind::Whatsapp,
+        config.channels.whatsapp.max_pending_pairings as usize,
+    );
     settings.max_pending_pairings = config.channels.max_pending_pairings as usize;
     settings.max_pending_pairings_per_channel.insert(
         ChannelKind::Telegram,
@@ -207,6 +229,14 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             settings_for_trust(config.channels.telegram.default_trust, config),
         ),
         (
+            ChannelKind::Signal,
+            settings_for_trust(config.channels.signal.default_trust, config),
+        ),
+        (
+            ChannelKind::Whatsapp,
+            settings_for_trust(config.channels.whatsapp.default_trust, config),
+        ),
+        (
             ChannelKind::Web,
             settings_for_trust(config.channels.web.default_trust, config),
         ),
@@ -220,6 +250,14 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
         (
             ChannelKind::Telegram,
             config.channels.telegram.default_trust.to_string(),
+        ),
+        (
+            ChannelKind::Signal,
+            config.channels.signal.default_trust.to_string(),
+        ),
+        (
+            ChannelKind::Whatsapp,
+            config.channels.whatsapp.default_trust.to_string(),
         ),
         (
             ChannelKind::Web,

@@ -1,0 +1,50 @@
+//! Backoff with jitter and a shutdown-aware sleep, for the channels added after Telegram
+//! (Telegram keeps its own copy of the same few lines).
+
+use moltmate_core::Shutdown;
+use rand::Rng;
+use std::time::Duration;
+
+/// Sleep unless shutdown comes first. True if the full delay passed.
+pub(crate) async fn sleep_or_shutdown(delay: Duration, shutdown: &Shutdown) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Exponential backoff with "equal jitter" (half fixed, half random).
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    initial: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max: max.max(initial),
+            failures: 0,
+        }
+    }
+
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let factor = 2u32.saturating_pow(self.failures.min(20));
+        self.failures = self.failures.saturating_add(1);
+        let full = self.initial.saturating_mul(factor).min(self.max);
+        let half = full / 2;
+        let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+        let jitter = if jitter_ms == 0 {
+            0
+        } else {
+            rand::rng().random_range(0..=jitter_ms)
+        };
+        half + Duration::from_millis(jitter)
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.failures = 0;
+    }
+}

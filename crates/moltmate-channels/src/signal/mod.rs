@@ -1,0 +1,746 @@
+//! Signal channel: signal-cli's JSON-RPC daemon, supervised by us or run by the operator.
+//!
+//! # Receiving
+//!
+//! The channel connects to the daemon (multi-account mode; every call names the account),
+//! checks the account is linked (`listAccounts`; if not, it starts a device link and shows the
+//! QR code on `/admin` until the phone scans it), then calls `subscribeReceive`. With the
+//! daemon in `--receive-mode=manual` (how we start it; operators running their own should do
+//! the same), signal-cli fetches from the Signal server only while we are subscribed. Each
+//! `receive` notification is handed to the sink in order; the next is read only once the sink
+//! has stored it. Messages are deduplicated by `<sender>:<timestamp>`.
+//!
+//! **The window that remains:** signal-cli acknowledges a message to the Signal server as soon
+//! as it has decrypted it and written the notification to our socket — not when we stored it.
+//! A gateway crash (or a stop) between signal-cli's write and our inbox commit loses the
+//! messages in flight on that socket (typically none or one; milliseconds). A failure to
+//! *store* loses nothing: the message is retried from memory until it is stored. Messages sent
+//! while the gateway (or its connection) is down stay on the Signal server, because nobody is
+//! subscribed.
+//!
+//! # Sending
+//!
+//! `send` with the recipient's number, in parts of at most [`MAX_MESSAGE_UTF16`] UTF-16 units
+//! (plain text; Signal shows long messages as an attachment otherwise). Rate limits
+//! (code -5 or a `RATE_LIMIT_FAILURE` result) are waited out, as asked, and the part retried;
+//! a timeout is not retried (the message may have gone out: at most once).
+
+mod daemon;
+mod rpc;
+mod settings;
+
+pub use daemon::{check_signal_cli, prepare_data_dir, spawn_daemon, SignalCliMissing, SOCKET_NAME};
+pub use rpc::{DaemonAddress, RpcError};
+pub use settings::{is_e164, SignalDaemon, SignalSettings};
+
+use crate::retry::{sleep_or_shutdown, Backoff};
+use async_trait::async_trait;
+use moltmate_core::channel::{Channel, ChannelError, InboundMessage, InboundSink};
+use moltmate_core::channel_status::{ChannelHealth, ErrorClass, LinkState};
+use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
+use rpc::RpcConnection;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Service name in errors.
+const SERVICE: &str = "Signal";
+
+/// Longest part we send, in UTF-16 units (Signal turns longer bodies into a text attachment).
+pub const MAX_MESSAGE_UTF16: usize = 2000;
+
+/// Notifications read ahead of the sink at most.
+const NOTIFICATION_QUEUE: usize = 16;
+
+/// How long `finishLink` waits for the phone before a fresh code is made.
+const LINK_WAIT: Duration = Duration::from_secs(120);
+
+/// Name of the file in the data directory that records the account was linked once (so a
+/// missing account later reads as "link lost", not "never linked").
+const LINKED_MARKER: &str = "moltmate-linked";
+
+/// Why a [`SignalChannel`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalSetupError {
+    #[error("channels.signal.account must be a phone number in international format (+4917...)")]
+    InvalidAccount,
+}
+
+/// The Signal channel.
+pub struct SignalChannel {
+    settings: SignalSettings,
+    health: Arc<ChannelHealth>,
+    connection: Mutex<Option<Arc<RpcConnection>>>,
+    /// Linked at some point since start (a daemon we do not supervise has no marker file).
+    ever_linked: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for SignalChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalChannel")
+            .field("daemon", &self.settings.daemon)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What to do with one notification.
+#[derive(Debug)]
+enum Disposition {
+    Deliver(Box<InboundMessage>, i64),
+    Skip(&'static str),
+}
+
+impl SignalChannel {
+    pub fn new(settings: SignalSettings) -> Result<Self, SignalSetupError> {
+        if !is_e164(&settings.account) {
+            return Err(SignalSetupError::InvalidAccount);
+        }
+        let health = ChannelHealth::new(ChannelKind::Signal);
+        health.set_link(LinkState::NotLinked);
+        Ok(SignalChannel {
+            settings,
+            health,
+            connection: Mutex::new(None),
+            ever_linked: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn address(&self) -> DaemonAddress {
+        match &self.settings.daemon {
+            SignalDaemon::Supervised { data_dir, .. } => {
+                DaemonAddress::Unix(data_dir.join(SOCKET_NAME))
+            }
+            SignalDaemon::External(address) => address.clone(),
+        }
+    }
+
+    fn marker(&self) -> Option<PathBuf> {
+        match &self.settings.daemon {
+            SignalDaemon::Supervised { data_dir, .. } => Some(data_dir.join(LINKED_MARKER)),
+            SignalDaemon::External(_) => None,
+        }
+    }
+
+    fn was_linked(&self) -> bool {
+        self.ever_linked.load(std::sync::atomic::Ordering::Relaxed)
+            || self.marker().is_some_and(|m| m.is_file())
+    }
+
+    fn remember_linked(&self) {
+        self.ever_linked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(marker) = self.marker() {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&marker)
+                .and_then(|mut f| f.write_all(b"linked\n"));
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "signal: could not record the link");
+            }
+        }
+    }
+
+    fn current(&self) -> Option<Arc<RpcConnection>> {
+        lock(&self.connection)
+            .as_ref()
+            .filter(|c| !c.is_closed())
+            .cloned()
+    }
+
+    fn params(&self, extra: Value) -> Value {
+        let mut params = json!({"account": self.settings.account});
+        if let (Some(target), Value::Object(extra)) = (params.as_object_mut(), extra) {
+            target.extend(extra);
+        }
+        params
+    }
+
+    /// Whether the account is among the daemon's accounts. `None`: the daemon cannot tell
+    /// (single-account mode has no `listAccounts`); we then assume it is.
+    async fn account_listed(&self, connection: &RpcConnection) -> Result<Option<bool>, RpcError> {
+        match connection
+            .call("listAccounts", Value::Null, self.settings.request_timeout)
+            .await
+        {
+            Ok(accounts) => Ok(Some(accounts.as_array().is_some_and(|list| {
+                list.iter().any(|a| {
+                    a.get("number").and_then(Value::as_str) == Some(self.settings.account.as_str())
+                })
+            }))),
+            Err(RpcError::Remote { code: -32601, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Links the account by QR code (shown on `/admin`) until it is linked or shutdown.
+    /// Returns false on shutdown or a lost connection.
+    async fn link(&self, connection: &RpcConnection, shutdown: &Shutdown) -> bool {
+        loop {
+            let linked = tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                r = link_device(connection, &self.settings.device_name, |uri| self.health.set_link_uri(uri)) => r,
+            };
+            match linked {
+                Ok(number) if number.as_deref() == Some(self.settings.account.as_str()) => {
+                    tracing::info!("signal: linked");
+                    self.remember_linked();
+                    self.health.set_link(LinkState::Linked);
+                    return true;
+                }
+                Ok(_) => {
+                    tracing::error!("signal: the phone that scanned the code is not channels.signal.account; unlink that device on the phone and scan again with the right one");
+                    self.health.error(ErrorClass::Credentials);
+                }
+                Err(RpcError::Timeout { .. }) => {
+                    tracing::info!(
+                        "signal: the link code was not scanned in time; showing a new one"
+                    );
+                }
+                Err(RpcError::Disconnected) => return false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "signal: linking failed");
+                    self.health.error(ErrorClass::Rejected);
+                    if !sleep_or_shutdown(Duration::from_secs(5), shutdown).await {
+                        return false;
+                    }
+                }
+            }
+            if connection.is_closed() {
+                return false;
+            }
+        }
+    }
+
+    /// Classify one `receive` notification.
+    fn dispose(&self, params: &Value) -> Disposition {
+        let inner = params.get("result").unwrap_or(params);
+        if let Some(account) = inner.get("account").and_then(Value::as_str) {
+            if account != self.settings.account {
+                return Disposition::Skip("for another account");
+            }
+        }
+        let Some(envelope) = inner.get("envelope") else {
+            return Disposition::Skip("no envelope");
+        };
+        let Some(data) = envelope.get("dataMessage") else {
+            return Disposition::Skip("not a data message (receipt, typing, sync...)");
+        };
+        if data.get("groupInfo").is_some_and(|g| !g.is_null())
+            || data.get("groupV2").is_some_and(|g| !g.is_null())
+        {
+            return Disposition::Skip("group message (group chats are not enabled)");
+        }
+        let Some(text) = data.get("message").and_then(Value::as_str) else {
+            return Disposition::Skip("message without text (attachment, reaction, sticker...)");
+        };
+        if text.is_empty() {
+            return Disposition::Skip("empty message");
+        }
+        let number = envelope
+            .get("sourceNumber")
+            .and_then(Value::as_str)
+            .or_else(|| {
+                envelope
+                    .get("source")
+                    .and_then(Value::as_str)
+                    .filter(|s| s.starts_with('+'))
+            })
+            .filter(|n| is_e164(n));
+        let uuid = envelope
+            .get("sourceUuid")
+            .and_then(Value::as_str)
+            .filter(|u| u.len() <= 64 && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-'));
+        let Some(peer) = number.or(uuid) else {
+            return Disposition::Skip("sender without a number or uuid");
+        };
+        if peer == self.settings.account {
+            return Disposition::Skip("our own message");
+        }
+        let Some(timestamp) = envelope
+            .get("timestamp")
+            .and_then(Value::as_i64)
+            .or_else(|| data.get("timestamp").and_then(Value::as_i64))
+        else {
+            return Disposition::Skip("message without timestamp");
+        };
+        let Ok(peer_id) = PeerId::new(peer) else {
+            return Disposition::Skip("sender id is not a valid peer id");
+        };
+        let name = envelope.get("sourceName").and_then(Value::as_str);
+        Disposition::Deliver(
+            Box::new(InboundMessage {
+                sender: Identity::new(ChannelKind::Signal, peer_id),
+                chat_id: peer.to_string(),
+                external_id: format!("{peer}:{timestamp}"),
+                cursor: None,
+                text: text.to_string(),
+                sender_name: crate::telegram::display_name(name, None),
+                language_code: None,
+            }),
+            timestamp,
+        )
+    }
+
+    /// Hand one message to the sink until it is stored. False on shutdown.
+    async fn deliver(
+        &self,
+        sink: &dyn InboundSink,
+        message: &InboundMessage,
+        shutdown: &Shutdown,
+    ) -> bool {
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        loop {
+            if shutdown.is_cancelled() {
+                return false;
+            }
+            match sink.accept(message.clone()).await {
+                Ok(outcome) => {
+                    tracing::debug!(?outcome, "signal: message accepted");
+                    return true;
+                }
+                Err(e) => {
+                    self.health.error(ErrorClass::Storage);
+                    tracing::warn!(error = %e, "signal: the gateway did not store a message, retrying it");
+                    if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    fn note_rpc_error(&self, error: &RpcError) {
+        if error.is_account_problem() {
+            self.health.set_link(LinkState::Lost);
+            self.health.error(ErrorClass::LinkLost);
+        } else if error.rate_limit().is_some() {
+            self.health.error(ErrorClass::RateLimited);
+        } else {
+            self.health.error(match error {
+                RpcError::Connect { .. } | RpcError::Disconnected | RpcError::Busy => {
+                    ErrorClass::Unreachable
+                }
+                RpcError::Timeout { .. } => ErrorClass::Unreachable,
+                RpcError::Remote { .. } => ErrorClass::Rejected,
+            });
+        }
+    }
+
+    fn channel_error(&self, error: RpcError) -> ChannelError {
+        let detail = error.to_string();
+        match error {
+            RpcError::Connect { .. }
+            | RpcError::Disconnected
+            | RpcError::Busy
+            | RpcError::Timeout { .. } => ChannelError::Unreachable {
+                service: SERVICE,
+                detail,
+            },
+            RpcError::Remote { .. } => match error.rate_limit() {
+                Some(wait) => ChannelError::RateLimited {
+                    service: SERVICE,
+                    retry_after_seconds: wait.unwrap_or(0),
+                },
+                None => ChannelError::Rejected {
+                    service: SERVICE,
+                    status: if error.is_account_problem() { 401 } else { 400 },
+                    detail,
+                },
+            },
+        }
+    }
+
+    /// One connected session: link check, subscribe, receive until the connection drops.
+    /// Returns false on shutdown.
+    async fn session(
+        &self,
+        sink: &dyn InboundSink,
+        shutdown: &Shutdown,
+        backoff: &mut Backoff,
+    ) -> bool {
+        let (notify, mut notifications) = mpsc::channel(NOTIFICATION_QUEUE);
+        let address = self.address();
+        let connection = tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            c = RpcConnection::connect(&address, self.settings.request_timeout, notify) => c,
+        };
+        let connection = match connection {
+            Ok(connection) => connection,
+            Err(e) => {
+                self.health.set_connected(false);
+                self.note_rpc_error(&e);
+                tracing::warn!(error = %e, "signal: could not connect to signal-cli, retrying");
+                return sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+            }
+        };
+        match self.account_listed(&connection).await {
+            Ok(Some(true)) | Ok(None) => {
+                self.remember_linked();
+                self.health.set_link(LinkState::Linked);
+            }
+            Ok(Some(false)) => {
+                if self.was_linked() {
+                    tracing::error!("signal: the account is no longer linked (unlinked on the phone, or signal-cli's data lost); scan the new code on /admin or run `moltmate channels signal link`");
+                    self.health.set_link(LinkState::Lost);
+                    self.health.error(ErrorClass::LinkLost);
+                } else {
+                    tracing::warn!("signal: the account is not linked yet; scan the code on /admin or run `moltmate channels signal link`");
+                }
+                self.health.set_connected(true);
+                if !self.link(&connection, shutdown).await {
+                    return !shutdown.is_cancelled();
+                }
+            }
+            Err(e) => {
+                self.note_rpc_error(&e);
+                tracing::warn!(error = %e, "signal: listAccounts failed, reconnecting");
+                return sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+            }
+        }
+        let mut subscription = None;
+        match connection
+            .call(
+                "subscribeReceive",
+                self.params(json!({})),
+                self.settings.request_timeout,
+            )
+            .await
+        {
+            Ok(id) => subscription = id.as_u64(),
+            Err(e) if e.is_account_problem() => {
+                self.note_rpc_error(&e);
+                tracing::error!(error = %e, "signal: signal-cli does not know channels.signal.account; check the number, or link it");
+                return sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+            }
+            Err(RpcError::Remote { .. }) => {
+                // A daemon in automatic receive mode: notifications come anyway, but messages
+                // arriving while we are away are fetched and dropped by signal-cli.
+                tracing::warn!("signal: signal-cli does not run with --receive-mode=manual; messages that arrive while the gateway is down are lost");
+            }
+            Err(e) => {
+                self.note_rpc_error(&e);
+                tracing::warn!(error = %e, "signal: subscribeReceive failed, reconnecting");
+                return sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+            }
+        }
+        *lock(&self.connection) = Some(Arc::clone(&connection));
+        self.health.set_connected(true);
+        tracing::info!("signal: connected");
+        backoff.reset();
+        let mut link_check = tokio::time::interval(self.settings.link_check_interval);
+        link_check.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Stop signal-cli fetching for us (what it fetched would be acknowledged
+                    // and then dropped); the connection stays for replies still being sent.
+                    if let Some(id) = subscription {
+                        let _ = connection
+                            .call("unsubscribeReceive", self.params(json!({"subscription": id})), Duration::from_secs(2))
+                            .await;
+                    }
+                    return false;
+                }
+                _ = connection.closed() => {
+                    self.health.set_connected(false);
+                    self.health.error(ErrorClass::Unreachable);
+                    tracing::warn!("signal: lost the connection to signal-cli, reconnecting");
+                    return sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+                }
+                _ = link_check.tick() => {
+                    if let Ok(Some(false)) = self.account_listed(&connection).await {
+                        tracing::error!("signal: the account is no longer linked; scan the new code on /admin or run `moltmate channels signal link`");
+                        self.health.set_link(LinkState::Lost);
+                        self.health.error(ErrorClass::LinkLost);
+                        connection.close();
+                    }
+                }
+                params = notifications.recv() => {
+                    let Some(params) = params else { continue };
+                    match self.dispose(&params) {
+                        Disposition::Skip(reason) => tracing::debug!(reason, "signal: skipping a notification"),
+                        Disposition::Deliver(message, timestamp) => {
+                            self.health.event();
+                            if !self.deliver(sink, &message, shutdown).await {
+                                return false;
+                            }
+                            if self.settings.read_receipts {
+                                let receipt = self.params(json!({
+                                    "recipient": [message.chat_id], "targetTimestamp": [timestamp], "type": "read"
+                                }));
+                                if let Err(e) = connection.call("sendReceipt", receipt, self.settings.request_timeout).await {
+                                    tracing::debug!(error = %e, "signal: read receipt failed");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_part(&self, recipient: &str, text: &str) -> Result<(), ChannelError> {
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        let attempts = self.settings.send_attempts.max(1);
+        let mut attempt = 1;
+        loop {
+            let result = match self.current() {
+                Some(connection) => {
+                    connection
+                        .call(
+                            "send",
+                            self.params(json!({"recipient": [recipient], "message": text})),
+                            self.settings.request_timeout,
+                        )
+                        .await
+                }
+                None => Err(RpcError::Disconnected),
+            };
+            let error = match result {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            self.note_rpc_error(&error);
+            let retry = match &error {
+                RpcError::Connect { .. } | RpcError::Disconnected | RpcError::Busy => {
+                    Some(backoff.next_delay())
+                }
+                RpcError::Remote { .. } => error.rate_limit().map(|wait| match wait {
+                    Some(seconds) => {
+                        Duration::from_secs(seconds).min(self.settings.max_retry_after)
+                    }
+                    None => backoff.next_delay(),
+                }),
+                // It may have been sent: at most once.
+                RpcError::Timeout { .. } => None,
+            };
+            match retry {
+                Some(delay) if attempt < attempts => {
+                    tracing::warn!(error = %error, attempt, "signal: send failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                _ => return Err(self.channel_error(error)),
+            }
+        }
+    }
+}
+
+/// Links a new device over `connection` (a daemon in multi-account mode): `startLink`, hand
+/// the `sgnl://linkdevice` URI to `show`, then `finishLink`, which returns once the phone
+/// scanned it. Returns the linked number.
+pub(crate) async fn link_device(
+    connection: &RpcConnection,
+    device_name: &str,
+    show: impl FnOnce(&str),
+) -> Result<Option<String>, RpcError> {
+    let started = connection
+        .call("startLink", Value::Null, Duration::from_secs(30))
+        .await?;
+    let Some(uri) = started
+        .get("deviceLinkUri")
+        .and_then(Value::as_str)
+        .filter(|u| u.starts_with("sgnl://") && u.len() <= 2048)
+    else {
+        return Err(RpcError::Remote {
+            method: "startLink",
+            code: 0,
+            message: "no device link URI in the answer".to_string(),
+            data: None,
+        });
+    };
+    show(uri);
+    let finished = connection
+        .call(
+            "finishLink",
+            json!({"deviceLinkUri": uri, "deviceName": device_name}),
+            LINK_WAIT,
+        )
+        .await?;
+    Ok(finished
+        .get("number")
+        .and_then(Value::as_str)
+        .map(str::to_string))
+}
+
+/// `moltmate channels signal link`: connects to the daemon at `address`, shows the code with
+/// `show` and waits (up to `LINK_WAIT`) for the phone. Returns the linked number.
+pub async fn link_once(
+    address: &DaemonAddress,
+    device_name: &str,
+    show: impl FnOnce(&str),
+) -> Result<Option<String>, RpcError> {
+    let (notify, _notifications) = mpsc::channel(1);
+    let connection = RpcConnection::connect(address, Duration::from_secs(10), notify).await?;
+    link_device(&connection, device_name, show).await
+}
+
+/// Records in `data_dir` that the account was linked (after `moltmate channels signal link`).
+pub fn remember_linked(data_dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(data_dir.join(LINKED_MARKER))
+        .and_then(|mut f| f.write_all(b"linked\n"))
+}
+
+#[async_trait]
+impl Channel for SignalChannel {
+    fn kind(&self) -> ChannelKind {
+        ChannelKind::Signal
+    }
+
+    fn health(&self) -> Arc<ChannelHealth> {
+        Arc::clone(&self.health)
+    }
+
+    async fn run(
+        &self,
+        sink: Arc<dyn InboundSink>,
+        shutdown: Shutdown,
+    ) -> Result<(), ChannelError> {
+        let supervisor = match &self.settings.daemon {
+            SignalDaemon::Supervised { cli_path, data_dir } => {
+                let program = match check_signal_cli(cli_path) {
+                    Ok(program) => program,
+                    Err(e) => {
+                        self.health.error(ErrorClass::Missing);
+                        tracing::error!("signal: {e}");
+                        return Err(ChannelError::Unreachable {
+                            service: SERVICE,
+                            detail: e.to_string(),
+                        });
+                    }
+                };
+                if let Err(e) = prepare_data_dir(data_dir) {
+                    tracing::error!(error = %e, dir = %data_dir.display(), "signal: could not create signal-cli's data directory");
+                    return Err(ChannelError::Unreachable {
+                        service: SERVICE,
+                        detail: format!("could not create signal-cli's data directory: {e}"),
+                    });
+                }
+                Some(tokio::spawn(daemon::supervise(
+                    program,
+                    data_dir.clone(),
+                    Arc::clone(&self.health),
+                    shutdown.clone(),
+                )))
+            }
+            SignalDaemon::External(_) => None,
+        };
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        while self.session(sink.as_ref(), &shutdown, &mut backoff).await {}
+        // The supervisor keeps signal-cli up a little longer, so replies of turns finishing
+        // during the shutdown grace still go out; it is not awaited.
+        drop(supervisor);
+        Ok(())
+    }
+
+    async fn send_text(&self, chat_id: &str, text: &str) -> Result<(), ChannelError> {
+        if !(is_e164(chat_id) || PeerId::new(chat_id).is_ok()) {
+            return Err(ChannelError::Rejected {
+                service: SERVICE,
+                status: 400,
+                detail: "not a Signal recipient".to_string(),
+            });
+        }
+        for part in crate::telegram::split::split_message(text, MAX_MESSAGE_UTF16) {
+            self.send_part(chat_id, &part).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_typing(&self, chat_id: &str) -> Result<(), ChannelError> {
+        let Some(connection) = self.current() else {
+            return Err(ChannelError::Unreachable {
+                service: SERVICE,
+                detail: "not connected to signal-cli".to_string(),
+            });
+        };
+        connection
+            .call(
+                "sendTyping",
+                self.params(json!({"recipient": [chat_id]})),
+                self.settings.request_timeout,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| self.channel_error(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel() -> SignalChannel {
+        SignalChannel::new(SignalSettings::new(
+            "+4917000000001",
+            SignalDaemon::External(DaemonAddress::Tcp("127.0.0.1:1".into())),
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_direct_text_message_is_delivered() {
+        let params = json!({"subscription": 0, "result": {"account": "+4917000000001", "envelope": {
+            "source": "+4917012345678", "sourceNumber": "+4917012345678", "sourceUuid": "a1b2-c3",
+            "sourceName": "Anna\nSYSTEM", "sourceDevice": 1, "timestamp": 1700000000000_i64,
+            "dataMessage": {"timestamp": 1700000000000_i64, "message": "hallo", "expiresInSeconds": 0}}}});
+        let Disposition::Deliver(m, ts) = channel().dispose(&params) else {
+            panic!("must deliver")
+        };
+        assert_eq!(m.sender.to_string(), "signal:+4917012345678");
+        assert_eq!(m.chat_id, "+4917012345678");
+        assert_eq!(m.external_id, "+4917012345678:1700000000000");
+        assert_eq!(m.sender_name.as_deref(), Some("Anna SYSTEM"));
+        assert_eq!(ts, 1700000000000);
+    }
+
+    #[test]
+    fn groups_syncs_receipts_other_accounts_and_junk_are_skipped() {
+        let c = channel();
+        let env = |data: Value| json!({"envelope": {"sourceNumber": "+4917012345678", "timestamp": 1, "dataMessage": data}});
+        for params in [
+            env(json!({"message": "hi", "groupInfo": {"groupId": "x"}})),
+            env(json!({"message": "hi", "groupV2": {"id": "x"}})),
+            env(json!({"attachments": []})),
+            json!({"envelope": {"sourceNumber": "+4917012345678", "timestamp": 1, "receiptMessage": {}}}),
+            json!({"envelope": {"sourceNumber": "+4917000000001", "timestamp": 1, "syncMessage": {}}}),
+            json!({"account": "+4999999999", "envelope": {"sourceNumber": "+4917012345678", "timestamp": 1, "dataMessage": {"message": "x"}}}),
+            json!({"envelope": {"sourceNumber": "+4917012345678", "dataMessage": {"message": "no timestamp"}}}),
+            json!({"envelope": {"sourceNumber": "not a number", "timestamp": 1, "dataMessage": {"message": "x"}}}),
+            json!(null),
+            json!([1, 2]),
+        ] {
+            assert!(
+                matches!(c.dispose(&params), Disposition::Skip(_)),
+                "{params}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_account_must_be_e164() {
+        assert!(SignalChannel::new(SignalSettings::new(
+            "017012345",
+            SignalDaemon::External(DaemonAddress::Tcp("127.0.0.1:1".into()))
+        ))
+        .is_err());
+    }
+}

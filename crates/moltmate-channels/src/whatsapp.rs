@@ -1,0 +1,669 @@
+//! WhatsApp channel: the official WhatsApp Business Cloud API.
+//!
+//! # Receiving (a webhook on the gateway's web server)
+//!
+//! `GET /webhooks/whatsapp` answers Meta's verification handshake (`hub.mode=subscribe`,
+//! `hub.verify_token` compared in constant time, `hub.challenge` echoed). `POST` deliveries must
+//! carry `X-Hub-Signature-256: sha256=<hex>`, the HMAC-SHA256 of the raw body under the app
+//! secret, checked in constant time; unsigned or wrongly signed deliveries get 401 and are not
+//! read further. Each text message of a delivery is stored through the gateway (deduplicated by
+//! its `wamid` id) **before** the 200 answer; if any cannot be stored the answer is 500 and Meta
+//! delivers again (what was stored is recognised as a duplicate). Status updates are read only
+//! for failures (a refused reply shows on `/admin`).
+//!
+//! # Sending
+//!
+//! `POST {apiUrl}/{apiVersion}/{phoneNumberId}/messages` with the access token as bearer, plain
+//! text in parts of at most 4096 characters. 429 and Meta's rate-limit codes are waited out
+//! (`Retry-After`, else backoff). Outside the 24-hour customer-service window Meta refuses free
+//! text (error 131047): that is logged as an error, counted as `outside_window` on `/admin`,
+//! `/healthz` and `/metrics`, and the outbox row is marked failed with the reason — never lost
+//! silently. The person has to write first (or the operator sends an approved template, which
+//! this gateway does not do).
+
+use crate::retry::Backoff;
+use async_trait::async_trait;
+use hmac::{Hmac, Mac};
+use moltmate_core::channel::{Channel, ChannelError, InboundMessage, InboundSink};
+use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
+use moltmate_core::webhook::{Webhook, WebhookRequest, WebhookResponse};
+use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+
+const SERVICE: &str = "WhatsApp";
+
+/// Meta's limit for a text message body, in characters.
+pub const MAX_MESSAGE_CHARS: usize = 4096;
+
+/// Meta's error code for free text outside the 24-hour customer-service window.
+pub const OUTSIDE_WINDOW_CODE: i64 = 131047;
+
+/// Text messages handled from one delivery at most (Meta batches a few).
+const MAX_MESSAGES_PER_DELIVERY: usize = 100;
+
+/// Longest reply body we read from the Graph API.
+const MAX_REPLY_BYTES: usize = 64 * 1024;
+
+/// The public Graph API.
+pub const DEFAULT_API_URL: &str = "https://graph.facebook.com";
+
+/// How the WhatsApp channel reaches Meta. `Debug` shows no secret.
+#[derive(Clone)]
+pub struct WhatsAppSettings {
+    /// The business phone number's id (not the number itself).
+    pub phone_number_id: String,
+    /// A system-user access token (`Authorization: Bearer`).
+    pub access_token: String,
+    /// The app secret: key of the deliveries' `X-Hub-Signature-256`.
+    pub app_secret: String,
+    /// What the webhook handshake must present as `hub.verify_token`.
+    pub verify_token: String,
+    pub api_url: String,
+    pub api_version: String,
+    pub request_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub max_retry_after: Duration,
+    pub send_attempts: u32,
+}
+
+impl std::fmt::Debug for WhatsAppSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WhatsAppSettings")
+            .field("phone_number_id", &self.phone_number_id)
+            .field("access_token", &"<redacted>")
+            .field("app_secret", &"<redacted>")
+            .field("verify_token", &"<redacted>")
+            .field("api_url", &self.api_url)
+            .field("api_version", &self.api_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WhatsAppSettings {
+    pub fn new(
+        phone_number_id: impl Into<String>,
+        access_token: impl Into<String>,
+        app_secret: impl Into<String>,
+        verify_token: impl Into<String>,
+    ) -> Self {
+        WhatsAppSettings {
+            phone_number_id: phone_number_id.into(),
+            access_token: access_token.into(),
+            app_secret: app_secret.into(),
+            verify_token: verify_token.into(),
+            api_url: DEFAULT_API_URL.to_string(),
+            api_version: "v21.0".to_string(),
+            request_timeout: Duration::from_secs(20),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(300),
+            send_attempts: 5,
+        }
+    }
+}
+
+/// Why the channel could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum WhatsAppSetupError {
+    #[error("phoneNumberId must be the numeric id of the business phone number")]
+    PhoneNumberId,
+    #[error("accessToken, appSecret and verifyToken must not be empty")]
+    EmptySecret,
+    #[error("invalid apiUrl or apiVersion")]
+    Url,
+    #[error("could not build the HTTP client: {0}")]
+    HttpClient(String),
+}
+
+/// The WhatsApp channel: a [`Channel`] for sending and a [`Webhook`] for receiving.
+pub struct WhatsAppChannel {
+    settings: WhatsAppSettings,
+    http: reqwest::Client,
+    health: Arc<ChannelHealth>,
+    sink: OnceLock<Arc<dyn InboundSink>>,
+}
+
+/// Why a Graph API call failed.
+#[derive(Debug)]
+struct GraphError {
+    status: u16,
+    code: Option<i64>,
+    retry_after: Option<u64>,
+    detail: String,
+}
+
+impl WhatsAppChannel {
+    pub fn new(settings: WhatsAppSettings) -> Result<Self, WhatsAppSetupError> {
+        if settings.phone_number_id.is_empty()
+            || settings.phone_number_id.len() > 32
+            || !settings.phone_number_id.chars().all(|c| c.is_ascii_digit())
+        {
+            return Err(WhatsAppSetupError::PhoneNumberId);
+        }
+        if settings.access_token.is_empty()
+            || settings.app_secret.is_empty()
+            || settings.verify_token.is_empty()
+        {
+            return Err(WhatsAppSetupError::EmptySecret);
+        }
+        let url_ok = reqwest::Url::parse(&settings.api_url)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.query().is_none());
+        let version_ok = !settings.api_version.is_empty()
+            && settings
+                .api_version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.');
+        if !url_ok || !version_ok {
+            return Err(WhatsAppSetupError::Url);
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.request_timeout)
+            .timeout(settings.request_timeout)
+            .build()
+            .map_err(|e| WhatsAppSetupError::HttpClient(e.without_url().to_string()))?;
+        Ok(WhatsAppChannel {
+            settings,
+            http,
+            health: ChannelHealth::new(ChannelKind::Whatsapp),
+            sink: OnceLock::new(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!(
+            "{}/{}/{}{path}",
+            self.settings.api_url.trim_end_matches('/'),
+            self.settings.api_version,
+            self.settings.phone_number_id
+        )
+    }
+
+    async fn graph(&self, post: Option<&Value>, path: &str) -> Result<Value, GraphError> {
+        let request = match post {
+            Some(body) => self.http.post(self.url(path)).json(body),
+            None => self.http.get(self.url(path)),
+        };
+        let response = request
+            .bearer_auth(&self.settings.access_token)
+            .send()
+            .await
+            .map_err(|e| GraphError {
+                status: 0,
+                code: None,
+                retry_after: None,
+                detail: format!("could not reach the Graph API: {}", e.without_url()),
+            })?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let bytes = read_bounded(response).await;
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        let error = body.get("error");
+        let code = error.and_then(|e| e.get("code")).and_then(Value::as_i64);
+        // Meta's own message; never contains our token. Bounded, one line.
+        let message: String = error
+            .and_then(|e| e.get("message"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect();
+        Err(GraphError {
+            status,
+            code,
+            retry_after,
+            detail: format!(
+                "HTTP {status}, code {}: {message}",
+                code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
+            ),
+        })
+    }
+
+    fn classify(&self, e: &GraphError) -> ErrorClass {
+        match (e.status, e.code) {
+            (0, _) => ErrorClass::Unreachable,
+            (_, Some(OUTSIDE_WINDOW_CODE)) => ErrorClass::OutsideWindow,
+            (429, _) | (_, Some(4 | 80007 | 130429 | 131056)) => ErrorClass::RateLimited,
+            (401 | 403, _) | (_, Some(190)) => ErrorClass::Credentials,
+            (500..=599, _) => ErrorClass::Server,
+            _ => ErrorClass::Rejected,
+        }
+    }
+
+    fn channel_error(&self, e: GraphError, class: ErrorClass) -> ChannelError {
+        match class {
+            ErrorClass::Unreachable => ChannelError::Unreachable {
+                service: SERVICE,
+                detail: e.detail,
+            },
+            ErrorClass::RateLimited => ChannelError::RateLimited {
+                service: SERVICE,
+                retry_after_seconds: e.retry_after.unwrap_or(0),
+            },
+            ErrorClass::Server => ChannelError::Server {
+                service: SERVICE,
+                status: e.status,
+                detail: e.detail,
+            },
+            ErrorClass::OutsideWindow => ChannelError::Rejected {
+                service: SERVICE,
+                status: e.status,
+                detail: format!(
+                    "outside the 24-hour customer-service window: the person must write first ({})",
+                    e.detail
+                ),
+            },
+            ErrorClass::Credentials => ChannelError::Rejected {
+                service: SERVICE,
+                status: 401,
+                detail: format!(
+                    "the access token was refused; check channels.whatsapp.accessToken ({})",
+                    e.detail
+                ),
+            },
+            _ => ChannelError::Rejected {
+                service: SERVICE,
+                status: e.status,
+                detail: e.detail,
+            },
+        }
+    }
+
+    async fn send_part(&self, to: &str, text: &str) -> Result<(), ChannelError> {
+        let body = json!({
+            "messaging_product": "whatsapp", "recipient_type": "individual", "to": to,
+            "type": "text", "text": {"preview_url": false, "body": text}
+        });
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        let mut attempt = 1;
+        loop {
+            let error = match self.graph(Some(&body), "/messages").await {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            let class = self.classify(&error);
+            self.health.error(class);
+            let retry = match class {
+                ErrorClass::RateLimited => Some(
+                    error
+                        .retry_after
+                        .map(|s| Duration::from_secs(s).min(self.settings.max_retry_after))
+                        .unwrap_or_else(|| backoff.next_delay()),
+                ),
+                ErrorClass::Unreachable | ErrorClass::Server => Some(backoff.next_delay()),
+                _ => None,
+            };
+            match retry {
+                Some(delay) if attempt < self.settings.send_attempts.max(1) => {
+                    tracing::warn!(error = %error.detail, attempt, "whatsapp: send failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                _ => {
+                    if class == ErrorClass::OutsideWindow {
+                        tracing::error!("whatsapp: a reply was refused because the person last wrote more than 24 hours ago (code 131047); it is marked failed in the outbox and counted on /admin");
+                    }
+                    if class == ErrorClass::Credentials {
+                        self.health.set_connected(false);
+                    }
+                    return Err(self.channel_error(error, class));
+                }
+            }
+        }
+    }
+
+    fn verify_signature(&self, request: &WebhookRequest) -> bool {
+        let Some(header) = request.header("x-hub-signature-256") else {
+            return false;
+        };
+        let Some(hex_sig) = header.trim().strip_prefix("sha256=") else {
+            return false;
+        };
+        let Ok(signature) = hex::decode(hex_sig) else {
+            return false;
+        };
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(self.settings.app_secret.as_bytes())
+        else {
+            return false;
+        };
+        mac.update(&request.body);
+        mac.verify_slice(&signature).is_ok()
+    }
+
+    fn handshake(&self, request: &WebhookRequest) -> WebhookResponse {
+        let mode = request.query("hub.mode");
+        let token = request.query("hub.verify_token").unwrap_or("");
+        let challenge = request.query("hub.challenge").unwrap_or("");
+        let token_ok: bool = token
+            .as_bytes()
+            .ct_eq(self.settings.verify_token.as_bytes())
+            .into();
+        if mode == Some("subscribe")
+            && token_ok
+            && !challenge.is_empty()
+            && challenge.len() <= 256
+            && challenge
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            tracing::info!("whatsapp: webhook verified by Meta");
+            WebhookResponse::new(200, challenge)
+        } else {
+            self.health.error(ErrorClass::BadDelivery);
+            WebhookResponse::new(403, "verification failed")
+        }
+    }
+
+    /// The text messages of a delivery, and whether any reply was reported failed.
+    fn messages(&self, delivery: &Value) -> Vec<InboundMessage> {
+        let mut out = Vec::new();
+        let entries = delivery.get("entry").and_then(Value::as_array);
+        for change in entries
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.get("changes").and_then(Value::as_array))
+            .flatten()
+        {
+            let Some(value) = change.get("value") else {
+                continue;
+            };
+            let ours = value
+                .pointer("/metadata/phone_number_id")
+                .and_then(Value::as_str)
+                .is_none_or(|id| id == self.settings.phone_number_id);
+            if !ours {
+                continue;
+            }
+            for status in value
+                .get("statuses")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if status.get("status").and_then(Value::as_str) == Some("failed") {
+                    let outside = status
+                        .get("errors")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .any(|e| {
+                            e.get("code").and_then(Value::as_i64) == Some(OUTSIDE_WINDOW_CODE)
+                        });
+                    self.health.error(if outside {
+                        ErrorClass::OutsideWindow
+                    } else {
+                        ErrorClass::Rejected
+                    });
+                    tracing::warn!(
+                        outside_window = outside,
+                        "whatsapp: Meta reports a reply as not delivered"
+                    );
+                }
+            }
+            let contacts = value.get("contacts").and_then(Value::as_array);
+            for message in value
+                .get("messages")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if out.len() >= MAX_MESSAGES_PER_DELIVERY {
+                    break;
+                }
+                if message.get("type").and_then(Value::as_str) != Some("text") {
+                    continue;
+                }
+                let (Some(from), Some(id), Some(text)) = (
+                    message.get("from").and_then(Value::as_str),
+                    message.get("id").and_then(Value::as_str),
+                    message.pointer("/text/body").and_then(Value::as_str),
+                ) else {
+                    continue;
+                };
+                if from.is_empty()
+                    || from.len() > 15
+                    || !from.chars().all(|c| c.is_ascii_digit())
+                    || id.is_empty()
+                    || id.len() > 128
+                    || text.is_empty()
+                {
+                    continue;
+                }
+                let Ok(peer) = PeerId::new(format!("+{from}")) else {
+                    continue;
+                };
+                let name = contacts
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c.get("wa_id").and_then(Value::as_str) == Some(from))
+                    .and_then(|c| c.pointer("/profile/name"))
+                    .and_then(Value::as_str);
+                out.push(InboundMessage {
+                    sender: Identity::new(ChannelKind::Whatsapp, peer),
+                    chat_id: from.to_string(),
+                    external_id: id.to_string(),
+                    cursor: None,
+                    text: text.to_string(),
+                    sender_name: crate::telegram::display_name(name, None),
+                    language_code: None,
+                });
+            }
+        }
+        out
+    }
+}
+
+async fn read_bounded(mut response: reqwest::Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        if out.len() + chunk.len() > MAX_REPLY_BYTES {
+            break;
+        }
+        out.extend_from_slice(&chunk);
+    }
+    out
+}
+
+#[async_trait]
+impl Webhook for WhatsAppChannel {
+    fn channel(&self) -> ChannelKind {
+        ChannelKind::Whatsapp
+    }
+
+    async fn handle(&self, request: WebhookRequest) -> WebhookResponse {
+        if !request.post {
+            return self.handshake(&request);
+        }
+        if !self.verify_signature(&request) {
+            self.health.error(ErrorClass::BadDelivery);
+            tracing::warn!("whatsapp: refused a webhook delivery without a valid X-Hub-Signature-256 (check channels.whatsapp.appSecret if this repeats)");
+            return WebhookResponse::new(401, "bad signature");
+        }
+        let Some(sink) = self.sink.get() else {
+            return WebhookResponse::new(503, "starting");
+        };
+        let Ok(delivery) = serde_json::from_slice::<Value>(&request.body) else {
+            self.health.error(ErrorClass::BadDelivery);
+            return WebhookResponse::new(400, "not JSON");
+        };
+        for message in self.messages(&delivery) {
+            self.health.event();
+            if let Err(e) = sink.accept(message).await {
+                self.health.error(ErrorClass::Storage);
+                tracing::warn!(error = %e, "whatsapp: could not store a message; Meta will deliver it again");
+                return WebhookResponse::new(500, "not stored");
+            }
+        }
+        WebhookResponse::new(200, "ok")
+    }
+}
+
+#[async_trait]
+impl Channel for WhatsAppChannel {
+    fn kind(&self) -> ChannelKind {
+        ChannelKind::Whatsapp
+    }
+
+    fn health(&self) -> Arc<ChannelHealth> {
+        Arc::clone(&self.health)
+    }
+
+    /// Deliveries come through the webhook; this checks the token once and waits.
+    async fn run(
+        &self,
+        sink: Arc<dyn InboundSink>,
+        shutdown: Shutdown,
+    ) -> Result<(), ChannelError> {
+        let _ = self.sink.set(sink);
+        let checked = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = self.graph(None, "?fields=id") => r,
+        };
+        match checked {
+            Ok(_) => {
+                self.health.set_connected(true);
+                tracing::info!("whatsapp: connected");
+            }
+            Err(e) => {
+                let class = self.classify(&e);
+                self.health.error(class);
+                if class == ErrorClass::Credentials {
+                    tracing::error!(error = %e.detail, "whatsapp: Meta refused the access token (channels.whatsapp.accessToken) or the phone number id; replies cannot be sent");
+                } else {
+                    tracing::warn!(error = %e.detail, "whatsapp: could not check the phone number with the Graph API");
+                }
+            }
+        }
+        shutdown.cancelled().await;
+        Ok(())
+    }
+
+    async fn send_text(&self, chat_id: &str, text: &str) -> Result<(), ChannelError> {
+        if chat_id.is_empty() || chat_id.len() > 15 || !chat_id.chars().all(|c| c.is_ascii_digit())
+        {
+            return Err(ChannelError::Rejected {
+                service: SERVICE,
+                status: 400,
+                detail: "not a WhatsApp number".to_string(),
+            });
+        }
+        for part in crate::telegram::split::split_message(text, MAX_MESSAGE_CHARS) {
+            self.send_part(chat_id, &part).await?;
+        }
+        self.health.set_connected(true);
+        Ok(())
+    }
+
+    /// WhatsApp shows typing only tied to a received message id; not used.
+    async fn send_typing(&self, _chat_id: &str) -> Result<(), ChannelError> {
+        Ok(())
+    }
+}
+
+/// `sha256=<hex>` of `body` under `secret`, as Meta signs deliveries (for tests and doubles).
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(mac) => mac,
+        Err(_) => return String::new(),
+    };
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel() -> WhatsAppChannel {
+        WhatsAppChannel::new(WhatsAppSettings::new(
+            "1234567890",
+            "tok",
+            "app-secret",
+            "verify",
+        ))
+        .unwrap()
+    }
+
+    fn request(post: bool, body: &[u8], signature_header: Option<String>) -> WebhookRequest {
+        WebhookRequest {
+            post,
+            query: vec![],
+            headers: signature_header
+                .map(|s| vec![("x-hub-signature-256".to_string(), s)])
+                .unwrap_or_default(),
+            body: body.to_vec(),
+        }
+    }
+
+    #[test]
+    fn signatures_are_checked() {
+        let c = channel();
+        let body = br#"{"entry":[]}"#;
+        assert!(c.verify_signature(&request(true, body, Some(signature("app-secret", body)))));
+        assert!(!c.verify_signature(&request(true, body, Some(signature("wrong", body)))));
+        assert!(!c.verify_signature(&request(true, body, None)));
+        assert!(!c.verify_signature(&request(true, body, Some("sha256=zz".into()))));
+        assert!(!c.verify_signature(&request(
+            true,
+            b"{\"entry\":[1]}",
+            Some(signature("app-secret", body))
+        )));
+    }
+
+    #[test]
+    fn the_handshake_needs_the_verify_token() {
+        let c = channel();
+        let mut r = request(false, b"", None);
+        r.query = vec![
+            ("hub.mode".into(), "subscribe".into()),
+            ("hub.verify_token".into(), "verify".into()),
+            ("hub.challenge".into(), "1158201444".into()),
+        ];
+        assert_eq!(c.handshake(&r), WebhookResponse::new(200, "1158201444"));
+        r.query[1].1 = "nope".into();
+        assert_eq!(c.handshake(&r).status, 403);
+    }
+
+    #[test]
+    fn text_messages_are_read_from_a_delivery() {
+        let delivery = json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
+        "messaging_product": "whatsapp", "metadata": {"display_phone_number": "15550001", "phone_number_id": "1234567890"},
+        "contacts": [{"profile": {"name": "Anna"}, "wa_id": "4917012345678"}],
+        "messages": [
+            {"from": "4917012345678", "id": "wamid.A", "timestamp": "1700000000", "type": "text", "text": {"body": "hallo"}},
+            {"from": "4917012345678", "id": "wamid.B", "timestamp": "1700000001", "type": "image", "image": {}},
+            {"from": "49x", "id": "wamid.C", "type": "text", "text": {"body": "bad sender"}}
+        ]}}]}]});
+        let messages = channel().messages(&delivery);
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].sender.to_string(), "whatsapp:+4917012345678");
+        assert_eq!(messages[0].chat_id, "4917012345678");
+        assert_eq!(messages[0].external_id, "wamid.A");
+        assert_eq!(messages[0].sender_name.as_deref(), Some("Anna"));
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let shown = format!(
+            "{:?}",
+            WhatsAppSettings::new("1", "TOKEN-X", "SECRET-Y", "VERIFY-Z")
+        );
+        assert!(
+            !shown.contains("TOKEN-X")
+                && !shown.contains("SECRET-Y")
+                && !shown.contains("VERIFY-Z")
+        );
+    }
+}

@@ -1,0 +1,73 @@
+//! `GET`/`POST /webhooks/{channel}`: deliveries pushed by a messaging service (WhatsApp Cloud
+//! API), handed to the channel's [`Webhook`]. The channel verifies the request (signature,
+//! handshake token) and stores what it carries before this answers 2xx. The body is bounded
+//! ([`MAX_WEBHOOK_BODY`]) and requests count against the per-IP limit like every request
+//! without a verified credential.
+
+use crate::state::WebState;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use moltmate_core::webhook::WebhookRequest;
+use moltmate_core::ChannelKind;
+
+/// Largest webhook body accepted (a WhatsApp delivery is a few KB).
+pub const MAX_WEBHOOK_BODY: usize = 256 * 1024;
+
+pub async fn handle(
+    State(state): State<WebState>,
+    Path(channel): Path<String>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Ok(kind) = channel.parse::<ChannelKind>() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let Some(webhook) = state
+        .inner
+        .settings
+        .webhooks
+        .iter()
+        .find(|w| w.channel() == kind)
+        .cloned()
+    else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let query: Vec<(String, String)> = query
+        .as_deref()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .take(32)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .take(64)
+        .filter_map(|(name, value)| {
+            Some((
+                name.as_str().to_ascii_lowercase(),
+                value.to_str().ok()?.to_string(),
+            ))
+        })
+        .collect();
+    let answer = webhook
+        .handle(WebhookRequest {
+            post: method == Method::POST,
+            query,
+            headers,
+            body: body.to_vec(),
+        })
+        .await;
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        answer.body,
+    )
+        .into_response()
+}
