@@ -656,3 +656,63 @@ async fn fake_get_updates_honours_offsets_and_long_polls() {
     assert_eq!(fake.get_updates_offsets(), vec![None, Some(b), Some(b + 1)]);
     assert_eq!(fake.get_updates_calls()[2].timeout, 10);
 }
+
+#[tokio::test]
+async fn markdown_replies_are_sent_as_telegram_html_the_fake_accepts() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let channel = TelegramChannel::new(settings(&fake)).unwrap();
+    let reply = "**Plan** for _today_:\n\n- buy `milk & eggs`\n- call <Bob>\n\n```sh\necho \"a<b\"\n```\n\n[docs](https://example.org/?a=1&b=2) and [evil](javascript:alert(1)) <script>alert(1)</script>";
+    channel.send_text("42", reply).await.unwrap();
+    let sent = fake.sent_messages();
+    assert_eq!(sent.len(), 1);
+    let html = sent[0].html.clone().expect("sent with parse_mode HTML");
+    assert!(html.contains("<b>Plan</b>"), "{html}");
+    assert!(html.contains("<code>milk &amp; eggs</code>"), "{html}");
+    assert!(
+        html.contains("<a href=\"https://example.org/?a=1&amp;b=2\">docs</a>"),
+        "{html}"
+    );
+    assert!(!html.contains("javascript"), "{html}");
+    assert!(!html.contains("<script"), "{html}");
+    // What the user sees: the hostile parts as text.
+    assert!(
+        sent[0].text.contains("<script>alert(1)</script>"),
+        "{}",
+        sent[0].text
+    );
+    assert!(sent[0].text.contains("• call <Bob>"), "{}", sent[0].text);
+}
+
+#[tokio::test]
+async fn formatting_rejected_by_telegram_is_resent_as_plain_text() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let channel = TelegramChannel::new(settings(&fake)).unwrap();
+    fake.reject_formatting_next(1);
+    channel
+        .send_text("42", "**bold** & <b>raw</b>")
+        .await
+        .unwrap();
+    let sent = fake.sent_messages();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].html, None, "the resend is plain");
+    assert_eq!(sent[0].text, "bold & <b>raw</b>");
+    assert_eq!(fake.calls("sendMessage"), 2);
+}
+
+#[tokio::test]
+async fn long_formatted_replies_split_into_parts_telegram_can_parse() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let channel = TelegramChannel::new(settings(&fake)).unwrap();
+    let text = format!(
+        "**{}**\n\n```\n{}```",
+        "fish & chips <3 ".repeat(600).trim_end(),
+        "x < y && z\n".repeat(900)
+    );
+    channel.send_text("42", &text).await.unwrap();
+    let sent = fake.sent_messages();
+    assert!(sent.len() >= 4, "{}", sent.len());
+    // Every part was parsed by the fake's strict Telegram HTML parser (else it would be plain).
+    assert!(sent.iter().all(|m| m.html.is_some()));
+    assert!(sent.iter().all(|m| utf16_len(&m.text) <= 4096));
+    assert_eq!(fake.calls("sendMessage"), sent.len());
+}

@@ -39,7 +39,11 @@ pub const FAKE_BOT_ID: i64 = 4242;
 pub struct SentMessage {
     /// `chat_id` as sent (integers rendered in decimal).
     pub chat_id: String,
+    /// The text as the user sees it: for `parse_mode: "HTML"`, after entity parsing (tags
+    /// removed, entities decoded), as Telegram returns it in the sent `Message`.
     pub text: String,
+    /// The raw text as sent, when `parse_mode` was `HTML`.
+    pub html: Option<String>,
 }
 
 /// A `sendChatAction` the bot sent.
@@ -135,6 +139,8 @@ struct Inner {
     get_updates_calls: Vec<GetUpdatesCall>,
     faults: Vec<Fault>,
     calls_by_method: Vec<String>,
+    /// How many of the next formatted `sendMessage` calls to refuse as unparsable.
+    reject_formatting: usize,
 }
 
 struct Shared {
@@ -373,6 +379,12 @@ impl FakeTelegram {
     /// Make the next `n` calls of `method` fail like [`FakeTelegram::fail_next`].
     pub fn fail_next_method(&self, method: &str, n: usize, status: u16, retry_after: Option<u64>) {
         self.add_fault(Some(method), n, status, error_body(status, retry_after));
+    }
+
+    /// Refuse the next `n` `sendMessage` calls that carry a `parse_mode` with Telegram's
+    /// `400 Bad Request: can't parse entities: ...` (plain sends still succeed).
+    pub fn reject_formatting_next(&self, n: usize) {
+        self.shared.lock().reject_formatting = n;
     }
 
     /// Answer the next `n` calls of `method` (or of any method) with this raw body and status,
@@ -639,17 +651,39 @@ fn send_message(shared: &Shared, params: &Value) -> Response {
     let Some(text) = params.get("text").and_then(Value::as_str) else {
         return error(400, "Bad Request: message text is empty");
     };
-    if text.trim().is_empty() {
+    let (visible, html) = match params.get("parse_mode").and_then(Value::as_str) {
+        None | Some("") => (text.to_string(), None),
+        Some("HTML") => {
+            {
+                let mut inner = shared.lock();
+                if inner.reject_formatting > 0 {
+                    inner.reject_formatting -= 1;
+                    return error(
+                        400,
+                        "Bad Request: can't parse entities: Unsupported start tag \"x\" at byte offset 0",
+                    );
+                }
+            }
+            match parse_html(text) {
+                Ok(visible) => (visible, Some(text.to_string())),
+                Err(e) => return error(400, &format!("Bad Request: can't parse entities: {e}")),
+            }
+        }
+        Some(_) => return error(400, "Bad Request: unsupported parse_mode"),
+    };
+    if visible.trim().is_empty() {
         return error(400, "Bad Request: message text is empty");
     }
-    if text.chars().map(char::len_utf16).sum::<usize>() > MAX_MESSAGE_UTF16 {
+    if visible.chars().map(char::len_utf16).sum::<usize>() > MAX_MESSAGE_UTF16 {
         return error(400, "Bad Request: message is too long");
     }
+    let text = visible.as_str();
     let message_id = {
         let mut inner = shared.lock();
         inner.sent.push(SentMessage {
             chat_id: chat_id.clone(),
             text: text.to_string(),
+            html,
         });
         let id = inner.next_message_id;
         inner.next_message_id += 1;
@@ -700,4 +734,111 @@ fn send_chat_action(shared: &Shared, params: &Value) -> Response {
     });
     shared.sent_changed.send_modify(|v| *v += 1);
     ok(json!(true))
+}
+
+/// Tags Telegram's `parse_mode: "HTML"` supports.
+const HTML_TAGS: &[&str] = &[
+    "b",
+    "strong",
+    "i",
+    "em",
+    "u",
+    "ins",
+    "s",
+    "strike",
+    "del",
+    "span",
+    "tg-spoiler",
+    "a",
+    "code",
+    "pre",
+    "blockquote",
+    "tg-emoji",
+];
+
+/// Parse Telegram HTML as Telegram does (strictly): only the supported tags, properly nested;
+/// `<`, `>` and `&` outside tags only as entities (`&lt;` `&gt;` `&amp;` `&quot;` and numeric).
+/// Returns the visible text, or the reason Telegram would give.
+pub fn parse_html(text: &str) -> Result<String, String> {
+    let mut visible = String::new();
+    let mut stack: Vec<String> = Vec::new();
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let offset = text.len() - rest.len();
+        match c {
+            '<' => {
+                let end = rest
+                    .find('>')
+                    .ok_or_else(|| format!("unclosed start tag at byte offset {offset}"))?;
+                let inner = &rest[1..end];
+                if let Some(name) = inner.strip_prefix('/') {
+                    let name = name.trim().to_ascii_lowercase();
+                    if stack.pop().as_deref() != Some(name.as_str()) {
+                        return Err(format!(
+                            "Can't find end tag corresponding to start tag at byte offset {offset}"
+                        ));
+                    }
+                } else {
+                    let name: String = inner
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                        .collect::<String>()
+                        .to_ascii_lowercase();
+                    if !HTML_TAGS.contains(&name.as_str()) {
+                        return Err(format!(
+                            "Unsupported start tag \"{name}\" at byte offset {offset}"
+                        ));
+                    }
+                    let attrs = inner[name.len()..].trim();
+                    let ok = match name.as_str() {
+                        "a" => attrs.starts_with("href=\"") && attrs.ends_with('"'),
+                        "code" => attrs.is_empty() || attrs.starts_with("class=\"language-"),
+                        "span" => attrs == "class=\"tg-spoiler\"",
+                        "blockquote" => attrs.is_empty() || attrs == "expandable",
+                        "tg-emoji" => attrs.starts_with("emoji-id=\""),
+                        _ => attrs.is_empty(),
+                    };
+                    if !ok || attrs.contains('<') {
+                        return Err(format!(
+                            "Unsupported attribute in tag \"{name}\" at byte offset {offset}"
+                        ));
+                    }
+                    stack.push(name);
+                }
+                rest = &rest[end + 1..];
+            }
+            '>' => return Err(format!("Unmatched end of tag at byte offset {offset}")),
+            '&' => {
+                let end = rest
+                    .find(';')
+                    .filter(|e| *e <= 10)
+                    .ok_or_else(|| format!("Unclosed entity at byte offset {offset}"))?;
+                let entity = &rest[1..end];
+                let decoded = match entity {
+                    "lt" => '<',
+                    "gt" => '>',
+                    "amp" => '&',
+                    "quot" => '"',
+                    e if e.starts_with('#') => e[1..]
+                        .parse::<u32>()
+                        .ok()
+                        .and_then(char::from_u32)
+                        .ok_or_else(|| format!("Invalid entity at byte offset {offset}"))?,
+                    _ => return Err(format!("Unsupported entity at byte offset {offset}")),
+                };
+                visible.push(decoded);
+                rest = &rest[end + 1..];
+            }
+            c => {
+                visible.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    if let Some(open) = stack.last() {
+        return Err(format!(
+            "Can't find end tag corresponding to start tag \"{open}\""
+        ));
+    }
+    Ok(visible)
 }

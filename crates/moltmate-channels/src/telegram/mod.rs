@@ -16,12 +16,16 @@
 //!
 //! # Sending
 //!
-//! Replies are plain text (no `parse_mode`, so nothing a user or model wrote is read as markup),
-//! split at Telegram's 4096 UTF-16 unit limit (see [`split`]). Each part is retried on 429 and
+//! Replies are Markdown from the model, sent as Telegram HTML built by [`format`] (only
+//! Telegram's tags, every piece of text escaped, raw HTML shown as text), split at Telegram's
+//! 4096 UTF-16 unit limit without cutting a tag or an entity. If Telegram refuses a part (HTTP
+//! 400, e.g. "can't parse entities"), that part is resent as plain text: a reply is never lost to
+//! its formatting. Each part is retried on 429 and
 //! server or connection errors; a timeout after the server got the request may therefore deliver
 //! a part twice, which we prefer over losing it.
 
 mod api;
+pub mod format;
 mod settings;
 pub mod split;
 mod wire;
@@ -259,8 +263,41 @@ impl TelegramChannel {
         }))
     }
 
+    /// Send one formatted part; if Telegram refuses it (400: the formatting, most likely), send
+    /// its plain text instead.
+    async fn send_formatted(
+        &self,
+        chat: ChatRef<'_>,
+        part: &format::Part,
+    ) -> Result<(), ChannelError> {
+        match self
+            .send_part(chat_ref_copy(&chat), &part.html, Some("HTML"))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(ApiError::Refused {
+                status: 400,
+                description,
+            }) if is_formatting_refusal(&description) => {
+                tracing::warn!(%description, "telegram: formatted reply refused, resending it as plain text");
+                for piece in split::split_message(&part.plain, split::TELEGRAM_MAX_MESSAGE_UTF16) {
+                    self.send_part(chat_ref_copy(&chat), &piece, None)
+                        .await
+                        .map_err(ApiError::into_channel_error)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into_channel_error()),
+        }
+    }
+
     /// Send one part, retrying what may succeed later.
-    async fn send_part(&self, chat: ChatRef<'_>, text: &str) -> Result<(), ChannelError> {
+    async fn send_part(
+        &self,
+        chat: ChatRef<'_>,
+        text: &str,
+        parse_mode: Option<&str>,
+    ) -> Result<(), ApiError> {
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let attempts = self.settings.send_attempts.max(1);
         let mut attempt = 1;
@@ -268,6 +305,7 @@ impl TelegramChannel {
             let params = SendMessage {
                 chat_id: chat_ref_copy(&chat),
                 text,
+                parse_mode,
             };
             let result: Result<serde_json::Value, ApiError> =
                 self.api.call("sendMessage", &params, Duration::ZERO).await;
@@ -284,7 +322,7 @@ impl TelegramChannel {
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
-                Err(e) => return Err(e.into_channel_error()),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -405,8 +443,8 @@ impl Channel for TelegramChannel {
 
     async fn send_text(&self, chat_id: &str, text: &str) -> Result<(), ChannelError> {
         let chat = parse_chat(chat_id)?;
-        for part in split::split_message(text, split::TELEGRAM_MAX_MESSAGE_UTF16) {
-            self.send_part(chat_ref_copy(&chat), &part).await?;
+        for part in format::render_parts(text, split::TELEGRAM_MAX_MESSAGE_UTF16) {
+            self.send_formatted(chat_ref_copy(&chat), &part).await?;
         }
         Ok(())
     }
@@ -424,6 +462,14 @@ impl Channel for TelegramChannel {
             .map_err(ApiError::into_channel_error)?;
         Ok(())
     }
+}
+
+/// Whether a 400 refused the formatting of a message (so its plain text may pass): "can't parse
+/// entities" for markup Telegram does not accept, "too long" should its count after entity
+/// parsing differ from ours. Anything else ("chat not found") would fail plain as well.
+fn is_formatting_refusal(description: &str) -> bool {
+    let d = description.to_ascii_lowercase();
+    d.contains("entities") || d.contains("entity") || d.contains("too long")
 }
 
 /// Longest display name we pass on, in characters.

@@ -103,12 +103,14 @@ pub(crate) struct GetUpdates<'a> {
     pub allowed_updates: &'a [&'a str],
 }
 
-/// `sendMessage` parameters. No `parse_mode`: the text is sent as plain text, so whatever the
-/// model or a user wrote is never interpreted as markup.
+/// `sendMessage` parameters. `parse_mode` is `HTML` for text built by `format` (every piece of
+/// the model's text escaped), absent for the plain-text resend.
 #[derive(Debug, Serialize)]
 pub(crate) struct SendMessage<'a> {
     pub chat_id: ChatRef<'a>,
     pub text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parse_mode: Option<&'a str>,
 }
 
 /// `sendChatAction` parameters.
