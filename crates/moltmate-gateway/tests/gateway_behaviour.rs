@@ -196,6 +196,7 @@ async fn say(gateway: &Gateway, user: &str, text: &str, language: Option<&str>) 
         text: text.to_string(),
         sender_name: None,
         language_code: language.map(str::to_string),
+        attachments: Vec::new(),
     };
     let submitted = gateway
         .submit(message, Arc::new(IgnoreDeltas))
@@ -437,6 +438,7 @@ async fn identities_linked_in_config_share_one_home_and_memory() {
         text: "from telegram".into(),
         sender_name: None,
         language_code: None,
+        attachments: Vec::new(),
     };
     let submitted = s
         .gateway

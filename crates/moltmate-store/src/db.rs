@@ -200,6 +200,11 @@ CREATE TABLE sandbox_ids (
 CREATE UNIQUE INDEX sandbox_ids_live ON sandbox_ids(kind, name) WHERE retired_at IS NULL;
 "#,
     crate::usage::MIGRATION,
+    // Attachment references of an inbox row (JSON array of `Attachment`), downloaded by the
+    // user's worker; NULL for text messages.
+    r#"
+ALTER TABLE inbox ADD COLUMN attachments TEXT;
+"#,
 ];
 
 pub(crate) fn now_millis() -> i64 {
@@ -227,6 +232,8 @@ pub struct InboxItem {
     pub sender_name: Option<String>,
     pub language_code: Option<String>,
     pub received_at: i64,
+    /// Files sent with the message (references; downloaded by the worker).
+    pub attachments: Vec<moltmate_core::channel::Attachment>,
 }
 
 /// A reply waiting to be sent.
@@ -717,11 +724,19 @@ impl Store {
     ) -> Result<Option<i64>, StoreError> {
         let message = message.clone();
         let user = user.clone();
+        let attachments = if message.attachments.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::to_string(&message.attachments)
+                    .map_err(|e| StoreError::Corrupt(format!("attachments: {e}")))?,
+            )
+        };
         self.durably(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let inserted = tx.execute(
-                "INSERT OR IGNORE INTO inbox (channel, external_id, user_id, chat_id, text, sender_name, language_code, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT OR IGNORE INTO inbox (channel, external_id, user_id, chat_id, text, sender_name, language_code, received_at, attachments)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     message.sender.channel.as_str(),
                     message.external_id,
@@ -730,7 +745,8 @@ impl Store {
                     message.text,
                     message.sender_name,
                     message.language_code,
-                    now_millis()
+                    now_millis(),
+                    attachments,
                 ],
             )?;
             let id = (inserted == 1).then(|| tx.last_insert_rowid());
@@ -774,7 +790,7 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             let mut statement = c.prepare_cached(
-                "SELECT id, channel, user_id, chat_id, text, sender_name, language_code, received_at
+                "SELECT id, channel, user_id, chat_id, text, sender_name, language_code, received_at, attachments
                  FROM inbox WHERE user_id = ?1 AND done_at IS NULL ORDER BY id LIMIT ?2",
             )?;
             let rows = statement.query_map(params![user.as_str(), limit as i64], |r| {
@@ -787,12 +803,31 @@ impl Store {
                     r.get::<_, Option<String>>(5)?,
                     r.get::<_, Option<String>>(6)?,
                     r.get::<_, i64>(7)?,
+                    r.get::<_, Option<String>>(8)?,
                 ))
             })?;
             let mut items = Vec::new();
             for row in rows {
-                let (id, channel, user_id, chat_id, text, sender_name, language_code, received_at) =
-                    row?;
+                let (
+                    id,
+                    channel,
+                    user_id,
+                    chat_id,
+                    text,
+                    sender_name,
+                    language_code,
+                    received_at,
+                    attachments,
+                ) = row?;
+                // A row that cannot be read back still gets answered; the files it named are
+                // reported lost rather than blocking the user's queue.
+                let attachments = match attachments {
+                    None => Vec::new(),
+                    Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
+                        tracing::warn!(inbox = id, error = %e, "unreadable attachment list");
+                        Vec::new()
+                    }),
+                };
                 items.push(InboxItem {
                     id,
                     channel: parse_channel(&channel)?,
@@ -802,6 +837,7 @@ impl Store {
                     sender_name,
                     language_code,
                     received_at,
+                    attachments,
                 });
             }
             Ok(items)
@@ -1605,6 +1641,7 @@ mod tests {
             text: text.to_string(),
             sender_name: None,
             language_code: None,
+            attachments: Vec::new(),
         }
     }
 

@@ -493,6 +493,7 @@ mod tests {
                     text: "x".into(),
                     sender_name: None,
                     language_code: None,
+                    attachments: Vec::new(),
                 },
                 who,
             )
@@ -704,6 +705,7 @@ mod tests {
                         text: "waiting".into(),
                         sender_name: None,
                         language_code: None,
+                        attachments: Vec::new(),
                     },
                     &anna,
                 )

@@ -87,6 +87,7 @@ async fn review_forget_and_the_storage_cap_miss_inbox_and_outbox() {
                 text: secret.clone(),
                 sender_name: None,
                 language_code: None,
+                attachments: Vec::new(),
             },
             &anna,
         )

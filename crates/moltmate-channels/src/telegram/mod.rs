@@ -35,7 +35,9 @@ pub use settings::{TelegramSettings, DEFAULT_API_URL};
 use api::{ApiError, BotApi, SERVICE};
 use async_trait::async_trait;
 use moltmate_core::channel::Channel;
-use moltmate_core::channel::{ChannelError, InboundMessage, InboundSink};
+use moltmate_core::channel::{
+    Attachment, AttachmentKind, ChannelError, InboundMessage, InboundSink, OutboundFile,
+};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
 use rand::Rng;
 use std::sync::Arc;
@@ -237,16 +239,19 @@ impl TelegramChannel {
             }
             _ => return Disposition::Skip("not a private or group chat"),
         }
+        let attachments = attachments_of(&message);
         let Some(from) = message.from else {
             return Disposition::Skip("message without sender");
         };
         if from.is_bot {
             return Disposition::Skip("message from a bot");
         }
-        let Some(text) = message.text else {
-            return Disposition::Skip(
-                "message without text (sticker, photo, voice, service message...)",
-            );
+        let text = match (message.text, message.caption) {
+            (Some(text), _) => text,
+            (None, caption) if !attachments.is_empty() => caption.unwrap_or_default(),
+            (None, _) => return Disposition::Skip(
+                "message without text or a file we take (sticker, location, service message...)",
+            ),
         };
         let Ok(peer) = PeerId::new(from.id.to_string()) else {
             return Disposition::Skip("sender id is not a valid peer id");
@@ -260,6 +265,7 @@ impl TelegramChannel {
             text,
             sender_name: name,
             language_code: from.language_code.filter(|code| is_language_tag(code)),
+            attachments,
         }))
     }
 
@@ -449,6 +455,68 @@ impl Channel for TelegramChannel {
         Ok(())
     }
 
+    async fn fetch_attachment(
+        &self,
+        attachment: &Attachment,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ChannelError> {
+        let too_large = |size: u64| ChannelError::Rejected {
+            service: SERVICE,
+            status: 413,
+            detail: format!("the file has {size} bytes, more than the limit of {max_bytes}"),
+        };
+        if let Some(size) = attachment.size.filter(|s| *s > max_bytes) {
+            return Err(too_large(size));
+        }
+        let work = async {
+            let file: wire::File = self
+                .api
+                .call(
+                    "getFile",
+                    &wire::GetFile {
+                        file_id: &attachment.file_ref,
+                    },
+                    Duration::ZERO,
+                )
+                .await
+                .map_err(ApiError::into_channel_error)?;
+            if let Some(size) = file.file_size.filter(|s| *s > max_bytes) {
+                return Err(too_large(size));
+            }
+            let Some(path) = file.file_path else {
+                return Err(ChannelError::InvalidReply {
+                    service: SERVICE,
+                    detail: "getFile returned no file_path (the file may be over 20 MB)"
+                        .to_string(),
+                });
+            };
+            self.api
+                .download(&path, max_bytes, timeout)
+                .await
+                .map_err(ApiError::into_channel_error)
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(ChannelError::Unreachable {
+                service: SERVICE,
+                detail: format!("the download took longer than {}s", timeout.as_secs()),
+            }),
+        }
+    }
+
+    async fn send_file(&self, chat_id: &str, file: &OutboundFile) -> Result<(), ChannelError> {
+        let chat = parse_chat(chat_id)?;
+        let chat = match chat {
+            ChatRef::Id(id) => id.to_string(),
+            ChatRef::Name(name) => name.to_string(),
+        };
+        self.api
+            .send_document(&chat, file)
+            .await
+            .map_err(ApiError::into_channel_error)
+    }
+
     async fn send_typing(&self, chat_id: &str) -> Result<(), ChannelError> {
         let chat = parse_chat(chat_id)?;
         let params = SendChatAction {
@@ -470,6 +538,47 @@ impl Channel for TelegramChannel {
 fn is_formatting_refusal(description: &str) -> bool {
     let d = description.to_ascii_lowercase();
     d.contains("entities") || d.contains("entity") || d.contains("too long")
+}
+
+/// Longest file reference, name and MIME type we keep (Telegram's file ids are ~100 chars).
+const MAX_FILE_FIELD_CHARS: usize = 256;
+
+fn bounded(field: Option<&str>) -> Option<String> {
+    field
+        .map(|f| {
+            f.chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_FILE_FIELD_CHARS)
+                .collect::<String>()
+        })
+        .filter(|f| !f.is_empty())
+}
+
+/// The file of a message as an attachment reference. Telegram sends one file per message; for
+/// a photo, the largest size (the last one) is taken.
+fn attachments_of(message: &wire::Message) -> Vec<Attachment> {
+    let (kind, file) = if let Some(size) = message.photo.as_ref().and_then(|p| p.last()) {
+        (AttachmentKind::Photo, size)
+    } else if let Some(voice) = &message.voice {
+        (AttachmentKind::Voice, voice)
+    } else if let Some(audio) = &message.audio {
+        (AttachmentKind::Audio, audio)
+    } else if let Some(document) = &message.document {
+        (AttachmentKind::Document, document)
+    } else {
+        return Vec::new();
+    };
+    if file.file_id.is_empty() || file.file_id.len() > MAX_FILE_FIELD_CHARS {
+        return Vec::new();
+    }
+    vec![Attachment {
+        kind,
+        file_ref: file.file_id.clone(),
+        file_name: bounded(file.file_name.as_deref()),
+        mime_type: bounded(file.mime_type.as_deref()),
+        size: file.file_size,
+        duration_seconds: file.duration,
+    }]
 }
 
 /// Longest display name we pass on, in characters.
