@@ -24,6 +24,7 @@ pub mod doctor;
 pub mod ids;
 pub mod model;
 pub mod sandbox;
+pub mod speech;
 pub mod tool;
 
 pub use ids::{ChannelKind, Identity, InvalidId, PeerId, UserId};

@@ -204,7 +204,9 @@ fn well_formed(items: &[ConversationItem]) {
                 assert!(at.is_some(), "result without a call: {call_id}");
                 open.retain(|id| id != call_id);
             }
-            ConversationItem::User { .. } => assert!(open.is_empty(), "unanswered: {open:?}"),
+            ConversationItem::User { .. } | ConversationItem::Image { .. } => {
+                assert!(open.is_empty(), "unanswered: {open:?}")
+            }
         }
     }
     assert!(open.is_empty(), "unanswered at the end: {open:?}");

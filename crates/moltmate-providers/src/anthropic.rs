@@ -86,6 +86,12 @@ fn messages(items: &[ConversationItem]) -> Vec<Value> {
                 };
                 ("user", vec![json!({"type": "text", "text": text})])
             }
+            ConversationItem::Image { media_type, data } => (
+                "user",
+                vec![
+                    json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}),
+                ],
+            ),
             ConversationItem::ToolResult {
                 call_id,
                 content,

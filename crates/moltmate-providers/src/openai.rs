@@ -60,6 +60,9 @@ pub(crate) fn request_body(request: &ModelRequest) -> Value {
     for item in &request.items {
         messages.push(match item {
             ConversationItem::User { text } => json!({"role": "user", "content": text}),
+            ConversationItem::Image { media_type, data } => json!({"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": format!("data:{media_type};base64,{data}")}}
+            ]}),
             ConversationItem::ToolResult { call_id, content, is_error } => {
                 let content = if *is_error { format!("Error: {content}") } else { content.clone() };
                 json!({"role": "tool", "tool_call_id": call_id, "content": content})

@@ -221,7 +221,7 @@ impl MemoryIndex {
             let (who, text) = match item {
                 ConversationItem::User { text } => ("user", text),
                 ConversationItem::Assistant { text, .. } => ("assistant", text),
-                ConversationItem::ToolResult { .. } => continue,
+                ConversationItem::ToolResult { .. } | ConversationItem::Image { .. } => continue,
             };
             if text.trim().is_empty() {
                 continue;

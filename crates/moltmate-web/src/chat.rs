@@ -258,7 +258,9 @@ pub async fn history(
                     text,
                 })
             }
-            ConversationItem::Assistant { .. } | ConversationItem::ToolResult { .. } => None,
+            ConversationItem::Assistant { .. }
+            | ConversationItem::ToolResult { .. }
+            | ConversationItem::Image { .. } => None,
         })
         .collect();
     let persona = session::persona_name(&state, &session.user).await;

@@ -19,6 +19,7 @@
 //! * [`delivery`] — committed replies to the waiting caller and the channel (at most once).
 
 mod accept;
+mod attachments;
 mod delivery;
 mod files;
 mod worker;

@@ -325,6 +325,34 @@ async fn handle_item(
     let ids = super::sandbox_ids(inner, &item.user).await?;
     // Before anything of this message writes to the user's files (onboarding, tools, memory).
     let capped = files::cap_user_dir(inner, &item.user, ids, &user_settings).await;
+    // Files sent with the message: downloaded, checked and saved now, in the user's own worker.
+    let prepared;
+    let mut images = Vec::new();
+    let mut notes = Vec::new();
+    let item = if item.attachments.is_empty() {
+        item
+    } else {
+        let writable = capped && !user_settings.read_only;
+        let done = super::attachments::prepare(inner, item, writable, &language).await;
+        images = done.images;
+        notes = done.notes;
+        if !done.has_content {
+            // Nothing for a model to answer (a refused file without a caption): the notes are
+            // the answer.
+            let text = notes.join("\n\n");
+            let outbox = inner
+                .store
+                .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, item, &text))
+                .await?;
+            finish(inner, item, outbox, text, TokenUsage::default()).await;
+            return Ok(());
+        }
+        prepared = InboxItem {
+            text: done.text,
+            ..item.clone()
+        };
+        &prepared
+    };
     let command = item
         .text
         .split_whitespace()
@@ -526,6 +554,7 @@ async fn handle_item(
         system: prompt.text,
         history,
         user_text: item.text.clone(),
+        images,
         max_iterations: inner.settings.max_tool_iterations,
         deltas: deltas.as_ref(),
         log_tool_calls: inner.settings.log_tool_calls,
@@ -552,6 +581,9 @@ async fn handle_item(
         .iter()
         .fold(TokenUsage::default(), |sum, (_, _, u)| sum.plus(*u));
     let mut reply = result.reply;
+    if !notes.is_empty() {
+        reply = format!("{}\n\n{reply}", notes.join("\n\n"));
+    }
     if !skipped.is_empty() {
         reply = format!("{reply}\n\n{}", skipped_note(&language, &skipped));
     }
