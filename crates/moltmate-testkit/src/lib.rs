@@ -2,4 +2,5 @@
 pub mod llm;
 #[cfg(feature = "proptest")]
 pub mod prop;
+pub mod speech;
 pub mod telegram;

@@ -141,7 +141,14 @@ struct Inner {
     calls_by_method: Vec<String>,
     /// How many of the next formatted `sendMessage` calls to refuse as unparsable.
     reject_formatting: usize,
+    /// Files the bot may download: file_id → (file_path, content).
+    files: std::collections::HashMap<String, (String, Vec<u8>)>,
+    /// Paths downloaded from `/file/bot<token>/<path>`, in order.
+    downloads: Vec<String>,
 }
+
+/// Telegram's limit for files bots download (`getFile` refuses bigger ones).
+pub const MAX_DOWNLOAD_BYTES: usize = 20 << 20;
 
 struct Shared {
     token: String,
@@ -199,6 +206,7 @@ impl FakeTelegram {
             sent_changed: watch::channel(0).0,
         });
         let app = Router::new()
+            .route("/file/{bot}/{*path}", axum::routing::get(download))
             .route("/{bot}/{method}", any(handle))
             .with_state(shared.clone());
         #[allow(clippy::expect_used)] // test double: failing to bind loopback is a broken host
@@ -288,6 +296,68 @@ impl FakeTelegram {
         drop(inner);
         self.shared.updates_changed.send_modify(|v| *v += 1);
         id
+    }
+
+    /// Store a file the bot can fetch with `getFile` and download; returns its `file_id`.
+    pub fn add_file(&self, content: Vec<u8>) -> String {
+        let mut inner = self.shared.lock();
+        let n = inner.files.len() + 1;
+        let file_id = format!("AgACAgFILE{n:04}xyz");
+        inner.files.insert(
+            file_id.clone(),
+            (format!("documents/file_{n}.bin"), content),
+        );
+        file_id
+    }
+
+    /// Push a private message carrying a file: `kind` is `photo`, `voice`, `audio` or
+    /// `document`; `claimed_size` is the `file_size` the update states (which a hostile or
+    /// buggy client could get wrong); returns the `update_id`.
+    pub fn push_file(
+        &self,
+        from_id: i64,
+        kind: &str,
+        file_id: &str,
+        claimed_size: Option<u64>,
+        file_name: Option<&str>,
+        caption: Option<&str>,
+    ) -> i64 {
+        let mut file = json!({"file_id": file_id, "file_unique_id": format!("u{file_id}")});
+        if let Some(size) = claimed_size {
+            file["file_size"] = json!(size);
+        }
+        if let Some(name) = file_name {
+            file["file_name"] = json!(name);
+        }
+        let mut message = json!({
+            "message_id": 1, "date": 1_700_000_000,
+            "from": {"id": from_id, "is_bot": false, "first_name": format!("User{from_id}")},
+            "chat": {"id": from_id, "type": "private"},
+        });
+        match kind {
+            "photo" => {
+                file["width"] = json!(800);
+                file["height"] = json!(600);
+                let mut thumb = file.clone();
+                thumb["file_id"] = json!("thumbnail-never-fetched");
+                message["photo"] = json!([thumb, file]);
+            }
+            "voice" => {
+                file["duration"] = json!(3);
+                file["mime_type"] = json!("audio/ogg");
+                message["voice"] = file;
+            }
+            other => message[other] = file,
+        }
+        if let Some(caption) = caption {
+            message["caption"] = json!(caption);
+        }
+        self.push_update(|id| json!({"update_id": id, "message": message}))
+    }
+
+    /// The file paths the bot downloaded, in order.
+    pub fn downloads(&self) -> Vec<String> {
+        self.shared.lock().downloads.clone()
     }
 
     /// Updates not yet confirmed by an offset.
@@ -495,7 +565,40 @@ async fn handle(
         "getUpdates" => get_updates(&shared, &params).await,
         "sendMessage" => send_message(&shared, &params),
         "sendChatAction" => send_chat_action(&shared, &params),
+        "getFile" => get_file(&shared, &params),
         _ => error(404, "Not Found"),
+    }
+}
+
+fn get_file(shared: &Shared, params: &Value) -> Response {
+    let Some(file_id) = params.get("file_id").and_then(Value::as_str) else {
+        return error(400, "Bad Request: file_id not specified");
+    };
+    let inner = shared.lock();
+    let Some((path, content)) = inner.files.get(file_id) else {
+        return error(400, "Bad Request: invalid file_id");
+    };
+    if content.len() > MAX_DOWNLOAD_BYTES {
+        return error(400, "Bad Request: file is too big");
+    }
+    ok(json!({
+        "file_id": file_id, "file_unique_id": format!("u{file_id}"),
+        "file_size": content.len(), "file_path": path
+    }))
+}
+
+async fn download(
+    State(shared): State<Arc<Shared>>,
+    Path((bot, path)): Path<(String, String)>,
+) -> Response {
+    if bot.strip_prefix("bot") != Some(shared.token.as_str()) {
+        return error(401, "Unauthorized");
+    }
+    let mut inner = shared.lock();
+    inner.downloads.push(path.clone());
+    match inner.files.values().find(|(p, _)| *p == path) {
+        Some((_, content)) => (StatusCode::OK, content.clone()).into_response(),
+        None => error(404, "Not Found"),
     }
 }
 
