@@ -242,7 +242,45 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
     }
     settings.prices = gateway_prices(config);
     settings.memory_index_dir = Some(home.join("index"));
+    settings.attachments = attachment_settings(config);
     settings
+}
+
+/// `attachments`, `speech` and `model.vision` → what the gateway does with files users send.
+pub fn attachment_settings(config: &Config) -> moltmate_gateway::AttachmentSettings {
+    let a = &config.attachments;
+    let speech = config.speech.as_ref().and_then(|speech| {
+        let timeout = std::time::Duration::from_secs(speech.timeout_seconds);
+        let key = speech
+            .api_key
+            .as_ref()
+            .map(|k| moltmate_providers::ApiKey::new(k.expose()));
+        match moltmate_providers::OpenAiTranscriber::new(
+            &speech.base_url,
+            key,
+            &speech.model,
+            timeout,
+        ) {
+            Ok(transcriber) => Some(moltmate_gateway::SpeechSettings {
+                transcriber: std::sync::Arc::new(transcriber),
+                max_bytes: speech.max_mb << 20,
+                max_seconds: speech.max_seconds,
+                echo: speech.echo,
+                timeout,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "speech: the transcription client could not be built; voice notes are disabled");
+                None
+            }
+        }
+    });
+    moltmate_gateway::AttachmentSettings {
+        max_bytes: a.max_mb << 20,
+        max_per_message: a.max_per_message as usize,
+        download_timeout: std::time::Duration::from_secs(a.timeout_seconds),
+        vision: config.model.supports_vision(&config.model.primary),
+        speech,
+    }
 }
 
 /// Models whose use no spend budget can see (no `model.prices` entry), when the operator set
