@@ -747,16 +747,18 @@ pub enum ToolName {
     Exec,
     WebFetch,
     MemorySearch,
+    SendFile,
 }
 
 impl ToolName {
-    pub const ALL: [ToolName; 6] = [
+    pub const ALL: [ToolName; 7] = [
         ToolName::Read,
         ToolName::Write,
         ToolName::Edit,
         ToolName::Exec,
         ToolName::WebFetch,
         ToolName::MemorySearch,
+        ToolName::SendFile,
     ];
 
     /// The name the model sees (and `Tool::name()` returns).
@@ -768,6 +770,7 @@ impl ToolName {
             ToolName::Exec => "exec",
             ToolName::WebFetch => "web_fetch",
             ToolName::MemorySearch => "memory_search",
+            ToolName::SendFile => "send_file",
         }
     }
 }

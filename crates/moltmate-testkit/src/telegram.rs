@@ -46,6 +46,15 @@ pub struct SentMessage {
     pub html: Option<String>,
 }
 
+/// A document the bot sent with `sendDocument` (multipart upload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentDocument {
+    pub chat_id: String,
+    pub file_name: String,
+    pub content: Vec<u8>,
+    pub caption: Option<String>,
+}
+
 /// A `sendChatAction` the bot sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatAction {
@@ -141,6 +150,8 @@ struct Inner {
     calls_by_method: Vec<String>,
     /// How many of the next formatted `sendMessage` calls to refuse as unparsable.
     reject_formatting: usize,
+    /// Documents the bot sent with `sendDocument`.
+    documents: Vec<SentDocument>,
     /// Files the bot may download: file_id → (file_path, content).
     files: std::collections::HashMap<String, (String, Vec<u8>)>,
     /// Paths downloaded from `/file/bot<token>/<path>`, in order.
@@ -355,6 +366,11 @@ impl FakeTelegram {
         self.push_update(|id| json!({"update_id": id, "message": message}))
     }
 
+    /// Documents the bot sent, in order.
+    pub fn sent_documents(&self) -> Vec<SentDocument> {
+        self.shared.lock().documents.clone()
+    }
+
     /// The file paths the bot downloaded, in order.
     pub fn downloads(&self) -> Vec<String> {
         self.shared.lock().downloads.clone()
@@ -521,10 +537,19 @@ async fn handle(
     State(shared): State<Arc<Shared>>,
     Path((bot, method)): Path<(String, String)>,
     RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
     if bot.strip_prefix("bot") != Some(shared.token.as_str()) {
         return error(401, "Unauthorized");
+    }
+    if method == "sendDocument" {
+        shared.lock().calls_by_method.push(method.clone());
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        return send_document(&shared, content_type, &body);
     }
     let params = parse_params(query.as_deref(), &body);
     {
@@ -568,6 +593,64 @@ async fn handle(
         "getFile" => get_file(&shared, &params),
         _ => error(404, "Not Found"),
     }
+}
+
+/// `sendDocument` as multipart/form-data: `chat_id`, `document` (with a filename), `caption`.
+fn send_document(shared: &Shared, content_type: &str, body: &[u8]) -> Response {
+    let Some(boundary) = content_type
+        .strip_prefix("multipart/form-data; boundary=")
+        .map(|b| format!("--{}", b.trim_matches('"')))
+    else {
+        return error(400, "Bad Request: sendDocument expects multipart/form-data");
+    };
+    let mut fields: Vec<(String, Option<String>, Vec<u8>)> = Vec::new();
+    let mut rest = body;
+    while let Some(start) = find(rest, boundary.as_bytes()) {
+        rest = &rest[start + boundary.len()..];
+        if rest.starts_with(b"--") {
+            break;
+        }
+        let Some(head_end) = find(rest, b"\r\n\r\n") else {
+            break;
+        };
+        let head = String::from_utf8_lossy(&rest[..head_end]).to_string();
+        let data_start = head_end + 4;
+        let Some(data_len) = find(&rest[data_start..], format!("\r\n{boundary}").as_bytes()) else {
+            break;
+        };
+        let value = |key: &str| {
+            head.split(&format!("{key}=\""))
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .map(str::to_string)
+        };
+        fields.push((
+            value("name").unwrap_or_default(),
+            value("filename"),
+            rest[data_start..data_start + data_len].to_vec(),
+        ));
+        rest = &rest[data_start + data_len..];
+    }
+    let field = |name: &str| fields.iter().find(|(n, _, _)| n == name);
+    let Some((_, _, chat)) = field("chat_id") else {
+        return error(400, "Bad Request: chat_id is empty");
+    };
+    let Some((_, Some(file_name), content)) = field("document") else {
+        return error(400, "Bad Request: there is no document in the request");
+    };
+    let document = SentDocument {
+        chat_id: String::from_utf8_lossy(chat).to_string(),
+        file_name: file_name.clone(),
+        content: content.clone(),
+        caption: field("caption").map(|(_, _, c)| String::from_utf8_lossy(c).to_string()),
+    };
+    shared.lock().documents.push(document);
+    shared.sent_changed.send_modify(|v| *v += 1);
+    ok(json!({"message_id": 1, "date": 1_700_000_000, "chat": {"id": 0, "type": "private"}}))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 fn get_file(shared: &Shared, params: &Value) -> Response {

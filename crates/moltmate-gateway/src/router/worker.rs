@@ -478,6 +478,13 @@ async fn handle_item(
         sandbox: user_settings.sandbox.clone(),
         sandbox_ids: ids,
         exec: user_settings.exec.clone(),
+        outlet: inner
+            .channels
+            .get(&item.channel)
+            .map(|channel| moltmate_core::tool::FileOutlet {
+                channel: Arc::clone(channel),
+                chat_id: item.chat_id.clone(),
+            }),
     };
     if inner.settings.prewarm_sandboxes && user_settings.tools.iter().any(|t| t == "exec") {
         prewarm_sandbox(inner, &context);

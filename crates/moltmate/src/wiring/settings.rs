@@ -114,8 +114,8 @@ fn stricter_security(a: ExecSecurity, b: ExecSecurity) -> ExecSecurity {
 /// | owner      | as configured                           | configured | config  | config    |
 /// | family     | as configured                           | allowlist  | config  | config    |
 /// | friend     | as configured                           | allowlist  | none    | config    |
-/// | stranger   | read, write, edit, memory_search        | —          | none    | config    |
-/// | restricted | read, memory_search                     | —          | none    | read-only |
+/// | stranger   | read, write, edit, memory_search, send_file | —      | none    | config    |
+/// | restricted | read, memory_search, send_file          | —          | none    | read-only |
 pub fn settings_for_trust(trust: TrustLevel, config: &Config) -> UserSettings {
     let mut settings = base_user_settings(config);
     settings.limits = user_limits(&config.limits.for_trust(trust));
@@ -134,12 +134,15 @@ pub fn settings_for_trust(trust: TrustLevel, config: &Config) -> UserSettings {
             settings.sandbox.network = SandboxNetwork::None;
         }
         TrustLevel::Stranger => {
-            keep(&mut settings, &["read", "write", "edit", "memory_search"]);
+            keep(
+                &mut settings,
+                &["read", "write", "edit", "memory_search", "send_file"],
+            );
             settings.exec.security = ExecSecurity::Allowlist;
             settings.sandbox.network = SandboxNetwork::None;
         }
         TrustLevel::Restricted => {
-            keep(&mut settings, &["read", "memory_search"]);
+            keep(&mut settings, &["read", "memory_search", "send_file"]);
             settings.exec.security = ExecSecurity::Allowlist;
             settings.sandbox.network = SandboxNetwork::None;
             settings.sandbox.workspace_access = WorkspaceAccess::Ro;
