@@ -201,11 +201,7 @@ fn tokens(markdown: &str) -> Vec<Token> {
                 TagEnd::Emphasis => b.close("i"),
                 TagEnd::Strong => b.close("b"),
                 TagEnd::Strikethrough => b.close("s"),
-                TagEnd::Link | TagEnd::Image => {
-                    if b.links.pop() == Some(true) {
-                        b.close("a");
-                    }
-                }
+                TagEnd::Link | TagEnd::Image if b.links.pop() == Some(true) => b.close("a"),
                 _ => {}
             },
             Event::Text(text) => {
