@@ -409,4 +409,50 @@ mod tests {
         assert!(render_parts("", 4096).is_empty());
         assert!(render_parts("  \n\n ", 4096).is_empty());
     }
+
+    use proptest::prelude::*;
+
+    fn markdownish() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("**".to_string()),
+            Just("_".to_string()),
+            Just("`".to_string()),
+            Just("```rust\n".to_string()),
+            Just("\n```\n".to_string()),
+            Just("\n- ".to_string()),
+            Just("\n1. ".to_string()),
+            Just("\n> ".to_string()),
+            Just("# ".to_string()),
+            Just("[x](https://e.org/?a=1&b=2)".to_string()),
+            Just("[y](javascript:alert(1))".to_string()),
+            Just("<b>".to_string()),
+            Just("</i>".to_string()),
+            Just("&amp;".to_string()),
+            Just("&".to_string()),
+            Just("<".to_string()),
+            Just("\n\n".to_string()),
+            Just("~~".to_string()),
+            Just("😀".to_string()),
+            "[a-z ]{0,40}",
+        ];
+        prop::collection::vec(piece, 0..200).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #![proptest_config(moltmate_testkit::prop::config(256))]
+
+        /// Whatever the model writes: every part is HTML Telegram parses, within the limit, and
+        /// its visible text is the part's plain text.
+        #[test]
+        fn prop_every_part_parses_as_telegram_html(md in markdownish(), limit in 16usize..300) {
+            for part in render_parts(&md, limit) {
+                let visible = moltmate_testkit::telegram::parse_html(&part.html);
+                prop_assert!(visible.is_ok(), "{:?} -> {:?}: {:?}", md, part.html, visible);
+                let visible = visible.unwrap_or_default();
+                prop_assert!(split::utf16_len(&visible) <= limit, "{} > {limit}", split::utf16_len(&visible));
+                prop_assert_eq!(visible.trim_end(), part.plain.trim_end());
+                prop_assert!(!part.html.to_ascii_lowercase().contains("href=\"javascript"));
+            }
+        }
+    }
 }
