@@ -236,7 +236,7 @@ async fn restart_from_stored_cursor_does_not_redeliver() {
 }
 
 #[tokio::test]
-async fn updates_without_text_or_outside_private_chats_are_skipped() {
+async fn updates_without_text_or_a_file_or_outside_private_chats_are_skipped() {
     let fake = FakeTelegram::start(TOKEN).await;
     let from = json!({"id": 42, "is_bot": false, "first_name": "A"});
     let chat = json!({"id": 42, "type": "private"});
@@ -255,12 +255,17 @@ async fn updates_without_text_or_outside_private_chats_are_skipped() {
     let last = fake.push_text(42, "real text");
     let sink = Arc::new(MemorySink::default());
     let running = Running::start(settings(&fake), sink.clone());
-    sink.wait_accepted(1).await;
+    sink.wait_accepted(2).await;
     wait_until("everything is confirmed", || {
         fake.get_updates_offsets().contains(&Some(last + 1))
     })
     .await;
-    assert_eq!(sink.texts(), vec!["real text"]);
+    // The photo's caption is its text; the largest size is its attachment reference.
+    assert_eq!(sink.texts(), vec!["look", "real text"]);
+    let photo = &sink.accepted()[0].attachments;
+    assert_eq!(photo.len(), 1);
+    assert_eq!(photo[0].file_ref, "y");
+    assert_eq!(photo[0].kind, moltmate_core::channel::AttachmentKind::Photo);
     assert_eq!(fake.pending_updates(), 0);
     running.stop().await;
 }

@@ -115,8 +115,8 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
   },
 
   tools: {
-    // Known tools: read, write, edit, exec, web_fetch, memory_search. deny wins over allow.
-    allow: ["read", "write", "edit", "exec", "web_fetch", "memory_search"],
+    // Known tools: read, write, edit, exec, web_fetch, memory_search, send_file. deny wins.
+    allow: ["read", "write", "edit", "exec", "web_fetch", "memory_search", "send_file"],
     deny: [],
     exec: {
       // allowlist: only safeBins, no shell; blocklist: shell, blockedBins refused; full: anything
