@@ -370,7 +370,11 @@ mod tests {
         assert!(!stranger.tools.contains(&"web_fetch".to_string()));
         assert_eq!(
             restricted.tools,
-            vec!["read".to_string(), "memory_search".to_string()]
+            vec![
+                "read".to_string(),
+                "memory_search".to_string(),
+                "send_file".to_string()
+            ]
         );
         assert!(restricted.read_only);
         assert_eq!(restricted.sandbox.workspace_access, WorkspaceAccess::Ro);
