@@ -397,7 +397,8 @@ async fn browser_renders_markdown_safely() {
         };
     "#;
     for round in 0..2 {
-        wait_for_text(&browser, ".msg.assistant", "good").await;
+        // `.markdown` is set once the finished answer is rendered (live deltas are plain text).
+        wait_for_text(&browser, ".msg.assistant.markdown", "good").await;
         // Links clicked would open a new tab; the hostile ones must not exist at all.
         let result = browser.execute(check, vec![]).await.unwrap();
         assert_eq!(
