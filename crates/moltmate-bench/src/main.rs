@@ -101,6 +101,7 @@ fn message(user: &str, n: usize) -> Result<InboundMessage> {
         text: format!("message {n}"),
         sender_name: None,
         language_code: None,
+        attachments: Vec::new(),
     })
 }
 

@@ -451,6 +451,7 @@ impl WhatsAppChannel {
                     .and_then(|c| c.pointer("/profile/name"))
                     .and_then(Value::as_str);
                 out.push(InboundMessage {
+                    attachments: Vec::new(),
                     sender: Identity::new(ChannelKind::Whatsapp, peer),
                     chat_id: from.to_string(),
                     external_id: id.to_string(),

@@ -263,7 +263,7 @@ async fn restart_from_stored_cursor_does_not_redeliver() {
 }
 
 #[tokio::test]
-async fn updates_without_text_or_outside_private_chats_are_skipped() {
+async fn updates_without_text_or_a_file_or_outside_private_chats_are_skipped() {
     let fake = FakeTelegram::start(TOKEN).await;
     let from = json!({"id": 42, "is_bot": false, "first_name": "A"});
     let chat = json!({"id": 42, "type": "private"});
@@ -282,12 +282,17 @@ async fn updates_without_text_or_outside_private_chats_are_skipped() {
     let last = fake.push_text(42, "real text");
     let sink = Arc::new(MemorySink::default());
     let running = Running::start(settings(&fake), sink.clone());
-    sink.wait_accepted(1).await;
+    sink.wait_accepted(2).await;
     wait_until("everything is confirmed", || {
         fake.get_updates_offsets().contains(&Some(last + 1))
     })
     .await;
-    assert_eq!(sink.texts(), vec!["real text"]);
+    // The photo's caption is its text; the largest size is its attachment reference.
+    assert_eq!(sink.texts(), vec!["look", "real text"]);
+    let photo = &sink.accepted()[0].attachments;
+    assert_eq!(photo.len(), 1);
+    assert_eq!(photo[0].file_ref, "y");
+    assert_eq!(photo[0].kind, moltmate_core::channel::AttachmentKind::Photo);
     assert_eq!(fake.pending_updates(), 0);
     running.stop().await;
 }
@@ -753,4 +758,64 @@ async fn a_batch_goes_to_the_sink_senders_at_once_each_in_order_and_the_cursor_w
         assert_eq!(theirs, want);
     }
     running.stop().await;
+}
+
+#[tokio::test]
+async fn markdown_replies_are_sent_as_telegram_html_the_fake_accepts() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let channel = TelegramChannel::new(settings(&fake)).unwrap();
+    let reply = "**Plan** for _today_:\n\n- buy `milk & eggs`\n- call <Bob>\n\n```sh\necho \"a<b\"\n```\n\n[docs](https://example.org/?a=1&b=2) and [evil](javascript:alert(1)) <script>alert(1)</script>";
+    channel.send_text("42", reply).await.unwrap();
+    let sent = fake.sent_messages();
+    assert_eq!(sent.len(), 1);
+    let html = sent[0].html.clone().expect("sent with parse_mode HTML");
+    assert!(html.contains("<b>Plan</b>"), "{html}");
+    assert!(html.contains("<code>milk &amp; eggs</code>"), "{html}");
+    assert!(
+        html.contains("<a href=\"https://example.org/?a=1&amp;b=2\">docs</a>"),
+        "{html}"
+    );
+    assert!(!html.contains("javascript"), "{html}");
+    assert!(!html.contains("<script"), "{html}");
+    // What the user sees: the hostile parts as text.
+    assert!(
+        sent[0].text.contains("<script>alert(1)</script>"),
+        "{}",
+        sent[0].text
+    );
+    assert!(sent[0].text.contains("• call <Bob>"), "{}", sent[0].text);
+}
+
+#[tokio::test]
+async fn formatting_rejected_by_telegram_is_resent_as_plain_text() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let channel = TelegramChannel::new(settings(&fake)).unwrap();
+    fake.reject_formatting_next(1);
+    channel
+        .send_text("42", "**bold** & <b>raw</b>")
+        .await
+        .unwrap();
+    let sent = fake.sent_messages();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].html, None, "the resend is plain");
+    assert_eq!(sent[0].text, "bold & <b>raw</b>");
+    assert_eq!(fake.calls("sendMessage"), 2);
+}
+
+#[tokio::test]
+async fn long_formatted_replies_split_into_parts_telegram_can_parse() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let channel = TelegramChannel::new(settings(&fake)).unwrap();
+    let text = format!(
+        "**{}**\n\n```\n{}```",
+        "fish & chips <3 ".repeat(600).trim_end(),
+        "x < y && z\n".repeat(900)
+    );
+    channel.send_text("42", &text).await.unwrap();
+    let sent = fake.sent_messages();
+    assert!(sent.len() >= 4, "{}", sent.len());
+    // Every part was parsed by the fake's strict Telegram HTML parser (else it would be plain).
+    assert!(sent.iter().all(|m| m.html.is_some()));
+    assert!(sent.iter().all(|m| utf16_len(&m.text) <= 4096));
+    assert_eq!(fake.calls("sendMessage"), sent.len());
 }

@@ -34,6 +34,11 @@ pub struct Config {
     pub session: SessionConfig,
     /// Caps and budgets per user (see `limits.rs`).
     pub limits: crate::limits::LimitsConfig,
+    /// Photos, voice notes and documents users send.
+    pub attachments: AttachmentsConfig,
+    /// Speech to text for voice notes and audio (an OpenAI-compatible transcription endpoint).
+    /// Absent: users are told voice notes are not enabled.
+    pub speech: Option<SpeechConfig>,
     /// Families by name. A user belongs to at most one family.
     pub families: BTreeMap<String, FamilyConfig>,
     /// Known users by id.
@@ -213,6 +218,75 @@ pub struct ModelConfig {
     /// budgets. Default empty: a model without a price counts as free for `spendPerMonth`
     /// (token budgets still apply).
     pub prices: BTreeMap<String, crate::limits::PriceConfig>,
+    /// Models that accept images, as `"provider/model"` or `"provider/*"`. When the primary
+    /// model is listed, photos are shown to it; otherwise they are saved and described. Default
+    /// empty.
+    pub vision: Vec<String>,
+}
+
+impl ModelConfig {
+    /// Whether `model` is listed in `vision` (exactly or by `provider/*`).
+    pub fn supports_vision(&self, model: &ModelRef) -> bool {
+        let full = model.to_string();
+        let any = format!("{}/*", model.provider);
+        self.vision.iter().any(|v| *v == full || *v == any)
+    }
+}
+
+/// `attachments`: files users send.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct AttachmentsConfig {
+    /// Largest file taken, in MB (1–50). Default 20 (what Telegram lets bots download).
+    pub max_mb: u64,
+    /// Files handled per message (1–10). Default 4.
+    pub max_per_message: u32,
+    /// Time for one download, in seconds (1–600). Default 60.
+    pub timeout_seconds: u64,
+}
+
+impl Default for AttachmentsConfig {
+    fn default() -> Self {
+        AttachmentsConfig {
+            max_mb: 20,
+            max_per_message: 4,
+            timeout_seconds: 60,
+        }
+    }
+}
+
+/// `speech`: an OpenAI-compatible `POST {baseUrl}/audio/transcriptions` endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SpeechConfig {
+    /// Default `https://api.openai.com/v1`; a self-hosted Whisper server's URL works too.
+    pub base_url: String,
+    /// The key, usually `"${OPENAI_API_KEY}"`; absent for a server without authentication.
+    pub api_key: Option<Secret>,
+    /// Default `whisper-1`.
+    pub model: String,
+    /// Longest recording transcribed, in seconds (by the channel's claim). Default 300.
+    pub max_seconds: u64,
+    /// Largest audio sent, in MB (1–25). Default 20.
+    pub max_mb: u64,
+    /// Start the answer with "heard: <transcript>". Default true.
+    pub echo: bool,
+    /// Time for one transcription, in seconds. Default 120.
+    pub timeout_seconds: u64,
+}
+
+impl Default for SpeechConfig {
+    fn default() -> Self {
+        SpeechConfig {
+            base_url: "https://api.openai.com/v1".to_string(),
+            api_key: None,
+            model: "whisper-1".to_string(),
+            max_seconds: 300,
+            max_mb: 20,
+            echo: true,
+            timeout_seconds: 120,
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -229,6 +303,7 @@ impl Default for ModelConfig {
             max_retries: 2,
             context_window_tokens: 200_000,
             prices: BTreeMap::new(),
+            vision: Vec::new(),
         }
     }
 }
@@ -825,10 +900,11 @@ pub enum ToolName {
     WebSearch,
     /// Reminders and scheduled messages of the calling user.
     Schedule,
+    SendFile,
 }
 
 impl ToolName {
-    pub const ALL: [ToolName; 8] = [
+    pub const ALL: [ToolName; 9] = [
         ToolName::Read,
         ToolName::Write,
         ToolName::Edit,
@@ -837,6 +913,7 @@ impl ToolName {
         ToolName::MemorySearch,
         ToolName::WebSearch,
         ToolName::Schedule,
+        ToolName::SendFile,
     ];
 
     /// The name the model sees (and `Tool::name()` returns).
@@ -850,6 +927,7 @@ impl ToolName {
             ToolName::MemorySearch => "memory_search",
             ToolName::WebSearch => "web_search",
             ToolName::Schedule => "schedule",
+            ToolName::SendFile => "send_file",
         }
     }
 }

@@ -159,9 +159,9 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
 
   tools: {
     // Known tools: read, write, edit, exec, web_fetch, memory_search, web_search, schedule
-    // (reminders). deny wins over allow. web_search is only offered once tools.web.search is
-    // enabled (below).
-    allow: ["read", "write", "edit", "exec", "web_fetch", "memory_search", "web_search", "schedule"],
+    // (reminders), send_file. deny wins over allow. web_search is only offered once
+    // tools.web.search is enabled (below).
+    allow: ["read", "write", "edit", "exec", "web_fetch", "memory_search", "web_search", "schedule", "send_file"],
     deny: [],
     exec: {
       // allowlist: only safeBins, no shell; blocklist: shell, blockedBins refused; full: anything

@@ -37,6 +37,44 @@ pub(crate) fn validate(config: &Config) -> Result<(), Failure> {
     limits(config)?;
     families(config)?;
     users(config)?;
+    attachments(config)?;
+    Ok(())
+}
+
+fn attachments(config: &Config) -> Result<(), Failure> {
+    let a = &config.attachments;
+    in_range("attachments.maxMb", a.max_mb, 1, 50)?;
+    in_range(
+        "attachments.maxPerMessage",
+        u64::from(a.max_per_message),
+        1,
+        10,
+    )?;
+    in_range("attachments.timeoutSeconds", a.timeout_seconds, 1, 600)?;
+    for (index, entry) in config.model.vision.iter().enumerate() {
+        let ok = entry.split_once('/').is_some_and(|(p, m)| {
+            !p.is_empty() && !m.is_empty() && !entry.contains(char::is_whitespace)
+        });
+        if !ok {
+            return Err(rule(
+                format!("model.vision[{index}]"),
+                "must be \"provider/model\" or \"provider/*\"",
+            ));
+        }
+    }
+    if let Some(speech) = &config.speech {
+        let url = url::Url::parse(&speech.base_url)
+            .map_err(|e| rule("speech.baseUrl", format!("not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(rule("speech.baseUrl", "must be http or https"));
+        }
+        if speech.model.trim().is_empty() {
+            return Err(rule("speech.model", "must not be empty"));
+        }
+        in_range("speech.maxMb", speech.max_mb, 1, 25)?;
+        in_range("speech.maxSeconds", speech.max_seconds, 1, 3600)?;
+        in_range("speech.timeoutSeconds", speech.timeout_seconds, 1, 600)?;
+    }
     Ok(())
 }
 

@@ -44,6 +44,84 @@ pub struct InboundMessage {
     pub sender_name: Option<String>,
     /// IETF language tag reported by the channel (Telegram `language_code`), e.g. `de`.
     pub language_code: Option<String>,
+    /// Files sent with the message (photos, voice notes, documents), as references only: the
+    /// accept path stores them and nothing more; the user's worker downloads them later through
+    /// [`Channel::fetch_attachment`]. Empty for text messages (a channel without files writes
+    /// `attachments: Vec::new()`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
+}
+
+/// What kind of file a user sent; decides what the gateway does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachmentKind {
+    /// A picture (shown to a vision model as an image).
+    Photo,
+    /// A recorded voice note (transcribed when `speech` is configured).
+    Voice,
+    /// An audio file (transcribed like a voice note).
+    Audio,
+    /// Any other file (saved; the model is told where).
+    Document,
+}
+
+impl AttachmentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachmentKind::Photo => "photo",
+            AttachmentKind::Voice => "voice",
+            AttachmentKind::Audio => "audio",
+            AttachmentKind::Document => "document",
+        }
+    }
+}
+
+/// A file attached to an inbound message: the channel's reference to it and what the sender
+/// *claims* about it. Nothing here is trusted: the size is checked again while downloading and
+/// the type is decided by the content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub kind: AttachmentKind,
+    /// The channel's opaque reference (Telegram `file_id`), handed back to
+    /// [`Channel::fetch_attachment`].
+    pub file_ref: String,
+    /// File name as sent, if any (untrusted; sanitised before use).
+    #[serde(default)]
+    pub file_name: Option<String>,
+    /// MIME type as claimed by the sender's client, if any (untrusted).
+    #[serde(default)]
+    pub mime_type: Option<String>,
+    /// Size in bytes as claimed, if known.
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Duration in seconds as claimed (voice, audio), if known.
+    #[serde(default)]
+    pub duration_seconds: Option<u64>,
+}
+
+impl Attachment {
+    /// An attachment with only its kind and reference known.
+    pub fn new(kind: AttachmentKind, file_ref: impl Into<String>) -> Self {
+        Attachment {
+            kind,
+            file_ref: file_ref.into(),
+            file_name: None,
+            mime_type: None,
+            size: None,
+            duration_seconds: None,
+        }
+    }
+}
+
+/// A file to send to a user (the `send_file` tool).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundFile {
+    /// File name shown to the recipient (already sanitised: no path).
+    pub file_name: String,
+    pub content: Vec<u8>,
+    /// Optional caption (plain text).
+    pub caption: Option<String>,
 }
 
 /// What the gateway did with an inbound message.
@@ -147,4 +225,29 @@ pub trait Channel: Send + Sync {
     async fn send_text(&self, chat_id: &str, text: &str) -> Result<(), ChannelError>;
     /// Show "typing..." where the service supports it. Best effort.
     async fn send_typing(&self, chat_id: &str) -> Result<(), ChannelError>;
+    /// Download an attachment this channel delivered, at most `max_bytes` (checked against the
+    /// service's size claim first and again while reading) within `timeout`. Larger files fail
+    /// with [`ChannelError::Rejected`] status 413. Channels without files keep this default.
+    async fn fetch_attachment(
+        &self,
+        attachment: &Attachment,
+        max_bytes: u64,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<u8>, ChannelError> {
+        let _ = (attachment, max_bytes, timeout);
+        Err(ChannelError::Rejected {
+            service: "channel",
+            status: 501,
+            detail: "this channel does not deliver files".to_string(),
+        })
+    }
+    /// Send a file to `chat_id`. Channels that cannot send files keep this default.
+    async fn send_file(&self, chat_id: &str, file: &OutboundFile) -> Result<(), ChannelError> {
+        let _ = (chat_id, file);
+        Err(ChannelError::Rejected {
+            service: "channel",
+            status: 501,
+            detail: "this channel cannot send files".to_string(),
+        })
+    }
 }

@@ -26,6 +26,7 @@ pub mod doctor;
 pub mod ids;
 pub mod model;
 pub mod sandbox;
+pub mod speech;
 pub mod tool;
 pub mod webhook;
 

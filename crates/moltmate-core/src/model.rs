@@ -24,6 +24,15 @@ pub enum ConversationItem {
         content: String,
         is_error: bool,
     },
+    /// A picture the user sent, shown to a model that supports images together with the user
+    /// item that follows it. Only ever part of the current turn's request: the transcript keeps
+    /// the text that names where the picture was saved, never the picture itself.
+    Image {
+        /// `image/jpeg`, `image/png`, `image/gif` or `image/webp` (decided from the content).
+        media_type: String,
+        /// The picture, base64 (standard alphabet, padded).
+        data: String,
+    },
 }
 
 /// A tool call requested by the model.

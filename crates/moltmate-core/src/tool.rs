@@ -65,6 +65,25 @@ pub struct ToolContext {
     pub sandbox_ids: SandboxIds,
     /// How `exec` command lines are vetted for this user.
     pub exec: ExecSettings,
+    /// Where files go back to the user (`send_file`): the channel and chat the current message
+    /// came from. `None` where the channel cannot take files (or outside a user's turn).
+    pub outlet: Option<FileOutlet>,
+}
+
+/// The channel and chat the current message came from, for sending a file back to its sender.
+#[derive(Clone)]
+pub struct FileOutlet {
+    pub channel: std::sync::Arc<dyn crate::channel::Channel>,
+    pub chat_id: String,
+}
+
+impl std::fmt::Debug for FileOutlet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileOutlet")
+            .field("channel", &self.channel.kind())
+            .field("chat_id", &self.chat_id)
+            .finish()
+    }
 }
 
 impl ToolContext {

@@ -160,6 +160,9 @@ pub struct Turn<'a> {
     /// The session so far (the new user message is not in it).
     pub history: Vec<ConversationItem>,
     pub user_text: String,
+    /// Pictures sent with the message ([`ConversationItem::Image`]), shown to the model with the
+    /// user's text in this turn only: they are not part of the turn's stored items.
+    pub images: Vec<ConversationItem>,
     pub max_iterations: usize,
     pub deltas: &'a dyn DeltaSink,
     pub log_tool_calls: bool,
@@ -222,6 +225,7 @@ fn stop_turn(
 pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
     let offered = turn.tools.offered(turn.allowed_tools);
     let mut items = turn.history;
+    items.extend(turn.images);
     let first_new = items.len();
     items.push(ConversationItem::User {
         text: turn.user_text,

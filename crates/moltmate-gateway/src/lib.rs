@@ -39,4 +39,6 @@ pub mod settings;
 pub mod strangers;
 
 pub use router::{Gateway, GatewayParts, Reply, Submitted};
-pub use settings::{GatewaySettings, SandboxIdPolicy, UserSettings};
+pub use settings::{
+    AttachmentSettings, GatewaySettings, SandboxIdPolicy, SpeechSettings, UserSettings,
+};

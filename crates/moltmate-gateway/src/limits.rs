@@ -170,6 +170,8 @@ pub fn shrink_for_storage(items: &mut [ConversationItem], max_bytes: usize) -> u
                 }
             }
             ConversationItem::User { text } => fields.push((text.len(), Field::UserText(index))),
+            // Never stored (the turn drops images before storage); nothing to shorten.
+            ConversationItem::Image { .. } => {}
         }
     }
     // Largest first; the user's own words last of all.

@@ -43,6 +43,8 @@ fn item_text_len(item: &ConversationItem) -> usize {
                     .sum::<usize>()
         }
         ConversationItem::ToolResult { content, .. } => content.len(),
+        // About what providers charge for a picture (~1,500 tokens), in text bytes.
+        ConversationItem::Image { .. } => 6_000,
     }
 }
 
@@ -135,6 +137,7 @@ pub async fn compact(
         system: job.system.to_string(),
         history: history.clone(),
         user_text: FLUSH_NOTICE.to_string(),
+        images: Vec::new(),
         max_iterations: job.max_iterations,
         deltas: &IgnoreDeltas,
         log_tool_calls: false,

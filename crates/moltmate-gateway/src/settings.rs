@@ -26,10 +26,18 @@ pub struct UserSettings {
 impl Default for UserSettings {
     fn default() -> Self {
         UserSettings {
-            tools: ["read", "write", "edit", "exec", "web_fetch", "web_search", "schedule"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            tools: [
+                "read",
+                "write",
+                "edit",
+                "exec",
+                "web_fetch",
+                "web_search",
+                "schedule",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
             exec: ExecSettings {
                 default_timeout: Duration::from_secs(30),
                 max_timeout: Duration::from_secs(300),
@@ -145,6 +153,59 @@ pub struct GatewaySettings {
     pub reminder_min_interval_minutes: u32,
     /// What the scheduler and the `schedule` tool take as "now".
     pub clock: crate::schedule::Clock,
+    /// Photos, voice notes and documents users send (`attachments`, `speech`, `model.vision`).
+    pub attachments: AttachmentSettings,
+}
+
+/// What happens to files users send.
+#[derive(Debug, Clone)]
+pub struct AttachmentSettings {
+    /// Largest file downloaded, in bytes (`attachments.maxMb`; Telegram's bots get at most 20 MB).
+    pub max_bytes: u64,
+    /// Files handled per message; more are refused with a note (`attachments.maxPerMessage`).
+    pub max_per_message: usize,
+    /// Time for one download (`attachments.timeoutSeconds`).
+    pub download_timeout: std::time::Duration,
+    /// Whether the primary model accepts images (`model.vision`): photos are then shown to it.
+    pub vision: bool,
+    /// Voice notes and audio: `None` tells users voice notes are not enabled (`speech`).
+    pub speech: Option<SpeechSettings>,
+}
+
+impl Default for AttachmentSettings {
+    fn default() -> Self {
+        AttachmentSettings {
+            max_bytes: 20 << 20,
+            max_per_message: 4,
+            download_timeout: std::time::Duration::from_secs(60),
+            vision: false,
+            speech: None,
+        }
+    }
+}
+
+/// A configured transcription service (`speech`).
+#[derive(Clone)]
+pub struct SpeechSettings {
+    pub transcriber: std::sync::Arc<dyn moltmate_core::speech::Transcriber>,
+    /// Largest audio sent for transcription, in bytes (`speech.maxMb`).
+    pub max_bytes: u64,
+    /// Longest recording transcribed, by the channel's claim (`speech.maxSeconds`).
+    pub max_seconds: u64,
+    /// Put "heard: …" before the answer so the user sees what was understood (`speech.echo`).
+    pub echo: bool,
+    /// Time for one transcription (`speech.timeoutSeconds`).
+    pub timeout: std::time::Duration,
+}
+
+impl std::fmt::Debug for SpeechSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpeechSettings")
+            .field("max_bytes", &self.max_bytes)
+            .field("max_seconds", &self.max_seconds)
+            .field("echo", &self.echo)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for GatewaySettings {
@@ -184,6 +245,7 @@ impl Default for GatewaySettings {
             preferred_channels: HashMap::new(),
             reminder_min_interval_minutes: 15,
             clock: crate::schedule::Clock::default(),
+            attachments: AttachmentSettings::default(),
         }
     }
 }

@@ -168,6 +168,7 @@ fn message(user: &str, text: &str) -> InboundMessage {
         text: text.to_string(),
         sender_name: None,
         language_code: None,
+        attachments: Vec::new(),
     }
 }
 

@@ -196,6 +196,7 @@ async fn say(gateway: &Gateway, user: &str, text: &str, language: Option<&str>) 
         text: text.to_string(),
         sender_name: None,
         language_code: language.map(str::to_string),
+        attachments: Vec::new(),
     };
     let submitted = gateway
         .submit(message, Arc::new(IgnoreDeltas))
@@ -437,6 +438,7 @@ async fn identities_linked_in_config_share_one_home_and_memory() {
         text: "from telegram".into(),
         sender_name: None,
         language_code: None,
+        attachments: Vec::new(),
     };
     let submitted = s
         .gateway
@@ -734,6 +736,7 @@ async fn a_user_ended_by_another_process_runs_nothing_until_the_ending_settles()
         .unwrap();
     let calls = s.model.seen().len();
     let message = InboundMessage {
+        attachments: Vec::new(),
         sender: Identity::new(ChannelKind::Local, PeerId::new("anna").unwrap()),
         chat_id: "anna".into(),
         external_id: "after-the-end".into(),

@@ -163,6 +163,7 @@ fn message(user: &str, text: &str) -> InboundMessage {
         text: text.to_string(),
         sender_name: None,
         language_code: None,
+        attachments: Vec::new(),
     }
 }
 
@@ -203,7 +204,9 @@ fn well_formed(items: &[ConversationItem]) {
                 assert!(at.is_some(), "result without a call: {call_id}");
                 open.retain(|id| id != call_id);
             }
-            ConversationItem::User { .. } => assert!(open.is_empty(), "unanswered: {open:?}"),
+            ConversationItem::User { .. } | ConversationItem::Image { .. } => {
+                assert!(open.is_empty(), "unanswered: {open:?}")
+            }
         }
     }
     assert!(open.is_empty(), "unanswered at the end: {open:?}");

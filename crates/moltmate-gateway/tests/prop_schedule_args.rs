@@ -30,6 +30,7 @@ const MAX_REMINDERS: usize = 5;
 
 fn context(user: &UserId) -> ToolContext {
     ToolContext {
+        outlet: None,
         user: user.clone(),
         home: UserHome::new(Path::new("/nonexistent/users"), user),
         session_id: "s".into(),

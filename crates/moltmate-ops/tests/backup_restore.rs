@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 /// The sandbox ids the test homes are owned by (any id in the default range).
 const SANDBOX_UID: u32 = 2_000_000_123;
-const IDS: moltmate_core::sandbox::SandboxIds = moltmate_core::sandbox::SandboxIds::same(SANDBOX_UID);
+const IDS: moltmate_core::sandbox::SandboxIds =
+    moltmate_core::sandbox::SandboxIds::same(SANDBOX_UID);
 
 fn quiet() -> impl FnMut(&Progress) {
     |_| {}
@@ -617,15 +618,11 @@ fn a_capped_home_is_backed_up_from_its_files_mounted_or_not() {
         .unwrap()
         .root()
         .to_path_buf();
-    let cap = disk::ensure_user_volume(&home.join("sandboxes"), &dir, &user, 24 << 20, IDS).unwrap();
+    let cap =
+        disk::ensure_user_volume(&home.join("sandboxes"), &dir, &user, 24 << 20, IDS).unwrap();
     assert!(cap.enforced);
     std::fs::write(dir.join("MEMORY.md"), "on the image").unwrap();
-    std::os::unix::fs::chown(
-        dir.join("MEMORY.md"),
-        Some(SANDBOX_UID),
-        Some(SANDBOX_UID),
-    )
-    .unwrap();
+    std::os::unix::fs::chown(dir.join("MEMORY.md"), Some(SANDBOX_UID), Some(SANDBOX_UID)).unwrap();
 
     let mounted = base.path().join("mounted.tar.gz");
     backup::backup(&home, &mounted, &BackupOptions::default(), &mut quiet()).unwrap();

@@ -121,6 +121,18 @@ enum Content<'a> {
         name: &'a str,
         input: ToolInput<'a>,
     },
+    /// A photo of this turn (never stored in the transcript).
+    Image {
+        source: ImageSource<'a>,
+    },
+}
+
+#[derive(Serialize)]
+struct ImageSource<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    media_type: &'a str,
+    data: &'a str,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -140,6 +152,16 @@ fn messages(items: &[ConversationItem]) -> Vec<Message<'_>> {
                 };
                 ("user", vec![Content::Text { text }])
             }
+            ConversationItem::Image { media_type, data } => (
+                "user",
+                vec![Content::Image {
+                    source: ImageSource {
+                        kind: "base64",
+                        media_type,
+                        data,
+                    },
+                }],
+            ),
             ConversationItem::ToolResult {
                 call_id,
                 content,

@@ -33,6 +33,7 @@ mod chain;
 mod http;
 mod openai;
 mod settings;
+mod speech;
 mod toolargs;
 
 pub use anthropic::AnthropicProvider;
@@ -42,6 +43,7 @@ pub use chain::{
 };
 pub use openai::OpenAiProvider;
 pub use settings::{ApiKey, ApiKind, ProviderSettings};
+pub use speech::OpenAiTranscriber;
 
 use moltmate_core::model::{Provider, ProviderError};
 use std::sync::Arc;

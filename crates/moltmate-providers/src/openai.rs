@@ -70,6 +70,13 @@ fn body(request: &ModelRequest) -> Body<'_> {
     for item in &request.items {
         messages.push(match item {
             ConversationItem::User { text } => Message::User { content: text },
+            ConversationItem::Image { media_type, data } => Message::UserParts {
+                content: vec![Part::ImageUrl {
+                    image_url: ImageUrl {
+                        url: format!("data:{media_type};base64,{data}"),
+                    },
+                }],
+            },
             ConversationItem::ToolResult {
                 call_id,
                 content,
@@ -152,6 +159,11 @@ enum Message<'a> {
     User {
         content: &'a str,
     },
+    /// A user message of parts (a photo of this turn, as a data URL).
+    #[serde(rename = "user")]
+    UserParts {
+        content: Vec<Part>,
+    },
     Tool {
         tool_call_id: &'a str,
         content: Cow<'a, str>,
@@ -162,6 +174,17 @@ enum Message<'a> {
         #[serde(skip_serializing_if = "Vec::is_empty")]
         tool_calls: Vec<WireCall<'a>>,
     },
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Part {
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Serialize)]
+struct ImageUrl {
+    url: String,
 }
 
 #[derive(Serialize)]

@@ -6,8 +6,8 @@
 //! operator's CLI (`moltmate pairing approve`, `moltmate users ...`) read and write while the
 //! gateway runs; `busy_timeout` makes the two wait for each other instead of failing.
 
-use crate::ending::Completion;
 use crate::durable::DbThread;
+use crate::ending::Completion;
 use chrono::Utc;
 use moltmate_core::channel::InboundMessage;
 use moltmate_core::model::{ConversationItem, TokenUsage};
@@ -216,6 +216,11 @@ CREATE UNIQUE INDEX sandbox_ids_live ON sandbox_ids(kind, name) WHERE retired_at
     crate::ending::MIGRATION,
     crate::reminders::MIGRATION,
     crate::usage::RETENTION_MIGRATION,
+    // Attachment references of an inbox row (JSON array of `Attachment`), downloaded by the
+    // user's worker; NULL for text messages.
+    r#"
+ALTER TABLE inbox ADD COLUMN attachments TEXT;
+"#,
 ];
 
 /// The schema version this code creates and reads. A database with a higher version (made by a
@@ -249,6 +254,8 @@ pub struct InboxItem {
     pub received_at: i64,
     /// Set when a reminder of the user produced this row (not a message they sent).
     pub reminder: Option<crate::reminders::ReminderFire>,
+    /// Files sent with the message (references; downloaded by the worker).
+    pub attachments: Vec<moltmate_core::channel::Attachment>,
 }
 
 /// A reply waiting to be sent.
@@ -803,7 +810,7 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             let mut statement = c.prepare_cached(
-                "SELECT id, channel, user_id, chat_id, text, sender_name, language_code, received_at, reminder
+                "SELECT id, channel, user_id, chat_id, text, sender_name, language_code, received_at, reminder, attachments
                  FROM inbox WHERE user_id = ?1 AND done_at IS NULL ORDER BY id LIMIT ?2",
             )?;
             let rows = statement.query_map(params![user.as_str(), limit as i64], |r| {
@@ -817,11 +824,12 @@ impl Store {
                     r.get::<_, Option<String>>(6)?,
                     r.get::<_, i64>(7)?,
                     r.get::<_, Option<String>>(8)?,
+                    r.get::<_, Option<String>>(9)?,
                 ))
             })?;
             let mut items = Vec::new();
             for row in rows {
-                let (id, channel, user_id, chat_id, text, sender_name, language_code, received_at, reminder) =
+                let (id, channel, user_id, chat_id, text, sender_name, language_code, received_at, reminder, attachments) =
                     row?;
                 let reminder = reminder
                     .map(|json| {
@@ -829,6 +837,15 @@ impl Store {
                             .map_err(|e| StoreError::Corrupt(format!("inbox row {id}: {e}")))
                     })
                     .transpose()?;
+                // A row that cannot be read back still gets answered; the files it named are
+                // reported lost rather than blocking the user's queue.
+                let attachments = match attachments {
+                    None => Vec::new(),
+                    Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
+                        tracing::warn!(inbox = id, error = %e, "unreadable attachment list");
+                        Vec::new()
+                    }),
+                };
                 items.push(InboxItem {
                     id,
                     channel: parse_channel(&channel)?,
@@ -839,6 +856,7 @@ impl Store {
                     language_code,
                     received_at,
                     reminder,
+                    attachments,
                 });
             }
             Ok(items)
@@ -1572,10 +1590,19 @@ pub(crate) fn insert_inbox_row(
     message: &InboundMessage,
     user: &UserId,
 ) -> Result<Option<i64>, StoreError> {
+    // Attachment references (JSON), downloaded later by the user's worker; NULL for text.
+    let attachments = if message.attachments.is_empty() {
+        None
+    } else {
+        Some(
+            serde_json::to_string(&message.attachments)
+                .map_err(|e| StoreError::Corrupt(format!("attachments: {e}")))?,
+        )
+    };
     let inserted = c
         .prepare_cached(
-            "INSERT OR IGNORE INTO inbox (channel, external_id, user_id, chat_id, text, sender_name, language_code, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT OR IGNORE INTO inbox (channel, external_id, user_id, chat_id, text, sender_name, language_code, received_at, attachments)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?
         .execute(params![
             message.sender.channel.as_str(),
@@ -1585,7 +1612,8 @@ pub(crate) fn insert_inbox_row(
             message.text,
             message.sender_name,
             message.language_code,
-            now_millis()
+            now_millis(),
+            attachments
         ])?;
     Ok((inserted == 1).then(|| c.last_insert_rowid()))
 }
@@ -1817,6 +1845,7 @@ mod tests {
             text: text.to_string(),
             sender_name: None,
             language_code: None,
+            attachments: Vec::new(),
         }
     }
 

@@ -413,6 +413,7 @@ mod tests {
 
     fn message(peer: &str, external: &str) -> InboundMessage {
         InboundMessage {
+            attachments: Vec::new(),
             sender: Identity::new(ChannelKind::Telegram, PeerId::new(peer).unwrap()),
             chat_id: peer.into(),
             external_id: external.into(),

@@ -403,7 +403,7 @@ impl MemoryIndex {
             let text = match item {
                 ConversationItem::User { text } => Some(("user", text)),
                 ConversationItem::Assistant { text, .. } => Some(("assistant", text)),
-                ConversationItem::ToolResult { .. } => None,
+                ConversationItem::ToolResult { .. } | ConversationItem::Image { .. } => None,
             }
             .filter(|(_, text)| !text.trim().is_empty());
             let Some((who, text)) = text else {

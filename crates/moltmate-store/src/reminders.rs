@@ -538,6 +538,7 @@ mod tests {
         let id = store
             .insert_inbound(
                 &InboundMessage {
+                    attachments: Vec::new(),
                     sender: identity,
                     chat_id: peer.to_string(),
                     external_id: external.to_string(),

@@ -199,6 +199,7 @@ mod tests {
         let anna = UserId::new("anna").unwrap();
         store.ensure_user(&anna, None).await.unwrap();
         let message = InboundMessage {
+            attachments: Vec::new(),
             sender: Identity::new(ChannelKind::Web, PeerId::new("anna").unwrap()),
             chat_id: "anna".into(),
             external_id: "1".into(),

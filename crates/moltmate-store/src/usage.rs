@@ -853,6 +853,7 @@ mod tests {
                     text: "x".into(),
                     sender_name: None,
                     language_code: None,
+                    attachments: Vec::new(),
                 },
                 who,
             )
@@ -1065,6 +1066,7 @@ mod tests {
                         text: "waiting".into(),
                         sender_name: None,
                         language_code: None,
+                        attachments: Vec::new(),
                     },
                     &anna,
                 )

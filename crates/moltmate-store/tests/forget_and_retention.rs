@@ -89,6 +89,7 @@ async fn answered_messages_and_sent_replies_keep_no_text() {
     let inbox_id = store
         .insert_inbound(
             &InboundMessage {
+                attachments: Vec::new(),
                 sender: Identity::new(ChannelKind::Telegram, PeerId::new("42").unwrap()),
                 chat_id: "42".into(),
                 external_id: "1".into(),
@@ -147,6 +148,7 @@ async fn answered_messages_and_sent_replies_keep_no_text() {
     let waiting = store
         .insert_inbound(
             &InboundMessage {
+                attachments: Vec::new(),
                 sender: Identity::new(ChannelKind::Telegram, PeerId::new("42").unwrap()),
                 chat_id: "42".into(),
                 external_id: "2".into(),
@@ -208,6 +210,7 @@ async fn answered_rows_are_pruned_after_the_retention() {
         let id = store
             .insert_inbound(
                 &InboundMessage {
+                    attachments: Vec::new(),
                     sender: Identity::new(ChannelKind::Telegram, PeerId::new("42").unwrap()),
                     chat_id: "42".into(),
                     external_id: format!("{n}"),

@@ -4,5 +4,6 @@ pub mod llm;
 pub mod prop;
 pub mod search;
 pub mod signal;
+pub mod speech;
 pub mod telegram;
 pub mod whatsapp;

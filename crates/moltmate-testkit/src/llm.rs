@@ -119,6 +119,41 @@ impl RecordedRequest {
         }
     }
 
+    /// Every image in the request as `(media type, base64 data)`: Anthropic `image` blocks
+    /// (`source.type: base64`) and OpenAI `image_url` parts with a `data:` URL.
+    pub fn images(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for message in self.messages() {
+            let Some(blocks) = message.get("content").and_then(Value::as_array) else {
+                continue;
+            };
+            for block in blocks {
+                match block.get("type").and_then(Value::as_str) {
+                    Some("image") => {
+                        let source = &block["source"];
+                        if let (Some(media), Some(data)) = (
+                            source.get("media_type").and_then(Value::as_str),
+                            source.get("data").and_then(Value::as_str),
+                        ) {
+                            out.push((media.to_string(), data.to_string()));
+                        }
+                    }
+                    Some("image_url") => {
+                        let url = block["image_url"]["url"].as_str().unwrap_or("");
+                        if let Some((media, data)) = url
+                            .strip_prefix("data:")
+                            .and_then(|rest| rest.split_once(";base64,"))
+                        {
+                            out.push((media.to_string(), data.to_string()));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
     /// The text of the last user message (tool results are not user text).
     pub fn last_user_text(&self) -> Option<String> {
         self.messages()

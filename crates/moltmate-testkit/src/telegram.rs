@@ -39,7 +39,20 @@ pub const FAKE_BOT_ID: i64 = 4242;
 pub struct SentMessage {
     /// `chat_id` as sent (integers rendered in decimal).
     pub chat_id: String,
+    /// The text as the user sees it: for `parse_mode: "HTML"`, after entity parsing (tags
+    /// removed, entities decoded), as Telegram returns it in the sent `Message`.
     pub text: String,
+    /// The raw text as sent, when `parse_mode` was `HTML`.
+    pub html: Option<String>,
+}
+
+/// A document the bot sent with `sendDocument` (multipart upload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentDocument {
+    pub chat_id: String,
+    pub file_name: String,
+    pub content: Vec<u8>,
+    pub caption: Option<String>,
 }
 
 /// A `sendChatAction` the bot sent.
@@ -135,7 +148,18 @@ struct Inner {
     get_updates_calls: Vec<GetUpdatesCall>,
     faults: Vec<Fault>,
     calls_by_method: Vec<String>,
+    /// How many of the next formatted `sendMessage` calls to refuse as unparsable.
+    reject_formatting: usize,
+    /// Documents the bot sent with `sendDocument`.
+    documents: Vec<SentDocument>,
+    /// Files the bot may download: file_id → (file_path, content).
+    files: std::collections::HashMap<String, (String, Vec<u8>)>,
+    /// Paths downloaded from `/file/bot<token>/<path>`, in order.
+    downloads: Vec<String>,
 }
+
+/// Telegram's limit for files bots download (`getFile` refuses bigger ones).
+pub const MAX_DOWNLOAD_BYTES: usize = 20 << 20;
 
 struct Shared {
     token: String,
@@ -196,6 +220,7 @@ impl FakeTelegram {
             sent_subscribers: Mutex::new(Vec::new()),
         });
         let app = Router::new()
+            .route("/file/{bot}/{*path}", axum::routing::get(download))
             .route("/{bot}/{method}", any(handle))
             .with_state(shared.clone());
         #[allow(clippy::expect_used)] // test double: failing to bind loopback is a broken host
@@ -285,6 +310,73 @@ impl FakeTelegram {
         drop(inner);
         self.shared.updates_changed.send_modify(|v| *v += 1);
         id
+    }
+
+    /// Store a file the bot can fetch with `getFile` and download; returns its `file_id`.
+    pub fn add_file(&self, content: Vec<u8>) -> String {
+        let mut inner = self.shared.lock();
+        let n = inner.files.len() + 1;
+        let file_id = format!("AgACAgFILE{n:04}xyz");
+        inner.files.insert(
+            file_id.clone(),
+            (format!("documents/file_{n}.bin"), content),
+        );
+        file_id
+    }
+
+    /// Push a private message carrying a file: `kind` is `photo`, `voice`, `audio` or
+    /// `document`; `claimed_size` is the `file_size` the update states (which a hostile or
+    /// buggy client could get wrong); returns the `update_id`.
+    pub fn push_file(
+        &self,
+        from_id: i64,
+        kind: &str,
+        file_id: &str,
+        claimed_size: Option<u64>,
+        file_name: Option<&str>,
+        caption: Option<&str>,
+    ) -> i64 {
+        let mut file = json!({"file_id": file_id, "file_unique_id": format!("u{file_id}")});
+        if let Some(size) = claimed_size {
+            file["file_size"] = json!(size);
+        }
+        if let Some(name) = file_name {
+            file["file_name"] = json!(name);
+        }
+        let mut message = json!({
+            "message_id": 1, "date": 1_700_000_000,
+            "from": {"id": from_id, "is_bot": false, "first_name": format!("User{from_id}")},
+            "chat": {"id": from_id, "type": "private"},
+        });
+        match kind {
+            "photo" => {
+                file["width"] = json!(800);
+                file["height"] = json!(600);
+                let mut thumb = file.clone();
+                thumb["file_id"] = json!("thumbnail-never-fetched");
+                message["photo"] = json!([thumb, file]);
+            }
+            "voice" => {
+                file["duration"] = json!(3);
+                file["mime_type"] = json!("audio/ogg");
+                message["voice"] = file;
+            }
+            other => message[other] = file,
+        }
+        if let Some(caption) = caption {
+            message["caption"] = json!(caption);
+        }
+        self.push_update(|id| json!({"update_id": id, "message": message}))
+    }
+
+    /// Documents the bot sent, in order.
+    pub fn sent_documents(&self) -> Vec<SentDocument> {
+        self.shared.lock().documents.clone()
+    }
+
+    /// The file paths the bot downloaded, in order.
+    pub fn downloads(&self) -> Vec<String> {
+        self.shared.lock().downloads.clone()
     }
 
     /// Updates not yet confirmed by an offset.
@@ -390,6 +482,12 @@ impl FakeTelegram {
         self.add_fault(Some(method), n, status, error_body(status, retry_after));
     }
 
+    /// Refuse the next `n` `sendMessage` calls that carry a `parse_mode` with Telegram's
+    /// `400 Bad Request: can't parse entities: ...` (plain sends still succeed).
+    pub fn reject_formatting_next(&self, n: usize) {
+        self.shared.lock().reject_formatting = n;
+    }
+
     /// Answer the next `n` calls of `method` (or of any method) with this raw body and status,
     /// e.g. malformed JSON.
     pub fn respond_raw_next(&self, method: Option<&str>, n: usize, status: u16, body: &str) {
@@ -454,10 +552,19 @@ async fn handle(
     State(shared): State<Arc<Shared>>,
     Path((bot, method)): Path<(String, String)>,
     RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
     if bot.strip_prefix("bot") != Some(shared.token.as_str()) {
         return error(401, "Unauthorized");
+    }
+    if method == "sendDocument" {
+        shared.lock().calls_by_method.push(method.clone());
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        return send_document(&shared, content_type, &body);
     }
     let params = parse_params(query.as_deref(), &body);
     {
@@ -498,7 +605,98 @@ async fn handle(
         "getUpdates" => get_updates(&shared, &params).await,
         "sendMessage" => send_message(&shared, &params),
         "sendChatAction" => send_chat_action(&shared, &params),
+        "getFile" => get_file(&shared, &params),
         _ => error(404, "Not Found"),
+    }
+}
+
+/// `sendDocument` as multipart/form-data: `chat_id`, `document` (with a filename), `caption`.
+fn send_document(shared: &Shared, content_type: &str, body: &[u8]) -> Response {
+    let Some(boundary) = content_type
+        .strip_prefix("multipart/form-data; boundary=")
+        .map(|b| format!("--{}", b.trim_matches('"')))
+    else {
+        return error(400, "Bad Request: sendDocument expects multipart/form-data");
+    };
+    let mut fields: Vec<(String, Option<String>, Vec<u8>)> = Vec::new();
+    let mut rest = body;
+    while let Some(start) = find(rest, boundary.as_bytes()) {
+        rest = &rest[start + boundary.len()..];
+        if rest.starts_with(b"--") {
+            break;
+        }
+        let Some(head_end) = find(rest, b"\r\n\r\n") else {
+            break;
+        };
+        let head = String::from_utf8_lossy(&rest[..head_end]).to_string();
+        let data_start = head_end + 4;
+        let Some(data_len) = find(&rest[data_start..], format!("\r\n{boundary}").as_bytes()) else {
+            break;
+        };
+        let value = |key: &str| {
+            head.split(&format!("{key}=\""))
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .map(str::to_string)
+        };
+        fields.push((
+            value("name").unwrap_or_default(),
+            value("filename"),
+            rest[data_start..data_start + data_len].to_vec(),
+        ));
+        rest = &rest[data_start + data_len..];
+    }
+    let field = |name: &str| fields.iter().find(|(n, _, _)| n == name);
+    let Some((_, _, chat)) = field("chat_id") else {
+        return error(400, "Bad Request: chat_id is empty");
+    };
+    let Some((_, Some(file_name), content)) = field("document") else {
+        return error(400, "Bad Request: there is no document in the request");
+    };
+    let document = SentDocument {
+        chat_id: String::from_utf8_lossy(chat).to_string(),
+        file_name: file_name.clone(),
+        content: content.clone(),
+        caption: field("caption").map(|(_, _, c)| String::from_utf8_lossy(c).to_string()),
+    };
+    shared.lock().documents.push(document);
+    shared.sent_changed.send_modify(|v| *v += 1);
+    ok(json!({"message_id": 1, "date": 1_700_000_000, "chat": {"id": 0, "type": "private"}}))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn get_file(shared: &Shared, params: &Value) -> Response {
+    let Some(file_id) = params.get("file_id").and_then(Value::as_str) else {
+        return error(400, "Bad Request: file_id not specified");
+    };
+    let inner = shared.lock();
+    let Some((path, content)) = inner.files.get(file_id) else {
+        return error(400, "Bad Request: invalid file_id");
+    };
+    if content.len() > MAX_DOWNLOAD_BYTES {
+        return error(400, "Bad Request: file is too big");
+    }
+    ok(json!({
+        "file_id": file_id, "file_unique_id": format!("u{file_id}"),
+        "file_size": content.len(), "file_path": path
+    }))
+}
+
+async fn download(
+    State(shared): State<Arc<Shared>>,
+    Path((bot, path)): Path<(String, String)>,
+) -> Response {
+    if bot.strip_prefix("bot") != Some(shared.token.as_str()) {
+        return error(401, "Unauthorized");
+    }
+    let mut inner = shared.lock();
+    inner.downloads.push(path.clone());
+    match inner.files.values().find(|(p, _)| *p == path) {
+        Some((_, content)) => (StatusCode::OK, content.clone()).into_response(),
+        None => error(404, "Not Found"),
     }
 }
 
@@ -654,17 +852,39 @@ fn send_message(shared: &Shared, params: &Value) -> Response {
     let Some(text) = params.get("text").and_then(Value::as_str) else {
         return error(400, "Bad Request: message text is empty");
     };
-    if text.trim().is_empty() {
+    let (visible, html) = match params.get("parse_mode").and_then(Value::as_str) {
+        None | Some("") => (text.to_string(), None),
+        Some("HTML") => {
+            {
+                let mut inner = shared.lock();
+                if inner.reject_formatting > 0 {
+                    inner.reject_formatting -= 1;
+                    return error(
+                        400,
+                        "Bad Request: can't parse entities: Unsupported start tag \"x\" at byte offset 0",
+                    );
+                }
+            }
+            match parse_html(text) {
+                Ok(visible) => (visible, Some(text.to_string())),
+                Err(e) => return error(400, &format!("Bad Request: can't parse entities: {e}")),
+            }
+        }
+        Some(_) => return error(400, "Bad Request: unsupported parse_mode"),
+    };
+    if visible.trim().is_empty() {
         return error(400, "Bad Request: message text is empty");
     }
-    if text.chars().map(char::len_utf16).sum::<usize>() > MAX_MESSAGE_UTF16 {
+    if visible.chars().map(char::len_utf16).sum::<usize>() > MAX_MESSAGE_UTF16 {
         return error(400, "Bad Request: message is too long");
     }
+    let text = visible.as_str();
     let message_id = {
         let mut inner = shared.lock();
         let sent = SentMessage {
             chat_id: chat_id.clone(),
             text: text.to_string(),
+            html,
         };
         shared
             .sent_subscribers
@@ -721,4 +941,111 @@ fn send_chat_action(shared: &Shared, params: &Value) -> Response {
     });
     shared.sent_changed.send_modify(|v| *v += 1);
     ok(json!(true))
+}
+
+/// Tags Telegram's `parse_mode: "HTML"` supports.
+const HTML_TAGS: &[&str] = &[
+    "b",
+    "strong",
+    "i",
+    "em",
+    "u",
+    "ins",
+    "s",
+    "strike",
+    "del",
+    "span",
+    "tg-spoiler",
+    "a",
+    "code",
+    "pre",
+    "blockquote",
+    "tg-emoji",
+];
+
+/// Parse Telegram HTML as Telegram does (strictly): only the supported tags, properly nested;
+/// `<`, `>` and `&` outside tags only as entities (`&lt;` `&gt;` `&amp;` `&quot;` and numeric).
+/// Returns the visible text, or the reason Telegram would give.
+pub fn parse_html(text: &str) -> Result<String, String> {
+    let mut visible = String::new();
+    let mut stack: Vec<String> = Vec::new();
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let offset = text.len() - rest.len();
+        match c {
+            '<' => {
+                let end = rest
+                    .find('>')
+                    .ok_or_else(|| format!("unclosed start tag at byte offset {offset}"))?;
+                let inner = &rest[1..end];
+                if let Some(name) = inner.strip_prefix('/') {
+                    let name = name.trim().to_ascii_lowercase();
+                    if stack.pop().as_deref() != Some(name.as_str()) {
+                        return Err(format!(
+                            "Can't find end tag corresponding to start tag at byte offset {offset}"
+                        ));
+                    }
+                } else {
+                    let name: String = inner
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                        .collect::<String>()
+                        .to_ascii_lowercase();
+                    if !HTML_TAGS.contains(&name.as_str()) {
+                        return Err(format!(
+                            "Unsupported start tag \"{name}\" at byte offset {offset}"
+                        ));
+                    }
+                    let attrs = inner[name.len()..].trim();
+                    let ok = match name.as_str() {
+                        "a" => attrs.starts_with("href=\"") && attrs.ends_with('"'),
+                        "code" => attrs.is_empty() || attrs.starts_with("class=\"language-"),
+                        "span" => attrs == "class=\"tg-spoiler\"",
+                        "blockquote" => attrs.is_empty() || attrs == "expandable",
+                        "tg-emoji" => attrs.starts_with("emoji-id=\""),
+                        _ => attrs.is_empty(),
+                    };
+                    if !ok || attrs.contains('<') {
+                        return Err(format!(
+                            "Unsupported attribute in tag \"{name}\" at byte offset {offset}"
+                        ));
+                    }
+                    stack.push(name);
+                }
+                rest = &rest[end + 1..];
+            }
+            '>' => return Err(format!("Unmatched end of tag at byte offset {offset}")),
+            '&' => {
+                let end = rest
+                    .find(';')
+                    .filter(|e| *e <= 10)
+                    .ok_or_else(|| format!("Unclosed entity at byte offset {offset}"))?;
+                let entity = &rest[1..end];
+                let decoded = match entity {
+                    "lt" => '<',
+                    "gt" => '>',
+                    "amp" => '&',
+                    "quot" => '"',
+                    e if e.starts_with('#') => e[1..]
+                        .parse::<u32>()
+                        .ok()
+                        .and_then(char::from_u32)
+                        .ok_or_else(|| format!("Invalid entity at byte offset {offset}"))?,
+                    _ => return Err(format!("Unsupported entity at byte offset {offset}")),
+                };
+                visible.push(decoded);
+                rest = &rest[end + 1..];
+            }
+            c => {
+                visible.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    if let Some(open) = stack.last() {
+        return Err(format!(
+            "Can't find end tag corresponding to start tag \"{open}\""
+        ));
+    }
+    Ok(visible)
 }

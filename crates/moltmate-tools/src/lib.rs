@@ -12,6 +12,7 @@ mod exec;
 mod files;
 pub mod html;
 mod paths;
+mod send_file;
 mod web_fetch;
 pub mod web_search;
 
@@ -20,6 +21,7 @@ pub use files::{
     EditTool, ReadTool, WriteTool, EDIT_MAX_BYTES, FILE_TOOL_DEADLINE, LIST_SCAN_MAX,
     READ_OUTPUT_CAP, READ_SCAN_MAX, WRITE_MAX_BYTES,
 };
+pub use send_file::{SendFileTool, SEND_FILE_MAX_BYTES};
 pub use web_fetch::{WebFetchError, WebFetchSettings, WebFetchTool, MAX_REDIRECTS};
 pub use web_search::{
     SearchApiKey, SearchBackend, SearchError, SearchHit, SearchProviderSettings, SearchQuery,

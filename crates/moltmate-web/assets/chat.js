@@ -1,6 +1,9 @@
 // Web chat: loads the current session's history, sends messages with the session's CSRF
 // token and renders the answer as it streams in (newline-delimited JSON over fetch).
-// All text goes in through textContent, never innerHTML.
+// All text goes in through textContent. The one exception is an assistant message's `html`:
+// Markdown rendered by the server (crates/moltmate-web/src/markdown.rs), which escapes all of
+// the model's text and raw HTML and keeps only http(s)/mailto links; the page's CSP forbids
+// inline script besides.
 "use strict";
 
 (() => {
@@ -15,12 +18,21 @@
     list.scrollTop = list.scrollHeight;
   }
 
-  function bubble(role, text) {
+  // Server-rendered, sanitised Markdown (see the note at the top).
+  function setRendered(div, html) {
+    const template = document.createElement("template");
+    template.innerHTML = html;
+    div.replaceChildren(template.content);
+    div.classList.add("markdown");
+  }
+
+  function bubble(role, text, html) {
     const empty = list.querySelector(".empty-chat");
     if (empty) empty.remove();
     const div = document.createElement("div");
     div.className = "msg " + role;
-    div.textContent = text;
+    if (typeof html === "string") setRendered(div, html);
+    else div.textContent = text;
     list.appendChild(div);
     scrollDown();
     return div;
@@ -40,7 +52,7 @@
         p.textContent = "Say hello to " + history.persona + ".";
         list.appendChild(p);
       }
-      for (const m of history.messages) bubble(m.role, m.text);
+      for (const m of history.messages) bubble(m.role, m.text, m.html);
       if (history.before !== undefined) earlierButton(history.before);
     } catch (e) {
       bubble("error", "Could not load the conversation: " + e.message);
@@ -111,7 +123,8 @@
             streamed += event.delta;
             answer.textContent = streamed;
           } else if (typeof event.done === "string") {
-            answer.textContent = event.done;
+            if (typeof event.html === "string") setRendered(answer, event.html);
+            else answer.textContent = event.done;
             answer.classList.remove("pending");
             answer.dataset.done = "true";
           } else if (typeof event.error === "string") {

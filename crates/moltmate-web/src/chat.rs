@@ -7,8 +7,8 @@
 //! the user ever clicked.
 //!
 //! `POST /api/chat` answers with `application/x-ndjson`: one JSON object per line,
-//! `{"delta":"..."}` while the answer streams, then `{"done":"<full reply>"}` or
-//! `{"error":"..."}`.
+//! `{"delta":"..."}` while the answer streams, then `{"done":"<full reply>","html":"..."}` (the
+//! reply's Markdown rendered safely by [`crate::markdown`]) or `{"error":"..."}`.
 
 use crate::error::{PageError, WebError};
 use crate::html;
@@ -221,6 +221,9 @@ pub struct HistoryMessage {
     /// `user` or `assistant`.
     pub role: String,
     pub text: String,
+    /// For assistant messages: the text's Markdown rendered as safe HTML ([`crate::markdown`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -281,14 +284,18 @@ pub async fn history(
             ConversationItem::User { text } => Some(HistoryMessage {
                 role: "user".to_string(),
                 text,
+                html: None,
             }),
             ConversationItem::Assistant { text, .. } if !text.trim().is_empty() => {
                 Some(HistoryMessage {
                     role: "assistant".to_string(),
+                    html: Some(crate::markdown::to_html(&text)),
                     text,
                 })
             }
-            ConversationItem::Assistant { .. } | ConversationItem::ToolResult { .. } => None,
+            ConversationItem::Assistant { .. }
+            | ConversationItem::ToolResult { .. }
+            | ConversationItem::Image { .. } => None,
         })
         .collect();
     let persona = session::persona_name(&state, &session.user).await;
@@ -338,7 +345,10 @@ pub async fn send(
     let lines = events.map(|event| {
         let value = match event {
             TurnEvent::Delta(text) => serde_json::json!({ "delta": text }),
-            TurnEvent::Done(reply) => serde_json::json!({ "done": reply.text }),
+            TurnEvent::Done(reply) => serde_json::json!({
+                "done": reply.text,
+                "html": crate::markdown::to_html(&reply.text),
+            }),
             TurnEvent::Failed(failure) => serde_json::json!({ "error": failure.message() }),
         };
         let mut line = value.to_string();

@@ -8,8 +8,8 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use moltmate_core::sandbox::SandboxAggregate;
 use moltmate_core::channel_status::{ChannelStatus, LinkState};
+use moltmate_core::sandbox::SandboxAggregate;
 use serde_json::json;
 use std::fmt::Write;
 

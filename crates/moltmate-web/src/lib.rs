@@ -26,6 +26,7 @@ pub mod chat;
 pub mod error;
 pub mod health;
 mod html;
+pub mod markdown;
 pub mod openai;
 pub mod security;
 pub mod session;

@@ -95,6 +95,7 @@ pub async fn submit(
         text,
         sender_name: None,
         language_code: language,
+        attachments: Vec::new(),
     };
     let (sender, receiver) = mpsc::unbounded_channel();
     let submitted = state

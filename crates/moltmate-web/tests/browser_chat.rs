@@ -343,3 +343,98 @@ async fn browser_chat_isolation_and_admin_pairing() {
         .unwrap()
         .unwrap();
 }
+
+/// The model's Markdown is rendered (emphasis, lists, code, links in a new tab) and nothing
+/// hostile in it runs or links anywhere but http(s): the echo model repeats what Anna types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_renders_markdown_safely() {
+    let Some(chromedriver) = find_in_path(&["chromedriver"]) else {
+        return skip_or_fail("chromedriver is not installed (apt-get install chromium-driver)");
+    };
+    let Some(chromium) = find_in_path(&["chromium", "chromium-browser", "google-chrome"]) else {
+        return skip_or_fail("chromium is not installed (apt-get install chromium)");
+    };
+    let h = harness();
+    let (anna, _) = h.user("anna").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(moltmate_web::serve(
+        h.state.clone(),
+        listener,
+        h.shutdown.clone(),
+    ));
+    let driver = Driver::start(&chromedriver, chromium).await;
+    let code = h
+        .gateway
+        .store()
+        .create_login_link(&anna, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let browser = driver.browser("anna-md").await;
+    browser.goto(&format!("{base}/login/{code}")).await.unwrap();
+    browser
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Id("continue"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for_text(&browser, "#messages", "Say hello").await;
+    let hostile = "**bold** and `code` <script>window.__pwned=1</script> <img src=x onerror=\"window.__pwned=2\"> [bad](javascript:window.__pwned=3) [good](https://example.org/x) <a href=\"javascript:window.__pwned=4\">raw</a>";
+    send_message(&browser, hostile).await;
+    let check = r#"
+        const msg = [...document.querySelectorAll('.msg.assistant')].pop();
+        const links = [...msg.querySelectorAll('a')].map(a => [a.getAttribute('href'), a.target, a.rel, a.textContent]);
+        return {
+            pwned: window.__pwned === undefined ? null : window.__pwned,
+            strong: msg.querySelector('strong') ? msg.querySelector('strong').textContent : null,
+            code: msg.querySelector('code') ? msg.querySelector('code').textContent : null,
+            scripts: msg.querySelectorAll('script, img, iframe').length,
+            links: links,
+            text: msg.textContent,
+        };
+    "#;
+    for round in 0..2 {
+        // `.markdown` is set once the finished answer is rendered (live deltas are plain text).
+        wait_for_text(&browser, ".msg.assistant.markdown", "good").await;
+        // Links clicked would open a new tab; the hostile ones must not exist at all.
+        let result = browser.execute(check, vec![]).await.unwrap();
+        assert_eq!(
+            result["pwned"],
+            serde_json::Value::Null,
+            "round {round}: {result}"
+        );
+        assert_eq!(result["strong"], "bold", "{result}");
+        assert_eq!(result["code"], "code", "{result}");
+        assert_eq!(result["scripts"], 0, "{result}");
+        assert_eq!(
+            result["links"],
+            serde_json::json!([[
+                "https://example.org/x",
+                "_blank",
+                "noopener noreferrer",
+                "good"
+            ]]),
+            "{result}"
+        );
+        // The raw HTML is shown as text.
+        assert!(
+            result["text"]
+                .as_str()
+                .unwrap()
+                .contains("<script>window.__pwned=1</script>"),
+            "{result}"
+        );
+        // Round two: the history after a reload renders the same way.
+        browser.refresh().await.unwrap();
+    }
+    browser.close().await.unwrap();
+    h.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

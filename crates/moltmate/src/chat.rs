@@ -42,6 +42,7 @@ async fn send(gateway: &moltmate_gateway::Gateway, user: &UserId, text: &str) ->
         text: text.to_string(),
         sender_name: None,
         language_code: None,
+        attachments: Vec::new(),
     };
     let deltas = Arc::new(StdoutDeltas {
         printed: AtomicBool::new(false),

@@ -295,16 +295,27 @@ async fn trust_levels_decide_which_tools_each_users_model_is_offered() {
             "memory_search",
             "read",
             "schedule",
+            "send_file",
             "web_fetch",
             "write"
         ]
     );
     assert_eq!(
         tools_for("stranger here"),
-        vec!["edit", "memory_search", "read", "schedule", "write"],
+        vec![
+            "edit",
+            "memory_search",
+            "read",
+            "schedule",
+            "send_file",
+            "write"
+        ],
         "telegram's default trust is stranger"
     );
-    assert_eq!(tools_for("restricted here"), vec!["memory_search", "read"]);
+    assert_eq!(
+        tools_for("restricted here"),
+        vec!["memory_search", "read", "send_file"]
+    );
     h.stop().await;
 }
 

@@ -280,6 +280,7 @@ impl SignalChannel {
         let name = envelope.get("sourceName").and_then(Value::as_str);
         Disposition::Deliver(
             Box::new(InboundMessage {
+                attachments: Vec::new(),
                 sender: Identity::new(ChannelKind::Signal, peer_id),
                 chat_id: peer.to_string(),
                 external_id: format!("{peer}:{timestamp}"),

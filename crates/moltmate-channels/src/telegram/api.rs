@@ -203,6 +203,110 @@ impl BotApi {
         self.interpret(status, &body)
     }
 
+    /// Download a file from `/file/bot<token>/<path>` (a `getFile` result), at most `max_bytes`
+    /// (the `Content-Length` claim is checked first, then every chunk as it arrives).
+    pub(crate) async fn download(
+        &self,
+        path: &str,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ApiError> {
+        // The path comes from Telegram; it must not walk out of the file endpoint.
+        if path.is_empty()
+            || path.len() > 1024
+            || path.starts_with('/')
+            || path.split('/').any(|p| p == ".." || p == ".")
+            || path.contains(['?', '#', '\\'])
+            || path.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(ApiError::InvalidReply(
+                "getFile returned an unusable file_path".to_string(),
+            ));
+        }
+        let url = format!("{}/file/bot{}/{}", self.base, self.token, path);
+        let mut response = self
+            .http
+            .get(url)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| ApiError::Transport(self.describe_transport(e)))?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            return Err(classify(
+                status,
+                None,
+                format!("file download failed (HTTP {status})"),
+            ));
+        }
+        if let Some(length) = response.content_length().filter(|l| *l > max_bytes) {
+            return Err(ApiError::Refused {
+                status: 413,
+                description: format!(
+                    "the file has {length} bytes, more than the limit of {max_bytes}"
+                ),
+            });
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| ApiError::Transport(self.describe_transport(e)))?
+        {
+            if (body.len() + chunk.len()) as u64 > max_bytes {
+                return Err(ApiError::Refused {
+                    status: 413,
+                    description: format!("the file is larger than the limit of {max_bytes} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
+    /// `sendDocument` as multipart/form-data (the file is uploaded, not referenced by URL).
+    pub(crate) async fn send_document(
+        &self,
+        chat_id: &str,
+        file: &moltmate_core::channel::OutboundFile,
+    ) -> Result<(), ApiError> {
+        let url = format!("{}/bot{}/sendDocument", self.base, self.token);
+        let part =
+            reqwest::multipart::Part::bytes(file.content.clone()).file_name(file.file_name.clone());
+        let mut form = reqwest::multipart::Form::new()
+            .text("chat_id", chat_id.to_string())
+            .part("document", part);
+        if let Some(caption) = &file.caption {
+            form = form.text("caption", caption.chars().take(1024).collect::<String>());
+        }
+        // Uploads take longer than a JSON call: a minute per 10 MB on top of the usual timeout.
+        let extra = Duration::from_secs(6 * (file.content.len() as u64 >> 20).max(1));
+        let mut response = self
+            .http
+            .post(url)
+            .timeout(self.request_timeout + extra)
+            .multipart(form)
+            .send()
+            .await
+            .map_err(|e| ApiError::Transport(self.describe_transport(e)))?;
+        let status = response.status().as_u16();
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| ApiError::Transport(self.describe_transport(e)))?
+        {
+            if body.len() + chunk.len() > MAX_REPLY_BYTES {
+                return Err(ApiError::InvalidReply(format!(
+                    "reply larger than {MAX_REPLY_BYTES} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let _: serde_json::Value = self.interpret(status, &body)?;
+        Ok(())
+    }
+
     fn interpret<T: DeserializeOwned>(&self, status: u16, body: &[u8]) -> Result<T, ApiError> {
         let envelope: Envelope = match serde_json::from_slice(body) {
             Ok(envelope) => envelope,

@@ -20,12 +20,16 @@
 //!
 //! # Sending
 //!
-//! Replies are plain text (no `parse_mode`, so nothing a user or model wrote is read as markup),
-//! split at Telegram's 4096 UTF-16 unit limit (see [`split`]). Each part is retried on 429 and
+//! Replies are Markdown from the model, sent as Telegram HTML built by [`format`] (only
+//! Telegram's tags, every piece of text escaped, raw HTML shown as text), split at Telegram's
+//! 4096 UTF-16 unit limit without cutting a tag or an entity. If Telegram refuses a part (HTTP
+//! 400, e.g. "can't parse entities"), that part is resent as plain text: a reply is never lost to
+//! its formatting. Each part is retried on 429 and
 //! server or connection errors; a timeout after the server got the request may therefore deliver
 //! a part twice, which we prefer over losing it.
 
 mod api;
+pub mod format;
 mod settings;
 pub mod split;
 mod wire;
@@ -36,7 +40,9 @@ use api::{ApiError, BotApi, SERVICE};
 use async_trait::async_trait;
 use futures::StreamExt;
 use moltmate_core::channel::Channel;
-use moltmate_core::channel::{ChannelError, InboundMessage, InboundSink};
+use moltmate_core::channel::{
+    Attachment, AttachmentKind, ChannelError, InboundMessage, InboundSink, OutboundFile,
+};
 use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
 use rand::Rng;
@@ -297,16 +303,19 @@ impl TelegramChannel {
             }
             _ => return Disposition::Skip("not a private or group chat"),
         }
+        let attachments = attachments_of(&message);
         let Some(from) = message.from else {
             return Disposition::Skip("message without sender");
         };
         if from.is_bot {
             return Disposition::Skip("message from a bot");
         }
-        let Some(text) = message.text else {
-            return Disposition::Skip(
-                "message without text (sticker, photo, voice, service message...)",
-            );
+        let text = match (message.text, message.caption) {
+            (Some(text), _) => text,
+            (None, caption) if !attachments.is_empty() => caption.unwrap_or_default(),
+            (None, _) => return Disposition::Skip(
+                "message without text or a file we take (sticker, location, service message...)",
+            ),
         };
         let Ok(peer) = PeerId::new(from.id.to_string()) else {
             return Disposition::Skip("sender id is not a valid peer id");
@@ -320,11 +329,45 @@ impl TelegramChannel {
             text,
             sender_name: name,
             language_code: from.language_code.filter(|code| is_language_tag(code)),
+            attachments,
         }))
     }
 
+    /// Send one formatted part; if Telegram refuses it (400: the formatting, most likely), send
+    /// its plain text instead.
+    async fn send_formatted(
+        &self,
+        chat: ChatRef<'_>,
+        part: &format::Part,
+    ) -> Result<(), ChannelError> {
+        match self
+            .send_part(chat_ref_copy(&chat), &part.html, Some("HTML"))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(ApiError::Refused {
+                status: 400,
+                description,
+            }) if is_formatting_refusal(&description) => {
+                tracing::warn!(%description, "telegram: formatted reply refused, resending it as plain text");
+                for piece in split::split_message(&part.plain, split::TELEGRAM_MAX_MESSAGE_UTF16) {
+                    self.send_part(chat_ref_copy(&chat), &piece, None)
+                        .await
+                        .map_err(ApiError::into_channel_error)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into_channel_error()),
+        }
+    }
+
     /// Send one part, retrying what may succeed later.
-    async fn send_part(&self, chat: ChatRef<'_>, text: &str) -> Result<(), ChannelError> {
+    async fn send_part(
+        &self,
+        chat: ChatRef<'_>,
+        text: &str,
+        parse_mode: Option<&str>,
+    ) -> Result<(), ApiError> {
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let attempts = self.settings.send_attempts.max(1);
         let mut attempt = 1;
@@ -332,6 +375,7 @@ impl TelegramChannel {
             let params = SendMessage {
                 chat_id: chat_ref_copy(&chat),
                 text,
+                parse_mode,
             };
             let result: Result<serde_json::Value, ApiError> =
                 self.api.call("sendMessage", &params, Duration::ZERO).await;
@@ -349,8 +393,7 @@ impl TelegramChannel {
                     attempt += 1;
                 }
                 Err(e) => {
-                    let e = e.into_channel_error();
-                    self.health.channel_error(&e);
+                    self.health.error(e.class());
                     return Err(e);
                 }
             }
@@ -490,10 +533,72 @@ impl Channel for TelegramChannel {
 
     async fn send_text(&self, chat_id: &str, text: &str) -> Result<(), ChannelError> {
         let chat = parse_chat(chat_id)?;
-        for part in split::split_message(text, split::TELEGRAM_MAX_MESSAGE_UTF16) {
-            self.send_part(chat_ref_copy(&chat), &part).await?;
+        for part in format::render_parts(text, split::TELEGRAM_MAX_MESSAGE_UTF16) {
+            self.send_formatted(chat_ref_copy(&chat), &part).await?;
         }
         Ok(())
+    }
+
+    async fn fetch_attachment(
+        &self,
+        attachment: &Attachment,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ChannelError> {
+        let too_large = |size: u64| ChannelError::Rejected {
+            service: SERVICE,
+            status: 413,
+            detail: format!("the file has {size} bytes, more than the limit of {max_bytes}"),
+        };
+        if let Some(size) = attachment.size.filter(|s| *s > max_bytes) {
+            return Err(too_large(size));
+        }
+        let work = async {
+            let file: wire::File = self
+                .api
+                .call(
+                    "getFile",
+                    &wire::GetFile {
+                        file_id: &attachment.file_ref,
+                    },
+                    Duration::ZERO,
+                )
+                .await
+                .map_err(ApiError::into_channel_error)?;
+            if let Some(size) = file.file_size.filter(|s| *s > max_bytes) {
+                return Err(too_large(size));
+            }
+            let Some(path) = file.file_path else {
+                return Err(ChannelError::InvalidReply {
+                    service: SERVICE,
+                    detail: "getFile returned no file_path (the file may be over 20 MB)"
+                        .to_string(),
+                });
+            };
+            self.api
+                .download(&path, max_bytes, timeout)
+                .await
+                .map_err(ApiError::into_channel_error)
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(ChannelError::Unreachable {
+                service: SERVICE,
+                detail: format!("the download took longer than {}s", timeout.as_secs()),
+            }),
+        }
+    }
+
+    async fn send_file(&self, chat_id: &str, file: &OutboundFile) -> Result<(), ChannelError> {
+        let chat = parse_chat(chat_id)?;
+        let chat = match chat {
+            ChatRef::Id(id) => id.to_string(),
+            ChatRef::Name(name) => name.to_string(),
+        };
+        self.api
+            .send_document(&chat, file)
+            .await
+            .map_err(ApiError::into_channel_error)
     }
 
     async fn send_typing(&self, chat_id: &str) -> Result<(), ChannelError> {
@@ -509,6 +614,55 @@ impl Channel for TelegramChannel {
             .map_err(ApiError::into_channel_error)?;
         Ok(())
     }
+}
+
+/// Whether a 400 refused the formatting of a message (so its plain text may pass): "can't parse
+/// entities" for markup Telegram does not accept, "too long" should its count after entity
+/// parsing differ from ours. Anything else ("chat not found") would fail plain as well.
+fn is_formatting_refusal(description: &str) -> bool {
+    let d = description.to_ascii_lowercase();
+    d.contains("entities") || d.contains("entity") || d.contains("too long")
+}
+
+/// Longest file reference, name and MIME type we keep (Telegram's file ids are ~100 chars).
+const MAX_FILE_FIELD_CHARS: usize = 256;
+
+fn bounded(field: Option<&str>) -> Option<String> {
+    field
+        .map(|f| {
+            f.chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_FILE_FIELD_CHARS)
+                .collect::<String>()
+        })
+        .filter(|f| !f.is_empty())
+}
+
+/// The file of a message as an attachment reference. Telegram sends one file per message; for
+/// a photo, the largest size (the last one) is taken.
+fn attachments_of(message: &wire::Message) -> Vec<Attachment> {
+    let (kind, file) = if let Some(size) = message.photo.as_ref().and_then(|p| p.last()) {
+        (AttachmentKind::Photo, size)
+    } else if let Some(voice) = &message.voice {
+        (AttachmentKind::Voice, voice)
+    } else if let Some(audio) = &message.audio {
+        (AttachmentKind::Audio, audio)
+    } else if let Some(document) = &message.document {
+        (AttachmentKind::Document, document)
+    } else {
+        return Vec::new();
+    };
+    if file.file_id.is_empty() || file.file_id.len() > MAX_FILE_FIELD_CHARS {
+        return Vec::new();
+    }
+    vec![Attachment {
+        kind,
+        file_ref: file.file_id.clone(),
+        file_name: bounded(file.file_name.as_deref()),
+        mime_type: bounded(file.mime_type.as_deref()),
+        size: file.file_size,
+        duration_seconds: file.duration,
+    }]
 }
 
 /// Longest display name we pass on, in characters.

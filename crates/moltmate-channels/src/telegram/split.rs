@@ -42,7 +42,7 @@ fn push_part(parts: &mut Vec<String>, part: &str) {
 }
 
 /// Split `rest` (longer than `limit`) into a head of at most `limit` units and the remainder.
-fn cut(rest: &str, limit: usize) -> (&str, &str) {
+pub(crate) fn cut(rest: &str, limit: usize) -> (&str, &str) {
     // Byte offset just past the last char that still fits, and the UTF-16 offset of each
     // candidate boundary so we can tell whether a separator lies in the latter half.
     let mut fits_until = 0;

@@ -53,6 +53,47 @@ pub(crate) struct Message {
     pub chat: Chat,
     #[serde(default)]
     pub text: Option<String>,
+    /// The caption of a photo, document, audio or voice message.
+    #[serde(default)]
+    pub caption: Option<String>,
+    /// The sizes of a photo, smallest first.
+    #[serde(default)]
+    pub photo: Option<Vec<FileRef>>,
+    #[serde(default)]
+    pub voice: Option<FileRef>,
+    #[serde(default)]
+    pub audio: Option<FileRef>,
+    #[serde(default)]
+    pub document: Option<FileRef>,
+}
+
+/// The fields of `PhotoSize`, `Voice`, `Audio` and `Document` we use.
+#[derive(Debug, Deserialize)]
+pub(crate) struct FileRef {
+    pub file_id: String,
+    #[serde(default)]
+    pub file_size: Option<u64>,
+    #[serde(default)]
+    pub file_name: Option<String>,
+    #[serde(default)]
+    pub mime_type: Option<String>,
+    #[serde(default)]
+    pub duration: Option<u64>,
+}
+
+/// `getFile` parameters.
+#[derive(Debug, Serialize)]
+pub(crate) struct GetFile<'a> {
+    pub file_id: &'a str,
+}
+
+/// `getFile` result: where to download the file (valid for at least an hour).
+#[derive(Debug, Deserialize)]
+pub(crate) struct File {
+    #[serde(default)]
+    pub file_size: Option<u64>,
+    #[serde(default)]
+    pub file_path: Option<String>,
 }
 
 /// A Telegram `User` (the sender of a message).
@@ -103,12 +144,14 @@ pub(crate) struct GetUpdates<'a> {
     pub allowed_updates: &'a [&'a str],
 }
 
-/// `sendMessage` parameters. No `parse_mode`: the text is sent as plain text, so whatever the
-/// model or a user wrote is never interpreted as markup.
+/// `sendMessage` parameters. `parse_mode` is `HTML` for text built by `format` (every piece of
+/// the model's text escaped), absent for the plain-text resend.
 #[derive(Debug, Serialize)]
 pub(crate) struct SendMessage<'a> {
     pub chat_id: ChatRef<'a>,
     pub text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parse_mode: Option<&'a str>,
 }
 
 /// `sendChatAction` parameters.

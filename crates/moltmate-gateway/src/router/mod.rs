@@ -24,10 +24,11 @@
 //!   per occurrence), answered by the user's worker like any accepted message.
 
 mod accept;
+mod attachments;
 mod delivery;
 mod files;
-mod user_events;
 mod scheduler;
+mod user_events;
 mod worker;
 
 pub use user_events::{HOLD_MAX as USER_HOLD_MAX, POLL as USER_EVENTS_POLL};

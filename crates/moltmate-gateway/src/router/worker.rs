@@ -418,6 +418,39 @@ async fn handle_item(
     let ids = super::sandbox_ids(inner, &item.user).await?;
     // Before anything of this message writes to the user's files (onboarding, tools, memory).
     let capped = files::cap_user_dir(inner, &item.user, ids, &user_settings).await;
+    // Files sent with the message: downloaded, checked and saved now, in the user's own worker.
+    let prepared;
+    let mut images = Vec::new();
+    let mut notes = Vec::new();
+    let item = if item.attachments.is_empty() {
+        item
+    } else {
+        let writable = capped && !user_settings.read_only;
+        let done = super::attachments::prepare(inner, item, writable, &language).await;
+        images = done.images;
+        notes = done.notes;
+        if !done.has_content {
+            // Nothing for a model to answer (a refused file without a caption): the notes are
+            // the answer.
+            let text = notes.join("\n\n");
+            match inner
+                .store
+                .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, item, &text))
+                .await?
+            {
+                Completion::Committed(outbox) => {
+                    finish(inner, item, outbox, text, TokenUsage::default()).await
+                }
+                Completion::Discarded => discard(inner, item),
+            }
+            return Ok(());
+        }
+        prepared = InboxItem {
+            text: done.text,
+            ..item.clone()
+        };
+        &prepared
+    };
     // A reminder is never a command or an onboarding answer, whatever its text says.
     let command = match &item.reminder {
         Some(_) => String::new(),
@@ -568,6 +601,13 @@ async fn handle_item(
         sandbox: user_settings.sandbox.clone(),
         sandbox_ids: ids,
         exec: user_settings.exec.clone(),
+        outlet: inner
+            .channels
+            .get(&item.channel)
+            .map(|channel| moltmate_core::tool::FileOutlet {
+                channel: Arc::clone(channel),
+                chat_id: item.chat_id.clone(),
+            }),
     };
     if inner.settings.prewarm_sandboxes && user_settings.tools.iter().any(|t| t == "exec") {
         state.prewarms.retain(|p| !p.is_finished());
@@ -661,6 +701,7 @@ async fn handle_item(
         system,
         history,
         user_text,
+        images,
         max_iterations: inner.settings.max_tool_iterations,
         deltas: deltas.as_ref(),
         log_tool_calls: inner.settings.log_tool_calls,
@@ -691,6 +732,9 @@ async fn handle_item(
         .and_then(|fire| crate::schedule::texts::late_marker(fire, &language, zone))
     {
         reply = format!("{reply}\n\n{late}");
+    }
+    if !notes.is_empty() {
+        reply = format!("{}\n\n{reply}", notes.join("\n\n"));
     }
     if !skipped.is_empty() {
         reply = format!("{reply}\n\n{}", skipped_note(&language, &skipped));

@@ -48,6 +48,7 @@ impl Fixture {
                 max_timeout: Duration::from_secs(120),
                 ..ExecSettings::default()
             },
+            outlet: None,
         }
     }
 

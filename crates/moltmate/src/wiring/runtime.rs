@@ -82,6 +82,7 @@ fn tools(
         Arc::new(moltmate_tools::EditTool),
         Arc::new(moltmate_tools::ExecTool::new(sandbox)),
         Arc::new(web_fetch),
+        Arc::new(moltmate_tools::SendFileTool::default()),
         Arc::new(
             MemorySearchTool::new(store.clone(), home.join("index"))
                 .with_max_index_bytes(config.limits.memory_index_mb.saturating_mul(1024 * 1024)),

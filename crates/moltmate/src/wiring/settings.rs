@@ -119,8 +119,8 @@ fn stricter_security(a: ExecSecurity, b: ExecSecurity) -> ExecSecurity {
 /// | owner      | as configured                           | configured | config  | config    |
 /// | family     | as configured                           | allowlist  | config  | config    |
 /// | friend     | as configured                           | allowlist  | none    | config    |
-/// | stranger   | read, write, edit, memory_search, schedule | —       | none    | config    |
-/// | restricted | read, memory_search                     | —          | none    | read-only |
+/// | stranger   | read, write, edit, memory_search, schedule, send_file | — | none | config |
+/// | restricted | read, memory_search, send_file          | —          | none    | read-only |
 ///
 /// `web_fetch` and `web_search` reach outside on the gateway's side, so they follow the same
 /// rule: owners, family and friends get them when configured; strangers and restricted users
@@ -145,13 +145,20 @@ pub fn settings_for_trust(trust: TrustLevel, config: &Config) -> UserSettings {
         TrustLevel::Stranger => {
             keep(
                 &mut settings,
-                &["read", "write", "edit", "memory_search", "schedule"],
+                &[
+                    "read",
+                    "write",
+                    "edit",
+                    "memory_search",
+                    "schedule",
+                    "send_file",
+                ],
             );
             settings.exec.security = ExecSecurity::Allowlist;
             settings.sandbox.network = SandboxNetwork::None;
         }
         TrustLevel::Restricted => {
-            keep(&mut settings, &["read", "memory_search"]);
+            keep(&mut settings, &["read", "memory_search", "send_file"]);
             settings.exec.security = ExecSecurity::Allowlist;
             settings.sandbox.network = SandboxNetwork::None;
             settings.sandbox.workspace_access = WorkspaceAccess::Ro;
@@ -308,6 +315,7 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             settings.preferred_channels.insert(user.clone(), channel);
         }
     }
+    settings.attachments = attachment_settings(config);
     settings
 }
 
@@ -324,6 +332,43 @@ pub fn server_timezone() -> chrono_tz::Tz {
                 .and_then(|tz| tz.parse::<chrono_tz::Tz>().ok())
         })
         .unwrap_or(chrono_tz::Tz::UTC)
+}
+
+/// `attachments`, `speech` and `model.vision` → what the gateway does with files users send.
+pub fn attachment_settings(config: &Config) -> moltmate_gateway::AttachmentSettings {
+    let a = &config.attachments;
+    let speech = config.speech.as_ref().and_then(|speech| {
+        let timeout = std::time::Duration::from_secs(speech.timeout_seconds);
+        let key = speech
+            .api_key
+            .as_ref()
+            .map(|k| moltmate_providers::ApiKey::new(k.expose()));
+        match moltmate_providers::OpenAiTranscriber::new(
+            &speech.base_url,
+            key,
+            &speech.model,
+            timeout,
+        ) {
+            Ok(transcriber) => Some(moltmate_gateway::SpeechSettings {
+                transcriber: std::sync::Arc::new(transcriber),
+                max_bytes: speech.max_mb << 20,
+                max_seconds: speech.max_seconds,
+                echo: speech.echo,
+                timeout,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "speech: the transcription client could not be built; voice notes are disabled");
+                None
+            }
+        }
+    });
+    moltmate_gateway::AttachmentSettings {
+        max_bytes: a.max_mb << 20,
+        max_per_message: a.max_per_message as usize,
+        download_timeout: std::time::Duration::from_secs(a.timeout_seconds),
+        vision: config.model.supports_vision(&config.model.primary),
+        speech,
+    }
 }
 
 /// Models whose use no spend budget can see (no `model.prices` entry), when the operator set
@@ -417,7 +462,11 @@ mod tests {
         assert_eq!(owner.limits.reminders, 50);
         assert_eq!(
             restricted.tools,
-            vec!["read".to_string(), "memory_search".to_string()]
+            vec![
+                "read".to_string(),
+                "memory_search".to_string(),
+                "send_file".to_string()
+            ]
         );
         assert!(restricted.read_only);
         assert_eq!(restricted.sandbox.workspace_access, WorkspaceAccess::Ro);
