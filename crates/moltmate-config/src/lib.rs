@@ -34,11 +34,11 @@ pub use limits::{
 pub use scan::{is_secret_key, scan_raw, RawScan};
 pub use schema::{
     ChannelsConfig, Config, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig, GatewayConfig,
-    LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef, OnboardingConfig,
-    ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider, SandboxBackend, SandboxConfig,
-    SandboxLimitsConfig, SandboxMode, SandboxPruneConfig, SandboxScope, SessionConfig,
-    TelegramConfig, ToolName, ToolsConfig, TrustLevel, UidRangeConfig, UserConfig,
-    WebChannelConfig, WebFetchConfig, WebToolsConfig,
+    GroupsConfig, LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef,
+    OnboardingConfig, ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider,
+    SandboxBackend, SandboxConfig, SandboxLimitsConfig, SandboxMode, SandboxPruneConfig,
+    SandboxScope, SessionConfig, TelegramConfig, ToolName, ToolsConfig, TrustLevel, UidRangeConfig,
+    UserConfig, WebChannelConfig, WebFetchConfig, WebToolsConfig,
 };
 pub use secret::Secret;
 pub use starter::{write_starter_config, STARTER_CONFIG};

@@ -422,6 +422,38 @@ impl TelegramConfig {
     }
 }
 
+/// Group conversations on a channel (`channels.<name>.groups`). Off by default. When enabled,
+/// the assistant answers in a group only when mentioned (unless `mention` is false), and each
+/// group is its own user (`<channel>:group/<id>`, own home, memory and trust), admitted only by
+/// the operator: a pairing code approved with `moltmate pairing approve`, the group's peer id in
+/// `allowFrom`, or the identity in `users.<id>.identities`. `"*"` never admits a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct GroupsConfig {
+    /// Default false.
+    pub enabled: bool,
+    /// Answer only messages that mention the assistant. Default true.
+    pub mention: bool,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        GroupsConfig {
+            enabled: false,
+            mention: true,
+        }
+    }
+}
+
+impl GroupsConfig {
+    pub fn to_core(self) -> moltmate_core::channel::GroupPolicy {
+        moltmate_core::channel::GroupPolicy {
+            enabled: self.enabled,
+            require_mention: self.mention,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct WebChannelConfig {

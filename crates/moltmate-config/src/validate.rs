@@ -639,6 +639,15 @@ fn families(config: &Config) -> Result<(), Failure> {
 fn users(config: &Config) -> Result<(), Failure> {
     let mut owner_of: BTreeMap<&Identity, &UserId> = BTreeMap::new();
     for (user, entry) in &config.users {
+        // A group is its own scope: linking it to a person would hand that person's memory
+        // and trust to everyone in the group.
+        let groups = entry.identities.iter().filter(|i| i.is_group()).count();
+        if groups > 0 && groups < entry.identities.len() {
+            return Err(rule(
+                format!("users.{user}.identities"),
+                "mixes a group (\"<channel>:group/...\") with a person's identity; a group is a user of its own, so give it its own users entry",
+            ));
+        }
         for (i, identity) in entry.identities.iter().enumerate() {
             let key = format!("users.{user}.identities[{i}]");
             match owner_of.insert(identity, user) {

@@ -738,6 +738,14 @@ fn family_and_user_rules() {
         "users.ben.identities[1]",
         "identity \"telegram:1\" already belongs to user \"anna\"",
     );
+    assert_err(
+        "{users: {anna: {identities: ['telegram:1', 'discord:group/5']}}}",
+        "users.anna.identities",
+        "a group is a user of its own",
+    );
+    assert!(
+        load("{users: {team: {identities: ['discord:group/5', 'slack:group/T1/C2']}}}").is_ok()
+    );
 
     let c = load(
         "{families: {home: {members: ['anna', 'ben']}},

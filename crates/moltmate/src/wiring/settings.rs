@@ -149,10 +149,11 @@ pub fn settings_for_trust(trust: TrustLevel, config: &Config) -> UserSettings {
     settings
 }
 
-fn channel_access(policy: DmPolicy, allow_from: &[String]) -> ChannelAccess {
+fn channel_access(policy: DmPolicy, allow_from: &[String], groups: bool) -> ChannelAccess {
     ChannelAccess {
         policy,
         allow_from: allow_from.to_vec(),
+        groups,
     }
 }
 
@@ -164,6 +165,7 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
         channel_access(
             config.channels.telegram.dm_policy,
             &config.channels.telegram.allow_from,
+            false,
         ),
     );
     settings.max_pending_pairings = config.channels.max_pending_pairings as usize;
