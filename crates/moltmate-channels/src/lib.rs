@@ -5,8 +5,12 @@
 //! to the service only once the sink has stored them. It never decides who may talk to the
 //! assistant and never calls a model.
 //!
-//! Currently implemented: [`telegram`] (Bot API long polling).
+//! Currently implemented: [`telegram`] (Bot API long polling), [`discord`] (Gateway websocket +
+//! REST).
 
+pub mod discord;
 pub mod telegram;
+
+pub use discord::{DiscordChannel, DiscordSettings, DiscordSetupError};
 
 pub use telegram::{BotInfo, TelegramChannel, TelegramSettings, TelegramSetupError};

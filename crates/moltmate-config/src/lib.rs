@@ -33,12 +33,12 @@ pub use limits::{
 };
 pub use scan::{is_secret_key, scan_raw, RawScan};
 pub use schema::{
-    ChannelsConfig, Config, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig, GatewayConfig,
-    GroupsConfig, LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef,
-    OnboardingConfig, ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider,
+    ChannelsConfig, Config, DiscordConfig, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig,
+    GatewayConfig, GroupsConfig, LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig,
+    ModelRef, OnboardingConfig, ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider,
     SandboxBackend, SandboxConfig, SandboxLimitsConfig, SandboxMode, SandboxPruneConfig,
-    SandboxScope, SessionConfig, TelegramConfig, ToolName, ToolsConfig, TrustLevel, UidRangeConfig,
-    UserConfig, WebChannelConfig, WebFetchConfig, WebToolsConfig,
+    SandboxScope, SessionConfig, SlackConfig, SlackMode, TelegramConfig, ToolName, ToolsConfig,
+    TrustLevel, UidRangeConfig, UserConfig, WebChannelConfig, WebFetchConfig, WebToolsConfig,
 };
 pub use secret::Secret;
 pub use starter::{write_starter_config, STARTER_CONFIG};
@@ -257,10 +257,9 @@ impl Config {
             ChannelKind::Telegram => self.channels.telegram.default_trust,
             ChannelKind::Web => self.channels.web.default_trust,
             ChannelKind::Local => self.channels.local.default_trust,
-            ChannelKind::Signal
-            | ChannelKind::Discord
-            | ChannelKind::Whatsapp
-            | ChannelKind::Slack => TrustLevel::Stranger,
+            ChannelKind::Discord => self.channels.discord.default_trust,
+            ChannelKind::Slack => self.channels.slack.default_trust,
+            ChannelKind::Signal | ChannelKind::Whatsapp => TrustLevel::Stranger,
         }
     }
 

@@ -350,6 +350,8 @@ impl fmt::Display for TrustLevel {
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct ChannelsConfig {
     pub telegram: TelegramConfig,
+    pub discord: DiscordConfig,
+    pub slack: SlackConfig,
     pub web: WebChannelConfig,
     pub local: LocalChannelConfig,
     /// Pending pairing codes at most, over all channels; past it, new unknown senders get
@@ -361,6 +363,8 @@ impl Default for ChannelsConfig {
     fn default() -> Self {
         ChannelsConfig {
             telegram: TelegramConfig::default(),
+            discord: DiscordConfig::default(),
+            slack: SlackConfig::default(),
             web: WebChannelConfig::default(),
             local: LocalChannelConfig::default(),
             max_pending_pairings: 100,
@@ -419,6 +423,111 @@ impl TelegramConfig {
         self.allow_from
             .iter()
             .any(|entry| entry == "*" || entry == peer)
+    }
+}
+
+/// A Discord bot (Gateway websocket for receiving, REST for sending).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct DiscordConfig {
+    /// Default: enabled iff `botToken` is set.
+    pub enabled: Option<bool>,
+    pub bot_token: Option<Secret>,
+    /// REST base URL; the gateway's websocket URL is asked from it. Default
+    /// `https://discord.com/api/v10`.
+    pub api_url: String,
+    pub dm_policy: DmPolicy,
+    /// Discord user ids (write them as strings: they exceed JSON's exact integers), group
+    /// peer ids (`"group/<channel id>"`) or `"*"`.
+    #[serde(deserialize_with = "de_allow_from")]
+    pub allow_from: Vec<String>,
+    /// Default `stranger`.
+    pub default_trust: TrustLevel,
+    /// Default 50.
+    pub max_pending_pairings: u32,
+    pub groups: GroupsConfig,
+}
+
+impl Default for DiscordConfig {
+    fn default() -> Self {
+        DiscordConfig {
+            enabled: None,
+            bot_token: None,
+            api_url: "https://discord.com/api/v10".to_string(),
+            dm_policy: DmPolicy::Pairing,
+            allow_from: Vec::new(),
+            default_trust: TrustLevel::Stranger,
+            max_pending_pairings: 50,
+            groups: GroupsConfig::default(),
+        }
+    }
+}
+
+impl DiscordConfig {
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(self.bot_token.is_some())
+    }
+}
+
+/// How a Slack app receives events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlackMode {
+    /// Socket Mode: the gateway opens a websocket to Slack; no public URL. Default.
+    #[default]
+    Socket,
+    /// Events API: Slack POSTs to `<publicUrl>/slack/events`, signed with the signing secret.
+    Events,
+}
+
+/// A Slack app (Socket Mode or Events API for receiving, Web API for sending).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SlackConfig {
+    /// Default: enabled iff `botToken` is set.
+    pub enabled: Option<bool>,
+    /// Bot token (`xoxb-…`): `chat.postMessage`, `auth.test`.
+    pub bot_token: Option<Secret>,
+    /// App-level token (`xapp-…`, scope `connections:write`): Socket Mode.
+    pub app_token: Option<Secret>,
+    /// Signing secret: Events API mode.
+    pub signing_secret: Option<Secret>,
+    pub mode: SlackMode,
+    /// Web API base URL. Default `https://slack.com/api`.
+    pub api_url: String,
+    pub dm_policy: DmPolicy,
+    /// Slack user ids as `"<team id>/<user id>"` (e.g. `"T0123/U0456"`), group peer ids
+    /// (`"group/<team>/<channel>"`) or `"*"`.
+    #[serde(deserialize_with = "de_allow_from")]
+    pub allow_from: Vec<String>,
+    /// Default `stranger`.
+    pub default_trust: TrustLevel,
+    /// Default 50.
+    pub max_pending_pairings: u32,
+    pub groups: GroupsConfig,
+}
+
+impl Default for SlackConfig {
+    fn default() -> Self {
+        SlackConfig {
+            enabled: None,
+            bot_token: None,
+            app_token: None,
+            signing_secret: None,
+            mode: SlackMode::Socket,
+            api_url: "https://slack.com/api".to_string(),
+            dm_policy: DmPolicy::Pairing,
+            allow_from: Vec::new(),
+            default_trust: TrustLevel::Stranger,
+            max_pending_pairings: 50,
+            groups: GroupsConfig::default(),
+        }
+    }
+}
+
+impl SlackConfig {
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(self.bot_token.is_some())
     }
 }
 

@@ -1,4 +1,5 @@
 //! moltmate-testkit (being written).
+pub mod discord;
 pub mod llm;
 #[cfg(feature = "proptest")]
 pub mod prop;

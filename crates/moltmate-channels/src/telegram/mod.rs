@@ -431,7 +431,7 @@ const MAX_NAME_CHARS: usize = 128;
 
 /// "First Last" with control characters (newlines included) removed and whitespace collapsed:
 /// the name is chosen by the sender and may end up in a prompt, so it must stay one short line.
-fn display_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
+pub(crate) fn display_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
     let joined = [first, last]
         .into_iter()
         .flatten()
@@ -509,7 +509,7 @@ fn validate_token(token: &str) -> Result<(), TelegramSetupError> {
 }
 
 /// Sleep unless shutdown comes first. True if the full delay passed.
-async fn sleep_or_shutdown(delay: Duration, shutdown: &Shutdown) -> bool {
+pub(crate) async fn sleep_or_shutdown(delay: Duration, shutdown: &Shutdown) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,
@@ -519,14 +519,14 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &Shutdown) -> bool {
 /// Exponential backoff with "equal jitter": half the delay is fixed, half random, so retries of
 /// several gateways (or channels) do not synchronise while each still waits a useful minimum.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     failures: u32,
 }
 
 impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Backoff {
             initial,
             max: max.max(initial),
@@ -534,7 +534,7 @@ impl Backoff {
         }
     }
 
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let factor = 2u32.saturating_pow(self.failures.min(20));
         self.failures = self.failures.saturating_add(1);
         let full = self.initial.saturating_mul(factor).min(self.max);
@@ -548,7 +548,7 @@ impl Backoff {
         half + Duration::from_millis(jitter)
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.failures = 0;
     }
 }

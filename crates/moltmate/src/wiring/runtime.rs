@@ -92,6 +92,20 @@ fn channels(config: &Config) -> Result<Vec<Arc<dyn Channel>>> {
                 .map_err(|e| anyhow::anyhow!("channels.telegram: {e}"))?,
         ));
     }
+    let discord = &config.channels.discord;
+    if discord.is_enabled() {
+        let token = discord
+            .bot_token
+            .as_ref()
+            .context("channels.discord.enabled is true but channels.discord.botToken is not set")?;
+        let mut settings = moltmate_channels::DiscordSettings::new(token.expose())
+            .with_api_url(discord.api_url.clone());
+        settings.groups = discord.groups.to_core();
+        channels.push(Arc::new(
+            moltmate_channels::DiscordChannel::new(settings)
+                .map_err(|e| anyhow::anyhow!("channels.discord: {e}"))?,
+        ));
+    }
     Ok(channels)
 }
 

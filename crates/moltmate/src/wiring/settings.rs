@@ -168,6 +168,26 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             false,
         ),
     );
+    let discord = &config.channels.discord;
+    settings.access.insert(
+        ChannelKind::Discord,
+        channel_access(
+            discord.dm_policy,
+            &discord.allow_from,
+            discord.groups.enabled,
+        ),
+    );
+    settings
+        .max_pending_pairings_per_channel
+        .insert(ChannelKind::Discord, discord.max_pending_pairings as usize);
+    let slack = &config.channels.slack;
+    settings.access.insert(
+        ChannelKind::Slack,
+        channel_access(slack.dm_policy, &slack.allow_from, slack.groups.enabled),
+    );
+    settings
+        .max_pending_pairings_per_channel
+        .insert(ChannelKind::Slack, slack.max_pending_pairings as usize);
     settings.max_pending_pairings = config.channels.max_pending_pairings as usize;
     settings.max_pending_pairings_per_channel.insert(
         ChannelKind::Telegram,
@@ -197,6 +217,14 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             settings_for_trust(config.channels.telegram.default_trust, config),
         ),
         (
+            ChannelKind::Discord,
+            settings_for_trust(discord.default_trust, config),
+        ),
+        (
+            ChannelKind::Slack,
+            settings_for_trust(slack.default_trust, config),
+        ),
+        (
             ChannelKind::Web,
             settings_for_trust(config.channels.web.default_trust, config),
         ),
@@ -211,6 +239,8 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             ChannelKind::Telegram,
             config.channels.telegram.default_trust.to_string(),
         ),
+        (ChannelKind::Discord, discord.default_trust.to_string()),
+        (ChannelKind::Slack, slack.default_trust.to_string()),
         (
             ChannelKind::Web,
             config.channels.web.default_trust.to_string(),
