@@ -178,6 +178,9 @@ impl ChannelError {
 #[async_trait]
 pub trait Channel: Send + Sync {
     fn kind(&self) -> ChannelKind;
+    /// The channel's live health (connected, last event, errors, link), shown on `/healthz`,
+    /// `/admin` and `/metrics`. The channel updates it as it works.
+    fn health(&self) -> std::sync::Arc<crate::channel_status::ChannelHealth>;
     /// Receive until `shutdown` fires, handing every message to `sink`. Returns only on shutdown
     /// or on an unrecoverable error (e.g. the bot token was revoked).
     async fn run(

@@ -5,7 +5,8 @@
 //!
 //! * identifiers whose validity is proven at construction ([`UserId`], [`ChannelKind`], [`PeerId`]),
 //!   so nothing downstream takes an `Option<String>` where a user is meant;
-//! * the channel contract ([`channel::Channel`], [`channel::InboundSink`]);
+//! * the channel contract ([`channel::Channel`], [`channel::InboundSink`]) and what the operator
+//!   sees of each channel ([`channel_status::ChannelHealth`]);
 //! * the model contract ([`model::Provider`]) and provider-neutral conversation types;
 //! * the tool contract ([`tool::Tool`], [`tool::ToolContext`]), where a tool call always carries
 //!   its user's identity;
@@ -20,6 +21,7 @@
 pub mod allowlist;
 pub mod blocking;
 pub mod channel;
+pub mod channel_status;
 pub mod doctor;
 pub mod ids;
 pub mod model;

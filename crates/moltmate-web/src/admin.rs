@@ -249,6 +249,65 @@ pub struct DashboardQuery {
     done: Option<String>,
 }
 
+/// The channels table of the health section: connected, last event, errors, link; a
+/// device-link QR code while a Signal link waits to be scanned (operator-only: whoever scans
+/// it links their phone's account to this gateway).
+pub fn channels_html(statuses: &[moltmate_core::channel_status::ChannelStatus]) -> String {
+    if statuses.is_empty() {
+        return "<p class=\"empty\">No messaging channels configured.</p>".to_string();
+    }
+    let mut out = String::from(
+        "<div class=\"scroll\"><table id=\"channels\"><thead><tr><th>Channel</th><th>Connected</th><th>Last event</th>\
+         <th>Errors</th><th>Last error</th><th>Link</th></tr></thead><tbody>",
+    );
+    let mut codes = String::new();
+    for status in statuses {
+        let last_error = status
+            .last_error
+            .map(|(class, at)| format!("{} ({}): {}", time(at), class.as_str(), class.describe()))
+            .unwrap_or_else(|| "—".to_string());
+        let link = match status.link {
+            moltmate_core::channel_status::LinkState::NotApplicable => "—",
+            moltmate_core::channel_status::LinkState::Linked => "linked",
+            moltmate_core::channel_status::LinkState::NotLinked => {
+                "not linked: run `moltmate channels signal link` or scan the code below"
+            }
+            moltmate_core::channel_status::LinkState::Linking => {
+                "waiting for the code to be scanned"
+            }
+            moltmate_core::channel_status::LinkState::Lost => {
+                "LINK LOST: the device was unlinked; link it again"
+            }
+        };
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
+            escape(status.channel.as_str()),
+            if status.connected { "yes" } else { "no" },
+            escape(&status.last_event_ms.map(time).unwrap_or_else(|| "—".to_string())),
+            status.errors_total(),
+            escape(&last_error),
+            escape(link),
+        );
+        if let Some(uri) = &status.link_uri {
+            if let Ok(code) = qrcode::QrCode::new(uri.as_bytes()) {
+                let svg = code
+                    .render::<qrcode::render::svg::Color<'_>>()
+                    .min_dimensions(240, 240)
+                    .build();
+                let _ = write!(
+                    codes,
+                    "<figure class=\"link-code\" id=\"link-{}\">{svg}<figcaption>Scan with the phone: Signal → Settings → Linked devices → Link new device</figcaption></figure>",
+                    escape(status.channel.as_str())
+                );
+            }
+        }
+    }
+    out.push_str("</tbody></table></div>");
+    out.push_str(&codes);
+    out
+}
+
 fn time(millis: i64) -> String {
     chrono::DateTime::from_timestamp_millis(millis)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
@@ -307,7 +366,7 @@ pub async fn dashboard(
         state.gateway().active_workers(),
         escape(sandbox_name.unwrap_or("none")),
         users.len(),
-    );
+    ) + &channels_html(&state.gateway().channel_statuses());
 
     // Users with their identities and token usage.
     let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();

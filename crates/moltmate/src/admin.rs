@@ -96,7 +96,8 @@ pub async fn pairing_list(admin: &Admin) -> Result<()> {
 }
 
 pub async fn pairing_decide(admin: &Admin, channel: &str, code: &str, approve: bool) -> Result<()> {
-    let channel: ChannelKind = channel.parse()?;
+    // Any messaging channel (telegram, signal, whatsapp, discord, slack), in any case.
+    let channel: ChannelKind = channel.trim().to_ascii_lowercase().parse()?;
     let (request, user) = admin
         .store
         .decide_pairing(channel, code, approve, UserId::for_identity)

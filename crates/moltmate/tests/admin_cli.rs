@@ -351,3 +351,75 @@ fn users_remove_of_a_hostile_home_completes_and_lists_what_was_skipped() {
         "{skipped}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_approve_works_for_every_messaging_channel() {
+    use moltmate_core::{ChannelKind, Identity, PeerId};
+    use moltmate_store::pairing::{PairingLimits, PairingOutcome, StrangerMessage};
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    common::write_config(&home, &json!({}));
+    let (status, _, stderr) = run_cli(&home, &["pairing", "list"]);
+    assert!(status.success(), "{stderr}");
+    let store = moltmate_store::Store::open(&home.join("moltmate.db")).unwrap();
+    let limits = PairingLimits {
+        ttl: std::time::Duration::from_secs(3600),
+        max_pending: 100,
+        max_pending_per_channel: 50,
+    };
+    let senders = [
+        (
+            ChannelKind::Signal,
+            "+4917012345678",
+            "signal__4917012345678",
+        ),
+        (
+            ChannelKind::Whatsapp,
+            "+4917099999999",
+            "whatsapp__4917099999999",
+        ),
+        (
+            ChannelKind::Discord,
+            "80351110224678912",
+            "discord_80351110224678912",
+        ),
+        (
+            ChannelKind::Slack,
+            "T024BE7LD/U0G9QF9C6",
+            "slack_t024be7ld_u0g9qf9c6",
+        ),
+    ];
+    for (channel, peer, user) in senders {
+        let outcome = store
+            .pairing_for_stranger(
+                StrangerMessage {
+                    identity: Identity::new(channel, PeerId::new(peer).unwrap()),
+                    chat_id: peer.to_string(),
+                    sender_name: None,
+                    cursor: None,
+                },
+                limits,
+                |code| format!("code {code}"),
+            )
+            .await
+            .unwrap();
+        let PairingOutcome::Created { request, .. } = outcome else {
+            panic!("{channel}: no code: {outcome:?}")
+        };
+        // The channel name as the operator types it, any case.
+        let typed = channel.as_str().to_ascii_uppercase();
+        let (status, stdout, stderr) = run_cli(
+            &home,
+            &["pairing", "approve", &typed, &request.code.to_lowercase()],
+        );
+        assert!(status.success(), "{channel}: {stderr}");
+        assert!(
+            stdout.contains(&format!("Approved {channel}:{peer} as user {user}")),
+            "{stdout}"
+        );
+        assert!(home.join("users").join(user).is_dir(), "{user}'s home");
+    }
+    let (status, _, stderr) = run_cli(&home, &["pairing", "approve", "icq", "ABCD2345"]);
+    assert!(!status.success());
+    assert!(stderr.contains("expected one of"), "{stderr}");
+}

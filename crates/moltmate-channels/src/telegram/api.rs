@@ -7,6 +7,7 @@
 
 use super::wire::Envelope;
 use moltmate_core::channel::ChannelError;
+use moltmate_core::channel_status::ErrorClass;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::error::Error as _;
@@ -71,6 +72,18 @@ impl ApiError {
             | ApiError::Conflict { .. }
             | ApiError::Refused { .. }
             | ApiError::InvalidReply(_) => false,
+        }
+    }
+
+    /// The operator-facing class of this failure.
+    pub(crate) fn class(&self) -> ErrorClass {
+        match self {
+            ApiError::Transport(_) => ErrorClass::Unreachable,
+            ApiError::RateLimited { .. } => ErrorClass::RateLimited,
+            ApiError::Server { .. } => ErrorClass::Server,
+            ApiError::Unauthorized { .. } => ErrorClass::Credentials,
+            ApiError::Conflict { .. } | ApiError::Refused { .. } => ErrorClass::Rejected,
+            ApiError::InvalidReply(_) => ErrorClass::InvalidReply,
         }
     }
 

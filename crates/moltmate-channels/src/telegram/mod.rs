@@ -32,6 +32,7 @@ use api::{ApiError, BotApi, SERVICE};
 use async_trait::async_trait;
 use moltmate_core::channel::Channel;
 use moltmate_core::channel::{ChannelError, InboundMessage, InboundSink};
+use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
 use rand::Rng;
 use std::sync::Arc;
@@ -78,6 +79,7 @@ enum Disposition {
 pub struct TelegramChannel {
     settings: TelegramSettings,
     api: BotApi,
+    health: Arc<ChannelHealth>,
 }
 
 impl TelegramChannel {
@@ -110,7 +112,11 @@ impl TelegramChannel {
             &settings.bot_token,
             settings.request_timeout,
         );
-        Ok(TelegramChannel { settings, api })
+        Ok(TelegramChannel {
+            settings,
+            api,
+            health: ChannelHealth::new(ChannelKind::Telegram),
+        })
     }
 
     /// Ask Telegram who we are (`getMe`), once. A refused token gives
@@ -142,12 +148,19 @@ impl TelegramChannel {
                 r = self.get_me() => r,
             };
             match result {
-                Ok(me) => return Ok(Some(me)),
+                Ok(me) => {
+                    self.health.set_connected(true);
+                    return Ok(Some(me));
+                }
                 Err(e) if e.is_fatal() => {
                     tracing::error!(error = %e, "telegram: giving up");
-                    return Err(e.into_channel_error());
+                    let e = e.into_channel_error();
+                    self.health.set_connected(false);
+                    self.health.channel_error(&e);
+                    return Err(e);
                 }
                 Err(e) => {
+                    self.record(&e);
                     tracing::warn!(error = %e, "telegram: getMe failed, retrying");
                     if !self.pause_after(&e, backoff, shutdown).await {
                         return Ok(None);
@@ -197,6 +210,7 @@ impl TelegramChannel {
                     return true;
                 }
                 Err(e) => {
+                    self.health.error(ErrorClass::Storage);
                     tracing::warn!(update = %message.external_id, error = %e, "telegram: the gateway did not store the update, retrying it");
                     if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
                         return false;
@@ -284,9 +298,19 @@ impl TelegramChannel {
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
-                Err(e) => return Err(e.into_channel_error()),
+                Err(e) => {
+                    let e = e.into_channel_error();
+                    self.health.channel_error(&e);
+                    return Err(e);
+                }
             }
         }
+    }
+
+    /// Count a failed exchange; the service is not reachable as it should be.
+    fn record(&self, error: &ApiError) {
+        self.health.set_connected(false);
+        self.health.error(error.class());
     }
 }
 
@@ -294,6 +318,10 @@ impl TelegramChannel {
 impl Channel for TelegramChannel {
     fn kind(&self) -> ChannelKind {
         ChannelKind::Telegram
+    }
+
+    fn health(&self) -> Arc<ChannelHealth> {
+        Arc::clone(&self.health)
     }
 
     async fn run(
@@ -340,12 +368,19 @@ impl Channel for TelegramChannel {
                 r = self.api.call("getUpdates", &params, Duration::from_secs(poll_seconds)) => r,
             };
             let updates = match result {
-                Ok(updates) => updates,
+                Ok(updates) => {
+                    self.health.set_connected(true);
+                    updates
+                }
                 Err(e) if e.is_fatal() => {
                     tracing::error!(error = %e, "telegram: giving up");
-                    return Err(e.into_channel_error());
+                    let e = e.into_channel_error();
+                    self.health.set_connected(false);
+                    self.health.channel_error(&e);
+                    return Err(e);
                 }
                 Err(e) => {
+                    self.record(&e);
                     tracing::warn!(error = %e, "telegram: getUpdates failed, retrying");
                     if !self.pause_after(&e, &mut backoff, &shutdown).await {
                         return Ok(());
@@ -374,6 +409,7 @@ impl Channel for TelegramChannel {
                         tracing::debug!(update = id, reason, "telegram: skipping update");
                     }
                     Disposition::Deliver(message) => {
+                        self.health.event();
                         if !self
                             .deliver(sink.as_ref(), *message, &mut backoff, &shutdown)
                             .await

@@ -168,6 +168,19 @@ impl Gateway {
         self.inner.sandbox.as_ref()
     }
 
+    /// The health of every configured channel (those that push replies: Telegram, Signal,
+    /// WhatsApp, ...), in a stable order.
+    pub fn channel_statuses(&self) -> Vec<moltmate_core::channel_status::ChannelStatus> {
+        let mut statuses: Vec<_> = self
+            .inner
+            .channels
+            .values()
+            .map(|c| c.health().snapshot())
+            .collect();
+        statuses.sort_by_key(|s| s.channel);
+        statuses
+    }
+
     /// Number of users with a live worker task.
     pub fn active_workers(&self) -> usize {
         lock(&self.inner.workers).len()
