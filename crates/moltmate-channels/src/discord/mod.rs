@@ -43,6 +43,7 @@ use futures::{SinkExt, StreamExt};
 use moltmate_core::channel::{
     group_message_text, Channel, ChannelError, InboundMessage, InboundSink,
 };
+use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
 use rand::Rng;
 use rest::{Rest, RestError, SERVICE};
@@ -119,6 +120,7 @@ pub struct DiscordChannel {
     settings: DiscordSettings,
     rest: Rest,
     http_is_plain: bool,
+    health: Arc<ChannelHealth>,
 }
 
 type Socket =
@@ -159,6 +161,7 @@ impl DiscordChannel {
             http_is_plain: url.scheme() == "http",
             settings,
             rest,
+            health: ChannelHealth::new(ChannelKind::Discord),
         })
     }
 
@@ -218,7 +221,10 @@ impl DiscordChannel {
                     tracing::error!(error = %e, "discord: giving up");
                     return Err(e.into_channel_error());
                 }
-                Err(e) => tracing::warn!(error = %e, "discord: GET /gateway/bot failed, retrying"),
+                Err(e) => {
+                    self.health.error(e.class());
+                    tracing::warn!(error = %e, "discord: GET /gateway/bot failed, retrying")
+                }
             }
             if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
                 return Ok(None);
@@ -333,6 +339,7 @@ impl DiscordChannel {
                     return true;
                 }
                 Err(e) => {
+                    self.health.error(ErrorClass::Storage);
                     tracing::warn!(message = %message.external_id, error = %e, "discord: the gateway did not store the message, retrying it");
                     if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
                         return false;
@@ -473,6 +480,7 @@ impl DiscordChannel {
                         "READY" => match serde_json::from_value::<wire::Ready>(frame.d) {
                             Ok(ready) => {
                                 tracing::info!(bot_id = %ready.user.id, bot = ready.user.username.as_deref().unwrap_or("?"), "discord: connected");
+                                self.health.set_connected(true);
                                 *me = Some(ready.user.id);
                                 *session = Some(Session {
                                     id: ready.session_id,
@@ -483,8 +491,12 @@ impl DiscordChannel {
                             }
                             Err(_) => return reconnect(false, "malformed READY"),
                         },
-                        "RESUMED" => tracing::info!("discord: session resumed"),
+                        "RESUMED" => {
+                            self.health.set_connected(true);
+                            tracing::info!("discord: session resumed")
+                        }
                         "MESSAGE_CREATE" => {
+                            self.health.event();
                             match serde_json::from_value::<MessageCreate>(frame.d) {
                                 Ok(message) => match self.dispose(message, me.as_deref()) {
                                     Disposition::Deliver(message) => {
@@ -522,12 +534,17 @@ impl DiscordChannel {
             match self.rest.create_message(channel_id, text).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_send_retryable() && attempt < attempts => {
+                    self.health.error(e.class());
                     let delay = e.retry_after().unwrap_or_else(|| backoff.next_delay());
                     tracing::warn!(error = %e, attempt, "discord: sending failed, retrying");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
-                Err(e) => return Err(e.into_channel_error()),
+                Err(e) => {
+                    let e = e.into_channel_error();
+                    self.health.channel_error(&e);
+                    return Err(e);
+                }
             }
         }
     }
@@ -575,10 +592,11 @@ async fn next_frame(socket: &mut Socket) -> Result<Frame, Ended> {
 
 /// What a close code means for us.
 fn closed(code: Option<u16>) -> Ended {
+    // 401 for a refused token, so the status page counts it as a credentials error.
     let fatal = |detail: &str| {
         Ended::Fatal(ChannelError::Rejected {
             service: SERVICE,
-            status: code.unwrap_or(0),
+            status: if code == Some(4004) { 401 } else { 400 },
             detail: detail.to_string(),
         })
     };
@@ -600,6 +618,10 @@ fn closed(code: Option<u16>) -> Ended {
 impl Channel for DiscordChannel {
     fn kind(&self) -> ChannelKind {
         ChannelKind::Discord
+    }
+
+    fn health(&self) -> Arc<ChannelHealth> {
+        Arc::clone(&self.health)
     }
 
     async fn run(
@@ -644,13 +666,16 @@ impl Channel for DiscordChannel {
                     reconnect(session.is_some(), &format!("could not connect: {reason}"))
                 }
             };
+            self.health.set_connected(false);
             match ended {
                 Ended::Shutdown => return Ok(()),
                 Ended::Fatal(e) => {
                     tracing::error!(error = %e, "discord: giving up");
+                    self.health.channel_error(&e);
                     return Err(e);
                 }
                 Ended::Reconnect { resume, reason } => {
+                    self.health.error(ErrorClass::Unreachable);
                     if !resume {
                         session = None;
                     }

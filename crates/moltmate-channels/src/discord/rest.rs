@@ -9,6 +9,7 @@
 //! per-route one only the request that hit it (the caller waits and retries).
 
 use moltmate_core::channel::ChannelError;
+use moltmate_core::channel_status::ErrorClass;
 use reqwest::header::{HeaderValue, AUTHORIZATION};
 use serde::Deserialize;
 use std::error::Error as _;
@@ -26,7 +27,7 @@ const MAX_REPLY_BYTES: usize = 1 << 20;
 const MAX_DESCRIPTION_CHARS: usize = 300;
 
 /// Why a REST call failed, classified by what the caller should do about it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum RestError {
     #[error("could not reach the Discord API: {0}")]
     Transport(String),
@@ -77,6 +78,11 @@ impl RestError {
             | RestError::Refused { .. }
             | RestError::InvalidReply(_) => None,
         }
+    }
+
+    /// The class of this error for the channel's status.
+    pub(crate) fn class(&self) -> ErrorClass {
+        ErrorClass::of(&self.clone().into_channel_error())
     }
 
     pub(crate) fn into_channel_error(self) -> ChannelError {
