@@ -9,8 +9,10 @@
 //! REST).
 
 pub mod discord;
+pub mod slack;
 pub mod telegram;
 
 pub use discord::{DiscordChannel, DiscordSettings, DiscordSetupError};
+pub use slack::{SlackChannel, SlackSettings, SlackSetupError};
 
 pub use telegram::{BotInfo, TelegramChannel, TelegramSettings, TelegramSetupError};

@@ -37,8 +37,8 @@ pub use schema::{
     GatewayConfig, GroupsConfig, LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig,
     ModelRef, OnboardingConfig, ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider,
     SandboxBackend, SandboxConfig, SandboxLimitsConfig, SandboxMode, SandboxPruneConfig,
-    SandboxScope, SessionConfig, SlackConfig, SlackMode, TelegramConfig, ToolName, ToolsConfig,
-    TrustLevel, UidRangeConfig, UserConfig, WebChannelConfig, WebFetchConfig, WebToolsConfig,
+    SandboxScope, SessionConfig, SlackConfig, TelegramConfig, ToolName, ToolsConfig, TrustLevel,
+    UidRangeConfig, UserConfig, WebChannelConfig, WebFetchConfig, WebToolsConfig,
 };
 pub use secret::Secret;
 pub use starter::{write_starter_config, STARTER_CONFIG};

@@ -469,18 +469,7 @@ impl DiscordConfig {
     }
 }
 
-/// How a Slack app receives events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SlackMode {
-    /// Socket Mode: the gateway opens a websocket to Slack; no public URL. Default.
-    #[default]
-    Socket,
-    /// Events API: Slack POSTs to `<publicUrl>/slack/events`, signed with the signing secret.
-    Events,
-}
-
-/// A Slack app (Socket Mode or Events API for receiving, Web API for sending).
+/// A Slack app (Socket Mode for receiving, Web API for sending).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct SlackConfig {
@@ -490,9 +479,6 @@ pub struct SlackConfig {
     pub bot_token: Option<Secret>,
     /// App-level token (`xapp-…`, scope `connections:write`): Socket Mode.
     pub app_token: Option<Secret>,
-    /// Signing secret: Events API mode.
-    pub signing_secret: Option<Secret>,
-    pub mode: SlackMode,
     /// Web API base URL. Default `https://slack.com/api`.
     pub api_url: String,
     pub dm_policy: DmPolicy,
@@ -513,8 +499,6 @@ impl Default for SlackConfig {
             enabled: None,
             bot_token: None,
             app_token: None,
-            signing_secret: None,
-            mode: SlackMode::Socket,
             api_url: "https://slack.com/api".to_string(),
             dm_policy: DmPolicy::Pairing,
             allow_from: Vec::new(),

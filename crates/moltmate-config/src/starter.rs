@@ -96,9 +96,6 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
     // slack: {
     //   botToken: "${SLACK_BOT_TOKEN}",      // xoxb-...
     //   appToken: "${SLACK_APP_TOKEN}",      // xapp-... (Socket Mode, connections:write)
-    //   // socket, or events (Slack POSTs to <publicUrl>/slack/events; needs signingSecret).
-    //   mode: "socket",
-    //   // signingSecret: "${SLACK_SIGNING_SECRET}",
     //   apiUrl: "https://slack.com/api",
     //   dmPolicy: "pairing",
     //   // "<team id>/<user id>", e.g. "T0123ABC/U0456DEF".

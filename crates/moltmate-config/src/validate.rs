@@ -390,27 +390,17 @@ fn discord_and_slack(config: &Config) -> Result<(), Failure> {
         tokens: &[
             ("botToken", s.bot_token.as_ref()),
             ("appToken", s.app_token.as_ref()),
-            ("signingSecret", s.signing_secret.as_ref()),
         ],
         api_url: &s.api_url,
         allow_from: &s.allow_from,
         dm_policy: s.dm_policy,
         max_pending_pairings: s.max_pending_pairings,
     })?;
-    if s.is_enabled() {
-        match s.mode {
-            crate::SlackMode::Socket if s.app_token.is_none() => return Err(rule(
-                "channels.slack.appToken",
-                "required in Socket Mode (an app-level token \"xapp-...\" with connections:write)",
-            )),
-            crate::SlackMode::Events if s.signing_secret.is_none() => {
-                return Err(rule(
-                    "channels.slack.signingSecret",
-                    "required with mode \"events\" (every request is verified with it)",
-                ))
-            }
-            _ => {}
-        }
+    if s.is_enabled() && s.app_token.is_none() {
+        return Err(rule(
+            "channels.slack.appToken",
+            "required: Socket Mode needs an app-level token (\"xapp-...\" with connections:write)",
+        ));
     }
     for (i, entry) in s.allow_from.iter().enumerate() {
         let id = entry

@@ -3,4 +3,5 @@ pub mod discord;
 pub mod llm;
 #[cfg(feature = "proptest")]
 pub mod prop;
+pub mod slack;
 pub mod telegram;

@@ -714,6 +714,15 @@ impl Channel for DiscordChannel {
     }
 }
 
+/// `text` without any of `secrets`, bounded in length (shared with the Slack channel).
+pub(crate) fn scrub_secrets(text: &str, secrets: &[String]) -> String {
+    let mut text = text.to_string();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        text = text.replace(secret.as_str(), "<redacted>");
+    }
+    rest::scrub(&text, "")
+}
+
 /// Discord ids are snowflakes: decimal u64.
 fn is_snowflake(id: &str) -> bool {
     !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit())
