@@ -1038,3 +1038,49 @@ fn a_fifo_in_the_config_s_place_is_refused_not_waited_on() {
     let error = result.unwrap_err();
     assert!(error.contains("not a regular file"), "{error}");
 }
+
+#[test]
+fn discord_and_slack_rules() {
+    assert_err(
+        "{channels: {discord: {enabled: true}}}",
+        "channels.discord.botToken",
+        "required when channels.discord.enabled is true",
+    );
+    assert_err(
+        "{channels: {discord: {botToken: 'x', dmPolicy: 'open'}}}",
+        "channels.discord.allowFrom",
+        "confirm by adding \"*\"",
+    );
+    assert_err(
+        "{channels: {discord: {botToken: 'x', allowFrom: ['@anna']}}}",
+        "channels.discord.allowFrom[0]",
+        "expected a Discord user id",
+    );
+    assert_err(
+        "{channels: {discord: {groups: {enabled: true, mentions: true}}}}",
+        "channels.discord.groups.mentions",
+        "unknown key",
+    );
+    assert_err(
+        "{channels: {slack: {botToken: 'xoxb-1'}}}",
+        "channels.slack.appToken",
+        "Socket Mode needs an app-level token",
+    );
+    assert_err(
+        "{channels: {slack: {botToken: 'xoxb-1', appToken: 'xapp-1', allowFrom: ['U0456']}}}",
+        "channels.slack.allowFrom[0]",
+        "<team id>/<user id>",
+    );
+    let c = load(
+        "{channels: {discord: {botToken: 'x', allowFrom: ['123', 'group/456'], groups: {enabled: true}},
+                     slack: {botToken: 'xoxb-1', appToken: 'xapp-1', allowFrom: ['T1/U2']}}}",
+    )
+    .unwrap();
+    assert!(c.channels.discord.is_enabled() && c.channels.discord.groups.enabled);
+    assert!(
+        c.channels.discord.groups.mention,
+        "mention defaults to true"
+    );
+    assert!(c.channels.slack.is_enabled());
+    assert!(!format!("{:?}", c.channels.slack).contains("xapp-1"));
+}
