@@ -168,31 +168,71 @@ fn proxies(config: &Config) -> Check {
 fn dm_policy(config: &Config) -> Check {
     const ID: &str = "channels.dm_policy";
     const TITLE: &str = "No open DM policy without intent";
-    let telegram = &config.channels.telegram;
-    if !telegram.is_enabled() {
+    let c = &config.channels;
+    let channels: Vec<(&str, DmPolicy, bool)> = [
+        (
+            "Telegram",
+            c.telegram.is_enabled(),
+            c.telegram.dm_policy,
+            &c.telegram.allow_from,
+        ),
+        (
+            "Discord",
+            c.discord.is_enabled(),
+            c.discord.dm_policy,
+            &c.discord.allow_from,
+        ),
+        (
+            "Slack",
+            c.slack.is_enabled(),
+            c.slack.dm_policy,
+            &c.slack.allow_from,
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, enabled, _, _)| *enabled)
+    .map(|(name, _, policy, allow)| (name, policy, allow.iter().any(|e| e == "*")))
+    .collect();
+    if channels.is_empty() {
         return Check::pass(ID, TITLE, "Telegram is off");
     }
-    let star = telegram.allow_from.iter().any(|e| e == "*");
-    match telegram.dm_policy {
-        DmPolicy::Pairing => Check::pass(
-            ID,
-            TITLE,
-            "Telegram: pairing (unknown senders need the operator's approval)",
-        ),
-        DmPolicy::Allowlist => Check::pass(ID, TITLE, "Telegram: allowlist"),
-        DmPolicy::Disabled => Check::pass(ID, TITLE, "Telegram: disabled"),
-        DmPolicy::Open if star => Check::warn(
-            ID,
-            TITLE,
-            "Telegram: open, confirmed with allowFrom [\"*\"]: anyone on Telegram reaches your assistant and your model budget",
-            "use dmPolicy \"pairing\" unless this bot is meant to be public",
-        ),
-        DmPolicy::Open => Check::fail(
-            ID,
-            TITLE,
-            "Telegram: open without \"*\" in allowFrom",
-            "use dmPolicy \"pairing\" (or confirm with allowFrom: [\"*\"])",
-        ),
+    let mut worst = 0;
+    let mut details = Vec::new();
+    let mut fixes = Vec::new();
+    for (name, policy, star) in channels {
+        let (level, detail, fix) = match policy {
+            DmPolicy::Pairing => (
+                0,
+                format!("{name}: pairing (unknown senders need the operator's approval)"),
+                None,
+            ),
+            DmPolicy::Allowlist => (0, format!("{name}: allowlist"), None),
+            DmPolicy::Disabled => (0, format!("{name}: disabled"), None),
+            DmPolicy::Open if star => (
+                1,
+                format!("{name}: open, confirmed with allowFrom [\"*\"]: anyone on {name} reaches your assistant and your model budget"),
+                Some("use dmPolicy \"pairing\" unless this bot is meant to be public"),
+            ),
+            DmPolicy::Open => (
+                2,
+                format!("{name}: open without \"*\" in allowFrom"),
+                Some("use dmPolicy \"pairing\" (or confirm with allowFrom: [\"*\"])"),
+            ),
+        };
+        worst = worst.max(level);
+        details.push(detail);
+        if let Some(fix) = fix {
+            if !fixes.contains(&fix) {
+                fixes.push(fix);
+            }
+        }
+    }
+    let detail = details.join("; ");
+    let fix = fixes.join("; ");
+    match worst {
+        0 => Check::pass(ID, TITLE, detail),
+        1 => Check::warn(ID, TITLE, detail, fix),
+        _ => Check::fail(ID, TITLE, detail, fix),
     }
 }
 
@@ -209,6 +249,8 @@ fn exec_security(config: &Config) -> Check {
     let security = config.tools.exec.security;
     let owner_channels: Vec<String> = [
         ("telegram", config.channels.telegram.default_trust),
+        ("discord", config.channels.discord.default_trust),
+        ("slack", config.channels.slack.default_trust),
         ("web", config.channels.web.default_trust),
     ]
     .into_iter()

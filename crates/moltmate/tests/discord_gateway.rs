@@ -341,3 +341,41 @@ async fn a_gateway_killed_mid_answer_on_discord_loses_nothing_and_answers_once()
     let log = std::fs::read_to_string(home.join("gateway.log")).unwrap_or_default();
     assert!(!log.contains(DISCORD_TOKEN), "the token reached the log");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_discord_strangers_neither_reaches_the_model_nor_slows_a_member() {
+    let (h, discord) = start(json!({ "dmPolicy": "pairing", "allowFrom": ["111"] })).await;
+    // The member's normal answer time.
+    let started = Instant::now();
+    discord.push_dm(111, "warm up");
+    replies(&discord, 111, 1).await;
+    let started_normal = Instant::now();
+    discord.push_dm(111, "normal");
+    replies(&discord, 111, 2).await;
+    let normal = started_normal.elapsed();
+    let _ = started;
+    // 100 strangers write 10 messages each, interleaved with the member's messages.
+    let mut slowest = Duration::ZERO;
+    for round in 0..10 {
+        for stranger in 0..100u64 {
+            discord.push_dm(5_000 + stranger, &format!("let me in {round}"));
+        }
+        let asked = Instant::now();
+        discord.push_dm(111, &format!("still there {round}"));
+        replies(&discord, 111, 3 + round).await;
+        slowest = slowest.max(asked.elapsed());
+    }
+    assert!(
+        slowest <= normal * 2 + Duration::from_millis(500),
+        "the member waited {slowest:?} against a normal {normal:?}"
+    );
+    // Only the member reached the model; each stranger got one code, once.
+    assert_eq!(h.llm.request_count(), 12);
+    let codes = discord
+        .sent_messages()
+        .iter()
+        .filter(|m| m.channel_id != FakeDiscord::dm_channel(111))
+        .count();
+    assert_eq!(codes, 50, "at most maxPendingPairings (50) codes, one each");
+    h.stop().await;
+}
