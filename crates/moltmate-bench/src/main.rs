@@ -8,6 +8,7 @@
 //! cargo run --release -p moltmate-bench -- startup    # cold start and idle RSS of `moltmate serve`
 //! cargo run --release -p moltmate-bench -- memory     # RSS with 1,000 users known and 100 active
 //! cargo run --release -p moltmate-bench -- sandbox    # exec round trip: bubblewrap, warm and cold Docker
+//! cargo run --release -p moltmate-bench -- channels   # round trip through Telegram, Discord, Slack doubles
 //! ```
 //!
 //! `gateway`, `startup` and `memory` run the release binary (`target/release/moltmate`, or
@@ -440,6 +441,133 @@ async fn bench_sandbox() -> Result<()> {
     bench_backend(moltmate_sandbox::BackendChoice::Docker, "docker").await
 }
 
+/// A gateway with one real channel, open access and the instant model.
+fn channel_gateway(
+    home: &Path,
+    channel: Arc<dyn moltmate_core::channel::Channel>,
+) -> Result<Gateway> {
+    let mut settings = GatewaySettings {
+        onboarding_enabled: false,
+        ..GatewaySettings::default()
+    };
+    settings.access.insert(
+        channel.kind(),
+        moltmate_gateway::access::ChannelAccess {
+            policy: moltmate_gateway::access::DmPolicy::Open,
+            allow_from: vec!["*".to_string()],
+            groups: false,
+        },
+    );
+    Ok(Gateway::new(GatewayParts {
+        store: Store::open(&home.join("moltmate.db"))?,
+        homes: Homes::new(home),
+        settings,
+        model: Arc::new(InstantModel),
+        tools: ToolBox::default(),
+        channels: vec![channel],
+        sandbox: None,
+        disk_caps: None,
+        shutdown: Shutdown::new(),
+    }))
+}
+
+/// Per-message round trip through each channel: the double delivers a message over the
+/// service's own protocol, the gateway stores and answers it (instant model), the channel sends
+/// the reply back to the double. 10 users, 30 messages each, one at a time.
+async fn bench_channels() -> Result<()> {
+    use moltmate_testkit::{discord::FakeDiscord, slack::FakeSlack, telegram::FakeTelegram};
+    const USERS: u64 = 10;
+    const ROUNDS: usize = 30;
+    let wait = Duration::from_secs(10);
+
+    let dir = tempfile::tempdir()?;
+    let telegram = FakeTelegram::start("1:BENCH").await;
+    let mut settings =
+        moltmate_channels::TelegramSettings::new("1:BENCH").with_api_url(telegram.api_url());
+    settings.poll_timeout = Duration::from_secs(1);
+    let gateway = channel_gateway(
+        dir.path(),
+        Arc::new(moltmate_channels::TelegramChannel::new(settings)?),
+    )?;
+    let run = {
+        let g = gateway.clone();
+        tokio::spawn(async move { g.run_channels().await })
+    };
+    let mut samples = Vec::new();
+    for n in 0..ROUNDS {
+        for user in 0..USERS {
+            let started = Instant::now();
+            telegram.push_text(1000 + user as i64, "hi");
+            telegram
+                .wait_for_messages(1000 + user as i64, n + 1, wait)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            samples.push(started.elapsed());
+        }
+    }
+    report("round trip per message, Telegram", samples);
+    run.abort();
+
+    let dir = tempfile::tempdir()?;
+    let discord = FakeDiscord::start("BENCH.token").await;
+    let channel = moltmate_channels::DiscordChannel::new(
+        moltmate_channels::DiscordSettings::new("BENCH.token").with_api_url(discord.api_url()),
+    )?;
+    let gateway = channel_gateway(dir.path(), Arc::new(channel))?;
+    let run = {
+        let g = gateway.clone();
+        tokio::spawn(async move { g.run_channels().await })
+    };
+    if !discord.wait_connected(wait).await {
+        bail!("the Discord channel did not connect");
+    }
+    let mut samples = Vec::new();
+    for n in 0..ROUNDS {
+        for user in 0..USERS {
+            let started = Instant::now();
+            discord.push_dm(1000 + user, "hi");
+            discord
+                .wait_for_messages(&FakeDiscord::dm_channel(1000 + user), n + 1, wait)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            samples.push(started.elapsed());
+        }
+    }
+    report("round trip per message, Discord", samples);
+    run.abort();
+
+    let dir = tempfile::tempdir()?;
+    let slack = FakeSlack::start("xoxb-1-BENCH", "xapp-1-BENCH").await;
+    let channel = moltmate_channels::SlackChannel::new(
+        moltmate_channels::SlackSettings::new("xoxb-1-BENCH", "xapp-1-BENCH")
+            .with_api_url(slack.api_url()),
+    )?;
+    let gateway = channel_gateway(dir.path(), Arc::new(channel))?;
+    let run = {
+        let g = gateway.clone();
+        tokio::spawn(async move { g.run_channels().await })
+    };
+    if !slack.wait_connected(wait).await {
+        bail!("the Slack channel did not connect");
+    }
+    let mut samples = Vec::new();
+    for n in 0..ROUNDS {
+        for user in 0..USERS {
+            let id = format!("U{}", 1000 + user);
+            let started = Instant::now();
+            slack.push_dm(&id, "hi", None);
+            slack
+                .wait_for_messages(&FakeSlack::dm_channel(&id), n + 1, wait)
+                .await
+                .map_err(|got| anyhow::anyhow!("Slack: got {got:?}"))?;
+            samples.push(started.elapsed());
+        }
+    }
+    report("round trip per message, Slack", samples);
+    run.abort();
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_string());
@@ -455,6 +583,7 @@ async fn main() -> Result<()> {
         "startup" => bench_startup().await,
         "memory" => bench_memory().await,
         "sandbox" => bench_sandbox().await,
+        "channels" => bench_channels().await,
         "all" => {
             bench_gateway().await?;
             blackbox::telegram().await?;
@@ -463,6 +592,6 @@ async fn main() -> Result<()> {
             bench_memory().await?;
             bench_sandbox().await
         }
-        other => bail!("unknown benchmark {other:?}: gateway | gateway-inprocess | gateway-api | gateway-telegram | startup | memory | sandbox | all"),
+        other => bail!("unknown benchmark {other:?}: gateway | gateway-inprocess | gateway-api | gateway-telegram | startup | memory | sandbox | channels | all"),
     }
 }

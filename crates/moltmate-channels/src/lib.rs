@@ -6,13 +6,19 @@
 //! assistant and never calls a model.
 //!
 //! Currently implemented: [`telegram`] (Bot API long polling), [`signal`] (signal-cli's
-//! JSON-RPC daemon).
+//! JSON-RPC daemon), [`whatsapp`] (Cloud API webhook + Graph API), [`discord`] (Gateway
+//! websocket + REST), [`slack`] (Socket Mode + Web API).
 
+pub mod discord;
 mod retry;
 pub mod signal;
+pub mod slack;
 pub mod telegram;
 pub mod whatsapp;
 
+pub use discord::{DiscordChannel, DiscordSettings, DiscordSetupError};
 pub use signal::{SignalChannel, SignalDaemon, SignalSettings};
+pub use slack::{SlackChannel, SlackSettings, SlackSetupError};
+
 pub use telegram::{BotInfo, TelegramChannel, TelegramSettings, TelegramSetupError};
 pub use whatsapp::{WhatsAppChannel, WhatsAppSettings};

@@ -35,12 +35,13 @@ pub use limits::{
 pub use redact::{redact_secrets, Redacted};
 pub use scan::{is_secret_key, scan_raw, RawScan};
 pub use schema::{
-    ChannelsConfig, Config, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig, GatewayConfig,
-    LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig, ModelRef, OnboardingConfig,
-    ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider, SandboxBackend, SandboxConfig,
-    SandboxLimitsConfig, SandboxMode, SandboxPruneConfig, SandboxScope, SandboxTotalConfig,
-    SessionConfig, TelegramConfig, ToolName, ToolsConfig, TrustLevel, UidRangeConfig, UserConfig,
-    WebChannelConfig, WebFetchConfig, WebToolsConfig,
+    ChannelsConfig, Config, DiscordConfig, DmPolicy, ExecConfig, FamilyConfig, GatewayAuthConfig,
+    GatewayConfig, GroupsConfig, LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig,
+    ModelRef, OnboardingConfig, ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider,
+    SandboxBackend, SandboxConfig, SandboxLimitsConfig, SandboxMode, SandboxPruneConfig,
+    SandboxScope, SandboxTotalConfig, SessionConfig, SlackConfig, TelegramConfig, ToolName,
+    ToolsConfig, TrustLevel, UidRangeConfig, UserConfig, WebChannelConfig, WebFetchConfig,
+    WebToolsConfig,
 };
 pub use schema::{SearchProvider, WebSearchConfig};
 pub use secret::Secret;
@@ -276,7 +277,8 @@ impl Config {
             ChannelKind::Local => self.channels.local.default_trust,
             ChannelKind::Signal => self.channels.signal.default_trust,
             ChannelKind::Whatsapp => self.channels.whatsapp.default_trust,
-            ChannelKind::Discord | ChannelKind::Slack => TrustLevel::Stranger,
+            ChannelKind::Discord => self.channels.discord.default_trust,
+            ChannelKind::Slack => self.channels.slack.default_trust,
         }
     }
 

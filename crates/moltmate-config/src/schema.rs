@@ -429,6 +429,8 @@ pub struct ChannelsConfig {
     pub telegram: TelegramConfig,
     pub signal: SignalConfig,
     pub whatsapp: WhatsAppConfig,
+    pub discord: DiscordConfig,
+    pub slack: SlackConfig,
     pub web: WebChannelConfig,
     pub local: LocalChannelConfig,
     /// Pending pairing codes at most, over all channels; past it, new unknown senders get
@@ -442,6 +444,8 @@ impl Default for ChannelsConfig {
             telegram: TelegramConfig::default(),
             signal: SignalConfig::default(),
             whatsapp: WhatsAppConfig::default(),
+            discord: DiscordConfig::default(),
+            slack: SlackConfig::default(),
             web: WebChannelConfig::default(),
             local: LocalChannelConfig::default(),
             max_pending_pairings: 100,
@@ -604,6 +608,127 @@ impl Default for WhatsAppConfig {
 impl WhatsAppConfig {
     pub fn is_enabled(&self) -> bool {
         self.enabled.unwrap_or(self.phone_number_id.is_some())
+    }
+}
+
+/// A Discord bot (Gateway websocket for receiving, REST for sending).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct DiscordConfig {
+    /// Default: enabled iff `botToken` is set.
+    pub enabled: Option<bool>,
+    pub bot_token: Option<Secret>,
+    /// REST base URL; the gateway's websocket URL is asked from it. Default
+    /// `https://discord.com/api/v10`.
+    pub api_url: String,
+    pub dm_policy: DmPolicy,
+    /// Discord user ids (write them as strings: they exceed JSON's exact integers), group
+    /// peer ids (`"group/<channel id>"`) or `"*"`.
+    #[serde(deserialize_with = "de_allow_from")]
+    pub allow_from: Vec<String>,
+    /// Default `stranger`.
+    pub default_trust: TrustLevel,
+    /// Default 50.
+    pub max_pending_pairings: u32,
+    pub groups: GroupsConfig,
+}
+
+impl Default for DiscordConfig {
+    fn default() -> Self {
+        DiscordConfig {
+            enabled: None,
+            bot_token: None,
+            api_url: "https://discord.com/api/v10".to_string(),
+            dm_policy: DmPolicy::Pairing,
+            allow_from: Vec::new(),
+            default_trust: TrustLevel::Stranger,
+            max_pending_pairings: 50,
+            groups: GroupsConfig::default(),
+        }
+    }
+}
+
+impl DiscordConfig {
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(self.bot_token.is_some())
+    }
+}
+
+/// A Slack app (Socket Mode for receiving, Web API for sending).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SlackConfig {
+    /// Default: enabled iff `botToken` is set.
+    pub enabled: Option<bool>,
+    /// Bot token (`xoxb-…`): `chat.postMessage`, `auth.test`.
+    pub bot_token: Option<Secret>,
+    /// App-level token (`xapp-…`, scope `connections:write`): Socket Mode.
+    pub app_token: Option<Secret>,
+    /// Web API base URL. Default `https://slack.com/api`.
+    pub api_url: String,
+    pub dm_policy: DmPolicy,
+    /// Slack user ids as `"<team id>/<user id>"` (e.g. `"T0123/U0456"`), group peer ids
+    /// (`"group/<team>/<channel>"`) or `"*"`.
+    #[serde(deserialize_with = "de_allow_from")]
+    pub allow_from: Vec<String>,
+    /// Default `stranger`.
+    pub default_trust: TrustLevel,
+    /// Default 50.
+    pub max_pending_pairings: u32,
+    pub groups: GroupsConfig,
+}
+
+impl Default for SlackConfig {
+    fn default() -> Self {
+        SlackConfig {
+            enabled: None,
+            bot_token: None,
+            app_token: None,
+            api_url: "https://slack.com/api".to_string(),
+            dm_policy: DmPolicy::Pairing,
+            allow_from: Vec::new(),
+            default_trust: TrustLevel::Stranger,
+            max_pending_pairings: 50,
+            groups: GroupsConfig::default(),
+        }
+    }
+}
+
+impl SlackConfig {
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(self.bot_token.is_some())
+    }
+}
+
+/// Group conversations on a channel (`channels.<name>.groups`). Off by default. When enabled,
+/// the assistant answers in a group only when mentioned (unless `mention` is false), and each
+/// group is its own user (`<channel>:group/<id>`, own home, memory and trust), admitted only by
+/// the operator: a pairing code approved with `moltmate pairing approve`, the group's peer id in
+/// `allowFrom`, or the identity in `users.<id>.identities`. `"*"` never admits a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct GroupsConfig {
+    /// Default false.
+    pub enabled: bool,
+    /// Answer only messages that mention the assistant. Default true.
+    pub mention: bool,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        GroupsConfig {
+            enabled: false,
+            mention: true,
+        }
+    }
+}
+
+impl GroupsConfig {
+    pub fn to_core(self) -> moltmate_core::channel::GroupPolicy {
+        moltmate_core::channel::GroupPolicy {
+            enabled: self.enabled,
+            require_mention: self.mention,
+        }
     }
 }
 

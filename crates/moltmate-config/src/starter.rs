@@ -112,6 +112,31 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
       defaultTrust: "stranger",
       maxPendingPairings: 50,
     },
+    // A Discord bot (README "Discord"): enabled when botToken is set.
+    // discord: {
+    //   botToken: "${DISCORD_BOT_TOKEN}",
+    //   apiUrl: "https://discord.com/api/v10",
+    //   dmPolicy: "pairing",
+    //   // Discord user ids, as strings ("123456789012345678").
+    //   allowFrom: [],
+    //   defaultTrust: "stranger",
+    //   maxPendingPairings: 50,
+    //   // Server channels: answer only when mentioned; each channel is its own user,
+    //   // admitted by the operator (pairing code or allowFrom "group/<channel id>").
+    //   groups: { enabled: false, mention: true },
+    // },
+    // A Slack app (README "Slack"): Socket Mode needs no public URL.
+    // slack: {
+    //   botToken: "${SLACK_BOT_TOKEN}",      // xoxb-...
+    //   appToken: "${SLACK_APP_TOKEN}",      // xapp-... (Socket Mode, connections:write)
+    //   apiUrl: "https://slack.com/api",
+    //   dmPolicy: "pairing",
+    //   // "<team id>/<user id>", e.g. "T0123ABC/U0456DEF".
+    //   allowFrom: [],
+    //   defaultTrust: "stranger",
+    //   maxPendingPairings: 50,
+    //   groups: { enabled: false, mention: true },
+    // },
     web: { enabled: true, defaultTrust: "friend" },
     // `moltmate chat` on this machine's terminal.
     local: { defaultTrust: "owner" },

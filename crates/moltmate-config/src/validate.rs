@@ -31,6 +31,7 @@ pub(crate) fn validate(config: &Config) -> Result<(), Failure> {
     providers(config)?;
     model(config)?;
     channels(config)?;
+    discord_and_slack(config)?;
     sandbox(config)?;
     tools(config)?;
     misc(config)?;
@@ -423,6 +424,67 @@ fn whatsapp(w: &crate::schema::WhatsAppConfig) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The rules every direct-message channel shares (Discord, Slack): a set token is not empty,
+/// `enabled: true` needs the first token, the API URL is http(s), `allowFrom` holds peer ids or
+/// `"*"`, `open` is confirmed by `"*"`, and the pending-code cap is at least 1.
+struct DmChannelRules<'a> {
+    name: &'a str,
+    service: &'a str,
+    enabled: Option<bool>,
+    tokens: &'a [(&'a str, Option<&'a crate::Secret>)],
+    api_url: &'a str,
+    allow_from: &'a [String],
+    dm_policy: DmPolicy,
+    max_pending_pairings: u32,
+}
+
+fn dm_channel(r: DmChannelRules<'_>) -> Result<(), Failure> {
+    let name = r.name;
+    for (key, token) in r.tokens {
+        if token.is_some_and(|t| t.is_empty()) {
+            return Err(rule(format!("channels.{name}.{key}"), "must not be empty"));
+        }
+    }
+    if let Some((key, None)) = r.tokens.first() {
+        if r.enabled == Some(true) {
+            return Err(rule(
+                format!("channels.{name}.{key}"),
+                format!("required when channels.{name}.enabled is true"),
+            ));
+        }
+    }
+    if !valid_http_url(r.api_url) {
+        return Err(rule(
+            format!("channels.{name}.apiUrl"),
+            format!("expected an http(s) URL, found {:?}", r.api_url),
+        ));
+    }
+    for (i, entry) in r.allow_from.iter().enumerate() {
+        if entry != "*" && PeerId::new(entry.as_str()).is_err() {
+            return Err(rule(
+                format!("channels.{name}.allowFrom[{i}]"),
+                format!("expected a {} user id or \"*\", found {entry:?}", r.service),
+            ));
+        }
+    }
+    if r.dm_policy == DmPolicy::Open && !r.allow_from.iter().any(|e| e == "*") {
+        return Err(rule(
+            format!("channels.{name}.allowFrom"),
+            format!(
+                "dmPolicy \"open\" lets anyone on {} talk to the assistant; confirm by adding \"*\" to allowFrom",
+                r.service
+            ),
+        ));
+    }
+    if r.max_pending_pairings == 0 {
+        return Err(rule(
+            format!("channels.{name}.maxPendingPairings"),
+            "must be at least 1 (to give unknown senders no code at all, use dmPolicy \"allowlist\")",
+        ));
+    }
+    Ok(())
+}
+
 fn signal(s: &crate::schema::SignalConfig) -> Result<(), Failure> {
     match &s.account {
         Some(account) if !is_e164(account) => {
@@ -488,6 +550,64 @@ fn signal(s: &crate::schema::SignalConfig) -> Result<(), Failure> {
             "channels.signal.allowFrom",
             "dmPolicy \"open\" lets anyone on Signal talk to the assistant; confirm by adding \"*\" to allowFrom",
         ));
+    }
+    Ok(())
+}
+
+fn discord_and_slack(config: &Config) -> Result<(), Failure> {
+    let d = &config.channels.discord;
+    dm_channel(DmChannelRules {
+        name: "discord",
+        service: "Discord",
+        enabled: d.enabled,
+        tokens: &[("botToken", d.bot_token.as_ref())],
+        api_url: &d.api_url,
+        allow_from: &d.allow_from,
+        dm_policy: d.dm_policy,
+        max_pending_pairings: d.max_pending_pairings,
+    })?;
+    for (i, entry) in d.allow_from.iter().enumerate() {
+        let id = entry
+            .strip_prefix(moltmate_core::ids::GROUP_PEER_PREFIX)
+            .unwrap_or(entry);
+        let snowflake = !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit());
+        if entry != "*" && !snowflake {
+            return Err(rule(
+                format!("channels.discord.allowFrom[{i}]"),
+                format!("expected a Discord user id (digits, as a string), \"group/<channel id>\" or \"*\", found {entry:?}"),
+            ));
+        }
+    }
+    let s = &config.channels.slack;
+    dm_channel(DmChannelRules {
+        name: "slack",
+        service: "Slack",
+        enabled: s.enabled,
+        tokens: &[
+            ("botToken", s.bot_token.as_ref()),
+            ("appToken", s.app_token.as_ref()),
+        ],
+        api_url: &s.api_url,
+        allow_from: &s.allow_from,
+        dm_policy: s.dm_policy,
+        max_pending_pairings: s.max_pending_pairings,
+    })?;
+    if s.is_enabled() && s.app_token.is_none() {
+        return Err(rule(
+            "channels.slack.appToken",
+            "required: Socket Mode needs an app-level token (\"xapp-...\" with connections:write)",
+        ));
+    }
+    for (i, entry) in s.allow_from.iter().enumerate() {
+        let id = entry
+            .strip_prefix(moltmate_core::ids::GROUP_PEER_PREFIX)
+            .unwrap_or(entry);
+        if entry != "*" && !id.contains('/') {
+            return Err(rule(
+                format!("channels.slack.allowFrom[{i}]"),
+                format!("expected \"<team id>/<user id>\" (e.g. \"T0123/U0456\"), \"group/<team>/<channel>\" or \"*\", found {entry:?}"),
+            ));
+        }
     }
     Ok(())
 }
@@ -1028,6 +1148,15 @@ fn families(config: &Config) -> Result<(), Failure> {
 fn users(config: &Config) -> Result<(), Failure> {
     let mut owner_of: BTreeMap<&Identity, &UserId> = BTreeMap::new();
     for (user, entry) in &config.users {
+        // A group is its own scope: linking it to a person would hand that person's memory
+        // and trust to everyone in the group.
+        let groups = entry.identities.iter().filter(|i| i.is_group()).count();
+        if groups > 0 && groups < entry.identities.len() {
+            return Err(rule(
+                format!("users.{user}.identities"),
+                "mixes a group (\"<channel>:group/...\") with a person's identity; a group is a user of its own, so give it its own users entry",
+            ));
+        }
         for (i, identity) in entry.identities.iter().enumerate() {
             let key = format!("users.{user}.identities[{i}]");
             match owner_of.insert(identity, user) {

@@ -854,6 +854,14 @@ fn family_and_user_rules() {
         "users.ben.identities[1]",
         "identity \"telegram:1\" already belongs to user \"anna\"",
     );
+    assert_err(
+        "{users: {anna: {identities: ['telegram:1', 'discord:group/5']}}}",
+        "users.anna.identities",
+        "a group is a user of its own",
+    );
+    assert!(
+        load("{users: {team: {identities: ['discord:group/5', 'slack:group/T1/C2']}}}").is_ok()
+    );
 
     let c = load(
         "{families: {home: {members: ['anna', 'ben']}},
@@ -1383,4 +1391,50 @@ fn signal_and_whatsapp_keys_load_with_env_secrets_and_are_refused_when_wrong() {
         "channels.signal.acount",
         "account",
     );
+}
+
+#[test]
+fn discord_and_slack_rules() {
+    assert_err(
+        "{channels: {discord: {enabled: true}}}",
+        "channels.discord.botToken",
+        "required when channels.discord.enabled is true",
+    );
+    assert_err(
+        "{channels: {discord: {botToken: 'x', dmPolicy: 'open'}}}",
+        "channels.discord.allowFrom",
+        "confirm by adding \"*\"",
+    );
+    assert_err(
+        "{channels: {discord: {botToken: 'x', allowFrom: ['@anna']}}}",
+        "channels.discord.allowFrom[0]",
+        "expected a Discord user id",
+    );
+    assert_err(
+        "{channels: {discord: {groups: {enabled: true, mentions: true}}}}",
+        "channels.discord.groups.mentions",
+        "unknown key",
+    );
+    assert_err(
+        "{channels: {slack: {botToken: 'xoxb-1'}}}",
+        "channels.slack.appToken",
+        "Socket Mode needs an app-level token",
+    );
+    assert_err(
+        "{channels: {slack: {botToken: 'xoxb-1', appToken: 'xapp-1', allowFrom: ['U0456']}}}",
+        "channels.slack.allowFrom[0]",
+        "<team id>/<user id>",
+    );
+    let c = load(
+        "{channels: {discord: {botToken: 'x', allowFrom: ['123', 'group/456'], groups: {enabled: true}},
+                     slack: {botToken: 'xoxb-1', appToken: 'xapp-1', allowFrom: ['T1/U2']}}}",
+    )
+    .unwrap();
+    assert!(c.channels.discord.is_enabled() && c.channels.discord.groups.enabled);
+    assert!(
+        c.channels.discord.groups.mention,
+        "mention defaults to true"
+    );
+    assert!(c.channels.slack.is_enabled());
+    assert!(!format!("{:?}", c.channels.slack).contains("xapp-1"));
 }

@@ -189,9 +189,31 @@ pub struct Identity {
     pub peer: PeerId,
 }
 
+/// How a group conversation's peer id begins: `discord:group/<channel id>`,
+/// `slack:group/<team>/<channel>`, `signal:group/<group id>`. No person's id on any channel
+/// starts with it (they are numbers, `+49…`, `T…/U…`), so the prefix alone tells a group apart.
+pub const GROUP_PEER_PREFIX: &str = "group/";
+
 impl Identity {
     pub fn new(channel: ChannelKind, peer: PeerId) -> Self {
         Identity { channel, peer }
+    }
+
+    /// The identity of a group conversation (`<channel>:group/<scope>`): the group is its own
+    /// user-like scope (home, memory, trust, queue), never the member who spoke.
+    pub fn group(channel: ChannelKind, scope: &str) -> Result<Self, InvalidId> {
+        Ok(Identity {
+            channel,
+            peer: PeerId::new(format!("{GROUP_PEER_PREFIX}{scope}"))?,
+        })
+    }
+
+    /// Whether this is a group conversation rather than a person.
+    pub fn is_group(&self) -> bool {
+        self.peer
+            .as_str()
+            .strip_prefix(GROUP_PEER_PREFIX)
+            .is_some_and(|rest| !rest.is_empty())
     }
 }
 
@@ -230,6 +252,26 @@ impl<'de> Deserialize<'de> for Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_identities_are_recognised() {
+        let g = Identity::group(ChannelKind::Discord, "123/456").unwrap();
+        assert_eq!(g.to_string(), "discord:group/123/456");
+        assert!(g.is_group());
+        let parsed: Identity = "slack:group/T1/C2".parse().unwrap();
+        assert!(parsed.is_group());
+        for person in [
+            "discord:123",
+            "slack:T1/U2",
+            "signal:+491",
+            "telegram:group",
+        ] {
+            assert!(!person.parse::<Identity>().unwrap().is_group(), "{person}");
+        }
+        assert!(!"discord:group/".parse::<Identity>().unwrap().is_group());
+        assert!(Identity::group(ChannelKind::Discord, "a b").is_err());
+        assert_eq!(UserId::for_identity(&g).as_str(), "discord_group_123_456");
+    }
 
     #[test]
     fn user_id_rejects_path_tricks() {

@@ -178,6 +178,18 @@ fn dm_policy(config: &Config) -> Check {
             &c.telegram.allow_from,
         ),
         (
+            "Discord",
+            c.discord.is_enabled(),
+            c.discord.dm_policy,
+            &c.discord.allow_from,
+        ),
+        (
+            "Slack",
+            c.slack.is_enabled(),
+            c.slack.dm_policy,
+            &c.slack.allow_from,
+        ),
+        (
             "Signal",
             c.signal.is_enabled(),
             c.signal.dm_policy,
@@ -273,6 +285,8 @@ fn exec_security(config: &Config) -> Check {
     let owner_channels: Vec<String> = [
         ("telegram", config.channels.telegram.default_trust),
         ("signal", config.channels.signal.default_trust),
+        ("discord", config.channels.discord.default_trust),
+        ("slack", config.channels.slack.default_trust),
         ("web", config.channels.web.default_trust),
     ]
     .into_iter()

@@ -15,7 +15,7 @@ const TITLE: &str = "Secrets referenced as ${VAR}, not written into moltmate.jso
 /// The config crate refuses larger files; so does this check.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
-/// Strings that look like a provider key or a Telegram bot token wherever they are in the
+/// Strings that look like a provider key or a Telegram, Discord or Slack token wherever they are in the
 /// text (a key in a comment, under a key name the scan does not know).
 static SHAPES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
     [
@@ -24,6 +24,15 @@ static SHAPES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
         (
             "a Telegram bot token",
             r"\b[0-9]{6,12}:[A-Za-z0-9_-]{30,}\b",
+        ),
+        ("a Slack token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
+        (
+            "a Slack app-level token",
+            r"\bxapp-[0-9]+-[A-Za-z0-9-]{10,}",
+        ),
+        (
+            "a Discord bot token",
+            r"\b[A-Za-z0-9_-]{23,28}\.[A-Za-z0-9_-]{6,7}\.[A-Za-z0-9_-]{27,40}\b",
         ),
     ]
     .into_iter()
@@ -148,4 +157,34 @@ pub(crate) fn check(home: &Path) -> Check {
                 .to_string(),
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape_of(line: &str) -> Option<&'static str> {
+        SHAPES
+            .iter()
+            .find(|(_, re)| re.is_match(line))
+            .map(|(what, _)| *what)
+    }
+
+    #[test]
+    fn discord_and_slack_tokens_written_into_the_file_are_found() {
+        assert_eq!(
+            shape_of("// botToken: \"xoxb-1234567890-abcdefghijkl\""),
+            Some("a Slack token")
+        );
+        assert_eq!(
+            shape_of("appToken: 'xapp-1-A0123-4567-abcdef0123'"),
+            Some("a Slack app-level token")
+        );
+        assert_eq!(
+            shape_of("MTIzNDU2Nzg5MDEyMzQ1Njc4.GAbCdE.abcdefghijklmnopqrstuvwxyz0123456"),
+            Some("a Discord bot token")
+        );
+        assert_eq!(shape_of("botToken: \"${DISCORD_BOT_TOKEN}\""), None);
+        assert_eq!(shape_of("apiUrl: \"https://discord.com/api/v10\""), None);
+    }
 }

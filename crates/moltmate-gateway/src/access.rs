@@ -11,8 +11,12 @@ use moltmate_core::{Identity, UserId};
 #[derive(Debug, Clone, Default)]
 pub struct ChannelAccess {
     pub policy: DmPolicy,
-    /// Peer ids (as strings) allowed without pairing; `"*"` allows everyone.
+    /// Peer ids (as strings) allowed without pairing; `"*"` allows every person (never a
+    /// group: a group is admitted only by its own peer id, a pairing approval or the config).
     pub allow_from: Vec<String>,
+    /// Group conversations are enabled on this channel (`channels.<name>.groups.enabled`).
+    /// When false, every group identity is refused whatever else says.
+    pub groups: bool,
 }
 
 /// What the stored identity links say about a sender.
@@ -45,6 +49,9 @@ impl ChannelAccess {
     }
 
     pub fn decide(&self, identity: &Identity, known: &KnownSender) -> AccessDecision {
+        if identity.is_group() {
+            return self.decide_group(identity, known);
+        }
         let linked_user = match known {
             KnownSender::Configured(u) | KnownSender::Paired(u) | KnownSender::Seen(u) => {
                 Some(u.clone())
@@ -73,6 +80,40 @@ impl ChannelAccess {
     }
 }
 
+impl ChannelAccess {
+    /// A group is its own scope with the channel's default trust, reachable by everyone in
+    /// it: it needs the operator's explicit consent for that very group. `"*"` and `open` are
+    /// consent for persons, not for every group the bot is added to, so under `open` a new
+    /// group gets a pairing code like a stranger does under `pairing`.
+    fn decide_group(&self, identity: &Identity, known: &KnownSender) -> AccessDecision {
+        if !self.groups || self.policy == DmPolicy::Disabled {
+            return AccessDecision::Refused;
+        }
+        let named = self
+            .allow_from
+            .iter()
+            .any(|entry| entry == identity.peer.as_str());
+        let linked = match known {
+            KnownSender::Configured(u) | KnownSender::Paired(u) | KnownSender::Seen(u) => {
+                Some(u.clone())
+            }
+            KnownSender::Unknown => None,
+        };
+        let user = || {
+            linked
+                .clone()
+                .unwrap_or_else(|| UserId::for_identity(identity))
+        };
+        match (self.policy, known) {
+            (_, KnownSender::Configured(_)) => AccessDecision::Allowed(user()),
+            _ if named => AccessDecision::Allowed(user()),
+            (DmPolicy::Allowlist, _) => AccessDecision::Refused,
+            (_, KnownSender::Paired(_)) => AccessDecision::Allowed(user()),
+            _ => AccessDecision::NeedsPairing,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +130,7 @@ mod tests {
         let access = |policy, allow: &[&str]| ChannelAccess {
             policy,
             allow_from: allow.iter().map(|s| s.to_string()).collect(),
+            groups: false,
         };
 
         assert_eq!(
@@ -127,6 +169,59 @@ mod tests {
         assert_eq!(
             access(DmPolicy::Allowlist, &[]).decide(&who("5"), &configured),
             AccessDecision::Allowed(UserId::new("anna").unwrap())
+        );
+    }
+
+    #[test]
+    fn groups_need_their_own_consent() {
+        let group = Identity::group(ChannelKind::Discord, "42").unwrap();
+        let access = |policy, allow: &[&str], groups| ChannelAccess {
+            policy,
+            allow_from: allow.iter().map(|s| s.to_string()).collect(),
+            groups,
+        };
+        let unknown = KnownSender::Unknown;
+        let configured = KnownSender::Configured(UserId::new("team").unwrap());
+        let paired = KnownSender::Paired(UserId::new("discord_group_42").unwrap());
+        // Groups off: refused even when configured or listed.
+        for known in [&unknown, &configured, &paired] {
+            assert_eq!(
+                access(DmPolicy::Open, &["*", "group/42"], false).decide(&group, known),
+                AccessDecision::Refused
+            );
+        }
+        // "*" and open are not consent for a group: a code instead.
+        assert_eq!(
+            access(DmPolicy::Open, &["*"], true).decide(&group, &unknown),
+            AccessDecision::NeedsPairing
+        );
+        assert_eq!(
+            access(DmPolicy::Pairing, &["*"], true).decide(&group, &unknown),
+            AccessDecision::NeedsPairing
+        );
+        assert_eq!(
+            access(DmPolicy::Allowlist, &["*"], true).decide(&group, &unknown),
+            AccessDecision::Refused
+        );
+        assert_eq!(
+            access(DmPolicy::Allowlist, &["group/42"], true).decide(&group, &unknown),
+            AccessDecision::Allowed(UserId::new("discord_group_42").unwrap())
+        );
+        assert!(matches!(
+            access(DmPolicy::Pairing, &[], true).decide(&group, &paired),
+            AccessDecision::Allowed(_)
+        ));
+        assert_eq!(
+            access(DmPolicy::Allowlist, &[], true).decide(&group, &paired),
+            AccessDecision::Refused
+        );
+        assert_eq!(
+            access(DmPolicy::Allowlist, &[], true).decide(&group, &configured),
+            AccessDecision::Allowed(UserId::new("team").unwrap())
+        );
+        assert_eq!(
+            access(DmPolicy::Disabled, &["group/42"], true).decide(&group, &configured),
+            AccessDecision::Refused
         );
     }
 }

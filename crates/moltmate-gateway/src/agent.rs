@@ -35,26 +35,44 @@ impl ModelAnswer {
         for (_, _, usage) in &mut self.usage {
             *usage = usage.clamped();
         }
-        if self.usage.iter().all(|(_, _, u)| u.is_zero()) {
-            let sent = system.len().saturating_add(
-                items
-                    .iter()
-                    .map(|item| serde_json::to_string(item).map_or(0, |s| s.len()))
-                    .fold(0usize, usize::saturating_add),
-            );
-            let received = self.response.text.len().saturating_add(
-                self.response
-                    .tool_calls
-                    .iter()
-                    .map(|c| c.name.len().saturating_add(c.arguments.to_string().len()))
-                    .fold(0usize, usize::saturating_add),
-            );
-            let estimate = TokenUsage::estimated(sent, received);
-            self.response.usage = estimate;
-            self.usage = vec![(self.provider.clone(), self.model.clone(), estimate)];
-        } else {
-            self.response.usage = self.response.usage.clamped();
+        let sent = system.len().saturating_add(
+            items
+                .iter()
+                .map(|item| serde_json::to_string(item).map_or(0, |s| s.len()))
+                .fold(0usize, usize::saturating_add),
+        );
+        let received = self.response.text.len().saturating_add(
+            self.response
+                .tool_calls
+                .iter()
+                .map(|c| c.name.len().saturating_add(c.arguments.to_string().len()))
+                .fold(0usize, usize::saturating_add),
+        );
+        let estimate = TokenUsage::estimated(sent, received);
+        // The answering model's entry: a direction it reported as zero (a stream cut before its
+        // usage, a proxy that drops it) is charged the estimate; one it reported is kept (a
+        // cached prompt is legitimately cheaper than its bytes). A failed fallback's usage
+        // never stands in for the model that answered.
+        let (provider, model) = (self.provider.clone(), self.model.clone());
+        let index = match self
+            .usage
+            .iter()
+            .rposition(|(p, m, _)| *p == provider && *m == model)
+        {
+            Some(index) => index,
+            None => {
+                self.usage.push((provider, model, TokenUsage::default()));
+                self.usage.len() - 1
+            }
+        };
+        let answered = &mut self.usage[index].2;
+        if answered.input_tokens == 0 {
+            answered.input_tokens = estimate.input_tokens;
         }
+        if answered.output_tokens == 0 {
+            answered.output_tokens = estimate.output_tokens;
+        }
+        self.response.usage = *answered;
     }
 }
 
@@ -458,5 +476,67 @@ fn join_replies(replies: &[String]) -> String {
         "(no answer)".to_string()
     } else {
         joined
+    }
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+    use moltmate_core::model::{ModelResponse, StopReason, TokenUsage};
+
+    fn answer(text: &str, usage: Vec<(String, String, TokenUsage)>) -> ModelAnswer {
+        ModelAnswer {
+            response: ModelResponse {
+                text: text.to_string(),
+                tool_calls: Vec::new(),
+                usage: TokenUsage::default(),
+                stop_reason: StopReason::EndTurn,
+            },
+            provider: "b".into(),
+            model: "answering".into(),
+            usage,
+        }
+    }
+
+    /// Regression: only a reply with no usage at all was estimated, so a stream cut before its
+    /// output count (input reported, output 0) charged no output, and a failed fallback's
+    /// usage stood in for the model that answered.
+    #[test]
+    fn a_direction_reported_as_zero_by_the_answering_model_is_estimated() {
+        let text = "x".repeat(400);
+        let mut cut = answer(
+            &text,
+            vec![(
+                "b".into(),
+                "answering".into(),
+                TokenUsage {
+                    input_tokens: 7,
+                    output_tokens: 0,
+                },
+            )],
+        );
+        cut.normalise_usage("system", &[]);
+        assert_eq!(cut.usage[0].2.input_tokens, 7, "a reported count is kept");
+        assert_eq!(
+            cut.usage[0].2.output_tokens, 100,
+            "400 bytes out, 4 per token"
+        );
+        assert_eq!(cut.response.usage, cut.usage[0].2);
+
+        let mut fell_back = answer(
+            &text,
+            vec![(
+                "a".into(),
+                "failed".into(),
+                TokenUsage {
+                    input_tokens: 5,
+                    output_tokens: 5,
+                },
+            )],
+        );
+        fell_back.normalise_usage("system", &[]);
+        assert_eq!(fell_back.usage.len(), 2, "{:?}", fell_back.usage);
+        assert_eq!(fell_back.usage[1].0, "b");
+        assert_eq!(fell_back.usage[1].2.output_tokens, 100);
     }
 }

@@ -18,7 +18,7 @@ const MAX_HITS: usize = 10;
 const SEARCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 /// When the index itself stops (indexing ends, statements are interrupted): before
 /// [`SEARCH_DEADLINE`], so the work ends rather than being abandoned.
-const INDEX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(50);
+const INDEX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn blocking_error(e: blocking::BlockingError) -> ToolError {
     match e {

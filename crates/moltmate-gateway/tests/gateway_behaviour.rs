@@ -425,6 +425,7 @@ async fn identities_linked_in_config_share_one_home_and_memory() {
             moltmate_gateway::access::ChannelAccess {
                 policy: moltmate_gateway::access::DmPolicy::Allowlist,
                 allow_from: vec![],
+                groups: false,
             },
         );
     });

@@ -118,6 +118,15 @@ impl Store {
                 "DELETE FROM pairing_requests WHERE state = 'pending' AND expires_at <= ?1",
             )?
             .execute(params![now.saturating_sub(retention)])?;
+            // Replies to strangers belong to no user, so no user's answer prunes them: they go
+            // here, with each new code, once sent and past the same retention as everyone's.
+            let sent_before = now.saturating_sub(
+                i64::try_from(crate::usage::ANSWERED_ROW_RETENTION.as_millis()).unwrap_or(i64::MAX),
+            );
+            tx.prepare_cached(
+                "DELETE FROM outbox WHERE user_id IS NULL AND state <> 'pending' AND updated_at < ?1",
+            )?
+            .execute(params![sent_before])?;
             let request = insert_request(&tx, &identity, &chat_id, sender_name, now, limits.ttl)?;
             let text = reply_text(&request.code);
             let id = insert_outbox(&tx, None, None, identity.channel, &chat_id, &text)?;
@@ -300,6 +309,46 @@ mod tests {
             store.cursor(ChannelKind::Telegram).await.unwrap(),
             Some(7),
             "the cursor moves with every message"
+        );
+    }
+
+    /// Regression: answered rows were pruned per user, and replies to strangers have no user,
+    /// so every pairing reply's row (channel, chat id, times) stayed forever.
+    #[tokio::test]
+    async fn sent_replies_to_strangers_are_pruned_after_the_retention() {
+        let store = Store::open_in_memory().unwrap();
+        let PairingOutcome::Created { reply, .. } = ask(
+            &store,
+            who(ChannelKind::Telegram, "1"),
+            None,
+            limits(10, 10),
+        )
+        .await
+        else {
+            panic!("a code");
+        };
+        assert!(store.claim_outbox(reply.id).await.unwrap());
+        let old = crate::db::now_millis()
+            - i64::try_from(crate::usage::ANSWERED_ROW_RETENTION.as_millis()).unwrap()
+            - 1_000;
+        store
+            .with(move |c| {
+                c.execute("UPDATE outbox SET updated_at = ?1", [old])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let _ = ask(
+            &store,
+            who(ChannelKind::Telegram, "2"),
+            None,
+            limits(10, 10),
+        )
+        .await;
+        assert_eq!(
+            count(&store, "outbox").await,
+            1,
+            "only the new code's reply is left"
         );
     }
 

@@ -98,7 +98,7 @@ impl Store {
             let limit = MAX_REPORT_ROWS as i64 + 1;
 
             let sql = format!(
-                "SELECT user_id, {d} AS day, provider, model, COUNT(*), SUM(input_tokens), SUM(output_tokens)
+                "SELECT user_id, {d} AS day, provider, model, COUNT(*), CAST(MIN(total(input_tokens), 9007199254740992.0) AS INTEGER), CAST(MIN(total(output_tokens), 9007199254740992.0) AS INTEGER)
                  FROM token_usage WHERE at >= ?1 AND (?2 IS NULL OR user_id = ?2)
                  GROUP BY user_id, day, provider, model ORDER BY user_id, day, provider, model LIMIT ?3",
                 d = day_of("at")

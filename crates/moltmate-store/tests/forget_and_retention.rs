@@ -23,7 +23,7 @@ async fn forget_deletes_the_summaries_of_past_conversations() {
     for text in ["my bank PIN is 4711", "and my doctor said ...", "ok"] {
         let _ = store
             .complete_turn(TurnRecord {
-                inbox_id: 0,
+                inbox_id: inbox_row(&store, &anna).await,
                 user: anna.clone(),
                 session_id: session.id.clone(),
                 items: vec![ConversationItem::User { text: text.into() }],
@@ -263,4 +263,30 @@ async fn answered_rows_are_pruned_after_the_retention() {
         .unwrap();
     // ids[1] (answered now) and ids[2] (pending) stay; the old row and its reply are gone.
     assert_eq!(rows, (2, 0));
+}
+
+/// A fresh inbox row of `user` for a turn to complete (a turn whose inbox row is gone commits
+/// nothing, as for a user removed meanwhile).
+async fn inbox_row(store: &moltmate_store::Store, user: &moltmate_core::UserId) -> i64 {
+    use moltmate_core::channel::InboundMessage;
+    use moltmate_core::{ChannelKind, Identity, PeerId};
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    store
+        .insert_inbound(
+            &InboundMessage {
+                attachments: Vec::new(),
+                sender: Identity::new(ChannelKind::Telegram, PeerId::new("42").unwrap()),
+                chat_id: "42".into(),
+                external_id: format!("turn-{n}"),
+                cursor: None,
+                text: "x".into(),
+                sender_name: None,
+                language_code: None,
+            },
+            user,
+        )
+        .await
+        .unwrap()
+        .unwrap()
 }

@@ -113,7 +113,7 @@ async fn huge_per_call_token_counts_neither_wrap_nor_overflow_their_sum() {
     for _ in 0..3 {
         let _ = store
             .complete_turn(TurnRecord {
-                inbox_id: 0,
+                inbox_id: inbox_row(&store, &anna).await,
                 user: anna.clone(),
                 session_id: session.id.clone(),
                 items: vec![ConversationItem::User { text: "hi".into() }],
@@ -136,4 +136,30 @@ async fn huge_per_call_token_counts_neither_wrap_nor_overflow_their_sum() {
         rows[0].input_tokens > 0 && rows[0].output_tokens > 0,
         "{rows:?}"
     );
+}
+
+/// A fresh inbox row of `user` for a turn to complete (a turn whose inbox row is gone commits
+/// nothing, as for a user removed meanwhile).
+async fn inbox_row(store: &moltmate_store::Store, user: &moltmate_core::UserId) -> i64 {
+    use moltmate_core::channel::InboundMessage;
+    use moltmate_core::{ChannelKind, Identity, PeerId};
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    store
+        .insert_inbound(
+            &InboundMessage {
+                attachments: Vec::new(),
+                sender: Identity::new(ChannelKind::Telegram, PeerId::new("42").unwrap()),
+                chat_id: "42".into(),
+                external_id: format!("turn-{n}"),
+                cursor: None,
+                text: "x".into(),
+                sender_name: None,
+                language_code: None,
+            },
+            user,
+        )
+        .await
+        .unwrap()
+        .unwrap()
 }

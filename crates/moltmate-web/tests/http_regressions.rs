@@ -99,7 +99,7 @@ async fn history_returns_bounded_pages_of_a_huge_session() {
     for turn in 0..200 {
         let _ = store
             .complete_turn(TurnRecord {
-                inbox_id: 0,
+                inbox_id: inbox_row(store, &anna).await,
                 user: anna.clone(),
                 session_id: current.id.clone(),
                 items: vec![
@@ -178,4 +178,30 @@ async fn history_returns_bounded_pages_of_a_huge_session() {
         .await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{query}");
     }
+}
+
+/// A fresh inbox row of `user` for a turn to complete (a turn whose inbox row is gone commits
+/// nothing, as for a user removed meanwhile).
+async fn inbox_row(store: &moltmate_store::Store, user: &moltmate_core::UserId) -> i64 {
+    use moltmate_core::channel::InboundMessage;
+    use moltmate_core::{ChannelKind, Identity, PeerId};
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    store
+        .insert_inbound(
+            &InboundMessage {
+                attachments: Vec::new(),
+                sender: Identity::new(ChannelKind::Telegram, PeerId::new("42").unwrap()),
+                chat_id: "42".into(),
+                external_id: format!("turn-{n}"),
+                cursor: None,
+                text: "x".into(),
+                sender_name: None,
+                language_code: None,
+            },
+            user,
+        )
+        .await
+        .unwrap()
+        .unwrap()
 }

@@ -294,7 +294,8 @@ async fn files_written_by_the_file_tools_are_usable_inside_the_sandbox(backend: 
     h.telegram.push_text(1001, "run it");
     let reply = h.expect_reply(1001, 3).await.remove(2);
     assert!(
-        reply.contains("script ran") && reply.contains("# Soul") && reply.contains("appended"),
+        // SOUL.md's first line, `# Soul`, arrives as a Telegram heading (bold "Soul").
+        reply.contains("script ran") && reply.contains("Soul") && reply.contains("appended"),
         "{reply}"
     );
     h.stop().await;

@@ -144,13 +144,15 @@ async fn a_friend_gets_search_results_and_the_key_stays_in_its_header() {
     h.telegram
         .push_text(1001, "search: weather in Berlin today");
     let reply = h.expect_reply(1001, 1).await.remove(0);
+    // Telegram shows the reply as formatted text: a line's leading spaces are layout.
+    let lines = |text: &str| text.lines().map(str::trim).collect::<Vec<_>>().join("\n");
     assert_eq!(
-        reply,
-        format!(
+        lines(&reply),
+        lines(&format!(
             "found: {HEADER}\nQuery: weather in Berlin today\n\n\
              1. Berlin weather: sunny, 21 °C\n   https://weather.example/berlin\n   Today in Berlin: sunny & warm.\n\n\
              End of search results (1 from Brave Search)."
-        )
+        ))
     );
 
     // The search double got the query and the key, the key in its header.

@@ -12,11 +12,47 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec, LinesCodecError};
+use tokio_util::codec::{Decoder, FramedRead, FramedWrite, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 
 /// Longest JSON-RPC line read (a text message is at most a few KB; attachments are not inlined).
 pub(crate) const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// A line read from the daemon, or the note that one was too long (and skipped).
+enum Line {
+    Text(String),
+    TooLong,
+}
+
+/// [`LinesCodec`] with its length error turned into an item: a stream ends after its first
+/// error, so an over-long line used to end the connection (and lose what signal-cli had
+/// already written after it, acknowledged to the server), not just itself.
+struct BoundedLines(LinesCodec);
+
+impl Decoder for BoundedLines {
+    type Item = Line;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> Result<Option<Line>, std::io::Error> {
+        Self::item(self.0.decode(src))
+    }
+
+    fn decode_eof(&mut self, src: &mut bytes::BytesMut) -> Result<Option<Line>, std::io::Error> {
+        Self::item(self.0.decode_eof(src))
+    }
+}
+
+impl BoundedLines {
+    fn item(
+        decoded: Result<Option<String>, LinesCodecError>,
+    ) -> Result<Option<Line>, std::io::Error> {
+        match decoded {
+            Ok(line) => Ok(line.map(Line::Text)),
+            Err(LinesCodecError::MaxLineLengthExceeded) => Ok(Some(Line::TooLong)),
+            Err(LinesCodecError::Io(e)) => Err(e),
+        }
+    }
+}
 
 /// Calls waiting for an answer at most.
 const MAX_PENDING: usize = 256;
@@ -228,20 +264,22 @@ impl RpcConnection {
         let closed = connection.closed.clone();
         let pending = Arc::clone(&connection.pending);
         tokio::spawn(async move {
-            let mut lines =
-                FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
+            let mut lines = FramedRead::new(
+                reader,
+                BoundedLines(LinesCodec::new_with_max_length(MAX_LINE_BYTES)),
+            );
             loop {
                 let next = tokio::select! {
                     _ = closed.cancelled() => break,
                     next = lines.next() => next,
                 };
                 let line = match next {
-                    Some(Ok(line)) => line,
-                    Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                    Some(Ok(Line::Text(line))) => line,
+                    Some(Ok(Line::TooLong)) => {
                         tracing::warn!("signal: skipping an over-long line from signal-cli");
                         continue;
                     }
-                    Some(Err(LinesCodecError::Io(_))) | None => break,
+                    Some(Err(_)) | None => break,
                 };
                 let Ok(value) = serde_json::from_str::<Value>(&line) else {
                     tracing::warn!("signal: skipping a line from signal-cli that is not JSON");

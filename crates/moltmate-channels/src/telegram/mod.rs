@@ -748,7 +748,7 @@ fn validate_token(token: &str) -> Result<(), TelegramSetupError> {
 }
 
 /// Sleep unless shutdown comes first. True if the full delay passed.
-async fn sleep_or_shutdown(delay: Duration, shutdown: &Shutdown) -> bool {
+pub(crate) async fn sleep_or_shutdown(delay: Duration, shutdown: &Shutdown) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,
@@ -758,14 +758,14 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &Shutdown) -> bool {
 /// Exponential backoff with "equal jitter": half the delay is fixed, half random, so retries of
 /// several gateways (or channels) do not synchronise while each still waits a useful minimum.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     failures: u32,
 }
 
 impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Backoff {
             initial,
             max: max.max(initial),
@@ -773,7 +773,7 @@ impl Backoff {
         }
     }
 
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let factor = 2u32.saturating_pow(self.failures.min(20));
         self.failures = self.failures.saturating_add(1);
         let full = self.initial.saturating_mul(factor).min(self.max);
@@ -787,7 +787,7 @@ impl Backoff {
         half + Duration::from_millis(jitter)
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.failures = 0;
     }
 }

@@ -78,6 +78,7 @@ async fn accept_counted(
         let fallback = ChannelAccess {
             policy: DmPolicy::Disabled,
             allow_from: Vec::new(),
+            groups: false,
         };
         inner
             .settings

@@ -227,6 +227,33 @@ fn channels(home: &Path, config: &Config) -> Result<(Vec<Arc<dyn Channel>>, Webh
                 .map_err(|e| anyhow::anyhow!("channels.signal: {e}"))?,
         ));
     }
+    let discord = &config.channels.discord;
+    if discord.is_enabled() {
+        let token = discord
+            .bot_token
+            .as_ref()
+            .context("channels.discord.enabled is true but channels.discord.botToken is not set")?;
+        let mut settings = moltmate_channels::DiscordSettings::new(token.expose())
+            .with_api_url(discord.api_url.clone());
+        settings.groups = discord.groups.to_core();
+        channels.push(Arc::new(
+            moltmate_channels::DiscordChannel::new(settings)
+                .map_err(|e| anyhow::anyhow!("channels.discord: {e}"))?,
+        ));
+    }
+    let slack = &config.channels.slack;
+    if slack.is_enabled() {
+        let (Some(bot), Some(app)) = (slack.bot_token.as_ref(), slack.app_token.as_ref()) else {
+            anyhow::bail!("channels.slack needs botToken and appToken");
+        };
+        let mut settings = moltmate_channels::SlackSettings::new(bot.expose(), app.expose())
+            .with_api_url(slack.api_url.clone());
+        settings.groups = slack.groups.to_core();
+        channels.push(Arc::new(
+            moltmate_channels::SlackChannel::new(settings)
+                .map_err(|e| anyhow::anyhow!("channels.slack: {e}"))?,
+        ));
+    }
     Ok((channels, webhooks))
 }
 

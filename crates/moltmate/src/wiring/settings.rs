@@ -168,10 +168,11 @@ pub fn settings_for_trust(trust: TrustLevel, config: &Config) -> UserSettings {
     settings
 }
 
-fn channel_access(policy: DmPolicy, allow_from: &[String]) -> ChannelAccess {
+fn channel_access(policy: DmPolicy, allow_from: &[String], groups: bool) -> ChannelAccess {
     ChannelAccess {
         policy,
         allow_from: allow_from.to_vec(),
+        groups,
     }
 }
 
@@ -183,6 +184,7 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
         channel_access(
             config.channels.telegram.dm_policy,
             &config.channels.telegram.allow_from,
+            false,
         ),
     );
     settings.access.insert(
@@ -190,6 +192,7 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
         channel_access(
             config.channels.signal.dm_policy,
             &config.channels.signal.allow_from,
+            false,
         ),
     );
     settings.max_pending_pairings_per_channel.insert(
@@ -201,12 +204,33 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
         channel_access(
             config.channels.whatsapp.dm_policy,
             &config.channels.whatsapp.allow_from,
+            false,
         ),
     );
     settings.max_pending_pairings_per_channel.insert(
         ChannelKind::Whatsapp,
         config.channels.whatsapp.max_pending_pairings as usize,
     );
+    let discord = &config.channels.discord;
+    settings.access.insert(
+        ChannelKind::Discord,
+        channel_access(
+            discord.dm_policy,
+            &discord.allow_from,
+            discord.groups.enabled,
+        ),
+    );
+    settings
+        .max_pending_pairings_per_channel
+        .insert(ChannelKind::Discord, discord.max_pending_pairings as usize);
+    let slack = &config.channels.slack;
+    settings.access.insert(
+        ChannelKind::Slack,
+        channel_access(slack.dm_policy, &slack.allow_from, slack.groups.enabled),
+    );
+    settings
+        .max_pending_pairings_per_channel
+        .insert(ChannelKind::Slack, slack.max_pending_pairings as usize);
     settings.max_pending_pairings = config.channels.max_pending_pairings as usize;
     settings.max_pending_pairings_per_channel.insert(
         ChannelKind::Telegram,
@@ -244,6 +268,14 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             settings_for_trust(config.channels.whatsapp.default_trust, config),
         ),
         (
+            ChannelKind::Discord,
+            settings_for_trust(discord.default_trust, config),
+        ),
+        (
+            ChannelKind::Slack,
+            settings_for_trust(slack.default_trust, config),
+        ),
+        (
             ChannelKind::Web,
             settings_for_trust(config.channels.web.default_trust, config),
         ),
@@ -258,6 +290,8 @@ pub fn gateway_settings(config: &Config, home: &Path) -> GatewaySettings {
             ChannelKind::Telegram,
             config.channels.telegram.default_trust.to_string(),
         ),
+        (ChannelKind::Discord, discord.default_trust.to_string()),
+        (ChannelKind::Slack, slack.default_trust.to_string()),
         (
             ChannelKind::Signal,
             config.channels.signal.default_trust.to_string(),
