@@ -444,12 +444,11 @@ fn check_message(got: &InboundMessage, want: &Expected) -> Result<(), TestCaseEr
     prop_assert_eq!(got.sender.to_string(), want.sender.clone());
     prop_assert_eq!(&got.chat_id, &want.chat_id);
     prop_assert_eq!(&got.text, &want.text);
-    let cursor = got
-        .external_id
-        .parse::<i64>()
-        .ok()
-        .map(|id| id.saturating_add(1));
-    prop_assert_eq!(got.cursor, cursor);
+    // Messages of a batch carry no cursor: the channel stores the cursor past the whole batch
+    // once all of it is stored (a batch is accepted senders-at-once, so per-message cursors
+    // would move out of order).
+    prop_assert!(got.external_id.parse::<i64>().is_ok());
+    prop_assert_eq!(got.cursor, None);
     check_name(got, want)?;
     let tag_ok = |code: &str| {
         !code.is_empty()
