@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 /// The sandbox ids the test homes are owned by (any id in the default range).
 const SANDBOX_UID: u32 = 2_000_000_123;
-const IDS: moltmate_core::sandbox::SandboxIds = moltmate_core::sandbox::SandboxIds::same(SANDBOX_UID);
+const IDS: moltmate_core::sandbox::SandboxIds =
+    moltmate_core::sandbox::SandboxIds::same(SANDBOX_UID);
 
 fn quiet() -> impl FnMut(&Progress) {
     |_| {}
@@ -617,15 +618,11 @@ fn a_capped_home_is_backed_up_from_its_files_mounted_or_not() {
         .unwrap()
         .root()
         .to_path_buf();
-    let cap = disk::ensure_user_volume(&home.join("sandboxes"), &dir, &user, 24 << 20, IDS).unwrap();
+    let cap =
+        disk::ensure_user_volume(&home.join("sandboxes"), &dir, &user, 24 << 20, IDS).unwrap();
     assert!(cap.enforced);
     std::fs::write(dir.join("MEMORY.md"), "on the image").unwrap();
-    std::os::unix::fs::chown(
-        dir.join("MEMORY.md"),
-        Some(SANDBOX_UID),
-        Some(SANDBOX_UID),
-    )
-    .unwrap();
+    std::os::unix::fs::chown(dir.join("MEMORY.md"), Some(SANDBOX_UID), Some(SANDBOX_UID)).unwrap();
 
     let mounted = base.path().join("mounted.tar.gz");
     backup::backup(&home, &mounted, &BackupOptions::default(), &mut quiet()).unwrap();
@@ -700,4 +697,113 @@ fn an_archive_claiming_more_than_the_free_space_is_refused_before_its_content_is
         "{error}"
     );
     assert!(!target.exists());
+}
+
+/// Creates `dirs/…/file` beneath `root` one component at a time (the whole path may be longer
+/// than the kernel's `PATH_MAX`).
+fn deep_write(root: &Path, dirs: &[String], file: &str, content: &[u8]) {
+    use rustix::fs::{Mode, OFlags};
+    let mut dir =
+        rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+    for name in dirs {
+        match rustix::fs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => panic!("{e}"),
+        }
+        dir = rustix::fs::openat(
+            &dir,
+            name.as_str(),
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
+    let fd = rustix::fs::openat(
+        &dir,
+        file,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+        Mode::from_raw_mode(0o600),
+    )
+    .unwrap();
+    std::fs::File::from(fd).write_all(content).unwrap();
+}
+
+fn deep_read(root: &Path, dirs: &[String], file: &str) -> Vec<u8> {
+    use rustix::fs::{Mode, OFlags};
+    let mut dir =
+        rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+    for name in dirs {
+        dir = rustix::fs::openat(
+            &dir,
+            name.as_str(),
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
+    let fd = rustix::fs::openat(&dir, file, OFlags::RDONLY, Mode::empty()).unwrap();
+    let mut out = Vec::new();
+    std::fs::File::from(fd).read_to_end(&mut out).unwrap();
+    out
+}
+
+/// F1: a path of ~4 KB inside a home (what the write tool allows) is longer than 4096 bytes
+/// once `users/<id>/` or `archive/<id>-<stamp>/home/` is in front. The backup used to store it
+/// and the restore refused it, so every backup was unrestorable while `doctor` said PASS.
+#[tokio::test]
+async fn backup_with_paths_longer_than_path_max_restores() {
+    let base = tempfile::tempdir().unwrap();
+    let home = prepared_home(base.path()).await;
+    // 4,095 bytes: the longest relative path the write tool takes.
+    let mut dirs: Vec<String> = (0..20)
+        .map(|i| format!("{i:02}{}", "x".repeat(198)))
+        .collect();
+    dirs.push("y".repeat(67));
+    assert_eq!(
+        dirs.iter().map(|d| d.len() + 1).sum::<usize>() + "deep.md".len(),
+        4095
+    );
+    deep_write(
+        &home.join("users/anna"),
+        &dirs,
+        "deep.md",
+        b"deep in anna's home",
+    );
+    let archived = home.join("archive/anna-20261201-120000/home");
+    std::fs::create_dir_all(&archived).unwrap();
+    deep_write(&archived, &dirs, "deep.md", b"deep in the reset archive");
+
+    let archive = base.path().join("b.tar.gz");
+    let report = backup::backup(&home, &archive, &BackupOptions::default(), &mut quiet()).unwrap();
+    let manifest = read_manifest(&archive);
+    assert!(
+        manifest
+            .entries
+            .iter()
+            .any(|e| e.path.starts_with("users/anna/")
+                && e.path.ends_with("/deep.md")
+                && e.path.len() > 4096)
+            && manifest
+                .entries
+                .iter()
+                .any(|e| e.path.starts_with("archive/anna-") && e.path.ends_with("/deep.md")),
+        "the deep file is in the archive: {:?}",
+        report.skipped
+    );
+    assert!(home.join("backups/last.json").exists());
+
+    let restored = base.path().join("restored");
+    backup::restore(&archive, &restored, &mut quiet()).unwrap();
+    assert_eq!(
+        deep_read(&restored.join("users/anna"), &dirs, "deep.md"),
+        b"deep in anna's home"
+    );
+    assert_eq!(
+        deep_read(
+            &restored.join("archive/anna-20261201-120000/home"),
+            &dirs,
+            "deep.md"
+        ),
+        b"deep in the reset archive"
+    );
 }

@@ -645,8 +645,7 @@ fn a_real_backup_passes_the_backup_check() {
     let archive = out.path().join("home.tar.gz");
     let (made, _, stderr) = run_cli(home, &["users", "add", "anna"]);
     assert!(made.success(), "{stderr}");
-    let (status_code, stdout, stderr) =
-        run_cli(home, &["backup", archive.to_str().unwrap()]);
+    let (status_code, stdout, stderr) = run_cli(home, &["backup", archive.to_str().unwrap()]);
     assert!(status_code.success(), "backup: {stdout}\n{stderr}");
     assert!(archive.exists());
     let (_, report, _) = doctor_json(home, &[]);
