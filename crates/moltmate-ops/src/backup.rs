@@ -577,12 +577,29 @@ impl Stat {
     }
 }
 
-fn read_small(path: &Path) -> Result<Option<Vec<u8>>, OpsError> {
-    let file = match std::fs::File::open(path) {
+/// Reads a top-level file of the home (`moltmate.json`, `admin.token`): never through a link,
+/// never anything but a regular file (a FIFO would block). A refusal is `Some(Err(why))`, for
+/// the manifest's skipped list.
+fn read_small(path: &Path) -> Result<Option<Result<Vec<u8>, &'static str>>, OpsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(path)
+    {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            return Ok(Some(Err("a symbolic link; not followed")))
+        }
         Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
     };
+    let meta = file
+        .metadata()
+        .map_err(io(format!("reading {}", path.display())))?;
+    if !meta.is_file() {
+        return Ok(Some(Err("not a regular file")));
+    }
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -593,7 +610,12 @@ fn read_small(path: &Path) -> Result<Option<Vec<u8>>, OpsError> {
             path.display()
         )));
     }
-    Ok(Some(bytes))
+    Ok(Some(Ok(bytes)))
+}
+
+/// `O_NOFOLLOW | O_NONBLOCK` for [`read_small`].
+fn libc_flags() -> i32 {
+    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
 }
 
 /// Backs the home at `home` up into the new file `file` (0600), while a gateway may serve
@@ -689,7 +711,15 @@ pub fn backup(
     let db_file = std::fs::File::open(&db_copy).map_err(io("reading the database copy"))?;
     writer.add_file("moltmate.db", &Stat::private_file(), db_bytes, db_file)?;
 
-    if let Some(config) = read_small(&home.join("moltmate.json"))? {
+    let config = match read_small(&home.join("moltmate.json"))? {
+        Some(Err(why)) => {
+            writer.skip("moltmate.json", why);
+            None
+        }
+        Some(Ok(config)) => Some(config),
+        None => None,
+    };
+    if let Some(config) = config {
         let text = if options.include_secrets {
             Some(config)
         } else {
@@ -720,9 +750,13 @@ pub fn backup(
         }
     }
     if options.include_secrets {
-        if let Some(token) = read_small(&home.join("admin.token"))? {
-            let size = token.len() as u64;
-            writer.add_file("admin.token", &Stat::private_file(), size, &token[..])?;
+        match read_small(&home.join("admin.token"))? {
+            Some(Ok(token)) => {
+                let size = token.len() as u64;
+                writer.add_file("admin.token", &Stat::private_file(), size, &token[..])?;
+            }
+            Some(Err(why)) => writer.skip("admin.token", why),
+            None => {}
         }
     }
 

@@ -807,3 +807,39 @@ async fn backup_with_paths_longer_than_path_max_restores() {
         b"deep in the reset archive"
     );
 }
+
+/// F7: `moltmate.json` and `admin.token` were read following links, so a link there put an
+/// outside file into the archive.
+#[tokio::test]
+async fn backup_does_not_follow_top_level_symlinks() {
+    let base = tempfile::tempdir().unwrap();
+    let home = prepared_home(base.path()).await;
+    let outside = base.path().join("outside.txt");
+    std::fs::write(&outside, "{ outside: \"OUTSIDE-SECRET\" }").unwrap();
+    for name in ["moltmate.json", "admin.token"] {
+        std::fs::remove_file(home.join(name)).unwrap();
+        std::os::unix::fs::symlink(&outside, home.join(name)).unwrap();
+    }
+    let archive = base.path().join("b.tar.gz");
+    let options = BackupOptions {
+        include_secrets: true,
+        ..BackupOptions::default()
+    };
+    let report = backup::backup(&home, &archive, &options, &mut quiet()).unwrap();
+    let manifest = read_manifest(&archive);
+    for name in ["moltmate.json", "admin.token"] {
+        assert!(!manifest.entries.iter().any(|e| e.path == name), "{name}");
+        assert!(
+            report
+                .skipped
+                .iter()
+                .any(|s| s.starts_with(name) && s.contains("symbolic link")),
+            "{name}: {:?}",
+            report.skipped
+        );
+    }
+    let bytes = decompressed(&archive);
+    assert!(!bytes
+        .windows(b"OUTSIDE-SECRET".len())
+        .any(|w| w == b"OUTSIDE-SECRET"));
+}
