@@ -1122,7 +1122,7 @@ fn hash_content<R: Read>(
     path: &str,
 ) -> Result<String, OpsError> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
         let n = content.read(&mut buf).map_err(|e| {
@@ -1136,9 +1136,13 @@ fn hash_content<R: Read>(
         total += n as u64;
         hasher.update(&buf[..n]);
         if let Some(out) = sink.as_mut() {
-            out.write_all(&buf[..n])
+            // Blocks of zeros become holes (the length is set below).
+            moltmate_store::homes::write_keeping_holes(out, &buf[..n])
                 .map_err(io(format!("writing {path}")))?;
         }
+    }
+    if let Some(out) = sink.as_mut() {
+        out.set_len(total).map_err(io(format!("writing {path}")))?;
     }
     if total != size {
         return Err(bad(format!(

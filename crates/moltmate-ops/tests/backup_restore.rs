@@ -843,3 +843,63 @@ async fn backup_does_not_follow_top_level_symlinks() {
         .windows(b"OUTSIDE-SECRET".len())
         .any(|w| w == b"OUTSIDE-SECRET"));
 }
+
+/// F3: sparse files became real disk: the reset archive's copy wrote a 2 GiB sparse file out
+/// in full, the backup read all of it, the restore wrote all zeros.
+#[tokio::test]
+async fn sparse_files_are_skipped_or_stay_sparse() {
+    let base = tempfile::tempdir().unwrap();
+    let home = prepared_home(base.path()).await;
+    let anna = home.join("users/anna");
+    let mut holes = std::fs::File::create(anna.join("holes")).unwrap();
+    holes.write_all(b"head").unwrap();
+    holes.set_len(32 << 20).unwrap();
+    std::fs::File::create(anna.join("huge"))
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let allocated = |path: &Path| std::fs::metadata(path).unwrap().blocks() * 512;
+
+    // The reset archive's copy.
+    let copy = base.path().join("copy");
+    let report = moltmate_store::homes::copy_tree(&anna, &copy, Default::default()).unwrap();
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|s| s.starts_with("huge: a sparse file")),
+        "{:?}",
+        report.skipped
+    );
+    assert!(!copy.join("huge").exists());
+    assert_eq!(
+        std::fs::metadata(copy.join("holes")).unwrap().len(),
+        32 << 20
+    );
+    assert!(
+        allocated(&copy.join("holes")) < 1 << 20,
+        "the copy keeps its holes"
+    );
+
+    let archive = base.path().join("b.tar.gz");
+    let report = backup::backup(&home, &archive, &BackupOptions::default(), &mut quiet()).unwrap();
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|s| s.starts_with("users/anna/huge: a sparse file")),
+        "{:?}",
+        report.skipped
+    );
+    let restored = base.path().join("restored");
+    backup::restore(&archive, &restored, &mut quiet()).unwrap();
+    let back = restored.join("users/anna/holes");
+    assert_eq!(std::fs::metadata(&back).unwrap().len(), 32 << 20);
+    assert!(allocated(&back) < 1 << 20, "the restore keeps holes");
+    let mut head = [0u8; 4];
+    std::fs::File::open(&back)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(&head, b"head");
+}
