@@ -232,8 +232,13 @@ fn confinement(parts: &[&str]) -> Option<usize> {
     (parts.len() > depth).then_some(depth)
 }
 
-/// Whether a symlink at `path` (components `parts`) pointing to `target` resolves, by its
-/// text, inside its confinement folder. Absolute targets never do.
+/// Whether a symlink at `path` (components `parts`) pointing to `target` resolves inside its
+/// confinement folder. Absolute targets never do. The target must be of the form
+/// `(../)*name(/name)*`: every `..` comes before the first name, so it climbs only the link's
+/// own folders (real directories of the archive) and never the target of another link — a
+/// `..` after a name that is itself a link (`a/b -> ..`, `escape -> a/b/a/b/../../../..`)
+/// would climb from wherever that link points. Descending by names from inside stays inside,
+/// whatever links the names are, since every link is held to this rule.
 fn link_stays_inside(parts: &[&str], target: &str) -> bool {
     let Some(root) = confinement(parts) else {
         return false;
@@ -242,16 +247,20 @@ fn link_stays_inside(parts: &[&str], target: &str) -> bool {
         return false;
     }
     let mut at: Vec<&str> = parts[..parts.len() - 1].to_vec();
+    let mut named = false;
     for part in target.split('/') {
         match part {
             "" | "." => {}
             ".." => {
-                if at.len() <= root {
+                if named || at.len() <= root {
                     return false;
                 }
                 at.pop();
             }
-            name => at.push(name),
+            name => {
+                named = true;
+                at.push(name)
+            }
         }
     }
     at.len() >= root && at[..root] == parts[..root]
@@ -1654,10 +1663,17 @@ mod tests {
             &parts("users/anna/memory/x"),
             "../MEMORY.md"
         ));
-        assert!(link_stays_inside(
+        // `..` after a name: that name may be a link itself.
+        assert!(!link_stays_inside(
             &parts("users/anna/a"),
             "./memory/../USER.md"
         ));
+        assert!(!link_stays_inside(
+            &parts("users/anna/escape"),
+            "a/b/a/b/../../../../etc/shadow"
+        ));
+        assert!(link_stays_inside(&parts("users/anna/a/b"), ".."));
+        assert!(link_stays_inside(&parts("users/anna/x/y"), "../a/b/a/b/x"));
         assert!(!link_stays_inside(&parts("users/anna/a"), "/etc/passwd"));
         assert!(!link_stays_inside(
             &parts("users/anna/a"),

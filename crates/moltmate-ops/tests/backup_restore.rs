@@ -903,3 +903,35 @@ async fn sparse_files_are_skipped_or_stay_sparse() {
         .unwrap();
     assert_eq!(&head, b"head");
 }
+
+/// F5: a link's target was resolved as text, ignoring that an earlier component may itself be
+/// a link: `a/b -> ..` plus `escape -> a/b/a/b/../../../../etc/shadow` passed, was archived and
+/// restored pointing out of the home.
+#[tokio::test]
+async fn link_through_another_link_is_not_archived() {
+    let base = tempfile::tempdir().unwrap();
+    let home = prepared_home(base.path()).await;
+    let anna = home.join("users/anna");
+    std::fs::create_dir(anna.join("a")).unwrap();
+    std::os::unix::fs::symlink("..", anna.join("a/b")).unwrap();
+    std::os::unix::fs::symlink("a/b/a/b/../../../../etc/shadow", anna.join("escape")).unwrap();
+    let archive = base.path().join("b.tar.gz");
+    let report = backup::backup(&home, &archive, &BackupOptions::default(), &mut quiet()).unwrap();
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|s| s.starts_with("users/anna/escape: a symbolic link")),
+        "{:?}",
+        report.skipped
+    );
+    let manifest = read_manifest(&archive);
+    assert!(manifest.entries.iter().any(|e| e.path == "users/anna/a/b"));
+    assert!(!manifest
+        .entries
+        .iter()
+        .any(|e| e.path == "users/anna/escape"));
+    let restored = base.path().join("restored");
+    backup::restore(&archive, &restored, &mut quiet()).unwrap();
+    assert!(std::fs::symlink_metadata(restored.join("users/anna/escape")).is_err());
+}
