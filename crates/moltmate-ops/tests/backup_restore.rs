@@ -935,3 +935,47 @@ async fn link_through_another_link_is_not_archived() {
     backup::restore(&archive, &restored, &mut quiet()).unwrap();
     assert!(std::fs::symlink_metadata(restored.join("users/anna/escape")).is_err());
 }
+
+/// F4: the verify pass kept every entry's name in memory with only their count bounded (300k
+/// names of 4 KB: 1.27 GB RSS). The names' total is bounded now, refused before the manifest.
+#[test]
+fn archive_with_too_many_long_names_is_refused_bounded() {
+    let base = tempfile::tempdir().unwrap();
+    let file = base.path().join("names.tar.gz");
+    let out = flate2::write::GzEncoder::new(
+        std::io::BufWriter::new(std::fs::File::create(&file).unwrap()),
+        flate2::Compression::fast(),
+    );
+    let mut tar = tar::Builder::new(out);
+    let add = |tar: &mut tar::Builder<_>, path: &str, kind: tar::EntryType| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(0o700);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_size(0);
+        tar.append_data(&mut header, path, std::io::empty())
+            .unwrap();
+    };
+    add(&mut tar, "users", tar::EntryType::Directory);
+    let mut deep = "users/a".to_string();
+    add(&mut tar, &deep, tar::EntryType::Directory);
+    for _ in 0..100 {
+        deep.push('/');
+        deep.push_str(&"d".repeat(200));
+        add(&mut tar, &deep, tar::EntryType::Directory);
+    }
+    // ~20 KB each: 14,000 of them pass 256 MiB of names.
+    for i in 0..14_000 {
+        add(&mut tar, &format!("{deep}/{i}"), tar::EntryType::Regular);
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+    let target = base.path().join("restored");
+    let error = backup::restore(&file, &target, &mut quiet()).unwrap_err();
+    assert!(
+        error.to_string().contains("names take more than"),
+        "{error}"
+    );
+    assert!(!target.exists());
+}
