@@ -27,7 +27,8 @@
 //! links, devices and FIFOs. A second pass extracts into a fresh directory beside the target,
 //! checking every entry again as it is written (the file might have changed in between); only
 //! then is that directory renamed into place. Owners are restored numerically when running as
-//! root (so each home keeps its sandbox uid); setuid, setgid and sticky bits are dropped.
+//! root (so each home keeps its sandbox uid); setuid and sticky bits are dropped, setgid on
+//! files too (folders keep it: family folders are 2770).
 
 use crate::OpsError;
 use moltmate_store::homes::{walk_tree, CopyLimits, CopyReport, WalkEntry, Walked};
@@ -1604,9 +1605,11 @@ fn extract(
             )
             .map_err(|e| io(format!("setting the owner of {path}"))(e.into()))?;
         }
-        // The top-level folders stay private whatever the archive says.
+        // The top-level folders stay private whatever the archive says. Setgid stays on
+        // folders (a family folder and its subfolders are 2770: new files get the family's
+        // group); setuid and sticky go.
         let mode = if path.contains('/') {
-            mode & 0o777
+            mode & 0o2777
         } else {
             0o700
         };

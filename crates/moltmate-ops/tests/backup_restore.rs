@@ -979,3 +979,24 @@ fn archive_with_too_many_long_names_is_refused_bounded() {
     );
     assert!(!target.exists());
 }
+
+/// F8: the restore dropped setgid from folders too, so a family folder's subfolders (2770)
+/// came back 0770 and new files there no longer got the family's group. Setgid stays on
+/// folders; it still goes on files, as setuid and sticky do everywhere.
+#[tokio::test]
+async fn restore_keeps_setgid_on_family_subfolders() {
+    let base = tempfile::tempdir().unwrap();
+    let home = prepared_home(base.path()).await;
+    let photos = home.join("families/smiths/photos");
+    std::fs::create_dir(&photos).unwrap();
+    std::fs::set_permissions(&photos, std::fs::Permissions::from_mode(0o2770)).unwrap();
+    std::fs::write(photos.join("run"), "x").unwrap();
+    std::fs::set_permissions(photos.join("run"), std::fs::Permissions::from_mode(0o2755)).unwrap();
+    let archive = base.path().join("b.tar.gz");
+    backup::backup(&home, &archive, &BackupOptions::default(), &mut quiet()).unwrap();
+    let restored = base.path().join("restored");
+    backup::restore(&archive, &restored, &mut quiet()).unwrap();
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&restored.join("families/smiths/photos")), 0o2770);
+    assert_eq!(mode(&restored.join("families/smiths/photos/run")), 0o755);
+}
