@@ -31,7 +31,9 @@
 //! files too (folders keep it: family folders are 2770).
 
 use crate::OpsError;
-use moltmate_store::homes::{walk_tree, CopyLimits, CopyReport, WalkEntry, Walked};
+use moltmate_store::homes::{
+    open_beneath, walk_tree, CopyLimits, CopyReport, Expect, WalkEntry, Walked,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -475,7 +477,12 @@ impl<W: Write> Writer<'_, W> {
     }
 
     /// Walks the tree at `dir` (bounded, never blocking) into the archive under `prefix`.
-    fn add_tree(&mut self, dir: &Path, prefix: &str, limits: CopyLimits) -> Result<(), OpsError> {
+    fn add_tree(
+        &mut self,
+        dir: Tree<'_>,
+        prefix: &str,
+        limits: CopyLimits,
+    ) -> Result<(), OpsError> {
         let mut failure: Option<OpsError> = None;
         let mut skipped_links: Vec<(String, String)> = Vec::new();
         let report: CopyReport = {
@@ -513,7 +520,11 @@ impl<W: Write> Writer<'_, W> {
                     moltmate_store::HomeError::BadPath("archive write failed".to_string())
                 })
             };
-            match walk_tree(dir, limits, &mut visit) {
+            let walked = match dir {
+                Tree::Path(path) => walk_tree(path, limits, &mut visit),
+                Tree::Open(fd) => moltmate_store::homes::walk_tree_at(fd, limits, &mut visit),
+            };
+            match walked {
                 Ok(report) => report,
                 Err(e) => return Err(failure.unwrap_or(OpsError::Home(e))),
             }
@@ -536,6 +547,13 @@ impl<W: Write> Writer<'_, W> {
         self.manifest.skipped_total += unlisted;
         Ok(())
     }
+}
+
+/// A tree to walk: by its path (a private mount point of the backup's own), or a directory
+/// already opened beneath the home without following links.
+enum Tree<'p> {
+    Path(&'p Path),
+    Open(rustix::fd::OwnedFd),
 }
 
 /// `lstat` fields the archive keeps.
@@ -771,22 +789,34 @@ pub fn backup(
     }
 
     let mounts = work.path().join("mnt");
+    // The trees are opened from handles, each beneath the one before without following a
+    // link: a folder swapped for a link meanwhile is refused, not followed.
+    let home_fd = rustix::fs::open(
+        home,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| io(format!("opening {}", home.display()))(e.into()))?;
+    let open_area = |writer: &mut Writer<'_, _>, area: &str| match open_beneath(
+        &home_fd,
+        area,
+        Expect::Directory,
+    ) {
+        Ok(opened) => opened,
+        Err(e) => {
+            writer.skip(area, &e.user_reason());
+            None
+        }
+    };
     for area in TREES_PER_ENTRY {
         let dir = home.join(area);
-        let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+        let Some((area_fd, area_stat)) = open_area(&mut writer, area) else {
             continue;
         };
-        if !meta.is_dir() {
-            writer.skip(area, "not a directory");
-            continue;
-        }
         let Some(listing) = moltmate_store::homes::list_beneath(home, area, 1_000_000)? else {
             continue;
         };
-        writer.add_dir(
-            area,
-            &Stat::of(&rustix::fs::lstat(&dir).map_err(|e| io(area)(e.into()))?),
-        )?;
+        writer.add_dir(area, &Stat::of(&area_stat))?;
         if !listing.complete {
             writer.skip(
                 area,
@@ -811,7 +841,8 @@ pub fn backup(
                     match moltmate_sandbox::disk::mount_read_only(&image, &at) {
                         Ok(mount) => {
                             let stat = rustix::fs::lstat(&tree).map_err(|e| io(path.clone())(e.into()))?;
-                            let added = writer.add_tree(mount.path(), &path, options.limits);
+                            let added =
+                                writer.add_tree(Tree::Path(mount.path()), &path, options.limits);
                             drop(mount);
                             added?;
                             // The root of the mounted image has the image's owner; the folder's
@@ -827,14 +858,17 @@ pub fn backup(
                         ),
                     }
                 }
-                _ => writer.add_tree(&tree, &path, options.limits)?,
+                _ => match open_beneath(&area_fd, entry.name.as_str(), Expect::Directory) {
+                    Ok(Some((fd, _))) => writer.add_tree(Tree::Open(fd), &path, options.limits)?,
+                    Ok(None) => {}
+                    Err(e) => writer.skip(&path, &e.user_reason()),
+                },
             }
         }
     }
     for area in TREES_WHOLE {
-        let dir = home.join(area);
-        if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
-            writer.add_tree(&dir, area, options.limits)?;
+        if let Some((fd, _)) = open_area(&mut writer, area) {
+            writer.add_tree(Tree::Open(fd), area, options.limits)?;
         }
     }
 

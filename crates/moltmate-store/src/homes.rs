@@ -730,7 +730,16 @@ pub fn walk_tree(
     limits: CopyLimits,
     visit: &mut dyn FnMut(Walked<'_>) -> Result<(), HomeError>,
 ) -> Result<CopyReport, HomeError> {
-    let source = open_root(from)?;
+    walk_tree_at(open_root(from)?, limits, visit)
+}
+
+/// [`walk_tree`] of a directory already opened (with `O_NOFOLLOW`, e.g. by [`open_beneath`]
+/// from a handle of its parent), so no path is resolved again.
+pub fn walk_tree_at(
+    source: OwnedFd,
+    limits: CopyLimits,
+    visit: &mut dyn FnMut(Walked<'_>) -> Result<(), HomeError>,
+) -> Result<CopyReport, HomeError> {
     let stat = rustix::fs::fstat(&source).map_err(|e| io_error(".", e))?;
     visit(Walked {
         path: ".",
