@@ -26,18 +26,10 @@ pub struct UserSettings {
 impl Default for UserSettings {
     fn default() -> Self {
         UserSettings {
-            tools: [
-                "read",
-                "write",
-                "edit",
-                "exec",
-                "web_fetch",
-                "web_search",
-                "schedule",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            tools: ["read", "write", "edit", "exec", "web_fetch", "web_search", "schedule"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             exec: ExecSettings {
                 default_timeout: Duration::from_secs(30),
                 max_timeout: Duration::from_secs(300),

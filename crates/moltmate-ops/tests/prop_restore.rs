@@ -13,8 +13,7 @@ use std::sync::OnceLock;
 
 /// The sandbox ids the test homes are owned by (any id in the default range).
 const SANDBOX_UID: u32 = 2_000_000_123;
-const IDS: moltmate_core::sandbox::SandboxIds =
-    moltmate_core::sandbox::SandboxIds::same(SANDBOX_UID);
+const IDS: moltmate_core::sandbox::SandboxIds = moltmate_core::sandbox::SandboxIds::same(SANDBOX_UID);
 
 /// The decompressed tar of a small real backup (made once).
 fn real_tar() -> &'static [u8] {

@@ -226,10 +226,10 @@ impl Store {
                      WHERE s.session_hash = ?1 AND s.expires_at > ?2
                        AND (s.user_id IS NULL OR EXISTS (SELECT 1 FROM users u
                             WHERE u.id = s.user_id AND u.created_at <= s.created_at))",
-                )?
-                .query_row(params![hash, now()], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })
+                )?.query_row(
+                    params![hash, now()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
                 .optional()?;
             row.map(|(user, is_admin, csrf_token, expires_at)| {
                 Ok(WebSession {

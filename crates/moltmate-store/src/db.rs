@@ -6,8 +6,8 @@
 //! operator's CLI (`moltmate pairing approve`, `moltmate users ...`) read and write while the
 //! gateway runs; `busy_timeout` makes the two wait for each other instead of failing.
 
-use crate::durable::DbThread;
 use crate::ending::Completion;
+use crate::durable::DbThread;
 use chrono::Utc;
 use moltmate_core::channel::InboundMessage;
 use moltmate_core::model::{ConversationItem, TokenUsage};

@@ -22,14 +22,14 @@
 
 pub mod auth;
 pub mod db;
-mod durable;
 pub mod ending;
+mod durable;
 pub mod homes;
 pub mod memory_index;
 pub mod pairing;
 pub mod reminders;
-pub mod reports;
 pub mod usage;
+pub mod reports;
 
 pub use db::{
     AuditEvent, AuditRecord, InboxItem, OutboxItem, PairingRequest, PairingState, SessionRecord,

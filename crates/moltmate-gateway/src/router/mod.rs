@@ -26,8 +26,8 @@
 mod accept;
 mod delivery;
 mod files;
-mod scheduler;
 mod user_events;
+mod scheduler;
 mod worker;
 
 pub use user_events::{HOLD_MAX as USER_HOLD_MAX, POLL as USER_EVENTS_POLL};
