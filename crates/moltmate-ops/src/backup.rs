@@ -27,10 +27,13 @@
 //! links, devices and FIFOs. A second pass extracts into a fresh directory beside the target,
 //! checking every entry again as it is written (the file might have changed in between); only
 //! then is that directory renamed into place. Owners are restored numerically when running as
-//! root (so each home keeps its sandbox uid); setuid, setgid and sticky bits are dropped.
+//! root (so each home keeps its sandbox uid); setuid and sticky bits are dropped, setgid on
+//! files too (folders keep it: family folders are 2770).
 
 use crate::OpsError;
-use moltmate_store::homes::{walk_tree, CopyLimits, CopyReport, WalkEntry, Walked};
+use moltmate_store::homes::{
+    open_beneath, walk_tree, CopyLimits, CopyReport, Expect, WalkEntry, Walked,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -47,8 +50,23 @@ pub const MANIFEST: &str = "MANIFEST.json";
 const MAX_MANIFEST_BYTES: u64 = 256 << 20;
 /// Entries of one archive at most.
 const MAX_ENTRIES: usize = 5_000_000;
-/// Longest entry path or link target.
-const MAX_PATH_BYTES: usize = 4096;
+/// Longest entry path or link target. Longer than the kernel's `PATH_MAX`: a home path may
+/// itself be up to ~4 KB (the write tool) or deeper (a sandbox), and `archive/<id>-<stamp>/home/`
+/// comes in front; the restore opens such paths a few components at a time.
+const MAX_PATH_BYTES: usize = 24 * 1024;
+/// What one entry costs a restore's memory beyond its path and target (its record in the
+/// verify pass and the manifest index); the sum over all entries is bounded by
+/// [`MAX_TRACKED_BYTES`], at backup and at restore alike.
+const ENTRY_OVERHEAD: usize = 256;
+/// Sum of entry costs (path + target + [`ENTRY_OVERHEAD`]) of one archive at most.
+const MAX_TRACKED_BYTES: usize = 256 << 20;
+/// A backup stops adding entries when its manifest would pass this (the restore refuses a
+/// manifest over [`MAX_MANIFEST_BYTES`]; the rest is headroom for the skipped list).
+const MANIFEST_BUDGET: usize = 224 << 20;
+/// Longest path shown in a skipped line (the rest is elided).
+const MAX_SHOWN_PATH: usize = 512;
+/// Disk a directory or link costs a restore (an inode and a block), for the free-space check.
+const INODE_COST: u64 = 4096;
 /// Skipped items listed in the manifest at most (all are counted).
 const MAX_SKIPPED_LISTED: usize = 10_000;
 /// `moltmate.json` and `admin.token` are read at most this big.
@@ -217,8 +235,13 @@ fn confinement(parts: &[&str]) -> Option<usize> {
     (parts.len() > depth).then_some(depth)
 }
 
-/// Whether a symlink at `path` (components `parts`) pointing to `target` resolves, by its
-/// text, inside its confinement folder. Absolute targets never do.
+/// Whether a symlink at `path` (components `parts`) pointing to `target` resolves inside its
+/// confinement folder. Absolute targets never do. The target must be of the form
+/// `(../)*name(/name)*`: every `..` comes before the first name, so it climbs only the link's
+/// own folders (real directories of the archive) and never the target of another link — a
+/// `..` after a name that is itself a link (`a/b -> ..`, `escape -> a/b/a/b/../../../..`)
+/// would climb from wherever that link points. Descending by names from inside stays inside,
+/// whatever links the names are, since every link is held to this rule.
 fn link_stays_inside(parts: &[&str], target: &str) -> bool {
     let Some(root) = confinement(parts) else {
         return false;
@@ -227,16 +250,20 @@ fn link_stays_inside(parts: &[&str], target: &str) -> bool {
         return false;
     }
     let mut at: Vec<&str> = parts[..parts.len() - 1].to_vec();
+    let mut named = false;
     for part in target.split('/') {
         match part {
             "" | "." => {}
             ".." => {
-                if at.len() <= root {
+                if named || at.len() <= root {
                     return false;
                 }
                 at.pop();
             }
-            name => at.push(name),
+            name => {
+                named = true;
+                at.push(name)
+            }
         }
     }
     at.len() >= root && at[..root] == parts[..root]
@@ -284,14 +311,84 @@ struct Writer<'a, W: Write> {
     bytes: u64,
     progress: &'a mut dyn FnMut(&Progress),
     reported_at: std::time::Instant,
+    /// Sum of entry costs so far (see [`MAX_TRACKED_BYTES`]).
+    tracked: usize,
+    /// Estimated size of the manifest so far (see [`MANIFEST_BUDGET`]).
+    manifest_bytes: usize,
+    /// The last directory left out: everything beneath it is left out too (the walk is
+    /// depth-first, so its contents follow it directly).
+    refused_dir: Option<String>,
+}
+
+/// `path`, cut to [`MAX_SHOWN_PATH`] bytes for a skipped line.
+fn shown(path: &str) -> String {
+    if path.len() <= MAX_SHOWN_PATH {
+        return path.to_string();
+    }
+    let mut end = MAX_SHOWN_PATH;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &path[..end], path.len())
+}
+
+/// Whether `path` lies beneath the folder `dir`.
+fn beneath(path: &str, dir: &str) -> bool {
+    path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/'
 }
 
 impl<W: Write> Writer<'_, W> {
     fn skip(&mut self, path: &str, why: &str) {
         self.manifest.skipped_total += 1;
         if self.manifest.skipped.len() < MAX_SKIPPED_LISTED {
-            self.manifest.skipped.push(format!("{path}: {why}"));
+            self.manifest
+                .skipped
+                .push(format!("{}: {why}", shown(path)));
         }
+    }
+
+    /// Applies the restore's own rules to an entry before it is written: a name the restore
+    /// accepts, not beneath a folder left out, within the entry count, the restore's memory
+    /// bound and the manifest size. What does not pass is skipped and listed, so every backup
+    /// restores.
+    fn admit(&mut self, path: &str, target: Option<&str>, dir: bool) -> bool {
+        if self
+            .refused_dir
+            .as_deref()
+            .is_some_and(|refused| beneath(path, refused))
+        {
+            self.skip(path, "its folder was left out");
+            return false;
+        }
+        let cost = path.len() + target.map_or(0, str::len) + ENTRY_OVERHEAD;
+        let listed = serde_json::to_string(path).map_or(path.len() * 6, |t| t.len())
+            + target.map_or(0, |t| {
+                serde_json::to_string(t).map_or(t.len() * 6, |t| t.len())
+            })
+            + 400;
+        let why = if check_path(path).is_err() {
+            Some(format!(
+                "a name the restore refuses (longer than {MAX_PATH_BYTES} bytes)"
+            ))
+        } else if self.manifest.entries.len() >= MAX_ENTRIES {
+            Some(format!("more than {MAX_ENTRIES} entries in one backup"))
+        } else if self.tracked + cost > MAX_TRACKED_BYTES
+            || self.manifest_bytes + listed > MANIFEST_BUDGET
+        {
+            Some("the backup's manifest is full (too many or too long names)".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.skip(path, &why);
+            if dir {
+                self.refused_dir = Some(path.to_string());
+            }
+            return false;
+        }
+        self.tracked += cost;
+        self.manifest_bytes += listed;
+        true
     }
 
     fn tick(&mut self, phase: &'static str) {
@@ -317,6 +414,9 @@ impl<W: Write> Writer<'_, W> {
     }
 
     fn add_dir(&mut self, path: &str, stat: &Stat) -> Result<(), OpsError> {
+        if !self.admit(path, None, true) {
+            return Ok(());
+        }
         let mut header = Self::header(tar::EntryType::Directory, stat);
         self.tar
             .append_data(&mut header, path, std::io::empty())
@@ -334,6 +434,9 @@ impl<W: Write> Writer<'_, W> {
         size: u64,
         content: impl Read,
     ) -> Result<(), OpsError> {
+        if !self.admit(path, None, false) {
+            return Ok(());
+        }
         let mut header = Self::header(tar::EntryType::Regular, stat);
         header.set_size(size);
         let mut reader = Exact {
@@ -346,6 +449,7 @@ impl<W: Write> Writer<'_, W> {
             .append_data(&mut header, path, &mut reader)
             .map_err(io(format!("writing {path} to the archive")))?;
         if reader.short {
+            self.manifest_bytes += path.len() * 6 + 16;
             self.manifest.changed.push(path.to_string());
         }
         let digest = hex::encode(reader.hasher.finalize());
@@ -359,6 +463,9 @@ impl<W: Write> Writer<'_, W> {
     }
 
     fn add_symlink(&mut self, path: &str, stat: &Stat, target: &str) -> Result<(), OpsError> {
+        if !self.admit(path, Some(target), false) {
+            return Ok(());
+        }
         let mut header = Self::header(tar::EntryType::Symlink, stat);
         self.tar
             .append_link(&mut header, path, target)
@@ -370,7 +477,12 @@ impl<W: Write> Writer<'_, W> {
     }
 
     /// Walks the tree at `dir` (bounded, never blocking) into the archive under `prefix`.
-    fn add_tree(&mut self, dir: &Path, prefix: &str, limits: CopyLimits) -> Result<(), OpsError> {
+    fn add_tree(
+        &mut self,
+        dir: Tree<'_>,
+        prefix: &str,
+        limits: CopyLimits,
+    ) -> Result<(), OpsError> {
         let mut failure: Option<OpsError> = None;
         let mut skipped_links: Vec<(String, String)> = Vec::new();
         let report: CopyReport = {
@@ -408,7 +520,11 @@ impl<W: Write> Writer<'_, W> {
                     moltmate_store::HomeError::BadPath("archive write failed".to_string())
                 })
             };
-            match walk_tree(dir, limits, &mut visit) {
+            let walked = match dir {
+                Tree::Path(path) => walk_tree(path, limits, &mut visit),
+                Tree::Open(fd) => moltmate_store::homes::walk_tree_at(fd, limits, &mut visit),
+            };
+            match walked {
                 Ok(report) => report,
                 Err(e) => return Err(failure.unwrap_or(OpsError::Home(e))),
             }
@@ -419,7 +535,9 @@ impl<W: Write> Writer<'_, W> {
         for line in &report.skipped {
             self.manifest.skipped_total += 1;
             if self.manifest.skipped.len() < MAX_SKIPPED_LISTED {
-                self.manifest.skipped.push(format!("{prefix}/{line}"));
+                self.manifest
+                    .skipped
+                    .push(shown(&format!("{prefix}/{line}")));
             }
         }
         // Counted beyond the listed ones.
@@ -429,6 +547,13 @@ impl<W: Write> Writer<'_, W> {
         self.manifest.skipped_total += unlisted;
         Ok(())
     }
+}
+
+/// A tree to walk: by its path (a private mount point of the backup's own), or a directory
+/// already opened beneath the home without following links.
+enum Tree<'p> {
+    Path(&'p Path),
+    Open(rustix::fd::OwnedFd),
 }
 
 /// `lstat` fields the archive keeps.
@@ -480,12 +605,29 @@ impl Stat {
     }
 }
 
-fn read_small(path: &Path) -> Result<Option<Vec<u8>>, OpsError> {
-    let file = match std::fs::File::open(path) {
+/// Reads a top-level file of the home (`moltmate.json`, `admin.token`): never through a link,
+/// never anything but a regular file (a FIFO would block). A refusal is `Some(Err(why))`, for
+/// the manifest's skipped list.
+fn read_small(path: &Path) -> Result<Option<Result<Vec<u8>, &'static str>>, OpsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(path)
+    {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            return Ok(Some(Err("a symbolic link; not followed")))
+        }
         Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
     };
+    let meta = file
+        .metadata()
+        .map_err(io(format!("reading {}", path.display())))?;
+    if !meta.is_file() {
+        return Ok(Some(Err("not a regular file")));
+    }
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -496,7 +638,12 @@ fn read_small(path: &Path) -> Result<Option<Vec<u8>>, OpsError> {
             path.display()
         )));
     }
-    Ok(Some(bytes))
+    Ok(Some(Ok(bytes)))
+}
+
+/// `O_NOFOLLOW | O_NONBLOCK` for [`read_small`].
+fn libc_flags() -> i32 {
+    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
 }
 
 /// Backs the home at `home` up into the new file `file` (0600), while a gateway may serve
@@ -584,12 +731,23 @@ pub fn backup(
         bytes: 0,
         progress,
         reported_at: std::time::Instant::now(),
+        tracked: 0,
+        manifest_bytes: 0,
+        refused_dir: None,
     };
 
     let db_file = std::fs::File::open(&db_copy).map_err(io("reading the database copy"))?;
     writer.add_file("moltmate.db", &Stat::private_file(), db_bytes, db_file)?;
 
-    if let Some(config) = read_small(&home.join("moltmate.json"))? {
+    let config = match read_small(&home.join("moltmate.json"))? {
+        Some(Err(why)) => {
+            writer.skip("moltmate.json", why);
+            None
+        }
+        Some(Ok(config)) => Some(config),
+        None => None,
+    };
+    if let Some(config) = config {
         let text = if options.include_secrets {
             Some(config)
         } else {
@@ -620,29 +778,45 @@ pub fn backup(
         }
     }
     if options.include_secrets {
-        if let Some(token) = read_small(&home.join("admin.token"))? {
-            let size = token.len() as u64;
-            writer.add_file("admin.token", &Stat::private_file(), size, &token[..])?;
+        match read_small(&home.join("admin.token"))? {
+            Some(Ok(token)) => {
+                let size = token.len() as u64;
+                writer.add_file("admin.token", &Stat::private_file(), size, &token[..])?;
+            }
+            Some(Err(why)) => writer.skip("admin.token", why),
+            None => {}
         }
     }
 
     let mounts = work.path().join("mnt");
+    // The trees are opened from handles, each beneath the one before without following a
+    // link: a folder swapped for a link meanwhile is refused, not followed.
+    let home_fd = rustix::fs::open(
+        home,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| io(format!("opening {}", home.display()))(e.into()))?;
+    let open_area = |writer: &mut Writer<'_, _>, area: &str| match open_beneath(
+        &home_fd,
+        area,
+        Expect::Directory,
+    ) {
+        Ok(opened) => opened,
+        Err(e) => {
+            writer.skip(area, &e.user_reason());
+            None
+        }
+    };
     for area in TREES_PER_ENTRY {
         let dir = home.join(area);
-        let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+        let Some((area_fd, area_stat)) = open_area(&mut writer, area) else {
             continue;
         };
-        if !meta.is_dir() {
-            writer.skip(area, "not a directory");
-            continue;
-        }
         let Some(listing) = moltmate_store::homes::list_beneath(home, area, 1_000_000)? else {
             continue;
         };
-        writer.add_dir(
-            area,
-            &Stat::of(&rustix::fs::lstat(&dir).map_err(|e| io(area)(e.into()))?),
-        )?;
+        writer.add_dir(area, &Stat::of(&area_stat))?;
         if !listing.complete {
             writer.skip(
                 area,
@@ -667,7 +841,8 @@ pub fn backup(
                     match moltmate_sandbox::disk::mount_read_only(&image, &at) {
                         Ok(mount) => {
                             let stat = rustix::fs::lstat(&tree).map_err(|e| io(path.clone())(e.into()))?;
-                            let added = writer.add_tree(mount.path(), &path, options.limits);
+                            let added =
+                                writer.add_tree(Tree::Path(mount.path()), &path, options.limits);
                             drop(mount);
                             added?;
                             // The root of the mounted image has the image's owner; the folder's
@@ -683,14 +858,17 @@ pub fn backup(
                         ),
                     }
                 }
-                _ => writer.add_tree(&tree, &path, options.limits)?,
+                _ => match open_beneath(&area_fd, entry.name.as_str(), Expect::Directory) {
+                    Ok(Some((fd, _))) => writer.add_tree(Tree::Open(fd), &path, options.limits)?,
+                    Ok(None) => {}
+                    Err(e) => writer.skip(&path, &e.user_reason()),
+                },
             }
         }
     }
     for area in TREES_WHOLE {
-        let dir = home.join(area);
-        if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
-            writer.add_tree(&dir, area, options.limits)?;
+        if let Some((fd, _)) = open_area(&mut writer, area) {
+            writer.add_tree(Tree::Open(fd), area, options.limits)?;
         }
     }
 
@@ -721,6 +899,18 @@ pub fn backup(
     out.sync_all().map_err(io("syncing the archive"))?;
     let archive_bytes = out.metadata().map(|m| m.len()).unwrap_or(0);
     drop(out);
+    // The restore's own verify pass over the finished archive: a backup that would not restore
+    // is a failure, not a file and a fresh `backups/last.json` that `doctor` counts as good.
+    (progress)(&Progress {
+        phase: "verifying",
+        files,
+        bytes,
+    });
+    verify(&partial, None, &mut |_| {}).map_err(|e| {
+        OpsError::Failed(format!(
+            "the finished archive would not restore ({e}); nothing was written"
+        ))
+    })?;
     // `link` refuses an existing name, so a file that appeared meanwhile is not overwritten.
     std::fs::hard_link(&partial, &file).map_err(io(format!("creating {}", file.display())))?;
     if let Ok(dir) = std::fs::File::open(&parent) {
@@ -976,7 +1166,7 @@ fn hash_content<R: Read>(
     path: &str,
 ) -> Result<String, OpsError> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
         let n = content.read(&mut buf).map_err(|e| {
@@ -990,9 +1180,13 @@ fn hash_content<R: Read>(
         total += n as u64;
         hasher.update(&buf[..n]);
         if let Some(out) = sink.as_mut() {
-            out.write_all(&buf[..n])
+            // Blocks of zeros become holes (the length is set below).
+            moltmate_store::homes::write_keeping_holes(out, &buf[..n])
                 .map_err(io(format!("writing {path}")))?;
         }
+    }
+    if let Some(out) = sink.as_mut() {
+        out.set_len(total).map_err(io(format!("writing {path}")))?;
     }
     if total != size {
         return Err(bad(format!(
@@ -1035,7 +1229,7 @@ fn verify(
     let mut archive = open_archive(file)?;
     let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
     let mut manifest: Option<Manifest> = None;
-    let (mut files, mut bytes) = (0u64, 0u64);
+    let (mut files, mut bytes, mut needed, mut tracked) = (0u64, 0u64, 0u64, 0usize);
     let mut reported_at = std::time::Instant::now();
     let entries = archive
         .entries()
@@ -1067,8 +1261,22 @@ fn verify(
         if seen.len() >= MAX_ENTRIES {
             return Err(bad("too many entries"));
         }
+        // What the names cost this pass's memory is bounded, not only their count.
+        tracked += path.len() + item.target.as_deref().map_or(0, str::len) + ENTRY_OVERHEAD;
+        if tracked > MAX_TRACKED_BYTES {
+            return Err(bad(format!(
+                "the entries' names take more than {} MiB",
+                MAX_TRACKED_BYTES >> 20
+            )));
+        }
         check_parent(&seen, &path)?;
-        if room.is_some_and(|room| bytes.saturating_add(item.size) > room) {
+        // A directory or link costs an inode and a block, whatever its size says.
+        needed = needed.saturating_add(if item.kind == "file" {
+            item.size
+        } else {
+            INODE_COST
+        });
+        if room.is_some_and(|room| needed > room) {
             // Said before the content is even read: a small archive claiming terabytes (a
             // compression bomb) costs nothing.
             return Err(OpsError::Failed(format!(
@@ -1185,7 +1393,11 @@ pub fn restore(
     let room = free_bytes(&parent).map(|free| free.saturating_sub(64 << 20));
     let manifest = verify(file, room, progress)?;
     let index = index_manifest(&manifest)?;
-    let needed: u64 = manifest.entries.iter().map(|e| e.size).sum();
+    let needed: u64 = manifest
+        .entries
+        .iter()
+        .map(|e| if e.kind == "file" { e.size } else { INODE_COST })
+        .fold(0u64, u64::saturating_add);
     if let Some(free) = free_bytes(&parent) {
         if free < needed.saturating_add(64 << 20) {
             return Err(OpsError::Failed(format!(
@@ -1235,6 +1447,42 @@ pub fn restore(
     })
 }
 
+/// Opens the directory `path` beneath `root` (never through a link, never out of it) a few
+/// components at a time: an archive path may be longer than the kernel's `PATH_MAX`.
+fn open_deep(
+    root: &rustix::fd::OwnedFd,
+    path: &str,
+) -> Result<Option<rustix::fd::OwnedFd>, OpsError> {
+    use moltmate_store::homes::{open_beneath, Expect};
+    const STEP: usize = 2048;
+    let mut current: Option<rustix::fd::OwnedFd> = None;
+    let mut rest = path;
+    while !rest.is_empty() {
+        // The longest prefix of whole components within STEP bytes (a component is at most
+        // 255 bytes, so there always is one).
+        let cut = if rest.len() <= STEP {
+            rest.len()
+        } else {
+            rest.as_bytes()[..=STEP]
+                .iter()
+                .rposition(|b| *b == b'/')
+                .filter(|at| *at > 0)
+                .unwrap_or(rest.len())
+        };
+        let (chunk, tail) = rest.split_at(cut);
+        let opened = match &current {
+            None => open_beneath(root, chunk, Expect::Directory)?,
+            Some(dir) => open_beneath(dir, chunk, Expect::Directory)?,
+        };
+        let Some((fd, _)) = opened else {
+            return Ok(None);
+        };
+        current = Some(fd);
+        rest = tail.strip_prefix('/').unwrap_or(tail);
+    }
+    Ok(current)
+}
+
 /// Second pass: writes every entry beneath `root` (opened without following links), checking
 /// each against the verified manifest again. Returns (files, bytes).
 fn extract(
@@ -1244,7 +1492,6 @@ fn extract(
     as_root: bool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(u64, u64), OpsError> {
-    use moltmate_store::homes::{open_beneath, Expect};
     use rustix::fd::AsFd;
     use rustix::fs::{AtFlags, Mode, OFlags};
     let root_fd = rustix::fs::open(
@@ -1281,11 +1528,7 @@ fn extract(
         };
         let dir = match parent {
             None => None,
-            Some(parent) => Some(
-                open_beneath(&root_fd, parent, Expect::Directory)?
-                    .ok_or_else(|| changed(&path))?
-                    .0,
-            ),
+            Some(parent) => Some(open_deep(&root_fd, parent)?.ok_or_else(|| changed(&path))?),
         };
         let dir_fd = match &dir {
             Some(fd) => fd.as_fd(),
@@ -1370,9 +1613,7 @@ fn extract(
     }
     for (path, target, uid, gid) in links {
         let (parent, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
-        let dir = open_beneath(&root_fd, parent, Expect::Directory)?
-            .ok_or_else(|| changed(&path))?
-            .0;
+        let dir = open_deep(&root_fd, parent)?.ok_or_else(|| changed(&path))?;
         rustix::fs::symlinkat(target.as_str(), &dir, name)
             .map_err(|e| io(format!("creating {path}"))(e.into()))?;
         if as_root {
@@ -1389,8 +1630,7 @@ fn extract(
     // Folder modes and owners last, deepest first (a 0500 folder must not stop its own
     // contents from being written).
     for (path, mode, uid, gid) in directories.iter().rev() {
-        let (fd, _) =
-            open_beneath(&root_fd, path, Expect::Directory)?.ok_or_else(|| changed(path))?;
+        let fd = open_deep(&root_fd, path)?.ok_or_else(|| changed(path))?;
         if as_root {
             rustix::fs::fchown(
                 &fd,
@@ -1399,9 +1639,11 @@ fn extract(
             )
             .map_err(|e| io(format!("setting the owner of {path}"))(e.into()))?;
         }
-        // The top-level folders stay private whatever the archive says.
+        // The top-level folders stay private whatever the archive says. Setgid stays on
+        // folders (a family folder and its subfolders are 2770: new files get the family's
+        // group); setuid and sticky go.
         let mode = if path.contains('/') {
-            mode & 0o777
+            mode & 0o2777
         } else {
             0o700
         };
@@ -1458,10 +1700,17 @@ mod tests {
             &parts("users/anna/memory/x"),
             "../MEMORY.md"
         ));
-        assert!(link_stays_inside(
+        // `..` after a name: that name may be a link itself.
+        assert!(!link_stays_inside(
             &parts("users/anna/a"),
             "./memory/../USER.md"
         ));
+        assert!(!link_stays_inside(
+            &parts("users/anna/escape"),
+            "a/b/a/b/../../../../etc/shadow"
+        ));
+        assert!(link_stays_inside(&parts("users/anna/a/b"), ".."));
+        assert!(link_stays_inside(&parts("users/anna/x/y"), "../a/b/a/b/x"));
         assert!(!link_stays_inside(&parts("users/anna/a"), "/etc/passwd"));
         assert!(!link_stays_inside(
             &parts("users/anna/a"),

@@ -23,7 +23,7 @@
 
 use crate::OpsError;
 use moltmate_core::UserId;
-use moltmate_store::homes::{list_beneath, read_beneath, CopyLimits, CopyReport};
+use moltmate_store::homes::{list_beneath, open_beneath, CopyLimits, CopyReport, Expect};
 use moltmate_store::memory_index::MemoryIndex;
 use moltmate_store::{Ended, Ending, Homes, Store};
 use std::path::{Path, PathBuf};
@@ -297,13 +297,14 @@ impl UserAdmin {
         let transcripts = self.store.user_transcripts(user).await?;
         let usage = self.store.usage(Some(user)).await?;
         let root = self.homes.home(user).root().to_path_buf();
-        let files = blocking("reading the home for the export", move || {
+        let (files, left_out) = blocking("reading the home for the export", move || {
             Ok(export_files(&root))
         })
         .await?;
         Ok(serde_json::json!({
             "user": record,
             "files": files,
+            "filesLeftOut": left_out,
             "transcripts": transcripts.into_iter().map(|(session, at, item)| serde_json::json!({
                 "session": session, "at": at, "item": item
             })).collect::<Vec<_>>(),
@@ -451,23 +452,102 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), OpsError> {
     })
 }
 
-fn export_files(root: &Path) -> serde_json::Map<String, serde_json::Value> {
+/// File content one export (`users export`, `export.json` of a reset or removal) holds at
+/// most, all files together; the rest is listed under `filesLeftOut`. The export is built in
+/// memory (inside the gateway for `/admin`), so it is bounded by what it costs there.
+pub const EXPORT_BUDGET: u64 = 16 << 20;
+/// One file's content in an export at most (the rest is cut, and the file listed as cut).
+const EXPORT_FILE_MAX: u64 = 4 << 20;
+/// Files of `memory/` looked at at most.
+const EXPORT_MEMORY_FILES: usize = 2_000;
+
+/// The home's notes for an export, within [`EXPORT_BUDGET`]: each file is charged before it is
+/// read by the larger of its apparent and allocated size (capped at [`EXPORT_FILE_MAX`]; a
+/// sparse file costs what it reads, not what it occupies), and what its JSON text costs beyond
+/// that after (a NUL becomes six bytes). What does not fit is left out and listed.
+fn export_files(root: &Path) -> (serde_json::Map<String, serde_json::Value>, Vec<String>) {
+    use std::io::Read;
     let mut files = serde_json::Map::new();
-    for file in ["SOUL.md", "IDENTITY.md", "USER.md", "MEMORY.md"] {
-        if let Ok(Some((text, _))) = read_beneath(root, file, 4 << 20) {
-            files.insert(file.to_string(), serde_json::Value::String(text));
-        }
-    }
+    let mut left_out = Vec::new();
+    let mut names: Vec<String> = ["SOUL.md", "IDENTITY.md", "USER.md", "MEMORY.md"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     // Bounded: a `memory/` of millions of entries exports the first ones the kernel lists.
     if let Ok(Some(listing)) = list_beneath(root, "memory", 10_000) {
-        for entry in listing.entries.iter().filter(|e| !e.is_dir()).take(2_000) {
-            let name = format!("memory/{}", entry.name);
-            if let Ok(Some((text, _))) = read_beneath(root, &name, 4 << 20) {
-                files.insert(name, serde_json::Value::String(text));
-            }
-        }
+        names.extend(
+            listing
+                .entries
+                .iter()
+                .filter(|e| !e.is_dir())
+                .take(EXPORT_MEMORY_FILES)
+                .map(|e| format!("memory/{}", e.name)),
+        );
     }
-    files
+    let Ok(dir) = rustix::fs::open(
+        root,
+        rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::CLOEXEC
+            | rustix::fs::OFlags::NOFOLLOW,
+        rustix::fs::Mode::empty(),
+    ) else {
+        return (files, left_out);
+    };
+    let mut remaining = EXPORT_BUDGET;
+    for name in names {
+        let Ok(Some((fd, stat))) = open_beneath(&dir, &name, Expect::File) else {
+            continue;
+        };
+        let apparent = u64::try_from(stat.st_size).unwrap_or(u64::MAX);
+        let allocated = u64::try_from(stat.st_blocks)
+            .unwrap_or(u64::MAX)
+            .saturating_mul(512);
+        let charge = apparent.max(allocated).min(EXPORT_FILE_MAX);
+        if charge > remaining {
+            left_out.push(format!("{name}: over the export's budget"));
+            continue;
+        }
+        remaining -= charge;
+        let mut bytes = Vec::new();
+        if std::fs::File::from(fd)
+            .take(EXPORT_FILE_MAX.min(charge))
+            .read_to_end(&mut bytes)
+            .is_err()
+        {
+            left_out.push(format!("{name}: could not be read"));
+            continue;
+        }
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        drop(bytes);
+        // What the text costs as JSON beyond what was charged for reading it.
+        let encoded = json_string_len(&text) as u64;
+        let extra = encoded.saturating_sub(charge);
+        if extra > remaining {
+            left_out.push(format!("{name}: over the export's budget"));
+            continue;
+        }
+        remaining -= extra;
+        if apparent > charge {
+            left_out.push(format!(
+                "{name}: cut to its first {charge} of {apparent} bytes"
+            ));
+        }
+        files.insert(name, serde_json::Value::String(text));
+    }
+    (files, left_out)
+}
+
+/// Length of `text` as a JSON string, without building it.
+fn json_string_len(text: &str) -> usize {
+    2 + text
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum::<usize>()
 }
 
 /// Removes a user's home. A home on a capped volume is unmounted and its image deleted (the

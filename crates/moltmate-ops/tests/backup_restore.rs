@@ -698,3 +698,305 @@ fn an_archive_claiming_more_than_the_free_space_is_refused_before_its_content_is
     );
     assert!(!target.exists());
 }
+
+/// Creates `dirs/…/file` beneath `root` one component at a time (the whole path may be longer
+/// than the kernel's `PATH_MAX`).
+fn deep_write(root: &Path, dirs: &[String], file: &str, content: &[u8]) {
+    use rustix::fs::{Mode, OFlags};
+    let mut dir =
+        rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+    for name in dirs {
+        match rustix::fs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => panic!("{e}"),
+        }
+        dir = rustix::fs::openat(
+            &dir,
+            name.as_str(),
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
+    let fd = rustix::fs::openat(
+        &dir,
+        file,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+        Mode::from_raw_mode(0o600),
+    )
+    .unwrap();
+    std::fs::File::from(fd).write_all(content).unwrap();
+}
+
+fn deep_read(root: &Path, dirs: &[String], file: &str) -> Vec<u8> {
+    use rustix::fs::{Mode, OFlags};
+    let mut dir =
+        rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+    for name in dirs {
+        dir = rustix::fs::openat(
+            &dir,
+            name.as_str(),
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
+    let fd = rustix::fs::openat(&dir, file, OFlags::RDONLY, Mode::empty()).unwrap();
+    let mut out = Vec::new();
+    std::fs::File::from(fd).read_to_end(&mut out).unwrap();
+    out
+}
+
+/// F1: a path of ~4 KB inside a home (what the write tool allows) is longer than 4096 bytes
+/// once `users/<id>/` or `archive/<id>-<stamp>/home/` is in front. The backup used to store it
+/// and the restore refused it, so every backup was unrestorable while `doctor` said PASS.
+#[tokio::test]
+async fn backup_with_paths_longer_than_path_max_restores() {
+    let base = tempfile::tempdir().unwrap();
+    let home = prepared_home(base.path()).await;
+    // 4,095 bytes: the longest relative path the write tool takes.
+    let mut dirs: Vec<String> = (0..20)
+        .map(|i| format!("{i:02}{}", "x".repeat(198)))
+        .collect();
+    dirs.push("y".repeat(67));
+    assert_eq!(
+        dirs.iter().map(|d| d.len() + 1).sum::<usize>() + "deep.md".len(),
+        4095
+    );
+    deep_write(
+        &home.join("users/anna"),
+        &dirs,
+        "deep.md",
+        b"deep in anna's home",
+    );
+    let archived = home.join("archive/anna-20261201-120000/home");
+    std::fs::create_dir_all(&archived).unwrap();
+    deep_write(&archived, &dirs, "deep.md", b"deep in the reset archive");
+
+    let archive = base.path().join("b.tar.gz");
+    let report = backup::backup(&home, &archive, &BackupOptions::default(), &mut quiet()).unwrap();
+    let manifest = read_manifest(&archive);
+    assert!(
+        manifest
+            .entries
+            .iter()
+            .any(|e| e.path.starts_with("users/anna/")
+                && e.path.ends_with("/deep.md")
+                && e.path.len() > 4096)
+            && manifest
+                .entries
+                .iter()
+                .any(|e| e.path.starts_with("archive/anna-") && e.path.ends_with("/deep.md")),
+        "the deep file is in the archive: {:?}",
+        report.skipped
+    );
+    assert!(home.join("backups/last.json").exists());
+
+    let restored = base.path().join("restored");
+    backup::restore(&archive, &restored, &mut quiet()).unwrap();
+    assert_eq!(
+        deep_read(&restored.join("users/anna"), &dirs, "deep.md"),
+        b"deep in anna's home"
+    );
+    assert_eq!(
+        deep_read(
+            &restored.join("archive/anna-20261201-120000/home"),
+            &dirs,
+            "deep.md"
+        ),
+        b"deep in the reset archive"
+    );
+}
+
+/// F7: `moltmate.json` and `admin.token` were read following links, so a link there put an
+/// outside file into the archive.
+#[tokio::test]
+async fn backup_does_not_follow_top_level_symlinks() {
+    let base = tempfile::tempdir().unwrap();
+    let home = prepared_home(base.path()).await;
+    let outside = base.path().join("outside.txt");
+    std::fs::write(&outside, "{ outside: \"OUTSIDE-SECRET\" }").unwrap();
+    for name in ["moltmate.json", "admin.token"] {
+        std::fs::remove_file(home.join(name)).unwrap();
+        std::os::unix::fs::symlink(&outside, home.join(name)).unwrap();
+    }
+    let archive = base.path().join("b.tar.gz");
+    let options = BackupOptions {
+        include_secrets: true,
+        ..BackupOptions::default()
+    };
+    let report = backup::backup(&home, &archive, &options, &mut quiet()).unwrap();
+    let manifest = read_manifest(&archive);
+    for name in ["moltmate.json", "admin.token"] {
+        assert!(!manifest.entries.iter().any(|e| e.path == name), "{name}");
+        assert!(
+            report
+                .skipped
+                .iter()
+                .any(|s| s.starts_with(name) && s.contains("symbolic link")),
+            "{name}: {:?}",
+            report.skipped
+        );
+    }
+    let bytes = decompressed(&archive);
+    assert!(!bytes
+        .windows(b"OUTSIDE-SECRET".len())
+        .any(|w| w == b"OUTSIDE-SECRET"));
+}
+
+/// F3: sparse files became real disk: the reset archive's copy wrote a 2 GiB sparse file out
+/// in full, the backup read all of it, the restore wrote all zeros.
+#[tokio::test]
+async fn sparse_files_are_skipped_or_stay_sparse() {
+    let base = tempfile::tempdir().unwrap();
+    let home = prepared_home(base.path()).await;
+    let anna = home.join("users/anna");
+    let mut holes = std::fs::File::create(anna.join("holes")).unwrap();
+    holes.write_all(b"head").unwrap();
+    holes.set_len(32 << 20).unwrap();
+    std::fs::File::create(anna.join("huge"))
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let allocated = |path: &Path| std::fs::metadata(path).unwrap().blocks() * 512;
+
+    // The reset archive's copy.
+    let copy = base.path().join("copy");
+    let report = moltmate_store::homes::copy_tree(&anna, &copy, Default::default()).unwrap();
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|s| s.starts_with("huge: a sparse file")),
+        "{:?}",
+        report.skipped
+    );
+    assert!(!copy.join("huge").exists());
+    assert_eq!(
+        std::fs::metadata(copy.join("holes")).unwrap().len(),
+        32 << 20
+    );
+    assert!(
+        allocated(&copy.join("holes")) < 1 << 20,
+        "the copy keeps its holes"
+    );
+
+    let archive = base.path().join("b.tar.gz");
+    let report = backup::backup(&home, &archive, &BackupOptions::default(), &mut quiet()).unwrap();
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|s| s.starts_with("users/anna/huge: a sparse file")),
+        "{:?}",
+        report.skipped
+    );
+    let restored = base.path().join("restored");
+    backup::restore(&archive, &restored, &mut quiet()).unwrap();
+    let back = restored.join("users/anna/holes");
+    assert_eq!(std::fs::metadata(&back).unwrap().len(), 32 << 20);
+    assert!(allocated(&back) < 1 << 20, "the restore keeps holes");
+    let mut head = [0u8; 4];
+    std::fs::File::open(&back)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(&head, b"head");
+}
+
+/// F5: a link's target was resolved as text, ignoring that an earlier component may itself be
+/// a link: `a/b -> ..` plus `escape -> a/b/a/b/../../../../etc/shadow` passed, was archived and
+/// restored pointing out of the home.
+#[tokio::test]
+async fn link_through_another_link_is_not_archived() {
+    let base = tempfile::tempdir().unwrap();
+    let home = prepared_home(base.path()).await;
+    let anna = home.join("users/anna");
+    std::fs::create_dir(anna.join("a")).unwrap();
+    std::os::unix::fs::symlink("..", anna.join("a/b")).unwrap();
+    std::os::unix::fs::symlink("a/b/a/b/../../../../etc/shadow", anna.join("escape")).unwrap();
+    let archive = base.path().join("b.tar.gz");
+    let report = backup::backup(&home, &archive, &BackupOptions::default(), &mut quiet()).unwrap();
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|s| s.starts_with("users/anna/escape: a symbolic link")),
+        "{:?}",
+        report.skipped
+    );
+    let manifest = read_manifest(&archive);
+    assert!(manifest.entries.iter().any(|e| e.path == "users/anna/a/b"));
+    assert!(!manifest
+        .entries
+        .iter()
+        .any(|e| e.path == "users/anna/escape"));
+    let restored = base.path().join("restored");
+    backup::restore(&archive, &restored, &mut quiet()).unwrap();
+    assert!(std::fs::symlink_metadata(restored.join("users/anna/escape")).is_err());
+}
+
+/// F4: the verify pass kept every entry's name in memory with only their count bounded (300k
+/// names of 4 KB: 1.27 GB RSS). The names' total is bounded now, refused before the manifest.
+#[test]
+fn archive_with_too_many_long_names_is_refused_bounded() {
+    let base = tempfile::tempdir().unwrap();
+    let file = base.path().join("names.tar.gz");
+    let out = flate2::write::GzEncoder::new(
+        std::io::BufWriter::new(std::fs::File::create(&file).unwrap()),
+        flate2::Compression::fast(),
+    );
+    let mut tar = tar::Builder::new(out);
+    let add = |tar: &mut tar::Builder<_>, path: &str, kind: tar::EntryType| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(0o700);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_size(0);
+        tar.append_data(&mut header, path, std::io::empty())
+            .unwrap();
+    };
+    add(&mut tar, "users", tar::EntryType::Directory);
+    let mut deep = "users/a".to_string();
+    add(&mut tar, &deep, tar::EntryType::Directory);
+    for _ in 0..100 {
+        deep.push('/');
+        deep.push_str(&"d".repeat(200));
+        add(&mut tar, &deep, tar::EntryType::Directory);
+    }
+    // ~20 KB each: 14,000 of them pass 256 MiB of names.
+    for i in 0..14_000 {
+        add(&mut tar, &format!("{deep}/{i}"), tar::EntryType::Regular);
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+    let target = base.path().join("restored");
+    let error = backup::restore(&file, &target, &mut quiet()).unwrap_err();
+    assert!(
+        error.to_string().contains("names take more than"),
+        "{error}"
+    );
+    assert!(!target.exists());
+}
+
+/// F8: the restore dropped setgid from folders too, so a family folder's subfolders (2770)
+/// came back 0770 and new files there no longer got the family's group. Setgid stays on
+/// folders; it still goes on files, as setuid and sticky do everywhere.
+#[tokio::test]
+async fn restore_keeps_setgid_on_family_subfolders() {
+    let base = tempfile::tempdir().unwrap();
+    let home = prepared_home(base.path()).await;
+    let photos = home.join("families/smiths/photos");
+    std::fs::create_dir(&photos).unwrap();
+    std::fs::set_permissions(&photos, std::fs::Permissions::from_mode(0o2770)).unwrap();
+    std::fs::write(photos.join("run"), "x").unwrap();
+    std::fs::set_permissions(photos.join("run"), std::fs::Permissions::from_mode(0o2755)).unwrap();
+    let archive = base.path().join("b.tar.gz");
+    backup::backup(&home, &archive, &BackupOptions::default(), &mut quiet()).unwrap();
+    let restored = base.path().join("restored");
+    backup::restore(&archive, &restored, &mut quiet()).unwrap();
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&restored.join("families/smiths/photos")), 0o2770);
+    assert_eq!(mode(&restored.join("families/smiths/photos/run")), 0o755);
+}

@@ -95,6 +95,10 @@ pub struct ActiveSnapshot {
     pub queue_timeouts: u64,
 }
 
+/// Commands waiting for a sandbox at most, whatever `maxActive` says: half the gateway's 256
+/// concurrent turns, so waiting commands can never hold every turn permit.
+pub const MAX_QUEUED: usize = 128;
+
 /// The cap and its queue. Shared (`Arc`) by a backend and whoever reads its counts.
 #[derive(Debug)]
 pub struct ActiveSandboxes {
@@ -124,11 +128,12 @@ impl ActiveSandboxes {
         self.max
     }
 
-    /// Commands that may wait at once: as many as there are slots (at least 8). A waiting
-    /// command holds its user's turn — one of the gateway's concurrent turns — so the queue
-    /// must not grow with the number of users; past it a command is refused at once.
+    /// Commands that may wait at once: as many as there are slots (at least 8), and never
+    /// more than [`MAX_QUEUED`]. A waiting command holds its user's turn — one of the
+    /// gateway's concurrent turns — so the queue must not grow with the number of users nor
+    /// with `maxActive`; past it a command is refused at once.
     pub fn max_queued(&self) -> usize {
-        self.max.max(8)
+        self.max.clamp(8, MAX_QUEUED)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -743,5 +748,27 @@ mod tests {
         assert!(active.adopt("a", "anna", Instant::now()));
         assert!(!active.adopt("b", "bob", Instant::now()));
         assert_eq!(active.snapshot().alive, 1);
+    }
+
+    /// F8: with `maxActive` ≥ 256 the queue could hold every one of the gateway's 256 turn
+    /// permits, so no other turn could start.
+    #[test]
+    fn queue_never_holds_more_than_half_the_turn_permits() {
+        assert_eq!(
+            ActiveSandboxes::new(10_000, Duration::from_secs(1)).max_queued(),
+            128
+        );
+        assert_eq!(
+            ActiveSandboxes::new(256, Duration::from_secs(1)).max_queued(),
+            128
+        );
+        assert_eq!(
+            ActiveSandboxes::new(32, Duration::from_secs(1)).max_queued(),
+            32
+        );
+        assert_eq!(
+            ActiveSandboxes::new(1, Duration::from_secs(1)).max_queued(),
+            8
+        );
     }
 }

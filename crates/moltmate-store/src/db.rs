@@ -221,6 +221,12 @@ CREATE UNIQUE INDEX sandbox_ids_live ON sandbox_ids(kind, name) WHERE retired_at
     r#"
 ALTER TABLE inbox ADD COLUMN attachments TEXT;
 "#,
+    // `/admin` usage and `moltmate usage --since`: the report reads a window by time (all
+    // users) and tool calls by kind and time; without these they scanned whole tables.
+    r#"
+CREATE INDEX IF NOT EXISTS token_usage_at ON token_usage(at);
+CREATE INDEX IF NOT EXISTS audit_kind_at ON audit_events(kind, at);
+"#,
 ];
 
 /// The schema version this code creates and reads. A database with a higher version (made by a

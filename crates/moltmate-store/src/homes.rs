@@ -718,7 +718,16 @@ pub fn walk_tree(
     limits: CopyLimits,
     visit: &mut dyn FnMut(Walked<'_>) -> Result<(), HomeError>,
 ) -> Result<CopyReport, HomeError> {
-    let source = open_root(from)?;
+    walk_tree_at(open_root(from)?, limits, visit)
+}
+
+/// [`walk_tree`] of a directory already opened (with `O_NOFOLLOW`, e.g. by [`open_beneath`]
+/// from a handle of its parent), so no path is resolved again.
+pub fn walk_tree_at(
+    source: OwnedFd,
+    limits: CopyLimits,
+    visit: &mut dyn FnMut(Walked<'_>) -> Result<(), HomeError>,
+) -> Result<CopyReport, HomeError> {
     let stat = rustix::fs::fstat(&source).map_err(|e| io_error(".", e))?;
     visit(Walked {
         path: ".",
@@ -788,7 +797,8 @@ pub fn copy_tree(from: &Path, to: &Path, limits: CopyLimits) -> Result<CopyRepor
                 )
                 .map_err(|e| io_error(item.path, e))?;
                 // At most the size the walk budgeted for: a file that grows meanwhile is cut.
-                std::io::copy(&mut file.take(size), &mut std::fs::File::from(out))
+                // Holes stay holes.
+                copy_keeping_holes(file, &mut std::fs::File::from(out), size)
                     .map_err(|e| io_error(item.path, e))?;
             }
         }
@@ -800,6 +810,51 @@ pub fn copy_tree(from: &Path, to: &Path, limits: CopyLimits) -> Result<CopyRepor
 struct Budget {
     entries: usize,
     bytes: u64,
+}
+
+/// A file larger than this whose apparent size is more than [`SPARSE_RATIO`] times what it
+/// occupies is skipped by [`walk_tree`] (and listed): a hostile sparse file is not read.
+pub const SPARSE_MIN_BYTES: u64 = 64 << 20;
+/// See [`SPARSE_MIN_BYTES`].
+pub const SPARSE_RATIO: u64 = 8;
+
+/// Copies at most `size` bytes of `from` into the new file `to`, leaving holes where whole
+/// blocks of zeros are (a file with holes stays one; runs of zeros become holes), and gives
+/// `to` the length copied. Returns the bytes copied.
+pub fn copy_keeping_holes(
+    mut from: impl Read,
+    to: &mut std::fs::File,
+    size: u64,
+) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    while total < size {
+        let want = usize::try_from((size - total).min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = from.read(&mut buf[..want])?;
+        if n == 0 {
+            break;
+        }
+        write_keeping_holes(to, &buf[..n])?;
+        total += n as u64;
+    }
+    to.seek(SeekFrom::Start(total))?;
+    to.set_len(total)?;
+    Ok(total)
+}
+
+/// Writes `chunk` at the current position of `to`, or seeks over it when it is all zeros (the
+/// caller sets the final length with `set_len`).
+pub fn write_keeping_holes(to: &mut std::fs::File, chunk: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    if chunk.iter().all(|b| *b == 0) {
+        to.seek(SeekFrom::Current(
+            i64::try_from(chunk.len()).unwrap_or(i64::MAX),
+        ))?;
+        Ok(())
+    } else {
+        to.write_all(chunk)
+    }
 }
 
 fn walk_dir(
@@ -908,6 +963,18 @@ fn walk_dir(
                 let size = u64::try_from(stat.st_size).unwrap_or(0);
                 if size > budget.bytes {
                     report.skip(&path, &format!("{size} bytes is over the copy limit"));
+                    continue;
+                }
+                let allocated = u64::try_from(stat.st_blocks)
+                    .unwrap_or(0)
+                    .saturating_mul(512);
+                if size > SPARSE_MIN_BYTES && size / SPARSE_RATIO > allocated {
+                    // Costs no disk where it is; read, it is `size` bytes of zeros to every
+                    // copy, backup and restore.
+                    report.skip(
+                        &path,
+                        &format!("a sparse file ({size} bytes, {allocated} allocated)"),
+                    );
                     continue;
                 }
                 budget.bytes -= size;

@@ -441,7 +441,7 @@ impl Store {
                 return Ok(FireOutcome::Gone);
             };
             let user = parse_user(user)?;
-            let target = delivery_target(&tx, &user, request.preferred, &request.pushable)?;
+            let target = delivery_target(tx, &user, request.preferred, &request.pushable)?;
             let waiting: i64 = tx
                 .prepare_cached(
                     "SELECT COUNT(*) FROM inbox WHERE user_id = ?1 AND done_at IS NULL",

@@ -176,3 +176,26 @@ fn a_database_from_a_newer_moltmate_is_refused_with_a_clear_error() {
         Err(StoreError::TooNew { .. })
     ));
 }
+
+/// F8: `/admin` usage read `token_usage` by `at` and `audit_events` by `(kind, at)` with no index
+/// on either, scanning both tables whole at every page view.
+#[tokio::test]
+async fn usage_window_queries_use_an_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("moltmate.db");
+    drop(Store::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let plan = |sql: &str| -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect::<Vec<_>>();
+        rows.join("; ")
+    };
+    let usage = plan("SELECT user_id FROM token_usage WHERE at >= 5");
+    assert!(usage.contains("token_usage_at"), "{usage}");
+    let audit = plan("SELECT user_id FROM audit_events WHERE kind = 'tool_call' AND at >= 5");
+    assert!(audit.contains("audit_kind_at"), "{audit}");
+}

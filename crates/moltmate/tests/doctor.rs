@@ -677,3 +677,99 @@ fn a_real_backup_passes_the_backup_check() {
     assert_eq!(status(&report, "backup.age"), "pass", "{report:#}");
     assert_eq!(mode(&home.join("backups/last.json")), 0o600);
 }
+
+/// F6: a root gateway shares a family folder with the family's own group (2770, setgid).
+/// doctor called that a FAIL (want 0700) and `--fix` chmodded it 0700, ending the sharing.
+#[test]
+fn doctor_fix_keeps_family_folders_shared_with_their_group() {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("skipped: needs root to give a folder a family's group");
+        return;
+    }
+    let dir = home_with(&quiet_config(
+        json!({ "families": { "fam": { "members": [] } } }),
+    ));
+    let home = dir.path();
+    write(&home.join("moltmate.db"), "", 0o600);
+    mkdir(&home.join("users"), 0o700);
+    mkdir(&home.join("families"), 0o700);
+    let shared = home.join("families/fam");
+    mkdir(&shared, 0o700);
+    std::os::unix::fs::chown(&shared, Some(2_000_000_777), Some(2_000_000_777)).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o2770)).unwrap();
+    // Open to others as well: others' bits go, the group's stay.
+    let leaky = home.join("families/leaky");
+    mkdir(&leaky, 0o700);
+    std::os::unix::fs::chown(&leaky, Some(2_000_000_778), Some(2_000_000_778)).unwrap();
+    std::fs::set_permissions(&leaky, std::fs::Permissions::from_mode(0o2775)).unwrap();
+
+    let (_, report, _) = doctor_json(home, &[]);
+    let families = check(&report, "perm.families");
+    assert_eq!(families["status"], "fail", "{families:#}");
+    let detail = families["detail"].as_str().unwrap();
+    assert!(detail.contains("leaky"), "{detail}");
+    assert!(!detail.contains("families/fam "), "2770 is right: {detail}");
+
+    let (_, stdout, _) = run_cli(home, &["doctor", "--fix"]);
+    assert!(!stdout.contains("families/fam "), "{stdout}");
+    assert_eq!(
+        mode(&shared),
+        0o2770,
+        "a shared family folder keeps its group"
+    );
+    assert_eq!(
+        mode(&leaky),
+        0o2770,
+        "others lose access, the group keeps it"
+    );
+    let (_, report, _) = doctor_json(home, &[]);
+    assert_eq!(status(&report, "perm.families"), "pass");
+}
+
+/// F7: root's `doctor --fix` followed a link at the home's top level (`admin.token ->
+/// /somewhere` had its target chmodded), and a `users/` swapped for a link to another folder
+/// had that folder's entries repaired.
+#[test]
+fn doctor_fix_never_repairs_through_a_symlink() {
+    let dir = home_with(&quiet_config(json!({})));
+    let home = dir.path();
+    let outside = tempfile::tempdir().unwrap();
+    write(&outside.path().join("secret"), "x", 0o644);
+    mkdir(&outside.path().join("dirs/a"), 0o755);
+    write(&home.join("moltmate.db"), "", 0o600);
+    std::os::unix::fs::symlink(outside.path().join("secret"), home.join("admin.token")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret"), home.join("moltmate.db-wal"))
+        .unwrap();
+    std::os::unix::fs::symlink(outside.path().join("dirs"), home.join("users")).unwrap();
+
+    let (code, report, _) = doctor_json(home, &[]);
+    assert_eq!(code, 1);
+    for id in ["perm.admin_token", "perm.database", "perm.users"] {
+        assert_eq!(status(&report, id), "fail", "{:#}", check(&report, id));
+        assert!(
+            check(&report, id)["detail"]
+                .as_str()
+                .unwrap()
+                .contains("symlink"),
+            "{:#}",
+            check(&report, id)
+        );
+    }
+    let (_, stdout, stderr) = run_cli(home, &["doctor", "--fix"]);
+    assert_eq!(
+        mode(&outside.path().join("secret")),
+        0o644,
+        "{stdout}{stderr}"
+    );
+    assert_eq!(
+        mode(&outside.path().join("dirs")),
+        0o755,
+        "{stdout}{stderr}"
+    );
+    assert_eq!(
+        mode(&outside.path().join("dirs/a")),
+        0o755,
+        "{stdout}{stderr}"
+    );
+}
