@@ -1,5 +1,4 @@
-//! Backoff with jitter and a shutdown-aware sleep, for the channels added after Telegram
-//! (Telegram keeps its own copy of the same few lines).
+//! Backoff with jitter and a shutdown-aware sleep, shared by every channel.
 
 use moltmate_core::Shutdown;
 use rand::Rng;
@@ -46,5 +45,24 @@ impl Backoff {
 
     pub(crate) fn reset(&mut self) {
         self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..30 {
+            assert!(b.next_delay() <= Duration::from_secs(1));
+        }
+        let late = b.next_delay();
+        assert!(late >= Duration::from_millis(500));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

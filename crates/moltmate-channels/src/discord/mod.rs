@@ -37,7 +37,8 @@ mod wire;
 
 pub use settings::{DiscordSettings, DEFAULT_API_URL};
 
-use crate::telegram::{display_name, sleep_or_shutdown, split, Backoff};
+use crate::retry::{sleep_or_shutdown, Backoff};
+use crate::telegram::{display_name, split};
 use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
 use moltmate_core::channel::{

@@ -27,7 +27,8 @@
 
 mod api;
 
-use crate::telegram::{sleep_or_shutdown, split, Backoff};
+use crate::retry::{sleep_or_shutdown, Backoff};
+use crate::telegram::split;
 use api::{ApiError, AuthTest, WebApi, SERVICE};
 use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};

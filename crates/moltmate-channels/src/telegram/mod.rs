@@ -36,6 +36,7 @@ mod wire;
 
 pub use settings::{TelegramSettings, DEFAULT_API_URL};
 
+use crate::retry::{sleep_or_shutdown, Backoff};
 use api::{ApiError, BotApi, SERVICE};
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -45,7 +46,6 @@ use moltmate_core::channel::{
 };
 use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
-use rand::Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wire::{BotUser, ChatRef, GetUpdates, SendChatAction, SendMessage, Update};
@@ -747,68 +747,9 @@ fn validate_token(token: &str) -> Result<(), TelegramSetupError> {
     }
 }
 
-/// Sleep unless shutdown comes first. True if the full delay passed.
-pub(crate) async fn sleep_or_shutdown(delay: Duration, shutdown: &Shutdown) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
-    }
-}
-
-/// Exponential backoff with "equal jitter": half the delay is fixed, half random, so retries of
-/// several gateways (or channels) do not synchronise while each still waits a useful minimum.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    initial: Duration,
-    max: Duration,
-    failures: u32,
-}
-
-impl Backoff {
-    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            max: max.max(initial),
-            failures: 0,
-        }
-    }
-
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let factor = 2u32.saturating_pow(self.failures.min(20));
-        self.failures = self.failures.saturating_add(1);
-        let full = self.initial.saturating_mul(factor).min(self.max);
-        let half = full / 2;
-        let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
-        let jitter = if jitter_ms == 0 {
-            0
-        } else {
-            rand::rng().random_range(0..=jitter_ms)
-        };
-        half + Duration::from_millis(jitter)
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.failures = 0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let first = b.next_delay();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-        for _ in 0..30 {
-            assert!(b.next_delay() <= Duration::from_secs(1));
-        }
-        let late = b.next_delay();
-        assert!(late >= Duration::from_millis(500));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
 
     #[test]
     fn token_format_is_checked_without_echoing_it() {
