@@ -1,5 +1,7 @@
 //! Backoff with jitter and a shutdown-aware sleep, shared by every channel.
 
+use moltmate_core::channel::{InboundMessage, InboundSink};
+use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::Shutdown;
 use rand::Rng;
 use std::time::Duration;
@@ -45,6 +47,37 @@ impl Backoff {
 
     pub(crate) fn reset(&mut self) {
         self.failures = 0;
+    }
+}
+
+/// Hands one message to the sink until it is stored (durable before acknowledged: the caller
+/// acknowledges to its service only after `true`). A refusal to store is counted on the
+/// channel's status and retried with `backoff`. False on shutdown.
+pub(crate) async fn deliver_until_stored(
+    service: &'static str,
+    sink: &dyn InboundSink,
+    message: InboundMessage,
+    health: &ChannelHealth,
+    mut backoff: Backoff,
+    shutdown: &Shutdown,
+) -> bool {
+    loop {
+        if shutdown.is_cancelled() {
+            return false;
+        }
+        match sink.accept(message.clone()).await {
+            Ok(outcome) => {
+                tracing::debug!(service, message = %message.external_id, ?outcome, "message accepted");
+                return true;
+            }
+            Err(e) => {
+                health.error(ErrorClass::Storage);
+                tracing::warn!(service, message = %message.external_id, error = %e, "the gateway did not store the message, retrying it");
+                if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
+                    return false;
+                }
+            }
+        }
     }
 }
 

@@ -37,7 +37,7 @@ mod wire;
 
 pub use settings::{DiscordSettings, DEFAULT_API_URL};
 
-use crate::retry::{sleep_or_shutdown, Backoff};
+use crate::retry::{deliver_until_stored, sleep_or_shutdown, Backoff};
 use crate::telegram::{display_name, split};
 use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
@@ -330,25 +330,8 @@ impl DiscordChannel {
         message: InboundMessage,
         shutdown: &Shutdown,
     ) -> bool {
-        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
-        loop {
-            if shutdown.is_cancelled() {
-                return false;
-            }
-            match sink.accept(message.clone()).await {
-                Ok(outcome) => {
-                    tracing::debug!(message = %message.external_id, ?outcome, "discord: message accepted");
-                    return true;
-                }
-                Err(e) => {
-                    self.health.error(ErrorClass::Storage);
-                    tracing::warn!(message = %message.external_id, error = %e, "discord: the gateway did not store the message, retrying it");
-                    if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
-                        return false;
-                    }
-                }
-            }
-        }
+        let backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        deliver_until_stored("discord", sink, message, &self.health, backoff, shutdown).await
     }
 
     /// One websocket connection, from Hello to its end.

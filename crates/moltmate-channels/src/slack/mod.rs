@@ -27,7 +27,7 @@
 
 mod api;
 
-use crate::retry::{sleep_or_shutdown, Backoff};
+use crate::retry::{deliver_until_stored, sleep_or_shutdown, Backoff};
 use crate::telegram::split;
 use api::{ApiError, AuthTest, WebApi, SERVICE};
 use async_trait::async_trait;
@@ -296,22 +296,8 @@ impl SlackChannel {
         message: InboundMessage,
         shutdown: &Shutdown,
     ) -> bool {
-        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
-        loop {
-            if shutdown.is_cancelled() {
-                return false;
-            }
-            match sink.accept(message.clone()).await {
-                Ok(_) => return true,
-                Err(e) => {
-                    self.health.error(ErrorClass::Storage);
-                    tracing::warn!(error = %e, "slack: the gateway did not store the message, retrying it");
-                    if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
-                        return false;
-                    }
-                }
-            }
-        }
+        let backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        deliver_until_stored("slack", sink, message, &self.health, backoff, shutdown).await
     }
 
     async fn connect(&self, url: &str) -> Result<Socket, String> {
