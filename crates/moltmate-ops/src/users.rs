@@ -550,36 +550,29 @@ fn json_string_len(text: &str) -> usize {
         .sum::<usize>()
 }
 
-/// Removes a user's home. A home on a capped volume is unmounted and its image deleted (the
-/// image is where the files live); so is the scratch directory (`workspaceAccess: none`).
-/// Blocking.
+/// Removes a user's home. A home on a capped volume is unmounted (every mount of its image,
+/// wherever it is) and its image deleted (the image is where the files live); so is the
+/// scratch directory (`workspaceAccess: none`). Blocking.
 pub fn wipe_home(home_dir: &Path, users_home: &Path, user: &UserId) -> Result<(), OpsError> {
     let removing = |path: &Path| {
         let what = format!("removing {}", path.display());
         move |source| OpsError::Io { what, source }
     };
+    let state_dir = home_dir.join("sandboxes");
+    let failed = |e: moltmate_core::sandbox::SandboxError| OpsError::Failed(e.to_string());
+    moltmate_sandbox::disk::remove_volume(&state_dir, users_home, user.as_str()).map_err(failed)?;
     if users_home.exists() {
-        moltmate_sandbox::disk::release_user_volume(users_home)
-            .map_err(|e| OpsError::Failed(e.to_string()))?;
         std::fs::remove_dir_all(users_home).map_err(removing(users_home))?;
     }
-    let scratch = home_dir
-        .join("sandboxes")
-        .join("scratch")
-        .join(user.as_str());
+    let scratch = state_dir.join("scratch").join(user.as_str());
+    moltmate_sandbox::disk::remove_volume(
+        &state_dir,
+        &scratch,
+        &moltmate_sandbox::disk::scratch_volume_name(user),
+    )
+    .map_err(failed)?;
     if scratch.exists() {
-        moltmate_sandbox::disk::release_user_volume(&scratch)
-            .map_err(|e| OpsError::Failed(e.to_string()))?;
         std::fs::remove_dir_all(&scratch).map_err(removing(&scratch))?;
-    }
-    let disks = home_dir.join("sandboxes").join("disks");
-    let scratch_image = format!("{}.img", moltmate_sandbox::disk::scratch_volume_name(user));
-    for image in [disks.join(format!("{user}.img")), disks.join(scratch_image)] {
-        match std::fs::remove_file(&image) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(removing(&image)(e)),
-        }
     }
     Ok(())
 }

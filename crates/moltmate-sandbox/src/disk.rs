@@ -57,6 +57,29 @@ fn volume_lock(dir: &Path) -> Arc<Mutex<()>> {
 }
 static WARNED_NOT_ROOT: AtomicBool = AtomicBool::new(false);
 
+/// `disks` directories (canonical) whose gateway has shut down in this process: their volumes
+/// were released by [`release_all`] and nothing may mount them again (a turn still running
+/// after the drain, a dropped test gateway's leftover task) until [`open_volumes`] reopens
+/// them. Checked under the volume lock, so a set-up in flight either finished before the
+/// release (and was unmounted by it) or sees the mark.
+static CLOSED: Mutex<std::collections::BTreeSet<PathBuf>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+fn is_closed(disks: &Path) -> bool {
+    let canonical = fs::canonicalize(disks).unwrap_or_else(|_| disks.to_path_buf());
+    CLOSED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&canonical)
+}
+
+/// The prefix of a staging directory and image for a volume's first set-up.
+const STAGING: &str = ".migrate-";
+
+/// At most this many mounts stacked on one directory are taken down (a loop bound; more
+/// than one only ever comes from a release that crashed or another tool).
+const MAX_STACKED: usize = 16;
+
 /// The state of one user's disk cap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskCap {
@@ -184,6 +207,11 @@ fn ensure_volume(
     fs::create_dir_all(&disks)
         .map_err(|e| err(format!("cannot create {}: {e}", disks.display())))?;
     set_mode(&disks, 0o700)?;
+    if is_closed(&disks) {
+        return Err(err(
+            "the gateway is shutting down; its disk volumes are released",
+        ));
+    }
     let image = disks.join(format!("{name}.img"));
 
     if let Some(source) = mounted_source(&home)? {
@@ -214,21 +242,17 @@ fn ensure_volume(
     }
 
     if !image.exists() {
-        create_image(&image, cap_bytes, owner)?;
-        migrate_into(&image, &home, &disks, name, owner)?;
+        make_and_migrate(&image, &home, &disks, name, cap_bytes, owner)?;
     } else {
         let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
         if cap_bytes > size {
             grow_offline(&image, cap_bytes)?;
         }
     }
-    run(Command::new("mount")
-        .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
-        .arg(&image)
-        .arg(&home))?;
+    mount_once(&disks, &image, &home)?;
     if let Err(e) = own_root(&home, owner) {
         // Not usable by its sandbox as it is: do not leave it mounted half-owned.
-        let _ = run(Command::new("umount").arg(&home));
+        let _ = unmount_all_at(&home);
         return Err(e);
     }
     let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(cap_bytes);
@@ -396,25 +420,309 @@ pub fn mount_existing_user_volume(
         .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
     let lock = volume_lock(&home);
     let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-    if mounted_source(&home)?.is_none() {
-        run(Command::new("mount")
-            .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
-            .arg(&image)
-            .arg(&home))?;
+    let disks = state_dir.join("disks");
+    if is_closed(&disks) {
+        return Err(err(
+            "the gateway is shutting down; its disk volumes are released",
+        ));
     }
+    mount_once(&disks, &image, &home)?;
     Ok(true)
 }
 
-/// Unmounts the user's capped volume (for deleting a user or tests). The image stays.
+/// Unmounts the capped volume at `home`, every mount stacked there (for tests and backups).
+/// The image stays.
 pub fn release_user_volume(home: &Path) -> Result<(), SandboxError> {
     let home = fs::canonicalize(home)
         .map_err(|e| err(format!("cannot resolve home {}: {e}", home.display())))?;
     let lock = volume_lock(&home);
     let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-    if mounted_source(&home)?.is_some() {
-        run(Command::new("umount").arg(&home))?;
+    unmount_all_at(&home)
+}
+
+/// Ends a volume for good (`users remove` / `reset`): unmounts `dir` and every mount, wherever
+/// in this mount namespace, whose loop device is backed by `disks/<name>.img` (a stale
+/// staging mount, a second mount left by a crash), then deletes the image and any staging
+/// leftovers. Nothing of the volume stays mounted or on disk.
+pub fn remove_volume(state_dir: &Path, dir: &Path, name: &str) -> Result<(), SandboxError> {
+    let disks = state_dir.join("disks");
+    let image = disks.join(format!("{name}.img"));
+    let lock = fs::canonicalize(dir).ok().map(|dir| volume_lock(&dir));
+    let _guard = lock
+        .as_ref()
+        .map(|lock| lock.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Ok(dir) = fs::canonicalize(dir) {
+        unmount_all_at(&dir)?;
+    }
+    for mount in mounts_backed_by(&disks, |file| file == format!("{name}.img"))? {
+        unmount_all_at(&mount)?;
+    }
+    clean_staging(&disks, name)?;
+    match fs::remove_file(&image) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(err(format!("cannot remove {}: {e}", image.display()))),
+    }
+}
+
+/// A gateway process's hold on the volumes below one state directory: a shared `flock` on
+/// `disks/.gateways`, so a gateway that stops can tell whether another process (`moltmate
+/// chat` next to `moltmate serve`) still uses the volumes it would take down.
+#[derive(Debug)]
+pub struct VolumeHold {
+    state_dir: PathBuf,
+    lock: fs::File,
+}
+
+impl VolumeHold {
+    /// For a gateway that stops: when no other gateway process holds these volumes, unmounts
+    /// them all ([`release_all`]); otherwise only closes them to this process. Returns how
+    /// many mounts were taken down. Blocking.
+    pub fn release(self) -> Result<usize, SandboxError> {
+        use rustix::fs::{flock, FlockOperation};
+        if flock(&self.lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            close(&self.state_dir.join("disks"));
+            tracing::info!("another gateway process uses the disk volumes; they stay mounted");
+            return Ok(0);
+        }
+        release_all(&self.state_dir)
+    }
+}
+
+/// Opens the volumes below `state_dir` for a starting gateway (also after a restart in the same
+/// process) and, when no other gateway process holds them, clears what an earlier one left
+/// half-done: a first set-up interrupted by a crash or `kill -9` leaves a staging mount and
+/// image (`disks/.migrate-*`), which are unmounted and deleted (the home's files were never
+/// removed before the staging image became the volume). Homes still mounted by a killed
+/// gateway stay mounted and are reused: set-up never mounts a directory twice. Blocking.
+pub fn open_volumes(state_dir: &Path) -> Result<VolumeHold, SandboxError> {
+    use rustix::fs::{flock, FlockOperation};
+    let disks = state_dir.join("disks");
+    fs::create_dir_all(&disks)
+        .map_err(|e| err(format!("cannot create {}: {e}", disks.display())))?;
+    set_mode(&disks, 0o700)?;
+    if let Ok(canonical) = fs::canonicalize(&disks) {
+        CLOSED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&canonical);
+    }
+    let holders = disks.join(".gateways");
+    let lock = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc_nofollow())
+            .open(&holders)
+            .map_err(|e| err(format!("cannot open {}: {e}", holders.display())))?
+    };
+    let alone = flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok();
+    if alone && can_enforce() {
+        clear_staging_leftovers(&disks)?;
+    }
+    flock(&lock, FlockOperation::LockShared)
+        .map_err(|e| err(format!("cannot lock {}: {e}", holders.display())))?;
+    Ok(VolumeHold {
+        state_dir: state_dir.to_path_buf(),
+        lock,
+    })
+}
+
+fn libc_nofollow() -> i32 {
+    OFlags::NOFOLLOW.bits() as i32
+}
+
+fn clear_staging_leftovers(disks: &Path) -> Result<(), SandboxError> {
+    let mut names = std::collections::BTreeSet::new();
+    let entries =
+        fs::read_dir(disks).map_err(|e| err(format!("cannot read {}: {e}", disks.display())))?;
+    for entry in entries.flatten().take(100_000) {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if let Some(rest) = file.strip_prefix(STAGING) {
+            names.insert(rest.strip_suffix(".img").unwrap_or(rest).to_string());
+        }
+    }
+    for mount in mounts_backed_by(disks, |file| file.starts_with(STAGING))? {
+        unmount_all_at(&mount)?;
+    }
+    for name in names {
+        tracing::warn!(volume = %name, "clearing an interrupted disk volume set-up");
+        clean_staging(disks, &name)?;
     }
     Ok(())
+}
+
+fn close(disks: &Path) -> Option<PathBuf> {
+    let canonical = fs::canonicalize(disks).ok()?;
+    CLOSED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(canonical.clone());
+    Some(canonical)
+}
+
+/// Unmounts every volume whose image lies in `state_dir/disks` (homes, family folders, scratch
+/// directories, staging and read-only mounts), whoever else uses them (tests; a gateway that
+/// stops goes through [`VolumeHold::release`]): nothing mounted there outlives it. Set-ups still running finish first; later ones are refused until
+/// [`open_volumes`]. Returns how many mounts were taken down. Blocking.
+pub fn release_all(state_dir: &Path) -> Result<usize, SandboxError> {
+    let disks = state_dir.join("disks");
+    let Some(canonical) = close(&disks) else {
+        return Ok(0);
+    };
+    if !can_enforce() {
+        return Ok(0);
+    }
+    // Wait for set-ups in flight below this gateway's home (they hold their directory's lock).
+    let home = canonical
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| canonical.clone());
+    let locks: Vec<Arc<Mutex<()>>> = VOLUME_LOCKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(dir, _)| dir.starts_with(&home))
+        .map(|(_, lock)| lock.clone())
+        .collect();
+    for lock in locks {
+        drop(lock.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+    let mounts = mounts_backed_by(&disks, |_| true)?;
+    let mut first_error = None;
+    for mount in &mounts {
+        if let Err(e) = unmount_all_at(mount) {
+            tracing::warn!(dir = %mount.display(), error = %e, "cannot release a disk volume");
+            first_error.get_or_insert(e);
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(mounts.len()),
+    }
+}
+
+/// Mounts `image` at `home` unless something is mounted there already, with the `disks`
+/// directory locked against other processes (`flock`: the gateway and a `users` command must
+/// not both see it unmounted and both mount it, stacking two mounts).
+fn mount_once(disks: &Path, image: &Path, home: &Path) -> Result<(), SandboxError> {
+    let fd = open_dir(disks)?;
+    rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| err(format!("cannot lock {}: {e}", disks.display())))?;
+    if mounted_source(home)?.is_none() {
+        run(Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
+            .arg(image)
+            .arg(home))?;
+    }
+    Ok(())
+}
+
+/// Unmounts every ext4 mount stacked at `dir` (canonical). A mount still busy (a file open
+/// in it) is detached lazily: it leaves the namespace now and its loop device is freed when
+/// the last user closes it.
+fn unmount_all_at(dir: &Path) -> Result<(), SandboxError> {
+    for _ in 0..MAX_STACKED {
+        if mounted_source(dir)?.is_none() {
+            return Ok(());
+        }
+        if run(Command::new("umount").arg(dir)).is_err() {
+            run(Command::new("umount").arg("-l").arg(dir))?;
+        }
+    }
+    match mounted_source(dir)? {
+        None => Ok(()),
+        Some(_) => Err(err(format!(
+            "{} has more than {MAX_STACKED} mounts stacked",
+            dir.display()
+        ))),
+    }
+}
+
+/// Mount points (this namespace, mountinfo order) of ext4 loop mounts whose backing file lies
+/// in `disks` and whose file name passes `wanted` (a deleted image still counts).
+fn mounts_backed_by(
+    disks: &Path,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Vec<PathBuf>, SandboxError> {
+    let Ok(disks) = fs::canonicalize(disks) else {
+        return Ok(Vec::new());
+    };
+    let info = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| err(format!("cannot read /proc/self/mountinfo: {e}")))?;
+    let mut found = Vec::new();
+    for (mountpoint, source) in ext4_mounts(&info) {
+        let Some(device) = source.strip_prefix("/dev/") else {
+            continue;
+        };
+        if !device.starts_with("loop") || device.contains('/') {
+            continue;
+        }
+        let Ok(backing) = fs::read_to_string(format!("/sys/block/{device}/loop/backing_file"))
+        else {
+            continue;
+        };
+        let backing = backing.trim_end_matches('\n');
+        let backing = Path::new(backing.strip_suffix(" (deleted)").unwrap_or(backing));
+        let in_disks = backing.parent() == Some(disks.as_path());
+        let name = backing
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if in_disks && wanted(&name) && !found.contains(&mountpoint) {
+            found.push(mountpoint);
+        }
+    }
+    Ok(found)
+}
+
+/// Every ext4 mount in mountinfo text: (mount point, source).
+fn ext4_mounts(mountinfo: &str) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some(mountpoint) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let mut rest = line.split(" - ").nth(1).unwrap_or("").split(' ');
+        if let (Some("ext4"), Some(source)) = (rest.next(), rest.next()) {
+            out.push((
+                PathBuf::from(unescape_mountinfo(mountpoint)),
+                source.to_string(),
+            ));
+        }
+    }
+    out
+}
+
+fn unescape_mountinfo(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Unmounts and deletes a volume's staging directory and image (`disks/.migrate-<name>`).
+fn clean_staging(disks: &Path, name: &str) -> Result<(), SandboxError> {
+    let staging = disks.join(format!("{STAGING}{name}"));
+    if let Ok(dir) = fs::canonicalize(&staging) {
+        unmount_all_at(&dir)?;
+    }
+    match fs::remove_dir(&staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(format!("cannot remove {}: {e}", staging.display()))),
+    }
+    let image = disks.join(format!("{STAGING}{name}.img"));
+    match fs::remove_file(&image) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(err(format!("cannot remove {}: {e}", image.display()))),
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
@@ -446,24 +754,73 @@ fn create_image(image: &Path, cap_bytes: u64, owner: Owner) -> Result<(), Sandbo
     made
 }
 
-/// Copies the current home into the fresh image, then clears the underlying directory.
+/// Makes the volume `image` for `home`: the image is built under a staging name
+/// (`disks/.migrate-<name>.img`), the home's current files are copied in through a staging
+/// mount (`disks/.migrate-<name>`), the staging mount is taken down, and only then is the image
+/// renamed into place and the copied files cleared from the underlying directory. So a crash
+/// or a failed copy at any step leaves the originals and no `<name>.img` (a half-filled image
+/// must never become the truth), and its staging leftovers are cleared on the next try or
+/// the next start ([`open_volumes`]).
+fn make_and_migrate(
+    image: &Path,
+    home: &Path,
+    disks: &Path,
+    name: &str,
+    cap_bytes: u64,
+    owner: Owner,
+) -> Result<(), SandboxError> {
+    clean_staging(disks, name)?;
+    let staged = disks.join(format!("{STAGING}{name}.img"));
+    let made = create_image(&staged, cap_bytes, owner)
+        .and_then(|()| migrate_into(&staged, home, disks, name, owner))
+        .and_then(|has_content| {
+            // Durable before it becomes the truth.
+            fs::File::open(&staged)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| err(format!("cannot sync {}: {e}", staged.display())))?;
+            fs::rename(&staged, image)
+                .map_err(|e| err(format!("cannot rename {}: {e}", staged.display())))?;
+            if let Ok(dir) = fs::File::open(disks) {
+                let _ = dir.sync_all();
+            }
+            Ok(has_content)
+        });
+    let has_content = match made {
+        Ok(has_content) => has_content,
+        Err(e) => {
+            if let Err(cleanup) = clean_staging(disks, name) {
+                tracing::warn!(volume = %name, error = %cleanup, "cannot clear a failed volume set-up");
+            }
+            return Err(e);
+        }
+    };
+    if has_content {
+        clear_dir(home)?;
+    }
+    Ok(())
+}
+
+/// Copies the current home into the (staging) image; `Ok(true)` when there was anything to
+/// copy. The staging mount is always taken down again, lazily when busy.
 fn migrate_into(
     image: &Path,
     home: &Path,
     disks: &Path,
     name: &str,
     owner: Owner,
-) -> Result<(), SandboxError> {
+) -> Result<bool, SandboxError> {
     let has_content = fs::read_dir(home)
         .map_err(|e| err(format!("cannot read {}: {e}", home.display())))?
         .next()
         .is_some();
     if !has_content {
-        return Ok(());
+        return Ok(false);
     }
-    let staging = disks.join(format!(".migrate-{name}"));
+    let staging = disks.join(format!("{STAGING}{name}"));
     fs::create_dir_all(&staging)
         .map_err(|e| err(format!("cannot create {}: {e}", staging.display())))?;
+    let staging = fs::canonicalize(&staging)
+        .map_err(|e| err(format!("cannot resolve {}: {e}", staging.display())))?;
     run(Command::new("mount")
         .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
         .arg(image)
@@ -472,18 +829,19 @@ fn migrate_into(
     src.push("/.");
     let copied = run(Command::new("cp").arg("-a").arg(&src).arg(&staging))
         .and_then(|()| reown_tree(&staging, owner));
-    let unmounted = run(Command::new("umount").arg(&staging));
+    let unmounted = unmount_all_at(&staging);
     let _ = fs::remove_dir(&staging);
-    if let Err(e) = copied {
-        // Keep the originals; a fresh (empty) image must not become the truth.
-        let _ = fs::remove_file(image);
-        return Err(e);
-    }
+    copied?;
     unmounted?;
+    Ok(true)
+}
+
+/// Removes everything in `dir` (the copied originals under a fresh volume's mount point).
+fn clear_dir(dir: &Path) -> Result<(), SandboxError> {
     for entry in
-        fs::read_dir(home).map_err(|e| err(format!("cannot read {}: {e}", home.display())))?
+        fs::read_dir(dir).map_err(|e| err(format!("cannot read {}: {e}", dir.display())))?
     {
-        let entry = entry.map_err(|e| err(format!("cannot read {}: {e}", home.display())))?;
+        let entry = entry.map_err(|e| err(format!("cannot read {}: {e}", dir.display())))?;
         let path = entry.path();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
         let removed = if is_dir {

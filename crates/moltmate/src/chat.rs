@@ -93,5 +93,6 @@ pub async fn chat(home: &Path, user: UserId, message: Option<String>) -> Result<
     };
     built.shutdown.cancel();
     built.gateway.drain(std::time::Duration::from_secs(5)).await;
+    built.release_volumes().await;
     result
 }

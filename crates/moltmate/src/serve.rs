@@ -60,6 +60,8 @@ pub async fn serve(home: &Path) -> Result<()> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), channels).await;
     built.gateway.drain(SHUTDOWN_GRACE).await;
+    // Nothing the gateway mounted outlives it (the next start mounts again).
+    built.release_volumes().await;
     Ok(())
 }
 

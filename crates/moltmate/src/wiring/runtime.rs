@@ -33,6 +33,33 @@ pub struct Built {
     pub store: Store,
     /// Channels pushed to over HTTP (WhatsApp), for the web server's `/webhooks/<channel>`.
     pub webhooks: Vec<Arc<dyn moltmate_core::webhook::Webhook>>,
+    /// The sandbox layer's state directory when this gateway loop-mounts capped volumes there
+    /// (root, with a sandbox): [`Built::release_volumes`] takes them down at shutdown.
+    pub volumes: std::sync::Mutex<Option<moltmate_sandbox::disk::VolumeHold>>,
+}
+
+impl Built {
+    /// Unmounts every capped volume this gateway mounted (homes, family folders, scratch
+    /// directories) and refuses new mounts until the next build: call after the drain, so
+    /// nothing the gateway mounted outlives it. Sandboxes kept warm (Docker containers) keep
+    /// their own bind of a home; the next start mounts the same image again, on the same loop
+    /// device.
+    pub async fn release_volumes(&self) {
+        let hold = self
+            .volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(hold) = hold else {
+            return;
+        };
+        let released = tokio::task::spawn_blocking(move || hold.release()).await;
+        match released {
+            Ok(Ok(count)) => tracing::info!(count, "disk volumes released"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not release every disk volume"),
+            Err(e) => tracing::warn!(error = %e, "releasing the disk volumes failed"),
+        }
+    }
 }
 
 /// The sandbox backend the config asks for, or an error that says what to install. Without
@@ -312,6 +339,19 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         family_dirs.push((homes.ensure_family(family, ids)?, gid));
     }
     let state_dir = super::sandbox_settings(home, config).state_dir;
+    let mut volumes = None;
+    if sandbox.is_some() && moltmate_sandbox::disk::can_enforce() {
+        // Reopened after an earlier shutdown in this process; a set-up a crash interrupted is
+        // cleared (its staging mount and image), the homes a killed gateway left mounted are
+        // reused as they are.
+        let state_dir = state_dir.clone();
+        volumes = Some(
+            tokio::task::spawn_blocking(move || moltmate_sandbox::disk::open_volumes(&state_dir))
+                .await
+                .context("disk volume recovery")?
+                .context("clearing interrupted disk volume set-ups")?,
+        );
+    }
     if purpose == Purpose::Serve && sandbox.is_some() {
         // Family folders go onto their capped volumes before any turn runs: the first move
         // copies a folder's files and deletes them underneath, which must not overlap with a
@@ -362,6 +402,7 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         sandbox,
         store,
         webhooks,
+        volumes: std::sync::Mutex::new(volumes),
     })
 }
 

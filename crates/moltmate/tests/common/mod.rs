@@ -136,6 +136,7 @@ impl Harness {
         built.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), channels).await;
         built.gateway.drain(Duration::from_secs(5)).await;
+        built.release_volumes().await;
         drop(built);
         let config = wiring::load_config(&home).expect("test config loads");
         let built = wiring::build(&home, &config, Purpose::Serve)
@@ -170,6 +171,8 @@ impl Harness {
         self.built.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.channels).await;
         self.built.gateway.drain(Duration::from_secs(5)).await;
+        // As production does at shutdown.
+        self.built.release_volumes().await;
         drop(self.built);
         self.dir
     }
@@ -194,6 +197,11 @@ impl Harness {
 /// and has a sandbox), so the temporary directory can be deleted and no loop device outlives
 /// the test.
 pub fn release_volumes(home: &Path) {
+    // Everything backed by an image of this home (a set-up's staging mount too), also what a
+    // killed gateway left; and no task of a dropped in-process gateway mounts again.
+    if let Err(e) = moltmate_sandbox::disk::release_all(&home.join("sandboxes")) {
+        eprintln!("could not release every volume of {}: {e}", home.display());
+    }
     for dir in ["users", "families", "sandboxes/scratch"] {
         if let Ok(entries) = std::fs::read_dir(home.join(dir)) {
             for entry in entries.flatten() {
