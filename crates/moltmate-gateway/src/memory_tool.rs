@@ -91,13 +91,21 @@ impl Tool for MemorySearchTool {
         if arguments.query.trim().is_empty() {
             return Err(ToolError::InvalidArguments("query is empty".to_string()));
         }
-        let last = {
+        // Which index file the transcript rows below are read for: a `/forget` in between
+        // replaces it, and then these rows (perhaps the forgotten ones) are not indexed.
+        let (instance, last) = {
             let index_dir = self.index_dir.clone();
             let user = context.user.clone();
             blocking::run(
                 "opening the memory index",
                 blocking::FILE_DEADLINE,
-                move || MemoryIndex::open(&index_dir, &user)?.last_transcript_id(),
+                move || {
+                    let index = MemoryIndex::open(&index_dir, &user)?;
+                    Ok::<_, moltmate_store::StoreError>((
+                        index.instance()?,
+                        index.last_transcript_id()?,
+                    ))
+                },
             )
             .await
             .map_err(blocking_error)?
@@ -142,7 +150,7 @@ impl Tool for MemorySearchTool {
                     directories: &["notes"],
                 });
             }
-            index.sync(&roots, &new_rows)?;
+            index.sync_as(instance, &roots, &new_rows)?;
             Ok::<_, moltmate_store::StoreError>((index.search(&query, MAX_HITS)?, index.is_full()))
         })
         .await

@@ -39,8 +39,21 @@ pub const MAX_INDEX_ROWS: u64 = 500_000;
 /// SQLite virtual-machine steps between deadline checks.
 const PROGRESS_STEPS: i32 = 10_000;
 /// Version of the index's own schema (`PRAGMA user_version`). The index is a cache of the
-/// user's files and transcripts: an index of another version is dropped and rebuilt lazily.
-const INDEX_VERSION: i64 = 2;
+/// user's files and transcripts: an index of another version is dropped and rebuilt lazily,
+/// except version 2, which only lacks the `file_rows` side table and gets it in place.
+const INDEX_VERSION: i64 = 3;
+/// The version [`MemoryIndex::open`] migrates in place (adds `file_rows`).
+const MIGRATED_VERSION: i64 = 2;
+
+/// Deletes the index rows of one file, by rowid through `file_rows`.
+fn delete_file_rows(tx: &rusqlite::Transaction<'_>, path: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "DELETE FROM entries WHERE rowid IN (SELECT entry FROM file_rows WHERE path = ?1)",
+        params![path],
+    )?;
+    tx.execute("DELETE FROM file_rows WHERE path = ?1", params![path])?;
+    Ok(())
+}
 
 /// One search result.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,23 +167,44 @@ impl MemoryIndex {
             .mode(0o700)
             .create(index_dir)?;
         let path = index_dir.join(format!("{}.db", user.as_str()));
-        let connection = Connection::open(&path)?;
+        let mut connection = Connection::open(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         connection.execute_batch("PRAGMA journal_mode = WAL;")?;
         let version: i64 = connection.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version != INDEX_VERSION {
+        let migrate = version == MIGRATED_VERSION;
+        if version != INDEX_VERSION && !migrate {
             // An older layout (one row per line, no row counts): rebuilt from the files and
             // transcripts, in bounded steps, by the next searches.
             connection.execute_batch(
-                "DROP TABLE IF EXISTS entries; DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS state;",
+                "DROP TABLE IF EXISTS entries; DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS state; DROP TABLE IF EXISTS file_rows;",
             )?;
         }
-        connection.execute_batch(&format!(
+        // `file_rows`: which index rows belong to which file, so a changed or vanished file's
+        // rows are deleted by rowid. (`DELETE FROM entries WHERE source = ?` cannot use an
+        // index on an FTS5 table: it scanned every row of the user's index per changed file.)
+        let tx = connection.transaction()?;
+        tx.execute_batch(&format!(
             "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime INTEGER NOT NULL, rows INTEGER NOT NULL DEFAULT 0);
              CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE VIRTUAL TABLE IF NOT EXISTS entries USING fts5(source UNINDEXED, location UNINDEXED, content, tokenize = 'unicode61 remove_diacritics 2');
-             PRAGMA user_version = {INDEX_VERSION};",
+             CREATE TABLE IF NOT EXISTS file_rows (path TEXT NOT NULL, entry INTEGER NOT NULL, PRIMARY KEY (path, entry)) WITHOUT ROWID;",
         ))?;
+        if migrate {
+            // Once per index, at most MAX_INDEX_ROWS rows (a linear pass): version 2 kept
+            // only the FTS rows themselves.
+            tx.execute(
+                "INSERT OR IGNORE INTO file_rows (path, entry) SELECT source, rowid FROM entries WHERE source <> 'transcript'",
+                [],
+            )?;
+        }
+        // A random id of this index file: a search that read transcript rows for one file
+        // adds them to no other (`/forget` deletes the file; see `sync_as`).
+        tx.execute(
+            "INSERT OR IGNORE INTO state (key, value) VALUES ('instance', ?1)",
+            params![rand::random::<i64>()],
+        )?;
+        tx.execute_batch(&format!("PRAGMA user_version = {INDEX_VERSION};"))?;
+        tx.commit()?;
         Ok(MemoryIndex {
             connection,
             max_bytes: None,
@@ -325,13 +359,16 @@ impl MemoryIndex {
                 allowance.bytes = allowance.bytes.saturating_sub(text.len() as u64);
                 allowance.rows = allowance.rows.saturating_sub(rows);
                 let tx = self.connection.transaction()?;
-                tx.execute("DELETE FROM entries WHERE source = ?1", params![source])?;
+                delete_file_rows(&tx, &source)?;
                 {
                     let mut insert = tx.prepare_cached(
                         "INSERT INTO entries (source, location, content) VALUES (?1, ?2, ?3)",
                     )?;
+                    let mut owned =
+                        tx.prepare_cached("INSERT INTO file_rows (path, entry) VALUES (?1, ?2)")?;
                     for (number, content) in &entries {
                         insert.execute(params![source, number.to_string(), content])?;
+                        owned.execute(params![source, tx.last_insert_rowid()])?;
                     }
                 }
                 tx.execute(
@@ -352,12 +389,23 @@ impl MemoryIndex {
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         for path in known.into_iter().filter(|p| !seen.contains(p)) {
-            self.connection
-                .execute("DELETE FROM entries WHERE source = ?1", params![path])?;
-            self.connection
-                .execute("DELETE FROM files WHERE path = ?1", params![path])?;
+            let tx = self.connection.transaction()?;
+            delete_file_rows(&tx, &path)?;
+            tx.execute("DELETE FROM files WHERE path = ?1", params![path])?;
+            tx.commit()?;
         }
         Ok(())
+    }
+
+    /// The random id of this index file (made when the file was created).
+    pub fn instance(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .connection
+            .query_row("SELECT value FROM state WHERE key = 'instance'", [], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(0))
     }
 
     /// The id of the last transcript row indexed.
@@ -459,6 +507,27 @@ impl MemoryIndex {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// [`MemoryIndex::sync`] for transcript rows read after `instance` (from
+    /// [`MemoryIndex::instance`]) told where the index stood: when this is another index file
+    /// — `/forget` deleted the one the rows were read for, and this one was made since — the
+    /// rows are not added (they may be the forgotten conversation; the next search reads
+    /// what is left). A `/forget` after this open deletes the file this connection writes,
+    /// so nothing it adds can reach the next index either.
+    pub fn sync_as(
+        &mut self,
+        instance: i64,
+        roots: &[IndexedRoot<'_>],
+        transcript: &[(i64, i64, ConversationItem)],
+    ) -> Result<(), StoreError> {
+        let transcript = if self.instance()? == instance {
+            transcript
+        } else {
+            tracing::info!("the memory index was replaced (forgotten) during a search; its transcript rows are not indexed");
+            &[]
+        };
+        self.sync(roots, transcript)
     }
 
     /// One search's indexing: changed files, then new transcript rows, sharing one allowance
@@ -687,6 +756,149 @@ mod tests {
         );
         assert!(index.search("bicycles", 5).unwrap().is_empty());
         assert_eq!(index.search("peanuts", 5).unwrap().len(), 1);
+    }
+
+    /// Distinct words per row, so every row is its own entry.
+    fn note(rows: usize, tag: &str) -> String {
+        (0..rows)
+            .map(|i| format!("{tag} line {i} {}\n", "x".repeat(CHUNK_BYTES / 2 + 64)))
+            .collect()
+    }
+
+    fn sync_dir(index: &mut MemoryIndex, root: &Path) {
+        let roots = [IndexedRoot {
+            root,
+            prefix: "",
+            files: &["MEMORY.md"],
+            directories: &["memory"],
+        }];
+        // Several syncs: each indexes at most MAX_SYNC_ROWS rows.
+        for _ in 0..8 {
+            index.sync_files(&roots).unwrap();
+        }
+    }
+
+    /// VM steps of deleting `path`'s rows the old way and the new way (rolled back).
+    fn delete_steps(index: &mut MemoryIndex, path: &str) -> (i32, i32) {
+        use rusqlite::StatementStatus;
+        let tx = index.connection.transaction().unwrap();
+        let old = {
+            let mut stmt = tx
+                .prepare("SELECT count(*) FROM entries WHERE source = ?1")
+                .unwrap();
+            let _: i64 = stmt.query_row(params![path], |r| r.get(0)).unwrap();
+            stmt.get_status(StatementStatus::VmStep)
+        };
+        let new = {
+            let mut stmt = tx
+                .prepare("DELETE FROM entries WHERE rowid IN (SELECT entry FROM file_rows WHERE path = ?1)")
+                .unwrap();
+            stmt.execute(params![path]).unwrap();
+            stmt.get_status(StatementStatus::VmStep)
+        };
+        tx.rollback().unwrap();
+        (old, new)
+    }
+
+    #[test]
+    fn memory_index_deletes_scan_the_table_no_more() {
+        let base = tempfile::tempdir().unwrap();
+        let home = base.path().join("home");
+        std::fs::create_dir_all(home.join("memory")).unwrap();
+        // 20,000 rows of other notes, and one small note that changes.
+        for i in 0..10 {
+            std::fs::write(home.join(format!("memory/big-{i}.md")), note(2_000, "big")).unwrap();
+        }
+        std::fs::write(home.join("MEMORY.md"), note(3, "kiwi")).unwrap();
+        let user = UserId::new("alice").unwrap();
+        let mut index = MemoryIndex::open(&base.path().join("index"), &user).unwrap();
+        sync_dir(&mut index, &home);
+        assert_eq!(index.row_count().unwrap(), 20_003);
+        let (scan, by_rowid) = delete_steps(&mut index, "MEMORY.md");
+        eprintln!("deleting a 3-row file from 20,003 rows: {by_rowid} VM steps by rowid, {scan} by scanning");
+        assert!(
+            by_rowid * 100 < scan,
+            "deleting 3 rows took {by_rowid} steps (a scan takes {scan})"
+        );
+        // A changed and a vanished file lose exactly their rows.
+        std::fs::write(home.join("MEMORY.md"), note(2, "mango")).unwrap();
+        std::fs::remove_file(home.join("memory/big-0.md")).unwrap();
+        sync_dir(&mut index, &home);
+        assert!(index.search("kiwi", 5).unwrap().is_empty());
+        assert_eq!(index.search("mango", 5).unwrap().len(), 2);
+        let count = |sql: &str| -> i64 { index.connection.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(count("SELECT count(*) FROM entries"), 18_002);
+        assert_eq!(count("SELECT count(*) FROM file_rows"), 18_002);
+        assert_eq!(index.row_count().unwrap(), 18_002);
+    }
+
+    #[test]
+    fn memory_index_deletes_scan_the_table_an_index_of_version_2_is_migrated_in_place() {
+        let base = tempfile::tempdir().unwrap();
+        let home = base.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::write(home.join("MEMORY.md"), note(3, "kiwi")).unwrap();
+        let user = UserId::new("alice").unwrap();
+        let dir = base.path().join("index");
+        {
+            let mut index = MemoryIndex::open(&dir, &user).unwrap();
+            sync_dir(&mut index, &home);
+            index
+                .add_transcript(&[(
+                    1,
+                    0,
+                    ConversationItem::User {
+                        text: "papaya talk".into(),
+                    },
+                )])
+                .unwrap();
+            // As version 2 left it: no side table.
+            index
+                .connection
+                .execute_batch("DROP TABLE file_rows; PRAGMA user_version = 2;")
+                .unwrap();
+        }
+        let mut index = MemoryIndex::open(&dir, &user).unwrap();
+        let count = |index: &MemoryIndex, sql: &str| -> i64 {
+            index.connection.query_row(sql, [], |r| r.get(0)).unwrap()
+        };
+        assert_eq!(count(&index, "SELECT count(*) FROM file_rows"), 3);
+        assert_eq!(count(&index, "PRAGMA user_version"), INDEX_VERSION);
+        // Nothing rebuilt: the transcript stays indexed once.
+        assert_eq!(index.last_transcript_id().unwrap(), 1);
+        std::fs::write(home.join("MEMORY.md"), note(1, "mango")).unwrap();
+        sync_dir(&mut index, &home);
+        assert!(index.search("kiwi", 5).unwrap().is_empty());
+        assert_eq!(index.search("papaya", 5).unwrap().len(), 1);
+        assert_eq!(count(&index, "SELECT count(*) FROM entries"), 2);
+    }
+
+    #[test]
+    fn forget_race_rows_read_for_a_forgotten_index_are_not_indexed_into_the_next() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("index");
+        let user = UserId::new("alice").unwrap();
+        let forgotten = vec![(
+            7,
+            0,
+            ConversationItem::User {
+                text: "the forgotten secret".into(),
+            },
+        )];
+        // The search opened the index and read the rows after its last one...
+        let instance = MemoryIndex::open(&dir, &user).unwrap().instance().unwrap();
+        // ...then `/forget` deleted the index (and the rows from the store)...
+        std::fs::remove_file(MemoryIndex::path_for(&dir, &user)).unwrap();
+        // ...and the search's indexing opens a fresh one.
+        let mut index = MemoryIndex::open(&dir, &user).unwrap();
+        assert_ne!(index.instance().unwrap(), instance);
+        index.sync_as(instance, &[], &forgotten).unwrap();
+        assert!(index.search("secret", 5).unwrap().is_empty());
+        assert_eq!(index.last_transcript_id().unwrap(), 0);
+        // Without a forget in between, the same call indexes them.
+        let same = index.instance().unwrap();
+        index.sync_as(same, &[], &forgotten).unwrap();
+        assert_eq!(index.search("secret", 5).unwrap().len(), 1);
     }
 
     #[test]
