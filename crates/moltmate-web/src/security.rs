@@ -19,6 +19,17 @@
 //!   after its burst and costs nothing more — plus every sign-in (`POST /login`,
 //!   `/login/{code}`, `/admin/login`), whatever cookie it carries.
 //!
+//! * **per sign-in account**, next to the per-IP one: a sign-in that its address (or /48) has no
+//!   quota left for may still be tried on the bucket of the credential it presents — the
+//!   link's code, the pasted token, the operator token, by SHA-256 digest — with
+//!   [`SIGN_IN_ACCOUNT_BURST`] tries per [`SIGN_IN_ACCOUNT_PERIOD`] each, all such tries on
+//!   the server together at most [`SIGN_IN_OVERFLOW_PER_MINUTE`] a minute. A neighbour
+//!   behind the same CGNAT address or in the same IPv6 /48 who floods sign-ins empties the
+//!   address's bucket, but not the bucket of a link or token they do not know: the other
+//!   person's sign-in still gets its own tries, unless the neighbour also keeps up more than
+//!   [`SIGN_IN_OVERFLOW_PER_MINUTE`] sign-ins a minute past their quota (the bound on the
+//!   database look-ups strangers cause). Refusals count as `bucket="sign_in"`.
+//!
 //! A verified credential is remembered (digest → principal, in memory, at most
 //! [`MAX_VERIFIED`], for [`VERIFIED_TTL`]) only to choose its bucket: handlers still check
 //! every request's credential against the database, so a revoked token is refused at once.
@@ -177,12 +188,22 @@ pub struct RateLimits {
     /// site (a /48, what many providers hand a customer) must not get 65,536 fresh /64
     /// buckets.
     by_ip_site: KeyedLimiter,
+    /// Sign-ins past their address's quota, per presented credential (digest).
+    by_sign_in_account: KeyedLimiter,
+    /// All of those together (one key).
+    sign_in_overflow: KeyedLimiter,
     verified: Mutex<HashMap<[u8; 16], (Principal, Instant)>>,
     checks: AtomicU64,
 }
 
 /// How many per-IP quotas one IPv6 /48 gets together.
 pub const IPV6_SITE_FACTOR: u32 = 16;
+/// Sign-in tries one credential (a link, a token) gets once its address has no quota left…
+pub const SIGN_IN_ACCOUNT_BURST: u32 = 5;
+/// …and they come back at this pace (one every three minutes: five per quarter hour).
+pub const SIGN_IN_ACCOUNT_PERIOD: Duration = Duration::from_secs(15 * 60);
+/// Sign-ins past their address's quota on the whole server, per minute (and burst).
+pub const SIGN_IN_OVERFLOW_PER_MINUTE: u32 = 60;
 
 fn quota(per_minute: u32, burst: u32) -> Result<Quota, InvalidSettings> {
     let per_minute = NonZeroU32::new(per_minute).ok_or(InvalidSettings::ZeroRate)?;
@@ -206,9 +227,27 @@ impl RateLimits {
                 ip_per_minute.saturating_mul(IPV6_SITE_FACTOR),
                 ip_burst.saturating_mul(IPV6_SITE_FACTOR),
             )?),
+            by_sign_in_account: RateLimiter::keyed(
+                Quota::with_period(SIGN_IN_ACCOUNT_PERIOD / SIGN_IN_ACCOUNT_BURST)
+                    .ok_or(InvalidSettings::ZeroRate)?
+                    .allow_burst(
+                        NonZeroU32::new(SIGN_IN_ACCOUNT_BURST).ok_or(InvalidSettings::ZeroBurst)?,
+                    ),
+            ),
+            sign_in_overflow: RateLimiter::keyed(quota(
+                SIGN_IN_OVERFLOW_PER_MINUTE,
+                SIGN_IN_OVERFLOW_PER_MINUTE,
+            )?),
             verified: Mutex::new(HashMap::new()),
             checks: AtomicU64::new(0),
         })
+    }
+
+    /// A sign-in whose address has no quota left, presenting the credential with `digest`:
+    /// `Err(wait)` when that credential's tries, or the server's overflow, are used up.
+    pub fn check_sign_in_account(&self, digest: &[u8; 16]) -> Result<(), Duration> {
+        self.take(&self.sign_in_overflow, "all".to_string())?;
+        self.take(&self.by_sign_in_account, hex::encode(digest))
     }
 
     fn maintain(&self) {
@@ -217,8 +256,15 @@ impl RateLimits {
             || self.by_ip.len() > MAX_TRACKED_KEYS
             || self.by_principal.len() > MAX_TRACKED_KEYS
             || self.by_ip_site.len() > MAX_TRACKED_KEYS
+            || self.by_sign_in_account.len() > MAX_TRACKED_KEYS
         {
-            for limiter in [&self.by_ip, &self.by_principal, &self.by_ip_site] {
+            for limiter in [
+                &self.by_ip,
+                &self.by_principal,
+                &self.by_ip_site,
+                &self.by_sign_in_account,
+                &self.sign_in_overflow,
+            ] {
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
             }
@@ -419,11 +465,22 @@ pub async fn rate_limit(State(state): State<WebState>, request: Request, next: N
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
+        .map(|m| m.as_str().to_string());
+    let route = route.as_deref();
     let mut ip_charged = false;
+    let mut request = request;
     if is_sign_in(request.method(), route) {
-        if let Err(wait) = limits.check_ip(&ip) {
-            return refused("ip", wait);
+        if let Err(ip_wait) = limits.check_ip(&ip) {
+            // The address is out of sign-ins: the credential presented may still have its own.
+            let (with_body, account) = sign_in_account(request, route).await;
+            request = with_body;
+            let allowed = match account {
+                Some(digest) => limits.check_sign_in_account(&digest),
+                None => Err(ip_wait),
+            };
+            if let Err(wait) = allowed {
+                return refused("sign_in", wait.max(ip_wait));
+            }
         }
         ip_charged = true;
     }
@@ -464,6 +521,46 @@ pub async fn rate_limit(State(state): State<WebState>, request: Request, next: N
         None => {}
     }
     next.run(request).await
+}
+
+/// Largest sign-in form read to find the credential it presents.
+const SIGN_IN_FORM_MAX: usize = 4096;
+
+/// The digest of the credential a sign-in presents: the link's code from the path, or the
+/// form's `token` (the body is read, at most [`SIGN_IN_FORM_MAX`] bytes, and put back).
+/// `None` when there is none to find (a larger body is refused with it).
+async fn sign_in_account(request: Request, route: Option<&str>) -> (Request, Option<[u8; 16]>) {
+    let digest = |secret: &str| -> Option<[u8; 16]> {
+        let secret = secret.trim();
+        if secret.is_empty() {
+            return None;
+        }
+        let full = Sha256::digest(secret.as_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        Some(out)
+    };
+    if route == Some("/login/{code}") {
+        let code = request
+            .uri()
+            .path()
+            .strip_prefix("/login/")
+            .map(str::to_string);
+        let account = code.as_deref().and_then(digest);
+        return (request, account);
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = match axum::body::to_bytes(body, SIGN_IN_FORM_MAX).await {
+        Ok(bytes) => bytes,
+        Err(_) => return (Request::from_parts(parts, axum::body::Body::empty()), None),
+    };
+    let account = form_urlencoded::parse(&bytes)
+        .find(|(key, _)| key == "token")
+        .and_then(|(_, token)| digest(&token));
+    (
+        Request::from_parts(parts, axum::body::Body::from(bytes)),
+        account,
+    )
 }
 
 /// The `method` label: the standard methods, else `other`.

@@ -116,7 +116,8 @@ pub(crate) struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RateLimitedLabels {
-    /// `ip` (no verified credential) or `principal` (a user's or the operator's bucket).
+    /// `ip` (no verified credential), `principal` (a user's or the operator's bucket) or
+    /// `sign_in` (a sign-in past its address's quota whose credential's tries are used up).
     pub bucket: &'static str,
 }
 
