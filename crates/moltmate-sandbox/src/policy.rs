@@ -11,7 +11,7 @@
 //!   `find`, `awk`, `sed`, `sort`...) is refused even when `safe_bins` lists it (config validation
 //!   refuses such a list first). The arguments of the few safe bins with one dangerous option or
 //!   operand are vetted against a per-program table (`ARG_RULES`: `uniq`'s output file,
-//!   `date --set`, `pdftotext`'s output file): every option must be one the table knows, long
+//!   `date --set`, `pdftotext`'s output file, `diff --paginate`, which runs `pr`): every option must be one the table knows, long
 //!   options written in full (no GNU abbreviations), options before operands.
 //! * `blocklist` — shell allowed; refused when a command word, found by a best-effort tokenizer
 //!   (across `;`, `&&`, `||`, `|`, `&`, `$(`, backticks, `sh -c`, `eval` and wrappers like
@@ -351,6 +351,83 @@ const ARG_RULES: &[ArgRules] = &[
             opt(&["-h", "-help", "--help"], Arity::None),
         ],
         operands: pdftotext_operands,
+    },
+    // GNU diffutils 3.8. `-l`/`--paginate` runs `pr` on the output: no vetted program may
+    // run another, so it is refused; every other option only reads and prints.
+    ArgRules {
+        program: "diff",
+        syntax: Syntax::Gnu,
+        options: &[
+            opt(&["--normal"], Arity::None),
+            opt(&["-q", "--brief"], Arity::None),
+            opt(&["-s", "--report-identical-files"], Arity::None),
+            opt(&["-c"], Arity::None),
+            opt(&["-C"], Arity::Required),
+            opt(&["--context"], Arity::Optional),
+            opt(&["-u"], Arity::None),
+            opt(&["-U"], Arity::Required),
+            opt(&["--unified"], Arity::Optional),
+            opt(&["-e", "--ed"], Arity::None),
+            opt(&["-n", "--rcs"], Arity::None),
+            opt(&["-y", "--side-by-side"], Arity::None),
+            opt(&["-W", "--width"], Arity::Required),
+            opt(&["--left-column"], Arity::None),
+            opt(&["--suppress-common-lines"], Arity::None),
+            opt(&["-p", "--show-c-function"], Arity::None),
+            opt(&["-F", "--show-function-line"], Arity::Required),
+            opt(&["--label"], Arity::Required),
+            opt(&["-t", "--expand-tabs"], Arity::None),
+            opt(&["-T", "--initial-tab"], Arity::None),
+            opt(&["--tabsize"], Arity::Required),
+            opt(&["--suppress-blank-empty"], Arity::None),
+            refused(
+                &["-l", "--paginate"],
+                Arity::None,
+                "runs `pr` on the output, another program; allowlist mode runs only programs that run none (pipe into nothing; the plain output is the same text)",
+            ),
+            opt(&["-r", "--recursive"], Arity::None),
+            opt(&["--no-dereference"], Arity::None),
+            opt(&["-N", "--new-file"], Arity::None),
+            opt(&["--unidirectional-new-file"], Arity::None),
+            opt(&["--ignore-file-name-case"], Arity::None),
+            opt(&["--no-ignore-file-name-case"], Arity::None),
+            opt(&["-x", "--exclude"], Arity::Required),
+            opt(&["-X", "--exclude-from"], Arity::Required),
+            opt(&["-S", "--starting-file"], Arity::Required),
+            opt(&["--from-file"], Arity::Required),
+            opt(&["--to-file"], Arity::Required),
+            opt(&["-i", "--ignore-case"], Arity::None),
+            opt(&["-E", "--ignore-tab-expansion"], Arity::None),
+            opt(&["-Z", "--ignore-trailing-space"], Arity::None),
+            opt(&["-b", "--ignore-space-change"], Arity::None),
+            opt(&["-w", "--ignore-all-space"], Arity::None),
+            opt(&["-B", "--ignore-blank-lines"], Arity::None),
+            opt(&["-I", "--ignore-matching-lines"], Arity::Required),
+            opt(&["-a", "--text"], Arity::None),
+            opt(&["--strip-trailing-cr"], Arity::None),
+            opt(&["-D", "--ifdef"], Arity::Required),
+            opt(
+                &[
+                    "--old-group-format",
+                    "--new-group-format",
+                    "--unchanged-group-format",
+                    "--changed-group-format",
+                    "--line-format",
+                    "--old-line-format",
+                    "--new-line-format",
+                    "--unchanged-line-format",
+                ],
+                Arity::Required,
+            ),
+            opt(&["-d", "--minimal"], Arity::None),
+            opt(&["--horizon-lines"], Arity::Required),
+            opt(&["--speed-large-files"], Arity::None),
+            opt(&["--color"], Arity::Optional),
+            opt(&["--palette"], Arity::Required),
+            opt(&["--help"], Arity::None),
+            opt(&["-v", "--version"], Arity::None),
+        ],
+        operands: |_| Ok(()),
     },
 ];
 

@@ -612,6 +612,76 @@ async fn run_accepted_escapes(sandbox: &dyn Sandbox, user: &UserId, home: &Path,
         );
         let _ = std::fs::remove_file(home.join("pwned"));
     }
+
+    // `diff` (vetted, not in the default list): `--paginate` runs `pr`, so it is refused; what
+    // is accepted runs alone. The control shows the option really does run `pr` here.
+    let with_diff = diff_settings();
+    for line in [
+        "diff -u in.txt in.pdf",
+        "diff -q in.txt in.txt",
+        "diff --brief -a in.txt in.pdf",
+    ] {
+        let command = vet_command(line, &with_diff).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        let out = sandbox
+            .exec(request(user, home, command, Duration::from_secs(5)))
+            .await
+            .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert!(!out.stdout.contains("Page 1"), "{line:?} ran pr: {out:?}");
+        let problems = harm(&out, &before, home);
+        assert!(problems.is_empty(), "{line:?}: {problems:?}");
+    }
+    let control = sandbox
+        .exec(request(
+            user,
+            home,
+            ExecCommand::Shell("diff --paginate in.txt in.pdf".into()),
+            Duration::from_secs(10),
+        ))
+        .await
+        .expect("unvetted diff --paginate");
+    assert!(
+        control.stdout.contains("Page 1"),
+        "unvetted, --paginate pipes through pr: {control:?}"
+    );
+}
+
+fn diff_settings() -> ExecSettings {
+    let mut settings = default_settings();
+    settings.safe_bins.push("diff".into());
+    settings
+}
+
+/// `diff --paginate` forks `/usr/bin/pr`: refused in every spelling once `diff` is listed, so
+/// "no vetted program runs another" holds.
+#[test]
+fn diff_paginate_runs_pr_and_is_refused_in_every_spelling() {
+    let settings = diff_settings();
+    for line in [
+        "diff --paginate a b",
+        "diff -l a b",
+        "diff -ql a b",
+        "diff -u -l a b",
+        "diff --pag a b",
+        "diff --paginate=yes a b",
+        "diff -u a b | diff -l - b",
+    ] {
+        let refusal = vet_command(line, &settings).expect_err(line).to_string();
+        // Spelled in full it is named as running `pr`; abbreviated or with a value it is
+        // refused before that.
+        let names_pr = refusal.contains("runs `pr`");
+        assert!(
+            refusal.contains("`diff`") && (names_pr || line.contains("--pag")),
+            "{line:?}: {refusal}"
+        );
+    }
+    for line in [
+        "diff a b",
+        "diff -u a b",
+        "diff -ru --exclude=x a b",
+        "diff -U3 a b",
+    ] {
+        assert!(vet_command(line, &settings).is_ok(), "{line}");
+    }
 }
 
 fn skip(reason: &str) {
