@@ -1041,7 +1041,10 @@ impl Store {
         .await
     }
 
-    /// Sets an outbox row's state (`sending`, `sent`, `failed`) with an optional detail.
+    /// Sets an outbox row's state (`sending`, `sent`, `failed`) with an optional detail. A
+    /// reply to a stranger (no user, no inbox row: a pairing reply) is deleted instead once it
+    /// is `sent` or `failed`: nothing of a stranger is kept past its delivery (their pending
+    /// code is in `pairing_requests`).
     pub async fn set_outbox_state(
         &self,
         id: i64,
@@ -1049,6 +1052,16 @@ impl Store {
         detail: Option<String>,
     ) -> Result<(), StoreError> {
         self.with(move |c| {
+            if matches!(state, "sent" | "failed") {
+                let deleted = c
+                    .prepare_cached(
+                        "DELETE FROM outbox WHERE id = ?1 AND user_id IS NULL AND inbox_id IS NULL",
+                    )?
+                    .execute(params![id])?;
+                if deleted > 0 {
+                    return Ok(());
+                }
+            }
             c.prepare_cached(
                 "UPDATE outbox SET state = ?2, detail = ?3, updated_at = ?4 WHERE id = ?1",
             )?

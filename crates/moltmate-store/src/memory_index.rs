@@ -826,7 +826,8 @@ mod tests {
         sync_dir(&mut index, &home);
         assert!(index.search("kiwi", 5).unwrap().is_empty());
         assert_eq!(index.search("mango", 5).unwrap().len(), 2);
-        let count = |sql: &str| -> i64 { index.connection.query_row(sql, [], |r| r.get(0)).unwrap() };
+        let count =
+            |sql: &str| -> i64 { index.connection.query_row(sql, [], |r| r.get(0)).unwrap() };
         assert_eq!(count("SELECT count(*) FROM entries"), 18_002);
         assert_eq!(count("SELECT count(*) FROM file_rows"), 18_002);
         assert_eq!(index.row_count().unwrap(), 18_002);

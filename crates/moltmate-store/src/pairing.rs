@@ -352,6 +352,41 @@ mod tests {
         );
     }
 
+    /// Regression: pairing-reply rows to strangers were pruned only with a later code, 30 days
+    /// after they were sent; they are deleted once sent (or failed for good).
+    #[tokio::test]
+    async fn pairing_reply_rows_to_strangers_are_deleted_once_sent() {
+        let store = Store::open_in_memory().unwrap();
+        let mut replies = Vec::new();
+        for peer in ["1", "2"] {
+            let PairingOutcome::Created { reply, .. } = ask(
+                &store,
+                who(ChannelKind::Telegram, peer),
+                None,
+                limits(10, 10),
+            )
+            .await
+            else {
+                panic!("a code");
+            };
+            replies.push(reply);
+        }
+        assert!(store.claim_outbox(replies[0].id).await.unwrap());
+        store
+            .set_outbox_state(replies[0].id, "sent", None)
+            .await
+            .unwrap();
+        assert_eq!(count(&store, "outbox").await, 1, "the sent reply is gone");
+        assert!(store.claim_outbox(replies[1].id).await.unwrap());
+        store
+            .set_outbox_state(replies[1].id, "failed", Some("blocked".into()))
+            .await
+            .unwrap();
+        assert_eq!(count(&store, "outbox").await, 0);
+        // The codes themselves stay until they are decided or expire.
+        assert_eq!(store.pending_pairing_count(None).await.unwrap(), 2);
+    }
+
     #[tokio::test]
     async fn pending_codes_stop_at_the_total_and_the_channel_cap() {
         let store = Store::open_in_memory().unwrap();
