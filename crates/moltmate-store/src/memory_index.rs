@@ -183,12 +183,12 @@ impl MemoryIndex {
         // rows are deleted by rowid. (`DELETE FROM entries WHERE source = ?` cannot use an
         // index on an FTS5 table: it scanned every row of the user's index per changed file.)
         let tx = connection.transaction()?;
-        tx.execute_batch(&format!(
+        tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime INTEGER NOT NULL, rows INTEGER NOT NULL DEFAULT 0);
              CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE VIRTUAL TABLE IF NOT EXISTS entries USING fts5(source UNINDEXED, location UNINDEXED, content, tokenize = 'unicode61 remove_diacritics 2');
              CREATE TABLE IF NOT EXISTS file_rows (path TEXT NOT NULL, entry INTEGER NOT NULL, PRIMARY KEY (path, entry)) WITHOUT ROWID;",
-        ))?;
+        )?;
         if migrate {
             // Once per index, at most MAX_INDEX_ROWS rows (a linear pass): version 2 kept
             // only the FTS rows themselves.
