@@ -109,7 +109,9 @@ struct Origin {
 impl Origin {
     fn allows(&self, url: &reqwest::Url) -> bool {
         url.scheme() == self.scheme
-            && url.host_str().is_some_and(|h| h.eq_ignore_ascii_case(&self.host))
+            && url
+                .host_str()
+                .is_some_and(|h| h.eq_ignore_ascii_case(&self.host))
             && url.port_or_known_default() == self.port
             && url.username().is_empty()
             && url.password().is_none()
@@ -1194,7 +1196,10 @@ mod tests {
             ]
         );
         assert_eq!(m.attachments[0].size, Some(10));
-        assert_eq!(m.attachments[3].file_name.as_deref(), Some("x../../evil.pdf"));
+        assert_eq!(
+            m.attachments[3].file_name.as_deref(),
+            Some("x../../evil.pdf")
+        );
 
         let mut voice = dm("77", "");
         voice["flags"] = serde_json::json!(1 << 13);
@@ -1241,7 +1246,10 @@ mod tests {
             &format!("https://cdn.discordapp.com/{}", "a".repeat(MAX_URL_CHARS)),
         ] {
             let err = real.cdn_url(bad).unwrap_err();
-            assert!(matches!(err, ChannelError::Rejected { status: 400, .. }), "{bad}");
+            assert!(
+                matches!(err, ChannelError::Rejected { status: 400, .. }),
+                "{bad}"
+            );
         }
         // Against a local double, only the double's own origin.
         let local = channel(GroupPolicy::default());
