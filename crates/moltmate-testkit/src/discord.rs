@@ -554,36 +554,30 @@ fn invalid_form() -> Response {
         .into_response()
 }
 
+/// A `files[n]` part: file name and bytes.
+type Upload = (String, Vec<u8>);
+
 /// The body of a message creation: JSON, or multipart with `payload_json` and `files[n]`.
-fn message_body(
-    headers: &HeaderMap,
-    raw: &[u8],
-) -> Result<(Value, Vec<(String, Vec<u8>)>), Response> {
+/// `None`: Discord's "Invalid Form Body".
+fn message_body(headers: &HeaderMap, raw: &[u8]) -> Option<(Value, Vec<Upload>)> {
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if content_type.starts_with("application/json") {
-        return serde_json::from_slice(raw)
-            .map(|v| (v, Vec::new()))
-            .map_err(|_| invalid_form());
+        return serde_json::from_slice(raw).ok().map(|v| (v, Vec::new()));
     }
-    let Some(parts) = crate::multipart::parse(content_type, raw) else {
-        return Err(invalid_form());
-    };
+    let parts = crate::multipart::parse(content_type, raw)?;
     let mut payload = json!({});
     let mut files = Vec::new();
     for part in parts {
         if part.name == "payload_json" {
-            payload = serde_json::from_slice(&part.data).map_err(|_| invalid_form())?;
+            payload = serde_json::from_slice(&part.data).ok()?;
         } else if part.name.starts_with("files[") && part.name.ends_with(']') {
-            let Some(name) = part.filename else {
-                return Err(invalid_form());
-            };
-            files.push((name, part.data));
+            files.push((part.filename?, part.data));
         }
     }
-    Ok((payload, files))
+    Some((payload, files))
 }
 
 async fn create_message(
@@ -595,9 +589,8 @@ async fn create_message(
     if !shared.authorized(&headers) {
         return unauthorized();
     }
-    let (body, files) = match message_body(&headers, &raw) {
-        Ok(parsed) => parsed,
-        Err(response) => return response,
+    let Some((body, files)) = message_body(&headers, &raw) else {
+        return invalid_form();
     };
     let mut inner = shared.lock();
     let now = Instant::now();
