@@ -4,7 +4,8 @@
 //! Everything read is bounded: a line longer than the connection's limit ([`MAX_LINE_BYTES`], or
 //! what the largest attachment needs in base64: [`line_limit_for`]) is dropped (the codec skips
 //! to the next newline), at most [`MAX_PENDING`] calls wait at once, every call has a deadline.
-//! A line over [`LARGE_LINE_BYTES`] (a `getAttachment` answer) is parsed on the blocking pool.
+//! A line over [`LARGE_LINE_BYTES`] (a `getAttachment` answer) is parsed on the blocking pool;
+//! only answers may exceed [`MAX_LINE_BYTES`], a longer notification is skipped.
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -296,7 +297,8 @@ impl RpcConnection {
                     }
                     Some(Err(_)) | None => break,
                 };
-                let parsed = if line.len() > LARGE_LINE_BYTES {
+                let length = line.len();
+                let parsed = if length > LARGE_LINE_BYTES {
                     tokio::task::spawn_blocking(move || serde_json::from_str::<Value>(&line))
                         .await
                         .ok()
@@ -309,6 +311,12 @@ impl RpcConnection {
                     continue;
                 };
                 if let Some(method) = value.get("method").and_then(Value::as_str) {
+                    // Only answers (a `getAttachment`'s base64) may be long; a notification
+                    // keeps the ordinary bound.
+                    if length > MAX_LINE_BYTES {
+                        tracing::warn!("signal: skipping an over-long notification from signal-cli");
+                        continue;
+                    }
                     if method == "receive" {
                         let params = value.get("params").cloned().unwrap_or(Value::Null);
                         let sent = tokio::select! {
