@@ -288,3 +288,26 @@ async fn signal_send_file_delivers_a_home_file_to_the_right_chat_and_cannot_leav
     );
     h.stop().await;
 }
+
+/// Files far over the cap whose size claims lie arrive as megabytes of base64 on signal-cli's
+/// socket: they are refused by their encoded length (parsed and checked off the runtime), the
+/// bystander on another channel keeps getting answers in time and the memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_base64_attachments_from_signal_slow_no_bystander_and_are_not_kept() {
+    let (h, fake) = start(json!({ "attachments": { "maxMb": 1 } })).await;
+    let normal = h.bystander_baseline(2002, 3).await;
+    let rss_before = common::rss_bytes();
+    for _ in 0..4 {
+        let mut liar = fake.add_attachment("application/pdf", Some("x.pdf"), vec![b'%'; 4 << 20]);
+        liar["size"] = json!(100);
+        fake.push_attachments(ALICE, None, vec![liar]);
+    }
+    h.assert_bystander_answered(2002, normal, "while huge base64 answers arrive")
+        .await;
+    let r = replies(&fake, ALICE, 4).await;
+    assert!(r.iter().all(|r| r.contains("larger than the 1.0 MB")), "{r:?}");
+    assert!(inbox_files(&h.home, ALICE_USER).is_empty());
+    let grown = common::rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 256 << 20, "RSS grew by {} MiB", grown >> 20);
+    h.stop().await;
+}
