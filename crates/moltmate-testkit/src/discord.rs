@@ -125,6 +125,8 @@ struct Inner {
     lost: usize,
     /// CDN path → content.
     files: std::collections::HashMap<String, Vec<u8>>,
+    /// CDN path prefix (`/attachments/{channel}/{id}/`) → `Location` of a 302 instead.
+    redirects: std::collections::HashMap<String, String>,
     cdn_requests: Vec<CdnRequest>,
     sent_files: Vec<SentFile>,
 }
@@ -398,6 +400,24 @@ impl FakeDiscord {
             attachments,
             0,
         )
+    }
+
+    /// Make the CDN answer requests for `attachment` (an object from [`Self::attachment`])
+    /// with `302 Found` to `location`.
+    pub fn redirect_attachment(&self, attachment: &Value, location: &str) {
+        let url = attachment.get("url").and_then(Value::as_str).unwrap_or("");
+        let path = url
+            .split_once("/attachments/")
+            .map(|(_, rest)| rest.split('?').next().unwrap_or(""))
+            .unwrap_or("");
+        let prefix = match path.rsplit_once('/') {
+            Some((dir, _)) => format!("/attachments/{dir}/"),
+            None => return,
+        };
+        self.shared
+            .lock()
+            .redirects
+            .insert(prefix, location.to_string());
     }
 
     /// Requests the fake CDN received, in order.
@@ -683,6 +703,15 @@ async fn cdn_file(
         had_authorization: headers.contains_key("authorization"),
     });
     let prefix = format!("/attachments/{channel}/{id}/");
+    if let Some(location) = inner.redirects.get(&prefix).cloned() {
+        drop(inner);
+        shared.bump();
+        let mut response = StatusCode::FOUND.into_response();
+        if let Ok(value) = axum::http::HeaderValue::from_str(&location) {
+            response.headers_mut().insert("location", value);
+        }
+        return response;
+    }
     let found = inner
         .files
         .iter()

@@ -265,6 +265,35 @@ async fn a_foreign_host_attachment_url_on_discord_is_refused_without_a_request_t
     h.stop().await;
 }
 
+/// A CDN answer that redirects off Discord's hosts is not followed; one that stays on them is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_discord_cdn_redirect_off_the_cdn_is_not_followed() {
+    let (h, discord) = start(json!({})).await;
+    let (elsewhere, connections) = counting_listener().await;
+    let away = discord.attachment(111, "x.txt", Some("text/plain"), b"away".to_vec());
+    discord.redirect_attachment(&away, &format!("{elsewhere}/x.txt"));
+    discord.push_dm_with_attachments(111, "one", vec![away], 0);
+    let r = replies(&discord, 111, 1).await;
+    assert!(r[0].contains("downloading it failed"), "{r:?}");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "the redirect was not followed"
+    );
+    // A redirect to another file on the CDN itself is followed.
+    let target = discord.attachment(111, "real.txt", Some("text/plain"), b"hello file".to_vec());
+    let hop = discord.attachment(111, "hop.txt", Some("text/plain"), b"unused".to_vec());
+    let target_url = target["url"].as_str().unwrap().to_string();
+    discord.redirect_attachment(&hop, &target_url);
+    discord.push_dm_with_attachments(111, "two", vec![hop], 0);
+    let r = replies(&discord, 111, 2).await;
+    assert!(r[1].contains("echo: two"), "{r:?}");
+    let files = inbox_files(&h.home, "discord_111");
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(std::fs::read(&files[0]).unwrap(), b"hello file");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attachments_on_server_messages_are_ignored_when_groups_are_off() {
     let (h, discord) = start(json!({})).await;

@@ -305,7 +305,10 @@ async fn huge_base64_attachments_from_signal_slow_no_bystander_and_are_not_kept(
     h.assert_bystander_answered(2002, normal, "while huge base64 answers arrive")
         .await;
     let r = replies(&fake, ALICE, 4).await;
-    assert!(r.iter().all(|r| r.contains("larger than the 1.0 MB")), "{r:?}");
+    assert!(
+        r.iter().all(|r| r.contains("larger than the 1.0 MB")),
+        "{r:?}"
+    );
     assert!(inbox_files(&h.home, ALICE_USER).is_empty());
     let grown = common::rss_bytes().saturating_sub(rss_before);
     assert!(grown < 256 << 20, "RSS grew by {} MiB", grown >> 20);

@@ -314,7 +314,9 @@ impl RpcConnection {
                     // Only answers (a `getAttachment`'s base64) may be long; a notification
                     // keeps the ordinary bound.
                     if length > MAX_LINE_BYTES {
-                        tracing::warn!("signal: skipping an over-long notification from signal-cli");
+                        tracing::warn!(
+                            "signal: skipping an over-long notification from signal-cli"
+                        );
                         continue;
                     }
                     if method == "receive" {
