@@ -380,3 +380,24 @@ async fn discord_send_file_delivers_a_home_file_to_the_right_dm_and_cannot_leave
         .all(|f| f.channel_id == FakeDiscord::dm_channel(111)));
     h.stop().await;
 }
+
+/// A 429 on the upload is waited out as for text, then the file is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_discord_rate_limit_on_send_file_is_waited_out_and_the_file_sent_once() {
+    let (h, discord) = start(json!({})).await;
+    h.llm.set_brain(|request| {
+        if let Some(result) = request.trailing_tool_results() {
+            return Reply::text(format!("tool said: {result}"));
+        }
+        Reply::tool_call("send_file", json!({"path": "notes.txt"}))
+    });
+    std::fs::create_dir_all(h.home.join("users/discord_111")).unwrap();
+    std::fs::write(h.home.join("users/discord_111/notes.txt"), "n").unwrap();
+    discord.rate_limit_next(1, 0.5, false);
+    discord.push_dm(111, "send it");
+    let r = replies(&discord, 111, 1).await;
+    assert!(r[0].contains("to the user"), "{r:?}");
+    assert_eq!(discord.sent_files().len(), 1);
+    assert_eq!(discord.requests_during_rate_limit(), 0);
+    h.stop().await;
+}
