@@ -12,9 +12,17 @@
 //!   gets Invalid Session op 9 `false`), MESSAGE_CREATE dispatches with increasing `s`.
 //!   Like Discord, events of a session are kept while the bot is disconnected and replayed on
 //!   resume; a bot that identifies anew gets a new session and never sees the old one's events.
+//! * Files: MESSAGE_CREATE carries `attachments[]` objects (`id`, `filename`, `content_type`,
+//!   `size`, `url`, `proxy_url`; a voice message has flag `IS_VOICE_MESSAGE` (1 << 13),
+//!   `duration_secs` and `waveform`), and the "CDN" serves them at
+//!   `/attachments/{channel}/{id}/{filename}?ex=..&is=..&hm=..` (no authentication, like Discord's;
+//!   every request and whether it carried an `Authorization` header is recorded). Uploads are
+//!   `POST /channels/{id}/messages` as multipart/form-data with `payload_json` and `files[n]`;
+//!   more than 10 MiB per file gets 413 `{"code": 40005}` like Discord.
 
+use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,6 +39,34 @@ pub const MAX_MESSAGE_CHARS: usize = 2000;
 
 /// The fake bot's user id.
 pub const FAKE_BOT_ID: &str = "4242";
+
+/// Discord's upload limit per file for a bot without boosts.
+pub const MAX_UPLOAD_BYTES: usize = 10 << 20;
+
+/// Message flag of a voice message.
+pub const IS_VOICE_MESSAGE: u64 = 1 << 13;
+
+/// A file the bot uploaded (`files[n]` of a multipart message creation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentFile {
+    pub channel_id: String,
+    /// The file name of the `files[n]` part.
+    pub file_name: String,
+    pub content: Vec<u8>,
+    /// `payload_json.content` (the caption).
+    pub content_text: String,
+    /// `payload_json.attachments`, as sent.
+    pub attachments_json: Value,
+    pub allowed_mentions: Option<Value>,
+}
+
+/// A request to the fake CDN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CdnRequest {
+    pub path: String,
+    /// Whether it carried an `Authorization` header (the bot token must never go there).
+    pub had_authorization: bool,
+}
 
 /// A message the bot created.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +123,12 @@ struct Inner {
     heartbeat_interval_ms: u64,
     /// Events pushed while no session existed: Discord never delivers those.
     lost: usize,
+    /// CDN path → content.
+    files: std::collections::HashMap<String, Vec<u8>>,
+    /// CDN path prefix (`/attachments/{channel}/{id}/`) → `Location` of a 302 instead.
+    redirects: std::collections::HashMap<String, String>,
+    cdn_requests: Vec<CdnRequest>,
+    sent_files: Vec<SentFile>,
 }
 
 struct Shared {
@@ -156,7 +198,11 @@ impl FakeDiscord {
         });
         let app = Router::new()
             .route("/api/v10/gateway/bot", get(gateway_bot))
-            .route("/api/v10/channels/{id}/messages", post(create_message))
+            .route(
+                "/api/v10/channels/{id}/messages",
+                post(create_message).layer(DefaultBodyLimit::max(4 * MAX_UPLOAD_BYTES)),
+            )
+            .route("/attachments/{channel}/{id}/{name}", get(cdn_file))
             .route("/api/v10/channels/{id}/typing", post(typing))
             .route("/gateway", get(gateway))
             .with_state(shared.clone());
@@ -227,13 +273,28 @@ impl FakeDiscord {
         text: &str,
         mentions: &[&str],
     ) -> String {
+        self.push_full(user_id, channel_id, guild_id, text, mentions, vec![], 0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_full(
+        &self,
+        user_id: u64,
+        channel_id: &str,
+        guild_id: Option<&str>,
+        text: &str,
+        mentions: &[&str],
+        attachments: Vec<Value>,
+        flags: u64,
+    ) -> String {
         let mut inner = self.shared.lock();
         inner.next_message_id += 1;
         let id = inner.next_message_id.to_string();
         let mut d = json!({
             "id": id, "channel_id": channel_id, "type": 0, "content": text,
             "timestamp": "2026-01-01T00:00:00.000000+00:00", "tts": false,
-            "mention_everyone": false, "attachments": [], "embeds": [], "pinned": false,
+            "mention_everyone": false, "attachments": attachments, "embeds": [], "pinned": false,
+            "flags": flags,
             "author": {"id": user_id.to_string(), "username": format!("user{user_id}"),
                 "global_name": format!("User {user_id}"), "discriminator": "0"},
             "mentions": mentions.iter().map(|m| json!({"id": m, "username": "bot", "bot": true})).collect::<Vec<_>>(),
@@ -245,6 +306,128 @@ impl FakeDiscord {
         drop(inner);
         self.shared.bump();
         id
+    }
+
+    /// Store `content` on the fake CDN and return the attachment object Discord would put in a
+    /// MESSAGE_CREATE of `user_id`'s DM (tests may edit it: a lying `size`, another `url`).
+    pub fn attachment(
+        &self,
+        user_id: u64,
+        filename: &str,
+        content_type: Option<&str>,
+        content: Vec<u8>,
+    ) -> Value {
+        let mut inner = self.shared.lock();
+        inner.next_message_id += 1;
+        let id = inner.next_message_id.to_string();
+        let channel = Self::dm_channel(user_id);
+        // Like Discord, the URL carries a cleaned name; the object keeps the name as sent.
+        let clean: String = filename
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = format!("/attachments/{channel}/{id}/{clean}");
+        let query = "?ex=6a000000&is=69f00000&hm=0123456789abcdef&";
+        let url = format!("http://{}{path}{query}", self.shared.addr);
+        let mut object = json!({
+            "id": id, "filename": filename, "size": content.len(), "url": url,
+            "proxy_url": url, "ephemeral": false,
+        });
+        if let Some(content_type) = content_type {
+            object["content_type"] = json!(content_type);
+        }
+        inner.files.insert(path, content);
+        object
+    }
+
+    /// Push a direct message from `user_id` with `attachments` (objects from
+    /// [`FakeDiscord::attachment`]) and message `flags`; returns its message id.
+    pub fn push_dm_with_attachments(
+        &self,
+        user_id: u64,
+        text: &str,
+        attachments: Vec<Value>,
+        flags: u64,
+    ) -> String {
+        self.push_full(
+            user_id,
+            &Self::dm_channel(user_id),
+            None,
+            text,
+            &[],
+            attachments,
+            flags,
+        )
+    }
+
+    /// Push a voice message (flag `IS_VOICE_MESSAGE`, one `audio/ogg` attachment with
+    /// `duration_secs` and `waveform`, no text) from `user_id`.
+    pub fn push_voice_message(&self, user_id: u64, ogg: Vec<u8>, duration_secs: f64) -> String {
+        let mut attachment = self.attachment(user_id, "voice-message.ogg", Some("audio/ogg"), ogg);
+        attachment["duration_secs"] = json!(duration_secs);
+        attachment["waveform"] = json!("AAAAAAAAAAAA");
+        self.push_dm_with_attachments(user_id, "", vec![attachment], IS_VOICE_MESSAGE)
+    }
+
+    /// Push a server message with attachments in `channel_id` of `guild_id`, mentioning the bot
+    /// if `mention`.
+    pub fn push_guild_with_attachments(
+        &self,
+        user_id: u64,
+        guild_id: &str,
+        channel_id: &str,
+        text: &str,
+        mention: bool,
+        attachments: Vec<Value>,
+    ) -> String {
+        let (text, mentions) = if mention {
+            (format!("<@{FAKE_BOT_ID}> {text}"), vec![FAKE_BOT_ID])
+        } else {
+            (text.to_string(), vec![])
+        };
+        self.push_full(
+            user_id,
+            channel_id,
+            Some(guild_id),
+            &text,
+            &mentions,
+            attachments,
+            0,
+        )
+    }
+
+    /// Make the CDN answer requests for `attachment` (an object from [`Self::attachment`])
+    /// with `302 Found` to `location`.
+    pub fn redirect_attachment(&self, attachment: &Value, location: &str) {
+        let url = attachment.get("url").and_then(Value::as_str).unwrap_or("");
+        let path = url
+            .split_once("/attachments/")
+            .map(|(_, rest)| rest.split('?').next().unwrap_or(""))
+            .unwrap_or("");
+        let prefix = match path.rsplit_once('/') {
+            Some((dir, _)) => format!("/attachments/{dir}/"),
+            None => return,
+        };
+        self.shared
+            .lock()
+            .redirects
+            .insert(prefix, location.to_string());
+    }
+
+    /// Requests the fake CDN received, in order.
+    pub fn cdn_requests(&self) -> Vec<CdnRequest> {
+        self.shared.lock().cdn_requests.clone()
+    }
+
+    /// Files the bot uploaded, in order.
+    pub fn sent_files(&self) -> Vec<SentFile> {
+        self.shared.lock().sent_files.clone()
     }
 
     /// Close the live connection with `code` (4000: an ordinary drop, resumable).
@@ -383,15 +566,52 @@ async fn gateway_bot(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> R
     .into_response()
 }
 
+fn invalid_form() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"message": "Invalid Form Body", "code": 50035})),
+    )
+        .into_response()
+}
+
+/// A `files[n]` part: file name and bytes.
+type Upload = (String, Vec<u8>);
+
+/// The body of a message creation: JSON, or multipart with `payload_json` and `files[n]`.
+/// `None`: Discord's "Invalid Form Body".
+fn message_body(headers: &HeaderMap, raw: &[u8]) -> Option<(Value, Vec<Upload>)> {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.starts_with("application/json") {
+        return serde_json::from_slice(raw).ok().map(|v| (v, Vec::new()));
+    }
+    let parts = crate::multipart::parse(content_type, raw)?;
+    let mut payload = json!({});
+    let mut files = Vec::new();
+    for part in parts {
+        if part.name == "payload_json" {
+            payload = serde_json::from_slice(&part.data).ok()?;
+        } else if part.name.starts_with("files[") && part.name.ends_with(']') {
+            files.push((part.filename?, part.data));
+        }
+    }
+    Some((payload, files))
+}
+
 async fn create_message(
     State(shared): State<Arc<Shared>>,
     Path(channel_id): Path<String>,
     headers: HeaderMap,
-    Json(body): Json<Value>,
+    raw: Bytes,
 ) -> Response {
     if !shared.authorized(&headers) {
         return unauthorized();
     }
+    let Some((body, files)) = message_body(&headers, &raw) else {
+        return invalid_form();
+    };
     let mut inner = shared.lock();
     let now = Instant::now();
     if inner.limited_until.is_some_and(|until| now < until) {
@@ -424,15 +644,37 @@ async fn create_message(
         return response;
     }
     let content = body.get("content").and_then(Value::as_str).unwrap_or("");
-    if content.is_empty() || content.chars().count() > MAX_MESSAGE_CHARS {
+    if (content.is_empty() && files.is_empty()) || content.chars().count() > MAX_MESSAGE_CHARS {
+        return invalid_form();
+    }
+    if files.iter().any(|(_, data)| data.len() > MAX_UPLOAD_BYTES) {
         return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"message": "Invalid Form Body", "code": 50035})),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(json!({"message": "Request entity too large", "code": 40005})),
         )
             .into_response();
     }
     inner.next_message_id += 1;
     let id = inner.next_message_id.to_string();
+    if !files.is_empty() {
+        for (file_name, content_bytes) in files {
+            inner.sent_files.push(SentFile {
+                channel_id: channel_id.clone(),
+                file_name,
+                content: content_bytes,
+                content_text: content.to_string(),
+                attachments_json: body.get("attachments").cloned().unwrap_or(Value::Null),
+                allowed_mentions: body.get("allowed_mentions").cloned(),
+            });
+        }
+        drop(inner);
+        shared.bump();
+        return Json(
+            json!({"id": id, "channel_id": channel_id, "content": content, "type": 0,
+            "author": {"id": FAKE_BOT_ID, "username": "fakebot", "bot": true}}),
+        )
+        .into_response();
+    }
     inner.sent.push(SentMessage {
         channel_id: channel_id.clone(),
         content: content.to_string(),
@@ -446,6 +688,41 @@ async fn create_message(
         "author": {"id": FAKE_BOT_ID, "username": "fakebot", "bot": true}}),
     )
     .into_response()
+}
+
+/// The fake CDN: serves stored attachments to anyone (Discord's signed URLs need no token).
+async fn cdn_file(
+    State(shared): State<Arc<Shared>>,
+    Path((channel, id, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("/attachments/{channel}/{id}/{name}");
+    let mut inner = shared.lock();
+    inner.cdn_requests.push(CdnRequest {
+        path: path.clone(),
+        had_authorization: headers.contains_key("authorization"),
+    });
+    let prefix = format!("/attachments/{channel}/{id}/");
+    if let Some(location) = inner.redirects.get(&prefix).cloned() {
+        drop(inner);
+        shared.bump();
+        let mut response = StatusCode::FOUND.into_response();
+        if let Ok(value) = axum::http::HeaderValue::from_str(&location) {
+            response.headers_mut().insert("location", value);
+        }
+        return response;
+    }
+    let found = inner
+        .files
+        .iter()
+        .find(|(p, _)| p.starts_with(&prefix))
+        .map(|(_, content)| content.clone());
+    drop(inner);
+    shared.bump();
+    match found {
+        Some(content) => (StatusCode::OK, content).into_response(),
+        None => (StatusCode::NOT_FOUND, "Not Found").into_response(),
+    }
 }
 
 async fn typing(

@@ -1,6 +1,7 @@
 //! moltmate-testkit (being written).
 pub mod discord;
 pub mod llm;
+pub mod multipart;
 #[cfg(feature = "proptest")]
 pub mod prop;
 pub mod search;

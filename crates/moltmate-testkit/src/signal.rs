@@ -12,14 +12,24 @@
 //! `startLink` answers a `sgnl://linkdevice` URI and `finishLink` waits until the test
 //! "scans" it.
 //!
+//! Files: a data message's `attachments[]` carry `contentType`, `filename`, `id`, `size` (as
+//! signal-cli's `JsonAttachment`; `voiceNote` added when asked for), and signal-cli keeps the
+//! file under that id: `getAttachment` (`{"id", "recipient"|"groupId"}`) answers
+//! `{"data": "<base64>"}` (standard alphabet, padded, as `Base64.getEncoder()` writes), an
+//! unknown id the user error "Could not find attachment with ID: …". `send` takes
+//! `attachments` (or `attachment`), each a file path or an RFC 2397 data URI
+//! `data:<mime>;filename=<name>;base64,<data>` (parameter values URL-decoded); both are
+//! recorded, so a test can assert that no path was ever named.
+//!
 //! ```ignore
 //! let fake = FakeSignalCli::start_tcp("+4917000000001").await;
 //! fake.push_text("+4917011111111", "hello");
 //! let replies = fake.wait_for_messages("+4917011111111", 1, Duration::from_secs(5)).await?;
 //! ```
 
+use base64::Engine as _;
 use serde_json::{json, Value};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,8 +44,27 @@ pub struct SentMessage {
     pub text: String,
 }
 
+/// An attachment the gateway sent with `send`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentAttachment {
+    pub recipient: String,
+    /// The media type of the data URI.
+    pub mime: String,
+    /// The `filename` parameter, URL-decoded.
+    pub filename: Option<String>,
+    pub content: Vec<u8>,
+    /// The `message` sent with it, if any.
+    pub message: Option<String>,
+}
+
 #[derive(Default)]
 struct State {
+    /// Attachment id → content, as signal-cli keeps them in `attachments/`.
+    files: HashMap<String, Vec<u8>>,
+    get_attachment_calls: Vec<Value>,
+    sent_attachments: Vec<SentAttachment>,
+    /// Attachments given as a path instead of a data URI.
+    path_attachments: Vec<String>,
     account: String,
     linked: bool,
     /// Messages waiting on the "server" for a subscriber.
@@ -167,6 +196,69 @@ impl FakeSignalCli {
                 "viewOnce": false, "mentions": [], "attachments": [], "contacts": []}
         }));
         timestamp
+    }
+
+    /// Stores `content` as signal-cli would after downloading an attachment; returns the
+    /// attachment object for a data message (edit it for lying claims).
+    pub fn add_attachment(
+        &self,
+        content_type: &str,
+        filename: Option<&str>,
+        content: Vec<u8>,
+    ) -> Value {
+        let n = self.timestamps.fetch_add(1, Ordering::Relaxed);
+        let extension = content_type.rsplit('/').next().unwrap_or("bin");
+        let id = format!("att{n}.{extension}");
+        let object = json!({
+            "contentType": content_type, "filename": filename, "id": id,
+            "size": content.len(), "width": null, "height": null, "caption": null,
+            "uploadTimestamp": 1_700_000_000_000_i64,
+        });
+        lock(&self.state).files.insert(id, content);
+        object
+    }
+
+    /// Queues a direct message from `from` with `attachments` (from [`Self::add_attachment`])
+    /// and optional text.
+    pub fn push_attachments(&self, from: &str, text: Option<&str>, attachments: Vec<Value>) -> i64 {
+        let timestamp = self.timestamps.fetch_add(1, Ordering::Relaxed);
+        let mut data = json!({"timestamp": timestamp, "expiresInSeconds": 0, "viewOnce": false,
+            "mentions": [], "attachments": attachments, "contacts": []});
+        if let Some(text) = text {
+            data["message"] = json!(text);
+        }
+        self.push_envelope(json!({
+            "source": from, "sourceNumber": from, "sourceUuid": "00000000-0000-4000-8000-000000000001",
+            "sourceName": format!("Person {from}"), "sourceDevice": 1, "timestamp": timestamp,
+            "dataMessage": data
+        }));
+        timestamp
+    }
+
+    /// Queues a group message (`groupInfo`) from `from` with `attachments`.
+    pub fn push_group_attachments(&self, from: &str, text: &str, attachments: Vec<Value>) -> i64 {
+        let timestamp = self.timestamps.fetch_add(1, Ordering::Relaxed);
+        self.push_envelope(json!({
+            "source": from, "sourceNumber": from, "sourceDevice": 1, "timestamp": timestamp,
+            "dataMessage": {"timestamp": timestamp, "message": text, "attachments": attachments,
+                "groupInfo": {"groupId": "Z3JvdXAtaWQ=", "type": "DELIVER"}}
+        }));
+        timestamp
+    }
+
+    /// The params of every `getAttachment` call.
+    pub fn get_attachment_calls(&self) -> Vec<Value> {
+        lock(&self.state).get_attachment_calls.clone()
+    }
+
+    /// Attachments sent as data URIs.
+    pub fn sent_attachments(&self) -> Vec<SentAttachment> {
+        lock(&self.state).sent_attachments.clone()
+    }
+
+    /// Attachments sent as file paths (the gateway must never do this).
+    pub fn path_attachments(&self) -> Vec<String> {
+        lock(&self.state).path_attachments.clone()
     }
 
     /// Queues a raw envelope.
@@ -364,6 +456,21 @@ impl FakeSignalCli {
             }
             "subscribeReceive" => Ok(json!(0)),
             "unsubscribeReceive" => Ok(json!({})),
+            "getAttachment" => {
+                lock(&self.state).get_attachment_calls.push(params.clone());
+                let id = params.get("id").and_then(Value::as_str).unwrap_or("");
+                if params.get("recipient").is_none() && params.get("groupId").is_none() {
+                    return Err(json!({"code": -32602, "message": "Missing recipient or groupId"}));
+                }
+                match lock(&self.state).files.get(id) {
+                    Some(content) => Ok(
+                        json!({"data": base64::engine::general_purpose::STANDARD.encode(content)}),
+                    ),
+                    None => Err(
+                        json!({"code": -1, "message": format!("Could not find attachment with ID: {id}")}),
+                    ),
+                }
+            }
             "send" => {
                 let text = params
                     .get("message")
@@ -371,7 +478,51 @@ impl FakeSignalCli {
                     .unwrap_or("")
                     .to_string();
                 let recipient = recipient();
+                let attachments: Vec<String> =
+                    match params.get("attachments").or(params.get("attachment")) {
+                        Some(Value::Array(list)) => list
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_string)
+                            .collect(),
+                        Some(Value::String(one)) => vec![one.clone()],
+                        _ => Vec::new(),
+                    };
+                if text.is_empty() && attachments.is_empty() {
+                    return Err(json!({"code": -1, "message": "No message given"}));
+                }
+                let mut decoded = Vec::new();
+                for attachment in &attachments {
+                    if !attachment.starts_with("data:") {
+                        lock(&self.state).path_attachments.push(attachment.clone());
+                        return Err(
+                            json!({"code": -1, "message": format!("Failed to add attachment \"{attachment}\": No such file")}),
+                        );
+                    }
+                    match parse_data_uri(attachment) {
+                        Some(parsed) => decoded.push(parsed),
+                        None => {
+                            return Err(
+                                json!({"code": -1, "message": "The given string is not a valid data URI."}),
+                            )
+                        }
+                    }
+                }
                 let mut state = lock(&self.state);
+                for (mime, filename, content) in decoded {
+                    state.sent_attachments.push(SentAttachment {
+                        recipient: recipient.clone(),
+                        mime,
+                        filename,
+                        content,
+                        message: (!text.is_empty()).then(|| text.clone()),
+                    });
+                }
+                if !attachments.is_empty() {
+                    let timestamp = self.timestamps.fetch_add(1, Ordering::Relaxed);
+                    return Ok(json!({"timestamp": timestamp, "results": [{
+                        "recipientAddress": {"number": recipient}, "type": "SUCCESS"}]}));
+                }
                 if state.rate_limit_sends > 0 {
                     state.rate_limit_sends -= 1;
                     let seconds = state.rate_limit_seconds;
@@ -428,6 +579,54 @@ impl FakeSignalCli {
             _ => Err(json!({"code": -32601, "message": "Method not implemented"})),
         }
     }
+}
+
+/// `data:<type>;<key>=<value>...;base64,<data>` → (type, filename, bytes), as signal-cli's
+/// `DataURI.of` reads it (parameter values URL-decoded). Only base64 data URIs are accepted.
+fn parse_data_uri(uri: &str) -> Option<(String, Option<String>, Vec<u8>)> {
+    let rest = uri.strip_prefix("data:")?;
+    let (head, data) = rest.split_once(',')?;
+    let head = head.strip_suffix(";base64")?;
+    let mut fields = head.split(';');
+    let mime = fields.next()?.to_string();
+    if !mime.contains('/') {
+        return None;
+    }
+    let mut filename = None;
+    for field in fields {
+        let (key, value) = field.split_once('=')?;
+        if key == "filename" {
+            filename = Some(percent_decode(value)?);
+        }
+    }
+    let content = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .ok()?;
+    Some((mime, filename, content))
+}
+
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 async fn write_line<W: AsyncWrite + Unpin>(writer: &mut W, value: &Value) -> std::io::Result<()> {

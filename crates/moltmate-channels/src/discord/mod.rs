@@ -29,20 +29,33 @@
 //! `POST /channels/{id}/messages`, split at 2000 characters, with `allowed_mentions` empty (no
 //! `@everyone` from a model). Discord renders Markdown, which is what models write. A 429 waits
 //! `retry_after` (a global limit holds every request back), server and connection errors back
-//! off; each part is attempted `send_attempts` times.
+//! off; each part is attempted `send_attempts` times. Files (`send_file`) go the same way as
+//! multipart/form-data (`payload_json` + `files[0]`), at most `max_upload_bytes` (10 MiB).
+//!
+//! # Files users send
+//!
+//! A MESSAGE_CREATE's `attachments[]` become [`Attachment`] references whose `file_ref` is the
+//! attachment's CDN URL (photos by an `image/*` type a vision model takes, voice messages by
+//! flag `IS_VOICE_MESSAGE`, audio by type, everything else a document). The URL is input: it is
+//! fetched only when it is `https` on Discord's own CDN hosts ([`CDN_HOSTS`]; against a local
+//! plain-HTTP test double, only that double's own origin), with no credentials in it, through
+//! a client that sends no `Authorization` (the bot token never goes to the CDN) and follows a
+//! redirect only to those same hosts; bounded in bytes (the size claim first, then while
+//! streaming) and in time.
 
 mod rest;
 mod settings;
 mod wire;
 
-pub use settings::{DiscordSettings, DEFAULT_API_URL};
+pub use settings::{DiscordSettings, DEFAULT_API_URL, DEFAULT_MAX_UPLOAD_BYTES};
 
 use crate::retry::{deliver_until_stored, sleep_or_shutdown, Backoff};
 use crate::telegram::{display_name, split};
 use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
 use moltmate_core::channel::{
-    group_message_text, Channel, ChannelError, InboundMessage, InboundSink,
+    group_message_text, Attachment, AttachmentKind, Channel, ChannelError, InboundMessage,
+    InboundSink, OutboundFile,
 };
 use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
@@ -69,6 +82,65 @@ const IDENTIFY_SPACING: Duration = Duration::from_secs(5);
 
 /// A connection that lasted this long was healthy: the next reconnect starts the backoff anew.
 const HEALTHY_CONNECTION: Duration = Duration::from_secs(60);
+
+/// The hosts Discord serves attachments from. Nothing else is ever fetched.
+pub const CDN_HOSTS: [&str; 2] = ["cdn.discordapp.com", "media.discordapp.net"];
+
+/// Attachments per message we pass on (Discord allows 10).
+const MAX_ATTACHMENTS: usize = 10;
+
+/// Longest attachment URL we keep (Discord's signed CDN URLs are ~250 characters).
+const MAX_URL_CHARS: usize = 2048;
+
+/// Longest file name and content type we keep.
+const MAX_FILE_FIELD_CHARS: usize = 256;
+
+/// Redirects followed on the CDN at most (each to a CDN host again).
+const MAX_CDN_REDIRECTS: usize = 3;
+
+/// An origin attachments may be fetched from: scheme, host, port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+}
+
+impl Origin {
+    fn allows(&self, url: &reqwest::Url) -> bool {
+        url.scheme() == self.scheme
+            && url
+                .host_str()
+                .is_some_and(|h| h.eq_ignore_ascii_case(&self.host))
+            && url.port_or_known_default() == self.port
+            && url.username().is_empty()
+            && url.password().is_none()
+    }
+}
+
+/// Where attachments may come from: Discord's CDN over https; when the API itself is a local
+/// plain-HTTP double, that double's origin instead (so tests never leave the machine).
+fn cdn_origins(api: &reqwest::Url) -> Vec<Origin> {
+    if api.scheme() == "http" {
+        return api
+            .host_str()
+            .map(|host| Origin {
+                scheme: "http".to_string(),
+                host: host.to_string(),
+                port: api.port_or_known_default(),
+            })
+            .into_iter()
+            .collect();
+    }
+    CDN_HOSTS
+        .iter()
+        .map(|host| Origin {
+            scheme: "https".to_string(),
+            host: host.to_string(),
+            port: Some(443),
+        })
+        .collect()
+}
 
 /// Why a [`DiscordChannel`] could not be built from its settings.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +194,9 @@ pub struct DiscordChannel {
     rest: Rest,
     http_is_plain: bool,
     health: Arc<ChannelHealth>,
+    /// Client for attachment downloads: no credentials, redirects only to `cdn`.
+    cdn_http: reqwest::Client,
+    cdn: Arc<Vec<Origin>>,
 }
 
 type Socket =
@@ -150,6 +225,21 @@ impl DiscordChannel {
             .connect_timeout(settings.request_timeout)
             .build()
             .map_err(|e| DiscordSetupError::HttpClient(e.without_url().to_string()))?;
+        let cdn = Arc::new(cdn_origins(&url));
+        let allowed = Arc::clone(&cdn);
+        let cdn_http = reqwest::Client::builder()
+            .connect_timeout(settings.request_timeout)
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() > MAX_CDN_REDIRECTS {
+                    attempt.error("too many redirects")
+                } else if allowed.iter().any(|o| o.allows(attempt.url())) {
+                    attempt.follow()
+                } else {
+                    attempt.stop()
+                }
+            }))
+            .build()
+            .map_err(|e| DiscordSetupError::HttpClient(e.without_url().to_string()))?;
         let rest = Rest::new(
             http,
             &settings.api_url,
@@ -163,7 +253,110 @@ impl DiscordChannel {
             settings,
             rest,
             health: ChannelHealth::new(ChannelKind::Discord),
+            cdn_http,
+            cdn,
         })
+    }
+
+    /// The attachment URL, if it may be fetched: on an allowed CDN origin, no credentials.
+    fn cdn_url(&self, raw: &str) -> Result<reqwest::Url, ChannelError> {
+        let refused = |why: &str| ChannelError::Rejected {
+            service: SERVICE,
+            status: 400,
+            detail: format!("attachment URL refused: {why}"),
+        };
+        if raw.len() > MAX_URL_CHARS {
+            return Err(refused("too long"));
+        }
+        let url = reqwest::Url::parse(raw).map_err(|_| refused("not a URL"))?;
+        if !self.cdn.iter().any(|origin| origin.allows(&url)) {
+            return Err(refused("not on Discord's CDN"));
+        }
+        Ok(url)
+    }
+
+    /// The attachments of a message as references (at most [`MAX_ATTACHMENTS`]); odd ones
+    /// (no id, no URL, unparsable) are left out.
+    fn attachments_of(message: &MessageCreate) -> Vec<Attachment> {
+        let voice = message.flags & wire::IS_VOICE_MESSAGE != 0;
+        message
+            .attachments
+            .iter()
+            .filter_map(|raw| serde_json::from_value::<wire::Attachment>(raw.clone()).ok())
+            .filter(|a| is_snowflake(&a.id) && !a.url.is_empty() && a.url.len() <= MAX_URL_CHARS)
+            .take(MAX_ATTACHMENTS)
+            .map(|a| {
+                let mime = bounded(a.content_type.as_deref()).map(|m| m.to_ascii_lowercase());
+                let essence = mime
+                    .as_deref()
+                    .map(|m| m.split(';').next().unwrap_or("").trim().to_string())
+                    .unwrap_or_default();
+                let kind = if voice {
+                    AttachmentKind::Voice
+                } else if matches!(
+                    essence.as_str(),
+                    "image/jpeg" | "image/png" | "image/gif" | "image/webp"
+                ) {
+                    AttachmentKind::Photo
+                } else if essence.starts_with("audio/") {
+                    AttachmentKind::Audio
+                } else {
+                    AttachmentKind::Document
+                };
+                Attachment {
+                    kind,
+                    file_ref: a.url,
+                    file_name: bounded(a.filename.as_deref()),
+                    mime_type: mime,
+                    size: a.size,
+                    duration_seconds: a
+                        .duration_secs
+                        .filter(|d| d.is_finite() && *d >= 0.0)
+                        .map(|d| d.min(1e9).ceil() as u64),
+                }
+            })
+            .collect()
+    }
+
+    /// GET an attachment from the CDN without credentials, at most `max_bytes`.
+    async fn download(&self, url: reqwest::Url, max_bytes: u64) -> Result<Vec<u8>, ChannelError> {
+        let too_large = || ChannelError::Rejected {
+            service: SERVICE,
+            status: 413,
+            detail: format!("the file is larger than the limit of {max_bytes} bytes"),
+        };
+        let transport = |e: reqwest::Error| ChannelError::Unreachable {
+            service: SERVICE,
+            detail: rest::scrub(&e.without_url().to_string(), &self.settings.bot_token),
+        };
+        let mut response = self.cdn_http.get(url).send().await.map_err(transport)?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let detail = format!("attachment download failed (HTTP {status})");
+            return Err(match status {
+                500..=599 => ChannelError::Server {
+                    service: SERVICE,
+                    status,
+                    detail,
+                },
+                _ => ChannelError::Rejected {
+                    service: SERVICE,
+                    status,
+                    detail,
+                },
+            });
+        }
+        if response.content_length().is_some_and(|l| l > max_bytes) {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if (body.len() + chunk.len()) as u64 > max_bytes {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     /// Check the token against Discord once (`GET /gateway/bot`).
@@ -274,6 +467,7 @@ impl DiscordChannel {
                 .or(message.author.username.as_deref()),
             None,
         );
+        let attachments = Self::attachments_of(&message);
         let (sender, text, sender_name) = match &message.guild_id {
             None => (
                 Identity::new(ChannelKind::Discord, author),
@@ -302,17 +496,17 @@ impl DiscordChannel {
                     return Disposition::Skip("channel id is not a valid peer id");
                 };
                 let speaker = name.unwrap_or_else(|| format!("user {}", message.author.id));
-                if content.trim().is_empty() {
+                if content.trim().is_empty() && attachments.is_empty() {
                     return Disposition::Skip("mention without text");
                 }
                 (group, group_message_text(&speaker, &content), None)
             }
         };
-        if text.is_empty() {
-            return Disposition::Skip("message without text (attachment, sticker, embed...)");
+        if text.is_empty() && attachments.is_empty() {
+            return Disposition::Skip("message without text or file (sticker, embed...)");
         }
         Disposition::Deliver(Box::new(InboundMessage {
-            attachments: Vec::new(),
+            attachments,
             sender,
             chat_id: message.channel_id,
             external_id: message.id,
@@ -512,11 +706,22 @@ impl DiscordChannel {
 
     /// Send one part, retrying what may succeed later.
     async fn send_part(&self, channel_id: &str, text: &str) -> Result<(), ChannelError> {
+        self.with_retries(|| self.rest.create_message(channel_id, text))
+            .await
+    }
+
+    /// Run `send` until it succeeds, fails for good or `send_attempts` are used up; a 429
+    /// waits its `retry_after`, other retryable errors back off.
+    async fn with_retries<F, Fut>(&self, send: F) -> Result<(), ChannelError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), RestError>>,
+    {
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let attempts = self.settings.send_attempts.max(1);
         let mut attempt = 1;
         loop {
-            match self.rest.create_message(channel_id, text).await {
+            match send().await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_send_retryable() && attempt < attempts => {
                     self.health.error(e.class());
@@ -697,6 +902,58 @@ impl Channel for DiscordChannel {
             .await
             .map_err(RestError::into_channel_error)
     }
+
+    async fn fetch_attachment(
+        &self,
+        attachment: &Attachment,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ChannelError> {
+        if let Some(size) = attachment.size.filter(|s| *s > max_bytes) {
+            return Err(ChannelError::Rejected {
+                service: SERVICE,
+                status: 413,
+                detail: format!("the file has {size} bytes, more than the limit of {max_bytes}"),
+            });
+        }
+        let url = self.cdn_url(&attachment.file_ref)?;
+        match tokio::time::timeout(timeout, self.download(url, max_bytes)).await {
+            Ok(result) => result,
+            Err(_) => Err(ChannelError::Unreachable {
+                service: SERVICE,
+                detail: format!("the download took longer than {}s", timeout.as_secs()),
+            }),
+        }
+    }
+
+    async fn send_file(&self, chat_id: &str, file: &OutboundFile) -> Result<(), ChannelError> {
+        check_channel_id(chat_id)?;
+        let max = self.settings.max_upload_bytes;
+        if file.content.len() as u64 > max {
+            return Err(ChannelError::Rejected {
+                service: SERVICE,
+                status: 413,
+                detail: format!(
+                    "the file has {} bytes; Discord takes at most {max} from this bot",
+                    file.content.len()
+                ),
+            });
+        }
+        self.with_retries(|| self.rest.create_message_with_file(chat_id, file))
+            .await
+    }
+}
+
+/// A sender's claim, without control characters, at most [`MAX_FILE_FIELD_CHARS`].
+fn bounded(field: Option<&str>) -> Option<String> {
+    field
+        .map(|f| {
+            f.chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_FILE_FIELD_CHARS)
+                .collect::<String>()
+        })
+        .filter(|f| !f.is_empty())
 }
 
 /// `text` without any of `secrets`, bounded in length (shared with the Slack channel).
@@ -907,6 +1164,98 @@ mod tests {
         for bad in ["", "12a", "../../users/@me", &"1".repeat(21)] {
             assert!(check_channel_id(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn attachments_become_references_by_kind() {
+        let c = channel(GroupPolicy::default());
+        let mut json = dm("77", "");
+        json["attachments"] = serde_json::json!([
+            {"id": "1", "filename": "cat.png", "content_type": "image/png", "size": 10,
+             "url": "https://cdn.discordapp.com/attachments/800/1/cat.png?ex=1&is=2&hm=3"},
+            {"id": "2", "filename": "scan.heic", "content_type": "image/heic", "size": 10,
+             "url": "https://cdn.discordapp.com/attachments/800/2/scan.heic"},
+            {"id": "3", "filename": "a.mp3", "content_type": "audio/mpeg", "url": "https://cdn.discordapp.com/x"},
+            {"id": "4", "filename": "x\n../../evil\u{7}.pdf", "content_type": "application/pdf", "url": "https://cdn.discordapp.com/y"},
+            {"id": "not-a-snowflake", "url": "https://cdn.discordapp.com/z"},
+            {"id": "5"},
+            {"id": "6", "url": 7},
+        ]);
+        let Disposition::Deliver(m) = c.dispose(message(json), Some("1")) else {
+            panic!("a message with files and no text is delivered")
+        };
+        assert_eq!(m.text, "");
+        let kinds: Vec<_> = m.attachments.iter().map(|a| a.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                AttachmentKind::Photo,
+                AttachmentKind::Document,
+                AttachmentKind::Audio,
+                AttachmentKind::Document
+            ]
+        );
+        assert_eq!(m.attachments[0].size, Some(10));
+        assert_eq!(
+            m.attachments[3].file_name.as_deref(),
+            Some("x../../evil.pdf")
+        );
+
+        let mut voice = dm("77", "");
+        voice["flags"] = serde_json::json!(1 << 13);
+        voice["attachments"] = serde_json::json!([{"id": "9", "filename": "voice-message.ogg",
+            "content_type": "audio/ogg", "size": 500, "duration_secs": 3.2, "waveform": "AAAA",
+            "url": "https://cdn.discordapp.com/attachments/800/9/voice-message.ogg"}]);
+        let Disposition::Deliver(m) = c.dispose(message(voice), Some("1")) else {
+            panic!("voice message delivered")
+        };
+        assert_eq!(m.attachments[0].kind, AttachmentKind::Voice);
+        assert_eq!(m.attachments[0].duration_seconds, Some(4));
+
+        let mut many = dm("77", "x");
+        many["attachments"] = serde_json::json!((0..30)
+            .map(|i| serde_json::json!({"id": format!("{}", i + 1), "url": "https://cdn.discordapp.com/a"}))
+            .collect::<Vec<_>>());
+        let Disposition::Deliver(m) = c.dispose(message(many), Some("1")) else {
+            panic!()
+        };
+        assert_eq!(m.attachments.len(), MAX_ATTACHMENTS);
+    }
+
+    #[test]
+    fn attachment_urls_must_be_on_discords_cdn() {
+        let real = DiscordChannel::new(DiscordSettings::new("x")).unwrap();
+        assert!(real
+            .cdn_url("https://cdn.discordapp.com/attachments/1/2/a.png?ex=1&hm=2")
+            .is_ok());
+        assert!(real
+            .cdn_url("https://media.discordapp.net/attachments/1/2/a.png")
+            .is_ok());
+        for bad in [
+            "http://cdn.discordapp.com/attachments/1/2/a.png",
+            "https://cdn.discordapp.com.evil.example/a.png",
+            "https://evil.example/cdn.discordapp.com/a.png",
+            "https://user:pw@cdn.discordapp.com/a.png",
+            "https://token@cdn.discordapp.com/a.png",
+            "https://cdn.discordapp.com:8443/a.png",
+            "https://169.254.169.254/latest/meta-data/",
+            "http://127.0.0.1:8080/admin",
+            "file:///etc/passwd",
+            "//cdn.discordapp.com/a.png",
+            "not a url",
+            &format!("https://cdn.discordapp.com/{}", "a".repeat(MAX_URL_CHARS)),
+        ] {
+            let err = real.cdn_url(bad).unwrap_err();
+            assert!(
+                matches!(err, ChannelError::Rejected { status: 400, .. }),
+                "{bad}"
+            );
+        }
+        // Against a local double, only the double's own origin.
+        let local = channel(GroupPolicy::default());
+        assert!(local.cdn_url("http://127.0.0.1:1/cdn/a.png").is_ok());
+        assert!(local.cdn_url("http://127.0.0.1:2/cdn/a.png").is_err());
+        assert!(local.cdn_url("https://cdn.discordapp.com/a.png").is_err());
     }
 
     #[test]

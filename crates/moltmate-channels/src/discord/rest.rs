@@ -249,6 +249,50 @@ impl Rest {
         if let Some(body) = body {
             request = request.json(body);
         }
+        self.execute(request).await
+    }
+
+    /// `POST /channels/{id}/messages` with one file: multipart/form-data with `payload_json`
+    /// (the message, naming the upload as attachment 0) and `files[0]` (the bytes and file
+    /// name), mentions disabled as for text.
+    pub(crate) async fn create_message_with_file(
+        &self,
+        channel_id: &str,
+        file: &moltmate_core::channel::OutboundFile,
+    ) -> Result<(), RestError> {
+        self.wait_global().await;
+        let content: String = file
+            .caption
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .take(super::DISCORD_MAX_MESSAGE_CHARS)
+            .collect();
+        let payload = serde_json::json!({
+            "content": content,
+            "allowed_mentions": { "parse": [] },
+            "attachments": [{ "id": 0, "filename": file.file_name }],
+        });
+        let part = reqwest::multipart::Part::bytes(file.content.clone())
+            .file_name(file.file_name.clone())
+            .mime_str("application/octet-stream")
+            .map_err(|e| RestError::InvalidReply(self.scrub(&e.to_string())))?;
+        let form = reqwest::multipart::Form::new()
+            .text("payload_json", payload.to_string())
+            .part("files[0]", part);
+        // An upload takes longer than a JSON call: six seconds per MiB on top.
+        let extra = Duration::from_secs(6 * (file.content.len() as u64 >> 20).max(1));
+        let request = self
+            .http
+            .post(format!("{}/channels/{channel_id}/messages", self.base))
+            .header(AUTHORIZATION, self.auth.clone())
+            .timeout(self.timeout + extra)
+            .multipart(form);
+        self.execute(request).await.map(|_| ())
+    }
+
+    /// Send a prepared request and classify its answer (rate limits remembered).
+    async fn execute(&self, request: reqwest::RequestBuilder) -> Result<Vec<u8>, RestError> {
         let mut response = request
             .send()
             .await

@@ -30,7 +30,12 @@ pub struct DiscordSettings {
     pub max_retry_after: Duration,
     /// How many times one outgoing message is attempted before `send_text` gives up.
     pub send_attempts: u32,
+    /// Largest file `send_file` uploads (Discord's limit for bots without boosts: 10 MiB).
+    pub max_upload_bytes: u64,
 }
+
+/// Discord's upload limit for a bot in a DM or an unboosted server.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 10 << 20;
 
 impl DiscordSettings {
     /// Settings for the public API with production defaults.
@@ -44,6 +49,7 @@ impl DiscordSettings {
             backoff_max: Duration::from_secs(60),
             max_retry_after: Duration::from_secs(300),
             send_attempts: 5,
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
         }
     }
 
@@ -65,6 +71,7 @@ impl fmt::Debug for DiscordSettings {
             .field("backoff_max", &self.backoff_max)
             .field("max_retry_after", &self.max_retry_after)
             .field("send_attempts", &self.send_attempts)
+            .field("max_upload_bytes", &self.max_upload_bytes)
             .finish()
     }
 }

@@ -73,6 +73,33 @@ pub(crate) struct MessageCreate {
     /// Set when a webhook posted it.
     #[serde(default)]
     pub webhook_id: Option<String>,
+    /// Message flags; [`IS_VOICE_MESSAGE`] marks a voice message.
+    #[serde(default)]
+    pub flags: u64,
+    /// Files sent with the message (at most 10 on Discord), each parsed on its own
+    /// ([`Attachment`]) so one odd attachment never loses the message.
+    #[serde(default)]
+    pub attachments: Vec<serde_json::Value>,
+}
+
+/// Message flag of a voice message (its one attachment is the recording).
+pub(crate) const IS_VOICE_MESSAGE: u64 = 1 << 13;
+
+/// An attachment object of a message. Everything in it is what the sender's client claimed,
+/// except `url`, which Discord made (and which we check anyway before fetching it).
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Attachment {
+    pub id: String,
+    #[serde(default)]
+    pub filename: Option<String>,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub size: Option<u64>,
+    pub url: String,
+    /// Length of a voice message in seconds (fractional).
+    #[serde(default)]
+    pub duration_secs: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]

@@ -24,6 +24,19 @@
 //! (plain text; Signal shows long messages as an attachment otherwise). Rate limits
 //! (code -5 or a `RATE_LIMIT_FAILURE` result) are waited out, as asked, and the part retried;
 //! a timeout is not retried (the message may have gone out: at most once).
+//!
+//! # Files
+//!
+//! `dataMessage.attachments[]` (`contentType`, `filename`, `id`, `size`; `voiceNote` where a
+//! signal-cli version reports it) become [`Attachment`] references (`file_ref`: the id and the
+//! sender). signal-cli has already downloaded them into its data directory; the worker fetches
+//! one with `getAttachment` (`{"id", "recipient"}` → `{"data": "<base64>"}`), which works for an
+//! external daemon as well, and never reads signal-cli's data directory itself. The id is checked
+//! (letters, digits, `.`, `_`, `-`; no `..`), the size claim and the base64 length are checked
+//! before decoding, the decoded length after; the connection's line limit follows
+//! `max_file_bytes`. `send_file` sends `send` with `attachments: ["data:<mime>;filename=<name>;
+//! base64,<data>"]` (RFC 2397 as signal-cli reads it), so no path of the gateway's is ever named
+//! to signal-cli; the MIME type is taken from the content, the name percent-encoded.
 
 mod daemon;
 mod rpc;
@@ -31,11 +44,14 @@ mod settings;
 
 pub use daemon::{check_signal_cli, prepare_data_dir, spawn_daemon, SignalCliMissing, SOCKET_NAME};
 pub use rpc::{DaemonAddress, RpcError};
-pub use settings::{is_e164, SignalDaemon, SignalSettings};
+pub use settings::{is_e164, SignalDaemon, SignalSettings, DEFAULT_MAX_FILE_BYTES};
 
 use crate::retry::{sleep_or_shutdown, Backoff};
 use async_trait::async_trait;
-use moltmate_core::channel::{Channel, ChannelError, InboundMessage, InboundSink};
+use base64::Engine as _;
+use moltmate_core::channel::{
+    Attachment, AttachmentKind, Channel, ChannelError, InboundMessage, InboundSink, OutboundFile,
+};
 use moltmate_core::channel_status::{ChannelHealth, ErrorClass, LinkState};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
 use rpc::RpcConnection;
@@ -60,6 +76,12 @@ const LINK_WAIT: Duration = Duration::from_secs(120);
 /// Name of the file in the data directory that records the account was linked once (so a
 /// missing account later reads as "link lost", not "never linked").
 const LINKED_MARKER: &str = "moltmate-linked";
+
+/// Attachments per message we pass on.
+const MAX_ATTACHMENTS: usize = 10;
+
+/// Longest attachment id, file name and content type we keep.
+const MAX_FILE_FIELD_CHARS: usize = 256;
 
 /// Why a [`SignalChannel`] could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -241,11 +263,14 @@ impl SignalChannel {
         {
             return Disposition::Skip("group message (group chats are not enabled)");
         }
-        let Some(text) = data.get("message").and_then(Value::as_str) else {
-            return Disposition::Skip("message without text (attachment, reaction, sticker...)");
-        };
-        if text.is_empty() {
-            return Disposition::Skip("empty message");
+        let text = data.get("message").and_then(Value::as_str).unwrap_or("");
+        let files = data
+            .get("attachments")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        if text.is_empty() && files.is_empty() {
+            return Disposition::Skip("message without text or file (reaction, sticker...)");
         }
         let number = envelope
             .get("sourceNumber")
@@ -277,10 +302,14 @@ impl SignalChannel {
         let Ok(peer_id) = PeerId::new(peer) else {
             return Disposition::Skip("sender id is not a valid peer id");
         };
+        let attachments = attachments_of(files, peer);
+        if text.is_empty() && attachments.is_empty() {
+            return Disposition::Skip("message without text or a file we take");
+        }
         let name = envelope.get("sourceName").and_then(Value::as_str);
         Disposition::Deliver(
             Box::new(InboundMessage {
-                attachments: Vec::new(),
+                attachments,
                 sender: Identity::new(ChannelKind::Signal, peer_id),
                 chat_id: peer.to_string(),
                 external_id: format!("{peer}:{timestamp}"),
@@ -374,7 +403,7 @@ impl SignalChannel {
         let address = self.address();
         let connection = tokio::select! {
             _ = shutdown.cancelled() => return false,
-            c = RpcConnection::connect(&address, self.settings.request_timeout, notify) => c,
+            c = RpcConnection::connect(&address, self.settings.request_timeout, rpc::line_limit_for(self.settings.max_file_bytes), notify) => c,
         };
         let connection = match connection {
             Ok(connection) => connection,
@@ -492,6 +521,15 @@ impl SignalChannel {
     }
 
     async fn send_part(&self, recipient: &str, text: &str) -> Result<(), ChannelError> {
+        self.send_with_retries(
+            json!({"recipient": [recipient], "message": text}),
+            self.settings.request_timeout,
+        )
+        .await
+    }
+
+    /// `send` with `extra` params, retried like a text part.
+    async fn send_with_retries(&self, extra: Value, timeout: Duration) -> Result<(), ChannelError> {
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let attempts = self.settings.send_attempts.max(1);
         let mut attempt = 1;
@@ -499,11 +537,7 @@ impl SignalChannel {
             let result = match self.current() {
                 Some(connection) => {
                     connection
-                        .call(
-                            "send",
-                            self.params(json!({"recipient": [recipient], "message": text})),
-                            self.settings.request_timeout,
-                        )
+                        .call("send", self.params(extra.clone()), timeout)
                         .await
                 }
                 None => Err(RpcError::Disconnected),
@@ -536,6 +570,97 @@ impl SignalChannel {
             }
         }
     }
+}
+
+/// Whether `id` can be an attachment id signal-cli made (`<random>.<ext>`): it is handed back
+/// to signal-cli, which opens a file by it, so nothing that could name another path passes.
+fn is_attachment_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && !id.contains("..")
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// A sender's claim without control characters, at most [`MAX_FILE_FIELD_CHARS`].
+fn bounded(field: Option<&str>) -> Option<String> {
+    field
+        .map(|f| {
+            f.chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_FILE_FIELD_CHARS)
+                .collect::<String>()
+        })
+        .filter(|f| !f.is_empty())
+}
+
+/// The attachments of a data message as references (`file_ref`: `<id> <sender>`); ones
+/// without a usable id are left out, at most [`MAX_ATTACHMENTS`].
+fn attachments_of(files: &[Value], sender: &str) -> Vec<Attachment> {
+    files
+        .iter()
+        .filter_map(|file| {
+            let id = file.get("id").and_then(Value::as_str)?;
+            if !is_attachment_id(id) {
+                return None;
+            }
+            let mime = bounded(file.get("contentType").and_then(Value::as_str))
+                .map(|m| m.to_ascii_lowercase());
+            let essence = mime
+                .as_deref()
+                .map(|m| m.split(';').next().unwrap_or("").trim().to_string())
+                .unwrap_or_default();
+            let kind = if file.get("voiceNote").and_then(Value::as_bool) == Some(true) {
+                AttachmentKind::Voice
+            } else if matches!(
+                essence.as_str(),
+                "image/jpeg" | "image/png" | "image/gif" | "image/webp"
+            ) {
+                AttachmentKind::Photo
+            } else if essence.starts_with("audio/") {
+                AttachmentKind::Audio
+            } else {
+                AttachmentKind::Document
+            };
+            Some(Attachment {
+                kind,
+                file_ref: format!("{id} {sender}"),
+                file_name: bounded(file.get("filename").and_then(Value::as_str)),
+                mime_type: mime,
+                size: file.get("size").and_then(Value::as_u64),
+                duration_seconds: None,
+            })
+        })
+        .take(MAX_ATTACHMENTS)
+        .collect()
+}
+
+/// `name` percent-encoded for a data URI parameter (all but unreserved characters).
+fn percent_encode(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The RFC 2397 data URI signal-cli takes as an attachment:
+/// `data:<mime>;filename=<name>;base64,<data>`. The type comes from the content.
+fn data_uri(file: &OutboundFile) -> String {
+    let mime = infer::get(&file.content)
+        .map(|kind| kind.mime_type())
+        .unwrap_or("application/octet-stream");
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&file.content);
+    format!(
+        "data:{mime};filename={};base64,{encoded}",
+        percent_encode(&file.file_name)
+    )
 }
 
 /// Links a new device over `connection` (a daemon in multi-account mode): `startLink`, hand
@@ -583,7 +708,13 @@ pub async fn link_once(
     show: impl FnOnce(&str),
 ) -> Result<Option<String>, RpcError> {
     let (notify, _notifications) = mpsc::channel(1);
-    let connection = RpcConnection::connect(address, Duration::from_secs(10), notify).await?;
+    let connection = RpcConnection::connect(
+        address,
+        Duration::from_secs(10),
+        rpc::MAX_LINE_BYTES,
+        notify,
+    )
+    .await?;
     link_device(&connection, device_name, show).await
 }
 
@@ -683,6 +814,122 @@ impl Channel for SignalChannel {
             .map(|_| ())
             .map_err(|e| self.channel_error(e))
     }
+
+    async fn fetch_attachment(
+        &self,
+        attachment: &Attachment,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ChannelError> {
+        let max_bytes = max_bytes.min(self.settings.max_file_bytes);
+        let too_large = |size: Option<u64>| ChannelError::Rejected {
+            service: SERVICE,
+            status: 413,
+            detail: match size {
+                Some(size) => {
+                    format!("the file has {size} bytes, more than the limit of {max_bytes}")
+                }
+                None => format!("the file is larger than the limit of {max_bytes} bytes"),
+            },
+        };
+        if let Some(size) = attachment.size.filter(|s| *s > max_bytes) {
+            return Err(too_large(Some(size)));
+        }
+        let refused = || ChannelError::Rejected {
+            service: SERVICE,
+            status: 400,
+            detail: "not a Signal attachment reference".to_string(),
+        };
+        let (id, sender) = attachment.file_ref.split_once(' ').ok_or_else(refused)?;
+        if !is_attachment_id(id) || !(is_e164(sender) || PeerId::new(sender).is_ok()) {
+            return Err(refused());
+        }
+        let Some(connection) = self.current() else {
+            return Err(ChannelError::Unreachable {
+                service: SERVICE,
+                detail: "not connected to signal-cli".to_string(),
+            });
+        };
+        let answer = connection
+            .call(
+                "getAttachment",
+                self.params(json!({"id": id, "recipient": sender})),
+                timeout,
+            )
+            .await
+            .map_err(|e| self.channel_error(e))?;
+        let Some(Value::String(data)) = answer.get("data").cloned() else {
+            return Err(ChannelError::InvalidReply {
+                service: SERVICE,
+                detail: "getAttachment returned no data".to_string(),
+            });
+        };
+        // Refuse by the encoded length before decoding anything.
+        let longest = max_bytes.div_ceil(3).saturating_mul(4);
+        if data.len() as u64 > longest {
+            return Err(too_large(None));
+        }
+        let decoded = tokio::task::spawn_blocking(move || {
+            base64::engine::general_purpose::STANDARD.decode(data.trim())
+        })
+        .await
+        .map_err(|_| ChannelError::InvalidReply {
+            service: SERVICE,
+            detail: "decoding the attachment failed".to_string(),
+        })?
+        .map_err(|_| ChannelError::InvalidReply {
+            service: SERVICE,
+            detail: "getAttachment returned invalid base64".to_string(),
+        })?;
+        if decoded.len() as u64 > max_bytes {
+            return Err(too_large(Some(decoded.len() as u64)));
+        }
+        Ok(decoded)
+    }
+
+    async fn send_file(&self, chat_id: &str, file: &OutboundFile) -> Result<(), ChannelError> {
+        if !(is_e164(chat_id) || PeerId::new(chat_id).is_ok()) {
+            return Err(ChannelError::Rejected {
+                service: SERVICE,
+                status: 400,
+                detail: "not a Signal recipient".to_string(),
+            });
+        }
+        let max = self.settings.max_file_bytes;
+        if file.content.len() as u64 > max {
+            return Err(ChannelError::Rejected {
+                service: SERVICE,
+                status: 413,
+                detail: format!(
+                    "the file has {} bytes, more than the {max} this server sends over Signal",
+                    file.content.len()
+                ),
+            });
+        }
+        let owned = file.clone();
+        let uri = tokio::task::spawn_blocking(move || data_uri(&owned))
+            .await
+            .map_err(|_| ChannelError::InvalidReply {
+                service: SERVICE,
+                detail: "encoding the file failed".to_string(),
+            })?;
+        let mut params = json!({"recipient": [chat_id], "attachments": [uri]});
+        if let Some(caption) = file.caption.as_deref().filter(|c| !c.is_empty()) {
+            let mut units = 0;
+            let caption: String = caption
+                .chars()
+                .take_while(|c| {
+                    units += c.len_utf16();
+                    units <= MAX_MESSAGE_UTF16
+                })
+                .collect();
+            params["message"] = json!(caption);
+        }
+        // An upload takes longer than a text: six seconds per MiB on top.
+        let extra = Duration::from_secs(6 * (file.content.len() as u64 >> 20).max(1));
+        self.send_with_retries(params, self.settings.request_timeout + extra)
+            .await
+    }
 }
 
 #[cfg(test)]
@@ -734,6 +981,83 @@ mod tests {
                 "{params}"
             );
         }
+    }
+
+    #[test]
+    fn attachments_become_references_and_hostile_ids_are_dropped() {
+        let env = |data: Value| json!({"envelope": {"sourceNumber": "+4917012345678", "timestamp": 1, "dataMessage": data}});
+        let params = env(json!({"attachments": [
+            {"contentType": "image/jpeg", "filename": "IMG_1.jpg", "id": "AbC123.jpg", "size": 2048, "width": 10, "height": 10},
+            {"contentType": "audio/aac", "filename": null, "id": "voice-1.aac", "size": 900, "voiceNote": true},
+            {"contentType": "audio/mpeg", "id": "song.mp3"},
+            {"contentType": "application/pdf", "filename": "Brief\n../../x.pdf", "id": "Doc_1.pdf"},
+            {"contentType": "image/png", "id": "../../../etc/passwd"},
+            {"contentType": "image/png", "id": "a/b"},
+            {"contentType": "image/png", "id": ".hidden"},
+            {"contentType": "image/png", "id": "x y"},
+            {"contentType": "image/png", "id": ""},
+            {"contentType": "image/png"},
+            {"contentType": "image/png", "id": 7},
+        ]}));
+        let Disposition::Deliver(m, _) = channel().dispose(&params) else {
+            panic!("files without text are delivered")
+        };
+        assert_eq!(m.text, "");
+        let kinds: Vec<_> = m.attachments.iter().map(|a| a.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                AttachmentKind::Photo,
+                AttachmentKind::Voice,
+                AttachmentKind::Audio,
+                AttachmentKind::Document
+            ]
+        );
+        assert_eq!(m.attachments[0].file_ref, "AbC123.jpg +4917012345678");
+        assert_eq!(m.attachments[0].size, Some(2048));
+        assert_eq!(
+            m.attachments[3].file_name.as_deref(),
+            Some("Brief../../x.pdf")
+        );
+        // Only hostile ids: nothing to deliver.
+        let only_bad = env(json!({"attachments": [{"id": "../x"}]}));
+        assert!(matches!(channel().dispose(&only_bad), Disposition::Skip(_)));
+        // Attachments in a group are skipped with the group.
+        let group = env(
+            json!({"groupInfo": {"groupId": "x"}, "attachments": [{"id": "a.jpg", "contentType": "image/jpeg"}]}),
+        );
+        assert!(matches!(channel().dispose(&group), Disposition::Skip(_)));
+    }
+
+    #[test]
+    fn files_go_out_as_data_uris_with_an_encoded_name_and_the_type_of_the_content() {
+        let png = [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, 0, 0, 0, 0];
+        let uri = data_uri(&OutboundFile {
+            file_name: "a b;base64,x=y%.png".to_string(),
+            content: png.to_vec(),
+            caption: None,
+        });
+        assert_eq!(
+            uri,
+            format!(
+                "data:image/png;filename=a%20b%3Bbase64%2Cx%3Dy%25.png;base64,{}",
+                base64::engine::general_purpose::STANDARD.encode(png)
+            )
+        );
+        let text = data_uri(&OutboundFile {
+            file_name: "r.txt".to_string(),
+            content: b"hi".to_vec(),
+            caption: None,
+        });
+        assert!(text.starts_with("data:application/octet-stream;filename=r.txt;base64,aGk="));
+    }
+
+    #[test]
+    fn the_line_limit_lets_the_largest_attachment_through() {
+        assert_eq!(rpc::line_limit_for(0), rpc::MAX_LINE_BYTES);
+        let limit = rpc::line_limit_for(20 << 20);
+        assert!(limit as u64 > (20u64 << 20) * 4 / 3 && limit < 28 << 20);
+        assert_eq!(rpc::line_limit_for(u64::MAX), usize::MAX);
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! A JSON-RPC 2.0 client for signal-cli's daemon: one JSON object per line over a Unix socket or
 //! TCP, requests matched to responses by id, `receive` notifications handed to a bounded queue.
 //!
-//! Everything read is bounded: a line longer than [`MAX_LINE_BYTES`] is dropped (the codec skips
+//! Everything read is bounded: a line longer than the connection's limit ([`MAX_LINE_BYTES`], or
+//! what the largest attachment needs in base64: [`line_limit_for`]) is dropped (the codec skips
 //! to the next newline), at most [`MAX_PENDING`] calls wait at once, every call has a deadline.
+//! A line over [`LARGE_LINE_BYTES`] (a `getAttachment` answer) is parsed on the blocking pool;
+//! only answers may exceed [`MAX_LINE_BYTES`], a longer notification is skipped.
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -15,8 +18,20 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{Decoder, FramedRead, FramedWrite, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 
-/// Longest JSON-RPC line read (a text message is at most a few KB; attachments are not inlined).
+/// Longest JSON-RPC line read when no attachments are fetched (a text message is a few KB).
 pub(crate) const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Lines longer than this are parsed off the async runtime.
+pub(crate) const LARGE_LINE_BYTES: usize = 256 << 10;
+
+/// The line limit that lets a `getAttachment` answer of `max_file_bytes` through: its base64
+/// (4 characters per 3 bytes) plus room for the JSON around it; never below [`MAX_LINE_BYTES`].
+pub(crate) fn line_limit_for(max_file_bytes: u64) -> usize {
+    let encoded = max_file_bytes.div_ceil(3).saturating_mul(4);
+    usize::try_from(encoded.saturating_add(64 << 10))
+        .unwrap_or(usize::MAX)
+        .max(MAX_LINE_BYTES)
+}
 
 /// A line read from the daemon, or the note that one was too long (and skipped).
 enum Line {
@@ -208,6 +223,7 @@ impl RpcConnection {
     pub(crate) async fn connect(
         address: &DaemonAddress,
         timeout: Duration,
+        max_line_bytes: usize,
         notifications: mpsc::Sender<Value>,
     ) -> Result<Arc<RpcConnection>, RpcError> {
         let connect_error = |detail: String| RpcError::Connect {
@@ -266,7 +282,7 @@ impl RpcConnection {
         tokio::spawn(async move {
             let mut lines = FramedRead::new(
                 reader,
-                BoundedLines(LinesCodec::new_with_max_length(MAX_LINE_BYTES)),
+                BoundedLines(LinesCodec::new_with_max_length(max_line_bytes)),
             );
             loop {
                 let next = tokio::select! {
@@ -281,11 +297,28 @@ impl RpcConnection {
                     }
                     Some(Err(_)) | None => break,
                 };
-                let Ok(value) = serde_json::from_str::<Value>(&line) else {
+                let length = line.len();
+                let parsed = if length > LARGE_LINE_BYTES {
+                    tokio::task::spawn_blocking(move || serde_json::from_str::<Value>(&line))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                } else {
+                    serde_json::from_str::<Value>(&line).ok()
+                };
+                let Some(value) = parsed else {
                     tracing::warn!("signal: skipping a line from signal-cli that is not JSON");
                     continue;
                 };
                 if let Some(method) = value.get("method").and_then(Value::as_str) {
+                    // Only answers (a `getAttachment`'s base64) may be long; a notification
+                    // keeps the ordinary bound.
+                    if length > MAX_LINE_BYTES {
+                        tracing::warn!(
+                            "signal: skipping an over-long notification from signal-cli"
+                        );
+                        continue;
+                    }
                     if method == "receive" {
                         let params = value.get("params").cloned().unwrap_or(Value::Null);
                         let sent = tokio::select! {

@@ -40,7 +40,13 @@ pub struct SignalSettings {
     pub send_attempts: u32,
     /// How often the link is checked (`listAccounts`) while connected.
     pub link_check_interval: Duration,
+    /// Largest file fetched (`getAttachment`) or sent (`send_file`); also bounds the length of
+    /// a JSON-RPC line read from signal-cli (the file in base64).
+    pub max_file_bytes: u64,
 }
+
+/// Default for [`SignalSettings::max_file_bytes`].
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 20 << 20;
 
 impl SignalSettings {
     pub fn new(account: impl Into<String>, daemon: SignalDaemon) -> Self {
@@ -55,6 +61,7 @@ impl SignalSettings {
             max_retry_after: Duration::from_secs(300),
             send_attempts: 5,
             link_check_interval: Duration::from_secs(60),
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
         }
     }
 }

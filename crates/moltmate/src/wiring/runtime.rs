@@ -184,6 +184,12 @@ pub fn signal_settings(
     let mut settings = moltmate_channels::SignalSettings::new(account, daemon);
     settings.device_name = signal.device_name.clone();
     settings.read_receipts = signal.read_receipts;
+    // Large enough for the biggest file fetched (`attachments.maxMb`) and sent (`send_file`).
+    settings.max_file_bytes = config
+        .attachments
+        .max_mb
+        .saturating_mul(1 << 20)
+        .max(moltmate_tools::SEND_FILE_MAX_BYTES);
     Ok(Some(settings))
 }
 
