@@ -168,6 +168,30 @@ fn finished(reply: Result<Reply, oneshot::error::RecvError>) -> TurnEvent {
     }
 }
 
+/// The links of `files` the reply text does not already contain, one Markdown line each
+/// (`[name](url)`), for a caller that shows only text (the API).
+pub fn missing_links(reply: &str, files: &[OfferedFile]) -> String {
+    let mut out = String::new();
+    for file in files {
+        if reply.contains(&file.url) || reply.contains(&file.path) {
+            continue;
+        }
+        let name: String = file
+            .file_name
+            .chars()
+            .map(|c| {
+                if matches!(c, '[' | ']' | '(' | ')') {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        out.push_str(&format!("\n\n[{name}]({})", file.url));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,28 +238,4 @@ mod tests {
         let collected: Vec<TurnEvent> = events(rx, reply_rx, Shutdown::new()).collect().await;
         assert!(matches!(collected.as_slice(), [TurnEvent::Failed(_)]));
     }
-}
-
-/// The links of `files` the reply text does not already contain, one Markdown line each
-/// (`[name](url)`), for a caller that shows only text (the API).
-pub fn missing_links(reply: &str, files: &[OfferedFile]) -> String {
-    let mut out = String::new();
-    for file in files {
-        if reply.contains(&file.url) || reply.contains(&file.path) {
-            continue;
-        }
-        let name: String = file
-            .file_name
-            .chars()
-            .map(|c| {
-                if matches!(c, '[' | ']' | '(' | ')') {
-                    '_'
-                } else {
-                    c
-                }
-            })
-            .collect();
-        out.push_str(&format!("\n\n[{name}]({})", file.url));
-    }
-    out
 }
