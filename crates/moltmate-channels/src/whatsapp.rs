@@ -11,6 +11,13 @@
 //! delivers again (what was stored is recognised as a duplicate). Status updates are read only
 //! for failures (a refused reply shows on `/admin`).
 //!
+//! Photos (`image`), voice notes and audio (`audio`, `voice: true`) and documents (`document`)
+//! become attachment references (media id and the delivery's `sha256`; the caption is the
+//! text). The user's worker fetches them ([`Channel::fetch_attachment`]): `GET /{media-id}` for
+//! the short-lived URL, then that URL with the token — only on Meta's media hosts
+//! ([`MEDIA_HOSTS`]) or the configured Graph API's own origin, no redirects, bounded size and
+//! time, and the bytes must match the `sha256`.
+//!
 //! # Sending
 //!
 //! `POST {apiUrl}/{apiVersion}/{phoneNumberId}/messages` with the access token as bearer, plain
@@ -19,12 +26,16 @@
 //! text (error 131047): that is logged as an error, counted as `outside_window` on `/admin`,
 //! `/healthz` and `/metrics`, and the outbox row is marked failed with the reason — never lost
 //! silently. The person has to write first (or the operator sends an approved template, which
-//! this gateway does not do).
+//! this gateway does not do). Files (`send_file`) are uploaded with `POST /{phone-number-id}/media`
+//! (multipart) and sent as an `image` or `document` message by media id, through the same
+//! retries and window handling.
 
 use crate::retry::Backoff;
 use async_trait::async_trait;
 use hmac::{Hmac, Mac};
-use moltmate_core::channel::{Channel, ChannelError, InboundMessage, InboundSink};
+use moltmate_core::channel::{
+    Attachment, AttachmentKind, Channel, ChannelError, InboundMessage, InboundSink, OutboundFile,
+};
 use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::webhook::{Webhook, WebhookRequest, WebhookResponse};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
@@ -124,6 +135,11 @@ pub enum WhatsAppSetupError {
 pub struct WhatsAppChannel {
     settings: WhatsAppSettings,
     http: reqwest::Client,
+    /// Media downloads: no redirects (a media host must not send the token elsewhere), no
+    /// overall timeout of its own (the caller's bound applies).
+    media_http: reqwest::Client,
+    /// Uploads (`send_file`): a longer timeout than a text message.
+    upload_http: reqwest::Client,
     health: Arc<ChannelHealth>,
     sink: OnceLock<Arc<dyn InboundSink>>,
 }
@@ -166,9 +182,22 @@ impl WhatsAppChannel {
             .timeout(settings.request_timeout)
             .build()
             .map_err(|e| WhatsAppSetupError::HttpClient(e.without_url().to_string()))?;
+        let media_http = reqwest::Client::builder()
+            .connect_timeout(settings.request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| WhatsAppSetupError::HttpClient(e.without_url().to_string()))?;
+        let upload_http = reqwest::Client::builder()
+            .connect_timeout(settings.request_timeout)
+            .timeout(settings.request_timeout.saturating_mul(6))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| WhatsAppSetupError::HttpClient(e.without_url().to_string()))?;
         Ok(WhatsAppChannel {
             settings,
             http,
+            media_http,
+            upload_http,
             health: ChannelHealth::new(ChannelKind::Whatsapp),
             sink: OnceLock::new(),
         })
@@ -188,6 +217,20 @@ impl WhatsAppChannel {
             Some(body) => self.http.post(self.url(path)).json(body),
             None => self.http.get(self.url(path)),
         };
+        self.graph_request(request).await
+    }
+
+    /// `{apiUrl}/{apiVersion}/{media_id}`: a media object's metadata (Graph API, not under
+    /// the phone number).
+    fn media_url(&self, media_id: &str) -> String {
+        format!(
+            "{}/{}/{media_id}",
+            self.settings.api_url.trim_end_matches('/'),
+            self.settings.api_version,
+        )
+    }
+
+    async fn graph_request(&self, request: reqwest::RequestBuilder) -> Result<Value, GraphError> {
         let response = request
             .bearer_auth(&self.settings.access_token)
             .send()
@@ -286,10 +329,16 @@ impl WhatsAppChannel {
             "messaging_product": "whatsapp", "recipient_type": "individual", "to": to,
             "type": "text", "text": {"preview_url": false, "body": text}
         });
+        self.send_message(&body).await
+    }
+
+    /// `POST .../messages` with retries on rate limits and server errors; outside the 24-hour
+    /// window a clear, operator-visible failure.
+    async fn send_message(&self, body: &Value) -> Result<(), ChannelError> {
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let mut attempt = 1;
         loop {
-            let error = match self.graph(Some(&body), "/messages").await {
+            let error = match self.graph(Some(body), "/messages").await {
                 Ok(_) => return Ok(()),
                 Err(e) => e,
             };
@@ -422,13 +471,27 @@ impl WhatsAppChannel {
                 if out.len() >= MAX_MESSAGES_PER_DELIVERY {
                     break;
                 }
-                if message.get("type").and_then(Value::as_str) != Some("text") {
-                    continue;
-                }
-                let (Some(from), Some(id), Some(text)) = (
+                let kind = message.get("type").and_then(Value::as_str).unwrap_or("");
+                let (text, attachments) = match kind {
+                    "text" => match message.pointer("/text/body").and_then(Value::as_str) {
+                        Some(text) if !text.is_empty() => (text, Vec::new()),
+                        _ => continue,
+                    },
+                    "image" | "audio" | "document" => {
+                        let Some(media) = message.get(kind) else {
+                            continue;
+                        };
+                        let Some(attachment) = media_attachment(kind, media) else {
+                            continue;
+                        };
+                        let caption = media.get("caption").and_then(Value::as_str).unwrap_or("");
+                        (caption, vec![attachment])
+                    }
+                    _ => continue,
+                };
+                let (Some(from), Some(id)) = (
                     message.get("from").and_then(Value::as_str),
                     message.get("id").and_then(Value::as_str),
-                    message.pointer("/text/body").and_then(Value::as_str),
                 ) else {
                     continue;
                 };
@@ -437,7 +500,6 @@ impl WhatsAppChannel {
                     || !from.chars().all(|c| c.is_ascii_digit())
                     || id.is_empty()
                     || id.len() > 128
-                    || text.is_empty()
                 {
                     continue;
                 }
@@ -451,7 +513,7 @@ impl WhatsAppChannel {
                     .and_then(|c| c.pointer("/profile/name"))
                     .and_then(Value::as_str);
                 out.push(InboundMessage {
-                    attachments: Vec::new(),
+                    attachments,
                     sender: Identity::new(ChannelKind::Whatsapp, peer),
                     chat_id: from.to_string(),
                     external_id: id.to_string(),
@@ -463,6 +525,252 @@ impl WhatsAppChannel {
             }
         }
         out
+    }
+}
+
+/// Media hosts the Cloud API hands out download URLs on (Meta's CDN). A media URL on any other
+/// host — but the configured Graph API's own origin, which the test double uses — is refused
+/// without a request: the bearer token goes with the download.
+pub const MEDIA_HOSTS: [&str; 2] = ["lookaside.fbsbx.com", "lookaside.whatsapp.net"];
+
+/// Separator between a media id and its expected SHA-256 in an attachment's `file_ref`.
+const REF_SHA: char = '#';
+
+/// A media message's part (`image`, `audio`, `document`) as an attachment reference:
+/// `file_ref` is `<media id>#<sha256 as sent>`; everything else is the sender's claim.
+fn media_attachment(kind: &str, media: &Value) -> Option<Attachment> {
+    let id = media.get("id").and_then(Value::as_str)?;
+    if !is_media_id(id) {
+        return None;
+    }
+    let kind = match kind {
+        "image" => AttachmentKind::Photo,
+        "audio" if media.get("voice").and_then(Value::as_bool) == Some(true) => {
+            AttachmentKind::Voice
+        }
+        "audio" => AttachmentKind::Audio,
+        _ => AttachmentKind::Document,
+    };
+    let sha = media
+        .get("sha256")
+        .and_then(Value::as_str)
+        .filter(|s| s.len() <= 128 && expected_digest(s).is_some())
+        .unwrap_or("");
+    let mut attachment = Attachment::new(kind, format!("{id}{REF_SHA}{sha}"));
+    attachment.file_name = media
+        .get("filename")
+        .and_then(Value::as_str)
+        .map(|n| n.chars().take(255).collect());
+    attachment.mime_type = media
+        .get("mime_type")
+        .and_then(Value::as_str)
+        .map(|m| m.chars().take(128).collect());
+    Some(attachment)
+}
+
+/// Meta's media ids are numbers; nothing else is put into a URL path.
+fn is_media_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A SHA-256 as Meta writes it: 64 hex digits or 44 characters of base64.
+fn expected_digest(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine as _;
+    let bytes = if text.len() == 64 {
+        hex::decode(text).ok()?
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()?
+    };
+    bytes.try_into().ok()
+}
+
+fn media_error(status: u16, detail: impl Into<String>) -> ChannelError {
+    ChannelError::Rejected {
+        service: SERVICE,
+        status,
+        detail: detail.into(),
+    }
+}
+
+/// A MIME type for an outgoing file by its name (Meta requires one with the upload).
+fn upload_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "pdf" => "application/pdf",
+        "txt" | "md" | "csv" | "log" => "text/plain",
+        "doc" => "application/msword",
+        "docx" => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "pptx" => "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+        _ => "application/octet-stream",
+    }
+}
+
+impl WhatsAppChannel {
+    /// Whether a media URL Meta returned may be fetched with our token: `https` on one of
+    /// [`MEDIA_HOSTS`], or the configured Graph API's own origin (scheme, host and port).
+    fn media_url_allowed(&self, url: &reqwest::Url) -> bool {
+        if url.username() != "" || url.password().is_some() {
+            return false;
+        }
+        let documented = url.scheme() == "https"
+            && url.port().is_none()
+            && url.host_str().is_some_and(|h| MEDIA_HOSTS.contains(&h));
+        let graph = reqwest::Url::parse(&self.settings.api_url)
+            .is_ok_and(|api| api.origin() == url.origin());
+        documented || graph
+    }
+
+    async fn download_media(
+        &self,
+        attachment: &Attachment,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, ChannelError> {
+        let (id, sha) = attachment
+            .file_ref
+            .split_once(REF_SHA)
+            .unwrap_or((attachment.file_ref.as_str(), ""));
+        if !is_media_id(id) {
+            return Err(media_error(400, "not a WhatsApp media id"));
+        }
+        let meta = self
+            .graph_request(self.http.get(self.media_url(id)))
+            .await
+            .map_err(|e| {
+                let class = self.classify(&e);
+                self.channel_error(e, class)
+            })?;
+        if let Some(size) = meta.get("file_size").and_then(Value::as_u64) {
+            if size > max_bytes {
+                return Err(media_error(
+                    413,
+                    format!("the file has {size} bytes, more than the limit of {max_bytes}"),
+                ));
+            }
+        }
+        let Some(url) = meta.get("url").and_then(Value::as_str) else {
+            return Err(ChannelError::InvalidReply {
+                service: SERVICE,
+                detail: "the media object has no url".to_string(),
+            });
+        };
+        let url = reqwest::Url::parse(url).map_err(|_| ChannelError::InvalidReply {
+            service: SERVICE,
+            detail: "the media url does not parse".to_string(),
+        })?;
+        if !self.media_url_allowed(&url) {
+            tracing::warn!(
+                host = url.host_str().unwrap_or(""),
+                "whatsapp: refused a media url on a host that is not WhatsApp's"
+            );
+            return Err(media_error(
+                403,
+                "the media url is not on a WhatsApp media host; not downloaded",
+            ));
+        }
+        let expected = expected_digest(sha).or_else(|| {
+            meta.get("sha256")
+                .and_then(Value::as_str)
+                .and_then(expected_digest)
+        });
+        let mut response = self
+            .media_http
+            .get(url)
+            .bearer_auth(&self.settings.access_token)
+            .send()
+            .await
+            .map_err(|e| ChannelError::Unreachable {
+                service: SERVICE,
+                detail: format!("media download: {}", e.without_url()),
+            })?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            return Err(if status >= 500 {
+                ChannelError::Server {
+                    service: SERVICE,
+                    status,
+                    detail: "media download failed".to_string(),
+                }
+            } else {
+                media_error(status, "media download refused")
+            });
+        }
+        if let Some(length) = response.content_length().filter(|l| *l > max_bytes) {
+            return Err(media_error(
+                413,
+                format!("the file has {length} bytes, more than the limit of {max_bytes}"),
+            ));
+        }
+        let mut out = Vec::new();
+        loop {
+            let chunk = response
+                .chunk()
+                .await
+                .map_err(|e| ChannelError::Unreachable {
+                    service: SERVICE,
+                    detail: format!("media download: {}", e.without_url()),
+                })?;
+            let Some(chunk) = chunk else { break };
+            if (out.len() + chunk.len()) as u64 > max_bytes {
+                return Err(media_error(
+                    413,
+                    format!("the file is larger than the limit of {max_bytes} bytes"),
+                ));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        if let Some(expected) = expected {
+            use sha2::Digest as _;
+            let actual: [u8; 32] = Sha256::digest(&out).into();
+            let same: bool = actual.ct_eq(&expected).into();
+            if !same {
+                return Err(media_error(
+                    422,
+                    "the downloaded file does not match its sha256; refused",
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `POST /{phone-number-id}/media` (multipart): the media id of the uploaded file.
+    async fn upload(
+        &self,
+        file: &OutboundFile,
+        mime: &'static str,
+    ) -> Result<String, ChannelError> {
+        let part = reqwest::multipart::Part::bytes(file.content.clone())
+            .file_name(file.file_name.clone())
+            .mime_str(mime)
+            .map_err(|e| media_error(400, format!("upload type: {}", e.without_url())))?;
+        let form = reqwest::multipart::Form::new()
+            .text("messaging_product", "whatsapp")
+            .text("type", mime)
+            .part("file", part);
+        let reply = self
+            .graph_request(self.upload_http.post(self.url("/media")).multipart(form))
+            .await
+            .map_err(|e| {
+                let class = self.classify(&e);
+                self.health.error(class);
+                self.channel_error(e, class)
+            })?;
+        reply
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| is_media_id(id))
+            .map(str::to_string)
+            .ok_or_else(|| ChannelError::InvalidReply {
+                service: SERVICE,
+                detail: "the upload returned no media id".to_string(),
+            })
     }
 }
 
@@ -567,6 +875,54 @@ impl Channel for WhatsAppChannel {
         Ok(())
     }
 
+    async fn fetch_attachment(
+        &self,
+        attachment: &Attachment,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ChannelError> {
+        if let Some(size) = attachment.size.filter(|s| *s > max_bytes) {
+            return Err(media_error(
+                413,
+                format!("the file has {size} bytes, more than the limit of {max_bytes}"),
+            ));
+        }
+        match tokio::time::timeout(timeout, self.download_media(attachment, max_bytes)).await {
+            Ok(result) => result,
+            Err(_) => Err(ChannelError::Unreachable {
+                service: SERVICE,
+                detail: format!("the download took longer than {}s", timeout.as_secs()),
+            }),
+        }
+    }
+
+    /// Uploads the file, then sends it by media id (`image` for JPEG/PNG, else `document`),
+    /// through the same retries and 24-hour-window handling as text.
+    async fn send_file(&self, chat_id: &str, file: &OutboundFile) -> Result<(), ChannelError> {
+        if chat_id.is_empty() || chat_id.len() > 15 || !chat_id.chars().all(|c| c.is_ascii_digit())
+        {
+            return Err(media_error(400, "not a WhatsApp number"));
+        }
+        let mime = upload_type(&file.file_name);
+        let id = self.upload(file, mime).await?;
+        let caption = file.caption.clone().unwrap_or_default();
+        let body = if mime.starts_with("image/") {
+            json!({
+                "messaging_product": "whatsapp", "recipient_type": "individual", "to": chat_id,
+                "type": "image", "image": {"id": id, "caption": caption}
+            })
+        } else {
+            json!({
+                "messaging_product": "whatsapp", "recipient_type": "individual", "to": chat_id,
+                "type": "document",
+                "document": {"id": id, "filename": file.file_name, "caption": caption}
+            })
+        };
+        self.send_message(&body).await?;
+        self.health.set_connected(true);
+        Ok(())
+    }
+
     /// WhatsApp shows typing only tied to a received message id; not used.
     async fn send_typing(&self, _chat_id: &str) -> Result<(), ChannelError> {
         Ok(())
@@ -653,6 +1009,55 @@ mod tests {
         assert_eq!(messages[0].chat_id, "4917012345678");
         assert_eq!(messages[0].external_id, "wamid.A");
         assert_eq!(messages[0].sender_name.as_deref(), Some("Anna"));
+    }
+
+    #[test]
+    fn media_messages_become_attachments() {
+        let delivery = json!({"entry": [{"changes": [{"value": {"messages": [
+            {"from": "4917012345678", "id": "wamid.V", "type": "audio",
+             "audio": {"id": "111", "mime_type": "audio/ogg; codecs=opus", "voice": true,
+                       "sha256": "Ci0Ir7qWnBnW3ti9Y5JbOtQ8HmM9QMn0wB5ot3lQD0E="}},
+            {"from": "4917012345678", "id": "wamid.D", "type": "document",
+             "document": {"id": "222", "filename": "a.pdf", "caption": "read this", "sha256": "nope"}},
+            {"from": "4917012345678", "id": "wamid.X", "type": "image",
+             "image": {"id": "../../me?x=1"}}
+        ]}}]}]});
+        let messages = channel().messages(&delivery);
+        assert_eq!(
+            messages.len(),
+            2,
+            "a media id that is not a number is dropped"
+        );
+        assert_eq!(messages[0].attachments[0].kind, AttachmentKind::Voice);
+        assert!(messages[0].attachments[0].file_ref.starts_with("111#Ci0I"));
+        assert_eq!(messages[1].text, "read this");
+        assert_eq!(messages[1].attachments[0].kind, AttachmentKind::Document);
+        assert_eq!(
+            messages[1].attachments[0].file_ref, "222#",
+            "a bad sha256 is dropped"
+        );
+        assert_eq!(
+            messages[1].attachments[0].file_name.as_deref(),
+            Some("a.pdf")
+        );
+    }
+
+    #[test]
+    fn media_urls_only_on_whatsapp_hosts_or_the_graph_origin() {
+        let mut settings = WhatsAppSettings::new("1234567890", "tok", "app-secret", "verify");
+        settings.api_url = "http://127.0.0.1:4000".to_string();
+        let c = WhatsAppChannel::new(settings).unwrap();
+        let allowed = |u: &str| c.media_url_allowed(&reqwest::Url::parse(u).unwrap());
+        assert!(allowed(
+            "https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1"
+        ));
+        assert!(allowed("http://127.0.0.1:4000/media/1"));
+        assert!(!allowed("http://lookaside.fbsbx.com/x"), "plain http");
+        assert!(!allowed("https://lookaside.fbsbx.com.evil.example/x"));
+        assert!(!allowed("https://lookaside.fbsbx.com:8443/x"));
+        assert!(!allowed("https://user@lookaside.fbsbx.com/x"));
+        assert!(!allowed("http://127.0.0.1:4001/media/1"), "another port");
+        assert!(!allowed("http://169.254.169.254/latest/meta-data"));
     }
 
     #[test]

@@ -243,6 +243,8 @@ pub struct AttachmentsConfig {
     pub max_per_message: u32,
     /// Time for one download, in seconds (1–600). Default 60.
     pub timeout_seconds: u64,
+    /// Files `send_file` keeps for download on the web chat and the API.
+    pub downloads: DownloadsConfig,
 }
 
 impl Default for AttachmentsConfig {
@@ -251,6 +253,29 @@ impl Default for AttachmentsConfig {
             max_mb: 20,
             max_per_message: 4,
             timeout_seconds: 60,
+            downloads: DownloadsConfig::default(),
+        }
+    }
+}
+
+/// `attachments.downloads`: links to files `send_file` made for web and API users.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct DownloadsConfig {
+    /// Days a link opens (1–90). Default 7.
+    pub expire_days: u64,
+    /// Links a user may have at once (1–1000). Default 50.
+    pub max_files_per_user: u64,
+    /// MB a user's waiting files may take (1–10000). Default 200.
+    pub max_mb_per_user: u64,
+}
+
+impl Default for DownloadsConfig {
+    fn default() -> Self {
+        DownloadsConfig {
+            expire_days: 7,
+            max_files_per_user: 50,
+            max_mb_per_user: 200,
         }
     }
 }

@@ -52,6 +52,24 @@ fn attachments(config: &Config) -> Result<(), Failure> {
         10,
     )?;
     in_range("attachments.timeoutSeconds", a.timeout_seconds, 1, 600)?;
+    in_range(
+        "attachments.downloads.expireDays",
+        a.downloads.expire_days,
+        1,
+        90,
+    )?;
+    in_range(
+        "attachments.downloads.maxFilesPerUser",
+        a.downloads.max_files_per_user,
+        1,
+        1000,
+    )?;
+    in_range(
+        "attachments.downloads.maxMbPerUser",
+        a.downloads.max_mb_per_user,
+        1,
+        10_000,
+    )?;
     for (index, entry) in config.model.vision.iter().enumerate() {
         let ok = entry.split_once('/').is_some_and(|(p, m)| {
             !p.is_empty() && !m.is_empty() && !entry.contains(char::is_whitespace)

@@ -169,6 +169,34 @@ pub struct OutboundFile {
     pub caption: Option<String>,
 }
 
+/// A file put up for download by its owner ([`DownloadArea::offer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferedFile {
+    /// The sanitised file name the download is saved as.
+    pub file_name: String,
+    /// The link, relative to the web server (`/files/<id>`): opens only for the same user.
+    pub path: String,
+    /// The same link made absolute with the configured public URL.
+    pub url: String,
+    pub size: u64,
+    /// Unix milliseconds after which the link no longer opens.
+    pub expires_at: i64,
+}
+
+/// Where files for users without a pushing channel (web chat, API) are kept for download: a
+/// per-user area outside the home, each file behind an unguessable id that opens only with the
+/// same user's credential, until it expires or the user is removed or reset.
+#[async_trait]
+pub trait DownloadArea: Send + Sync {
+    /// Stores a copy of `file` for `user` and returns its link. Fails (`Rejected`, status 507)
+    /// when the user's area is full.
+    async fn offer(
+        &self,
+        user: &crate::UserId,
+        file: &OutboundFile,
+    ) -> Result<OfferedFile, ChannelError>;
+}
+
 /// What the gateway did with an inbound message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {

@@ -138,6 +138,11 @@ pub struct ModelResponse {
 /// Receives text as it streams in. Implemented by the web channel's SSE writer, for example.
 pub trait DeltaSink: Send + Sync {
     fn text_delta(&self, text: &str);
+    /// A file of this turn was put up for download (`send_file` on the web or the API); the
+    /// caller shows the link next to the answer. Ignored by default.
+    fn file_offered(&self, file: &crate::channel::OfferedFile) {
+        let _ = file;
+    }
 }
 
 /// A [`DeltaSink`] that drops everything.

@@ -70,19 +70,34 @@ pub struct ToolContext {
     pub outlet: Option<FileOutlet>,
 }
 
-/// The channel and chat the current message came from, for sending a file back to its sender.
+/// Where `send_file` puts a file for the user whose message is being answered.
 #[derive(Clone)]
-pub struct FileOutlet {
-    pub channel: std::sync::Arc<dyn crate::channel::Channel>,
-    pub chat_id: String,
+pub enum FileOutlet {
+    /// Pushed through the channel the message came from (Telegram, WhatsApp, ...), to the chat
+    /// it came from.
+    Channel {
+        channel: std::sync::Arc<dyn crate::channel::Channel>,
+        chat_id: String,
+    },
+    /// Kept for download by the user (web chat, OpenAI-compatible API): the area stores a copy
+    /// and returns a link only that user can open; `notify` is the waiting caller's live
+    /// stream, told about the link so it can show it whatever the model writes.
+    Download {
+        area: std::sync::Arc<dyn crate::channel::DownloadArea>,
+        notify: std::sync::Arc<dyn crate::model::DeltaSink>,
+    },
 }
 
 impl std::fmt::Debug for FileOutlet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileOutlet")
-            .field("channel", &self.channel.kind())
-            .field("chat_id", &self.chat_id)
-            .finish()
+        match self {
+            FileOutlet::Channel { channel, chat_id } => f
+                .debug_struct("FileOutlet::Channel")
+                .field("channel", &channel.kind())
+                .field("chat_id", chat_id)
+                .finish(),
+            FileOutlet::Download { .. } => f.debug_struct("FileOutlet::Download").finish(),
+        }
     }
 }
 

@@ -173,6 +173,7 @@ fn setup_with_caps(
         model: model.clone(),
         tools,
         channels: vec![],
+        downloads: None,
         sandbox: None,
         disk_caps,
         shutdown: Shutdown::new(),

@@ -140,6 +140,7 @@ fn setup(
         model: model.clone(),
         tools: ToolBox::new(vec![tool.clone()]),
         channels: vec![],
+        downloads: None,
         sandbox: None,
         disk_caps: None,
         shutdown: Shutdown::new(),

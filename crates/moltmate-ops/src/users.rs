@@ -203,6 +203,8 @@ impl UserAdmin {
             wipe_user_files(&home_dir, &homes, &again)
         })
         .await?;
+        // A turn may have offered a download between the ending transaction and the wipe.
+        self.store.forget_user_downloads(user).await?;
         self.store.settle_user(user).await?;
         drop(lock);
         if how == Ending::Reset {
@@ -400,6 +402,12 @@ fn wipe_user_files(home_dir: &Path, homes: &Homes, user: &UserId) -> Result<(), 
     .map(|_| ())
     .map_err(|e| OpsError::Failed(e.to_string()))?;
     wipe_home(home_dir, home.root(), user)?;
+    moltmate_store::downloads::wipe_user_downloads(home_dir, user).map_err(|source| {
+        OpsError::Io {
+            what: "removing the user's downloads".to_string(),
+            source,
+        }
+    })?;
     let index = MemoryIndex::path_for(&home_dir.join("index"), user);
     for path in [
         index.clone(),

@@ -15,6 +15,7 @@
 //! | user row, identities (config, paired, seen) | deleted | kept |
 //! | sessions, transcripts, inbox (pending messages too), outbox | deleted | deleted |
 //! | web sessions, login links, API tokens | deleted | deleted |
+//! | download links (`send_file` on the web/API; files wiped by the CLI) | deleted | deleted |
 //! | pending pairing codes of their identities | deleted | deleted |
 //! | onboarding | — | starts again |
 //! | budget counters (`usage_days`), stored-bytes counter | deleted | kept (spent is spent) |
@@ -250,6 +251,7 @@ fn end_in(c: &mut Connection, user: &UserId, how: Ending) -> Result<Option<Ended
         "DELETE FROM web_sessions WHERE user_id = ?1",
         "DELETE FROM login_links WHERE user_id = ?1",
         "DELETE FROM api_tokens WHERE user_id = ?1",
+        "DELETE FROM downloads WHERE user_id = ?1",
     ] {
         tx.execute(statement, params![id])?;
     }

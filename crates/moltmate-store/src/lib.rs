@@ -10,6 +10,8 @@
 //!   a running gateway polls to stop what the user had running.
 //! * [`reminders`] — each user's reminders (`schedule` tool) and the one transaction that turns
 //!   a due occurrence into an inbox row (so none is delivered twice, and none lost to a crash).
+//! * [`downloads`] — files `send_file` keeps for web and API users, behind per-user links
+//!   that expire.
 //! * [`usage`] — per-user, per-day counters for budgets (messages, tokens, spend, `exec` time),
 //!   stored transcript bytes (kept by triggers), queue length, history in bounded pages.
 //!
@@ -22,6 +24,7 @@
 
 pub mod auth;
 pub mod db;
+pub mod downloads;
 mod durable;
 pub mod ending;
 pub mod homes;

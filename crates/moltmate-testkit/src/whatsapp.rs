@@ -32,8 +32,37 @@ pub struct SentMessage {
     pub text: String,
 }
 
+/// A file the gateway sent by media id (`type: image` or `document`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentMedia {
+    pub to: String,
+    /// `image` or `document`.
+    pub kind: String,
+    pub file_name: Option<String>,
+    pub caption: Option<String>,
+    /// The uploaded bytes the media id names.
+    pub content: Vec<u8>,
+}
+
+/// A media object the double serves (`GET /{version}/{media-id}` and its download URL).
+#[derive(Clone)]
+struct Media {
+    content: Vec<u8>,
+    mime_type: String,
+    /// The `file_size` claimed (defaults to the real size).
+    claimed_size: u64,
+    /// Where `url` points: our own `/media/<id>` unless a foreign URL was set.
+    url: Option<String>,
+}
+
 #[derive(Default)]
 struct Graph {
+    media: std::collections::HashMap<String, Media>,
+    /// Uploaded media by id: (type, file name, bytes).
+    uploads: std::collections::HashMap<String, Field>,
+    sent_media: Vec<SentMedia>,
+    media_downloads: usize,
+    foreign_hits: usize,
     token: String,
     phone_number_id: String,
     sent: Vec<SentMessage>,
@@ -70,6 +99,11 @@ impl FakeGraphApi {
                 "/{version}/{phone}/messages",
                 axum::routing::post(send_message),
             )
+            .route(
+                "/{version}/{phone}/media",
+                axum::routing::post(upload_media),
+            )
+            .route("/media/{id}", get(download_media))
             .with_state(Shared(Arc::clone(&state)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -82,6 +116,72 @@ impl FakeGraphApi {
             state,
             url: format!("http://{address}"),
         }
+    }
+
+    /// Serves `content` as a media object; returns its id (numeric, like Meta's) and the
+    /// `sha256` a delivery names (base64, as Meta writes it).
+    pub fn add_media(&self, content: &[u8], mime_type: &str) -> (String, String) {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let id = format!(
+            "{}",
+            900_000_000_000u64 + MESSAGE_IDS.fetch_add(1, Ordering::Relaxed)
+        );
+        lock(&self.state).media.insert(
+            id.clone(),
+            Media {
+                content: content.to_vec(),
+                mime_type: mime_type.to_string(),
+                claimed_size: content.len() as u64,
+                url: None,
+            },
+        );
+        let sha = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(content));
+        (id, sha)
+    }
+
+    /// Makes media `id`'s metadata claim `size` bytes.
+    pub fn claim_media_size(&self, id: &str, size: u64) {
+        if let Some(m) = lock(&self.state).media.get_mut(id) {
+            m.claimed_size = size;
+        }
+    }
+
+    /// Makes media `id`'s download URL point at a foreign server (which counts requests, see
+    /// [`FakeGraphApi::foreign_hits`]).
+    pub async fn point_media_elsewhere(&self, id: &str) {
+        let shared = Shared(Arc::clone(&self.state));
+        let app = Router::new()
+            .fallback(|Extract(shared): Extract<Shared>| async move {
+                lock(&shared.0).foreign_hits += 1;
+                "foreign"
+            })
+            .with_state(shared);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind foreign host");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        if let Some(m) = lock(&self.state).media.get_mut(id) {
+            m.url = Some(format!("http://{address}/media/{id}"));
+        }
+    }
+
+    /// Requests the foreign media server received.
+    pub fn foreign_hits(&self) -> usize {
+        lock(&self.state).foreign_hits
+    }
+
+    /// Media downloads served (from our own `/media/<id>`).
+    pub fn media_downloads(&self) -> usize {
+        lock(&self.state).media_downloads
+    }
+
+    /// Files the gateway sent by media id.
+    pub fn sent_media(&self) -> Vec<SentMedia> {
+        lock(&self.state).sent_media.clone()
     }
 
     /// The value for `channels.whatsapp.apiUrl`.
@@ -163,10 +263,136 @@ async fn phone_number(
     if !authorized(&state, &headers) {
         return graph_error(StatusCode::UNAUTHORIZED, 190, "Invalid OAuth access token.");
     }
+    if let Some(media) = state.media.get(&phone) {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let url = media
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}/media/{phone}", host(&headers)));
+        return axum::Json(json!({
+            "messaging_product": "whatsapp", "url": url, "mime_type": media.mime_type,
+            "sha256": base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&media.content)),
+            "file_size": media.claimed_size, "id": phone
+        }))
+        .into_response();
+    }
     if phone != state.phone_number_id {
         return graph_error(StatusCode::BAD_REQUEST, 100, "Unsupported get request.");
     }
     axum::Json(json!({"id": phone})).into_response()
+}
+
+fn host(headers: &HeaderMap) -> String {
+    headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("127.0.0.1")
+        .to_string()
+}
+
+/// The media URL: the bytes, for the bearer token only.
+async fn download_media(
+    Extract(shared): Extract<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let mut state = lock(&shared.0);
+    if !authorized(&state, &headers) {
+        return graph_error(StatusCode::UNAUTHORIZED, 190, "Invalid OAuth access token.");
+    }
+    let Some(media) = state.media.get(&id).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    state.media_downloads += 1;
+    ([("content-type", media.mime_type)], media.content).into_response()
+}
+
+/// `POST /{phone}/media` as multipart/form-data: `messaging_product=whatsapp`, `type`, `file`.
+async fn upload_media(
+    Extract(shared): Extract<Shared>,
+    Path((_version, phone)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut state = lock(&shared.0);
+    if !authorized(&state, &headers) {
+        return graph_error(StatusCode::UNAUTHORIZED, 190, "Invalid OAuth access token.");
+    }
+    if phone != state.phone_number_id {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "Unsupported post request.");
+    }
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let Some(fields) = multipart(content_type, &body) else {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "expects multipart/form-data");
+    };
+    let field = |name: &str| fields.iter().find(|(n, _, _)| n == name);
+    if field("messaging_product").map(|(_, _, v)| v.as_slice()) != Some(b"whatsapp") {
+        return graph_error(
+            StatusCode::BAD_REQUEST,
+            100,
+            "messaging_product is required",
+        );
+    }
+    let Some((_, file_name, content)) = field("file") else {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "file is required");
+    };
+    let Some((_, _, mime)) = field("type") else {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "type is required");
+    };
+    let id = format!(
+        "{}",
+        800_000_000_000u64 + MESSAGE_IDS.fetch_add(1, Ordering::Relaxed)
+    );
+    state.uploads.insert(
+        id.clone(),
+        (
+            String::from_utf8_lossy(mime).to_string(),
+            file_name.clone(),
+            content.clone(),
+        ),
+    );
+    axum::Json(json!({"id": id})).into_response()
+}
+
+/// One multipart field: (name, filename, bytes).
+type Field = (String, Option<String>, Vec<u8>);
+
+/// The fields of a multipart/form-data body.
+fn multipart(content_type: &str, body: &[u8]) -> Option<Vec<Field>> {
+    let boundary = content_type
+        .strip_prefix("multipart/form-data; boundary=")
+        .map(|b| format!("--{}", b.trim_matches('"')))?;
+    let find =
+        |haystack: &[u8], needle: &[u8]| haystack.windows(needle.len()).position(|w| w == needle);
+    let mut fields = Vec::new();
+    let mut rest = body;
+    while let Some(start) = find(rest, boundary.as_bytes()) {
+        rest = &rest[start + boundary.len()..];
+        if rest.starts_with(b"--") {
+            break;
+        }
+        let head_end = find(rest, b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&rest[..head_end]).to_string();
+        let data_start = head_end + 4;
+        let data_len = find(&rest[data_start..], format!("\r\n{boundary}").as_bytes())?;
+        let value = |key: &str| {
+            head.split(&format!("{key}=\""))
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .map(str::to_string)
+        };
+        fields.push((
+            value(" name").or_else(|| value("name")).unwrap_or_default(),
+            value("filename"),
+            rest[data_start..data_start + data_len].to_vec(),
+        ));
+        rest = &rest[data_start + data_len..];
+    }
+    Some(fields)
 }
 
 static MESSAGE_IDS: AtomicU64 = AtomicU64::new(1);
@@ -198,12 +424,42 @@ async fn send_message(
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
+    let kind = body
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if body.get("messaging_product").and_then(Value::as_str) != Some("whatsapp")
-        || body.get("type").and_then(Value::as_str) != Some("text")
+        || !matches!(kind.as_str(), "text" | "image" | "document")
         || to.is_empty()
     {
         return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
     }
+    let media = if kind == "text" {
+        None
+    } else {
+        let id = body
+            .pointer(&format!("/{kind}/id"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let Some((_, _, content)) = state.uploads.get(id).cloned() else {
+            return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid media id");
+        };
+        Some(SentMedia {
+            to: to.clone(),
+            kind: kind.clone(),
+            file_name: body
+                .pointer(&format!("/{kind}/filename"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            caption: body
+                .pointer(&format!("/{kind}/caption"))
+                .and_then(Value::as_str)
+                .filter(|c| !c.is_empty())
+                .map(str::to_string),
+            content,
+        })
+    };
     if state.rate_limit_sends > 0 {
         state.rate_limit_sends -= 1;
         let seconds = state.rate_limit_seconds;
@@ -227,10 +483,13 @@ async fn send_message(
             "Re-engagement message: more than 24 hours have passed since the recipient last replied",
         );
     }
-    state.sent.push(SentMessage {
-        to: to.clone(),
-        text,
-    });
+    match media {
+        Some(media) => state.sent_media.push(media),
+        None => state.sent.push(SentMessage {
+            to: to.clone(),
+            text,
+        }),
+    }
     let id = MESSAGE_IDS.fetch_add(1, Ordering::Relaxed);
     axum::Json(
         json!({"messaging_product": "whatsapp", "contacts": [{"input": to, "wa_id": to}],
@@ -282,6 +541,27 @@ impl WebhookSigner {
                 "messages": [{"from": from, "id": id, "timestamp": "1700000000", "type": "text",
                     "text": {"body": text}}]}}]}]});
         (delivery, id)
+    }
+
+    /// A delivery with one media message (`kind`: `image`, `audio`, `document`; `media`: its
+    /// object, e.g. `{"id", "mime_type", "sha256", "caption", "voice", "filename"}`).
+    pub fn media_delivery(&self, from: &str, kind: &str, media: Value) -> (Value, String) {
+        let id = format!("wamid.IN{}", INBOUND_IDS.fetch_add(1, Ordering::Relaxed));
+        let mut message = json!({"from": from, "id": id, "timestamp": "1700000000", "type": kind});
+        message[kind] = media;
+        let delivery = json!({"object": "whatsapp_business_account", "entry": [{"id": "WABA1", "changes": [{
+            "field": "messages", "value": {"messaging_product": "whatsapp",
+                "metadata": {"display_phone_number": "15550000000", "phone_number_id": self.phone_number_id},
+                "contacts": [{"profile": {"name": format!("Person {from}")}, "wa_id": from}],
+                "messages": [message]}}]}]});
+        (delivery, id)
+    }
+
+    /// Posts a signed delivery of one media message; returns the status.
+    pub async fn post_media(&self, from: &str, kind: &str, media: Value) -> u16 {
+        let (delivery, _) = self.media_delivery(from, kind, media);
+        let body = delivery.to_string();
+        self.post_raw(body.as_bytes(), Some(&self.app_secret)).await
     }
 
     /// Posts `body` with a signature under `secret` (None: unsigned). Returns the status.

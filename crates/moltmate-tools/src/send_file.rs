@@ -1,15 +1,16 @@
 //! `send_file {path, caption?}`: sends a file from the caller's own home to the caller, on the
 //! channel and chat their message came from (the tool context's outlet, never anything the model
-//! names). The path is confined like every file tool (`openat2` beneath the home, no symlinks,
+//! names); on the web chat and the API, where nothing is pushed, a copy is put up for download
+//! behind a link only the same user can open. The path is confined like every file tool (`openat2` beneath the home, no symlinks,
 //! `O_PATH` look first so a FIFO or device is refused without being opened, no hard-linked
 //! files), the size is capped before reading and the read is bounded, all on the blocking pool.
 
 use crate::args;
 use crate::paths::{self, Opened};
 use async_trait::async_trait;
-use moltmate_core::channel::OutboundFile;
+use moltmate_core::channel::{ChannelError, OutboundFile};
 use moltmate_core::model::ToolSpec;
-use moltmate_core::tool::{Tool, ToolContext, ToolError, ToolOutput};
+use moltmate_core::tool::{FileOutlet, Tool, ToolContext, ToolError, ToolOutput};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::Read;
@@ -93,14 +94,30 @@ impl Tool for SendFileTool {
                 .caption
                 .map(|c| c.chars().take(1024).collect::<String>()),
         };
-        outlet
-            .channel
-            .send_file(&outlet.chat_id, &file)
-            .await
-            .map_err(|e| ToolError::Failed(format!("sending `{shown}` failed: {e}")))?;
-        Ok(ToolOutput::text(format!(
-            "sent `{shown}` ({size} bytes) to the user"
-        )))
+        match outlet {
+            FileOutlet::Channel { channel, chat_id } => {
+                channel
+                    .send_file(&chat_id, &file)
+                    .await
+                    .map_err(|e| ToolError::Failed(format!("sending `{shown}` failed: {e}")))?;
+                Ok(ToolOutput::text(format!(
+                    "sent `{shown}` ({size} bytes) to the user"
+                )))
+            }
+            FileOutlet::Download { area, notify } => {
+                let offered = area.offer(&ctx.user, &file).await.map_err(|e| match e {
+                    ChannelError::Rejected { detail, .. } => {
+                        ToolError::Refused(format!("`{shown}` cannot be offered: {detail}"))
+                    }
+                    other => ToolError::Failed(format!("offering `{shown}` failed: {other}")),
+                })?;
+                notify.file_offered(&offered);
+                Ok(ToolOutput::text(format!(
+                    "`{shown}` ({size} bytes) is ready for the user to download at {} (only they can open it; the chat shows the link). Mention the link in your answer.",
+                    offered.url
+                )))
+            }
+        }
     }
 }
 

@@ -127,6 +127,18 @@
             else answer.textContent = event.done;
             answer.classList.remove("pending");
             answer.dataset.done = "true";
+          } else if (event.file && typeof event.file.url === "string"
+                     && event.file.url.startsWith("/files/")) {
+            // A file the assistant sent (send_file): a download link of our own origin.
+            const div = document.createElement("div");
+            div.className = "msg assistant file";
+            const link = document.createElement("a");
+            link.href = event.file.url;
+            link.setAttribute("download", String(event.file.name || "download"));
+            link.textContent = "Download " + String(event.file.name || "file")
+              + " (" + Number(event.file.size || 0) + " bytes)";
+            div.appendChild(link);
+            list.appendChild(div);
           } else if (typeof event.error === "string") {
             throw new Error(event.error);
           }

@@ -345,6 +345,12 @@ pub async fn send(
     let lines = events.map(|event| {
         let value = match event {
             TurnEvent::Delta(text) => serde_json::json!({ "delta": text }),
+            TurnEvent::File(file) => serde_json::json!({ "file": {
+                "name": file.file_name,
+                "url": file.path,
+                "size": file.size,
+                "expires_at": file.expires_at,
+            } }),
             TurnEvent::Done(reply) => serde_json::json!({
                 "done": reply.text,
                 "html": crate::markdown::to_html(&reply.text),

@@ -5,6 +5,8 @@
 //!   user; nothing in the request body (not `user`, not `model`) can name another one.
 //! * `/` — the web chat ([`chat`]): sign in with a one-time login link or a pasted token, read
 //!   the current session, send messages and watch the answer stream in.
+//! * `/files/{id}` — a file `send_file` put up for download ([`files`]), for its owner only
+//!   (session cookie or bearer token); anyone else gets 404.
 //! * `/admin` — the operator's dashboard ([`admin`]): users, usage, pairing requests (approve
 //!   or deny), sandboxes, audit events, health.
 //! * `/healthz`, `/metrics` — liveness JSON and Prometheus text ([`health`]).
@@ -24,6 +26,7 @@ pub mod admin;
 mod charts;
 pub mod chat;
 pub mod error;
+pub mod files;
 pub mod health;
 mod html;
 pub mod markdown;
@@ -45,7 +48,7 @@ use std::net::SocketAddr;
 
 /// Every route template of [`app`]: the only values the request counter's `route` label
 /// takes (a unit test keeps this list and the routes in step).
-pub const ROUTES: [&str; 17] = [
+pub const ROUTES: [&str; 18] = [
     "/",
     "/login",
     "/login/{code}",
@@ -53,6 +56,7 @@ pub const ROUTES: [&str; 17] = [
     "/api/history",
     "/api/chat",
     "/assets/{name}",
+    "/files/{id}",
     "/admin",
     "/admin/login",
     "/admin/logout",
@@ -87,6 +91,7 @@ pub fn app(state: WebState) -> Router {
         .route("/api/history", get(chat::history))
         .route("/api/chat", post(chat::send))
         .route("/assets/{name}", get(chat::asset))
+        .route("/files/{id}", get(files::download))
         .route("/admin", get(admin::dashboard))
         .route("/admin/login", post(admin::login))
         .route("/admin/logout", post(admin::logout))

@@ -231,10 +231,14 @@ async fn complete(
     model: String,
 ) -> Result<Response, WebError> {
     let mut events = std::pin::pin!(events);
+    let mut files = Vec::new();
     while let Some(event) = events.next().await {
         match event {
             TurnEvent::Delta(_) => {}
-            TurnEvent::Done(reply) => {
+            TurnEvent::File(file) => files.push(file),
+            TurnEvent::Done(mut reply) => {
+                let links = turn::missing_links(&reply.text, &files);
+                reply.text.push_str(&links);
                 return Ok(Json(json!({
                     "id": id,
                     "object": "chat.completion",
@@ -247,7 +251,7 @@ async fn complete(
                     }],
                     "usage": usage_json(&reply.usage),
                 }))
-                .into_response())
+                .into_response());
             }
             TurnEvent::Failed(failure) => return Err(failure.into_error()),
         }
@@ -292,8 +296,13 @@ fn streamed(
         None,
     );
     let mut streamed_text = String::new();
+    let mut files = Vec::new();
     let body = events.flat_map(move |event| {
         let out = match event {
+            TurnEvent::File(file) => {
+                files.push(file);
+                Vec::new()
+            }
             TurnEvent::Delta(text) => {
                 streamed_text.push_str(&text);
                 vec![chunk(
@@ -317,6 +326,16 @@ fn streamed(
                         created,
                         &model,
                         json!({ "content": rest }),
+                        None,
+                    ));
+                }
+                let links = turn::missing_links(text, &files);
+                if !links.is_empty() {
+                    out.push(chunk(
+                        &id,
+                        created,
+                        &model,
+                        json!({ "content": links }),
                         None,
                     ));
                 }

@@ -123,6 +123,7 @@ fn route_credentials(route: Option<&str>) -> &'static [CredentialKind] {
             &[UserCookie]
         }
         Some("/admin" | "/admin/login" | "/admin/logout" | "/admin/pairing") => &[AdminCookie],
+        Some("/files/{id}") => &[UserCookie, Bearer],
         _ => &[UserCookie, AdminCookie],
     }
 }
@@ -622,6 +623,10 @@ pub async fn security_headers(request: Request, next: Next) -> Response {
         (HeaderName::from_static("cross-origin-opener-policy"), "same-origin"),
     ];
     for (name, value) in fixed {
+        // A handler's own, stricter policy stays (downloads: `sandbox; default-src 'none'`).
+        if name == header::CONTENT_SECURITY_POLICY && headers.contains_key(&name) {
+            continue;
+        }
         headers.insert(name, HeaderValue::from_static(value));
     }
     if !headers.contains_key(header::CACHE_CONTROL) {

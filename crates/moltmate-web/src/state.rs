@@ -52,6 +52,9 @@ pub struct WebSettings {
     pub prices: moltmate_ops::usage::PriceTable,
     /// Channels pushed to over HTTP (WhatsApp), served at `/webhooks/<channel>`.
     pub webhooks: Vec<Arc<dyn moltmate_core::webhook::Webhook>>,
+    /// Files `send_file` put up for download, served at `/files/<id>`; `None`: every such
+    /// request is 404.
+    pub downloads: Option<moltmate_store::downloads::Downloads>,
 }
 
 impl Default for WebSettings {
@@ -70,6 +73,7 @@ impl Default for WebSettings {
             base_url: "http://127.0.0.1:18790".to_string(),
             prices: moltmate_ops::usage::PriceTable::default(),
             webhooks: Vec::new(),
+            downloads: None,
         }
     }
 }

@@ -6,7 +6,7 @@
 use crate::error::WebError;
 use crate::state::WebState;
 use futures::Stream;
-use moltmate_core::channel::{Accepted, InboundMessage};
+use moltmate_core::channel::{Accepted, InboundMessage, OfferedFile};
 use moltmate_core::model::DeltaSink;
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown, UserId};
 use moltmate_gateway::Reply;
@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TurnEvent {
     Delta(String),
+    /// `send_file` put a file up for download during the turn (shown next to the answer).
+    File(OfferedFile),
     /// The committed reply (authoritative: command replies and multi-step turns may differ
     /// from the concatenated deltas), with the turn's token usage.
     Done(Reply),
@@ -52,14 +54,19 @@ impl TurnFailure {
     }
 }
 
-/// Forwards the gateway's text deltas into a channel. `text_delta` is synchronous, hence an
-/// unbounded channel; its size is bounded by one answer's text.
-struct ChannelDeltas(mpsc::UnboundedSender<String>);
+/// Forwards the gateway's text deltas and offered files into a channel. `text_delta` is
+/// synchronous, hence an unbounded channel; its size is bounded by one answer's text and the
+/// turn's tool calls.
+struct ChannelDeltas(mpsc::UnboundedSender<TurnEvent>);
 
 impl DeltaSink for ChannelDeltas {
     fn text_delta(&self, text: &str) {
         // A closed receiver means the client went away; the turn still completes and is stored.
-        let _ = self.0.send(text.to_string());
+        let _ = self.0.send(TurnEvent::Delta(text.to_string()));
+    }
+
+    fn file_offered(&self, file: &OfferedFile) {
+        let _ = self.0.send(TurnEvent::File(file.clone()));
     }
 }
 
@@ -122,13 +129,13 @@ pub async fn submit(
 }
 
 struct Following {
-    deltas: mpsc::UnboundedReceiver<String>,
+    deltas: mpsc::UnboundedReceiver<TurnEvent>,
     reply: oneshot::Receiver<Reply>,
     shutdown: Shutdown,
 }
 
 fn events(
-    deltas: mpsc::UnboundedReceiver<String>,
+    deltas: mpsc::UnboundedReceiver<TurnEvent>,
     reply: oneshot::Receiver<Reply>,
     shutdown: Shutdown,
 ) -> impl Stream<Item = TurnEvent> + Send + 'static {
@@ -144,7 +151,7 @@ fn events(
                 // Deltas are sent before the reply, so draining them first keeps the order.
                 biased;
                 delta = f.deltas.recv() => match delta {
-                    Some(text) => Some((TurnEvent::Delta(text), Some(f))),
+                    Some(event) => Some((event, Some(f))),
                     None => Some((finished((&mut f.reply).await), None)),
                 },
                 reply = &mut f.reply => Some((finished(reply), None)),
@@ -159,6 +166,30 @@ fn finished(reply: Result<Reply, oneshot::error::RecvError>) -> TurnEvent {
         Ok(reply) => TurnEvent::Done(reply),
         Err(_) => TurnEvent::Failed(TurnFailure::Lost),
     }
+}
+
+/// The links of `files` the reply text does not already contain, one Markdown line each
+/// (`[name](url)`), for a caller that shows only text (the API).
+pub fn missing_links(reply: &str, files: &[OfferedFile]) -> String {
+    let mut out = String::new();
+    for file in files {
+        if reply.contains(&file.url) || reply.contains(&file.path) {
+            continue;
+        }
+        let name: String = file
+            .file_name
+            .chars()
+            .map(|c| {
+                if matches!(c, '[' | ']' | '(' | ')') {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        out.push_str(&format!("\n\n[{name}]({})", file.url));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -181,8 +212,8 @@ mod tests {
     async fn deltas_come_before_the_reply() {
         let (tx, rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
-        tx.send("a".to_string()).unwrap();
-        tx.send("b".to_string()).unwrap();
+        tx.send(TurnEvent::Delta("a".to_string())).unwrap();
+        tx.send(TurnEvent::Delta("b".to_string())).unwrap();
         let reply = Reply {
             text: "ab".to_string(),
             usage: Default::default(),
@@ -201,7 +232,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_reply_is_a_failure() {
-        let (_tx, rx) = mpsc::unbounded_channel::<String>();
+        let (_tx, rx) = mpsc::unbounded_channel::<TurnEvent>();
         let (reply_tx, reply_rx) = oneshot::channel::<Reply>();
         drop(reply_tx);
         let collected: Vec<TurnEvent> = events(rx, reply_rx, Shutdown::new()).collect().await;

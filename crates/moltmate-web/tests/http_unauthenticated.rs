@@ -595,6 +595,7 @@ async fn a_model_inventing_a_tool_name_cannot_forge_metric_series() {
         model: Arc::new(ForgingModel),
         tools: ToolBox::default(),
         channels: vec![],
+        downloads: None,
         sandbox: None,
         disk_caps: None,
         shutdown: shutdown.clone(),

@@ -8,6 +8,7 @@ use moltmate::wiring;
 use moltmate_core::channel_status::ErrorClass;
 use moltmate_core::ChannelKind;
 use moltmate_testkit::llm::Reply;
+use moltmate_testkit::speech::FakeSpeech;
 use moltmate_testkit::whatsapp::{FakeGraphApi, WebhookSigner};
 use serde_json::json;
 use std::time::Duration;
@@ -295,4 +296,214 @@ async fn whatsapp_wrong_access_token_gives_a_clear_error() {
         assert!(!text.contains("EAAG-WRONG") && !text.contains(APP_SECRET));
     }
     h.stop().await;
+}
+
+// ---- media: photos, voice notes, documents in; send_file out --------------------------------
+
+/// Like [`start`], with a patch for the top level of the config (vision, speech).
+async fn start_top(top: serde_json::Value) -> Wa {
+    let graph = FakeGraphApi::start(PHONE_ID, TOKEN).await;
+    let port = common::free_port();
+    let mut config = json!({"gateway": {"port": port}, "channels": {"whatsapp": {
+        "phoneNumberId": PHONE_ID, "accessToken": TOKEN, "appSecret": APP_SECRET,
+        "verifyToken": VERIFY, "apiUrl": graph.api_url(), "dmPolicy": "open", "allowFrom": ["*"]
+    }}});
+    common::merge(&mut config, top);
+    let h = Harness::start(config).await;
+    let loaded = wiring::load_config(&h.home).unwrap();
+    let base = wiring::start_web(&h.home, &loaded, &h.built).await.unwrap();
+    let meta = WebhookSigner::new(&format!("{base}/webhooks/whatsapp"), APP_SECRET, PHONE_ID);
+    Wa {
+        h,
+        graph,
+        meta,
+        base,
+    }
+}
+
+fn png() -> Vec<u8> {
+    let mut bytes = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    bytes.extend(b"\0\0\0\rIHDR-not-a-real-image-but-png-magic".iter());
+    bytes
+}
+
+fn inbox_files(home: &std::path::Path, user: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(days) = std::fs::read_dir(home.join("users").join(user).join("inbox")) else {
+        return out;
+    };
+    for day in days.flatten() {
+        for file in std::fs::read_dir(day.path()).unwrap().flatten() {
+            out.push(file.path());
+        }
+    }
+    out
+}
+
+/// A WhatsApp photo (media id → `GET /{media-id}` → download with the token, sha256 checked)
+/// reaches the model as an image, for the sender's turn only; the caption is the text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whatsapp_photo_reaches_the_model_as_an_image_of_that_user_only() {
+    let wa = start_top(json!({ "model": { "vision": ["fake/*"] } })).await;
+    let photo = png();
+    let (id, sha) = wa.graph.add_media(&photo, "image/png");
+    let status = wa
+        .meta
+        .post_media(
+            ALICE,
+            "image",
+            json!({"id": id, "mime_type": "image/png", "sha256": sha, "caption": "what is this?"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    wa.meta.post_text(BOB, "bob's plain text").await;
+    let alice = replies(&wa.graph, ALICE, 1).await;
+    replies(&wa.graph, BOB, 1).await;
+    assert!(alice[0].contains("what is this?"), "{alice:?}");
+    let requests = wa.h.llm.requests();
+    let with_image: Vec<_> = requests.iter().filter(|r| !r.images().is_empty()).collect();
+    assert_eq!(
+        with_image.len(),
+        1,
+        "exactly alice's request carries an image"
+    );
+    assert_eq!(with_image[0].images()[0].0, "image/png");
+    assert!(!with_image[0].all_text().contains("bob's plain text"));
+    let files = inbox_files(&wa.h.home, &format!("whatsapp__{ALICE}"));
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(std::fs::read(&files[0]).unwrap(), photo);
+    assert!(inbox_files(&wa.h.home, &format!("whatsapp__{BOB}")).is_empty());
+    assert_eq!(wa.graph.media_downloads(), 1);
+    wa.h.stop().await;
+}
+
+/// A voice note (`audio` with `voice: true`) is transcribed and answered as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whatsapp_voice_note_becomes_text() {
+    let speech = FakeSpeech::start("speech-test-key", "turn the lights off").await;
+    let wa = start_top(json!({
+        "speech": { "baseUrl": speech.base_url(), "apiKey": "speech-test-key" }
+    }))
+    .await;
+    let mut audio = b"OggS\0\x02".to_vec();
+    audio.extend([7u8; 200]);
+    let (id, sha) = wa.graph.add_media(&audio, "audio/ogg; codecs=opus");
+    wa.meta
+        .post_media(
+            ALICE,
+            "audio",
+            json!({"id": id, "mime_type": "audio/ogg; codecs=opus", "sha256": sha, "voice": true}),
+        )
+        .await;
+    let reply = replies(&wa.graph, ALICE, 1).await;
+    assert!(reply[0].contains("turn the lights off"), "{reply:?}");
+    assert_eq!(speech.requests().len(), 1);
+    assert!(speech.requests()[0].contains(&audio));
+    wa.h.stop().await;
+}
+
+/// Oversized (by the media object's claim), mislabelled (a program called a PDF), a wrong
+/// sha256 and a media URL on a foreign host are refused with a clear message; the foreign
+/// host never gets a request (it would have received the access token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whatsapp_bad_media_is_refused_and_foreign_hosts_are_never_asked() {
+    let wa = start_top(json!({})).await;
+    let mut elf = vec![0x7F, b'E', b'L', b'F', 2, 1, 1, 0];
+    elf.extend([0u8; 56]);
+    // Oversized by the Graph API's claim: never downloaded.
+    let (big, big_sha) = wa.graph.add_media(b"%PDF-1.4 small", "application/pdf");
+    wa.graph.claim_media_size(&big, 500 << 20);
+    wa.meta
+        .post_media(ALICE, "document", json!({"id": big, "sha256": big_sha, "filename": "big.pdf", "mime_type": "application/pdf"}))
+        .await;
+    let r = replies(&wa.graph, ALICE, 1).await;
+    assert!(
+        r[0].contains("could not take your") && r[0].contains("MB"),
+        "{r:?}"
+    );
+    assert_eq!(wa.graph.media_downloads(), 0);
+    // Mislabelled.
+    let (prog, prog_sha) = wa.graph.add_media(&elf, "application/pdf");
+    wa.meta
+        .post_media(ALICE, "document", json!({"id": prog, "sha256": prog_sha, "filename": "report.pdf", "mime_type": "application/pdf"}))
+        .await;
+    let r = replies(&wa.graph, ALICE, 2).await;
+    assert!(r[1].contains("not a type I accept"), "{r:?}");
+    // A sha256 that does not match what is downloaded.
+    let (other, _) = wa.graph.add_media(b"%PDF-1.4 real", "application/pdf");
+    let (_, wrong_sha) = wa.graph.add_media(b"something else", "application/pdf");
+    wa.meta
+        .post_media(
+            ALICE,
+            "document",
+            json!({"id": other, "sha256": wrong_sha, "filename": "a.pdf"}),
+        )
+        .await;
+    let r = replies(&wa.graph, ALICE, 3).await;
+    assert!(r[2].contains("could not take your"), "{r:?}");
+    // A media URL on another host: refused before any request to it.
+    let (foreign, foreign_sha) = wa.graph.add_media(b"%PDF-1.4 x", "application/pdf");
+    wa.graph.point_media_elsewhere(&foreign).await;
+    wa.meta
+        .post_media(
+            ALICE,
+            "document",
+            json!({"id": foreign, "sha256": foreign_sha, "filename": "x.pdf"}),
+        )
+        .await;
+    let r = replies(&wa.graph, ALICE, 4).await;
+    assert!(r[3].contains("could not take your"), "{r:?}");
+    assert_eq!(
+        wa.graph.foreign_hits(),
+        0,
+        "the foreign host was never asked"
+    );
+    assert!(inbox_files(&wa.h.home, &format!("whatsapp__{ALICE}")).is_empty());
+    wa.h.stop().await;
+}
+
+/// `send_file` on WhatsApp uploads the file (`POST /{phone}/media`, multipart) and sends it as
+/// a document by media id to the person who asked; outside the 24-hour window it fails clearly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whatsapp_send_file_delivers_a_document() {
+    let wa = start_top(json!({})).await;
+    wa.h.llm.set_brain(|request| {
+        if let Some(result) = request.trailing_tool_results() {
+            return Reply::text(format!("tool said: {result}"));
+        }
+        let text = request.last_user_text().unwrap_or_default();
+        match text.strip_prefix("send ") {
+            Some(path) => Reply::tool_call(
+                "send_file",
+                json!({"path": path.trim(), "caption": "here you go"}),
+            ),
+            None => Reply::text(format!("echo: {text}")),
+        }
+    });
+    wa.meta.post_text(ALICE, "hi").await;
+    replies(&wa.graph, ALICE, 1).await;
+    let home = wa.h.home.join(format!("users/whatsapp__{ALICE}"));
+    std::fs::write(home.join("report.txt"), "alice's report").unwrap();
+    wa.meta.post_text(ALICE, "send report.txt").await;
+    let r = replies(&wa.graph, ALICE, 2).await;
+    assert!(r[1].contains("sent `report.txt`"), "{r:?}");
+    let sent = wa.graph.sent_media();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].to, ALICE);
+    assert_eq!(sent[0].kind, "document");
+    assert_eq!(sent[0].file_name.as_deref(), Some("report.txt"));
+    assert_eq!(sent[0].caption.as_deref(), Some("here you go"));
+    assert_eq!(sent[0].content, b"alice's report");
+
+    wa.graph.outside_window(ALICE);
+    wa.meta.post_text(ALICE, "send report.txt").await;
+    wait_until("the window failure", || {
+        status(&wa.h)
+            .errors
+            .iter()
+            .any(|(c, _)| *c == ErrorClass::OutsideWindow)
+    })
+    .await;
+    assert_eq!(wa.graph.sent_media().len(), 1);
+    wa.h.stop().await;
 }

@@ -38,7 +38,9 @@ use crate::settings::{GatewaySettings, SandboxIdPolicy};
 use accept::accept;
 use async_trait::async_trait;
 use delivery::deliver;
-use moltmate_core::channel::{AcceptError, Accepted, Channel, InboundMessage, InboundSink};
+use moltmate_core::channel::{
+    AcceptError, Accepted, Channel, DownloadArea, InboundMessage, InboundSink,
+};
 use moltmate_core::model::{DeltaSink, TokenUsage};
 use moltmate_core::sandbox::{DiskCaps, Sandbox, SandboxIds};
 use moltmate_core::tool::UserHome;
@@ -60,6 +62,9 @@ pub struct GatewayParts {
     pub model: Arc<dyn ModelCaller>,
     pub tools: ToolBox,
     pub channels: Vec<Arc<dyn Channel>>,
+    /// Where `send_file` keeps files for web and API users (served by the web layer at
+    /// `/files/<id>`); `None`: the tool tells those users it cannot send files.
+    pub downloads: Option<Arc<dyn DownloadArea>>,
     /// The sandbox backend, if any (sessions are ended in it on `/reset`).
     pub sandbox: Option<Arc<dyn Sandbox>>,
     /// Puts a user's home on its disk-capped volume before their first turn writes there
@@ -90,6 +95,7 @@ struct Inner {
     model: Arc<dyn ModelCaller>,
     tools: ToolBox,
     channels: HashMap<ChannelKind, Arc<dyn Channel>>,
+    downloads: Option<Arc<dyn DownloadArea>>,
     sandbox: Option<Arc<dyn Sandbox>>,
     disk_caps: Option<Arc<dyn DiskCaps>>,
     workers: Mutex<HashMap<UserId, Arc<WorkerSlot>>>,
@@ -150,6 +156,7 @@ impl Gateway {
                 model: parts.model,
                 tools: parts.tools,
                 channels,
+                downloads: parts.downloads,
                 sandbox: parts.sandbox,
                 disk_caps: parts.disk_caps,
                 workers: Mutex::new(HashMap::new()),

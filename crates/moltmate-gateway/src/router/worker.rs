@@ -16,7 +16,7 @@ use crate::session::{compact, estimate_rows, estimate_tokens, Compaction};
 use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas, TokenUsage};
 use moltmate_core::sandbox::{SandboxIds, WorkspaceAccess};
 use moltmate_core::tool::ToolContext;
-use moltmate_core::{blocking, UserId};
+use moltmate_core::{blocking, ChannelKind, UserId};
 use moltmate_store::{Completion, InboxItem, InboxState, StoreError, TurnRecord};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -590,6 +590,10 @@ async fn handle_item(
         session.summary.clone(),
     )
     .await?;
+    let deltas: Arc<dyn DeltaSink> = lock(&inner.waiters)
+        .get(&item.id)
+        .map(|(_, w)| Arc::clone(&w.deltas))
+        .unwrap_or_else(|| Arc::new(IgnoreDeltas));
     let context = ToolContext {
         user: item.user.clone(),
         home: tool_home,
@@ -601,13 +605,7 @@ async fn handle_item(
         sandbox: user_settings.sandbox.clone(),
         sandbox_ids: ids,
         exec: user_settings.exec.clone(),
-        outlet: inner
-            .channels
-            .get(&item.channel)
-            .map(|channel| moltmate_core::tool::FileOutlet {
-                channel: Arc::clone(channel),
-                chat_id: item.chat_id.clone(),
-            }),
+        outlet: file_outlet(inner, item, &deltas),
     };
     if inner.settings.prewarm_sandboxes && user_settings.tools.iter().any(|t| t == "exec") {
         state.prewarms.retain(|p| !p.is_finished());
@@ -671,10 +669,6 @@ async fn handle_item(
         }
     }
     let skipped = std::mem::take(&mut prompt.problems);
-    let deltas: Arc<dyn DeltaSink> = lock(&inner.waiters)
-        .get(&item.id)
-        .map(|(_, w)| Arc::clone(&w.deltas))
-        .unwrap_or_else(|| Arc::new(IgnoreDeltas));
 
     let offers_schedule = user_settings.tools.iter().any(|t| t == "schedule");
     let system = if offers_schedule {
@@ -791,4 +785,31 @@ fn prewarm_sandbox(inner: &Arc<Inner>, context: &ToolContext) -> Option<AbortOnD
             tracing::debug!(user = %request.user, error = %e, "sandbox prewarm failed");
         }
     })))
+}
+
+/// Where `send_file` puts files in this turn: the channel the message came from when it pushes
+/// messages, else (web chat, API) the download area, telling the waiting caller about each link.
+fn file_outlet(
+    inner: &Inner,
+    item: &InboxItem,
+    deltas: &Arc<dyn DeltaSink>,
+) -> Option<moltmate_core::tool::FileOutlet> {
+    if let Some(channel) = inner.channels.get(&item.channel) {
+        return Some(moltmate_core::tool::FileOutlet::Channel {
+            channel: Arc::clone(channel),
+            chat_id: item.chat_id.clone(),
+        });
+    }
+    match item.channel {
+        ChannelKind::Web => {
+            inner
+                .downloads
+                .as_ref()
+                .map(|area| moltmate_core::tool::FileOutlet::Download {
+                    area: Arc::clone(area),
+                    notify: Arc::clone(deltas),
+                })
+        }
+        _ => None,
+    }
 }

@@ -137,6 +137,7 @@ pub fn harness_with_gateway(settings: WebSettings, gateway: GatewaySettings) -> 
         model: model.clone(),
         tools: ToolBox::default(),
         channels: vec![],
+        downloads: None,
         sandbox: None,
         disk_caps: None,
         shutdown: shutdown.clone(),

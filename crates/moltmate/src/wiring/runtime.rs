@@ -36,6 +36,8 @@ pub struct Built {
     /// The sandbox layer's state directory when this gateway loop-mounts capped volumes there
     /// (root, with a sandbox): [`Built::release_volumes`] takes them down at shutdown.
     pub volumes: std::sync::Mutex<Option<moltmate_sandbox::disk::VolumeHold>>,
+    /// Files `send_file` keeps for web and API users, served at `/files/<id>`.
+    pub downloads: moltmate_store::downloads::Downloads,
 }
 
 impl Built {
@@ -385,6 +387,15 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
     let disk_caps: Option<Arc<dyn DiskCaps>> = (sandbox.is_some()
         && moltmate_sandbox::disk::can_enforce())
     .then(|| Arc::new(moltmate_sandbox::disk::LoopVolumes::new(&state_dir)) as _);
+    let downloads =
+        moltmate_store::downloads::Downloads::new(store.clone(), home, download_settings(config));
+    if purpose == Purpose::Serve {
+        match downloads.prune_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "deleted expired downloads"),
+            Err(e) => tracing::warn!(error = %e, "could not delete expired downloads"),
+        }
+    }
     let gateway = Gateway::new(GatewayParts {
         store: store.clone(),
         homes,
@@ -392,6 +403,7 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         model,
         tools,
         channels,
+        downloads: Some(Arc::new(downloads.clone())),
         sandbox: sandbox.clone(),
         disk_caps,
         shutdown: shutdown.clone(),
@@ -409,7 +421,19 @@ pub async fn build(home: &Path, config: &Config, purpose: Purpose) -> Result<Bui
         store,
         webhooks,
         volumes: std::sync::Mutex::new(volumes),
+        downloads,
     })
+}
+
+/// `attachments.downloads` and the public URL → the download area's settings.
+fn download_settings(config: &Config) -> moltmate_store::downloads::DownloadSettings {
+    let d = &config.attachments.downloads;
+    moltmate_store::downloads::DownloadSettings {
+        ttl: Duration::from_secs(d.expire_days.saturating_mul(24 * 3600)),
+        max_files_per_user: usize::try_from(d.max_files_per_user).unwrap_or(usize::MAX),
+        max_bytes_per_user: d.max_mb_per_user.saturating_mul(1 << 20),
+        base_url: super::public_base_url(config),
+    }
 }
 
 /// The host ids `user`'s sandbox runs as and their home belongs to (allocated on first need
@@ -488,6 +512,7 @@ pub async fn start_web(home: &Path, config: &Config, built: &Built) -> Result<St
         base_url: super::public_base_url(config),
         prices: moltmate_ops::usage::PriceTable::from_config(&config.model.prices),
         webhooks: built.webhooks.clone(),
+        downloads: Some(built.downloads.clone()),
         ..moltmate_web::WebSettings::default()
     };
     let state =
