@@ -430,3 +430,142 @@ async fn connection(shared: Arc<Shared>, mut socket: WebSocket) {
     }
     shared.bump();
 }
+
+/// Posts Events API requests to a gateway's `/webhooks/slack`, signed like Slack signs them:
+/// `X-Slack-Request-Timestamp` and `X-Slack-Signature: v0=` + hex HMAC-SHA256(signing secret,
+/// `v0:{timestamp}:{body}`); redeliveries carry `X-Slack-Retry-Num` and `X-Slack-Retry-Reason`.
+pub struct EventsSender {
+    pub url: String,
+    pub signing_secret: String,
+    http: reqwest::Client,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl fmt::Debug for EventsSender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventsSender")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one Events API request is signed and marked.
+#[derive(Debug, Clone, Default)]
+pub struct Signing<'a> {
+    /// `None`: no signature header at all.
+    pub secret: Option<&'a str>,
+    /// Seconds to add to the current time (negative: in the past). `None`: no timestamp header.
+    pub skew_seconds: Option<i64>,
+    /// `X-Slack-Retry-Num`.
+    pub retry: Option<u32>,
+}
+
+impl EventsSender {
+    /// `url` is the gateway's `.../webhooks/slack`.
+    pub fn new(url: &str, signing_secret: &str) -> Self {
+        EventsSender {
+            url: url.to_string(),
+            signing_secret: signing_secret.to_string(),
+            http: reqwest::Client::new(),
+            next: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// `v0=<hex>`, Slack's signature of `body` sent at `timestamp`.
+    pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> String {
+        use hmac::Mac;
+        let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else {
+            return String::new();
+        };
+        mac.update(format!("v0:{timestamp}:").as_bytes());
+        mac.update(body);
+        let hex: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("v0={hex}")
+    }
+
+    /// The signing a correct, fresh first delivery has.
+    pub fn good(&self) -> Signing<'_> {
+        Signing {
+            secret: Some(&self.signing_secret),
+            skew_seconds: Some(0),
+            retry: None,
+        }
+    }
+
+    /// An `event_callback` wrapping `event`, as Slack sends it.
+    pub fn callback(&self, event: Value) -> Value {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        json!({"token": "deprecated-verification-token", "team_id": TEAM_ID,
+            "api_app_id": "A0TEST", "event": event, "type": "event_callback",
+            "event_id": format!("Ev0HTTP{n:06}"), "event_time": 1_700_000_000,
+            "authorizations": [{"team_id": TEAM_ID, "user_id": BOT_USER_ID, "is_bot": true}]})
+    }
+
+    /// A `message.im` event from `user` in their DM with the bot; returns it and its `ts`.
+    pub fn dm_event(&self, user: &str, text: &str) -> (Value, String) {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ts = format!("1700000100.{n:06}");
+        let event = json!({"type": "message", "channel_type": "im",
+            "channel": FakeSlack::dm_channel(user), "user": user, "text": text, "ts": ts,
+            "event_ts": ts, "team": TEAM_ID});
+        (event, ts)
+    }
+
+    /// Posts `body` as Slack would with `signing`; returns the status and the answer's body.
+    pub async fn post_raw(&self, body: &[u8], signing: &Signing<'_>) -> (u16, String) {
+        let mut request = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let timestamp = signing.skew_seconds.map(|s| (now + s).to_string());
+        if let Some(ts) = &timestamp {
+            request = request.header("x-slack-request-timestamp", ts);
+        }
+        if let Some(secret) = signing.secret {
+            let ts = timestamp.clone().unwrap_or_else(|| now.to_string());
+            request = request.header("x-slack-signature", Self::sign(secret, &ts, body));
+        }
+        if let Some(n) = signing.retry {
+            request = request
+                .header("x-slack-retry-num", n.to_string())
+                .header("x-slack-retry-reason", "http_timeout");
+        }
+        match request.send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                (status, r.text().await.unwrap_or_default())
+            }
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// Posts `payload` signed correctly; returns the status.
+    pub async fn post(&self, payload: &Value) -> u16 {
+        self.post_raw(payload.to_string().as_bytes(), &self.good())
+            .await
+            .0
+    }
+
+    /// A signed DM from `user`; returns the status and the message's `ts`.
+    pub async fn post_dm(&self, user: &str, text: &str) -> (u16, String) {
+        let (event, ts) = self.dm_event(user, text);
+        (self.post(&self.callback(event)).await, ts)
+    }
+
+    /// The `url_verification` handshake Slack sends when the Request URL is saved.
+    pub async fn url_verification(&self, challenge: &str, signing: &Signing<'_>) -> (u16, String) {
+        let body = json!({"token": "deprecated-verification-token", "challenge": challenge,
+            "type": "url_verification"});
+        self.post_raw(body.to_string().as_bytes(), signing).await
+    }
+}

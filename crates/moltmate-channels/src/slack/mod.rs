@@ -26,6 +26,9 @@
 //! Web API, so `send_typing` does nothing.
 
 mod api;
+mod events;
+
+pub use events::{signature as events_signature, MAX_EVENT_BODY, REPLAY_WINDOW};
 
 use crate::retry::{deliver_until_stored, sleep_or_shutdown, Backoff};
 use crate::telegram::split;
@@ -39,7 +42,7 @@ use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
 use serde::Deserialize;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -53,13 +56,26 @@ pub const SLACK_MAX_PART_CHARS: usize = 3000;
 const MAX_ENVELOPE_BYTES: usize = 1 << 20;
 const HEALTHY_CONNECTION: Duration = Duration::from_secs(60);
 
+/// How Slack reaches the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlackMode {
+    /// Socket Mode: the gateway opens a websocket to Slack (no public URL needed).
+    Socket,
+    /// Events API: Slack POSTs signed events to `/webhooks/slack` on the gateway's web server.
+    Events,
+}
+
 /// How the Slack channel connects. `Debug` shows no token.
 #[derive(Clone)]
 pub struct SlackSettings {
     /// Bot token (`xoxb-…`).
     pub bot_token: String,
-    /// App-level token (`xapp-…`) with `connections:write`.
+    /// App-level token (`xapp-…`) with `connections:write` (Socket Mode only; empty otherwise).
     pub app_token: String,
+    pub mode: SlackMode,
+    /// The app's signing secret (Events API only; empty otherwise): key of every request's
+    /// `X-Slack-Signature`.
+    pub signing_secret: String,
     pub api_url: String,
     pub groups: GroupPolicy,
     pub request_timeout: Duration,
@@ -74,6 +90,8 @@ impl SlackSettings {
         SlackSettings {
             bot_token: bot_token.into(),
             app_token: app_token.into(),
+            mode: SlackMode::Socket,
+            signing_secret: String::new(),
             api_url: DEFAULT_API_URL.to_string(),
             groups: GroupPolicy::default(),
             request_timeout: Duration::from_secs(15),
@@ -82,6 +100,14 @@ impl SlackSettings {
             max_retry_after: Duration::from_secs(300),
             send_attempts: 5,
         }
+    }
+
+    /// An app that receives over the Events API (HTTP) instead of Socket Mode.
+    pub fn events(bot_token: impl Into<String>, signing_secret: impl Into<String>) -> Self {
+        let mut settings = SlackSettings::new(bot_token, "");
+        settings.mode = SlackMode::Events;
+        settings.signing_secret = signing_secret.into();
+        settings
     }
 
     pub fn with_api_url(mut self, api_url: impl Into<String>) -> Self {
@@ -95,6 +121,8 @@ impl fmt::Debug for SlackSettings {
         f.debug_struct("SlackSettings")
             .field("bot_token", &"<redacted>")
             .field("app_token", &"<redacted>")
+            .field("signing_secret", &"<redacted>")
+            .field("mode", &self.mode)
             .field("api_url", &self.api_url)
             .field("groups", &self.groups)
             .finish_non_exhaustive()
@@ -107,6 +135,8 @@ pub enum SlackSetupError {
     MalformedBotToken,
     #[error("the Slack app-level token must look like \"xapp-…\" (letters, digits and '-')")]
     MalformedAppToken,
+    #[error("the Slack signing secret must be 16 to 128 letters and digits")]
+    MalformedSigningSecret,
     #[error("invalid Slack API URL: {reason}")]
     InvalidApiUrl { reason: String },
     #[error("could not build the HTTP client: {0}")]
@@ -125,12 +155,20 @@ struct Envelope {
     reason: Option<String>,
 }
 
+/// An Events API payload: the body of an HTTP event request, or a Socket Mode envelope's
+/// `payload`.
 #[derive(Debug, Deserialize)]
 struct Payload {
+    /// `event_callback`, `url_verification`, `app_rate_limited`.
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
     #[serde(default)]
     team_id: Option<String>,
     #[serde(default)]
     event: Option<Event>,
+    /// Only in `url_verification`.
+    #[serde(default)]
+    challenge: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,13 +210,24 @@ enum Ended {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// The Slack channel (Socket Mode).
-#[derive(Debug)]
+/// The Slack channel: Socket Mode, or the Events API through [`moltmate_core::webhook::Webhook`].
 pub struct SlackChannel {
     settings: SlackSettings,
     api: WebApi,
     http_is_plain: bool,
     health: Arc<ChannelHealth>,
+    /// Events API: the gateway's inbox, once [`Channel::run`] started.
+    sink: OnceLock<Arc<dyn InboundSink>>,
+    /// Events API: who the bot is (`auth.test`), once the token was checked.
+    me: OnceLock<AuthTest>,
+}
+
+impl fmt::Debug for SlackChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlackChannel")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SlackChannel {
@@ -186,8 +235,14 @@ impl SlackChannel {
         if !token_ok(&settings.bot_token, "xoxb-") {
             return Err(SlackSetupError::MalformedBotToken);
         }
-        if !token_ok(&settings.app_token, "xapp-") {
-            return Err(SlackSetupError::MalformedAppToken);
+        match settings.mode {
+            SlackMode::Socket if !token_ok(&settings.app_token, "xapp-") => {
+                return Err(SlackSetupError::MalformedAppToken);
+            }
+            SlackMode::Events if !events::signing_secret_ok(&settings.signing_secret) => {
+                return Err(SlackSetupError::MalformedSigningSecret);
+            }
+            _ => {}
         }
         let url =
             reqwest::Url::parse(&settings.api_url).map_err(|e| SlackSetupError::InvalidApiUrl {
@@ -209,7 +264,7 @@ impl SlackChannel {
             http,
             &settings.api_url,
             &settings.bot_token,
-            Some(&settings.app_token),
+            (settings.mode == SlackMode::Socket).then_some(settings.app_token.as_str()),
             settings.request_timeout,
             settings.max_retry_after,
         )
@@ -219,11 +274,22 @@ impl SlackChannel {
             settings,
             api,
             health: ChannelHealth::new(ChannelKind::Slack),
+            sink: OnceLock::new(),
+            me: OnceLock::new(),
         })
     }
 
-    /// Classify one event. `me` is the bot's own user id and team.
+    pub fn mode(&self) -> SlackMode {
+        self.settings.mode
+    }
+
+    /// Classify one event (Socket Mode and Events API alike). `team` is the payload's
+    /// `team_id`, `me` the bot's own user id and team.
     fn dispose(&self, team: Option<&str>, event: Event, me: &AuthTest) -> Disposition {
+        if team.is_some_and(|t| t != me.team_id) {
+            // Our bot token speaks for one workspace; an event of another cannot be answered.
+            return Disposition::Skip("event of another workspace");
+        }
         let is_mention = event.kind == "app_mention";
         if event.kind != "message" && !is_mention {
             return Disposition::Skip("not a message");
@@ -476,6 +542,15 @@ impl Channel for SlackChannel {
             }
         };
         backoff.reset();
+        if self.settings.mode == SlackMode::Events {
+            // Slack pushes to the webhook; it can deliver from now on.
+            let _ = self.sink.set(sink);
+            let _ = self.me.set(me.clone());
+            self.health.set_connected(true);
+            tracing::info!(bot = %me.user_id, team = %me.team_id, "slack: ready for the Events API at /webhooks/slack");
+            shutdown.cancelled().await;
+            return Ok(());
+        }
         loop {
             let url = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
