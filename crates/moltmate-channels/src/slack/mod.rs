@@ -36,7 +36,8 @@ use api::{ApiError, AuthTest, WebApi, SERVICE};
 use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
 use moltmate_core::channel::{
-    group_message_text, Channel, ChannelError, GroupPolicy, InboundMessage, InboundSink,
+    group_message_text, Attachment, AttachmentKind, Channel, ChannelError, GroupPolicy,
+    InboundMessage, InboundSink, OutboundFile,
 };
 use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
@@ -54,6 +55,12 @@ pub const DEFAULT_API_URL: &str = "https://slack.com/api";
 pub const SLACK_MAX_PART_CHARS: usize = 3000;
 
 const MAX_ENVELOPE_BYTES: usize = 1 << 20;
+
+/// Where Slack serves private files (`url_private_download`) and takes uploads.
+const SLACK_FILE_HOST: &str = "files.slack.com";
+
+/// Files taken from one message (Slack allows ten).
+const MAX_FILES: usize = 10;
 const HEALTHY_CONNECTION: Duration = Duration::from_secs(60);
 
 /// How Slack reaches the gateway.
@@ -193,6 +200,28 @@ struct Event {
     thread_ts: Option<String>,
     #[serde(default)]
     team: Option<String>,
+    /// Files shared with the message (`subtype: "file_share"`).
+    #[serde(default)]
+    files: Vec<SlackFile>,
+}
+
+/// A file on a message event. Nothing here is trusted: the URL must be on Slack's file host,
+/// the size is checked again while downloading, the type is decided by the content.
+#[derive(Debug, Deserialize)]
+struct SlackFile {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    mimetype: Option<String>,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    url_private_download: Option<String>,
+    #[serde(default)]
+    url_private: Option<String>,
+    /// `tombstone`, `hidden_by_limit`, `external`, … : nothing to download.
+    #[serde(default)]
+    mode: Option<String>,
 }
 
 #[derive(Debug)]
@@ -258,6 +287,8 @@ impl SlackChannel {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(settings.request_timeout)
+            // A redirect would carry nothing we want to follow: never the bot token elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| SlackSetupError::HttpClient(e.without_url().to_string()))?;
         let api = WebApi::new(
@@ -294,7 +325,7 @@ impl SlackChannel {
         if event.kind != "message" && !is_mention {
             return Disposition::Skip("not a message");
         }
-        if event.subtype.is_some() {
+        if event.subtype.as_deref().is_some_and(|s| s != "file_share") {
             return Disposition::Skip("edit, deletion, bot or other subtype");
         }
         if event.bot_id.is_some() || event.user.as_deref() == Some(me.user_id.as_str()) {
@@ -335,7 +366,8 @@ impl SlackChannel {
             };
             (group, group_message_text(&user, &stripped))
         };
-        if text.is_empty() {
+        let attachments = self.attachments(&event.files);
+        if text.is_empty() && attachments.is_empty() {
             return Disposition::Skip("message without text");
         }
         let chat_id = match &thread {
@@ -343,7 +375,7 @@ impl SlackChannel {
             None => channel.clone(),
         };
         Disposition::Deliver(Box::new(InboundMessage {
-            attachments: Vec::new(),
+            attachments,
             sender,
             chat_id,
             // The same message reaches us as `message` and `app_mention`, and again on a
@@ -354,6 +386,62 @@ impl SlackChannel {
             sender_name: None,
             language_code: None,
         }))
+    }
+
+    /// The downloadable files of a message as attachments (at most [`MAX_FILES`]); a file whose
+    /// URL is not on Slack's file host is left out.
+    fn attachments(&self, files: &[SlackFile]) -> Vec<Attachment> {
+        files
+            .iter()
+            .filter(|f| f.mode.as_deref().is_none_or(|m| m == "hosted"))
+            .filter_map(|f| {
+                let url = f
+                    .url_private_download
+                    .as_deref()
+                    .or(f.url_private.as_deref())?;
+                if !self.file_url_ok(url) {
+                    tracing::warn!(
+                        "slack: a file named a download URL outside Slack's file host; left out"
+                    );
+                    return None;
+                }
+                let mime = f.mimetype.as_deref().unwrap_or("");
+                let kind = if mime.starts_with("image/") {
+                    AttachmentKind::Photo
+                } else if mime.starts_with("audio/") {
+                    AttachmentKind::Audio
+                } else {
+                    AttachmentKind::Document
+                };
+                let mut attachment = Attachment::new(kind, url);
+                attachment.file_name = f.name.clone();
+                attachment.mime_type = f.mimetype.clone();
+                attachment.size = f.size;
+                Some(attachment)
+            })
+            .take(MAX_FILES)
+            .collect()
+    }
+
+    /// Whether the bot token may be sent to `url`: `https://files.slack.com/…`, or the origin of
+    /// the configured `apiUrl` (a test double, or the operator's own proxy). Nothing else, and
+    /// no credentials or odd ports in the URL.
+    fn file_url_ok(&self, url: &str) -> bool {
+        if url.len() > 2048 {
+            return false;
+        }
+        let Ok(url) = reqwest::Url::parse(url) else {
+            return false;
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            return false;
+        }
+        let slack = url.scheme() == "https"
+            && url.host_str() == Some(SLACK_FILE_HOST)
+            && url.port().is_none();
+        let ours = reqwest::Url::parse(&self.settings.api_url)
+            .is_ok_and(|api| api.origin() == url.origin() && api.host_str() != Some("slack.com"));
+        slack || ours
     }
 
     async fn deliver(
@@ -615,6 +703,97 @@ impl Channel for SlackChannel {
     async fn send_typing(&self, _chat_id: &str) -> Result<(), ChannelError> {
         Ok(())
     }
+
+    async fn fetch_attachment(
+        &self,
+        attachment: &Attachment,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ChannelError> {
+        if !self.file_url_ok(&attachment.file_ref) {
+            return Err(ChannelError::Rejected {
+                service: SERVICE,
+                status: 400,
+                detail: "the file is not on Slack's file host".to_string(),
+            });
+        }
+        let too_large = |size: Option<u64>| ChannelError::Rejected {
+            service: SERVICE,
+            status: 413,
+            detail: match size {
+                Some(size) => {
+                    format!("the file has {size} bytes, more than the limit of {max_bytes}")
+                }
+                None => format!("the file is larger than the limit of {max_bytes} bytes"),
+            },
+        };
+        if let Some(size) = attachment.size.filter(|s| *s > max_bytes) {
+            return Err(too_large(Some(size)));
+        }
+        match tokio::time::timeout(timeout, self.api.download(&attachment.file_ref, max_bytes))
+            .await
+        {
+            Err(_) => Err(ChannelError::Unreachable {
+                service: SERVICE,
+                detail: format!("the download took longer than {}s", timeout.as_secs()),
+            }),
+            Ok(Ok(Some(bytes))) => Ok(bytes),
+            Ok(Ok(None)) => Err(too_large(None)),
+            Ok(Err(e)) => {
+                let e = e.into_channel_error();
+                self.health.channel_error(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// `files.getUploadURLExternal`, the upload, `files.completeUploadExternal` into the
+    /// conversation (and thread) the message came from.
+    async fn send_file(&self, chat_id: &str, file: &OutboundFile) -> Result<(), ChannelError> {
+        let (channel, thread) = match chat_id.split_once('/') {
+            Some((channel, thread)) => (channel, Some(thread)),
+            None => (chat_id, None),
+        };
+        if !slack_id(channel) || thread.is_some_and(|t| !slack_ts(t)) || file.content.is_empty() {
+            return Err(ChannelError::Rejected {
+                service: SERVICE,
+                status: 400,
+                detail: "not a Slack channel id, or an empty file".to_string(),
+            });
+        }
+        let fail = |e: ApiError| {
+            let e = e.into_channel_error();
+            self.health.channel_error(&e);
+            e
+        };
+        let (upload_url, file_id) = self
+            .api
+            .upload_url(&file.file_name, file.content.len())
+            .await
+            .map_err(fail)?;
+        if !self.file_url_ok(&upload_url) {
+            return Err(ChannelError::InvalidReply {
+                service: SERVICE,
+                detail: "files.getUploadURLExternal named an upload URL outside Slack's file host"
+                    .to_string(),
+            });
+        }
+        self.api
+            .upload(&upload_url, &file.content)
+            .await
+            .map_err(fail)?;
+        let comment = file.caption.as_deref().map(escape);
+        self.api
+            .complete_upload(
+                &file_id,
+                &file.file_name,
+                channel,
+                thread,
+                comment.as_deref(),
+            )
+            .await
+            .map_err(fail)
+    }
 }
 
 /// Slack's three control characters, escaped as Slack requires.
@@ -714,6 +893,74 @@ mod tests {
         };
         assert_eq!(m.sender.to_string(), "slack:group/T1/C5");
         assert_eq!(m.text, "U7: time?");
+    }
+
+    #[test]
+    fn shared_files_become_attachments_only_from_slacks_file_host() {
+        let c = channel(GroupPolicy::default());
+        let Disposition::Deliver(m) = c.dispose(
+            Some("T1"),
+            event(serde_json::json!({"type": "message", "subtype": "file_share",
+                "channel_type": "im", "channel": "D9", "user": "U7", "text": "", "ts": "1.1",
+                "files": [
+                    {"id": "F1", "name": "cat.png", "mimetype": "image/png", "size": 12, "mode": "hosted",
+                     "url_private_download": "https://files.slack.com/files-pri/T1-F1/download/cat.png"},
+                    {"id": "F2", "name": "x.pdf", "mimetype": "application/pdf", "size": 5,
+                     "url_private_download": "https://evil.example/steal"},
+                    {"id": "F3", "name": "y.pdf", "url_private_download": "http://files.slack.com/y"},
+                    {"id": "F4", "name": "z", "url_private_download": "https://files.slack.com.evil.example/z"},
+                    {"id": "F5", "name": "w", "url_private_download": "https://u:p@files.slack.com/w"},
+                    {"id": "F6", "name": "gone", "mode": "tombstone", "url_private_download": "https://files.slack.com/g"},
+                    {"id": "F7", "name": "memo.m4a", "mimetype": "audio/mp4",
+                     "url_private": "https://files.slack.com/files-pri/T1-F7/memo.m4a"}
+                ]})),
+            &me(),
+        ) else {
+            panic!("a file message is delivered")
+        };
+        let kinds: Vec<_> = m
+            .attachments
+            .iter()
+            .map(|a| (a.kind, a.file_ref.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (
+                    AttachmentKind::Photo,
+                    "https://files.slack.com/files-pri/T1-F1/download/cat.png"
+                ),
+                (
+                    AttachmentKind::Audio,
+                    "https://files.slack.com/files-pri/T1-F7/memo.m4a"
+                ),
+            ]
+        );
+        assert_eq!(m.attachments[0].size, Some(12));
+        // The test double's origin (the configured apiUrl) counts as Slack's; slack.com itself
+        // only through files.slack.com.
+        assert!(c.file_url_ok("http://127.0.0.1:1/files/F1/x"));
+        assert!(!c.file_url_ok("http://127.0.0.1:2/files/F1/x"));
+        let public = SlackChannel::new(SlackSettings::new("xoxb-1", "xapp-1")).unwrap();
+        assert!(!public.file_url_ok("https://slack.com/files/x"));
+        assert!(!public.file_url_ok("https://files.slack.com:8443/x"));
+        assert!(public.file_url_ok("https://files.slack.com/files-pri/T1-F1/download/a"));
+    }
+
+    #[test]
+    fn events_of_another_workspace_are_skipped() {
+        let c = channel(GroupPolicy::default());
+        assert!(matches!(
+            c.dispose(
+                Some("T9"),
+                event(
+                    serde_json::json!({"type": "message", "channel_type": "im", "channel": "D9",
+                    "user": "U7", "text": "hi", "ts": "1.1"})
+                ),
+                &me(),
+            ),
+            Disposition::Skip("event of another workspace")
+        ));
     }
 
     #[test]
