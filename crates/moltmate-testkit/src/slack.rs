@@ -9,6 +9,10 @@
 //!   like Slack, an envelope stays pending until the app sends `{"envelope_id": …}` and is
 //!   redelivered (with `retry_attempt` + 1) on the next connection. `disconnect` envelopes can
 //!   be sent (`refresh_requested`, `link_disabled`).
+//! * Files: `/files/<id>/<name>` serves files people shared (bot token required, else a 302 to
+//!   the sign-in page as Slack does); `files.getUploadURLExternal` (form) hands out an upload
+//!   URL, `/upload/<id>` takes the bytes (length checked), `files.completeUploadExternal` (form)
+//!   shares them into a channel, recorded as [`SharedFile`].
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -39,8 +43,28 @@ enum ToApp {
     Close,
 }
 
+/// A file the app shared with `files.completeUploadExternal`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedFile {
+    pub channel: String,
+    pub thread_ts: Option<String>,
+    pub title: String,
+    pub file_name: String,
+    pub content: Vec<u8>,
+    pub comment: Option<String>,
+}
+
 #[derive(Default)]
 struct Inner {
+    /// Files people shared, served at `/files/<id>/<name>` with the bot token.
+    files: std::collections::HashMap<String, Vec<u8>>,
+    /// Downloads: (file id, whether the bot token came with it).
+    downloads: Vec<(String, bool)>,
+    /// Upload slots handed out: file id → (file name, announced length, uploaded bytes).
+    uploads: std::collections::HashMap<String, (String, usize, Option<Vec<u8>>)>,
+    /// Whether any upload carried an `Authorization` header.
+    upload_saw_token: bool,
+    shared_files: Vec<SharedFile>,
     /// Envelopes not acknowledged yet: (id, envelope, deliveries so far).
     pending: Vec<(String, Value, u32)>,
     acked: Vec<String>,
@@ -128,6 +152,10 @@ impl FakeSlack {
             .route("/api/auth.test", post(auth_test))
             .route("/api/apps.connections.open", post(connections_open))
             .route("/api/chat.postMessage", post(post_message))
+            .route("/api/files.getUploadURLExternal", post(upload_url))
+            .route("/api/files.completeUploadExternal", post(complete_upload))
+            .route("/upload/{id}", post(upload))
+            .route("/files/{id}/{name}", get(download))
             .route("/link/", get(link))
             .with_state(shared.clone());
         let server = tokio::spawn(async move {
@@ -162,6 +190,52 @@ impl FakeSlack {
         drop(inner);
         self.shared.bump();
         ts
+    }
+
+    /// Stores `content` as a Slack file; returns its `url_private_download` on this double.
+    pub fn add_file(&self, name: &str, content: Vec<u8>) -> String {
+        let mut inner = self.shared.lock();
+        inner.next_id += 1;
+        let id = format!("F{:06}", inner.next_id);
+        inner.files.insert(id.clone(), content);
+        format!("http://{}/files/{id}/{name}", self.shared.addr)
+    }
+
+    /// The `files[]` entry of a message event for a file at `url`.
+    pub fn file_object(url: &str, name: &str, mimetype: &str, size: u64) -> Value {
+        json!({"id": "F0", "name": name, "title": name, "mimetype": mimetype,
+            "filetype": "auto", "size": size, "mode": "hosted", "is_external": false,
+            "url_private": url, "url_private_download": url})
+    }
+
+    /// A direct message from `user` sharing `files` (`subtype: "file_share"`); returns its `ts`.
+    pub fn push_file_dm(&self, user: &str, text: &str, files: Vec<Value>) -> String {
+        let mut inner = self.shared.lock();
+        inner.next_id += 1;
+        let ts = format!("1700000000.{:06}", inner.next_id);
+        let event = json!({"type": "message", "subtype": "file_share", "channel_type": "im",
+            "channel": Self::dm_channel(user), "user": user, "text": text, "ts": ts,
+            "event_ts": ts, "team": TEAM_ID, "files": files, "upload": false});
+        push_event(&mut inner, event);
+        drop(inner);
+        self.shared.bump();
+        ts
+    }
+
+    /// Downloads so far: (file id, whether the bot token came with the request).
+    pub fn downloads(&self) -> Vec<(String, bool)> {
+        self.shared.lock().downloads.clone()
+    }
+
+    /// Files the app shared into conversations.
+    pub fn shared_files(&self) -> Vec<SharedFile> {
+        self.shared.lock().shared_files.clone()
+    }
+
+    /// Whether an upload to an upload URL carried a token (it must not: the URL is the
+    /// authorisation).
+    pub fn upload_saw_token(&self) -> bool {
+        self.shared.lock().upload_saw_token
     }
 
     /// An arbitrary event (a bot message, an edit, an `app_mention`).
@@ -367,6 +441,109 @@ async fn post_message(
     drop(inner);
     shared.bump();
     Json(json!({"ok": true, "channel": channel, "ts": ts})).into_response()
+}
+
+async fn download(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path((id, _name)): axum::extract::Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let authorised = shared.check(&headers, &shared.bot_token).is_none();
+    let mut inner = shared.lock();
+    inner.downloads.push((id.clone(), authorised));
+    if !authorised {
+        // Slack answers an unauthenticated file request with a redirect to its login page.
+        return (
+            StatusCode::FOUND,
+            [("location", "https://slack.com/signin")],
+            "",
+        )
+            .into_response();
+    }
+    match inner.files.get(&id) {
+        Some(bytes) => bytes.clone().into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn upload_url(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Form(form): axum::extract::Form<std::collections::HashMap<String, String>>,
+) -> Response {
+    if let Some(error) = shared.check(&headers, &shared.bot_token) {
+        return slack_error(error);
+    }
+    let (Some(name), Some(length)) = (
+        form.get("filename"),
+        form.get("length").and_then(|l| l.parse::<usize>().ok()),
+    ) else {
+        return slack_error("invalid_arguments");
+    };
+    let mut inner = shared.lock();
+    inner.next_id += 1;
+    let id = format!("FUP{:06}", inner.next_id);
+    inner
+        .uploads
+        .insert(id.clone(), (name.clone(), length, None));
+    Json(json!({"ok": true, "upload_url": format!("http://{}/upload/{id}", shared.addr), "file_id": id}))
+        .into_response()
+}
+
+async fn upload(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let mut inner = shared.lock();
+    if headers.contains_key("authorization") {
+        inner.upload_saw_token = true;
+    }
+    match inner.uploads.get_mut(&id) {
+        Some((_, length, content)) if *length == body.len() => {
+            *content = Some(body.to_vec());
+            (StatusCode::OK, format!("OK - {}", body.len())).into_response()
+        }
+        Some(_) => (StatusCode::BAD_REQUEST, "length mismatch").into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn complete_upload(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Form(form): axum::extract::Form<std::collections::HashMap<String, String>>,
+) -> Response {
+    if let Some(error) = shared.check(&headers, &shared.bot_token) {
+        return slack_error(error);
+    }
+    let files: Vec<Value> = form
+        .get("files")
+        .and_then(|f| serde_json::from_str(f).ok())
+        .unwrap_or_default();
+    let Some(channel) = form.get("channel_id").cloned() else {
+        return slack_error("invalid_arguments");
+    };
+    let mut inner = shared.lock();
+    for file in &files {
+        let id = file.get("id").and_then(Value::as_str).unwrap_or("");
+        let title = file.get("title").and_then(Value::as_str).unwrap_or("");
+        let Some((name, _, Some(content))) = inner.uploads.remove(id) else {
+            return slack_error("file_not_found");
+        };
+        inner.shared_files.push(SharedFile {
+            channel: channel.clone(),
+            thread_ts: form.get("thread_ts").cloned(),
+            title: title.to_string(),
+            file_name: name,
+            content,
+            comment: form.get("initial_comment").cloned(),
+        });
+    }
+    drop(inner);
+    shared.bump();
+    Json(json!({"ok": true, "files": files})).into_response()
 }
 
 async fn link(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
