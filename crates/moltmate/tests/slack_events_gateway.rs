@@ -335,3 +335,51 @@ async fn slack_events_wrong_bot_token_gives_a_clear_operator_error() {
     assert_eq!(inbox_rows(&e.h.home), 0);
     e.h.stop().await;
 }
+
+/// A sender that trickles a body (slow-loris) gets 408 once the webhook's time bound is over,
+/// holds nothing up meanwhile, and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slack_events_a_trickled_body_times_out_while_others_are_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = start(BOT, json!({})).await;
+    ready(&e).await;
+    // The bystander's normal answer time.
+    let started = std::time::Instant::now();
+    assert_eq!(e.sender.post_dm("U222", "baseline").await.0, 200);
+    replies(&e.slack, "U222", 1).await;
+    let normal = started.elapsed();
+
+    let addr = e.base.trim_start_matches("http://").to_string();
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        socket
+            .write_all(
+                format!(
+                    "POST /webhooks/slack HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 4000\r\nX-Slack-Request-Timestamp: 1\r\nX-Slack-Signature: v0=00\r\n\r\n{{\"type\""
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        slow.push(socket);
+    }
+    let started = std::time::Instant::now();
+    assert_eq!(e.sender.post_dm("U222", "still there?").await.0, 200);
+    assert_eq!(replies(&e.slack, "U222", 2).await[1], "echo: still there?");
+    let took = started.elapsed();
+    assert!(
+        took <= common::bystander_bound(normal),
+        "bystander took {took:?}, normally {normal:?}"
+    );
+    // Each trickler is cut off with 408 (WEBHOOK_BODY_TIMEOUT), without waiting for its body.
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(20), slow[0].read(&mut answer))
+        .await
+        .expect("the server answers within its body timeout")
+        .unwrap();
+    let head = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert_eq!(inbox_rows(&e.h.home), 2, "only the bystander's messages");
+    e.h.stop().await;
+}
