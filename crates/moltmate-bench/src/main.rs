@@ -8,7 +8,8 @@
 //! cargo run --release -p moltmate-bench -- startup    # cold start and idle RSS of `moltmate serve`
 //! cargo run --release -p moltmate-bench -- memory     # RSS with 1,000 users known and 100 active
 //! cargo run --release -p moltmate-bench -- sandbox    # exec round trip: bubblewrap, warm and cold Docker
-//! cargo run --release -p moltmate-bench -- channels   # round trip through Telegram, Discord, Slack doubles
+//! cargo run --release -p moltmate-bench -- channels   # round trip through the Telegram, Discord, Slack
+//!                                                     # (Socket Mode and Events API), Signal and WhatsApp doubles
 //! ```
 //!
 //! `gateway`, `startup` and `memory` run the release binary (`target/release/moltmate`, or
@@ -565,9 +566,190 @@ async fn bench_channels() -> Result<()> {
             samples.push(started.elapsed());
         }
     }
-    report("round trip per message, Slack", samples);
+    report("round trip per message, Slack (Socket Mode)", samples);
+    run.abort();
+
+    // Slack's Events API: signed POSTs to the real web layer's /webhooks/slack.
+    let dir = tempfile::tempdir()?;
+    let slack = FakeSlack::start("xoxb-1-BENCH", "xapp-1-BENCH").await;
+    const SIGNING: &str = "0123456789abcdef0123456789abcdef";
+    let channel = Arc::new(moltmate_channels::SlackChannel::new(
+        moltmate_channels::SlackSettings::events("xoxb-1-BENCH", SIGNING)
+            .with_api_url(slack.api_url()),
+    )?);
+    let gateway = channel_gateway(dir.path(), channel.clone())?;
+    let run = {
+        let g = gateway.clone();
+        tokio::spawn(async move { g.run_channels().await })
+    };
+    let (base, web) = serve_webhooks(&gateway, channel.clone()).await?;
+    let sender =
+        moltmate_testkit::slack::EventsSender::new(&format!("{base}/webhooks/slack"), SIGNING);
+    let started = Instant::now();
+    while !gateway
+        .channel_statuses()
+        .iter()
+        .any(|s| s.channel == moltmate_core::ChannelKind::Slack && s.connected)
+    {
+        if started.elapsed() > wait {
+            bail!("the Slack channel did not check its token");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut samples = Vec::new();
+    for n in 0..ROUNDS {
+        for user in 0..USERS {
+            let id = format!("U{}", 1000 + user);
+            let started = Instant::now();
+            let (status, _) = sender.post_dm(&id, "hi").await;
+            if status != 200 {
+                bail!("Slack Events: HTTP {status}");
+            }
+            let channel = FakeSlack::dm_channel(&id);
+            poll(wait, || {
+                slack
+                    .posted()
+                    .iter()
+                    .filter(|m| m.channel == channel)
+                    .count()
+                    > n
+            })
+            .await?;
+            samples.push(started.elapsed());
+        }
+    }
+    report(
+        "round trip per message, Slack (Events API over HTTP)",
+        samples,
+    );
+    web.cancel();
+    run.abort();
+
+    // Signal, against the fake signal-cli daemon (JSON-RPC over TCP).
+    let dir = tempfile::tempdir()?;
+    const ACCOUNT: &str = "+4917000000001";
+    let signal = moltmate_testkit::signal::FakeSignalCli::start_tcp(ACCOUNT).await;
+    let address = moltmate_channels::signal::DaemonAddress::parse(signal.address())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let channel = moltmate_channels::SignalChannel::new(moltmate_channels::SignalSettings::new(
+        ACCOUNT,
+        moltmate_channels::SignalDaemon::External(address),
+    ))?;
+    let gateway = channel_gateway(dir.path(), Arc::new(channel))?;
+    let run = {
+        let g = gateway.clone();
+        tokio::spawn(async move { g.run_channels().await })
+    };
+    let mut samples = Vec::new();
+    for n in 0..ROUNDS {
+        for user in 0..USERS {
+            let number = format!("+49170{:08}", 1000 + user);
+            let started = Instant::now();
+            signal.push_text(&number, "hi");
+            poll(wait, || {
+                signal
+                    .sent_messages()
+                    .iter()
+                    .filter(|m| m.recipient == number)
+                    .count()
+                    > n
+            })
+            .await?;
+            samples.push(started.elapsed());
+        }
+    }
+    report("round trip per message, Signal", samples);
+    run.abort();
+
+    // WhatsApp: deliveries signed like Meta's, POSTed to the real web layer's
+    // /webhooks/whatsapp; replies to the fake Graph API.
+    let dir = tempfile::tempdir()?;
+    const PHONE_ID: &str = "106540352242922";
+    const TOKEN: &str = "EAAG-BENCH";
+    const APP_SECRET: &str = "bench-app-secret";
+    let graph = moltmate_testkit::whatsapp::FakeGraphApi::start(PHONE_ID, TOKEN).await;
+    let mut settings =
+        moltmate_channels::WhatsAppSettings::new(PHONE_ID, TOKEN, APP_SECRET, "bench-verify");
+    settings.api_url = graph.api_url().to_string();
+    let channel = Arc::new(moltmate_channels::WhatsAppChannel::new(settings)?);
+    let gateway = channel_gateway(dir.path(), channel.clone())?;
+    let run = {
+        let g = gateway.clone();
+        tokio::spawn(async move { g.run_channels().await })
+    };
+    let (base, web) = serve_webhooks(&gateway, channel).await?;
+    let meta = moltmate_testkit::whatsapp::WebhookSigner::new(
+        &format!("{base}/webhooks/whatsapp"),
+        APP_SECRET,
+        PHONE_ID,
+    );
+    let mut samples = Vec::new();
+    for n in 0..ROUNDS {
+        for user in 0..USERS {
+            let number = format!("49170{:08}", 1000 + user);
+            let started = Instant::now();
+            // Until the channel has the gateway's inbox, Meta is told to come back (503).
+            loop {
+                let (status, _) = meta.post_text(&number, "hi").await;
+                match status {
+                    200 => break,
+                    503 if started.elapsed() < wait => {
+                        tokio::time::sleep(Duration::from_millis(5)).await
+                    }
+                    other => bail!("WhatsApp: HTTP {other}"),
+                }
+            }
+            poll(wait, || {
+                graph
+                    .sent_messages()
+                    .iter()
+                    .filter(|m| m.to == number)
+                    .count()
+                    > n
+            })
+            .await?;
+            samples.push(started.elapsed());
+        }
+    }
+    report("round trip per message, WhatsApp", samples);
+    web.cancel();
     run.abort();
     Ok(())
+}
+
+/// Polls `done` every millisecond (the doubles' own waits poll every 20 ms, coarser than what
+/// is measured here).
+async fn poll(timeout: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
+    let started = Instant::now();
+    while !done() {
+        if started.elapsed() > timeout {
+            bail!("no reply within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// The real web layer (`moltmate_web::serve`) with one webhook, on a free loopback port; its
+/// per-IP limit raised so the benchmark's one client is not throttled.
+async fn serve_webhooks(
+    gateway: &Gateway,
+    webhook: Arc<dyn moltmate_core::webhook::Webhook>,
+) -> Result<(String, Shutdown)> {
+    let settings = moltmate_web::WebSettings {
+        unauthenticated_per_minute: 1_000_000,
+        unauthenticated_burst: 100_000,
+        webhooks: vec![webhook],
+        ..moltmate_web::WebSettings::default()
+    };
+    let shutdown = Shutdown::new();
+    let state = moltmate_web::WebState::new(gateway.clone(), settings, shutdown.clone())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let stop = shutdown.clone();
+    tokio::spawn(async move { moltmate_web::serve(state, listener, stop).await });
+    Ok((base, shutdown))
 }
 
 #[tokio::main]

@@ -7,7 +7,7 @@
 //!
 //! Currently implemented: [`telegram`] (Bot API long polling), [`signal`] (signal-cli's
 //! JSON-RPC daemon), [`whatsapp`] (Cloud API webhook + Graph API), [`discord`] (Gateway
-//! websocket + REST), [`slack`] (Socket Mode + Web API).
+//! websocket + REST), [`slack`] (Socket Mode or Events API webhook + Web API).
 
 pub mod discord;
 mod retry;
@@ -18,7 +18,7 @@ pub mod whatsapp;
 
 pub use discord::{DiscordChannel, DiscordSettings, DiscordSetupError};
 pub use signal::{SignalChannel, SignalDaemon, SignalSettings};
-pub use slack::{SlackChannel, SlackSettings, SlackSetupError};
+pub use slack::{SlackChannel, SlackMode, SlackSettings, SlackSetupError};
 
 pub use telegram::{BotInfo, TelegramChannel, TelegramSettings, TelegramSetupError};
 pub use whatsapp::{WhatsAppChannel, WhatsAppSettings};

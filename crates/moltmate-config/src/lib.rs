@@ -39,9 +39,9 @@ pub use schema::{
     GatewayConfig, GroupsConfig, LocalChannelConfig, LogFormat, LoggingConfig, ModelConfig,
     ModelRef, OnboardingConfig, ProviderApi, ProviderConfig, RateLimitConfig, ResolvedProvider,
     SandboxBackend, SandboxConfig, SandboxLimitsConfig, SandboxMode, SandboxPruneConfig,
-    SandboxScope, SandboxTotalConfig, SessionConfig, SlackConfig, TelegramConfig, ToolName,
-    ToolsConfig, TrustLevel, UidRangeConfig, UserConfig, WebChannelConfig, WebFetchConfig,
-    WebToolsConfig,
+    SandboxScope, SandboxTotalConfig, SessionConfig, SlackConfig, SlackMode, TelegramConfig,
+    ToolName, ToolsConfig, TrustLevel, UidRangeConfig, UserConfig, WebChannelConfig,
+    WebFetchConfig, WebToolsConfig,
 };
 pub use schema::{SearchProvider, WebSearchConfig};
 pub use secret::Secret;

@@ -679,16 +679,32 @@ impl DiscordConfig {
     }
 }
 
-/// A Slack app (Socket Mode for receiving, Web API for sending).
+/// How Slack reaches the gateway (`channels.slack.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlackMode {
+    /// Socket Mode (default): no public URL needed; needs `appToken`.
+    #[default]
+    Socket,
+    /// Events API: Slack POSTs to `https://<host>/webhooks/slack`; needs `signingSecret`.
+    Events,
+}
+
+/// A Slack app (Socket Mode or the Events API for receiving, Web API for sending).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct SlackConfig {
     /// Default: enabled iff `botToken` is set.
     pub enabled: Option<bool>,
+    /// `"socket"` (default) or `"events"`.
+    pub mode: SlackMode,
     /// Bot token (`xoxb-…`): `chat.postMessage`, `auth.test`.
     pub bot_token: Option<Secret>,
-    /// App-level token (`xapp-…`, scope `connections:write`): Socket Mode.
+    /// App-level token (`xapp-…`, scope `connections:write`): Socket Mode only.
     pub app_token: Option<Secret>,
+    /// The app's signing secret (Basic Information → App Credentials): Events API only,
+    /// e.g. `"${SLACK_SIGNING_SECRET}"`.
+    pub signing_secret: Option<Secret>,
     /// Web API base URL. Default `https://slack.com/api`.
     pub api_url: String,
     pub dm_policy: DmPolicy,
@@ -707,8 +723,10 @@ impl Default for SlackConfig {
     fn default() -> Self {
         SlackConfig {
             enabled: None,
+            mode: SlackMode::Socket,
             bot_token: None,
             app_token: None,
+            signing_secret: None,
             api_url: "https://slack.com/api".to_string(),
             dm_policy: DmPolicy::Pairing,
             allow_from: Vec::new(),

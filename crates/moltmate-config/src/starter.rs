@@ -127,8 +127,12 @@ pub const STARTER_CONFIG: &str = r#"// Moltmates configuration (JSON5: comments 
     // },
     // A Slack app (README "Slack"): Socket Mode needs no public URL.
     // slack: {
+    //   // "socket" (the gateway connects out), or "events": Slack POSTs to
+    //   // https://<gateway.publicUrl>/webhooks/slack (Event Subscriptions, bot event message.im).
+    //   mode: "socket",
     //   botToken: "${SLACK_BOT_TOKEN}",      // xoxb-...
-    //   appToken: "${SLACK_APP_TOKEN}",      // xapp-... (Socket Mode, connections:write)
+    //   appToken: "${SLACK_APP_TOKEN}",      // xapp-... (mode "socket" only, connections:write)
+    //   // signingSecret: "${SLACK_SIGNING_SECRET}",  // mode "events" only (Basic Information)
     //   apiUrl: "https://slack.com/api",
     //   dmPolicy: "pairing",
     //   // "<team id>/<user id>", e.g. "T0123ABC/U0456DEF".

@@ -8,7 +8,9 @@
 
 use crate::error::{suggest, Problem};
 use crate::limits::Allowance;
-use crate::schema::{Config, DmPolicy, ProviderApi, SandboxMode, SearchProvider, TrustLevel};
+use crate::schema::{
+    Config, DmPolicy, ProviderApi, SandboxMode, SearchProvider, SlackMode, TrustLevel,
+};
 use moltmate_core::{Identity, PeerId, UserId};
 use std::collections::BTreeMap;
 
@@ -604,17 +606,51 @@ fn discord_and_slack(config: &Config) -> Result<(), Failure> {
         tokens: &[
             ("botToken", s.bot_token.as_ref()),
             ("appToken", s.app_token.as_ref()),
+            ("signingSecret", s.signing_secret.as_ref()),
         ],
         api_url: &s.api_url,
         allow_from: &s.allow_from,
         dm_policy: s.dm_policy,
         max_pending_pairings: s.max_pending_pairings,
     })?;
-    if s.is_enabled() && s.app_token.is_none() {
-        return Err(rule(
-            "channels.slack.appToken",
-            "required: Socket Mode needs an app-level token (\"xapp-...\" with connections:write)",
-        ));
+    match s.mode {
+        SlackMode::Socket => {
+            if s.is_enabled() && s.app_token.is_none() {
+                return Err(rule(
+                    "channels.slack.appToken",
+                    "required: Socket Mode needs an app-level token (\"xapp-...\" with connections:write)",
+                ));
+            }
+            if s.signing_secret.is_some() {
+                return Err(rule(
+                    "channels.slack.signingSecret",
+                    "only used with mode \"events\" (Socket Mode needs no signing secret); set mode: \"events\" or remove it",
+                ));
+            }
+        }
+        SlackMode::Events => {
+            if s.is_enabled() && s.signing_secret.is_none() {
+                return Err(rule(
+                    "channels.slack.signingSecret",
+                    "required with mode \"events\": every request from Slack is checked against it (Basic Information → App Credentials → Signing Secret)",
+                ));
+            }
+            if s.app_token.is_some() {
+                return Err(rule(
+                    "channels.slack.appToken",
+                    "only used with mode \"socket\"; remove it, or set mode: \"socket\"",
+                ));
+            }
+            if let Some(secret) = &s.signing_secret {
+                let v = secret.expose();
+                if !(16..=128).contains(&v.len()) || !v.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    return Err(rule(
+                        "channels.slack.signingSecret",
+                        "expected Slack's signing secret (32 hex digits), not the client secret or a token",
+                    ));
+                }
+            }
+        }
     }
     for (i, entry) in s.allow_from.iter().enumerate() {
         let id = entry

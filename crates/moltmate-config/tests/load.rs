@@ -1425,6 +1425,45 @@ fn discord_and_slack_rules() {
         "channels.slack.allowFrom[0]",
         "<team id>/<user id>",
     );
+    assert_err(
+        "{channels: {slack: {botToken: 'xoxb-1', mode: 'events'}}}",
+        "channels.slack.signingSecret",
+        "required with mode \"events\"",
+    );
+    assert_err(
+        "{channels: {slack: {botToken: 'xoxb-1', mode: 'webhook'}}}",
+        "channels.slack.mode",
+        "",
+    );
+    assert_err(
+        "{channels: {slack: {botToken: 'xoxb-1', mode: 'events', signingSecret: 'short'}}}",
+        "channels.slack.signingSecret",
+        "32 hex digits",
+    );
+    assert_err(
+        "{channels: {slack: {botToken: 'xoxb-1', mode: 'events', signingSecret: '8f742231b10e8888abcd99aaabbb85a5', appToken: 'xapp-1'}}}",
+        "channels.slack.appToken",
+        "only used with mode \"socket\"",
+    );
+    assert_err(
+        "{channels: {slack: {botToken: 'xoxb-1', appToken: 'xapp-1', signingSecret: '8f742231b10e8888abcd99aaabbb85a5'}}}",
+        "channels.slack.signingSecret",
+        "only used with mode \"events\"",
+    );
+    assert_err(
+        "{channels: {slack: {botToken: 'xoxb-1', mode: 'events', signingSecret: '8f742231b10e8888abcd99aaabbb85a5', requestUrl: 'x'}}}",
+        "channels.slack.requestUrl",
+        "unknown key",
+    );
+    let events = load(
+        "{channels: {slack: {botToken: 'xoxb-1', mode: 'events', signingSecret: '8f742231b10e8888abcd99aaabbb85a5'}}}",
+    )
+    .unwrap();
+    assert_eq!(
+        events.channels.slack.mode,
+        moltmate_config::SlackMode::Events
+    );
+    assert!(!format!("{:?}", events.channels.slack).contains("8f742231b10e8888"));
     let c = load(
         "{channels: {discord: {botToken: 'x', allowFrom: ['123', 'group/456'], groups: {enabled: true}},
                      slack: {botToken: 'xoxb-1', appToken: 'xapp-1', allowFrom: ['T1/U2']}}}",

@@ -9,6 +9,10 @@
 //!   like Slack, an envelope stays pending until the app sends `{"envelope_id": …}` and is
 //!   redelivered (with `retry_attempt` + 1) on the next connection. `disconnect` envelopes can
 //!   be sent (`refresh_requested`, `link_disabled`).
+//! * Files: `/files/<id>/<name>` serves files people shared (bot token required, else a 302 to
+//!   the sign-in page as Slack does); `files.getUploadURLExternal` (form) hands out an upload
+//!   URL, `/upload/<id>` takes the bytes (length checked), `files.completeUploadExternal` (form)
+//!   shares them into a channel, recorded as [`SharedFile`].
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -39,8 +43,28 @@ enum ToApp {
     Close,
 }
 
+/// A file the app shared with `files.completeUploadExternal`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedFile {
+    pub channel: String,
+    pub thread_ts: Option<String>,
+    pub title: String,
+    pub file_name: String,
+    pub content: Vec<u8>,
+    pub comment: Option<String>,
+}
+
 #[derive(Default)]
 struct Inner {
+    /// Files people shared, served at `/files/<id>/<name>` with the bot token.
+    files: std::collections::HashMap<String, Vec<u8>>,
+    /// Downloads: (file id, whether the bot token came with it).
+    downloads: Vec<(String, bool)>,
+    /// Upload slots handed out: file id → (file name, announced length, uploaded bytes).
+    uploads: std::collections::HashMap<String, (String, usize, Option<Vec<u8>>)>,
+    /// Whether any upload carried an `Authorization` header.
+    upload_saw_token: bool,
+    shared_files: Vec<SharedFile>,
     /// Envelopes not acknowledged yet: (id, envelope, deliveries so far).
     pending: Vec<(String, Value, u32)>,
     acked: Vec<String>,
@@ -128,6 +152,10 @@ impl FakeSlack {
             .route("/api/auth.test", post(auth_test))
             .route("/api/apps.connections.open", post(connections_open))
             .route("/api/chat.postMessage", post(post_message))
+            .route("/api/files.getUploadURLExternal", post(upload_url))
+            .route("/api/files.completeUploadExternal", post(complete_upload))
+            .route("/upload/{id}", post(upload))
+            .route("/files/{id}/{name}", get(download))
             .route("/link/", get(link))
             .with_state(shared.clone());
         let server = tokio::spawn(async move {
@@ -162,6 +190,52 @@ impl FakeSlack {
         drop(inner);
         self.shared.bump();
         ts
+    }
+
+    /// Stores `content` as a Slack file; returns its `url_private_download` on this double.
+    pub fn add_file(&self, name: &str, content: Vec<u8>) -> String {
+        let mut inner = self.shared.lock();
+        inner.next_id += 1;
+        let id = format!("F{:06}", inner.next_id);
+        inner.files.insert(id.clone(), content);
+        format!("http://{}/files/{id}/{name}", self.shared.addr)
+    }
+
+    /// The `files[]` entry of a message event for a file at `url`.
+    pub fn file_object(url: &str, name: &str, mimetype: &str, size: u64) -> Value {
+        json!({"id": "F0", "name": name, "title": name, "mimetype": mimetype,
+            "filetype": "auto", "size": size, "mode": "hosted", "is_external": false,
+            "url_private": url, "url_private_download": url})
+    }
+
+    /// A direct message from `user` sharing `files` (`subtype: "file_share"`); returns its `ts`.
+    pub fn push_file_dm(&self, user: &str, text: &str, files: Vec<Value>) -> String {
+        let mut inner = self.shared.lock();
+        inner.next_id += 1;
+        let ts = format!("1700000000.{:06}", inner.next_id);
+        let event = json!({"type": "message", "subtype": "file_share", "channel_type": "im",
+            "channel": Self::dm_channel(user), "user": user, "text": text, "ts": ts,
+            "event_ts": ts, "team": TEAM_ID, "files": files, "upload": false});
+        push_event(&mut inner, event);
+        drop(inner);
+        self.shared.bump();
+        ts
+    }
+
+    /// Downloads so far: (file id, whether the bot token came with the request).
+    pub fn downloads(&self) -> Vec<(String, bool)> {
+        self.shared.lock().downloads.clone()
+    }
+
+    /// Files the app shared into conversations.
+    pub fn shared_files(&self) -> Vec<SharedFile> {
+        self.shared.lock().shared_files.clone()
+    }
+
+    /// Whether an upload to an upload URL carried a token (it must not: the URL is the
+    /// authorisation).
+    pub fn upload_saw_token(&self) -> bool {
+        self.shared.lock().upload_saw_token
     }
 
     /// An arbitrary event (a bot message, an edit, an `app_mention`).
@@ -369,6 +443,109 @@ async fn post_message(
     Json(json!({"ok": true, "channel": channel, "ts": ts})).into_response()
 }
 
+async fn download(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path((id, _name)): axum::extract::Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let authorised = shared.check(&headers, &shared.bot_token).is_none();
+    let mut inner = shared.lock();
+    inner.downloads.push((id.clone(), authorised));
+    if !authorised {
+        // Slack answers an unauthenticated file request with a redirect to its login page.
+        return (
+            StatusCode::FOUND,
+            [("location", "https://slack.com/signin")],
+            "",
+        )
+            .into_response();
+    }
+    match inner.files.get(&id) {
+        Some(bytes) => bytes.clone().into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn upload_url(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Form(form): axum::extract::Form<std::collections::HashMap<String, String>>,
+) -> Response {
+    if let Some(error) = shared.check(&headers, &shared.bot_token) {
+        return slack_error(error);
+    }
+    let (Some(name), Some(length)) = (
+        form.get("filename"),
+        form.get("length").and_then(|l| l.parse::<usize>().ok()),
+    ) else {
+        return slack_error("invalid_arguments");
+    };
+    let mut inner = shared.lock();
+    inner.next_id += 1;
+    let id = format!("FUP{:06}", inner.next_id);
+    inner
+        .uploads
+        .insert(id.clone(), (name.clone(), length, None));
+    Json(json!({"ok": true, "upload_url": format!("http://{}/upload/{id}", shared.addr), "file_id": id}))
+        .into_response()
+}
+
+async fn upload(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let mut inner = shared.lock();
+    if headers.contains_key("authorization") {
+        inner.upload_saw_token = true;
+    }
+    match inner.uploads.get_mut(&id) {
+        Some((_, length, content)) if *length == body.len() => {
+            *content = Some(body.to_vec());
+            (StatusCode::OK, format!("OK - {}", body.len())).into_response()
+        }
+        Some(_) => (StatusCode::BAD_REQUEST, "length mismatch").into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn complete_upload(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Form(form): axum::extract::Form<std::collections::HashMap<String, String>>,
+) -> Response {
+    if let Some(error) = shared.check(&headers, &shared.bot_token) {
+        return slack_error(error);
+    }
+    let files: Vec<Value> = form
+        .get("files")
+        .and_then(|f| serde_json::from_str(f).ok())
+        .unwrap_or_default();
+    let Some(channel) = form.get("channel_id").cloned() else {
+        return slack_error("invalid_arguments");
+    };
+    let mut inner = shared.lock();
+    for file in &files {
+        let id = file.get("id").and_then(Value::as_str).unwrap_or("");
+        let title = file.get("title").and_then(Value::as_str).unwrap_or("");
+        let Some((name, _, Some(content))) = inner.uploads.remove(id) else {
+            return slack_error("file_not_found");
+        };
+        inner.shared_files.push(SharedFile {
+            channel: channel.clone(),
+            thread_ts: form.get("thread_ts").cloned(),
+            title: title.to_string(),
+            file_name: name,
+            content,
+            comment: form.get("initial_comment").cloned(),
+        });
+    }
+    drop(inner);
+    shared.bump();
+    Json(json!({"ok": true, "files": files})).into_response()
+}
+
 async fn link(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(move |socket| connection(shared, socket))
 }
@@ -429,4 +606,143 @@ async fn connection(shared: Arc<Shared>, mut socket: WebSocket) {
         }
     }
     shared.bump();
+}
+
+/// Posts Events API requests to a gateway's `/webhooks/slack`, signed like Slack signs them:
+/// `X-Slack-Request-Timestamp` and `X-Slack-Signature: v0=` + hex HMAC-SHA256(signing secret,
+/// `v0:{timestamp}:{body}`); redeliveries carry `X-Slack-Retry-Num` and `X-Slack-Retry-Reason`.
+pub struct EventsSender {
+    pub url: String,
+    pub signing_secret: String,
+    http: reqwest::Client,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl fmt::Debug for EventsSender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventsSender")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one Events API request is signed and marked.
+#[derive(Debug, Clone, Default)]
+pub struct Signing<'a> {
+    /// `None`: no signature header at all.
+    pub secret: Option<&'a str>,
+    /// Seconds to add to the current time (negative: in the past). `None`: no timestamp header.
+    pub skew_seconds: Option<i64>,
+    /// `X-Slack-Retry-Num`.
+    pub retry: Option<u32>,
+}
+
+impl EventsSender {
+    /// `url` is the gateway's `.../webhooks/slack`.
+    pub fn new(url: &str, signing_secret: &str) -> Self {
+        EventsSender {
+            url: url.to_string(),
+            signing_secret: signing_secret.to_string(),
+            http: reqwest::Client::new(),
+            next: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// `v0=<hex>`, Slack's signature of `body` sent at `timestamp`.
+    pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> String {
+        use hmac::Mac;
+        let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else {
+            return String::new();
+        };
+        mac.update(format!("v0:{timestamp}:").as_bytes());
+        mac.update(body);
+        let hex: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("v0={hex}")
+    }
+
+    /// The signing a correct, fresh first delivery has.
+    pub fn good(&self) -> Signing<'_> {
+        Signing {
+            secret: Some(&self.signing_secret),
+            skew_seconds: Some(0),
+            retry: None,
+        }
+    }
+
+    /// An `event_callback` wrapping `event`, as Slack sends it.
+    pub fn callback(&self, event: Value) -> Value {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        json!({"token": "deprecated-verification-token", "team_id": TEAM_ID,
+            "api_app_id": "A0TEST", "event": event, "type": "event_callback",
+            "event_id": format!("Ev0HTTP{n:06}"), "event_time": 1_700_000_000,
+            "authorizations": [{"team_id": TEAM_ID, "user_id": BOT_USER_ID, "is_bot": true}]})
+    }
+
+    /// A `message.im` event from `user` in their DM with the bot; returns it and its `ts`.
+    pub fn dm_event(&self, user: &str, text: &str) -> (Value, String) {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ts = format!("1700000100.{n:06}");
+        let event = json!({"type": "message", "channel_type": "im",
+            "channel": FakeSlack::dm_channel(user), "user": user, "text": text, "ts": ts,
+            "event_ts": ts, "team": TEAM_ID});
+        (event, ts)
+    }
+
+    /// Posts `body` as Slack would with `signing`; returns the status and the answer's body.
+    pub async fn post_raw(&self, body: &[u8], signing: &Signing<'_>) -> (u16, String) {
+        let mut request = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let timestamp = signing.skew_seconds.map(|s| (now + s).to_string());
+        if let Some(ts) = &timestamp {
+            request = request.header("x-slack-request-timestamp", ts);
+        }
+        if let Some(secret) = signing.secret {
+            let ts = timestamp.clone().unwrap_or_else(|| now.to_string());
+            request = request.header("x-slack-signature", Self::sign(secret, &ts, body));
+        }
+        if let Some(n) = signing.retry {
+            request = request
+                .header("x-slack-retry-num", n.to_string())
+                .header("x-slack-retry-reason", "http_timeout");
+        }
+        match request.send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                (status, r.text().await.unwrap_or_default())
+            }
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// Posts `payload` signed correctly; returns the status.
+    pub async fn post(&self, payload: &Value) -> u16 {
+        self.post_raw(payload.to_string().as_bytes(), &self.good())
+            .await
+            .0
+    }
+
+    /// A signed DM from `user`; returns the status and the message's `ts`.
+    pub async fn post_dm(&self, user: &str, text: &str) -> (u16, String) {
+        let (event, ts) = self.dm_event(user, text);
+        (self.post(&self.callback(event)).await, ts)
+    }
+
+    /// The `url_verification` handshake Slack sends when the Request URL is saved.
+    pub async fn url_verification(&self, challenge: &str, signing: &Signing<'_>) -> (u16, String) {
+        let body = json!({"token": "deprecated-verification-token", "challenge": challenge,
+            "type": "url_verification"});
+        self.post_raw(body.to_string().as_bytes(), signing).await
+    }
 }

@@ -50,7 +50,8 @@ pub struct WebSettings {
     pub base_url: String,
     /// Model prices (`model.prices`) for the cost estimates on `/admin`.
     pub prices: moltmate_ops::usage::PriceTable,
-    /// Channels pushed to over HTTP (WhatsApp), served at `/webhooks/<channel>`.
+    /// Channels pushed to over HTTP (WhatsApp, Slack's Events API), served at
+    /// `/webhooks/<channel>`.
     pub webhooks: Vec<Arc<dyn moltmate_core::webhook::Webhook>>,
     /// Files `send_file` put up for download, served at `/files/<id>`; `None`: every such
     /// request is 404.

@@ -1,11 +1,12 @@
 //! `GET`/`POST /webhooks/{channel}`: deliveries pushed by a messaging service (WhatsApp Cloud
-//! API), handed to the channel's [`Webhook`]. The channel verifies the request (signature,
-//! handshake token) and stores what it carries before this answers 2xx. The body is bounded
-//! ([`MAX_WEBHOOK_BODY`]) and requests count against the per-IP limit like every request
-//! without a verified credential.
+//! API, Slack's Events API), handed to the channel's [`Webhook`]. The channel verifies the
+//! request (signature, handshake token) and stores what it carries before this answers 2xx. The
+//! body is bounded in size ([`MAX_WEBHOOK_BODY`], 413) and in time ([`WEBHOOK_BODY_TIMEOUT`],
+//! 408: a sender trickling bytes holds no connection open for long), and requests count against
+//! the per-IP limit like every request without a verified credential.
 
 use crate::state::WebState;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,13 +16,17 @@ use moltmate_core::ChannelKind;
 /// Largest webhook body accepted (a WhatsApp delivery is a few KB).
 pub const MAX_WEBHOOK_BODY: usize = 256 * 1024;
 
+/// Longest a webhook body may take to arrive (services send theirs at once; Slack wants an
+/// answer within 3 seconds).
+pub const WEBHOOK_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn handle(
     State(state): State<WebState>,
     Path(channel): Path<String>,
     method: Method,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let Ok(kind) = channel.parse::<ChannelKind>() else {
         return StatusCode::NOT_FOUND.into_response();
@@ -35,6 +40,16 @@ pub async fn handle(
         .cloned()
     else {
         return StatusCode::NOT_FOUND.into_response();
+    };
+    let body = match tokio::time::timeout(
+        WEBHOOK_BODY_TIMEOUT,
+        axum::body::to_bytes(body, MAX_WEBHOOK_BODY),
+    )
+    .await
+    {
+        Err(_) => return StatusCode::REQUEST_TIMEOUT.into_response(),
+        Ok(Err(_)) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+        Ok(Ok(body)) => body,
     };
     let query: Vec<(String, String)> = query
         .as_deref()

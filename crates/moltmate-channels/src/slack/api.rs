@@ -1,4 +1,6 @@
-//! A minimal Slack Web API client: `auth.test`, `apps.connections.open`, `chat.postMessage`.
+//! A minimal Slack Web API client: `auth.test`, `apps.connections.open`, `chat.postMessage`,
+//! file download and the external upload (`files.getUploadURLExternal`, upload,
+//! `files.completeUploadExternal`).
 //!
 //! Tokens travel only in `Authorization` headers (marked sensitive); texts we keep from
 //! failures are scrubbed of both tokens and bounded.
@@ -107,6 +109,12 @@ struct Envelope {
     rest: serde_json::Map<String, serde_json::Value>,
 }
 
+/// A Web API request body: most methods take JSON, the file-upload ones form fields.
+enum Body<'a> {
+    Json(&'a serde_json::Value),
+    Form(&'a [(&'a str, String)]),
+}
+
 pub(crate) struct WebApi {
     http: reqwest::Client,
     base: String,
@@ -201,6 +209,129 @@ impl WebApi {
             .map(|_| ())
     }
 
+    /// `files.getUploadURLExternal`: where to upload `length` bytes named `file_name`;
+    /// returns `(upload_url, file_id)`.
+    pub(crate) async fn upload_url(
+        &self,
+        file_name: &str,
+        length: usize,
+    ) -> Result<(String, String), ApiError> {
+        let reply = self
+            .call_with(
+                "files.getUploadURLExternal",
+                &self.bot,
+                "botToken",
+                Body::Form(&[
+                    ("filename", file_name.to_string()),
+                    ("length", length.to_string()),
+                ]),
+            )
+            .await?;
+        let field = |name: &str| reply.get(name).and_then(|v| v.as_str()).map(str::to_string);
+        match (field("upload_url"), field("file_id")) {
+            (Some(url), Some(id)) => Ok((url, id)),
+            _ => Err(ApiError::InvalidReply(
+                "files.getUploadURLExternal without upload_url or file_id".into(),
+            )),
+        }
+    }
+
+    /// `files.completeUploadExternal`: shares the uploaded file in `channel` (thread optional).
+    pub(crate) async fn complete_upload(
+        &self,
+        file_id: &str,
+        title: &str,
+        channel: &str,
+        thread_ts: Option<&str>,
+        comment: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let files = serde_json::json!([{ "id": file_id, "title": title }]).to_string();
+        let mut form = vec![("files", files), ("channel_id", channel.to_string())];
+        if let Some(ts) = thread_ts {
+            form.push(("thread_ts", ts.to_string()));
+        }
+        if let Some(comment) = comment {
+            form.push(("initial_comment", comment.to_string()));
+        }
+        self.call_with(
+            "files.completeUploadExternal",
+            &self.bot,
+            "botToken",
+            Body::Form(&form),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Uploads `content` to an upload URL Slack gave us (pre-authorised: no token sent).
+    pub(crate) async fn upload(&self, url: &str, content: &[u8]) -> Result<(), ApiError> {
+        let response = self
+            .http
+            .post(url)
+            .timeout(self.timeout.max(Duration::from_secs(60)))
+            .body(content.to_vec())
+            .send()
+            .await
+            .map_err(|e| ApiError::Transport(self.describe(e)))?;
+        match response.status().as_u16() {
+            200..=299 => Ok(()),
+            status @ 500..=599 => Err(ApiError::Server(status)),
+            status => Err(ApiError::Refused(format!("file upload: HTTP {status}"))),
+        }
+    }
+
+    /// Downloads a file from one of Slack's file hosts with the bot token: at most `max_bytes`
+    /// (the `Content-Length` first, then while reading). The client follows no redirects, so
+    /// the token goes to this URL only. `Ok(None)`: larger than `max_bytes`.
+    pub(crate) async fn download(
+        &self,
+        url: &str,
+        max_bytes: u64,
+    ) -> Result<Option<Vec<u8>>, ApiError> {
+        let mut response = self
+            .http
+            .get(url)
+            .header(AUTHORIZATION, self.bot.clone())
+            .send()
+            .await
+            .map_err(|e| ApiError::Transport(self.describe(e)))?;
+        let status = response.status().as_u16();
+        match status {
+            200 => {}
+            300..=399 => {
+                return Err(ApiError::Credentials {
+                    which: "botToken",
+                    error: "file download redirected: the bot token lacks the files:read scope"
+                        .into(),
+                })
+            }
+            401 | 403 => {
+                return Err(ApiError::Credentials {
+                    which: "botToken",
+                    error: format!("file download refused (HTTP {status}): files:read scope?"),
+                })
+            }
+            404 => return Err(ApiError::Refused("the file is gone".into())),
+            500..=599 => return Err(ApiError::Server(status)),
+            _ => return Err(ApiError::Refused(format!("file download: HTTP {status}"))),
+        }
+        if response.content_length().is_some_and(|n| n > max_bytes) {
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| ApiError::Transport(self.describe(e)))?
+        {
+            if (bytes.len() + chunk.len()) as u64 > max_bytes {
+                return Ok(None);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Some(bytes))
+    }
+
     async fn call(
         &self,
         method: &str,
@@ -208,12 +339,26 @@ impl WebApi {
         which: &'static str,
         body: &serde_json::Value,
     ) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
-        let mut response = self
+        self.call_with(method, auth, which, Body::Json(body)).await
+    }
+
+    async fn call_with(
+        &self,
+        method: &str,
+        auth: &HeaderValue,
+        which: &'static str,
+        body: Body<'_>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+        let request = self
             .http
             .post(format!("{}/{}", self.base, method))
             .header(AUTHORIZATION, auth.clone())
-            .timeout(self.timeout)
-            .json(body)
+            .timeout(self.timeout);
+        let request = match body {
+            Body::Json(value) => request.json(value),
+            Body::Form(fields) => request.form(fields),
+        };
+        let mut response = request
             .send()
             .await
             .map_err(|e| ApiError::Transport(self.describe(e)))?;

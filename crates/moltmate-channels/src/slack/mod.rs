@@ -26,6 +26,9 @@
 //! Web API, so `send_typing` does nothing.
 
 mod api;
+mod events;
+
+pub use events::{signature as events_signature, MAX_EVENT_BODY, REPLAY_WINDOW};
 
 use crate::retry::{deliver_until_stored, sleep_or_shutdown, Backoff};
 use crate::telegram::split;
@@ -33,13 +36,14 @@ use api::{ApiError, AuthTest, WebApi, SERVICE};
 use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
 use moltmate_core::channel::{
-    group_message_text, Channel, ChannelError, GroupPolicy, InboundMessage, InboundSink,
+    group_message_text, Attachment, AttachmentKind, Channel, ChannelError, GroupPolicy,
+    InboundMessage, InboundSink, OutboundFile,
 };
 use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
 use serde::Deserialize;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -51,15 +55,34 @@ pub const DEFAULT_API_URL: &str = "https://slack.com/api";
 pub const SLACK_MAX_PART_CHARS: usize = 3000;
 
 const MAX_ENVELOPE_BYTES: usize = 1 << 20;
+
+/// Where Slack serves private files (`url_private_download`) and takes uploads.
+const SLACK_FILE_HOST: &str = "files.slack.com";
+
+/// Files taken from one message (Slack allows ten).
+const MAX_FILES: usize = 10;
 const HEALTHY_CONNECTION: Duration = Duration::from_secs(60);
+
+/// How Slack reaches the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlackMode {
+    /// Socket Mode: the gateway opens a websocket to Slack (no public URL needed).
+    Socket,
+    /// Events API: Slack POSTs signed events to `/webhooks/slack` on the gateway's web server.
+    Events,
+}
 
 /// How the Slack channel connects. `Debug` shows no token.
 #[derive(Clone)]
 pub struct SlackSettings {
     /// Bot token (`xoxb-…`).
     pub bot_token: String,
-    /// App-level token (`xapp-…`) with `connections:write`.
+    /// App-level token (`xapp-…`) with `connections:write` (Socket Mode only; empty otherwise).
     pub app_token: String,
+    pub mode: SlackMode,
+    /// The app's signing secret (Events API only; empty otherwise): key of every request's
+    /// `X-Slack-Signature`.
+    pub signing_secret: String,
     pub api_url: String,
     pub groups: GroupPolicy,
     pub request_timeout: Duration,
@@ -74,6 +97,8 @@ impl SlackSettings {
         SlackSettings {
             bot_token: bot_token.into(),
             app_token: app_token.into(),
+            mode: SlackMode::Socket,
+            signing_secret: String::new(),
             api_url: DEFAULT_API_URL.to_string(),
             groups: GroupPolicy::default(),
             request_timeout: Duration::from_secs(15),
@@ -82,6 +107,14 @@ impl SlackSettings {
             max_retry_after: Duration::from_secs(300),
             send_attempts: 5,
         }
+    }
+
+    /// An app that receives over the Events API (HTTP) instead of Socket Mode.
+    pub fn events(bot_token: impl Into<String>, signing_secret: impl Into<String>) -> Self {
+        let mut settings = SlackSettings::new(bot_token, "");
+        settings.mode = SlackMode::Events;
+        settings.signing_secret = signing_secret.into();
+        settings
     }
 
     pub fn with_api_url(mut self, api_url: impl Into<String>) -> Self {
@@ -95,6 +128,8 @@ impl fmt::Debug for SlackSettings {
         f.debug_struct("SlackSettings")
             .field("bot_token", &"<redacted>")
             .field("app_token", &"<redacted>")
+            .field("signing_secret", &"<redacted>")
+            .field("mode", &self.mode)
             .field("api_url", &self.api_url)
             .field("groups", &self.groups)
             .finish_non_exhaustive()
@@ -107,6 +142,8 @@ pub enum SlackSetupError {
     MalformedBotToken,
     #[error("the Slack app-level token must look like \"xapp-…\" (letters, digits and '-')")]
     MalformedAppToken,
+    #[error("the Slack signing secret must be 16 to 128 letters and digits")]
+    MalformedSigningSecret,
     #[error("invalid Slack API URL: {reason}")]
     InvalidApiUrl { reason: String },
     #[error("could not build the HTTP client: {0}")]
@@ -125,12 +162,20 @@ struct Envelope {
     reason: Option<String>,
 }
 
+/// An Events API payload: the body of an HTTP event request, or a Socket Mode envelope's
+/// `payload`.
 #[derive(Debug, Deserialize)]
 struct Payload {
+    /// `event_callback`, `url_verification`, `app_rate_limited`.
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
     #[serde(default)]
     team_id: Option<String>,
     #[serde(default)]
     event: Option<Event>,
+    /// Only in `url_verification`.
+    #[serde(default)]
+    challenge: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +200,28 @@ struct Event {
     thread_ts: Option<String>,
     #[serde(default)]
     team: Option<String>,
+    /// Files shared with the message (`subtype: "file_share"`).
+    #[serde(default)]
+    files: Vec<SlackFile>,
+}
+
+/// A file on a message event. Nothing here is trusted: the URL must be on Slack's file host,
+/// the size is checked again while downloading, the type is decided by the content.
+#[derive(Debug, Deserialize)]
+struct SlackFile {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    mimetype: Option<String>,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    url_private_download: Option<String>,
+    #[serde(default)]
+    url_private: Option<String>,
+    /// `tombstone`, `hidden_by_limit`, `external`, … : nothing to download.
+    #[serde(default)]
+    mode: Option<String>,
 }
 
 #[derive(Debug)]
@@ -172,13 +239,24 @@ enum Ended {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// The Slack channel (Socket Mode).
-#[derive(Debug)]
+/// The Slack channel: Socket Mode, or the Events API through [`moltmate_core::webhook::Webhook`].
 pub struct SlackChannel {
     settings: SlackSettings,
     api: WebApi,
     http_is_plain: bool,
     health: Arc<ChannelHealth>,
+    /// Events API: the gateway's inbox, once [`Channel::run`] started.
+    sink: OnceLock<Arc<dyn InboundSink>>,
+    /// Events API: who the bot is (`auth.test`), once the token was checked.
+    me: OnceLock<AuthTest>,
+}
+
+impl fmt::Debug for SlackChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlackChannel")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SlackChannel {
@@ -186,8 +264,14 @@ impl SlackChannel {
         if !token_ok(&settings.bot_token, "xoxb-") {
             return Err(SlackSetupError::MalformedBotToken);
         }
-        if !token_ok(&settings.app_token, "xapp-") {
-            return Err(SlackSetupError::MalformedAppToken);
+        match settings.mode {
+            SlackMode::Socket if !token_ok(&settings.app_token, "xapp-") => {
+                return Err(SlackSetupError::MalformedAppToken);
+            }
+            SlackMode::Events if !events::signing_secret_ok(&settings.signing_secret) => {
+                return Err(SlackSetupError::MalformedSigningSecret);
+            }
+            _ => {}
         }
         let url =
             reqwest::Url::parse(&settings.api_url).map_err(|e| SlackSetupError::InvalidApiUrl {
@@ -203,13 +287,15 @@ impl SlackChannel {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(settings.request_timeout)
+            // A redirect would carry nothing we want to follow: never the bot token elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| SlackSetupError::HttpClient(e.without_url().to_string()))?;
         let api = WebApi::new(
             http,
             &settings.api_url,
             &settings.bot_token,
-            Some(&settings.app_token),
+            (settings.mode == SlackMode::Socket).then_some(settings.app_token.as_str()),
             settings.request_timeout,
             settings.max_retry_after,
         )
@@ -219,16 +305,27 @@ impl SlackChannel {
             settings,
             api,
             health: ChannelHealth::new(ChannelKind::Slack),
+            sink: OnceLock::new(),
+            me: OnceLock::new(),
         })
     }
 
-    /// Classify one event. `me` is the bot's own user id and team.
+    pub fn mode(&self) -> SlackMode {
+        self.settings.mode
+    }
+
+    /// Classify one event (Socket Mode and Events API alike). `team` is the payload's
+    /// `team_id`, `me` the bot's own user id and team.
     fn dispose(&self, team: Option<&str>, event: Event, me: &AuthTest) -> Disposition {
+        if team.is_some_and(|t| t != me.team_id) {
+            // Our bot token speaks for one workspace; an event of another cannot be answered.
+            return Disposition::Skip("event of another workspace");
+        }
         let is_mention = event.kind == "app_mention";
         if event.kind != "message" && !is_mention {
             return Disposition::Skip("not a message");
         }
-        if event.subtype.is_some() {
+        if event.subtype.as_deref().is_some_and(|s| s != "file_share") {
             return Disposition::Skip("edit, deletion, bot or other subtype");
         }
         if event.bot_id.is_some() || event.user.as_deref() == Some(me.user_id.as_str()) {
@@ -269,7 +366,8 @@ impl SlackChannel {
             };
             (group, group_message_text(&user, &stripped))
         };
-        if text.is_empty() {
+        let attachments = self.attachments(&event.files);
+        if text.is_empty() && attachments.is_empty() {
             return Disposition::Skip("message without text");
         }
         let chat_id = match &thread {
@@ -277,7 +375,7 @@ impl SlackChannel {
             None => channel.clone(),
         };
         Disposition::Deliver(Box::new(InboundMessage {
-            attachments: Vec::new(),
+            attachments,
             sender,
             chat_id,
             // The same message reaches us as `message` and `app_mention`, and again on a
@@ -288,6 +386,62 @@ impl SlackChannel {
             sender_name: None,
             language_code: None,
         }))
+    }
+
+    /// The downloadable files of a message as attachments (at most [`MAX_FILES`]); a file whose
+    /// URL is not on Slack's file host is left out.
+    fn attachments(&self, files: &[SlackFile]) -> Vec<Attachment> {
+        files
+            .iter()
+            .filter(|f| f.mode.as_deref().is_none_or(|m| m == "hosted"))
+            .filter_map(|f| {
+                let url = f
+                    .url_private_download
+                    .as_deref()
+                    .or(f.url_private.as_deref())?;
+                if !self.file_url_ok(url) {
+                    tracing::warn!(
+                        "slack: a file named a download URL outside Slack's file host; left out"
+                    );
+                    return None;
+                }
+                let mime = f.mimetype.as_deref().unwrap_or("");
+                let kind = if mime.starts_with("image/") {
+                    AttachmentKind::Photo
+                } else if mime.starts_with("audio/") {
+                    AttachmentKind::Audio
+                } else {
+                    AttachmentKind::Document
+                };
+                let mut attachment = Attachment::new(kind, url);
+                attachment.file_name = f.name.clone();
+                attachment.mime_type = f.mimetype.clone();
+                attachment.size = f.size;
+                Some(attachment)
+            })
+            .take(MAX_FILES)
+            .collect()
+    }
+
+    /// Whether the bot token may be sent to `url`: `https://files.slack.com/…`, or the origin of
+    /// the configured `apiUrl` (a test double, or the operator's own proxy). Nothing else, and
+    /// no credentials or odd ports in the URL.
+    fn file_url_ok(&self, url: &str) -> bool {
+        if url.len() > 2048 {
+            return false;
+        }
+        let Ok(url) = reqwest::Url::parse(url) else {
+            return false;
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            return false;
+        }
+        let slack = url.scheme() == "https"
+            && url.host_str() == Some(SLACK_FILE_HOST)
+            && url.port().is_none();
+        let ours = reqwest::Url::parse(&self.settings.api_url)
+            .is_ok_and(|api| api.origin() == url.origin() && api.host_str() != Some("slack.com"));
+        slack || ours
     }
 
     async fn deliver(
@@ -476,6 +630,15 @@ impl Channel for SlackChannel {
             }
         };
         backoff.reset();
+        if self.settings.mode == SlackMode::Events {
+            // Slack pushes to the webhook; it can deliver from now on.
+            let _ = self.sink.set(sink);
+            let _ = self.me.set(me.clone());
+            self.health.set_connected(true);
+            tracing::info!(bot = %me.user_id, team = %me.team_id, "slack: ready for the Events API at /webhooks/slack");
+            shutdown.cancelled().await;
+            return Ok(());
+        }
         loop {
             let url = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -539,6 +702,97 @@ impl Channel for SlackChannel {
 
     async fn send_typing(&self, _chat_id: &str) -> Result<(), ChannelError> {
         Ok(())
+    }
+
+    async fn fetch_attachment(
+        &self,
+        attachment: &Attachment,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ChannelError> {
+        if !self.file_url_ok(&attachment.file_ref) {
+            return Err(ChannelError::Rejected {
+                service: SERVICE,
+                status: 400,
+                detail: "the file is not on Slack's file host".to_string(),
+            });
+        }
+        let too_large = |size: Option<u64>| ChannelError::Rejected {
+            service: SERVICE,
+            status: 413,
+            detail: match size {
+                Some(size) => {
+                    format!("the file has {size} bytes, more than the limit of {max_bytes}")
+                }
+                None => format!("the file is larger than the limit of {max_bytes} bytes"),
+            },
+        };
+        if let Some(size) = attachment.size.filter(|s| *s > max_bytes) {
+            return Err(too_large(Some(size)));
+        }
+        match tokio::time::timeout(timeout, self.api.download(&attachment.file_ref, max_bytes))
+            .await
+        {
+            Err(_) => Err(ChannelError::Unreachable {
+                service: SERVICE,
+                detail: format!("the download took longer than {}s", timeout.as_secs()),
+            }),
+            Ok(Ok(Some(bytes))) => Ok(bytes),
+            Ok(Ok(None)) => Err(too_large(None)),
+            Ok(Err(e)) => {
+                let e = e.into_channel_error();
+                self.health.channel_error(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// `files.getUploadURLExternal`, the upload, `files.completeUploadExternal` into the
+    /// conversation (and thread) the message came from.
+    async fn send_file(&self, chat_id: &str, file: &OutboundFile) -> Result<(), ChannelError> {
+        let (channel, thread) = match chat_id.split_once('/') {
+            Some((channel, thread)) => (channel, Some(thread)),
+            None => (chat_id, None),
+        };
+        if !slack_id(channel) || thread.is_some_and(|t| !slack_ts(t)) || file.content.is_empty() {
+            return Err(ChannelError::Rejected {
+                service: SERVICE,
+                status: 400,
+                detail: "not a Slack channel id, or an empty file".to_string(),
+            });
+        }
+        let fail = |e: ApiError| {
+            let e = e.into_channel_error();
+            self.health.channel_error(&e);
+            e
+        };
+        let (upload_url, file_id) = self
+            .api
+            .upload_url(&file.file_name, file.content.len())
+            .await
+            .map_err(fail)?;
+        if !self.file_url_ok(&upload_url) {
+            return Err(ChannelError::InvalidReply {
+                service: SERVICE,
+                detail: "files.getUploadURLExternal named an upload URL outside Slack's file host"
+                    .to_string(),
+            });
+        }
+        self.api
+            .upload(&upload_url, &file.content)
+            .await
+            .map_err(fail)?;
+        let comment = file.caption.as_deref().map(escape);
+        self.api
+            .complete_upload(
+                &file_id,
+                &file.file_name,
+                channel,
+                thread,
+                comment.as_deref(),
+            )
+            .await
+            .map_err(fail)
     }
 }
 
@@ -639,6 +893,74 @@ mod tests {
         };
         assert_eq!(m.sender.to_string(), "slack:group/T1/C5");
         assert_eq!(m.text, "U7: time?");
+    }
+
+    #[test]
+    fn shared_files_become_attachments_only_from_slacks_file_host() {
+        let c = channel(GroupPolicy::default());
+        let Disposition::Deliver(m) = c.dispose(
+            Some("T1"),
+            event(serde_json::json!({"type": "message", "subtype": "file_share",
+                "channel_type": "im", "channel": "D9", "user": "U7", "text": "", "ts": "1.1",
+                "files": [
+                    {"id": "F1", "name": "cat.png", "mimetype": "image/png", "size": 12, "mode": "hosted",
+                     "url_private_download": "https://files.slack.com/files-pri/T1-F1/download/cat.png"},
+                    {"id": "F2", "name": "x.pdf", "mimetype": "application/pdf", "size": 5,
+                     "url_private_download": "https://evil.example/steal"},
+                    {"id": "F3", "name": "y.pdf", "url_private_download": "http://files.slack.com/y"},
+                    {"id": "F4", "name": "z", "url_private_download": "https://files.slack.com.evil.example/z"},
+                    {"id": "F5", "name": "w", "url_private_download": "https://u:p@files.slack.com/w"},
+                    {"id": "F6", "name": "gone", "mode": "tombstone", "url_private_download": "https://files.slack.com/g"},
+                    {"id": "F7", "name": "memo.m4a", "mimetype": "audio/mp4",
+                     "url_private": "https://files.slack.com/files-pri/T1-F7/memo.m4a"}
+                ]})),
+            &me(),
+        ) else {
+            panic!("a file message is delivered")
+        };
+        let kinds: Vec<_> = m
+            .attachments
+            .iter()
+            .map(|a| (a.kind, a.file_ref.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (
+                    AttachmentKind::Photo,
+                    "https://files.slack.com/files-pri/T1-F1/download/cat.png"
+                ),
+                (
+                    AttachmentKind::Audio,
+                    "https://files.slack.com/files-pri/T1-F7/memo.m4a"
+                ),
+            ]
+        );
+        assert_eq!(m.attachments[0].size, Some(12));
+        // The test double's origin (the configured apiUrl) counts as Slack's; slack.com itself
+        // only through files.slack.com.
+        assert!(c.file_url_ok("http://127.0.0.1:1/files/F1/x"));
+        assert!(!c.file_url_ok("http://127.0.0.1:2/files/F1/x"));
+        let public = SlackChannel::new(SlackSettings::new("xoxb-1", "xapp-1")).unwrap();
+        assert!(!public.file_url_ok("https://slack.com/files/x"));
+        assert!(!public.file_url_ok("https://files.slack.com:8443/x"));
+        assert!(public.file_url_ok("https://files.slack.com/files-pri/T1-F1/download/a"));
+    }
+
+    #[test]
+    fn events_of_another_workspace_are_skipped() {
+        let c = channel(GroupPolicy::default());
+        assert!(matches!(
+            c.dispose(
+                Some("T9"),
+                event(
+                    serde_json::json!({"type": "message", "channel_type": "im", "channel": "D9",
+                    "user": "U7", "text": "hi", "ts": "1.1"})
+                ),
+                &me(),
+            ),
+            Disposition::Skip("event of another workspace")
+        ));
     }
 
     #[test]

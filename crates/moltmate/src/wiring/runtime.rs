@@ -31,7 +31,8 @@ pub struct Built {
     pub shutdown: Shutdown,
     pub sandbox: Option<Arc<dyn Sandbox>>,
     pub store: Store,
-    /// Channels pushed to over HTTP (WhatsApp), for the web server's `/webhooks/<channel>`.
+    /// Channels pushed to over HTTP (WhatsApp, Slack's Events API), for the web server's
+    /// `/webhooks/<channel>`.
     pub webhooks: Vec<Arc<dyn moltmate_core::webhook::Webhook>>,
     /// The sandbox layer's state directory when this gateway loop-mounts capped volumes there
     /// (root, with a sandbox): [`Built::release_volumes`] takes them down at shutdown.
@@ -278,16 +279,33 @@ fn channels(home: &Path, config: &Config) -> Result<(Vec<Arc<dyn Channel>>, Webh
     }
     let slack = &config.channels.slack;
     if slack.is_enabled() {
-        let (Some(bot), Some(app)) = (slack.bot_token.as_ref(), slack.app_token.as_ref()) else {
-            anyhow::bail!("channels.slack needs botToken and appToken");
+        let Some(bot) = slack.bot_token.as_ref() else {
+            anyhow::bail!("channels.slack needs botToken");
         };
-        let mut settings = moltmate_channels::SlackSettings::new(bot.expose(), app.expose())
-            .with_api_url(slack.api_url.clone());
+        let settings = match slack.mode {
+            moltmate_config::SlackMode::Socket => {
+                let Some(app) = slack.app_token.as_ref() else {
+                    anyhow::bail!("channels.slack needs appToken in Socket Mode");
+                };
+                moltmate_channels::SlackSettings::new(bot.expose(), app.expose())
+            }
+            moltmate_config::SlackMode::Events => {
+                let Some(secret) = slack.signing_secret.as_ref() else {
+                    anyhow::bail!("channels.slack needs signingSecret with mode \"events\"");
+                };
+                moltmate_channels::SlackSettings::events(bot.expose(), secret.expose())
+            }
+        };
+        let mut settings = settings.with_api_url(slack.api_url.clone());
         settings.groups = slack.groups.to_core();
-        channels.push(Arc::new(
+        let channel = Arc::new(
             moltmate_channels::SlackChannel::new(settings)
                 .map_err(|e| anyhow::anyhow!("channels.slack: {e}"))?,
-        ));
+        );
+        if slack.mode == moltmate_config::SlackMode::Events {
+            webhooks.push(channel.clone());
+        }
+        channels.push(channel);
     }
     Ok((channels, webhooks))
 }
