@@ -52,6 +52,16 @@ pub struct WebSettings {
     pub prices: moltmate_ops::usage::PriceTable,
     /// Channels pushed to over HTTP (WhatsApp), served at `/webhooks/<channel>`.
     pub webhooks: Vec<Arc<dyn moltmate_core::webhook::Webhook>>,
+    /// How long a client may take to send a request's headers (the first request's, and each
+    /// next one's on a kept-alive connection, idle time included) before the connection is
+    /// closed. Without it a client sending a byte a minute holds a connection forever.
+    pub header_read_timeout: Duration,
+    /// How long a request body may take to arrive (a slower one fails with 408).
+    pub body_timeout: Duration,
+    /// The same for `/webhooks/*`, the path exposed to the internet (bodies of 256 KiB at most).
+    pub webhook_body_timeout: Duration,
+    /// Open connections at most; more wait in the kernel's accept queue until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for WebSettings {
@@ -70,6 +80,10 @@ impl Default for WebSettings {
             base_url: "http://127.0.0.1:18790".to_string(),
             prices: moltmate_ops::usage::PriceTable::default(),
             webhooks: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            webhook_body_timeout: Duration::from_secs(10),
+            max_connections: 512,
         }
     }
 }
@@ -99,6 +113,10 @@ impl fmt::Debug for WebSettings {
             .field("security_checks", &self.security_checks.is_some())
             .field("base_url", &self.base_url)
             .field("prices", &self.prices)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("body_timeout", &self.body_timeout)
+            .field("webhook_body_timeout", &self.webhook_body_timeout)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
