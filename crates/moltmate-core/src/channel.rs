@@ -79,11 +79,7 @@ pub fn group_message_text(speaker: &str, text: &str) -> String {
         .collect();
     let name = name.trim();
     let name = if name.is_empty() { "someone" } else { name };
-    let text = text
-        .trim()
-        .lines()
-        .collect::<Vec<_>>()
-        .join("\n  ");
+    let text = text.trim().lines().collect::<Vec<_>>().join("\n  ");
     format!("{name}: {text}")
 }
 

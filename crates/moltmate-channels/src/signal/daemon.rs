@@ -71,18 +71,50 @@ fn is_elf(path: &Path) -> bool {
         && magic == *b"\x7fELF"
 }
 
-/// Creates signal-cli's data directory (0700, also tightened if it exists).
+/// Creates signal-cli's data directory (0700), or checks the one that exists: it must be a
+/// directory of its own — not a symlink, not `/`, owned by the gateway's user, no sticky bit,
+/// no access for group or others. An existing directory is never chmod-ed: a mistyped
+/// `channels.signal.dataDir` (`/`, `/tmp`, `/etc`, someone's home) is refused instead of
+/// being locked down to 0700 under the system's feet.
 pub fn prepare_data_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() {
-        return Err(std::io::Error::other("not a directory"));
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let refuse = |why: &str| {
+        std::io::Error::other(format!(
+            "{} {why}; channels.signal.dataDir must be a directory of its own for signal-cli (a new path, or one owned by the gateway's user with mode 0700)",
+            dir.display()
+        ))
+    };
+    if dir.parent().is_none() || !dir.is_absolute() {
+        return Err(refuse("is not a directory signal-cli may have"));
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
+        }
+        Err(e) => return Err(e),
+        Ok(meta) => {
+            if !meta.is_dir() {
+                return Err(refuse("is not a directory (or is a symlink)"));
+            }
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if meta.uid() != me {
+                return Err(refuse("is owned by another user"));
+            }
+            if meta.mode() & 0o1000 != 0 {
+                return Err(refuse("is a shared directory (sticky bit, like /tmp)"));
+            }
+            if meta.mode() & 0o077 != 0 {
+                return Err(refuse(
+                    "is open to group or others (chmod 700 it if it is signal-cli's)",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The command line of the supervised daemon: multi-account mode (so `startLink` works),
@@ -306,6 +338,41 @@ mod tests {
             writer.write_all(b"\xff\xfe\nok\n").await.unwrap();
         });
         assert_eq!(drain_log(reader).await, 2, "read to EOF");
+    }
+
+    /// Regression (review 10, L5): any absolute `dataDir` was chmod-ed to 0700 at every start
+    /// (`/`, `/tmp`, someone's home), breaking the system or other users.
+    #[test]
+    fn signal_data_dir_refuses_system_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        for system in ["/", "/tmp", "/usr", "/etc"] {
+            let before = std::fs::metadata(system).unwrap().permissions().mode();
+            assert!(prepare_data_dir(Path::new(system)).is_err(), "{system}");
+            assert_eq!(
+                std::fs::metadata(system).unwrap().permissions().mode(),
+                before
+            );
+        }
+        let base = tempfile::tempdir().unwrap();
+        let shared = base.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(prepare_data_dir(&shared).is_err());
+        assert_eq!(
+            std::fs::metadata(&shared).unwrap().permissions().mode() & 0o777,
+            0o755,
+            "never chmod-ed"
+        );
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(base.path(), &link).unwrap();
+        assert!(prepare_data_dir(&link).is_err(), "a symlink");
+        let fresh = base.path().join("a/signal");
+        prepare_data_dir(&fresh).unwrap();
+        assert_eq!(
+            std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        prepare_data_dir(&fresh).expect("its own directory again");
     }
 
     #[test]

@@ -164,6 +164,7 @@ impl SignalChannel {
                 .truncate(true)
                 .write(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&marker)
                 .and_then(|mut f| f.write_all(b"linked\n"));
             if let Err(e) = written {
@@ -746,6 +747,7 @@ pub fn remember_linked(data_dir: &std::path::Path) -> std::io::Result<()> {
         .truncate(true)
         .write(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(data_dir.join(LINKED_MARKER))
         .and_then(|mut f| f.write_all(b"linked\n"))
 }
