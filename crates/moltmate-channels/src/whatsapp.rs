@@ -142,6 +142,69 @@ pub struct WhatsAppChannel {
     upload_http: reqwest::Client,
     health: Arc<ChannelHealth>,
     sink: OnceLock<Arc<dyn InboundSink>>,
+    /// Message ids stored within the replay window (see [`SeenIds`]).
+    seen: std::sync::Mutex<SeenIds>,
+    /// One log line per minute for refused deliveries.
+    refusal_log: std::sync::Mutex<RefusalLog>,
+}
+
+/// How old a message may be: Meta retries a delivery for up to 7 days. Anything older is a
+/// replay (of a body captured at a proxy, in a log...), whose inbox row may be gone.
+pub const REPLAY_WINDOW_SECONDS: i64 = 7 * 24 * 3600;
+
+/// How far in the future a message's timestamp may be (clock skew).
+pub const FUTURE_SKEW_SECONDS: i64 = 10 * 60;
+
+/// Ids remembered at most.
+const MAX_SEEN_IDS: usize = 65_536;
+
+/// SHA-256 of the ids of messages stored within the replay window, in memory: the inbox row
+/// that deduplicates a redelivery is deleted by `users remove`/`reset` (and pruned after 30
+/// days), and a replayed signed body would then be answered again. Only hashes of Meta's
+/// message ids are kept, never content; at most [`MAX_SEEN_IDS`] (the oldest go first).
+#[derive(Default)]
+struct SeenIds {
+    ids: std::collections::HashSet<[u8; 32]>,
+    order: std::collections::VecDeque<([u8; 32], i64)>,
+}
+
+impl SeenIds {
+    fn key(id: &str) -> [u8; 32] {
+        use sha2::Digest;
+        Sha256::digest(id.as_bytes()).into()
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(&Self::key(id))
+    }
+
+    fn insert(&mut self, id: &str, now: i64) {
+        while let Some((key, at)) = self.order.front().copied() {
+            if self.order.len() < MAX_SEEN_IDS && now - at <= REPLAY_WINDOW_SECONDS {
+                break;
+            }
+            self.order.pop_front();
+            self.ids.remove(&key);
+        }
+        let key = Self::key(id);
+        if self.ids.insert(key) {
+            self.order.push_back((key, now));
+        }
+    }
+}
+
+/// Refused deliveries since the last log line.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Why a Graph API call failed.
@@ -200,6 +263,8 @@ impl WhatsAppChannel {
             upload_http,
             health: ChannelHealth::new(ChannelKind::Whatsapp),
             sink: OnceLock::new(),
+            seen: std::sync::Mutex::new(SeenIds::default()),
+            refusal_log: std::sync::Mutex::new(RefusalLog::default()),
         })
     }
 
@@ -410,13 +475,13 @@ impl WhatsAppChannel {
             tracing::info!("whatsapp: webhook verified by Meta");
             WebhookResponse::new(200, challenge)
         } else {
-            self.health.error(ErrorClass::BadDelivery);
+            self.health.refusal(ErrorClass::BadDelivery);
             WebhookResponse::new(403, "verification failed")
         }
     }
 
     /// The text messages of a delivery, and whether any reply was reported failed.
-    fn messages(&self, delivery: &Value) -> Vec<InboundMessage> {
+    fn messages(&self, delivery: &Value, now: i64) -> Vec<InboundMessage> {
         let mut out = Vec::new();
         let entries = delivery.get("entry").and_then(Value::as_array);
         for change in entries
@@ -506,6 +571,19 @@ impl WhatsAppChannel {
                 let Ok(peer) = PeerId::new(format!("+{from}")) else {
                     continue;
                 };
+                // The signature has no freshness: a message older than Meta's retry window,
+                // or dated in the future, is a replay or a forgery.
+                let fresh = message
+                    .get("timestamp")
+                    .and_then(Value::as_str)
+                    .and_then(|t| t.parse::<i64>().ok())
+                    .is_some_and(|t| {
+                        t >= now - REPLAY_WINDOW_SECONDS && t <= now + FUTURE_SKEW_SECONDS
+                    });
+                if !fresh {
+                    self.refused("a message older than 7 days, dated in the future or without a timestamp (a replayed delivery?)");
+                    continue;
+                }
                 let name = contacts
                     .into_iter()
                     .flatten()
@@ -774,6 +852,32 @@ impl WhatsAppChannel {
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl WhatsAppChannel {
+    /// A delivery (or message) refused: counted as `bad_delivery` without replacing the last
+    /// error shown, and logged at most once a minute with the count since the last line
+    /// (strangers can send as many as the rate limit lets them).
+    fn refused(&self, what: &'static str) {
+        self.health.refusal(ErrorClass::BadDelivery);
+        let mut log = lock(&self.refusal_log);
+        let now = std::time::Instant::now();
+        if log
+            .last
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(60))
+        {
+            log.suppressed = log.suppressed.saturating_add(1);
+            return;
+        }
+        let suppressed = std::mem::take(&mut log.suppressed);
+        log.last = Some(now);
+        drop(log);
+        tracing::warn!(suppressed, "whatsapp: refused {what}");
+    }
+}
+
 async fn read_bounded(mut response: reqwest::Response) -> Vec<u8> {
     let mut out = Vec::new();
     while let Ok(Some(chunk)) = response.chunk().await {
@@ -796,8 +900,7 @@ impl Webhook for WhatsAppChannel {
             return self.handshake(&request);
         }
         if !self.verify_signature(&request) {
-            self.health.error(ErrorClass::BadDelivery);
-            tracing::warn!("whatsapp: refused a webhook delivery without a valid X-Hub-Signature-256 (check channels.whatsapp.appSecret if this repeats)");
+            self.refused("a webhook delivery without a valid X-Hub-Signature-256 (check channels.whatsapp.appSecret if this repeats)");
             return WebhookResponse::new(401, "bad signature");
         }
         let Some(sink) = self.sink.get() else {
@@ -807,13 +910,19 @@ impl Webhook for WhatsAppChannel {
             self.health.error(ErrorClass::BadDelivery);
             return WebhookResponse::new(400, "not JSON");
         };
-        for message in self.messages(&delivery) {
+        let now = unix_now();
+        for message in self.messages(&delivery, now) {
             self.health.event();
+            if lock(&self.seen).contains(&message.external_id) {
+                continue;
+            }
+            let id = message.external_id.clone();
             if let Err(e) = sink.accept(message).await {
                 self.health.error(ErrorClass::Storage);
                 tracing::warn!(error = %e, "whatsapp: could not store a message; Meta will deliver it again");
                 return WebhookResponse::new(500, "not stored");
             }
+            lock(&self.seen).insert(&id, now);
         }
         WebhookResponse::new(200, "ok")
     }
@@ -1003,7 +1112,7 @@ mod tests {
             {"from": "4917012345678", "id": "wamid.B", "timestamp": "1700000001", "type": "image", "image": {}},
             {"from": "49x", "id": "wamid.C", "type": "text", "text": {"body": "bad sender"}}
         ]}}]}]});
-        let messages = channel().messages(&delivery);
+        let messages = channel().messages(&delivery, 1_700_000_100);
         assert_eq!(messages.len(), 1);
         assert_eq!(messages[0].sender.to_string(), "whatsapp:+4917012345678");
         assert_eq!(messages[0].chat_id, "4917012345678");
@@ -1014,15 +1123,15 @@ mod tests {
     #[test]
     fn media_messages_become_attachments() {
         let delivery = json!({"entry": [{"changes": [{"value": {"messages": [
-            {"from": "4917012345678", "id": "wamid.V", "type": "audio",
+            {"from": "4917012345678", "timestamp": "1700000000", "id": "wamid.V", "type": "audio",
              "audio": {"id": "111", "mime_type": "audio/ogg; codecs=opus", "voice": true,
                        "sha256": "Ci0Ir7qWnBnW3ti9Y5JbOtQ8HmM9QMn0wB5ot3lQD0E="}},
-            {"from": "4917012345678", "id": "wamid.D", "type": "document",
+            {"from": "4917012345678", "timestamp": "1700000000", "id": "wamid.D", "type": "document",
              "document": {"id": "222", "filename": "a.pdf", "caption": "read this", "sha256": "nope"}},
-            {"from": "4917012345678", "id": "wamid.X", "type": "image",
+            {"from": "4917012345678", "timestamp": "1700000000", "id": "wamid.X", "type": "image",
              "image": {"id": "../../me?x=1"}}
         ]}}]}]});
-        let messages = channel().messages(&delivery);
+        let messages = channel().messages(&delivery, 1_700_000_000);
         assert_eq!(
             messages.len(),
             2,
@@ -1058,6 +1167,38 @@ mod tests {
         assert!(!allowed("https://user@lookaside.fbsbx.com/x"));
         assert!(!allowed("http://127.0.0.1:4001/media/1"), "another port");
         assert!(!allowed("http://169.254.169.254/latest/meta-data"));
+    }
+
+    #[test]
+    fn whatsapp_messages_outside_the_replay_window_are_refused() {
+        let c = channel();
+        let at = |ts: i64| {
+            json!({"entry": [{"changes": [{"value": {"messages": [
+                {"from": "4917012345678", "id": format!("wamid.{ts}"), "timestamp": ts.to_string(), "type": "text", "text": {"body": "hi"}}
+            ]}}]}]})
+        };
+        let now = 1_800_000_000;
+        assert_eq!(c.messages(&at(now), now).len(), 1);
+        assert_eq!(c.messages(&at(now - REPLAY_WINDOW_SECONDS), now).len(), 1);
+        assert_eq!(
+            c.messages(&at(now - REPLAY_WINDOW_SECONDS - 1), now).len(),
+            0
+        );
+        assert_eq!(c.messages(&at(now + FUTURE_SKEW_SECONDS + 1), now).len(), 0);
+        let refusals = c.health.snapshot();
+        assert!(
+            refusals.last_error.is_none(),
+            "a refusal is not the last error"
+        );
+        let mut seen = SeenIds::default();
+        for i in 0..(MAX_SEEN_IDS + 10) {
+            seen.insert(&format!("wamid.{i}"), now);
+        }
+        assert_eq!(seen.ids.len(), MAX_SEEN_IDS, "bounded");
+        assert!(seen.contains(&format!("wamid.{}", MAX_SEEN_IDS + 9)));
+        assert!(!seen.contains("wamid.0"), "the oldest went first");
+        seen.insert("wamid.late", now + REPLAY_WINDOW_SECONDS + 1);
+        assert!(seen.ids.len() <= 2, "expired ids are dropped");
     }
 
     #[test]

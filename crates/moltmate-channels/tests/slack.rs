@@ -104,3 +104,37 @@ async fn an_envelope_is_acknowledged_only_after_the_gateway_stored_it() {
     assert!(err.contains("Socket Mode"), "{err}");
     shutdown.cancel();
 }
+
+/// Regression (review 10, M4): Socket Mode waited on the socket with no idle timeout and sent
+/// no pings of its own, so a half-open connection (a rebooted router) looked connected forever
+/// and nothing was received again.
+#[tokio::test]
+async fn slack_silent_connection_is_replaced() {
+    let fake = FakeSlack::start(BOT, APP).await;
+    let mut s = settings(&fake, BOT, APP);
+    s.ping_interval = Duration::from_millis(100);
+    s.idle_timeout = Duration::from_millis(400);
+    let channel = Arc::new(SlackChannel::new(s).unwrap());
+    let sink = Arc::new(Sink::default());
+    let shutdown = Shutdown::new();
+    let run = {
+        let (channel, sink, shutdown) = (channel.clone(), sink.clone(), shutdown.clone());
+        tokio::spawn(async move { channel.run(sink, shutdown).await })
+    };
+    assert!(fake.wait_connected(Duration::from_secs(10)).await);
+    let opened = fake.connections_opened();
+    // Pings answered: a quiet but live connection is kept.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(fake.connections_opened(), opened, "a live connection stays");
+    fake.freeze_connection();
+    assert!(
+        fake.wait_connected(Duration::from_secs(10)).await,
+        "a new connection"
+    );
+    assert!(fake.connections_opened() > opened);
+    fake.push_dm("U7", "after the silence", None);
+    assert!(fake.wait_until_acknowledged(Duration::from_secs(10)).await);
+    assert_eq!(sink.accepted.lock().unwrap().len(), 1);
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+}

@@ -244,6 +244,15 @@ impl ChannelHealth {
         });
     }
 
+    /// Count an error of `class` that strangers can cause at will (a refused webhook
+    /// delivery): counted, but it never replaces the last error shown, so a real one
+    /// (credentials, outside the window) stays visible under a flood of refusals.
+    pub fn refusal(&self, class: ErrorClass) {
+        self.with(|s| {
+            s.errors[class.index()] = s.errors[class.index()].saturating_add(1);
+        });
+    }
+
     /// Count a channel error by its class.
     pub fn channel_error(&self, error: &ChannelError) {
         self.error(ErrorClass::of(error));

@@ -80,6 +80,10 @@ struct State {
     scanned: bool,
     /// Connections are dropped when this generation changes.
     generation: u64,
+    /// A hung daemon (a JVM stall): connections stay open, nothing is answered or delivered.
+    frozen: bool,
+    /// Connections accepted so far.
+    connections: usize,
 }
 
 /// The fake daemon.
@@ -184,6 +188,24 @@ impl FakeSignalCli {
     pub fn drop_connections(&self) {
         lock(&self.state).generation += 1;
         self.changed.notify_waiters();
+    }
+
+    /// The daemon hangs: sockets stay open (and new ones are accepted), but no request is
+    /// answered and no message delivered until [`Self::unfreeze`]. Requests read meanwhile are
+    /// never answered.
+    pub fn freeze(&self) {
+        lock(&self.state).frozen = true;
+        self.changed.notify_waiters();
+    }
+
+    pub fn unfreeze(&self) {
+        lock(&self.state).frozen = false;
+        self.changed.notify_waiters();
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        lock(&self.state).connections
     }
 
     /// Queues a direct text message from `from` (E.164) on the "server".
@@ -346,7 +368,11 @@ impl FakeSignalCli {
         R: tokio::io::AsyncRead + Unpin,
         W: AsyncWrite + Unpin + Send,
     {
-        let generation = lock(&self.state).generation;
+        let generation = {
+            let mut state = lock(&self.state);
+            state.connections += 1;
+            state.generation
+        };
         let mut subscribed = false;
         let mut line = String::new();
         loop {
@@ -356,7 +382,7 @@ impl FakeSignalCli {
                 loop {
                     let next = {
                         let mut state = lock(&self.state);
-                        if state.generation != generation || !state.linked {
+                        if state.generation != generation || !state.linked || state.frozen {
                             None
                         } else {
                             let account = state.account.clone();
@@ -395,6 +421,9 @@ impl FakeSignalCli {
             }
             let request = serde_json::from_str::<Value>(line.trim());
             line.clear();
+            if lock(&self.state).frozen {
+                continue;
+            }
             let Ok(request) = request else {
                 let _ = write_line(&mut writer, &json!({"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": null})).await;
                 continue;

@@ -41,6 +41,9 @@ pub struct PostedMessage {
 enum ToApp {
     Frame(Value),
     Close,
+    /// Go silent: keep the socket open but never read or write it again (a half-open TCP
+    /// connection after a router reboot). Pings go unanswered.
+    Freeze,
 }
 
 /// A file the app shared with `files.completeUploadExternal`.
@@ -251,6 +254,14 @@ impl FakeSlack {
                 json!({"type": "disconnect", "reason": reason}),
             ));
             let _ = live.send(ToApp::Close);
+        }
+    }
+
+    /// The live connection goes silent without closing (see `ToApp::Freeze`); the app must
+    /// notice by itself and open a new one.
+    pub fn freeze_connection(&self) {
+        if let Some((_, live)) = self.shared.lock().live.take() {
+            let _ = live.send(ToApp::Freeze);
         }
     }
 
@@ -578,6 +589,11 @@ async fn connection(shared: Arc<Shared>, mut socket: WebSocket) {
                 Some(ToApp::Close) | None => {
                     let _ = socket.send(Message::Close(None)).await;
                     break;
+                }
+                Some(ToApp::Freeze) => {
+                    let _silent = socket;
+                    std::future::pending::<()>().await;
+                    return;
                 }
             },
             incoming = socket.recv() => match incoming {

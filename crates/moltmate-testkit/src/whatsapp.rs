@@ -533,12 +533,21 @@ impl WebhookSigner {
 
     /// A delivery with one text message from `from` (digits, no `+`); returns it and its id.
     pub fn text_delivery(&self, from: &str, text: &str) -> (Value, String) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.text_delivery_at(from, text, now)
+    }
+
+    /// [`Self::text_delivery`] with the message's `timestamp` (Unix seconds) given.
+    pub fn text_delivery_at(&self, from: &str, text: &str, timestamp: u64) -> (Value, String) {
         let id = format!("wamid.IN{}", INBOUND_IDS.fetch_add(1, Ordering::Relaxed));
         let delivery = json!({"object": "whatsapp_business_account", "entry": [{"id": "WABA1", "changes": [{
             "field": "messages", "value": {"messaging_product": "whatsapp",
                 "metadata": {"display_phone_number": "15550000000", "phone_number_id": self.phone_number_id},
                 "contacts": [{"profile": {"name": format!("Person {from}")}, "wa_id": from}],
-                "messages": [{"from": from, "id": id, "timestamp": "1700000000", "type": "text",
+                "messages": [{"from": from, "id": id, "timestamp": timestamp.to_string(), "type": "text",
                     "text": {"body": text}}]}}]}]});
         (delivery, id)
     }
@@ -547,7 +556,12 @@ impl WebhookSigner {
     /// object, e.g. `{"id", "mime_type", "sha256", "caption", "voice", "filename"}`).
     pub fn media_delivery(&self, from: &str, kind: &str, media: Value) -> (Value, String) {
         let id = format!("wamid.IN{}", INBOUND_IDS.fetch_add(1, Ordering::Relaxed));
-        let mut message = json!({"from": from, "id": id, "timestamp": "1700000000", "type": kind});
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut message =
+            json!({"from": from, "id": id, "timestamp": now.to_string(), "type": kind});
         message[kind] = media;
         let delivery = json!({"object": "whatsapp_business_account", "entry": [{"id": "WABA1", "changes": [{
             "field": "messages", "value": {"messaging_product": "whatsapp",

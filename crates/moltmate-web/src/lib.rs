@@ -45,6 +45,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use moltmate_core::Shutdown;
 use std::net::SocketAddr;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 /// Every route template of [`app`]: the only values the request counter's `route` label
 /// takes (a unit test keeps this list and the routes in step).
@@ -80,6 +81,8 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// `X-Forwarded-For` counts only from [`WebSettings::trusted_proxies`]: trusting it from
 /// anyone would let every client pick their own bucket.
 pub fn app(state: WebState) -> Router {
+    let body_timeout = state.settings().body_timeout;
+    let webhook_body_timeout = state.settings().webhook_body_timeout;
     Router::new()
         .route("/", get(chat::index))
         .route("/login", post(chat::login_with_token))
@@ -105,7 +108,19 @@ pub fn app(state: WebState) -> Router {
             "/webhooks/{channel}",
             get(webhook::handle)
                 .post(webhook::handle)
-                .layer(DefaultBodyLimit::max(webhook::MAX_WEBHOOK_BODY)),
+                .layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(
+                    webhook::MAX_WEBHOOK_BODY,
+                ))
+                .layer::<_, std::convert::Infallible>(axum::middleware::from_fn(
+                    move |request, next| {
+                        read_body_within(
+                            webhook_body_timeout,
+                            webhook::MAX_WEBHOOK_BODY,
+                            request,
+                            next,
+                        )
+                    },
+                )),
         )
         .fallback(security::not_found)
         // Counted inside the rate limit: a refused request only moves `rate_limited`.
@@ -119,23 +134,115 @@ pub fn app(state: WebState) -> Router {
         ))
         .layer(axum::middleware::from_fn(security::security_headers))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(RequestBodyTimeoutLayer::new(body_timeout))
         .with_state(state)
+}
+
+/// Reads the whole request body within `deadline` (a total, unlike `tower_http`'s body
+/// timeout, which restarts with every chunk and so lets a byte a second through): slower gets
+/// 408, more than `limit` bytes 413.
+async fn read_body_within(
+    deadline: std::time::Duration,
+    limit: usize,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Err(_) => (
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "the request body was not sent in time",
+        )
+            .into_response(),
+        Ok(Err(_)) => (
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is too large",
+        )
+            .into_response(),
+        Ok(Ok(bytes)) => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+    }
 }
 
 /// Serves [`app`] on `listener` until `shutdown` fires, then stops accepting connections and
 /// waits for in-flight requests; open answer streams end at shutdown, so this returns promptly.
+///
+/// Hand-written instead of `axum::serve`, which sets no timer on hyper's connections (so
+/// hyper's header read timeout never fires) and has no connection cap: every connection gets
+/// [`WebSettings::header_read_timeout`] and at most [`WebSettings::max_connections`] are open
+/// at once (the next waits in the kernel's accept queue). HTTP/1.1 only, as before.
 pub async fn serve(
     state: WebState,
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
+    let header_read_timeout = state.settings().header_read_timeout;
+    let max_connections = state.settings().max_connections.max(1);
     let router = app(state);
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let draining = tokio_util::sync::CancellationToken::new();
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = std::sync::Arc::clone(&slots).acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little instead of spinning.
+                    tracing::warn!(error = %e, "web: accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(remote));
+                request.map(axum::body::Body::new)
+            },
+        );
+        let draining = draining.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let connection = builder
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(stream),
+                    hyper_util::service::TowerToHyperService::new(service),
+                )
+                .with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = draining.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    draining.cancel();
+    // Every open connection holds a slot: all slots back means all connections ended.
+    let _ = slots.acquire_many(max_connections as u32).await;
+    Ok(())
 }
 
 /// The sign-in URL for a login code: `<base_url>/login/<code>` (`base_url` like

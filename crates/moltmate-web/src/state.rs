@@ -56,6 +56,16 @@ pub struct WebSettings {
     /// Files `send_file` put up for download, served at `/files/<id>`; `None`: every such
     /// request is 404.
     pub downloads: Option<moltmate_store::downloads::Downloads>,
+    /// How long a client may take to send a request's headers (the first request's, and each
+    /// next one's on a kept-alive connection, idle time included) before the connection is
+    /// closed. Without it a client sending a byte a minute holds a connection forever.
+    pub header_read_timeout: Duration,
+    /// How long a request body may take to arrive (a slower one fails with 408).
+    pub body_timeout: Duration,
+    /// The same for `/webhooks/*`, the path exposed to the internet (bodies of 256 KiB at most).
+    pub webhook_body_timeout: Duration,
+    /// Open connections at most; more wait in the kernel's accept queue until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for WebSettings {
@@ -75,6 +85,10 @@ impl Default for WebSettings {
             prices: moltmate_ops::usage::PriceTable::default(),
             webhooks: Vec::new(),
             downloads: None,
+            header_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            webhook_body_timeout: Duration::from_secs(10),
+            max_connections: 512,
         }
     }
 }
@@ -104,6 +118,10 @@ impl fmt::Debug for WebSettings {
             .field("security_checks", &self.security_checks.is_some())
             .field("base_url", &self.base_url)
             .field("prices", &self.prices)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("body_timeout", &self.body_timeout)
+            .field("webhook_body_timeout", &self.webhook_body_timeout)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }

@@ -318,3 +318,58 @@ async fn signal_an_oversize_or_odd_notification_is_skipped_and_the_next_is_answe
     assert!(signal_status(&h).connected);
     h.stop().await;
 }
+
+/// Regression (review 10, H1): one connection carried both the incoming messages and the
+/// answers to calls. With more messages waiting than the reader's queue holds, the answer to a
+/// read receipt sat behind them, the receive loop waited the full request timeout for it, and
+/// every `send` of every user timed out with it (never retried: the replies were lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signal_backlog_with_read_receipts_does_not_time_out_replies() {
+    let fake = FakeSignalCli::start_tcp(ACCOUNT).await;
+    let senders: Vec<String> = (0..8).map(|i| format!("+49170555000{i:02}")).collect();
+    for round in 0..5 {
+        for sender in &senders {
+            fake.push_text(sender, &format!("backlog {round}"));
+        }
+    }
+    let h = Harness::start(signal_patch(&fake, json!({"readReceipts": true}))).await;
+    fake.push_text(ALICE, "are you there?");
+    assert_eq!(replies(&fake, ALICE, 1).await, vec!["echo: are you there?"]);
+    for sender in &senders {
+        assert_eq!(replies(&fake, sender, 5).await.len(), 5, "{sender}");
+    }
+    wait_until("a receipt per message", || fake.receipts().len() == 41).await;
+    let states = h.built.gateway.store().outbox_states().await.unwrap();
+    assert!(
+        states.iter().all(|(state, _)| state != "failed"),
+        "{states:?}"
+    );
+    h.stop().await;
+}
+
+/// Regression (review 10, L1): a read receipt went to every sender, strangers and refused
+/// ones included: it tells a stranger the number is a live bot and spends the account's send
+/// budget, one receipt per message, unthrottled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signal_read_receipts_only_for_admitted_senders() {
+    let fake = FakeSignalCli::start_tcp(ACCOUNT).await;
+    let h = Harness::start(signal_patch(
+        &fake,
+        json!({"readReceipts": true, "dmPolicy": "allowlist", "allowFrom": [ALICE]}),
+    ))
+    .await;
+    for i in 0..5 {
+        fake.push_text(BOB, &format!("stranger {i}"));
+    }
+    fake.push_text(ALICE, "hi");
+    assert_eq!(replies(&fake, ALICE, 1).await, vec!["echo: hi"]);
+    wait_until("alice's receipt", || !fake.receipts().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let receipts = fake.receipts();
+    assert!(
+        receipts.iter().all(|(to, _)| to == ALICE),
+        "no receipt for a refused sender: {receipts:?}"
+    );
+    assert_eq!(receipts.len(), 1);
+    h.stop().await;
+}

@@ -507,3 +507,180 @@ async fn whatsapp_send_file_delivers_a_document() {
     assert_eq!(wa.graph.sent_media().len(), 1);
     wa.h.stop().await;
 }
+
+/// One slow client: sends `head` and then trickles `trickle` a byte a second. Returns whether
+/// the server closed the connection within `give_up`.
+async fn slow_client(
+    addr: String,
+    head: String,
+    trickle: &'static [u8],
+    give_up: Duration,
+) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(&addr).await else {
+        return false;
+    };
+    if stream.write_all(head.as_bytes()).await.is_err() {
+        return true;
+    }
+    let deadline = tokio::time::Instant::now() + give_up;
+    let mut buf = [0u8; 1024];
+    let mut next = 0;
+    loop {
+        tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return true,
+                // A 408 answer; the server closes next.
+                Ok(_) => continue,
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+                let Some(byte) = trickle.get(next % trickle.len().max(1)) else {
+                    continue;
+                };
+                next += 1;
+                if stream.write_all(&[*byte]).await.is_err() {
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+/// Regression (review 10, M3): the web server set no header or body read timeout (axum's
+/// `serve` gives hyper no timer) and had no connection cap, so clients trickling their headers
+/// or a webhook body a byte at a time held their connections forever, until the gateway ran out
+/// of file descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhook_slow_clients_are_cut_off_and_bystander_answers() {
+    let wa = start(json!({}), TOKEN).await;
+    let normal = wa.h.bystander_baseline(1001, 3).await;
+    let addr = wa.base.trim_start_matches("http://").to_string();
+    let give_up = Duration::from_secs(40);
+    let mut clients = Vec::new();
+    for i in 0..300 {
+        let head = format!("POST /webhooks/whatsapp HTTP/1.1\r\nHost: x\r\nX-Slow-{i}: ");
+        clients.push(tokio::spawn(slow_client(
+            addr.clone(),
+            head,
+            b"abcdefgh",
+            give_up,
+        )));
+    }
+    for _ in 0..20 {
+        let head = "POST /webhooks/whatsapp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4096\r\n\r\n{\"object\":".to_string();
+        clients.push(tokio::spawn(slow_client(addr.clone(), head, b" ", give_up)));
+    }
+    // An idle connection that never sends a byte.
+    clients.push(tokio::spawn(slow_client(
+        addr.clone(),
+        String::new(),
+        b"",
+        give_up,
+    )));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wa.h.assert_bystander_answered(1001, normal, "300 slow webhook clients")
+        .await;
+    let health = reqwest::get(format!("{}/healthz", wa.base)).await.unwrap();
+    assert!(health.status().is_success(), "{}", health.status());
+    for (i, client) in clients.into_iter().enumerate() {
+        assert!(
+            client.await.unwrap(),
+            "slow client {i} was not cut off within {give_up:?}"
+        );
+    }
+    wa.h.assert_bystander_answered(1001, normal, "after the slow clients")
+        .await;
+    wa.h.stop().await;
+}
+
+/// Regression (review 10, M5): a signed delivery has no freshness and its only dedupe was the
+/// inbox row, which `users remove`/`reset` delete at once (and pruning after 30 days): whoever
+/// kept one signed body could replay it and have the message answered (and its tools run)
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whatsapp_replayed_delivery_after_reset_or_pruning_is_not_answered() {
+    let wa = start(json!({}), TOKEN).await;
+    let (delivery, _) = wa.meta.text_delivery(ALICE, "order the pizza");
+    let body = delivery.to_string();
+    assert_eq!(
+        wa.meta.post_raw(body.as_bytes(), Some(APP_SECRET)).await,
+        200
+    );
+    assert_eq!(
+        replies(&wa.graph, ALICE, 1).await,
+        vec!["echo: order the pizza"]
+    );
+    let (removed, _, stderr) = run_cli(
+        &wa.h.home,
+        &["users", "remove", "whatsapp__4917011111111", "--yes"],
+    );
+    assert!(removed.success(), "{stderr}");
+    // The same signed body, replayed after the user (and the inbox row) are gone.
+    assert_eq!(
+        wa.meta.post_raw(body.as_bytes(), Some(APP_SECRET)).await,
+        200
+    );
+    // A signed message older than Meta's 7-day retry window, and one from the future.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for at in [now - 8 * 24 * 3600, now + 3600] {
+        let (old, _) = wa.meta.text_delivery_at(ALICE, "stale order", at);
+        let old = old.to_string();
+        assert_eq!(
+            wa.meta.post_raw(old.as_bytes(), Some(APP_SECRET)).await,
+            200
+        );
+    }
+    // A fresh message still goes through, and is the only one answered.
+    wa.meta.post_text(ALICE, "a new question").await;
+    let all = replies(&wa.graph, ALICE, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        wa.graph
+            .sent_messages()
+            .iter()
+            .filter(|m| m.to == ALICE)
+            .count(),
+        2,
+        "{all:?}"
+    );
+    assert_eq!(all[1], "echo: a new question");
+    let s = status(&wa.h);
+    assert!(s
+        .errors
+        .iter()
+        .any(|(class, n)| *class == ErrorClass::BadDelivery && *n == 2));
+    wa.h.stop().await;
+}
+
+/// Regression (review 10, L2): every unsigned POST and failed handshake replaced the channel's
+/// last error, so a real one (credentials, outside the window) vanished from `/healthz` and
+/// `/admin` under a stranger's flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unsigned_webhook_flood_keeps_last_real_error() {
+    let wa = start(json!({}), TOKEN).await;
+    wa.graph.outside_window(ALICE);
+    wa.meta.post_text(ALICE, "hi").await;
+    wait_until("the outside-window failure", || {
+        status(&wa.h).last_error.map(|e| e.0) == Some(ErrorClass::OutsideWindow)
+    })
+    .await;
+    let (delivery, _) = wa.meta.text_delivery(BOB, "forged");
+    let body = delivery.to_string();
+    for _ in 0..20 {
+        assert_eq!(wa.meta.post_raw(body.as_bytes(), None).await, 401);
+    }
+    assert_eq!(wa.meta.verify("wrong", "abc").await.0, 403);
+    let s = status(&wa.h);
+    assert_eq!(s.last_error.map(|e| e.0), Some(ErrorClass::OutsideWindow));
+    assert!(s
+        .errors
+        .iter()
+        .any(|(class, n)| *class == ErrorClass::BadDelivery && *n == 21));
+    wa.h.stop().await;
+}

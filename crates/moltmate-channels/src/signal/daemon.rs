@@ -2,12 +2,13 @@
 //! its data directory (0700), and a supervisor that restarts the daemon with backoff.
 
 use crate::retry::{sleep_or_shutdown, Backoff};
+use futures::StreamExt;
 use moltmate_core::channel_status::{ChannelHealth, ErrorClass};
 use moltmate_core::Shutdown;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncBufReadExt;
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, FramedRead};
 
 /// How long signal-cli outlives a shutdown signal (the gateway's turns get 10 s).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(12);
@@ -70,18 +71,50 @@ fn is_elf(path: &Path) -> bool {
         && magic == *b"\x7fELF"
 }
 
-/// Creates signal-cli's data directory (0700, also tightened if it exists).
+/// Creates signal-cli's data directory (0700), or checks the one that exists: it must be a
+/// directory of its own — not a symlink, not `/`, owned by the gateway's user, no sticky bit,
+/// no access for group or others. An existing directory is never chmod-ed: a mistyped
+/// `channels.signal.dataDir` (`/`, `/tmp`, `/etc`, someone's home) is refused instead of
+/// being locked down to 0700 under the system's feet.
 pub fn prepare_data_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() {
-        return Err(std::io::Error::other("not a directory"));
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let refuse = |why: &str| {
+        std::io::Error::other(format!(
+            "{} {why}; channels.signal.dataDir must be a directory of its own for signal-cli (a new path, or one owned by the gateway's user with mode 0700)",
+            dir.display()
+        ))
+    };
+    if dir.parent().is_none() || !dir.is_absolute() {
+        return Err(refuse("is not a directory signal-cli may have"));
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
+        }
+        Err(e) => return Err(e),
+        Ok(meta) => {
+            if !meta.is_dir() {
+                return Err(refuse("is not a directory (or is a symlink)"));
+            }
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if meta.uid() != me {
+                return Err(refuse("is owned by another user"));
+            }
+            if meta.mode() & 0o1000 != 0 {
+                return Err(refuse("is a shared directory (sticky bit, like /tmp)"));
+            }
+            if meta.mode() & 0o077 != 0 {
+                return Err(refuse(
+                    "is open to group or others (chmod 700 it if it is signal-cli's)",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The command line of the supervised daemon: multi-account mode (so `startLink` works),
@@ -119,6 +152,81 @@ pub fn daemon_command(program: &Path, data_dir: &Path) -> tokio::process::Comman
     command
 }
 
+/// Longest line of signal-cli's log kept in memory; the rest of a longer line is skipped.
+const MAX_LOG_LINE_BYTES: usize = 4096;
+
+/// Characters of a log line written to our log.
+const MAX_LOG_LINE_CHARS: usize = 500;
+
+/// One line of signal-cli's log, or the note that one was too long.
+enum LogLine {
+    Line(bytes::Bytes),
+    TooLong,
+}
+
+/// Newline-separated byte chunks of at most [`MAX_LOG_LINE_BYTES`]; an over-long line is an
+/// item, not an error (a stream ends at its first error, and then the pipe would fill).
+struct LogLines(AnyDelimiterCodec);
+
+impl LogLines {
+    fn new() -> Self {
+        LogLines(AnyDelimiterCodec::new_with_max_length(
+            b"\n".to_vec(),
+            Vec::new(),
+            MAX_LOG_LINE_BYTES,
+        ))
+    }
+
+    fn item(
+        decoded: Result<Option<bytes::Bytes>, AnyDelimiterCodecError>,
+    ) -> Result<Option<LogLine>, std::io::Error> {
+        match decoded {
+            Ok(line) => Ok(line.map(LogLine::Line)),
+            Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => Ok(Some(LogLine::TooLong)),
+            Err(AnyDelimiterCodecError::Io(e)) => Err(e),
+        }
+    }
+}
+
+impl Decoder for LogLines {
+    type Item = LogLine;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> Result<Option<LogLine>, std::io::Error> {
+        Self::item(self.0.decode(src))
+    }
+
+    fn decode_eof(&mut self, src: &mut bytes::BytesMut) -> Result<Option<LogLine>, std::io::Error> {
+        Self::item(self.0.decode_eof(src))
+    }
+}
+
+/// Reads signal-cli's stderr to its end and logs it at debug level. Memory is bounded by
+/// [`MAX_LOG_LINE_BYTES`] whatever it writes, and bytes that are not UTF-8 (a Latin-1 locale)
+/// are decoded lossily: the drain stops only at EOF or a read error, so signal-cli never
+/// blocks on a full pipe. Returns the number of lines read.
+pub(crate) async fn drain_log(stderr: impl tokio::io::AsyncRead + Unpin) -> u64 {
+    let mut lines = FramedRead::new(stderr, LogLines::new());
+    let mut count = 0u64;
+    while let Some(Ok(line)) = lines.next().await {
+        count += 1;
+        match line {
+            LogLine::Line(bytes) => {
+                let line: String = String::from_utf8_lossy(&bytes)
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(MAX_LOG_LINE_CHARS)
+                    .collect();
+                tracing::debug!(target: "signal_cli", "{line}");
+            }
+            LogLine::TooLong => {
+                tracing::debug!(target: "signal_cli", "(an over-long log line skipped)")
+            }
+        }
+    }
+    count
+}
+
 /// Starts the daemon once (removing a stale socket first).
 pub fn spawn_daemon(program: &Path, data_dir: &Path) -> std::io::Result<tokio::process::Child> {
     prepare_data_dir(data_dir)?;
@@ -128,24 +236,19 @@ pub fn spawn_daemon(program: &Path, data_dir: &Path) -> std::io::Result<tokio::p
     }
     let mut child = daemon_command(program, data_dir).spawn()?;
     if let Some(stderr) = child.stderr.take() {
-        // signal-cli's own log, at debug level, line length bounded.
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let line: String = line.chars().filter(|c| !c.is_control()).take(500).collect();
-                tracing::debug!(target: "signal_cli", "{line}");
-            }
-        });
+        tokio::spawn(drain_log(stderr));
     }
     Ok(child)
 }
 
-/// Keeps signal-cli running until shutdown: restarts it with backoff when it exits (the
-/// backoff resets after a minute of running).
+/// Keeps signal-cli running until shutdown: restarts it with backoff when it exits, or when
+/// `restart` is notified because it stopped answering (the backoff resets after a minute of
+/// running).
 pub(crate) async fn supervise(
     program: PathBuf,
     data_dir: PathBuf,
     health: std::sync::Arc<ChannelHealth>,
+    restart: std::sync::Arc<tokio::sync::Notify>,
     shutdown: Shutdown,
 ) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
@@ -167,6 +270,11 @@ pub(crate) async fn supervise(
                         return;
                     }
                     status = child.wait() => status,
+                    () = restart.notified() => {
+                        // It stopped answering (the channel saw its calls time out).
+                        let _ = child.start_kill();
+                        child.wait().await
+                    }
                 };
                 health.set_connected(false);
                 health.error(ErrorClass::Unreachable);
@@ -194,6 +302,78 @@ pub(crate) async fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn signal_cli_log_drain_survives_non_utf8_and_endless_lines() {
+        let mut log = b"\xff latin-1 \xe9\n".to_vec();
+        log.extend(std::iter::repeat_n(b'x', 1 << 20));
+        log.push(b'\n');
+        for i in 0..100_000 {
+            log.extend_from_slice(format!("line {i}\n").as_bytes());
+        }
+        log.extend_from_slice(b"last line without newline");
+        let (mut writer, reader) = tokio::io::duplex(8192);
+        let feeding = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            writer.write_all(&log).await.unwrap();
+        });
+        let mut framed = FramedRead::new(reader, LogLines::new());
+        let mut lines = 0u64;
+        let mut too_long = 0u64;
+        while let Some(line) = framed.next().await {
+            match line.unwrap() {
+                LogLine::Line(_) => lines += 1,
+                LogLine::TooLong => too_long += 1,
+            }
+            assert!(
+                framed.read_buffer().capacity() <= 4 * MAX_LOG_LINE_BYTES + 8192,
+                "the buffer stays bounded"
+            );
+        }
+        feeding.await.unwrap();
+        assert_eq!((lines, too_long), (1 + 100_000 + 1, 1));
+        let (mut writer, reader) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            writer.write_all(b"\xff\xfe\nok\n").await.unwrap();
+        });
+        assert_eq!(drain_log(reader).await, 2, "read to EOF");
+    }
+
+    /// Regression (review 10, L5): any absolute `dataDir` was chmod-ed to 0700 at every start
+    /// (`/`, `/tmp`, someone's home), breaking the system or other users.
+    #[test]
+    fn signal_data_dir_refuses_system_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        for system in ["/", "/tmp", "/usr", "/etc"] {
+            let before = std::fs::metadata(system).unwrap().permissions().mode();
+            assert!(prepare_data_dir(Path::new(system)).is_err(), "{system}");
+            assert_eq!(
+                std::fs::metadata(system).unwrap().permissions().mode(),
+                before
+            );
+        }
+        let base = tempfile::tempdir().unwrap();
+        let shared = base.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(prepare_data_dir(&shared).is_err());
+        assert_eq!(
+            std::fs::metadata(&shared).unwrap().permissions().mode() & 0o777,
+            0o755,
+            "never chmod-ed"
+        );
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(base.path(), &link).unwrap();
+        assert!(prepare_data_dir(&link).is_err(), "a symlink");
+        let fresh = base.path().join("a/signal");
+        prepare_data_dir(&fresh).unwrap();
+        assert_eq!(
+            std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        prepare_data_dir(&fresh).expect("its own directory again");
+    }
 
     #[test]
     fn a_missing_program_gets_a_hint() {

@@ -50,7 +50,8 @@ use crate::retry::{sleep_or_shutdown, Backoff};
 use async_trait::async_trait;
 use base64::Engine as _;
 use moltmate_core::channel::{
-    Attachment, AttachmentKind, Channel, ChannelError, InboundMessage, InboundSink, OutboundFile,
+    Accepted, Attachment, AttachmentKind, Channel, ChannelError, InboundMessage, InboundSink,
+    OutboundFile,
 };
 use moltmate_core::channel_status::{ChannelHealth, ErrorClass, LinkState};
 use moltmate_core::{ChannelKind, Identity, PeerId, Shutdown};
@@ -69,6 +70,21 @@ pub const MAX_MESSAGE_UTF16: usize = 2000;
 
 /// Notifications read ahead of the sink at most.
 const NOTIFICATION_QUEUE: usize = 16;
+
+/// Read receipts waiting to be sent at most (more are skipped).
+const RECEIPT_QUEUE: usize = 64;
+
+/// Stalls in a row (signal-cli not answering within the request timeout) after which a
+/// supervised daemon is killed and started again.
+const STALLS_BEFORE_RESTART: u32 = 2;
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEnd {
+    Shutdown,
+    /// A connection dropped, the link was lost or signal-cli stopped answering: reconnect.
+    Lost,
+}
 
 /// How long `finishLink` waits for the phone before a fresh code is made.
 const LINK_WAIT: Duration = Duration::from_secs(120);
@@ -97,6 +113,10 @@ pub struct SignalChannel {
     connection: Mutex<Option<Arc<RpcConnection>>>,
     /// Linked at some point since start (a daemon we do not supervise has no marker file).
     ever_linked: std::sync::atomic::AtomicBool,
+    /// Calls that timed out in a row (see [`SignalChannel::note_stall`]).
+    stalls: std::sync::atomic::AtomicU32,
+    /// Asks the supervisor to kill and restart signal-cli.
+    restart: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for SignalChannel {
@@ -130,6 +150,8 @@ impl SignalChannel {
             health,
             connection: Mutex::new(None),
             ever_linked: std::sync::atomic::AtomicBool::new(false),
+            stalls: std::sync::atomic::AtomicU32::new(0),
+            restart: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -165,6 +187,7 @@ impl SignalChannel {
                 .truncate(true)
                 .write(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&marker)
                 .and_then(|mut f| f.write_all(b"linked\n"));
             if let Err(e) = written {
@@ -322,28 +345,28 @@ impl SignalChannel {
         )
     }
 
-    /// Hand one message to the sink until it is stored. False on shutdown.
+    /// Hand one message to the sink until it is stored (or refused). None on shutdown.
     async fn deliver(
         &self,
         sink: &dyn InboundSink,
         message: &InboundMessage,
         shutdown: &Shutdown,
-    ) -> bool {
+    ) -> Option<Accepted> {
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         loop {
             if shutdown.is_cancelled() {
-                return false;
+                return None;
             }
             match sink.accept(message.clone()).await {
                 Ok(outcome) => {
                     tracing::debug!(?outcome, "signal: message accepted");
-                    return true;
+                    return Some(outcome);
                 }
                 Err(e) => {
                     self.health.error(ErrorClass::Storage);
                     tracing::warn!(error = %e, "signal: the gateway did not store a message, retrying it");
                     if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
-                        return false;
+                        return None;
                     }
                 }
             }
@@ -391,35 +414,76 @@ impl SignalChannel {
         }
     }
 
-    /// One connected session: link check, subscribe, receive until the connection drops.
-    /// Returns false on shutdown.
+    /// Connects to the daemon once, for calls only (never subscribed).
+    async fn connect(
+        &self,
+        notifications: Option<mpsc::Sender<Value>>,
+        shutdown: &Shutdown,
+    ) -> Option<Result<Arc<RpcConnection>, RpcError>> {
+        let address = self.address();
+        tokio::select! {
+            _ = shutdown.cancelled() => None,
+            c = RpcConnection::connect(
+                &address,
+                self.settings.request_timeout,
+                rpc::line_limit_for(self.settings.max_file_bytes),
+                notifications,
+            ) => Some(c),
+        }
+    }
+
+    /// signal-cli did not answer a call in time: the daemon hangs (a JVM stall) or the
+    /// connection is half-open. After [`STALLS_BEFORE_RESTART`] in a row, a daemon we supervise
+    /// is killed and started again.
+    fn note_stall(&self) {
+        self.health.set_connected(false);
+        self.health.error(ErrorClass::Unreachable);
+        let stalls = self
+            .stalls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if stalls >= STALLS_BEFORE_RESTART
+            && matches!(self.settings.daemon, SignalDaemon::Supervised { .. })
+        {
+            tracing::error!("signal: signal-cli stopped answering; restarting it");
+            self.stalls.store(0, std::sync::atomic::Ordering::Relaxed);
+            self.restart.notify_one();
+        } else {
+            tracing::warn!("signal: signal-cli stopped answering; reconnecting");
+        }
+    }
+
+    /// One connected session: link check, subscribe, receive until a connection drops or the
+    /// daemon stops answering. Returns false on shutdown.
+    ///
+    /// Two connections: one subscribed that only receives, and one for every call (send,
+    /// typing, receipts, link checks). A backlog of incoming messages waits in the receiving
+    /// connection's socket while the sink stores them one by one; an answer behind them would
+    /// wait as long, so no call ever goes over that connection once it receives.
     async fn session(
         &self,
         sink: &dyn InboundSink,
         shutdown: &Shutdown,
         backoff: &mut Backoff,
     ) -> bool {
-        let (notify, mut notifications) = mpsc::channel(NOTIFICATION_QUEUE);
-        let address = self.address();
-        let connection = tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            c = RpcConnection::connect(&address, self.settings.request_timeout, rpc::line_limit_for(self.settings.max_file_bytes), notify) => c,
-        };
-        let connection = match connection {
-            Ok(connection) => connection,
-            Err(e) => {
+        let calls = match self.connect(None, shutdown).await {
+            None => return false,
+            Some(Ok(connection)) => connection,
+            Some(Err(e)) => {
                 self.health.set_connected(false);
                 self.note_rpc_error(&e);
                 tracing::warn!(error = %e, "signal: could not connect to signal-cli, retrying");
                 return sleep_or_shutdown(backoff.next_delay(), shutdown).await;
             }
         };
-        match self.account_listed(&connection).await {
+        match self.account_listed(&calls).await {
             Ok(Some(true)) | Ok(None) => {
+                self.stalls.store(0, std::sync::atomic::Ordering::Relaxed);
                 self.remember_linked();
                 self.health.set_link(LinkState::Linked);
             }
             Ok(Some(false)) => {
+                self.stalls.store(0, std::sync::atomic::Ordering::Relaxed);
                 if self.was_linked() {
                     tracing::error!("signal: the account is no longer linked (unlinked on the phone, or signal-cli's data lost); scan the new code on /admin or run `moltmate channels signal link`");
                     self.health.set_link(LinkState::Lost);
@@ -428,18 +492,33 @@ impl SignalChannel {
                     tracing::warn!("signal: the account is not linked yet; scan the code on /admin or run `moltmate channels signal link`");
                 }
                 self.health.set_connected(true);
-                if !self.link(&connection, shutdown).await {
+                if !self.link(&calls, shutdown).await {
                     return !shutdown.is_cancelled();
                 }
             }
             Err(e) => {
-                self.note_rpc_error(&e);
-                tracing::warn!(error = %e, "signal: listAccounts failed, reconnecting");
+                if matches!(e, RpcError::Timeout { .. }) {
+                    self.note_stall();
+                } else {
+                    self.note_rpc_error(&e);
+                    tracing::warn!(error = %e, "signal: listAccounts failed, reconnecting");
+                }
                 return sleep_or_shutdown(backoff.next_delay(), shutdown).await;
             }
         }
+        let (notify, notifications) = mpsc::channel(NOTIFICATION_QUEUE);
+        let receiving = match self.connect(Some(notify), shutdown).await {
+            None => return false,
+            Some(Ok(connection)) => connection,
+            Some(Err(e)) => {
+                self.health.set_connected(false);
+                self.note_rpc_error(&e);
+                tracing::warn!(error = %e, "signal: could not connect to signal-cli, retrying");
+                return sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+            }
+        };
         let mut subscription = None;
-        match connection
+        match receiving
             .call(
                 "subscribeReceive",
                 self.params(json!({})),
@@ -459,67 +538,146 @@ impl SignalChannel {
                 tracing::warn!("signal: signal-cli does not run with --receive-mode=manual; messages that arrive while the gateway is down are lost");
             }
             Err(e) => {
-                self.note_rpc_error(&e);
-                tracing::warn!(error = %e, "signal: subscribeReceive failed, reconnecting");
+                if matches!(e, RpcError::Timeout { .. }) {
+                    self.note_stall();
+                } else {
+                    self.note_rpc_error(&e);
+                    tracing::warn!(error = %e, "signal: subscribeReceive failed, reconnecting");
+                }
                 return sleep_or_shutdown(backoff.next_delay(), shutdown).await;
             }
         }
-        *lock(&self.connection) = Some(Arc::clone(&connection));
+        *lock(&self.connection) = Some(Arc::clone(&calls));
         self.health.set_connected(true);
         tracing::info!("signal: connected");
         backoff.reset();
-        let mut link_check = tokio::time::interval(self.settings.link_check_interval);
-        link_check.tick().await;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    // Stop signal-cli fetching for us (what it fetched would be acknowledged
-                    // and then dropped); the connection stays for replies still being sent.
-                    if let Some(id) = subscription {
-                        let _ = connection
-                            .call("unsubscribeReceive", self.params(json!({"subscription": id})), Duration::from_secs(2))
-                            .await;
-                    }
-                    return false;
+        let (receipts, receipt_queue) = mpsc::channel(RECEIPT_QUEUE);
+        let ended = tokio::select! {
+            ended = self.receive(&receiving, notifications, sink, shutdown, receipts) => ended,
+            ended = self.watch(&calls) => ended,
+            () = self.send_receipts(&calls, receipt_queue) => SessionEnd::Lost,
+        };
+        match ended {
+            SessionEnd::Shutdown => {
+                // Stop signal-cli fetching for us (what it fetched would be acknowledged and
+                // then dropped); the calls connection stays for replies still being sent.
+                if let Some(id) = subscription {
+                    let _ = receiving
+                        .call(
+                            "unsubscribeReceive",
+                            self.params(json!({"subscription": id})),
+                            Duration::from_secs(2),
+                        )
+                        .await;
                 }
-                _ = connection.closed() => {
+                false
+            }
+            SessionEnd::Lost => {
+                receiving.close();
+                calls.close();
+                sleep_or_shutdown(backoff.next_delay(), shutdown).await
+            }
+        }
+    }
+
+    /// Hands each notification of the receiving connection to the sink, in order. Never waits
+    /// for a call: read receipts are queued for [`Self::send_receipts`].
+    async fn receive(
+        &self,
+        receiving: &RpcConnection,
+        mut notifications: mpsc::Receiver<Value>,
+        sink: &dyn InboundSink,
+        shutdown: &Shutdown,
+        receipts: mpsc::Sender<(String, i64)>,
+    ) -> SessionEnd {
+        loop {
+            let params = tokio::select! {
+                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                _ = receiving.closed() => {
                     self.health.set_connected(false);
                     self.health.error(ErrorClass::Unreachable);
                     tracing::warn!("signal: lost the connection to signal-cli, reconnecting");
-                    return sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+                    return SessionEnd::Lost;
                 }
-                _ = link_check.tick() => {
-                    if let Ok(Some(false)) = self.account_listed(&connection).await {
-                        tracing::error!("signal: the account is no longer linked; scan the new code on /admin or run `moltmate channels signal link`");
-                        self.health.set_link(LinkState::Lost);
-                        self.health.error(ErrorClass::LinkLost);
-                        connection.close();
-                    }
+                params = notifications.recv() => params,
+            };
+            let Some(params) = params else {
+                return SessionEnd::Lost;
+            };
+            match self.dispose(&params) {
+                Disposition::Skip(reason) => {
+                    tracing::debug!(reason, "signal: skipping a notification")
                 }
-                params = notifications.recv() => {
-                    let Some(params) = params else { continue };
-                    match self.dispose(&params) {
-                        Disposition::Skip(reason) => tracing::debug!(reason, "signal: skipping a notification"),
-                        Disposition::Deliver(message, timestamp) => {
-                            self.health.event();
-                            if !self.deliver(sink, &message, shutdown).await {
-                                return false;
-                            }
-                            if self.settings.read_receipts {
-                                let receipt = self.params(json!({
-                                    "recipient": [message.chat_id], "targetTimestamp": [timestamp], "type": "read"
-                                }));
-                                if let Err(e) = connection.call("sendReceipt", receipt, self.settings.request_timeout).await {
-                                    tracing::debug!(error = %e, "signal: read receipt failed");
-                                }
-                            }
-                        }
+                Disposition::Deliver(message, timestamp) => {
+                    self.health.event();
+                    let Some(outcome) = self.deliver(sink, &message, shutdown).await else {
+                        return SessionEnd::Shutdown;
+                    };
+                    // A receipt tells the sender the number is a live bot and spends the
+                    // account's send budget: only for senders the gateway admitted.
+                    let admitted = matches!(outcome, Accepted::Queued | Accepted::Duplicate);
+                    if self.settings.read_receipts
+                        && admitted
+                        && receipts.try_send((message.chat_id, timestamp)).is_err()
+                    {
+                        tracing::debug!("signal: too many read receipts waiting; skipping one");
                     }
                 }
             }
         }
     }
 
+    /// Checks the link every `link_check_interval` over the calls connection. Ends the session
+    /// when the link is lost, the connection drops or signal-cli stops answering.
+    async fn watch(&self, calls: &RpcConnection) -> SessionEnd {
+        let mut link_check = tokio::time::interval(self.settings.link_check_interval);
+        link_check.tick().await;
+        loop {
+            tokio::select! {
+                _ = calls.closed() => {
+                    self.health.set_connected(false);
+                    self.health.error(ErrorClass::Unreachable);
+                    tracing::warn!("signal: lost the connection to signal-cli, reconnecting");
+                    return SessionEnd::Lost;
+                }
+                _ = link_check.tick() => {}
+            }
+            match self.account_listed(calls).await {
+                Ok(Some(false)) => {
+                    tracing::error!("signal: the account is no longer linked; scan the new code on /admin or run `moltmate channels signal link`");
+                    self.health.set_link(LinkState::Lost);
+                    self.health.error(ErrorClass::LinkLost);
+                    return SessionEnd::Lost;
+                }
+                Ok(_) => {
+                    self.stalls.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(RpcError::Timeout { .. }) => {
+                    self.note_stall();
+                    return SessionEnd::Lost;
+                }
+                Err(RpcError::Disconnected) => return SessionEnd::Lost,
+                Err(e) => tracing::debug!(error = %e, "signal: link check failed"),
+            }
+        }
+    }
+
+    /// Sends the queued read receipts, one at a time, over the calls connection.
+    async fn send_receipts(&self, calls: &RpcConnection, mut queue: mpsc::Receiver<(String, i64)>) {
+        while let Some((recipient, timestamp)) = queue.recv().await {
+            let receipt = self.params(json!({
+                "recipient": [recipient], "targetTimestamp": [timestamp], "type": "read"
+            }));
+            if let Err(e) = calls
+                .call("sendReceipt", receipt, self.settings.request_timeout)
+                .await
+            {
+                tracing::debug!(error = %e, "signal: read receipt failed");
+            }
+        }
+        // The receive loop holds the sender until the session ends.
+        std::future::pending::<()>().await
+    }
     async fn send_part(&self, recipient: &str, text: &str) -> Result<(), ChannelError> {
         self.send_with_retries(
             json!({"recipient": [recipient], "message": text}),
@@ -707,14 +865,8 @@ pub async fn link_once(
     device_name: &str,
     show: impl FnOnce(&str),
 ) -> Result<Option<String>, RpcError> {
-    let (notify, _notifications) = mpsc::channel(1);
-    let connection = RpcConnection::connect(
-        address,
-        Duration::from_secs(10),
-        rpc::MAX_LINE_BYTES,
-        notify,
-    )
-    .await?;
+    let connection =
+        RpcConnection::connect(address, Duration::from_secs(10), rpc::MAX_LINE_BYTES, None).await?;
     link_device(&connection, device_name, show).await
 }
 
@@ -727,6 +879,7 @@ pub fn remember_linked(data_dir: &std::path::Path) -> std::io::Result<()> {
         .truncate(true)
         .write(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(data_dir.join(LINKED_MARKER))
         .and_then(|mut f| f.write_all(b"linked\n"))
 }
@@ -770,6 +923,7 @@ impl Channel for SignalChannel {
                     program,
                     data_dir.clone(),
                     Arc::clone(&self.health),
+                    Arc::clone(&self.restart),
                     shutdown.clone(),
                 )))
             }

@@ -69,6 +69,9 @@ impl BoundedLines {
     }
 }
 
+/// TCP keepalive idle time and probe interval on `tcp:` connections.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
 /// Calls waiting for an answer at most.
 const MAX_PENDING: usize = 256;
 
@@ -219,12 +222,16 @@ fn bounded(text: &str) -> String {
 
 impl RpcConnection {
     /// Connects and starts the reader and writer tasks. Notifications (`receive`) go to
-    /// `notifications`; when that queue is full the reader waits (signal-cli then buffers).
+    /// `notifications`; when that queue is full the reader waits (signal-cli then buffers),
+    /// and so do the answers behind them: a connection that receives is therefore never used
+    /// for ordinary calls (see the module docs of `signal`). Without `notifications` (a
+    /// connection for calls only), notifications are dropped: a daemon in automatic receive
+    /// mode writes them to every connection, and the receiving one gets them too.
     pub(crate) async fn connect(
         address: &DaemonAddress,
         timeout: Duration,
         max_line_bytes: usize,
-        notifications: mpsc::Sender<Value>,
+        notifications: Option<mpsc::Sender<Value>>,
     ) -> Result<Arc<RpcConnection>, RpcError> {
         let connect_error = |detail: String| RpcError::Connect {
             address: address.to_string(),
@@ -251,6 +258,12 @@ impl RpcConnection {
                 .map_err(|_| connect_error("timed out".to_string()))?
                 .map_err(|e| connect_error(e.kind().to_string()))?;
                 let _ = stream.set_nodelay(true);
+                // A half-open connection (a rebooted router, a vanished host) is noticed by
+                // the kernel instead of looking connected forever.
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(TCP_KEEPALIVE)
+                    .with_interval(TCP_KEEPALIVE);
+                let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
                 let (r, w) = stream.into_split();
                 (Box::new(r), Box::new(w))
             }
@@ -319,7 +332,7 @@ impl RpcConnection {
                         );
                         continue;
                     }
-                    if method == "receive" {
+                    if let (Some(notifications), "receive") = (&notifications, method) {
                         let params = value.get("params").cloned().unwrap_or(Value::Null);
                         let sent = tokio::select! {
                             _ = closed.cancelled() => break,

@@ -90,6 +90,11 @@ pub struct SlackSettings {
     pub backoff_max: Duration,
     pub max_retry_after: Duration,
     pub send_attempts: u32,
+    /// Socket Mode: how often we ping Slack, and how long the socket may stay silent (no
+    /// frame, no pong) before it counts as dead and is replaced (a half-open connection after
+    /// a router reboot would otherwise look connected forever).
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
 }
 
 impl SlackSettings {
@@ -106,6 +111,8 @@ impl SlackSettings {
             backoff_max: Duration::from_secs(60),
             max_retry_after: Duration::from_secs(300),
             send_attempts: 5,
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 
@@ -480,14 +487,37 @@ impl SlackChannel {
         sink: &dyn InboundSink,
         shutdown: &Shutdown,
     ) -> Ended {
+        let mut ping = tokio::time::interval(self.settings.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_frame = tokio::time::Instant::now();
         loop {
             let message = tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = socket.close(None).await;
                     return Ended::Shutdown;
                 }
+                _ = ping.tick() => {
+                    if last_frame.elapsed() >= self.settings.idle_timeout {
+                        self.health.set_connected(false);
+                        return Ended::Reconnect(format!(
+                            "nothing from Slack for {} s (a dead connection)",
+                            self.settings.idle_timeout.as_secs()
+                        ));
+                    }
+                    let sent = tokio::time::timeout(
+                        self.settings.request_timeout,
+                        socket.send(Message::Ping(Vec::new().into())),
+                    )
+                    .await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        self.health.set_connected(false);
+                        return Ended::Reconnect("could not ping Slack".into());
+                    }
+                    continue;
+                }
                 m = socket.next() => m,
             };
+            last_frame = tokio::time::Instant::now();
             let text = match message {
                 None => return Ended::Reconnect("connection closed".into()),
                 Some(Err(e)) => return Ended::Reconnect(format!("websocket error: {e}")),
