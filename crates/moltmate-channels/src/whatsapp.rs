@@ -787,6 +787,12 @@ impl WhatsAppChannel {
             ));
         }
         let mut out = Vec::new();
+        // Hashed chunk by chunk as it arrives: one digest over 20 MB at the end would hold a
+        // runtime thread for tens of milliseconds.
+        let mut digest = {
+            use sha2::Digest as _;
+            Sha256::new()
+        };
         loop {
             let chunk = response
                 .chunk()
@@ -802,11 +808,15 @@ impl WhatsAppChannel {
                     format!("the file is larger than the limit of {max_bytes} bytes"),
                 ));
             }
+            {
+                use sha2::Digest as _;
+                digest.update(&chunk);
+            }
             out.extend_from_slice(&chunk);
         }
         if let Some(expected) = expected {
             use sha2::Digest as _;
-            let actual: [u8; 32] = Sha256::digest(&out).into();
+            let actual: [u8; 32] = digest.finalize().into();
             let same: bool = actual.ct_eq(&expected).into();
             if !same {
                 return Err(media_error(

@@ -162,8 +162,11 @@ const API_VERSION: ClientVersion = ClientVersion {
     major_version: 1,
     minor_version: 41,
 };
-/// How long [`DockerSandbox::remove_user`] waits for removals in progress.
-const REMOVAL_WAIT: Duration = Duration::from_secs(15);
+/// How long [`DockerSandbox::remove_user`] waits for removals in progress. A busy Docker host
+/// (ten memory bombs being OOM-killed next door) took more than 15 s to finish removing a
+/// container whose processes were still running, so the bound is 30 s, the same as the CLI's
+/// wait for a running turn.
+const REMOVAL_WAIT: Duration = Duration::from_secs(30);
 /// Per-request timeout for control calls (streams are bounded by the exec timeout instead).
 const CLIENT_TIMEOUT_SECS: u64 = 60;
 const PING_TIMEOUT: Duration = Duration::from_secs(2);

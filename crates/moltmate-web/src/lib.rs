@@ -25,6 +25,7 @@
 pub mod admin;
 mod charts;
 pub mod chat;
+mod conn;
 pub mod error;
 pub mod files;
 pub mod health;
@@ -184,6 +185,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let header_read_timeout = state.settings().header_read_timeout;
     let max_connections = state.settings().max_connections.max(1);
+    let per_address = conn::PerAddress::new(
+        conn::PerAddress::share_of(max_connections),
+        state.settings().trusted_proxies.clone(),
+    );
     let router = app(state);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
     let draining = tokio_util::sync::CancellationToken::new();
@@ -205,6 +210,13 @@ pub async fn serve(
                 }
             },
         };
+        // One address holds at most its share of the cap (see `conn`): the connection over
+        // it is closed at once, its slot given back.
+        let Some(address_slot) = per_address.admit(remote.ip()) else {
+            drop(stream);
+            drop(slot);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service = tower::ServiceExt::map_request(
             router.clone(),
@@ -221,12 +233,12 @@ pub async fn serve(
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
-            let connection = builder
-                .serve_connection(
-                    hyper_util::rt::TokioIo::new(stream),
-                    hyper_util::service::TowerToHyperService::new(service),
-                )
-                .with_upgrades();
+            let connection = builder.serve_connection(
+                hyper_util::rt::TokioIo::new(conn::StallGuard::new(stream, conn::WRITE_STALL)),
+                hyper_util::service::TowerToHyperService::new(service),
+            );
+            // No route upgrades a connection (no websockets here); an upgraded one would live
+            // on outside the connection cap.
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
@@ -235,6 +247,7 @@ pub async fn serve(
                     let _ = connection.await;
                 }
             }
+            drop(address_slot);
             drop(slot);
         });
     }

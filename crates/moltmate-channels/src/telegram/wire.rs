@@ -56,15 +56,27 @@ pub(crate) struct Message {
     /// The caption of a photo, document, audio or voice message.
     #[serde(default)]
     pub caption: Option<String>,
-    /// The sizes of a photo, smallest first.
-    #[serde(default)]
+    /// The sizes of a photo, smallest first. A file field that does not parse is left out
+    /// (`lenient`): the message's text is still delivered.
+    #[serde(default, deserialize_with = "lenient")]
     pub photo: Option<Vec<FileRef>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub voice: Option<FileRef>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub audio: Option<FileRef>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub document: Option<FileRef>,
+}
+
+/// A field read as `T` if it parses and as absent if it does not, so one malformed part of a
+/// message (a `photo` that is not a list of sizes) does not lose the rest of it.
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).ok())
 }
 
 /// The fields of `PhotoSize`, `Voice`, `Audio` and `Document` we use.
@@ -159,4 +171,29 @@ pub(crate) struct SendMessage<'a> {
 pub(crate) struct SendChatAction<'a> {
     pub chat_id: ChatRef<'a>,
     pub action: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_photo_field_does_not_lose_the_text() {
+        let update: Update = serde_json::from_value(serde_json::json!({
+            "update_id": 1,
+            "message": {"chat": {"id": 5, "type": "private"}, "from": {"id": 5},
+                        "text": "hello", "photo": "not a list", "voice": [1, 2]}
+        }))
+        .unwrap();
+        let message = update.message.unwrap();
+        assert_eq!(message.text.as_deref(), Some("hello"));
+        assert!(message.photo.is_none() && message.voice.is_none());
+        let update: Update = serde_json::from_value(serde_json::json!({
+            "update_id": 2,
+            "message": {"chat": {"id": 5, "type": "private"},
+                        "photo": [{"file_id": "a", "file_size": 3}]}
+        }))
+        .unwrap();
+        assert_eq!(update.message.unwrap().photo.unwrap()[0].file_id, "a");
+    }
 }
