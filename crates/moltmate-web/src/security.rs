@@ -563,6 +563,8 @@ pub async fn rate_limit(State(state): State<WebState>, request: Request, next: N
 
 /// Largest sign-in form read to find the credential it presents.
 const SIGN_IN_FORM_MAX: usize = 4096;
+/// How long a sign-in past its address's quota may take to send that form.
+pub const SIGN_IN_FORM_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The digest of the credential a sign-in presents: the link's code from the path, or the
 /// form's `token` (the body is read, at most [`SIGN_IN_FORM_MAX`] bytes, and put back).
@@ -587,10 +589,31 @@ async fn sign_in_account(request: Request, route: Option<&str>) -> (Request, Opt
         let account = code.as_deref().and_then(digest);
         return (request, account);
     }
+    // Only a form is read, and only for [`SIGN_IN_FORM_DEADLINE`]: a client past its quota
+    // must not hold a request open by trickling (or never sending) a body.
+    let is_form = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
     let (parts, body) = request.into_parts();
-    let bytes = match axum::body::to_bytes(body, SIGN_IN_FORM_MAX).await {
-        Ok(bytes) => bytes,
-        Err(_) => return (Request::from_parts(parts, axum::body::Body::empty()), None),
+    if !is_form {
+        return (Request::from_parts(parts, axum::body::Body::empty()), None);
+    }
+    let bytes = match tokio::time::timeout(
+        SIGN_IN_FORM_DEADLINE,
+        axum::body::to_bytes(body, SIGN_IN_FORM_MAX),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) | Err(_) => {
+            return (Request::from_parts(parts, axum::body::Body::empty()), None)
+        }
     };
     let account = form_urlencoded::parse(&bytes)
         .find(|(key, _)| key == "token")

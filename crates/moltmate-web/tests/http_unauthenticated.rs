@@ -839,3 +839,59 @@ async fn a_web_flood_from_the_same_address_does_not_slow_a_signed_in_user() {
     );
     h.shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_sign_in_past_quota_with_a_stalled_body_is_refused() {
+    let h = harness_with(WebSettings {
+        unauthenticated_per_minute: 1,
+        unauthenticated_burst: 1,
+        ..test_settings()
+    });
+    let (_, token) = h.user("anna").await;
+    // The address's one sign-in.
+    assert_eq!(
+        send(
+            &h.app(),
+            from(HOME_ROUTER, form("/login", "token=mm_x".into()))
+        )
+        .await
+        .status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Past the quota: a body that never ends is given SIGN_IN_FORM_DEADLINE, then 429.
+    let (_tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(1);
+    let stalled = Request::post("/login")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    // (Real time: SIGN_IN_FORM_DEADLINE is 5 s; the outer bound only keeps a regression from
+    // hanging the suite.)
+    let stalled = tokio::time::timeout(
+        moltmate_web::security::SIGN_IN_FORM_DEADLINE * 6,
+        send(&h.app(), from(HOME_ROUTER, stalled)),
+    )
+    .await
+    .expect("a stalled sign-in body held the request open");
+    assert_eq!(stalled.status, StatusCode::TOO_MANY_REQUESTS);
+    // A body that is not a form is not read at all: 429 at once, even a real token.
+    let json = Request::post("/login")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(format!("token={token}")))
+        .unwrap();
+    assert_eq!(
+        send(&h.app(), from(HOME_ROUTER, json)).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // A real form still gets the credential's own tries.
+    assert_eq!(
+        send(
+            &h.app(),
+            from(HOME_ROUTER, form("/login", format!("token={token}")))
+        )
+        .await
+        .status,
+        StatusCode::SEE_OTHER
+    );
+}
