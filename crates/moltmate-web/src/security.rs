@@ -22,13 +22,17 @@
 //! * **per sign-in account**, next to the per-IP one: a sign-in that its address (or /48) has no
 //!   quota left for may still be tried on the bucket of the credential it presents — the
 //!   link's code, the pasted token, the operator token, by SHA-256 digest — with
-//!   [`SIGN_IN_ACCOUNT_BURST`] tries per [`SIGN_IN_ACCOUNT_PERIOD`] each, all such tries on
-//!   the server together at most [`SIGN_IN_OVERFLOW_PER_MINUTE`] a minute. A neighbour
-//!   behind the same CGNAT address or in the same IPv6 /48 who floods sign-ins empties the
-//!   address's bucket, but not the bucket of a link or token they do not know: the other
-//!   person's sign-in still gets its own tries, unless the neighbour also keeps up more than
-//!   [`SIGN_IN_OVERFLOW_PER_MINUTE`] sign-ins a minute past their quota (the bound on the
-//!   database look-ups strangers cause). Refusals count as `bucket="sign_in"`.
+//!   [`SIGN_IN_ACCOUNT_BURST`] tries per [`SIGN_IN_ACCOUNT_PERIOD`] each (taken first, so a
+//!   repeated guess costs nothing more), then from its site's share (IPv4 /24, IPv6 /48:
+//!   [`SIGN_IN_OVERFLOW_SITE_PER_MINUTE`] a minute), all such tries on the server together
+//!   at most [`SIGN_IN_OVERFLOW_PER_MINUTE`] a minute (the bound on the database look-ups
+//!   strangers cause). A neighbour behind the same CGNAT address or in the same /24 or /48
+//!   who floods sign-ins empties the address's bucket, but not the bucket of a link or token
+//!   they do not know: the other person's sign-in still gets its own tries, unless the
+//!   neighbour keeps up more than [`SIGN_IN_OVERFLOW_SITE_PER_MINUTE`] distinct guesses a
+//!   minute past their quota. A client elsewhere cannot take a site's share; only clients in
+//!   more than `OVERFLOW / SITE` sites together can reach the server's ceiling. Refusals
+//!   count as `bucket="sign_in"`.
 //!
 //! A verified credential is remembered (digest → principal, in memory, at most
 //! [`MAX_VERIFIED`], for [`VERIFIED_TTL`]) only to choose its bucket: handlers still check
@@ -191,7 +195,10 @@ pub struct RateLimits {
     by_ip_site: KeyedLimiter,
     /// Sign-ins past their address's quota, per presented credential (digest).
     by_sign_in_account: KeyedLimiter,
-    /// All of those together (one key).
+    /// Those of one client site (IPv4 /24, IPv6 /48), so one source cannot use up the
+    /// server's overflow for everyone.
+    sign_in_overflow_site: KeyedLimiter,
+    /// All of those together (one key): the ceiling.
     sign_in_overflow: KeyedLimiter,
     verified: Mutex<HashMap<[u8; 16], (Principal, Instant)>>,
     checks: AtomicU64,
@@ -204,7 +211,9 @@ pub const SIGN_IN_ACCOUNT_BURST: u32 = 5;
 /// …and they come back at this pace (one every three minutes: five per quarter hour).
 pub const SIGN_IN_ACCOUNT_PERIOD: Duration = Duration::from_secs(15 * 60);
 /// Sign-ins past their address's quota on the whole server, per minute (and burst).
-pub const SIGN_IN_OVERFLOW_PER_MINUTE: u32 = 60;
+pub const SIGN_IN_OVERFLOW_PER_MINUTE: u32 = 120;
+/// The share of that one client site (IPv4 /24, IPv6 /48) may take, per minute (and burst).
+pub const SIGN_IN_OVERFLOW_SITE_PER_MINUTE: u32 = 30;
 
 fn quota(per_minute: u32, burst: u32) -> Result<Quota, InvalidSettings> {
     let per_minute = NonZeroU32::new(per_minute).ok_or(InvalidSettings::ZeroRate)?;
@@ -235,6 +244,10 @@ impl RateLimits {
                         NonZeroU32::new(SIGN_IN_ACCOUNT_BURST).ok_or(InvalidSettings::ZeroBurst)?,
                     ),
             ),
+            sign_in_overflow_site: RateLimiter::keyed(quota(
+                SIGN_IN_OVERFLOW_SITE_PER_MINUTE,
+                SIGN_IN_OVERFLOW_SITE_PER_MINUTE,
+            )?),
             sign_in_overflow: RateLimiter::keyed(quota(
                 SIGN_IN_OVERFLOW_PER_MINUTE,
                 SIGN_IN_OVERFLOW_PER_MINUTE,
@@ -244,11 +257,19 @@ impl RateLimits {
         })
     }
 
-    /// A sign-in whose address has no quota left, presenting the credential with `digest`:
-    /// `Err(wait)` when that credential's tries, or the server's overflow, are used up.
-    pub fn check_sign_in_account(&self, digest: &[u8; 16]) -> Result<(), Duration> {
-        self.take(&self.sign_in_overflow, "all".to_string())?;
-        self.take(&self.by_sign_in_account, hex::encode(digest))
+    /// A sign-in from `client`, whose address has no quota left, presenting the credential
+    /// with `digest`: `Err(wait)` when that credential's tries, its site's share of the
+    /// overflow, or the server's overflow are used up. The credential's own bucket is taken
+    /// first, so a repeated guess costs no overflow; a site's share
+    /// ([`SIGN_IN_OVERFLOW_SITE_PER_MINUTE`]) keeps one source from using up the ceiling.
+    pub fn check_sign_in_account(
+        &self,
+        digest: &[u8; 16],
+        client: &ClientKey,
+    ) -> Result<(), Duration> {
+        self.take(&self.by_sign_in_account, hex::encode(digest))?;
+        self.take(&self.sign_in_overflow_site, client.sign_in_site())?;
+        self.take(&self.sign_in_overflow, "all".to_string())
     }
 
     fn maintain(&self) {
@@ -258,12 +279,14 @@ impl RateLimits {
             || self.by_principal.len() > MAX_TRACKED_KEYS
             || self.by_ip_site.len() > MAX_TRACKED_KEYS
             || self.by_sign_in_account.len() > MAX_TRACKED_KEYS
+            || self.sign_in_overflow_site.len() > MAX_TRACKED_KEYS
         {
             for limiter in [
                 &self.by_ip,
                 &self.by_principal,
                 &self.by_ip_site,
                 &self.by_sign_in_account,
+                &self.sign_in_overflow_site,
                 &self.sign_in_overflow,
             ] {
                 limiter.retain_recent();
@@ -386,6 +409,20 @@ impl ClientKey {
             site,
         }
     }
+
+    /// The site a sign-in overflow share belongs to: the IPv6 /48, else the IPv4 /24.
+    fn sign_in_site(&self) -> String {
+        if let Some(site) = &self.site {
+            return site.clone();
+        }
+        match self.ip.parse::<std::net::Ipv4Addr>() {
+            Ok(v4) => {
+                let o = v4.octets();
+                format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+            }
+            Err(_) => self.ip.clone(),
+        }
+    }
 }
 
 /// The rate-limit key of a client address.
@@ -476,7 +513,7 @@ pub async fn rate_limit(State(state): State<WebState>, request: Request, next: N
             let (with_body, account) = sign_in_account(request, route).await;
             request = with_body;
             let allowed = match account {
-                Some(digest) => limits.check_sign_in_account(&digest),
+                Some(digest) => limits.check_sign_in_account(&digest, &ip),
                 None => Err(ip_wait),
             };
             if let Err(wait) = allowed {
@@ -526,6 +563,8 @@ pub async fn rate_limit(State(state): State<WebState>, request: Request, next: N
 
 /// Largest sign-in form read to find the credential it presents.
 const SIGN_IN_FORM_MAX: usize = 4096;
+/// How long a sign-in past its address's quota may take to send that form.
+pub const SIGN_IN_FORM_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The digest of the credential a sign-in presents: the link's code from the path, or the
 /// form's `token` (the body is read, at most [`SIGN_IN_FORM_MAX`] bytes, and put back).
@@ -550,10 +589,31 @@ async fn sign_in_account(request: Request, route: Option<&str>) -> (Request, Opt
         let account = code.as_deref().and_then(digest);
         return (request, account);
     }
+    // Only a form is read, and only for [`SIGN_IN_FORM_DEADLINE`]: a client past its quota
+    // must not hold a request open by trickling (or never sending) a body.
+    let is_form = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
     let (parts, body) = request.into_parts();
-    let bytes = match axum::body::to_bytes(body, SIGN_IN_FORM_MAX).await {
-        Ok(bytes) => bytes,
-        Err(_) => return (Request::from_parts(parts, axum::body::Body::empty()), None),
+    if !is_form {
+        return (Request::from_parts(parts, axum::body::Body::empty()), None);
+    }
+    let bytes = match tokio::time::timeout(
+        SIGN_IN_FORM_DEADLINE,
+        axum::body::to_bytes(body, SIGN_IN_FORM_MAX),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) | Err(_) => {
+            return (Request::from_parts(parts, axum::body::Body::empty()), None)
+        }
     };
     let account = form_urlencoded::parse(&bytes)
         .find(|(key, _)| key == "token")

@@ -308,7 +308,7 @@ async fn sign_in_buckets_behind_a_shared_address_keep_each_accounts_tries() {
         1 => form(&format!("/login/{n:064x}"), String::new()),
         _ => form("/admin/login", format!("token=guess{n}")),
     };
-    for n in 0..30 {
+    for n in 0..20 {
         assert_eq!(
             send(&h.app(), from(HOME_ROUTER, guess(n))).await.status,
             StatusCode::UNAUTHORIZED
@@ -372,21 +372,47 @@ async fn sign_in_buckets_behind_a_shared_address_keep_each_accounts_tries() {
     )
     .await;
     assert_eq!(again.status, StatusCode::SEE_OTHER);
-    // What all sign-ins past their address's quota may cost the server is bounded: distinct
-    // guesses are refused once the overflow is used up.
+    // sign_in_overflow_drained_from_elsewhere_does_not_refuse_a_neighbours_token: an attacker
+    // elsewhere, past their own quota, sends as many guesses as they can (distinct ones and the
+    // same one over and over); Anna's real token behind HOME_ROUTER still signs in.
+    let mut refused = 0;
+    for n in 0..(2 * moltmate_web::security::SIGN_IN_OVERFLOW_PER_MINUTE) {
+        for request in [
+            guess(2000 + n),
+            form("/login", "token=mm_same_guess".into()),
+        ] {
+            if send(&h.app(), from(ELSEWHERE, request)).await.status
+                == StatusCode::TOO_MANY_REQUESTS
+            {
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > moltmate_web::security::SIGN_IN_OVERFLOW_PER_MINUTE,
+        "the attacker elsewhere was not bounded ({refused} refused)"
+    );
+    let after_drain = send(
+        &h.app(),
+        from(HOME_ROUTER, form("/login", format!("token={token}"))),
+    )
+    .await;
+    assert_eq!(after_drain.status, StatusCode::SEE_OTHER);
+    // What all sign-ins past one site's quota may cost the server is bounded: distinct
+    // guesses are refused once the site's share of the overflow is used up.
     let mut n = 1000;
     while send(&h.app(), from(HOME_ROUTER, guess(n))).await.status != StatusCode::TOO_MANY_REQUESTS
     {
         n += 1;
         assert!(
-            n < 1000 + moltmate_web::security::SIGN_IN_OVERFLOW_PER_MINUTE + 5,
+            n < 1000 + moltmate_web::security::SIGN_IN_OVERFLOW_SITE_PER_MINUTE + 5,
             "sign-ins past the address's quota are not bounded"
         );
     }
     let metrics = send(
         &h.app(),
         from(
-            ELSEWHERE,
+            [192, 0, 2, 1],
             Request::get("/metrics").body(Body::empty()).unwrap(),
         ),
     )
@@ -812,4 +838,60 @@ async fn a_web_flood_from_the_same_address_does_not_slow_a_signed_in_user() {
         metrics.body.len()
     );
     h.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_sign_in_past_quota_with_a_stalled_body_is_refused() {
+    let h = harness_with(WebSettings {
+        unauthenticated_per_minute: 1,
+        unauthenticated_burst: 1,
+        ..test_settings()
+    });
+    let (_, token) = h.user("anna").await;
+    // The address's one sign-in.
+    assert_eq!(
+        send(
+            &h.app(),
+            from(HOME_ROUTER, form("/login", "token=mm_x".into()))
+        )
+        .await
+        .status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Past the quota: a body that never ends is given SIGN_IN_FORM_DEADLINE, then 429.
+    let (_tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(1);
+    let stalled = Request::post("/login")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    // (Real time: SIGN_IN_FORM_DEADLINE is 5 s; the outer bound only keeps a regression from
+    // hanging the suite.)
+    let stalled = tokio::time::timeout(
+        moltmate_web::security::SIGN_IN_FORM_DEADLINE * 6,
+        send(&h.app(), from(HOME_ROUTER, stalled)),
+    )
+    .await
+    .expect("a stalled sign-in body held the request open");
+    assert_eq!(stalled.status, StatusCode::TOO_MANY_REQUESTS);
+    // A body that is not a form is not read at all: 429 at once, even a real token.
+    let json = Request::post("/login")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(format!("token={token}")))
+        .unwrap();
+    assert_eq!(
+        send(&h.app(), from(HOME_ROUTER, json)).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // A real form still gets the credential's own tries.
+    assert_eq!(
+        send(
+            &h.app(),
+            from(HOME_ROUTER, form("/login", format!("token={token}")))
+        )
+        .await
+        .status,
+        StatusCode::SEE_OTHER
+    );
 }

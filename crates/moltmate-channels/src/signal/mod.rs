@@ -39,6 +39,7 @@
 //! to signal-cli; the MIME type is taken from the content, the name percent-encoded.
 
 mod daemon;
+mod files;
 mod rpc;
 mod settings;
 
@@ -161,6 +162,24 @@ impl SignalChannel {
                 DaemonAddress::Unix(data_dir.join(SOCKET_NAME))
             }
             SignalDaemon::External(address) => address.clone(),
+        }
+    }
+
+    /// signal-cli's attachments folder, for a daemon we supervise (an external daemon's
+    /// operator cleans its own; see the README).
+    fn attachment_files(&self) -> Option<files::AttachmentFiles> {
+        match &self.settings.daemon {
+            SignalDaemon::Supervised { data_dir, .. } => {
+                Some(files::AttachmentFiles::new(data_dir))
+            }
+            SignalDaemon::External(_) => None,
+        }
+    }
+
+    /// Removes signal-cli's copies of `ids` (supervised daemon only), on the blocking pool.
+    async fn forget_files(&self, ids: Vec<String>) {
+        if let Some(files) = self.attachment_files() {
+            files.remove(ids).await;
         }
     }
 
@@ -604,18 +623,37 @@ impl SignalChannel {
             let Some(params) = params else {
                 return SessionEnd::Lost;
             };
+            let file_ids = file_ids_of(&params);
             match self.dispose(&params) {
                 Disposition::Skip(reason) => {
-                    tracing::debug!(reason, "signal: skipping a notification")
+                    tracing::debug!(reason, "signal: skipping a notification");
+                    // signal-cli stored the files of skipped messages (groups, strangers...).
+                    self.forget_files(file_ids).await;
                 }
                 Disposition::Deliver(message, timestamp) => {
                     self.health.event();
+                    // Files past the per-message count are never fetched: remove them now.
+                    let unused: Vec<String> = file_ids
+                        .iter()
+                        .filter(|id| {
+                            !message
+                                .attachments
+                                .iter()
+                                .any(|a| a.file_ref.split(' ').next() == Some(id.as_str()))
+                        })
+                        .cloned()
+                        .collect();
+                    self.forget_files(unused).await;
                     let Some(outcome) = self.deliver(sink, &message, shutdown).await else {
                         return SessionEnd::Shutdown;
                     };
                     // A receipt tells the sender the number is a live bot and spends the
                     // account's send budget: only for senders the gateway admitted.
                     let admitted = matches!(outcome, Accepted::Queued | Accepted::Duplicate);
+                    if !admitted {
+                        // Refused or over the queue: no turn will fetch these files.
+                        self.forget_files(file_ids).await;
+                    }
                     if self.settings.read_receipts
                         && admitted
                         && receipts.try_send((message.chat_id, timestamp)).is_err()
@@ -740,6 +778,25 @@ fn is_attachment_id(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// The ids of every file a `receive` notification names that could be a file signal-cli
+/// stored (vetted like [`is_attachment_id`]), at most 64.
+fn file_ids_of(params: &Value) -> Vec<String> {
+    let inner = params.get("result").unwrap_or(params);
+    inner
+        .pointer("/envelope/dataMessage/attachments")
+        .and_then(Value::as_array)
+        .map(|files| {
+            files
+                .iter()
+                .filter_map(|f| f.get("id").and_then(Value::as_str))
+                .filter(|id| is_attachment_id(id))
+                .take(64)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A sender's claim without control characters, at most [`MAX_FILE_FIELD_CHARS`].
@@ -919,6 +976,7 @@ impl Channel for SignalChannel {
                         detail: format!("could not create signal-cli's data directory: {e}"),
                     });
                 }
+                tokio::spawn(files::AttachmentFiles::new(data_dir).sweep_forever(shutdown.clone()));
                 Some(tokio::spawn(daemon::supervise(
                     program,
                     data_dir.clone(),
@@ -976,19 +1034,6 @@ impl Channel for SignalChannel {
         timeout: Duration,
     ) -> Result<Vec<u8>, ChannelError> {
         let max_bytes = max_bytes.min(self.settings.max_file_bytes);
-        let too_large = |size: Option<u64>| ChannelError::Rejected {
-            service: SERVICE,
-            status: 413,
-            detail: match size {
-                Some(size) => {
-                    format!("the file has {size} bytes, more than the limit of {max_bytes}")
-                }
-                None => format!("the file is larger than the limit of {max_bytes} bytes"),
-            },
-        };
-        if let Some(size) = attachment.size.filter(|s| *s > max_bytes) {
-            return Err(too_large(Some(size)));
-        }
         let refused = || ChannelError::Rejected {
             service: SERVICE,
             status: 400,
@@ -998,47 +1043,12 @@ impl Channel for SignalChannel {
         if !is_attachment_id(id) || !(is_e164(sender) || PeerId::new(sender).is_ok()) {
             return Err(refused());
         }
-        let Some(connection) = self.current() else {
-            return Err(ChannelError::Unreachable {
-                service: SERVICE,
-                detail: "not connected to signal-cli".to_string(),
-            });
-        };
-        let answer = connection
-            .call(
-                "getAttachment",
-                self.params(json!({"id": id, "recipient": sender})),
-                timeout,
-            )
-            .await
-            .map_err(|e| self.channel_error(e))?;
-        let Some(Value::String(data)) = answer.get("data").cloned() else {
-            return Err(ChannelError::InvalidReply {
-                service: SERVICE,
-                detail: "getAttachment returned no data".to_string(),
-            });
-        };
-        // Refuse by the encoded length before decoding anything.
-        let longest = max_bytes.div_ceil(3).saturating_mul(4);
-        if data.len() as u64 > longest {
-            return Err(too_large(None));
-        }
-        let decoded = tokio::task::spawn_blocking(move || {
-            base64::engine::general_purpose::STANDARD.decode(data.trim())
-        })
-        .await
-        .map_err(|_| ChannelError::InvalidReply {
-            service: SERVICE,
-            detail: "decoding the attachment failed".to_string(),
-        })?
-        .map_err(|_| ChannelError::InvalidReply {
-            service: SERVICE,
-            detail: "getAttachment returned invalid base64".to_string(),
-        })?;
-        if decoded.len() as u64 > max_bytes {
-            return Err(too_large(Some(decoded.len() as u64)));
-        }
-        Ok(decoded)
+        let result = self
+            .fetch_vetted(id, sender, attachment.size, max_bytes, timeout)
+            .await;
+        // Fetched or refused: signal-cli's own copy is of no further use.
+        self.forget_files(vec![id.to_string()]).await;
+        result
     }
 
     async fn send_file(&self, chat_id: &str, file: &OutboundFile) -> Result<(), ChannelError> {
@@ -1083,6 +1093,76 @@ impl Channel for SignalChannel {
         let extra = Duration::from_secs(6 * (file.content.len() as u64 >> 20).max(1));
         self.send_with_retries(params, self.settings.request_timeout + extra)
             .await
+    }
+}
+
+impl SignalChannel {
+    /// `getAttachment` of a vetted id; the caller removes signal-cli's copy afterwards.
+    async fn fetch_vetted(
+        &self,
+        id: &str,
+        sender: &str,
+        size: Option<u64>,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ChannelError> {
+        let too_large = |size: Option<u64>| ChannelError::Rejected {
+            service: SERVICE,
+            status: 413,
+            detail: match size {
+                Some(size) => {
+                    format!("the file has {size} bytes, more than the limit of {max_bytes}")
+                }
+                None => format!("the file is larger than the limit of {max_bytes} bytes"),
+            },
+        };
+        if let Some(size) = size.filter(|s| *s > max_bytes) {
+            return Err(too_large(Some(size)));
+        }
+        let Some(connection) = self.current() else {
+            return Err(ChannelError::Unreachable {
+                service: SERVICE,
+                detail: "not connected to signal-cli".to_string(),
+            });
+        };
+        let mut answer = connection
+            .call(
+                "getAttachment",
+                self.params(json!({"id": id, "recipient": sender})),
+                timeout,
+            )
+            .await
+            .map_err(|e| self.channel_error(e))?;
+        // Take the data out of the answer (no copy) and free the rest before decoding.
+        let data = answer.get_mut("data").map(Value::take);
+        drop(answer);
+        let Some(Value::String(data)) = data else {
+            return Err(ChannelError::InvalidReply {
+                service: SERVICE,
+                detail: "getAttachment returned no data".to_string(),
+            });
+        };
+        // Refuse by the encoded length before decoding anything.
+        let longest = max_bytes.div_ceil(3).saturating_mul(4);
+        if data.len() as u64 > longest {
+            return Err(too_large(None));
+        }
+        let decoded = tokio::task::spawn_blocking(move || {
+            base64::engine::general_purpose::STANDARD.decode(data.trim())
+        })
+        .await
+        .map_err(|_| ChannelError::InvalidReply {
+            service: SERVICE,
+            detail: "decoding the attachment failed".to_string(),
+        })?
+        .map_err(|_| ChannelError::InvalidReply {
+            service: SERVICE,
+            detail: "getAttachment returned invalid base64".to_string(),
+        })?;
+        if decoded.len() as u64 > max_bytes {
+            return Err(too_large(Some(decoded.len() as u64)));
+        }
+        Ok(decoded)
     }
 }
 
@@ -1212,6 +1292,19 @@ mod tests {
         let limit = rpc::line_limit_for(20 << 20);
         assert!(limit as u64 > (20u64 << 20) * 4 / 3 && limit < 28 << 20);
         assert_eq!(rpc::line_limit_for(u64::MAX), usize::MAX);
+    }
+
+    #[test]
+    fn signal_files_of_skipped_messages_are_named_for_removal() {
+        let group = json!({"envelope": {"sourceNumber": "+4917012345678", "timestamp": 1,
+            "dataMessage": {"groupInfo": {"groupId": "x"},
+                "attachments": [{"id": "a.jpg"}, {"id": "../etc"}, {"id": "b.pdf"}]}}});
+        assert_eq!(file_ids_of(&group), vec!["a.jpg", "b.pdf"]);
+        let many: Vec<Value> = (0..100)
+            .map(|i| json!({"id": format!("f{i}.bin")}))
+            .collect();
+        let flood = json!({"envelope": {"dataMessage": {"attachments": many}}});
+        assert_eq!(file_ids_of(&flood).len(), 64);
     }
 
     #[test]
