@@ -268,6 +268,9 @@ pub struct DownloadsConfig {
     pub max_files_per_user: u64,
     /// MB a user's waiting files may take (1–10000). Default 200.
     pub max_mb_per_user: u64,
+    /// MB all users' waiting files may take together (1–1000000). Default 2048: the files sit
+    /// next to the database, so the sum is bounded, not only each user's share.
+    pub max_mb_total: u64,
 }
 
 impl Default for DownloadsConfig {
@@ -276,6 +279,7 @@ impl Default for DownloadsConfig {
             expire_days: 7,
             max_files_per_user: 50,
             max_mb_per_user: 200,
+            max_mb_total: 2048,
         }
     }
 }

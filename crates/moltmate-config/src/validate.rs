@@ -72,6 +72,12 @@ fn attachments(config: &Config) -> Result<(), Failure> {
         1,
         10_000,
     )?;
+    in_range(
+        "attachments.downloads.maxMbTotal",
+        a.downloads.max_mb_total,
+        1,
+        1_000_000,
+    )?;
     for (index, entry) in config.model.vision.iter().enumerate() {
         let ok = entry.split_once('/').is_some_and(|(p, m)| {
             !p.is_empty() && !m.is_empty() && !entry.contains(char::is_whitespace)

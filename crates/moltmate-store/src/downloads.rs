@@ -48,6 +48,8 @@ pub struct DownloadSettings {
     pub ttl: Duration,
     pub max_files_per_user: usize,
     pub max_bytes_per_user: u64,
+    /// What all users' waiting files may take together (`maxMbTotal`).
+    pub max_bytes_total: u64,
     /// The public URL links are made absolute with (`gateway.publicUrl`).
     pub base_url: String,
 }
@@ -58,6 +60,7 @@ impl Default for DownloadSettings {
             ttl: Duration::from_secs(7 * 24 * 3600),
             max_files_per_user: 50,
             max_bytes_per_user: 200 << 20,
+            max_bytes_total: 2048 << 20,
             base_url: "http://127.0.0.1:18790".to_string(),
         }
     }
@@ -260,9 +263,10 @@ impl Downloads {
         file: &OutboundFile,
     ) -> Result<OfferedFile, ChannelError> {
         let size = file.content.len() as u64;
-        let (max_files, max_bytes) = (
+        let (max_files, max_bytes, max_total) = (
             self.settings.max_files_per_user,
             self.settings.max_bytes_per_user,
+            self.settings.max_bytes_total,
         );
         if size > max_bytes {
             return Err(full(format!(
@@ -297,6 +301,19 @@ impl Downloads {
                     return Ok(Err(format!(
                         "files waiting for download already take {bytes} bytes (at most {max_bytes})"
                     )));
+                }
+                // Everyone's together: the files sit next to the database.
+                let total: i64 = tx.query_row(
+                    "SELECT COALESCE(SUM(size), 0) FROM downloads WHERE expires_at > ?1",
+                    params![now],
+                    |r| r.get(0),
+                )?;
+                let total = u64::try_from(total).unwrap_or(u64::MAX);
+                if total.saturating_add(size) > max_total {
+                    return Ok(Err(
+                        "the server's download area is full; files there expire on their own"
+                            .to_string(),
+                    ));
                 }
                 // Reserved (`ready = 0`): invisible to `open` until the file is written, and
                 // pruned if the process dies before that.

@@ -431,3 +431,49 @@ async fn removed_or_reset_users_links_are_gone_from_disk_and_database() {
     }
     h.stop().await;
 }
+
+/// Files kept for download sit next to the database: besides each user's share, all users'
+/// together are bounded (`attachments.downloads.maxMbTotal`), so many users cannot fill the
+/// gateway's disk with copies (review 11b #4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn downloads_are_bounded_across_users_not_only_per_user() {
+    let h = Harness::start(json!({
+        "gateway": { "port": common::free_port() },
+        "attachments": { "downloads": { "maxMbPerUser": 1, "maxMbTotal": 1 } },
+    }))
+    .await;
+    brain(&h);
+    let web = Web::start(&h).await;
+    let home = h.home.clone();
+    let mut sessions = Vec::new();
+    for user in ["anna", "bert"] {
+        cli(&home, &["users", "add", user]).await;
+        std::fs::write(
+            home.join(format!("users/{user}/big.bin")),
+            vec![7u8; 600 << 10],
+        )
+        .unwrap();
+        let session = web
+            .sign_in(&link_code(
+                &cli(&home, &["users", "login-link", user]).await,
+            ))
+            .await;
+        let csrf = web.csrf(&session).await;
+        sessions.push((session, csrf));
+    }
+    let first = web
+        .chat(&sessions[0].0, &sessions[0].1, "send big.bin")
+        .await;
+    assert!(file_event(&first).is_some(), "{first:?}");
+    let second = web
+        .chat(&sessions[1].0, &sessions[1].1, "send big.bin")
+        .await;
+    assert!(file_event(&second).is_none(), "{second:?}");
+    assert!(
+        done_text(&second).contains("download area is full"),
+        "{second:?}"
+    );
+    assert_eq!(download_rows(&home, "anna"), 1);
+    assert_eq!(download_rows(&home, "bert"), 0);
+    h.stop().await;
+}

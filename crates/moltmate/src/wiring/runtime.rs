@@ -450,6 +450,7 @@ fn download_settings(config: &Config) -> moltmate_store::downloads::DownloadSett
         ttl: Duration::from_secs(d.expire_days.saturating_mul(24 * 3600)),
         max_files_per_user: usize::try_from(d.max_files_per_user).unwrap_or(usize::MAX),
         max_bytes_per_user: d.max_mb_per_user.saturating_mul(1 << 20),
+        max_bytes_total: d.max_mb_total.saturating_mul(1 << 20),
         base_url: super::public_base_url(config),
     }
 }
