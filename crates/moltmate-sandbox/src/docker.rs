@@ -167,6 +167,8 @@ const API_VERSION: ClientVersion = ClientVersion {
 /// container whose processes were still running, so the bound is 30 s, the same as the CLI's
 /// wait for a running turn.
 const REMOVAL_WAIT: Duration = Duration::from_secs(30);
+/// How often [`DockerSandbox::remove_user`] asks again for containers still there.
+const REMOVAL_RETRY: Duration = Duration::from_secs(2);
 /// Per-request timeout for control calls (streams are bounded by the exec timeout instead).
 const CLIENT_TIMEOUT_SECS: u64 = 60;
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -669,10 +671,24 @@ impl DockerSandbox {
             removed.push(name);
         }
         let deadline = Instant::now() + REMOVAL_WAIT;
+        let mut next_retry = Instant::now() + REMOVAL_RETRY;
         loop {
             let left = self.list_managed(filters.clone()).await?;
             if left.is_empty() {
                 return Ok(removed);
+            }
+            // A 409 "removal in progress" counted as done, but that other removal may fail
+            // (its kill raced an exec being torn down) and leave the container running with
+            // nobody removing it: ask again now and then instead of only waiting.
+            if Instant::now() >= next_retry {
+                next_retry = Instant::now() + REMOVAL_RETRY;
+                for (name, _) in &left {
+                    let options = RemoveContainerOptionsBuilder::default()
+                        .force(true)
+                        .v(true)
+                        .build();
+                    let _ = self.docker.remove_container(name, Some(options)).await;
+                }
             }
             if Instant::now() >= deadline {
                 let names: Vec<String> = left.into_iter().map(|(name, _)| name).collect();
