@@ -1,9 +1,11 @@
 //! `GET`/`POST /webhooks/{channel}`: deliveries pushed by a messaging service (WhatsApp Cloud
 //! API, Slack's Events API), handed to the channel's [`Webhook`]. The channel verifies the
 //! request (signature, handshake token) and stores what it carries before this answers 2xx. The
-//! body is bounded in size ([`MAX_WEBHOOK_BODY`], 413) and in time ([`WEBHOOK_BODY_TIMEOUT`],
-//! 408: a sender trickling bytes holds no connection open for long), and requests count against
-//! the per-IP limit like every request without a verified credential.
+//! body is bounded in size ([`MAX_WEBHOOK_BODY`], 413) and in time
+//! (`WebSettings::webhook_body_timeout`, 408: a sender trickling bytes holds no connection open
+//! for long) by the route's middleware (`read_body_within` in `lib.rs`), which hands this
+//! handler the body already read; requests count against the per-IP limit like every request
+//! without a verified credential.
 
 use crate::state::WebState;
 use axum::body::Body;
@@ -15,10 +17,6 @@ use moltmate_core::ChannelKind;
 
 /// Largest webhook body accepted (a WhatsApp delivery is a few KB).
 pub const MAX_WEBHOOK_BODY: usize = 256 * 1024;
-
-/// Longest a webhook body may take to arrive (services send theirs at once; Slack wants an
-/// answer within 3 seconds).
-pub const WEBHOOK_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub async fn handle(
     State(state): State<WebState>,
@@ -41,15 +39,9 @@ pub async fn handle(
     else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let body = match tokio::time::timeout(
-        WEBHOOK_BODY_TIMEOUT,
-        axum::body::to_bytes(body, MAX_WEBHOOK_BODY),
-    )
-    .await
-    {
-        Err(_) => return StatusCode::REQUEST_TIMEOUT.into_response(),
-        Ok(Err(_)) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
-        Ok(Ok(body)) => body,
+    // Already read whole, within its deadline and size, by the route's middleware.
+    let Ok(body) = axum::body::to_bytes(body, MAX_WEBHOOK_BODY).await else {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     };
     let query: Vec<(String, String)> = query
         .as_deref()

@@ -372,7 +372,7 @@ async fn slack_events_a_trickled_body_times_out_while_others_are_answered() {
         took <= common::bystander_bound(normal),
         "bystander took {took:?}, normally {normal:?}"
     );
-    // Each trickler is cut off with 408 (WEBHOOK_BODY_TIMEOUT), without waiting for its body.
+    // Each trickler is cut off with 408 (`webhook_body_timeout`), without waiting for its body.
     let mut answer = vec![0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(20), slow[0].read(&mut answer))
         .await
