@@ -2,6 +2,7 @@
 //! fake Bot API (getFile + file download), the fake LLM and a fake transcription endpoint.
 
 mod common;
+use common::{elf, ogg, png};
 
 use base64::Engine as _;
 use common::Harness;
@@ -10,24 +11,6 @@ use moltmate_testkit::speech::FakeSpeech;
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-
-fn png() -> Vec<u8> {
-    let mut bytes = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
-    bytes.extend(b"\0\0\0\rIHDR-not-a-real-image-but-png-magic".iter());
-    bytes
-}
-
-fn elf() -> Vec<u8> {
-    let mut bytes = vec![0x7F, b'E', b'L', b'F', 2, 1, 1, 0];
-    bytes.extend([0u8; 56]);
-    bytes
-}
-
-fn ogg() -> Vec<u8> {
-    let mut bytes = b"OggS\0\x02".to_vec();
-    bytes.extend([7u8; 200]);
-    bytes
-}
 
 /// Every file under `<home>/users/<user>/inbox`.
 fn inbox_files(home: &Path, user: &str) -> Vec<PathBuf> {

@@ -3,6 +3,7 @@
 //! fake transcription endpoint.
 
 mod common;
+use common::{elf, inbox_files, ogg, pdf, png};
 
 use base64::Engine as _;
 use common::Harness;
@@ -11,34 +12,11 @@ use moltmate_testkit::llm::Reply;
 use moltmate_testkit::speech::FakeSpeech;
 use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 const DISCORD_TOKEN: &str = "MTIz.discord-TEST-token_NEVER-logged";
-
-fn png() -> Vec<u8> {
-    let mut bytes = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
-    bytes.extend(b"\0\0\0\rIHDR-not-a-real-image-but-png-magic".iter());
-    bytes
-}
-
-fn elf() -> Vec<u8> {
-    let mut bytes = vec![0x7F, b'E', b'L', b'F', 2, 1, 1, 0];
-    bytes.extend([0u8; 56]);
-    bytes
-}
-
-fn ogg() -> Vec<u8> {
-    let mut bytes = b"OggS\0\x02".to_vec();
-    bytes.extend([7u8; 200]);
-    bytes
-}
-
-fn pdf() -> Vec<u8> {
-    b"%PDF-1.7\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF\n".to_vec()
-}
 
 async fn start(extra: Value) -> (Harness, FakeDiscord) {
     let discord = FakeDiscord::start(DISCORD_TOKEN).await;
@@ -67,19 +45,6 @@ async fn replies(discord: &FakeDiscord, user: u64, count: usize) -> Vec<String> 
 }
 
 /// Every file under `<home>/users/<user>/inbox`.
-fn inbox_files(home: &Path, user: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(days) = std::fs::read_dir(home.join("users").join(user).join("inbox")) else {
-        return out;
-    };
-    for day in days.flatten() {
-        for file in std::fs::read_dir(day.path()).unwrap().flatten() {
-            out.push(file.path());
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_discord_photo_reaches_the_model_as_an_image_of_that_user_only() {
     let (h, discord) = start(json!({ "model": { "vision": ["fake/*"] } })).await;

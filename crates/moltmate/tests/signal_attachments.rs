@@ -3,6 +3,7 @@
 //! LLM and the fake transcription endpoint.
 
 mod common;
+use common::{elf, inbox_files, ogg, pdf, png};
 
 use base64::Engine as _;
 use common::Harness;
@@ -11,35 +12,12 @@ use moltmate_testkit::signal::FakeSignalCli;
 use moltmate_testkit::speech::FakeSpeech;
 use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const ACCOUNT: &str = "+4917000000001";
 const ALICE: &str = "+4917011111111";
 const BOB: &str = "+4917022222222";
 const ALICE_USER: &str = "signal__4917011111111";
-
-fn png() -> Vec<u8> {
-    let mut bytes = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
-    bytes.extend(b"\0\0\0\rIHDR-not-a-real-image-but-png-magic".iter());
-    bytes
-}
-
-fn elf() -> Vec<u8> {
-    let mut bytes = vec![0x7F, b'E', b'L', b'F', 2, 1, 1, 0];
-    bytes.extend([0u8; 56]);
-    bytes
-}
-
-fn ogg() -> Vec<u8> {
-    let mut bytes = b"OggS\0\x02".to_vec();
-    bytes.extend([7u8; 200]);
-    bytes
-}
-
-fn pdf() -> Vec<u8> {
-    b"%PDF-1.7\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF\n".to_vec()
-}
 
 async fn start(extra: Value) -> (Harness, FakeSignalCli) {
     let fake = FakeSignalCli::start_tcp(ACCOUNT).await;
@@ -55,19 +33,6 @@ async fn replies(fake: &FakeSignalCli, to: &str, count: usize) -> Vec<String> {
     fake.wait_for_messages(to, count, Duration::from_secs(20))
         .await
         .unwrap_or_else(|sent| panic!("no reply for {to}: {sent:?}"))
-}
-
-fn inbox_files(home: &Path, user: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(days) = std::fs::read_dir(home.join("users").join(user).join("inbox")) else {
-        return out;
-    };
-    for day in days.flatten() {
-        for file in std::fs::read_dir(day.path()).unwrap().flatten() {
-            out.push(file.path());
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -3,6 +3,7 @@
 //! (`files.getUploadURLExternal` + upload + `files.completeUploadExternal`).
 
 mod common;
+use common::{elf, png};
 
 use base64::Engine as _;
 use common::Harness;
@@ -14,18 +15,6 @@ use std::time::Duration;
 
 const BOT: &str = "xoxb-1-slack-BOT-secret-NEVER-logged";
 const APP: &str = "xapp-1-slack-APP-secret-NEVER-logged";
-
-fn png() -> Vec<u8> {
-    let mut bytes = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
-    bytes.extend(b"\0\0\0\rIHDR-not-a-real-image-but-png-magic".iter());
-    bytes
-}
-
-fn elf() -> Vec<u8> {
-    let mut bytes = vec![0x7F, b'E', b'L', b'F', 2, 1, 1, 0];
-    bytes.extend([0u8; 56]);
-    bytes
-}
 
 fn user_dir(user: &str) -> String {
     format!("slack_{}_{}", TEAM_ID.to_lowercase(), user.to_lowercase())

@@ -2,6 +2,7 @@
 //! to the gateway's web server, replies to the fake Graph API.
 
 mod common;
+use common::{inbox_files, png};
 
 use common::{run_cli, Harness};
 use moltmate::wiring;
@@ -319,25 +320,6 @@ async fn start_top(top: serde_json::Value) -> Wa {
         meta,
         base,
     }
-}
-
-fn png() -> Vec<u8> {
-    let mut bytes = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
-    bytes.extend(b"\0\0\0\rIHDR-not-a-real-image-but-png-magic".iter());
-    bytes
-}
-
-fn inbox_files(home: &std::path::Path, user: &str) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(days) = std::fs::read_dir(home.join("users").join(user).join("inbox")) else {
-        return out;
-    };
-    for day in days.flatten() {
-        for file in std::fs::read_dir(day.path()).unwrap().flatten() {
-            out.push(file.path());
-        }
-    }
-    out
 }
 
 /// A WhatsApp photo (media id → `GET /{media-id}` → download with the token, sha256 checked)

@@ -438,3 +438,45 @@ impl Harness {
         }
     }
 }
+
+// ---- sample files for the attachment tests ----------------------------------------------
+
+/// Bytes that start like a PNG (enough for type-by-content checks; not a real image).
+pub fn png() -> Vec<u8> {
+    let mut bytes = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    bytes.extend(b"\0\0\0\rIHDR-not-a-real-image-but-png-magic".iter());
+    bytes
+}
+
+/// Bytes that start like an ELF program (refused whatever it is labelled).
+pub fn elf() -> Vec<u8> {
+    let mut bytes = vec![0x7F, b'E', b'L', b'F', 2, 1, 1, 0];
+    bytes.extend([0u8; 56]);
+    bytes
+}
+
+/// Bytes that start like an OGG audio file.
+pub fn ogg() -> Vec<u8> {
+    let mut bytes = b"OggS\0\x02".to_vec();
+    bytes.extend([7u8; 200]);
+    bytes
+}
+
+/// A minimal PDF.
+pub fn pdf() -> Vec<u8> {
+    b"%PDF-1.7\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF\n".to_vec()
+}
+
+/// The files saved in `user`'s `inbox/<day>/` folders.
+pub fn inbox_files(home: &std::path::Path, user: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(days) = std::fs::read_dir(home.join("users").join(user).join("inbox")) else {
+        return out;
+    };
+    for day in days.flatten() {
+        for file in std::fs::read_dir(day.path()).unwrap().flatten() {
+            out.push(file.path());
+        }
+    }
+    out
+}
