@@ -775,12 +775,29 @@ impl Store {
         message: &InboundMessage,
         user: &UserId,
     ) -> Result<Option<i64>, StoreError> {
+        self.insert_inbound_then(message, user, |_| {}).await
+    }
+
+    /// [`Store::insert_inbound`], calling `stored(id)` with the new row's id inside the
+    /// transaction, before the row can be seen by anyone else (a worker reading the inbox).
+    /// Whatever must be in place when the row is answered (the caller waiting for the answer)
+    /// is put there by `stored`; if the commit then fails, the row never existed and the
+    /// caller gets the error.
+    pub async fn insert_inbound_then(
+        &self,
+        message: &InboundMessage,
+        user: &UserId,
+        stored: impl FnOnce(i64) + Send + 'static,
+    ) -> Result<Option<i64>, StoreError> {
         let message = message.clone();
         let user = user.clone();
         self.durably(move |c| {
             let id = insert_inbox_row(c, &message, &user)?;
             if let Some(cursor) = message.cursor {
                 upsert_cursor(c, message.sender.channel, cursor)?;
+            }
+            if let Some(id) = id {
+                stored(id);
             }
             Ok(id)
         })
@@ -1981,6 +1998,45 @@ mod tests {
             )
             .await
             .is_err());
+    }
+
+    /// A web caller waited for ever: its waiter was registered after the insert returned, and
+    /// the user's worker, still busy, had read and answered the row before that.
+    #[tokio::test]
+    async fn lost_reply_race_the_stored_hook_runs_before_any_reader_sees_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moltmate.db");
+        let store = Store::open(&path).unwrap();
+        let anna = UserId::new("anna").unwrap();
+        store.ensure_user(&anna, None).await.unwrap();
+        let seen_in_hook = Arc::new(std::sync::Mutex::new(None));
+        let hook_path = path.clone();
+        let seen = Arc::clone(&seen_in_hook);
+        let id = store
+            .insert_inbound_then(&message("1", "m1", "hi", None), &anna, move |id| {
+                // Another connection (a worker's read) cannot see the row yet.
+                let other = Connection::open(&hook_path).unwrap();
+                let visible: i64 = other
+                    .query_row("SELECT COUNT(*) FROM inbox WHERE id = ?1", [id], |r| r.get(0))
+                    .unwrap();
+                *seen.lock().unwrap() = Some((id, visible));
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*seen_in_hook.lock().unwrap(), Some((id, 0)));
+        assert_eq!(store.pending_inbox(&anna, 10).await.unwrap().len(), 1);
+        // A duplicate stores nothing and calls nothing.
+        let called = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&called);
+        let again = store
+            .insert_inbound_then(&message("1", "m1", "hi", None), &anna, move |_| {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst)
+            })
+            .await
+            .unwrap();
+        assert_eq!(again, None);
+        assert!(!called.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[tokio::test]

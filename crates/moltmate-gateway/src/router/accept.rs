@@ -147,17 +147,35 @@ async fn accept_counted(
                 let cut: String = message.text.chars().take(MAX_MESSAGE_CHARS).collect();
                 message.text = format!("{cut}\n\n[message cut at {MAX_MESSAGE_CHARS} characters]");
             }
+            // The waiter is registered inside the row's transaction, before any worker can
+            // read the row: registered after the insert returned, a worker still busy with
+            // this user's previous message could answer the row first and find nobody waiting
+            // (the caller then waited for ever; seen under load in the benchmark).
+            let registered = Arc::new(std::sync::Mutex::new(None::<i64>));
+            let stored = {
+                let (inner, user, registered) =
+                    (Arc::clone(inner), user.clone(), Arc::clone(&registered));
+                move |inbox_id: i64| {
+                    if let Some(waiter) = waiter {
+                        lock(&inner.waiters).insert(inbox_id, (user, waiter));
+                        *lock(&registered) = Some(inbox_id);
+                    }
+                }
+            };
             match inner
                 .store
-                .insert_inbound(&message, &user)
+                .insert_inbound_then(&message, &user, stored)
                 .await
-                .map_err(storage)?
             {
-                None => Ok(Accepted::Duplicate),
-                Some(inbox_id) => {
-                    if let Some(waiter) = waiter {
-                        lock(&inner.waiters).insert(inbox_id, (user.clone(), waiter));
+                Err(e) => {
+                    // Not committed: the id may be given to another row, so its waiter goes.
+                    if let Some(inbox_id) = lock(&registered).take() {
+                        lock(&inner.waiters).remove(&inbox_id);
                     }
+                    Err(storage(e))
+                }
+                Ok(None) => Ok(Accepted::Duplicate),
+                Ok(Some(_)) => {
                     wake_worker(inner, &user);
                     Ok(Accepted::Queued)
                 }
