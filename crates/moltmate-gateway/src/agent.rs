@@ -294,7 +294,12 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
             }
         };
         if let Some(budget) = turn.budget {
-            budget.charge_model(&answer.usage).await;
+            if answer.response.tool_calls.is_empty() {
+                // The turn ends with this answer: charged with the turn's commit.
+                budget.defer_model(&answer.usage);
+            } else {
+                budget.charge_model(&answer.usage).await;
+            }
         }
         usage.extend(answer.usage.iter().cloned());
         let ModelResponse {

@@ -367,6 +367,8 @@ pub struct BudgetGuard {
     /// When the turn began (ms): charges land only on a user who existed then, never on a
     /// user removed meanwhile or created since under the same id.
     since: i64,
+    /// The last model call's charge, held for the turn's own commit (see `defer_model`).
+    deferred: std::sync::Mutex<Option<moltmate_store::DeferredCharge>>,
 }
 
 /// What the user is told when the store cannot say what they used (fail closed).
@@ -397,6 +399,7 @@ impl BudgetGuard {
             counted: AtomicBool::new(false),
             fresh: AtomicBool::new(false),
             since: chrono::Utc::now().timestamp_millis(),
+            deferred: std::sync::Mutex::new(None),
         }
     }
 
@@ -483,6 +486,53 @@ impl BudgetGuard {
 
     /// Charges one model call's usage (and, with the first call, the message).
     pub async fn charge_model(&self, usage: &[(String, String, TokenUsage)]) {
+        let charge = self.model_charge(usage);
+        self.charge(charge).await;
+    }
+
+    /// Charges the turn's last model call with the turn's own commit instead of now: the
+    /// turn ends with this answer, so no check of this turn reads the store after it, and a
+    /// database call per message is saved. The worker takes it with [`Self::take_deferred`]
+    /// into the turn's record; a turn that is not committed (retried after a database error)
+    /// is charged when it is.
+    pub fn defer_model(&self, usage: &[(String, String, TokenUsage)]) {
+        let charge = self.model_charge(usage);
+        if charge.is_empty() {
+            return;
+        }
+        self.fresh.store(false, Ordering::SeqCst);
+        let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        let day = Periods::now().day;
+        *deferred = Some(match deferred.take() {
+            Some(mut held) => {
+                held.charge = held.charge.plus(charge);
+                held
+            }
+            None => moltmate_store::DeferredCharge {
+                day,
+                charge,
+                since: self.since,
+            },
+        });
+    }
+
+    /// Charges what [`Self::defer_model`] held, now: for model work no turn commit follows
+    /// (the memory flush before a compaction).
+    pub async fn charge_deferred(&self) {
+        if let Some(held) = self.take_deferred() {
+            self.charge(held.charge).await;
+        }
+    }
+
+    /// The charge [`Self::defer_model`] held, for the turn's record.
+    pub fn take_deferred(&self) -> Option<moltmate_store::DeferredCharge> {
+        self.deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    fn model_charge(&self, usage: &[(String, String, TokenUsage)]) -> UsageCharge {
         let mut charge = UsageCharge {
             messages: u64::from(!self.counted.swap(true, Ordering::SeqCst)),
             ..UsageCharge::default()
@@ -494,7 +544,7 @@ impl BudgetGuard {
                 .cost_micros
                 .saturating_add(self.prices.cost_micros(provider, model, *u));
         }
-        self.charge(charge).await;
+        charge
     }
 
     /// Charges time a command ran in the sandbox.

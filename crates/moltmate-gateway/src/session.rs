@@ -146,6 +146,9 @@ pub async fn compact(
         budget: job.budget,
     })
     .await;
+    if let Some(budget) = job.budget {
+        budget.charge_deferred().await;
+    }
     usage.extend(flush.usage);
     if let Some(budget) = job.budget {
         if budget.check().await.is_some() {

@@ -83,26 +83,37 @@ impl Store {
     /// The user a (non-revoked) token belongs to.
     pub async fn user_for_token(&self, secret: &str) -> Result<Option<UserId>, StoreError> {
         let hash = digest(secret);
-        self.with(move |c| {
-            let user: Option<String> = c
-                .prepare_cached(
-                    "SELECT t.user_id FROM api_tokens t JOIN users u ON u.id = t.user_id
+        let lookup = hash.clone();
+        // A read on the caller's thread; the write of `last_used_at` only when it is due.
+        let found: Option<(String, Option<i64>)> = self
+            .read(move |c| {
+                Ok(c.prepare_cached(
+                    "SELECT t.user_id, t.last_used_at FROM api_tokens t JOIN users u ON u.id = t.user_id
                      WHERE t.token_hash = ?1 AND t.revoked_at IS NULL AND u.created_at <= t.created_at",
                 )?
-                .query_row(params![hash], |r| r.get(0))
-                .optional()?;
-            if user.is_some() {
-                // To the minute: a request a second does not write a row a second.
+                .query_row(params![lookup], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?)
+            })
+            .await?;
+        let Some((user, last_used_at)) = found else {
+            return Ok(None);
+        };
+        // To the minute: a request a second does not write a row a second.
+        let now = now();
+        if last_used_at.is_none_or(|at| at <= now - 60_000) {
+            self.with(move |c| {
                 c.prepare_cached(
                     "UPDATE api_tokens SET last_used_at = ?2 WHERE token_hash = ?1
                      AND (last_used_at IS NULL OR last_used_at <= ?2 - 60000)",
                 )?
-                .execute(params![hash, now()])?;
-            }
-            user.map(|u| UserId::new(u).map_err(|e| StoreError::Corrupt(e.to_string())))
-                .transpose()
-        })
-        .await
+                .execute(params![hash, now])?;
+                Ok(())
+            })
+            .await?;
+        }
+        UserId::new(user)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     pub async fn list_tokens(&self, user: Option<&UserId>) -> Result<Vec<TokenInfo>, StoreError> {

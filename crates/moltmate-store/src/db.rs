@@ -299,6 +299,8 @@ pub struct TurnRecord {
     pub reply: Option<(ChannelKind, String, String)>,
     /// Token usage per model call: (provider, model, usage).
     pub usage: Vec<(String, String, TokenUsage)>,
+    /// The budget charge of the turn's last model call, charged in the same transaction.
+    pub charge: Option<crate::usage::DeferredCharge>,
 }
 
 /// A pairing request's state.
@@ -426,6 +428,9 @@ pub struct Store {
     /// The database file (`None` in memory): operator reports read it through a connection of
     /// their own, so a long report never holds the gateway's.
     path: Option<Arc<std::path::PathBuf>>,
+    /// Read-only connections for the hot path's short reads, run on the caller's thread
+    /// (`None` in memory). See [`crate::readers`].
+    readers: Option<Arc<crate::readers::Readers>>,
 }
 
 impl Store {
@@ -439,7 +444,9 @@ impl Store {
         // The database holds transcripts: owner-only, like everything else in the home.
         set_owner_only(path);
         let mut store = Self::prepare(connection)?;
-        store.path = Some(Arc::new(path.to_path_buf()));
+        let shared = Arc::new(path.to_path_buf());
+        store.readers = Some(Arc::new(crate::readers::Readers::new(Arc::clone(&shared))));
+        store.path = Some(shared);
         start_checkpointer(path, Arc::downgrade(&store.alive));
         Ok(store)
     }
@@ -475,6 +482,7 @@ impl Store {
             alive: Arc::new(()),
             history_budget: Arc::default(),
             path: None,
+            readers: None,
         })
     }
 
@@ -520,6 +528,20 @@ impl Store {
             .await
     }
 
+    /// Runs short read-only `work` on the caller's own thread, on a read-only connection of
+    /// the pool (see [`crate::readers`]); on the database thread when none is free (or in
+    /// memory). Only for bounded reads: an index lookup, a page within the history budget.
+    pub(crate) async fn read<R, F>(&self, work: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        if let Some(connection) = self.readers.as_ref().and_then(|r| r.lend()) {
+            return work(&connection);
+        }
+        self.with(move |c| work(c)).await
+    }
+
     /// Runs `work` on the connection, on the database thread.
     pub(crate) async fn with<R, F>(&self, work: F) -> Result<R, StoreError>
     where
@@ -538,6 +560,19 @@ impl Store {
         display_name: Option<&str>,
     ) -> Result<bool, StoreError> {
         let user = user.clone();
+        // Almost always there already: a read on the caller's thread, no write transaction.
+        let known = user.clone();
+        let exists: bool = self
+            .read(move |c| {
+                Ok(
+                    c.prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE id = ?1)")?
+                        .query_row(params![known.as_str()], |r| r.get(0))?,
+                )
+            })
+            .await?;
+        if exists {
+            return Ok(false);
+        }
         let display_name = display_name.map(str::to_string);
         self.with(move |c| {
             let inserted = c.prepare_cached("INSERT OR IGNORE INTO users (id, display_name, created_at) VALUES (?1, ?2, ?3)")?.execute(
@@ -580,7 +615,7 @@ impl Store {
         identity: &Identity,
     ) -> Result<Option<(UserId, String)>, StoreError> {
         let identity = identity.clone();
-        self.with(move |c| {
+        self.read(move |c| {
             let row: Option<(String, String)> = c
                 .prepare_cached(
                     "SELECT user_id, source FROM identities WHERE channel = ?1 AND peer = ?2",
@@ -731,6 +766,14 @@ impl Store {
         range: UidRange,
     ) -> Result<SandboxIds, StoreError> {
         let user = user.clone();
+        // Allocated once per user: after that a read on the caller's thread.
+        let known = user.clone();
+        let live = self
+            .read(move |c| live_sandbox_id(c, IdHolder::User, known.as_str()))
+            .await?;
+        if let Some(id) = live {
+            return Ok(SandboxIds::same(id));
+        }
         self.with(move |c| {
             sandbox_id(c, IdHolder::User, user.as_str(), range).map(SandboxIds::same)
         })
@@ -832,7 +875,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<InboxItem>, StoreError> {
         let user = user.clone();
-        self.with(move |c| {
+        self.read(move |c| {
             let mut statement = c.prepare_cached(
                 "SELECT id, channel, user_id, chat_id, text, sender_name, language_code, received_at, reminder, attachments
                  FROM inbox WHERE user_id = ?1 AND done_at IS NULL ORDER BY id LIMIT ?2",
@@ -968,6 +1011,11 @@ impl Store {
                         crate::usage::to_i64(u.output_tokens),
                         now
                     ])?;
+                }
+            }
+            if let Some(deferred) = &turn.charge {
+                if !crate::usage::charge_usage(&tx, &turn.user, &deferred.day, deferred.charge, deferred.since)? {
+                    tracing::info!(user = %turn.user, "usage of a turn whose user was removed is not charged to anyone");
                 }
             }
             tx.prepare_cached("UPDATE sessions SET last_active = ?2 WHERE id = ?1")?.execute( params![turn.session_id, now])?;
@@ -1108,6 +1156,29 @@ impl Store {
     /// brings a removed user back.
     pub async fn current_session(&self, user: &UserId) -> Result<SessionRecord, StoreError> {
         let user = user.clone();
+        // An open session is the rule: read on the caller's thread; only a new one is written.
+        let known = user.clone();
+        let open = self
+            .read(move |c| {
+                Ok(c.prepare_cached(
+                    "SELECT id, started_at, last_active, summary FROM sessions
+                     WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1",
+                )?
+                .query_row(params![known.as_str()], |r| {
+                    Ok(SessionRecord {
+                        id: r.get(0)?,
+                        user: known.clone(),
+                        started_at: r.get(1)?,
+                        last_active: r.get(2)?,
+                        summary: r.get(3)?,
+                    })
+                })
+                .optional()?)
+            })
+            .await?;
+        if let Some(session) = open {
+            return Ok(session);
+        }
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existing = tx
@@ -1561,6 +1632,25 @@ pub(crate) fn retire_sandbox_ids(c: &Connection, user: &UserId) -> Result<(), St
 
 /// The live id of `name`, allocating the next unused one of `range` when it has none. Ids only
 /// ever grow: the next one is above every id of the range ever handed out (retired ones too).
+/// The live sandbox id of `name`, if it has one.
+fn live_sandbox_id(
+    c: &Connection,
+    holder: IdHolder,
+    name: &str,
+) -> Result<Option<u32>, StoreError> {
+    let live: Option<i64> = c
+        .prepare_cached(
+            "SELECT host_id FROM sandbox_ids WHERE kind = ?1 AND name = ?2 AND retired_at IS NULL",
+        )?
+        .query_row(params![holder.as_str(), name], |r| r.get(0))
+        .optional()?;
+    live.map(|id| {
+        u32::try_from(id)
+            .map_err(|_| StoreError::Corrupt(format!("sandbox id {id} of {name} is out of range")))
+    })
+    .transpose()
+}
+
 fn sandbox_id(
     c: &mut Connection,
     holder: IdHolder,
@@ -1568,16 +1658,8 @@ fn sandbox_id(
     range: UidRange,
 ) -> Result<u32, StoreError> {
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let live: Option<i64> = tx
-        .prepare_cached(
-            "SELECT host_id FROM sandbox_ids WHERE kind = ?1 AND name = ?2 AND retired_at IS NULL",
-        )?
-        .query_row(params![holder.as_str(), name], |r| r.get(0))
-        .optional()?;
-    if let Some(id) = live {
-        return u32::try_from(id).map_err(|_| {
-            StoreError::Corrupt(format!("sandbox id {id} of {name} is out of range"))
-        });
+    if let Some(id) = live_sandbox_id(&tx, holder, name)? {
+        return Ok(id);
     }
     if let Some(problem) = range.problem() {
         return Err(StoreError::SandboxIds(format!(
@@ -1921,6 +2003,7 @@ mod tests {
         let session = store.current_session(&user).await.unwrap();
         let outbox = store
             .complete_turn(TurnRecord {
+                charge: None,
                 inbox_id,
                 user: user.clone(),
                 session_id: session.id.clone(),
@@ -2000,6 +2083,33 @@ mod tests {
             .is_err());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn inline_reads_see_every_returned_write_refuse_writes_and_fall_back_when_all_are_lent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("moltmate.db")).unwrap();
+        let anna = UserId::new("anna").unwrap();
+        for n in 0..50 {
+            // Written on the database thread (durably), read on this thread at once.
+            store
+                .insert_inbound(&message("1", &format!("m{n}"), "hi", None), &anna)
+                .await
+                .unwrap();
+            assert_eq!(store.pending_inbox_count(&anna).await.unwrap(), n + 1);
+        }
+        let write = store
+            .read(|c| Ok(c.execute("DELETE FROM inbox", [])?))
+            .await;
+        assert!(write.is_err(), "a read connection must not write");
+        assert_eq!(store.pending_inbox_count(&anna).await.unwrap(), 50);
+        // Every reader lent out: a read goes to the database thread and still answers.
+        let readers = store.readers.as_ref().unwrap();
+        let lent: Vec<_> = std::iter::from_fn(|| readers.lend()).take(10).collect();
+        assert_eq!(lent.len(), 3);
+        assert_eq!(store.pending_inbox_count(&anna).await.unwrap(), 50);
+        drop(lent);
+        assert_eq!(store.pending_inbox_count(&anna).await.unwrap(), 50);
+    }
+
     /// A web caller waited for ever: its waiter was registered after the insert returned, and
     /// the user's worker, still busy, had read and answered the row before that.
     #[tokio::test]
@@ -2017,7 +2127,9 @@ mod tests {
                 // Another connection (a worker's read) cannot see the row yet.
                 let other = Connection::open(&hook_path).unwrap();
                 let visible: i64 = other
-                    .query_row("SELECT COUNT(*) FROM inbox WHERE id = ?1", [id], |r| r.get(0))
+                    .query_row("SELECT COUNT(*) FROM inbox WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })
                     .unwrap();
                 *seen.lock().unwrap() = Some((id, visible));
             })

@@ -386,7 +386,7 @@ impl Store {
     /// user event the gateway has acted on: an ending event of the row's user after it means
     /// the user is being removed or reset right now ([`InboxState::UserEnding`]). One read.
     pub async fn inbox_state(&self, id: i64, handled: i64) -> Result<InboxState, StoreError> {
-        self.with(move |c| {
+        self.read(move |c| {
             let row: Option<(bool, bool)> = c
                 .prepare_cached(
                     "SELECT i.done_at IS NULL,

@@ -15,6 +15,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Errors touching a home directory.
@@ -233,10 +234,13 @@ impl Homes {
         create_private_dir(&dir)?;
         let path = dir.join(format!("{}.lock", user.as_str()));
         let shown = path.display().to_string();
+        // Non-blocking and not through a link: whatever sits at the path, the open returns at
+        // once (the gateway takes this lock on the runtime).
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(libc_flags())
             .open(&path)
             .map_err(|e| io_error(&shown, e))?;
         match rustix::fs::flock(&file, operation) {
@@ -245,6 +249,10 @@ impl Homes {
             Err(e) => Err(io_error(&shown, e)),
         }
     }
+}
+
+fn libc_flags() -> i32 {
+    (OFlags::NONBLOCK | OFlags::NOFOLLOW).bits() as i32
 }
 
 /// When the gateway runs as root, gives `fd` the owner of the directory it was created in, so

@@ -30,6 +30,7 @@ pub mod ending;
 pub mod homes;
 pub mod memory_index;
 pub mod pairing;
+mod readers;
 pub mod reminders;
 pub mod reports;
 pub mod usage;
@@ -44,4 +45,6 @@ pub use pairing::{PairingLimits, PairingOutcome, StrangerMessage};
 pub use reminders::{
     CreateOutcome, DueReminder, FireOutcome, FireRequest, NewReminder, ReminderFire, ReminderRecord,
 };
-pub use usage::{HistoryCache, HistoryPage, TranscriptPage, UsageCharge, UsageTotals, UserUsage};
+pub use usage::{
+    DeferredCharge, HistoryCache, HistoryPage, TranscriptPage, UsageCharge, UsageTotals, UserUsage,
+};

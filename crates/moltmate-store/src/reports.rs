@@ -220,6 +220,7 @@ mod tests {
         };
         let _ = store
             .complete_turn(crate::TurnRecord {
+                charge: None,
                 inbox_id: inbox,
                 user: anna.clone(),
                 session_id: session.id,

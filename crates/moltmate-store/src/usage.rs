@@ -15,7 +15,7 @@
 use crate::db::{Store, StoreError};
 use moltmate_core::model::ConversationItem;
 use moltmate_core::UserId;
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -94,6 +94,53 @@ CREATE INDEX outbox_user ON outbox(user_id, updated_at);
 pub const ANSWERED_ROW_RETENTION: std::time::Duration =
     std::time::Duration::from_secs(30 * 24 * 3600);
 
+/// What [`Store::charge_usage_since`] does, inside the caller's transaction.
+pub(crate) fn charge_usage(
+    c: &Connection,
+    user: &UserId,
+    day: &str,
+    charge: UsageCharge,
+    since: i64,
+) -> Result<bool, StoreError> {
+    if charge.is_empty() {
+        return Ok(true);
+    }
+    let charged = c
+        .prepare_cached(
+            "INSERT INTO usage_days (user_id, day, messages, input_tokens, output_tokens, cost_micros, exec_ms)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
+             WHERE EXISTS (SELECT 1 FROM users WHERE id = ?1 AND created_at <= ?8)
+             ON CONFLICT (user_id, day) DO UPDATE SET
+               messages = messages + excluded.messages,
+               input_tokens = input_tokens + excluded.input_tokens,
+               output_tokens = output_tokens + excluded.output_tokens,
+               cost_micros = cost_micros + excluded.cost_micros,
+               exec_ms = exec_ms + excluded.exec_ms",
+        )?
+        .execute(params![
+            user.as_str(),
+            day,
+            to_i64(charge.messages),
+            to_i64(charge.input_tokens),
+            to_i64(charge.output_tokens),
+            to_i64(charge.cost_micros),
+            to_i64(charge.exec_ms),
+            since,
+        ])?;
+    Ok(charged > 0)
+}
+
+/// A turn's last model charge, written with the turn itself ([`crate::TurnRecord`]) instead
+/// of in a call of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeferredCharge {
+    /// The day (`YYYY-MM-DD`, UTC) it counts on.
+    pub day: String,
+    pub charge: UsageCharge,
+    /// Only a user who existed at this time (ms) is charged (see `charge_usage_since`).
+    pub since: i64,
+}
+
 /// Usage to add to a user's day.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UsageCharge {
@@ -107,6 +154,17 @@ pub struct UsageCharge {
 }
 
 impl UsageCharge {
+    /// Both charges together (saturating).
+    pub fn plus(self, other: UsageCharge) -> UsageCharge {
+        UsageCharge {
+            messages: self.messages.saturating_add(other.messages),
+            input_tokens: self.input_tokens.saturating_add(other.input_tokens),
+            output_tokens: self.output_tokens.saturating_add(other.output_tokens),
+            cost_micros: self.cost_micros.saturating_add(other.cost_micros),
+            exec_ms: self.exec_ms.saturating_add(other.exec_ms),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         *self == UsageCharge::default()
     }
@@ -257,32 +315,8 @@ impl Store {
         }
         let user = user.clone();
         let day = day.to_string();
-        self.with(move |c| {
-            let charged = c
-                .prepare_cached(
-                    "INSERT INTO usage_days (user_id, day, messages, input_tokens, output_tokens, cost_micros, exec_ms)
-                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
-                     WHERE EXISTS (SELECT 1 FROM users WHERE id = ?1 AND created_at <= ?8)
-                     ON CONFLICT (user_id, day) DO UPDATE SET
-                       messages = messages + excluded.messages,
-                       input_tokens = input_tokens + excluded.input_tokens,
-                       output_tokens = output_tokens + excluded.output_tokens,
-                       cost_micros = cost_micros + excluded.cost_micros,
-                       exec_ms = exec_ms + excluded.exec_ms",
-                )?
-                .execute(params![
-                    user.as_str(),
-                    day,
-                    to_i64(charge.messages),
-                    to_i64(charge.input_tokens),
-                    to_i64(charge.output_tokens),
-                    to_i64(charge.cost_micros),
-                    to_i64(charge.exec_ms),
-                    since,
-                ])?;
-            Ok(charged > 0)
-        })
-        .await
+        self.with(move |c| charge_usage(c, &user, &day, charge, since))
+            .await
     }
 
     /// Usage of `users` together (one user, or a family's members): counters of `day` and the
@@ -310,7 +344,7 @@ impl Store {
         let user = user.clone();
         let family = family.map(<[UserId]>::to_vec);
         let (day, month) = (day.to_string(), month.to_string());
-        self.with(move |c| {
+        self.read(move |c| {
             let own = totals_of(c, std::slice::from_ref(&user), &day, &month)?;
             let family = family
                 .map(|members| totals_of(c, &members, &day, &month))
@@ -376,7 +410,7 @@ impl Store {
     /// How many of the user's messages wait for an answer.
     pub async fn pending_inbox_count(&self, user: &UserId) -> Result<usize, StoreError> {
         let user = user.clone();
-        self.with(move |c| {
+        self.read(move |c| {
             let count: i64 = c
                 .prepare_cached(
                     "SELECT COUNT(*) FROM inbox WHERE user_id = ?1 AND done_at IS NULL",
@@ -777,7 +811,7 @@ impl Store {
             let known = current.rows.len() as i64;
             let room = HISTORY_CACHE_SESSION_BYTES.saturating_sub(current.bytes);
             let delta = self
-                .with(move |c| {
+                .read(move |c| {
                     let have: i64 = c
                         .prepare_cached(
                             "SELECT COUNT(*) FROM transcript WHERE session_id = ?1 AND id <= ?2",
@@ -863,6 +897,7 @@ mod tests {
         let session = store.current_session(who).await.unwrap();
         store
             .complete_turn(TurnRecord {
+                charge: None,
                 inbox_id: inbox,
                 user: who.clone(),
                 session_id: session.id.clone(),

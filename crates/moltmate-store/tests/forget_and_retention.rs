@@ -23,6 +23,7 @@ async fn forget_deletes_the_summaries_of_past_conversations() {
     for text in ["my bank PIN is 4711", "and my doctor said ...", "ok"] {
         let _ = store
             .complete_turn(TurnRecord {
+                charge: None,
                 inbox_id: inbox_row(&store, &anna).await,
                 user: anna.clone(),
                 session_id: session.id.clone(),
@@ -106,6 +107,7 @@ async fn answered_messages_and_sent_replies_keep_no_text() {
     let reply = "noted: 4711. ".repeat(20_000); // 260 KB, all rounds' texts joined
     let _ = store
         .complete_turn(TurnRecord {
+            charge: None,
             inbox_id,
             user: anna.clone(),
             session_id: session.id.clone(),

@@ -113,6 +113,7 @@ async fn huge_per_call_token_counts_neither_wrap_nor_overflow_their_sum() {
     for _ in 0..3 {
         let _ = store
             .complete_turn(TurnRecord {
+                charge: None,
                 inbox_id: inbox_row(&store, &anna).await,
                 user: anna.clone(),
                 session_id: session.id.clone(),

@@ -99,6 +99,7 @@ async fn history_returns_bounded_pages_of_a_huge_session() {
     for turn in 0..200 {
         let _ = store
             .complete_turn(TurnRecord {
+                charge: None,
                 inbox_id: inbox_row(store, &anna).await,
                 user: anna.clone(),
                 session_id: current.id.clone(),

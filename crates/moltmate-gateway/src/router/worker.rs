@@ -16,7 +16,7 @@ use crate::session::{compact, estimate_rows, estimate_tokens, Compaction};
 use moltmate_core::model::{ConversationItem, DeltaSink, IgnoreDeltas, TokenUsage};
 use moltmate_core::sandbox::{SandboxIds, WorkspaceAccess};
 use moltmate_core::tool::ToolContext;
-use moltmate_core::{blocking, ChannelKind, UserId};
+use moltmate_core::{ChannelKind, UserId};
 use moltmate_store::{Completion, InboxItem, InboxState, StoreError, TurnRecord};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::task::AbortOnDropHandle;
+
+/// Inbox rows a worker reads at once.
+const BATCH: usize = 16;
 
 /// How often a worker looks again when another process (`moltmate chat`) holds the user.
 const LOCK_POLL: Duration = Duration::from_millis(100);
@@ -136,20 +139,17 @@ fn leave(inner: &Inner, user: &UserId, slot: &Arc<WorkerSlot>) {
 }
 
 /// Takes the user's lock without holding a thread while another process has it: a
-/// non-blocking `flock` on the blocking pool, polled. `None` on shutdown.
+/// non-blocking `flock`, polled. `None` on shutdown.
+///
+/// It runs on the runtime: the lock file is in the gateway's own `locks/` directory (no user
+/// or sandbox reaches it), opened non-blocking and not through a link, and `LOCK_NB` never
+/// waits. On the blocking pool it cost two thread hand-overs per message.
 async fn take_user_lock(
     inner: &Arc<Inner>,
     user: &UserId,
 ) -> Result<Option<moltmate_store::homes::UserLock>, String> {
     loop {
-        let homes = inner.homes.clone();
-        let for_task = user.clone();
-        let taken = blocking::run("taking the user lock", blocking::FILE_DEADLINE, move || {
-            homes.try_lock_user(&for_task)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        let taken = inner.homes.try_lock_user(user).map_err(|e| e.to_string())?;
         if let Some(lock) = taken {
             return Ok(Some(lock));
         }
@@ -164,13 +164,15 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
     let mut backoff = Duration::from_millis(250);
     let mut state = WorkerState::default();
     loop {
-        slot.dirty.store(false, Ordering::SeqCst);
         loop {
             if inner.shutdown.is_cancelled() {
                 leave(&inner, &user, &slot);
                 return;
             }
-            let batch = match inner.store.pending_inbox(&user, 16).await {
+            // Cleared before the read: a message stored after the read sets it again (its
+            // accept calls `wake_worker` after the commit), one stored before is in the batch.
+            slot.dirty.store(false, Ordering::SeqCst);
+            let batch = match inner.store.pending_inbox(&user, BATCH).await {
                 Ok(batch) => batch,
                 Err(e) => {
                     tracing::error!(user = %user, error = %e, "could not read the inbox; retrying");
@@ -182,17 +184,26 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
             if batch.is_empty() {
                 break;
             }
+            // A short batch was everything pending; unless a message came since, reading the
+            // inbox again would only find it empty.
+            let complete = batch.len() < BATCH;
+            let mut interrupted = false;
             for item in batch {
                 if inner.shutdown.is_cancelled() {
+                    interrupted = true;
                     break;
                 }
                 let _lock = match take_user_lock(&inner, &user).await {
                     Ok(Some(lock)) => lock,
-                    Ok(None) => break,
+                    Ok(None) => {
+                        interrupted = true;
+                        break;
+                    }
                     Err(e) => {
                         tracing::error!(user = %user, error = %e, "could not lock the user; retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(30));
+                        interrupted = true;
                         break;
                     }
                 };
@@ -211,6 +222,7 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
                     }
                     Err(e) => {
                         tracing::error!(user = %user, error = %e, "could not read the inbox; retrying");
+                        interrupted = true;
                         break;
                     }
                 }
@@ -242,9 +254,13 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
                     tracing::error!(user = %user, error = %e, "could not finish a turn; will retry");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
+                    interrupted = true;
                     break;
                 }
                 backoff = Duration::from_millis(250);
+            }
+            if complete && !interrupted && !slot.dirty.load(Ordering::SeqCst) {
+                break;
             }
         }
         tokio::select! {
@@ -742,6 +758,7 @@ async fn handle_item(
             items: new_items,
             reply: pushed_reply(inner, item, &reply),
             usage,
+            charge: guard.take_deferred(),
         })
         .await?;
     finish_or_discard(inner, item, completion, reply, total).await;
