@@ -371,6 +371,31 @@ pub struct BudgetGuard {
     deferred: std::sync::Mutex<Option<moltmate_store::DeferredCharge>>,
 }
 
+/// A guard dropped with a charge still held (its turn's task was aborted between the model's
+/// answer and the commit: the user was removed or reset, the gateway stopped) charges it
+/// then: the model was called, so it is spent.
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        let held = self
+            .deferred
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (Some(held), Ok(runtime)) = (held, tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let (store, user) = (self.store.clone(), self.user.clone());
+        runtime.spawn(async move {
+            if let Err(e) = store
+                .charge_usage_since(&user, &held.day, held.charge, held.since)
+                .await
+            {
+                tracing::error!(user = %user, error = %e, "could not record usage");
+            }
+        });
+    }
+}
+
 /// What the user is told when the store cannot say what they used (fail closed).
 fn unknown_usage(language: &str) -> String {
     if german(language) {
@@ -493,8 +518,9 @@ impl BudgetGuard {
     /// Charges the turn's last model call with the turn's own commit instead of now: the
     /// turn ends with this answer, so no check of this turn reads the store after it, and a
     /// database call per message is saved. The worker takes it with [`Self::take_deferred`]
-    /// into the turn's record; a turn that is not committed (retried after a database error)
-    /// is charged when it is.
+    /// into the turn's record. A turn whose commit fails is charged at once
+    /// ([`Self::charge_held`]), one discarded (its user was reset or removed meanwhile) in the
+    /// discarding transaction, and a guard dropped still holding it charges it then.
     pub fn defer_model(&self, usage: &[(String, String, TokenUsage)]) {
         let charge = self.model_charge(usage);
         if charge.is_empty() {
@@ -520,6 +546,13 @@ impl BudgetGuard {
     /// (the memory flush before a compaction).
     pub async fn charge_deferred(&self) {
         if let Some(held) = self.take_deferred() {
+            self.charge(held.charge).await;
+        }
+    }
+
+    /// Charges `held` now: the turn's commit that was to carry it failed.
+    pub async fn charge_held(&self, held: Option<moltmate_store::DeferredCharge>) {
+        if let Some(held) = held {
             self.charge(held.charge).await;
         }
     }

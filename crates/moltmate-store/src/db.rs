@@ -868,6 +868,25 @@ impl Store {
         .await
     }
 
+    /// The ids of the user's unanswered messages, oldest first (at most `limit`).
+    pub async fn pending_inbox_ids(
+        &self,
+        user: &UserId,
+        limit: usize,
+    ) -> Result<Vec<i64>, StoreError> {
+        let user = user.clone();
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT id FROM inbox WHERE user_id = ?1 AND done_at IS NULL ORDER BY id LIMIT ?2",
+            )?;
+            let ids = statement
+                .query_map(params![user.as_str(), limit as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(ids)
+        })
+        .await
+    }
+
     /// The user's unanswered messages, oldest first.
     pub async fn pending_inbox(
         &self,
@@ -986,7 +1005,16 @@ impl Store {
     pub async fn complete_turn(&self, turn: TurnRecord) -> Result<Completion, StoreError> {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // The model was called: its charge stands even when the turn is discarded (a
+            // reset keeps what was spent; a removed user is charged nothing, see
+            // `charge_usage`).
+            if let Some(deferred) = &turn.charge {
+                if !crate::usage::charge_usage(&tx, &turn.user, &deferred.day, deferred.charge, deferred.since)? {
+                    tracing::info!(user = %turn.user, "usage of a turn whose user was removed is not charged to anyone");
+                }
+            }
             if !crate::ending::inbox_row_pending(&tx, turn.inbox_id)? {
+                tx.commit()?;
                 return Ok(Completion::Discarded);
             }
             let now = now_millis();
@@ -1011,11 +1039,6 @@ impl Store {
                         crate::usage::to_i64(u.output_tokens),
                         now
                     ])?;
-                }
-            }
-            if let Some(deferred) = &turn.charge {
-                if !crate::usage::charge_usage(&tx, &turn.user, &deferred.day, deferred.charge, deferred.since)? {
-                    tracing::info!(user = %turn.user, "usage of a turn whose user was removed is not charged to anyone");
                 }
             }
             tx.prepare_cached("UPDATE sessions SET last_active = ?2 WHERE id = ?1")?.execute( params![turn.session_id, now])?;

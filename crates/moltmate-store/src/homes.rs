@@ -231,18 +231,27 @@ impl Homes {
             .parent()
             .unwrap_or(Path::new("."))
             .join("locks");
-        create_private_dir(&dir)?;
         let path = dir.join(format!("{}.lock", user.as_str()));
         let shown = path.display().to_string();
         // Non-blocking and not through a link: whatever sits at the path, the open returns at
         // once (the gateway takes this lock on the runtime).
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .custom_flags(libc_flags())
-            .open(&path)
-            .map_err(|e| io_error(&shown, e))?;
+        let open = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .custom_flags(libc_flags())
+                .open(&path)
+        };
+        let file = match open() {
+            Ok(file) => file,
+            // The directory is made on first need, not on every poll.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                create_private_dir(&dir)?;
+                open().map_err(|e| io_error(&shown, e))?
+            }
+            Err(e) => return Err(io_error(&shown, e)),
+        };
         match rustix::fs::flock(&file, operation) {
             Ok(()) => Ok(Some(UserLock { _file: file })),
             Err(Errno::WOULDBLOCK) => Ok(None),

@@ -31,9 +31,10 @@ use std::time::Duration;
 /// and a spare.
 pub(crate) const MAX_READERS: usize = 3;
 
-/// How long a read waits for SQLite's own short locks (WAL index recovery); a read on the
-/// runtime must not wait long, and this practically never happens in WAL mode.
-const READ_BUSY_TIMEOUT: Duration = Duration::from_millis(50);
+/// How long a read waits for SQLite's own short locks (WAL index recovery after a crash of
+/// another process); a read on the runtime must not wait long, and in WAL mode a reader never
+/// waits for the writer or a checkpoint.
+const READ_BUSY_TIMEOUT: Duration = Duration::from_millis(20);
 
 /// Page cache per reader: the hot path's pages are few, and the OS caches the file.
 const READER_CACHE_KIB: i64 = 1024;

@@ -775,6 +775,49 @@ impl Drop for HistoryCache {
     }
 }
 
+/// Bytes of new transcript rows a history cache reads on the caller's thread; more go to the
+/// database thread.
+const INLINE_DELTA_BYTES: u64 = 64 * 1024;
+
+/// The rows of `session` after `after`, if the cache's `known` rows are still exactly there
+/// and the new ones fit `room` bytes.
+fn read_delta(
+    c: &Connection,
+    session: &str,
+    after: i64,
+    known: i64,
+    room: u64,
+) -> Result<Delta, StoreError> {
+    let have: i64 = c
+        .prepare_cached("SELECT COUNT(*) FROM transcript WHERE session_id = ?1 AND id <= ?2")?
+        .query_row(params![session, after], |r| r.get(0))?;
+    if have != known {
+        return Ok(Delta::Stale);
+    }
+    let mut statement = c.prepare_cached(
+        "SELECT id, item FROM transcript WHERE session_id = ?1 AND id > ?2 ORDER BY id",
+    )?;
+    let mut rows = statement.query(params![session, after])?;
+    let mut new = Vec::new();
+    let mut bytes: u64 = 0;
+    while let Some(row) = rows.next()? {
+        let id: i64 = row.get(0)?;
+        // Size first, from the stored text, before anything is parsed.
+        let text = row
+            .get_ref(1)?
+            .as_str()
+            .map_err(|e| StoreError::Corrupt(format!("transcript row {id}: {e}")))?;
+        bytes = bytes.saturating_add(text.len() as u64);
+        if bytes > room {
+            return Ok(Delta::TooBig);
+        }
+        let item: ConversationItem = serde_json::from_str(text)
+            .map_err(|e| StoreError::Corrupt(format!("transcript row {id}: {e}")))?;
+        new.push((id, item, text.len() as u64));
+    }
+    Ok(Delta::Rows(new))
+}
+
 /// What the database had for a cache.
 enum Delta {
     /// The cache is exact; these rows are new.
@@ -810,40 +853,19 @@ impl Store {
             let after = current.rows.last().map_or(0, |(id, _, _)| *id);
             let known = current.rows.len() as i64;
             let room = HISTORY_CACHE_SESSION_BYTES.saturating_sub(current.bytes);
-            let delta = self
-                .read(move |c| {
-                    let have: i64 = c
-                        .prepare_cached(
-                            "SELECT COUNT(*) FROM transcript WHERE session_id = ?1 AND id <= ?2",
-                        )?
-                        .query_row(params![session, after], |r| r.get(0))?;
-                    if have != known {
-                        return Ok(Delta::Stale);
-                    }
-                    let mut statement = c.prepare_cached(
-                        "SELECT id, item FROM transcript WHERE session_id = ?1 AND id > ?2 ORDER BY id",
-                    )?;
-                    let mut rows = statement.query(params![session, after])?;
-                    let mut new = Vec::new();
-                    let mut bytes: u64 = 0;
-                    while let Some(row) = rows.next()? {
-                        let id: i64 = row.get(0)?;
-                        // Size first, from the stored text, before anything is parsed.
-                        let text = row.get_ref(1)?.as_str().map_err(|e| {
-                            StoreError::Corrupt(format!("transcript row {id}: {e}"))
-                        })?;
-                        bytes = bytes.saturating_add(text.len() as u64);
-                        if bytes > room {
-                            return Ok(Delta::TooBig);
-                        }
-                        let item: ConversationItem = serde_json::from_str(text).map_err(|e| {
-                            StoreError::Corrupt(format!("transcript row {id}: {e}"))
-                        })?;
-                        new.push((id, item, text.len() as u64));
-                    }
-                    Ok(Delta::Rows(new))
-                })
+            // New rows of up to 64 KiB (a turn or a few) are read on the caller's thread; more
+            // (the first fill, a turn that stored much) on the database thread, so no user's
+            // transcript makes a runtime thread parse a megabyte.
+            let inline_room = room.min(INLINE_DELTA_BYTES);
+            let for_inline = session.clone();
+            let mut delta = self
+                .read(move |c| read_delta(c, &for_inline, after, known, inline_room))
                 .await?;
+            if matches!(delta, Delta::TooBig) && inline_room < room {
+                delta = self
+                    .with(move |c| read_delta(c, &session, after, known, room))
+                    .await?;
+            }
             match delta {
                 Delta::Rows(new) => {
                     let bytes = new.iter().map(|(_, _, size)| *size).sum();

@@ -152,6 +152,7 @@ async fn accept_counted(
             // this user's previous message could answer the row first and find nobody waiting
             // (the caller then waited for ever; seen under load in the benchmark).
             let registered = Arc::new(std::sync::Mutex::new(None::<i64>));
+            let ours = waiter.as_ref().map(|w| Arc::clone(&w.deltas));
             let stored = {
                 let (inner, user, registered) =
                     (Arc::clone(inner), user.clone(), Arc::clone(&registered));
@@ -162,23 +163,43 @@ async fn accept_counted(
                     }
                 }
             };
-            match inner
-                .store
-                .insert_inbound_then(&message, &user, stored)
+            // The insert and the worker's wake-up run in a task of their own: a caller that
+            // goes away meanwhile (a web client closing its connection) must not cancel the
+            // wake-up of a row that commits anyway, or the row would wait for the user's next
+            // message.
+            let storing = {
+                let (inner, user) = (Arc::clone(inner), user.clone());
+                inner.tasks.clone().spawn(async move {
+                    let result = inner
+                        .store
+                        .insert_inbound_then(&message, &user, stored)
+                        .await;
+                    if let Ok(Some(_)) = result {
+                        wake_worker(&inner, &user);
+                    }
+                    result
+                })
+            };
+            let stored = storing
                 .await
-            {
+                .map_err(|e| AcceptError::Storage(format!("storing the message: {e}")))?;
+            match stored {
                 Err(e) => {
-                    // Not committed: the id may be given to another row, so its waiter goes.
+                    // Not committed: the id may be given to another row, so this caller's
+                    // waiter goes (only this caller's: the id may be someone's already).
                     if let Some(inbox_id) = lock(&registered).take() {
-                        lock(&inner.waiters).remove(&inbox_id);
+                        let mut waiters = lock(&inner.waiters);
+                        let is_ours = waiters.get(&inbox_id).is_some_and(|(_, w)| {
+                            ours.as_ref().is_some_and(|d| Arc::ptr_eq(&w.deltas, d))
+                        });
+                        if is_ours {
+                            waiters.remove(&inbox_id);
+                        }
                     }
                     Err(storage(e))
                 }
                 Ok(None) => Ok(Accepted::Duplicate),
-                Ok(Some(_)) => {
-                    wake_worker(inner, &user);
-                    Ok(Accepted::Queued)
-                }
+                Ok(Some(_)) => Ok(Accepted::Queued),
             }
         }
         AccessDecision::NeedsPairing => {

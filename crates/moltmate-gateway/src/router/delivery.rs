@@ -33,7 +33,16 @@ pub(super) async fn finish(
     reply: String,
     usage: TokenUsage,
 ) {
-    if let Some((_, waiter)) = lock(&inner.waiters).remove(&item.id) {
+    let waiter = {
+        let mut waiters = lock(&inner.waiters);
+        // Only the row's own user's caller: an entry of another user under this id (left by
+        // a commit that failed) is not theirs to answer.
+        match waiters.get(&item.id) {
+            Some((owner, _)) if owner == &item.user => waiters.remove(&item.id),
+            _ => None,
+        }
+    };
+    if let Some((_, waiter)) = waiter {
         let _ = waiter.reply.send(Reply {
             text: reply.clone(),
             usage,

@@ -168,10 +168,10 @@ pub(super) async fn end_user(inner: &Arc<Inner>, user: &UserId) {
     // ending; a row still pending was accepted after it and is answered once it settles.
     let pending: std::collections::HashSet<i64> = match inner
         .store
-        .pending_inbox(user, WAITERS_KEPT)
+        .pending_inbox_ids(user, WAITERS_KEPT)
         .await
     {
-        Ok(items) => items.into_iter().map(|item| item.id).collect(),
+        Ok(ids) => ids.into_iter().collect(),
         Err(e) => {
             tracing::warn!(user = %user, error = %e, "could not read the inbox; dropping every waiter of an ended user");
             Default::default()

@@ -608,6 +608,7 @@ async fn handle_item(
     .await?;
     let deltas: Arc<dyn DeltaSink> = lock(&inner.waiters)
         .get(&item.id)
+        .filter(|(owner, _)| owner == &item.user)
         .map(|(_, w)| Arc::clone(&w.deltas))
         .unwrap_or_else(|| Arc::new(IgnoreDeltas));
     let context = ToolContext {
@@ -749,7 +750,8 @@ async fn handle_item(
     if !skipped.is_empty() {
         reply = format!("{reply}\n\n{}", skipped_note(&language, &skipped));
     }
-    let completion = inner
+    let charge = guard.take_deferred();
+    let completion = match inner
         .store
         .complete_turn(TurnRecord {
             inbox_id: item.id,
@@ -758,9 +760,17 @@ async fn handle_item(
             items: new_items,
             reply: pushed_reply(inner, item, &reply),
             usage,
-            charge: guard.take_deferred(),
+            charge: charge.clone(),
         })
-        .await?;
+        .await
+    {
+        Ok(completion) => completion,
+        Err(e) => {
+            // Rolled back with the turn; the model was called all the same.
+            guard.charge_held(charge).await;
+            return Err(e.into());
+        }
+    };
     finish_or_discard(inner, item, completion, reply, total).await;
     Ok(())
 }
