@@ -51,8 +51,9 @@ pub struct ToolCall {
 pub struct ToolSpec {
     pub name: String,
     pub description: String,
-    /// JSON Schema of the arguments object.
-    pub parameters: serde_json::Value,
+    /// JSON Schema of the arguments object. Shared: a tool's spec is built once and offered on
+    /// every turn, so a turn holds a pointer to it rather than its own tree of maps.
+    pub parameters: std::sync::Arc<serde_json::Value>,
 }
 
 /// One request to a model.

@@ -102,6 +102,9 @@ pub trait ModelCaller: Send + Sync {
 #[derive(Default, Clone)]
 pub struct ToolBox {
     tools: BTreeMap<String, Arc<dyn Tool>>,
+    /// Each tool's spec, built once when it is registered: offering it on a turn copies two
+    /// short strings and a pointer, not a tree of JSON maps.
+    specs: BTreeMap<String, ToolSpec>,
 }
 
 impl ToolBox {
@@ -114,7 +117,9 @@ impl ToolBox {
     }
 
     pub fn register(&mut self, tool: Arc<dyn Tool>) {
-        self.tools.insert(tool.spec().name, tool);
+        let spec = tool.spec();
+        self.tools.insert(spec.name.clone(), tool);
+        self.specs.insert(spec.name.clone(), spec);
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -132,10 +137,10 @@ impl ToolBox {
 
     /// The specs offered to a model for a user allowed `allowed` tools.
     pub fn offered(&self, allowed: &[String]) -> Vec<ToolSpec> {
-        self.tools
+        self.specs
             .iter()
             .filter(|(name, _)| allowed.iter().any(|a| a == *name))
-            .map(|(_, tool)| tool.spec())
+            .map(|(_, spec)| spec.clone())
             .collect()
     }
 

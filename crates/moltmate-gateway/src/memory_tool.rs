@@ -71,12 +71,12 @@ impl Tool for MemorySearchTool {
                           shared family notes) and past conversations. Returns the best matching lines with \
                           their file and line number."
                 .to_string(),
-            parameters: serde_json::json!({
+            parameters: std::sync::Arc::new(serde_json::json!({
                 "type": "object",
                 "properties": { "query": { "type": "string", "description": "Words to look for." } },
                 "required": ["query"],
                 "additionalProperties": false
-            }),
+            })),
         }
     }
 

@@ -104,7 +104,7 @@ impl Tool for NoteTool {
         ToolSpec {
             name: "write".into(),
             description: "write".into(),
-            parameters: serde_json::json!({"type": "object"}),
+            parameters: std::sync::Arc::new(serde_json::json!({"type": "object"})),
         }
     }
     async fn call(

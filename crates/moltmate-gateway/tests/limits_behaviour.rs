@@ -96,7 +96,7 @@ impl Tool for Echo {
         ToolSpec {
             name: "write".into(),
             description: "write".into(),
-            parameters: serde_json::json!({"type": "object"}),
+            parameters: std::sync::Arc::new(serde_json::json!({"type": "object"})),
         }
     }
     async fn call(&self, _: &ToolContext, _: serde_json::Value) -> Result<ToolOutput, ToolError> {

@@ -607,7 +607,7 @@ mod tests {
             tools: vec![ToolSpec {
                 name: "x".into(),
                 description: "d".into(),
-                parameters: json!({"type": "object"}),
+                parameters: std::sync::Arc::new(json!({"type": "object"})),
             }],
             max_output_tokens: 10,
         };

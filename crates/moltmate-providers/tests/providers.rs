@@ -50,7 +50,9 @@ fn ask(text: &str) -> ModelRequest {
         tools: vec![ToolSpec {
             name: "read_file".into(),
             description: "Reads a file".into(),
-            parameters: json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+            parameters: std::sync::Arc::new(
+                json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+            ),
         }],
         max_output_tokens: 321,
     }

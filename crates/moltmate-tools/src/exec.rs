@@ -57,7 +57,7 @@ impl Tool for ExecTool {
         ToolSpec {
             name: "exec".into(),
             description: "Run a command line in your isolated sandbox (Linux). The working directory is /workspace, which holds your files; the family folder, if any, is at /family. Returns the exit code, duration, stdout and stderr. Depending on the server's policy only some programs are allowed, and shell features may be refused; the error says what is allowed.".into(),
-            parameters: json!({
+            parameters: std::sync::Arc::new(json!({
                 "type": "object",
                 "properties": {
                     "command": {"type": "string", "description": "The command line, e.g. `ls -la` or `grep -n TODO notes.md`."},
@@ -65,7 +65,7 @@ impl Tool for ExecTool {
                 },
                 "required": ["command"],
                 "additionalProperties": false
-            }),
+            })),
         }
     }
 

@@ -76,7 +76,7 @@ impl Tool for ReadTool {
         ToolSpec {
             name: "read".into(),
             description: "Read a text file, or list a directory's entries. Returns the file's text; for long files use offset and limit (in lines) to read a part. Binary files are refused.".into(),
-            parameters: json!({
+            parameters: std::sync::Arc::new(json!({
                 "type": "object",
                 "properties": {
                     "path": {"type": "string", "description": PATH_DOC},
@@ -85,7 +85,7 @@ impl Tool for ReadTool {
                 },
                 "required": ["path"],
                 "additionalProperties": false
-            }),
+            })),
         }
     }
 
@@ -342,7 +342,7 @@ impl Tool for WriteTool {
         ToolSpec {
             name: "write".into(),
             description: "Create a file or replace its whole content. Missing parent directories are created. The write is atomic: the file has either the old or the new content, never a mix.".into(),
-            parameters: json!({
+            parameters: std::sync::Arc::new(json!({
                 "type": "object",
                 "properties": {
                     "path": {"type": "string", "description": PATH_DOC},
@@ -350,7 +350,7 @@ impl Tool for WriteTool {
                 },
                 "required": ["path", "content"],
                 "additionalProperties": false
-            }),
+            })),
         }
     }
 
@@ -398,7 +398,7 @@ impl Tool for EditTool {
         ToolSpec {
             name: "edit".into(),
             description: "Replace one exact piece of text in a file. old_text must occur exactly once in the file (include enough surrounding lines to make it unique); it is replaced by new_text. The change is atomic.".into(),
-            parameters: json!({
+            parameters: std::sync::Arc::new(json!({
                 "type": "object",
                 "properties": {
                     "path": {"type": "string", "description": PATH_DOC},
@@ -407,7 +407,7 @@ impl Tool for EditTool {
                 },
                 "required": ["path", "old_text", "new_text"],
                 "additionalProperties": false
-            }),
+            })),
         }
     }
 

@@ -54,7 +54,7 @@ impl Tool for SendFileTool {
                 "Send a file from your files to the user, in the chat they wrote from (e.g. a document you made for them). At most {} MB.",
                 self.max_bytes >> 20
             ),
-            parameters: json!({
+            parameters: std::sync::Arc::new(json!({
                 "type": "object",
                 "properties": {
                     "path": {"type": "string", "description": "Relative to your home directory (also accepted as /workspace/...)."},
@@ -62,7 +62,7 @@ impl Tool for SendFileTool {
                 },
                 "required": ["path"],
                 "additionalProperties": false
-            }),
+            })),
         }
     }
 

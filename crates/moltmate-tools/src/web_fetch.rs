@@ -507,14 +507,14 @@ impl Tool for WebFetchTool {
         ToolSpec {
             name: "web_fetch".into(),
             description,
-            parameters: json!({
+            parameters: std::sync::Arc::new(json!({
                 "type": "object",
                 "properties": {
                     "url": {"type": "string", "description": "The full URL, starting with http:// or https://."}
                 },
                 "required": ["url"],
                 "additionalProperties": false
-            }),
+            })),
         }
     }
 

@@ -235,7 +235,7 @@ async fn complete(
     while let Some(event) = events.next().await {
         match event {
             TurnEvent::Delta(_) => {}
-            TurnEvent::File(file) => files.push(file),
+            TurnEvent::File(file) => files.push(*file),
             TurnEvent::Done(mut reply) => {
                 let links = turn::missing_links(&reply.text, &files);
                 reply.text.push_str(&links);
@@ -300,7 +300,7 @@ fn streamed(
     let body = events.flat_map(move |event| {
         let out = match event {
             TurnEvent::File(file) => {
-                files.push(file);
+                files.push(*file);
                 Vec::new()
             }
             TurnEvent::Delta(text) => {

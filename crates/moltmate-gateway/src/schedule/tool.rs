@@ -102,7 +102,7 @@ impl Tool for ScheduleTool {
                           with [Reminder #N ...] and tell your user in your own words. Repeat back to your user what \
                           the tool says was set."
                 .to_string(),
-            parameters: rules::parameters(),
+            parameters: std::sync::Arc::new(rules::parameters()),
         }
     }
 
