@@ -201,6 +201,9 @@ pub struct Turn<'a> {
 pub struct TurnResult {
     /// New transcript items, the user's message first.
     pub new_items: Vec<ConversationItem>,
+    /// The history the turn was given, handed back unchanged (without the images), so the
+    /// caller's history cache can take its items back instead of copying them every turn.
+    pub history: Vec<ConversationItem>,
     /// The text to send to the user.
     pub reply: String,
     pub usage: Vec<(String, String, TokenUsage)>,
@@ -219,6 +222,7 @@ pub fn arguments_digest(arguments: &serde_json::Value) -> String {
 fn stop_turn(
     mut items: Vec<ConversationItem>,
     first_new: usize,
+    history_len: usize,
     mut replies: Vec<String>,
     unanswered: &[moltmate_core::model::ToolCall],
     notice: String,
@@ -239,6 +243,10 @@ fn stop_turn(
     replies.push(note);
     TurnResult {
         new_items: items.split_off(first_new),
+        history: {
+            items.truncate(history_len);
+            items
+        },
         reply: join_replies(&replies),
         usage,
         model_failed: false,
@@ -248,6 +256,7 @@ fn stop_turn(
 pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
     let offered = turn.tools.offered(turn.allowed_tools);
     let mut items = turn.history;
+    let history_len = items.len();
     items.extend(turn.images);
     let first_new = items.len();
     items.push(ConversationItem::User {
@@ -261,7 +270,7 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
     for iteration in 0..turn.max_iterations.max(1) {
         if let Some(budget) = turn.budget {
             if let Some(notice) = budget.check().await {
-                return stop_turn(items, first_new, replies, &[], notice, usage);
+                return stop_turn(items, first_new, history_len, replies, &[], notice, usage);
             }
         }
         let model_started = Instant::now();
@@ -292,6 +301,10 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                 });
                 return TurnResult {
                     new_items: items.split_off(first_new),
+                    history: {
+                        items.truncate(history_len);
+                        items
+                    },
                     reply: failure.user_message,
                     usage,
                     model_failed: true,
@@ -326,6 +339,10 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
         if tool_calls.is_empty() {
             return TurnResult {
                 new_items: items.split_off(first_new),
+                history: {
+                    items.truncate(history_len);
+                    items
+                },
                 reply: join_replies(&replies),
                 usage,
                 model_failed: false,
@@ -333,7 +350,15 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
         }
         if let Some(budget) = turn.budget {
             if let Some(notice) = budget.check().await {
-                return stop_turn(items, first_new, replies, &tool_calls, notice, usage);
+                return stop_turn(
+                    items,
+                    first_new,
+                    history_len,
+                    replies,
+                    &tool_calls,
+                    notice,
+                    usage,
+                );
             }
         }
         let last = tool_calls.len() - 1;
@@ -438,6 +463,10 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                     });
                     return TurnResult {
                         new_items: items.split_off(first_new),
+                        history: {
+                            items.truncate(history_len);
+                            items
+                        },
                         reply,
                         usage,
                         model_failed: false,
@@ -463,6 +492,10 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
     replies.push(note);
     TurnResult {
         new_items: items.split_off(first_new),
+        history: {
+            items.truncate(history_len);
+            items
+        },
         reply: join_replies(&replies),
         usage,
         model_failed: false,

@@ -697,6 +697,10 @@ pub struct HistoryCache {
     /// Set when the session did not fit: read page by page from then on.
     too_big: bool,
     budget: Arc<AtomicU64>,
+    /// The rows from this index on are lent to a turn (their items moved out, placeholders
+    /// left); [`HistoryCache::give_back`] puts them back. A cache whose loan did not come back
+    /// (the turn failed) is read afresh.
+    lent: Option<usize>,
 }
 
 impl HistoryCache {
@@ -707,6 +711,24 @@ impl HistoryCache {
             bytes: 0,
             too_big: false,
             budget: Arc::clone(budget),
+            lent: None,
+        }
+    }
+
+    /// Takes back the items [`Store::history_page_cached`] lent, in the order it gave them
+    /// (what a turn hands back as its history). Anything else empties the cache, which is then
+    /// read afresh: never a wrong history, at worst one more read.
+    pub fn give_back(&mut self, items: Vec<ConversationItem>) {
+        let Some(first) = self.lent.take() else {
+            return;
+        };
+        if items.len() != self.rows.len().saturating_sub(first) {
+            self.rows.clear();
+            self.lent = Some(0);
+            return;
+        }
+        for ((_, slot, _), item) in self.rows.iter_mut().skip(first).zip(items) {
+            *slot = item;
         }
     }
 
@@ -740,7 +762,7 @@ impl HistoryCache {
 
     /// The page [`Store::history_page`] would read: the newest rows within `max_bytes`,
     /// starting at a user message.
-    fn page(&self, max_bytes: u64) -> HistoryPage {
+    fn page(&mut self, max_bytes: u64) -> HistoryPage {
         let mut used: u64 = 0;
         let mut first = self.rows.len();
         let mut truncated = false;
@@ -757,14 +779,22 @@ impl HistoryCache {
             bytes: 0,
             truncated,
         };
-        for (id, item, size) in self.rows.iter().skip(first) {
+        // The page's items are moved out, not copied (a long session's history was the largest
+        // allocation of a turn); the turn hands them back (`give_back`).
+        let mut lent_from = None;
+        for (index, (id, item, size)) in self.rows.iter_mut().enumerate().skip(first) {
             if page.rows.is_empty() && !matches!(item, ConversationItem::User { .. }) {
                 page.truncated = true;
                 continue;
             }
-            page.bytes += size;
-            page.rows.push((*id, item.clone()));
+            lent_from.get_or_insert(index);
+            page.bytes += *size;
+            let placeholder = ConversationItem::User {
+                text: String::new(),
+            };
+            page.rows.push((*id, std::mem::replace(item, placeholder)));
         }
+        self.lent = Some(lent_from.unwrap_or(self.rows.len()));
         page
     }
 }
@@ -839,7 +869,11 @@ impl Store {
         session_id: &str,
         max_bytes: u64,
     ) -> Result<HistoryPage, StoreError> {
-        if cache.as_ref().is_none_or(|c| c.session_id != session_id) {
+        // A loan that did not come back leaves placeholders: read the session afresh.
+        if cache
+            .as_ref()
+            .is_none_or(|c| c.session_id != session_id || c.lent.is_some())
+        {
             *cache = Some(HistoryCache::new(session_id, &self.history_budget));
         }
         let Some(current) = cache.as_mut() else {
@@ -1190,6 +1224,10 @@ mod tests {
                 assert_eq!(cached.rows, read.rows, "budget {budget}");
                 assert_eq!(cached.bytes, read.bytes, "budget {budget}");
                 assert_eq!(cached.truncated, read.truncated, "budget {budget}");
+                // As a worker does after its turn: the lent items go back to the cache.
+                if let Some(cache) = cache.as_mut() {
+                    cache.give_back(cached.rows.into_iter().map(|(_, item)| item).collect());
+                }
             }
         }
         let mut session = String::new();
@@ -1225,6 +1263,57 @@ mod tests {
         assert!(store.history_budget.load(Ordering::SeqCst) > 0);
         drop(cache);
         assert_eq!(store.history_budget.load(Ordering::SeqCst), 0);
+    }
+
+    /// The page's items are lent, not copied: a loan that never comes back (a failed turn) or
+    /// comes back wrong leaves no placeholder in any later page.
+    #[tokio::test]
+    async fn a_history_loan_not_given_back_or_given_back_wrong_never_shows_placeholders() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = user("anna");
+        let mut session = String::new();
+        for turn in 0..3 {
+            session = store_turn(
+                &store,
+                &anna,
+                &[said(&format!("q{turn}")), answered(&format!("a{turn}"))],
+            )
+            .await;
+        }
+        let expected = store.history_page(&session, u64::MAX).await.unwrap().rows;
+        let mut cache = None;
+        // Lent and never given back.
+        let first = store
+            .history_page_cached(&mut cache, &session, u64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(first.rows, expected);
+        let second = store
+            .history_page_cached(&mut cache, &session, u64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(second.rows, expected);
+        // Given back with a row missing.
+        let mut short: Vec<ConversationItem> =
+            second.rows.into_iter().map(|(_, item)| item).collect();
+        short.pop();
+        if let Some(cache) = cache.as_mut() {
+            cache.give_back(short);
+        }
+        let third = store
+            .history_page_cached(&mut cache, &session, u64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(third.rows, expected);
+        // Given back whole: the next page comes from the cache, still the same.
+        if let Some(cache) = cache.as_mut() {
+            cache.give_back(third.rows.into_iter().map(|(_, item)| item).collect());
+        }
+        let fourth = store
+            .history_page_cached(&mut cache, &session, u64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(fourth.rows, expected);
     }
 
     /// A session over the cache's bound is read page by page, and holds nothing of the budget.

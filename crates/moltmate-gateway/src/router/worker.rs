@@ -722,6 +722,10 @@ async fn handle_item(
     })
     .await;
     drop(typing);
+    // The history's items go back to the cache they were lent from (no copy per turn).
+    if let Some(cache) = state.history.as_mut() {
+        cache.give_back(result.history);
+    }
 
     let mut usage = compaction_usage;
     usage.extend(result.usage);
