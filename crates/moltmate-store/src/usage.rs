@@ -723,7 +723,9 @@ impl HistoryCache {
             return;
         };
         if items.len() != self.rows.len().saturating_sub(first) {
-            self.rows.clear();
+            self.rows = Vec::new();
+            self.budget.fetch_sub(self.bytes, Ordering::SeqCst);
+            self.bytes = 0;
             self.lent = Some(0);
             return;
         }
@@ -1293,21 +1295,29 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(second.rows, expected);
-        // Given back with a row missing.
+        // Given back with a row missing: emptied, and its bytes are the budget's again.
         let mut short: Vec<ConversationItem> =
             second.rows.into_iter().map(|(_, item)| item).collect();
         short.pop();
         if let Some(cache) = cache.as_mut() {
             cache.give_back(short);
         }
+        assert_eq!(store.history_budget.load(Ordering::SeqCst), 0);
         let third = store
             .history_page_cached(&mut cache, &session, u64::MAX)
             .await
             .unwrap();
         assert_eq!(third.rows, expected);
-        // Given back whole: the next page comes from the cache, still the same.
+        // Given back whole: the cache holds the real items again and the next page comes
+        // from it, still the same.
         if let Some(cache) = cache.as_mut() {
             cache.give_back(third.rows.into_iter().map(|(_, item)| item).collect());
+            assert!(cache.lent.is_none());
+            let held: Vec<ConversationItem> =
+                cache.rows.iter().map(|(_, item, _)| item.clone()).collect();
+            let wanted: Vec<ConversationItem> =
+                expected.iter().map(|(_, item)| item.clone()).collect();
+            assert_eq!(held, wanted);
         }
         let fourth = store
             .history_page_cached(&mut cache, &session, u64::MAX)
