@@ -254,6 +254,27 @@ pub(crate) fn spawn_serve(binary: &Path, home: &Path) -> Result<std::process::Ch
         .spawn()?)
 }
 
+/// Stops a `moltmate serve` the way an operator does (SIGTERM), so it takes down what it set up:
+/// a root gateway with a sandbox mounts a disk-capped volume per active user, and a `kill -9`
+/// (which it survives by design, reusing them on restart) would leave them mounted for ever
+/// once the benchmark's home is gone. Killed after 30 s.
+fn stop_serve(child: &mut std::process::Child) -> Result<()> {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
 /// Cold start to a healthy `/healthz`, and idle RSS.
 async fn bench_startup() -> Result<()> {
     let binary = release_binary()?;
@@ -335,14 +356,13 @@ async fn bench_memory() -> Result<()> {
             .await
             .is_err()
         {
-            child.kill()?;
+            stop_serve(&mut child)?;
             bail!("user {i} was not answered");
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let active = rss_kib(child.id())?;
-    child.kill()?;
-    child.wait()?;
+    stop_serve(&mut child)?;
     println!(
         "{:<44} {:.1} MB",
         "RSS, 1,000 users known, idle",
