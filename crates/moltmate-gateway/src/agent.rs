@@ -241,15 +241,35 @@ fn stop_turn(
         tool_calls: vec![],
     });
     replies.push(note);
-    TurnResult {
-        new_items: items.split_off(first_new),
-        history: {
-            items.truncate(history_len);
-            items
-        },
-        reply: join_replies(&replies),
+    ended(
+        items,
+        first_new,
+        history_len,
+        join_replies(&replies),
         usage,
-        model_failed: false,
+        false,
+    )
+}
+
+/// The result of a turn that ends with `items`: the new ones (from `first_new`) for the
+/// transcript, and the history (the first `history_len`) handed back; the images between them
+/// are dropped.
+fn ended(
+    mut items: Vec<ConversationItem>,
+    first_new: usize,
+    history_len: usize,
+    reply: String,
+    usage: Vec<(String, String, TokenUsage)>,
+    model_failed: bool,
+) -> TurnResult {
+    let new_items = items.split_off(first_new);
+    items.truncate(history_len);
+    TurnResult {
+        new_items,
+        history: items,
+        reply,
+        usage,
+        model_failed,
     }
 }
 
@@ -299,16 +319,14 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                     text: failure.user_message.clone(),
                     tool_calls: vec![],
                 });
-                return TurnResult {
-                    new_items: items.split_off(first_new),
-                    history: {
-                        items.truncate(history_len);
-                        items
-                    },
-                    reply: failure.user_message,
+                return ended(
+                    items,
+                    first_new,
+                    history_len,
+                    failure.user_message,
                     usage,
-                    model_failed: true,
-                };
+                    true,
+                );
             }
         };
         if let Some(budget) = turn.budget {
@@ -337,16 +355,14 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
             tool_calls: tool_calls.clone(),
         });
         if tool_calls.is_empty() {
-            return TurnResult {
-                new_items: items.split_off(first_new),
-                history: {
-                    items.truncate(history_len);
-                    items
-                },
-                reply: join_replies(&replies),
+            return ended(
+                items,
+                first_new,
+                history_len,
+                join_replies(&replies),
                 usage,
-                model_failed: false,
-            };
+                false,
+            );
         }
         if let Some(budget) = turn.budget {
             if let Some(notice) = budget.check().await {
@@ -461,16 +477,7 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
                         text: reply.clone(),
                         tool_calls: vec![],
                     });
-                    return TurnResult {
-                        new_items: items.split_off(first_new),
-                        history: {
-                            items.truncate(history_len);
-                            items
-                        },
-                        reply,
-                        usage,
-                        model_failed: false,
-                    };
+                    return ended(items, first_new, history_len, reply, usage, false);
                 }
                 Err(error) => items.push(ConversationItem::ToolResult {
                     call_id: call.id,
@@ -490,16 +497,14 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
         tool_calls: vec![],
     });
     replies.push(note);
-    TurnResult {
-        new_items: items.split_off(first_new),
-        history: {
-            items.truncate(history_len);
-            items
-        },
-        reply: join_replies(&replies),
+    ended(
+        items,
+        first_new,
+        history_len,
+        join_replies(&replies),
         usage,
-        model_failed: false,
-    }
+        false,
+    )
 }
 
 /// A tool name as the model sent it, cut to 64 characters without control characters (for

@@ -542,15 +542,8 @@ impl BudgetGuard {
         });
     }
 
-    /// Charges what [`Self::defer_model`] held, now: for model work no turn commit follows
-    /// (the memory flush before a compaction).
-    pub async fn charge_deferred(&self) {
-        if let Some(held) = self.take_deferred() {
-            self.charge(held.charge).await;
-        }
-    }
-
-    /// Charges `held` now: the turn's commit that was to carry it failed.
+    /// Charges `held` (what [`Self::take_deferred`] gave) now: the commit that was to carry it
+    /// failed, or no turn commit follows (the memory flush before a compaction).
     pub async fn charge_held(&self, held: Option<moltmate_store::DeferredCharge>) {
         if let Some(held) = held {
             self.charge(held.charge).await;

@@ -147,7 +147,7 @@ pub async fn compact(
     })
     .await;
     if let Some(budget) = job.budget {
-        budget.charge_deferred().await;
+        budget.charge_held(budget.take_deferred()).await;
     }
     usage.extend(flush.usage);
     if let Some(budget) = job.budget {

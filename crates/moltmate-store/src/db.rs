@@ -562,15 +562,7 @@ impl Store {
         let user = user.clone();
         // Almost always there already: a read on the caller's thread, no write transaction.
         let known = user.clone();
-        let exists: bool = self
-            .read(move |c| {
-                Ok(
-                    c.prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE id = ?1)")?
-                        .query_row(params![known.as_str()], |r| r.get(0))?,
-                )
-            })
-            .await?;
-        if exists {
+        if self.read(move |c| user_exists(c, &known)).await? {
             return Ok(false);
         }
         let display_name = display_name.map(str::to_string);
@@ -1181,47 +1173,17 @@ impl Store {
         let user = user.clone();
         // An open session is the rule: read on the caller's thread; only a new one is written.
         let known = user.clone();
-        let open = self
-            .read(move |c| {
-                Ok(c.prepare_cached(
-                    "SELECT id, started_at, last_active, summary FROM sessions
-                     WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1",
-                )?
-                .query_row(params![known.as_str()], |r| {
-                    Ok(SessionRecord {
-                        id: r.get(0)?,
-                        user: known.clone(),
-                        started_at: r.get(1)?,
-                        last_active: r.get(2)?,
-                        summary: r.get(3)?,
-                    })
-                })
-                .optional()?)
-            })
-            .await?;
-        if let Some(session) = open {
+        if let Some(session) = self.read(move |c| open_session(c, &known)).await? {
             return Ok(session);
         }
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let existing = tx
-                .prepare_cached("SELECT id, started_at, last_active, summary FROM sessions
-                     WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1")?.query_row(
-                    params![user.as_str()],
-                    |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
-                .optional()?;
-            let session = match existing {
-                Some((id, started_at, last_active, summary)) => {
-                    SessionRecord { id, user: user.clone(), started_at, last_active, summary }
-                }
+            let session = match open_session(&tx, &user)? {
+                Some(session) => session,
                 None => {
                     let now = now_millis();
                     let id = new_session_id();
-                    let exists: bool = tx
-                        .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE id = ?1)")?
-                        .query_row(params![user.as_str()], |r| r.get(0))?;
-                    if !exists {
+                    if !user_exists(&tx, &user)? {
                         return Err(StoreError::NotFound(format!("no user {user}")));
                     }
                     tx.prepare_cached("INSERT INTO sessions (id, user_id, started_at, last_active) VALUES (?1, ?2, ?3, ?3)")?.execute(
@@ -1655,6 +1617,31 @@ pub(crate) fn retire_sandbox_ids(c: &Connection, user: &UserId) -> Result<(), St
 
 /// The live id of `name`, allocating the next unused one of `range` when it has none. Ids only
 /// ever grow: the next one is above every id of the range ever handed out (retired ones too).
+/// The user's open session, if any.
+fn open_session(c: &Connection, user: &UserId) -> Result<Option<SessionRecord>, StoreError> {
+    Ok(c.prepare_cached(
+        "SELECT id, started_at, last_active, summary FROM sessions
+         WHERE user_id = ?1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1",
+    )?
+    .query_row(params![user.as_str()], |r| {
+        Ok(SessionRecord {
+            id: r.get(0)?,
+            user: user.clone(),
+            started_at: r.get(1)?,
+            last_active: r.get(2)?,
+            summary: r.get(3)?,
+        })
+    })
+    .optional()?)
+}
+
+pub(crate) fn user_exists(c: &Connection, user: &UserId) -> Result<bool, StoreError> {
+    Ok(
+        c.prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE id = ?1)")?
+            .query_row(params![user.as_str()], |r| r.get(0))?,
+    )
+}
+
 /// The live sandbox id of `name`, if it has one.
 fn live_sandbox_id(
     c: &Connection,

@@ -197,12 +197,7 @@ fn insert_event(c: &Connection, user: &UserId, kind: UserEventKind) -> Result<i6
 
 fn end_in(c: &mut Connection, user: &UserId, how: Ending) -> Result<Option<Ended>, StoreError> {
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let exists: bool = tx.query_row(
-        "SELECT EXISTS (SELECT 1 FROM users WHERE id = ?1)",
-        params![user.as_str()],
-        |r| r.get(0),
-    )?;
-    if !exists {
+    if !crate::db::user_exists(&tx, user)? {
         return Ok(None);
     }
     let now = now_millis();

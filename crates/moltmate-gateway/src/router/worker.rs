@@ -187,79 +187,75 @@ async fn worker(inner: Arc<Inner>, user: UserId, slot: Arc<WorkerSlot>) {
             // A short batch was everything pending; unless a message came since, reading the
             // inbox again would only find it empty.
             let complete = batch.len() < BATCH;
-            let mut interrupted = false;
-            for item in batch {
-                if inner.shutdown.is_cancelled() {
-                    interrupted = true;
-                    break;
-                }
-                let _lock = match take_user_lock(&inner, &user).await {
-                    Ok(Some(lock)) => lock,
-                    Ok(None) => {
-                        interrupted = true;
-                        break;
+            // False when the batch was left early (shutdown, an error): read the inbox again.
+            let finished = 'batch: {
+                for item in batch {
+                    if inner.shutdown.is_cancelled() {
+                        break 'batch false;
                     }
-                    Err(e) => {
-                        tracing::error!(user = %user, error = %e, "could not lock the user; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                        interrupted = true;
-                        break;
-                    }
-                };
-                match inner
-                    .store
-                    .inbox_state(item.id, inner.endings.handled())
-                    .await
-                {
-                    Ok(InboxState::Pending) => {}
-                    Ok(InboxState::Done) => continue,
-                    Ok(InboxState::UserEnding) => {
-                        // Removed or reset a moment ago: nothing more runs for this user here;
-                        // the watcher holds them until the ending settles, then starts afresh.
-                        leave(&inner, &user, &slot);
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::error!(user = %user, error = %e, "could not read the inbox; retrying");
-                        interrupted = true;
-                        break;
-                    }
-                }
-                let error = match handle_item(&inner, &item, &mut state).await {
-                    Ok(()) => None,
-                    Err(TurnError::Files {
-                        user_message,
-                        detail,
-                    }) => {
-                        tracing::warn!(user = %user, error = %detail, "a turn failed on the user's files; they were told");
-                        answer_failure(&inner, &item, user_message).await.err()
-                    }
-                    Err(e) => Some(e),
-                };
-                if let Some(e) = error {
-                    debug_assert!(e.is_retryable());
-                    if state.give_up(item.id, &e) {
-                        // A persistent error: the user is told and the row finished, so one
-                        // broken row cannot hold the user's queue (and a core) for good.
-                        tracing::error!(user = %user, error = %e, "could not finish a turn after {MAX_ATTEMPTS_ON_PERSISTENT_ERROR} attempts; answered with an error");
-                        let text = internal_failure(item.language_code.as_deref());
-                        if answer_failure(&inner, &item, text).await.is_ok() {
-                            state.failing = None;
-                            backoff = Duration::from_millis(250);
-                            continue;
+                    let _lock = match take_user_lock(&inner, &user).await {
+                        Ok(Some(lock)) => lock,
+                        Ok(None) => break 'batch false,
+                        Err(e) => {
+                            tracing::error!(user = %user, error = %e, "could not lock the user; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            break 'batch false;
+                        }
+                    };
+                    match inner
+                        .store
+                        .inbox_state(item.id, inner.endings.handled())
+                        .await
+                    {
+                        Ok(InboxState::Pending) => {}
+                        Ok(InboxState::Done) => continue,
+                        Ok(InboxState::UserEnding) => {
+                            // Removed or reset a moment ago: nothing more runs for this user here;
+                            // the watcher holds them until the ending settles, then starts afresh.
+                            leave(&inner, &user, &slot);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::error!(user = %user, error = %e, "could not read the inbox; retrying");
+                            break 'batch false;
                         }
                     }
-                    // The row stays pending and is retried: nothing accepted is dropped.
-                    tracing::error!(user = %user, error = %e, "could not finish a turn; will retry");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    interrupted = true;
-                    break;
+                    let error = match handle_item(&inner, &item, &mut state).await {
+                        Ok(()) => None,
+                        Err(TurnError::Files {
+                            user_message,
+                            detail,
+                        }) => {
+                            tracing::warn!(user = %user, error = %detail, "a turn failed on the user's files; they were told");
+                            answer_failure(&inner, &item, user_message).await.err()
+                        }
+                        Err(e) => Some(e),
+                    };
+                    if let Some(e) = error {
+                        debug_assert!(e.is_retryable());
+                        if state.give_up(item.id, &e) {
+                            // A persistent error: the user is told and the row finished, so one
+                            // broken row cannot hold the user's queue (and a core) for good.
+                            tracing::error!(user = %user, error = %e, "could not finish a turn after {MAX_ATTEMPTS_ON_PERSISTENT_ERROR} attempts; answered with an error");
+                            let text = internal_failure(item.language_code.as_deref());
+                            if answer_failure(&inner, &item, text).await.is_ok() {
+                                state.failing = None;
+                                backoff = Duration::from_millis(250);
+                                continue;
+                            }
+                        }
+                        // The row stays pending and is retried: nothing accepted is dropped.
+                        tracing::error!(user = %user, error = %e, "could not finish a turn; will retry");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        break 'batch false;
+                    }
+                    backoff = Duration::from_millis(250);
                 }
-                backoff = Duration::from_millis(250);
-            }
-            if complete && !interrupted && !slot.dirty.load(Ordering::SeqCst) {
+                true
+            };
+            if complete && finished && !slot.dirty.load(Ordering::SeqCst) {
                 break;
             }
         }
