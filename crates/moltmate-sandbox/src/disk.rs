@@ -451,6 +451,14 @@ pub fn remove_volume(state_dir: &Path, dir: &Path, name: &str) -> Result<(), San
     let _guard = lock
         .as_ref()
         .map(|lock| lock.lock().unwrap_or_else(|p| p.into_inner()));
+    // Against other processes too: a gateway's `mount_once` must not mount the image again
+    // between the unmounts below and its deletion (a mount of a deleted image would outlive
+    // the user). No `disks` directory: nothing was ever mounted from it.
+    let _disks = match lock_disks(&disks) {
+        Ok(fd) => Some(fd),
+        Err(_) if !disks.exists() => None,
+        Err(e) => return Err(e),
+    };
     if let Ok(dir) = fs::canonicalize(dir) {
         unmount_all_at(&dir)?;
     }
@@ -610,9 +618,7 @@ pub fn release_all(state_dir: &Path) -> Result<usize, SandboxError> {
 /// directory locked against other processes (`flock`: the gateway and a `users` command must
 /// not both see it unmounted and both mount it, stacking two mounts).
 fn mount_once(disks: &Path, image: &Path, home: &Path) -> Result<(), SandboxError> {
-    let fd = open_dir(disks)?;
-    rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| err(format!("cannot lock {}: {e}", disks.display())))?;
+    let _disks = lock_disks(disks)?;
     if mounted_source(home)?.is_none() {
         run(Command::new("mount")
             .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
@@ -620,6 +626,15 @@ fn mount_once(disks: &Path, image: &Path, home: &Path) -> Result<(), SandboxErro
             .arg(home))?;
     }
     Ok(())
+}
+
+/// The `disks` directory locked against other processes (exclusive `flock`, released when the
+/// returned descriptor is dropped): mounting a volume and removing one never interleave.
+fn lock_disks(disks: &Path) -> Result<std::os::fd::OwnedFd, SandboxError> {
+    let fd = open_dir(disks)?;
+    rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| err(format!("cannot lock {}: {e}", disks.display())))?;
+    Ok(fd)
 }
 
 /// Unmounts every ext4 mount stacked at `dir` (canonical). A mount still busy (a file open

@@ -67,7 +67,7 @@ impl PerAddress {
                 key: None,
             });
         }
-        let key = bucket(peer);
+        let key = crate::security::ip_bucket(peer);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let count = open.entry(key).or_insert(0);
         if *count >= self.limit {
@@ -90,18 +90,6 @@ impl Drop for AddressSlot {
             if *count == 0 {
                 open.remove(&key);
             }
-        }
-    }
-}
-
-/// IPv4 addresses count alone; IPv6 by their /64 (one host usually has a whole /64).
-fn bucket(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let mut segments = v6.segments();
-            segments[4..].fill(0);
-            IpAddr::V6(segments.into())
         }
     }
 }
@@ -132,6 +120,23 @@ impl<S> StallGuard<S> {
         timer.as_mut().poll(cx).is_ready()
     }
 
+    /// What a write or flush of the inner stream answered, with the stall rule applied: "not
+    /// now" for longer than the stall time becomes an error; any answer resets the timer.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Pending if self.stalled(cx) => Poll::Ready(Err(Self::timed_out())),
+            Poll::Pending => Poll::Pending,
+            ready => {
+                self.since = None;
+                ready
+            }
+        }
+    }
+
     fn timed_out() -> io::Error {
         io::Error::new(
             io::ErrorKind::TimedOut,
@@ -156,19 +161,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Pending => {
-                if self.stalled(cx) {
-                    Poll::Ready(Err(Self::timed_out()))
-                } else {
-                    Poll::Pending
-                }
-            }
-            ready => {
-                self.since = None;
-                ready
-            }
-        }
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -176,19 +170,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Pending => {
-                if self.stalled(cx) {
-                    Poll::Ready(Err(Self::timed_out()))
-                } else {
-                    Poll::Pending
-                }
-            }
-            ready => {
-                self.since = None;
-                ready
-            }
-        }
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -196,19 +179,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Pending => {
-                if self.stalled(cx) {
-                    Poll::Ready(Err(Self::timed_out()))
-                } else {
-                    Poll::Pending
-                }
-            }
-            ready => {
-                self.since = None;
-                ready
-            }
-        }
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

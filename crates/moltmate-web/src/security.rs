@@ -425,17 +425,27 @@ impl ClientKey {
     }
 }
 
-/// The rate-limit key of a client address.
+/// The client a rate limit or connection cap counts: an IPv4 address alone (also written as
+/// `::ffff:a.b.c.d`), an IPv6 address by its /64 (one host usually has a whole /64).
+pub fn ip_bucket(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut segments = v6.segments();
+            segments[4..].fill(0);
+            IpAddr::V6(segments.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// The rate-limit key of a client address (its [`ip_bucket`]).
 pub fn ip_key(ip: IpAddr) -> String {
-    match ip {
+    match ip_bucket(ip) {
         IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => {
-                let s = v6.segments();
-                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-        },
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
     }
 }
 
