@@ -61,6 +61,19 @@ fn replies_to(h: &Harness, chat: i64) -> Vec<String> {
         .collect()
 }
 
+/// Outbox rows not yet handed to their channel (`pending` or `sending`).
+async fn replies_unsent(h: &Harness) -> i64 {
+    h.built
+        .store
+        .outbox_states()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(state, _)| state == "pending" || state == "sending")
+        .map(|(_, n)| n)
+        .sum()
+}
+
 /// The reported instance: one model answer asks for 100 `read`s of a 250 KB file. Before the
 /// caps it added ~50 MB to the state directory and took the gateway from 14 MB to ~186 MB RSS,
 /// and every later turn of that user reloaded it all.
@@ -188,11 +201,14 @@ async fn a_message_flood_is_capped_per_user_and_others_are_answered_in_bound() {
         h.assert_bystander_answered(2002, normal, &format!("message flood, round {round}"))
             .await;
     }
-    // Everything the flooder got accepted is answered; wait for the queue to drain.
+    // Everything the flooder got accepted is answered; wait for the queue to drain and for
+    // every answer to be handed to Telegram (an inbox row is done at commit; its reply is
+    // sent from the outbox a moment later).
     let flooder = user("telegram_1001");
     for _ in 0..200 {
         if h.telegram.pending_updates() == 0
             && h.built.store.pending_inbox_count(&flooder).await.unwrap() == 0
+            && replies_unsent(&h).await == 0
         {
             break;
         }
@@ -297,7 +313,7 @@ async fn ten_users_flooding_at_once_keep_rss_bounded_and_others_answered() {
                 .await
                 .unwrap();
         }
-        if pending == 0 {
+        if pending == 0 && replies_unsent(&h).await == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
