@@ -319,12 +319,8 @@ async fn sandbox_harness(backend: &str, uid_start: u32) -> Option<Harness> {
             skip_or_fail("no Docker daemon answers");
             return None;
         }
-        let docker = moltmate_sandbox::docker::connect_client(&settings).ok()?;
-        if !moltmate_sandbox::image::image_exists(&docker, &settings.image)
-            .await
-            .unwrap_or(false)
-        {
-            skip_or_fail("the sandbox image is not built (moltmate sandbox build)");
+        if let Err(reason) = common::ensure_sandbox_image(&settings).await {
+            skip_or_fail(&reason);
             return None;
         }
     } else if moltmate_sandbox::bwrap::find_bwrap().is_none() {

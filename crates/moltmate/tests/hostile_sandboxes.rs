@@ -122,24 +122,9 @@ async fn backend_ready(backend: &str) -> bool {
             skip_or_fail("no Docker daemon answers");
             return false;
         }
-        let Ok(docker) = moltmate_sandbox::docker::connect_client(&settings) else {
-            skip_or_fail("no Docker client");
+        if let Err(reason) = common::ensure_sandbox_image(&settings).await {
+            skip_or_fail(&reason);
             return false;
-        };
-        if !moltmate_sandbox::image::image_exists(&docker, &settings.image)
-            .await
-            .unwrap_or(false)
-        {
-            let dockerfile =
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Dockerfile.sandbox");
-            if let Err(e) = moltmate_sandbox::image::ensure_image(&settings, &dockerfile, &|line| {
-                eprintln!("{line}")
-            })
-            .await
-            {
-                skip_or_fail(&format!("the sandbox image could not be built: {e}"));
-                return false;
-            }
         }
     } else if moltmate_sandbox::bwrap::find_bwrap().is_none() {
         skip_or_fail("bubblewrap (bwrap) is not installed");

@@ -69,21 +69,9 @@ async fn start_with(backend: &str, patch: serde_json::Value) -> Option<Harness> 
             skip_or_fail("no Docker daemon answers");
             return None;
         }
-        let dockerfile =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Dockerfile.sandbox");
-        let docker = moltmate_sandbox::docker::connect_client(&settings).ok()?;
-        if !moltmate_sandbox::image::image_exists(&docker, &settings.image)
-            .await
-            .unwrap_or(false)
-        {
-            if let Err(e) = moltmate_sandbox::image::ensure_image(&settings, &dockerfile, &|line| {
-                eprintln!("{line}")
-            })
-            .await
-            {
-                skip_or_fail(&format!("the sandbox image could not be built: {e}"));
-                return None;
-            }
+        if let Err(reason) = common::ensure_sandbox_image(&settings).await {
+            skip_or_fail(&reason);
+            return None;
         }
     } else if moltmate_sandbox::bwrap::find_bwrap().is_none() {
         skip_or_fail("bubblewrap (bwrap) is not installed");

@@ -46,15 +46,8 @@ async fn backend_ready(backend: &str) -> bool {
             skip_or_fail("no Docker daemon answers");
             return false;
         }
-        let Ok(docker) = moltmate_sandbox::docker::connect_client(&settings) else {
-            skip_or_fail("no Docker client");
-            return false;
-        };
-        if !moltmate_sandbox::image::image_exists(&docker, &settings.image)
-            .await
-            .unwrap_or(false)
-        {
-            skip_or_fail("the sandbox image is not built (moltmate sandbox build)");
+        if let Err(reason) = common::ensure_sandbox_image(&settings).await {
+            skip_or_fail(&reason);
             return false;
         }
     } else if moltmate_sandbox::bwrap::find_bwrap().is_none() {

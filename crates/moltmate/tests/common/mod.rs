@@ -480,3 +480,16 @@ pub fn inbox_files(home: &std::path::Path, user: &str) -> Vec<std::path::PathBuf
     }
     out
 }
+
+/// Builds the sandbox image when the engine does not have it yet (a fresh CI machine has
+/// none; a test that only checked for it would fail there, or skip). `Err` says why it could
+/// not be built.
+pub async fn ensure_sandbox_image(
+    settings: &moltmate_sandbox::SandboxSettings,
+) -> Result<(), String> {
+    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Dockerfile.sandbox");
+    moltmate_sandbox::image::ensure_image(settings, &dockerfile, &|line| eprintln!("{line}"))
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("the sandbox image could not be built: {e}"))
+}
