@@ -6,6 +6,7 @@
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// One item of a conversation, in order.
@@ -56,14 +57,16 @@ pub struct ToolSpec {
     pub parameters: std::sync::Arc<serde_json::Value>,
 }
 
-/// One request to a model.
+/// One request to a model. The prompt, the history and the tool specs are usually borrowed
+/// from the turn (`Cow::Borrowed`): a session's history can be thousands of items, and a copy
+/// of it per model call was a measurable share of a message's CPU.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ModelRequest {
+pub struct ModelRequest<'a> {
     /// The model name as the provider knows it (`claude-sonnet-4-5`), without the provider prefix.
     pub model: String,
-    pub system: String,
-    pub items: Vec<ConversationItem>,
-    pub tools: Vec<ToolSpec>,
+    pub system: Cow<'a, str>,
+    pub items: Cow<'a, [ConversationItem]>,
+    pub tools: Cow<'a, [ToolSpec]>,
     pub max_output_tokens: u32,
 }
 
@@ -229,7 +232,7 @@ pub trait Provider: Send + Sync {
     /// One streamed request, without retries. Text deltas go to `deltas` as they arrive.
     async fn complete(
         &self,
-        request: &ModelRequest,
+        request: &ModelRequest<'_>,
         deltas: &dyn DeltaSink,
     ) -> Result<ModelResponse, ProviderError>;
 }

@@ -35,20 +35,6 @@ impl ModelAnswer {
         for (_, _, usage) in &mut self.usage {
             *usage = usage.clamped();
         }
-        let sent = system.len().saturating_add(
-            items
-                .iter()
-                .map(|item| serde_json::to_string(item).map_or(0, |s| s.len()))
-                .fold(0usize, usize::saturating_add),
-        );
-        let received = self.response.text.len().saturating_add(
-            self.response
-                .tool_calls
-                .iter()
-                .map(|c| c.name.len().saturating_add(c.arguments.to_string().len()))
-                .fold(0usize, usize::saturating_add),
-        );
-        let estimate = TokenUsage::estimated(sent, received);
         // The answering model's entry: a direction it reported as zero (a stream cut before its
         // usage, a proxy that drops it) is charged the estimate; one it reported is kept (a
         // cached prompt is legitimately cheaper than its bytes). A failed fallback's usage
@@ -65,14 +51,53 @@ impl ModelAnswer {
                 self.usage.len() - 1
             }
         };
-        let answered = &mut self.usage[index].2;
-        if answered.input_tokens == 0 {
-            answered.input_tokens = estimate.input_tokens;
+        let reported = self.usage[index].2;
+        // The estimate walks the whole history, so it is only made when it is needed: a
+        // provider that reports its usage (the usual case) does not pay for it on every turn.
+        if reported.input_tokens == 0 || reported.output_tokens == 0 {
+            let sent = system.len().saturating_add(
+                items
+                    .iter()
+                    .map(json_len)
+                    .fold(0usize, usize::saturating_add),
+            );
+            let received = self.response.text.len().saturating_add(
+                self.response
+                    .tool_calls
+                    .iter()
+                    .map(|c| c.name.len().saturating_add(json_len(&c.arguments)))
+                    .fold(0usize, usize::saturating_add),
+            );
+            let estimate = TokenUsage::estimated(sent, received);
+            let answered = &mut self.usage[index].2;
+            if answered.input_tokens == 0 {
+                answered.input_tokens = estimate.input_tokens;
+            }
+            if answered.output_tokens == 0 {
+                answered.output_tokens = estimate.output_tokens;
+            }
         }
-        if answered.output_tokens == 0 {
-            answered.output_tokens = estimate.output_tokens;
-        }
+        let answered = &self.usage[index].2;
         self.response.usage = *answered;
+    }
+}
+
+/// The length of `value` as JSON, counted without building the text.
+fn json_len(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(bytes.len());
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => 0,
     }
 }
 

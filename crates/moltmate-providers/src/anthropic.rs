@@ -42,7 +42,7 @@ impl Provider for AnthropicProvider {
 
     async fn complete(
         &self,
-        request: &ModelRequest,
+        request: &ModelRequest<'_>,
         deltas: &dyn DeltaSink,
     ) -> Result<ModelResponse, ProviderError> {
         match self.transport.post(&body(request)).await? {
@@ -54,13 +54,13 @@ impl Provider for AnthropicProvider {
 
 /// The request JSON, as a value (for tests; the wire gets [`body`] serialised directly).
 #[cfg(test)]
-pub(crate) fn request_body(request: &ModelRequest) -> Value {
+pub(crate) fn request_body(request: &ModelRequest<'_>) -> Value {
     serde_json::to_value(body(request)).unwrap_or(Value::Null)
 }
 
 /// The request body, borrowing from the request: serialised straight into the HTTP body, with
 /// no `serde_json::Value` tree of the whole conversation built and dropped on every call.
-fn body(request: &ModelRequest) -> Body<'_> {
+fn body<'r>(request: &'r ModelRequest<'_>) -> Body<'r> {
     Body {
         model: &request.model,
         system: &request.system,
@@ -572,7 +572,7 @@ mod tests {
     fn tool_results_are_merged_into_one_user_message() {
         let request = ModelRequest {
             model: "m".into(),
-            system: String::new(),
+            system: String::new().into(),
             items: vec![
                 ConversationItem::User { text: "hi".into() },
                 ConversationItem::Assistant {
@@ -603,12 +603,14 @@ mod tests {
                 ConversationItem::User {
                     text: "and?".into(),
                 },
-            ],
+            ]
+            .into(),
             tools: vec![ToolSpec {
                 name: "x".into(),
                 description: "d".into(),
                 parameters: std::sync::Arc::new(json!({"type": "object"})),
-            }],
+            }]
+            .into(),
             max_output_tokens: 10,
         };
         let body = request_body(&request);

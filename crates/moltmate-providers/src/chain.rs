@@ -17,6 +17,7 @@ use moltmate_core::model::{
     ConversationItem, DeltaSink, ModelRequest, ModelResponse, Provider, ProviderError, ToolSpec,
 };
 use rand::Rng;
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -272,9 +273,9 @@ impl ModelChain {
     ) -> Result<ChainAnswer, ChainError> {
         let mut request = ModelRequest {
             model: String::new(),
-            system: system.to_string(),
-            items: items.to_vec(),
-            tools: tools.to_vec(),
+            system: Cow::Borrowed(system),
+            items: Cow::Borrowed(items),
+            tools: Cow::Borrowed(tools),
             max_output_tokens: self.max_output_tokens,
         };
         let mut attempts: Vec<Attempt> = Vec::new();

@@ -42,7 +42,7 @@ impl Provider for OpenAiProvider {
 
     async fn complete(
         &self,
-        request: &ModelRequest,
+        request: &ModelRequest<'_>,
         deltas: &dyn DeltaSink,
     ) -> Result<ModelResponse, ProviderError> {
         match self.transport.post(&body(request)).await? {
@@ -54,20 +54,20 @@ impl Provider for OpenAiProvider {
 
 /// The request JSON, as a value (for tests; the wire gets [`body`] serialised directly).
 #[cfg(test)]
-pub(crate) fn request_body(request: &ModelRequest) -> Value {
+pub(crate) fn request_body(request: &ModelRequest<'_>) -> Value {
     serde_json::to_value(body(request)).unwrap_or(Value::Null)
 }
 
 /// The request body, borrowing from the request: serialised straight into the HTTP body, with
 /// no `serde_json::Value` tree of the whole conversation built and dropped on every call.
-fn body(request: &ModelRequest) -> Body<'_> {
+fn body<'r>(request: &'r ModelRequest<'_>) -> Body<'r> {
     let mut messages = Vec::with_capacity(request.items.len() + 1);
     if !request.system.is_empty() {
         messages.push(Message::System {
             content: &request.system,
         });
     }
-    for item in &request.items {
+    for item in request.items.iter() {
         messages.push(match item {
             ConversationItem::User { text } => Message::User { content: text },
             ConversationItem::Image { media_type, data } => Message::UserParts {
@@ -479,8 +479,9 @@ mod tests {
                     content: "boom".into(),
                     is_error: true,
                 },
-            ],
-            tools: vec![],
+            ]
+            .into(),
+            tools: vec![].into(),
             max_output_tokens: 5,
         };
         let body = request_body(&request);

@@ -80,9 +80,9 @@ impl World {
         };
         let request = ModelRequest {
             model: "m".into(),
-            system: String::new(),
-            items: vec![ConversationItem::User { text: "hi".into() }],
-            tools: vec![],
+            system: String::new().into(),
+            items: vec![ConversationItem::User { text: "hi".into() }].into(),
+            tools: vec![].into(),
             max_output_tokens: 100,
         };
         let deltas = Collect::default();

@@ -42,18 +42,19 @@ fn provider(fake: &FakeLlm, api: ApiKind) -> Arc<dyn Provider> {
     build_provider(settings(fake, api)).unwrap()
 }
 
-fn ask(text: &str) -> ModelRequest {
+fn ask(text: &str) -> ModelRequest<'static> {
     ModelRequest {
         model: "test-model".into(),
         system: "You are terse.".into(),
-        items: vec![ConversationItem::User { text: text.into() }],
+        items: vec![ConversationItem::User { text: text.into() }].into(),
         tools: vec![ToolSpec {
             name: "read_file".into(),
             description: "Reads a file".into(),
             parameters: std::sync::Arc::new(
                 json!({"type": "object", "properties": {"path": {"type": "string"}}}),
             ),
-        }],
+        }]
+        .into(),
         max_output_tokens: 321,
     }
 }
@@ -313,7 +314,7 @@ async fn tool_results_are_sent_in_the_api_shape() {
     let fake = FakeLlm::start().await;
     for api in APIS {
         let mut request = ask("unused");
-        request.items = tool_conversation();
+        request.items = tool_conversation().into();
         let response = provider(&fake, api)
             .complete(&request, &Collect::default())
             .await

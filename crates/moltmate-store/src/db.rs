@@ -868,11 +868,11 @@ impl Store {
     ) -> Result<Vec<i64>, StoreError> {
         let user = user.clone();
         self.read(move |c| {
-            let mut statement = c.prepare_cached(
-                "SELECT id FROM inbox WHERE user_id = ?1 AND done_at IS NULL ORDER BY id LIMIT ?2",
-            )?;
+            let mut statement = c.prepare_cached(&format!(
+                "SELECT id FROM inbox WHERE user_id = ?1 AND done_at IS NULL ORDER BY id LIMIT {limit}"
+            ))?;
             let ids = statement
-                .query_map(params![user.as_str(), limit as i64], |r| r.get(0))?
+                .query_map(params![user.as_str()], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             Ok(ids)
         })
@@ -887,11 +887,11 @@ impl Store {
     ) -> Result<Vec<InboxItem>, StoreError> {
         let user = user.clone();
         self.read(move |c| {
-            let mut statement = c.prepare_cached(
+            let mut statement = c.prepare_cached(&format!(
                 "SELECT id, channel, user_id, chat_id, text, sender_name, language_code, received_at, reminder, attachments
-                 FROM inbox WHERE user_id = ?1 AND done_at IS NULL ORDER BY id LIMIT ?2",
-            )?;
-            let rows = statement.query_map(params![user.as_str(), limit as i64], |r| {
+                 FROM inbox WHERE user_id = ?1 AND done_at IS NULL ORDER BY id LIMIT {limit}"
+            ))?;
+            let rows = statement.query_map(params![user.as_str()], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
@@ -1067,10 +1067,10 @@ impl Store {
     /// happened while handing them over) are not returned: delivery is at most once.
     pub async fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
         self.with(move |c| {
-            let mut statement = c.prepare_cached(
-                "SELECT id, inbox_id, user_id, channel, chat_id, text FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?1",
-            )?;
-            let rows = statement.query_map(params![limit as i64], |r| {
+            let mut statement = c.prepare_cached(&format!(
+                "SELECT id, inbox_id, user_id, channel, chat_id, text FROM outbox WHERE state = 'pending' ORDER BY id LIMIT {limit}"
+            ))?;
+            let rows = statement.query_map([], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, Option<i64>>(1)?,
@@ -1297,10 +1297,10 @@ impl Store {
     ) -> Result<Vec<(i64, i64, ConversationItem)>, StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            let mut statement = c.prepare_cached(
-                "SELECT id, created_at, item FROM transcript WHERE user_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-            )?;
-            let rows = statement.query_map(params![user.as_str(), after_id, limit as i64], |r| {
+            let mut statement = c.prepare_cached(&format!(
+                "SELECT id, created_at, item FROM transcript WHERE user_id = ?1 AND id > ?2 ORDER BY id LIMIT {limit}"
+            ))?;
+            let rows = statement.query_map(params![user.as_str(), after_id], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
             })?;
             let mut items = Vec::new();
@@ -1474,11 +1474,11 @@ impl Store {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         let user = user.map(|u| u.as_str().to_string());
         self.with(move |c| {
-            let mut statement = c.prepare(
+            let mut statement = c.prepare(&format!(
                 "SELECT id, user_id, kind, tool, args_digest, duration_ms, outcome, detail, at FROM audit_events
-                 WHERE ?1 IS NULL OR user_id = ?1 ORDER BY id DESC LIMIT ?2",
-            )?;
-            let rows = statement.query_map(params![user, limit as i64], |r| {
+                 WHERE ?1 IS NULL OR user_id = ?1 ORDER BY id DESC LIMIT {limit}"
+            ))?;
+            let rows = statement.query_map(params![user], |r| {
                 Ok(AuditRecord {
                     id: r.get(0)?,
                     user: r.get(1)?,

@@ -345,13 +345,11 @@ impl Store {
     ) -> Result<Vec<UserEvent>, StoreError> {
         self.with(move |c| {
             let rows = c
-                .prepare_cached(
-                    "SELECT id, user_id, kind, at FROM user_events WHERE id > ?1 ORDER BY id LIMIT ?2",
-                )?
-                .query_map(
-                    params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
-                    event_from_row,
-                )?
+                .prepare_cached(&format!(
+                    "SELECT id, user_id, kind, at FROM user_events WHERE id > ?1 ORDER BY id LIMIT {}",
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ))?
+                .query_map(params![after], event_from_row)?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(events(rows))
         })

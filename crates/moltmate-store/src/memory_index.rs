@@ -558,17 +558,17 @@ impl MemoryIndex {
             return Ok(Vec::new());
         }
         let expression = terms.join(" OR ");
-        let mut statement = self.connection.prepare(
+        let mut statement = self.connection.prepare(&format!(
             "SELECT source, location, snippet(entries, 2, '«', '»', '…', 16), bm25(entries), content FROM entries
-             WHERE entries MATCH ?1 ORDER BY bm25(entries) LIMIT ?2",
-        )?;
+             WHERE entries MATCH ?1 ORDER BY bm25(entries) LIMIT {limit}"
+        ))?;
         let words: Vec<String> = query
             .split(|c: char| !c.is_alphanumeric())
             .filter(|t| !t.is_empty())
             .take(16)
             .map(str::to_lowercase)
             .collect();
-        let rows = statement.query_map(params![expression, limit as i64], |r| {
+        let rows = statement.query_map(params![expression], |r| {
             let source: String = r.get(0)?;
             let location: String = r.get(1)?;
             let content: String = r.get(4)?;

@@ -317,10 +317,10 @@ impl Store {
         self.with(move |c| {
             let mut statement = c.prepare_cached(&format!(
                 "SELECT {RECORD_COLUMNS} FROM reminders WHERE user_id = ?1
-                 ORDER BY due_at, number LIMIT ?2"
+                 ORDER BY due_at, number LIMIT {LIST_LIMIT}"
             ))?;
             let rows = statement
-                .query_map(params![user.as_str(), LIST_LIMIT as i64], record_from_row)?
+                .query_map(params![user.as_str()], record_from_row)?
                 .collect::<Result<_, _>>()?;
             Ok(rows)
         })
@@ -375,11 +375,11 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<DueReminder>, StoreError> {
         self.with(move |c| {
-            let mut statement = c.prepare_cached(
+            let mut statement = c.prepare_cached(&format!(
                 "SELECT id, user_id, number, text, cron, timezone, due_at FROM reminders
-                 WHERE attempt_at <= ?1 ORDER BY attempt_at, id LIMIT ?2",
-            )?;
-            let rows = statement.query_map(params![now, limit as i64], |r| {
+                 WHERE attempt_at <= ?1 ORDER BY attempt_at, id LIMIT {limit}"
+            ))?;
+            let rows = statement.query_map(params![now], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,

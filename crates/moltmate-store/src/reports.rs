@@ -100,11 +100,11 @@ impl Store {
             let sql = format!(
                 "SELECT user_id, {d} AS day, provider, model, COUNT(*), CAST(MIN(total(input_tokens), 9007199254740992.0) AS INTEGER), CAST(MIN(total(output_tokens), 9007199254740992.0) AS INTEGER)
                  FROM token_usage WHERE at >= ?1 AND (?2 IS NULL OR user_id = ?2)
-                 GROUP BY user_id, day, provider, model ORDER BY user_id, day, provider, model LIMIT ?3",
+                 GROUP BY user_id, day, provider, model ORDER BY user_id, day, provider, model LIMIT {limit}",
                 d = day_of("at")
             );
             let mut statement = c.prepare(&sql)?;
-            let mut rows = statement.query(params![since, user, limit])?;
+            let mut rows = statement.query(params![since, user])?;
             let mut read = 0usize;
             while let Some(row) = rows.next()? {
                 read += 1;
@@ -129,11 +129,11 @@ impl Store {
             let sql = format!(
                 "SELECT user_id, {d} AS day, COUNT(*) FROM inbox
                  WHERE received_at >= ?1 AND (?2 IS NULL OR user_id = ?2)
-                 GROUP BY user_id, day ORDER BY user_id, day LIMIT ?3",
+                 GROUP BY user_id, day ORDER BY user_id, day LIMIT {limit}",
                 d = day_of("received_at")
             );
             let mut statement = c.prepare(&sql)?;
-            let mut rows = statement.query(params![since, user, limit])?;
+            let mut rows = statement.query(params![since, user])?;
             let mut read = 0usize;
             while let Some(row) = rows.next()? {
                 read += 1;
@@ -149,11 +149,11 @@ impl Store {
                         SUM(CASE WHEN tool = 'exec' THEN 1 ELSE 0 END),
                         SUM(CASE WHEN tool = 'exec' THEN COALESCE(duration_ms, 0) ELSE 0 END)
                  FROM audit_events WHERE kind = 'tool_call' AND at >= ?1 AND (?2 IS NULL OR user_id = ?2)
-                 GROUP BY user_id, day ORDER BY user_id, day LIMIT ?3",
+                 GROUP BY user_id, day ORDER BY user_id, day LIMIT {limit}",
                 d = day_of("at")
             );
             let mut statement = c.prepare(&sql)?;
-            let mut rows = statement.query(params![since, user, limit])?;
+            let mut rows = statement.query(params![since, user])?;
             let mut read = 0usize;
             while let Some(row) = rows.next()? {
                 read += 1;
@@ -167,12 +167,11 @@ impl Store {
                 day.exec_ms = to_u64(row.get(4)?);
             }
 
-            for sql in [
-                "SELECT user_id, MAX(received_at) FROM inbox WHERE (?1 IS NULL OR user_id = ?1) GROUP BY user_id LIMIT ?2",
-                "SELECT user_id, MAX(at) FROM token_usage WHERE (?1 IS NULL OR user_id = ?1) GROUP BY user_id LIMIT ?2",
-            ] {
-                let mut statement = c.prepare(sql)?;
-                let mut rows = statement.query(params![user, limit])?;
+            for (table, at) in [("inbox", "received_at"), ("token_usage", "at")] {
+                let mut statement = c.prepare(&format!(
+                    "SELECT user_id, MAX({at}) FROM {table} WHERE (?1 IS NULL OR user_id = ?1) GROUP BY user_id LIMIT {limit}"
+                ))?;
+                let mut rows = statement.query(params![user])?;
                 while let Some(row) = rows.next()? {
                     let (who, at): (String, i64) = (row.get(0)?, row.get(1)?);
                     let seen = report.last_seen.entry(who).or_insert(at);
