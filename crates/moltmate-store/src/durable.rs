@@ -208,8 +208,11 @@ fn rollback_open_transaction(c: &Connection) {
 /// One group: every job in its own savepoint, one fsynced commit, then every caller answered.
 fn commit_group(c: &Connection, mut jobs: Vec<Box<dyn Durable>>) {
     let committed = (|| -> Result<(), StoreError> {
-        // Cannot change inside a transaction; set for this commit only.
-        run(c, "PRAGMA synchronous = FULL")?;
+        // Cannot change inside a transaction; set for this commit only. Not from the statement
+        // cache: SQLite applies `synchronous` when the PRAGMA is compiled, not when it runs, so
+        // a cached copy would only keep working because SQLite re-compiles every PRAGMA on each
+        // run (see the test `every_group_commits_with_synchronous_full`).
+        c.execute_batch("PRAGMA synchronous = FULL")?;
         run(c, "BEGIN IMMEDIATE")?;
         for job in &mut jobs {
             run(c, "SAVEPOINT job")?;
@@ -224,7 +227,7 @@ fn commit_group(c: &Connection, mut jobs: Vec<Box<dyn Durable>>) {
     if committed.is_err() {
         rollback_open_transaction(c);
     }
-    if let Err(e) = run(c, "PRAGMA synchronous = NORMAL") {
+    if let Err(e) = c.execute_batch("PRAGMA synchronous = NORMAL") {
         // Later commits stay fsynced: slower, never less safe.
         tracing::warn!(error = %e, "could not return the database to synchronous = NORMAL");
     }
@@ -234,9 +237,9 @@ fn commit_group(c: &Connection, mut jobs: Vec<Box<dyn Durable>>) {
     }
 }
 
-/// Runs one of the group commit's fixed statements from the connection's statement cache:
-/// they run several times per group, and parsing them each time was a visible share of the
-/// database thread's work.
+/// Runs one of the group commit's fixed transaction statements from the connection's statement
+/// cache: they run several times per group, and parsing them each time was a visible share of
+/// the database thread's work.
 fn run(c: &Connection, sql: &str) -> Result<(), StoreError> {
     c.prepare_cached(sql)?.execute([])?;
     Ok(())
@@ -300,6 +303,27 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(minus_seven, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_group_commits_with_synchronous_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        // 2 = FULL: the commit fsyncs the WAL. Every group, not only the first (a PRAGMA run
+        // from a statement cache would silently stop applying if SQLite ever stopped
+        // re-compiling it), and ordinary calls in between stay at 1 = NORMAL.
+        for group in 0..3 {
+            let level: i64 = db
+                .run_durably(|c| Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?))
+                .await
+                .unwrap();
+            assert_eq!(level, 2, "group {group}");
+            let level: i64 = db
+                .run(|c| Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?))
+                .await
+                .unwrap();
+            assert_eq!(level, 1, "between groups {group}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
