@@ -135,6 +135,16 @@ struct ImageSource<'a> {
     data: &'a str,
 }
 
+/// `text.trim().is_empty()`, without the generic trim for the usual text that starts with a
+/// visible ASCII character: this runs for every item of the history on every model call.
+fn is_blank(text: &str) -> bool {
+    match text.as_bytes().first() {
+        None => true,
+        Some(first) if first.is_ascii_graphic() => false,
+        Some(_) => text.trim().is_empty(),
+    }
+}
+
 fn is_false(value: &bool) -> bool {
     !*value
 }
@@ -145,7 +155,7 @@ fn messages(items: &[ConversationItem]) -> Vec<Message<'_>> {
         let (role, blocks) = match item {
             ConversationItem::User { text } => {
                 // The API rejects empty text blocks; an empty user message still needs a turn.
-                let text = if text.trim().is_empty() {
+                let text = if is_blank(text) {
                     "(empty message)"
                 } else {
                     text.as_str()
@@ -176,7 +186,7 @@ fn messages(items: &[ConversationItem]) -> Vec<Message<'_>> {
             ),
             ConversationItem::Assistant { text, tool_calls } => {
                 let mut blocks = Vec::with_capacity(tool_calls.len() + 1);
-                if !text.trim().is_empty() {
+                if !is_blank(text) {
                     blocks.push(Content::Text { text });
                 }
                 for call in tool_calls {
@@ -566,6 +576,24 @@ mod tests {
         assert_eq!(input_tokens(&usage), Some(u64::MAX));
         let usage = json!({"input_tokens": 5, "cache_read_input_tokens": 7});
         assert_eq!(input_tokens(&usage), Some(12));
+    }
+
+    #[test]
+    fn is_blank_is_trim_is_empty() {
+        for text in [
+            "",
+            " ",
+            "\n\t",
+            "\u{a0}",
+            "\u{2003}x",
+            "a",
+            " a",
+            "é",
+            "\u{200b}",
+            "!",
+        ] {
+            assert_eq!(is_blank(text), text.trim().is_empty(), "{text:?}");
+        }
     }
 
     #[test]

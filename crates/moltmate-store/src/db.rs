@@ -228,6 +228,7 @@ CREATE INDEX IF NOT EXISTS token_usage_at ON token_usage(at);
 CREATE INDEX IF NOT EXISTS audit_kind_at ON audit_events(kind, at);
 "#,
     crate::downloads::MIGRATION,
+    crate::usage::HISTORY_CHANGES_MIGRATION,
 ];
 
 /// The schema version this code creates and reads. A database with a higher version (made by a

@@ -88,6 +88,21 @@ END;
 CREATE INDEX outbox_user ON outbox(user_id, updated_at);
 "#;
 
+/// Appended last: each session counts the changes to rows it held (a row deleted, moved to
+/// another session by compaction, or rewritten), so a worker's [`HistoryCache`] checks one
+/// number before a turn instead of counting the session's rows (which grew with the session).
+/// Triggers keep it for every path that changes the transcript, present and future.
+pub(crate) const HISTORY_CHANGES_MIGRATION: &str = r#"
+ALTER TABLE sessions ADD COLUMN history_changes INTEGER NOT NULL DEFAULT 0;
+CREATE TRIGGER transcript_row_deleted AFTER DELETE ON transcript BEGIN
+    UPDATE sessions SET history_changes = history_changes + 1 WHERE id = OLD.session_id;
+END;
+CREATE TRIGGER transcript_row_changed AFTER UPDATE ON transcript BEGIN
+    UPDATE sessions SET history_changes = history_changes + 1
+        WHERE id IN (OLD.session_id, NEW.session_id);
+END;
+"#;
+
 /// How long answered inbox rows and sent outbox rows (already without their texts) are kept
 /// before they are deleted: long past any redelivery a channel could make (Telegram's cursor
 /// is committed with the row; its update ids restart after a week of silence).
@@ -683,15 +698,19 @@ pub const HISTORY_CACHE_TOTAL_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Every row of one session, parsed, kept by the user's worker between turns, so a turn reads
 /// and parses only the rows added since instead of the whole page (see
-/// [`Store::history_page_cached`]). Transcript ids are never reused (`AUTOINCREMENT`) and rows
-/// only ever leave a session (deleted, archived), never join it below its newest id: so when
-/// the session still counts as many rows up to the newest cached id as the cache holds, the
-/// cache is exact, and the rows above that id are all that is new.
+/// [`Store::history_page_cached`]). Transcript ids are never reused (`AUTOINCREMENT`), new rows
+/// only join a session above its newest id, and every other change to a session's rows (a
+/// delete, a move by compaction, a rewrite) bumps the session's `history_changes`
+/// ([`HISTORY_CHANGES_MIGRATION`]): so when that number is what it was when the cache was
+/// filled and the newest cached row is still there (a session id is never used twice, this
+/// guards that too), the cache is exact, and the rows above that id are all that is new.
 #[derive(Debug)]
 pub struct HistoryCache {
     session_id: String,
     /// Id, item and stored bytes of every row of the session up to the newest read, oldest first.
     rows: Vec<(i64, ConversationItem, u64)>,
+    /// The session's `history_changes` when `rows` were read.
+    changes: i64,
     /// Stored bytes of `rows`, reserved in `budget`.
     bytes: u64,
     /// Set when the session did not fit: read page by page from then on.
@@ -708,6 +727,7 @@ impl HistoryCache {
         HistoryCache {
             session_id: session_id.to_string(),
             rows: Vec::new(),
+            changes: 0,
             bytes: 0,
             too_big: false,
             budget: Arc::clone(budget),
@@ -811,21 +831,30 @@ impl Drop for HistoryCache {
 /// database thread.
 const INLINE_DELTA_BYTES: u64 = 64 * 1024;
 
-/// The rows of `session` after `after`, if the cache's `known` rows are still exactly there
-/// and the new ones fit `room` bytes.
+/// The rows of `session` after `after`, if the rows a cache holds (up to `after`, read when the
+/// session's `history_changes` was `changes`) are still exactly there, and the new ones fit
+/// `room` bytes.
 fn read_delta(
     c: &Connection,
     session: &str,
     after: i64,
-    known: i64,
+    changes: i64,
     room: u64,
 ) -> Result<Delta, StoreError> {
-    let have: i64 = c
-        .prepare_cached("SELECT COUNT(*) FROM transcript WHERE session_id = ?1 AND id <= ?2")?
-        .query_row(params![session, after], |r| r.get(0))?;
-    if have != known {
-        return Ok(Delta::Stale);
-    }
+    let state: Option<(i64, bool)> = c
+        .prepare_cached(
+            "SELECT history_changes, EXISTS (SELECT 1 FROM transcript WHERE id = ?2 AND session_id = ?1)
+             FROM sessions WHERE id = ?1",
+        )?
+        .query_row(params![session, after], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let now = match state {
+        // An empty cache has nothing to check.
+        Some((now, _)) if after == 0 => now,
+        Some((now, newest_there)) if newest_there && now == changes => now,
+        None if after == 0 => 0,
+        _ => return Ok(Delta::Stale),
+    };
     let mut statement = c.prepare_cached(
         "SELECT id, item FROM transcript WHERE session_id = ?1 AND id > ?2 ORDER BY id",
     )?;
@@ -847,14 +876,21 @@ fn read_delta(
             .map_err(|e| StoreError::Corrupt(format!("transcript row {id}: {e}")))?;
         new.push((id, item, text.len() as u64));
     }
-    Ok(Delta::Rows(new))
+    Ok(Delta::Rows {
+        rows: new,
+        changes: now,
+    })
 }
 
 /// What the database had for a cache.
 enum Delta {
-    /// The cache is exact; these rows are new.
-    Rows(Vec<(i64, ConversationItem, u64)>),
-    /// Rows the cache holds are gone (deleted, archived): read it again from the start.
+    /// The cache is exact; these rows are new, and `changes` is the session's count now.
+    Rows {
+        rows: Vec<(i64, ConversationItem, u64)>,
+        changes: i64,
+    },
+    /// Rows the cache holds are gone or changed (deleted, archived): read it again from the
+    /// start.
     Stale,
     /// The new rows would go over the bounds.
     TooBig,
@@ -887,7 +923,7 @@ impl Store {
             }
             let session = session_id.to_string();
             let after = current.rows.last().map_or(0, |(id, _, _)| *id);
-            let known = current.rows.len() as i64;
+            let changes = current.changes;
             let room = HISTORY_CACHE_SESSION_BYTES.saturating_sub(current.bytes);
             // New rows of up to 64 KiB (a turn or a few) are read on the caller's thread; more
             // (the first fill, a turn that stored much) on the database thread, so no user's
@@ -895,18 +931,19 @@ impl Store {
             let inline_room = room.min(INLINE_DELTA_BYTES);
             let for_inline = session.clone();
             let mut delta = self
-                .read(move |c| read_delta(c, &for_inline, after, known, inline_room))
+                .read(move |c| read_delta(c, &for_inline, after, changes, inline_room))
                 .await?;
             if matches!(delta, Delta::TooBig) && inline_room < room {
                 delta = self
-                    .with(move |c| read_delta(c, &session, after, known, room))
+                    .with(move |c| read_delta(c, &session, after, changes, room))
                     .await?;
             }
             match delta {
-                Delta::Rows(new) => {
+                Delta::Rows { rows: new, changes } => {
                     let bytes = new.iter().map(|(_, _, size)| *size).sum();
                     if current.reserve(bytes) {
                         current.rows.extend(new);
+                        current.changes = changes;
                         return Ok(current.page(max_bytes));
                     }
                     current.give_up();
@@ -1265,6 +1302,91 @@ mod tests {
         assert!(store.history_budget.load(Ordering::SeqCst) > 0);
         drop(cache);
         assert_eq!(store.history_budget.load(Ordering::SeqCst), 0);
+    }
+
+    /// The cache is checked by the session's change count, not by counting its rows: a row
+    /// rewritten in place (which a count would not see) or deleted from the middle makes the
+    /// next page read afresh, and plain new turns keep the cache.
+    #[tokio::test]
+    async fn a_row_rewritten_or_deleted_under_the_cache_is_read_afresh() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = user("anna");
+        let mut session = String::new();
+        for turn in 0..3 {
+            session = store_turn(
+                &store,
+                &anna,
+                &[said(&format!("q{turn}")), answered(&format!("a{turn}"))],
+            )
+            .await;
+        }
+        let mut cache = None;
+        let mut page = |cache: &mut Option<HistoryCache>| {
+            let store = store.clone();
+            let session = session.clone();
+            let cache = cache.take();
+            async move {
+                let mut cache = cache;
+                let page = store
+                    .history_page_cached(&mut cache, &session, u64::MAX)
+                    .await
+                    .unwrap();
+                let items: Vec<ConversationItem> =
+                    page.rows.into_iter().map(|(_, item)| item).collect();
+                if let Some(cache) = cache.as_mut() {
+                    cache.give_back(items.clone());
+                }
+                (cache, items)
+            }
+        };
+        let (kept, first) = page(&mut cache).await;
+        cache = kept;
+        assert_eq!(first.len(), 6);
+        let changes = cache.as_ref().unwrap().changes;
+        let rows = store.transcript(&session).await.unwrap();
+        let rewritten = serde_json::to_string(&said("q0, rewritten")).unwrap();
+        let id = rows[0].0;
+        store
+            .with(move |c| {
+                Ok(c.execute(
+                    "UPDATE transcript SET item = ?1 WHERE id = ?2",
+                    params![rewritten, id],
+                )?)
+            })
+            .await
+            .unwrap();
+        let (kept, second) = page(&mut cache).await;
+        cache = kept;
+        assert_eq!(second[0], said("q0, rewritten"));
+        assert!(cache.as_ref().unwrap().changes > changes);
+        let middle = rows[2].0;
+        store
+            .with(move |c| Ok(c.execute("DELETE FROM transcript WHERE id = ?1", params![middle])?))
+            .await
+            .unwrap();
+        let (kept, third) = page(&mut cache).await;
+        cache = kept;
+        assert_eq!(
+            third,
+            store
+                .history_page(&session, u64::MAX)
+                .await
+                .unwrap()
+                .rows
+                .into_iter()
+                .map(|(_, i)| i)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(third.len(), 5);
+        let before = cache.as_ref().unwrap().changes;
+        store_turn(&store, &anna, &[said("q3"), answered("a3")]).await;
+        let (kept, fourth) = page(&mut cache).await;
+        assert_eq!(fourth.len(), 7);
+        assert_eq!(
+            kept.as_ref().unwrap().changes,
+            before,
+            "a new turn changes nothing"
+        );
     }
 
     /// The page's items are lent, not copied: a loan that never comes back (a failed turn) or
