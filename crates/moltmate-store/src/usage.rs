@@ -1321,7 +1321,7 @@ mod tests {
             .await;
         }
         let mut cache = None;
-        let mut page = |cache: &mut Option<HistoryCache>| {
+        let page = |cache: &mut Option<HistoryCache>| {
             let store = store.clone();
             let session = session.clone();
             let cache = cache.take();
