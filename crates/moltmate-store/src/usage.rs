@@ -91,7 +91,10 @@ CREATE INDEX outbox_user ON outbox(user_id, updated_at);
 /// Appended last: each session counts the changes to rows it held (a row deleted, moved to
 /// another session by compaction, or rewritten), so a worker's [`HistoryCache`] checks one
 /// number before a turn instead of counting the session's rows (which grew with the session).
-/// Triggers keep it for every path that changes the transcript, present and future.
+/// Triggers keep it for every delete and update. Rows join a session only through
+/// `complete_turn`'s plain insert with a new `AUTOINCREMENT` id: an insert with an explicit id
+/// or `INSERT OR REPLACE` (whose delete fires no trigger) would go around the count, and
+/// `tests/transcript_writes.rs` refuses both in the store's code.
 pub(crate) const HISTORY_CHANGES_MIGRATION: &str = r#"
 ALTER TABLE sessions ADD COLUMN history_changes INTEGER NOT NULL DEFAULT 0;
 CREATE TRIGGER transcript_row_deleted AFTER DELETE ON transcript BEGIN

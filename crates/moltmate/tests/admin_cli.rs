@@ -124,6 +124,27 @@ async fn users_commands_list_show_export_reset_and_remove() {
 
 /// Behind a reverse proxy (the seed's Traefik set-up) a login link must point where people
 /// reach the gateway, not at its listening address; a wildcard bind is never printed.
+/// A bad `TOKIO_WORKER_THREADS` is refused with a message naming it (tokio itself would panic
+/// on it), and a good one is used.
+#[test]
+fn a_bad_worker_thread_count_is_refused_with_its_name_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    for bad in ["0", "lots", "-3"] {
+        let (status, stdout, stderr) =
+            common::run_cli_env(&home, &["users", "list"], &[("TOKIO_WORKER_THREADS", bad)]);
+        assert!(!status.success(), "{bad}: {stdout}");
+        assert!(
+            stderr.contains("TOKIO_WORKER_THREADS must be a whole number"),
+            "{bad}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let (status, _, stderr) =
+        common::run_cli_env(&home, &["users", "list"], &[("TOKIO_WORKER_THREADS", "2")]);
+    assert!(status.success(), "{stderr}");
+}
+
 #[test]
 fn login_links_use_the_public_url_and_never_a_wildcard_address() {
     let dir = tempfile::tempdir().unwrap();
