@@ -45,7 +45,9 @@ impl Provider for AnthropicProvider {
         request: &ModelRequest<'_>,
         deltas: &dyn DeltaSink,
     ) -> Result<ModelResponse, ProviderError> {
-        match self.transport.post(&body(request)).await? {
+        let heavy = crate::http::carries_images(&request.items);
+        let encode = || serde_json::to_vec(&body(request));
+        match self.transport.post(heavy, encode).await? {
             Reply::Json(value) => parse_message(&self.transport, &value, deltas),
             Reply::Stream(reader) => read_stream(&self.transport, reader, deltas).await,
         }

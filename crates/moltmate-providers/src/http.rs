@@ -118,16 +118,22 @@ impl Transport {
         })
     }
 
-    /// Sends `body` and classifies the answer. Non-2xx statuses become errors here.
-    pub(crate) async fn post<B: serde::Serialize + ?Sized>(
+    /// Sends the body `encode` writes and classifies the answer. Non-2xx statuses become
+    /// errors here. `heavy` (the request carries photos: megabytes of base64) encodes it with
+    /// [`tokio::task::block_in_place`], so the worker's other tasks — other users' turns —
+    /// move to another thread meanwhile instead of waiting behind the encoding.
+    pub(crate) async fn post(
         &self,
-        body: &B,
+        heavy: bool,
+        encode: impl FnOnce() -> serde_json::Result<Vec<u8>>,
     ) -> Result<Reply, ProviderError> {
+        let body = encode_body(heavy, encode)
+            .map_err(|err| self.invalid(format!("the request could not be encoded ({err})")))?;
         let request = self
             .client
             .post(self.url.clone())
             .headers(self.headers.clone())
-            .json(body);
+            .body(body);
         let response = match tokio::time::timeout(self.request_timeout, request.send()).await {
             Err(_) => {
                 return Err(ProviderError::Timeout {
@@ -479,9 +485,64 @@ pub(crate) fn redact(text: &str, key: Option<&ApiKey>) -> String {
     }
 }
 
+/// Runs `encode`, off the async worker when `heavy` and the runtime can hand the worker's
+/// tasks to another thread (a multi-thread runtime; a current-thread one, as in some tests,
+/// encodes in place).
+fn encode_body(
+    heavy: bool,
+    encode: impl FnOnce() -> serde_json::Result<Vec<u8>>,
+) -> serde_json::Result<Vec<u8>> {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if heavy && multi_thread {
+        tokio::task::block_in_place(encode)
+    } else {
+        encode()
+    }
+}
+
+/// Whether a request carries photos (their base64 is what makes a body megabytes long).
+pub(crate) fn carries_images(items: &[moltmate_core::model::ConversationItem]) -> bool {
+    items
+        .iter()
+        .any(|item| matches!(item, moltmate_core::model::ConversationItem::Image { .. }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With one async worker (the gateway's default on two CPUs), a request with photos is
+    /// encoded while the worker goes on serving other users' tasks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_heavy_body_is_encoded_while_the_worker_serves_other_tasks() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let ticks = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&ticks);
+        let ticker = tokio::spawn(async move {
+            loop {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let before = ticks.load(Ordering::SeqCst);
+        let body = encode_body(true, || {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(b"{}".to_vec())
+        })
+        .unwrap();
+        let during = ticks.load(Ordering::SeqCst) - before;
+        ticker.abort();
+        assert_eq!(body, b"{}");
+        assert!(during >= 10, "the other task ran {during} times meanwhile");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_heavy_body_on_a_current_thread_runtime_is_encoded_in_place() {
+        assert_eq!(encode_body(true, || Ok(b"[]".to_vec())).unwrap(), b"[]");
+        assert_eq!(encode_body(false, || Ok(b"1".to_vec())).unwrap(), b"1");
+    }
 
     #[test]
     fn retry_after_forms() {

@@ -122,8 +122,6 @@ async fn users_commands_list_show_export_reset_and_remove() {
     common::release_volumes(&home);
 }
 
-/// Behind a reverse proxy (the seed's Traefik set-up) a login link must point where people
-/// reach the gateway, not at its listening address; a wildcard bind is never printed.
 /// A bad `TOKIO_WORKER_THREADS` is refused with a message naming it (tokio itself would panic
 /// on it), and a good one is used.
 #[test]
@@ -145,6 +143,8 @@ fn a_bad_worker_thread_count_is_refused_with_its_name_not_a_panic() {
     assert!(status.success(), "{stderr}");
 }
 
+/// Behind a reverse proxy (the seed's Traefik set-up) a login link must point where people
+/// reach the gateway, not at its listening address; a wildcard bind is never printed.
 #[test]
 fn login_links_use_the_public_url_and_never_a_wildcard_address() {
     let dir = tempfile::tempdir().unwrap();

@@ -276,9 +276,11 @@ impl Splitter {
     }
 
     fn text(&mut self, mut text: &str) {
+        // A running count, not a measure of the whole rest before every cut (quadratic).
+        let mut text_units = split::utf16_len(text);
         loop {
             let remaining = self.limit.saturating_sub(self.units);
-            if split::utf16_len(text) <= remaining {
+            if text_units <= remaining {
                 self.push_text(text);
                 return;
             }
@@ -287,6 +289,7 @@ impl Splitter {
                 continue;
             }
             let (head, tail) = split::cut(text, remaining.max(2));
+            text_units -= split::utf16_len(&text[..text.len() - tail.len()]);
             self.push_text(head);
             self.finish_part();
             text = tail;

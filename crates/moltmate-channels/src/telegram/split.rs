@@ -26,8 +26,12 @@ pub fn split_message(text: &str, limit: usize) -> Vec<String> {
     let limit = limit.max(2);
     let mut parts = Vec::new();
     let mut rest = text;
-    while utf16_len(rest) > limit {
+    // Kept as a running count: measuring the whole rest before every cut made splitting
+    // quadratic in the reply's length.
+    let mut rest_units = utf16_len(rest);
+    while rest_units > limit {
         let (part, next) = cut(rest, limit);
+        rest_units -= utf16_len(&rest[..rest.len() - next.len()]);
         push_part(&mut parts, part);
         rest = next;
     }
@@ -51,14 +55,22 @@ pub(crate) fn cut(rest: &str, limit: usize) -> (&str, &str) {
     let mut last_space: Option<(usize, usize)> = None;
     let mut last_safe = 0;
     let mut prev: Option<char> = None;
+    // Regional indicators right before the current char (counted as we go: counting back from
+    // each candidate made a run of flags quadratic).
+    let mut flags_before = 0usize;
     for (idx, c) in rest.char_indices() {
         let width = c.len_utf16();
         if units + width > limit {
             break;
         }
-        if idx > 0 && is_safe_boundary(prev, c, &rest[..idx]) {
+        if idx > 0 && is_safe_boundary(prev, c, flags_before) {
             last_safe = idx;
         }
+        flags_before = if is_regional_indicator(c) {
+            flags_before + 1
+        } else {
+            0
+        };
         if c == '\n' {
             last_newline = Some((idx, units));
         } else if c.is_whitespace() {
@@ -70,7 +82,7 @@ pub(crate) fn cut(rest: &str, limit: usize) -> (&str, &str) {
     }
     // The boundary right after the last fitting char is also a candidate.
     if let Some(next) = rest[fits_until..].chars().next() {
-        if is_safe_boundary(prev, next, &rest[..fits_until]) {
+        if is_safe_boundary(prev, next, flags_before) {
             last_safe = fits_until;
         }
     }
@@ -104,7 +116,8 @@ pub(crate) fn cut(rest: &str, limit: usize) -> (&str, &str) {
 }
 
 /// Whether cutting between `prev` and `next` keeps grapheme clusters whole (approximation).
-fn is_safe_boundary(prev: Option<char>, next: char, before: &str) -> bool {
+/// `flags_before`: how many regional indicators end the text before the cut.
+fn is_safe_boundary(prev: Option<char>, next: char, flags_before: usize) -> bool {
     let Some(prev) = prev else { return true };
     if prev == '\u{200D}' || extends_previous(next) {
         return false;
@@ -114,12 +127,7 @@ fn is_safe_boundary(prev: Option<char>, next: char, before: &str) -> bool {
     }
     if is_regional_indicator(prev) && is_regional_indicator(next) {
         // Flags are pairs: cut only after an even-length run of regional indicators.
-        let run = before
-            .chars()
-            .rev()
-            .take_while(|c| is_regional_indicator(*c))
-            .count();
-        return run % 2 == 0;
+        return flags_before % 2 == 0;
     }
     true
 }

@@ -397,12 +397,18 @@ async fn handle_one(
     let shared = Arc::new(bytes);
     let to_write = Arc::clone(&shared);
     let target = relative.clone();
+    let see_it = matches!(kind, AttachmentKind::Photo) && settings.vision;
     let saved = blocking::run("saving your file", SAVE_DEADLINE, move || {
-        write_beneath(&root, &target, &to_write)
+        write_beneath(&root, &target, &to_write)?;
+        // The photo's base64 for the model is made here too, off the async worker: tens of
+        // megabytes of it would hold up every other user's turn.
+        Ok::<_, moltmate_store::HomeError>(
+            see_it.then(|| base64::engine::general_purpose::STANDARD.encode(to_write.as_slice())),
+        )
     })
     .await;
-    match saved {
-        Ok(Ok(())) => {}
+    let mut image_data = match saved {
+        Ok(Ok(data)) => data,
         Ok(Err(e)) => {
             tracing::warn!(user = %item.user, error = %e, "attachment could not be saved");
             return Err(refusal(kind, german, &e.user_reason()));
@@ -411,7 +417,7 @@ async fn handle_one(
             tracing::warn!(user = %item.user, error = %e, "attachment could not be saved in time");
             return Err(refusal(kind, german, "saving it took too long."));
         }
-    }
+    };
     let described = format!(
         "[The user sent a {} ({}, {}), saved in their files as {relative}.",
         what(kind, false),
@@ -426,9 +432,9 @@ async fn handle_one(
     };
     match kind {
         AttachmentKind::Photo if settings.vision => {
-            handled.image = Some(ConversationItem::Image {
+            handled.image = image_data.take().map(|data| ConversationItem::Image {
                 media_type: detected.mime.to_string(),
-                data: base64::engine::general_purpose::STANDARD.encode(shared.as_slice()),
+                data,
             });
             handled.line = Some(format!("{described} It is shown above.]"));
         }
