@@ -127,7 +127,7 @@ fn is_safe_boundary(prev: Option<char>, next: char, flags_before: usize) -> bool
     }
     if is_regional_indicator(prev) && is_regional_indicator(next) {
         // Flags are pairs: cut only after an even-length run of regional indicators.
-        return flags_before % 2 == 0;
+        return flags_before.is_multiple_of(2);
     }
     true
 }
