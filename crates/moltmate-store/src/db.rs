@@ -1851,8 +1851,31 @@ fn migrate(c: &mut Connection) -> Result<(), StoreError> {
             supported,
         });
     }
-    for (index, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    apply_migrations_from(c, current)
+}
+
+/// Applies the migrations after `seen`, the version read before taking the write lock: each
+/// one in its own `BEGIN IMMEDIATE` transaction that reads the version again first, so when
+/// another process (the CLI next to a starting gateway) migrated the same database in between,
+/// it is skipped instead of failing (an `ALTER TABLE ... ADD COLUMN` run twice is an error).
+fn apply_migrations_from(c: &mut Connection, seen: i64) -> Result<(), StoreError> {
+    let supported = MIGRATIONS.len() as i64;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(seen.max(0) as usize) {
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now: i64 = tx
+            .prepare_cached("SELECT version FROM schema_version")?
+            .query_row([], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        if now > supported {
+            return Err(StoreError::TooNew {
+                found: now,
+                supported,
+            });
+        }
+        if now > index as i64 {
+            continue;
+        }
         tx.execute_batch(migration)?;
         tx.prepare_cached("DELETE FROM schema_version")?
             .execute([])?;
@@ -1965,6 +1988,21 @@ fn set_owner_only(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two processes opening an old database at once (the CLI next to a starting gateway):
+    /// the one that read the old version before the other migrated skips what is already
+    /// applied instead of failing on a second `ALTER TABLE ... ADD COLUMN`.
+    #[test]
+    fn migrations_another_process_applied_meanwhile_are_skipped_not_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(dir.path().join("m.db")).unwrap();
+        migrate(&mut c).unwrap();
+        apply_migrations_from(&mut c, 0).unwrap();
+        let version: i64 = c
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
 
     fn message(peer: &str, external: &str, text: &str, cursor: Option<i64>) -> InboundMessage {
         InboundMessage {
