@@ -182,10 +182,8 @@ impl Harness {
         self.built.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.channels).await;
         // Drained first, so no background task (a sandbox prewarm) creates a sandbox after
-        // the prune below. Generously: on a loaded CI machine a container's creation took
-        // longer than 5 s, and the container made after the prune was left behind
-        // (`moltmate-sbx-telegram_6666-*` in state Created after each full run).
-        self.built.gateway.drain(Duration::from_secs(60)).await;
+        // the prune below.
+        self.built.gateway.drain(Duration::from_secs(5)).await;
         // Production keeps sandboxes warm across restarts; a test removes what it made.
         if let Some(sandbox) = &self.built.sandbox {
             let _ = sandbox.prune(Duration::ZERO).await;
