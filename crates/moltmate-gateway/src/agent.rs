@@ -77,8 +77,7 @@ impl ModelAnswer {
                 answered.output_tokens = estimate.output_tokens;
             }
         }
-        let answered = &self.usage[index].2;
-        self.response.usage = *answered;
+        self.response.usage = self.usage[index].2;
     }
 }
 

@@ -1824,10 +1824,19 @@ fn refuse_newer(c: &Connection) -> Result<(), StoreError> {
     if !has_version {
         return Ok(());
     }
-    let found: i64 = c
-        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+    supported(stored_version(c)?)
+}
+
+/// The schema version the database records (0 when it records none).
+fn stored_version(c: &Connection) -> Result<i64, StoreError> {
+    Ok(c.prepare_cached("SELECT version FROM schema_version")?
+        .query_row([], |r| r.get(0))
         .optional()?
-        .unwrap_or(0);
+        .unwrap_or(0))
+}
+
+/// [`StoreError::TooNew`] for a version made by a newer moltmate.
+fn supported(found: i64) -> Result<(), StoreError> {
     if found > SCHEMA_VERSION {
         return Err(StoreError::TooNew {
             found,
@@ -1839,18 +1848,7 @@ fn refuse_newer(c: &Connection) -> Result<(), StoreError> {
 
 fn migrate(c: &mut Connection) -> Result<(), StoreError> {
     c.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-    let current: i64 = c
-        .prepare_cached("SELECT version FROM schema_version")?
-        .query_row([], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0);
-    let supported = MIGRATIONS.len() as i64;
-    if current > supported {
-        return Err(StoreError::TooNew {
-            found: current,
-            supported,
-        });
-    }
+    let current = stored_version(c)?;
     apply_migrations_from(c, current)
 }
 
@@ -1859,20 +1857,11 @@ fn migrate(c: &mut Connection) -> Result<(), StoreError> {
 /// another process (the CLI next to a starting gateway) migrated the same database in between,
 /// it is skipped instead of failing (an `ALTER TABLE ... ADD COLUMN` run twice is an error).
 fn apply_migrations_from(c: &mut Connection, seen: i64) -> Result<(), StoreError> {
-    let supported = MIGRATIONS.len() as i64;
+    supported(seen)?;
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(seen.max(0) as usize) {
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let now: i64 = tx
-            .prepare_cached("SELECT version FROM schema_version")?
-            .query_row([], |r| r.get(0))
-            .optional()?
-            .unwrap_or(0);
-        if now > supported {
-            return Err(StoreError::TooNew {
-                found: now,
-                supported,
-            });
-        }
+        let now = stored_version(&tx)?;
+        supported(now)?;
         if now > index as i64 {
             continue;
         }

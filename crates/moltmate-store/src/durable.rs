@@ -213,15 +213,15 @@ fn commit_group(c: &Connection, mut jobs: Vec<Box<dyn Durable>>) {
         // a cached copy would only keep working because SQLite re-compiles every PRAGMA on each
         // run (see the test `every_group_commits_with_synchronous_full`).
         c.execute_batch("PRAGMA synchronous = FULL")?;
-        run(c, "BEGIN IMMEDIATE")?;
+        run_cached(c, "BEGIN IMMEDIATE")?;
         for job in &mut jobs {
-            run(c, "SAVEPOINT job")?;
+            run_cached(c, "SAVEPOINT job")?;
             if !job.run(c) {
-                run(c, "ROLLBACK TO job")?;
+                run_cached(c, "ROLLBACK TO job")?;
             }
-            run(c, "RELEASE job")?;
+            run_cached(c, "RELEASE job")?;
         }
-        run(c, "COMMIT")?;
+        run_cached(c, "COMMIT")?;
         Ok(())
     })();
     if committed.is_err() {
@@ -240,7 +240,7 @@ fn commit_group(c: &Connection, mut jobs: Vec<Box<dyn Durable>>) {
 /// Runs one of the group commit's fixed transaction statements from the connection's statement
 /// cache: they run several times per group, and parsing them each time was a visible share of
 /// the database thread's work.
-fn run(c: &Connection, sql: &str) -> Result<(), StoreError> {
+fn run_cached(c: &Connection, sql: &str) -> Result<(), StoreError> {
     c.prepare_cached(sql)?.execute([])?;
     Ok(())
 }

@@ -94,7 +94,7 @@ CREATE INDEX outbox_user ON outbox(user_id, updated_at);
 /// Triggers keep it for every delete and update. Rows join a session only through
 /// `complete_turn`'s plain insert with a new `AUTOINCREMENT` id: an insert with an explicit id
 /// or `INSERT OR REPLACE` (whose delete fires no trigger) would go around the count, and
-/// `tests/transcript_writes.rs` refuses both in the store's code.
+/// `tests/sql_rules.rs` refuses both in the store's code.
 pub(crate) const HISTORY_CHANGES_MIGRATION: &str = r#"
 ALTER TABLE sessions ADD COLUMN history_changes INTEGER NOT NULL DEFAULT 0;
 CREATE TRIGGER transcript_row_deleted AFTER DELETE ON transcript BEGIN
@@ -1307,6 +1307,37 @@ mod tests {
         assert_eq!(store.history_budget.load(Ordering::SeqCst), 0);
     }
 
+    /// Three short turns of `who`; their session.
+    async fn three_turns(store: &Store, who: &UserId) -> String {
+        let mut session = String::new();
+        for turn in 0..3 {
+            session = store_turn(
+                store,
+                who,
+                &[said(&format!("q{turn}")), answered(&format!("a{turn}"))],
+            )
+            .await;
+        }
+        session
+    }
+
+    /// The whole session's page from the cache, handed back as a worker does after its turn.
+    async fn page_given_back(
+        store: &Store,
+        cache: &mut Option<HistoryCache>,
+        session: &str,
+    ) -> Vec<ConversationItem> {
+        let page = store
+            .history_page_cached(cache, session, u64::MAX)
+            .await
+            .unwrap();
+        let items: Vec<ConversationItem> = page.rows.into_iter().map(|(_, item)| item).collect();
+        if let Some(cache) = cache.as_mut() {
+            cache.give_back(items.clone());
+        }
+        items
+    }
+
     /// The cache is checked by the session's change count, not by counting its rows: a row
     /// rewritten in place (which a count would not see) or deleted from the middle makes the
     /// next page read afresh, and plain new turns keep the cache.
@@ -1314,36 +1345,9 @@ mod tests {
     async fn a_row_rewritten_or_deleted_under_the_cache_is_read_afresh() {
         let store = Store::open_in_memory().unwrap();
         let anna = user("anna");
-        let mut session = String::new();
-        for turn in 0..3 {
-            session = store_turn(
-                &store,
-                &anna,
-                &[said(&format!("q{turn}")), answered(&format!("a{turn}"))],
-            )
-            .await;
-        }
+        let session = three_turns(&store, &anna).await;
         let mut cache = None;
-        let page = |cache: &mut Option<HistoryCache>| {
-            let store = store.clone();
-            let session = session.clone();
-            let cache = cache.take();
-            async move {
-                let mut cache = cache;
-                let page = store
-                    .history_page_cached(&mut cache, &session, u64::MAX)
-                    .await
-                    .unwrap();
-                let items: Vec<ConversationItem> =
-                    page.rows.into_iter().map(|(_, item)| item).collect();
-                if let Some(cache) = cache.as_mut() {
-                    cache.give_back(items.clone());
-                }
-                (cache, items)
-            }
-        };
-        let (kept, first) = page(&mut cache).await;
-        cache = kept;
+        let first = page_given_back(&store, &mut cache, &session).await;
         assert_eq!(first.len(), 6);
         let changes = cache.as_ref().unwrap().changes;
         let rows = store.transcript(&session).await.unwrap();
@@ -1358,8 +1362,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let (kept, second) = page(&mut cache).await;
-        cache = kept;
+        let second = page_given_back(&store, &mut cache, &session).await;
         assert_eq!(second[0], said("q0, rewritten"));
         assert!(cache.as_ref().unwrap().changes > changes);
         let middle = rows[2].0;
@@ -1367,8 +1370,7 @@ mod tests {
             .with(move |c| Ok(c.execute("DELETE FROM transcript WHERE id = ?1", params![middle])?))
             .await
             .unwrap();
-        let (kept, third) = page(&mut cache).await;
-        cache = kept;
+        let third = page_given_back(&store, &mut cache, &session).await;
         assert_eq!(
             third,
             store
@@ -1383,10 +1385,10 @@ mod tests {
         assert_eq!(third.len(), 5);
         let before = cache.as_ref().unwrap().changes;
         store_turn(&store, &anna, &[said("q3"), answered("a3")]).await;
-        let (kept, fourth) = page(&mut cache).await;
+        let fourth = page_given_back(&store, &mut cache, &session).await;
         assert_eq!(fourth.len(), 7);
         assert_eq!(
-            kept.as_ref().unwrap().changes,
+            cache.as_ref().unwrap().changes,
             before,
             "a new turn changes nothing"
         );
@@ -1398,15 +1400,7 @@ mod tests {
     async fn a_history_loan_not_given_back_or_given_back_wrong_never_shows_placeholders() {
         let store = Store::open_in_memory().unwrap();
         let anna = user("anna");
-        let mut session = String::new();
-        for turn in 0..3 {
-            session = store_turn(
-                &store,
-                &anna,
-                &[said(&format!("q{turn}")), answered(&format!("a{turn}"))],
-            )
-            .await;
-        }
+        let session = three_turns(&store, &anna).await;
         let expected = store.history_page(&session, u64::MAX).await.unwrap().rows;
         let mut cache = None;
         // Lent and never given back.
