@@ -1895,16 +1895,8 @@ pub fn backup_database(source: &Path, target: &Path) -> Result<u64, StoreError> 
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     from.busy_timeout(Duration::from_secs(10))?;
-    let found: i64 = from
-        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0);
-    if found > SCHEMA_VERSION {
-        return Err(StoreError::TooNew {
-            found,
-            supported: SCHEMA_VERSION,
-        });
-    }
+    let found = stored_version(&from)?;
+    supported(found)?;
     let mut to = Connection::open(target)?;
     {
         let backup = Backup::new(&from, &mut to)?;
@@ -1954,16 +1946,8 @@ pub fn check_database(path: &Path) -> Result<i64, StoreError> {
             "the database fails its integrity check: {check}"
         )));
     }
-    let found: i64 = c
-        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0);
-    if found > SCHEMA_VERSION {
-        return Err(StoreError::TooNew {
-            found,
-            supported: SCHEMA_VERSION,
-        });
-    }
+    let found = stored_version(&c)?;
+    supported(found)?;
     Ok(found)
 }
 
