@@ -343,3 +343,31 @@ async fn long_answers_arrive_split_at_telegrams_limit_and_in_order() {
     }
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn typing_is_shown_only_while_a_reply_takes_longer_than_a_moment() {
+    let h = Harness::start(json!({})).await;
+    h.llm.set_brain(|request| {
+        let text = request.last_user_text().unwrap_or_default();
+        if text.contains("slow") {
+            Reply::delayed(Duration::from_millis(2500), Reply::text("thought it over"))
+        } else {
+            Reply::text(format!("echo: {text}"))
+        }
+    });
+    h.telegram.push_text(1001, "quick one");
+    assert_eq!(h.expect_reply(1001, 1).await, vec!["echo: quick one"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        h.telegram.chat_actions().is_empty(),
+        "a quick reply needs no typing indicator (one Bot API call saved per message)"
+    );
+    h.telegram.push_text(2002, "a slow question");
+    assert_eq!(h.expect_reply(2002, 1).await, vec!["thought it over"]);
+    let actions = h.telegram.chat_actions();
+    assert!(
+        !actions.is_empty() && actions.iter().all(|a| a.chat_id == "2002"),
+        "the slow reply was announced as typing, in its own chat only: {actions:?}"
+    );
+    h.stop().await;
+}

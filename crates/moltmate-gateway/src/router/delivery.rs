@@ -11,6 +11,11 @@ use tokio_util::task::AbortOnDropHandle;
 /// How often "typing..." is renewed while a turn runs (Telegram shows it for ~5 s).
 const TYPING_INTERVAL: Duration = Duration::from_secs(4);
 
+/// How long a turn runs before "typing..." is shown. A reply quicker than this needs no
+/// indicator: it would arrive together with it, and the call would cost a channel API request
+/// (counted by the messenger's rate limits) and gateway CPU on every message.
+pub(super) const TYPING_DELAY: Duration = Duration::from_secs(1);
+
 /// The outbox row for a reply, when its channel pushes replies (Telegram). In-band channels
 /// (terminal, web) get the reply from the waiter and read history from the transcript, so
 /// they need no outbox row.
@@ -61,8 +66,9 @@ pub(super) async fn finish(
     }
 }
 
-/// Keeps "typing..." up until the returned handle is dropped (also when the turn's task is
-/// aborted because its user was removed).
+/// Shows "typing..." once the turn has run for [`TYPING_DELAY`] and keeps it up until the
+/// returned handle is dropped (also when the turn's task is aborted because its user was
+/// removed).
 pub(super) fn start_typing(
     inner: &Arc<Inner>,
     channel: ChannelKind,
@@ -71,6 +77,7 @@ pub(super) fn start_typing(
     let channel = Arc::clone(inner.channels.get(&channel)?);
     let chat_id = chat_id.to_string();
     Some(AbortOnDropHandle::new(tokio::spawn(async move {
+        tokio::time::sleep(TYPING_DELAY).await;
         loop {
             if let Err(e) = channel.send_typing(&chat_id).await {
                 tracing::debug!(error = %e, "typing indicator failed");
