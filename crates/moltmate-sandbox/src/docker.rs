@@ -90,6 +90,8 @@
 //! begins) creates that user's own container and starts its runner in the background, while
 //! the model is still thinking, so the first command finds it warm.
 
+mod creations;
+
 use crate::active::Lease;
 use crate::disk::{self, DiskCap};
 use crate::docker_agent::{AgentError, ExecAgent};
@@ -382,6 +384,88 @@ struct Live {
     oom_kills: Option<u64>,
 }
 
+/// What a creation's own task needs to make a container and, when it must not be handed out,
+/// to remove it again (see [`DockerSandbox::create_container`]).
+struct Creator {
+    docker: Docker,
+    bounds: Option<Arc<SandboxBounds>>,
+    name: String,
+}
+
+impl Creator {
+    /// Creates and starts the container; returns its id. Removes it again when starting fails
+    /// or an ending of its user (or session) came meanwhile (`ticket` is doomed), and keeps
+    /// the ticket until then, so that ending waits for the removal too.
+    async fn create_and_start(
+        &self,
+        body: ContainerCreateBody,
+        image: &str,
+        mut ticket: creations::Ticket,
+    ) -> Result<String, SandboxError> {
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&self.name)
+            .build();
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| match e {
+                BollardError::DockerResponseServerError {
+                    status_code: 404, ..
+                } => SandboxError::Unavailable(format!(
+                    "sandbox image {image} is missing (run `moltmate sandbox build`)"
+                )),
+                e => docker_err("creating sandbox", e),
+            })?;
+        // No use starting a container whose user is being removed.
+        if ticket.doomed() {
+            self.discard().await;
+            return Err(ended());
+        }
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            self.discard().await;
+            return Err(docker_err("starting sandbox", e));
+        }
+        if !ticket.finish() {
+            self.discard().await;
+            return Err(ended());
+        }
+        Ok(created.id)
+    }
+
+    /// Removes the container this creation made (it was never handed out: nothing else of it
+    /// is registered but its slot).
+    async fn discard(&self) {
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        match self
+            .docker
+            .remove_container(&self.name, Some(options))
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            // Another removal (the ending's own sweep) is under way.
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => {}
+            Err(e) => {
+                tracing::warn!(container = %self.name, error = %e, "could not remove a sandbox whose creation was cut short");
+            }
+        }
+        if let Some(bounds) = &self.bounds {
+            bounds.active.forget(&self.name);
+        }
+    }
+}
+
+/// A creation found its user (or session) ended while it was under way.
+fn ended() -> SandboxError {
+    backend_err("the sandbox was removed while it was being created (its user or session ended)")
+}
+
 /// Why running a command failed.
 enum RunError {
     /// The container vanished or stopped under us: recreate and retry once.
@@ -395,6 +479,9 @@ pub struct DockerSandbox {
     settings: SandboxSettings,
     live: Mutex<HashMap<String, Live>>,
     create_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Container creations under way, which ending a user or session waits for
+    /// ([`creations`]).
+    creations: Arc<creations::Creations>,
     recovered: tokio::sync::OnceCell<()>,
     proxy: Option<Arc<EgressProxy>>,
     /// Digest of `state_dir`: the value of [`LABEL_INSTANCE`].
@@ -444,6 +531,7 @@ impl DockerSandbox {
             settings: settings.clone(),
             live: Mutex::new(HashMap::new()),
             create_locks: Mutex::new(HashMap::new()),
+            creations: Arc::default(),
             recovered: tokio::sync::OnceCell::new(),
             proxy: None,
             instance: instance_label(&settings.state_dir),
@@ -659,8 +747,10 @@ impl DockerSandbox {
 
     /// Removes every container of `user` (account deletion, tests), and returns once they are
     /// gone: a removal another caller started (the engine answers 409 "in progress") is waited
-    /// for, at most [`REMOVAL_WAIT`].
+    /// for, at most [`REMOVAL_WAIT`]. So is a creation of their container under way in this
+    /// backend, which removes what it made ([`Self::settle_creations`]).
     pub async fn remove_user(&self, user: &UserId) -> Result<Vec<String>, SandboxError> {
+        self.settle_creations(user, None).await;
         let filters = vec![
             format!("{LABEL_MANAGED}=true"),
             format!("{LABEL_USER}={}", user.as_str()),
@@ -699,6 +789,26 @@ impl DockerSandbox {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Before an ending's sweep: dooms the creations under way of `user` (of session label
+    /// `session`, when given) and waits for them, at most [`REMOVAL_WAIT`]. The task of a
+    /// creation whose caller was aborted (the turn or prewarm of a user being removed) may
+    /// still have its create request at the engine; without this, the sweep could list the
+    /// user's containers before the engine made that one, which then stayed behind, `Created`
+    /// and unknown to everybody. A creation still under way after the wait removes its
+    /// container itself when it completes.
+    async fn settle_creations(&self, user: &UserId, session: Option<&str>) {
+        if self.creations.doom(user.as_str(), session) == 0 {
+            return;
+        }
+        if !self
+            .creations
+            .wait(user.as_str(), session, REMOVAL_WAIT)
+            .await
+        {
+            tracing::warn!(user = %user, "a sandbox creation of an ended user is still under way; it removes its container when it completes");
         }
     }
 
@@ -905,7 +1015,8 @@ impl DockerSandbox {
             return Ok(live.id.clone());
         }
         let lock = self.create_lock(name);
-        let _guard = lock.lock().await;
+        // Owned: it goes with the creation's own task (see `create_container`).
+        let guard = lock.lock_owned().await;
         if let Some(live) = self.lock_live().get(name) {
             return Ok(live.id.clone());
         }
@@ -940,7 +1051,7 @@ impl DockerSandbox {
         if self.settings.scope != SandboxScope::Task {
             self.remove_siblings(request, name).await?;
         }
-        self.create_container(request, name).await
+        self.create_container(request, name, guard).await
     }
 
     /// Removes containers of the same key made under another set-up.
@@ -1015,10 +1126,13 @@ impl DockerSandbox {
         Ok((dir, cap))
     }
 
+    /// Creates and starts container `name` for `request`; `guard` is its create lock, held
+    /// until the container is ready (or gone).
     async fn create_container(
         &self,
         request: &ExecRequest,
         name: &str,
+        guard: tokio::sync::OwnedMutexGuard<()>,
     ) -> Result<String, SandboxError> {
         let started = Instant::now();
         let (workspace, cap) = self.prepare_workspace(request).await?;
@@ -1136,24 +1250,26 @@ impl DockerSandbox {
             host_config: Some(host_config),
             ..Default::default()
         };
-        let options = CreateContainerOptionsBuilder::default().name(name).build();
-        let created = self
-            .docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|e| match e {
-                BollardError::DockerResponseServerError {
-                    status_code: 404, ..
-                } => SandboxError::Unavailable(format!(
-                    "sandbox image {} is missing (run `moltmate sandbox build`)",
-                    self.settings.image
-                )),
-                e => docker_err("creating sandbox", e),
-            })?;
-        if let Err(e) = self.docker.start_container(&created.id, None).await {
-            let _ = self.remove_container(name).await;
-            return Err(docker_err("starting sandbox", e));
-        }
+        // Create and start run in a task of their own that this caller only awaits: dropping
+        // the caller (its turn aborted by a removal, a prewarm cancelled) cannot split them and
+        // leave a container `Created`, nor leave the engine finishing a create nobody will use.
+        // The task holds the create lock, so a later caller of the same name waits for it
+        // instead of colliding with the container it is making ([`creations`]).
+        let ticket = self
+            .creations
+            .begin(request.user.as_str(), &self.session_label(request));
+        let creator = Creator {
+            docker: self.docker.clone(),
+            bounds: self.bounds.clone(),
+            name: name.to_string(),
+        };
+        let image = self.settings.image.clone();
+        let (id, _guard) = tokio::spawn(async move {
+            let id = creator.create_and_start(body, &image, ticket).await?;
+            Ok::<_, SandboxError>((id, guard))
+        })
+        .await
+        .map_err(|e| backend_err(format!("sandbox creation task failed: {e}")))??;
         self.counters.count_started();
         if let Some(parent) = parent.filter(|p| p.style() == ParentStyle::SystemdSlice) {
             // systemd may have realised the slice with its own (no) limits just now.
@@ -1164,10 +1280,7 @@ impl DockerSandbox {
             }
         }
         if proxied {
-            if let Err(e) = self
-                .start_forwarder(&created.id, &exec_user(request.ids))
-                .await
-            {
+            if let Err(e) = self.start_forwarder(&id, &exec_user(request.ids)).await {
                 let _ = self.remove_container(name).await;
                 return Err(e);
             }
@@ -1176,7 +1289,7 @@ impl DockerSandbox {
         self.lock_live().insert(
             name.to_string(),
             Live {
-                id: created.id.clone(),
+                id: id.clone(),
                 user: request.user.to_string(),
                 limits: Some(limits.clone()),
                 last_used: Instant::now(),
@@ -1184,7 +1297,7 @@ impl DockerSandbox {
                 oom_kills: Some(0),
             },
         );
-        Ok(created.id)
+        Ok(id)
     }
 
     /// Writes (once per set of ids) the `/etc/passwd` and `/etc/group` a container of
@@ -2003,6 +2116,9 @@ impl Sandbox for DockerSandbox {
     }
 
     async fn end_session(&self, user: &UserId, session_id: &str) -> Result<(), SandboxError> {
+        if self.settings.scope == SandboxScope::Session {
+            self.settle_creations(user, Some(session_id)).await;
+        }
         let filters = vec![
             format!("{LABEL_MANAGED}=true"),
             format!("{LABEL_USER}={}", user.as_str()),

@@ -1381,6 +1381,156 @@ async fn docker_end_user_removes_the_users_containers_and_no_one_elses() {
     cleanup(&sb, &[&anna, &bob]).await;
 }
 
+/// A Unix-socket relay in front of the engine that holds every container create request for
+/// `hold` before passing it on, and keeps the engine's side of the connection open after the
+/// client hung up: a create request "in flight" for as long as the test needs, as when a busy
+/// engine is slow to create.
+struct SlowCreates {
+    socket: PathBuf,
+    /// Notified when a create request arrives (before it is held).
+    seen: std::sync::Arc<tokio::sync::Notify>,
+    /// Notified when a held create request has been passed on to the engine.
+    passed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl SlowCreates {
+    async fn start(dir: &Path, hold: Duration) -> SlowCreates {
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("engine.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let seen = std::sync::Arc::new(tokio::sync::Notify::new());
+        let passed = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (s, p) = (seen.clone(), passed.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(Self::relay(client, hold, s.clone(), p.clone()));
+            }
+        });
+        SlowCreates {
+            socket,
+            seen,
+            passed,
+        }
+    }
+
+    async fn relay(
+        client: tokio::net::UnixStream,
+        hold: Duration,
+        seen: std::sync::Arc<tokio::sync::Notify>,
+        passed: std::sync::Arc<tokio::sync::Notify>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(engine) = tokio::net::UnixStream::connect("/var/run/docker.sock").await else {
+            return;
+        };
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_engine, mut to_engine) = engine.into_split();
+        let up = async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match from_client.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let create = buf[..n]
+                    .windows(b"/containers/create".len())
+                    .any(|w| w == b"/containers/create");
+                if create {
+                    seen.notify_one();
+                    tokio::time::sleep(hold).await;
+                }
+                if to_engine.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                if create {
+                    passed.notify_one();
+                }
+            }
+            // Not closed: the engine goes on with what it was sent, as it would for a client
+            // still connected.
+            to_engine
+        };
+        let down = async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = from_engine.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let _ = to_client.write_all(&buf[..n]).await;
+            }
+        };
+        let (_to_engine, ()) = tokio::join!(up, down);
+    }
+}
+
+/// Every container of `user` the engine has, in any state (`Created` included) and of any
+/// installation.
+async fn containers_of(user: &UserId) -> Vec<String> {
+    let s = settings(SandboxScope::User, "test", "prepare");
+    let docker = moltmate_sandbox::docker::connect_client(&s).unwrap();
+    let mut filters = std::collections::HashMap::new();
+    filters.insert(
+        "label".to_string(),
+        vec![format!("moltmate.user={}", user.as_str())],
+    );
+    let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    docker
+        .list_containers(Some(options))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| {
+            format!(
+                "{} ({})",
+                c.names.unwrap_or_default().join(","),
+                c.state.map(|s| s.to_string()).unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// The user is removed while their container is being created: the command that creates it is
+/// aborted (as the gateway aborts the turn, or the prewarm, of a user being removed) with the
+/// create request already at the engine, and the removal runs before the engine has made the
+/// container. Nothing of the user may stay behind — formerly the engine finished the create
+/// after the removal's sweep, and the container stayed `Created` for good, unknown to everyone.
+#[tokio::test]
+async fn a_removal_during_container_creation_leaves_no_container() {
+    if ready().await.is_none() {
+        return;
+    }
+    let mut s = settings(SandboxScope::User, "test", "removal_during_creation");
+    let engine = SlowCreates::start(&s.state_dir, Duration::from_secs(1)).await;
+    s.docker_host = Some(format!("unix://{}", engine.socket.display()));
+    let sb = std::sync::Arc::new(DockerSandbox::connect(&s).unwrap());
+    let u = user("creating");
+    let creating = {
+        let sb = std::sync::Arc::clone(&sb);
+        let request = request(&u, "true", Duration::from_secs(30));
+        tokio::spawn(async move { sb.exec(request).await })
+    };
+    tokio::time::timeout(Duration::from_secs(60), engine.seen.notified())
+        .await
+        .expect("the create request reaches the engine");
+    creating.abort();
+    let _ = creating.await;
+    sb.remove_user(&u)
+        .await
+        .expect("remove the user's containers");
+    tokio::time::timeout(Duration::from_secs(30), engine.passed.notified())
+        .await
+        .expect("the held create request is passed on");
+    // Time for the engine to finish the create (and for anything cleaning up after it).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let left = containers_of(&u).await;
+    cleanup(&sb, &[&u]).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// `maxActive: 1` with a container of Anna's alive. A second process on the same installation
 /// that does not own what it finds (a terminal `moltmate chat` beside the gateway) runs Ben's
 /// command without stopping Anna's container — from there it cannot know whether the gateway is
