@@ -2068,6 +2068,14 @@ impl Sandbox for DockerSandbox {
 
     async fn prune(&self, idle: Duration) -> Result<Vec<String>, SandboxError> {
         self.recover().await?;
+        // A creation whose caller is gone (a prewarm dropped when its quick turn ended) may
+        // still have its create request at the engine. Its container is listed only once made:
+        // a prune that does not wait would miss it — at shutdown (tests, `sandbox prune` after
+        // a drain) for good, since the creation's task dies with the runtime and leaves it
+        // `Created`. Those begun later are not waited for (a busy gateway always has some).
+        if !self.creations.wait_for_current(REMOVAL_WAIT).await {
+            tracing::warn!("a sandbox creation is still under way; pruning without it");
+        }
         let mut removed = Vec::new();
         let infos = self.list().await?;
         let filters = vec![format!("{LABEL_MANAGED}=true")];

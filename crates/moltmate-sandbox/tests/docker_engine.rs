@@ -1493,17 +1493,12 @@ async fn containers_of(user: &UserId) -> Vec<String> {
         .collect()
 }
 
-/// The user is removed while their container is being created: the command that creates it is
-/// aborted (as the gateway aborts the turn, or the prewarm, of a user being removed) with the
-/// create request already at the engine, and the removal runs before the engine has made the
-/// container. Nothing of the user may stay behind — formerly the engine finished the create
-/// after the removal's sweep, and the container stayed `Created` for good, unknown to everyone.
-#[tokio::test]
-async fn a_removal_during_container_creation_leaves_no_container() {
-    if ready().await.is_none() {
-        return;
-    }
-    let mut s = settings(SandboxScope::User, "test", "removal_during_creation");
+/// Starts an `exec` of a new user through a relay that holds its container's create request
+/// for a second, and aborts it once that request is at the relay (as the gateway aborts the
+/// turn of a user being removed, or drops a prewarm when its quick turn ends). Returns the
+/// backend, the user and the relay.
+async fn creation_cut_short(state: &str) -> (std::sync::Arc<DockerSandbox>, UserId, SlowCreates) {
+    let mut s = settings(SandboxScope::User, "test", state);
     let engine = SlowCreates::start(&s.state_dir, Duration::from_secs(1)).await;
     s.docker_host = Some(format!("unix://{}", engine.socket.display()));
     let sb = std::sync::Arc::new(DockerSandbox::connect(&s).unwrap());
@@ -1518,17 +1513,49 @@ async fn a_removal_during_container_creation_leaves_no_container() {
         .expect("the create request reaches the engine");
     creating.abort();
     let _ = creating.await;
-    sb.remove_user(&u)
-        .await
-        .expect("remove the user's containers");
+    (sb, u, engine)
+}
+
+/// After the held create request went on to the engine (and the engine had time to finish
+/// it), no container of `u` may exist, in any state. Cleans up before asserting.
+async fn assert_no_container_after(sb: &DockerSandbox, u: &UserId, engine: &SlowCreates) {
     tokio::time::timeout(Duration::from_secs(30), engine.passed.notified())
         .await
         .expect("the held create request is passed on");
-    // Time for the engine to finish the create (and for anything cleaning up after it).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let left = containers_of(&u).await;
-    cleanup(&sb, &[&u]).await;
+    let left = containers_of(u).await;
+    cleanup(sb, &[u]).await;
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// The user is removed while their container is being created: the command creating it was
+/// aborted with the create request already at the engine, and the removal runs before the
+/// engine has made the container. Nothing of the user may stay behind — formerly the engine
+/// finished the create after the removal's sweep, and the container stayed `Created` for good,
+/// unknown to everyone.
+#[tokio::test]
+async fn a_removal_during_container_creation_leaves_no_container() {
+    if ready().await.is_none() {
+        return;
+    }
+    let (sb, u, engine) = creation_cut_short("removal_during_creation").await;
+    sb.remove_user(&u)
+        .await
+        .expect("remove the user's containers");
+    assert_no_container_after(&sb, &u, &engine).await;
+}
+
+/// The same at shutdown: a prune of everything (what a test gateway's stop does after its
+/// drain) while a container whose caller is gone is being created removes that container too,
+/// instead of missing it and leaving it to die half-made with the runtime.
+#[tokio::test]
+async fn a_prune_during_container_creation_leaves_no_container() {
+    if ready().await.is_none() {
+        return;
+    }
+    let (sb, u, engine) = creation_cut_short("prune_during_creation").await;
+    sb.prune(Duration::ZERO).await.expect("prune");
+    assert_no_container_after(&sb, &u, &engine).await;
 }
 
 /// `maxActive: 1` with a container of Anna's alive. A second process on the same installation

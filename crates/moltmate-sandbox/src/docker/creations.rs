@@ -10,7 +10,8 @@
 //! caller cannot cut short) and is registered here for its whole life; an ending marks the
 //! matching creations as *doomed* and waits for them: a doomed creation removes what it made
 //! instead of handing it out, and one that finished before the mark made a container the
-//! ending's sweep then finds.
+//! ending's sweep then finds. A prune waits for the creations under way when it starts (it
+//! could not list their containers yet; at shutdown, nobody would later).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -53,7 +54,7 @@ impl Creations {
     pub(super) fn begin(self: &Arc<Self>, user: &str, session: &str) -> Ticket {
         let mut state = self.lock();
         let id = state.next;
-        state.next = state.next.wrapping_add(1);
+        state.next += 1;
         state.under_way.insert(
             id,
             Creation {
@@ -86,17 +87,28 @@ impl Creations {
     /// Waits, at most `timeout`, until no creation of `user` (of session label `session`,
     /// when given) is under way. Returns whether none is.
     pub(super) async fn wait(&self, user: &str, session: Option<&str>, timeout: Duration) -> bool {
+        self.wait_for(
+            |_, c| c.user == user && session.is_none_or(|s| c.session == s),
+            timeout,
+        )
+        .await
+    }
+
+    /// Waits, at most `timeout`, until every creation under way now is done (those begun
+    /// later are not waited for). Returns whether they are.
+    pub(super) async fn wait_for_current(&self, timeout: Duration) -> bool {
+        let upto = self.lock().next;
+        self.wait_for(|id, _| id < upto, timeout).await
+    }
+
+    async fn wait_for(&self, matches: impl Fn(u64, &Creation) -> bool, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             // Registered before the check, so a creation leaving in between still wakes us.
             let left = self.left.notified();
             tokio::pin!(left);
             left.as_mut().enable();
-            let pending = self
-                .lock()
-                .under_way
-                .values()
-                .any(|c| c.user == user && session.is_none_or(|s| c.session == s));
+            let pending = self.lock().under_way.iter().any(|(id, c)| matches(*id, c));
             if !pending {
                 return true;
             }
@@ -195,5 +207,19 @@ mod tests {
         assert!(!creations.wait("bob", None, Duration::ZERO).await);
         assert!(bob.finish());
         assert!(creations.wait("bob", None, Duration::ZERO).await);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_current_creations_ignores_later_ones() {
+        let creations = Arc::new(Creations::default());
+        let earlier = creations.begin("anna", "");
+        let waiting = {
+            let creations = Arc::clone(&creations);
+            tokio::spawn(async move { creations.wait_for_current(Duration::from_secs(10)).await })
+        };
+        tokio::task::yield_now().await;
+        let _later = creations.begin("bob", "");
+        drop(earlier);
+        assert!(waiting.await.unwrap());
     }
 }
