@@ -31,6 +31,8 @@ struct MemorySink {
     delay: Mutex<Duration>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// Calls of `advance_cursor` (a commit of its own in the gateway).
+    advances: AtomicUsize,
 }
 
 impl MemorySink {
@@ -115,6 +117,7 @@ impl InboundSink for MemorySink {
 
     async fn advance_cursor(&self, channel: ChannelKind, cursor: i64) -> Result<(), AcceptError> {
         assert_eq!(channel, ChannelKind::Telegram);
+        self.advances.fetch_add(1, Ordering::SeqCst);
         let mut stored = self.cursor.lock().unwrap();
         *stored = Some(stored.map_or(cursor, |s| s.max(cursor)));
         Ok(())
@@ -259,6 +262,55 @@ async fn restart_from_stored_cursor_does_not_redeliver() {
     .await;
     assert_eq!(sink.texts(), vec!["new"]);
     assert_eq!(fake.get_updates_offsets()[0], Some(stored + 1));
+    running.stop().await;
+}
+
+/// A quiet bot's batch is one sender's (usually one message): its last message carries the
+/// cursor past the whole batch (skipped updates included), stored in the same commit, and no
+/// separate cursor write follows. Several senders' messages go without a cursor and the cursor
+/// follows once all are stored.
+#[tokio::test]
+async fn a_one_sender_batch_stores_its_cursor_with_its_last_message() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    fake.push_text(42, "first");
+    fake.push_text(42, "second");
+    let from = json!({"id": 42, "is_bot": false, "first_name": "A"});
+    let chat = json!({"id": 42, "type": "private"});
+    let sticker = fake
+        .push_raw_update(
+            json!({"message": {"message_id": 9, "date": 0, "from": from, "chat": chat,
+        "sticker": {"file_id": "x", "width": 1, "height": 1}}}),
+        )
+        .unwrap();
+    let sink = Arc::new(MemorySink::default());
+    let running = Running::start(settings(&fake), sink.clone());
+    let accepted = sink.wait_accepted(2).await;
+    wait_until("the batch is confirmed", || {
+        fake.get_updates_offsets().contains(&Some(sticker + 1))
+    })
+    .await;
+    let cursors: Vec<Option<i64>> = accepted.iter().map(|m| m.cursor).collect();
+    assert_eq!(cursors, vec![None, Some(sticker + 1)]);
+    assert_eq!(*sink.cursor.lock().unwrap(), Some(sticker + 1));
+    assert_eq!(sink.advances.load(Ordering::SeqCst), 0);
+    running.stop().await;
+
+    let fake = FakeTelegram::start(TOKEN).await;
+    fake.push_text(42, "from one");
+    let last = fake.push_text(43, "from another");
+    let sink = Arc::new(MemorySink::default());
+    let running = Running::start(settings(&fake), sink.clone());
+    let accepted = sink.wait_accepted(2).await;
+    wait_until("the batch is confirmed", || {
+        fake.get_updates_offsets().contains(&Some(last + 1))
+    })
+    .await;
+    assert!(accepted.iter().all(|m| m.cursor.is_none()), "{accepted:?}");
+    wait_until("the cursor follows the batch", || {
+        *sink.cursor.lock().unwrap() == Some(last + 1)
+    })
+    .await;
+    assert_eq!(sink.advances.load(Ordering::SeqCst), 1);
     running.stop().await;
 }
 

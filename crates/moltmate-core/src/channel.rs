@@ -221,7 +221,8 @@ pub enum Accepted {
     /// pairing policy, a pairing request). The message never reaches a model.
     Refused,
     /// The sender already has as many messages waiting for an answer as they may queue: this
-    /// one was not stored (the channel moves past it; the sender was told once).
+    /// one was not stored beyond the channel cursor (the channel moves past it; the sender was
+    /// told once).
     QueueFull,
 }
 
@@ -238,6 +239,8 @@ pub enum AcceptError {
 #[async_trait]
 pub trait InboundSink: Send + Sync {
     /// Store the message durably (and its cursor, atomically with it) and schedule the answer.
+    /// Whatever the outcome (`Ok`), the message's cursor, if it carries one, is stored: the
+    /// channel may move past it.
     async fn accept(&self, message: InboundMessage) -> Result<Accepted, AcceptError>;
     /// The cursor stored with the last accepted message of this channel, if any.
     async fn cursor(&self, channel: ChannelKind) -> Result<Option<i64>, AcceptError>;

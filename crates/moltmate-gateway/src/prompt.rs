@@ -65,11 +65,14 @@ pub fn build_system_prompt(
     text.push_str(PREAMBLE);
     text.push_str(&format!("\n\nToday is {}.", today.format("%A, %Y-%m-%d")));
 
-    let mut section = |heading: &str, relative: &str, text: &mut String| match read_beneath(
-        home.root(),
-        relative,
-        max_file_bytes,
-    ) {
+    // The home's root is opened once for all its files (an error opening it is reported for
+    // each file, as reading each by its path would).
+    let dir = moltmate_store::homes::open_dir(home.root());
+    let read = |relative: &str| match &dir {
+        Ok(dir) => moltmate_store::homes::read_beneath_at(dir, relative, max_file_bytes),
+        Err(_) => read_beneath(home.root(), relative, max_file_bytes),
+    };
+    let mut section = |heading: &str, relative: &str, text: &mut String| match read(relative) {
         Ok(Some((content, truncated))) if !content.trim().is_empty() => {
             text.push_str(&format!(
                 "\n\n## {heading} ({relative})\n\n{}",

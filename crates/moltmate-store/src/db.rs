@@ -958,7 +958,8 @@ impl Store {
     }
 
     /// Marks an inbox row answered without a turn (e.g. a chat command that needs no model).
-    /// Writes nothing when the row is gone or answered ([`Completion::Discarded`]).
+    /// Writes nothing when the row is gone or answered ([`Completion::Discarded`]). A reply is
+    /// queued `pending`, for [`Store::claim_outbox`].
     pub async fn finish_inbox_with_reply(
         &self,
         inbox_id: i64,
@@ -968,85 +969,61 @@ impl Store {
         let user = user.clone();
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if !crate::ending::inbox_row_pending(&tx, inbox_id)? {
-                return Ok(Completion::Discarded);
-            }
-            let outbox = match reply {
-                Some((channel, chat_id, text)) => Some(insert_outbox(
-                    &tx,
-                    Some(inbox_id),
-                    Some(&user),
-                    channel,
-                    &chat_id,
-                    &text,
-                )?),
-                None => None,
-            };
-            tx.prepare_cached("UPDATE inbox SET done_at = ?2 WHERE id = ?1")?
-                .execute(params![inbox_id, now_millis()])?;
-            prune_answered_rows(&tx, &user, now_millis())?;
+            let completion =
+                finish_inbox_in(&tx, inbox_id, &user, reply.as_ref(), Outbound::Pending)?;
             tx.commit()?;
-            Ok(Completion::Committed(outbox))
+            Ok(completion)
+        })
+        .await
+    }
+
+    /// [`Store::finish_inbox_with_reply`] for a reply its caller sends right away: the reply's
+    /// row is committed already claimed (`sending`, see [`Store::complete_turn_claimed`]).
+    pub async fn finish_inbox_with_claimed_reply(
+        &self,
+        inbox_id: i64,
+        user: &UserId,
+        reply: Option<(ChannelKind, String, String)>,
+    ) -> Result<Completion, StoreError> {
+        if reply.is_none() {
+            return self.finish_inbox_with_reply(inbox_id, user, None).await;
+        }
+        let user = user.clone();
+        self.durably(move |c| {
+            finish_inbox_in(c, inbox_id, &user, reply.as_ref(), Outbound::Claimed)
         })
         .await
     }
 
     /// Commits a finished turn: transcript items, usage, the reply and the inbox row's
-    /// completion, in one transaction. Returns the outbox id of the reply. Commits nothing
-    /// when the inbox row is gone — its user was removed or reset while the turn ran — or was
-    /// answered already ([`Completion::Discarded`]).
+    /// completion, in one transaction. Returns the outbox id of the reply, queued `pending`
+    /// for [`Store::claim_outbox`]. Commits nothing when the inbox row is gone — its user was
+    /// removed or reset while the turn ran — or was answered already
+    /// ([`Completion::Discarded`]).
     pub async fn complete_turn(&self, turn: TurnRecord) -> Result<Completion, StoreError> {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            // The model was called: its charge stands even when the turn is discarded (a
-            // reset keeps what was spent; a removed user is charged nothing, see
-            // `charge_usage`).
-            if let Some(deferred) = &turn.charge {
-                if !crate::usage::charge_usage(&tx, &turn.user, &deferred.day, deferred.charge, deferred.since)? {
-                    tracing::info!(user = %turn.user, "usage of a turn whose user was removed is not charged to anyone");
-                }
-            }
-            if !crate::ending::inbox_row_pending(&tx, turn.inbox_id)? {
-                tx.commit()?;
-                return Ok(Completion::Discarded);
-            }
-            let now = now_millis();
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO transcript (session_id, user_id, item, created_at) VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                for item in &turn.items {
-                    let json = serde_json::to_string(item).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    insert.execute(params![turn.session_id, turn.user.as_str(), json, now])?;
-                }
-                let mut usage = tx.prepare_cached(
-                    "INSERT INTO token_usage (user_id, provider, model, input_tokens, output_tokens, at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
-                for (provider, model, u) in &turn.usage {
-                    usage.execute(params![
-                        turn.user.as_str(),
-                        provider,
-                        model,
-                        crate::usage::to_i64(u.input_tokens),
-                        crate::usage::to_i64(u.output_tokens),
-                        now
-                    ])?;
-                }
-            }
-            tx.prepare_cached("UPDATE sessions SET last_active = ?2 WHERE id = ?1")?.execute( params![turn.session_id, now])?;
-            let outbox = match &turn.reply {
-                Some((channel, chat_id, text)) => {
-                    Some(insert_outbox(&tx, Some(turn.inbox_id), Some(&turn.user), *channel, chat_id, text)?)
-                }
-                None => None,
-            };
-            tx.prepare_cached("UPDATE inbox SET done_at = ?2 WHERE id = ?1")?.execute( params![turn.inbox_id, now])?;
-            prune_answered_rows(&tx, &turn.user, now)?;
+            let completion = complete_turn_in(&tx, &turn, Outbound::Pending)?;
             tx.commit()?;
-            Ok(Completion::Committed(outbox))
+            Ok(completion)
         })
         .await
+    }
+
+    /// [`Store::complete_turn`] for a turn whose caller sends the reply right away: the
+    /// reply's row is committed already claimed (`sending`, its text not kept: the transcript
+    /// has it), in a fsynced group commit, so the turn and the claim cost one commit where
+    /// they cost two. What a crash can do is unchanged: before this returns, nothing of the
+    /// turn is committed and the message is answered again after restart; after, the row is
+    /// `sending` and is never sent twice (at most once), exactly as after a separate claim.
+    /// Without a reply it is [`Store::complete_turn`] (nothing leaves the gateway, so nothing
+    /// needs the fsync).
+    pub async fn complete_turn_claimed(&self, turn: TurnRecord) -> Result<Completion, StoreError> {
+        if turn.reply.is_none() {
+            return self.complete_turn(turn).await;
+        }
+        self.durably(move |c| complete_turn_in(c, &turn, Outbound::Claimed))
+            .await
     }
 
     /// Queues a message that answers no inbox row (pairing codes, notices).
@@ -1151,6 +1128,25 @@ impl Store {
             Ok(())
         })
         .await
+    }
+
+    /// [`Store::set_outbox_state`] for a row its caller has sent (or failed to send): recorded
+    /// with the next group commit, or within [`crate::durable::LATER_WAIT`], not waited for.
+    /// Nothing decides on the state after `sending` (the row is never sent again either way),
+    /// so a crash that loses the record loses only the record. Returns at once.
+    pub fn set_outbox_state_later(
+        &self,
+        id: i64,
+        state: &'static str,
+        detail: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.db.run_later(move |c| {
+            c.prepare_cached(
+                "UPDATE outbox SET state = ?2, detail = ?3, updated_at = ?4 WHERE id = ?1",
+            )?
+            .execute(params![id, state, detail, now_millis()])?;
+            Ok(())
+        })
     }
 
     /// Count of outbox rows per state, for tests and health.
@@ -1783,6 +1779,130 @@ pub(crate) fn insert_outbox(
     Ok(c.last_insert_rowid())
 }
 
+/// How a reply's outbox row is committed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outbound {
+    /// `pending`, with its text: handed over later by whoever claims it.
+    Pending,
+    /// `sending`, without its text: its caller hands it over right after the commit.
+    Claimed,
+}
+
+/// The body of [`Store::finish_inbox_with_reply`], inside the caller's transaction.
+fn finish_inbox_in(
+    c: &Connection,
+    inbox_id: i64,
+    user: &UserId,
+    reply: Option<&(ChannelKind, String, String)>,
+    outbound: Outbound,
+) -> Result<Completion, StoreError> {
+    if !crate::ending::inbox_row_pending(c, inbox_id)? {
+        return Ok(Completion::Discarded);
+    }
+    let outbox = match reply {
+        Some((channel, chat_id, text)) => Some(insert_reply(
+            c, inbox_id, user, *channel, chat_id, text, outbound,
+        )?),
+        None => None,
+    };
+    let now = now_millis();
+    c.prepare_cached("UPDATE inbox SET done_at = ?2 WHERE id = ?1")?
+        .execute(params![inbox_id, now])?;
+    prune_answered_rows(c, user, now)?;
+    Ok(Completion::Committed(outbox))
+}
+
+/// The body of [`Store::complete_turn`], inside the caller's transaction.
+fn complete_turn_in(
+    c: &Connection,
+    turn: &TurnRecord,
+    outbound: Outbound,
+) -> Result<Completion, StoreError> {
+    // The model was called: its charge stands even when the turn is discarded (a reset keeps
+    // what was spent; a removed user is charged nothing, see `charge_usage`).
+    if let Some(deferred) = &turn.charge {
+        if !crate::usage::charge_usage(
+            c,
+            &turn.user,
+            &deferred.day,
+            deferred.charge,
+            deferred.since,
+        )? {
+            tracing::info!(user = %turn.user, "usage of a turn whose user was removed is not charged to anyone");
+        }
+    }
+    if !crate::ending::inbox_row_pending(c, turn.inbox_id)? {
+        return Ok(Completion::Discarded);
+    }
+    let now = now_millis();
+    {
+        let mut insert = c.prepare_cached(
+            "INSERT INTO transcript (session_id, user_id, item, created_at) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for item in &turn.items {
+            let json =
+                serde_json::to_string(item).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            insert.execute(params![turn.session_id, turn.user.as_str(), json, now])?;
+        }
+        let mut usage = c.prepare_cached(
+            "INSERT INTO token_usage (user_id, provider, model, input_tokens, output_tokens, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for (provider, model, u) in &turn.usage {
+            usage.execute(params![
+                turn.user.as_str(),
+                provider,
+                model,
+                crate::usage::to_i64(u.input_tokens),
+                crate::usage::to_i64(u.output_tokens),
+                now
+            ])?;
+        }
+    }
+    c.prepare_cached("UPDATE sessions SET last_active = ?2 WHERE id = ?1")?
+        .execute(params![turn.session_id, now])?;
+    let outbox = match &turn.reply {
+        Some((channel, chat_id, text)) => Some(insert_reply(
+            c,
+            turn.inbox_id,
+            &turn.user,
+            *channel,
+            chat_id,
+            text,
+            outbound,
+        )?),
+        None => None,
+    };
+    c.prepare_cached("UPDATE inbox SET done_at = ?2 WHERE id = ?1")?
+        .execute(params![turn.inbox_id, now])?;
+    prune_answered_rows(c, &turn.user, now)?;
+    Ok(Completion::Committed(outbox))
+}
+
+/// The outbox row of a reply to inbox row `inbox_id`.
+fn insert_reply(
+    c: &Connection,
+    inbox_id: i64,
+    user: &UserId,
+    channel: ChannelKind,
+    chat_id: &str,
+    text: &str,
+    outbound: Outbound,
+) -> Result<i64, StoreError> {
+    match outbound {
+        Outbound::Pending => insert_outbox(c, Some(inbox_id), Some(user), channel, chat_id, text),
+        Outbound::Claimed => {
+            let now = now_millis();
+            c.prepare_cached(
+                "INSERT INTO outbox (inbox_id, user_id, channel, chat_id, text, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, '', 'sending', ?5, ?5)",
+            )?
+            .execute(params![inbox_id, user.as_str(), channel.as_str(), chat_id, now])?;
+            Ok(c.last_insert_rowid())
+        }
+    }
+}
+
 /// Checkpoints the WAL from its own connection every 200 ms while the store is alive. PASSIVE
 /// checkpoints never block the writer; they copy committed pages into the database file and fsync
 /// it, which keeps the WAL short without putting that cost on a message's latency.
@@ -2062,6 +2182,94 @@ mod tests {
             "a row being sent is never resent"
         );
         assert_eq!(store.usage(Some(&user)).await.unwrap()[0].input_tokens, 3);
+    }
+
+    /// A turn whose reply is sent right away commits it claimed: one commit (fsynced, in a
+    /// group) instead of the turn's and the claim's. Nothing can send it again, its text is not
+    /// kept twice, and the outcome recorded after sending rides the next group commit.
+    #[tokio::test]
+    async fn a_turn_committed_with_its_reply_claimed_is_never_resent_and_keeps_no_reply_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path).unwrap();
+        let user = UserId::new("telegram_1").unwrap();
+        store.ensure_user(&user, None).await.unwrap();
+        let inbox_id = store
+            .insert_inbound(&message("1", "10", "hi", None), &user)
+            .await
+            .unwrap()
+            .unwrap();
+        let session = store.current_session(&user).await.unwrap();
+        let turn = || TurnRecord {
+            charge: None,
+            inbox_id,
+            user: user.clone(),
+            session_id: session.id.clone(),
+            items: vec![
+                ConversationItem::User { text: "hi".into() },
+                ConversationItem::Assistant {
+                    text: "hello".into(),
+                    tool_calls: vec![],
+                },
+            ],
+            reply: Some((ChannelKind::Telegram, "1".into(), "hello".into())),
+            usage: vec![],
+        };
+        let outbox = store
+            .complete_turn_claimed(turn())
+            .await
+            .unwrap()
+            .outbox()
+            .unwrap();
+        assert!(store.pending_inbox(&user, 10).await.unwrap().is_empty());
+        assert_eq!(store.transcript(&session.id).await.unwrap().len(), 2);
+        assert!(
+            store.pending_outbox(10).await.unwrap().is_empty(),
+            "a claimed reply is never sent again, after a crash either"
+        );
+        assert!(!store.claim_outbox(outbox).await.unwrap());
+        let raw = Connection::open(&path).unwrap();
+        let row = |raw: &Connection| -> (String, String) {
+            raw.query_row(
+                "SELECT state, text FROM outbox WHERE id = ?1",
+                [outbox],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+        };
+        assert_eq!(row(&raw), ("sending".to_string(), String::new()));
+        // Answered already: a second commit of the same turn writes nothing.
+        assert_eq!(
+            store.complete_turn_claimed(turn()).await.unwrap(),
+            Completion::Discarded
+        );
+        assert_eq!(
+            store.outbox_states().await.unwrap(),
+            vec![("sending".to_string(), 1)]
+        );
+        // The outcome is recorded with the next group commit.
+        store.set_outbox_state_later(outbox, "sent", None).unwrap();
+        store
+            .insert_inbound(&message("1", "11", "again", None), &user)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row(&raw).0, "sent");
+        // A command's reply the same way.
+        let next = store.pending_inbox(&user, 10).await.unwrap()[0].id;
+        let reply = store
+            .finish_inbox_with_claimed_reply(
+                next,
+                &user,
+                Some((ChannelKind::Telegram, "1".into(), "help".into())),
+            )
+            .await
+            .unwrap()
+            .outbox()
+            .unwrap();
+        assert!(store.pending_outbox(10).await.unwrap().is_empty());
+        assert!(!store.claim_outbox(reply).await.unwrap());
+        assert!(store.pending_inbox(&user, 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -25,11 +25,20 @@
 //! retries, as it would have before). Each caller has at most one call in flight (it awaits
 //! the answer), so running one caller's ordinary work before another caller's durable work
 //! reorders nothing any caller can observe.
+//!
+//! **Later work.** Some writes only record what happened for the operator — a reply's
+//! `sent` after its channel took it — and no caller waits for them or decides anything on
+//! them. They are queued and committed inside the next group (a savepoint each, like
+//! durable work), or on their own once the oldest has waited [`LATER_WAIT`] or
+//! [`MAX_LATER`] are queued, and when the thread ends. A message then costs one commit
+//! fewer; a crash can lose such a record (the row keeps its earlier state, which promises
+//! no less), never anything a caller was answered for.
 
 use crate::db::StoreError;
 use rusqlite::Connection;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Calls taken from the queue in one round at most (ordinary and durable together); bounds how
@@ -38,6 +47,15 @@ const MAX_ROUND: usize = 256;
 
 /// Ordinary work: runs and answers its caller itself.
 type Plain = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// Work no caller waits for (see "Later work" above).
+type Later = Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>;
+
+/// How long later work waits for a group before it is committed on its own.
+pub(crate) const LATER_WAIT: Duration = Duration::from_secs(1);
+
+/// Later work queued at most before it is committed on its own: bounds its memory.
+const MAX_LATER: usize = 256;
 
 /// One caller's durable work in a group.
 trait Durable: Send {
@@ -51,6 +69,7 @@ trait Durable: Send {
 enum Call {
     Plain(Plain),
     Durable(Box<dyn Durable>),
+    Later(Later),
 }
 
 struct DurableWork<R, F> {
@@ -137,6 +156,18 @@ impl DbThread {
         answer.await.map_err(|_| stopped())?
     }
 
+    /// Queues `work` to be committed with the next group, or on its own within
+    /// [`LATER_WAIT`]. Nobody is answered: a failure is logged. `work` runs inside a
+    /// transaction, so it must not begin its own.
+    pub(crate) fn run_later<F>(&self, work: F) -> Result<(), StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
+    {
+        self.calls
+            .send(Call::Later(Box::new(work)))
+            .map_err(|_| stopped())
+    }
+
     /// Runs `work` in the next group commit and answers once that group is on disk. `work`
     /// runs inside a transaction (a savepoint of the group's), so it must not begin its own.
     pub(crate) async fn run_durably<R, F>(&self, work: F) -> Result<R, StoreError>
@@ -158,11 +189,26 @@ impl DbThread {
 }
 
 /// The thread's loop: a round takes what is queued (at least one call, waiting for it), runs
-/// ordinary calls in order and commits the durable ones as one group.
+/// ordinary calls in order and commits the durable ones as one group, with the later work
+/// queued so far.
 fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
     let mut group: Vec<Box<dyn Durable>> = Vec::new();
-    while let Ok(first) = queue.recv() {
-        let mut next = Some(first);
+    let mut later: Vec<Later> = Vec::new();
+    // When the oldest queued later work was queued.
+    let mut later_since: Option<Instant> = None;
+    loop {
+        let first = match later_since {
+            None => match queue.recv() {
+                Ok(call) => Some(call),
+                Err(_) => break,
+            },
+            Some(since) => match queue.recv_timeout(LATER_WAIT.saturating_sub(since.elapsed())) {
+                Ok(call) => Some(call),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+        };
+        let mut next = first;
         let mut taken = 0;
         while let Some(call) = next.take() {
             taken += 1;
@@ -184,17 +230,40 @@ fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
                     }
                 }
                 Call::Durable(work) => group.push(work),
+                Call::Later(work) => {
+                    later_since.get_or_insert_with(Instant::now);
+                    later.push(work);
+                }
             }
             if taken < MAX_ROUND {
                 next = queue.try_recv().ok();
             }
         }
-        if !group.is_empty() {
+        let later_due = later.len() >= MAX_LATER
+            || later_since.is_some_and(|since| since.elapsed() >= LATER_WAIT);
+        if !group.is_empty() || later_due {
             let jobs = std::mem::take(&mut group);
-            if catch_unwind(AssertUnwindSafe(|| commit_group(&connection, jobs))).is_err() {
+            let records = std::mem::take(&mut later);
+            later_since = None;
+            if catch_unwind(AssertUnwindSafe(|| {
+                commit_group(&connection, jobs, records)
+            }))
+            .is_err()
+            {
                 rollback_open_transaction(&connection);
                 let _ = connection.execute_batch("PRAGMA synchronous = NORMAL");
             }
+        }
+    }
+    // The last callers are gone; what is queued for later is still committed.
+    if !later.is_empty() {
+        let records = std::mem::take(&mut later);
+        if catch_unwind(AssertUnwindSafe(|| {
+            commit_group(&connection, Vec::new(), records)
+        }))
+        .is_err()
+        {
+            rollback_open_transaction(&connection);
         }
     }
 }
@@ -205,18 +274,33 @@ fn rollback_open_transaction(c: &Connection) {
     }
 }
 
-/// One group: every job in its own savepoint, one fsynced commit, then every caller answered.
-fn commit_group(c: &Connection, mut jobs: Vec<Box<dyn Durable>>) {
+/// One group: every job in its own savepoint, then the later work (a savepoint each), one
+/// commit — fsynced when it holds durable work — then every caller answered.
+fn commit_group(c: &Connection, mut jobs: Vec<Box<dyn Durable>>, later: Vec<Later>) {
+    let durable = !jobs.is_empty();
     let committed = (|| -> Result<(), StoreError> {
-        // Cannot change inside a transaction; set for this commit only. Not from the statement
-        // cache: SQLite applies `synchronous` when the PRAGMA is compiled, not when it runs, so
-        // a cached copy would only keep working because SQLite re-compiles every PRAGMA on each
-        // run (see the test `every_group_commits_with_synchronous_full`).
-        c.execute_batch("PRAGMA synchronous = FULL")?;
+        if durable {
+            // Cannot change inside a transaction; set for this commit only. Not from the
+            // statement cache: SQLite applies `synchronous` when the PRAGMA is compiled, not
+            // when it runs, so a cached copy would only keep working because SQLite re-compiles
+            // every PRAGMA on each run (see the test `every_group_commits_with_synchronous_full`).
+            c.execute_batch("PRAGMA synchronous = FULL")?;
+        }
         run_cached(c, "BEGIN IMMEDIATE")?;
         for job in &mut jobs {
             run_cached(c, "SAVEPOINT job")?;
             if !job.run(c) {
+                run_cached(c, "ROLLBACK TO job")?;
+            }
+            run_cached(c, "RELEASE job")?;
+        }
+        for work in later {
+            run_cached(c, "SAVEPOINT job")?;
+            let result = catch_unwind(AssertUnwindSafe(|| work(c))).unwrap_or_else(|_| {
+                Err(StoreError::Worker("the database work panicked".to_string()))
+            });
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "a deferred record could not be written");
                 run_cached(c, "ROLLBACK TO job")?;
             }
             run_cached(c, "RELEASE job")?;
@@ -227,9 +311,11 @@ fn commit_group(c: &Connection, mut jobs: Vec<Box<dyn Durable>>) {
     if committed.is_err() {
         rollback_open_transaction(c);
     }
-    if let Err(e) = c.execute_batch("PRAGMA synchronous = NORMAL") {
-        // Later commits stay fsynced: slower, never less safe.
-        tracing::warn!(error = %e, "could not return the database to synchronous = NORMAL");
+    if durable {
+        if let Err(e) = c.execute_batch("PRAGMA synchronous = NORMAL") {
+            // Later commits stay fsynced: slower, never less safe.
+            tracing::warn!(error = %e, "could not return the database to synchronous = NORMAL");
+        }
     }
     let failed = committed.err();
     for job in jobs {
@@ -396,5 +482,81 @@ mod tests {
             .unwrap();
         assert!(db.run(|c| Ok(c.is_autocommit())).await.unwrap());
         assert_eq!(count(&db).await, 1);
+    }
+
+    fn insert_later(db: &DbThread, x: i64) {
+        db.run_later(move |c| {
+            c.execute("INSERT INTO t (x) VALUES (?1)", [x])?;
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn later_work_rides_the_next_group_and_a_failing_one_is_rolled_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        insert_later(&db, 1);
+        insert_later(&db, 1); // fails on the duplicate, alone
+        insert_later(&db, 2);
+        // No group yet, and far less than LATER_WAIT since: nothing committed.
+        assert_eq!(count(&db).await, 0);
+        db.run_durably(|c| Ok(c.execute("INSERT INTO t (x) VALUES (3)", [])?))
+            .await
+            .unwrap();
+        assert_eq!(count(&db).await, 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn later_work_without_a_group_is_committed_within_its_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        insert_later(&db, 1);
+        // Ordinary calls meanwhile do not take it along (they end their own transactions).
+        assert_eq!(count(&db).await, 0);
+        tokio::time::sleep(LATER_WAIT + Duration::from_millis(400)).await;
+        assert_eq!(count(&db).await, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn later_work_is_committed_when_the_thread_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        insert_later(&db, 7);
+        drop(db);
+        let reader = Connection::open(dir.path().join("t.db")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n: i64 = reader
+                .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+                .unwrap();
+            if n == 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the queued record was lost at the end"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn later_work_is_bounded_and_committed_on_its_own_when_many_are_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        for x in 0..MAX_LATER as i64 {
+            insert_later(&db, x);
+        }
+        // The round that takes the last of them commits them all, well before LATER_WAIT (a
+        // count in that same round runs before the commit, so it is asked again).
+        let started = Instant::now();
+        while count(&db).await < MAX_LATER as i64 {
+            assert!(
+                started.elapsed() < LATER_WAIT / 2,
+                "{MAX_LATER} records waited for LATER_WAIT"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

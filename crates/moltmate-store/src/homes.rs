@@ -468,11 +468,34 @@ pub fn read_beneath(
 ) -> Result<Option<(String, bool)>, HomeError> {
     check_relative(relative)?;
     let dir = open_root(root)?;
-    let Some((fd, _)) = open_beneath(&dir, relative, Expect::File)? else {
+    read_beneath_at(&dir, relative, max_bytes)
+}
+
+/// Opens a home's (or family folder's) root directory for [`read_beneath_at`]: several files
+/// read beneath one opened root cost one `open` of it, not one each. A symlink is refused.
+pub fn open_dir(root: &Path) -> Result<OwnedFd, HomeError> {
+    open_root(root)
+}
+
+/// [`read_beneath`] beneath an opened directory (see [`open_dir`]).
+pub fn read_beneath_at(
+    dir: &impl AsFd,
+    relative: &str,
+    max_bytes: u64,
+) -> Result<Option<(String, bool)>, HomeError> {
+    let Some((fd, stat)) = open_beneath(dir, relative, Expect::File)? else {
         return Ok(None);
     };
+    // Sized from the file, within the limit: one read and the one that finds the end, not a
+    // series of small doubling reads (these files are read on every turn). The size is only a
+    // hint — the file may change meanwhile — and `take` bounds what is read whatever it says.
+    let hint = u64::try_from(stat.st_size)
+        .unwrap_or(0)
+        .min(max_bytes)
+        .min(MAX_READ_HINT)
+        .saturating_add(1);
+    let mut bytes = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
     let mut file = std::fs::File::from(fd);
-    let mut bytes = Vec::new();
     (&mut file)
         .take(max_bytes.saturating_add(1))
         .read_to_end(&mut bytes)
@@ -484,6 +507,10 @@ pub fn read_beneath(
         truncated,
     )))
 }
+
+/// The most [`read_beneath_at`] allocates ahead from a file's size (a larger file grows the
+/// buffer as it is read).
+const MAX_READ_HINT: u64 = 1 << 20;
 
 /// One entry of a directory listing.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,8 +9,9 @@
 //! one of them does the offset move past the batch, and only the next `getUpdates` carrying
 //! that offset confirms it to Telegram. A sink failure is retried (with backoff) on the *same*
 //! update, so nothing is ever skipped. The stored cursor follows at the end of each batch
-//! ([`InboundSink::advance_cursor`]); a crash before that reads the batch again, and the sink
-//! knows the updates it already stored by their id.
+//! ([`InboundSink::advance_cursor`]), or with the last message when the batch is one sender's;
+//! a crash before that reads the batch again, and the sink knows the updates it already stored
+//! by their id.
 //!
 //! Updates we do not answer (no text: stickers, photos, service messages; group chats unless
 //! [`TelegramSettings::accept_group_chats`]; messages from bots; anything malformed) are skipped:
@@ -79,6 +80,15 @@ pub enum TelegramSetupError {
 pub struct BotInfo {
     pub id: i64,
     pub username: Option<String>,
+}
+
+/// What became of a batch handed to the sink.
+enum Delivered {
+    /// Every message is stored; with the cursor past the batch when it went with the last one.
+    Stored {
+        cursor_stored: Option<i64>,
+    },
+    ShuttingDown,
 }
 
 /// What to do with one update.
@@ -240,23 +250,34 @@ impl TelegramChannel {
     /// can commit many senders' messages with one fsync instead of one each. Returns when every
     /// message is stored; false on shutdown.
     ///
-    /// The messages go without their cursor: with senders stored in any order, a later
-    /// update's cursor could be stored before an earlier update is, and a crash in between
-    /// would skip that one. The caller stores the cursor past the whole batch once all of it
-    /// is stored; until then a restart reads the batch again, and the sink recognises what it
-    /// stored before (same `external_id`).
+    /// With several senders the messages go without their cursor: stored in any order, a
+    /// later update's cursor could be stored before an earlier update is, and a crash in
+    /// between would skip that one. The caller then stores the cursor past the whole batch once
+    /// all of it is stored; until then a restart reads the batch again, and the sink recognises
+    /// what it stored before (same `external_id`). With one sender (a quiet bot: usually one
+    /// message) the messages are stored one after the other anyway, so the last carries the
+    /// cursor past the batch, `through`, and it is stored in the same commit as that message:
+    /// one commit per message instead of two. Returns what the sink stored of the cursor.
     async fn deliver_batch(
         &self,
         sink: &dyn InboundSink,
         batch: Vec<InboundMessage>,
+        through: Option<i64>,
         shutdown: &Shutdown,
-    ) -> bool {
+    ) -> Delivered {
         let mut senders: Vec<(Identity, Vec<InboundMessage>)> = Vec::new();
         for mut message in batch {
             message.cursor = None;
             match senders.iter_mut().find(|(s, _)| *s == message.sender) {
                 Some((_, messages)) => messages.push(message),
                 None => senders.push((message.sender.clone(), vec![message])),
+            }
+        }
+        let mut cursor_stored = None;
+        if let [(_, messages)] = senders.as_mut_slice() {
+            if let Some(last) = messages.last_mut() {
+                last.cursor = through;
+                cursor_stored = through;
             }
         }
         let delivered: Vec<bool> = futures::stream::iter(senders)
@@ -273,7 +294,11 @@ impl TelegramChannel {
             .buffer_unordered(MAX_SENDERS_AT_ONCE)
             .collect()
             .await;
-        delivered.into_iter().all(|ok| ok)
+        if delivered.into_iter().all(|ok| ok) {
+            Delivered::Stored { cursor_stored }
+        } else {
+            Delivered::ShuttingDown
+        }
     }
 
     /// Sleep as the error asks (server `retry_after`, else backoff). False on shutdown.
@@ -509,8 +534,16 @@ impl Channel for TelegramChannel {
                 }
                 offset = Some(id.saturating_add(1));
             }
-            if !self.deliver_batch(sink.as_ref(), batch, &shutdown).await {
-                return Ok(());
+            match self
+                .deliver_batch(sink.as_ref(), batch, offset, &shutdown)
+                .await
+            {
+                Delivered::ShuttingDown => return Ok(()),
+                Delivered::Stored { cursor_stored } => {
+                    if cursor_stored.is_some() {
+                        stored = cursor_stored;
+                    }
+                }
             }
             // Every update of the batch is stored or skipped: the cursor may pass them all.
             if let Some(skipped_to) = offset.filter(|o| stored.is_none_or(|s| *o > s)) {

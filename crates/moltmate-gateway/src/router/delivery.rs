@@ -62,7 +62,7 @@ pub(super) async fn finish(
             chat_id: item.chat_id.clone(),
             text: reply,
         };
-        deliver(inner, outbox_item).await;
+        send_claimed(inner, outbox_item).await;
     }
 }
 
@@ -97,14 +97,14 @@ pub(super) fn discard(inner: &Inner, item: &InboxItem) {
 /// Sends one outbox row: `sending` is committed before the channel sees it, so a crash in
 /// between never sends it twice (at-most-once; the reply stays in the transcript either way).
 pub(super) async fn deliver(inner: &Inner, item: OutboxItem) {
-    let Some(channel) = inner.channels.get(&item.channel) else {
+    if !inner.channels.contains_key(&item.channel) {
         // In-band channels (local chat, web) got the reply from the waiter or read it from the
         // transcript; there is nothing to push.
         if let Err(e) = inner.store.set_outbox_state(item.id, "stored", None).await {
             tracing::error!(error = %e, "could not update the outbox");
         }
         return;
-    };
+    }
     match inner.store.claim_outbox(item.id).await {
         Ok(true) => {}
         Ok(false) => return,
@@ -113,6 +113,14 @@ pub(super) async fn deliver(inner: &Inner, item: OutboxItem) {
             return;
         }
     }
+    send_claimed(inner, item).await;
+}
+
+/// Sends an outbox row its caller has claimed (committed `sending`) and records the outcome.
+async fn send_claimed(inner: &Inner, item: OutboxItem) {
+    let Some(channel) = inner.channels.get(&item.channel) else {
+        return;
+    };
     let (state, detail) = match channel.send_text(&item.chat_id, &item.text).await {
         Ok(()) => {
             inner.metrics.replies_sent.inc();
@@ -124,7 +132,15 @@ pub(super) async fn deliver(inner: &Inner, item: OutboxItem) {
             ("failed", Some(e.to_string()))
         }
     };
-    if let Err(e) = inner.store.set_outbox_state(item.id, state, detail).await {
+    // A user's reply: the outcome is a record for the operator, written with the next commit
+    // (the row is `sending` already, so nothing can send it again). A stranger's (a pairing
+    // reply) is deleted now: nothing of a stranger is kept past its delivery.
+    let recorded = if item.user.is_some() {
+        inner.store.set_outbox_state_later(item.id, state, detail)
+    } else {
+        inner.store.set_outbox_state(item.id, state, detail).await
+    };
+    if let Err(e) = recorded {
         tracing::error!(error = %e, "could not update the outbox");
     }
 }

@@ -287,7 +287,7 @@ async fn answer_failure(
 ) -> Result<(), TurnError> {
     let completion = inner
         .store
-        .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, item, &text))
+        .finish_inbox_with_claimed_reply(item.id, &item.user, pushed_reply(inner, item, &text))
         .await?;
     finish_or_discard(inner, item, completion, text, TokenUsage::default()).await;
     Ok(())
@@ -447,7 +447,11 @@ async fn handle_item(
             let text = notes.join("\n\n");
             match inner
                 .store
-                .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, item, &text))
+                .finish_inbox_with_claimed_reply(
+                    item.id,
+                    &item.user,
+                    pushed_reply(inner, item, &text),
+                )
                 .await?
             {
                 Completion::Committed(outbox) => {
@@ -521,7 +525,7 @@ async fn handle_item(
     if let Some(text) = command_reply {
         let completion = inner
             .store
-            .finish_inbox_with_reply(item.id, &item.user, pushed_reply(inner, item, &text))
+            .finish_inbox_with_claimed_reply(item.id, &item.user, pushed_reply(inner, item, &text))
             .await?;
         finish_or_discard(inner, item, completion, text, TokenUsage::default()).await;
         return Ok(());
@@ -560,7 +564,7 @@ async fn handle_item(
         });
         let completion = inner
             .store
-            .finish_inbox_with_reply(item.id, &item.user, pushed)
+            .finish_inbox_with_claimed_reply(item.id, &item.user, pushed)
             .await?;
         finish_or_discard(inner, item, completion, text, TokenUsage::default()).await;
         return Ok(());
@@ -753,7 +757,7 @@ async fn handle_item(
     let charge = guard.take_deferred();
     let completion = match inner
         .store
-        .complete_turn(TurnRecord {
+        .complete_turn_claimed(TurnRecord {
             inbox_id: item.id,
             user: item.user.clone(),
             session_id: session.id,
