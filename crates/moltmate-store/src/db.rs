@@ -1001,13 +1001,10 @@ impl Store {
     /// removed or reset while the turn ran — or was answered already
     /// ([`Completion::Discarded`]).
     pub async fn complete_turn(&self, turn: TurnRecord) -> Result<Completion, StoreError> {
-        self.with(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let completion = complete_turn_in(&tx, &turn, Outbound::Pending)?;
-            tx.commit()?;
-            Ok(completion)
-        })
-        .await
+        // In the round's group commit: under load many users' turns share one commit.
+        self.db
+            .run_grouped(move |c| complete_turn_in(c, &turn, Outbound::Pending))
+            .await
     }
 
     /// [`Store::complete_turn`] for a turn whose caller sends the reply right away: the

@@ -26,6 +26,12 @@
 //! the answer), so running one caller's ordinary work before another caller's durable work
 //! reorders nothing any caller can observe.
 //!
+//! **Grouped work.** A turn's commit (without a reply to push) needs no fsync, but under load
+//! many users' turns are queued at once; each in a commit of its own wrote the pages they all
+//! touch (counters, indexes) again and again. Such writes join the round's group instead: in
+//! a savepoint each, answered after the group's commit — fsynced when the group holds durable
+//! work, `synchronous = NORMAL` otherwise. Alone, a turn is one ordinary commit, as before.
+//!
 //! **Later work.** Some writes only record what happened for the operator — a reply's
 //! `sent` after its channel took it — and no caller waits for them or decides anything on
 //! them. They are queued and committed inside the next group (a savepoint each, like
@@ -69,6 +75,8 @@ trait Durable: Send {
 enum Call {
     Plain(Plain),
     Durable(Box<dyn Durable>),
+    /// Like `Durable`, but needs no fsync of its own (see [`DbThread::run_grouped`]).
+    Grouped(Box<dyn Durable>),
     Later(Later),
 }
 
@@ -175,15 +183,38 @@ impl DbThread {
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
+        self.run_in_group(work, Call::Durable).await
+    }
+
+    /// Runs write `work` in the round's group commit and answers once that commit returned:
+    /// fsynced when the group holds durable work, otherwise at `synchronous = NORMAL` like an
+    /// ordinary call. Under load many users' turns then share one commit (and the pages they
+    /// all touch are written once); alone it is one ordinary commit. `work` runs inside a
+    /// transaction (a savepoint of the group's), so it must not begin its own.
+    pub(crate) async fn run_grouped<R, F>(&self, work: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.run_in_group(work, Call::Grouped).await
+    }
+
+    async fn run_in_group<R, F>(
+        &self,
+        work: F,
+        call: fn(Box<dyn Durable>) -> Call,
+    ) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
-        let call = Box::new(DurableWork {
+        let work = Box::new(DurableWork {
             work: Some(work),
             result: None,
             reply,
         });
-        self.calls
-            .send(Call::Durable(call))
-            .map_err(|_| stopped())?;
+        self.calls.send(call(work)).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
@@ -193,6 +224,7 @@ impl DbThread {
 /// queued so far.
 fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
     let mut group: Vec<Box<dyn Durable>> = Vec::new();
+    let mut grouped: Vec<Box<dyn Durable>> = Vec::new();
     let mut later: Vec<Later> = Vec::new();
     // When the oldest queued later work was queued.
     let mut later_since: Option<Instant> = None;
@@ -230,6 +262,7 @@ fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
                     }
                 }
                 Call::Durable(work) => group.push(work),
+                Call::Grouped(work) => grouped.push(work),
                 Call::Later(work) => {
                     later_since.get_or_insert_with(Instant::now);
                     later.push(work);
@@ -241,12 +274,13 @@ fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
         }
         let later_due = later.len() >= MAX_LATER
             || later_since.is_some_and(|since| since.elapsed() >= LATER_WAIT);
-        if !group.is_empty() || later_due {
+        if !group.is_empty() || !grouped.is_empty() || later_due {
             let jobs = std::mem::take(&mut group);
+            let writes = std::mem::take(&mut grouped);
             let records = std::mem::take(&mut later);
             later_since = None;
             if catch_unwind(AssertUnwindSafe(|| {
-                commit_group(&connection, jobs, records)
+                commit_group(&connection, jobs, writes, records)
             }))
             .is_err()
             {
@@ -259,7 +293,7 @@ fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
     if !later.is_empty() {
         let records = std::mem::take(&mut later);
         if catch_unwind(AssertUnwindSafe(|| {
-            commit_group(&connection, Vec::new(), records)
+            commit_group(&connection, Vec::new(), Vec::new(), records)
         }))
         .is_err()
         {
@@ -274,10 +308,18 @@ fn rollback_open_transaction(c: &Connection) {
     }
 }
 
-/// One group: every job in its own savepoint, then the later work (a savepoint each), one
-/// commit — fsynced when it holds durable work — then every caller answered.
-fn commit_group(c: &Connection, mut jobs: Vec<Box<dyn Durable>>, later: Vec<Later>) {
-    let durable = !jobs.is_empty();
+/// One group: every job (durable, then grouped) in its own savepoint, then the later work (a
+/// savepoint each), one commit — fsynced when it holds durable work — then every caller
+/// answered.
+fn commit_group(
+    c: &Connection,
+    durable_jobs: Vec<Box<dyn Durable>>,
+    grouped: Vec<Box<dyn Durable>>,
+    later: Vec<Later>,
+) {
+    let durable = !durable_jobs.is_empty();
+    let mut jobs = durable_jobs;
+    jobs.extend(grouped);
     let committed = (|| -> Result<(), StoreError> {
         if durable {
             // Cannot change inside a transaction; set for this commit only. Not from the
@@ -558,5 +600,45 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grouped_work_alone_commits_without_fsync_and_fails_alone_in_a_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        // Alone: its own group, at synchronous = NORMAL (1).
+        let synchronous: i64 = db
+            .run_grouped(|c| {
+                c.execute("INSERT INTO t (x) VALUES (1)", [])?;
+                Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(synchronous, 1);
+        assert_eq!(count(&db).await, 1);
+        // Many at once, with durable work: each answered with its own result; the failing one
+        // (a duplicate) is rolled back alone.
+        let mut tasks = Vec::new();
+        for i in 0..50i64 {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                let x = if i == 7 { 1 } else { 100 + i };
+                if i % 2 == 0 {
+                    db.run_durably(move |c| Ok(c.execute("INSERT INTO t (x) VALUES (?1)", [x])?))
+                        .await
+                } else {
+                    db.run_grouped(move |c| Ok(c.execute("INSERT INTO t (x) VALUES (?1)", [x])?))
+                        .await
+                }
+            }));
+        }
+        let mut failed = 0;
+        for task in tasks {
+            if task.await.unwrap().is_err() {
+                failed += 1;
+            }
+        }
+        assert_eq!(failed, 1);
+        assert_eq!(count(&db).await, 50);
     }
 }
