@@ -7,7 +7,9 @@
 //! themselves, which may hold personal data.
 
 use async_trait::async_trait;
-use moltmate_core::model::{ConversationItem, DeltaSink, ModelResponse, TokenUsage, ToolSpec};
+use moltmate_core::model::{
+    ConversationItem, DeltaSink, ModelResponse, StoredItems, TokenUsage, ToolSpec, WireCache,
+};
 use moltmate_core::tool::{Tool, ToolContext, ToolError, ToolOutput};
 use moltmate_store::{AuditEvent, Store};
 use sha2::{Digest, Sha256};
@@ -120,6 +122,21 @@ pub trait ModelCaller: Send + Sync {
         tools: &[ToolSpec],
         deltas: &dyn DeltaSink,
     ) -> Result<ModelAnswer, ModelFailure>;
+
+    /// [`ModelCaller::call`] for items whose front came from the user's kept history
+    /// (`stored`), so a provider can reuse those items' wire forms. A caller that does not
+    /// reuse them just calls [`ModelCaller::call`].
+    async fn call_stored(
+        &self,
+        system: &str,
+        items: &[ConversationItem],
+        stored: Option<StoredItems<'_>>,
+        tools: &[ToolSpec],
+        deltas: &dyn DeltaSink,
+    ) -> Result<ModelAnswer, ModelFailure> {
+        let _ = stored;
+        self.call(system, items, tools, deltas).await
+    }
 }
 
 /// The tools the gateway knows, by name. Which of them a user gets is decided per call.
@@ -206,6 +223,9 @@ pub struct Turn<'a> {
     pub system: String,
     /// The session so far (the new user message is not in it).
     pub history: Vec<ConversationItem>,
+    /// The transcript rows of `history` (one id per item) and the cache of their wire forms,
+    /// when `history` came from the worker's kept history.
+    pub stored: Option<(Vec<i64>, Arc<WireCache>)>,
     pub user_text: String,
     /// Pictures sent with the message ([`ConversationItem::Image`]), shown to the model with the
     /// user's text in this turn only: they are not part of the turn's stored items.
@@ -301,6 +321,15 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
     let offered = turn.tools.offered(turn.allowed_tools);
     let mut items = turn.history;
     let history_len = items.len();
+    // Row ids for exactly the history's items, or none (then every item is encoded afresh).
+    let stored = turn
+        .stored
+        .as_ref()
+        .filter(|(ids, _)| ids.len() == history_len)
+        .map(|(ids, cache)| StoredItems {
+            ids,
+            cache: cache.as_ref(),
+        });
     items.extend(turn.images);
     let first_new = items.len();
     items.push(ConversationItem::User {
@@ -320,7 +349,7 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
         let model_started = Instant::now();
         let answer = match turn
             .model
-            .call(&turn.system, &items, &offered, turn.deltas)
+            .call_stored(&turn.system, &items, stored, &offered, turn.deltas)
             .await
         {
             Ok(mut answer) => {

@@ -136,6 +136,7 @@ pub async fn compact(
         allowed_tools: job.allowed_tools,
         system: job.system.to_string(),
         history: history.clone(),
+        stored: None,
         user_text: FLUSH_NOTICE.to_string(),
         images: Vec::new(),
         max_iterations: job.max_iterations,

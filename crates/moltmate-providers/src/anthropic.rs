@@ -46,7 +46,7 @@ impl Provider for AnthropicProvider {
         deltas: &dyn DeltaSink,
     ) -> Result<ModelResponse, ProviderError> {
         let heavy = crate::http::carries_images(&request.items);
-        let encode = || serde_json::to_vec(&body(request));
+        let encode = || encode(request);
         match self.transport.post(heavy, encode).await? {
             Reply::Json(value) => parse_message(&self.transport, &value, deltas),
             Reply::Stream(reader) => read_stream(&self.transport, reader, deltas).await,
@@ -57,17 +57,66 @@ impl Provider for AnthropicProvider {
 /// The request JSON, as a value (for tests; the wire gets [`body`] serialised directly).
 #[cfg(test)]
 pub(crate) fn request_body(request: &ModelRequest<'_>) -> Value {
-    serde_json::to_value(body(request)).unwrap_or(Value::Null)
+    encode(request)
+        .and_then(|bytes| serde_json::from_slice(&bytes))
+        .unwrap_or(Value::Null)
 }
 
-/// The request body, borrowing from the request: serialised straight into the HTTP body, with
-/// no `serde_json::Value` tree of the whole conversation built and dropped on every call.
-fn body<'r>(request: &'r ModelRequest<'_>) -> Body<'r> {
-    Body {
-        model: &request.model,
-        system: &request.system,
-        messages: messages(&request.items),
-        tools: request
+/// The wire name of this format in a [`moltmate_core::model::WireCache`].
+const WIRE_FORMAT: &str = "anthropic";
+
+/// The request body, written straight from the borrowed request: no `serde_json::Value` tree
+/// of the conversation, and the content blocks of stored history rows taken from the user's
+/// [`moltmate_core::model::WireCache`] when the request has one (made once per row, not once
+/// per call). Fields in the order the API documents: `model`, `system`, `messages`, `tools`,
+/// `max_tokens`, `stream`.
+pub(crate) fn encode(request: &ModelRequest<'_>) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(4096);
+    out.extend_from_slice(b"{\"model\":");
+    serde_json::to_writer(&mut out, request.model.as_str())?;
+    if !request.system.is_empty() {
+        out.extend_from_slice(b",\"system\":");
+        serde_json::to_writer(&mut out, request.system.as_ref())?;
+    }
+    out.extend_from_slice(b",\"messages\":[");
+    let mut stored = request
+        .stored
+        .map(|stored| (stored.ids, stored.cache.rows(WIRE_FORMAT)));
+    let plan = plan_messages(&request.items);
+    for (n, message) in plan.messages.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"role\":\"");
+        out.extend_from_slice(message.role.as_bytes());
+        out.extend_from_slice(b"\",\"content\":[");
+        let indices = plan
+            .order
+            .get(message.start..message.end)
+            .unwrap_or_default();
+        for (k, &index) in indices.iter().enumerate() {
+            if k > 0 {
+                out.push(b',');
+            }
+            let Some(item) = request.items.get(index) else {
+                continue;
+            };
+            let row = stored.as_ref().and_then(|(ids, _)| ids.get(index).copied());
+            match (row, stored.as_mut()) {
+                // A photo is never a stored row; its base64 is not worth keeping anyway.
+                (Some(row), Some((_, rows))) if !matches!(item, ConversationItem::Image { .. }) => {
+                    rows.append(row, &mut out, |out| write_blocks(item, out))?
+                }
+                _ => write_blocks(item, &mut out)?,
+            }
+        }
+        out.extend_from_slice(b"]}");
+    }
+    out.push(b']');
+    drop(stored);
+    if !request.tools.is_empty() {
+        out.extend_from_slice(b",\"tools\":");
+        let tools: Vec<WireTool<'_>> = request
             .tools
             .iter()
             .map(|t| WireTool {
@@ -75,22 +124,13 @@ fn body<'r>(request: &'r ModelRequest<'_>) -> Body<'r> {
                 description: &t.description,
                 input_schema: &t.parameters,
             })
-            .collect(),
-        max_tokens: request.max_output_tokens,
-        stream: true,
+            .collect();
+        serde_json::to_writer(&mut out, &tools)?;
     }
-}
-
-#[derive(Serialize)]
-struct Body<'a> {
-    model: &'a str,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    system: &'a str,
-    messages: Vec<Message<'a>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    tools: Vec<WireTool<'a>>,
-    max_tokens: u32,
-    stream: bool,
+    out.extend_from_slice(b",\"max_tokens\":");
+    out.extend_from_slice(request.max_output_tokens.to_string().as_bytes());
+    out.extend_from_slice(b",\"stream\":true}");
+    Ok(out)
 }
 
 #[derive(Serialize)]
@@ -100,10 +140,136 @@ struct WireTool<'a> {
     input_schema: &'a Value,
 }
 
-#[derive(Serialize)]
-struct Message<'a> {
+/// Which items make which message: `messages[m]` holds the items `order[start..end]`, each
+/// contributing all its content blocks, in that order.
+struct MessagePlan {
+    messages: Vec<PlannedMessage>,
+    order: Vec<usize>,
+}
+
+struct PlannedMessage {
     role: &'static str,
-    content: Vec<Content<'a>>,
+    start: usize,
+    end: usize,
+}
+
+/// The role an item speaks in and whether it is a tool result; `None` for an item with no
+/// block to send (an assistant item with blank text and no tool call).
+fn item_role(item: &ConversationItem) -> Option<(&'static str, bool)> {
+    match item {
+        ConversationItem::User { .. } | ConversationItem::Image { .. } => Some(("user", false)),
+        ConversationItem::ToolResult { .. } => Some(("user", true)),
+        ConversationItem::Assistant { text, tool_calls } => {
+            (!is_blank(text) || !tool_calls.is_empty()).then_some(("assistant", false))
+        }
+    }
+}
+
+/// Consecutive items of one role make one message; in a `user` message, tool results come
+/// before anything else (the API wants every `tool_result` of an assistant turn first in the
+/// message that follows it). Every item's blocks stay together, so each item's wire form is
+/// one piece that can be kept.
+fn plan_messages(items: &[ConversationItem]) -> MessagePlan {
+    let mut plan = MessagePlan {
+        messages: Vec::new(),
+        order: Vec::with_capacity(items.len()),
+    };
+    for (index, item) in items.iter().enumerate() {
+        let Some((role, is_result)) = item_role(item) else {
+            continue;
+        };
+        match plan.messages.last_mut() {
+            Some(last) if last.role == role => {
+                // The last message's items are the end of `order`.
+                let at = if is_result {
+                    let held = plan.order.get(last.start..).unwrap_or_default();
+                    last.start
+                        + held
+                            .iter()
+                            .position(|&i| !items.get(i).is_some_and(is_tool_result))
+                            .unwrap_or(held.len())
+                } else {
+                    plan.order.len()
+                };
+                plan.order.insert(at, index);
+                last.end += 1;
+            }
+            _ => {
+                let start = plan.order.len();
+                plan.order.push(index);
+                plan.messages.push(PlannedMessage {
+                    role,
+                    start,
+                    end: start + 1,
+                });
+            }
+        }
+    }
+    plan
+}
+
+fn is_tool_result(item: &ConversationItem) -> bool {
+    matches!(item, ConversationItem::ToolResult { .. })
+}
+
+/// An item's content blocks, comma-separated (what goes between a message's `[` and `]`).
+fn write_blocks(item: &ConversationItem, out: &mut Vec<u8>) -> serde_json::Result<()> {
+    let mut first = true;
+    let mut block = |out: &mut Vec<u8>, content: &Content<'_>| {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, content)
+    };
+    match item {
+        ConversationItem::User { text } => {
+            // The API rejects empty text blocks; an empty user message still needs a turn.
+            let text = if is_blank(text) {
+                "(empty message)"
+            } else {
+                text.as_str()
+            };
+            block(out, &Content::Text { text })
+        }
+        ConversationItem::Image { media_type, data } => block(
+            out,
+            &Content::Image {
+                source: ImageSource {
+                    kind: "base64",
+                    media_type,
+                    data,
+                },
+            },
+        ),
+        ConversationItem::ToolResult {
+            call_id,
+            content,
+            is_error,
+        } => block(
+            out,
+            &Content::ToolResult {
+                tool_use_id: call_id,
+                content,
+                is_error: *is_error,
+            },
+        ),
+        ConversationItem::Assistant { text, tool_calls } => {
+            if !is_blank(text) {
+                block(out, &Content::Text { text })?;
+            }
+            for call in tool_calls {
+                block(
+                    out,
+                    &Content::ToolUse {
+                        id: &call.id,
+                        name: &call.name,
+                        input: ToolInput(&call.arguments),
+                    },
+                )?;
+            }
+            Ok(())
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -149,83 +315,6 @@ fn is_blank(text: &str) -> bool {
 
 fn is_false(value: &bool) -> bool {
     !*value
-}
-
-fn messages(items: &[ConversationItem]) -> Vec<Message<'_>> {
-    let mut out: Vec<Message<'_>> = Vec::new();
-    for item in items {
-        let (role, blocks) = match item {
-            ConversationItem::User { text } => {
-                // The API rejects empty text blocks; an empty user message still needs a turn.
-                let text = if is_blank(text) {
-                    "(empty message)"
-                } else {
-                    text.as_str()
-                };
-                ("user", vec![Content::Text { text }])
-            }
-            ConversationItem::Image { media_type, data } => (
-                "user",
-                vec![Content::Image {
-                    source: ImageSource {
-                        kind: "base64",
-                        media_type,
-                        data,
-                    },
-                }],
-            ),
-            ConversationItem::ToolResult {
-                call_id,
-                content,
-                is_error,
-            } => (
-                "user",
-                vec![Content::ToolResult {
-                    tool_use_id: call_id,
-                    content,
-                    is_error: *is_error,
-                }],
-            ),
-            ConversationItem::Assistant { text, tool_calls } => {
-                let mut blocks = Vec::with_capacity(tool_calls.len() + 1);
-                if !is_blank(text) {
-                    blocks.push(Content::Text { text });
-                }
-                for call in tool_calls {
-                    blocks.push(Content::ToolUse {
-                        id: &call.id,
-                        name: &call.name,
-                        input: ToolInput(&call.arguments),
-                    });
-                }
-                if blocks.is_empty() {
-                    continue;
-                }
-                ("assistant", blocks)
-            }
-        };
-        let is_result = |b: &Content<'_>| matches!(b, Content::ToolResult { .. });
-        match out.last_mut() {
-            Some(last) if last.role == role => {
-                // tool_result blocks must precede any text in a user message.
-                if role == "user" && blocks.iter().any(is_result) {
-                    let split = last
-                        .content
-                        .iter()
-                        .position(|b| !is_result(b))
-                        .unwrap_or(last.content.len());
-                    last.content.splice(split..split, blocks);
-                } else {
-                    last.content.extend(blocks);
-                }
-            }
-            _ => out.push(Message {
-                role,
-                content: blocks,
-            }),
-        }
-    }
-    out
 }
 
 /// `tool_use.input` must be an object. Arguments that were not a JSON object (the model's
@@ -642,6 +731,7 @@ mod tests {
             }]
             .into(),
             max_output_tokens: 10,
+            stored: None,
         };
         let body = request_body(&request);
         assert!(body.get("system").is_none());

@@ -14,7 +14,8 @@
 //! was abandoned and must show the final text instead of appending to the preview.
 
 use moltmate_core::model::{
-    ConversationItem, DeltaSink, ModelRequest, ModelResponse, Provider, ProviderError, ToolSpec,
+    ConversationItem, DeltaSink, ModelRequest, ModelResponse, Provider, ProviderError, StoredItems,
+    ToolSpec,
 };
 use rand::Rng;
 use std::borrow::Cow;
@@ -271,12 +272,27 @@ impl ModelChain {
         tools: &[ToolSpec],
         deltas: &dyn DeltaSink,
     ) -> Result<ChainAnswer, ChainError> {
+        self.complete_stored(system, items, None, tools, deltas)
+            .await
+    }
+
+    /// [`ModelChain::complete`] with the front of `items` from a user's kept history
+    /// (see [`StoredItems`]): every provider of the chain may reuse those items' wire forms.
+    pub async fn complete_stored(
+        &self,
+        system: &str,
+        items: &[ConversationItem],
+        stored: Option<StoredItems<'_>>,
+        tools: &[ToolSpec],
+        deltas: &dyn DeltaSink,
+    ) -> Result<ChainAnswer, ChainError> {
         let mut request = ModelRequest {
             model: String::new(),
             system: Cow::Borrowed(system),
             items: Cow::Borrowed(items),
             tools: Cow::Borrowed(tools),
             max_output_tokens: self.max_output_tokens,
+            stored: stored.filter(|s| s.ids.len() <= items.len()),
         };
         let mut attempts: Vec<Attempt> = Vec::new();
         // Set once any attempt streamed text that did not become the answer.

@@ -35,6 +35,8 @@ mod openai;
 mod settings;
 mod speech;
 mod toolargs;
+#[cfg(test)]
+mod wire_cache_tests;
 
 pub use anthropic::AnthropicProvider;
 pub use chain::{

@@ -46,7 +46,7 @@ impl Provider for OpenAiProvider {
         deltas: &dyn DeltaSink,
     ) -> Result<ModelResponse, ProviderError> {
         let heavy = crate::http::carries_images(&request.items);
-        let encode = || serde_json::to_vec(&body(request));
+        let encode = || encode(request);
         match self.transport.post(heavy, encode).await? {
             Reply::Json(value) => parse_completion(&self.transport, &value, deltas),
             Reply::Stream(reader) => read_stream(&self.transport, reader, deltas).await,
@@ -57,66 +57,55 @@ impl Provider for OpenAiProvider {
 /// The request JSON, as a value (for tests; the wire gets [`body`] serialised directly).
 #[cfg(test)]
 pub(crate) fn request_body(request: &ModelRequest<'_>) -> Value {
-    serde_json::to_value(body(request)).unwrap_or(Value::Null)
+    encode(request)
+        .and_then(|bytes| serde_json::from_slice(&bytes))
+        .unwrap_or(Value::Null)
 }
 
-/// The request body, borrowing from the request: serialised straight into the HTTP body, with
-/// no `serde_json::Value` tree of the whole conversation built and dropped on every call.
-fn body<'r>(request: &'r ModelRequest<'_>) -> Body<'r> {
-    let mut messages = Vec::with_capacity(request.items.len() + 1);
+/// The wire name of this format in a [`moltmate_core::model::WireCache`].
+const WIRE_FORMAT: &str = "openai";
+
+/// The request body, written straight from the borrowed request: no `serde_json::Value` tree
+/// of the conversation, and the messages of stored history rows taken from the user's
+/// [`moltmate_core::model::WireCache`] when the request has one (made once per row, not once
+/// per call). One message per item, after the system message.
+pub(crate) fn encode(request: &ModelRequest<'_>) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(4096);
+    out.extend_from_slice(b"{\"model\":");
+    serde_json::to_writer(&mut out, request.model.as_str())?;
+    out.extend_from_slice(b",\"messages\":[");
+    let mut first = true;
     if !request.system.is_empty() {
-        messages.push(Message::System {
-            content: &request.system,
-        });
+        first = false;
+        serde_json::to_writer(
+            &mut out,
+            &Message::System {
+                content: &request.system,
+            },
+        )?;
     }
-    for item in request.items.iter() {
-        messages.push(match item {
-            ConversationItem::User { text } => Message::User { content: text },
-            ConversationItem::Image { media_type, data } => Message::UserParts {
-                content: vec![Part::ImageUrl {
-                    image_url: ImageUrl {
-                        url: format!("data:{media_type};base64,{data}"),
-                    },
-                }],
-            },
-            ConversationItem::ToolResult {
-                call_id,
-                content,
-                is_error,
-            } => Message::Tool {
-                tool_call_id: call_id,
-                content: if *is_error {
-                    Cow::Owned(format!("Error: {content}"))
-                } else {
-                    Cow::Borrowed(content.as_str())
-                },
-            },
-            ConversationItem::Assistant { text, tool_calls } if tool_calls.is_empty() => {
-                Message::Assistant {
-                    content: Some(text),
-                    tool_calls: Vec::new(),
-                }
-            }
-            ConversationItem::Assistant { text, tool_calls } => Message::Assistant {
-                content: (!text.is_empty()).then_some(text.as_str()),
-                tool_calls: tool_calls
-                    .iter()
-                    .map(|call| WireCall {
-                        id: &call.id,
-                        kind: "function",
-                        function: WireFunction {
-                            name: &call.name,
-                            arguments: arguments_text(&call.arguments),
-                        },
-                    })
-                    .collect(),
-            },
-        });
+    let mut stored = request
+        .stored
+        .map(|stored| (stored.ids, stored.cache.rows(WIRE_FORMAT)));
+    for (index, item) in request.items.iter().enumerate() {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        let row = stored.as_ref().and_then(|(ids, _)| ids.get(index).copied());
+        match (row, stored.as_mut()) {
+            // A photo is never a stored row; its base64 is not worth keeping anyway.
+            (Some(row), Some((_, rows))) if !matches!(item, ConversationItem::Image { .. }) => rows
+                .append(row, &mut out, |out| {
+                    serde_json::to_writer(out, &item_message(item))
+                })?,
+            _ => serde_json::to_writer(&mut out, &item_message(item))?,
+        }
     }
-    Body {
-        model: &request.model,
-        messages,
-        tools: request
+    out.push(b']');
+    drop(stored);
+    if !request.tools.is_empty() {
+        out.extend_from_slice(b",\"tools\":");
+        let tools: Vec<WireTool<'_>> = request
             .tools
             .iter()
             .map(|t| WireTool {
@@ -127,24 +116,66 @@ fn body<'r>(request: &'r ModelRequest<'_>) -> Body<'r> {
                     parameters: &t.parameters,
                 },
             })
-            .collect(),
-        max_tokens: request.max_output_tokens,
-        stream: true,
-        stream_options: StreamOptions {
+            .collect();
+        serde_json::to_writer(&mut out, &tools)?;
+    }
+    out.extend_from_slice(b",\"max_tokens\":");
+    out.extend_from_slice(request.max_output_tokens.to_string().as_bytes());
+    out.extend_from_slice(b",\"stream\":true,\"stream_options\":");
+    serde_json::to_writer(
+        &mut out,
+        &StreamOptions {
             include_usage: true,
         },
-    }
+    )?;
+    out.push(b'}');
+    Ok(out)
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    model: &'a str,
-    messages: Vec<Message<'a>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    tools: Vec<WireTool<'a>>,
-    max_tokens: u32,
-    stream: bool,
-    stream_options: StreamOptions,
+/// One item as the message this API takes.
+fn item_message(item: &ConversationItem) -> Message<'_> {
+    match item {
+        ConversationItem::User { text } => Message::User { content: text },
+        ConversationItem::Image { media_type, data } => Message::UserParts {
+            content: vec![Part::ImageUrl {
+                image_url: ImageUrl {
+                    url: format!("data:{media_type};base64,{data}"),
+                },
+            }],
+        },
+        ConversationItem::ToolResult {
+            call_id,
+            content,
+            is_error,
+        } => Message::Tool {
+            tool_call_id: call_id,
+            content: if *is_error {
+                Cow::Owned(format!("Error: {content}"))
+            } else {
+                Cow::Borrowed(content.as_str())
+            },
+        },
+        ConversationItem::Assistant { text, tool_calls } if tool_calls.is_empty() => {
+            Message::Assistant {
+                content: Some(text),
+                tool_calls: Vec::new(),
+            }
+        }
+        ConversationItem::Assistant { text, tool_calls } => Message::Assistant {
+            content: (!text.is_empty()).then_some(text.as_str()),
+            tool_calls: tool_calls
+                .iter()
+                .map(|call| WireCall {
+                    id: &call.id,
+                    kind: "function",
+                    function: WireFunction {
+                        name: &call.name,
+                        arguments: arguments_text(&call.arguments),
+                    },
+                })
+                .collect(),
+        },
+    }
 }
 
 #[derive(Serialize)]
@@ -485,6 +516,7 @@ mod tests {
             .into(),
             tools: vec![].into(),
             max_output_tokens: 5,
+            stored: None,
         };
         let body = request_body(&request);
         assert_eq!(

@@ -84,6 +84,7 @@ impl World {
             items: vec![ConversationItem::User { text: "hi".into() }].into(),
             tools: vec![].into(),
             max_output_tokens: 100,
+            stored: None,
         };
         let deltas = Collect::default();
         let result = self.runtime.block_on(provider.complete(&request, &deltas));

@@ -56,6 +56,7 @@ fn ask(text: &str) -> ModelRequest<'static> {
         }]
         .into(),
         max_output_tokens: 321,
+        stored: None,
     }
 }
 

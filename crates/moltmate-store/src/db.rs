@@ -1900,6 +1900,42 @@ fn insert_reply(
     }
 }
 
+/// Bytes of a transaction's statement journal (the old content of the pages a savepoint may
+/// roll back to) SQLite keeps in memory before it moves the journal to a temporary file.
+///
+/// **Why.** Every piece of a group commit runs in its own savepoint ([`crate::durable`]), so
+/// a turn's commit journals the ~16 pages it changes. SQLite's default of 64 KiB is just under
+/// that: every such commit created, wrote and deleted a file in the temporary directory
+/// (~9 writes, an `open` and an `unlink` per message). 1 MiB holds any hot-path group; it is
+/// memory of the one writing connection, only while its transaction runs, and what is larger
+/// (an operator's bulk delete) still spills to a file as before.
+const STATEMENT_JOURNAL_IN_MEMORY_BYTES: std::os::raw::c_int = 1024 * 1024;
+
+/// Process-wide SQLite settings; for the binary's `main`, before any thread uses SQLite
+/// (`sqlite3_config` may only be called then). Called later it changes nothing (SQLite
+/// refuses with `SQLITE_MISUSE`), which loses only the optimisation: never an error.
+pub fn configure_sqlite_before_use() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: `SQLITE_CONFIG_STMTJRNL_SPILL` takes exactly one C `int`, which is what is
+        // passed; the caller's contract (no other thread uses SQLite yet) is what
+        // `sqlite3_config` requires, and if SQLite is already initialised it returns
+        // `SQLITE_MISUSE` without touching anything.
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_STMTJRNL_SPILL,
+                STATEMENT_JOURNAL_IN_MEMORY_BYTES,
+            )
+        };
+        if rc != rusqlite::ffi::SQLITE_OK {
+            tracing::debug!(
+                code = rc,
+                "SQLite already initialised; statement journals spill at its default size"
+            );
+        }
+    });
+}
+
 /// Checkpoints the WAL from its own connection every 200 ms while the store is alive. PASSIVE
 /// checkpoints never block the writer; they copy committed pages into the database file and fsync
 /// it, which keeps the WAL short without putting that cost on a message's latency.

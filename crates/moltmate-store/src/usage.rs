@@ -13,7 +13,7 @@
 //!   bring the session under the threshold, so it is not retried on every message.
 
 use crate::db::{Store, StoreError};
-use moltmate_core::model::ConversationItem;
+use moltmate_core::model::{ConversationItem, WireCache};
 use moltmate_core::UserId;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
@@ -723,6 +723,9 @@ pub struct HistoryCache {
     /// left); [`HistoryCache::give_back`] puts them back. A cache whose loan did not come back
     /// (the turn failed) is read afresh.
     lent: Option<usize>,
+    /// The wire forms of `rows` a provider made (reserved in the same `budget`); made anew
+    /// with the cache whenever the session's rows are read afresh, so never stale.
+    wire: Arc<WireCache>,
 }
 
 impl HistoryCache {
@@ -735,7 +738,14 @@ impl HistoryCache {
             too_big: false,
             budget: Arc::clone(budget),
             lent: None,
+            wire: new_wire_cache(budget),
         }
+    }
+
+    /// The cache of wire forms for the rows just lent by [`Store::history_page_cached`];
+    /// `None` when the page was not lent from this cache (read page by page instead).
+    pub fn lent_wire(&self) -> Option<Arc<WireCache>> {
+        self.lent.map(|_| Arc::clone(&self.wire))
     }
 
     /// Takes back the items [`Store::history_page_cached`] lent, in the order it gave them
@@ -780,6 +790,7 @@ impl HistoryCache {
     /// Drops every row and gives their bytes back; `too_big` from now on.
     fn give_up(&mut self) {
         self.rows = Vec::new();
+        self.wire = new_wire_cache(&self.budget);
         self.budget.fetch_sub(self.bytes, Ordering::SeqCst);
         self.bytes = 0;
         self.too_big = true;
@@ -822,6 +833,17 @@ impl HistoryCache {
         self.lent = Some(lent_from.unwrap_or(self.rows.len()));
         page
     }
+}
+
+/// Wire forms share the history cache's bounds: a session's at most
+/// [`HISTORY_CACHE_SESSION_BYTES`], items and wire forms of all sessions together at most
+/// [`HISTORY_CACHE_TOTAL_BYTES`].
+fn new_wire_cache(budget: &Arc<AtomicU64>) -> Arc<WireCache> {
+    Arc::new(WireCache::new(
+        Arc::clone(budget),
+        HISTORY_CACHE_SESSION_BYTES,
+        HISTORY_CACHE_TOTAL_BYTES,
+    ))
 }
 
 impl Drop for HistoryCache {
@@ -1391,6 +1413,94 @@ mod tests {
             cache.as_ref().unwrap().changes,
             before,
             "a new turn changes nothing"
+        );
+    }
+
+    /// The wire forms a provider kept for the rows of a kept history go with that history: a
+    /// row rewritten in place (or any change that makes the history be read afresh) comes with
+    /// an empty cache of wire forms, so a provider never sends a row's old bytes; a page that
+    /// was not lent from the kept history offers none; and the bytes kept are given back.
+    #[tokio::test]
+    async fn wire_forms_of_a_rewritten_row_are_never_reused() {
+        let store = Store::open_in_memory().unwrap();
+        let anna = user("anna");
+        let session = three_turns(&store, &anna).await;
+        let mut cache = None;
+        let first = store
+            .history_page_cached(&mut cache, &session, u64::MAX)
+            .await
+            .unwrap();
+        let wire = cache
+            .as_ref()
+            .unwrap()
+            .lent_wire()
+            .expect("lent from the cache");
+        let id = first.rows[0].0;
+        let mut out = Vec::new();
+        wire.rows("test")
+            .append(id, &mut out, |out| {
+                out.extend_from_slice(b"old bytes");
+                Ok(())
+            })
+            .unwrap();
+        assert!(wire.kept_bytes() > 0);
+        let reserved = store.history_budget.load(Ordering::SeqCst);
+        cache
+            .as_mut()
+            .unwrap()
+            .give_back(first.rows.into_iter().map(|(_, item)| item).collect());
+        drop(wire);
+
+        let rewritten = serde_json::to_string(&said("q0, rewritten")).unwrap();
+        store
+            .with(move |c| {
+                Ok(c.execute(
+                    "UPDATE transcript SET item = ?1 WHERE id = ?2",
+                    params![rewritten, id],
+                )?)
+            })
+            .await
+            .unwrap();
+        let second = store
+            .history_page_cached(&mut cache, &session, u64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(second.rows[0], (id, said("q0, rewritten")));
+        let fresh = cache.as_ref().unwrap().lent_wire().unwrap();
+        assert_eq!(fresh.kept_bytes(), 0, "the old row's bytes are gone");
+        let mut out = Vec::new();
+        fresh
+            .rows("test")
+            .append(id, &mut out, |out| {
+                out.extend_from_slice(b"new bytes");
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(out, b"new bytes");
+        assert!(store.history_budget.load(Ordering::SeqCst) < reserved + fresh.kept_bytes());
+        drop(fresh);
+        cache
+            .as_mut()
+            .unwrap()
+            .give_back(second.rows.into_iter().map(|(_, item)| item).collect());
+
+        // A session over the cache's bound is read page by page: nothing to reuse.
+        let bo = user("bo");
+        let big = "x".repeat(HISTORY_CACHE_SESSION_BYTES as usize + 1);
+        let big_session = store_turn(&store, &bo, &[said(&big), answered("ok")]).await;
+        let mut other = None;
+        let page = store
+            .history_page_cached(&mut other, &big_session, u64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(page.rows.len(), 2);
+        assert!(other.as_ref().unwrap().lent_wire().is_none());
+        drop(cache);
+        drop(other);
+        assert_eq!(
+            store.history_budget.load(Ordering::SeqCst),
+            0,
+            "all given back"
         );
     }
 

@@ -244,6 +244,8 @@ fn worker_threads(
 
 /// The binary's `main`.
 pub fn main_entry() -> std::process::ExitCode {
+    // Before any thread exists, as `sqlite3_config` requires.
+    moltmate_store::db::configure_sqlite_before_use();
     let cli = Cli::parse();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = match worker_threads(std::env::var_os("TOKIO_WORKER_THREADS"), cpus) {

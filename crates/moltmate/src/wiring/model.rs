@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 use moltmate_config::{Config, ProviderApi};
-use moltmate_core::model::{ConversationItem, DeltaSink, Provider, ToolSpec};
+use moltmate_core::model::{ConversationItem, DeltaSink, Provider, StoredItems, ToolSpec};
 use moltmate_gateway::agent::{ModelAnswer, ModelCaller, ModelFailure};
 use moltmate_providers::{build_provider, ApiKind, ModelChain, ProviderSettings, RetryPolicy};
 use std::collections::HashMap;
@@ -22,7 +22,22 @@ impl ModelCaller for ChainCaller {
         tools: &[ToolSpec],
         deltas: &dyn DeltaSink,
     ) -> Result<ModelAnswer, ModelFailure> {
-        match self.chain.complete(system, items, tools, deltas).await {
+        self.call_stored(system, items, None, tools, deltas).await
+    }
+
+    async fn call_stored(
+        &self,
+        system: &str,
+        items: &[ConversationItem],
+        stored: Option<StoredItems<'_>>,
+        tools: &[ToolSpec],
+        deltas: &dyn DeltaSink,
+    ) -> Result<ModelAnswer, ModelFailure> {
+        match self
+            .chain
+            .complete_stored(system, items, stored, tools, deltas)
+            .await
+        {
             Ok(answer) => {
                 let usage = vec![(
                     answer.provider.clone(),
