@@ -95,6 +95,62 @@ async fn each_users_model_requests_hold_only_their_own_files_and_history() {
     h.stop().await;
 }
 
+/// From the third turn on, a request's history comes from the user's kept wire forms (each
+/// stored row encoded once, see ARCHITECTURE "A stored row's wire form is made once"). Two
+/// users taking turns: every request holds exactly its own user's conversation so far, in
+/// order, as valid JSON, and nothing of the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_from_kept_wire_forms_hold_exactly_each_users_own_history() {
+    let h = Harness::start(json!({})).await;
+    for round in 0..5 {
+        h.llm.clear_requests();
+        h.telegram
+            .push_text(1001, &format!("alice \"quoted\" {round}"));
+        h.expect_reply(1001, round + 1).await;
+        h.telegram.push_text(2002, &format!("bob\n{round}"));
+        h.expect_reply(2002, round + 1).await;
+        let requests = h.llm.requests();
+        assert_eq!(requests.len(), 2);
+        for (request, own, other) in [
+            (&requests[0], "alice \"quoted\" ", "bob"),
+            (&requests[1], "bob\n", "alice"),
+        ] {
+            assert!(serde_json::from_str::<serde_json::Value>(&request.raw_body).is_ok());
+            let said: Vec<String> = request
+                .messages()
+                .iter()
+                .flat_map(|m| {
+                    let role = m["role"].as_str().unwrap_or("").to_string();
+                    m["content"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |block| {
+                            format!("{role}: {}", block["text"].as_str().unwrap_or(""))
+                        })
+                })
+                .collect();
+            let expected: Vec<String> = (0..=round)
+                .flat_map(|n| {
+                    let text = format!("{own}{n}");
+                    let mut turn = vec![format!("user: {text}")];
+                    if n < round {
+                        turn.push(format!("assistant: echo: {text}"));
+                    }
+                    turn
+                })
+                .collect();
+            assert_eq!(said, expected, "round {round}");
+            assert!(
+                !request.raw_body.contains(other),
+                "round {round}: {other} leaked"
+            );
+        }
+    }
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stuck_model_call_for_one_user_does_not_delay_another() {
     let h = Harness::start(json!({})).await;
