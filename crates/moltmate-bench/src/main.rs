@@ -44,6 +44,7 @@ impl ModelCaller for InstantModel {
         &self,
         _: &str,
         items: &[ConversationItem],
+        _stored: Option<moltmate_core::model::StoredItems<'_>>,
         _: &[ToolSpec],
         _: &dyn DeltaSink,
     ) -> Result<ModelAnswer, ModelFailure> {

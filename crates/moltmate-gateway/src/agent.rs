@@ -115,28 +115,17 @@ pub struct ModelFailure {
 /// The model side of a turn: primary model, retries and fallbacks behind one call.
 #[async_trait]
 pub trait ModelCaller: Send + Sync {
+    /// `stored`: when the front of `items` came from the user's kept history, its transcript
+    /// rows and the cache of their wire forms, so a provider encodes each stored row once
+    /// (see [`StoredItems`]); `None` otherwise.
     async fn call(
-        &self,
-        system: &str,
-        items: &[ConversationItem],
-        tools: &[ToolSpec],
-        deltas: &dyn DeltaSink,
-    ) -> Result<ModelAnswer, ModelFailure>;
-
-    /// [`ModelCaller::call`] for items whose front came from the user's kept history
-    /// (`stored`), so a provider can reuse those items' wire forms. A caller that does not
-    /// reuse them just calls [`ModelCaller::call`].
-    async fn call_stored(
         &self,
         system: &str,
         items: &[ConversationItem],
         stored: Option<StoredItems<'_>>,
         tools: &[ToolSpec],
         deltas: &dyn DeltaSink,
-    ) -> Result<ModelAnswer, ModelFailure> {
-        let _ = stored;
-        self.call(system, items, tools, deltas).await
-    }
+    ) -> Result<ModelAnswer, ModelFailure>;
 }
 
 /// The tools the gateway knows, by name. Which of them a user gets is decided per call.
@@ -349,7 +338,7 @@ pub async fn run_turn(turn: Turn<'_>) -> TurnResult {
         let model_started = Instant::now();
         let answer = match turn
             .model
-            .call_stored(&turn.system, &items, stored, &offered, turn.deltas)
+            .call(&turn.system, &items, stored, &offered, turn.deltas)
             .await
         {
             Ok(mut answer) => {

@@ -165,7 +165,7 @@ pub async fn compact(
     });
     let answer = match job
         .model
-        .call(job.system, &to_summarise, &[], &IgnoreDeltas)
+        .call(job.system, &to_summarise, None, &[], &IgnoreDeltas)
         .await
     {
         Ok(mut answer) => {

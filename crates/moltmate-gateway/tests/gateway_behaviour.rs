@@ -53,6 +53,7 @@ impl ModelCaller for RecordingModel {
         &self,
         system: &str,
         items: &[ConversationItem],
+        _stored: Option<moltmate_core::model::StoredItems<'_>>,
         tools: &[ToolSpec],
         _: &dyn DeltaSink,
     ) -> Result<ModelAnswer, ModelFailure> {

@@ -49,6 +49,7 @@ impl ModelCaller for Model {
         &self,
         system: &str,
         items: &[ConversationItem],
+        _stored: Option<moltmate_core::model::StoredItems<'_>>,
         _tools: &[ToolSpec],
         _: &dyn DeltaSink,
     ) -> Result<ModelAnswer, ModelFailure> {

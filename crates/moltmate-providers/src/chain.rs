@@ -292,7 +292,7 @@ impl ModelChain {
             items: Cow::Borrowed(items),
             tools: Cow::Borrowed(tools),
             max_output_tokens: self.max_output_tokens,
-            stored: stored.filter(|s| s.ids.len() <= items.len()),
+            stored,
         };
         let mut attempts: Vec<Attempt> = Vec::new();
         // Set once any attempt streamed text that did not become the answer.

@@ -1344,6 +1344,20 @@ mod tests {
     }
 
     /// The whole session's page from the cache, handed back as a worker does after its turn.
+    /// Rewrites transcript row `id` in place (what an operator's tool or a bug could do).
+    async fn rewrite_row(store: &Store, id: i64, item: &ConversationItem) {
+        let json = serde_json::to_string(item).unwrap();
+        store
+            .with(move |c| {
+                Ok(c.execute(
+                    "UPDATE transcript SET item = ?1 WHERE id = ?2",
+                    params![json, id],
+                )?)
+            })
+            .await
+            .unwrap();
+    }
+
     async fn page_given_back(
         store: &Store,
         cache: &mut Option<HistoryCache>,
@@ -1373,17 +1387,8 @@ mod tests {
         assert_eq!(first.len(), 6);
         let changes = cache.as_ref().unwrap().changes;
         let rows = store.transcript(&session).await.unwrap();
-        let rewritten = serde_json::to_string(&said("q0, rewritten")).unwrap();
         let id = rows[0].0;
-        store
-            .with(move |c| {
-                Ok(c.execute(
-                    "UPDATE transcript SET item = ?1 WHERE id = ?2",
-                    params![rewritten, id],
-                )?)
-            })
-            .await
-            .unwrap();
+        rewrite_row(&store, id, &said("q0, rewritten")).await;
         let second = page_given_back(&store, &mut cache, &session).await;
         assert_eq!(second[0], said("q0, rewritten"));
         assert!(cache.as_ref().unwrap().changes > changes);
@@ -1444,23 +1449,13 @@ mod tests {
             })
             .unwrap();
         assert!(wire.kept_bytes() > 0);
-        let reserved = store.history_budget.load(Ordering::SeqCst);
         cache
             .as_mut()
             .unwrap()
             .give_back(first.rows.into_iter().map(|(_, item)| item).collect());
         drop(wire);
 
-        let rewritten = serde_json::to_string(&said("q0, rewritten")).unwrap();
-        store
-            .with(move |c| {
-                Ok(c.execute(
-                    "UPDATE transcript SET item = ?1 WHERE id = ?2",
-                    params![rewritten, id],
-                )?)
-            })
-            .await
-            .unwrap();
+        rewrite_row(&store, id, &said("q0, rewritten")).await;
         let second = store
             .history_page_cached(&mut cache, &session, u64::MAX)
             .await
@@ -1477,7 +1472,11 @@ mod tests {
             })
             .unwrap();
         assert_eq!(out, b"new bytes");
-        assert!(store.history_budget.load(Ordering::SeqCst) < reserved + fresh.kept_bytes());
+        assert_eq!(
+            store.history_budget.load(Ordering::SeqCst),
+            cache.as_ref().unwrap().bytes + fresh.kept_bytes(),
+            "the old wire forms were given back"
+        );
         drop(fresh);
         cache
             .as_mut()

@@ -575,6 +575,7 @@ impl ModelCaller for ForgingModel {
         &self,
         _system: &str,
         items: &[ConversationItem],
+        _stored: Option<moltmate_core::model::StoredItems<'_>>,
         _tools: &[ToolSpec],
         _deltas: &dyn DeltaSink,
     ) -> Result<ModelAnswer, ModelFailure> {

@@ -680,11 +680,11 @@ async fn handle_item(
     // The page's row ids go with it when it was lent from the kept history, so the provider
     // reuses the wire forms of rows it sent before (a compaction above reads a page afresh
     // and drops the kept history: then there is nothing to reuse).
-    let stored_wire = state.history.as_ref().and_then(|c| c.lent_wire());
-    let ids: Vec<i64> = match stored_wire {
-        Some(_) => page.rows.iter().map(|(id, _)| *id).collect(),
-        None => Vec::new(),
-    };
+    let stored = state
+        .history
+        .as_ref()
+        .and_then(|c| c.lent_wire())
+        .map(|wire| (page.rows.iter().map(|(id, _)| *id).collect(), wire));
     let history: Vec<ConversationItem> = page.rows.into_iter().map(|(_, item)| item).collect();
     for problem in &prompt.problems {
         if state.reported.insert(problem.to_string()) {
@@ -719,7 +719,7 @@ async fn handle_item(
         allowed_tools: &user_settings.tools,
         system,
         history,
-        stored: stored_wire.map(|wire| (ids, wire)),
+        stored,
         user_text,
         images,
         max_iterations: inner.settings.max_tool_iterations,

@@ -68,6 +68,7 @@ impl ModelCaller for EchoModel {
         &self,
         system: &str,
         items: &[ConversationItem],
+        _stored: Option<moltmate_core::model::StoredItems<'_>>,
         _tools: &[ToolSpec],
         deltas: &dyn DeltaSink,
     ) -> Result<ModelAnswer, ModelFailure> {

@@ -19,16 +19,6 @@ impl ModelCaller for ChainCaller {
         &self,
         system: &str,
         items: &[ConversationItem],
-        tools: &[ToolSpec],
-        deltas: &dyn DeltaSink,
-    ) -> Result<ModelAnswer, ModelFailure> {
-        self.call_stored(system, items, None, tools, deltas).await
-    }
-
-    async fn call_stored(
-        &self,
-        system: &str,
-        items: &[ConversationItem],
         stored: Option<StoredItems<'_>>,
         tools: &[ToolSpec],
         deltas: &dyn DeltaSink,
