@@ -223,6 +223,7 @@ impl DbThread {
 /// ordinary calls in order and commits the durable ones as one group, with the later work
 /// queued so far.
 fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
+    let mut level = Synchronous::default();
     let mut group: Vec<Box<dyn Durable>> = Vec::new();
     let mut grouped: Vec<Box<dyn Durable>> = Vec::new();
     let mut later: Vec<Later> = Vec::new();
@@ -246,6 +247,8 @@ fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
             taken += 1;
             match call {
                 Call::Plain(work) => {
+                    // Ordinary commits are not fsynced (module docs).
+                    level.normal(&connection);
                     // A panicking call loses its own answer (the caller sees a stopped
                     // worker), not the thread.
                     let panicked =
@@ -280,12 +283,12 @@ fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
             let records = std::mem::take(&mut later);
             later_since = None;
             if catch_unwind(AssertUnwindSafe(|| {
-                commit_group(&connection, jobs, writes, records)
+                commit_group(&connection, &mut level, jobs, writes, records)
             }))
             .is_err()
             {
                 rollback_open_transaction(&connection);
-                let _ = connection.execute_batch("PRAGMA synchronous = NORMAL");
+                level = Synchronous::default();
             }
         }
     }
@@ -293,7 +296,7 @@ fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
     if !later.is_empty() {
         let records = std::mem::take(&mut later);
         if catch_unwind(AssertUnwindSafe(|| {
-            commit_group(&connection, Vec::new(), Vec::new(), records)
+            commit_group(&connection, &mut level, Vec::new(), Vec::new(), records)
         }))
         .is_err()
         {
@@ -308,11 +311,55 @@ fn rollback_open_transaction(c: &Connection) {
     }
 }
 
+/// The connection's `synchronous` level as this thread last set it, so that it is changed only
+/// when the next commit needs the other one: a run of durable groups (a Telegram user's accept
+/// and turn, each a durable group) then costs no PRAGMA at all, where setting FULL before and
+/// NORMAL after every group cost two statement compilations per group.
+///
+/// Invariant: `full` is true only when the connection is known to be at FULL. Any doubt (a
+/// PRAGMA that failed, a panic mid-group) leaves it false, which at worst costs one redundant
+/// `PRAGMA synchronous = FULL` before the next durable group, and never skips one.
+#[derive(Default)]
+struct Synchronous {
+    full: bool,
+}
+
+impl Synchronous {
+    /// Puts the connection at FULL before a durable commit, outside any transaction
+    /// (SQLite ignores the change inside one). Not from the statement cache: SQLite applies
+    /// `synchronous` when the PRAGMA is compiled, not when it runs, so a cached copy would only
+    /// keep working because SQLite re-compiles every PRAGMA on each run (see the test
+    /// `every_group_commits_with_synchronous_full`).
+    fn full(&mut self, c: &Connection) -> Result<(), StoreError> {
+        if !self.full {
+            // Believed NORMAL until the PRAGMA returned.
+            c.execute_batch("PRAGMA synchronous = FULL")?;
+            self.full = true;
+        }
+        Ok(())
+    }
+
+    /// Back to NORMAL for an ordinary commit (see [`Synchronous::full`]).
+    fn normal(&mut self, c: &Connection) {
+        if !self.full {
+            return;
+        }
+        match c.execute_batch("PRAGMA synchronous = NORMAL") {
+            Ok(()) => self.full = false,
+            // Later commits stay fsynced: slower, never less safe; tried again next time.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not return the database to synchronous = NORMAL")
+            }
+        }
+    }
+}
+
 /// One group: every job (durable, then grouped) in its own savepoint, then the later work (a
 /// savepoint each), one commit — fsynced when it holds durable work — then every caller
 /// answered.
 fn commit_group(
     c: &Connection,
+    level: &mut Synchronous,
     durable_jobs: Vec<Box<dyn Durable>>,
     grouped: Vec<Box<dyn Durable>>,
     later: Vec<Later>,
@@ -321,12 +368,11 @@ fn commit_group(
     let mut jobs = durable_jobs;
     jobs.extend(grouped);
     let committed = (|| -> Result<(), StoreError> {
+        // Cannot change inside a transaction: set for this commit, left for the next.
         if durable {
-            // Cannot change inside a transaction; set for this commit only. Not from the
-            // statement cache: SQLite applies `synchronous` when the PRAGMA is compiled, not
-            // when it runs, so a cached copy would only keep working because SQLite re-compiles
-            // every PRAGMA on each run (see the test `every_group_commits_with_synchronous_full`).
-            c.execute_batch("PRAGMA synchronous = FULL")?;
+            level.full(c)?;
+        } else {
+            level.normal(c);
         }
         run_cached(c, "BEGIN IMMEDIATE")?;
         for job in &mut jobs {
@@ -352,12 +398,6 @@ fn commit_group(
     })();
     if committed.is_err() {
         rollback_open_transaction(c);
-    }
-    if durable {
-        if let Err(e) = c.execute_batch("PRAGMA synchronous = NORMAL") {
-            // Later commits stay fsynced: slower, never less safe.
-            tracing::warn!(error = %e, "could not return the database to synchronous = NORMAL");
-        }
     }
     let failed = committed.err();
     for job in jobs {
@@ -451,6 +491,36 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(level, 1, "between groups {group}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_groups_in_a_row_stay_full_and_a_group_without_durable_work_is_normal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = thread_with_table(dir.path());
+        let level = |durable: bool| {
+            let db = db.clone();
+            async move {
+                let read = |c: &Connection| Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?);
+                let level: i64 = if durable {
+                    db.run_durably(read).await.unwrap()
+                } else {
+                    db.run_grouped(read).await.unwrap()
+                };
+                level
+            }
+        };
+        // The level is kept between durable groups (no PRAGMA each time), and changed back
+        // for a group that needs no fsync, in either order.
+        for (round, durable, expected) in [
+            (0, true, 2),
+            (1, true, 2),
+            (2, false, 1),
+            (3, false, 1),
+            (4, true, 2),
+            (5, false, 1),
+        ] {
+            assert_eq!(level(durable).await, expected, "round {round}");
         }
     }
 
