@@ -89,11 +89,13 @@ pub(crate) fn encode(request: &ModelRequest<'_>) -> serde_json::Result<Vec<u8>> 
         }
         out.extend_from_slice(b"{\"role\":\"");
         out.extend_from_slice(message.role.as_bytes());
-        out.extend_from_slice(b"\",\"content\":[");
+        out.extend_from_slice(b"\",\"content\":");
         let indices = plan
             .order
             .get(message.start..message.end)
             .unwrap_or_default();
+        let blocks_start = out.len() + 1;
+        out.push(b'[');
         for (k, &index) in indices.iter().enumerate() {
             if k > 0 {
                 out.push(b',');
@@ -110,7 +112,13 @@ pub(crate) fn encode(request: &ModelRequest<'_>) -> serde_json::Result<Vec<u8>> 
                 _ => write_blocks(item, &mut out)?,
             }
         }
-        out.extend_from_slice(b"]}");
+        out.push(b']');
+        if let [index] = indices {
+            if request.items.get(*index).is_some_and(is_lone_text) {
+                shorten_lone_text(&mut out, blocks_start);
+            }
+        }
+        out.push(b'}');
     }
     out.push(b']');
     drop(stored);
@@ -131,6 +139,42 @@ pub(crate) fn encode(request: &ModelRequest<'_>) -> serde_json::Result<Vec<u8>> 
     out.extend_from_slice(request.max_output_tokens.to_string().as_bytes());
     out.extend_from_slice(b",\"stream\":true}");
     Ok(out)
+}
+
+/// What serde writes before a text block's string (`Content::Text`, tag first).
+const TEXT_BLOCK_HEAD: &[u8] = b"{\"type\":\"text\",\"text\":";
+
+/// A message whose content is one text block, `[{"type":"text","text":"…"}]` from
+/// `blocks_start - 1` to the end of `out`, becomes the API's documented shorthand for exactly
+/// that, `"…"`: most messages of a conversation are one text each, and the shorthand is a
+/// quarter of a short message's bytes, written and parsed on every call. Done on the bytes
+/// written (kept or fresh), so the wire cache keeps one form per row. The caller knows from
+/// the item that it wrote exactly one text block ([`is_lone_text`]); the head and tail are
+/// checked all the same, and anything else is left as it is.
+fn shorten_lone_text(out: &mut Vec<u8>, blocks_start: usize) {
+    let Some(blocks) = out.get(blocks_start..) else {
+        return;
+    };
+    if !(blocks.starts_with(TEXT_BLOCK_HEAD)
+        && blocks.ends_with(b"\"}]")
+        && blocks.len() >= TEXT_BLOCK_HEAD.len() + 4)
+    {
+        return;
+    }
+    // `[{"type":"text","text":"…"}]` → `"…"`.
+    out.truncate(out.len() - 2);
+    out.drain(blocks_start - 1..blocks_start + TEXT_BLOCK_HEAD.len());
+}
+
+/// Whether `item`'s blocks ([`write_blocks`]) are exactly one text block.
+fn is_lone_text(item: &ConversationItem) -> bool {
+    match item {
+        ConversationItem::User { .. } => true,
+        ConversationItem::Assistant { text, tool_calls } => {
+            tool_calls.is_empty() && !is_blank(text)
+        }
+        ConversationItem::Image { .. } | ConversationItem::ToolResult { .. } => false,
+    }
 }
 
 #[derive(Serialize)]

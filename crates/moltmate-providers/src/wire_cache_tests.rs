@@ -99,6 +99,38 @@ proptest! {
         drop(cache);
         prop_assert_eq!(budget.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
+
+    /// Anthropic: a message's content is the string shorthand exactly when the message is one
+    /// item that is one text block, and the string is that block's text; every other
+    /// message keeps its blocks. Cached and fresh alike (the test above).
+    #[test]
+    fn an_anthropic_message_is_shortened_only_when_it_is_one_text_block(
+        items in proptest::collection::vec(item(), 1..12),
+    ) {
+        let body: serde_json::Value =
+            serde_json::from_slice(&crate::anthropic::encode(&request(&items, None)).unwrap()).unwrap();
+        let messages = body["messages"].as_array().cloned().unwrap_or_default();
+        for message in &messages {
+            match &message["content"] {
+                serde_json::Value::String(text) => {
+                    // Which item it came from: the one user or assistant text it equals.
+                    prop_assert!(items.iter().any(|item| match item {
+                        ConversationItem::User { text: t } =>
+                            t == text || (t.trim().is_empty() && text == "(empty message)"),
+                        ConversationItem::Assistant { text: t, tool_calls } =>
+                            tool_calls.is_empty() && t == text,
+                        _ => false,
+                    }), "{message}");
+                }
+                serde_json::Value::Array(blocks) => {
+                    let lone_text = blocks.len() == 1 && blocks[0]["type"] == "text";
+                    prop_assert!(!lone_text, "a lone text block was not shortened: {message}");
+                    prop_assert!(!blocks.is_empty(), "{message}");
+                }
+                other => prop_assert!(false, "content is {other}"),
+            }
+        }
+    }
 }
 
 /// Keeping stops at either bound; what is not kept is encoded afresh, the same bytes.

@@ -113,7 +113,8 @@ async fn streamed_text_arrives_in_order_with_usage() {
                 assert_eq!(request.body["system"], "You are terse.");
                 assert_eq!(
                     request.body["messages"],
-                    json!([{"role": "user", "content": [{"type": "text", "text": "hello big world"}]}])
+                    // One text block goes as the API's string shorthand for it.
+                    json!([{"role": "user", "content": "hello big world"}])
                 );
                 assert_eq!(
                     request.body["tools"],
@@ -327,7 +328,7 @@ async fn tool_results_are_sent_in_the_api_shape() {
                 assert_eq!(
                     sent.body["messages"],
                     json!([
-                        {"role": "user", "content": [{"type": "text", "text": "read both"}]},
+                        {"role": "user", "content": "read both"},
                         {"role": "assistant", "content": [
                             {"type": "text", "text": "Reading."},
                             {"type": "tool_use", "id": "call_1", "name": "read_file", "input": {"path": "a"}},

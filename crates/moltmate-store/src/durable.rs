@@ -501,7 +501,8 @@ mod tests {
         let level = |durable: bool| {
             let db = db.clone();
             async move {
-                let read = |c: &Connection| Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?);
+                let read =
+                    |c: &Connection| Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?);
                 let level: i64 = if durable {
                     db.run_durably(read).await.unwrap()
                 } else {
