@@ -465,7 +465,9 @@ impl Store {
     ///   is told "received" right after) and claiming a reply for sending (the guard against
     ///   sending it twice), grouped across callers. See [`Store::durably`].
     /// * Automatic checkpoints are off on this connection; a background thread checkpoints, so a
-    ///   message's latency never includes one.
+    ///   message's latency rarely includes one: only past a long WAL under sustained load does
+    ///   the writer checkpoint itself, between two commits, so the WAL restarts (see
+    ///   `durable::checkpoint_a_long_wal`); a restarted WAL file is trimmed to 64 MiB.
     fn prepare(mut connection: Connection) -> Result<Store, StoreError> {
         connection.busy_timeout(Duration::from_secs(10))?;
         // A database of a newer moltmate is refused before anything (even the journal mode)
@@ -473,7 +475,7 @@ impl Store {
         refuse_newer(&connection)?;
         connection.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
-             PRAGMA wal_autocheckpoint = 0;",
+             PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
         )?;
         migrate(&mut connection)?;
         // Every statement of the hot path is prepared once (`prepare_cached`).

@@ -223,6 +223,8 @@ impl DbThread {
 /// ordinary calls in order and commits the durable ones as one group, with the later work
 /// queued so far.
 fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
+    // After every commit of this thread's connection (the only writer): see the function.
+    connection.wal_hook(Some(checkpoint_a_long_wal));
     let mut level = Synchronous::default();
     let mut group: Vec<Box<dyn Durable>> = Vec::new();
     let mut grouped: Vec<Box<dyn Durable>> = Vec::new();
@@ -309,6 +311,48 @@ fn rollback_open_transaction(c: &Connection) {
     if !c.is_autocommit() {
         let _ = c.execute_batch("ROLLBACK");
     }
+}
+
+/// Frames in the WAL past which the writer checkpoints it itself (~32 MiB of 4 KiB pages).
+pub(crate) const WAL_CHECKPOINT_FRAMES: i32 = 8192;
+
+thread_local! {
+    /// The WAL length at which this database thread next tries its own checkpoint.
+    static NEXT_WAL_CHECKPOINT: std::cell::Cell<i32> = const { std::cell::Cell::new(WAL_CHECKPOINT_FRAMES) };
+}
+
+/// Keeps the WAL bounded under sustained load. The background checkpointer (`db.rs`) copies
+/// committed pages into the database file, but SQLite starts the WAL from its beginning again
+/// only when a write begins after a checkpoint that copied everything, and under a steady
+/// stream of commits one always lands while a checkpoint runs: the WAL then grew for as long
+/// as the load lasted (hundreds of MB in a benchmark of a few seconds, every read probing more
+/// of its index). Past [`WAL_CHECKPOINT_FRAMES`] the writer itself checkpoints between two
+/// commits, where no commit can land, copying what the background has not yet; the next
+/// write then restarts the WAL (`journal_size_limit` trims the file). Readers that still hold
+/// an older snapshot can keep that checkpoint from finishing, so it is tried again only after
+/// another quarter of the bound, not after every commit.
+///
+/// Runs on the database thread inside SQLite's commit, after the commit is durable. It must
+/// answer `Ok`: an error here would make SQLite report a commit that happened as failed.
+fn checkpoint_a_long_wal(
+    wal: &rusqlite::hooks::Wal,
+    frames: std::ffi::c_int,
+) -> rusqlite::Result<()> {
+    NEXT_WAL_CHECKPOINT.with(|next| {
+        if frames < WAL_CHECKPOINT_FRAMES {
+            // Restarted since: the next long WAL is checkpointed at the bound again.
+            next.set(WAL_CHECKPOINT_FRAMES);
+            return;
+        }
+        if frames < next.get() {
+            return;
+        }
+        next.set(frames.saturating_add(WAL_CHECKPOINT_FRAMES / 4));
+        if let Err(e) = wal.checkpoint_v2(rusqlite::hooks::CheckpointMode::PASSIVE) {
+            tracing::debug!(error = %e, frames, "the writer's checkpoint of a long WAL did not run");
+        }
+    });
+    Ok(())
 }
 
 /// The connection's `synchronous` level as this thread last set it, so that it is changed only
@@ -523,6 +567,39 @@ mod tests {
         ] {
             assert_eq!(level(durable).await, expected, "round {round}");
         }
+    }
+
+    /// The WAL grew for as long as commits kept coming (a checkpoint that lets the WAL restart
+    /// never finished between two of them): here no checkpointer runs at all, the worst case,
+    /// and the writer's own checkpoint still restarts it at the bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_restarts_past_its_bound_under_a_steady_stream_of_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Connection::open(dir.path().join("t.db")).unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0;
+             CREATE TABLE t (x INTEGER NOT NULL UNIQUE);",
+        )
+        .unwrap();
+        let db = DbThread::start(c).unwrap();
+        // Two frames a commit (the table and its index): half again past the bound.
+        let commits = WAL_CHECKPOINT_FRAMES as i64 * 3 / 4;
+        db.run(move |c| {
+            for i in 0..commits {
+                c.execute("INSERT INTO t (x) VALUES (?1)", params![i])?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(count(&db).await, commits);
+        let wal = std::fs::metadata(dir.path().join("t.db-wal")).unwrap().len();
+        let bound = (WAL_CHECKPOINT_FRAMES as u64 + 16) * (4096 + 24) + 32;
+        assert!(wal <= bound, "WAL of {wal} bytes, bound {bound}");
+        // Restarted: the header's checkpoint sequence (bytes 12..16) counts restarts.
+        let header = std::fs::read(dir.path().join("t.db-wal")).unwrap();
+        let restarts = u32::from_be_bytes(header[12..16].try_into().unwrap());
+        assert!(restarts > 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
