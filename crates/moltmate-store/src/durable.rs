@@ -593,7 +593,9 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(count(&db).await, commits);
-        let wal = std::fs::metadata(dir.path().join("t.db-wal")).unwrap().len();
+        let wal = std::fs::metadata(dir.path().join("t.db-wal"))
+            .unwrap()
+            .len();
         let bound = (WAL_CHECKPOINT_FRAMES as u64 + 16) * (4096 + 24) + 32;
         assert!(wal <= bound, "WAL of {wal} bytes, bound {bound}");
         // Restarted: the header's checkpoint sequence (bytes 12..16) counts restarts.

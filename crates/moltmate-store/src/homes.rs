@@ -320,8 +320,12 @@ fn hand_to_sandbox_user(path: &Path, ids: SandboxIds, sharing: Sharing) -> Resul
         Sharing::Private => 0o700,
         Sharing::Group => 0o2770,
     };
-    // fchown clears the setgid bit, so the mode is set after it.
-    let stat = rustix::fs::fstat(&fd).map_err(|e| io_error(&shown(), e))?;
+    // fchown clears the setgid bit, so the mode is read again after one.
+    let stat = if (stat.st_uid, stat.st_gid) != (ids.uid, ids.gid) {
+        rustix::fs::fstat(&fd).map_err(|e| io_error(&shown(), e))?
+    } else {
+        stat
+    };
     if stat.st_mode & 0o7777 != mode {
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| io_error(&shown(), e))?;
     }
@@ -338,7 +342,15 @@ fn create_dir_if_missing(path: &Path) -> Result<(), HomeError> {
 }
 
 fn create_private_dir(path: &Path) -> Result<(), HomeError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    // Every turn passes here for the users directory and the user's home, which are almost
+    // always already private directories: one `lstat` then, instead of `mkdir` (EEXIST),
+    // `stat` and `chmod`. Anything else (missing, a link, another mode) takes the full path.
+    if std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.file_type().is_dir() && m.mode() & 0o7777 == 0o700)
+    {
+        return Ok(());
+    }
     let shown = path.display().to_string();
     match std::fs::DirBuilder::new()
         .recursive(true)
@@ -1086,6 +1098,30 @@ mod tests {
             std::fs::metadata(home.root()).unwrap().permissions().mode() & 0o777,
             0o700
         );
+    }
+
+    /// `ensure` checks with one `lstat` when the directories are already private; one an
+    /// operator opened up (or a file where a directory belongs) still takes the full path.
+    #[test]
+    fn ensure_tightens_an_opened_up_users_directory_and_home_on_every_call() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let homes = Homes::new(base.path());
+        let user = UserId::new("anna").unwrap();
+        let ids = TEST_IDS;
+        let home = homes.ensure(&user, ids).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let users = home.root().parent().unwrap().to_path_buf();
+        for round in 0..2 {
+            std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::set_permissions(home.root(), std::fs::Permissions::from_mode(0o750)).unwrap();
+            homes.ensure(&user, ids).unwrap();
+            assert_eq!(
+                (mode(&users), mode(home.root())),
+                (0o700, 0o700),
+                "round {round}"
+            );
+        }
     }
 
     #[test]
