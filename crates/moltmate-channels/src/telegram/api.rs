@@ -143,7 +143,13 @@ pub(crate) struct BotApi {
     base: String,
     token: String,
     request_timeout: Duration,
+    /// The URLs of the methods every message calls, parsed once (they hold the token: never
+    /// shown, like `token`).
+    hot: std::sync::Arc<[(&'static str, reqwest::Url)]>,
 }
+
+/// Methods called for every message: `getUpdates` polls, `sendMessage` answers.
+const HOT_METHODS: [&str; 3] = ["getUpdates", "sendMessage", "sendChatAction"];
 
 impl fmt::Debug for BotApi {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -161,11 +167,31 @@ impl BotApi {
         token: &str,
         request_timeout: Duration,
     ) -> Self {
+        let base = base.trim_end_matches('/').to_string();
+        let hot = HOT_METHODS
+            .iter()
+            .filter_map(|&method| {
+                let url = reqwest::Url::parse(&format!("{base}/bot{token}/{method}")).ok()?;
+                Some((method, url))
+            })
+            .collect();
         BotApi {
             http,
-            base: base.trim_end_matches('/').to_string(),
+            base,
             token: token.to_string(),
             request_timeout,
+            hot,
+        }
+    }
+
+    /// A POST of `method`: to its URL parsed once for the hot methods, otherwise parsed now
+    /// (an unparsable one fails in `reqwest` as before, as a transport error).
+    fn post(&self, method: &str) -> reqwest::RequestBuilder {
+        match self.hot.iter().find(|(hot, _)| *hot == method) {
+            Some((_, url)) => self.http.post(url.clone()),
+            None => self
+                .http
+                .post(format!("{}/bot{}/{}", self.base, self.token, method)),
         }
     }
 
@@ -177,10 +203,8 @@ impl BotApi {
         params: &P,
         extra_timeout: Duration,
     ) -> Result<T, ApiError> {
-        let url = format!("{}/bot{}/{}", self.base, self.token, method);
         let mut response = self
-            .http
-            .post(url)
+            .post(method)
             .timeout(self.request_timeout + extra_timeout)
             .json(params)
             .send()
