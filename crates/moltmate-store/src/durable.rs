@@ -34,16 +34,17 @@
 //!
 //! **Later work.** Some writes only record what happened for the operator — a reply's
 //! `sent` after its channel took it — and no caller waits for them or decides anything on
-//! them. They are queued and committed inside the next group (a savepoint each, like
-//! durable work), or on their own once the oldest has waited [`LATER_WAIT`] or
-//! [`MAX_LATER`] are queued, and when the thread ends. A message then costs one commit
+//! them. They are queued beside the channel, without waking the thread, and committed inside
+//! the next group (a savepoint each, like durable work), or on their own once the oldest has
+//! waited [`LATER_WAIT`] (the idle thread looks at least that often) or [`MAX_LATER`] are
+//! queued (which wakes it), and when the thread ends. A message then costs one commit
 //! fewer; a crash can lose such a record (the row keeps its earlier state, which promises
 //! no less), never anything a caller was answered for.
 
 use crate::db::StoreError;
 use rusqlite::Connection;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -77,7 +78,8 @@ enum Call {
     Durable(Box<dyn Durable>),
     /// Like `Durable`, but needs no fsync of its own (see [`DbThread::run_grouped`]).
     Grouped(Box<dyn Durable>),
-    Later(Later),
+    /// Takes the later work queued so far along (sent when [`MAX_LATER`] are queued).
+    Wake,
 }
 
 struct DurableWork<R, F> {
@@ -138,16 +140,77 @@ fn stopped() -> StoreError {
 #[derive(Clone)]
 pub(crate) struct DbThread {
     calls: mpsc::Sender<Call>,
+    later: Arc<LaterQueue>,
+}
+
+/// Later work waiting for the database thread. Queued here without waking the thread: a
+/// message's `sent` used to wake it only for it to set a timer and sleep again (a context
+/// switch per message, and a hand-over across CPUs on a 2-core VM), when the next group
+/// takes it along anyway. The thread looks here at every round and, when idle, at least
+/// every [`LATER_WAIT`].
+#[derive(Default)]
+struct LaterQueue {
+    state: Mutex<LaterState>,
+}
+
+#[derive(Default)]
+struct LaterState {
+    work: Vec<Later>,
+    /// When the oldest of `work` was queued.
+    since: Option<Instant>,
+    /// The thread has ended: what is queued now would never be committed.
+    closed: bool,
+}
+
+impl LaterQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LaterState> {
+        // A panic while holding this lock leaves a consistent state (a push or a take).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Everything queued: always when a group commits anyway (`with_group`), otherwise only
+    /// when it is due — [`MAX_LATER`] queued, or the oldest queued [`LATER_WAIT`] ago.
+    fn take(&self, with_group: bool) -> Vec<Later> {
+        let mut state = self.lock();
+        let due = state.work.len() >= MAX_LATER
+            || state
+                .since
+                .is_some_and(|since| since.elapsed() >= LATER_WAIT);
+        if !(due || with_group) {
+            return Vec::new();
+        }
+        state.since = None;
+        std::mem::take(&mut state.work)
+    }
+
+    /// How long the idle thread may sleep: until the oldest queued work is due, or
+    /// [`LATER_WAIT`] when none is queued (work can be queued without waking the thread).
+    fn wait(&self) -> Duration {
+        match self.lock().since {
+            Some(since) => LATER_WAIT.saturating_sub(since.elapsed()),
+            None => LATER_WAIT,
+        }
+    }
+
+    /// The thread's end: everything still queued, and nothing more accepted.
+    fn close(&self) -> Vec<Later> {
+        let mut state = self.lock();
+        state.closed = true;
+        state.since = None;
+        std::mem::take(&mut state.work)
+    }
 }
 
 impl DbThread {
     /// Starts the thread that owns `connection`.
     pub(crate) fn start(connection: Connection) -> Result<DbThread, StoreError> {
         let (calls, queue) = mpsc::channel();
+        let later = Arc::new(LaterQueue::default());
+        let queued = Arc::clone(&later);
         std::thread::Builder::new()
             .name("moltmate-db".into())
-            .spawn(move || serve(connection, queue))?;
-        Ok(DbThread { calls })
+            .spawn(move || serve(connection, queue, &queued))?;
+        Ok(DbThread { calls, later })
     }
 
     /// Runs `work` on the connection.
@@ -171,9 +234,25 @@ impl DbThread {
     where
         F: FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
     {
-        self.calls
-            .send(Call::Later(Box::new(work)))
-            .map_err(|_| stopped())
+        let full = {
+            let mut state = self.later.lock();
+            if state.closed {
+                return Err(stopped());
+            }
+            state.since.get_or_insert_with(Instant::now);
+            state.work.push(Box::new(work));
+            state.work.len() >= MAX_LATER
+        };
+        // Bounded memory: the thread commits them now, on their own if need be. A thread
+        // that is gone (it only ends with the last sender, or by a bug) takes nothing more.
+        if full && self.calls.send(Call::Wake).is_err() {
+            let mut state = self.later.lock();
+            state.closed = true;
+            state.since = None;
+            state.work.clear();
+            return Err(stopped());
+        }
+        Ok(())
     }
 
     /// Runs `work` in the next group commit and answers once that group is on disk. `work`
@@ -222,26 +301,17 @@ impl DbThread {
 /// The thread's loop: a round takes what is queued (at least one call, waiting for it), runs
 /// ordinary calls in order and commits the durable ones as one group, with the later work
 /// queued so far.
-fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
+fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>, later: &LaterQueue) {
     // After every commit of this thread's connection (the only writer): see the function.
     connection.wal_hook(Some(checkpoint_a_long_wal));
     let mut level = Synchronous::default();
     let mut group: Vec<Box<dyn Durable>> = Vec::new();
     let mut grouped: Vec<Box<dyn Durable>> = Vec::new();
-    let mut later: Vec<Later> = Vec::new();
-    // When the oldest queued later work was queued.
-    let mut later_since: Option<Instant> = None;
     loop {
-        let first = match later_since {
-            None => match queue.recv() {
-                Ok(call) => Some(call),
-                Err(_) => break,
-            },
-            Some(since) => match queue.recv_timeout(LATER_WAIT.saturating_sub(since.elapsed())) {
-                Ok(call) => Some(call),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            },
+        let first = match queue.recv_timeout(later.wait()) {
+            Ok(call) => Some(call),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let mut next = first;
         let mut taken = 0;
@@ -268,22 +338,18 @@ fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
                 }
                 Call::Durable(work) => group.push(work),
                 Call::Grouped(work) => grouped.push(work),
-                Call::Later(work) => {
-                    later_since.get_or_insert_with(Instant::now);
-                    later.push(work);
-                }
+                Call::Wake => {}
             }
             if taken < MAX_ROUND {
                 next = queue.try_recv().ok();
             }
         }
-        let later_due = later.len() >= MAX_LATER
-            || later_since.is_some_and(|since| since.elapsed() >= LATER_WAIT);
-        if !group.is_empty() || !grouped.is_empty() || later_due {
+        let committing = !group.is_empty() || !grouped.is_empty();
+        // With a group, everything queued rides it; without, only what is due.
+        let records = later.take(committing);
+        if committing || !records.is_empty() {
             let jobs = std::mem::take(&mut group);
             let writes = std::mem::take(&mut grouped);
-            let records = std::mem::take(&mut later);
-            later_since = None;
             if catch_unwind(AssertUnwindSafe(|| {
                 commit_group(&connection, &mut level, jobs, writes, records)
             }))
@@ -295,8 +361,8 @@ fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>) {
         }
     }
     // The last callers are gone; what is queued for later is still committed.
-    if !later.is_empty() {
-        let records = std::mem::take(&mut later);
+    let records = later.close();
+    if !records.is_empty() {
         if catch_unwind(AssertUnwindSafe(|| {
             commit_group(&connection, &mut level, Vec::new(), Vec::new(), records)
         }))
