@@ -9,9 +9,12 @@ use moltmate_core::tool::UserHome;
 use moltmate_store::homes::read_beneath;
 use std::path::Path;
 
+/// The persona file; a home without one gets the default persona's (`router::files`).
+pub const SOUL_FILE: &str = "SOUL.md";
+
 /// The files that make up a user's context, in prompt order, with their headings.
 const CONTEXT_FILES: [(&str, &str); 4] = [
-    ("SOUL.md", "Your persona"),
+    (SOUL_FILE, "Your persona"),
     ("IDENTITY.md", "Your identity"),
     ("USER.md", "About your user"),
     ("MEMORY.md", "Long-term memory (curated)"),
@@ -48,6 +51,9 @@ pub struct SystemPrompt {
     /// Files that could not be read (a FIFO, a socket, a symlink...): the user is told, the
     /// operator's log says it once, and the prompt says it so the assistant can explain.
     pub problems: Vec<Skipped>,
+    /// Whether the home has a `SOUL.md`: false only when there is none at all (one that is
+    /// there but cannot be read counts as present, and is in `problems`).
+    pub has_soul: bool,
 }
 
 /// Builds the system prompt for `home` on `today`, plus an optional session summary and the
@@ -72,7 +78,9 @@ pub fn build_system_prompt(
         Ok(dir) => moltmate_store::homes::read_beneath_at(dir, relative, max_file_bytes),
         Err(_) => read_beneath(home.root(), relative, max_file_bytes),
     };
+    let mut has_soul = true;
     let mut section = |heading: &str, relative: &str, text: &mut String| match read(relative) {
+        Ok(None) if relative == SOUL_FILE => has_soul = false,
         Ok(Some((content, truncated))) if !content.trim().is_empty() => {
             text.push_str(&format!(
                 "\n\n## {heading} ({relative})\n\n{}",
@@ -133,7 +141,11 @@ pub fn build_system_prompt(
             text.push_str(&format!("\n- {problem}"));
         }
     }
-    SystemPrompt { text, problems }
+    SystemPrompt {
+        text,
+        problems,
+        has_soul,
+    }
 }
 
 #[cfg(test)]
@@ -169,6 +181,34 @@ mod tests {
             "a planted symlink must not leak another user's memory"
         );
         assert_eq!(prompt.problems.len(), 1);
+    }
+
+    /// The turn writes the default persona only into a home with no SOUL.md at all: one that
+    /// is there but unreadable (a FIFO planted by the sandbox) counts as present and is never
+    /// overwritten behind the user's back.
+    #[test]
+    fn has_soul_is_false_only_without_any_soul_file() {
+        let base = tempfile::tempdir().unwrap();
+        let homes = Homes::new(base.path());
+        let ids = moltmate_core::sandbox::SandboxIds::same(2_000_000_000);
+        let home = homes.ensure(&UserId::new("anna").unwrap(), ids).unwrap();
+        let today = NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
+        let build = || build_system_prompt(&home, today, 1024, None, None);
+        assert!(!build().has_soul);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            home.root().join(SOUL_FILE),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let fifo = build();
+        assert!(fifo.has_soul);
+        assert_eq!(fifo.problems.len(), 1, "{:?}", fifo.problems);
+        std::fs::remove_file(home.root().join(SOUL_FILE)).unwrap();
+        write_beneath(home.root(), SOUL_FILE, b"").unwrap();
+        assert!(build().has_soul, "an empty SOUL.md is the user's choice");
     }
 
     #[test]

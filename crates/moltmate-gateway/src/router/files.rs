@@ -12,7 +12,7 @@ use super::worker::TurnError;
 use super::Inner;
 use crate::onboarding::{self, PersonaChoice};
 use crate::persona;
-use crate::prompt::{build_system_prompt, SystemPrompt};
+use crate::prompt::{build_system_prompt, SystemPrompt, SOUL_FILE};
 use crate::settings::{GatewaySettings, SandboxIdPolicy, UserSettings};
 use moltmate_core::blocking;
 use moltmate_core::sandbox::{CappedDir, SandboxIds, WorkspaceAccess};
@@ -76,15 +76,21 @@ pub(super) fn ensure_home(
     let home = homes.ensure(user, ids)?;
     // A SOUL.md that is there but unreadable (a FIFO, a link) counts as present: it is
     // reported when the prompt is built, and never overwritten behind the user's back.
-    let has_soul = read_beneath(home.root(), "SOUL.md", 1)
+    let has_soul = read_beneath(home.root(), SOUL_FILE, 1)
         .map(|f| f.is_some())
         .unwrap_or(true);
     if !has_soul {
-        let persona = persona::built_in(&settings.default_persona).unwrap_or(persona::CAMI);
-        write_beneath(home.root(), "SOUL.md", persona.soul.as_bytes())?;
-        write_beneath(home.root(), "IDENTITY.md", persona.identity.as_bytes())?;
+        give_default_persona(&home, settings)?;
     }
     Ok(home)
+}
+
+/// Writes the default persona's `SOUL.md` and `IDENTITY.md` into a home that has no
+/// `SOUL.md` at all.
+fn give_default_persona(home: &UserHome, settings: &GatewaySettings) -> Result<(), HomeError> {
+    let persona = persona::built_in(&settings.default_persona).unwrap_or(persona::CAMI);
+    write_beneath(home.root(), SOUL_FILE, persona.soul.as_bytes())?;
+    write_beneath(home.root(), "IDENTITY.md", persona.identity.as_bytes())
 }
 
 /// The user's home (owned by `ids`), created if missing.
@@ -218,13 +224,23 @@ pub(super) async fn turn_files(
     let today = chrono::Local::now().date_naive();
     step("preparing your files", move || {
         let dirs = prepare_dirs(&inner, &user, ids, scratch_root, family_ids)?;
-        let prompt = build_system_prompt(
-            &dirs.home,
-            today,
-            inner.settings.prompt_file_max_bytes,
-            summary.as_deref(),
-            dirs.family.as_ref().map(|f| f.root.as_path()),
-        );
+        let build = || {
+            build_system_prompt(
+                &dirs.home,
+                today,
+                inner.settings.prompt_file_max_bytes,
+                summary.as_deref(),
+                dirs.family.as_ref().map(|f| f.root.as_path()),
+            )
+        };
+        // The prompt's own read of SOUL.md tells whether the home has one (a separate check
+        // first cost a second open and read of it on every turn); without one, the default
+        // persona is written and the prompt built again, as `ensure_home` would have.
+        let mut prompt = build();
+        if !prompt.has_soul {
+            give_default_persona(&dirs.home, &inner.settings)?;
+            prompt = build();
+        }
         Ok((dirs, prompt))
     })
     .await
@@ -238,7 +254,8 @@ fn prepare_dirs(
     scratch_root: Option<PathBuf>,
     family_ids: Option<(String, (SandboxIds, Option<u32>))>,
 ) -> Result<TurnDirs, HomeError> {
-    let home = ensure_home(&inner.homes, &inner.settings, user, ids)?;
+    // SOUL.md is checked by the caller's prompt build (`turn_files`).
+    let home = inner.homes.ensure(user, ids)?;
     let family = match family_ids {
         Some((name, (owner, gid))) => Some(FamilyFolder {
             root: inner.homes.ensure_family(&name, owner)?,
