@@ -8,6 +8,7 @@
 use crate::http::{Auth, Reply, SseReader, Transport};
 use crate::settings::ProviderSettings;
 use crate::toolargs::parse_arguments;
+use crate::tools_wire::ToolsWire;
 use async_trait::async_trait;
 use moltmate_core::model::{
     ConversationItem, DeltaSink, ModelRequest, ModelResponse, Provider, ProviderError, StopReason,
@@ -20,6 +21,8 @@ use std::collections::BTreeMap;
 /// The Anthropic Messages API.
 pub struct AnthropicProvider {
     transport: Transport,
+    /// The `tools` arrays of recent requests (`tools_wire`).
+    tools: ToolsWire,
 }
 
 impl AnthropicProvider {
@@ -30,7 +33,10 @@ impl AnthropicProvider {
             Auth::XApiKey,
             &[("anthropic-version", "2023-06-01")],
         )?;
-        Ok(AnthropicProvider { transport })
+        Ok(AnthropicProvider {
+            transport,
+            tools: ToolsWire::default(),
+        })
     }
 }
 
@@ -46,7 +52,7 @@ impl Provider for AnthropicProvider {
         deltas: &dyn DeltaSink,
     ) -> Result<ModelResponse, ProviderError> {
         let heavy = crate::http::carries_images(&request.items);
-        let encode = || encode(request);
+        let encode = || encode_with(request, &self.tools);
         match self.transport.post(heavy, encode).await? {
             Reply::Json(value) => parse_message(&self.transport, &value, deltas),
             Reply::Stream(reader) => read_stream(&self.transport, reader, deltas).await,
@@ -65,12 +71,22 @@ pub(crate) fn request_body(request: &ModelRequest<'_>) -> Value {
 /// The wire name of this format in a [`moltmate_core::model::WireCache`].
 const WIRE_FORMAT: &str = "anthropic";
 
+/// [`encode_with`] without kept tool lists (tests).
+#[cfg(test)]
+pub(crate) fn encode(request: &ModelRequest<'_>) -> serde_json::Result<Vec<u8>> {
+    encode_with(request, &ToolsWire::default())
+}
+
 /// The request body, written straight from the borrowed request: no `serde_json::Value` tree
 /// of the conversation, and the content blocks of stored history rows taken from the user's
 /// [`moltmate_core::model::WireCache`] when the request has one (made once per row, not once
 /// per call). Fields in the order the API documents: `model`, `system`, `messages`, `tools`,
 /// `max_tokens`, `stream`.
-pub(crate) fn encode(request: &ModelRequest<'_>) -> serde_json::Result<Vec<u8>> {
+/// The `tools` array is taken from (and kept in) the provider's `kept_tools`.
+pub(crate) fn encode_with(
+    request: &ModelRequest<'_>,
+    kept_tools: &ToolsWire,
+) -> serde_json::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(4096);
     out.extend_from_slice(b"{\"model\":");
     serde_json::to_writer(&mut out, request.model.as_str())?;
@@ -124,16 +140,18 @@ pub(crate) fn encode(request: &ModelRequest<'_>) -> serde_json::Result<Vec<u8>> 
     drop(stored);
     if !request.tools.is_empty() {
         out.extend_from_slice(b",\"tools\":");
-        let tools: Vec<WireTool<'_>> = request
-            .tools
-            .iter()
-            .map(|t| WireTool {
-                name: &t.name,
-                description: &t.description,
-                input_schema: &t.parameters,
-            })
-            .collect();
-        serde_json::to_writer(&mut out, &tools)?;
+        kept_tools.write(&request.tools, &mut out, |out| {
+            let tools: Vec<WireTool<'_>> = request
+                .tools
+                .iter()
+                .map(|t| WireTool {
+                    name: &t.name,
+                    description: &t.description,
+                    input_schema: &t.parameters,
+                })
+                .collect();
+            serde_json::to_writer(out, &tools)
+        })?;
     }
     out.extend_from_slice(b",\"max_tokens\":");
     out.extend_from_slice(request.max_output_tokens.to_string().as_bytes());

@@ -35,6 +35,7 @@ mod openai;
 mod settings;
 mod speech;
 mod toolargs;
+mod tools_wire;
 #[cfg(test)]
 mod wire_cache_tests;
 

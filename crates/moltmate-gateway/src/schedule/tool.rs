@@ -17,6 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
+/// The tool's argument schema, built once.
+static PARAMETERS: std::sync::LazyLock<std::sync::Arc<serde_json::Value>> =
+    std::sync::LazyLock::new(|| std::sync::Arc::new(rules::parameters()));
+
 /// Longest a plan may compute (an odd cron rule can make the search scan years).
 const PLAN_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -102,7 +106,9 @@ impl Tool for ScheduleTool {
                           with [Reminder #N ...] and tell your user in your own words. Repeat back to your user what \
                           the tool says was set."
                 .to_string(),
-            parameters: std::sync::Arc::new(rules::parameters()),
+            // One schema for every user's turn (the tool is registered per turn): providers
+            // recognise a tool list they encoded before by its schemas' pointers.
+            parameters: std::sync::Arc::clone(&PARAMETERS),
         }
     }
 
