@@ -362,14 +362,13 @@ fn serve(mut connection: Connection, queue: mpsc::Receiver<Call>, later: &LaterQ
     }
     // The last callers are gone; what is queued for later is still committed.
     let records = later.close();
-    if !records.is_empty() {
-        if catch_unwind(AssertUnwindSafe(|| {
+    if !records.is_empty()
+        && catch_unwind(AssertUnwindSafe(|| {
             commit_group(&connection, &mut level, Vec::new(), Vec::new(), records)
         }))
         .is_err()
-        {
-            rollback_open_transaction(&connection);
-        }
+    {
+        rollback_open_transaction(&connection);
     }
 }
 

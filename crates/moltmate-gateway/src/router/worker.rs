@@ -423,13 +423,12 @@ async fn handle_item(
         .language_code
         .clone()
         .unwrap_or_else(|| inner.settings.default_language.clone());
-    let user_settings = inner
-        .settings
-        .user_settings(&item.user, item.channel)
-        .clone();
+    // Borrowed for the turn (settings do not change while the gateway runs): a copy per
+    // message was a visible share of its allocations.
+    let user_settings = inner.settings.user_settings(&item.user, item.channel);
     let ids = super::sandbox_ids(inner, &item.user).await?;
     // Before anything of this message writes to the user's files (onboarding, tools, memory).
-    let capped = files::cap_user_dir(inner, &item.user, ids, &user_settings).await;
+    let capped = files::cap_user_dir(inner, &item.user, ids, user_settings).await;
     // Files sent with the message: downloaded, checked and saved now, in the user's own worker.
     let prepared;
     let mut images = Vec::new();
@@ -628,7 +627,7 @@ async fn handle_item(
         state.prewarms.retain(|p| !p.is_finished());
         state.prewarms.extend(prewarm_sandbox(inner, &context));
     }
-    let tools = turn_tools(inner, &item.user, &user_settings);
+    let tools = turn_tools(inner, &item.user, user_settings);
     // History in a bounded page: the newest rows the context window can hold.
     let window = inner.settings.context_window_tokens;
     let page_bytes = |prompt: &str| crate::limits::history_budget(window, prompt, &item.text);
