@@ -426,8 +426,8 @@ fn checkpoint_a_long_wal(
 /// NORMAL after every group cost two statement compilations per group.
 ///
 /// Invariant: `full` is true only when the connection is known to be at FULL. Any doubt (a
-/// PRAGMA that failed, a panic mid-group) leaves it false, which at worst costs one redundant
-/// `PRAGMA synchronous = FULL` before the next durable group, and never skips one.
+/// PRAGMA that failed either way, a panic mid-group) leaves it false, which at worst costs one
+/// redundant `PRAGMA synchronous = FULL` before the next durable group, and never skips one.
 #[derive(Default)]
 struct Synchronous {
     full: bool,
@@ -453,12 +453,14 @@ impl Synchronous {
         if !self.full {
             return;
         }
-        match c.execute_batch("PRAGMA synchronous = NORMAL") {
-            Ok(()) => self.full = false,
-            // Later commits stay fsynced: slower, never less safe; tried again next time.
-            Err(e) => {
-                tracing::warn!(error = %e, "could not return the database to synchronous = NORMAL")
-            }
+        // Believed NORMAL whatever the PRAGMA answers: SQLite applies the level when it
+        // compiles the PRAGMA, so one that failed while running may have applied it all the
+        // same, and believing FULL then could skip the next durable group's FULL. If it did
+        // not apply, ordinary commits stay fsynced (slower, never less safe) and the next
+        // durable group sets FULL again.
+        self.full = false;
+        if let Err(e) = c.execute_batch("PRAGMA synchronous = NORMAL") {
+            tracing::warn!(error = %e, "could not return the database to synchronous = NORMAL");
         }
     }
 }
