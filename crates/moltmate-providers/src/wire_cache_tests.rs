@@ -101,8 +101,10 @@ proptest! {
     }
 
     /// Anthropic: a message's content is the string shorthand exactly when the message is one
-    /// item that is one text block, and the string is that block's text; every other
-    /// message keeps its blocks. Cached and fresh alike (the test above).
+    /// item that is one text block, and the string is that item's text; every other message
+    /// keeps its blocks. Messages are matched to the runs of items they were made of
+    /// (consecutive items of one role; an assistant item with blank text and no call is left
+    /// out). Cached and fresh alike (the test above).
     #[test]
     fn an_anthropic_message_is_shortened_only_when_it_is_one_text_block(
         items in proptest::collection::vec(item(), 1..12),
@@ -110,24 +112,31 @@ proptest! {
         let body: serde_json::Value =
             serde_json::from_slice(&crate::anthropic::encode(&request(&items, None)).unwrap()).unwrap();
         let messages = body["messages"].as_array().cloned().unwrap_or_default();
-        for message in &messages {
-            match &message["content"] {
-                serde_json::Value::String(text) => {
-                    // Which item it came from: the one user or assistant text it equals.
-                    prop_assert!(items.iter().any(|item| match item {
-                        ConversationItem::User { text: t } =>
-                            t == text || (t.trim().is_empty() && text == "(empty message)"),
-                        ConversationItem::Assistant { text: t, tool_calls } =>
-                            tool_calls.is_empty() && t == text,
-                        _ => false,
-                    }), "{message}");
-                }
-                serde_json::Value::Array(blocks) => {
-                    let lone_text = blocks.len() == 1 && blocks[0]["type"] == "text";
-                    prop_assert!(!lone_text, "a lone text block was not shortened: {message}");
-                    prop_assert!(!blocks.is_empty(), "{message}");
-                }
-                other => prop_assert!(false, "content is {other}"),
+        let blank = |t: &str| t.trim().is_empty();
+        let mut runs: Vec<(&str, Vec<&ConversationItem>)> = Vec::new();
+        for item in &items {
+            let role = match item {
+                ConversationItem::Assistant { text, tool_calls } if blank(text) && tool_calls.is_empty() => continue,
+                ConversationItem::Assistant { .. } => "assistant",
+                _ => "user",
+            };
+            match runs.last_mut() {
+                Some((last, run)) if *last == role => run.push(item),
+                _ => runs.push((role, vec![item])),
+            }
+        }
+        prop_assert_eq!(messages.len(), runs.len());
+        for (message, (role, run)) in messages.iter().zip(&runs) {
+            prop_assert_eq!(message["role"].as_str(), Some(*role));
+            let lone_text = match run.as_slice() {
+                [ConversationItem::User { text }] => Some(if blank(text) { "(empty message)" } else { text.as_str() }),
+                [ConversationItem::Assistant { text, tool_calls }] if tool_calls.is_empty() => Some(text.as_str()),
+                _ => None,
+            };
+            match (lone_text, &message["content"]) {
+                (Some(text), serde_json::Value::String(sent)) => prop_assert_eq!(sent.as_str(), text),
+                (None, serde_json::Value::Array(blocks)) => prop_assert!(!blocks.is_empty(), "{}", message),
+                (expected, sent) => prop_assert!(false, "expected {:?}, sent {}", expected, sent),
             }
         }
     }
