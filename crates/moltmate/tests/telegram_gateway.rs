@@ -121,14 +121,16 @@ async fn requests_from_kept_wire_forms_hold_exactly_each_users_own_history() {
                 .iter()
                 .flat_map(|m| {
                     let role = m["role"].as_str().unwrap_or("").to_string();
-                    m["content"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(move |block| {
-                            format!("{role}: {}", block["text"].as_str().unwrap_or(""))
-                        })
+                    // A message of one text block goes as the API's string shorthand.
+                    let blocks = match &m["content"] {
+                        serde_json::Value::String(text) => {
+                            vec![json!({"type": "text", "text": text})]
+                        }
+                        content => content.as_array().cloned().unwrap_or_default(),
+                    };
+                    blocks.into_iter().map(move |block| {
+                        format!("{role}: {}", block["text"].as_str().unwrap_or(""))
+                    })
                 })
                 .collect();
             let expected: Vec<String> = (0..=round)
