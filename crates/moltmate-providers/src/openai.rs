@@ -52,7 +52,7 @@ impl Provider for OpenAiProvider {
         deltas: &dyn DeltaSink,
     ) -> Result<ModelResponse, ProviderError> {
         let heavy = crate::http::carries_images(&request.items);
-        let encode = || encode_with(request, &self.tools);
+        let encode = || encode(request, &self.tools);
         match self.transport.post(heavy, encode).await? {
             Reply::Json(value) => parse_completion(&self.transport, &value, deltas),
             Reply::Stream(reader) => read_stream(&self.transport, reader, deltas).await,
@@ -63,7 +63,7 @@ impl Provider for OpenAiProvider {
 /// The request JSON, as a value (for tests; the wire gets [`body`] serialised directly).
 #[cfg(test)]
 pub(crate) fn request_body(request: &ModelRequest<'_>) -> Value {
-    encode(request)
+    encode(request, &ToolsWire::default())
         .and_then(|bytes| serde_json::from_slice(&bytes))
         .unwrap_or(Value::Null)
 }
@@ -71,18 +71,12 @@ pub(crate) fn request_body(request: &ModelRequest<'_>) -> Value {
 /// The wire name of this format in a [`moltmate_core::model::WireCache`].
 const WIRE_FORMAT: &str = "openai";
 
-/// [`encode_with`] without kept tool lists (tests).
-#[cfg(test)]
-pub(crate) fn encode(request: &ModelRequest<'_>) -> serde_json::Result<Vec<u8>> {
-    encode_with(request, &ToolsWire::default())
-}
-
 /// The request body, written straight from the borrowed request: no `serde_json::Value` tree
 /// of the conversation, and the messages of stored history rows taken from the user's
 /// [`moltmate_core::model::WireCache`] when the request has one (made once per row, not once
 /// per call). One message per item, after the system message.
-/// The `tools` array is taken from (and kept in) the provider's `kept_tools`.
-pub(crate) fn encode_with(
+/// The `tools` array comes from (and is kept in) `kept_tools`, the provider's [`ToolsWire`].
+pub(crate) fn encode(
     request: &ModelRequest<'_>,
     kept_tools: &ToolsWire,
 ) -> serde_json::Result<Vec<u8>> {

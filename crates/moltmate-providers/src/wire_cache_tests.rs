@@ -2,6 +2,7 @@
 //! one, on the first call (filling the cache) and on every later call (reading it), for both
 //! wire formats; and the cache stays within its bounds.
 
+use crate::tools_wire::ToolsWire;
 use moltmate_core::model::{ConversationItem, ModelRequest, StoredItems, ToolCall, WireCache};
 use moltmate_testkit::prop::config as prop_config;
 use proptest::prelude::*;
@@ -63,8 +64,12 @@ fn request<'a>(items: &'a [ConversationItem], stored: Option<StoredItems<'a>>) -
 type Encode = fn(&ModelRequest<'_>) -> serde_json::Result<Vec<u8>>;
 
 const FORMATS: [(&str, Encode); 2] = [
-    ("anthropic", crate::anthropic::encode),
-    ("openai", crate::openai::encode),
+    ("anthropic", |r| {
+        crate::anthropic::encode(r, &ToolsWire::default())
+    }),
+    ("openai", |r| {
+        crate::openai::encode(r, &ToolsWire::default())
+    }),
 ];
 
 proptest! {
@@ -110,7 +115,7 @@ proptest! {
         items in proptest::collection::vec(item(), 1..12),
     ) {
         let body: serde_json::Value =
-            serde_json::from_slice(&crate::anthropic::encode(&request(&items, None)).unwrap()).unwrap();
+            serde_json::from_slice(&crate::anthropic::encode(&request(&items, None), &ToolsWire::default()).unwrap()).unwrap();
         let messages = body["messages"].as_array().cloned().unwrap_or_default();
         let blank = |t: &str| t.trim().is_empty();
         let mut runs: Vec<(&str, Vec<&ConversationItem>)> = Vec::new();
