@@ -183,15 +183,22 @@ mod tests {
         assert_eq!(prompt.problems.len(), 1);
     }
 
+    /// A fresh home for anna; the directory goes with the first value.
+    fn anna_home() -> (tempfile::TempDir, UserHome) {
+        let base = tempfile::tempdir().unwrap();
+        let ids = moltmate_core::sandbox::SandboxIds::same(2_000_000_000);
+        let home = Homes::new(base.path())
+            .ensure(&UserId::new("anna").unwrap(), ids)
+            .unwrap();
+        (base, home)
+    }
+
     /// The turn writes the default persona only into a home with no SOUL.md at all: one that
     /// is there but unreadable (a FIFO planted by the sandbox) counts as present and is never
     /// overwritten behind the user's back.
     #[test]
     fn has_soul_is_false_only_without_any_soul_file() {
-        let base = tempfile::tempdir().unwrap();
-        let homes = Homes::new(base.path());
-        let ids = moltmate_core::sandbox::SandboxIds::same(2_000_000_000);
-        let home = homes.ensure(&UserId::new("anna").unwrap(), ids).unwrap();
+        let (_base, home) = anna_home();
         let today = NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
         let build = || build_system_prompt(&home, today, 1024, None, None);
         assert!(!build().has_soul);
@@ -213,10 +220,7 @@ mod tests {
 
     #[test]
     fn prompt_says_web_text_is_data_not_instructions() {
-        let base = tempfile::tempdir().unwrap();
-        let homes = Homes::new(base.path());
-        let ids = moltmate_core::sandbox::SandboxIds::same(2_000_000_000);
-        let home = homes.ensure(&UserId::new("anna").unwrap(), ids).unwrap();
+        let (_base, home) = anna_home();
         let today = NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
         let prompt = build_system_prompt(&home, today, 1024, None, None);
         assert!(

@@ -1343,7 +1343,6 @@ mod tests {
         session
     }
 
-    /// The whole session's page from the cache, handed back as a worker does after its turn.
     /// Rewrites transcript row `id` in place (what an operator's tool or a bug could do).
     async fn rewrite_row(store: &Store, id: i64, item: &ConversationItem) {
         let json = serde_json::to_string(item).unwrap();
@@ -1358,6 +1357,7 @@ mod tests {
             .unwrap();
     }
 
+    /// The whole session's page from the cache, handed back as a worker does after its turn.
     async fn page_given_back(
         store: &Store,
         cache: &mut Option<HistoryCache>,
